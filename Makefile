@@ -1,0 +1,46 @@
+# guardd — the whole set-up on a fresh Debian 12 machine is `make demo` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+export UV_PYTHON_DOWNLOADS := never
+export UV_LINK_MODE := copy
+# A uv installed by this Makefile lives here when none is on PATH.
+UV_HOME := $(HOME)/.cache/guardd-uv
+UV := $(shell command -v uv 2>/dev/null || echo $(UV_HOME)/bin/uv)
+PYTEST_ARGS ?=
+
+.PHONY: help
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+.PHONY: bootstrap
+bootstrap: .venv/.synced
+
+$(UV):
+	@./packaging/bootstrap.sh uv "$(UV_HOME)"
+
+.venv/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen
+	@touch $@
+
+.PHONY: system-deps
+system-deps:  ## install nginx, systemd-container, debootstrap, zstd, prometheus when missing
+	@./packaging/bootstrap.sh system
+
+.PHONY: test
+test: bootstrap system-deps  ## the full suite (installs what it needs)
+	$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: bootstrap  ## ruff, mypy --strict on guardd/
+	$(UV) run --frozen ruff check guardd tests bench
+	$(UV) run --frozen mypy
+
+.PHONY: demo
+demo: bootstrap  ## a real rollback on this machine, in under a minute
+	@./packaging/bootstrap.sh demo
+	$(UV) run --frozen guardd demo
+
+.PHONY: clean
+clean:  ## remove the venv and caches (not the nspawn image cache)
+	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache dist build

@@ -1,0 +1,111 @@
+"""`guardd`: run the guard, check a config, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from guardd import paths
+from guardd._version import __version__
+
+if TYPE_CHECKING:
+    from guardd.config import Settings
+
+_EPILOG = """\
+exit status:
+  run           0 clean stop, 1 fatal runtime error, 2 invalid configuration
+  check-config  0 valid, 2 invalid
+  demo          0 when the demo rolled back as expected
+
+Config lookup: --config, else $GUARDD_CONFIG, else /etc/guardd/<instance>.toml.
+Every key can be overridden by GUARDD_<SECTION>__<KEY>, e.g. GUARDD_POLICY__CONSECUTIVE_FAILURES=5.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guardd",
+        description="Guard a blue/green pair behind nginx: probe both colors, roll back a "
+                    "failing active color, and hold deploys until the SLOs hold.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"guardd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the guard in the foreground until SIGTERM/SIGINT",
+                         description="Run the guard in the foreground until SIGTERM or SIGINT; "
+                                     "SIGHUP reloads the config (the old one stays on error).",
+                         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--config", type=Path, help="config file (default: see below)")
+    run.add_argument("--instance", help="instance name (default: the config's, else its stem)")
+    run.add_argument("--log-level", default="info",
+                     choices=["debug", "info", "warning", "error"], help="default: info")
+    check = sub.add_parser("check-config", help="validate a config and print a summary",
+                           description="Validate a config file; print a one-line summary, or "
+                                       "one `file: key: reason` line per problem.",
+                           epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    check.add_argument("path", type=Path)
+    check.add_argument("--instance", help=argparse.SUPPRESS)
+    demo = sub.add_parser("demo", help="run the embedded demo: a real rollback in under a minute",
+                          epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("--seconds", type=float, default=45.0,
+                      help="how long the demo may run at most (default 45)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `guardd` command."""
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check(args.path, args.instance)
+    if args.command == "run":
+        return _run(args.config, args.instance, args.log_level)
+    from guardd.demo import run_demo  # noqa: PLC0415 - the demo pulls in test-like machinery
+
+    return run_demo(seconds=args.seconds)
+
+
+def _load(path: Path, instance: str | None) -> Settings | None:
+    from guardd import config  # noqa: PLC0415 - keep --help and --version fast
+    from guardd.exceptions import ConfigError  # noqa: PLC0415
+
+    try:
+        return config.load(path, instance=instance)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def _check(path: Path, instance: str | None) -> int:
+    settings = _load(path, instance)
+    if settings is None:
+        return 2
+    print(settings.summary())
+    return 0
+
+
+def _run(config_path: Path | None, instance: str | None, level: str) -> int:
+    path = config_path or (Path(os.environ["GUARDD_CONFIG"]) if os.environ.get("GUARDD_CONFIG")
+                           else paths.config_file(instance))
+    settings = _load(path, instance)
+    if settings is None:
+        return 2
+    import anyio  # noqa: PLC0415
+
+    from guardd import logs  # noqa: PLC0415
+    from guardd.supervisor import Supervisor  # noqa: PLC0415
+
+    logs.configure(settings.instance, level=level)
+    supervisor = Supervisor(settings, instance_arg=instance)
+    try:
+        return anyio.run(supervisor.run)
+    except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled inside; belt and braces
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

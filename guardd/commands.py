@@ -1,0 +1,185 @@
+"""Run external commands: an argv list, a timeout, retries with backoff.
+
+Every command guardd runs (`nginx -t`, `nginx -s reload`, a deploy tool) goes through
+`run_command`. It never uses a shell, runs the command in its own session so a
+timeout kills the whole process group (a `sh` wrapper's children included), and
+retries transient failures under a `RetryPolicy` with stamina's exponential backoff
+and jitter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import anyio
+import stamina
+from anyio.abc import ByteReceiveStream
+
+from guardd.exceptions import CommandFailed
+
+__all__ = ["CommandResult", "RetryPolicy", "run_command"]
+
+# Enough for any error message; a chatty command cannot balloon guardd's memory.
+_MAX_OUTPUT = 64 * 1024
+# How long output may keep arriving after the command itself has exited.
+_DRAIN_GRACE = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how patiently to retry: the `[retry]` section of the config."""
+
+    attempts: int
+    base_delay: float
+    max_delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """What a finished command left behind."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    attempts: int
+
+    @property
+    def ok(self) -> bool:
+        """Whether the command exited with status 0."""
+        return self.returncode == 0
+
+    def stderr_head(self, lines: int = 5) -> str:
+        """Return the first *lines* non-empty lines of stderr, for messages and logs."""
+        return "\n".join([line for line in self.stderr.splitlines() if line.strip()][:lines])
+
+
+class _TransientError(Exception):
+    """One attempt failed in a way another attempt may not: non-zero exit or timeout."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def run_command(
+    argv: Sequence[str],
+    *,
+    # A plain per-attempt limit rather than a cancel scope: the scope cannot tell a
+    # timeout (retried) from the caller giving up (not retried).
+    timeout: float,  # noqa: ASYNC109
+    retry: RetryPolicy | None,
+    what: str,
+    check: bool = True,
+) -> CommandResult:
+    """Run *argv* (no shell), each attempt bounded by *timeout* seconds.
+
+    A timeout, and with *check* a non-zero exit, is retried under *retry* (`None`: one
+    attempt); when the attempts are spent `CommandFailed` is raised, its message naming
+    *what*. With `check=False` a non-zero exit is returned, not retried: for commands
+    whose "no" is deterministic, like `nginx -t`. A command that cannot be started
+    raises `CommandFailed` at once. Cancelling the caller kills the process group too.
+    """
+    args = tuple(argv)
+    if not args:
+        raise CommandFailed(f"{what}: empty command")
+    attempts = 0
+
+    async def attempt_once() -> CommandResult:
+        nonlocal attempts
+        attempts += 1
+        returncode, stdout, stderr = await _run_once(args, timeout, what)
+        result = CommandResult(args, returncode, stdout, stderr, attempts)
+        if returncode < 0:
+            # A signal from outside (the OOM killer, an operator) says nothing about
+            # the command's verdict, even where a non-zero exit would.
+            raise _TransientError(f"killed by signal {_signal_name(-returncode)}")
+        if check and not result.ok:
+            head = result.stderr_head(1)
+            said = f": {head}" if head else ""
+            raise _TransientError(f"exited with status {returncode}{said}")
+        return result
+
+    try:
+        if retry is None or retry.attempts <= 1:
+            return await attempt_once()
+        async for attempt in stamina.retry_context(
+            on=_TransientError,
+            attempts=retry.attempts,
+            # The caller bounds the whole run with a cancel scope; stamina need not.
+            timeout=None,
+            wait_initial=retry.base_delay,
+            wait_max=retry.max_delay,
+            wait_jitter=retry.base_delay,
+        ):
+            with attempt:
+                return await attempt_once()
+    except _TransientError as exc:
+        raise CommandFailed(
+            f"{what} ({args[0]}) failed after {attempts} attempt(s): {exc.reason}"
+        ) from None
+    raise AssertionError("unreachable: stamina either returns a result or re-raises")
+
+
+async def _run_once(argv: tuple[str, ...], time_limit: float, what: str) -> tuple[int, str, str]:
+    """Run *argv* once; return (returncode, stdout, stderr) or raise on timeout."""
+    try:
+        process = await anyio.open_process(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            # Its own session and process group, so a timeout can kill all of it.
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise CommandFailed(f"{what} ({argv[0]}) cannot start: {exc.strerror or exc}") from exc
+    out, err = bytearray(), bytearray()
+    returncode: int | None = None
+    try:
+        with anyio.move_on_after(time_limit):
+            async with anyio.create_task_group() as tg:
+                for stream, into in ((process.stdout, out), (process.stderr, err)):
+                    if stream is not None:
+                        tg.start_soon(_drain, stream, into)
+                returncode = await process.wait()
+                # A detached grandchild may hold the pipes open for ever; what the
+                # command said is in by now or never.
+                tg.cancel_scope.deadline = min(
+                    tg.cancel_scope.deadline, anyio.current_time() + 1000
+                )
+    finally:
+        if returncode is None:
+            # Timed out or cancelled: nothing of the command may outlive the attempt.
+            _kill_group(process.pid)
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+    if returncode is None:
+        raise _TransientError(f"timed out after {time_limit:g}s")
+    return returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def _drain(stream: ByteReceiveStream, into: bytearray) -> None:
+    """Read *stream* to its end, keeping at most `_MAX_OUTPUT` bytes of it."""
+    async for chunk in stream:
+        if len(into) < _MAX_OUTPUT:
+            into.extend(chunk[: _MAX_OUTPUT - len(into)])
+
+
+def _signal_name(number: int) -> str:
+    """Return `SIGTERM` for 15, or the bare number for a signal without a name."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL the process group *pgid*; it may be gone already."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)

@@ -1,0 +1,81 @@
+"""The QoS guard window: after a rollback, deploys wait until the SLOs have held."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from guardd.core.types import Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class QosVerdict:
+    """The SLOs over one guard window."""
+
+    met: bool
+    samples: int
+    error_ratio: float
+    health_ratio: float
+    reason: str
+
+    def evidence(self, max_error_ratio: float, min_health_ratio: float) -> dict[str, object]:
+        """The journal's evidence for a release or an extension."""
+        return {"rule": "qos_window", "samples": self.samples,
+                "error_ratio": round(self.error_ratio, 4), "max_error_ratio": max_error_ratio,
+                "health_ratio": round(self.health_ratio, 4), "min_health_ratio": min_health_ratio}
+
+
+class QosWindow:
+    """Counts the active color's probes from `started_at` for `span` seconds.
+
+    The error ratio counts 5xx answers (errors served to users); the health ratio counts
+    probes that passed every expectation. Both must hold for the lock to be released.
+    """
+
+    __slots__ = ("errors_5xx", "failures", "max_error_ratio", "min_health_ratio", "samples",
+                 "span", "started_at")
+
+    def __init__(self, started_at: float, span: float, max_error_ratio: float,
+                 min_health_ratio: float) -> None:
+        self.started_at = started_at
+        self.span = span
+        self.max_error_ratio = max_error_ratio
+        self.min_health_ratio = min_health_ratio
+        self.samples = self.failures = self.errors_5xx = 0
+
+    @property
+    def ends_at(self) -> float:
+        """Monotonic time at which the window is judged."""
+        return self.started_at + self.span
+
+    def add(self, outcome: Outcome) -> None:
+        """Count one probe round of the active color."""
+        self.samples += 1
+        if outcome is not Outcome.OK:
+            self.failures += 1
+            self.errors_5xx += outcome is Outcome.HTTP_5XX
+
+    def due(self, now: float) -> bool:
+        """Whether the window has run its course."""
+        return now >= self.ends_at
+
+    def verdict(self) -> QosVerdict:
+        """Judge the window; no samples at all is not a recovery."""
+        if self.samples == 0:
+            return QosVerdict(False, 0, 0.0, 0.0, "no probe of the active color in the window")
+        error_ratio = self.errors_5xx / self.samples
+        health_ratio = (self.samples - self.failures) / self.samples
+        problems = []
+        if error_ratio > self.max_error_ratio:
+            problems.append(f"error ratio {error_ratio:.3g} > {self.max_error_ratio:g}")
+        if health_ratio < self.min_health_ratio:
+            problems.append(f"health ratio {health_ratio:.3g} < {self.min_health_ratio:g}")
+        reason = "; ".join(problems) or (f"SLOs held over {self.samples} probes "
+                                         f"(error ratio {error_ratio:.3g}, health {health_ratio:.3g})")
+        return QosVerdict(not problems, self.samples, error_ratio, health_ratio, reason)
+
+    def restart(self, now: float, span: float | None = None) -> None:
+        """Begin another window (an extension)."""
+        self.started_at = now
+        if span is not None:
+            self.span = span
+        self.samples = self.failures = self.errors_5xx = 0

@@ -1,0 +1,72 @@
+"""The vocabulary shared by the core and the adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+Color = Literal["blue", "green"]
+COLORS: tuple[Color, Color] = ("blue", "green")
+Severity = Literal["P0", "P1", "P2"]
+
+
+def other(color: Color) -> Color:
+    """The color that is not `color`."""
+    return "green" if color == "blue" else "blue"
+
+
+class Outcome(StrEnum):
+    """How one probe ended (CONTRACT §5 `outcome` label)."""
+
+    OK = "ok"
+    HTTP_5XX = "http_5xx"
+    HTTP_OTHER = "http_other"
+    TIMEOUT = "timeout"
+    CONNECT_ERROR = "connect_error"
+    BODY_MISMATCH = "body_mismatch"
+
+
+class State(StrEnum):
+    """The guard's states (CONTRACT §5)."""
+
+    STARTING = "starting"
+    STEADY = "steady"
+    DEGRADED = "degraded"
+    ROLLING_BACK = "rolling_back"
+    GUARD_WINDOW = "guard_window"
+    HOLD = "hold"
+    PAUSED = "paused"
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """Why a rule fired (or did not): the rule, its threshold, and the window it saw."""
+
+    rule: str
+    threshold: float | int | None
+    value: float | int | None
+    samples: int
+    color: Color
+    consecutive_failures: int
+    error_ratio: float | None
+    p50_ms: float | None
+    p95_ms: float | None
+    window_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The journal's `evidence` object."""
+        d: dict[str, Any] = {
+            "rule": self.rule, "threshold": self.threshold, "value": _round(self.value),
+            "samples": self.samples, "color": self.color,
+            "consecutive_failures": self.consecutive_failures,
+            "error_ratio": _round(self.error_ratio), "p50_ms": _round(self.p50_ms),
+            "p95_ms": _round(self.p95_ms), "window_s": self.window_s,
+        }
+        d.update(self.extra)
+        return d
+
+
+def _round(v: float | int | None) -> float | int | None:
+    return round(v, 4) if isinstance(v, float) else v

@@ -1,0 +1,159 @@
+"""A time-based sliding window of probe results with bounded memory and O(1) updates.
+
+Latency percentiles come from a log-bucketed histogram that is updated as samples
+enter and leave, so a sample costs O(1) and a percentile O(buckets) with no sorting;
+each reported percentile is within about 2 % of the exact nearest-rank value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+from guardd.core.types import Outcome
+
+_MIN_MS: Final = 0.01
+_RATIO: Final = 1.04
+_LOG_RATIO: Final = math.log(_RATIO)
+_BUCKETS: Final = int(math.log(600_000 / _MIN_MS) / _LOG_RATIO) + 1
+_OK, _5XX, _FAIL = 0, 1, 2
+
+
+def _bucket(latency_ms: float) -> int:
+    if latency_ms <= _MIN_MS:
+        return 0
+    return min(int(math.log(latency_ms / _MIN_MS) / _LOG_RATIO), _BUCKETS - 1)
+
+
+def _bucket_value(index: int) -> float:
+    # The geometric middle of the bucket keeps the relative error symmetric.
+    return _MIN_MS * _RATIO ** (index + 0.5)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    """A snapshot of one color's window at a moment."""
+
+    samples: int
+    failures: int
+    errors_5xx: int
+    consecutive_failures: int
+    consecutive_successes: int
+    p50_ms: float | None
+    p95_ms: float | None
+    last_probe_at: float | None
+    last_outcome: Outcome | None
+    last_error: str | None
+
+    @property
+    def error_ratio(self) -> float | None:
+        """Failed probes (any outcome but ok) over samples; None with no samples."""
+        return self.failures / self.samples if self.samples else None
+
+    @property
+    def ratio_5xx(self) -> float | None:
+        """Probes answered with a 5xx over samples; None with no samples."""
+        return self.errors_5xx / self.samples if self.samples else None
+
+    @property
+    def health_ratio(self) -> float | None:
+        """Probes that passed over samples; None with no samples."""
+        return (self.samples - self.failures) / self.samples if self.samples else None
+
+
+class SlidingWindow:
+    """Probe results of one color over the last `span` seconds (at most `max_samples`)."""
+
+    __slots__ = ("_5xx", "_buckets", "_fail", "_items", "consecutive_failures",
+                 "consecutive_successes", "last_error", "last_outcome", "last_probe_at",
+                 "max_samples", "span")
+
+    def __init__(self, span: float, max_samples: int = 16_384) -> None:
+        self.span = span
+        self.max_samples = max_samples
+        self._items: deque[tuple[float, int, int]] = deque()
+        self._buckets = [0] * _BUCKETS
+        self._fail = 0
+        self._5xx = 0
+        self.consecutive_failures = 0
+        self.consecutive_successes = 0
+        self.last_probe_at: float | None = None
+        self.last_outcome: Outcome | None = None
+        self.last_error: str | None = None
+
+    def add(self, now: float, outcome: Outcome, latency_s: float, error: str | None = None) -> None:
+        """Record one probe result taken at monotonic time `now`."""
+        kind = _OK if outcome is Outcome.OK else (_5XX if outcome is Outcome.HTTP_5XX else _FAIL)
+        bucket = _bucket(latency_s * 1000.0)
+        self._items.append((now, kind, bucket))
+        self._buckets[bucket] += 1
+        if kind != _OK:
+            self._fail += 1
+            self._5xx += kind == _5XX
+            self.consecutive_failures += 1
+            self.consecutive_successes = 0
+            self.last_error = error or outcome.value
+        else:
+            self.consecutive_successes += 1
+            self.consecutive_failures = 0
+        self.last_probe_at = now
+        self.last_outcome = outcome
+        if len(self._items) > self.max_samples:
+            self._drop_oldest()
+        self.expire(now)
+
+    def expire(self, now: float) -> None:
+        """Forget samples older than the span."""
+        horizon = now - self.span
+        items = self._items
+        while items and items[0][0] < horizon:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        _, kind, bucket = self._items.popleft()
+        self._buckets[bucket] -= 1
+        if kind != _OK:
+            self._fail -= 1
+            self._5xx -= kind == _5XX
+
+    def resize(self, span: float) -> None:
+        """Change the span, keeping the samples that still fit (config reload)."""
+        self.span = span
+        if self.last_probe_at is not None:
+            self.expire(self.last_probe_at)
+
+    @property
+    def failure_ratio(self) -> float:
+        """Failed probes over samples right now; 0.0 with no samples (for gauges)."""
+        return self._fail / len(self._items) if self._items else 0.0
+
+    def percentile(self, q: float) -> float | None:
+        """The nearest-rank `q` quantile of latency in milliseconds, approximately."""
+        n = len(self._items)
+        if n == 0:
+            return None
+        rank = max(1, math.ceil(q * n))
+        seen = 0
+        for index, count in enumerate(self._buckets):
+            seen += count
+            if seen >= rank:
+                return _bucket_value(index)
+        return _bucket_value(_BUCKETS - 1)  # pragma: no cover - counts always sum to n
+
+    def stats(self, now: float) -> WindowStats:
+        """The window as it stands at `now`."""
+        self.expire(now)
+        return WindowStats(
+            samples=len(self._items),
+            failures=self._fail,
+            errors_5xx=self._5xx,
+            consecutive_failures=self.consecutive_failures,
+            consecutive_successes=self.consecutive_successes,
+            p50_ms=self.percentile(0.50),
+            p95_ms=self.percentile(0.95),
+            last_probe_at=self.last_probe_at,
+            last_outcome=self.last_outcome,
+            last_error=self.last_error,
+        )

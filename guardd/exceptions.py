@@ -1,0 +1,83 @@
+"""Every error guardd raises on purpose, in one tree.
+
+    GuarddError
+    ├── ConfigError            the configuration is invalid; carries one problem per key
+    ├── SwitchError            moving traffic failed; the old target is back in place
+    │   ├── SwitchRejected     the test command refused the new target
+    │   ├── CommandFailed      a switch, reload or test command failed or timed out
+    │   └── VerifyFailed       the new target did not answer through the front door
+    ├── StorageError           the journal, state or outbox could not be written
+    ├── UnsafePath             a path is a symlink or otherwise not what guardd may write
+    └── ControlError           a control-socket request failed
+        ├── DaemonUnreachable  nothing answers on the socket
+        ├── NotPermitted       the caller may not run a mutating command
+        └── Refused            the daemon declined; the message says why
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class GuarddError(Exception):
+    """Base of every error guardd raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One invalid key: the file, the dotted key and the reason."""
+
+    file: str
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key}: {self.reason}"
+
+
+class ConfigError(GuarddError):
+    """The configuration is invalid; `problems` lists each key at fault."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class SwitchError(GuarddError):
+    """Moving traffic failed; the previous target has been put back."""
+
+
+class SwitchRejected(SwitchError):
+    """The test command rejected the new target."""
+
+
+class CommandFailed(SwitchError):
+    """An external command failed or ran past its timeout."""
+
+
+class VerifyFailed(SwitchError):
+    """After the switch, the front door did not serve the new target."""
+
+
+class StorageError(GuarddError):
+    """A journal, state or outbox write failed (disk full, permissions)."""
+
+
+class UnsafePath(GuarddError):
+    """A path guardd must write is a symlink or not a regular file."""
+
+
+class ControlError(GuarddError):
+    """A control-socket request failed."""
+
+
+class DaemonUnreachable(ControlError):
+    """Nothing answers on the control socket."""
+
+
+class NotPermitted(ControlError):
+    """The caller may not run a mutating command."""
+
+
+class Refused(ControlError):
+    """The daemon declined the request; the message says why."""

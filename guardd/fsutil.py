@@ -1,0 +1,171 @@
+"""Careful file I/O: atomic replacement, and opens that refuse planted symlinks.
+
+guardd often runs as root and writes into directories other tools can write to (the
+app's deploy-state file, `/run`), so every path it writes is opened with `O_NOFOLLOW`
+and must be a regular file, and every replacement goes through a temp file beside the
+target: a reader, or guardd after a `kill -9` or a power cut, sees either the old
+content or the new one, never a mix.
+
+One writer per path at a time: the temp name is fixed (see `temp_path_for`) so that
+the debris of a crash is found and cleared by the next write or by `remove_debris`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from pathlib import Path
+
+from guardd.exceptions import StorageError, UnsafePath
+
+__all__ = [
+    "atomic_write",
+    "fsync_dir",
+    "open_nofollow",
+    "read_bytes",
+    "remove_debris",
+    "temp_path_for",
+]
+
+_DEFAULT_MODE = 0o644
+_TEMP_SUFFIX = ".guardd-tmp"
+
+
+def temp_path_for(path: Path) -> Path:
+    """Return the fixed temp path `atomic_write` uses for *path*: a hidden sibling."""
+    return path.with_name(f".{path.name}{_TEMP_SUFFIX}")
+
+
+def open_nofollow(path: Path, flags: int, mode: int = _DEFAULT_MODE) -> int:
+    """Open *path* without following a symlink and return the fd of a regular file.
+
+    Raises `UnsafePath` if *path* is a symlink or not a regular file; other `OSError`s
+    (`FileNotFoundError` included) propagate so callers can tell "missing" apart.
+    """
+    # O_NONBLOCK keeps an open of a planted FIFO from hanging; it is cleared below
+    # and changes nothing for regular files.
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePath(f"{path}: is a symlink; refusing to follow it") from exc
+        raise
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if regular:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        raise UnsafePath(f"{path}: is not a regular file")
+    return fd
+
+
+def read_bytes(path: Path) -> bytes:
+    """Read a regular file without following a symlink at *path*.
+
+    Raises `FileNotFoundError` if it is missing, `UnsafePath` if it is a symlink or not
+    a regular file, `StorageError` for any other I/O error.
+    """
+    try:
+        fd = open_nofollow(path, os.O_RDONLY)
+    except (FileNotFoundError, UnsafePath):
+        raise
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot open: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot read: {exc.strerror}") from exc
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush *directory*'s entries to disk, so a rename or unlink in it survives a crash."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_debris(path: Path) -> bool:
+    """Remove the temp file a crashed `atomic_write` of *path* left; True if there was one.
+
+    The entry is unlinked, never followed, so a symlink planted there goes without harm.
+    """
+    try:
+        temp_path_for(path).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Replace *path* with *data* atomically: temp file beside it, fsync, rename, fsync dir.
+
+    *mode* defaults to the replaced file's mode (0o644 for a new file); owner and group
+    are kept too when we may. Raises `UnsafePath` if *path* is a symlink or not a regular
+    file, `StorageError` if the write fails; *path* is then untouched.
+    """
+    try:
+        current: os.stat_result | None = path.lstat()
+    except FileNotFoundError:
+        current = None
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot stat: {exc.strerror}") from exc
+    if current is not None and not stat.S_ISREG(current.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(current.st_mode) else "not a regular file"
+        raise UnsafePath(f"{path}: is {kind}; refusing to replace it")
+
+    if mode is None:
+        mode = stat.S_IMODE(current.st_mode) if current is not None else _DEFAULT_MODE
+    temp = temp_path_for(path)
+    fd = _create_exclusive(temp)
+    try:
+        try:
+            if current is not None:
+                # Keep what the file's other readers rely on (e.g. the app's group).
+                with contextlib.suppress(PermissionError):
+                    os.fchown(fd, current.st_uid, current.st_gid)
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        temp.replace(path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise StorageError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+
+
+def _create_exclusive(temp: Path) -> int:
+    """Create *temp* exclusively; clear one leftover (crash debris or a planted link) first."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for attempt in range(2):
+        try:
+            # O_CREAT|O_EXCL fails on any existing entry, a symlink included, so
+            # nothing planted at the temp path is ever followed.
+            return os.open(temp, flags, 0o600)
+        except FileExistsError:
+            if attempt:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+        except OSError as exc:
+            raise StorageError(f"{temp}: cannot create: {exc.strerror}") from exc
+    raise UnsafePath(f"{temp}: keeps reappearing; another writer is racing guardd")

@@ -1,0 +1,606 @@
+"""The guard: the core machine wired to its adapters, and the single writer of state.
+
+Every decision and every operator command runs under one lock, so a person and the
+guard never race. I/O on the decision path is limited to what the decision needs
+(reading the switch target, journaling, switching); notifications, metrics and logs
+are handed off and never awaited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from guardd import qoslock
+from guardd._version import __version__
+from guardd.core.machine import Alert, Decision, Facts, GuardMachine, Hold, Rollback
+from guardd.core.policy import PolicySpec
+from guardd.core.qos import QosWindow
+from guardd.core.types import COLORS, Color, Outcome, Severity, State, other
+from guardd.exceptions import GuarddError, Refused, StorageError, SwitchError, UnsafePath
+from guardd.faults import FaultPoints
+from guardd.journal import Journal, parse_rfc3339, rfc3339
+from guardd.metrics import GuardMetrics
+from guardd.probes.http import HttpProber, ProbeResult
+from guardd.statefile import StateFile
+from guardd.switchers import Switcher
+
+GUARDD = "guardd"
+
+
+@dataclass(frozen=True, slots=True)
+class GuardSettings:
+    """The parts of the configuration the guard consults while running."""
+
+    instance: str
+    policy: PolicySpec
+    probe_interval: float
+    confirm_interval: float
+    switch_timeout: float
+    verify_url: str | None
+    verify_successes: int
+    lock_file: Path
+    qos_window: float
+    qos_max_error_ratio: float
+    qos_min_health_ratio: float
+
+
+@dataclass(slots=True)
+class OwnedLock:
+    """A lock file guardd wrote, with the window that will judge its release."""
+
+    info: qoslock.LockInfo
+    window: QosWindow | None  # None for an operator's lock, which only expires
+    expires_at: float | None  # monotonic; None = until unlocked
+    manual: bool
+
+
+@dataclass(slots=True)
+class Storage:
+    """Whether guardd's own files are being written."""
+
+    errors: int = 0
+    last_error: str | None = None
+    failing: set[str] = dataclasses.field(default_factory=set)
+
+
+class Guard:
+    """One guarded service: its machine, switch target, journal, state and lock."""
+
+    def __init__(self, settings: GuardSettings, *, machine: GuardMachine, switcher: Switcher,
+                 journal: Journal, state_file: StateFile, metrics: GuardMetrics,
+                 verifier: HttpProber | None, clock: Any, log: Any,
+                 notify: Callable[[dict[str, Any]], None] = lambda _e: None,
+                 faults: FaultPoints | None = None) -> None:
+        self.s = settings
+        self.machine = machine
+        self.switcher = switcher
+        self.journal = journal
+        self.state_file = state_file
+        self.metrics = metrics
+        self.verifier = verifier
+        self.clock = clock
+        self.log = log
+        self.notify = notify
+        self.faults = faults or FaultPoints(None)
+        self.lock = anyio.Lock()
+        self.active: Color | None = None
+        self.paused: dict[str, Any] | None = None
+        self.rolling_back = False
+        self.own_lock: OwnedLock | None = None
+        self.qos_held = False
+        self.storage = Storage()
+        self.ticks = 0
+        self.started_mono = clock.monotonic()
+        self.state: State = State.STARTING
+        self.last_decision: dict[str, Any] | None = None
+        self._auto_rollbacks: deque[float] = deque()
+        self._budget_since = 0.0
+
+    # ---- journal and state ---------------------------------------------------------------
+
+    def record(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Journal an event, hand it to the notifier, and never let a full disk stop us."""
+        try:
+            entry = self.journal.append(event, **fields)
+        except StorageError as e:
+            entry = self.journal.recent[-1]
+            self._storage_failed("journal", str(e))
+        else:
+            self._storage_ok("journal")
+        if event == "rollback_completed" and entry.get("by") == GUARDD:
+            self._auto_rollbacks.append(parse_rfc3339(entry["ts"]))
+        elif event == "resumed":
+            self._budget_since = parse_rfc3339(entry["ts"])
+            self._auto_rollbacks.clear()
+        self.log.info(event, **{k: v for k, v in entry.items() if k not in ("event", "guard", "ts")})
+        self.notify(entry)
+        return entry
+
+    def _storage_failed(self, kind: str, message: str) -> None:
+        self.storage.errors += 1
+        self.storage.last_error = message
+        self.storage.failing.add(kind)
+        self.metrics.storage_error(kind)
+        self.log.error("storage_write_failed", kind=kind, error=message)
+
+    def _storage_ok(self, kind: str) -> None:
+        self.storage.failing.discard(kind)
+
+    def save_state(self) -> None:
+        """Mirror what must survive a restart into state.json."""
+        own = self.own_lock
+        doc: dict[str, Any] = {
+            "guard": self.s.instance, "active": self.active, "state": self.state.value,
+            "paused": self.paused,
+            "hold": None if self.machine.hold is None else {
+                "reason": self.machine.hold.reason, "sticky": self.machine.hold.sticky},
+            "qos": None if own is None else {
+                "reason": own.info.reason, "locked_at": own.info.locked_at,
+                "until": own.info.until, "by": own.info.by, "manual": own.manual,
+                "window_s": own.window.span if own.window else None},
+        }
+        try:
+            self.state_file.save(doc)
+        except (StorageError, UnsafePath) as e:
+            self._storage_failed("state", str(e))
+        else:
+            self._storage_ok("state")
+
+    # ---- start-up ----------------------------------------------------------------------
+
+    def load_history(self) -> None:
+        """Rebuild the rollback budget from the journal, so a restart does not reset it."""
+        horizon = self.clock.wall() - self.s.policy.budget_window
+        for entry in self.journal.recent:
+            if entry.get("event") == "resumed":
+                self._budget_since = _ts(entry)
+                self._auto_rollbacks.clear()
+            elif (entry.get("event") == "rollback_completed" and entry.get("by") == GUARDD
+                  and _ts(entry) >= horizon):
+                self._auto_rollbacks.append(_ts(entry))
+
+    def open_rollback(self) -> dict[str, Any] | None:
+        """The last `rollback_started` that no completion or failure closed."""
+        closed: set[str] = set()
+        for entry in reversed(self.journal.recent):
+            kind = entry.get("event")
+            if kind in ("rollback_completed", "rollback_failed"):
+                closed.add(str(entry.get("rollback_id")))
+            elif kind == "rollback_started":
+                return None if str(entry.get("id")) in closed else entry
+        return None
+
+    async def recover(self, saved: dict[str, Any]) -> None:
+        """Repair a switch cut short by a crash, then adopt what the disk says."""
+        await self.switcher.recover()
+        pending = self.open_rollback()
+        self.active = await self.switcher.read_active()
+        if pending is not None:
+            await self._resume_rollback(pending)
+        remembered = saved.get("active")
+        if remembered in COLORS and self.active is not None and remembered != self.active \
+                and pending is None:
+            self.record("external_switch", source=remembered, target=self.active, by="external",
+                        reason="the switch target changed while guardd was not running")
+        if isinstance(saved.get("paused"), dict):
+            self.paused = saved["paused"]
+        self._restore_lock(saved.get("qos"))
+        self.metrics.set_active(self.active)
+
+    async def _resume_rollback(self, started: dict[str, Any]) -> None:
+        target = started.get("to")
+        source = started.get("from")
+        if target not in COLORS:
+            return
+        reason = f"interrupted by a restart; resumed: {started.get('reason')}"
+        self.log.warning("rollback_resuming", rollback_id=started.get("id"), target=target)
+        try:
+            with anyio.fail_after(self.s.switch_timeout):
+                if self.active != target:
+                    await self.switcher.switch(target)
+                await self._verify()
+        except (SwitchError, TimeoutError) as e:
+            self.active = await self.switcher.read_active()
+            self.record("rollback_failed", source=source, target=target,
+                        reason=f"{reason}; {_why(e)}", severity=started.get("severity"),
+                        by=started.get("by", GUARDD), rollback_id=started.get("id"))
+            hold = self.machine.rollback_failed(f"rollback to {target} failed: {_why(e)}",
+                                                None, started.get("severity"))
+            self.record("hold", source=source, target=target, reason=hold.reason,
+                        severity=started.get("severity"))
+            return
+        self.active = target
+        self.record("rollback_completed", source=source, target=target, reason=reason,
+                    severity=started.get("severity"), by=started.get("by", GUARDD),
+                    evidence=started.get("evidence"), rollback_id=started.get("id"))
+        if source in COLORS:
+            self.machine.rollback_succeeded(source)
+        self.take_lock(f"rollback {source} -> {target}: {started.get('reason')}",
+                       by=str(started.get("by", GUARDD)))
+
+    def _restore_lock(self, saved: object) -> None:
+        if not isinstance(saved, dict):
+            return
+        info = qoslock.LockInfo(True, saved.get("reason"), saved.get("locked_at"),
+                                saved.get("until"), saved.get("by"))
+        remaining: float | None = None
+        if info.until:
+            remaining = max(0.0, parse_rfc3339(info.until) - self.clock.wall())
+        now = self.clock.monotonic()
+        current = qoslock.read_lock(self.s.lock_file)
+        if not current.held:
+            # /run was cleared (a reboot) or the file was removed while guardd was down:
+            # the guard window still stands, so put the lock back.
+            self._write_lock(info)
+        elif current != info:
+            return  # someone else's lock now; it is theirs to remove
+        manual = bool(saved.get("manual"))
+        span = float(saved.get("window_s") or self.s.qos_window)
+        window = None if manual else QosWindow(now, remaining if remaining is not None else span,
+                                               self.s.qos_max_error_ratio,
+                                               self.s.qos_min_health_ratio)
+        self.own_lock = OwnedLock(info, window,
+                                  None if remaining is None else now + remaining, manual)
+
+    # ---- probing -----------------------------------------------------------------------
+
+    def observe(self, color: Color, result: ProbeResult) -> None:
+        """Feed one probe round into the window, the QoS window and the metrics."""
+        now = self.clock.monotonic()
+        self.machine.observe(color, now, result.outcome, result.latency_s, result.error)
+        own = self.own_lock
+        if own is not None and own.window is not None and color == self.active:
+            own.window.add(result.outcome)
+        w = self.machine.windows[color]
+        self.metrics.observe_probe(color, result.outcome.value, result.latency_s)
+        self.metrics.set_upstream(color, healthy=w.consecutive_failures == 0,
+                                  consecutive_failures=w.consecutive_failures,
+                                  error_ratio=w.failure_ratio)
+
+    def cadence(self, color: Color) -> float:
+        """How soon to probe `color` again: fast while confirming a failure."""
+        w = self.machine.windows[color]
+        hold = self.machine.hold
+        confirming = (color == self.active and w.consecutive_failures > 0) or (
+            hold is not None and not hold.sticky and self.active is not None
+            and color == self.machine.rollback_target(self.active))
+        return self.s.confirm_interval if confirming else self.s.probe_interval
+
+    # ---- the decision tick -------------------------------------------------------------
+
+    async def tick(self) -> Decision:
+        """Read the world, decide, act. Callers hold `self.lock`."""
+        now = self.clock.monotonic()
+        self.ticks += 1
+        self.metrics.decision_tick()
+        await self._adopt_external_switch()
+        self._qos_step(now)
+        decision = self.machine.decide(Facts(
+            now=now, active=self.active, qos_locked=self.qos_held, paused=self.paused is not None,
+            rollbacks_in_budget=self._rollbacks_in_budget(), rolling_back=self.rolling_back))
+        for action in decision.actions:
+            await self._act(action)
+        if decision.actions or decision.blocked_by:
+            self.last_decision = _decision_doc(decision, self.clock.wall())
+        if decision.actions:
+            # Acting changed the world (a switch, a lock, a hold): restate without deciding again.
+            self._publish(self.machine.current_state(Facts(
+                now=self.clock.monotonic(), active=self.active, qos_locked=self.qos_held,
+                paused=self.paused is not None)))
+        else:
+            self._publish(decision.state)
+        self._flush_journal_backlog()
+        return decision
+
+    def _flush_journal_backlog(self) -> None:
+        if self.journal.backlog:
+            try:
+                self.journal.flush()
+            except StorageError:
+                return
+            self._storage_ok("journal")
+            self.log.info("journal_backlog_written")
+
+    def _publish(self, state: State) -> None:
+        self.state = state
+        self.metrics.set_state(self.state.value)
+        self.metrics.set_active(self.active)
+        self.metrics.set_qos_locked(self.qos_held)
+        self.save_state()
+
+    async def _adopt_external_switch(self) -> None:
+        if self.rolling_back:
+            return
+        on_disk = await self.switcher.read_active()
+        if on_disk != self.active and on_disk is not None:
+            previous = self.active
+            self.active = on_disk
+            self.machine.policy.reset()
+            self.machine.clear_hold()
+            self.record("external_switch", source=previous, target=on_disk, by="external",
+                        reason="the switch target was changed outside guardd; adopted")
+
+    def _rollbacks_in_budget(self) -> int:
+        horizon = max(self.clock.wall() - self.s.policy.budget_window, self._budget_since)
+        while self._auto_rollbacks and self._auto_rollbacks[0] < horizon:
+            self._auto_rollbacks.popleft()
+        return len(self._auto_rollbacks)
+
+    async def _act(self, action: Rollback | Hold | Alert) -> None:
+        if isinstance(action, Rollback):
+            await self.move_traffic(action.target, kind="rollback", by=GUARDD,
+                                    reason=action.reason, severity=action.severity,
+                                    evidence=action.evidence.to_dict())
+        elif isinstance(action, Hold):
+            self.record("hold", source=self.active,
+                        target=self.machine.rollback_target(self.active) if self.active else None,
+                        reason=action.reason, severity=action.severity,
+                        evidence=action.evidence.to_dict() if action.evidence else None)
+        else:
+            self.record("alert", source=self.active, reason=action.reason,
+                        severity=action.severity,
+                        evidence=action.evidence.to_dict() if action.evidence else None)
+
+    # ---- moving traffic ----------------------------------------------------------------
+
+    async def move_traffic(self, target: Color, *, kind: str, by: str, reason: str,
+                           severity: Severity | None = None,
+                           evidence: dict[str, Any] | None = None) -> None:
+        """Switch to `target` as a rollback, switch or promote; raise `Refused` if it failed.
+
+        The switch runs shielded and bounded by `switch.timeout`, so a SIGTERM arriving
+        mid-switch lets it finish or be undone rather than leaving it half done.
+        """
+        source = self.active
+        started_at = self.clock.monotonic()
+        self.rolling_back = True
+        self.state = State.ROLLING_BACK
+        self.metrics.set_state(self.state.value)
+        opened = None
+        if kind == "rollback":
+            opened = self.record("rollback_started", source=source, target=target, reason=reason,
+                                 severity=severity, by=by, evidence=evidence)
+            await self.faults.reach("after_rollback_started")
+        failure: BaseException | None = None
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.fail_after(self.s.switch_timeout):
+                    await self.switcher.switch(target)
+                    await self._verify()
+            except (SwitchError, TimeoutError, OSError, GuarddError) as e:
+                failure = e
+            if failure is None:
+                await self.faults.reach("before_rollback_completed")
+        self.rolling_back = False
+        elapsed = self.clock.monotonic() - started_at
+        rid = {"rollback_id": opened["id"]} if opened else {}
+        if failure is not None:
+            self.active = await self.switcher.read_active()
+            why = _why(failure)
+            if kind == "rollback":
+                self.record("rollback_failed", source=source, target=target,
+                            reason=f"{reason}; switch failed: {why}", severity=severity, by=by,
+                            evidence=evidence, **rid)
+                hold = self.machine.rollback_failed(f"rollback {source} -> {target} failed: {why}",
+                                                    None, severity)
+                self.record("hold", source=source, target=target, reason=hold.reason,
+                            severity=severity)
+                return
+            self.record("alert", source=source, target=target, by=by,
+                        reason=f"{kind} to {target} failed and was undone: {why}")
+            raise Refused(f"{kind} to {target} failed and was undone: {why}")
+        self.active = target
+        self.metrics.observe_switch(elapsed)
+        self.metrics.set_active(target)
+        self.machine.policy.reset()
+        if kind == "rollback":
+            self.record("rollback_completed", source=source, target=target, reason=reason,
+                        severity=severity, by=by, evidence=evidence,
+                        duration_ms=round(elapsed * 1000, 1), **rid)
+            self.metrics.rollback_completed(severity or "manual")
+            if source is not None:
+                self.machine.rollback_succeeded(source)
+            self.take_lock(f"rollback {source} -> {target}: {reason}", by=by)
+        else:
+            self.record(kind, source=source, target=target, reason=reason, by=by,
+                        duration_ms=round(elapsed * 1000, 1))
+
+    async def _verify(self) -> None:
+        """Confirm the front door serves: `verify_successes` passing answers in a row."""
+        if self.verifier is None:
+            return
+        streak = 0
+        while streak < self.s.verify_successes:
+            result = await self.verifier.probe()
+            streak = streak + 1 if result.ok else 0
+            if streak < self.s.verify_successes:
+                await anyio.sleep(0.05)
+
+    # ---- the QoS lock ------------------------------------------------------------------
+
+    def take_lock(self, reason: str, *, by: str, duration: float | None = None,
+                  manual: bool = False) -> qoslock.LockInfo:
+        """Write guardd's lock (a guard window, or an operator's lock for `duration`)."""
+        wall = self.clock.wall()
+        now = self.clock.monotonic()
+        span = self.s.qos_window if duration is None and not manual else duration
+        info = qoslock.LockInfo(True, reason, rfc3339(wall),
+                                None if span is None else rfc3339(wall + span), by)
+        self._write_lock(info)
+        window = None if manual else QosWindow(now, span or self.s.qos_window,
+                                               self.s.qos_max_error_ratio,
+                                               self.s.qos_min_health_ratio)
+        self.own_lock = OwnedLock(info, window, None if span is None else now + span, manual)
+        self.qos_held = True
+        self.metrics.set_qos_locked(True)
+        self.record("qos_locked", reason=reason, by=by, until=info.until)
+        self.save_state()
+        return info
+
+    def _write_lock(self, info: qoslock.LockInfo) -> None:
+        try:
+            qoslock.write_lock(self.s.lock_file, info)
+        except (OSError, StorageError, UnsafePath) as e:
+            self._storage_failed("lock", f"cannot write {self.s.lock_file}: {_why(e)}")
+        else:
+            self._storage_ok("lock")
+
+    def _qos_step(self, now: float) -> None:
+        current = qoslock.read_lock(self.s.lock_file)
+        own = self.own_lock
+        if own is not None and current != own.info:
+            if "lock" in self.storage.failing and not current.held:
+                self._write_lock(own.info)  # the earlier write failed (disk full): try again
+                current = qoslock.read_lock(self.s.lock_file)
+            if current != own.info:
+                # Removed or replaced by someone else: theirs now, never ours to delete.
+                self.own_lock = own = None
+                self.save_state()
+        self.qos_held = current.held
+        if own is None:
+            return
+        if own.window is not None and own.window.due(now):
+            verdict = own.window.verdict()
+            evidence = verdict.evidence(own.window.max_error_ratio, own.window.min_health_ratio)
+            if verdict.met:
+                self.release_lock(by=GUARDD, reason=f"guard window passed: {verdict.reason}",
+                                  evidence=evidence)
+            else:
+                wall = self.clock.wall()
+                info = dataclasses.replace(own.info, until=rfc3339(wall + self.s.qos_window))
+                self._write_lock(info)
+                own.info = info
+                own.window.restart(now, self.s.qos_window)
+                own.expires_at = now + self.s.qos_window
+                self.record("qos_extended", source=self.active, reason=verdict.reason,
+                            until=info.until, evidence=evidence)
+                self.record("alert", source=self.active,
+                            reason=f"guard window not met, lock extended: {verdict.reason}")
+                self.save_state()
+        elif own.window is None and own.expires_at is not None and now >= own.expires_at:
+            self.release_lock(by=GUARDD, reason="operator lock expired")
+
+    def release_lock(self, *, by: str, reason: str,
+                     evidence: dict[str, Any] | None = None) -> bool:
+        """Remove the lock file (any lock, when an operator asks) and journal it."""
+        try:
+            removed = qoslock.remove_lock(self.s.lock_file)
+        except (OSError, UnsafePath) as e:
+            self._storage_failed("lock", _why(e))
+            return False
+        self.own_lock = None
+        self.qos_held = False
+        self.metrics.set_qos_locked(False)
+        if removed:
+            self.record("qos_released", reason=reason, by=by, evidence=evidence)
+        self.save_state()
+        return removed
+
+    # ---- what guardctl sees ------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The CONTRACT §1 `status --json` object."""
+        now = self.clock.monotonic()
+        lock = qoslock.read_lock(self.s.lock_file)
+        upstreams: dict[str, Any] = {}
+        for color in COLORS:
+            st = self.machine.stats(color, now)
+            stale = self.machine.is_stale(color, now)
+            upstreams[color] = {
+                "healthy": None if stale else st.consecutive_failures == 0,
+                "stale": stale,
+                "consecutive_failures": st.consecutive_failures,
+                "consecutive_successes": st.consecutive_successes,
+                "error_ratio": _r(st.error_ratio),
+                "samples": st.samples,
+                "p50_ms": _r(st.p50_ms),
+                "p95_ms": _r(st.p95_ms),
+                "last_error": st.last_error,
+                "last_probe_age_s": None if st.last_probe_at is None
+                else round(now - st.last_probe_at, 3),
+            }
+        hold = self.machine.hold
+        return {
+            "guard": self.s.instance,
+            "state": self.state.value,
+            "active": self.active,
+            "standby": other(self.active) if self.active else None,
+            "rollback_to": self.machine.rollback_target(self.active) if self.active else None,
+            "paused": self.paused is not None,
+            "paused_reason": (self.paused or {}).get("reason"),
+            "hold_reason": hold.reason if hold else None,
+            "qos": {"locked": lock.held, "reason": lock.reason, "until": lock.until,
+                    "locked_at": lock.locked_at, "by": lock.by},
+            "upstreams": upstreams,
+            "last_event": self.journal.recent[-1] if self.journal.recent else None,
+            "last_decision": self.last_decision,
+            "storage": {"ok": not self.storage.failing, "errors": self.storage.errors,
+                        "last_error": self.storage.last_error,
+                        "journal_backlog": self.journal.backlog},
+            "probe_interval_s": self.s.probe_interval,
+            "uptime_s": round(now - self.started_mono, 1),
+            "version": __version__,
+        }
+
+    def status_line(self) -> str:
+        """The one-line STATUS= summary for systemd."""
+        now = self.clock.monotonic()
+        parts = [f"active={self.active or 'unknown'}", f"state={self.state.value}"]
+        for color in COLORS:
+            w = self.machine.windows[color]
+            if self.machine.is_stale(color, now):
+                parts.append(f"{color}=stale")
+            elif w.consecutive_failures:
+                parts.append(f"{color}=down({w.consecutive_failures}/"
+                             f"{self.s.policy.consecutive_failures})")
+            else:
+                parts.append(f"{color}=up")
+        parts.append("qos=locked" if self.qos_held else "qos=free")
+        if self.paused is not None:
+            parts.append("paused")
+        if self.storage.failing:
+            parts.append("storage=failing(" + ",".join(sorted(self.storage.failing)) + ")")
+        return " ".join(parts)
+
+
+def _ts(entry: dict[str, Any]) -> float:
+    try:
+        return parse_rfc3339(str(entry.get("ts")))
+    except ValueError:
+        return 0.0
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None or math.isnan(v) else round(v, 4)
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _decision_doc(decision: Decision, wall: float) -> dict[str, Any]:
+    verdict = decision.verdict
+    action = "none"
+    for a in decision.actions:
+        action = {Rollback: "rollback", Hold: "hold", Alert: "alert"}[type(a)]
+    if decision.blocked_by and action == "none":
+        action = f"blocked:{decision.blocked_by}"
+    return {
+        "ts": rfc3339(wall),
+        "action": action,
+        "severity": verdict.severity if verdict else None,
+        "reason": verdict.reason if verdict else None,
+        "evidence": verdict.evidence.to_dict() if verdict else None,
+    }
+
+

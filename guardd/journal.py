@@ -1,0 +1,155 @@
+"""The event journal: `events.jsonl`, append-only, one fsynced JSON object a line.
+
+A line that cannot be written (disk full) is kept in memory and written, in order,
+with the next append that succeeds, so a full disk delays the journal but loses nothing
+while the daemon lives. A torn last line left by a power cut is sealed at open and
+skipped by readers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from guardd.exceptions import StorageError, UnsafePath
+from guardd.secrets import redact
+
+EVENTS = frozenset({
+    "started", "stopped", "rollback_started", "rollback_completed", "rollback_failed", "switch",
+    "promote", "hold", "external_switch", "qos_locked", "qos_extended", "qos_released", "paused",
+    "resumed", "config_reloaded", "alert",
+})
+_RECENT = 2000
+
+
+def rfc3339(ts: float) -> str:
+    """UTC RFC 3339 with milliseconds, as every journal line carries."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_rfc3339(text: str) -> float:
+    """Seconds since the epoch from an RFC 3339 string."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+class Journal:
+    """Appends events to `path` and remembers the recent ones."""
+
+    def __init__(self, path: Path, guard: str, wall: Callable[[], float]) -> None:
+        self.path = path
+        self.guard = guard
+        self._wall = wall
+        self._backlog: list[bytes] = []
+        self.recent: deque[dict[str, Any]] = deque(maxlen=_RECENT)
+        self.skipped_lines = 0
+        self._fd = -1
+        self._torn = False
+
+    def open(self) -> None:
+        """Open for appending, seal a torn last line, and load the recent events."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                               | os.O_CLOEXEC, 0o640)
+        except OSError as e:
+            if e.errno == 40:  # ELOOP: a symlink was planted where the journal belongs
+                raise UnsafePath(f"{self.path} is a symlink; refusing to follow it") from None
+            raise StorageError(f"cannot open {self.path}: {e.strerror}") from None
+        size = os.fstat(self._fd).st_size
+        if size:
+            with self.path.open("rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    # A power cut tore the last line; end it so the next event starts clean.
+                    self._write(b"\n")
+        for event in self.read():
+            self.recent.append(event)
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @property
+    def backlog(self) -> int:
+        """Events not yet on disk."""
+        return len(self._backlog)
+
+    def append(self, event: str, *, by: str = "guardd", source: str | None = None,
+               target: str | None = None, reason: str | None = None,
+               severity: str | None = None, evidence: dict[str, Any] | None = None,
+               **extra: Any) -> dict[str, Any]:
+        """Journal one event; returns it. Raises `StorageError` if it is not yet on disk."""
+        if event not in EVENTS:
+            raise ValueError(f"unknown journal event {event!r}")
+        record: dict[str, Any] = {
+            "ts": rfc3339(self._wall()), "id": uuid.uuid4().hex, "event": event,
+            "guard": self.guard, "from": source, "to": target,
+            "reason": redact(reason) if reason else reason, "severity": severity, "by": by,
+        }
+        if evidence is not None:
+            record["evidence"] = evidence
+        record.update(extra)
+        line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
+        self.recent.append(record)
+        self._backlog.append(line)
+        self.flush()
+        return record
+
+    def flush(self) -> None:
+        """Write the backlog in order; raise `StorageError` if it could not all be written."""
+        while self._backlog:
+            self._write(self._backlog[0])
+            self._backlog.pop(0)
+
+    def _write(self, data: bytes) -> None:
+        if self._fd < 0:
+            raise StorageError(f"{self.path} is not open")
+        try:
+            if self._torn:
+                # A short append (disk full mid-line) left a fragment: end it first, so
+                # that readers skip it and the retried line stands on its own.
+                os.write(self._fd, b"\n")
+                self._torn = False
+            written = os.write(self._fd, data)
+            if written != len(data):
+                self._torn = True
+                raise OSError(28, "No space left on device")
+            os.fsync(self._fd)
+        except OSError as e:
+            raise StorageError(f"cannot write {self.path}: {e.strerror}") from None
+
+    def read(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Every well-formed event in the file (the newest `limit`), skipping torn lines."""
+        events: deque[dict[str, Any]] = deque(maxlen=limit)
+        skipped = 0
+        for event in self._lines():
+            if event is None:
+                skipped += 1
+            else:
+                events.append(event)
+        self.skipped_lines = skipped
+        return list(events)
+
+    def _lines(self) -> Iterator[dict[str, Any] | None]:
+        try:
+            f = self.path.open("rb")
+        except FileNotFoundError:
+            return
+        with f:
+            for raw in f:
+                if not raw.strip():
+                    continue
+                try:
+                    doc = json.loads(raw)
+                except (UnicodeDecodeError, ValueError):
+                    yield None
+                    continue
+                yield doc if isinstance(doc, dict) and "event" in doc else None

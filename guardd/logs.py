@@ -1,0 +1,63 @@
+"""structlog set-up (CONTRACT §7): JSON off a terminal or under journald, console on one."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+from guardd.secrets import is_secret_name, redact
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: ("***" if is_secret_name(str(k)) else _scrub(v)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def redact_secrets(_logger: object, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A processor that scrubs registered secrets and token-named fields from every line."""
+    for key, value in list(event.items()):
+        event[key] = "***" if is_secret_name(key) else _scrub(value)
+    return event
+
+
+def wants_json(stream: TextIO) -> bool:
+    """JSON lines when stderr is not a terminal or journald reads it."""
+    return bool(os.environ.get("JOURNAL_STREAM")) or not stream.isatty()
+
+
+def configure(guard: str, *, level: str = "info", stream: TextIO | None = None,
+              json: bool | None = None) -> None:
+    """Configure structlog for the daemon; every line carries ts, level, event and guard."""
+    out = stream or sys.stderr
+    as_json = wants_json(out) if json is None else json
+    renderer: Any = (structlog.processors.JSONRenderer() if as_json
+                     else structlog.dev.ConsoleRenderer(colors=out.isatty() and not os.environ.get("NO_COLOR")))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            structlog.processors.format_exc_info,
+            redact_secrets,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(guard=guard)
+
+
+def get_logger(**bound: Any) -> Any:
+    """A bound logger for guardd's components."""
+    return structlog.get_logger("guardd").bind(**bound)

@@ -1,0 +1,404 @@
+"""Prometheus metrics of one guard, and the HTTP endpoint that serves them.
+
+Callers speak in guardd's terms (a probe was done, the state changed); only this module knows
+prometheus_client. Every series carries `guard="<instance>"` so that several guards can share
+one Prometheus without relabelling, and each `GuardMetrics` writes to its own registry so that
+tests and embedded demos never collide on the process-wide default one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import socketserver
+import threading
+from collections.abc import Iterable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import NamedTuple, TypeVar
+from urllib.parse import urlsplit
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "COLORS",
+    "NOTIFICATION_OUTCOMES",
+    "PROBE_OUTCOMES",
+    "ROLLBACK_SEVERITIES",
+    "STATES",
+    "STORAGE_KINDS",
+    "GuardMetrics",
+    "MetricsServer",
+    "parse_listen",
+]
+
+COLORS = ("blue", "green")
+PROBE_OUTCOMES = ("ok", "http_5xx", "http_other", "timeout", "connect_error", "body_mismatch")
+STATES = ("starting", "steady", "degraded", "rolling_back", "guard_window", "hold", "paused")
+ROLLBACK_SEVERITIES = ("P0", "P1", "manual")
+NOTIFICATION_OUTCOMES = ("sent", "retried", "dropped")
+STORAGE_KINDS = ("journal", "state", "outbox", "lock")
+
+# Probes time out within seconds, but the P1 latency rule looks as far as 30s.
+PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A switch is a test command, a reload and a verification through the front door.
+SWITCH_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+_Child = TypeVar("_Child")
+
+
+class _UpstreamGauges(NamedTuple):
+    """The bound gauges that describe one color's health."""
+
+    healthy: Gauge
+    consecutive_failures: Gauge
+    error_ratio: Gauge
+
+
+class GuardMetrics:
+    """Every metric of one guard, bound to its `guard` label in one registry."""
+
+    registry: CollectorRegistry
+
+    def __init__(self, guard: str, version: str, registry: CollectorRegistry | None = None) -> None:
+        self.guard = guard
+        self.registry = CollectorRegistry() if registry is None else registry
+        r = self.registry
+
+        probes = Counter("guardd_probe", "Probes done.", ("guard", "color", "outcome"), registry=r)
+        probe_seconds = Histogram(
+            "guardd_probe_duration_seconds",
+            "Probe latency.",
+            ("guard", "color"),
+            buckets=PROBE_BUCKETS,
+            registry=r,
+        )
+        healthy = Gauge(
+            "guardd_upstream_healthy",
+            "1 if the color is healthy, 0 if not.",
+            ("guard", "color"),
+            registry=r,
+        )
+        failures = Gauge(
+            "guardd_consecutive_failures",
+            "Current run of failed probes.",
+            ("guard", "color"),
+            registry=r,
+        )
+        error_ratio = Gauge(
+            "guardd_window_error_ratio",
+            "5xx ratio over the policy window.",
+            ("guard", "color"),
+            registry=r,
+        )
+        active = Gauge(
+            "guardd_active_color",
+            "1 for the active color, 0 for the other.",
+            ("guard", "color"),
+            registry=r,
+        )
+        state = Gauge(
+            "guardd_state",
+            "1 for the current state, 0 for the others.",
+            ("guard", "state"),
+            registry=r,
+        )
+        rollbacks = Counter(
+            "guardd_rollbacks", "Rollbacks completed.", ("guard", "severity"), registry=r
+        )
+        switch_seconds = Histogram(
+            "guardd_switch_duration_seconds",
+            "Time from decision to a verified switch.",
+            ("guard",),
+            buckets=SWITCH_BUCKETS,
+            registry=r,
+        )
+        qos_locked = Gauge(
+            "guardd_qos_locked", "1 while the QoS lock is held.", ("guard",), registry=r
+        )
+        self._notifications_family = Counter(
+            "guardd_notifications",
+            "Notifications by sink and outcome.",
+            ("guard", "sink", "outcome"),
+            registry=r,
+        )
+        storage_errors = Counter(
+            "guardd_storage_errors",
+            "Failed writes of the journal, state, outbox or lock.",
+            ("guard", "kind"),
+            registry=r,
+        )
+        ticks = Counter(
+            "guardd_decision_ticks", "Rounds of the decision loop.", ("guard",), registry=r
+        )
+        build_info = Gauge(
+            "guardd_build_info",
+            "Always 1; the version is in the label.",
+            ("guard", "version"),
+            registry=r,
+        )
+        r.register(_GuardLabelled(ProcessCollector(registry=None), guard))
+        r.register(_GuardLabelled(PlatformCollector(registry=None), guard))
+
+        # Bind every child now: series exist with 0 from the first scrape (so `increase()`
+        # sees the first event), and the hot path is a dict lookup instead of `labels()`.
+        self._probe_counts = {
+            (color, outcome): probes.labels(guard, color, outcome)
+            for color in COLORS
+            for outcome in PROBE_OUTCOMES
+        }
+        self._probe_seconds = {color: probe_seconds.labels(guard, color) for color in COLORS}
+        self._upstreams = {
+            color: _UpstreamGauges(
+                healthy.labels(guard, color),
+                failures.labels(guard, color),
+                error_ratio.labels(guard, color),
+            )
+            for color in COLORS
+        }
+        self._active = {color: active.labels(guard, color) for color in COLORS}
+        self._states = {name: state.labels(guard, name) for name in STATES}
+        self._rollbacks = {sev: rollbacks.labels(guard, sev) for sev in ROLLBACK_SEVERITIES}
+        self._switch_seconds = switch_seconds.labels(guard)
+        self._qos_locked = qos_locked.labels(guard)
+        self._notifications: dict[tuple[str, str], Counter] = {}
+        self._storage_errors = {kind: storage_errors.labels(guard, kind) for kind in STORAGE_KINDS}
+        self._ticks = ticks.labels(guard)
+        build_info.labels(guard, version).set(1)
+
+    def observe_probe(self, color: str, outcome: str, seconds: float) -> None:
+        """Count one probe of `color` and record how long it took."""
+        try:
+            count = self._probe_counts[color, outcome]
+            latency = self._probe_seconds[color]
+        except KeyError:
+            raise ValueError(
+                f"unknown probe color/outcome {color!r}/{outcome!r}: "
+                f"expected one of {COLORS} and {PROBE_OUTCOMES}"
+            ) from None
+        count.inc()
+        latency.observe(seconds)
+
+    def set_upstream(
+        self, color: str, *, healthy: bool, consecutive_failures: int, error_ratio: float
+    ) -> None:
+        """Publish the policy's current view of one color."""
+        gauges = _lookup(self._upstreams, color, "color")
+        gauges.healthy.set(1 if healthy else 0)
+        gauges.consecutive_failures.set(consecutive_failures)
+        gauges.error_ratio.set(error_ratio)
+
+    def set_active(self, color: str | None) -> None:
+        """Mark `color` as the one serving traffic; None when guardd cannot tell."""
+        if color is not None:
+            _lookup(self._active, color, "color")
+        for name, gauge in self._active.items():
+            gauge.set(1 if name == color else 0)
+
+    def set_state(self, state: str) -> None:
+        """Mark `state` as the current one and every other state as not."""
+        _lookup(self._states, state, "state")
+        for name, gauge in self._states.items():
+            gauge.set(1 if name == state else 0)
+
+    def rollback_completed(self, severity: str) -> None:
+        """Count one completed rollback ("P0", "P1" or "manual")."""
+        _lookup(self._rollbacks, severity, "rollback severity").inc()
+
+    def observe_switch(self, seconds: float) -> None:
+        """Record the time from a decision to a verified switch."""
+        self._switch_seconds.observe(seconds)
+
+    def set_qos_locked(self, locked: bool) -> None:
+        """Publish whether the QoS lock is held."""
+        self._qos_locked.set(1 if locked else 0)
+
+    def declare_sinks(self, sinks: Iterable[str]) -> None:
+        """Create the notification series of `sinks` at 0 before anything is sent."""
+        counter = self._notifications_family
+        for sink in sinks:
+            for outcome in NOTIFICATION_OUTCOMES:
+                key = (sink, outcome)
+                if key not in self._notifications:
+                    self._notifications[key] = counter.labels(self.guard, sink, outcome)
+
+    def notification(self, sink: str, outcome: str) -> None:
+        """Count one notification to `sink` that was sent, retried or dropped."""
+        try:
+            child = self._notifications[sink, outcome]
+        except KeyError:
+            if outcome not in NOTIFICATION_OUTCOMES:
+                raise ValueError(
+                    f"unknown notification outcome {outcome!r}: "
+                    f"expected one of {NOTIFICATION_OUTCOMES}"
+                ) from None
+            # Sinks come from the configuration, so they are bound on first use.
+            self.declare_sinks((sink,))
+            child = self._notifications[sink, outcome]
+        child.inc()
+
+    def storage_error(self, kind: str) -> None:
+        """Count one failed write of the journal, state, outbox or lock."""
+        _lookup(self._storage_errors, kind, "storage kind").inc()
+
+    def decision_tick(self) -> None:
+        """Count one round of the decision loop, so a stalled loop shows."""
+        self._ticks.inc()
+
+    def render(self) -> bytes:
+        """Return the registry in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+def _lookup(children: dict[str, _Child], key: str, what: str) -> _Child:
+    """Return the child bound to `key`, or say which keys the contract allows."""
+    try:
+        return children[key]
+    except KeyError:
+        raise ValueError(f"unknown {what} {key!r}: expected one of {tuple(children)}") from None
+
+
+class _GuardLabelled:
+    """A collector that adds `guard` to the samples of one that knows nothing of guards."""
+
+    def __init__(self, collector: Collector, guard: str) -> None:
+        self._collector = collector
+        self._guard = guard
+
+    def collect(self) -> Iterable[Metric]:
+        """Yield the wrapped collector's families with the guard label added."""
+        for family in self._collector.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [
+                sample._replace(labels={**sample.labels, "guard": self._guard})
+                for sample in family.samples
+            ]
+            yield labelled
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split "host:port" or "[v6]:port" into a host and a port; an empty host means all."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{listen!r}: expected host:port, e.g. 127.0.0.1:9105 or [::1]:9105")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{listen!r}: put an IPv6 address in brackets, e.g. [::1]:9105")
+    return host or "0.0.0.0", int(port_text)  # noqa: S104 - ":9105" asks for every interface
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    """Answers GET /metrics with the registry, and 404 to anything else."""
+
+    server: _MetricsHTTPServer
+    # A client that stops talking must not pin a thread for ever.
+    timeout = 30
+
+    def do_GET(self) -> None:
+        """Serve the exposition in the format the scraper asked for."""
+        if urlsplit(self.path).path != "/metrics":
+            self._reply(HTTPStatus.NOT_FOUND, b"not found; try /metrics\n", "text/plain")
+            return
+        encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+        body = encoder(self.server.registry)
+        if gzip_accepted(self.headers.get("Accept-Encoding", "")):
+            self._reply(HTTPStatus.OK, gzip.compress(body), content_type, gzipped=True)
+        else:
+            self._reply(HTTPStatus.OK, body, content_type)
+
+    def _reply(
+        self, status: HTTPStatus, body: bytes, content_type: str, *, gzipped: bool = False
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        if gzipped:
+            self.send_header("Content-Encoding", "gzip")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - base signature
+        """Stay quiet: a scrape every few seconds is not news, and stderr is the daemon's log."""
+
+
+class _MetricsHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server bound to one registry, IPv4 or IPv6."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], registry: CollectorRegistry) -> None:
+        self.registry = registry
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            address[0], address[1], type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        self.address_family = family
+        super().__init__((str(sockaddr[0]), address[1]), _MetricsHandler)
+
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's reverse DNS lookup, which can hang on a broken resolver."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+
+class MetricsServer:
+    """Serves GET /metrics of a registry from a daemon thread, off the asyncio loop."""
+
+    def __init__(self, listen: str, registry: CollectorRegistry) -> None:
+        self.listen = listen
+        self.host, self._requested_port = parse_listen(listen)
+        self.registry = registry
+        self._httpd: _MetricsHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port: the configured one, or the one picked for port 0."""
+        if self._httpd is None:
+            return self._requested_port
+        return int(self._httpd.server_address[1])
+
+    def start(self) -> None:
+        """Bind and start serving; raises OSError if the address is taken."""
+        if self._httpd is not None:
+            raise RuntimeError("metrics server already started")
+        self._httpd = _MetricsHTTPServer((self.host, self._requested_port), self.registry)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.25},
+            name=f"guardd-metrics-{self.listen}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and release the socket; safe to call twice."""
+        httpd, thread = self._httpd, self._thread
+        self._httpd = self._thread = None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self) -> MetricsServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,102 @@
+"""Notifications to Slack, Discord and webhooks: durable, retried, never in a decision's way."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from guardd.exceptions import ConfigError, ConfigProblem
+from guardd.notify._delivery import (
+    DEFAULT_EVENTS,
+    EVENT_GROUPS,
+    JOURNAL_EVENTS,
+    MAX_PENDING,
+    Notifier,
+    RetrySettings,
+    Sink,
+    SinkKind,
+    expand_events,
+    resolve_url,
+)
+from guardd.notify.discord import discord_message
+from guardd.notify.slack import slack_message
+from guardd.notify.webhook import webhook_body, webhook_headers
+
+if TYPE_CHECKING:
+    from guardd.config import NotifyConfig, Settings
+    from guardd.metrics import GuardMetrics
+
+__all__ = [
+    "DEFAULT_EVENTS",
+    "EVENT_GROUPS",
+    "JOURNAL_EVENTS",
+    "MAX_PENDING",
+    "Notifier",
+    "RetrySettings",
+    "Sink",
+    "SinkKind",
+    "build_notifier",
+    "discord_message",
+    "expand_events",
+    "resolve_url",
+    "sinks_from_config",
+    "slack_message",
+    "webhook_body",
+    "webhook_headers",
+]
+
+
+def sinks_from_config(
+    notify: Sequence[NotifyConfig], *, environ: Mapping[str, str], source: str
+) -> list[Sink]:
+    """The sinks of the `[[notify]]` tables; raise `ConfigError` naming every bad key.
+
+    A sink is named by its `name`, else by its kind and position (`slack-0`).
+    """
+    sinks: list[Sink] = []
+    problems: list[ConfigProblem] = []
+    for index, n in enumerate(notify):
+        name = n.name or f"{n.kind}-{index}"
+        where = f"notify.{index}"
+        try:
+            events = DEFAULT_EVENTS if n.events is None else expand_events(n.events)
+        except ValueError as e:
+            problems.append(ConfigProblem(source, f"{where}.events", str(e)))
+            continue
+        url_key = "url" if n.url is not None else "url_env" if n.url_env is not None else "url_file"
+        try:
+            url = resolve_url(
+                url=None if n.url is None else n.url.get_secret_value(),
+                url_env=n.url_env,
+                url_file=n.url_file,
+                environ=environ,
+            )
+        except ValueError as e:
+            problems.append(ConfigProblem(source, f"{where}.{url_key}", str(e)))
+            continue
+        if any(s.name == name for s in sinks):
+            problems.append(ConfigProblem(source, f"{where}.name", f"{name!r} is used twice"))
+            continue
+        sinks.append(Sink(name=name, kind=n.kind, url=url, events=events, timeout=n.timeout))
+    if problems:
+        raise ConfigError(problems)
+    return sinks
+
+
+def build_notifier(
+    settings: Settings, retry: RetrySettings, metrics: GuardMetrics, log: Any
+) -> Notifier:
+    """The daemon's notifier: sinks from the config, the outbox in the state dir, metrics wired."""
+    sinks = sinks_from_config(settings.config.notify, environ=os.environ,
+                              source=str(settings.source))
+    metrics.declare_sinks(s.name for s in sinks)
+    return Notifier(
+        instance=settings.instance,
+        sinks=sinks,
+        retry=retry,
+        outbox_dir=settings.state_dir / "outbox",
+        on_outcome=metrics.notification,
+        on_storage_error=metrics.storage_error,
+        logger=log,
+    )

@@ -1,0 +1,107 @@
+"""Operator commands from the control socket, run under the guard's single lock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guardd import qoslock
+from guardd.core.types import COLORS, Color, other
+from guardd.exceptions import Refused
+from guardd.guard import Guard
+
+
+async def handle(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict[str, Any]:
+    """Run one command; raise `Refused` with the reason an operator should read."""
+    if cmd == "status":
+        return guard.snapshot()
+    if cmd == "history":
+        limit = args.get("limit")
+        return {"events": guard.journal.read(limit if isinstance(limit, int) else None)}
+    if cmd == "qos_status":
+        return qoslock.read_lock(guard.s.lock_file).to_json()
+    async with guard.lock:
+        result = await _mutate(guard, cmd, args, by)
+        guard.save_state()
+        return result
+
+
+async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict[str, Any]:
+    reason = args.get("reason") or None
+    if cmd == "pause":
+        if guard.paused is None:
+            guard.paused = {"reason": reason, "by": by}
+            guard.record("paused", reason=reason or "paused by an operator", by=by)
+        return {"paused": True}
+    if cmd == "resume":
+        was = guard.paused is not None or guard.machine.hold is not None
+        guard.paused = None
+        guard.machine.clear_hold()
+        guard.record("resumed", reason=reason or "resumed by an operator", by=by)
+        return {"paused": False, "changed": was}
+    if cmd == "qos_lock":
+        current = qoslock.read_lock(guard.s.lock_file)
+        if current.held and (guard.own_lock is None or current != guard.own_lock.info):
+            raise Refused(f"a QoS lock is already held ({current.reason}); "
+                          "release it with `guardctl qos unlock` first")
+        duration = args.get("for_s")
+        info = guard.take_lock(reason or "locked by an operator", by=by,
+                               duration=float(duration) if duration else None, manual=True)
+        return info.to_json()
+    if cmd == "qos_unlock":
+        if not qoslock.read_lock(guard.s.lock_file).held:
+            raise Refused("no QoS lock is held")
+        guard.release_lock(by=by, reason=reason or "unlocked by an operator")
+        return qoslock.read_lock(guard.s.lock_file).to_json()
+    if guard.active is None:
+        raise Refused("the active color is unknown (the switch target names neither color)")
+    if cmd == "rollback":
+        target = guard.machine.rollback_target(guard.active)
+        if target == guard.active:
+            raise Refused(f"{target} is already active; it is the rollback target")
+        guard.machine.clear_hold()
+        await guard.move_traffic(target, kind="rollback", by=by,
+                                 reason=reason or "rollback requested by an operator")
+        return _moved(guard)
+    if cmd == "switch":
+        color: Color = args["color"]
+        if color not in COLORS:
+            raise Refused(f"unknown color {color!r}")
+        if color == guard.active:
+            raise Refused(f"{color} is already active")
+        _gate(guard, color, force=bool(args.get("force")), promote=False)
+        guard.machine.clear_hold()
+        await guard.move_traffic(color, kind="switch", by=by,
+                                 reason=reason or f"switch to {color} requested by an operator")
+        return _moved(guard)
+    if cmd == "promote":
+        standby = other(guard.active)
+        _gate(guard, standby, force=False, promote=True)
+        await guard.move_traffic(standby, kind="promote", by=by,
+                                 reason=reason or f"promote {standby}")
+        return _moved(guard)
+    raise Refused(f"unknown command {cmd!r}")
+
+
+def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
+    if force:
+        return
+    lock = qoslock.read_lock(guard.s.lock_file)
+    if lock.held:
+        raise Refused(f"the QoS lock is held ({lock.reason}"
+                      + (f", until {lock.until}" if lock.until else "") + ")"
+                      + ("" if promote else "; use --force to override"))
+    now = guard.clock.monotonic()
+    if promote:
+        if not guard.machine.promotable(color, now):
+            w = guard.machine.windows[color]
+            raise Refused(f"{color} has passed {w.consecutive_successes} probes in a row; "
+                          f"promotion needs {guard.s.policy.promote_successes}")
+        return
+    healthy = guard.machine.healthy(color, now)
+    if healthy is not True:
+        raise Refused(f"{color} is {'stale' if healthy is None else 'unhealthy'}; "
+                      "use --force to switch anyway")
+
+
+def _moved(guard: Guard) -> dict[str, Any]:
+    return {"active": guard.active, "event": guard.journal.recent[-1]}

@@ -1,0 +1,93 @@
+"""The QoS guard lock file: read by anyone, written atomically by guardd.
+
+Any file at the lock path means "deploys are blocked", whoever made it, even an empty
+one made with `touch`. Only the standard library is imported for reading, so that
+`guardctl qos status` answers fast and with the daemon down.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from guardd.exceptions import UnsafePath
+
+_MAX_LOCK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LockInfo:
+    """What the lock file says; `held` is true whenever the file exists."""
+
+    held: bool
+    reason: str | None = None
+    locked_at: str | None = None
+    until: str | None = None
+    by: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """The shape used in `status --json` and `qos status --json`."""
+        return {"locked": self.held, "reason": self.reason, "until": self.until,
+                "locked_at": self.locked_at, "by": self.by}
+
+
+def read_lock(path: Path) -> LockInfo:
+    """Read the lock at `path` without following a symlink planted there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return LockInfo(held=False)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            # Something is there, so deploys stay blocked; but it is not read.
+            return LockInfo(held=True, reason=f"{path} is a symlink; not followed")
+        return LockInfo(held=True, reason=f"{path} exists but cannot be read: {e.strerror}")
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return LockInfo(held=True, reason=f"{path} is not a regular file")
+        raw = os.read(fd, _MAX_LOCK_BYTES)
+    finally:
+        os.close(fd)
+    return _parse(raw)
+
+
+def _parse(raw: bytes) -> LockInfo:
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        doc = None
+    if not isinstance(doc, dict):
+        text = raw.decode("utf-8", "replace").strip()
+        return LockInfo(held=True, reason=text[:200] or "lock file present (no details)")
+
+    def field(name: str) -> str | None:
+        value = doc.get(name)
+        return None if value is None else str(value)
+
+    return LockInfo(held=True, reason=field("reason") or "lock file present (no reason given)",
+                    locked_at=field("locked_at"), until=field("until"), by=field("by"))
+
+
+def write_lock(path: Path, lock: LockInfo) -> None:
+    """Write guardd's lock atomically, refusing to write through a symlink."""
+    from guardd import fsutil  # noqa: PLC0415 - writers only; readers stay stdlib-light
+
+    body = {k: v for k, v in asdict(lock).items() if k != "held"}
+    fsutil.atomic_write(path, (json.dumps(body, sort_keys=True) + "\n").encode(), mode=0o644)
+
+
+def remove_lock(path: Path) -> bool:
+    """Delete the lock file; false if there was none."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        raise UnsafePath(f"{path} is a directory, not a lock file")
+    # unlink removes a symlink itself, never its target, so a planted link is safe to drop.
+    path.unlink(missing_ok=True)
+    return True

@@ -1,0 +1,280 @@
+"""Human text for guardctl: the status table, the history and the QoS lock.
+
+Everything here takes the JSON shapes guardd sends and returns plain lines; only the
+standard library is used, so that guardctl starts fast. Text that came from outside
+(upstream errors, operators' reasons) is escaped so it cannot drive the terminal.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, TextIO
+
+__all__ = ["render_history", "render_qos", "render_status", "use_color"]
+
+_RESET: Final = "\x1b[0m"
+_GREEN: Final = "\x1b[32m"
+_YELLOW: Final = "\x1b[33m"
+_RED: Final = "\x1b[1;31m"
+_BOLD: Final = "\x1b[1m"
+_MAX_ERROR_CHARS: Final = 40
+_COLORS: Final = ("blue", "green")
+_NONE: Final = "-"
+
+
+def use_color(stream: TextIO) -> bool:
+    """Whether to write ANSI colors: only to a terminal, and never when `NO_COLOR` is set."""
+    if "NO_COLOR" in os.environ or os.environ.get("TERM") == "dumb":
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class _Paint:
+    """Wraps text in ANSI codes, or leaves it alone when color is off."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, text: str, code: str | None) -> str:
+        return f"{code}{text}{_RESET}" if self.enabled and code else text
+
+
+def _clean(value: object) -> str:
+    # Control characters from an upstream's error or an operator's reason must not
+    # reach the terminal raw: an escape sequence could rewrite what the operator sees.
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def _text(value: object) -> str:
+    return _NONE if value is None or value == "" else _clean(value)
+
+
+def _number(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return _text(value)
+
+
+def _ms(value: object) -> str:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return _NONE
+    return f"{value:.1f}ms" if value < 1000 else f"{value / 1000:.2f}s"
+
+
+def _ratio(value: object) -> str:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return _NONE
+    return f"{value * 100:.1f}%"
+
+
+def _duration(value: object) -> str:
+    """Seconds as an operator reads them: 0.4s, 42s, 13m32s, 5h07m, 2d03h."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return _NONE
+    if value < 1:
+        return f"{value * 1000:.0f}ms" if value < 0.1 else f"{value:.1f}s"
+    if value < 10:
+        return f"{value:.1f}s"
+    seconds = round(value)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def _interval(value: object) -> str:
+    """A configured interval, written the way the config spells it: 250ms, 1s, 5m00s."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return _NONE
+    if value < 1:
+        return f"{value * 1000:.0f}ms"
+    return f"{value:g}s" if value < 60 else _duration(value)
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _healthy(upstream: Mapping[str, Any]) -> tuple[str, str | None]:
+    # Stale wins over whatever `healthy` says: guardd cannot vouch for old news.
+    if upstream.get("stale"):
+        return "stale", _YELLOW
+    healthy = upstream.get("healthy")
+    if healthy is True:
+        return "yes", _GREEN
+    if healthy is False:
+        return "NO", _RED
+    return _NONE, None
+
+
+_HEADERS: Final = ("", "COLOR", "HEALTHY", "FAILS", "ERR%", "SAMPLES", "P50", "P95",
+                   "LAST ERROR", "AGE")
+# Numbers are right-aligned so that their digits line up.
+_RIGHT: Final = frozenset({"FAILS", "ERR%", "SAMPLES", "P50", "P95", "AGE"})
+
+
+def _table(rows: Sequence[Sequence[tuple[str, str | None]]], paint: _Paint) -> list[str]:
+    widths = [max(len(h), *(len(row[i][0]) for row in rows)) for i, h in enumerate(_HEADERS)]
+    lines = []
+    for row in [[(h, None) for h in _HEADERS], *rows]:
+        cells = []
+        for (text, code), header, width in zip(row, _HEADERS, widths, strict=True):
+            padded = text.rjust(width) if header in _RIGHT else text.ljust(width)
+            cells.append(paint(padded, code))
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _upstream_row(color: str, upstream: Mapping[str, Any], active: bool
+                  ) -> list[tuple[str, str | None]]:
+    last_error = upstream.get("last_error")
+    return [
+        ("*" if active else "", _BOLD if active else None),
+        (_clean(color), _BOLD if active else None),
+        _healthy(upstream),
+        (_text(upstream.get("consecutive_failures")), None),
+        (_ratio(upstream.get("error_ratio")), None),
+        (_text(upstream.get("samples")), None),
+        (_ms(upstream.get("p50_ms")), None),
+        (_ms(upstream.get("p95_ms")), None),
+        (_shorten(_text(last_error), _MAX_ERROR_CHARS), None),
+        (_duration(upstream.get("last_probe_age_s")), None),
+    ]
+
+
+def _evidence(evidence: object) -> str:
+    if not isinstance(evidence, Mapping):
+        return ""
+    parts = [f"{key}={_number(evidence[key])}"
+             for key in ("rule", "threshold", "value", "samples") if key in evidence]
+    return f" [{' '.join(parts)}]" if parts else ""
+
+
+def _decision(decision: object) -> str:
+    if not isinstance(decision, Mapping):
+        return _NONE
+    head = " ".join(_clean(decision[k]) for k in ("ts", "action", "severity")
+                    if decision.get(k) is not None)
+    reason = decision.get("reason")
+    return f"{head}{': ' + _clean(reason) if reason else ''}{_evidence(decision.get('evidence'))}"
+
+
+def _move(event: Mapping[str, Any]) -> str:
+    source, target = event.get("from"), event.get("to")
+    if source is None and target is None:
+        return _NONE
+    return f"{_text(source)}->{_text(target)}"
+
+
+def _event(event: object) -> str:
+    if not isinstance(event, Mapping):
+        return _NONE
+    parts = [_text(event.get("ts")), _text(event.get("event"))]
+    if (move := _move(event)) != _NONE:
+        parts.append(move)
+    if event.get("severity") is not None:
+        parts.append(_clean(event["severity"]))
+    if event.get("by") is not None:
+        parts.append(f"by {_clean(event['by'])}")
+    reason = event.get("reason")
+    return " ".join(parts) + (f": {_clean(reason)}" if reason else "")
+
+
+def _lock(qos: object) -> tuple[str, str | None]:
+    if not isinstance(qos, Mapping) or not qos.get("locked"):
+        return "none, deploys allowed", None
+    details = [f"until {_clean(qos['until'])}" if qos.get("until") else "no expiry"]
+    if qos.get("by"):
+        details.append(f"by {_clean(qos['by'])}")
+    return f"HELD: {_text(qos.get('reason'))} ({', '.join(details)})", _YELLOW
+
+
+def _state_code(state: object) -> str | None:
+    if state == "steady":
+        return _GREEN
+    return _RED if state == "hold" else _YELLOW
+
+
+def render_status(status: Mapping[str, Any], *, color: bool = False) -> str:
+    """The `guardctl status` text: a table of the colors, then the guard's state."""
+    paint = _Paint(color)
+    active = status.get("active")
+    upstreams = status.get("upstreams")
+    upstreams = upstreams if isinstance(upstreams, Mapping) else {}
+    names = [c for c in _COLORS if c in upstreams] + sorted(set(upstreams) - set(_COLORS))
+    rows = [_upstream_row(name, upstreams[name], name == active) for name in names
+            if isinstance(upstreams[name], Mapping)]
+    lines = [*_table(rows, paint), ""] if rows else ["no upstream data yet", ""]
+
+    def field(name: str, value: str, code: str | None = None) -> None:
+        lines.append(f"{name:<15}{paint(value, code)}")
+
+    state = status.get("state")
+    field("guard", _text(status.get("guard")))
+    field("state", _text(state), _state_code(state))
+    standby = status.get("standby")
+    field("active", _text(active) + (f" (standby {_clean(standby)})" if standby else ""))
+    target = status.get("rollback_to")
+    field("rollback to", _text(target) + (" (already active)" if target and target == active
+                                          else ""))
+    field("qos lock", *_lock(status.get("qos")))
+    if status.get("paused"):
+        reason = status.get("paused_reason")
+        field("paused", "yes" + (f": {_clean(reason)}" if reason else ""), _YELLOW)
+    else:
+        field("paused", "no")
+    if status.get("hold_reason"):
+        field("hold reason", _clean(status["hold_reason"]), _RED)
+    storage = status.get("storage")
+    if isinstance(storage, Mapping) and (storage.get("ok") is False or storage.get("errors")):
+        field("storage", f"{_text(storage.get('errors'))} write errors, last: "
+                         f"{_text(storage.get('last_error'))}", _RED)
+    field("last decision", _decision(status.get("last_decision")))
+    field("last event", _event(status.get("last_event")))
+    about = [_text(status.get("version")), f"up {_duration(status.get('uptime_s'))}"]
+    if status.get("probe_interval_s") is not None:
+        about.append(f"probing every {_interval(status['probe_interval_s'])}")
+    field("version", ", ".join(about))
+    return "\n".join(lines) + "\n"
+
+
+def render_history(events: Sequence[Mapping[str, Any]], *, color: bool = False) -> str:
+    """One line per journal event, oldest first: ts, event, from->to, severity, by, reason."""
+    if not events:
+        return "no events\n"
+    paint = _Paint(color)
+    rows = [(_text(e.get("ts")), _text(e.get("event")), _move(e), _text(e.get("severity")),
+             _text(e.get("by")), _clean(e.get("reason") or "")) for e in events]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = []
+    for row, event in zip(rows, events, strict=True):
+        cells = [text.ljust(width) for text, width in zip(row, widths, strict=False)]
+        severity = event.get("severity")
+        cells[3] = paint(cells[3], _RED if severity == "P0" else _YELLOW if severity else None)
+        lines.append("  ".join([*cells, row[5]]).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def render_qos(lock: Mapping[str, Any], path: str, *, color: bool = False) -> str:
+    """The `guardctl qos status` text for a lock in the `{"locked": ..., ...}` shape."""
+    paint = _Paint(color)
+    if not lock.get("locked"):
+        return f"{paint('no QoS lock', _GREEN)}: deploys allowed ({_clean(path)})\n"
+    lines = [f"{paint('QoS lock HELD', _YELLOW)}: deploys blocked"]
+    for label, key in (("reason", "reason"), ("until", "until"), ("locked at", "locked_at"),
+                       ("by", "by")):
+        lines.append(f"  {label:<11}{_text(lock.get(key))}")
+    lines.append(f"  {'file':<11}{_clean(path)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,48 @@
+"""`state.json`: what guardd must remember across a restart, written atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from guardd import fsutil
+from guardd.exceptions import StorageError, UnsafePath
+
+STATE_VERSION = 1
+
+
+class StateFile:
+    """Loads and atomically saves the daemon's state document."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._last: bytes | None = None
+
+    def load(self) -> dict[str, Any]:
+        """The saved state, or an empty one when missing or unreadable."""
+        try:
+            raw = fsutil.read_bytes(self.path)
+        except FileNotFoundError:
+            return {}
+        except UnsafePath:
+            raise
+        except OSError as e:
+            raise StorageError(f"cannot read {self.path}: {e.strerror}") from None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def save(self, doc: dict[str, Any]) -> None:
+        """Write `doc` atomically unless it is unchanged; raise `StorageError` on failure."""
+        data = (json.dumps({"version": STATE_VERSION, **doc}, sort_keys=True, indent=1,
+                           default=str) + "\n").encode()
+        if data == self._last:
+            return
+        try:
+            fsutil.atomic_write(self.path, data, mode=0o640)
+        except OSError as e:
+            raise StorageError(f"cannot write {self.path}: {e.strerror}") from None
+        self._last = data

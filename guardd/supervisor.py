@@ -1,0 +1,377 @@
+"""The supervisor: builds the guard from a config and owns its task group.
+
+Start-up (recover, first probe round, READY), the main loop (probe loops, decision
+tick, watchdog, control socket, notifications, signals) and graceful shutdown (finish
+or undo a switch in flight, write state, STOPPING) all live here, in the manner of
+uvicorn's server.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from dataclasses import replace
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+
+from guardd import config as config_mod
+from guardd._version import __version__
+from guardd.clock import Clock, SystemClock
+from guardd.commands import RetryPolicy
+from guardd.config import GuardConfig, Settings
+from guardd.core.machine import GuardMachine
+from guardd.core.policy import PolicySpec
+from guardd.core.types import COLORS, Color
+from guardd.exceptions import ConfigError, GuarddError
+from guardd.faults import FaultPoints
+from guardd.guard import Guard, GuardSettings
+from guardd.journal import Journal
+from guardd.logs import get_logger
+from guardd.metrics import GuardMetrics, MetricsServer
+from guardd.probes.http import HttpProber, ProbeSpec
+from guardd.statefile import StateFile
+from guardd.switchers import Switcher
+from guardd.systemd import SystemdNotifier
+
+# A probe loop that has not finished a round for this long past its deadline is wedged.
+_STUCK_MARGIN = 5.0
+
+
+def guard_settings(settings: Settings) -> GuardSettings:
+    """The running guard's view of a validated config."""
+    c = settings.config
+    return GuardSettings(
+        instance=settings.instance,
+        policy=PolicySpec(**c.policy.model_dump()),
+        probe_interval=c.probe.interval,
+        confirm_interval=c.probe.confirm_interval,
+        switch_timeout=c.switch.timeout,
+        verify_url=c.switch.verify_url,
+        verify_successes=c.switch.verify_successes,
+        lock_file=settings.lock_file,
+        qos_window=c.qos.window,
+        qos_max_error_ratio=c.qos.max_error_ratio,
+        qos_min_health_ratio=c.qos.min_health_ratio,
+    )
+
+
+def probe_spec(c: GuardConfig) -> ProbeSpec:
+    """How probes behave under this config."""
+    p = c.probe
+    return ProbeSpec(timeout=p.timeout, expect_status=p.expect_status, expect_json=p.expect_json,
+                     headers=p.headers, max_body_bytes=p.max_body_bytes,
+                     follow_redirects=p.follow_redirects, verify_tls=p.verify_tls,
+                     ca_file=p.ca_file)
+
+
+def retry_policy(c: GuardConfig) -> RetryPolicy:
+    """The `[retry]` section as the command runner and notifier take it."""
+    return RetryPolicy(attempts=c.retry.attempts, base_delay=c.retry.base_delay,
+                       max_delay=c.retry.max_delay)
+
+
+def build_switcher(settings: Settings, on_step: Callable[[str], Awaitable[None]]) -> Switcher:
+    """The switcher `switch.kind` names."""
+    s = settings.config.switch
+    retry = retry_policy(settings.config)
+    if s.kind == "nginx":
+        from guardd.switchers.nginx import NginxSwitcher  # noqa: PLC0415 - one kind per daemon
+
+        assert s.active_link is not None and s.targets is not None  # noqa: S101 - validated
+        return NginxSwitcher(active_link=s.active_link, targets=s.targets,
+                             test_command=s.test_command,
+                             reload_command=s.effective_reload_command or [],
+                             timeout=s.timeout, retry=retry, on_step=on_step)
+    if s.kind == "state-file":
+        from guardd.switchers.state_file import StateFileSwitcher  # noqa: PLC0415
+
+        assert s.path is not None  # noqa: S101 - validated
+        return StateFileSwitcher(path=s.path, reload_command=s.effective_reload_command,
+                                 timeout=s.timeout, retry=retry, on_step=on_step)
+    from guardd.switchers.command import CommandSwitcher  # noqa: PLC0415
+
+    assert s.command is not None  # noqa: S101 - validated
+    return CommandSwitcher(command=s.command, instance=settings.instance, timeout=s.timeout,
+                           retry=retry, state_path=settings.state_dir / "command-switch.json",
+                           on_step=on_step)
+
+
+class Supervisor:
+    """Runs one guard until SIGTERM/SIGINT; reloads on SIGHUP."""
+
+    def __init__(self, settings: Settings, *, clock: Clock | None = None,
+                 sd: SystemdNotifier | None = None, faults: FaultPoints | None = None,
+                 probe_transport: httpx.AsyncBaseTransport | None = None,
+                 instance_arg: str | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.sd = sd or SystemdNotifier()
+        self.faults = faults or FaultPoints()
+        self.probe_transport = probe_transport
+        self.instance_arg = instance_arg
+        self.log = get_logger()
+        self.metrics = GuardMetrics(settings.instance, __version__)
+        self.probers: dict[Color, HttpProber] = {}
+        self.guard: Guard | None = None
+        self.notifier: Any = None
+        self.metrics_server: MetricsServer | None = None
+        self._wake = anyio.Event()
+        self._first_round: dict[Color, anyio.Event] = {c: anyio.Event() for c in COLORS}
+        self._probe_started: dict[Color, float | None] = dict.fromkeys(COLORS)
+        self._stopping = False
+
+    # ---- start-up ----------------------------------------------------------------------
+
+    def _build(self) -> Guard:
+        s = self.settings
+        c = s.config
+        state_dir = s.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        journal = Journal(state_dir / "events.jsonl", s.instance, self.clock.wall)
+        journal.open()
+        if journal.skipped_lines:
+            self.log.warning("journal_lines_skipped", count=journal.skipped_lines,
+                             path=str(journal.path))
+        switcher = build_switcher(s, self._on_switch_step)
+        spec = probe_spec(c)
+        for color in COLORS:
+            self.probers[color] = HttpProber(c.upstreams[color].all_urls, spec,
+                                             quorum=c.upstreams[color].quorum,
+                                             transport=self.probe_transport)
+        verifier = None
+        if c.switch.verify_url:
+            # Fresh connections only: a kept-alive one would be served by an old worker.
+            verifier = HttpProber([c.switch.verify_url],
+                                  replace(spec, headers={**spec.headers, "Connection": "close"}),
+                                  transport=self.probe_transport)
+        gs = guard_settings(s)
+        machine = GuardMachine(gs.policy, gs.probe_interval)
+        guard = Guard(gs, machine=machine, switcher=switcher, journal=journal,
+                      state_file=StateFile(state_dir / "state.json"), metrics=self.metrics,
+                      verifier=verifier, clock=self.clock, log=self.log,
+                      notify=self._notify, faults=self.faults)
+        guard.load_history()
+        return guard
+
+    async def _on_switch_step(self, step: str) -> None:
+        await self.faults.reach(f"after_{step}")
+
+    def _notify(self, event: dict[str, Any]) -> None:
+        if self.notifier is not None:
+            self.notifier.submit(event)
+
+    def _build_notifier(self) -> Any:
+        c = self.settings.config
+        if not c.notify:
+            return None
+        from guardd.notify import build_notifier  # noqa: PLC0415 - only when configured
+
+        return build_notifier(self.settings, retry_policy(c), self.metrics, self.log)
+
+    def _start_metrics(self) -> None:
+        listen = self.settings.config.metrics.listen
+        if not listen:
+            return
+        try:
+            server = MetricsServer(listen, self.metrics.registry)
+            server.start()
+        except OSError as e:
+            # Metrics are not the decision path: guard on, and say so loudly.
+            self.log.error("metrics_listen_failed", listen=listen, error=str(e))
+            return
+        self.metrics_server = server
+        self.log.info("metrics_listening", listen=listen, port=server.port)
+
+    # ---- the main loop -----------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Guard until stopped; the process exit code."""
+        try:
+            guard = self.guard = self._build()
+            saved = guard.state_file.load()
+            await guard.recover(saved)
+        except GuarddError as e:
+            self.log.error("startup_failed", error=str(e))
+            await self._close_probers()
+            return 1
+        self.notifier = self._build_notifier()
+        self._start_metrics()
+        guard.record("started", target=guard.active,
+                     reason=f"guardd {__version__} guarding {self.settings.instance}")
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._signals, tg.cancel_scope)
+                for color in COLORS:
+                    tg.start_soon(self._probe_loop, color)
+                for event in self._first_round.values():
+                    await event.wait()
+                async with guard.lock:
+                    await guard.tick()
+                if self.notifier is not None:
+                    await tg.start(self.notifier.run)
+                await self._start_control(tg)
+                tg.start_soon(self._decision_loop)
+                if self.sd.watchdog_interval:
+                    tg.start_soon(self._watchdog_loop, self.sd.watchdog_interval)
+                self.sd.status(guard.status_line())
+                self.sd.ready()
+                self.log.info("ready", active=guard.active, state=guard.state.value)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._shutdown()
+        return 0
+
+    async def _start_control(self, tg: anyio.abc.TaskGroup) -> None:
+        from guardd.control.server import ControlServer  # noqa: PLC0415
+        from guardd.operator import handle  # noqa: PLC0415
+
+        c = self.settings.config.control
+        guard = self.guard
+        assert guard is not None  # noqa: S101
+
+        async def handler(cmd: str, args: dict[str, Any], caller: Any) -> dict[str, Any]:
+            result = await handle(guard, cmd, args, caller.by())
+            if cmd not in ("status", "history", "qos_status"):
+                self._wake.set()
+                self.sd.status(guard.status_line())
+            return result
+
+        path = self.settings.control_socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        server = ControlServer(path, handler, mode=int(c.mode, 8), group=c.group,
+                               admin_group=c.admin_group)
+        await tg.start(server.serve)
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        self.sd.stopping()
+        guard = self.guard
+        if guard is not None:
+            guard.record("stopped", target=guard.active, reason="SIGTERM or SIGINT")
+            guard.save_state()
+            guard.journal.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        await self._close_probers()
+        self.log.info("stopped")
+
+    async def _close_probers(self) -> None:
+        for prober in self.probers.values():
+            await prober.aclose()
+        if self.guard is not None and self.guard.verifier is not None:
+            await self.guard.verifier.aclose()
+
+    async def _signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                    continue
+                self.log.info("stopping", signal=signal.Signals(signum).name)
+                self.sd.stopping()
+                scope.cancel()
+                return
+
+    async def _probe_loop(self, color: Color) -> None:
+        guard = self.guard
+        assert guard is not None  # noqa: S101
+        next_at = self.clock.monotonic()
+        while True:
+            started = self.clock.monotonic()
+            self._probe_started[color] = started
+            result = await self.probers[color].probe()
+            self._probe_started[color] = None
+            guard.observe(color, result)
+            self._first_round[color].set()
+            self._wake.set()
+            interval = guard.cadence(color)
+            # Fixed cadence without drift; a slow round skips the slots it overran
+            # instead of stacking a second probe behind itself.
+            next_at += interval
+            now = self.clock.monotonic()
+            if next_at < now:
+                next_at = started + interval * math.ceil((now - started) / interval)
+            next_at = min(next_at, started + interval)
+            await anyio.sleep(max(0.0, next_at - now))
+
+    async def _decision_loop(self) -> None:
+        guard = self.guard
+        assert guard is not None  # noqa: S101
+        while True:
+            period = self.settings.config.probe.interval
+            if self.sd.watchdog_interval:
+                period = min(period, self.sd.watchdog_interval / 2)
+            with anyio.move_on_after(period):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            await self.faults.reach("stall_tick")
+            async with guard.lock:
+                await guard.tick()
+            self.sd.status(guard.status_line())
+
+    def probes_stuck(self) -> bool:
+        """Whether a probe loop is wedged past its own deadline."""
+        now = self.clock.monotonic()
+        limit = self.settings.config.probe.timeout + _STUCK_MARGIN
+        return any(t is not None and now - t > limit for t in self._probe_started.values())
+
+    async def _watchdog_loop(self, every: float) -> None:
+        guard = self.guard
+        assert guard is not None  # noqa: S101
+        seen = -1
+        while True:
+            if guard.ticks != seen and not self.probes_stuck():
+                self.sd.watchdog()
+                seen = guard.ticks
+            elif guard.ticks == seen:
+                self.log.warning("watchdog_withheld", reason="the decision tick has not advanced")
+            await anyio.sleep(every)
+
+    # ---- reload ------------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """SIGHUP: validate the file again; apply it, or keep the old config and say why."""
+        guard = self.guard
+        assert guard is not None  # noqa: S101
+        self.sd.reloading()
+        try:
+            new = config_mod.load(self.settings.source, instance=self.instance_arg)
+        except ConfigError as e:
+            for problem in e.problems:
+                self.log.error("config_invalid", problem=str(problem))
+            guard.record("alert", reason=f"reload rejected, still running the previous config: "
+                                         f"{'; '.join(str(p) for p in e.problems)[:900]}")
+            self.sd.ready()
+            return
+        async with guard.lock:
+            old = self.settings.config
+            keep = frozenset(c for c in COLORS
+                             if old.upstreams[c].all_urls == new.config.upstreams[c].all_urls)
+            spec = probe_spec(new.config)
+            for color in COLORS:
+                if color not in keep or probe_spec(old) != spec:
+                    replaced = self.probers[color]
+                    self.probers[color] = HttpProber(new.config.upstreams[color].all_urls, spec,
+                                                     quorum=new.config.upstreams[color].quorum,
+                                                     transport=self.probe_transport)
+                    await replaced.aclose()
+            gs = guard_settings(new)
+            guard.s = gs
+            guard.machine.reconfigure(gs.policy, gs.probe_interval, keep)
+            if old.switch != new.config.switch:
+                guard.switcher = build_switcher(new, self._on_switch_step)
+            self.settings = new
+            needs_restart = [k for k in ("control", "metrics", "state")
+                             if getattr(old, k) != getattr(new.config, k)]
+            guard.record("config_reloaded",
+                         reason="configuration reloaded" + (
+                             f"; {', '.join(needs_restart)} take effect at the next restart"
+                             if needs_restart else ""),
+                         kept_history=sorted(keep))
+        self.sd.status(guard.status_line())
+        self.sd.ready()
+

@@ -1,0 +1,1 @@
+"""Tests of the control protocol, the control server and guardctl."""

@@ -1,0 +1,164 @@
+"""Issue: the core, end to end — a failing green behind a real nginx is rolled back to blue."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tests.harness.daemon import Lab, wait_until
+
+pytestmark = pytest.mark.nginx
+
+
+def assert_rolled_back(lab: Lab, d, after: int = 0) -> dict:  # type: ignore[no-untyped-def]
+    """nginx serves only blue; the journal, lock file and state.json agree."""
+    started = d.wait_event("rollback_started", after=after)
+    done = d.wait_event("rollback_completed", after=after)
+    assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
+    assert started["from"] == "green" and started["to"] == "blue"
+    assert done["from"] == "green" and done["to"] == "blue"
+    assert done["rollback_id"] == started["id"]
+    assert done["reason"] and done["severity"] in ("P0", "P1")
+    ev = done["evidence"]
+    assert {"rule", "threshold", "value", "samples"} <= ev.keys()
+    assert wait_until(lab.lock_file.exists, 10, "the QoS lock file")
+    assert wait_until(lambda: d.state().get("active") == "blue", 10, "state.json active=blue")
+    return done
+
+
+@pytest.mark.parametrize(
+    ("mode", "rule"),
+    [
+        ("http_503", "consecutive_failures"),
+        ("hang", "consecutive_failures"),
+        ("not_json", "consecutive_failures"),
+        ("json_down", "consecutive_failures"),
+    ],
+)
+def test_failing_green_is_rolled_back(make_lab, mode: str, rule: str) -> None:
+    lab = make_lab()
+    d = lab.daemon()
+    assert lab.nginx.served_color() == "green"
+    lab.green.set_mode(mode)
+    done = assert_rolled_back(lab, d)
+    assert done["evidence"]["rule"] == rule
+    assert done["evidence"]["color"] == "green"
+    assert d.stop() == 0
+    events = [e["event"] for e in d.events()]
+    assert events.index("rollback_started") < events.index("rollback_completed")
+    assert events[-1] == "stopped"
+
+
+def test_noisy_but_healthy_green_is_not_rolled_back(make_lab) -> None:
+    # 1 % random 5xx over 2,000 probes at a 20 ms cadence: never 3 in a row, ratio ~0.01.
+    lab = make_lab(probe__interval="20ms", probe__fast_interval="20ms",
+                   policy__window="10s", policy__min_samples=20)
+    d = lab.daemon()
+    lab.green.set_mode("random_5xx", probability=0.01, seed=7)
+    served_before = lab.green.requests
+    assert lab.green.wait_for_requests(served_before + 2000, timeout=180)
+    assert lab.green.counts["http_503"] >= 5, "the noise really happened"
+    assert not [e for e in d.events() if e["event"].startswith("rollback")]
+    assert lab.nginx.served_color() == "green"
+    assert d.stop() == 0
+
+
+def test_ratio_rule_catches_a_pattern_never_three_in_a_row(make_lab) -> None:
+    lab = make_lab(policy__p0_error_ratio=0.5)
+    d = lab.daemon()
+    lab.green.set_mode("pattern", statuses=[503, 503, 200])
+    done = assert_rolled_back(lab, d)
+    assert done["evidence"]["rule"] == "p0_error_ratio"
+    assert done["evidence"]["value"] >= 0.5
+    assert done["evidence"]["samples"] >= 5
+
+
+def test_both_colors_down_holds_then_rolls_back_when_blue_recovers(make_lab) -> None:
+    lab = make_lab()
+    d = lab.daemon()
+    lab.blue.set_mode("http_503")
+    lab.green.set_mode("http_503")
+    hold = d.wait_event("hold")
+    assert hold["from"] == "green" and hold["to"] == "blue"
+    assert "unhealthy" in hold["reason"]
+    assert wait_until(lambda: d.state().get("state") == "hold", 10, "state hold")
+    assert not [e for e in d.events() if e["event"] == "rollback_started"]
+    assert lab.nginx.served_color() is None  # green is really failing behind nginx
+    lab.blue.set_mode("ok")
+    assert_rolled_back(lab, d)
+    assert len([e for e in d.events() if e["event"] == "hold"]) == 1, "one hold per incident"
+
+
+def test_target_rejected_by_nginx_test_restores_link(make_lab) -> None:
+    lab = make_lab()
+    d = lab.daemon()
+    before = lab.nginx.active_link.readlink()
+    lab.nginx.targets["blue"].write_text("this is not nginx syntax {\n")
+    lab.green.set_mode("http_503")
+    failed = d.wait_event("rollback_failed")
+    assert "rejected" in failed["reason"] or "test" in failed["reason"]
+    d.wait_event("hold")
+    assert lab.nginx.active_link.readlink() == before
+    assert lab.nginx.master_pid is not None
+    lab.green.set_mode("ok")
+    assert lab.nginx.wait_serving_only("green", hold=0.3, timeout=10)
+    assert d.proc is not None and d.proc.poll() is None, "the daemon stays alive"
+    assert wait_until(lambda: d.state().get("state") == "hold", 10, "sticky hold")
+    assert d.stop() == 0
+
+
+def test_kill9_during_slow_reload_is_resumed_at_restart(make_lab) -> None:
+    lab = make_lab()
+    (lab.fault_dir / "after_renamed").touch()  # pause the switch between rename and reload
+    d = lab.daemon()
+    lab.green.set_mode("http_503")
+    wait_until((lab.fault_dir / "after_renamed.reached").exists, 30, "the switch to pause")
+    d.kill9()
+    (lab.fault_dir / "after_renamed").unlink()
+    lines_before = d.raw_journal().splitlines()
+    d2 = lab.daemon()
+    done = d2.wait_event("rollback_completed")
+    started = [e for e in d2.events() if e["event"] == "rollback_started"]
+    assert len(started) == 1 and done["rollback_id"] == started[0]["id"]
+    assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
+    after = d2.raw_journal().splitlines()
+    assert after[: len(lines_before)] == lines_before, "no journal line lost or rewritten"
+    assert d2.stop() == 0
+
+
+def test_rollback_budget_holds_and_survives_restart(make_lab) -> None:
+    lab = make_lab(policy__max_rollbacks=3)
+    d = lab.daemon()
+    for n in range(3):
+        lab.green.set_mode("http_503")
+        d.wait_event("rollback_completed", where=lambda e, n=n: True, after=0)
+        wait_until(lambda n=n: len([e for e in d.events()
+                                    if e["event"] == "rollback_completed"]) == n + 1,
+                   30, f"rollback {n + 1}")
+        lab.green.set_mode("ok")
+        count = len(d.events())
+        lab.nginx.active_link.unlink()
+        lab.nginx.active_link.symlink_to(lab.nginx.targets["green"])
+        lab.nginx.reload()
+        d.wait_event("external_switch", after=count)
+    # Budget spent: the next failure holds instead of switching; a restart does not reset it.
+    d.stop()
+    d2 = lab.daemon()
+    count = len(d2.events())
+    lab.green.set_mode("http_503")
+    hold = d2.wait_event("hold", after=count)
+    assert "budget" in hold["reason"]
+    assert len([e for e in d2.events() if e["event"] == "rollback_started"]) == 3
+    assert lab.nginx.served_color() is None  # still on the failing green: held, not switched
+    assert d2.stop() == 0
+
+
+def test_sigterm_is_a_clean_stop(make_lab) -> None:
+    lab = make_lab()
+    d = lab.daemon()
+    d.signal(signal.SIGTERM)
+    assert d.stop() == 0
+    assert d.events()[-1]["event"] == "stopped"
+    assert lab.notify is not None
+    lab.notify.wait_for("STOPPING=1")

@@ -1,0 +1,1 @@
+"""Real parts for tests: upstream servers, a private nginx, Prometheus, a systemd container."""

@@ -1,0 +1,1 @@
+"""Tests of guardd.notify: payloads, the outbox and delivery against real receivers."""

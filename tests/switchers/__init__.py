@@ -1,0 +1,1 @@
+"""Tests of the switchers and the command runner they share."""

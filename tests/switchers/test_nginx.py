@@ -1,0 +1,294 @@
+"""NginxSwitcher against a real private nginx and real upstreams: traffic really moves."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from guardd.commands import RetryPolicy
+from guardd.exceptions import CommandFailed, SwitchRejected
+from guardd.switchers import NGINX_STEPS, Switcher
+from guardd.switchers.nginx import NginxSwitcher
+from tests.harness.nginx import Nginx
+from tests.harness.upstream import Upstream
+
+pytestmark = [pytest.mark.anyio, pytest.mark.nginx]
+
+FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
+# "upstream lab_app { server ...:1 }": the missing ";" is a syntax error nginx -t rejects.
+BROKEN = "upstream lab_app {\n    server 127.0.0.1:1\n}\n"
+
+
+@pytest.fixture
+def upstreams() -> Iterator[dict[str, Upstream]]:
+    with Upstream("blue") as blue, Upstream("green") as green:
+        yield {"blue": blue, "green": green}
+
+
+@pytest.fixture
+def nginx(tmp_path: Path, upstreams: dict[str, Upstream]) -> Iterator[Nginx]:
+    with Nginx(tmp_path / "nginx", upstreams) as server:
+        assert server.wait_serving_only("blue", hold=0.1)
+        yield server
+
+
+def make_switcher(nginx: Nginx, **kw: object) -> NginxSwitcher:
+    params: dict[str, object] = {
+        "active_link": nginx.active_link,
+        "targets": nginx.targets,
+        "test_command": nginx.test_command,
+        "reload_command": nginx.reload_command,
+        "timeout": 10.0,
+        "retry": FAST_RETRY,
+    } | kw
+    return NginxSwitcher(**params)  # type: ignore[arg-type]
+
+
+def link_target(nginx: Nginx) -> Path:
+    return nginx.active_link.readlink()
+
+
+def upstream_files(nginx: Nginx) -> list[str]:
+    """Everything in the upstreams directory: debris of a switch would show here."""
+    return sorted(p.name for p in nginx.upstream_dir.iterdir())
+
+
+CLEAN = ["lab_active.conf", "lab_blue.conf", "lab_green.conf"]
+
+
+def nginx_accepts(nginx: Nginx) -> bool:
+    return subprocess.run(nginx.test_command, capture_output=True, check=False).returncode == 0
+
+
+def logging_reload(tmp_path: Path, nginx: Nginx, log: Path, *, fail_on: str = "") -> list[str]:
+    """A reload command that logs where the link points when it runs; fails on *fail_on*."""
+    script = tmp_path / "logging-reload"
+    fail = f'case "$target" in *{fail_on}*) exit 1;; esac\n' if fail_on else ""
+    script.write_text(
+        "#!/bin/sh\n"
+        f'target=$(readlink "{nginx.active_link}")\n'
+        f'echo "$target" >> "{log}"\n' + fail + 'exec "$@"\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return [str(script), *nginx.reload_command]
+
+
+def logged_colors(log: Path) -> list[str]:
+    lines = log.read_text().splitlines() if log.exists() else []
+    return ["green" if "green" in line else "blue" for line in lines]
+
+
+async def test_switch_moves_real_traffic(nginx: Nginx) -> None:
+    """blue -> green -> blue: fresh connections follow, every step is reported in order."""
+    seen: list[tuple[str, str | None]] = []
+
+    async def on_step(step: str) -> None:
+        # Mid-switch, read_active() answers at once with the committed color.
+        seen.append((step, await switcher.read_active()))
+
+    switcher = make_switcher(nginx, on_step=on_step)
+    assert isinstance(switcher, Switcher)
+    assert await switcher.read_active() == "blue"
+
+    await switcher.switch("green")
+    assert await switcher.read_active() == "green"
+    assert nginx.wait_serving_only("green")
+
+    await switcher.switch("blue")
+    assert await switcher.read_active() == "blue"
+    assert nginx.wait_serving_only("blue")
+
+    assert seen == [(step, "blue") for step in NGINX_STEPS] + [
+        (step, "green") for step in NGINX_STEPS
+    ]
+    assert upstream_files(nginx) == CLEAN
+
+
+async def test_rejected_target_is_never_loaded(nginx: Nginx) -> None:
+    """nginx -t refuses green's file: SwitchRejected with nginx's words, blue stays, no reload."""
+    nginx.targets["green"].write_text(BROKEN)
+    workers = nginx.worker_pids()
+    switcher = make_switcher(nginx)
+
+    with pytest.raises(SwitchRejected, match=r"nginx rejected .*lab_green\.conf.*emerg"):
+        await switcher.switch("green")
+
+    assert link_target(nginx) == nginx.targets["blue"]
+    assert await switcher.read_active() == "blue"
+    assert upstream_files(nginx) == CLEAN
+    assert nginx.worker_pids() == workers  # no reload happened: the same worker serves
+    assert nginx.wait_serving_only("blue", hold=0.2)
+
+
+async def test_failing_reload_is_retried_then_undone(tmp_path: Path, nginx: Nginx) -> None:
+    """A reload that keeps failing: tried `attempts` times, the old link back and reloaded."""
+    log = tmp_path / "reloads"
+    reload = logging_reload(tmp_path, nginx, log, fail_on="green")
+    switcher = make_switcher(nginx, reload_command=reload)
+
+    with pytest.raises(CommandFailed, match=r"nginx reload .* 3 attempt\(s\)"):
+        await switcher.switch("green")
+
+    # Three tries with green in place, then the undo's reload with blue back.
+    assert logged_colors(log) == ["green", "green", "green", "blue"]
+    assert link_target(nginx) == nginx.targets["blue"]
+    assert upstream_files(nginx) == CLEAN
+    assert nginx.wait_serving_only("blue", hold=0.2)
+
+
+async def test_hanging_test_command_times_out(tmp_path: Path, nginx: Nginx) -> None:
+    """A test command that hangs past the switch timeout is killed; the switch is undone."""
+    switcher = make_switcher(nginx, test_command=["sleep", "300"], timeout=1.0, retry=None)
+
+    with pytest.raises(CommandFailed, match="timed out"):
+        await switcher.switch("green")
+
+    assert link_target(nginx) == nginx.targets["blue"]
+    assert upstream_files(nginx) == CLEAN
+    assert nginx.wait_serving_only("blue", hold=0.2)
+
+
+async def test_cancelled_after_reload_is_undone(nginx: Nginx) -> None:
+    """Cancelled mid-switch (SIGTERM): the old link is put back and nginx reloaded onto it."""
+    reached = anyio.Event()
+
+    async def stall_after_reload(step: str) -> None:
+        if step == "reloaded":
+            reached.set()
+            await anyio.sleep_forever()
+
+    switcher = make_switcher(nginx, on_step=stall_after_reload)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(switcher.switch, "green")
+        with anyio.fail_after(30):
+            await reached.wait()
+        tg.cancel_scope.cancel()
+
+    assert link_target(nginx) == nginx.targets["blue"]
+    assert upstream_files(nginx) == CLEAN
+    assert nginx.wait_serving_only("blue")
+
+
+async def test_read_active_adopts_a_change_made_by_hand(nginx: Nginx) -> None:
+    """`ln -sfn` + reload by an operator is the truth; a link elsewhere is unknown."""
+    switcher = make_switcher(nginx)
+
+    await anyio.run_process(["ln", "-sfn", str(nginx.targets["green"]), str(nginx.active_link)])
+    nginx.reload()
+    assert await switcher.read_active() == "green"
+    assert nginx.wait_serving_only("green")
+
+    # A relative link to the same file is the same color.
+    await anyio.run_process(["ln", "-sfn", "lab_blue.conf", str(nginx.active_link)])
+    assert await switcher.read_active() == "blue"
+
+    other = nginx.upstream_dir / "lab_canary.conf"
+    other.write_text(nginx.targets["blue"].read_text())
+    await anyio.run_process(["ln", "-sfn", str(other), str(nginx.active_link)])
+    assert await switcher.read_active() is None
+
+
+# -- recovery after kill -9 ----------------------------------------------------------
+
+_KILL_AT_STEP = """
+import json, os, signal, sys
+from pathlib import Path
+import anyio
+from guardd.switchers.nginx import NginxSwitcher
+
+spec = json.loads(sys.argv[1])
+
+async def kill_at(step):
+    if step == spec["step"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+switcher = NginxSwitcher(
+    active_link=Path(spec["active_link"]),
+    targets={color: Path(p) for color, p in spec["targets"].items()},
+    test_command=spec["test_command"],
+    reload_command=spec["reload_command"],
+    timeout=30,
+    retry=None,
+    on_step=kill_at,
+)
+anyio.run(switcher.switch, "green")
+"""
+
+
+async def crash_switch_to_green(nginx: Nginx, step: str) -> None:
+    """Run a switch to green in another process and SIGKILL it right after *step*."""
+    spec = {
+        "step": step,
+        "active_link": str(nginx.active_link),
+        "targets": {color: str(p) for color, p in nginx.targets.items()},
+        "test_command": nginx.test_command,
+        "reload_command": nginx.reload_command,
+    }
+    crashed = await anyio.run_process(
+        [sys.executable, "-c", _KILL_AT_STEP, json.dumps(spec)], check=False
+    )
+    assert crashed.returncode == -9, crashed.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("step", "green_broken", "survivor"),
+    [
+        ("link_written", False, "blue"),  # never in force: undone
+        ("renamed", False, "green"),  # renamed, not tested: accepted, so finished
+        ("renamed", True, "blue"),  # renamed onto a file nginx rejects: undone
+        ("tested", False, "green"),  # tested fine, never reloaded: finished
+        ("tested", True, "blue"),  # rejected, killed before the undo: undone
+        ("reloaded", False, "green"),  # done but for the commit: finished
+    ],
+)
+async def test_recover_after_kill_at_each_step(
+    nginx: Nginx, step: str, green_broken: bool, survivor: str
+) -> None:
+    """Wherever the kill hit, recover() leaves an accepted link, no debris, traffic on it."""
+    if green_broken:
+        nginx.targets["green"].write_text(BROKEN)
+    await crash_switch_to_green(nginx, step)
+    assert upstream_files(nginx) != CLEAN  # the crash did leave something to recover
+
+    switcher = make_switcher(nginx)
+    assert await switcher.read_active() == "blue"  # uncommitted: the undo record rules
+    await switcher.recover()
+
+    assert link_target(nginx) == nginx.targets[survivor]
+    assert await switcher.read_active() == survivor
+    assert upstream_files(nginx) == CLEAN
+    assert nginx_accepts(nginx)
+    assert nginx.wait_serving_only(survivor)
+
+
+async def test_recover_clears_a_lone_pending_link_without_reloading(
+    tmp_path: Path, nginx: Nginx
+) -> None:
+    """A pending link with no undo record was never in force: removed, nothing reloaded."""
+    log = tmp_path / "reloads"
+    pending = nginx.upstream_dir / ".lab_active.conf.guardd-new"
+    pending.symlink_to(nginx.targets["green"])
+    switcher = make_switcher(nginx, reload_command=logging_reload(tmp_path, nginx, log))
+
+    await switcher.recover()
+
+    assert upstream_files(nginx) == CLEAN
+    assert link_target(nginx) == nginx.targets["blue"]
+    assert logged_colors(log) == []
+
+
+async def test_recover_refuses_a_rejected_hand_made_link(nginx: Nginx) -> None:
+    """No undo record and nginx rejects the active link: guardd reports, does not overrule."""
+    nginx.targets["blue"].write_text(BROKEN)
+
+    with pytest.raises(SwitchRejected, match="nginx rejects the active link"):
+        await make_switcher(nginx).recover()
+
+    assert link_target(nginx) == nginx.targets["blue"]

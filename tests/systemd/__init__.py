@@ -1,0 +1,1 @@
+"""Tests that boot a real systemd under systemd-nspawn."""

@@ -1,0 +1,202 @@
+"""Atomic writes and symlink-refusing opens, on a real filesystem."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from guardd.exceptions import StorageError, UnsafePath
+from guardd.fsutil import (
+    atomic_write,
+    open_nofollow,
+    read_bytes,
+    remove_debris,
+    temp_path_for,
+)
+
+
+def test_atomic_write_creates_and_replaces(tmp_path: Path) -> None:
+    """A new file gets 0o644; a replaced one keeps its mode; no temp file remains."""
+    path = tmp_path / "state.json"
+
+    atomic_write(path, b"one")
+    assert path.read_bytes() == b"one"
+    assert path.stat().st_mode & 0o777 == 0o644
+
+    path.chmod(0o640)
+    atomic_write(path, b"two")
+
+    assert path.read_bytes() == b"two"
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_atomic_write_explicit_mode(tmp_path: Path) -> None:
+    """An explicit mode wins over the replaced file's."""
+    path = tmp_path / "secret"
+    atomic_write(path, b"x")
+    atomic_write(path, b"y", mode=0o600)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_readers_see_old_or_new_never_a_mix(tmp_path: Path) -> None:
+    """A reader racing many replacements only ever sees one complete version."""
+    path = tmp_path / "state.json"
+    versions = [bytes([65 + i]) * 65536 for i in range(4)]
+    atomic_write(path, versions[0])
+    seen: set[bytes] = set()
+    torn: list[int] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            data = path.read_bytes()
+            if data in versions:
+                seen.add(data[:1])
+            else:
+                torn.append(len(data))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(200):
+            atomic_write(path, versions[i % len(versions)])
+    finally:
+        done.set()
+        thread.join()
+
+    assert torn == []
+    assert seen  # the reader did read while the writer wrote
+
+
+_FAILING_WRITE = """
+import resource, signal, sys
+from pathlib import Path
+from guardd.exceptions import StorageError
+from guardd.fsutil import atomic_write
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+try:
+    atomic_write(Path(sys.argv[1]), b"n" * 5000)
+except StorageError as exc:
+    print("StorageError", exc)
+"""
+
+
+def test_failed_write_leaves_the_old_content(tmp_path: Path) -> None:
+    """A write the kernel refuses half-way (file size limit) leaves the old file, no debris."""
+    path = tmp_path / "state.json"
+    atomic_write(path, b"old")
+
+    out = subprocess.run(
+        [sys.executable, "-c", _FAILING_WRITE, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+
+    assert out.stdout.startswith("StorageError"), out.stderr
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_planted_symlink_at_temp_path_is_not_followed(tmp_path: Path) -> None:
+    """A symlink planted at the temp path is replaced, and its target is left alone."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    path = tmp_path / "state.json"
+    temp_path_for(path).symlink_to(victim)
+
+    atomic_write(path, b"new")
+
+    assert victim.read_text() == "precious"
+    assert path.read_bytes() == b"new"
+    assert not path.is_symlink()
+    assert not os.path.lexists(temp_path_for(path))
+
+
+def test_crash_debris_is_removed(tmp_path: Path) -> None:
+    """remove_debris() clears a temp file a crashed write left, and says so."""
+    path = tmp_path / "state.json"
+    temp_path_for(path).write_bytes(b"half")
+
+    assert remove_debris(path) is True
+    assert remove_debris(path) is False
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_replace_a_symlink(tmp_path: Path) -> None:
+    """The target itself being a symlink is refused; the link and its target stay."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    path = tmp_path / "state.json"
+    path.symlink_to(victim)
+
+    with pytest.raises(UnsafePath, match="symlink"):
+        atomic_write(path, b"new")
+
+    assert path.is_symlink()
+    assert victim.read_text() == "precious"
+    assert not os.path.lexists(temp_path_for(path))
+
+
+def test_refuses_to_replace_a_directory(tmp_path: Path) -> None:
+    """A directory where a file is expected is refused."""
+    (tmp_path / "state.json").mkdir()
+    with pytest.raises(UnsafePath, match="not a regular file"):
+        atomic_write(tmp_path / "state.json", b"x")
+
+
+def test_open_nofollow_refuses_symlinks(tmp_path: Path) -> None:
+    """O_NOFOLLOW: a symlink is refused for reading and for writing."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    link = tmp_path / "link"
+    link.symlink_to(victim)
+
+    with pytest.raises(UnsafePath, match="symlink"):
+        read_bytes(link)
+    with pytest.raises(UnsafePath, match="symlink"):
+        open_nofollow(link, os.O_WRONLY | os.O_APPEND)
+    assert victim.read_text() == "precious"
+
+
+def test_open_nofollow_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    """A FIFO planted where a file is expected is refused rather than hanging the open."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(UnsafePath, match="not a regular file"):
+        read_bytes(fifo)
+
+
+def test_open_nofollow_appends_to_a_regular_file(tmp_path: Path) -> None:
+    """The journal's use: append to a regular file through the returned fd."""
+    path = tmp_path / "events.jsonl"
+    for n in range(2):
+        fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, json.dumps({"n": n}).encode() + b"\n")
+        finally:
+            os.close(fd)
+
+    assert [json.loads(line)["n"] for line in path.read_text().splitlines()] == [0, 1]
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_read_bytes_missing_file(tmp_path: Path) -> None:
+    """A missing file is FileNotFoundError, so callers can tell it from a broken one."""
+    with pytest.raises(FileNotFoundError):
+        read_bytes(tmp_path / "missing")
+
+
+def test_unwritable_directory_is_a_storage_error(tmp_path: Path) -> None:
+    """A write into a directory that does not exist is a StorageError, not a crash."""
+    with pytest.raises(StorageError):
+        atomic_write(tmp_path / "missing-dir" / "state.json", b"x")
