@@ -84,6 +84,15 @@ def _check(path: Path, instance: str | None) -> int:
     settings = _load(path, instance)
     if settings is None:
         return 2
+    from guardd.exceptions import ConfigError  # noqa: PLC0415
+    from guardd.notify import sinks_from_config  # noqa: PLC0415
+
+    try:
+        sinks_from_config(settings.config.notify, environ=os.environ, source=str(path))
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 2
     print(settings.summary())
     return 0
 
@@ -96,10 +105,15 @@ def _run(config_path: Path | None, instance: str | None, level: str) -> int:
         return 2
     import anyio  # noqa: PLC0415
 
+    import stamina  # noqa: PLC0415
+
     from guardd import logs  # noqa: PLC0415
     from guardd.supervisor import Supervisor  # noqa: PLC0415
 
     logs.configure(settings.instance, level=level)
+    # Retries are logged through structlog only: stamina's default Prometheus hook would
+    # register in the global registry, which guardd never serves.
+    stamina.instrumentation.set_on_retry_hooks([stamina.instrumentation.StructlogOnRetryHook])
     supervisor = Supervisor(settings, instance_arg=instance)
     try:
         return anyio.run(supervisor.run)

@@ -151,7 +151,7 @@ async def _run_once(argv: tuple[str, ...], time_limit: float, what: str) -> tupl
                 # A detached grandchild may hold the pipes open for ever; what the
                 # command said is in by now or never.
                 tg.cancel_scope.deadline = min(
-                    tg.cancel_scope.deadline, anyio.current_time() + 1000
+                    tg.cancel_scope.deadline, anyio.current_time() + _DRAIN_GRACE
                 )
     finally:
         if returncode is None:

@@ -448,4 +448,5 @@ def _reason(err: Any) -> str:
         return f"must be one of {ctx.get('expected', '')}"
     if kind == "value_error":
         return str(ctx.get("error", err["msg"]))
-    return _REASONS.get(kind, err["msg"][0].lower() + err["msg"][1:])
+    msg = str(err["msg"])
+    return _REASONS.get(kind, msg[:1].lower() + msg[1:])

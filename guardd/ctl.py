@@ -27,7 +27,7 @@ from guardd.control import protocol
 from guardd.control.client import call
 from guardd.exceptions import ControlError, DaemonUnreachable, NotPermitted, Refused
 from guardd.qoslock import read_lock
-from guardd.render import render_history, render_qos, render_status, use_color
+from guardd.render import render_change, render_history, render_qos, render_status, use_color
 
 __all__ = ["main", "parse_duration", "status_exit_code"]
 
@@ -200,8 +200,7 @@ def _change(target: _Target, cmd: str, payload: dict[str, Any]) -> int:
     except ControlError as e:
         _warn(f"failed: {e}")
         return REFUSED
-    message = result.get("message")
-    print(message if isinstance(message, str) and message else f"{cmd.replace('_', ' ')}: done")
+    sys.stdout.write(render_change(cmd, result))
     return DONE
 
 

@@ -104,4 +104,6 @@ def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
 
 
 def _moved(guard: Guard) -> dict[str, Any]:
-    return {"active": guard.active, "event": guard.journal.recent[-1]}
+    moves = ("rollback_completed", "switch", "promote")
+    event = next((e for e in reversed(guard.journal.recent) if e.get("event") in moves), None)
+    return {"active": guard.active, "event": event}

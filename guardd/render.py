@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, TextIO
 
-__all__ = ["render_history", "render_qos", "render_status", "use_color"]
+__all__ = ["render_change", "render_history", "render_qos", "render_status", "use_color"]
 
 _RESET: Final = "\x1b[0m"
 _GREEN: Final = "\x1b[32m"
@@ -175,7 +175,8 @@ def _move(event: Mapping[str, Any]) -> str:
     source, target = event.get("from"), event.get("to")
     if source is None and target is None:
         return _NONE
-    return f"{_text(source)}->{_text(target)}"
+    # One end may be unknown: `started` only names the color it found active.
+    return f"{'' if source is None else _clean(source)}->{'' if target is None else _clean(target)}"
 
 
 def _event(event: object) -> str:
@@ -277,4 +278,20 @@ def render_qos(lock: Mapping[str, Any], path: str, *, color: bool = False) -> st
                        ("by", "by")):
         lines.append(f"  {label:<11}{_text(lock.get(key))}")
     lines.append(f"  {'file':<11}{_clean(path)}")
+    return "\n".join(lines) + "\n"
+
+
+def render_change(cmd: str, result: Mapping[str, Any]) -> str:
+    """What a change did, from guardd's answer: the active color, the journal entry, the lock."""
+    message = result.get("message")
+    lines = [_clean(message) if isinstance(message, str) and message
+             else f"{cmd.replace('_', ' ')}: done"]
+    if "active" in result:
+        lines.append(f"  {'active':<10}{_text(result['active'])}")
+    if isinstance(result.get("event"), Mapping):
+        lines.append(f"  {'journal':<10}{_event(result['event'])}")
+    if "locked" in result:
+        lines.append(f"  {'qos lock':<10}{_lock(result)[0]}")
+    if "paused" in result:
+        lines.append(f"  {'paused':<10}{'yes' if result['paused'] else 'no'}")
     return "\n".join(lines) + "\n"

@@ -191,6 +191,12 @@ class Supervisor:
     async def run(self) -> int:
         """Guard until stopped; the process exit code."""
         try:
+            self.notifier = self._build_notifier()
+        except ConfigError as e:
+            for problem in e.problems:
+                self.log.error("config_invalid", problem=str(problem))
+            return 2
+        try:
             guard = self.guard = self._build()
             saved = guard.state_file.load()
             await guard.recover(saved)
@@ -198,7 +204,6 @@ class Supervisor:
             self.log.error("startup_failed", error=str(e))
             await self._close_probers()
             return 1
-        self.notifier = self._build_notifier()
         self._start_metrics()
         guard.record("started", target=guard.active,
                      reason=f"guardd {__version__} guarding {self.settings.instance}")
@@ -251,7 +256,8 @@ class Supervisor:
         self.sd.stopping()
         guard = self.guard
         if guard is not None:
-            guard.record("stopped", target=guard.active, reason="SIGTERM or SIGINT")
+            if not guard.journal.recent or guard.journal.recent[-1].get("event") != "stopped":
+                guard.record("stopped", target=guard.active, reason="shutting down")
             guard.save_state()
             guard.journal.close()
         if self.metrics_server is not None:
@@ -273,6 +279,14 @@ class Supervisor:
                     continue
                 self.log.info("stopping", signal=signal.Signals(signum).name)
                 self.sd.stopping()
+                guard = self.guard
+                if guard is not None:
+                    # Under the lock: a switch in flight finishes (or is undone) first, and
+                    # `stopped` reaches the outbox before the notifier is cancelled.
+                    with anyio.move_on_after(self.settings.config.switch.timeout + 5):
+                        async with guard.lock:
+                            guard.record("stopped", target=guard.active,
+                                         reason=f"{signal.Signals(signum).name} received")
                 scope.cancel()
                 return
 
@@ -281,6 +295,7 @@ class Supervisor:
         assert guard is not None  # noqa: S101
         next_at = self.clock.monotonic()
         while True:
+            await self.faults.reach(f"probe_{color}")
             started = self.clock.monotonic()
             self._probe_started[color] = started
             result = await self.probers[color].probe()

@@ -143,7 +143,7 @@ class GuardMachine:
     def rollback_target(self, active: Color) -> Color:
         """The color automatic rollbacks go to from `active`."""
         if self.spec.rollback_to in COLORS:
-            return self.spec.rollback_to  # type: ignore[return-value]
+            return "blue" if self.spec.rollback_to == "blue" else "green"
         return other(active)
 
     def decide(self, facts: Facts) -> Decision:

@@ -29,7 +29,7 @@ def _bucket(latency_ms: float) -> int:
 
 def _bucket_value(index: int) -> float:
     # The geometric middle of the bucket keeps the relative error symmetric.
-    return _MIN_MS * _RATIO ** (index + 0.5)
+    return float(_MIN_MS * _RATIO ** (index + 0.5))
 
 
 @dataclass(frozen=True, slots=True)

@@ -283,6 +283,8 @@ class Notifier:
         self._max_pending = max_pending
         self._inbox: deque[_Submitted] = deque()
         self._inbox_ready: anyio.Event | None = None
+        # Taken from the inbox, being written to the outbox now.
+        self._unwritten: list[_Submitted] = []
         # Messages whose file could not be written: nothing to unlink once they are done.
         self._unsaved: set[int] = set()
         self._started = False
@@ -290,7 +292,10 @@ class Notifier:
             _hide_url_parts(s.url)
 
     def submit(self, event: Mapping[str, Any]) -> None:
-        """Queue `event` for every sink that wants it; never blocks, never raises."""
+        """Queue `event` for every sink that wants it; never blocks, never raises.
+
+        Call it from the event loop's thread (or before `run`), as the guard does.
+        """
         try:
             self._submit(event)
         except Exception as e:  # noqa: BLE001 - a decision must go on whatever an event holds
@@ -299,7 +304,7 @@ class Notifier:
     def pending(self) -> int:
         """Undelivered (sink, event) pairs, for status."""
         queued = sum(len(state.queue) for state in self._sinks.values())
-        return queued + sum(len(item.sinks) for item in self._inbox)
+        return queued + sum(len(item.sinks) for item in (*self._unwritten, *self._inbox))
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Deliver until cancelled, starting with what an earlier run left in the outbox.
@@ -325,7 +330,7 @@ class Notifier:
                 await self._intake()
         finally:
             with anyio.move_on_after(_SAVE_ON_STOP_GRACE, shield=True):
-                await self._admit(list(self._inbox))
+                await self._admit()
             with anyio.CancelScope(shield=True):
                 await client.aclose()
 
@@ -363,10 +368,15 @@ class Notifier:
                 self._inbox_ready = anyio.Event()
                 await self._inbox_ready.wait()
                 continue
-            await self._admit(list(self._inbox))
+            await self._admit()
 
-    async def _admit(self, batch: list[_Submitted]) -> None:
-        """Write `batch` to the outbox, then hand it to the senders."""
+    async def _admit(self) -> None:
+        """Write what was submitted to the outbox, then hand it to the senders."""
+        # Out of the inbox first, so that submit's cap never drops what is being written;
+        # cancelled before the write, it is still in _unwritten for the stop path.
+        self._unwritten += self._inbox
+        self._inbox.clear()
+        batch = self._unwritten
         if not batch:
             return
         messages: list[Message] = []
@@ -381,14 +391,11 @@ class Notifier:
                     continue
                 seen.add(key)
                 messages.append(self._outbox.new_message(name, item.event_id, item.event, item.at))
-        # Nothing is taken from the inbox before the write: cancelled before it, the stop
-        # path writes the inbox again; the thread itself is not abandoned once it runs.
+        # Once started, the write is not abandoned: what follows runs even when cancelled.
         failed, sync_error = (
             await anyio.to_thread.run_sync(self._save, messages) if messages else ([], None)
         )
-        done = {id(item) for item in batch}
-        while self._inbox and id(self._inbox[0]) in done:
-            self._inbox.popleft()
+        self._unwritten = []
         for message, why in failed:
             self._unsaved.add(message.seq)
             self._storage_failed("outbox_write_failed", why, sink=message.sink,

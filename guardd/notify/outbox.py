@@ -48,6 +48,8 @@ class Outbox:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._next_seq = 1
+        # Sequence numbers are safe only once the directory was read: never overwrite a file.
+        self._loaded = False
 
     def load(self) -> tuple[list[Message], list[str]]:
         """Every message an earlier run left, oldest first, and one problem per file skipped.
@@ -59,7 +61,9 @@ class Outbox:
         messages: list[Message] = []
         problems: list[str] = []
         highest = 0
-        for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
+        with os.scandir(self.directory) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
+        for entry in entries:
             if entry.name.startswith(".") and entry.name.endswith(_TEMP_SUFFIX):
                 # A write that never reached its rename: the submission was not durable yet.
                 _unlink_quietly(Path(entry.path))
@@ -76,6 +80,7 @@ class Outbox:
                 with contextlib.suppress(OSError):
                     Path(entry.path).rename(Path(entry.path + _CORRUPT_SUFFIX))
         self._next_seq = max(self._next_seq, highest + 1)
+        self._loaded = True
         messages.sort(key=lambda m: m.seq)
         return messages, problems
 
@@ -92,6 +97,8 @@ class Outbox:
 
         The renames become durable with `sync`; one `sync` per batch keeps the fsyncs few.
         """
+        if not self._loaded:
+            return [(m, "the outbox directory could not be read at start") for m in messages]
         failed: list[tuple[Message, str]] = []
         for message in messages:
             try:

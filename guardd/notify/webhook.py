@@ -76,7 +76,8 @@ def facts(event: Mapping[str, Any], *, instance: str) -> Facts:
     """Pull the facts out of a journal event, tolerating missing or odd fields."""
     name = one_line(text_of(event.get("event")) or "event")
     source, target = text_of(event.get("from")), text_of(event.get("to"))
-    from_to = f"{one_line(source or '?')} → {one_line(target or '?')}" if source or target else None
+    shown = (one_line(source or "") or "?", one_line(target or "") or "?")
+    from_to = f"{shown[0]} → {shown[1]}" if source or target else None
     title = f"guardd {one_line(instance)}: {_TITLES.get(name, name.replace('_', ' '))}"
     if from_to:
         title += f" {from_to}"
@@ -106,7 +107,7 @@ def text_of(value: object) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        value = json.dumps(value, default=str, separators=(",", ":"))
+        value = json.dumps(value, default=str, skipkeys=True, separators=(",", ":"))
     return _UNPRINTABLE.sub("\N{REPLACEMENT CHARACTER}", value)
 
 

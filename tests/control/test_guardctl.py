@@ -27,6 +27,7 @@ from anyio.from_thread import start_blocking_portal
 from guardd import ctl
 from guardd.control.server import Caller, ControlServer
 from guardd.exceptions import Refused
+from guardd.qoslock import read_lock
 from guardd.render import render_history, render_status
 
 HERE = Path(__file__).parent
@@ -63,69 +64,86 @@ EVENTS: list[dict[str, Any]] = [
 
 @dataclass
 class FakeGuard:
-    """Answers the control commands the way guardd does, from a status fixture."""
+    """Answers the control commands with guardd's shapes (see guardd/operator.py)."""
 
     lock_file: Path
     status: dict[str, Any] = field(default_factory=lambda: fixture("steady"))
+    own_lock: dict[str, Any] | None = None
     calls: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)
 
     def reset(self, status: str = "steady") -> None:
         """Back to a fixture, no lock, no calls."""
         self.status = fixture(status)
+        self.own_lock = None
         self.calls.clear()
         self.lock_file.unlink(missing_ok=True)
+        qos = self.status["qos"]
+        if qos["locked"]:
+            # guardd's status reports the lock file, so the fixture's lock is put on disk.
+            self.own_lock = {k: qos[k] for k in ("reason", "locked_at", "until", "by")}
+            self.lock_file.write_text(json.dumps(self.own_lock))
 
-    def _lock(self, reason: str, for_s: float | None, by: str) -> dict[str, Any]:
+    def _lock_json(self) -> dict[str, Any]:
+        return read_lock(self.lock_file).to_json()
+
+    def _take_lock(self, reason: str, for_s: float | None, by: str) -> dict[str, Any]:
         lock = {"reason": reason, "locked_at": "2026-11-22T04:40:00.123Z",
                 "until": None if for_s is None else "2026-11-22T04:45:00.123Z", "by": by}
         self.lock_file.write_text(json.dumps(lock))
-        qos = {"locked": True, **lock}
-        self.status["qos"] = qos
-        return qos
+        self.own_lock = lock
+        return self._lock_json()
+
+    def _event(self, kind: str, source: str, target: str, reason: str, by: str
+               ) -> dict[str, Any]:
+        return {"ts": "2026-11-22T05:00:00.000Z", "event": kind, "guard": "threader",
+                "from": source, "to": target, "reason": reason, "severity": None, "by": by}
 
     async def __call__(self, cmd: str, args: dict[str, Any], caller: Caller) -> dict[str, Any]:
         self.calls.append((cmd, args, caller.by()))
-        status = self.status
-        locked = self.lock_file.exists()
+        status, by = self.status, caller.by()
+        status["qos"] = self._lock_json()
         if cmd == "status":
             return copy.deepcopy(status)
         if cmd == "history":
             limit = args["limit"]
             return {"events": EVENTS[-limit:] if limit else EVENTS}
         if cmd == "qos_status":
-            return {"locked": locked}
-        if cmd in ("switch", "promote", "rollback"):
-            source = status["active"]
-            target = {"switch": args.get("color"), "promote": status["standby"],
-                      "rollback": status["rollback_to"]}[cmd]
-            force = args.get("force", False) or cmd == "rollback"
-            if target == source:
-                raise Refused(f"{target} is already active")
-            if locked and not force:
-                raise Refused(f"the QoS lock is held ({self.lock_file}); use --force to override")
-            if not status["upstreams"][target]["healthy"] and not force:
-                raise Refused(f"{target} is not healthy")
-            status["active"], status["standby"] = target, source
-            if cmd == "rollback":
-                self._lock(f"rolled back {source} -> {target}", 300.0, "guardd")
-            return {"message": f"{cmd}: {source} -> {target}", "from": source, "to": target}
+            return self._lock_json()
+        reason = args.get("reason")
         if cmd == "pause":
-            status["paused"], status["paused_reason"] = True, args["reason"]
-            return {"message": "paused: automatic actions stopped"}
+            status["paused"], status["paused_reason"] = True, reason
+            return {"paused": True}
         if cmd == "resume":
-            if not status["paused"] and status["state"] != "hold":
-                raise Refused("guardd is not paused")
+            was = status["paused"]
             status["paused"] = False
-            return {"message": "resumed"}
+            return {"paused": False, "changed": was}
         if cmd == "qos_lock":
-            qos = self._lock(args["reason"] or "locked by hand", args["for_s"], caller.by())
-            return {"message": f"QoS lock taken until {qos['until'] or 'released'}", "qos": qos}
+            if status["qos"]["locked"] and status["qos"]["reason"] != (self.own_lock or {}).get(
+                    "reason"):
+                raise Refused(f"a QoS lock is already held ({status['qos']['reason']}); "
+                              "release it with `guardctl qos unlock` first")
+            return self._take_lock(reason or "locked by an operator", args["for_s"], by)
         if cmd == "qos_unlock":
-            if not locked:
+            if not status["qos"]["locked"]:
                 raise Refused("no QoS lock is held")
             self.lock_file.unlink()
-            return {"message": "QoS lock released"}
-        raise AssertionError(cmd)
+            return self._lock_json()
+        source = status["active"]
+        target = {"switch": args.get("color"), "promote": status["standby"],
+                  "rollback": status["rollback_to"]}[cmd]
+        if target == source:
+            raise Refused(f"{target} is already active")
+        if cmd != "rollback" and not args.get("force"):
+            if status["qos"]["locked"]:
+                raise Refused(f"the QoS lock is held ({status['qos']['reason']})")
+            if status["upstreams"][target]["healthy"] is not True:
+                raise Refused(f"{target} is unhealthy; use --force to switch anyway")
+        status["active"], status["standby"] = target, source
+        kind = "rollback_completed" if cmd == "rollback" else cmd
+        event = self._event(kind, source, target, reason or f"{cmd} by an operator", by)
+        if cmd == "rollback":
+            self._take_lock(f"rolled back {source} -> {target}", 300.0, "guardd")
+        return {"active": target, "event": event}
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +290,26 @@ def test_history(guard: FakeGuard, run_dir: Path) -> None:
     assert [args for cmd, args, _ in guard.calls] == [{"limit": None}, {"limit": 2}]
 
 
+def test_history_text() -> None:
+    """History lines are aligned; an unknown end of a move is left out; control bytes escaped."""
+    events: list[dict[str, Any]] = [
+        {"ts": "2026-11-22T05:01:17.598Z", "event": "started", "from": None, "to": "green",
+         "reason": "guardd 0.1.0 guarding threader", "severity": None, "by": "guardd"},
+        {"ts": "2026-11-22T05:01:24.771Z", "event": "rollback_started", "from": "green",
+         "to": "blue", "reason": "HTTP 503\x1b[2J", "severity": "P0", "by": "guardd"},
+        {"ts": "2026-11-22T05:01:24.773Z", "event": "qos_locked", "from": None, "to": None,
+         "reason": None, "severity": None, "by": "uid:0(root)"},
+    ]
+
+    assert render_history(events) == (
+        "2026-11-22T05:01:17.598Z  started           ->green      -   guardd       "
+        "guardd 0.1.0 guarding threader\n"
+        "2026-11-22T05:01:24.771Z  rollback_started  green->blue  P0  guardd       "
+        "HTTP 503\\x1b[2J\n"
+        "2026-11-22T05:01:24.773Z  qos_locked        -            -   uid:0(root)\n")
+    assert render_history([]) == "no events\n"
+
+
 def test_history_unreachable(run_dir: Path) -> None:
     """`history` without a daemon exits 3."""
     run = guardctl("--instance", "nosuch", "history", run_dir=run_dir)
@@ -376,7 +414,7 @@ def test_changes_are_done(guard: FakeGuard, run_dir: Path, argv: list[str],
     run = guardctl("--instance", "threader", *argv, run_dir=run_dir)
 
     assert (run.code, run.err) == (0, "")
-    assert run.out.strip()
+    assert run.out.startswith(f"{' '.join(argv[:2] if argv[0] == 'qos' else argv[:1])}: done\n")
     assert guard.calls == [(*call, "uid:0(root)")]
 
 
@@ -392,28 +430,30 @@ def test_pause_resume_and_unlock(guard: FakeGuard, run_dir: Path) -> None:
     unlocked = guardctl(*base, "qos", "unlock", run_dir=run_dir)
     allowed = guardctl(*base, "qos", "status", run_dir=run_dir)
 
-    assert (paused.code, paused.out) == (0, "paused: automatic actions stopped\n")
+    assert (paused.code, paused.out) == (0, "pause: done\n  paused    yes\n")
     assert warning.code == 1
     assert "paused         yes: maintenance" in warning.out
-    assert (resumed.code, resumed.out) == (0, "resumed\n")
-    assert (locked.code, locked.out) == (0, "QoS lock taken until 2026-11-22T04:45:00.123Z\n")
+    assert (resumed.code, resumed.out) == (0, "resume: done\n  paused    no\n")
+    assert locked.code == 0
+    assert locked.out == ("qos lock: done\n  qos lock  HELD: locked by an operator "
+                          "(until 2026-11-22T04:45:00.123Z, by uid:0(root))\n")
     assert blocked.code == 1
-    assert "locked by hand" in blocked.out
-    assert (unlocked.code, unlocked.out) == (0, "QoS lock released\n")
+    assert "locked by an operator" in blocked.out
+    assert unlocked.code == 0
+    assert unlocked.out == "qos unlock: done\n  qos lock  none, deploys allowed\n"
     assert allowed.code == 0
 
 
 @pytest.mark.parametrize(("argv", "why"), [
-    (["switch", "blue"], "the QoS lock is held"),
+    (["switch", "blue"], "the QoS lock is held (lock file present (no details))"),
     (["promote"], "the QoS lock is held"),
+    (["qos", "lock", "--for", "1h"], "a QoS lock is already held"),
     (["switch", "green", "--force"], "green is already active"),
-    (["resume"], "guardd is not paused"),
 ])
 def test_refused_changes_exit_1_and_say_why(guard: FakeGuard, run_dir: Path,
                                             argv: list[str], why: str) -> None:
     """A refusal exits 1 with guardd's reason on stderr; nothing is printed as done."""
-    guardctl("--instance", "threader", "qos", "lock", run_dir=run_dir)
-    guard.status["active"], guard.status["standby"] = "green", "blue"
+    guard.lock_file.touch()
 
     run = guardctl("--instance", "threader", *argv, run_dir=run_dir)
 
@@ -440,8 +480,11 @@ def test_refused_unhealthy_switch_and_force(guard: FakeGuard, run_dir: Path) -> 
     forced = guardctl("--instance", "threader", "switch", "green", "--force", run_dir=run_dir)
 
     assert (refused.code, forced.code) == (1, 0)
-    assert "green is not healthy" in refused.err
-    assert forced.out == "switch: blue -> green\n"
+    assert "green is unhealthy; use --force" in refused.err
+    assert forced.out == ("switch: done\n"
+                          "  active    green\n"
+                          "  journal   2026-11-22T05:00:00.000Z switch blue->green "
+                          "by uid:0(root): switch by an operator\n")
 
 
 @pytest.mark.parametrize("argv", [

@@ -23,6 +23,20 @@ from tests.harness.notify_socket import NotifySocket
 from tests.harness.upstream import Upstream
 
 GUARDD = [sys.executable, "-m", "guardd.cli"]
+GUARDCTL = Path(sys.executable).with_name("guardctl")
+NOBODY = 65534
+
+
+def guardctl(*argv: str, socket: Path | None = None, as_nobody: bool = False,
+             env: dict[str, str] | None = None,
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the real guardctl, optionally as an unprivileged uid."""
+    prefix = (["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+              if as_nobody else [])
+    sock = ["--socket", str(socket)] if socket is not None else []
+    return subprocess.run([*prefix, str(GUARDCTL), *sock, *argv], capture_output=True,  # noqa: S603
+                          text=True, timeout=timeout, check=False,
+                          env={**os.environ, "NO_COLOR": "1", **(env or {})})
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
@@ -153,14 +167,15 @@ class Daemon:
 class Lab:
     """Blue and green upstreams behind a private nginx, and a config guarding them."""
 
-    def __init__(self, tmp: Path, *, active: str = "green", **overrides: Any) -> None:
+    def __init__(self, tmp: Path, *, active: str = "green", run_dir: Path | None = None,
+                 **overrides: Any) -> None:
         self.tmp = tmp
         self.blue = Upstream("blue").start()
         self.green = Upstream("green").start()
         self.nginx = Nginx(tmp / "nginx", {"blue": self.blue, "green": self.green},
                            active=active).start()
         self.state_dir = tmp / "state"
-        self.run_dir = tmp / "run"
+        self.run_dir = run_dir or tmp / "run"
         self.run_dir.mkdir(exist_ok=True)
         self.fault_dir = tmp / "faults"
         self.fault_dir.mkdir(exist_ok=True)

@@ -51,6 +51,7 @@ from tests.harness.wheelhouse import guardd_wheel
 
 CGROUP_HIERARCHIES = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 PROPAGATE_DIR = Path("/run/systemd/nspawn/propagate")
+LOCKS_DIR = Path("/run/systemd/nspawn/locks")
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # A clean environment: the host's (a venv, pyenv shims, PIP_* settings) means nothing inside.
 CONTAINER_ENV = {
@@ -114,7 +115,10 @@ def analyze_verify(paths: list[Path]) -> str:
 
 
 class Container:
-    """A throwaway copy of the image, booted as a real systemd under systemd-nspawn."""
+    """A throwaway copy of the image, booted as a real systemd under systemd-nspawn.
+
+    Use it as a context manager: entering unpacks the image, leaving shuts down and deletes.
+    """
 
     root: Path
 
@@ -138,12 +142,16 @@ class Container:
         self.exit_status: int | None = None
         self._nspawn: subprocess.Popen[bytes] | None = None
         self._console: IO[bytes] | None = None
+        self._image_lock: Path | None = None
 
     def __enter__(self) -> Self:
         try:
             unpack_image(self.image, self.root)
             # Every container gets its own identity, as distinct hosts would.
             (self.root / "etc/machine-id").write_text(f"{uuid.uuid4().hex}\n")
+            # nspawn locks the tree by inode and leaves the file behind when it is killed.
+            tree = self.root.stat()
+            self._image_lock = LOCKS_DIR / f"inode-{tree.st_dev}:{tree.st_ino}"
         except BaseException:
             self.close()
             raise
@@ -249,6 +257,8 @@ class Container:
         if self.nspawn_pid is not None:
             self._remove_cgroups(self.nspawn_pid)
         remove_tree(PROPAGATE_DIR / self.name)
+        if self._image_lock is not None and self.exit_status is not None:
+            self._image_lock.unlink(missing_ok=True)
         if self._console is not None:
             self._console.close()
             self._console = None

@@ -12,16 +12,24 @@ from typing import Any
 
 import anyio
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
+from guardd import config
 from guardd.commands import RetryPolicy
+from guardd.exceptions import ConfigError
+from guardd.metrics import GuardMetrics
 from guardd.notify import (
     DEFAULT_EVENTS,
+    EVENT_GROUPS,
+    JOURNAL_EVENTS,
     Notifier,
     Sink,
     SinkKind,
+    build_notifier,
     expand_events,
     resolve_url,
+    sinks_from_config,
 )
 from guardd.notify._delivery import _retry_after
 from guardd.secrets import Secret
@@ -118,7 +126,8 @@ async def test_5xx_is_retried_until_delivered_exactly_once(tmp_path: Path) -> No
 async def test_429_retry_after_seconds_is_honoured(tmp_path: Path) -> None:
     outcomes = Outcomes()
     async with serve([Reply(429, {"Retry-After": "1"}), Reply(200)]) as receiver:
-        async with running(notifier(tmp_path, [sink(receiver.url)], outcomes)) as n:
+        n = notifier(tmp_path, [sink(receiver.url)], outcomes)
+        async with running(n):
             n.submit(journal_event())
             first, second = await receiver.wait_for(2)
             await outcomes.wait_for("hook", "sent")
@@ -131,7 +140,8 @@ async def test_429_retry_after_http_date_is_honoured(tmp_path: Path) -> None:
     not_before = int(time.time()) + 2
     date = email.utils.formatdate(not_before, usegmt=True)
     async with serve([Reply(429, {"Retry-After": date}), Reply(200)]) as receiver:
-        async with running(notifier(tmp_path, [sink(receiver.url)])) as n:
+        n = notifier(tmp_path, [sink(receiver.url)])
+        async with running(n):
             n.submit(journal_event())
             _, second = await receiver.wait_for(2)
     assert second.wall >= not_before
@@ -199,6 +209,31 @@ async def test_cancelling_run_during_a_backoff_keeps_the_message(tmp_path: Path)
                 await receiver.wait_for(1)
     assert outcomes.of("hook") == []
     assert outbox_ids(tmp_path) == [("hook", "ev-1")]
+
+
+async def test_an_event_submitted_just_before_the_stop_is_kept(tmp_path: Path) -> None:
+    async with serve(default=HANG) as hung:
+        n = notifier(tmp_path, [sink(hung.url)])
+        async with running(n):
+            n.submit(journal_event(event_id="ev-last"))
+        # Cancelled before its intake ran, so never sent: run() wrote it on the way out.
+        assert hung.requests == []
+    assert outbox_ids(tmp_path) == [("hook", "ev-last")]
+
+
+async def test_a_receiver_that_never_answers_times_out_and_is_retried(tmp_path: Path) -> None:
+    outcomes = Outcomes()
+    retry = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.1)
+    async with serve(default=HANG) as hung:
+        with capture_logs() as logs:
+            async with running(notifier(tmp_path, [sink(hung.url, timeout=0.2)], outcomes,
+                                        retry=retry)) as n:
+                n.submit(journal_event())
+                await outcomes.wait_for("hook", "dropped")
+        assert len(hung.requests) == 2
+    assert outcomes.of("hook") == ["retried", "dropped"]
+    [dropped] = [e for e in logs if e["event"] == "notification_dropped"]
+    assert dropped["reason"] == "gave up after 2 attempts: no answer within 0.2s"
 
 
 async def test_undelivered_messages_survive_a_restart_and_are_delivered_once(
@@ -281,9 +316,9 @@ async def test_a_very_long_retry_after_is_not_waited_for(tmp_path: Path) -> None
 async def test_each_sink_gets_only_the_events_it_wants(tmp_path: Path) -> None:
     outcomes = Outcomes()
     async with serve() as qos_only, serve() as everything:
-        n = notifier(tmp_path, [sink(qos_only.url, name="qos", events=expand_events(["qos_released"])),
-                                sink(everything.url, name="all", events=expand_events(
-                                    ["rollback", "qos", "switch", "hold", "alert"]))], outcomes)
+        wanted = expand_events(["rollback", "qos", "switch", "hold", "alert"])
+        n = notifier(tmp_path, [sink(qos_only.url, name="qos", events=["qos_released"]),
+                                sink(everything.url, name="all", events=wanted)], outcomes)
         async with running(n):
             for i, name in enumerate(["rollback_completed", "qos_locked", "alert", "switch",
                                       "probe_noise", "started", "qos_released"]):
@@ -348,10 +383,11 @@ async def test_no_url_or_token_in_logs_or_outbox(tmp_path: Path) -> None:
     outcomes = Outcomes()
     retry = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.1)
     down = f"http://127.0.0.1:{closed_port()}/services/T0/B0/c0ffee0123456789abcdef01"
-    async with serve(default=HANG) as hung, serve([Reply(500), Reply(418)]) as bad, \
-            serve(default=Reply(500)) as echo:
-        # A hostile receiver that quotes the URL back in its error answers.
+    async with serve(default=HANG) as hung, serve() as bad, serve() as echo:
+        # Hostile receivers that quote the URL, or just its token, back in their answers.
         echo.default = Reply(500, body=echo.url.encode())
+        token = bad.url.rsplit("/", 1)[1].encode()
+        bad.script.extend([Reply(500, body=b"bad token " + token), Reply(418, body=token)])
         urls = [down, hung.url, bad.url, echo.url]
         sinks = [sink(down, name="down"), sink(hung.url, name="hung", timeout=0.2),
                  sink(bad.url, name="bad"), sink(echo.url, name="echo", kind="slack")]
@@ -508,8 +544,8 @@ def test_expand_events_groups_and_names() -> None:
     assert expand_events(["hold", "qos_released"]) == {"hold", "qos_released"}
     assert expand_events("alert") == {"alert"}
     assert expand_events([]) == frozenset()
-    assert DEFAULT_EVENTS == {"rollback_completed", "rollback_failed", "hold", "alert",
-                              "external_switch", "qos_extended", "qos_released"}
+    assert sorted(DEFAULT_EVENTS) == ["alert", "external_switch", "hold", "qos_extended",
+                                      "qos_released", "rollback_completed", "rollback_failed"]
 
 
 def test_expand_events_names_the_bad_entry() -> None:
@@ -557,3 +593,99 @@ def test_resolve_url_unreadable_file(tmp_path: Path) -> None:
     (tmp_path / "binary").write_bytes(b"https://a.example/\xff\xfe")
     with pytest.raises(ValueError, match="is not UTF-8 text"):
         resolve_url(url=None, url_env=None, url_file=tmp_path / "binary", environ={})
+
+
+# -- from the configuration to a running notifier ---------------------------------------------
+
+
+def write_config(tmp_path: Path, notify: str) -> Path:
+    path = tmp_path / "threader.toml"
+    path.write_text(f"""\
+instance = "threader"
+[upstreams.blue]
+url = "http://127.0.0.1:9009/healthz"
+[upstreams.green]
+url = "http://127.0.0.1:9010/healthz"
+[switch]
+kind = "state-file"
+path = "{tmp_path / 'deploy-state.json'}"
+[state]
+dir = "{tmp_path / 'state'}"
+{notify}
+""")
+    return path
+
+
+def test_sinks_from_config_names_kinds_and_events(tmp_path: Path) -> None:
+    settings = config.load(write_config(tmp_path, """
+[[notify]]
+kind = "webhook"
+url_env = "HOOK_URL"
+[[notify]]
+kind = "slack"
+name = "ops"
+url = "https://hooks.slack.com/services/T0/B0/abcdef0123456789"
+events = ["qos", "hold"]
+timeout = "3s"
+"""))
+    webhook, ops = sinks_from_config(settings.config.notify, source="threader.toml",
+                                     environ={"HOOK_URL": "http://127.0.0.1:1/hook"})
+    assert (webhook.name, webhook.kind, webhook.events) == ("webhook-0", "webhook", DEFAULT_EVENTS)
+    assert webhook.url.reveal() == "http://127.0.0.1:1/hook"
+    assert (ops.name, ops.kind, ops.timeout) == ("ops", "slack", 3.0)
+    assert ops.events == {"qos_locked", "qos_extended", "qos_released", "hold"}
+
+
+def test_sinks_from_config_reports_every_bad_sink(tmp_path: Path) -> None:
+    settings = config.load(write_config(tmp_path, """
+[[notify]]
+kind = "webhook"
+url_env = "UNSET_HOOK_URL"
+[[notify]]
+kind = "discord"
+url = "https://discord.example/api/webhooks/1/t"
+events = ["rollbacks"]
+[[notify]]
+kind = "slack"
+name = "dup"
+url = "https://hooks.slack.com/services/T0/B0/abcdef0123456789"
+[[notify]]
+kind = "slack"
+name = "dup"
+url = "https://hooks.slack.com/services/T0/B0/abcdef0123456789"
+"""))
+    with pytest.raises(ConfigError) as caught:
+        sinks_from_config(settings.config.notify, environ={}, source="threader.toml")
+    assert [str(p) for p in caught.value.problems] == [
+        "threader.toml: notify.0.url_env: environment variable UNSET_HOOK_URL is not set",
+        "threader.toml: notify.1.events: unknown event 'rollbacks'; expected one of: "
+        + ", ".join([*sorted(EVENT_GROUPS), *sorted(JOURNAL_EVENTS)]),
+        "threader.toml: notify.3.name: 'dup' is used twice",
+    ]
+
+
+async def test_build_notifier_counts_in_the_guard_metrics(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    metrics = GuardMetrics("threader", "0.1.0")
+
+    def sample(outcome: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "guardd_notifications_total",
+            {"guard": "threader", "sink": "webhook-0", "outcome": outcome})
+
+    async with serve([Reply(503), Reply(200)]) as receiver:
+        monkeypatch.setenv("HOOK_URL", receiver.url)
+        settings = config.load(write_config(tmp_path, """
+[[notify]]
+kind = "webhook"
+url_env = "HOOK_URL"
+"""))
+        n = build_notifier(settings, FAST, metrics, structlog.get_logger())
+        assert sample("sent") == 0.0  # declared before anything is sent
+        async with running(n):
+            n.submit(journal_event(event_id="ev-1"))
+            n.submit(journal_event(event_id="ev-2"))
+            # One sender per sink, in order: ev-2 arriving means ev-1's 200 was counted.
+            await receiver.wait_for(3)
+        assert (tmp_path / "state" / "outbox").is_dir()
+    assert (sample("retried"), sample("sent"), sample("dropped")) == (1.0, 1.0, 0.0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 from pathlib import Path
 
@@ -109,13 +108,27 @@ def test_foreign_files_are_left_alone_and_temporary_files_cleaned(tmp_path: Path
 
 
 def test_a_failed_write_is_reported_per_message(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "never-created")  # load() would have made the directory
+    outbox = fresh(tmp_path / "outbox")
+    (tmp_path / "outbox").rmdir()  # gone from under it
     message = outbox.new_message("a", "ev-1", {"event": "hold"})
     [(failed, why)] = outbox.save([message])
     assert failed is message
     assert why == "No such file or directory"
     with pytest.raises(StorageError, match="cannot sync the outbox directory"):
         outbox.sync()
+
+
+def test_nothing_is_written_to_a_directory_that_was_not_read(tmp_path: Path) -> None:
+    # Without reading the directory first, a sequence number could overwrite a message.
+    directory = tmp_path / "outbox"
+    old = add(fresh(directory), "a", "ev-old")
+    blind = Outbox(directory)
+    message = blind.new_message("a", "ev-new", {"event": "hold"})
+    assert message.seq == old.seq
+    [(failed, why)] = blind.save([message])
+    assert failed is message
+    assert why == "the outbox directory could not be read at start"
+    assert Outbox(directory).load() == ([old], [])
 
 
 def test_remove_reports_a_storage_error(tmp_path: Path) -> None:
@@ -135,7 +148,7 @@ def test_a_symlink_at_the_temporary_name_is_not_followed(tmp_path: Path) -> None
     target = tmp_path / "victim"
     target.write_text("untouched")
     message = outbox.new_message("a", "ev-1", {"event": "hold"})
-    os.symlink(target, directory / f".{message.seq:012d}.json.tmp")
+    (directory / f".{message.seq:012d}.json.tmp").symlink_to(target)
     assert outbox.save([message]) == []
     assert target.read_text() == "untouched"
     assert Outbox(directory).load()[0] == [message]

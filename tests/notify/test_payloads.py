@@ -43,7 +43,8 @@ def check_text(obj: Mapping[str, Any], limit: int, *, types: set[str] = SLACK_TE
 def check_mrkdwn(text: str) -> None:
     """No raw `<`, `>` or `&` from event text: no pings, links or broken entities."""
     bare = SLACK_DATE.sub("", text)
-    assert "<" not in bare and ">" not in bare, text
+    assert "<" not in bare, text
+    assert ">" not in bare, text
     assert "&" not in SLACK_ENTITY.sub("", bare), text
 
 

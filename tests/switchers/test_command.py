@@ -298,7 +298,9 @@ async def test_detached_grandchild_holding_the_pipes_does_not_stall(tmp_path: Pa
         f"while [ ! -s {pid_file} ]; do sleep 0.01; done\n",
     )
     try:
-        result = await run_command([str(cmd)], timeout=30, retry=None, what="daemonize")
+        # Far inside the command's own limit: a stall would end there and still "succeed".
+        with anyio.fail_after(30):
+            result = await run_command([str(cmd)], timeout=300, retry=None, what="daemonize")
         assert (result.ok, result.stdout) == (True, "started\n")
     finally:
         if pid_file.exists():

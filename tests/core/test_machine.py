@@ -1,0 +1,166 @@
+"""The guard state machine, replayed offline: time is an argument, nothing touches I/O."""
+
+from __future__ import annotations
+
+import random
+
+from guardd.core import GuardMachine, Hold, Outcome, PolicySpec, Rollback, State
+from guardd.core.machine import Alert, Facts
+
+SPEC = PolicySpec(rollback_to="blue", consecutive_failures=3, window=30, min_samples=5,
+                  p1_sustain=5, max_rollbacks=3)
+INTERVAL = 1.0
+
+
+class Replay:
+    """Drives a machine the way the supervisor does: probe both colors, then decide."""
+
+    def __init__(self, spec: PolicySpec = SPEC, active: str = "green") -> None:
+        self.m = GuardMachine(spec, INTERVAL)
+        self.now = 0.0
+        self.active = active
+        self.locked = False
+        self.paused = False
+        self.rollbacks = 0
+        self.log: list[object] = []
+
+    def step(self, blue: Outcome = Outcome.OK, green: Outcome = Outcome.OK,
+             latency: float = 0.01) -> list[object]:
+        self.now += INTERVAL
+        self.m.observe("blue", self.now, blue, latency)
+        self.m.observe("green", self.now, green, latency)
+        d = self.m.decide(Facts(self.now, self.active, self.locked, self.paused, self.rollbacks))  # type: ignore[arg-type]
+        for a in d.actions:
+            if isinstance(a, Rollback):
+                self.active = a.target
+                self.rollbacks += 1
+                self.locked = True
+                self.m.rollback_succeeded(a.source)
+        self.log.extend(d.actions)
+        self.state = d.state
+        return list(d.actions)
+
+
+FAIL = Outcome.HTTP_5XX
+
+
+def test_starting_until_both_colors_probed() -> None:
+    m = GuardMachine(SPEC, INTERVAL)
+    m.observe("green", 1.0, Outcome.OK, 0.01)
+    assert m.decide(Facts(1.0, "green")).state is State.STARTING
+
+
+def test_p0_rolls_back_to_target_with_evidence() -> None:
+    r = Replay()
+    r.step()
+    assert r.state is State.STEADY
+    r.step(green=FAIL)
+    assert r.state is State.DEGRADED
+    r.step(green=FAIL)
+    (action,) = r.step(green=FAIL)
+    assert isinstance(action, Rollback)
+    assert (action.source, action.target, action.severity) == ("green", "blue", "P0")
+    assert action.evidence.to_dict()["rule"] == "consecutive_failures"
+    assert action.evidence.to_dict()["value"] == 3
+
+
+def test_both_down_holds_once_then_rolls_back_when_target_recovers() -> None:
+    r = Replay()
+    r.step()
+    for _ in range(10):
+        r.step(blue=FAIL, green=FAIL)
+    holds = [a for a in r.log if isinstance(a, Hold)]
+    assert len(holds) == 1 and not holds[0].sticky
+    assert r.state is State.HOLD
+    (action,) = r.step(blue=Outcome.OK, green=FAIL)
+    assert isinstance(action, Rollback)
+
+
+def test_hold_clears_when_active_recovers() -> None:
+    r = Replay()
+    for _ in range(4):
+        r.step(blue=FAIL, green=FAIL)
+    assert r.state is State.HOLD
+    for _ in range(5):
+        r.step(blue=FAIL)  # green passes again; its window ratio falls from 80 % to 40 %
+    assert r.m.hold is None
+    assert r.state is State.DEGRADED  # the window still remembers the failures
+    for _ in range(40):
+        r.step(blue=FAIL)
+    assert r.state is State.STEADY
+
+
+def test_budget_spent_is_a_sticky_hold() -> None:
+    r = Replay()
+    r.rollbacks = 3
+    r.step()
+    for _ in range(3):
+        r.step(green=FAIL)
+    (hold,) = [a for a in r.log if isinstance(a, Hold)]
+    assert hold.sticky and "budget" in hold.reason
+    for _ in range(40):
+        r.step()  # green recovers fully: a budget hold still waits for an operator
+    assert r.state is State.HOLD
+    r.m.clear_hold()
+    r.step()
+    assert r.state is State.STEADY
+
+
+def test_paused_blocks_actions_and_resume_lets_them_happen() -> None:
+    r = Replay()
+    r.paused = True
+    for _ in range(5):
+        assert r.step(green=FAIL) == []
+    assert r.state is State.PAUSED
+    assert r.m.last_decision is not None and r.m.last_decision.blocked_by == "paused"
+    r.paused = False
+    (action,) = r.step(green=FAIL)
+    assert isinstance(action, Rollback)
+
+
+def test_dry_run_alerts_once_and_never_switches() -> None:
+    r = Replay(PolicySpec(rollback_to="blue", dry_run=True))
+    for _ in range(10):
+        r.step(green=FAIL)
+    assert not [a for a in r.log if isinstance(a, Rollback)]
+    alerts = [a for a in r.log if isinstance(a, Alert)]
+    assert len(alerts) == 1 and "dry run" in alerts[0].reason
+
+
+def test_active_is_the_rollback_target_holds() -> None:
+    r = Replay(active="blue")
+    for _ in range(4):
+        r.step(blue=FAIL)
+    (hold,) = [a for a in r.log if isinstance(a, Hold)]
+    assert "rollback target" in hold.reason
+
+
+def test_previous_never_ping_pongs_during_the_guard_window() -> None:
+    r = Replay(PolicySpec(rollback_to="previous", consecutive_failures=3))
+    for _ in range(4):
+        r.step(green=FAIL)
+    assert r.active == "blue"
+    for _ in range(4):
+        r.step(blue=FAIL)  # blue fails too while the guard window is held
+    assert r.active == "blue"
+    assert any(isinstance(a, Hold) and "rolled back from" in a.reason for a in r.log)
+
+
+def test_flapping_green_gives_at_most_one_rollback_per_incident() -> None:
+    r = Replay()
+    for t in range(600):  # ten minutes at 1 s: green fails 4 s, recovers 4 s, ...
+        r.step(green=FAIL if (t // 4) % 2 else Outcome.OK)
+    assert len([a for a in r.log if isinstance(a, Rollback)]) == 1
+    assert r.active == "blue"
+
+
+def test_noisy_but_healthy_green_never_rolls_back() -> None:
+    rng = random.Random(42)
+    r = Replay(PolicySpec(rollback_to="blue", window=60, min_samples=20, p1_sustain=120))
+    for _ in range(6000):  # ten minutes of simulated time at 100 ms
+        r.now -= INTERVAL - 0.1
+        fail = rng.random() < 0.01
+        spike = 2.0 if rng.random() < 0.002 else 0.02
+        r.step(green=FAIL if fail else Outcome.OK, latency=spike)
+    assert not [a for a in r.log if isinstance(a, Rollback)]
+    assert r.active == "green"

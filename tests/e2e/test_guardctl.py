@@ -1,0 +1,225 @@
+"""guardctl against a live daemon guarding real upstreams behind a real nginx."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.daemon import Lab, guardctl, wait_until
+
+pytestmark = pytest.mark.nginx
+
+
+@pytest.fixture
+def shared_run_dir() -> Iterator[Path]:
+    """A run dir an unprivileged uid can reach (pytest's tmp dirs are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="guardd-e2e-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def ctl(lab: Lab, *argv: str, **kw: object):  # type: ignore[no-untyped-def]
+    """guardctl pointed at the lab's config (which names its socket and lock file)."""
+    return guardctl("--config", str(lab.config_path), *argv, **kw)  # type: ignore[arg-type]
+
+
+def status(lab: Lab) -> dict:  # type: ignore[type-arg]
+    result = ctl(lab, "status", "--json")
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def test_status_exit_codes_and_shape(make_lab) -> None:
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    wait_until(lambda: ctl(lab, "status").returncode == 0, 20, "status OK")
+    doc = status(lab)
+    assert doc["guard"] == "lab" and doc["active"] == "green" and doc["state"] == "steady"
+    assert doc["upstreams"]["green"]["healthy"] is True
+    assert set(doc) >= {"guard", "state", "active", "rollback_to", "paused", "qos", "upstreams",
+                        "last_event", "uptime_s", "version"}
+    assert set(doc["upstreams"]["blue"]) >= {"healthy", "consecutive_failures", "error_ratio",
+                                             "samples", "p50_ms", "p95_ms", "last_error",
+                                             "last_probe_age_s"}
+    human = ctl(lab, "status")
+    assert "green" in human.stdout and "steady" in human.stdout
+    # 1 WARNING: paused.
+    assert ctl(lab, "pause", "--reason", "maintenance").returncode == 0
+    assert ctl(lab, "status").returncode == 1
+    assert ctl(lab, "resume").returncode == 0
+    # 2 CRITICAL: hold (active failing, no safe target).
+    lab.blue.set_mode("http_503")
+    lab.green.set_mode("http_503")
+    d.wait_event("hold")
+    wait_until(lambda: ctl(lab, "status").returncode == 2, 20, "status CRITICAL")
+    # 3 UNKNOWN: daemon down.
+    assert d.stop() == 0
+    down = ctl(lab, "status")
+    assert down.returncode == 3 and "UNKNOWN" in down.stdout
+
+
+def test_stale_probes_are_never_shown_healthy(make_lab) -> None:
+    lab: Lab = make_lab()
+    lab.daemon()
+    assert status(lab)["upstreams"]["green"]["stale"] is False
+    # Freeze green's probe loop (a test-only fault point): its data ages past 3 intervals.
+    (lab.fault_dir / "probe_green").touch()
+    wait_until((lab.fault_dir / "probe_green.reached").exists, 10, "green's probes to stop")
+    doc = wait_until(lambda: (s := status(lab))["upstreams"]["green"]["stale"] and s, 10,
+                     "green to go stale")
+    assert doc["upstreams"]["green"]["healthy"] is None
+    assert doc["upstreams"]["blue"]["healthy"] is True
+    human = ctl(lab, "status")
+    assert human.returncode == 1, "an active color guardd cannot vouch for is a WARNING"
+    assert "stale" in human.stdout
+    (lab.fault_dir / "probe_green").unlink()
+    wait_until(lambda: status(lab)["upstreams"]["green"]["healthy"] is True, 20, "fresh again")
+
+
+def test_pause_stops_switching_and_resume_lets_the_rollback_happen(make_lab) -> None:
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    assert ctl(lab, "pause", "--reason", "db migration").returncode == 0
+    paused = d.wait_event("paused")
+    assert paused["by"] == "uid:0(root)" and paused["reason"] == "db migration"
+    count = lab.green.requests
+    lab.green.set_mode("http_503")
+    assert lab.green.wait_for_requests(count + 10, timeout=20), "probing goes on while paused"
+    doc = status(lab)
+    assert doc["state"] == "paused" and doc["paused"] is True
+    assert doc["last_decision"]["action"] == "blocked:paused"
+    assert not [e for e in d.events() if e["event"] == "rollback_started"]
+    assert lab.nginx.served_color() is None  # still on the failing green
+    assert ctl(lab, "resume").returncode == 0
+    done = d.wait_event("rollback_completed")
+    assert done["to"] == "blue"
+    assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
+
+
+def test_switch_promote_rollback_move_traffic_and_respect_the_lock(make_lab) -> None:
+    lab: Lab = make_lab(policy__promote_successes=3, qos__window="1h")
+    d = lab.daemon()
+    # switch: moves real traffic and is journaled with the caller.
+    res = ctl(lab, "switch", "blue", "--reason", "canary done")
+    assert res.returncode == 0, res.stderr
+    assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
+    ev = d.wait_event("switch")
+    assert (ev["from"], ev["to"], ev["by"]) == ("green", "blue", "uid:0(root)")
+    # rollback: to the rollback target (blue is active, so there is nowhere to go) -> refused.
+    res = ctl(lab, "rollback")
+    assert res.returncode == 1 and "already active" in (res.stderr + res.stdout)
+    # promote: green has passed enough probes and no lock is held.
+    res = ctl(lab, "promote", "--reason", "release 42")
+    assert res.returncode == 0, res.stderr
+    assert lab.nginx.wait_serving_only("green", hold=0.5, timeout=20)
+    assert d.wait_event("promote")["by"] == "uid:0(root)"
+    # rollback: moves traffic to blue and takes the QoS lock.
+    res = ctl(lab, "rollback", "--reason", "bad release")
+    assert res.returncode == 0, res.stderr
+    assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
+    done = d.wait_event("rollback_completed")
+    assert done["by"] == "uid:0(root)" and done["severity"] is None
+    assert lab.lock_file.exists()
+    # Under the lock: promote and switch are refused, switch --force goes through.
+    res = ctl(lab, "promote")
+    assert res.returncode == 1 and "QoS lock" in (res.stderr + res.stdout)
+    res = ctl(lab, "switch", "green")
+    assert res.returncode == 1 and "--force" in (res.stderr + res.stdout)
+    assert lab.nginx.served_color() == "blue"
+    res = ctl(lab, "switch", "green", "--force")
+    assert res.returncode == 0, res.stderr
+    assert lab.nginx.wait_serving_only("green", hold=0.5, timeout=20)
+    # A lock made by another tool with `touch` blocks promote just the same.
+    assert ctl(lab, "qos", "unlock").returncode == 0
+    assert ctl(lab, "qos", "status").returncode == 0
+    lab.lock_file.touch()
+    assert ctl(lab, "qos", "status").returncode == 1
+    res = ctl(lab, "promote")
+    assert res.returncode == 1 and "QoS lock" in (res.stderr + res.stdout)
+    assert lab.lock_file.exists(), "guardd never deletes a lock it did not take"
+    assert d.stop() == 0
+
+
+def test_qos_commands_and_status_with_the_daemon_down(make_lab) -> None:
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    assert ctl(lab, "qos", "status").returncode == 0
+    res = ctl(lab, "qos", "lock", "--for", "10m", "--reason", "freeze for the holidays")
+    assert res.returncode == 0, res.stderr
+    ev = d.wait_event("qos_locked")
+    assert ev["by"] == "uid:0(root)" and ev["reason"] == "freeze for the holidays"
+    lock = json.loads(lab.lock_file.read_text())
+    assert lock["reason"] == "freeze for the holidays" and lock["until"] and lock["by"] == "uid:0(root)"
+    assert d.stop() == 0
+    # Daemon down: qos status still answers from the file.
+    res = guardctl("--config", str(lab.config_path), "qos", "status", "--json")
+    assert res.returncode == 1 and json.loads(res.stdout)["reason"] == "freeze for the holidays"
+    assert ctl(lab, "qos", "unlock").returncode == 3  # mutating, daemon unreachable
+    d2 = lab.daemon()
+    assert ctl(lab, "qos", "unlock").returncode == 0
+    assert d2.wait_event("qos_released")["by"] == "uid:0(root)"
+    assert ctl(lab, "qos", "status").returncode == 0
+    assert d2.stop() == 0
+
+
+def test_unprivileged_uid_reads_but_may_not_mutate(make_lab, shared_run_dir: Path) -> None:
+    lab: Lab = make_lab(run_dir=shared_run_dir)
+    lab.daemon()
+    # The config is root's (0600 under pytest's tmp); nobody is told the socket instead.
+    read = guardctl("status", "--json", socket=lab.socket_path, as_nobody=True)
+    assert read.returncode == 0, read.stderr
+    for argv in (("pause",), ("switch", "blue", "--force"), ("rollback",), ("promote",),
+                 ("resume",), ("qos", "lock"), ("qos", "unlock")):
+        res = guardctl(*argv, socket=lab.socket_path, as_nobody=True)
+        assert res.returncode == 4, (argv, res.stdout, res.stderr)
+    assert lab.nginx.served_color() == "green"
+
+
+def test_history_lists_the_journal(make_lab) -> None:
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    lab.green.set_mode("http_503")
+    d.wait_event("qos_locked")
+    res = ctl(lab, "history", "--json")
+    events = [e["event"] for e in json.loads(res.stdout)]
+    assert events[0] == "started" and "rollback_completed" in events
+    res = ctl(lab, "history", "--limit", "2")
+    assert res.returncode == 0 and len(res.stdout.strip().splitlines()) == 2
+
+
+def test_control_socket_survives_garbage(make_lab) -> None:
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    path = str(lab.socket_path)
+    junk = [os.urandom(4096), b'{"v": 1, "cmd": "sta', b"\xff\xfe\n", b"[1,2,3]\n",
+            b'{"v": 99, "cmd": "status"}\n']
+    for payload in junk:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            s.recv(65536)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        try:
+            s.sendall(b"x" * (10 * 1024 * 1024))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    idle = []
+    for _ in range(500):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        idle.append(s)
+    for s in idle:
+        s.close()
+    assert wait_until(lambda: ctl(lab, "status").returncode == 0, 30, "status after garbage")
+    assert d.proc is not None and d.proc.poll() is None
