@@ -7,7 +7,6 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from guardd import paths
@@ -31,28 +30,47 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="guardd",
         description="Guard a blue/green pair behind nginx: probe both colors, roll back a "
-                    "failing active color, and hold deploys until the SLOs hold.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "failing active color, and hold deploys until the SLOs hold.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"guardd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run the guard in the foreground until SIGTERM/SIGINT",
-                         description="Run the guard in the foreground until SIGTERM or SIGINT; "
-                                     "SIGHUP reloads the config (the old one stays on error).",
-                         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = sub.add_parser(
+        "run",
+        help="run the guard in the foreground until SIGTERM/SIGINT",
+        description="Run the guard in the foreground until SIGTERM or SIGINT; "
+        "SIGHUP reloads the config (the old one stays on error).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("--config", type=Path, help="config file (default: see below)")
     run.add_argument("--instance", help="instance name (default: the config's, else its stem)")
-    run.add_argument("--log-level", default="info",
-                     choices=["debug", "info", "warning", "error"], help="default: info")
-    check = sub.add_parser("check-config", help="validate a config and print a summary",
-                           description="Validate a config file; print a one-line summary, or "
-                                       "one `file: key: reason` line per problem.",
-                           epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info",
+    )
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config and print a summary",
+        description="Validate a config file; print a one-line summary, or "
+        "one `file: key: reason` line per problem.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     check.add_argument("path", type=Path)
     check.add_argument("--instance", help=argparse.SUPPRESS)
-    demo = sub.add_parser("demo", help="run the embedded demo: a real rollback in under a minute",
-                          epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--seconds", type=float, default=45.0,
-                      help="how long the demo may run at most (default 45)")
+    demo = sub.add_parser(
+        "demo",
+        help="run the embedded demo: a real rollback in under a minute",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument(
+        "--seconds", type=float, default=45.0, help="how long the demo may run at most (default 45)"
+    )
     return parser
 
 
@@ -98,13 +116,15 @@ def _check(path: Path, instance: str | None) -> int:
 
 
 def _run(config_path: Path | None, instance: str | None, level: str) -> int:
-    path = config_path or (Path(os.environ["GUARDD_CONFIG"]) if os.environ.get("GUARDD_CONFIG")
-                           else paths.config_file(instance))
+    path = config_path or (
+        Path(os.environ["GUARDD_CONFIG"])
+        if os.environ.get("GUARDD_CONFIG")
+        else paths.config_file(instance)
+    )
     settings = _load(path, instance)
     if settings is None:
         return 2
     import anyio  # noqa: PLC0415
-
     import stamina  # noqa: PLC0415
 
     from guardd import logs  # noqa: PLC0415

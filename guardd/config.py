@@ -39,13 +39,13 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 def parse_duration(value: object) -> float:
     """Seconds from `"250ms"`, `"3s"`, `"5m"`, `"1h"` or a plain number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError("must be a duration such as \"250ms\", \"3s\", \"5m\" or seconds")
+    if isinstance(value, bool):  # pydantic turns a ValueError into the operator's message
+        raise ValueError('must be a duration such as "250ms", "3s", "5m" or seconds')  # noqa: TRY004
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str) and (m := _DURATION.match(value)):
         return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    raise ValueError("must be a duration such as \"250ms\", \"3s\", \"5m\" or seconds")
+    raise ValueError('must be a duration such as "250ms", "3s", "5m" or seconds')
 
 
 def parse_flag(value: object) -> bool:
@@ -156,7 +156,8 @@ class PolicyConfig(_Section):
         if not self.p2_error_ratio <= self.p1_error_ratio <= self.p0_error_ratio:
             raise ValueError(
                 "p1_error_ratio: must lie between p2_error_ratio and p0_error_ratio "
-                f"(got p2={self.p2_error_ratio}, p1={self.p1_error_ratio}, p0={self.p0_error_ratio})"
+                f"(got p2={self.p2_error_ratio}, p1={self.p1_error_ratio}, "
+                f"p0={self.p0_error_ratio})"
             )
         if self.p2_latency > self.p1_latency:
             raise ValueError("p2_latency: must not exceed p1_latency")
@@ -186,20 +187,20 @@ class SwitchConfig(_Section):
     @classmethod
     def _argv(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and (not v or not v[0]):
-            raise ValueError("must be a non-empty argv list, e.g. [\"nginx\", \"-s\", \"reload\"]")
+            raise ValueError('must be a non-empty argv list, e.g. ["nginx", "-s", "reload"]')
         return v
 
     @model_validator(mode="after")
     def _kind_needs(self) -> SwitchConfig:
         if self.kind == "nginx":
             if self.active_link is None:
-                raise ValueError("active_link: required when kind = \"nginx\"")
+                raise ValueError('active_link: required when kind = "nginx"')
             if self.targets is None or set(self.targets) != set(COLORS):
                 raise ValueError("targets: must name a file for both blue and green")
         elif self.kind == "state-file" and self.path is None:
-            raise ValueError("path: required when kind = \"state-file\"")
+            raise ValueError('path: required when kind = "state-file"')
         elif self.kind == "command" and self.command is None:
-            raise ValueError("command: required when kind = \"command\"")
+            raise ValueError('command: required when kind = "command"')
         return self
 
     @property
@@ -263,7 +264,7 @@ class MetricsConfig(_Section):
     @classmethod
     def _listen(cls, v: str) -> str:
         if v and not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$", v):
-            raise ValueError("must be host:port, e.g. \"127.0.0.1:9105\" or \"[::1]:9105\"")
+            raise ValueError('must be host:port, e.g. "127.0.0.1:9105" or "[::1]:9105"')
         return v
 
 
@@ -279,7 +280,7 @@ class ControlConfig(_Section):
     @classmethod
     def _mode(cls, v: str) -> str:
         if not re.match(r"^0?[0-7]{3}$", v):
-            raise ValueError("must be an octal file mode such as \"0660\"")
+            raise ValueError('must be an octal file mode such as "0660"')
         return v
 
 
@@ -293,7 +294,10 @@ class GuardConfig(BaseSettings):
     """The whole configuration of one guarded service."""
 
     model_config = SettingsConfigDict(
-        env_prefix="GUARDD_", env_nested_delimiter="__", extra="forbid", frozen=True,
+        env_prefix="GUARDD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
         nested_model_default_partial_update=False,
     )
 
@@ -312,11 +316,11 @@ class GuardConfig(BaseSettings):
     @classmethod
     def settings_customise_sources(
         cls,
-        settings_cls: type[BaseSettings],
+        settings_cls: type[BaseSettings],  # noqa: ARG003 - signature fixed by pydantic-settings
         init_settings: PydanticBaseSettingsSource,
         env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The TOML document arrives as init kwargs; the environment overrides it.
         return (env_settings, init_settings)
@@ -363,9 +367,11 @@ class Settings:
         """A one-line description for `check-config` and logs."""
         c = self.config
         ups = " ".join(f"{k}={len(c.upstreams[k].all_urls)}url" for k in COLORS)
-        return (f"{self.source}: ok: instance={self.instance} {ups} switch={c.switch.kind} "
-                f"interval={c.probe.interval:g}s failures={c.policy.consecutive_failures} "
-                f"rollback_to={c.policy.rollback_to} notify={len(c.notify)}")
+        return (
+            f"{self.source}: ok: instance={self.instance} {ups} switch={c.switch.kind} "
+            f"interval={c.probe.interval:g}s failures={c.policy.consecutive_failures} "
+            f"rollback_to={c.policy.rollback_to} notify={len(c.notify)}"
+        )
 
 
 def load(path: Path, *, instance: str | None = None) -> Settings:
@@ -390,8 +396,9 @@ def load(path: Path, *, instance: str | None = None) -> Settings:
         raise ConfigError(_problems(e, shown, os.environ)) from None
     name = instance or config.instance or path.stem
     if not _SAFE_NAME.match(name):
-        raise ConfigError([ConfigProblem(shown, "instance",
-                                         "may use letters, digits and _.@- only (at most 64)")])
+        raise ConfigError(
+            [ConfigProblem(shown, "instance", "may use letters, digits and _.@- only (at most 64)")]
+        )
     return Settings(config, source=path, instance=name)
 
 

@@ -1,17 +1,17 @@
 """Every error guardd raises on purpose, in one tree.
 
-    GuarddError
-    ├── ConfigError            the configuration is invalid; carries one problem per key
-    ├── SwitchError            moving traffic failed; the old target is back in place
-    │   ├── SwitchRejected     the test command refused the new target
-    │   ├── CommandFailed      a switch, reload or test command failed or timed out
-    │   └── VerifyFailed       the new target did not answer through the front door
-    ├── StorageError           the journal, state or outbox could not be written
-    ├── UnsafePath             a path is a symlink or otherwise not what guardd may write
-    └── ControlError           a control-socket request failed
-        ├── DaemonUnreachable  nothing answers on the socket
-        ├── NotPermitted       the caller may not run a mutating command
-        └── Refused            the daemon declined; the message says why
+GuarddError
+├── ConfigError            the configuration is invalid; carries one problem per key
+├── SwitchError            moving traffic failed; the old target is back in place
+│   ├── SwitchRejected     the test command refused the new target
+│   ├── CommandFailed      a switch, reload or test command failed or timed out
+│   └── VerifyFailed       the new target did not answer through the front door
+├── StorageError           the journal, state or outbox could not be written
+├── UnsafePath             a path is a symlink or otherwise not what guardd may write
+└── ControlError           a control-socket request failed
+    ├── DaemonUnreachable  nothing answers on the socket
+    ├── NotPermitted       the caller may not run a mutating command
+    └── Refused            the daemon declined; the message says why
 """
 
 from __future__ import annotations

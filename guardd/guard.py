@@ -23,7 +23,7 @@ from guardd._version import __version__
 from guardd.core.machine import Alert, Decision, Facts, GuardMachine, Hold, Rollback
 from guardd.core.policy import PolicySpec
 from guardd.core.qos import QosWindow
-from guardd.core.types import COLORS, Color, Outcome, Severity, State, other
+from guardd.core.types import COLORS, Color, Severity, State, other
 from guardd.exceptions import GuarddError, Refused, StorageError, SwitchError, UnsafePath
 from guardd.faults import FaultPoints
 from guardd.journal import Journal, parse_rfc3339, rfc3339
@@ -74,11 +74,21 @@ class Storage:
 class Guard:
     """One guarded service: its machine, switch target, journal, state and lock."""
 
-    def __init__(self, settings: GuardSettings, *, machine: GuardMachine, switcher: Switcher,
-                 journal: Journal, state_file: StateFile, metrics: GuardMetrics,
-                 verifier: HttpProber | None, clock: Any, log: Any,
-                 notify: Callable[[dict[str, Any]], None] = lambda _e: None,
-                 faults: FaultPoints | None = None) -> None:
+    def __init__(
+        self,
+        settings: GuardSettings,
+        *,
+        machine: GuardMachine,
+        switcher: Switcher,
+        journal: Journal,
+        state_file: StateFile,
+        metrics: GuardMetrics,
+        verifier: HttpProber | None,
+        clock: Any,
+        log: Any,
+        notify: Callable[[dict[str, Any]], None] = lambda _e: None,
+        faults: FaultPoints | None = None,
+    ) -> None:
         self.s = settings
         self.machine = machine
         self.switcher = switcher
@@ -120,7 +130,9 @@ class Guard:
         elif event == "resumed":
             self._budget_since = parse_rfc3339(entry["ts"])
             self._auto_rollbacks.clear()
-        self.log.info(event, **{k: v for k, v in entry.items() if k not in ("event", "guard", "ts")})
+        self.log.info(
+            event, **{k: v for k, v in entry.items() if k not in ("event", "guard", "ts")}
+        )
         self.notify(entry)
         return entry
 
@@ -138,14 +150,23 @@ class Guard:
         """Mirror what must survive a restart into state.json."""
         own = self.own_lock
         doc: dict[str, Any] = {
-            "guard": self.s.instance, "active": self.active, "state": self.state.value,
+            "guard": self.s.instance,
+            "active": self.active,
+            "state": self.state.value,
             "paused": self.paused,
-            "hold": None if self.machine.hold is None else {
-                "reason": self.machine.hold.reason, "sticky": self.machine.hold.sticky},
-            "qos": None if own is None else {
-                "reason": own.info.reason, "locked_at": own.info.locked_at,
-                "until": own.info.until, "by": own.info.by, "manual": own.manual,
-                "window_s": own.window.span if own.window else None},
+            "hold": None
+            if self.machine.hold is None
+            else {"reason": self.machine.hold.reason, "sticky": self.machine.hold.sticky},
+            "qos": None
+            if own is None
+            else {
+                "reason": own.info.reason,
+                "locked_at": own.info.locked_at,
+                "until": own.info.until,
+                "by": own.info.by,
+                "manual": own.manual,
+                "window_s": own.window.span if own.window else None,
+            },
         }
         try:
             self.state_file.save(doc)
@@ -163,8 +184,11 @@ class Guard:
             if entry.get("event") == "resumed":
                 self._budget_since = _ts(entry)
                 self._auto_rollbacks.clear()
-            elif (entry.get("event") == "rollback_completed" and entry.get("by") == GUARDD
-                  and _ts(entry) >= horizon):
+            elif (
+                entry.get("event") == "rollback_completed"
+                and entry.get("by") == GUARDD
+                and _ts(entry) >= horizon
+            ):
                 self._auto_rollbacks.append(_ts(entry))
 
     def open_rollback(self) -> dict[str, Any] | None:
@@ -186,10 +210,19 @@ class Guard:
         if pending is not None:
             await self._resume_rollback(pending)
         remembered = saved.get("active")
-        if remembered in COLORS and self.active is not None and remembered != self.active \
-                and pending is None:
-            self.record("external_switch", source=remembered, target=self.active, by="external",
-                        reason="the switch target changed while guardd was not running")
+        if (
+            remembered in COLORS
+            and self.active is not None
+            and remembered != self.active
+            and pending is None
+        ):
+            self.record(
+                "external_switch",
+                source=remembered,
+                target=self.active,
+                by="external",
+                reason="the switch target changed while guardd was not running",
+            )
         if isinstance(saved.get("paused"), dict):
             self.paused = saved["paused"]
         self._restore_lock(saved.get("qos"))
@@ -209,28 +242,50 @@ class Guard:
                 await self._verify()
         except (SwitchError, TimeoutError) as e:
             self.active = await self.switcher.read_active()
-            self.record("rollback_failed", source=source, target=target,
-                        reason=f"{reason}; {_why(e)}", severity=started.get("severity"),
-                        by=started.get("by", GUARDD), rollback_id=started.get("id"))
-            hold = self.machine.rollback_failed(f"rollback to {target} failed: {_why(e)}",
-                                                None, started.get("severity"))
-            self.record("hold", source=source, target=target, reason=hold.reason,
-                        severity=started.get("severity"))
+            self.record(
+                "rollback_failed",
+                source=source,
+                target=target,
+                reason=f"{reason}; {_why(e)}",
+                severity=started.get("severity"),
+                by=started.get("by", GUARDD),
+                rollback_id=started.get("id"),
+            )
+            hold = self.machine.rollback_failed(
+                f"rollback to {target} failed: {_why(e)}", None, started.get("severity")
+            )
+            self.record(
+                "hold",
+                source=source,
+                target=target,
+                reason=hold.reason,
+                severity=started.get("severity"),
+            )
             return
         self.active = target
-        self.record("rollback_completed", source=source, target=target, reason=reason,
-                    severity=started.get("severity"), by=started.get("by", GUARDD),
-                    evidence=started.get("evidence"), rollback_id=started.get("id"))
+        self.record(
+            "rollback_completed",
+            source=source,
+            target=target,
+            reason=reason,
+            severity=started.get("severity"),
+            by=started.get("by", GUARDD),
+            evidence=started.get("evidence"),
+            rollback_id=started.get("id"),
+        )
         if source in COLORS:
             self.machine.rollback_succeeded(source)
-        self.take_lock(f"rollback {source} -> {target}: {started.get('reason')}",
-                       by=str(started.get("by", GUARDD)))
+        self.take_lock(
+            f"rollback {source} -> {target}: {started.get('reason')}",
+            by=str(started.get("by", GUARDD)),
+        )
 
     def _restore_lock(self, saved: object) -> None:
         if not isinstance(saved, dict):
             return
-        info = qoslock.LockInfo(True, saved.get("reason"), saved.get("locked_at"),
-                                saved.get("until"), saved.get("by"))
+        info = qoslock.LockInfo(
+            True, saved.get("reason"), saved.get("locked_at"), saved.get("until"), saved.get("by")
+        )
         remaining: float | None = None
         if info.until:
             remaining = max(0.0, parse_rfc3339(info.until) - self.clock.wall())
@@ -244,34 +299,54 @@ class Guard:
             return  # someone else's lock now; it is theirs to remove
         manual = bool(saved.get("manual"))
         span = float(saved.get("window_s") or self.s.qos_window)
-        window = None if manual else QosWindow(now, remaining if remaining is not None else span,
-                                               self.s.qos_max_error_ratio,
-                                               self.s.qos_min_health_ratio)
-        self.own_lock = OwnedLock(info, window,
-                                  None if remaining is None else now + remaining, manual)
+        window = (
+            None
+            if manual
+            else QosWindow(
+                now,
+                remaining if remaining is not None else span,
+                self.s.qos_max_error_ratio,
+                self.s.qos_min_health_ratio,
+            )
+        )
+        self.own_lock = OwnedLock(
+            info, window, None if remaining is None else now + remaining, manual
+        )
 
     # ---- probing -----------------------------------------------------------------------
 
-    def observe(self, color: Color, result: ProbeResult) -> None:
-        """Feed one probe round into the window, the QoS window and the metrics."""
+    def observe(self, color: Color, result: ProbeResult) -> bool:
+        """Feed one probe round in; true if it may change a decision (worth a tick now).
+
+        The active color always may; the standby only when its health flips, which is
+        what a hold waits for. Its other rounds wait for the periodic tick.
+        """
         now = self.clock.monotonic()
+        w = self.machine.windows[color]
+        was_failing = w.consecutive_failures > 0
         self.machine.observe(color, now, result.outcome, result.latency_s, result.error)
         own = self.own_lock
         if own is not None and own.window is not None and color == self.active:
             own.window.add(result.outcome)
-        w = self.machine.windows[color]
         self.metrics.observe_probe(color, result.outcome.value, result.latency_s)
-        self.metrics.set_upstream(color, healthy=w.consecutive_failures == 0,
-                                  consecutive_failures=w.consecutive_failures,
-                                  error_ratio=w.failure_ratio)
+        self.metrics.set_upstream(
+            color,
+            healthy=w.consecutive_failures == 0,
+            consecutive_failures=w.consecutive_failures,
+            error_ratio=w.failure_ratio,
+        )
+        return color == self.active or was_failing != (w.consecutive_failures > 0)
 
     def cadence(self, color: Color) -> float:
         """How soon to probe `color` again: fast while confirming a failure."""
         w = self.machine.windows[color]
         hold = self.machine.hold
         confirming = (color == self.active and w.consecutive_failures > 0) or (
-            hold is not None and not hold.sticky and self.active is not None
-            and color == self.machine.rollback_target(self.active))
+            hold is not None
+            and not hold.sticky
+            and self.active is not None
+            and color == self.machine.rollback_target(self.active)
+        )
         return self.s.confirm_interval if confirming else self.s.probe_interval
 
     # ---- the decision tick -------------------------------------------------------------
@@ -283,18 +358,32 @@ class Guard:
         self.metrics.decision_tick()
         await self._adopt_external_switch()
         self._qos_step(now)
-        decision = self.machine.decide(Facts(
-            now=now, active=self.active, qos_locked=self.qos_held, paused=self.paused is not None,
-            rollbacks_in_budget=self._rollbacks_in_budget(), rolling_back=self.rolling_back))
+        decision = self.machine.decide(
+            Facts(
+                now=now,
+                active=self.active,
+                qos_locked=self.qos_held,
+                paused=self.paused is not None,
+                rollbacks_in_budget=self._rollbacks_in_budget(),
+                rolling_back=self.rolling_back,
+            )
+        )
         for action in decision.actions:
             await self._act(action)
         if decision.actions or decision.blocked_by:
             self.last_decision = _decision_doc(decision, self.clock.wall())
         if decision.actions:
             # Acting changed the world (a switch, a lock, a hold): restate without deciding again.
-            self._publish(self.machine.current_state(Facts(
-                now=self.clock.monotonic(), active=self.active, qos_locked=self.qos_held,
-                paused=self.paused is not None)))
+            self._publish(
+                self.machine.current_state(
+                    Facts(
+                        now=self.clock.monotonic(),
+                        active=self.active,
+                        qos_locked=self.qos_held,
+                        paused=self.paused is not None,
+                    )
+                )
+            )
         else:
             self._publish(decision.state)
         self._flush_journal_backlog()
@@ -325,8 +414,13 @@ class Guard:
             self.active = on_disk
             self.machine.policy.reset()
             self.machine.clear_hold()
-            self.record("external_switch", source=previous, target=on_disk, by="external",
-                        reason="the switch target was changed outside guardd; adopted")
+            self.record(
+                "external_switch",
+                source=previous,
+                target=on_disk,
+                by="external",
+                reason="the switch target was changed outside guardd; adopted",
+            )
 
     def _rollbacks_in_budget(self) -> int:
         horizon = max(self.clock.wall() - self.s.policy.budget_window, self._budget_since)
@@ -336,24 +430,44 @@ class Guard:
 
     async def _act(self, action: Rollback | Hold | Alert) -> None:
         if isinstance(action, Rollback):
-            await self.move_traffic(action.target, kind="rollback", by=GUARDD,
-                                    reason=action.reason, severity=action.severity,
-                                    evidence=action.evidence.to_dict())
+            await self.move_traffic(
+                action.target,
+                kind="rollback",
+                by=GUARDD,
+                reason=action.reason,
+                severity=action.severity,
+                evidence=action.evidence.to_dict(),
+            )
         elif isinstance(action, Hold):
-            self.record("hold", source=self.active,
-                        target=self.machine.rollback_target(self.active) if self.active else None,
-                        reason=action.reason, severity=action.severity,
-                        evidence=action.evidence.to_dict() if action.evidence else None)
+            self.record(
+                "hold",
+                source=self.active,
+                target=self.machine.rollback_target(self.active) if self.active else None,
+                reason=action.reason,
+                severity=action.severity,
+                evidence=action.evidence.to_dict() if action.evidence else None,
+            )
         else:
-            self.record("alert", source=self.active, reason=action.reason,
-                        severity=action.severity,
-                        evidence=action.evidence.to_dict() if action.evidence else None)
+            self.record(
+                "alert",
+                source=self.active,
+                reason=action.reason,
+                severity=action.severity,
+                evidence=action.evidence.to_dict() if action.evidence else None,
+            )
 
     # ---- moving traffic ----------------------------------------------------------------
 
-    async def move_traffic(self, target: Color, *, kind: str, by: str, reason: str,
-                           severity: Severity | None = None,
-                           evidence: dict[str, Any] | None = None) -> None:
+    async def move_traffic(
+        self,
+        target: Color,
+        *,
+        kind: str,
+        by: str,
+        reason: str,
+        severity: Severity | None = None,
+        evidence: dict[str, Any] | None = None,
+    ) -> None:
         """Switch to `target` as a rollback, switch or promote; raise `Refused` if it failed.
 
         The switch runs shielded and bounded by `switch.timeout`, so a SIGTERM arriving
@@ -366,8 +480,15 @@ class Guard:
         self.metrics.set_state(self.state.value)
         opened = None
         if kind == "rollback":
-            opened = self.record("rollback_started", source=source, target=target, reason=reason,
-                                 severity=severity, by=by, evidence=evidence)
+            opened = self.record(
+                "rollback_started",
+                source=source,
+                target=target,
+                reason=reason,
+                severity=severity,
+                by=by,
+                evidence=evidence,
+            )
             await self.faults.reach("after_rollback_started")
         failure: BaseException | None = None
         with anyio.CancelScope(shield=True):
@@ -386,32 +507,60 @@ class Guard:
             self.active = await self.switcher.read_active()
             why = _why(failure)
             if kind == "rollback":
-                self.record("rollback_failed", source=source, target=target,
-                            reason=f"{reason}; switch failed: {why}", severity=severity, by=by,
-                            evidence=evidence, **rid)
-                hold = self.machine.rollback_failed(f"rollback {source} -> {target} failed: {why}",
-                                                    None, severity)
-                self.record("hold", source=source, target=target, reason=hold.reason,
-                            severity=severity)
+                self.record(
+                    "rollback_failed",
+                    source=source,
+                    target=target,
+                    reason=f"{reason}; switch failed: {why}",
+                    severity=severity,
+                    by=by,
+                    evidence=evidence,
+                    **rid,
+                )
+                hold = self.machine.rollback_failed(
+                    f"rollback {source} -> {target} failed: {why}", None, severity
+                )
+                self.record(
+                    "hold", source=source, target=target, reason=hold.reason, severity=severity
+                )
                 return
-            self.record("alert", source=source, target=target, by=by,
-                        reason=f"{kind} to {target} failed and was undone: {why}")
+            self.record(
+                "alert",
+                source=source,
+                target=target,
+                by=by,
+                reason=f"{kind} to {target} failed and was undone: {why}",
+            )
             raise Refused(f"{kind} to {target} failed and was undone: {why}")
         self.active = target
         self.metrics.observe_switch(elapsed)
         self.metrics.set_active(target)
         self.machine.policy.reset()
         if kind == "rollback":
-            self.record("rollback_completed", source=source, target=target, reason=reason,
-                        severity=severity, by=by, evidence=evidence,
-                        duration_ms=round(elapsed * 1000, 1), **rid)
+            self.record(
+                "rollback_completed",
+                source=source,
+                target=target,
+                reason=reason,
+                severity=severity,
+                by=by,
+                evidence=evidence,
+                duration_ms=round(elapsed * 1000, 1),
+                **rid,
+            )
             self.metrics.rollback_completed(severity or "manual")
             if source is not None:
                 self.machine.rollback_succeeded(source)
             self.take_lock(f"rollback {source} -> {target}: {reason}", by=by)
         else:
-            self.record(kind, source=source, target=target, reason=reason, by=by,
-                        duration_ms=round(elapsed * 1000, 1))
+            self.record(
+                kind,
+                source=source,
+                target=target,
+                reason=reason,
+                by=by,
+                duration_ms=round(elapsed * 1000, 1),
+            )
 
     async def _verify(self) -> None:
         """Confirm the front door serves: `verify_successes` passing answers in a row."""
@@ -426,18 +575,27 @@ class Guard:
 
     # ---- the QoS lock ------------------------------------------------------------------
 
-    def take_lock(self, reason: str, *, by: str, duration: float | None = None,
-                  manual: bool = False) -> qoslock.LockInfo:
+    def take_lock(
+        self, reason: str, *, by: str, duration: float | None = None, manual: bool = False
+    ) -> qoslock.LockInfo:
         """Write guardd's lock (a guard window, or an operator's lock for `duration`)."""
         wall = self.clock.wall()
         now = self.clock.monotonic()
         span = self.s.qos_window if duration is None and not manual else duration
-        info = qoslock.LockInfo(True, reason, rfc3339(wall),
-                                None if span is None else rfc3339(wall + span), by)
+        info = qoslock.LockInfo(
+            True, reason, rfc3339(wall), None if span is None else rfc3339(wall + span), by
+        )
         self._write_lock(info)
-        window = None if manual else QosWindow(now, span or self.s.qos_window,
-                                               self.s.qos_max_error_ratio,
-                                               self.s.qos_min_health_ratio)
+        window = (
+            None
+            if manual
+            else QosWindow(
+                now,
+                span or self.s.qos_window,
+                self.s.qos_max_error_ratio,
+                self.s.qos_min_health_ratio,
+            )
+        )
         self.own_lock = OwnedLock(info, window, None if span is None else now + span, manual)
         self.qos_held = True
         self.metrics.set_qos_locked(True)
@@ -471,8 +629,9 @@ class Guard:
             verdict = own.window.verdict()
             evidence = verdict.evidence(own.window.max_error_ratio, own.window.min_health_ratio)
             if verdict.met:
-                self.release_lock(by=GUARDD, reason=f"guard window passed: {verdict.reason}",
-                                  evidence=evidence)
+                self.release_lock(
+                    by=GUARDD, reason=f"guard window passed: {verdict.reason}", evidence=evidence
+                )
             else:
                 wall = self.clock.wall()
                 info = dataclasses.replace(own.info, until=rfc3339(wall + self.s.qos_window))
@@ -480,16 +639,23 @@ class Guard:
                 own.info = info
                 own.window.restart(now, self.s.qos_window)
                 own.expires_at = now + self.s.qos_window
-                self.record("qos_extended", source=self.active, reason=verdict.reason,
-                            until=info.until, evidence=evidence)
-                self.record("alert", source=self.active,
-                            reason=f"guard window not met, lock extended: {verdict.reason}")
+                self.record(
+                    "qos_extended",
+                    source=self.active,
+                    reason=verdict.reason,
+                    until=info.until,
+                    evidence=evidence,
+                )
+                self.record(
+                    "alert",
+                    source=self.active,
+                    reason=f"guard window not met, lock extended: {verdict.reason}",
+                )
                 self.save_state()
         elif own.window is None and own.expires_at is not None and now >= own.expires_at:
             self.release_lock(by=GUARDD, reason="operator lock expired")
 
-    def release_lock(self, *, by: str, reason: str,
-                     evidence: dict[str, Any] | None = None) -> bool:
+    def release_lock(self, *, by: str, reason: str, evidence: dict[str, Any] | None = None) -> bool:
         """Remove the lock file (any lock, when an operator asks) and journal it."""
         try:
             removed = qoslock.remove_lock(self.s.lock_file)
@@ -524,7 +690,8 @@ class Guard:
                 "p50_ms": _r(st.p50_ms),
                 "p95_ms": _r(st.p95_ms),
                 "last_error": st.last_error,
-                "last_probe_age_s": None if st.last_probe_at is None
+                "last_probe_age_s": None
+                if st.last_probe_at is None
                 else round(now - st.last_probe_at, 3),
             }
         hold = self.machine.hold
@@ -537,14 +704,22 @@ class Guard:
             "paused": self.paused is not None,
             "paused_reason": (self.paused or {}).get("reason"),
             "hold_reason": hold.reason if hold else None,
-            "qos": {"locked": lock.held, "reason": lock.reason, "until": lock.until,
-                    "locked_at": lock.locked_at, "by": lock.by},
+            "qos": {
+                "locked": lock.held,
+                "reason": lock.reason,
+                "until": lock.until,
+                "locked_at": lock.locked_at,
+                "by": lock.by,
+            },
             "upstreams": upstreams,
             "last_event": self.journal.recent[-1] if self.journal.recent else None,
             "last_decision": self.last_decision,
-            "storage": {"ok": not self.storage.failing, "errors": self.storage.errors,
-                        "last_error": self.storage.last_error,
-                        "journal_backlog": self.journal.backlog},
+            "storage": {
+                "ok": not self.storage.failing,
+                "errors": self.storage.errors,
+                "last_error": self.storage.last_error,
+                "journal_backlog": self.journal.backlog,
+            },
             "probe_interval_s": self.s.probe_interval,
             "uptime_s": round(now - self.started_mono, 1),
             "version": __version__,
@@ -559,8 +734,9 @@ class Guard:
             if self.machine.is_stale(color, now):
                 parts.append(f"{color}=stale")
             elif w.consecutive_failures:
-                parts.append(f"{color}=down({w.consecutive_failures}/"
-                             f"{self.s.policy.consecutive_failures})")
+                parts.append(
+                    f"{color}=down({w.consecutive_failures}/{self.s.policy.consecutive_failures})"
+                )
             else:
                 parts.append(f"{color}=up")
         parts.append("qos=locked" if self.qos_held else "qos=free")
@@ -602,5 +778,3 @@ def _decision_doc(decision: Decision, wall: float) -> dict[str, Any]:
         "reason": verdict.reason if verdict else None,
         "evidence": verdict.evidence.to_dict() if verdict else None,
     }
-
-

@@ -20,11 +20,26 @@ from typing import Any
 from guardd.exceptions import StorageError, UnsafePath
 from guardd.secrets import redact
 
-EVENTS = frozenset({
-    "started", "stopped", "rollback_started", "rollback_completed", "rollback_failed", "switch",
-    "promote", "hold", "external_switch", "qos_locked", "qos_extended", "qos_released", "paused",
-    "resumed", "config_reloaded", "alert",
-})
+EVENTS = frozenset(
+    {
+        "started",
+        "stopped",
+        "rollback_started",
+        "rollback_completed",
+        "rollback_failed",
+        "switch",
+        "promote",
+        "hold",
+        "external_switch",
+        "qos_locked",
+        "qos_extended",
+        "qos_released",
+        "paused",
+        "resumed",
+        "config_reloaded",
+        "alert",
+    }
+)
 _RECENT = 2000
 
 
@@ -35,7 +50,7 @@ def rfc3339(ts: float) -> str:
 
 def parse_rfc3339(text: str) -> float:
     """Seconds since the epoch from an RFC 3339 string."""
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    return datetime.fromisoformat(text).timestamp()
 
 
 class Journal:
@@ -55,8 +70,11 @@ class Journal:
         """Open for appending, seal a torn last line, and load the recent events."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                               | os.O_CLOEXEC, 0o640)
+            self._fd = os.open(
+                self.path,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o640,
+            )
         except OSError as e:
             if e.errno == 40:  # ELOOP: a symlink was planted where the journal belongs
                 raise UnsafePath(f"{self.path} is a symlink; refusing to follow it") from None
@@ -82,17 +100,31 @@ class Journal:
         """Events not yet on disk."""
         return len(self._backlog)
 
-    def append(self, event: str, *, by: str = "guardd", source: str | None = None,
-               target: str | None = None, reason: str | None = None,
-               severity: str | None = None, evidence: dict[str, Any] | None = None,
-               **extra: Any) -> dict[str, Any]:
+    def append(
+        self,
+        event: str,
+        *,
+        by: str = "guardd",
+        source: str | None = None,
+        target: str | None = None,
+        reason: str | None = None,
+        severity: str | None = None,
+        evidence: dict[str, Any] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         """Journal one event; returns it. Raises `StorageError` if it is not yet on disk."""
         if event not in EVENTS:
             raise ValueError(f"unknown journal event {event!r}")
         record: dict[str, Any] = {
-            "ts": rfc3339(self._wall()), "id": uuid.uuid4().hex, "event": event,
-            "guard": self.guard, "from": source, "to": target,
-            "reason": redact(reason) if reason else reason, "severity": severity, "by": by,
+            "ts": rfc3339(self._wall()),
+            "id": uuid.uuid4().hex,
+            "event": event,
+            "guard": self.guard,
+            "from": source,
+            "to": target,
+            "reason": redact(reason) if reason else reason,
+            "severity": severity,
+            "by": by,
         }
         if evidence is not None:
             record["evidence"] = evidence
@@ -119,12 +151,13 @@ class Journal:
                 os.write(self._fd, b"\n")
                 self._torn = False
             written = os.write(self._fd, data)
-            if written != len(data):
-                self._torn = True
-                raise OSError(28, "No space left on device")
-            os.fsync(self._fd)
+            if written == len(data):
+                os.fsync(self._fd)
         except OSError as e:
             raise StorageError(f"cannot write {self.path}: {e.strerror}") from None
+        if written != len(data):
+            self._torn = True
+            raise StorageError(f"cannot write {self.path}: No space left on device")
 
     def read(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Every well-formed event in the file (the newest `limit`), skipping torn lines."""

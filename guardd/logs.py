@@ -23,7 +23,9 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def redact_secrets(_logger: object, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def redact_secrets(
+    _logger: object, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """A processor that scrubs registered secrets and token-named fields from every line."""
     for key, value in list(event.items()):
         event[key] = "***" if is_secret_name(key) else _scrub(value)
@@ -35,13 +37,17 @@ def wants_json(stream: TextIO) -> bool:
     return bool(os.environ.get("JOURNAL_STREAM")) or not stream.isatty()
 
 
-def configure(guard: str, *, level: str = "info", stream: TextIO | None = None,
-              json: bool | None = None) -> None:
+def configure(
+    guard: str, *, level: str = "info", stream: TextIO | None = None, json: bool | None = None
+) -> None:
     """Configure structlog for the daemon; every line carries ts, level, event and guard."""
     out = stream or sys.stderr
     as_json = wants_json(out) if json is None else json
-    renderer: Any = (structlog.processors.JSONRenderer() if as_json
-                     else structlog.dev.ConsoleRenderer(colors=out.isatty() and not os.environ.get("NO_COLOR")))
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=out.isatty() and not os.environ.get("NO_COLOR"))
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -51,7 +57,9 @@ def configure(guard: str, *, level: str = "info", stream: TextIO | None = None,
             redact_secrets,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=True,
     )

@@ -41,11 +41,17 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
     if cmd == "qos_lock":
         current = qoslock.read_lock(guard.s.lock_file)
         if current.held and (guard.own_lock is None or current != guard.own_lock.info):
-            raise Refused(f"a QoS lock is already held ({current.reason}); "
-                          "release it with `guardctl qos unlock` first")
+            raise Refused(
+                f"a QoS lock is already held ({current.reason}); "
+                "release it with `guardctl qos unlock` first"
+            )
         duration = args.get("for_s")
-        info = guard.take_lock(reason or "locked by an operator", by=by,
-                               duration=float(duration) if duration else None, manual=True)
+        info = guard.take_lock(
+            reason or "locked by an operator",
+            by=by,
+            duration=float(duration) if duration else None,
+            manual=True,
+        )
         return info.to_json()
     if cmd == "qos_unlock":
         if not qoslock.read_lock(guard.s.lock_file).held:
@@ -59,8 +65,9 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
         if target == guard.active:
             raise Refused(f"{target} is already active; it is the rollback target")
         guard.machine.clear_hold()
-        await guard.move_traffic(target, kind="rollback", by=by,
-                                 reason=reason or "rollback requested by an operator")
+        await guard.move_traffic(
+            target, kind="rollback", by=by, reason=reason or "rollback requested by an operator"
+        )
         return _moved(guard)
     if cmd == "switch":
         color: Color = args["color"]
@@ -70,14 +77,19 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
             raise Refused(f"{color} is already active")
         _gate(guard, color, force=bool(args.get("force")), promote=False)
         guard.machine.clear_hold()
-        await guard.move_traffic(color, kind="switch", by=by,
-                                 reason=reason or f"switch to {color} requested by an operator")
+        await guard.move_traffic(
+            color,
+            kind="switch",
+            by=by,
+            reason=reason or f"switch to {color} requested by an operator",
+        )
         return _moved(guard)
     if cmd == "promote":
         standby = other(guard.active)
         _gate(guard, standby, force=False, promote=True)
-        await guard.move_traffic(standby, kind="promote", by=by,
-                                 reason=reason or f"promote {standby}")
+        await guard.move_traffic(
+            standby, kind="promote", by=by, reason=reason or f"promote {standby}"
+        )
         return _moved(guard)
     raise Refused(f"unknown command {cmd!r}")
 
@@ -87,20 +99,27 @@ def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
         return
     lock = qoslock.read_lock(guard.s.lock_file)
     if lock.held:
-        raise Refused(f"the QoS lock is held ({lock.reason}"
-                      + (f", until {lock.until}" if lock.until else "") + ")"
-                      + ("" if promote else "; use --force to override"))
+        raise Refused(
+            f"the QoS lock is held ({lock.reason}"
+            + (f", until {lock.until}" if lock.until else "")
+            + ")"
+            + ("" if promote else "; use --force to override")
+        )
     now = guard.clock.monotonic()
     if promote:
         if not guard.machine.promotable(color, now):
             w = guard.machine.windows[color]
-            raise Refused(f"{color} has passed {w.consecutive_successes} probes in a row; "
-                          f"promotion needs {guard.s.policy.promote_successes}")
+            raise Refused(
+                f"{color} has passed {w.consecutive_successes} probes in a row; "
+                f"promotion needs {guard.s.policy.promote_successes}"
+            )
         return
     healthy = guard.machine.healthy(color, now)
     if healthy is not True:
-        raise Refused(f"{color} is {'stale' if healthy is None else 'unhealthy'}; "
-                      "use --force to switch anyway")
+        raise Refused(
+            f"{color} is {'stale' if healthy is None else 'unhealthy'}; "
+            "use --force to switch anyway"
+        )
 
 
 def _moved(guard: Guard) -> dict[str, Any]:

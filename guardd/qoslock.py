@@ -31,8 +31,13 @@ class LockInfo:
 
     def to_json(self) -> dict[str, object]:
         """The shape used in `status --json` and `qos status --json`."""
-        return {"locked": self.held, "reason": self.reason, "until": self.until,
-                "locked_at": self.locked_at, "by": self.by}
+        return {
+            "locked": self.held,
+            "reason": self.reason,
+            "until": self.until,
+            "locked_at": self.locked_at,
+            "by": self.by,
+        }
 
 
 def read_lock(path: Path) -> LockInfo:
@@ -68,8 +73,13 @@ def _parse(raw: bytes) -> LockInfo:
         value = doc.get(name)
         return None if value is None else str(value)
 
-    return LockInfo(held=True, reason=field("reason") or "lock file present (no reason given)",
-                    locked_at=field("locked_at"), until=field("until"), by=field("by"))
+    return LockInfo(
+        held=True,
+        reason=field("reason") or "lock file present (no reason given)",
+        locked_at=field("locked_at"),
+        until=field("until"),
+        by=field("by"),
+    )
 
 
 def write_lock(path: Path, lock: LockInfo) -> None:

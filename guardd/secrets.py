@@ -16,7 +16,9 @@ _lock = threading.Lock()
 _known: set[str] = set()
 # Values shorter than this would redact ordinary words; a real token or URL is longer.
 _MIN_SECRET_LEN: Final = 6
-_TOKEN_NAME = re.compile(r"(token|secret|password|passwd|authorization|api[-_]?key|cookie)", re.I)
+_TOKEN_NAME = re.compile(
+    r"(token|secret|password|passwd|authorization|api[-_]?key|cookie)", re.IGNORECASE
+)
 
 
 class Secret:

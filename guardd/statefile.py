@@ -37,8 +37,10 @@ class StateFile:
 
     def save(self, doc: dict[str, Any]) -> None:
         """Write `doc` atomically unless it is unchanged; raise `StorageError` on failure."""
-        data = (json.dumps({"version": STATE_VERSION, **doc}, sort_keys=True, indent=1,
-                           default=str) + "\n").encode()
+        data = (
+            json.dumps({"version": STATE_VERSION, **doc}, sort_keys=True, indent=1, default=str)
+            + "\n"
+        ).encode()
         if data == self._last:
             return
         try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import signal
-from dataclasses import replace
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -62,16 +62,23 @@ def guard_settings(settings: Settings) -> GuardSettings:
 def probe_spec(c: GuardConfig) -> ProbeSpec:
     """How probes behave under this config."""
     p = c.probe
-    return ProbeSpec(timeout=p.timeout, expect_status=p.expect_status, expect_json=p.expect_json,
-                     headers=p.headers, max_body_bytes=p.max_body_bytes,
-                     follow_redirects=p.follow_redirects, verify_tls=p.verify_tls,
-                     ca_file=p.ca_file)
+    return ProbeSpec(
+        timeout=p.timeout,
+        expect_status=p.expect_status,
+        expect_json=p.expect_json,
+        headers=p.headers,
+        max_body_bytes=p.max_body_bytes,
+        follow_redirects=p.follow_redirects,
+        verify_tls=p.verify_tls,
+        ca_file=p.ca_file,
+    )
 
 
 def retry_policy(c: GuardConfig) -> RetryPolicy:
     """The `[retry]` section as the command runner and notifier take it."""
-    return RetryPolicy(attempts=c.retry.attempts, base_delay=c.retry.base_delay,
-                       max_delay=c.retry.max_delay)
+    return RetryPolicy(
+        attempts=c.retry.attempts, base_delay=c.retry.base_delay, max_delay=c.retry.max_delay
+    )
 
 
 def build_switcher(settings: Settings, on_step: Callable[[str], Awaitable[None]]) -> Switcher:
@@ -81,32 +88,54 @@ def build_switcher(settings: Settings, on_step: Callable[[str], Awaitable[None]]
     if s.kind == "nginx":
         from guardd.switchers.nginx import NginxSwitcher  # noqa: PLC0415 - one kind per daemon
 
-        assert s.active_link is not None and s.targets is not None  # noqa: S101 - validated
-        return NginxSwitcher(active_link=s.active_link, targets=s.targets,
-                             test_command=s.test_command,
-                             reload_command=s.effective_reload_command or [],
-                             timeout=s.timeout, retry=retry, on_step=on_step)
+        assert s.active_link is not None  # noqa: S101 - validated by SwitchConfig
+        assert s.targets is not None  # noqa: S101
+        return NginxSwitcher(
+            active_link=s.active_link,
+            targets=s.targets,
+            test_command=s.test_command,
+            reload_command=s.effective_reload_command or [],
+            timeout=s.timeout,
+            retry=retry,
+            on_step=on_step,
+        )
     if s.kind == "state-file":
         from guardd.switchers.state_file import StateFileSwitcher  # noqa: PLC0415
 
         assert s.path is not None  # noqa: S101 - validated
-        return StateFileSwitcher(path=s.path, reload_command=s.effective_reload_command,
-                                 timeout=s.timeout, retry=retry, on_step=on_step)
+        return StateFileSwitcher(
+            path=s.path,
+            reload_command=s.effective_reload_command,
+            timeout=s.timeout,
+            retry=retry,
+            on_step=on_step,
+        )
     from guardd.switchers.command import CommandSwitcher  # noqa: PLC0415
 
     assert s.command is not None  # noqa: S101 - validated
-    return CommandSwitcher(command=s.command, instance=settings.instance, timeout=s.timeout,
-                           retry=retry, state_path=settings.state_dir / "command-switch.json",
-                           on_step=on_step)
+    return CommandSwitcher(
+        command=s.command,
+        instance=settings.instance,
+        timeout=s.timeout,
+        retry=retry,
+        state_path=settings.state_dir / "command-switch.json",
+        on_step=on_step,
+    )
 
 
 class Supervisor:
     """Runs one guard until SIGTERM/SIGINT; reloads on SIGHUP."""
 
-    def __init__(self, settings: Settings, *, clock: Clock | None = None,
-                 sd: SystemdNotifier | None = None, faults: FaultPoints | None = None,
-                 probe_transport: httpx.AsyncBaseTransport | None = None,
-                 instance_arg: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        sd: SystemdNotifier | None = None,
+        faults: FaultPoints | None = None,
+        probe_transport: httpx.AsyncBaseTransport | None = None,
+        instance_arg: str | None = None,
+    ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.sd = sd or SystemdNotifier()
@@ -134,26 +163,41 @@ class Supervisor:
         journal = Journal(state_dir / "events.jsonl", s.instance, self.clock.wall)
         journal.open()
         if journal.skipped_lines:
-            self.log.warning("journal_lines_skipped", count=journal.skipped_lines,
-                             path=str(journal.path))
+            self.log.warning(
+                "journal_lines_skipped", count=journal.skipped_lines, path=str(journal.path)
+            )
         switcher = build_switcher(s, self._on_switch_step)
         spec = probe_spec(c)
         for color in COLORS:
-            self.probers[color] = HttpProber(c.upstreams[color].all_urls, spec,
-                                             quorum=c.upstreams[color].quorum,
-                                             transport=self.probe_transport)
+            self.probers[color] = HttpProber(
+                c.upstreams[color].all_urls,
+                spec,
+                quorum=c.upstreams[color].quorum,
+                transport=self.probe_transport,
+            )
         verifier = None
         if c.switch.verify_url:
             # Fresh connections only: a kept-alive one would be served by an old worker.
-            verifier = HttpProber([c.switch.verify_url],
-                                  replace(spec, headers={**spec.headers, "Connection": "close"}),
-                                  transport=self.probe_transport)
+            verifier = HttpProber(
+                [c.switch.verify_url],
+                replace(spec, headers={**spec.headers, "Connection": "close"}),
+                transport=self.probe_transport,
+            )
         gs = guard_settings(s)
         machine = GuardMachine(gs.policy, gs.probe_interval)
-        guard = Guard(gs, machine=machine, switcher=switcher, journal=journal,
-                      state_file=StateFile(state_dir / "state.json"), metrics=self.metrics,
-                      verifier=verifier, clock=self.clock, log=self.log,
-                      notify=self._notify, faults=self.faults)
+        guard = Guard(
+            gs,
+            machine=machine,
+            switcher=switcher,
+            journal=journal,
+            state_file=StateFile(state_dir / "state.json"),
+            metrics=self.metrics,
+            verifier=verifier,
+            clock=self.clock,
+            log=self.log,
+            notify=self._notify,
+            faults=self.faults,
+        )
         guard.load_history()
         return guard
 
@@ -205,8 +249,11 @@ class Supervisor:
             await self._close_probers()
             return 1
         self._start_metrics()
-        guard.record("started", target=guard.active,
-                     reason=f"guardd {__version__} guarding {self.settings.instance}")
+        guard.record(
+            "started",
+            target=guard.active,
+            reason=f"guardd {__version__} guarding {self.settings.instance}",
+        )
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._signals, tg.cancel_scope)
@@ -247,8 +294,9 @@ class Supervisor:
 
         path = self.settings.control_socket
         path.parent.mkdir(parents=True, exist_ok=True)
-        server = ControlServer(path, handler, mode=int(c.mode, 8), group=c.group,
-                               admin_group=c.admin_group)
+        server = ControlServer(
+            path, handler, mode=int(c.mode, 8), group=c.group, admin_group=c.admin_group
+        )
         await tg.start(server.serve)
 
     async def _shutdown(self) -> None:
@@ -285,8 +333,11 @@ class Supervisor:
                     # `stopped` reaches the outbox before the notifier is cancelled.
                     with anyio.move_on_after(self.settings.config.switch.timeout + 5):
                         async with guard.lock:
-                            guard.record("stopped", target=guard.active,
-                                         reason=f"{signal.Signals(signum).name} received")
+                            guard.record(
+                                "stopped",
+                                target=guard.active,
+                                reason=f"{signal.Signals(signum).name} received",
+                            )
                 scope.cancel()
                 return
 
@@ -300,9 +351,9 @@ class Supervisor:
             self._probe_started[color] = started
             result = await self.probers[color].probe()
             self._probe_started[color] = None
-            guard.observe(color, result)
+            if guard.observe(color, result):
+                self._wake.set()
             self._first_round[color].set()
-            self._wake.set()
             interval = guard.cadence(color)
             # Fixed cadence without drift; a slow round skips the slots it overran
             # instead of stacking a second probe behind itself.
@@ -358,21 +409,28 @@ class Supervisor:
         except ConfigError as e:
             for problem in e.problems:
                 self.log.error("config_invalid", problem=str(problem))
-            guard.record("alert", reason=f"reload rejected, still running the previous config: "
-                                         f"{'; '.join(str(p) for p in e.problems)[:900]}")
+            guard.record(
+                "alert",
+                reason=f"reload rejected, still running the previous config: "
+                f"{'; '.join(str(p) for p in e.problems)[:900]}",
+            )
             self.sd.ready()
             return
         async with guard.lock:
             old = self.settings.config
-            keep = frozenset(c for c in COLORS
-                             if old.upstreams[c].all_urls == new.config.upstreams[c].all_urls)
+            keep = frozenset(
+                c for c in COLORS if old.upstreams[c].all_urls == new.config.upstreams[c].all_urls
+            )
             spec = probe_spec(new.config)
             for color in COLORS:
                 if color not in keep or probe_spec(old) != spec:
                     replaced = self.probers[color]
-                    self.probers[color] = HttpProber(new.config.upstreams[color].all_urls, spec,
-                                                     quorum=new.config.upstreams[color].quorum,
-                                                     transport=self.probe_transport)
+                    self.probers[color] = HttpProber(
+                        new.config.upstreams[color].all_urls,
+                        spec,
+                        quorum=new.config.upstreams[color].quorum,
+                        transport=self.probe_transport,
+                    )
                     await replaced.aclose()
             gs = guard_settings(new)
             guard.s = gs
@@ -380,13 +438,20 @@ class Supervisor:
             if old.switch != new.config.switch:
                 guard.switcher = build_switcher(new, self._on_switch_step)
             self.settings = new
-            needs_restart = [k for k in ("control", "metrics", "state")
-                             if getattr(old, k) != getattr(new.config, k)]
-            guard.record("config_reloaded",
-                         reason="configuration reloaded" + (
-                             f"; {', '.join(needs_restart)} take effect at the next restart"
-                             if needs_restart else ""),
-                         kept_history=sorted(keep))
+            needs_restart = [
+                k
+                for k in ("control", "metrics", "state")
+                if getattr(old, k) != getattr(new.config, k)
+            ]
+            guard.record(
+                "config_reloaded",
+                reason="configuration reloaded"
+                + (
+                    f"; {', '.join(needs_restart)} take effect at the next restart"
+                    if needs_restart
+                    else ""
+                ),
+                kept_history=sorted(keep),
+            )
         self.sd.status(guard.status_line())
         self.sd.ready()
-

@@ -24,8 +24,13 @@ class SystemdNotifier:
         self.watchdog_interval: float | None = None
         usec = env.get("WATCHDOG_USEC")
         pid = env.get("WATCHDOG_PID")
-        if self.enabled and usec and usec.isdigit() and int(usec) > 0 and (
-                not pid or pid == str(os.getpid())):
+        if (
+            self.enabled
+            and usec
+            and usec.isdigit()
+            and int(usec) > 0
+            and (not pid or pid == str(os.getpid()))
+        ):
             # Half the timeout, as sd_watchdog_enabled(3) recommends.
             self.watchdog_interval = int(usec) / 2_000_000
 
@@ -39,7 +44,9 @@ class SystemdNotifier:
 
     def reloading(self) -> None:
         """A reload has begun; the monotonic stamp satisfies Type=notify-reload too."""
-        self._send(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        self._send(
+            f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+        )
 
     def stopping(self) -> None:
         """Shutdown has begun."""

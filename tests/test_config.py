@@ -16,9 +16,17 @@ EXAMPLE = Path(__file__).parents[1] / "config" / "example.toml"
 INVALID = sorted(TESTDATA.glob("invalid-*.toml"))
 
 
-def check_config(path: Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "guardd.cli", "check-config", str(path)],
-                          capture_output=True, text=True, cwd=cwd, env=env, check=False)
+def check_config(
+    path: Path, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "guardd.cli", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
@@ -45,12 +53,24 @@ def test_example_config_is_valid() -> None:
 def test_missing_file_is_a_clean_error(tmp_path: Path) -> None:
     result = check_config(tmp_path / "nope.toml", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr == f"{tmp_path / 'nope.toml'}: (file): cannot read: No such file or directory\n"
+    assert (
+        result.stderr
+        == f"{tmp_path / 'nope.toml'}: (file): cannot read: No such file or directory\n"
+    )
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("250ms", 0.25), ("3s", 3.0), ("5m", 300.0), ("1h", 3600.0), ("1.5s", 1.5), (2, 2.0), (0.5, 0.5),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("250ms", 0.25),
+        ("3s", 3.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1.5s", 1.5),
+        (2, 2.0),
+        (0.5, 0.5),
+    ],
+)
 def test_durations(text: object, seconds: float) -> None:
     assert config.parse_duration(text) == seconds
 
@@ -83,7 +103,9 @@ def test_bad_env_override_names_the_variable(monkeypatch: pytest.MonkeyPatch) ->
     ]
 
 
-def test_defaults_follow_systemd_directories(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_defaults_follow_systemd_directories(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "run"))
     text = EXAMPLE.read_text().replace('listen = "127.0.0.1:9105"', 'listen = ""')
@@ -103,9 +125,13 @@ def test_instance_defaults_to_file_stem(tmp_path: Path) -> None:
 
 
 def test_secret_url_never_printed(tmp_path: Path) -> None:
-    token = "T0SECRET/B0SECRET/abcdefghijklmnop"
+    token = "T0SECRET/B0SECRET/abcdefghijklmnop"  # noqa: S105 - a fake, to prove it is hidden
     path = tmp_path / "n.toml"
-    path.write_text(EXAMPLE.read_text() + f'\n[[notify]]\nkind = "slack"\nurl = "https://hooks.example.invalid/{token}"\nurl_env = "X"\n')
+    path.write_text(
+        EXAMPLE.read_text()
+        + '\n[[notify]]\nkind = "slack"\n'
+        + f'url = "https://hooks.example.invalid/{token}"\nurl_env = "X"\n'
+    )
     result = check_config(path, cwd=tmp_path)
     assert result.returncode == 2
     assert token not in result.stderr + result.stdout

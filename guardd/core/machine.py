@@ -103,8 +103,9 @@ class GuardMachine:
         self.last_decision: Decision | None = None
         self._edges = _Edges()
 
-    def reconfigure(self, spec: PolicySpec, probe_interval: float,
-                    keep: frozenset[Color] = frozenset(COLORS)) -> None:
+    def reconfigure(
+        self, spec: PolicySpec, probe_interval: float, keep: frozenset[Color] = frozenset(COLORS)
+    ) -> None:
         """Apply a reloaded policy; windows of colors not in `keep` start afresh."""
         self.spec = spec
         self.probe_interval = probe_interval
@@ -115,8 +116,9 @@ class GuardMachine:
             else:
                 self.windows[color] = SlidingWindow(spec.window)
 
-    def observe(self, color: Color, now: float, outcome: Outcome, latency_s: float,
-                error: str | None = None) -> None:
+    def observe(
+        self, color: Color, now: float, outcome: Outcome, latency_s: float, error: str | None = None
+    ) -> None:
         """Record one probe round of `color`."""
         self.windows[color].add(now, outcome, latency_s, error)
 
@@ -137,8 +139,10 @@ class GuardMachine:
 
     def promotable(self, color: Color, now: float) -> bool:
         """The promotion gate: `promote_successes` fresh passing probes in a row."""
-        return (self.healthy(color, now) is True
-                and self.windows[color].consecutive_successes >= self.spec.promote_successes)
+        return (
+            self.healthy(color, now) is True
+            and self.windows[color].consecutive_successes >= self.spec.promote_successes
+        )
 
     def rollback_target(self, active: Color) -> Color:
         """The color automatic rollbacks go to from `active`."""
@@ -164,8 +168,9 @@ class GuardMachine:
             return Decision(State.HOLD, None, self._enter_hold(hold))
 
         active = f.active
-        verdict = self.policy.evaluate(f.now, active, self.stats(active, f.now),
-                                       self.stats(other(active), f.now))
+        verdict = self.policy.evaluate(
+            f.now, active, self.stats(active, f.now), self.stats(other(active), f.now)
+        )
         actions: list[Action] = []
         if verdict.severity == "P2":
             if self._edges.first(f"p2:{verdict.evidence.rule}"):
@@ -183,8 +188,9 @@ class GuardMachine:
                 self.hold = None
         return Decision(self._state(f, active, verdict), verdict, tuple(actions), blocked)
 
-    def _on_failing(self, f: Facts, active: Color,
-                    verdict: Verdict) -> tuple[str | None, list[Action]]:
+    def _on_failing(
+        self, f: Facts, active: Color, verdict: Verdict
+    ) -> tuple[str | None, list[Action]]:
         assert verdict.severity in ("P0", "P1")  # noqa: S101 - guarded by verdict.failing
         severity: Severity = verdict.severity
         if f.paused:
@@ -194,31 +200,58 @@ class GuardMachine:
         target = self.rollback_target(active)
         if self.spec.dry_run:
             if self._edges.first("dry_run"):
-                return "dry_run", [Alert(severity, f"dry run: would roll back {active} -> {target}"
-                                         f" ({verdict.reason})", verdict.evidence)]
+                return "dry_run", [
+                    Alert(
+                        severity,
+                        f"dry run: would roll back {active} -> {target} ({verdict.reason})",
+                        verdict.evidence,
+                    )
+                ]
             return "dry_run", []
         hold: Hold | None = None
         if target == active:
-            hold = Hold(f"{active} is failing and is itself the rollback target; no safe switch",
-                        sticky=False, evidence=verdict.evidence, severity=severity)
+            hold = Hold(
+                f"{active} is failing and is itself the rollback target; no safe switch",
+                sticky=False,
+                evidence=verdict.evidence,
+                severity=severity,
+            )
         elif f.rollbacks_in_budget >= self.spec.max_rollbacks:
-            hold = Hold(f"rollback budget spent: {f.rollbacks_in_budget} automatic rollbacks "
-                        f"within {self.spec.budget_window:g}s (max_rollbacks="
-                        f"{self.spec.max_rollbacks}); waiting for an operator",
-                        sticky=True, evidence=verdict.evidence, severity=severity)
+            hold = Hold(
+                f"rollback budget spent: {f.rollbacks_in_budget} automatic rollbacks "
+                f"within {self.spec.budget_window:g}s (max_rollbacks="
+                f"{self.spec.max_rollbacks}); waiting for an operator",
+                sticky=True,
+                evidence=verdict.evidence,
+                severity=severity,
+            )
         elif f.qos_locked and target == self.rolled_away_from:
-            hold = Hold(f"{target} was rolled back from during this guard window; "
-                        "not switching back to it", sticky=False, evidence=verdict.evidence,
-                        severity=severity)
+            hold = Hold(
+                f"{target} was rolled back from during this guard window; not switching back to it",
+                sticky=False,
+                evidence=verdict.evidence,
+                severity=severity,
+            )
         elif self.healthy(target, f.now) is not True:
             why = "stale" if self.healthy(target, f.now) is None else "unhealthy"
-            hold = Hold(f"{active} is failing but the rollback target {target} is {why}",
-                        sticky=False, evidence=verdict.evidence, severity=severity)
+            hold = Hold(
+                f"{active} is failing but the rollback target {target} is {why}",
+                sticky=False,
+                evidence=verdict.evidence,
+                severity=severity,
+            )
         if hold is not None:
             return "hold", list(self._enter_hold(hold))
         self.hold = None
-        return None, [Rollback(active, target, severity,
-                               f"{verdict.reason}; rolling back to {target}", verdict.evidence)]
+        return None, [
+            Rollback(
+                active,
+                target,
+                severity,
+                f"{verdict.reason}; rolling back to {target}",
+                verdict.evidence,
+            )
+        ]
 
     def _enter_hold(self, hold: Hold) -> tuple[Action, ...]:
         # Journal a hold once; a later tick with the same reason is the same incident.
@@ -245,9 +278,11 @@ class GuardMachine:
         if f.qos_locked:
             return State.GUARD_WINDOW
         window = self.windows[active]
-        if window.consecutive_failures > 0 or (verdict is not None and verdict.evidence.color
-                                                   == active and (verdict.severity is not None
-                                                                  or verdict.pending is not None)):
+        if window.consecutive_failures > 0 or (
+            verdict is not None
+            and verdict.evidence.color == active
+            and (verdict.severity is not None or verdict.pending is not None)
+        ):
             return State.DEGRADED
         return State.STEADY
 
@@ -258,8 +293,9 @@ class GuardMachine:
         self.policy.reset()
         self._edges.clear("dry_run", "p2:")
 
-    def rollback_failed(self, reason: str, evidence: Evidence | None,
-                        severity: Severity | None) -> Hold:
+    def rollback_failed(
+        self, reason: str, evidence: Evidence | None, severity: Severity | None
+    ) -> Hold:
         """The switch failed and was undone: hold until an operator acts."""
         self.hold = Hold(reason, sticky=True, evidence=evidence, severity=severity)
         return self.hold

@@ -72,29 +72,43 @@ class Policy:
         """Forget sustained-condition onsets (after a switch)."""
         self._p1_since.clear()
 
-    def evaluate(self, now: float, color: Color, active: WindowStats,
-                 standby: WindowStats | None) -> Verdict:
+    def evaluate(
+        self, now: float, color: Color, active: WindowStats, standby: WindowStats | None
+    ) -> Verdict:
         """Judge `active` at monotonic `now`; `standby` feeds the latency-regression rule."""
         s = self.spec
 
-        def ev(rule: str, threshold: float | int | None, value: float | int | None,
-               **extra: object) -> Evidence:
-            return Evidence(rule=rule, threshold=threshold, value=value, samples=active.samples,
-                            color=color, consecutive_failures=active.consecutive_failures,
-                            error_ratio=active.error_ratio, p50_ms=active.p50_ms,
-                            p95_ms=active.p95_ms, window_s=s.window, extra=dict(extra))
+        def ev(
+            rule: str, threshold: float | int | None, value: float | int | None, **extra: object
+        ) -> Evidence:
+            return Evidence(
+                rule=rule,
+                threshold=threshold,
+                value=value,
+                samples=active.samples,
+                color=color,
+                consecutive_failures=active.consecutive_failures,
+                error_ratio=active.error_ratio,
+                p50_ms=active.p50_ms,
+                p95_ms=active.p95_ms,
+                window_s=s.window,
+                extra=dict(extra),
+            )
 
         # P0 by a run of failures needs no minimum of samples: it is the fast path.
         if active.consecutive_failures >= s.consecutive_failures:
             self._p1_since.clear()
-            return Verdict("P0", ev("consecutive_failures", s.consecutive_failures,
-                                    active.consecutive_failures))
+            return Verdict(
+                "P0",
+                ev("consecutive_failures", s.consecutive_failures, active.consecutive_failures),
+            )
         enough = active.samples >= s.min_samples
         ratio = active.error_ratio
         if not enough or ratio is None:
             self._p1_since.clear()
-            return Verdict(None, ev("insufficient_data", s.min_samples, active.samples),
-                           insufficient_data=True)
+            return Verdict(
+                None, ev("insufficient_data", s.min_samples, active.samples), insufficient_data=True
+            )
         if ratio >= s.p0_error_ratio:
             self._p1_since.clear()
             return Verdict("P0", ev("p0_error_ratio", s.p0_error_ratio, ratio))
@@ -105,12 +119,22 @@ class Policy:
             candidates.append(ev("p1_error_ratio", s.p1_error_ratio, ratio))
         if p95_s >= s.p1_latency:
             candidates.append(ev("p1_latency", s.p1_latency * 1000.0, active.p95_ms))
-        if (s.latency_regression > 0 and standby is not None
-                and standby.samples >= s.min_samples and standby.p95_ms and active.p95_ms
-                and active.p95_ms > s.latency_regression * standby.p95_ms):
-            candidates.append(ev("latency_regression", s.latency_regression,
-                                 active.p95_ms / standby.p95_ms,
-                                 standby_p95_ms=round(standby.p95_ms, 4)))
+        if (
+            s.latency_regression > 0
+            and standby is not None
+            and standby.samples >= s.min_samples
+            and standby.p95_ms
+            and active.p95_ms
+            and active.p95_ms > s.latency_regression * standby.p95_ms
+        ):
+            candidates.append(
+                ev(
+                    "latency_regression",
+                    s.latency_regression,
+                    active.p95_ms / standby.p95_ms,
+                    standby_p95_ms=round(standby.p95_ms, 4),
+                )
+            )
         held = {c.rule for c in candidates}
         for rule in list(self._p1_since):
             if rule not in held:
@@ -119,15 +143,16 @@ class Policy:
         for c in candidates:
             since = self._p1_since.setdefault(c.rule, now)
             sustained = now - since
-            evidence = replace(c, extra={**c.extra, "sustained_s": round(sustained, 3),
-                                         "sustain_s": s.p1_sustain})
+            evidence = replace(
+                c, extra={**c.extra, "sustained_s": round(sustained, 3), "sustain_s": s.p1_sustain}
+            )
             if sustained >= s.p1_sustain:
                 return Verdict("P1", evidence)
             pending = pending or evidence
         if ratio >= s.p2_error_ratio:
             return Verdict("P2", ev("p2_error_ratio", s.p2_error_ratio, ratio), pending=pending)
         if p95_s >= s.p2_latency:
-            return Verdict("P2", ev("p2_latency", s.p2_latency * 1000.0, active.p95_ms),
-                           pending=pending)
+            return Verdict(
+                "P2", ev("p2_latency", s.p2_latency * 1000.0, active.p95_ms), pending=pending
+            )
         return Verdict(None, ev("healthy", None, ratio), pending=pending)
-

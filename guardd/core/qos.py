@@ -19,9 +19,14 @@ class QosVerdict:
 
     def evidence(self, max_error_ratio: float, min_health_ratio: float) -> dict[str, object]:
         """The journal's evidence for a release or an extension."""
-        return {"rule": "qos_window", "samples": self.samples,
-                "error_ratio": round(self.error_ratio, 4), "max_error_ratio": max_error_ratio,
-                "health_ratio": round(self.health_ratio, 4), "min_health_ratio": min_health_ratio}
+        return {
+            "rule": "qos_window",
+            "samples": self.samples,
+            "error_ratio": round(self.error_ratio, 4),
+            "max_error_ratio": max_error_ratio,
+            "health_ratio": round(self.health_ratio, 4),
+            "min_health_ratio": min_health_ratio,
+        }
 
 
 class QosWindow:
@@ -31,11 +36,19 @@ class QosWindow:
     probes that passed every expectation. Both must hold for the lock to be released.
     """
 
-    __slots__ = ("errors_5xx", "failures", "max_error_ratio", "min_health_ratio", "samples",
-                 "span", "started_at")
+    __slots__ = (
+        "errors_5xx",
+        "failures",
+        "max_error_ratio",
+        "min_health_ratio",
+        "samples",
+        "span",
+        "started_at",
+    )
 
-    def __init__(self, started_at: float, span: float, max_error_ratio: float,
-                 min_health_ratio: float) -> None:
+    def __init__(
+        self, started_at: float, span: float, max_error_ratio: float, min_health_ratio: float
+    ) -> None:
         self.started_at = started_at
         self.span = span
         self.max_error_ratio = max_error_ratio
@@ -69,8 +82,10 @@ class QosWindow:
             problems.append(f"error ratio {error_ratio:.3g} > {self.max_error_ratio:g}")
         if health_ratio < self.min_health_ratio:
             problems.append(f"health ratio {health_ratio:.3g} < {self.min_health_ratio:g}")
-        reason = "; ".join(problems) or (f"SLOs held over {self.samples} probes "
-                                         f"(error ratio {error_ratio:.3g}, health {health_ratio:.3g})")
+        reason = "; ".join(problems) or (
+            f"SLOs held over {self.samples} probes "
+            f"(error ratio {error_ratio:.3g}, health {health_ratio:.3g})"
+        )
         return QosVerdict(not problems, self.samples, error_ratio, health_ratio, reason)
 
     def restart(self, now: float, span: float | None = None) -> None:

@@ -58,11 +58,16 @@ class Evidence:
     def to_dict(self) -> dict[str, Any]:
         """The journal's `evidence` object."""
         d: dict[str, Any] = {
-            "rule": self.rule, "threshold": self.threshold, "value": _round(self.value),
-            "samples": self.samples, "color": self.color,
+            "rule": self.rule,
+            "threshold": self.threshold,
+            "value": _round(self.value),
+            "samples": self.samples,
+            "color": self.color,
             "consecutive_failures": self.consecutive_failures,
-            "error_ratio": _round(self.error_ratio), "p50_ms": _round(self.p50_ms),
-            "p95_ms": _round(self.p95_ms), "window_s": self.window_s,
+            "error_ratio": _round(self.error_ratio),
+            "p50_ms": _round(self.p50_ms),
+            "p95_ms": _round(self.p95_ms),
+            "window_s": self.window_s,
         }
         d.update(self.extra)
         return d

@@ -66,9 +66,19 @@ class WindowStats:
 class SlidingWindow:
     """Probe results of one color over the last `span` seconds (at most `max_samples`)."""
 
-    __slots__ = ("_5xx", "_buckets", "_fail", "_items", "consecutive_failures",
-                 "consecutive_successes", "last_error", "last_outcome", "last_probe_at",
-                 "max_samples", "span")
+    __slots__ = (
+        "_5xx",
+        "_buckets",
+        "_fail",
+        "_items",
+        "consecutive_failures",
+        "consecutive_successes",
+        "last_error",
+        "last_outcome",
+        "last_probe_at",
+        "max_samples",
+        "span",
+    )
 
     def __init__(self, span: float, max_samples: int = 16_384) -> None:
         self.span = span

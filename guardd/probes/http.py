@@ -87,9 +87,15 @@ def _ssl_context(spec: ProbeSpec) -> ssl.SSLContext | bool:
 class HttpProber:
     """Probes one color's URLs with a reused client and applies the quorum."""
 
-    def __init__(self, urls: Sequence[str], spec: ProbeSpec, *, quorum: Quorum = "all",
-                 transport: httpx.AsyncBaseTransport | None = None,
-                 max_concurrency: int = 10) -> None:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        spec: ProbeSpec,
+        *,
+        quorum: Quorum = "all",
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_concurrency: int = 10,
+    ) -> None:
         if not urls:
             raise ValueError("a prober needs at least one URL")
         self.urls = list(urls)
@@ -101,8 +107,10 @@ class HttpProber:
             timeout=httpx.Timeout(spec.timeout),
             follow_redirects=spec.follow_redirects,
             verify=_ssl_context(spec),
-            limits=httpx.Limits(max_connections=max(4, len(self.urls)),
-                                max_keepalive_connections=max(4, len(self.urls))),
+            limits=httpx.Limits(
+                max_connections=max(4, len(self.urls)),
+                max_keepalive_connections=max(4, len(self.urls)),
+            ),
             transport=transport,
             trust_env=False,
         )
@@ -136,8 +144,12 @@ class HttpProber:
         failures = [r for r in results if not r.ok]
         worst = Counter(r.outcome for r in failures).most_common(1)[0][0]
         first = next(r for r in failures if r.outcome is worst)
-        return ProbeResult(worst, latency,
-                           f"{passed}/{n} passed (quorum {self.quorum}); {first.error}", first.status)
+        return ProbeResult(
+            worst,
+            latency,
+            f"{passed}/{n} passed (quorum {self.quorum}); {first.error}",
+            first.status,
+        )
 
     async def probe_url(self, url: str) -> ProbeResult:
         """Probe one URL under the hard deadline."""
@@ -146,9 +158,17 @@ class HttpProber:
             with anyio.fail_after(self.spec.timeout):
                 outcome, error, status = await self._exchange(url)
         except TimeoutError:
-            outcome, error, status = Outcome.TIMEOUT, f"no answer within {self.spec.timeout:g}s", None
+            outcome, error, status = (
+                Outcome.TIMEOUT,
+                f"no answer within {self.spec.timeout:g}s",
+                None,
+            )
         except httpx.TimeoutException:
-            outcome, error, status = Outcome.TIMEOUT, f"no answer within {self.spec.timeout:g}s", None
+            outcome, error, status = (
+                Outcome.TIMEOUT,
+                f"no answer within {self.spec.timeout:g}s",
+                None,
+            )
         except httpx.TooManyRedirects:
             outcome, error, status = Outcome.HTTP_OTHER, "too many redirects", None
         except (httpx.TransportError, ssl.SSLError, OSError) as e:
@@ -172,8 +192,11 @@ class HttpProber:
         if self.spec.expect_json is None:
             return Outcome.OK, None, status
         if too_big:
-            return (Outcome.BODY_MISMATCH,
-                    f"body larger than max_body_bytes={self.spec.max_body_bytes}", status)
+            return (
+                Outcome.BODY_MISMATCH,
+                f"body larger than max_body_bytes={self.spec.max_body_bytes}",
+                status,
+            )
         try:
             doc = json.loads(bytes(body))
         except (UnicodeDecodeError, ValueError):

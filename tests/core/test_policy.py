@@ -6,9 +6,17 @@ import pytest
 
 from guardd.core import Outcome, Policy, PolicySpec, SlidingWindow
 
-SPEC = PolicySpec(consecutive_failures=3, window=60, min_samples=5, p0_error_ratio=0.5,
-                  p1_error_ratio=0.1, p1_latency=2.0, p1_sustain=10.0, p2_error_ratio=0.03,
-                  p2_latency=1.0)
+SPEC = PolicySpec(
+    consecutive_failures=3,
+    window=60,
+    min_samples=5,
+    p0_error_ratio=0.5,
+    p1_error_ratio=0.1,
+    p1_latency=2.0,
+    p1_sustain=10.0,
+    p2_error_ratio=0.03,
+    p2_latency=1.0,
+)
 
 
 def window_of(outcomes: str, latency: float = 0.01, start: float = 0.0) -> SlidingWindow:
@@ -20,15 +28,18 @@ def window_of(outcomes: str, latency: float = 0.01, start: float = 0.0) -> Slidi
     return w
 
 
-@pytest.mark.parametrize(("outcomes", "severity", "rule"), [
-    ("..........", None, "healthy"),
-    ("xxx", "P0", "consecutive_failures"),          # no minimum of samples for a run
-    ("ttt", "P0", "consecutive_failures"),
-    ("..", None, "insufficient_data"),
-    ("x.x", None, "insufficient_data"),
-    ("xx.xx.xx.", "P0", "p0_error_ratio"),          # 67 %: never three in a row
-    (".........x" * 2 + "." * 10, "P2", "p2_error_ratio"),  # 2/30 = 6.7 %: above p2, below p1
-])
+@pytest.mark.parametrize(
+    ("outcomes", "severity", "rule"),
+    [
+        ("..........", None, "healthy"),
+        ("xxx", "P0", "consecutive_failures"),  # no minimum of samples for a run
+        ("ttt", "P0", "consecutive_failures"),
+        ("..", None, "insufficient_data"),
+        ("x.x", None, "insufficient_data"),
+        ("xx.xx.xx.", "P0", "p0_error_ratio"),  # 67 %: never three in a row
+        (".........x" * 2 + "." * 10, "P2", "p2_error_ratio"),  # 2/30 = 6.7 %: above p2, below p1
+    ],
+)
 def test_rules(outcomes: str, severity: str | None, rule: str) -> None:
     w = window_of(outcomes)
     now = float(len(outcomes))
@@ -74,8 +85,9 @@ def test_p1_sustain_resets_when_condition_clears() -> None:
 
 
 def test_latency_regression_against_standby() -> None:
-    spec = PolicySpec(min_samples=5, latency_regression=3.0, p1_sustain=0.0, p1_latency=30.0,
-                      p2_latency=20.0)
+    spec = PolicySpec(
+        min_samples=5, latency_regression=3.0, p1_sustain=0.0, p1_latency=30.0, p2_latency=20.0
+    )
     active = window_of("." * 10, latency=0.4)
     standby = window_of("." * 10, latency=0.1)
     verdict = Policy(spec).evaluate(10.0, "green", active.stats(10.0), standby.stats(10.0))

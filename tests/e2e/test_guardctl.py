@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -43,11 +44,28 @@ def test_status_exit_codes_and_shape(make_lab) -> None:
     doc = status(lab)
     assert doc["guard"] == "lab" and doc["active"] == "green" and doc["state"] == "steady"
     assert doc["upstreams"]["green"]["healthy"] is True
-    assert set(doc) >= {"guard", "state", "active", "rollback_to", "paused", "qos", "upstreams",
-                        "last_event", "uptime_s", "version"}
-    assert set(doc["upstreams"]["blue"]) >= {"healthy", "consecutive_failures", "error_ratio",
-                                             "samples", "p50_ms", "p95_ms", "last_error",
-                                             "last_probe_age_s"}
+    assert set(doc) >= {
+        "guard",
+        "state",
+        "active",
+        "rollback_to",
+        "paused",
+        "qos",
+        "upstreams",
+        "last_event",
+        "uptime_s",
+        "version",
+    }
+    assert set(doc["upstreams"]["blue"]) >= {
+        "healthy",
+        "consecutive_failures",
+        "error_ratio",
+        "samples",
+        "p50_ms",
+        "p95_ms",
+        "last_error",
+        "last_probe_age_s",
+    }
     human = ctl(lab, "status")
     assert "green" in human.stdout and "steady" in human.stdout
     # 1 WARNING: paused.
@@ -72,8 +90,9 @@ def test_stale_probes_are_never_shown_healthy(make_lab) -> None:
     # Freeze green's probe loop (a test-only fault point): its data ages past 3 intervals.
     (lab.fault_dir / "probe_green").touch()
     wait_until((lab.fault_dir / "probe_green.reached").exists, 10, "green's probes to stop")
-    doc = wait_until(lambda: (s := status(lab))["upstreams"]["green"]["stale"] and s, 10,
-                     "green to go stale")
+    doc = wait_until(
+        lambda: (s := status(lab))["upstreams"]["green"]["stale"] and s, 10, "green to go stale"
+    )
     assert doc["upstreams"]["green"]["healthy"] is None
     assert doc["upstreams"]["blue"]["healthy"] is True
     human = ctl(lab, "status")
@@ -156,7 +175,11 @@ def test_qos_commands_and_status_with_the_daemon_down(make_lab) -> None:
     ev = d.wait_event("qos_locked")
     assert ev["by"] == "uid:0(root)" and ev["reason"] == "freeze for the holidays"
     lock = json.loads(lab.lock_file.read_text())
-    assert lock["reason"] == "freeze for the holidays" and lock["until"] and lock["by"] == "uid:0(root)"
+    assert (
+        lock["reason"] == "freeze for the holidays"
+        and lock["until"]
+        and lock["by"] == "uid:0(root)"
+    )
     assert d.stop() == 0
     # Daemon down: qos status still answers from the file.
     res = guardctl("--config", str(lab.config_path), "qos", "status", "--json")
@@ -175,8 +198,15 @@ def test_unprivileged_uid_reads_but_may_not_mutate(make_lab, shared_run_dir: Pat
     # The config is root's (0600 under pytest's tmp); nobody is told the socket instead.
     read = guardctl("status", "--json", socket=lab.socket_path, as_nobody=True)
     assert read.returncode == 0, read.stderr
-    for argv in (("pause",), ("switch", "blue", "--force"), ("rollback",), ("promote",),
-                 ("resume",), ("qos", "lock"), ("qos", "unlock")):
+    for argv in (
+        ("pause",),
+        ("switch", "blue", "--force"),
+        ("rollback",),
+        ("promote",),
+        ("resume",),
+        ("qos", "lock"),
+        ("qos", "unlock"),
+    ):
         res = guardctl(*argv, socket=lab.socket_path, as_nobody=True)
         assert res.returncode == 4, (argv, res.stdout, res.stderr)
     assert lab.nginx.served_color() == "green"
@@ -198,8 +228,13 @@ def test_control_socket_survives_garbage(make_lab) -> None:
     lab: Lab = make_lab()
     d = lab.daemon()
     path = str(lab.socket_path)
-    junk = [os.urandom(4096), b'{"v": 1, "cmd": "sta', b"\xff\xfe\n", b"[1,2,3]\n",
-            b'{"v": 99, "cmd": "status"}\n']
+    junk = [
+        os.urandom(4096),
+        b'{"v": 1, "cmd": "sta',
+        b"\xff\xfe\n",
+        b"[1,2,3]\n",
+        b'{"v": 99, "cmd": "status"}\n',
+    ]
     for payload in junk:
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(10)
@@ -210,10 +245,8 @@ def test_control_socket_survives_garbage(make_lab) -> None:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
         s.connect(path)
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             s.sendall(b"x" * (10 * 1024 * 1024))
-        except (BrokenPipeError, ConnectionResetError):
-            pass
     idle = []
     for _ in range(500):
         s = socket.socket(socket.AF_UNIX)

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import pytest
 from anyio.from_thread import start_blocking_portal
 
@@ -14,13 +15,18 @@ from tests.harness.nginx import free_port
 from tests.harness.receiver import HANG, Receiver, Reply, closed_port, serve
 
 pytestmark = pytest.mark.nginx
+OK = Reply(200)
 
 
 @contextmanager
-def receiver(script: list = [], *, default=Reply(200), port: int = 0) -> Iterator[Receiver]:  # noqa: B006
+def receiver(
+    script: tuple[Reply, ...] = (), *, default: Reply | object = OK, port: int = 0
+) -> Iterator[Receiver]:
     """A real webhook receiver served from a background event loop."""
-    with start_blocking_portal() as portal, \
-            portal.wrap_async_context_manager(serve(script, default=default, port=port)) as rec:
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(serve(script, default=default, port=port)) as rec,
+    ):
         yield rec
 
 
@@ -31,15 +37,16 @@ def webhook(url: str, events: list[str]) -> dict[str, object]:
 def make(make_lab, url: str, events: list[str], **overrides: object) -> Lab:  # type: ignore[no-untyped-def]
     lab: Lab = make_lab(**overrides)
     lab.extra_toml = (  # type: ignore[attr-defined]
-        "\n[[notify]]\nkind = \"webhook\"\nurl_env = \"GUARDD_TEST_HOOK\"\n"
-        f"events = {json.dumps(events)}\n")
+        '\n[[notify]]\nkind = "webhook"\nurl_env = "GUARDD_TEST_HOOK"\n'
+        f"events = {json.dumps(events)}\n"
+    )
     lab.config_path.write_text(lab.config_text() + lab.extra_toml)  # type: ignore[attr-defined]
     return lab
 
 
 def test_500_twice_then_200_delivers_once_and_counts(make_lab) -> None:
     port = free_port()
-    with receiver([Reply(500), Reply(500)], default=Reply(200)) as rec:
+    with receiver((Reply(500), Reply(500))) as rec:
         lab = make(make_lab, rec.url, ["rollback"], metrics__listen=f"127.0.0.1:{port}")
         d = lab.daemon(env={"GUARDD_TEST_HOOK": rec.url})
         lab.green.set_mode("http_503")
@@ -48,7 +55,6 @@ def test_500_twice_then_200_delivers_once_and_counts(make_lab) -> None:
         bodies = [r.json() for r in rec.requests]
         assert {b["id"] for b in bodies} == {done["id"]}
         assert bodies[0]["event"] == "rollback_completed" and bodies[0]["evidence"]["rule"]
-        import httpx
 
         def counts() -> dict[str, float]:
             text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
@@ -58,6 +64,7 @@ def test_500_twice_then_200_delivers_once_and_counts(make_lab) -> None:
                     outcome = line.split('outcome="')[1].split('"')[0]
                     out[outcome] = float(line.rsplit(" ", 1)[1])
             return out
+
         wait_until(lambda: counts().get("sent") == 1.0, 20, "sent counted")
         assert counts()["retried"] == 2.0
         assert counts().get("dropped", 0.0) == 0.0
@@ -90,8 +97,11 @@ def test_undelivered_messages_survive_a_restart_and_are_not_sent_twice(make_lab)
     queued = {e["id"] for e in d.events() if e["event"] in ("rollback_completed", "qos_locked")}
     with receiver(port=port) as rec:
         d2 = lab.daemon(env={"GUARDD_TEST_HOOK": url})
-        wait_until(lambda: {r.json()["id"] for r in rec.requests} >= queued, 30,
-                   "the queued messages after the restart")
+        wait_until(
+            lambda: {r.json()["id"] for r in rec.requests} >= queued,
+            30,
+            "the queued messages after the restart",
+        )
         assert d2.stop() == 0
         seen = [r.json()["id"] for r in rec.requests]
         d3 = lab.daemon(env={"GUARDD_TEST_HOOK": url})
@@ -104,8 +114,12 @@ def test_undelivered_messages_survive_a_restart_and_are_not_sent_twice(make_lab)
 def test_secrets_never_reach_logs_status_or_journal(make_lab) -> None:
     with receiver() as rec:
         token = rec.url.rsplit("/", 3)[-1]
-        lab = make(make_lab, rec.url, ["rollback", "qos", "started", "stopped"],
-                   probe__headers={"Authorization": "Bearer s3cr3t-t0ken-value"})
+        lab = make(
+            make_lab,
+            rec.url,
+            ["rollback", "qos", "started", "stopped"],
+            probe__headers={"Authorization": "Bearer s3cr3t-t0ken-value"},
+        )
         d = lab.daemon(env={"GUARDD_TEST_HOOK": rec.url})
         lab.green.set_mode("http_503")
         d.wait_event("qos_locked")

@@ -52,8 +52,12 @@ def test_failing_green_is_rolled_back(make_lab, mode: str, rule: str) -> None:
 
 def test_noisy_but_healthy_green_is_not_rolled_back(make_lab) -> None:
     # 1 % random 5xx over 2,000 probes at a 20 ms cadence: never 3 in a row, ratio ~0.01.
-    lab = make_lab(probe__interval="20ms", probe__fast_interval="20ms",
-                   policy__window="10s", policy__min_samples=20)
+    lab = make_lab(
+        probe__interval="20ms",
+        probe__fast_interval="20ms",
+        policy__window="10s",
+        policy__min_samples=20,
+    )
     d = lab.daemon()
     lab.green.set_mode("random_5xx", probability=0.01, seed=7)
     served_before = lab.green.requests
@@ -132,10 +136,11 @@ def test_rollback_budget_holds_and_survives_restart(make_lab) -> None:
     d = lab.daemon()
     for n in range(3):
         lab.green.set_mode("http_503")
-        d.wait_event("rollback_completed", where=lambda e, n=n: True, after=0)
-        wait_until(lambda n=n: len([e for e in d.events()
-                                    if e["event"] == "rollback_completed"]) == n + 1,
-                   30, f"rollback {n + 1}")
+        wait_until(
+            lambda n=n: len([e for e in d.events() if e["event"] == "rollback_completed"]) == n + 1,
+            30,
+            f"rollback {n + 1}",
+        )
         lab.green.set_mode("ok")
         count = len(d.events())
         lab.nginx.active_link.unlink()

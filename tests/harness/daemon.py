@@ -27,20 +27,29 @@ GUARDCTL = Path(sys.executable).with_name("guardctl")
 NOBODY = 65534
 
 
-def guardctl(*argv: str, socket: Path | None = None, as_nobody: bool = False,
-             env: dict[str, str] | None = None,
-             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def guardctl(
+    *argv: str,
+    socket: Path | None = None,
+    as_nobody: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
     """Run the real guardctl, optionally as an unprivileged uid."""
-    prefix = (["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-              if as_nobody else [])
+    prefix = (
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if as_nobody else []
+    )
     sock = ["--socket", str(socket)] if socket is not None else []
-    return subprocess.run([*prefix, str(GUARDCTL), *sock, *argv], capture_output=True,  # noqa: S603
-                          text=True, timeout=timeout, check=False,
-                          env={**os.environ, "NO_COLOR": "1", **(env or {})})
+    return subprocess.run(
+        [*prefix, str(GUARDCTL), *sock, *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, "NO_COLOR": "1", **(env or {})},
+    )
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               poll: float = 0.02) -> Any:
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.02) -> Any:
     """Poll `predicate` until it returns something truthy; fail naming `what`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -55,8 +64,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
 class Daemon:
     """One `guardd run` process with its stderr captured to a file."""
 
-    def __init__(self, config: Path, state_dir: Path, *, env: dict[str, str] | None = None,
-                 notify: NotifySocket | None = None, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        state_dir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        notify: NotifySocket | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
         self.config = config
         self.state_dir = state_dir
         self.journal_path = state_dir / "events.jsonl"
@@ -73,10 +89,13 @@ class Daemon:
     def start(self) -> Daemon:
         """Start the process (do not wait for READY)."""
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(  # noqa: S603 - our own module, argv list
+        self.proc = subprocess.Popen(
             [*GUARDD, "run", "--config", str(self.config), *self.extra_args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-            cwd=Path(__file__).resolve().parents[2])
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         return self
 
     @property
@@ -114,22 +133,33 @@ class Daemon:
         """The journal file as bytes on disk, decoded."""
         return self.journal_path.read_text() if self.journal_path.exists() else ""
 
-    def wait_event(self, name: str, timeout: float = 30.0, after: int = 0,
-                   where: Callable[[dict[str, Any]], bool] = lambda _e: True) -> dict[str, Any]:
+    def wait_event(
+        self,
+        name: str,
+        timeout: float = 30.0,
+        after: int = 0,
+        where: Callable[[dict[str, Any]], bool] = lambda _e: True,
+    ) -> dict[str, Any]:
         """The first journal event `name` at index >= `after` matching `where`."""
+
         def find() -> dict[str, Any] | None:
             if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"guardd exited with {self.proc.returncode} while waiting "
-                                     f"for {name}; log:\n{self.log()[-4000:]}")
+                raise AssertionError(
+                    f"guardd exited with {self.proc.returncode} while waiting "
+                    f"for {name}; log:\n{self.log()[-4000:]}"
+                )
             for e in self.events()[after:]:
                 if e.get("event") == name and where(e):
                     return e
             return None
+
         try:
             return wait_until(find, timeout, f"journal event {name}")  # type: ignore[no-any-return]
         except AssertionError as e:
-            raise AssertionError(f"{e}\nevents: {[x['event'] for x in self.events()]}\n"
-                                 f"log tail:\n{self.log()[-3000:]}") from None
+            raise AssertionError(
+                f"{e}\nevents: {[x['event'] for x in self.events()]}\n"
+                f"log tail:\n{self.log()[-3000:]}"
+            ) from None
 
     def state(self) -> dict[str, Any]:
         """state.json as it is on disk."""
@@ -167,13 +197,15 @@ class Daemon:
 class Lab:
     """Blue and green upstreams behind a private nginx, and a config guarding them."""
 
-    def __init__(self, tmp: Path, *, active: str = "green", run_dir: Path | None = None,
-                 **overrides: Any) -> None:
+    def __init__(
+        self, tmp: Path, *, active: str = "green", run_dir: Path | None = None, **overrides: Any
+    ) -> None:
         self.tmp = tmp
         self.blue = Upstream("blue").start()
         self.green = Upstream("green").start()
-        self.nginx = Nginx(tmp / "nginx", {"blue": self.blue, "green": self.green},
-                           active=active).start()
+        self.nginx = Nginx(
+            tmp / "nginx", {"blue": self.blue, "green": self.green}, active=active
+        ).start()
         self.state_dir = tmp / "state"
         self.run_dir = run_dir or tmp / "run"
         self.run_dir.mkdir(exist_ok=True)
@@ -198,14 +230,29 @@ class Lab:
     def config_text(self) -> str:
         """The TOML for this lab, with overrides of the form section__key=value."""
         sections: dict[str, dict[str, Any]] = {
-            "probe": {"interval": "200ms", "fast_interval": "100ms", "timeout": "1s",
-                      "expect_json": {"status": "UP"}},
-            "policy": {"rollback_to": "blue", "consecutive_failures": 3, "window": "30s",
-                       "min_samples": 5, "p1_sustain": "2s", "budget_window": "1h"},
-            "switch": {"kind": "nginx", "active_link": str(self.nginx.active_link),
-                       "test_command": self.nginx.test_command,
-                       "reload_command": self.nginx.reload_command, "timeout": "10s",
-                       "verify_url": self.nginx.front_url, "verify_successes": 3},
+            "probe": {
+                "interval": "200ms",
+                "fast_interval": "100ms",
+                "timeout": "1s",
+                "expect_json": {"status": "UP"},
+            },
+            "policy": {
+                "rollback_to": "blue",
+                "consecutive_failures": 3,
+                "window": "30s",
+                "min_samples": 5,
+                "p1_sustain": "2s",
+                "budget_window": "1h",
+            },
+            "switch": {
+                "kind": "nginx",
+                "active_link": str(self.nginx.active_link),
+                "test_command": self.nginx.test_command,
+                "reload_command": self.nginx.reload_command,
+                "timeout": "10s",
+                "verify_url": self.nginx.front_url,
+                "verify_successes": 3,
+            },
             "qos": {"lock_file": str(self.lock_file), "window": "2s"},
             "retry": {"attempts": 3, "base_delay": "50ms", "max_delay": "200ms"},
             "control": {"socket": str(self.socket_path), "mode": "0666"},
@@ -220,8 +267,13 @@ class Lab:
             else:
                 top[section] = value
         lines = [f"{k} = {_toml(v)}" for k, v in top.items()]
-        lines += ["", "[upstreams.blue]", f"url = {_toml(self.blue.url)}",
-                  "[upstreams.green]", f"url = {_toml(self.green.url)}"]
+        lines += [
+            "",
+            "[upstreams.blue]",
+            f"url = {_toml(self.blue.url)}",
+            "[upstreams.green]",
+            f"url = {_toml(self.green.url)}",
+        ]
         targets = {c: str(p) for c, p in self.nginx.targets.items()}
         for name, body in sections.items():
             lines.append(f"\n[{name}]")
@@ -241,8 +293,12 @@ class Lab:
         if notify and self.notify is None:
             self.notify = NotifySocket(self.tmp / "notify.sock")
         after = len(self.notify.messages) if self.notify else 0
-        d = Daemon(self.config_path, self.state_dir, notify=self.notify if notify else None,
-                   env={"GUARDD_FAULT_DIR": str(self.fault_dir), **(env or {})}).start()
+        d = Daemon(
+            self.config_path,
+            self.state_dir,
+            notify=self.notify if notify else None,
+            env={"GUARDD_FAULT_DIR": str(self.fault_dir), **(env or {})},
+        ).start()
         self.daemons.append(d)
         if notify:
             d.wait_ready(after=after)

@@ -42,8 +42,9 @@ class NotifySocket:
         with self._cond:
             return [m for _, m in self.messages]
 
-    def wait_for(self, predicate: Callable[[str], bool] | str, timeout: float = 30.0,
-                 after: int = 0) -> tuple[int, float, str]:
+    def wait_for(
+        self, predicate: Callable[[str], bool] | str, timeout: float = 30.0, after: int = 0
+    ) -> tuple[int, float, str]:
         """The first message from index `after` matching; (index, arrival, line)."""
         match = (lambda m: m == predicate) if isinstance(predicate, str) else predicate
         deadline = time.monotonic() + timeout
@@ -55,8 +56,10 @@ class NotifySocket:
                         return i, at, line
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise AssertionError(f"no sd_notify message matching {predicate!r} within "
-                                         f"{timeout}s; got {[m for _, m in self.messages][-20:]}")
+                    raise AssertionError(
+                        f"no sd_notify message matching {predicate!r} within "
+                        f"{timeout}s; got {[m for _, m in self.messages][-20:]}"
+                    )
                 self._cond.wait(remaining)
 
     def close(self) -> None:
