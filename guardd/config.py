@@ -64,7 +64,7 @@ Ratio = Annotated[float, Field(ge=0, le=1)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 def _check_http_url(url: str) -> str:
@@ -77,8 +77,11 @@ class UpstreamConfig(_Section):
     """Where one color is probed: one URL, or several with a quorum."""
 
     url: str | None = None
+    """The health URL of this color (http or https)."""
     urls: list[str] | None = None
+    """Several health URLs of this color, judged together by `quorum`."""
     quorum: Literal["all", "any", "majority"] = "all"
+    """With `urls`: how many must pass for a round to pass: all, any or majority."""
 
     @field_validator("url")
     @classmethod
@@ -110,15 +113,25 @@ class ProbeConfig(_Section):
     """How every color is probed."""
 
     interval: PositiveDuration = 1.0
+    """The normal cadence of each color's probe round."""
     fast_interval: PositiveDuration | None = None
+    """The cadence while the active color is failing, to confirm fast (default: interval)."""
     timeout: PositiveDuration = 2.0
+    """The hard deadline of one probe: connect, headers and body."""
     expect_status: Literal["2xx"] | list[Annotated[int, Field(ge=100, le=599)]] = "2xx"
+    """`"2xx"`, or a list of accepted status codes."""
     expect_json: dict[str, Any] | None = None
+    """Keys that must match in the JSON body (a subset match); unset: the body is not parsed."""
     headers: dict[str, str] = Field(default_factory=dict)
+    """Headers sent with every probe; values of token-like names are never logged."""
     max_body_bytes: Annotated[int, Field(ge=0, le=64 * 1024 * 1024)] = 65536
+    """The most of a body that is read; a longer one fails `expect_json`."""
     follow_redirects: Flag = False
+    """Follow redirects; otherwise a redirect is a failure (`http_other`)."""
     verify_tls: Flag = True
+    """Verify https certificates."""
     ca_file: Path | None = None
+    """A CA bundle to verify https certificates against instead of the system's."""
 
     @model_validator(mode="after")
     def _cadence(self) -> ProbeConfig:
@@ -136,20 +149,35 @@ class PolicyConfig(_Section):
     """When a failing active color is rolled back, and when guardd holds instead."""
 
     rollback_to: Literal["blue", "green", "previous"] = "previous"
+    """Where automatic rollbacks go: blue, green, or previous (the standby color)."""
     consecutive_failures: Annotated[int, Field(ge=1)] = 3
+    """P0: the active color fails this many probes in a row."""
     window: PositiveDuration = 60.0
+    """The sliding window for ratios and latency."""
     min_samples: Annotated[int, Field(ge=1)] = 5
+    """Ratio and latency rules need this many samples in the window."""
     p0_error_ratio: Annotated[float, Field(gt=0, le=1)] = 0.50
+    """P0: failed-probe ratio of the active color over the window."""
     p1_error_ratio: Annotated[float, Field(gt=0, le=1)] = 0.10
+    """P1: failed-probe ratio, once sustained for `p1_sustain`."""
     p1_latency: PositiveDuration = 30.0
+    """P1: window p95 latency of the active color, once sustained."""
     p1_sustain: Annotated[Duration, Field(ge=0)] = 120.0
+    """How long a P1 condition must hold before guardd rolls back."""
     p2_error_ratio: Annotated[float, Field(gt=0, le=1)] = 0.03
+    """P2 (alert only): failed-probe ratio."""
     p2_latency: PositiveDuration = 10.0
+    """P2 (alert only): window p95 latency."""
     latency_regression: Annotated[float, Field(ge=0)] = 0.0
+    """When > 0, P1 once the active p95 exceeds this many times the standby's p95."""
     promote_successes: Annotated[int, Field(ge=1)] = 5
+    """`guardctl promote` needs this many passing probes in a row of the standby."""
     max_rollbacks: Annotated[int, Field(ge=0)] = 3
+    """The rollback budget: automatic rollbacks allowed within `budget_window`."""
     budget_window: PositiveDuration = 3600.0
+    """The span the rollback budget counts over (from the journal, across restarts)."""
     dry_run: Flag = False
+    """Decide, journal and notify, but never switch."""
 
     @model_validator(mode="after")
     def _ordered(self) -> PolicyConfig:
@@ -168,15 +196,25 @@ class SwitchConfig(_Section):
     """How traffic is moved: an nginx symlink, a state file, or a command."""
 
     kind: Literal["nginx", "state-file", "command"] = "nginx"
+    """How traffic moves: nginx (symlink swap), state-file, or command."""
     timeout: PositiveDuration = 30.0
+    """The bound on a whole switch, verification included."""
     active_link: Path | None = None
+    """nginx: the symlink nginx includes, pointing at one of `targets`."""
     targets: dict[Color, Path] | None = None
+    """nginx: the upstream file of each color."""
     test_command: list[str] = Field(default_factory=lambda: ["nginx", "-t"])
+    """nginx: validates the configuration with the new link (argv, no shell)."""
     reload_command: list[str] | None = None
+    """The reload argv (nginx default: `nginx -s reload`; optional for state-file)."""
     path: Path | None = None
+    """state-file: the JSON file whose `activeColor` key names the active color."""
     command: list[str] | None = None
+    """command: the argv run to switch; `{color}` and `{instance}` are substituted."""
     verify_url: str | None = None
+    """After a switch, probe through the front door until `verify_successes` pass."""
     verify_successes: Annotated[int, Field(ge=1)] = 3
+    """Passing fresh-connection answers in a row that verify a switch."""
 
     @field_validator("verify_url")
     @classmethod
@@ -215,21 +253,32 @@ class QosConfig(_Section):
     """The guard window that holds deploys after a rollback."""
 
     lock_file: Path | None = None
+    """The QoS lock file (default: `$RUNTIME_DIRECTORY/<instance>.qos.lock`)."""
     window: PositiveDuration = 300.0
+    """The guard window after a rollback."""
     max_error_ratio: Ratio = 0.01
+    """The active color's 5xx answers over the window must stay at or under this."""
     min_health_ratio: Ratio = 0.99
+    """Its passing probes over the window must stay at or above this; else extended."""
 
 
 class NotifyConfig(_Section):
     """One notification sink."""
 
     kind: Literal["slack", "discord", "webhook"]
+    """slack (Block Kit), discord (embeds) or webhook (the journal event as JSON)."""
     name: str | None = None
+    """The sink's name in metrics and logs (default: kind-index)."""
     url: SecretStr | None = None
+    """The webhook URL (prefer url_env or url_file: secrets stay out of config files)."""
     url_env: str | None = None
+    """The environment variable holding the URL."""
     url_file: Path | None = None
+    """A file holding the URL, e.g. a systemd credential under /run/credentials."""
     events: list[str] | None = None
+    """Journal event names or groups (rollback, qos, switch) this sink receives."""
     timeout: PositiveDuration = 10.0
+    """The deadline of one delivery attempt."""
 
     @model_validator(mode="after")
     def _one_source(self) -> NotifyConfig:
@@ -245,8 +294,11 @@ class RetryConfig(_Section):
     """Retries of notifications and switch commands."""
 
     attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    """Attempts of a notification or switch command before giving up."""
     base_delay: PositiveDuration = 1.0
+    """The first backoff; it doubles, with jitter, up to `max_delay`."""
     max_delay: PositiveDuration = 30.0
+    """The longest backoff between attempts."""
 
     @model_validator(mode="after")
     def _ordered(self) -> RetryConfig:
@@ -259,6 +311,7 @@ class MetricsConfig(_Section):
     """The Prometheus endpoint; an empty `listen` turns it off."""
 
     listen: str = ""
+    """host:port of the Prometheus endpoint (`/metrics`); empty turns it off."""
 
     @field_validator("listen")
     @classmethod
@@ -272,9 +325,13 @@ class ControlConfig(_Section):
     """The control socket guardctl talks to."""
 
     socket: Path | None = None
+    """The control socket (default: `$RUNTIME_DIRECTORY/<instance>.sock`)."""
     mode: str = "0660"
+    """The socket's file mode: who may connect and run read-only commands."""
     group: str | None = None
+    """The socket's group."""
     admin_group: str | None = None
+    """Members may run mutating commands, besides root and guardd's own uid."""
 
     @field_validator("mode")
     @classmethod
@@ -288,6 +345,7 @@ class StateConfig(_Section):
     """Where the journal, state and outbox live."""
 
     dir: Path | None = None
+    """The journal, state.json and outbox (default: `$STATE_DIRECTORY`)."""
 
 
 class GuardConfig(BaseSettings):
@@ -299,19 +357,31 @@ class GuardConfig(BaseSettings):
         extra="forbid",
         frozen=True,
         nested_model_default_partial_update=False,
+        use_attribute_docstrings=True,
     )
 
     instance: str | None = None
+    """The instance name (default: the config file's stem)."""
     upstreams: dict[Color, UpstreamConfig]
+    """The blue and green colors."""
     probe: ProbeConfig = ProbeConfig()
+    """How colors are probed."""
     policy: PolicyConfig = PolicyConfig()
+    """The severity table and the rollback budget."""
     switch: SwitchConfig
+    """How traffic moves."""
     qos: QosConfig = QosConfig()
+    """The QoS guard window."""
     notify: list[NotifyConfig] = Field(default_factory=list)
+    """Notification sinks."""
     retry: RetryConfig = RetryConfig()
+    """Retries of notifications and switch commands."""
     metrics: MetricsConfig = MetricsConfig()
+    """The Prometheus endpoint."""
     control: ControlConfig = ControlConfig()
+    """The control socket."""
     state: StateConfig = StateConfig()
+    """Where state lives."""
 
     @classmethod
     def settings_customise_sources(

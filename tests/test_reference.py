@@ -1,0 +1,39 @@
+"""The README's configuration reference is generated from the models and kept in step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from guardd import config
+from guardd.reference import END, START, config_reference
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_readme_reference_is_current() -> None:
+    text = README.read_text()
+    current = text[text.index(START) : text.index(END) + len(END)]
+    assert current == config_reference(), (
+        "the README's configuration reference is stale: run "
+        "`uv run python -m guardd.reference --write README.md`"
+    )
+
+
+def test_every_key_is_documented() -> None:
+    reference = config_reference()
+    models = [
+        config.UpstreamConfig,
+        config.ProbeConfig,
+        config.PolicyConfig,
+        config.SwitchConfig,
+        config.QosConfig,
+        config.NotifyConfig,
+        config.RetryConfig,
+        config.MetricsConfig,
+        config.ControlConfig,
+        config.StateConfig,
+    ]
+    for model in models:
+        for key, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{key} has no description"
+            assert f"| `{key}` |" in reference
