@@ -41,6 +41,10 @@ demo: bootstrap  ## a real rollback on this machine, in under a minute
 	@./packaging/bootstrap.sh demo
 	$(UV) run --frozen guardd demo
 
+.PHONY: deb
+deb: bootstrap  ## build dist/guardd_<version>_<arch>.deb (Debian 12; installs dpkg-dev, help2man)
+	UV=$(UV) ./packaging/deb/build.sh dist
+
 .PHONY: clean
 clean:  ## remove the venv and caches (not the nspawn image cache)
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache dist build

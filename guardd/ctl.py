@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from guardd import paths
+from guardd._version import __version__
 from guardd.control import protocol
 from guardd.control.client import call
 from guardd.exceptions import ControlError, DaemonUnreachable, NotPermitted, Refused
@@ -452,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
             "behind nginx. It shows the guard's state and journal, moves traffic, pauses "
             "automatic actions, and takes or releases the QoS lock that blocks deploys."))
     _globals(parser, defaults=True)
+    parser.add_argument("--version", action="version", version=f"guardctl {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for command in _COMMANDS:
         sub = _subparser(commands, command, command.name)

@@ -104,6 +104,7 @@ class Guard:
         self.active: Color | None = None
         self.paused: dict[str, Any] | None = None
         self.rolling_back = False
+        self.switch_started: float | None = None
         self.own_lock: OwnedLock | None = None
         self.qos_held = False
         self.storage = Storage()
@@ -111,8 +112,10 @@ class Guard:
         self.started_mono = clock.monotonic()
         self.state: State = State.STARTING
         self.last_decision: dict[str, Any] | None = None
+        # The rollback budget runs on the monotonic clock, so that a step of the wall
+        # clock can neither spend it nor refill it.
         self._auto_rollbacks: deque[float] = deque()
-        self._budget_since = 0.0
+        self._budget_since = -math.inf
 
     # ---- journal and state ---------------------------------------------------------------
 
@@ -126,9 +129,9 @@ class Guard:
         else:
             self._storage_ok("journal")
         if event == "rollback_completed" and entry.get("by") == GUARDD:
-            self._auto_rollbacks.append(parse_rfc3339(entry["ts"]))
+            self._auto_rollbacks.append(self.clock.monotonic())
         elif event == "resumed":
-            self._budget_since = parse_rfc3339(entry["ts"])
+            self._budget_since = self.clock.monotonic()
             self._auto_rollbacks.clear()
         self.log.info(
             event, **{k: v for k, v in entry.items() if k not in ("event", "guard", "ts")}
@@ -179,17 +182,20 @@ class Guard:
 
     def load_history(self) -> None:
         """Rebuild the rollback budget from the journal, so a restart does not reset it."""
-        horizon = self.clock.wall() - self.s.policy.budget_window
+        # Across a restart only the journal's wall-clock stamps tell; they are placed on
+        # the monotonic clock once, here.
+        wall, mono = self.clock.wall(), self.clock.monotonic()
+        horizon = wall - self.s.policy.budget_window
         for entry in self.journal.recent:
             if entry.get("event") == "resumed":
-                self._budget_since = _ts(entry)
+                self._budget_since = mono - (wall - _ts(entry))
                 self._auto_rollbacks.clear()
             elif (
                 entry.get("event") == "rollback_completed"
                 and entry.get("by") == GUARDD
                 and _ts(entry) >= horizon
             ):
-                self._auto_rollbacks.append(_ts(entry))
+                self._auto_rollbacks.append(mono - (wall - _ts(entry)))
 
     def open_rollback(self) -> dict[str, Any] | None:
         """The last `rollback_started` that no completion or failure closed."""
@@ -204,7 +210,13 @@ class Guard:
 
     async def recover(self, saved: dict[str, Any]) -> None:
         """Repair a switch cut short by a crash, then adopt what the disk says."""
-        await self.switcher.recover()
+        try:
+            # Bounded: a start-up must not outlast systemd's TimeoutStartSec, and a config
+            # nginx rejects right now must not stop guardd from guarding.
+            with anyio.fail_after(self.s.switch_timeout):
+                await self.switcher.recover()
+        except (SwitchError, TimeoutError) as e:
+            self.record("alert", reason=f"could not repair the switch target at start: {_why(e)}")
         pending = self.open_rollback()
         self.active = await self.switcher.read_active()
         if pending is not None:
@@ -423,7 +435,7 @@ class Guard:
             )
 
     def _rollbacks_in_budget(self) -> int:
-        horizon = max(self.clock.wall() - self.s.policy.budget_window, self._budget_since)
+        horizon = max(self.clock.monotonic() - self.s.policy.budget_window, self._budget_since)
         while self._auto_rollbacks and self._auto_rollbacks[0] < horizon:
             self._auto_rollbacks.popleft()
         return len(self._auto_rollbacks)
@@ -476,6 +488,7 @@ class Guard:
         source = self.active
         started_at = self.clock.monotonic()
         self.rolling_back = True
+        self.switch_started = started_at
         self.state = State.ROLLING_BACK
         self.metrics.set_state(self.state.value)
         opened = None
@@ -758,10 +771,18 @@ def _r(v: float | None) -> float | None:
     return None if v is None or math.isnan(v) else round(v, 4)
 
 
+_TELLING = ("[emerg]", "[alert]", "[crit]", "[error]", "failed", "error", "rejected")
+
+
 def _why(e: BaseException) -> str:
+    """The lines of an error an operator needs: nginx's [emerg] line, not its banner."""
     if isinstance(e, TimeoutError):
         return "timed out"
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    telling = [line for line in lines[1:] if any(word in line.lower() for word in _TELLING)]
+    return "; ".join([lines[0], *telling])[:400]
 
 
 def _decision_doc(decision: Decision, wall: float) -> dict[str, Any]:

@@ -385,6 +385,11 @@ class Supervisor:
         limit = self.settings.config.probe.timeout + _STUCK_MARGIN
         return any(t is not None and now - t > limit for t in self._probe_started.values())
 
+    def _switching_in_time(self, guard: Guard) -> bool:
+        started = guard.switch_started if guard.rolling_back else None
+        limit = self.settings.config.switch.timeout + _STUCK_MARGIN
+        return started is not None and self.clock.monotonic() - started <= limit
+
     async def _watchdog_loop(self, every: float) -> None:
         guard = self.guard
         assert guard is not None  # noqa: S101
@@ -393,6 +398,10 @@ class Supervisor:
             if guard.ticks != seen and not self.probes_stuck():
                 self.sd.watchdog()
                 seen = guard.ticks
+            elif self._switching_in_time(guard):
+                # The tick waits on a switch that is still within switch.timeout: that is
+                # progress, and killing guardd mid-switch would only add a restart to it.
+                self.sd.watchdog()
             elif guard.ticks == seen:
                 self.log.warning("watchdog_withheld", reason="the decision tick has not advanced")
             await anyio.sleep(every)

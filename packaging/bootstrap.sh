@@ -31,7 +31,8 @@ uv)
     "$dir/bin/pip" install --quiet --disable-pip-version-check uv
     ;;
 system)
-    apt_install nginx-light systemd-container debootstrap zstd prometheus ca-certificates curl
+    apt_install nginx-light systemd-container debootstrap zstd prometheus ca-certificates curl \
+        dpkg-dev help2man lintian
     ;;
 demo)
     if ! command -v nginx >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then

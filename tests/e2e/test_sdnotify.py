@@ -58,6 +58,21 @@ def test_watchdog_pings_on_time_and_stop_when_the_tick_stalls(make_lab) -> None:
     assert d.stop() == 0
 
 
+def test_watchdog_keeps_pinging_through_a_slow_switch(make_lab) -> None:
+    lab: Lab = make_lab()
+    (lab.fault_dir / "after_renamed").touch()  # the switch dwells between rename and test
+    lab.daemon(env={"WATCHDOG_USEC": "2000000"})
+    assert lab.notify is not None
+    lab.green.set_mode("http_503")
+    wait_until((lab.fault_dir / "after_renamed.reached").exists, 20, "the switch to pause")
+    paused_at = time.monotonic()
+    wait_until(lambda: time.monotonic() - paused_at > 3.0, 5, "three seconds into the switch")
+    pings = [at for at, m in lab.notify.messages if m == "WATCHDOG=1" and at > paused_at]
+    assert len(pings) >= 2, "a switch within switch.timeout is progress, not a stall"
+    (lab.fault_dir / "after_renamed").unlink()
+    lab.daemons[-1].wait_event("rollback_completed")
+
+
 def test_sighup_reloads_and_a_broken_config_keeps_the_old_one(make_lab) -> None:
     # Only the run of failures may fire, so its threshold shows which config is in force.
     lab: Lab = make_lab(policy__p0_error_ratio=1.0, policy__p1_error_ratio=1.0)

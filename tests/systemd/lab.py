@@ -14,8 +14,9 @@ What it lays out (files before boot with :meth:`Lab.prepare`, units after with :
 - ``/etc/guardd/lab.toml``: guards both colors with fast probes, rolls back to blue by swapping that
   symlink with the default ``nginx -t`` / ``nginx -s reload``, and verifies through the front door.
   State, control socket and QoS lock are left to the systemd defaults.
-- the shipped unit files from ``systemd/`` installed unmodified, plus the sysusers/tmpfiles
-  snippets applied the way a package's postinst applies them.
+- the shipped unit files from ``systemd/`` installed unmodified, the sysusers/tmpfiles
+  snippets applied the way a package's postinst applies them, and ``guardd.target`` and
+  ``guardd@lab`` enabled the way the README tells an operator to.
 
 Everything is read and written inside the container's namespaces (``nsenter`` via the
 :class:`~tests.harness.nspawn.Container`), except plain files under :attr:`Container.root`.
@@ -24,7 +25,6 @@ Everything is read and written inside the container's namespaces (``nsenter`` vi
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,9 @@ SHIPPED = PROJECT / "systemd"
 UNIT_FILES = ("guardd@.service", "guardd.target")
 INSTANCE = "lab"
 UNIT = f"guardd@{INSTANCE}.service"
+# A second instance, only to show that guardd.target reaches every instance.
+SECOND_INSTANCE = "lab2"
+SECOND_UNIT = f"guardd@{SECOND_INSTANCE}.service"
 PORTS = {"blue": 9009, "green": 9010}
 LAB_DIR = "/srv/lab"
 UPSTREAMS_DIR = "/etc/nginx/upstreams"
@@ -47,7 +50,6 @@ LOCK_FILE = f"/run/guardd/{INSTANCE}.qos.lock"
 FAULT_DIR = "/run/guardd-faults"
 DROPIN_DIR = f"/etc/systemd/system/{UNIT}.d"
 FRONT_DOOR = "http://127.0.0.1/healthz"
-POLL = 0.05
 
 UPSTREAM_SCRIPT = """\
 # A lab upstream: every path answers {"status": "UP", "color": ...}, or 503 DOWN while
@@ -154,6 +156,17 @@ listen = "127.0.0.1:9105"
 """
 
 
+
+def second_config() -> str:
+    """The second instance: same upstreams, its own (unused by nginx) link, no metrics port."""
+    return (
+        GUARD_CONFIG.replace(f'instance = "{INSTANCE}"', f'instance = "{SECOND_INSTANCE}"')
+        .replace("lab_active.conf", "lab2_active.conf")
+        .replace(f'verify_url = "{FRONT_DOOR}"\n', "")
+        .replace('listen = "127.0.0.1:9105"', 'listen = ""')
+    )
+
+
 class Lab:
     """The blue/green lab of one container; see the module docstring."""
 
@@ -163,7 +176,7 @@ class Lab:
     # ---- lay-out -----------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Write the lab's files and the shipped units into the rootfs (before or after boot)."""
+        """Write the lab's files and the shipped units into the rootfs, before boot."""
         root = self.c.root
         lab = root / LAB_DIR.lstrip("/")
         lab.mkdir(parents=True, exist_ok=True)
@@ -187,13 +200,21 @@ class Lab:
         for color, port in PORTS.items():
             (upstreams / f"lab_{color}.conf").write_text(NGINX_UPSTREAM.format(port=port))
         self._link_on_disk("green")
+        (upstreams / "lab2_active.conf").symlink_to(f"{UPSTREAMS_DIR}/lab_green.conf")
 
         guardd_etc = root / "etc/guardd"
         guardd_etc.mkdir(exist_ok=True)
         self.write_config(GUARD_CONFIG)
+        (guardd_etc / f"{SECOND_INSTANCE}.toml").write_text(second_config())
 
     def start(self) -> None:
-        """After boot: apply sysusers/tmpfiles as a package would, start upstreams and nginx."""
+        """After boot: do what a package and an operator do, then stop the guard for a test.
+
+        sysusers/tmpfiles are applied as a postinst applies them; the upstreams and nginx
+        start; ``guardd.target`` and ``guardd@lab`` are enabled and the target started. The
+        active target keeps ``guardd@lab`` loaded while it is stopped, so ``systemctl show``
+        reports the last run's Result and exit status instead of an unloaded unit's defaults.
+        """
         if (self.c.root / "usr/lib/sysusers.d/guardd.conf").exists():
             self.c.run("systemd-sysusers", "/usr/lib/sysusers.d/guardd.conf")
         if (self.c.root / "usr/lib/tmpfiles.d/guardd.conf").exists():
@@ -201,6 +222,9 @@ class Lab:
         self.c.systemctl("daemon-reload")
         self.c.systemctl("start", "lab-upstream@blue.service", "lab-upstream@green.service")
         self.c.systemctl("start", "nginx.service")
+        self.c.systemctl("enable", "guardd.target", UNIT)
+        self.c.systemctl("start", "guardd.target")
+        self.reset()
 
     def write_config(self, text: str) -> None:
         """Replace /etc/guardd/lab.toml."""
@@ -218,14 +242,20 @@ class Lab:
         self.c.systemctl("daemon-reload")
 
     def reset(self) -> None:
-        """Stop the guard and put the lab back as prepared: green active and healthy, no state."""
-        self.c.systemctl("stop", UNIT)
-        self.c.systemctl("reset-failed", UNIT, check=False)
+        """Stop the guards and put the lab back as prepared: green active and healthy, no state.
+
+        ``reset-failed`` also clears the start-limit counter, which counts manual starts too.
+        """
+        self.c.systemctl("stop", UNIT, SECOND_UNIT)
+        self.c.systemctl("reset-failed", UNIT, SECOND_UNIT, check=False)
         self.remove_dropins()
         self.write_config(GUARD_CONFIG)
         for color in PORTS:
             self.heal(color)
-        self.c.run("rm", "-rf", STATE_DIR, LOCK_FILE, FAULT_DIR)
+        self.c.run("rm", "-rf", STATE_DIR, f"/var/lib/guardd/{SECOND_INSTANCE}", "/run/guardd",
+                   FAULT_DIR)
+        if self.c.systemctl("is-active", "nginx.service", check=False).returncode != 0:
+            self.c.systemctl("start", "nginx.service")
         self.set_active("green")
 
     # ---- the upstreams and nginx -------------------------------------------------------
@@ -272,7 +302,8 @@ class Lab:
             "doc['http_status'] = code\n"
             "print(json.dumps(doc))\n"
         )
-        return json.loads(self.c.run("python3", "-c", script).stdout)
+        answer: dict[str, Any] = json.loads(self.c.run("python3", "-c", script).stdout)
+        return answer
 
     # ---- the guard ---------------------------------------------------------------------
 
@@ -308,17 +339,45 @@ class Lab:
         values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
         return {p: values.get(p, "") for p in props}
 
-    def journal_since(self, cursor: str | None) -> tuple[str, str]:
-        """The unit's system journal after ``cursor``, and the new cursor."""
-        argv = ["journalctl", "-u", UNIT, "--no-pager", "-o", "short-precise",
-                "--show-cursor"]
-        if cursor:
-            argv.append(f"--after-cursor={cursor}")
-        text = self.c.run(*argv).stdout
-        lines = text.splitlines()
-        if lines and lines[-1].startswith("-- cursor: "):
-            return "\n".join(lines[:-1]), lines[-1].removeprefix("-- cursor: ")
-        return text, cursor or ""
+    def journal_cursor(self) -> str:
+        """A cursor at the end of the container's journal, to read what comes after it."""
+        out = self.c.run("journalctl", "-n", "0", "--show-cursor", "--no-pager").stdout
+        return out.strip().rsplit("-- cursor: ", 1)[-1]
+
+    def journal(self, after: str) -> list[dict[str, Any]]:
+        """guardd@lab's system journal entries after ``after``, as journalctl's JSON objects."""
+        out = self.c.run("journalctl", "-u", UNIT, "-o", "json", "--no-pager",
+                         f"--after-cursor={after}").stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def wait_journal(self, text: str, *, after: str, timeout: float = 60) -> dict[str, Any]:
+        """Wait for a journal entry of guardd@lab whose MESSAGE contains ``text``; return it."""
+        found: list[dict[str, Any]] = []
+
+        def seen() -> bool:
+            found[:] = [e for e in self.journal(after) if text in message(e)]
+            return bool(found)
+
+        self.c.wait_for(seen, timeout, f"{text!r} in the journal of {UNIT}")
+        return found[0]
+
+    def main_pid(self, unit: str = UNIT) -> int:
+        """The unit's MainPID (0 when it has none)."""
+        return int(self.c.show(unit, "MainPID"))
+
+    def proc_status(self, pid: int) -> dict[str, str]:
+        """/proc/PID/status of a process in the container, as a dict."""
+        out = self.c.run("cat", f"/proc/{pid}/status").stdout
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
+
+    def mounts_seen_by(self, pid: int) -> dict[str, str]:
+        """Mount point -> mount options, as the process ``pid`` sees them (its namespace)."""
+        out = self.c.run("nsenter", "-t", str(pid), "-m", "cat", "/proc/self/mountinfo").stdout
+        mounts: dict[str, str] = {}
+        for line in out.splitlines():
+            fields = line.split()
+            mounts[fields[4]] = fields[5]  # the last mount at a point is the one in effect
+        return mounts
 
     def timed_systemctl(self, *args: str) -> float:
         """Run ``systemctl ARGS`` in the container; return how long the call took, in seconds."""
@@ -326,11 +385,13 @@ class Lab:
         self.c.systemctl(*args)
         return time.monotonic() - started
 
-    def sh(self, command: str, *, check: bool = True) -> str:
-        """Run a shell command line in the container and return its stdout."""
-        return self.c.run("sh", "-c", command, check=check).stdout
 
-    @staticmethod
-    def quote(*argv: str) -> str:
-        """Quote an argv for :meth:`sh`."""
-        return " ".join(shlex.quote(a) for a in argv)
+def message(entry: dict[str, Any]) -> str:
+    """The MESSAGE of a journal entry (journalctl prints a list of bytes for binary ones)."""
+    value = entry.get("MESSAGE", "")
+    return bytes(value).decode(errors="replace") if isinstance(value, list) else str(value)
+
+
+def realtime(entry: dict[str, Any]) -> float:
+    """When a journal entry was logged, in seconds since the epoch."""
+    return int(entry["__REALTIME_TIMESTAMP"]) / 1e6

@@ -1,0 +1,1 @@
+"""Tests of guardd's Debian package."""
