@@ -32,9 +32,20 @@ test: bootstrap system-deps  ## the full suite (installs what it needs)
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
 
 .PHONY: lint
-lint: bootstrap  ## ruff, mypy --strict on guardd/
+lint: bootstrap  ## ruff, mypy --strict on guardd/, bandit
 	$(UV) run --frozen ruff check guardd tests bench
 	$(UV) run --frozen mypy
+	# B101 asserts only narrow types; B404/B603: every subprocess is an argv list, never a shell.
+	$(UV) run --frozen bandit -r guardd -q -s B101,B404,B603
+
+.PHONY: audit
+audit: bootstrap  ## known vulnerabilities in the locked dependencies (needs PyPI's JSON API)
+	mkdir -p build && $(UV) export --frozen --format requirements-txt --no-hashes --no-emit-project -o build/audit-requirements.txt
+	$(UV) tool run pip-audit --strict --no-deps --disable-pip -r build/audit-requirements.txt
+
+.PHONY: soak
+soak: bootstrap system-deps  ## 10 minutes at interval=50ms under scripted failures; soak-report/summary.md
+	$(UV) run --frozen python -m tests.soak.soak --minutes $(or $(SOAK_MINUTES),10) --out soak-report
 
 .PHONY: demo
 demo: bootstrap  ## a real rollback on this machine, in under a minute

@@ -142,12 +142,16 @@ class Guard:
     def _storage_failed(self, kind: str, message: str) -> None:
         self.storage.errors += 1
         self.storage.last_error = message
-        self.storage.failing.add(kind)
         self.metrics.storage_error(kind)
-        self.log.error("storage_write_failed", kind=kind, error=message)
+        if kind not in self.storage.failing:
+            # Once per episode: a full disk would otherwise log on every tick.
+            self.log.error("storage_write_failed", kind=kind, error=message)
+        self.storage.failing.add(kind)
 
     def _storage_ok(self, kind: str) -> None:
-        self.storage.failing.discard(kind)
+        if kind in self.storage.failing:
+            self.storage.failing.discard(kind)
+            self.log.info("storage_write_recovered", kind=kind)
 
     def save_state(self) -> None:
         """Mirror what must survive a restart into state.json."""

@@ -85,7 +85,10 @@ class Journal:
                 f.seek(size - 1)
                 if f.read(1) != b"\n":
                     # A power cut tore the last line; end it so the next event starts clean.
-                    self._write(b"\n")
+                    try:
+                        self._write(b"\n")
+                    except StorageError:
+                        self._torn = True  # disk full: the first write that succeeds ends it
         for event in self.read():
             self.recent.append(event)
 
@@ -146,17 +149,24 @@ class Journal:
             raise StorageError(f"{self.path} is not open")
         try:
             if self._torn:
-                # A short append (disk full mid-line) left a fragment: end it first, so
-                # that readers skip it and the retried line stands on its own.
+                # A fragment is left (a power cut, or a short append that could not be
+                # cut off): end it first, so readers skip it and the next line stands alone.
                 os.write(self._fd, b"\n")
                 self._torn = False
+            end = os.fstat(self._fd).st_size
             written = os.write(self._fd, data)
             if written == len(data):
                 os.fsync(self._fd)
+            else:
+                # Disk full mid-line: cut the fragment off, so the file never holds half
+                # a line; only if that fails too is it ended before the next line.
+                try:
+                    os.ftruncate(self._fd, end)
+                except OSError:
+                    self._torn = True
         except OSError as e:
             raise StorageError(f"cannot write {self.path}: {e.strerror}") from None
         if written != len(data):
-            self._torn = True
             raise StorageError(f"cannot write {self.path}: No space left on device")
 
     def read(self, limit: int | None = None) -> list[dict[str, Any]]:

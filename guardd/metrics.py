@@ -297,7 +297,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
         host = host[1:-1]
     elif ":" in host:
         raise ValueError(f"{listen!r}: put an IPv6 address in brackets, e.g. [::1]:9105")
-    return host or "0.0.0.0", int(port_text)  # noqa: S104 - ":9105" asks for every interface
+    return host or "0.0.0.0", int(port_text)  # noqa: S104 - ":9105" asks for all  # nosec B104
 
 
 class _MetricsHandler(BaseHTTPRequestHandler):

@@ -58,9 +58,13 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
             raise Refused("no QoS lock is held")
         guard.release_lock(by=by, reason=reason or "unlocked by an operator")
         return qoslock.read_lock(guard.s.lock_file).to_json()
-    if guard.active is None:
-        raise Refused("the active color is unknown (the switch target names neither color)")
+    if guard.active is None and not (cmd == "switch" and args.get("force")):
+        raise Refused(
+            "the active color is unknown (the switch target names neither color); "
+            "`guardctl switch COLOR --force` sets it"
+        )
     if cmd == "rollback":
+        assert guard.active is not None  # noqa: S101 - refused above
         target = guard.machine.rollback_target(guard.active)
         if target == guard.active:
             raise Refused(f"{target} is already active; it is the rollback target")
@@ -85,6 +89,7 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
         )
         return _moved(guard)
     if cmd == "promote":
+        assert guard.active is not None  # noqa: S101 - refused above
         standby = other(guard.active)
         _gate(guard, standby, force=False, promote=True)
         await guard.move_traffic(
@@ -109,9 +114,13 @@ def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
     if promote:
         if not guard.machine.promotable(color, now):
             w = guard.machine.windows[color]
+            ratio = guard.machine.window_would_fire(color, now, guard.s.policy.p1_error_ratio)
             raise Refused(
                 f"{color} has passed {w.consecutive_successes} probes in a row; "
                 f"promotion needs {guard.s.policy.promote_successes}"
+                + ("" if ratio is None else
+                   f" and a window failed-probe ratio under {guard.s.policy.p1_error_ratio:g}"
+                   f" (now {ratio:.3g})")
             )
         return
     healthy = guard.machine.healthy(color, now)
@@ -119,6 +128,13 @@ def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
         raise Refused(
             f"{color} is {'stale' if healthy is None else 'unhealthy'}; "
             "use --force to switch anyway"
+        )
+    ratio = guard.machine.window_would_fire(color, now, guard.s.policy.p0_error_ratio)
+    if ratio is not None:
+        raise Refused(
+            f"{color}'s window still shows a failed-probe ratio of {ratio:.3g} "
+            f"(p0_error_ratio {guard.s.policy.p0_error_ratio:g}): guardd would roll it back "
+            "at once; use --force to switch anyway"
         )
 
 

@@ -217,7 +217,7 @@ class ControlServer:
             self._active -= 1
 
     async def _answer(self, stream: SocketStream) -> bytes | None:
-        raw = stream.extra(SocketAttribute.raw_socket)  # noqa: S610 - anyio, not Django
+        raw = stream.extra(SocketAttribute.raw_socket)  # noqa: S610 - anyio, not Django  # nosec B610
         pid, uid, gid = _PEERCRED.unpack(
             raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
         line: bytes | None = None

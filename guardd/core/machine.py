@@ -138,11 +138,21 @@ class GuardMachine:
         return self.windows[color].consecutive_failures == 0
 
     def promotable(self, color: Color, now: float) -> bool:
-        """The promotion gate: `promote_successes` fresh passing probes in a row."""
+        """The promotion gate: `promote_successes` fresh passing probes in a row, and a
+        window clean enough that the P1 ratio rule would not send traffic straight back."""
         return (
             self.healthy(color, now) is True
             and self.windows[color].consecutive_successes >= self.spec.promote_successes
+            and self.window_would_fire(color, now, self.spec.p1_error_ratio) is None
         )
+
+    def window_would_fire(self, color: Color, now: float, threshold: float) -> float | None:
+        """The window's failed-probe ratio if it is judged and at or above `threshold`."""
+        stats = self.stats(color, now)
+        ratio = stats.error_ratio
+        if stats.samples >= self.spec.min_samples and ratio is not None and ratio >= threshold:
+            return ratio
+        return None
 
     def rollback_target(self, active: Color) -> Color:
         """The color automatic rollbacks go to from `active`."""

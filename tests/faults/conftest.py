@@ -1,0 +1,46 @@
+"""Fault fixtures: labs of real upstreams, nginx and guardd, and a small tmpfs to fill."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults.util import FaultLab
+
+
+@pytest.fixture
+def make_lab(tmp_path: Path) -> Iterator[Callable[..., FaultLab]]:
+    """A factory of labs; every lab it made is torn down after the test."""
+    made: list[FaultLab] = []
+
+    def factory(**overrides: object) -> FaultLab:
+        where = tmp_path / f"lab{len(made)}"
+        where.mkdir()
+        lab = FaultLab(where, **overrides)  # type: ignore[arg-type]
+        made.append(lab)
+        return lab
+
+    yield factory
+    for lab in made:
+        lab.close()
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator[Callable[[Path, str], Path]]:
+    """Mount a tmpfs of a given size on a directory (we are root); unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(where: Path, size: str) -> Path:
+        where.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs",
+                        str(where)], check=True, capture_output=True, timeout=30)
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True,
+                       timeout=30)
