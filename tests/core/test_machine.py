@@ -171,3 +171,21 @@ def test_noisy_but_healthy_green_never_rolls_back() -> None:
         r.step(green=FAIL if fail else Outcome.OK, latency=spike)
     assert not [a for a in r.log if isinstance(a, Rollback)]
     assert r.active == "green"
+
+
+def test_promotion_gate_needs_a_run_of_passes_and_a_clean_window() -> None:
+    r = Replay(PolicySpec(rollback_to="blue", promote_successes=5, window=30, min_samples=5,
+                          p1_error_ratio=0.1))
+    for _ in range(10):
+        r.step()
+    assert r.m.promotable("blue", r.now)
+    for _ in range(4):
+        r.step(blue=FAIL)
+    for _ in range(5):
+        r.step()
+    # Five passes in a row, but 4 failures among 19 samples: P1 would fire on blue.
+    assert r.m.windows["blue"].consecutive_successes == 5
+    assert not r.m.promotable("blue", r.now)
+    for _ in range(30):
+        r.step()
+    assert r.m.promotable("blue", r.now)

@@ -256,3 +256,21 @@ def test_control_socket_survives_garbage(make_lab) -> None:
         s.close()
     assert wait_until(lambda: ctl(lab, "status").returncode == 0, 30, "status after garbage")
     assert d.proc is not None and d.proc.poll() is None
+
+
+def test_switch_force_declares_the_color_a_command_switcher_cannot_read(make_lab) -> None:
+    lab: Lab = make_lab()
+    marker = lab.tmp / "switched-{color}"
+    lab.write_config(switch__kind="command", switch__command=["touch", str(marker)],
+                     switch__verify_url=None)
+    d = lab.daemon()
+    doc = status(lab)
+    assert doc["active"] is None and doc["state"] == "hold"
+    res = ctl(lab, "switch", "green")
+    assert res.returncode == 1 and "--force" in (res.stdout + res.stderr)
+    res = ctl(lab, "switch", "green", "--force", "--reason", "green is live")
+    assert res.returncode == 0, res.stderr
+    assert (lab.tmp / "switched-green").exists(), "the command ran with {color} substituted"
+    ev = d.wait_event("switch")
+    assert (ev["from"], ev["to"], ev["by"]) == (None, "green", "uid:0(root)")
+    wait_until(lambda: status(lab)["state"] == "steady", 20, "steady on green")
