@@ -56,6 +56,12 @@ demo: bootstrap  ## a real rollback on this machine, in under a minute
 deb: bootstrap  ## build dist/guardd_<version>_<arch>.deb (Debian 12; installs dpkg-dev, help2man)
 	UV=$(UV) ./packaging/deb/build.sh dist
 
+BENCH_ARGS ?=
+
+.PHONY: bench
+bench: bootstrap  ## guardd beside the shell guard, monit and blackbox_exporter (~10 min; writes bench/results/)
+	$(UV) run --frozen python -m bench.run $(BENCH_ARGS)
+
 .PHONY: clean
 clean:  ## remove the venv and caches (not the nspawn image cache)
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache dist build

@@ -18,6 +18,7 @@ class StateFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._last: bytes | None = None
+        self._last_doc: dict[str, Any] | None = None
 
     def load(self) -> dict[str, Any]:
         """The saved state, or an empty one when missing or unreadable."""
@@ -37,6 +38,8 @@ class StateFile:
 
     def save(self, doc: dict[str, Any]) -> None:
         """Write `doc` atomically unless it is unchanged; raise `StorageError` on failure."""
+        if doc == self._last_doc:
+            return  # the common case on every tick: no serialisation at all
         data = (
             json.dumps({"version": STATE_VERSION, **doc}, sort_keys=True, indent=1, default=str)
             + "\n"
@@ -48,3 +51,4 @@ class StateFile:
         except OSError as e:
             raise StorageError(f"cannot write {self.path}: {e.strerror}") from None
         self._last = data
+        self._last_doc = doc

@@ -7,6 +7,7 @@ accepts and never answers, or dribbles its body a byte a second, costs at most
 
 from __future__ import annotations
 
+import functools
 import json
 import ssl
 import time
@@ -79,9 +80,15 @@ def _json_matches(expected: Mapping[str, Any], actual: object) -> bool:
 def _ssl_context(spec: ProbeSpec) -> ssl.SSLContext | bool:
     if not spec.verify_tls:
         return False
-    if spec.ca_file is not None:
-        return ssl.create_default_context(cafile=str(spec.ca_file))
-    return True
+    return _verifying_context(None if spec.ca_file is None else str(spec.ca_file))
+
+
+@functools.cache
+def _verifying_context(ca_file: str | None) -> ssl.SSLContext:
+    # One context per trust store for the whole process: loading a CA bundle costs
+    # megabytes and milliseconds, and every client (each color, the verifier) needs one.
+    # Without ca_file, the system's store (Debian's ca-certificates) is trusted.
+    return ssl.create_default_context(cafile=ca_file)
 
 
 class HttpProber:

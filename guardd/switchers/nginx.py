@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,12 +262,20 @@ class NginxSwitcher:
         """Map the undo record, else the active link, to a color by resolved path."""
         # The record can vanish between the check and the resolve (a switch
         # committing): then it names no color, and the active link is the answer.
+        # This runs on every decision tick: the link's text is compared first (guardd writes
+        # absolute targets), and paths are resolved only for a link made some other way.
         for link in (self.undo_link, self.active_link):
-            if link.is_symlink():
-                resolved = link.resolve()
-                for color, target in self.targets.items():
-                    if target.resolve() == resolved:
-                        return color
+            try:
+                text = os.readlink(link)
+            except OSError:
+                continue  # no such link (or not a link): the next one is the answer
+            for color, target in self.targets.items():
+                if text == str(target):
+                    return color
+            resolved = link.resolve()
+            for color, target in self.targets.items():
+                if target.resolve() == resolved:
+                    return color
         return None
 
 

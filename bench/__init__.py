@@ -1,0 +1,1 @@
+"""guardd's benchmark suite, run by `make bench`; see bench/README.md."""

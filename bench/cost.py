@@ -1,0 +1,312 @@
+"""Cost per probe and memory: guardd beside the tools people use, in the same minute.
+
+Every subject probes the same steady endpoints at the same rate (10 probes/s) at the
+same time, so a busy machine slows them all alike and the ratios stand:
+
+- guardd, interval 200 ms on two colors, nginx switcher, metrics on, watchdog on;
+  and an idle guardd (interval 1 h) whose CPU over the window is subtracted;
+- blackbox_exporter driven through `/probe?module=http_2xx` at 10/s; and an idle one;
+- the shell loop `health_guard.sh 0.1 URL` (bash + curl + sleep), children included;
+- a bare httpx.AsyncClient loop, the floor of any httpx-based Python prober, and a bare
+  asyncio-streams loop, the floor of any Python prober at all (bench/floor.py);
+- monit with one HTTP check at its 1 s cycle (CPU per cycle).
+
+CPU per probe = (CPU over the window - the idle twin's) / probes the app logged from
+that subject in the window. The active guardd and blackbox_exporter then keep running
+for the soak, which reads their memory 10 minutes after they started.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.context import Bench
+from bench.nginx import Front
+from bench.procstat import CpuMeter, hwm_kib, pss_kib, rss_kib
+from bench.stats import ratio
+from bench.subjects import (
+    BlackboxDriver,
+    BlackboxExporter,
+    Floor,
+    Guardd,
+    Monit,
+    ShellGuard,
+)
+
+RATE = 10.0  # probes per second, for every subject
+UA = {
+    "guardd": "guardd-cost",
+    "guardd_idle": "guardd-idle",
+    "blackbox_exporter": "Blackbox Exporter",
+    "shell_loop": "shell-cost",
+    "httpx_floor": "httpx-floor",
+    "asyncio_floor": "asyncio-floor",
+    "monit": "Monit",
+}
+
+
+@dataclass
+class Soak:
+    """The cost subjects; the active guardd and blackbox_exporter outlive the cost window."""
+
+    ctx: Bench
+    duration: float
+    front: Front
+    guardd: Guardd
+    guardd_idle: Guardd
+    blackbox: BlackboxExporter
+    blackbox_idle: BlackboxExporter
+    driver: BlackboxDriver
+    shell: ShellGuard
+    httpx: Floor
+    asyncio: Floor
+    monit: Monit
+    started: float = field(default_factory=time.monotonic)
+    ready_at: float = 0.0
+    samples: list[dict[str, float]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _sampler: threading.Thread | None = None
+    extras_stopped: bool = False
+
+    def _sample(self) -> dict[str, float]:
+        row = {"t_s": round(time.monotonic() - self.started, 1)}
+        for name, pid in (("guardd", self.guardd.pid), ("blackbox_exporter", self.blackbox.pid)):
+            row[f"{name}_rss_mib"] = round(rss_kib(pid) / 1024, 1)
+        return row
+
+    def _run(self) -> None:
+        while not self._stop.wait(30.0):
+            self.samples.append(self._sample())
+
+    def retire_extras(self) -> None:
+        """Stop everything but the soak's guardd and blackbox_exporter."""
+        if self.extras_stopped:
+            return
+        self.extras_stopped = True
+        for stop in (
+            self.shell.stop,
+            self.httpx.stop,
+            self.asyncio.stop,
+            self.monit.stop,
+            self.guardd_idle.stop,
+            self.blackbox_idle.stop,
+        ):
+            stop()
+
+    def finish(self) -> dict[str, Any]:
+        """Wait out the soak; memory then, and the samples on the way."""
+        self.retire_extras()
+        remaining = self.duration - (time.monotonic() - self.started)
+        if remaining > 0:
+            self.ctx.say(f"soak: {remaining:.0f}s to go")
+            time.sleep(remaining)
+        final = self._sample()
+        g = self.guardd.pid
+        return {
+            "duration_s": round(time.monotonic() - self.started, 1),
+            "guardd_probes_logged": sum(
+                1 for h in self.ctx.app.hits() if h.ua.startswith(UA["guardd"])
+            ),
+            "guardd_rss_mib": final["guardd_rss_mib"],
+            "guardd_pss_mib": round(pss_kib(g) / 1024, 1),
+            "guardd_peak_rss_mib": round(hwm_kib(g) / 1024, 1),
+            "blackbox_exporter_rss_mib": final["blackbox_exporter_rss_mib"],
+            "samples": self.samples,
+        }
+
+    def stop(self) -> None:
+        """Stop every subject."""
+        self._stop.set()
+        if self._sampler is not None:
+            self._sampler.join()
+        self.retire_extras()
+        self.driver.stop()
+        self.guardd.stop()
+        self.blackbox.stop()
+        self.front.stop()
+
+
+def start_soak(ctx: Bench, duration: float) -> Soak:
+    """Start every cost subject and wait until each is probing."""
+    app = ctx.app
+    steady = {"blue": [app.url("sblue")], "green": [app.url("sgreen")]}
+    front = Front(ctx.root / "cost-front", app, {"blue": "sblue", "green": "sgreen"}, "blue")
+    front.start()
+    switch = Guardd.nginx_switch(front)
+    mark = app.mark()
+    g = Guardd(
+        ctx.root,
+        "cost",
+        upstreams=steady,
+        interval=2 / RATE,
+        switch=switch,
+        user_agent=UA["guardd"],
+    ).start(ctx.hub)
+    gi = Guardd(
+        ctx.root,
+        "idle",
+        upstreams=steady,
+        interval=3600.0,
+        switch=switch,
+        user_agent=UA["guardd_idle"],
+    ).start(ctx.hub)
+    bb = BlackboxExporter(ctx.root / "blackbox").start()
+    bbi = BlackboxExporter(ctx.root / "blackbox-idle").start()
+    driver = BlackboxDriver(bb, [app.url("sblue"), app.url("sgreen")], RATE).start()
+    shell = ShellGuard(
+        ctx.root / "shell-cost",
+        interval=1 / RATE,
+        url=app.url("sblue"),
+        user_agent=UA["shell_loop"],
+    ).start()
+    urls = [app.url("sblue"), app.url("sgreen")]
+    hx = Floor(ctx.root / "floors", "httpx", urls, 1 / RATE).start()
+    aio = Floor(ctx.root / "floors", "asyncio", urls, 1 / RATE).start()
+    monit = Monit(ctx.root / "monit-cost", port=app.port_of["sblue"]).start()
+    soak = Soak(ctx, duration, front, g, gi, bb, bbi, driver, shell, hx, aio, monit)
+    try:
+        g.wait_ready(ctx.hub)
+        gi.wait_ready(ctx.hub)
+        for key in (
+            "guardd",
+            "blackbox_exporter",
+            "shell_loop",
+            "httpx_floor",
+            "asyncio_floor",
+            "monit",
+        ):
+            ctx.wait_hit(mark, 60, ua=UA[key])
+    except BaseException:
+        soak.stop()
+        raise
+    soak.ready_at = time.monotonic()
+    soak._sampler = threading.Thread(target=soak._run, name="soak", daemon=True)
+    soak._sampler.start()
+    return soak
+
+
+def _curl_peak_rss_kib(url: str) -> int:
+    # The shell loop's memory is bash's plus that of the curl it forks on every probe.
+    proc = subprocess.Popen(["curl", "-fsS", "-m", "2", "-o", "/dev/null", url])
+    _, _, usage = os.wait4(proc.pid, 0)
+    proc.returncode = 0
+    return int(usage.ru_maxrss)
+
+
+def run(ctx: Bench, soak: Soak) -> dict[str, Any]:
+    """Measure one window with every subject probing; then retire all but the soak's."""
+    window = 15.0 if ctx.quick else 60.0
+    settle = 3.0 - (time.monotonic() - soak.ready_at)
+    if settle > 0:
+        time.sleep(settle)
+    pids = {
+        "guardd": soak.guardd.pid,
+        "guardd_idle": soak.guardd_idle.pid,
+        "blackbox_exporter": soak.blackbox.pid,
+        "blackbox_exporter_idle": soak.blackbox_idle.pid,
+        "shell_loop": soak.shell.proc.pid if soak.shell.proc else 0,
+        "httpx_floor": soak.httpx.pid,
+        "asyncio_floor": soak.asyncio.pid,
+        "monit": soak.monit.proc.pid if soak.monit.proc else 0,
+    }
+    meters = {k: CpuMeter(pid, children=k == "shell_loop") for k, pid in pids.items()}
+    ctx.say(f"cost: measuring {window:.0f}s")
+    mark = ctx.app.mark()
+    t0 = time.time()
+    for m in meters.values():
+        m.start()
+    time.sleep(window)
+    for m in meters.values():
+        m.stop()
+    t1 = time.time()
+    rss = {k: round(rss_kib(pid) / 1024, 1) for k, pid in pids.items()}
+    pss = {k: round(pss_kib(pid) / 1024, 1) for k, pid in pids.items()}
+    hits = [h for h in ctx.app.hits(mark) if t0 <= h.t <= t1 and not h.via_front]
+
+    def probes(key: str) -> int:
+        return sum(1 for h in hits if h.ua.startswith(UA[key]))
+
+    cpu = {k: m.used or 0.0 for k, m in meters.items()}
+    n = {
+        k: probes(k)
+        for k in (
+            "guardd",
+            "blackbox_exporter",
+            "shell_loop",
+            "httpx_floor",
+            "asyncio_floor",
+            "monit",
+        )
+    }
+    curl_kib = _curl_peak_rss_kib(ctx.app.url("sblue"))
+    soak.retire_extras()
+
+    def per_probe_us(busy: float, idle: float, count: int) -> float | None:
+        return round((busy - idle) / count * 1e6, 1) if count else None
+
+    subjects: dict[str, Any] = {
+        "guardd": {
+            "probes": n["guardd"],
+            "cpu_s": round(cpu["guardd"], 3),
+            "idle_cpu_s": round(cpu["guardd_idle"], 3),
+            "idle_cpu_ms_per_s": round(cpu["guardd_idle"] / (t1 - t0) * 1000, 3),
+            "cpu_per_probe_us": per_probe_us(cpu["guardd"], cpu["guardd_idle"], n["guardd"]),
+            "cpu_per_probe_us_idle_included": per_probe_us(cpu["guardd"], 0, n["guardd"]),
+            "rss_mib": rss["guardd"],
+            "pss_mib": pss["guardd"],
+            "idle_rss_mib": rss["guardd_idle"],
+            "idle_pss_mib": pss["guardd_idle"],
+        },
+        "blackbox_exporter": {
+            "probes": n["blackbox_exporter"],
+            "cpu_s": round(cpu["blackbox_exporter"], 3),
+            "idle_cpu_s": round(cpu["blackbox_exporter_idle"], 3),
+            "idle_cpu_ms_per_s": round(cpu["blackbox_exporter_idle"] / (t1 - t0) * 1000, 3),
+            "cpu_per_probe_us": per_probe_us(
+                cpu["blackbox_exporter"], cpu["blackbox_exporter_idle"], n["blackbox_exporter"]
+            ),
+            "rss_mib": rss["blackbox_exporter"],
+            "idle_rss_mib": rss["blackbox_exporter_idle"],
+            "driver_sent": soak.driver.sent,
+            "driver_succeeded": soak.driver.succeeded,
+        },
+        "shell_loop": {
+            "probes": n["shell_loop"],
+            "cpu_s": round(cpu["shell_loop"], 3),
+            "cpu_per_probe_us": per_probe_us(cpu["shell_loop"], 0, n["shell_loop"]),
+            "rss_mib": round(rss["shell_loop"] + curl_kib / 1024, 1),
+            "bash_rss_mib": rss["shell_loop"],
+            "curl_peak_rss_mib": round(curl_kib / 1024, 1),
+        },
+        **{
+            k: {
+                "probes": n[k],
+                "cpu_s": round(cpu[k], 3),
+                "cpu_per_probe_us": per_probe_us(cpu[k], 0, n[k]),
+                "rss_mib": rss[k],
+            }
+            for k in ("httpx_floor", "asyncio_floor")
+        },
+        "monit": {
+            "probes": n["monit"],
+            "cpu_s": round(cpu["monit"], 3),
+            "cpu_per_probe_us": per_probe_us(cpu["monit"], 0, n["monit"]),
+            "rss_mib": rss["monit"],
+        },
+    }
+    g = subjects["guardd"]["cpu_per_probe_us"]
+    return {
+        "window_s": round(t1 - t0, 1),
+        "rate_per_s": RATE,
+        "cpu_measured_by": {k: "schedstat" if m.precise else "ticks" for k, m in meters.items()},
+        "subjects": subjects,
+        "ratios": {
+            f"guardd_over_{k}": ratio(g, subjects[k]["cpu_per_probe_us"])
+            for k in ("blackbox_exporter", "shell_loop", "httpx_floor", "asyncio_floor", "monit")
+        },
+    }

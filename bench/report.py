@@ -1,0 +1,387 @@
+"""The targets, checked, and the Markdown table the README quotes as "Performance"."""
+
+from __future__ import annotations
+
+from typing import Any
+
+IDLE_RSS_TARGET_MIB = 45.0
+
+
+def _get(d: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target with the figure it is judged on and whether it was met."""
+    s = results["suites"]
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, target: str, value: Any, met: bool | None) -> None:
+        rows.append({"target": name, "wanted": target, "measured": value, "met": met})
+
+    for tag in ("200ms", "1000ms"):
+        floor = _get(s, "ttr", "settings", tag, "floor")
+        p95 = _get(s, "ttr", "settings", tag, "tools", "guardd", "ttr_ms", "p95")
+        if floor:
+            add(
+                f"TTR p95 at {tag} x 3",
+                f"<= floor + 100 ms = {floor['target_p95_ms']} ms",
+                f"{p95} ms",
+                floor["guardd_p95_met"],
+            )
+            ex = _get(
+                s, "ttr", "settings", tag, "tools", "guardd", "excess_over_own_floor_ms", "p95"
+            )
+            add(
+                f"TTR p95 at {tag} x 3, each trial against its own detection phase",
+                "<= floor + 100 ms",
+                f"floor + {ex} ms",
+                floor["guardd_excess_p95_met"],
+            )
+    r = _get(s, "cost", "ratios", "guardd_over_blackbox_exporter")
+    if r is not None:
+        add("CPU per probe vs blackbox_exporter", "ratio <= 1.0", r, r <= 1.0)
+    idle = _get(s, "cost", "subjects", "guardd", "idle_rss_mib")
+    if idle is not None:
+        add(
+            "idle RSS",
+            f"<= {IDLE_RSS_TARGET_MIB:g} MiB",
+            f"{idle} MiB",
+            idle <= IDLE_RSS_TARGET_MIB,
+        )
+    for cmd, label in (("status", "guardctl status"), ("qos_status", "guardctl qos status")):
+        row = _get(s, "ctl", "results", cmd)
+        if row:
+            add(
+                label,
+                f"<= {row['target_ms']:g} ms wall (median)",
+                f"{row['median_ms']} ms",
+                row["met"],
+            )
+    sc = s.get("scale")
+    if sc:
+        add(
+            f"{sc['instances']} instances at 1 s",
+            "<= 10 % of one core in total, every instance on cadence",
+            f"{sc['total_cpu_pct_of_one_core']} %, {sc['instances_on_cadence']}/"
+            f"{sc['instances']} on cadence",
+            sc["met"],
+        )
+    ld = s.get("load")
+    if ld:
+        c = ld["modes"]["close"]
+        add(
+            "errors caused by the switch, fresh connections",
+            "0",
+            c["errors_caused_by_switch"] + c["errors_after_switch"],
+            ld["met"],
+        )
+    return rows
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    if isinstance(v, float):
+        v = f"{v:,.1f}" if abs(v) < 1000 else f"{v:,.0f}"
+    return f"{v}{unit}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The whole report as Markdown."""
+    m = results["machine"]
+    v = m["versions"]
+    s = results["suites"]
+    out = [
+        "# guardd performance",
+        "",
+        f"Generated {results['generated_at']} by `make bench`"
+        + (" (**--quick**: fewer trials, shorter windows)" if results["quick"] else "")
+        + f" in {results.get('duration_s', 0):.0f} s.",
+        (
+            f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+            f"{m['os']}, Linux {m['kernel']}; load average at start "
+            f"{', '.join(f'{x:.2f}' for x in m['load_avg_at_start'])}."
+        ),
+        (
+            f"guardd {v['guardd']} (Python {v['python']}, httpx {v['httpx']}), nginx {v['nginx']}, "
+            f"blackbox_exporter {v['blackbox_exporter']}, monit {v['monit']}, curl {v['curl']}, "
+            f"wrk {v['wrk']}, hyperfine {v['hyperfine']}."
+        ),
+        f"guardd measured as installed: {results.get('guardd_install', {}).get('kind', '?')}.",
+        "Every comparison runs in the same run on the same machine; ratios are what to read.",
+        "",
+        "## Targets",
+        "",
+        "| target | wanted | measured | met |",
+        "|---|---|---|---|",
+    ]
+    out += [
+        f"| {r['target']} | {r['wanted']} | {_fmt(r['measured'])} | {_fmt(r['met'])} |"
+        for r in results.get("targets", [])
+    ]
+    out += _ttr(s.get("ttr"))
+    out += _cost(s.get("cost"))
+    out += _scale(s.get("scale"), s.get("quorum"))
+    out += _load(s.get("load"))
+    out += _ctl(s.get("ctl"))
+    if results.get("errors"):
+        out += ["", "## Suites that failed", ""]
+        out += [f"- {k}: {e}" for k, e in results["errors"].items()]
+    return "\n".join(out) + "\n"
+
+
+def _ttr(t: dict[str, Any] | None) -> list[str]:
+    if not t:
+        return []
+    ref = t["reference_switch_ms"]
+    out = [
+        "",
+        "## Time to rollback",
+        "",
+        (
+            "From green's first 503 until nginx serves only blue for "
+            f"{t['hold_s']:g} s, on fresh connections; 3 failures in a row; the same faults for "
+            "every guard (monit only at its 1 s minimum)."
+        ),
+        "",
+        (
+            "| interval | guard | trials | median | p95 | max | detection phase (mean) | "
+            "confirmed → blue only (median) | median / floor | over own floor p95 |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for tag, st in t["settings"].items():
+        fl = st.get("floor", {})
+        for tool, r in st["tools"].items():
+            ttr = r["ttr_ms"]
+            out.append(
+                f"| {tag} | {tool} | {ttr['n']}"
+                + (f" ({r['timeouts']} timed out)" if r["timeouts"] else "")
+                + f" | {_fmt(ttr['median'], ' ms')} | {_fmt(ttr['p95'], ' ms')} | "
+                f"{_fmt(ttr['max'], ' ms')} | {_fmt(r['detection_phase_ms']['mean'], ' ms')} | "
+                f"{_fmt(r['confirmed_to_blue_only_ms']['median'], ' ms')} | "
+                f"{_fmt(fl.get(f'{tool}_median_over_floor'))} | "
+                f"{_fmt(_get(r, 'excess_over_own_floor_ms', 'p95'), ' ms')} |"
+            )
+    out += [
+        "",
+        (
+            "| interval | floor | = failures after the first | + detection phase | "
+            "+ switch | + reload settle | guardd decision (median) | guardd switch + verify |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for tag, st in t["settings"].items():
+        fl = st.get("floor") or {}
+        p = fl.get("parts_ms", {})
+        g = st["tools"]["guardd"]
+        out.append(
+            f"| {tag} | {_fmt(fl.get('floor_ms'), ' ms')} | "
+            f"{_fmt(p.get('failures_after_the_first'), ' ms')} | "
+            f"{_fmt(p.get('mean_detection_phase'), ' ms')} | {_fmt(p.get('switch'), ' ms')} | "
+            f"{_fmt(p.get('reload_settle'), ' ms')} | "
+            f"{_fmt(g['decision_ms']['median'], ' ms')} | "
+            f"{_fmt(g['switch_and_verify_ms']['median'], ' ms')} |"
+        )
+    out += [
+        "",
+        (
+            "The floor is what any guard at that interval and threshold must take: the failures "
+            "after the first at the interval, the mean wait for the first probe after the fault "
+            "(guardd's, measured), and the switch and reload settling of the reference switch "
+            'below. "Over own floor" puts each trial\'s own detection phase in place of the mean, '
+            "so that where in the cadence the fault fell (up to a whole interval) does not count."
+        ),
+        "",
+        _reference_line(ref),
+    ]
+    return out
+
+
+def _reference_line(ref: dict[str, Any]) -> str:
+    def ms(key: str) -> str:
+        return _fmt(ref[key]["median"], " ms")
+
+    return (
+        f"Reference switch (ln + rename + `nginx -t` + reload, {ref['total_s']['n']} times): "
+        f"{ms('total_s')} median (`nginx -t` {ms('test_s')}, reload {ms('reload_s')}); "
+        f"the first answer from the new color came {ms('first_new_after_reload_s')} after "
+        f"the reload returned; old workers answered for {ms('old_answering_after_reload_s')}."
+    )
+
+
+def _cost(c: dict[str, Any] | None) -> list[str]:
+    if not c:
+        return []
+    subj = c["subjects"]
+    names = {
+        "guardd": "guardd (2 colors, 200 ms)",
+        "blackbox_exporter": "blackbox_exporter via /probe",
+        "shell_loop": "shell loop (bash + curl -fsS -m 2)",
+        "httpx_floor": "bare httpx.AsyncClient loop (floor of guardd's client)",
+        "asyncio_floor": "bare asyncio-streams loop (floor of any Python prober)",
+        "monit": "monit, 1 check, 1 s cycle",
+    }
+    out = [
+        "",
+        "## Cost per probe and memory",
+        "",
+        (
+            f"All at {c['rate_per_s']:g} probes/s (monit: 1/s), at the same time, over "
+            f"{c['window_s']:g} s; idle cost subtracted where an idle twin ran. "
+            "RSS in MiB at the end of the window."
+        ),
+        "",
+        "| prober | probes | CPU per probe | guardd / this | RSS |",
+        "|---|---|---|---|---|",
+    ]
+    for k, label in names.items():
+        r = subj[k]
+        ratio = "-" if k == "guardd" else _fmt(c["ratios"].get(f"guardd_over_{k}"))
+        out.append(
+            f"| {label} | {r['probes']} | {_fmt(r['cpu_per_probe_us'], ' µs')} | {ratio} | "
+            f"{_fmt(r['rss_mib'])} |"
+        )
+    g = subj["guardd"]
+    soak = c.get("soak") or {}
+    out += [
+        "",
+        (
+            f"guardd idle (interval 1 h): RSS {_fmt(g['idle_rss_mib'], ' MiB')} "
+            f"(PSS {_fmt(g['idle_pss_mib'], ' MiB')}), CPU {g['idle_cpu_ms_per_s']} ms per second "
+            f"(blackbox_exporter idle: {subj['blackbox_exporter']['idle_cpu_ms_per_s']} ms/s); "
+            f"CPU per probe with the idle cost left in: "
+            f"{_fmt(g['cpu_per_probe_us_idle_included'], ' µs')}."
+        ),
+    ]
+    if soak:
+        out.append(
+            f"After {soak['duration_s'] / 60:.1f} minutes of probing "
+            f"({soak['guardd_probes_logged']} probes): guardd RSS "
+            f"{_fmt(soak['guardd_rss_mib'], ' MiB')} (peak {_fmt(soak['guardd_peak_rss_mib'])}, "
+            f"PSS {_fmt(soak['guardd_pss_mib'])}), blackbox_exporter "
+            f"{_fmt(soak['blackbox_exporter_rss_mib'], ' MiB')}."
+        )
+    return out
+
+
+def _scale(sc: dict[str, Any] | None, q: dict[str, Any] | None) -> list[str]:
+    out: list[str] = []
+    if sc:
+        out += [
+            "",
+            "## Scale",
+            "",
+            (
+                f"{sc['instances']} guardd instances at {sc['interval_s']:g} s, each its own pair "
+                f"(state-file switcher), over {sc['window_s']:g} s: "
+                f"**{sc['total_cpu_pct_of_one_core']} %** of one core in total "
+                f"({sc['cpu_pct_per_instance']} % each), RSS {sc['total_rss_mib']} MiB in total "
+                f"(PSS {sc['total_pss_mib']} MiB; {sc['rss_per_instance_mib']} MiB each); "
+                f"{sc['instances_on_cadence']}/{sc['instances']} on cadence, probe gap median "
+                f"{_fmt(sc['probe_gap_ms']['median'], ' ms')}, worst {sc['worst_gap_ms']} ms; "
+                f"all started and READY in {sc['startup_s']} s."
+            ),
+        ]
+    if q:
+        out += [
+            "",
+            f"One instance whose active color has {q['urls']} URLs (quorum {q['quorum']}):",
+            "",
+            (
+                "| interval | rounds/s (wanted) | round duration p50 / p95 | CPU per round | "
+                "CPU (% of a core) | on cadence |"
+            ),
+            "|---|---|---|---|---|---|",
+        ]
+        for r in q["intervals"]:
+            out.append(
+                f"| {r['interval_ms']} ms | {r['rounds_per_s']} ({r['target_rounds_per_s']}) | "
+                f"{_fmt(r['round_ms']['median'])} / {_fmt(r['round_ms']['p95'], ' ms')} | "
+                f"{_fmt(r['cpu_per_round_ms'], ' ms')} | {r['cpu_pct_of_one_core']} | "
+                f"{_fmt(r['on_cadence'])} |"
+            )
+        out.append("")
+        out.append(
+            f"Keeps cadence down to {_fmt(q['shortest_interval_on_cadence_ms'], ' ms')}"
+            + (
+                f"; loses it at {q['first_interval_off_cadence_ms']} ms."
+                if q["first_interval_off_cadence_ms"]
+                else "."
+            )
+        )
+    return out
+
+
+def _load(ld: dict[str, Any] | None) -> list[str]:
+    if not ld:
+        return []
+    out = [
+        "",
+        "## Switch under load",
+        "",
+        (
+            "wrk through the guarded nginx while guardd rolls back from a failing green; phases "
+            "from guardd's journal (before `rollback_started`, switch, after "
+            "`rollback_completed`)."
+        ),
+        "",
+        (
+            "| clients | req/s | failing green's 5xx | errors during the switch | errors after | "
+            "socket errors (wrk) | fault → decision | switch + verify |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, r in ld["modes"].items():
+        se = ", ".join(f"{k} {n}" for k, n in r["socket_errors"].items() if n) or "0"
+        out.append(
+            f"| {mode} | {r['requests_per_s']:,} | {r['failing_green_5xx']} | "
+            f"{r['errors_caused_by_switch']} | {r['errors_after_switch']} | {se} | "
+            f"{_fmt(r['fault_to_rollback_started_ms'], ' ms')} | "
+            f"{_fmt(r['switch_phase_ms'], ' ms')} |"
+        )
+    out += [
+        "",
+        (
+            "Errors during and after the switch are requests that got no answer or a non-2xx "
+            "answer not from green: on kept-alive connections, requests lost when nginx's old "
+            "worker closed the connection under them; wrk's read errors also count kept-alive "
+            "connections closed while idle, which lose nothing."
+        ),
+    ]
+    return out
+
+
+def _ctl(c: dict[str, Any] | None) -> list[str]:
+    if not c:
+        return []
+    out = [
+        "",
+        "## guardctl",
+        "",
+        f"Process start to exit, hyperfine, {c['runs']} runs against a live guardd.",
+        "",
+        "| command | median | mean ± sd | min | target |",
+        "|---|---|---|---|---|",
+    ]
+    labels = {
+        "status": "guardctl status",
+        "status_json": "guardctl status --json",
+        "qos_status": "guardctl qos status",
+        "python_startup": "python3 -c pass (the interpreter alone)",
+    }
+    for k, label in labels.items():
+        r = c["results"].get(k)
+        if r:
+            out.append(
+                f"| {label} | {r['median_ms']} ms | {r['mean_ms']} ± {r['stddev_ms']} ms | "
+                f"{r['min_ms']} ms | {_fmt(r.get('target_ms'), ' ms')} |"
+            )
+    return out
