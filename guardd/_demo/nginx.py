@@ -1,11 +1,12 @@
-"""A private nginx for the demo: its own prefix, config, pid, logs and temp paths, on loopback.
+"""A private nginx: its own prefix, config, pid, logs and temp paths, on loopback.
 
-Layout under *root*::
+The demo runs one; the test suite builds its nginx harness on the same class. Layout
+under *root* (*name* is ``demo`` for the demo)::
 
-    nginx.conf                      includes upstreams/demo_active.conf
-    upstreams/demo_blue.conf        upstream demo_app { server 127.0.0.1:<blue port>; }
-    upstreams/demo_green.conf       the same for green
-    upstreams/demo_active.conf -> demo_green.conf
+    nginx.conf                      includes upstreams/<name>_active.conf
+    upstreams/<name>_blue.conf      upstream <name>_app { server 127.0.0.1:<blue port>; }
+    upstreams/<name>_green.conf     the same for green
+    upstreams/<name>_active.conf -> <name>_<active>.conf
     error.log, nginx.pid, temp/     everything this nginx writes stays here
 
 It proxies every path to the active upstream with `proxy_next_upstream off`, so a
@@ -52,15 +53,19 @@ def free_port() -> int:
 class Nginx:
     """One nginx master with one worker, started and stopped by the demo."""
 
-    def __init__(self, binary: str, root: Path, ports: Mapping[str, int], active: str) -> None:
+    def __init__(self, binary: str, root: Path, ports: Mapping[str, int], active: str, *,
+                 name: str = NAME, start_attempts: int = _START_ATTEMPTS) -> None:
         self.binary = binary
         self.root = root
+        self.name = name
+        self.start_attempts = start_attempts
         self.conf = root / "nginx.conf"
         self.pid_file = root / "nginx.pid"
         self.error_log = root / "error.log"
         upstreams = root / "upstreams"
-        self.active_link = upstreams / f"{NAME}_active.conf"
-        self.targets = {color: upstreams / f"{NAME}_{color}.conf" for color in ports}
+        self.upstream_dir = upstreams
+        self.active_link = upstreams / f"{name}_active.conf"
+        self.targets = {color: upstreams / f"{name}_{color}.conf" for color in ports}
         self._ports = dict(ports)
         self._active = active
         # -p and -e keep even start-up messages away from the system's /var/log/nginx.
@@ -91,14 +96,13 @@ class Nginx:
         """Write the config and the links, start nginx, return once it accepts connections."""
         (self.root / "temp").mkdir(parents=True, exist_ok=True)
         self.active_link.parent.mkdir(parents=True, exist_ok=True)
-        for color, target in self.targets.items():
-            target.write_text(
-                f"upstream {NAME}_app {{\n    server 127.0.0.1:{self._ports[color]};\n}}\n")
+        for color in self.targets:
+            self.write_target(color)
         if not self.active_link.is_symlink():
             self.active_link.symlink_to(self.targets[self._active])
         temp_paths = self._temp_paths()
         why = ""
-        for _ in range(_START_ATTEMPTS):
+        for _ in range(self.start_attempts):
             self.port = free_port()
             self.conf.write_text(self._render(temp_paths))
             if self._launch():
@@ -108,6 +112,13 @@ class Nginx:
             if "Address already in use" not in why:
                 break
         raise NginxFailed(why or "nginx exited at start-up without a word")
+
+    def write_target(self, color: str) -> Path:
+        """(Re)write *color*'s upstream file."""
+        target = self.targets[color]
+        target.write_text(
+            f"upstream {self.name}_app {{\n    server 127.0.0.1:{self._ports[color]};\n}}\n")
+        return target
 
     def stop(self) -> None:
         """Quit nginx gracefully (then firmly) and wait until the master is gone."""
@@ -165,7 +176,7 @@ class Nginx:
         for log in (self.error_log, self.root / "nginx.stderr"):
             with contextlib.suppress(OSError):
                 text += log.read_text(errors="replace")
-        return "\n".join(text.strip().splitlines()[-5:])
+        return "\n".join(text.strip().splitlines()[-20:])
 
     def _temp_paths(self) -> str:
         # nginx-light is built without some modules; naming their temp path is an error.
@@ -200,7 +211,7 @@ http {{
     server {{
         listen 127.0.0.1:{self.port};
         location / {{
-            proxy_pass http://{NAME}_app;
+            proxy_pass http://{self.name}_app;
             proxy_next_upstream off;
             proxy_http_version 1.1;
             proxy_set_header Connection "";

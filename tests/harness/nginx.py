@@ -30,10 +30,8 @@ apt-get (root only) or fails loudly.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -41,6 +39,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
+from guardd._demo import nginx as private
 from tests.harness.upstream import Upstream
 
 _START_ATTEMPTS = 5
@@ -74,8 +73,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class Nginx:
-    """A private nginx master with one worker, its config and upstream links under *tmp*."""
+class Nginx(private.Nginx):
+    """guardd's private nginx (the demo's), plus what tests ask of it."""
 
     def __init__(
         self,
@@ -85,78 +84,18 @@ class Nginx:
         *,
         active: str = "blue",
     ) -> None:
-        self.tmp = tmp
         self.upstreams = dict(upstreams)
-        self.name = name
-        self.binary = nginx_binary()
-        self.conf = tmp / "nginx.conf"
-        self.pid_file = tmp / "nginx.pid"
-        self.error_log = tmp / "error.log"
-        self.upstream_dir = tmp / "upstreams"
-        self.active_link = self.upstream_dir / f"{name}_active.conf"
-        self.targets: dict[str, Path] = {
-            color: self.upstream_dir / f"{name}_{color}.conf" for color in self.upstreams
-        }
-        # -p and -e keep even nginx's start-up messages away from /var/log/nginx.
-        self._common_args = ["-p", f"{tmp}/", "-e", str(self.error_log), "-c", str(self.conf)]
-        self.test_command: list[str] = [self.binary, "-t", "-q", *self._common_args]
-        self.reload_command: list[str] = [self.binary, "-s", "reload", *self._common_args]
-        self.port = 0
-        self._initial = active
-        self._process: subprocess.Popen[bytes] | None = None
+        super().__init__(nginx_binary(), tmp, {c: u.port for c, u in self.upstreams.items()},
+                         active, name=name, start_attempts=_START_ATTEMPTS)
+        self.tmp = tmp
 
-    @property
-    def front_url(self) -> str:
-        """The health URL through nginx."""
-        return f"http://127.0.0.1:{self.port}/healthz"
-
-    @property
-    def master_pid(self) -> int | None:
-        """The master process's pid while it runs."""
-        return self._process.pid if self._process and self._process.poll() is None else None
-
-    def write_target(self, color: str) -> Path:
-        """(Re)write *color*'s upstream file, e.g. to repair one a test broke."""
-        target = self.targets[color]
-        upstream = self.upstreams[color]
-        target.write_text(
-            f"upstream {self.name}_app {{\n    server {upstream.host}:{upstream.port};\n}}\n"
-        )
-        return target
-
-    def start(self) -> Nginx:
+    def start(self) -> Nginx:  # type: ignore[override]
         """Write the config and links, start nginx, return once it accepts connections."""
-        (self.tmp / "temp").mkdir(parents=True, exist_ok=True)
-        self.upstream_dir.mkdir(parents=True, exist_ok=True)
-        for color in self.targets:
-            self.write_target(color)
-        if not self.active_link.is_symlink():
-            self.active_link.symlink_to(self.targets[self._initial])
-        last_error = ""
-        for _ in range(_START_ATTEMPTS):
-            self.port = free_port()
-            self.conf.write_text(self._render_conf())
-            if self._launch():
-                return self
-            last_error = self._error_tail()
-            # Another test may have grabbed the port between probe and bind; retry.
-            if "Address already in use" not in last_error:
-                break
-        raise RuntimeError(f"nginx did not start:\n{last_error}")
-
-    def stop(self) -> None:
-        """Quit nginx (gracefully, then firmly) and wait until the master is gone."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        for sig, grace in ((signal.SIGQUIT, 5.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-            if process.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(grace)
-        process.wait()
+        try:
+            super().start()
+        except private.NginxFailed as e:
+            raise RuntimeError(f"nginx did not start:\n{e}") from None
+        return self
 
     def reload(self) -> None:
         """Run the reload command; raise if nginx refuses."""
@@ -175,20 +114,12 @@ class Nginx:
                     pids.add(int(stat_file.parent.name))
         return pids
 
-    def served_color(self, path: str = "/healthz", timeout: float = 5.0) -> str | None:
-        """GET *path* on a fresh connection; return its X-Color, or None on error or non-2xx."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request("GET", path, headers={"Connection": "close"})
-            response = conn.getresponse()
-            response.read()
-            if not 200 <= response.status < 300:
-                return None
-            return response.getheader("X-Color")
-        except (OSError, http.client.HTTPException):
+    def served_color(self, timeout: float = 5.0) -> str | None:
+        """GET /healthz on a fresh connection; its X-Color, or None on an error or non-2xx."""
+        answer = self.front_door(timeout)
+        if answer is None or not 200 <= answer[0] < 300:
             return None
-        finally:
-            conn.close()
+        return answer[1]
 
     def wait_serving_only(
         self, color: str, hold: float = 0.5, timeout: float = 15.0, interval: float = 0.01
@@ -216,94 +147,3 @@ class Nginx:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-    def _launch(self) -> bool:
-        """Start the master; True once it listens, False if it exited first."""
-        self.pid_file.unlink(missing_ok=True)
-        with (self.tmp / "nginx.stderr").open("ab") as stderr:
-            self._process = subprocess.Popen(
-                [self.binary, *self._common_args],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 15.0
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                self._process = None
-                return False
-            if self.pid_file.exists() and self._accepts():
-                return True
-            time.sleep(0.01)
-        self.stop()
-        raise RuntimeError(f"nginx did not listen on port {self.port} within 15 s")
-
-    def _accepts(self) -> bool:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(1.0)
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def _error_tail(self) -> str:
-        text = ""
-        for log in (self.error_log, self.tmp / "nginx.stderr"):
-            with contextlib.suppress(OSError):
-                text += log.read_text(errors="replace")
-        return "\n".join(text.splitlines()[-20:])
-
-    def _render_conf(self) -> str:
-        tmp = self.tmp
-        temp_paths = "\n".join(
-            f"    {module}_temp_path {tmp}/temp/{module};"
-            for module in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-            if module == "client_body" or _has_module(self.binary, module)
-        )
-        # Workers of a root master default to "nobody", who cannot enter pytest's 0700
-        # temp dirs; this nginx only talks to loopback, so root workers are fine here.
-        user = "user root root;\n" if os.geteuid() == 0 else ""
-        return f"""# private nginx for guardd tests; everything it writes stays under {tmp}
-{user}worker_processes 1;
-daemon off;
-master_process on;
-pid {self.pid_file};
-lock_file {tmp}/nginx.lock;
-error_log {self.error_log} warn;
-
-events {{
-    worker_connections 128;
-}}
-
-http {{
-    access_log off;
-{temp_paths}
-
-    include {self.active_link};
-
-    server {{
-        listen 127.0.0.1:{self.port};
-        location / {{
-            proxy_pass http://{self.name}_app;
-            proxy_next_upstream off;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_connect_timeout 2s;
-            proxy_read_timeout 10s;
-        }}
-    }}
-}}
-"""
-
-
-_modules: dict[str, set[str]] = {}
-
-
-def _has_module(binary: str, module: str) -> bool:
-    """Tell whether *binary* was built with http_<module>_module (nginx-light drops some)."""
-    if binary not in _modules:
-        built = subprocess.run([binary, "-V"], capture_output=True, text=True, check=True)
-        _modules[binary] = {
-            flag.removeprefix("--without-http_").removesuffix("_module")
-            for flag in built.stderr.split()
-            if flag.startswith("--without-http_")
-        }
-    return module not in _modules[binary]
