@@ -92,7 +92,11 @@ def _verifying_context(ca_file: str | None) -> ssl.SSLContext:
 
 
 class HttpProber:
-    """Probes one color's URLs with a reused client and applies the quorum."""
+    """Probes one color's URLs, each with its own reused client, and applies the quorum.
+
+    A client per URL keeps each connection pool tiny: httpx scans its whole pool on every
+    request, so one client holding a hundred connections made a round quadratic.
+    """
 
     def __init__(
         self,
@@ -109,22 +113,24 @@ class HttpProber:
         self.spec = spec
         self.quorum = quorum
         self._limit = anyio.CapacityLimiter(max(1, min(max_concurrency, len(self.urls))))
-        self._client = httpx.AsyncClient(
-            headers=dict(spec.headers),
-            timeout=httpx.Timeout(spec.timeout),
-            follow_redirects=spec.follow_redirects,
-            verify=_ssl_context(spec),
-            limits=httpx.Limits(
-                max_connections=max(4, len(self.urls)),
-                max_keepalive_connections=max(4, len(self.urls)),
-            ),
-            transport=transport,
-            trust_env=False,
-        )
+        verify = _ssl_context(spec)
+        self._clients = {
+            url: httpx.AsyncClient(
+                headers=dict(spec.headers),
+                timeout=httpx.Timeout(spec.timeout),
+                follow_redirects=spec.follow_redirects,
+                verify=verify,
+                limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
+                transport=transport,
+                trust_env=False,
+            )
+            for url in dict.fromkeys(self.urls)
+        }
 
     async def aclose(self) -> None:
         """Close the client and its pooled connections."""
-        await self._client.aclose()
+        for client in self._clients.values():
+            await client.aclose()
 
     async def probe(self) -> ProbeResult:
         """One round: every URL once, judged by the quorum."""
@@ -183,7 +189,7 @@ class HttpProber:
         return ProbeResult(outcome, time.perf_counter() - started, error, status)
 
     async def _exchange(self, url: str) -> tuple[Outcome, str | None, int | None]:
-        async with self._client.stream("GET", url) as response:
+        async with self._clients[url].stream("GET", url) as response:
             status = response.status_code
             if not _status_ok(self.spec, status):
                 await response.aclose()
