@@ -28,7 +28,7 @@ from types import FrameType
 from typing import Any, Final, TextIO, TypeVar
 
 import guardd
-from guardd._demo.nginx import Nginx, NginxFailed, find_nginx
+from guardd._demo.nginx import Nginx, NginxFailed, find_nginx, terminate
 from guardd._demo.servers import Receiver, Upstream
 from guardd._demo.view import Frame, View, clean
 from guardd.control.client import call
@@ -326,7 +326,11 @@ class _Demo:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True)
         self._guardd = process
-        self._undo.append(("guardd", lambda: f"guardd stopped ({_exit_text(_terminate(process))})"))
+        def stop_guardd() -> str:
+            # SIGTERM lets guardd finish or undo a switch in flight; 15 s is plenty here.
+            return f"guardd stopped ({_exit_text(terminate(process, ((signal.SIGTERM, 15.0),)))})"
+
+        self._undo.append(("guardd", stop_guardd))
 
         def ready() -> bool:
             self._check_alive()
@@ -617,18 +621,6 @@ def _config(*, blue: Upstream, green: Upstream, nginx: Nginx | None, state_file:
         'events = ["rollback", "hold"]',
     ]
     return "\n".join(lines) + "\n"
-
-
-def _terminate(process: subprocess.Popen[bytes]) -> int:
-    """SIGTERM, a bounded wait, then SIGKILL: the exit status."""
-    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
-        if process.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(grace)
-    return process.wait()
 
 
 def _exit_text(code: int) -> str:

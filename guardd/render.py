@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, TextIO
 
-__all__ = ["render_change", "render_history", "render_qos", "render_status", "use_color"]
+__all__ = ["clean", "render_change", "render_history", "render_qos", "render_status", "use_color"]
 
 _RESET: Final = "\x1b[0m"
 _GREEN: Final = "\x1b[32m"
@@ -41,7 +41,8 @@ class _Paint:
         return f"{code}{text}{_RESET}" if self.enabled and code else text
 
 
-def _clean(value: object) -> str:
+def clean(value: object) -> str:
+    """`value` as text that cannot drive the terminal: control characters escaped."""
     # Control characters from an upstream's error or an operator's reason must not
     # reach the terminal raw: an escape sequence could rewrite what the operator sees.
     text = str(value)
@@ -52,7 +53,7 @@ def _clean(value: object) -> str:
 
 
 def _text(value: object) -> str:
-    return _NONE if value is None or value == "" else _clean(value)
+    return _NONE if value is None or value == "" else clean(value)
 
 
 def _number(value: object) -> str:
@@ -142,7 +143,7 @@ def _upstream_row(color: str, upstream: Mapping[str, Any], active: bool
     last_error = upstream.get("last_error")
     return [
         ("*" if active else "", _BOLD if active else None),
-        (_clean(color), _BOLD if active else None),
+        (clean(color), _BOLD if active else None),
         _healthy(upstream),
         (_text(upstream.get("consecutive_failures")), None),
         (_ratio(upstream.get("error_ratio")), None),
@@ -165,10 +166,10 @@ def _evidence(evidence: object) -> str:
 def _decision(decision: object) -> str:
     if not isinstance(decision, Mapping):
         return _NONE
-    head = " ".join(_clean(decision[k]) for k in ("ts", "action", "severity")
+    head = " ".join(clean(decision[k]) for k in ("ts", "action", "severity")
                     if decision.get(k) is not None)
     reason = decision.get("reason")
-    return f"{head}{': ' + _clean(reason) if reason else ''}{_evidence(decision.get('evidence'))}"
+    return f"{head}{': ' + clean(reason) if reason else ''}{_evidence(decision.get('evidence'))}"
 
 
 def _move(event: Mapping[str, Any]) -> str:
@@ -176,7 +177,7 @@ def _move(event: Mapping[str, Any]) -> str:
     if source is None and target is None:
         return _NONE
     # One end may be unknown: `started` only names the color it found active.
-    return f"{'' if source is None else _clean(source)}->{'' if target is None else _clean(target)}"
+    return f"{'' if source is None else clean(source)}->{'' if target is None else clean(target)}"
 
 
 def _event(event: object) -> str:
@@ -186,19 +187,19 @@ def _event(event: object) -> str:
     if (move := _move(event)) != _NONE:
         parts.append(move)
     if event.get("severity") is not None:
-        parts.append(_clean(event["severity"]))
+        parts.append(clean(event["severity"]))
     if event.get("by") is not None:
-        parts.append(f"by {_clean(event['by'])}")
+        parts.append(f"by {clean(event['by'])}")
     reason = event.get("reason")
-    return " ".join(parts) + (f": {_clean(reason)}" if reason else "")
+    return " ".join(parts) + (f": {clean(reason)}" if reason else "")
 
 
 def _lock(qos: object) -> tuple[str, str | None]:
     if not isinstance(qos, Mapping) or not qos.get("locked"):
         return "none, deploys allowed", None
-    details = [f"until {_clean(qos['until'])}" if qos.get("until") else "no expiry"]
+    details = [f"until {clean(qos['until'])}" if qos.get("until") else "no expiry"]
     if qos.get("by"):
-        details.append(f"by {_clean(qos['by'])}")
+        details.append(f"by {clean(qos['by'])}")
     return f"HELD: {_text(qos.get('reason'))} ({', '.join(details)})", _YELLOW
 
 
@@ -226,18 +227,18 @@ def render_status(status: Mapping[str, Any], *, color: bool = False) -> str:
     field("guard", _text(status.get("guard")))
     field("state", _text(state), _state_code(state))
     standby = status.get("standby")
-    field("active", _text(active) + (f" (standby {_clean(standby)})" if standby else ""))
+    field("active", _text(active) + (f" (standby {clean(standby)})" if standby else ""))
     target = status.get("rollback_to")
     field("rollback to", _text(target) + (" (already active)" if target and target == active
                                           else ""))
     field("qos lock", *_lock(status.get("qos")))
     if status.get("paused"):
         reason = status.get("paused_reason")
-        field("paused", "yes" + (f": {_clean(reason)}" if reason else ""), _YELLOW)
+        field("paused", "yes" + (f": {clean(reason)}" if reason else ""), _YELLOW)
     else:
         field("paused", "no")
     if status.get("hold_reason"):
-        field("hold reason", _clean(status["hold_reason"]), _RED)
+        field("hold reason", clean(status["hold_reason"]), _RED)
     storage = status.get("storage")
     if isinstance(storage, Mapping) and (storage.get("ok") is False or storage.get("errors")):
         field("storage", f"{_text(storage.get('errors'))} write errors, last: "
@@ -257,7 +258,7 @@ def render_history(events: Sequence[Mapping[str, Any]], *, color: bool = False) 
         return "no events\n"
     paint = _Paint(color)
     rows = [(_text(e.get("ts")), _text(e.get("event")), _move(e), _text(e.get("severity")),
-             _text(e.get("by")), _clean(e.get("reason") or "")) for e in events]
+             _text(e.get("by")), clean(e.get("reason") or "")) for e in events]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = []
     for row, event in zip(rows, events, strict=True):
@@ -272,19 +273,19 @@ def render_qos(lock: Mapping[str, Any], path: str, *, color: bool = False) -> st
     """The `guardctl qos status` text for a lock in the `{"locked": ..., ...}` shape."""
     paint = _Paint(color)
     if not lock.get("locked"):
-        return f"{paint('no QoS lock', _GREEN)}: deploys allowed ({_clean(path)})\n"
+        return f"{paint('no QoS lock', _GREEN)}: deploys allowed ({clean(path)})\n"
     lines = [f"{paint('QoS lock HELD', _YELLOW)}: deploys blocked"]
     for label, key in (("reason", "reason"), ("until", "until"), ("locked at", "locked_at"),
                        ("by", "by")):
         lines.append(f"  {label:<11}{_text(lock.get(key))}")
-    lines.append(f"  {'file':<11}{_clean(path)}")
+    lines.append(f"  {'file':<11}{clean(path)}")
     return "\n".join(lines) + "\n"
 
 
 def render_change(cmd: str, result: Mapping[str, Any]) -> str:
     """What a change did, from guardd's answer: the active color, the journal entry, the lock."""
     message = result.get("message")
-    lines = [_clean(message) if isinstance(message, str) and message
+    lines = [clean(message) if isinstance(message, str) and message
              else f"{cmd.replace('_', ' ')}: done"]
     if "active" in result:
         lines.append(f"  {'active':<10}{_text(result['active'])}")

@@ -27,11 +27,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-__all__ = ["Nginx", "NginxFailed", "find_nginx"]
+__all__ = ["Nginx", "NginxFailed", "find_nginx", "terminate"]
 
 NAME: Final = "demo"
 _TEMP_MODULES: Final = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 _START_ATTEMPTS: Final = 3
+
+
+def terminate(process: subprocess.Popen[bytes],
+              steps: tuple[tuple[signal.Signals, float], ...]) -> int:
+    """Each signal in turn with its grace period, then SIGKILL: the exit status."""
+    for sig, grace in (*steps, (signal.SIGKILL, 10.0)):
+        if process.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(grace)
+    return process.wait()
 
 
 class NginxFailed(Exception):
@@ -123,16 +136,9 @@ class Nginx:
     def stop(self) -> None:
         """Quit nginx gracefully (then firmly) and wait until the master is gone."""
         process, self.process = self.process, None
-        if process is None:
-            return
-        for sig, grace in ((signal.SIGQUIT, 5.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-            if process.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(grace)
-        process.wait()
+        if process is not None:
+            # QUIT lets the workers finish their requests; nginx treats TERM as "fast".
+            terminate(process, ((signal.SIGQUIT, 5.0), (signal.SIGTERM, 5.0)))
 
     def front_door(self, timeout: float = 2.0) -> tuple[int, str | None] | None:
         """GET /healthz on a fresh connection: (status, answering color), or None on an error."""

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
-from guardd.render import use_color
+from guardd.render import clean, use_color
 
 __all__ = ["Frame", "View", "clean"]
 
@@ -171,13 +171,6 @@ class View:
                          f"p95 {_ms(up.get('p95_ms'))}")
         return " | ".join(key), " | ".join(parts)
 
-def clean(value: object) -> str:
-    """`value` as text that cannot drive the terminal: control characters are escaped."""
-    text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
 
 
 def _upstream(status: Mapping[str, Any], color: str) -> Mapping[str, Any]:
