@@ -128,16 +128,20 @@ class Guard:
             self._storage_failed("journal", str(e))
         else:
             self._storage_ok("journal")
-        if event == "rollback_completed" and entry.get("by") == GUARDD:
-            self._auto_rollbacks.append(self.clock.monotonic())
-        elif event == "resumed":
-            self._budget_since = self.clock.monotonic()
-            self._auto_rollbacks.clear()
+        self._count_for_budget(entry, self.clock.monotonic())
         self.log.info(
             event, **{k: v for k, v in entry.items() if k not in ("event", "guard", "ts")}
         )
         self.notify(entry)
         return entry
+
+    def _count_for_budget(self, entry: dict[str, Any], at: float) -> None:
+        """Count an automatic rollback, or an operator's `resumed`, at monotonic `at`."""
+        if entry.get("event") == "rollback_completed" and entry.get("by") == GUARDD:
+            self._auto_rollbacks.append(at)
+        elif entry.get("event") == "resumed":
+            self._budget_since = at
+            self._auto_rollbacks.clear()
 
     def _storage_failed(self, kind: str, message: str) -> None:
         self.storage.errors += 1
@@ -188,18 +192,10 @@ class Guard:
         """Rebuild the rollback budget from the journal, so a restart does not reset it."""
         # Across a restart only the journal's wall-clock stamps tell; they are placed on
         # the monotonic clock once, here.
+        # Rollbacks older than `budget_window` fall out in `_rollbacks_in_budget`.
         wall, mono = self.clock.wall(), self.clock.monotonic()
-        horizon = wall - self.s.policy.budget_window
         for entry in self.journal.recent:
-            if entry.get("event") == "resumed":
-                self._budget_since = mono - (wall - _ts(entry))
-                self._auto_rollbacks.clear()
-            elif (
-                entry.get("event") == "rollback_completed"
-                and entry.get("by") == GUARDD
-                and _ts(entry) >= horizon
-            ):
-                self._auto_rollbacks.append(mono - (wall - _ts(entry)))
+            self._count_for_budget(entry, mono - (wall - _ts(entry)))
 
     def open_rollback(self) -> dict[str, Any] | None:
         """The last `rollback_started` that no completion or failure closed."""
@@ -246,11 +242,18 @@ class Guard:
 
     async def _resume_rollback(self, started: dict[str, Any]) -> None:
         target = started.get("to")
-        source = started.get("from")
+        # A journal line is data: only a real color is remembered as the one rolled away from.
+        source = started.get("from") if started.get("from") in COLORS else None
         if target not in COLORS:
             return
         reason = f"interrupted by a restart; resumed: {started.get('reason')}"
         self.log.warning("rollback_resuming", rollback_id=started.get("id"), target=target)
+        closing: dict[str, Any] = {
+            "severity": started.get("severity"),
+            "by": str(started.get("by", GUARDD)),
+            "evidence": started.get("evidence"),
+            "rollback_id": str(started.get("id")),
+        }
         try:
             with anyio.fail_after(self.s.switch_timeout):
                 if self.active != target:
@@ -258,42 +261,11 @@ class Guard:
                 await self._verify()
         except (SwitchError, TimeoutError) as e:
             self.active = await self.switcher.read_active()
-            self.record(
-                "rollback_failed",
-                source=source,
-                target=target,
-                reason=f"{reason}; {_why(e)}",
-                severity=started.get("severity"),
-                by=started.get("by", GUARDD),
-                rollback_id=started.get("id"),
-            )
-            hold = self.machine.rollback_failed(
-                f"rollback to {target} failed: {_why(e)}", None, started.get("severity")
-            )
-            self.record(
-                "hold",
-                source=source,
-                target=target,
-                reason=hold.reason,
-                severity=started.get("severity"),
-            )
+            self._close_failed(source, target, reason=reason, why=_why(e), **closing)
             return
         self.active = target
-        self.record(
-            "rollback_completed",
-            source=source,
-            target=target,
-            reason=reason,
-            severity=started.get("severity"),
-            by=started.get("by", GUARDD),
-            evidence=started.get("evidence"),
-            rollback_id=started.get("id"),
-        )
-        if source in COLORS:
-            self.machine.rollback_succeeded(source)
-        self.take_lock(
-            f"rollback {source} -> {target}: {started.get('reason')}",
-            by=str(started.get("by", GUARDD)),
+        self._close_completed(
+            source, target, reason=reason, lock_reason=str(started.get("reason")), **closing
         )
 
     def _restore_lock(self, saved: object) -> None:
@@ -519,27 +491,17 @@ class Guard:
                 await self.faults.reach("before_rollback_completed")
         self.rolling_back = False
         elapsed = self.clock.monotonic() - started_at
-        rid = {"rollback_id": opened["id"]} if opened else {}
+        closing: dict[str, Any] = {
+            "severity": severity,
+            "by": by,
+            "evidence": evidence,
+            "rollback_id": opened["id"] if opened else "",
+        }
         if failure is not None:
             self.active = await self.switcher.read_active()
             why = _why(failure)
             if kind == "rollback":
-                self.record(
-                    "rollback_failed",
-                    source=source,
-                    target=target,
-                    reason=f"{reason}; switch failed: {why}",
-                    severity=severity,
-                    by=by,
-                    evidence=evidence,
-                    **rid,
-                )
-                hold = self.machine.rollback_failed(
-                    f"rollback {source} -> {target} failed: {why}", None, severity
-                )
-                self.record(
-                    "hold", source=source, target=target, reason=hold.reason, severity=severity
-                )
+                self._close_failed(source, target, reason=reason, why=why, **closing)
                 return
             self.record(
                 "alert",
@@ -554,21 +516,14 @@ class Guard:
         self.metrics.set_active(target)
         self.machine.policy.reset()
         if kind == "rollback":
-            self.record(
-                "rollback_completed",
-                source=source,
-                target=target,
+            self._close_completed(
+                source,
+                target,
                 reason=reason,
-                severity=severity,
-                by=by,
-                evidence=evidence,
+                lock_reason=reason,
                 duration_ms=round(elapsed * 1000, 1),
-                **rid,
+                **closing,
             )
-            self.metrics.rollback_completed(severity or "manual")
-            if source is not None:
-                self.machine.rollback_succeeded(source)
-            self.take_lock(f"rollback {source} -> {target}: {reason}", by=by)
         else:
             self.record(
                 kind,
@@ -578,6 +533,64 @@ class Guard:
                 by=by,
                 duration_ms=round(elapsed * 1000, 1),
             )
+
+    def _close_failed(
+        self,
+        source: Color | None,
+        target: Color,
+        *,
+        reason: str,
+        why: str,
+        severity: Severity | None,
+        by: str,
+        evidence: dict[str, Any] | None,
+        rollback_id: str,
+    ) -> None:
+        """Journal a rollback that failed (and was undone), and hold for an operator."""
+        self.record(
+            "rollback_failed",
+            source=source,
+            target=target,
+            reason=f"{reason}; switch failed: {why}",
+            severity=severity,
+            by=by,
+            evidence=evidence,
+            rollback_id=rollback_id,
+        )
+        hold = self.machine.rollback_failed(
+            f"rollback {source} -> {target} failed: {why}", None, severity
+        )
+        self.record("hold", source=source, target=target, reason=hold.reason, severity=severity)
+
+    def _close_completed(
+        self,
+        source: Color | None,
+        target: Color,
+        *,
+        reason: str,
+        lock_reason: str,
+        severity: Severity | None,
+        by: str,
+        evidence: dict[str, Any] | None,
+        rollback_id: str,
+        **extra: Any,
+    ) -> None:
+        """Journal a verified rollback, count it, and take the QoS lock."""
+        self.record(
+            "rollback_completed",
+            source=source,
+            target=target,
+            reason=reason,
+            severity=severity,
+            by=by,
+            evidence=evidence,
+            rollback_id=rollback_id,
+            **extra,
+        )
+        self.metrics.rollback_completed(severity or "manual")
+        if source is not None:
+            self.machine.rollback_succeeded(source)
+        self.take_lock(f"rollback {source} -> {target}: {lock_reason}", by=by)
 
     async def _verify(self) -> None:
         """Confirm the front door serves: `verify_successes` passing answers in a row."""
