@@ -7,6 +7,9 @@ export UV_LINK_MODE := copy
 # A uv installed by this Makefile lives here when none is on PATH.
 UV_HOME := $(HOME)/.cache/guardd-uv
 UV := $(shell command -v uv 2>/dev/null || echo $(UV_HOME)/bin/uv)
+# Passed down by absolute path: the uv installed into UV_HOME is never on PATH, so tests,
+# benchmarks and packaging scripts must take it from here (tests/harness/wheelhouse.py).
+export UV
 PYTEST_ARGS ?=
 
 .PHONY: help

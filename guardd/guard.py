@@ -703,7 +703,7 @@ class Guard:
     # ---- what guardctl sees ------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """The CONTRACT §1 `status --json` object."""
+        """The docs/contract.md §1 `status --json` object."""
         now = self.clock.monotonic()
         lock = qoslock.read_lock(self.s.lock_file)
         upstreams: dict[str, Any] = {}

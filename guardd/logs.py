@@ -1,4 +1,4 @@
-"""structlog set-up (CONTRACT §7): JSON off a terminal or under journald, console on one."""
+"""structlog set-up (docs/contract.md §7): JSON off a terminal or under journald, console on one."""
 
 from __future__ import annotations
 

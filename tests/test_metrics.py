@@ -1,4 +1,4 @@
-"""guardd's metrics: the CONTRACT §5 names, their behaviour, the endpoint and a real scrape."""
+"""guardd's metrics: the docs/contract.md §5 names, their behaviour, the endpoint, a scrape."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.anyio
 
 GUARD = "threader"
 
-# CONTRACT §5, plus the two storage/liveness metrics the contract is getting: name -> (type,
+# docs/contract.md §5, plus the two storage/liveness metrics the contract is getting: name -> (type,
 # labels besides `guard`).
 CONTRACT_METRICS = {
     "guardd_probe_total": ("counter", {"color", "outcome"}),

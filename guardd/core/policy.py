@@ -10,7 +10,7 @@ from guardd.core.window import WindowStats
 
 @dataclass(frozen=True, slots=True)
 class PolicySpec:
-    """The thresholds of CONTRACT §2 `[policy]`, in seconds and ratios."""
+    """The thresholds of docs/contract.md §2 `[policy]`, in seconds and ratios."""
 
     rollback_to: str = "previous"
     consecutive_failures: int = 3

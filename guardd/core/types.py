@@ -17,7 +17,7 @@ def other(color: Color) -> Color:
 
 
 class Outcome(StrEnum):
-    """How one probe ended (CONTRACT §5 `outcome` label)."""
+    """How one probe ended (docs/contract.md §5 `outcome` label)."""
 
     OK = "ok"
     HTTP_5XX = "http_5xx"
@@ -28,7 +28,7 @@ class Outcome(StrEnum):
 
 
 class State(StrEnum):
-    """The guard's states (CONTRACT §5)."""
+    """The guard's states (docs/contract.md §5)."""
 
     STARTING = "starting"
     STEADY = "steady"

@@ -39,7 +39,7 @@ from guardd.secrets import Secret, redact
 
 SinkKind = Literal["slack", "discord", "webhook"]
 
-#: Every event name the journal writes (CONTRACT §4).
+#: Every event name the journal writes (docs/contract.md §4).
 JOURNAL_EVENTS: Final = frozenset({
     "started", "stopped", "rollback_started", "rollback_completed", "rollback_failed",
     "switch", "promote", "hold", "external_switch", "qos_locked", "qos_extended",

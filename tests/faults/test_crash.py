@@ -24,7 +24,7 @@ from tests.harness.daemon import wait_until
 
 pytestmark = pytest.mark.nginx
 
-# In the order a rollback passes them (CONTRACT §3; the nginx switcher's steps).
+# In the order a rollback passes them (docs/contract.md §3; the nginx switcher's steps).
 POINTS = [
     "after_rollback_started",
     "after_link_written",

@@ -1,6 +1,6 @@
 """Security faults: shell metacharacters, unprivileged callers, leaked secrets, planted symlinks.
 
-What CONTRACT §1/§3/§7 promise is checked against a running daemon: commands are argv
+What docs/contract.md §1/§3/§7 promise is checked against a running daemon: commands are argv
 lists and never meet a shell, a caller who is not an admin changes nothing however the
 request is crafted, secrets never reach a file or a log line, and guardd never writes
 through a symlink planted where its own files belong.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,14 +14,31 @@ from tests.harness.rootfs import HarnessError
 TARGET_PYTHON = "3.11"
 
 
+def uv_binary() -> str:
+    """The uv that `make` installed or found: ``$UV`` first, as the Makefile exports it.
+
+    `make bootstrap` installs uv into ``~/.cache/guardd-uv`` when none is on PATH, and that
+    directory is never on PATH: the Makefile passes its absolute path down as ``UV``.
+    Raises HarnessError naming both places when neither has one.
+    """
+    found = os.environ.get("UV") or shutil.which("uv")
+    if not found or not (Path(found).is_absolute() or shutil.which(found)):
+        raise HarnessError(
+            "no uv: run the tests through `make test` (it installs uv and exports UV), "
+            "or set UV=/path/to/uv"
+        )
+    return found
+
+
 def build_wheelhouse(project: Path, dest: Path) -> Path:
     """Build wheels of guardd and every runtime dependency into ``dest`` and return it."""
     dest.mkdir(parents=True, exist_ok=True)
-    _run(["uv", "build", "--wheel", "--out-dir", str(dest), str(project)], cwd=project)
+    uv = uv_binary()
+    _run([uv, "build", "--wheel", "--out-dir", str(dest), str(project)], cwd=project)
     requirements = dest / "requirements.txt"
     exported = _run(
         [
-            "uv",
+            uv,
             "export",
             "--frozen",
             "--no-dev",
@@ -34,7 +53,7 @@ def build_wheelhouse(project: Path, dest: Path) -> Path:
     # `pip wheel`, not `pip download --only-binary`: sdnotify is published as an sdist only.
     _run(
         [
-            "uv",
+            uv,
             "run",
             "--no-project",
             "--isolated",

@@ -42,7 +42,7 @@ FAST = RetryPolicy(attempts=5, base_delay=0.05, max_delay=0.2)
 
 def journal_event(name: str = "rollback_completed", event_id: str = "ev-1",
                   **extra: Any) -> dict[str, Any]:
-    """A journal event as guardd writes it (CONTRACT §4), with its id and evidence."""
+    """A journal event as guardd writes it (docs/contract.md §4), with its id and evidence."""
     return {
         "ts": "2024-05-01T12:00:00Z", "event": name, "guard": "threader", "from": "green",
         "to": "blue", "reason": "p0: 5xx ratio 0.80 >= 0.50", "severity": "P0", "by": "guardd",
