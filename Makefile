@@ -37,6 +37,7 @@ test: bootstrap system-deps  ## the full suite (installs what it needs)
 .PHONY: lint
 lint: bootstrap  ## ruff, mypy --strict on guardd/, bandit
 	$(UV) run --frozen ruff check guardd tests bench
+	$(UV) run --frozen ruff format --check guardd tests bench
 	$(UV) run --frozen mypy
 	# B101 asserts only narrow types; B404/B603: every subprocess is an argv list, never a shell.
 	$(UV) run --frozen bandit -r guardd -q -s B101,B404,B603

@@ -20,8 +20,10 @@ from pathlib import Path
 
 from tests.harness.daemon import Lab
 
-_SINK = ('\n[[notify]]\nkind = "webhook"\nurl_env = "HOOK"\n'
-         'events = ["started", "alert", "rollback_started", "rollback", "qos"]\n')
+_SINK = (
+    '\n[[notify]]\nkind = "webhook"\nurl_env = "HOOK"\n'
+    'events = ["started", "alert", "rollback_started", "rollback", "qos"]\n'
+)
 
 
 def _hung_receiver() -> tuple[socket.socket, list[socket.socket]]:
@@ -79,8 +81,10 @@ def main() -> None:
     server.close()
     print(f"connections the hung receiver held: {len(held)}")
     for name, runs in (("no receiver", plain), ("hung receiver", hung)):
-        print(f"{name}: median {statistics.median(runs):.3f} s, max {max(runs):.3f} s  "
-              + " ".join(f"{r:.3f}" for r in runs))
+        print(
+            f"{name}: median {statistics.median(runs):.3f} s, max {max(runs):.3f} s  "
+            + " ".join(f"{r:.3f}" for r in runs)
+        )
 
 
 if __name__ == "__main__":

@@ -60,11 +60,13 @@ def parse_duration(text: str) -> float:
     match = _DURATION.fullmatch(text.strip())
     if match is None:
         raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: use e.g. 250ms, 30s, 5m, 1h or plain seconds")
+            f"invalid duration {text!r}: use e.g. 250ms, 30s, 5m, 1h or plain seconds"
+        )
     seconds = float(match["number"]) * _UNIT_S[match["unit"]]
     if not (math.isfinite(seconds) and 0 < seconds <= protocol.MAX_LOCK_S):
         raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: must be above 0 and at most 366 days")
+            f"invalid duration {text!r}: must be above 0 and at most 366 days"
+        )
     return seconds
 
 
@@ -87,8 +89,9 @@ def status_exit_code(status: Mapping[str, Any]) -> int:
     upstreams = status.get("upstreams")
     active = upstreams.get(status.get("active")) if isinstance(upstreams, Mapping) else None
     # A stale active color is unknown, and unknown is not OK.
-    active_ok = (isinstance(active, Mapping) and active.get("healthy") is True
-                 and not active.get("stale"))
+    active_ok = (
+        isinstance(active, Mapping) and active.get("healthy") is True and not active.get("stale")
+    )
     locked = isinstance(qos, Mapping) and bool(qos.get("locked"))
     if state != "steady" or status.get("paused") or locked or not active_ok:
         return WARNING
@@ -137,10 +140,14 @@ def _resolve(args: argparse.Namespace) -> _Target:
     if instance is None:
         named = config.get("instance")
         # Like guardd itself: the config's `instance`, else the config file's stem.
-        instance = named if isinstance(named, str) and named else (
-            config_path.stem if config else "default")
-    socket = args.socket or Path(_setting(config, "control", "socket")
-                                 or paths.control_socket(instance))
+        instance = (
+            named
+            if isinstance(named, str) and named
+            else (config_path.stem if config else "default")
+        )
+    socket = args.socket or Path(
+        _setting(config, "control", "socket") or paths.control_socket(instance)
+    )
     lock_file = Path(_setting(config, "qos", "lock_file") or paths.qos_lock_file(instance))
     return _Target(instance, socket, lock_file)
 
@@ -206,8 +213,9 @@ def _change(target: _Target, cmd: str, payload: dict[str, Any]) -> int:
 
 
 def _cmd_switch(args: argparse.Namespace, target: _Target) -> int:
-    return _change(target, "switch",
-                   {"color": args.color, "force": args.force, "reason": args.reason})
+    return _change(
+        target, "switch", {"color": args.color, "force": args.force, "reason": args.reason}
+    )
 
 
 def _cmd_rollback(args: argparse.Namespace, target: _Target) -> int:
@@ -287,7 +295,8 @@ class _Command:
 
 _COMMANDS: Final = (
     _Command(
-        "status", "show state, health of both colors, QoS lock and last decision",
+        "status",
+        "show state, health of both colors, QoS lock and last decision",
         "Show the guard's state: the active color, each color's health (healthy, "
         "consecutive failures, window 5xx ratio, p50/p95 latency, last error, age of the "
         "last probe), the rollback target, the QoS lock, the paused flag, the last "
@@ -306,9 +315,11 @@ exit codes:
      or the active color is not (known to be) healthy
   2  CRITICAL: hold - the active color fails and no safe switch exists
   3  UNKNOWN: guardd is unreachable""",
-        _cmd_status),
+        _cmd_status,
+    ),
     _Command(
-        "history", "show the event journal, newest last",
+        "history",
+        "show the event journal, newest last",
         "Show guardd's event journal, one line per event (time, event, from->to, "
         "severity, who, reason), newest last.",
         """\
@@ -320,9 +331,11 @@ exit codes:
   0  done
   1  guardd answered with an error
   3  guardd unreachable""",
-        _cmd_history),
+        _cmd_history,
+    ),
     _Command(
-        "switch", "switch traffic to COLOR",
+        "switch",
+        "switch traffic to COLOR",
         "Switch traffic to COLOR now. guardd refuses when COLOR is not healthy or the QoS "
         "lock is held; --force overrides both. The switch is journaled with your user.",
         f"""\
@@ -331,9 +344,11 @@ examples:
   guardctl --instance threader switch green --force --reason "blue host is being drained"
 
 {_CHANGE_EXITS}""",
-        _cmd_switch),
+        _cmd_switch,
+    ),
     _Command(
-        "rollback", "switch to the rollback target now and take the QoS lock",
+        "rollback",
+        "switch to the rollback target now and take the QoS lock",
         "Switch to the rollback target (policy.rollback_to) now, as guardd would on a "
         "failing release, and take the QoS lock so that no deploy follows until the "
         "guard window has passed with the SLOs met.",
@@ -342,9 +357,11 @@ examples:
   guardctl --instance threader rollback --reason "checkout 500s after 2026.11.3"
 
 {_CHANGE_EXITS}""",
-        _cmd_rollback),
+        _cmd_rollback,
+    ),
     _Command(
-        "promote", "switch to the standby color if it passes the promotion gate",
+        "promote",
+        "switch to the standby color if it passes the promotion gate",
         "Switch traffic to the standby color, but only if it passes the promotion gate: "
         "healthy for policy.promote_successes probes in a row, and the QoS lock not held.",
         f"""\
@@ -352,9 +369,11 @@ examples:
   guardctl --instance threader promote --reason "release 2026.11.4"
 
 {_CHANGE_EXITS}""",
-        _cmd_promote),
+        _cmd_promote,
+    ),
     _Command(
-        "pause", "stop automatic actions (probing and metrics go on)",
+        "pause",
+        "stop automatic actions (probing and metrics go on)",
         "Stop guardd's automatic actions: no rollback, no hold, no lock is taken or "
         "released. Probing, metrics and alerts go on. `guardctl resume` undoes it.",
         f"""\
@@ -362,9 +381,11 @@ examples:
   guardctl --instance threader pause --reason "nginx maintenance, CHG-4711"
 
 {_CHANGE_EXITS}""",
-        _cmd_pause),
+        _cmd_pause,
+    ),
     _Command(
-        "resume", "restart automatic actions",
+        "resume",
+        "restart automatic actions",
         "Restart guardd's automatic actions after `pause`, or leave a hold that waits "
         "for an operator.",
         f"""\
@@ -372,12 +393,14 @@ examples:
   guardctl --instance threader resume
 
 {_CHANGE_EXITS}""",
-        _cmd_resume),
+        _cmd_resume,
+    ),
 )
 
 _QOS_COMMANDS: Final = (
     _Command(
-        "status", "is a deploy allowed now?",
+        "status",
+        "is a deploy allowed now?",
         "Tell whether a deploy is allowed now. This reads the QoS lock file directly, so "
         "it answers quickly and also when guardd is down. Any file at the lock path "
         "blocks deploys, even an empty one made with `touch`.",
@@ -389,9 +412,11 @@ examples:
 exit codes:
   0  no lock: deploys allowed
   1  lock held: deploys blocked (the reason and until when are printed)""",
-        _cmd_qos_status),
+        _cmd_qos_status,
+    ),
     _Command(
-        "lock", "take the QoS lock by hand",
+        "lock",
+        "take the QoS lock by hand",
         "Take the QoS lock: deploys, `promote` and `switch` without --force are refused "
         "until it is released or expires.",
         f"""\
@@ -403,16 +428,19 @@ durations: 250ms, 30s, 5m, 1h or a plain number of seconds; without --for the lo
 stays until `guardctl qos unlock`.
 
 {_CHANGE_EXITS}""",
-        _cmd_qos_lock),
+        _cmd_qos_lock,
+    ),
     _Command(
-        "unlock", "release the QoS lock by hand",
+        "unlock",
+        "release the QoS lock by hand",
         "Release the QoS lock, whoever took it.",
         f"""\
 examples:
   guardctl --instance threader qos unlock
 
 {_CHANGE_EXITS}""",
-        _cmd_qos_unlock),
+        _cmd_qos_unlock,
+    ),
 )
 
 
@@ -421,20 +449,39 @@ def _globals(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     # they default to "not given" so that they do not overwrite what came before.
     default: Any = None if defaults else argparse.SUPPRESS
     group = parser.add_argument_group("instance options")
-    group.add_argument("--instance", metavar="NAME", default=default,
-                       help="guardd instance to talk to (default: default)")
-    group.add_argument("--config", metavar="PATH", type=Path, default=default,
-                       help="guardd config to find the socket and lock file in")
-    group.add_argument("--socket", metavar="PATH", type=Path, default=default,
-                       help="control socket path; overrides the config")
+    group.add_argument(
+        "--instance",
+        metavar="NAME",
+        default=default,
+        help="guardd instance to talk to (default: default)",
+    )
+    group.add_argument(
+        "--config",
+        metavar="PATH",
+        type=Path,
+        default=default,
+        help="guardd config to find the socket and lock file in",
+    )
+    group.add_argument(
+        "--socket",
+        metavar="PATH",
+        type=Path,
+        default=default,
+        help="control socket path; overrides the config",
+    )
 
 
-def _subparser(parent: argparse._SubParsersAction[argparse.ArgumentParser], command: _Command,
-               prog_words: str) -> argparse.ArgumentParser:
-    sub = parent.add_parser(command.name, help=command.summary,
-                            description=_paragraphs(command.description), epilog=command.epilog,
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            prog=f"guardctl {prog_words}")
+def _subparser(
+    parent: argparse._SubParsersAction[argparse.ArgumentParser], command: _Command, prog_words: str
+) -> argparse.ArgumentParser:
+    sub = parent.add_parser(
+        command.name,
+        help=command.summary,
+        description=_paragraphs(command.description),
+        epilog=command.epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=f"guardctl {prog_words}",
+    )
     sub.set_defaults(run=command.run)
     return sub
 
@@ -447,11 +494,15 @@ def _paragraphs(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The guardctl argument parser."""
     parser = argparse.ArgumentParser(
-        prog="guardctl", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_MAIN_EPILOG,
+        prog="guardctl",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_MAIN_EPILOG,
         description=_paragraphs(
             "guardctl is the operator's tool for guardd, the guard of blue/green upstreams "
             "behind nginx. It shows the guard's state and journal, moves traffic, pauses "
-            "automatic actions, and takes or releases the QoS lock that blocks deploys."))
+            "automatic actions, and takes or releases the QoS lock that blocks deploys."
+        ),
+    )
     _globals(parser, defaults=True)
     parser.add_argument("--version", action="version", version=f"guardctl {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -459,30 +510,41 @@ def build_parser() -> argparse.ArgumentParser:
         sub = _subparser(commands, command, command.name)
         _globals(sub, defaults=False)
         if command.name in ("status", "history"):
-            sub.add_argument("--json", action="store_true",
-                             help="print guardd's answer as JSON instead of text")
+            sub.add_argument(
+                "--json", action="store_true", help="print guardd's answer as JSON instead of text"
+            )
         if command.name == "history":
-            sub.add_argument("--limit", metavar="N", type=_history_limit,
-                             help="only the last N events")
+            sub.add_argument(
+                "--limit", metavar="N", type=_history_limit, help="only the last N events"
+            )
         if command.name == "switch":
-            sub.add_argument("color", metavar="COLOR", choices=protocol.COLORS,
-                             help="blue or green")
-            sub.add_argument("--force", action="store_true",
-                             help="switch even if COLOR is unhealthy or the QoS lock is held")
+            sub.add_argument(
+                "color", metavar="COLOR", choices=protocol.COLORS, help="blue or green"
+            )
+            sub.add_argument(
+                "--force",
+                action="store_true",
+                help="switch even if COLOR is unhealthy or the QoS lock is held",
+            )
         if command.name in ("switch", "rollback", "promote", "pause"):
-            sub.add_argument("--reason", metavar="TEXT",
-                             help="why; goes to the journal and the notifications")
+            sub.add_argument(
+                "--reason", metavar="TEXT", help="why; goes to the journal and the notifications"
+            )
 
     qos = commands.add_parser(
-        "qos", help="QoS lock: status, lock, unlock", prog="guardctl qos",
+        "qos",
+        help="QoS lock: status, lock, unlock",
+        prog="guardctl qos",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=_paragraphs(
             "The QoS lock blocks deploys while guardd watches a color after a rollback. "
             "`qos status` reads the lock file directly; `lock` and `unlock` ask guardd, "
-            "which journals them."),
+            "which journals them."
+        ),
         epilog="examples:\n  guardctl --instance threader qos status\n"
-               "  guardctl --instance threader qos lock --for 30m --reason \"incident 812\"\n"
-               "  guardctl --instance threader qos unlock")
+        '  guardctl --instance threader qos lock --for 30m --reason "incident 812"\n'
+        "  guardctl --instance threader qos unlock",
+    )
     _globals(qos, defaults=False)
     qos_commands = qos.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for command in _QOS_COMMANDS:
@@ -491,8 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
         if command.name == "status":
             sub.add_argument("--json", action="store_true", help="print the lock as JSON")
         if command.name == "lock":
-            sub.add_argument("--for", dest="for_s", metavar="DURATION", type=parse_duration,
-                             help="release the lock after this long (default: never)")
+            sub.add_argument(
+                "--for",
+                dest="for_s",
+                metavar="DURATION",
+                type=parse_duration,
+                help="release the lock after this long (default: never)",
+            )
             sub.add_argument("--reason", metavar="TEXT", help="why; shown to whoever is blocked")
     return parser
 

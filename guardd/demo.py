@@ -52,10 +52,19 @@ EXIT_INTERRUPTED: Final = 130
 # sockaddr_un holds 108 bytes: a long $TMPDIR would not fit the control socket's path.
 _MAX_SOCKET_PATH: Final = 100
 # Journal events narrated as they are appended.
-_NARRATED: Final = frozenset({
-    "started", "rollback_started", "rollback_completed", "rollback_failed", "qos_locked",
-    "qos_extended", "qos_released", "hold", "alert",
-})
+_NARRATED: Final = frozenset(
+    {
+        "started",
+        "rollback_started",
+        "rollback_completed",
+        "rollback_failed",
+        "qos_locked",
+        "qos_extended",
+        "qos_released",
+        "hold",
+        "alert",
+    }
+)
 _STATUS_MEANING: Final = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
 
 
@@ -104,8 +113,11 @@ def _trap_signals() -> Callable[[], None]:
     def interrupt(_signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    for signum, handler in ((signal.SIGINT, signal.default_int_handler),
-                            (signal.SIGTERM, interrupt), (signal.SIGHUP, interrupt)):
+    for signum, handler in (
+        (signal.SIGINT, signal.default_int_handler),
+        (signal.SIGTERM, interrupt),
+        (signal.SIGHUP, interrupt),
+    ):
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
             saved[signum] = signal.signal(signum, handler)
 
@@ -194,31 +206,41 @@ class _Demo:
     def run(self) -> int:
         """Set the scene, break green, watch guardd roll back, and check the result."""
         v = self.view
-        v.say(v.bold("guardd demo") + ": a real rollback from green to blue "
-              f"(at most {self.seconds:g}s, Ctrl-C stops it)")
+        v.say(
+            v.bold("guardd demo") + ": a real rollback from green to blue "
+            f"(at most {self.seconds:g}s, Ctrl-C stops it)"
+        )
         lab = self._setup()
         v.say("")
         # A tight --seconds shortens the calm before the failure, not the failure's story.
         steady = min(STEADY_S, max(0.5, self._left() / 4))
         how = "live table below" if v.live else "a line a second and on every change"
-        v.say(f"Watching steady state for {round(steady, 1):g}s: green serves, blue stands by "
-              f"({how}):")
+        v.say(
+            f"Watching steady state for {round(steady, 1):g}s: green serves, blue stands by "
+            f"({how}):"
+        )
         calm_until = min(time.monotonic() + steady, self.deadline)
         self._watch(lab, lambda: time.monotonic() >= calm_until or None, "steady state")
 
         lab.green.failing.set()
         injected = time.time()
         v.say("")
-        v.say(v.bad("▶ Injecting a failure: green now answers 503 to every request")
-              + f" (P0 after {THRESHOLD} failed probes in a row)")
+        v.say(
+            v.bad("▶ Injecting a failure: green now answers 503 to every request")
+            + f" (P0 after {THRESHOLD} failed probes in a row)"
+        )
         completed = self._watch(lab, lambda: self._rollback_done(lab), "the rollback")
         v.say("")
         took = _since(completed.get("ts"), injected)
-        v.say(v.good("✓ guardd rolled back green -> blue")
-              + (f", {took:.1f}s after green began to fail" if took is not None else ""))
-        outcome = _Outcome(serving_blue=self._check_serving_blue(lab),
-                           lock_seen=self._show_lock(lab),
-                           notified=self._show_notification(lab))
+        v.say(
+            v.good("✓ guardd rolled back green -> blue")
+            + (f", {took:.1f}s after green began to fail" if took is not None else "")
+        )
+        outcome = _Outcome(
+            serving_blue=self._check_serving_blue(lab),
+            lock_seen=self._show_lock(lab),
+            notified=self._show_notification(lab),
+        )
         self._refresh(lab)
         v.close()
         self._final_status(lab)
@@ -231,26 +253,46 @@ class _Demo:
         blue = self._started(Upstream("blue"), "upstreams stopped")
         green = self._started(Upstream("green"), None)
         receiver = self._started(Receiver(secrets.token_hex(8)), "webhook stopped")
-        v.say(f"  blue       {blue.url}   answers 200 {{\"status\":\"UP\"}}")
-        v.say(f"  green      {green.url}   answers 200 {{\"status\":\"UP\"}}")
+        v.say(f'  blue       {blue.url}   answers 200 {{"status":"UP"}}')
+        v.say(f'  green      {green.url}   answers 200 {{"status":"UP"}}')
         state_file = tmp / "deploy-state.json"
         nginx = self._start_nginx(tmp, blue, green)
         if nginx is None:
             state_file.write_text(json.dumps({"app": "demo", "activeColor": "green"}) + "\n")
             v.say(f"  switch     {state_file}   activeColor: green")
-        v.say(f"  webhook    http://127.0.0.1:{receiver.port}/hooks/…   "
-              "a local receiver standing in for Slack")
+        v.say(
+            f"  webhook    http://127.0.0.1:{receiver.port}/hooks/…   "
+            "a local receiver standing in for Slack"
+        )
         config = tmp / f"{INSTANCE}.toml"
         lab_socket = tmp / f"{INSTANCE}.sock"
         lock_file = tmp / f"{INSTANCE}.qos.lock"
         journal = _Journal(tmp / "state" / "events.jsonl")
-        config.write_text(_config(
-            blue=blue, green=green, nginx=nginx, state_file=state_file, lock_file=lock_file,
-            control_socket=lab_socket, state_dir=journal.path.parent))
+        config.write_text(
+            _config(
+                blue=blue,
+                green=green,
+                nginx=nginx,
+                state_file=state_file,
+                lock_file=lock_file,
+                control_socket=lab_socket,
+                state_dir=journal.path.parent,
+            )
+        )
         guardd_process = self._start_guardd(tmp, config, receiver.url)
-        return _Lab(tmp=tmp, blue=blue, green=green, receiver=receiver, nginx=nginx,
-                    state_file=state_file, config=config, socket=lab_socket,
-                    lock_file=lock_file, journal=journal, guardd=guardd_process)
+        return _Lab(
+            tmp=tmp,
+            blue=blue,
+            green=green,
+            receiver=receiver,
+            nginx=nginx,
+            state_file=state_file,
+            config=config,
+            socket=lab_socket,
+            lock_file=lock_file,
+            journal=journal,
+            guardd=guardd_process,
+        )
 
     def _workspace(self) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix="guardd-demo-"))
@@ -267,6 +309,7 @@ class _Demo:
 
     def _started(self, server: S, note: str | None) -> S:
         """Start `server` and have cleanup close it; `note` is how the summary says so."""
+
         def close() -> str | None:
             server.close()
             return note
@@ -279,13 +322,19 @@ class _Demo:
         v = self.view
         binary = find_nginx()
         if binary is None:
-            hint = (" (there is /usr/sbin/nginx: put /usr/sbin on PATH to use it)"
-                    if Path("/usr/sbin/nginx").exists() else "")
-            v.say(f"  nginx      nginx not found on PATH{hint}: using the state-file switcher "
-                  "(deploy-state.json) instead of a real nginx")
+            hint = (
+                " (there is /usr/sbin/nginx: put /usr/sbin on PATH to use it)"
+                if Path("/usr/sbin/nginx").exists()
+                else ""
+            )
+            v.say(
+                f"  nginx      nginx not found on PATH{hint}: using the state-file switcher "
+                "(deploy-state.json) instead of a real nginx"
+            )
             return None
-        nginx = Nginx(binary, tmp / "nginx", {"blue": blue.port, "green": green.port},
-                      active="green")
+        nginx = Nginx(
+            binary, tmp / "nginx", {"blue": blue.port, "green": green.port}, active="green"
+        )
 
         def stop() -> str | None:
             running = nginx.process is not None
@@ -298,12 +347,16 @@ class _Demo:
         except (NginxFailed, OSError) as e:
             nginx.stop()
             why = clean(" ".join(str(e).split()))[:200]
-            v.say(f"  nginx      nginx did not start ({why}): using the state-file switcher "
-                  "(deploy-state.json) instead")
+            v.say(
+                f"  nginx      nginx did not start ({why}): using the state-file switcher "
+                "(deploy-state.json) instead"
+            )
             return None
-        v.say(f"  nginx      {nginx.front_url}   private {nginx.version()} "
-              f"(master pid {nginx.master_pid}), "
-              f"{nginx.active_link.name} -> {nginx.targets['green'].name}")
+        v.say(
+            f"  nginx      {nginx.front_url}   private {nginx.version()} "
+            f"(master pid {nginx.master_pid}), "
+            f"{nginx.active_link.name} -> {nginx.targets['green'].name}"
+        )
         return nginx
 
     def _start_guardd(self, tmp: Path, config: Path, webhook_url: str) -> subprocess.Popen[bytes]:
@@ -323,9 +376,14 @@ class _Demo:
             # Its own session: the demo, not the terminal's Ctrl-C, decides when it stops.
             process = subprocess.Popen(
                 [sys.executable, "-m", "guardd.cli", "run", "--config", str(config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True)
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         self._guardd = process
+
         def stop_guardd() -> str:
             # SIGTERM lets guardd finish or undo a switch in flight; 15 s is plenty here.
             return f"guardd stopped ({_exit_text(terminate(process, ((signal.SIGTERM, 15.0),)))})"
@@ -341,8 +399,10 @@ class _Demo:
             return "READY=1" in message.splitlines()
 
         self._until(ready, "guardd to be ready")
-        v.say(v.good("✓ guardd is ready") + f" (pid {process.pid}, READY=1 after its first "
-              "probe round): green is active, blue is the rollback target")
+        v.say(
+            v.good("✓ guardd is ready") + f" (pid {process.pid}, READY=1 after its first "
+            "probe round): green is active, blue is the rollback target"
+        )
         return process
 
     def _rollback_done(self, lab: _Lab) -> dict[str, Any] | None:
@@ -351,8 +411,10 @@ class _Demo:
         if done is not None:
             if done.get("from") == "green" and done.get("to") == "blue":
                 return done
-            raise DemoFailed(f"guardd rolled back {clean(done.get('from'))} -> "
-                             f"{clean(done.get('to'))}, not green -> blue")
+            raise DemoFailed(
+                f"guardd rolled back {clean(done.get('from'))} -> "
+                f"{clean(done.get('to'))}, not green -> blue"
+            )
         for name in ("rollback_failed", "hold"):
             if (bad := lab.journal.find(name)) is not None:
                 raise DemoFailed(f"guardd journaled {name}: {clean(bad.get('reason'))}")
@@ -365,8 +427,7 @@ class _Demo:
             if active != "blue":
                 v.say(v.bad("✗ deploy-state.json still says ") + f"activeColor: {active}")
                 return False
-            v.say(v.good("✓ deploy-state.json now says activeColor: blue")
-                  + f" ({lab.state_file})")
+            v.say(v.good("✓ deploy-state.json now says activeColor: blue") + f" ({lab.state_file})")
             return True
         nginx = lab.nginx
         answers: list[str] = []
@@ -381,8 +442,10 @@ class _Demo:
         if not self._until(streak, "nginx to serve blue", required=False, poll=0.02):
             v.say(v.bad("✗ nginx does not serve blue only") + f": last answers {answers}")
             return False
-        v.say(v.good("✓ nginx now serves blue") + f": {FRONT_DOOR_STREAK} fresh connections "
-              f"to {nginx.front_url} all answered {answers[-1]}")
+        v.say(
+            v.good("✓ nginx now serves blue") + f": {FRONT_DOOR_STREAK} fresh connections "
+            f"to {nginx.front_url} all answered {answers[-1]}"
+        )
         v.say(f"  {nginx.active_link.name} -> {nginx.active_link.readlink().name}")
         return True
 
@@ -391,8 +454,10 @@ class _Demo:
         if not self._until(lab.lock_file.exists, "the QoS lock file", required=False):
             v.say(v.bad("✗ no QoS lock file appeared at ") + str(lab.lock_file))
             return False
-        v.say(v.good("✓ QoS lock taken") + ": deploys are blocked until blue meets its SLOs "
-              f"for a {QOS_WINDOW} guard window")
+        v.say(
+            v.good("✓ QoS lock taken") + ": deploys are blocked until blue meets its SLOs "
+            f"for a {QOS_WINDOW} guard window"
+        )
         v.say(f"  {lab.lock_file}:")
         with contextlib.suppress(OSError):
             text = lab.lock_file.read_text(errors="replace").strip()
@@ -406,21 +471,23 @@ class _Demo:
 
     def _show_notification(self, lab: _Lab) -> bool:
         v = self.view
-        body = self._until(lambda: lab.receiver.wait("rollback_completed", TICK_S),
-                           "the webhook", required=False)
+        body = self._until(
+            lambda: lab.receiver.wait("rollback_completed", TICK_S), "the webhook", required=False
+        )
         if body is None:
             v.say(v.bad("✗ the webhook got no rollback_completed notification in time"))
             return False
-        v.say(v.good("✓ the webhook received the notification") + " (a generic webhook gets "
-              "the journal event; Slack and Discord get a message):")
+        v.say(
+            v.good("✓ the webhook received the notification") + " (a generic webhook gets "
+            "the journal event; Slack and Discord get a message):"
+        )
         for line in json.dumps(_shorten(body), indent=2, ensure_ascii=False).splitlines():
             v.say("    " + clean(line))
         return True
 
     def _final_status(self, lab: _Lab) -> None:
         v = self.view
-        argv = [*_guardctl(), "--socket", str(lab.socket), "--config", str(lab.config),
-                "status"]
+        argv = [*_guardctl(), "--socket", str(lab.socket), "--config", str(lab.config), "status"]
         v.say("")
         v.say(v.bold(f"$ guardctl --socket {lab.socket} status"))
         try:
@@ -430,11 +497,24 @@ class _Demo:
             fileno = None
         timeout = max(5.0, self._left())
         if fileno is not None:
-            code = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=fileno,
-                                  env=_child_env(), timeout=timeout, check=False).returncode
+            code = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=fileno,
+                env=_child_env(),
+                timeout=timeout,
+                check=False,
+            ).returncode
         else:  # a stream without a descriptor: relay what guardctl says
-            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                                  text=True, env=_child_env(), timeout=timeout, check=False)
+            done = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                env=_child_env(),
+                timeout=timeout,
+                check=False,
+            )
             v.say(done.stdout.rstrip())
             code = done.returncode
         meaning = _STATUS_MEANING.get(code, "?")
@@ -447,14 +527,25 @@ class _Demo:
         v.say("")
         if outcome.serving_blue and outcome.lock_seen:
             told = " and notified the webhook" if outcome.notified else ""
-            v.say(v.good("✓ demo passed") + ": green failed, guardd moved traffic back to blue, "
-                  f"journaled why, took the QoS lock{told}.")
+            v.say(
+                v.good("✓ demo passed") + ": green failed, guardd moved traffic back to blue, "
+                f"journaled why, took the QoS lock{told}."
+            )
             v.say("  Next: README.md, config/example.toml, `guardctl --help`.")
             return 0
-        missing = [what for what, ok in (("traffic on blue", outcome.serving_blue),
-                                         ("the QoS lock", outcome.lock_seen)) if not ok]
-        v.say(v.bad("✗ demo failed") + ": the rollback was journaled, but without "
-              + " and ".join(missing))
+        missing = [
+            what
+            for what, ok in (
+                ("traffic on blue", outcome.serving_blue),
+                ("the QoS lock", outcome.lock_seen),
+            )
+            if not ok
+        ]
+        v.say(
+            v.bad("✗ demo failed")
+            + ": the rollback was journaled, but without "
+            + " and ".join(missing)
+        )
         self.show_log_tail()
         return 1
 
@@ -471,8 +562,9 @@ class _Demo:
                 raise DemoFailed(self._why_not(what))
             time.sleep(TICK_S)
 
-    def _until(self, done: Callable[[], T], what: str, *, required: bool = True,
-               poll: float = 0.0) -> T | None:
+    def _until(
+        self, done: Callable[[], T], what: str, *, required: bool = True, poll: float = 0.0
+    ) -> T | None:
         """Poll `done()` until truthy; at the deadline fail, or return None if not `required`."""
         while True:
             result = done()
@@ -517,8 +609,10 @@ class _Demo:
         text = f"  journal: {name}{move}{severity}"
         evidence = event.get("evidence")
         if name == "rollback_started" and isinstance(evidence, dict):
-            text += (f" rule {evidence.get('rule')}: value {evidence.get('value')} >= "
-                     f"threshold {evidence.get('threshold')}")
+            text += (
+                f" rule {evidence.get('rule')}: value {evidence.get('value')} >= "
+                f"threshold {evidence.get('threshold')}"
+            )
         elif name.startswith("qos_") and event.get("until"):
             text += f" until {event['until']}"
         elif name == "rollback_completed" and event.get("duration_ms") is not None:
@@ -542,8 +636,10 @@ class _Demo:
             upstreams = status.get("upstreams")
             green = upstreams.get("green") if isinstance(upstreams, dict) else None
             fails = green.get("consecutive_failures") if isinstance(green, dict) else None
-            why += (f"; guardd is {status.get('state')}, active {status.get('active')}, "
-                    f"green failed {fails} of {THRESHOLD} probes in a row")
+            why += (
+                f"; guardd is {status.get('state')}, active {status.get('active')}, "
+                f"green failed {fails} of {THRESHOLD} probes in a row"
+            )
             last = status.get("last_event")
             if isinstance(last, dict):
                 why += f", last event {last.get('event')}"
@@ -578,46 +674,78 @@ class _Demo:
             self.view.say(self.view.dim("cleaned up: " + ", ".join(said)))
 
 
-def _config(*, blue: Upstream, green: Upstream, nginx: Nginx | None, state_file: Path,
-            lock_file: Path, control_socket: Path, state_dir: Path) -> str:
+def _config(
+    *,
+    blue: Upstream,
+    green: Upstream,
+    nginx: Nginx | None,
+    state_file: Path,
+    lock_file: Path,
+    control_socket: Path,
+    state_dir: Path,
+) -> str:
     """The demo's guardd config: fast probes, P0 after three failures, a short guard window."""
     lines = [
         "# written by `guardd demo`; see config/example.toml for every key",
         f"instance = {_s(INSTANCE)}",
         "",
-        "[upstreams.blue]", f"url = {_s(blue.url)}",
-        "[upstreams.green]", f"url = {_s(green.url)}",
+        "[upstreams.blue]",
+        f"url = {_s(blue.url)}",
+        "[upstreams.green]",
+        f"url = {_s(green.url)}",
         "",
-        "[probe]", 'interval = "200ms"', 'fast_interval = "100ms"', 'timeout = "1s"',
+        "[probe]",
+        'interval = "200ms"',
+        'fast_interval = "100ms"',
+        'timeout = "1s"',
         'expect_json = { status = "UP" }',
         "",
-        "[policy]", 'rollback_to = "blue"', f"consecutive_failures = {THRESHOLD}",
-        'window = "30s"', "min_samples = 5",
+        "[policy]",
+        'rollback_to = "blue"',
+        f"consecutive_failures = {THRESHOLD}",
+        'window = "30s"',
+        "min_samples = 5",
         "",
-        "[switch]", 'timeout = "10s"',
+        "[switch]",
+        'timeout = "10s"',
     ]
     if nginx is not None:
-        lines += ['kind = "nginx"', f"active_link = {_s(str(nginx.active_link))}",
-                  f"test_command = {_argv(nginx.test_command)}",
-                  f"reload_command = {_argv(nginx.reload_command)}",
-                  f"verify_url = {_s(nginx.front_url)}", "verify_successes = 3",
-                  "[switch.targets]",
-                  *(f"{color} = {_s(str(path))}" for color, path in nginx.targets.items())]
+        lines += [
+            'kind = "nginx"',
+            f"active_link = {_s(str(nginx.active_link))}",
+            f"test_command = {_argv(nginx.test_command)}",
+            f"reload_command = {_argv(nginx.reload_command)}",
+            f"verify_url = {_s(nginx.front_url)}",
+            "verify_successes = 3",
+            "[switch.targets]",
+            *(f"{color} = {_s(str(path))}" for color, path in nginx.targets.items()),
+        ]
     else:
         lines += ['kind = "state-file"', f"path = {_s(str(state_file))}"]
     lines += [
         "",
-        "[qos]", f"lock_file = {_s(str(lock_file))}", f"window = {_s(QOS_WINDOW)}",
+        "[qos]",
+        f"lock_file = {_s(str(lock_file))}",
+        f"window = {_s(QOS_WINDOW)}",
         "",
-        "[retry]", "attempts = 3", 'base_delay = "100ms"', 'max_delay = "1s"',
+        "[retry]",
+        "attempts = 3",
+        'base_delay = "100ms"',
+        'max_delay = "1s"',
         "",
-        "[metrics]", 'listen = ""',
+        "[metrics]",
+        'listen = ""',
         "",
-        "[control]", f"socket = {_s(str(control_socket))}", 'mode = "0600"',
+        "[control]",
+        f"socket = {_s(str(control_socket))}",
+        'mode = "0600"',
         "",
-        "[state]", f"dir = {_s(str(state_dir))}",
+        "[state]",
+        f"dir = {_s(str(state_dir))}",
         "",
-        "[[notify]]", 'kind = "webhook"', f"url_env = {_s(WEBHOOK_ENV)}",
+        "[[notify]]",
+        'kind = "webhook"',
+        f"url_env = {_s(WEBHOOK_ENV)}",
         'events = ["rollback", "hold"]',
     ]
     return "\n".join(lines) + "\n"
@@ -642,9 +770,12 @@ def _guardctl() -> list[str]:
 
 def _child_env() -> dict[str, str]:
     """The environment for guardd and guardctl: the user's, minus what would bend the demo."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("GUARDD_", "WATCHDOG_", "LISTEN_"))
-           and k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GUARDD_", "WATCHDOG_", "LISTEN_"))
+        and k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")
+    }
     # Wherever the demo was imported from, guardd and guardctl import the same code.
     root = str(Path(guardd.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

@@ -118,9 +118,12 @@ def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
             raise Refused(
                 f"{color} has passed {w.consecutive_successes} probes in a row; "
                 f"promotion needs {guard.s.policy.promote_successes}"
-                + ("" if ratio is None else
-                   f" and a window failed-probe ratio under {guard.s.policy.p1_error_ratio:g}"
-                   f" (now {ratio:.3g})")
+                + (
+                    ""
+                    if ratio is None
+                    else f" and a window failed-probe ratio under {guard.s.policy.p1_error_ratio:g}"
+                    f" (now {ratio:.3g})"
+                )
             )
         return
     healthy = guard.machine.healthy(color, now)

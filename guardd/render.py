@@ -48,8 +48,9 @@ def clean(value: object) -> str:
     text = str(value)
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
 
 
 def _text(value: object) -> str:
@@ -120,8 +121,18 @@ def _healthy(upstream: Mapping[str, Any]) -> tuple[str, str | None]:
     return _NONE, None
 
 
-_HEADERS: Final = ("", "COLOR", "HEALTHY", "FAILS", "ERR%", "SAMPLES", "P50", "P95",
-                   "LAST ERROR", "AGE")
+_HEADERS: Final = (
+    "",
+    "COLOR",
+    "HEALTHY",
+    "FAILS",
+    "ERR%",
+    "SAMPLES",
+    "P50",
+    "P95",
+    "LAST ERROR",
+    "AGE",
+)
 # Numbers are right-aligned so that their digits line up.
 _RIGHT: Final = frozenset({"FAILS", "ERR%", "SAMPLES", "P50", "P95", "AGE"})
 
@@ -138,8 +149,9 @@ def _table(rows: Sequence[Sequence[tuple[str, str | None]]], paint: _Paint) -> l
     return lines
 
 
-def _upstream_row(color: str, upstream: Mapping[str, Any], active: bool
-                  ) -> list[tuple[str, str | None]]:
+def _upstream_row(
+    color: str, upstream: Mapping[str, Any], active: bool
+) -> list[tuple[str, str | None]]:
     last_error = upstream.get("last_error")
     return [
         ("*" if active else "", _BOLD if active else None),
@@ -158,16 +170,20 @@ def _upstream_row(color: str, upstream: Mapping[str, Any], active: bool
 def _evidence(evidence: object) -> str:
     if not isinstance(evidence, Mapping):
         return ""
-    parts = [f"{key}={_number(evidence[key])}"
-             for key in ("rule", "threshold", "value", "samples") if key in evidence]
+    parts = [
+        f"{key}={_number(evidence[key])}"
+        for key in ("rule", "threshold", "value", "samples")
+        if key in evidence
+    ]
     return f" [{' '.join(parts)}]" if parts else ""
 
 
 def _decision(decision: object) -> str:
     if not isinstance(decision, Mapping):
         return _NONE
-    head = " ".join(clean(decision[k]) for k in ("ts", "action", "severity")
-                    if decision.get(k) is not None)
+    head = " ".join(
+        clean(decision[k]) for k in ("ts", "action", "severity") if decision.get(k) is not None
+    )
     reason = decision.get("reason")
     return f"{head}{': ' + clean(reason) if reason else ''}{_evidence(decision.get('evidence'))}"
 
@@ -216,8 +232,11 @@ def render_status(status: Mapping[str, Any], *, color: bool = False) -> str:
     upstreams = status.get("upstreams")
     upstreams = upstreams if isinstance(upstreams, Mapping) else {}
     names = [c for c in _COLORS if c in upstreams] + sorted(set(upstreams) - set(_COLORS))
-    rows = [_upstream_row(name, upstreams[name], name == active) for name in names
-            if isinstance(upstreams[name], Mapping)]
+    rows = [
+        _upstream_row(name, upstreams[name], name == active)
+        for name in names
+        if isinstance(upstreams[name], Mapping)
+    ]
     lines = [*_table(rows, paint), ""] if rows else ["no upstream data yet", ""]
 
     def field(name: str, value: str, code: str | None = None) -> None:
@@ -229,8 +248,9 @@ def render_status(status: Mapping[str, Any], *, color: bool = False) -> str:
     standby = status.get("standby")
     field("active", _text(active) + (f" (standby {clean(standby)})" if standby else ""))
     target = status.get("rollback_to")
-    field("rollback to", _text(target) + (" (already active)" if target and target == active
-                                          else ""))
+    field(
+        "rollback to", _text(target) + (" (already active)" if target and target == active else "")
+    )
     field("qos lock", *_lock(status.get("qos")))
     if status.get("paused"):
         reason = status.get("paused_reason")
@@ -241,8 +261,12 @@ def render_status(status: Mapping[str, Any], *, color: bool = False) -> str:
         field("hold reason", clean(status["hold_reason"]), _RED)
     storage = status.get("storage")
     if isinstance(storage, Mapping) and (storage.get("ok") is False or storage.get("errors")):
-        field("storage", f"{_text(storage.get('errors'))} write errors, last: "
-                         f"{_text(storage.get('last_error'))}", _RED)
+        field(
+            "storage",
+            f"{_text(storage.get('errors'))} write errors, last: "
+            f"{_text(storage.get('last_error'))}",
+            _RED,
+        )
     field("last decision", _decision(status.get("last_decision")))
     field("last event", _event(status.get("last_event")))
     about = [_text(status.get("version")), f"up {_duration(status.get('uptime_s'))}"]
@@ -257,8 +281,17 @@ def render_history(events: Sequence[Mapping[str, Any]], *, color: bool = False) 
     if not events:
         return "no events\n"
     paint = _Paint(color)
-    rows = [(_text(e.get("ts")), _text(e.get("event")), _move(e), _text(e.get("severity")),
-             _text(e.get("by")), clean(e.get("reason") or "")) for e in events]
+    rows = [
+        (
+            _text(e.get("ts")),
+            _text(e.get("event")),
+            _move(e),
+            _text(e.get("severity")),
+            _text(e.get("by")),
+            clean(e.get("reason") or ""),
+        )
+        for e in events
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = []
     for row, event in zip(rows, events, strict=True):
@@ -275,8 +308,12 @@ def render_qos(lock: Mapping[str, Any], path: str, *, color: bool = False) -> st
     if not lock.get("locked"):
         return f"{paint('no QoS lock', _GREEN)}: deploys allowed ({clean(path)})\n"
     lines = [f"{paint('QoS lock HELD', _YELLOW)}: deploys blocked"]
-    for label, key in (("reason", "reason"), ("until", "until"), ("locked at", "locked_at"),
-                       ("by", "by")):
+    for label, key in (
+        ("reason", "reason"),
+        ("until", "until"),
+        ("locked at", "locked_at"),
+        ("by", "by"),
+    ):
         lines.append(f"  {label:<11}{_text(lock.get(key))}")
     lines.append(f"  {'file':<11}{clean(path)}")
     return "\n".join(lines) + "\n"
@@ -285,8 +322,9 @@ def render_qos(lock: Mapping[str, Any], path: str, *, color: bool = False) -> st
 def render_change(cmd: str, result: Mapping[str, Any]) -> str:
     """What a change did, from guardd's answer: the active color, the journal entry, the lock."""
     message = result.get("message")
-    lines = [clean(message) if isinstance(message, str) and message
-             else f"{cmd.replace('_', ' ')}: done"]
+    lines = [
+        clean(message) if isinstance(message, str) and message else f"{cmd.replace('_', ' ')}: done"
+    ]
     if "active" in result:
         lines.append(f"  {'active':<10}{_text(result['active'])}")
     if isinstance(result.get("event"), Mapping):

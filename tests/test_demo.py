@@ -29,8 +29,7 @@ def demo_env(tmp_path: Path, *, with_nginx: bool) -> dict[str, str]:
     else:
         dirs = [d for d in dirs if not (Path(d) / "nginx").exists()]
         dirs.insert(0, str(Path(sys.executable).parent))
-    env = {**os.environ, "PATH": os.pathsep.join(dirs), "TMPDIR": str(tmp_path),
-           "NO_COLOR": "1"}
+    env = {**os.environ, "PATH": os.pathsep.join(dirs), "TMPDIR": str(tmp_path), "NO_COLOR": "1"}
     env.pop("GUARDD_CONFIG", None)
     return env
 
@@ -73,9 +72,15 @@ def assert_nothing_left(output: str, tmp_path: Path) -> None:
 
 @pytest.mark.nginx
 def test_demo_rolls_green_back_to_blue_behind_a_real_nginx(tmp_path: Path) -> None:
-    done = subprocess.run([*DEMO, "--seconds", "30"], capture_output=True, text=True,
-                          env=demo_env(tmp_path, with_nginx=True), cwd=REPO,
-                          timeout=RUN_TIMEOUT, check=False)
+    done = subprocess.run(
+        [*DEMO, "--seconds", "30"],
+        capture_output=True,
+        text=True,
+        env=demo_env(tmp_path, with_nginx=True),
+        cwd=REPO,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
     assert "master pid" in out  # a real nginx, not the fallback
@@ -95,9 +100,15 @@ def test_demo_rolls_green_back_to_blue_behind_a_real_nginx(tmp_path: Path) -> No
 
 
 def test_demo_without_nginx_uses_the_state_file_switcher(tmp_path: Path) -> None:
-    done = subprocess.run([*DEMO, "--seconds", "30"], capture_output=True, text=True,
-                          env=demo_env(tmp_path, with_nginx=False), cwd=REPO,
-                          timeout=RUN_TIMEOUT, check=False)
+    done = subprocess.run(
+        [*DEMO, "--seconds", "30"],
+        capture_output=True,
+        text=True,
+        env=demo_env(tmp_path, with_nginx=False),
+        cwd=REPO,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
     assert "nginx not found on PATH" in out
@@ -110,9 +121,14 @@ def test_demo_without_nginx_uses_the_state_file_switcher(tmp_path: Path) -> None
 
 @pytest.mark.nginx
 def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
-    proc = subprocess.Popen([*DEMO, "--seconds", "60"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                            env=demo_env(tmp_path, with_nginx=True))
+    proc = subprocess.Popen(
+        [*DEMO, "--seconds", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env=demo_env(tmp_path, with_nginx=True),
+    )
     assert proc.stdout is not None
     seen = []
     try:
@@ -156,7 +172,7 @@ def _screen(raw: str) -> list[str]:
             if code == "F":  # to the start of the line `count` lines up
                 row, fresh = max(0, row - count), True
             elif code == "J":  # erase from the cursor to the end of the screen
-                del lines[row + 1:]
+                del lines[row + 1 :]
                 if fresh:
                     lines[row] = ""
             elif code not in "Km":
@@ -170,9 +186,14 @@ def _screen(raw: str) -> list[str]:
 
 def _status(active: str, green_fails: int) -> dict[str, object]:
     up = {"healthy": True, "consecutive_failures": 0, "error_ratio": 0.0, "p95_ms": 1.5}
-    return {"state": "steady", "active": active, "upstreams": {
-        "blue": up, "green": {**up, "healthy": green_fails == 0,
-                              "consecutive_failures": green_fails}}}
+    return {
+        "state": "steady",
+        "active": active,
+        "upstreams": {
+            "blue": up,
+            "green": {**up, "healthy": green_fails == 0, "consecutive_failures": green_fails},
+        },
+    }
 
 
 def test_live_table_is_redrawn_in_place_under_the_narration(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -192,5 +213,4 @@ def test_live_table_is_redrawn_in_place_under_the_narration(monkeypatch) -> None
     assert re.search(r"green\s+NO\s+3", "\n".join(screen))
     assert "\x1b[3" not in stream.getvalue()  # NO_COLOR: cursor moves only, no colors
     view.close()
-    assert [line for line in _screen(stream.getvalue()) if line.strip()] == [
-        "injecting a failure"]
+    assert [line for line in _screen(stream.getvalue()) if line.strip()] == ["injecting a failure"]

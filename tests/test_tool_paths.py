@@ -44,9 +44,7 @@ def test_the_makefile_exports_uv() -> None:
     assert re.search(r"^export UV$", (ROOT / "Makefile").read_text(), re.MULTILINE)
 
 
-def test_uv_binary_takes_the_exported_path(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_uv_binary_takes_the_exported_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     fake = tmp_path / "uv"
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     monkeypatch.setenv("UV", str(fake))

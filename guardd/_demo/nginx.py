@@ -34,8 +34,9 @@ _TEMP_MODULES: Final = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 _START_ATTEMPTS: Final = 3
 
 
-def terminate(process: subprocess.Popen[bytes],
-              steps: tuple[tuple[signal.Signals, float], ...]) -> int:
+def terminate(
+    process: subprocess.Popen[bytes], steps: tuple[tuple[signal.Signals, float], ...]
+) -> int:
     """Each signal in turn with its grace period, then SIGKILL: the exit status."""
     for sig, grace in (*steps, (signal.SIGKILL, 10.0)):
         if process.poll() is not None:
@@ -66,8 +67,16 @@ def free_port() -> int:
 class Nginx:
     """One nginx master with one worker, started and stopped by the demo."""
 
-    def __init__(self, binary: str, root: Path, ports: Mapping[str, int], active: str, *,
-                 name: str = NAME, start_attempts: int = _START_ATTEMPTS) -> None:
+    def __init__(
+        self,
+        binary: str,
+        root: Path,
+        ports: Mapping[str, int],
+        active: str,
+        *,
+        name: str = NAME,
+        start_attempts: int = _START_ATTEMPTS,
+    ) -> None:
         self.binary = binary
         self.root = root
         self.name = name
@@ -101,8 +110,9 @@ class Nginx:
 
     def version(self) -> str:
         """`nginx/1.22.1`, as the binary reports it."""
-        out = subprocess.run([self.binary, "-v"], capture_output=True, text=True, check=False,
-                             timeout=10)
+        out = subprocess.run(
+            [self.binary, "-v"], capture_output=True, text=True, check=False, timeout=10
+        )
         return out.stderr.strip().rpartition(": ")[2] or "nginx"
 
     def start(self) -> None:
@@ -130,7 +140,8 @@ class Nginx:
         """(Re)write *color*'s upstream file."""
         target = self.targets[color]
         target.write_text(
-            f"upstream {self.name}_app {{\n    server 127.0.0.1:{self._ports[color]};\n}}\n")
+            f"upstream {self.name}_app {{\n    server 127.0.0.1:{self._ports[color]};\n}}\n"
+        )
         return target
 
     def stop(self) -> None:
@@ -158,9 +169,13 @@ class Nginx:
         self.pid_file.unlink(missing_ok=True)
         with (self.root / "nginx.stderr").open("ab") as stderr:
             # Its own session: the demo, not the terminal's Ctrl-C, decides when it stops.
-            self.process = subprocess.Popen(self._start_command, stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.DEVNULL, stderr=stderr,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                self._start_command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 15.0
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -186,11 +201,14 @@ class Nginx:
 
     def _temp_paths(self) -> str:
         # nginx-light is built without some modules; naming their temp path is an error.
-        built = subprocess.run([self.binary, "-V"], capture_output=True, text=True, check=False,
-                               timeout=10).stderr
+        built = subprocess.run(
+            [self.binary, "-V"], capture_output=True, text=True, check=False, timeout=10
+        ).stderr
         return "\n".join(
-            f"    {module}_temp_path {self.root}/temp/{module};" for module in _TEMP_MODULES
-            if module == "client_body" or f"--without-http_{module}_module" not in built)
+            f"    {module}_temp_path {self.root}/temp/{module};"
+            for module in _TEMP_MODULES
+            if module == "client_body" or f"--without-http_{module}_module" not in built
+        )
 
     def _render(self, temp_paths: str) -> str:
         # Workers of a root master would run as "nobody", who cannot enter the demo's 0700

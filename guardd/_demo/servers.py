@@ -28,8 +28,11 @@ class _Server(ThreadingHTTPServer):
         self.connections: set[socket.socket] = set()
         self.guard = threading.Lock()
         self._thread = threading.Thread(
-            target=self.serve_forever, kwargs={"poll_interval": 0.05},
-            name=f"guardd-demo-{self.port}", daemon=True)
+            target=self.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"guardd-demo-{self.port}",
+            daemon=True,
+        )
 
     @property
     def port(self) -> int:
@@ -74,8 +77,9 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
         """Keep the demo's output for the demo."""
 
-    def answer(self, status: int, document: dict[str, Any],
-               headers: dict[str, str] | None = None) -> None:
+    def answer(
+        self, status: int, document: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         """Send `document` as JSON with `status`."""
         body = json.dumps(document).encode()
         self.send_response(status)
@@ -109,8 +113,11 @@ class Upstream:
             def do_GET(self) -> None:
                 color = upstream.color
                 if upstream.failing.is_set():
-                    self.answer(503, {"status": "DOWN", "color": color, "error": "injected 503"},
-                                {"X-Color": color})
+                    self.answer(
+                        503,
+                        {"status": "DOWN", "color": color, "error": "injected 503"},
+                        {"X-Color": color},
+                    )
                 else:
                     self.answer(200, {"status": "UP", "color": color}, {"X-Color": color})
 

@@ -92,8 +92,11 @@ class View:
             return
         key, line = self._plain(frame)
         now = time.monotonic()
-        if (self._last_plain is None or key != self._last_plain[0]
-                or now - self._last_plain[1] >= _PLAIN_EVERY_S):
+        if (
+            self._last_plain is None
+            or key != self._last_plain[0]
+            or now - self._last_plain[1] >= _PLAIN_EVERY_S
+        ):
             self._last_plain = (key, now)
             elapsed = f"t+{now - self.started:4.1f}s"
             self._write(f"  {elapsed}  {line}\n")
@@ -137,18 +140,27 @@ class View:
             head = f"guardd  {self.bad('not answering')}   traffic: {frame.serving}"
             return [self.dim("  " + "-" * 58), "  " + head]
         state, active = clean(status.get("state")), status.get("active")
-        head = (f"  guardd  {self.paint(state, _state_code(state))}   active "
-                f"{self.bold(clean(active))}   traffic: {frame.serving}")
-        lines = [self.dim("  " + "-" * 58), head,
-                 self.dim(f"  {'color':<8}{'healthy':<9}{'fails':>7}{'errors':>9}{'p95':>10}"
-                          f"   (P0: {frame.threshold} fails in a row)")]
+        head = (
+            f"  guardd  {self.paint(state, _state_code(state))}   active "
+            f"{self.bold(clean(active))}   traffic: {frame.serving}"
+        )
+        lines = [
+            self.dim("  " + "-" * 58),
+            head,
+            self.dim(
+                f"  {'color':<8}{'healthy':<9}{'fails':>7}{'errors':>9}{'p95':>10}"
+                f"   (P0: {frame.threshold} fails in a row)"
+            ),
+        ]
         for color in _COLORS:
             up = _upstream(status, color)
             healthy, code = _healthy(up)
             name = f"{color}{'*' if color == active else ''}"
             fails = clean(up.get("consecutive_failures", "-"))
-            lines.append(f"  {name:<8}{self.paint(f'{healthy:<9}', code)}{fails:>7}"
-                         f"{_ratio(up.get('error_ratio')):>9}{_ms(up.get('p95_ms')):>10}")
+            lines.append(
+                f"  {name:<8}{self.paint(f'{healthy:<9}', code)}{fails:>7}"
+                f"{_ratio(up.get('error_ratio')):>9}{_ms(up.get('p95_ms')):>10}"
+            )
         # A wrapped line would throw the cursor arithmetic off: cut to the terminal.
         cut = _RESET if self.color else ""
         return [line if _visible(line) <= width else line[:width] + cut for line in lines]
@@ -159,18 +171,18 @@ class View:
         if status is None:
             text = f"guardd not answering | traffic: {frame.serving}"
             return text, text
-        head = (f"{clean(status.get('state'))}, active {clean(status.get('active'))}, "
-                f"traffic: {frame.serving}")
+        head = (
+            f"{clean(status.get('state'))}, active {clean(status.get('active'))}, "
+            f"traffic: {frame.serving}"
+        )
         key, parts = [head], [head]
         for color in _COLORS:
             up = _upstream(status, color)
             healthy, _ = _healthy(up)
             fails = f"{color} {healthy} fails {clean(up.get('consecutive_failures', '-'))}"
             key.append(fails)
-            parts.append(f"{fails} err {_ratio(up.get('error_ratio'))} "
-                         f"p95 {_ms(up.get('p95_ms'))}")
+            parts.append(f"{fails} err {_ratio(up.get('error_ratio'))} p95 {_ms(up.get('p95_ms'))}")
         return " | ".join(key), " | ".join(parts)
-
 
 
 def _upstream(status: Mapping[str, Any], color: str) -> Mapping[str, Any]:

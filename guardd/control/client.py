@@ -21,8 +21,9 @@ __all__ = ["call"]
 MAX_REPLY_BYTES: Final = 32 * 1024 * 1024
 
 
-def call(socket_path: Path, cmd: str, args: dict[str, Any] | None = None, *,
-         timeout: float = 5.0) -> dict[str, Any]:
+def call(
+    socket_path: Path, cmd: str, args: dict[str, Any] | None = None, *, timeout: float = 5.0
+) -> dict[str, Any]:
     """Send `cmd` to the daemon at `socket_path` and return its `result`.
 
     Raises `DaemonUnreachable` (no socket, nobody listening, busy, no answer in time),
@@ -60,8 +61,9 @@ def _connect(sock: socket.socket, path: Path) -> None:
     except ConnectionRefusedError:
         raise DaemonUnreachable(f"nothing listens on {path}; is guardd running?") from None
     except PermissionError:
-        raise NotPermitted(f"permission denied on {path}; "
-                           "ask for membership in the socket's group") from None
+        raise NotPermitted(
+            f"permission denied on {path}; ask for membership in the socket's group"
+        ) from None
     except TimeoutError:
         raise DaemonUnreachable(f"guardd did not accept a connection on {path}") from None
     except OSError as e:

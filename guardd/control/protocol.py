@@ -74,7 +74,7 @@ def _bad(message: str) -> ProtocolError:
 
 def _color(name: str, value: object) -> str:
     if value not in COLORS:
-        raise _bad(f"args.{name} must be \"blue\" or \"green\"")
+        raise _bad(f'args.{name} must be "blue" or "green"')
     return str(value)
 
 
@@ -129,8 +129,11 @@ _REASON: Final = _Arg(_reason)
 COMMANDS: Final[Mapping[str, Mapping[str, _Arg]]] = {
     "status": {},
     "history": {"limit": _Arg(_limit)},
-    "switch": {"color": _Arg(_color, required=True), "force": _Arg(_flag, default=False),
-               "reason": _REASON},
+    "switch": {
+        "color": _Arg(_color, required=True),
+        "force": _Arg(_flag, default=False),
+        "reason": _REASON,
+    },
     "rollback": {"reason": _REASON},
     "promote": {"reason": _REASON},
     "pause": {"reason": _REASON},
@@ -174,9 +177,10 @@ def parse_request(line: bytes) -> Request:
     if isinstance(version, bool) or not isinstance(version, int):
         raise _bad("request.v must be an integer")
     if version != VERSION:
-        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION,
-                            f"protocol version {version} is not supported; "
-                            f"this guardd speaks version {VERSION}")
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {version} is not supported; this guardd speaks version {VERSION}",
+        )
     unexpected = sorted(set(doc) - {"v", "cmd", "args"})
     if unexpected:
         raise _bad(f"unexpected request field {_shown(unexpected[0])}")
@@ -185,8 +189,10 @@ def parse_request(line: bytes) -> Request:
         raise _bad("request.cmd must be a string")
     spec = COMMANDS.get(cmd)
     if spec is None:
-        raise ProtocolError(ErrorCode.UNKNOWN_COMMAND,
-                            f"unknown command {_shown(cmd)}; known: {', '.join(COMMANDS)}")
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_COMMAND,
+            f"unknown command {_shown(cmd)}; known: {', '.join(COMMANDS)}",
+        )
     raw_args = doc.get("args")
     if raw_args is None:
         raw_args = {}

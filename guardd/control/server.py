@@ -94,10 +94,19 @@ def _process_groups(pid: int, uid: int) -> set[int] | None:
 class ControlServer:
     """Serves the control protocol on a Unix socket, calling `handler` for each request."""
 
-    def __init__(self, path: Path, handler: Handler, *, mode: int = 0o660, group: str | None = None,
-                 admin_group: str | None = None, request_timeout: float = 5.0,
-                 max_connections: int = 64, max_request_bytes: int = protocol.MAX_REQUEST_BYTES,
-                 logger: FilteringBoundLogger | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        handler: Handler,
+        *,
+        mode: int = 0o660,
+        group: str | None = None,
+        admin_group: str | None = None,
+        request_timeout: float = 5.0,
+        max_connections: int = 64,
+        max_request_bytes: int = protocol.MAX_REQUEST_BYTES,
+        logger: FilteringBoundLogger | None = None,
+    ) -> None:
         self._path = path
         self._handler = handler
         self._mode = mode
@@ -171,8 +180,11 @@ class ControlServer:
             # A Unix connect answers at once: refused means nobody is listening any more.
             result = probe.connect_ex(str(self._path))
         if result != errno.ECONNREFUSED:
-            raise OSError(errno.EADDRINUSE, f"{self._path} is in use by another process "
-                          f"(connect: {os.strerror(result) if result else 'accepted'})")
+            raise OSError(
+                errno.EADDRINUSE,
+                f"{self._path} is in use by another process "
+                f"(connect: {os.strerror(result) if result else 'accepted'})",
+            )
         self._path.unlink(missing_ok=True)
 
     def _unlink_if_ours(self, inode: int) -> None:
@@ -199,7 +211,8 @@ class ControlServer:
 
     async def _reject_busy(self, stream: SocketStream) -> None:
         reply = protocol.encode_error(
-            ErrorCode.BUSY, f"too many control connections ({self._max_connections}); try again")
+            ErrorCode.BUSY, f"too many control connections ({self._max_connections}); try again"
+        )
         async with stream:
             with anyio.move_on_after(_BUSY_SEND_TIMEOUT_S):
                 await _send_quietly(stream, reply)
@@ -219,7 +232,8 @@ class ControlServer:
     async def _answer(self, stream: SocketStream) -> bytes | None:
         raw = stream.extra(SocketAttribute.raw_socket)  # noqa: S610 - anyio, not Django  # nosec B610
         pid, uid, gid = _PEERCRED.unpack(
-            raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
         line: bytes | None = None
         with anyio.move_on_after(self._request_timeout):
             try:
@@ -231,7 +245,8 @@ class ControlServer:
                 return None
         if line is None:
             return protocol.encode_error(
-                ErrorCode.TIMEOUT, f"no complete request within {self._request_timeout:g}s")
+                ErrorCode.TIMEOUT, f"no complete request within {self._request_timeout:g}s"
+            )
         try:
             request = protocol.parse_request(line)
         except ProtocolError as e:
@@ -252,16 +267,18 @@ class ControlServer:
             except anyio.EndOfStream:
                 if not buffer:
                     raise  # connected and left without a word: nobody to answer
-                raise ProtocolError(ErrorCode.BAD_REQUEST,
-                                    "the request ended without a newline") from None
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST, "the request ended without a newline"
+                ) from None
             end = chunk.find(b"\n")
             if end >= 0:
                 buffer += chunk[:end]
                 return bytes(buffer)
             buffer += chunk
             if len(buffer) >= self._max_request_bytes:
-                raise ProtocolError(ErrorCode.TOO_LARGE,
-                                    f"no newline within {self._max_request_bytes} bytes")
+                raise ProtocolError(
+                    ErrorCode.TOO_LARGE, f"no newline within {self._max_request_bytes} bytes"
+                )
 
     def _identify(self, pid: int, uid: int, gid: int) -> Caller:
         # Blocking NSS lookups (LDAP, sssd) run here, in a worker thread.
@@ -301,8 +318,7 @@ class ControlServer:
             self._log.exception("control_handler_failed", cmd=request.cmd, by=caller.by())
             return _INTERNAL
         if not isinstance(result, dict):
-            self._log.error("control_result_not_dict", cmd=request.cmd,
-                            type=type(result).__name__)
+            self._log.error("control_result_not_dict", cmd=request.cmd, type=type(result).__name__)
             return _INTERNAL
         try:
             reply = protocol.encode_result(result)

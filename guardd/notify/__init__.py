@@ -88,8 +88,9 @@ def build_notifier(
     settings: Settings, retry: RetrySettings, metrics: GuardMetrics, log: Any
 ) -> Notifier:
     """The daemon's notifier: sinks from the config, the outbox in the state dir, metrics wired."""
-    sinks = sinks_from_config(settings.config.notify, environ=os.environ,
-                              source=str(settings.source))
+    sinks = sinks_from_config(
+        settings.config.notify, environ=os.environ, source=str(settings.source)
+    )
     metrics.declare_sinks(s.name for s in sinks)
     return Notifier(
         instance=settings.instance,

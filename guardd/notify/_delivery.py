@@ -40,11 +40,26 @@ from guardd.secrets import Secret, redact
 SinkKind = Literal["slack", "discord", "webhook"]
 
 #: Every event name the journal writes (docs/contract.md §4).
-JOURNAL_EVENTS: Final = frozenset({
-    "started", "stopped", "rollback_started", "rollback_completed", "rollback_failed",
-    "switch", "promote", "hold", "external_switch", "qos_locked", "qos_extended",
-    "qos_released", "paused", "resumed", "config_reloaded", "alert",
-})
+JOURNAL_EVENTS: Final = frozenset(
+    {
+        "started",
+        "stopped",
+        "rollback_started",
+        "rollback_completed",
+        "rollback_failed",
+        "switch",
+        "promote",
+        "hold",
+        "external_switch",
+        "qos_locked",
+        "qos_extended",
+        "qos_released",
+        "paused",
+        "resumed",
+        "config_reloaded",
+        "alert",
+    }
+)
 #: Names that stand for several events in a sink's `events`.
 EVENT_GROUPS: Final[Mapping[str, frozenset[str]]] = {
     # Not rollback_started: one clear message per incident, saying how it ended.
@@ -179,8 +194,11 @@ def _hide_url_parts(url: Secret) -> None:
     pieces = [parts.path, parts.query, password or ""]
     pieces += [parts.path + "?" + parts.query] if parts.query else []
     # A path segment that looks like an id or a token: Slack's and Discord's are both.
-    pieces += [s for s in parts.path.split("/") if len(s) >= 16 or (len(s) >= 8 and
-                                                                    any(c.isdigit() for c in s))]
+    pieces += [
+        s
+        for s in parts.path.split("/")
+        if len(s) >= 16 or (len(s) >= 8 and any(c.isdigit() for c in s))
+    ]
     for piece in pieces:
         Secret(piece)
 
@@ -347,8 +365,9 @@ class Notifier:
             event_id = raw_id
         elif raw_id in (None, ""):
             event_id = plain["id"] = uuid.uuid4().hex
-            self._log.warning("notification_event_without_id", journal_event=name,
-                              event_id=event_id)
+            self._log.warning(
+                "notification_event_without_id", journal_event=name, event_id=event_id
+            )
         else:
             # Still stable, so that the same odd id is still deduplicated.
             digest = hashlib.sha256(str(raw_id).encode("utf-8", "replace")).hexdigest()
@@ -385,8 +404,11 @@ class Notifier:
             for name in item.sinks:
                 state = self._sinks[name]
                 key = (name, item.event_id)
-                if (key in seen or item.event_id in state.pending_ids
-                        or item.event_id in state.delivered_ids):
+                if (
+                    key in seen
+                    or item.event_id in state.pending_ids
+                    or item.event_id in state.delivered_ids
+                ):
                     self._log.info("notification_duplicate", sink=name, event_id=item.event_id)
                     continue
                 seen.add(key)
@@ -398,8 +420,9 @@ class Notifier:
         self._unwritten = []
         for message, why in failed:
             self._unsaved.add(message.seq)
-            self._storage_failed("outbox_write_failed", why, sink=message.sink,
-                                 event_id=message.event_id)
+            self._storage_failed(
+                "outbox_write_failed", why, sink=message.sink, event_id=message.event_id
+            )
         if sync_error is not None:
             self._storage_failed("outbox_sync_failed", sync_error)
         evicted: list[Message] = []
@@ -429,8 +452,11 @@ class Notifier:
                 break
             state.queue.remove(victim)
             state.pending_ids.discard(victim.event_id)
-            self._dropped(message.sink, victim.event_id,
-                          f"more than {self._max_pending} notifications pending; oldest dropped")
+            self._dropped(
+                message.sink,
+                victim.event_id,
+                f"more than {self._max_pending} notifications pending; oldest dropped",
+            )
             evicted.append(victim)
         state.queue.append(message)
         state.pending_ids.add(message.event_id)
@@ -445,13 +471,19 @@ class Notifier:
             self._storage_failed("outbox_unreadable", why, directory=str(self._outbox.directory))
             return
         for problem in problems:
-            self._log.error("outbox_corrupt_message_skipped", problem=redact(problem),
-                            directory=str(self._outbox.directory))
+            self._log.error(
+                "outbox_corrupt_message_skipped",
+                problem=redact(problem),
+                directory=str(self._outbox.directory),
+            )
         orphans = [m for m in messages if m.sink not in self._sinks]
         if orphans:
             # Kept on disk: the sink may come back with the next configuration.
-            self._log.warning("outbox_messages_for_unknown_sinks", count=len(orphans),
-                              sinks=sorted({m.sink for m in orphans}))
+            self._log.warning(
+                "outbox_messages_for_unknown_sinks",
+                count=len(orphans),
+                sinks=sorted({m.sink for m in orphans}),
+            )
         duplicates, evicted = [], []
         for message in messages:
             if (state := self._sinks.get(message.sink)) is None:
@@ -483,8 +515,7 @@ class Notifier:
     async def _deliver(self, client: httpx.AsyncClient, sink: Sink, message: Message) -> bool:
         """Post `message` until it is accepted, rejected or out of attempts; True if sent."""
         journal_event = message.event.get("event")
-        log = self._log.bind(sink=sink.name, event_id=message.event_id,
-                             journal_event=journal_event)
+        log = self._log.bind(sink=sink.name, event_id=message.event_id, journal_event=journal_event)
         try:
             body, headers = _request_for(sink, message, self.instance)
         except Exception as e:  # noqa: BLE001 - one odd event must not stop the sink
@@ -509,12 +540,17 @@ class Notifier:
                     try:
                         await _post(client, sink, body, headers)
                     except _TransientError as e:
-                        log.warning("notification_attempt_failed", attempt=attempts,
-                                    reason=e.reason, retry_after=e.retry_after)
+                        log.warning(
+                            "notification_attempt_failed",
+                            attempt=attempts,
+                            reason=e.reason,
+                            retry_after=e.retry_after,
+                        )
                         raise
         except _TransientError as e:
-            self._dropped(sink.name, message.event_id,
-                          f"gave up after {attempts} attempts: {e.reason}")
+            self._dropped(
+                sink.name, message.event_id, f"gave up after {attempts} attempts: {e.reason}"
+            )
             return False
         except _PermanentError as e:
             self._dropped(sink.name, message.event_id, e.reason)
@@ -588,8 +624,9 @@ async def _post(
     try:
         # httpx's timeout bounds each read; this bounds the whole exchange.
         with anyio.fail_after(sink.timeout):
-            async with client.stream("POST", sink.url.reveal(), content=body, headers=headers,
-                                     timeout=sink.timeout) as response:
+            async with client.stream(
+                "POST", sink.url.reveal(), content=body, headers=headers, timeout=sink.timeout
+            ) as response:
                 if response.is_success:
                     return
                 detail = await _detail(response)

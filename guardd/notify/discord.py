@@ -52,8 +52,11 @@ def discord_message(event: Mapping[str, Any], *, instance: str) -> dict[str, Any
         _field("By", f.by or "—"),
         *(_field(label, value) for label, value in f.evidence),
     ]
-    act = {"name": "Act", "value": truncate("\n".join(f"`{c}`" for c in f.commands),
-                                            FIELD_VALUE_MAX), "inline": False}
+    act = {
+        "name": "Act",
+        "value": truncate("\n".join(f"`{c}`" for c in f.commands), FIELD_VALUE_MAX),
+        "inline": False,
+    }
     fields = fields[: FIELDS_MAX - 1]
     fixed = text_units(title) + text_units(footer) + _units(act)
     # Evidence goes before the reason does: drop fields from the end until the reason fits.

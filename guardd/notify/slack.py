@@ -36,11 +36,15 @@ def slack_message(event: Mapping[str, Any], *, instance: str) -> dict[str, Any]:
         },
     ]
     if f.evidence:
-        blocks.append({
-            "type": "section",
-            "text": _mrkdwn("*Evidence*"),
-            "fields": [_evidence_field(label, value) for label, value in f.evidence[:FIELDS_MAX]],
-        })
+        blocks.append(
+            {
+                "type": "section",
+                "text": _mrkdwn("*Evidence*"),
+                "fields": [
+                    _evidence_field(label, value) for label, value in f.evidence[:FIELDS_MAX]
+                ],
+            }
+        )
     blocks.append({"type": "context", "elements": [_mrkdwn(_when(f))]})
     act = " · ".join(f"`{escape(command)}`" for command in f.commands)
     act_text = fit_escaped(f"*Act:* {act}", SECTION_TEXT_MAX)

@@ -48,17 +48,47 @@ def golden(name: str) -> str:
 
 
 EVENTS: list[dict[str, Any]] = [
-    {"ts": "2026-11-22T03:58:12.004Z", "event": "promote", "guard": "threader", "from": "blue",
-     "to": "green", "reason": "release 2026.11.3", "severity": None, "by": "uid:1001(deploy)"},
-    {"ts": "2026-11-22T04:39:58.950Z", "event": "rollback_started", "guard": "threader",
-     "from": "green", "to": "blue", "reason": "green failed 3 probes in a row",
-     "severity": "P0", "by": "guardd"},
-    {"ts": "2026-11-22T04:40:00.123Z", "event": "rollback_completed", "guard": "threader",
-     "from": "green", "to": "blue", "reason": "green failed 3 probes in a row",
-     "severity": "P0", "by": "guardd",
-     "evidence": {"rule": "consecutive_failures", "threshold": 3, "value": 3, "samples": 9}},
-    {"ts": "2026-11-22T04:40:00.125Z", "event": "qos_locked", "guard": "threader", "from": None,
-     "to": None, "reason": "guard window after rollback", "severity": None, "by": "guardd"},
+    {
+        "ts": "2026-11-22T03:58:12.004Z",
+        "event": "promote",
+        "guard": "threader",
+        "from": "blue",
+        "to": "green",
+        "reason": "release 2026.11.3",
+        "severity": None,
+        "by": "uid:1001(deploy)",
+    },
+    {
+        "ts": "2026-11-22T04:39:58.950Z",
+        "event": "rollback_started",
+        "guard": "threader",
+        "from": "green",
+        "to": "blue",
+        "reason": "green failed 3 probes in a row",
+        "severity": "P0",
+        "by": "guardd",
+    },
+    {
+        "ts": "2026-11-22T04:40:00.123Z",
+        "event": "rollback_completed",
+        "guard": "threader",
+        "from": "green",
+        "to": "blue",
+        "reason": "green failed 3 probes in a row",
+        "severity": "P0",
+        "by": "guardd",
+        "evidence": {"rule": "consecutive_failures", "threshold": 3, "value": 3, "samples": 9},
+    },
+    {
+        "ts": "2026-11-22T04:40:00.125Z",
+        "event": "qos_locked",
+        "guard": "threader",
+        "from": None,
+        "to": None,
+        "reason": "guard window after rollback",
+        "severity": None,
+        "by": "guardd",
+    },
 ]
 
 
@@ -87,16 +117,27 @@ class FakeGuard:
         return read_lock(self.lock_file).to_json()
 
     def _take_lock(self, reason: str, for_s: float | None, by: str) -> dict[str, Any]:
-        lock = {"reason": reason, "locked_at": "2026-11-22T04:40:00.123Z",
-                "until": None if for_s is None else "2026-11-22T04:45:00.123Z", "by": by}
+        lock = {
+            "reason": reason,
+            "locked_at": "2026-11-22T04:40:00.123Z",
+            "until": None if for_s is None else "2026-11-22T04:45:00.123Z",
+            "by": by,
+        }
         self.lock_file.write_text(json.dumps(lock))
         self.own_lock = lock
         return self._lock_json()
 
-    def _event(self, kind: str, source: str, target: str, reason: str, by: str
-               ) -> dict[str, Any]:
-        return {"ts": "2026-11-22T05:00:00.000Z", "event": kind, "guard": "threader",
-                "from": source, "to": target, "reason": reason, "severity": None, "by": by}
+    def _event(self, kind: str, source: str, target: str, reason: str, by: str) -> dict[str, Any]:
+        return {
+            "ts": "2026-11-22T05:00:00.000Z",
+            "event": kind,
+            "guard": "threader",
+            "from": source,
+            "to": target,
+            "reason": reason,
+            "severity": None,
+            "by": by,
+        }
 
     async def __call__(self, cmd: str, args: dict[str, Any], caller: Caller) -> dict[str, Any]:
         self.calls.append((cmd, args, caller.by()))
@@ -119,9 +160,12 @@ class FakeGuard:
             return {"paused": False, "changed": was}
         if cmd == "qos_lock":
             if status["qos"]["locked"] and status["qos"]["reason"] != (self.own_lock or {}).get(
-                    "reason"):
-                raise Refused(f"a QoS lock is already held ({status['qos']['reason']}); "
-                              "release it with `guardctl qos unlock` first")
+                "reason"
+            ):
+                raise Refused(
+                    f"a QoS lock is already held ({status['qos']['reason']}); "
+                    "release it with `guardctl qos unlock` first"
+                )
             return self._take_lock(reason or "locked by an operator", args["for_s"], by)
         if cmd == "qos_unlock":
             if not status["qos"]["locked"]:
@@ -129,8 +173,11 @@ class FakeGuard:
             self.lock_file.unlink()
             return self._lock_json()
         source = status["active"]
-        target = {"switch": args.get("color"), "promote": status["standby"],
-                  "rollback": status["rollback_to"]}[cmd]
+        target = {
+            "switch": args.get("color"),
+            "promote": status["standby"],
+            "rollback": status["rollback_to"],
+        }[cmd]
         if target == source:
             raise Refused(f"{target} is already active")
         if cmd != "rollback" and not args.get("force"):
@@ -185,17 +232,29 @@ class Run:
     err: str
 
 
-def guardctl(*argv: str, run_dir: Path, env: Mapping[str, str] | None = None,
-             as_nobody: bool = False) -> Run:
+def guardctl(
+    *argv: str, run_dir: Path, env: Mapping[str, str] | None = None, as_nobody: bool = False
+) -> Run:
     """Run guardctl as its own process, with paths defaulting into `run_dir`."""
     assert GUARDCTL.exists(), "the guardctl script is missing: run `uv sync --frozen`"
-    full_env = {"PATH": os.environ["PATH"], "RUNTIME_DIRECTORY": str(run_dir),
-                "GUARDD_CONFIG": str(run_dir / "absent.toml"), "LANG": "C.UTF-8",
-                **(env or {})}
-    prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] \
-        if as_nobody else []
-    done = subprocess.run([*prefix, str(GUARDCTL), *argv], env=full_env, capture_output=True,
-                          text=True, timeout=WAIT_S, check=False)
+    full_env = {
+        "PATH": os.environ["PATH"],
+        "RUNTIME_DIRECTORY": str(run_dir),
+        "GUARDD_CONFIG": str(run_dir / "absent.toml"),
+        "LANG": "C.UTF-8",
+        **(env or {}),
+    }
+    prefix = (
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if as_nobody else []
+    )
+    done = subprocess.run(
+        [*prefix, str(GUARDCTL), *argv],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        check=False,
+    )
     return Run(done.returncode, done.stdout, done.stderr)
 
 
@@ -205,8 +264,9 @@ def test_golden_status_text(name: str) -> None:
     assert render_status(fixture(name), color=False) == golden(name)
 
 
-@pytest.mark.parametrize(("name", "code"), [("steady", 0), ("guard_window", 1), ("hold", 2),
-                                            ("paused", 1)])
+@pytest.mark.parametrize(
+    ("name", "code"), [("steady", 0), ("guard_window", 1), ("hold", 2), ("paused", 1)]
+)
 def test_status(guard: FakeGuard, run_dir: Path, name: str, code: int) -> None:
     """`status` prints the table and exits 0 OK, 1 WARNING or 2 CRITICAL."""
     guard.reset(name)
@@ -233,8 +293,9 @@ def test_status_unreachable(run_dir: Path, tmp_path: Path) -> None:
     missing = guardctl("--instance", "nosuch", "status", run_dir=run_dir)
     with socket.socket(socket.AF_UNIX) as dead:
         dead.bind(str(run_dir / "dead.sock"))
-        stale = guardctl("--socket", str(run_dir / "dead.sock"), "status", "--json",
-                         run_dir=run_dir)
+        stale = guardctl(
+            "--socket", str(run_dir / "dead.sock"), "status", "--json", run_dir=run_dir
+        )
 
     assert missing.code == 3
     assert missing.out.startswith("UNKNOWN: guardd nosuch: no control socket at")
@@ -252,21 +313,24 @@ def _status(**changes: Any) -> dict[str, Any]:
     return status
 
 
-@pytest.mark.parametrize(("status", "code"), [
-    pytest.param(_status(), 0, id="steady"),
-    pytest.param(_status(state="degraded"), 1, id="degraded"),
-    pytest.param(_status(state="rolling_back"), 1, id="rolling-back"),
-    pytest.param(_status(state="starting"), 1, id="starting"),
-    pytest.param(_status(state="guard_window"), 1, id="guard-window"),
-    pytest.param(_status(paused=True), 1, id="paused-flag"),
-    pytest.param(_status(qos={"locked": True, "reason": "touch"}), 1, id="locked"),
-    pytest.param(_status(green_healthy=False), 1, id="active-unhealthy"),
-    pytest.param(_status(green_healthy=None, green_stale=True), 1, id="active-stale"),
-    pytest.param(_status(green_healthy=True, green_stale=True), 1, id="stale-wins"),
-    pytest.param(_status(green_healthy=None), 1, id="active-unknown"),
-    pytest.param(_status(active="purple"), 1, id="active-missing"),
-    pytest.param(_status(state="hold", paused=True), 2, id="hold"),
-])
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        pytest.param(_status(), 0, id="steady"),
+        pytest.param(_status(state="degraded"), 1, id="degraded"),
+        pytest.param(_status(state="rolling_back"), 1, id="rolling-back"),
+        pytest.param(_status(state="starting"), 1, id="starting"),
+        pytest.param(_status(state="guard_window"), 1, id="guard-window"),
+        pytest.param(_status(paused=True), 1, id="paused-flag"),
+        pytest.param(_status(qos={"locked": True, "reason": "touch"}), 1, id="locked"),
+        pytest.param(_status(green_healthy=False), 1, id="active-unhealthy"),
+        pytest.param(_status(green_healthy=None, green_stale=True), 1, id="active-stale"),
+        pytest.param(_status(green_healthy=True, green_stale=True), 1, id="stale-wins"),
+        pytest.param(_status(green_healthy=None), 1, id="active-unknown"),
+        pytest.param(_status(active="purple"), 1, id="active-missing"),
+        pytest.param(_status(state="hold", paused=True), 2, id="hold"),
+    ],
+)
 def test_status_exit_rule(status: dict[str, Any], code: int) -> None:
     """3 unreachable, 2 hold, 1 anything an operator should look at, else 0."""
     assert ctl.status_exit_code(status) == code
@@ -275,8 +339,9 @@ def test_status_exit_rule(status: dict[str, Any], code: int) -> None:
 def test_history(guard: FakeGuard, run_dir: Path) -> None:
     """`history` prints one line per event, newest last; --json the list; --limit is passed."""
     text = guardctl("--instance", "threader", "history", run_dir=run_dir)
-    as_json = guardctl("--instance", "threader", "history", "--limit", "2", "--json",
-                       run_dir=run_dir)
+    as_json = guardctl(
+        "--instance", "threader", "history", "--limit", "2", "--json", run_dir=run_dir
+    )
 
     assert text.code == 0
     assert text.out == render_history(EVENTS)
@@ -293,12 +358,33 @@ def test_history(guard: FakeGuard, run_dir: Path) -> None:
 def test_history_text() -> None:
     """History lines are aligned; an unknown end of a move is left out; control bytes escaped."""
     events: list[dict[str, Any]] = [
-        {"ts": "2026-11-22T05:01:17.598Z", "event": "started", "from": None, "to": "green",
-         "reason": "guardd 0.1.0 guarding threader", "severity": None, "by": "guardd"},
-        {"ts": "2026-11-22T05:01:24.771Z", "event": "rollback_started", "from": "green",
-         "to": "blue", "reason": "HTTP 503\x1b[2J", "severity": "P0", "by": "guardd"},
-        {"ts": "2026-11-22T05:01:24.773Z", "event": "qos_locked", "from": None, "to": None,
-         "reason": None, "severity": None, "by": "uid:0(root)"},
+        {
+            "ts": "2026-11-22T05:01:17.598Z",
+            "event": "started",
+            "from": None,
+            "to": "green",
+            "reason": "guardd 0.1.0 guarding threader",
+            "severity": None,
+            "by": "guardd",
+        },
+        {
+            "ts": "2026-11-22T05:01:24.771Z",
+            "event": "rollback_started",
+            "from": "green",
+            "to": "blue",
+            "reason": "HTTP 503\x1b[2J",
+            "severity": "P0",
+            "by": "guardd",
+        },
+        {
+            "ts": "2026-11-22T05:01:24.773Z",
+            "event": "qos_locked",
+            "from": None,
+            "to": None,
+            "reason": None,
+            "severity": None,
+            "by": "uid:0(root)",
+        },
     ]
 
     assert render_history(events) == (
@@ -306,7 +392,8 @@ def test_history_text() -> None:
         "guardd 0.1.0 guarding threader\n"
         "2026-11-22T05:01:24.771Z  rollback_started  green->blue  P0  guardd       "
         "HTTP 503\\x1b[2J\n"
-        "2026-11-22T05:01:24.773Z  qos_locked        -            -   uid:0(root)\n")
+        "2026-11-22T05:01:24.773Z  qos_locked        -            -   uid:0(root)\n"
+    )
     assert render_history([]) == "no events\n"
 
 
@@ -319,13 +406,14 @@ def test_history_unreachable(run_dir: Path) -> None:
 
 
 def _write_config(path: Path, socket_path: Path, lock_file: Path) -> Path:
-    path.write_text(f'instance = "threader"\n[control]\nsocket = "{socket_path}"\n'
-                    f'[qos]\nlock_file = "{lock_file}"\n')
+    path.write_text(
+        f'instance = "threader"\n[control]\nsocket = "{socket_path}"\n'
+        f'[qos]\nlock_file = "{lock_file}"\n'
+    )
     return path
 
 
-def test_qos_status_reads_the_lock_file_with_the_daemon_down(tmp_path: Path,
-                                                            run_dir: Path) -> None:
+def test_qos_status_reads_the_lock_file_with_the_daemon_down(tmp_path: Path, run_dir: Path) -> None:
     """`qos status` answers from the lock file alone: absent 0, `touch`ed 1, guardd's JSON 1."""
     lock = tmp_path / "threader.qos.lock"
     config = _write_config(tmp_path / "threader.toml", tmp_path / "nobody-listens.sock", lock)
@@ -336,29 +424,47 @@ def test_qos_status_reads_the_lock_file_with_the_daemon_down(tmp_path: Path,
     absent, absent_json = qos_status(), qos_status("--json")
     lock.touch()
     touched, touched_json = qos_status(), qos_status("--json")
-    lock.write_text(json.dumps({"reason": "rolled back green -> blue", "by": "guardd",
-                                "locked_at": "2026-11-22T04:40:00.123Z",
-                                "until": "2026-11-22T04:45:00.123Z"}))
+    lock.write_text(
+        json.dumps(
+            {
+                "reason": "rolled back green -> blue",
+                "by": "guardd",
+                "locked_at": "2026-11-22T04:40:00.123Z",
+                "until": "2026-11-22T04:45:00.123Z",
+            }
+        )
+    )
     held, held_json = qos_status(), qos_status("--json")
 
     assert (absent.code, absent_json.code) == (0, 0)
     assert absent.out == f"no QoS lock: deploys allowed ({lock})\n"
-    assert json.loads(absent_json.out) == {"locked": False, "reason": None, "until": None,
-                                           "locked_at": None, "by": None}
+    assert json.loads(absent_json.out) == {
+        "locked": False,
+        "reason": None,
+        "until": None,
+        "locked_at": None,
+        "by": None,
+    }
     assert (touched.code, touched_json.code) == (1, 1)
     assert touched.out.startswith("QoS lock HELD: deploys blocked\n")
     assert "lock file present (no details)" in touched.out
     assert json.loads(touched_json.out)["locked"] is True
     assert (held.code, held_json.code) == (1, 1)
-    assert held.out == ("QoS lock HELD: deploys blocked\n"
-                        "  reason     rolled back green -> blue\n"
-                        "  until      2026-11-22T04:45:00.123Z\n"
-                        "  locked at  2026-11-22T04:40:00.123Z\n"
-                        "  by         guardd\n"
-                        f"  file       {lock}\n")
-    assert json.loads(held_json.out) == {"locked": True, "reason": "rolled back green -> blue",
-                                         "until": "2026-11-22T04:45:00.123Z",
-                                         "locked_at": "2026-11-22T04:40:00.123Z", "by": "guardd"}
+    assert held.out == (
+        "QoS lock HELD: deploys blocked\n"
+        "  reason     rolled back green -> blue\n"
+        "  until      2026-11-22T04:45:00.123Z\n"
+        "  locked at  2026-11-22T04:40:00.123Z\n"
+        "  by         guardd\n"
+        f"  file       {lock}\n"
+    )
+    assert json.loads(held_json.out) == {
+        "locked": True,
+        "reason": "rolled back green -> blue",
+        "until": "2026-11-22T04:45:00.123Z",
+        "locked_at": "2026-11-22T04:40:00.123Z",
+        "by": "guardd",
+    }
 
 
 def test_default_lock_path_follows_the_instance(run_dir: Path) -> None:
@@ -377,11 +483,9 @@ def test_default_lock_path_follows_the_instance(run_dir: Path) -> None:
     assert str(run_dir / "default.qos.lock") in default.out
 
 
-def test_config_names_socket_and_instance(guard: FakeGuard, run_dir: Path,
-                                          tmp_path: Path) -> None:
+def test_config_names_socket_and_instance(guard: FakeGuard, run_dir: Path, tmp_path: Path) -> None:
     """`--config` leads to the socket in `control.socket`; global options work after the command."""
-    config = _write_config(tmp_path / "anything.toml", run_dir / "threader.sock",
-                           guard.lock_file)
+    config = _write_config(tmp_path / "anything.toml", run_dir / "threader.sock", guard.lock_file)
 
     before = guardctl("--config", str(config), "status", "--json", run_dir=run_dir)
     after = guardctl("status", "--config", str(config), run_dir=run_dir)
@@ -391,22 +495,30 @@ def test_config_names_socket_and_instance(guard: FakeGuard, run_dir: Path,
     assert json.loads(before.out)["guard"] == "threader"
 
 
-@pytest.mark.parametrize(("argv", "call"), [
-    (["switch", "blue"], ("switch", {"color": "blue", "force": False, "reason": None})),
-    (["switch", "blue", "--force", "--reason", "drain green host"],
-     ("switch", {"color": "blue", "force": True, "reason": "drain green host"})),
-    (["rollback", "--reason", "checkout 500s"], ("rollback", {"reason": "checkout 500s"})),
-    (["promote"], ("promote", {"reason": None})),
-    (["pause", "--reason", "CHG-4711"], ("pause", {"reason": "CHG-4711"})),
-    (["qos", "lock", "--for", "5m", "--reason", "freeze"],
-     ("qos_lock", {"for_s": 300.0, "reason": "freeze"})),
-    (["qos", "lock", "--for", "250ms"], ("qos_lock", {"for_s": 0.25, "reason": None})),
-    (["qos", "lock", "--for", "90"], ("qos_lock", {"for_s": 90.0, "reason": None})),
-    (["qos", "lock", "--for", "1h"], ("qos_lock", {"for_s": 3600.0, "reason": None})),
-    (["qos", "lock"], ("qos_lock", {"for_s": None, "reason": None})),
-])
-def test_changes_are_done(guard: FakeGuard, run_dir: Path, argv: list[str],
-                          call: tuple[str, dict[str, Any]]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "call"),
+    [
+        (["switch", "blue"], ("switch", {"color": "blue", "force": False, "reason": None})),
+        (
+            ["switch", "blue", "--force", "--reason", "drain green host"],
+            ("switch", {"color": "blue", "force": True, "reason": "drain green host"}),
+        ),
+        (["rollback", "--reason", "checkout 500s"], ("rollback", {"reason": "checkout 500s"})),
+        (["promote"], ("promote", {"reason": None})),
+        (["pause", "--reason", "CHG-4711"], ("pause", {"reason": "CHG-4711"})),
+        (
+            ["qos", "lock", "--for", "5m", "--reason", "freeze"],
+            ("qos_lock", {"for_s": 300.0, "reason": "freeze"}),
+        ),
+        (["qos", "lock", "--for", "250ms"], ("qos_lock", {"for_s": 0.25, "reason": None})),
+        (["qos", "lock", "--for", "90"], ("qos_lock", {"for_s": 90.0, "reason": None})),
+        (["qos", "lock", "--for", "1h"], ("qos_lock", {"for_s": 3600.0, "reason": None})),
+        (["qos", "lock"], ("qos_lock", {"for_s": None, "reason": None})),
+    ],
+)
+def test_changes_are_done(
+    guard: FakeGuard, run_dir: Path, argv: list[str], call: tuple[str, dict[str, Any]]
+) -> None:
     """Each mutating command sends its arguments, prints guardd's message and exits 0."""
     if argv[0] == "promote":
         guard.status["active"], guard.status["standby"] = "blue", "green"
@@ -435,8 +547,10 @@ def test_pause_resume_and_unlock(guard: FakeGuard, run_dir: Path) -> None:
     assert "paused         yes: maintenance" in warning.out
     assert (resumed.code, resumed.out) == (0, "resume: done\n  paused    no\n")
     assert locked.code == 0
-    assert locked.out == ("qos lock: done\n  qos lock  HELD: locked by an operator "
-                          "(until 2026-11-22T04:45:00.123Z, by uid:0(root))\n")
+    assert locked.out == (
+        "qos lock: done\n  qos lock  HELD: locked by an operator "
+        "(until 2026-11-22T04:45:00.123Z, by uid:0(root))\n"
+    )
     assert blocked.code == 1
     assert "locked by an operator" in blocked.out
     assert unlocked.code == 0
@@ -444,14 +558,18 @@ def test_pause_resume_and_unlock(guard: FakeGuard, run_dir: Path) -> None:
     assert allowed.code == 0
 
 
-@pytest.mark.parametrize(("argv", "why"), [
-    (["switch", "blue"], "the QoS lock is held (lock file present (no details))"),
-    (["promote"], "the QoS lock is held"),
-    (["qos", "lock", "--for", "1h"], "a QoS lock is already held"),
-    (["switch", "green", "--force"], "green is already active"),
-])
-def test_refused_changes_exit_1_and_say_why(guard: FakeGuard, run_dir: Path,
-                                            argv: list[str], why: str) -> None:
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["switch", "blue"], "the QoS lock is held (lock file present (no details))"),
+        (["promote"], "the QoS lock is held"),
+        (["qos", "lock", "--for", "1h"], "a QoS lock is already held"),
+        (["switch", "green", "--force"], "green is already active"),
+    ],
+)
+def test_refused_changes_exit_1_and_say_why(
+    guard: FakeGuard, run_dir: Path, argv: list[str], why: str
+) -> None:
     """A refusal exits 1 with guardd's reason on stderr; nothing is printed as done."""
     guard.lock_file.touch()
 
@@ -481,16 +599,26 @@ def test_refused_unhealthy_switch_and_force(guard: FakeGuard, run_dir: Path) -> 
 
     assert (refused.code, forced.code) == (1, 0)
     assert "green is unhealthy; use --force" in refused.err
-    assert forced.out == ("switch: done\n"
-                          "  active    green\n"
-                          "  journal   2026-11-22T05:00:00.000Z switch blue->green "
-                          "by uid:0(root): switch by an operator\n")
+    assert forced.out == (
+        "switch: done\n"
+        "  active    green\n"
+        "  journal   2026-11-22T05:00:00.000Z switch blue->green "
+        "by uid:0(root): switch by an operator\n"
+    )
 
 
-@pytest.mark.parametrize("argv", [
-    ["switch", "blue"], ["rollback"], ["promote"], ["pause"], ["resume"],
-    ["qos", "lock", "--for", "1m"], ["qos", "unlock"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["switch", "blue"],
+        ["rollback"],
+        ["promote"],
+        ["pause"],
+        ["resume"],
+        ["qos", "lock", "--for", "1m"],
+        ["qos", "unlock"],
+    ],
+)
 def test_changes_without_a_daemon_exit_3(run_dir: Path, argv: list[str]) -> None:
     """Every mutating command exits 3 when guardd does not answer."""
     run = guardctl("--instance", "nosuch", *argv, run_dir=run_dir)
@@ -506,12 +634,21 @@ def test_qos_lock_without_a_daemon_names_the_manual_way(run_dir: Path) -> None:
     assert f"touch {run_dir / 'nosuch.qos.lock'}" in run.err
 
 
-@pytest.mark.parametrize("argv", [
-    ["switch", "blue"], ["rollback"], ["promote"], ["pause"], ["resume"],
-    ["qos", "lock"], ["qos", "unlock"],
-])
-def test_changes_from_an_unprivileged_user_exit_4(guard: FakeGuard, run_dir: Path,
-                                                  argv: list[str]) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["switch", "blue"],
+        ["rollback"],
+        ["promote"],
+        ["pause"],
+        ["resume"],
+        ["qos", "lock"],
+        ["qos", "unlock"],
+    ],
+)
+def test_changes_from_an_unprivileged_user_exit_4(
+    guard: FakeGuard, run_dir: Path, argv: list[str]
+) -> None:
     """A caller who is not root, guardd's user or an admin gets exit 4 and nothing changes."""
     run = guardctl("--instance", "threader", *argv, run_dir=run_dir, as_nobody=True)
 
@@ -523,8 +660,7 @@ def test_changes_from_an_unprivileged_user_exit_4(guard: FakeGuard, run_dir: Pat
 
 def test_reading_is_open_to_an_unprivileged_user(guard: FakeGuard, run_dir: Path) -> None:
     """status and history work for anyone who can reach the socket."""
-    status = guardctl("--instance", "threader", "status", "--json", run_dir=run_dir,
-                      as_nobody=True)
+    status = guardctl("--instance", "threader", "status", "--json", run_dir=run_dir, as_nobody=True)
     history = guardctl("--instance", "threader", "history", run_dir=run_dir, as_nobody=True)
 
     assert status.code == 0
@@ -536,10 +672,16 @@ def test_reading_is_open_to_an_unprivileged_user(guard: FakeGuard, run_dir: Path
 def _on_a_terminal(argv: list[str], run_dir: Path, env: Mapping[str, str]) -> str:
     """guardctl's output when its stdout is a pseudo-terminal."""
     leader, follower = pty.openpty()
-    full_env = {"PATH": os.environ["PATH"], "RUNTIME_DIRECTORY": str(run_dir),
-                "GUARDD_CONFIG": str(run_dir / "absent.toml"), "TERM": "xterm", **env}
-    with subprocess.Popen([str(GUARDCTL), *argv], stdout=follower, stderr=subprocess.PIPE,
-                          env=full_env) as process:
+    full_env = {
+        "PATH": os.environ["PATH"],
+        "RUNTIME_DIRECTORY": str(run_dir),
+        "GUARDD_CONFIG": str(run_dir / "absent.toml"),
+        "TERM": "xterm",
+        **env,
+    }
+    with subprocess.Popen(
+        [str(GUARDCTL), *argv], stdout=follower, stderr=subprocess.PIPE, env=full_env
+    ) as process:
         os.close(follower)
         output = b""
         while True:
@@ -555,8 +697,7 @@ def _on_a_terminal(argv: list[str], run_dir: Path, env: Mapping[str, str]) -> st
     return output.decode()
 
 
-def test_color_only_on_a_terminal_and_never_with_no_color(guard: FakeGuard,
-                                                          run_dir: Path) -> None:
+def test_color_only_on_a_terminal_and_never_with_no_color(guard: FakeGuard, run_dir: Path) -> None:
     """ANSI colors appear on a terminal, not with NO_COLOR, and never in a pipe."""
     guard.reset("hold")
     argv = ["--instance", "threader", "status"]
@@ -573,23 +714,50 @@ def test_color_only_on_a_terminal_and_never_with_no_color(guard: FakeGuard,
 
 def test_import_is_light() -> None:
     """guardctl loads no server-side machinery, so it starts fast on a busy host."""
-    heavy = ["anyio", "httpx", "pydantic", "pydantic_settings", "structlog", "prometheus_client",
-             "sdnotify", "stamina", "asyncio", "guardd.control.server", "guardd.config"]
-    code = ("import json, sys, guardd.ctl\n"
-            f"heavy = {heavy!r}\n"
-            "print(json.dumps(sorted(m for m in sys.modules\n"
-            "                        if m in heavy or m.split('.')[0] in heavy)))\n")
+    heavy = [
+        "anyio",
+        "httpx",
+        "pydantic",
+        "pydantic_settings",
+        "structlog",
+        "prometheus_client",
+        "sdnotify",
+        "stamina",
+        "asyncio",
+        "guardd.control.server",
+        "guardd.config",
+    ]
+    code = (
+        "import json, sys, guardd.ctl\n"
+        f"heavy = {heavy!r}\n"
+        "print(json.dumps(sorted(m for m in sys.modules\n"
+        "                        if m in heavy or m.split('.')[0] in heavy)))\n"
+    )
 
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True, timeout=WAIT_S)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=WAIT_S
+    )
 
     assert json.loads(done.stdout) == []
 
 
-@pytest.mark.parametrize("argv", [
-    [], ["status"], ["history"], ["switch"], ["rollback"], ["promote"], ["pause"],
-    ["resume"], ["qos"], ["qos", "status"], ["qos", "lock"], ["qos", "unlock"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["status"],
+        ["history"],
+        ["switch"],
+        ["rollback"],
+        ["promote"],
+        ["pause"],
+        ["resume"],
+        ["qos"],
+        ["qos", "status"],
+        ["qos", "lock"],
+        ["qos", "unlock"],
+    ],
+)
 def test_every_command_has_a_manual(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """`--help` describes the command, gives examples and lists the exit codes."""
     with pytest.raises(SystemExit) as done:
@@ -603,11 +771,22 @@ def test_every_command_has_a_manual(argv: list[str], capsys: pytest.CaptureFixtu
         assert "exit codes:\n" in out
 
 
-@pytest.mark.parametrize("argv", [
-    [], ["frobnicate"], ["switch"], ["switch", "red"], ["history", "--limit", "0"],
-    ["history", "--limit", "ten"], ["qos"], ["qos", "lock", "--for", "5x"],
-    ["qos", "lock", "--for", "0"], ["qos", "lock", "--for", "-3s"], ["status", "--bogus"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["switch"],
+        ["switch", "red"],
+        ["history", "--limit", "0"],
+        ["history", "--limit", "ten"],
+        ["qos"],
+        ["qos", "lock", "--for", "5x"],
+        ["qos", "lock", "--for", "0"],
+        ["qos", "lock", "--for", "-3s"],
+        ["status", "--bogus"],
+    ],
+)
 def test_usage_errors_exit_2(argv: list[str], run_dir: Path) -> None:
     """A mistyped command line exits 2 with a usage message, without calling guardd."""
     run = guardctl(*argv, run_dir=run_dir)
@@ -617,10 +796,19 @@ def test_usage_errors_exit_2(argv: list[str], run_dir: Path) -> None:
     assert "usage: guardctl" in run.err
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("250ms", 0.25), ("3s", 3.0), ("5m", 300.0), ("1h", 3600.0), ("90", 90.0), ("1.5", 1.5),
-    (" 2m ", 120.0), (".5s", 0.5),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("250ms", 0.25),
+        ("3s", 3.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("90", 90.0),
+        ("1.5", 1.5),
+        (" 2m ", 120.0),
+        (".5s", 0.5),
+    ],
+)
 def test_durations(text: str, seconds: float) -> None:
     """Durations are written as in the config: a number with ms, s, m or h, or plain seconds."""
     assert ctl.parse_duration(text) == seconds

@@ -64,8 +64,10 @@ class FakeDaemon:
         if cmd == "rollback" and args["reason"] == "not json":
             return {"when": object()}
         if cmd == "pause" and args["reason"] == "leak":
-            return {"message": f"sent to {Secret('https://hooks.slack.test/T0/B0/XyZsecret')}",
-                    "url": "https://hooks.slack.test/T0/B0/XyZsecret"}
+            return {
+                "message": f"sent to {Secret('https://hooks.slack.test/T0/B0/XyZsecret')}",
+                "url": "https://hooks.slack.test/T0/B0/XyZsecret",
+            }
         return {"message": f"{cmd} done", "by": caller.by()}
 
 
@@ -185,11 +187,14 @@ async def test_a_live_socket_is_not_stolen(sock_dir: Path) -> None:
         assert (await call(path, "status"))["state"] == "steady"
 
 
-@pytest.mark.parametrize("make", [
-    pytest.param(lambda p: p.write_text("precious"), id="file"),
-    pytest.param(lambda p: p.symlink_to("/etc/passwd"), id="symlink"),
-    pytest.param(lambda p: p.mkdir(), id="directory"),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda p: p.write_text("precious"), id="file"),
+        pytest.param(lambda p: p.symlink_to("/etc/passwd"), id="symlink"),
+        pytest.param(lambda p: p.mkdir(), id="directory"),
+    ],
+)
 async def test_a_non_socket_is_never_removed(sock_dir: Path, make: Callable[[Path], Any]) -> None:
     """Whatever else sits at the socket path is left alone, and the server does not start."""
     path = sock_dir / "ctl.sock"
@@ -208,11 +213,16 @@ def _request(cmd: str, **args: Any) -> bytes:
 
 
 GARBAGE = [
-    pytest.param(random.Random(7).randbytes(4096), True,  # noqa: S311 - repeatable noise
-                 "bad_request", id="random-bytes"),
+    pytest.param(
+        random.Random(7).randbytes(4096),  # noqa: S311 - repeatable noise
+        True,
+        "bad_request",
+        id="random-bytes",
+    ),
     pytest.param(b'{"v": 1, "cmd": "sta', True, "bad_request", id="half-request-then-eof"),
-    pytest.param(b'{"v": 1, "cmd": "status", "args": {}}', True, "bad_request",
-                 id="no-newline-then-eof"),
+    pytest.param(
+        b'{"v": 1, "cmd": "status", "args": {}}', True, "bad_request", id="no-newline-then-eof"
+    ),
     pytest.param(b"\n", True, "bad_request", id="empty-line"),
     pytest.param(b'{"v": 1, "cmd": "st\xff\xfeus"}\n', True, "bad_request", id="invalid-utf8"),
     pytest.param(b'[{"v": 1, "cmd": "status"}]\n', True, "bad_request", id="json-array"),
@@ -231,7 +241,8 @@ GARBAGE = [
 
 @pytest.mark.parametrize(("payload", "eof", "expected"), GARBAGE)
 async def test_garbage_gets_an_error_and_the_server_lives_on(
-        sock_dir: Path, payload: bytes, eof: bool, expected: str | None) -> None:
+    sock_dir: Path, payload: bytes, eof: bool, expected: str | None
+) -> None:
     """Each kind of malformed input gets its error code; then status still answers."""
     path = sock_dir / "ctl.sock"
     handler = FakeDaemon()
@@ -287,8 +298,9 @@ async def test_silence_times_out(sock_dir: Path) -> None:
     path = sock_dir / "ctl.sock"
     async with serving(ControlServer(path, FakeDaemon(), request_timeout=0.2)) as server:
         assert error_code(await exchange(path, b"", eof=False)) == "timeout"
-        assert error_code(await exchange(path, b'{"v": 1, "cmd": "status"}', eof=False)) \
-            == "timeout"
+        assert (
+            error_code(await exchange(path, b'{"v": 1, "cmd": "status"}', eof=False)) == "timeout"
+        )
         await wait_until(lambda: server.active_connections == 0)
         assert (await call(path, "status"))["state"] == "steady"
 
@@ -407,8 +419,17 @@ print(json.dumps(out))
 async def _run_as(uid: int, gid: int, groups: str, path: Path) -> dict[str, Any]:
     groups_opt = "--clear-groups" if not groups else f"--groups={groups}"
     done = await anyio.run_process(
-        ["setpriv", f"--reuid={uid}", f"--regid={gid}", groups_opt,
-         sys.executable, "-c", _AS_CLIENT, str(path)])
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={gid}",
+            groups_opt,
+            sys.executable,
+            "-c",
+            _AS_CLIENT,
+            str(path),
+        ]
+    )
     result: dict[str, Any] = json.loads(done.stdout)
     return result
 
@@ -427,7 +448,9 @@ async def test_an_unprivileged_caller_may_read_but_not_change(sock_dir: Path) ->
         assert "uid:65534(nobody)" in out[cmd]["message"]
         assert "'adm'" in out[cmd]["message"]
     assert [(cmd, caller.by(), caller.admin) for cmd, _, caller in handler.calls] == [
-        ("status", "uid:65534(nobody)", False), ("history", "uid:65534(nobody)", False)]
+        ("status", "uid:65534(nobody)", False),
+        ("history", "uid:65534(nobody)", False),
+    ]
 
 
 async def test_a_member_of_the_admin_group_may_change(sock_dir: Path) -> None:

@@ -174,8 +174,11 @@ def test_noisy_but_healthy_green_never_rolls_back() -> None:
 
 
 def test_promotion_gate_needs_a_run_of_passes_and_a_clean_window() -> None:
-    r = Replay(PolicySpec(rollback_to="blue", promote_successes=5, window=30, min_samples=5,
-                          p1_error_ratio=0.1))
+    r = Replay(
+        PolicySpec(
+            rollback_to="blue", promote_successes=5, window=30, min_samples=5, p1_error_ratio=0.1
+        )
+    )
     for _ in range(10):
         r.step()
     assert r.m.promotable("blue", r.now)

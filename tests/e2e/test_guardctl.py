@@ -261,8 +261,9 @@ def test_control_socket_survives_garbage(make_lab) -> None:
 def test_switch_force_declares_the_color_a_command_switcher_cannot_read(make_lab) -> None:
     lab: Lab = make_lab()
     marker = lab.tmp / "switched-{color}"
-    lab.write_config(switch__kind="command", switch__command=["touch", str(marker)],
-                     switch__verify_url=None)
+    lab.write_config(
+        switch__kind="command", switch__command=["touch", str(marker)], switch__verify_url=None
+    )
     d = lab.daemon()
     doc = status(lab)
     assert doc["active"] is None and doc["state"] == "hold"

@@ -35,12 +35,15 @@ def small_tmpfs() -> Iterator[Callable[[Path, str], Path]]:
 
     def mount(where: Path, size: str) -> Path:
         where.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs",
-                        str(where)], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", str(where)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         mounted.append(where)
         return where
 
     yield mount
     for where in reversed(mounted):
-        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True,
-                       timeout=30)
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True, timeout=30)

@@ -53,8 +53,11 @@ async def guarding(lab: FaultLab, clock: JumpingClock) -> AsyncIterator[Guard]:
     sup = Supervisor(settings, clock=clock, sd=SystemdNotifier({}))
     async with anyio.create_task_group() as tg:
         tg.start_soon(sup.run)
-        guard = await until(lambda: sup.guard if sup.guard and sup.guard.ticks else None,
-                            30, "the first decision tick")
+        guard = await until(
+            lambda: sup.guard if sup.guard and sup.guard.ticks else None,
+            30,
+            "the first decision tick",
+        )
         await until(lab.socket_path.exists, 10, "the control socket")
         yield guard
         tg.cancel_scope.cancel()
@@ -99,8 +102,7 @@ async def test_cadence_and_windows_ignore_wall_clock_jumps(make_lab) -> None:
         expected = 2.0 / 0.2
         for got in (steady, forward, backward):
             assert abs(got - expected) <= 0.1 * expected + 1, (steady, forward, backward)
-        figure("clock_cadence", probes_per_2s={"steady": steady, "+1h": forward,
-                                               "-1h": backward})
+        figure("clock_cadence", probes_per_2s={"steady": steady, "+1h": forward, "-1h": backward})
         samples = guard.machine.windows["green"].stats(time.monotonic()).samples
         assert samples >= steady + forward + backward, "no sample was expired by the jumps"
         assert guard.machine.is_stale("green", time.monotonic()) is False
@@ -136,8 +138,7 @@ async def test_guard_window_and_operator_lock_expire_on_monotonic_time(make_lab)
 
 
 async def test_rollback_budget_is_not_reset_by_a_wall_clock_jump(make_lab) -> None:
-    lab: FaultLab = make_lab(policy__max_rollbacks=1, policy__budget_window="1h",
-                             qos__window="1s")
+    lab: FaultLab = make_lab(policy__max_rollbacks=1, policy__budget_window="1h", qos__window="1s")
     clock = JumpingClock()
     async with guarding(lab, clock) as guard:
         lab.green.set_mode("http_503")
@@ -150,8 +151,11 @@ async def test_rollback_budget_is_not_reset_by_a_wall_clock_jump(make_lab) -> No
         lab.nginx.active_link.symlink_to(lab.nginx.targets["green"])
         await anyio.to_thread.run_sync(lab.nginx.reload)
         await until(lambda: event(guard, "external_switch", mark), 10, "green adopted")
-        first = await until(lambda: event(guard, "hold", mark)
-                            or event(guard, "rollback_started", mark), 30, "a decision on green")
+        first = await until(
+            lambda: event(guard, "hold", mark) or event(guard, "rollback_started", mark),
+            30,
+            "a decision on green",
+        )
         assert first["event"] == "hold", "the wall-clock jump reset the rollback budget"
         assert "budget" in first["reason"], first
         assert guard.active == "green"

@@ -79,8 +79,12 @@ async def client(path: str, tally: Tally, rng: random.Random) -> None:
 
 
 async def test_500_clients_and_10000_status_calls_keep_the_cadence(make_lab) -> None:
-    lab: FaultLab = make_lab(metrics__listen="127.0.0.1:0", probe__interval=f"{INTERVAL}s",
-                             probe__fast_interval=f"{INTERVAL}s", policy__window="10m")
+    lab: FaultLab = make_lab(
+        metrics__listen="127.0.0.1:0",
+        probe__interval=f"{INTERVAL}s",
+        probe__fast_interval=f"{INTERVAL}s",
+        policy__window="10m",
+    )
     d = await anyio.to_thread.run_sync(lab.daemon)
     port = await anyio.to_thread.run_sync(metrics_port, d)
     # Warm up: the first status calls allocate what every later one reuses.
@@ -101,14 +105,16 @@ async def test_500_clients_and_10000_status_calls_keep_the_cadence(make_lab) -> 
     assert tally.ok >= CALLS and tally.other == [], (tally.ok, tally.other[:5])
     assert tally.dropped == 0, "every connection got an answer, if only `busy`"
 
-    ticks = (metric(after, "guardd_decision_ticks_total")
-             - metric(before, "guardd_decision_ticks_total"))
+    ticks = metric(after, "guardd_decision_ticks_total") - metric(
+        before, "guardd_decision_ticks_total"
+    )
     assert ticks > 0
     # The decision loop runs at least once per interval (probe results wake it sooner).
     assert elapsed / ticks <= 1.1 * INTERVAL, (elapsed, ticks)
     for color in ("blue", "green"):
-        probes = (metric(after, "guardd_probe_total", color=color)
-                  - metric(before, "guardd_probe_total", color=color))
+        probes = metric(after, "guardd_probe_total", color=color) - metric(
+            before, "guardd_probe_total", color=color
+        )
         period = elapsed / probes
         assert abs(period - INTERVAL) <= 0.1 * INTERVAL, (color, period, probes, elapsed)
         figure("control_load_probe_period", color=color, period_s=round(period, 4))
@@ -119,10 +125,18 @@ async def test_500_clients_and_10000_status_calls_keep_the_cadence(make_lab) -> 
     rss_after, fds_after = rss_kib(d.pid), open_fds(d.pid)
     assert rss_after - rss_before < 16 * 1024, (rss_before, rss_after)
     assert fds_after <= fds_before + 2, (fds_before, fds_after)
-    figure("control_load", clients=CLIENTS, calls=tally.ok, busy=tally.busy,
-           seconds=round(elapsed, 2), tick_period_s=round(elapsed / ticks, 4),
-           rss_kib_before=rss_before, rss_kib_after=rss_after, fds_before=fds_before,
-           fds_after=fds_after)
+    figure(
+        "control_load",
+        clients=CLIENTS,
+        calls=tally.ok,
+        busy=tally.busy,
+        seconds=round(elapsed, 2),
+        tick_period_s=round(elapsed / ticks, 4),
+        rss_kib_before=rss_before,
+        rss_kib_after=rss_after,
+        fds_before=fds_before,
+        fds_after=fds_after,
+    )
     doc = await anyio.to_thread.run_sync(status, lab)
     assert doc["state"] == "steady" and doc["upstreams"]["green"]["healthy"] is True
     assert await anyio.to_thread.run_sync(d.stop) == 0

@@ -47,22 +47,27 @@ def test_kill9_at_each_step_of_a_rollback(make_lab, point: str) -> None:
     before = journal_raw_lines(d.journal_path)
     # SIGKILL cannot tear a line that was fsynced before the pause.
     assert before[-1] == "", "the journal ended in a torn line before the restart"
-    opened = [json.loads(line) for line in before if line and
-              json.loads(line)["event"] == "rollback_started"]
+    opened = [
+        json.loads(line)
+        for line in before
+        if line and json.loads(line)["event"] == "rollback_started"
+    ]
     assert len(opened) == 1, "the crash came while a rollback was open"
     rollback_id = opened[0]["id"]
 
     restarted = time.monotonic()
     d2 = lab.daemon()
     closed = d2.wait_event(
-        "rollback_completed", where=lambda e: e.get("rollback_id") == rollback_id)
+        "rollback_completed", where=lambda e: e.get("rollback_id") == rollback_id
+    )
     recovered_s = time.monotonic() - restarted
     # nginx runs a target it accepts, the one the link names, and that is blue.
     assert nginx_accepts(lab)
     assert color_of_link(lab) == "blue"
     assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
-    assert not any(p.name.endswith((".guardd-new", ".guardd-old"))
-                   for p in lab.nginx.upstream_dir.iterdir()), "switch debris left behind"
+    assert not any(
+        p.name.endswith((".guardd-new", ".guardd-old")) for p in lab.nginx.upstream_dir.iterdir()
+    ), "switch debris left behind"
     # Nothing torn, nothing lost, nothing rewritten.
     events = assert_journal_well_formed(d2.journal_path)
     after = journal_raw_lines(d2.journal_path)
@@ -76,8 +81,14 @@ def test_kill9_at_each_step_of_a_rollback(make_lab, point: str) -> None:
     assert wait_until(lambda: d2.state().get("active") == "blue", 10, "state.json active=blue")
     assert d2.stop() == 0
     assert_journal_well_formed(d2.journal_path)
-    figure("crash", point=point, restart_to_rollback_closed_s=round(recovered_s, 2),
-           lines_before=len(before) - 1, lines_lost=0, torn=0)
+    figure(
+        "crash",
+        point=point,
+        restart_to_rollback_closed_s=round(recovered_s, 2),
+        lines_before=len(before) - 1,
+        lines_lost=0,
+        torn=0,
+    )
 
 
 def test_kill9_during_the_resumed_rollback_still_converges(make_lab) -> None:
@@ -91,8 +102,11 @@ def test_kill9_during_the_resumed_rollback_still_converges(make_lab) -> None:
     (lab.fault_dir / "after_rollback_started").unlink()
     (lab.fault_dir / "after_tested").touch()
     d2 = lab.daemon(notify=False)
-    wait_until((lab.fault_dir / "after_tested.reached").exists, 30,
-               "the resumed switch to pause after nginx -t")
+    wait_until(
+        (lab.fault_dir / "after_tested.reached").exists,
+        30,
+        "the resumed switch to pause after nginx -t",
+    )
     d2.kill9()
     (lab.fault_dir / "after_tested").unlink()
     before = journal_raw_lines(d2.journal_path)

@@ -92,8 +92,11 @@ def test_full_state_dir_guard_goes_on_and_recovers_by_itself(make_lab, small_tmp
     samples = scrape(port)
     assert metric(samples, "guardd_storage_errors_total", kind="journal") >= 1
     assert metric(samples, "guardd_storage_errors_total", kind="state") >= 1
-    assert wait_until(lambda: any("storage=failing" in s for s in status_lines(lab)), 10,
-                      "STATUS= with storage=failing")
+    assert wait_until(
+        lambda: any("storage=failing" in s for s in status_lines(lab)),
+        10,
+        "STATUS= with storage=failing",
+    )
     doc = guardctl_json(lab, "status")
     assert doc["storage"]["ok"] is False
     assert doc["storage"]["journal_backlog"] >= 3
@@ -108,8 +111,9 @@ def test_full_state_dir_guard_goes_on_and_recovers_by_itself(make_lab, small_tmp
     recovered_s = time.monotonic() - freed
     assert status(lab)["storage"]["journal_backlog"] == 0
     events = assert_journal_well_formed(d.journal_path)
-    assert [e["id"] for e in events] == journal_ids_in_log(d), \
+    assert [e["id"] for e in events] == journal_ids_in_log(d), (
         "the journal on disk holds every event, in the order they happened"
+    )
     names = [e["event"] for e in events]
     assert names.index("rollback_started") < names.index("rollback_completed")
     done = next(e for e in events if e["event"] == "rollback_completed")
@@ -118,12 +122,20 @@ def test_full_state_dir_guard_goes_on_and_recovers_by_itself(make_lab, small_tmp
     assert wait_until(lambda: d.state().get("active") == "blue", 10, "state.json caught up")
     assert "journal_backlog_written" in [line.get("event") for line in log_lines(d)]
     mark = len(status_lines(lab))
-    wait_until(lambda: any("storage=failing" not in s for s in status_lines(lab)[mark - 1:]),
-               10, "STATUS= without storage=failing")
+    wait_until(
+        lambda: any("storage=failing" not in s for s in status_lines(lab)[mark - 1 :]),
+        10,
+        "STATUS= without storage=failing",
+    )
     assert guardctl_json(lab, "status")["storage"]["ok"] is True
-    figure("disk_full", backlog_lines=backlog, space_back_to_storage_ok_s=round(recovered_s, 2),
-           lines_lost=0, torn=0,
-           storage_errors=metric(scrape(port), "guardd_storage_errors_total"))
+    figure(
+        "disk_full",
+        backlog_lines=backlog,
+        space_back_to_storage_ok_s=round(recovered_s, 2),
+        lines_lost=0,
+        torn=0,
+        storage_errors=metric(scrape(port), "guardd_storage_errors_total"),
+    )
     assert d.stop() == 0
     assert_journal_well_formed(d.journal_path)
 
@@ -131,9 +143,17 @@ def test_full_state_dir_guard_goes_on_and_recovers_by_itself(make_lab, small_tmp
 def test_torn_last_line_from_a_power_cut_is_skipped_at_start(make_lab) -> None:
     lab: FaultLab = make_lab()
     lab.state_dir.mkdir()
-    good = {"ts": "2024-05-01T10:00:00.000Z", "id": "a" * 32, "event": "started",
-            "guard": "lab", "from": None, "to": "green", "reason": "before the power cut",
-            "severity": None, "by": "guardd"}
+    good = {
+        "ts": "2024-05-01T10:00:00.000Z",
+        "id": "a" * 32,
+        "event": "started",
+        "guard": "lab",
+        "from": None,
+        "to": "green",
+        "reason": "before the power cut",
+        "severity": None,
+        "by": "guardd",
+    }
     torn = b'{"ts":"2024-05-01T10:00:01.000Z","event":"rollback_sta'
     d_path = lab.state_dir / "events.jsonl"
     d_path.write_bytes(json.dumps(good).encode() + b"\n" + torn)
@@ -141,8 +161,9 @@ def test_torn_last_line_from_a_power_cut_is_skipped_at_start(make_lab) -> None:
     skipped = [line for line in log_lines(d) if line.get("event") == "journal_lines_skipped"]
     assert skipped and skipped[0]["count"] == 1
     raw = d_path.read_bytes()
-    assert raw.startswith(json.dumps(good).encode() + b"\n" + torn + b"\n"), \
+    assert raw.startswith(json.dumps(good).encode() + b"\n" + torn + b"\n"), (
         "the good line is kept and the torn one sealed, not glued to the next event"
+    )
     events = d.events()
     assert events[0]["id"] == good["id"] and events[-1]["event"] == "started"
     history = client.call(lab.socket_path, "history")["events"]
@@ -157,9 +178,22 @@ def test_torn_last_line_on_a_full_disk_is_not_fatal(make_lab, small_tmpfs) -> No
     lab: FaultLab = make_lab()
     small_tmpfs(lab.state_dir, "128k")
     journal = lab.state_dir / "events.jsonl"
-    line = json.dumps({"ts": "2024-05-01T10:00:00.000Z", "id": "b" * 32, "event": "started",
-                       "guard": "lab", "from": None, "to": "green", "reason": "r",
-                       "severity": None, "by": "guardd"}).encode() + b"\n"
+    line = (
+        json.dumps(
+            {
+                "ts": "2024-05-01T10:00:00.000Z",
+                "id": "b" * 32,
+                "event": "started",
+                "guard": "lab",
+                "from": None,
+                "to": "green",
+                "reason": "r",
+                "severity": None,
+                "by": "guardd",
+            }
+        ).encode()
+        + b"\n"
+    )
     torn = b'{"ts":"2024-05-01T10:00:01.000Z","event":"rollback_sta'
     # Exactly two pages, so not one more byte fits once the tmpfs is full.
     pad = 8192 - len(line) - len(torn)
@@ -173,6 +207,6 @@ def test_torn_last_line_on_a_full_disk_is_not_fatal(make_lab, small_tmpfs) -> No
     wait_until(lambda: status(lab)["storage"]["ok"], 20, "storage ok again")
     raw = journal.read_bytes()
     assert raw.startswith(line + b"\n" * pad + torn + b"\n")
-    after = raw[len(line) + pad + len(torn) + 1:]
+    after = raw[len(line) + pad + len(torn) + 1 :]
     assert json.loads(after.splitlines()[0])["event"] == "started"
     assert d.stop() == 0

@@ -34,14 +34,17 @@ def healthy(_t: float) -> tuple[Outcome, float]:
 
 def flapping(period: float, *, phase: float = 0.0) -> Behaviour:
     """Healthy for `period` seconds, failing (503) for `period` seconds, and so on."""
+
     def at(t: float) -> tuple[Outcome, float]:
         failing = int((t + phase) // period) % 2 == 1
         return (Outcome.HTTP_5XX, 0.004) if failing else (Outcome.OK, 0.005)
+
     return at
 
 
-def noisy(seed: int, *, error_rate: float = 0.01, spike_rate: float = 0.02,
-          spike: float = 2.0) -> Behaviour:
+def noisy(
+    seed: int, *, error_rate: float = 0.01, spike_rate: float = 0.02, spike: float = 2.0
+) -> Behaviour:
     """Healthy, but 1 % of answers are 5xx and some take `spike` seconds."""
     rng = random.Random(seed)  # noqa: S311 - repeatable noise, not secrets
 
@@ -49,6 +52,7 @@ def noisy(seed: int, *, error_rate: float = 0.01, spike_rate: float = 0.02,
         if rng.random() < error_rate:
             return Outcome.HTTP_5XX, 0.003
         return Outcome.OK, spike if rng.random() < spike_rate else 0.004 + rng.random() * 0.02
+
     return at
 
 
@@ -77,8 +81,10 @@ class Replay:
         w = self.machine.windows[color]
         hold = self.machine.hold
         confirming = (color == self.active and w.consecutive_failures > 0) or (
-            hold is not None and not hold.sticky
-            and color == self.machine.rollback_target(self.active))
+            hold is not None
+            and not hold.sticky
+            and color == self.machine.rollback_target(self.active)
+        )
         return self.fast_interval if confirming else self.interval
 
     def run(self, behaviour: dict[Color, Behaviour], until: float) -> Replay:
@@ -103,17 +109,23 @@ class Replay:
             else:
                 self.lock.restart(now, self.qos_window)
         in_budget = sum(1 for t, _, _ in self.rollbacks if t >= now - self.spec.budget_window)
-        decision = self.machine.decide(Facts(now=now, active=self.active,
-                                             qos_locked=self.lock is not None,
-                                             rollbacks_in_budget=in_budget))
+        decision = self.machine.decide(
+            Facts(
+                now=now,
+                active=self.active,
+                qos_locked=self.lock is not None,
+                rollbacks_in_budget=in_budget,
+            )
+        )
         for action in decision.actions:
             if isinstance(action, Rollback):
                 self.rollbacks.append((now, action.source, action.target))
                 self.active = action.target
                 self.machine.policy.reset()
                 self.machine.rollback_succeeded(action.source)
-                self.lock = QosWindow(now, self.qos_window, self.qos_max_error_ratio,
-                                      self.qos_min_health_ratio)
+                self.lock = QosWindow(
+                    now, self.qos_window, self.qos_max_error_ratio, self.qos_min_health_ratio
+                )
             elif isinstance(action, Hold):
                 self.holds.append((now, action.reason))
             elif isinstance(action, Alert):
@@ -130,7 +142,8 @@ class Replay:
 @pytest.mark.parametrize("period", [2.0, 3.0, 5.0, 10.0])
 def test_flapping_green_is_rolled_back_once_and_never_back(period: float) -> None:
     r = Replay(PolicySpec(rollback_to="blue")).run(
-        {"blue": healthy, "green": flapping(period)}, TEN_MINUTES)
+        {"blue": healthy, "green": flapping(period)}, TEN_MINUTES
+    )
     assert len(r.rollbacks) == 1, r.rollbacks
     assert r.rollbacks[0][1:] == ("green", "blue")
     assert r.switches == 1 and r.active == "blue"
@@ -143,7 +156,8 @@ def test_both_colors_flapping_out_of_phase_never_ping_pong(period: float) -> Non
     # rollback_to = "previous" would let traffic bounce blue <-> green on every flap; the
     # guard window forbids going back to the color just rolled away from.
     r = Replay(PolicySpec(rollback_to="previous")).run(
-        {"blue": flapping(period, phase=period), "green": flapping(period)}, TEN_MINUTES)
+        {"blue": flapping(period, phase=period), "green": flapping(period)}, TEN_MINUTES
+    )
     assert len(r.rollbacks) == 1, r.rollbacks
     assert r.switches == 1
     assert r.lock is not None, "the flapping keeps the guard window from being met"
@@ -157,7 +171,8 @@ def test_flapping_faster_than_the_failure_run_is_caught_by_the_ratio_once() -> N
         return (Outcome.HTTP_5XX, 0.004) if int(t) % 4 < 2 else (Outcome.OK, 0.005)
 
     r = Replay(PolicySpec(rollback_to="blue"), fast_interval=1.0).run(
-        {"blue": healthy, "green": two_and_two}, TEN_MINUTES)
+        {"blue": healthy, "green": two_and_two}, TEN_MINUTES
+    )
     assert [(src, dst) for _, src, dst in r.rollbacks] == [("green", "blue")]
     assert r.switches == 1
 
@@ -181,7 +196,8 @@ def test_flapping_after_the_guard_window_is_a_new_incident_within_the_budget() -
 def test_noisy_but_healthy_green_is_never_rolled_back(seed: int) -> None:
     # Ten minutes of the default policy against 1 % 5xx and 2 s latency spikes.
     r = Replay(PolicySpec(rollback_to="blue")).run(
-        {"blue": healthy, "green": noisy(seed)}, TEN_MINUTES)
+        {"blue": healthy, "green": noisy(seed)}, TEN_MINUTES
+    )
     assert r.rollbacks == []
     assert r.holds == []
     assert r.switches == 0
@@ -215,8 +231,11 @@ def test_flapping_green_behind_a_real_nginx_is_rolled_back_once(make_lab) -> Non
     finally:
         stop.set()
         flapper.join()
-    moves = [e["event"] for e in d.events()
-             if e["event"] in ("rollback_started", "switch", "promote", "external_switch")]
+    moves = [
+        e["event"]
+        for e in d.events()
+        if e["event"] in ("rollback_started", "switch", "promote", "external_switch")
+    ]
     assert moves == ["rollback_started"], moves
     assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
     assert d.stop() == 0

@@ -99,8 +99,14 @@ async def test_hostile_upstream_is_classified_and_bounded(
     assert elapsed <= TIMEOUT + SLACK, f"{mode}: {elapsed:.2f}s > timeout"
     assert peak < MEMORY_BOUND, f"{mode}: the probe held {peak} bytes"
     assert hostile.requests == 1, "one probe, one request (no retries, no redirects)"
-    figure("hostile_probe", mode=mode, expect_json=expect_json is not None, outcome=got.value,
-           seconds=round(elapsed, 3), peak_kib=peak // 1024)
+    figure(
+        "hostile_probe",
+        mode=mode,
+        expect_json=expect_json is not None,
+        outcome=got.value,
+        seconds=round(elapsed, 3),
+        peak_kib=peak // 1024,
+    )
     if mode == "huge":
         assert hostile.bytes_sent < HUGE_BYTES // 10, "the body was not read to its end"
 
@@ -157,14 +163,19 @@ async def test_unreachable_upstream_is_a_connect_error(url: str) -> None:
 @pytest.mark.nginx
 @pytest.mark.parametrize(
     ("mode", "outcome"),
-    [("silent", "timeout"), ("dribble", "timeout"), ("huge", "body_mismatch"),
-     ("many_headers", "connect_error"), ("reset", "connect_error")],
+    [
+        ("silent", "timeout"),
+        ("dribble", "timeout"),
+        ("huge", "body_mismatch"),
+        ("many_headers", "connect_error"),
+        ("reset", "connect_error"),
+    ],
 )
-def test_daemon_rolls_back_from_a_hostile_green(make_lab, mode: HostileMode,
-                                                outcome: str) -> None:
+def test_daemon_rolls_back_from_a_hostile_green(make_lab, mode: HostileMode, outcome: str) -> None:
     with Hostile("ok") as server:
-        lab: FaultLab = make_lab(green_probe_url=server.url, metrics__listen="127.0.0.1:0",
-                                 probe__timeout="1s")
+        lab: FaultLab = make_lab(
+            green_probe_url=server.url, metrics__listen="127.0.0.1:0", probe__timeout="1s"
+        )
         d = lab.daemon()
         port = metrics_port(d)
         assert lab.nginx.served_color() == "green"
@@ -177,9 +188,9 @@ def test_daemon_rolls_back_from_a_hostile_green(make_lab, mode: HostileMode,
         # Classified in the metrics, each probe bounded by the timeout.
         samples = scrape(port)
         assert metric(samples, "guardd_probe_total", color="green", outcome=outcome) >= 3
-        over = (metric(samples, "guardd_probe_duration_seconds_count", color="green")
-                - metric(samples, "guardd_probe_duration_seconds_bucket", color="green",
-                         le="2.5"))
+        over = metric(samples, "guardd_probe_duration_seconds_count", color="green") - metric(
+            samples, "guardd_probe_duration_seconds_bucket", color="green", le="2.5"
+        )
         assert over == 0, "a probe ran past timeout + slack"
         green = status(lab)["upstreams"]["green"]
         assert green["consecutive_failures"] >= 3
@@ -198,11 +209,15 @@ def test_daemon_rolls_back_from_a_green_with_the_wrong_certificate(
     make_lab, ca: trustme.CA, ca_file: Path
 ) -> None:
     with Hostile("ok", tls=server_tls(ca, "localhost")) as server:
-        lab: FaultLab = make_lab(green_probe_url=f"https://localhost:{server.port}/healthz",
-                                 probe__ca_file=str(ca_file))
+        lab: FaultLab = make_lab(
+            green_probe_url=f"https://localhost:{server.port}/healthz", probe__ca_file=str(ca_file)
+        )
         d = lab.daemon()
-        wait_until(lambda: status(lab)["upstreams"]["green"]["samples"] >= 3, 10,
-                   "green probed over verified TLS")
+        wait_until(
+            lambda: status(lab)["upstreams"]["green"]["samples"] >= 3,
+            10,
+            "green probed over verified TLS",
+        )
         assert status(lab)["upstreams"]["green"]["healthy"] is True
         assert not [e for e in d.events() if e["event"].startswith("rollback")]
     # Green now presents a certificate for another name.

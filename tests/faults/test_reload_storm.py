@@ -22,8 +22,8 @@ SECONDS = 5.0
 BROKEN = [
     "this is not TOML [[[\n",
     "[policy]\nconsecutive_failures = 0\n",
-    "[probe]\nfast_interval = \"5s\"\ninterval = \"1s\"\n",
-    "[upstreams.blue]\nurl = \"ftp://nowhere\"\n",
+    '[probe]\nfast_interval = "5s"\ninterval = "1s"\n',
+    '[upstreams.blue]\nurl = "ftp://nowhere"\n',
     "[nonsense]\nkey = 1\n",
 ]
 
@@ -80,8 +80,15 @@ def test_100_sighups_in_5s_half_broken(make_lab) -> None:
         counts = [s[color] for s in seen]
         assert counts == sorted(counts), f"{color}'s window lost samples: {counts}"
         assert counts[-1] > counts[0] + 10
-    figure("reload_storm", signals=SIGNALS, seconds=round(storm, 2), applied=len(reloaded),
-           rejected=len(rejected), samples_before=seen[0], samples_after=seen[-1])
+    figure(
+        "reload_storm",
+        signals=SIGNALS,
+        seconds=round(storm, 2),
+        applied=len(reloaded),
+        rejected=len(rejected),
+        samples_before=seen[0],
+        samples_after=seen[-1],
+    )
     # Still guarding, on the last valid config.
     lab.green.set_mode("http_503")
     d.wait_event("rollback_completed", after=count)

@@ -48,30 +48,50 @@ def shared_dir() -> Iterator[Path]:
 
 @pytest.mark.parametrize("name", ["invalid-shell-instance", "invalid-color-name"])
 def test_shell_metacharacters_in_names_are_rejected_by_validation(name: str) -> None:
-    result = subprocess.run([*GUARDD, "check-config", f"{name}.toml"], cwd=TESTDATA,
-                            capture_output=True, text=True, check=False, timeout=60)
+    result = subprocess.run(
+        [*GUARDD, "check-config", f"{name}.toml"],
+        cwd=TESTDATA,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == (TESTDATA / f"{name}.err").read_text().strip()
 
 
-def test_switch_command_with_shell_metacharacters_is_passed_literally(make_lab,
-                                                                     tmp_path: Path) -> None:
+def test_switch_command_with_shell_metacharacters_is_passed_literally(
+    make_lab, tmp_path: Path
+) -> None:
     recorder = tmp_path / "recorder.py"
     recorder.write_text(RECORDER)
     calls = tmp_path / "calls.jsonl"
     canary = tmp_path / "pwned"
     hostile_args = [
-        "{color}", "{instance}", f"x; touch {canary}", f"$(touch {canary})",
-        f"`touch {canary}`", f"| touch {canary}", f"&& touch {canary}", "*", "~", "$HOME",
-        "'quoted'", '"double"', "a\nb",
+        "{color}",
+        "{instance}",
+        f"x; touch {canary}",
+        f"$(touch {canary})",
+        f"`touch {canary}`",
+        f"| touch {canary}",
+        f"&& touch {canary}",
+        "*",
+        "~",
+        "$HOME",
+        "'quoted'",
+        '"double"',
+        "a\nb",
     ]
     lab: FaultLab = make_lab(
-        switch__kind="command", switch__verify_url=None,
-        switch__command=[sys.executable, str(recorder), str(calls), *hostile_args])
+        switch__kind="command",
+        switch__verify_url=None,
+        switch__command=[sys.executable, str(recorder), str(calls), *hostile_args],
+    )
     # A command leaves nothing guardd can read back: seed its record of the active color.
     lab.state_dir.mkdir()
     (lab.state_dir / "command-switch.json").write_text(
-        json.dumps({"activeColor": "green", "pending": None}))
+        json.dumps({"activeColor": "green", "pending": None})
+    )
     d = lab.daemon()
     lab.green.set_mode("http_503")
     d.wait_event("rollback_completed")
@@ -96,8 +116,11 @@ def test_handcrafted_mutations_from_an_unprivileged_uid_change_nothing(
     requests = [
         {"cmd": "rollback", "args": {"reason": "x"}},
         {"cmd": "switch", "args": {"color": "blue", "force": True}},
-        {"cmd": "pause"}, {"cmd": "resume"}, {"cmd": "promote"},
-        {"cmd": "qos_lock", "args": {"for_s": 60}}, {"cmd": "qos_unlock"},
+        {"cmd": "pause"},
+        {"cmd": "resume"},
+        {"cmd": "promote"},
+        {"cmd": "qos_lock", "args": {"for_s": 60}},
+        {"cmd": "qos_unlock"},
     ]
     script = (
         "import json, socket, sys\n"
@@ -108,9 +131,23 @@ def test_handcrafted_mutations_from_an_unprivileged_uid_change_nothing(
     lines = "".join(json.dumps({"v": protocol.VERSION, **r}) + "\n" for r in requests)
     lines += json.dumps({"v": protocol.VERSION, "cmd": "status"}) + "\n"
     result = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         sys.executable, "-I", "-c", script, str(lab.socket_path)],
-        input=lines, capture_output=True, text=True, check=True, timeout=60)
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            sys.executable,
+            "-I",
+            "-c",
+            script,
+            str(lab.socket_path),
+        ],
+        input=lines,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     replies = [json.loads(x) for x in result.stdout.splitlines()]
     assert [r["error"]["code"] for r in replies[:-1]] == ["not_permitted"] * len(requests)
     assert replies[-1]["ok"] is True, "reading is allowed"
@@ -134,21 +171,31 @@ def test_secrets_never_reach_logs_files_or_answers(make_lab) -> None:
         metrics__listen="127.0.0.1:0",
         probe__headers={"Authorization": f"Bearer {header_token}", "X-Api-Key": api_key},
         extra_toml='\n[[notify]]\nkind = "webhook"\nurl_env = "GUARDD_TEST_HOOK"\n'
-                   'events = ["rollback", "qos_released", "alert"]\n')
+        'events = ["rollback", "qos_released", "alert"]\n',
+    )
     d = lab.daemon(env={"GUARDD_TEST_HOOK": hook})
     lab.green.set_mode("http_503")
     d.wait_event("rollback_completed")
     # Let the failing deliveries be retried and logged.
-    wait_until(lambda: any(line.get("event", "").startswith("notif")
-                           and line.get("level") in ("warning", "error")
-                           for line in log_lines(d)), 30, "a failed delivery in the log")
+    wait_until(
+        lambda: any(
+            line.get("event", "").startswith("notif") and line.get("level") in ("warning", "error")
+            for line in log_lines(d)
+        ),
+        30,
+        "a failed delivery in the log",
+    )
     surfaces = {
         "log": d.log(),
         "status": json.dumps(guardctl_json(lab, "status")),
         "history": json.dumps(guardctl_json(lab, "history")),
         "check-config": subprocess.run(
-            [*GUARDD, "check-config", str(lab.config_path)], capture_output=True, text=True,
-            check=False, timeout=60, env={"GUARDD_TEST_HOOK": hook, "PATH": "/usr/bin"},
+            [*GUARDD, "check-config", str(lab.config_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+            env={"GUARDD_TEST_HOOK": hook, "PATH": "/usr/bin"},
         ).stdout,
     }
     assert d.stop() == 0
@@ -172,8 +219,14 @@ def test_symlink_planted_at_the_lock_path_is_never_followed(make_lab, tmp_path: 
     lab.green.set_mode("http_503")
     d.wait_event("rollback_completed")
     assert lab.nginx.wait_serving_only("blue", hold=0.3, timeout=20), "the rollback still ran"
-    wait_until(lambda: any(line.get("event") == "storage_write_failed" and line["kind"] == "lock"
-                           for line in log_lines(d)), 10, "the refused lock write")
+    wait_until(
+        lambda: any(
+            line.get("event") == "storage_write_failed" and line["kind"] == "lock"
+            for line in log_lines(d)
+        ),
+        10,
+        "the refused lock write",
+    )
     assert victim.read_text() == "precious\n", "the symlink was followed"
     assert lab.lock_file.is_symlink()
     # Something is at the lock path, so deploys stay blocked: fail safe, not open.
@@ -185,8 +238,9 @@ def test_symlink_planted_at_the_lock_path_is_never_followed(make_lab, tmp_path: 
 
 
 @pytest.mark.parametrize("name", ["events.jsonl", "state.json"])
-def test_symlink_planted_at_a_state_file_is_refused_at_start(make_lab, tmp_path: Path,
-                                                             name: str) -> None:
+def test_symlink_planted_at_a_state_file_is_refused_at_start(
+    make_lab, tmp_path: Path, name: str
+) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     lab: FaultLab = make_lab()
@@ -203,8 +257,9 @@ def test_symlink_planted_at_a_state_file_is_refused_at_start(make_lab, tmp_path:
     assert lab.nginx.served_color() == "green", "nothing was switched on the way down"
 
 
-def test_symlink_planted_at_the_temp_file_is_replaced_not_followed(make_lab,
-                                                                   tmp_path: Path) -> None:
+def test_symlink_planted_at_the_temp_file_is_replaced_not_followed(
+    make_lab, tmp_path: Path
+) -> None:
     # atomic_write's temp name is fixed; a link planted there must not redirect the write.
     victim = tmp_path / "victim"
     victim.write_text("precious\n")

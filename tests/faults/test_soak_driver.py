@@ -16,8 +16,12 @@ def test_soak_driver_runs_and_writes_its_summary(tmp_path: Path) -> None:
     out = tmp_path / "report"
     result = subprocess.run(
         [sys.executable, "-m", "tests.soak.soak", "--minutes", "0.1", "--out", str(out)],
-        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, check=False,
-        timeout=300)
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failures"] == []

@@ -43,11 +43,13 @@ def log_lines(d: Daemon) -> list[dict[str, Any]]:
 
 def metrics_port(d: Daemon, timeout: float = 20) -> int:
     """The port the daemon's metrics endpoint bound (the config asks for port 0)."""
+
     def find() -> int | None:
         for line in log_lines(d):
             if line.get("event") == "metrics_listening":
                 return int(line["port"])
         return None
+
     return int(wait_until(find, timeout, "the metrics_listening log line"))
 
 
@@ -61,11 +63,11 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-def metric(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
-           **labels: str) -> float:
+def metric(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
     """The sum of `name` over the samples whose labels include `labels`."""
-    return sum(v for (n, ls), v in samples.items()
-               if n == name and set(labels.items()) <= set(ls))
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
 def status(lab: Lab, timeout: float = 10) -> dict[str, Any]:
@@ -101,8 +103,12 @@ def assert_journal_well_formed(path: Path) -> list[dict[str, Any]]:
 
 def nginx_accepts(lab: Lab) -> bool:
     """Whether `nginx -t` accepts the configuration the active link makes."""
-    return subprocess.run(lab.nginx.test_command, capture_output=True, check=False,
-                          timeout=30).returncode == 0
+    return (
+        subprocess.run(
+            lab.nginx.test_command, capture_output=True, check=False, timeout=30
+        ).returncode
+        == 0
+    )
 
 
 def color_of_link(lab: Lab) -> str | None:
@@ -126,8 +132,14 @@ class FaultLab(Lab):
     nginx still proxies to the real green app; only guardd's probe of green moves.
     """
 
-    def __init__(self, tmp: Path, *, green_probe_url: str | None = None,
-                 extra_toml: str = "", **overrides: Any) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        green_probe_url: str | None = None,
+        extra_toml: str = "",
+        **overrides: Any,
+    ) -> None:
         self.green_probe_url = green_probe_url
         self.extra_toml = extra_toml
         super().__init__(tmp, **overrides)

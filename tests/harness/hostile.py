@@ -40,8 +40,13 @@ _OK_BODY = b'{"status":"UP","color":"hostile"}'
 class Hostile:
     """One misbehaving HTTP server on 127.0.0.1 whose manner a test chooses."""
 
-    def __init__(self, mode: HostileMode = "ok", *, tls: ssl.SSLContext | None = None,
-                 host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        mode: HostileMode = "ok",
+        *,
+        tls: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.host = host
         self.tls = tls
         self._mode: HostileMode = "ok"
@@ -78,8 +83,7 @@ class Hostile:
     def start(self) -> Hostile:
         """Accept connections in a background thread."""
         if self._acceptor is None:
-            self._acceptor = threading.Thread(target=self._accept_loop,
-                                              name=f"hostile-{self.port}")
+            self._acceptor = threading.Thread(target=self._accept_loop, name=f"hostile-{self.port}")
             self._acceptor.start()
         return self
 
@@ -101,8 +105,12 @@ class Hostile:
     def __enter__(self) -> Hostile:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:
@@ -121,8 +129,9 @@ class Hostile:
             with self._lock:
                 self.connections += 1
                 self._sockets.add(conn)
-                thread = threading.Thread(target=self._serve, args=(conn,),
-                                          name=f"hostile-conn-{self.port}")
+                thread = threading.Thread(
+                    target=self._serve, args=(conn,), name=f"hostile-conn-{self.port}"
+                )
                 self._threads = [t for t in self._threads if t.is_alive()]
                 self._threads.append(thread)
             thread.start()
@@ -186,14 +195,21 @@ class Hostile:
                 sent += len(chunk)
         elif mode == "many_headers":
             headers = b"".join(b"X-Noise-%d: %d\r\n" % (i, i) for i in range(MANY_HEADERS))
-            self._send(conn, b"HTTP/1.1 200 OK\r\n" + headers
-                       + b"Content-Type: application/json\r\n"
-                       + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_OK_BODY)
-                       + _OK_BODY)
+            self._send(
+                conn,
+                b"HTTP/1.1 200 OK\r\n"
+                + headers
+                + b"Content-Type: application/json\r\n"
+                + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_OK_BODY)
+                + _OK_BODY,
+            )
         elif mode == "redirect_loop":
             n = int(path.rsplit("/", 1)[-1]) if path.startswith("/loop/") else 0
-            self._send(conn, b"HTTP/1.1 302 Found\r\nLocation: /loop/%d\r\n"
-                       b"Content-Length: 0\r\nConnection: close\r\n\r\n" % (n + 1))
+            self._send(
+                conn,
+                b"HTTP/1.1 302 Found\r\nLocation: /loop/%d\r\n"
+                b"Content-Length: 0\r\nConnection: close\r\n\r\n" % (n + 1),
+            )
         elif mode == "reset":
             self._send(conn, _head(200, len(_OK_BODY)) + _OK_BODY[: len(_OK_BODY) // 2])
             # SO_LINGER with a zero timeout turns close() into a RST.
@@ -202,5 +218,7 @@ class Hostile:
 
 def _head(status: int, length: int) -> bytes:
     reason = {200: "OK", 302: "Found"}.get(status, "Status")
-    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {length}\r\nConnection: close\r\n\r\n").encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
+    ).encode()

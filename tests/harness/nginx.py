@@ -85,8 +85,14 @@ class Nginx(private.Nginx):
         active: str = "blue",
     ) -> None:
         self.upstreams = dict(upstreams)
-        super().__init__(nginx_binary(), tmp, {c: u.port for c, u in self.upstreams.items()},
-                         active, name=name, start_attempts=_START_ATTEMPTS)
+        super().__init__(
+            nginx_binary(),
+            tmp,
+            {c: u.port for c, u in self.upstreams.items()},
+            active,
+            name=name,
+            start_attempts=_START_ATTEMPTS,
+        )
         self.tmp = tmp
 
     def start(self) -> Nginx:  # type: ignore[override]

@@ -126,14 +126,16 @@ class Receiver:
             else:  # ConnectionClosed, or PAUSED after a close
                 return False
         assert request is not None
-        step = self._record(Received(
-            method=request.method.decode(),
-            path=request.target.decode(),
-            headers={k.decode().lower(): v.decode() for k, v in request.headers},
-            body=body,
-            at=time.monotonic(),
-            wall=time.time(),
-        ))
+        step = self._record(
+            Received(
+                method=request.method.decode(),
+                path=request.target.decode(),
+                headers={k.decode().lower(): v.decode() for k, v in request.headers},
+                body=body,
+                at=time.monotonic(),
+                wall=time.time(),
+            )
+        )
         if isinstance(step, _Hang):
             await anyio.sleep_forever()
         assert isinstance(step, Reply)

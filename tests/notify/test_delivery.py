@@ -40,20 +40,33 @@ pytestmark = pytest.mark.anyio
 FAST = RetryPolicy(attempts=5, base_delay=0.05, max_delay=0.2)
 
 
-def journal_event(name: str = "rollback_completed", event_id: str = "ev-1",
-                  **extra: Any) -> dict[str, Any]:
+def journal_event(
+    name: str = "rollback_completed", event_id: str = "ev-1", **extra: Any
+) -> dict[str, Any]:
     """A journal event as guardd writes it (docs/contract.md §4), with its id and evidence."""
     return {
-        "ts": "2024-05-01T12:00:00Z", "event": name, "guard": "threader", "from": "green",
-        "to": "blue", "reason": "p0: 5xx ratio 0.80 >= 0.50", "severity": "P0", "by": "guardd",
+        "ts": "2024-05-01T12:00:00Z",
+        "event": name,
+        "guard": "threader",
+        "from": "green",
+        "to": "blue",
+        "reason": "p0: 5xx ratio 0.80 >= 0.50",
+        "severity": "P0",
+        "by": "guardd",
         "id": event_id,
         "evidence": {"rule": "p0_error_ratio", "threshold": 0.5, "value": 0.8, "samples": 12},
         **extra,
     }
 
 
-def sink(url: str, *, name: str = "hook", kind: SinkKind = "webhook",
-         events: Iterable[str] = DEFAULT_EVENTS, timeout: float = 10.0) -> Sink:
+def sink(
+    url: str,
+    *,
+    name: str = "hook",
+    kind: SinkKind = "webhook",
+    events: Iterable[str] = DEFAULT_EVENTS,
+    timeout: float = 10.0,
+) -> Sink:
     return Sink(name=name, kind=kind, url=Secret(url), events=frozenset(events), timeout=timeout)
 
 
@@ -92,10 +105,21 @@ async def running(notifier: Notifier) -> AsyncIterator[Notifier]:
             tg.cancel_scope.cancel()
 
 
-def notifier(tmp_path: Path, sinks: list[Sink], outcomes: Outcomes | None = None,
-             retry: RetryPolicy = FAST, **kwargs: Any) -> Notifier:
-    return Notifier(instance="threader", sinks=sinks, retry=retry, outbox_dir=tmp_path / "outbox",
-                    on_outcome=outcomes or Outcomes(), **kwargs)
+def notifier(
+    tmp_path: Path,
+    sinks: list[Sink],
+    outcomes: Outcomes | None = None,
+    retry: RetryPolicy = FAST,
+    **kwargs: Any,
+) -> Notifier:
+    return Notifier(
+        instance="threader",
+        sinks=sinks,
+        retry=retry,
+        outbox_dir=tmp_path / "outbox",
+        on_outcome=outcomes or Outcomes(),
+        **kwargs,
+    )
 
 
 def outbox_ids(tmp_path: Path) -> list[tuple[str, str]]:
@@ -147,11 +171,22 @@ async def test_429_retry_after_http_date_is_honoured(tmp_path: Path) -> None:
     assert second.wall >= not_before
 
 
-@pytest.mark.parametrize(("header", "expected"), [
-    ("1", 1.0), (" 2 ", 2.0), ("0", 0.0), ("-5", 0.0), ("1.5", 1.5),
-    ("soon", None), ("nan", None), ("inf", None), ("", None), (None, None),
-    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # in the past: no wait
-])
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("1", 1.0),
+        (" 2 ", 2.0),
+        ("0", 0.0),
+        ("-5", 0.0),
+        ("1.5", 1.5),
+        ("soon", None),
+        ("nan", None),
+        ("inf", None),
+        ("", None),
+        (None, None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # in the past: no wait
+    ],
+)
 def test_retry_after_parsing(header: str | None, expected: float | None) -> None:
     assert _retry_after(header) == expected
 
@@ -165,8 +200,11 @@ def test_retry_after_http_date_in_the_future() -> None:
 async def test_a_hung_sink_delays_no_one(tmp_path: Path) -> None:
     outcomes = Outcomes()
     async with serve(default=HANG) as hung, serve() as good:
-        n = notifier(tmp_path, [sink(hung.url, name="hung", timeout=60),
-                                sink(good.url, name="good")], outcomes)
+        n = notifier(
+            tmp_path,
+            [sink(hung.url, name="hung", timeout=60), sink(good.url, name="good")],
+            outcomes,
+        )
         with anyio.fail_after(WAIT):  # generous; leaving `running` must not wait for "hung"
             async with running(n):
                 n.submit(journal_event(event_id="ev-1"))
@@ -226,8 +264,9 @@ async def test_a_receiver_that_never_answers_times_out_and_is_retried(tmp_path: 
     retry = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.1)
     async with serve(default=HANG) as hung:
         with capture_logs() as logs:
-            async with running(notifier(tmp_path, [sink(hung.url, timeout=0.2)], outcomes,
-                                        retry=retry)) as n:
+            async with running(
+                notifier(tmp_path, [sink(hung.url, timeout=0.2)], outcomes, retry=retry)
+            ) as n:
                 n.submit(journal_event())
                 await outcomes.wait_for("hook", "dropped")
         assert len(hung.requests) == 2
@@ -274,8 +313,9 @@ async def test_given_up_after_attempts_with_an_error_log(tmp_path: Path) -> None
     retry = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.1)
     async with serve(default=Reply(503, body=b"try later")) as receiver:
         with capture_logs() as logs:
-            async with running(notifier(tmp_path, [sink(receiver.url)], outcomes,
-                                        retry=retry)) as n:
+            async with running(
+                notifier(tmp_path, [sink(receiver.url)], outcomes, retry=retry)
+            ) as n:
                 n.submit(journal_event())
                 await outcomes.wait_for("hook", "dropped")
         assert len(receiver.requests) == 3
@@ -317,11 +357,26 @@ async def test_each_sink_gets_only_the_events_it_wants(tmp_path: Path) -> None:
     outcomes = Outcomes()
     async with serve() as qos_only, serve() as everything:
         wanted = expand_events(["rollback", "qos", "switch", "hold", "alert"])
-        n = notifier(tmp_path, [sink(qos_only.url, name="qos", events=["qos_released"]),
-                                sink(everything.url, name="all", events=wanted)], outcomes)
+        n = notifier(
+            tmp_path,
+            [
+                sink(qos_only.url, name="qos", events=["qos_released"]),
+                sink(everything.url, name="all", events=wanted),
+            ],
+            outcomes,
+        )
         async with running(n):
-            for i, name in enumerate(["rollback_completed", "qos_locked", "alert", "switch",
-                                      "probe_noise", "started", "qos_released"]):
+            for i, name in enumerate(
+                [
+                    "rollback_completed",
+                    "qos_locked",
+                    "alert",
+                    "switch",
+                    "probe_noise",
+                    "started",
+                    "qos_released",
+                ]
+            ):
                 n.submit(journal_event(name, event_id=f"ev-{i}"))
             await outcomes.wait_for("all", "sent", 5)
             # Delivered in order per sink: had anything else been queued for "qos", it
@@ -330,7 +385,12 @@ async def test_each_sink_gets_only_the_events_it_wants(tmp_path: Path) -> None:
         assert only.json()["event"] == "qos_released"
         assert len(qos_only.requests) == 1
         assert [r.json()["event"] for r in everything.requests] == [
-            "rollback_completed", "qos_locked", "alert", "switch", "qos_released"]
+            "rollback_completed",
+            "qos_locked",
+            "alert",
+            "switch",
+            "qos_released",
+        ]
 
 
 async def test_default_events_skip_rollback_started(tmp_path: Path) -> None:
@@ -360,9 +420,15 @@ async def test_each_kind_posts_json_with_its_headers(tmp_path: Path) -> None:
     event = journal_event(event_id="ev-7")
     outcomes = Outcomes()
     async with serve() as slack, serve() as discord, serve() as hook:
-        n = notifier(tmp_path, [sink(slack.url, name="s", kind="slack"),
-                                sink(discord.url, name="d", kind="discord"),
-                                sink(hook.url, name="w", kind="webhook")], outcomes)
+        n = notifier(
+            tmp_path,
+            [
+                sink(slack.url, name="s", kind="slack"),
+                sink(discord.url, name="d", kind="discord"),
+                sink(hook.url, name="w", kind="webhook"),
+            ],
+            outcomes,
+        )
         async with running(n):
             n.submit(event)
             [s] = await slack.wait_for(1)
@@ -389,8 +455,12 @@ async def test_no_url_or_token_in_logs_or_outbox(tmp_path: Path) -> None:
         token = bad.url.rsplit("/", 1)[1].encode()
         bad.script.extend([Reply(500, body=b"bad token " + token), Reply(418, body=token)])
         urls = [down, hung.url, bad.url, echo.url]
-        sinks = [sink(down, name="down"), sink(hung.url, name="hung", timeout=0.2),
-                 sink(bad.url, name="bad"), sink(echo.url, name="echo", kind="slack")]
+        sinks = [
+            sink(down, name="down"),
+            sink(hung.url, name="hung", timeout=0.2),
+            sink(bad.url, name="bad"),
+            sink(echo.url, name="echo", kind="slack"),
+        ]
         with capture_logs() as logs:
             async with running(notifier(tmp_path, sinks, outcomes, retry=retry)) as n:
                 n.submit(journal_event())
@@ -414,9 +484,14 @@ async def test_a_broken_outbox_does_not_stop_delivery(tmp_path: Path) -> None:
     outcomes = Outcomes()
     async with serve() as receiver:
         with capture_logs() as logs:
-            n = Notifier(instance="threader", sinks=[sink(receiver.url)], retry=FAST,
-                         outbox_dir=tmp_path / "not-a-dir" / "outbox", on_outcome=outcomes,
-                         on_storage_error=storage_errors.append)
+            n = Notifier(
+                instance="threader",
+                sinks=[sink(receiver.url)],
+                retry=FAST,
+                outbox_dir=tmp_path / "not-a-dir" / "outbox",
+                on_outcome=outcomes,
+                on_storage_error=storage_errors.append,
+            )
             async with running(n):
                 n.submit(journal_event())
                 await outcomes.wait_for("hook", "sent")
@@ -483,8 +558,10 @@ async def test_submit_never_raises_on_odd_events(tmp_path: Path) -> None:
         {"event": ["unhashable"]},
         {"event": "rollback_completed"},  # no id: one is made
         journal_event(event_id="id with spaces\nand a newline"),
-        journal_event(event_id="ev-nan", evidence={"value": float("nan"), "raw": b"\xff",
-                                                   "set": {1}, "obj": object()}),
+        journal_event(
+            event_id="ev-nan",
+            evidence={"value": float("nan"), "raw": b"\xff", "set": {1}, "obj": object()},
+        ),
         journal_event(event_id="ev-deep", evidence=_deep(50)),
         {"event": "alert", "id": "ev-x", ("tuple", "key"): 1},
     ]
@@ -515,8 +592,13 @@ async def test_a_failing_outcome_callback_does_not_stop_delivery(tmp_path: Path)
         raise RuntimeError("metrics are broken")
 
     async with serve() as receiver:
-        n = Notifier(instance="threader", sinks=[sink(receiver.url)], retry=FAST,
-                     outbox_dir=tmp_path / "outbox", on_outcome=broken)
+        n = Notifier(
+            instance="threader",
+            sinks=[sink(receiver.url)],
+            retry=FAST,
+            outbox_dir=tmp_path / "outbox",
+            on_outcome=broken,
+        )
         async with running(n):
             n.submit(journal_event(event_id="ev-1"))
             n.submit(journal_event(event_id="ev-2"))
@@ -544,8 +626,15 @@ def test_expand_events_groups_and_names() -> None:
     assert expand_events(["hold", "qos_released"]) == {"hold", "qos_released"}
     assert expand_events("alert") == {"alert"}
     assert expand_events([]) == frozenset()
-    assert sorted(DEFAULT_EVENTS) == ["alert", "external_switch", "hold", "qos_extended",
-                                      "qos_released", "rollback_completed", "rollback_failed"]
+    assert sorted(DEFAULT_EVENTS) == [
+        "alert",
+        "external_switch",
+        "hold",
+        "qos_extended",
+        "qos_released",
+        "rollback_completed",
+        "rollback_failed",
+    ]
 
 
 def test_expand_events_names_the_bad_entry() -> None:
@@ -568,20 +657,27 @@ def test_resolve_url_from_each_source(tmp_path: Path) -> None:
         assert url not in repr(secret)
 
 
-@pytest.mark.parametrize(("kwargs", "reason"), [
-    ({}, "set exactly one of url, url_env or url_file"),
-    ({"url": "https://a.example/x", "url_env": "X"}, "set exactly one"),
-    ({"url_env": "UNSET_VAR"}, "environment variable UNSET_VAR is not set"),
-    ({"url_env": "EMPTY_VAR"}, "environment variable EMPTY_VAR is empty"),
-    ({"url": "ftp://files.example/s3cr3t-t0ken"}, "url is not an http:// or https:// URL"),
-    ({"url": "https:///s3cr3t-t0ken"}, "url has no valid host"),
-    ({"url": "https://a.example:99999/s3cr3t-t0ken"}, "url is not a valid URL"),
-    ({"url": "s3cr3t-t0ken"}, "url is not an http:// or https:// URL"),
-    ({"url": "https://a.example/s3cr3t t0ken"}, "contains whitespace"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({}, "set exactly one of url, url_env or url_file"),
+        ({"url": "https://a.example/x", "url_env": "X"}, "set exactly one"),
+        ({"url_env": "UNSET_VAR"}, "environment variable UNSET_VAR is not set"),
+        ({"url_env": "EMPTY_VAR"}, "environment variable EMPTY_VAR is empty"),
+        ({"url": "ftp://files.example/s3cr3t-t0ken"}, "url is not an http:// or https:// URL"),
+        ({"url": "https:///s3cr3t-t0ken"}, "url has no valid host"),
+        ({"url": "https://a.example:99999/s3cr3t-t0ken"}, "url is not a valid URL"),
+        ({"url": "s3cr3t-t0ken"}, "url is not an http:// or https:// URL"),
+        ({"url": "https://a.example/s3cr3t t0ken"}, "contains whitespace"),
+    ],
+)
 def test_resolve_url_reasons_never_quote_the_url(kwargs: dict[str, Any], reason: str) -> None:
-    args: dict[str, Any] = {"url": None, "url_env": None, "url_file": None,
-                            "environ": {"EMPTY_VAR": "  "}} | kwargs
+    args: dict[str, Any] = {
+        "url": None,
+        "url_env": None,
+        "url_file": None,
+        "environ": {"EMPTY_VAR": "  "},
+    } | kwargs
     with pytest.raises(ValueError, match=reason) as caught:
         resolve_url(**args)
     assert "s3cr3t" not in str(caught.value)
@@ -608,16 +704,19 @@ url = "http://127.0.0.1:9009/healthz"
 url = "http://127.0.0.1:9010/healthz"
 [switch]
 kind = "state-file"
-path = "{tmp_path / 'deploy-state.json'}"
+path = "{tmp_path / "deploy-state.json"}"
 [state]
-dir = "{tmp_path / 'state'}"
+dir = "{tmp_path / "state"}"
 {notify}
 """)
     return path
 
 
 def test_sinks_from_config_names_kinds_and_events(tmp_path: Path) -> None:
-    settings = config.load(write_config(tmp_path, """
+    settings = config.load(
+        write_config(
+            tmp_path,
+            """
 [[notify]]
 kind = "webhook"
 url_env = "HOOK_URL"
@@ -627,9 +726,14 @@ name = "ops"
 url = "https://hooks.slack.com/services/T0/B0/abcdef0123456789"
 events = ["qos", "hold"]
 timeout = "3s"
-"""))
-    webhook, ops = sinks_from_config(settings.config.notify, source="threader.toml",
-                                     environ={"HOOK_URL": "http://127.0.0.1:1/hook"})
+""",
+        )
+    )
+    webhook, ops = sinks_from_config(
+        settings.config.notify,
+        source="threader.toml",
+        environ={"HOOK_URL": "http://127.0.0.1:1/hook"},
+    )
     assert (webhook.name, webhook.kind, webhook.events) == ("webhook-0", "webhook", DEFAULT_EVENTS)
     assert webhook.url.reveal() == "http://127.0.0.1:1/hook"
     assert (ops.name, ops.kind, ops.timeout) == ("ops", "slack", 3.0)
@@ -637,7 +741,10 @@ timeout = "3s"
 
 
 def test_sinks_from_config_reports_every_bad_sink(tmp_path: Path) -> None:
-    settings = config.load(write_config(tmp_path, """
+    settings = config.load(
+        write_config(
+            tmp_path,
+            """
 [[notify]]
 kind = "webhook"
 url_env = "UNSET_HOOK_URL"
@@ -653,7 +760,9 @@ url = "https://hooks.slack.com/services/T0/B0/abcdef0123456789"
 kind = "slack"
 name = "dup"
 url = "https://hooks.slack.com/services/T0/B0/abcdef0123456789"
-"""))
+""",
+        )
+    )
     with pytest.raises(ConfigError) as caught:
         sinks_from_config(settings.config.notify, environ={}, source="threader.toml")
     assert [str(p) for p in caught.value.problems] == [
@@ -664,22 +773,29 @@ url = "https://hooks.slack.com/services/T0/B0/abcdef0123456789"
     ]
 
 
-async def test_build_notifier_counts_in_the_guard_metrics(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_build_notifier_counts_in_the_guard_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     metrics = GuardMetrics("threader", "0.1.0")
 
     def sample(outcome: str) -> float | None:
         return metrics.registry.get_sample_value(
             "guardd_notifications_total",
-            {"guard": "threader", "sink": "webhook-0", "outcome": outcome})
+            {"guard": "threader", "sink": "webhook-0", "outcome": outcome},
+        )
 
     async with serve([Reply(503), Reply(200)]) as receiver:
         monkeypatch.setenv("HOOK_URL", receiver.url)
-        settings = config.load(write_config(tmp_path, """
+        settings = config.load(
+            write_config(
+                tmp_path,
+                """
 [[notify]]
 kind = "webhook"
 url_env = "HOOK_URL"
-"""))
+""",
+            )
+        )
         n = build_notifier(settings, FAST, metrics, structlog.get_logger())
         assert sample("sent") == 0.0  # declared before anything is sent
         async with running(n):

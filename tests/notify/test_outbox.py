@@ -62,20 +62,27 @@ def test_files_are_private_and_hold_no_temporary_debris(tmp_path: Path) -> None:
     assert only.name == "000000000001.json"
     assert stat.S_IMODE(only.stat().st_mode) == 0o600
     doc = json.loads(only.read_bytes())
-    assert doc == {"v": 1, "sink": "a", "id": "ev-1",
-                   "event": {"event": "hold", "id": "ev-1", "n": [1, 2]}}
+    assert doc == {
+        "v": 1,
+        "sink": "a",
+        "id": "ev-1",
+        "event": {"event": "hold", "id": "ev-1", "n": [1, 2]},
+    }
 
 
-@pytest.mark.parametrize(("content", "why"), [
-    (b'{"v": 1, "sink": "a", "id": "ev', "not valid JSON"),
-    (b"\xff\xfe\x00garbage", "not valid JSON"),
-    (b"", "not valid JSON"),
-    (b'["a", "list"]', "not an outbox message"),
-    (b'{"v": 99, "sink": "a", "id": "x", "event": {}}', "not an outbox message"),
-    (b'{"v": 1, "sink": "a", "id": 7, "event": {}}', "sink, id or event missing"),
-    (b'{"v": 1, "sink": "a", "id": "x", "event": "hold"}', "sink, id or event missing"),
-    (b" " * (1024 * 1024 + 1), "larger than any message"),
-])
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b'{"v": 1, "sink": "a", "id": "ev', "not valid JSON"),
+        (b"\xff\xfe\x00garbage", "not valid JSON"),
+        (b"", "not valid JSON"),
+        (b'["a", "list"]', "not an outbox message"),
+        (b'{"v": 99, "sink": "a", "id": "x", "event": {}}', "not an outbox message"),
+        (b'{"v": 1, "sink": "a", "id": 7, "event": {}}', "sink, id or event missing"),
+        (b'{"v": 1, "sink": "a", "id": "x", "event": "hold"}', "sink, id or event missing"),
+        (b" " * (1024 * 1024 + 1), "larger than any message"),
+    ],
+)
 def test_corrupt_files_are_reported_once_and_set_aside(
     tmp_path: Path, content: bytes, why: str
 ) -> None:
@@ -104,7 +111,10 @@ def test_foreign_files_are_left_alone_and_temporary_files_cleaned(tmp_path: Path
     (directory / ".000000000009.json.tmp").write_text('{"half": ')  # a write cut short
     assert Outbox(directory).load() == ([good], [])
     assert sorted(p.name for p in directory.iterdir()) == [
-        "000000000001.json", "notes.txt", "subdir"]
+        "000000000001.json",
+        "notes.txt",
+        "subdir",
+    ]
 
 
 def test_a_failed_write_is_reported_per_message(tmp_path: Path) -> None:

@@ -115,11 +115,24 @@ def validate_discord(message: Mapping[str, Any]) -> None:
 
 def event(**fields: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
-        "ts": "2024-05-01T12:00:00Z", "event": "rollback_completed", "guard": "threader",
-        "from": "green", "to": "blue", "reason": "p0: 5xx ratio 0.80 >= 0.50 over 12 samples",
-        "severity": "P0", "by": "guardd", "id": "ev-1",
-        "evidence": {"rule": "p0_error_ratio", "threshold": 0.5, "value": 0.8, "samples": 12,
-                     "error_ratio": 0.8, "p50_ms": 3.1, "p95_ms": 712.25},
+        "ts": "2024-05-01T12:00:00Z",
+        "event": "rollback_completed",
+        "guard": "threader",
+        "from": "green",
+        "to": "blue",
+        "reason": "p0: 5xx ratio 0.80 >= 0.50 over 12 samples",
+        "severity": "P0",
+        "by": "guardd",
+        "id": "ev-1",
+        "evidence": {
+            "rule": "p0_error_ratio",
+            "threshold": 0.5,
+            "value": 0.8,
+            "samples": 12,
+            "error_ratio": 0.8,
+            "p50_ms": 3.1,
+            "p95_ms": 712.25,
+        },
     }
     return base | fields
 
@@ -172,13 +185,15 @@ def test_discord_messages_are_within_embed_limits(ev: dict[str, Any]) -> None:
 @given(
     reason=st.text(max_size=8000),
     names=st.tuples(st.text(max_size=300), st.text(max_size=300)),
-    evidence=st.dictionaries(st.text(max_size=40),
-                             st.one_of(st.floats(), st.integers(), st.text(max_size=500),
-                                       st.none(), st.booleans()),
-                             max_size=30),
+    evidence=st.dictionaries(
+        st.text(max_size=40),
+        st.one_of(st.floats(), st.integers(), st.text(max_size=500), st.none(), st.booleans()),
+        max_size=30,
+    ),
 )
-def test_any_text_makes_valid_messages(reason: str, names: tuple[str, str],
-                                       evidence: dict[str, Any]) -> None:
+def test_any_text_makes_valid_messages(
+    reason: str, names: tuple[str, str], evidence: dict[str, Any]
+) -> None:
     ev = event(reason=reason, evidence=evidence, **{"from": names[0], "to": names[1]})
     validate_slack(slack_message(ev, instance="threader"))
     validate_discord(discord_message(ev, instance="threader"))
@@ -189,12 +204,19 @@ def test_slack_message_says_what_happened_and_what_to_do() -> None:
     header, facts, evidence, context, act = message["blocks"]
     assert header["text"]["text"] == "guardd threader: rollback green → blue"
     assert [f["text"] for f in facts["fields"]] == [
-        "*Severity*\nP0", "*From → To*\ngreen → blue",
-        "*Reason*\np0: 5xx ratio 0.80 &gt;= 0.50 over 12 samples", "*By*\nguardd",
+        "*Severity*\nP0",
+        "*From → To*\ngreen → blue",
+        "*Reason*\np0: 5xx ratio 0.80 &gt;= 0.50 over 12 samples",
+        "*By*\nguardd",
     ]
     assert [f["text"] for f in evidence["fields"]] == [
-        "*Rule*\n`p0_error_ratio`", "*Threshold*\n0.5", "*Value*\n0.8", "*Samples*\n12",
-        "*Error ratio*\n0.8", "*p50*\n3.1 ms", "*p95*\n712.2 ms",
+        "*Rule*\n`p0_error_ratio`",
+        "*Threshold*\n0.5",
+        "*Value*\n0.8",
+        "*Samples*\n12",
+        "*Error ratio*\n0.8",
+        "*p50*\n3.1 ms",
+        "*p95*\n712.2 ms",
     ]
     assert context["elements"][0]["text"].startswith("<!date^1714564800^")
     assert "event `ev-1`" in context["elements"][0]["text"]
@@ -209,8 +231,9 @@ def test_slack_qos_events_also_point_at_qos_status() -> None:
 
 
 def test_slack_mentions_and_links_are_neutralised() -> None:
-    message = slack_message(event(reason="<!channel> <https://evil.example|x> & co"),
-                            instance="threader")
+    message = slack_message(
+        event(reason="<!channel> <https://evil.example|x> & co"), instance="threader"
+    )
     reason = message["blocks"][1]["fields"][2]["text"]
     assert reason == "*Reason*\n&lt;!channel&gt; &lt;https://evil.example|x&gt; &amp; co"
 
@@ -237,14 +260,17 @@ def test_discord_message_says_what_happened() -> None:
     assert "`guardctl --instance threader rollback`" in fields["Act"]
 
 
-@pytest.mark.parametrize(("fields", "color"), [
-    ({"severity": "P0"}, discord_mod.RED),
-    ({"severity": "P1"}, discord_mod.ORANGE),
-    ({"severity": "P2"}, discord_mod.AMBER),
-    ({"severity": None, "event": "qos_released"}, discord_mod.GREEN),
-    ({"severity": None, "event": "hold"}, discord_mod.RED),
-    ({"severity": None, "event": "paused"}, discord_mod.GREY),
-])
+@pytest.mark.parametrize(
+    ("fields", "color"),
+    [
+        ({"severity": "P0"}, discord_mod.RED),
+        ({"severity": "P1"}, discord_mod.ORANGE),
+        ({"severity": "P2"}, discord_mod.AMBER),
+        ({"severity": None, "event": "qos_released"}, discord_mod.GREEN),
+        ({"severity": None, "event": "hold"}, discord_mod.RED),
+        ({"severity": None, "event": "paused"}, discord_mod.GREY),
+    ],
+)
 def test_discord_color_by_severity_then_event(fields: dict[str, Any], color: int) -> None:
     assert discord_message(event(**fields), instance="threader")["embeds"][0]["color"] == color
 
@@ -273,12 +299,15 @@ def test_webhook_body_is_the_event_unchanged() -> None:
     assert json.loads(json.dumps(webhook_body(ev))) == ev
 
 
-@pytest.mark.parametrize(("text", "limit", "expected"), [
-    ("short", 10, "short"),
-    ("exactly10!", 10, "exactly10!"),
-    ("eleven char", 10, "eleven ch…"),
-    ("🔥🔥🔥🔥🔥🔥", 5, "🔥🔥…"),  # two units each
-])
+@pytest.mark.parametrize(
+    ("text", "limit", "expected"),
+    [
+        ("short", 10, "short"),
+        ("exactly10!", 10, "exactly10!"),
+        ("eleven char", 10, "eleven ch…"),
+        ("🔥🔥🔥🔥🔥🔥", 5, "🔥🔥…"),  # two units each
+    ],
+)
 def test_truncate(text: str, limit: int, expected: str) -> None:
     assert truncate(text, limit) == expected
     assert units(truncate(text, limit)) <= limit
@@ -301,8 +330,14 @@ def _broken_slack() -> list[dict[str, Any]]:
     unknown_block["blocks"].append({"type": "carousel"})
     too_many_blocks = json.loads(json.dumps(good))
     too_many_blocks["blocks"] *= 11
-    return [header_too_long, mrkdwn_header, too_many_fields, raw_mention, unknown_block,
-            too_many_blocks]
+    return [
+        header_too_long,
+        mrkdwn_header,
+        too_many_fields,
+        raw_mention,
+        unknown_block,
+        too_many_blocks,
+    ]
 
 
 @pytest.mark.parametrize("message", _broken_slack())

@@ -23,11 +23,15 @@ def three() -> Iterator[list[Upstream]]:
         u.stop()
 
 
-@pytest.mark.parametrize(("quorum", "outcome"), [
-    ("all", Outcome.HTTP_5XX), ("majority", Outcome.OK), ("any", Outcome.OK),
-])
-async def test_quorum_judges_a_round(three: list[Upstream], quorum: str,
-                                     outcome: Outcome) -> None:
+@pytest.mark.parametrize(
+    ("quorum", "outcome"),
+    [
+        ("all", Outcome.HTTP_5XX),
+        ("majority", Outcome.OK),
+        ("any", Outcome.OK),
+    ],
+)
+async def test_quorum_judges_a_round(three: list[Upstream], quorum: str, outcome: Outcome) -> None:
     prober = HttpProber([u.url for u in three], ProbeSpec(timeout=2.0), quorum=quorum)  # type: ignore[arg-type]
     try:
         result = await prober.probe()

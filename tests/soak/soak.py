@@ -81,8 +81,7 @@ def slope_per_minute(points: list[tuple[float, float]]) -> float:
     """Least-squares slope of (seconds, value) points, per minute."""
     if len(points) < 2:
         return 0.0
-    return statistics.linear_regression([t for t, _ in points],
-                                        [v for _, v in points]).slope * 60.0
+    return statistics.linear_regression([t for t, _ in points], [v for _, v in points]).slope * 60.0
 
 
 class Sampler(threading.Thread):
@@ -99,10 +98,15 @@ class Sampler(threading.Thread):
     def take(self) -> None:
         """One sample now."""
         m = scrape(self.port)
-        self.samples.append(Sample(
-            t=time.monotonic() - self.started, rss_kib=rss_kib(self.d.pid),
-            fds=open_fds(self.d.pid), ticks=metric(m, "guardd_decision_ticks_total"),
-            probes={c: metric(m, "guardd_probe_total", color=c) for c in ("blue", "green")}))
+        self.samples.append(
+            Sample(
+                t=time.monotonic() - self.started,
+                rss_kib=rss_kib(self.d.pid),
+                fds=open_fds(self.d.pid),
+                ticks=metric(m, "guardd_decision_ticks_total"),
+                probes={c: metric(m, "guardd_probe_total", color=c) for c in ("blue", "green")},
+            )
+        )
 
     def run(self) -> None:
         """Sample until told to stop."""
@@ -136,10 +140,16 @@ class Script:
             self.summary.failures.append(f"phase {name}: {error}")
             self.back_to_green()  # the next phase starts from the usual place
         events = [e["event"] for e in self.d.events()[count:]]
-        self.summary.phases.append({"phase": name, "ok": ok, "error": error,
-                                    "seconds": round(time.monotonic() - started, 2),
-                                    "rollbacks": events.count("rollback_completed"),
-                                    "holds": events.count("hold")})
+        self.summary.phases.append(
+            {
+                "phase": name,
+                "ok": ok,
+                "error": error,
+                "seconds": round(time.monotonic() - started, 2),
+                "rollbacks": events.count("rollback_completed"),
+                "holds": events.count("hold"),
+            }
+        )
 
     def back_to_green(self) -> None:
         """The operator redeploys green: both healthy, lock released, traffic on green."""
@@ -147,8 +157,11 @@ class Script:
         self.lab.green.set_mode("ok")
         # As an operator would, wait until green's failures have left the policy window:
         # switching onto a window still full of them would be rolled back by the ratio rule.
-        wait_until(lambda: status(self.lab)["upstreams"]["green"]["error_ratio"] == 0, 60,
-                   "green's window clean")
+        wait_until(
+            lambda: status(self.lab)["upstreams"]["green"]["error_ratio"] == 0,
+            60,
+            "green's window clean",
+        )
         if self.lab.lock_file.exists():
             # The guard window may pass on its own meanwhile: then there is nothing to unlock.
             with contextlib.suppress(Refused):
@@ -161,16 +174,19 @@ class Script:
 
     def rollback_on(self, mode: str, **kw: Any) -> Callable[[], None]:
         """A phase: green fails in `mode`, guardd must roll back to blue."""
+
         def act() -> None:
             count = len(self.d.events())
             self.lab.green.set_mode(mode, **kw)  # type: ignore[arg-type]
             self.d.wait_event("rollback_completed", after=count, timeout=60)
             assert self.lab.nginx.wait_serving_only("blue", hold=0.3, timeout=30), "blue"
             self.back_to_green()
+
         return act
 
     def quiet_during(self, seconds: float, setup: Callable[[], None]) -> Callable[[], None]:
         """A phase: noise for `seconds` that must not move traffic."""
+
         def act() -> None:
             count = len(self.d.events())
             setup()
@@ -180,6 +196,7 @@ class Script:
                 assert not moved, f"noise caused a rollback: {moved[0]['reason']}"
                 time.sleep(0.5)
             self.back_to_green()
+
         return act
 
     def both_down_then_blue_back(self) -> None:
@@ -197,9 +214,15 @@ class Script:
         lab = self.lab
         return [
             ("green_503", self.rollback_on("http_503")),
-            ("noise_1pct_5xx", self.quiet_during(
-                10, lambda: lab.green.set_mode("random_5xx", probability=0.01,
-                                               seed=len(self.summary.phases)))),
+            (
+                "noise_1pct_5xx",
+                self.quiet_during(
+                    10,
+                    lambda: lab.green.set_mode(
+                        "random_5xx", probability=0.01, seed=len(self.summary.phases)
+                    ),
+                ),
+            ),
             ("green_hang", self.rollback_on("hang")),
             ("slow_green", self.quiet_during(5, lambda: lab.green.set_mode("slow", delay=0.2))),
             ("green_not_json", self.rollback_on("not_json")),
@@ -219,10 +242,17 @@ class Script:
 def soak(minutes: float, out: Path, work: Path) -> Summary:
     """Run the soak for `minutes` and return what it saw."""
     summary = Summary(minutes=minutes, interval_s=INTERVAL)
-    lab = FaultLab(work, metrics__listen="127.0.0.1:0", probe__interval=f"{INTERVAL}s",
-                   probe__fast_interval=f"{INTERVAL}s", probe__timeout="1s",
-                   policy__window="5s", policy__min_samples=20, policy__max_rollbacks=100000,
-                   qos__window="2s")
+    lab = FaultLab(
+        work,
+        metrics__listen="127.0.0.1:0",
+        probe__interval=f"{INTERVAL}s",
+        probe__fast_interval=f"{INTERVAL}s",
+        probe__timeout="1s",
+        policy__window="5s",
+        policy__min_samples=20,
+        policy__max_rollbacks=100000,
+        qos__window="2s",
+    )
     try:
         d = lab.daemon()
         sampler = Sampler(d, metrics_port(d))
@@ -270,18 +300,27 @@ def _judge(summary: Summary, samples: list[Sample]) -> None:
     pairs = list(itertools.pairwise(samples))
     for color in ("blue", "green"):
         # A color's probes slow down only while it hangs (a probe waits out its timeout).
-        periods = [(b.t - a.t) / (b.probes[color] - a.probes[color])
-                   for a, b in pairs if b.probes[color] > a.probes[color]]
-        summary.probe_period_s[color] = {"median": round(statistics.median(periods), 4),
-                                         "min": round(min(periods), 4)}
+        periods = [
+            (b.t - a.t) / (b.probes[color] - a.probes[color])
+            for a, b in pairs
+            if b.probes[color] > a.probes[color]
+        ]
+        summary.probe_period_s[color] = {
+            "median": round(statistics.median(periods), 4),
+            "min": round(min(periods), 4),
+        }
     # A switch holds the tick for its nginx reload and verification; the median window
     # is the cadence, the slowest one shows what a switch costs it.
     ticks = [(b.t - a.t) / max(1.0, b.ticks - a.ticks) for a, b in pairs]
-    summary.tick_period_s = {"median": round(statistics.median(ticks), 4),
-                             "max": round(max(ticks), 4)}
+    summary.tick_period_s = {
+        "median": round(statistics.median(ticks), 4),
+        "max": round(max(ticks), 4),
+    }
     if summary.tick_period_s["median"] > INTERVAL * (1 + CADENCE_TOLERANCE):
-        summary.failures.append(f"decision ticks slower than the interval: "
-                                f"{summary.tick_period_s['median']}s > {INTERVAL}s + 10 %")
+        summary.failures.append(
+            f"decision ticks slower than the interval: "
+            f"{summary.tick_period_s['median']}s > {INTERVAL}s + 10 %"
+        )
     # Green hangs in some phases (each probe then waits out its timeout); blue never does.
     blue = summary.probe_period_s["blue"]["median"]
     if abs(blue - INTERVAL) > INTERVAL * CADENCE_TOLERANCE:
@@ -300,8 +339,10 @@ def _markdown(s: Summary) -> str:
     lines = [
         f"# guardd soak: {ok}",
         "",
-        (f"{s.minutes:g} minutes at `interval = {s.interval_s * 1000:g}ms`, "
-         f"{s.samples} samples, {s.rollbacks} rollbacks."),
+        (
+            f"{s.minutes:g} minutes at `interval = {s.interval_s * 1000:g}ms`, "
+            f"{s.samples} samples, {s.rollbacks} rollbacks."
+        ),
         "",
         "| figure | value |",
         "|---|---|",
@@ -309,10 +350,14 @@ def _markdown(s: Summary) -> str:
         f"| RSS slope (after the first minute) | {s.rss_slope_kib_per_min} KiB/min |",
         f"| open fds first → last | {s.fds_first} → {s.fds_last} |",
         f"| fd slope (after the first minute) | {s.fd_slope_per_min}/min |",
-        *(f"| {c} probe period (median, min) | {p['median']} s, {p['min']} s |"
-          for c, p in s.probe_period_s.items()),
-        (f"| decision-tick period over {SAMPLE_EVERY:g} s (median, slowest) | "
-         f"{s.tick_period_s['median']} s, {s.tick_period_s['max']} s |"),
+        *(
+            f"| {c} probe period (median, min) | {p['median']} s, {p['min']} s |"
+            for c, p in s.probe_period_s.items()
+        ),
+        (
+            f"| decision-tick period over {SAMPLE_EVERY:g} s (median, slowest) | "
+            f"{s.tick_period_s['median']} s, {s.tick_period_s['max']} s |"
+        ),
         f"| journal lines / torn | {s.journal_lines} / {s.journal_torn_lines} |",
         "",
         "| phase | runs | failed | rollbacks | holds |",
@@ -321,8 +366,10 @@ def _markdown(s: Summary) -> str:
     names = list(dict.fromkeys(p["phase"] for p in s.phases))
     for name in names:
         runs = [p for p in s.phases if p["phase"] == name]
-        lines.append(f"| {name} | {len(runs)} | {sum(not p['ok'] for p in runs)} | "
-                     f"{sum(p['rollbacks'] for p in runs)} | {sum(p['holds'] for p in runs)} |")
+        lines.append(
+            f"| {name} | {len(runs)} | {sum(not p['ok'] for p in runs)} | "
+            f"{sum(p['rollbacks'] for p in runs)} | {sum(p['holds'] for p in runs)} |"
+        )
     if s.failures:
         lines += ["", "Failures:", "", *(f"- {f}" for f in s.failures)]
     return "\n".join(lines) + "\n"
@@ -331,10 +378,18 @@ def _markdown(s: Summary) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `make soak`."""
     parser = argparse.ArgumentParser(prog="soak", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=MAX_MINUTES,
-                        help=f"how long to soak (at most {MAX_MINUTES:g})")
-    parser.add_argument("--out", type=Path, default=Path("soak-report"),
-                        help="where summary.json and summary.md go (default soak-report/)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=MAX_MINUTES,
+        help=f"how long to soak (at most {MAX_MINUTES:g})",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("soak-report"),
+        help="where summary.json and summary.md go (default soak-report/)",
+    )
     args = parser.parse_args(argv)
     minutes = min(max(args.minutes, 0.1), MAX_MINUTES)
     with tempfile.TemporaryDirectory(prefix="guardd-soak-") as work:

@@ -156,7 +156,6 @@ listen = "127.0.0.1:9105"
 """
 
 
-
 def second_config() -> str:
     """The second instance: same upstreams, its own (unused by nginx) link, no metrics port."""
     return (
@@ -252,8 +251,9 @@ class Lab:
         self.write_config(GUARD_CONFIG)
         for color in PORTS:
             self.heal(color)
-        self.c.run("rm", "-rf", STATE_DIR, f"/var/lib/guardd/{SECOND_INSTANCE}", "/run/guardd",
-                   FAULT_DIR)
+        self.c.run(
+            "rm", "-rf", STATE_DIR, f"/var/lib/guardd/{SECOND_INSTANCE}", "/run/guardd", FAULT_DIR
+        )
         if self.c.systemctl("is-active", "nginx.service", check=False).returncode != 0:
             self.c.systemctl("start", "nginx.service")
         self.set_active("green")
@@ -277,8 +277,9 @@ class Lab:
         """Point the active link at a color by hand and reload nginx, as an operator would."""
         self.c.run("ln", "-sfn", f"{UPSTREAMS_DIR}/lab_{color}.conf", ACTIVE_LINK)
         self.c.systemctl("reload", "nginx.service")
-        self.c.wait_for(lambda: self.front_door().get("color") == color, 30,
-                        f"nginx to serve {color}")
+        self.c.wait_for(
+            lambda: self.front_door().get("color") == color, 30, f"nginx to serve {color}"
+        )
 
     def active_link(self) -> str:
         """What the active link names, as ``readlink`` prints it."""
@@ -346,8 +347,9 @@ class Lab:
 
     def journal(self, after: str) -> list[dict[str, Any]]:
         """guardd@lab's system journal entries after ``after``, as journalctl's JSON objects."""
-        out = self.c.run("journalctl", "-u", UNIT, "-o", "json", "--no-pager",
-                         f"--after-cursor={after}").stdout
+        out = self.c.run(
+            "journalctl", "-u", UNIT, "-o", "json", "--no-pager", f"--after-cursor={after}"
+        ).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
     def wait_journal(self, text: str, *, after: str, timeout: float = 60) -> dict[str, Any]:

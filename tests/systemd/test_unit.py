@@ -88,9 +88,7 @@ def measured(record_property: Callable[[str, object], None]) -> Iterator[dict[st
         record_property(name, round(value, 3))
 
 
-def test_start_returns_only_once_guardd_is_ready(
-    fresh: Lab, measured: dict[str, float]
-) -> None:
+def test_start_returns_only_once_guardd_is_ready(fresh: Lab, measured: dict[str, float]) -> None:
     """`systemctl start` waits for READY=1, which guardd sends after its first probe round."""
     took = fresh.timed_systemctl("start", UNIT)
 
@@ -179,8 +177,10 @@ def test_a_stalled_guard_is_killed_by_the_watchdog_and_restarted(
 
     fresh.c.run("touch", f"{FAULT_DIR}/stall_tick")
     fresh.c.wait_for(
-        lambda: fresh.c.run("test", "-f", f"{FAULT_DIR}/stall_tick.reached", check=False)
-        .returncode == 0,
+        lambda: (
+            fresh.c.run("test", "-f", f"{FAULT_DIR}/stall_tick.reached", check=False).returncode
+            == 0
+        ),
         30,
         "guardd's decision tick to stall",
     )
@@ -189,8 +189,10 @@ def test_a_stalled_guard_is_killed_by_the_watchdog_and_restarted(
     fresh.c.run("rm", "-f", f"{FAULT_DIR}/stall_tick")
 
     fresh.c.wait_for(
-        lambda: fresh.main_pid() not in (0, first_pid)
-        and fresh.show("ActiveState")["ActiveState"] == "active",
+        lambda: (
+            fresh.main_pid() not in (0, first_pid)
+            and fresh.show("ActiveState")["ActiveState"] == "active"
+        ),
         60,
         "a new guardd to be active",
     )
@@ -286,8 +288,7 @@ def test_guardd_target_restarts_and_stops_every_instance(fresh: Lab) -> None:
 
     fresh.c.wait_for(
         lambda: all(
-            fresh.main_pid(unit) not in (0, pid)
-            and fresh.c.show(unit, "ActiveState") == "active"
+            fresh.main_pid(unit) not in (0, pid) and fresh.c.show(unit, "ActiveState") == "active"
             for unit, pid in before.items()
         ),
         60,
@@ -322,8 +323,10 @@ def test_on_a_read_only_run_an_nginx_restart_restarts_the_guard(fresh: Lab) -> N
 
     assert fresh.c.run("cat", "/run/nginx.pid").stdout.strip() != nginx_before
     fresh.c.wait_for(
-        lambda: fresh.main_pid() not in (0, pid)
-        and fresh.show("ActiveState")["ActiveState"] == "active",
+        lambda: (
+            fresh.main_pid() not in (0, pid)
+            and fresh.show("ActiveState")["ActiveState"] == "active"
+        ),
         60,
         "guardd to be restarted along with nginx",
     )
@@ -356,13 +359,13 @@ def test_units_verify_silently_and_score_2_or_better(
         check=False,
     )
     assert verified.stdout + verified.stderr == ""
-    users = fresh.c.run("systemd-sysusers", "--dry-run", "/usr/lib/sysusers.d/guardd.conf",
-                      check=False)
+    users = fresh.c.run(
+        "systemd-sysusers", "--dry-run", "/usr/lib/sysusers.d/guardd.conf", check=False
+    )
     assert users.returncode == 0, users.stderr
 
     security = fresh.c.run("systemd-analyze", "security", "--no-pager", UNIT, check=False)
-    found = re.search(rf"Overall exposure level for {re.escape(UNIT)}: (\d+\.\d+)",
-                      security.stdout)
+    found = re.search(rf"Overall exposure level for {re.escape(UNIT)}: (\d+\.\d+)", security.stdout)
     assert found, security.stdout + security.stderr
     score = float(found.group(1))
     measured["systemd_analyze_security_exposure"] = score
@@ -372,4 +375,3 @@ def test_units_verify_silently_and_score_2_or_better(
 def _epoch(rfc3339: str) -> float:
     """Seconds since the epoch of a journal line's ``ts``."""
     return datetime.fromisoformat(rfc3339).timestamp()  # 3.11 reads the "Z"
-
