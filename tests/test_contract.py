@@ -31,6 +31,7 @@ from guardd.reference import _SECTIONS
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONTRACT = PROJECT / "docs/contract.md"
+README = PROJECT / "README.md"
 UNIT = PROJECT / "systemd/guardd@.service"
 GUARDCTL_GLOBALS = {"--instance", "--config", "--socket"}
 # Labels whose values the text under §5's table gives rather than the table's cell.
@@ -364,3 +365,58 @@ def test_the_unit_s_directives_are_the_documented_ones() -> None:
     ):
         value = directives[key].removeprefix("/usr/bin/")
         assert f"{key}={value}" in shown, key
+
+
+# ---- what --help and the README say of the same surface -------------------------------
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _help(parser: argparse.ArgumentParser, *words: str) -> str:
+    for word in words:
+        parser = _subcommands(parser)[word]
+    return _flat(parser.format_help())
+
+
+def test_the_promotion_gate_is_described_whole() -> None:
+    """N passing probes in a row and a clean window, in --help, the README and §1."""
+    for text in (
+        _help(ctl.build_parser(), "promote"),
+        _flat(README.read_text()),
+        _flat(section(1)),
+    ):
+        gate = text[text.index("promotion gate") :][:400]
+        assert "promote_successes" in gate
+        assert "p1_error_ratio" in gate
+        assert "lock" in gate
+
+
+def test_the_error_ratio_is_every_failed_probe_not_only_5xx() -> None:
+    status_help = _help(ctl.build_parser(), "status")
+    assert "5xx ratio" not in status_help
+    assert "every failed probe counts" in status_help
+    readme = _flat(README.read_text())
+    assert "`ERR%` counts every failed probe" in readme
+    assert "not only 5xx" in readme[readme.index("`ERR%` counts") :][:200]
+    assert "5xx ratio" not in _flat(section(1)) + _flat(section(5))
+
+
+def test_help_and_readme_say_where_files_live_outside_systemd(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for variable in ("STATE_DIRECTORY", "RUNTIME_DIRECTORY", "GUARDD_CONFIG"):
+        monkeypatch.delenv(variable, raising=False)
+    run_help = _help(cli._parser(), "run")
+    readme = README.read_text()
+    for path in (
+        paths.state_dir("<instance>"),
+        paths.control_socket("<instance>"),
+        paths.qos_lock_file("<instance>"),
+    ):
+        assert str(path) in run_help
+        assert f"`{path}`" in readme
+    guardctl_help = _flat(ctl.build_parser().format_help())
+    assert str(paths.control_socket("INSTANCE")) in guardctl_help
+    assert str(paths.qos_lock_file("INSTANCE")) in guardctl_help
