@@ -21,8 +21,18 @@ exit status:
   check-config  0 valid, 2 invalid
   demo          0 when the demo rolled back as expected
 
-Config lookup: --config, else $GUARDD_CONFIG, else /etc/guardd/<instance>.toml.
+Config lookup: --config, else $GUARDD_CONFIG, else /etc/guardd/<instance>.toml
+(/etc/guardd/default.toml without --instance).
 Every key can be overridden by GUARDD_<SECTION>__<KEY>, e.g. GUARDD_POLICY__CONSECUTIVE_FAILURES=5.
+
+Where guardd keeps its files (the config's key, else systemd's directory, else the path):
+  state     state.dir, else $STATE_DIRECTORY, else /var/lib/guardd/<instance>
+  socket    control.socket, else $RUNTIME_DIRECTORY/<instance>.sock,
+            else /run/guardd/<instance>.sock
+  QoS lock  qos.lock_file, else $RUNTIME_DIRECTORY/<instance>.qos.lock,
+            else /run/guardd/<instance>.qos.lock
+guardd@.service gives the same paths. Outside systemd the defaults need root: as another
+user, set all three keys, and give guardctl the same file with --config.
 """
 
 

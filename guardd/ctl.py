@@ -266,11 +266,13 @@ examples:
   guardctl --instance threader rollback --reason "checkout 500s after release 2026.11.3"
   guardctl --instance threader qos status && ./deploy.sh
 
-where guardctl looks:
+where guardctl looks (guardd's own defaults, under systemd and outside it):
   socket     --socket, else control.socket in the config, else /run/guardd/INSTANCE.sock
   lock file  qos.lock_file in the config, else /run/guardd/INSTANCE.qos.lock
   config     --config, else $GUARDD_CONFIG, else /etc/guardd/INSTANCE.toml
-  instance   --instance, else the config's `instance`, else the config file's stem
+  instance   --instance, else the config's `instance`, else the config file's stem,
+             else `default`
+A guardd run by hand with other paths in its config: pass that config with --config.
 
 exit codes:
   status          0 OK, 1 WARNING, 2 CRITICAL (hold), 3 UNKNOWN (guardd unreachable)
@@ -298,10 +300,12 @@ _COMMANDS: Final = (
         "status",
         "show state, health of both colors, QoS lock and last decision",
         "Show the guard's state: the active color, each color's health (healthy, "
-        "consecutive failures, window 5xx ratio, p50/p95 latency, last error, age of the "
-        "last probe), the rollback target, the QoS lock, the paused flag, the last "
-        "decision with its evidence, the last event and the uptime. A color whose last "
-        "probe is older than three intervals is shown as stale, never as healthy.\n\n"
+        "consecutive failures, window error ratio, samples, p50/p95 latency, last error, "
+        "age of the last probe), the rollback target, the QoS lock, the paused flag, the "
+        "last decision with its evidence, the last event and the uptime. A color whose "
+        "last probe is older than three intervals is shown as stale, never as healthy.\n\n"
+        "ERR% is the window's failed-probe ratio: every failed probe counts (5xx, other "
+        "statuses, timeouts, refused connections, body mismatches), not only 5xx.\n\n"
         "The exit code follows the monitoring-plugin convention, so `guardctl status` "
         "can serve as a Nagios/Icinga check.",
         """\
@@ -336,8 +340,11 @@ exit codes:
     _Command(
         "switch",
         "switch traffic to COLOR",
-        "Switch traffic to COLOR now. guardd refuses when COLOR is not healthy or the QoS "
-        "lock is held; --force overrides both. The switch is journaled with your user.",
+        "Switch traffic to COLOR now. guardd refuses when COLOR is unhealthy or stale, "
+        "when its window's failed-probe ratio is at or above policy.p0_error_ratio (guardd "
+        "would roll it back at once), or when the QoS lock is held; --force overrides all "
+        "three, and also sets COLOR when the switch target names neither color. The switch "
+        "is journaled with your user.",
         f"""\
 examples:
   guardctl --instance threader switch blue --reason "green leaks memory"
@@ -363,7 +370,10 @@ examples:
         "promote",
         "switch to the standby color if it passes the promotion gate",
         "Switch traffic to the standby color, but only if it passes the promotion gate: "
-        "healthy for policy.promote_successes probes in a row, and the QoS lock not held.",
+        "fresh and healthy for policy.promote_successes probes in a row, AND its window's "
+        "failed-probe ratio under policy.p1_error_ratio (judged once the window holds "
+        "policy.min_samples), AND the QoS lock not held. There is no --force: "
+        "`guardctl switch` is the override.",
         f"""\
 examples:
   guardctl --instance threader promote --reason "release 2026.11.4"
@@ -374,8 +384,9 @@ examples:
     _Command(
         "pause",
         "stop automatic actions (probing and metrics go on)",
-        "Stop guardd's automatic actions: no rollback, no hold, no lock is taken or "
-        "released. Probing, metrics and alerts go on. `guardctl resume` undoes it.",
+        "Stop guardd's automatic actions: no automatic rollback and no hold. Probing, "
+        "metrics and alerts go on, and so does the guard window of a QoS lock guardd took "
+        "(it is still released or extended). `guardctl resume` undoes it.",
         f"""\
 examples:
   guardctl --instance threader pause --reason "nginx maintenance, CHG-4711"
@@ -387,7 +398,7 @@ examples:
         "resume",
         "restart automatic actions",
         "Restart guardd's automatic actions after `pause`, or leave a hold that waits "
-        "for an operator.",
+        "for an operator; either way the rollback budget is re-armed.",
         f"""\
 examples:
   guardctl --instance threader resume
@@ -453,7 +464,7 @@ def _globals(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
         "--instance",
         metavar="NAME",
         default=default,
-        help="guardd instance to talk to (default: default)",
+        help="guardd instance to talk to (default: the config's, else default)",
     )
     group.add_argument(
         "--config",
