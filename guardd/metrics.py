@@ -99,7 +99,7 @@ class GuardMetrics:
         )
         error_ratio = Gauge(
             "guardd_window_error_ratio",
-            "5xx ratio over the policy window.",
+            "Failed-probe ratio (every failed outcome, not only 5xx) over the policy window.",
             ("guard", "color"),
             registry=r,
         )
