@@ -248,23 +248,18 @@ def _resolve(args: argparse.Namespace) -> _Target:
     if instance is None:
         named = config.get("instance") if config is not None else None
         instance = named if isinstance(named, str) and named else config_path.stem
-    socket = args.socket or Path(
-        _setting(config, "control", "socket") or paths.control_socket(instance)
-    )
+    socket = Path(_setting(config, "control", "socket") or paths.control_socket(instance))
     lock_file = Path(_setting(config, "qos", "lock_file") or paths.qos_lock_file(instance))
     state_dir = Path(_setting(config, "state", "dir") or paths.state_dir(instance))
-    exists = (
-        config is not None
-        or args.socket is not None
-        or paths.is_socket(socket)
-        or paths.has_state(state_dir)
+    if config is not None or paths.is_socket(socket) or paths.has_state(state_dir):
+        return _Target(instance, args.socket or socket, lock_file, state_dir)
+    if args.socket is not None:
+        # The socket is named, not the instance: its lock and journal are that guardd's.
+        return _Target(None, args.socket, None, None)
+    raise _CannotTell(
+        f"no guardd instance {instance!r}: no {config_path}, no socket {socket}, "
+        f"no state in {state_dir}; {_naming_hint()}"
     )
-    if not exists:
-        raise _CannotTell(
-            f"no guardd instance {instance!r}: no {config_path}, no socket {socket}, "
-            f"no state in {state_dir}; {_naming_hint()}"
-        )
-    return _Target(instance, socket, lock_file, state_dir)
 
 
 def _print_json(value: object) -> None:

@@ -1172,3 +1172,32 @@ def test_qos_status_with_only_a_socket_asks_guardd(guard: FakeGuard, run_dir: Pa
     assert f"guardd at {run_dir / 'threader.sock'}" in held.out
     assert down.code == 3
     assert "name the instance with --instance NAME or --config PATH" in down.err
+
+
+def test_qos_status_of_an_expired_lock_with_the_daemon_up(guard: FakeGuard, run_dir: Path) -> None:
+    """With guardd running, an expired lock still blocks and is guardd's to release or extend."""
+    guard.lock_file.write_text(
+        json.dumps({"reason": "guard window", "by": "guardd", "until": "2026-01-01T00:00:00Z"})
+    )
+
+    run = guardctl("--instance", "threader", "qos", "status", run_dir=run_dir)
+
+    assert run.code == 1
+    assert (
+        "  until      2026-01-01T00:00:00Z (expired; guardd releases it, "
+        "or extends the guard window, at its next check)\n"
+    ) in run.out
+    assert [cmd for cmd, _, _ in guard.calls] == ["qos_status"]
+
+
+def test_a_socket_does_not_vouch_for_a_misspelled_instance(guard: FakeGuard, run_dir: Path) -> None:
+    """`--instance typo --socket S`: the lock of "typo" is no answer; guardd at S gives it."""
+    guard.lock_file.touch()
+    sock = str(run_dir / "threader.sock")
+
+    gate = guardctl("--instance", "thraeder", "--socket", sock, "qos", "status", run_dir=run_dir)
+    status = guardctl("--instance", "thraeder", "--socket", sock, "status", run_dir=run_dir)
+
+    assert gate.code == 1
+    assert f"guardd at {sock}" in gate.out
+    assert status.code == 1  # the lock is held: WARNING, from the guard at the socket
