@@ -9,16 +9,21 @@ where every start-up millisecond counts.
 from __future__ import annotations
 
 import argparse
+import grp
 import io
 import json
 import math
 import os
+import pwd
 import re
+import stat
 import sys
 import textwrap
 import tomllib
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,7 +32,7 @@ from guardd._version import __version__
 from guardd.control import protocol
 from guardd.control.client import call
 from guardd.exceptions import ControlError, DaemonUnreachable, NotPermitted, Refused
-from guardd.qoslock import read_lock
+from guardd.qoslock import LockUnknown, check_lock
 from guardd.render import render_change, render_history, render_qos, render_status, use_color
 
 __all__ = ["main", "parse_duration", "status_exit_code"]
@@ -45,8 +50,13 @@ NOT_PERMITTED: Final = 4
 # `qos status`.
 NO_LOCK: Final = 0
 LOCK_HELD: Final = 1
+# Every command, when guardctl cannot establish which guard it asks about or what its
+# lock says: never "allowed" or "done" on a guess (docs/contract.md §1).
+CANNOT_TELL: Final = 3
 
 READ_TIMEOUT_S: Final = 5.0
+# `qos status` asks a running guardd about an expired lock; the answer is only a remark.
+PEEK_TIMEOUT_S: Final = 2.0
 # A switch runs nginx's test and reload and then verifies through the front door; and
 # guardd serializes changes, so a pause may wait behind a rollback in flight.
 CHANGE_TIMEOUT_S: Final = 120.0
@@ -98,58 +108,158 @@ def status_exit_code(status: Mapping[str, Any]) -> int:
     return OK
 
 
+class _CannotTell(Exception):
+    """guardctl cannot establish which guard it asks about; the message says how to fix it."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Target:
-    """Where one guardd instance listens and keeps its lock."""
+    """Where one guardd instance listens, keeps its lock and its journal.
 
-    instance: str
+    `instance` is None when only `--socket` names the guard: then its lock file and
+    state are known to that guardd alone.
+    """
+
+    instance: str | None
     socket: Path
-    lock_file: Path
+    lock_file: Path | None
+    state_dir: Path | None
+
+    @property
+    def label(self) -> str:
+        """How messages name the guard."""
+        return self.instance if self.instance is not None else str(self.socket)
 
 
 def _warn(message: str) -> None:
     print(f"guardctl: {message}", file=sys.stderr)
 
 
-def _read_config(path: Path, *, explicit: bool) -> dict[str, Any]:
+def _naming_hint() -> str:
+    """How to name an instance, with the instances found on this host."""
+    found = paths.instances()
+    if not found:
+        return (
+            f"no guardd instance found here (no {paths.config_dir()}/NAME.toml, "
+            f"no {paths.runtime_dir()}/NAME.sock, no state in {paths.state_root()}/NAME); "
+            "name one with --instance NAME or --config PATH"
+        )
+    return f"instances here: {', '.join(found)}; name one with --instance NAME"
+
+
+def _another_hint(target: _Target) -> str:
+    """How to ask another instance than `target`, and which there are."""
+    found = paths.instances()
+    listed = f"; instances here: {', '.join(found)}" if found else ""
+    return f"instance {target.label}; name another with --instance NAME or --config PATH{listed}"
+
+
+def _only_instance() -> str:
+    found = paths.instances()
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise _CannotTell(_naming_hint())
+    raise _CannotTell(
+        f"several guardd instances here ({', '.join(found)}): name one with --instance NAME"
+    )
+
+
+def _whoami() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def _permission_fix(path: Path) -> str:
+    """What lets this user read `path`: its group, when the group may read it, or root."""
+    try:
+        st = path.stat()
+    except OSError:
+        return "run guardctl as root"
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    if st.st_mode & stat.S_IRGRP and st.st_gid != 0:
+        return f"add {_whoami()} to group {group} (usermod -aG {group} {_whoami()}) or run as root"
+    return "run guardctl as root"
+
+
+def _read_config(path: Path, *, instance: str, explicit: bool) -> dict[str, Any] | None:
+    """The config as a table; None when there is none at the default path."""
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
         if explicit:
-            _warn(f"{path}: no such file; using the default socket and lock paths")
+            raise _CannotTell(
+                f"{path}: no such config file; fix --config or $GUARDD_CONFIG, "
+                "or name the instance with --instance NAME"
+            ) from None
+        return None
     except PermissionError:
-        # The config may be root's alone; the default paths usually still work.
-        if explicit:
-            _warn(f"{path}: not readable; using the default socket and lock paths")
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        _warn(f"{path}: cannot read config ({e}); using the default socket and lock paths")
-    return {}
+        # The config says where the socket and the lock are; the defaults are a guess.
+        raise _CannotTell(
+            f"{path}: permission denied; guardctl reads it to find {instance}'s socket and "
+            f"lock file: {_permission_fix(path)}"
+        ) from None
+    except tomllib.TOMLDecodeError as e:
+        raise _CannotTell(
+            f"{path}: not valid TOML ({e}); check it with `guardd check-config {path}`"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise _CannotTell(f"{path}: cannot read config ({why})") from None
 
 
-def _setting(config: Mapping[str, Any], section: str, key: str) -> str | None:
-    table = config.get(section)
+def _setting(config: Mapping[str, Any] | None, section: str, key: str) -> str | None:
+    table = config.get(section) if config is not None else None
     value = table.get(key) if isinstance(table, Mapping) else None
     return value if isinstance(value, str) and value else None
 
 
+def _explicit_config(args: argparse.Namespace) -> Path | None:
+    if args.config is not None:
+        return Path(args.config)
+    env = os.environ.get("GUARDD_CONFIG")
+    return Path(env) if env else None
+
+
 def _resolve(args: argparse.Namespace) -> _Target:
-    config_path = args.config or paths.config_file(args.instance)
-    config = _read_config(config_path, explicit=args.config is not None)
-    instance = args.instance
-    if instance is None:
-        named = config.get("instance")
-        # Like guardd itself: the config's `instance`, else the config file's stem.
-        instance = (
-            named
-            if isinstance(named, str) and named
-            else (config_path.stem if config else "default")
-        )
-    socket = args.socket or Path(
-        _setting(config, "control", "socket") or paths.control_socket(instance)
+    """The guard the command line names; `_CannotTell` when that cannot be established.
+
+    An instance exists when its config file, its control socket or its state
+    (state.json or events.jsonl) is there (docs/contract.md §1).
+    """
+    explicit = _explicit_config(args)
+    instance: str | None = args.instance
+    if instance is None and explicit is None:
+        if args.socket is not None:
+            return _Target(None, args.socket, None, None)
+        instance = _only_instance()
+    config_path = explicit or paths.config_file(instance)
+    # Like guardd itself: --instance, else the config's `instance`, else the file's stem;
+    # the stem names the instance in messages even when the file cannot be read.
+    config = _read_config(
+        config_path, instance=instance or config_path.stem, explicit=bool(explicit)
     )
+    if instance is None:
+        named = config.get("instance") if config is not None else None
+        instance = named if isinstance(named, str) and named else config_path.stem
+    socket = Path(_setting(config, "control", "socket") or paths.control_socket(instance))
     lock_file = Path(_setting(config, "qos", "lock_file") or paths.qos_lock_file(instance))
-    return _Target(instance, socket, lock_file)
+    state_dir = Path(_setting(config, "state", "dir") or paths.state_dir(instance))
+    if config is not None or paths.is_socket(socket) or paths.has_state(state_dir):
+        return _Target(instance, args.socket or socket, lock_file, state_dir)
+    if args.socket is not None:
+        # The socket is named, not the instance: its lock and journal are that guardd's.
+        return _Target(None, args.socket, None, None)
+    raise _CannotTell(
+        f"no guardd instance {instance!r}: no {config_path}, no socket {socket}, "
+        f"no state in {state_dir}; {_naming_hint()}"
+    )
 
 
 def _print_json(value: object) -> None:
@@ -159,8 +269,11 @@ def _print_json(value: object) -> None:
 def _cmd_status(args: argparse.Namespace, target: _Target) -> int:
     try:
         status = call(target.socket, "status", {}, timeout=READ_TIMEOUT_S)
+    except DaemonUnreachable as e:
+        print(f"UNKNOWN: guardd {target.label}: {e} ({_another_hint(target)})")
+        return UNKNOWN
     except ControlError as e:
-        print(f"UNKNOWN: guardd {target.instance}: {e}")
+        print(f"UNKNOWN: guardd {target.label}: {e}")
         return UNKNOWN
     if args.json:
         _print_json(status)
@@ -173,8 +286,12 @@ def _cmd_history(args: argparse.Namespace, target: _Target) -> int:
     try:
         result = call(target.socket, "history", {"limit": args.limit}, timeout=READ_TIMEOUT_S)
     except DaemonUnreachable as e:
-        _warn(str(e))
-        return UNREACHABLE
+        # The journal is a file: with guardd down it still tells what happened.
+        journal, path = _read_journal(
+            target, args.limit, why=f"guardd {target.label} is not answering ({e})"
+        )
+        _warn(f"guardd {target.label} is not answering ({e}); read {path}")
+        result = {"events": journal}
     except ControlError as e:
         _warn(str(e))
         return REFUSED
@@ -190,6 +307,34 @@ def _cmd_history(args: argparse.Namespace, target: _Target) -> int:
     return OK
 
 
+def _read_journal(
+    target: _Target, limit: int | None, *, why: str
+) -> tuple[list[dict[str, Any]], Path]:
+    """The newest `limit` events of the journal file, skipping torn lines, and its path."""
+    if target.state_dir is None:
+        raise _CannotTell(f"{why}; name the instance with --instance NAME to read its journal")
+    path = target.state_dir / "events.jsonl"
+    events: deque[dict[str, Any]] = deque(maxlen=limit)
+    try:
+        with path.open("rb") as f:
+            for raw in f:
+                try:
+                    doc = json.loads(raw)
+                except (UnicodeDecodeError, ValueError):
+                    continue  # a line torn by a crash; guardd seals it at its next start
+                if isinstance(doc, dict) and "event" in doc:
+                    events.append(doc)
+    except FileNotFoundError:
+        raise _CannotTell(f"{why} and there is no journal at {path}") from None
+    except PermissionError:
+        raise _CannotTell(
+            f"{why} and {path} is not readable: {_permission_fix(path.parent)}"
+        ) from None
+    except OSError as e:
+        raise _CannotTell(f"{why} and {path} cannot be read ({e.strerror or e})") from None
+    return list(events), path
+
+
 def _change(target: _Target, cmd: str, payload: dict[str, Any]) -> int:
     try:
         result = call(target.socket, cmd, payload, timeout=CHANGE_TIMEOUT_S)
@@ -200,8 +345,8 @@ def _change(target: _Target, cmd: str, payload: dict[str, Any]) -> int:
         _warn(f"refused: {e}")
         return REFUSED
     except DaemonUnreachable as e:
-        _warn(str(e))
-        if cmd in ("qos_lock", "qos_unlock"):
+        _warn(f"{e} ({_another_hint(target)})")
+        if cmd in ("qos_lock", "qos_unlock") and target.lock_file is not None:
             verb = "touch" if cmd == "qos_lock" else "rm"
             _warn(f"with guardd down, the lock can be changed by hand: {verb} {target.lock_file}")
         return UNREACHABLE
@@ -234,13 +379,58 @@ def _cmd_resume(_args: argparse.Namespace, target: _Target) -> int:
     return _change(target, "resume", {})
 
 
+def _expired(until: object) -> bool:
+    """Whether a lock's `until` (RFC 3339) has passed; false when it says no time."""
+    if not isinstance(until, str):
+        return False
+    try:
+        moment = datetime.fromisoformat(until)
+    except ValueError:
+        return False
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment < datetime.now(UTC)
+
+
+def _expiry_note(target: _Target) -> str:
+    """What happens to an expired lock: it stays until guardd, when it runs, releases it."""
+    try:
+        call(target.socket, "qos_status", {}, timeout=PEEK_TIMEOUT_S)
+    except DaemonUnreachable:
+        return "expired; released by guardd when it runs"
+    except ControlError:
+        return "expired; guardd releases it when it runs"
+    return "expired; guardd releases it, or extends the guard window, at its next check"
+
+
 def _cmd_qos_status(args: argparse.Namespace, target: _Target) -> int:
-    lock = read_lock(target.lock_file).to_json()
-    if args.json:
-        _print_json(lock)
+    if target.lock_file is None:
+        # Only --socket names the guard: its lock file is known to that guardd alone.
+        try:
+            lock = call(target.socket, "qos_status", {}, timeout=READ_TIMEOUT_S)
+        except ControlError as e:
+            raise _CannotTell(
+                f"{e}; with only --socket, the lock file is guardd's to tell: "
+                "name the instance with --instance NAME or --config PATH"
+            ) from None
+        where = f"guardd at {target.socket}"
     else:
-        sys.stdout.write(render_qos(lock, str(target.lock_file), color=use_color(sys.stdout)))
-    return LOCK_HELD if lock["locked"] else NO_LOCK
+        try:
+            lock = check_lock(target.lock_file).to_json()
+        except LockUnknown as e:
+            raise _CannotTell(
+                f"cannot tell whether {target.instance}'s QoS lock is held: {e} "
+                f"(is guardd {target.instance} installed and started? "
+                "else name the right one with --instance NAME or --config PATH)"
+            ) from None
+        where = str(target.lock_file)
+    expired = bool(lock.get("locked")) and _expired(lock.get("until"))
+    note = _expiry_note(target) if expired else None
+    if args.json:
+        _print_json({**lock, "expired": expired})
+    else:
+        sys.stdout.write(render_qos(lock, where, color=use_color(sys.stdout), note=note))
+    return LOCK_HELD if lock.get("locked") else NO_LOCK
 
 
 def _cmd_qos_lock(args: argparse.Namespace, target: _Target) -> int:
@@ -256,7 +446,7 @@ exit codes:
   0  done
   1  refused by guardd (the message says why)
   2  usage error
-  3  guardd unreachable
+  3  guardd unreachable, or which guard is meant cannot be told
   4  not permitted (needs root, guardd's user or control.admin_group)"""
 
 _MAIN_EPILOG: Final = """\
@@ -270,16 +460,21 @@ where guardctl looks (guardd's own defaults, under systemd and outside it):
   socket     --socket, else control.socket in the config, else /run/guardd/INSTANCE.sock
   lock file  qos.lock_file in the config, else /run/guardd/INSTANCE.qos.lock
   config     --config, else $GUARDD_CONFIG, else /etc/guardd/INSTANCE.toml
-  instance   --instance, else the config's `instance`, else the config file's stem,
-             else `default`
+  instance   --instance, else from --config or $GUARDD_CONFIG (its `instance`, else
+             the file name's stem), else the only instance on this host
+  instances  /etc/guardd/NAME.toml, /run/guardd/NAME.sock, /var/lib/guardd/NAME/
+             holding state.json or events.jsonl
 A guardd run by hand with other paths in its config: pass that config with --config.
 
 exit codes:
-  status          0 OK, 1 WARNING, 2 CRITICAL (hold), 3 UNKNOWN (guardd unreachable)
-  history         0 done, 1 failed, 3 guardd unreachable
-  qos status      0 no lock (deploys allowed), 1 lock held
-  other commands  0 done, 1 refused, 3 guardd unreachable, 4 not permitted
+  status          0 OK, 1 WARNING, 2 CRITICAL (hold), 3 UNKNOWN
+  history         0 done (from the journal file when guardd is down), 1 failed, 3 UNKNOWN
+  qos status      0 no lock (deploys allowed), 1 lock held, 3 UNKNOWN
+  other commands  0 done, 1 refused, 3 guardd unreachable or UNKNOWN, 4 not permitted
   usage errors    2 (except for `status`, where 2 means CRITICAL)
+UNKNOWN is every case where guardctl cannot tell which guard it asks about or what
+it says: the config cannot be read, no such instance, several and none named, the
+lock directory missing. One line says what could not be read and how to fix it.
 
 Run `guardctl COMMAND --help` for the details of a command."""
 
@@ -318,14 +513,15 @@ exit codes:
   1  WARNING: degraded, guard window, rolling back, starting, QoS lock held, paused,
      or the active color is not (known to be) healthy
   2  CRITICAL: hold - the active color fails and no safe switch exists
-  3  UNKNOWN: guardd is unreachable""",
+  3  UNKNOWN: guardd is unreachable, or which guard is meant cannot be told""",
         _cmd_status,
     ),
     _Command(
         "history",
         "show the event journal, newest last",
         "Show guardd's event journal, one line per event (time, event, from->to, "
-        "severity, who, reason), newest last.",
+        "severity, who, reason), newest last. With guardd down, the journal file "
+        "(events.jsonl in the state directory) is read instead, and guardctl says so.",
         """\
 examples:
   guardctl --instance threader history
@@ -334,7 +530,8 @@ examples:
 exit codes:
   0  done
   1  guardd answered with an error
-  3  guardd unreachable""",
+  3  guardd unreachable and its journal unreadable, or which guard is meant
+     cannot be told""",
         _cmd_history,
     ),
     _Command(
@@ -414,7 +611,10 @@ _QOS_COMMANDS: Final = (
         "is a deploy allowed now?",
         "Tell whether a deploy is allowed now. This reads the QoS lock file directly, so "
         "it answers quickly and also when guardd is down. Any file at the lock path "
-        "blocks deploys, even an empty one made with `touch`.",
+        "blocks deploys, even an empty one made with `touch`, and so does a lock past "
+        "its `until` until guardd releases it. When guardctl cannot tell (the config "
+        "cannot be read, no such instance, the lock directory is missing) it exits 3, "
+        "never 0.",
         """\
 examples:
   guardctl --instance threader qos status && ./deploy.sh
@@ -422,7 +622,8 @@ examples:
 
 exit codes:
   0  no lock: deploys allowed
-  1  lock held: deploys blocked (the reason and until when are printed)""",
+  1  lock held: deploys blocked (the reason and until when are printed)
+  3  UNKNOWN: cannot tell; deploys must wait (the line printed says how to fix it)""",
         _cmd_qos_status,
     ),
     _Command(
@@ -464,7 +665,7 @@ def _globals(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
         "--instance",
         metavar="NAME",
         default=default,
-        help="guardd instance to talk to (default: the config's, else default)",
+        help="guardd instance to talk to (default: the only one on this host)",
     )
     group.add_argument(
         "--config",
@@ -583,7 +784,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         run: Runner = args.run
-        code = run(args, _resolve(args))
+        try:
+            code = run(args, _resolve(args))
+        except _CannotTell as e:
+            # `status` is a monitoring check: its verdict is the first line of stdout.
+            if run is _cmd_status:
+                print(f"UNKNOWN: {e}")
+            else:
+                _warn(f"UNKNOWN: {e}")
+            code = CANNOT_TELL
         sys.stdout.flush()
     except KeyboardInterrupt:
         return 130

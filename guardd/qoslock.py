@@ -60,6 +60,35 @@ def read_lock(path: Path) -> LockInfo:
     return _parse(raw)
 
 
+class LockUnknown(Exception):
+    """Whether a lock exists cannot be told; the message says what could not be seen."""
+
+
+def check_lock(path: Path) -> LockInfo:
+    """Like `read_lock`, for a gate: raise `LockUnknown` instead of answering "no lock"
+    when the lock's directory is missing or cannot be searched, since then an absent file
+    proves nothing.
+    """
+    try:
+        path.lstat()
+    except FileNotFoundError:
+        directory = path.parent
+        try:
+            if not stat.S_ISDIR(directory.stat().st_mode):
+                raise LockUnknown(f"{directory} is not a directory") from None
+        except FileNotFoundError:
+            raise LockUnknown(f"the lock directory {directory} does not exist") from None
+        except PermissionError:
+            raise LockUnknown(f"{directory} cannot be searched (permission denied)") from None
+        return LockInfo(held=False)
+    except PermissionError:
+        raise LockUnknown(f"{path.parent} cannot be searched (permission denied)") from None
+    except NotADirectoryError:
+        raise LockUnknown(f"{path.parent} is not a directory") from None
+    # Something is there: whatever it is, read_lock reports it as held.
+    return read_lock(path)
+
+
 def _parse(raw: bytes) -> LockInfo:
     try:
         doc = json.loads(raw)

@@ -302,8 +302,13 @@ def render_history(events: Sequence[Mapping[str, Any]], *, color: bool = False) 
     return "\n".join(lines) + "\n"
 
 
-def render_qos(lock: Mapping[str, Any], path: str, *, color: bool = False) -> str:
-    """The `guardctl qos status` text for a lock in the `{"locked": ..., ...}` shape."""
+def render_qos(
+    lock: Mapping[str, Any], path: str, *, color: bool = False, note: str | None = None
+) -> str:
+    """The `guardctl qos status` text for a lock in the `{"locked": ..., ...}` shape.
+
+    `note` follows the `until` time (e.g. that it has passed).
+    """
     paint = _Paint(color)
     if not lock.get("locked"):
         return f"{paint('no QoS lock', _GREEN)}: deploys allowed ({clean(path)})\n"
@@ -314,7 +319,10 @@ def render_qos(lock: Mapping[str, Any], path: str, *, color: bool = False) -> st
         ("locked at", "locked_at"),
         ("by", "by"),
     ):
-        lines.append(f"  {label:<11}{_text(lock.get(key))}")
+        value = _text(lock.get(key))
+        if key == "until" and note:
+            value += f" ({clean(note)})"
+        lines.append(f"  {label:<11}{value}")
     lines.append(f"  {'file':<11}{clean(path)}")
     return "\n".join(lines) + "\n"
 

@@ -213,6 +213,15 @@ def running_guard(run_dir: Path) -> Iterator[FakeGuard]:
         serving.cancel()
 
 
+@pytest.fixture(scope="module")
+def stopped(run_dir: Path) -> str:
+    """Instance "stopped": its state and journal are there, its daemon is not running."""
+    state = run_dir / "lib" / "stopped"
+    state.mkdir(parents=True)
+    (state / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in EVENTS))
+    return "stopped"
+
+
 @pytest.fixture
 def guard(running_guard: FakeGuard) -> FakeGuard:
     """The fake guard, reset to steady with no lock."""
@@ -232,6 +241,15 @@ class Run:
     err: str
 
 
+def _dirs(run_dir: Path) -> dict[str, str]:
+    """Where guardctl looks for instances: all under `run_dir`, none of the host's."""
+    return {
+        "RUNTIME_DIRECTORY": str(run_dir),
+        "CONFIGURATION_DIRECTORY": str(run_dir / "etc"),
+        "GUARDD_STATE_ROOT": str(run_dir / "lib"),
+    }
+
+
 def guardctl(
     *argv: str, run_dir: Path, env: Mapping[str, str] | None = None, as_nobody: bool = False
 ) -> Run:
@@ -239,8 +257,7 @@ def guardctl(
     assert GUARDCTL.exists(), "the guardctl script is missing: run `uv sync --frozen`"
     full_env = {
         "PATH": os.environ["PATH"],
-        "RUNTIME_DIRECTORY": str(run_dir),
-        "GUARDD_CONFIG": str(run_dir / "absent.toml"),
+        **_dirs(run_dir),
         "LANG": "C.UTF-8",
         **(env or {}),
     }
@@ -288,17 +305,22 @@ def test_status_json(guard: FakeGuard, run_dir: Path, name: str) -> None:
     assert run.code == ctl.status_exit_code(fixture(name))
 
 
-def test_status_unreachable(run_dir: Path, tmp_path: Path) -> None:
+def test_status_unreachable(run_dir: Path, stopped: str) -> None:
     """No daemon, or a dead socket, is UNKNOWN: exit 3."""
-    missing = guardctl("--instance", "nosuch", "status", run_dir=run_dir)
+    missing = guardctl("--instance", stopped, "status", run_dir=run_dir)
     with socket.socket(socket.AF_UNIX) as dead:
         dead.bind(str(run_dir / "dead.sock"))
         stale = guardctl(
             "--socket", str(run_dir / "dead.sock"), "status", "--json", run_dir=run_dir
         )
+    (run_dir / "dead.sock").unlink()
 
     assert missing.code == 3
-    assert missing.out.startswith("UNKNOWN: guardd nosuch: no control socket at")
+    assert missing.out.startswith(f"UNKNOWN: guardd stopped: no control socket at {run_dir}")
+    assert missing.out.endswith(
+        "(instance stopped; name another with --instance NAME or --config PATH; "
+        "instances here: stopped, threader)\n"
+    )
     assert stale.code == 3
     assert "nothing listens" in stale.out
 
@@ -397,12 +419,29 @@ def test_history_text() -> None:
     assert render_history([]) == "no events\n"
 
 
-def test_history_unreachable(run_dir: Path) -> None:
-    """`history` without a daemon exits 3."""
-    run = guardctl("--instance", "nosuch", "history", run_dir=run_dir)
+def test_history_reads_the_journal_with_the_daemon_down(run_dir: Path, stopped: str) -> None:
+    """`history` without a daemon reads events.jsonl, says so, and exits 0."""
+    run = guardctl("--instance", stopped, "history", run_dir=run_dir)
+    limited = guardctl("--instance", stopped, "history", "--limit", "1", "--json", run_dir=run_dir)
 
-    assert run.code == 3
-    assert "no control socket" in run.err
+    journal = run_dir / "lib" / "stopped" / "events.jsonl"
+    assert (run.code, run.out) == (0, render_history(EVENTS))
+    assert run.err.startswith("guardctl: guardd stopped is not answering (no control socket")
+    assert run.err.endswith(f"; read {journal}\n")
+    assert (limited.code, json.loads(limited.out)) == (0, EVENTS[-1:])
+
+
+def test_history_without_daemon_or_journal_is_unknown(run_dir: Path, tmp_path: Path) -> None:
+    """With neither a daemon nor a journal to read, `history` exits 3 and names both."""
+    config = _write_config(tmp_path / "bare.toml", tmp_path / "none.sock", tmp_path / "l")
+
+    run = guardctl("--config", str(config), "history", run_dir=run_dir)
+
+    assert (run.code, run.out) == (3, "")
+    assert run.err.startswith(
+        "guardctl: UNKNOWN: guardd threader is not answering (no control socket at"
+    )
+    assert ") and there is no journal at" in run.err
 
 
 def _write_config(path: Path, socket_path: Path, lock_file: Path) -> Path:
@@ -430,7 +469,7 @@ def test_qos_status_reads_the_lock_file_with_the_daemon_down(tmp_path: Path, run
                 "reason": "rolled back green -> blue",
                 "by": "guardd",
                 "locked_at": "2026-11-22T04:40:00.123Z",
-                "until": "2026-11-22T04:45:00.123Z",
+                "until": "2999-11-22T04:45:00.123Z",
             }
         )
     )
@@ -444,6 +483,7 @@ def test_qos_status_reads_the_lock_file_with_the_daemon_down(tmp_path: Path, run
         "until": None,
         "locked_at": None,
         "by": None,
+        "expired": False,
     }
     assert (touched.code, touched_json.code) == (1, 1)
     assert touched.out.startswith("QoS lock HELD: deploys blocked\n")
@@ -453,7 +493,7 @@ def test_qos_status_reads_the_lock_file_with_the_daemon_down(tmp_path: Path, run
     assert held.out == (
         "QoS lock HELD: deploys blocked\n"
         "  reason     rolled back green -> blue\n"
-        "  until      2026-11-22T04:45:00.123Z\n"
+        "  until      2999-11-22T04:45:00.123Z\n"
         "  locked at  2026-11-22T04:40:00.123Z\n"
         "  by         guardd\n"
         f"  file       {lock}\n"
@@ -461,26 +501,46 @@ def test_qos_status_reads_the_lock_file_with_the_daemon_down(tmp_path: Path, run
     assert json.loads(held_json.out) == {
         "locked": True,
         "reason": "rolled back green -> blue",
-        "until": "2026-11-22T04:45:00.123Z",
+        "until": "2999-11-22T04:45:00.123Z",
         "locked_at": "2026-11-22T04:40:00.123Z",
         "by": "guardd",
+        "expired": False,
     }
 
 
-def test_default_lock_path_follows_the_instance(run_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "until", ["2026-11-22T04:45:00.123Z", "2020-01-01T00:00:00+00:00", "2020-01-01T00:00:00"]
+)
+def test_qos_status_says_when_a_lock_has_expired_with_the_daemon_down(
+    tmp_path: Path, run_dir: Path, until: str
+) -> None:
+    """A lock past its `until` still blocks (exit 1), and says guardd releases it when it runs."""
+    lock = tmp_path / "threader.qos.lock"
+    config = _write_config(tmp_path / "threader.toml", tmp_path / "nobody-listens.sock", lock)
+    lock.write_text(json.dumps({"reason": "guard window", "by": "guardd", "until": until}))
+
+    text = guardctl("--config", str(config), "qos", "status", run_dir=run_dir)
+    as_json = guardctl("--config", str(config), "qos", "status", "--json", run_dir=run_dir)
+
+    assert text.code == 1
+    assert f"  until      {until} (expired; released by guardd when it runs)\n" in text.out
+    assert as_json.code == 1
+    assert json.loads(as_json.out)["expired"] is True
+
+
+def test_default_lock_path_follows_the_instance(run_dir: Path, stopped: str) -> None:
     """Without a config, the lock is `$RUNTIME_DIRECTORY/<instance>.qos.lock`."""
-    lock = run_dir / "other.qos.lock"
+    lock = run_dir / "stopped.qos.lock"
     lock.touch()
     try:
-        other = guardctl("--instance", "other", "qos", "status", run_dir=run_dir)
+        held = guardctl("--instance", stopped, "qos", "status", run_dir=run_dir)
     finally:
         lock.unlink()
-    default = guardctl("qos", "status", run_dir=run_dir)
+    allowed = guardctl("--instance", stopped, "qos", "status", run_dir=run_dir)
 
-    assert other.code == 1
-    assert str(lock) in other.out
-    assert default.code == 0
-    assert str(run_dir / "default.qos.lock") in default.out
+    assert held.code == 1
+    assert str(lock) in held.out
+    assert (allowed.code, allowed.out) == (0, f"no QoS lock: deploys allowed ({lock})\n")
 
 
 def test_config_names_socket_and_instance(guard: FakeGuard, run_dir: Path, tmp_path: Path) -> None:
@@ -619,19 +679,19 @@ def test_refused_unhealthy_switch_and_force(guard: FakeGuard, run_dir: Path) -> 
         ["qos", "unlock"],
     ],
 )
-def test_changes_without_a_daemon_exit_3(run_dir: Path, argv: list[str]) -> None:
+def test_changes_without_a_daemon_exit_3(run_dir: Path, stopped: str, argv: list[str]) -> None:
     """Every mutating command exits 3 when guardd does not answer."""
-    run = guardctl("--instance", "nosuch", *argv, run_dir=run_dir)
+    run = guardctl("--instance", stopped, *argv, run_dir=run_dir)
 
     assert run.code == 3
     assert "is guardd running?" in run.err
 
 
-def test_qos_lock_without_a_daemon_names_the_manual_way(run_dir: Path) -> None:
+def test_qos_lock_without_a_daemon_names_the_manual_way(run_dir: Path, stopped: str) -> None:
     """With guardd down, `qos lock` says how to block deploys by hand."""
-    run = guardctl("--instance", "nosuch", "qos", "lock", run_dir=run_dir)
+    run = guardctl("--instance", stopped, "qos", "lock", run_dir=run_dir)
 
-    assert f"touch {run_dir / 'nosuch.qos.lock'}" in run.err
+    assert f"touch {run_dir / 'stopped.qos.lock'}" in run.err
 
 
 @pytest.mark.parametrize(
@@ -674,8 +734,7 @@ def _on_a_terminal(argv: list[str], run_dir: Path, env: Mapping[str, str]) -> st
     leader, follower = pty.openpty()
     full_env = {
         "PATH": os.environ["PATH"],
-        "RUNTIME_DIRECTORY": str(run_dir),
-        "GUARDD_CONFIG": str(run_dir / "absent.toml"),
+        **_dirs(run_dir),
         "TERM": "xterm",
         **env,
     }
@@ -812,3 +871,333 @@ def test_usage_errors_exit_2(argv: list[str], run_dir: Path) -> None:
 def test_durations(text: str, seconds: float) -> None:
     """Durations are written as in the config: a number with ms, s, m or h, or plain seconds."""
     assert ctl.parse_duration(text) == seconds
+
+
+# --- Which guard: guardctl says UNKNOWN (exit 3) whenever it cannot tell.
+
+
+@dataclass
+class Host:
+    """A host's guardd places, private to one test: configs, runtime and state."""
+
+    root: Path
+
+    @property
+    def etc(self) -> Path:
+        """The config directory."""
+        return self.root / "etc"
+
+    @property
+    def run(self) -> Path:
+        """The runtime directory (sockets, locks)."""
+        return self.root / "run"
+
+    @property
+    def lib(self) -> Path:
+        """The state root."""
+        return self.root / "lib"
+
+    def env(self) -> dict[str, str]:
+        """guardctl's environment for this host."""
+        return {
+            "RUNTIME_DIRECTORY": str(self.run),
+            "CONFIGURATION_DIRECTORY": str(self.etc),
+            "GUARDD_STATE_ROOT": str(self.lib),
+        }
+
+    def ctl(self, *argv: str, as_nobody: bool = False) -> Run:
+        """guardctl on this host."""
+        return guardctl(*argv, run_dir=self.run, env=self.env(), as_nobody=as_nobody)
+
+    def config(self, name: str, body: str = "", *, mode: int = 0o644, gid: int = 0) -> Path:
+        """`<etc>/<name>.toml`, owned by root and `gid`."""
+        path = self.etc / f"{name}.toml"
+        path.write_text(body)
+        os.chown(path, 0, gid)
+        path.chmod(mode)
+        return path
+
+    def state(self, name: str, events: list[dict[str, Any]]) -> Path:
+        """`<lib>/<name>/events.jsonl` with `events`."""
+        directory = self.lib / name
+        directory.mkdir()
+        journal = directory / "events.jsonl"
+        journal.write_text("".join(json.dumps(e) + "\n" for e in events))
+        return journal
+
+
+@pytest.fixture
+def host() -> Iterator[Host]:
+    """An empty host an unprivileged user can look into (pytest's tmp dirs are 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="gdhost-", dir="/tmp"))
+    the_host = Host(root)
+    for path in (root, the_host.etc, the_host.run, the_host.lib):
+        path.mkdir(exist_ok=True)
+        path.chmod(0o755)
+    yield the_host
+    shutil.rmtree(root)
+
+
+@pytest.fixture(scope="module")
+def group() -> Iterator[tuple[str, int]]:
+    """A throwaway system group, as the package's `guardd` group: (name, gid)."""
+    name = f"gdt{os.getpid() % 100000}"
+    subprocess.run(["groupadd", "--system", name], check=True, timeout=WAIT_S)
+    try:
+        yield (
+            name,
+            int(
+                subprocess.run(
+                    ["getent", "group", name], capture_output=True, text=True, check=True
+                ).stdout.split(":")[2]
+            ),
+        )
+    finally:
+        subprocess.run(["groupdel", name], check=True, timeout=WAIT_S)
+
+
+def _held_lock(path: Path) -> None:
+    path.write_text(
+        json.dumps(
+            {"reason": "rolled back green -> blue", "by": "guardd", "until": "2999-01-01T00:00:00Z"}
+        )
+    )
+
+
+def _one_line(text: str) -> str:
+    assert text.count("\n") == 1, text
+    return text
+
+
+@pytest.mark.parametrize("how", ["--instance", "--config", "only-instance"])
+def test_unreadable_config_is_unknown_never_allowed(
+    host: Host, group: tuple[str, int], how: str
+) -> None:
+    """A user who cannot read the 0640 config gets exit 3 and the fix, not "deploys allowed".
+
+    The lock is held at the config's own path and at the default path alike.
+    """
+    name, gid = group
+    lock = host.run / "deploy-gate.lock"
+    config = host.config("threader", f'[qos]\nlock_file = "{lock}"\n', mode=0o640, gid=gid)
+    _held_lock(lock)
+    _held_lock(host.run / "threader.qos.lock")
+    select = {
+        "--instance": ["--instance", "threader"],
+        "--config": ["--config", str(config)],
+        "only-instance": [],
+    }[how]
+
+    runs = {
+        argv: host.ctl(*select, *argv, as_nobody=True)
+        for argv in (
+            ("qos", "status"),
+            ("qos", "status", "--json"),
+            ("status",),
+            ("status", "--json"),
+            ("history",),
+        )
+    }
+    as_root = host.ctl(*select, "qos", "status")
+
+    for argv, run in runs.items():
+        assert run.code == 3, (argv, run)
+        said = run.out if argv[0] == "status" else run.err
+        assert _one_line(said).startswith(
+            "UNKNOWN: " if argv[0] == "status" else "guardctl: UNKNOWN: "
+        )
+        assert f"{config}: permission denied" in said
+        assert f"add nobody to group {name} (usermod -aG {name} nobody)" in said
+        assert "deploys allowed" not in run.out
+    assert as_root.code == 1
+    assert str(lock) in as_root.out
+
+
+def test_unreadable_config_names_the_instance_by_its_stem(host: Host) -> None:
+    """The instance is the config file's stem when the file cannot be read (root's 0600)."""
+    config = host.config("threader", 'instance = "threader"\n', mode=0o600)
+
+    run = host.ctl("--config", str(config), "qos", "status", as_nobody=True)
+
+    assert run.code == 3
+    assert "to find threader's socket and lock file: run guardctl as root" in run.err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [("qos", "status"), ("qos", "status", "--json"), ("status",), ("history",), ("pause",)],
+)
+def test_misspelled_instance_is_unknown_and_lists_the_instances(
+    host: Host, argv: tuple[str, ...]
+) -> None:
+    """An instance with no config, socket or state exits 3 and names the ones that exist."""
+    host.config("threader")
+    host.state("web", EVENTS)
+
+    run = host.ctl("--instance", "thraeder", *argv)
+
+    said = run.out if argv[0] == "status" else run.err
+    assert run.code == 3
+    assert _one_line(said).endswith(
+        f"UNKNOWN: no guardd instance 'thraeder': no {host.etc / 'thraeder.toml'}, "
+        f"no socket {host.run / 'thraeder.sock'}, no state in {host.lib / 'thraeder'}; "
+        "instances here: threader, web; name one with --instance NAME\n"
+    )
+
+
+def test_missing_config_named_explicitly_is_unknown(host: Host) -> None:
+    """`--config` or $GUARDD_CONFIG naming no file exits 3; nothing falls back to defaults."""
+    host.config("threader")
+    (host.run / "threader.qos.lock").unlink(missing_ok=True)
+    absent = host.etc / "thraeder.toml"
+
+    by_option = host.ctl("--config", str(absent), "qos", "status")
+    by_env = guardctl(
+        "qos", "status", run_dir=host.run, env={**host.env(), "GUARDD_CONFIG": str(absent)}
+    )
+
+    for run in (by_option, by_env):
+        assert run.code == 3
+        assert f"UNKNOWN: {absent}: no such config file" in run.err
+
+
+def test_invalid_config_is_unknown(host: Host) -> None:
+    """A config that is not TOML cannot say where the lock is: exit 3, and how to check it."""
+    host.config("threader", "[qos\n")
+
+    run = host.ctl("--instance", "threader", "qos", "status")
+
+    assert run.code == 3
+    assert "threader.toml: not valid TOML" in run.err
+    assert "guardd check-config" in run.err
+
+
+def test_missing_or_hidden_lock_directory_is_unknown(host: Host) -> None:
+    """An absent lock proves nothing when its directory is missing or cannot be searched."""
+    gone = host.root / "gone" / "threader.qos.lock"
+    host.config("gone", f'[qos]\nlock_file = "{gone}"\n')
+    hidden = host.root / "hidden"
+    hidden.mkdir(mode=0o700)
+    host.config("hidden", f'[qos]\nlock_file = "{hidden / "x.lock"}"\n')
+    shutil.rmtree(host.run)  # /run/guardd itself is gone (never started since boot)
+    host.config("fresh")
+
+    missing = host.ctl("--instance", "gone", "qos", "status")
+    unsearchable = host.ctl("--instance", "hidden", "qos", "status", "--json", as_nobody=True)
+    no_run_dir = host.ctl("--instance", "fresh", "qos", "status")
+
+    assert missing.code == 3
+    assert f"the lock directory {gone.parent} does not exist" in missing.err
+    assert (unsearchable.code, unsearchable.out) == (3, "")
+    assert f"{hidden} cannot be searched (permission denied)" in unsearchable.err
+    assert no_run_dir.code == 3
+    assert f"the lock directory {host.run} does not exist" in no_run_dir.err
+
+
+@pytest.mark.parametrize("argv", [("qos", "status"), ("status",), ("history",), ("switch", "blue")])
+def test_no_instance_at_all_is_unknown(host: Host, argv: tuple[str, ...]) -> None:
+    """With no instance on the host and none named, every command exits 3 and says where."""
+    host.config("example")  # the packaged example is not an instance
+
+    run = host.ctl(*argv)
+
+    said = run.out if argv[0] == "status" else run.err
+    assert run.code == 3
+    assert "UNKNOWN: no guardd instance found here (no " in _one_line(said)
+    assert "name one with --instance NAME or --config PATH" in said
+
+
+def test_the_only_instance_is_used(host: Host, guard: FakeGuard, run_dir: Path) -> None:
+    """Without --instance, the one instance on the host is used, whichever place shows it."""
+    host.config(
+        "threader",
+        f'[control]\nsocket = "{run_dir / "threader.sock"}"\n'
+        f'[qos]\nlock_file = "{guard.lock_file}"\n',
+    )
+    guard.lock_file.touch()
+
+    status = host.ctl("status", "--json")
+    blocked = host.ctl("qos", "status")
+
+    assert status.code == 1  # the lock is held: WARNING
+    assert json.loads(status.out)["guard"] == "threader"
+    assert blocked.code == 1
+    assert str(guard.lock_file) in blocked.out
+
+
+def test_the_only_instance_by_its_journal(host: Host) -> None:
+    """An instance known by its state alone is used too; its journal answers `history`."""
+    journal = host.state("web", EVENTS)
+
+    history = host.ctl("history", "--json")
+    allowed = host.ctl("qos", "status")
+
+    assert (history.code, json.loads(history.out)) == (0, EVENTS)
+    assert str(journal) in history.err
+    assert (allowed.code, allowed.out) == (
+        0,
+        f"no QoS lock: deploys allowed ({host.run / 'web.qos.lock'})\n",
+    )
+
+
+@pytest.mark.parametrize("argv", [("qos", "status"), ("status",), ("history",), ("qos", "unlock")])
+def test_several_instances_are_listed(host: Host, argv: tuple[str, ...]) -> None:
+    """Without --instance among several instances, guardctl exits 3 and lists them."""
+    host.config("alpha")
+    host.config("example")
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(host.run / "beta.sock"))
+        (host.run / "notasocket.sock").touch()
+        host.state("gamma", [])
+        (host.lib / "empty").mkdir()
+
+        run = host.ctl(*argv)
+
+    said = run.out if argv[0] == "status" else run.err
+    assert run.code == 3
+    assert _one_line(said).endswith(
+        "UNKNOWN: several guardd instances here (alpha, beta, gamma): "
+        "name one with --instance NAME\n"
+    )
+
+
+def test_qos_status_with_only_a_socket_asks_guardd(guard: FakeGuard, run_dir: Path) -> None:
+    """`--socket` alone does not say where the lock is: guardd answers, or it is UNKNOWN."""
+    guard.lock_file.touch()
+
+    held = guardctl("--socket", str(run_dir / "threader.sock"), "qos", "status", run_dir=run_dir)
+    down = guardctl("--socket", str(run_dir / "gone.sock"), "qos", "status", run_dir=run_dir)
+
+    assert held.code == 1
+    assert f"guardd at {run_dir / 'threader.sock'}" in held.out
+    assert down.code == 3
+    assert "name the instance with --instance NAME or --config PATH" in down.err
+
+
+def test_qos_status_of_an_expired_lock_with_the_daemon_up(guard: FakeGuard, run_dir: Path) -> None:
+    """With guardd running, an expired lock still blocks and is guardd's to release or extend."""
+    guard.lock_file.write_text(
+        json.dumps({"reason": "guard window", "by": "guardd", "until": "2026-01-01T00:00:00Z"})
+    )
+
+    run = guardctl("--instance", "threader", "qos", "status", run_dir=run_dir)
+
+    assert run.code == 1
+    assert (
+        "  until      2026-01-01T00:00:00Z (expired; guardd releases it, "
+        "or extends the guard window, at its next check)\n"
+    ) in run.out
+    assert [cmd for cmd, _, _ in guard.calls] == ["qos_status"]
+
+
+def test_a_socket_does_not_vouch_for_a_misspelled_instance(guard: FakeGuard, run_dir: Path) -> None:
+    """`--instance typo --socket S`: the lock of "typo" is no answer; guardd at S gives it."""
+    guard.lock_file.touch()
+    sock = str(run_dir / "threader.sock")
+
+    gate = guardctl("--instance", "thraeder", "--socket", sock, "qos", "status", run_dir=run_dir)
+    status = guardctl("--instance", "thraeder", "--socket", sock, "status", run_dir=run_dir)
+
+    assert gate.code == 1
+    assert f"guardd at {sock}" in gate.out
+    assert status.code == 1  # the lock is held: WARNING, from the guard at the socket

@@ -7,13 +7,16 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from tests.harness.daemon import Lab, guardctl, wait_until
+from tests.harness.daemon import GUARDCTL, Lab, guardctl, wait_until
+from tests.harness.daemon import lab as lab_in
 
 pytestmark = pytest.mark.nginx
 
@@ -275,3 +278,147 @@ def test_switch_force_declares_the_color_a_command_switcher_cannot_read(make_lab
     ev = d.wait_event("switch")
     assert (ev["from"], ev["to"], ev["by"]) == (None, "green", "uid:0(root)")
     wait_until(lambda: status(lab)["state"] == "steady", 20, "steady on green")
+
+
+# --- Which guard: UNKNOWN (exit 3) whenever guardctl cannot tell, against a real guardd.
+
+
+@pytest.fixture
+def throwaway_group() -> Iterator[tuple[str, int]]:
+    """A system group standing in for the package's `guardd` group: (name, gid)."""
+    name = f"gde{os.getpid() % 100000}"
+    subprocess.run(["groupadd", "--system", name], check=True, timeout=60)
+    try:
+        entry = subprocess.run(
+            ["getent", "group", name], capture_output=True, text=True, check=True, timeout=60
+        )
+        yield name, int(entry.stdout.split(":")[2])
+    finally:
+        subprocess.run(["groupdel", name], check=True, timeout=60)
+
+
+def _as_member(gid: int, *argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """guardctl as nobody with one supplementary group, as after `usermod -aG`."""
+    return subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", f"--groups={gid}", str(GUARDCTL), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "NO_COLOR": "1", **env},
+    )
+
+
+def test_a_ci_user_who_cannot_read_the_config_gets_unknown_never_allowed(
+    shared_run_dir: Path, throwaway_group: tuple[str, int]
+) -> None:
+    """The README's setup: config 0640 root:guardd, a lock held, a CI user outside the group.
+
+    Exit 3 naming the fix, with guardd up and with guardd down; the same user in the
+    group reads the config and is told the lock is held.
+    """
+    group, gid = throwaway_group
+    (shared_run_dir / "lab").mkdir()
+    with lab_in(shared_run_dir / "lab", run_dir=shared_run_dir / "run") as the_lab:
+        os.chown(the_lab.config_path, 0, gid)
+        the_lab.config_path.chmod(0o640)
+        empty = shared_run_dir / "lib"
+        empty.mkdir()
+        where = {
+            "CONFIGURATION_DIRECTORY": str(the_lab.tmp),
+            "RUNTIME_DIRECTORY": str(the_lab.run_dir),
+            "GUARDD_STATE_ROOT": str(empty),
+        }
+        for path in (shared_run_dir, the_lab.tmp, the_lab.run_dir):
+            path.chmod(0o755)
+        d = the_lab.daemon()
+        res = ctl(the_lab, "qos", "lock", "--reason", "release freeze")
+        assert res.returncode == 0, res.stderr
+
+        def check(phase: str) -> None:
+            for select in (["--config", str(the_lab.config_path)], ["--instance", "lab"], []):
+                for argv in (["qos", "status"], ["status"], ["history"]):
+                    run = guardctl(*select, *argv, as_nobody=True, env=where)
+                    said = run.stdout if argv == ["status"] else run.stderr
+                    assert run.returncode == 3, (phase, select, argv, run)
+                    assert "deploys allowed" not in run.stdout
+                    assert f"{the_lab.config_path}: permission denied" in said
+                    assert f"usermod -aG {group} nobody" in said
+                member = _as_member(gid, *select, "qos", "status", env=where)
+                assert member.returncode == 1, (phase, select, member)
+                assert "release freeze" in member.stdout
+            misspelled = guardctl("--instance", "lba", "qos", "status", env=where)
+            assert misspelled.returncode == 3
+            assert "no guardd instance 'lba'" in misspelled.stderr
+            assert "instances here: lab; name one with --instance NAME" in misspelled.stderr
+
+        check("guardd up")
+        assert d.stop() == 0
+        check("guardd down")
+
+
+def test_history_with_the_daemon_down_reads_the_journal(make_lab) -> None:
+    lab_: Lab = make_lab()
+    d = lab_.daemon()
+    lab_.green.set_mode("http_503")
+    d.wait_event("rollback_completed")
+    up = ctl(lab_, "history", "--json")
+    assert up.returncode == 0 and up.stderr == ""
+    assert d.stop() == 0
+
+    down = ctl(lab_, "history", "--json")
+    text = ctl(lab_, "history", "--limit", "1")
+
+    assert down.returncode == 0, down.stderr
+    events = json.loads(down.stdout)
+    assert events[: len(json.loads(up.stdout))] == json.loads(up.stdout)
+    assert events[-1]["event"] == "stopped"
+    assert "is not answering" in down.stderr
+    assert str(lab_.state_dir / "events.jsonl") in down.stderr
+    assert text.returncode == 0 and len(text.stdout.splitlines()) == 1
+    assert "stopped" in text.stdout
+
+
+def test_an_expired_lock_with_the_daemon_down_blocks_and_says_so(make_lab) -> None:
+    lab_: Lab = make_lab()
+    d = lab_.daemon()
+    res = ctl(lab_, "qos", "lock", "--for", "5s", "--reason", "short freeze")
+    assert res.returncode == 0, res.stderr
+    assert d.stop() == 0
+    until = datetime.fromisoformat(json.loads(lab_.lock_file.read_text())["until"])
+    wait_until(lambda: datetime.now(UTC) > until, 30, "the lock's until to pass")
+
+    text = ctl(lab_, "qos", "status")
+    as_json = ctl(lab_, "qos", "status", "--json")
+
+    assert text.returncode == 1
+    assert "(expired; released by guardd when it runs)" in text.stdout
+    assert as_json.returncode == 1 and json.loads(as_json.stdout)["expired"] is True
+    # And guardd, when it runs, does release it.
+    d2 = lab_.daemon()
+    assert d2.wait_event("qos_released")["reason"] == "operator lock expired"
+    assert ctl(lab_, "qos", "status").returncode == 0
+    assert d2.stop() == 0
+
+
+def test_the_only_instance_is_used_and_several_are_listed(make_lab, tmp_path: Path) -> None:
+    first: Lab = make_lab()
+    first.daemon()
+    where = {
+        "CONFIGURATION_DIRECTORY": str(first.tmp),
+        "RUNTIME_DIRECTORY": str(first.run_dir),
+        "GUARDD_STATE_ROOT": str(tmp_path / "nothing"),
+    }
+    alone = guardctl("status", "--json", env=where)
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    assert json.loads(alone.stdout)["guard"] == "lab"
+    assert guardctl("qos", "status", env=where).returncode == 0
+
+    second: Lab = make_lab(instance="web")
+    second.config_path.rename(first.tmp / "web.toml")
+    several = guardctl("qos", "status", env=where)
+    assert several.returncode == 3
+    assert "several guardd instances here (lab, web): name one with --instance NAME" in (
+        several.stderr
+    )
+    assert guardctl("--instance", "lab", "qos", "status", env=where).returncode == 0
