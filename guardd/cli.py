@@ -56,11 +56,17 @@ def _parser() -> argparse.ArgumentParser:
         "check-config",
         help="validate a config and print a summary",
         description="Validate a config file; print a one-line summary, or "
-        "one `file: key: reason` line per problem.",
+        "one `file: key: reason` line per problem. Without --offline it also checks "
+        "this host: commands, nginx targets and active link, the state file's directory.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("path", type=Path)
+    check.add_argument(
+        "--offline",
+        action="store_true",
+        help="skip the host checks (files, links, executables): for a config in a repository's CI",
+    )
     check.add_argument("--instance", help=argparse.SUPPRESS)
     demo = sub.add_parser(
         "demo",
@@ -78,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `guardd` command."""
     args = _parser().parse_args(argv)
     if args.command == "check-config":
-        return _check(args.path, args.instance)
+        return _check(args.path, args.instance, offline=args.offline)
     if args.command == "run":
         return _run(args.config, args.instance, args.log_level)
     from guardd.demo import run_demo  # noqa: PLC0415 - the demo pulls in test-like machinery
@@ -86,31 +92,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_demo(seconds=args.seconds)
 
 
-def _load(path: Path, instance: str | None) -> Settings | None:
+def _load(path: Path, instance: str | None, *, host_checks: bool = False) -> Settings | None:
     from guardd import config  # noqa: PLC0415 - keep --help and --version fast
     from guardd.exceptions import ConfigError  # noqa: PLC0415
 
     try:
-        return config.load(path, instance=instance)
+        return config.load(path, instance=instance, host_checks=host_checks)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return None
 
 
-def _check(path: Path, instance: str | None) -> int:
-    settings = _load(path, instance)
+def _check(path: Path, instance: str | None, *, offline: bool) -> int:
+    settings = _load(path, instance, host_checks=not offline)
     if settings is None:
         return 2
     from guardd.exceptions import ConfigError  # noqa: PLC0415
     from guardd.notify import sinks_from_config  # noqa: PLC0415
 
-    try:
-        sinks_from_config(settings.config.notify, environ=os.environ, source=str(path))
-    except ConfigError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
-        return 2
+    for warning in settings.warnings:
+        print(warning, file=sys.stderr)
+    if not offline:
+        # Resolving url_env / url_file reads this host's environment and files.
+        try:
+            sinks_from_config(settings.config.notify, environ=os.environ, source=str(path))
+        except ConfigError as e:
+            for problem in e.problems:
+                print(problem, file=sys.stderr)
+            return 2
     print(settings.summary())
     return 0
 
