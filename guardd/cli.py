@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 _EPILOG = """\
 exit status:
-  run           0 clean stop, 1 fatal runtime error, 2 invalid configuration
+  run           0 clean stop, 1 fatal runtime error (e.g. state.dir not writable by this
+                user), 2 invalid configuration
   check-config  0 valid, 2 invalid
   demo          0 when the demo rolled back as expected
 
@@ -138,9 +139,15 @@ def _run(config_path: Path | None, instance: str | None, level: str) -> int:
     import stamina  # noqa: PLC0415
 
     from guardd import logs  # noqa: PLC0415
-    from guardd.supervisor import Supervisor  # noqa: PLC0415
+    from guardd.supervisor import Supervisor, startup_problems  # noqa: PLC0415
 
+    if problems := startup_problems(settings):
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return 1
     logs.configure(settings.instance, level=level)
+    for warning in settings.warnings:
+        logs.get_logger().warning("config_warning", problem=str(warning))
     # Retries are logged through structlog only: stamina's default Prometheus hook would
     # register in the global registry, which guardd never serves.
     stamina.instrumentation.set_on_retry_hooks([stamina.instrumentation.StructlogOnRetryHook])

@@ -9,7 +9,9 @@ uvicorn's server.
 from __future__ import annotations
 
 import math
+import os
 import signal
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -26,7 +28,7 @@ from guardd.config import GuardConfig, Settings
 from guardd.core.machine import GuardMachine
 from guardd.core.policy import PolicySpec
 from guardd.core.types import COLORS, Color
-from guardd.exceptions import ConfigError, GuarddError
+from guardd.exceptions import ConfigError, ConfigProblem, GuarddError
 from guardd.faults import FaultPoints
 from guardd.guard import Guard, GuardSettings
 from guardd.journal import Journal
@@ -39,6 +41,46 @@ from guardd.systemd import SystemdNotifier
 
 # A probe loop that has not finished a round for this long past its deadline is wedged.
 _STUCK_MARGIN = 5.0
+
+
+def cannot(settings: Settings, key: str, what: str, error: OSError | str) -> ConfigProblem:
+    """`file: key: cannot <what>: <why>; <what to do>`, one line, for a path guardd needs."""
+    why = error if isinstance(error, str) else (error.strerror or str(error))
+    return ConfigProblem(
+        str(settings.source),
+        key,
+        f"cannot {what}: {why}; run guardd as the guardd user (as guardd@.service does), "
+        f"or set {key} to a path this user may write",
+    )
+
+
+def startup_problems(settings: Settings) -> list[ConfigProblem]:
+    """What stops this user from running this config: `state.dir`, the control socket's folder.
+
+    Checked before anything starts, so that a wrong user or path is one line, not a traceback.
+    """
+    problems = []
+    state_dir = settings.state_dir
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        if not os.access(state_dir, os.W_OK | os.X_OK, effective_ids=True):
+            problems.append(
+                cannot(settings, "state.dir", f"write {state_dir}", "Permission denied")
+            )
+    except OSError as e:
+        problems.append(cannot(settings, "state.dir", f"create {state_dir}", e))
+    sock = settings.control_socket
+    try:
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(sock.parent, os.W_OK | os.X_OK, effective_ids=True):
+            why = f"Permission denied in {sock.parent}"
+            problems.append(cannot(settings, "control.socket", f"bind {sock}", why))
+        elif sock.exists() and not stat.S_ISSOCK(sock.lstat().st_mode):
+            why = "a file that is not a socket is in the way"
+            problems.append(cannot(settings, "control.socket", f"bind {sock}", why))
+    except OSError as e:
+        problems.append(cannot(settings, "control.socket", f"create {sock.parent}", e))
+    return problems
 
 
 def guard_settings(settings: Settings) -> GuardSettings:
@@ -152,6 +194,7 @@ class Supervisor:
         self._first_round: dict[Color, anyio.Event] = {c: anyio.Event() for c in COLORS}
         self._probe_started: dict[Color, float | None] = dict.fromkeys(COLORS)
         self._stopping = False
+        self._exit_code = 0
 
     # ---- start-up ----------------------------------------------------------------------
 
@@ -244,8 +287,11 @@ class Supervisor:
             guard = self.guard = self._build()
             saved = guard.state_file.load()
             await guard.recover(saved)
-        except GuarddError as e:
-            self.log.error("startup_failed", error=str(e))
+        except (GuarddError, OSError) as e:
+            error = str(e)
+            if isinstance(e, OSError) and e.filename is not None:
+                error = str(cannot(self.settings, "state.dir", f"write {e.filename}", e))
+            self.log.error("startup_failed", error=error)
             await self._close_probers()
             return 1
         self._start_metrics()
@@ -265,7 +311,9 @@ class Supervisor:
                     await guard.tick()
                 if self.notifier is not None:
                     await tg.start(self.notifier.run)
-                await self._start_control(tg)
+                if not await self._start_control(tg):
+                    tg.cancel_scope.cancel()
+                    return self._exit_code
                 tg.start_soon(self._decision_loop)
                 if self.sd.watchdog_interval:
                     tg.start_soon(self._watchdog_loop, self.sd.watchdog_interval)
@@ -275,9 +323,10 @@ class Supervisor:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._shutdown()
-        return 0
+        return self._exit_code
 
-    async def _start_control(self, tg: anyio.abc.TaskGroup) -> None:
+    async def _start_control(self, tg: anyio.abc.TaskGroup) -> bool:
+        """Serve the control socket; False (logged, exit code 1) when it cannot be bound."""
         from guardd.control.server import ControlServer  # noqa: PLC0415
         from guardd.operator import handle  # noqa: PLC0415
 
@@ -293,11 +342,19 @@ class Supervisor:
             return result
 
         path = self.settings.control_socket
-        path.parent.mkdir(parents=True, exist_ok=True)
         server = ControlServer(
             path, handler, mode=int(c.mode, 8), group=c.group, admin_group=c.admin_group
         )
-        await tg.start(server.serve)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            await tg.start(server.serve)
+        except (OSError, GuarddError) as e:
+            # Without the socket no operator can act: stop, in one line, not a traceback.
+            problem = cannot(self.settings, "control.socket", f"bind {path}", _why(e))
+            self.log.error("startup_failed", error=str(problem))
+            self._exit_code = 1
+            return False
+        return True
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -464,3 +521,9 @@ class Supervisor:
             )
         self.sd.status(guard.status_line())
         self.sd.ready()
+
+
+def _why(error: BaseException) -> str:
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return str(error)
