@@ -123,6 +123,51 @@ def retry_policy(c: GuardConfig) -> RetryPolicy:
     )
 
 
+def build_verifier(
+    c: GuardConfig, transport: httpx.AsyncBaseTransport | None = None
+) -> HttpProber | None:
+    """The front-door prober of `switch.verify_url` (None when unset), at start and on reload.
+
+    Fresh connections only: a kept-alive one would be served by an old nginx worker.
+    """
+    if not c.switch.verify_url:
+        return None
+    spec = probe_spec(c)
+    return HttpProber(
+        [c.switch.verify_url],
+        replace(spec, headers={**spec.headers, "Connection": "close"}),
+        transport=transport,
+    )
+
+
+# Keys a reload cannot apply to a running guard: the journal, the socket and the names
+# that metrics and the journal carry were opened and bound at start.
+RESTART_ONLY = (
+    "instance",
+    "state.dir",
+    "control.socket",
+    "control.mode",
+    "control.group",
+    "control.admin_group",
+)
+
+
+def changed_keys(old: GuardConfig, new: GuardConfig) -> list[str]:
+    """The dotted keys whose values differ (a list such as `notify` counts as one key)."""
+
+    def flat(value: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(value, dict) and prefix not in ("probe.expect_json", "probe.headers"):
+            out: dict[str, Any] = {}
+            for k, v in value.items():
+                out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+            return out
+        return {prefix: value}
+
+    # Python mode keeps SecretStr objects, which compare by value and never print it.
+    a, b = flat(old.model_dump(), ""), flat(new.model_dump(), "")
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 def build_switcher(settings: Settings, on_step: Callable[[str], Awaitable[None]]) -> Switcher:
     """The switcher `switch.kind` names."""
     s = settings.config.switch
@@ -195,6 +240,8 @@ class Supervisor:
         self._probe_started: dict[Color, float | None] = dict.fromkeys(COLORS)
         self._stopping = False
         self._exit_code = 0
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._notifier_task: tuple[anyio.CancelScope, anyio.Event] | None = None
 
     # ---- start-up ----------------------------------------------------------------------
 
@@ -218,14 +265,7 @@ class Supervisor:
                 quorum=c.upstreams[color].quorum,
                 transport=self.probe_transport,
             )
-        verifier = None
-        if c.switch.verify_url:
-            # Fresh connections only: a kept-alive one would be served by an old worker.
-            verifier = HttpProber(
-                [c.switch.verify_url],
-                replace(spec, headers={**spec.headers, "Connection": "close"}),
-                transport=self.probe_transport,
-            )
+        verifier = build_verifier(c, self.probe_transport)
         gs = guard_settings(s)
         machine = GuardMachine(gs.policy, gs.probe_interval)
         guard = Guard(
@@ -251,13 +291,40 @@ class Supervisor:
         if self.notifier is not None:
             self.notifier.submit(event)
 
-    def _build_notifier(self) -> Any:
-        c = self.settings.config
+    def _build_notifier(self, settings: Settings | None = None) -> Any:
+        settings = settings or self.settings
+        c = settings.config
         if not c.notify:
             return None
         from guardd.notify import build_notifier  # noqa: PLC0415 - only when configured
 
-        return build_notifier(self.settings, retry_policy(c), self.metrics, self.log)
+        return build_notifier(settings, retry_policy(c), self.metrics, self.log)
+
+    async def _run_notifier(
+        self, notifier: Any, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run `notifier` in its own scope, so that a reload can stop it and start another."""
+        done = anyio.Event()
+        with anyio.CancelScope() as scope:
+            self._notifier_task = (scope, done)
+            try:
+                await notifier.run(task_status=task_status)
+            finally:
+                done.set()
+
+    async def _swap_notifier(self, new: Any) -> None:
+        """Stop the running notifier (its unsent events stay in the outbox), start `new`."""
+        # Events from here on go to the new one, which holds them until it runs.
+        self.notifier = new
+        if self._notifier_task is not None:
+            scope, done = self._notifier_task
+            self._notifier_task = None
+            scope.cancel()
+            await done.wait()
+        if new is not None:
+            assert self._tg is not None  # noqa: S101 - reloads come from inside run()
+            # The new one reads the outbox only now, once the old one has finished writing.
+            await self._tg.start(self._run_notifier, new)
 
     def _start_metrics(self) -> None:
         listen = self.settings.config.metrics.listen
@@ -302,6 +369,7 @@ class Supervisor:
         )
         try:
             async with anyio.create_task_group() as tg:
+                self._tg = tg
                 tg.start_soon(self._signals, tg.cancel_scope)
                 for color in COLORS:
                     tg.start_soon(self._probe_loop, color)
@@ -310,7 +378,7 @@ class Supervisor:
                 async with guard.lock:
                     await guard.tick()
                 if self.notifier is not None:
-                    await tg.start(self.notifier.run)
+                    await tg.start(self._run_notifier, self.notifier)
                 if not await self._start_control(tg):
                     tg.cancel_scope.cancel()
                     return self._exit_code
@@ -466,12 +534,42 @@ class Supervisor:
     # ---- reload ------------------------------------------------------------------------
 
     async def reload(self) -> None:
-        """SIGHUP: validate the file again; apply it, or keep the old config and say why."""
+        """SIGHUP: validate the file again; apply it, or keep the old config and say why.
+
+        Every section is applied except `RESTART_ONLY`; those keep their running values
+        until the next start, and `config_reloaded` names them in `restart_required`.
+        """
         guard = self.guard
         assert guard is not None  # noqa: S101
         self.sd.reloading()
+        old = self.settings
         try:
-            new = config_mod.load(self.settings.source, instance=self.instance_arg)
+            loaded = config_mod.load(self.settings.source, instance=self.instance_arg)
+            changed = changed_keys(old.config, loaded.config)
+            if self.instance_arg is not None and "instance" in changed:
+                changed.remove("instance")  # --instance wins over the file: nothing changes
+            restart_required = [k for k in changed if k in RESTART_ONLY]
+            # What is opened at start stays as it is, so that state.dir (the journal, the
+            # outbox) and the socket are not half moved by the parts that follow them.
+            new = Settings(
+                loaded.config.model_copy(
+                    update={
+                        "instance": old.config.instance,
+                        "state": old.config.state,
+                        "control": old.config.control,
+                    }
+                ),
+                source=loaded.source,
+                instance=old.instance,
+                warnings=loaded.warnings,
+            )
+            notify_changed = old.config.notify != new.config.notify
+            retry_changed = old.config.retry != new.config.retry
+            # Built before anything is applied: a sink whose URL cannot be resolved now
+            # rejects the whole reload, as an invalid file does.
+            notifier = (
+                self._build_notifier(new) if notify_changed or retry_changed else self.notifier
+            )
         except ConfigError as e:
             for problem in e.problems:
                 self.log.error("config_invalid", problem=str(problem))
@@ -482,14 +580,18 @@ class Supervisor:
             )
             self.sd.ready()
             return
+        for warning in new.warnings:
+            self.log.warning("config_warning", problem=str(warning))
         async with guard.lock:
-            old = self.settings.config
             keep = frozenset(
-                c for c in COLORS if old.upstreams[c].all_urls == new.config.upstreams[c].all_urls
+                c
+                for c in COLORS
+                if old.config.upstreams[c].all_urls == new.config.upstreams[c].all_urls
             )
             spec = probe_spec(new.config)
+            spec_changed = probe_spec(old.config) != spec
             for color in COLORS:
-                if color not in keep or probe_spec(old) != spec:
+                if color not in keep or spec_changed:
                     replaced = self.probers[color]
                     self.probers[color] = HttpProber(
                         new.config.upstreams[color].all_urls,
@@ -498,26 +600,37 @@ class Supervisor:
                         transport=self.probe_transport,
                     )
                     await replaced.aclose()
+            if spec_changed or old.config.switch.verify_url != new.config.switch.verify_url:
+                stale, guard.verifier = (
+                    guard.verifier,
+                    build_verifier(new.config, self.probe_transport),
+                )
+                if stale is not None:
+                    await stale.aclose()
             gs = guard_settings(new)
             guard.s = gs
             guard.machine.reconfigure(gs.policy, gs.probe_interval, keep)
-            if old.switch != new.config.switch:
+            if old.config.switch != new.config.switch or retry_changed:
                 guard.switcher = build_switcher(new, self._on_switch_step)
             self.settings = new
-            needs_restart = [
-                k
-                for k in ("control", "metrics", "state")
-                if getattr(old, k) != getattr(new.config, k)
-            ]
+            if notify_changed or retry_changed:
+                await self._swap_notifier(notifier)
+            if old.config.metrics != new.config.metrics:
+                if self.metrics_server is not None:
+                    self.metrics_server.close()
+                    self.metrics_server = None
+                self._start_metrics()
             guard.record(
                 "config_reloaded",
                 reason="configuration reloaded"
                 + (
-                    f"; {', '.join(needs_restart)} take effect at the next restart"
-                    if needs_restart
+                    f"; {', '.join(restart_required)} take effect at the next restart"
+                    if restart_required
                     else ""
                 ),
                 kept_history=sorted(keep),
+                changed=changed,
+                restart_required=restart_required,
             )
         self.sd.status(guard.status_line())
         self.sd.ready()
