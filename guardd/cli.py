@@ -109,19 +109,28 @@ def _check(path: Path, instance: str | None, *, offline: bool) -> int:
     settings = _load(path, instance, host_checks=not offline)
     if settings is None:
         return 2
-    from guardd.exceptions import ConfigError  # noqa: PLC0415
-    from guardd.notify import sinks_from_config  # noqa: PLC0415
+    from guardd.exceptions import ConfigError, ConfigProblem  # noqa: PLC0415
+    from guardd.notify import expand_events, sinks_from_config  # noqa: PLC0415
 
     for warning in settings.warnings:
         print(warning, file=sys.stderr)
-    if not offline:
-        # Resolving url_env / url_file reads this host's environment and files.
+    problems: list[ConfigProblem] = []
+    if offline:
+        # Resolving url_env / url_file would read this host: only the event names are checked.
+        for index, sink in enumerate(settings.config.notify):
+            try:
+                expand_events(sink.events or ())
+            except ValueError as e:
+                problems.append(ConfigProblem(str(path), f"notify.{index}.events", str(e)))
+    else:
         try:
             sinks_from_config(settings.config.notify, environ=os.environ, source=str(path))
         except ConfigError as e:
-            for problem in e.problems:
-                print(problem, file=sys.stderr)
-            return 2
+            problems = e.problems
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return 2
     print(settings.summary())
     return 0
 

@@ -51,7 +51,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 def parse_duration(value: object) -> float:
     """Seconds from `"250ms"`, `"3s"`, `"5m"`, `"1h"`, `"1m30s"` or a plain number of seconds.
 
-    Raises `ValueError` for anything else (negative, unknown unit, a bool).
+    Raises `ValueError` for anything else (a negative string, an unknown unit, a bool).
     """
     if isinstance(value, bool):  # pydantic turns a ValueError into the operator's message
         raise ValueError(_DURATION_HELP)  # noqa: TRY004
@@ -475,13 +475,6 @@ class NotifyConfig(_Section):
             found.append(("", "set exactly one of url, url_env or url_file"))
         if self.name is not None and not _SAFE_NAME.match(self.name):
             found.append(("name", "may use letters, digits and _.@- only"))
-        if "events" not in invalid and self.events is not None:
-            from guardd.notify import expand_events  # noqa: PLC0415 - only with [[notify]]
-
-            try:
-                expand_events(self.events)
-            except ValueError as e:
-                found.append(("events", str(e)))
         return found
 
 

@@ -133,6 +133,26 @@ def test_offline_still_reports_what_the_file_alone_gets_wrong(tmp_path: Path) ->
     )
 
 
+def test_offline_still_checks_notify_event_names(tmp_path: Path) -> None:
+    text = (
+        UPSTREAMS
+        + '[switch]\nkind = "state-file"\npath = "/tmp/s.json"\n'
+        + '[[notify]]\nkind = "webhook"\nurl_env = "UNSET_IN_CI"\nevents = ["rollbak"]\n'
+    )
+    (tmp_path / "n.toml").write_text(text)
+    result = check_config(Path("n.toml"), tmp_path, None, "--offline")
+    assert result.returncode == 2
+    assert result.stderr.startswith("n.toml: notify.0.events: unknown event 'rollbak'; ")
+    assert "UNSET_IN_CI" not in result.stderr  # the environment is the host's: not checked
+    (tmp_path / "n.toml").write_text(text.replace('"rollbak"', '"rollback"'))
+    assert check_config(Path("n.toml"), tmp_path, None, "--offline").returncode == 0
+    result = check_config(Path("n.toml"), tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "n.toml: notify.0.url_env: environment variable UNSET_IN_CI is not set\n"
+    )
+
+
 @pytest.mark.parametrize(
     "switch",
     [
