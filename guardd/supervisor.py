@@ -9,11 +9,12 @@ uvicorn's server.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import stat
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -58,29 +59,38 @@ def startup_problems(settings: Settings) -> list[ConfigProblem]:
     """What stops this user from running this config: `state.dir`, the control socket's folder.
 
     Checked before anything starts, so that a wrong user or path is one line, not a traceback.
+    Each folder is tried with a real file, so that read-only mounts, ACLs and capabilities
+    count as they will for guardd itself.
     """
     problems = []
     state_dir = settings.state_dir
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        if not os.access(state_dir, os.W_OK | os.X_OK, effective_ids=True):
-            problems.append(
-                cannot(settings, "state.dir", f"write {state_dir}", "Permission denied")
-            )
     except OSError as e:
         problems.append(cannot(settings, "state.dir", f"create {state_dir}", e))
+    else:
+        if error := _try_write(state_dir):
+            problems.append(cannot(settings, "state.dir", f"write {state_dir}", error))
     sock = settings.control_socket
     try:
         sock.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(sock.parent, os.W_OK | os.X_OK, effective_ids=True):
-            why = f"Permission denied in {sock.parent}"
-            problems.append(cannot(settings, "control.socket", f"bind {sock}", why))
-        elif sock.exists() and not stat.S_ISSOCK(sock.lstat().st_mode):
-            why = "a file that is not a socket is in the way"
-            problems.append(cannot(settings, "control.socket", f"bind {sock}", why))
     except OSError as e:
         problems.append(cannot(settings, "control.socket", f"create {sock.parent}", e))
+    else:
+        if error := _try_write(sock.parent):
+            problems.append(cannot(settings, "control.socket", f"bind {sock}", error))
+        elif sock.is_dir() or (sock.exists() and not stat.S_ISSOCK(sock.lstat().st_mode)):
+            why = "something that is not a socket is in the way"
+            problems.append(cannot(settings, "control.socket", f"bind {sock}", why))
     return problems
+
+
+def _try_write(folder: Path) -> OSError | None:
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e
 
 
 def guard_settings(settings: Settings) -> GuardSettings:

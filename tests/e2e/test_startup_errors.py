@@ -144,8 +144,8 @@ def test_a_socket_folder_the_user_cannot_write_is_one_line(shared_tmp: Path) -> 
     )
     lines = assert_clean_failure(guardd_run(config))
     assert lines == [
-        f"{config}: control.socket: cannot bind {locked}/x.sock: Permission denied in "
-        f"{locked}; " + HINT.format(key="control.socket")
+        f"{config}: control.socket: cannot bind {locked}/x.sock: Permission denied; "
+        + HINT.format(key="control.socket")
     ]
     assert not list(state.iterdir()), "nothing may start before the paths are known good"
 
@@ -171,3 +171,18 @@ def test_a_socket_that_fails_to_bind_after_start_up_is_one_log_line(shared_tmp: 
         json.loads(line)["event"] for line in (state / "events.jsonl").read_text().splitlines()
     ]
     assert events[-1] == "stopped"
+
+
+def test_a_file_where_the_socket_belongs_is_one_line(shared_tmp: Path) -> None:
+    """Even for root: guardd never removes a file that is not a socket to bind its own."""
+    squatter = shared_tmp / "x.sock"
+    squatter.write_text("someone's file\n")
+    config = write_config(
+        shared_tmp, state={"dir": str(shared_tmp / "state")}, control={"socket": str(squatter)}
+    )
+    lines = assert_clean_failure(guardd_run(config, as_nobody=False))
+    assert lines == [
+        f"{config}: control.socket: cannot bind {squatter}: something that is not a socket "
+        "is in the way; " + HINT.format(key="control.socket")
+    ]
+    assert squatter.read_text() == "someone's file\n"
