@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 _EPILOG = """\
 exit status:
-  run           0 clean stop, 1 fatal runtime error, 2 invalid configuration
+  run           0 clean stop, 1 fatal runtime error (e.g. state.dir not writable by this
+                user), 2 invalid configuration
   check-config  0 valid, 2 invalid
   demo          0 when the demo rolled back as expected
 
@@ -66,11 +67,17 @@ def _parser() -> argparse.ArgumentParser:
         "check-config",
         help="validate a config and print a summary",
         description="Validate a config file; print a one-line summary, or "
-        "one `file: key: reason` line per problem.",
+        "one `file: key: reason` line per problem. Without --offline it also checks "
+        "this host: commands, nginx targets and active link, the state file's directory.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("path", type=Path)
+    check.add_argument(
+        "--offline",
+        action="store_true",
+        help="skip the host checks (files, links, executables): for a config in a repository's CI",
+    )
     check.add_argument("--instance", help=argparse.SUPPRESS)
     demo = sub.add_parser(
         "demo",
@@ -88,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `guardd` command."""
     args = _parser().parse_args(argv)
     if args.command == "check-config":
-        return _check(args.path, args.instance)
+        return _check(args.path, args.instance, offline=args.offline)
     if args.command == "run":
         return _run(args.config, args.instance, args.log_level)
     from guardd.demo import run_demo  # noqa: PLC0415 - the demo pulls in test-like machinery
@@ -96,30 +103,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_demo(seconds=args.seconds)
 
 
-def _load(path: Path, instance: str | None) -> Settings | None:
+def _load(path: Path, instance: str | None, *, host_checks: bool = False) -> Settings | None:
     from guardd import config  # noqa: PLC0415 - keep --help and --version fast
     from guardd.exceptions import ConfigError  # noqa: PLC0415
 
     try:
-        return config.load(path, instance=instance)
+        return config.load(path, instance=instance, host_checks=host_checks)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return None
 
 
-def _check(path: Path, instance: str | None) -> int:
-    settings = _load(path, instance)
+def _check(path: Path, instance: str | None, *, offline: bool) -> int:
+    settings = _load(path, instance, host_checks=not offline)
     if settings is None:
         return 2
-    from guardd.exceptions import ConfigError  # noqa: PLC0415
-    from guardd.notify import sinks_from_config  # noqa: PLC0415
+    from guardd.exceptions import ConfigError, ConfigProblem  # noqa: PLC0415
+    from guardd.notify import expand_events, sinks_from_config  # noqa: PLC0415
 
-    try:
-        sinks_from_config(settings.config.notify, environ=os.environ, source=str(path))
-    except ConfigError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
+    for warning in settings.warnings:
+        print(warning, file=sys.stderr)
+    problems: list[ConfigProblem] = []
+    if offline:
+        # Resolving url_env / url_file would read this host: only the event names are checked.
+        for index, sink in enumerate(settings.config.notify):
+            try:
+                expand_events(sink.events or ())
+            except ValueError as e:
+                problems.append(ConfigProblem(str(path), f"notify.{index}.events", str(e)))
+    else:
+        try:
+            sinks_from_config(settings.config.notify, environ=os.environ, source=str(path))
+        except ConfigError as e:
+            problems = e.problems
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
         return 2
     print(settings.summary())
     return 0
@@ -138,9 +158,15 @@ def _run(config_path: Path | None, instance: str | None, level: str) -> int:
     import stamina  # noqa: PLC0415
 
     from guardd import logs  # noqa: PLC0415
-    from guardd.supervisor import Supervisor  # noqa: PLC0415
+    from guardd.supervisor import Supervisor, startup_problems  # noqa: PLC0415
 
+    if problems := startup_problems(settings):
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return 1
     logs.configure(settings.instance, level=level)
+    for warning in settings.warnings:
+        logs.get_logger().warning("config_warning", problem=str(warning))
     # Retries are logged through structlog only: stamina's default Prometheus hook would
     # register in the global registry, which guardd never serves.
     stamina.instrumentation.set_on_retry_hooks([stamina.instrumentation.StructlogOnRetryHook])

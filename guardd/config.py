@@ -6,10 +6,15 @@ Every model rejects unknown keys, and every problem is reported as
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import shutil
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,9 +25,11 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from guardd import paths
@@ -31,21 +38,43 @@ from guardd.exceptions import ConfigError, ConfigProblem
 Color = Literal["blue", "green"]
 COLORS: tuple[Color, Color] = ("blue", "green")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
+# One or more number-unit parts, largest first or not, as Go's time.ParseDuration takes them.
+_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|h|m|s))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_HELP = 'must be a duration such as "250ms", "3s", "1m30s" or seconds'
 # Names end up in paths, unit names and argv: a conservative alphabet keeps them inert.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from `"250ms"`, `"3s"`, `"5m"`, `"1h"` or a plain number of seconds."""
+    """Seconds from `"250ms"`, `"3s"`, `"5m"`, `"1h"`, `"1m30s"` or a plain number of seconds.
+
+    Raises `ValueError` for anything else (a negative string, an unknown unit, a bool).
+    """
     if isinstance(value, bool):  # pydantic turns a ValueError into the operator's message
-        raise ValueError('must be a duration such as "250ms", "3s", "5m" or seconds')  # noqa: TRY004
+        raise ValueError(_DURATION_HELP)  # noqa: TRY004
     if isinstance(value, int | float):
         return float(value)
-    if isinstance(value, str) and (m := _DURATION.match(value)):
-        return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    raise ValueError('must be a duration such as "250ms", "3s", "5m" or seconds')
+    if isinstance(value, str):
+        text = re.sub(r"\s+", "", value)
+        if _NUMBER.match(text):
+            return float(text)
+        if _DURATION.match(text):
+            return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+    raise ValueError(_DURATION_HELP)
+
+
+def format_duration(seconds: float) -> str:
+    """`1000` -> `"16m40s"`: seconds written the way a config would say them."""
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{int(hours)}h" if hours else "", f"{int(minutes)}m" if minutes else ""]
+    parts.append(f"{round(secs, 3):g}s" if secs or not (hours or minutes) else "")
+    return "".join(parts)
 
 
 def parse_flag(value: object) -> bool:
@@ -63,14 +92,125 @@ PositiveDuration = Annotated[Duration, Field(gt=0)]
 Ratio = Annotated[float, Field(ge=0, le=1)]
 
 
+# Whether validation also looks at the host: files, links, executables (`check-config`
+# without --offline). A context variable, because pydantic-settings passes no context.
+_HOST_CHECKS: ContextVar[bool] = ContextVar("guardd_host_checks", default=False)
+# Problems found by a section's own checks: (key inside the section, reason).
+Found = list[tuple[str, str]]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    def _cross_checks(self, invalid: frozenset[str]) -> Found:  # noqa: ARG002 - for subclasses
+        """Rules across keys; each skips itself when a key it reads is in `invalid`."""
+        return []
+
+    def _host_checks(self, invalid: frozenset[str]) -> Found:  # noqa: ARG002 - for subclasses
+        """What only the host can tell (files, links, executables); same skipping."""
+        return []
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _every_problem(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # pydantic runs an "after" validator only when every key is valid, so a rule across
+        # keys would hide until the others are fixed. Here the rules run on the valid keys
+        # (the invalid ones at their defaults), and every problem is raised at once.
+        try:
+            model = handler(data)
+            errors: list[Any] = []
+        except ValidationError as e:
+            errors = e.errors()
+            invalid = frozenset(str(err["loc"][0]) for err in errors if err["loc"])
+            if not isinstance(data, Mapping) or not invalid:
+                raise
+            try:
+                model = handler({k: v for k, v in data.items() if k not in invalid})
+            except ValidationError:
+                raise e from None
+        else:
+            invalid = frozenset()
+        found = model._cross_checks(invalid)
+        if _HOST_CHECKS.get():
+            found += model._host_checks(invalid)
+        if errors or found:
+            raise _validation_error(cls.__name__, errors, found)
+        return model
+
+
+def _validation_error(title: str, errors: list[Any], found: Found) -> ValidationError:
+    details = [
+        InitErrorDetails(type=e["type"], loc=e["loc"], input=e["input"], ctx=e.get("ctx", {}))
+        for e in errors
+    ]
+    details += [
+        InitErrorDetails(
+            type=PydanticCustomError("guardd_check", "{reason}", {"reason": reason}),
+            loc=tuple(key.split(".")) if key else (),
+            input=None,
+        )
+        for key, reason in found
+    ]
+    return ValidationError.from_exception_data(title, details)
 
 
 def _check_http_url(url: str) -> str:
     if not re.match(r"^https?://[^\s/]+", url):
         raise ValueError("must be an http:// or https:// URL")
     return url
+
+
+_PLACEHOLDER = re.compile(r"\{(color|instance)\}")
+
+
+def _can(path: Path, mode: int) -> bool:
+    # With the effective ids: guardd's unit grants capabilities that access() would ignore.
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
+
+
+def _executable(command: str) -> str | None:
+    """Why `command` (argv[0]) cannot be run, or None."""
+    if "/" not in command:
+        return None if shutil.which(command) else f'"{command}" is not on PATH'
+    path = Path(command)
+    if not path.exists():
+        return f"{command}: no such file"
+    if not path.is_file() or not _can(path, os.X_OK):
+        return f"{command}: not executable"
+    return None
+
+
+def _readable_file(path: Path) -> str | None:
+    if not path.exists():
+        return f"{path}: no such file"
+    if not path.is_file():
+        return f"{path}: not a regular file"
+    if not _can(path, os.R_OK):
+        return f"{path}: not readable"
+    return None
+
+
+def _writable_dir(folder: Path, why: str) -> str | None:
+    if not folder.is_dir():
+        return f"directory {folder} does not exist"
+    if not _can(folder, os.W_OK | os.X_OK):
+        return f"cannot write in {folder} ({why})"
+    return None
+
+
+def _active_link(link: Path, targets: Mapping[Color, Path] | None) -> str | None:
+    """Why `link` is not a symlink guardd can swap between `targets`, or None."""
+    try:
+        text = str(link.readlink())
+    except FileNotFoundError:
+        return f"{link}: no such symlink; create it pointing at the active color's target"
+    except OSError:
+        return f"{link}: not a symlink; guardd switches by replacing a symlink to a target"
+    if targets is not None and set(targets) == set(COLORS):
+        resolved = link.resolve()
+        if not any(text == str(t) or t.resolve() == resolved for t in targets.values()):
+            return f"{link} points at {text}, which is none of switch.targets"
+    return _writable_dir(link.parent, "a switch writes the new link beside the old one")
 
 
 class UpstreamConfig(_Section):
@@ -97,11 +237,10 @@ class UpstreamConfig(_Section):
             raise ValueError("must list at least one URL")
         return [_check_http_url(u) for u in v]
 
-    @model_validator(mode="after")
-    def _one_source(self) -> UpstreamConfig:
-        if (self.url is None) == (self.urls is None):
-            raise ValueError("set exactly one of url or urls")
-        return self
+    def _cross_checks(self, invalid: frozenset[str]) -> Found:
+        if not invalid & {"url", "urls"} and (self.url is None) == (self.urls is None):
+            return [("", "set exactly one of url or urls")]
+        return []
 
     @property
     def all_urls(self) -> list[str]:
@@ -133,11 +272,18 @@ class ProbeConfig(_Section):
     ca_file: Path | None = None
     """A CA bundle to verify https certificates against instead of the system's."""
 
-    @model_validator(mode="after")
-    def _cadence(self) -> ProbeConfig:
+    def _cross_checks(self, invalid: frozenset[str]) -> Found:
+        if invalid & {"interval", "fast_interval"}:
+            return []
         if self.fast_interval is not None and self.fast_interval > self.interval:
-            raise ValueError("fast_interval: must not be longer than interval")
-        return self
+            return [("fast_interval", "must not be longer than interval")]
+        return []
+
+    def _host_checks(self, invalid: frozenset[str]) -> Found:
+        if "ca_file" in invalid or self.ca_file is None:
+            return []
+        why = _readable_file(self.ca_file)
+        return [("ca_file", why)] if why else []
 
     @property
     def confirm_interval(self) -> float:
@@ -179,17 +325,25 @@ class PolicyConfig(_Section):
     dry_run: Flag = False
     """Decide, journal and notify, but never switch."""
 
-    @model_validator(mode="after")
-    def _ordered(self) -> PolicyConfig:
-        if not self.p2_error_ratio <= self.p1_error_ratio <= self.p0_error_ratio:
-            raise ValueError(
-                "p1_error_ratio: must lie between p2_error_ratio and p0_error_ratio "
-                f"(got p2={self.p2_error_ratio}, p1={self.p1_error_ratio}, "
-                f"p0={self.p0_error_ratio})"
+    def _cross_checks(self, invalid: frozenset[str]) -> Found:
+        found: Found = []
+        ratios = {"p0_error_ratio", "p1_error_ratio", "p2_error_ratio"}
+        if not invalid & ratios and not (
+            self.p2_error_ratio <= self.p1_error_ratio <= self.p0_error_ratio
+        ):
+            found.append(
+                (
+                    "p1_error_ratio",
+                    (
+                        "must lie between p2_error_ratio and p0_error_ratio "
+                        f"(got p2={self.p2_error_ratio}, p1={self.p1_error_ratio}, "
+                        f"p0={self.p0_error_ratio})"
+                    ),
+                )
             )
-        if self.p2_latency > self.p1_latency:
-            raise ValueError("p2_latency: must not exceed p1_latency")
-        return self
+        if not invalid & {"p1_latency", "p2_latency"} and self.p2_latency > self.p1_latency:
+            found.append(("p2_latency", "must not exceed p1_latency"))
+        return found
 
 
 class SwitchConfig(_Section):
@@ -228,18 +382,51 @@ class SwitchConfig(_Section):
             raise ValueError('must be a non-empty argv list, e.g. ["nginx", "-s", "reload"]')
         return v
 
-    @model_validator(mode="after")
-    def _kind_needs(self) -> SwitchConfig:
+    def _cross_checks(self, invalid: frozenset[str]) -> Found:
+        if "kind" in invalid:
+            return []
+        needs = {
+            "nginx": ["active_link", "targets"],
+            "state-file": ["path"],
+            "command": ["command"],
+        }
+        found: Found = [
+            (key, f'required when kind = "{self.kind}"')
+            for key in needs[self.kind]
+            if key not in invalid and getattr(self, key) is None
+        ]
+        if self.kind == "nginx" and self.targets is not None and set(self.targets) != set(COLORS):
+            found.append(("targets", "must name a file for both blue and green"))
+        return found
+
+    def _host_checks(self, invalid: frozenset[str]) -> Found:
+        if "kind" in invalid:
+            return []
+        found: Found = []
+
+        def executable(key: str, argv: list[str] | None) -> None:
+            if key not in invalid and argv and (why := _executable(argv[0])):
+                found.append((key, why))
+
         if self.kind == "nginx":
-            if self.active_link is None:
-                raise ValueError('active_link: required when kind = "nginx"')
-            if self.targets is None or set(self.targets) != set(COLORS):
-                raise ValueError("targets: must name a file for both blue and green")
-        elif self.kind == "state-file" and self.path is None:
-            raise ValueError('path: required when kind = "state-file"')
-        elif self.kind == "command" and self.command is None:
-            raise ValueError('command: required when kind = "command"')
-        return self
+            executable("test_command", self.test_command)
+            executable("reload_command", self.effective_reload_command)
+            for color, target in (self.targets or {}).items():
+                if "targets" not in invalid and (why := _readable_file(target)):
+                    found.append((f"targets.{color}", why))
+            if "active_link" not in invalid and self.active_link is not None:
+                targets = None if "targets" in invalid else self.targets
+                if why := _active_link(self.active_link, targets):
+                    found.append(("active_link", why))
+        elif self.kind == "state-file":
+            executable("reload_command", self.reload_command)
+            folder = None if "path" in invalid or self.path is None else self.path.parent
+            if folder is not None and (why := _writable_dir(folder, "it is replaced there")):
+                found.append(("path", why))
+        elif self.command and not _PLACEHOLDER.search(self.command[0]):
+            # An executable named by {color} or {instance} is only known at switch time.
+            executable("command", self.command)
+        return found
 
     @property
     def effective_reload_command(self) -> list[str] | None:
@@ -280,14 +467,15 @@ class NotifyConfig(_Section):
     timeout: PositiveDuration = 10.0
     """The deadline of one delivery attempt."""
 
-    @model_validator(mode="after")
-    def _one_source(self) -> NotifyConfig:
-        given = [k for k in ("url", "url_env", "url_file") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("set exactly one of url, url_env or url_file")
+    def _cross_checks(self, invalid: frozenset[str]) -> Found:
+        found: Found = []
+        sources = ("url", "url_env", "url_file")
+        given = [k for k in sources if getattr(self, k) is not None]
+        if not invalid & set(sources) and len(given) != 1:
+            found.append(("", "set exactly one of url, url_env or url_file"))
         if self.name is not None and not _SAFE_NAME.match(self.name):
-            raise ValueError("name: may use letters, digits and _.@- only")
-        return self
+            found.append(("name", "may use letters, digits and _.@- only"))
+        return found
 
 
 class RetryConfig(_Section):
@@ -300,11 +488,10 @@ class RetryConfig(_Section):
     max_delay: PositiveDuration = 30.0
     """The longest backoff between attempts."""
 
-    @model_validator(mode="after")
-    def _ordered(self) -> RetryConfig:
-        if self.max_delay < self.base_delay:
-            raise ValueError("max_delay: must not be shorter than base_delay")
-        return self
+    def _cross_checks(self, invalid: frozenset[str]) -> Found:
+        if not invalid & {"base_delay", "max_delay"} and self.max_delay < self.base_delay:
+            return [("max_delay", "must not be shorter than base_delay")]
+        return []
 
 
 class MetricsConfig(_Section):
@@ -402,21 +589,40 @@ class GuardConfig(BaseSettings):
             raise ValueError("may use letters, digits and _.@- only (at most 64)")
         return v
 
-    @model_validator(mode="after")
-    def _both_colors(self) -> GuardConfig:
-        missing = [c for c in COLORS if c not in self.upstreams]
-        if missing:
-            raise ValueError(f"upstreams: missing {', '.join(missing)}")
-        return self
+    @field_validator("upstreams", mode="wrap")
+    @classmethod
+    def _both_colors(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # Checked on the raw table, so that a missing color shows with every other problem.
+        given = value if isinstance(value, Mapping) else {}
+        missing = [c for c in COLORS if c not in given]
+        found: Found = [("", f"missing {', '.join(missing)}")] if missing else []
+        try:
+            validated = handler(value)
+        except ValidationError as e:
+            if not found or not isinstance(value, Mapping):
+                raise
+            raise _validation_error("upstreams", e.errors(), found) from None
+        if found:
+            raise _validation_error("upstreams", [], found)
+        return validated
 
 
 class Settings:
     """A validated config plus the facts derived from where it was loaded."""
 
-    def __init__(self, config: GuardConfig, *, source: Path, instance: str) -> None:
+    def __init__(
+        self,
+        config: GuardConfig,
+        *,
+        source: Path,
+        instance: str,
+        warnings: list[ConfigProblem] | None = None,
+    ) -> None:
         self.config = config
         self.source = source
         self.instance = instance
+        #: Valid but probably not meant, e.g. `interval = 1000` (16m40s): shown, not fatal.
+        self.warnings = warnings or []
 
     @property
     def state_dir(self) -> Path:
@@ -444,8 +650,12 @@ class Settings:
         )
 
 
-def load(path: Path, *, instance: str | None = None) -> Settings:
-    """Read, merge and validate a config file; raise `ConfigError` listing every problem."""
+def load(path: Path, *, instance: str | None = None, host_checks: bool = False) -> Settings:
+    """Read, merge and validate a config file; raise `ConfigError` listing every problem.
+
+    With `host_checks`, also what only this host can tell: that the commands exist and are
+    executable, the nginx targets and active link, the state file's directory, `ca_file`.
+    """
     shown = str(path)
     try:
         raw = path.read_bytes()
@@ -460,16 +670,78 @@ def load(path: Path, *, instance: str | None = None) -> Settings:
         where = f"line {line.group(1)}" if line else "(file)"
         reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
         raise ConfigError([ConfigProblem(shown, where, f"invalid TOML: {reason}")]) from None
+    token = _HOST_CHECKS.set(host_checks)
     try:
         config = GuardConfig(**doc)
     except ValidationError as e:
         raise ConfigError(_problems(e, shown, os.environ)) from None
+    finally:
+        _HOST_CHECKS.reset(token)
     name = instance or config.instance or path.stem
     if not _SAFE_NAME.match(name):
         raise ConfigError(
             [ConfigProblem(shown, "instance", "may use letters, digits and _.@- only (at most 64)")]
         )
-    return Settings(config, source=path, instance=name)
+    return Settings(
+        config, source=path, instance=name, warnings=_bare_numbers(doc, shown, os.environ)
+    )
+
+
+# Durations a person may write in milliseconds by mistake: a bare number is seconds.
+_SHORT_DURATIONS = [
+    ("probe", "interval"),
+    ("probe", "fast_interval"),
+    ("probe", "timeout"),
+    ("policy", "p1_latency"),
+    ("policy", "p2_latency"),
+    ("switch", "timeout"),
+    ("retry", "base_delay"),
+    ("retry", "max_delay"),
+]
+_BARE_NUMBER_LIMIT = 100
+
+
+def _bare_numbers(
+    doc: Mapping[str, Any], shown: str, env: Mapping[str, str]
+) -> list[ConfigProblem]:
+    """A warning for each interval or timeout given as a bare number >= 100 (seconds)."""
+    keys: list[tuple[str | int, ...]] = list(_SHORT_DURATIONS)
+    notify = doc.get("notify")
+    if isinstance(notify, list):
+        keys += [("notify", i, "timeout") for i in range(len(notify))]
+    warnings = []
+    for key in keys:
+        env_name = "GUARDD_" + "__".join(str(p).upper() for p in key)
+        value: Any
+        if env_name in env:
+            origin, value = f"env {env_name}", env[env_name].strip()
+        else:
+            origin, value = shown, _lookup(doc, key)
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            continue
+        if isinstance(value, str) and not _NUMBER.match(value):
+            continue
+        seconds = float(value)
+        if seconds >= _BARE_NUMBER_LIMIT:
+            written = f"{value:g}" if isinstance(value, float) else str(value)
+            dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in key).lstrip(".")
+            warnings.append(
+                ConfigProblem(
+                    origin,
+                    dotted,
+                    f'warning: {written} = {format_duration(seconds)}; did you mean "{written}ms"?',
+                )
+            )
+    return warnings
+
+
+def _lookup(doc: Any, key: tuple[str | int, ...]) -> Any:
+    for part in key:
+        if isinstance(part, int):
+            doc = doc[part] if isinstance(doc, list) and part < len(doc) else None
+        else:
+            doc = doc.get(part) if isinstance(doc, Mapping) else None
+    return doc
 
 
 _REASONS = {
@@ -498,6 +770,8 @@ def _problems(error: ValidationError, shown: str, env: Mapping[str, str]) -> lis
         key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         key = key or "(top level)"
         reason = _reason(err)
+        if err["type"] == "extra_forbidden" and (near := _nearest_key(loc)):
+            reason += f"; did you mean {near}?"
         # A model validator names the key it is about as "key: reason"; fold it into the path.
         if err["type"] == "value_error" and (m := re.match(r"^([a-z0-9_]+): (.*)$", reason)):
             key = f"{key}.{m.group(1)}" if key != "(top level)" else m.group(1)
@@ -508,6 +782,42 @@ def _problems(error: ValidationError, shown: str, env: Mapping[str, str]) -> lis
             seen.add((key, reason))
             problems.append(ConfigProblem(origin, key, reason))
     return problems
+
+
+def _nearest_key(loc: list[int | str]) -> str | None:
+    """The known key of the table at `loc[:-1]` closest to the unknown `loc[-1]`."""
+    kind: Any = GuardConfig
+    for part in loc[:-1]:
+        kind = _unwrap(kind)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            field = kind.model_fields.get(str(part))
+            if field is None:
+                return None
+            kind = field.annotation
+        elif typing.get_origin(kind) in (list, dict):
+            kind = typing.get_args(kind)[-1]  # an index or a color: the item's type
+        else:
+            return None
+    kind = _unwrap(kind)
+    if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
+        return None
+    near = difflib.get_close_matches(str(loc[-1]), list(kind.model_fields), n=1, cutoff=0.6)
+    return near[0] if near else None
+
+
+def _unwrap(kind: Any) -> Any:
+    """The table or list type inside Optional/Annotated/unions, else `kind` itself."""
+    origin = typing.get_origin(kind)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(kind)[0])
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(kind):
+            inner = _unwrap(arg)
+            if typing.get_origin(inner) in (list, dict) or (
+                isinstance(inner, type) and issubclass(inner, BaseModel)
+            ):
+                return inner
+    return kind
 
 
 def _is_union_branch(part: int | str) -> bool:
@@ -525,5 +835,7 @@ def _reason(err: Any) -> str:
         return f"must be one of {ctx.get('expected', '')}"
     if kind == "value_error":
         return str(ctx.get("error", err["msg"]))
+    if kind == "guardd_check":
+        return str(ctx["reason"])
     msg = str(err["msg"])
     return _REASONS.get(kind, msg[:1].lower() + msg[1:])

@@ -107,6 +107,10 @@ def config_reference() -> str:
             lines.append(f"| `{key}` | {kind} | {_default(field, kind)} | {field.description} |")
     lines += [
         "",
+        (
+            'A duration is a string with units (`"250ms"`, `"3s"`, `"5m"`, `"1h"`, '
+            '`"1m30s"`) or a bare number of seconds.'
+        ),
         "Every key can be overridden by `GUARDD_<SECTION>__<KEY>`; unknown keys are errors.",
         "",
         END,

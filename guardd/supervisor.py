@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import math
 import signal
+import stat
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,7 +29,7 @@ from guardd.config import GuardConfig, Settings
 from guardd.core.machine import GuardMachine
 from guardd.core.policy import PolicySpec
 from guardd.core.types import COLORS, Color
-from guardd.exceptions import ConfigError, GuarddError
+from guardd.exceptions import ConfigError, ConfigProblem, GuarddError
 from guardd.faults import FaultPoints
 from guardd.guard import Guard, GuardSettings
 from guardd.journal import Journal
@@ -39,6 +42,55 @@ from guardd.systemd import SystemdNotifier
 
 # A probe loop that has not finished a round for this long past its deadline is wedged.
 _STUCK_MARGIN = 5.0
+
+
+def cannot(settings: Settings, key: str, what: str, error: OSError | str) -> ConfigProblem:
+    """`file: key: cannot <what>: <why>; <what to do>`, one line, for a path guardd needs."""
+    why = error if isinstance(error, str) else (error.strerror or str(error))
+    return ConfigProblem(
+        str(settings.source),
+        key,
+        f"cannot {what}: {why}; run guardd as the guardd user (as guardd@.service does), "
+        f"or set {key} to a path this user may write",
+    )
+
+
+def startup_problems(settings: Settings) -> list[ConfigProblem]:
+    """What stops this user from running this config: `state.dir`, the control socket's folder.
+
+    Checked before anything starts, so that a wrong user or path is one line, not a traceback.
+    Each folder is tried with a real file, so that read-only mounts, ACLs and capabilities
+    count as they will for guardd itself.
+    """
+    problems = []
+    state_dir = settings.state_dir
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    except OSError as e:
+        problems.append(cannot(settings, "state.dir", f"create {state_dir}", e))
+    else:
+        if error := _try_write(state_dir):
+            problems.append(cannot(settings, "state.dir", f"write {state_dir}", error))
+    sock = settings.control_socket
+    try:
+        sock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        problems.append(cannot(settings, "control.socket", f"create {sock.parent}", e))
+    else:
+        if error := _try_write(sock.parent):
+            problems.append(cannot(settings, "control.socket", f"bind {sock}", error))
+        elif sock.is_dir() or (sock.exists() and not stat.S_ISSOCK(sock.lstat().st_mode)):
+            why = "something that is not a socket is in the way"
+            problems.append(cannot(settings, "control.socket", f"bind {sock}", why))
+    return problems
+
+
+def _try_write(folder: Path) -> OSError | None:
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e
 
 
 def guard_settings(settings: Settings) -> GuardSettings:
@@ -79,6 +131,51 @@ def retry_policy(c: GuardConfig) -> RetryPolicy:
     return RetryPolicy(
         attempts=c.retry.attempts, base_delay=c.retry.base_delay, max_delay=c.retry.max_delay
     )
+
+
+def build_verifier(
+    c: GuardConfig, transport: httpx.AsyncBaseTransport | None = None
+) -> HttpProber | None:
+    """The front-door prober of `switch.verify_url` (None when unset), at start and on reload.
+
+    Fresh connections only: a kept-alive one would be served by an old nginx worker.
+    """
+    if not c.switch.verify_url:
+        return None
+    spec = probe_spec(c)
+    return HttpProber(
+        [c.switch.verify_url],
+        replace(spec, headers={**spec.headers, "Connection": "close"}),
+        transport=transport,
+    )
+
+
+# Keys a reload cannot apply to a running guard: the journal, the socket and the names
+# that metrics and the journal carry were opened and bound at start.
+RESTART_ONLY = (
+    "instance",
+    "state.dir",
+    "control.socket",
+    "control.mode",
+    "control.group",
+    "control.admin_group",
+)
+
+
+def changed_keys(old: GuardConfig, new: GuardConfig) -> list[str]:
+    """The dotted keys whose values differ (a list such as `notify` counts as one key)."""
+
+    def flat(value: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(value, dict) and prefix not in ("probe.expect_json", "probe.headers"):
+            out: dict[str, Any] = {}
+            for k, v in value.items():
+                out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+            return out
+        return {prefix: value}
+
+    # Python mode keeps SecretStr objects, which compare by value and never print it.
+    a, b = flat(old.model_dump(), ""), flat(new.model_dump(), "")
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def build_switcher(settings: Settings, on_step: Callable[[str], Awaitable[None]]) -> Switcher:
@@ -152,6 +249,9 @@ class Supervisor:
         self._first_round: dict[Color, anyio.Event] = {c: anyio.Event() for c in COLORS}
         self._probe_started: dict[Color, float | None] = dict.fromkeys(COLORS)
         self._stopping = False
+        self._exit_code = 0
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._notifier_task: tuple[anyio.CancelScope, anyio.Event] | None = None
 
     # ---- start-up ----------------------------------------------------------------------
 
@@ -175,14 +275,7 @@ class Supervisor:
                 quorum=c.upstreams[color].quorum,
                 transport=self.probe_transport,
             )
-        verifier = None
-        if c.switch.verify_url:
-            # Fresh connections only: a kept-alive one would be served by an old worker.
-            verifier = HttpProber(
-                [c.switch.verify_url],
-                replace(spec, headers={**spec.headers, "Connection": "close"}),
-                transport=self.probe_transport,
-            )
+        verifier = build_verifier(c, self.probe_transport)
         gs = guard_settings(s)
         machine = GuardMachine(gs.policy, gs.probe_interval)
         guard = Guard(
@@ -208,13 +301,40 @@ class Supervisor:
         if self.notifier is not None:
             self.notifier.submit(event)
 
-    def _build_notifier(self) -> Any:
-        c = self.settings.config
+    def _build_notifier(self, settings: Settings | None = None) -> Any:
+        settings = settings or self.settings
+        c = settings.config
         if not c.notify:
             return None
         from guardd.notify import build_notifier  # noqa: PLC0415 - only when configured
 
-        return build_notifier(self.settings, retry_policy(c), self.metrics, self.log)
+        return build_notifier(settings, retry_policy(c), self.metrics, self.log)
+
+    async def _run_notifier(
+        self, notifier: Any, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run `notifier` in its own scope, so that a reload can stop it and start another."""
+        done = anyio.Event()
+        with anyio.CancelScope() as scope:
+            self._notifier_task = (scope, done)
+            try:
+                await notifier.run(task_status=task_status)
+            finally:
+                done.set()
+
+    async def _swap_notifier(self, new: Any) -> None:
+        """Stop the running notifier (its unsent events stay in the outbox), start `new`."""
+        # Events from here on go to the new one, which holds them until it runs.
+        self.notifier = new
+        if self._notifier_task is not None:
+            scope, done = self._notifier_task
+            self._notifier_task = None
+            scope.cancel()
+            await done.wait()
+        if new is not None:
+            assert self._tg is not None  # noqa: S101 - reloads come from inside run()
+            # The new one reads the outbox only now, once the old one has finished writing.
+            await self._tg.start(self._run_notifier, new)
 
     def _start_metrics(self) -> None:
         listen = self.settings.config.metrics.listen
@@ -244,8 +364,11 @@ class Supervisor:
             guard = self.guard = self._build()
             saved = guard.state_file.load()
             await guard.recover(saved)
-        except GuarddError as e:
-            self.log.error("startup_failed", error=str(e))
+        except (GuarddError, OSError) as e:
+            error = str(e)
+            if isinstance(e, OSError) and e.filename is not None:
+                error = str(cannot(self.settings, "state.dir", f"write {e.filename}", e))
+            self.log.error("startup_failed", error=error)
             await self._close_probers()
             return 1
         self._start_metrics()
@@ -256,6 +379,7 @@ class Supervisor:
         )
         try:
             async with anyio.create_task_group() as tg:
+                self._tg = tg
                 tg.start_soon(self._signals, tg.cancel_scope)
                 for color in COLORS:
                     tg.start_soon(self._probe_loop, color)
@@ -264,8 +388,10 @@ class Supervisor:
                 async with guard.lock:
                     await guard.tick()
                 if self.notifier is not None:
-                    await tg.start(self.notifier.run)
-                await self._start_control(tg)
+                    await tg.start(self._run_notifier, self.notifier)
+                if not await self._start_control(tg):
+                    tg.cancel_scope.cancel()
+                    return self._exit_code
                 tg.start_soon(self._decision_loop)
                 if self.sd.watchdog_interval:
                     tg.start_soon(self._watchdog_loop, self.sd.watchdog_interval)
@@ -275,9 +401,10 @@ class Supervisor:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._shutdown()
-        return 0
+        return self._exit_code
 
-    async def _start_control(self, tg: anyio.abc.TaskGroup) -> None:
+    async def _start_control(self, tg: anyio.abc.TaskGroup) -> bool:
+        """Serve the control socket; False (logged, exit code 1) when it cannot be bound."""
         from guardd.control.server import ControlServer  # noqa: PLC0415
         from guardd.operator import handle  # noqa: PLC0415
 
@@ -293,11 +420,19 @@ class Supervisor:
             return result
 
         path = self.settings.control_socket
-        path.parent.mkdir(parents=True, exist_ok=True)
         server = ControlServer(
             path, handler, mode=int(c.mode, 8), group=c.group, admin_group=c.admin_group
         )
-        await tg.start(server.serve)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            await tg.start(server.serve)
+        except (OSError, GuarddError) as e:
+            # Without the socket no operator can act: stop, in one line, not a traceback.
+            problem = cannot(self.settings, "control.socket", f"bind {path}", _why(e))
+            self.log.error("startup_failed", error=str(problem))
+            self._exit_code = 1
+            return False
+        return True
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -409,12 +544,42 @@ class Supervisor:
     # ---- reload ------------------------------------------------------------------------
 
     async def reload(self) -> None:
-        """SIGHUP: validate the file again; apply it, or keep the old config and say why."""
+        """SIGHUP: validate the file again; apply it, or keep the old config and say why.
+
+        Every section is applied except `RESTART_ONLY`; those keep their running values
+        until the next start, and `config_reloaded` names them in `restart_required`.
+        """
         guard = self.guard
         assert guard is not None  # noqa: S101
         self.sd.reloading()
+        old = self.settings
         try:
-            new = config_mod.load(self.settings.source, instance=self.instance_arg)
+            loaded = config_mod.load(self.settings.source, instance=self.instance_arg)
+            changed = changed_keys(old.config, loaded.config)
+            if self.instance_arg is not None and "instance" in changed:
+                changed.remove("instance")  # --instance wins over the file: nothing changes
+            restart_required = [k for k in changed if k in RESTART_ONLY]
+            # What is opened at start stays as it is, so that state.dir (the journal, the
+            # outbox) and the socket are not half moved by the parts that follow them.
+            new = Settings(
+                loaded.config.model_copy(
+                    update={
+                        "instance": old.config.instance,
+                        "state": old.config.state,
+                        "control": old.config.control,
+                    }
+                ),
+                source=loaded.source,
+                instance=old.instance,
+                warnings=loaded.warnings,
+            )
+            notify_changed = old.config.notify != new.config.notify
+            retry_changed = old.config.retry != new.config.retry
+            # Built before anything is applied: a sink whose URL cannot be resolved now
+            # rejects the whole reload, as an invalid file does.
+            notifier = (
+                self._build_notifier(new) if notify_changed or retry_changed else self.notifier
+            )
         except ConfigError as e:
             for problem in e.problems:
                 self.log.error("config_invalid", problem=str(problem))
@@ -425,14 +590,18 @@ class Supervisor:
             )
             self.sd.ready()
             return
+        for warning in new.warnings:
+            self.log.warning("config_warning", problem=str(warning))
         async with guard.lock:
-            old = self.settings.config
             keep = frozenset(
-                c for c in COLORS if old.upstreams[c].all_urls == new.config.upstreams[c].all_urls
+                c
+                for c in COLORS
+                if old.config.upstreams[c].all_urls == new.config.upstreams[c].all_urls
             )
             spec = probe_spec(new.config)
+            spec_changed = probe_spec(old.config) != spec
             for color in COLORS:
-                if color not in keep or probe_spec(old) != spec:
+                if color not in keep or spec_changed:
                     replaced = self.probers[color]
                     self.probers[color] = HttpProber(
                         new.config.upstreams[color].all_urls,
@@ -441,26 +610,43 @@ class Supervisor:
                         transport=self.probe_transport,
                     )
                     await replaced.aclose()
+            if spec_changed or old.config.switch.verify_url != new.config.switch.verify_url:
+                stale, guard.verifier = (
+                    guard.verifier,
+                    build_verifier(new.config, self.probe_transport),
+                )
+                if stale is not None:
+                    await stale.aclose()
             gs = guard_settings(new)
             guard.s = gs
             guard.machine.reconfigure(gs.policy, gs.probe_interval, keep)
-            if old.switch != new.config.switch:
+            if old.config.switch != new.config.switch or retry_changed:
                 guard.switcher = build_switcher(new, self._on_switch_step)
             self.settings = new
-            needs_restart = [
-                k
-                for k in ("control", "metrics", "state")
-                if getattr(old, k) != getattr(new.config, k)
-            ]
+            if notify_changed or retry_changed:
+                await self._swap_notifier(notifier)
+            if old.config.metrics != new.config.metrics:
+                if self.metrics_server is not None:
+                    self.metrics_server.close()
+                    self.metrics_server = None
+                self._start_metrics()
             guard.record(
                 "config_reloaded",
                 reason="configuration reloaded"
                 + (
-                    f"; {', '.join(needs_restart)} take effect at the next restart"
-                    if needs_restart
+                    f"; {', '.join(restart_required)} take effect at the next restart"
+                    if restart_required
                     else ""
                 ),
                 kept_history=sorted(keep),
+                changed=changed,
+                restart_required=restart_required,
             )
         self.sd.status(guard.status_line())
         self.sd.ready()
+
+
+def _why(error: BaseException) -> str:
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return str(error)

@@ -1,9 +1,17 @@
-"""Config: table tests of invalid files with their exact messages, env overrides, durations."""
+"""Config: table tests of invalid files with their exact messages, env overrides, durations.
+
+Files whose text holds `@TMP@` need this host's files: the test lays out a tmp folder
+(`host_layout`) and substitutes its path, in the file and in the expected message.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,27 +24,210 @@ EXAMPLE = Path(__file__).parents[1] / "config" / "example.toml"
 INVALID = sorted(TESTDATA.glob("invalid-*.toml"))
 
 
+PLACEHOLDER = "@TMP@"
+NOBODY = 65534
+# A valid nginx switch section over `host_layout`.
+NGINX_SWITCH = """
+[switch]
+kind = "nginx"
+active_link = "@TMP@/upstreams/threader_active.conf"
+test_command = ["@TMP@/bin/check", "-t"]
+reload_command = ["@TMP@/bin/check", "-s", "reload"]
+[switch.targets]
+blue = "@TMP@/upstreams/threader_blue.conf"
+green = "@TMP@/upstreams/threader_green.conf"
+"""
+UPSTREAMS = """
+[upstreams.blue]
+url = "http://127.0.0.1:9009/healthz"
+[upstreams.green]
+url = "http://127.0.0.1:9010/healthz"
+"""
+
+
 def check_config(
-    path: Path, cwd: Path, env: dict[str, str] | None = None
+    path: Path, cwd: Path, env: dict[str, str] | None = None, *args: str, as_nobody: bool = False
 ) -> subprocess.CompletedProcess[str]:
+    prefix = (
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if as_nobody else []
+    )
     return subprocess.run(
-        [sys.executable, "-m", "guardd.cli", "check-config", str(path)],
+        [*prefix, sys.executable, "-m", "guardd.cli", "check-config", *args, str(path)],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **(env or {})},
         check=False,
     )
 
 
+def host_layout(root: Path) -> Path:
+    """What the host checks look at: commands, nginx targets and links, a state-file folder."""
+    (root / "bin").mkdir()
+    check = root / "bin" / "check"
+    check.write_text("#!/bin/sh\nexit 0\n")
+    check.chmod(0o755)
+    (root / "bin" / "README").write_text("not a program\n")
+    ups = root / "upstreams"
+    ups.mkdir()
+    for name in ("threader_blue.conf", "threader_green.conf", "other.conf", "plain.conf"):
+        (ups / name).write_text("upstream threader_app { server 127.0.0.1:9009; }\n")
+    (ups / "threader_active.conf").symlink_to(ups / "threader_green.conf")
+    (ups / "stray_active.conf").symlink_to(ups / "other.conf")
+    (root / "deploy").mkdir()
+    return root
+
+
+def placed(text: str, root: Path) -> str:
+    return text.replace(PLACEHOLDER, str(root))
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A tmp folder that other users can enter (pytest's own is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="guardd-config-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
-def test_invalid_config_is_rejected_with_its_exact_message(path: Path) -> None:
+def test_invalid_config_is_rejected_with_its_exact_message(path: Path, tmp_path: Path) -> None:
     expected = path.with_suffix(".err").read_text()
-    result = check_config(Path(path.name), cwd=TESTDATA)
+    cwd = TESTDATA
+    if PLACEHOLDER in path.read_text():
+        cwd = host_layout(tmp_path)
+        (cwd / path.name).write_text(placed(path.read_text(), cwd))
+        expected = placed(expected, cwd)
+    result = check_config(Path(path.name), cwd=cwd)
     assert result.returncode == 2
     assert result.stderr == expected
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+HOST_ONLY = [
+    p for p in INVALID if p.stem.startswith("invalid-host-") and "all-at-once" not in p.stem
+]
+
+
+@pytest.mark.parametrize("path", HOST_ONLY, ids=[p.stem for p in HOST_ONLY])
+def test_offline_skips_the_host_checks(path: Path, tmp_path: Path) -> None:
+    root = host_layout(tmp_path)
+    (root / path.name).write_text(placed(path.read_text(), root))
+    result = check_config(Path(path.name), root, None, "--offline")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert ": ok: instance=" in result.stdout
+
+
+def test_offline_still_reports_what_the_file_alone_gets_wrong(tmp_path: Path) -> None:
+    root = host_layout(tmp_path)
+    source = TESTDATA / "invalid-host-all-at-once.toml"
+    (root / "c.toml").write_text(placed(source.read_text(), root))
+    result = check_config(Path("c.toml"), root, None, "--offline")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "c.toml: upstreams: missing green\n"
+        "c.toml: policy.rollback_too: unknown key; did you mean rollback_to?\n"
+    )
+
+
+def test_offline_still_checks_notify_event_names(tmp_path: Path) -> None:
+    text = (
+        UPSTREAMS
+        + '[switch]\nkind = "state-file"\npath = "/tmp/s.json"\n'
+        + '[[notify]]\nkind = "webhook"\nurl_env = "UNSET_IN_CI"\nevents = ["rollbak"]\n'
+    )
+    (tmp_path / "n.toml").write_text(text)
+    result = check_config(Path("n.toml"), tmp_path, None, "--offline")
+    assert result.returncode == 2
+    assert result.stderr.startswith("n.toml: notify.0.events: unknown event 'rollbak'; ")
+    assert "UNSET_IN_CI" not in result.stderr  # the environment is the host's: not checked
+    (tmp_path / "n.toml").write_text(text.replace('"rollbak"', '"rollback"'))
+    assert check_config(Path("n.toml"), tmp_path, None, "--offline").returncode == 0
+    result = check_config(Path("n.toml"), tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "n.toml: notify.0.url_env: environment variable UNSET_IN_CI is not set\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        NGINX_SWITCH,
+        '[switch]\nkind = "command"\ncommand = ["@TMP@/bin/check", "{color}"]',
+        (
+            '[switch]\nkind = "state-file"\npath = "@TMP@/deploy/s.json"\n'
+            'reload_command = ["sh", "-c", "true"]'
+        ),
+    ],
+)
+def test_a_host_that_has_everything_passes(switch: str, tmp_path: Path) -> None:
+    root = host_layout(tmp_path)
+    (root / "ok.toml").write_text(placed(UPSTREAMS + switch, root))
+    result = check_config(Path("ok.toml"), root)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_an_active_link_the_user_cannot_replace_is_reported(shared_tmp: Path) -> None:
+    root = host_layout(shared_tmp)
+    (root / "ok.toml").write_text(placed(UPSTREAMS + NGINX_SWITCH, root))
+    (root / "ok.toml").chmod(0o644)
+    result = check_config(Path("ok.toml"), root, as_nobody=True)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"ok.toml: switch.active_link: cannot write in {root}/upstreams "
+        "(a switch writes the new link beside the old one)\n"
+    )
+    assert check_config(Path("ok.toml"), root).returncode == 0  # root may write there
+
+
+def test_a_state_file_folder_the_user_cannot_write_is_reported(shared_tmp: Path) -> None:
+    root = host_layout(shared_tmp)
+    switch = '[switch]\nkind = "state-file"\npath = "@TMP@/deploy/s.json"\n'
+    (root / "s.toml").write_text(placed(UPSTREAMS + switch, root))
+    result = check_config(Path("s.toml"), root, as_nobody=True)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"s.toml: switch.path: cannot write in {root}/deploy (it is replaced there)\n"
+    )
+
+
+def test_a_command_is_looked_up_on_the_path_guardd_runs_with(tmp_path: Path) -> None:
+    root = host_layout(tmp_path)
+    switch = '[switch]\nkind = "command"\ncommand = ["check", "{color}"]\n'
+    (root / "c.toml").write_text(UPSTREAMS + switch)
+    missing = check_config(Path("c.toml"), root, {"PATH": "/usr/bin:/bin"})
+    assert missing.returncode == 2
+    assert missing.stderr == 'c.toml: switch.command: "check" is not on PATH\n'
+    found = check_config(Path("c.toml"), root, {"PATH": f"{root}/bin:/usr/bin:/bin"})
+    assert found.returncode == 0, found.stderr
+
+
+def test_durations_written_as_bare_numbers_of_100_or_more_are_warned_about(
+    tmp_path: Path,
+) -> None:
+    text = (
+        UPSTREAMS
+        + "[probe]\ninterval = 1000\nfast_interval = 99\n"
+        + "[policy]\nwindow = 3600\nbudget_window = 7200\n"
+        + '[switch]\nkind = "state-file"\npath = "/tmp/s.json"\ntimeout = "100s"\n'
+        + "[retry]\nmax_delay = 150.5\n"
+        + '[[notify]]\nkind = "webhook"\nurl = "http://127.0.0.1:1/h"\ntimeout = 100\n'
+    )
+    (tmp_path / "w.toml").write_text(text)
+    result = check_config(Path("w.toml"), tmp_path, {"GUARDD_PROBE__TIMEOUT": "250"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        'w.toml: probe.interval: warning: 1000 = 16m40s; did you mean "1000ms"?\n'
+        'env GUARDD_PROBE__TIMEOUT: probe.timeout: warning: 250 = 4m10s; did you mean "250ms"?\n'
+        'w.toml: retry.max_delay: warning: 150.5 = 2m30.5s; did you mean "150.5ms"?\n'
+        'w.toml: notify[0].timeout: warning: 100 = 1m40s; did you mean "100ms"?\n'
+    )
+    assert "ok: instance=w" in result.stdout
 
 
 def test_every_invalid_file_has_a_message() -> None:
@@ -45,9 +236,22 @@ def test_every_invalid_file_has_a_message() -> None:
 
 
 def test_example_config_is_valid() -> None:
-    result = check_config(EXAMPLE, cwd=EXAMPLE.parent)
+    result = check_config(EXAMPLE, EXAMPLE.parent, None, "--offline")
     assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
     assert "ok: instance=threader" in result.stdout
+
+
+def test_example_config_names_what_this_host_lacks() -> None:
+    result = check_config(EXAMPLE, cwd=EXAMPLE.parent)
+    assert result.returncode == 2
+    ups = "/etc/nginx/upstreams"
+    assert result.stderr == (
+        f"{EXAMPLE}: switch.targets.blue: {ups}/threader_blue.conf: no such file\n"
+        f"{EXAMPLE}: switch.targets.green: {ups}/threader_green.conf: no such file\n"
+        f"{EXAMPLE}: switch.active_link: {ups}/threader_active.conf: no such symlink; "
+        "create it pointing at the active color's target\n"
+    )
 
 
 def test_missing_file_is_a_clean_error(tmp_path: Path) -> None:
@@ -67,6 +271,12 @@ def test_missing_file_is_a_clean_error(tmp_path: Path) -> None:
         ("5m", 300.0),
         ("1h", 3600.0),
         ("1.5s", 1.5),
+        ("1m30s", 90.0),
+        ("1h2m3s", 3723.0),
+        ("2s500ms", 2.5),
+        ("1m 30s", 90.0),
+        ("1.5m", 90.0),
+        ("90", 90.0),
         (2, 2.0),
         (0.5, 0.5),
     ],
@@ -75,10 +285,21 @@ def test_durations(text: object, seconds: float) -> None:
     assert config.parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("bad", ["5 minutes", "1d", "", "-1s", True, None])
+@pytest.mark.parametrize(
+    "bad", ["5 minutes", "1d", "", "-1s", True, None, "1m30", "30s1", "m", "1m-30s", "1.m"]
+)
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError, match="must be a duration"):
         config.parse_duration(bad)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(1000, "16m40s"), (100, "1m40s"), (3600, "1h"), (3723, "1h2m3s"), (0.25, "250ms"), (60, "1m")],
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert config.format_duration(seconds) == text
+    assert config.parse_duration(text) == seconds
 
 
 def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch) -> None:

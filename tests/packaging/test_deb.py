@@ -112,7 +112,9 @@ def test_deb_installs_offline_guards_and_purges_clean(
         )
         assert prefixes.stdout.split() == ["/opt/guardd", "/usr"]
         assert (c.root / "usr/bin/guardctl").readlink() == Path("/opt/guardd/bin/guardctl")
-        assert c.run("guardd", "check-config", "/etc/guardd/example.toml").returncode == 0
+        assert (
+            c.run("guardd", "check-config", "--offline", "/etc/guardd/example.toml").returncode == 0
+        )
         conffiles = c.run("dpkg-query", "-W", "-f=${Conffiles}", "guardd").stdout
         assert "/etc/guardd/example.toml" in conffiles
         assert (c.root / "usr/share/man/man1/guardctl.1.gz").exists()

@@ -212,21 +212,44 @@ def test_a_stalled_guard_is_killed_by_the_watchdog_and_restarted(
     measured["watchdog_kill_to_new_ready_s"] = realtime(ready_entry) - realtime(timeout_entry)
 
 
-def test_reload_applies_a_new_config_and_keeps_running_on_a_broken_one(fresh: Lab) -> None:
-    """`systemctl reload` is SIGHUP: a valid file is applied, a broken one only alerts."""
+def test_reload_applies_a_new_config_and_fails_on_a_broken_one(fresh: Lab) -> None:
+    """`systemctl reload` checks the file, then SIGHUPs: a valid file is applied; a broken
+    one (in the file, or on the host) fails the reload with non-zero and changes nothing."""
     fresh.c.systemctl("start", UNIT)
     pid = fresh.main_pid()
     seen = len(fresh.events())
 
     fresh.write_config(GUARD_CONFIG.replace("consecutive_failures = 3", "consecutive_failures = 4"))
     fresh.c.systemctl("reload", UNIT)
-    fresh.wait_event("config_reloaded", after=seen, timeout=30)
+    reloaded = fresh.wait_event("config_reloaded", after=seen, timeout=30)
+    assert reloaded["changed"] == ["policy.consecutive_failures"]
     assert fresh.main_pid() == pid
     assert fresh.show("ActiveState")["ActiveState"] == "active"
 
+    broken = {
+        "policy.consecutive_failures: must be >= 1": GUARD_CONFIG.replace(
+            "consecutive_failures = 3", "consecutive_failures = 0"
+        ),
+        f"switch.targets.blue: {UPSTREAMS_DIR}/lab_bleu.conf: no such file": GUARD_CONFIG.replace(
+            "lab_blue.conf", "lab_bleu.conf"
+        ),
+    }
+    for reason, text in broken.items():
+        seen = len(fresh.events())
+        cursor = fresh.journal_cursor()
+        fresh.write_config(text)
+        failed = fresh.c.systemctl("reload", UNIT, check=False)
+        assert failed.returncode != 0, failed
+        fresh.wait_journal(f"{CONFIG}: {reason}", after=cursor, timeout=30)
+        assert fresh.show("ActiveState")["ActiveState"] == "active"
+        assert fresh.main_pid() == pid
+        # No signal reached guardd: nothing journaled, the running config still in force.
+        assert fresh.event_names()[seen:] == []
+
+    # A SIGHUP sent past systemd still finds the broken file: guardd keeps its config, alerts.
     seen = len(fresh.events())
-    fresh.write_config(GUARD_CONFIG.replace("consecutive_failures = 3", "consecutive_failures = 0"))
-    fresh.c.systemctl("reload", UNIT)
+    fresh.write_config(broken["policy.consecutive_failures: must be >= 1"])
+    fresh.c.systemctl("kill", "--kill-who=main", "--signal=HUP", UNIT)
     alert = fresh.wait_event("alert", after=seen, timeout=30)
 
     assert "reload rejected" in alert["reason"]

@@ -1,0 +1,147 @@
+"""SIGHUP applies every section it can, with a real daemon, a real nginx and real receivers.
+
+A changed `switch.verify_url` verifies the next rollback; a changed `[[notify]]` delivers the
+next events to the new sink; `metrics.listen` moves; and `config_reloaded` names exactly the
+keys that wait for a restart, which keep their running values meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from anyio.from_thread import start_blocking_portal
+
+from tests.harness.daemon import Daemon, Lab, wait_until
+from tests.harness.nginx import free_port
+from tests.harness.receiver import Receiver, Reply, serve
+
+pytestmark = pytest.mark.nginx
+UP = Reply(200, {"Content-Type": "application/json"}, b'{"status": "UP"}')
+
+
+@contextmanager
+def receiver() -> Iterator[Receiver]:
+    """A real HTTP receiver answering `{"status": "UP"}`, served from a background loop."""
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(serve(default=UP)) as rec,
+    ):
+        yield rec
+
+
+def write(lab: Lab, notify_env: str | None = None, **overrides: object) -> None:
+    """The lab's config with overrides, and a webhook sink whose URL is in `notify_env`."""
+    lab.overrides.update(overrides)
+    text = lab.config_text()
+    if notify_env is not None:
+        text += (
+            f'\n[[notify]]\nkind = "webhook"\nurl_env = "{notify_env}"\n'
+            'events = ["rollback", "config_reloaded"]\n'
+        )
+    lab.config_path.write_text(text)
+
+
+def reload(d: Daemon, lab: Lab) -> dict[str, Any]:
+    """SIGHUP, and the config_reloaded event it produced."""
+    seen = len(d.events())
+    d.signal(signal.SIGHUP)
+    return d.wait_event("config_reloaded", after=seen)
+
+
+def requests_to(rec: Receiver, event: str) -> list[dict[str, Any]]:
+    out = []
+    for r in list(rec.requests):
+        body = r.json()
+        if body.get("event") == event:
+            out.append(body)
+    return out
+
+
+def test_a_changed_verify_url_verifies_the_next_rollback(make_lab) -> None:  # type: ignore[no-untyped-def]
+    with receiver() as front:
+        lab: Lab = make_lab()
+        d = lab.daemon()
+        event = reload_with(d, lab, switch__verify_url=front.url)
+        lab.green.set_mode("http_503")
+        done = d.wait_event("rollback_completed")
+        # The verifier probed the new URL, on fresh connections, until it passed 3 times.
+        assert len(front.requests) >= 3, done
+        assert all(r.headers.get("connection") == "close" for r in front.requests)
+        assert event["changed"] == ["switch.verify_url"]
+        assert event["restart_required"] == []
+        assert d.stop() == 0
+
+
+def reload_with(
+    d: Daemon, lab: Lab, notify_env: str | None = None, **overrides: object
+) -> dict[str, Any]:
+    write(lab, notify_env, **overrides)
+    return reload(d, lab)
+
+
+def test_a_changed_notify_sink_gets_the_next_events(make_lab) -> None:  # type: ignore[no-untyped-def]
+    with receiver() as first, receiver() as second:
+        lab: Lab = make_lab()
+        write(lab, "HOOK_FIRST")
+        env = {"HOOK_FIRST": first.url, "HOOK_SECOND": second.url}
+        d = lab.daemon(env=env)
+        event = reload_with(d, lab, "HOOK_FIRST", policy__consecutive_failures=4)
+        wait_until(lambda: requests_to(first, "config_reloaded"), 30, "the first sink to hear")
+
+        event = reload_with(d, lab, "HOOK_SECOND")
+        # The config_reloaded that announces the change already goes to the new sink.
+        wait_until(
+            lambda: [b for b in requests_to(second, "config_reloaded") if b["id"] == event["id"]],
+            30,
+            "config_reloaded at the second sink",
+        )
+        lab.green.set_mode("http_503")
+        done = d.wait_event("rollback_completed")
+        wait_until(
+            lambda: [b for b in requests_to(second, "rollback_completed") if b["id"] == done["id"]],
+            30,
+            "rollback_completed at the second sink",
+        )
+        assert requests_to(first, "rollback_completed") == []
+        assert event["id"] not in [b["id"] for b in requests_to(first, "config_reloaded")]
+        assert event["changed"] == ["notify"]
+        assert d.stop() == 0
+
+
+def test_config_reloaded_names_the_keys_that_wait_for_a_restart(make_lab) -> None:  # type: ignore[no-untyped-def]
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    same = reload(d, lab)
+    assert same["changed"] == []
+    assert same["restart_required"] == []
+    assert same["reason"] == "configuration reloaded"
+
+    elsewhere: Path = lab.tmp / "state-elsewhere"
+    port = free_port()
+    event = reload_with(
+        d,
+        lab,
+        state__dir=str(elsewhere),
+        control__mode="0600",
+        metrics__listen=f"127.0.0.1:{port}",
+        probe__timeout="900ms",
+    )
+    assert event["changed"] == ["control.mode", "metrics.listen", "probe.timeout", "state.dir"]
+    assert event["restart_required"] == ["control.mode", "state.dir"]
+    assert event["reason"] == (
+        "configuration reloaded; control.mode, state.dir take effect at the next restart"
+    )
+    # Applied: the metrics endpoint moved. Not applied: the journal is where it was.
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'guardd_build_info{guard="lab"' in text
+    assert not elsewhere.exists()
+    assert json.loads(d.journal_path.read_text().splitlines()[-1])["event"] == "config_reloaded"
+    assert oct(lab.socket_path.stat().st_mode & 0o777) == "0o666"
+    assert d.stop() == 0
