@@ -122,3 +122,35 @@ def test_a_dead_rollback_target_is_a_warning_once_per_episode(make_lab) -> None:
     assert ctl(lab, "status").returncode == 1
     assert not [e for e in d2.events()[count:] if e["event"] == "alert"]
     assert d2.stop() == 0
+
+
+def test_under_journald_each_line_carries_its_syslog_priority(make_lab) -> None:
+    """journald reads `<N>` off the front of a line as its priority (SyslogLevelPrefix=)."""
+    lab: Lab = make_lab()
+    assert lab.notify is None
+    d = Daemon(lab.config_path, lab.state_dir, env={"GUARDD_FAULT_DIR": str(lab.fault_dir)})
+    d.log_path.touch()
+    st = d.log_path.stat()
+    # The daemon's stderr is this very file: it is the "journal stream" here.
+    d.env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    lab.daemons.append(d.start())
+    lab.blue.set_mode("http_503")
+    d.wait_event("alert", where=lambda e: "no safe rollback" in (e["reason"] or ""))
+
+    def parsed() -> list[tuple[int, dict]]:  # type: ignore[type-arg]
+        out = []
+        for line in d.log().splitlines():
+            if line.startswith("<") and ">" in line:
+                prio, _, rest = line[1:].partition(">")
+                out.append((int(prio), json.loads(rest)))
+        return out
+
+    lines = wait_until(
+        lambda: [p for p in parsed() if p[1]["event"] == "alert"] and parsed(), 10, "the alert line"
+    )
+    assert len(lines) == len(d.log().splitlines()), "every line is prefixed"
+    by_event = {doc["event"]: prio for prio, doc in lines}
+    assert by_event["alert"] == 4  # warning
+    assert by_event["started"] == 6  # info
+    assert all(prio == {"info": 6, "warning": 4, "error": 3}[doc["level"]] for prio, doc in lines)
+    assert d.stop() == 0
