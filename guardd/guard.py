@@ -222,8 +222,10 @@ class Guard:
         # Across a restart only the journal's wall-clock stamps tell; they are placed on
         # the monotonic clock once, here.
         # Rollbacks older than `budget_window` fall out in `_rollbacks_in_budget`.
+        # The whole file, not only the recent events kept in memory: a busy hour (a guard
+        # window extended again and again) must not push a rollback out of the budget.
         wall, mono = self.clock.wall(), self.clock.monotonic()
-        for entry in self.journal.recent:
+        for entry in self.journal.read():
             self._count_for_budget(entry, mono - (wall - _ts(entry)))
 
     def open_rollback(self) -> dict[str, Any] | None:

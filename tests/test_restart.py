@@ -265,3 +265,24 @@ def test_every_piece_of_state_has_a_row(tmp_path: Path) -> None:
     assert set(vars(guard)) == GUARD_KEPT | set(GUARD_NOT_KEPT), set(vars(guard)) ^ (
         GUARD_KEPT | set(GUARD_NOT_KEPT)
     )
+
+
+async def test_the_budget_counts_rollbacks_behind_thousands_of_newer_events(tmp_path: Path) -> None:
+    """The journal keeps its recent events in memory; the budget reads the whole file."""
+    prepare(tmp_path)
+    clock = FakeClock()
+    g1 = await start(tmp_path, clock, SPEC)
+    await budget_spent(g1, clock)
+    for _ in range(2500):  # e.g. a guard window extended for hours, within budget_window
+        g1.record("config_reloaded", reason="configuration reloaded")
+    g1.save_state()
+    g1.journal.close()
+    g2 = build(tmp_path, clock, SPEC)
+    await g2.recover(g2.state_file.load())
+    assert g2._rollbacks_in_budget() == 3
+    g2.machine.windows = copy.deepcopy(g1.machine.windows)
+    decision = None
+    for _ in range(3):
+        decision = await step(g2, clock, OK, DOWN)
+    assert decision is not None and decision.blocked_by == "hold"
+    assert "budget" in str(g2.machine.hold)
