@@ -701,7 +701,12 @@ class Guard:
         else:
             span = duration or self.s.qos_window
             window = self._new_window(now, span)
-            if old is None:
+            current = qoslock.read_lock(self.s.lock_file)
+            if current.held and (old is None or current != old.info):
+                # Someone else's lock (a touched file): it had no end, so neither does ours.
+                floor = math.inf
+                reason = f"{reason}; a lock was already held ({current.reason}): until unlocked"
+            elif old is None:
                 floor = None
             elif old.window is None:  # an operator's lock: the guard window lasts at least as long
                 floor = math.inf if old.expires_at is None else old.expires_at

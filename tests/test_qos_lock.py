@@ -109,6 +109,21 @@ async def test_a_guard_window_taken_under_an_operator_lock_keeps_it(tmp_path: Pa
     assert not events(g, "qos_released")
 
 
+async def test_a_rollback_under_a_touched_lock_file_keeps_it_until_unlocked(tmp_path: Path) -> None:
+    prepare(tmp_path)
+    clock = FakeClock()
+    g = await start(tmp_path, clock, SPEC)
+    await steps(g, clock, [(OK, OK)])
+    g.s.lock_file.touch()  # any tool may take the lock by creating the file
+    await steps(g, clock, [(OK, DOWN)] * 3)
+    assert g.active == "blue" and events(g, "rollback_completed")
+    assert "already held" in str(lock(g).reason)
+    await steps(g, clock, [(OK, OK)] * 40)
+    assert lock(g).held and not events(g, "qos_released")
+    await handle(g, "qos_unlock", {}, ROOT)
+    assert not lock(g).held
+
+
 async def test_an_operator_lock_alone_is_theirs_to_shorten(tmp_path: Path) -> None:
     prepare(tmp_path)
     clock = FakeClock()
