@@ -442,7 +442,7 @@ class QosConfig(_Section):
     lock_file: Path | None = None
     """The QoS lock file (default: `$RUNTIME_DIRECTORY/<instance>.qos.lock`)."""
     window: PositiveDuration = 300.0
-    """The guard window after a rollback."""
+    """The guard window after a rollback; at least policy.min_samples times probe.interval."""
     max_error_ratio: Ratio = 0.01
     """The active color's 5xx answers over the window must stay at or under this."""
     min_health_ratio: Ratio = 0.99
@@ -605,6 +605,20 @@ class GuardConfig(BaseSettings):
         if found:
             raise _validation_error("upstreams", [], found)
         return validated
+
+    @model_validator(mode="after")
+    def _qos_window_holds_min_samples(self) -> GuardConfig:
+        # The guard window is judged on at least policy.min_samples probes; a window too
+        # short to hold them could only ever be extended.
+        need = self.policy.min_samples * self.probe.interval
+        if self.qos.window < need:
+            raise ValueError(
+                f"qos.window: {self.qos.window:g}s holds at most "
+                f"{int(self.qos.window / self.probe.interval)} probes at probe.interval "
+                f"{self.probe.interval:g}s; policy.min_samples is {self.policy.min_samples}, "
+                f"so it must be at least {need:g}s"
+            )
+        return self
 
 
 class Settings:
@@ -773,7 +787,7 @@ def _problems(error: ValidationError, shown: str, env: Mapping[str, str]) -> lis
         if err["type"] == "extra_forbidden" and (near := _nearest_key(loc)):
             reason += f"; did you mean {near}?"
         # A model validator names the key it is about as "key: reason"; fold it into the path.
-        if err["type"] == "value_error" and (m := re.match(r"^([a-z0-9_]+): (.*)$", reason)):
+        if err["type"] == "value_error" and (m := re.match(r"^([a-z0-9_.]+): (.*)$", reason)):
             key = f"{key}.{m.group(1)}" if key != "(top level)" else m.group(1)
             reason = m.group(2)
         env_name = "GUARDD_" + "__".join(str(p).upper() for p in loc)

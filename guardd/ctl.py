@@ -103,7 +103,8 @@ def status_exit_code(status: Mapping[str, Any]) -> int:
         isinstance(active, Mapping) and active.get("healthy") is True and not active.get("stale")
     )
     locked = isinstance(qos, Mapping) and bool(qos.get("locked"))
-    if state != "steady" or status.get("paused") or locked or not active_ok:
+    lost = status.get("no_rollback_target")  # the rollback target is down: no protection
+    if state != "steady" or status.get("paused") or locked or not active_ok or lost:
         return WARNING
     return OK
 
@@ -511,7 +512,7 @@ examples:
 exit codes:
   0  OK: the active color is healthy, no QoS lock, not paused, state steady
   1  WARNING: degraded, guard window, rolling back, starting, QoS lock held, paused,
-     or the active color is not (known to be) healthy
+     the active color is not (known to be) healthy, or the rollback target is down
   2  CRITICAL: hold - the active color fails and no safe switch exists
   3  UNKNOWN: guardd is unreachable, or which guard is meant cannot be told""",
         _cmd_status,

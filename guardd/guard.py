@@ -20,7 +20,7 @@ import anyio
 
 from guardd import qoslock
 from guardd._version import __version__
-from guardd.core.machine import Alert, Decision, Facts, GuardMachine, Hold, Rollback
+from guardd.core.machine import Alert, Decision, Facts, GuardMachine, Hold, Memory, Rollback
 from guardd.core.policy import PolicySpec
 from guardd.core.qos import QosWindow
 from guardd.core.types import COLORS, Color, Severity, State, other
@@ -33,6 +33,16 @@ from guardd.statefile import StateFile
 from guardd.switchers import Switcher
 
 GUARDD = "guardd"
+
+# Journal events that mean something is wrong or blocked log at `warning`, so that
+# `journalctl -p warning` shows them; every other event is `info`. An event the journal
+# could not take (a storage failure) logs at `error`.
+_EVENT_LEVELS = {
+    "alert": "warning",
+    "hold": "warning",
+    "rollback_failed": "warning",
+    "qos_extended": "warning",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +70,9 @@ class OwnedLock:
     window: QosWindow | None  # None for an operator's lock, which only expires
     expires_at: float | None  # monotonic; None = until unlocked
     manual: bool
+    # An operator's lock laid over a guard window: the lock is not released before this
+    # (monotonic; math.inf = until unlocked), whatever the window says.
+    floor: float | None = None
 
 
 @dataclass(slots=True)
@@ -129,9 +142,12 @@ class Guard:
         else:
             self._storage_ok("journal")
         self._count_for_budget(entry, self.clock.monotonic())
-        self.log.info(
-            event, **{k: v for k, v in entry.items() if k not in ("event", "guard", "ts")}
-        )
+        fields = {k: v for k, v in entry.items() if k not in ("event", "guard", "ts")}
+        if self.journal.backlog:
+            # Not on disk yet (disk full): kept in memory, and an error until written.
+            self.log.error(event, journaled=False, **fields)
+        else:
+            getattr(self.log, _EVENT_LEVELS.get(event, "info"))(event, **fields)
         self.notify(entry)
         return entry
 
@@ -159,25 +175,14 @@ class Guard:
 
     def save_state(self) -> None:
         """Mirror what must survive a restart into state.json."""
-        own = self.own_lock
         doc: dict[str, Any] = {
             "guard": self.s.instance,
             "active": self.active,
             "state": self.state.value,
             "paused": self.paused,
-            "hold": None
-            if self.machine.hold is None
-            else {"reason": self.machine.hold.reason, "sticky": self.machine.hold.sticky},
-            "qos": None
-            if own is None
-            else {
-                "reason": own.info.reason,
-                "locked_at": own.info.locked_at,
-                "until": own.info.until,
-                "by": own.info.by,
-                "manual": own.manual,
-                "window_s": own.window.span if own.window else None,
-            },
+            # hold, rolled_away_from, raised: the machine's memory (docs/contract.md §4).
+            **self.machine.memory().to_json(),
+            "qos": self._lock_doc(),
         }
         try:
             self.state_file.save(doc)
@@ -186,6 +191,30 @@ class Guard:
         else:
             self._storage_ok("state")
 
+    def _lock_doc(self) -> dict[str, Any] | None:
+        own = self.own_lock
+        if own is None:
+            return None
+        wall, now = self.clock.wall(), self.clock.monotonic()
+        doc: dict[str, Any] = {
+            "reason": own.info.reason,
+            "locked_at": own.info.locked_at,
+            "until": own.info.until,
+            "by": own.info.by,
+            "manual": own.manual,
+            "floor": None
+            if own.floor is None
+            else ("unlocked" if math.isinf(own.floor) else rfc3339(wall + own.floor - now)),
+            "window": None,
+        }
+        if own.window is not None:
+            # The counts, so that a restart judges the window on the probes it already saw.
+            doc["window"] = {
+                "until": rfc3339(wall + own.window.ends_at - now),
+                **own.window.counts(),
+            }
+        return doc
+
     # ---- start-up ----------------------------------------------------------------------
 
     def load_history(self) -> None:
@@ -193,8 +222,10 @@ class Guard:
         # Across a restart only the journal's wall-clock stamps tell; they are placed on
         # the monotonic clock once, here.
         # Rollbacks older than `budget_window` fall out in `_rollbacks_in_budget`.
+        # The whole file, not only the recent events kept in memory: a busy hour (a guard
+        # window extended again and again) must not push a rollback out of the budget.
         wall, mono = self.clock.wall(), self.clock.monotonic()
-        for entry in self.journal.recent:
+        for entry in self.journal.read():
             self._count_for_budget(entry, mono - (wall - _ts(entry)))
 
     def open_rollback(self) -> dict[str, Any] | None:
@@ -217,17 +248,20 @@ class Guard:
                 await self.switcher.recover()
         except (SwitchError, TimeoutError) as e:
             self.record("alert", reason=f"could not repair the switch target at start: {_why(e)}")
+        # The memory first: a rollback resumed below ends in its own hold or guard window.
+        self.machine.restore(Memory.from_json(saved))
         pending = self.open_rollback()
         self.active = await self.switcher.read_active()
         if pending is not None:
             await self._resume_rollback(pending)
         remembered = saved.get("active")
-        if (
+        moved_while_down = (
             remembered in COLORS
             and self.active is not None
             and remembered != self.active
             and pending is None
-        ):
+        )
+        if moved_while_down:
             self.record(
                 "external_switch",
                 source=remembered,
@@ -237,6 +271,10 @@ class Guard:
             )
         if isinstance(saved.get("paused"), dict):
             self.paused = saved["paused"]
+        if moved_while_down:
+            # Someone moved traffic while guardd was down: an operator acted, just as with
+            # a switch made while it runs (`_adopt_external_switch`).
+            self.machine.clear_hold()
         self._restore_lock(saved.get("qos"))
         self.metrics.set_active(self.active)
 
@@ -274,10 +312,16 @@ class Guard:
         info = qoslock.LockInfo(
             True, saved.get("reason"), saved.get("locked_at"), saved.get("until"), saved.get("by")
         )
-        remaining: float | None = None
-        if info.until:
-            remaining = max(0.0, parse_rfc3339(info.until) - self.clock.wall())
-        now = self.clock.monotonic()
+        wall, now = self.clock.wall(), self.clock.monotonic()
+
+        def mono(stamp: object, default: float | None) -> float | None:
+            # A wall-clock stamp of state.json placed on the monotonic clock; one that cannot
+            # be read keeps the lock (fail closed: a lock is never lost to a garbled file).
+            try:
+                return float(now + max(0.0, parse_rfc3339(str(stamp)) - wall))
+            except ValueError:
+                return default
+
         current = qoslock.read_lock(self.s.lock_file)
         if not current.held:
             # /run was cleared (a reboot) or the file was removed while guardd was down:
@@ -286,19 +330,32 @@ class Guard:
         elif current != info:
             return  # someone else's lock now; it is theirs to remove
         manual = bool(saved.get("manual"))
-        span = float(saved.get("window_s") or self.s.qos_window)
-        window = (
+        expires_at = mono(info.until, None) if info.until else None
+        floor_doc = saved.get("floor")
+        floor = (
             None
-            if manual
-            else QosWindow(
-                now,
-                remaining if remaining is not None else span,
-                self.s.qos_max_error_ratio,
-                self.s.qos_min_health_ratio,
-            )
+            if floor_doc is None
+            else (math.inf if floor_doc == "unlocked" else mono(floor_doc, math.inf))
         )
-        self.own_lock = OwnedLock(
-            info, window, None if remaining is None else now + remaining, manual
+        window: QosWindow | None = None
+        if not manual:
+            w = saved.get("window")
+            w = w if isinstance(w, dict) else {}
+            # Older state files kept only the lock's until: the window then ends with it.
+            ends = mono(w.get("until"), None) if "until" in w else expires_at
+            window = self._new_window(
+                now, (ends if ends is not None else now + self.s.qos_window) - now
+            )
+            window.restore_counts(w)
+        self.own_lock = OwnedLock(info, window, expires_at, manual, floor)
+
+    def _new_window(self, now: float, span: float) -> QosWindow:
+        return QosWindow(
+            now,
+            span,
+            self.s.qos_max_error_ratio,
+            self.s.qos_min_health_ratio,
+            self.s.policy.min_samples,
         )
 
     # ---- probing -----------------------------------------------------------------------
@@ -391,7 +448,16 @@ class Guard:
         self.metrics.set_state(self.state.value)
         self.metrics.set_active(self.active)
         self.metrics.set_qos_locked(self.qos_held)
+        self.metrics.set_rollback_target_healthy(self.protection_lost() is None)
         self.save_state()
+
+    def protection_lost(self) -> str | None:
+        """Why no automatic rollback could go ahead now, or None (docs/contract.md §3)."""
+        if self.active is None or any(
+            w.last_probe_at is None for w in self.machine.windows.values()
+        ):
+            return None  # `hold` or `starting`: each is its own warning
+        return self.machine.protection_lost(self.active, self.clock.monotonic())
 
     async def _adopt_external_switch(self) -> None:
         if self.rolling_back:
@@ -608,25 +674,50 @@ class Guard:
     def take_lock(
         self, reason: str, *, by: str, duration: float | None = None, manual: bool = False
     ) -> qoslock.LockInfo:
-        """Write guardd's lock (a guard window, or an operator's lock for `duration`)."""
+        """Write guardd's lock: a guard window, or an operator's lock for `duration` seconds
+        (None: until unlocked). Returns the lock as it now stands.
+
+        A new lock never shortens one guardd holds: an operator's lock laid over a guard
+        window can only extend it (the window is still judged, and extended if its SLOs
+        fail), and a guard window taken under an operator's lock lasts at least as long as
+        that lock. Only `release_lock` (`guardctl qos unlock`) ends a lock early.
+        """
         wall = self.clock.wall()
         now = self.clock.monotonic()
-        span = self.s.qos_window if duration is None and not manual else duration
-        info = qoslock.LockInfo(
-            True, reason, rfc3339(wall), None if span is None else rfc3339(wall + span), by
-        )
+        old = self.own_lock
+        window: QosWindow | None
+        if manual and old is not None and old.window is not None:
+            # An operator's lock over a guard window: a floor under the window's end.
+            asked = math.inf if duration is None else now + duration
+            floor = max(asked, old.floor if old.floor is not None else -math.inf)
+            if floor <= (math.inf if old.expires_at is None else old.expires_at):
+                old.floor = floor
+                self.save_state()
+                return old.info  # the guard window already lasts longer
+            end, window, manual = floor, old.window, False
+        elif manual:
+            # An operator replaces their own lock (or takes one): theirs to shorten.
+            end, window, floor = (math.inf if duration is None else now + duration), None, None
+        else:
+            span = duration or self.s.qos_window
+            window = self._new_window(now, span)
+            current = qoslock.read_lock(self.s.lock_file)
+            if current.held and (old is None or current != old.info):
+                # Someone else's lock (a touched file): it had no end, so neither does ours.
+                floor = math.inf
+                reason = f"{reason}; a lock was already held ({current.reason}): until unlocked"
+            elif old is None:
+                floor = None
+            elif old.window is None:  # an operator's lock: the guard window lasts at least as long
+                floor = math.inf if old.expires_at is None else old.expires_at
+            else:
+                floor = old.floor
+            end = max(now + span, floor if floor is not None else -math.inf)
+        until = None if math.isinf(end) else rfc3339(wall + end - now)
+        info = qoslock.LockInfo(True, reason, rfc3339(wall), until, by)
         self._write_lock(info)
-        window = (
-            None
-            if manual
-            else QosWindow(
-                now,
-                span or self.s.qos_window,
-                self.s.qos_max_error_ratio,
-                self.s.qos_min_health_ratio,
-            )
-        )
-        self.own_lock = OwnedLock(info, window, None if span is None else now + span, manual)
+        expires_at = None if math.isinf(end) else end
+        self.own_lock = OwnedLock(info, window, expires_at, manual and window is None, floor)
         self.qos_held = True
         self.metrics.set_qos_locked(True)
         self.record("qos_locked", reason=reason, by=by, until=info.until)
@@ -658,17 +749,29 @@ class Guard:
         if own.window is not None and own.window.due(now):
             verdict = own.window.verdict()
             evidence = verdict.evidence(own.window.max_error_ratio, own.window.min_health_ratio)
-            if verdict.met:
+            if verdict.met and own.floor is not None and own.floor > now:
+                # The window passed, but an operator's lock laid over it still stands.
+                self.log.info("guard_window_passed", reason=verdict.reason, until=own.info.until)
+                own.window = None
+                own.manual = True
+                own.expires_at = None if math.isinf(own.floor) else own.floor
+                own.floor = None
+                self.save_state()
+            elif verdict.met:
                 self.release_lock(
                     by=GUARDD, reason=f"guard window passed: {verdict.reason}", evidence=evidence
                 )
             else:
+                end = now + self.s.qos_window
+                if own.floor is not None:
+                    end = max(end, own.floor)
                 wall = self.clock.wall()
-                info = dataclasses.replace(own.info, until=rfc3339(wall + self.s.qos_window))
+                until = None if math.isinf(end) else rfc3339(wall + end - now)
+                info = dataclasses.replace(own.info, until=until)
                 self._write_lock(info)
                 own.info = info
                 own.window.restart(now, self.s.qos_window)
-                own.expires_at = now + self.s.qos_window
+                own.expires_at = None if math.isinf(end) else end
                 self.record(
                     "qos_extended",
                     source=self.active,
@@ -734,6 +837,7 @@ class Guard:
             "paused": self.paused is not None,
             "paused_reason": (self.paused or {}).get("reason"),
             "hold_reason": hold.reason if hold else None,
+            "no_rollback_target": self.protection_lost(),
             "qos": {
                 "locked": lock.held,
                 "reason": lock.reason,
@@ -770,6 +874,8 @@ class Guard:
             else:
                 parts.append(f"{color}=up")
         parts.append("qos=locked" if self.qos_held else "qos=free")
+        if self.protection_lost() is not None:
+            parts.append("no-rollback-target")
         if self.paused is not None:
             parts.append("paused")
         if self.storage.failing:

@@ -32,6 +32,32 @@ def redact_secrets(
     return event
 
 
+# syslog priorities of structlog's levels (sd-daemon(3)).
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+
+
+def is_journal_stream(stream: TextIO) -> bool:
+    """Whether `stream` is the journald stream `$JOURNAL_STREAM` names (systemd.exec(5))."""
+    try:
+        dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+class _SyslogPrefixed:
+    """Prefixes each rendered line with `<N>`, its syslog priority, which journald reads
+    (SyslogLevelPrefix=, on by default) and strips: `journalctl -p warning` then works."""
+
+    def __init__(self, renderer: Any) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: object, name: str, event: MutableMapping[str, Any]) -> str:
+        priority = _PRIORITY.get(str(event.get("level")), 6)
+        return f"<{priority}>{self._renderer(logger, name, event)}"
+
+
 def wants_json(stream: TextIO) -> bool:
     """JSON lines when stderr is not a terminal or journald reads it."""
     return bool(os.environ.get("JOURNAL_STREAM")) or not stream.isatty()
@@ -48,6 +74,8 @@ def configure(
         if as_json
         else structlog.dev.ConsoleRenderer(colors=out.isatty() and not os.environ.get("NO_COLOR"))
     )
+    if is_journal_stream(out):
+        renderer = _SyslogPrefixed(renderer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

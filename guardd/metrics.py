@@ -128,6 +128,12 @@ class GuardMetrics:
         qos_locked = Gauge(
             "guardd_qos_locked", "1 while the QoS lock is held.", ("guard",), registry=r
         )
+        target_healthy = Gauge(
+            "guardd_rollback_target_healthy",
+            "1 while an automatic rollback could go ahead: the rollback target is up.",
+            ("guard",),
+            registry=r,
+        )
         self._notifications_family = Counter(
             "guardd_notifications",
             "Notifications by sink and outcome.",
@@ -173,6 +179,7 @@ class GuardMetrics:
         self._rollbacks = {sev: rollbacks.labels(guard, sev) for sev in ROLLBACK_SEVERITIES}
         self._switch_seconds = switch_seconds.labels(guard)
         self._qos_locked = qos_locked.labels(guard)
+        self._target_healthy = target_healthy.labels(guard)
         self._notifications: dict[tuple[str, str], Counter] = {}
         self._storage_errors = {kind: storage_errors.labels(guard, kind) for kind in STORAGE_KINDS}
         self._ticks = ticks.labels(guard)
@@ -224,6 +231,10 @@ class GuardMetrics:
     def set_qos_locked(self, locked: bool) -> None:
         """Publish whether the QoS lock is held."""
         self._qos_locked.set(1 if locked else 0)
+
+    def set_rollback_target_healthy(self, healthy: bool) -> None:
+        """Publish whether the rollback target could take traffic (0: protection lost)."""
+        self._target_healthy.set(1 if healthy else 0)
 
     def declare_sinks(self, sinks: Iterable[str]) -> None:
         """Create the notification series of `sinks` at 0 before anything is sent."""

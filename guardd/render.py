@@ -251,6 +251,8 @@ def render_status(status: Mapping[str, Any], *, color: bool = False) -> str:
     field(
         "rollback to", _text(target) + (" (already active)" if target and target == active else "")
     )
+    if status.get("no_rollback_target"):
+        field("WARNING", "no safe rollback: " + clean(status["no_rollback_target"]), _YELLOW)
     field("qos lock", *_lock(status.get("qos")))
     if status.get("paused"):
         reason = status.get("paused_reason")

@@ -216,6 +216,7 @@ def test_durations_written_as_bare_numbers_of_100_or_more_are_warned_about(
         + "[policy]\nwindow = 3600\nbudget_window = 7200\n"
         + '[switch]\nkind = "state-file"\npath = "/tmp/s.json"\ntimeout = "100s"\n'
         + "[retry]\nmax_delay = 150.5\n"
+        + '[qos]\nwindow = "2h"\n'  # min_samples probes at a 1000 s interval must fit
         + '[[notify]]\nkind = "webhook"\nurl = "http://127.0.0.1:1/h"\ntimeout = 100\n'
     )
     (tmp_path / "w.toml").write_text(text)

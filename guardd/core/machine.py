@@ -8,6 +8,7 @@ with `rollback_succeeded` or `rollback_failed`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from guardd.core.policy import Policy, PolicySpec, Verdict
 from guardd.core.types import COLORS, Color, Evidence, Outcome, Severity, State, other
@@ -88,6 +89,67 @@ class _Edges:
         self.raised = {k for k in self.raised if not k.startswith(prefixes)}
 
 
+# The key of the lost-protection episode in `_Edges`: journaled once, re-armed on recovery.
+NO_TARGET = "no_target"
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """Everything the machine remembers besides its probe windows: state.json keeps it.
+
+    The windows (and the P1 onsets the policy derives from them) are measurements, taken
+    again after a restart; whatever else steers a decision is here, so that a restart
+    alone never changes one (docs/contract.md §4).
+    """
+
+    hold: Hold | None = None
+    rolled_away_from: Color | None = None
+    raised: frozenset[str] = frozenset()
+
+    def to_json(self) -> dict[str, Any]:
+        """The `machine` object of state.json."""
+        hold = self.hold
+        return {
+            "hold": None
+            if hold is None
+            else {
+                "reason": hold.reason,
+                "sticky": hold.sticky,
+                "severity": hold.severity,
+                "evidence": hold.evidence.to_dict() if hold.evidence else None,
+            },
+            "rolled_away_from": self.rolled_away_from,
+            "raised": sorted(self.raised),
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> Memory:
+        """Read back `to_json`; what is missing or malformed is not remembered."""
+        if not isinstance(doc, dict):
+            return cls()
+        hold: Hold | None = None
+        h = doc.get("hold")
+        if isinstance(h, dict) and isinstance(h.get("reason"), str):
+            ev = h.get("evidence")
+            sev = h.get("severity")
+            hold = Hold(
+                h["reason"],
+                # Fail closed: a hold whose stickiness cannot be read waits for an operator.
+                sticky=h.get("sticky") is not False,
+                evidence=Evidence.from_dict(ev) if isinstance(ev, dict) else None,
+                severity=sev if sev in ("P0", "P1", "P2") else None,
+            )
+        away = doc.get("rolled_away_from")
+        raised = doc.get("raised")
+        return cls(
+            hold=hold,
+            rolled_away_from=away if away in COLORS else None,
+            raised=frozenset(k for k in raised if isinstance(k, str))
+            if isinstance(raised, list)
+            else frozenset(),
+        )
+
+
 class GuardMachine:
     """Windows for both colors, the policy, and the hold/anti-flap memory."""
 
@@ -154,6 +216,36 @@ class GuardMachine:
             return ratio
         return None
 
+    def memory(self) -> Memory:
+        """What must survive a restart for the next decision to come out the same."""
+        return Memory(self.hold, self.rolled_away_from, frozenset(self._edges.raised))
+
+    def restore(self, memory: Memory) -> None:
+        """Adopt the memory of an earlier run (at start-up, before the first decision)."""
+        self.hold = memory.hold
+        self.rolled_away_from = memory.rolled_away_from
+        self._edges.raised = set(memory.raised)
+
+    def protection_lost(self, active: Color, now: float) -> str | None:
+        """Why an automatic rollback from `active` could not go ahead now; None if it could.
+
+        The rollback target counts as lost once it fails `consecutive_failures` probes in
+        a row (the rule that would roll it back, were it active) or cannot be vouched for
+        (stale). A target that is `active` itself has nothing to lose.
+        """
+        target = self.rollback_target(active)
+        if target == active:
+            return None
+        if self.is_stale(target, now):
+            return f"the rollback target {target} is stale (no recent probe)"
+        w = self.windows[target]
+        if w.consecutive_failures >= self.spec.consecutive_failures:
+            return (
+                f"the rollback target {target} is down "
+                f"({w.consecutive_failures} failed probes in a row: {w.last_error})"
+            )
+        return None
+
     def rollback_target(self, active: Color) -> Color:
         """The color automatic rollbacks go to from `active`."""
         if self.spec.rollback_to in COLORS:
@@ -182,6 +274,20 @@ class GuardMachine:
             f.now, active, self.stats(active, f.now), self.stats(other(active), f.now)
         )
         actions: list[Action] = []
+        lost = self.protection_lost(active, f.now)
+        if lost is not None:
+            if self._edges.first(NO_TARGET):
+                actions.append(
+                    Alert(
+                        None,
+                        f"no safe rollback: {lost}; if {active} fails, guardd holds "
+                        "instead of rolling back",
+                    )
+                )
+        elif self.healthy(self.rollback_target(active), f.now) is True:
+            # Re-armed only once the target passes again, so a target hovering at the
+            # threshold is one episode, not an alert per probe.
+            self._edges.clear(NO_TARGET)
         if verdict.severity == "P2":
             if self._edges.first(f"p2:{verdict.evidence.rule}"):
                 actions.append(Alert("P2", verdict.reason, verdict.evidence))

@@ -17,11 +17,14 @@ class QosVerdict:
     health_ratio: float
     reason: str
 
+    min_samples: int = 1
+
     def evidence(self, max_error_ratio: float, min_health_ratio: float) -> dict[str, object]:
         """The journal's evidence for a release or an extension."""
         return {
             "rule": "qos_window",
             "samples": self.samples,
+            "min_samples": self.min_samples,
             "error_ratio": round(self.error_ratio, 4),
             "max_error_ratio": max_error_ratio,
             "health_ratio": round(self.health_ratio, 4),
@@ -33,7 +36,8 @@ class QosWindow:
     """Counts the active color's probes from `started_at` for `span` seconds.
 
     The error ratio counts 5xx answers (errors served to users); the health ratio counts
-    probes that passed every expectation. Both must hold for the lock to be released.
+    probes that passed every expectation. Both must hold, over at least `min_samples`
+    probes, for the lock to be released: fewer cannot tell, and extend the window.
     """
 
     __slots__ = (
@@ -41,19 +45,41 @@ class QosWindow:
         "failures",
         "max_error_ratio",
         "min_health_ratio",
+        "min_samples",
         "samples",
         "span",
         "started_at",
     )
 
     def __init__(
-        self, started_at: float, span: float, max_error_ratio: float, min_health_ratio: float
+        self,
+        started_at: float,
+        span: float,
+        max_error_ratio: float,
+        min_health_ratio: float,
+        min_samples: int = 1,
     ) -> None:
         self.started_at = started_at
         self.span = span
         self.max_error_ratio = max_error_ratio
         self.min_health_ratio = min_health_ratio
+        self.min_samples = max(1, min_samples)
         self.samples = self.failures = self.errors_5xx = 0
+
+    def counts(self) -> dict[str, int]:
+        """The probes counted so far (state.json keeps them across a restart)."""
+        return {"samples": self.samples, "failures": self.failures, "errors_5xx": self.errors_5xx}
+
+    def restore_counts(self, doc: dict[str, object]) -> None:
+        """Adopt `counts()` of an earlier run; malformed counts are not adopted."""
+        samples, failures, errors_5xx = (doc.get(k) for k in ("samples", "failures", "errors_5xx"))
+        if (
+            isinstance(samples, int)
+            and isinstance(failures, int)
+            and isinstance(errors_5xx, int)
+            and 0 <= errors_5xx <= failures <= samples
+        ):
+            self.samples, self.failures, self.errors_5xx = samples, failures, errors_5xx
 
     @property
     def ends_at(self) -> float:
@@ -72,9 +98,17 @@ class QosWindow:
         return now >= self.ends_at
 
     def verdict(self) -> QosVerdict:
-        """Judge the window; no samples at all is not a recovery."""
-        if self.samples == 0:
-            return QosVerdict(False, 0, 0.0, 0.0, "no probe of the active color in the window")
+        """Judge the window; fewer than `min_samples` probes is not a recovery."""
+        if self.samples < self.min_samples:
+            return QosVerdict(
+                False,
+                self.samples,
+                self.errors_5xx / self.samples if self.samples else 0.0,
+                (self.samples - self.failures) / self.samples if self.samples else 0.0,
+                f"only {self.samples} probes of the active color in the window; "
+                f"min_samples is {self.min_samples}",
+                self.min_samples,
+            )
         error_ratio = self.errors_5xx / self.samples
         health_ratio = (self.samples - self.failures) / self.samples
         problems = []
@@ -86,7 +120,9 @@ class QosWindow:
             f"SLOs held over {self.samples} probes "
             f"(error ratio {error_ratio:.3g}, health {health_ratio:.3g})"
         )
-        return QosVerdict(not problems, self.samples, error_ratio, health_ratio, reason)
+        return QosVerdict(
+            not problems, self.samples, error_ratio, health_ratio, reason, self.min_samples
+        )
 
     def restart(self, now: float, span: float | None = None) -> None:
         """Begin another window (an extension)."""

@@ -72,6 +72,18 @@ class Evidence:
         d.update(self.extra)
         return d
 
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Evidence | None:
+        """The inverse of `to_dict` (state.json); None if `doc` is not evidence."""
+        known = {
+            "rule", "threshold", "value", "samples", "color", "consecutive_failures",
+            "error_ratio", "p50_ms", "p95_ms", "window_s",
+        }  # fmt: skip
+        if not known <= doc.keys() or doc["color"] not in COLORS:
+            return None
+        extra = {k: v for k, v in doc.items() if k not in known}
+        return cls(**{k: doc[k] for k in known}, extra=extra)
+
 
 def _round(v: float | int | None) -> float | int | None:
     return round(v, 4) if isinstance(v, float) else v

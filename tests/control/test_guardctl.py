@@ -351,6 +351,8 @@ def _status(**changes: Any) -> dict[str, Any]:
         pytest.param(_status(green_healthy=None), 1, id="active-unknown"),
         pytest.param(_status(active="purple"), 1, id="active-missing"),
         pytest.param(_status(state="hold", paused=True), 2, id="hold"),
+        pytest.param(_status(no_rollback_target="blue is down"), 1, id="no-rollback-target"),
+        pytest.param(_status(state="hold", no_rollback_target="blue"), 2, id="hold-wins"),
     ],
 )
 def test_status_exit_rule(status: dict[str, Any], code: int) -> None:

@@ -192,3 +192,44 @@ def test_promotion_gate_needs_a_run_of_passes_and_a_clean_window() -> None:
     for _ in range(30):
         r.step()
     assert r.m.promotable("blue", r.now)
+
+
+def test_a_dead_rollback_target_alerts_once_per_episode() -> None:
+    r = Replay()
+    r.step()
+    for _ in range(2):
+        r.step(blue=FAIL)
+    assert not r.log and r.m.protection_lost("green", r.now) is None  # not yet confirmed down
+    (alert,) = r.step(blue=FAIL)
+    assert (
+        isinstance(alert, Alert) and "no safe rollback" in alert.reason and "blue" in alert.reason
+    )
+    for _ in range(20):
+        assert r.step(blue=FAIL) == [], "once per episode"
+    assert r.state is State.STEADY  # a warning, not a state: green still serves
+    r.step()  # blue passes a probe: the episode ends
+    assert r.m.protection_lost("green", r.now) is None
+    for _ in range(3):
+        r.step(blue=FAIL)
+    assert len([a for a in r.log if isinstance(a, Alert)]) == 2, "re-armed by the recovery"
+
+
+def test_a_stale_rollback_target_is_lost_protection() -> None:
+    m = GuardMachine(SPEC, INTERVAL)
+    m.observe("blue", 1.0, Outcome.OK, 0.01)
+    m.observe("green", 1.0, Outcome.OK, 0.01)
+    m.observe("green", 10.0, Outcome.OK, 0.01)
+    assert m.protection_lost("green", 10.0) is not None
+    assert "stale" in str(m.protection_lost("green", 10.0))
+    assert m.protection_lost("blue", 10.0) is None or "green" in str(
+        m.protection_lost("blue", 10.0)
+    )
+
+
+def test_no_protection_to_lose_when_the_active_color_is_the_target() -> None:
+    r = Replay(active="blue")
+    r.step()
+    for _ in range(5):
+        r.step(green=FAIL)
+    assert r.m.protection_lost("blue", r.now) is None
+    assert not [a for a in r.log if isinstance(a, Alert)]

@@ -22,7 +22,9 @@ def test_ready_only_after_a_probe_of_each_color(make_lab) -> None:
     ready_at = max(at for at, line in lab.notify.messages if line == "READY=1")
     assert ready_at - started >= 1.5, "READY waited for blue's slow first probe"
     assert lab.blue.requests >= 1 and lab.green.requests >= 1
-    assert [e["event"] for e in d.events()][-1] == "started"
+    # Blue's probes time out (1.5 s > probe.timeout): its lost protection may be alerted since.
+    events = [e["event"] for e in d.events() if "no safe rollback" not in (e["reason"] or "")]
+    assert events[-1] == "started"
     assert d.stop() == 0
 
 

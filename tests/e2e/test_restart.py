@@ -1,0 +1,156 @@
+"""A restart of the real daemon changes no decision; lost protection is never silent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.harness.daemon import Daemon, Lab, guardctl, wait_until
+
+pytestmark = pytest.mark.nginx
+
+
+def ctl(lab: Lab, *argv: str):  # type: ignore[no-untyped-def]
+    return guardctl("--config", str(lab.config_path), *argv)
+
+
+def log_lines(d: Daemon) -> list[dict]:  # type: ignore[type-arg]
+    out = []
+    for line in d.log().splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            out.append(doc)
+    return out
+
+
+def levels(d: Daemon, event: str) -> set[str]:
+    return {x["level"] for x in log_lines(d) if x.get("event") == event}
+
+
+def test_sticky_hold_after_a_failed_switch_survives_a_restart(make_lab) -> None:
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    good = lab.nginx.targets["blue"].read_text()
+    lab.nginx.targets["blue"].write_text("this is not nginx syntax {\n")
+    lab.green.set_mode("http_503")
+    d.wait_event("rollback_failed")
+    d.wait_event("hold")
+    assert wait_until(lambda: d.state().get("hold", {}) or None, 10, "hold in state.json")["sticky"]
+    # The levels journald's priorities are made of: a failed rollback and a hold warn.
+    assert levels(d, "rollback_failed") == {"warning"}
+    assert levels(d, "hold") == {"warning"}
+    assert levels(d, "rollback_started") == {"info"}
+    assert d.stop() == 0
+
+    # The target is fixed meanwhile; only an operator may send traffic there now.
+    lab.nginx.targets["blue"].write_text(good)
+    count = len(d.events())
+    d2 = lab.daemon()
+    served = lab.green.requests
+    assert lab.green.wait_for_requests(served + 30, timeout=30), "green probed after the restart"
+    assert wait_until(lambda: d2.state().get("state") == "hold", 10, "hold after the restart")
+    new = [e["event"] for e in d2.events()[count:]]
+    assert "rollback_started" not in new, new
+    assert "hold" not in new, "the same hold, not a new one"
+    assert ctl(lab, "status").returncode == 2
+    assert lab.nginx.served_color() is None, "still on green: held, not switched"
+
+    assert ctl(lab, "resume").returncode == 0
+    d2.wait_event("rollback_completed", after=count)
+    assert lab.nginx.wait_serving_only("blue", hold=0.3, timeout=20)
+    assert d2.stop() == 0
+
+
+def test_a_guard_window_survives_a_restart_with_its_probes(make_lab) -> None:
+    lab: Lab = make_lab(qos__window="6s")
+    d = lab.daemon()
+    lab.green.set_mode("http_503")
+    locked = d.wait_event("qos_locked")
+    assert wait_until(
+        lambda: ((d.state().get("qos") or {}).get("window") or {}).get("samples", 0) >= 3,
+        10,
+        "probes counted in the guard window",
+    )
+    assert d.stop() == 0
+    counted = d.state()["qos"]["window"]["samples"]
+    count = len(d.events())
+    d2 = lab.daemon()
+    assert json.loads(lab.lock_file.read_text())["until"] == locked["until"]
+    released = d2.wait_event("qos_released", after=count, timeout=30)
+    assert released["evidence"]["samples"] > counted, "the probes before the restart count"
+    assert released["ts"] >= locked["until"], "not released before the window ended"
+    assert not [e for e in d2.events()[count:] if e["event"] == "qos_extended"]
+    assert d2.stop() == 0
+
+
+def test_a_dead_rollback_target_is_a_warning_once_per_episode(make_lab) -> None:
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    wait_until(lambda: ctl(lab, "status").returncode == 0, 20, "status OK")
+    lab.blue.set_mode("http_503")
+    alert = d.wait_event("alert", where=lambda e: "no safe rollback" in (e["reason"] or ""))
+    assert "blue" in alert["reason"]
+    assert lab.notify is not None
+    lab.notify.wait_for(lambda m: m.startswith("STATUS=") and "no-rollback-target" in m, 20)
+    status = wait_until(lambda: (r := ctl(lab, "status")).returncode == 1 and r, 20, "WARNING")
+    assert "no safe rollback" in status.stdout
+    doc = json.loads(ctl(lab, "status", "--json").stdout)
+    assert doc["state"] == "steady" and "blue" in doc["no_rollback_target"]
+    served = lab.blue.requests
+    assert lab.blue.wait_for_requests(served + 20, timeout=30)
+    alerts = [e for e in d.events() if "no safe rollback" in (e.get("reason") or "")]
+    assert len(alerts) == 1, "once per episode"
+    assert levels(d, "alert") == {"warning"}
+
+    # The target recovers: the warning goes, and the next episode alerts again.
+    lab.blue.set_mode("ok")
+    assert wait_until(lambda: ctl(lab, "status").returncode == 0, 20, "status OK again")
+    count = len(d.events())
+    lab.blue.set_mode("http_503")
+    d.wait_event("alert", after=count, where=lambda e: "no safe rollback" in (e["reason"] or ""))
+
+    # ... and a restart in the middle of an episode does not alert it again.
+    assert d.stop() == 0
+    count = len(d.events())
+    d2 = lab.daemon()
+    served = lab.blue.requests
+    assert lab.blue.wait_for_requests(served + 20, timeout=30)
+    assert ctl(lab, "status").returncode == 1
+    assert not [e for e in d2.events()[count:] if e["event"] == "alert"]
+    assert d2.stop() == 0
+
+
+def test_under_journald_each_line_carries_its_syslog_priority(make_lab) -> None:
+    """journald reads `<N>` off the front of a line as its priority (SyslogLevelPrefix=)."""
+    lab: Lab = make_lab()
+    assert lab.notify is None
+    d = Daemon(lab.config_path, lab.state_dir, env={"GUARDD_FAULT_DIR": str(lab.fault_dir)})
+    d.log_path.touch()
+    st = d.log_path.stat()
+    # The daemon's stderr is this very file: it is the "journal stream" here.
+    d.env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    lab.daemons.append(d.start())
+    lab.blue.set_mode("http_503")
+    d.wait_event("alert", where=lambda e: "no safe rollback" in (e["reason"] or ""))
+
+    def parsed() -> list[tuple[int, dict]]:  # type: ignore[type-arg]
+        out = []
+        for line in d.log().splitlines():
+            if line.startswith("<") and ">" in line:
+                prio, _, rest = line[1:].partition(">")
+                out.append((int(prio), json.loads(rest)))
+        return out
+
+    lines = wait_until(
+        lambda: [p for p in parsed() if p[1]["event"] == "alert"] and parsed(), 10, "the alert line"
+    )
+    assert len(lines) == len(d.log().splitlines()), "every line is prefixed"
+    by_event = {doc["event"]: prio for prio, doc in lines}
+    assert by_event["alert"] == 4  # warning
+    assert by_event["started"] == 6  # info
+    assert all(prio == {"info": 6, "warning": 4, "error": 3}[doc["level"]] for prio, doc in lines)
+    assert d.stop() == 0

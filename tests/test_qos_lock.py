@@ -1,0 +1,180 @@
+"""The QoS lock: no lock shortens another guardd holds; a window too thin cannot pass.
+
+A real `Guard` on real files with a fake clock (tests/harness/guard_fakes.py), so minutes
+of guard window take a moment; the journal and the lock file are the real ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guardd import qoslock
+from guardd.core.qos import QosWindow
+from guardd.core.types import Outcome
+from guardd.guard import Guard
+from guardd.journal import parse_rfc3339
+from guardd.operator import handle
+from tests.harness.guard_fakes import DOWN, OK, SPEC, FakeClock, prepare, start, step, steps
+
+pytestmark = pytest.mark.anyio
+ROOT = "uid:0(root)"
+QOS_WINDOW = 10.0  # guard_fakes.settings
+
+
+async def rolled_back(tmp_path: Path) -> tuple[Guard, FakeClock]:
+    """A guard that has just rolled green back to blue and holds its guard window."""
+    prepare(tmp_path)
+    clock = FakeClock()
+    g = await start(tmp_path, clock, SPEC)
+    await steps(g, clock, [(OK, OK)] + [(OK, DOWN)] * 3)
+    assert g.active == "blue" and g.own_lock is not None and g.own_lock.window is not None
+    return g, clock
+
+
+def lock(g: Guard) -> qoslock.LockInfo:
+    return qoslock.read_lock(g.s.lock_file)
+
+
+def events(g: Guard, name: str) -> list[dict]:  # type: ignore[type-arg]
+    return [e for e in g.journal.recent if e["event"] == name]
+
+
+async def run_until_released(g: Guard, clock: FakeClock, limit: int) -> float:
+    """Healthy probes until guardd releases the lock; the monotonic time it did."""
+    for _ in range(limit):
+        await step(g, clock, OK, OK)
+        if not lock(g).held:
+            return clock.mono
+    raise AssertionError(f"the lock was not released within {limit} ticks")
+
+
+@pytest.mark.parametrize("for_s", [3.0, 9.0])
+async def test_a_shorter_operator_lock_does_not_shorten_the_guard_window(
+    tmp_path: Path, for_s: float
+) -> None:
+    g, clock = await rolled_back(tmp_path)
+    window_until = lock(g).until
+    taken_at = clock.mono
+    answer = await handle(g, "qos_lock", {"reason": "hotfix", "for_s": for_s}, ROOT)
+    assert answer["until"] == window_until, "the answer shows the lock as it stands"
+    assert lock(g).until == window_until
+    released_at = await run_until_released(g, clock, 60)
+    assert released_at >= taken_at + QOS_WINDOW - 1  # the guard window's end, not for_s
+    (released,) = events(g, "qos_released")
+    assert released["by"] == "guardd" and "guard window passed" in released["reason"]
+
+
+async def test_a_longer_operator_lock_extends_the_guard_window(tmp_path: Path) -> None:
+    g, clock = await rolled_back(tmp_path)
+    taken_at = clock.mono
+    await handle(g, "qos_lock", {"reason": "hands off", "for_s": 30}, ROOT)
+    until = lock(g).until
+    assert until is not None and lock(g).reason == "hands off"
+    released_at = await run_until_released(g, clock, 80)
+    assert released_at >= taken_at + 30
+    assert parse_rfc3339(events(g, "qos_released")[0]["ts"]) >= parse_rfc3339(until)
+    assert events(g, "qos_released")[0]["reason"] == "operator lock expired"
+
+
+async def test_an_operator_lock_until_unlocked_outlasts_the_window(tmp_path: Path) -> None:
+    g, clock = await rolled_back(tmp_path)
+    await handle(g, "qos_lock", {"reason": "freeze"}, ROOT)
+    assert lock(g).until is None
+    await steps(g, clock, [(OK, OK)] * 60)
+    assert lock(g).held and not events(g, "qos_released")
+    await handle(g, "qos_unlock", {}, ROOT)  # explicit: the one way to end it early
+    assert not lock(g).held
+
+
+async def test_the_guard_window_still_extends_under_an_operator_lock(tmp_path: Path) -> None:
+    g, clock = await rolled_back(tmp_path)
+    await handle(g, "qos_lock", {"reason": "hands off", "for_s": 12}, ROOT)
+    await steps(g, clock, [(DOWN, OK)] + [(OK, OK)] * 11)
+    assert events(g, "qos_extended"), "the failed window is judged, as without the lock"
+    assert lock(g).held
+
+
+async def test_a_guard_window_taken_under_an_operator_lock_keeps_it(tmp_path: Path) -> None:
+    prepare(tmp_path)
+    clock = FakeClock()
+    g = await start(tmp_path, clock, SPEC)
+    await steps(g, clock, [(OK, OK)])
+    await handle(g, "qos_lock", {"reason": "freeze"}, ROOT)
+    await steps(g, clock, [(OK, DOWN)] * 3)  # a rollback while the operator's lock is held
+    assert g.active == "blue" and events(g, "rollback_completed")
+    await steps(g, clock, [(OK, OK)] * 40)
+    assert lock(g).held and lock(g).until is None
+    assert not events(g, "qos_released")
+
+
+async def test_a_rollback_under_a_touched_lock_file_keeps_it_until_unlocked(tmp_path: Path) -> None:
+    prepare(tmp_path)
+    clock = FakeClock()
+    g = await start(tmp_path, clock, SPEC)
+    await steps(g, clock, [(OK, OK)])
+    g.s.lock_file.touch()  # any tool may take the lock by creating the file
+    await steps(g, clock, [(OK, DOWN)] * 3)
+    assert g.active == "blue" and events(g, "rollback_completed")
+    assert "already held" in str(lock(g).reason)
+    await steps(g, clock, [(OK, OK)] * 40)
+    assert lock(g).held and not events(g, "qos_released")
+    await handle(g, "qos_unlock", {}, ROOT)
+    assert not lock(g).held
+
+
+async def test_an_operator_lock_alone_is_theirs_to_shorten(tmp_path: Path) -> None:
+    prepare(tmp_path)
+    clock = FakeClock()
+    g = await start(tmp_path, clock, SPEC)
+    await steps(g, clock, [(OK, OK)])
+    await handle(g, "qos_lock", {"reason": "freeze", "for_s": 60}, ROOT)
+    await handle(g, "qos_lock", {"reason": "shorter", "for_s": 3}, ROOT)
+    await run_until_released(g, clock, 6)  # long before the first lock's 60 s
+    assert events(g, "qos_released")[0]["reason"] == "operator lock expired"
+
+
+@pytest.mark.parametrize(
+    ("min_samples", "probes", "met"), [(5, 3, False), (5, 5, True), (1, 1, True)]
+)
+def test_the_window_needs_min_samples_probes(min_samples: int, probes: int, met: bool) -> None:
+    w = QosWindow(0.0, 1.0, 0.01, 0.99, min_samples)
+    for _ in range(probes):
+        w.add(Outcome.OK)
+    verdict = w.verdict()
+    assert verdict.met is met
+    if not met:
+        assert f"min_samples is {min_samples}" in verdict.reason
+    assert verdict.evidence(0.01, 0.99)["min_samples"] == min_samples
+
+
+async def test_a_window_with_too_few_probes_is_extended_not_released(tmp_path: Path) -> None:
+    g, clock = await rolled_back(tmp_path)
+    # The active color's probes stop answering in time (each one hangs): fewer than
+    # min_samples of them land in the window.
+    for n in range(11):
+        clock.advance(1.0)
+        if n == 0:
+            g.observe("blue", OK)
+        g.observe("green", OK)
+        async with g.lock:
+            await g.tick()
+    (extended,) = events(g, "qos_extended")
+    assert "min_samples" in extended["reason"]
+    assert extended["evidence"]["samples"] < SPEC.min_samples
+    assert lock(g).held and not events(g, "qos_released")
+
+
+async def test_journal_levels_follow_what_the_event_means(tmp_path: Path) -> None:
+    g, clock = await rolled_back(tmp_path)
+    await steps(g, clock, [(DOWN, OK)] + [(OK, OK)] * 11)  # the window fails: extended
+    levels = {(level, event) for level, event, _ in g.log.lines}  # type: ignore[attr-defined]
+    assert ("warning", "qos_extended") in levels
+    assert ("warning", "alert") in levels
+    assert ("info", "rollback_completed") in levels
+    assert ("info", "qos_locked") in levels
+    g.journal.close()  # every write fails now, as on a full disk
+    g.record("alert", reason="cannot tell")
+    level, event, fields = g.log.lines[-1]  # type: ignore[attr-defined]
+    assert (level, event) == ("error", "alert") and fields["journaled"] is False

@@ -1,0 +1,288 @@
+"""A restart never changes a decision: the same inputs after a restart, the same decisions.
+
+Each row drives a real `Guard` (real journal, state.json and lock file in a temporary
+directory; a fake clock and switcher) into one of the states the machine can be in,
+then copies its files as a stop or a crash leaves them and starts a second guard from the
+copy. Both then see the same inputs — the same probe history, the same probes, the same
+clock — and must decide the same, tick by tick. A guard below fails when the machine or
+the guard grows a piece of state that no row (and no stated reason) accounts for.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from guardd import qoslock
+from guardd.core.machine import Decision, Memory
+from guardd.core.policy import PolicySpec
+from guardd.guard import Guard
+from guardd.operator import handle
+from guardd.probes.http import ProbeResult
+from tests.harness.guard_fakes import DOWN, OK, SPEC, FakeClock, build, prepare, start, step, steps
+
+pytestmark = pytest.mark.anyio
+
+
+def decision_key(d: Decision) -> tuple[object, ...]:
+    """What a decision decides: its state, its actions, and what blocked it."""
+    return (d.state, tuple(repr(a) for a in d.actions), d.blocked_by)
+
+
+Setup = Callable[[Guard, FakeClock], Awaitable[None]]
+
+
+async def sticky_hold(g: Guard, clock: FakeClock) -> None:
+    (g.switcher.path.parent / "switch-fails").touch()  # type: ignore[attr-defined]
+    await steps(g, clock, [(OK, OK)] + [(OK, DOWN)] * 3)
+    assert g.machine.hold is not None and g.machine.hold.sticky
+
+
+async def transient_hold(g: Guard, clock: FakeClock) -> None:
+    await steps(g, clock, [(OK, OK)] + [(DOWN, DOWN)] * 4)
+    assert g.machine.hold is not None and not g.machine.hold.sticky
+
+
+async def paused(g: Guard, clock: FakeClock) -> None:
+    await steps(g, clock, [(OK, OK)])
+    await handle(g, "pause", {"reason": "maintenance"}, "uid:0(root)")
+
+
+async def guard_window(g: Guard, clock: FakeClock) -> None:
+    await steps(g, clock, [(OK, OK)] + [(OK, DOWN)] * 3 + [(OK, DOWN)] * 2)
+    assert g.own_lock is not None and g.own_lock.window is not None
+    assert g.own_lock.window.samples > 0  # counted before the restart, judged after it
+
+
+async def operator_lock_over_window(g: Guard, clock: FakeClock) -> None:
+    await steps(g, clock, [(OK, OK)] + [(OK, DOWN)] * 3 + [(OK, DOWN)])
+    await handle(g, "qos_lock", {"reason": "hands off", "for_s": 30}, "uid:0(root)")
+    assert g.own_lock is not None and g.own_lock.floor is not None
+
+
+async def operator_lock(g: Guard, clock: FakeClock) -> None:
+    await steps(g, clock, [(OK, OK)])
+    await handle(g, "qos_lock", {"reason": "freeze", "for_s": 6}, "uid:0(root)")
+
+
+async def rolled_away_from(g: Guard, clock: FakeClock) -> None:
+    # rollback_to = "previous": green -> blue; green must not be a target in the window.
+    await steps(g, clock, [(OK, OK)] + [(OK, DOWN)] * 3 + [(OK, OK)] * 3)
+    assert g.machine.rolled_away_from == "green" and g.active == "blue"
+
+
+async def no_rollback_target(g: Guard, clock: FakeClock) -> None:
+    await steps(g, clock, [(OK, OK)] + [(DOWN, OK)] * 3)
+    assert g.protection_lost() is not None
+
+
+async def p2_alerted(g: Guard, clock: FakeClock) -> None:
+    await steps(g, clock, [(OK, OK)] * 10 + [(OK, DOWN)] + [(OK, OK)] * 20)
+    assert any(k.startswith("p2:") for k in g.machine.memory().raised)
+
+
+async def budget_spent(g: Guard, clock: FakeClock) -> None:
+    for _ in range(3):
+        await steps(g, clock, [(OK, OK)] + [(OK, DOWN)] * 3)
+        assert g.active == "blue"
+        g.switcher.path.write_text("green")  # type: ignore[attr-defined]
+        g.release_lock(by="uid:0(root)", reason="redeployed")
+        # Long enough for green's window to forget its failures.
+        await steps(g, clock, [(OK, OK)] * 31)
+    assert g._rollbacks_in_budget() == 3
+
+
+async def steady(g: Guard, clock: FakeClock) -> None:
+    await steps(g, clock, [(OK, OK)] * 3)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One state to restart in, the pieces of state.json (or journal) it exercises, and
+    the inputs both runs see after the restart."""
+
+    name: str
+    covers: frozenset[str]
+    setup: Setup
+    after: list[tuple[ProbeResult, ProbeResult]]
+    spec: PolicySpec = SPEC
+    crash_in_switch: bool = False
+
+
+PREVIOUS = dataclasses.replace(SPEC, rollback_to="previous")
+P2 = dataclasses.replace(SPEC, window=60.0, min_samples=5, p2_error_ratio=0.02, p1_error_ratio=0.2)
+
+ROWS = [
+    Row("steady", frozenset({"guard", "state", "active"}), steady, [(OK, DOWN)] * 4),
+    Row("sticky hold after a failed switch", frozenset({"hold"}), sticky_hold, [(OK, DOWN)] * 6),
+    Row(
+        "transient hold, both down",
+        frozenset({"hold"}),
+        transient_hold,
+        [(DOWN, DOWN)] * 3 + [(OK, DOWN)],
+    ),
+    Row("paused", frozenset({"paused"}), paused, [(OK, DOWN)] * 5),
+    Row("guard window, part counted", frozenset({"qos"}), guard_window, [(OK, OK)] * 12),
+    Row(
+        "operator's lock laid over a guard window",
+        frozenset({"qos"}),
+        operator_lock_over_window,
+        [(OK, OK)] * 35,
+    ),
+    Row("operator's lock", frozenset({"qos"}), operator_lock, [(OK, OK)] * 8),
+    Row(
+        "color just rolled away from",
+        frozenset({"rolled_away_from"}),
+        rolled_away_from,
+        [(DOWN, OK)] * 5,
+        spec=PREVIOUS,
+    ),
+    Row(
+        "rollback target down, alerted", frozenset({"raised"}), no_rollback_target, [(DOWN, OK)] * 4
+    ),
+    Row("P2 alerted", frozenset({"raised"}), p2_alerted, [(OK, DOWN)] + [(OK, OK)] * 3, spec=P2),
+    Row("rollback budget spent", frozenset({"journal:budget"}), budget_spent, [(OK, DOWN)] * 4),
+    Row(
+        "switch in flight",
+        frozenset({"journal:pending"}),
+        steady,
+        [(OK, DOWN)] * 3 + [(OK, OK)] * 4,
+        crash_in_switch=True,
+    ),
+]
+
+# Keys of state.json that are no decision's memory, and why.
+NOT_MEMORY = {
+    "version": "the file format",
+}
+# Attributes of the machine and the guard that state.json does not keep, and why each may
+# be lost in a restart without changing a decision.
+MACHINE_NOT_KEPT = {
+    "spec": "configuration, read again at start",
+    "probe_interval": "configuration",
+    "policy": "configuration; its P1 onsets are measurements, taken again with the windows",
+    "windows": "probe history: measurements, taken again after a restart (the test's inputs)",
+    "last_decision": "the previous tick's result, recomputed by the next tick",
+}
+MACHINE_KEPT = {"hold", "rolled_away_from", "_edges"}
+GUARD_NOT_KEPT = {
+    "s": "configuration",
+    "machine": "checked attribute by attribute above",
+    "switcher": "an adapter",
+    "journal": "the journal itself: the budget and a pending switch are read back from it",
+    "state_file": "an adapter",
+    "metrics": "published again at every tick",
+    "verifier": "an adapter",
+    "clock": "an adapter",
+    "log": "an adapter",
+    "notify": "an adapter",
+    "faults": "test hooks",
+    "lock": "a mutex",
+    "active": "read from the switch target at start, as before every decision",
+    "rolling_back": "a switch in flight is an open rollback_started (row: switch in flight)",
+    "switch_started": "only times a switch in flight",
+    "qos_held": "read from the lock file before every decision",
+    "storage": "measured by the next write",
+    "ticks": "a counter for the watchdog",
+    "started_mono": "uptime",
+    "state": "recomputed by the next tick",
+    "last_decision": "shown in status only; recomputed by the next decision",
+    "_auto_rollbacks": "the budget: read back from the journal (row: rollback budget spent)",
+    "_budget_since": "the budget: read back from the journal (`resumed`)",
+}
+GUARD_KEPT = {"paused", "own_lock"}
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+async def test_a_restart_decides_as_the_running_guard_would(row: Row, tmp_path: Path) -> None:
+    clock = FakeClock()
+    a_root, b_root = tmp_path / "a", tmp_path / "b"
+    snapshot_at: list[float] = []
+
+    def crash() -> None:
+        # kill -9 inside the switch: whatever is on disk now is what the restart finds.
+        if not snapshot_at:
+            shutil.copytree(a_root, b_root)
+            snapshot_at.append(clock.mono)
+
+    prepare(a_root)
+    g1 = await start(a_root, clock, row.spec, on_switch=crash if row.crash_in_switch else None)
+    await row.setup(g1, clock)
+    if row.crash_in_switch:
+        before_crash = [(OK, OK)] + [(OK, DOWN)] * 3
+        await steps(g1, clock, before_crash)
+        assert snapshot_at, "the switch was reached"
+    else:
+        g1.save_state()  # what SIGTERM does before exiting
+        shutil.copytree(a_root, b_root)
+    g1_clock = clock
+    b_clock = copy.copy(clock)
+
+    g2 = build(b_root, b_clock, row.spec)
+    await g2.recover(g2.state_file.load())
+    # The same inputs: the probe history the restarted guard would measure again.
+    g2.machine.windows = copy.deepcopy(g1.machine.windows)
+    g2.machine.policy._p1_since = dict(g1.machine.policy._p1_since)
+
+    assert g2.active == g1.active
+    assert g2.machine.memory().to_json() == g1.machine.memory().to_json()
+    assert g2.paused == g1.paused
+    assert qoslock.read_lock(g2.s.lock_file) == qoslock.read_lock(g1.s.lock_file)
+    assert g2._rollbacks_in_budget() == g1._rollbacks_in_budget()
+
+    for n, (blue, green) in enumerate(row.after):
+        d1 = await step(g1, g1_clock, blue, green)
+        d2 = await step(g2, b_clock, blue, green)
+        assert decision_key(d2) == decision_key(d1), f"tick {n} after the restart"
+        assert g2.active == g1.active, f"tick {n}"
+        assert qoslock.read_lock(g2.s.lock_file).held == qoslock.read_lock(g1.s.lock_file).held
+    moves = ("rollback_started", "rollback_completed", "rollback_failed", "hold", "alert")
+    tail1 = [e["event"] for e in g1.journal.recent if e["event"] in moves]
+    tail2 = [e["event"] for e in g2.journal.recent if e["event"] in moves]
+    assert tail2 == tail1
+
+
+def test_every_piece_of_state_has_a_row(tmp_path: Path) -> None:
+    """A new key in state.json, or new state in the machine or the guard, needs a row here."""
+    covered = set().union(*(r.covers for r in ROWS)) | set(NOT_MEMORY)
+    (tmp_path / "target").write_text("green")
+    guard = build(tmp_path, FakeClock(), SPEC)
+    guard.save_state()
+    keys = set(guard.state_file.load())
+    assert keys <= covered, f"state.json keys without a row: {keys - covered}"
+    assert {"journal:budget", "journal:pending"} <= covered
+    assert {f.name for f in dataclasses.fields(Memory)} <= keys
+    machine = set(vars(guard.machine))
+    assert machine == MACHINE_KEPT | set(MACHINE_NOT_KEPT), machine ^ (
+        MACHINE_KEPT | set(MACHINE_NOT_KEPT)
+    )
+    assert set(vars(guard)) == GUARD_KEPT | set(GUARD_NOT_KEPT), set(vars(guard)) ^ (
+        GUARD_KEPT | set(GUARD_NOT_KEPT)
+    )
+
+
+async def test_the_budget_counts_rollbacks_behind_thousands_of_newer_events(tmp_path: Path) -> None:
+    """The journal keeps its recent events in memory; the budget reads the whole file."""
+    prepare(tmp_path)
+    clock = FakeClock()
+    g1 = await start(tmp_path, clock, SPEC)
+    await budget_spent(g1, clock)
+    for _ in range(2500):  # e.g. a guard window extended for hours, within budget_window
+        g1.record("config_reloaded", reason="configuration reloaded")
+    g1.save_state()
+    g1.journal.close()
+    g2 = build(tmp_path, clock, SPEC)
+    await g2.recover(g2.state_file.load())
+    assert g2._rollbacks_in_budget() == 3
+    g2.machine.windows = copy.deepcopy(g1.machine.windows)
+    decision = None
+    for _ in range(3):
+        decision = await step(g2, clock, OK, DOWN)
+    assert decision is not None and decision.blocked_by == "hold"
+    assert "budget" in str(g2.machine.hold)
