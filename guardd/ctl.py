@@ -269,7 +269,11 @@ def _print_json(value: object) -> None:
 def _cmd_status(args: argparse.Namespace, target: _Target) -> int:
     if args.watch:
         return ctlwatch.watch(
-            target.socket, target.label, _another_hint(target), interval=args.interval
+            target.socket,
+            target.label,
+            _another_hint(target),
+            interval=args.interval,
+            as_json=args.json,
         )
     try:
         status = call(target.socket, "status", {}, timeout=READ_TIMEOUT_S)
@@ -547,8 +551,9 @@ examples:
 
 --watch redraws the status in place on a terminal every --interval (default 1s);
 when stdout is not a terminal it prints one line per change (state, active color,
-health, QoS lock, pause, hold, a new journal event). Ctrl-C ends it with 130; it
-ends with 3 when guardd goes away. NO_COLOR turns colors off.
+health, QoS lock, pause, hold, a new journal event); with --json that line is the
+status object. Ctrl-C ends it with 130; it ends with 3 when guardd goes away.
+NO_COLOR turns colors off.
 
 exit codes:
   0  OK: the active color is healthy, no QoS lock, not paused, state steady

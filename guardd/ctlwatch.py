@@ -96,15 +96,21 @@ class _Screen:
 
 
 def watch(
-    socket: Path, label: str, hint: str, *, interval: float, stream: TextIO | None = None
+    socket: Path,
+    label: str,
+    hint: str,
+    *,
+    interval: float,
+    as_json: bool = False,
+    stream: TextIO | None = None,
 ) -> int:
     """Show guardd's status until Ctrl-C (KeyboardInterrupt, left to the caller) or until
     guardd goes away (3). On a terminal the status is redrawn in place every `interval`
-    seconds; elsewhere one line is printed per change (state, active color, health,
-    lock, pause, hold, a new journal event)."""
+    seconds; elsewhere, or `as_json`, one line is printed per change (state, active color,
+    health, lock, pause, hold, a new journal event): text, or the status object as JSON."""
     out = stream or sys.stdout
     isatty = getattr(out, "isatty", None)
-    live = bool(isatty and isatty())
+    live = bool(isatty and isatty()) and not as_json
     color = use_color(out)
     screen = _Screen(out) if live else None
     last: tuple[object, ...] | None = None
@@ -125,7 +131,8 @@ def watch(
         else:
             key = watch_key(status)
             if key != last:
-                out.write(render_watch_line(status, _now()))
+                line = json.dumps(status) + "\n" if as_json else render_watch_line(status, _now())
+                out.write(line)
                 out.flush()
                 last = key
         time.sleep(interval)
