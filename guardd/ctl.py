@@ -551,8 +551,8 @@ examples:
 
 --watch redraws the status in place on a terminal every --interval (default 1s);
 when stdout is not a terminal it prints one line per change (state, active color,
-health, QoS lock, pause, hold, a new journal event); with --json that line is the
-status object. Ctrl-C ends it with 130; it ends with 3 when guardd goes away.
+health, QoS lock, pause, hold) and one per journal event; with --json, the status
+object on each change. Ctrl-C ends it with 130; it ends with 3 when guardd goes away.
 NO_COLOR turns colors off.
 
 exit codes:

@@ -22,6 +22,7 @@ from guardd.incident import NoIncident, build
 from guardd.render import (
     render_change,
     render_incident,
+    render_journal_line,
     render_status,
     render_watch_line,
     use_color,
@@ -106,14 +107,16 @@ def watch(
 ) -> int:
     """Show guardd's status until Ctrl-C (KeyboardInterrupt, left to the caller) or until
     guardd goes away (3). On a terminal the status is redrawn in place every `interval`
-    seconds; elsewhere, or `as_json`, one line is printed per change (state, active color,
-    health, lock, pause, hold, a new journal event): text, or the status object as JSON."""
+    seconds. Elsewhere each new journal event is a line, and so is the picture (state,
+    active color, health, lock, pause, hold) when it changes; with `as_json`, the status
+    object is a line whenever the picture or the last journal event changes."""
     out = stream or sys.stdout
     isatty = getattr(out, "isatty", None)
     live = bool(isatty and isatty()) and not as_json
     color = use_color(out)
     screen = _Screen(out) if live else None
     last: tuple[object, ...] | None = None
+    seen: str | None = None
     while True:
         try:
             status = call(socket, "status", {}, timeout=_READ_TIMEOUT_S)
@@ -128,14 +131,44 @@ def watch(
         if screen is not None:
             head = f"guardctl status --watch: {label}, every {interval:g}s, {_now()}; Ctrl-C quits"
             screen.draw([head, "", *render_status(status, color=color).splitlines()])
-        else:
+        elif as_json:
             key = watch_key(status)
             if key != last:
-                line = json.dumps(status) + "\n" if as_json else render_watch_line(status, _now())
-                out.write(line)
+                out.write(json.dumps(status) + "\n")
                 out.flush()
                 last = key
+        else:
+            now = _now()
+            newest = status.get("last_event")
+            newest_id = newest.get("id") if isinstance(newest, Mapping) else None
+            if isinstance(newest, Mapping) and isinstance(newest_id, str) and newest_id != seen:
+                # The first round shows the guard as it is, not its past.
+                if seen is not None:
+                    for event in _journal_since(socket, seen, newest):
+                        out.write(render_journal_line(event, now))
+                seen = newest_id
+            key = watch_key(status, with_event=False)
+            if key != last:
+                out.write(render_watch_line(status, now))
+                last = key
+            out.flush()
         time.sleep(interval)
+
+
+# Journal lines fetched per round of a watch: more than guardd writes in any second.
+_JOURNAL_BATCH: Final = 200
+
+
+def _journal_since(socket: Path, seen: str, newest: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The journal events after the one with id `seen`, oldest first; `newest` alone when
+    guardd's history cannot be had, so that a round never loses its last event."""
+    try:
+        answer = call(socket, "history", {"limit": _JOURNAL_BATCH}, timeout=_READ_TIMEOUT_S)
+    except ControlError:
+        return [newest]
+    events = [e for e in answer.get("events") or [] if isinstance(e, Mapping)]
+    ids = [e.get("id") for e in events]
+    return events[ids.index(seen) + 1 :] if seen in ids else events
 
 
 # ---- waiting -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ __all__ = [
     "render_change",
     "render_history",
     "render_incident",
+    "render_journal_line",
     "render_qos",
     "render_status",
     "render_watch_line",
@@ -354,8 +355,9 @@ def render_change(cmd: str, result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def watch_key(status: Mapping[str, Any]) -> tuple[object, ...]:
-    """What `status --watch` counts as a change: not latencies, ratios or probe ages."""
+def watch_key(status: Mapping[str, Any], *, with_event: bool = True) -> tuple[object, ...]:
+    """What `status --watch` counts as a change: not latencies, ratios or probe ages; a new
+    last journal event too, unless not `with_event`."""
     upstreams = status.get("upstreams")
     upstreams = upstreams if isinstance(upstreams, Mapping) else {}
     colors = tuple(
@@ -370,12 +372,12 @@ def watch_key(status: Mapping[str, Any]) -> tuple[object, ...]:
         bool(isinstance(qos, Mapping) and qos.get("locked")),
         bool(status.get("paused")),
         status.get("hold_reason"),
-        last.get("id") or last.get("ts") if isinstance(last, Mapping) else None,
+        (last.get("id") or last.get("ts")) if with_event and isinstance(last, Mapping) else None,
     )
 
 
 def render_watch_line(status: Mapping[str, Any], now: str) -> str:
-    """One line of `status --watch` off a terminal: the state and what just happened."""
+    """One line of `status --watch` off a terminal: the state of the guard and its colors."""
     upstreams = status.get("upstreams")
     upstreams = upstreams if isinstance(upstreams, Mapping) else {}
     parts = [
@@ -392,10 +394,12 @@ def render_watch_line(status: Mapping[str, Any], now: str) -> str:
         parts.append("paused")
     if status.get("hold_reason"):
         parts.append(f"hold={clean(status['hold_reason'])!r}")
-    last = status.get("last_event")
-    if isinstance(last, Mapping):
-        parts.append(f"last: {_event(last)}")
     return " ".join(parts) + "\n"
+
+
+def render_journal_line(event: Mapping[str, Any], now: str) -> str:
+    """A journal event as `status --watch` prints it off a terminal."""
+    return f"{now} journal: {_event(event)}\n"
 
 
 def _clock(ts: object) -> str:

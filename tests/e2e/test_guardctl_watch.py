@@ -4,6 +4,7 @@ pipe, `promote --wait` and `wait` as a CI step runs them, `incident` with guardd
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -124,7 +125,7 @@ def test_watch_off_a_terminal_prints_each_change_as_a_line(make_lab, tmp_path: P
             lab.green.set_mode("http_503")
             d.wait_event("qos_released", timeout=60)
             wait_until(
-                lambda: "last: " in out.read_text() and "qos_released" in out.read_text(),
+                lambda: "journal: " in out.read_text() and "qos_released" in out.read_text(),
                 30,
                 "the release as a line",
             )
@@ -134,23 +135,28 @@ def test_watch_off_a_terminal_prints_each_change_as_a_line(make_lab, tmp_path: P
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    lines = out.read_text().splitlines()
-    assert "\x1b" not in out.read_text()
-    # One line per change: no two consecutive lines are the same picture.
-    assert len(lines) == len({line.split(" ", 1)[1] for line in lines}), lines
-    text = "\n".join(lines)
-    # What lasts longer than a poll is a line; a state as short as the switch itself
-    # (rolling_back) shows only when a poll falls inside it.
-    for seen in (
-        "green=NO",
-        "state=guard_window active=blue",
-        "qos=locked",
-        "qos_locked by guardd",
-        "state=steady active=blue",
-        "qos_released by guardd",
-    ):
-        assert seen in text, (seen, text)
+    text = out.read_text()
+    assert "\x1b" not in text
+    lines = text.splitlines()
     assert lines[-1].startswith("UNKNOWN: guardd lab")
+    pictures = [line.split(" ", 1)[1] for line in lines[:-1] if " journal: " not in line]
+    # A picture line only when the picture changed.
+    assert all(a != b for a, b in itertools.pairwise(pictures)), pictures
+    assert pictures[0].startswith("state=steady active=green blue=yes")
+    assert any("green=NO" in p for p in pictures)
+    assert any(
+        p.startswith("state=guard_window active=blue") and "qos=locked" in p for p in pictures
+    )
+    assert pictures[-1].startswith("state=steady active=blue") and "qos=free" in pictures[-1]
+    # Every journal event since the watch began is a line, in the journal's order, even
+    # those that came and went between two rounds.
+    journaled = [
+        line.split(" journal: ", 1)[1].split()[1] for line in lines if " journal: " in line
+    ]
+    expected = [e["event"] for e in d.events() if e["event"] != "started"]
+    assert journaled == expected[: len(journaled)]
+    for name in ("rollback_started", "rollback_completed", "qos_locked", "qos_released"):
+        assert name in journaled, (name, text)
     # The states come in the order they happened.
     order = [text.index(s) for s in ("state=steady", "green=NO", "state=guard_window")]
     assert order == sorted(order) and text.rindex("state=steady") > order[-1]
