@@ -114,6 +114,7 @@ def _step(event: Event, kind: str, start: float | None) -> dict[str, Any]:
         "rule": evidence.get("rule") if isinstance(evidence, Mapping) else None,
         "by": event.get("by"),
         "reason": event.get("reason"),
+        "duration_ms": event.get("duration_ms"),
         "id": event.get("id"),
     }
 

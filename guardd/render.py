@@ -419,7 +419,7 @@ _KIND_LABEL: Final = {
 }
 
 
-def _step_line(step: Mapping[str, Any], *, markdown: bool) -> str:
+def _step_line(step: Mapping[str, Any], *, markdown: bool, cause: object = None) -> str:
     t = step.get("t_s")
     if isinstance(t, int | float) and not isinstance(t, bool):
         offset = f"+{_duration(t)}" if t >= 0 else f"-{_duration(-t)}"
@@ -434,7 +434,15 @@ def _step_line(step: Mapping[str, Any], *, markdown: bool) -> str:
         bits.append(f"rule {clean(step['rule'])}")
     if step.get("by"):
         bits.append(f"by {clean(step['by'])}")
+    if step.get("event") == "rollback_completed":
+        took = step.get("duration_ms")
+        took_s = (
+            took / 1000 if isinstance(took, int | float) and not isinstance(took, bool) else None
+        )
+        bits.append(f"(switched and verified{' in ' + _duration(took_s) if took_s else ''})")
     reason = step.get("reason")
+    if step.get("kind") != "decision" and reason == cause:
+        reason = None  # the cause, said once at the decision
     what = " ".join(bits) + (f": {_md(reason) if markdown else clean(reason)}" if reason else "")
     label = _KIND_LABEL.get(str(step.get("kind")), "")
     when = _clock(step.get("ts"))
@@ -480,6 +488,14 @@ def render_incident(incident: Mapping[str, Any], *, markdown: bool = False) -> s
     recovery = _text(times.get("recovered"))
     if lock.get("released_by"):
         recovery += f" (lock released by {clean(lock['released_by'])})"
+    steps = [s for s in incident.get("steps") or [] if isinstance(s, Mapping)]
+    change = _NONE
+    for step in steps:
+        if step.get("kind") == "change":
+            change = f"{_text(step.get('ts'))} {_text(step.get('event'))} {_move(step)}"
+            change += f" by {clean(step['by'])}" if step.get("by") else ""
+            change += f": {esc(step['reason'])}" if step.get("reason") else ""
+            break
     cause = esc(incident.get("cause") or _NONE) + _evidence(incident.get("evidence"))
     rows = [
         (
@@ -487,7 +503,7 @@ def render_incident(incident: Mapping[str, Any], *, markdown: bool = False) -> s
             f"{_text(incident.get('id'))} (rollback {_text(incident.get('rollback_id'))})",
         ),
         ("Outcome", outcome),
-        ("Change", _text(times.get("change"))),
+        ("Change", change),
         ("Start", f"{_text(times.get('start'))} (first failing evidence)"),
         ("Detection", f"{_text(times.get('detected'))} (rollback decided)"),
         ("Rollback", rollback),
@@ -510,15 +526,15 @@ def render_incident(incident: Mapping[str, Any], *, markdown: bool = False) -> s
             else ""
         )
     )
-    steps = [s for s in incident.get("steps") or [] if isinstance(s, Mapping)]
+    cause_text = incident.get("cause")
     if markdown:
         lines = [f"**{title}**", ""]
         lines += [f"- **{name}:** {value}" for name, value in rows]
         lines += [f"- **Durations:** {durations}", "", "**Timeline (UTC)**", ""]
-        lines += [_step_line(s, markdown=True) for s in steps]
+        lines += [_step_line(s, markdown=True, cause=cause_text) for s in steps]
     else:
         lines = [title, ""]
         lines += [f"  {name:<11}{value}" for name, value in rows]
         lines += [f"  {'Durations':<11}{durations}", "", "timeline (UTC, + from the start):"]
-        lines += [_step_line(s, markdown=False) for s in steps]
+        lines += [_step_line(s, markdown=False, cause=cause_text) for s in steps]
     return "\n".join(lines) + "\n"

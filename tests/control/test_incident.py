@@ -247,6 +247,13 @@ def test_text_and_markdown_hold_the_template_and_escape_what_came_from_outside()
         assert "time under lock 8m00s" in rendered
         assert "\x1b" not in rendered
         assert "by uid:1001(bo)" in rendered
+        assert (
+            "rollback_completed green->blue P0 rule consecutive_failures by guardd "
+            "(switched and verified in 0.5s)" in rendered
+        )
+        assert (
+            "2026-11-30T10:00:00.000Z promote blue->green by uid:1000(ana): release 4" in rendered
+        )
     assert "INC-20261130-1" in markdown.splitlines()[0]
     assert "\\`rm -rf\\` \\*boom\\*" in markdown
     assert "- `10:00:08.500` (+3.5s) decision - rollback_started green->blue P0" in markdown
