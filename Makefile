@@ -27,7 +27,7 @@ $(UV):
 	@touch $@
 
 .PHONY: system-deps
-system-deps:  ## install nginx, systemd-container, debootstrap, zstd, prometheus when missing
+system-deps:  ## install nginx, systemd-container, debootstrap, zstd, prometheus, tmux when missing
 	@./packaging/bootstrap.sh system
 
 .PHONY: test

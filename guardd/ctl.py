@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from guardd import paths
+from guardd import ctlwatch, paths
 from guardd._version import __version__
 from guardd.control import protocol
 from guardd.control.client import call
@@ -268,6 +268,14 @@ def _print_json(value: object) -> None:
 
 
 def _cmd_status(args: argparse.Namespace, target: _Target) -> int:
+    if args.watch:
+        return ctlwatch.watch(
+            target.socket,
+            target.label,
+            _another_hint(target),
+            interval=args.interval,
+            as_json=args.json,
+        )
     try:
         status = call(target.socket, "status", {}, timeout=READ_TIMEOUT_S)
     except DaemonUnreachable as e:
@@ -359,9 +367,10 @@ def _change(target: _Target, cmd: str, payload: dict[str, Any]) -> int:
 
 
 def _cmd_switch(args: argparse.Namespace, target: _Target) -> int:
-    return _change(
-        target, "switch", {"color": args.color, "force": args.force, "reason": args.reason}
-    )
+    payload = {"color": args.color, "force": args.force, "reason": args.reason}
+    if args.wait is not None:
+        return ctlwatch.change_and_wait(target.socket, "switch", payload, timeout=args.wait)
+    return _change(target, "switch", payload)
 
 
 def _cmd_rollback(args: argparse.Namespace, target: _Target) -> int:
@@ -369,7 +378,35 @@ def _cmd_rollback(args: argparse.Namespace, target: _Target) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace, target: _Target) -> int:
+    if args.wait is not None:
+        return ctlwatch.change_and_wait(
+            target.socket, "promote", {"reason": args.reason}, timeout=args.wait
+        )
     return _change(target, "promote", {"reason": args.reason})
+
+
+def _cmd_wait(args: argparse.Namespace, target: _Target) -> int:
+    return ctlwatch.wait_for(target.socket, target.label, args.condition, timeout=args.timeout)
+
+
+def _cmd_incident(args: argparse.Namespace, target: _Target) -> int:
+    # The journal file is the whole story and is there with guardd down; guardd's
+    # history (its recent events) is the way in for a user who may not read the file.
+    try:
+        events, _path = _read_journal(target, None, why="cannot read the journal")
+    except _CannotTell as unreadable:
+        try:
+            answer = call(
+                target.socket,
+                "history",
+                {"limit": protocol.MAX_HISTORY_LIMIT},
+                timeout=READ_TIMEOUT_S,
+            )
+        except ControlError:
+            raise unreadable from None
+        events = [e for e in answer.get("events") or [] if isinstance(e, dict)]
+    form = "json" if args.json else "markdown" if args.markdown else "text"
+    return ctlwatch.incident(events, None if args.last else args.rollback, form=form)
 
 
 def _cmd_pause(args: argparse.Namespace, target: _Target) -> int:
@@ -470,6 +507,9 @@ A guardd run by hand with other paths in its config: pass that config with --con
 exit codes:
   status          0 OK, 1 WARNING, 2 CRITICAL (hold), 3 UNKNOWN
   history         0 done (from the journal file when guardd is down), 1 failed, 3 UNKNOWN
+  incident        0 done (from the journal file), 1 no such incident, 3 UNKNOWN
+  wait, --wait    0 done, 1 still not at the deadline (the last reason is printed),
+                  3 guardd not answering at the deadline, 4 not permitted
   qos status      0 no lock (deploys allowed), 1 lock held, 3 UNKNOWN
   other commands  0 done, 1 refused, 3 guardd unreachable or UNKNOWN, 4 not permitted
   usage errors    2 (except for `status`, where 2 means CRITICAL)
@@ -508,6 +548,13 @@ _COMMANDS: Final = (
 examples:
   guardctl --instance threader status
   guardctl --instance threader status --json | jq .upstreams.green
+  guardctl --instance threader status --watch --interval 2s
+
+--watch redraws the status in place on a terminal every --interval (default 1s);
+when stdout is not a terminal it prints one line per change (state, active color,
+health, QoS lock, pause, hold) and one per journal event; with --json, the status
+object on each change. Ctrl-C ends it with 130; it ends with 3 when guardd goes away.
+NO_COLOR turns colors off.
 
 exit codes:
   0  OK: the active color is healthy, no QoS lock, not paused, state steady
@@ -547,6 +594,11 @@ exit codes:
 examples:
   guardctl --instance threader switch blue --reason "green leaks memory"
   guardctl --instance threader switch green --force --reason "blue host is being drained"
+  guardctl --instance threader switch green --wait 5m --reason "release 2026.11.4"
+
+--wait DURATION retries while guardd refuses (a color not yet healthy, the QoS lock),
+saying why every few seconds on stderr, and exits 1 with the last reason at the
+deadline (3 when guardd was not answering then).
 
 {_CHANGE_EXITS}""",
         _cmd_switch,
@@ -575,6 +627,11 @@ examples:
         f"""\
 examples:
   guardctl --instance threader promote --reason "release 2026.11.4"
+  guardctl --instance threader promote --wait 2m --reason "release 2026.11.4"   # in CI
+
+--wait DURATION retries while the gate does not pass, saying why every few seconds on
+stderr, and exits 1 with the last reason at the deadline (3 when guardd was not
+answering then).
 
 {_CHANGE_EXITS}""",
         _cmd_promote,
@@ -603,6 +660,50 @@ examples:
 
 {_CHANGE_EXITS}""",
         _cmd_resume,
+    ),
+    _Command(
+        "wait",
+        "wait until the guard is steady, the active color healthy, or the lock gone",
+        "Wait until guardd's status meets CONDITION, for a pipeline step: `steady` (state "
+        "steady: no guard window, rollback, hold or pause), `healthy` (the active color is "
+        "fresh and healthy), `unlocked` (no QoS lock: the guard window has passed). Why it "
+        "is still waiting goes to stderr every few seconds. A guardd that does not answer "
+        "is waited out like any other reason, until the deadline.",
+        """\
+examples:
+  guardctl --instance threader wait unlocked --timeout 10m && ./deploy.sh
+  guardctl --instance threader wait healthy --timeout 2m
+
+exit codes:
+  0  the condition is met
+  1  not met at the deadline (the last reason is printed)
+  2  usage error
+  3  guardd not answering at the deadline, or which guard is meant cannot be told""",
+        _cmd_wait,
+    ),
+    _Command(
+        "incident",
+        "the timeline of a rollback, for a post-mortem",
+        "Show one incident from the journal: the change before it (promote, switch or an "
+        "external switch), the first failing evidence, the decision and its rule, the "
+        "switch and its verification, the QoS lock with its extensions and release, and "
+        "the operators' actions with who did them; and the time to detect, the time to "
+        "recover and the time under lock. It reads events.jsonl, so it works with guardd "
+        "down. ROLLBACK is a rollback id (or the start of one) or an incident id "
+        "INC-YYYYMMDD-N: the date of the rollback and its number among that day's "
+        "rollbacks in the journal, which never changes. Without ROLLBACK, the last one.",
+        """\
+examples:
+  guardctl --instance threader incident --last --markdown   # paste into Slack or a report
+  guardctl --instance threader incident INC-20261130-1 --json
+
+exit codes:
+  0  done
+  1  no such incident in the journal
+  2  usage error
+  3  the journal cannot be read (and guardd does not answer), or which guard is meant
+     cannot be told""",
+        _cmd_incident,
     ),
 )
 
@@ -722,9 +823,57 @@ def build_parser() -> argparse.ArgumentParser:
     for command in _COMMANDS:
         sub = _subparser(commands, command, command.name)
         _globals(sub, defaults=False)
-        if command.name in ("status", "history"):
+        if command.name in ("status", "history", "incident"):
             sub.add_argument(
                 "--json", action="store_true", help="print guardd's answer as JSON instead of text"
+            )
+        if command.name == "status":
+            sub.add_argument(
+                "--watch",
+                action="store_true",
+                help="keep showing the status: redrawn on a terminal, a line per change otherwise",
+            )
+            sub.add_argument(
+                "--interval",
+                metavar="DURATION",
+                type=parse_duration,
+                default=1.0,
+                help="how often --watch asks guardd (default: 1s)",
+            )
+        if command.name in ("switch", "promote"):
+            sub.add_argument(
+                "--wait",
+                metavar="DURATION",
+                type=parse_duration,
+                help="retry while guardd refuses, for up to DURATION (e.g. 2m)",
+            )
+        if command.name == "wait":
+            sub.add_argument(
+                "condition",
+                metavar="CONDITION",
+                choices=ctlwatch.WAIT_CONDITIONS,
+                help="steady, healthy or unlocked",
+            )
+            sub.add_argument(
+                "--timeout",
+                metavar="DURATION",
+                type=parse_duration,
+                required=True,
+                help="give up after this long (e.g. 10m)",
+            )
+        if command.name == "incident":
+            which = sub.add_mutually_exclusive_group()
+            which.add_argument(
+                "rollback",
+                metavar="ROLLBACK",
+                nargs="?",
+                help="a rollback id (or its start) or INC-YYYYMMDD-N; default: the last",
+            )
+            which.add_argument("--last", action="store_true", help="the last incident (default)")
+            sub.add_argument(
+                "--markdown",
+                action="store_true",
+                help="Markdown for Slack, Discord or a post-mortem",
             )
         if command.name == "history":
             sub.add_argument(

@@ -11,7 +11,18 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, TextIO
 
-__all__ = ["clean", "render_change", "render_history", "render_qos", "render_status", "use_color"]
+__all__ = [
+    "clean",
+    "render_change",
+    "render_history",
+    "render_incident",
+    "render_journal_line",
+    "render_qos",
+    "render_status",
+    "render_watch_line",
+    "use_color",
+    "watch_key",
+]
 
 _RESET: Final = "\x1b[0m"
 _GREEN: Final = "\x1b[32m"
@@ -343,4 +354,189 @@ def render_change(cmd: str, result: Mapping[str, Any]) -> str:
         lines.append(f"  {'qos lock':<10}{_lock(result)[0]}")
     if "paused" in result:
         lines.append(f"  {'paused':<10}{'yes' if result['paused'] else 'no'}")
+    return "\n".join(lines) + "\n"
+
+
+def watch_key(status: Mapping[str, Any], *, with_event: bool = True) -> tuple[object, ...]:
+    """What `status --watch` counts as a change: not latencies, ratios or probe ages; a new
+    last journal event too, unless not `with_event`."""
+    upstreams = status.get("upstreams")
+    upstreams = upstreams if isinstance(upstreams, Mapping) else {}
+    colors = tuple(
+        _healthy(up)[0] if isinstance(up := upstreams.get(c), Mapping) else None for c in _COLORS
+    )
+    qos = status.get("qos")
+    last = status.get("last_event")
+    return (
+        status.get("state"),
+        status.get("active"),
+        colors,
+        bool(isinstance(qos, Mapping) and qos.get("locked")),
+        bool(status.get("paused")),
+        status.get("hold_reason"),
+        (last.get("id") or last.get("ts")) if with_event and isinstance(last, Mapping) else None,
+    )
+
+
+def render_watch_line(status: Mapping[str, Any], now: str) -> str:
+    """One line of `status --watch` off a terminal: the state of the guard and its colors."""
+    upstreams = status.get("upstreams")
+    upstreams = upstreams if isinstance(upstreams, Mapping) else {}
+    parts = [
+        f"{now} state={_text(status.get('state'))} active={_text(status.get('active'))}",
+    ]
+    for color in _COLORS:
+        up = upstreams.get(color)
+        if isinstance(up, Mapping):
+            fails = _text(up.get("consecutive_failures"))
+            parts.append(f"{color}={_healthy(up)[0]}(fails {fails})")
+    qos = status.get("qos")
+    parts.append(f"qos={'locked' if isinstance(qos, Mapping) and qos.get('locked') else 'free'}")
+    if status.get("paused"):
+        parts.append("paused")
+    if status.get("hold_reason"):
+        parts.append(f"hold={clean(status['hold_reason'])!r}")
+    return " ".join(parts) + "\n"
+
+
+def render_journal_line(event: Mapping[str, Any], now: str) -> str:
+    """A journal event as `status --watch` prints it off a terminal."""
+    return f"{now} journal: {_event(event)}\n"
+
+
+def _clock(ts: object) -> str:
+    """The time of day of an RFC 3339 stamp (`18:01:02.123`), the whole stamp if odd."""
+    text = _text(ts)
+    return text[11:23] if len(text) >= 23 and text[10] == "T" else text
+
+
+_KIND_LABEL: Final = {
+    "change": "change",
+    "evidence": "evidence",
+    "decision": "decision",
+    "switch": "switch",
+    "lock": "qos lock",
+    "operator": "operator",
+    "other": "",
+}
+
+
+def _step_line(step: Mapping[str, Any], *, markdown: bool, cause: object = None) -> str:
+    t = step.get("t_s")
+    if isinstance(t, int | float) and not isinstance(t, bool):
+        offset = f"+{_duration(t)}" if t >= 0 else f"-{_duration(-t)}"
+    else:
+        offset = _NONE
+    bits = [_text(step.get("event"))]
+    if (move := _move(step)) != _NONE:
+        bits.append(move)
+    if step.get("severity"):
+        bits.append(clean(step["severity"]))
+    if step.get("rule"):
+        bits.append(f"rule {clean(step['rule'])}")
+    if step.get("by"):
+        bits.append(f"by {clean(step['by'])}")
+    if step.get("event") == "rollback_completed":
+        took = step.get("duration_ms")
+        took_s = (
+            took / 1000 if isinstance(took, int | float) and not isinstance(took, bool) else None
+        )
+        bits.append(f"(switched and verified{' in ' + _duration(took_s) if took_s else ''})")
+    reason = step.get("reason")
+    if step.get("kind") != "decision" and reason == cause:
+        reason = None  # the cause, said once at the decision
+    what = " ".join(bits) + (f": {_md(reason) if markdown else clean(reason)}" if reason else "")
+    label = _KIND_LABEL.get(str(step.get("kind")), "")
+    when = _clock(step.get("ts"))
+    if markdown:
+        return f"- `{when}` ({offset}) {label + ' - ' if label else ''}{what}"
+    return f"  {when}  {offset:>8}  {label:<9} {what}"
+
+
+def _md(value: object) -> str:
+    """Text from outside as Markdown that renders as itself (no links, code or emphasis)."""
+    text = clean(value).replace("\\", "\\\\")
+    for c in "`*_~|<[]":
+        text = text.replace(c, "\\" + c)
+    return text
+
+
+def render_incident(incident: Mapping[str, Any], *, markdown: bool = False) -> str:
+    """`guardctl incident`: the summary (id, start, detection, rollback, recovery,
+    duration, cause), the durations and the timeline; `markdown` for a chat or a report."""
+    times = incident.get("times")
+    times = times if isinstance(times, Mapping) else {}
+    spans = incident.get("durations_s")
+    spans = spans if isinstance(spans, Mapping) else {}
+    lock = incident.get("lock")
+    lock = lock if isinstance(lock, Mapping) else {}
+    esc = _md if markdown else clean
+    severity = incident.get("severity") or "manual"
+    rule = incident.get("rule")
+    title = (
+        f"{_text(incident.get('id'))}: {_text(incident.get('guard'))} rolled back "
+        f"{_text(incident.get('from'))} -> {_text(incident.get('to'))} "
+        f"({clean(severity)}{', ' + clean(rule) if rule else ''})"
+    )
+    outcome = {
+        "recovered": "recovered: the QoS lock was released",
+        "guard_window": "rolled back; guard window still open (lock held)",
+        "failed": "rollback FAILED; hold",
+        "in_progress": "rollback in progress",
+    }.get(str(incident.get("outcome")), _text(incident.get("outcome")))
+    rollback = _text(times.get("rolled_back") or times.get("failed"))
+    if spans.get("switch") is not None:
+        rollback += f" (switched and verified in {_duration(spans['switch'])})"
+    recovery = _text(times.get("recovered"))
+    if lock.get("released_by"):
+        recovery += f" (lock released by {clean(lock['released_by'])})"
+    steps = [s for s in incident.get("steps") or [] if isinstance(s, Mapping)]
+    change = _NONE
+    for step in steps:
+        if step.get("kind") == "change":
+            change = f"{_text(step.get('ts'))} {_text(step.get('event'))} {_move(step)}"
+            change += f" by {clean(step['by'])}" if step.get("by") else ""
+            change += f": {esc(step['reason'])}" if step.get("reason") else ""
+            break
+    cause = esc(incident.get("cause") or _NONE) + _evidence(incident.get("evidence"))
+    rows = [
+        (
+            "Incident",
+            f"{_text(incident.get('id'))} (rollback {_text(incident.get('rollback_id'))})",
+        ),
+        ("Outcome", outcome),
+        ("Change", change),
+        ("Start", f"{_text(times.get('start'))} (first failing evidence)"),
+        ("Detection", f"{_text(times.get('detected'))} (rollback decided)"),
+        ("Rollback", rollback),
+        ("Recovery", recovery),
+        ("Duration", _duration(spans.get("total"))),
+        ("Cause", cause),
+    ]
+    extended = lock.get("extended")
+    under = _duration(spans.get("time_under_lock"))
+    if spans.get("time_under_lock") is None and lock.get("locked_at"):
+        under = "still locked"
+    durations = (
+        f"time to detect {_duration(spans.get('time_to_detect'))}, "
+        f"time to recover {_duration(spans.get('time_to_recover'))}, "
+        f"time under lock {under}"
+        + (f" (extended {extended}x)" if isinstance(extended, int) and extended else "")
+        + (
+            f", since the change {_duration(spans['since_change'])}"
+            if spans.get("since_change") is not None
+            else ""
+        )
+    )
+    cause_text = incident.get("cause")
+    if markdown:
+        lines = [f"**{title}**", ""]
+        lines += [f"- **{name}:** {value}" for name, value in rows]
+        lines += [f"- **Durations:** {durations}", "", "**Timeline (UTC)**", ""]
+        lines += [_step_line(s, markdown=True, cause=cause_text) for s in steps]
+    else:
+        lines = [title, ""]
+        lines += [f"  {name:<11}{value}" for name, value in rows]
+        lines += [f"  {'Durations':<11}{durations}", "", "timeline (UTC, + from the start):"]
+        lines += [_step_line(s, markdown=False, cause=cause_text) for s in steps]
     return "\n".join(lines) + "\n"
