@@ -215,10 +215,14 @@ def _hide_url_parts(url: Secret) -> None:
 class _AttemptError(Exception):
     """One attempt failed; `reason` is safe to log."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, reason: str, retry_after: float | None = None, *, slack_error: str = ""
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        # slack_api: the `error` of Slack's answer, to tell a lost thread from the rest.
+        self.slack_error = slack_error
 
 
 class _TransientError(_AttemptError):
@@ -585,6 +589,11 @@ class Notifier:
             )
             return False
         except _PermanentError as e:
+            if thread is not None and e.slack_error in slack_api.THREAD_ERRORS:
+                # The thread is gone (deleted, archived): the message still goes, on its own.
+                log.warning("notification_thread_lost", reason=e.reason)
+                await self._advance_thread(state, message, ("", ""), lost=True)
+                return await self._deliver(client, state, message)
             self._dropped(sink.name, message.event_id, e.reason)
             return False
         self._outcome(sink.name, "sent")
@@ -595,19 +604,24 @@ class Notifier:
         return True
 
     async def _advance_thread(
-        self, state: _SinkState, message: Message, answer: tuple[str, str]
+        self, state: _SinkState, message: Message, answer: tuple[str, str], *, lost: bool = False
     ) -> None:
         """Open, keep or close the sink's thread after delivering `message`, durably.
 
         Written before the message leaves the outbox: a crash in between posts the message
-        again rather than losing the thread its replies need.
+        again rather than losing the thread its replies need. `lost`: Slack no longer has
+        the thread, so it is forgotten whatever `message` is.
         """
-        new = slack_api.next_thread(
-            state.thread,
-            message.event.get("event"),
-            configured_channel=state.sink.channel,
-            answer=answer,
-            event_id=message.event_id,
+        new = (
+            None
+            if lost
+            else slack_api.next_thread(
+                state.thread,
+                message.event.get("event"),
+                configured_channel=state.sink.channel,
+                answer=answer,
+                event_id=message.event_id,
+            )
         )
         if new == state.thread:
             return
@@ -712,8 +726,8 @@ async def _post(
                     except slack_api.SlackApiError as e:
                         reason = f"Slack refused it: {redact(e.error)}"
                         if e.transient:
-                            raise _TransientError(reason) from None
-                        raise _PermanentError(reason) from None
+                            raise _TransientError(reason, slack_error=e.error) from None
+                        raise _PermanentError(reason, slack_error=e.error) from None
                     return answer
                 detail = await _detail(response)
     except _AttemptError:

@@ -33,6 +33,8 @@ CLOSES_THREAD: Final = frozenset({"qos_released"})
 TRANSIENT_ERRORS: Final = frozenset(
     {"ratelimited", "service_unavailable", "fatal_error", "internal_error", "request_timeout"}
 )
+#: Errors that say a reply's thread is gone: the message is then posted on its own.
+THREAD_ERRORS: Final = frozenset({"thread_not_found", "message_not_found", "invalid_thread_ts"})
 # A Slack token is printable ASCII; anything else would break the Authorization header.
 _TOKEN_SHAPE = re.compile(r"^[\x21-\x7e]{8,512}$")
 # Slack's ts is seconds.micros; it goes back to Slack as thread_ts, so only that shape.

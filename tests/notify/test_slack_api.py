@@ -457,3 +457,35 @@ async def test_the_notifier_keeps_one_thread_per_sink(tmp_path: Path) -> None:
         ("ext-1", "C0OPS00001", rollback_ts),
         ("ext-1", "#ops", None),
     }
+
+
+async def test_a_reply_whose_thread_slack_lost_is_posted_on_its_own(tmp_path: Path) -> None:
+    slack = SlackWebApi(TOKEN)
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    # A thread Slack does not know (the rollback message was deleted, say).
+    (outbox / "thread-slack.json").write_text(
+        json.dumps(
+            {
+                "channel": "C0OPS00001",
+                "ts": "1600000000.000001",
+                "configured_channel": "#ops",
+                "event_id": "rb-0",
+            }
+        )
+    )
+    outcomes = Outcomes()
+    async with serve(default=slack) as receiver:
+        with capture_logs() as logs:
+            async with running(notifier(tmp_path, [api_sink(base_of(receiver))], outcomes)) as n:
+                n.submit(incident()[1])
+                n.submit(incident()[2])
+                await outcomes.wait_for("slack", "sent", 2)
+        asked = [r.json().get("thread_ts") for r in receiver.requests]
+    assert outcomes.of("slack") == ["sent", "sent"]
+    assert asked == ["1600000000.000001", None, None]
+    assert [event_id(p) for p in slack.posted] == ["ext-1", "pause-1"]
+    assert [e["event"] for e in logs if e["event"] == "notification_thread_lost"] == [
+        "notification_thread_lost"
+    ]
+    assert not (outbox / "thread-slack.json").exists()
