@@ -16,6 +16,7 @@ from guardd.notify._delivery import (
     RetrySettings,
     Sink,
     SinkKind,
+    check_http_url,
     expand_events,
     resolve_url,
 )
@@ -23,6 +24,7 @@ from guardd.notify.discord import discord_message
 from guardd.notify.slack import slack_message
 from guardd.notify.slack_api import DEFAULT_API_URL, check_channel, method_url, resolve_token
 from guardd.notify.webhook import webhook_body, webhook_headers
+from guardd.secrets import Secret
 
 if TYPE_CHECKING:
     from guardd.config import NotifyConfig, Settings
@@ -116,12 +118,13 @@ def _slack_api_sink(
         channel = check_channel(n.channel or "")
     except ValueError as e:
         return ConfigProblem(source, f"{where}.channel", str(e))
+    api_url = n.api_url or DEFAULT_API_URL
     try:
-        url = resolve_url(
-            url=method_url(n.api_url or DEFAULT_API_URL), url_env=None, url_file=None, environ={}
-        )
+        check_http_url(api_url, "api_url")
     except ValueError as e:
         return ConfigProblem(source, f"{where}.api_url", str(e))
+    # Not a secret, but a Sink's url is one; the token travels in a header instead.
+    url = Secret(method_url(api_url))
     return Sink(
         name=name,
         kind="slack_api",

@@ -160,7 +160,7 @@ def resolve_url(
         raise ValueError(f"{source} is empty")
     secret = Secret(value)
     _hide_url_parts(secret)
-    _check_http_url(value, source)
+    check_http_url(value, source)
     return secret
 
 
@@ -178,7 +178,8 @@ def _read_url_file(path: Path, environ: Mapping[str, str]) -> str:
         raise ValueError(f"{path} is not UTF-8 text") from None
 
 
-def _check_http_url(value: str, source: str) -> None:
+def check_http_url(value: str, source: str) -> None:
+    """Raise `ValueError` naming `source` unless `value` is an http(s) URL with a host."""
     try:
         parts = urlsplit(value)
         port_ok = parts.port is None or parts.port > 0

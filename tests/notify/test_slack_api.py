@@ -424,7 +424,7 @@ api_url = "ftp://slack.example/api"
     assert [str(p) for p in caught.value.problems] == [
         "threader.toml: notify.0.token_env: environment variable UNSET_TOKEN is not set",
         "threader.toml: notify.1.channel: must be a channel ID (C0123ABCD) or a name (#ops)",
-        "threader.toml: notify.2.api_url: url is not an http:// or https:// URL",
+        "threader.toml: notify.2.api_url: api_url is not an http:// or https:// URL",
     ]
     assert TOKEN not in str(caught.value)
 
