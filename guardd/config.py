@@ -452,8 +452,9 @@ class QosConfig(_Section):
 class NotifyConfig(_Section):
     """One notification sink."""
 
-    kind: Literal["slack", "discord", "webhook"]
-    """slack (Block Kit), discord (embeds) or webhook (the journal event as JSON)."""
+    kind: Literal["slack", "slack_api", "discord", "webhook"]
+    """slack (incoming webhook, Block Kit), slack_api (a bot token, incidents threaded),
+    discord (embeds) or webhook (the journal event as JSON)."""
     name: str | None = None
     """The sink's name in metrics and logs (default: kind-index)."""
     url: SecretStr | None = None
@@ -462,19 +463,40 @@ class NotifyConfig(_Section):
     """The environment variable holding the URL."""
     url_file: Path | None = None
     """A file holding the URL, e.g. a systemd credential under /run/credentials."""
+    token_env: str | None = None
+    """slack_api: the environment variable holding the bot token (xoxb-...)."""
+    token_file: Path | None = None
+    """slack_api: a file holding the bot token, e.g. a systemd credential."""
+    channel: str | None = None
+    """slack_api: the channel to post to, an ID (C0123ABC) or a name (#ops)."""
+    api_url: str | None = None
+    """slack_api: the Web API's base URL (default https://slack.com/api)."""
     events: list[str] | None = None
     """Journal event names or groups (rollback, qos, switch) this sink receives."""
     timeout: PositiveDuration = 10.0
     """The deadline of one delivery attempt."""
 
     def _cross_checks(self, invalid: frozenset[str]) -> Found:
-        found: Found = []
-        sources = ("url", "url_env", "url_file")
-        given = [k for k in sources if getattr(self, k) is not None]
-        if not invalid & set(sources) and len(given) != 1:
-            found.append(("", "set exactly one of url, url_env or url_file"))
+        found: Found = [] if "kind" in invalid else self._source_checks(invalid)
         if self.name is not None and not _SAFE_NAME.match(self.name):
             found.append(("name", "may use letters, digits and _.@- only"))
+        return found
+
+    def _source_checks(self, invalid: frozenset[str]) -> Found:
+        # A webhook kind takes a url; slack_api takes a token and a channel instead.
+        webhook_keys: tuple[str, ...] = ("url", "url_env", "url_file")
+        api_keys: tuple[str, ...] = ("token_env", "token_file", "channel", "api_url")
+        sources, other = webhook_keys, api_keys
+        if self.kind == "slack_api":
+            sources, other = ("token_env", "token_file"), webhook_keys
+        found: Found = [
+            (k, f'not a key of kind "{self.kind}"') for k in other if getattr(self, k) is not None
+        ]
+        given = [k for k in sources if getattr(self, k) is not None]
+        if not invalid & set(sources) and len(given) != 1:
+            found.append(("", f"set exactly one of {', '.join(sources[:-1])} or {sources[-1]}"))
+        if self.kind == "slack_api" and "channel" not in invalid and not self.channel:
+            found.append(("channel", "required for kind slack_api"))
         return found
 
 

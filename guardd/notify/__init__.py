@@ -16,12 +16,15 @@ from guardd.notify._delivery import (
     RetrySettings,
     Sink,
     SinkKind,
+    check_http_url,
     expand_events,
     resolve_url,
 )
 from guardd.notify.discord import discord_message
 from guardd.notify.slack import slack_message
+from guardd.notify.slack_api import DEFAULT_API_URL, check_channel, method_url, resolve_token
 from guardd.notify.webhook import webhook_body, webhook_headers
+from guardd.secrets import Secret
 
 if TYPE_CHECKING:
     from guardd.config import NotifyConfig, Settings
@@ -64,6 +67,18 @@ def sinks_from_config(
         except ValueError as e:
             problems.append(ConfigProblem(source, f"{where}.events", str(e)))
             continue
+        if n.kind == "slack_api":
+            api_sink = _slack_api_sink(
+                n, name, events=events, environ=environ, source=source, where=where
+            )
+            if isinstance(api_sink, ConfigProblem):
+                problems.append(api_sink)
+                continue
+            if any(s.name == name for s in sinks):
+                problems.append(ConfigProblem(source, f"{where}.name", f"{name!r} is used twice"))
+                continue
+            sinks.append(api_sink)
+            continue
         url_key = "url" if n.url is not None else "url_env" if n.url_env is not None else "url_file"
         try:
             url = resolve_url(
@@ -82,6 +97,43 @@ def sinks_from_config(
     if problems:
         raise ConfigError(problems)
     return sinks
+
+
+def _slack_api_sink(
+    n: NotifyConfig,
+    name: str,
+    *,
+    events: frozenset[str],
+    environ: Mapping[str, str],
+    source: str,
+    where: str,
+) -> Sink | ConfigProblem:
+    """The `slack_api` sink of one `[[notify]]` table, or the problem with it."""
+    token_key = "token_env" if n.token_env is not None else "token_file"
+    try:
+        token = resolve_token(token_env=n.token_env, token_file=n.token_file, environ=environ)
+    except ValueError as e:
+        return ConfigProblem(source, f"{where}.{token_key}", str(e))
+    try:
+        channel = check_channel(n.channel or "")
+    except ValueError as e:
+        return ConfigProblem(source, f"{where}.channel", str(e))
+    api_url = n.api_url or DEFAULT_API_URL
+    try:
+        check_http_url(api_url, "api_url")
+    except ValueError as e:
+        return ConfigProblem(source, f"{where}.api_url", str(e))
+    # Not a secret, but a Sink's url is one; the token travels in a header instead.
+    url = Secret(method_url(api_url))
+    return Sink(
+        name=name,
+        kind="slack_api",
+        url=url,
+        events=events,
+        timeout=n.timeout,
+        token=token,
+        channel=channel,
+    )
 
 
 def build_notifier(

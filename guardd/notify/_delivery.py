@@ -31,13 +31,14 @@ from anyio.abc import TaskStatus
 
 from guardd._version import __version__
 from guardd.exceptions import StorageError
+from guardd.notify import slack_api
 from guardd.notify.discord import discord_message
-from guardd.notify.outbox import Message, Outbox
+from guardd.notify.outbox import CorruptMessageError, Message, Outbox
 from guardd.notify.slack import slack_message
 from guardd.notify.webhook import webhook_body, webhook_headers
 from guardd.secrets import Secret, redact
 
-SinkKind = Literal["slack", "discord", "webhook"]
+SinkKind = Literal["slack", "slack_api", "discord", "webhook"]
 
 #: Every event name the journal writes (docs/contract.md §4).
 JOURNAL_EVENTS: Final = frozenset(
@@ -74,6 +75,8 @@ MAX_RETRY_AFTER: Final = 3600.0
 # How long a stopping notifier may take to write events submitted just before the stop.
 _SAVE_ON_STOP_GRACE: Final = 2.0
 _DETAIL_BYTES: Final = 256
+# Slack's answer to chat.postMessage echoes the message: a few kilobytes.
+_MAX_ANSWER_BYTES: Final = 256 * 1024
 _REMEMBERED_DELIVERIES: Final = 1000
 # An event id goes into an HTTP header and a log line, so it is kept to harmless characters.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:@+=-]{1,128}$")
@@ -104,13 +107,19 @@ DEFAULT_EVENTS: Final = expand_events(
 
 @dataclass(frozen=True, slots=True)
 class Sink:
-    """One destination of notifications; `name` labels its metrics and log lines."""
+    """One destination of notifications; `name` labels its metrics and log lines.
+
+    For `slack_api`, `url` is the `chat.postMessage` URL, `token` the bot token and
+    `channel` where the incidents go.
+    """
 
     name: str
     kind: SinkKind
     url: Secret
     events: frozenset[str]
     timeout: float = 10.0
+    token: Secret | None = None
+    channel: str = ""
 
 
 class RetrySettings(Protocol):
@@ -151,7 +160,7 @@ def resolve_url(
         raise ValueError(f"{source} is empty")
     secret = Secret(value)
     _hide_url_parts(secret)
-    _check_http_url(value, source)
+    check_http_url(value, source)
     return secret
 
 
@@ -169,7 +178,8 @@ def _read_url_file(path: Path, environ: Mapping[str, str]) -> str:
         raise ValueError(f"{path} is not UTF-8 text") from None
 
 
-def _check_http_url(value: str, source: str) -> None:
+def check_http_url(value: str, source: str) -> None:
+    """Raise `ValueError` naming `source` unless `value` is an http(s) URL with a host."""
     try:
         parts = urlsplit(value)
         port_ok = parts.port is None or parts.port > 0
@@ -206,10 +216,14 @@ def _hide_url_parts(url: Secret) -> None:
 class _AttemptError(Exception):
     """One attempt failed; `reason` is safe to log."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, reason: str, retry_after: float | None = None, *, slack_error: str = ""
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        # slack_api: the `error` of Slack's answer, to tell a lost thread from the rest.
+        self.slack_error = slack_error
 
 
 class _TransientError(_AttemptError):
@@ -255,6 +269,8 @@ class _SinkState:
     delivered_ids: OrderedDict[str, None] = field(default_factory=OrderedDict)
     in_flight: Message | None = None
     ready: anyio.Event | None = None
+    # slack_api: the incident thread replies go to, as kept in the outbox directory.
+    thread: slack_api.Thread | None = None
 
     def wake(self) -> None:
         if self.ready is not None:
@@ -495,6 +511,19 @@ class Notifier:
         if loaded := len(messages) - len(orphans) - len(duplicates):
             self._log.info("notifications_loaded", count=loaded)
         await self._forget(duplicates + evicted)
+        for state in self._sinks.values():
+            if state.sink.kind == "slack_api":
+                state.thread = await self._load_thread(state.sink.name)
+
+    async def _load_thread(self, sink: str) -> slack_api.Thread | None:
+        """The thread an earlier run left open for `sink`; None (a new message) if unreadable."""
+        try:
+            doc = await anyio.to_thread.run_sync(self._outbox.load_thread, sink)
+            return None if doc is None else slack_api.Thread.from_json(doc)
+        except (OSError, CorruptMessageError, ValueError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            self._storage_failed("outbox_thread_unreadable", why, sink=sink)
+            return None
 
     # -- senders ------------------------------------------------------------------------
 
@@ -505,19 +534,27 @@ class Notifier:
                 await state.ready.wait()
             message = state.in_flight = state.queue[0]
             try:
-                delivered = await self._deliver(client, state.sink, message)
+                delivered = await self._deliver(client, state, message)
             finally:
                 # Cancelled mid-delivery, the message stays queued and in the outbox.
                 state.in_flight = None
             with anyio.CancelScope(shield=True):
                 await self._settle(state, message, delivered=delivered)
 
-    async def _deliver(self, client: httpx.AsyncClient, sink: Sink, message: Message) -> bool:
+    async def _deliver(
+        self, client: httpx.AsyncClient, state: _SinkState, message: Message
+    ) -> bool:
         """Post `message` until it is accepted, rejected or out of attempts; True if sent."""
+        sink = state.sink
         journal_event = message.event.get("event")
         log = self._log.bind(sink=sink.name, event_id=message.event_id, journal_event=journal_event)
+        thread = None
+        if sink.kind == "slack_api":
+            thread = slack_api.thread_for(state.thread, journal_event, sink.channel)
+            log = log.bind(thread_ts=None if thread is None else thread.ts)
+        answer = b""
         try:
-            body, headers = _request_for(sink, message, self.instance)
+            body, headers = _request_for(sink, message, self.instance, thread)
         except Exception as e:  # noqa: BLE001 - one odd event must not stop the sink
             why = f"cannot build the message: {redact(repr(e))}"
             self._dropped(sink.name, message.event_id, why)
@@ -538,7 +575,7 @@ class Notifier:
                     if attempts > 1:
                         self._outcome(sink.name, "retried")
                     try:
-                        await _post(client, sink, body, headers)
+                        answer = await _post(client, sink, body, headers)
                     except _TransientError as e:
                         log.warning(
                             "notification_attempt_failed",
@@ -553,12 +590,55 @@ class Notifier:
             )
             return False
         except _PermanentError as e:
+            if thread is not None and e.slack_error in slack_api.THREAD_ERRORS:
+                # The thread is gone (deleted, archived): the message still goes, on its own.
+                log.warning("notification_thread_lost", reason=e.reason)
+                await self._advance_thread(state, message, ("", ""), lost=True)
+                return await self._deliver(client, state, message)
             self._dropped(sink.name, message.event_id, e.reason)
             return False
         self._outcome(sink.name, "sent")
         waited = None if message.queued_at is None else round(self._clock() - message.queued_at, 3)
         log.info("notification_sent", attempts=attempts, queued_s=waited)
+        if sink.kind == "slack_api":
+            await self._advance_thread(state, message, slack_api.parse_answer(answer))
         return True
+
+    async def _advance_thread(
+        self, state: _SinkState, message: Message, answer: tuple[str, str], *, lost: bool = False
+    ) -> None:
+        """Open, keep or close the sink's thread after delivering `message`, durably.
+
+        Written before the message leaves the outbox: a crash in between posts the message
+        again rather than losing the thread its replies need. `lost`: Slack no longer has
+        the thread, so it is forgotten whatever `message` is.
+        """
+        new = (
+            None
+            if lost
+            else slack_api.next_thread(
+                state.thread,
+                message.event.get("event"),
+                configured_channel=state.sink.channel,
+                answer=answer,
+                event_id=message.event_id,
+            )
+        )
+        if new == state.thread:
+            return
+        state.thread = new
+        doc = None if new is None else new.to_json()
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.to_thread.run_sync(self._outbox.save_thread, state.sink.name, doc)
+            except StorageError as e:
+                self._storage_failed("outbox_thread_write_failed", str(e), sink=state.sink.name)
+        self._log.info(
+            "notification_thread_opened" if new is not None else "notification_thread_closed",
+            sink=state.sink.name,
+            event_id=message.event_id,
+            thread_ts=None if new is None else new.ts,
+        )
 
     async def _settle(self, state: _SinkState, message: Message, *, delivered: bool) -> None:
         """Forget a delivered or dropped message, in memory and then on disk."""
@@ -604,10 +684,18 @@ class Notifier:
             self._log.error("notification_storage_callback_failed", error=redact(repr(e)))
 
 
-def _request_for(sink: Sink, message: Message, instance: str) -> tuple[bytes, dict[str, str]]:
-    """The body and headers that deliver `message` to `sink`."""
+def _request_for(
+    sink: Sink, message: Message, instance: str, thread: slack_api.Thread | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """The body and headers that deliver `message` to `sink` (a reply in `thread`, if given)."""
     headers = {"Content-Type": "application/json"}
-    if sink.kind == "slack":
+    if sink.kind == "slack_api":
+        assert sink.token is not None  # noqa: S101 - sinks_from_config always sets it
+        doc = slack_api.post_message(
+            message.event, instance=instance, channel=sink.channel, thread=thread
+        )
+        headers = slack_api.headers(sink.token)
+    elif sink.kind == "slack":
         doc = slack_message(message.event, instance=instance)
     elif sink.kind == "discord":
         doc = discord_message(message.event, instance=instance)
@@ -619,8 +707,11 @@ def _request_for(sink: Sink, message: Message, instance: str) -> tuple[bytes, di
 
 async def _post(
     client: httpx.AsyncClient, sink: Sink, body: bytes, headers: dict[str, str]
-) -> None:
-    """One attempt; raises `_TransientError` or `_PermanentError` unless answered 2xx."""
+) -> bytes:
+    """One attempt; raises `_TransientError` or `_PermanentError` unless answered 2xx.
+
+    Returns the answer's body for `slack_api` (whose 200 may still be a refusal), else b"".
+    """
     try:
         # httpx's timeout bounds each read; this bounds the whole exchange.
         with anyio.fail_after(sink.timeout):
@@ -628,8 +719,20 @@ async def _post(
                 "POST", sink.url.reveal(), content=body, headers=headers, timeout=sink.timeout
             ) as response:
                 if response.is_success:
-                    return
+                    if sink.kind != "slack_api":
+                        return b""
+                    answer = await _read_capped(response, _MAX_ANSWER_BYTES)
+                    try:
+                        slack_api.parse_answer(answer)
+                    except slack_api.SlackApiError as e:
+                        reason = f"Slack refused it: {redact(e.error)}"
+                        if e.transient:
+                            raise _TransientError(reason, slack_error=e.error) from None
+                        raise _PermanentError(reason, slack_error=e.error) from None
+                    return answer
                 detail = await _detail(response)
+    except _AttemptError:
+        raise
     except (TimeoutError, httpx.TimeoutException):
         raise _TransientError(f"no answer within {sink.timeout:g}s") from None
     except httpx.UnsupportedProtocol:
@@ -650,6 +753,17 @@ async def _post(
     if status >= 500:
         raise _TransientError(f"HTTP {status}{detail}")
     raise _PermanentError(f"HTTP {status}{detail}")
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """At most `limit` bytes of the answer: a receiver cannot make guardd hold more."""
+    data = b""
+    # Decoded: Slack compresses its answers when asked, and httpx asks.
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) > limit:
+            break
+    return data[:limit]
 
 
 async def _detail(response: httpx.Response) -> str:

@@ -124,6 +124,52 @@ class Outbox:
         if messages:
             self.sync()
 
+    def load_thread(self, sink: str) -> Any:
+        """The thread state `save_thread` kept for `sink` (parsed JSON), or None if there is none.
+
+        Raises `CorruptMessageError` for a file that is not JSON, `OSError` if unreadable.
+        """
+        try:
+            with self._thread_path(sink).open("rb") as f:
+                raw = f.read(_MAX_FILE_BYTES)
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CorruptMessageError("not valid JSON") from None
+
+    def save_thread(self, sink: str, state: Mapping[str, Any] | None) -> None:
+        """Keep `state` (None: forget it) for `sink` durably; raises `StorageError` if it cannot.
+
+        The file is replaced atomically, so a crash leaves the old state or the new one.
+        """
+        path = self._thread_path(sink)
+        try:
+            if state is None:
+                path.unlink(missing_ok=True)
+            else:
+                temp = self.directory / f".{path.name}{_TEMP_SUFFIX}"
+                _unlink_quietly(temp)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(temp, flags, 0o600)
+                try:
+                    with os.fdopen(fd, "wb", closefd=True) as f:
+                        f.write(json.dumps(dict(state), separators=(",", ":")).encode())
+                        f.flush()
+                        os.fsync(f.fileno())
+                    temp.replace(path)
+                except BaseException:
+                    _unlink_quietly(temp)
+                    raise
+        except OSError as e:
+            raise StorageError(f"cannot write the thread of sink {sink}: {_why(e)}") from e
+        self.sync()
+
+    def _thread_path(self, sink: str) -> Path:
+        # Not a numbered name: `load` never takes it for a message.
+        return self.directory / f"thread-{sink}.json"
+
     def _path(self, seq: int) -> Path:
         return self.directory / f"{seq:012d}.json"
 

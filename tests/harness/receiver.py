@@ -4,8 +4,9 @@
         ... point a sink at receiver.url ...
         first, second, third = await receiver.wait_for(3)
 
-Each request takes the next step of the script (`Reply(...)` or `HANG`: accept and never
-answer); once the script is used up, every request gets `default`. Arrival times are the
+Each request takes the next step of the script (`Reply(...)`, `HANG`: accept and never
+answer, or a callable that makes the reply from the request, such as `SlackWebApi`); once
+the script is used up, every request gets `default`. Arrival times are the
 receiver's own clocks, taken when the whole request has arrived.
 """
 
@@ -16,7 +17,7 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -47,7 +48,6 @@ class _Hang:
 
 
 HANG: Final = _Hang()
-Step = Reply | _Hang
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,83 @@ class Received:
     def json(self) -> Any:
         """The body parsed as JSON."""
         return json.loads(self.body)
+
+
+Step = Reply | _Hang | Callable[[Received], Reply]
+
+
+class SlackWebApi:
+    """A stand-in for Slack's `chat.postMessage`, checking requests as Slack's docs describe.
+
+    A bearer token in `Authorization`, a JSON body declared with its charset, `channel`, and
+    `text` or `blocks`; `thread_ts` must be the `ts` of a top-level message this stand-in
+    posted in that channel. Answers `{"ok": true, "channel": <ID>, "ts": ..., "message": ...}`,
+    or HTTP 200 `{"ok": false, "error": ...}` with Slack's error names.
+    """
+
+    #: Channel names that exist and the IDs Slack answers with.
+    CHANNELS: Final = {"#ops": "C0OPS00001", "C0OPS00001": "C0OPS00001"}
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        #: Every message posted: the request's JSON plus the ts and channel ID it got.
+        self.posted: list[dict[str, Any]] = []
+        self._seq = 0
+
+    def __call__(self, request: Received) -> Reply:
+        if request.method != "POST" or not request.path.endswith("/chat.postMessage"):
+            return Reply(404, body=b"not found")
+        auth = request.headers.get("authorization", "")
+        if not auth.startswith("Bearer "):
+            return self._error("not_authed")
+        if auth.removeprefix("Bearer ") != self.token:
+            return self._error("invalid_auth")
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("application/json"):
+            return self._error("invalid_form_data")
+        try:
+            doc = json.loads(request.body)
+        except ValueError:
+            return self._error("invalid_json")
+        channel = self.CHANNELS.get(doc.get("channel", ""))
+        if channel is None:
+            return self._error("channel_not_found")
+        if not doc.get("text") and not doc.get("blocks"):
+            return self._error("no_text")
+        thread_ts = doc.get("thread_ts")
+        tops = {(m["channel_id"], m["ts"]) for m in self.posted if "thread_ts" not in m}
+        if thread_ts is not None and (channel, thread_ts) not in tops:
+            return self._error("thread_not_found")
+        self._seq += 1
+        ts = f"17000000{self._seq:02d}.{self._seq:06d}"
+        self.posted.append({**doc, "ts": ts, "channel_id": channel})
+        message = {"type": "message", "text": doc.get("text", ""), "ts": ts}
+        if thread_ts is not None:
+            message["thread_ts"] = thread_ts
+        answer = {"ok": True, "channel": channel, "ts": ts, "message": message}
+        if "charset" not in content_type:
+            # What Slack does: accepted, with a warning.
+            answer["warning"] = "missing_charset"
+        return _json_reply(answer)
+
+    @staticmethod
+    def _error(error: str) -> Reply:
+        return _json_reply({"ok": False, "error": error})
+
+
+def slack_ratelimited(retry_after: int = 1) -> Reply:
+    """Slack's rate-limit answer: HTTP 429, Retry-After, `{"ok": false, "error": "ratelimited"}`."""
+    return _json_reply(
+        {"ok": False, "error": "ratelimited"}, 429, {"Retry-After": str(retry_after)}
+    )
+
+
+def _json_reply(doc: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Reply:
+    return Reply(
+        status,
+        {"Content-Type": "application/json; charset=utf-8", **(headers or {})},
+        json.dumps(doc).encode(),
+    )
 
 
 class Receiver:
@@ -94,7 +171,10 @@ class Receiver:
         self.requests.append(request)
         self._arrived.set()
         self._arrived = anyio.Event()
-        return self.script.popleft() if self.script else self.default
+        step = self.script.popleft() if self.script else self.default
+        if isinstance(step, Reply | _Hang):
+            return step
+        return step(request)
 
     async def handle(self, stream: anyio.abc.ByteStream) -> None:
         """Serve one connection, request after request, until the client closes it."""

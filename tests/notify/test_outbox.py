@@ -162,3 +162,30 @@ def test_a_symlink_at_the_temporary_name_is_not_followed(tmp_path: Path) -> None
     assert outbox.save([message]) == []
     assert target.read_text() == "untouched"
     assert Outbox(directory).load()[0] == [message]
+
+
+def test_a_thread_is_kept_beside_the_messages_and_never_loaded_as_one(tmp_path: Path) -> None:
+    outbox = fresh(tmp_path / "outbox")
+    message = add(outbox, "slack", "ev-1")
+    assert outbox.load_thread("slack") is None
+    outbox.save_thread("slack", {"channel": "C1", "ts": "1.000001"})
+    outbox.save_thread("slack", {"channel": "C1", "ts": "2.000002"})
+    path = tmp_path / "outbox" / "thread-slack.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = Outbox(tmp_path / "outbox")
+    assert again.load() == ([message], [])
+    assert again.load_thread("slack") == {"channel": "C1", "ts": "2.000002"}
+    assert not list((tmp_path / "outbox").glob(".*.tmp"))
+    again.save_thread("slack", None)
+    assert not path.exists()
+    assert again.load_thread("slack") is None
+    again.save_thread("slack", None)  # forgetting twice is no error
+
+
+def test_a_thread_that_cannot_be_written_is_a_storage_error(tmp_path: Path) -> None:
+    outbox = fresh(tmp_path / "outbox")
+    # A directory where the file would go: the rename cannot replace it.
+    (tmp_path / "outbox" / "thread-slack.json").mkdir()
+    with pytest.raises(StorageError, match="cannot write the thread of sink slack"):
+        outbox.save_thread("slack", {"channel": "C1", "ts": "1.000001"})
+    assert not list((tmp_path / "outbox").glob(".*.tmp"))
