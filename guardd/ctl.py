@@ -93,7 +93,8 @@ def status_exit_code(status: Mapping[str, Any]) -> int:
         isinstance(active, Mapping) and active.get("healthy") is True and not active.get("stale")
     )
     locked = isinstance(qos, Mapping) and bool(qos.get("locked"))
-    if state != "steady" or status.get("paused") or locked or not active_ok:
+    warned = bool(status.get("warnings"))  # e.g. the front door and the probes disagree
+    if state != "steady" or status.get("paused") or locked or not active_ok or warned:
         return WARNING
     return OK
 
