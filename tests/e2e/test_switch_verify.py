@@ -8,6 +8,7 @@ previous target back, reload, and journal the failed step and the color really s
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,38 @@ def test_resumed_rollback_that_does_not_verify_is_undone(make_lab) -> None:
     assert link_color(lab) == "green"
     assert wait_until(lambda: status(lab)["active"] == "green", 10, "active green")
     assert d2.stop() == 0
+
+
+def test_command_switch_that_does_not_verify_is_undone_with_the_previous_color(
+    make_lab,
+) -> None:
+    # A deploy command that really moves nginx (link + reload) to a failing blue: the
+    # undo runs the command again for green, and guardd's record says green.
+    lab: Lab = make_lab(**FAST)
+    calls = lab.tmp / "calls"
+    deploy = lab.tmp / "deploy"
+    upstream_dir = lab.nginx.targets["blue"].parent
+    link = shlex.quote(str(lab.nginx.active_link))
+    deploy.write_text(
+        "#!/bin/sh\nset -e\n"
+        f'echo "$1" >> {shlex.quote(str(calls))}\n'
+        f'ln -sfn "{upstream_dir}/lab_$1.conf" {link}\n'
+        f"{shlex.join(lab.nginx.reload_command)}\n"
+    )
+    deploy.chmod(0o755)
+    lab.write_config(switch__kind="command", switch__command=[str(deploy), "{color}"])
+    d = lab.daemon()
+    assert ctl(lab, "switch", "green", "--force").returncode == 0
+    lab.blue.set_mode("http_503")
+    count = len(d.events())
+    result = ctl(lab, "switch", "blue", "--force")
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert "switch to blue failed at verify and was undone" in said, said
+    assert calls.read_text().split() == ["green", "blue", "green"]
+    assert link_color(lab) == "green"
+    assert lab.nginx.wait_serving_only("green", hold=0.5, timeout=20)
+    alert = d.wait_event("alert", after=count, where=lambda e: e.get("step") is not None)
+    assert_failed_verify(alert, serving="green")
+    assert status(lab)["active"] == "green"
+    assert d.stop() == 0
