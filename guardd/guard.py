@@ -584,12 +584,12 @@ class Guard:
     ) -> None:
         """Journal a rollback that failed (and what its undo left), and hold for an operator."""
         undone = "could not be undone" if outcome.undo_problem else "undone"
-        why = f"{outcome.step} failed: {outcome.why()}; {undone}, {outcome.serving_text()}"
+        why = f"{outcome.step}: {outcome.why()}; {undone}, {outcome.serving_text()}"
         self.record(
             "rollback_failed",
             source=source,
             target=target,
-            reason=f"{reason}; {why}",
+            reason=f"{reason}; failed at {why}",
             severity=severity,
             by=by,
             evidence=evidence,
