@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,4 +185,40 @@ def test_command_switch_that_does_not_verify_is_undone_with_the_previous_color(
     alert = d.wait_event("alert", after=count, where=lambda e: e.get("step") is not None)
     assert_failed_verify(alert, serving="green")
     assert status(lab)["active"] == "green"
+    assert d.stop() == 0
+
+
+def test_state_file_switch_that_does_not_verify_is_restored_byte_for_byte(make_lab) -> None:
+    # The app's reload moves nginx to whatever the state file names; blue fails behind it.
+    # The undo puts the file back exactly (every other key kept) and reloads again.
+    lab: Lab = make_lab(**FAST)
+    state = lab.tmp / "deploy-state.json"
+    state.write_text('{"version": "2.4.1", "activeColor": "green", "replicas": 3}\n')
+    before = state.read_bytes()
+    reload_app = lab.tmp / "reload-app"
+    upstream_dir = lab.nginx.targets["blue"].parent
+    reload_app.write_text(
+        "#!/bin/sh\nset -e\n"
+        f"color=$({shlex.quote(sys.executable)} -c 'import json,sys; "
+        f'print(json.load(open(sys.argv[1]))["activeColor"])\' {shlex.quote(str(state))})\n'
+        f'ln -sfn "{upstream_dir}/lab_$color.conf" {shlex.quote(str(lab.nginx.active_link))}\n'
+        f"{shlex.join(lab.nginx.reload_command)}\n"
+    )
+    reload_app.chmod(0o755)
+    lab.write_config(
+        switch__kind="state-file", switch__path=str(state), switch__reload_command=[str(reload_app)]
+    )
+    d = lab.daemon()
+    assert status(lab)["active"] == "green"
+    lab.blue.set_mode("http_503")
+    count = len(d.events())
+    result = ctl(lab, "switch", "blue", "--force")
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert "switch to blue failed at verify and was undone" in said, said
+    assert state.read_bytes() == before
+    assert link_color(lab) == "green"
+    assert lab.nginx.wait_serving_only("green", hold=0.5, timeout=20)
+    alert = d.wait_event("alert", after=count, where=lambda e: e.get("step") is not None)
+    assert_failed_verify(alert, serving="green")
     assert d.stop() == 0
