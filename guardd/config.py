@@ -366,7 +366,7 @@ class SwitchConfig(_Section):
     command: list[str] | None = None
     """command: the argv run to switch; `{color}` and `{instance}` are substituted."""
     verify_url: str | None = None
-    """After a switch, probe through the front door until `verify_successes` pass."""
+    """The front door: probed all the time, and after a switch until `verify_successes` pass."""
     verify_successes: Annotated[int, Field(ge=1)] = 3
     """Passing fresh-connection answers in a row that verify a switch."""
 

@@ -104,7 +104,8 @@ def status_exit_code(status: Mapping[str, Any]) -> int:
     )
     locked = isinstance(qos, Mapping) and bool(qos.get("locked"))
     lost = status.get("no_rollback_target")  # the rollback target is down: no protection
-    if state != "steady" or status.get("paused") or locked or not active_ok or lost:
+    warned = bool(status.get("warnings"))  # e.g. the front door and the probes disagree
+    if state != "steady" or status.get("paused") or locked or not active_ok or lost or warned:
         return WARNING
     return OK
 

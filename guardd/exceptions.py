@@ -44,11 +44,19 @@ class ConfigError(GuarddError):
 
 
 class SwitchError(GuarddError):
-    """Moving traffic failed; the previous target has been put back."""
+    """Moving traffic failed; the previous target has been put back.
+
+    `step` names the step that failed, as the journal reports it: ``switch`` (changing
+    the target itself), ``test``, ``reload`` or ``verify``.
+    """
+
+    step: str = "switch"
 
 
 class SwitchRejected(SwitchError):
     """The test command rejected the new target."""
+
+    step = "test"
 
 
 class CommandFailed(SwitchError):
@@ -56,7 +64,13 @@ class CommandFailed(SwitchError):
 
 
 class VerifyFailed(SwitchError):
-    """After the switch, the front door did not serve the new target."""
+    """After the switch, the front door did not serve the new target.
+
+    The message counts the answers, e.g. ``verify failed: 0/31 answers passed (3 in a
+    row needed) within 5s, last: HTTP 503``.
+    """
+
+    step = "verify"
 
 
 class StorageError(GuarddError):

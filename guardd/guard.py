@@ -20,11 +20,27 @@ import anyio
 
 from guardd import qoslock
 from guardd._version import __version__
-from guardd.core.machine import Alert, Decision, Facts, GuardMachine, Hold, Memory, Rollback
+from guardd.core.machine import (
+    Alert,
+    Decision,
+    Facts,
+    GuardMachine,
+    Hold,
+    Memory,
+    Reapply,
+    Rollback,
+)
 from guardd.core.policy import PolicySpec
 from guardd.core.qos import QosWindow
 from guardd.core.types import COLORS, Color, Severity, State, other
-from guardd.exceptions import GuarddError, Refused, StorageError, SwitchError, UnsafePath
+from guardd.exceptions import (
+    GuarddError,
+    Refused,
+    StorageError,
+    SwitchError,
+    UnsafePath,
+    VerifyFailed,
+)
 from guardd.faults import FaultPoints
 from guardd.journal import Journal, parse_rfc3339, rfc3339
 from guardd.metrics import GuardMetrics
@@ -43,6 +59,10 @@ _EVENT_LEVELS = {
     "rollback_failed": "warning",
     "qos_extended": "warning",
 }
+
+# Verification gets this share of `switch.timeout` of its own, so that a front door that
+# never serves still leaves the undo its time.
+VERIFY_SHARE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +93,28 @@ class OwnedLock:
     # An operator's lock laid over a guard window: the lock is not released before this
     # (monotonic; math.inf = until unlocked), whatever the window says.
     floor: float | None = None
+
+
+@dataclass(slots=True)
+class SwitchOutcome:
+    """How a switch and its verification ended, for the journal and the operator."""
+
+    failure: BaseException | None = None
+    step: str | None = None  # test | reload | verify | switch: the step that failed
+    undo_problem: str | None = None  # why the previous target is not back in force
+    serving: Color | None = None  # the color really served afterwards, None if unknown
+
+    def why(self) -> str:
+        """One line: what failed, and what became of the undo."""
+        assert self.failure is not None  # noqa: S101 - only asked of a failure
+        text = _why(self.failure)
+        if self.undo_problem:
+            return f"{text}; the undo failed too: {self.undo_problem}"
+        return text
+
+    def serving_text(self) -> str:
+        """Which color is served, in words."""
+        return f"{self.serving} is served" if self.serving else "which color is served is unknown"
 
 
 @dataclass(slots=True)
@@ -292,16 +334,15 @@ class Guard:
             "evidence": started.get("evidence"),
             "rollback_id": str(started.get("id")),
         }
-        try:
-            with anyio.fail_after(self.s.switch_timeout):
-                if self.active != target:
-                    await self.switcher.switch(target)
-                await self._verify()
-        except (SwitchError, TimeoutError) as e:
-            self.active = await self.switcher.read_active()
-            self._close_failed(source, target, reason=reason, why=_why(e), **closing)
+        with anyio.CancelScope(shield=True):
+            # The link may already name the target (the crash fell after the rename):
+            # then only the verification is owed, and a failed one is undone all the same.
+            outcome = await self._switch_verified(source, target, switch=self.active != target)
+        if outcome.failure is not None:
+            self._close_failed(source, target, reason=reason, outcome=outcome, **closing)
             return
         self.active = target
+        self.machine.switched()
         self._close_completed(
             source, target, reason=reason, lock_reason=str(started.get("reason")), **closing
         )
@@ -411,6 +452,7 @@ class Guard:
                 paused=self.paused is not None,
                 rollbacks_in_budget=self._rollbacks_in_budget(),
                 rolling_back=self.rolling_back,
+                front_door_watched=self.verifier is not None,
             )
         )
         for action in decision.actions:
@@ -468,6 +510,7 @@ class Guard:
             self.active = on_disk
             self.machine.policy.reset()
             self.machine.clear_hold()
+            self.machine.switched()
             self.record(
                 "external_switch",
                 source=previous,
@@ -482,7 +525,7 @@ class Guard:
             self._auto_rollbacks.popleft()
         return len(self._auto_rollbacks)
 
-    async def _act(self, action: Rollback | Hold | Alert) -> None:
+    async def _act(self, action: Rollback | Hold | Alert | Reapply) -> None:
         if isinstance(action, Rollback):
             await self.move_traffic(
                 action.target,
@@ -492,6 +535,8 @@ class Guard:
                 severity=action.severity,
                 evidence=action.evidence.to_dict(),
             )
+        elif isinstance(action, Reapply):
+            await self.reapply(action.color, action.reason)
         elif isinstance(action, Hold):
             self.record(
                 "hold",
@@ -545,15 +590,9 @@ class Guard:
                 evidence=evidence,
             )
             await self.faults.reach("after_rollback_started")
-        failure: BaseException | None = None
         with anyio.CancelScope(shield=True):
-            try:
-                with anyio.fail_after(self.s.switch_timeout):
-                    await self.switcher.switch(target)
-                    await self._verify()
-            except (SwitchError, TimeoutError, OSError, GuarddError) as e:
-                failure = e
-            if failure is None:
+            outcome = await self._switch_verified(source, target, switch=True)
+            if outcome.failure is None:
                 await self.faults.reach("before_rollback_completed")
         self.rolling_back = False
         elapsed = self.clock.monotonic() - started_at
@@ -563,21 +602,27 @@ class Guard:
             "evidence": evidence,
             "rollback_id": opened["id"] if opened else "",
         }
-        if failure is not None:
-            self.active = await self.switcher.read_active()
-            why = _why(failure)
+        if outcome.failure is not None:
             if kind == "rollback":
-                self._close_failed(source, target, reason=reason, why=why, **closing)
+                self._close_failed(source, target, reason=reason, outcome=outcome, **closing)
                 return
+            said = (
+                f"{kind} to {target} failed at {outcome.step}"
+                + (" and could not be undone" if outcome.undo_problem else " and was undone")
+                + f": {outcome.why()}; {outcome.serving_text()}"
+            )
             self.record(
                 "alert",
                 source=source,
                 target=target,
                 by=by,
-                reason=f"{kind} to {target} failed and was undone: {why}",
+                reason=said,
+                step=outcome.step,
+                serving=outcome.serving,
             )
-            raise Refused(f"{kind} to {target} failed and was undone: {why}")
+            raise Refused(said)
         self.active = target
+        self.machine.switched()
         self.metrics.observe_switch(elapsed)
         self.metrics.set_active(target)
         self.machine.policy.reset()
@@ -606,25 +651,29 @@ class Guard:
         target: Color,
         *,
         reason: str,
-        why: str,
+        outcome: SwitchOutcome,
         severity: Severity | None,
         by: str,
         evidence: dict[str, Any] | None,
         rollback_id: str,
     ) -> None:
-        """Journal a rollback that failed (and was undone), and hold for an operator."""
+        """Journal a rollback that failed (and what its undo left), and hold for an operator."""
+        undone = "could not be undone" if outcome.undo_problem else "undone"
+        why = f"{outcome.step}: {outcome.why()}; {undone}, {outcome.serving_text()}"
         self.record(
             "rollback_failed",
             source=source,
             target=target,
-            reason=f"{reason}; switch failed: {why}",
+            reason=f"{reason}; failed at {why}",
             severity=severity,
             by=by,
             evidence=evidence,
             rollback_id=rollback_id,
+            step=outcome.step,
+            serving=outcome.serving,
         )
         hold = self.machine.rollback_failed(
-            f"rollback {source} -> {target} failed: {why}", None, severity
+            f"rollback {source} -> {target} failed at {why}", None, severity
         )
         self.record("hold", source=source, target=target, reason=hold.reason, severity=severity)
 
@@ -658,16 +707,148 @@ class Guard:
             self.machine.rollback_succeeded(source)
         self.take_lock(f"rollback {source} -> {target}: {lock_reason}", by=by)
 
+    async def _switch_verified(
+        self, source: Color | None, target: Color, *, switch: bool
+    ) -> SwitchOutcome:
+        """Switch to `target` (when `switch`), verify, and undo what did not verify.
+
+        Each part is bounded: the switch (and the switcher's own undo) by twice
+        `switch.timeout`, the verification by its share of it, the undo of a switch that
+        did not verify by twice `switch.timeout` again. Callers shield this.
+        """
+        out = SwitchOutcome()
+        committed = not switch
+        try:
+            if switch:
+                with anyio.fail_after(2 * self.s.switch_timeout):
+                    await self.switcher.switch(target)
+                committed = True
+            await self._verify()
+        except TimeoutError:
+            out.failure = SwitchError(
+                f"the switch did not finish within {2 * self.s.switch_timeout:g}s"
+            )
+            out.step = "switch"
+        except (SwitchError, OSError, GuarddError) as e:
+            out.failure = e
+            out.step = e.step if isinstance(e, SwitchError) else "switch"
+            notes = getattr(e, "__notes__", None)
+            if notes:  # the switcher's own undo did not finish
+                out.undo_problem = "; ".join(str(n) for n in notes)
+        if out.failure is None:
+            return out
+        if committed:
+            out.undo_problem = await self._restore(source)
+        self.active = await self.switcher.read_active()
+        self.machine.switched()
+        out.serving = None if out.undo_problem else await self._serving()
+        return out
+
+    async def _restore(self, previous: Color | None) -> str | None:
+        """Put `previous` back in force after a switch that did not verify; why not, if not."""
+        if previous is None:
+            return "the color before the switch is unknown, so there is nothing to put back"
+        try:
+            with anyio.fail_after(2 * self.s.switch_timeout):
+                await self.switcher.restore(previous)
+        except (SwitchError, TimeoutError, OSError, GuarddError) as e:
+            step = e.step if isinstance(e, SwitchError) else "switch"
+            return f"restoring {previous} failed at {step}: {_why(e)}"
+        return None
+
+    async def _serving(self) -> Color | None:
+        """The color served now, as far as guardd can tell; None when it cannot.
+
+        The switch target names a color; without a front door that is all guardd knows.
+        With one, its answer must agree with that color's own last probe (both pass or
+        both fail), or guardd cannot tell which color answered.
+        """
+        named = self.active
+        if named is None or self.verifier is None:
+            return named
+        # Old nginx workers answer for a moment after a reload: only a streak of answers
+        # that agree with the named color's own probes, within the verify budget, tells.
+        streak = 0
+        with anyio.move_on_after(self.s.switch_timeout * VERIFY_SHARE):
+            while True:
+                answer = await self.verifier.probe()
+                healthy = self.machine.healthy(named, self.clock.monotonic())
+                streak = streak + 1 if healthy is not None and answer.ok == healthy else 0
+                if streak >= self.s.verify_successes:
+                    return named
+                await anyio.sleep(0.05)
+        return None
+
     async def _verify(self) -> None:
-        """Confirm the front door serves: `verify_successes` passing answers in a row."""
+        """Confirm the front door serves: `verify_successes` passing answers in a row.
+
+        Raises `VerifyFailed` ("verify failed: 0/31 answers passed (3 in a row needed)
+        within 5s, last: HTTP 503") when they do not come within the verify budget,
+        `VERIFY_SHARE` of `switch.timeout`.
+        """
         if self.verifier is None:
             return
-        streak = 0
-        while streak < self.s.verify_successes:
-            result = await self.verifier.probe()
-            streak = streak + 1 if result.ok else 0
-            if streak < self.s.verify_successes:
-                await anyio.sleep(0.05)
+        budget = self.s.switch_timeout * VERIFY_SHARE
+        streak = answers = passed = 0
+        last: ProbeResult | None = None
+        with anyio.move_on_after(budget):
+            while streak < self.s.verify_successes:
+                last = await self.verifier.probe()
+                answers += 1
+                passed += last.ok
+                streak = streak + 1 if last.ok else 0
+                if streak < self.s.verify_successes:
+                    await anyio.sleep(0.05)
+        if streak >= self.s.verify_successes:
+            return
+        said = "no answer" if last is None else last.error or last.outcome.value
+        raise VerifyFailed(
+            f"verify failed: {passed}/{answers} answers passed "
+            f"({self.s.verify_successes} in a row needed) within {budget:g}s, last: {said}"
+        )
+
+    def switch_limit(self) -> float:
+        """The longest a switch can take, verification and undo included, in seconds."""
+        # switch (and its own undo) 2x, verify its share, undo 2x, the serving check its share
+        return (2 + VERIFY_SHARE + 2 + VERIFY_SHARE) * self.s.switch_timeout
+
+    async def reapply(self, color: Color, reason: str) -> None:
+        """Re-apply the switch target (test + reload) because of a front-door mismatch."""
+        await self.faults.reach("before_reapply")
+        # Counted as a switch in flight, so the watchdog waits for it like for a switch.
+        self.rolling_back, self.switch_started = True, self.clock.monotonic()
+        try:
+            with anyio.CancelScope(shield=True), anyio.fail_after(2 * self.s.switch_timeout):
+                await self.switcher.reapply()
+        except (SwitchError, TimeoutError, OSError, GuarddError) as e:
+            step = e.step if isinstance(e, SwitchError) else "switch"
+            self.record(
+                "alert",
+                source=color,
+                by=GUARDD,
+                step=step,
+                reapplied=False,
+                reason=f"re-applying {color} failed at {step}: {_why(e)}",
+            )
+            return
+        finally:
+            self.rolling_back = False
+        self.record(
+            "alert",
+            source=color,
+            by=GUARDD,
+            reapplied=True,
+            reason=f"re-applied {color} (the switch target is tested and reloaded): {reason}",
+        )
+
+    def observe_front_door(self, result: ProbeResult) -> bool:
+        """Feed one answer through the front door in; true if worth a tick now."""
+        if self.rolling_back:
+            return False  # a switch verifies the front door itself; the flux says nothing
+        fd = self.machine.front_door
+        before = (fd.ok, fd.streak >= self.s.policy.consecutive_failures)
+        self.machine.observe_front_door(self.clock.monotonic(), result.ok, result.error)
+        return before != (fd.ok, fd.streak >= self.s.policy.consecutive_failures)
 
     # ---- the QoS lock ------------------------------------------------------------------
 
@@ -830,6 +1011,8 @@ class Guard:
         hold = self.machine.hold
         return {
             "guard": self.s.instance,
+            "front_door": self._front_door_doc(now),
+            "warnings": self.warnings(),
             "state": self.state.value,
             "active": self.active,
             "standby": other(self.active) if self.active else None,
@@ -859,6 +1042,25 @@ class Guard:
             "version": __version__,
         }
 
+    def _front_door_doc(self, now: float) -> dict[str, Any] | None:
+        """The front door as `status --json` shows it; None when it is not watched."""
+        if self.verifier is None:
+            return None
+        fd = self.machine.front_door
+        stale = fd.last_at is None or now - fd.last_at > 3 * self.s.probe_interval
+        return {
+            "healthy": None if stale else fd.ok,
+            "stale": stale,
+            "streak": fd.streak,
+            "last_error": fd.last_error,
+            "last_probe_age_s": None if fd.last_at is None else round(now - fd.last_at, 3),
+        }
+
+    def warnings(self) -> list[str]:
+        """What an operator should look at although nothing is failing outright."""
+        mismatch = self.machine.mismatch
+        return [] if mismatch is None else [f"mismatch: {mismatch}"]
+
     def status_line(self) -> str:
         """The one-line STATUS= summary for systemd."""
         now = self.clock.monotonic()
@@ -880,6 +1082,8 @@ class Guard:
             parts.append("paused")
         if self.storage.failing:
             parts.append("storage=failing(" + ",".join(sorted(self.storage.failing)) + ")")
+        if self.machine.mismatch is not None:
+            parts.append("front_door=mismatch")
         return " ".join(parts)
 
 
@@ -912,7 +1116,7 @@ def _decision_doc(decision: Decision, wall: float) -> dict[str, Any]:
     verdict = decision.verdict
     action = "none"
     for a in decision.actions:
-        action = {Rollback: "rollback", Hold: "hold", Alert: "alert"}[type(a)]
+        action = {Rollback: "rollback", Hold: "hold", Alert: "alert", Reapply: "reapply"}[type(a)]
     if decision.blocked_by and action == "none":
         action = f"blocked:{decision.blocked_by}"
     return {

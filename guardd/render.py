@@ -272,6 +272,9 @@ def render_status(status: Mapping[str, Any], *, color: bool = False) -> str:
         field("paused", "no")
     if status.get("hold_reason"):
         field("hold reason", clean(status["hold_reason"]), _RED)
+    warnings = status.get("warnings")
+    for warning in warnings if isinstance(warnings, list) else ():
+        field("WARNING", clean(warning), _YELLOW)
     storage = status.get("storage")
     if isinstance(storage, Mapping) and (storage.get("ok") is False or storage.get("errors")):
         field(

@@ -8,6 +8,8 @@ uvicorn's server.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import signal
 import stat
@@ -109,6 +111,19 @@ def guard_settings(settings: Settings) -> GuardSettings:
         qos_max_error_ratio=c.qos.max_error_ratio,
         qos_min_health_ratio=c.qos.min_health_ratio,
     )
+
+
+def probe_identity(c: GuardConfig) -> dict[Color, str]:
+    """What each color's probes look at, as a digest: state.json may keep it, a URL may not.
+
+    A URL can carry a credential, so only a SHA-256 of the URLs and quorum is stored.
+    """
+    return {
+        color: hashlib.sha256(
+            json.dumps([c.upstreams[color].all_urls, c.upstreams[color].quorum]).encode()
+        ).hexdigest()[:16]
+        for color in COLORS
+    }
 
 
 def probe_spec(c: GuardConfig) -> ProbeSpec:
@@ -247,6 +262,7 @@ class Supervisor:
         self.metrics_server: MetricsServer | None = None
         self._wake = anyio.Event()
         self._first_round: dict[Color, anyio.Event] = {c: anyio.Event() for c in COLORS}
+        self._front_door_answered = anyio.Event()
         self._probe_started: dict[Color, float | None] = dict.fromkeys(COLORS)
         self._stopping = False
         self._exit_code = 0
@@ -278,6 +294,7 @@ class Supervisor:
         verifier = build_verifier(c, self.probe_transport)
         gs = guard_settings(s)
         machine = GuardMachine(gs.policy, gs.probe_interval)
+        machine.probe_identity = probe_identity(c)
         guard = Guard(
             gs,
             machine=machine,
@@ -383,6 +400,10 @@ class Supervisor:
                 tg.start_soon(self._signals, tg.cancel_scope)
                 for color in COLORS:
                     tg.start_soon(self._probe_loop, color)
+                if guard.verifier is not None:
+                    tg.start_soon(self._front_door_loop)
+                    # The first decision may weigh the front door: wait for its answer too.
+                    await self._front_door_answered.wait()
                 for event in self._first_round.values():
                     await event.wait()
                 async with guard.lock:
@@ -466,7 +487,7 @@ class Supervisor:
                 if guard is not None:
                     # Under the lock: a switch in flight finishes (or is undone) first, and
                     # `stopped` reaches the outbox before the notifier is cancelled.
-                    with anyio.move_on_after(self.settings.config.switch.timeout + 5):
+                    with anyio.move_on_after(guard.switch_limit() + 5):
                         async with guard.lock:
                             guard.record(
                                 "stopped",
@@ -499,6 +520,23 @@ class Supervisor:
             next_at = min(next_at, started + interval)
             await anyio.sleep(max(0.0, next_at - now))
 
+    async def _front_door_loop(self) -> None:
+        """Probe `switch.verify_url` at the probe cadence, so the front door is evidence."""
+        guard = self.guard
+        assert guard is not None  # noqa: S101
+        verifier = guard.verifier
+        assert verifier is not None  # noqa: S101 - started only with a verify_url
+        while True:
+            started = self.clock.monotonic()
+            # The verifier sends `Connection: close`: every answer comes on a fresh
+            # connection, from the workers nginx runs now.
+            result = await verifier.probe()
+            if guard.observe_front_door(result):
+                self._wake.set()
+            self._front_door_answered.set()
+            wait = guard.s.probe_interval - (self.clock.monotonic() - started)
+            await anyio.sleep(max(0.0, wait))
+
     async def _decision_loop(self) -> None:
         guard = self.guard
         assert guard is not None  # noqa: S101
@@ -522,7 +560,7 @@ class Supervisor:
 
     def _switching_in_time(self, guard: Guard) -> bool:
         started = guard.switch_started if guard.rolling_back else None
-        limit = self.settings.config.switch.timeout + _STUCK_MARGIN
+        limit = guard.switch_limit() + _STUCK_MARGIN
         return started is not None and self.clock.monotonic() - started <= limit
 
     async def _watchdog_loop(self, every: float) -> None:
@@ -620,6 +658,7 @@ class Supervisor:
             gs = guard_settings(new)
             guard.s = gs
             guard.machine.reconfigure(gs.policy, gs.probe_interval, keep)
+            guard.machine.probe_identity = probe_identity(new.config)
             if old.config.switch != new.config.switch or retry_changed:
                 guard.switcher = build_switcher(new, self._on_switch_step)
             self.settings = new

@@ -25,7 +25,18 @@ from guardd.core.policy import PolicySpec
 from guardd.guard import Guard
 from guardd.operator import handle
 from guardd.probes.http import ProbeResult
-from tests.harness.guard_fakes import DOWN, OK, SPEC, FakeClock, build, prepare, start, step, steps
+from tests.harness.guard_fakes import (
+    DOWN,
+    OK,
+    SPEC,
+    FakeClock,
+    FakeVerifier,
+    build,
+    prepare,
+    start,
+    step,
+    steps,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -102,6 +113,19 @@ async def steady(g: Guard, clock: FakeClock) -> None:
     await steps(g, clock, [(OK, OK)] * 3)
 
 
+async def seen_healthy(g: Guard, clock: FakeClock) -> None:
+    # Green passed its probes: its failures alone may roll it back, front door or not.
+    await steps(g, clock, [(OK, OK, OK)] * 3)
+    assert g.machine.seen_healthy == {"blue", "green"}
+
+
+async def mismatch_reapplied(g: Guard, clock: FakeClock) -> None:
+    # The front door fails while green's own probes pass: re-applied once already.
+    await steps(g, clock, [(OK, OK, OK)] + [(OK, OK, DOWN)] * 3)
+    assert g.machine.mismatch is not None
+    assert g.switcher.reapplied == 1  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class Row:
     """One state to restart in, the pieces of state.json (or journal) it exercises, and
@@ -110,9 +134,10 @@ class Row:
     name: str
     covers: frozenset[str]
     setup: Setup
-    after: list[tuple[ProbeResult, ProbeResult]]
+    after: list[tuple[ProbeResult, ...]]
     spec: PolicySpec = SPEC
     crash_in_switch: bool = False
+    front_door: bool = False  # with switch.verify_url: the front door is watched
 
 
 PREVIOUS = dataclasses.replace(SPEC, rollback_to="previous")
@@ -120,6 +145,20 @@ P2 = dataclasses.replace(SPEC, window=60.0, min_samples=5, p2_error_ratio=0.02, 
 
 ROWS = [
     Row("steady", frozenset({"guard", "state", "active"}), steady, [(OK, DOWN)] * 4),
+    Row(
+        "green seen healthy, then failing while the front door serves",
+        frozenset({"seen_healthy"}),
+        seen_healthy,
+        [(OK, DOWN, OK)] * 5,
+        front_door=True,
+    ),
+    Row(
+        "front-door mismatch, re-applied once",
+        frozenset({"mismatch", "mismatch_color"}),
+        mismatch_reapplied,
+        [(OK, OK, DOWN)] * 5,
+        front_door=True,
+    ),
     Row("sticky hold after a failed switch", frozenset({"hold"}), sticky_hold, [(OK, DOWN)] * 6),
     Row(
         "transient hold, both down",
@@ -169,8 +208,11 @@ MACHINE_NOT_KEPT = {
     "policy": "configuration; its P1 onsets are measurements, taken again with the windows",
     "windows": "probe history: measurements, taken again after a restart (the test's inputs)",
     "last_decision": "the previous tick's result, recomputed by the next tick",
+    "probe_identity": "configuration: a digest of each color's probe URLs",
+    "front_door": "the front door's answers: measurements, taken again after a restart",
+    "_reapplied_at": "an index into the front door's answers, which count anew from 0",
 }
-MACHINE_KEPT = {"hold", "rolled_away_from", "_edges"}
+MACHINE_KEPT = {"hold", "rolled_away_from", "_edges", "seen_healthy", "mismatch", "_mismatch_color"}
 GUARD_NOT_KEPT = {
     "s": "configuration",
     "machine": "checked attribute by attribute above",
@@ -212,7 +254,13 @@ async def test_a_restart_decides_as_the_running_guard_would(row: Row, tmp_path: 
             snapshot_at.append(clock.mono)
 
     prepare(a_root)
-    g1 = await start(a_root, clock, row.spec, on_switch=crash if row.crash_in_switch else None)
+    g1 = await start(
+        a_root,
+        clock,
+        row.spec,
+        FakeVerifier() if row.front_door else None,
+        on_switch=crash if row.crash_in_switch else None,
+    )
     await row.setup(g1, clock)
     if row.crash_in_switch:
         before_crash = [(OK, OK)] + [(OK, DOWN)] * 3
@@ -224,7 +272,7 @@ async def test_a_restart_decides_as_the_running_guard_would(row: Row, tmp_path: 
     g1_clock = clock
     b_clock = copy.copy(clock)
 
-    g2 = build(b_root, b_clock, row.spec)
+    g2 = build(b_root, b_clock, row.spec, FakeVerifier() if row.front_door else None)
     await g2.recover(g2.state_file.load())
     # The same inputs: the probe history the restarted guard would measure again.
     g2.machine.windows = copy.deepcopy(g1.machine.windows)
@@ -236,9 +284,9 @@ async def test_a_restart_decides_as_the_running_guard_would(row: Row, tmp_path: 
     assert qoslock.read_lock(g2.s.lock_file) == qoslock.read_lock(g1.s.lock_file)
     assert g2._rollbacks_in_budget() == g1._rollbacks_in_budget()
 
-    for n, (blue, green) in enumerate(row.after):
-        d1 = await step(g1, g1_clock, blue, green)
-        d2 = await step(g2, b_clock, blue, green)
+    for n, inputs in enumerate(row.after):
+        d1 = await step(g1, g1_clock, *inputs)
+        d2 = await step(g2, b_clock, *inputs)
         assert decision_key(d2) == decision_key(d1), f"tick {n} after the restart"
         assert g2.active == g1.active, f"tick {n}"
         assert qoslock.read_lock(g2.s.lock_file).held == qoslock.read_lock(g1.s.lock_file).held

@@ -7,6 +7,7 @@ with `rollback_succeeded` or `rollback_failed`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ class Facts:
     paused: bool = False
     rollbacks_in_budget: int = 0
     rolling_back: bool = False
+    # `switch.verify_url` is set and probed continuously: the front door is evidence.
+    front_door_watched: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,9 @@ class Hold:
     sticky: bool
     evidence: Evidence | None = None
     severity: Severity | None = None
+    # "mismatch": held because the front door and the probes disagree; lasts as long
+    # as they do (or until an operator acts), whatever the policy says meanwhile.
+    cause: str = "policy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +66,39 @@ class Alert:
     evidence: Evidence | None = None
 
 
-Action = Rollback | Hold | Alert
+@dataclass(frozen=True, slots=True)
+class Reapply:
+    """Have the service run what the switch target names again (nginx: test + reload)."""
+
+    color: Color
+    reason: str
+
+
+@dataclass(slots=True)
+class FrontDoor:
+    """The answers through the front door (`switch.verify_url`): the current streak."""
+
+    ok: bool | None = None  # the last answer passed; None before the first
+    streak: int = 0  # answers in a row alike, the last included
+    answers: int = 0  # answers ever counted
+    last_at: float | None = None
+    last_error: str | None = None
+
+    def add(self, now: float, ok: bool, error: str | None) -> None:
+        """Count one answer at monotonic `now`."""
+        self.streak = self.streak + 1 if ok == self.ok else 1
+        self.ok = ok
+        self.answers += 1
+        self.last_at = now
+        self.last_error = None if ok else error
+
+    def restart(self) -> None:
+        """Forget the streak: what came before a switch says nothing about after it."""
+        self.ok = None
+        self.streak = 0
+
+
+Action = Rollback | Hold | Alert | Reapply
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +143,13 @@ class Memory:
     hold: Hold | None = None
     rolled_away_from: Color | None = None
     raised: frozenset[str] = frozenset()
+    # The colors seen healthy, each with the identity of what was probed then: a color
+    # whose probe URLs changed since (a typo fixed while guardd was down) is unseen again.
+    seen_healthy: Mapping[Color, str] = field(default_factory=dict)
+    # A front-door mismatch already re-applied for, and about which color: after a
+    # restart it is held for, not re-applied again.
+    mismatch: str | None = None
+    mismatch_color: Color | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `machine` object of state.json."""
@@ -117,9 +162,13 @@ class Memory:
                 "sticky": hold.sticky,
                 "severity": hold.severity,
                 "evidence": hold.evidence.to_dict() if hold.evidence else None,
+                "cause": hold.cause,
             },
             "rolled_away_from": self.rolled_away_from,
             "raised": sorted(self.raised),
+            "seen_healthy": dict(sorted(self.seen_healthy.items())),
+            "mismatch": self.mismatch,
+            "mismatch_color": self.mismatch_color,
         }
 
     @classmethod
@@ -138,15 +187,24 @@ class Memory:
                 sticky=h.get("sticky") is not False,
                 evidence=Evidence.from_dict(ev) if isinstance(ev, dict) else None,
                 severity=sev if sev in ("P0", "P1", "P2") else None,
+                cause=h["cause"] if h.get("cause") in ("policy", "mismatch") else "policy",
             )
         away = doc.get("rolled_away_from")
         raised = doc.get("raised")
+        seen = doc.get("seen_healthy")
+        mismatch = doc.get("mismatch")
+        mismatch_color = doc.get("mismatch_color")
         return cls(
             hold=hold,
             rolled_away_from=away if away in COLORS else None,
             raised=frozenset(k for k in raised if isinstance(k, str))
             if isinstance(raised, list)
             else frozenset(),
+            seen_healthy={c: v for c, v in seen.items() if c in COLORS and isinstance(v, str)}
+            if isinstance(seen, dict)
+            else {},
+            mismatch=mismatch if isinstance(mismatch, str) else None,
+            mismatch_color=mismatch_color if mismatch_color in COLORS else None,
         )
 
 
@@ -164,6 +222,18 @@ class GuardMachine:
         self.rolled_away_from: Color | None = None
         self.last_decision: Decision | None = None
         self._edges = _Edges()
+        # Colors that passed a probe since start (or since their URLs last changed): a
+        # color never seen healthy may just have a wrong probe URL.
+        self.seen_healthy: set[Color] = set()
+        # What each color's probes look at (an opaque digest of its URLs, set by the
+        # service), so that a remembered "seen healthy" is dropped when the URLs changed.
+        self.probe_identity: dict[Color, str] = {}
+        self.front_door = FrontDoor()
+        # The front door and the active color's probes disagree: what, about which color,
+        # and the front door's answer count when the target was re-applied for it.
+        self.mismatch: str | None = None
+        self._mismatch_color: Color | None = None
+        self._reapplied_at = 0
 
     def reconfigure(
         self, spec: PolicySpec, probe_interval: float, keep: frozenset[Color] = frozenset(COLORS)
@@ -177,12 +247,65 @@ class GuardMachine:
                 self.windows[color].resize(spec.window)
             else:
                 self.windows[color] = SlidingWindow(spec.window)
+                self.seen_healthy.discard(color)
 
     def observe(
         self, color: Color, now: float, outcome: Outcome, latency_s: float, error: str | None = None
     ) -> None:
         """Record one probe round of `color`."""
         self.windows[color].add(now, outcome, latency_s, error)
+        if outcome is Outcome.OK:
+            self.seen_healthy.add(color)
+
+    def observe_front_door(self, now: float, ok: bool, error: str | None = None) -> None:
+        """Record one answer through the front door."""
+        self.front_door.add(now, ok, error)
+
+    def front_door_view(self, f: Facts) -> bool | None:
+        """True if the front door's last answer passed, False if it failed; None if the
+        front door is not watched, not answered yet, or its last answer is stale."""
+        fd = self.front_door
+        if not f.front_door_watched or fd.ok is None or fd.last_at is None:
+            return None
+        if f.now - fd.last_at > STALE_INTERVALS * self.probe_interval:
+            return None
+        return fd.ok
+
+    def disagreement(self, f: Facts, active: Color) -> str | None:
+        """What the front door and `active`'s own probes disagree on, if they do.
+
+        Either side must have said the same thing `consecutive_failures` times in a row,
+        so that one odd answer, or the moment between a failure and its probe, is not
+        read as a disagreement.
+        """
+        view = self.front_door_view(f)
+        if view is None or self.is_stale(active, f.now):
+            return None
+        n = self.spec.consecutive_failures
+        fd, w = self.front_door, self.windows[active]
+        if fd.streak < n:
+            return None
+        if not view and w.consecutive_successes >= n:
+            return (
+                f"the front door fails ({fd.last_error or 'no answer'}) "
+                f"while the probes of {active} pass"
+            )
+        if view and w.consecutive_failures >= n:
+            if active not in self.seen_healthy:
+                return (
+                    f"probe of {active} fails ({w.last_error}) but the front door serves "
+                    f"fine: check `upstreams.{active}.url`"
+                )
+            return f"the front door serves while the probes of {active} fail ({w.last_error})"
+        return None
+
+    def _agrees(self, f: Facts, active: Color) -> bool:
+        """Whether the front door and `active`'s probes have agreed for a full streak."""
+        view = self.front_door_view(f)
+        if view is None or self.front_door.streak < self.spec.consecutive_failures:
+            return False
+        w = self.windows[active]
+        return (w.consecutive_successes > 0) == view
 
     def stats(self, color: Color, now: float) -> WindowStats:
         """The window of `color` at `now`."""
@@ -218,13 +341,26 @@ class GuardMachine:
 
     def memory(self) -> Memory:
         """What must survive a restart for the next decision to come out the same."""
-        return Memory(self.hold, self.rolled_away_from, frozenset(self._edges.raised))
+        return Memory(
+            self.hold,
+            self.rolled_away_from,
+            frozenset(self._edges.raised),
+            {c: self.probe_identity.get(c, "") for c in COLORS if c in self.seen_healthy},
+            self.mismatch,
+            self._mismatch_color,
+        )
 
     def restore(self, memory: Memory) -> None:
         """Adopt the memory of an earlier run (at start-up, before the first decision)."""
         self.hold = memory.hold
         self.rolled_away_from = memory.rolled_away_from
         self._edges.raised = set(memory.raised)
+        self.seen_healthy = {
+            c for c, ident in memory.seen_healthy.items() if ident == self.probe_identity.get(c, "")
+        }
+        self.mismatch, self._mismatch_color = memory.mismatch, memory.mismatch_color
+        # The re-apply happened before the restart; the front door's answers count anew.
+        self._reapplied_at = 0
 
     def protection_lost(self, active: Color, now: float) -> str | None:
         """Why an automatic rollback from `active` could not go ahead now; None if it could.
@@ -299,10 +435,48 @@ class GuardMachine:
             blocked, more = self._on_failing(f, active, verdict)
             actions.extend(more)
         else:
-            self._edges.clear("dry_run", "paused")
-            if self.hold is not None and not self.hold.sticky:
+            self._edges.clear("dry_run", "paused", "unproven:")
+            if self.hold is not None and not self.hold.sticky and self.hold.cause != "mismatch":
                 self.hold = None
+        if not any(isinstance(a, Rollback) for a in actions):
+            actions.extend(self._watch_front_door(f, active))
         return Decision(self._state(f, active, verdict), verdict, tuple(actions), blocked)
+
+    def _watch_front_door(self, f: Facts, active: Color) -> list[Action]:
+        """Re-apply the switch target once when the front door and the probes disagree;
+        hold and page if they still do after that."""
+        found = self.disagreement(f, active)
+        if f.paused or self.spec.dry_run:
+            # Shown, never acted on; a new episode (with its re-apply) opens on resume.
+            self.mismatch, self._mismatch_color = found, None
+            return []
+        if found is None:
+            if self.mismatch is not None and (
+                self._mismatch_color != active or self._agrees(f, active)
+            ):
+                self.mismatch = self._mismatch_color = None
+                if self.hold is not None and self.hold.cause == "mismatch":
+                    self.hold = None
+                return [Alert(None, f"the front door and the probes of {active} agree again")]
+            return []
+        if self.mismatch is None or self._mismatch_color != active:
+            self.mismatch, self._mismatch_color = found, active
+            self._reapplied_at = self.front_door.answers
+            return [
+                Alert(None, f"mismatch: {found}; re-applying the switch target ({active})"),
+                Reapply(active, found),
+            ]
+        self.mismatch = found
+        if self.front_door.answers - self._reapplied_at < self.spec.consecutive_failures:
+            return []  # the re-applied target has not been answered for long enough yet
+        if self.hold is not None and self.hold.cause != "mismatch":
+            return []  # already held for another reason, which says more
+        hold = Hold(
+            f"mismatch persists after re-applying {active}: {found}",
+            sticky=False,
+            cause="mismatch",
+        )
+        return list(self._enter_hold(hold))
 
     def _on_failing(
         self, f: Facts, active: Color, verdict: Verdict
@@ -311,9 +485,24 @@ class GuardMachine:
         severity: Severity = verdict.severity
         if f.paused:
             return "paused", []
-        if self.hold is not None and self.hold.sticky:
+        if self.hold is not None and (self.hold.sticky or self.hold.cause == "mismatch"):
             return "hold", []
         target = self.rollback_target(active)
+        if f.front_door_watched and active not in self.seen_healthy:
+            # Never seen healthy: the probe itself may be wrong (a typo in the URL). Only
+            # the front door failing too proves that production is really failing.
+            view = self.front_door_view(f)
+            if view is not False:
+                if view is True and self._edges.first(f"unproven:{active}"):
+                    return "front_door", [
+                        Alert(
+                            severity,
+                            f"probe of {active} fails but the front door serves fine: "
+                            f"check `upstreams.{active}.url`; not rolling back",
+                            verdict.evidence,
+                        )
+                    ]
+                return "front_door", []
         if self.spec.dry_run:
             if self._edges.first("dry_run"):
                 return "dry_run", [
@@ -420,3 +609,12 @@ class GuardMachine:
         """An operator acted (resume, switch, rollback): automatic decisions may go on."""
         self.hold = None
         self._edges.clear("dry_run")
+        # A mismatch that still stands is found, re-applied and held for afresh.
+        self.mismatch = self._mismatch_color = None
+
+    def switched(self) -> None:
+        """Traffic moved (or was found moved): earlier front-door answers are old news."""
+        self.front_door.restart()
+        self.mismatch = self._mismatch_color = None
+        if self.hold is not None and self.hold.cause == "mismatch":
+            self.hold = None

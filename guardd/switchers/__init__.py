@@ -54,13 +54,24 @@ def is_color(value: object) -> TypeGuard[Color]:
     return value in COLORS
 
 
-def switch_error_for(exc: BaseException, what: str, timeout: float) -> BaseException:
-    """Return what a switcher raises for *exc*: a `SwitchError`, or a cancellation as is."""
+def switch_error_for(
+    exc: BaseException, what: str, timeout: float, step: str | None = None
+) -> BaseException:
+    """Return what a switcher raises for *exc*: a `SwitchError`, or a cancellation as is.
+
+    *step* (``switch``, ``test`` or ``reload``), when given, is the step that was running;
+    it is set on the `SwitchError`, unless a rejection already says ``test``.
+    """
+    error: BaseException
     if isinstance(exc, TimeoutError):
-        return CommandFailed(f"{what} timed out after {timeout:g}s")
-    if isinstance(exc, OSError):
-        return SwitchError(f"{what} failed: {exc}")
-    return exc
+        error = CommandFailed(f"{what} timed out after {timeout:g}s")
+    elif isinstance(exc, OSError):
+        error = SwitchError(f"{what} failed: {exc}")
+    else:
+        error = exc
+    if step is not None and isinstance(error, SwitchError) and error.step == "switch":
+        error.step = step
+    return error
 
 
 @runtime_checkable
@@ -77,4 +88,21 @@ class Switcher(Protocol):
 
     async def recover(self) -> None:
         """At start-up, finish or undo a switch a crash interrupted and clear its debris."""
+        ...
+
+    async def restore(self, previous: Color) -> None:
+        """Undo a switch that committed but did not verify: put *previous* back in force.
+
+        What was in place before the last switch is restored exactly when the switcher
+        still holds it (nginx: the old link; state file: the old bytes); else the target
+        is set to *previous*. The service is reloaded either way. Raises `SwitchError`
+        whose `step` names the step that failed.
+        """
+        ...
+
+    async def reapply(self) -> None:
+        """Make the service run what the switch target names now (nginx: test + reload).
+
+        Changes nothing on disk. Raises `SwitchError` whose `step` names the failed step.
+        """
         ...

@@ -81,6 +81,19 @@ class CommandSwitcher:
         async with self._lock:
             await self._switch(to)
 
+    async def restore(self, previous: Color) -> None:
+        """Run the command for *previous*: the command's own way back."""
+        async with self._lock:
+            await self._switch(previous)
+
+    async def reapply(self) -> None:
+        """Run the command again for the color of the last successful switch."""
+        async with self._lock:
+            current = self._load().get("activeColor")
+            if not is_color(current):
+                raise SwitchError("no switch has been recorded yet; nothing to re-apply")
+            await self._switch(current)
+
     async def recover(self) -> None:
         """Re-run a switch a crash interrupted; clear a crashed write's temp file."""
         async with self._lock:

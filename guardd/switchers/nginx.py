@@ -22,6 +22,11 @@ On any failure (rejection, a reload that keeps failing, the switch running past
 a reload was attempted, nginx is reloaded onto it, before the error is raised; the
 undo gets its own ``timeout``. The undo record stays until that reload succeeds.
 
+A switch that committed but did not verify through the front door is taken back with
+``restore()``: the link it replaced is put back (the same steps, so tested and reloaded).
+``reapply()`` tests the active link and reloads nginx onto it, for when nginx may be
+serving something other than what the link names.
+
 After a ``kill -9`` at any point, ``recover()`` reads the debris: a pending new link
 was never in force and is removed; an undo record means a switch was in flight, so
 the active link is tested and the switch finished (reload) if nginx accepts it, or
@@ -63,6 +68,7 @@ class _Progress:
     """How far a switch got, so an undo does exactly what is needed."""
 
     renamed: bool = False
+    testing: bool = False
     reload_attempted: bool = False
 
 
@@ -92,6 +98,9 @@ class NginxSwitcher:
         self.pending_link = active_link.with_name(f".{active_link.name}.guardd-new")
         self.undo_link = active_link.with_name(f".{active_link.name}.guardd-old")
         self._lock = anyio.Lock()
+        # The link content the last committed switch replaced, and the color it went to:
+        # what `restore()` puts back when that switch does not verify.
+        self._replaced: tuple[Path, Color] | None = None
 
     async def read_active(self) -> Color | None:
         """Return the color whose target file the active link resolves to, else None.
@@ -107,36 +116,76 @@ class NginxSwitcher:
             if self._has_debris():
                 # A crash nobody recovered from: settle it before building on it.
                 await self._recover()
-            target = self.targets[to]
-            self._write_links(target)
-            progress = _Progress()
+            await self._move(self.targets[to], to)
+
+    async def restore(self, previous: Color) -> None:
+        """Put back the link the last switch replaced (else *previous*'s file); test, reload."""
+        async with self._lock:
+            if self._has_debris():
+                await self._recover()
+            content = self.targets[previous]
+            replaced = self._replaced
+            if replaced is not None and replaced[1] == self._color_on_disk():
+                content = replaced[0]  # the link exactly as it was, however it was written
+            await self._move(content, previous)
+            self._replaced = None
+
+    async def reapply(self) -> None:
+        """Test the active link and reload nginx onto it; the link is not touched."""
+        async with self._lock:
+            step = "reload"  # a rejection says "test" by itself
             try:
+                if self._has_debris():
+                    await self._recover()  # tests, and reloads what it settles on
+                step = "test"
                 with anyio.fail_after(self.timeout):
-                    await self._step(STEP_LINK_WRITTEN)
-                    self.pending_link.replace(self.active_link)
-                    progress.renamed = True
-                    fsync_dir(self.active_link.parent)
-                    await self._step(STEP_RENAMED)
                     result = await self._test()
-                    await self._step(STEP_TESTED)
-                    _raise_if_rejected(result, f"nginx rejected {target} for {to}")
-                    progress.reload_attempted = True
+                    _raise_if_rejected(result, f"nginx rejects the active link {self.active_link}")
+                    step = "reload"
                     await self._reload()
-                    await self._step(STEP_RELOADED)
             except BaseException as exc:
-                problem: str | None = f"the undo ran past {self.timeout:g}s; run recover()"
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout):
-                    problem = await self._undo(progress)
-                error = switch_error_for(exc, f"switch to {to}", self.timeout)
-                if problem:
-                    error.add_note(problem)
+                error = switch_error_for(exc, "re-applying the active link", self.timeout, step)
                 if error is exc:
                     raise
                 raise error from exc
-            # Removing the undo record is what commits the switch.
-            _remove(self.undo_link)
-            fsync_dir(self.active_link.parent)
-            log.info("nginx_switched", to=to, target=str(target))
+            log.info("nginx_reapplied", active=self._color_on_disk())
+
+    async def _move(self, target: Path, to: Color) -> None:
+        """Do `switch` to the link content *target* with the lock held."""
+        previous = self._write_links(target)
+        progress = _Progress()
+        try:
+            with anyio.fail_after(self.timeout):
+                await self._step(STEP_LINK_WRITTEN)
+                self.pending_link.replace(self.active_link)
+                progress.renamed = True
+                fsync_dir(self.active_link.parent)
+                await self._step(STEP_RENAMED)
+                progress.testing = True
+                result = await self._test()
+                await self._step(STEP_TESTED)
+                _raise_if_rejected(result, f"nginx rejected {target} for {to}")
+                progress.reload_attempted = True
+                await self._reload()
+                await self._step(STEP_RELOADED)
+        except BaseException as exc:
+            problem: str | None = f"the undo ran past {self.timeout:g}s; run recover()"
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout):
+                problem = await self._undo(progress)
+            step = (
+                "reload" if progress.reload_attempted else "test" if progress.testing else "switch"
+            )
+            error = switch_error_for(exc, f"switch to {to}", self.timeout, step)
+            if problem:
+                error.add_note(problem)
+            if error is exc:
+                raise
+            raise error from exc
+        # Removing the undo record is what commits the switch.
+        _remove(self.undo_link)
+        fsync_dir(self.active_link.parent)
+        self._replaced = (previous, to)
+        log.info("nginx_switched", to=to, target=str(target))
 
     async def recover(self) -> None:
         """Finish or undo a switch a crash interrupted; leave the link on an accepted target.
@@ -222,8 +271,11 @@ class NginxSwitcher:
         """Tell whether a switch left its links behind."""
         return self.undo_link.is_symlink() or self.pending_link.is_symlink()
 
-    def _write_links(self, target: Path) -> None:
-        """Write the undo record (a copy of the active link), then the pending new link."""
+    def _write_links(self, target: Path) -> Path:
+        """Write the undo record (a copy of the active link), then the pending new link.
+
+        Returns the active link's content before the switch.
+        """
         try:
             previous = self.active_link.readlink()
         except FileNotFoundError:
@@ -248,6 +300,7 @@ class NginxSwitcher:
             raise SwitchError(
                 f"cannot write links beside {self.active_link}: {exc.strerror}"
             ) from exc
+        return previous
 
     def _restore_from_undo(self) -> None:
         """Put the undo record's content back as the active link, keeping the record."""

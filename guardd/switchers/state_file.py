@@ -74,6 +74,9 @@ class StateFileSwitcher:
         self.key = key
         self.marker = path.with_name(f".{path.name}.guardd-switching")
         self._lock = anyio.Lock()
+        # The file's bytes before and after the last committed switch: what `restore()`
+        # puts back when that switch does not verify.
+        self._replaced: tuple[bytes | None, bytes] | None = None
 
     async def read_active(self) -> Color | None:
         """Return the color the file names; None if it is missing, unreadable JSON or other.
@@ -92,30 +95,58 @@ class StateFileSwitcher:
         """Write *to* into the file, reload if configured; put the old file back on failure."""
         async with self._lock:
             original, new = self._render(to)
-            if self.reload_command:
-                self._write(self.marker, to.encode())
-            progress = _Progress()
+            await self._apply(original, new, to)
+
+    async def restore(self, previous: Color) -> None:
+        """Put back the bytes the last switch replaced (else set *previous*); reload."""
+        async with self._lock:
+            current, new = self._render(previous)
+            replaced = self._replaced
+            if replaced is not None and replaced[1] == current and replaced[0] is not None:
+                new = replaced[0]  # the file exactly as it was, every other key included
+            await self._apply(current, new, previous)
+            self._replaced = None
+
+    async def reapply(self) -> None:
+        """Run the reload command, so the app reads the file again; no-op without one."""
+        async with self._lock:
             try:
                 with anyio.fail_after(self.timeout):
-                    self._write(self.path, new)
-                    progress.written = True
-                    await self._step(STEP_WRITTEN)
-                    if self.reload_command:
-                        progress.reload_attempted = True
-                        await self._reload()
-                        await self._step(STEP_RELOADED)
+                    await self._reload()
             except BaseException as exc:
-                problem: str | None = f"the undo ran past {self.timeout:g}s; run recover()"
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout):
-                    problem = await self._undo(original, progress)
-                error = switch_error_for(exc, f"switch to {to}", self.timeout)
-                if problem:
-                    error.add_note(problem)
+                error = switch_error_for(exc, "reloading the app", self.timeout, "reload")
                 if error is exc:
                     raise
                 raise error from exc
-            self._clear_marker()
-            log.info("state_file_switched", to=to, path=str(self.path))
+
+    async def _apply(self, original: bytes | None, new: bytes, to: Color) -> None:
+        """Do `switch` with the lock held: write *new* over *original*, reload."""
+        if self.reload_command:
+            self._write(self.marker, to.encode())
+        progress = _Progress()
+        try:
+            with anyio.fail_after(self.timeout):
+                self._write(self.path, new)
+                progress.written = True
+                await self._step(STEP_WRITTEN)
+                if self.reload_command:
+                    progress.reload_attempted = True
+                    await self._reload()
+                    await self._step(STEP_RELOADED)
+        except BaseException as exc:
+            problem: str | None = f"the undo ran past {self.timeout:g}s; run recover()"
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout):
+                problem = await self._undo(original, progress)
+            step = "reload" if progress.reload_attempted else "switch"
+            error = switch_error_for(exc, f"switch to {to}", self.timeout, step)
+            if problem:
+                error.add_note(problem)
+            if error is exc:
+                raise
+            raise error from exc
+        self._clear_marker()
+        self._replaced = (original, new)
+        log.info("state_file_switched", to=to, path=str(self.path))
 
     async def recover(self) -> None:
         """Clear a crashed write's temp files; reload if a switch was in flight."""

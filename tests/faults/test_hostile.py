@@ -224,6 +224,9 @@ def test_daemon_rolls_back_from_a_green_with_the_wrong_certificate(
     with Hostile("ok", tls=server_tls(ca, "wrong.example")) as wrong:
         lab.green_probe_url = f"https://localhost:{wrong.port}/healthz"
         lab.write_config()
+        # A color not seen healthy since its URL changed is rolled back only while the
+        # front door fails too: green fails for real behind nginx as well.
+        lab.green.set_mode("http_503")
         d.signal(signal.SIGHUP)  # probe the new URL
         d.wait_event("config_reloaded")
         done = d.wait_event("rollback_completed", timeout=30)

@@ -65,6 +65,25 @@ class FakeSwitcher:
     async def recover(self) -> None:
         return None
 
+    async def restore(self, previous: Color) -> None:
+        self.path.write_text(previous)
+
+    async def reapply(self) -> None:
+        self.reapplied = getattr(self, "reapplied", 0) + 1
+
+
+class FakeVerifier:
+    """The front door: answers what the test last set (`result`), on every probe."""
+
+    def __init__(self) -> None:
+        self.result = ProbeResult(Outcome.OK, 0.001)
+
+    async def probe(self) -> ProbeResult:
+        return self.result
+
+    async def aclose(self) -> None:
+        return None
+
 
 class Log:
     """A structlog stand-in that keeps (level, event, fields)."""
@@ -106,7 +125,7 @@ def settings(root: Path, spec: PolicySpec) -> GuardSettings:
     )
 
 
-def build(root: Path, clock: FakeClock, spec: PolicySpec, **kw: Any) -> Guard:
+def build(root: Path, clock: FakeClock, spec: PolicySpec, verifier: Any = None, **kw: Any) -> Guard:
     (root / "run").mkdir(parents=True, exist_ok=True)
     journal = Journal(root / "state" / "events.jsonl", "lab", clock.wall)
     journal.open()
@@ -118,7 +137,7 @@ def build(root: Path, clock: FakeClock, spec: PolicySpec, **kw: Any) -> Guard:
         journal=journal,
         state_file=StateFile(root / "state" / "state.json"),
         metrics=GuardMetrics("lab", "0"),
-        verifier=None,
+        verifier=verifier,
         clock=clock,
         log=Log(),
     )
@@ -131,23 +150,32 @@ def prepare(root: Path) -> None:
     (root / "target").write_text("green")
 
 
-async def start(root: Path, clock: FakeClock, spec: PolicySpec, **kw: Any) -> Guard:
-    guard = build(root, clock, spec, **kw)
+async def start(
+    root: Path, clock: FakeClock, spec: PolicySpec, verifier: Any = None, **kw: Any
+) -> Guard:
+    guard = build(root, clock, spec, verifier, **kw)
     await guard.recover(guard.state_file.load())
     return guard
 
 
-async def step(guard: Guard, clock: FakeClock, blue: ProbeResult, green: ProbeResult) -> Decision:
-    """One probe round of each color, then a decision tick, as the supervisor does."""
+async def step(
+    guard: Guard,
+    clock: FakeClock,
+    blue: ProbeResult,
+    green: ProbeResult,
+    front: ProbeResult | None = None,
+) -> Decision:
+    """One probe round of each color (and of the front door, when given), then a decision
+    tick, as the supervisor does."""
     clock.advance(INTERVAL)
     guard.observe("blue", blue)
     guard.observe("green", green)
+    if front is not None:
+        guard.observe_front_door(front)
     async with guard.lock:
         return await guard.tick()
 
 
-async def steps(
-    guard: Guard, clock: FakeClock, rounds: list[tuple[ProbeResult, ProbeResult]]
-) -> None:
-    for blue, green in rounds:
-        await step(guard, clock, blue, green)
+async def steps(guard: Guard, clock: FakeClock, rounds: list[tuple[ProbeResult, ...]]) -> None:
+    for probes in rounds:
+        await step(guard, clock, *probes)

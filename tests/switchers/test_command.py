@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from guardd.commands import RetryPolicy, run_command
-from guardd.exceptions import CommandFailed
+from guardd.exceptions import CommandFailed, SwitchError
 from guardd.switchers import COMMAND_STEPS, Switcher
 from guardd.switchers.command import CommandSwitcher, substitute
 
@@ -305,3 +305,23 @@ async def test_detached_grandchild_holding_the_pipes_does_not_stall(tmp_path: Pa
     finally:
         if pid_file.exists():
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+async def test_restore_and_reapply_run_the_command(tmp_path: Path) -> None:
+    """Undo runs the command for the previous color; reapply runs it for the current one."""
+    log = tmp_path / "calls"
+    cmd = script(tmp_path / "deploy", f'echo "$1" >> {log}\n')
+    switcher = make_switcher(tmp_path, [str(cmd), "{color}"])
+    await switcher.switch("blue")
+    await switcher.switch("green")
+    await switcher.restore("blue")
+    assert await switcher.read_active() == "blue"
+    await switcher.reapply()
+    assert lines(log) == ["blue", "green", "blue", "blue"]
+
+
+async def test_reapply_before_any_switch_is_refused(tmp_path: Path) -> None:
+    """Nothing was ever switched: there is nothing to re-apply, and it says so."""
+    switcher = make_switcher(tmp_path, [sys.executable, "-c", "pass"])
+    with pytest.raises(SwitchError, match="nothing to re-apply"):
+        await switcher.reapply()

@@ -292,3 +292,59 @@ async def test_recover_refuses_a_rejected_hand_made_link(nginx: Nginx) -> None:
         await make_switcher(nginx).recover()
 
     assert link_target(nginx) == nginx.targets["blue"]
+
+
+async def test_restore_puts_the_replaced_link_back_and_reloads(
+    tmp_path: Path, nginx: Nginx
+) -> None:
+    """A committed switch that did not verify is undone: the exact old link, nginx reloaded."""
+    # A hand-made, relative link to blue: restore puts this very text back, not a rewrite.
+    nginx.active_link.unlink()
+    nginx.active_link.symlink_to(nginx.targets["blue"].name)
+    switcher = make_switcher(nginx)
+    await switcher.switch("green")
+    assert nginx.wait_serving_only("green", hold=0.2)
+
+    await switcher.restore("blue")
+
+    assert link_target(nginx) == Path(nginx.targets["blue"].name)
+    assert nginx.wait_serving_only("blue", hold=0.2)
+    assert upstream_files(nginx) == CLEAN
+
+
+async def test_restore_without_a_remembered_switch_sets_the_color(
+    tmp_path: Path, nginx: Nginx
+) -> None:
+    """After a restart the switcher remembers nothing: restore points the link at the color."""
+    nginx.active_link.unlink()
+    nginx.active_link.symlink_to(nginx.targets["green"])  # changed, never reloaded
+    await make_switcher(nginx).restore("blue")
+    assert link_target(nginx) == nginx.targets["blue"]
+    assert nginx.wait_serving_only("blue", hold=0.2)
+
+
+async def test_reapply_reloads_what_the_link_names(nginx: Nginx) -> None:
+    """A link flipped by hand without a reload: reapply makes nginx serve it."""
+    nginx.active_link.unlink()
+    nginx.active_link.symlink_to(nginx.targets["green"])
+    assert nginx.served_color() == "blue"
+    await make_switcher(nginx).reapply()
+    assert nginx.wait_serving_only("green", hold=0.2)
+    assert link_target(nginx) == nginx.targets["green"]
+
+
+async def test_failed_steps_are_named(tmp_path: Path, nginx: Nginx) -> None:
+    """The error says which step failed: test (a rejected target) or reload."""
+    nginx.targets["green"].write_text(BROKEN)
+    with pytest.raises(SwitchRejected) as rejected:
+        await make_switcher(nginx).switch("green")
+    assert rejected.value.step == "test"
+    nginx.write_target("green")
+    failing = [sys.executable, "-c", "raise SystemExit(1)"]
+    with pytest.raises(CommandFailed) as reload_failed:
+        await make_switcher(nginx, reload_command=failing).switch("green")
+    assert reload_failed.value.step == "reload"
+    assert link_target(nginx) == nginx.targets["blue"]
+    with pytest.raises(CommandFailed) as reapply_failed:
+        await make_switcher(nginx, reload_command=failing).reapply()
+    assert reapply_failed.value.step == "reload"

@@ -219,3 +219,43 @@ async def test_recover_after_kill_between_write_and_reload(tmp_path: Path) -> No
 
     await switcher.recover()  # nothing in flight any more: no second reload
     assert lines(log) == ["green"]
+
+
+async def test_restore_puts_the_old_bytes_back_and_reloads(tmp_path: Path) -> None:
+    """Undoing a switch that did not verify restores the file byte for byte, then reloads."""
+    path = make_state(tmp_path)
+    before = path.read_bytes()
+    log = tmp_path / "reloads"
+    switcher = StateFileSwitcher(
+        path=path, reload_command=reload_script(tmp_path, path, log), timeout=10, retry=None
+    )
+    await switcher.switch("green")
+    await switcher.restore("blue")
+    assert path.read_bytes() == before
+    assert lines(log) == ["green", "blue"]
+    await switcher.reapply()
+    assert lines(log) == ["green", "blue", "blue"]
+
+
+async def test_restore_without_a_remembered_switch_sets_the_color(tmp_path: Path) -> None:
+    """A fresh switcher (after a restart) restores by setting the color."""
+    path = make_state(tmp_path, DOCUMENT | {"activeColor": "green"})
+    switcher = StateFileSwitcher(path=path, reload_command=None, timeout=10, retry=None)
+    await switcher.restore("blue")
+    assert json.loads(path.read_text()) == DOCUMENT
+
+
+async def test_a_failed_reload_is_named_as_the_step(tmp_path: Path) -> None:
+    """The error of a reload that fails names the reload step; the file is put back."""
+    path = make_state(tmp_path)
+    log = tmp_path / "reloads"
+    switcher = StateFileSwitcher(
+        path=path,
+        reload_command=reload_script(tmp_path, path, log, fail_on="green"),
+        timeout=10,
+        retry=None,
+    )
+    with pytest.raises(CommandFailed) as failed:
+        await switcher.switch("green")
+    assert failed.value.step == "reload"
+    assert json.loads(path.read_text()) == DOCUMENT

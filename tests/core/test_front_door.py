@@ -1,0 +1,118 @@
+"""The front door as evidence, replayed offline: mismatches and the never-seen-healthy rule."""
+
+from __future__ import annotations
+
+from guardd.core import GuardMachine, Outcome, PolicySpec, Rollback, State
+from guardd.core.machine import Action, Alert, Facts, Hold, Reapply
+
+SPEC = PolicySpec(rollback_to="blue", consecutive_failures=3, window=30, min_samples=5)
+INTERVAL = 1.0
+
+
+class Replay:
+    """Probe both colors and the front door once a second, then decide, as guardd does."""
+
+    def __init__(self, active: str = "green", watched: bool = True) -> None:
+        self.m = GuardMachine(SPEC, INTERVAL)
+        self.now = 0.0
+        self.active = active
+        self.watched = watched
+        self.paused = False
+
+    def step(
+        self, *, green: Outcome = Outcome.OK, blue: Outcome = Outcome.OK, front: bool = True
+    ) -> list[Action]:
+        self.now += INTERVAL
+        self.m.observe("blue", self.now, blue, 0.01)
+        self.m.observe("green", self.now, green, 0.01)
+        self.m.observe_front_door(self.now, front, None if front else "HTTP 503")
+        facts = Facts(
+            self.now,
+            self.active,  # type: ignore[arg-type]
+            paused=self.paused,
+            front_door_watched=self.watched,
+        )
+        d = self.m.decide(facts)
+        self.state = d.state
+        self.blocked = d.blocked_by
+        return list(d.actions)
+
+    def run(self, n: int, **kw: object) -> list[Action]:
+        out: list[Action] = []
+        for _ in range(n):
+            out += self.step(**kw)  # type: ignore[arg-type]
+        return out
+
+
+def test_never_seen_healthy_color_is_not_rolled_back_while_the_front_door_serves() -> None:
+    r = Replay()
+    actions = r.run(6, green=Outcome.CONNECT_ERROR, front=True)
+    assert not [a for a in actions if isinstance(a, Rollback)]
+    alerts = [a for a in actions if isinstance(a, Alert) and "upstreams.green.url" in a.reason]
+    assert len(alerts) >= 1
+    assert r.blocked in ("front_door", "hold")
+
+
+def test_never_seen_healthy_color_is_rolled_back_when_the_front_door_fails_too() -> None:
+    r = Replay()
+    actions = r.run(3, green=Outcome.HTTP_5XX, front=False)
+    assert [a for a in actions if isinstance(a, Rollback)]
+
+
+def test_a_color_seen_healthy_is_rolled_back_on_its_probes_alone() -> None:
+    r = Replay()
+    r.run(3)
+    actions = r.run(3, green=Outcome.HTTP_5XX, front=True)
+    assert [a for a in actions if isinstance(a, Rollback)]
+
+
+def test_unwatched_front_door_changes_nothing() -> None:
+    r = Replay(watched=False)
+    actions = r.run(3, green=Outcome.CONNECT_ERROR, front=True)
+    assert [a for a in actions if isinstance(a, Rollback)]
+    assert r.m.mismatch is None
+
+
+def test_front_door_failing_while_probes_pass_reapplies_once_then_holds() -> None:
+    r = Replay()
+    actions = r.run(3, front=False)
+    assert [type(a) for a in actions] == [Alert, Reapply]
+    assert r.m.mismatch is not None and "front door fails" in r.m.mismatch
+    assert r.state is State.STEADY
+    actions = r.run(3, front=False)
+    holds = [a for a in actions if isinstance(a, Hold)]
+    assert len(holds) == 1 and "persists" in holds[0].reason
+    assert not [a for a in actions if isinstance(a, Reapply)], "re-applied once only"
+    assert r.state is State.HOLD
+    assert r.run(5, front=False) == [], "one hold per incident"
+    actions = r.run(3, front=True)
+    assert [a.reason for a in actions if isinstance(a, Alert)] == [
+        "the front door and the probes of green agree again"
+    ]
+    assert r.m.mismatch is None and r.m.hold is None and r.state is State.STEADY
+
+
+def test_mismatch_that_a_reapply_settles_never_holds() -> None:
+    r = Replay()
+    r.run(3, front=False)
+    actions = r.run(4, front=True)
+    assert not [a for a in actions if isinstance(a, Hold)]
+    assert r.m.mismatch is None
+
+
+def test_one_odd_answer_is_not_a_mismatch() -> None:
+    r = Replay()
+    actions: list[Action] = []
+    for i in range(12):
+        actions += r.step(front=i % 3 != 0)
+    assert actions == []
+
+
+def test_paused_shows_a_mismatch_but_does_not_act_until_resumed() -> None:
+    r = Replay()
+    r.paused = True
+    assert r.run(6, front=False) == []
+    assert r.m.mismatch is not None
+    r.paused = False
+    actions = r.step(front=False)
+    assert [type(a) for a in actions] == [Alert, Reapply]

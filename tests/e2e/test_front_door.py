@@ -1,0 +1,136 @@
+"""The front door (switch.verify_url) is watched all the time and weighed as evidence.
+
+Real nginx, real upstreams, a real guardd: the front door and the active color's own
+probes are made to disagree, and guardd must say so, re-apply the switch target once,
+and hold if that does not settle it; a color never seen healthy is not rolled back
+unless the front door agrees that it fails.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.harness.daemon import Lab, guardctl, wait_until
+from tests.harness.nginx import free_port
+from tests.harness.upstream import Upstream
+
+pytestmark = pytest.mark.nginx
+
+
+def ctl(lab: Lab, *argv: str):  # type: ignore[no-untyped-def]
+    return guardctl("--config", str(lab.config_path), *argv)
+
+
+def status(lab: Lab) -> dict:  # type: ignore[type-arg]
+    return json.loads(ctl(lab, "status", "--json").stdout)  # type: ignore[no-any-return]
+
+
+def is_mismatch(e: dict) -> bool:  # type: ignore[type-arg]
+    return e.get("event") == "alert" and str(e.get("reason", "")).startswith("mismatch:")
+
+
+def test_link_flipped_by_hand_without_a_reload_is_caught_and_reapplied(make_lab) -> None:
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    count = len(d.events())
+    # The link names blue, but nobody reloaded nginx: it still serves green.
+    lab.nginx.active_link.unlink()
+    lab.nginx.active_link.symlink_to(lab.nginx.targets["blue"])
+    d.wait_event("external_switch", after=count)
+    assert lab.nginx.served_color() == "green"
+    lab.green.set_mode("http_503")
+    alert = d.wait_event("alert", after=count, where=is_mismatch)
+    assert "front door fails" in alert["reason"] and "blue" in alert["reason"]
+    d.wait_event("alert", after=count, where=lambda e: e.get("reapplied") is True)
+    assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
+    d.wait_event("alert", after=count, where=lambda e: "agree again" in e.get("reason", ""))
+    assert wait_until(lambda: ctl(lab, "status").returncode == 0, 20, "status OK again")
+    assert not [e for e in d.events()[count:] if e["event"] == "hold"]
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize("front_mode", ["http_503", "hang"])
+def test_front_door_failing_while_probes_pass_holds_and_pages(make_lab, front_mode) -> None:
+    # The front door is another server that fails; green's own probes all pass.
+    front = Upstream("front").start()
+    try:
+        front.set_mode(front_mode)
+        lab: Lab = make_lab(switch__verify_url=front.url)
+        d = lab.daemon()
+        alert = d.wait_event("alert", where=is_mismatch)
+        assert "front door fails" in alert["reason"] and "green" in alert["reason"]
+        d.wait_event("alert", where=lambda e: e.get("reapplied") is True)
+        hold = d.wait_event("hold", where=lambda e: "mismatch persists" in e["reason"])
+        assert hold["from"] == "green"
+        doc = wait_until(lambda: (s := status(lab))["warnings"] and s, 10, "a warning in status")
+        assert doc["warnings"][0].startswith("mismatch:")
+        assert doc["front_door"]["healthy"] is False
+        assert ctl(lab, "status").returncode != 0
+        assert "WARNING" in ctl(lab, "status").stdout
+        assert lab.notify is not None
+        lab.notify.wait_for(lambda m: m.startswith("STATUS=") and "front_door=mismatch" in m)
+        assert not [e for e in d.events() if e["event"].startswith("rollback")]
+        # The front door recovers: the mismatch and its hold end by themselves.
+        count = len(d.events())
+        front.set_mode("ok")
+        d.wait_event("alert", after=count, where=lambda e: "agree again" in e.get("reason", ""))
+        assert wait_until(lambda: ctl(lab, "status").returncode == 0, 20, "status OK again")
+        assert status(lab)["warnings"] == []
+        assert d.stop() == 0
+    finally:
+        front.stop()
+
+
+def test_mismatch_is_a_warning_in_status(make_lab) -> None:
+    # Paused before the re-apply: the mismatch stands, and nothing holds yet.
+    front = Upstream("front").start()
+    try:
+        front.set_mode("http_503")
+        lab: Lab = make_lab(switch__verify_url=front.url)
+        (lab.fault_dir / "before_reapply").touch()
+        lab.daemon()
+        wait_until((lab.fault_dir / "before_reapply.reached").exists, 30, "the re-apply")
+        result = ctl(lab, "status")
+        assert result.returncode == 1, result.stdout
+        assert "WARNING" in result.stdout and "mismatch" in result.stdout
+        (lab.fault_dir / "before_reapply").unlink()
+    finally:
+        front.stop()
+
+
+@pytest.mark.parametrize("wrong", ["refused", "another_service"])
+def test_typo_in_the_live_probe_url_alerts_instead_of_rolling_back(
+    make_lab, tmp_path, wrong
+) -> None:
+    other = Upstream("other").start()
+    try:
+        other.set_mode("json_down")
+        lab: Lab = make_lab()
+        typo = f"http://127.0.0.1:{free_port()}/healthz" if wrong == "refused" else other.url
+        lab.config_path.write_text(lab.config_text().replace(lab.green.url, typo))
+        d = lab.daemon()
+        alert = d.wait_event(
+            "alert", where=lambda e: "front door serves fine" in e.get("reason", "")
+        )
+        assert "check `upstreams.green.url`" in alert["reason"]
+        # The mismatch runs its course (re-apply, then hold) without moving traffic.
+        d.wait_event("hold", where=lambda e: "mismatch persists" in e["reason"])
+        assert not [e for e in d.events() if e["event"].startswith("rollback")]
+        assert lab.nginx.served_color() == "green"
+        assert status(lab)["active"] == "green"
+        assert d.stop() == 0
+    finally:
+        other.stop()
+
+
+def test_never_seen_healthy_color_is_rolled_back_when_the_front_door_agrees(make_lab) -> None:
+    # green fails from the start, and really does: the front door fails too.
+    lab: Lab = make_lab()
+    lab.green.set_mode("http_503")
+    d = lab.daemon()
+    done = d.wait_event("rollback_completed")
+    assert done["from"] == "green" and done["to"] == "blue"
+    assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
+    assert d.stop() == 0

@@ -1,0 +1,224 @@
+"""A switch that does not verify through the front door is undone, and the journal says why.
+
+Real nginx, real upstreams, a real guardd: the switch target is made to lie (a reload
+that does nothing, an upstream file that proxies elsewhere) and guardd must put the
+previous target back, reload, and journal the failed step and the color really served.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness.daemon import Lab, guardctl, wait_until
+from tests.harness.nginx import free_port
+
+pytestmark = pytest.mark.nginx
+
+# Short enough that a verify that cannot pass gives up quickly (it gets half of it).
+FAST = {"switch__timeout": "4s"}
+
+
+def ctl(lab: Lab, *argv: str):  # type: ignore[no-untyped-def]
+    return guardctl("--config", str(lab.config_path), *argv)
+
+
+def status(lab: Lab) -> dict:  # type: ignore[type-arg]
+    return json.loads(ctl(lab, "status", "--json").stdout)  # type: ignore[no-any-return]
+
+
+def link_color(lab: Lab) -> str | None:
+    text = lab.nginx.active_link.readlink()
+    return next((c for c, p in lab.nginx.targets.items() if Path(text) == p), None)
+
+
+def point_at(lab: Lab, color: str, port: int) -> None:
+    """Rewrite `color`'s upstream file so that it proxies to `port` (nginx -t still passes)."""
+    lab.nginx.targets[color].write_text(f"upstream lab_app {{\n    server 127.0.0.1:{port};\n}}\n")
+
+
+def assert_failed_verify(entry: dict, serving: str | None) -> None:  # type: ignore[type-arg]
+    assert entry["step"] == "verify", entry
+    assert entry["serving"] == serving, entry
+    assert "verify failed:" in entry["reason"] and "answers passed" in entry["reason"], entry
+    assert "timed out" not in entry["reason"], entry
+
+
+def test_rollback_with_a_reload_that_does_nothing_is_undone(make_lab) -> None:
+    # reload_command = true: nginx keeps serving the failing green whatever the link says.
+    lab: Lab = make_lab(switch__reload_command=["true"], **FAST)
+    d = lab.daemon()
+    lab.green.set_mode("http_503")
+    failed = d.wait_event("rollback_failed", timeout=60)
+    assert_failed_verify(failed, serving="green")
+    assert "HTTP 503" in failed["reason"]
+    assert failed["from"] == "green" and failed["to"] == "blue"
+    assert link_color(lab) == "green", "the link the rollback wrote is taken back"
+    assert wait_until(lambda: d.state().get("active") == "green", 10, "state.json active=green")
+    assert wait_until(lambda: status(lab)["state"] == "hold", 10, "hold")
+    # An operator resumes: guardd must not believe blue is serving, and must not call it steady.
+    count = len(d.events())
+    assert ctl(lab, "resume").returncode == 0
+    again = d.wait_event("rollback_failed", after=count, timeout=60)
+    assert_failed_verify(again, serving="green")
+    doc = status(lab)
+    assert doc["active"] == "green" and doc["state"] == "hold"
+    assert ctl(lab, "status").returncode == 2
+    assert lab.nginx.served_color() is None, "the front door really is failing"
+    assert d.stop() == 0
+
+
+def test_rollback_to_a_config_that_keeps_serving_the_old_color_is_undone(make_lab) -> None:
+    # blue's upstream file proxies to green's port: nginx -t passes, the reload is real,
+    # blue's own probes pass, and yet the front door still answers with the failing green.
+    lab: Lab = make_lab(**FAST)
+    point_at(lab, "blue", lab.green.port)
+    d = lab.daemon()
+    lab.green.set_mode("http_503")
+    failed = d.wait_event("rollback_failed", timeout=60)
+    assert_failed_verify(failed, serving="green")
+    assert link_color(lab) == "green"
+    assert lab.nginx.served_color() is None
+    hold = d.wait_event("hold")
+    assert "verify" in hold["reason"]
+    assert d.stop() == 0
+
+
+def test_forced_switch_to_a_failing_blue_is_undone(make_lab) -> None:
+    lab: Lab = make_lab(**FAST)
+    d = lab.daemon()
+    lab.blue.set_mode("http_503")
+    count = len(d.events())
+    result = ctl(lab, "switch", "blue", "--force")
+    assert result.returncode == 1, result
+    said = result.stdout + result.stderr
+    assert "failed at verify and was undone" in said, said
+    assert "HTTP 503" in said and "green is served" in said, said
+    assert link_color(lab) == "green"
+    assert lab.nginx.wait_serving_only("green", hold=0.5, timeout=20)
+    alert = d.wait_event("alert", after=count, where=lambda e: e.get("step") is not None)
+    assert_failed_verify(alert, serving="green")
+    assert status(lab)["active"] == "green"
+    assert d.stop() == 0
+
+
+def test_promote_that_does_not_verify_is_undone(make_lab) -> None:
+    # blue itself is healthy (its probes pass the promotion gate), but its upstream file
+    # points nowhere: through the front door it answers 502.
+    lab: Lab = make_lab(**FAST)
+    point_at(lab, "blue", free_port())
+    d = lab.daemon()
+    wait_until(
+        lambda: status(lab)["upstreams"]["blue"]["consecutive_successes"] >= 5, 30, "promotable"
+    )
+    count = len(d.events())
+    result = ctl(lab, "promote")
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert "promote to blue failed at verify and was undone" in said, said
+    assert "HTTP 502" in said, said
+    assert link_color(lab) == "green"
+    assert lab.nginx.wait_serving_only("green", hold=0.5, timeout=20)
+    alert = d.wait_event("alert", after=count, where=lambda e: e.get("step") is not None)
+    assert_failed_verify(alert, serving="green")
+    assert not [e for e in d.events()[count:] if e["event"] == "promote"]
+    assert d.stop() == 0
+
+
+def test_resumed_rollback_that_does_not_verify_is_undone(make_lab) -> None:
+    # A crash between the rename and the reload; at restart recover() "reloads" (true),
+    # so the link names blue while nginx still serves the failing green.
+    lab: Lab = make_lab(switch__reload_command=["true"], **FAST)
+    (lab.fault_dir / "after_renamed").touch()
+    d = lab.daemon()
+    lab.green.set_mode("http_503")
+    wait_until((lab.fault_dir / "after_renamed.reached").exists, 30, "the switch to pause")
+    d.kill9()
+    (lab.fault_dir / "after_renamed").unlink()
+    assert link_color(lab) == "blue"
+    d2 = lab.daemon()
+    failed = d2.wait_event("rollback_failed", timeout=60)
+    started = [e for e in d2.events() if e["event"] == "rollback_started"]
+    assert failed["rollback_id"] == started[-1]["id"]
+    assert "resumed" in failed["reason"]
+    # At start-up no probe of green has run yet: guardd cannot tell who answers, and says so.
+    assert_failed_verify(failed, serving=None)
+    assert "which color is served is unknown" in failed["reason"]
+    assert link_color(lab) == "green"
+    assert wait_until(lambda: status(lab)["active"] == "green", 10, "active green")
+    assert d2.stop() == 0
+
+
+def test_command_switch_that_does_not_verify_is_undone_with_the_previous_color(
+    make_lab,
+) -> None:
+    # A deploy command that really moves nginx (link + reload) to a failing blue: the
+    # undo runs the command again for green, and guardd's record says green.
+    lab: Lab = make_lab(**FAST)
+    calls = lab.tmp / "calls"
+    deploy = lab.tmp / "deploy"
+    upstream_dir = lab.nginx.targets["blue"].parent
+    link = shlex.quote(str(lab.nginx.active_link))
+    deploy.write_text(
+        "#!/bin/sh\nset -e\n"
+        f'echo "$1" >> {shlex.quote(str(calls))}\n'
+        f'ln -sfn "{upstream_dir}/lab_$1.conf" {link}\n'
+        f"{shlex.join(lab.nginx.reload_command)}\n"
+    )
+    deploy.chmod(0o755)
+    lab.write_config(switch__kind="command", switch__command=[str(deploy), "{color}"])
+    d = lab.daemon()
+    assert ctl(lab, "switch", "green", "--force").returncode == 0
+    lab.blue.set_mode("http_503")
+    count = len(d.events())
+    result = ctl(lab, "switch", "blue", "--force")
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert "switch to blue failed at verify and was undone" in said, said
+    assert calls.read_text().split() == ["green", "blue", "green"]
+    assert link_color(lab) == "green"
+    assert lab.nginx.wait_serving_only("green", hold=0.5, timeout=20)
+    alert = d.wait_event("alert", after=count, where=lambda e: e.get("step") is not None)
+    assert_failed_verify(alert, serving="green")
+    assert status(lab)["active"] == "green"
+    assert d.stop() == 0
+
+
+def test_state_file_switch_that_does_not_verify_is_restored_byte_for_byte(make_lab) -> None:
+    # The app's reload moves nginx to whatever the state file names; blue fails behind it.
+    # The undo puts the file back exactly (every other key kept) and reloads again.
+    lab: Lab = make_lab(**FAST)
+    state = lab.tmp / "deploy-state.json"
+    state.write_text('{"version": "2.4.1", "activeColor": "green", "replicas": 3}\n')
+    before = state.read_bytes()
+    reload_app = lab.tmp / "reload-app"
+    upstream_dir = lab.nginx.targets["blue"].parent
+    reload_app.write_text(
+        "#!/bin/sh\nset -e\n"
+        f"color=$({shlex.quote(sys.executable)} -c 'import json,sys; "
+        f'print(json.load(open(sys.argv[1]))["activeColor"])\' {shlex.quote(str(state))})\n'
+        f'ln -sfn "{upstream_dir}/lab_$color.conf" {shlex.quote(str(lab.nginx.active_link))}\n'
+        f"{shlex.join(lab.nginx.reload_command)}\n"
+    )
+    reload_app.chmod(0o755)
+    lab.write_config(
+        switch__kind="state-file", switch__path=str(state), switch__reload_command=[str(reload_app)]
+    )
+    d = lab.daemon()
+    assert status(lab)["active"] == "green"
+    lab.blue.set_mode("http_503")
+    count = len(d.events())
+    result = ctl(lab, "switch", "blue", "--force")
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert "switch to blue failed at verify and was undone" in said, said
+    assert state.read_bytes() == before
+    assert link_color(lab) == "green"
+    assert lab.nginx.wait_serving_only("green", hold=0.5, timeout=20)
+    alert = d.wait_event("alert", after=count, where=lambda e: e.get("step") is not None)
+    assert_failed_verify(alert, serving="green")
+    assert d.stop() == 0
