@@ -68,7 +68,8 @@ class _Section(BaseModel):
 
 
 def _check_http_url(url: str) -> str:
-    if not re.match(r"^https?://[^\s/]+", url):
+    # Schemes are case-insensitive (RFC 3986 §3.1): HTTP:// is http://.
+    if not re.match(r"^https?://[^\s/]+", url, re.IGNORECASE):
         raise ValueError("must be an http:// or https:// URL")
     return url
 
@@ -132,6 +133,8 @@ class ProbeConfig(_Section):
     """Verify https certificates."""
     ca_file: Path | None = None
     """A CA bundle to verify https certificates against instead of the system's."""
+    keepalive: Flag = False
+    """Reuse a kept-alive connection between probes (one refusing new ones then still passes)."""
 
     @model_validator(mode="after")
     def _cadence(self) -> ProbeConfig:
