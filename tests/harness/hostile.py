@@ -23,7 +23,7 @@
 | `deflate_ok`    | the `ok` body, zlib-deflated                                           |
 | `gzip_bomb`     | 200 gzip: `BOMB_BYTES` of zeros in about a thousandth of that          |
 | `deflate_bomb`  | the same with deflate                                                  |
-| `deep_json`     | 200 with a JSON body nested 50,000 arrays deep                         |
+| `deep_json`     | 200 with a JSON body nested 30,000 arrays deep                         |
 | `answer`        | the status, headers and body given to `set_answer`                     |
 
 With `keepalive=True` the `ok` and `answer` modes keep the connection open and answer
@@ -279,7 +279,7 @@ class Hostile:
             body = bomb(coding)
             self._send(conn, self._head(200, len(body), {"Content-Encoding": coding}) + body)
         elif mode == "deep_json":
-            body = b"[" * 50_000 + b"]" * 50_000
+            body = b"[" * 30_000 + b"]" * 30_000
             self._send(conn, self._head(200, len(body)) + body)
         elif mode == "dribble":
             self._send(conn, self._head(200, 1000))
