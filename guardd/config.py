@@ -126,7 +126,7 @@ class ProbeConfig(_Section):
     headers: dict[str, str] = Field(default_factory=dict)
     """Headers sent with every probe; values of token-like names are never logged."""
     max_body_bytes: Annotated[int, Field(ge=0, le=64 * 1024 * 1024)] = 65536
-    """The most of a body that is read; a longer one fails `expect_json`."""
+    """The most of a body read, before and after decoding; a longer one fails `expect_json`."""
     follow_redirects: Flag = False
     """Follow redirects; otherwise a redirect is a failure (`http_other`)."""
     verify_tls: Flag = True
@@ -134,7 +134,7 @@ class ProbeConfig(_Section):
     ca_file: Path | None = None
     """A CA bundle to verify https certificates against instead of the system's."""
     keepalive: Flag = False
-    """Reuse a kept-alive connection between probes (one refusing new ones then still passes)."""
+    """Reuse a kept-alive connection between probes: a color refusing new ones still passes."""
 
     @model_validator(mode="after")
     def _cadence(self) -> ProbeConfig:
