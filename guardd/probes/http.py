@@ -112,11 +112,16 @@ class HttpProber:
         self.quorum = quorum
         self._limit = anyio.CapacityLimiter(max(1, min(max_concurrency, len(self.urls))))
         verify = _ssl_context(spec)
-        headers = {k.lower(): v for k, v in spec.headers.items()}
-        # guardd decodes bodies itself, bounded; asking for identity spares the work.
-        headers.setdefault("accept-encoding", "identity")
+        # The operator's header names are sent as written; the two guardd sets are
+        # looked up without regard to case.
+        headers = dict(spec.headers)
+        named = {k.lower() for k in headers}
+        if "accept-encoding" not in named:
+            # guardd decodes bodies itself, bounded; asking for identity spares the work.
+            headers["Accept-Encoding"] = "identity"
         if not spec.keepalive:
-            headers["connection"] = "close"
+            headers = {k: v for k, v in headers.items() if k.lower() != "connection"}
+            headers["Connection"] = "close"
         self._clients = {
             url: httpx.AsyncClient(
                 headers=headers,
