@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import tracemalloc
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from guardd.secrets import Secret
 from tests.harness.daemon import GUARDD
 from tests.harness.hostile import Hostile, HostileMode, bomb
 from tests.harness.nginx import free_port
+from tests.harness.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
 
@@ -88,6 +90,44 @@ async def test_any_encoding_becomes_an_outcome(
     else:
         assert result.error is not None and result.error.startswith(error), result.error
     assert result.status == 200
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return c.compress(data) + c.flush()
+
+
+OK_BODY = b'{"status":"UP"}'
+
+
+@pytest.mark.parametrize(
+    ("coding", "body"),
+    [
+        ("identity", OK_BODY),
+        ("GZIP", gzip.compress(OK_BODY)),
+        ("x-gzip", gzip.compress(OK_BODY)),
+        ("deflate", _raw_deflate(OK_BODY)),  # without the zlib wrapper, as some servers send
+        ("gzip, gzip", gzip.compress(gzip.compress(OK_BODY))),
+        ("deflate, gzip", gzip.compress(zlib.compress(OK_BODY))),
+    ],
+)
+async def test_valid_encodings_are_decoded(hostile: Hostile, coding: str, body: bytes) -> None:
+    hostile.set_answer(200, body, {"Content-Encoding": coding})
+    result = await probe(hostile.url, expect_json=UP)
+    assert result.outcome is Outcome.OK, result.error
+
+
+async def test_a_stacked_bomb_is_bounded_at_every_stage(hostile: Hostile) -> None:
+    # The inner stage alone would inflate to 100 MB; the outer one is small.
+    hostile.set_answer(200, gzip.compress(bomb("gzip")), {"Content-Encoding": "gzip, gzip"})
+    tracemalloc.start()
+    try:
+        result = await probe(hostile.url, expect_json=UP)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.error == "body larger than max_body_bytes=65536"
+    assert peak < MEMORY_BOUND
 
 
 @pytest.mark.parametrize("mode", ["bad_gzip", "bad_deflate", "br", "truncated_gzip"])
@@ -296,6 +336,13 @@ async def test_a_failed_dns_lookup_reads_plainly() -> None:
     assert result.outcome is Outcome.CONNECT_ERROR
     assert result.error is not None
     assert result.error.startswith("DNS lookup failed (guardd-probe-test.invalid): "), result.error
+
+
+async def test_tls_to_a_plain_http_server_reads_plainly() -> None:
+    with Upstream("green") as plain:
+        result = await probe(f"https://127.0.0.1:{plain.port}/healthz")
+    assert result.outcome is Outcome.CONNECT_ERROR
+    assert result.error == f"TLS handshake failed (127.0.0.1:{plain.port}): wrong version number"
 
 
 async def test_a_protocol_error_reads_plainly(hostile: Hostile) -> None:
