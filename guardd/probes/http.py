@@ -50,6 +50,8 @@ class ProbeSpec:
 
 # The most of a failing answer's body read for its summary in `last_error`.
 SUMMARY_BODY_BYTES = 16384
+# Redirects followed at most, with `follow_redirects` (httpx's own default).
+MAX_REDIRECTS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +128,6 @@ class HttpProber:
             url: httpx.AsyncClient(
                 headers=headers,
                 timeout=httpx.Timeout(spec.timeout),
-                follow_redirects=spec.follow_redirects,
                 verify=verify,
                 limits=httpx.Limits(
                     max_connections=2, max_keepalive_connections=1 if spec.keepalive else 0
@@ -202,23 +203,40 @@ class HttpProber:
         self, url: str, summary_by: float
     ) -> tuple[Outcome, str | None, int | None]:
         spec = self.spec
-        async with self._clients[url].stream("GET", url) as response:
-            status = response.status_code
-            encoding = response.headers.get("content-encoding")
-            if not _status_ok(spec, status):
-                kind = Outcome.HTTP_5XX if status >= 500 else Outcome.HTTP_OTHER
-                summary = await _read_summary(
-                    response, encoding, min(spec.max_body_bytes, SUMMARY_BODY_BYTES), summary_by
-                )
-                error = f"HTTP {status}" + (f" {summary}" if summary else "")
-                return kind, error, status
-            if spec.expect_json is None:
-                # Only the status is judged: read (a bounded part of) the body as sent,
-                # so a broken transfer still shows, but do not decode it.
-                await _drain(response, raw_limit(spec.max_body_bytes))
-                return Outcome.OK, None, status
-            decoder = BodyDecoder(encoding, spec.max_body_bytes)
-            await _read_into(response, decoder)
+        client = self._clients[url]
+        request = client.build_request("GET", url)
+        # Redirects are followed here rather than by httpx, which reads (and decodes) each
+        # redirect's whole body without a bound before it moves on.
+        for _ in range(MAX_REDIRECTS + 1):
+            response = await client.send(request, stream=True, follow_redirects=False)
+            try:
+                if spec.follow_redirects and response.next_request is not None:
+                    request = response.next_request
+                    continue
+                status = response.status_code
+                encoding = response.headers.get("content-encoding")
+                if not _status_ok(spec, status):
+                    kind = Outcome.HTTP_5XX if status >= 500 else Outcome.HTTP_OTHER
+                    summary = await _read_summary(
+                        response,
+                        encoding,
+                        min(spec.max_body_bytes, SUMMARY_BODY_BYTES),
+                        summary_by,
+                    )
+                    error = f"HTTP {status}" + (f" {summary}" if summary else "")
+                    return kind, error, status
+                if spec.expect_json is None:
+                    # Only the status is judged: read (a bounded part of) the body as
+                    # sent, so a broken transfer still shows, but do not decode it.
+                    await _drain(response, raw_limit(spec.max_body_bytes))
+                    return Outcome.OK, None, status
+                decoder = BodyDecoder(encoding, spec.max_body_bytes)
+                await _read_into(response, decoder)
+                break
+            finally:
+                await response.aclose()
+        else:
+            return Outcome.HTTP_OTHER, "too many redirects", None
         if decoder.error is not None:
             return Outcome.BODY_MISMATCH, decoder.error, status
         if decoder.too_big:

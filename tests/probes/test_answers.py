@@ -130,6 +130,27 @@ async def test_a_stacked_bomb_is_bounded_at_every_stage(hostile: Hostile) -> Non
     assert peak < MEMORY_BOUND
 
 
+@pytest.mark.parametrize(
+    ("body", "coding"),
+    [(b"not gzip at all", "gzip"), (bomb("gzip"), "gzip"), (bomb("deflate"), "deflate")],
+    ids=["bad-gzip", "gzip-bomb", "deflate-bomb"],
+)
+async def test_redirect_bodies_are_never_decoded(
+    hostile: Hostile, body: bytes, coding: str
+) -> None:
+    hostile.set_answer(302, body, {"Location": "/again", "Content-Encoding": coding})
+    tracemalloc.start()
+    try:
+        result = await probe(hostile.url, follow_redirects=True, expect_json=UP)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.outcome is Outcome.HTTP_OTHER
+    assert result.error == "too many redirects"
+    assert hostile.requests == 21, "the first request and 20 redirects"
+    assert peak < MEMORY_BOUND
+
+
 @pytest.mark.parametrize("mode", ["bad_gzip", "bad_deflate", "br", "truncated_gzip"])
 async def test_a_status_only_probe_does_not_judge_the_encoding(
     hostile: Hostile, mode: HostileMode
