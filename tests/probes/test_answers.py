@@ -110,6 +110,7 @@ OK_BODY = b'{"status":"UP"}'
         ("gzip, gzip", gzip.compress(gzip.compress(OK_BODY))),
         ("deflate, gzip", gzip.compress(zlib.compress(OK_BODY))),
     ],
+    ids=["identity", "GZIP", "x-gzip", "raw-deflate", "gzip-gzip", "deflate-gzip"],
 )
 async def test_valid_encodings_are_decoded(hostile: Hostile, coding: str, body: bytes) -> None:
     hostile.set_answer(200, body, {"Content-Encoding": coding})
