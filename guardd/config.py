@@ -155,7 +155,8 @@ def _validation_error(title: str, errors: list[Any], found: Found) -> Validation
 
 
 def _check_http_url(url: str) -> str:
-    if not re.match(r"^https?://[^\s/]+", url):
+    # Schemes are case-insensitive (RFC 3986 §3.1): HTTP:// is http://.
+    if not re.match(r"^https?://[^\s/]+", url, re.IGNORECASE):
         raise ValueError("must be an http:// or https:// URL")
     return url
 
@@ -264,13 +265,15 @@ class ProbeConfig(_Section):
     headers: dict[str, str] = Field(default_factory=dict)
     """Headers sent with every probe; values of token-like names are never logged."""
     max_body_bytes: Annotated[int, Field(ge=0, le=64 * 1024 * 1024)] = 65536
-    """The most of a body that is read; a longer one fails `expect_json`."""
+    """The most of a body read, before and after decoding; a longer one fails `expect_json`."""
     follow_redirects: Flag = False
     """Follow redirects; otherwise a redirect is a failure (`http_other`)."""
     verify_tls: Flag = True
     """Verify https certificates."""
     ca_file: Path | None = None
     """A CA bundle to verify https certificates against instead of the system's."""
+    keepalive: Flag = False
+    """Reuse a kept-alive connection between probes: a color refusing new ones still passes."""
 
     def _cross_checks(self, invalid: frozenset[str]) -> Found:
         if invalid & {"interval", "fast_interval"}:

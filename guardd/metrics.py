@@ -44,7 +44,15 @@ __all__ = [
 ]
 
 COLORS = ("blue", "green")
-PROBE_OUTCOMES = ("ok", "http_5xx", "http_other", "timeout", "connect_error", "body_mismatch")
+PROBE_OUTCOMES = (
+    "ok",
+    "http_5xx",
+    "http_other",
+    "timeout",
+    "connect_error",
+    "body_mismatch",
+    "probe_error",
+)
 STATES = ("starting", "steady", "degraded", "rolling_back", "guard_window", "hold", "paused")
 ROLLBACK_SEVERITIES = ("P0", "P1", "manual")
 NOTIFICATION_OUTCOMES = ("sent", "retried", "dropped")
@@ -149,6 +157,14 @@ class GuardMetrics:
         ticks = Counter(
             "guardd_decision_ticks", "Rounds of the decision loop.", ("guard",), registry=r
         )
+        loop_errors = Counter(
+            "guardd_loop_errors",
+            "Unexpected exceptions caught in a probe or front-door loop, which went on.",
+            ("guard", "loop"),
+            registry=r,
+        )
+        self._loop_errors_family = loop_errors
+        self._loop_errors: dict[str, Counter] = {}
         build_info = Gauge(
             "guardd_build_info",
             "Always 1; the version is in the label.",
@@ -184,6 +200,8 @@ class GuardMetrics:
         self._storage_errors = {kind: storage_errors.labels(guard, kind) for kind in STORAGE_KINDS}
         self._ticks = ticks.labels(guard)
         build_info.labels(guard, version).set(1)
+        for color in COLORS:
+            self._loop_errors[f"probe_{color}"] = loop_errors.labels(guard, f"probe_{color}")
 
     def observe_probe(self, color: str, outcome: str, seconds: float) -> None:
         """Count one probe of `color` and record how long it took."""
@@ -263,6 +281,14 @@ class GuardMetrics:
     def storage_error(self, kind: str) -> None:
         """Count one failed write of the journal, state, outbox or lock."""
         _lookup(self._storage_errors, kind, "storage kind").inc()
+
+    def loop_error(self, loop: str) -> None:
+        """Count one unexpected exception caught in `loop` (e.g. `probe_green`)."""
+        child = self._loop_errors.get(loop)
+        if child is None:
+            # Loops other than the probe loops are bound on first use.
+            child = self._loop_errors[loop] = self._loop_errors_family.labels(self.guard, loop)
+        child.inc()
 
     def decision_tick(self) -> None:
         """Count one round of the decision loop, so a stalled loop shows."""

@@ -30,20 +30,23 @@ from guardd.commands import RetryPolicy
 from guardd.config import GuardConfig, Settings
 from guardd.core.machine import GuardMachine
 from guardd.core.policy import PolicySpec
-from guardd.core.types import COLORS, Color
+from guardd.core.types import COLORS, Color, Outcome
 from guardd.exceptions import ConfigError, ConfigProblem, GuarddError
 from guardd.faults import FaultPoints
 from guardd.guard import Guard, GuardSettings
 from guardd.journal import Journal
 from guardd.logs import get_logger
 from guardd.metrics import GuardMetrics, MetricsServer
-from guardd.probes.http import HttpProber, ProbeSpec
+from guardd.probes.http import HttpProber, ProbeResult, ProbeSpec
+from guardd.secrets import redact
 from guardd.statefile import StateFile
 from guardd.switchers import Switcher
 from guardd.systemd import SystemdNotifier
 
 # A probe loop that has not finished a round for this long past its deadline is wedged.
 _STUCK_MARGIN = 5.0
+# Distinct unexpected errors remembered (to log each traceback once); more are only counted.
+_MAX_LOOP_ERRORS_SEEN = 256
 
 
 def cannot(settings: Settings, key: str, what: str, error: OSError | str) -> ConfigProblem:
@@ -138,6 +141,7 @@ def probe_spec(c: GuardConfig) -> ProbeSpec:
         follow_redirects=p.follow_redirects,
         verify_tls=p.verify_tls,
         ca_file=p.ca_file,
+        keepalive=p.keepalive,
     )
 
 
@@ -268,6 +272,7 @@ class Supervisor:
         self._exit_code = 0
         self._tg: anyio.abc.TaskGroup | None = None
         self._notifier_task: tuple[anyio.CancelScope, anyio.Event] | None = None
+        self._loop_errors_seen: set[tuple[str, str, str]] = set()
 
     # ---- start-up ----------------------------------------------------------------------
 
@@ -505,7 +510,7 @@ class Supervisor:
             await self.faults.reach(f"probe_{color}")
             started = self.clock.monotonic()
             self._probe_started[color] = started
-            result = await self.probers[color].probe()
+            result = await self._probe_round(color)
             self._probe_started[color] = None
             if guard.observe(color, result):
                 self._wake.set()
@@ -530,12 +535,59 @@ class Supervisor:
             started = self.clock.monotonic()
             # The verifier sends `Connection: close`: every answer comes on a fresh
             # connection, from the workers nginx runs now.
-            result = await verifier.probe()
+            try:
+                await self.faults.fail("raise_in_front_door")
+                result = await verifier.probe()
+            except Exception as e:  # noqa: BLE001 - as for the probe loops: the loop goes on
+                what = self.loop_failed("front_door", e)
+                result = ProbeResult(
+                    Outcome.PROBE_ERROR,
+                    self.clock.monotonic() - started,
+                    f"guardd could not probe the front door: {what}",
+                )
             if guard.observe_front_door(result):
                 self._wake.set()
             self._front_door_answered.set()
             wait = guard.s.probe_interval - (self.clock.monotonic() - started)
             await anyio.sleep(max(0.0, wait))
+
+    async def _probe_round(self, color: Color) -> ProbeResult:
+        """One probe round that cannot stop the daemon.
+
+        Probers turn whatever an upstream sends into an outcome; an exception here is a
+        bug in guardd. It is logged (with its traceback, once), counted, journaled as an
+        `alert`, and the round counts as failed (`probe_error`): guardd cannot vouch for
+        a color it could not probe. The loop goes on.
+        """
+        started = self.clock.monotonic()
+        try:
+            await self.faults.fail(f"raise_in_probe_{color}")
+            return await self.probers[color].probe()
+        except Exception as e:  # noqa: BLE001 - the guarantee: one loop's bug never ends guardd
+            what = self.loop_failed(f"probe_{color}", e)
+            return ProbeResult(
+                Outcome.PROBE_ERROR,
+                self.clock.monotonic() - started,
+                f"guardd could not probe: {what}",
+            )
+
+    def loop_failed(self, loop: str, error: Exception) -> str:
+        """Account for an unexpected exception in `loop`; a one-line description of it."""
+        what = redact(f"{type(error).__name__}: {error}")[:300]
+        self.metrics.loop_error(loop)
+        seen = (loop, type(error).__name__, what)
+        if seen in self._loop_errors_seen:
+            return what
+        if len(self._loop_errors_seen) < _MAX_LOOP_ERRORS_SEEN:
+            self._loop_errors_seen.add(seen)
+        self.log.error("loop_error", loop=loop, error=what, exc_info=error)
+        if self.guard is not None:
+            self.guard.record(
+                "alert",
+                reason=f"unexpected error in the {loop} loop, which goes on: {what}",
+                loop=loop,
+            )
+        return what
 
     async def _decision_loop(self) -> None:
         guard = self.guard

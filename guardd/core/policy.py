@@ -92,7 +92,13 @@ class Policy:
                 p50_ms=active.p50_ms,
                 p95_ms=active.p95_ms,
                 window_s=s.window,
-                extra=dict(extra),
+                extra=(
+                    # What the color last said when it failed: `HTTP 503 status=DOWN db=DOWN`.
+                    {**extra, "last_error": active.last_error}
+                    if active.last_error is not None
+                    and rule not in ("healthy", "insufficient_data")
+                    else dict(extra)
+                ),
             )
 
         # P0 by a run of failures needs no minimum of samples: it is the fast path.

@@ -25,6 +25,8 @@ class Outcome(StrEnum):
     TIMEOUT = "timeout"
     CONNECT_ERROR = "connect_error"
     BODY_MISMATCH = "body_mismatch"
+    # guardd itself failed to finish the probe; it cannot vouch for the color (fail closed).
+    PROBE_ERROR = "probe_error"
 
 
 class State(StrEnum):

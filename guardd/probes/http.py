@@ -1,14 +1,20 @@
-"""HTTP probes with httpx: one client per color, a hard deadline, a bounded body.
+"""HTTP probes with httpx: one client per URL, a hard deadline, a bounded body.
 
 The deadline covers the whole exchange (connect, headers and body), so a server that
 accepts and never answers, or dribbles its body a byte a second, costs at most
-`timeout`. Redirects are not followed unless configured.
+`timeout`. Redirects are not followed unless configured. Every probe opens a fresh
+connection (unless `keepalive`): an upstream that no longer accepts connections must
+not pass on one it accepted long ago. Bodies are decoded by `guardd.probes.body`,
+bounded before and after decoding; whatever the upstream sends becomes an outcome.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
-import json
+import os
+import socket
 import ssl
 import time
 from collections import Counter
@@ -21,6 +27,7 @@ import anyio
 import httpx
 
 from guardd.core.types import Outcome
+from guardd.probes.body import BodyDecoder, json_mismatch, parse_json, raw_limit, summarize
 from guardd.secrets import redact
 
 Quorum = Literal["all", "any", "majority"]
@@ -38,6 +45,13 @@ class ProbeSpec:
     follow_redirects: bool = False
     verify_tls: bool = True
     ca_file: Path | None = None
+    keepalive: bool = False
+
+
+# The most of a failing answer's body read for its summary in `last_error`.
+SUMMARY_BODY_BYTES = 16384
+# Redirects followed at most, with `follow_redirects` (httpx's own default).
+MAX_REDIRECTS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,22 +75,6 @@ def _status_ok(spec: ProbeSpec, status: int) -> bool:
     return status in spec.expect_status
 
 
-def _json_matches(expected: Mapping[str, Any], actual: object) -> bool:
-    # A subset match: every expected key must be present with an equal (or matching) value.
-    if not isinstance(actual, dict):
-        return False
-    for key, want in expected.items():
-        if key not in actual:
-            return False
-        got = actual[key]
-        if isinstance(want, Mapping):
-            if not _json_matches(want, got):
-                return False
-        elif got != want:
-            return False
-    return True
-
-
 def _ssl_context(spec: ProbeSpec) -> ssl.SSLContext | bool:
     if not spec.verify_tls:
         return False
@@ -92,10 +90,12 @@ def _verifying_context(ca_file: str | None) -> ssl.SSLContext:
 
 
 class HttpProber:
-    """Probes one color's URLs, each with its own reused client, and applies the quorum.
+    """Probes one color's URLs, each with its own client, and applies the quorum.
 
     A client per URL keeps each connection pool tiny: httpx scans its whole pool on every
-    request, so one client holding a hundred connections made a round quadratic.
+    request, so one client holding a hundred connections made a round quadratic. Without
+    `spec.keepalive` the pool holds nothing between probes: each probe connects afresh.
+    `probe` and `probe_url` never raise for anything an upstream does.
     """
 
     def __init__(
@@ -114,13 +114,24 @@ class HttpProber:
         self.quorum = quorum
         self._limit = anyio.CapacityLimiter(max(1, min(max_concurrency, len(self.urls))))
         verify = _ssl_context(spec)
+        # The operator's header names are sent as written; the two guardd sets are
+        # looked up without regard to case.
+        headers = dict(spec.headers)
+        named = {k.lower() for k in headers}
+        if "accept-encoding" not in named:
+            # guardd decodes bodies itself, bounded; asking for identity spares the work.
+            headers["Accept-Encoding"] = "identity"
+        if not spec.keepalive:
+            headers = {k: v for k, v in headers.items() if k.lower() != "connection"}
+            headers["Connection"] = "close"
         self._clients = {
             url: httpx.AsyncClient(
-                headers=dict(spec.headers),
+                headers=headers,
                 timeout=httpx.Timeout(spec.timeout),
-                follow_redirects=spec.follow_redirects,
                 verify=verify,
-                limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
+                limits=httpx.Limits(
+                    max_connections=2, max_keepalive_connections=1 if spec.keepalive else 0
+                ),
                 transport=transport,
                 trust_env=False,
             )
@@ -165,18 +176,15 @@ class HttpProber:
         )
 
     async def probe_url(self, url: str) -> ProbeResult:
-        """Probe one URL under the hard deadline."""
+        """Probe one URL under the hard deadline; every failure is an outcome, not a raise."""
         started = time.perf_counter()
+        # A failing answer's body is read for its summary only until shortly before the
+        # deadline, so a dribbling 503 still reads as a 503.
+        summary_by = anyio.current_time() + self.spec.timeout * 0.8
         try:
             with anyio.fail_after(self.spec.timeout):
-                outcome, error, status = await self._exchange(url)
-        except TimeoutError:
-            outcome, error, status = (
-                Outcome.TIMEOUT,
-                f"no answer within {self.spec.timeout:g}s",
-                None,
-            )
-        except httpx.TimeoutException:
+                outcome, error, status = await self._exchange(url, summary_by)
+        except (TimeoutError, httpx.TimeoutException):
             outcome, error, status = (
                 Outcome.TIMEOUT,
                 f"no answer within {self.spec.timeout:g}s",
@@ -184,47 +192,155 @@ class HttpProber:
             )
         except httpx.TooManyRedirects:
             outcome, error, status = Outcome.HTTP_OTHER, "too many redirects", None
+        except httpx.DecodingError as e:
+            # guardd decodes bodies itself; this is a defence should httpx ever try.
+            outcome, error, status = Outcome.BODY_MISMATCH, _describe(e, url), None
         except (httpx.TransportError, ssl.SSLError, OSError) as e:
-            outcome, error, status = Outcome.CONNECT_ERROR, _describe(e), None
+            outcome, error, status = Outcome.CONNECT_ERROR, _describe(e, url), None
         return ProbeResult(outcome, time.perf_counter() - started, error, status)
 
-    async def _exchange(self, url: str) -> tuple[Outcome, str | None, int | None]:
-        async with self._clients[url].stream("GET", url) as response:
-            status = response.status_code
-            if not _status_ok(self.spec, status):
+    async def _exchange(
+        self, url: str, summary_by: float
+    ) -> tuple[Outcome, str | None, int | None]:
+        spec = self.spec
+        client = self._clients[url]
+        request = client.build_request("GET", url)
+        # Redirects are followed here rather than by httpx, which reads (and decodes) each
+        # redirect's whole body without a bound before it moves on.
+        for _ in range(MAX_REDIRECTS + 1):
+            response = await client.send(request, stream=True, follow_redirects=False)
+            try:
+                if spec.follow_redirects and response.next_request is not None:
+                    request = response.next_request
+                    continue
+                status = response.status_code
+                encoding = response.headers.get("content-encoding")
+                if not _status_ok(spec, status):
+                    kind = Outcome.HTTP_5XX if status >= 500 else Outcome.HTTP_OTHER
+                    summary = await _read_summary(
+                        response,
+                        encoding,
+                        min(spec.max_body_bytes, SUMMARY_BODY_BYTES),
+                        summary_by,
+                    )
+                    error = f"HTTP {status}" + (f" {summary}" if summary else "")
+                    return kind, error, status
+                if spec.expect_json is None:
+                    # Only the status is judged: read (a bounded part of) the body as
+                    # sent, so a broken transfer still shows, but do not decode it.
+                    await _drain(response, raw_limit(spec.max_body_bytes))
+                    return Outcome.OK, None, status
+                decoder = BodyDecoder(encoding, spec.max_body_bytes)
+                await _read_into(response, decoder)
+                break
+            finally:
                 await response.aclose()
-                kind = Outcome.HTTP_5XX if status >= 500 else Outcome.HTTP_OTHER
-                return kind, f"HTTP {status}", status
-            body = bytearray()
-            too_big = False
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > self.spec.max_body_bytes:
-                    too_big = True
-                    break
-        if self.spec.expect_json is None:
-            return Outcome.OK, None, status
-        if too_big:
+        else:
+            return Outcome.HTTP_OTHER, "too many redirects", None
+        if decoder.error is not None:
+            return Outcome.BODY_MISMATCH, decoder.error, status
+        if decoder.too_big:
             return (
                 Outcome.BODY_MISMATCH,
-                f"body larger than max_body_bytes={self.spec.max_body_bytes}",
+                f"body larger than max_body_bytes={spec.max_body_bytes}",
                 status,
             )
-        try:
-            doc = json.loads(bytes(body))
-        except (UnicodeDecodeError, ValueError):
-            return Outcome.BODY_MISMATCH, "body is not JSON", status
-        if not _json_matches(self.spec.expect_json, doc):
-            return Outcome.BODY_MISMATCH, f"body does not match expect_json: {_clip(doc)}", status
+        doc, not_json = parse_json(bytes(decoder.body))
+        if not_json is not None:
+            return Outcome.BODY_MISMATCH, not_json, status
+        why = json_mismatch(spec.expect_json, doc)
+        if why is not None:
+            return Outcome.BODY_MISMATCH, f"body does not match expect_json: {why}", status
         return Outcome.OK, None, status
 
 
-def _clip(doc: object, limit: int = 120) -> str:
-    text = json.dumps(doc, separators=(",", ":"), default=str)
-    return redact(text if len(text) <= limit else text[: limit - 1] + "…")
+async def _read_into(response: httpx.Response, decoder: BodyDecoder) -> None:
+    # aiter_raw: the bytes as sent; httpx's own decoders expand a chunk without a bound.
+    async for chunk in response.aiter_raw():
+        decoder.feed(chunk)
+        if decoder.done:
+            return
+    decoder.finish()
 
 
-def _describe(e: BaseException) -> str:
+async def _drain(response: httpx.Response, limit: int) -> None:
+    read = 0
+    async for chunk in response.aiter_raw():
+        read += len(chunk)
+        if read > limit:
+            return
+
+
+async def _read_summary(
+    response: httpx.Response, encoding: str | None, limit: int, deadline: float
+) -> str | None:
+    """A summary of a failing answer's body; a body that cannot be read gives none."""
+    decoder = BodyDecoder(encoding, limit)
+    # The status already tells the story; a broken or slow body adds nothing to it.
+    with (
+        anyio.CancelScope(deadline=deadline) as scope,
+        contextlib.suppress(httpx.TransportError, OSError),
+    ):
+        await _read_into(response, decoder)
+    if decoder.error is not None or (scope.cancelled_caught and not decoder.body):
+        return None
+    return summarize(bytes(decoder.body[:limit]))
+
+
+# What an errno means to an operator reading `last_error`.
+_ERRNO_TEXT = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset by peer",
+    errno.EHOSTUNREACH: "no route to host",
+    errno.ENETUNREACH: "network unreachable",
+    errno.ETIMEDOUT: "connect timed out",
+    errno.EPIPE: "connection closed by peer",
+    errno.ECONNABORTED: "connection aborted",
+}
+
+
+def _where(url: str) -> str:
+    try:
+        u = httpx.URL(url)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        host = f"[{u.host}]" if ":" in u.host else u.host
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return "?"
+    return f"{host}:{port}"
+
+
+def _describe(e: BaseException, url: str) -> str:
+    """A failure in an operator's words: `connection refused (127.0.0.1:9011)`."""
+    where = _where(url)
+    chain: list[BaseException] = []
+    seen: BaseException | None = e
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text: str | None = None
+    for cause in chain:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            reason = cause.verify_message or cause.reason or "verification failed"
+            text = f"TLS certificate rejected ({where}): {reason}"
+        elif isinstance(cause, ssl.SSLError):
+            reason = (cause.reason or str(cause)).replace("_", " ").lower()
+            text = f"TLS handshake failed ({where}): {reason}"
+        elif isinstance(cause, socket.gaierror):
+            host = where.rsplit(":", 1)[0]
+            text = f"DNS lookup failed ({host}): {cause.strerror or cause}"
+        elif isinstance(cause, OSError) and cause.errno is not None:
+            said = _ERRNO_TEXT.get(cause.errno) or os.strerror(cause.errno).lower()
+            text = f"{said} ({where})"
+        if text is not None:
+            break
+    if text is None:
+        if isinstance(e, httpx.RemoteProtocolError | httpx.LocalProtocolError):
+            detail = str(e).rstrip(".") or "malformed answer"
+            text = f"protocol error ({where}): {detail[:1].lower() + detail[1:]}"
+        elif isinstance(e, httpx.DecodingError):
+            text = f"body does not decode ({where}): {e}"
+        else:
+            detail = str(e) or type(e).__name__
+            text = f"{type(e).__name__} ({where}): {detail}"
     # httpx messages can embed the URL; redact in case it carries a credential.
-    text = str(e) or type(e).__name__
-    return redact(f"{type(e).__name__}: {text}")[:200]
+    return redact(text)[:200]

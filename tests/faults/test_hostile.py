@@ -18,9 +18,18 @@ import trustme
 
 from guardd.core.types import Outcome
 from guardd.probes.http import HttpProber, ProbeSpec
-from tests.faults.util import FaultLab, figure, metric, metrics_port, rss_kib, scrape, status
+from tests.faults.util import (
+    FaultLab,
+    figure,
+    log_lines,
+    metric,
+    metrics_port,
+    rss_kib,
+    scrape,
+    status,
+)
 from tests.harness.daemon import wait_until
-from tests.harness.hostile import HUGE_BYTES, Hostile, HostileMode
+from tests.harness.hostile import HUGE_BYTES, Hostile, HostileMode, bomb
 from tests.harness.nginx import free_port
 
 TIMEOUT = 1.0
@@ -128,7 +137,11 @@ async def test_tls_is_verified_by_default_and_ca_file_is_honoured(
         url = f"https://localhost:{good.port}/healthz"
         # A private CA is not trusted unless configured.
         got, _, error, _ = await probe_once(url)
-        assert got is Outcome.CONNECT_ERROR and "CERTIFICATE_VERIFY_FAILED" in (error or "")
+        assert got is Outcome.CONNECT_ERROR
+        assert error == (
+            f"TLS certificate rejected (localhost:{good.port}): "
+            "unable to get local issuer certificate"
+        )
         got, _, error, _ = await probe_once(url, ca_file=ca_file)
         assert got is Outcome.OK, error
     with Hostile("ok", tls=server_tls(ca, "wrong.example")) as wrong:
@@ -235,3 +248,186 @@ def test_daemon_rolls_back_from_a_green_with_the_wrong_certificate(
         assert wrong.requests == 0
         assert lab.nginx.wait_serving_only("blue", hold=0.3, timeout=20)
         assert d.stop() == 0
+
+
+# ---- whatever green sends, the daemon goes on -----------------------------------------
+
+
+@pytest.mark.nginx
+@pytest.mark.parametrize(
+    ("mode", "error"),
+    [
+        ("bad_gzip", "body is labelled Content-Encoding: gzip but does not decode"),
+        ("bad_deflate", "body is labelled Content-Encoding: deflate but does not decode"),
+        ("truncated_gzip", "gzip body ends early (truncated)"),
+        ("br", "body is Content-Encoding: br, which guardd does not decode"),
+    ],
+)
+def test_daemon_rolls_back_from_an_undecodable_green(
+    make_lab, mode: HostileMode, error: str
+) -> None:
+    with Hostile("ok") as server:
+        lab: FaultLab = make_lab(green_probe_url=server.url)
+        d = lab.daemon()
+        server.set_mode(mode)
+        done = d.wait_event("rollback_completed", timeout=30)
+        assert done["evidence"]["color"] == "green"
+        assert done["evidence"]["last_error"].startswith(error), done["evidence"]
+        assert status(lab)["upstreams"]["green"]["last_error"].startswith(error)
+        assert lab.nginx.wait_serving_only("blue", hold=0.3, timeout=20)
+        assert d.proc is not None and d.proc.poll() is None, "guardd is still running"
+        assert d.stop() == 0
+
+
+@pytest.mark.nginx
+@pytest.mark.parametrize("mode", ["gzip_bomb", "deflate_bomb"])
+def test_daemon_memory_is_bounded_by_a_zip_bomb(make_lab, mode: HostileMode) -> None:
+    bomb(mode.removesuffix("_bomb"))  # made before the clock starts
+    with Hostile("ok") as server:
+        lab: FaultLab = make_lab(green_probe_url=server.url)
+        d = lab.daemon()
+        # Idle: a few rounds of healthy probes settle the allocator.
+        served = server.requests
+        wait_until(lambda: server.requests >= served + 10, 30, "10 healthy probes")
+        before = rss_kib(d.pid)
+        server.set_mode(mode)
+        served = server.requests
+        wait_until(lambda: server.requests >= served + 20, 60, f"20 {mode} answers")
+        grown = rss_kib(d.pid) - before
+        figure("zip_bomb_rss", mode=mode, rss_before_kib=before, rss_growth_kib=grown)
+        # Each answer inflates to 100 MB; guardd decodes at most max_body_bytes of it.
+        assert grown < 8 * 1024, f"{mode}: RSS grew by {grown} KiB"
+        green = status(lab)["upstreams"]["green"]
+        assert green["last_error"] == "body larger than max_body_bytes=65536"
+        assert d.stop() == 0
+
+
+@pytest.mark.nginx
+def test_daemon_rolls_back_a_green_that_stops_accepting_connections(make_lab) -> None:
+    lab: FaultLab = make_lab()
+    # Green becomes a server that keeps connections alive, on green's own port, so that
+    # nginx proxies to it too.
+    lab.green.stop()
+    with Hostile("ok", port=lab.green.port, color="green", keepalive=True) as server:
+        d = lab.daemon()
+        wait_until(lambda: lab.nginx.served_color() == "green", 10, "nginx serving green")
+        assert status(lab)["state"] == "steady"
+        server.close_listener()
+        # nginx connects afresh for every request: it gets refused and answers 502.
+        wait_until(
+            lambda: (lab.nginx.front_door() or (0, None))[0] == 502, 10, "nginx answering 502"
+        )
+        done = d.wait_event("rollback_completed", timeout=30)
+        assert done["evidence"]["color"] == "green"
+        assert done["evidence"]["last_error"] == f"connection refused (127.0.0.1:{server.port})"
+        assert lab.nginx.wait_serving_only("blue", hold=0.3, timeout=20)
+        assert d.stop() == 0
+
+
+SPRING_DOWN = b'{"status":"DOWN","components":{"db":{"status":"DOWN"}},"token":"tk-9f8e7d6c5b4a"}'
+
+
+@pytest.mark.nginx
+def test_daemon_journals_what_a_failing_green_said(make_lab) -> None:
+    with Hostile("ok") as server:
+        lab: FaultLab = make_lab(green_probe_url=server.url, metrics__listen="127.0.0.1:0")
+        d = lab.daemon()
+        server.set_answer(503, SPRING_DOWN)
+        done = d.wait_event("rollback_completed", timeout=30)
+        said = "HTTP 503 status=DOWN token=*** db=DOWN"
+        assert done["evidence"]["last_error"] == said
+        started = d.wait_event("rollback_started")
+        assert started["evidence"]["last_error"] == said
+        assert status(lab)["upstreams"]["green"]["last_error"] == said
+        assert d.stop() == 0
+        for text in (d.raw_journal(), d.log()):
+            assert "tk-9f8e7d6c5b4a" not in text
+
+
+@pytest.mark.nginx
+def test_daemon_judges_expect_json_types_and_any_scheme_case(make_lab) -> None:
+    with Hostile("ok") as server:
+        lab: FaultLab = make_lab(
+            green_probe_url=f"HtTp://127.0.0.1:{server.port}/healthz",
+            probe__expect_json={"status": "UP"},
+        )
+        d = lab.daemon()
+        assert status(lab)["upstreams"]["green"]["healthy"] is True
+        lab.write_config(probe__expect_json={"status": "UP", "up": True})
+        server.set_answer(200, b'{"status":"UP","up":1}')
+        d.signal(signal.SIGHUP)
+        d.wait_event("config_reloaded")
+        wait_until(
+            lambda: status(lab)["upstreams"]["green"]["consecutive_failures"] >= 1,
+            10,
+            "green failing on up=1",
+        )
+        assert (
+            status(lab)["upstreams"]["green"]["last_error"]
+            == "body does not match expect_json: up is 1, expected true"
+        )
+        assert d.stop() == 0
+
+
+@pytest.mark.nginx
+def test_daemon_survives_an_exception_inside_a_probe(make_lab) -> None:
+    lab: FaultLab = make_lab(metrics__listen="127.0.0.1:0")
+    d = lab.daemon()
+    port = metrics_port(d)
+    fault = lab.fault_dir / "raise_in_probe_green"
+    fault.touch()
+    alert = d.wait_event("alert", where=lambda e: e.get("loop") == "probe_green")
+    assert alert["reason"] == (
+        "unexpected error in the probe_green loop, which goes on: "
+        "InjectedFault: injected fault at raise_in_probe_green"
+    )
+    # Fail closed: a color guardd cannot probe is not vouched for, and green is rolled back.
+    done = d.wait_event("rollback_completed", timeout=30)
+    assert done["evidence"]["last_error"].startswith("guardd could not probe: InjectedFault")
+    wait_until(
+        lambda: metric(scrape(port), "guardd_loop_errors_total", loop="probe_green") >= 5,
+        10,
+        "five errors counted",
+    )
+    assert metric(scrape(port), "guardd_probe_total", color="green", outcome="probe_error") >= 5
+    fault.unlink()
+    wait_until(
+        lambda: status(lab)["upstreams"]["green"]["consecutive_failures"] == 0,
+        10,
+        "green probed again",
+    )
+    assert d.proc is not None and d.proc.poll() is None
+    # One traceback, one alert, however many rounds raised.
+    errors = [line for line in log_lines(d) if line.get("event") == "loop_error"]
+    assert len(errors) == 1
+    assert "Traceback" in errors[0]["exception"] and "InjectedFault" in errors[0]["exception"]
+    assert len([e for e in d.events() if e["event"] == "alert" and e.get("loop")]) == 1
+    assert d.stop() == 0
+
+
+def test_daemon_survives_an_exception_inside_the_front_door_loop(make_lab) -> None:
+    lab: FaultLab = make_lab(metrics__listen="127.0.0.1:0")
+    d = lab.daemon()
+    port = metrics_port(d)
+    fault = lab.fault_dir / "raise_in_front_door"
+    fault.touch()
+    alert = d.wait_event("alert", where=lambda e: e.get("loop") == "front_door")
+    assert alert["reason"] == (
+        "unexpected error in the front_door loop, which goes on: "
+        "InjectedFault: injected fault at raise_in_front_door"
+    )
+    wait_until(
+        lambda: metric(scrape(port), "guardd_loop_errors_total", loop="front_door") >= 3,
+        10,
+        "three errors counted",
+    )
+    # Fail closed: a front door guardd cannot probe is never read as serving.
+    front = status(lab)["front_door"]
+    assert front["healthy"] is not True
+    assert "could not probe the front door" in (front["last_error"] or "")
+    fault.unlink()
+    wait_until(lambda: status(lab)["front_door"]["healthy"] is True, 10, "front door again")
+    assert d.proc is not None and d.proc.poll() is None
+    # Green never failed: a front door that could not be probed switched nothing.
+    assert not [e for e in d.events() if e["event"] == "rollback_started"]
+    assert d.stop() == 0

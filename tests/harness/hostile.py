@@ -14,6 +14,21 @@
 | `many_headers`  | 200 with 10,000 headers before the body                                |
 | `redirect_loop` | 302 to `/loop/<n+1>` for ever                                          |
 | `reset`         | 200 headers and half the body, then a TCP reset                        |
+| `bad_gzip`      | 200 `Content-Encoding: gzip` over a body that is not gzip              |
+| `bad_deflate`   | the same labelled `deflate`                                            |
+| `br`            | 200 `Content-Encoding: br` (guardd does not decode brotli)             |
+| `unknown_coding`| 200 `Content-Encoding: x-snappy-framed`                                |
+| `truncated_gzip`| a gzip body cut in half, with a matching `Content-Length`              |
+| `gzip_ok`       | the `ok` body, gzipped (a proxy compressing although asked not to)     |
+| `deflate_ok`    | the `ok` body, zlib-deflated                                           |
+| `gzip_bomb`     | 200 gzip: `BOMB_BYTES` of zeros in about a thousandth of that          |
+| `deflate_bomb`  | the same with deflate                                                  |
+| `deep_json`     | 200 with a JSON body nested 30,000 arrays deep                         |
+| `answer`        | the status, headers and body given to `set_answer`                     |
+
+With `keepalive=True` the `ok` and `answer` modes keep the connection open and answer
+every request on it; `close_listener()` then stops accepting new connections while the
+old ones go on answering (a green whose accept loop died).
 
 Pass `tls=` (a server `ssl.SSLContext`, e.g. from `trustme`) to speak HTTPS. Every
 connection runs in its own thread; `stop()` releases the silent and dribbling ones,
@@ -23,18 +38,49 @@ closes every socket and joins every thread, so nothing outlives the test.
 from __future__ import annotations
 
 import contextlib
+import functools
+import gzip
 import socket
 import ssl
 import struct
 import threading
+import zlib
 from types import TracebackType
 from typing import Literal, get_args
 
-HostileMode = Literal["ok", "silent", "dribble", "huge", "many_headers", "redirect_loop", "reset"]
+HostileMode = Literal[
+    "ok",
+    "silent",
+    "dribble",
+    "huge",
+    "many_headers",
+    "redirect_loop",
+    "reset",
+    "bad_gzip",
+    "bad_deflate",
+    "br",
+    "unknown_coding",
+    "truncated_gzip",
+    "gzip_ok",
+    "deflate_ok",
+    "gzip_bomb",
+    "deflate_bomb",
+    "deep_json",
+    "answer",
+]
 HOSTILE_MODES: tuple[HostileMode, ...] = get_args(HostileMode)
 HUGE_BYTES = 100 * 1024 * 1024
+BOMB_BYTES = 100 * 1024 * 1024
 MANY_HEADERS = 10_000
-_OK_BODY = b'{"status":"UP","color":"hostile"}'
+
+
+@functools.cache
+def bomb(coding: str) -> bytes:
+    """`BOMB_BYTES` of zeros compressed with `coding` (gzip or deflate), made once."""
+    zeros = bytes(BOMB_BYTES)
+    if coding == "gzip":
+        return gzip.compress(zeros, compresslevel=9, mtime=0)
+    return zlib.compress(zeros, 9)
 
 
 class Hostile:
@@ -46,19 +92,27 @@ class Hostile:
         *,
         tls: ssl.SSLContext | None = None,
         host: str = "127.0.0.1",
+        port: int = 0,
+        color: str = "hostile",
+        keepalive: bool = False,
     ) -> None:
         self.host = host
         self.tls = tls
+        self.color = color
+        self.keepalive = keepalive
+        self._ok_body = b'{"status":"UP","color":"%s"}' % color.encode()
+        self._answer_parts: tuple[int, dict[str, str], bytes] = (200, {}, self._ok_body)
         self._mode: HostileMode = "ok"
         self.set_mode(mode)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._stop_accepting = threading.Event()
         self._threads: list[threading.Thread] = []
         self._sockets: set[socket.socket] = set()
         self.connections = 0
         self.requests = 0
         self.bytes_sent = 0
-        self._listener = socket.create_server((host, 0), backlog=128)
+        self._listener = socket.create_server((host, port), backlog=128)
         self._listener.settimeout(0.05)
         self.port: int = self._listener.getsockname()[1]
         self._acceptor: threading.Thread | None = None
@@ -80,6 +134,18 @@ class Hostile:
             raise ValueError(f"unknown mode {mode!r}; one of {', '.join(HOSTILE_MODES)}")
         self._mode = mode
 
+    def set_answer(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        """Answer every request with this status, body and headers (mode `answer`)."""
+        self._answer_parts = (status, dict(headers or {}), body)
+        self.set_mode("answer")
+
+    def close_listener(self) -> None:
+        """Stop accepting: new connections are refused, open ones go on being served."""
+        self._stop_accepting.set()
+        if self._acceptor is not None:
+            self._acceptor.join()
+        self._listener.close()
+
     def start(self) -> Hostile:
         """Accept connections in a background thread."""
         if self._acceptor is None:
@@ -90,6 +156,7 @@ class Hostile:
     def stop(self) -> None:
         """Release every held connection, close everything, join every thread."""
         self._stopping.set()
+        self._stop_accepting.set()
         if self._acceptor is not None:
             self._acceptor.join()
             self._acceptor = None
@@ -119,7 +186,7 @@ class Hostile:
     # ---- serving -----------------------------------------------------------------------
 
     def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
+        while not self._stop_accepting.is_set():
             try:
                 conn, _ = self._listener.accept()
             except TimeoutError:
@@ -144,12 +211,16 @@ class Hostile:
                 conn = self.tls.wrap_socket(raw, server_side=True)
                 with self._lock:
                     self._sockets.add(conn)
-            path = self._read_request(conn)
-            if path is None:
-                return
-            with self._lock:
-                self.requests += 1
-            self._answer(conn, path, self._mode)
+            while not self._stopping.is_set():
+                path = self._read_request(conn)
+                if path is None:
+                    return
+                with self._lock:
+                    self.requests += 1
+                mode = self._mode
+                self._answer(conn, path, mode)
+                if not (self.keepalive and mode in ("ok", "answer")):
+                    return
         except (OSError, ssl.SSLError):
             pass  # the client hung up or refused our certificate: that is the point
         finally:
@@ -179,15 +250,45 @@ class Hostile:
         if mode == "silent":
             self._stopping.wait()
         elif mode == "ok":
-            self._send(conn, _head(200, len(_OK_BODY)) + _OK_BODY)
+            body = self._ok_body
+            self._send(conn, self._head(200, len(body)) + body)
+        elif mode == "answer":
+            status, headers, body = self._answer_parts
+            self._send(conn, self._head(status, len(body), headers) + body)
+        elif mode in ("bad_gzip", "bad_deflate", "br", "unknown_coding"):
+            coding = {
+                "bad_gzip": "gzip",
+                "bad_deflate": "deflate",
+                "br": "br",
+                "unknown_coding": "x-snappy-framed",
+            }[mode]
+            body = self._ok_body
+            self._send(conn, self._head(200, len(body), {"Content-Encoding": coding}) + body)
+        elif mode in ("gzip_ok", "deflate_ok", "truncated_gzip"):
+            coding = "deflate" if mode == "deflate_ok" else "gzip"
+            body = (
+                zlib.compress(self._ok_body)
+                if coding == "deflate"
+                else gzip.compress(self._ok_body, mtime=0)
+            )
+            if mode == "truncated_gzip":
+                body = body[: len(body) // 2]
+            self._send(conn, self._head(200, len(body), {"Content-Encoding": coding}) + body)
+        elif mode in ("gzip_bomb", "deflate_bomb"):
+            coding = mode.removesuffix("_bomb")
+            body = bomb(coding)
+            self._send(conn, self._head(200, len(body), {"Content-Encoding": coding}) + body)
+        elif mode == "deep_json":
+            body = b"[" * 30_000 + b"]" * 30_000
+            self._send(conn, self._head(200, len(body)) + body)
         elif mode == "dribble":
-            self._send(conn, _head(200, 1000))
+            self._send(conn, self._head(200, 1000))
             for _ in range(1000):
                 if self._stopping.wait(1.0):
                     return
                 self._send(conn, b" ")
         elif mode == "huge":
-            self._send(conn, _head(200, HUGE_BYTES))
+            self._send(conn, self._head(200, HUGE_BYTES))
             chunk = b"x" * 65536
             sent = 0
             while sent < HUGE_BYTES and not self._stopping.is_set():
@@ -200,8 +301,8 @@ class Hostile:
                 b"HTTP/1.1 200 OK\r\n"
                 + headers
                 + b"Content-Type: application/json\r\n"
-                + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_OK_BODY)
-                + _OK_BODY,
+                + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self._ok_body)
+                + self._ok_body,
             )
         elif mode == "redirect_loop":
             n = int(path.rsplit("/", 1)[-1]) if path.startswith("/loop/") else 0
@@ -211,14 +312,29 @@ class Hostile:
                 b"Content-Length: 0\r\nConnection: close\r\n\r\n" % (n + 1),
             )
         elif mode == "reset":
-            self._send(conn, _head(200, len(_OK_BODY)) + _OK_BODY[: len(_OK_BODY) // 2])
+            body = self._ok_body
+            self._send(conn, _head(200, len(body)) + body[: len(body) // 2])
             # SO_LINGER with a zero timeout turns close() into a RST.
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
+    def _head(self, status: int, length: int, headers: dict[str, str] | None = None) -> bytes:
+        fields = {"Content-Type": "application/json", "X-Color": self.color, **(headers or {})}
+        extra = "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+        connection = "keep-alive" if self.keepalive else "close"
+        return (
+            f"HTTP/1.1 {status} {_reason(status)}\r\n{extra}"
+            f"Content-Length: {length}\r\nConnection: {connection}\r\n\r\n"
+        ).encode()
+
+
+def _reason(status: int) -> str:
+    return {200: "OK", 302: "Found", 500: "Internal Server Error", 503: "Service Unavailable"}.get(
+        status, "Status"
+    )
+
 
 def _head(status: int, length: int) -> bytes:
-    reason = {200: "OK", 302: "Found"}.get(status, "Status")
     return (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
     ).encode()

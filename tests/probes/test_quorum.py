@@ -38,7 +38,7 @@ async def test_quorum_judges_a_round(three: list[Upstream], quorum: str, outcome
         assert result.outcome is outcome
         if outcome is not Outcome.OK:
             assert result.error is not None and "2/3 passed (quorum all)" in result.error
-        again = await prober.probe()  # connections are reused: a second round still works
+        again = await prober.probe()  # a second round, on fresh connections, still works
         assert again.outcome is outcome
     finally:
         await prober.aclose()
