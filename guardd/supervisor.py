@@ -405,10 +405,10 @@ class Supervisor:
                 tg.start_soon(self._signals, tg.cancel_scope)
                 for color in COLORS:
                     tg.start_soon(self._probe_loop, color)
-                if guard.verifier is not None:
-                    tg.start_soon(self._front_door_loop)
-                    # The first decision may weigh the front door: wait for its answer too.
-                    await self._front_door_answered.wait()
+                # Always running: a reload may set `switch.verify_url` later.
+                tg.start_soon(self._front_door_loop)
+                # The first decision may weigh the front door: wait for its answer too.
+                await self._front_door_answered.wait()
                 for event in self._first_round.values():
                     await event.wait()
                 async with guard.lock:
@@ -526,19 +526,33 @@ class Supervisor:
             await anyio.sleep(max(0.0, next_at - now))
 
     async def _front_door_loop(self) -> None:
-        """Probe `switch.verify_url` at the probe cadence, so the front door is evidence."""
+        """Probe `switch.verify_url` at the probe cadence, so the front door is evidence.
+
+        The verifier is looked up each round: a reload may set, change or remove
+        `switch.verify_url`, and the answers of an old front door say nothing of a new one.
+        """
         guard = self.guard
         assert guard is not None  # noqa: S101
-        verifier = guard.verifier
-        assert verifier is not None  # noqa: S101 - started only with a verify_url
+        last: HttpProber | None = None
         while True:
             started = self.clock.monotonic()
+            verifier = guard.verifier
+            if verifier is not last:
+                if last is not None:
+                    guard.machine.front_door.restart()
+                last = verifier
+            if verifier is None:
+                self._front_door_answered.set()
+                await anyio.sleep(guard.s.probe_interval)
+                continue
             # The verifier sends `Connection: close`: every answer comes on a fresh
             # connection, from the workers nginx runs now.
             try:
                 await self.faults.fail("raise_in_front_door")
                 result = await verifier.probe()
             except Exception as e:  # noqa: BLE001 - as for the probe loops: the loop goes on
+                if guard.verifier is not verifier:
+                    continue  # replaced (and closed) by a reload mid-probe: not a bug
                 what = self.loop_failed("front_door", e)
                 result = ProbeResult(
                     Outcome.PROBE_ERROR,

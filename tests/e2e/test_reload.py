@@ -18,6 +18,7 @@ import httpx
 import pytest
 from anyio.from_thread import start_blocking_portal
 
+from tests.faults.util import status
 from tests.harness.daemon import Daemon, Lab, wait_until
 from tests.harness.nginx import free_port
 from tests.harness.receiver import Receiver, Reply, serve
@@ -76,6 +77,30 @@ def test_a_changed_verify_url_verifies_the_next_rollback(make_lab) -> None:  # t
         assert all(r.headers.get("connection") == "close" for r in front.requests)
         assert event["changed"] == ["switch.verify_url"]
         assert event["restart_required"] == []
+        assert d.stop() == 0
+
+
+def test_the_front_door_watched_follows_verify_url_across_reloads(make_lab) -> None:  # type: ignore[no-untyped-def]
+    with receiver() as front:
+        lab: Lab = make_lab()
+        d = lab.daemon()
+        reload_with(d, lab, switch__verify_url=front.url)
+        # The new front door is probed all the time, not only after a switch.
+        wait_until(lambda: len(front.requests) >= 5, 30, "the new front door probed")
+        wait_until(
+            lambda: (status(lab)["front_door"] or {}).get("healthy") is True,
+            30,
+            "the new front door healthy",
+        )
+        reload_with(d, lab, switch__verify_url=None)
+        wait_until(lambda: status(lab)["front_door"] is None, 30, "no front door watched")
+        asked = len(front.requests)
+        reload_with(d, lab, switch__verify_url=front.url)
+        wait_until(lambda: len(front.requests) >= asked + 3, 30, "watched again")
+        # The old verifier, closed by the reloads, never surfaced as an error or a mismatch.
+        trouble = [e for e in d.events() if e["event"] in ("alert", "hold")]
+        assert trouble == []
+        assert status(lab)["warnings"] == []
         assert d.stop() == 0
 
 
