@@ -110,7 +110,7 @@ def _load(path: Path, instance: str | None, *, host_checks: bool = False) -> Set
     try:
         return config.load(path, instance=instance, host_checks=host_checks)
     except ConfigError as e:
-        for problem in e.problems:
+        for problem in [*e.problems, *e.warnings]:
             print(problem, file=sys.stderr)
         return None
 

@@ -713,7 +713,9 @@ def load(path: Path, *, instance: str | None = None, host_checks: bool = False) 
     try:
         config = GuardConfig(**doc)
     except ValidationError as e:
-        raise ConfigError(_problems(e, shown, os.environ)) from None
+        raise ConfigError(
+            _problems(e, shown, os.environ), _bare_numbers(doc, shown, os.environ)
+        ) from None
     finally:
         _HOST_CHECKS.reset(token)
     name = instance or config.instance or path.stem

@@ -186,7 +186,11 @@ def _permission_fix(path: Path) -> str:
         group = str(st.st_gid)
     if st.st_mode & stat.S_IRGRP and st.st_gid != 0:
         return f"add {_whoami()} to group {group} (usermod -aG {group} {_whoami()}) or run as root"
-    return "run guardctl as root"
+    # Readable by root alone: the README's set-up gives it the guardd group (0640 root:guardd).
+    return (
+        f"give it a group that may read it (chgrp guardd {path}; chmod 0640 {path}) and add "
+        f"{_whoami()} to that group (usermod -aG guardd {_whoami()}), or run guardctl as root"
+    )
 
 
 def _read_config(path: Path, *, instance: str, explicit: bool) -> dict[str, Any] | None:
@@ -254,7 +258,13 @@ def _resolve(args: argparse.Namespace) -> _Target:
     lock_file = Path(_setting(config, "qos", "lock_file") or paths.qos_lock_file(instance))
     state_dir = Path(_setting(config, "state", "dir") or paths.state_dir(instance))
     if config is not None or paths.is_socket(socket) or paths.has_state(state_dir):
-        return _Target(instance, args.socket or socket, lock_file, state_dir)
+        target = _Target(instance, args.socket or socket, lock_file, state_dir)
+        if args.instance is not None and explicit is not None and config is not None:
+            named = config.get("instance")
+            _confirm_instance(
+                target, config_path, named if isinstance(named, str) and named else config_path.stem
+            )
+        return target
     if args.socket is not None:
         # The socket is named, not the instance: its lock and journal are that guardd's.
         return _Target(None, args.socket, None, None)
@@ -262,6 +272,30 @@ def _resolve(args: argparse.Namespace) -> _Target:
         f"no guardd instance {instance!r}: no {config_path}, no socket {socket}, "
         f"no state in {state_dir}; {_naming_hint()}"
     )
+
+
+def _confirm_instance(target: _Target, config_path: Path, named: str) -> None:
+    """`--instance` and `--config` disagree: only the guardd listening may say which is meant.
+
+    `guardd run --config F --instance X` is legitimate, so a differing name is no error by
+    itself; but a typo in `--instance` must not report on the config's guard as if it were
+    the one asked about (docs/contract.md §1). Raises `_CannotTell` unless the guardd at the
+    socket answers as `target.instance`.
+    """
+    if named == target.instance:
+        return
+    try:
+        answered = call(target.socket, "status", {}, timeout=READ_TIMEOUT_S).get("guard")
+    except ControlError as e:
+        raise _CannotTell(
+            f"{config_path} is instance {named!r}, not {target.instance!r}, and no guardd "
+            f"answers at {target.socket} to say which is meant ({e}); fix --instance, or drop it"
+        ) from None
+    if answered != target.instance:
+        raise _CannotTell(
+            f"no guardd instance {target.instance!r}: the guardd at {target.socket} "
+            f"(from {config_path}) is {answered!r}; fix --instance, or drop it"
+        )
 
 
 def _print_json(value: object) -> None:

@@ -38,8 +38,13 @@ class ConfigProblem:
 class ConfigError(GuarddError):
     """The configuration is invalid; `problems` lists each key at fault."""
 
-    def __init__(self, problems: list[ConfigProblem]) -> None:
+    def __init__(
+        self, problems: list[ConfigProblem], warnings: list[ConfigProblem] | None = None
+    ) -> None:
         self.problems = problems
+        # Warnings found beside the errors, so that a person fixing the file sees them all
+        # at once rather than one run later.
+        self.warnings = warnings or []
         super().__init__("\n".join(str(p) for p in problems))
 
 

@@ -46,13 +46,21 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
                 "release it with `guardctl qos unlock` first"
             )
         duration = args.get("for_s")
+        before = guard.own_lock.info if guard.own_lock is not None else None
         info = guard.take_lock(
             reason or "locked by an operator",
             by=by,
             duration=float(duration) if duration else None,
             manual=True,
         )
-        return info.to_json()
+        answer = info.to_json()
+        if before is not None and info == before:
+            # A lock never shortens one guardd holds: say so rather than "done".
+            answer["message"] = (
+                f"qos lock: unchanged: the guard window's lock already holds until {info.until}, "
+                "longer than asked (a lock never shortens it; `guardctl qos unlock` ends it)"
+            )
+        return answer
     if cmd == "qos_unlock":
         if not qoslock.read_lock(guard.s.lock_file).held:
             raise Refused("no QoS lock is held")

@@ -231,6 +231,22 @@ def test_durations_written_as_bare_numbers_of_100_or_more_are_warned_about(
     assert "ok: instance=w" in result.stdout
 
 
+def test_warnings_are_shown_beside_the_errors(tmp_path: Path) -> None:
+    # One run tells everything: a person fixing the typo learns of the 16-minute timeout too.
+    text = (
+        UPSTREAMS
+        + '[switch]\nkind = "state-file"\npath = "/tmp/s.json"\n'
+        + '[probe]\ntimeout = 1000\n[policy]\nrollback_too = "blue"\n'
+    )
+    (tmp_path / "w.toml").write_text(text)
+    result = check_config(Path("w.toml"), tmp_path, None, "--offline")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "w.toml: policy.rollback_too: unknown key; did you mean rollback_to?\n"
+        'w.toml: probe.timeout: warning: 1000 = 16m40s; did you mean "1000ms"?\n'
+    )
+
+
 def test_every_invalid_file_has_a_message() -> None:
     assert len(INVALID) >= 15
     assert all(p.with_suffix(".err").read_text().strip() for p in INVALID)

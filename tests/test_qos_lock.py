@@ -59,6 +59,8 @@ async def test_a_shorter_operator_lock_does_not_shorten_the_guard_window(
     taken_at = clock.mono
     answer = await handle(g, "qos_lock", {"reason": "hotfix", "for_s": for_s}, ROOT)
     assert answer["until"] == window_until, "the answer shows the lock as it stands"
+    # Said plainly: nothing changed, rather than "done".
+    assert answer["message"].startswith("qos lock: unchanged: the guard window's lock")
     assert lock(g).until == window_until
     released_at = await run_until_released(g, clock, 60)
     assert released_at >= taken_at + QOS_WINDOW - 1  # the guard window's end, not for_s
@@ -69,7 +71,8 @@ async def test_a_shorter_operator_lock_does_not_shorten_the_guard_window(
 async def test_a_longer_operator_lock_extends_the_guard_window(tmp_path: Path) -> None:
     g, clock = await rolled_back(tmp_path)
     taken_at = clock.mono
-    await handle(g, "qos_lock", {"reason": "hands off", "for_s": 30}, ROOT)
+    answer = await handle(g, "qos_lock", {"reason": "hands off", "for_s": 30}, ROOT)
+    assert "message" not in answer  # it did change: the lock now lasts longer
     until = lock(g).until
     assert until is not None and lock(g).reason == "hands off"
     released_at = await run_until_released(g, clock, 80)

@@ -1032,7 +1032,10 @@ def test_unreadable_config_names_the_instance_by_its_stem(host: Host) -> None:
     run = host.ctl("--config", str(config), "qos", "status", as_nobody=True)
 
     assert run.code == 3
-    assert "to find threader's socket and lock file: run guardctl as root" in run.err
+    assert "to find threader's socket and lock file: give it a group" in run.err
+    # Readable by root alone: the fix is the README's 0640 root:guardd, not only root.
+    assert f"(chgrp guardd {config}; chmod 0640 {config})" in run.err
+    assert "usermod -aG guardd nobody), or run guardctl as root" in run.err
 
 
 @pytest.mark.parametrize(

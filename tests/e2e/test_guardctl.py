@@ -422,3 +422,24 @@ def test_the_only_instance_is_used_and_several_are_listed(make_lab, tmp_path: Pa
         several.stderr
     )
     assert guardctl("--instance", "lab", "qos", "status", env=where).returncode == 0
+
+
+def test_a_misspelled_instance_beside_its_config_is_unknown_never_another_guard(make_lab) -> None:
+    """`--config F --instance typo` must not report on F's guard as if it were the one asked."""
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    assert ctl(lab, "qos", "lock", "--reason", "release freeze").returncode == 0
+    for argv in (["status"], ["qos", "status"], ["history"], ["pause"]):
+        typo = ctl(lab, "--instance", "lba", *argv)
+        said = typo.stdout if argv == ["status"] else typo.stderr
+        assert typo.returncode == 3, (argv, typo)
+        assert "deploys allowed" not in typo.stdout
+        assert "no guardd instance 'lba'" in said and "is 'lab'" in said, said
+    assert status(lab)["paused"] is False  # the typo'd pause reached nobody
+    right = ctl(lab, "--instance", "lab", "qos", "status")
+    assert right.returncode == 1 and "release freeze" in right.stdout
+    assert d.stop() == 0
+    # guardd down: nothing can say which is meant, so nothing is said but UNKNOWN.
+    typo = ctl(lab, "--instance", "lba", "qos", "status")
+    assert typo.returncode == 3
+    assert "no guardd answers" in typo.stderr and "'lab', not 'lba'" in typo.stderr
