@@ -194,6 +194,19 @@ class Daemon:
         self._log.close()
 
 
+def log_lines(d: Daemon) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines (its stderr is not a terminal, so every line is JSON)."""
+    out = []
+    for line in d.log().splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            out.append(doc)
+    return out
+
+
 class Lab:
     """Blue and green upstreams behind a private nginx, and a config guarding them."""
 
