@@ -7,10 +7,8 @@ Files whose text holds `@TMP@` need this host's files: the test lays out a tmp f
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 
 from guardd import config
 from guardd.exceptions import ConfigError
+from tests.harness.paths import shared_tmp_dir
 
 TESTDATA = Path(__file__).parent / "testdata"
 EXAMPLE = Path(__file__).parents[1] / "config" / "example.toml"
@@ -85,10 +84,8 @@ def placed(text: str, root: Path) -> str:
 @pytest.fixture
 def shared_tmp() -> Iterator[Path]:
     """A tmp folder that other users can enter (pytest's own is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="guardd-config-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with shared_tmp_dir("guardd-config-") as path:
+        yield path
 
 
 @pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.harness.paths import shared_tmp_dir
 from tests.harness.receiver import closed_port
 
 NOBODY = 65534
@@ -30,10 +29,8 @@ HINT = (
 @pytest.fixture
 def shared_tmp() -> Iterator[Path]:
     """A folder that `nobody` may enter but not write (pytest's tmp is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="guardd-startup-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with shared_tmp_dir("guardd-startup-") as path:
+        yield path
 
 
 def write_config(folder: Path, **sections: dict[str, str]) -> Path:

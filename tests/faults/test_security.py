@@ -9,10 +9,8 @@ through a symlink planted where its own files belong.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pytest
 from guardd.control import protocol
 from tests.faults.util import FaultLab, guardctl_json, log_lines, status
 from tests.harness.daemon import GUARDD, NOBODY, guardctl, wait_until
+from tests.harness.paths import shared_tmp_dir
 from tests.harness.receiver import closed_port
 
 pytestmark = pytest.mark.nginx
@@ -37,10 +36,8 @@ with open(sys.argv[1], "a") as f:
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A directory an unprivileged uid can reach (pytest's tmp dirs are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="guardd-faults-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with shared_tmp_dir("guardd-faults-") as path:
+        yield path
 
 
 # ---- no shell, ever -----------------------------------------------------------------------
