@@ -16,6 +16,7 @@ import pytest
 
 from guardd import config
 from guardd.exceptions import ConfigError
+from tests.harness.daemon import nobody_prefix
 from tests.harness.paths import shared_tmp_dir
 
 TESTDATA = Path(__file__).parent / "testdata"
@@ -24,7 +25,6 @@ INVALID = sorted(TESTDATA.glob("invalid-*.toml"))
 
 
 PLACEHOLDER = "@TMP@"
-NOBODY = 65534
 # A valid nginx switch section over `host_layout`.
 NGINX_SWITCH = """
 [switch]
@@ -47,9 +47,7 @@ url = "http://127.0.0.1:9010/healthz"
 def check_config(
     path: Path, cwd: Path, env: dict[str, str] | None = None, *args: str, as_nobody: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    prefix = (
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if as_nobody else []
-    )
+    prefix = nobody_prefix(as_nobody)
     return subprocess.run(
         [*prefix, sys.executable, "-m", "guardd.cli", "check-config", *args, str(path)],
         capture_output=True,

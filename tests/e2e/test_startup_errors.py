@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import NOBODY, nobody_prefix
 from tests.harness.paths import shared_tmp_dir
 from tests.harness.receiver import closed_port
 
-NOBODY = 65534
 HINT = (
     "run guardd as the guardd user (as guardd@.service does), "
     "or set {key} to a path this user may write"
@@ -62,9 +62,7 @@ def write_config(folder: Path, **sections: dict[str, str]) -> Path:
 
 
 def guardd_run(config: Path, *, as_nobody: bool = True) -> subprocess.CompletedProcess[str]:
-    prefix = (
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if as_nobody else []
-    )
+    prefix = nobody_prefix(as_nobody)
     env = {k: v for k, v in os.environ.items() if k not in ("STATE_DIRECTORY", "RUNTIME_DIRECTORY")}
     env["PYTHONPATH"] = str(Path(__file__).parents[2])
     return subprocess.run(

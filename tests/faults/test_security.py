@@ -18,7 +18,7 @@ import pytest
 
 from guardd.control import protocol
 from tests.faults.util import FaultLab, guardctl_json, log_lines, status
-from tests.harness.daemon import GUARDD, NOBODY, guardctl, wait_until
+from tests.harness.daemon import GUARDD, guardctl, nobody_prefix, wait_until
 from tests.harness.paths import shared_tmp_dir
 from tests.harness.receiver import closed_port
 
@@ -129,10 +129,7 @@ def test_handcrafted_mutations_from_an_unprivileged_uid_change_nothing(
     lines += json.dumps({"v": protocol.VERSION, "cmd": "status"}) + "\n"
     result = subprocess.run(
         [
-            "setpriv",
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups",
+            *nobody_prefix(),
             sys.executable,
             "-I",
             "-c",
