@@ -57,6 +57,20 @@ def assert_undone_to_green(lab: Lab, d: Daemon, after: int) -> None:
     assert_failed_verify(alert, serving="green")
 
 
+def force_a_failing_blue(lab: Lab, d: Daemon) -> int:
+    """Make blue answer 503, force a switch to it and check guardctl says it was undone.
+
+    Returns how many journal lines there were before the switch.
+    """
+    lab.blue.set_mode("http_503")
+    count = len(d.events())
+    result = ctl(lab, "switch", "blue", "--force")
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert "switch to blue failed at verify and was undone" in said, said
+    return count
+
+
 def test_rollback_with_a_reload_that_does_nothing_is_undone(make_lab) -> None:
     # reload_command = true: nginx keeps serving the failing green whatever the link says.
     lab: Lab = make_lab(switch__reload_command=["true"], **FAST)
@@ -176,12 +190,7 @@ def test_command_switch_that_does_not_verify_is_undone_with_the_previous_color(
     lab.write_config(switch__kind="command", switch__command=[str(deploy), "{color}"])
     d = lab.daemon()
     assert ctl(lab, "switch", "green", "--force").returncode == 0
-    lab.blue.set_mode("http_503")
-    count = len(d.events())
-    result = ctl(lab, "switch", "blue", "--force")
-    said = result.stdout + result.stderr
-    assert result.returncode == 1, said
-    assert "switch to blue failed at verify and was undone" in said, said
+    count = force_a_failing_blue(lab, d)
     assert calls.read_text().split() == ["green", "blue", "green"]
     assert_undone_to_green(lab, d, after=count)
     assert status(lab)["active"] == "green"
@@ -210,12 +219,7 @@ def test_state_file_switch_that_does_not_verify_is_restored_byte_for_byte(make_l
     )
     d = lab.daemon()
     assert status(lab)["active"] == "green"
-    lab.blue.set_mode("http_503")
-    count = len(d.events())
-    result = ctl(lab, "switch", "blue", "--force")
-    said = result.stdout + result.stderr
-    assert result.returncode == 1, said
-    assert "switch to blue failed at verify and was undone" in said, said
+    count = force_a_failing_blue(lab, d)
     assert state.read_bytes() == before
     assert_undone_to_green(lab, d, after=count)
     assert d.stop() == 0
