@@ -17,29 +17,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from guardd.core.types import JOURNAL_EVENTS
 from guardd.exceptions import StorageError, UnsafePath
 from guardd.secrets import redact
 
-EVENTS = frozenset(
-    {
-        "started",
-        "stopped",
-        "rollback_started",
-        "rollback_completed",
-        "rollback_failed",
-        "switch",
-        "promote",
-        "hold",
-        "external_switch",
-        "qos_locked",
-        "qos_extended",
-        "qos_released",
-        "paused",
-        "resumed",
-        "config_reloaded",
-        "alert",
-    }
-)
+# The journal refuses any event outside the shared vocabulary.
+EVENTS = JOURNAL_EVENTS
 _RECENT = 2000
 
 

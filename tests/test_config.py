@@ -7,10 +7,8 @@ Files whose text holds `@TMP@` need this host's files: the test lays out a tmp f
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +16,8 @@ import pytest
 
 from guardd import config
 from guardd.exceptions import ConfigError
+from tests.harness.daemon import nobody_prefix
+from tests.harness.paths import shared_tmp_dir
 
 TESTDATA = Path(__file__).parent / "testdata"
 EXAMPLE = Path(__file__).parents[1] / "config" / "example.toml"
@@ -25,7 +25,6 @@ INVALID = sorted(TESTDATA.glob("invalid-*.toml"))
 
 
 PLACEHOLDER = "@TMP@"
-NOBODY = 65534
 # A valid nginx switch section over `host_layout`.
 NGINX_SWITCH = """
 [switch]
@@ -48,9 +47,7 @@ url = "http://127.0.0.1:9010/healthz"
 def check_config(
     path: Path, cwd: Path, env: dict[str, str] | None = None, *args: str, as_nobody: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    prefix = (
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if as_nobody else []
-    )
+    prefix = nobody_prefix(as_nobody)
     return subprocess.run(
         [*prefix, sys.executable, "-m", "guardd.cli", "check-config", *args, str(path)],
         capture_output=True,
@@ -85,10 +82,8 @@ def placed(text: str, root: Path) -> str:
 @pytest.fixture
 def shared_tmp() -> Iterator[Path]:
     """A tmp folder that other users can enter (pytest's own is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="guardd-config-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with shared_tmp_dir("guardd-config-") as path:
+        yield path
 
 
 @pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])

@@ -34,6 +34,21 @@ def demo_env(tmp_path: Path, *, with_nginx: bool) -> dict[str, str]:
     return env
 
 
+def run_demo(tmp_path: Path, *, with_nginx: bool) -> str:
+    """Run a 30-second demo to its end; return what it printed, having checked it passed."""
+    done = subprocess.run(
+        [*DEMO, "--seconds", "30"],
+        capture_output=True,
+        text=True,
+        env=demo_env(tmp_path, with_nginx=with_nginx),
+        cwd=REPO,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 def pid_alive(pid: int) -> bool:
     """Whether `pid` is a live process (a zombie counts as gone)."""
     try:
@@ -72,17 +87,7 @@ def assert_nothing_left(output: str, tmp_path: Path) -> None:
 
 @pytest.mark.nginx
 def test_demo_rolls_green_back_to_blue_behind_a_real_nginx(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [*DEMO, "--seconds", "30"],
-        capture_output=True,
-        text=True,
-        env=demo_env(tmp_path, with_nginx=True),
-        cwd=REPO,
-        timeout=RUN_TIMEOUT,
-        check=False,
-    )
-    out = done.stdout
-    assert done.returncode == 0, out + done.stderr
+    out = run_demo(tmp_path, with_nginx=True)
     assert "master pid" in out  # a real nginx, not the fallback
     assert "journal: rollback_started green -> blue [P0]" in out
     assert "journal: rollback_completed green -> blue" in out
@@ -100,17 +105,7 @@ def test_demo_rolls_green_back_to_blue_behind_a_real_nginx(tmp_path: Path) -> No
 
 
 def test_demo_without_nginx_uses_the_state_file_switcher(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [*DEMO, "--seconds", "30"],
-        capture_output=True,
-        text=True,
-        env=demo_env(tmp_path, with_nginx=False),
-        cwd=REPO,
-        timeout=RUN_TIMEOUT,
-        check=False,
-    )
-    out = done.stdout
-    assert done.returncode == 0, out + done.stderr
+    out = run_demo(tmp_path, with_nginx=False)
     assert "nginx not found on PATH" in out
     assert "using the state-file switcher (deploy-state.json)" in out
     assert "journal: rollback_completed green -> blue" in out

@@ -11,6 +11,30 @@ COLORS: tuple[Color, Color] = ("blue", "green")
 Severity = Literal["P0", "P1", "P2"]
 
 
+#: Every event name the journal writes (docs/contract.md §4); notification sinks choose
+#: among the same names, so both read them from here.
+JOURNAL_EVENTS: frozenset[str] = frozenset(
+    {
+        "started",
+        "stopped",
+        "rollback_started",
+        "rollback_completed",
+        "rollback_failed",
+        "switch",
+        "promote",
+        "hold",
+        "external_switch",
+        "qos_locked",
+        "qos_extended",
+        "qos_released",
+        "paused",
+        "resumed",
+        "config_reloaded",
+        "alert",
+    }
+)
+
+
 def other(color: Color) -> Color:
     """The color that is not `color`."""
     return "green" if color == "blue" else "blue"

@@ -6,11 +6,11 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from guardd.core.types import JOURNAL_EVENTS
 from guardd.exceptions import ConfigError, ConfigProblem
 from guardd.notify._delivery import (
     DEFAULT_EVENTS,
     EVENT_GROUPS,
-    JOURNAL_EVENTS,
     MAX_PENDING,
     Notifier,
     RetrySettings,

@@ -30,6 +30,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from guardd._version import __version__
+from guardd.core.types import JOURNAL_EVENTS
 from guardd.exceptions import StorageError
 from guardd.notify import slack_api
 from guardd.notify.discord import discord_message
@@ -40,27 +41,6 @@ from guardd.secrets import Secret, redact
 
 SinkKind = Literal["slack", "slack_api", "discord", "webhook"]
 
-#: Every event name the journal writes (docs/contract.md §4).
-JOURNAL_EVENTS: Final = frozenset(
-    {
-        "started",
-        "stopped",
-        "rollback_started",
-        "rollback_completed",
-        "rollback_failed",
-        "switch",
-        "promote",
-        "hold",
-        "external_switch",
-        "qos_locked",
-        "qos_extended",
-        "qos_released",
-        "paused",
-        "resumed",
-        "config_reloaded",
-        "alert",
-    }
-)
 #: Names that stand for several events in a sink's `events`.
 EVENT_GROUPS: Final[Mapping[str, frozenset[str]]] = {
     # Not rollback_started: one clear message per incident, saying how it ended.

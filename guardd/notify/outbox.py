@@ -149,19 +149,7 @@ class Outbox:
             if state is None:
                 path.unlink(missing_ok=True)
             else:
-                temp = self.directory / f".{path.name}{_TEMP_SUFFIX}"
-                _unlink_quietly(temp)
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                fd = os.open(temp, flags, 0o600)
-                try:
-                    with os.fdopen(fd, "wb", closefd=True) as f:
-                        f.write(json.dumps(dict(state), separators=(",", ":")).encode())
-                        f.flush()
-                        os.fsync(f.fileno())
-                    temp.replace(path)
-                except BaseException:
-                    _unlink_quietly(temp)
-                    raise
+                _replace_durably(path, json.dumps(dict(state), separators=(",", ":")).encode())
         except OSError as e:
             raise StorageError(f"cannot write the thread of sink {sink}: {_why(e)}") from e
         self.sync()
@@ -174,25 +162,32 @@ class Outbox:
         return self.directory / f"{seq:012d}.json"
 
     def _write(self, message: Message) -> None:
-        final = self._path(message.seq)
-        temp = self.directory / f".{final.name}{_TEMP_SUFFIX}"
         body = json.dumps(
             {"v": _FORMAT, "sink": message.sink, "id": message.event_id, "event": message.event},
             separators=(",", ":"),
         ).encode()
-        # O_EXCL|O_NOFOLLOW: never write through something planted at the temporary name.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        _replace_durably(self._path(message.seq), body)
+
+
+def _replace_durably(final: Path, body: bytes) -> None:
+    """Write `body` to a fresh temporary file beside `final`, fsync it, rename it over `final`.
+
+    The caller fsyncs the folder. Raises `OSError`; no temporary file is left behind.
+    """
+    temp = final.with_name(f".{final.name}{_TEMP_SUFFIX}")
+    # O_EXCL|O_NOFOLLOW: never write through something planted at the temporary name.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    _unlink_quietly(temp)
+    fd = os.open(temp, flags, 0o600)
+    try:
+        with os.fdopen(fd, "wb", closefd=True) as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        temp.replace(final)
+    except BaseException:
         _unlink_quietly(temp)
-        fd = os.open(temp, flags, 0o600)
-        try:
-            with os.fdopen(fd, "wb", closefd=True) as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            temp.replace(final)
-        except BaseException:
-            _unlink_quietly(temp)
-            raise
+        raise
 
 
 def _read(path: Path, seq: int) -> Message:

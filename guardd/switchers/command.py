@@ -27,7 +27,8 @@ import structlog
 from guardd.commands import RetryPolicy, run_command
 from guardd.exceptions import CommandFailed, StorageError, SwitchError, UnsafePath
 from guardd.fsutil import atomic_write, read_bytes, remove_debris
-from guardd.switchers import STEP_RAN, Color, StepHook, is_color, switch_error_for
+from guardd.switchers import STEP_RAN, Color, StepHook, is_color
+from guardd.switchers._undo import undo_failed_switch
 
 __all__ = ["CommandSwitcher", "substitute"]
 
@@ -113,12 +114,9 @@ class CommandSwitcher:
                 await self._run(to)
                 await self._step(STEP_RAN)
         except BaseException as exc:
-            problem: str | None = f"the undo ran past {self.timeout:g}s; run recover()"
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout):
-                problem = await self._undo(before, to)
-            error = switch_error_for(exc, f"switch to {to}", self.timeout)
-            if problem:
-                error.add_note(problem)
+            error = await undo_failed_switch(
+                exc, lambda: self._undo(before, to), f"switch to {to}", self.timeout
+            )
             if error is exc:
                 raise
             raise error from exc

@@ -39,6 +39,7 @@ from guardd.switchers import (
     is_color,
     switch_error_for,
 )
+from guardd.switchers._undo import undo_failed_switch
 
 __all__ = ["StateFileSwitcher"]
 
@@ -134,13 +135,10 @@ class StateFileSwitcher:
                     await self._reload()
                     await self._step(STEP_RELOADED)
         except BaseException as exc:
-            problem: str | None = f"the undo ran past {self.timeout:g}s; run recover()"
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout):
-                problem = await self._undo(original, progress)
             step = "reload" if progress.reload_attempted else "switch"
-            error = switch_error_for(exc, f"switch to {to}", self.timeout, step)
-            if problem:
-                error.add_note(problem)
+            error = await undo_failed_switch(
+                exc, lambda: self._undo(original, progress), f"switch to {to}", self.timeout, step
+            )
             if error is exc:
                 raise
             raise error from exc

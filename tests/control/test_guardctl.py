@@ -29,10 +29,10 @@ from guardd.control.server import Caller, ControlServer
 from guardd.exceptions import Refused
 from guardd.qoslock import read_lock
 from guardd.render import render_history, render_status
+from tests.harness.daemon import nobody_prefix
 
 HERE = Path(__file__).parent
 FIXTURES = ("steady", "guard_window", "hold", "paused")
-NOBODY = 65534
 WAIT_S = 60.0
 
 
@@ -261,9 +261,7 @@ def guardctl(
         "LANG": "C.UTF-8",
         **(env or {}),
     }
-    prefix = (
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if as_nobody else []
-    )
+    prefix = nobody_prefix(as_nobody)
     done = subprocess.run(
         [*prefix, str(GUARDCTL), *argv],
         env=full_env,

@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 
 from tests.harness.daemon import GUARDCTL, Lab, guardctl, wait_until
 from tests.harness.daemon import lab as lab_in
+from tests.harness.paths import shared_tmp_dir
 
 pytestmark = pytest.mark.nginx
 
@@ -24,10 +23,8 @@ pytestmark = pytest.mark.nginx
 @pytest.fixture
 def shared_run_dir() -> Iterator[Path]:
     """A run dir an unprivileged uid can reach (pytest's tmp dirs are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="guardd-e2e-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with shared_tmp_dir("guardd-e2e-") as path:
+        yield path
 
 
 def ctl(lab: Lab, *argv: str, **kw: object):  # type: ignore[no-untyped-def]

@@ -6,25 +6,13 @@ import json
 
 import pytest
 
-from tests.harness.daemon import Daemon, Lab, guardctl, wait_until
+from tests.harness.daemon import Daemon, Lab, guardctl, log_lines, wait_until
 
 pytestmark = pytest.mark.nginx
 
 
 def ctl(lab: Lab, *argv: str):  # type: ignore[no-untyped-def]
     return guardctl("--config", str(lab.config_path), *argv)
-
-
-def log_lines(d: Daemon) -> list[dict]:  # type: ignore[type-arg]
-    out = []
-    for line in d.log().splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(doc, dict):
-            out.append(doc)
-    return out
 
 
 def levels(d: Daemon, event: str) -> set[str]:

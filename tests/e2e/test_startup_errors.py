@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import NOBODY, nobody_prefix
+from tests.harness.paths import shared_tmp_dir
 from tests.harness.receiver import closed_port
 
-NOBODY = 65534
 HINT = (
     "run guardd as the guardd user (as guardd@.service does), "
     "or set {key} to a path this user may write"
@@ -30,10 +29,8 @@ HINT = (
 @pytest.fixture
 def shared_tmp() -> Iterator[Path]:
     """A folder that `nobody` may enter but not write (pytest's tmp is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="guardd-startup-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with shared_tmp_dir("guardd-startup-") as path:
+        yield path
 
 
 def write_config(folder: Path, **sections: dict[str, str]) -> Path:
@@ -65,9 +62,7 @@ def write_config(folder: Path, **sections: dict[str, str]) -> Path:
 
 
 def guardd_run(config: Path, *, as_nobody: bool = True) -> subprocess.CompletedProcess[str]:
-    prefix = (
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if as_nobody else []
-    )
+    prefix = nobody_prefix(as_nobody)
     env = {k: v for k, v in os.environ.items() if k not in ("STATE_DIRECTORY", "RUNTIME_DIRECTORY")}
     env["PYTHONPATH"] = str(Path(__file__).parents[2])
     return subprocess.run(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.daemon import Lab, guardctl, wait_until
+from tests.harness.daemon import Daemon, Lab, guardctl, wait_until
 from tests.harness.nginx import free_port
 
 pytestmark = pytest.mark.nginx
@@ -46,6 +46,29 @@ def assert_failed_verify(entry: dict, serving: str | None) -> None:  # type: ign
     assert entry["serving"] == serving, entry
     assert "verify failed:" in entry["reason"] and "answers passed" in entry["reason"], entry
     assert "timed out" not in entry["reason"], entry
+
+
+def assert_undone_to_green(lab: Lab, d: Daemon, after: int) -> None:
+    """Green is linked and alone served again, and an alert (past journal line `after`)
+    says the verify failed with green serving."""
+    assert link_color(lab) == "green"
+    assert lab.nginx.wait_serving_only("green", hold=0.5, timeout=20)
+    alert = d.wait_event("alert", after=after, where=lambda e: e.get("step") is not None)
+    assert_failed_verify(alert, serving="green")
+
+
+def force_a_failing_blue(lab: Lab, d: Daemon) -> int:
+    """Make blue answer 503, force a switch to it and check guardctl says it was undone.
+
+    Returns how many journal lines there were before the switch.
+    """
+    lab.blue.set_mode("http_503")
+    count = len(d.events())
+    result = ctl(lab, "switch", "blue", "--force")
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert "switch to blue failed at verify and was undone" in said, said
+    return count
 
 
 def test_rollback_with_a_reload_that_does_nothing_is_undone(make_lab) -> None:
@@ -98,10 +121,7 @@ def test_forced_switch_to_a_failing_blue_is_undone(make_lab) -> None:
     said = result.stdout + result.stderr
     assert "failed at verify and was undone" in said, said
     assert "HTTP 503" in said and "green is served" in said, said
-    assert link_color(lab) == "green"
-    assert lab.nginx.wait_serving_only("green", hold=0.5, timeout=20)
-    alert = d.wait_event("alert", after=count, where=lambda e: e.get("step") is not None)
-    assert_failed_verify(alert, serving="green")
+    assert_undone_to_green(lab, d, after=count)
     assert status(lab)["active"] == "green"
     assert d.stop() == 0
 
@@ -121,10 +141,7 @@ def test_promote_that_does_not_verify_is_undone(make_lab) -> None:
     assert result.returncode == 1, said
     assert "promote to blue failed at verify and was undone" in said, said
     assert "HTTP 502" in said, said
-    assert link_color(lab) == "green"
-    assert lab.nginx.wait_serving_only("green", hold=0.5, timeout=20)
-    alert = d.wait_event("alert", after=count, where=lambda e: e.get("step") is not None)
-    assert_failed_verify(alert, serving="green")
+    assert_undone_to_green(lab, d, after=count)
     assert not [e for e in d.events()[count:] if e["event"] == "promote"]
     assert d.stop() == 0
 
@@ -173,17 +190,9 @@ def test_command_switch_that_does_not_verify_is_undone_with_the_previous_color(
     lab.write_config(switch__kind="command", switch__command=[str(deploy), "{color}"])
     d = lab.daemon()
     assert ctl(lab, "switch", "green", "--force").returncode == 0
-    lab.blue.set_mode("http_503")
-    count = len(d.events())
-    result = ctl(lab, "switch", "blue", "--force")
-    said = result.stdout + result.stderr
-    assert result.returncode == 1, said
-    assert "switch to blue failed at verify and was undone" in said, said
+    count = force_a_failing_blue(lab, d)
     assert calls.read_text().split() == ["green", "blue", "green"]
-    assert link_color(lab) == "green"
-    assert lab.nginx.wait_serving_only("green", hold=0.5, timeout=20)
-    alert = d.wait_event("alert", after=count, where=lambda e: e.get("step") is not None)
-    assert_failed_verify(alert, serving="green")
+    assert_undone_to_green(lab, d, after=count)
     assert status(lab)["active"] == "green"
     assert d.stop() == 0
 
@@ -210,15 +219,7 @@ def test_state_file_switch_that_does_not_verify_is_restored_byte_for_byte(make_l
     )
     d = lab.daemon()
     assert status(lab)["active"] == "green"
-    lab.blue.set_mode("http_503")
-    count = len(d.events())
-    result = ctl(lab, "switch", "blue", "--force")
-    said = result.stdout + result.stderr
-    assert result.returncode == 1, said
-    assert "switch to blue failed at verify and was undone" in said, said
+    count = force_a_failing_blue(lab, d)
     assert state.read_bytes() == before
-    assert link_color(lab) == "green"
-    assert lab.nginx.wait_serving_only("green", hold=0.5, timeout=20)
-    alert = d.wait_event("alert", after=count, where=lambda e: e.get("step") is not None)
-    assert_failed_verify(alert, serving="green")
+    assert_undone_to_green(lab, d, after=count)
     assert d.stop() == 0

@@ -28,7 +28,7 @@ from tests.faults.util import (
     scrape,
     status,
 )
-from tests.harness.daemon import wait_until
+from tests.harness.daemon import Daemon, wait_until
 from tests.harness.hostile import HUGE_BYTES, Hostile, HostileMode, bomb
 from tests.harness.nginx import free_port
 
@@ -369,18 +369,27 @@ def test_daemon_judges_expect_json_types_and_any_scheme_case(make_lab) -> None:
         assert d.stop() == 0
 
 
+def raise_in_loop(lab: FaultLab, d: Daemon, loop: str) -> Path:
+    """Make every round of `loop` raise, and check the alert that says it goes on.
+
+    Returns the fault file; removing it lets the loop run clean again.
+    """
+    fault = lab.fault_dir / f"raise_in_{loop}"
+    fault.touch()
+    alert = d.wait_event("alert", where=lambda e: e.get("loop") == loop)
+    assert alert["reason"] == (
+        f"unexpected error in the {loop} loop, which goes on: "
+        f"InjectedFault: injected fault at raise_in_{loop}"
+    )
+    return fault
+
+
 @pytest.mark.nginx
 def test_daemon_survives_an_exception_inside_a_probe(make_lab) -> None:
     lab: FaultLab = make_lab(metrics__listen="127.0.0.1:0")
     d = lab.daemon()
     port = metrics_port(d)
-    fault = lab.fault_dir / "raise_in_probe_green"
-    fault.touch()
-    alert = d.wait_event("alert", where=lambda e: e.get("loop") == "probe_green")
-    assert alert["reason"] == (
-        "unexpected error in the probe_green loop, which goes on: "
-        "InjectedFault: injected fault at raise_in_probe_green"
-    )
+    fault = raise_in_loop(lab, d, "probe_green")
     # Fail closed: a color guardd cannot probe is not vouched for, and green is rolled back.
     done = d.wait_event("rollback_completed", timeout=30)
     assert done["evidence"]["last_error"].startswith("guardd could not probe: InjectedFault")
@@ -409,13 +418,7 @@ def test_daemon_survives_an_exception_inside_the_front_door_loop(make_lab) -> No
     lab: FaultLab = make_lab(metrics__listen="127.0.0.1:0")
     d = lab.daemon()
     port = metrics_port(d)
-    fault = lab.fault_dir / "raise_in_front_door"
-    fault.touch()
-    alert = d.wait_event("alert", where=lambda e: e.get("loop") == "front_door")
-    assert alert["reason"] == (
-        "unexpected error in the front_door loop, which goes on: "
-        "InjectedFault: injected fault at raise_in_front_door"
-    )
+    fault = raise_in_loop(lab, d, "front_door")
     wait_until(
         lambda: metric(scrape(port), "guardd_loop_errors_total", loop="front_door") >= 3,
         10,

@@ -9,10 +9,8 @@ through a symlink planted where its own files belong.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,8 @@ import pytest
 
 from guardd.control import protocol
 from tests.faults.util import FaultLab, guardctl_json, log_lines, status
-from tests.harness.daemon import GUARDD, NOBODY, guardctl, wait_until
+from tests.harness.daemon import GUARDD, guardctl, nobody_prefix, wait_until
+from tests.harness.paths import shared_tmp_dir
 from tests.harness.receiver import closed_port
 
 pytestmark = pytest.mark.nginx
@@ -37,10 +36,8 @@ with open(sys.argv[1], "a") as f:
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A directory an unprivileged uid can reach (pytest's tmp dirs are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="guardd-faults-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with shared_tmp_dir("guardd-faults-") as path:
+        yield path
 
 
 # ---- no shell, ever -----------------------------------------------------------------------
@@ -132,10 +129,7 @@ def test_handcrafted_mutations_from_an_unprivileged_uid_change_nothing(
     lines += json.dumps({"v": protocol.VERSION, "cmd": "status"}) + "\n"
     result = subprocess.run(
         [
-            "setpriv",
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups",
+            *nobody_prefix(),
             sys.executable,
             "-I",
             "-c",

@@ -12,7 +12,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from guardd.control import client
-from tests.harness.daemon import Daemon, Lab, wait_until
+from tests.harness.daemon import Daemon, Lab, log_lines, wait_until
 
 
 def rss_kib(pid: int) -> int:
@@ -26,19 +26,6 @@ def rss_kib(pid: int) -> int:
 def open_fds(pid: int) -> int:
     """How many file descriptors a process holds."""
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
-
-
-def log_lines(d: Daemon) -> list[dict[str, Any]]:
-    """The daemon's JSON log lines (its stderr is not a terminal, so every line is JSON)."""
-    out = []
-    for line in d.log().splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(doc, dict):
-            out.append(doc)
-    return out
 
 
 def metrics_port(d: Daemon, timeout: float = 20) -> int:

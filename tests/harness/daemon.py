@@ -27,6 +27,14 @@ GUARDCTL = Path(sys.executable).with_name("guardctl")
 NOBODY = 65534
 
 
+def nobody_prefix(as_nobody: bool = True) -> list[str]:
+    """The words that run the command after them as `nobody` (uid and gid NOBODY, no
+    supplementary groups); none when `as_nobody` is false."""
+    return (
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if as_nobody else []
+    )
+
+
 def guardctl(
     *argv: str,
     socket: Path | None = None,
@@ -35,9 +43,7 @@ def guardctl(
     timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
     """Run the real guardctl, optionally as an unprivileged uid."""
-    prefix = (
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if as_nobody else []
-    )
+    prefix = nobody_prefix(as_nobody)
     sock = ["--socket", str(socket)] if socket is not None else []
     return subprocess.run(
         [*prefix, str(GUARDCTL), *sock, *argv],
@@ -192,6 +198,19 @@ class Daemon:
         self.proc.kill()
         self.proc.wait()
         self._log.close()
+
+
+def log_lines(d: Daemon) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines (its stderr is not a terminal, so every line is JSON)."""
+    out = []
+    for line in d.log().splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            out.append(doc)
+    return out
 
 
 class Lab:

@@ -72,6 +72,19 @@ def event_id(posted: dict[str, Any]) -> str:
     return found[1]
 
 
+def plant_thread(tmp_path: Path, *, channel: str, ts: str, configured: str) -> Path:
+    """Leave the "slack" sink a thread record (its rollback `rb-0`, posted to `channel` at
+    `ts` while the sink was configured for `configured`); return the outbox folder."""
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    (outbox / "thread-slack.json").write_text(
+        json.dumps(
+            {"channel": channel, "ts": ts, "configured_channel": configured, "event_id": "rb-0"}
+        )
+    )
+    return outbox
+
+
 def incident(n: int = 1) -> list[dict[str, Any]]:
     """A rollback, its guard window extended, an operator pausing, then the window released."""
     return [
@@ -238,18 +251,9 @@ async def test_a_thread_of_another_channel_or_a_broken_one_is_not_replied_to(
     tmp_path: Path,
 ) -> None:
     slack = SlackWebApi(TOKEN)
-    outbox = tmp_path / "outbox"
-    outbox.mkdir()
     # Opened while the sink posted to another channel, before a reload changed it.
-    (outbox / "thread-slack.json").write_text(
-        json.dumps(
-            {
-                "channel": "C0OTHER001",
-                "ts": "1699999999.000001",
-                "configured_channel": "#elsewhere",
-                "event_id": "rb-0",
-            }
-        )
+    outbox = plant_thread(
+        tmp_path, channel="C0OTHER001", ts="1699999999.000001", configured="#elsewhere"
     )
     (outbox / "thread-torn.json").write_bytes(b'{"channel": "C0OPS00001", "ts": ')
     outcomes = Outcomes()
@@ -461,19 +465,8 @@ async def test_the_notifier_keeps_one_thread_per_sink(tmp_path: Path) -> None:
 
 async def test_a_reply_whose_thread_slack_lost_is_posted_on_its_own(tmp_path: Path) -> None:
     slack = SlackWebApi(TOKEN)
-    outbox = tmp_path / "outbox"
-    outbox.mkdir()
     # A thread Slack does not know (the rollback message was deleted, say).
-    (outbox / "thread-slack.json").write_text(
-        json.dumps(
-            {
-                "channel": "C0OPS00001",
-                "ts": "1600000000.000001",
-                "configured_channel": "#ops",
-                "event_id": "rb-0",
-            }
-        )
-    )
+    outbox = plant_thread(tmp_path, channel="C0OPS00001", ts="1600000000.000001", configured="#ops")
     outcomes = Outcomes()
     async with serve(default=slack) as receiver:
         with capture_logs() as logs:

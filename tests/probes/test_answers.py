@@ -47,6 +47,17 @@ async def probe(url: str, **spec: object) -> ProbeResult:
         await prober.aclose()
 
 
+async def probe_peak(url: str, **spec: object) -> tuple[ProbeResult, int]:
+    """One probe of `url`, and the most memory (bytes) Python held while it ran."""
+    tracemalloc.start()
+    try:
+        result = await probe(url, **spec)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak
+
+
 # ---- encodings ----------------------------------------------------------------------
 
 
@@ -121,12 +132,7 @@ async def test_valid_encodings_are_decoded(hostile: Hostile, coding: str, body: 
 async def test_a_stacked_bomb_is_bounded_at_every_stage(hostile: Hostile) -> None:
     # The inner stage alone would inflate to 100 MB; the outer one is small.
     hostile.set_answer(200, gzip.compress(bomb("gzip")), {"Content-Encoding": "gzip, gzip"})
-    tracemalloc.start()
-    try:
-        result = await probe(hostile.url, expect_json=UP)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = await probe_peak(hostile.url, expect_json=UP)
     assert result.error == "body larger than max_body_bytes=65536"
     assert peak < MEMORY_BOUND
 
@@ -140,12 +146,7 @@ async def test_redirect_bodies_are_never_decoded(
     hostile: Hostile, body: bytes, coding: str
 ) -> None:
     hostile.set_answer(302, body, {"Location": "/again", "Content-Encoding": coding})
-    tracemalloc.start()
-    try:
-        result = await probe(hostile.url, follow_redirects=True, expect_json=UP)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = await probe_peak(hostile.url, follow_redirects=True, expect_json=UP)
     assert result.outcome is Outcome.HTTP_OTHER
     assert result.error == "too many redirects"
     assert hostile.requests == 21, "the first request and 20 redirects"
@@ -182,12 +183,7 @@ async def test_probes_ask_for_identity(hostile: Hostile) -> None:
 async def test_a_zip_bomb_is_bounded_after_decoding(hostile: Hostile, mode: HostileMode) -> None:
     hostile.set_mode(mode)
     bomb(mode.removesuffix("_bomb"))  # made before measuring: the server's, not the probe's
-    tracemalloc.start()
-    try:
-        result = await probe(hostile.url, expect_json=UP)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = await probe_peak(hostile.url, expect_json=UP)
     assert result.outcome is Outcome.BODY_MISMATCH
     assert result.error == "body larger than max_body_bytes=65536"
     assert peak < MEMORY_BOUND, f"{mode}: the probe held {peak} bytes"
