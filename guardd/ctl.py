@@ -390,9 +390,16 @@ def _change(target: _Target, cmd: str, payload: dict[str, Any]) -> int:
         return REFUSED
     except DaemonUnreachable as e:
         _warn(f"{e} ({_another_hint(target)})")
-        if cmd in ("qos_lock", "qos_unlock") and target.lock_file is not None:
-            verb = "touch" if cmd == "qos_lock" else "rm"
-            _warn(f"with guardd down, the lock can be changed by hand: {verb} {target.lock_file}")
+        if cmd == "qos_lock" and target.lock_file is not None:
+            _warn(f"with guardd down, a lock can be taken by hand: touch {target.lock_file}")
+        elif cmd == "qos_unlock" and target.lock_file is not None:
+            # A guard window guardd took is kept in state.json and put back at start, so
+            # an rm now would not end it (docs/contract.md §3): only guardd can.
+            _warn(
+                "with guardd down, a lock guardd took comes back when it starts (its guard "
+                "window is kept in state.json): start guardd, then `guardctl qos unlock`; "
+                f"a lock another tool made can be removed by hand: rm {target.lock_file}"
+            )
         return UNREACHABLE
     except ControlError as e:
         _warn(f"failed: {e}")

@@ -137,6 +137,30 @@ def _kind(event: Event, rollback_id: str) -> str:
     return "other"
 
 
+def _first_evidence(events: Sequence[Event], since: int, at: int) -> int:
+    """Where the failure first showed: the first alert or hold with a severity about the
+    failing color from `since` on; the decision (`at`) itself when nothing warned before it.
+
+    An operator's `resumed` acknowledged whatever warned before it: an earlier episode
+    (a hold since resolved) is not this incident's start.
+    """
+    failing = events[at].get("from")
+    since = next(
+        (i + 1 for i in range(at - 1, since - 1, -1) if events[i].get("event") == "resumed"),
+        since,
+    )
+    return next(
+        (
+            i
+            for i in range(since, at)
+            if events[i].get("event") in ("alert", "hold")
+            and events[i].get("severity") is not None
+            and events[i].get("from") in (failing, None)
+        ),
+        at,
+    )
+
+
 def build(events: Sequence[Event], key: str | None = None) -> dict[str, Any]:
     """The incident `key` names (a rollback id, a prefix of one, or an INC id; None: the last).
 
@@ -158,19 +182,7 @@ def build(events: Sequence[Event], key: str | None = None) -> dict[str, Any]:
         (i for i in range(at - 1, floor - 1, -1) if events[i].get("event") in _CHANGES), None
     )
     change = events[change_at] if change_at is not None else None
-    # The first failing evidence: the first alert or hold about the failing color since
-    # then; the decision itself when nothing warned before it.
-    since = floor if change_at is None else change_at + 1
-    first_at = next(
-        (
-            i
-            for i in range(since, at)
-            if events[i].get("event") in ("alert", "hold")
-            and events[i].get("severity") is not None
-            and events[i].get("from") in (failing, None)
-        ),
-        at,
-    )
+    first_at = _first_evidence(events, floor if change_at is None else change_at + 1, at)
     first = events[first_at]
     # Its end: the release of the lock it took, or the next incident, or the journal's end.
     closed: Event | None = None

@@ -257,3 +257,25 @@ def test_text_and_markdown_hold_the_template_and_escape_what_came_from_outside()
     assert "INC-20261130-1" in markdown.splitlines()[0]
     assert "\\`rm -rf\\` \\*boom\\*" in markdown
     assert "- `10:00:08.500` (+3.5s) decision - rollback_started green->blue P0" in markdown
+
+
+def test_an_episode_an_operator_resumed_from_is_not_the_start() -> None:
+    """A hold since resolved (an operator's `resumed`) is an earlier episode, not this start."""
+    rid = f"{24:032x}"
+    events = [
+        line("11:00:00.000", "promote", 20, **{"from": "blue", "to": "green", "reason": "r6"}),
+        line("11:00:02.000", "hold", 21, **{"from": "green", "severity": "P0", "reason": "typo"}),
+        line("11:03:00.000", "resumed", 22, by="uid:1000(ana)", reason="url fixed"),
+        line("11:04:00.000", "alert", 23, **{"from": "green", "severity": "P2", "reason": "slow"}),
+        line(
+            "11:04:05.000",
+            "rollback_started",
+            24,
+            **{"from": "green", "to": "blue", "severity": "P0", "reason": "503s"},
+        ),
+        line("11:04:05.500", "rollback_completed", 25, rollback_id=rid, duration_ms=500.0),
+    ]
+    incident = build(events)
+    assert incident["times"]["start"] == "2026-11-30T11:04:00.000Z"
+    assert incident["durations_s"]["time_to_detect"] == 5.0
+    assert incident["times"]["change"] == "2026-11-30T11:00:00.000Z"  # the change stays

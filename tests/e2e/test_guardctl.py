@@ -440,3 +440,21 @@ def test_a_misspelled_instance_beside_its_config_is_unknown_never_another_guard(
     typo = ctl(lab, "--instance", "lba", "qos", "status")
     assert typo.returncode == 3
     assert "no guardd answers" in typo.stderr and "'lab', not 'lba'" in typo.stderr
+
+
+def test_unlock_with_guardd_down_tells_the_truth_about_a_guard_window(make_lab) -> None:
+    """A guard window comes back at start (state.json): `rm` is no way to end it."""
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    lab.green.set_mode("http_503")
+    d.wait_event("qos_locked")
+    assert d.stop() == 0
+    res = ctl(lab, "qos", "unlock")
+    assert res.returncode == 3
+    assert "a lock guardd took comes back when it starts" in res.stderr
+    assert "start guardd, then `guardctl qos unlock`" in res.stderr
+    # And so it does: removed by hand, it is back once guardd runs again.
+    lab.lock_file.unlink()
+    d = lab.daemon()
+    assert ctl(lab, "qos", "status").returncode == 1
+    assert d.stop() == 0
