@@ -626,6 +626,11 @@ class Guard:
         self.metrics.observe_switch(elapsed)
         self.metrics.set_active(target)
         self.machine.policy.reset()
+        if kind != "rollback":
+            # An operator moved traffic on purpose (perhaps with --force, past the gate):
+            # judge the color by what it does from now on, not by failures from before the
+            # act, which would otherwise undo it on the next tick.
+            self.machine.judge_afresh(target)
         if kind == "rollback":
             self._close_completed(
                 source,

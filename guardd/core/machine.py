@@ -249,6 +249,14 @@ class GuardMachine:
                 self.windows[color] = SlidingWindow(spec.window)
                 self.seen_healthy.discard(color)
 
+    def judge_afresh(self, color: Color) -> None:
+        """Forget `color`'s probe window: what it did before an operator's switch to it.
+
+        Ratio and latency rules are then inconclusive until `min_samples` new probes, and
+        consecutive failures count from zero; nothing is read as healthy meanwhile.
+        """
+        self.windows[color] = SlidingWindow(self.spec.window)
+
     def observe(
         self, color: Color, now: float, outcome: Outcome, latency_s: float, error: str | None = None
     ) -> None:

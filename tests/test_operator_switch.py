@@ -1,0 +1,51 @@
+"""An operator's switch is judged by what the color does from then on.
+
+A `switch --force` (or a promote) to a color whose probe window still holds failures from
+before the act must not be undone on the next tick by those old failures; new failures
+still roll it back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guardd.operator import handle
+from tests.harness.guard_fakes import DOWN, OK, SPEC, FakeClock, prepare, start, steps
+
+pytestmark = pytest.mark.anyio
+ROOT = "uid:0(root)"
+
+
+def events(g, name: str) -> list[dict]:  # type: ignore[no-untyped-def,type-arg]
+    return [e for e in g.journal.recent if e["event"] == name]
+
+
+async def switched_back_to_a_fixed_green(tmp_path: Path):  # type: ignore[no-untyped-def]
+    prepare(tmp_path)
+    clock = FakeClock()
+    g = await start(tmp_path, clock, SPEC)
+    # Green fails and is rolled back; its window is full of failures.
+    await steps(g, clock, [(OK, OK)] + [(OK, DOWN)] * 6)
+    assert g.active == "blue" and len(events(g, "rollback_completed")) == 1
+    await handle(g, "qos_unlock", {}, ROOT)
+    # Green is fixed; the operator puts it back at once, past the gate.
+    await steps(g, clock, [(OK, OK)])
+    await handle(g, "switch", {"color": "green", "force": True, "reason": "fixed"}, ROOT)
+    assert g.active == "green"
+    return g, clock
+
+
+async def test_old_failures_do_not_undo_an_operators_switch(tmp_path: Path) -> None:
+    g, clock = await switched_back_to_a_fixed_green(tmp_path)
+    await steps(g, clock, [(OK, OK)] * 10)
+    assert g.active == "green"
+    assert len(events(g, "rollback_started")) == 1  # only the first one, before the switch
+
+
+async def test_new_failures_still_roll_it_back(tmp_path: Path) -> None:
+    g, clock = await switched_back_to_a_fixed_green(tmp_path)
+    await steps(g, clock, [(OK, DOWN)] * SPEC.consecutive_failures)
+    assert g.active == "blue"
+    assert len(events(g, "rollback_completed")) == 2
