@@ -19,11 +19,11 @@ import re
 import stat
 import sys
 import textwrap
+import time
 import tomllib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,6 +32,7 @@ from guardd._version import __version__
 from guardd.control import protocol
 from guardd.control.client import call
 from guardd.exceptions import ControlError, DaemonUnreachable, NotPermitted, Refused
+from guardd.journal import parse_rfc3339
 from guardd.qoslock import LockUnknown, check_lock
 from guardd.render import render_change, render_history, render_qos, render_status, use_color
 
@@ -464,12 +465,9 @@ def _expired(until: object) -> bool:
     if not isinstance(until, str):
         return False
     try:
-        moment = datetime.fromisoformat(until)
+        return parse_rfc3339(until) < time.time()
     except ValueError:
         return False
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment < datetime.now(UTC)
 
 
 def _expiry_note(target: _Target) -> str:

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from guardd.journal import parse_rfc3339
+
 __all__ = ["NoIncident", "build", "incident_ids"]
 
 Event = Mapping[str, Any]
@@ -39,10 +41,9 @@ def _ts(event: Event) -> float | None:
     if not isinstance(value, str):
         return None
     try:
-        parsed = datetime.fromisoformat(value)
+        return parse_rfc3339(value)
     except ValueError:
         return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def _day(event: Event) -> str | None:

@@ -32,8 +32,12 @@ def rfc3339(ts: float) -> str:
 
 
 def parse_rfc3339(text: str) -> float:
-    """Seconds since the epoch from an RFC 3339 string."""
-    return datetime.fromisoformat(text).timestamp()
+    """Seconds since the epoch from an RFC 3339 string; one without an offset is UTC.
+
+    Raises `ValueError` for text that is not an ISO 8601 date and time.
+    """
+    moment = datetime.fromisoformat(text)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 class Journal:
