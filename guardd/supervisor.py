@@ -510,9 +510,9 @@ class Supervisor:
             await self.faults.reach(f"probe_{color}")
             started = self.clock.monotonic()
             self._probe_started[color] = started
-            result = await self._probe_round(color)
+            result = await self._guarded_probe(f"probe_{color}", self.probers[color])
             self._probe_started[color] = None
-            if guard.observe(color, result):
+            if result is not None and guard.observe(color, result):
                 self._wake.set()
             self._first_round[color].set()
             interval = guard.cadence(color)
@@ -545,44 +545,52 @@ class Supervisor:
                 self._front_door_answered.set()
                 await anyio.sleep(guard.s.probe_interval)
                 continue
+
+            def replaced(current: HttpProber = verifier) -> bool:
+                # A reload replaced (and closed) it mid-probe: not a bug, and no answer.
+                return guard.verifier is not current
+
             # The verifier sends `Connection: close`: every answer comes on a fresh
             # connection, from the workers nginx runs now.
-            try:
-                await self.faults.fail("raise_in_front_door")
-                result = await verifier.probe()
-            except Exception as e:  # noqa: BLE001 - as for the probe loops: the loop goes on
-                if guard.verifier is not verifier:
-                    continue  # replaced (and closed) by a reload mid-probe: not a bug
-                what = self.loop_failed("front_door", e)
-                result = ProbeResult(
-                    Outcome.PROBE_ERROR,
-                    self.clock.monotonic() - started,
-                    f"guardd could not probe the front door: {what}",
-                )
+            result = await self._guarded_probe(
+                "front_door", verifier, " the front door", replaced=replaced
+            )
+            if result is None:
+                continue
             if guard.observe_front_door(result):
                 self._wake.set()
             self._front_door_answered.set()
             wait = guard.s.probe_interval - (self.clock.monotonic() - started)
             await anyio.sleep(max(0.0, wait))
 
-    async def _probe_round(self, color: Color) -> ProbeResult:
-        """One probe round that cannot stop the daemon.
+    async def _guarded_probe(
+        self,
+        loop: str,
+        prober: HttpProber,
+        subject: str = "",
+        *,
+        replaced: Callable[[], bool] | None = None,
+    ) -> ProbeResult | None:
+        """One probe round of `loop` (`probe_<color>`, `front_door`) that cannot stop the daemon.
 
         Probers turn whatever an upstream sends into an outcome; an exception here is a
         bug in guardd. It is logged (with its traceback, once), counted, journaled as an
         `alert`, and the round counts as failed (`probe_error`): guardd cannot vouch for
-        a color it could not probe. The loop goes on.
+        what it could not probe. The loop goes on. None when `replaced` says the prober
+        was swapped out meanwhile: its exception then says nothing.
         """
         started = self.clock.monotonic()
         try:
-            await self.faults.fail(f"raise_in_probe_{color}")
-            return await self.probers[color].probe()
+            await self.faults.fail(f"raise_in_{loop}")
+            return await prober.probe()
         except Exception as e:  # noqa: BLE001 - the guarantee: one loop's bug never ends guardd
-            what = self.loop_failed(f"probe_{color}", e)
+            if replaced is not None and replaced():
+                return None
+            what = self.loop_failed(loop, e)
             return ProbeResult(
                 Outcome.PROBE_ERROR,
                 self.clock.monotonic() - started,
-                f"guardd could not probe: {what}",
+                f"guardd could not probe{subject}: {what}",
             )
 
     def loop_failed(self, loop: str, error: Exception) -> str:
