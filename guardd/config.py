@@ -6,6 +6,7 @@ Every model rejects unknown keys, and every problem is reported as
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
@@ -33,6 +34,9 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from guardd import paths
+from guardd.core.policy import PolicySpec, spec_rules
+from guardd.core.rules import BUILTIN_NAMES, Op, Rule
+from guardd.core.signals import KIND_STATS, PROBE
 from guardd.exceptions import ConfigError, ConfigProblem
 
 Color = Literal["blue", "green"]
@@ -146,7 +150,7 @@ def _validation_error(title: str, errors: list[Any], found: Found) -> Validation
     details += [
         InitErrorDetails(
             type=PydanticCustomError("guardd_check", "{reason}", {"reason": reason}),
-            loc=tuple(key.split(".")) if key else (),
+            loc=tuple(int(p) if p.isdigit() else p for p in key.split(".")) if key else (),
             input=None,
         )
         for key, reason in found
@@ -327,6 +331,8 @@ class PolicyConfig(_Section):
     """The span the rollback budget counts over (from the journal, across restarts)."""
     dry_run: Flag = False
     """Decide, journal and notify, but never switch."""
+    builtin_rules: Flag = True
+    """The keys above are rules over the probe signal; false leaves only `[[rules]]`."""
 
     def _cross_checks(self, invalid: frozenset[str]) -> Found:
         found: Found = []
@@ -347,6 +353,102 @@ class PolicyConfig(_Section):
         if not invalid & {"p1_latency", "p2_latency"} and self.p2_latency > self.p1_latency:
             found.append(("p2_latency", "must not exceed p1_latency"))
         return found
+
+
+_SOURCE = re.compile(r"^(file|syslog):/.+$")
+
+
+class AccessLogSignalConfig(_Section):
+    """`[signals.NAME]` with `kind = "access_log"`: the requests nginx served, per color."""
+
+    kind: Literal["access_log"]
+    """The kind of signal."""
+    source: str
+    """`file:/path/to/access.log` or `syslog:/path/to/guardd.sock` (nginx logs to it)."""
+    addresses: dict[Color, list[str]] | None = None
+    """Upstream `host:port` addresses of each color (default: from the switch targets)."""
+    fields: dict[str, str] = Field(default_factory=dict)
+    """Other JSON field names for `msec`, `status`, `upstream_addr`, `upstream_status`,
+    `request_time`, `upstream_response_time`."""
+    window: PositiveDuration | None = None
+    """The span of the statistics (default: `policy.window`)."""
+    stale_after: PositiveDuration | None = None
+    """No request logged for this long: the signal is stale and its rules inconclusive."""
+    max_line_bytes: Annotated[int, Field(ge=256, le=1024 * 1024)] = 16384
+    """Longer lines are skipped and counted as `oversize`."""
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if not _SOURCE.match(v):
+            raise ValueError("must be file:/absolute/path or syslog:/absolute/path.sock")
+        return v
+
+    @field_validator("fields")
+    @classmethod
+    def _fields(cls, v: dict[str, str]) -> dict[str, str]:
+        known = {
+            "msec", "status", "upstream_addr", "upstream_status", "request_time",
+            "upstream_response_time",
+        }  # fmt: skip
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return v
+
+
+SignalConfig = Annotated[AccessLogSignalConfig, Field(discriminator="kind")]
+
+
+class RuleConfig(_Section):
+    """One `[[rules]]` row: a statistic of a signal against a threshold."""
+
+    signal: str
+    """`probe` or the name of a `[signals.NAME]` table."""
+    stat: str
+    """A statistic the signal yields (docs/contract.md §2)."""
+    above: float | None = None
+    """Fires when the statistic is at or above this."""
+    below: float | None = None
+    """Fires when the statistic is at or below this."""
+    above_baseline: Annotated[float, Field(gt=0)] | None = None
+    """Fires when the statistic is at least this many times its baseline."""
+    above_standby: Annotated[float, Field(gt=0)] | None = None
+    """Fires when the statistic exceeds this many times the standby color's."""
+    severity: Literal["P0", "P1", "P2"]
+    """P0 and P1 roll back; P2 alerts."""
+    for_: Annotated[Duration, Field(ge=0)] | None = Field(default=None, alias="for")
+    """How long the condition must hold (default: 0 for P0 and P2, `policy.p1_sustain`
+    for P1)."""
+    min_samples: Annotated[int, Field(ge=0)] | None = None
+    """Fewer samples in the window: inconclusive (default: `policy.min_samples`)."""
+    name: str | None = None
+    """The rule's name in evidence, status and metrics (default: `SIGNAL.STAT`)."""
+    dry_run: Flag = False
+    """Journal and notify what the rule would do; never act on it."""
+
+    model_config = ConfigDict(populate_by_name=False)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not _RULE_NAME.match(v):
+            raise ValueError("may use letters, digits and _.- only (at most 64)")
+        return v
+
+    def _cross_checks(self, invalid: frozenset[str]) -> Found:
+        given = [
+            k for k in ("above", "below", "above_baseline", "above_standby")
+            if getattr(self, k) is not None and k not in invalid
+        ]  # fmt: skip
+        if len(given) == 1 or invalid & {"above", "below", "above_baseline", "above_standby"}:
+            return []
+        if not given:
+            return [("", "needs one of above, below, above_baseline, above_standby")]
+        return [(given[1], f"give one threshold, not both {given[0]} and {given[1]}")]
+
+
+_RULE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class SwitchConfig(_Section):
@@ -594,6 +696,10 @@ class GuardConfig(BaseSettings):
     """The control socket."""
     state: StateConfig = StateConfig()
     """Where state lives."""
+    signals: dict[str, SignalConfig] = Field(default_factory=dict)
+    """Signals besides the probe, by name."""
+    rules: list[RuleConfig] = Field(default_factory=list)
+    """The rule table; it follows the built-in rules of `[policy]`."""
 
     @classmethod
     def settings_customise_sources(
@@ -630,6 +736,74 @@ class GuardConfig(BaseSettings):
         if found:
             raise _validation_error("upstreams", [], found)
         return validated
+
+    @model_validator(mode="after")
+    def _rules_read_real_signals(self) -> GuardConfig:
+        found: Found = []
+        for name in self.signals:
+            if name == PROBE or not _RULE_NAME.match(name):
+                why = f"may use letters, digits and _.- only; {PROBE!r} is the built-in probe"
+                found.append((f"signals.{name}", why))
+        taken = {r.name for r in self.builtin_rules()} if self.policy.builtin_rules else set()
+        for i, rule in enumerate(self.rules):
+            kind = PROBE if rule.signal == PROBE else None
+            if rule.signal in self.signals:
+                kind = self.signals[rule.signal].kind
+            if kind is None:
+                names = [PROBE, *sorted(self.signals)]
+                near = difflib.get_close_matches(rule.signal, names, n=1, cutoff=0.6)
+                hint = f"did you mean {near[0]}?" if near else f"known: {', '.join(names)}"
+                found.append((f"rules.{i}.signal", f"no signal {rule.signal!r}; {hint}"))
+                continue
+            stats = KIND_STATS[kind]
+            if rule.stat not in stats:
+                found.append(
+                    (f"rules.{i}.stat", f"{kind} signals yield {', '.join(sorted(stats))}")
+                )
+            name = rule.name or f"{rule.signal}.{rule.stat}"
+            if name in taken:
+                found.append(
+                    (f"rules.{i}.name", f"{name!r} is taken by another rule"
+                     + (" (built in: set policy.builtin_rules = false to replace the built-in "
+                        "rules)" if name in BUILTIN_NAMES else "; give this one a `name`"))
+                )  # fmt: skip
+            taken.add(name)
+        if found:
+            raise _validation_error("GuardConfig", [], found)
+        return self
+
+    def builtin_rules(self) -> tuple[Rule, ...]:
+        """The rules `[policy]` stands for (docs/contract.md §2 "Rules")."""
+        return spec_rules(self.policy_spec(builtin_only=True))
+
+    def policy_spec(self, *, builtin_only: bool = False) -> PolicySpec:
+        """The policy the core evaluates: `[policy]`, the compiled `[[rules]]`, and each
+        signal's `stale_after`."""
+        p = self.policy
+        base = PolicySpec(**p.model_dump())
+        if builtin_only:
+            return dataclasses.replace(base, builtin_rules=True)
+        rules = tuple(self._compile(r) for r in self.rules)
+        stale = {n: s.stale_after for n, s in self.signals.items() if s.stale_after is not None}
+        return dataclasses.replace(base, rules=rules, stale_after=stale)
+
+    def _compile(self, r: RuleConfig) -> Rule:
+        ops: tuple[Op, ...] = ("above", "below", "above_baseline", "above_standby")
+        op, threshold = next((k, v) for k in ops if (v := getattr(r, k)) is not None)
+        for_s = r.for_
+        if for_s is None and r.severity == "P1":
+            for_s = self.policy.p1_sustain
+        return Rule(
+            name=r.name or f"{r.signal}.{r.stat}",
+            signal=r.signal,
+            stat=r.stat,
+            severity=r.severity,
+            op=op,
+            threshold=threshold,
+            for_s=for_s,
+            min_samples=self.policy.min_samples if r.min_samples is None else r.min_samples,
+            dry_run=r.dry_run,
+        )
 
     @model_validator(mode="after")
     def _qos_window_holds_min_samples(self) -> GuardConfig:

@@ -622,6 +622,8 @@ class Guard:
             )
             raise Refused(said)
         self.active = target
+        if source is not None:
+            self.machine.traffic_moved(source, target, self.clock.monotonic())
         self.machine.switched()
         self.metrics.observe_switch(elapsed)
         self.metrics.set_active(target)

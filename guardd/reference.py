@@ -32,6 +32,8 @@ _SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("[metrics]", c.MetricsConfig),
     ("[control]", c.ControlConfig),
     ("[state]", c.StateConfig),
+    ("[[rules]]", c.RuleConfig),
+    ("[signals.NAME]", c.AccessLogSignalConfig),
 ]
 
 
@@ -104,7 +106,9 @@ def config_reference() -> str:
         lines.append(f"| **{section}** | | | {model.__doc__ or ''} |")
         for key, field in model.model_fields.items():
             kind = _kind(field)
-            lines.append(f"| `{key}` | {kind} | {_default(field, kind)} | {field.description} |")
+            name = field.alias or key  # `for`, a Python keyword, is the field `for_`
+            meaning = " ".join((field.description or "").split())  # one table row
+            lines.append(f"| `{name}` | {kind} | {_default(field, kind)} | {meaning} |")
     lines += [
         "",
         (

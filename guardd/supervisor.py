@@ -29,7 +29,6 @@ from guardd.clock import Clock, SystemClock
 from guardd.commands import RetryPolicy
 from guardd.config import GuardConfig, Settings
 from guardd.core.machine import GuardMachine
-from guardd.core.policy import PolicySpec
 from guardd.core.types import COLORS, Color, Outcome
 from guardd.exceptions import ConfigError, ConfigProblem, GuarddError
 from guardd.faults import FaultPoints
@@ -103,7 +102,7 @@ def guard_settings(settings: Settings) -> GuardSettings:
     c = settings.config
     return GuardSettings(
         instance=settings.instance,
-        policy=PolicySpec(**c.policy.model_dump()),
+        policy=c.policy_spec(),
         probe_interval=c.probe.interval,
         confirm_interval=c.probe.confirm_interval,
         switch_timeout=c.switch.timeout,

@@ -167,6 +167,8 @@ def model_of(table: str) -> type[BaseModel]:
     """The model that validates a table of the configuration."""
     if table.startswith("upstreams."):
         return c.UpstreamConfig
+    if table.startswith("signals."):
+        return c.AccessLogSignalConfig
     models = {header.strip("[]"): model for header, model in _SECTIONS}
     return models[table]
 
@@ -174,12 +176,12 @@ def model_of(table: str) -> type[BaseModel]:
 def test_every_key_of_the_models_is_in_section_2_and_no_other() -> None:
     documented: dict[str, set[str]] = {}
     for table, key, _line, _commented in documented_keys():
-        group = "upstreams" if table.startswith("upstreams.") else table
+        group = table.split(".")[0] if table.startswith(("upstreams.", "signals.")) else table
         documented.setdefault(group, set()).add(key)
     expected = {
-        header.strip("[]").split(".")[0] if "upstreams" in header else header.strip("[]"): set(
-            model.model_fields
-        )
+        header.strip("[]").split(".")[0]
+        if header.startswith(("[upstreams", "[signals"))
+        else header.strip("[]"): {f.alias or k for k, f in model.model_fields.items()}
         for header, model in _SECTIONS
     }
     expected[""] = {

@@ -11,7 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from guardd.core.policy import Policy, PolicySpec, Verdict
+from guardd.core.policy import Policy, PolicySpec, Verdict, probe_reading
+from guardd.core.rules import Rule
+from guardd.core.signals import PROBE, Reading
 from guardd.core.types import COLORS, Color, Evidence, Outcome, Severity, State, other
 from guardd.core.window import SlidingWindow, WindowStats
 
@@ -31,6 +33,8 @@ class Facts:
     rolling_back: bool = False
     # `switch.verify_url` is set and probed continuously: the front door is evidence.
     front_door_watched: bool = False
+    # The readings of the signals other than `probe`, by signal name and color.
+    readings: Mapping[str, Mapping[Color, Reading]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +154,11 @@ class Memory:
     # restart it is held for, not re-applied again.
     mismatch: str | None = None
     mismatch_color: Color | None = None
+    # Per signal and color, the statistics of the color traffic last left, over its last
+    # window: what `above_baseline` rules compare with (docs/contract.md §2).
+    baselines: Mapping[str, Mapping[Color, Mapping[str, float | None]]] = field(
+        default_factory=dict
+    )
 
     def to_json(self) -> dict[str, Any]:
         """The `machine` object of state.json."""
@@ -169,6 +178,10 @@ class Memory:
             "seen_healthy": dict(sorted(self.seen_healthy.items())),
             "mismatch": self.mismatch,
             "mismatch_color": self.mismatch_color,
+            "baselines": {
+                sig: {c: dict(stats) for c, stats in sorted(by_color.items())}
+                for sig, by_color in sorted(self.baselines.items())
+            },
         }
 
     @classmethod
@@ -205,7 +218,39 @@ class Memory:
             else {},
             mismatch=mismatch if isinstance(mismatch, str) else None,
             mismatch_color=mismatch_color if mismatch_color in COLORS else None,
+            baselines=_baselines_from_json(doc.get("baselines")),
         )
+
+
+def _baselines_from_json(doc: object) -> dict[str, dict[Color, dict[str, float | None]]]:
+    # What cannot be read is not a baseline: `above_baseline` rules stay inconclusive.
+    out: dict[str, dict[Color, dict[str, float | None]]] = {}
+    if not isinstance(doc, dict):
+        return out
+    for sig, by_color in doc.items():
+        if not isinstance(sig, str) or not isinstance(by_color, dict):
+            continue
+        for color, stats in by_color.items():
+            if color not in COLORS or not isinstance(stats, dict):
+                continue
+            out.setdefault(sig, {})[color] = {
+                k: float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+                for k, v in stats.items()
+                if isinstance(k, str)
+            }
+    return out
+
+
+def _would(rule: Rule, evidence: Evidence, machine: GuardMachine, active: Color) -> str:
+    what = (
+        f"would roll back {active} -> {machine.rollback_target(active)}"
+        if rule.rolls_back
+        else "would alert"
+    )
+    return (
+        f"dry run: rule {rule.name} {what} ({rule.severity} {rule.describe()}: "
+        f"value {evidence.value}, {evidence.samples} samples)"
+    )
 
 
 class GuardMachine:
@@ -234,6 +279,11 @@ class GuardMachine:
         self.mismatch: str | None = None
         self._mismatch_color: Color | None = None
         self._reapplied_at = 0
+        self.baselines: dict[str, dict[Color, dict[str, float | None]]] = {}
+        # The other signals' readings at the last tick: a baseline is taken from them.
+        self._readings: Mapping[str, Mapping[Color, Reading]] = {}
+        # The last verdict on each color (status, metrics): the standby is judged too.
+        self.verdicts: dict[Color, Verdict] = {}
 
     def reconfigure(
         self, spec: PolicySpec, probe_interval: float, keep: frozenset[Color] = frozenset(COLORS)
@@ -356,6 +406,7 @@ class GuardMachine:
             {c: self.probe_identity.get(c, "") for c in COLORS if c in self.seen_healthy},
             self.mismatch,
             self._mismatch_color,
+            {sig: dict(by_color) for sig, by_color in self.baselines.items()},
         )
 
     def restore(self, memory: Memory) -> None:
@@ -367,6 +418,10 @@ class GuardMachine:
             c for c, ident in memory.seen_healthy.items() if ident == self.probe_identity.get(c, "")
         }
         self.mismatch, self._mismatch_color = memory.mismatch, memory.mismatch_color
+        self.baselines = {
+            sig: {c: dict(stats) for c, stats in by_color.items()}
+            for sig, by_color in memory.baselines.items()
+        }
         # The re-apply happened before the restart; the front door's answers count anew.
         self._reapplied_at = 0
 
@@ -414,10 +469,13 @@ class GuardMachine:
             return Decision(State.HOLD, None, self._enter_hold(hold))
 
         active = f.active
-        verdict = self.policy.evaluate(
-            f.now, active, self.stats(active, f.now), self.stats(other(active), f.now)
-        )
-        actions: list[Action] = []
+        self._readings = f.readings
+        verdict = self._judge(f, active)
+        standby = other(active)
+        # The standby is judged too (status and metrics show every rule on both colors);
+        # its onsets are its own, and nothing is decided from them.
+        self.verdicts = {active: verdict, standby: self._judge(f, standby)}
+        actions: list[Action] = self._signal_alerts(f, active, verdict)
         lost = self.protection_lost(active, f.now)
         if lost is not None:
             if self._edges.first(NO_TARGET):
@@ -449,6 +507,67 @@ class GuardMachine:
         if not any(isinstance(a, Rollback) for a in actions):
             actions.extend(self._watch_front_door(f, active))
         return Decision(self._state(f, active, verdict), verdict, tuple(actions), blocked)
+
+    def _judge(self, f: Facts, color: Color) -> Verdict:
+        return self.policy.evaluate(
+            f.now,
+            color,
+            self.stats(color, f.now),
+            self.stats(other(color), f.now),
+            readings=f.readings,
+            baselines=self.baseline,
+        )
+
+    def baseline(self, signal: str, color: Color) -> Mapping[str, float | None] | None:
+        """The baseline statistics of `signal` for `color`, if one was taken."""
+        return self.baselines.get(signal, {}).get(color)
+
+    def traffic_moved(self, source: Color, target: Color, now: float) -> None:
+        """Traffic left `source` for `target`: `source`'s last window is `target`'s baseline.
+
+        Every signal with samples on `source` gives one (the probe included); a signal
+        with none leaves `target`'s earlier baseline, if any, in place.
+        """
+        if source == target:
+            return
+        readings: dict[str, Reading | None] = {
+            PROBE: probe_reading(self.stats(source, now), self.spec.window)
+        }
+        for name, by_color in self._readings.items():
+            readings[name] = by_color.get(source)
+        for name, reading in readings.items():
+            if reading is not None and reading.samples > 0:
+                self.baselines.setdefault(name, {})[target] = dict(reading.stats)
+
+    def _signal_alerts(self, f: Facts, active: Color, verdict: Verdict) -> list[Action]:
+        """Alerts about the rules themselves: a stale signal, a dry-run rule that would act.
+
+        Each is raised once per episode (kept across restarts with the other edges).
+        """
+        actions: list[Action] = []
+        table = self.policy.table
+        for name, limit in sorted(table.stale_after.items()):
+            reading = self._readings.get(name, {}).get(active)
+            key = f"stale:{name}"
+            if table.is_stale(name, reading, f.now):
+                if self._edges.first(key):
+                    actions.append(
+                        Alert(
+                            None,
+                            f"signal {name} is stale: nothing from it about {active} for more "
+                            f"than {limit:g}s; its rules are inconclusive",
+                        )
+                    )
+            else:
+                self._edges.clear(key)
+        would = {rule.name for rule, _ in verdict.dry_runs}
+        for key in [k for k in self._edges.raised if k.startswith("dryrule:")]:
+            if key.removeprefix("dryrule:") not in would:
+                self._edges.raised.discard(key)
+        for rule, evidence in verdict.dry_runs:
+            if self._edges.first(f"dryrule:{rule.name}"):
+                actions.append(Alert(rule.severity, _would(rule, evidence, self, active), evidence))
+        return actions
 
     def _watch_front_door(self, f: Facts, active: Color) -> list[Action]:
         """Re-apply the switch target once when the front door and the probes disagree;

@@ -1,11 +1,16 @@
-"""The severity rules: window statistics in, a verdict with its evidence out."""
+"""The guard's policy: `[policy]` and `[[rules]]` as one rule table over the signals."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from guardd.core.types import Color, Evidence, Severity
+from guardd.core.rules import Baselines, Rule, RuleTable, Verdict, builtin_rules
+from guardd.core.signals import PROBE, Reading
+from guardd.core.types import Color, other
 from guardd.core.window import WindowStats
+
+__all__ = ["Policy", "PolicySpec", "Verdict", "probe_reading", "spec_rules"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,138 +32,90 @@ class PolicySpec:
     max_rollbacks: int = 3
     budget_window: float = 3600.0
     dry_run: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What the rules say about the active color now.
-
-    `severity` is None when no rule fires; `pending` names a P1 rule that holds but has
-    not yet been sustained; `insufficient_data` is true when ratio and latency rules
-    could not be judged for lack of samples.
-    """
-
-    severity: Severity | None
-    evidence: Evidence
-    pending: Evidence | None = None
-    insufficient_data: bool = False
-
-    @property
-    def failing(self) -> bool:
-        """Whether the verdict calls for a rollback (P0 or P1)."""
-        return self.severity in ("P0", "P1")
-
-    @property
-    def reason(self) -> str:
-        """A one-line human account of the verdict."""
-        e = self.evidence
-        if self.severity is None:
-            return "healthy" if not self.insufficient_data else "insufficient data"
-        return f"{self.severity} {e.rule}: {_fmt(e.value)} >= {_fmt(e.threshold)} on {e.color}"
-
-
-def _fmt(v: float | int | None) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+    # `policy.builtin_rules = false`: the rules above are not in the table; `[[rules]]` is.
+    builtin_rules: bool = True
+    # `[[rules]]`, compiled, in table order; they follow the built-in rules.
+    rules: tuple[Rule, ...] = ()
+    # Each signal's `stale_after` (s); a signal not named here is never stale.
+    stale_after: Mapping[str, float] = field(default_factory=dict)
 
 
 class Policy:
-    """Evaluates the severity table for one active color, remembering P1 onsets."""
+    """The rule table of one guard: `[policy]`'s built-in rules, then `[[rules]]`.
+
+    Remembers, per rule and color, since when each condition has held (the `for`).
+    """
 
     def __init__(self, spec: PolicySpec) -> None:
         self.spec = spec
-        self._p1_since: dict[str, float] = {}
+        self.table = RuleTable(spec_rules(spec), spec.stale_after)
 
     def reset(self) -> None:
         """Forget sustained-condition onsets (after a switch)."""
-        self._p1_since.clear()
+        self.table.reset()
 
     def evaluate(
-        self, now: float, color: Color, active: WindowStats, standby: WindowStats | None
+        self,
+        now: float,
+        color: Color,
+        active: WindowStats,
+        standby: WindowStats | None,
+        *,
+        readings: Mapping[str, Mapping[Color, Reading]] | None = None,
+        baselines: Baselines | None = None,
     ) -> Verdict:
-        """Judge `active` at monotonic `now`; `standby` feeds the latency-regression rule."""
-        s = self.spec
+        """Judge `color` at monotonic `now` (s) on every rule.
 
-        def ev(
-            rule: str, threshold: float | int | None, value: float | int | None, **extra: object
-        ) -> Evidence:
-            return Evidence(
-                rule=rule,
-                threshold=threshold,
-                value=value,
-                samples=active.samples,
-                color=color,
-                consecutive_failures=active.consecutive_failures,
-                error_ratio=active.error_ratio,
-                p50_ms=active.p50_ms,
-                p95_ms=active.p95_ms,
-                window_s=s.window,
-                extra=(
-                    # What the color last said when it failed: `HTTP 503 status=DOWN db=DOWN`.
-                    {**extra, "last_error": active.last_error}
-                    if active.last_error is not None
-                    and rule not in ("healthy", "insufficient_data")
-                    else dict(extra)
-                ),
-            )
+        `active` is the probe window of `color`, `standby` the other color's (read by
+        `latency_regression`); `readings` holds the other signals' readings by name and
+        color, as the edges took them for this tick.
+        """
+        probe = {color: probe_reading(active, self.spec.window)}
+        if standby is not None:
+            probe[other(color)] = probe_reading(standby, self.spec.window)
+        signals = readings or {}
 
-        # P0 by a run of failures needs no minimum of samples: it is the fast path.
-        if active.consecutive_failures >= s.consecutive_failures:
-            self._p1_since.clear()
-            return Verdict(
-                "P0",
-                ev("consecutive_failures", s.consecutive_failures, active.consecutive_failures),
-            )
-        enough = active.samples >= s.min_samples
-        ratio = active.error_ratio
-        if not enough or ratio is None:
-            self._p1_since.clear()
-            return Verdict(
-                None, ev("insufficient_data", s.min_samples, active.samples), insufficient_data=True
-            )
-        if ratio >= s.p0_error_ratio:
-            self._p1_since.clear()
-            return Verdict("P0", ev("p0_error_ratio", s.p0_error_ratio, ratio))
+        def read(signal: str, c: Color) -> Reading | None:
+            if signal == PROBE:
+                return probe.get(c)
+            return signals.get(signal, {}).get(c)
 
-        p95_s = (active.p95_ms or 0.0) / 1000.0
-        candidates: list[Evidence] = []
-        if ratio >= s.p1_error_ratio:
-            candidates.append(ev("p1_error_ratio", s.p1_error_ratio, ratio))
-        if p95_s >= s.p1_latency:
-            candidates.append(ev("p1_latency", s.p1_latency * 1000.0, active.p95_ms))
-        if (
-            s.latency_regression > 0
-            and standby is not None
-            and standby.samples >= s.min_samples
-            and standby.p95_ms
-            and active.p95_ms
-            and active.p95_ms > s.latency_regression * standby.p95_ms
-        ):
-            candidates.append(
-                ev(
-                    "latency_regression",
-                    s.latency_regression,
-                    active.p95_ms / standby.p95_ms,
-                    standby_p95_ms=round(standby.p95_ms, 4),
-                )
-            )
-        held = {c.rule for c in candidates}
-        for rule in list(self._p1_since):
-            if rule not in held:
-                del self._p1_since[rule]
-        pending: Evidence | None = None
-        for c in candidates:
-            since = self._p1_since.setdefault(c.rule, now)
-            sustained = now - since
-            evidence = replace(
-                c, extra={**c.extra, "sustained_s": round(sustained, 3), "sustain_s": s.p1_sustain}
-            )
-            if sustained >= s.p1_sustain:
-                return Verdict("P1", evidence)
-            pending = pending or evidence
-        if ratio >= s.p2_error_ratio:
-            return Verdict("P2", ev("p2_error_ratio", s.p2_error_ratio, ratio), pending=pending)
-        if p95_s >= s.p2_latency:
-            return Verdict(
-                "P2", ev("p2_latency", s.p2_latency * 1000.0, active.p95_ms), pending=pending
-            )
-        return Verdict(None, ev("healthy", None, ratio), pending=pending)
+        kwargs = {} if baselines is None else {"baselines": baselines}
+        return self.table.evaluate(now, color, other(color), read, **kwargs)
+
+
+def spec_rules(spec: PolicySpec) -> tuple[Rule, ...]:
+    """The rules a policy stands for: the built-in rules (unless turned off), then its own."""
+    builtin = (
+        builtin_rules(
+            consecutive_failures=spec.consecutive_failures,
+            min_samples=spec.min_samples,
+            p0_error_ratio=spec.p0_error_ratio,
+            p1_error_ratio=spec.p1_error_ratio,
+            p1_latency_s=spec.p1_latency,
+            p1_sustain_s=spec.p1_sustain,
+            p2_error_ratio=spec.p2_error_ratio,
+            p2_latency_s=spec.p2_latency,
+            latency_regression=spec.latency_regression,
+        )
+        if spec.builtin_rules
+        else ()
+    )
+    return builtin + spec.rules
+
+
+def probe_reading(stats: WindowStats, window_s: float) -> Reading:
+    """The `probe` signal's reading of one color: its probe window as the rules see it."""
+    return Reading(
+        samples=stats.samples,
+        window_s=window_s,
+        stats={
+            "consecutive_failures": stats.consecutive_failures,
+            "error_ratio": stats.error_ratio,
+            "p50_ms": stats.p50_ms,
+            "p95_ms": stats.p95_ms,
+            "samples": stats.samples,
+        },
+        last_at=stats.last_probe_at,
+        detail={} if stats.last_error is None else {"last_error": stats.last_error},
+    )

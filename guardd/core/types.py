@@ -67,14 +67,20 @@ class State(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Evidence:
-    """Why a rule fired (or did not): the rule, its threshold, and the window it saw."""
+    """Why a rule fired (or did not): the rule, its threshold, and the window it saw.
+
+    `samples` and `window_s` (s) are the window of the signal the rule read. The probe's
+    own figures (`consecutive_failures`, `error_ratio`, `p50_ms`, `p95_ms`) are set for
+    evidence read from the `probe` signal and None otherwise; `to_dict` then leaves them
+    out, so that a traffic rule's evidence never shows probe figures as its own.
+    """
 
     rule: str
     threshold: float | int | None
     value: float | int | None
     samples: int
     color: Color
-    consecutive_failures: int
+    consecutive_failures: int | None
     error_ratio: float | None
     p50_ms: float | None
     p95_ms: float | None
@@ -89,26 +95,27 @@ class Evidence:
             "value": _round(self.value),
             "samples": self.samples,
             "color": self.color,
-            "consecutive_failures": self.consecutive_failures,
-            "error_ratio": _round(self.error_ratio),
-            "p50_ms": _round(self.p50_ms),
-            "p95_ms": _round(self.p95_ms),
-            "window_s": self.window_s,
         }
+        if self.consecutive_failures is not None:
+            d["consecutive_failures"] = self.consecutive_failures
+            d["error_ratio"] = _round(self.error_ratio)
+            d["p50_ms"] = _round(self.p50_ms)
+            d["p95_ms"] = _round(self.p95_ms)
+        d["window_s"] = self.window_s
         d.update(self.extra)
         return d
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Evidence | None:
         """The inverse of `to_dict` (state.json); None if `doc` is not evidence."""
-        known = {
-            "rule", "threshold", "value", "samples", "color", "consecutive_failures",
-            "error_ratio", "p50_ms", "p95_ms", "window_s",
-        }  # fmt: skip
-        if not known <= doc.keys() or doc["color"] not in COLORS:
+        required = {"rule", "threshold", "value", "samples", "color", "window_s"}
+        probe = ("consecutive_failures", "error_ratio", "p50_ms", "p95_ms")
+        if not required <= doc.keys() or doc["color"] not in COLORS:
             return None
+        known = required | set(probe)
         extra = {k: v for k, v in doc.items() if k not in known}
-        return cls(**{k: doc[k] for k in known}, extra=extra)
+        fields: dict[str, Any] = {k: doc[k] for k in required} | {k: doc.get(k) for k in probe}
+        return cls(**fields, extra=extra)
 
 
 def _round(v: float | int | None) -> float | int | None:
