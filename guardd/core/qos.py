@@ -18,6 +18,8 @@ class QosVerdict:
     reason: str
 
     min_samples: int = 1
+    # The rules that fired on the active color during the window (P0-P2, dry runs aside).
+    fired: tuple[str, ...] = ()
 
     def evidence(self, max_error_ratio: float, min_health_ratio: float) -> dict[str, object]:
         """The journal's evidence for a release or an extension."""
@@ -29,7 +31,7 @@ class QosVerdict:
             "max_error_ratio": max_error_ratio,
             "health_ratio": round(self.health_ratio, 4),
             "min_health_ratio": min_health_ratio,
-        }
+        } | ({"rules_fired": list(self.fired)} if self.fired else {})
 
 
 class QosWindow:
@@ -43,6 +45,7 @@ class QosWindow:
     __slots__ = (
         "errors_5xx",
         "failures",
+        "fired",
         "max_error_ratio",
         "min_health_ratio",
         "min_samples",
@@ -65,10 +68,16 @@ class QosWindow:
         self.min_health_ratio = min_health_ratio
         self.min_samples = max(1, min_samples)
         self.samples = self.failures = self.errors_5xx = 0
+        self.fired: list[str] = []
 
-    def counts(self) -> dict[str, int]:
-        """The probes counted so far (state.json keeps them across a restart)."""
-        return {"samples": self.samples, "failures": self.failures, "errors_5xx": self.errors_5xx}
+    def counts(self) -> dict[str, object]:
+        """The probes counted so far, and the rules that fired (state.json keeps them)."""
+        return {
+            "samples": self.samples,
+            "failures": self.failures,
+            "errors_5xx": self.errors_5xx,
+            "fired": list(self.fired),
+        }
 
     def restore_counts(self, doc: dict[str, object]) -> None:
         """Adopt `counts()` of an earlier run; malformed counts are not adopted."""
@@ -80,6 +89,9 @@ class QosWindow:
             and 0 <= errors_5xx <= failures <= samples
         ):
             self.samples, self.failures, self.errors_5xx = samples, failures, errors_5xx
+        fired = doc.get("fired")
+        if isinstance(fired, list):
+            self.fired = [f for f in fired if isinstance(f, str)][:64]
 
     @property
     def ends_at(self) -> float:
@@ -92,6 +104,11 @@ class QosWindow:
         if outcome is not Outcome.OK:
             self.failures += 1
             self.errors_5xx += outcome is Outcome.HTTP_5XX
+
+    def rule_fired(self, name: str) -> None:
+        """A P0-P2 rule fired on the active color: the window is not met (contract §2)."""
+        if name not in self.fired and len(self.fired) < 64:
+            self.fired.append(name)
 
     def due(self, now: float) -> bool:
         """Whether the window has run its course."""
@@ -116,12 +133,20 @@ class QosWindow:
             problems.append(f"error ratio {error_ratio:.3g} > {self.max_error_ratio:g}")
         if health_ratio < self.min_health_ratio:
             problems.append(f"health ratio {health_ratio:.3g} < {self.min_health_ratio:g}")
+        if self.fired:
+            problems.append(f"rules fired during the window: {', '.join(self.fired)}")
         reason = "; ".join(problems) or (
             f"SLOs held over {self.samples} probes "
             f"(error ratio {error_ratio:.3g}, health {health_ratio:.3g})"
         )
         return QosVerdict(
-            not problems, self.samples, error_ratio, health_ratio, reason, self.min_samples
+            not problems,
+            self.samples,
+            error_ratio,
+            health_ratio,
+            reason,
+            self.min_samples,
+            tuple(self.fired),
         )
 
     def restart(self, now: float, span: float | None = None) -> None:
@@ -130,3 +155,4 @@ class QosWindow:
         if span is not None:
             self.span = span
         self.samples = self.failures = self.errors_5xx = 0
+        self.fired = []
