@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +134,7 @@ class Row:
     name: str
     covers: frozenset[str]
     setup: Setup
-    after: list[tuple[ProbeResult, ...]]
+    after: Sequence[tuple[ProbeResult, ...]]
     spec: PolicySpec = SPEC
     crash_in_switch: bool = False
     front_door: bool = False  # with switch.verify_url: the front door is watched
