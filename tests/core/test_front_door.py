@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from guardd.core import GuardMachine, Outcome, PolicySpec, Rollback, State
+from typing import Any
+
+from guardd.core import Color, GuardMachine, Outcome, PolicySpec, Rollback, State
 from guardd.core.machine import Action, Alert, Facts, Hold, Reapply
 
 SPEC = PolicySpec(rollback_to="blue", consecutive_failures=3, window=30, min_samples=5)
@@ -12,7 +14,7 @@ INTERVAL = 1.0
 class Replay:
     """Probe both colors and the front door once a second, then decide, as guardd does."""
 
-    def __init__(self, active: str = "green", watched: bool = True) -> None:
+    def __init__(self, active: Color = "green", watched: bool = True) -> None:
         self.m = GuardMachine(SPEC, INTERVAL)
         self.now = 0.0
         self.active = active
@@ -28,7 +30,7 @@ class Replay:
         self.m.observe_front_door(self.now, front, None if front else "HTTP 503")
         facts = Facts(
             self.now,
-            self.active,  # type: ignore[arg-type]
+            self.active,
             paused=self.paused,
             front_door_watched=self.watched,
         )
@@ -41,10 +43,10 @@ class Replay:
         """The state the last step decided; a call, so mypy re-reads it after each step."""
         return self._state
 
-    def run(self, n: int, **kw: object) -> list[Action]:
+    def run(self, n: int, **kw: Any) -> list[Action]:
         out: list[Action] = []
         for _ in range(n):
-            out += self.step(**kw)  # type: ignore[arg-type]
+            out += self.step(**kw)
         return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from guardd.core import GuardMachine, Hold, Outcome, PolicySpec, Rollback, State
+from guardd.core import Color, GuardMachine, Hold, Outcome, PolicySpec, Rollback, State
 from guardd.core.machine import Alert, Facts
 
 SPEC = PolicySpec(
@@ -21,7 +21,7 @@ INTERVAL = 1.0
 class Replay:
     """Drives a machine the way the supervisor does: probe both colors, then decide."""
 
-    def __init__(self, spec: PolicySpec = SPEC, active: str = "green") -> None:
+    def __init__(self, spec: PolicySpec = SPEC, active: Color = "green") -> None:
         self.m = GuardMachine(spec, INTERVAL)
         self.now = 0.0
         self.active = active
@@ -36,7 +36,7 @@ class Replay:
         self.now += INTERVAL
         self.m.observe("blue", self.now, blue, latency)
         self.m.observe("green", self.now, green, latency)
-        d = self.m.decide(Facts(self.now, self.active, self.locked, self.paused, self.rollbacks))  # type: ignore[arg-type]
+        d = self.m.decide(Facts(self.now, self.active, self.locked, self.paused, self.rollbacks))
         for a in d.actions:
             if isinstance(a, Rollback):
                 self.active = a.target

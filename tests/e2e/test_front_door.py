@@ -8,6 +8,7 @@ unless the front door agrees that it fails.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from tests.harness.upstream import Mode, Upstream
 pytestmark = pytest.mark.nginx
 
 
-def ctl(lab: Lab, *argv: str):  # type: ignore[no-untyped-def]
+def ctl(lab: Lab, *argv: str) -> subprocess.CompletedProcess[str]:
     return guardctl("--config", str(lab.config_path), *argv)
 
 
@@ -29,7 +30,7 @@ def status(lab: Lab) -> dict[str, Any]:
     return json_object(ctl(lab, "status", "--json").stdout)
 
 
-def is_mismatch(e: dict) -> bool:  # type: ignore[type-arg]
+def is_mismatch(e: dict[str, Any]) -> bool:
     return e.get("event") == "alert" and str(e.get("reason", "")).startswith("mismatch:")
 
 

@@ -29,9 +29,9 @@ def shared_run_dir() -> Iterator[Path]:
         yield path
 
 
-def ctl(lab: Lab, *argv: str, **kw: object):  # type: ignore[no-untyped-def]
+def ctl(lab: Lab, *argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     """guardctl pointed at the lab's config (which names its socket and lock file)."""
-    return guardctl("--config", str(lab.config_path), *argv, **kw)  # type: ignore[arg-type]
+    return guardctl("--config", str(lab.config_path), *argv, **kw)
 
 
 def status(lab: Lab) -> dict[str, Any]:

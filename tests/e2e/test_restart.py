@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from typing import Any
 
 import pytest
 
@@ -11,7 +13,7 @@ from tests.harness.daemon import Daemon, Lab, MakeLab, guardctl, log_lines, wait
 pytestmark = pytest.mark.nginx
 
 
-def ctl(lab: Lab, *argv: str):  # type: ignore[no-untyped-def]
+def ctl(lab: Lab, *argv: str) -> subprocess.CompletedProcess[str]:
     return guardctl("--config", str(lab.config_path), *argv)
 
 
@@ -125,7 +127,7 @@ def test_under_journald_each_line_carries_its_syslog_priority(make_lab: MakeLab)
     lab.blue.set_mode("http_503")
     d.wait_event("alert", where=lambda e: "no safe rollback" in (e["reason"] or ""))
 
-    def parsed() -> list[tuple[int, dict]]:  # type: ignore[type-arg]
+    def parsed() -> list[tuple[int, dict[str, Any]]]:
         out = []
         for line in d.log().splitlines():
             if line.startswith("<") and ">" in line:

@@ -8,6 +8,7 @@ previous target back, reload, and journal the failed step and the color really s
 from __future__ import annotations
 
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.nginx
 FAST = {"switch__timeout": "4s"}
 
 
-def ctl(lab: Lab, *argv: str):  # type: ignore[no-untyped-def]
+def ctl(lab: Lab, *argv: str) -> subprocess.CompletedProcess[str]:
     return guardctl("--config", str(lab.config_path), *argv)
 
 
@@ -42,7 +43,7 @@ def point_at(lab: Lab, color: str, port: int) -> None:
     lab.nginx.targets[color].write_text(f"upstream lab_app {{\n    server 127.0.0.1:{port};\n}}\n")
 
 
-def assert_failed_verify(entry: dict, serving: str | None) -> None:  # type: ignore[type-arg]
+def assert_failed_verify(entry: dict[str, Any], serving: str | None) -> None:
     assert entry["step"] == "verify", entry
     assert entry["serving"] == serving, entry
     assert "verify failed:" in entry["reason"] and "answers passed" in entry["reason"], entry

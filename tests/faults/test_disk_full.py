@@ -30,7 +30,7 @@ from tests.faults.util import (
     status,
     status_lines,
 )
-from tests.harness.daemon import log_lines, wait_until
+from tests.harness.daemon import Daemon, log_lines, wait_until
 
 pytestmark = pytest.mark.nginx
 
@@ -56,7 +56,7 @@ def fill(path: Path) -> int:
     return written
 
 
-def journal_ids_in_log(d) -> list[str]:  # type: ignore[no-untyped-def]
+def journal_ids_in_log(d: Daemon) -> list[str]:
     """The ids of the events the daemon journaled, in the order it logged them."""
     return [line["id"] for line in log_lines(d) if line.get("event") in EVENTS and "id" in line]
 

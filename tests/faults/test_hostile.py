@@ -12,6 +12,7 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -67,9 +68,9 @@ def hostile() -> Iterator[Hostile]:
         yield server
 
 
-async def probe_once(url: str, **spec: object) -> tuple[Outcome, float, str | None, int]:
+async def probe_once(url: str, **spec: Any) -> tuple[Outcome, float, str | None, int]:
     """One probe of `url`: its outcome, wall seconds, error, and peak traced allocation."""
-    prober = HttpProber([url], ProbeSpec(timeout=TIMEOUT, **spec))  # type: ignore[arg-type]
+    prober = HttpProber([url], ProbeSpec(timeout=TIMEOUT, **spec))
     try:
         tracemalloc.start()
         started = time.monotonic()

@@ -161,6 +161,7 @@ class Daemon:
             return None
 
         try:
+            # wait_until returns Any: whatever truthy value `find` gave, here a dict.
             return wait_until(find, timeout, f"journal event {name}")  # type: ignore[no-any-return]
         except AssertionError as e:
             raise AssertionError(

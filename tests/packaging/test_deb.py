@@ -32,7 +32,7 @@ README = PROJECT / "README.md"
 MARKER = "<!-- docs-test: quickstart -->"
 VERSION = re.search(
     r'^__version__ = "(.+)"$', (PROJECT / "guardd/_version.py").read_text(), re.MULTILINE
-)[1]  # type: ignore[index]
+)[1]  # type: ignore[index]  # _version.py always sets it; if not, collection fails here
 INSTANCE = "threader"
 UNIT = f"guardd@{INSTANCE}.service"
 ACTIVE_LINK = "/etc/nginx/upstreams/threader_active.conf"
