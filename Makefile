@@ -35,9 +35,10 @@ test: bootstrap system-deps  ## the full suite (installs what it needs)
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
 
 .PHONY: lint
-lint: bootstrap  ## ruff, mypy --strict on guardd/, bandit
+lint: bootstrap  ## ruff, mypy --strict on guardd/ tests/ bench/, bandit
 	$(UV) run --frozen ruff check guardd tests bench
 	$(UV) run --frozen ruff format --check guardd tests bench
+	# mypy checks guardd, tests and bench: [tool.mypy] packages in pyproject.toml.
 	$(UV) run --frozen mypy
 	# B101 asserts only narrow types; B404/B603: every subprocess is an argv list, never a shell.
 	$(UV) run --frozen bandit -r guardd -q -s B101,B404,B603

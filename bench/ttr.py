@@ -272,6 +272,11 @@ def _ms(v: float | None) -> str:
     return "timeout" if v is None else f"{v * 1000:.0f}ms"
 
 
+def _round_ms(v: float | None) -> float | None:
+    """Seconds as milliseconds to 0.1 ms; None (a timeout) stays None."""
+    return None if v is None else round(v * 1000, 1)
+
+
 def _summarize(interval: float, trials: list[Trial], timeouts: dict[str, int]) -> dict[str, Any]:
     tools: dict[str, Any] = {}
     for k, timed_out in timeouts.items():
@@ -286,9 +291,9 @@ def _summarize(interval: float, trials: list[Trial], timeouts: dict[str, int]) -
         }
         # From the last failing probe needed to nginx serving only blue: the guard's own part.
         own = [
-            t.ttr[k] - t.third_failure[k]  # type: ignore[operator]
+            ttr - third
             for t in trials
-            if t.ttr[k] is not None and t.third_failure[k] is not None
+            if (ttr := t.ttr[k]) is not None and (third := t.third_failure[k]) is not None
         ]
         tools[k]["confirmed_to_blue_only_ms"] = summary(own, 1000)
     decision = [
@@ -312,8 +317,8 @@ def _summarize(interval: float, trials: list[Trial], timeouts: dict[str, int]) -
         "trials_ms": [
             {
                 k: {
-                    "ttr": None if t.ttr[k] is None else round(t.ttr[k] * 1000, 1),  # type: ignore[operator]
-                    "detect": None if t.detect[k] is None else round(t.detect[k] * 1000, 1),  # type: ignore[operator]
+                    "ttr": _round_ms(t.ttr[k]),
+                    "detect": _round_ms(t.detect[k]),
                 }
                 for k in t.ttr
             }

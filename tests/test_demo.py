@@ -191,7 +191,9 @@ def _status(active: str, green_fails: int) -> dict[str, object]:
     }
 
 
-def test_live_table_is_redrawn_in_place_under_the_narration(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_live_table_is_redrawn_in_place_under_the_narration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("NO_COLOR", "1")
     stream = _Terminal()
     view = View(stream)

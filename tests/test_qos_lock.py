@@ -7,6 +7,7 @@ of guard window take a moment; the journal and the lock file are the real ones.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from guardd.core.types import Outcome
 from guardd.guard import Guard
 from guardd.journal import parse_rfc3339
 from guardd.operator import handle
-from tests.harness.guard_fakes import DOWN, OK, SPEC, FakeClock, prepare, start, step, steps
+from tests.harness.guard_fakes import DOWN, OK, SPEC, FakeClock, Log, prepare, start, step, steps
 
 pytestmark = pytest.mark.anyio
 ROOT = "uid:0(root)"
@@ -37,7 +38,7 @@ def lock(g: Guard) -> qoslock.LockInfo:
     return qoslock.read_lock(g.s.lock_file)
 
 
-def events(g: Guard, name: str) -> list[dict]:  # type: ignore[type-arg]
+def events(g: Guard, name: str) -> list[dict[str, Any]]:
     return [e for e in g.journal.recent if e["event"] == name]
 
 
@@ -172,12 +173,13 @@ async def test_a_window_with_too_few_probes_is_extended_not_released(tmp_path: P
 async def test_journal_levels_follow_what_the_event_means(tmp_path: Path) -> None:
     g, clock = await rolled_back(tmp_path)
     await steps(g, clock, [(DOWN, OK)] + [(OK, OK)] * 11)  # the window fails: extended
-    levels = {(level, event) for level, event, _ in g.log.lines}  # type: ignore[attr-defined]
+    assert isinstance(g.log, Log)  # Guard takes any structlog-like logger
+    levels = {(level, event) for level, event, _ in g.log.lines}
     assert ("warning", "qos_extended") in levels
     assert ("warning", "alert") in levels
     assert ("info", "rollback_completed") in levels
     assert ("info", "qos_locked") in levels
     g.journal.close()  # every write fails now, as on a full disk
     g.record("alert", reason="cannot tell")
-    level, event, fields = g.log.lines[-1]  # type: ignore[attr-defined]
+    level, event, fields = g.log.lines[-1]
     assert (level, event) == ("error", "alert") and fields["journaled"] is False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from guardd import config
 from guardd.reference import END, START, config_reference
 
@@ -21,7 +23,7 @@ def test_readme_reference_is_current() -> None:
 
 def test_every_key_is_documented() -> None:
     reference = config_reference()
-    models = [
+    models: list[type[BaseModel]] = [
         config.UpstreamConfig,
         config.ProbeConfig,
         config.PolicyConfig,

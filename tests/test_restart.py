@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from tests.harness.guard_fakes import (
     OK,
     SPEC,
     FakeClock,
+    FakeSwitcher,
     FakeVerifier,
     build,
     prepare,
@@ -50,7 +51,8 @@ Setup = Callable[[Guard, FakeClock], Awaitable[None]]
 
 
 async def sticky_hold(g: Guard, clock: FakeClock) -> None:
-    (g.switcher.path.parent / "switch-fails").touch()  # type: ignore[attr-defined]
+    assert isinstance(g.switcher, FakeSwitcher) and g.switcher.path is not None
+    (g.switcher.path.parent / "switch-fails").touch()
     await steps(g, clock, [(OK, OK)] + [(OK, DOWN)] * 3)
     assert g.machine.hold is not None and g.machine.hold.sticky
 
@@ -108,7 +110,8 @@ async def budget_spent(g: Guard, clock: FakeClock) -> None:
     for _ in range(3):
         await steps(g, clock, [(OK, OK)] + [(OK, DOWN)] * 3)
         assert g.active == "blue"
-        g.switcher.path.write_text("green")  # type: ignore[attr-defined]
+        assert isinstance(g.switcher, FakeSwitcher) and g.switcher.path is not None
+        g.switcher.path.write_text("green")
         g.release_lock(by="uid:0(root)", reason="redeployed")
         # Long enough for green's window to forget its failures.
         await steps(g, clock, [(OK, OK)] * 31)
@@ -129,7 +132,7 @@ async def mismatch_reapplied(g: Guard, clock: FakeClock) -> None:
     # The front door fails while green's own probes pass: re-applied once already.
     await steps(g, clock, [(OK, OK, OK)] + [(OK, OK, DOWN)] * 3)
     assert g.machine.mismatch is not None
-    assert g.switcher.reapplied == 1  # type: ignore[attr-defined]
+    assert isinstance(g.switcher, FakeSwitcher) and g.switcher.reapplied == 1
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ class Row:
     name: str
     covers: frozenset[str]
     setup: Setup
-    after: list[tuple[ProbeResult, ...]]
+    after: Sequence[tuple[ProbeResult, ...]]
     spec: PolicySpec = SPEC
     crash_in_switch: bool = False
     front_door: bool = False  # with switch.verify_url: the front door is watched

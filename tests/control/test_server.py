@@ -310,7 +310,8 @@ async def test_smaller_request_limit(sock_dir: Path) -> None:
     path = sock_dir / "ctl.sock"
     line = _request("status")
     async with serving(ControlServer(path, FakeDaemon(), max_request_bytes=len(line))):
-        assert (await exchange(path, line))["ok"] is True  # type: ignore[index]
+        reply = await exchange(path, line)
+        assert reply is not None and reply["ok"] is True
         assert error_code(await exchange(path, b" " + line)) == "too_large"
 
 

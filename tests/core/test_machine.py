@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from guardd.core import GuardMachine, Hold, Outcome, PolicySpec, Rollback, State
+from guardd.core import Color, GuardMachine, Hold, Outcome, PolicySpec, Rollback, State
 from guardd.core.machine import Alert, Facts
 
 SPEC = PolicySpec(
@@ -21,7 +21,7 @@ INTERVAL = 1.0
 class Replay:
     """Drives a machine the way the supervisor does: probe both colors, then decide."""
 
-    def __init__(self, spec: PolicySpec = SPEC, active: str = "green") -> None:
+    def __init__(self, spec: PolicySpec = SPEC, active: Color = "green") -> None:
         self.m = GuardMachine(spec, INTERVAL)
         self.now = 0.0
         self.active = active
@@ -36,7 +36,7 @@ class Replay:
         self.now += INTERVAL
         self.m.observe("blue", self.now, blue, latency)
         self.m.observe("green", self.now, green, latency)
-        d = self.m.decide(Facts(self.now, self.active, self.locked, self.paused, self.rollbacks))  # type: ignore[arg-type]
+        d = self.m.decide(Facts(self.now, self.active, self.locked, self.paused, self.rollbacks))
         for a in d.actions:
             if isinstance(a, Rollback):
                 self.active = a.target
@@ -44,8 +44,12 @@ class Replay:
                 self.locked = True
                 self.m.rollback_succeeded(a.source)
         self.log.extend(d.actions)
-        self.state = d.state
+        self._state = d.state
         return list(d.actions)
+
+    def state(self) -> State:
+        """The state the last step decided; a call, so mypy re-reads it after each step."""
+        return self._state
 
 
 FAIL = Outcome.HTTP_5XX
@@ -60,9 +64,9 @@ def test_starting_until_both_colors_probed() -> None:
 def test_p0_rolls_back_to_target_with_evidence() -> None:
     r = Replay()
     r.step()
-    assert r.state is State.STEADY
+    assert r.state() is State.STEADY
     r.step(green=FAIL)
-    assert r.state is State.DEGRADED
+    assert r.state() is State.DEGRADED
     r.step(green=FAIL)
     (action,) = r.step(green=FAIL)
     assert isinstance(action, Rollback)
@@ -78,7 +82,7 @@ def test_both_down_holds_once_then_rolls_back_when_target_recovers() -> None:
         r.step(blue=FAIL, green=FAIL)
     holds = [a for a in r.log if isinstance(a, Hold)]
     assert len(holds) == 1 and not holds[0].sticky
-    assert r.state is State.HOLD
+    assert r.state() is State.HOLD
     (action,) = r.step(blue=Outcome.OK, green=FAIL)
     assert isinstance(action, Rollback)
 
@@ -87,14 +91,14 @@ def test_hold_clears_when_active_recovers() -> None:
     r = Replay()
     for _ in range(4):
         r.step(blue=FAIL, green=FAIL)
-    assert r.state is State.HOLD
+    assert r.state() is State.HOLD
     for _ in range(5):
         r.step(blue=FAIL)  # green passes again; its window ratio falls from 80 % to 40 %
     assert r.m.hold is None
-    assert r.state is State.DEGRADED  # the window still remembers the failures
+    assert r.state() is State.DEGRADED  # the window still remembers the failures
     for _ in range(40):
         r.step(blue=FAIL)
-    assert r.state is State.STEADY
+    assert r.state() is State.STEADY
 
 
 def test_budget_spent_is_a_sticky_hold() -> None:
@@ -107,10 +111,10 @@ def test_budget_spent_is_a_sticky_hold() -> None:
     assert hold.sticky and "budget" in hold.reason
     for _ in range(40):
         r.step()  # green recovers fully: a budget hold still waits for an operator
-    assert r.state is State.HOLD
+    assert r.state() is State.HOLD
     r.m.clear_hold()
     r.step()
-    assert r.state is State.STEADY
+    assert r.state() is State.STEADY
 
 
 def test_paused_blocks_actions_and_resume_lets_them_happen() -> None:
@@ -118,7 +122,7 @@ def test_paused_blocks_actions_and_resume_lets_them_happen() -> None:
     r.paused = True
     for _ in range(5):
         assert r.step(green=FAIL) == []
-    assert r.state is State.PAUSED
+    assert r.state() is State.PAUSED
     assert r.m.last_decision is not None and r.m.last_decision.blocked_by == "paused"
     r.paused = False
     (action,) = r.step(green=FAIL)
@@ -206,7 +210,7 @@ def test_a_dead_rollback_target_alerts_once_per_episode() -> None:
     )
     for _ in range(20):
         assert r.step(blue=FAIL) == [], "once per episode"
-    assert r.state is State.STEADY  # a warning, not a state: green still serves
+    assert r.state() is State.STEADY  # a warning, not a state: green still serves
     r.step()  # blue passes a probe: the episode ends
     assert r.m.protection_lost("green", r.now) is None
     for _ in range(3):

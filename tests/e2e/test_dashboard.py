@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from anyio.from_thread import start_blocking_portal
 
-from tests.harness.daemon import Lab
+from tests.harness.daemon import Lab, MakeLab
 from tests.harness.nginx import free_port
 from tests.harness.prometheus import PrometheusServer, ensure_prometheus
 from tests.harness.receiver import Receiver, SlackWebApi, serve
@@ -49,7 +49,7 @@ def substitute(expr: str, guard: str) -> str:
 
 
 def test_every_dashboard_query_has_data_after_a_rollback_and_a_hold(
-    make_lab, tmp_path: Path
+    make_lab: MakeLab, tmp_path: Path
 ) -> None:
     ensure_prometheus()
     port = free_port()

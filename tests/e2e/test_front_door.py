@@ -8,30 +8,33 @@ unless the front door agrees that it fails.
 
 from __future__ import annotations
 
-import json
+import subprocess
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.harness.daemon import Lab, guardctl, wait_until
+from tests.harness.daemon import Lab, MakeLab, guardctl, wait_until
+from tests.harness.jsondoc import json_object
 from tests.harness.nginx import free_port
-from tests.harness.upstream import Upstream
+from tests.harness.upstream import Mode, Upstream
 
 pytestmark = pytest.mark.nginx
 
 
-def ctl(lab: Lab, *argv: str):  # type: ignore[no-untyped-def]
+def ctl(lab: Lab, *argv: str) -> subprocess.CompletedProcess[str]:
     return guardctl("--config", str(lab.config_path), *argv)
 
 
-def status(lab: Lab) -> dict:  # type: ignore[type-arg]
-    return json.loads(ctl(lab, "status", "--json").stdout)  # type: ignore[no-any-return]
+def status(lab: Lab) -> dict[str, Any]:
+    return json_object(ctl(lab, "status", "--json").stdout)
 
 
-def is_mismatch(e: dict) -> bool:  # type: ignore[type-arg]
+def is_mismatch(e: dict[str, Any]) -> bool:
     return e.get("event") == "alert" and str(e.get("reason", "")).startswith("mismatch:")
 
 
-def test_link_flipped_by_hand_without_a_reload_is_caught_and_reapplied(make_lab) -> None:
+def test_link_flipped_by_hand_without_a_reload_is_caught_and_reapplied(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     d = lab.daemon()
     count = len(d.events())
@@ -52,7 +55,9 @@ def test_link_flipped_by_hand_without_a_reload_is_caught_and_reapplied(make_lab)
 
 
 @pytest.mark.parametrize("front_mode", ["http_503", "hang"])
-def test_front_door_failing_while_probes_pass_holds_and_pages(make_lab, front_mode) -> None:
+def test_front_door_failing_while_probes_pass_holds_and_pages(
+    make_lab: MakeLab, front_mode: Mode
+) -> None:
     # The front door is another server that fails; green's own probes all pass.
     front = Upstream("front").start()
     try:
@@ -83,7 +88,7 @@ def test_front_door_failing_while_probes_pass_holds_and_pages(make_lab, front_mo
         front.stop()
 
 
-def test_mismatch_is_a_warning_in_status(make_lab) -> None:
+def test_mismatch_is_a_warning_in_status(make_lab: MakeLab) -> None:
     # Paused before the re-apply: the mismatch stands, and nothing holds yet.
     front = Upstream("front").start()
     try:
@@ -102,7 +107,7 @@ def test_mismatch_is_a_warning_in_status(make_lab) -> None:
 
 @pytest.mark.parametrize("wrong", ["refused", "another_service"])
 def test_typo_in_the_live_probe_url_alerts_instead_of_rolling_back(
-    make_lab, tmp_path, wrong
+    make_lab: MakeLab, tmp_path: Path, wrong: str
 ) -> None:
     other = Upstream("other").start()
     try:
@@ -125,7 +130,9 @@ def test_typo_in_the_live_probe_url_alerts_instead_of_rolling_back(
         other.stop()
 
 
-def test_never_seen_healthy_color_is_rolled_back_when_the_front_door_agrees(make_lab) -> None:
+def test_never_seen_healthy_color_is_rolled_back_when_the_front_door_agrees(
+    make_lab: MakeLab,
+) -> None:
     # green fails from the start, and really does: the front door fails too.
     lab: Lab = make_lab()
     lab.green.set_mode("http_503")

@@ -10,11 +10,13 @@ import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.harness.daemon import GUARDCTL, Lab, guardctl, wait_until
+from tests.harness.daemon import GUARDCTL, Lab, MakeLab, guardctl, wait_until
 from tests.harness.daemon import lab as lab_in
+from tests.harness.jsondoc import json_object
 from tests.harness.paths import shared_tmp_dir
 
 pytestmark = pytest.mark.nginx
@@ -27,17 +29,17 @@ def shared_run_dir() -> Iterator[Path]:
         yield path
 
 
-def ctl(lab: Lab, *argv: str, **kw: object):  # type: ignore[no-untyped-def]
+def ctl(lab: Lab, *argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     """guardctl pointed at the lab's config (which names its socket and lock file)."""
-    return guardctl("--config", str(lab.config_path), *argv, **kw)  # type: ignore[arg-type]
+    return guardctl("--config", str(lab.config_path), *argv, **kw)
 
 
-def status(lab: Lab) -> dict:  # type: ignore[type-arg]
+def status(lab: Lab) -> dict[str, Any]:
     result = ctl(lab, "status", "--json")
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
+    return json_object(result.stdout)
 
 
-def test_status_exit_codes_and_shape(make_lab) -> None:
+def test_status_exit_codes_and_shape(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     d = lab.daemon()
     wait_until(lambda: ctl(lab, "status").returncode == 0, 20, "status OK")
@@ -83,7 +85,7 @@ def test_status_exit_codes_and_shape(make_lab) -> None:
     assert down.returncode == 3 and "UNKNOWN" in down.stdout
 
 
-def test_stale_probes_are_never_shown_healthy(make_lab) -> None:
+def test_stale_probes_are_never_shown_healthy(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     lab.daemon()
     assert status(lab)["upstreams"]["green"]["stale"] is False
@@ -102,7 +104,7 @@ def test_stale_probes_are_never_shown_healthy(make_lab) -> None:
     wait_until(lambda: status(lab)["upstreams"]["green"]["healthy"] is True, 20, "fresh again")
 
 
-def test_pause_stops_switching_and_resume_lets_the_rollback_happen(make_lab) -> None:
+def test_pause_stops_switching_and_resume_lets_the_rollback_happen(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     d = lab.daemon()
     assert ctl(lab, "pause", "--reason", "db migration").returncode == 0
@@ -122,7 +124,7 @@ def test_pause_stops_switching_and_resume_lets_the_rollback_happen(make_lab) -> 
     assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
 
 
-def test_switch_promote_rollback_move_traffic_and_respect_the_lock(make_lab) -> None:
+def test_switch_promote_rollback_move_traffic_and_respect_the_lock(make_lab: MakeLab) -> None:
     lab: Lab = make_lab(policy__promote_successes=3, qos__window="1h")
     d = lab.daemon()
     # switch: moves real traffic and is journaled with the caller.
@@ -166,7 +168,7 @@ def test_switch_promote_rollback_move_traffic_and_respect_the_lock(make_lab) -> 
     assert d.stop() == 0
 
 
-def test_qos_commands_and_status_with_the_daemon_down(make_lab) -> None:
+def test_qos_commands_and_status_with_the_daemon_down(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     d = lab.daemon()
     assert ctl(lab, "qos", "status").returncode == 0
@@ -192,7 +194,7 @@ def test_qos_commands_and_status_with_the_daemon_down(make_lab) -> None:
     assert d2.stop() == 0
 
 
-def test_unprivileged_uid_reads_but_may_not_mutate(make_lab, shared_run_dir: Path) -> None:
+def test_unprivileged_uid_reads_but_may_not_mutate(make_lab: MakeLab, shared_run_dir: Path) -> None:
     lab: Lab = make_lab(run_dir=shared_run_dir)
     lab.daemon()
     # The config is root's (0600 under pytest's tmp); nobody is told the socket instead.
@@ -212,7 +214,7 @@ def test_unprivileged_uid_reads_but_may_not_mutate(make_lab, shared_run_dir: Pat
     assert lab.nginx.served_color() == "green"
 
 
-def test_history_lists_the_journal(make_lab) -> None:
+def test_history_lists_the_journal(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     d = lab.daemon()
     lab.green.set_mode("http_503")
@@ -224,7 +226,7 @@ def test_history_lists_the_journal(make_lab) -> None:
     assert res.returncode == 0 and len(res.stdout.strip().splitlines()) == 2
 
 
-def test_control_socket_survives_garbage(make_lab) -> None:
+def test_control_socket_survives_garbage(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     d = lab.daemon()
     path = str(lab.socket_path)
@@ -258,7 +260,7 @@ def test_control_socket_survives_garbage(make_lab) -> None:
     assert d.proc is not None and d.proc.poll() is None
 
 
-def test_switch_force_declares_the_color_a_command_switcher_cannot_read(make_lab) -> None:
+def test_switch_force_declares_the_color_a_command_switcher_cannot_read(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     marker = lab.tmp / "switched-{color}"
     lab.write_config(
@@ -354,7 +356,7 @@ def test_a_ci_user_who_cannot_read_the_config_gets_unknown_never_allowed(
         check("guardd down")
 
 
-def test_history_with_the_daemon_down_reads_the_journal(make_lab) -> None:
+def test_history_with_the_daemon_down_reads_the_journal(make_lab: MakeLab) -> None:
     lab_: Lab = make_lab()
     d = lab_.daemon()
     lab_.green.set_mode("http_503")
@@ -376,7 +378,7 @@ def test_history_with_the_daemon_down_reads_the_journal(make_lab) -> None:
     assert "stopped" in text.stdout
 
 
-def test_an_expired_lock_with_the_daemon_down_blocks_and_says_so(make_lab) -> None:
+def test_an_expired_lock_with_the_daemon_down_blocks_and_says_so(make_lab: MakeLab) -> None:
     lab_: Lab = make_lab()
     d = lab_.daemon()
     res = ctl(lab_, "qos", "lock", "--for", "5s", "--reason", "short freeze")
@@ -398,7 +400,9 @@ def test_an_expired_lock_with_the_daemon_down_blocks_and_says_so(make_lab) -> No
     assert d2.stop() == 0
 
 
-def test_the_only_instance_is_used_and_several_are_listed(make_lab, tmp_path: Path) -> None:
+def test_the_only_instance_is_used_and_several_are_listed(
+    make_lab: MakeLab, tmp_path: Path
+) -> None:
     first: Lab = make_lab()
     first.daemon()
     where = {
@@ -421,7 +425,9 @@ def test_the_only_instance_is_used_and_several_are_listed(make_lab, tmp_path: Pa
     assert guardctl("--instance", "lab", "qos", "status", env=where).returncode == 0
 
 
-def test_a_misspelled_instance_beside_its_config_is_unknown_never_another_guard(make_lab) -> None:
+def test_a_misspelled_instance_beside_its_config_is_unknown_never_another_guard(
+    make_lab: MakeLab,
+) -> None:
     """`--config F --instance typo` must not report on F's guard as if it were the one asked."""
     lab: Lab = make_lab()
     d = lab.daemon()
@@ -442,7 +448,7 @@ def test_a_misspelled_instance_beside_its_config_is_unknown_never_another_guard(
     assert "no guardd answers" in typo.stderr and "'lab', not 'lba'" in typo.stderr
 
 
-def test_unlock_with_guardd_down_tells_the_truth_about_a_guard_window(make_lab) -> None:
+def test_unlock_with_guardd_down_tells_the_truth_about_a_guard_window(make_lab: MakeLab) -> None:
     """A guard window comes back at start (state.json): `rm` is no way to end it."""
     lab: Lab = make_lab()
     d = lab.daemon()

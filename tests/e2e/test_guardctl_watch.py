@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from guardd.render import _duration
-from tests.harness.daemon import GUARDCTL, Lab, guardctl, wait_until
+from tests.harness.daemon import GUARDCTL, Lab, MakeLab, guardctl, wait_until
 
 pytestmark = pytest.mark.nginx
 
@@ -46,11 +46,16 @@ class Tmux:
 
     def __init__(self) -> None:
         assert TMUX, "tmux is not installed: packaging/bootstrap.sh system installs it"
+        self.tmux = TMUX
         self.name = f"guardd-{uuid.uuid4().hex[:8]}"
 
     def run(self, *argv: str) -> str:
         done = subprocess.run(
-            [TMUX, "-L", self.name, *argv], capture_output=True, text=True, check=True, timeout=30
+            [self.tmux, "-L", self.name, *argv],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
         )
         return done.stdout
 
@@ -67,7 +72,9 @@ class Tmux:
         return self.run("capture-pane", "-p", *(["-e"] if escapes else []), "-t", target)
 
     def close(self) -> None:
-        subprocess.run([TMUX, "-L", self.name, "kill-server"], capture_output=True, check=False)
+        subprocess.run(
+            [self.tmux, "-L", self.name, "kill-server"], capture_output=True, check=False
+        )
 
 
 @pytest.fixture
@@ -77,7 +84,7 @@ def tmux() -> Iterator[Tmux]:
     t.close()
 
 
-def test_watch_in_a_terminal_shows_a_rollback_as_it_happens(make_lab, tmux: Tmux) -> None:
+def test_watch_in_a_terminal_shows_a_rollback_as_it_happens(make_lab: MakeLab, tmux: Tmux) -> None:
     lab: Lab = make_lab(qos__window="60s")
     d = lab.daemon()
     env = {"TERM": "xterm-256color", "PATH": os.environ["PATH"]}
@@ -109,7 +116,9 @@ def test_watch_in_a_terminal_shows_a_rollback_as_it_happens(make_lab, tmux: Tmux
     assert "UNKNOWN" in tmux.screen("plain")
 
 
-def test_watch_off_a_terminal_prints_each_change_as_a_line(make_lab, tmp_path: Path) -> None:
+def test_watch_off_a_terminal_prints_each_change_as_a_line(
+    make_lab: MakeLab, tmp_path: Path
+) -> None:
     lab: Lab = make_lab()
     d = lab.daemon()
     out = tmp_path / "watch.out"
@@ -165,7 +174,7 @@ def test_watch_off_a_terminal_prints_each_change_as_a_line(make_lab, tmp_path: P
 # ---- waiting in CI -----------------------------------------------------------------------
 
 
-def test_promote_wait_as_a_ci_step(make_lab, tmp_path: Path) -> None:
+def test_promote_wait_as_a_ci_step(make_lab: MakeLab, tmp_path: Path) -> None:
     lab: Lab = make_lab(active="blue", policy__rollback_to="previous")
     d = lab.daemon()
     assert ctl(lab, "wait", "healthy", "--timeout", "1m").returncode == 0
@@ -221,7 +230,7 @@ def test_promote_wait_as_a_ci_step(make_lab, tmp_path: Path) -> None:
     assert refused.returncode == 1 and "blue is unhealthy" in refused.stderr
 
 
-def test_wait_for_steady_and_unlocked(make_lab) -> None:
+def test_wait_for_steady_and_unlocked(make_lab: MakeLab) -> None:
     lab: Lab = make_lab(qos__window="3s")
     d = lab.daemon()
     assert ctl(lab, "wait", "steady", "--timeout", "30s").returncode == 0
@@ -244,7 +253,7 @@ def test_wait_for_steady_and_unlocked(make_lab) -> None:
 # ---- incident ----------------------------------------------------------------------------
 
 
-def test_incident_after_a_real_rollback_with_guardd_down(make_lab) -> None:
+def test_incident_after_a_real_rollback_with_guardd_down(make_lab: MakeLab) -> None:
     lab: Lab = make_lab(active="blue", policy__rollback_to="previous", qos__window="4s")
     d = lab.daemon()
     assert ctl(lab, "promote", "--wait", "1m", "--reason", "release 4").returncode == 0

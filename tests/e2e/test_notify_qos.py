@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import pytest
 from anyio.from_thread import start_blocking_portal
 
-from tests.harness.daemon import Lab, guardctl, wait_until
+from tests.harness.daemon import Lab, MakeLab, guardctl, wait_until
 from tests.harness.nginx import free_port
-from tests.harness.receiver import HANG, Receiver, Reply, closed_port, serve
+from tests.harness.receiver import HANG, Receiver, Reply, Step, closed_port, serve
 
 pytestmark = pytest.mark.nginx
 OK = Reply(200)
@@ -20,7 +21,7 @@ OK = Reply(200)
 
 @contextmanager
 def receiver(
-    script: tuple[Reply, ...] = (), *, default: Reply | object = OK, port: int = 0
+    script: tuple[Reply, ...] = (), *, default: Step = OK, port: int = 0
 ) -> Iterator[Receiver]:
     """A real webhook receiver served from a background event loop."""
     with (
@@ -34,17 +35,17 @@ def webhook(url: str, events: list[str]) -> dict[str, object]:
     return {"notify": [{"kind": "webhook", "url_env": "GUARDD_TEST_HOOK", "events": events}]}
 
 
-def make(make_lab, url: str, events: list[str], **overrides: object) -> Lab:  # type: ignore[no-untyped-def]
+def make(make_lab: MakeLab, url: str, events: list[str], **overrides: Any) -> Lab:
     lab: Lab = make_lab(**overrides)
-    lab.extra_toml = (  # type: ignore[attr-defined]
+    extra_toml = (
         '\n[[notify]]\nkind = "webhook"\nurl_env = "GUARDD_TEST_HOOK"\n'
         f"events = {json.dumps(events)}\n"
     )
-    lab.config_path.write_text(lab.config_text() + lab.extra_toml)  # type: ignore[attr-defined]
+    lab.config_path.write_text(lab.config_text() + extra_toml)
     return lab
 
 
-def test_500_twice_then_200_delivers_once_and_counts(make_lab) -> None:
+def test_500_twice_then_200_delivers_once_and_counts(make_lab: MakeLab) -> None:
     port = free_port()
     with receiver((Reply(500), Reply(500))) as rec:
         lab = make(make_lab, rec.url, ["rollback"], metrics__listen=f"127.0.0.1:{port}")
@@ -71,7 +72,7 @@ def test_500_twice_then_200_delivers_once_and_counts(make_lab) -> None:
         assert len(rec.requests) == 3, "exactly once with a 2xx"
 
 
-def test_hung_receiver_delays_neither_rollback_nor_status(make_lab) -> None:
+def test_hung_receiver_delays_neither_rollback_nor_status(make_lab: MakeLab) -> None:
     with receiver(default=HANG) as rec:
         lab = make(make_lab, rec.url, ["started", "rollback", "qos"])
         d = lab.daemon(env={"GUARDD_TEST_HOOK": rec.url})
@@ -86,7 +87,7 @@ def test_hung_receiver_delays_neither_rollback_nor_status(make_lab) -> None:
         assert d.stop() == 0, "a hung sink does not delay shutdown either"
 
 
-def test_undelivered_messages_survive_a_restart_and_are_not_sent_twice(make_lab) -> None:
+def test_undelivered_messages_survive_a_restart_and_are_not_sent_twice(make_lab: MakeLab) -> None:
     port = closed_port()
     url = f"http://127.0.0.1:{port}/hook/T0KEN"
     lab = make(make_lab, url, ["rollback", "qos"], retry__attempts=2)
@@ -111,7 +112,7 @@ def test_undelivered_messages_survive_a_restart_and_are_not_sent_twice(make_lab)
     assert [i for i in after if i in queued] == [i for i in seen if i in queued], "not again"
 
 
-def test_secrets_never_reach_logs_status_or_journal(make_lab) -> None:
+def test_secrets_never_reach_logs_status_or_journal(make_lab: MakeLab) -> None:
     with receiver() as rec:
         token = rec.url.rsplit("/", 3)[-1]
         lab = make(
@@ -132,7 +133,7 @@ def test_secrets_never_reach_logs_status_or_journal(make_lab) -> None:
             assert "s3cr3t-t0ken-value" not in text, where
 
 
-def test_guard_window_is_released_when_slos_hold(make_lab) -> None:
+def test_guard_window_is_released_when_slos_hold(make_lab: MakeLab) -> None:
     lab: Lab = make_lab(qos__window="2s")
     d = lab.daemon()
     lab.green.set_mode("http_503")
@@ -143,7 +144,7 @@ def test_guard_window_is_released_when_slos_hold(make_lab) -> None:
     wait_until(lambda: d.state().get("qos") is None, 10, "state.json mirror cleared")
 
 
-def test_guard_window_is_extended_when_slos_fail(make_lab) -> None:
+def test_guard_window_is_extended_when_slos_fail(make_lab: MakeLab) -> None:
     lab: Lab = make_lab(qos__window="2s", policy__p0_error_ratio=1.0, policy__p1_error_ratio=1.0)
     d = lab.daemon()
     lab.green.set_mode("http_503")
@@ -158,7 +159,7 @@ def test_guard_window_is_extended_when_slos_fail(make_lab) -> None:
     d.wait_event("qos_released")
 
 
-def test_lock_survives_restart_and_a_cleared_run_dir(make_lab) -> None:
+def test_lock_survives_restart_and_a_cleared_run_dir(make_lab: MakeLab) -> None:
     lab: Lab = make_lab(qos__window="1h")
     d = lab.daemon()
     lab.green.set_mode("http_503")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tests.harness.daemon import Lab
+from tests.harness.daemon import Lab, MakeLab
 from tests.harness.nginx import free_port
 from tests.harness.prometheus import PrometheusServer, ensure_prometheus
 
 pytestmark = pytest.mark.nginx
 
 
-def test_prometheus_sees_blue_active_after_a_rollback(make_lab, tmp_path) -> None:
+def test_prometheus_sees_blue_active_after_a_rollback(make_lab: MakeLab, tmp_path: Path) -> None:
     ensure_prometheus()
     port = free_port()
     lab: Lab = make_lab(metrics__listen=f"127.0.0.1:{port}")

@@ -19,7 +19,7 @@ import pytest
 from anyio.from_thread import start_blocking_portal
 
 from tests.faults.util import status
-from tests.harness.daemon import Daemon, Lab, wait_until
+from tests.harness.daemon import Daemon, Lab, MakeLab, wait_until
 from tests.harness.nginx import free_port
 from tests.harness.receiver import Receiver, Reply, serve
 
@@ -65,7 +65,7 @@ def requests_to(rec: Receiver, event: str) -> list[dict[str, Any]]:
     return out
 
 
-def test_a_changed_verify_url_verifies_the_next_rollback(make_lab) -> None:  # type: ignore[no-untyped-def]
+def test_a_changed_verify_url_verifies_the_next_rollback(make_lab: MakeLab) -> None:
     with receiver() as front:
         lab: Lab = make_lab()
         d = lab.daemon()
@@ -80,7 +80,7 @@ def test_a_changed_verify_url_verifies_the_next_rollback(make_lab) -> None:  # t
         assert d.stop() == 0
 
 
-def test_the_front_door_watched_follows_verify_url_across_reloads(make_lab) -> None:  # type: ignore[no-untyped-def]
+def test_the_front_door_watched_follows_verify_url_across_reloads(make_lab: MakeLab) -> None:
     with receiver() as front:
         lab: Lab = make_lab()
         d = lab.daemon()
@@ -111,7 +111,7 @@ def reload_with(
     return reload(d, lab)
 
 
-def test_a_changed_notify_sink_gets_the_next_events(make_lab) -> None:  # type: ignore[no-untyped-def]
+def test_a_changed_notify_sink_gets_the_next_events(make_lab: MakeLab) -> None:
     with receiver() as first, receiver() as second:
         lab: Lab = make_lab()
         write(lab, "HOOK_FIRST")
@@ -140,7 +140,7 @@ def test_a_changed_notify_sink_gets_the_next_events(make_lab) -> None:  # type: 
         assert d.stop() == 0
 
 
-def test_config_reloaded_names_the_keys_that_wait_for_a_restart(make_lab) -> None:  # type: ignore[no-untyped-def]
+def test_config_reloaded_names_the_keys_that_wait_for_a_restart(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     d = lab.daemon()
     same = reload(d, lab)

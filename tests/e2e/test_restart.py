@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from typing import Any
 
 import pytest
 
-from tests.harness.daemon import Daemon, Lab, guardctl, log_lines, wait_until
+from tests.harness.daemon import Daemon, Lab, MakeLab, guardctl, log_lines, wait_until
 
 pytestmark = pytest.mark.nginx
 
 
-def ctl(lab: Lab, *argv: str):  # type: ignore[no-untyped-def]
+def ctl(lab: Lab, *argv: str) -> subprocess.CompletedProcess[str]:
     return guardctl("--config", str(lab.config_path), *argv)
 
 
@@ -19,7 +21,7 @@ def levels(d: Daemon, event: str) -> set[str]:
     return {x["level"] for x in log_lines(d) if x.get("event") == event}
 
 
-def test_sticky_hold_after_a_failed_switch_survives_a_restart(make_lab) -> None:
+def test_sticky_hold_after_a_failed_switch_survives_a_restart(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     d = lab.daemon()
     good = lab.nginx.targets["blue"].read_text()
@@ -53,7 +55,7 @@ def test_sticky_hold_after_a_failed_switch_survives_a_restart(make_lab) -> None:
     assert d2.stop() == 0
 
 
-def test_a_guard_window_survives_a_restart_with_its_probes(make_lab) -> None:
+def test_a_guard_window_survives_a_restart_with_its_probes(make_lab: MakeLab) -> None:
     lab: Lab = make_lab(qos__window="6s")
     d = lab.daemon()
     lab.green.set_mode("http_503")
@@ -75,7 +77,7 @@ def test_a_guard_window_survives_a_restart_with_its_probes(make_lab) -> None:
     assert d2.stop() == 0
 
 
-def test_a_dead_rollback_target_is_a_warning_once_per_episode(make_lab) -> None:
+def test_a_dead_rollback_target_is_a_warning_once_per_episode(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     d = lab.daemon()
     wait_until(lambda: ctl(lab, "status").returncode == 0, 20, "status OK")
@@ -112,7 +114,7 @@ def test_a_dead_rollback_target_is_a_warning_once_per_episode(make_lab) -> None:
     assert d2.stop() == 0
 
 
-def test_under_journald_each_line_carries_its_syslog_priority(make_lab) -> None:
+def test_under_journald_each_line_carries_its_syslog_priority(make_lab: MakeLab) -> None:
     """journald reads `<N>` off the front of a line as its priority (SyslogLevelPrefix=)."""
     lab: Lab = make_lab()
     assert lab.notify is None
@@ -125,7 +127,7 @@ def test_under_journald_each_line_carries_its_syslog_priority(make_lab) -> None:
     lab.blue.set_mode("http_503")
     d.wait_event("alert", where=lambda e: "no safe rollback" in (e["reason"] or ""))
 
-    def parsed() -> list[tuple[int, dict]]:  # type: ignore[type-arg]
+    def parsed() -> list[tuple[int, dict[str, Any]]]:
         out = []
         for line in d.log().splitlines():
             if line.startswith("<") and ">" in line:

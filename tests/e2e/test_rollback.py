@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 import pytest
 
-from tests.harness.daemon import Lab, wait_until
+from tests.harness.daemon import Daemon, Lab, MakeLab, wait_until
+from tests.harness.upstream import Mode
 
 pytestmark = pytest.mark.nginx
 
 
-def assert_rolled_back(lab: Lab, d, after: int = 0) -> dict:  # type: ignore[no-untyped-def]
+def assert_rolled_back(lab: Lab, d: Daemon, after: int = 0) -> dict[str, Any]:
     """nginx serves only blue; the journal, lock file and state.json agree."""
     started = d.wait_event("rollback_started", after=after)
     done = d.wait_event("rollback_completed", after=after)
@@ -36,7 +38,7 @@ def assert_rolled_back(lab: Lab, d, after: int = 0) -> dict:  # type: ignore[no-
         ("json_down", "consecutive_failures"),
     ],
 )
-def test_failing_green_is_rolled_back(make_lab, mode: str, rule: str) -> None:
+def test_failing_green_is_rolled_back(make_lab: MakeLab, mode: Mode, rule: str) -> None:
     lab = make_lab()
     d = lab.daemon()
     assert lab.nginx.served_color() == "green"
@@ -50,7 +52,7 @@ def test_failing_green_is_rolled_back(make_lab, mode: str, rule: str) -> None:
     assert events[-1] == "stopped"
 
 
-def test_noisy_but_healthy_green_is_not_rolled_back(make_lab) -> None:
+def test_noisy_but_healthy_green_is_not_rolled_back(make_lab: MakeLab) -> None:
     # 1 % random 5xx over 2,000 probes at a 20 ms cadence: never 3 in a row, ratio ~0.01.
     lab = make_lab(
         probe__interval="20ms",
@@ -68,7 +70,7 @@ def test_noisy_but_healthy_green_is_not_rolled_back(make_lab) -> None:
     assert d.stop() == 0
 
 
-def test_ratio_rule_catches_a_pattern_never_three_in_a_row(make_lab) -> None:
+def test_ratio_rule_catches_a_pattern_never_three_in_a_row(make_lab: MakeLab) -> None:
     lab = make_lab(policy__p0_error_ratio=0.5)
     d = lab.daemon()
     lab.green.set_mode("pattern", statuses=[503, 503, 200])
@@ -78,7 +80,7 @@ def test_ratio_rule_catches_a_pattern_never_three_in_a_row(make_lab) -> None:
     assert done["evidence"]["samples"] >= 5
 
 
-def test_both_colors_down_holds_then_rolls_back_when_blue_recovers(make_lab) -> None:
+def test_both_colors_down_holds_then_rolls_back_when_blue_recovers(make_lab: MakeLab) -> None:
     lab = make_lab()
     d = lab.daemon()
     lab.blue.set_mode("http_503")
@@ -94,7 +96,7 @@ def test_both_colors_down_holds_then_rolls_back_when_blue_recovers(make_lab) -> 
     assert len([e for e in d.events() if e["event"] == "hold"]) == 1, "one hold per incident"
 
 
-def test_target_rejected_by_nginx_test_restores_link(make_lab) -> None:
+def test_target_rejected_by_nginx_test_restores_link(make_lab: MakeLab) -> None:
     lab = make_lab()
     d = lab.daemon()
     before = lab.nginx.active_link.readlink()
@@ -112,7 +114,7 @@ def test_target_rejected_by_nginx_test_restores_link(make_lab) -> None:
     assert d.stop() == 0
 
 
-def test_kill9_during_slow_reload_is_resumed_at_restart(make_lab) -> None:
+def test_kill9_during_slow_reload_is_resumed_at_restart(make_lab: MakeLab) -> None:
     lab = make_lab()
     (lab.fault_dir / "after_renamed").touch()  # pause the switch between rename and reload
     d = lab.daemon()
@@ -131,16 +133,16 @@ def test_kill9_during_slow_reload_is_resumed_at_restart(make_lab) -> None:
     assert d2.stop() == 0
 
 
-def test_rollback_budget_holds_and_survives_restart(make_lab) -> None:
+def test_rollback_budget_holds_and_survives_restart(make_lab: MakeLab) -> None:
     lab = make_lab(policy__max_rollbacks=3)
     d = lab.daemon()
     for n in range(3):
         lab.green.set_mode("http_503")
-        wait_until(
-            lambda n=n: len([e for e in d.events() if e["event"] == "rollback_completed"]) == n + 1,
-            30,
-            f"rollback {n + 1}",
-        )
+
+        def rolled_back(times: int = n + 1) -> bool:
+            return len([e for e in d.events() if e["event"] == "rollback_completed"]) == times
+
+        wait_until(rolled_back, 30, f"rollback {n + 1}")
         lab.green.set_mode("ok")
         count = len(d.events())
         lab.nginx.active_link.unlink()
@@ -161,7 +163,7 @@ def test_rollback_budget_holds_and_survives_restart(make_lab) -> None:
     assert d2.stop() == 0
 
 
-def test_sigterm_is_a_clean_stop(make_lab) -> None:
+def test_sigterm_is_a_clean_stop(make_lab: MakeLab) -> None:
     lab = make_lab()
     d = lab.daemon()
     d.signal(signal.SIGTERM)

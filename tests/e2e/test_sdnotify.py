@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from tests.harness.daemon import Lab, wait_until
+from tests.harness.daemon import Lab, MakeLab, wait_until
 
 pytestmark = pytest.mark.nginx
 
 
-def test_ready_only_after_a_probe_of_each_color(make_lab) -> None:
+def test_ready_only_after_a_probe_of_each_color(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     lab.blue.set_mode("slow", delay=1.5)
     d = lab.daemon()
@@ -31,7 +31,7 @@ def test_ready_only_after_a_probe_of_each_color(make_lab) -> None:
     assert d.stop() == 0
 
 
-def test_status_reports_the_active_color_and_follows_a_rollback(make_lab) -> None:
+def test_status_reports_the_active_color_and_follows_a_rollback(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     d = lab.daemon()
     assert lab.notify is not None
@@ -42,7 +42,7 @@ def test_status_reports_the_active_color_and_follows_a_rollback(make_lab) -> Non
     assert d.stop() == 0
 
 
-def test_watchdog_pings_on_time_and_stop_when_the_tick_stalls(make_lab) -> None:
+def test_watchdog_pings_on_time_and_stop_when_the_tick_stalls(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     d = lab.daemon(env={"WATCHDOG_USEC": "2000000"})
     assert lab.notify is not None
@@ -63,7 +63,7 @@ def test_watchdog_pings_on_time_and_stop_when_the_tick_stalls(make_lab) -> None:
     assert d.stop() == 0
 
 
-def test_watchdog_keeps_pinging_through_a_slow_switch(make_lab) -> None:
+def test_watchdog_keeps_pinging_through_a_slow_switch(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     (lab.fault_dir / "after_renamed").touch()  # the switch dwells between rename and test
     lab.daemon(env={"WATCHDOG_USEC": "2000000"})
@@ -78,7 +78,7 @@ def test_watchdog_keeps_pinging_through_a_slow_switch(make_lab) -> None:
     lab.daemons[-1].wait_event("rollback_completed")
 
 
-def test_sighup_reloads_and_a_broken_config_keeps_the_old_one(make_lab) -> None:
+def test_sighup_reloads_and_a_broken_config_keeps_the_old_one(make_lab: MakeLab) -> None:
     # Only the run of failures may fire, so its threshold shows which config is in force.
     lab: Lab = make_lab(policy__p0_error_ratio=1.0, policy__p1_error_ratio=1.0)
     d = lab.daemon()
@@ -110,7 +110,7 @@ def test_sighup_reloads_and_a_broken_config_keeps_the_old_one(make_lab) -> None:
     assert d.stop() == 0
 
 
-def test_sigterm_sends_stopping_and_exits_zero(make_lab) -> None:
+def test_sigterm_sends_stopping_and_exits_zero(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     d = lab.daemon()
     assert lab.notify is not None

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_dashboard import TOKEN, slack_api
-from tests.harness.daemon import Lab, guardctl, wait_until
+from tests.harness.daemon import Lab, MakeLab, guardctl, wait_until
+from tests.harness.receiver import SlackWebApi
 
 pytestmark = pytest.mark.nginx
 
@@ -22,10 +23,11 @@ def event_id(posted: dict[str, object]) -> str:
 
 
 def test_a_restart_between_the_rollback_and_the_release_still_threads(
-    make_lab, tmp_path: Path
+    make_lab: MakeLab, tmp_path: Path
 ) -> None:
     with slack_api() as rec:
         slack = rec.default
+        assert isinstance(slack, SlackWebApi)
         # Long enough a guard window that the restart surely falls inside it.
         lab: Lab = make_lab(qos__window="8s")
         lab.config_path.write_text(

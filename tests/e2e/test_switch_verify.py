@@ -7,14 +7,16 @@ previous target back, reload, and journal the failed step and the color really s
 
 from __future__ import annotations
 
-import json
 import shlex
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.harness.daemon import Daemon, Lab, guardctl, wait_until
+from tests.harness.daemon import Daemon, Lab, MakeLab, guardctl, wait_until
+from tests.harness.jsondoc import json_object
 from tests.harness.nginx import free_port
 
 pytestmark = pytest.mark.nginx
@@ -23,12 +25,12 @@ pytestmark = pytest.mark.nginx
 FAST = {"switch__timeout": "4s"}
 
 
-def ctl(lab: Lab, *argv: str):  # type: ignore[no-untyped-def]
+def ctl(lab: Lab, *argv: str) -> subprocess.CompletedProcess[str]:
     return guardctl("--config", str(lab.config_path), *argv)
 
 
-def status(lab: Lab) -> dict:  # type: ignore[type-arg]
-    return json.loads(ctl(lab, "status", "--json").stdout)  # type: ignore[no-any-return]
+def status(lab: Lab) -> dict[str, Any]:
+    return json_object(ctl(lab, "status", "--json").stdout)
 
 
 def link_color(lab: Lab) -> str | None:
@@ -41,7 +43,7 @@ def point_at(lab: Lab, color: str, port: int) -> None:
     lab.nginx.targets[color].write_text(f"upstream lab_app {{\n    server 127.0.0.1:{port};\n}}\n")
 
 
-def assert_failed_verify(entry: dict, serving: str | None) -> None:  # type: ignore[type-arg]
+def assert_failed_verify(entry: dict[str, Any], serving: str | None) -> None:
     assert entry["step"] == "verify", entry
     assert entry["serving"] == serving, entry
     assert "verify failed:" in entry["reason"] and "answers passed" in entry["reason"], entry
@@ -71,7 +73,7 @@ def force_a_failing_blue(lab: Lab, d: Daemon) -> int:
     return count
 
 
-def test_rollback_with_a_reload_that_does_nothing_is_undone(make_lab) -> None:
+def test_rollback_with_a_reload_that_does_nothing_is_undone(make_lab: MakeLab) -> None:
     # reload_command = true: nginx keeps serving the failing green whatever the link says.
     lab: Lab = make_lab(switch__reload_command=["true"], **FAST)
     d = lab.daemon()
@@ -95,7 +97,7 @@ def test_rollback_with_a_reload_that_does_nothing_is_undone(make_lab) -> None:
     assert d.stop() == 0
 
 
-def test_rollback_to_a_config_that_keeps_serving_the_old_color_is_undone(make_lab) -> None:
+def test_rollback_to_a_config_that_keeps_serving_the_old_color_is_undone(make_lab: MakeLab) -> None:
     # blue's upstream file proxies to green's port: nginx -t passes, the reload is real,
     # blue's own probes pass, and yet the front door still answers with the failing green.
     lab: Lab = make_lab(**FAST)
@@ -111,7 +113,7 @@ def test_rollback_to_a_config_that_keeps_serving_the_old_color_is_undone(make_la
     assert d.stop() == 0
 
 
-def test_forced_switch_to_a_failing_blue_is_undone(make_lab) -> None:
+def test_forced_switch_to_a_failing_blue_is_undone(make_lab: MakeLab) -> None:
     lab: Lab = make_lab(**FAST)
     d = lab.daemon()
     lab.blue.set_mode("http_503")
@@ -126,7 +128,7 @@ def test_forced_switch_to_a_failing_blue_is_undone(make_lab) -> None:
     assert d.stop() == 0
 
 
-def test_promote_that_does_not_verify_is_undone(make_lab) -> None:
+def test_promote_that_does_not_verify_is_undone(make_lab: MakeLab) -> None:
     # blue itself is healthy (its probes pass the promotion gate), but its upstream file
     # points nowhere: through the front door it answers 502.
     lab: Lab = make_lab(**FAST)
@@ -146,7 +148,7 @@ def test_promote_that_does_not_verify_is_undone(make_lab) -> None:
     assert d.stop() == 0
 
 
-def test_resumed_rollback_that_does_not_verify_is_undone(make_lab) -> None:
+def test_resumed_rollback_that_does_not_verify_is_undone(make_lab: MakeLab) -> None:
     # A crash between the rename and the reload; at restart recover() "reloads" (true),
     # so the link names blue while nginx still serves the failing green.
     lab: Lab = make_lab(switch__reload_command=["true"], **FAST)
@@ -171,7 +173,7 @@ def test_resumed_rollback_that_does_not_verify_is_undone(make_lab) -> None:
 
 
 def test_command_switch_that_does_not_verify_is_undone_with_the_previous_color(
-    make_lab,
+    make_lab: MakeLab,
 ) -> None:
     # A deploy command that really moves nginx (link + reload) to a failing blue: the
     # undo runs the command again for green, and guardd's record says green.
@@ -197,7 +199,9 @@ def test_command_switch_that_does_not_verify_is_undone_with_the_previous_color(
     assert d.stop() == 0
 
 
-def test_state_file_switch_that_does_not_verify_is_restored_byte_for_byte(make_lab) -> None:
+def test_state_file_switch_that_does_not_verify_is_restored_byte_for_byte(
+    make_lab: MakeLab,
+) -> None:
     # The app's reload moves nginx to whatever the state file names; blue fails behind it.
     # The undo puts the file back exactly (every other key kept) and reloads again.
     lab: Lab = make_lab(**FAST)

@@ -5,21 +5,22 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.faults.util import FaultLab
+from tests.faults.util import FaultLab, MakeFaultLab
 
 
 @pytest.fixture
-def make_lab(tmp_path: Path) -> Iterator[Callable[..., FaultLab]]:
+def make_lab(tmp_path: Path) -> Iterator[MakeFaultLab]:
     """A factory of labs; every lab it made is torn down after the test."""
     made: list[FaultLab] = []
 
-    def factory(**overrides: object) -> FaultLab:
+    def factory(**overrides: Any) -> FaultLab:
         where = tmp_path / f"lab{len(made)}"
         where.mkdir()
-        lab = FaultLab(where, **overrides)  # type: ignore[arg-type]
+        lab = FaultLab(where, **overrides)
         made.append(lab)
         return lab
 

@@ -21,7 +21,7 @@ from guardd.control import client
 from guardd.guard import Guard
 from guardd.supervisor import Supervisor
 from guardd.systemd import SystemdNotifier
-from tests.faults.util import FaultLab, figure
+from tests.faults.util import FaultLab, MakeFaultLab, figure
 
 pytestmark = [pytest.mark.nginx, pytest.mark.anyio]
 HOUR = 3600.0
@@ -90,7 +90,7 @@ async def probes_over(guard: Guard, seconds: float) -> int:
     return guard.machine.windows["green"].stats(time.monotonic()).samples - before
 
 
-async def test_cadence_and_windows_ignore_wall_clock_jumps(make_lab) -> None:
+async def test_cadence_and_windows_ignore_wall_clock_jumps(make_lab: MakeFaultLab) -> None:
     lab: FaultLab = make_lab(probe__interval="200ms", policy__window="10m")
     clock = JumpingClock()
     async with guarding(lab, clock) as guard:
@@ -109,7 +109,9 @@ async def test_cadence_and_windows_ignore_wall_clock_jumps(make_lab) -> None:
         assert guard.state.value == "steady"
 
 
-async def test_guard_window_and_operator_lock_expire_on_monotonic_time(make_lab) -> None:
+async def test_guard_window_and_operator_lock_expire_on_monotonic_time(
+    make_lab: MakeFaultLab,
+) -> None:
     lab: FaultLab = make_lab(qos__window="3s")
     clock = JumpingClock()
     async with guarding(lab, clock) as guard:
@@ -137,7 +139,7 @@ async def test_guard_window_and_operator_lock_expire_on_monotonic_time(make_lab)
         figure("clock_operator_lock", wall_jump_s=-HOUR, lock_s=2.0, held_s=round(held, 2))
 
 
-async def test_rollback_budget_is_not_reset_by_a_wall_clock_jump(make_lab) -> None:
+async def test_rollback_budget_is_not_reset_by_a_wall_clock_jump(make_lab: MakeFaultLab) -> None:
     lab: FaultLab = make_lab(policy__max_rollbacks=1, policy__budget_window="1h", qos__window="1s")
     clock = JumpingClock()
     async with guarding(lab, clock) as guard:

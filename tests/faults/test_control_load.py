@@ -18,6 +18,7 @@ import pytest
 from guardd.control import protocol
 from tests.faults.util import (
     FaultLab,
+    MakeFaultLab,
     figure,
     metric,
     metrics_port,
@@ -78,7 +79,7 @@ async def client(path: str, tally: Tally, rng: random.Random) -> None:
             tally.other.append(doc["error"]["code"])
 
 
-async def test_500_clients_and_10000_status_calls_keep_the_cadence(make_lab) -> None:
+async def test_500_clients_and_10000_status_calls_keep_the_cadence(make_lab: MakeFaultLab) -> None:
     lab: FaultLab = make_lab(
         metrics__listen="127.0.0.1:0",
         probe__interval=f"{INTERVAL}s",

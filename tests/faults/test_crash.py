@@ -14,6 +14,7 @@ import pytest
 
 from tests.faults.util import (
     FaultLab,
+    MakeFaultLab,
     assert_journal_well_formed,
     color_of_link,
     figure,
@@ -36,7 +37,7 @@ POINTS = [
 
 
 @pytest.mark.parametrize("point", POINTS)
-def test_kill9_at_each_step_of_a_rollback(make_lab, point: str) -> None:
+def test_kill9_at_each_step_of_a_rollback(make_lab: MakeFaultLab, point: str) -> None:
     lab: FaultLab = make_lab()
     (lab.fault_dir / point).touch()
     d = lab.daemon()
@@ -91,7 +92,7 @@ def test_kill9_at_each_step_of_a_rollback(make_lab, point: str) -> None:
     )
 
 
-def test_kill9_during_the_resumed_rollback_still_converges(make_lab) -> None:
+def test_kill9_during_the_resumed_rollback_still_converges(make_lab: MakeFaultLab) -> None:
     # The restart is killed too, inside the switch it resumed: the next start settles it.
     lab: FaultLab = make_lab()
     (lab.fault_dir / "after_rollback_started").touch()

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,17 +20,17 @@ from guardd.control import client
 from guardd.journal import EVENTS
 from tests.faults.util import (
     FaultLab,
+    MakeFaultLab,
     assert_journal_well_formed,
     figure,
     guardctl_json,
-    log_lines,
     metric,
     metrics_port,
     scrape,
     status,
     status_lines,
 )
-from tests.harness.daemon import wait_until
+from tests.harness.daemon import Daemon, log_lines, wait_until
 
 pytestmark = pytest.mark.nginx
 
@@ -55,12 +56,14 @@ def fill(path: Path) -> int:
     return written
 
 
-def journal_ids_in_log(d) -> list[str]:  # type: ignore[no-untyped-def]
+def journal_ids_in_log(d: Daemon) -> list[str]:
     """The ids of the events the daemon journaled, in the order it logged them."""
     return [line["id"] for line in log_lines(d) if line.get("event") in EVENTS and "id" in line]
 
 
-def test_full_state_dir_guard_goes_on_and_recovers_by_itself(make_lab, small_tmpfs) -> None:
+def test_full_state_dir_guard_goes_on_and_recovers_by_itself(
+    make_lab: MakeFaultLab, small_tmpfs: Callable[[Path, str], Path]
+) -> None:
     lab: FaultLab = make_lab(metrics__listen="127.0.0.1:0")
     small_tmpfs(lab.state_dir, "256k")
     d = lab.daemon()
@@ -140,7 +143,7 @@ def test_full_state_dir_guard_goes_on_and_recovers_by_itself(make_lab, small_tmp
     assert_journal_well_formed(d.journal_path)
 
 
-def test_torn_last_line_from_a_power_cut_is_skipped_at_start(make_lab) -> None:
+def test_torn_last_line_from_a_power_cut_is_skipped_at_start(make_lab: MakeFaultLab) -> None:
     lab: FaultLab = make_lab()
     lab.state_dir.mkdir()
     good = {
@@ -173,7 +176,9 @@ def test_torn_last_line_from_a_power_cut_is_skipped_at_start(make_lab) -> None:
     assert d.stop() == 0
 
 
-def test_torn_last_line_on_a_full_disk_is_not_fatal(make_lab, small_tmpfs) -> None:
+def test_torn_last_line_on_a_full_disk_is_not_fatal(
+    make_lab: MakeFaultLab, small_tmpfs: Callable[[Path, str], Path]
+) -> None:
     # The seal itself cannot be written: guardd starts anyway and seals once it can.
     lab: FaultLab = make_lab()
     small_tmpfs(lab.state_dir, "128k")

@@ -19,7 +19,7 @@ from guardd.core.machine import Alert, Facts, GuardMachine, Hold, Rollback
 from guardd.core.policy import PolicySpec
 from guardd.core.qos import QosWindow
 from guardd.core.types import COLORS, Color, Outcome
-from tests.faults.util import figure
+from tests.faults.util import MakeFaultLab, figure
 from tests.harness.daemon import wait_until
 
 # An upstream's behaviour: (outcome, latency in seconds) at a moment of simulated time.
@@ -209,7 +209,7 @@ def test_noisy_but_healthy_green_is_never_rolled_back(seed: int) -> None:
 
 
 @pytest.mark.nginx
-def test_flapping_green_behind_a_real_nginx_is_rolled_back_once(make_lab) -> None:
+def test_flapping_green_behind_a_real_nginx_is_rolled_back_once(make_lab: MakeFaultLab) -> None:
     # The same through the whole daemon: green flips between healthy and 503 every second.
     lab = make_lab(policy__rollback_to="previous")
     d = lab.daemon()

@@ -12,6 +12,7 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -20,15 +21,15 @@ from guardd.core.types import Outcome
 from guardd.probes.http import HttpProber, ProbeSpec
 from tests.faults.util import (
     FaultLab,
+    MakeFaultLab,
     figure,
-    log_lines,
     metric,
     metrics_port,
     rss_kib,
     scrape,
     status,
 )
-from tests.harness.daemon import Daemon, wait_until
+from tests.harness.daemon import Daemon, log_lines, wait_until
 from tests.harness.hostile import HUGE_BYTES, Hostile, HostileMode, bomb
 from tests.harness.nginx import free_port
 
@@ -67,9 +68,9 @@ def hostile() -> Iterator[Hostile]:
         yield server
 
 
-async def probe_once(url: str, **spec: object) -> tuple[Outcome, float, str | None, int]:
+async def probe_once(url: str, **spec: Any) -> tuple[Outcome, float, str | None, int]:
     """One probe of `url`: its outcome, wall seconds, error, and peak traced allocation."""
-    prober = HttpProber([url], ProbeSpec(timeout=TIMEOUT, **spec))  # type: ignore[arg-type]
+    prober = HttpProber([url], ProbeSpec(timeout=TIMEOUT, **spec))
     try:
         tracemalloc.start()
         started = time.monotonic()
@@ -184,7 +185,9 @@ async def test_unreachable_upstream_is_a_connect_error(url: str) -> None:
         ("reset", "connect_error"),
     ],
 )
-def test_daemon_rolls_back_from_a_hostile_green(make_lab, mode: HostileMode, outcome: str) -> None:
+def test_daemon_rolls_back_from_a_hostile_green(
+    make_lab: MakeFaultLab, mode: HostileMode, outcome: str
+) -> None:
     with Hostile("ok") as server:
         lab: FaultLab = make_lab(
             green_probe_url=server.url, metrics__listen="127.0.0.1:0", probe__timeout="1s"
@@ -219,7 +222,7 @@ def test_daemon_rolls_back_from_a_hostile_green(make_lab, mode: HostileMode, out
 
 @pytest.mark.nginx
 def test_daemon_rolls_back_from_a_green_with_the_wrong_certificate(
-    make_lab, ca: trustme.CA, ca_file: Path
+    make_lab: MakeFaultLab, ca: trustme.CA, ca_file: Path
 ) -> None:
     with Hostile("ok", tls=server_tls(ca, "localhost")) as server:
         lab: FaultLab = make_lab(
@@ -264,7 +267,7 @@ def test_daemon_rolls_back_from_a_green_with_the_wrong_certificate(
     ],
 )
 def test_daemon_rolls_back_from_an_undecodable_green(
-    make_lab, mode: HostileMode, error: str
+    make_lab: MakeFaultLab, mode: HostileMode, error: str
 ) -> None:
     with Hostile("ok") as server:
         lab: FaultLab = make_lab(green_probe_url=server.url)
@@ -281,7 +284,7 @@ def test_daemon_rolls_back_from_an_undecodable_green(
 
 @pytest.mark.nginx
 @pytest.mark.parametrize("mode", ["gzip_bomb", "deflate_bomb"])
-def test_daemon_memory_is_bounded_by_a_zip_bomb(make_lab, mode: HostileMode) -> None:
+def test_daemon_memory_is_bounded_by_a_zip_bomb(make_lab: MakeFaultLab, mode: HostileMode) -> None:
     bomb(mode.removesuffix("_bomb"))  # made before the clock starts
     with Hostile("ok") as server:
         lab: FaultLab = make_lab(green_probe_url=server.url)
@@ -303,7 +306,7 @@ def test_daemon_memory_is_bounded_by_a_zip_bomb(make_lab, mode: HostileMode) -> 
 
 
 @pytest.mark.nginx
-def test_daemon_rolls_back_a_green_that_stops_accepting_connections(make_lab) -> None:
+def test_daemon_rolls_back_a_green_that_stops_accepting_connections(make_lab: MakeFaultLab) -> None:
     lab: FaultLab = make_lab()
     # Green becomes a server that keeps connections alive, on green's own port, so that
     # nginx proxies to it too.
@@ -328,7 +331,7 @@ SPRING_DOWN = b'{"status":"DOWN","components":{"db":{"status":"DOWN"}},"token":"
 
 
 @pytest.mark.nginx
-def test_daemon_journals_what_a_failing_green_said(make_lab) -> None:
+def test_daemon_journals_what_a_failing_green_said(make_lab: MakeFaultLab) -> None:
     with Hostile("ok") as server:
         lab: FaultLab = make_lab(green_probe_url=server.url, metrics__listen="127.0.0.1:0")
         d = lab.daemon()
@@ -345,7 +348,7 @@ def test_daemon_journals_what_a_failing_green_said(make_lab) -> None:
 
 
 @pytest.mark.nginx
-def test_daemon_judges_expect_json_types_and_any_scheme_case(make_lab) -> None:
+def test_daemon_judges_expect_json_types_and_any_scheme_case(make_lab: MakeFaultLab) -> None:
     with Hostile("ok") as server:
         lab: FaultLab = make_lab(
             green_probe_url=f"HtTp://127.0.0.1:{server.port}/healthz",
@@ -385,7 +388,7 @@ def raise_in_loop(lab: FaultLab, d: Daemon, loop: str) -> Path:
 
 
 @pytest.mark.nginx
-def test_daemon_survives_an_exception_inside_a_probe(make_lab) -> None:
+def test_daemon_survives_an_exception_inside_a_probe(make_lab: MakeFaultLab) -> None:
     lab: FaultLab = make_lab(metrics__listen="127.0.0.1:0")
     d = lab.daemon()
     port = metrics_port(d)
@@ -414,7 +417,7 @@ def test_daemon_survives_an_exception_inside_a_probe(make_lab) -> None:
     assert d.stop() == 0
 
 
-def test_daemon_survives_an_exception_inside_the_front_door_loop(make_lab) -> None:
+def test_daemon_survives_an_exception_inside_the_front_door_loop(make_lab: MakeFaultLab) -> None:
     lab: FaultLab = make_lab(metrics__listen="127.0.0.1:0")
     d = lab.daemon()
     port = metrics_port(d)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.faults.util import FaultLab, figure, status
+from tests.faults.util import FaultLab, MakeFaultLab, figure, status
 from tests.harness.daemon import wait_until
 
 pytestmark = pytest.mark.nginx
@@ -28,7 +28,7 @@ BROKEN = [
 ]
 
 
-def test_100_sighups_in_5s_half_broken(make_lab) -> None:
+def test_100_sighups_in_5s_half_broken(make_lab: MakeFaultLab) -> None:
     lab: FaultLab = make_lab(probe__interval="200ms", policy__window="10m")
     d = lab.daemon()
     wait_until(lambda: status(lab)["upstreams"]["green"]["samples"] >= 5, 20, "a few samples")

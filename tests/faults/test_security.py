@@ -13,12 +13,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from guardd.control import protocol
-from tests.faults.util import FaultLab, guardctl_json, log_lines, status
-from tests.harness.daemon import GUARDD, guardctl, nobody_prefix, wait_until
+from tests.faults.util import FaultLab, MakeFaultLab, guardctl_json, status
+from tests.harness.daemon import GUARDD, guardctl, log_lines, nobody_prefix, wait_until
 from tests.harness.paths import shared_tmp_dir
 from tests.harness.receiver import closed_port
 
@@ -58,7 +59,7 @@ def test_shell_metacharacters_in_names_are_rejected_by_validation(name: str) -> 
 
 
 def test_switch_command_with_shell_metacharacters_is_passed_literally(
-    make_lab, tmp_path: Path
+    make_lab: MakeFaultLab, tmp_path: Path
 ) -> None:
     recorder = tmp_path / "recorder.py"
     recorder.write_text(RECORDER)
@@ -103,14 +104,14 @@ def test_switch_command_with_shell_metacharacters_is_passed_literally(
 
 
 def test_handcrafted_mutations_from_an_unprivileged_uid_change_nothing(
-    make_lab, shared_dir: Path
+    make_lab: MakeFaultLab, shared_dir: Path
 ) -> None:
     # tests/e2e/test_guardctl.py checks guardctl's exit code 4; this one skips guardctl and
     # writes raw requests, the way a hostile local client would.
     lab: FaultLab = make_lab(run_dir=shared_dir)
     d = lab.daemon()
     count = len(d.events())
-    requests = [
+    requests: list[dict[str, Any]] = [
         {"cmd": "rollback", "args": {"reason": "x"}},
         {"cmd": "switch", "args": {"color": "blue", "force": True}},
         {"cmd": "pause"},
@@ -155,7 +156,7 @@ def test_handcrafted_mutations_from_an_unprivileged_uid_change_nothing(
 # ---- secrets ---------------------------------------------------------------------------
 
 
-def test_secrets_never_reach_logs_files_or_answers(make_lab) -> None:
+def test_secrets_never_reach_logs_files_or_answers(make_lab: MakeFaultLab) -> None:
     # Fake secrets, made up here so the test can hunt for them everywhere afterwards.
     hook_token = "T0KEN-hook-7d1f0c9a2b"  # noqa: S105
     header_token = "s3cr3t-bearer-5e8a1b"  # noqa: S105
@@ -204,7 +205,9 @@ def test_secrets_never_reach_logs_files_or_answers(make_lab) -> None:
 # ---- planted symlinks ------------------------------------------------------------------
 
 
-def test_symlink_planted_at_the_lock_path_is_never_followed(make_lab, tmp_path: Path) -> None:
+def test_symlink_planted_at_the_lock_path_is_never_followed(
+    make_lab: MakeFaultLab, tmp_path: Path
+) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     lab: FaultLab = make_lab()
@@ -233,7 +236,7 @@ def test_symlink_planted_at_the_lock_path_is_never_followed(make_lab, tmp_path: 
 
 @pytest.mark.parametrize("name", ["events.jsonl", "state.json"])
 def test_symlink_planted_at_a_state_file_is_refused_at_start(
-    make_lab, tmp_path: Path, name: str
+    make_lab: MakeFaultLab, tmp_path: Path, name: str
 ) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
@@ -252,7 +255,7 @@ def test_symlink_planted_at_a_state_file_is_refused_at_start(
 
 
 def test_symlink_planted_at_the_temp_file_is_replaced_not_followed(
-    make_lab, tmp_path: Path
+    make_lab: MakeFaultLab, tmp_path: Path
 ) -> None:
     # atomic_write's temp name is fixed; a link planted there must not redirect the write.
     victim = tmp_path / "victim"

@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from guardd.control import client
 from tests.harness.daemon import Daemon, Lab, log_lines, wait_until
+from tests.harness.jsondoc import json_object
 
 
 def rss_kib(pid: int) -> int:
@@ -67,7 +68,7 @@ def guardctl_json(lab: Lab, *argv: str) -> dict[str, Any]:
     from tests.harness.daemon import guardctl  # noqa: PLC0415 - keeps the import list short
 
     result = guardctl("--config", str(lab.config_path), *argv, "--json")
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
+    return json_object(result.stdout)
 
 
 def journal_raw_lines(path: Path) -> list[str]:
@@ -137,6 +138,15 @@ class FaultLab(Lab):
         if self.green_probe_url is not None:
             text = text.replace(f'url = "{self.green.url}"', f'url = "{self.green_probe_url}"')
         return text + self.extra_toml
+
+
+class MakeFaultLab(Protocol):
+    """The faults `make_lab` fixture: a `FaultLab` in the test's tmp dir, torn down after.
+
+    Takes `FaultLab`'s keywords: `green_probe_url`, `extra_toml` and those of `Lab`.
+    """
+
+    def __call__(self, **overrides: Any) -> FaultLab: ...
 
 
 def figure(name: str, **values: object) -> None:

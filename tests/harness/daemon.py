@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from tests.harness.jsondoc import json_object
 from tests.harness.nginx import Nginx
 from tests.harness.notify_socket import NotifySocket
 from tests.harness.upstream import Upstream
@@ -160,6 +161,7 @@ class Daemon:
             return None
 
         try:
+            # wait_until returns Any: whatever truthy value `find` gave, here a dict.
             return wait_until(find, timeout, f"journal event {name}")  # type: ignore[no-any-return]
         except AssertionError as e:
             raise AssertionError(
@@ -169,7 +171,7 @@ class Daemon:
 
     def state(self) -> dict[str, Any]:
         """state.json as it is on disk."""
-        return json.loads(self.state_path.read_text())  # type: ignore[no-any-return]
+        return json_object(self.state_path.read_text())
 
     def signal(self, signum: int) -> None:
         """Send a signal."""
@@ -335,6 +337,15 @@ class Lab:
         self.green.stop()
         if self.notify is not None:
             self.notify.close()
+
+
+class MakeLab(Protocol):
+    """The `make_lab` fixture: a `Lab` in the test's tmp dir, torn down after the test.
+
+    Takes `Lab`'s keywords: `active`, `run_dir`, and config keys as `section__key=value`.
+    """
+
+    def __call__(self, **overrides: Any) -> Lab: ...
 
 
 def _toml(value: Any) -> str:

@@ -6,7 +6,7 @@ everything the guard keeps lives in one directory, so copying the directory is a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,6 @@ async def step(
         return await guard.tick()
 
 
-async def steps(guard: Guard, clock: FakeClock, rounds: list[tuple[ProbeResult, ...]]) -> None:
+async def steps(guard: Guard, clock: FakeClock, rounds: Sequence[tuple[ProbeResult, ...]]) -> None:
     for probes in rounds:
         await step(guard, clock, *probes)

@@ -295,11 +295,11 @@ class Hostile:
                 self._send(conn, chunk)
                 sent += len(chunk)
         elif mode == "many_headers":
-            headers = b"".join(b"X-Noise-%d: %d\r\n" % (i, i) for i in range(MANY_HEADERS))
+            noise = b"".join(b"X-Noise-%d: %d\r\n" % (i, i) for i in range(MANY_HEADERS))
             self._send(
                 conn,
                 b"HTTP/1.1 200 OK\r\n"
-                + headers
+                + noise
                 + b"Content-Type: application/json\r\n"
                 + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self._ok_body)
                 + self._ok_body,

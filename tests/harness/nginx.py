@@ -95,6 +95,7 @@ class Nginx(private.Nginx):
         )
         self.tmp = tmp
 
+    # Returns self so that a test can write `Nginx(...).start()`; the demo's returns None.
     def start(self) -> Nginx:  # type: ignore[override]
         """Write the config and links, start nginx, return once it accepts connections."""
         try:

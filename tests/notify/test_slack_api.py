@@ -308,12 +308,13 @@ def test_resolve_token_reasons_never_quote_the_token(tmp_path: Path) -> None:
     )
     from_env = resolve_token(token_env="T", token_file=None, environ={"T": TOKEN})  # noqa: S106
     assert from_env.reveal() == TOKEN
-    for kwargs, reason in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"token_env": "UNSET", "token_file": None}, "environment variable UNSET is not set"),
         ({"token_env": "EMPTY", "token_file": None}, "environment variable EMPTY is empty"),
         ({"token_env": None, "token_file": None}, "set exactly one of token_env or token_file"),
         ({"token_env": None, "token_file": tmp_path / "missing"}, "cannot read"),
-    ]:
+    ]
+    for kwargs, reason in cases:
         with pytest.raises(ValueError, match=reason):
             resolve_token(environ={"EMPTY": " \n"}, **kwargs)
 

@@ -8,6 +8,7 @@ import pytest
 
 from guardd.core import Outcome
 from guardd.probes import HttpProber, ProbeSpec
+from guardd.probes.http import Quorum
 from tests.harness.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
@@ -31,8 +32,10 @@ def three() -> Iterator[list[Upstream]]:
         ("any", Outcome.OK),
     ],
 )
-async def test_quorum_judges_a_round(three: list[Upstream], quorum: str, outcome: Outcome) -> None:
-    prober = HttpProber([u.url for u in three], ProbeSpec(timeout=2.0), quorum=quorum)  # type: ignore[arg-type]
+async def test_quorum_judges_a_round(
+    three: list[Upstream], quorum: Quorum, outcome: Outcome
+) -> None:
+    prober = HttpProber([u.url for u in three], ProbeSpec(timeout=2.0), quorum=quorum)
     try:
         result = await prober.probe()
         assert result.outcome is outcome

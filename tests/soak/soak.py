@@ -31,6 +31,7 @@ from guardd.control import client
 from guardd.exceptions import ControlError, Refused
 from tests.faults.util import FaultLab, metric, metrics_port, open_fds, rss_kib, scrape, status
 from tests.harness.daemon import Daemon, wait_until
+from tests.harness.upstream import Mode
 
 MAX_MINUTES = 10.0
 INTERVAL = 0.05
@@ -172,12 +173,12 @@ class Script:
             self.call("switch", {"color": "green", "force": True, "reason": "soak: redeploy"})
         wait_until(lambda: self.lab.nginx.served_color() == "green", 30, "green served")
 
-    def rollback_on(self, mode: str, **kw: Any) -> Callable[[], None]:
+    def rollback_on(self, mode: Mode, **kw: Any) -> Callable[[], None]:
         """A phase: green fails in `mode`, guardd must roll back to blue."""
 
         def act() -> None:
             count = len(self.d.events())
-            self.lab.green.set_mode(mode, **kw)  # type: ignore[arg-type]
+            self.lab.green.set_mode(mode, **kw)
             self.d.wait_event("rollback_completed", after=count, timeout=60)
             assert self.lab.nginx.wait_serving_only("blue", hold=0.3, timeout=30), "blue"
             self.back_to_green()

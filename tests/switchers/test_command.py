@@ -9,6 +9,7 @@ import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -164,15 +165,15 @@ async def test_cancelling_the_caller_kills_the_command(tmp_path: Path) -> None:
 # -- CommandSwitcher -----------------------------------------------------------------
 
 
-def make_switcher(tmp_path: Path, command: list[str], **kw: object) -> CommandSwitcher:
-    params: dict[str, object] = {
+def make_switcher(tmp_path: Path, command: list[str], **kw: Any) -> CommandSwitcher:
+    params: dict[str, Any] = {
         "command": command,
         "instance": "threader",
         "timeout": 10.0,
         "retry": None,
         "state_path": tmp_path / "command-switch.json",
     } | kw
-    return CommandSwitcher(**params)  # type: ignore[arg-type]
+    return CommandSwitcher(**params)
 
 
 async def test_substitution_is_per_argument_and_never_through_a_shell(tmp_path: Path) -> None:

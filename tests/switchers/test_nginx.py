@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -39,8 +40,8 @@ def nginx(tmp_path: Path, upstreams: dict[str, Upstream]) -> Iterator[Nginx]:
         yield server
 
 
-def make_switcher(nginx: Nginx, **kw: object) -> NginxSwitcher:
-    params: dict[str, object] = {
+def make_switcher(nginx: Nginx, **kw: Any) -> NginxSwitcher:
+    params: dict[str, Any] = {
         "active_link": nginx.active_link,
         "targets": nginx.targets,
         "test_command": nginx.test_command,
@@ -48,7 +49,7 @@ def make_switcher(nginx: Nginx, **kw: object) -> NginxSwitcher:
         "timeout": 10.0,
         "retry": FAST_RETRY,
     } | kw
-    return NginxSwitcher(**params)  # type: ignore[arg-type]
+    return NginxSwitcher(**params)
 
 
 def link_target(nginx: Nginx) -> Path:
