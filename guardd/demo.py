@@ -298,7 +298,8 @@ class _Demo:
         tmp = Path(tempfile.mkdtemp(prefix="guardd-demo-"))
         if len(str(tmp / f"{INSTANCE}.sock")) > _MAX_SOCKET_PATH:
             tmp.rmdir()
-            tmp = Path(tempfile.mkdtemp(prefix="guardd-demo-", dir="/tmp"))
+            # mkdtemp makes a private 0700 directory; /tmp only for a short socket path.
+            tmp = Path(tempfile.mkdtemp(prefix="guardd-demo-", dir="/tmp"))  # nosec B108
 
         def remove() -> str:
             shutil.rmtree(tmp, ignore_errors=True)
