@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -553,7 +553,27 @@ class MockProber(HttpProber):
         response = self._handler(request)
         if not isinstance(response, httpx.Response):
             response = await response
+        if response.is_stream_consumed:
+            # httpx reads a body given as bytes at once; the prober streams every body
+            # (bounded), so it gets one to stream, as from the network.
+            response = httpx.Response(
+                response.status_code,
+                headers=response.headers,
+                stream=_Body(response.content),
+                request=request,
+            )
         return response
+
+
+class _Body(httpx.AsyncByteStream):
+    """A body sent in chunks, as a socket would deliver it."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for at in range(0, len(self._data), 16384):
+            yield self._data[at : at + 16384]
 
 
 def _fixed(template: httpx.Response) -> Handler:
@@ -561,7 +581,7 @@ def _fixed(template: httpx.Response) -> Handler:
 
     def handler(request: httpx.Request) -> httpx.Response:
         # A fresh response each time: a response's stream can be read only once.
-        return httpx.Response(status, headers=headers, content=content, request=request)
+        return httpx.Response(status, headers=headers, stream=_Body(content), request=request)
 
     return handler
 
