@@ -43,7 +43,9 @@ from guardd.probes.http import HttpProber, ProbeResult, ProbeSpec, Quorum
 from guardd.statefile import StateFile
 from guardd.switchers import (
     COLORS,
+    COMMAND_STEPS,
     NGINX_STEPS,
+    STATE_FILE_STEPS,
     STEP_LINK_WRITTEN,
     STEP_RAN,
     STEP_RELOADED,
@@ -57,8 +59,10 @@ from guardd.switchers import (
 )
 
 __all__ = [
+    "DEFAULT_POLICY",
     "FedSignal",
     "GuardRig",
+    "Handler",
     "ManualClock",
     "MemorySwitcher",
     "MockProber",
@@ -548,8 +552,28 @@ class MockProber(HttpProber):
         """Answer with *handler* from now on: per URL, in sequence, or raising httpx errors."""
         self._handler = handler
 
+    def forward_to(
+        self, upstreams: Mapping[Color, MockProber], serving: Callable[[], Color | None]
+    ) -> None:
+        """Answer as the upstream `serving()` names would, as nginx's front door does.
+
+        Each request is answered by the handler of ``upstreams[serving()]`` at that
+        moment (it is recorded here, not there); ``502`` when `serving()` is None.
+        """
+
+        async def forward(request: httpx.Request) -> httpx.Response:
+            color = serving()
+            if color is None:
+                return httpx.Response(502, content=b"no upstream")
+            return await upstreams[color]._respond(request)
+
+        self._handler = forward
+
     async def _handle(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
+        return await self._respond(request)
+
+    async def _respond(self, request: httpx.Request) -> httpx.Response:
         response = self._handler(request)
         if not isinstance(response, httpx.Response):
             response = await response
@@ -731,7 +755,9 @@ class GuardRig:
 
     `probers` are the colors' upstreams and `front_door` the `switch.verify_url` prober
     (None when the guard has no front door); set their answers, then `probe_round`.
-    `log` is the guard's logger (structlog's `CapturingLogger` unless one was given).
+    `log` is the guard's logger (structlog's `CapturingLogger` unless one was given): its
+    `calls` list each `CapturedCall(method_name, args, kwargs)`, e.g. ``("warning",
+    ("hold",), {...})``.
     """
 
     guard: Guard
@@ -755,7 +781,11 @@ class GuardRig:
 
     async def probe_round(self) -> Decision:
         """Advance the clock one probe interval, probe each color (and the front door)
-        through its `MockProber`, feed the results in, and tick."""
+        through its `MockProber`, feed the results in, and tick.
+
+        Every round is one `probe.interval` long: the faster cadence the daemon uses to
+        confirm a failure (`probe.fast_interval`) is not modelled.
+        """
         self.clock.advance(self.guard.s.probe_interval)
         for color in COLORS:
             self.guard.observe(color, await self.probers[color].probe())
@@ -807,7 +837,8 @@ class GuardRig:
 def build_guard(
     root: Path,
     *,
-    policy: PolicySpec = DEFAULT_POLICY,
+    config: Path | None = None,
+    policy: PolicySpec | None = None,
     active: Color | None = "green",
     front_door: bool = False,
     clock: ManualClock | None = None,
@@ -820,27 +851,57 @@ def build_guard(
     """Assemble a `Guard` under *root* (journal and state.json in ``root/state``, the QoS
     lock in ``root/run``) from the stand-ins above; start it with `GuardRig.start`.
 
-    *active* is the color the new `MemorySwitcher` names (ignored with *switcher*).
-    With *front_door*, a `MockProber` on ``http://front.test/`` watches the front door
-    and verifies each switch; *verifier* sets any other prober there instead. The
-    remaining keywords go to `guard_settings` (``instance``, ``interval``, ...). The
-    rollback budget is read back from the journal, as at a daemon's start.
+    With *config* (a guardd TOML file, validated as ``guardd check-config`` does, without
+    the host checks), the guard runs that file's policy, intervals, switch timeout,
+    verification and QoS window, and each color's `MockProber` that file's URLs, quorum
+    and probe expectations (``expect_status``, ``expect_json``, ...); a front door is
+    watched when it sets ``switch.verify_url``, and the switcher passes the steps of its
+    ``switch.kind``. Its files still live under *root*.
+    Without one, *policy* (default `DEFAULT_POLICY`) and the remaining keywords go to
+    `guard_settings` (``instance``, ``interval``, ``qos_window``, ...).
+
+    *active* is the color the new `MemorySwitcher` names (ignored with *switcher*). With
+    *front_door*, a `MockProber` on ``http://front.test/`` watches the front door and
+    verifies each switch; it answers as the color the switcher runs answers
+    (`MockProber.forward_to`) until told otherwise. *verifier* puts any other prober
+    there. The rollback budget is read back from the journal, as at a daemon's start.
+
+    Raises `guardd.exceptions.ConfigError` for an invalid *config*, and `ValueError`
+    for *config* together with *policy* or settings keywords.
     """
     clock = clock or ManualClock()
-    switcher = switcher or MemorySwitcher(active)
-    colors = (
-        dict(probers) if probers else {c: MockProber([f"http://{c}.test/health"]) for c in COLORS}
-    )
-    if verifier is None and front_door:
-        verifier = MockProber(["http://front.test/"])
     log = log if log is not None else CapturingLogger()
-    s = guard_settings(root, policy, **settings)
+    identity: dict[Color, str] = {}
+    steps: tuple[str, ...] = NGINX_STEPS
+    if config is not None:
+        if policy is not None or settings:
+            raise ValueError("a config file sets the policy and settings; pass one or the other")
+        s, made, identity, steps = _from_config(config, root, probers is None, verifier is None)
+    else:
+        s = guard_settings(root, policy or DEFAULT_POLICY, **settings)
+        made = {}
+        if probers is None:
+            made = {c: MockProber([f"http://{c}.test/health"]) for c in COLORS}
+        if verifier is None and front_door:
+            made["front"] = MockProber(["http://front.test/"])
+    colors: dict[Color, MockProber] = (
+        dict(probers) if probers is not None else {c: made[c] for c in COLORS}
+    )
+    switcher = switcher or MemorySwitcher(active, steps=steps)
+    front = made.get("front")
+    if front is not None:
+        # The front door serves whatever the switcher runs now, as nginx does.
+        front.forward_to(colors, lambda: switcher.target.running)
+    verifier = verifier or front
     (root / "run").mkdir(parents=True, exist_ok=True)
     journal = Journal(root / "state" / "events.jsonl", s.instance, clock.wall)
     journal.open()
+    machine = GuardMachine(s.policy, s.probe_interval)
+    if identity:
+        machine.probe_identity = identity
     guard = Guard(
         s,
-        machine=GuardMachine(policy, s.probe_interval),
+        machine=machine,
         switcher=switcher,
         journal=journal,
         state_file=StateFile(root / "state" / "state.json"),
@@ -854,6 +915,7 @@ def build_guard(
     def again(twin: MemorySwitcher) -> GuardRig:
         return build_guard(
             root,
+            config=config,
             policy=policy,
             clock=clock,
             switcher=twin,
@@ -865,3 +927,38 @@ def build_guard(
 
     door = verifier if isinstance(verifier, MockProber) else None
     return GuardRig(guard, clock, switcher, colors, door, log, root, again)
+
+
+def _from_config(
+    path: Path, root: Path, probers: bool, front_door: bool
+) -> tuple[GuardSettings, dict[str, MockProber], dict[Color, str], tuple[str, ...]]:
+    """What the daemon would build from the config at *path*, with its files under *root*:
+    its settings, the probers asked for (by color, and ``front``), the probes' identity,
+    and the steps its kind of switcher passes."""
+    # Only here: a guard built without a config file needs none of the daemon's wiring.
+    from guardd.config import load  # noqa: PLC0415
+    from guardd.supervisor import guard_settings as daemon_settings  # noqa: PLC0415
+    from guardd.supervisor import probe_identity, probe_spec  # noqa: PLC0415
+
+    loaded = load(path)
+    c = loaded.config
+    s = dataclasses.replace(
+        daemon_settings(loaded), lock_file=root / "run" / f"{loaded.instance}.qos.lock"
+    )
+    spec = probe_spec(c)
+    made: dict[str, MockProber] = {}
+    if probers:
+        for color in COLORS:
+            up = c.upstreams[color]
+            made[color] = MockProber(up.all_urls, spec, quorum=up.quorum)
+    if front_door and c.switch.verify_url:
+        # As the daemon's: fresh connections only, so every answer comes from what runs now.
+        fresh = dataclasses.replace(spec, headers={**spec.headers, "Connection": "close"})
+        made["front"] = MockProber([c.switch.verify_url], fresh)
+    if c.switch.kind == "nginx":
+        steps: tuple[str, ...] = NGINX_STEPS
+    elif c.switch.kind == "state-file":
+        steps = STATE_FILE_STEPS if c.switch.effective_reload_command else (STEP_WRITTEN,)
+    else:
+        steps = COMMAND_STEPS
+    return s, made, probe_identity(c), steps

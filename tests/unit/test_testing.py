@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from guardd.core.types import Outcome
-from guardd.exceptions import CommandFailed, SwitchError, SwitchRejected
+from guardd.exceptions import CommandFailed, ConfigError, SwitchError, SwitchRejected
 from guardd.probes.http import ProbeSpec
 from guardd.switchers import COMMAND_STEPS, NGINX_STEPS, STATE_FILE_STEPS, Switcher
 from guardd.testing import (
@@ -22,6 +24,7 @@ from guardd.testing import (
     SimulatedCrash,
     SwitchStep,
     SwitchTarget,
+    build_guard,
 )
 
 pytestmark = pytest.mark.anyio
@@ -324,3 +327,87 @@ def test_the_daemon_never_imports_the_helpers_and_they_never_import_pytest() -> 
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+# ---- a guard from a config file --------------------------------------------------------
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+def quickstart_config() -> str:
+    """The config file the README's quickstart writes."""
+    found = re.search(
+        r"cat >/etc/guardd/threader.toml <<'EOF'\n(.*?)\nEOF\n", README.read_text(), re.DOTALL
+    )
+    assert found is not None, "the quickstart writes /etc/guardd/threader.toml"
+    return found[1]
+
+
+async def test_the_readme_example_runs_on_the_quickstart_config(tmp_path: Path) -> None:
+    text = README.read_text()
+    block = re.search(r"<!-- docs-test: testing -->\n```python\n(.*?)\n```\n", text, re.DOTALL)
+    assert block is not None, "the README's guardd.testing example"
+    config = tmp_path / "threader.toml"
+    config.write_text(quickstart_config())
+    code = block[1].replace('Path("/etc/guardd/threader.toml")', f"Path({str(config)!r})")
+    assert code != block[1]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    (example,) = [v for k, v in namespace.items() if k.startswith("test_")]
+    await example(tmp_path / "rig")
+
+
+async def test_a_guard_built_from_a_config_file_runs_its_policy_and_probes(tmp_path: Path) -> None:
+    config = tmp_path / "threader.toml"
+    config.write_text(
+        quickstart_config().replace("[policy]\n", "[policy]\nconsecutive_failures = 2\n")
+    )
+    async with build_guard(tmp_path / "rig", config=config) as rig:
+        s = rig.guard.s
+        assert (s.instance, s.policy.rollback_to, s.policy.consecutive_failures) == (
+            "threader",
+            "blue",
+            2,
+        )
+        assert s.lock_file == tmp_path / "rig" / "run" / "threader.qos.lock"
+        assert rig.switcher.steps == NGINX_STEPS
+        assert rig.probers["green"].urls == ["http://127.0.0.1:9010/healthz"]
+        assert rig.front_door is not None
+        assert rig.front_door.urls == ["http://127.0.0.1/healthz"]
+        # The file's expect_json judges the answers: a 200 that says DOWN is a failure.
+        rig.probers["blue"].answer(json={"status": "UP"})
+        rig.probers["green"].answer(json={"status": "UP"})
+        await rig.probe_rounds(10)
+        rig.probers["green"].answer(json={"status": "DOWN"})
+        await rig.probe_rounds(2)
+        (started,) = rig.events("rollback_started")
+        assert started["evidence"]["rule"] == "consecutive_failures"
+        assert "expect_json" in started["evidence"]["last_error"]
+        assert rig.guard.active == "blue"
+        # The front door answered as what runs: verified on blue's answers.
+        assert rig.front_door.requests[-1].url.host == "127.0.0.1"
+
+
+async def test_a_state_file_config_gets_a_switcher_with_its_steps(tmp_path: Path) -> None:
+    config = tmp_path / "app.toml"
+    config.write_text(
+        '[upstreams.blue]\nurl = "http://127.0.0.1:9009/"\n'
+        '[upstreams.green]\nurl = "http://127.0.0.1:9010/"\n'
+        '[switch]\nkind = "state-file"\npath = "/srv/app/state.json"\n'
+    )
+    rig = build_guard(tmp_path / "rig", config=config)
+    try:
+        assert rig.switcher.steps == ("written",)  # no reload command: the app reads the file
+        assert rig.front_door is None
+    finally:
+        await rig.aclose()
+
+
+def test_a_config_file_and_settings_are_one_or_the_other(tmp_path: Path) -> None:
+    config = tmp_path / "threader.toml"
+    config.write_text(quickstart_config())
+    with pytest.raises(ValueError, match="one or the other"):
+        build_guard(tmp_path / "rig", config=config, interval=2.0)
+    config.write_text("[probe]\ninterval = 'soon'\n")
+    with pytest.raises(ConfigError):
+        build_guard(tmp_path / "rig", config=config)
