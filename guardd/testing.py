@@ -810,7 +810,8 @@ class GuardRig:
     def restart(self) -> GuardRig:
         """A new guard on the same files, clock and upstreams, as after a crash or stop.
 
-        The switcher is `MemorySwitcher.restarted`; call `start` on the result.
+        The switcher is `MemorySwitcher.restarted`; a front door `build_guard` made
+        forwards to what that switcher runs. Call `start` on the result.
         """
         self.guard.journal.close()
         return self.rebuild(self.switcher.restarted())
@@ -913,7 +914,7 @@ def build_guard(
     guard.load_history()
 
     def again(twin: MemorySwitcher) -> GuardRig:
-        return build_guard(
+        rig = build_guard(
             root,
             config=config,
             policy=policy,
@@ -924,6 +925,10 @@ def build_guard(
             log=log,
             **settings,
         )
+        if front is not None:
+            # The same front door, now in front of what the restarted switcher runs.
+            front.forward_to(colors, lambda: twin.target.running)
+        return rig
 
     door = verifier if isinstance(verifier, MockProber) else None
     return GuardRig(guard, clock, switcher, colors, door, log, root, again)

@@ -308,3 +308,26 @@ async def test_a_resumed_rollback_onto_a_target_now_rejected_fails_closed(tmp_pa
         assert after.events("rollback_completed") == []
     finally:
         await after.aclose()
+
+
+async def test_a_resumed_rollback_is_verified_through_the_front_door(tmp_path: Path) -> None:
+    rig = await build_guard(tmp_path, front_door=True).start()
+    await rig.probe_rounds(WARM_UP)
+    rig.probers["green"].answer(503)
+    rig.switcher.crash_after("renamed")  # the link names blue; nginx still runs green
+    with pytest.raises(SimulatedCrash):
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+
+    assert rig.front_door is not None
+    before = len(rig.front_door.requests)
+    after = await rig.restart().start()
+    try:
+        assert after.front_door is rig.front_door  # the same door, before the restarted guard
+        (completed,) = after.events("rollback_completed")
+        assert completed["reason"].startswith("interrupted by a restart; resumed")
+        # Verified through the front door, which answers as blue now runs.
+        assert len(after.front_door.requests) > before
+        assert after.switcher.target == SwitchTarget("blue", "blue")
+        assert lock_held(after)
+    finally:
+        await after.aclose()
