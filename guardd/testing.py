@@ -32,6 +32,7 @@ from typing import Any, Final, Literal
 import httpx
 from structlog.testing import CapturingLogger
 
+from guardd.clock import Clock
 from guardd.core.machine import Decision, GuardMachine
 from guardd.core.policy import PolicySpec
 from guardd.core.signals import KIND_STATS, Reading
@@ -153,12 +154,18 @@ class SwitchTarget:
 
     @classmethod
     def parse(cls, text: str) -> SwitchTarget:
-        """Read `to_json`'s output, or a bare color name (then running is that color too)."""
+        """Read `to_json`'s output, or a bare color name (then running is that color too).
+
+        Anything else names neither color, as a garbled target does for a real switcher.
+        """
         text = text.strip()
-        if not text.startswith("{"):
+        try:
+            doc = json.loads(text) if text.startswith("{") else None
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
             color = text if is_color(text) else None
             return cls(color, color)
-        doc = json.loads(text)
 
         def pick(key: str) -> Color | None:
             value = doc.get(key)
@@ -871,6 +878,8 @@ def build_guard(
     for *config* together with *policy* or settings keywords.
     """
     clock = clock or ManualClock()
+    # Typed as the protocol guardd reads time through, so that mypy holds the two together.
+    time_source: Clock = clock
     log = log if log is not None else CapturingLogger()
     identity: dict[Color, str] = {}
     steps: tuple[str, ...] = NGINX_STEPS
@@ -895,7 +904,7 @@ def build_guard(
         front.forward_to(colors, lambda: switcher.target.running)
     verifier = verifier or front
     (root / "run").mkdir(parents=True, exist_ok=True)
-    journal = Journal(root / "state" / "events.jsonl", s.instance, clock.wall)
+    journal = Journal(root / "state" / "events.jsonl", s.instance, time_source.wall)
     journal.open()
     machine = GuardMachine(s.policy, s.probe_interval)
     if identity:
@@ -908,7 +917,7 @@ def build_guard(
         state_file=StateFile(root / "state" / "state.json"),
         metrics=GuardMetrics(s.instance, "0"),
         verifier=verifier,
-        clock=clock,
+        clock=time_source,
         log=log,
     )
     guard.load_history()

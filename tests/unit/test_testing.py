@@ -226,8 +226,9 @@ async def test_a_switcher_kept_in_a_file_reads_an_external_switch(tmp_path: Path
     assert json.loads(path.read_text())["named"] == "blue"
     path.write_text("green\n")  # someone switched by hand
     assert await sw.read_active() == "green"
-    path.write_text("purple")
-    assert await sw.read_active() is None
+    for garbled in ("purple", "{not json", '["blue"]', ""):
+        path.write_text(garbled)
+        assert await sw.read_active() is None, garbled
 
 
 # ---- MockProber ------------------------------------------------------------------------
