@@ -1,5 +1,8 @@
 """A `Guard` on real files (journal, state.json, lock file) with a fake clock and switcher.
 
+Built with `guardd.testing`; what is here is what only these tests need: the switch
+target in a file (a directory copy is a restart), a front door answering given results.
+
 Fast enough to drive through hundreds of ticks in a test, and real where a restart looks:
 everything the guard keeps lives in one directory, so copying the directory is a restart.
 """
@@ -10,66 +13,50 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from guardd.core.machine import Decision, GuardMachine
 from guardd.core.policy import PolicySpec
-from guardd.core.types import Color, Outcome
+from guardd.core.types import Outcome
 from guardd.exceptions import SwitchError
 from guardd.guard import Guard, GuardSettings
-from guardd.journal import Journal
-from guardd.metrics import GuardMetrics
 from guardd.probes.http import ProbeResult
-from guardd.statefile import StateFile
+from guardd.switchers import STEP_LINK_WRITTEN
+from guardd.testing import (
+    ManualClock,
+    MemorySwitcher,
+    SwitchOp,
+    build_guard,
+    feed_round,
+    guard_settings,
+)
 
 INTERVAL = 1.0
 OK = ProbeResult(Outcome.OK, 0.01)
 DOWN = ProbeResult(Outcome.HTTP_5XX, 0.01, "HTTP 503")
 
 
-class FakeClock:
-    """Both clocks, moved by the test only."""
-
-    def __init__(self) -> None:
-        self.mono = 1000.0
-        self.wall_s = 1_800_000_000.0
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def wall(self) -> float:
-        return self.wall_s
-
-    def advance(self, s: float) -> None:
-        self.mono += s
-        self.wall_s += s
+# The test clock is guardd's public one; the name stays for the tests that use it.
+FakeClock = ManualClock
 
 
-class FakeSwitcher:
-    """The switch target, as a file beside the state, so a copy of the directory copies it."""
+class FakeSwitcher(MemorySwitcher):
+    """A `MemorySwitcher` kept in a file beside the state, so a copy of the directory
+    copies the switch target too.
+
+    *on_switch* runs as a switch begins (the moment a crash would leave the files in),
+    and a file ``switch-fails`` beside it makes every switch fail at its first step.
+    """
 
     def __init__(self, path: Path, on_switch: Callable[[], None] | None = None) -> None:
-        self.path = path
-        self.fail = False
-        self.on_switch = on_switch
+        async def hook(step: str) -> None:
+            if on_switch is not None and step == STEP_LINK_WRITTEN:
+                on_switch()
 
-    async def read_active(self) -> Color | None:
-        text = self.path.read_text().strip()
-        return "blue" if text == "blue" else "green" if text == "green" else None
+        super().__init__(path=path, on_step=hook)
 
-    async def switch(self, to: Color) -> None:
-        if self.on_switch is not None:
-            self.on_switch()  # the moment a crash would leave the files in
-        if (self.path.parent / "switch-fails").exists():
-            raise SwitchError("nginx -t failed: [emerg] unexpected end of file")
-        self.path.write_text(to)
-
-    async def recover(self) -> None:
+    def _failure_for(self, op: SwitchOp, step: str) -> BaseException | None:
+        fails = self.path is not None and (self.path.parent / "switch-fails").exists()
+        if fails and op == "switch" and step == self.steps[0]:
+            return SwitchError("nginx -t failed: [emerg] unexpected end of file")
         return None
-
-    async def restore(self, previous: Color) -> None:
-        self.path.write_text(previous)
-
-    async def reapply(self) -> None:
-        self.reapplied = getattr(self, "reapplied", 0) + 1
 
 
 class FakeVerifier:
@@ -110,39 +97,22 @@ SPEC = PolicySpec(
 
 
 def settings(root: Path, spec: PolicySpec) -> GuardSettings:
-    return GuardSettings(
-        instance="lab",
-        policy=spec,
-        probe_interval=INTERVAL,
-        confirm_interval=INTERVAL,
-        switch_timeout=5.0,
-        verify_url=None,
-        verify_successes=1,
-        lock_file=root / "run" / "lab.qos.lock",
-        qos_window=10.0,
-        qos_max_error_ratio=0.01,
-        qos_min_health_ratio=0.99,
-    )
+    return guard_settings(root, spec, instance="lab", interval=INTERVAL)
 
 
 def build(root: Path, clock: FakeClock, spec: PolicySpec, verifier: Any = None, **kw: Any) -> Guard:
-    (root / "run").mkdir(parents=True, exist_ok=True)
-    journal = Journal(root / "state" / "events.jsonl", "lab", clock.wall)
-    journal.open()
-    s = settings(root, spec)
-    guard = Guard(
-        s,
-        machine=GuardMachine(spec, INTERVAL),
-        switcher=FakeSwitcher(root / "target", **kw),
-        journal=journal,
-        state_file=StateFile(root / "state" / "state.json"),
-        metrics=GuardMetrics("lab", "0"),
-        verifier=verifier,
+    switcher = FakeSwitcher(root / "target", **kw)
+    rig = build_guard(
+        root,
+        policy=spec,
         clock=clock,
+        switcher=switcher,
+        verifier=verifier,
         log=Log(),
+        instance="lab",
+        interval=INTERVAL,
     )
-    guard.load_history()
-    return guard
+    return rig.guard
 
 
 def prepare(root: Path) -> None:
@@ -158,22 +128,8 @@ async def start(
     return guard
 
 
-async def step(
-    guard: Guard,
-    clock: FakeClock,
-    blue: ProbeResult,
-    green: ProbeResult,
-    front: ProbeResult | None = None,
-) -> Decision:
-    """One probe round of each color (and of the front door, when given), then a decision
-    tick, as the supervisor does."""
-    clock.advance(INTERVAL)
-    guard.observe("blue", blue)
-    guard.observe("green", green)
-    if front is not None:
-        guard.observe_front_door(front)
-    async with guard.lock:
-        return await guard.tick()
+# One probe round of each color (and of the front door, when given), then a decision tick.
+step = feed_round
 
 
 async def steps(guard: Guard, clock: FakeClock, rounds: Sequence[tuple[ProbeResult, ...]]) -> None:

@@ -1,0 +1,333 @@
+"""The guard, decision by decision, built from `guardd.testing` alone.
+
+Real guard code on real files (journal, state.json, QoS lock) in a temporary directory;
+the upstreams are `MockProber`s (the real prober on an in-memory transport), the switch
+target a `MemorySwitcher`, and time a `ManualClock` that a probe round moves by one
+interval. No nginx, no sockets, no sleeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from guardd import qoslock
+from guardd.core.machine import Rollback
+from guardd.core.types import State
+from guardd.switchers import COMMAND_STEPS, NGINX_STEPS, STATE_FILE_STEPS
+from guardd.testing import (
+    DEFAULT_POLICY,
+    GuardRig,
+    MemorySwitcher,
+    SimulatedCrash,
+    SwitchStep,
+    SwitchTarget,
+    build_guard,
+)
+
+pytestmark = pytest.mark.anyio
+
+QOS_WINDOW = 10.0  # guardd.testing.guard_settings' default
+# Healthy rounds before a failure: enough samples that two failures out of them stay
+# under p0_error_ratio, so that the run of failures is what decides.
+WARM_UP = 5
+
+
+def lock_held(rig: GuardRig) -> bool:
+    return qoslock.read_lock(rig.guard.s.lock_file).held
+
+
+def saved(rig: GuardRig) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((rig.root / "state" / "state.json").read_text())
+    return doc
+
+
+async def rolled_back(tmp_path: Path, **kw: Any) -> GuardRig:
+    """A guard that rolled green back to blue after green answered 503 three times."""
+    rig = await build_guard(tmp_path, **kw).start()
+    await rig.probe_rounds(WARM_UP)
+    rig.probers["green"].answer(503, "db down")
+    decisions = await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+    assert any(isinstance(a, Rollback) for a in decisions[-1].actions)
+    return rig
+
+
+async def test_one_decision_tick(tmp_path: Path) -> None:
+    async with build_guard(tmp_path) as rig:
+        first = await rig.tick()
+        assert first.state is State.STARTING  # neither color probed yet: no verdict
+        assert first.verdict is None
+        decision = await rig.probe_round()
+        assert decision.state is State.STEADY
+        assert decision.actions == ()
+        assert decision.verdict is not None and decision.verdict.severity is None
+        assert [len(rig.probers[c].requests) for c in ("blue", "green")] == [1, 1]
+        assert rig.guard.active == "green"
+        # At start the switcher tested the target, as nginx's does; nothing else since.
+        assert rig.switcher.steps_taken == [SwitchStep("recover", "tested", "green")]
+        assert saved(rig)["state"] == "steady"
+        assert rig.events() == []
+
+
+async def test_p0_rollback_end_to_end(tmp_path: Path) -> None:
+    async with build_guard(tmp_path) as rig:
+        await rig.probe_rounds(WARM_UP)
+        rig.probers["green"].answer(503, "db down")
+        for _ in range(DEFAULT_POLICY.consecutive_failures - 1):
+            decision = await rig.probe_round()  # a P2 alert at most, until the third
+            assert not any(isinstance(a, Rollback) for a in decision.actions)
+            assert rig.guard.active == "green"
+        decision = await rig.probe_round()
+
+        (action,) = decision.actions
+        assert isinstance(action, Rollback)
+        assert (action.source, action.target, action.severity) == ("green", "blue", "P0")
+        started, completed = rig.events("rollback_started", "rollback_completed")
+        assert completed["rollback_id"] == started["id"]
+        assert (completed["from"], completed["to"], completed["severity"]) == (
+            "green",
+            "blue",
+            "P0",
+        )
+        evidence = started["evidence"]
+        assert evidence["rule"] == "consecutive_failures"
+        assert evidence["last_error"] == "HTTP 503 db down"
+        assert [s for s in rig.switcher.steps_taken if s.op != "recover"] == [
+            SwitchStep("switch", "link_written", "green"),
+            SwitchStep("switch", "renamed", "blue"),
+            SwitchStep("switch", "tested", "blue"),
+            SwitchStep("switch", "reloaded", "blue"),
+        ]
+        assert rig.switcher.target == SwitchTarget("blue", "blue")
+        assert rig.guard.active == "blue"
+        (locked,) = rig.events("qos_locked")
+        assert locked["reason"].startswith("rollback green -> blue: P0 consecutive_failures")
+        assert lock_held(rig)
+        assert saved(rig)["active"] == "blue"
+        assert saved(rig)["qos"]["window"] is not None
+        # Green, now the standby, keeps failing: nothing moves back to it.
+        after = await rig.probe_round()
+        assert not any(isinstance(a, Rollback) for a in after.actions)
+        assert rig.guard.active == "blue"
+
+
+async def test_a_rollback_is_verified_through_the_front_door(tmp_path: Path) -> None:
+    rig = await rolled_back(tmp_path, front_door=True)
+    try:
+        assert rig.front_door is not None
+        served = [r.url.host for r in rig.front_door.requests]
+        # Probed each round, and once more to verify the switch before it completed.
+        assert served == ["front.test"] * (WARM_UP + DEFAULT_POLICY.consecutive_failures + 1)
+        assert [e["event"] for e in rig.events("rollback_completed", "rollback_failed")] == [
+            "rollback_completed"
+        ]
+    finally:
+        await rig.aclose()
+
+
+@pytest.mark.parametrize(("step", "failed_as"), [("tested", "test"), ("reloaded", "reload")])
+async def test_a_rollback_whose_switch_fails_is_undone_and_held(
+    tmp_path: Path, step: str, failed_as: str
+) -> None:
+    async with build_guard(tmp_path) as rig:
+        await rig.probe_rounds(WARM_UP)
+        rig.switcher.fail(step)
+        rig.probers["green"].answer(503)
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+        (failed,) = rig.events("rollback_failed")
+        assert failed["step"] == failed_as
+        assert failed["serving"] == "green"
+        assert next(s for s in rig.switcher.steps_taken if s.op == "undo") == SwitchStep(
+            "undo", "renamed", "green"
+        )
+        assert rig.switcher.target == SwitchTarget("green", "green")
+        assert rig.guard.active == "green"
+        assert rig.guard.machine.hold is not None and rig.guard.machine.hold.sticky
+        assert not lock_held(rig)
+        assert rig.events("hold")
+
+
+async def test_p1_rolls_back_only_once_sustained(tmp_path: Path) -> None:
+    policy = dataclasses.replace(DEFAULT_POLICY, window=10.0, min_samples=5, p1_sustain=20.0)
+    async with build_guard(tmp_path, policy=policy) as rig:
+        answered = 0
+
+        def every_fourth_fails(request: httpx.Request) -> httpx.Response:
+            # An error ratio of about 0.25: above p1 (0.10), below p0 (0.50), and never
+            # three failures in a row.
+            nonlocal answered
+            answered += 1
+            return httpx.Response(503 if answered % 4 == 0 else 200)
+
+        await rig.probe_rounds(5)
+        # A first bout, shorter than the sustain time, then a recovery: no rollback.
+        rig.probers["green"].handle_with(every_fourth_fails)
+        bout = await rig.probe_rounds(12)
+        assert any(d.verdict is not None and d.verdict.pending is not None for d in bout)
+        rig.probers["green"].answer(200)
+        calm = await rig.probe_rounds(12)
+        assert calm[-1].verdict is not None and calm[-1].verdict.pending is None
+        assert rig.events("rollback_started") == []
+
+        # A second bout: its sustain counts from its own onset, not the first bout's.
+        rig.probers["green"].handle_with(every_fourth_fails)
+        onset = None
+        for _ in range(40):
+            decision = await rig.probe_round()
+            now = rig.clock.monotonic()
+            if any(isinstance(a, Rollback) for a in decision.actions):
+                break
+            verdict = decision.verdict
+            assert verdict is not None
+            if verdict.pending is not None and onset is None:
+                onset = now
+            assert onset is None or now - onset < policy.p1_sustain, "sustained, yet no rollback"
+        else:
+            pytest.fail("P1 never rolled back")
+        assert onset is not None
+        assert now - onset >= policy.p1_sustain
+        (started,) = rig.events("rollback_started")
+        assert started["severity"] == "P1"
+        assert started["evidence"]["rule"] == "p1_error_ratio"
+        assert started["evidence"]["sustain_s"] == policy.p1_sustain
+        assert started["evidence"]["sustained_s"] >= policy.p1_sustain
+        assert rig.guard.active == "blue"
+
+
+async def test_the_guard_window_is_released_once_the_slos_held(tmp_path: Path) -> None:
+    rig = await rolled_back(tmp_path)
+    try:
+        taken_at = rig.clock.monotonic()
+        while rig.clock.monotonic() - taken_at < QOS_WINDOW:
+            assert lock_held(rig), "released before the window ran its course"
+            await rig.probe_round()
+        assert not lock_held(rig)
+        (released,) = rig.events("qos_released")
+        assert released["reason"].startswith("guard window passed: SLOs held over 10 probes")
+        assert released["evidence"]["samples"] == 10
+        assert saved(rig)["qos"] is None
+        assert rig.events("qos_extended") == []
+    finally:
+        await rig.aclose()
+
+
+async def test_the_guard_window_is_extended_while_the_slos_do_not_hold(tmp_path: Path) -> None:
+    rig = await rolled_back(tmp_path)
+    try:
+        (locked,) = rig.events("qos_locked")
+        taken_at = rig.clock.monotonic()
+        await rig.probe_rounds(3)
+        rig.probers["blue"].answer(503, "blip")  # one 5xx in the window: 0.1 > 0.01
+        await rig.probe_round()
+        rig.probers["blue"].answer(200)
+        while rig.clock.monotonic() - taken_at < QOS_WINDOW:
+            await rig.probe_round()
+        (extended,) = rig.events("qos_extended")
+        assert "error ratio 0.1 > 0.01" in extended["reason"]
+        assert extended["until"] > locked["until"]
+        assert lock_held(rig)
+        assert qoslock.read_lock(rig.guard.s.lock_file).until == extended["until"]
+        assert rig.guard.active == "blue"  # a blip is no reason to move traffic again
+        # The next window holds: the lock goes.
+        extended_at = rig.clock.monotonic()
+        while rig.clock.monotonic() - extended_at < QOS_WINDOW:
+            assert lock_held(rig)
+            await rig.probe_round()
+        assert not lock_held(rig)
+        assert len(rig.events("qos_released")) == 1
+    finally:
+        await rig.aclose()
+
+
+KINDS = {"nginx": NGINX_STEPS, "state-file": STATE_FILE_STEPS, "command": COMMAND_STEPS}
+CRASHES = [(kind, step) for kind, steps in KINDS.items() for step in steps]
+
+
+@pytest.mark.parametrize(("kind", "step"), CRASHES, ids=[f"{k}-{s}" for k, s in CRASHES])
+async def test_a_rollback_interrupted_at_any_step_is_finished_at_start(
+    tmp_path: Path, kind: str, step: str
+) -> None:
+    rig = await build_guard(tmp_path, switcher=MemorySwitcher("green", steps=KINDS[kind])).start()
+    await rig.probe_rounds(WARM_UP)
+    rig.probers["green"].answer(503, "db down")
+    rig.switcher.crash_after(step, op="switch")
+    with pytest.raises(SimulatedCrash):
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+
+    # What the crash left on disk: an open rollback, no lock, state.json from before.
+    (started,) = rig.events("rollback_started")
+    assert rig.events("rollback_completed", "rollback_failed") == []
+    assert not lock_held(rig)
+    assert saved(rig)["active"] == "green"
+    assert rig.switcher.target.switching
+
+    after = await rig.restart().start()
+    try:
+        (completed,) = after.events("rollback_completed")
+        assert completed["rollback_id"] == started["id"]
+        assert completed["reason"].startswith("interrupted by a restart; resumed: P0")
+        assert after.guard.active == "blue"
+        # What is named is what runs, and nothing is left in flight.
+        assert after.switcher.target == SwitchTarget("blue", "blue")
+        assert lock_held(after)
+        assert saved(after)["active"] == "blue"
+        decision = await after.probe_round()
+        assert not any(isinstance(a, Rollback) for a in decision.actions)
+        assert after.guard.active == "blue"
+        assert len(after.events("rollback_started")) == 1
+    finally:
+        await after.aclose()
+
+
+async def test_a_resumed_rollback_onto_a_target_now_rejected_fails_closed(tmp_path: Path) -> None:
+    rig = await build_guard(tmp_path).start()
+    await rig.probe_rounds(WARM_UP)
+    rig.probers["green"].answer(503)
+    rig.switcher.crash_after("renamed")
+    with pytest.raises(SimulatedCrash):
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+    (started,) = rig.events("rollback_started")
+
+    restarted = rig.restart()
+    restarted.switcher.rejected.add("blue")  # blue's config broke while guardd was down
+    after = await restarted.start()
+    try:
+        (failed,) = after.events("rollback_failed")
+        assert failed["rollback_id"] == started["id"]
+        assert failed["step"] == "test"
+        assert after.switcher.target == SwitchTarget("green", "green")
+        assert after.guard.active == "green"
+        hold = after.guard.machine.hold
+        assert hold is not None and hold.sticky
+        assert not lock_held(after)
+        assert after.events("rollback_completed") == []
+    finally:
+        await after.aclose()
+
+
+async def test_a_resumed_rollback_is_verified_through_the_front_door(tmp_path: Path) -> None:
+    rig = await build_guard(tmp_path, front_door=True).start()
+    await rig.probe_rounds(WARM_UP)
+    rig.probers["green"].answer(503)
+    rig.switcher.crash_after("renamed")  # the link names blue; nginx still runs green
+    with pytest.raises(SimulatedCrash):
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+
+    assert rig.front_door is not None
+    before = len(rig.front_door.requests)
+    after = await rig.restart().start()
+    try:
+        assert after.front_door is rig.front_door  # the same door, before the restarted guard
+        (completed,) = after.events("rollback_completed")
+        assert completed["reason"].startswith("interrupted by a restart; resumed")
+        # Verified through the front door, which answers as blue now runs.
+        assert len(after.front_door.requests) > before
+        assert after.switcher.target == SwitchTarget("blue", "blue")
+        assert lock_held(after)
+    finally:
+        await after.aclose()
