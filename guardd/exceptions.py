@@ -100,3 +100,20 @@ class NotPermitted(ControlError):
 
 class Refused(ControlError):
     """The daemon declined the request; the message says why."""
+
+
+_TELLING = ("[emerg]", "[alert]", "[crit]", "[error]", "failed", "error", "rejected")
+
+
+def why(e: BaseException) -> str:
+    """The lines of an error an operator needs: nginx's [emerg] line, not its banner.
+
+    One line of at most 400 characters; "timed out" for a `TimeoutError`.
+    """
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    telling = [line for line in lines[1:] if any(word in line.lower() for word in _TELLING)]
+    return "; ".join([lines[0], *telling])[:400]

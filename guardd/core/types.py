@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 Color = Literal["blue", "green"]
 COLORS: tuple[Color, Color] = ("blue", "green")
 Severity = Literal["P0", "P1", "P2"]
+#: The journal's `by` for what guardd does on its own (an automatic rollback, a lock).
+GUARDD: Final = "guardd"
 
 
 #: Every event name the journal writes (docs/contract.md §4); notification sinks choose
