@@ -219,6 +219,40 @@ class Guard:
         (`recovery.recover`)."""
         await recovery.recover(self, saved)
 
+    # ---- operator's and reload's changes (callers hold `self.lock`) --------------------
+
+    def pause(self, reason: str | None, *, by: str) -> bool:
+        """Stop automatic rollbacks until `resume`; false if already paused (a no-op)."""
+        if self.paused is not None:
+            return False
+        self.paused = {"reason": reason, "by": by}
+        self.record("paused", reason=reason or "paused by an operator", by=by)
+        return True
+
+    def resume(self, reason: str | None, *, by: str) -> bool:
+        """End a pause and a hold, and refill the rollback budget; true if either was on."""
+        was = self.paused is not None or self.machine.hold is not None
+        self.paused = None
+        self.machine.clear_hold()
+        self.record("resumed", reason=reason or "resumed by an operator", by=by)
+        return was
+
+    def reconfigure(
+        self,
+        settings: GuardSettings,
+        *,
+        switcher: Switcher,
+        verifier: HttpProber | None,
+        probe_identity: dict[Color, str],
+        keep: frozenset[Color],
+    ) -> None:
+        """Apply a reloaded config; the probe windows of colors not in `keep` start afresh."""
+        self.s = settings
+        self.switcher = switcher
+        self.verifier = verifier
+        self.machine.reconfigure(settings.policy, settings.probe_interval, keep)
+        self.machine.probe_identity = probe_identity
+
     # ---- probing -----------------------------------------------------------------------
 
     def observe(self, color: Color, result: ProbeResult) -> bool:

@@ -28,16 +28,10 @@ async def handle(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict[
 async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict[str, Any]:
     reason = args.get("reason") or None
     if cmd == "pause":
-        if guard.paused is None:
-            guard.paused = {"reason": reason, "by": by}
-            guard.record("paused", reason=reason or "paused by an operator", by=by)
+        guard.pause(reason, by=by)
         return {"paused": True}
     if cmd == "resume":
-        was = guard.paused is not None or guard.machine.hold is not None
-        guard.paused = None
-        guard.machine.clear_hold()
-        guard.record("resumed", reason=reason or "resumed by an operator", by=by)
-        return {"paused": False, "changed": was}
+        return {"paused": False, "changed": guard.resume(reason, by=by)}
     if cmd == "qos_lock":
         current = qoslock.read_lock(guard.s.lock_file)
         if current.held and (guard.own_lock is None or current != guard.own_lock.info):

@@ -722,19 +722,21 @@ class Supervisor:
                         transport=self.probe_transport,
                     )
                     await replaced.aclose()
+            stale, verifier = None, guard.verifier
             if spec_changed or old.config.switch.verify_url != new.config.switch.verify_url:
-                stale, guard.verifier = (
-                    guard.verifier,
-                    build_verifier(new.config, self.probe_transport),
-                )
-                if stale is not None:
-                    await stale.aclose()
-            gs = guard_settings(new)
-            guard.s = gs
-            guard.machine.reconfigure(gs.policy, gs.probe_interval, keep)
-            guard.machine.probe_identity = probe_identity(new.config)
+                stale, verifier = verifier, build_verifier(new.config, self.probe_transport)
+            switcher = guard.switcher
             if old.config.switch != new.config.switch or retry_changed:
-                guard.switcher = build_switcher(new, self._on_switch_step)
+                switcher = build_switcher(new, self._on_switch_step)
+            guard.reconfigure(
+                guard_settings(new),
+                switcher=switcher,
+                verifier=verifier,
+                probe_identity=probe_identity(new.config),
+                keep=keep,
+            )
+            if stale is not None:
+                await stale.aclose()
             self.settings = new
             if notify_changed or retry_changed:
                 await self._swap_notifier(notifier)
