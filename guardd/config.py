@@ -33,10 +33,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from guardd import paths
+from guardd.core.types import COLORS, Color
 from guardd.exceptions import ConfigError, ConfigProblem
-
-Color = Literal["blue", "green"]
-COLORS: tuple[Color, Color] = ("blue", "green")
 
 _NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
 # One or more number-unit parts, largest first or not, as Go's time.ParseDuration takes them.

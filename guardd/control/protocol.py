@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
+from guardd.core.types import COLORS
 from guardd.exceptions import ControlError
 
 VERSION: Final = 1
@@ -24,7 +25,6 @@ MAX_REASON_CHARS: Final = 500
 # A lock longer than a year is a mistake; the bound also keeps date arithmetic finite.
 MAX_LOCK_S: Final = 366 * 24 * 3600.0
 MAX_HISTORY_LIMIT: Final = 1_000_000
-COLORS: Final = ("blue", "green")
 
 
 class ErrorCode(StrEnum):

@@ -37,6 +37,12 @@ JOURNAL_EVENTS: frozenset[str] = frozenset(
 )
 
 
+#: How one notification to one sink ended (docs/contract.md §5 `outcome` label of
+#: `guardd_notifications_total`).
+NotificationOutcome = Literal["sent", "retried", "dropped"]
+NOTIFICATION_OUTCOMES: tuple[NotificationOutcome, ...] = ("sent", "retried", "dropped")
+
+
 def other(color: Color) -> Color:
     """The color that is not `color`."""
     return "green" if color == "blue" else "blue"
