@@ -31,7 +31,7 @@ from guardd.core.policy import PolicySpec
 from guardd.core.types import GUARDD, Color, Severity, State
 from guardd.exceptions import (
     GuarddError,
-    Refused,
+    OperationRefused,
     StorageError,
     SwitchError,
     UnsafePath,
@@ -417,7 +417,7 @@ class Guard:
         severity: Severity | None = None,
         evidence: dict[str, Any] | None = None,
     ) -> None:
-        """Switch to `target` as a rollback, switch or promote; raise `Refused` if it failed.
+        """Switch to `target` as a rollback, switch or promote; `OperationRefused` if it failed.
 
         The switch runs shielded and bounded by `switch.timeout`, so a SIGTERM arriving
         mid-switch lets it finish or be undone rather than leaving it half done.
@@ -470,7 +470,7 @@ class Guard:
                 step=outcome.step,
                 serving=outcome.serving,
             )
-            raise Refused(said)
+            raise OperationRefused(said)
         self.active = target
         self.machine.switched()
         self.metrics.observe_switch(elapsed)
@@ -659,7 +659,11 @@ class Guard:
         said = "no answer" if last is None else last.error or last.outcome.value
         raise VerifyFailed(
             f"verify failed: {passed}/{answers} answers passed "
-            f"({self.s.verify_successes} in a row needed) within {budget:g}s, last: {said}"
+            f"({self.s.verify_successes} in a row needed) within {budget:g}s, last: {said}",
+            answers=answers,
+            passed=passed,
+            status=None if last is None else last.status,
+            error=None if last is None or last.ok else said,
         )
 
     def switch_limit(self) -> float:
