@@ -290,7 +290,6 @@ class Supervisor:
         self._first_round: dict[Color, anyio.Event] = {c: anyio.Event() for c in COLORS}
         self._front_door_answered = anyio.Event()
         self._probe_started: dict[Color, float | None] = dict.fromkeys(COLORS)
-        self._stopping = False
         self._exit_code = 0
         self._tg: anyio.abc.TaskGroup | None = None
         self._notifier_task: tuple[anyio.CancelScope, anyio.Event] | None = None
@@ -565,7 +564,6 @@ class Supervisor:
         return True
 
     async def _shutdown(self) -> None:
-        self._stopping = True
         self.sd.stopping()
         guard = self.guard
         if guard is not None:
