@@ -37,10 +37,8 @@ from guardd import paths
 from guardd.core.policy import PolicySpec, spec_rules
 from guardd.core.rules import BUILTIN_NAMES, Op, Rule
 from guardd.core.signals import KIND_STATS, PROBE
+from guardd.core.types import COLORS, Color
 from guardd.exceptions import ConfigError, ConfigProblem
-
-Color = Literal["blue", "green"]
-COLORS: tuple[Color, Color] = ("blue", "green")
 
 _NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
 # One or more number-unit parts, largest first or not, as Go's time.ParseDuration takes them.

@@ -31,6 +31,7 @@ from guardd import ctlwatch, paths
 from guardd._version import __version__
 from guardd.control import protocol
 from guardd.control.client import call
+from guardd.core.types import COLORS
 from guardd.exceptions import ControlError, DaemonUnreachable, NotPermitted, Refused
 from guardd.journal import parse_rfc3339
 from guardd.qoslock import LockUnknown, check_lock
@@ -920,9 +921,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--limit", metavar="N", type=_history_limit, help="only the last N events"
             )
         if command.name == "switch":
-            sub.add_argument(
-                "color", metavar="COLOR", choices=protocol.COLORS, help="blue or green"
-            )
+            sub.add_argument("color", metavar="COLOR", choices=COLORS, help="blue or green")
             sub.add_argument(
                 "--force",
                 action="store_true",

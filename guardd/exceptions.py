@@ -5,13 +5,18 @@ GuarddError
 ├── SwitchError            moving traffic failed; the old target is back in place
 │   ├── SwitchRejected     the test command refused the new target
 │   ├── CommandFailed      a switch, reload or test command failed or timed out
-│   └── VerifyFailed       the new target did not answer through the front door
+│   └── VerifyFailed       the new target did not answer through the front door;
+│                          carries the answers counted and the last one's status/error
 ├── StorageError           the journal, state or outbox could not be written
 ├── UnsafePath             a path is a symlink or otherwise not what guardd may write
+├── OperationRefused       the guard declined an operation (a gate, a switch that
+│   │                      failed); the control socket answers it as `refused`
+│   └── Refused            (guardctl's side) the daemon answered `refused`; also a ControlError
 └── ControlError           a control-socket request failed
+    ├── ProtocolError      a request or answer broke the control protocol; carries its code
     ├── DaemonUnreachable  nothing answers on the socket
     ├── NotPermitted       the caller may not run a mutating command
-    └── Refused            the daemon declined; the message says why
+    └── Refused            (see above)
 """
 
 from __future__ import annotations
@@ -72,10 +77,28 @@ class VerifyFailed(SwitchError):
     """After the switch, the front door did not serve the new target.
 
     The message counts the answers, e.g. ``verify failed: 0/31 answers passed (3 in a
-    row needed) within 5s, last: HTTP 503``.
+    row needed) within 5s, last: HTTP 503``. `answers` and `passed` count them; `status`
+    is the HTTP status of the last answer (None when there was none, or no HTTP answer
+    such as a refused connection) and `error` what was wrong with it (None if it passed,
+    or if there was no answer at all).
     """
 
     step = "verify"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        answers: int = 0,
+        passed: int = 0,
+        status: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.answers = answers
+        self.passed = passed
+        self.status = status
+        self.error = error
 
 
 class StorageError(GuarddError):
@@ -86,8 +109,28 @@ class UnsafePath(GuarddError):
     """A path guardd must write is a symlink or not a regular file."""
 
 
+class OperationRefused(GuarddError):
+    """The guard declined an operation; the message says why, for the operator.
+
+    Raised by the guard and the operator commands (a gate that does not open, a switch
+    that failed and was undone); the control socket answers it with the `refused` code.
+    """
+
+
 class ControlError(GuarddError):
     """A control-socket request failed."""
+
+
+class ProtocolError(ControlError):
+    """A control request or answer was rejected with an error code; `message` says why.
+
+    `code` is the wire code (`guardd.control.protocol.ErrorCode`), e.g. ``bad_request``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
 
 
 class DaemonUnreachable(ControlError):
@@ -98,5 +141,22 @@ class NotPermitted(ControlError):
     """The caller may not run a mutating command."""
 
 
-class Refused(ControlError):
-    """The daemon declined the request; the message says why."""
+class Refused(ControlError, OperationRefused):
+    """The daemon declined the request (it answered `refused`); the message says why."""
+
+
+_TELLING = ("[emerg]", "[alert]", "[crit]", "[error]", "failed", "error", "rejected")
+
+
+def why(e: BaseException) -> str:
+    """The lines of an error an operator needs: nginx's [emerg] line, not its banner.
+
+    One line of at most 400 characters; "timed out" for a `TimeoutError`.
+    """
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    telling = [line for line in lines[1:] if any(word in line.lower() for word in _TELLING)]
+    return "; ".join([lines[0], *telling])[:400]

@@ -25,10 +25,6 @@ class FaultPoints:
         chosen = directory if directory is not None else os.environ.get("GUARDD_FAULT_DIR")
         self.dir = Path(chosen) if chosen else None
 
-    def armed(self, name: str) -> bool:
-        """Whether a pause is requested at `name`."""
-        return self.dir is not None and (self.dir / name).exists()
-
     async def reach(self, name: str) -> None:
         """Pause here while the point is armed."""
         if self.dir is None or not (self.dir / name).exists():

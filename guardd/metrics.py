@@ -31,6 +31,9 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from guardd.core import types
+from guardd.core.types import NOTIFICATION_OUTCOMES, Outcome, State
+
 __all__ = [
     "COLORS",
     "NOTIFICATION_OUTCOMES",
@@ -43,19 +46,11 @@ __all__ = [
     "parse_listen",
 ]
 
-COLORS = ("blue", "green")
-PROBE_OUTCOMES = (
-    "ok",
-    "http_5xx",
-    "http_other",
-    "timeout",
-    "connect_error",
-    "body_mismatch",
-    "probe_error",
-)
-STATES = ("starting", "steady", "degraded", "rolling_back", "guard_window", "hold", "paused")
+# Label values, from the shared vocabulary; typed as text, since callers' input is checked.
+COLORS: tuple[str, ...] = types.COLORS
+PROBE_OUTCOMES = tuple(o.value for o in Outcome)
+STATES = tuple(s.value for s in State)
 ROLLBACK_SEVERITIES = ("P0", "P1", "manual")
-NOTIFICATION_OUTCOMES = ("sent", "retried", "dropped")
 STORAGE_KINDS = ("journal", "state", "outbox", "lock")
 
 # Probes time out within seconds, but the P1 latency rule looks as far as 30s.

@@ -6,12 +6,12 @@ from typing import Any
 
 from guardd import qoslock
 from guardd.core.types import COLORS, Color, other
-from guardd.exceptions import Refused
+from guardd.exceptions import OperationRefused
 from guardd.guard import Guard
 
 
 async def handle(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict[str, Any]:
-    """Run one command; raise `Refused` with the reason an operator should read."""
+    """Run one command; raise `OperationRefused` with the reason an operator should read."""
     if cmd == "status":
         return guard.snapshot()
     if cmd == "history":
@@ -28,20 +28,14 @@ async def handle(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict[
 async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict[str, Any]:
     reason = args.get("reason") or None
     if cmd == "pause":
-        if guard.paused is None:
-            guard.paused = {"reason": reason, "by": by}
-            guard.record("paused", reason=reason or "paused by an operator", by=by)
+        guard.pause(reason, by=by)
         return {"paused": True}
     if cmd == "resume":
-        was = guard.paused is not None or guard.machine.hold is not None
-        guard.paused = None
-        guard.machine.clear_hold()
-        guard.record("resumed", reason=reason or "resumed by an operator", by=by)
-        return {"paused": False, "changed": was}
+        return {"paused": False, "changed": guard.resume(reason, by=by)}
     if cmd == "qos_lock":
         current = qoslock.read_lock(guard.s.lock_file)
         if current.held and (guard.own_lock is None or current != guard.own_lock.info):
-            raise Refused(
+            raise OperationRefused(
                 f"a QoS lock is already held ({current.reason}); "
                 "release it with `guardctl qos unlock` first"
             )
@@ -63,11 +57,11 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
         return answer
     if cmd == "qos_unlock":
         if not qoslock.read_lock(guard.s.lock_file).held:
-            raise Refused("no QoS lock is held")
+            raise OperationRefused("no QoS lock is held")
         guard.release_lock(by=by, reason=reason or "unlocked by an operator")
         return qoslock.read_lock(guard.s.lock_file).to_json()
     if guard.active is None and not (cmd == "switch" and args.get("force")):
-        raise Refused(
+        raise OperationRefused(
             "the active color is unknown (the switch target names neither color); "
             "`guardctl switch COLOR --force` sets it"
         )
@@ -75,7 +69,7 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
         assert guard.active is not None  # noqa: S101 - refused above
         target = guard.machine.rollback_target(guard.active)
         if target == guard.active:
-            raise Refused(f"{target} is already active; it is the rollback target")
+            raise OperationRefused(f"{target} is already active; it is the rollback target")
         guard.machine.clear_hold()
         await guard.move_traffic(
             target, kind="rollback", by=by, reason=reason or "rollback requested by an operator"
@@ -84,9 +78,9 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
     if cmd == "switch":
         color: Color = args["color"]
         if color not in COLORS:
-            raise Refused(f"unknown color {color!r}")
+            raise OperationRefused(f"unknown color {color!r}")
         if color == guard.active:
-            raise Refused(f"{color} is already active")
+            raise OperationRefused(f"{color} is already active")
         _gate(guard, color, force=bool(args.get("force")), promote=False)
         guard.machine.clear_hold()
         await guard.move_traffic(
@@ -104,7 +98,7 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
             standby, kind="promote", by=by, reason=reason or f"promote {standby}"
         )
         return _moved(guard)
-    raise Refused(f"unknown command {cmd!r}")
+    raise OperationRefused(f"unknown command {cmd!r}")
 
 
 def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
@@ -112,7 +106,7 @@ def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
         return
     lock = qoslock.read_lock(guard.s.lock_file)
     if lock.held:
-        raise Refused(
+        raise OperationRefused(
             f"the QoS lock is held ({lock.reason}"
             + (f", until {lock.until}" if lock.until else "")
             + ")"
@@ -123,7 +117,7 @@ def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
         if not guard.machine.promotable(color, now):
             w = guard.machine.windows[color]
             ratio = guard.machine.window_would_fire(color, now, guard.s.policy.p1_error_ratio)
-            raise Refused(
+            raise OperationRefused(
                 f"{color} has passed {w.consecutive_successes} probes in a row; "
                 f"promotion needs {guard.s.policy.promote_successes}"
                 + (
@@ -136,13 +130,13 @@ def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
         return
     healthy = guard.machine.healthy(color, now)
     if healthy is not True:
-        raise Refused(
+        raise OperationRefused(
             f"{color} is {'stale' if healthy is None else 'unhealthy'}; "
             "use --force to switch anyway"
         )
     ratio = guard.machine.window_would_fire(color, now, guard.s.policy.p0_error_ratio)
     if ratio is not None:
-        raise Refused(
+        raise OperationRefused(
             f"{color}'s window still shows a failed-probe ratio of {ratio:.3g} "
             f"(p0_error_ratio {guard.s.policy.p0_error_ratio:g}): guardd would roll it back "
             "at once; use --force to switch anyway"

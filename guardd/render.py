@@ -11,6 +11,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, TextIO
 
+from guardd.core.types import COLORS
+
 __all__ = [
     "clean",
     "render_change",
@@ -30,7 +32,6 @@ _YELLOW: Final = "\x1b[33m"
 _RED: Final = "\x1b[1;31m"
 _BOLD: Final = "\x1b[1m"
 _MAX_ERROR_CHARS: Final = 40
-_COLORS: Final = ("blue", "green")
 _NONE: Final = "-"
 
 
@@ -242,7 +243,7 @@ def render_status(status: Mapping[str, Any], *, color: bool = False) -> str:
     active = status.get("active")
     upstreams = status.get("upstreams")
     upstreams = upstreams if isinstance(upstreams, Mapping) else {}
-    names = [c for c in _COLORS if c in upstreams] + sorted(set(upstreams) - set(_COLORS))
+    names = [c for c in COLORS if c in upstreams] + sorted(set(upstreams) - set(COLORS))
     rows = [
         _upstream_row(name, upstreams[name], name == active)
         for name in names
@@ -366,7 +367,7 @@ def watch_key(status: Mapping[str, Any], *, with_event: bool = True) -> tuple[ob
     upstreams = status.get("upstreams")
     upstreams = upstreams if isinstance(upstreams, Mapping) else {}
     colors = tuple(
-        _healthy(up)[0] if isinstance(up := upstreams.get(c), Mapping) else None for c in _COLORS
+        _healthy(up)[0] if isinstance(up := upstreams.get(c), Mapping) else None for c in COLORS
     )
     qos = status.get("qos")
     last = status.get("last_event")
@@ -388,7 +389,7 @@ def render_watch_line(status: Mapping[str, Any], now: str) -> str:
     parts = [
         f"{now} state={_text(status.get('state'))} active={_text(status.get('active'))}",
     ]
-    for color in _COLORS:
+    for color in COLORS:
         up = upstreams.get(color)
         if isinstance(up, Mapping):
             fails = _text(up.get("consecutive_failures"))

@@ -8,6 +8,7 @@ uvicorn's server.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -15,7 +16,7 @@ import signal
 import stat
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +239,27 @@ def build_switcher(settings: Settings, on_step: Callable[[str], Awaitable[None]]
     )
 
 
+@dataclass(slots=True)
+class Runtime:
+    """Everything a config builds for the running guard.
+
+    Built whole by `Supervisor.build_runtime` at start and on each reload, and put in
+    force by `Supervisor.install`; parts whose config did not change are carried over
+    from the previous runtime (the same objects), so that a reload keeps their state.
+    """
+
+    settings: Settings
+    guard: GuardSettings
+    probe_identity: dict[Color, str]
+    probers: dict[Color, HttpProber]
+    verifier: HttpProber | None
+    switcher: Switcher
+    notifier: Any  # guardd.notify's notifier; None when `notify` is empty
+    # Adapters for the decision rules' signals, by name, built from the config here as
+    # they are added; none is configurable yet.
+    signals: dict[str, object] = field(default_factory=dict)
+
+
 class Supervisor:
     """Runs one guard until SIGTERM/SIGINT; reloads on SIGHUP."""
 
@@ -259,7 +281,7 @@ class Supervisor:
         self.instance_arg = instance_arg
         self.log = get_logger()
         self.metrics = GuardMetrics(settings.instance, __version__)
-        self.probers: dict[Color, HttpProber] = {}
+        self.runtime: Runtime | None = None
         self.guard: Guard | None = None
         self.notifier: Any = None
         self.metrics_server: MetricsServer | None = None
@@ -267,7 +289,6 @@ class Supervisor:
         self._first_round: dict[Color, anyio.Event] = {c: anyio.Event() for c in COLORS}
         self._front_door_answered = anyio.Event()
         self._probe_started: dict[Color, float | None] = dict.fromkeys(COLORS)
-        self._stopping = False
         self._exit_code = 0
         self._tg: anyio.abc.TaskGroup | None = None
         self._notifier_task: tuple[anyio.CancelScope, anyio.Event] | None = None
@@ -275,9 +296,102 @@ class Supervisor:
 
     # ---- start-up ----------------------------------------------------------------------
 
-    def _build(self) -> Guard:
-        s = self.settings
-        c = s.config
+    @property
+    def probers(self) -> dict[Color, HttpProber]:
+        """Each color's prober in the runtime in force (none before start)."""
+        return self.runtime.probers if self.runtime is not None else {}
+
+    def build_runtime(self, settings: Settings, previous: Runtime | None = None) -> Runtime:
+        """Build what `settings` asks for, reusing the parts of `previous` it leaves as they were.
+
+        Raises `ConfigError` when a notification sink cannot be built (its URL does not
+        resolve): the notifier is built first, so that nothing else is built for nothing.
+        Probers whose URLs and probe settings are unchanged are kept (and with them the
+        color's connections), as are the front-door verifier, the switcher and the
+        notifier whose sections (and `retry`) are unchanged.
+        """
+        c = settings.config
+        old = previous.settings.config if previous is not None else None
+
+        def kept(*parts: Callable[[GuardConfig], object]) -> bool:
+            # Whether every part is configured as in the previous runtime.
+            return old is not None and all(part(old) == part(c) for part in parts)
+
+        def retry(g: GuardConfig) -> object:
+            return g.retry
+
+        if previous is not None and kept(lambda g: g.notify, retry):
+            notifier = previous.notifier
+        else:
+            notifier = self._build_notifier(settings)
+        spec = probe_spec(c)
+        probers: dict[Color, HttpProber] = {}
+        for color in COLORS:
+            urls = functools.partial(_urls, color=color)
+            if previous is not None and kept(probe_spec, urls):
+                probers[color] = previous.probers[color]
+            else:
+                probers[color] = HttpProber(
+                    c.upstreams[color].all_urls,
+                    spec,
+                    quorum=c.upstreams[color].quorum,
+                    transport=self.probe_transport,
+                )
+        if previous is not None and kept(probe_spec, lambda g: g.switch.verify_url):
+            verifier = previous.verifier
+        else:
+            verifier = build_verifier(c, self.probe_transport)
+        if previous is not None and kept(lambda g: g.switch, retry):
+            switcher = previous.switcher
+        else:
+            switcher = build_switcher(settings, self._on_switch_step)
+        return Runtime(
+            settings=settings,
+            guard=guard_settings(settings),
+            probe_identity=probe_identity(c),
+            probers=probers,
+            verifier=verifier,
+            switcher=switcher,
+            notifier=notifier,
+        )
+
+    async def install(self, runtime: Runtime) -> frozenset[Color]:
+        """Put `runtime` in force, and close what the one it replaces had and it does not reuse.
+
+        At start (no runtime in force yet) the guard is then built from it; on a reload the
+        running guard is reconfigured, and the caller holds the guard's lock. Returns the
+        colors whose probe history is kept: those whose probe URLs did not change.
+        """
+        previous, self.runtime = self.runtime, runtime
+        self.settings = runtime.settings
+        if previous is None:
+            keep = frozenset(COLORS)
+        else:
+            old, new = previous.settings.config, runtime.settings.config
+            keep = frozenset(
+                c for c in COLORS if old.upstreams[c].all_urls == new.upstreams[c].all_urls
+            )
+            for color, prober in previous.probers.items():
+                if runtime.probers[color] is not prober:
+                    await prober.aclose()
+        guard = self.guard
+        if guard is not None:
+            guard.reconfigure(
+                runtime.guard,
+                switcher=runtime.switcher,
+                verifier=runtime.verifier,
+                probe_identity=runtime.probe_identity,
+                keep=keep,
+            )
+        stale = previous.verifier if previous is not None else None
+        if stale is not None and stale is not runtime.verifier:
+            await stale.aclose()
+        if previous is None or runtime.notifier is not previous.notifier:
+            await self._swap_notifier(runtime.notifier)
+        return keep
+
+    def _build(self, runtime: Runtime) -> Guard:
+        s = runtime.settings
         state_dir = s.state_dir
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         journal = Journal(state_dir / "events.jsonl", s.instance, self.clock.wall)
@@ -286,27 +400,16 @@ class Supervisor:
             self.log.warning(
                 "journal_lines_skipped", count=journal.skipped_lines, path=str(journal.path)
             )
-        switcher = build_switcher(s, self._on_switch_step)
-        spec = probe_spec(c)
-        for color in COLORS:
-            self.probers[color] = HttpProber(
-                c.upstreams[color].all_urls,
-                spec,
-                quorum=c.upstreams[color].quorum,
-                transport=self.probe_transport,
-            )
-        verifier = build_verifier(c, self.probe_transport)
-        gs = guard_settings(s)
-        machine = GuardMachine(gs.policy, gs.probe_interval)
-        machine.probe_identity = probe_identity(c)
+        machine = GuardMachine(runtime.guard.policy, runtime.guard.probe_interval)
+        machine.probe_identity = runtime.probe_identity
         guard = Guard(
-            gs,
+            runtime.guard,
             machine=machine,
-            switcher=switcher,
+            switcher=runtime.switcher,
             journal=journal,
             state_file=StateFile(state_dir / "state.json"),
             metrics=self.metrics,
-            verifier=verifier,
+            verifier=runtime.verifier,
             clock=self.clock,
             log=self.log,
             notify=self._notify,
@@ -352,9 +455,9 @@ class Supervisor:
             self._notifier_task = None
             scope.cancel()
             await done.wait()
-        if new is not None:
-            assert self._tg is not None  # noqa: S101 - reloads come from inside run()
+        if new is not None and self._tg is not None:
             # The new one reads the outbox only now, once the old one has finished writing.
+            # (At start there is no task group yet: `run` starts it after the first tick.)
             await self._tg.start(self._run_notifier, new)
 
     def _start_metrics(self) -> None:
@@ -376,15 +479,15 @@ class Supervisor:
     async def run(self) -> int:
         """Guard until stopped; the process exit code."""
         try:
-            self.notifier = self._build_notifier()
+            runtime = self.build_runtime(self.settings)
+            await self.install(runtime)
+            guard = self.guard = self._build(runtime)
+            saved = guard.state_file.load()
+            await guard.recover(saved)
         except ConfigError as e:
             for problem in e.problems:
                 self.log.error("config_invalid", problem=str(problem))
             return 2
-        try:
-            guard = self.guard = self._build()
-            saved = guard.state_file.load()
-            await guard.recover(saved)
         except (GuarddError, OSError) as e:
             error = str(e)
             if isinstance(e, OSError) and e.filename is not None:
@@ -460,7 +563,6 @@ class Supervisor:
         return True
 
     async def _shutdown(self) -> None:
-        self._stopping = True
         self.sd.stopping()
         guard = self.guard
         if guard is not None:
@@ -474,10 +576,13 @@ class Supervisor:
         self.log.info("stopped")
 
     async def _close_probers(self) -> None:
-        for prober in self.probers.values():
+        runtime = self.runtime
+        if runtime is None:
+            return
+        for prober in runtime.probers.values():
             await prober.aclose()
-        if self.guard is not None and self.guard.verifier is not None:
-            await self.guard.verifier.aclose()
+        if runtime.verifier is not None:
+            await runtime.verifier.aclose()
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -684,13 +789,9 @@ class Supervisor:
                 instance=old.instance,
                 warnings=loaded.warnings,
             )
-            notify_changed = old.config.notify != new.config.notify
-            retry_changed = old.config.retry != new.config.retry
             # Built before anything is applied: a sink whose URL cannot be resolved now
             # rejects the whole reload, as an invalid file does.
-            notifier = (
-                self._build_notifier(new) if notify_changed or retry_changed else self.notifier
-            )
+            runtime = self.build_runtime(new, self.runtime)
         except ConfigError as e:
             for problem in e.problems:
                 self.log.error("config_invalid", problem=str(problem))
@@ -704,39 +805,7 @@ class Supervisor:
         for warning in new.warnings:
             self.log.warning("config_warning", problem=str(warning))
         async with guard.lock:
-            keep = frozenset(
-                c
-                for c in COLORS
-                if old.config.upstreams[c].all_urls == new.config.upstreams[c].all_urls
-            )
-            spec = probe_spec(new.config)
-            spec_changed = probe_spec(old.config) != spec
-            for color in COLORS:
-                if color not in keep or spec_changed:
-                    replaced = self.probers[color]
-                    self.probers[color] = HttpProber(
-                        new.config.upstreams[color].all_urls,
-                        spec,
-                        quorum=new.config.upstreams[color].quorum,
-                        transport=self.probe_transport,
-                    )
-                    await replaced.aclose()
-            if spec_changed or old.config.switch.verify_url != new.config.switch.verify_url:
-                stale, guard.verifier = (
-                    guard.verifier,
-                    build_verifier(new.config, self.probe_transport),
-                )
-                if stale is not None:
-                    await stale.aclose()
-            gs = guard_settings(new)
-            guard.s = gs
-            guard.machine.reconfigure(gs.policy, gs.probe_interval, keep)
-            guard.machine.probe_identity = probe_identity(new.config)
-            if old.config.switch != new.config.switch or retry_changed:
-                guard.switcher = build_switcher(new, self._on_switch_step)
-            self.settings = new
-            if notify_changed or retry_changed:
-                await self._swap_notifier(notifier)
+            keep = await self.install(runtime)
             if old.config.metrics != new.config.metrics:
                 if self.metrics_server is not None:
                     self.metrics_server.close()
@@ -756,6 +825,10 @@ class Supervisor:
             )
         self.sd.status(guard.status_line())
         self.sd.ready()
+
+
+def _urls(c: GuardConfig, color: Color) -> list[str]:
+    return c.upstreams[color].all_urls
 
 
 def _why(error: BaseException) -> str:

@@ -23,7 +23,7 @@ from pydantic.fields import FieldInfo
 
 from guardd import cli, ctl, paths
 from guardd import config as c
-from guardd.core.types import Outcome, State
+from guardd.core.types import COLORS, Outcome, State
 from guardd.journal import EVENTS
 from guardd.metrics import GuardMetrics
 from guardd.notify import DEFAULT_EVENTS, EVENT_GROUPS, expand_events
@@ -99,7 +99,7 @@ def test_every_metric_exposed_is_in_the_table_and_every_row_is_exposed() -> None
             if label in LABELS_EXPLAINED_BELOW:
                 assert values is None, f"{name}{{{label}}}: explained below the table"
                 if label == "color":
-                    assert labels[label] == set(c.COLORS)
+                    assert labels[label] == set(COLORS)
                 if label == "state":
                     assert labels[label] == {s.value for s in State}
             else:

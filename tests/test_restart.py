@@ -244,16 +244,24 @@ GUARD_NOT_KEPT = {
     "active": "read from the switch target at start, as before every decision",
     "rolling_back": "a switch in flight is an open rollback_started (row: switch in flight)",
     "switch_started": "only times a switch in flight",
-    "qos_held": "read from the lock file before every decision",
     "storage": "measured by the next write",
     "ticks": "a counter for the watchdog",
     "started_mono": "uptime",
     "state": "recomputed by the next tick",
     "last_decision": "shown in status only; recomputed by the next decision",
-    "_auto_rollbacks": "the budget: read back from the journal (row: rollback budget spent)",
-    "_budget_since": "the budget: read back from the journal (`resumed`)",
+    "qos": "checked attribute by attribute below",
+    "budget": "checked attribute by attribute below",
 }
-GUARD_KEPT = {"paused", "own_lock"}
+GUARD_KEPT = {"paused"}
+QOS_NOT_KEPT = {
+    "host": "the guard itself",
+    "held": "read from the lock file before every decision",
+}
+QOS_KEPT = {"own_lock"}
+BUDGET_NOT_KEPT = {
+    "_auto_rollbacks": "the budget: read back from the journal (row: rollback budget spent)",
+    "_since": "the budget: read back from the journal (`resumed`)",
+}
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
@@ -335,6 +343,9 @@ def test_every_piece_of_state_has_a_row(tmp_path: Path) -> None:
     assert set(vars(guard)) == GUARD_KEPT | set(GUARD_NOT_KEPT), set(vars(guard)) ^ (
         GUARD_KEPT | set(GUARD_NOT_KEPT)
     )
+    qos = set(vars(guard.qos))
+    assert qos == QOS_KEPT | set(QOS_NOT_KEPT), qos ^ (QOS_KEPT | set(QOS_NOT_KEPT))
+    assert set(vars(guard.budget)) == set(BUDGET_NOT_KEPT), set(vars(guard.budget))
 
 
 async def test_the_budget_counts_rollbacks_behind_thousands_of_newer_events(tmp_path: Path) -> None:

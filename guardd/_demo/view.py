@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
+from guardd.core.types import COLORS
 from guardd.render import clean, use_color
 
 __all__ = ["Frame", "View", "clean"]
@@ -23,7 +24,6 @@ _YELLOW: Final = "\x1b[33m"
 _RED: Final = "\x1b[1;31m"
 _BOLD: Final = "\x1b[1m"
 _DIM: Final = "\x1b[2m"
-_COLORS: Final = ("blue", "green")
 # A plain line is printed when the picture changed, or after this long regardless.
 _PLAIN_EVERY_S: Final = 1.0
 
@@ -152,7 +152,7 @@ class View:
                 f"   (P0: {frame.threshold} fails in a row)"
             ),
         ]
-        for color in _COLORS:
+        for color in COLORS:
             up = _upstream(status, color)
             healthy, code = _healthy(up)
             name = f"{color}{'*' if color == active else ''}"
@@ -176,7 +176,7 @@ class View:
             f"traffic: {frame.serving}"
         )
         key, parts = [head], [head]
-        for color in _COLORS:
+        for color in COLORS:
             up = _upstream(status, color)
             healthy, _ = _healthy(up)
             fails = f"{color} {healthy} fails {clean(up.get('consecutive_failures', '-'))}"

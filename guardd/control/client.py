@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from guardd.control import protocol
-from guardd.control.protocol import ErrorCode, ProtocolError
-from guardd.exceptions import ControlError, DaemonUnreachable, NotPermitted, Refused
+from guardd.control.protocol import ErrorCode
+from guardd.exceptions import ControlError, DaemonUnreachable, NotPermitted, ProtocolError, Refused
 
 __all__ = ["call"]
 

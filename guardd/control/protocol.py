@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
-from guardd.exceptions import ControlError
+from guardd.core.types import COLORS
+from guardd.exceptions import ControlError, GuarddError, NotPermitted, OperationRefused
+
+# Re-exported: the protocol's error lives in the one tree of guardd.exceptions.
+from guardd.exceptions import ProtocolError as ProtocolError  # noqa: PLC0414
 
 VERSION: Final = 1
 MAX_REQUEST_BYTES: Final = 64 * 1024
@@ -24,7 +28,6 @@ MAX_REASON_CHARS: Final = 500
 # A lock longer than a year is a mistake; the bound also keeps date arithmetic finite.
 MAX_LOCK_S: Final = 366 * 24 * 3600.0
 MAX_HISTORY_LIMIT: Final = 1_000_000
-COLORS: Final = ("blue", "green")
 
 
 class ErrorCode(StrEnum):
@@ -41,13 +44,18 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
 
 
-class ProtocolError(ControlError):
-    """A request was rejected with an error code; `message` says why."""
+#: The errors a command's handler raises on purpose, and the code each is answered with
+#: (the first that matches); anything else is a bug, answered as `internal`. guardctl
+#: raises the matching error again (`client.call`): `Refused`, `NotPermitted`.
+ANSWERED: Final[tuple[tuple[type[GuarddError], ErrorCode], ...]] = (
+    (OperationRefused, ErrorCode.REFUSED),
+    (NotPermitted, ErrorCode.NOT_PERMITTED),
+)
 
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
-        super().__init__(f"{code}: {message}")
+
+def code_of(error: BaseException) -> ErrorCode | None:
+    """The code a handler's `error` is answered with; None when it is a bug (logged)."""
+    return next((code for kind, code in ANSWERED if isinstance(error, kind)), None)
 
 
 @dataclass(frozen=True, slots=True)

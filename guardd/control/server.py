@@ -27,8 +27,8 @@ from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, 
 from structlog.typing import FilteringBoundLogger
 
 from guardd.control import protocol
-from guardd.control.protocol import ErrorCode, ProtocolError
-from guardd.exceptions import NotPermitted, Refused, UnsafePath
+from guardd.control.protocol import ErrorCode
+from guardd.exceptions import ProtocolError, UnsafePath
 from guardd.secrets import redact
 
 __all__ = ["Caller", "ControlServer", "Handler"]
@@ -310,11 +310,11 @@ class ControlServer:
         try:
             # Typed as object: a handler written in haste may still return something else.
             result: object = await self._handler(request.cmd, request.args, caller)
-        except Refused as e:
-            return protocol.encode_error(ErrorCode.REFUSED, redact(str(e)))
-        except NotPermitted as e:
-            return protocol.encode_error(ErrorCode.NOT_PERMITTED, redact(str(e)))
-        except Exception:  # noqa: BLE001 - the client gets `internal`, the log the traceback
+        except Exception as e:  # noqa: BLE001 - the client gets `internal`, the log the traceback
+            code = protocol.code_of(e)
+            if code is not None:
+                # An error raised on purpose (`protocol.ANSWERED`): its message is the answer.
+                return protocol.encode_error(code, redact(str(e)))
             self._log.exception("control_handler_failed", cmd=request.cmd, by=caller.by())
             return _INTERNAL
         if not isinstance(result, dict):

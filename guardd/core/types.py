@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 Color = Literal["blue", "green"]
 COLORS: tuple[Color, Color] = ("blue", "green")
 Severity = Literal["P0", "P1", "P2"]
+#: The journal's `by` for what guardd does on its own (an automatic rollback, a lock).
+GUARDD: Final = "guardd"
 
 
 #: Every event name the journal writes (docs/contract.md §4); notification sinks choose
@@ -33,6 +35,12 @@ JOURNAL_EVENTS: frozenset[str] = frozenset(
         "alert",
     }
 )
+
+
+#: How one notification to one sink ended (docs/contract.md §5 `outcome` label of
+#: `guardd_notifications_total`).
+NotificationOutcome = Literal["sent", "retried", "dropped"]
+NOTIFICATION_OUTCOMES: tuple[NotificationOutcome, ...] = ("sent", "retried", "dropped")
 
 
 def other(color: Color) -> Color:

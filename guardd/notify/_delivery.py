@@ -30,7 +30,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from guardd._version import __version__
-from guardd.core.types import JOURNAL_EVENTS
+from guardd.core.types import JOURNAL_EVENTS, NotificationOutcome
 from guardd.exceptions import StorageError
 from guardd.notify import slack_api
 from guardd.notify.discord import discord_message
@@ -650,7 +650,7 @@ class Notifier:
         self._log.error("notification_dropped", sink=sink, event_id=event_id, reason=reason)
         self._outcome(sink, "dropped")
 
-    def _outcome(self, sink: str, outcome: str) -> None:
+    def _outcome(self, sink: str, outcome: NotificationOutcome) -> None:
         try:
             self._on_outcome(sink, outcome)
         except Exception as e:  # noqa: BLE001 - a metrics bug must not stop deliveries

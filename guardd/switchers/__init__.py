@@ -8,8 +8,9 @@ The concrete switchers live in submodules so that importing this one stays cheap
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Final, Literal, Protocol, TypeGuard, runtime_checkable
+from typing import Final, Protocol, TypeGuard, runtime_checkable
 
+from guardd.core.types import COLORS, Color
 from guardd.exceptions import CommandFailed, SwitchError
 
 __all__ = [
@@ -29,9 +30,6 @@ __all__ = [
     "is_color",
     "switch_error_for",
 ]
-
-Color = Literal["blue", "green"]
-COLORS: Final[tuple[Color, ...]] = ("blue", "green")
 
 StepHook = Callable[[str], Awaitable[None]]
 """Awaited with a step's name right after the step, e.g. to plant a fault in tests."""

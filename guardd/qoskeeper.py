@@ -1,0 +1,285 @@
+"""The QoS lock keeper: the lock file guardd writes, and the guard window that releases it.
+
+Owns the lock guardd holds (`OwnedLock`: the lock file's content, the guard window that
+judges its release, an operator's expiry and floor) and whether any lock is held now. It
+takes, extends and releases the lock, notices when someone else removed or replaced it,
+and puts it back after a restart. What it does is journaled and saved through its host,
+the guard, whose single lock every call already holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from guardd import qoslock
+from guardd.core.qos import QosWindow
+from guardd.core.types import GUARDD, Color, Outcome
+from guardd.exceptions import StorageError, UnsafePath, why
+from guardd.journal import parse_rfc3339, rfc3339
+from guardd.metrics import GuardMetrics
+
+if TYPE_CHECKING:
+    from guardd.guard import GuardSettings, Storage
+
+
+@dataclass(slots=True)
+class OwnedLock:
+    """A lock file guardd wrote, with the window that will judge its release."""
+
+    info: qoslock.LockInfo
+    window: QosWindow | None  # None for an operator's lock, which only expires
+    expires_at: float | None  # monotonic; None = until unlocked
+    manual: bool
+    # An operator's lock laid over a guard window: the lock is not released before this
+    # (monotonic; math.inf = until unlocked), whatever the window says.
+    floor: float | None = None
+
+
+class LockHost(Protocol):
+    """What the keeper needs of the guard it serves."""
+
+    s: GuardSettings
+    clock: Any
+    log: Any
+    metrics: GuardMetrics
+    storage: Storage
+    active: Color | None
+
+    def record(self, event: str, **fields: Any) -> dict[str, Any]: ...
+
+    def save_state(self) -> None: ...
+
+    def storage_failed(self, kind: str, message: str) -> None: ...
+
+    def storage_ok(self, kind: str) -> None: ...
+
+
+class QosKeeper:
+    """guardd's side of the QoS lock file (`qos.lock_file`)."""
+
+    def __init__(self, host: LockHost) -> None:
+        self.host = host
+        self.own_lock: OwnedLock | None = None
+        self.held = False  # whether any lock file is there, as of the last look
+
+    def take(
+        self, reason: str, *, by: str, duration: float | None = None, manual: bool = False
+    ) -> qoslock.LockInfo:
+        """Write guardd's lock: a guard window, or an operator's lock for `duration` seconds
+        (None: until unlocked). Returns the lock as it now stands.
+
+        A new lock never shortens one guardd holds: an operator's lock laid over a guard
+        window can only extend it (the window is still judged, and extended if its SLOs
+        fail), and a guard window taken under an operator's lock lasts at least as long as
+        that lock. Only `release` (`guardctl qos unlock`) ends a lock early.
+        """
+        host = self.host
+        wall = host.clock.wall()
+        now = host.clock.monotonic()
+        old = self.own_lock
+        window: QosWindow | None
+        if manual and old is not None and old.window is not None:
+            # An operator's lock over a guard window: a floor under the window's end.
+            asked = math.inf if duration is None else now + duration
+            floor = max(asked, old.floor if old.floor is not None else -math.inf)
+            if floor <= (math.inf if old.expires_at is None else old.expires_at):
+                old.floor = floor
+                host.save_state()
+                return old.info  # the guard window already lasts longer
+            end, window, manual = floor, old.window, False
+        elif manual:
+            # An operator replaces their own lock (or takes one): theirs to shorten.
+            end, window, floor = (math.inf if duration is None else now + duration), None, None
+        else:
+            span = duration or host.s.qos_window
+            window = self._new_window(now, span)
+            current = qoslock.read_lock(host.s.lock_file)
+            if current.held and (old is None or current != old.info):
+                # Someone else's lock (a touched file): it had no end, so neither does ours.
+                floor = math.inf
+                reason = f"{reason}; a lock was already held ({current.reason}): until unlocked"
+            elif old is None:
+                floor = None
+            elif old.window is None:  # an operator's lock: the guard window lasts at least as long
+                floor = math.inf if old.expires_at is None else old.expires_at
+            else:
+                floor = old.floor
+            end = max(now + span, floor if floor is not None else -math.inf)
+        until = None if math.isinf(end) else rfc3339(wall + end - now)
+        info = qoslock.LockInfo(True, reason, rfc3339(wall), until, by)
+        self._write(info)
+        expires_at = None if math.isinf(end) else end
+        self.own_lock = OwnedLock(info, window, expires_at, manual and window is None, floor)
+        self.held = True
+        host.metrics.set_qos_locked(True)
+        host.record("qos_locked", reason=reason, by=by, until=info.until)
+        host.save_state()
+        return info
+
+    def _write(self, info: qoslock.LockInfo) -> None:
+        lock_file = self.host.s.lock_file
+        try:
+            qoslock.write_lock(lock_file, info)
+        except (OSError, StorageError, UnsafePath) as e:
+            self.host.storage_failed("lock", f"cannot write {lock_file}: {why(e)}")
+        else:
+            self.host.storage_ok("lock")
+
+    def observe(self, outcome: Outcome) -> None:
+        """Count one probe round of the active color in the guard window, if one runs."""
+        own = self.own_lock
+        if own is not None and own.window is not None:
+            own.window.add(outcome)
+
+    def step(self, now: float) -> None:
+        """Look at the lock file, and judge the guard window (release or extend) when due."""
+        host = self.host
+        current = qoslock.read_lock(host.s.lock_file)
+        own = self.own_lock
+        if own is not None and current != own.info:
+            if "lock" in host.storage.failing and not current.held:
+                self._write(own.info)  # the earlier write failed (disk full): try again
+                current = qoslock.read_lock(host.s.lock_file)
+            if current != own.info:
+                # Removed or replaced by someone else: theirs now, never ours to delete.
+                self.own_lock = own = None
+                host.save_state()
+        self.held = current.held
+        if own is None:
+            return
+        if own.window is not None and own.window.due(now):
+            verdict = own.window.verdict()
+            evidence = verdict.evidence(own.window.max_error_ratio, own.window.min_health_ratio)
+            if verdict.met and own.floor is not None and own.floor > now:
+                # The window passed, but an operator's lock laid over it still stands.
+                host.log.info("guard_window_passed", reason=verdict.reason, until=own.info.until)
+                own.window = None
+                own.manual = True
+                own.expires_at = None if math.isinf(own.floor) else own.floor
+                own.floor = None
+                host.save_state()
+            elif verdict.met:
+                self.release(
+                    by=GUARDD, reason=f"guard window passed: {verdict.reason}", evidence=evidence
+                )
+            else:
+                end = now + host.s.qos_window
+                if own.floor is not None:
+                    end = max(end, own.floor)
+                wall = host.clock.wall()
+                until = None if math.isinf(end) else rfc3339(wall + end - now)
+                info = dataclasses.replace(own.info, until=until)
+                self._write(info)
+                own.info = info
+                own.window.restart(now, host.s.qos_window)
+                own.expires_at = None if math.isinf(end) else end
+                host.record(
+                    "qos_extended",
+                    source=host.active,
+                    reason=verdict.reason,
+                    until=info.until,
+                    evidence=evidence,
+                )
+                host.record(
+                    "alert",
+                    source=host.active,
+                    reason=f"guard window not met, lock extended: {verdict.reason}",
+                )
+                host.save_state()
+        elif own.window is None and own.expires_at is not None and now >= own.expires_at:
+            self.release(by=GUARDD, reason="operator lock expired")
+
+    def release(self, *, by: str, reason: str, evidence: dict[str, Any] | None = None) -> bool:
+        """Remove the lock file (any lock, when an operator asks) and journal it."""
+        host = self.host
+        try:
+            removed = qoslock.remove_lock(host.s.lock_file)
+        except (OSError, UnsafePath) as e:
+            host.storage_failed("lock", why(e))
+            return False
+        self.own_lock = None
+        self.held = False
+        host.metrics.set_qos_locked(False)
+        if removed:
+            host.record("qos_released", reason=reason, by=by, evidence=evidence)
+        host.save_state()
+        return removed
+
+    def to_json(self) -> dict[str, Any] | None:
+        """The `qos` object of state.json: guardd's own lock, or None."""
+        own = self.own_lock
+        if own is None:
+            return None
+        wall, now = self.host.clock.wall(), self.host.clock.monotonic()
+        doc: dict[str, Any] = {
+            "reason": own.info.reason,
+            "locked_at": own.info.locked_at,
+            "until": own.info.until,
+            "by": own.info.by,
+            "manual": own.manual,
+            "floor": None
+            if own.floor is None
+            else ("unlocked" if math.isinf(own.floor) else rfc3339(wall + own.floor - now)),
+            "window": None,
+        }
+        if own.window is not None:
+            # The counts, so that a restart judges the window on the probes it already saw.
+            doc["window"] = {
+                "until": rfc3339(wall + own.window.ends_at - now),
+                **own.window.counts(),
+            }
+        return doc
+
+    def restore(self, saved: object) -> None:
+        """Take back the lock state.json's `qos` names (see `to_json`) after a restart."""
+        if not isinstance(saved, dict):
+            return
+        host = self.host
+        info = qoslock.LockInfo(
+            True, saved.get("reason"), saved.get("locked_at"), saved.get("until"), saved.get("by")
+        )
+        wall, now = host.clock.wall(), host.clock.monotonic()
+
+        def mono(stamp: object, default: float | None) -> float | None:
+            # A wall-clock stamp of state.json placed on the monotonic clock; one that cannot
+            # be read keeps the lock (fail closed: a lock is never lost to a garbled file).
+            try:
+                return float(now + max(0.0, parse_rfc3339(str(stamp)) - wall))
+            except ValueError:
+                return default
+
+        current = qoslock.read_lock(host.s.lock_file)
+        if not current.held:
+            # /run was cleared (a reboot) or the file was removed while guardd was down:
+            # the guard window still stands, so put the lock back.
+            self._write(info)
+        elif current != info:
+            return  # someone else's lock now; it is theirs to remove
+        manual = bool(saved.get("manual"))
+        expires_at = mono(info.until, None) if info.until else None
+        floor_doc = saved.get("floor")
+        floor = (
+            None
+            if floor_doc is None
+            else (math.inf if floor_doc == "unlocked" else mono(floor_doc, math.inf))
+        )
+        window: QosWindow | None = None
+        if not manual:
+            w = saved.get("window")
+            w = w if isinstance(w, dict) else {}
+            # Older state files kept only the lock's until: the window then ends with it.
+            ends = mono(w.get("until"), None) if "until" in w else expires_at
+            window = self._new_window(
+                now, (ends if ends is not None else now + host.s.qos_window) - now
+            )
+            window.restore_counts(w)
+        self.own_lock = OwnedLock(info, window, expires_at, manual, floor)
+
+    def _new_window(self, now: float, span: float) -> QosWindow:
+        s = self.host.s
+        return QosWindow(
+            now, span, s.qos_max_error_ratio, s.qos_min_health_ratio, s.policy.min_samples
+        )

@@ -1,0 +1,122 @@
+"""Start-up recovery: what a guard reads back from disk before its first decision.
+
+Owns the restart: the rollback budget rebuilt from the whole journal, a switch a crash
+cut short (an open `rollback_started`) finished or undone, the switch target read and
+compared with what state.json remembers, and the machine's memory, a pause and guardd's
+QoS lock taken back. It runs once, before the guard's loops start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Reversible
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from guardd.core.machine import Memory
+from guardd.core.types import COLORS, GUARDD
+from guardd.exceptions import SwitchError, why
+from guardd.journal import parse_rfc3339
+
+if TYPE_CHECKING:
+    from guardd.guard import Guard
+
+
+def load_history(guard: Guard) -> None:
+    """Rebuild the rollback budget from the journal, so a restart does not reset it."""
+    # Across a restart only the journal's wall-clock stamps tell; they are placed on
+    # the monotonic clock once, here.
+    # Rollbacks older than `budget_window` fall out in `RollbackBudget.spent`.
+    # The whole file, not only the recent events kept in memory: a busy hour (a guard
+    # window extended again and again) must not push a rollback out of the budget.
+    wall, mono = guard.clock.wall(), guard.clock.monotonic()
+    for entry in guard.journal.read():
+        guard.budget.count(entry, mono - (wall - _ts(entry)))
+
+
+def open_rollback(recent: Reversible[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last `rollback_started` among the journal's `recent` entries (oldest first)
+    that no completion or failure closed."""
+    closed: set[str] = set()
+    for entry in reversed(recent):
+        kind = entry.get("event")
+        if kind in ("rollback_completed", "rollback_failed"):
+            closed.add(str(entry.get("rollback_id")))
+        elif kind == "rollback_started":
+            return None if str(entry.get("id")) in closed else entry
+    return None
+
+
+async def recover(guard: Guard, saved: dict[str, Any]) -> None:
+    """Repair a switch cut short by a crash, then adopt what the disk says."""
+    try:
+        # Bounded: a start-up must not outlast systemd's TimeoutStartSec, and a config
+        # nginx rejects right now must not stop guardd from guarding.
+        with anyio.fail_after(guard.s.switch_timeout):
+            await guard.switcher.recover()
+    except (SwitchError, TimeoutError) as e:
+        guard.record("alert", reason=f"could not repair the switch target at start: {why(e)}")
+    # The memory first: a rollback resumed below ends in its own hold or guard window.
+    guard.machine.restore(Memory.from_json(saved))
+    pending = open_rollback(guard.journal.recent)
+    guard.active = await guard.switcher.read_active()
+    if pending is not None:
+        await _resume_rollback(guard, pending)
+    remembered = saved.get("active")
+    moved_while_down = (
+        remembered in COLORS
+        and guard.active is not None
+        and remembered != guard.active
+        and pending is None
+    )
+    if moved_while_down:
+        guard.record(
+            "external_switch",
+            source=remembered,
+            target=guard.active,
+            by="external",
+            reason="the switch target changed while guardd was not running",
+        )
+    if isinstance(saved.get("paused"), dict):
+        guard.paused = saved["paused"]
+    if moved_while_down:
+        # Someone moved traffic while guardd was down: an operator acted, just as with
+        # a switch made while it runs (`Guard._adopt_external_switch`).
+        guard.machine.clear_hold()
+    guard.qos.restore(saved.get("qos"))
+    guard.metrics.set_active(guard.active)
+
+
+async def _resume_rollback(guard: Guard, started: dict[str, Any]) -> None:
+    target = started.get("to")
+    # A journal line is data: only a real color is remembered as the one rolled away from.
+    source = started.get("from") if started.get("from") in COLORS else None
+    if target not in COLORS:
+        return
+    reason = f"interrupted by a restart; resumed: {started.get('reason')}"
+    guard.log.warning("rollback_resuming", rollback_id=started.get("id"), target=target)
+    closing: dict[str, Any] = {
+        "severity": started.get("severity"),
+        "by": str(started.get("by", GUARDD)),
+        "evidence": started.get("evidence"),
+        "rollback_id": str(started.get("id")),
+    }
+    with anyio.CancelScope(shield=True):
+        # The link may already name the target (the crash fell after the rename):
+        # then only the verification is owed, and a failed one is undone all the same.
+        outcome = await guard.switch_verified(source, target, switch=guard.active != target)
+    if outcome.failure is not None:
+        guard.close_failed(source, target, reason=reason, outcome=outcome, **closing)
+        return
+    guard.active = target
+    guard.machine.switched()
+    guard.close_completed(
+        source, target, reason=reason, lock_reason=str(started.get("reason")), **closing
+    )
+
+
+def _ts(entry: dict[str, Any]) -> float:
+    try:
+        return parse_rfc3339(str(entry.get("ts")))
+    except ValueError:
+        return 0.0

@@ -1,0 +1,147 @@
+"""The status view: what guardctl and systemd are shown of a running guard.
+
+Owns the shapes of the `status --json` object (docs/contract.md §1, with its front door,
+warnings and last decision) and of systemd's one-line STATUS=. It only reads the guard
+and the lock file; nothing here changes state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from guardd import qoslock
+from guardd._version import __version__
+from guardd.core.machine import Alert, Decision, Hold, Reapply, Rollback
+from guardd.core.types import COLORS, other
+from guardd.journal import rfc3339
+
+if TYPE_CHECKING:
+    from guardd.guard import Guard
+
+
+def snapshot(guard: Guard) -> dict[str, Any]:
+    """The docs/contract.md §1 `status --json` object."""
+    now = guard.clock.monotonic()
+    machine = guard.machine
+    lock = qoslock.read_lock(guard.s.lock_file)
+    upstreams: dict[str, Any] = {}
+    for color in COLORS:
+        st = machine.stats(color, now)
+        stale = machine.is_stale(color, now)
+        upstreams[color] = {
+            "healthy": None if stale else st.consecutive_failures == 0,
+            "stale": stale,
+            "consecutive_failures": st.consecutive_failures,
+            "consecutive_successes": st.consecutive_successes,
+            "error_ratio": _r(st.error_ratio),
+            "samples": st.samples,
+            "p50_ms": _r(st.p50_ms),
+            "p95_ms": _r(st.p95_ms),
+            "last_error": st.last_error,
+            "last_probe_age_s": None
+            if st.last_probe_at is None
+            else round(now - st.last_probe_at, 3),
+        }
+    hold = machine.hold
+    return {
+        "guard": guard.s.instance,
+        "front_door": front_door_doc(guard, now),
+        "warnings": warnings(guard),
+        "state": guard.state.value,
+        "active": guard.active,
+        "standby": other(guard.active) if guard.active else None,
+        "rollback_to": machine.rollback_target(guard.active) if guard.active else None,
+        "paused": guard.paused is not None,
+        "paused_reason": (guard.paused or {}).get("reason"),
+        "hold_reason": hold.reason if hold else None,
+        "no_rollback_target": guard.protection_lost(),
+        "qos": {
+            "locked": lock.held,
+            "reason": lock.reason,
+            "until": lock.until,
+            "locked_at": lock.locked_at,
+            "by": lock.by,
+        },
+        "upstreams": upstreams,
+        "last_event": guard.journal.recent[-1] if guard.journal.recent else None,
+        "last_decision": guard.last_decision,
+        "storage": {
+            "ok": not guard.storage.failing,
+            "errors": guard.storage.errors,
+            "last_error": guard.storage.last_error,
+            "journal_backlog": guard.journal.backlog,
+        },
+        "probe_interval_s": guard.s.probe_interval,
+        "uptime_s": round(now - guard.started_mono, 1),
+        "version": __version__,
+    }
+
+
+def front_door_doc(guard: Guard, now: float) -> dict[str, Any] | None:
+    """The front door as `status --json` shows it; None when it is not watched."""
+    if guard.verifier is None:
+        return None
+    fd = guard.machine.front_door
+    stale = fd.last_at is None or now - fd.last_at > 3 * guard.s.probe_interval
+    return {
+        "healthy": None if stale else fd.ok,
+        "stale": stale,
+        "streak": fd.streak,
+        "last_error": fd.last_error,
+        "last_probe_age_s": None if fd.last_at is None else round(now - fd.last_at, 3),
+    }
+
+
+def warnings(guard: Guard) -> list[str]:
+    """What an operator should look at although nothing is failing outright."""
+    mismatch = guard.machine.mismatch
+    return [] if mismatch is None else [f"mismatch: {mismatch}"]
+
+
+def status_line(guard: Guard) -> str:
+    """The one-line STATUS= summary for systemd."""
+    now = guard.clock.monotonic()
+    machine = guard.machine
+    parts = [f"active={guard.active or 'unknown'}", f"state={guard.state.value}"]
+    for color in COLORS:
+        w = machine.windows[color]
+        if machine.is_stale(color, now):
+            parts.append(f"{color}=stale")
+        elif w.consecutive_failures:
+            parts.append(
+                f"{color}=down({w.consecutive_failures}/{guard.s.policy.consecutive_failures})"
+            )
+        else:
+            parts.append(f"{color}=up")
+    parts.append("qos=locked" if guard.qos.held else "qos=free")
+    if guard.protection_lost() is not None:
+        parts.append("no-rollback-target")
+    if guard.paused is not None:
+        parts.append("paused")
+    if guard.storage.failing:
+        parts.append("storage=failing(" + ",".join(sorted(guard.storage.failing)) + ")")
+    if machine.mismatch is not None:
+        parts.append("front_door=mismatch")
+    return " ".join(parts)
+
+
+def decision_doc(decision: Decision, wall: float) -> dict[str, Any]:
+    """`last_decision` of `status --json`: what a tick did and why, stamped `wall`."""
+    verdict = decision.verdict
+    action = "none"
+    for a in decision.actions:
+        action = {Rollback: "rollback", Hold: "hold", Alert: "alert", Reapply: "reapply"}[type(a)]
+    if decision.blocked_by and action == "none":
+        action = f"blocked:{decision.blocked_by}"
+    return {
+        "ts": rfc3339(wall),
+        "action": action,
+        "severity": verdict.severity if verdict else None,
+        "reason": verdict.reason if verdict else None,
+        "evidence": verdict.evidence.to_dict() if verdict else None,
+    }
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None or math.isnan(v) else round(v, 4)

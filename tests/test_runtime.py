@@ -1,0 +1,156 @@
+"""One path builds what a config asks for, at start and on reload (`Supervisor.build_runtime`).
+
+A reload builds a whole new runtime from the new file; the parts whose config did not
+change are the very objects already running (a prober keeps its connections, a switcher
+its state), and `install` closes exactly the parts it replaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from guardd import config
+from guardd.config import Settings
+from guardd.supervisor import Runtime, Supervisor
+from guardd.systemd import SystemdNotifier
+
+pytestmark = pytest.mark.anyio
+
+BASE = """
+instance = "lab"
+[upstreams.blue]
+url = "http://127.0.0.1:9009/healthz"
+[upstreams.green]
+url = "http://127.0.0.1:9010/healthz"
+[probe]
+timeout = "2s"
+[switch]
+kind = "command"
+command = ["true"]
+timeout = "5s"
+verify_url = "http://127.0.0.1:9011/healthz"
+[state]
+dir = "@STATE@"
+[control]
+socket = "@STATE@/lab.sock"
+[metrics]
+listen = ""
+"""
+
+
+def settings(tmp_path: Path, text: str = BASE) -> Settings:
+    path = tmp_path / "lab.toml"
+    path.write_text(text.replace("@STATE@", str(tmp_path / "state")))
+    return config.load(path)
+
+
+def supervisor(tmp_path: Path) -> Supervisor:
+    return Supervisor(settings(tmp_path), sd=SystemdNotifier({}))
+
+
+def parts(r: Runtime) -> dict[str, object]:
+    return {
+        "blue": r.probers["blue"],
+        "green": r.probers["green"],
+        "verifier": r.verifier,
+        "switcher": r.switcher,
+    }
+
+
+async def close(r: Runtime) -> None:
+    for prober in r.probers.values():
+        await prober.aclose()
+    if r.verifier is not None:
+        await r.verifier.aclose()
+
+
+async def test_start_builds_every_part(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path)
+    r = sup.build_runtime(sup.settings)
+    try:
+        assert r.probers["blue"].urls == ["http://127.0.0.1:9009/healthz"]
+        assert r.probers["green"].urls == ["http://127.0.0.1:9010/healthz"]
+        assert r.verifier is not None and r.verifier.urls == ["http://127.0.0.1:9011/healthz"]
+        assert r.guard.instance == "lab" and r.guard.switch_timeout == 5.0
+        assert set(r.probe_identity) == {"blue", "green"}
+        assert r.notifier is None  # no [[notify]]
+        assert r.signals == {}
+    finally:
+        await close(r)
+
+
+async def test_the_same_file_reuses_every_part(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path)
+    first = sup.build_runtime(sup.settings)
+    again = sup.build_runtime(settings(tmp_path), first)
+    try:
+        assert all(parts(again)[k] is v for k, v in parts(first).items())
+    finally:
+        await close(first)
+
+
+@pytest.mark.parametrize(
+    ("edit", "rebuilt"),
+    [
+        (("9009/healthz", "9019/healthz"), {"blue"}),
+        (("9010/healthz", "9020/healthz"), {"green"}),
+        (('timeout = "2s"', 'timeout = "3s"'), {"blue", "green", "verifier"}),
+        # verify_url is in [switch]: the switcher is rebuilt with its section.
+        (("9011/healthz", "9021/healthz"), {"verifier", "switcher"}),
+        (('timeout = "5s"', 'timeout = "6s"'), {"switcher"}),
+        (('command = ["true"]', 'command = ["false"]'), {"switcher"}),
+    ],
+    ids=["blue url", "green url", "probe timeout", "verify_url", "switch timeout", "command"],
+)
+async def test_a_reload_rebuilds_only_what_changed(
+    tmp_path: Path, edit: tuple[str, str], rebuilt: set[str]
+) -> None:
+    sup = supervisor(tmp_path)
+    first = sup.build_runtime(sup.settings)
+    new = sup.build_runtime(settings(tmp_path, BASE.replace(*edit)), first)
+    try:
+        changed = {k for k, v in parts(first).items() if parts(new)[k] is not v}
+        assert changed == rebuilt
+    finally:
+        await close(first)
+        for color in ("blue", "green"):
+            if color in rebuilt:
+                await new.probers[color].aclose()
+        if "verifier" in rebuilt and new.verifier is not None:
+            await new.verifier.aclose()
+
+
+async def test_install_closes_exactly_the_parts_it_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sup = supervisor(tmp_path)
+    first = sup.build_runtime(sup.settings)
+    keep = await sup.install(first)
+    assert keep == {"blue", "green"} and sup.runtime is first and sup.probers is first.probers
+    closed: list[str] = []
+    assert first.verifier is not None
+    for name, part in (*first.probers.items(), ("verifier", first.verifier)):
+        monkeypatch.setattr(part, "aclose", _recorder(closed, name, part.aclose))
+    edited = BASE.replace("9009/healthz", "9019/healthz").replace("9011/", "9021/")
+    new = sup.build_runtime(settings(tmp_path, edited), first)
+    keep = await sup.install(new)
+    try:
+        assert keep == {"green"}  # blue's probe history starts afresh
+        assert sorted(closed) == ["blue", "verifier"]
+        assert sup.runtime is new and sup.settings is new.settings
+        assert sup.probers["green"] is first.probers["green"]
+    finally:
+        await close(new)
+
+
+def _recorder(
+    log: list[str], name: str, close: Callable[[], Awaitable[None]]
+) -> Callable[[], Awaitable[None]]:
+    async def aclose() -> None:
+        log.append(name)
+        await close()
+
+    return aclose
