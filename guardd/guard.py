@@ -308,6 +308,20 @@ class Guard:
                 front_door_watched=self.verifier is not None,
             )
         )
+        verdict = decision.verdict
+        self.qos.rules_firing(
+            self.active,
+            frozenset(
+                st.rule
+                for st in (verdict.states if verdict is not None else ())
+                if st.state == "firing" and not st.dry_run
+            ),
+        )
+        self.metrics.set_rules(
+            (st.rule, color, st.state)
+            for color, v in self.machine.verdicts.items()
+            for st in v.states
+        )
         for action in decision.actions:
             await self._act(action)
         if decision.actions or decision.blocked_by:

@@ -160,6 +160,19 @@ class GuardMetrics:
         )
         self._loop_errors_family = loop_errors
         self._loop_errors: dict[str, Counter] = {}
+        self._rule_firing = Gauge(
+            "guardd_rule_firing",
+            "1 while the rule fires on the color (dry-run rules included), else 0.",
+            ("guard", "rule", "color"),
+            registry=r,
+        )
+        self._rule_inconclusive = Gauge(
+            "guardd_rule_inconclusive",
+            "1 while the rule cannot judge the color (too few samples, stale signal), else 0.",
+            ("guard", "rule", "color"),
+            registry=r,
+        )
+        self._rules: set[tuple[str, str]] = set()
         build_info = Gauge(
             "guardd_build_info",
             "Always 1; the version is in the label.",
@@ -284,6 +297,20 @@ class GuardMetrics:
             # Loops other than the probe loops are bound on first use.
             child = self._loop_errors[loop] = self._loop_errors_family.labels(self.guard, loop)
         child.inc()
+
+    def set_rules(self, states: Iterable[tuple[str, str, str]]) -> None:
+        """Publish each rule's state on each color: (rule, color, state) with state `ok`,
+        `pending`, `firing` or `inconclusive`. Series of rules no longer given (a reload
+        removed them) are dropped, so that a rule that is gone does not seem to fire."""
+        seen: set[tuple[str, str]] = set()
+        for rule, color, state in states:
+            seen.add((rule, color))
+            self._rule_firing.labels(self.guard, rule, color).set(state == "firing")
+            self._rule_inconclusive.labels(self.guard, rule, color).set(state == "inconclusive")
+        for rule, color in self._rules - seen:
+            self._rule_firing.remove(self.guard, rule, color)
+            self._rule_inconclusive.remove(self.guard, rule, color)
+        self._rules = seen
 
     def decision_tick(self) -> None:
         """Count one round of the decision loop, so a stalled loop shows."""

@@ -64,6 +64,10 @@ class QosKeeper:
         self.host = host
         self.own_lock: OwnedLock | None = None
         self.held = False  # whether any lock file is there, as of the last look
+        # The rules firing on the active color at the last tick: a measurement, taken
+        # again after a restart (a rule still firing then is counted again: fail closed).
+        self._firing: frozenset[str] = frozenset()
+        self._firing_color: Color | None = None
 
     def take(
         self, reason: str, *, by: str, duration: float | None = None, manual: bool = False
@@ -134,6 +138,21 @@ class QosKeeper:
         if own is not None and own.window is not None:
             own.window.add(outcome)
 
+    def rules_firing(self, color: Color | None, names: frozenset[str]) -> None:
+        """The P0-P2 rules firing on the active color at this tick (dry runs aside).
+
+        The guard window counts a rule when its firing begins within the window, or when
+        it still fires as the window is judged (docs/contract.md §2 "Rules"): one bad
+        moment is counted by the window it happened in, not by every window its sliding
+        statistics still remember it in, unless it still fires at the end.
+        """
+        own = self.own_lock
+        before = self._firing if color == self._firing_color else frozenset()
+        if own is not None and own.window is not None:
+            for name in sorted(names - before):
+                own.window.rule_fired(name)
+        self._firing, self._firing_color = names, color
+
     def step(self, now: float) -> None:
         """Look at the lock file, and judge the guard window (release or extend) when due."""
         host = self.host
@@ -151,6 +170,8 @@ class QosKeeper:
         if own is None:
             return
         if own.window is not None and own.window.due(now):
+            for name in sorted(self._firing):
+                own.window.rule_fired(name)  # still firing as the window is judged
             verdict = own.window.verdict()
             evidence = verdict.evidence(own.window.max_error_ratio, own.window.min_health_ratio)
             if verdict.met and own.floor is not None and own.floor > now:

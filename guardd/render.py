@@ -149,16 +149,56 @@ _HEADERS: Final = (
 _RIGHT: Final = frozenset({"FAILS", "ERR%", "SAMPLES", "P50", "P95", "AGE"})
 
 
-def _table(rows: Sequence[Sequence[tuple[str, str | None]]], paint: _Paint) -> list[str]:
-    widths = [max(len(h), *(len(row[i][0]) for row in rows)) for i, h in enumerate(_HEADERS)]
+def _table(
+    rows: Sequence[Sequence[tuple[str, str | None]]],
+    paint: _Paint,
+    headers: Sequence[str] = _HEADERS,
+    right: frozenset[str] = _RIGHT,
+) -> list[str]:
+    widths = [max(len(h), *(len(row[i][0]) for row in rows)) for i, h in enumerate(headers)]
     lines = []
-    for row in [[(h, None) for h in _HEADERS], *rows]:
+    for row in [[(h, None) for h in headers], *rows]:
         cells = []
-        for (text, code), header, width in zip(row, _HEADERS, widths, strict=True):
-            padded = text.rjust(width) if header in _RIGHT else text.ljust(width)
+        for (text, code), header, width in zip(row, headers, widths, strict=True):
+            padded = text.rjust(width) if header in right else text.ljust(width)
             cells.append(paint(padded, code))
         lines.append("  ".join(cells).rstrip())
     return lines
+
+
+def _rule_cell(state: object) -> tuple[str, str | None]:
+    if not isinstance(state, Mapping):
+        return _NONE, None
+    name = state.get("state")
+    since = state.get("since")
+    when = f" since {_clock(since)}" if since else ""
+    if name == "firing":
+        return f"FIRING{when}", _RED
+    if name == "pending":
+        return f"pending{when}", _YELLOW
+    if name == "inconclusive":
+        return f"inconclusive: {clean(state.get('why'))}", _YELLOW
+    return _text(name), None
+
+
+def _rules_table(rules: object, active: object, paint: _Paint) -> list[str]:
+    if not isinstance(rules, list) or not rules:
+        return []
+    headers = ["RULE", "SEV", "WHEN", *(c.upper() + ("*" if c == active else "") for c in COLORS)]
+    rows = []
+    for rule in rules:
+        if not isinstance(rule, Mapping):
+            continue
+        when = clean(rule.get("condition"))
+        for_s = rule.get("for_s")
+        if isinstance(for_s, int | float) and for_s > 0:
+            when += f" for {_duration(for_s)}"
+        name = clean(rule.get("rule")) + (" (dry run)" if rule.get("dry_run") else "")
+        rows.append(
+            [(name, None), (_text(rule.get("severity")), None), (when, None)]
+            + [_rule_cell(rule.get(c)) for c in COLORS]
+        )
+    return [*_table(rows, paint, headers, frozenset()), ""] if rows else []
 
 
 def _upstream_row(
@@ -250,6 +290,7 @@ def render_status(status: Mapping[str, Any], *, color: bool = False) -> str:
         if isinstance(upstreams[name], Mapping)
     ]
     lines = [*_table(rows, paint), ""] if rows else ["no upstream data yet", ""]
+    lines += _rules_table(status.get("rules"), active, paint)
 
     def field(name: str, value: str, code: str | None = None) -> None:
         lines.append(f"{name:<15}{paint(value, code)}")

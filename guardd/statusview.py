@@ -64,6 +64,7 @@ def snapshot(guard: Guard) -> dict[str, Any]:
             "by": lock.by,
         },
         "upstreams": upstreams,
+        "rules": rules_doc(guard, now),
         "last_event": guard.journal.recent[-1] if guard.journal.recent else None,
         "last_decision": guard.last_decision,
         "storage": {
@@ -76,6 +77,41 @@ def snapshot(guard: Guard) -> dict[str, Any]:
         "uptime_s": round(now - guard.started_mono, 1),
         "version": __version__,
     }
+
+
+def rules_doc(guard: Guard, now: float) -> list[dict[str, Any]]:
+    """Each rule of the table with its state on each color at the last tick (contract §1).
+
+    A rule's state is `ok`, `pending` (holds, not yet for its `for`), `firing` or
+    `inconclusive` (with `why`: `3 of 5 samples`, `signal stale`, ...); `since` is when a
+    pending or firing condition began (RFC 3339).
+    """
+    wall = guard.clock.wall()
+    rows: dict[str, dict[str, Any]] = {}
+    for rule in guard.machine.policy.table.rules:
+        rows[rule.name] = {
+            "rule": rule.name,
+            "signal": rule.signal,
+            "stat": rule.stat,
+            "condition": rule.describe(),
+            "severity": rule.severity,
+            "for_s": rule.for_s,
+            "dry_run": rule.dry_run,
+        }
+    for color, verdict in guard.machine.verdicts.items():
+        for st in verdict.states:
+            row = rows.get(st.rule)
+            if row is None:
+                continue  # a rule a reload removed since the last tick
+            row[color] = {
+                "state": st.state,
+                "since": None if st.since is None else rfc3339(wall - (now - st.since)),
+                "value": st.value,
+                "samples": st.samples,
+                "min_samples": st.min_samples,
+                "why": st.why,
+            }
+    return list(rows.values())
 
 
 def front_door_doc(guard: Guard, now: float) -> dict[str, Any] | None:
@@ -95,8 +131,21 @@ def front_door_doc(guard: Guard, now: float) -> dict[str, Any] | None:
 
 def warnings(guard: Guard) -> list[str]:
     """What an operator should look at although nothing is failing outright."""
+    found: list[str] = []
     mismatch = guard.machine.mismatch
-    return [] if mismatch is None else [f"mismatch: {mismatch}"]
+    if mismatch is not None:
+        found.append(f"mismatch: {mismatch}")
+    found += [
+        f"signal {name} is stale: its rules are inconclusive" for name in stale_signals(guard)
+    ]
+    return found
+
+
+def stale_signals(guard: Guard) -> list[str]:
+    """The signals with `stale_after` that said nothing of the active color for too long."""
+    if guard.active is None:
+        return []
+    return guard.machine.stale_signals(guard.active, guard.clock.monotonic())
 
 
 def status_line(guard: Guard) -> str:
@@ -123,6 +172,7 @@ def status_line(guard: Guard) -> str:
         parts.append("storage=failing(" + ",".join(sorted(guard.storage.failing)) + ")")
     if machine.mismatch is not None:
         parts.append("front_door=mismatch")
+    parts += [f"signal={name}:stale" for name in stale_signals(guard)]
     return " ".join(parts)
 
 

@@ -35,7 +35,7 @@ README = PROJECT / "README.md"
 UNIT = PROJECT / "systemd/guardd@.service"
 GUARDCTL_GLOBALS = {"--instance", "--config", "--socket"}
 # Labels whose values the text under §5's table gives rather than the table's cell.
-LABELS_EXPLAINED_BELOW = ("color", "state", "sink", "version")
+LABELS_EXPLAINED_BELOW = ("color", "state", "sink", "version", "rule")
 
 
 def section(number: int) -> str:
@@ -59,6 +59,7 @@ def exposed_metrics() -> dict[str, tuple[str, dict[str, set[str]]]]:
     """Each guardd metric as scraped: name -> (type, label -> values seen), `guard` aside."""
     metrics = GuardMetrics("threader", "1.2.3")
     metrics.declare_sinks(["ops-slack"])
+    metrics.set_rules(("consecutive_failures", c, "ok") for c in COLORS)  # bound at a tick
     exposed: dict[str, tuple[str, dict[str, set[str]]]] = {}
     for family in text_string_to_metric_families(metrics.render().decode()):
         name = family.name + ("_total" if family.type == "counter" else "")

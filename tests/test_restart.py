@@ -256,6 +256,9 @@ GUARD_KEPT = {"paused"}
 QOS_NOT_KEPT = {
     "host": "the guard itself",
     "held": "read from the lock file before every decision",
+    "_firing": "the rules firing at the last tick: measured again; one still firing after a "
+    "restart counts again in the window (fail closed)",
+    "_firing_color": "the color those rules fired on",
 }
 QOS_KEPT = {"own_lock"}
 BUDGET_NOT_KEPT = {

@@ -539,6 +539,16 @@ class GuardMachine:
             if reading is not None and reading.samples > 0:
                 self.baselines.setdefault(name, {})[target] = dict(reading.stats)
 
+    def stale_signals(self, color: Color, now: float) -> list[str]:
+        """The signals with a `stale_after` that have said nothing of `color` for longer,
+        as of the readings of the last tick."""
+        table = self.policy.table
+        return [
+            name
+            for name in sorted(table.stale_after)
+            if table.is_stale(name, self._readings.get(name, {}).get(color), now)
+        ]
+
     def _signal_alerts(self, f: Facts, active: Color, verdict: Verdict) -> list[Action]:
         """Alerts about the rules themselves: a stale signal, a dry-run rule that would act.
 
@@ -546,10 +556,10 @@ class GuardMachine:
         """
         actions: list[Action] = []
         table = self.policy.table
+        stale = self.stale_signals(active, f.now)
         for name, limit in sorted(table.stale_after.items()):
-            reading = self._readings.get(name, {}).get(active)
             key = f"stale:{name}"
-            if table.is_stale(name, reading, f.now):
+            if name in stale:
                 if self._edges.first(key):
                     actions.append(
                         Alert(

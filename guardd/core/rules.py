@@ -73,7 +73,7 @@ class Rule:
 
     def describe(self) -> str:
         """`error_ratio >= 0.05`-style text for status and reasons."""
-        t = _fmt(self.threshold)
+        t = _plain(self.threshold)
         return {
             "above": f"{self.stat} >= {t}",
             "below": f"{self.stat} <= {t}",
@@ -130,6 +130,11 @@ class Verdict:
         if self.severity is None:
             return "healthy" if not self.insufficient_data else "insufficient data"
         return f"{self.severity} {e.rule}: {_fmt(e.value)} >= {_fmt(e.threshold)} on {e.color}"
+
+
+def _plain(v: float | int) -> str:
+    # 10000 rather than 1e+04: a threshold is read back against the config.
+    return str(int(v)) if float(v).is_integer() else f"{v:.6g}"
 
 
 def _fmt(v: float | int | None) -> str:

@@ -217,7 +217,10 @@ async def test_the_guard_window_is_released_once_the_slos_held(tmp_path: Path) -
 
 
 async def test_the_guard_window_is_extended_while_the_slos_do_not_hold(tmp_path: Path) -> None:
-    rig = await rolled_back(tmp_path)
+    # A policy window shorter than the guard window: the blip's P2 (one failed probe of
+    # blue, over 3 % of its window) begins and ends within the first guard window.
+    policy = dataclasses.replace(DEFAULT_POLICY, window=QOS_WINDOW / 2)
+    rig = await rolled_back(tmp_path, policy=policy)
     try:
         (locked,) = rig.events("qos_locked")
         taken_at = rig.clock.monotonic()
@@ -229,6 +232,7 @@ async def test_the_guard_window_is_extended_while_the_slos_do_not_hold(tmp_path:
             await rig.probe_round()
         (extended,) = rig.events("qos_extended")
         assert "error ratio 0.1 > 0.01" in extended["reason"]
+        assert "rules fired during the window: p2_error_ratio" in extended["reason"]
         assert extended["until"] > locked["until"]
         assert lock_held(rig)
         assert qoslock.read_lock(rig.guard.s.lock_file).until == extended["until"]
@@ -240,6 +244,36 @@ async def test_the_guard_window_is_extended_while_the_slos_do_not_hold(tmp_path:
             await rig.probe_round()
         assert not lock_held(rig)
         assert len(rig.events("qos_released")) == 1
+    finally:
+        await rig.aclose()
+
+
+async def test_a_rule_still_firing_when_the_window_ends_keeps_the_lock(tmp_path: Path) -> None:
+    # The default 60 s policy window outlasts the 10 s guard window: the blip's P2 still
+    # fires when the second window is judged, so that window is not met either.
+    rig = await rolled_back(tmp_path)
+    try:
+        taken_at = rig.clock.monotonic()
+        rig.probers["blue"].answer(503, "blip")
+        await rig.probe_round()
+        rig.probers["blue"].answer(200)
+        while rig.clock.monotonic() - taken_at < 2 * QOS_WINDOW:
+            await rig.probe_round()
+        first, second = rig.events("qos_extended")
+        assert "error ratio 0.1 > 0.01" in first["reason"]
+        assert "rules fired during the window: p2_error_ratio" in second["reason"]
+        assert "error ratio" not in second["reason"]  # the probes of that window were clean
+        assert second["evidence"]["rules_fired"] == ["p2_error_ratio"]
+        assert lock_held(rig)
+        # Once the blip has left the policy window and a whole guard window passes clean,
+        # the lock goes.
+        for _ in range(200):
+            if not lock_held(rig):
+                break
+            await rig.probe_round()
+        assert not lock_held(rig)
+        (released,) = rig.events("qos_released")
+        assert "rules_fired" not in released["evidence"]
     finally:
         await rig.aclose()
 
