@@ -25,6 +25,10 @@ CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 #: Slots at most; a longer span gets wider slots so that memory stays bounded.
 MAX_SLOTS: Final = 600
 _5XX: Final = 4
+# Latency (us) -> bucket for the values seen most: nginx logs whole milliseconds, so a few
+# thousand entries spare most requests a logarithm. Bounded: past the cap, no new entries.
+_BUCKET_CACHE_MAX: Final = 4096
+_bucket_of_us: dict[int, int] = {}
 
 
 def status_class(status: int) -> str:
@@ -44,6 +48,7 @@ class TrafficWindow:
     __slots__ = (
         "_classes",
         "_current",
+        "_empty",
         "_hists",
         "_slot_s",
         "_slots",
@@ -76,6 +81,7 @@ class TrafficWindow:
         self._current = math.floor(created_at / self._slot_s)
         #: Monotonic time of the newest request, or `created_at` before the first.
         self.last_at = created_at
+        self._empty = True
 
     @property
     def slot_s(self) -> float:
@@ -104,8 +110,12 @@ class TrafficWindow:
         self._classes[i][cls] += 1
         self._tot_classes[cls] += 1
         if request_time_s is not None:
-            us = round(request_time_s * 1_000_000)
-            b = _bucket(us / 1000.0)
+            us = int(request_time_s * 1_000_000 + 0.5)
+            b = _bucket_of_us.get(us)
+            if b is None:
+                b = _bucket(us / 1000.0)
+                if len(_bucket_of_us) < _BUCKET_CACHE_MAX:
+                    _bucket_of_us[us] = b
             self._timed[i] += 1
             self._sum_us[i] += us
             hist = self._hists[i]
@@ -113,7 +123,8 @@ class TrafficWindow:
             self._tot_timed += 1
             self._tot_sum_us += us
             self._tot_hist[b] += 1
-        self.last_at = max(self.last_at, at)
+        self.last_at = at if self._empty else max(self.last_at, at)
+        self._empty = False
         return True
 
     def _advance(self, k: int) -> None:

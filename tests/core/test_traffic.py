@@ -29,8 +29,8 @@ class NaiveWindow:
         if slot <= self.newest_slot - self.slots:
             return False
         self.newest_slot = max(self.newest_slot, slot)
+        self.last_at = at if not self.requests else max(self.last_at, at)
         self.requests.append((at, status, rt))
-        self.last_at = max(self.last_at, at)
         return True
 
     def live(self, now: float) -> list[tuple[float, int, float | None]]:
