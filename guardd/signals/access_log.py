@@ -519,8 +519,10 @@ class AccessLogSignal:
             if size < tail.pos or (
                 mark and os.pread(tail.fd, len(mark), tail.pos - len(mark)) != mark
             ):
-                # Truncated (copytruncate): what is there now was written since.
+                # Truncated (copytruncate): what is there now was written since. What was
+                # written between our last read and the copy is in the copy: read it there.
                 self.truncations += 1
+                await self._read_copy(tail)
                 tail.pos, tail.pending, tail.mark, tail.discarding = 0, b"", b"", False
             budget = 64  # chunks (4 MiB) before the other files and the loop get a turn
             while budget:
@@ -537,6 +539,55 @@ class AccessLogSignal:
             self.problem = e.strerror or type(e).__name__
             return False
         return True
+
+    async def _read_copy(self, tail: _Tail) -> None:
+        """Read the rest of `tail` from the copy copytruncate made, if it can be found."""
+        copy = self._find_copy(tail)
+        if copy is None:
+            return
+        try:
+            while chunk := os.pread(copy, READ_CHUNK, tail.pos):
+                tail.pos += len(chunk)
+                await self._ingest_batches(self._split(tail, chunk))
+        except OSError:
+            pass  # what could not be read is lost, as it would have been without the copy
+        finally:
+            os.close(copy)
+
+    def _find_copy(self, tail: _Tail) -> int | None:
+        """An open fd on the copy: a sibling named after the log (`access.log.1`,
+        `access.log-20261130`) that holds, just before our position, the very bytes we
+        read last. Compressed ones and any that do not match are left alone."""
+        if not tail.mark:
+            return None  # nothing read yet: the copy would be history
+        where = Path(self.spec.path)
+        try:
+            siblings = [
+                p
+                for p in where.parent.iterdir()
+                if p.name.startswith(where.name)
+                and p.name != where.name
+                and not p.name.endswith((".gz", ".xz", ".bz2", ".zst"))
+            ]
+            siblings.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        except OSError:
+            return None
+        mark = tail.mark
+        for candidate in siblings[:4]:
+            try:
+                fd = os.open(candidate, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue
+            with contextlib.suppress(OSError):
+                st = os.fstat(fd)
+                if (
+                    stat.S_ISREG(st.st_mode)
+                    and st.st_size >= tail.pos
+                    and os.pread(fd, len(mark), tail.pos - len(mark)) == mark
+                ):
+                    return fd
+            os.close(fd)
+        return None
 
     async def _run_syslog(self, task_status: TaskStatus[None]) -> None:
         path = self.spec.path

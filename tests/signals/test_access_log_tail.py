@@ -112,18 +112,30 @@ async def test_rename_then_reopen_counts_each_line_once(tmp_path: Path) -> None:
         assert signal.lines["ok"] == 24
 
 
-async def test_copytruncate_counts_each_line_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("copy_kept", [True, False])
+async def test_copytruncate_counts_each_line_once(tmp_path: Path, copy_kept: bool) -> None:
     log = tmp_path / "access.log"
     log.write_text("")
-    async with running(spec(log)) as signal:
+    # A slow poll, so that lines land between our last read and the copy.
+    async with running(spec(log, poll_interval_s=1.0)) as signal:
         append(log, line() * 20)
         await until(lambda: signal.lines["ok"] == 20, "20 lines")
+        append(log, line() * 5)  # not read yet
         shutil.copyfile(log, tmp_path / "access.log.1")
+        (tmp_path / "access.log-20261129.gz").write_bytes(os.urandom(100))  # an older one
         with log.open("r+") as f:
             f.truncate(0)
+        if not copy_kept:
+            (tmp_path / "access.log.1").rename(tmp_path / "access.log.1.gz")
         append(log, line(GREEN) * 3)
-        await until(lambda: signal.lines["ok"] == 23, "the 3 lines after the truncation")
+        # With the copy, its 5 unread lines are read there; without it they are lost.
+        want = 28 if copy_kept else 23
+        await until(lambda: signal.lines["ok"] == want, f"{want} lines")
+        await _next_poll(signal)
+        await _next_poll(signal)
+        assert signal.lines["ok"] == want
         assert signal.truncations == 1
+        assert signal.lines["unparsed"] == 0
         assert attributed(signal, "green") == 3
 
 
