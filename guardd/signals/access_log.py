@@ -73,7 +73,7 @@ READ_CHUNK: Final = 64 * 1024
 #: Lines parsed between two checkpoints (about 10 ms of work on a slow core).
 BATCH_LINES: Final = 1024
 #: A rotated-away file is read until it has not grown for this long (workers reopen late).
-DRAIN_S: Final = 5.0
+DRAIN_S: Final = 30.0
 #: Room for the syslog header (`<190>Nov 30 16:23:31 host tag: `) above `max_line_bytes`.
 SYSLOG_HEADER_BYTES: Final = 1024
 # The bytes before the read position compared on each poll: enough for several lines, so
