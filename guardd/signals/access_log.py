@@ -234,15 +234,6 @@ def _record(doc: object, keys: tuple[str, ...]) -> tuple[str, int, float | None,
     return addr, status, latency, None if msec is None else _seconds(msec)
 
 
-def _identity(path: str) -> tuple[int, int] | None:
-    """(device, inode) of the file at `path`, or None if it cannot be seen."""
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 class _Tail:
     """One open log file being followed: where we are in it and the partial line held."""
 
@@ -295,6 +286,7 @@ class AccessLogSignal:
         #: The most log data held at once (partial line plus one read), for the tests.
         self.max_buffered = 0
         self._budget_second = -1
+        self._saw_missing = False
         self._budget_left = 0
         f = spec.field_name
         self._keys = (
@@ -435,8 +427,6 @@ class AccessLogSignal:
     async def _run_file(self, task_status: TaskStatus[None]) -> None:
         path = self.spec.path
         poll = self.spec.poll_interval_s
-        # The file there at start holds history: it is read from its end, any other from 0.
-        history = _identity(path)
         current: _Tail | None = None
         draining: list[_Tail] = []
         self.state = f"waiting for {path}"
@@ -444,7 +434,7 @@ class AccessLogSignal:
         try:
             while True:
                 now = self.clock.monotonic()
-                current = self._reopen(path, current, draining, history, now)
+                current = self._reopen(path, current, draining, now)
                 busy = False
                 for tail in [*draining, current]:
                     if tail is not None:
@@ -465,13 +455,13 @@ class AccessLogSignal:
         path: str,
         current: _Tail | None,
         draining: list[_Tail],
-        history: tuple[int, int] | None,
         now: float,
     ) -> _Tail | None:
         """The tail to follow now: the file at `path` if it is a new one and opens."""
         try:
             st = Path(path).stat()
         except FileNotFoundError:
+            self._saw_missing = True
             if current is None:
                 self.state = f"waiting for {path} (missing)"
             else:
@@ -500,7 +490,11 @@ class AccessLogSignal:
             draining.append(current)
             self.rotations += 1
         self.state, self.problem = f"reading {path}", None
-        return _Tail(fd, key, fst.st_size if key == history else 0, now)
+        # A file seen to appear (after a missing path, or replacing the one followed) holds
+        # only live traffic: read it whole. The first file found otherwise may hold history
+        # (also one that could not be read at first): read it from its end.
+        fresh = current is not None or self._saw_missing
+        return _Tail(fd, key, 0 if fresh else fst.st_size, now)
 
     def _cannot(self, path: str, error: OSError, current: _Tail | None) -> _Tail | None:
         if error.errno in (errno.EACCES, errno.EPERM):

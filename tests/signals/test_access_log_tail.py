@@ -265,14 +265,16 @@ async def test_forged_fields_are_unparsed_and_never_attributed(tmp_path: Path) -
         assert reading.samples == 0
 
 
-def test_permission_denied_is_a_state_not_a_crash() -> None:
+@pytest.mark.parametrize("denied", ["file", "directory"])
+def test_permission_denied_is_a_state_not_a_crash(denied: str) -> None:
     """As a user who may not read the file (root may read anything, so: nobody)."""
     shared = Path(tempfile.mkdtemp(prefix="guardd-perm-", dir="/tmp"))
     try:
         shared.chmod(0o755)
         log = shared / "access.log"
         log.write_text(line() * 3)
-        log.chmod(0o000)
+        # A file nobody may open, or a directory nobody may enter (the file cannot be seen).
+        (log if denied == "file" else shared).chmod(0o000 if denied == "file" else 0o700)
         with _as_unprivileged(log) as child:
             assert child.stdout is not None
             seen = json.loads(child.stdout.readline())
@@ -280,7 +282,7 @@ def test_permission_denied_is_a_state_not_a_crash() -> None:
             assert seen["state"] == f"permission denied: {log}"
             assert seen["lines"]["ok"] == 0
             # Fixed by the operator: the signal reads on, from the end (the 3 lines are history).
-            log.chmod(0o644)
+            (log if denied == "file" else shared).chmod(0o644 if denied == "file" else 0o755)
             seen = json.loads(child.stdout.readline())
             assert seen["problem"] is None
             assert seen["state"] == f"reading {log}"
