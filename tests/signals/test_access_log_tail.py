@@ -16,9 +16,11 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guardd.core.traffic import CLASSES
-from guardd.signals.access_log import READ_CHUNK, AccessLogSignal, AccessLogSpec
+from guardd.signals.access_log import READ_CHUNK, AccessLogSignal, AccessLogSpec, _Tail
 from tests.signals.conftest import ADDRESSES, BLUE, GREEN, FixedClock, line, running, until
 
 pytestmark = pytest.mark.anyio
@@ -540,3 +542,44 @@ async def test_nothing_blocks_the_loop_for_long_under_a_flood(tmp_path: Path) ->
         tg.cancel_scope.cancel()
     # One turn per batch at the least.
     assert turns >= 200_000 // 1024
+
+
+# ---- chunking (hypothesis) ------------------------------------------------------------------
+
+_KINDS = st.sampled_from(["blue", "green", "retry", "unknown", "junk", "forged", "empty", "huge"])
+
+
+def _raw(kind: str) -> bytes:
+    return {
+        "blue": line(BLUE).encode(),
+        "green": line(GREEN, "503").encode(),
+        "retry": line(f"{GREEN}, {BLUE}", "200", upstream_status="502, 200").encode(),
+        "unknown": line("10.0.0.1:80").encode(),
+        "junk": b"\xff\xfe\x00 not json \xc3\n",
+        "forged": b'{"upstream_addr":"' + BLUE.encode() + b'","status":[200]}\n',
+        "empty": b"\n",
+        "huge": b'{"pad":"' + b"y" * 3000 + b'"}\n',
+    }[kind]
+
+
+@settings(max_examples=150)
+@given(st.lists(_KINDS, max_size=60), st.lists(st.integers(1, 700), min_size=1, max_size=20))
+def test_where_reads_end_changes_nothing(kinds: list[str], cuts: list[int]) -> None:
+    """Lines fed in arbitrary pieces count exactly as the same lines fed whole."""
+    data = b"".join(_raw(k) for k in kinds)
+    whole = AccessLogSignal("web", spec(Path("/nonexistent"), max_line_bytes=1024), FixedClock())
+    whole.ingest(data.decode("utf-8", "surrogateescape").split("\n")[:-1] if data else [])
+    pieces = AccessLogSignal("web", spec(Path("/nonexistent"), max_line_bytes=1024), FixedClock())
+    tail = _Tail(-1, (0, 0), 0, 0.0)
+    start, i = 0, 0
+    while start < len(data):
+        size = cuts[i % len(cuts)]
+        pieces.ingest(pieces._split(tail, data[start : start + size]))
+        start, i = start + size, i + 1
+        assert len(tail.pending) <= 1024
+    assert pieces.lines == whole.lines
+    assert pieces.requests == whole.requests
+    assert pieces.lines["oversize"] == kinds.count("huge")
+    assert pieces.lines["ok"] == sum(k in ("blue", "green", "retry") for k in kinds)
+    assert pieces.requests["blue", "2xx"] == sum(k in ("blue", "retry") for k in kinds)
+    assert pieces.max_buffered <= 1024 + max(cuts)
