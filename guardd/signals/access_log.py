@@ -635,6 +635,12 @@ class AccessLogSignal:
 
     def _bind(self, path: str) -> socket.socket:
         """Bind the datagram socket at `path`, replacing a stale socket (never another file)."""
+        gid = -1
+        if self.spec.socket_group is not None:
+            try:
+                gid = grp.getgrnam(self.spec.socket_group).gr_gid
+            except KeyError:
+                raise OSError(errno.EINVAL, f"no group {self.spec.socket_group!r}") from None
         where = Path(path)
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(where.lstat().st_mode):
@@ -644,16 +650,21 @@ class AccessLogSignal:
         try:
             sock.setblocking(False)
             sock.bind(path)
-            if self.spec.socket_group is not None:
-                os.chown(path, -1, grp.getgrnam(self.spec.socket_group).gr_gid)
+        except OSError:
+            sock.close()
+            raise
+        try:
+            if gid >= 0:
+                os.chown(path, -1, gid)
                 where.chmod(0o660)
             else:
                 # nginx's workers send as their own user (www-data, nobody): they must write.
+                # So may any local user who reaches the directory: `socket_group` narrows it.
                 where.chmod(0o666)
-        except (OSError, KeyError) as e:
+        except OSError:
+            # Not left half-made: a socket nginx could not write to would fail silently.
             sock.close()
-            if isinstance(e, KeyError):
-                raise OSError(errno.EINVAL, f"no group {self.spec.socket_group!r}") from None
+            where.unlink(missing_ok=True)
             raise
         return sock
 

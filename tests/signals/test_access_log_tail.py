@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import shutil
@@ -583,3 +584,23 @@ def test_where_reads_end_changes_nothing(kinds: list[str], cuts: list[int]) -> N
     assert pieces.lines["ok"] == sum(k in ("blue", "green", "retry") for k in kinds)
     assert pieces.requests["blue", "2xx"] == sum(k in ("blue", "retry") for k in kinds)
     assert pieces.max_buffered <= 1024 + max(cuts)
+
+
+async def test_syslog_socket_group_gets_mode_0660(sock_dir: Path) -> None:
+    path = sock_dir / "web.access.sock"
+    source = AccessLogSpec(source=f"syslog:{path}", addresses=ADDRESSES, socket_group="nogroup")
+    async with running(source) as signal:
+        assert signal.problem is None
+        st = path.lstat()
+        assert st.st_mode & 0o777 == 0o660
+        assert st.st_gid == grp.getgrnam("nogroup").gr_gid
+
+
+async def test_syslog_unknown_group_is_a_problem_not_a_crash(sock_dir: Path) -> None:
+    path = sock_dir / "web.access.sock"
+    source = AccessLogSpec(
+        source=f"syslog:{path}", addresses=ADDRESSES, socket_group="no-such-group-here"
+    )
+    async with running(source) as signal:
+        assert signal.problem == "no group 'no-such-group-here'"
+        assert not path.exists()  # nothing half-made left behind
