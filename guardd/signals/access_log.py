@@ -494,7 +494,13 @@ class AccessLogSignal:
         # only live traffic: read it whole. The first file found otherwise may hold history
         # (also one that could not be read at first): read it from its end.
         fresh = current is not None or self._saw_missing
-        return _Tail(fd, key, 0 if fresh else fst.st_size, now)
+        tail = _Tail(fd, key, 0 if fresh else fst.st_size, now)
+        if tail.pos:
+            # What is before the end we start from: a truncation is noticed from the start.
+            with contextlib.suppress(OSError):
+                size = min(_MARK, tail.pos)
+                tail.mark = os.pread(fd, size, tail.pos - size)
+        return tail
 
     def _cannot(self, path: str, error: OSError, current: _Tail | None) -> _Tail | None:
         if error.errno in (errno.EACCES, errno.EPERM):

@@ -66,10 +66,15 @@ async def running(spec: AccessLogSpec) -> AsyncIterator[AccessLogSignal]:
         tg.cancel_scope.cancel()
 
 
-async def until(condition: Callable[[], bool], what: str, within: float = 15.0) -> None:
-    """Poll `condition` until it holds; fail the test with `what` after `within` s."""
+async def until(
+    condition: Callable[[], bool],
+    what: str,
+    within: float = 15.0,
+    show: Callable[[], object] | None = None,
+) -> None:
+    """Poll `condition` until it holds; after `within` s fail with `what` and `show()`."""
     with anyio.move_on_after(within):
         while not condition():  # noqa: ASYNC110 - the condition is a counter, not an event
             await anyio.sleep(0.02)
         return
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f": {show()}" if show else ""))

@@ -142,6 +142,20 @@ async def test_copytruncate_counts_each_line_once(tmp_path: Path, copy_kept: boo
         assert attributed(signal, "green") == 3
 
 
+async def test_truncation_before_the_first_new_line_is_noticed(tmp_path: Path) -> None:
+    """Started at the end of a file that is truncated and rewritten past that end."""
+    log = tmp_path / "access.log"
+    log.write_text(line() * 2)
+    async with running(spec(log, poll_interval_s=1.0)) as signal:
+        await _next_poll(signal)
+        with log.open("r+") as f:
+            f.truncate(0)
+        append(log, line(GREEN) * 10)
+        await until(lambda: signal.lines["ok"] == 10, "the 10 lines written since")
+        assert signal.truncations == 1
+        assert attributed(signal, "green") == 10
+
+
 async def test_truncated_and_rewritten_past_the_position_between_polls(tmp_path: Path) -> None:
     """copytruncate under heavy traffic: the file is longer than where we were, yet new."""
     log = tmp_path / "access.log"
@@ -153,7 +167,9 @@ async def test_truncated_and_rewritten_past_the_position_between_polls(tmp_path:
         with log.open("r+") as f:
             f.truncate(0)
         append(log, line(GREEN) * 10)
-        await until(lambda: signal.lines["ok"] == 12, "the 10 lines written since")
+        await until(
+            lambda: signal.lines["ok"] == 12, "the 10 lines written since", show=signal.status
+        )
         assert signal.truncations == 1
         assert signal.lines["unparsed"] == 0
         assert attributed(signal, "green") == 10
