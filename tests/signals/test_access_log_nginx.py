@@ -21,7 +21,7 @@ import pytest
 from guardd.signals.access_log import AccessLogSignal, AccessLogSpec
 from tests.harness.nginx import Nginx, free_port
 from tests.harness.upstream import Upstream
-from tests.signals.conftest import running, until
+from tests.signals.access_log_lib import running, until
 
 pytestmark = [pytest.mark.nginx, pytest.mark.anyio]
 PROJECT = Path(__file__).resolve().parents[2]

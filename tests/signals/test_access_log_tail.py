@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from guardd.core.traffic import CLASSES
 from guardd.signals.access_log import READ_CHUNK, AccessLogSignal, AccessLogSpec, _Tail
-from tests.signals.conftest import ADDRESSES, BLUE, GREEN, FixedClock, line, running, until
+from tests.signals.access_log_lib import ADDRESSES, BLUE, GREEN, FixedClock, line, running, until
 
 pytestmark = pytest.mark.anyio
 PROJECT = Path(__file__).resolve().parents[2]
