@@ -147,7 +147,12 @@ async def settle(signal: AccessLogSignal, client: Client) -> None:
     "done" is: at least 99 % counted, and then nothing more for half a second.
     """
     total = client.answered
-    await until(lambda: sum(signal.lines.values()) >= total * 0.99, f"{total} lines", within=30)
+    await until(
+        lambda: sum(signal.lines.values()) >= total * 0.99,
+        f"{total} lines",
+        within=30,
+        show=signal.status,
+    )
     seen = (sum(signal.lines.values()), anyio.current_time())
 
     def quiet() -> bool:
@@ -157,7 +162,7 @@ async def settle(signal: AccessLogSignal, client: Client) -> None:
             seen = (now, anyio.current_time())
         return now >= total or anyio.current_time() - seen[1] > 0.5
 
-    await until(quiet, "the count to settle", within=30)
+    await until(quiet, "the count to settle", within=30, show=signal.status)
 
 
 def assert_counts_match(signal: AccessLogSignal, client: Client, green: Upstream) -> None:

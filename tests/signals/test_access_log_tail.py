@@ -50,7 +50,7 @@ def attributed(signal: AccessLogSignal, color: str) -> int:
 
 async def _next_poll(signal: AccessLogSignal) -> None:
     polls = signal.polls
-    await until(lambda: signal.polls > polls, "a poll")
+    await until(lambda: signal.polls > polls, "a poll", show=signal.status)
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -61,10 +61,10 @@ async def test_history_is_skipped_and_new_lines_are_counted(tmp_path: Path) -> N
     log.write_text(line() * 50)
     async with running(spec(log)) as signal:
         polls = signal.polls
-        await until(lambda: signal.polls >= polls + 2, "two polls")
+        await until(lambda: signal.polls >= polls + 2, "two polls", show=signal.status)
         assert signal.lines["ok"] == 0
         append(log, line(BLUE) * 3 + line(GREEN, "503") * 2)
-        await until(lambda: signal.lines["ok"] == 5, "5 lines")
+        await until(lambda: signal.lines["ok"] == 5, "5 lines", show=signal.status)
         assert attributed(signal, "blue") == 3
         assert signal.requests["green", "5xx"] == 2
         reading = signal.reading("green", time.monotonic())
@@ -80,11 +80,13 @@ async def test_missing_at_start_is_waited_for_then_read_from_its_beginning(
 ) -> None:
     log = tmp_path / "access.log"
     async with running(spec(log)) as signal:
-        await until(lambda: "(missing)" in signal.state, "the missing state")
+        await until(lambda: "(missing)" in signal.state, "the missing state", show=signal.status)
         assert signal.status()["state"] == f"waiting for {log} (missing)"
         assert signal.problem is None
         log.write_text(line() * 4)
-        await until(lambda: signal.lines["ok"] == 4, "the 4 lines of the new file")
+        await until(
+            lambda: signal.lines["ok"] == 4, "the 4 lines of the new file", show=signal.status
+        )
         assert signal.state == f"reading {log}"
 
 
@@ -95,23 +97,25 @@ async def test_rename_then_reopen_counts_each_line_once(tmp_path: Path) -> None:
         with log.open("a") as nginx:  # nginx's open file, as a worker holds it
             nginx.write(line() * 10)
             nginx.flush()
-            await until(lambda: signal.lines["ok"] == 10, "10 lines")
+            await until(lambda: signal.lines["ok"] == 10, "10 lines", show=signal.status)
             log.rename(tmp_path / "access.log.1")  # logrotate
             nginx.write(line() * 5)  # before the reopen: still to the renamed file
             nginx.flush()
-            await until(lambda: signal.lines["ok"] == 15, "lines after the rename")
+            await until(
+                lambda: signal.lines["ok"] == 15, "lines after the rename", show=signal.status
+            )
             assert "gone from its path" in signal.state
             with log.open("a") as reopened:  # nginx -s reopen
                 reopened.write(line(GREEN) * 7)
                 reopened.flush()
                 nginx.write(line() * 2)  # a worker that reopens late
                 nginx.flush()
-                await until(lambda: signal.lines["ok"] == 24, "all 24 lines")
+                await until(lambda: signal.lines["ok"] == 24, "all 24 lines", show=signal.status)
         assert signal.rotations == 1
         assert attributed(signal, "blue") == 17
         assert attributed(signal, "green") == 7
         polls = signal.polls
-        await until(lambda: signal.polls >= polls + 3, "more polls")
+        await until(lambda: signal.polls >= polls + 3, "more polls", show=signal.status)
         assert signal.lines["ok"] == 24
 
 
@@ -122,7 +126,7 @@ async def test_copytruncate_counts_each_line_once(tmp_path: Path, copy_kept: boo
     # A slow poll, so that lines land between our last read and the copy.
     async with running(spec(log, poll_interval_s=1.0)) as signal:
         append(log, line() * 20)
-        await until(lambda: signal.lines["ok"] == 20, "20 lines")
+        await until(lambda: signal.lines["ok"] == 20, "20 lines", show=signal.status)
         append(log, line() * 5)  # not read yet
         shutil.copyfile(log, tmp_path / "access.log.1")
         (tmp_path / "access.log-20261129.gz").write_bytes(os.urandom(100))  # an older one
@@ -133,7 +137,7 @@ async def test_copytruncate_counts_each_line_once(tmp_path: Path, copy_kept: boo
         append(log, line(GREEN) * 3)
         # With the copy, its 5 unread lines are read there; without it they are lost.
         want = 28 if copy_kept else 23
-        await until(lambda: signal.lines["ok"] == want, f"{want} lines")
+        await until(lambda: signal.lines["ok"] == want, f"{want} lines", show=signal.status)
         await _next_poll(signal)
         await _next_poll(signal)
         assert signal.lines["ok"] == want
@@ -151,7 +155,9 @@ async def test_truncation_before_the_first_new_line_is_noticed(tmp_path: Path) -
         with log.open("r+") as f:
             f.truncate(0)
         append(log, line(GREEN) * 10)
-        await until(lambda: signal.lines["ok"] == 10, "the 10 lines written since")
+        await until(
+            lambda: signal.lines["ok"] == 10, "the 10 lines written since", show=signal.status
+        )
         assert signal.truncations == 1
         assert attributed(signal, "green") == 10
 
@@ -162,7 +168,7 @@ async def test_truncated_and_rewritten_past_the_position_between_polls(tmp_path:
     log.write_text("")
     async with running(spec(log, poll_interval_s=1.0)) as signal:
         append(log, line() * 2)
-        await until(lambda: signal.lines["ok"] == 2, "2 lines")
+        await until(lambda: signal.lines["ok"] == 2, "2 lines", show=signal.status)
         # Right after a poll: the next is a second away.
         with log.open("r+") as f:
             f.truncate(0)
@@ -183,10 +189,12 @@ async def test_deleted_file_is_followed_until_a_new_one_appears(tmp_path: Path) 
             log.unlink()
             nginx.write(line() * 3)
             nginx.flush()
-            await until(lambda: signal.lines["ok"] == 3, "lines to the deleted file")
+            await until(
+                lambda: signal.lines["ok"] == 3, "lines to the deleted file", show=signal.status
+            )
             assert "gone from its path" in signal.state
         log.write_text(line(GREEN) * 2)
-        await until(lambda: signal.lines["ok"] == 5, "the new file's lines")
+        await until(lambda: signal.lines["ok"] == 5, "the new file's lines", show=signal.status)
         assert attributed(signal, "green") == 2
 
 
@@ -197,10 +205,10 @@ async def test_partial_last_line_is_kept_until_completed(tmp_path: Path) -> None
         whole = line(GREEN, "502")
         append(log, whole[:40])
         polls = signal.polls
-        await until(lambda: signal.polls >= polls + 3, "three polls")
+        await until(lambda: signal.polls >= polls + 3, "three polls", show=signal.status)
         assert sum(signal.lines.values()) == 0
         append(log, whole[40:])
-        await until(lambda: signal.lines["ok"] == 1, "the completed line")
+        await until(lambda: signal.lines["ok"] == 1, "the completed line", show=signal.status)
         assert signal.requests["green", "5xx"] == 1
         assert sum(signal.lines.values()) == 1
 
@@ -217,7 +225,9 @@ async def test_megabyte_line_is_skipped_with_a_bounded_buffer(tmp_path: Path, pi
             if pieces > 1:
                 await _next_poll(signal)
         append(log, line(GREEN))
-        await until(lambda: signal.lines["ok"] == 1, "the line after the huge one")
+        await until(
+            lambda: signal.lines["ok"] == 1, "the line after the huge one", show=signal.status
+        )
         assert signal.lines["oversize"] == 1
         assert signal.lines["unparsed"] == 0
         assert attributed(signal, "blue") == 0
@@ -237,7 +247,7 @@ async def test_binary_junk_is_unparsed_and_attributed_to_nobody(tmp_path: Path) 
     ]
     async with running(spec(log)) as signal:
         append(log, b"".join(junk) + line(BLUE).encode())
-        await until(lambda: sum(signal.lines.values()) == 6, "all 6 lines")
+        await until(lambda: sum(signal.lines.values()) == 6, "all 6 lines", show=signal.status)
         assert signal.lines["unparsed"] == 4
         assert signal.lines["unattributed"] == 1
         assert signal.lines["ok"] == 1
@@ -276,7 +286,9 @@ async def test_forged_fields_are_unparsed_and_never_attributed(tmp_path: Path) -
     log.write_text("")
     async with running(spec(log)) as signal:
         append(log, "\n".join(FORGED) + "\n")
-        await until(lambda: signal.lines["unparsed"] == len(FORGED), "every forged line")
+        await until(
+            lambda: signal.lines["unparsed"] == len(FORGED), "every forged line", show=signal.status
+        )
         assert signal.lines["ok"] == 0
         assert not any(signal.requests.values())
         reading = signal.reading("blue", time.monotonic())
@@ -516,7 +528,9 @@ async def test_syslog_datagrams_are_counted_and_junk_is_not(sock_dir: Path) -> N
                 os.urandom(200),
             ):
                 nginx.send(datagram)
-            await until(lambda: sum(signal.lines.values()) == 6, "all 6 datagrams")
+            await until(
+                lambda: sum(signal.lines.values()) == 6, "all 6 datagrams", show=signal.status
+            )
         assert signal.lines["ok"] == 2
         assert signal.lines["oversize"] == 1
         assert signal.lines["unparsed"] == 3
@@ -532,7 +546,11 @@ async def test_syslog_refuses_to_replace_a_file_that_is_not_a_socket(sock_dir: P
         assert signal.problem == "exists and is not a socket"
         assert signal.state == f"cannot bind {path}: exists and is not a socket"
         path.unlink()
-        await until(lambda: signal.problem is None, "the socket bound once the path is free")
+        await until(
+            lambda: signal.problem is None,
+            "the socket bound once the path is free",
+            show=signal.status,
+        )
         assert path.is_socket()
     assert not path.exists()
 
@@ -555,7 +573,9 @@ async def test_nothing_blocks_the_loop_for_long_under_a_flood(tmp_path: Path) ->
     ):
         tg.start_soon(ticker)
         append(log, line() * 200_000)
-        await until(lambda: signal.lines["ok"] == 200_000, "the flood", within=120)
+        await until(
+            lambda: signal.lines["ok"] == 200_000, "the flood", within=120, show=signal.status
+        )
         tg.cancel_scope.cancel()
     # One turn per batch at the least.
     assert turns >= 200_000 // 1024
