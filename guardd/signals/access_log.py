@@ -19,12 +19,14 @@ Every line ends in exactly one outcome of `LINE_OUTCOMES`:
 - `shed`: over the per-second budget `max_lines_per_s`, skipped unparsed (see below).
 
 Files are followed by polling (every `poll_interval_s`) the path's inode and the open
-file's size: a rename + `nginx -s reopen` (logrotate's default), `copytruncate`, deletion
-and re-creation are all followed without counting a line twice; the file that was there at
-start is read from its end (history is not live traffic), a file that appears later from
-its beginning. A missing file, a permission error or anything else the path does is a
-`state` in `status`, never fatal; `problem` is set while the signal cannot read, so the
-daemon can raise one alert.
+file's size and last bytes read: a rename + `nginx -s reopen` (logrotate's default; the
+old file is read on until quiet for `DRAIN_S`), `copytruncate` (what was not read yet is
+read from the copy, found beside the log and proven by those last bytes), deletion and
+re-creation are all followed without counting a line twice. The first file found is read
+from its end (history is not live traffic); a file seen to appear later (after the path
+was missing, or replacing the one followed) from its beginning. A missing file, a
+permission error or anything else the path does is a `state` in `status`, never fatal;
+`problem` is set while the signal cannot read, so the daemon can raise one alert.
 
 Parsing runs on the event loop in batches of `BATCH_LINES`, with a checkpoint between
 batches, so the decision path never waits long behind a burst. Beyond `max_lines_per_s`
