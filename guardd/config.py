@@ -374,6 +374,10 @@ class AccessLogSignalConfig(_Section):
     """No request logged for this long: the signal is stale and its rules inconclusive."""
     max_line_bytes: Annotated[int, Field(ge=256, le=1024 * 1024)] = 16384
     """Longer lines are skipped and counted as `oversize`."""
+    max_lines_per_s: Annotated[int, Field(ge=1)] = 50_000
+    """The parsing budget: lines beyond it in a second are counted as `shed`."""
+    socket_group: str | None = None
+    """`syslog:` only: the socket's group (nginx's workers'), mode 0660; unset: mode 0666."""
 
     @field_validator("source")
     @classmethod

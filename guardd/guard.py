@@ -28,7 +28,8 @@ from guardd.core.machine import (
     Rollback,
 )
 from guardd.core.policy import PolicySpec
-from guardd.core.types import GUARDD, Color, Severity, State
+from guardd.core.signals import Reading
+from guardd.core.types import COLORS, GUARDD, Color, Severity, State
 from guardd.exceptions import (
     GuarddError,
     OperationRefused,
@@ -43,6 +44,7 @@ from guardd.journal import Journal
 from guardd.metrics import GuardMetrics
 from guardd.probes.http import HttpProber, ProbeResult
 from guardd.qoskeeper import OwnedLock, QosKeeper
+from guardd.signals import AccessLogSignal, Signal, TrafficView
 from guardd.statefile import StateFile
 from guardd.switchers import Switcher
 
@@ -152,6 +154,15 @@ class Guard:
         self.state: State = State.STARTING
         self.last_decision: dict[str, Any] | None = None
         self.budget = RollbackBudget()
+        # The signals besides the probe, by name (set by the runtime), their readings at
+        # the last tick, and the ones whose `problem` was already alerted this episode.
+        self.signals: dict[str, Signal] = {}
+        self.readings: dict[str, dict[Color, Reading]] = {}
+        self._signal_problems: set[str] = set()
+        # Each access-log signal's request totals of a color at the last tick (by the
+        # adapter's id): what arrived since is counted in the guard window.
+        self._traffic_seen: dict[tuple[int, Color], tuple[int, int]] = {}
+        metrics.watch_traffic(self._traffic_sources)
 
     # ---- journal and state ---------------------------------------------------------------
 
@@ -245,11 +256,14 @@ class Guard:
         verifier: HttpProber | None,
         probe_identity: dict[Color, str],
         keep: frozenset[Color],
+        signals: dict[str, Signal] | None = None,
     ) -> None:
         """Apply a reloaded config; the probe windows of colors not in `keep` start afresh."""
         self.s = settings
         self.switcher = switcher
         self.verifier = verifier
+        if signals is not None:
+            self.signals = signals
         self.machine.reconfigure(settings.policy, settings.probe_interval, keep)
         self.machine.probe_identity = probe_identity
 
@@ -297,6 +311,7 @@ class Guard:
         self.metrics.decision_tick()
         await self._adopt_external_switch()
         self.qos.step(now)
+        self._read_signals(now)
         decision = self.machine.decide(
             Facts(
                 now=now,
@@ -306,6 +321,7 @@ class Guard:
                 rollbacks_in_budget=self._rollbacks_in_budget(),
                 rolling_back=self.rolling_back,
                 front_door_watched=self.verifier is not None,
+                readings=self.readings,
             )
         )
         verdict = decision.verdict
@@ -342,6 +358,57 @@ class Guard:
             self._publish(decision.state)
         self._flush_journal_backlog()
         return decision
+
+    def _read_signals(self, now: float) -> None:
+        """Take every signal's reading of each color for this tick, and say once per
+        episode when a signal cannot read its source (an unreadable log, ...)."""
+        readings: dict[str, dict[Color, Reading]] = {}
+        for name, signal in self.signals.items():
+            by_color: dict[Color, Reading] = {}
+            for color in COLORS:
+                reading = signal.reading(color, now)
+                if reading is not None:
+                    by_color[color] = reading
+            readings[name] = by_color
+            problem = signal.problem
+            if problem is not None and name not in self._signal_problems:
+                self._signal_problems.add(name)
+                self.record(
+                    "alert",
+                    source=self.active,
+                    reason=f"signal {name} cannot read its source: {problem}; "
+                    "its rules are inconclusive until it can",
+                )
+            elif problem is None:
+                self._signal_problems.discard(name)
+        self.readings = readings
+        self._count_traffic()
+
+    def _count_traffic(self) -> None:
+        """Hand the guard window the real requests of the active color since the last tick."""
+        active = self.active
+        seen: dict[tuple[int, Color], tuple[int, int]] = {}
+        for signal in self.signals.values():
+            if not isinstance(signal, AccessLogSignal) or active is None:
+                continue
+            key = (id(signal), active)
+            counts = signal.requests
+            total = sum(n for (color, _cls), n in counts.items() if color == active)
+            errors = counts.get((active, "5xx"), 0)
+            before = self._traffic_seen.get(key)
+            if before is not None:
+                self.qos.add_traffic(total - before[0], errors - before[1])
+            seen[key] = (total, errors)
+        self._traffic_seen = seen
+
+    def _traffic_sources(self) -> list[TrafficView]:
+        # Read by the metrics thread: counters are the signals' totals, ratios the ones
+        # the last tick took (a window is never walked from another thread).
+        return [
+            TrafficView(signal, self.readings.get(name, {}))
+            for name, signal in list(self.signals.items())
+            if isinstance(signal, AccessLogSignal)
+        ]
 
     def _flush_journal_backlog(self) -> None:
         if self.journal.backlog:

@@ -12,10 +12,10 @@ import gzip
 import socket
 import socketserver
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from prometheus_client import (
@@ -28,7 +28,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import choose_encoder, gzip_accepted
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from guardd.core import types
@@ -60,6 +60,65 @@ SWITCH_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 _Child = TypeVar("_Child")
+
+#: What became of an access-log line, and the status classes of requests (contract §5).
+TRAFFIC_LINE_OUTCOMES = ("ok", "unparsed", "unattributed", "oversize", "shed")
+TRAFFIC_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class TrafficSource(Protocol):
+    """What the traffic series read of an access-log signal: monotonic totals, and the
+    error ratio of a color's window (None: no request in it)."""
+
+    @property
+    def lines(self) -> Mapping[str, int]: ...
+
+    @property
+    def requests(self) -> Mapping[tuple[str, str], int]: ...
+
+    def error_ratio(self, color: str) -> float | None: ...
+
+
+class _TrafficCollector:
+    """The `guardd_traffic_*` series, read from the running signals at each scrape.
+
+    Summed over every access-log signal (usually one). The counters come from the
+    signals' own totals, so a reload that replaces a signal is a counter reset, which
+    `rate()` handles. `guardd_traffic_error_ratio` is absent for a color with no request
+    in the window: no traffic is not a ratio of 0.
+    """
+
+    def __init__(self, guard: str) -> None:
+        self.guard = guard
+        self.sources: Callable[[], Iterable[TrafficSource]] = tuple
+
+    def collect(self) -> Iterable[Metric]:
+        lines = CounterMetricFamily(
+            "guardd_traffic_lines",
+            "Access-log lines read, by what became of them.",
+            labels=("guard", "outcome"),
+        )
+        requests = CounterMetricFamily(
+            "guardd_traffic_requests",
+            "Requests nginx logged, attributed to a color, by status class.",
+            labels=("guard", "color", "class"),
+        )
+        ratio = GaugeMetricFamily(
+            "guardd_traffic_error_ratio",
+            "5xx over requests of the color in the signal's window (absent with none).",
+            labels=("guard", "color"),
+        )
+        sources = list(self.sources())
+        for outcome in TRAFFIC_LINE_OUTCOMES:
+            lines.add_metric((self.guard, outcome), sum(s.lines.get(outcome, 0) for s in sources))
+        for color in COLORS:
+            for cls in TRAFFIC_CLASSES:
+                total = sum(s.requests.get((color, cls), 0) for s in sources)
+                requests.add_metric((self.guard, color, cls), total)
+            ratios = [r for s in sources if (r := s.error_ratio(color)) is not None]
+            if ratios:
+                ratio.add_metric((self.guard, color), max(ratios))
+        return [lines, requests, ratio]
 
 
 class _UpstreamGauges(NamedTuple):
@@ -173,6 +232,8 @@ class GuardMetrics:
             registry=r,
         )
         self._rules: set[tuple[str, str]] = set()
+        self._traffic = _TrafficCollector(guard)
+        r.register(self._traffic)
         build_info = Gauge(
             "guardd_build_info",
             "Always 1; the version is in the label.",
@@ -311,6 +372,10 @@ class GuardMetrics:
             self._rule_firing.remove(self.guard, rule, color)
             self._rule_inconclusive.remove(self.guard, rule, color)
         self._rules = seen
+
+    def watch_traffic(self, sources: Callable[[], Iterable[TrafficSource]]) -> None:
+        """Read the `guardd_traffic_*` series from `sources()` at each scrape."""
+        self._traffic.sources = sources
 
     def decision_tick(self) -> None:
         """Count one round of the decision loop, so a stalled loop shows."""

@@ -138,6 +138,12 @@ class QosKeeper:
         if own is not None and own.window is not None:
             own.window.add(outcome)
 
+    def add_traffic(self, requests: int, errors_5xx: int) -> None:
+        """Real requests of the active color since the last tick, for the guard window."""
+        own = self.own_lock
+        if own is not None and own.window is not None and requests > 0:
+            own.window.add_traffic(requests, errors_5xx)
+
     def rules_firing(self, color: Color | None, names: frozenset[str]) -> None:
         """The P0-P2 rules firing on the active color at this tick (dry runs aside).
 

@@ -181,6 +181,36 @@ def _rule_cell(state: object) -> tuple[str, str | None]:
     return _text(name), None
 
 
+def _traffic(stats: object) -> str:
+    if not isinstance(stats, Mapping):
+        return "no data"
+    text = (
+        f"{_number(stats.get('rps'))} req/s, {_ratio(stats.get('error_ratio'))} 5xx, "
+        f"p95 {_ms(stats.get('p95_ms'))} ({_text(stats.get('samples'))} requests)"
+    )
+    base = stats.get("baseline")
+    if isinstance(base, Mapping):
+        text += f"; baseline {_ratio(base.get('error_ratio'))} 5xx, p95 {_ms(base.get('p95_ms'))}"
+    return text
+
+
+def _signal_lines(signals: object) -> list[str]:
+    if not isinstance(signals, Mapping) or not signals:
+        return []
+    lines = []
+    for name, doc in sorted(signals.items()):
+        if not isinstance(doc, Mapping):
+            continue
+        head = f"signal {clean(name)} ({_text(doc.get('kind'))}): {_text(doc.get('state'))}"
+        if doc.get("problem"):
+            head += f"; PROBLEM: {clean(doc['problem'])}"
+        if doc.get("stale"):
+            head += "; STALE"
+        lines.append(head)
+        lines += [f"  {c:<6}{_traffic(doc.get(c))}" for c in COLORS]
+    return [*lines, ""]
+
+
 def _rules_table(rules: object, active: object, paint: _Paint) -> list[str]:
     if not isinstance(rules, list) or not rules:
         return []
@@ -291,6 +321,7 @@ def render_status(status: Mapping[str, Any], *, color: bool = False) -> str:
     ]
     lines = [*_table(rows, paint), ""] if rows else ["no upstream data yet", ""]
     lines += _rules_table(status.get("rules"), active, paint)
+    lines += _signal_lines(status.get("signals"))
 
     def field(name: str, value: str, code: str | None = None) -> None:
         lines.append(f"{name:<15}{paint(value, code)}")

@@ -65,6 +65,7 @@ def snapshot(guard: Guard) -> dict[str, Any]:
         },
         "upstreams": upstreams,
         "rules": rules_doc(guard, now),
+        "signals": signals_doc(guard, now),
         "last_event": guard.journal.recent[-1] if guard.journal.recent else None,
         "last_decision": guard.last_decision,
         "storage": {
@@ -112,6 +113,30 @@ def rules_doc(guard: Guard, now: float) -> list[dict[str, Any]]:
                 "why": st.why,
             }
     return list(rows.values())
+
+
+def signals_doc(guard: Guard, now: float) -> dict[str, Any]:
+    """Each signal besides the probe: its source's state and counters, and per color the
+    statistics of its window at the last tick with the baseline they are compared with."""
+    stale = set(guard.machine.stale_signals(guard.active, now)) if guard.active else set()
+    out: dict[str, Any] = {}
+    for name, signal in guard.signals.items():
+        doc = dict(signal.status())
+        doc["stale"] = name in stale
+        for color in COLORS:
+            reading = guard.readings.get(name, {}).get(color)
+            doc[color] = (
+                None
+                if reading is None
+                else {
+                    "samples": reading.samples,
+                    "window_s": reading.window_s,
+                    **{k: _r(v) for k, v in sorted(reading.stats.items())},
+                    "baseline": guard.machine.baseline(name, color),
+                }
+            )
+        out[name] = doc
+    return out
 
 
 def front_door_doc(guard: Guard, now: float) -> dict[str, Any] | None:

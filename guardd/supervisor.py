@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import httpx
+from anyio.abc import TaskStatus
 
 from guardd import config as config_mod
 from guardd._version import __version__
@@ -39,12 +40,16 @@ from guardd.logs import get_logger
 from guardd.metrics import GuardMetrics, MetricsServer
 from guardd.probes.http import HttpProber, ProbeResult, ProbeSpec
 from guardd.secrets import redact
+from guardd.signals import Signal
+from guardd.signals import build as build_signal
 from guardd.statefile import StateFile
 from guardd.switchers import Switcher
 from guardd.systemd import SystemdNotifier
 
 # A probe loop that has not finished a round for this long past its deadline is wedged.
 _STUCK_MARGIN = 5.0
+# How often new traffic may wake the decision loop (s).
+_SIGNAL_PULSE_S = 0.25
 # Distinct unexpected errors remembered (to log each traceback once); more are only counted.
 _MAX_LOOP_ERRORS_SEEN = 256
 
@@ -255,9 +260,8 @@ class Runtime:
     verifier: HttpProber | None
     switcher: Switcher
     notifier: Any  # guardd.notify's notifier; None when `notify` is empty
-    # Adapters for the decision rules' signals, by name, built from the config here as
-    # they are added; none is configurable yet.
-    signals: dict[str, object] = field(default_factory=dict)
+    # The adapters of `[signals.NAME]`, by name (the probe is not among them).
+    signals: dict[str, Signal] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -291,6 +295,9 @@ class Supervisor:
         self._probe_started: dict[Color, float | None] = dict.fromkeys(COLORS)
         self._exit_code = 0
         self._tg: anyio.abc.TaskGroup | None = None
+        # The running signal adapters' cancel scopes, by the adapter's id.
+        self._signal_scopes: dict[int, anyio.CancelScope] = {}
+        self._pulsing = False
         self._notifier_task: tuple[anyio.CancelScope, anyio.Event] | None = None
         self._loop_errors_seen: set[tuple[str, str, str]] = set()
 
@@ -345,6 +352,35 @@ class Supervisor:
             switcher = previous.switcher
         else:
             switcher = build_switcher(settings, self._on_switch_step)
+        signals: dict[str, Signal] = {}
+        for name, table in c.signals.items():
+
+            def inputs(g: GuardConfig, name: str = name) -> object:
+                # What a signal is built from: its table, and where addresses come from.
+                return (
+                    g.signals.get(name), g.policy.window, g.switch.targets,
+                    [_urls(g, color) for color in COLORS],
+                )  # fmt: skip
+
+            if previous is not None and name in previous.signals and kept(inputs):
+                signals[name] = previous.signals[name]
+                continue
+            try:
+                signals[name], problems = build_signal(
+                    name,
+                    table,
+                    window_s=c.policy.window,
+                    targets=c.switch.targets if c.switch.kind == "nginx" else None,
+                    probe_urls={color: _urls(c, color) for color in COLORS},
+                    clock=self.clock,
+                )
+            except ValueError as e:
+                key, _, reason = str(e).partition(": ")
+                raise ConfigError(
+                    [ConfigProblem(str(settings.source), f"signals.{name}.{key}", reason)]
+                ) from None
+            for problem in problems:
+                self.log.warning("signal_addresses", signal=name, problem=problem)
         return Runtime(
             settings=settings,
             guard=guard_settings(settings),
@@ -353,6 +389,7 @@ class Supervisor:
             verifier=verifier,
             switcher=switcher,
             notifier=notifier,
+            signals=signals,
         )
 
     async def install(self, runtime: Runtime) -> frozenset[Color]:
@@ -382,7 +419,16 @@ class Supervisor:
                 verifier=runtime.verifier,
                 probe_identity=runtime.probe_identity,
                 keep=keep,
+                signals=runtime.signals,
             )
+        old_signals = previous.signals if previous is not None else {}
+        for name, adapter in old_signals.items():
+            if runtime.signals.get(name) is not adapter:
+                scope = self._signal_scopes.pop(id(adapter), None)
+                if scope is not None:
+                    scope.cancel()
+        if self._tg is not None:
+            await self._start_signals(self._tg, runtime)
         stale = previous.verifier if previous is not None else None
         if stale is not None and stale is not runtime.verifier:
             await stale.aclose()
@@ -415,6 +461,7 @@ class Supervisor:
             notify=self._notify,
             faults=self.faults,
         )
+        guard.signals = dict(runtime.signals)
         guard.load_history()
         return guard
 
@@ -505,6 +552,7 @@ class Supervisor:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._signals, tg.cancel_scope)
+                await self._start_signals(tg, runtime)
                 for color in COLORS:
                     tg.start_soon(self._probe_loop, color)
                 # Always running: a reload may set `switch.verify_url` later.
@@ -714,6 +762,55 @@ class Supervisor:
                 loop=loop,
             )
         return what
+
+    async def _start_signals(self, tg: anyio.abc.TaskGroup, runtime: Runtime) -> None:
+        """Start the runtime's signal adapters not running yet (and the pulse, once)."""
+        for adapter in runtime.signals.values():
+            if id(adapter) not in self._signal_scopes:
+                await tg.start(self._run_signal, adapter)
+        if runtime.signals and not self._pulsing:
+            self._pulsing = True
+            tg.start_soon(self._signal_pulse)
+
+    async def _run_signal(self, adapter: Signal, *, task_status: TaskStatus[None]) -> None:
+        """Run one signal adapter until a reload replaces it or guardd stops.
+
+        An adapter that fails is logged, counted and started again a second later: a
+        signal is evidence, never a reason for the guard to stop guarding. Its rules are
+        inconclusive meanwhile (its window ages; a `stale_after` alerts).
+        """
+        with anyio.CancelScope() as scope:
+            self._signal_scopes[id(adapter)] = scope
+            task_status.started()
+            try:
+                while True:
+                    try:
+                        await adapter.run()
+                    except Exception as e:  # noqa: BLE001 - evidence, never fatal
+                        self.log.error("signal_failed", signal=adapter.name, error=_why(e))
+                        self.metrics.loop_error(f"signal_{adapter.name}")
+                    await anyio.sleep(1.0)
+            finally:
+                self._signal_scopes.pop(id(adapter), None)
+
+    async def _signal_pulse(self) -> None:
+        """Wake the decision loop soon after new traffic is counted, not a probe later.
+
+        At most four ticks a second from here: enough for a rule over real requests to
+        act within a fraction of a second, without a tick per log line.
+        """
+        seen: dict[str, int] = {}
+        while True:
+            await anyio.sleep(_SIGNAL_PULSE_S)
+            guard = self.guard
+            if guard is None:
+                continue
+            counts = {
+                name: sum(getattr(sig, "lines", {}).values()) for name, sig in guard.signals.items()
+            }
+            if counts != seen:
+                seen = counts
+                self._wake.set()
 
     async def _decision_loop(self) -> None:
         guard = self.guard

@@ -13,6 +13,7 @@ import argparse
 import re
 import tomllib
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,15 @@ def exposed_metrics() -> dict[str, tuple[str, dict[str, set[str]]]]:
     metrics = GuardMetrics("threader", "1.2.3")
     metrics.declare_sinks(["ops-slack"])
     metrics.set_rules(("consecutive_failures", c, "ok") for c in COLORS)  # bound at a tick
+
+    class Traffic:  # an access-log signal with traffic on both colors
+        lines: Mapping[str, int] = {"ok": 3}
+        requests: Mapping[tuple[str, str], int] = {("blue", "2xx"): 3}
+
+        def error_ratio(self, color: str) -> float | None:
+            return 0.0 if color in COLORS else None
+
+    metrics.watch_traffic(lambda: [Traffic()])
     exposed: dict[str, tuple[str, dict[str, set[str]]]] = {}
     for family in text_string_to_metric_families(metrics.render().decode()):
         name = family.name + ("_total" if family.type == "counter" else "")

@@ -229,6 +229,12 @@ MACHINE_KEPT = {
     "baselines",
 }  # fmt: skip
 GUARD_NOT_KEPT = {
+    "signals": "adapters, built from the configuration",
+    "readings": "the signals' readings at the last tick: measurements, taken again",
+    "_signal_problems": "which signal problems were alerted: a problem still there after a "
+    "restart is alerted again, once",
+    "_traffic_seen": "request totals at the last tick: the adapters count anew from 0, and the "
+    "guard window counts what arrives from the next tick on",
     "s": "configuration",
     "machine": "checked attribute by attribute above",
     "switcher": "an adapter",

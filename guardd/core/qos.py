@@ -20,18 +20,32 @@ class QosVerdict:
     min_samples: int = 1
     # The rules that fired on the active color during the window (P0-P2, dry runs aside).
     fired: tuple[str, ...] = ()
+    # Real requests of the active color nginx logged during the window, and their 5xx.
+    traffic_requests: int = 0
+    traffic_errors: int = 0
 
     def evidence(self, max_error_ratio: float, min_health_ratio: float) -> dict[str, object]:
         """The journal's evidence for a release or an extension."""
-        return {
-            "rule": "qos_window",
-            "samples": self.samples,
-            "min_samples": self.min_samples,
-            "error_ratio": round(self.error_ratio, 4),
-            "max_error_ratio": max_error_ratio,
-            "health_ratio": round(self.health_ratio, 4),
-            "min_health_ratio": min_health_ratio,
-        } | ({"rules_fired": list(self.fired)} if self.fired else {})
+        return (
+            {
+                "rule": "qos_window",
+                "samples": self.samples,
+                "min_samples": self.min_samples,
+                "error_ratio": round(self.error_ratio, 4),
+                "max_error_ratio": max_error_ratio,
+                "health_ratio": round(self.health_ratio, 4),
+                "min_health_ratio": min_health_ratio,
+            }
+            | ({"rules_fired": list(self.fired)} if self.fired else {})
+            | (
+                {
+                    "traffic_requests": self.traffic_requests,
+                    "traffic_error_ratio": round(self.traffic_errors / self.traffic_requests, 4),
+                }
+                if self.traffic_requests
+                else {}
+            )
+        )
 
 
 class QosWindow:
@@ -52,6 +66,8 @@ class QosWindow:
         "samples",
         "span",
         "started_at",
+        "traffic_errors",
+        "traffic_requests",
     )
 
     def __init__(
@@ -69,6 +85,7 @@ class QosWindow:
         self.min_samples = max(1, min_samples)
         self.samples = self.failures = self.errors_5xx = 0
         self.fired: list[str] = []
+        self.traffic_requests = self.traffic_errors = 0
 
     def counts(self) -> dict[str, object]:
         """The probes counted so far, and the rules that fired (state.json keeps them)."""
@@ -77,6 +94,7 @@ class QosWindow:
             "failures": self.failures,
             "errors_5xx": self.errors_5xx,
             "fired": list(self.fired),
+            "traffic": [self.traffic_requests, self.traffic_errors],
         }
 
     def restore_counts(self, doc: dict[str, object]) -> None:
@@ -89,6 +107,14 @@ class QosWindow:
             and 0 <= errors_5xx <= failures <= samples
         ):
             self.samples, self.failures, self.errors_5xx = samples, failures, errors_5xx
+        traffic = doc.get("traffic")
+        if (
+            isinstance(traffic, list)
+            and len(traffic) == 2
+            and all(isinstance(n, int) and n >= 0 for n in traffic)
+            and traffic[1] <= traffic[0]
+        ):
+            self.traffic_requests, self.traffic_errors = traffic
         fired = doc.get("fired")
         if isinstance(fired, list):
             self.fired = [f for f in fired if isinstance(f, str)][:64]
@@ -104,6 +130,11 @@ class QosWindow:
         if outcome is not Outcome.OK:
             self.failures += 1
             self.errors_5xx += outcome is Outcome.HTTP_5XX
+
+    def add_traffic(self, requests: int, errors_5xx: int) -> None:
+        """Count real requests of the active color (and how many were 5xx) in the window."""
+        self.traffic_requests += max(0, requests)
+        self.traffic_errors += max(0, min(errors_5xx, requests))
 
     def rule_fired(self, name: str) -> None:
         """A P0-P2 rule fired on the active color: the window is not met (contract §2)."""
@@ -135,6 +166,13 @@ class QosWindow:
             problems.append(f"health ratio {health_ratio:.3g} < {self.min_health_ratio:g}")
         if self.fired:
             problems.append(f"rules fired during the window: {', '.join(self.fired)}")
+        if self.traffic_requests:
+            real = self.traffic_errors / self.traffic_requests
+            if real > self.max_error_ratio:
+                problems.append(
+                    f"real 5xx ratio {real:.3g} > {self.max_error_ratio:g} over "
+                    f"{self.traffic_requests} requests"
+                )
         reason = "; ".join(problems) or (
             f"SLOs held over {self.samples} probes "
             f"(error ratio {error_ratio:.3g}, health {health_ratio:.3g})"
@@ -147,6 +185,8 @@ class QosWindow:
             reason,
             self.min_samples,
             tuple(self.fired),
+            self.traffic_requests,
+            self.traffic_errors,
         )
 
     def restart(self, now: float, span: float | None = None) -> None:
@@ -156,3 +196,4 @@ class QosWindow:
             self.span = span
         self.samples = self.failures = self.errors_5xx = 0
         self.fired = []
+        self.traffic_requests = self.traffic_errors = 0

@@ -1,0 +1,101 @@
+"""Signals at the edge: adapters that turn a source of evidence into per-color `Reading`s.
+
+The rules (`guardd.core.signals`) read a `Reading` per signal and color and never ask where
+it came from; each module here reads one kind of source, and `build` is the one place that
+maps a `[signals.NAME]` table's `kind` to its adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from anyio.abc import TaskStatus
+
+from guardd.clock import Clock
+from guardd.core.signals import Reading
+from guardd.core.types import COLORS, Color
+from guardd.signals.access_log import AccessLogSignal, AccessLogSpec
+from guardd.upstream_addresses import color_addresses
+
+__all__ = ["AccessLogSignal", "AccessLogSpec", "Signal", "TrafficView", "build"]
+
+
+class Signal(Protocol):
+    """What the guard needs of a running signal adapter."""
+
+    name: str
+    #: Why the signal cannot read right now (an unreadable file, ...), else None.
+    problem: str | None
+
+    async def run(self, *, task_status: TaskStatus[None] = ...) -> None:
+        """Follow the source until cancelled; report started once it is set up."""
+
+    def reading(self, color: str, now: float) -> Reading | None:
+        """The window of `color` at monotonic `now`, or None when there is none."""
+
+    def status(self) -> dict[str, Any]:
+        """The source's state and counters for `status --json` (no secret in it)."""
+
+
+class TrafficView:
+    """An access-log signal as the `guardd_traffic_*` series read it (metrics thread)."""
+
+    def __init__(self, signal: AccessLogSignal, readings: Mapping[Color, Reading]) -> None:
+        self._signal = signal
+        self._readings = readings
+
+    @property
+    def lines(self) -> Mapping[str, int]:
+        """Lines read, by outcome (monotonic totals)."""
+        return dict(self._signal.lines)
+
+    @property
+    def requests(self) -> Mapping[tuple[str, str], int]:
+        """Requests by (color, status class) (monotonic totals)."""
+        return dict(self._signal.requests)
+
+    def error_ratio(self, color: str) -> float | None:
+        """5xx over requests of `color` at the last tick; None with no request."""
+        reading = self._readings.get(color)  # type: ignore[call-overload]
+        return None if reading is None else reading.stats.get("error_ratio")
+
+
+def build(
+    name: str,
+    table: Any,
+    *,
+    window_s: float,
+    targets: Mapping[Color, Path] | None,
+    probe_urls: Mapping[Color, list[str]],
+    clock: Clock,
+) -> tuple[Signal, list[str]]:
+    """The adapter for one validated `[signals.NAME]` table, and what it warns about.
+
+    Raises `ValueError("key: reason")` when the table cannot be built (no color has an
+    address to attribute requests by).
+    """
+    if table.kind == "access_log":
+        addresses, problems = color_addresses(
+            given=table.addresses, targets=targets, probe_urls=probe_urls
+        )
+        known: dict[str, tuple[str, ...]] = {
+            c: tuple(sorted(addresses[c])) for c in COLORS if addresses[c]
+        }
+        for color in COLORS:
+            if not addresses[color]:
+                problems.append(f"no address of {color} is known: its requests are unattributed")
+        window = table.window or window_s
+        spec = AccessLogSpec(
+            source=table.source,
+            addresses=known,
+            fields=dict(table.fields),
+            window_s=window,
+            stale_after_s=table.stale_after or window,
+            max_line_bytes=table.max_line_bytes,
+            max_lines_per_s=table.max_lines_per_s,
+            socket_group=table.socket_group,
+        )
+        return AccessLogSignal(name, spec, clock), problems
+    raise ValueError(f"kind: {table.kind!r} is not a kind of signal")  # pragma: no cover
