@@ -128,6 +128,9 @@ mkdir -p "$doc"
     echo " -- $maintainer  $(date -u -R -d "@$SOURCE_DATE_EPOCH")"
 } | gzip -9n >"$doc/changelog.gz"
 gzip -9n <"$project/CHANGELOG.md" >"$doc/CHANGELOG.md.gz"
+# The log_format the access_log signal reads, for nginx's http { } block.
+install -D -m 0644 "$project/packaging/nginx/guardd-log-format.conf" \
+    "$doc/examples/nginx/guardd-log-format.conf"
 install -D -m 0644 "$here/lintian-overrides" "$root/usr/share/lintian/overrides/guardd"
 
 # ---- control ------------------------------------------------------------------------------

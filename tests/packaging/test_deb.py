@@ -120,6 +120,8 @@ def test_deb_installs_offline_guards_and_purges_clean(
         conffiles = c.run("dpkg-query", "-W", "-f=${Conffiles}", "guardd").stdout
         assert "/etc/guardd/example.toml" in conffiles
         assert (c.root / "usr/share/man/man1/guardctl.1.gz").exists()
+        log_format = c.root / "usr/share/doc/guardd/examples/nginx/guardd-log-format.conf"
+        assert "log_format guardd escape=json" in log_format.read_text()
         assert c.run("getent", "passwd", "guardd").stdout.startswith("guardd:")
         assert c.systemctl("is-enabled", "guardd.target").stdout.strip() == "enabled"
         assert not list((c.root / "etc/systemd/system").glob("*.wants/guardd@*"))
