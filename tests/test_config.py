@@ -7,8 +7,10 @@ Files whose text holds `@TMP@` need this host's files: the test lays out a tmp f
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -368,3 +370,28 @@ def test_secret_url_never_printed(tmp_path: Path) -> None:
     result = check_config(path, cwd=tmp_path)
     assert result.returncode == 2
     assert token not in result.stderr + result.stdout
+
+
+def test_the_readme_s_rules_and_signals_examples_are_valid(tmp_path: Path) -> None:
+    """The TOML of the README's "Rules" and "Signals" sections loads as it is written."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    base = (
+        '[upstreams.blue]\nurl = "http://127.0.0.1:9009/healthz"\n'
+        '[upstreams.green]\nurl = "http://127.0.0.1:9010/healthz"\n'
+        '[switch]\nkind = "state-file"\npath = "/tmp/deploy-state.json"\n'
+    )
+    checked = 0
+    for title in ("Rules", "Signals"):
+        section = readme.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+        for block in re.findall(r"```toml\n(.*?)```", section, re.DOTALL):
+            text = textwrap.dedent(block)
+            if "[signals." not in text:  # rules over a signal the section declared earlier
+                text = (
+                    '[signals.traffic]\nkind = "access_log"\nsource = "file:/var/log/x.log"\n'
+                    + text
+                )
+            path = tmp_path / f"{title}-{checked}.toml"
+            path.write_text(base + text)
+            config.load(path)
+            checked += 1
+    assert checked >= 2
