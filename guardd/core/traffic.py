@@ -18,7 +18,7 @@ import math
 from typing import Final
 
 from guardd.core.signals import Reading
-from guardd.core.window import _BUCKETS, _bucket, _bucket_value
+from guardd.core.window import _BUCKETS, _bucket, histogram_percentile
 
 #: The status classes counted, in the order of `detail`; `1xx` is there for upgrades (101).
 CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -148,16 +148,7 @@ class TrafficWindow:
         self._current = k
 
     def _percentile(self, q: float) -> float | None:
-        n = self._tot_timed
-        if n == 0:
-            return None
-        rank = max(1, math.ceil(q * n))
-        seen = 0
-        for index, count in enumerate(self._tot_hist):
-            seen += count
-            if seen >= rank:
-                return _bucket_value(index)
-        return _bucket_value(_BUCKETS - 1)  # pragma: no cover - counts always sum to n
+        return histogram_percentile(self._tot_hist, self._tot_timed, q)
 
     def reading(self, now: float) -> Reading:
         """The window at monotonic time `now`.

@@ -32,6 +32,19 @@ def _bucket_value(index: int) -> float:
     return float(_MIN_MS * _RATIO ** (index + 0.5))
 
 
+def histogram_percentile(buckets: list[int], n: int, q: float) -> float | None:
+    """The nearest-rank `q` quantile (ms) of `n` latencies counted in log `buckets`."""
+    if n == 0:
+        return None
+    rank = max(1, math.ceil(q * n))
+    seen = 0
+    for index, count in enumerate(buckets):
+        seen += count
+        if seen >= rank:
+            return _bucket_value(index)
+    return _bucket_value(_BUCKETS - 1)  # pragma: no cover - counts always sum to n
+
+
 @dataclass(frozen=True, slots=True)
 class WindowStats:
     """A snapshot of one color's window at a moment."""
@@ -141,16 +154,7 @@ class SlidingWindow:
 
     def percentile(self, q: float) -> float | None:
         """The nearest-rank `q` quantile of latency in milliseconds, approximately."""
-        n = len(self._items)
-        if n == 0:
-            return None
-        rank = max(1, math.ceil(q * n))
-        seen = 0
-        for index, count in enumerate(self._buckets):
-            seen += count
-            if seen >= rank:
-                return _bucket_value(index)
-        return _bucket_value(_BUCKETS - 1)  # pragma: no cover - counts always sum to n
+        return histogram_percentile(self._buckets, len(self._items), q)
 
     def stats(self, now: float) -> WindowStats:
         """The window as it stands at `now`."""

@@ -9,6 +9,7 @@ everything the guard keeps lives in one directory, so copying the directory is a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from guardd.guard import Guard, GuardSettings
 from guardd.probes.http import ProbeResult
 from guardd.switchers import STEP_LINK_WRITTEN
 from guardd.testing import (
+    DEFAULT_POLICY,
     ManualClock,
     MemorySwitcher,
     SwitchOp,
@@ -85,15 +87,8 @@ class Log:
         return emit
 
 
-SPEC = PolicySpec(
-    rollback_to="blue",
-    consecutive_failures=3,
-    window=30.0,
-    min_samples=3,
-    p1_sustain=5.0,
-    max_rollbacks=3,
-    budget_window=3600.0,
-)
+# guardd.testing's quick policy, with rollbacks always to blue.
+SPEC = dataclasses.replace(DEFAULT_POLICY, rollback_to="blue")
 
 
 def settings(root: Path, spec: PolicySpec) -> GuardSettings:
