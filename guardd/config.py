@@ -26,6 +26,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
@@ -386,6 +387,17 @@ class AccessLogSignalConfig(_Section):
             raise ValueError("must be file:/absolute/path or syslog:/absolute/path.sock")
         return v
 
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, v: dict[Color, list[str]] | None) -> dict[Color, list[str]] | None:
+        if v is not None:
+            both = sorted(set(v.get("blue", ())) & set(v.get("green", ())))
+            if both:
+                raise ValueError(f"{', '.join(both)} given to both colors: which one served?")
+            if not any(v.values()):
+                raise ValueError("no address given: requests could not be attributed")
+        return v
+
     @field_validator("fields")
     @classmethod
     def _fields(cls, v: dict[str, str]) -> dict[str, str]:
@@ -399,6 +411,7 @@ class AccessLogSignalConfig(_Section):
         return v
 
 
+_SIGNAL_KINDS = ("access_log",)  # every `kind` a [signals.NAME] may have
 SignalConfig = Annotated[AccessLogSignalConfig, Field(discriminator="kind")]
 
 
@@ -443,14 +456,57 @@ class RuleConfig(_Section):
             k for k in ("above", "below", "above_baseline", "above_standby")
             if getattr(self, k) is not None and k not in invalid
         ]  # fmt: skip
-        if len(given) == 1 or invalid & {"above", "below", "above_baseline", "above_standby"}:
+        if invalid & {"above", "below", "above_baseline", "above_standby"}:
             return []
+        if len(given) == 1:
+            return [] if "stat" in invalid else _threshold_problems(self)
         if not given:
             return [("", "needs one of above, below, above_baseline, above_standby")]
         return [(given[1], f"give one threshold, not both {given[0]} and {given[1]}")]
 
 
 _RULE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Statistics that are ratios (0 ... 1) whatever the signal.
+_RATIO_STATS = frozenset({"error_ratio"})
+
+
+def _no_address(data: Mapping[str, Any]) -> str | None:
+    """Why no request could be attributed with the addresses guardd would derive, or None."""
+    from guardd.upstream_addresses import color_addresses  # noqa: PLC0415 - host checks only
+
+    switch, upstreams = data.get("switch"), data.get("upstreams")
+    if switch is None or upstreams is None:
+        return None  # their own problems are shown
+    found, problems = color_addresses(
+        given=None,
+        targets=switch.targets if switch.kind == "nginx" else None,
+        probe_urls={c: u.all_urls for c, u in upstreams.items()},
+    )
+    if any(found.values()):
+        return None
+    return (
+        "no upstream address belongs to one color only"
+        + (f" ({'; '.join(problems)})" if problems else "")
+        + "; give `addresses`"
+    )
+
+
+def _threshold_problems(rule: RuleConfig) -> Found:
+    """A threshold that makes a rule fire always, or never: every statistic is >= 0."""
+    if rule.stat == "value":
+        return []  # a query's or a gauge's value may be anything, negative included
+    if rule.above is not None:
+        if rule.above <= 0:
+            return [("above", f"{rule.above:g} fires always: every {rule.stat} is >= 0")]
+        if rule.stat in _RATIO_STATS and rule.above > 1:
+            return [("above", f"{rule.above:g} never fires: {rule.stat} is at most 1")]
+    if rule.below is not None and rule.below < 0:
+        return [("below", f"{rule.below:g} never fires: every {rule.stat} is >= 0")]
+    for key in ("above_baseline", "above_standby"):
+        factor = getattr(rule, key)
+        if factor is not None and factor <= 1:
+            return [(key, f"{factor:g} must be above 1: else it fires on no change")]
+    return []
 
 
 class SwitchConfig(_Section):
@@ -739,40 +795,65 @@ class GuardConfig(BaseSettings):
             raise _validation_error("upstreams", [], found)
         return validated
 
-    @model_validator(mode="after")
-    def _rules_read_real_signals(self) -> GuardConfig:
+    @field_validator("signals", mode="after")
+    @classmethod
+    def _signal_names(cls, signals: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         found: Found = []
-        for name in self.signals:
+        for name, table in signals.items():
             if name == PROBE or not _RULE_NAME.match(name):
                 why = f"may use letters, digits and _.- only; {PROBE!r} is the built-in probe"
-                found.append((f"signals.{name}", why))
-        taken = {r.name for r in self.builtin_rules()} if self.policy.builtin_rules else set()
-        for i, rule in enumerate(self.rules):
-            kind = PROBE if rule.signal == PROBE else None
-            if rule.signal in self.signals:
-                kind = self.signals[rule.signal].kind
-            if kind is None:
-                names = [PROBE, *sorted(self.signals)]
-                near = difflib.get_close_matches(rule.signal, names, n=1, cutoff=0.6)
-                hint = f"did you mean {near[0]}?" if near else f"known: {', '.join(names)}"
-                found.append((f"rules.{i}.signal", f"no signal {rule.signal!r}; {hint}"))
-                continue
-            stats = KIND_STATS[kind]
-            if rule.stat not in stats:
-                found.append(
-                    (f"rules.{i}.stat", f"{kind} signals yield {', '.join(sorted(stats))}")
-                )
+                found.append((name, why))
+            if _HOST_CHECKS.get() and isinstance(table, AccessLogSignalConfig):
+                folder = Path(table.source.partition(":")[2]).parent
+                if not folder.is_dir():
+                    found.append((f"{name}.source", f"{folder} is not a directory on this host"))
+                lacking = _no_address(info.data) if table.addresses is None else None
+                if lacking is not None:
+                    found.append((f"{name}.addresses", lacking))
+        if found:
+            raise _validation_error("signals", [], found)
+        return signals
+
+    @field_validator("rules", mode="after")
+    @classmethod
+    def _rules_read_real_signals(
+        cls, rules: list[RuleConfig], info: ValidationInfo
+    ) -> list[RuleConfig]:
+        # A field validator, not a model one: it runs beside the other sections' problems.
+        # `signals` and `policy` are validated before `rules`; when one is invalid, what
+        # depends on it is not judged (its own problem is shown).
+        signals: dict[str, Any] | None = info.data.get("signals")
+        policy: PolicyConfig | None = info.data.get("policy")
+        found: Found = []
+        taken: set[str] = set()
+        if policy is not None and policy.builtin_rules:
+            taken = {r.name for r in spec_rules(PolicySpec(**policy.model_dump()))}
+        for i, rule in enumerate(rules):
             name = rule.name or f"{rule.signal}.{rule.stat}"
-            if name in taken:
+            if policy is not None and name in taken:
                 found.append(
-                    (f"rules.{i}.name", f"{name!r} is taken by another rule"
+                    (f"{i}.name", f"{name!r} is taken by another rule"
                      + (" (built in: set policy.builtin_rules = false to replace the built-in "
                         "rules)" if name in BUILTIN_NAMES else "; give this one a `name`"))
                 )  # fmt: skip
             taken.add(name)
+            if signals is None:
+                continue
+            kind = PROBE if rule.signal == PROBE else None
+            if rule.signal in signals:
+                kind = signals[rule.signal].kind
+            if kind is None:
+                names = [PROBE, *sorted(signals)]
+                near = difflib.get_close_matches(rule.signal, names, n=1, cutoff=0.6)
+                hint = f"did you mean {near[0]}?" if near else f"known: {', '.join(names)}"
+                found.append((f"{i}.signal", f"no signal {rule.signal!r}; {hint}"))
+                continue
+            stats = KIND_STATS[kind]
+            if rule.stat not in stats:
+                found.append((f"{i}.stat", f"{kind} signals yield {', '.join(sorted(stats))}"))
         if found:
-            raise _validation_error("GuardConfig", [], found)
-        return self
+            raise _validation_error("rules", [], found)
+        return rules
 
     def builtin_rules(self) -> tuple[Rule, ...]:
         """The rules `[policy]` stands for (docs/contract.md §2 "Rules")."""
@@ -984,6 +1065,10 @@ def _problems(error: ValidationError, shown: str, env: Mapping[str, str]) -> lis
     seen: set[tuple[str, str]] = set()
     for err in error.errors():
         loc = [part for part in err["loc"] if not _is_union_branch(part)]
+        if len(loc) > 2 and loc[0] == "signals" and loc[2] in _SIGNAL_KINDS:
+            del loc[2]  # pydantic names the kind it validated as: not a key of the file
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc.append("kind")
         key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         key = key or "(top level)"
         reason = _reason(err)
@@ -1048,6 +1133,10 @@ def _reason(err: Any) -> str:
     for bound, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
         if bound in ctx and kind.startswith(("greater", "less")):
             return f"must be {op} {ctx[bound]}"
+    if kind == "union_tag_invalid":
+        return f"must be one of {ctx.get('expected_tags', '')}"
+    if kind == "union_tag_not_found":
+        return f"missing: one of {', '.join(repr(k) for k in _SIGNAL_KINDS)}"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected', '')}"
     if kind == "value_error":

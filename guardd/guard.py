@@ -53,6 +53,8 @@ __all__ = ["GUARDD", "VERIFY_SHARE", "Guard", "GuardSettings", "Storage", "Switc
 # Journal events that mean something is wrong or blocked log at `warning`, so that
 # `journalctl -p warning` shows them; every other event is `info`. An event the journal
 # could not take (a storage failure) logs at `error`.
+# Lines in a row, none usable, before a signal is said to read nothing of use.
+_UNUSABLE_LINES = 20
 _EVENT_LEVELS = {
     "alert": "warning",
     "hold": "warning",
@@ -159,9 +161,14 @@ class Guard:
         self.signals: dict[str, Signal] = {}
         self.readings: dict[str, dict[Color, Reading]] = {}
         self._signal_problems: set[str] = set()
+        #: Why each signal gives nothing at the last tick (None: it reads fine).
+        self.signal_problems: dict[str, str | None] = {}
         # Each access-log signal's request totals of a color at the last tick (by the
         # adapter's id): what arrived since is counted in the guard window.
         self._traffic_seen: dict[tuple[int, Color], tuple[int, int]] = {}
+        # Each signal's line counts at the last tick, and why its lines were unusable.
+        self._lines_seen: dict[str, dict[str, int]] = {}
+        self._unusable_streak: dict[str, dict[str, int]] = {}
         metrics.watch_traffic(self._traffic_sources)
 
     # ---- journal and state ---------------------------------------------------------------
@@ -363,26 +370,55 @@ class Guard:
         """Take every signal's reading of each color for this tick, and say once per
         episode when a signal cannot read its source (an unreadable log, ...)."""
         readings: dict[str, dict[Color, Reading]] = {}
+        problems: dict[str, str | None] = {}
         for name, signal in self.signals.items():
+            problem = signal.problem or self._unusable(name, signal)
             by_color: dict[Color, Reading] = {}
-            for color in COLORS:
+            for color in COLORS if problem is None else ():
+                # A signal that cannot read its source gives nothing: its rules are
+                # inconclusive, never fired on what it could not see.
                 reading = signal.reading(color, now)
                 if reading is not None:
                     by_color[color] = reading
             readings[name] = by_color
-            problem = signal.problem
+            problems[name] = problem
             if problem is not None and name not in self._signal_problems:
                 self._signal_problems.add(name)
                 self.record(
                     "alert",
                     source=self.active,
-                    reason=f"signal {name} cannot read its source: {problem}; "
-                    "its rules are inconclusive until it can",
+                    reason=f"signal {name} gives nothing: {problem}; "
+                    "its rules are inconclusive until it reads again",
                 )
             elif problem is None:
                 self._signal_problems.discard(name)
         self.readings = readings
+        self.signal_problems = problems
         self._count_traffic()
+
+    def _unusable(self, name: str, signal: Signal) -> str | None:
+        """Why the lines a signal reads are of no use: `_UNUSABLE_LINES` or more in a row
+        of which none could be counted (a log_format or addresses that do not fit)."""
+        lines = getattr(signal, "lines", None)
+        if not isinstance(lines, dict):
+            return None
+        counts = dict(lines)
+        before = self._lines_seen.get(name, counts)
+        self._lines_seen[name] = counts
+        new = {k: counts.get(k, 0) - before.get(k, 0) for k in counts}
+        streak = self._unusable_streak.get(name, {})
+        if new.get("ok", 0) > 0:
+            self._unusable_streak[name] = {}
+            return None
+        streak = {k: streak.get(k, 0) + v for k, v in new.items() if v > 0 or k in streak}
+        self._unusable_streak[name] = streak
+        if sum(streak.values()) < _UNUSABLE_LINES:
+            return None
+        return (
+            f"none of the last {sum(streak.values())} lines was usable ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(streak.items()) if v)
+            + "): check nginx's log_format and the colors' addresses"
+        )
 
     def _count_traffic(self) -> None:
         """Hand the guard window the real requests of the active color since the last tick."""

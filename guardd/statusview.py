@@ -122,6 +122,7 @@ def signals_doc(guard: Guard, now: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, signal in guard.signals.items():
         doc = dict(signal.status())
+        doc["problem"] = guard.signal_problems.get(name) or doc.get("problem")
         doc["stale"] = name in stale
         for color in COLORS:
             reading = guard.readings.get(name, {}).get(color)
@@ -162,6 +163,11 @@ def warnings(guard: Guard) -> list[str]:
         found.append(f"mismatch: {mismatch}")
     found += [
         f"signal {name} is stale: its rules are inconclusive" for name in stale_signals(guard)
+    ]
+    found += [
+        f"signal {name} gives nothing: {problem}"
+        for name, problem in sorted(guard.signal_problems.items())
+        if problem is not None
     ]
     return found
 

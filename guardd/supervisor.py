@@ -805,9 +805,7 @@ class Supervisor:
             guard = self.guard
             if guard is None:
                 continue
-            counts = {
-                name: sum(getattr(sig, "lines", {}).values()) for name, sig in guard.signals.items()
-            }
+            counts = {name: _lines_read(sig) for name, sig in guard.signals.items()}
             if counts != seen:
                 seen = counts
                 self._wake.set()
@@ -922,6 +920,14 @@ class Supervisor:
             )
         self.sd.status(guard.status_line())
         self.sd.ready()
+
+
+def _lines_read(adapter: object) -> int:
+    """How many lines an adapter has read, if it counts them (`lines`: outcome -> count)."""
+    lines = getattr(adapter, "lines", None)
+    if not isinstance(lines, dict):
+        return 0
+    return sum(n for n in lines.values() if isinstance(n, int))
 
 
 def _urls(c: GuardConfig, color: Color) -> list[str]:

@@ -29,7 +29,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal
 
+import anyio
 import httpx
+from anyio.abc import TaskStatus
 from structlog.testing import CapturingLogger
 
 from guardd.clock import Clock
@@ -636,7 +638,18 @@ class FedSignal:
         self.name = name
         self.kind = kind
         self.window_s = window_s
-        self._fed: dict[Color, list[tuple[float, Reading]]] = {c: [] for c in COLORS}
+        #: Set it to make the guard see a signal that cannot read its source.
+        self.problem: str | None = None
+        self._fed: dict[str, list[tuple[float, Reading]]] = {c: [] for c in COLORS}
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """What the daemon runs: nothing to follow; readings come from `feed`."""
+        task_status.started()
+        await anyio.sleep_forever()
+
+    def status(self) -> dict[str, Any]:
+        """What `status --json` shows of the signal."""
+        return {"kind": self.kind, "state": "fed by hand", "problem": self.problem}
 
     def feed(
         self,
@@ -678,10 +691,10 @@ class FedSignal:
         for c in COLORS if color is None else (color,):
             self._fed[c].clear()
 
-    def reading(self, color: Color, now: float) -> Reading | None:
+    def reading(self, color: str, now: float) -> Reading | None:
         """The newest reading of *color* fed at or before monotonic *now*, or None."""
         latest = None
-        for at, reading in self._fed[color]:
+        for at, reading in self._fed.get(color, []):
             if at > now:
                 break
             latest = reading
@@ -775,6 +788,8 @@ class GuardRig:
     log: Any
     root: Path
     rebuild: Callable[[MemorySwitcher], GuardRig] = field(repr=False)
+    #: The guard's signals besides the probe, by name: feed them by hand.
+    signals: dict[str, FedSignal] = field(default_factory=dict)
 
     async def start(self) -> GuardRig:
         """What the daemon does at start: settle the switch target and adopt state.json."""
@@ -854,6 +869,7 @@ def build_guard(
     probers: Mapping[Color, MockProber] | None = None,
     verifier: HttpProber | None = None,
     log: Any = None,
+    signals: Mapping[str, FedSignal] | None = None,
     **settings: Any,
 ) -> GuardRig:
     """Assemble a `Guard` under *root* (journal and state.json in ``root/state``, the QoS
@@ -873,6 +889,9 @@ def build_guard(
     verifies each switch; it answers as the color the switcher runs answers
     (`MockProber.forward_to`) until told otherwise. *verifier* puts any other prober
     there. The rollback budget is read back from the journal, as at a daemon's start.
+    *signals* are the guard's signals besides the probe (`FedSignal`s, by name); with
+    *config*, each `[signals.NAME]` it declares gets one of its kind unless given, so
+    that its `[[rules]]` read what the test feeds.
 
     Raises `guardd.exceptions.ConfigError` for an invalid *config*, and `ValueError`
     for *config* together with *policy* or settings keywords.
@@ -886,7 +905,11 @@ def build_guard(
     if config is not None:
         if policy is not None or settings:
             raise ValueError("a config file sets the policy and settings; pass one or the other")
-        s, made, identity, steps = _from_config(config, root, probers is None, verifier is None)
+        s, made, identity, steps, declared = _from_config(
+            config, root, probers is None, verifier is None
+        )
+        fed = {name: FedSignal(name, kind=kind) for name, kind in declared.items()}
+        signals = {**fed, **(signals or {})}
     else:
         s = guard_settings(root, policy or DEFAULT_POLICY, **settings)
         made = {}
@@ -920,6 +943,8 @@ def build_guard(
         clock=time_source,
         log=log,
     )
+    chosen = dict(signals or {})
+    guard.signals = dict(chosen)
     guard.load_history()
 
     def again(twin: MemorySwitcher) -> GuardRig:
@@ -932,6 +957,7 @@ def build_guard(
             probers=colors,
             verifier=verifier,
             log=log,
+            signals=chosen,
             **settings,
         )
         if front is not None:
@@ -940,15 +966,15 @@ def build_guard(
         return rig
 
     door = verifier if isinstance(verifier, MockProber) else None
-    return GuardRig(guard, clock, switcher, colors, door, log, root, again)
+    return GuardRig(guard, clock, switcher, colors, door, log, root, again, chosen)
 
 
 def _from_config(
     path: Path, root: Path, probers: bool, front_door: bool
-) -> tuple[GuardSettings, dict[str, MockProber], dict[Color, str], tuple[str, ...]]:
+) -> tuple[GuardSettings, dict[str, MockProber], dict[Color, str], tuple[str, ...], dict[str, str]]:
     """What the daemon would build from the config at *path*, with its files under *root*:
     its settings, the probers asked for (by color, and ``front``), the probes' identity,
-    and the steps its kind of switcher passes."""
+    the steps its kind of switcher passes, and its signals' kinds by name."""
     # Only here: a guard built without a config file needs none of the daemon's wiring.
     from guardd.config import load  # noqa: PLC0415
     from guardd.supervisor import guard_settings as daemon_settings  # noqa: PLC0415
@@ -975,4 +1001,5 @@ def _from_config(
         steps = STATE_FILE_STEPS if c.switch.effective_reload_command else (STEP_WRITTEN,)
     else:
         steps = COMMAND_STEPS
-    return s, made, probe_identity(c), steps
+    kinds: dict[str, str] = {name: table.kind for name, table in c.signals.items()}
+    return s, made, probe_identity(c), steps, kinds

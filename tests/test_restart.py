@@ -233,6 +233,9 @@ GUARD_NOT_KEPT = {
     "readings": "the signals' readings at the last tick: measurements, taken again",
     "_signal_problems": "which signal problems were alerted: a problem still there after a "
     "restart is alerted again, once",
+    "signal_problems": "why each signal gave nothing at the last tick: measured again",
+    "_lines_seen": "line counts at the last tick: the adapters count anew from 0",
+    "_unusable_streak": "unusable lines in a row: counted anew after a restart",
     "_traffic_seen": "request totals at the last tick: the adapters count anew from 0, and the "
     "guard window counts what arrives from the next tick on",
     "s": "configuration",

@@ -247,9 +247,10 @@ def _would(rule: Rule, evidence: Evidence, machine: GuardMachine, active: Color)
         if rule.rolls_back
         else "would alert"
     )
+    value = f"{evidence.value:.4g}" if isinstance(evidence.value, float) else evidence.value
     return (
         f"dry run: rule {rule.name} {what} ({rule.severity} {rule.describe()}: "
-        f"value {evidence.value}, {evidence.samples} samples)"
+        f"value {value}, {evidence.samples} samples)"
     )
 
 
@@ -561,11 +562,15 @@ class GuardMachine:
             key = f"stale:{name}"
             if name in stale:
                 if self._edges.first(key):
+                    said = (
+                        f"nothing from it about {active} for more than {limit:g}s"
+                        if self._readings.get(name, {}).get(active) is not None
+                        else f"it has no reading of {active}"
+                    )
                     actions.append(
                         Alert(
                             None,
-                            f"signal {name} is stale: nothing from it about {active} for more "
-                            f"than {limit:g}s; its rules are inconclusive",
+                            f"signal {name} is stale: {said}; its rules are inconclusive",
                         )
                     )
             else:

@@ -117,6 +117,8 @@ class Verdict:
     insufficient_data: bool = False
     dry_runs: tuple[tuple[Rule, Evidence], ...] = ()
     states: tuple[RuleState, ...] = ()
+    # The rule that fired, if one did.
+    rule: Rule | None = None
 
     @property
     def failing(self) -> bool:
@@ -129,7 +131,18 @@ class Verdict:
         e = self.evidence
         if self.severity is None:
             return "healthy" if not self.insufficient_data else "insufficient data"
-        return f"{self.severity} {e.rule}: {_fmt(e.value)} >= {_fmt(e.threshold)} on {e.color}"
+        rule = self.rule
+        if rule is None or rule.builtin:
+            # The built-in rules' words, as they always were (journal lines, notifications).
+            return f"{self.severity} {e.rule}: {_fmt(e.value)} >= {_fmt(e.threshold)} on {e.color}"
+        v, t = _fmt(e.value), _fmt(e.threshold)
+        said = {
+            "above": f"{rule.stat} {v} >= {t}",
+            "below": f"{rule.stat} {v} <= {t}",
+            "above_baseline": f"{rule.stat} at {v}x its baseline (>= {t}x)",
+            "above_standby": f"{rule.stat} at {v}x the standby's (> {t}x)",
+        }[rule.op]
+        return f"{self.severity} {e.rule}: {said} on {e.color}"
 
 
 def _plain(v: float | int) -> str:
@@ -280,7 +293,12 @@ class RuleTable:
         if fired is not None:
             rule, evidence = fired
             return Verdict(
-                rule.severity, evidence, pending=pending, dry_runs=dry_runs, states=ordered
+                rule.severity,
+                evidence,
+                pending=pending,
+                dry_runs=dry_runs,
+                states=ordered,
+                rule=rule,
             )
         lacking, evidence = _quiet_evidence(judged, readings(PROBE, color), color)
         return Verdict(
@@ -366,7 +384,7 @@ class RuleTable:
             name: RuleStateName = "inconclusive"
         elif not j.holds:
             name = "ok"
-        elif firing or (since is None and not r.for_s):
+        elif firing or not r.for_s:
             name = "firing"
         else:
             name = "pending"

@@ -83,6 +83,12 @@ def build(
         known: dict[str, tuple[str, ...]] = {
             c: tuple(sorted(addresses[c])) for c in COLORS if addresses[c]
         }
+        if not known:
+            raise ValueError(
+                "addresses: no upstream address belongs to one color only"
+                + (f" ({'; '.join(problems)})" if problems else "")
+                + "; give `addresses`"
+            )
         for color in COLORS:
             if not addresses[color]:
                 problems.append(f"no address of {color} is known: its requests are unattributed")

@@ -112,12 +112,16 @@ def replay(spec: PolicySpec, ticks: list[Tick]) -> list[Step]:
 
 def key(d: Decision) -> tuple[tuple[Any, ...], tuple[tuple[Any, ...], ...]]:
     def one(a: Rollback | Hold | Alert | Reapply) -> tuple[Any, ...]:
+        # Reasons quote the rule in its own words (built-in rules as they always read,
+        # a [[rules]] row with its statistic): compared by rule, value and effect instead.
         if isinstance(a, Rollback):
-            return ("rollback", a.source, a.target, a.severity, a.evidence.rule, a.reason)
+            return ("rollback", a.source, a.target, a.severity, a.evidence.rule, a.evidence.value)
         if isinstance(a, Hold):
             rule = a.evidence.rule if a.evidence else None
             return ("hold", a.reason, a.sticky, a.severity, rule)
         if isinstance(a, Alert):
+            if a.evidence is not None:
+                return ("alert", a.severity, a.evidence.rule, a.evidence.value)
             return ("alert", a.severity, a.reason)
         return ("reapply", a.color)
 
@@ -126,7 +130,8 @@ def key(d: Decision) -> tuple[tuple[Any, ...], tuple[tuple[Any, ...], ...]]:
         d.state,
         d.blocked_by,
         verdict.severity if verdict else None,
-        verdict.reason if verdict else None,
+        verdict.evidence.rule if verdict else None,
+        verdict.insufficient_data if verdict else None,
         verdict.evidence.value if verdict else None,
     )
     return said, tuple(one(a) for a in d.actions)
