@@ -279,3 +279,20 @@ def test_live_table_is_redrawn_in_place_under_the_narration(
     assert "\x1b[3" not in stream.getvalue()  # NO_COLOR: cursor moves only, no colors
     view.close()
     assert [line for line in _screen(stream.getvalue()) if line.strip()] == ["injecting a failure"]
+
+
+def test_plain_view_shows_the_load_without_a_line_for_every_new_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    stream = io.StringIO()
+    view = View(stream)
+    assert not view.live
+    view.update(Frame(_status("green", 0), "nginx -> green (200)", 3, "/api 10 sent, 0 failed"))
+    view.update(Frame(_status("green", 0), "nginx -> green (200)", 3, "/api 15 sent, 0 failed"))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("load /api 10 sent, 0 failed"), lines
+    # A change of state is news at once, with the latest counts.
+    view.update(Frame(_status("green", 2), "nginx -> green (200)", 3, "/api 20 sent, 3 failed"))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].endswith("load /api 20 sent, 3 failed"), lines
