@@ -763,6 +763,8 @@ class _Demo:
                 f"; guardd is {status.get('state')}, active {status.get('active')}, "
                 f"green failed {fails} of {THRESHOLD} probes in a row"
             )
+            if self._traffic:
+                why += f", {_rule_text(status, TRAFFIC_RULE)}"
             last = status.get("last_event")
             if isinstance(last, dict):
                 why += f", last event {last.get('event')}"
@@ -889,6 +891,24 @@ def _config(
         'events = ["rollback", "hold"]',
     ]
     return "\n".join(lines) + "\n"
+
+
+def _rule_text(status: dict[str, Any], name: str) -> str:
+    """`rule R on green: inconclusive (12 of 50 samples)`, from `status`'s `rules`."""
+    rules = status.get("rules")
+    row = (
+        next(
+            (r for r in rules if isinstance(r, dict) and r.get("rule") == name),
+            None,
+        )
+        if isinstance(rules, list)
+        else None
+    )
+    green = row.get("green") if isinstance(row, dict) else None
+    if not isinstance(green, dict):
+        return f"rule {name} not judged on green yet"
+    why = f" ({green['why']})" if green.get("why") else ""
+    return f"rule {name} on green: {green.get('state')}{why}, value {green.get('value')}"
 
 
 def _traffic_text(traffic: Traffic, *, short: bool = False) -> str:

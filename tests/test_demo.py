@@ -296,3 +296,13 @@ def test_plain_view_shows_the_load_without_a_line_for_every_new_count(
     view.update(Frame(_status("green", 2), "nginx -> green (200)", 3, "/api 20 sent, 3 failed"))
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and lines[1].endswith("load /api 20 sent, 3 failed"), lines
+
+
+def test_giving_up_in_the_traffic_scene_says_what_the_traffic_rule_saw() -> None:
+    from guardd.demo import TRAFFIC_RULE, _rule_text  # noqa: PLC0415 - the one helper
+
+    row = {"rule": TRAFFIC_RULE, "green": {"state": "inconclusive", "why": "12 of 50 samples"}}
+    said = _rule_text({"rules": [{"rule": "p0_error_ratio"}, row]}, TRAFFIC_RULE)
+    assert said.startswith(f"rule {TRAFFIC_RULE} on green: inconclusive (12 of 50 samples)")
+    for status in ({}, {"rules": "junk"}, {"rules": [{"rule": TRAFFIC_RULE, "green": None}]}):
+        assert _rule_text(status, TRAFFIC_RULE) == f"rule {TRAFFIC_RULE} not judged on green yet"
