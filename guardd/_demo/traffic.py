@@ -52,10 +52,6 @@ class Traffic:
         with self._lock:
             return Counter(self.answers)
 
-    def sent(self) -> int:
-        """Requests sent so far."""
-        return sum(self.counts().values())
-
     def _run(self) -> None:
         due = time.monotonic()
         while not self._stop.is_set():
