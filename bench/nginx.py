@@ -8,7 +8,12 @@ port, status, whether it came through a front, and the User-Agent, which is how 
 suite tells the probers apart and times their probes.
 
 `Front` is the nginx a guard switches: it includes a symlink naming one color's
-upstream file, exactly like the lab in tests/harness/nginx.py and like production.
+upstream file, exactly like the lab in tests/harness/nginx.py and like production. With
+`traffic_log` it logs every request in guardd's `log_format` for an `access_log` signal.
+
+`TrafficApp` is the app behind real traffic: `/healthz` always UP, `/api/...` 200, or a 500
+for a fifth of the requests while its fault file exists, so that only the traffic, never
+the probe, can see the failure.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _START_ATTEMPTS = 5
+LOG_FORMAT = Path(__file__).resolve().parents[1] / "packaging" / "nginx" / "guardd-log-format.conf"
 
 
 def nginx_binary() -> str:
@@ -277,11 +283,82 @@ http {{
         return out
 
 
+class TrafficApp(AppServer):
+    """Two colors whose `/api` fails 20 % of requests while their fault file exists."""
+
+    # nginx's split_clients over $request_id: a random fifth of the requests.
+    ERROR_SHARE = "20%"
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp, {"blue": "blue", "green": "green"})
+
+    def render(self) -> str:
+        """nginx.conf for the app: no access log, it is not what is measured."""
+        servers = []
+        for name, color in self.colors.items():
+            fault = self.fault_dir / name
+            servers.append(
+                f"""    server {{
+        listen 127.0.0.1:{self.port_of[name]};
+        add_header X-Color {color} always;
+        location /api {{
+            if (-f {fault}) {{
+                rewrite ^ /faulty last;
+            }}
+            return 200 '{{"color":"{color}"}}';
+        }}
+        location = /faulty {{
+            internal;
+            if ($bench_fail) {{
+                return 500 '{{"color":"{color}","error":"injected 500"}}';
+            }}
+            return 200 '{{"color":"{color}"}}';
+        }}
+        location / {{
+            return 200 '{{"status":"UP","color":"{color}"}}';
+        }}
+    }}"""
+            )
+        body = "\n".join(servers)
+        return f"""# the traffic app of guardd's benchmark
+{_user_line()}worker_processes 1;
+worker_rlimit_nofile 16384;
+daemon off;
+master_process on;
+pid {self.pid_file};
+lock_file {self.tmp}/nginx.lock;
+error_log {self.error_log} warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    default_type application/json;
+    access_log off;
+    client_body_temp_path {self.tmp}/temp/client_body;
+    keepalive_requests 100000;
+    split_clients "$request_id" $bench_fail {{
+        {self.ERROR_SHARE} 1;
+        * "";
+    }}
+{body}
+}}
+"""
+
+
 class Front(_Nginx):
     """The guarded nginx: `include <name>_active.conf`, a symlink to one color's file."""
 
-    def __init__(self, tmp: Path, app: AppServer, endpoints: dict[str, str], active: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        app: AppServer,
+        endpoints: dict[str, str],
+        active: str,
+        *,
+        traffic_log: Path | None = None,
+    ) -> None:
         super().__init__(tmp)
+        self.traffic_log = traffic_log
         self.app = app
         self.endpoints = dict(endpoints)  # color -> app endpoint name
         self.upstream_dir = tmp / "upstreams"
@@ -333,6 +410,12 @@ class Front(_Nginx):
         t3 = time.perf_counter()
         return {"link_s": t1 - t0, "test_s": t2 - t1, "reload_s": t3 - t2, "total_s": t3 - t0}
 
+    def _logging(self) -> str:
+        if self.traffic_log is None:
+            return "    access_log off;"
+        # guardd's own log_format file, as an operator includes it; no buffer=.
+        return f"    include {LOG_FORMAT};\n    access_log {self.traffic_log} guardd;"
+
     def render(self) -> str:
         """nginx.conf for the front."""
         return f"""# a guarded front of guardd's benchmark
@@ -347,7 +430,7 @@ events {{
     worker_connections 2048;
 }}
 http {{
-    access_log off;
+{self._logging()}
     client_body_temp_path {self.tmp}/temp/client_body;
     proxy_temp_path {self.tmp}/temp/proxy;
     include {self.active_link};

@@ -80,6 +80,24 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             c["errors_caused_by_switch"] + c["errors_after_switch"],
             ld["met"],
         )
+    cpu = _get(s, "traffic", "cpu")
+    if cpu:
+        c = cpu["cpu_pct_of_one_core"]
+        add(
+            f"guardd with an access_log signal at {cpu['wanted_rate']:,} logged req/s",
+            "<= 5 % of one core",
+            f"{c['guardd_with_signal']} % ({cpu['logged_lines_per_s']:,} lines/s)",
+            cpu["met"],
+        )
+    dec = _get(s, "traffic", "decision")
+    if dec:
+        add(
+            f"first 500 -> rollback_started at {dec['rate']:g} req/s, "
+            f"{dec['error_share']} 5xx, P0 traffic rule",
+            "<= 1,000 ms (p95)",
+            f"p95 {_get(dec, 'first_500_to_decision_ms', 'p95')} ms ({dec['decided']} decided)",
+            dec["met"],
+        )
     return rows
 
 
@@ -130,6 +148,7 @@ def markdown(results: dict[str, Any]) -> str:
     out += _cost(s.get("cost"))
     out += _scale(s.get("scale"), s.get("quorum"))
     out += _load(s.get("load"))
+    out += _traffic(s.get("traffic"))
     out += _ctl(s.get("ctl"))
     if results.get("errors"):
         out += ["", "## Suites that failed", ""]
@@ -356,6 +375,60 @@ def _load(ld: dict[str, Any] | None) -> list[str]:
             "connections closed while idle, which lose nothing."
         ),
     ]
+    return out
+
+
+def _traffic(t: dict[str, Any] | None) -> list[str]:
+    if not t:
+        return []
+    out = ["", "## Real traffic (access_log signal)", ""]
+    cpu = t.get("cpu")
+    if cpu:
+        c = cpu["cpu_pct_of_one_core"]
+        out += [
+            (
+                f"wrk at {cpu['wanted_rate']:,} req/s through nginx logging in guardd's "
+                f"log_format ({cpu['logged_lines_per_s']:,} lines/s logged), "
+                f"{cpu['span_s']:g} s, CPU % of one core:"
+            ),
+            "",
+            (
+                "| guardd with the signal | the same guardd without it | the signal alone | "
+                "nginx's worker |"
+            ),
+            "|---|---|---|---|",
+            (
+                f"| {c['guardd_with_signal']} % | {c['guardd_without_signal']} % | "
+                f"{c['signal_alone']} % | {c['nginx_worker']} % |"
+            ),
+            "",
+            f"Lines guardd counted: {cpu.get('guardd_lines')}.",
+        ]
+    dec = t.get("decision")
+    if dec:
+        r = dec["rule"]
+
+        def ms(key: str, stat: str) -> str:
+            return _fmt(_get(dec, key, stat), " ms")
+
+        out += [
+            "",
+            (
+                f"{dec['rate']:g} req/s on fresh connections, {dec['warm_s']:g} s healthy, then "
+                f"{dec['error_share']} of green's `/api` answers 500 (`/healthz` stays UP); rule "
+                f"`error_ratio >= {r['above']}`, P0, min_samples {r['min_samples']}, window "
+                f"{r['window_s']} s, no `for`. {dec['decided']} trials decided."
+            ),
+            "",
+            "| | median | p95 | max |",
+            "|---|---|---|---|",
+        ]
+        for key, label in (
+            ("first_500_to_decision_ms", "first 500 → `rollback_started`"),
+            ("first_500_to_floor_ms", "first 500 → floor (the rule met by the answers themselves)"),
+            ("floor_to_decision_ms", "floor → `rollback_started` (what guardd adds)"),
+        ):
+            out.append(f"| {label} | {ms(key, 'median')} | {ms(key, 'p95')} | {ms(key, 'max')} |")
     return out
 
 

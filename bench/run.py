@@ -1,6 +1,6 @@
 """`make bench`: guardd against the tools it replaces, measured side by side in one run.
 
-    python -m bench.run [--quick] [--only cost,ctl,ttr,scale,quorum,load] [--out DIR]
+    python -m bench.run [--quick] [--only cost,ctl,ttr,scale,quorum,load,traffic] [--out DIR]
 
 Suites (bench/README.md says what each measures and why):
   cost    CPU per probe and memory of guardd, blackbox_exporter, the shell loop, monit
@@ -10,6 +10,8 @@ Suites (bench/README.md says what each measures and why):
   ttr     time-to-rollback of guardd, the shell guard and monit on the same faults
   scale   50 guardd instances at 1 s; one instance with a 100-URL color
   load    wrk through nginx during a rollback: where the client-visible errors fall
+  traffic guardd's CPU with an access_log signal at 2,000 logged req/s, and the time from
+          the first 500 to the traffic rule's rollback decision at 100 req/s
 Every figure lands in DIR/latest.json and DIR/latest.md (default bench/results).
 """
 
@@ -26,13 +28,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import cost, ctl, load, report, scale, subjects, ttr
+from bench import cost, ctl, load, report, scale, subjects, traffic, ttr
 from bench.context import COLORS, Bench
 from bench.nginx import AppServer
 from bench.notify import NotifyHub
 from bench.tools import ensure_tools, machine, runtime_install
 
-SUITES = ("cost", "ctl", "ttr", "scale", "quorum", "load")
+SUITES = ("cost", "ctl", "ttr", "scale", "quorum", "load", "traffic")
 # The soak reads memory this long after the guardd and blackbox_exporter it watches started.
 SOAK_S = 600.0
 QUICK_SOAK_S = 60.0
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "scale": lambda: scale.run_instances(ctx),
         "quorum": lambda: scale.run_quorum(ctx),
         "load": lambda: load.run(ctx),
+        "traffic": lambda: traffic.run(ctx),
     }
     try:
         if "cost" in only or "ctl" in only:

@@ -109,6 +109,7 @@ class Guardd:
         user_agent: str = "guardd-bench",
         metrics: bool = True,
         policy: Mapping[str, Any] | None = None,
+        extra_toml: str = "",
     ) -> None:
         self.root = root / name
         self.root.mkdir(parents=True, exist_ok=True)
@@ -154,7 +155,8 @@ class Guardd:
             if targets:
                 lines.append(f"[{section}.targets]")
                 lines += [f"{c} = {toml_value(p)}" for c, p in targets.items()]
-        self.config_path.write_text("\n".join(lines) + "\n")
+        # Tables written last: `[signals.NAME]` and `[[rules]]` end the file.
+        self.config_path.write_text("\n".join(lines) + "\n" + extra_toml)
 
     @staticmethod
     def nginx_switch(front: Front, *, verify_successes: int = 3) -> dict[str, Any]:

@@ -5,6 +5,12 @@ private nginx when one is on PATH (else the state-file switcher), and `guardd ru
 subprocess that the demo watches through its control socket and journal, as an operator
 would. All of it lives in one temporary directory and is stopped and removed on the way
 out, also on Ctrl-C, SIGTERM and errors.
+
+The failure shown depends on what can see it. Behind nginx, a load generator sends real
+requests through it, nginx logs them in guardd's log_format, and green's `/api` starts
+failing while its `/healthz` stays UP: only the traffic rule over the access log can catch
+that. With the state-file switcher (no nginx, no access log) green answers 503 to
+everything and the probes catch it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any, Final, TextIO, TypeVar
 import guardd
 from guardd._demo.nginx import Nginx, NginxFailed, find_nginx, terminate
 from guardd._demo.servers import Receiver, Upstream
+from guardd._demo.traffic import Traffic
 from guardd._demo.view import Frame, View, clean
 from guardd.control.client import call
 from guardd.exceptions import ControlError
@@ -48,6 +55,13 @@ TICK_S: Final = 0.1
 # One could still reach an old worker draining after the reload; a handful cannot.
 FRONT_DOOR_STREAK: Final = 5
 WEBHOOK_ENV: Final = "GUARDD_DEMO_WEBHOOK_URL"
+# The traffic scene: requests per second through nginx, and the rule that judges them.
+TRAFFIC_RATE: Final = 50.0
+TRAFFIC_SIGNAL: Final = "traffic"
+TRAFFIC_RULE: Final = f"{TRAFFIC_SIGNAL}.error_ratio"
+TRAFFIC_ABOVE: Final = 0.05
+TRAFFIC_MIN_SAMPLES: Final = 50
+TRAFFIC_WINDOW: Final = "10s"
 EXIT_INTERRUPTED: Final = 130
 # sockaddr_un holds 108 bytes: a long $TMPDIR would not fit the control socket's path.
 _MAX_SOCKET_PATH: Final = 100
@@ -177,6 +191,7 @@ class _Lab:
     lock_file: Path
     journal: _Journal
     guardd: subprocess.Popen[bytes]
+    traffic: Traffic | None  # None: no nginx, no access log, the probe scene
 
 
 @dataclass(frozen=True)
@@ -186,6 +201,10 @@ class _Outcome:
     serving_blue: bool
     lock_seen: bool
     notified: bool
+    # The traffic scene: the rule that rolled back (it must be the traffic rule) and the
+    # real requests it judged; None in the probe scene.
+    rule: str | None = None
+    requests: int | None = None
 
 
 class _Demo:
@@ -200,6 +219,7 @@ class _Demo:
         # Undo steps, run last-in first-out: guardd stops before nginx, the workspace goes last.
         self._undo: list[tuple[str, Callable[[], str | None]]] = []
         self._guardd: subprocess.Popen[bytes] | None = None
+        self._traffic = False  # the traffic scene is on (set once nginx and guardd run)
 
     # -- the story -------------------------------------------------------------------------
 
@@ -222,13 +242,7 @@ class _Demo:
         calm_until = min(time.monotonic() + steady, self.deadline)
         self._watch(lab, lambda: time.monotonic() >= calm_until or None, "steady state")
 
-        lab.green.failing.set()
-        injected = time.time()
-        v.say("")
-        v.say(
-            v.bad("▶ Injecting a failure: green now answers 503 to every request")
-            + f" (P0 after {THRESHOLD} failed probes in a row)"
-        )
+        injected = self._break_api(lab) if lab.traffic is not None else self._break_green(lab)
         completed = self._watch(lab, lambda: self._rollback_done(lab), "the rollback")
         v.say("")
         took = _since(completed.get("ts"), injected)
@@ -236,15 +250,90 @@ class _Demo:
             v.good("✓ guardd rolled back green -> blue")
             + (f", {took:.1f}s after green began to fail" if took is not None else "")
         )
+        rule, requests = self._show_traffic_rule(lab) if lab.traffic is not None else (None, None)
         outcome = _Outcome(
             serving_blue=self._check_serving_blue(lab),
             lock_seen=self._show_lock(lab),
             notified=self._show_notification(lab),
+            rule=rule,
+            requests=requests,
         )
+        if lab.traffic is not None:
+            self._show_traffic(lab.traffic)
         self._refresh(lab)
         v.close()
         self._final_status(lab)
         return self._verdict(outcome)
+
+    def _break_green(self, lab: _Lab) -> float:
+        """The probe scene: green fails every request; when it began (wall clock)."""
+        lab.green.failing.set()
+        injected = time.time()
+        v = self.view
+        v.say("")
+        v.say(
+            v.bad("▶ Injecting a failure: green now answers 503 to every request")
+            + f" (P0 after {THRESHOLD} failed probes in a row)"
+        )
+        return injected
+
+    def _break_api(self, lab: _Lab) -> float:
+        """The traffic scene: green's /api fails, its /healthz does not; when it began."""
+        lab.green.api_failing.set()
+        injected = time.time()
+        v = self.view
+        errors, period = Upstream.API_ERRORS, Upstream.API_PERIOD
+        v.say("")
+        v.say(
+            v.bad(
+                f"▶ Injecting a failure only real traffic shows: green's /api now answers 500 "
+                f"to {errors} requests in {period}"
+            )
+        )
+        v.say(
+            '  green\'s /healthz still answers 200 {"status":"UP"}: every probe keeps '
+            "passing, and no probe rule will fire"
+        )
+        v.say(
+            f"  P0 when rule {TRAFFIC_RULE} sees 5xx in >= {TRAFFIC_ABOVE:.0%} of at least "
+            f"{TRAFFIC_MIN_SAMPLES} requests in nginx's access log ({TRAFFIC_WINDOW} window)"
+        )
+        return injected
+
+    def _show_traffic_rule(self, lab: _Lab) -> tuple[str | None, int | None]:
+        """Which rule rolled back, over how many real requests, and what the probes said."""
+        v = self.view
+        started = lab.journal.find("rollback_started") or {}
+        evidence = started.get("evidence")
+        evidence = evidence if isinstance(evidence, dict) else {}
+        rule, samples, value = (evidence.get(k) for k in ("rule", "samples", "value"))
+        rule = rule if isinstance(rule, str) else None
+        requests = samples if isinstance(samples, int) else None
+        ratio = f"{value:.1%}" if isinstance(value, int | float) else "?"
+        v.say(
+            f"  by rule {clean(rule or '?')}: {ratio} of {requests} real requests nginx logged "
+            f"for green answered 5xx (threshold {TRAFFIC_ABOVE:.0%})"
+        )
+        upstreams = (self.last_status or {}).get("upstreams")
+        green = upstreams.get("green") if isinstance(upstreams, dict) else None
+        if isinstance(green, dict):
+            healthy = "healthy" if green.get("healthy") else "NOT healthy"
+            v.say(
+                f"  green's probes meanwhile: {healthy}, {green.get('consecutive_failures')} "
+                "failed in a row: a guard watching /healthz alone would not have moved"
+            )
+        return rule, requests
+
+    def _show_traffic(self, traffic: Traffic) -> None:
+        """What the load generator got, by color and status, once blue has answered it."""
+        v = self.view
+        self._until(
+            lambda: any(c == "blue" for c, _ in traffic.counts()),
+            "traffic to reach blue",
+            required=False,
+            poll=TICK_S,
+        )
+        v.say(f"✓ traffic: {_traffic_text(traffic)}")
 
     def _setup(self) -> _Lab:
         v = self.view
@@ -280,6 +369,14 @@ class _Demo:
             )
         )
         guardd_process = self._start_guardd(tmp, config, receiver.url)
+        traffic = None
+        if nginx is not None:
+            self._traffic = True
+            traffic = self._start_traffic(nginx.port)
+            v.say(
+                f"  traffic    GET http://127.0.0.1:{nginx.port}/api/orders at "
+                f"{TRAFFIC_RATE:g} req/s, logged by nginx to {nginx.traffic_log}"
+            )
         return _Lab(
             tmp=tmp,
             blue=blue,
@@ -292,6 +389,7 @@ class _Demo:
             lock_file=lock_file,
             journal=journal,
             guardd=guardd_process,
+            traffic=traffic,
         )
 
     def _workspace(self) -> Path:
@@ -334,7 +432,11 @@ class _Demo:
             )
             return None
         nginx = Nginx(
-            binary, tmp / "nginx", {"blue": blue.port, "green": green.port}, active="green"
+            binary,
+            tmp / "nginx",
+            {"blue": blue.port, "green": green.port},
+            active="green",
+            traffic_log=True,
         )
 
         def stop() -> str | None:
@@ -359,6 +461,16 @@ class _Demo:
             f"{nginx.active_link.name} -> {nginx.targets['green'].name}"
         )
         return nginx
+
+    def _start_traffic(self, port: int) -> Traffic:
+        traffic = Traffic(port, TRAFFIC_RATE)
+
+        def stop() -> str:
+            traffic.stop()
+            return "traffic stopped"
+
+        self._undo.append(("traffic", stop))
+        return traffic.start()
 
     def _start_guardd(self, tmp: Path, config: Path, webhook_url: str) -> subprocess.Popen[bytes]:
         v = self.view
@@ -526,12 +638,20 @@ class _Demo:
     def _verdict(self, outcome: _Outcome) -> int:
         v = self.view
         v.say("")
-        if outcome.serving_blue and outcome.lock_seen:
+        traffic_ok = outcome.rule == TRAFFIC_RULE or (outcome.rule is None and not self._traffic)
+        if outcome.serving_blue and outcome.lock_seen and traffic_ok:
             told = " and notified the webhook" if outcome.notified else ""
-            v.say(
-                v.good("✓ demo passed") + ": green failed, guardd moved traffic back to blue, "
-                f"journaled why, took the QoS lock{told}."
-            )
+            if self._traffic:
+                v.say(
+                    v.good("✓ demo passed") + ": green's /api failed while its /healthz stayed "
+                    f"UP; rule {outcome.rule} rolled back to blue on {outcome.requests} real "
+                    f"requests, journaled why, took the QoS lock{told}."
+                )
+            else:
+                v.say(
+                    v.good("✓ demo passed") + ": green failed, guardd moved traffic back to "
+                    f"blue, journaled why, took the QoS lock{told}."
+                )
             v.say("  Next: README.md, config/example.toml, `guardctl --help`.")
             return 0
         missing = [
@@ -539,6 +659,7 @@ class _Demo:
             for what, ok in (
                 ("traffic on blue", outcome.serving_blue),
                 ("the QoS lock", outcome.lock_seen),
+                (f"the traffic rule {TRAFFIC_RULE} (rule {outcome.rule} fired)", traffic_ok),
             )
             if not ok
         ]
@@ -593,7 +714,8 @@ class _Demo:
             serving = "nginx -> " + _answer(lab.nginx.front_door(timeout=1.0))
         else:
             serving = f"deploy-state.json says {_state_file_color(lab.state_file)}"
-        self.view.update(Frame(status, serving, THRESHOLD))
+        load = "" if lab.traffic is None else _traffic_text(lab.traffic, short=True)
+        self.view.update(Frame(status, serving, THRESHOLD, load))
 
     def _narrate(self, event: dict[str, Any]) -> None:
         name = str(event.get("event"))
@@ -612,7 +734,7 @@ class _Demo:
         if name == "rollback_started" and isinstance(evidence, dict):
             text += (
                 f" rule {evidence.get('rule')}: value {evidence.get('value')} >= "
-                f"threshold {evidence.get('threshold')}"
+                f"threshold {evidence.get('threshold')} over {evidence.get('samples')} samples"
             )
         elif name.startswith("qos_") and event.get("until"):
             text += f" until {event['until']}"
@@ -641,6 +763,8 @@ class _Demo:
                 f"; guardd is {status.get('state')}, active {status.get('active')}, "
                 f"green failed {fails} of {THRESHOLD} probes in a row"
             )
+            if self._traffic:
+                why += f", {_rule_text(status, TRAFFIC_RULE)}"
             last = status.get("last_event")
             if isinstance(last, dict):
                 why += f", last event {last.get('event')}"
@@ -723,6 +847,23 @@ def _config(
         ]
     else:
         lines += ['kind = "state-file"', f"path = {_s(str(state_file))}"]
+    if nginx is not None and nginx.traffic_log is not None:
+        # The requests nginx logs, attributed to a color by the server lines of
+        # switch.targets; the rule rolls back on 5xx in real traffic, whatever the probes say.
+        lines += [
+            "",
+            f"[signals.{TRAFFIC_SIGNAL}]",
+            'kind = "access_log"',
+            f"source = {_s('file:' + str(nginx.traffic_log))}",
+            f"window = {_s(TRAFFIC_WINDOW)}",
+            "",
+            "[[rules]]",
+            f"signal = {_s(TRAFFIC_SIGNAL)}",
+            'stat = "error_ratio"',
+            f"above = {TRAFFIC_ABOVE}",
+            'severity = "P0"',
+            f"min_samples = {TRAFFIC_MIN_SAMPLES}",
+        ]
     lines += [
         "",
         "[qos]",
@@ -750,6 +891,38 @@ def _config(
         'events = ["rollback", "hold"]',
     ]
     return "\n".join(lines) + "\n"
+
+
+def _rule_text(status: dict[str, Any], name: str) -> str:
+    """`rule R on green: inconclusive (12 of 50 samples)`, from `status`'s `rules`."""
+    rules = status.get("rules")
+    row = (
+        next(
+            (r for r in rules if isinstance(r, dict) and r.get("rule") == name),
+            None,
+        )
+        if isinstance(rules, list)
+        else None
+    )
+    green = row.get("green") if isinstance(row, dict) else None
+    if not isinstance(green, dict):
+        return f"rule {name} not judged on green yet"
+    why = f" ({green['why']})" if green.get("why") else ""
+    return f"rule {name} on green: {green.get('state')}{why}, value {green.get('value')}"
+
+
+def _traffic_text(traffic: Traffic, *, short: bool = False) -> str:
+    """`N requests: green 200 x 120, green 500 x 12, blue 200 x 40` (short: per color only)."""
+    counts = traffic.counts()
+    total = sum(counts.values())
+    if short:
+        errors = sum(n for (_, status), n in counts.items() if status >= 500 or status == 0)
+        return f"/api {total} sent, {errors} failed"
+    parts = [
+        f"{clean(color)} {status or 'no answer'} x {n}"
+        for (color, status), n in sorted(counts.items(), key=lambda kv: (kv[0][0] != "green", kv))
+    ]
+    return f"{total} requests through nginx: " + ", ".join(parts)
 
 
 def _exit_text(code: int) -> str:

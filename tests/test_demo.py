@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
 import re
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from guardd._demo.nginx import LOG_FORMAT
+from guardd._demo.servers import Upstream
 from guardd._demo.view import Frame, View
 from tests.harness.nginx import nginx_binary
 
@@ -104,9 +107,74 @@ def test_demo_rolls_green_back_to_blue_behind_a_real_nginx(tmp_path: Path) -> No
     assert_nothing_left(out, tmp_path)
 
 
+@pytest.mark.nginx
+def test_demo_rolls_back_on_real_traffic_while_the_probes_pass(tmp_path: Path) -> None:
+    out = run_demo(tmp_path, with_nginx=True)
+    assert re.search(r"traffic\s+GET http://127\.0\.0\.1:\d+/api/orders at 50 req/s", out), out
+    assert "green's /healthz still answers 200" in out
+    # The traffic rule fired, with the access log's figures, not a probe rule.
+    started = re.search(
+        r"journal: rollback_started green -> blue \[P0\] rule traffic\.error_ratio: "
+        r"value ([\d.]+) >= threshold 0\.05 over (\d+) samples",
+        out,
+    )
+    assert started, out
+    assert float(started[1]) >= 0.05 and int(started[2]) >= 50
+    # The probes of green never failed: only the traffic could have caught this.
+    assert "green's probes meanwhile: healthy, 0 failed in a row" in out
+    assert re.search(r"^traffic\.error_ratio\s+P0\s+error_ratio >= 0\.05", out, re.MULTILINE), out
+    # What the load generator got: green's 500s before the rollback, blue's 200s after it.
+    summary = re.search(r"traffic: (\d+) requests through nginx: (.*)$", out, re.MULTILINE)
+    assert summary, out
+    answers = dict(re.findall(r"(\w+ \w+) x (\d+)", summary[2]))
+    assert int(answers.get("green 500", 0)) > 0 and int(answers.get("blue 200", 0)) > 0, out
+    assert "blue 500" not in answers, out
+    verdict = re.search(
+        r"demo passed: green's /api failed while its /healthz stayed UP; rule "
+        r"traffic\.error_ratio rolled back to blue on (\d+) real requests",
+        out,
+    )
+    assert verdict and verdict[1] == started[2], out
+    assert "traffic stopped" in out
+    assert_nothing_left(out, tmp_path)
+
+
+def test_demo_nginx_logs_in_the_packaged_log_format() -> None:
+    packaged = (REPO / "packaging/nginx/guardd-log-format.conf").read_text()
+    statement = [line for line in packaged.splitlines() if line and not line.startswith("#")]
+    assert LOG_FORMAT.splitlines() == statement
+
+
+def test_a_broken_api_fails_three_in_ten_while_healthz_stays_up() -> None:
+    green = Upstream("green").start()
+    try:
+
+        def get(path: str) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", green.port, timeout=10)
+            try:
+                conn.request("GET", path)
+                response = conn.getresponse()
+                response.read()
+                return response.status
+            finally:
+                conn.close()
+
+        assert {get("/api/orders") for _ in range(10)} == {200}
+        green.api_failing.set()
+        api = [get("/api/orders") for _ in range(20)]
+        assert api.count(500) == 6 and api.count(200) == 14, api
+        assert {get("/healthz") for _ in range(10)} == {200}
+    finally:
+        green.close()
+
+
 def test_demo_without_nginx_uses_the_state_file_switcher(tmp_path: Path) -> None:
     out = run_demo(tmp_path, with_nginx=False)
     assert "nginx not found on PATH" in out
+    # No nginx, no access log: the probes catch a green that fails every request.
+    assert "green now answers 503 to every request (P0 after 3 failed probes in a row)" in out
+    assert "/api/orders" not in out and "traffic.error_ratio" not in out
+    assert "demo passed: green failed, guardd moved traffic back to blue" in out
     assert "using the state-file switcher (deploy-state.json)" in out
     assert "journal: rollback_completed green -> blue" in out
     assert "deploy-state.json now says activeColor: blue" in out
@@ -211,3 +279,30 @@ def test_live_table_is_redrawn_in_place_under_the_narration(
     assert "\x1b[3" not in stream.getvalue()  # NO_COLOR: cursor moves only, no colors
     view.close()
     assert [line for line in _screen(stream.getvalue()) if line.strip()] == ["injecting a failure"]
+
+
+def test_plain_view_shows_the_load_without_a_line_for_every_new_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    stream = io.StringIO()
+    view = View(stream)
+    assert not view.live
+    view.update(Frame(_status("green", 0), "nginx -> green (200)", 3, "/api 10 sent, 0 failed"))
+    view.update(Frame(_status("green", 0), "nginx -> green (200)", 3, "/api 15 sent, 0 failed"))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("load /api 10 sent, 0 failed"), lines
+    # A change of state is news at once, with the latest counts.
+    view.update(Frame(_status("green", 2), "nginx -> green (200)", 3, "/api 20 sent, 3 failed"))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].endswith("load /api 20 sent, 3 failed"), lines
+
+
+def test_giving_up_in_the_traffic_scene_says_what_the_traffic_rule_saw() -> None:
+    from guardd.demo import TRAFFIC_RULE, _rule_text  # noqa: PLC0415 - the one helper
+
+    row = {"rule": TRAFFIC_RULE, "green": {"state": "inconclusive", "why": "12 of 50 samples"}}
+    said = _rule_text({"rules": [{"rule": "p0_error_ratio"}, row]}, TRAFFIC_RULE)
+    assert said.startswith(f"rule {TRAFFIC_RULE} on green: inconclusive (12 of 50 samples)")
+    for status in ({}, {"rules": "junk"}, {"rules": [{"rule": TRAFFIC_RULE, "green": None}]}):
+        assert _rule_text(status, TRAFFIC_RULE) == f"rule {TRAFFIC_RULE} not judged on green yet"

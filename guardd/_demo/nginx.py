@@ -8,6 +8,7 @@ under *root* (*name* is ``demo`` for the demo)::
     upstreams/<name>_green.conf     the same for green
     upstreams/<name>_active.conf -> <name>_<active>.conf
     error.log, nginx.pid, temp/     everything this nginx writes stays here
+    access.log                      with *traffic_log*: one line per request, guardd's log_format
 
 It proxies every path to the active upstream with `proxy_next_upstream off`, so a
 failing color shows through, exactly like the production layout guardd expects.
@@ -32,6 +33,13 @@ __all__ = ["Nginx", "NginxFailed", "find_nginx", "terminate"]
 NAME: Final = "demo"
 _TEMP_MODULES: Final = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 _START_ATTEMPTS: Final = 3
+# The `log_format guardd` of packaging/nginx/guardd-log-format.conf, which the wheel does not
+# ship; tests/test_demo.py checks that the two stay the same.
+LOG_FORMAT: Final = """\
+log_format guardd escape=json
+    '{"msec":"$msec","status":"$status",'
+    '"upstream_addr":"$upstream_addr","upstream_status":"$upstream_status",'
+    '"request_time":"$request_time","upstream_response_time":"$upstream_response_time"}';"""
 
 
 def terminate(
@@ -76,6 +84,7 @@ class Nginx:
         *,
         name: str = NAME,
         start_attempts: int = _START_ATTEMPTS,
+        traffic_log: bool = False,
     ) -> None:
         self.binary = binary
         self.root = root
@@ -84,6 +93,8 @@ class Nginx:
         self.conf = root / "nginx.conf"
         self.pid_file = root / "nginx.pid"
         self.error_log = root / "error.log"
+        #: Where nginx logs every request in guardd's log_format; None: it logs none.
+        self.traffic_log: Path | None = root / "access.log" if traffic_log else None
         upstreams = root / "upstreams"
         self.upstream_dir = upstreams
         self.active_link = upstreams / f"{name}_active.conf"
@@ -214,6 +225,14 @@ class Nginx:
         # Workers of a root master would run as "nobody", who cannot enter the demo's 0700
         # workspace; this nginx only talks to loopback, so root workers are fine here.
         user = "user root root;\n" if os.geteuid() == 0 else ""
+        if self.traffic_log is None:
+            logging = "    access_log off;"
+        else:
+            # No buffer=: each line reaches guardd as its request ends.
+            logging = "\n".join(
+                ["    " + line for line in LOG_FORMAT.splitlines()]
+                + [f"    access_log {self.traffic_log} guardd;"]
+            )
         return f"""# the private nginx of `guardd demo`; all it writes stays under {self.root}
 {user}worker_processes 1;
 daemon off;
@@ -227,7 +246,7 @@ events {{
 }}
 
 http {{
-    access_log off;
+{logging}
 {temp_paths}
 
     include {self.active_link};

@@ -93,11 +93,22 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class Upstream:
-    """One color of the app: `/healthz` (any path, really) answers UP, or 503 once failing."""
+    """One color of the app: every path answers UP, or 503 once `failing` is set.
+
+    `api_failing` breaks only the app's own paths (`/api/...`): then `API_ERRORS` of every
+    `API_PERIOD` of their answers are 500s, counted in order (not drawn at random, so that
+    every run tells the same story), while `/healthz` still answers UP.
+    """
+
+    API_ERRORS: Final = 3
+    API_PERIOD: Final = 10
 
     def __init__(self, color: str) -> None:
         self.color = color
         self.failing = threading.Event()
+        self.api_failing = threading.Event()
+        self._api_answers = 0
+        self._api_lock = threading.Lock()
         self._server = _Server(self._handler())
         self.port = self._server.port
 
@@ -106,13 +117,27 @@ class Upstream:
         """Its health endpoint."""
         return f"http://127.0.0.1:{self.port}/healthz"
 
+    def _api_fails(self) -> bool:
+        """Whether this `/api` answer is one of the failing ones."""
+        if not self.api_failing.is_set():
+            return False
+        with self._api_lock:
+            self._api_answers += 1
+            return self._api_answers % self.API_PERIOD < self.API_ERRORS
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         upstream = self
 
         class Handler(_Handler):
             def do_GET(self) -> None:
                 color = upstream.color
-                if upstream.failing.is_set():
+                if self.path.startswith("/api") and upstream._api_fails():
+                    self.answer(
+                        500,
+                        {"color": color, "error": "injected 500 on /api"},
+                        {"X-Color": color},
+                    )
+                elif upstream.failing.is_set():
                     self.answer(
                         503,
                         {"status": "DOWN", "color": color, "error": "injected 503"},

@@ -35,6 +35,9 @@ class Frame:
     status: Mapping[str, Any] | None
     serving: str
     threshold: int
+    # What the load generator got so far, when there is one: shown, but its ever-growing
+    # counts are not news worth a plain line of their own.
+    load: str = ""
 
 
 class View:
@@ -152,6 +155,8 @@ class View:
                 f"   (P0: {frame.threshold} fails in a row)"
             ),
         ]
+        if frame.load:
+            lines.append(self.dim(f"  load    {frame.load}"))
         for color in COLORS:
             up = _upstream(status, color)
             healthy, code = _healthy(up)
@@ -182,6 +187,8 @@ class View:
             fails = f"{color} {healthy} fails {clean(up.get('consecutive_failures', '-'))}"
             key.append(fails)
             parts.append(f"{fails} err {_ratio(up.get('error_ratio'))} p95 {_ms(up.get('p95_ms'))}")
+        if frame.load:
+            parts.append(f"load {frame.load}")
         return " | ".join(key), " | ".join(parts)
 
 
