@@ -4,6 +4,9 @@ that rolls green back when its log says `java.lang.OutOfMemoryError`."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +23,7 @@ from guardd.signals._tail import READ_CHUNK
 from guardd.signals.log_match import DETAIL_CHARS, LogMatchSignal, LogMatchSpec, evidence_line
 from tests.harness.daemon import guardctl, lab, wait_until
 from tests.signals.access_log_lib import FixedClock, until
+from tests.signals.test_access_log_tail import _unprivileged_python
 
 OOM = r"java\.lang\.OutOfMemoryError"
 SECRET = "S3cretHunter2xyz"  # noqa: S105 - a planted credential that must not leak
@@ -391,3 +395,75 @@ def test_build_makes_a_log_match_adapter(tmp_path: Path) -> None:
     assert adapter.spec.window_s == 45.0
     assert adapter.spec.stale_after_s == 45.0
     assert adapter.spec.paths == {"green": str(tmp_path / "g.log")}
+
+
+_CHILD = """
+import json, sys, anyio
+from guardd.clock import SystemClock
+from guardd.signals.log_match import LogMatchSignal, LogMatchSpec
+
+async def main(path):
+    spec = LogMatchSpec(paths={"green": path}, patterns=("FATAL",), poll_interval_s=0.05)
+    signal = LogMatchSignal("errors_log", spec, SystemClock())
+    def show():
+        reading = signal.reading("green", signal.clock.monotonic())
+        print(json.dumps({**signal.status(), "stats": dict(reading.stats),
+                          "last_at": reading.last_at, "started_at": signal.started_at}),
+              flush=True)
+    async with anyio.create_task_group() as tg:
+        await tg.start(signal.run)
+        with anyio.fail_after(30):
+            while signal.problem is None:
+                await anyio.sleep(0.02)
+            show()
+            while signal.problem is not None:
+                await anyio.sleep(0.02)
+            while signal.reading("green", signal.clock.monotonic()).stats["count"] != 0:
+                await anyio.sleep(0.02)
+            show()
+            sys.stdin.readline()
+            while signal.reading("green", signal.clock.monotonic()).stats["count"] != 1:
+                await anyio.sleep(0.02)
+            show()
+        tg.cancel_scope.cancel()
+
+anyio.run(main, sys.argv[1])
+"""
+
+
+def test_an_unreadable_log_is_a_problem_unknown_and_stale() -> None:
+    """As a user who may not read the file (root may read anything, so: nobody)."""
+    shared = Path(tempfile.mkdtemp(prefix="guardd-perm-", dir="/tmp"))
+    try:
+        shared.chmod(0o755)
+        log = shared / "app.log"
+        log.write_text("FATAL history\n")
+        log.chmod(0o000)
+        python, env, who = _unprivileged_python()
+        with subprocess.Popen(  # type: ignore[call-overload]
+            [python, "-c", _CHILD, str(log)],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            **who,
+        ) as child:
+            assert child.stdout is not None and child.stdin is not None
+            seen = json.loads(child.stdout.readline())
+            assert seen["problem"] == "green: permission denied"
+            assert seen["colors"]["green"]["state"] == f"permission denied: {log}"
+            assert seen["stats"] == {"count": None, "rate": None}
+            assert seen["last_at"] == seen["started_at"]  # never read: stale after stale_after
+            log.chmod(0o644)  # fixed by the operator: read on from the end (history stays out)
+            seen = json.loads(child.stdout.readline())
+            assert seen["problem"] is None
+            assert seen["stats"]["count"] == 0
+            assert seen["last_at"] > seen["started_at"]
+            append(log, "FATAL now\n")
+            child.stdin.write("\n")
+            child.stdin.flush()
+            seen = json.loads(child.stdout.readline())
+            assert seen["stats"]["count"] == 1
+            assert child.wait(timeout=30) == 0
+    finally:
+        shutil.rmtree(shared)
