@@ -175,9 +175,15 @@ class LogMatchSignal:
         return Reading(lines, window.span_s, stats, last_at, detail)
 
     def status(self) -> dict[str, Any]:
-        """Each color's file state and line counts, for `guardctl status` (no line text)."""
+        """`kind`, `state` (in words), `problem`, and per color (`colors`) its file's `path`,
+        `state`, `problem`, `lines` by outcome, `rotations` and `truncations` (no line text)."""
+        waiting = [
+            f"{color}: {f.state}" for color, f in self.followers.items() if not self._readable(f)
+        ]
         return {
             "kind": "log_match",
+            # In a word when every log is read; else what the others are doing.
+            "state": "; ".join(waiting) if waiting else "reading every log",
             "problem": self.problem,
             "colors": {
                 color: {

@@ -17,6 +17,7 @@ import pytest
 
 from guardd.clock import SystemClock
 from guardd.core.counts import CountWindow
+from guardd.render import _signal_lines
 from guardd.secrets import redact_credentials
 from guardd.signals import build
 from guardd.signals._tail import READ_CHUNK
@@ -183,6 +184,30 @@ def test_an_unread_file_is_unknown_and_goes_stale() -> None:
     assert reading is not None
     assert reading.stats == {"count": None, "rate": None}
     assert reading.last_at == 500.0  # the start: stale once past stale_after
+
+
+def test_status_says_what_each_file_is_doing_and_guardctl_shows_it() -> None:
+    clock = FixedClock(mono=1000.0)
+    paths = {"blue": Path("/var/log/b.log"), "green": Path("/var/log/g.log")}
+    signal = LogMatchSignal("errors_log", spec(paths), clock)
+    signal.followers["green"].state = "waiting for /var/log/g.log (missing)"
+    signal.followers["blue"].state = "reading /var/log/b.log"
+    signal.followers["blue"].read_at = 1000.0
+    signal.ingest("blue", ["FATAL a", "INFO b"])
+    status = signal.status()
+    assert status["state"] == "green: waiting for /var/log/g.log (missing)"
+    assert status["problem"] is None
+    assert status["colors"]["blue"]["lines"]["matched"] == 1
+    doc: dict[str, Any] = {**status, "stale": False}
+    for color in ("blue", "green"):
+        reading = signal.reading(color, 1000.5)
+        assert reading is not None
+        doc[color] = {"samples": reading.samples, **reading.stats}
+    shown = "\n".join(_signal_lines({"errors_log": doc}))
+    assert "signal errors_log (log_match): green: waiting for" in shown
+    assert "blue  1 matches (0.01667/s) in 2 lines; reading /var/log/b.log" in shown
+    assert "green - matches (-/s) in 0 lines; waiting for /var/log/g.log (missing)" in shown
+    assert "req/s" not in shown
 
 
 @pytest.mark.parametrize(
