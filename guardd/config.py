@@ -411,8 +411,106 @@ class AccessLogSignalConfig(_Section):
         return v
 
 
-_SIGNAL_KINDS = ("access_log",)  # every `kind` a [signals.NAME] may have
-SignalConfig = Annotated[AccessLogSignalConfig, Field(discriminator="kind")]
+class PrometheusSignalConfig(_Section):
+    """`[signals.NAME]` with `kind = "prometheus"`: a PromQL instant query per color."""
+
+    kind: Literal["prometheus"]
+    """The kind of signal."""
+    url: str
+    """The Prometheus server's base URL (`http://127.0.0.1:9090`)."""
+    query: str
+    """A PromQL instant query; `{color}` and `{instance}` are substituted."""
+    every: PositiveDuration = 10.0
+    """How often the query runs, per color."""
+    timeout: PositiveDuration = 2.0
+    """The deadline of one query."""
+    stale_after: PositiveDuration | None = None
+    """No answer for this long: the signal is stale, its rules inconclusive, one alert."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_http_url(v)
+
+
+class ScrapeRatioConfig(_Section):
+    """`ratio = { of = 'selector', to = 'selector' }`: increase of one over the other."""
+
+    of: str
+    """The numerator's series selector, e.g. `agent_runs_total{result="failed"}`."""
+    to: str
+    """The denominator's series selector, e.g. `agent_runs_total`."""
+
+
+class ScrapeSignalConfig(_Section):
+    """`[signals.NAME]` with `kind = "scrape"`: each color's own `/metrics`."""
+
+    kind: Literal["scrape"]
+    """The kind of signal."""
+    urls: dict[Color, str]
+    """The `/metrics` URL of each color."""
+    ratio: ScrapeRatioConfig | None = None
+    """The increase of `of` over the increase of `to` across the window."""
+    value: str | None = None
+    """A gauge's series selector, read as it is (instead of `ratio`)."""
+    every: PositiveDuration = 5.0
+    """How often each color is scraped."""
+    timeout: PositiveDuration = 2.0
+    """The deadline of one scrape."""
+    window: PositiveDuration | None = None
+    """The span counter increases are taken over (default: `policy.window`)."""
+    max_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+    """A larger exposition is not read (inconclusive, counted)."""
+    stale_after: PositiveDuration | None = None
+    """No scrape for this long: the signal is stale, its rules inconclusive, one alert."""
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, v: dict[Color, str]) -> dict[Color, str]:
+        for url in v.values():
+            _check_http_url(url)
+        return v
+
+    def _cross_checks(self, invalid: frozenset[str]) -> Found:
+        if invalid & {"ratio", "value"}:
+            return []
+        if (self.ratio is None) == (self.value is None):
+            return [("ratio", "give exactly one of ratio and value")]
+        return []
+
+
+class LogMatchSignalConfig(_Section):
+    """`[signals.NAME]` with `kind = "log_match"`: lines of each color's log matching a pattern."""
+
+    kind: Literal["log_match"]
+    """The kind of signal."""
+    paths: dict[Color, Path]
+    """The log file of each color."""
+    patterns: Annotated[list[str], Field(min_length=1)]
+    """Regular expressions, matched per line (Python `re` syntax)."""
+    window: PositiveDuration | None = None
+    """The span counts are taken over (default: `policy.window`)."""
+    max_line_bytes: Annotated[int, Field(ge=256, le=1024 * 1024)] = 16384
+    """Longer lines are skipped and counted as `oversize`."""
+    stale_after: PositiveDuration | None = None
+    """The log cannot be read for this long: the signal is stale, one alert."""
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a regular expression: {e}") from None
+        return v
+
+
+_SIGNAL_KINDS = ("access_log", "prometheus", "scrape", "log_match")  # every `kind`
+SignalConfig = Annotated[
+    AccessLogSignalConfig | PrometheusSignalConfig | ScrapeSignalConfig | LogMatchSignalConfig,
+    Field(discriminator="kind"),
+]
 
 
 class RuleConfig(_Section):

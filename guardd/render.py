@@ -207,8 +207,26 @@ def _signal_lines(signals: object) -> list[str]:
         if doc.get("stale"):
             head += "; STALE"
         lines.append(head)
+        if doc.get("kind") == "log_match":
+            files = doc.get("colors")
+            files = files if isinstance(files, Mapping) else {}
+            lines += [f"  {c:<6}{_log_match(doc.get(c), files.get(c))}" for c in COLORS]
+            continue
         lines += [f"  {c:<6}{_traffic(doc.get(c))}" for c in COLORS]
     return [*lines, ""]
+
+
+def _log_match(stats: object, file: object) -> str:
+    """`3 matches (0.05/s) in 812 lines; reading /var/log/app.log` for a log_match color."""
+    if not isinstance(stats, Mapping):
+        return "no log"
+    text = (
+        f"{_text(stats.get('count'))} matches ({_number(stats.get('rate'))}/s) "
+        f"in {_text(stats.get('samples'))} lines"
+    )
+    if isinstance(file, Mapping):
+        text += f"; {_text(file.get('state'))}"
+    return text
 
 
 def _rules_table(rules: object, active: object, paint: _Paint) -> list[str]:

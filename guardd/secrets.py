@@ -61,3 +61,46 @@ def redact(text: str) -> str:
         if value in text:
             text = text.replace(value, REDACTED)
     return text
+
+
+# Credentials as they appear in text guardd did not write (an application's log lines):
+# `Authorization: Bearer abc`, `password=abc`, `"api_key": "abc"`, `https://user:pw@host`,
+# and tokens whose shape gives them away (JWTs, GitHub, Slack, AWS, `sk-` API keys). Each
+# pattern with the replacement that keeps its context; all are linear (no nested repeats).
+_CREDENTIALS: Final = (
+    (re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{6,}"), rf"\1\2{REDACTED}"),
+    # A bare `token` is an ordinary word too: only a long value after it is taken for one.
+    (re.compile(r"(?i)\b(token)(\s+)[A-Za-z0-9._~+/=-]{16,}"), rf"\1\2{REDACTED}"),
+    (
+        re.compile(
+            r"""(?ix)
+            ( [\w.-]*(?:token|secret|passw(?:or)?d|pwd|api[-_]?key|authorization|cookie
+              |credential|session|private[-_]?key|access[-_]?key)[\w.-]* )
+            ( "?\s*[=:]\s*"? )
+            [^\s"',;&]+
+            """
+        ),
+        rf"\1\2{REDACTED}",
+    ),
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]+:)[^/\s@]+@"), rf"\1{REDACTED}@"),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), REDACTED),
+    (
+        re.compile(
+            r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|xox[abprs]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16})"
+        ),
+        REDACTED,
+    ),
+    (re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"), REDACTED),
+)
+
+
+def redact_credentials(text: str) -> str:
+    """`text` with registered secrets (`redact`) and credential-looking values replaced
+    by `***`: the value after a secret-named key (`password=`, `"api_key": `, `token:`),
+    after `Bearer `/`Basic ` (and a long one after `token `), a URL's password, and JWT,
+    GitHub, Slack, AWS and `sk-` tokens. For text from outside guardd (log lines) before
+    it is shown; it cannot know every secret, so callers still keep such text short."""
+    text = redact(text)
+    for pattern, replacement in _CREDENTIALS:
+        text = pattern.sub(replacement, text)
+    return text

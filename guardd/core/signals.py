@@ -22,6 +22,12 @@ KIND_STATS: Final[Mapping[str, frozenset[str]]] = {
     "access_log": frozenset(
         {"requests", "rps", "error_ratio", "p50_ms", "p95_ms", "p99_ms", "mean_ms"}
     ),
+    # A PromQL instant query per color: its single sample.
+    "prometheus": frozenset({"value"}),
+    # The color's own /metrics: a ratio of counter increases, or a gauge, across the window.
+    "scrape": frozenset({"value"}),
+    # Lines of the color's log matching a pattern: how many in the window, and per second.
+    "log_match": frozenset({"count", "rate"}),
 }
 
 

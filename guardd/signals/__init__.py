@@ -17,17 +17,28 @@ from guardd.clock import Clock
 from guardd.core.signals import Reading
 from guardd.core.types import COLORS, Color
 from guardd.signals.access_log import AccessLogSignal, AccessLogSpec
+from guardd.signals.log_match import LogMatchSignal, LogMatchSpec
 from guardd.upstream_addresses import color_addresses
 
-__all__ = ["AccessLogSignal", "AccessLogSpec", "Signal", "TrafficView", "build"]
+__all__ = [
+    "AccessLogSignal",
+    "AccessLogSpec",
+    "LogMatchSignal",
+    "LogMatchSpec",
+    "Signal",
+    "TrafficView",
+    "build",
+]
 
 
 class Signal(Protocol):
     """What the guard needs of a running signal adapter."""
 
     name: str
-    #: Why the signal cannot read right now (an unreadable file, ...), else None.
-    problem: str | None
+
+    @property
+    def problem(self) -> str | None:
+        """Why the signal cannot read right now (an unreadable file, ...), else None."""
 
     async def run(self, *, task_status: TaskStatus[None] = ...) -> None:
         """Follow the source until cancelled; report started once it is set up."""
@@ -104,4 +115,14 @@ def build(
             socket_group=table.socket_group,
         )
         return AccessLogSignal(name, spec, clock), problems
+    if table.kind == "log_match":
+        window = table.window or window_s
+        match_spec = LogMatchSpec(
+            paths={color: str(path) for color, path in table.paths.items()},
+            patterns=tuple(table.patterns),
+            window_s=window,
+            stale_after_s=table.stale_after or window,
+            max_line_bytes=table.max_line_bytes,
+        )
+        return LogMatchSignal(name, match_spec, clock), []
     raise ValueError(f"kind: {table.kind!r} is not a kind of signal")  # pragma: no cover

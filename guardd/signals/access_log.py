@@ -18,7 +18,8 @@ Every line ends in exactly one outcome of `LINE_OUTCOMES`:
 - `oversize`: longer than `max_line_bytes` (skipped without being held whole);
 - `shed`: over the per-second budget `max_lines_per_s`, skipped unparsed (see below).
 
-Files are followed by polling (every `poll_interval_s`) the path's inode and the open
+Files are followed (`guardd.signals._tail`, shared with the other file-reading signals)
+by polling (every `poll_interval_s`) the path's inode and the open
 file's size and last bytes read: a rename + `nginx -s reopen` (logrotate's default; the
 old file is read on until quiet for `DRAIN_S`), `copytruncate` (what was not read yet is
 read from the copy, found beside the log and proven by those last bytes), deletion and
@@ -58,6 +59,20 @@ from anyio.abc import TaskStatus
 from guardd.clock import Clock
 from guardd.core.signals import Reading
 from guardd.core.traffic import CLASSES, TrafficWindow
+from guardd.signals._tail import BATCH_LINES, DRAIN_S, READ_CHUNK, FileFollower
+from guardd.signals._tail import Tail as _Tail
+
+__all__ = [
+    "BATCH_LINES",
+    "DRAIN_S",
+    "FIELDS",
+    "LINE_OUTCOMES",
+    "READ_CHUNK",
+    "SYSLOG_HEADER_BYTES",
+    "AccessLogSignal",
+    "AccessLogSpec",
+    "_Tail",  # the shared follower's open file, named here as before the follower was shared
+]
 
 #: The fields guardd reads, by their guardd names (also the names in guardd's log_format).
 FIELDS: Final = (
@@ -70,17 +85,8 @@ FIELDS: Final = (
 )
 #: What became of a line (the `outcome` label of `guardd_traffic_lines_total`).
 LINE_OUTCOMES: Final = ("ok", "unparsed", "unattributed", "oversize", "shed")
-#: Bytes read from a file at a time; with `max_line_bytes` it bounds what is held.
-READ_CHUNK: Final = 64 * 1024
-#: Lines parsed between two checkpoints (about 10 ms of work on a slow core).
-BATCH_LINES: Final = 1024
-#: A rotated-away file is read until it has not grown for this long (workers reopen late).
-DRAIN_S: Final = 30.0
 #: Room for the syslog header (`<190>Nov 30 16:23:31 host tag: `) above `max_line_bytes`.
 SYSLOG_HEADER_BYTES: Final = 1024
-# The bytes before the read position compared on each poll: enough for several lines, so
-# that their `msec` values (not only a tail all lines share) tell a rewritten file apart.
-_MARK: Final = 1024
 _DEFAULT_WINDOW_S: Final = 60.0
 
 
@@ -236,28 +242,6 @@ def _record(doc: object, keys: tuple[str, ...]) -> tuple[str, int, float | None,
     return addr, status, latency, None if msec is None else _seconds(msec)
 
 
-class _Tail:
-    """One open log file being followed: where we are in it and the partial line held."""
-
-    __slots__ = ("discarding", "fd", "grew_at", "key", "mark", "pending", "pos")
-
-    def __init__(self, fd: int, key: tuple[int, int], pos: int, now: float) -> None:
-        self.fd = fd
-        self.key = key
-        self.pos = pos
-        self.pending = b""
-        # True while the rest of an oversize line is being skipped up to its newline.
-        self.discarding = False
-        # The last bytes read before `pos`: if they change, the file was truncated and
-        # rewritten past `pos` between two polls (copytruncate under heavy traffic).
-        self.mark = b""
-        self.grew_at = now
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-
-
 class AccessLogSignal:
     """Tails one access log and keeps a `TrafficWindow` per color.
 
@@ -277,18 +261,17 @@ class AccessLogSignal:
         self.requests: dict[tuple[str, str], int] = {
             (color, cls): 0 for color in spec.addresses for cls in CLASSES
         }
-        #: What the source is doing, in words ("reading /var/log/nginx/guardd.log", ...).
-        self.state = "not started"
-        #: Why the signal cannot read right now ("permission denied", ...), else None.
-        self.problem: str | None = None
-        self.rotations = 0
-        self.truncations = 0
-        #: Rounds of the file loop so far (a round looks at the path and reads what is new).
-        self.polls = 0
-        #: The most log data held at once (partial line plus one read), for the tests.
-        self.max_buffered = 0
+        # The file's follower (`guardd.signals._tail`); it also holds the socket's state, so
+        # that `state`, `problem` and the counters read the same for either kind of source.
+        self._follower = FileFollower(
+            spec.path,
+            max_line_bytes=spec.max_line_bytes,
+            poll_interval_s=spec.poll_interval_s,
+            clock=clock,
+            on_lines=self.ingest,
+            on_oversize=self._count_oversize,
+        )
         self._budget_second = -1
-        self._saw_missing = False
         self._budget_left = 0
         f = spec.field_name
         self._keys = (
@@ -299,6 +282,50 @@ class AccessLogSignal:
             f("upstream_response_time"),
             f("request_time"),
         )
+
+    # ---- the source's state (kept by the follower) ----------------------------------
+
+    @property
+    def state(self) -> str:
+        """What the source is doing, in words ("reading /var/log/nginx/guardd.log", ...)."""
+        return self._follower.state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._follower.state = value
+
+    @property
+    def problem(self) -> str | None:
+        """Why the signal cannot read right now ("permission denied", ...), else None."""
+        return self._follower.problem
+
+    @problem.setter
+    def problem(self, value: str | None) -> None:
+        self._follower.problem = value
+
+    @property
+    def rotations(self) -> int:
+        """Files replaced at the path (rename + reopen, re-creation) so far."""
+        return self._follower.rotations
+
+    @property
+    def truncations(self) -> int:
+        """Truncations (copytruncate) of the file followed so far."""
+        return self._follower.truncations
+
+    @property
+    def polls(self) -> int:
+        """Rounds of the file loop so far (a round looks at the path and reads what is new)."""
+        return self._follower.polls
+
+    @property
+    def max_buffered(self) -> int:
+        """The most log data held at once (partial line plus one read), for the tests."""
+        return self._follower.max_buffered
+
+    @max_buffered.setter
+    def max_buffered(self, value: int) -> None:
+        self._follower.max_buffered = value
 
     # ---- what the rules and the metrics read ----------------------------------------
 
@@ -384,38 +411,12 @@ class AccessLogSignal:
         counts["unattributed"] += unattributed
         counts["oversize"] += oversize
 
-    async def _ingest_batches(self, lines: list[str]) -> None:
-        for start in range(0, len(lines), BATCH_LINES):
-            self.ingest(lines[start : start + BATCH_LINES])
-            await anyio.lowlevel.checkpoint()
+    def _count_oversize(self) -> None:
+        self.lines["oversize"] += 1
 
     def _split(self, tail: _Tail, chunk: bytes) -> list[str]:
-        """Complete lines of `tail` with `chunk` appended; the partial rest stays held.
-
-        Lines are decoded with `surrogateescape`: bytes that are not UTF-8 survive as
-        themselves and make their line unparsed (or its address unknown), never an error.
-        """
-        data = tail.pending + chunk if tail.pending else chunk
-        self.max_buffered = max(self.max_buffered, len(data))
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            lines: list[str] = []
-            rest = data
-        else:
-            lines = data[:cut].decode("utf-8", "surrogateescape").split("\n")
-            rest = data[cut + 1 :]
-            if tail.discarding:
-                # The end of an oversize line already counted.
-                del lines[0]
-                tail.discarding = False
-        if tail.discarding:
-            rest = b""
-        elif len(rest) > self.spec.max_line_bytes:
-            self.lines["oversize"] += 1
-            tail.discarding = True
-            rest = b""
-        tail.pending = rest
-        return lines
+        """Complete lines of `tail` with `chunk` appended (`FileFollower.split`)."""
+        return self._follower.split(tail, chunk)
 
     # ---- the loops ----------------------------------------------------------------------
 
@@ -424,172 +425,7 @@ class AccessLogSignal:
         if self.spec.kind == "syslog":
             await self._run_syslog(task_status)
         else:
-            await self._run_file(task_status)
-
-    async def _run_file(self, task_status: TaskStatus[None]) -> None:
-        path = self.spec.path
-        poll = self.spec.poll_interval_s
-        current: _Tail | None = None
-        draining: list[_Tail] = []
-        self.state = f"waiting for {path}"
-        task_status.started()
-        try:
-            while True:
-                now = self.clock.monotonic()
-                current = self._reopen(path, current, draining, now)
-                busy = False
-                for tail in [*draining, current]:
-                    if tail is not None:
-                        busy |= await self._follow(tail, now)
-                for tail in [t for t in draining if now - t.grew_at > DRAIN_S]:
-                    draining.remove(tail)
-                    tail.close()
-                self.polls += 1
-                # A flood is read on at once; a quiet log is looked at every `poll` seconds.
-                await anyio.sleep(0 if busy else poll)
-        finally:
-            for tail in [*draining, current]:
-                if tail is not None:
-                    tail.close()
-
-    def _reopen(
-        self,
-        path: str,
-        current: _Tail | None,
-        draining: list[_Tail],
-        now: float,
-    ) -> _Tail | None:
-        """The tail to follow now: the file at `path` if it is a new one and opens."""
-        try:
-            st = Path(path).stat()
-        except FileNotFoundError:
-            self._saw_missing = True
-            if current is None:
-                self.state = f"waiting for {path} (missing)"
-            else:
-                self.state = f"reading {path} (gone from its path; following the open file)"
-            self.problem = None
-            return current
-        except OSError as e:
-            return self._cannot(path, e, current)
-        key = (st.st_dev, st.st_ino)
-        if current is not None and current.key == key:
-            self.state, self.problem = f"reading {path}", None
-            return current
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            return self._cannot(path, e, current)
-        fst = os.fstat(fd)
-        if not stat.S_ISREG(fst.st_mode):
-            os.close(fd)
-            self.state = f"waiting for {path} (not a regular file)"
-            self.problem = "not a regular file"
-            return current
-        key = (fst.st_dev, fst.st_ino)
-        if current is not None:
-            current.grew_at = now
-            draining.append(current)
-            self.rotations += 1
-        self.state, self.problem = f"reading {path}", None
-        # A file seen to appear (after a missing path, or replacing the one followed) holds
-        # only live traffic: read it whole. The first file found otherwise may hold history
-        # (also one that could not be read at first): read it from its end.
-        fresh = current is not None or self._saw_missing
-        tail = _Tail(fd, key, 0 if fresh else fst.st_size, now)
-        if tail.pos:
-            # What is before the end we start from: a truncation is noticed from the start.
-            with contextlib.suppress(OSError):
-                size = min(_MARK, tail.pos)
-                tail.mark = os.pread(fd, size, tail.pos - size)
-        return tail
-
-    def _cannot(self, path: str, error: OSError, current: _Tail | None) -> _Tail | None:
-        if error.errno in (errno.EACCES, errno.EPERM):
-            self.problem = "permission denied"
-            self.state = f"permission denied: {path}"
-        else:
-            self.problem = error.strerror or type(error).__name__
-            self.state = f"cannot open {path}: {self.problem}"
-        return current
-
-    async def _follow(self, tail: _Tail, now: float) -> bool:
-        """Read what `tail`'s file gained; True if it stopped with more to read."""
-        try:
-            size = os.fstat(tail.fd).st_size
-            mark = tail.mark
-            if size < tail.pos or (
-                mark and os.pread(tail.fd, len(mark), tail.pos - len(mark)) != mark
-            ):
-                # Truncated (copytruncate): what is there now was written since. What was
-                # written between our last read and the copy is in the copy: read it there.
-                self.truncations += 1
-                await self._read_copy(tail)
-                tail.pos, tail.pending, tail.mark, tail.discarding = 0, b"", b"", False
-            budget = 64  # chunks (4 MiB) before the other files and the loop get a turn
-            while budget:
-                chunk = os.pread(tail.fd, READ_CHUNK, tail.pos)
-                if not chunk:
-                    return False
-                budget -= 1
-                tail.pos += len(chunk)
-                tail.mark = (tail.mark + chunk)[-_MARK:] if len(chunk) < _MARK else chunk[-_MARK:]
-                tail.grew_at = now
-                await self._ingest_batches(self._split(tail, chunk))
-        except OSError as e:
-            self.state = f"cannot read {self.spec.path}: {e.strerror}"
-            self.problem = e.strerror or type(e).__name__
-            return False
-        return True
-
-    async def _read_copy(self, tail: _Tail) -> None:
-        """Read the rest of `tail` from the copy copytruncate made, if it can be found."""
-        copy = self._find_copy(tail)
-        if copy is None:
-            return
-        try:
-            while chunk := os.pread(copy, READ_CHUNK, tail.pos):
-                tail.pos += len(chunk)
-                await self._ingest_batches(self._split(tail, chunk))
-        except OSError:
-            pass  # what could not be read is lost, as it would have been without the copy
-        finally:
-            os.close(copy)
-
-    def _find_copy(self, tail: _Tail) -> int | None:
-        """An open fd on the copy: a sibling named after the log (`access.log.1`,
-        `access.log-20261130`) that holds, just before our position, the very bytes we
-        read last. Compressed ones and any that do not match are left alone."""
-        if not tail.mark:
-            return None  # nothing read yet: the copy would be history
-        where = Path(self.spec.path)
-        try:
-            siblings = [
-                p
-                for p in where.parent.iterdir()
-                if p.name.startswith(where.name)
-                and p.name != where.name
-                and not p.name.endswith((".gz", ".xz", ".bz2", ".zst"))
-            ]
-            siblings.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-        except OSError:
-            return None
-        mark = tail.mark
-        for candidate in siblings[:4]:
-            try:
-                fd = os.open(candidate, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError:
-                continue
-            with contextlib.suppress(OSError):
-                st = os.fstat(fd)
-                if (
-                    stat.S_ISREG(st.st_mode)
-                    and st.st_size >= tail.pos
-                    and os.pread(fd, len(mark), tail.pos - len(mark)) == mark
-                ):
-                    return fd
-            os.close(fd)
-        return None
+            await self._follower.run(task_status=task_status)
 
     async def _run_syslog(self, task_status: TaskStatus[None]) -> None:
         path = self.spec.path
