@@ -17,9 +17,18 @@ from guardd.clock import Clock
 from guardd.core.signals import Reading
 from guardd.core.types import COLORS, Color
 from guardd.signals.access_log import AccessLogSignal, AccessLogSpec
+from guardd.signals.prometheus import PrometheusSignal, PrometheusSpec
 from guardd.upstream_addresses import color_addresses
 
-__all__ = ["AccessLogSignal", "AccessLogSpec", "Signal", "TrafficView", "build"]
+__all__ = [
+    "AccessLogSignal",
+    "AccessLogSpec",
+    "PrometheusSignal",
+    "PrometheusSpec",
+    "Signal",
+    "TrafficView",
+    "build",
+]
 
 
 class Signal(Protocol):
@@ -70,8 +79,11 @@ def build(
     targets: Mapping[Color, Path] | None,
     probe_urls: Mapping[Color, list[str]],
     clock: Clock,
+    instance: str = "",
 ) -> tuple[Signal, list[str]]:
     """The adapter for one validated `[signals.NAME]` table, and what it warns about.
+
+    `instance` is the guard's instance name (a prometheus query's `{instance}`).
 
     Raises `ValueError("key: reason")` when the table cannot be built (no color has an
     address to attribute requests by).
@@ -98,4 +110,13 @@ def build(
             socket_group=table.socket_group,
         )
         return AccessLogSignal(name, spec, clock), problems
+    if table.kind == "prometheus":
+        query = PrometheusSpec(
+            url=table.url,
+            query=table.query,
+            instance=instance,
+            every=table.every,
+            timeout=table.timeout,
+        )
+        return PrometheusSignal(name, query, clock), []
     raise ValueError(f"kind: {table.kind!r} is not a kind of signal")  # pragma: no cover
