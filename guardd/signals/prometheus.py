@@ -264,6 +264,7 @@ class PrometheusSignal:
         return {
             "kind": "prometheus",
             "url": redact(self.shown_url),
+            "state": f"querying every {self.spec.every:g}s",
             "every_s": self.spec.every,
             "problem": self.problem,
             "queries": dict(self.queries),

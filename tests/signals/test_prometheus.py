@@ -21,6 +21,7 @@ import pytest
 from guardd import config
 from guardd.clock import SystemClock
 from guardd.exceptions import ConfigError
+from guardd.render import render_status
 from guardd.signals import build
 from guardd.signals.prometheus import (
     MAX_ANSWER_BYTES,
@@ -249,6 +250,15 @@ async def test_each_color_is_asked_its_own_query_and_gets_its_value(fake: FakePr
             assert reading.window_s == 0.1
             assert reading.detail == {"query": spec().query_for(color), "value": 0.25}
         assert signal.problem is None
+        doc = {**signal.status(), "stale": False}
+        for color in ("blue", "green"):
+            reading = signal.reading(color, signal.clock.monotonic())
+            assert reading is not None
+            doc[color] = {"samples": reading.samples, "window_s": 0.1, **reading.stats}
+        text = render_status({"signals": {"app_5xx": doc}})
+        assert "signal app_5xx (prometheus): querying every 0.1s" in text
+        assert "  green value 0.25 (1 samples)" in text
+        assert "req/s" not in text
     assert spec().query_for("blue") in fake.queries
     assert spec().query_for("green") in fake.queries
 
