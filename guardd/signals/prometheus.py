@@ -237,8 +237,8 @@ class PrometheusSignal:
         found = {c: s.why for c, s in self.colors.items() if s.why and s.outcome not in _NO_VALUE}
         if not found:
             return None
-        if len(set(found.values())) == 1:
-            return next(iter(found.values()))
+        if len(found) == len(self.colors) and len(set(found.values())) == 1:
+            return next(iter(found.values()))  # the source itself, not one color's query
         return "; ".join(f"{c}: {why}" for c, why in found.items())
 
     def reading(self, color: str, now: float) -> Reading | None:

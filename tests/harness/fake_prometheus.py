@@ -19,9 +19,11 @@
 | `hang`      | reads the request, never answers (released by `stop()`)                  |
 | `invalid`   | 200, a body that is not JSON                                             |
 | `gzip`      | 200, the `value` answer gzipped although identity was asked for          |
+| `dribble`   | 200 headers, then the `value` answer one byte every 0.2 s                |
 
-`bytes_sent` counts the body bytes written (a bounded reader stops the `huge` stream);
-`max_in_flight` is the most requests of one query that were ever open at once.
+With `only="text"`, a query without that text is answered in mode `value` instead.
+
+`bytes_sent` counts the body bytes written (a bounded reader stops the `huge` stream).
 """
 
 from __future__ import annotations
@@ -50,8 +52,6 @@ class FakePrometheus:
         self.params: dict[str, Any] = {}
         self.queries: list[str] = []
         self.bytes_sent = 0
-        self.max_in_flight = 0
-        self._in_flight: dict[str, int] = {}
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,13 +64,7 @@ class FakePrometheus:
                 query = parse_qs(urlsplit(self.path).query).get("query", [""])[0]
                 with outer._lock:
                     outer.queries.append(query)
-                    n = outer._in_flight[query] = outer._in_flight.get(query, 0) + 1
-                    outer.max_in_flight = max(outer.max_in_flight, n)
-                try:
-                    outer._answer(self)
-                finally:
-                    with outer._lock:
-                        outer._in_flight[query] -= 1
+                outer._answer(self)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
@@ -118,6 +112,9 @@ class FakePrometheus:
         url = urlsplit(h.path)
         with self._lock:
             mode, params = self.mode, dict(self.params)
+        only = params.get("only")
+        if only is not None and only not in parse_qs(url.query).get("query", [""])[0]:
+            mode = "value"
         if url.path != "/api/v1/query":
             self._send(h, 404, b"not found", "text/plain")
             return
@@ -162,7 +159,9 @@ class FakePrometheus:
                 "result": [{"metric": {}, "values": [[now, value]]}],
             }
         else:
-            n = {"value": 1, "nan": 1, "empty": 0, "gzip": 1}.get(mode, params.get("n", 3))
+            n = {"value": 1, "nan": 1, "empty": 0, "gzip": 1, "dribble": 1}.get(
+                mode, params.get("n", 3)
+            )
             data = {
                 "resultType": "vector",
                 "result": [
@@ -171,6 +170,21 @@ class FakePrometheus:
                 ],
             }
         body = json.dumps({"status": "success", "data": data}).encode()
+        if mode == "dribble":
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.flush()
+            try:
+                for byte in body:
+                    if self._gone(h.connection, 0.2) or self._stopping.is_set():
+                        return
+                    h.wfile.write(bytes([byte]))
+                    h.wfile.flush()
+            except OSError:
+                pass  # the reader gave up: that is the point
+            return
         if mode == "gzip":
             self._send(
                 h, 200, gzip.compress(body), "application/json", {"Content-Encoding": "gzip"}
@@ -181,13 +195,19 @@ class FakePrometheus:
     def _hang(self, conn: socket.socket) -> None:
         """Say nothing until the client hangs up (or the server stops)."""
         while not self._stopping.is_set():
-            readable, _, _ = select.select([conn], [], [], 0.05)
-            if readable:
-                try:
-                    if not conn.recv(1, socket.MSG_PEEK):
-                        return
-                except OSError:
-                    return
+            if self._gone(conn, 0.05):
+                return
+
+    @staticmethod
+    def _gone(conn: socket.socket, wait: float) -> bool:
+        """Whether the client hung up, waiting up to `wait` seconds to see it."""
+        readable, _, _ = select.select([conn], [], [], wait)
+        if not readable:
+            return False
+        try:
+            return not conn.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
 
     def _send(
         self,
