@@ -949,6 +949,9 @@ class GuardConfig(BaseSettings):
             stats = KIND_STATS[kind]
             if rule.stat not in stats:
                 found.append((f"{i}.stat", f"{kind} signals yield {', '.join(sorted(stats))}"))
+            if kind == "prometheus" and (rule.min_samples or 0) > 1:
+                why = "a prometheus signal gives one sample (its query's value) at most"
+                found.append((f"{i}.min_samples", why))
         if found:
             raise _validation_error("rules", [], found)
         return rules
@@ -982,9 +985,17 @@ class GuardConfig(BaseSettings):
             op=op,
             threshold=threshold,
             for_s=for_s,
-            min_samples=self.policy.min_samples if r.min_samples is None else r.min_samples,
+            min_samples=self._min_samples(r),
             dry_run=r.dry_run,
         )
+
+    def _min_samples(self, r: RuleConfig) -> int:
+        if r.min_samples is not None:
+            return r.min_samples
+        signal = self.signals.get(r.signal)
+        if signal is not None and signal.kind == "prometheus":
+            return 1  # its value is current or it is not: one sample at most
+        return self.policy.min_samples
 
     @model_validator(mode="after")
     def _qos_window_holds_min_samples(self) -> GuardConfig:

@@ -194,6 +194,18 @@ def _traffic(stats: object) -> str:
     return text
 
 
+def _values(stats: object) -> str:
+    """A signal's statistics as they are (kinds other than access_log)."""
+    if not isinstance(stats, Mapping):
+        return "no data"
+    shown = [
+        f"{clean(k)} {_number(v)}"
+        for k, v in stats.items()
+        if k not in ("samples", "window_s", "baseline")
+    ]
+    return f"{', '.join(shown)} ({_text(stats.get('samples'))} samples)"
+
+
 def _signal_lines(signals: object) -> list[str]:
     if not isinstance(signals, Mapping) or not signals:
         return []
@@ -212,7 +224,8 @@ def _signal_lines(signals: object) -> list[str]:
             files = files if isinstance(files, Mapping) else {}
             lines += [f"  {c:<6}{_log_match(doc.get(c), files.get(c))}" for c in COLORS]
             continue
-        lines += [f"  {c:<6}{_traffic(doc.get(c))}" for c in COLORS]
+        show = _traffic if doc.get("kind") == "access_log" else _values
+        lines += [f"  {c:<6}{show(doc.get(c))}" for c in COLORS]
     return [*lines, ""]
 
 

@@ -373,6 +373,7 @@ class Supervisor:
                     targets=c.switch.targets if c.switch.kind == "nginx" else None,
                     probe_urls={color: _urls(c, color) for color in COLORS},
                     clock=self.clock,
+                    instance=settings.instance,
                 )
             except ValueError as e:
                 key, _, reason = str(e).partition(": ")

@@ -18,6 +18,7 @@ from guardd.core.signals import Reading
 from guardd.core.types import COLORS, Color
 from guardd.signals.access_log import AccessLogSignal, AccessLogSpec
 from guardd.signals.log_match import LogMatchSignal, LogMatchSpec
+from guardd.signals.prometheus import PrometheusSignal, PrometheusSpec
 from guardd.upstream_addresses import color_addresses
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "AccessLogSpec",
     "LogMatchSignal",
     "LogMatchSpec",
+    "PrometheusSignal",
+    "PrometheusSpec",
     "Signal",
     "TrafficView",
     "build",
@@ -81,8 +84,11 @@ def build(
     targets: Mapping[Color, Path] | None,
     probe_urls: Mapping[Color, list[str]],
     clock: Clock,
+    instance: str = "",
 ) -> tuple[Signal, list[str]]:
     """The adapter for one validated `[signals.NAME]` table, and what it warns about.
+
+    `instance` is the guard's instance name (a prometheus query's `{instance}`).
 
     Raises `ValueError("key: reason")` when the table cannot be built (no color has an
     address to attribute requests by).
@@ -125,4 +131,13 @@ def build(
             max_line_bytes=table.max_line_bytes,
         )
         return LogMatchSignal(name, match_spec, clock), []
+    if table.kind == "prometheus":
+        query = PrometheusSpec(
+            url=table.url,
+            query=table.query,
+            instance=instance,
+            every=table.every,
+            timeout=table.timeout,
+        )
+        return PrometheusSignal(name, query, clock), []
     raise ValueError(f"kind: {table.kind!r} is not a kind of signal")  # pragma: no cover

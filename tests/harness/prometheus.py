@@ -131,6 +131,17 @@ class PrometheusServer:
             self._client.close()
             self._client = None
 
+    def stop(self) -> None:
+        """Stop the server as an outage would; `restart` brings it back (same port, TSDB)."""
+        self._stop()
+
+    def restart(self) -> None:
+        """Start the stopped server again on its port, with its TSDB; wait until ready."""
+        prometheus, _ = ensure_prometheus()
+        self._start(prometheus)
+        if not self._wait_ready():
+            raise RuntimeError(f"prometheus did not come back; its log:\n{self.log()[-4000:]}")
+
     def log(self) -> str:
         """Return what Prometheus logged so far, for failure messages."""
         try:
