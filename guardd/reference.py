@@ -34,6 +34,9 @@ _SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("[state]", c.StateConfig),
     ("[[rules]]", c.RuleConfig),
     ("[signals.NAME]", c.AccessLogSignalConfig),
+    ("[signals.NAME]", c.PrometheusSignalConfig),
+    ("[signals.NAME]", c.ScrapeSignalConfig),
+    ("[signals.NAME]", c.LogMatchSignalConfig),
 ]
 
 
