@@ -13,7 +13,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from guardd.control import client
 from tests.harness.daemon import Daemon, Lab, log_lines, wait_until
-from tests.harness.jsondoc import json_object
 
 
 def rss_kib(pid: int) -> int:
@@ -63,12 +62,12 @@ def status(lab: Lab, timeout: float = 10) -> dict[str, Any]:
     return client.call(lab.socket_path, "status", timeout=timeout)
 
 
-def guardctl_json(lab: Lab, *argv: str) -> dict[str, Any]:
-    """The real guardctl with `--json`, parsed."""
+def guardctl_json(lab: Lab, *argv: str) -> Any:
+    """The real guardctl with `--json`, parsed (an object, or `history`'s list)."""
     from tests.harness.daemon import guardctl  # noqa: PLC0415 - keeps the import list short
 
     result = guardctl("--config", str(lab.config_path), *argv, "--json")
-    return json_object(result.stdout)
+    return json.loads(result.stdout)
 
 
 def journal_raw_lines(path: Path) -> list[str]:
