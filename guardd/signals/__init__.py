@@ -17,9 +17,18 @@ from guardd.clock import Clock
 from guardd.core.signals import Reading
 from guardd.core.types import COLORS, Color
 from guardd.signals.access_log import AccessLogSignal, AccessLogSpec
+from guardd.signals.scrape import ScrapeSignal, ScrapeSpec
 from guardd.upstream_addresses import color_addresses
 
-__all__ = ["AccessLogSignal", "AccessLogSpec", "Signal", "TrafficView", "build"]
+__all__ = [
+    "AccessLogSignal",
+    "AccessLogSpec",
+    "ScrapeSignal",
+    "ScrapeSpec",
+    "Signal",
+    "TrafficView",
+    "build",
+]
 
 
 class Signal(Protocol):
@@ -98,4 +107,15 @@ def build(
             socket_group=table.socket_group,
         )
         return AccessLogSignal(name, spec, clock), problems
+    if table.kind == "scrape":
+        scrape = ScrapeSpec(
+            urls=dict(table.urls),
+            ratio=(table.ratio.of, table.ratio.to) if table.ratio is not None else None,
+            value=table.value,
+            every_s=table.every,
+            timeout_s=table.timeout,
+            window_s=table.window or window_s,
+            max_bytes=table.max_bytes,
+        )
+        return ScrapeSignal(name, scrape, clock), []
     raise ValueError(f"kind: {table.kind!r} is not a kind of signal")  # pragma: no cover
