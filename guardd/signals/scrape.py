@@ -227,11 +227,16 @@ class _Scrape(Exception):
 class _Color:
     """One color's scrapes in the window, its last outcome and its counters."""
 
-    __slots__ = ("error", "last_ok", "samples", "scrapes")
+    __slots__ = ("error", "last", "last_ok", "samples", "scrapes")
 
     def __init__(self, maxlen: int) -> None:
-        #: (monotonic time, the series each selector matched) per successful scrape.
-        self.samples: deque[tuple[float, tuple[Series, ...]]] = deque(maxlen=maxlen)
+        #: Per successful scrape: (monotonic time, the increase of each ratio selector's
+        #: series since the scrape before, the sum of the series each selector matched).
+        #: Only the last scrape's series are kept (`last`): the window costs O(scrapes).
+        self.samples: deque[tuple[float, tuple[float, ...], tuple[float | None, ...]]] = deque(
+            maxlen=maxlen
+        )
+        self.last: tuple[Series, ...] | None = None
         self.error: str | None = None
         self.last_ok: float | None = None
         self.scrapes = 0
@@ -282,21 +287,22 @@ class ScrapeSignal:
         if state is None:
             return None
         start = now - self.spec.window_s
-        window = [s for t, s in state.samples if t >= start]
+        window = [(steps, sums) for t, steps, sums in state.samples if t >= start]
         detail: dict[str, Any] = {}
         value: float | None = None
         if self.spec.ratio is not None:
             detail["of"], detail["to"] = (_cut(t) for t in self.spec.ratio)
             if len(window) >= 2:  # an increase needs two scrapes
-                of = increase([s[0] for s in window])
-                to = increase([s[1] for s in window])
+                # The first scrape in the window is the baseline: its step is from before.
+                of = sum(steps[0] for steps, _ in window[1:])
+                to = sum(steps[1] for steps, _ in window[1:])
                 detail["of_increase"], detail["to_increase"] = of, to
                 value = of / to if to > 0 else None
         else:
             assert self.spec.value is not None  # noqa: S101 - a ratio or a value
             detail["value_of"] = _cut(self.spec.value)
             if window:
-                value = sum(window[-1][0].values()) if window[-1][0] else None
+                value = window[-1][1][0]
         if state.error is not None:
             detail["last_error"] = state.error
             value = None
@@ -375,8 +381,19 @@ class ScrapeSignal:
         except (httpx.HTTPError, OSError) as e:
             self._failed(state, "connect", f"{type(e).__name__}: {e}")
             return
-        now = self.clock.monotonic()
-        state.samples.append((now, series))
+        self.record(color, self.clock.monotonic(), series)
+
+    def record(self, color: str, now: float, series: tuple[Series, ...]) -> None:
+        """Count one successful scrape of `color` at monotonic `now`: the series each
+        selector matched (in `selector_texts()` order)."""
+        state = self.colors[color]
+        before = state.last
+        steps = tuple(
+            increase([before[i], s]) if before is not None else 0.0 for i, s in enumerate(series)
+        )
+        sums = tuple(sum(s.values()) if s else None for s in series)
+        state.samples.append((now, steps, sums))
+        state.last = series
         state.last_ok = now
         state.scrapes += 1
         state.error = None

@@ -218,8 +218,7 @@ def _feed(sig: ScrapeSignal, clock: FixedClock, ok: float, failed: float) -> Non
     clock.mono += 1.0
     of: Series = {B: failed}
     to: Series = {A: ok, B: failed}
-    sig.colors["green"].samples.append((clock.mono, (of, to)))
-    sig.colors["green"].last_ok = clock.mono
+    sig.record("green", clock.mono, (of, to))
 
 
 def test_ratio_across_a_restart_stays_right() -> None:
