@@ -194,6 +194,15 @@ def _traffic(stats: object) -> str:
     return text
 
 
+def _stats(stats: object) -> str:
+    # Any other kind of signal: its statistics as they are, and how many samples.
+    if not isinstance(stats, Mapping):
+        return "no data"
+    skip = {"samples", "window_s", "baseline"}
+    shown = ", ".join(f"{clean(k)} {_number(v)}" for k, v in stats.items() if k not in skip)
+    return f"{shown} ({_text(stats.get('samples'))} samples)"
+
+
 def _signal_lines(signals: object) -> list[str]:
     if not isinstance(signals, Mapping) or not signals:
         return []
@@ -207,7 +216,10 @@ def _signal_lines(signals: object) -> list[str]:
         if doc.get("stale"):
             head += "; STALE"
         lines.append(head)
-        lines += [f"  {c:<6}{_traffic(doc.get(c))}" for c in COLORS]
+        if doc.get("kind") == "access_log":
+            lines += [f"  {c:<6}{_traffic(doc.get(c))}" for c in COLORS]
+        else:
+            lines += [f"  {c:<6}{_stats(doc.get(c))}" for c in COLORS]
     return [*lines, ""]
 
 

@@ -318,6 +318,7 @@ class ScrapeSignal:
         """Counters and each color's last outcome, for `guardctl status` (no secret)."""
         return {
             "kind": "scrape",
+            "state": f"scraping every {self.spec.every_s:g}s",
             "urls": {c: _cut(u) for c, u in self.spec.urls.items()},
             "problem": self.problem,
             "scrapes": {c: s.scrapes for c, s in self.colors.items()},

@@ -510,6 +510,13 @@ def test_a_restarting_green_is_not_rolled_back(tmp_path: Path) -> None:
             # a restart is neither a drop (no value, a negative one) nor a spike.
             first = next(i for i, v in enumerate(seen) if v is not None)
             assert all(v == pytest.approx(0.05, abs=1e-3) for v in seen[first:]), seen
+            # The operator's view says the same, as a scrape signal (no req/s, no 5xx).
+            text = guardctl("status", socket=the_lab.socket_path).stdout
+            lines = text.splitlines()
+            head = lines.index("signal runs (scrape): scraping every 0.1s")
+            green = lines[head + 2].split()
+            assert green[:3] == ["green", "value", "0.05"] and green[-1] == "samples)", text
+            assert "req/s" not in lines[head + 1] + lines[head + 2], text
             assert not [e for e in d.events() if e["event"].startswith("rollback")], d.events()
             assert the_lab.nginx.served_color() == "green"
             assert d.stop() == 0
