@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import anyio.to_thread
@@ -38,7 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from guardd.clock import Clock
 from guardd.core.signals import Reading
-from guardd.secrets import redact
+from guardd.secrets import REDACTED, redact
 
 #: How a scrape can fail (the keys of `status()["errors"]`).
 ERROR_KINDS: Final = ("timeout", "connect", "http", "oversize", "invalid")
@@ -242,6 +243,15 @@ class _Color:
         self.scrapes = 0
 
 
+def shown_url(url: str) -> str:
+    """`url` as status shows it: a user:password@ part (HTTP basic auth) becomes `***@`."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{REDACTED}@{host}"))
+
+
 def _cut(text: str) -> str:
     text = redact(text)
     return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 1] + "…"
@@ -319,7 +329,7 @@ class ScrapeSignal:
         return {
             "kind": "scrape",
             "state": f"scraping every {self.spec.every_s:g}s",
-            "urls": {c: _cut(u) for c, u in self.spec.urls.items()},
+            "urls": {c: _cut(shown_url(u)) for c, u in self.spec.urls.items()},
             "problem": self.problem,
             "scrapes": {c: s.scrapes for c, s in self.colors.items()},
             "errors": dict(self.errors),

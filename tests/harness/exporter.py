@@ -10,7 +10,8 @@
 Modes: `ok` (the exposition text), `huge` (an endless-looking body of `huge_bytes`, no
 Content-Length, written until the client goes away), `huge_declared` (the same with its
 Content-Length), `hang` (reads the request, never answers; released by `stop()`),
-`invalid` (text that is not the exposition format), `http_500`. `extra_series` adds that
+`trickle` (headers, then one byte of a valid line every 50 ms, never ending; released by
+`stop()`), `invalid` (text that is not the exposition format), `http_500`. `extra_series` adds that
 many gauge series (`app_series{n="..."}`) to the text, as a large app's /metrics has.
 """
 
@@ -23,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Literal
 
-ExporterMode = Literal["ok", "huge", "huge_declared", "hang", "invalid", "http_500"]
+ExporterMode = Literal["ok", "huge", "huge_declared", "hang", "trickle", "invalid", "http_500"]
 _CHUNK = b"# " + b"x" * 65533 + b"\n"
 
 
@@ -120,6 +121,16 @@ class _Handler(BaseHTTPRequestHandler):
         mode = exp.mode
         if mode == "hang":
             exp._stopping.wait()
+            return
+        if mode == "trickle":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                while not exp._stopping.wait(0.05):
+                    self.wfile.write(b"#")
+                    self.wfile.flush()
+            self.close_connection = True
             return
         if mode == "http_500":
             self._send(500, b"oops\n")

@@ -27,6 +27,7 @@ from guardd.signals.scrape import (
     parse,
     parse_selector,
     select,
+    shown_url,
 )
 from tests.harness.daemon import guardctl, lab, wait_until
 from tests.harness.exporter import Exporter, free_port
@@ -114,6 +115,14 @@ def test_a_bad_selector_is_a_config_error(tmp_path: Path) -> None:
     assert f"{path}: signals.runs." in out.stderr
     assert """ratio.of: 'm{a=x}': expected label="value" at 'a=x}'""" in out.stderr
     assert "value: 'rate(m[5m])': unexpected '(m[5m])' after the selector" in out.stderr
+
+
+def test_status_never_shows_basic_auth_credentials() -> None:
+    url = "http://agent:hunter2-pass@127.0.0.1:9100/metrics"
+    sig = ScrapeSignal("runs", ScrapeSpec(urls={"green": url}, value="m"), FixedClock())
+    assert sig.status()["urls"] == {"green": "http://***@127.0.0.1:9100/metrics"}
+    assert "hunter2" not in json.dumps(sig.status())
+    assert shown_url("https://h:1/metrics?x=1") == "https://h:1/metrics?x=1"
 
 
 TEXT = """\
@@ -371,8 +380,9 @@ async def test_a_50mb_exposition_is_abandoned(exporters: tuple[Exporter, ...], m
         assert sig.problem is None
 
 
+@pytest.mark.parametrize("mode", ["hang", "trickle"])
 async def test_a_hung_scrape_times_out_and_the_other_color_goes_on(
-    exporters: tuple[Exporter, ...],
+    exporters: tuple[Exporter, ...], mode: Any
 ) -> None:
     blue, green = exporters
     blue.runs_per_scrape(ok=1, failed=0)
@@ -380,7 +390,7 @@ async def test_a_hung_scrape_times_out_and_the_other_color_goes_on(
     spec = _spec({"blue": blue.url, "green": green.url}, timeout_s=0.3)
     async with scraping(spec) as sig:
         await until(lambda: _value(sig, "green") is not None, "green's ratio")
-        green.set_mode("hang")
+        green.set_mode(mode)
         await until(lambda: sig.errors["timeout"] >= 2, "two timeouts", within=30)
         assert _value(sig, "green") is None, "a hung scrape makes the reading inconclusive"
         assert sig.problem is not None and "green: timeout" in sig.problem
