@@ -30,7 +30,7 @@ from guardd.signals.scrape import (
     shown_url,
 )
 from tests.harness.daemon import guardctl, lab, wait_until
-from tests.harness.exporter import Exporter, free_port
+from tests.harness.exporter import Exporter, ExporterMode, free_port
 from tests.signals.access_log_lib import FixedClock, until
 
 pytestmark = pytest.mark.anyio
@@ -529,4 +529,78 @@ def test_a_restarting_green_is_not_rolled_back(tmp_path: Path) -> None:
             assert "req/s" not in lines[head + 1] + lines[head + 2], text
             assert not [e for e in d.events() if e["event"].startswith("rollback")], d.events()
             assert the_lab.nginx.served_color() == "green"
+            assert d.stop() == 0
+
+
+def _hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.nginx
+def test_a_hostile_metrics_endpoint_alerts_and_never_rolls_back(tmp_path: Path) -> None:
+    with Exporter() as blue_m, Exporter() as green_m:
+        blue_m.runs_per_scrape(ok=4, failed=0)
+        green_m.runs_per_scrape(ok=4, failed=0)
+        with lab(
+            tmp_path,
+            signals__runs={
+                "kind": "scrape",
+                "urls": {"blue": blue_m.url, "green": green_m.url},
+                "ratio": {"of": FAILED, "to": RUNS},
+                "every": "200ms",
+                "timeout": "500ms",
+                "max_bytes": 1024 * 1024,
+            },
+            rules=[
+                {
+                    "name": "agent-failures-p0",
+                    "signal": "runs",
+                    "stat": "value",
+                    "above": 0.20,
+                    "severity": "P0",
+                    "min_samples": 2,
+                }
+            ],
+        ) as the_lab:
+            d = the_lab.daemon()
+            wait_until(lambda: green_m.scrapes >= 5, 30, "guardd scraping green")
+            hwm_before = _hwm_kib(d.pid)
+            alerts = 0
+            episodes: list[tuple[ExporterMode, str]] = [
+                ("huge", "oversize"),
+                ("invalid", "invalid"),
+                ("hang", "timeout"),
+            ]
+            for mode, kind in episodes:
+                green_m.set_mode(mode)
+
+                def about(e: dict[str, Any], k: str = kind) -> bool:
+                    return f"green: {k}: " in e.get("reason", "")
+
+                alert = d.wait_event("alert", timeout=60, where=about)
+                assert "signal runs cannot read its source" in alert["reason"]
+                alerts += 1
+                doc = json.loads(guardctl("status", "--json", socket=the_lab.socket_path).stdout)
+                assert doc["signals"]["runs"]["errors"][kind] >= 1
+                assert doc["signals"]["runs"]["green"]["value"] is None, "inconclusive"
+                green_m.set_mode("ok")
+                wait_until(
+                    lambda: (
+                        json.loads(guardctl("status", "--json", socket=the_lab.socket_path).stdout)[
+                            "signals"
+                        ]["runs"]["problem"]
+                        is None
+                    ),
+                    60,
+                    "the signal reading green again",
+                )
+            # One alert per episode, never a rollback; the 50 MB body was never held.
+            got = [e for e in d.events() if "signal runs cannot read" in e.get("reason", "")]
+            assert len(got) == alerts
+            assert not [e for e in d.events() if e["event"].startswith("rollback")]
+            assert _hwm_kib(d.pid) - hwm_before < 20 * 1024, "peak RSS grew by 20 MiB or more"
+            assert green_m.huge_sent < green_m.huge_bytes
             assert d.stop() == 0
