@@ -433,6 +433,14 @@ class PrometheusSignalConfig(_Section):
         return _check_http_url(v)
 
 
+def _check_selector(text: str) -> str:
+    # Imported here: only a config with a scrape signal pays for the scrape module.
+    from guardd.signals.scrape import parse_selector  # noqa: PLC0415
+
+    parse_selector(text)
+    return text
+
+
 class ScrapeRatioConfig(_Section):
     """`ratio = { of = 'selector', to = 'selector' }`: increase of one over the other."""
 
@@ -440,6 +448,11 @@ class ScrapeRatioConfig(_Section):
     """The numerator's series selector, e.g. `agent_runs_total{result="failed"}`."""
     to: str
     """The denominator's series selector, e.g. `agent_runs_total`."""
+
+    @field_validator("of", "to")
+    @classmethod
+    def _selector(cls, v: str) -> str:
+        return _check_selector(v)
 
 
 class ScrapeSignalConfig(_Section):
@@ -470,6 +483,11 @@ class ScrapeSignalConfig(_Section):
         for url in v.values():
             _check_http_url(url)
         return v
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, v: str | None) -> str | None:
+        return None if v is None else _check_selector(v)
 
     def _cross_checks(self, invalid: frozenset[str]) -> Found:
         if invalid & {"ratio", "value"}:

@@ -374,10 +374,15 @@ class Guard:
         for name, signal in self.signals.items():
             problem = signal.problem or self._unusable(name, signal)
             by_color: dict[Color, Reading] = {}
-            for color in COLORS if problem is None else ():
-                # A signal that cannot read its source gives nothing: its rules are
-                # inconclusive, never fired on what it could not see.
+            for color in COLORS:
                 reading = signal.reading(color, now)
+                if reading is not None and problem is not None:
+                    # A signal that cannot read its source gives nothing: no sample, no
+                    # value, so its rules are inconclusive, never fired on what it could
+                    # not see; its last good reading still dates it (`stale_after`).
+                    reading = Reading(
+                        0, reading.window_s, dict.fromkeys(reading.stats), reading.last_at
+                    )
                 if reading is not None:
                     by_color[color] = reading
             readings[name] = by_color

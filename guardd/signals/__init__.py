@@ -19,6 +19,7 @@ from guardd.core.types import COLORS, Color
 from guardd.signals.access_log import AccessLogSignal, AccessLogSpec
 from guardd.signals.log_match import LogMatchSignal, LogMatchSpec
 from guardd.signals.prometheus import PrometheusSignal, PrometheusSpec
+from guardd.signals.scrape import ScrapeSignal, ScrapeSpec
 from guardd.upstream_addresses import color_addresses
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "LogMatchSpec",
     "PrometheusSignal",
     "PrometheusSpec",
+    "ScrapeSignal",
+    "ScrapeSpec",
     "Signal",
     "TrafficView",
     "build",
@@ -140,4 +143,15 @@ def build(
             timeout=table.timeout,
         )
         return PrometheusSignal(name, query, clock), []
+    if table.kind == "scrape":
+        scrape = ScrapeSpec(
+            urls=dict(table.urls),
+            ratio=(table.ratio.of, table.ratio.to) if table.ratio is not None else None,
+            value=table.value,
+            every_s=table.every,
+            timeout_s=table.timeout,
+            window_s=table.window or window_s,
+            max_bytes=table.max_bytes,
+        )
+        return ScrapeSignal(name, scrape, clock), []
     raise ValueError(f"kind: {table.kind!r} is not a kind of signal")  # pragma: no cover
