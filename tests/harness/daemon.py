@@ -219,13 +219,22 @@ class Lab:
     """Blue and green upstreams behind a private nginx, and a config guarding them."""
 
     def __init__(
-        self, tmp: Path, *, active: str = "green", run_dir: Path | None = None, **overrides: Any
+        self,
+        tmp: Path,
+        *,
+        active: str = "green",
+        run_dir: Path | None = None,
+        access_log: str | None = None,
+        **overrides: Any,
     ) -> None:
         self.tmp = tmp
         self.blue = Upstream("blue").start()
         self.green = Upstream("green").start()
         self.nginx = Nginx(
-            tmp / "nginx", {"blue": self.blue, "green": self.green}, active=active
+            tmp / "nginx",
+            {"blue": self.blue, "green": self.green},
+            active=active,
+            access_log=access_log,
         ).start()
         self.state_dir = tmp / "state"
         self.run_dir = run_dir or tmp / "run"
@@ -342,7 +351,8 @@ class Lab:
 class MakeLab(Protocol):
     """The `make_lab` fixture: a `Lab` in the test's tmp dir, torn down after the test.
 
-    Takes `Lab`'s keywords: `active`, `run_dir`, and config keys as `section__key=value`.
+    Takes `Lab`'s keywords: `active`, `run_dir`, `access_log`, and config keys as
+    `section__key=value`.
     """
 
     def __call__(self, **overrides: Any) -> Lab: ...
