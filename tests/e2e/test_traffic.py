@@ -388,3 +388,49 @@ def test_a_missing_log_is_waited_for_then_counted(make_lab: MakeLab, short_dir: 
     assert status(lab)["signals"]["traffic"]["problem"] is None
     assert logged <= load.answered_by("green")
     assert d.stop() == 0
+
+
+@pytest.mark.parametrize("denied", ["file", "directory"])
+def test_an_unreadable_log_is_a_problem_until_it_can_be_read(short_dir: Path, denied: str) -> None:
+    # root reads any file whatever its mode: this guardd runs as nobody, as under systemd.
+    logs = short_dir / "logs"
+    logs.mkdir()
+    log = logs / "access.log"
+    the_lab = Lab(
+        short_dir / "lab",
+        access_log=str(log),
+        signals__traffic={"kind": "access_log", "source": f"file:{log}", "window": "10s"},
+        rules=[ERROR_RULE],
+        switch__verify_url=None,
+    )
+    try:
+        the_lab.open_to_nobody()
+        the_lab.green.set_api(error_ratio=0.2)
+        (log if denied == "file" else logs).chmod(0o000 if denied == "file" else 0o700)
+        d = the_lab.daemon(notify=False, as_nobody=True)
+        alert = d.wait_event(
+            "alert", timeout=30, where=lambda e: "signal traffic" in (e.get("reason") or "")
+        )
+        assert "permission denied" in alert["reason"], alert
+        with Load(the_lab.nginx, rate=100) as load:
+            # Far more failing requests than the rule needs, in a log guardd may not read:
+            # inconclusive, never read as healthy, and no rollback.
+            load.wait_sent(300)
+            doc = status(the_lab)
+            signal = doc["signals"]["traffic"]
+            assert signal["problem"] == "permission denied", signal
+            assert signal["state"] == f"permission denied: {log}", signal
+            assert signal["lines"]["ok"] == 0
+            state = rule_state(doc, RULE, "green")
+            assert state is not None and state["state"] == "inconclusive", state
+            assert rollbacks(d) == []
+            # The operator fixes the mode: the traffic from then on is read and acted on.
+            (log if denied == "file" else logs).chmod(0o644 if denied == "file" else 0o755)
+            # The decision is what this test is about: nobody may not run this root nginx's
+            # config test, so the switch itself is refused (and undone) after it.
+            started = d.wait_event("rollback_started", timeout=60)
+        assert_traffic_evidence(started, load.answered_by("green"))
+        assert status(the_lab)["signals"]["traffic"]["problem"] is None
+        assert d.stop() == 0
+    finally:
+        the_lab.close()

@@ -79,8 +79,10 @@ class Daemon:
         env: dict[str, str] | None = None,
         notify: NotifySocket | None = None,
         extra_args: list[str] | None = None,
+        prefix: list[str] | None = None,
     ) -> None:
         self.config = config
+        self.prefix = prefix or []
         self.state_dir = state_dir
         self.journal_path = state_dir / "events.jsonl"
         self.state_path = state_dir / "state.json"
@@ -97,7 +99,7 @@ class Daemon:
         """Start the process (do not wait for READY)."""
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [*GUARDD, "run", "--config", str(self.config), *self.extra_args],
+            [*self.prefix, *GUARDD, "run", "--config", str(self.config), *self.extra_args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -318,8 +320,14 @@ class Lab:
         self.overrides.update(more)
         self.config_path.write_text(self.config_text())
 
-    def daemon(self, *, notify: bool = True, env: dict[str, str] | None = None) -> Daemon:
-        """Start guardd on this lab and wait for READY."""
+    def daemon(
+        self, *, notify: bool = True, env: dict[str, str] | None = None, as_nobody: bool = False
+    ) -> Daemon:
+        """Start guardd on this lab and wait for READY.
+
+        `as_nobody` runs it as uid `nobody` (the lab's folders must then be reachable and
+        its state, run and upstream folders writable by that uid; see `open_to_nobody`).
+        """
         if notify and self.notify is None:
             self.notify = NotifySocket(self.tmp / "notify.sock")
         after = len(self.notify.messages) if self.notify else 0
@@ -328,11 +336,24 @@ class Lab:
             self.state_dir,
             notify=self.notify if notify else None,
             env={"GUARDD_FAULT_DIR": str(self.fault_dir), **(env or {})},
+            prefix=nobody_prefix(as_nobody),
         ).start()
         self.daemons.append(d)
         if notify:
             d.wait_ready(after=after)
         return d
+
+    def open_to_nobody(self) -> None:
+        """Let a guardd run as `nobody` work here: the folders it writes become nobody's.
+
+        The lab's own folder must lie in a folder any uid may enter (pytest's are 0700).
+        """
+        self.state_dir.mkdir(exist_ok=True)
+        for folder in (self.tmp, self.state_dir, self.run_dir, self.fault_dir):
+            os.chown(folder, NOBODY, NOBODY)
+            folder.chmod(0o755)
+        # A switch writes the new link beside the old one.
+        os.chown(self.nginx.active_link.parent, NOBODY, NOBODY)
 
     def close(self) -> None:
         """Stop everything this lab started."""
