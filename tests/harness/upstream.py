@@ -7,7 +7,7 @@
         green.wait_for_requests(3)    # block until 3 requests have been served
         green.counts["http_503"]      # requests served per outcome
 
-Every path answers the same way, so `/healthz` and `/` behave alike. Modes:
+Every path but `/api` answers the same way, so `/healthz` and `/` behave alike. Modes:
 
 | mode         | answer                                                           |
 |--------------|------------------------------------------------------------------|
