@@ -234,9 +234,10 @@ def test_latency_above_the_baseline_after_a_switch_rolls_back(
     assert ev["rule"] == "traffic.p95_ms" and ev["stat"] == "p95_ms"
     assert ev["samples"] >= 20
     # Blue's p95 when traffic left it is the baseline; green's is about three times it.
-    # The value is green's p95 over that baseline: about 3.
-    assert 25 <= ev["baseline_p95_ms"] < 60, ev
-    assert ev["p95_ms"] >= 85, ev
+    # The value is green's p95 over that baseline (blue's, at least its 30 ms delay; were it
+    # green's own, the value would be about 1 and the rule would not have fired).
+    assert ev["baseline_p95_ms"] >= 29, ev
+    assert ev["p95_ms"] >= 89, ev
     assert ev["value"] == pytest.approx(ev["p95_ms"] / ev["baseline_p95_ms"], rel=0.01)
     assert ev["value"] >= 2.0, ev
     assert ev["sustained_s"] >= ev["sustain_s"] == 1.0, ev
