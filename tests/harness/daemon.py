@@ -79,8 +79,10 @@ class Daemon:
         env: dict[str, str] | None = None,
         notify: NotifySocket | None = None,
         extra_args: list[str] | None = None,
+        prefix: list[str] | None = None,
     ) -> None:
         self.config = config
+        self.prefix = prefix or []
         self.state_dir = state_dir
         self.journal_path = state_dir / "events.jsonl"
         self.state_path = state_dir / "state.json"
@@ -97,7 +99,7 @@ class Daemon:
         """Start the process (do not wait for READY)."""
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [*GUARDD, "run", "--config", str(self.config), *self.extra_args],
+            [*self.prefix, *GUARDD, "run", "--config", str(self.config), *self.extra_args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -219,13 +221,22 @@ class Lab:
     """Blue and green upstreams behind a private nginx, and a config guarding them."""
 
     def __init__(
-        self, tmp: Path, *, active: str = "green", run_dir: Path | None = None, **overrides: Any
+        self,
+        tmp: Path,
+        *,
+        active: str = "green",
+        run_dir: Path | None = None,
+        access_log: str | None = None,
+        **overrides: Any,
     ) -> None:
         self.tmp = tmp
         self.blue = Upstream("blue").start()
         self.green = Upstream("green").start()
         self.nginx = Nginx(
-            tmp / "nginx", {"blue": self.blue, "green": self.green}, active=active
+            tmp / "nginx",
+            {"blue": self.blue, "green": self.green},
+            active=active,
+            access_log=access_log,
         ).start()
         self.state_dir = tmp / "state"
         self.run_dir = run_dir or tmp / "run"
@@ -309,8 +320,14 @@ class Lab:
         self.overrides.update(more)
         self.config_path.write_text(self.config_text())
 
-    def daemon(self, *, notify: bool = True, env: dict[str, str] | None = None) -> Daemon:
-        """Start guardd on this lab and wait for READY."""
+    def daemon(
+        self, *, notify: bool = True, env: dict[str, str] | None = None, as_nobody: bool = False
+    ) -> Daemon:
+        """Start guardd on this lab and wait for READY.
+
+        `as_nobody` runs it as uid `nobody` (the lab's folders must then be reachable and
+        its state, run and upstream folders writable by that uid; see `open_to_nobody`).
+        """
         if notify and self.notify is None:
             self.notify = NotifySocket(self.tmp / "notify.sock")
         after = len(self.notify.messages) if self.notify else 0
@@ -319,11 +336,24 @@ class Lab:
             self.state_dir,
             notify=self.notify if notify else None,
             env={"GUARDD_FAULT_DIR": str(self.fault_dir), **(env or {})},
+            prefix=nobody_prefix(as_nobody),
         ).start()
         self.daemons.append(d)
         if notify:
             d.wait_ready(after=after)
         return d
+
+    def open_to_nobody(self) -> None:
+        """Let a guardd run as `nobody` work here: the folders it writes become nobody's.
+
+        The lab's own folder must lie in a folder any uid may enter (pytest's are 0700).
+        """
+        self.state_dir.mkdir(exist_ok=True)
+        for folder in (self.tmp, self.state_dir, self.run_dir, self.fault_dir):
+            os.chown(folder, NOBODY, NOBODY)
+            folder.chmod(0o755)
+        # A switch writes the new link beside the old one.
+        os.chown(self.nginx.active_link.parent, NOBODY, NOBODY)
 
     def close(self) -> None:
         """Stop everything this lab started."""
@@ -342,7 +372,8 @@ class Lab:
 class MakeLab(Protocol):
     """The `make_lab` fixture: a `Lab` in the test's tmp dir, torn down after the test.
 
-    Takes `Lab`'s keywords: `active`, `run_dir`, and config keys as `section__key=value`.
+    Takes `Lab`'s keywords: `active`, `run_dir`, `access_log`, and config keys as
+    `section__key=value`.
     """
 
     def __call__(self, **overrides: Any) -> Lab: ...

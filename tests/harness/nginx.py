@@ -20,6 +20,10 @@ upstream with ``proxy_next_upstream off``, so an upstream's failure shows throug
 passes the upstream's ``X-Color`` header on. ``test_command`` and ``reload_command``
 are argv lists acting on this instance only.
 
+With ``access_log`` (a path, or ``syslog:server=unix:PATH,nohostname``) nginx logs every
+request there with guardd's shipped ``log_format guardd``
+(``packaging/nginx/guardd-log-format.conf``), as production does for the access-log signal.
+
 After a reload the old workers keep accepting connections for ~100 ms, so "the first
 answer came from green" proves nothing: use `wait_serving_only`.
 
@@ -43,6 +47,7 @@ from guardd._demo import nginx as private
 from tests.harness.upstream import Upstream
 
 _START_ATTEMPTS = 5
+LOG_FORMAT = Path(__file__).resolve().parents[2] / "packaging/nginx/guardd-log-format.conf"
 
 
 def nginx_binary() -> str:
@@ -83,8 +88,10 @@ class Nginx(private.Nginx):
         name: str = "lab",
         *,
         active: str = "blue",
+        access_log: str | None = None,
     ) -> None:
         self.upstreams = dict(upstreams)
+        self.access_log = access_log
         super().__init__(
             nginx_binary(),
             tmp,
@@ -103,6 +110,24 @@ class Nginx(private.Nginx):
         except private.NginxFailed as e:
             raise RuntimeError(f"nginx did not start:\n{e}") from None
         return self
+
+    def _render(self, temp_paths: str) -> str:
+        base = super()._render(temp_paths)
+        if self.access_log is None:
+            return base
+        logging = f"include {LOG_FORMAT};\n    access_log {self.access_log} guardd;"
+        return base.replace("access_log off;", logging, 1)
+
+    def log_to(self, access_log: str | None) -> None:
+        """Log requests to `access_log` from now on (None: not at all): rewrite, reload."""
+        self.access_log = access_log
+        self.conf.write_text(self._render(self._temp_paths()))
+        self.reload()
+
+    def reopen(self) -> None:
+        """`nginx -s reopen`, as logrotate's postrotate runs it."""
+        command = ["reopen" if arg == "reload" else arg for arg in self.reload_command]
+        subprocess.run(command, check=True, capture_output=True, timeout=30)
 
     def reload(self) -> None:
         """Run the reload command; raise if nginx refuses."""

@@ -7,7 +7,7 @@
         green.wait_for_requests(3)    # block until 3 requests have been served
         green.counts["http_503"]      # requests served per outcome
 
-Every path answers the same way, so `/healthz` and `/` behave alike. Modes:
+Every path but `/api` answers the same way, so `/healthz` and `/` behave alike. Modes:
 
 | mode         | answer                                                           |
 |--------------|------------------------------------------------------------------|
@@ -19,6 +19,11 @@ Every path answers the same way, so `/healthz` and `/` behave alike. Modes:
 | `pattern`    | cycles through `statuses`, e.g. `[503, 503, 200]` (200 is `ok`)  |
 | `random_5xx` | 503 with `probability`, else `ok`; `seed` makes it repeatable    |
 | `slow`       | waits `delay` seconds (cut short by `stop()`), then `ok`         |
+
+`/api` (and every path under it) answers on its own terms, set by `set_api`: a 500 for a
+given fraction of its requests, spread evenly (`error_ratio=0.2`: every fifth), after an
+optional `delay`; otherwise the mode's `ok` answer. `/healthz` keeps following the mode, so
+real traffic can fail while the probes pass. `api_counts` counts `/api` answers by status.
 
 Outcomes counted in `counts`: `ok`, `http_<status>` (e.g. `http_503`), `hang`,
 `not_json`, `json_down`. Every answer carries `X-Color` (hang sends none).
@@ -60,6 +65,10 @@ class Upstream:
         self._probability = 0.0
         self._rng = random.Random(0)  # noqa: S311 -- repeatable failures, not secrets
         self._delay = 0.0
+        self._api_error_ratio = 0.0
+        self._api_delay = 0.0
+        self._api_requests = 0
+        self._api_counts: Counter[int] = Counter()
         self.set_mode(mode)
         self._server = _Server((host, 0), _Handler, self)
         self.port: int = self._server.server_address[1]
@@ -116,6 +125,22 @@ class Upstream:
             self._probability = probability
             self._rng = random.Random(seed)  # noqa: S311 -- repeatable failures, not secrets
             self._delay = delay
+
+    def set_api(self, *, error_ratio: float = 0.0, delay: float = 0.0) -> None:
+        """How `/api` answers from now on: a 500 for `error_ratio` of its requests (spread
+        evenly), each after `delay` seconds; safe from any thread."""
+        if not 0.0 <= error_ratio <= 1.0:
+            raise ValueError("error_ratio must lie in [0, 1]")
+        with self._lock:
+            self._api_error_ratio = error_ratio
+            self._api_delay = delay
+            self._api_requests = 0
+
+    @property
+    def api_counts(self) -> Counter[int]:
+        """The `/api` answers so far, by status."""
+        with self._lock:
+            return Counter(self._api_counts)
 
     def wait_for_requests(self, n: int, timeout: float = 10.0) -> bool:
         """Block until at least *n* requests were received in all; False on timeout."""
@@ -174,6 +199,20 @@ class Upstream:
     def _untrack(self, conn: socket.socket) -> None:
         with self._lock:
             self._connections.discard(conn)
+
+    def _decide_api(self) -> tuple[int, float]:
+        """Pick an `/api` request's (status, delay) and count it."""
+        with self._served:
+            n = self._api_requests
+            self._api_requests += 1
+            ratio = self._api_error_ratio
+            # The n-th request fails when it carries the failures' running total past a
+            # whole number: exactly `ratio` of any long run, evenly spread.
+            failed = int((n + 1) * ratio) > int(n * ratio)
+            status = 500 if failed else 200
+            self._api_counts[status] += 1
+            self._served.notify_all()
+            return status, self._api_delay
 
     def _decide(self) -> tuple[str, int, float]:
         """Pick this request's (outcome, status, delay) and count it."""
@@ -239,6 +278,9 @@ class _Handler(BaseHTTPRequestHandler):
         if upstream._stopping.is_set():
             self.close_connection = True
             return
+        if self.path == "/api" or self.path.startswith(("/api/", "/api?")):
+            self._answer_api(upstream)
+            return
         outcome, status, delay = upstream._decide()
         if outcome == "hang":
             upstream._stopping.wait()
@@ -262,6 +304,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Color", color)
+        if upstream._stopping.is_set():
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(body)
+
+    def _answer_api(self, upstream: Upstream) -> None:
+        status, delay = upstream._decide_api()
+        if delay and upstream._stopping.wait(delay):
+            self.close_connection = True
+            return
+        document = {"color": upstream.color, "ok": status == 200}
+        body = json.dumps(document).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Color", upstream.color)
         if upstream._stopping.is_set():
             self.send_header("Connection", "close")
             self.close_connection = True
