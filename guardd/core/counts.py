@@ -11,41 +11,28 @@ last `slots` ones: never once it is older than `span`, always while younger than
 
 from __future__ import annotations
 
-import math
-from typing import Final
+from guardd.core.slots import MAX_SLOTS, SlotWindow
 
-#: Slots at most; a longer span gets wider slots so that memory stays bounded.
-MAX_SLOTS: Final = 600
+__all__ = ["MAX_SLOTS", "CountWindow"]
 
 
-class CountWindow:
+class CountWindow(SlotWindow):
     """Events and hits of one source over the last `span_s` seconds (monotonic time).
 
     `created_at` is the monotonic time the window starts from. The caller bounds the text
     it hands `add` (only one text is kept per slot).
     """
 
-    __slots__ = ("_current", "_events", "_first", "_hits", "_slot_s", "_slots", "_tot", "span_s")
+    __slots__ = ("_events", "_first", "_hits", "_tot")
 
     def __init__(self, span_s: float, created_at: float) -> None:
-        if not (span_s > 0 and math.isfinite(span_s)):
-            raise ValueError(f"span_s must be a positive number of seconds, not {span_s!r}")
-        self.span_s = float(span_s)
-        self._slots = min(math.ceil(self.span_s), MAX_SLOTS)
-        self._slot_s = self.span_s / self._slots
+        super().__init__(span_s, created_at)
         n = self._slots
         self._events = [0] * n
         self._hits = [0] * n
         self._first: list[str | None] = [None] * n
         # Totals over the window: [events, hits].
         self._tot = [0, 0]
-        # The number (not the ring index) of the newest slot the window has moved to.
-        self._current = math.floor(created_at / self._slot_s)
-
-    @property
-    def slot_s(self) -> float:
-        """The width of one slot in seconds: the window's granularity."""
-        return self._slot_s
 
     def add(self, at: float, events: int, hits: int = 0, first_hit: str | None = None) -> bool:
         """Count `events` events, `hits` of them hits, seen at monotonic time `at`.
@@ -57,12 +44,9 @@ class CountWindow:
         """
         if not 0 <= hits <= events:
             raise ValueError(f"need 0 <= hits <= events, not hits={hits} events={events}")
-        k = math.floor(at / self._slot_s)
-        if k > self._current:
-            self._advance(k)
-        elif k <= self._current - self._slots:
+        i = self._slot_at(at)
+        if i is None:
             return False
-        i = k % self._slots
         self._events[i] += events
         self._hits[i] += hits
         self._tot[0] += events
@@ -71,22 +55,15 @@ class CountWindow:
             self._first[i] = first_hit
         return True
 
-    def _advance(self, k: int) -> None:
-        """Move the newest slot to `k`, emptying the slots that fall out of the window."""
-        n = self._slots
-        for slot in range(max(self._current + 1, k - n + 1), k + 1):
-            i = slot % n
-            self._tot[0] -= self._events[i]
-            self._tot[1] -= self._hits[i]
-            self._events[i] = self._hits[i] = 0
-            self._first[i] = None
-        self._current = k
+    def _clear(self, i: int) -> None:
+        self._tot[0] -= self._events[i]
+        self._tot[1] -= self._hits[i]
+        self._events[i] = self._hits[i] = 0
+        self._first[i] = None
 
     def counts(self, now: float) -> tuple[int, int]:
         """(events, hits) in the window at monotonic time `now`."""
-        k = math.floor(now / self._slot_s)
-        if k > self._current:
-            self._advance(k)
+        self._move_to(now)
         return self._tot[0], self._tot[1]
 
     def first_hit(self, now: float) -> str | None:

@@ -18,12 +18,11 @@ import math
 from typing import Final
 
 from guardd.core.signals import Reading
+from guardd.core.slots import SlotWindow
 from guardd.core.window import _BUCKETS, _bucket, histogram_percentile
 
 #: The status classes counted, in the order of `detail`; `1xx` is there for upgrades (101).
 CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
-#: Slots at most; a longer span gets wider slots so that memory stays bounded.
-MAX_SLOTS: Final = 600
 _5XX: Final = 4
 # Latency (us) -> bucket for the values seen most: nginx logs whole milliseconds, so a few
 # thousand entries spare most requests a logarithm. Bounded: past the cap, no new entries.
@@ -38,7 +37,7 @@ def status_class(status: int) -> str:
     return CLASSES[status // 100 - 1]
 
 
-class TrafficWindow:
+class TrafficWindow(SlotWindow):
     """The requests of one color over the last `span_s` seconds (monotonic time).
 
     `created_at` is the monotonic time the window starts from: the reading's `last_at`
@@ -47,11 +46,8 @@ class TrafficWindow:
 
     __slots__ = (
         "_classes",
-        "_current",
         "_empty",
         "_hists",
-        "_slot_s",
-        "_slots",
         "_sum_us",
         "_timed",
         "_tot_classes",
@@ -59,15 +55,10 @@ class TrafficWindow:
         "_tot_sum_us",
         "_tot_timed",
         "last_at",
-        "span_s",
     )
 
     def __init__(self, span_s: float, created_at: float) -> None:
-        if not (span_s > 0 and math.isfinite(span_s)):
-            raise ValueError(f"span_s must be a positive number of seconds, not {span_s!r}")
-        self.span_s = float(span_s)
-        self._slots = min(math.ceil(self.span_s), MAX_SLOTS)
-        self._slot_s = self.span_s / self._slots
+        super().__init__(span_s, created_at)
         n = self._slots
         self._classes = [[0] * len(CLASSES) for _ in range(n)]
         self._timed = [0] * n
@@ -77,16 +68,9 @@ class TrafficWindow:
         self._tot_timed = 0
         self._tot_sum_us = 0
         self._tot_hist = [0] * _BUCKETS
-        # The index of the newest slot the window has moved to (slot number, not ring index).
-        self._current = math.floor(created_at / self._slot_s)
         #: Monotonic time of the newest request, or `created_at` before the first.
         self.last_at = created_at
         self._empty = True
-
-    @property
-    def slot_s(self) -> float:
-        """The width of one slot in seconds: the window's granularity."""
-        return self._slot_s
 
     def add(self, at: float, status: int, request_time_s: float | None) -> bool:
         """Count one request that ended at monotonic time `at`.
@@ -101,12 +85,9 @@ class TrafficWindow:
             raise ValueError(f"HTTP status {status} is not within 100 ... 599")
         if request_time_s is not None and not 0.0 <= request_time_s < math.inf:
             raise ValueError(f"request time {request_time_s!r} is not a finite s >= 0")
-        k = math.floor(at / self._slot_s)
-        if k > self._current:
-            self._advance(k)
-        elif k <= self._current - self._slots:
+        i = self._slot_at(at)
+        if i is None:
             return False
-        i = k % self._slots
         self._classes[i][cls] += 1
         self._tot_classes[cls] += 1
         if request_time_s is not None:
@@ -127,25 +108,20 @@ class TrafficWindow:
         self._empty = False
         return True
 
-    def _advance(self, k: int) -> None:
-        """Move the newest slot to `k`, emptying the slots that fall out of the window."""
-        n = self._slots
-        for slot in range(max(self._current + 1, k - n + 1), k + 1):
-            i = slot % n
-            counts = self._classes[i]
-            for c, count in enumerate(counts):
-                if count:
-                    self._tot_classes[c] -= count
-                    counts[c] = 0
-            if self._timed[i]:
-                self._tot_timed -= self._timed[i]
-                self._tot_sum_us -= self._sum_us[i]
-                self._timed[i] = 0
-                self._sum_us[i] = 0
-                for b, count in self._hists[i].items():
-                    self._tot_hist[b] -= count
-                self._hists[i] = {}
-        self._current = k
+    def _clear(self, i: int) -> None:
+        counts = self._classes[i]
+        for c, count in enumerate(counts):
+            if count:
+                self._tot_classes[c] -= count
+                counts[c] = 0
+        if self._timed[i]:
+            self._tot_timed -= self._timed[i]
+            self._tot_sum_us -= self._sum_us[i]
+            self._timed[i] = 0
+            self._sum_us[i] = 0
+            for b, count in self._hists[i].items():
+                self._tot_hist[b] -= count
+            self._hists[i] = {}
 
     def _percentile(self, q: float) -> float | None:
         return histogram_percentile(self._tot_hist, self._tot_timed, q)
@@ -158,9 +134,7 @@ class TrafficWindow:
         (latency of the timed requests, ms; None with none; percentiles within ~2 %).
         `detail` holds the count per status class (`"1xx"` ... `"5xx"`).
         """
-        k = math.floor(now / self._slot_s)
-        if k > self._current:
-            self._advance(k)
+        self._move_to(now)
         requests = sum(self._tot_classes)
         timed = self._tot_timed
         stats: dict[str, float | None] = {

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardd.core.signals import KIND_STATS
-from guardd.core.traffic import CLASSES, MAX_SLOTS, TrafficWindow, status_class
+from guardd.core.slots import MAX_SLOTS
+from guardd.core.traffic import CLASSES, TrafficWindow, status_class
 from guardd.core.window import _BUCKETS
 
 
