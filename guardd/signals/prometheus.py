@@ -38,6 +38,7 @@ from guardd.clock import Clock
 from guardd.core.signals import Reading
 from guardd.core.types import COLORS
 from guardd.secrets import Secret, redact
+from guardd.signals._http import BodyRefused, read_capped
 
 #: What became of a query (the keys of `status()["queries"]`).
 OUTCOMES: Final = (
@@ -358,19 +359,13 @@ class PrometheusSignal:
 async def _read_capped(response: httpx.Response) -> bytes:
     """The answer's body; QueryFailed: `too_large` past `MAX_ANSWER_BYTES` (read no further),
     `invalid` when compressed (guardd asks for identity; a compressed one could be a bomb)."""
-    coding = response.headers.get("Content-Encoding", "identity").strip().lower()
-    if coding not in ("", "identity"):
-        raise QueryFailed("invalid", _text(f"a {coding} answer, not asked for"))
-    declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
-        raise QueryFailed(
-            "too_large", f"an answer of {declared} bytes (at most {MAX_ANSWER_BYTES})"
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_raw():
-        size += len(chunk)
-        if size > MAX_ANSWER_BYTES:
-            raise QueryFailed("too_large", f"an answer longer than {MAX_ANSWER_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return await read_capped(response, MAX_ANSWER_BYTES)
+    except BodyRefused as e:
+        if e.why == "compressed":
+            raise QueryFailed("invalid", _text(f"a {e.coding} answer, not asked for")) from None
+        if e.declared is not None:
+            raise QueryFailed(
+                "too_large", f"an answer of {e.declared} bytes (at most {MAX_ANSWER_BYTES})"
+            ) from None
+        raise QueryFailed("too_large", f"an answer longer than {MAX_ANSWER_BYTES} bytes") from None

@@ -40,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from guardd.clock import Clock
 from guardd.core.signals import Reading
 from guardd.secrets import REDACTED, redact
+from guardd.signals._http import BodyRefused, read_capped
 
 #: How a scrape can fail (the keys of `status()["errors"]`).
 ERROR_KINDS: Final = ("timeout", "connect", "http", "oversize", "invalid")
@@ -415,22 +416,22 @@ class ScrapeSignal:
         async with client.stream("GET", url) as response:
             if response.status_code != 200:
                 raise _Scrape("http", f"HTTP {response.status_code}")
-            encoding = response.headers.get("content-encoding", "identity").lower()
-            if encoding not in ("", "identity"):
-                raise _Scrape("invalid", f"a {encoding} body (guardd asks for identity)")
-            length = response.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > limit:
-                raise _Scrape("oversize", f"{length} bytes is over max_bytes ({limit})")
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.aiter_raw():
-                size += len(chunk)
+
+            def held(size: int) -> None:
                 self.max_held = max(self.max_held, size)
-                if size > limit:
-                    # Abandoned unread: closing the stream drops the connection.
-                    raise _Scrape("oversize", f"over max_bytes ({limit}) and not read further")
-                chunks.append(chunk)
-        return b"".join(chunks)
+
+            try:
+                return await read_capped(response, limit, held)
+            except BodyRefused as e:
+                if e.why == "compressed":
+                    raise _Scrape("invalid", e.detail) from None
+                if e.declared is not None:
+                    raise _Scrape(
+                        "oversize", f"{e.declared} bytes is over max_bytes ({limit})"
+                    ) from None
+                raise _Scrape(
+                    "oversize", f"over max_bytes ({limit}) and not read further"
+                ) from None
 
     def _failed(self, state: _Color, kind: str, why: str) -> None:
         self.errors[kind] += 1
