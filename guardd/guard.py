@@ -372,11 +372,15 @@ class Guard:
         readings: dict[str, dict[Color, Reading]] = {}
         problems: dict[str, str | None] = {}
         for name, signal in self.signals.items():
-            problem = signal.problem or self._unusable(name, signal)
+            unusable = self._unusable(name, signal)
+            problem = signal.problem or unusable
+            blind = unusable is not None or (
+                signal.problem is not None and getattr(signal, "blind_on_problem", True)
+            )
             by_color: dict[Color, Reading] = {}
             for color in COLORS:
                 reading = signal.reading(color, now)
-                if reading is not None and problem is not None:
+                if reading is not None and blind:
                     # A signal that cannot read its source gives nothing: no sample, no
                     # value, so its rules are inconclusive, never fired on what it could
                     # not see; its last good reading still dates it (`stale_after`).

@@ -38,7 +38,11 @@ __all__ = [
 
 
 class Signal(Protocol):
-    """What the guard needs of a running signal adapter."""
+    """What the guard needs of a running signal adapter.
+
+    An adapter may set a class attribute `blind_on_problem = False` when a fault of one
+    color's source makes only that color's reading inconclusive (its own doing); without
+    it, the guard reads nothing of the signal while `problem` is set (fail closed)."""
 
     name: str
 

@@ -111,6 +111,10 @@ class LogMatchSignal:
     monotonic totals, `lines[outcome]` the same over every color.
     """
 
+    #: A fault makes only its own color's reading inconclusive (the adapter does that), so
+    #: the guard keeps reading the other color while `problem` is set.
+    blind_on_problem = False
+
     def __init__(self, name: str, spec: LogMatchSpec, clock: Clock) -> None:
         self.name = name
         self.spec = spec

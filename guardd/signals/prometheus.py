@@ -207,6 +207,10 @@ class PrometheusSignal:
     `queries[outcome]` counts every query by its outcome (monotonic totals).
     """
 
+    #: A fault makes only its own color's reading inconclusive (the adapter does that), so
+    #: the guard keeps reading the other color while `problem` is set.
+    blind_on_problem = False
+
     def __init__(
         self,
         name: str,

@@ -266,6 +266,10 @@ class ScrapeSignal:
     successful scrape (the signal's start before the first).
     """
 
+    #: A fault makes only its own color's reading inconclusive (the adapter does that), so
+    #: the guard keeps reading the other color while `problem` is set.
+    blind_on_problem = False
+
     def __init__(
         self,
         name: str,

@@ -138,3 +138,27 @@ async def test_a_log_of_nothing_usable_is_said_and_decides_nothing(tmp_path: Pat
         signal.lines["ok"] += 5
         await rig.probe_round()
         assert rig.guard.snapshot()["signals"]["traffic"]["problem"] is None
+
+
+class PerColorSignal(FedSignal):
+    """A signal whose adapter makes only the failing color's reading inconclusive."""
+
+    blind_on_problem = False
+
+
+async def test_a_fault_of_the_standby_s_source_leaves_the_active_color_guarded(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "threader.toml"
+    path.write_text(textwrap.dedent(CONFIG))
+    signal = PerColorSignal("traffic")
+    async with await build_guard(tmp_path, config=path, signals={"traffic": signal}).start() as rig:
+        for name in ("blue", "green"):
+            rig.probers[name].answer(200)
+        await rig.probe_rounds(2)
+        signal.problem = "blue: timeout: no answer within 2s"  # the standby's source only
+        feed(rig, "green", 812, 0.19)  # ... while the active color fails for real
+        await rig.probe_round()
+        assert rig.guard.active == "blue"
+        (started,) = rig.events("rollback_started")
+        assert started["evidence"]["rule"] == "traffic.error_ratio"
