@@ -161,6 +161,8 @@ class Guard:
         self.signals: dict[str, Signal] = {}
         self.readings: dict[str, dict[Color, Reading]] = {}
         self._signal_problems: set[str] = set()
+        #: Other guards whose lines the journal in state.dir holds (a shared state.dir).
+        self.foreign_journal: list[str] = []
         #: Why each signal gives nothing at the last tick (None: it reads fine).
         self.signal_problems: dict[str, str | None] = {}
         # Each access-log signal's request totals of a color at the last tick (by the

@@ -30,8 +30,21 @@ def load_history(guard: Guard) -> None:
     # The whole file, not only the recent events kept in memory: a busy hour (a guard
     # window extended again and again) must not push a rollback out of the budget.
     wall, mono = guard.clock.wall(), guard.clock.monotonic()
+    others: set[str] = set()
     for entry in guard.journal.read():
         guard.budget.count(entry, mono - (wall - _ts(entry)))
+        written_by = entry.get("guard")
+        if isinstance(written_by, str) and written_by != guard.s.instance:
+            others.add(written_by)
+    if others:
+        # A state.dir shared with (or copied from) another guard: its rollbacks count in
+        # this one's budget and incidents. Said, not undone: the journal is append-only.
+        guard.foreign_journal = sorted(others)
+        guard.log.warning(
+            "journal_of_another_guard",
+            others=sorted(others),
+            path=str(guard.journal.path),
+        )
 
 
 def open_rollback(recent: Reversible[dict[str, Any]]) -> dict[str, Any] | None:

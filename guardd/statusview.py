@@ -164,6 +164,11 @@ def warnings(guard: Guard) -> list[str]:
     found += [
         f"signal {name} is stale: its rules are inconclusive" for name in stale_signals(guard)
     ]
+    if guard.foreign_journal:
+        found.append(
+            f"state.dir's journal also holds guard {', '.join(guard.foreign_journal)}: their "
+            "rollbacks count in this guard's budget; give each guard its own state.dir"
+        )
     found += [
         f"signal {name} gives nothing: {problem}"
         for name, problem in sorted(guard.signal_problems.items())

@@ -233,6 +233,7 @@ GUARD_NOT_KEPT = {
     "readings": "the signals' readings at the last tick: measurements, taken again",
     "_signal_problems": "which signal problems were alerted: a problem still there after a "
     "restart is alerted again, once",
+    "foreign_journal": "read again from the journal at every start",
     "signal_problems": "why each signal gave nothing at the last tick: measured again",
     "_lines_seen": "line counts at the last tick: the adapters count anew from 0",
     "_unusable_streak": "unusable lines in a row: counted anew after a restart",

@@ -365,3 +365,20 @@ async def test_a_resumed_rollback_is_verified_through_the_front_door(tmp_path: P
         assert lock_held(after)
     finally:
         await after.aclose()
+
+
+async def test_a_journal_shared_with_another_guard_is_said(tmp_path: Path) -> None:
+    rig = await rolled_back(tmp_path / "a", instance="threader")
+    await rig.aclose()
+    # Another guard given the same state.dir: the first one's rollback counts in its
+    # budget, so the operator is told, in the log and in status.
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "state").symlink_to(tmp_path / "a" / "state")
+    other = await build_guard(tmp_path / "b", instance="billing").start()
+    try:
+        assert other.guard.foreign_journal == ["threader"]
+        (warning,) = [w for w in other.guard.snapshot()["warnings"] if "state.dir" in w]
+        assert "also holds guard threader" in warning
+        assert any(c.args == ("journal_of_another_guard",) for c in other.log.calls)
+    finally:
+        await other.aclose()
