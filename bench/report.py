@@ -98,6 +98,24 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"p95 {_get(dec, 'first_500_to_decision_ms', 'p95')} ms ({dec['decided']} decided)",
             dec["met"],
         )
+    parse = s.get("parse")
+    if parse:
+        add(
+            "access-log lines parsed per second, one core, beside a bare json.loads loop",
+            ">= 0.5 x the bare loop and >= 100,000 lines/s",
+            f"{parse['guardd_lines_per_s']:,} lines/s ({parse['ratio']} x)",
+            parse["goals_met"],
+        )
+    sc = s.get("scrape")
+    if sc:
+        add(
+            f"scrape of {sc['series']:,} series every {sc['every_s']:g} s, CPU per scrape",
+            "beside Prometheus's own scrape (no target)",
+            f"{sc['guardd']['cpu_ms_per_scrape']} ms vs {sc['prometheus']['cpu_ms_per_scrape']} ms "
+            f"(x{sc['ratio_cpu_per_scrape_guardd_over_prometheus']}), "
+            f"RSS +{sc['guardd']['rss_growth_kib']} KiB",
+            None,
+        )
     return rows
 
 

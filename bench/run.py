@@ -1,6 +1,7 @@
 """`make bench`: guardd against the tools it replaces, measured side by side in one run.
 
-    python -m bench.run [--quick] [--only cost,ctl,ttr,scale,quorum,load,traffic] [--out DIR]
+    python -m bench.run [--quick] [--only cost,ctl,ttr,scale,quorum,load,traffic,parse,scrape]
+        [--out DIR]
 
 Suites (bench/README.md says what each measures and why):
   cost    CPU per probe and memory of guardd, blackbox_exporter, the shell loop, monit
@@ -12,6 +13,8 @@ Suites (bench/README.md says what each measures and why):
   load    wrk through nginx during a rollback: where the client-visible errors fall
   traffic guardd's CPU with an access_log signal at 2,000 logged req/s, and the time from
           the first 500 to the traffic rule's rollback decision at 100 req/s
+  parse   access-log lines parsed per second by guardd beside a bare json.loads loop
+  scrape  CPU per scrape of a 10k-series /metrics by guardd beside Prometheus's own scrape
 Every figure lands in DIR/latest.json and DIR/latest.md (default bench/results).
 """
 
@@ -28,13 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import cost, ctl, load, report, scale, subjects, traffic, ttr
+from bench import access_log, cost, ctl, load, report, scale, scrape, subjects, traffic, ttr
 from bench.context import COLORS, Bench
 from bench.nginx import AppServer
 from bench.notify import NotifyHub
 from bench.tools import ensure_tools, machine, runtime_install
 
-SUITES = ("cost", "ctl", "ttr", "scale", "quorum", "load", "traffic")
+SUITES = ("cost", "ctl", "ttr", "scale", "quorum", "load", "traffic", "parse", "scrape")
 # The soak reads memory this long after the guardd and blackbox_exporter it watches started.
 SOAK_S = 600.0
 QUICK_SOAK_S = 60.0
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         "quorum": lambda: scale.run_quorum(ctx),
         "load": lambda: load.run(ctx),
         "traffic": lambda: traffic.run(ctx),
+        "parse": lambda: access_log.measure(50_000 if args.quick else 300_000, 5),
+        "scrape": lambda: scrape.measure(10_000, 5.0, 30.0 if args.quick else 120.0),
     }
     try:
         if "cost" in only or "ctl" in only:

@@ -245,7 +245,17 @@ def _log_match(stats: object, file: object) -> str:
 def _rules_table(rules: object, active: object, paint: _Paint) -> list[str]:
     if not isinstance(rules, list) or not rules:
         return []
-    headers = ["RULE", "SEV", "WHEN", *(c.upper() + ("*" if c == active else "") for c in COLORS)]
+    # Which column is live: the standby is judged too, but a rule firing there only says
+    # why traffic left it (or why a promote would be refused), not that users are hurt.
+    headers = [
+        "RULE",
+        "SEV",
+        "WHEN",
+        *(
+            c.upper() + (" (active)" if c == active else " (standby)" if active else "")
+            for c in COLORS
+        ),
+    ]
     rows = []
     for rule in rules:
         if not isinstance(rule, Mapping):
