@@ -36,7 +36,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from guardd import paths
 from guardd.core.policy import PolicySpec, spec_rules
-from guardd.core.rules import BUILTIN_NAMES, Op, Rule
+from guardd.core.rules import BUILTIN_NAMES, OPS, Rule
 from guardd.core.signals import KIND_STATS, PROBE
 from guardd.core.types import COLORS, Color
 from guardd.exceptions import ConfigError, ConfigProblem
@@ -333,6 +333,10 @@ class PolicyConfig(_Section):
     builtin_rules: Flag = True
     """The keys above are rules over the probe signal; false leaves only `[[rules]]`."""
 
+    def spec(self) -> PolicySpec:
+        """These keys as the core reads them (no `[[rules]]` of its own yet)."""
+        return PolicySpec(**self.model_dump())
+
     def _cross_checks(self, invalid: frozenset[str]) -> Found:
         found: Found = []
         ratios = {"p0_error_ratio", "p1_error_ratio", "p2_error_ratio"}
@@ -524,7 +528,8 @@ class LogMatchSignalConfig(_Section):
         return v
 
 
-_SIGNAL_KINDS = ("access_log", "prometheus", "scrape", "log_match")  # every `kind`
+# Every `kind` a [signals.NAME] may have: the kinds of the core's vocabulary but the probe.
+_SIGNAL_KINDS = tuple(kind for kind in KIND_STATS if kind != PROBE)
 SignalConfig = Annotated[
     AccessLogSignalConfig | PrometheusSignalConfig | ScrapeSignalConfig | LogMatchSignalConfig,
     Field(discriminator="kind"),
@@ -568,16 +573,13 @@ class RuleConfig(_Section):
         return v
 
     def _cross_checks(self, invalid: frozenset[str]) -> Found:
-        given = [
-            k for k in ("above", "below", "above_baseline", "above_standby")
-            if getattr(self, k) is not None and k not in invalid
-        ]  # fmt: skip
-        if invalid & {"above", "below", "above_baseline", "above_standby"}:
+        if invalid & set(OPS):
             return []
+        given = [k for k in OPS if getattr(self, k) is not None]
         if len(given) == 1:
             return [] if "stat" in invalid else _threshold_problems(self)
         if not given:
-            return [("", "needs one of above, below, above_baseline, above_standby")]
+            return [("", f"needs one of {', '.join(OPS)}")]
         return [(given[1], f"give one threshold, not both {given[0]} and {given[1]}")]
 
 
@@ -943,7 +945,7 @@ class GuardConfig(BaseSettings):
         found: Found = []
         taken: set[str] = set()
         if policy is not None and policy.builtin_rules:
-            taken = {r.name for r in spec_rules(PolicySpec(**policy.model_dump()))}
+            taken = {r.name for r in spec_rules(policy.spec())}
         for i, rule in enumerate(rules):
             name = rule.name or f"{rule.signal}.{rule.stat}"
             if policy is not None and name in taken:
@@ -974,24 +976,15 @@ class GuardConfig(BaseSettings):
             raise _validation_error("rules", [], found)
         return rules
 
-    def builtin_rules(self) -> tuple[Rule, ...]:
-        """The rules `[policy]` stands for (docs/contract.md §2 "Rules")."""
-        return spec_rules(self.policy_spec(builtin_only=True))
-
-    def policy_spec(self, *, builtin_only: bool = False) -> PolicySpec:
+    def policy_spec(self) -> PolicySpec:
         """The policy the core evaluates: `[policy]`, the compiled `[[rules]]`, and each
         signal's `stale_after`."""
-        p = self.policy
-        base = PolicySpec(**p.model_dump())
-        if builtin_only:
-            return dataclasses.replace(base, builtin_rules=True)
         rules = tuple(self._compile(r) for r in self.rules)
         stale = {n: s.stale_after for n, s in self.signals.items() if s.stale_after is not None}
-        return dataclasses.replace(base, rules=rules, stale_after=stale)
+        return dataclasses.replace(self.policy.spec(), rules=rules, stale_after=stale)
 
     def _compile(self, r: RuleConfig) -> Rule:
-        ops: tuple[Op, ...] = ("above", "below", "above_baseline", "above_standby")
-        op, threshold = next((k, v) for k in ops if (v := getattr(r, k)) is not None)
+        op, threshold = next((k, v) for k in OPS if (v := getattr(r, k)) is not None)
         for_s = r.for_
         if for_s is None and r.severity == "P1":
             for_s = self.policy.p1_sustain

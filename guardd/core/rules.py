@@ -20,6 +20,7 @@ firing, and its `for` starts again.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
@@ -32,6 +33,8 @@ from guardd.core.types import Color, Evidence, Severity
 #: threshold x the color's baseline of the same statistic; `above_standby`: value >
 #: threshold x the other color's value (the `policy.latency_regression` rule).
 Op = Literal["above", "below", "above_baseline", "above_standby"]
+#: The same, as values: exactly one of them is a rule's threshold key.
+OPS: Final[tuple[Op, ...]] = typing.get_args(Op)
 SEVERITIES: Final[tuple[Severity, ...]] = ("P0", "P1", "P2")
 
 RuleStateName = Literal["ok", "pending", "firing", "inconclusive"]
