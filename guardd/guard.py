@@ -157,10 +157,9 @@ class Guard:
         self.last_decision: dict[str, Any] | None = None
         self.budget = RollbackBudget()
         # The signals besides the probe, by name (set by the runtime), their readings at
-        # the last tick, and the ones whose `problem` was already alerted this episode.
+        # the last tick.
         self.signals: dict[str, Signal] = {}
         self.readings: dict[str, dict[Color, Reading]] = {}
-        self._signal_problems: set[str] = set()
         #: Other guards whose lines the journal in state.dir holds (a shared state.dir).
         self.foreign_journal: list[str] = []
         #: Why each signal gives nothing at the last tick (None: it reads fine).
@@ -393,16 +392,14 @@ class Guard:
                     by_color[color] = reading
             readings[name] = by_color
             problems[name] = problem
-            if problem is not None and name not in self._signal_problems:
-                self._signal_problems.add(name)
+            if problem is not None and self.signal_problems.get(name) is None:
+                # A new episode: said once, until the signal reads again.
                 self.record(
                     "alert",
                     source=self.active,
                     reason=f"signal {name} gives nothing: {problem}; "
                     "its rules are inconclusive until it reads again",
                 )
-            elif problem is None:
-                self._signal_problems.discard(name)
         self.readings = readings
         self.signal_problems = problems
         self._count_traffic()

@@ -231,10 +231,9 @@ MACHINE_KEPT = {
 GUARD_NOT_KEPT = {
     "signals": "adapters, built from the configuration",
     "readings": "the signals' readings at the last tick: measurements, taken again",
-    "_signal_problems": "which signal problems were alerted: a problem still there after a "
-    "restart is alerted again, once",
     "foreign_journal": "read again from the journal at every start",
-    "signal_problems": "why each signal gave nothing at the last tick: measured again",
+    "signal_problems": "why each signal gave nothing at the last tick (a problem still there "
+    "after a restart is alerted again, once): measured again",
     "_lines_seen": "line counts at the last tick: the adapters count anew from 0",
     "_unusable_streak": "unusable lines in a row: counted anew after a restart",
     "_traffic_seen": "request totals at the last tick: the adapters count anew from 0, and the "
