@@ -1,0 +1,144 @@
+"""Several guardd nodes, one decision: three real daemons, each with its own nginx in front
+of the same blue and green upstreams, coordinated through a real 3-member etcd cluster."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.daemon import Daemon, Lab, guardctl, wait_until
+from tests.harness.etcd import EtcdCluster, TcpProxy
+from tests.harness.upstream import Upstream
+
+pytestmark = pytest.mark.nginx
+
+PREFIX = "/guardd/lab"
+
+
+class FleetLab:
+    """Three labs (nginx + guardd) sharing one blue and one green, and an etcd cluster."""
+
+    def __init__(self, tmp: Path, *, nodes: int = 3, **overrides: Any) -> None:
+        self.tmp = tmp
+        self.etcd = EtcdCluster(tmp / "etcd").start()
+        self.blue = Upstream("blue").start()
+        self.green = Upstream("green").start()
+        self.proxies: dict[int, TcpProxy] = {}
+        self.labs: list[Lab] = []
+        self.daemons: list[Daemon] = []
+        self.overrides = overrides
+        for i in range(nodes):
+            (tmp / f"n{i}").mkdir()
+            self.labs.append(
+                Lab(
+                    tmp / f"n{i}",
+                    upstreams=(self.blue, self.green),
+                    fleet__etcd=self.etcd.client_urls,
+                    fleet__node=f"n{i}",
+                    fleet__lease_ttl="2s",
+                    **overrides,
+                )
+            )
+
+    def through_proxy(self, i: int) -> TcpProxy:
+        """Make node `i` reach etcd only through a proxy it can be cut off by."""
+        proxy = self.proxies[i] = TcpProxy(self.etcd.client_urls[0]).start()
+        self.labs[i].write_config(fleet__etcd=[proxy.url])
+        return proxy
+
+    def start(self) -> None:
+        """Start every node's guardd and wait until the fleet has them all and a leader."""
+        self.daemons = [lab.daemon() for lab in self.labs]
+        wait_until(self.settled, 60, "every node in the fleet, and a leader", poll=0.1)
+
+    def settled(self) -> bool:
+        keys = self.etcd.range(PREFIX + "/", prefix=True)
+        nodes = [k for k in keys if k.startswith(PREFIX + "/nodes/")]
+        return len(nodes) == len(self.labs) and PREFIX + "/leader" in keys
+
+    def fleet_status(self, i: int) -> dict[str, Any]:
+        out = guardctl("fleet", "status", "--json", socket=self.labs[i].socket_path)
+        doc = json.loads(out.stdout)
+        assert isinstance(doc, dict), out
+        return doc
+
+    def leader(self) -> int:
+        name = self.etcd.range(PREFIX + "/leader")[PREFIX + "/leader"]
+        return int(str(name).removeprefix("n"))
+
+    def all_serve(self, color: str) -> bool:
+        return all(lab.nginx.wait_serving_only(color, hold=0.3, timeout=30) for lab in self.labs)
+
+    def close(self) -> None:
+        for lab in self.labs:
+            lab.close()
+        for proxy in self.proxies.values():
+            proxy.stop()
+        self.blue.stop()
+        self.green.stop()
+        self.etcd.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[FleetLab]:
+    made = FleetLab(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def applied(d: Daemon, generation: int) -> dict[str, Any]:
+    return d.wait_event(
+        "rollback_completed", timeout=60, where=lambda e: e.get("generation") == generation
+    )
+
+
+def test_green_fails_the_whole_fleet_rolls_back_once(fleet: FleetLab) -> None:
+    fleet.start()
+    assert all(lab.nginx.served_color() == "green" for lab in fleet.labs)
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+    for d in fleet.daemons:
+        done = applied(d, 1)
+        assert done["from"] == "green" and done["to"] == "blue"
+    status = fleet.fleet_status(0)
+    assert status["rollbacks"] == 1
+    assert status["desired"]["color"] == "blue" and status["desired"]["generation"] == 1
+    assert status["leader"] in {"n0", "n1", "n2"}
+    wait_until(
+        lambda: all(n["generation"] == 1 for n in fleet.fleet_status(0)["nodes"]),
+        30,
+        "every node publishing generation 1",
+    )
+    assert {n["serving"] for n in fleet.fleet_status(0)["nodes"]} == {"blue"}
+    # One rollback in the fleet's history, and no node applied a generation twice.
+    for d in fleet.daemons:
+        completed = [e for e in d.events() if e["event"] == "rollback_completed"]
+        assert [e["generation"] for e in completed] == [1]
+
+
+def test_qos_status_answers_from_the_fleets_lock_on_every_node(fleet: FleetLab) -> None:
+    fleet.start()
+    for lab in fleet.labs:
+        out = guardctl("qos", "status", "--json", socket=lab.socket_path)
+        assert out.returncode == 0, out
+        assert json.loads(out.stdout)["source"] == "fleet"
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+
+    def locked_everywhere() -> bool:
+        for lab in fleet.labs:
+            out = guardctl("qos", "status", "--json", socket=lab.socket_path)
+            doc = json.loads(out.stdout)
+            if out.returncode != 1 or doc["source"] != "fleet" or not doc["locked"]:
+                return False
+        return True
+
+    wait_until(locked_everywhere, 60, "the fleet's lock on every node", poll=0.2)
+    # The local lock file carries it too, so a CI gate reading the file is blocked.
+    assert all(lab.lock_file.exists() for lab in fleet.labs)
