@@ -142,3 +142,45 @@ def test_qos_status_answers_from_the_fleets_lock_on_every_node(fleet: FleetLab) 
     wait_until(locked_everywhere, 60, "the fleet's lock on every node", poll=0.2)
     # The local lock file carries it too, so a CI gate reading the file is blocked.
     assert all(lab.lock_file.exists() for lab in fleet.labs)
+
+
+def promote(lab: Lab) -> tuple[int, str]:
+    """`guardctl promote` on `lab`, retried while green has not yet passed the local gate."""
+
+    def attempt() -> tuple[int, str] | None:
+        out = guardctl("promote", "--reason", "release 42", socket=lab.socket_path)
+        said = out.stdout + out.stderr
+        return None if "probes in a row" in said else (out.returncode, said)
+
+    result: tuple[int, str] = wait_until(attempt, 60, "promote past the local gate", poll=0.3)
+    return result
+
+
+def test_a_node_whose_nginx_rejects_the_target_refuses_the_promote_fleet_wide(
+    tmp_path: Path,
+) -> None:
+    fleet = FleetLab(tmp_path, active="blue")
+    try:
+        fleet.start()
+        broken = fleet.labs[1].nginx.targets["green"]
+        good = broken.read_text()
+        broken.write_text("upstream lab_app { this is not nginx; }\n")
+        code, said = promote(fleet.labs[0])
+        assert code == 1, said
+        assert "n1" in said and "not every node is ready" in said
+        assert "n0" not in said.split("ready:", 1)[1] and "n2" not in said.split("ready:", 1)[1]
+        for lab, d in zip(fleet.labs, fleet.daemons, strict=True):
+            assert lab.nginx.wait_serving_only("blue", hold=0.3)
+            assert lab.nginx.active_link.resolve() == lab.nginx.targets["blue"].resolve()
+            assert not [e for e in d.events() if e["event"] in ("promote", "rollback_started")]
+        assert PREFIX + "/desired" not in fleet.etcd.range(PREFIX + "/", prefix=True)
+        # Fixed, the same promote goes through on every node as one generation.
+        broken.write_text(good)
+        code, said = promote(fleet.labs[2])
+        assert code == 0, said
+        assert fleet.all_serve("green")
+        for d in fleet.daemons:
+            done = d.wait_event("promote", timeout=60)
+            assert done["generation"] == 1 and done["to"] == "green"
+    finally:
+        fleet.close()
