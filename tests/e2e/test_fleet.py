@@ -184,3 +184,51 @@ def test_a_node_whose_nginx_rejects_the_target_refuses_the_promote_fleet_wide(
             assert done["generation"] == 1 and done["to"] == "green"
     finally:
         fleet.close()
+
+
+def status_of(lab: Lab) -> dict[str, Any]:
+    out = guardctl("status", "--json", socket=lab.socket_path)
+    doc = json.loads(out.stdout)
+    assert isinstance(doc, dict), out
+    return doc
+
+
+def test_a_node_cut_off_from_etcd_keeps_its_color_then_converges(tmp_path: Path) -> None:
+    fleet = FleetLab(tmp_path)
+    try:
+        proxy = fleet.through_proxy(2)
+        fleet.start()
+        cut = fleet.labs[2]
+        proxy.stop()
+
+        def says_unreachable() -> bool:
+            warned = any("etcd is unreachable" in w for w in status_of(cut).get("warnings", []))
+            assert cut.notify is not None
+            seen = any("fleet=etcd-unreachable" in m for m in cut.notify.lines())
+            return warned and seen
+
+        wait_until(says_unreachable, 60, "the cut-off node's WARNING and STATUS=", poll=0.2)
+        out = guardctl("status", socket=cut.socket_path)
+        assert out.returncode == 1 and "etcd is unreachable" in out.stdout, out
+        fleet.green.set_mode("http_503")
+        assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+        assert fleet.labs[1].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+        applied(fleet.daemons[0], 1)
+        applied(fleet.daemons[1], 1)
+        # The cut-off node saw green fail too, but made no switch on its own.
+        cut_d = fleet.daemons[2]
+        wait_until(
+            lambda: cut.nginx.served_color() is None, 30, "green failing through the cut-off node"
+        )
+        assert cut.nginx.active_link.resolve() == cut.nginx.targets["green"].resolve()
+        assert not [e for e in cut_d.events() if e["event"].startswith("rollback")]
+        proxy.start()
+        assert cut.nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+        applied(cut_d, 1)
+        wait_until(
+            lambda: not any("etcd" in w for w in status_of(cut).get("warnings", [])),
+            60,
+            "the WARNING gone once etcd answers",
+        )
+    finally:
+        fleet.close()
