@@ -515,7 +515,7 @@ class Guard:
             generation = None
             if self.fleet is not None:
                 # In a fleet only its leader rolls back, as a generation every node applies.
-                generation = await self.fleet.decide_rollback(action.target)
+                generation = await self.fleet.decide_rollback(action.target, action.reason)
                 if generation is None:
                     return
             await self.move_traffic(

@@ -66,9 +66,10 @@ class FleetLab:
         assert isinstance(doc, dict), out
         return doc
 
-    def leader(self) -> int:
-        name = self.etcd.range(PREFIX + "/leader")[PREFIX + "/leader"]
-        return int(str(name).removeprefix("n"))
+    def leader(self) -> int | None:
+        """The leading node's index; None between leaders."""
+        name = self.etcd.range(PREFIX + "/leader").get(PREFIX + "/leader")
+        return None if name is None else int(str(name).removeprefix("n"))
 
     def all_serve(self, color: str) -> bool:
         return all(lab.nginx.wait_serving_only(color, hold=0.3, timeout=30) for lab in self.labs)
@@ -232,3 +233,39 @@ def test_a_node_cut_off_from_etcd_keeps_its_color_then_converges(tmp_path: Path)
         )
     finally:
         fleet.close()
+
+
+def test_the_leader_killed_mid_rollback_is_replaced_and_follows_when_back(
+    fleet: FleetLab,
+) -> None:
+    fleet.start()
+    old = fleet.leader()
+    assert old is not None
+    lab = fleet.labs[old]
+    # The leader stops with the new link renamed in, before nginx is reloaded onto it.
+    (lab.fault_dir / "after_renamed").write_text("")
+    fleet.green.set_mode("http_503")
+    wait_until((lab.fault_dir / "after_renamed.reached").exists, 60, "the leader mid-rollback")
+    fleet.daemons[old].kill9()
+    (lab.fault_dir / "after_renamed").unlink()
+    others = [i for i in range(3) if i != old]
+    wait_until(lambda: fleet.leader() not in (None, old), 60, "another leader", poll=0.1)
+    for i in others:
+        assert fleet.labs[i].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+        applied(fleet.daemons[i], 1)
+    restarted = lab.daemon()
+    assert lab.nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    wait_until(
+        lambda: (
+            {n["node"]: n["generation"] for n in fleet.fleet_status(others[0])["nodes"]}
+            == {"n0": 1, "n1": 1, "n2": 1}
+        ),
+        60,
+        "every node, the old leader too, at generation 1",
+    )
+    status = fleet.fleet_status(old)
+    assert status["leader"] != f"n{old}"
+    assert status["rollbacks"] == 1 and status["desired"]["generation"] == 1
+    for d in [*fleet.daemons, restarted]:
+        generations = [e["generation"] for e in d.events() if e["event"] == "rollback_completed"]
+        assert len(generations) == len(set(generations)) and set(generations) <= {1}
