@@ -125,7 +125,7 @@ async def _resume_rollback(guard: Guard, started: dict[str, Any]) -> None:
     guard.machine.switched()
     # A fleet's generation stays with the rollback it was started as, and counts as applied.
     generation = started.get("generation")
-    fleet = {"generation": generation} if isinstance(generation, int) else {}
+    fleet: dict[str, Any] = {"generation": generation} if isinstance(generation, int) else {}
     guard.close_completed(
         source, target, reason=reason, lock_reason=str(started.get("reason")), **closing, **fleet
     )
