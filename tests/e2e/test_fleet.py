@@ -269,3 +269,49 @@ def test_the_leader_killed_mid_rollback_is_replaced_and_follows_when_back(
     for d in [*fleet.daemons, restarted]:
         generations = [e["generation"] for e in d.events() if e["event"] == "rollback_completed"]
         assert len(generations) == len(set(generations)) and set(generations) <= {1}
+
+
+def test_one_etcd_member_down_the_fleet_works_two_down_no_node_switches(
+    fleet: FleetLab,
+) -> None:
+    fleet.start()
+    fleet.etcd.kill(0)
+
+    def fresh_everywhere() -> bool:
+        # Each node's record is rewritten every round: fresh records are writes that passed.
+        for i in range(3):
+            doc = fleet.fleet_status(i)
+            if not doc["etcd_reachable"] or doc["leader"] is None:
+                return False
+            if len(doc["nodes"]) != 3 or any(n["lease_age_s"] > 1 for n in doc["nodes"]):
+                return False
+        return True
+
+    wait_until(fresh_everywhere, 60, "the fleet working on 2 of 3 etcd members", poll=0.2)
+    assert not any(status_of(lab)["warnings"] for lab in fleet.labs)
+    fleet.etcd.kill(1)
+
+    def all_warn() -> bool:
+        return all(
+            any("etcd is unreachable" in w for w in status_of(lab)["warnings"])
+            for lab in fleet.labs
+        )
+
+    wait_until(all_warn, 60, "every node saying etcd is unreachable", poll=0.2)
+    fleet.green.set_mode("http_503")
+    # Every node sees green fail past the rollback threshold, and none switches alone.
+    wait_until(
+        lambda: all(
+            status_of(lab)["upstreams"]["green"]["consecutive_failures"] >= 6 for lab in fleet.labs
+        ),
+        60,
+        "green failing on every node",
+        poll=0.2,
+    )
+    for lab, d in zip(fleet.labs, fleet.daemons, strict=True):
+        assert lab.nginx.active_link.resolve() == lab.nginx.targets["green"].resolve()
+        assert not [e for e in d.events() if e["event"].startswith("rollback")]
+        out = guardctl("fleet", "status", socket=lab.socket_path)
+        assert out.returncode == 3 and "etcd is unreachable" in out.stdout, out
+        assert lab.notify is not None
+        assert any("fleet=etcd-unreachable" in m for m in lab.notify.lines())
