@@ -247,3 +247,32 @@ def test_one_etcd_member_down_the_fleet_works_two_down_no_node_switches(
         assert out.returncode == 3 and "etcd is unreachable" in out.stdout, out
         assert lab.notify is not None
         assert any("fleet=etcd-unreachable" in m for m in lab.notify.lines())
+
+
+def test_a_node_that_cannot_apply_the_rollback_is_reported_on_every_node(
+    tmp_path: Path,
+) -> None:
+    fleet = FleetLab(tmp_path, switch__timeout="2s")
+    try:
+        fleet.start()
+        fleet.labs[1].nginx.targets["blue"].write_text("upstream lab_app { not nginx; }\n")
+        fleet.green.set_mode("http_503")
+        assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+        assert fleet.labs[2].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+        fleet.daemons[1].wait_event("rollback_failed", timeout=60)
+
+        def reported_everywhere() -> bool:
+            for i, lab in enumerate(fleet.labs):
+                if fleet.fleet_status(i)["alerts"] != ["n1"]:
+                    return False
+                if not any("node n1 serves green" in w for w in status_of(lab)["warnings"]):
+                    return False
+            return True
+
+        wait_until(reported_everywhere, 60, "n1 reported as diverging on every node", poll=0.2)
+        out = guardctl("fleet", "status", socket=fleet.labs[0].socket_path)
+        assert out.returncode == 1 and "ALERT" in out.stdout, out
+        for d in fleet.daemons:
+            d.wait_event("alert", timeout=30, where=lambda e: "node n1 serves" in e["reason"])
+    finally:
+        fleet.close()
