@@ -882,7 +882,11 @@ class Supervisor:
             changed = changed_keys(old.config, loaded.config)
             if self.instance_arg is not None and "instance" in changed:
                 changed.remove("instance")  # --instance wins over the file: nothing changes
-            restart_required = [k for k in changed if k in RESTART_ONLY]
+            # The fleet's client, lease and node name are the running process's: a new
+            # [fleet] is joined at the next start.
+            restart_required = [
+                k for k in changed if k in RESTART_ONLY or k.split(".")[0] == "fleet"
+            ]
             # What is opened at start stays as it is, so that state.dir (the journal, the
             # outbox) and the socket are not half moved by the parts that follow them.
             new = Settings(

@@ -4,6 +4,7 @@ of the same blue and green upstreams, coordinated through a real 3-member etcd c
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -276,3 +277,14 @@ def test_a_node_that_cannot_apply_the_rollback_is_reported_on_every_node(
             d.wait_event("alert", timeout=30, where=lambda e: "node n1 serves" in e["reason"])
     finally:
         fleet.close()
+
+
+def test_a_reload_keeps_the_fleet_settings_until_the_next_start(fleet: FleetLab) -> None:
+    fleet.start()
+    lab, d = fleet.labs[0], fleet.daemons[0]
+    lab.write_config(fleet__lease_ttl="3s", probe__timeout="900ms")
+    d.signal(signal.SIGHUP)
+    done = d.wait_event("config_reloaded", timeout=60)
+    assert done["restart_required"] == ["fleet.lease_ttl"]
+    assert "probe.timeout" in done["changed"]
+    assert fleet.fleet_status(0)["etcd_reachable"] is True
