@@ -13,6 +13,7 @@ import pytest
 
 from tests.harness.daemon import Daemon, Lab, guardctl, wait_until
 from tests.harness.fleet import PREFIX, FleetLab
+from tests.harness.upstream import Upstream
 
 pytestmark = pytest.mark.nginx
 
@@ -288,3 +289,36 @@ def test_a_reload_keeps_the_fleet_settings_until_the_next_start(fleet: FleetLab)
     assert done["restart_required"] == ["fleet.lease_ttl"]
     assert "probe.timeout" in done["changed"]
     assert fleet.fleet_status(0)["etcd_reachable"] is True
+
+
+def test_majority_quorum_one_nodes_view_does_not_switch_the_fleet(tmp_path: Path) -> None:
+    fleet = FleetLab(tmp_path, fleet__quorum="majority")
+    blind = Upstream("green", mode="http_503").start()
+    try:
+        fleet.start()
+        leader = fleet.leader()
+        assert leader is not None
+        lab, d = fleet.labs[leader], fleet.daemons[leader]
+        # Only the leader's probes see green fail: a blip of its own network, say.
+        lab.green = blind
+        lab.write_config()
+        d.signal(signal.SIGHUP)
+        d.wait_event("config_reloaded", timeout=60)
+        wait_until(
+            lambda: status_of(lab)["upstreams"]["green"]["consecutive_failures"] >= 6,
+            60,
+            "the leader seeing green fail",
+            poll=0.2,
+        )
+        for other_lab, other in zip(fleet.labs, fleet.daemons, strict=True):
+            assert other_lab.nginx.served_color() == "green"
+            assert not [e for e in other.events() if e["event"].startswith("rollback")]
+        assert PREFIX + "/desired" not in fleet.etcd.range(PREFIX + "/", prefix=True)
+        # Every node sees it now: the majority is there, and the fleet rolls back once.
+        fleet.green.set_mode("http_503")
+        assert fleet.all_serve("blue")
+        for node in fleet.daemons:
+            applied(node, 1)
+    finally:
+        fleet.close()
+        blind.stop()
