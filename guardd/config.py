@@ -838,6 +838,56 @@ class StateConfig(_Section):
     """The journal, state.json and outbox (default: `$STATE_DIRECTORY`)."""
 
 
+class FleetConfig(_Section):
+    """Several guardd nodes in front of the same colors, one decision through etcd."""
+
+    etcd: list[str] = Field(min_length=1)
+    """The etcd members' client URLs (http:// or https://), tried in turn."""
+    node: str | None = Field(default=None, min_length=1)
+    """This node's name in the fleet (default: the host name)."""
+    prefix: str | None = None
+    """Where the fleet's keys live in etcd (default: `/guardd/<instance>`)."""
+    lease_ttl: PositiveDuration = 5.0
+    """The lease of the leader key and of this node's record; a dead leader is replaced
+    after at most this long."""
+    quorum: Literal["leader", "majority"] = "leader"
+    """`majority`: a P0/P1 rollback needs most live nodes to see the active color fail."""
+    local_fallback: Flag = False
+    """With etcd unreachable, decide alone (true) or make no automatic switch (false)."""
+    ca_file: Path | None = None
+    """CA bundle that signs etcd's certificate."""
+    cert_file: Path | None = None
+    """Client certificate for etcd (with key_file)."""
+    key_file: Path | None = None
+    """Client key for etcd."""
+    username: str | None = None
+    """etcd user (with password_file)."""
+    password_file: Path | None = None
+    """File holding the etcd user's password; never logged."""
+
+    @field_validator("etcd")
+    @classmethod
+    def _etcd(cls, v: list[str]) -> list[str]:
+        for url in v:
+            _check_http_url(url)
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith("/") or v.endswith("/")):
+            raise ValueError('must start with "/" and not end with one, e.g. "/guardd/web"')
+        return v
+
+    def _cross_checks(self, invalid: frozenset[str]) -> Found:  # noqa: ARG002 - none read twice
+        found: Found = []
+        if (self.cert_file is None) != (self.key_file is None):
+            found.append(("cert_file", "cert_file and key_file go together"))
+        if (self.username is None) != (self.password_file is None):
+            found.append(("username", "username and password_file go together"))
+        return found
+
+
 class GuardConfig(BaseSettings):
     """The whole configuration of one guarded service."""
 
@@ -876,6 +926,8 @@ class GuardConfig(BaseSettings):
     """Signals besides the probe, by name."""
     rules: list[RuleConfig] = Field(default_factory=list)
     """The rule table; it follows the built-in rules of `[policy]`."""
+    fleet: FleetConfig | None = None
+    """Coordination with other guardd nodes through etcd; none: this node decides alone."""
 
     @classmethod
     def settings_customise_sources(

@@ -328,6 +328,39 @@ def _cmd_status(args: argparse.Namespace, target: _Target) -> int:
     return status_exit_code(status)
 
 
+def _cmd_fleet_status(args: argparse.Namespace, target: _Target) -> int:
+    try:
+        doc = call(target.socket, "fleet_status", {}, timeout=READ_TIMEOUT_S)
+    except ControlError as e:
+        print(f"UNKNOWN: guardd {target.label}: {e}")
+        return UNKNOWN
+    if args.json:
+        _print_json(doc)
+    else:
+        desired = doc.get("desired") or {}
+        head = (
+            f"fleet {doc.get('prefix')}: leader {doc.get('leader') or 'none'}, desired "
+            f"{desired.get('color') or 'unset'} (generation {desired.get('generation', 0)}), "
+            f"{doc.get('rollbacks', 0)} rollback(s)"
+        )
+        lines = [head]
+        if not doc.get("etcd_reachable"):
+            lines.append(
+                f"WARNING: etcd is unreachable from {doc.get('node')}: {doc.get('problem')}"
+            )
+        lines += [
+            f"  {n['node']:<16} serves {n.get('serving') or 'unknown':<6} generation "
+            f"{n.get('generation')}  lease age {n.get('lease_age_s')}s"
+            + ("  leader" if n.get("leader") else "")
+            + ("  ALERT: not the desired color" if n.get("alert") else "")
+            for n in doc.get("nodes", [])
+        ]
+        print("\n".join(lines))
+    if not doc.get("etcd_reachable"):
+        return UNKNOWN
+    return WARNING if doc.get("alerts") else OK
+
+
 def _cmd_history(args: argparse.Namespace, target: _Target) -> int:
     try:
         result = call(target.socket, "history", {"limit": args.limit}, timeout=READ_TIMEOUT_S)
@@ -931,6 +964,32 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--reason", metavar="TEXT", help="why; goes to the journal and the notifications"
             )
+
+    fleet = commands.add_parser(
+        "fleet",
+        help="the fleet of guardd nodes coordinated through etcd",
+        prog="guardctl fleet",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Show the fleet this guardd belongs to (`[fleet]`).",
+    )
+    _globals(fleet, defaults=False)
+    fleet_commands = fleet.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    fleet_status = _subparser(
+        fleet_commands,
+        _Command(
+            "status",
+            "every node, its served color, generation and lease age, and the leader",
+            "Show every node of the fleet: the color it serves, the generation it applied, "
+            "the age of its record, and which node leads.",
+            "exit codes:\n  0  every node serves the desired color\n"
+            "  1  a node serves another color for longer than switch.timeout\n"
+            "  3  UNKNOWN: guardd or etcd cannot be reached",
+            _cmd_fleet_status,
+        ),
+        "fleet status",
+    )
+    _globals(fleet_status, defaults=False)
+    fleet_status.add_argument("--json", action="store_true", help="print the fleet as JSON")
 
     qos = commands.add_parser(
         "qos",

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -47,6 +47,9 @@ from guardd.qoskeeper import OwnedLock, QosKeeper
 from guardd.signals import AccessLogSignal, Signal, TrafficView
 from guardd.statefile import StateFile
 from guardd.switchers import Switcher
+
+if TYPE_CHECKING:
+    from guardd.fleet.coordinator import Fleet
 
 __all__ = ["GUARDD", "VERIFY_SHARE", "Guard", "GuardSettings", "Storage", "SwitchOutcome"]
 
@@ -156,6 +159,8 @@ class Guard:
         self.state: State = State.STARTING
         self.last_decision: dict[str, Any] | None = None
         self.budget = RollbackBudget()
+        #: The fleet this node belongs to (`[fleet]`), or None: this node decides alone.
+        self.fleet: Fleet | None = None
         # The signals besides the probe, by name (set by the runtime), their readings at
         # the last tick.
         self.signals: dict[str, Signal] = {}
@@ -498,10 +503,21 @@ class Guard:
             )
 
     def _rollbacks_in_budget(self) -> int:
-        return self.budget.spent(self.clock.monotonic(), self.s.policy.budget_window)
+        spent = self.budget.spent(self.clock.monotonic(), self.s.policy.budget_window)
+        if self.fleet is not None:
+            # The budget is the fleet's: its rollbacks count wherever they were decided.
+            since = self.clock.wall() - self.s.policy.budget_window
+            spent = max(spent, sum(1 for t in self.fleet.rollbacks if t >= since))
+        return spent
 
     async def _act(self, action: Rollback | Hold | Alert | Reapply) -> None:
         if isinstance(action, Rollback):
+            generation = None
+            if self.fleet is not None:
+                # In a fleet only its leader rolls back, as a generation every node applies.
+                generation = await self.fleet.decide_rollback(action.target, action.reason)
+                if generation is None:
+                    return
             await self.move_traffic(
                 action.target,
                 kind="rollback",
@@ -509,7 +525,10 @@ class Guard:
                 reason=action.reason,
                 severity=action.severity,
                 evidence=action.evidence.to_dict(),
+                generation=generation or None,
             )
+            if generation and self.fleet is not None and self.active == action.target:
+                self.fleet.applied_generation(generation)
         elif isinstance(action, Reapply):
             await self.reapply(action.color, action.reason)
         elif isinstance(action, Hold):
@@ -541,8 +560,11 @@ class Guard:
         reason: str,
         severity: Severity | None = None,
         evidence: dict[str, Any] | None = None,
+        generation: int | None = None,
     ) -> None:
         """Switch to `target` as a rollback, switch or promote; `OperationRefused` if it failed.
+
+        `generation`: the fleet's generation this applies (journaled with it), if any.
 
         The switch runs shielded and bounded by `switch.timeout`, so a SIGTERM arriving
         mid-switch lets it finish or be undone rather than leaving it half done.
@@ -554,9 +576,11 @@ class Guard:
         self.state = State.ROLLING_BACK
         self.metrics.set_state(self.state.value)
         opened = None
+        fleet: dict[str, Any] = {} if generation is None else {"generation": generation}
         if kind == "rollback":
             opened = self.record(
                 "rollback_started",
+                **fleet,
                 source=source,
                 target=target,
                 reason=reason,
@@ -616,6 +640,7 @@ class Guard:
                 lock_reason=reason,
                 duration_ms=round(elapsed * 1000, 1),
                 **closing,
+                **fleet,
             )
         else:
             self.record(
@@ -625,6 +650,7 @@ class Guard:
                 reason=reason,
                 by=by,
                 duration_ms=round(elapsed * 1000, 1),
+                **fleet,
             )
 
     def close_failed(

@@ -18,7 +18,18 @@ async def handle(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict[
         limit = args.get("limit")
         return {"events": guard.journal.read(limit if isinstance(limit, int) else None)}
     if cmd == "qos_status":
+        if guard.fleet is not None:
+            # The fleet's lock; unknown (held, fail closed) when etcd cannot be asked.
+            return guard.fleet.qos_doc() or {
+                **qoslock.read_lock(guard.s.lock_file).to_json(),
+                "source": "local",
+                "warning": "etcd is unreachable: this is the local copy of the fleet's lock",
+            }
         return qoslock.read_lock(guard.s.lock_file).to_json()
+    if cmd == "fleet_status":
+        if guard.fleet is None:
+            raise OperationRefused("this guard has no [fleet] section")
+        return guard.fleet.status_doc()
     async with guard.lock:
         result = await _mutate(guard, cmd, args, by)
         guard.save_state()
@@ -71,9 +82,7 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
         if target == guard.active:
             raise OperationRefused(f"{target} is already active; it is the rollback target")
         guard.machine.clear_hold()
-        await guard.move_traffic(
-            target, kind="rollback", by=by, reason=reason or "rollback requested by an operator"
-        )
+        await _move(guard, target, "rollback", by, reason or "rollback requested by an operator")
         return _moved(guard)
     if cmd == "switch":
         color: Color = args["color"]
@@ -83,22 +92,28 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
             raise OperationRefused(f"{color} is already active")
         _gate(guard, color, force=bool(args.get("force")), promote=False)
         guard.machine.clear_hold()
-        await guard.move_traffic(
-            color,
-            kind="switch",
-            by=by,
-            reason=reason or f"switch to {color} requested by an operator",
+        await _move(
+            guard, color, "switch", by, reason or f"switch to {color} requested by an operator"
         )
         return _moved(guard)
     if cmd == "promote":
         assert guard.active is not None  # noqa: S101 - refused above
         standby = other(guard.active)
         _gate(guard, standby, force=False, promote=True)
-        await guard.move_traffic(
-            standby, kind="promote", by=by, reason=reason or f"promote {standby}"
-        )
+        await _move(guard, standby, "promote", by, reason or f"promote {standby}")
         return _moved(guard)
     raise OperationRefused(f"unknown command {cmd!r}")
+
+
+async def _move(guard: Guard, target: Color, kind: str, by: str, reason: str) -> None:
+    """Move this node's traffic; in a fleet, first make it the fleet's desired color
+    (two-phase for a switch or promote), then apply it here as that generation."""
+    generation = None
+    if guard.fleet is not None:
+        generation = await guard.fleet.propose(target, kind, by, reason)
+    await guard.move_traffic(target, kind=kind, by=by, reason=reason, generation=generation)
+    if generation is not None and guard.fleet is not None and guard.active == target:
+        guard.fleet.applied_generation(generation)
 
 
 def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:

@@ -123,9 +123,14 @@ async def _resume_rollback(guard: Guard, started: dict[str, Any]) -> None:
         return
     guard.active = target
     guard.machine.switched()
+    # A fleet's generation stays with the rollback it was started as, and counts as applied.
+    generation = started.get("generation")
+    fleet: dict[str, Any] = {"generation": generation} if isinstance(generation, int) else {}
     guard.close_completed(
-        source, target, reason=reason, lock_reason=str(started.get("reason")), **closing
+        source, target, reason=reason, lock_reason=str(started.get("reason")), **closing, **fleet
     )
+    if guard.fleet is not None and isinstance(generation, int):
+        guard.fleet.applied_generation(generation)
 
 
 def _ts(entry: dict[str, Any]) -> float:

@@ -32,6 +32,7 @@ _SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("[metrics]", c.MetricsConfig),
     ("[control]", c.ControlConfig),
     ("[state]", c.StateConfig),
+    ("[fleet]", c.FleetConfig),
     ("[[rules]]", c.RuleConfig),
     ("[signals.NAME]", c.AccessLogSignalConfig),
     ("[signals.NAME]", c.PrometheusSignalConfig),

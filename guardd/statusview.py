@@ -174,6 +174,8 @@ def warnings(guard: Guard) -> list[str]:
         for name, problem in sorted(guard.signal_problems.items())
         if problem is not None
     ]
+    if guard.fleet is not None:
+        found += guard.fleet.warnings()
     return found
 
 
@@ -209,6 +211,8 @@ def status_line(guard: Guard) -> str:
     if machine.mismatch is not None:
         parts.append("front_door=mismatch")
     parts += [f"signal={name}:stale" for name in stale_signals(guard)]
+    if guard.fleet is not None and (word := guard.fleet.status_word()):
+        parts.append(word)
     return " ".join(parts)
 
 

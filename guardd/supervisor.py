@@ -464,6 +464,16 @@ class Supervisor:
         )
         guard.signals = dict(runtime.signals)
         guard.load_history()
+        if s.config.fleet is not None:
+            from guardd.fleet.coordinator import Fleet  # noqa: PLC0415 - only in a fleet
+
+            guard.fleet = Fleet(
+                s.config.fleet,
+                instance=s.instance,
+                state_dir=state_dir,
+                switch_timeout=runtime.guard.switch_timeout,
+            )
+            guard.fleet.guard = guard
         return guard
 
     async def _on_switch_step(self, step: str) -> None:
@@ -553,6 +563,8 @@ class Supervisor:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._signals, tg.cancel_scope)
+                if guard.fleet is not None:
+                    tg.start_soon(guard.fleet.run)
                 await self._start_signals(tg, runtime)
                 for color in COLORS:
                     tg.start_soon(self._probe_loop, color)
@@ -591,7 +603,7 @@ class Supervisor:
 
         async def handler(cmd: str, args: dict[str, Any], caller: Any) -> dict[str, Any]:
             result = await handle(guard, cmd, args, caller.by())
-            if cmd not in ("status", "history", "qos_status"):
+            if cmd not in ("status", "history", "qos_status", "fleet_status"):
                 self._wake.set()
                 self.sd.status(guard.status_line())
             return result
@@ -870,7 +882,11 @@ class Supervisor:
             changed = changed_keys(old.config, loaded.config)
             if self.instance_arg is not None and "instance" in changed:
                 changed.remove("instance")  # --instance wins over the file: nothing changes
-            restart_required = [k for k in changed if k in RESTART_ONLY]
+            # The fleet's client, lease and node name are the running process's: a new
+            # [fleet] is joined at the next start.
+            restart_required = [
+                k for k in changed if k in RESTART_ONLY or k.split(".")[0] == "fleet"
+            ]
             # What is opened at start stays as it is, so that state.dir (the journal, the
             # outbox) and the socket are not half moved by the parts that follow them.
             new = Settings(

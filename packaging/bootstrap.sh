@@ -31,7 +31,7 @@ uv)
     "$dir/bin/pip" install --quiet --disable-pip-version-check uv
     ;;
 system)
-    apt_install nginx-light systemd-container debootstrap zstd prometheus ca-certificates curl tmux \
+    apt_install nginx-light systemd-container debootstrap zstd prometheus etcd-server ca-certificates curl tmux \
         dpkg-dev help2man lintian
     ;;
 demo)

@@ -241,6 +241,8 @@ GUARD_NOT_KEPT = {
     "s": "configuration",
     "machine": "checked attribute by attribute above",
     "switcher": "an adapter",
+    "fleet": "an adapter; the generation it applied is kept in state.dir/fleet.json, the rest "
+    "is read again from etcd",
     "journal": "the journal itself: the budget and a pending switch are read back from it",
     "state_file": "an adapter",
     "metrics": "published again at every tick",

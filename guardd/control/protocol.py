@@ -147,6 +147,7 @@ COMMANDS: Final[Mapping[str, Mapping[str, _Arg]]] = {
     "pause": {"reason": _REASON},
     "resume": {},
     "qos_status": {},
+    "fleet_status": {},
     "qos_lock": {"for_s": _Arg(_seconds), "reason": _REASON},
     "qos_unlock": {},
 }

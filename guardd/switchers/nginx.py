@@ -151,6 +151,31 @@ class NginxSwitcher:
                 raise error from exc
             log.info("nginx_reapplied", active=self._color_on_disk())
 
+    async def test_target(self, to: Color) -> None:
+        """Have `test_command` judge *to*'s file as the active link, without a reload.
+
+        The new link is renamed into place, tested and the old one put back (the undo
+        record covers a crash in between); nginx keeps running what it ran. Raises
+        `SwitchRejected` when nginx rejects it, `SwitchError` when the test cannot run.
+        """
+        async with self._lock:
+            if self._has_debris():
+                await self._recover()
+            if self._color_on_disk() == to:
+                _raise_if_rejected(await self._test(), f"nginx rejects {self.targets[to]}")
+                return
+            self._write_links(self.targets[to])
+            progress = _Progress()
+            try:
+                with anyio.fail_after(self.timeout):
+                    self.pending_link.replace(self.active_link)
+                    progress.renamed = True
+                    result = await self._test()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._undo(progress)
+            _raise_if_rejected(result, f"nginx rejected {self.targets[to]} for {to}")
+
     async def _move(self, target: Path, to: Color) -> None:
         """Do `switch` to the link content *target* with the lock held."""
         previous = self._write_links(target)

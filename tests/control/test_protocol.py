@@ -89,7 +89,7 @@ def test_mutating_commands() -> None:
     """Exactly the commands that change state need an admin caller."""
     changes = {"switch", "rollback", "promote", "pause", "resume", "qos_lock", "qos_unlock"}
     assert changes == protocol.MUTATING
-    assert set(protocol.COMMANDS) - changes == {"status", "history", "qos_status"}
+    assert set(protocol.COMMANDS) - changes == {"status", "history", "qos_status", "fleet_status"}
 
 
 def _cmd(cmd: str, **args: Any) -> bytes:

@@ -227,11 +227,13 @@ class Lab:
         active: str = "green",
         run_dir: Path | None = None,
         access_log: str | None = None,
+        upstreams: tuple[Upstream, Upstream] | None = None,
         **overrides: Any,
     ) -> None:
         self.tmp = tmp
-        self.blue = Upstream("blue").start()
-        self.green = Upstream("green").start()
+        # Shared upstreams (several labs in front of the same colors) are their owner's to stop.
+        self.owns_upstreams = upstreams is None
+        self.blue, self.green = upstreams or (Upstream("blue").start(), Upstream("green").start())
         self.nginx = Nginx(
             tmp / "nginx",
             {"blue": self.blue, "green": self.green},
@@ -363,8 +365,9 @@ class Lab:
                 d.proc.wait()
                 d._log.close()
         self.nginx.stop()
-        self.blue.stop()
-        self.green.stop()
+        if self.owns_upstreams:
+            self.blue.stop()
+            self.green.stop()
         if self.notify is not None:
             self.notify.close()
 

@@ -1,0 +1,1 @@
+"""Several guardd nodes, one decision: coordination through etcd (`coordinator.Fleet`)."""

@@ -1,0 +1,201 @@
+"""A small client of etcd's v3 JSON gateway (the `/v3/...` HTTP API on the client port).
+
+Only what the fleet needs: leases (grant, one keepalive round), range, put, delete and
+transactions. Keys and values are text; the gateway wants them base64. Members are tried
+in turn: a connection error or a 5xx moves on to the next one, and `EtcdUnavailable` is
+raised when none answered. Every request is bounded by `timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = ["KV", "EtcdClient", "EtcdUnavailable", "prefix_end"]
+
+# An etcd answer larger than this is not one the fleet wrote: refuse to read it all.
+_MAX_BODY = 4 * 1024 * 1024
+
+
+class EtcdUnavailable(Exception):
+    """No etcd member answered (or every one refused): the fleet cannot be consulted."""
+
+
+@dataclass(frozen=True, slots=True)
+class KV:
+    """One key as etcd keeps it."""
+
+    key: str
+    value: str
+    create_revision: int
+    mod_revision: int
+    lease: int
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _unb64(text: str | None) -> str:
+    return base64.b64decode(text or "").decode(errors="replace")
+
+
+def prefix_end(prefix: str) -> str:
+    """The range end that makes a range cover every key starting with `prefix`."""
+    raw = prefix.encode()
+    return (raw[:-1] + bytes([raw[-1] + 1])).decode()
+
+
+class EtcdClient:
+    """etcd through its v3 JSON gateway, over httpx (one connection pool per client)."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout: float,
+        ca_file: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+        username: str | None = None,
+        password_file: Path | None = None,
+    ) -> None:
+        self.endpoints = [e.rstrip("/") for e in endpoints]
+        self.timeout = timeout
+        verify: ssl.SSLContext | bool = True
+        if ca_file is not None or cert_file is not None:
+            verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            if cert_file is not None and key_file is not None:
+                verify.load_cert_chain(str(cert_file), str(key_file))
+        self._client = httpx.AsyncClient(timeout=timeout, verify=verify)
+        self._username = username
+        self._password_file = password_file
+        self._token: str | None = None
+        self._current = 0  # the member that answered last: tried first
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+        await self._client.aclose()
+
+    async def _authenticate(self, base: str) -> None:
+        if self._username is None or self._password_file is None or self._token is not None:
+            return
+        # Read at each authentication, never kept in a log line or an error.
+        password = self._password_file.read_text().strip()
+        r = await self._client.post(
+            f"{base}/v3/auth/authenticate", json={"name": self._username, "password": password}
+        )
+        if r.status_code != 200:
+            raise EtcdUnavailable(f"etcd refused the credentials of {self._username}")
+        self._token = str(r.json().get("token", ""))
+
+    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST `body` to `/v3/<path>` on the first member that answers; its JSON answer.
+
+        Raises `EtcdUnavailable` naming every member's failure when none answered.
+        """
+        problems = []
+        n = len(self.endpoints)
+        for i in range(n):
+            index = (self._current + i) % n
+            base = self.endpoints[index]
+            try:
+                await self._authenticate(base)
+                headers = {"Authorization": self._token} if self._token else {}
+                r = await self._client.post(f"{base}/v3/{path}", json=body, headers=headers)
+            except (httpx.HTTPError, OSError) as e:
+                problems.append(f"{base}: {type(e).__name__}")
+                continue
+            if r.status_code >= 500 or len(r.content) > _MAX_BODY:
+                problems.append(f"{base}: HTTP {r.status_code}")
+                continue
+            if r.status_code == 401:
+                self._token = None
+                problems.append(f"{base}: HTTP 401")
+                continue
+            doc = r.json()
+            if r.status_code != 200 or not isinstance(doc, dict):
+                problems.append(f"{base}: HTTP {r.status_code} {str(doc)[:100]}")
+                continue
+            self._current = index
+            return doc
+        raise EtcdUnavailable("no etcd member answered: " + "; ".join(problems))
+
+    async def grant(self, ttl: float) -> int:
+        """A new lease of `ttl` seconds (rounded up to a whole second); its id."""
+        doc = await self.call("lease/grant", {"TTL": max(1, round(ttl + 0.49))})
+        return int(doc["ID"])
+
+    async def keepalive(self, lease: int) -> int:
+        """Renew `lease` once; its remaining TTL in seconds (0: it has expired)."""
+        doc = await self.call("lease/keepalive", {"ID": str(lease)})
+        return int(doc.get("result", {}).get("TTL", 0))
+
+    async def range(self, key: str, *, prefix: bool = False) -> tuple[int, list[KV]]:
+        """The store's revision and the key (or every key under `key` when `prefix`)."""
+        body = {"key": _b64(key)}
+        if prefix:
+            body["range_end"] = _b64(prefix_end(key))
+        doc = await self.call("kv/range", body)
+        revision = int(doc.get("header", {}).get("revision", 0))
+        return revision, [
+            KV(
+                key=_unb64(kv.get("key")),
+                value=_unb64(kv.get("value")),
+                create_revision=int(kv.get("create_revision", 0)),
+                mod_revision=int(kv.get("mod_revision", 0)),
+                lease=int(kv.get("lease", 0)),
+            )
+            for kv in doc.get("kvs", [])
+        ]
+
+    async def put(self, key: str, value: str, *, lease: int = 0) -> int:
+        """Write `key`; the store's revision after it."""
+        doc = await self.call(
+            "kv/put", {"key": _b64(key), "value": _b64(value), "lease": str(lease)}
+        )
+        return int(doc.get("header", {}).get("revision", 0))
+
+    async def delete(self, key: str, *, prefix: bool = False) -> None:
+        """Delete `key` (or every key under it when `prefix`)."""
+        body = {"key": _b64(key)}
+        if prefix:
+            body["range_end"] = _b64(prefix_end(key))
+        await self.call("kv/deleterange", body)
+
+    async def txn(
+        self, compare: list[dict[str, Any]], success: list[dict[str, Any]]
+    ) -> tuple[bool, int]:
+        """Run `success` if every `compare` holds; (whether it ran, the store's revision)."""
+        doc = await self.call("kv/txn", {"compare": compare, "success": success})
+        return bool(doc.get("succeeded", False)), int(doc.get("header", {}).get("revision", 0))
+
+
+def compare(key: str, target: str, value: int | str, result: str = "EQUAL") -> dict[str, Any]:
+    """One txn comparison: `target` is CREATE, MOD, VERSION, LEASE or VALUE."""
+    field = {
+        "CREATE": "create_revision",
+        "MOD": "mod_revision",
+        "VERSION": "version",
+        "LEASE": "lease",
+        "VALUE": "value",
+    }[target]
+    return {
+        "key": _b64(key),
+        "target": target,
+        "result": result,
+        field: _b64(str(value)) if target == "VALUE" else str(value),
+    }
+
+
+def put_op(key: str, value: Any, *, lease: int = 0) -> dict[str, Any]:
+    """A txn put; `value` is written as JSON unless it is text."""
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return {"request_put": {"key": _b64(key), "value": _b64(text), "lease": str(lease)}}

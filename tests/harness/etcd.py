@@ -1,0 +1,236 @@
+"""A real etcd cluster on loopback (Debian's `etcd-server`), and a TCP proxy to cut a node off.
+
+    with EtcdCluster(tmp_path) as etcd:     # 3 members, healthy
+        etcd.client_urls                    # ["http://127.0.0.1:<port>", ...]
+        etcd.kill(0)                        # kill -9 one member
+        etcd.range("/guardd/lab/", prefix=True)
+
+    with TcpProxy(etcd.client_urls[0]) as proxy:   # proxy.url forwards to that member
+        proxy.stop()                        # drop every connection, refuse new ones
+        proxy.start()                       # and back, on the same port
+
+If no `etcd` binary is found the harness installs Debian's `etcd-server` (root only).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from tests.harness.daemon import wait_until
+from tests.harness.nginx import free_port
+
+
+def etcd_binary() -> str:
+    """The etcd binary, installing Debian's etcd-server if missing."""
+    found = shutil.which("etcd") or shutil.which("etcd", path="/usr/bin:/usr/sbin")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        raise RuntimeError("etcd is not installed and we are not root to apt-get it")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, timeout=600)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "etcd-server"],
+        check=True,
+        env=env,
+        timeout=600,
+    )
+    found = shutil.which("etcd")
+    if not found:
+        raise RuntimeError("installed etcd-server but no etcd binary is on PATH")
+    return found
+
+
+class EtcdCluster:
+    """`size` etcd members on free loopback ports, each with its own data dir and log."""
+
+    def __init__(self, tmp: Path, size: int = 3) -> None:
+        self.tmp = tmp
+        self.size = size
+        self.client_ports = [free_port() for _ in range(size)]
+        self.peer_ports = [free_port() for _ in range(size)]
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
+        self.binary = etcd_binary()
+
+    @property
+    def client_urls(self) -> list[str]:
+        """Each member's client URL."""
+        return [f"http://127.0.0.1:{p}" for p in self.client_ports]
+
+    def _argv(self, i: int) -> list[str]:
+        cluster = ",".join(f"e{j}=http://127.0.0.1:{p}" for j, p in enumerate(self.peer_ports))
+        return [
+            self.binary,
+            f"--name=e{i}",
+            f"--data-dir={self.tmp / f'e{i}'}",
+            f"--listen-client-urls={self.client_urls[i]}",
+            f"--advertise-client-urls={self.client_urls[i]}",
+            f"--listen-peer-urls=http://127.0.0.1:{self.peer_ports[i]}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{self.peer_ports[i]}",
+            f"--initial-cluster={cluster}",
+            "--initial-cluster-state=new",
+            f"--initial-cluster-token=guardd-test-{self.peer_ports[0]}",
+        ]
+
+    def start_member(self, i: int) -> None:
+        """Start member `i` (again, with its data dir)."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        log = (self.tmp / f"e{i}.log").open("ab")
+        self.procs[i] = subprocess.Popen(self._argv(i), stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def start(self) -> EtcdCluster:
+        """Start every member; return once each says it is healthy."""
+        for i in range(self.size):
+            self.start_member(i)
+        for i in range(self.size):
+            wait_until(functools.partial(self.healthy, i), 60, f"etcd e{i} healthy", poll=0.1)
+        return self
+
+    def healthy(self, i: int) -> bool:
+        """Whether member `i` answers /health with true."""
+        try:
+            with urllib.request.urlopen(f"{self.client_urls[i]}/health", timeout=2) as r:  # noqa: S310
+                return bool(json.loads(r.read()).get("health") == "true")
+        except (OSError, ValueError):
+            return False
+
+    def kill(self, i: int) -> None:
+        """kill -9 member `i`."""
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def range(self, key: str, *, prefix: bool = False) -> dict[str, Any]:
+        """The keys (decoded, values parsed as JSON when they are) from any live member."""
+        body: dict[str, str] = {"key": base64.b64encode(key.encode()).decode()}
+        if prefix:
+            end = key.encode()[:-1] + bytes([key.encode()[-1] + 1])
+            body["range_end"] = base64.b64encode(end).decode()
+        for url in self.client_urls:
+            request = urllib.request.Request(  # noqa: S310 - loopback
+                f"{url}/v3/kv/range", data=json.dumps(body).encode(), method="POST"
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=2) as r:  # noqa: S310
+                    doc = json.loads(r.read())
+            except (OSError, ValueError):
+                continue
+            out: dict[str, Any] = {}
+            for kv in doc.get("kvs", []):
+                value = base64.b64decode(kv.get("value", "")).decode()
+                with contextlib.suppress(ValueError):
+                    value = json.loads(value)
+                out[base64.b64decode(kv["key"]).decode()] = value
+            return out
+        raise AssertionError("no etcd member answered")
+
+    def stop(self) -> None:
+        """Stop every member."""
+        for i in range(self.size):
+            self.kill(i)
+
+    def __enter__(self) -> EtcdCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class TcpProxy:
+    """A TCP forwarder on a free loopback port to one `host:port`, that a test can cut."""
+
+    def __init__(self, upstream_url: str) -> None:
+        host, _, port = upstream_url.removeprefix("http://").partition(":")
+        self.upstream = (host, int(port))
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        """The URL a client uses instead of the upstream's."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> TcpProxy:
+        """Listen (again) and forward every connection."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            src.settimeout(None)
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def stop(self) -> None:
+        """Refuse new connections and drop every open one."""
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def __enter__(self) -> TcpProxy:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
