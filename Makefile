@@ -49,7 +49,7 @@ audit: bootstrap  ## known vulnerabilities in the locked dependencies (needs PyP
 	$(UV) tool run pip-audit --strict --no-deps --disable-pip -r build/audit-requirements.txt
 
 .PHONY: soak
-soak: bootstrap system-deps  ## 10 minutes at interval=50ms under scripted failures; soak-report/summary.md
+soak: bootstrap system-deps  ## 10 minutes (SOAK_MINUTES=60 for the hour) at interval=50ms under scripted failures; soak-report/summary.md
 	$(UV) run --frozen python -m tests.soak.soak --minutes $(or $(SOAK_MINUTES),10) --out soak-report
 
 .PHONY: demo

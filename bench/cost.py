@@ -154,6 +154,8 @@ def start_soak(ctx: Bench, duration: float) -> Soak:
         interval=3600.0,
         switch=switch,
         user_agent=UA["guardd_idle"],
+        # The QoS window must hold policy.min_samples probes at this interval.
+        qos_window="6h",
     ).start(ctx.hub)
     bb = BlackboxExporter(ctx.root / "blackbox").start()
     bbi = BlackboxExporter(ctx.root / "blackbox-idle").start()

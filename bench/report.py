@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-IDLE_RSS_TARGET_MIB = 45.0
+IDLE_RSS_TARGET_MIB = 40.0
+CPU_RATIO_TARGET = 0.5
+QUORUM_INTERVAL_MS = 250
 
 
 def _get(d: Any, *path: str) -> Any:
@@ -44,13 +46,18 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             )
     r = _get(s, "cost", "ratios", "guardd_over_blackbox_exporter")
     if r is not None:
-        add("CPU per probe vs blackbox_exporter", "ratio <= 1.0", r, r <= 1.0)
+        add(
+            "CPU per probe vs blackbox_exporter, fresh connections for both",
+            f"ratio <= {CPU_RATIO_TARGET:g}",
+            r,
+            r <= CPU_RATIO_TARGET,
+        )
     idle = _get(s, "cost", "subjects", "guardd", "idle_rss_mib")
     if idle is not None:
         add(
-            "idle RSS",
+            "idle RSS, plain-HTTP probes, no notification sink",
             f"<= {IDLE_RSS_TARGET_MIB:g} MiB",
-            f"{idle} MiB",
+            f"{idle} MiB ({round(idle / IDLE_RSS_TARGET_MIB, 2)} x the target)",
             idle <= IDLE_RSS_TARGET_MIB,
         )
     for cmd, label in (("status", "guardctl status"), ("qos_status", "guardctl qos status")):
@@ -70,6 +77,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{sc['total_cpu_pct_of_one_core']} %, {sc['instances_on_cadence']}/"
             f"{sc['instances']} on cadence",
             sc["met"],
+        )
+    rows_q = _get(s, "quorum", "intervals") or []
+    at = next((q for q in rows_q if q.get("interval_ms") == QUORUM_INTERVAL_MS), None)
+    if at is not None:
+        add(
+            f"100-URL quorum at {QUORUM_INTERVAL_MS} ms",
+            "on cadence (>= 95 % of the rounds, p95 period under the interval)",
+            f"{at['rounds_per_s']} of {at['target_rounds_per_s']} rounds/s, "
+            f"{at['cpu_pct_of_one_core']} % of a core",
+            at["on_cadence"],
         )
     ld = s.get("load")
     if ld:

@@ -106,7 +106,7 @@ def run_instances(ctx: Bench) -> dict[str, Any]:
 
 def run_quorum(ctx: Bench) -> dict[str, Any]:
     """One instance, its active color 100 URLs wide, at a falling interval."""
-    intervals = (2.0, 0.5, 0.1) if ctx.quick else (2.0, 1.0, 0.5, 0.25, 0.1, 0.05)
+    intervals = (2.0, 0.5, 0.25, 0.1) if ctx.quick else (2.0, 1.0, 0.5, 0.25, 0.1, 0.05)
     app = ctx.app
     wide_ports = set(app.pool[:WIDE])
     rows: list[dict[str, Any]] = []

@@ -110,6 +110,7 @@ class Guardd:
         metrics: bool = True,
         policy: Mapping[str, Any] | None = None,
         extra_toml: str = "",
+        qos_window: str = "5m",
     ) -> None:
         self.root = root / name
         self.root.mkdir(parents=True, exist_ok=True)
@@ -135,7 +136,7 @@ class Guardd:
                 **(policy or {}),
             },
             "switch": dict(switch),
-            "qos": {"lock_file": str(self.lock_file), "window": "5m"},
+            "qos": {"lock_file": str(self.lock_file), "window": qos_window},
             "retry": {"attempts": 3, "base_delay": "50ms", "max_delay": "200ms"},
             "metrics": {"listen": "127.0.0.1:0" if metrics else ""},
             "control": {"socket": str(self.socket), "mode": "0660"},

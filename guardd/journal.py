@@ -23,7 +23,10 @@ from guardd.secrets import redact
 
 # The journal refuses any event outside the shared vocabulary.
 EVENTS = JOURNAL_EVENTS
-_RECENT = 2000
+# The in-memory tail of the journal is bounded by the size of its lines, not their number:
+# events carry evidence of very different sizes, and a count bound let the tail keep
+# growing for an hour at a fast interval. Held as dicts, a tail costs ~4x its line bytes.
+RECENT_BYTES = 256 * 1024
 
 
 def rfc3339(ts: float) -> str:
@@ -48,7 +51,11 @@ class Journal:
         self.guard = guard
         self._wall = wall
         self._backlog: list[bytes] = []
-        self.recent: deque[dict[str, Any]] = deque(maxlen=_RECENT)
+        # The newest events, oldest first, at most RECENT_BYTES of their lines (always the
+        # newest one, however large).
+        self.recent: deque[dict[str, Any]] = deque()
+        self._recent_sizes: deque[int] = deque()
+        self.recent_bytes = 0
         self.skipped_lines = 0
         self._fd = -1
         self._torn = False
@@ -76,8 +83,21 @@ class Journal:
                         self._write(b"\n")
                     except StorageError:
                         self._torn = True  # disk full: the first write that succeeds ends it
-        for event in self.read():
-            self.recent.append(event)
+        skipped = 0
+        for event, size in self._sized_lines():
+            if event is None:
+                skipped += 1
+            else:
+                self._remember(event, size)
+        self.skipped_lines = skipped
+
+    def _remember(self, event: dict[str, Any], size: int) -> None:
+        self.recent.append(event)
+        self._recent_sizes.append(size)
+        self.recent_bytes += size
+        while self.recent_bytes > RECENT_BYTES and len(self.recent) > 1:
+            self.recent.popleft()
+            self.recent_bytes -= self._recent_sizes.popleft()
 
     def close(self) -> None:
         """Close the file."""
@@ -120,7 +140,7 @@ class Journal:
             record["evidence"] = evidence
         record.update(extra)
         line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
-        self.recent.append(record)
+        self._remember(record, len(line))
         self._backlog.append(line)
         self.flush()
         return record
@@ -160,7 +180,7 @@ class Journal:
         """Every well-formed event in the file (the newest `limit`), skipping torn lines."""
         events: deque[dict[str, Any]] = deque(maxlen=limit)
         skipped = 0
-        for event in self._lines():
+        for event, _ in self._sized_lines():
             if event is None:
                 skipped += 1
             else:
@@ -168,7 +188,8 @@ class Journal:
         self.skipped_lines = skipped
         return list(events)
 
-    def _lines(self) -> Iterator[dict[str, Any] | None]:
+    def _sized_lines(self) -> Iterator[tuple[dict[str, Any] | None, int]]:
+        """Each line's event (None for a torn or foreign line) and its size in bytes."""
         try:
             f = self.path.open("rb")
         except FileNotFoundError:
@@ -180,6 +201,6 @@ class Journal:
                 try:
                     doc = json.loads(raw)
                 except (UnicodeDecodeError, ValueError):
-                    yield None
+                    yield None, len(raw)
                     continue
-                yield doc if isinstance(doc, dict) and "event" in doc else None
+                yield (doc if isinstance(doc, dict) and "event" in doc else None), len(raw)

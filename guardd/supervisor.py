@@ -18,11 +18,10 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import httpx
 from anyio.abc import TaskStatus
 
 from guardd import config as config_mod
@@ -45,6 +44,9 @@ from guardd.signals import build as build_signal
 from guardd.statefile import StateFile
 from guardd.switchers import Switcher
 from guardd.systemd import SystemdNotifier
+
+if TYPE_CHECKING:
+    import httpx  # a probe transport injected by tests; the daemon never loads httpx for it
 
 # A probe loop that has not finished a round for this long past its deadline is wedged.
 _STUCK_MARGIN = 5.0

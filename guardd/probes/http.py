@@ -1,11 +1,14 @@
-"""HTTP probes with httpx: one client per URL, a hard deadline, a bounded body.
+"""HTTP probes: one GET on a fresh connection, a hard deadline, a bounded body.
 
-The deadline covers the whole exchange (connect, headers and body), so a server that
-accepts and never answers, or dribbles its body a byte a second, costs at most
-`timeout`. Redirects are not followed unless configured. Every probe opens a fresh
-connection (unless `keepalive`): an upstream that no longer accepts connections must
-not pass on one it accepted long ago. Bodies are decoded by `guardd.probes.body`,
-bounded before and after decoding; whatever the upstream sends becomes an outcome.
+The deadline covers the whole exchange (connect, TLS handshake, headers and body), so a
+server that accepts and never answers, or dribbles its body a byte a second, costs at
+most `timeout`. Redirects are not followed unless configured. Every probe opens a fresh
+connection: an upstream that no longer accepts connections must not pass on one it
+accepted long ago. The exchange itself is `guardd.probes.wire` (h11 over anyio streams,
+TLS by the standard `ssl` module, imported only for https); bodies are decoded by
+`guardd.probes.body`, bounded before and after decoding; whatever the upstream sends
+becomes an outcome. An injected httpx transport (tests: `guardd.testing.MockProber`)
+replaces the wire with httpx, through the same judging code.
 """
 
 from __future__ import annotations
@@ -15,20 +18,26 @@ import errno
 import functools
 import os
 import socket
-import ssl
+import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+from urllib.parse import urljoin
 
 import anyio
-import httpx
 
 from guardd.core.types import Outcome
+from guardd.probes import wire
 from guardd.probes.body import BodyDecoder, json_mismatch, parse_json, raw_limit, summarize
 from guardd.secrets import redact
+
+if TYPE_CHECKING:
+    import ssl
+
+    import httpx
 
 Quorum = Literal["all", "any", "majority"]
 
@@ -82,19 +91,45 @@ def _ssl_context(spec: ProbeSpec) -> ssl.SSLContext | bool:
 
 
 @functools.cache
+def _unverified_context() -> ssl.SSLContext:
+    import ssl  # noqa: PLC0415  (only a config with https probes pays for it)
+
+    # verify_tls = false: encrypt, but accept any certificate and name.
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _tls_context(spec: ProbeSpec) -> ssl.SSLContext:
+    if not spec.verify_tls:
+        return _unverified_context()
+    return _verifying_context(None if spec.ca_file is None else str(spec.ca_file))
+
+
+class _Answer(Protocol):
+    """What the judging code needs of an answer: httpx's Response or the wire's."""
+
+    def aiter_raw(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@functools.cache
 def _verifying_context(ca_file: str | None) -> ssl.SSLContext:
     # One context per trust store for the whole process: loading a CA bundle costs
     # megabytes and milliseconds, and every client (each color, the verifier) needs one.
     # Without ca_file, the system's store (Debian's ca-certificates) is trusted.
+    import ssl  # noqa: PLC0415  (only a config with https probes pays for it)
+
     return ssl.create_default_context(cafile=ca_file)
 
 
 class HttpProber:
-    """Probes one color's URLs, each with its own client, and applies the quorum.
+    """Probes one color's URLs, each on a fresh connection, and applies the quorum.
 
-    A client per URL keeps each connection pool tiny: httpx scans its whole pool on every
-    request, so one client holding a hundred connections made a round quadratic. Without
-    `spec.keepalive` the pool holds nothing between probes: each probe connects afresh.
+    `connector` is the seam that opens connections (`guardd.probes.wire.Connector`); an
+    httpx `transport` replaces the wire altogether (one client per URL, as before).
     `probe` and `probe_url` never raise for anything an upstream does.
     """
 
@@ -113,7 +148,6 @@ class HttpProber:
         self.spec = spec
         self.quorum = quorum
         self._limit = anyio.CapacityLimiter(max(1, min(max_concurrency, len(self.urls))))
-        verify = _ssl_context(spec)
         # The operator's header names are sent as written; the two guardd sets are
         # looked up without regard to case.
         headers = dict(spec.headers)
@@ -124,24 +158,25 @@ class HttpProber:
         if not spec.keepalive:
             headers = {k: v for k, v in headers.items() if k.lower() != "connection"}
             headers["Connection"] = "close"
-        self._clients = {
-            url: httpx.AsyncClient(
-                headers=headers,
-                timeout=httpx.Timeout(spec.timeout),
-                verify=verify,
-                limits=httpx.Limits(
-                    max_connections=2, max_keepalive_connections=1 if spec.keepalive else 0
-                ),
-                transport=transport,
-                trust_env=False,
-            )
-            for url in dict.fromkeys(self.urls)
-        }
+        self._clients: dict[str, httpx.AsyncClient] | None = None
+        if transport is not None:
+            self._clients = _httpx_clients(self.urls, spec, headers, transport)
+        # The wire sends what httpx sent by default, the operator's headers after.
+        sent = {"accept": "*/*", "user-agent": "guardd"}
+        self._headers = [(k, v) for k, v in sent.items() if k not in named] + list(headers.items())
+        # The seam that opens a connection (`wire.Connector`): tests may replace it.
+        self.connector: wire.Connector = wire.connect
+        self._targets: dict[str, wire.Target] = {}
+        # keepalive = true: one idle connection per URL between probes.
+        self._idle: dict[str, wire.Idle] = {}
 
     async def aclose(self) -> None:
-        """Close the client and its pooled connections."""
-        for client in self._clients.values():
+        """Close the clients of an injected transport and any kept-alive connection."""
+        for client in (self._clients or {}).values():
             await client.aclose()
+        idle, self._idle = self._idle, {}
+        for kept in idle.values():
+            await kept.stream.aclose()
 
     async def probe(self) -> ProbeResult:
         """One round: every URL once, judged by the quorum."""
@@ -184,59 +219,92 @@ class HttpProber:
         try:
             with anyio.fail_after(self.spec.timeout):
                 outcome, error, status = await self._exchange(url, summary_by)
-        except (TimeoutError, httpx.TimeoutException):
-            outcome, error, status = (
-                Outcome.TIMEOUT,
-                f"no answer within {self.spec.timeout:g}s",
-                None,
-            )
-        except httpx.TooManyRedirects:
-            outcome, error, status = Outcome.HTTP_OTHER, "too many redirects", None
-        except httpx.DecodingError as e:
-            # guardd decodes bodies itself; this is a defence should httpx ever try.
-            outcome, error, status = Outcome.BODY_MISMATCH, _describe(e, url), None
-        except (httpx.TransportError, ssl.SSLError, OSError) as e:
+        except TimeoutError:
+            outcome, error, status = _timed_out(self.spec)
+        except wire.ProtocolError as e:
             outcome, error, status = Outcome.CONNECT_ERROR, _describe(e, url), None
+        except OSError as e:  # ssl.SSLError is an OSError (and a certificate's, a ValueError)
+            outcome, error, status = Outcome.CONNECT_ERROR, _describe(e, url), None
+        except ValueError as e:
+            # A URL the wire cannot dial, or headers it cannot send.
+            outcome, error, status = Outcome.CONNECT_ERROR, redact(str(e))[:200], None
+        except Exception as e:
+            httpx = sys.modules.get("httpx")
+            if httpx is None or not isinstance(e, httpx.HTTPError):
+                raise
+            outcome, error, status = _httpx_outcome(e, url, self.spec)
         return ProbeResult(outcome, time.perf_counter() - started, error, status)
 
     async def _exchange(
         self, url: str, summary_by: float
     ) -> tuple[Outcome, str | None, int | None]:
-        spec = self.spec
-        client = self._clients[url]
-        request = client.build_request("GET", url)
-        # Redirects are followed here rather than by httpx, which reads (and decodes) each
-        # redirect's whole body without a bound before it moves on.
+        # Redirects are followed here, each redirect's body unread: a client that follows
+        # them itself (httpx) reads each one whole, without a bound.
         for _ in range(MAX_REDIRECTS + 1):
-            response = await client.send(request, stream=True, follow_redirects=False)
+            response, status, location = await self._send(url)
             try:
-                if spec.follow_redirects and response.next_request is not None:
-                    request = response.next_request
+                if self.spec.follow_redirects and location is not None:
+                    url = location
                     continue
-                status = response.status_code
-                encoding = response.headers.get("content-encoding")
-                if not _status_ok(spec, status):
-                    kind = Outcome.HTTP_5XX if status >= 500 else Outcome.HTTP_OTHER
-                    summary = await _read_summary(
-                        response,
-                        encoding,
-                        min(spec.max_body_bytes, SUMMARY_BODY_BYTES),
-                        summary_by,
-                    )
-                    error = f"HTTP {status}" + (f" {summary}" if summary else "")
-                    return kind, error, status
-                if spec.expect_json is None:
-                    # Only the status is judged: read (a bounded part of) the body as
-                    # sent, so a broken transfer still shows, but do not decode it.
-                    await _drain(response, raw_limit(spec.max_body_bytes))
-                    return Outcome.OK, None, status
-                decoder = BodyDecoder(encoding, spec.max_body_bytes)
-                await _read_into(response, decoder)
-                break
+                judged = await self._judge_answer(response, status, summary_by)
+                if self.spec.keepalive and isinstance(response, wire.Response):
+                    kept = response.keep()
+                    if kept is not None:
+                        self._idle[url] = kept
+                        response = None
+                return judged
             finally:
-                await response.aclose()
-        else:
-            return Outcome.HTTP_OTHER, "too many redirects", None
+                if response is not None:
+                    await response.aclose()
+        return Outcome.HTTP_OTHER, "too many redirects", None
+
+    async def _send(self, url: str) -> tuple[Any, int, str | None]:
+        """The answer to a GET of `url`, its status and the redirect's absolute URL."""
+        if self._clients is not None:
+            client = self._clients.get(url) or next(iter(self._clients.values()))
+            response = await client.send(
+                client.build_request("GET", url), stream=True, follow_redirects=False
+            )
+            following = response.next_request
+            moved = None if following is None else str(following.url)
+            return response, response.status_code, moved
+        target = self._targets.get(url)
+        if target is None:
+            target = wire.Target(url)
+            if len(self._targets) < 4 * len(self.urls):  # redirect targets: a few, not all
+                self._targets[url] = target
+        tls = _tls_context(self.spec) if target.scheme == "https" else None
+        answer = await wire.get(
+            target,
+            self._headers,
+            tls=tls,
+            connector=self.connector,
+            idle=self._idle.pop(url, None),
+        )
+        location = answer.headers.get("location")
+        if answer.status not in wire.REDIRECTS or not location:
+            return answer, answer.status, None
+        return answer, answer.status, urljoin(url, location)
+
+    async def _judge_answer(
+        self, response: _Answer, status: int, summary_by: float
+    ) -> tuple[Outcome, str | None, int | None]:
+        spec = self.spec
+        encoding = _header(response, "content-encoding")
+        if not _status_ok(spec, status):
+            kind = Outcome.HTTP_5XX if status >= 500 else Outcome.HTTP_OTHER
+            summary = await _read_summary(
+                response, encoding, min(spec.max_body_bytes, SUMMARY_BODY_BYTES), summary_by
+            )
+            error = f"HTTP {status}" + (f" {summary}" if summary else "")
+            return kind, error, status
+        if spec.expect_json is None:
+            # Only the status is judged: read (a bounded part of) the body as sent, so
+            # a broken transfer still shows, but do not decode it.
+            await _drain(response, raw_limit(spec.max_body_bytes))
+            return Outcome.OK, None, status
+        decoder = BodyDecoder(encoding, spec.max_body_bytes)
+        await _read_into(response, decoder)
         if decoder.error is not None:
             return Outcome.BODY_MISMATCH, decoder.error, status
         if decoder.too_big:
@@ -254,7 +322,58 @@ class HttpProber:
         return Outcome.OK, None, status
 
 
-async def _read_into(response: httpx.Response, decoder: BodyDecoder) -> None:
+def _header(response: _Answer, name: str) -> str | None:
+    headers: Any = getattr(response, "headers", {})
+    value = headers.get(name)
+    return None if value is None else str(value)
+
+
+def _timed_out(spec: ProbeSpec) -> tuple[Outcome, str | None, int | None]:
+    return Outcome.TIMEOUT, f"no answer within {spec.timeout:g}s", None
+
+
+def _httpx_outcome(
+    e: Exception, url: str, spec: ProbeSpec
+) -> tuple[Outcome, str | None, int | None]:
+    """What an injected httpx transport's error means."""
+    import httpx  # noqa: PLC0415  (only an injected transport needs it)
+
+    if isinstance(e, httpx.TimeoutException):
+        return _timed_out(spec)
+    if isinstance(e, httpx.TooManyRedirects):
+        return Outcome.HTTP_OTHER, "too many redirects", None
+    if isinstance(e, httpx.DecodingError):
+        # guardd decodes bodies itself; this is a defence should httpx ever try.
+        return Outcome.BODY_MISMATCH, _describe(e, url), None
+    if isinstance(e, httpx.TransportError):
+        return Outcome.CONNECT_ERROR, _describe(e, url), None
+    raise e
+
+
+def _httpx_clients(
+    urls: Sequence[str],
+    spec: ProbeSpec,
+    headers: dict[str, str],
+    transport: httpx.AsyncBaseTransport,
+) -> dict[str, httpx.AsyncClient]:
+    import httpx  # noqa: PLC0415  (only an injected transport needs it)
+
+    return {
+        url: httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(spec.timeout),
+            verify=_ssl_context(spec),
+            limits=httpx.Limits(
+                max_connections=2, max_keepalive_connections=1 if spec.keepalive else 0
+            ),
+            transport=transport,
+            trust_env=False,
+        )
+        for url in dict.fromkeys(urls)
+    }
+
+
+async def _read_into(response: _Answer, decoder: BodyDecoder) -> None:
     # aiter_raw: the bytes as sent; httpx's own decoders expand a chunk without a bound.
     async for chunk in response.aiter_raw():
         decoder.feed(chunk)
@@ -263,7 +382,7 @@ async def _read_into(response: httpx.Response, decoder: BodyDecoder) -> None:
     decoder.finish()
 
 
-async def _drain(response: httpx.Response, limit: int) -> None:
+async def _drain(response: _Answer, limit: int) -> None:
     read = 0
     async for chunk in response.aiter_raw():
         read += len(chunk)
@@ -272,19 +391,24 @@ async def _drain(response: httpx.Response, limit: int) -> None:
 
 
 async def _read_summary(
-    response: httpx.Response, encoding: str | None, limit: int, deadline: float
+    response: _Answer, encoding: str | None, limit: int, deadline: float
 ) -> str | None:
     """A summary of a failing answer's body; a body that cannot be read gives none."""
     decoder = BodyDecoder(encoding, limit)
     # The status already tells the story; a broken or slow body adds nothing to it.
     with (
         anyio.CancelScope(deadline=deadline) as scope,
-        contextlib.suppress(httpx.TransportError, OSError),
+        contextlib.suppress(*_read_errors()),
     ):
         await _read_into(response, decoder)
     if decoder.error is not None or (scope.cancelled_caught and not decoder.body):
         return None
     return summarize(bytes(decoder.body[:limit]))
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    httpx = sys.modules.get("httpx")
+    return (OSError, wire.ProtocolError) + (() if httpx is None else (httpx.TransportError,))
 
 
 # What an errno means to an operator reading `last_error`.
@@ -301,12 +425,9 @@ _ERRNO_TEXT = {
 
 def _where(url: str) -> str:
     try:
-        u = httpx.URL(url)
-        port = u.port or (443 if u.scheme == "https" else 80)
-        host = f"[{u.host}]" if ":" in u.host else u.host
-    except (httpx.InvalidURL, ValueError, TypeError):
+        return wire.Target(url).where
+    except (ValueError, TypeError):
         return "?"
-    return f"{host}:{port}"
 
 
 def _describe(e: BaseException, url: str) -> str:
@@ -318,11 +439,15 @@ def _describe(e: BaseException, url: str) -> str:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
     text: str | None = None
+    # ssl and httpx are looked up, not imported: a config without https probes (or a
+    # prober without an injected transport) never loads them, and then none is theirs.
+    ssl = sys.modules.get("ssl")
+    httpx = sys.modules.get("httpx")
     for cause in chain:
-        if isinstance(cause, ssl.SSLCertVerificationError):
+        if ssl is not None and isinstance(cause, ssl.SSLCertVerificationError):
             reason = cause.verify_message or cause.reason or "verification failed"
             text = f"TLS certificate rejected ({where}): {reason}"
-        elif isinstance(cause, ssl.SSLError):
+        elif ssl is not None and isinstance(cause, ssl.SSLError):
             reason = (cause.reason or str(cause)).replace("_", " ").lower()
             text = f"TLS handshake failed ({where}): {reason}"
         elif isinstance(cause, socket.gaierror):
@@ -334,10 +459,13 @@ def _describe(e: BaseException, url: str) -> str:
         if text is not None:
             break
     if text is None:
-        if isinstance(e, httpx.RemoteProtocolError | httpx.LocalProtocolError):
+        if isinstance(e, wire.ProtocolError) or (
+            httpx is not None
+            and isinstance(e, httpx.RemoteProtocolError | httpx.LocalProtocolError)
+        ):
             detail = str(e).rstrip(".") or "malformed answer"
             text = f"protocol error ({where}): {detail[:1].lower() + detail[1:]}"
-        elif isinstance(e, httpx.DecodingError):
+        elif httpx is not None and isinstance(e, httpx.DecodingError):
             text = f"body does not decode ({where}): {e}"
         else:
             detail = str(e) or type(e).__name__

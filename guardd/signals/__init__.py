@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from anyio.abc import TaskStatus
 
@@ -18,9 +18,30 @@ from guardd.core.signals import Reading
 from guardd.core.types import COLORS, Color
 from guardd.signals.access_log import AccessLogSignal, AccessLogSpec
 from guardd.signals.log_match import LogMatchSignal, LogMatchSpec
-from guardd.signals.prometheus import PrometheusSignal, PrometheusSpec
-from guardd.signals.scrape import ScrapeSignal, ScrapeSpec
 from guardd.upstream_addresses import color_addresses
+
+if TYPE_CHECKING:
+    from guardd.signals.prometheus import PrometheusSignal, PrometheusSpec
+    from guardd.signals.scrape import ScrapeSignal, ScrapeSpec
+
+# The kinds that ask a server over HTTP load httpx (~12 MiB): only a config that has one
+# pays for it, on first use of these names.
+_LAZY = {
+    "PrometheusSignal": "guardd.signals.prometheus",
+    "PrometheusSpec": "guardd.signals.prometheus",
+    "ScrapeSignal": "guardd.signals.scrape",
+    "ScrapeSpec": "guardd.signals.scrape",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib  # noqa: PLC0415
+
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "AccessLogSignal",
@@ -139,6 +160,8 @@ def build(
         )
         return LogMatchSignal(name, match_spec, clock), []
     if table.kind == "prometheus":
+        from guardd.signals.prometheus import PrometheusSignal, PrometheusSpec  # noqa: PLC0415
+
         query = PrometheusSpec(
             url=table.url,
             query=table.query,
@@ -148,6 +171,8 @@ def build(
         )
         return PrometheusSignal(name, query, clock), []
     if table.kind == "scrape":
+        from guardd.signals.scrape import ScrapeSignal, ScrapeSpec  # noqa: PLC0415
+
         scrape = ScrapeSpec(
             urls=dict(table.urls),
             ratio=(table.ratio.of, table.ratio.to) if table.ratio is not None else None,

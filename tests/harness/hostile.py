@@ -67,6 +67,9 @@ HostileMode = Literal[
     "deflate_bomb",
     "deep_json",
     "answer",
+    "split",
+    "huge_chunk",
+    "stall_handshake",
 ]
 HOSTILE_MODES: tuple[HostileMode, ...] = get_args(HostileMode)
 HUGE_BYTES = 100 * 1024 * 1024
@@ -112,6 +115,7 @@ class Hostile:
         self.connections = 0
         self.requests = 0
         self.bytes_sent = 0
+        self.connections_stalled = 0
         self._listener = socket.create_server((host, port), backlog=128)
         self._listener.settimeout(0.05)
         self.port: int = self._listener.getsockname()[1]
@@ -207,6 +211,12 @@ class Hostile:
         conn: socket.socket = raw
         try:
             raw.settimeout(10)
+            if self._mode == "stall_handshake":
+                # TCP is accepted, the TLS handshake (or the request) is never answered.
+                with self._lock:
+                    self.connections_stalled += 1
+                self._stopping.wait()
+                return
             if self.tls is not None:
                 conn = self.tls.wrap_socket(raw, server_side=True)
                 with self._lock:
@@ -311,6 +321,23 @@ class Hostile:
                 b"HTTP/1.1 302 Found\r\nLocation: /loop/%d\r\n"
                 b"Content-Length: 0\r\nConnection: close\r\n\r\n" % (n + 1),
             )
+        elif mode == "split":
+            # The whole answer a byte a write, each write its own segment: the client
+            # must put the head and the body together from hundreds of reads.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            body = self._ok_body
+            for byte in self._head(200, len(body)) + body:
+                self._send(conn, bytes([byte]))
+        elif mode == "huge_chunk":
+            # Chunked, one chunk announced as HUGE_BYTES long and streamed until the
+            # client hangs up.
+            head = self._head(200, 0).replace(b"Content-Length: 0", b"Transfer-Encoding: chunked")
+            self._send(conn, head + b"%x\r\n" % HUGE_BYTES)
+            chunk = b"{" * 65536
+            sent = 0
+            while sent < HUGE_BYTES and not self._stopping.is_set():
+                self._send(conn, chunk)
+                sent += len(chunk)
         elif mode == "reset":
             body = self._ok_body
             self._send(conn, _head(200, len(body)) + body[: len(body) // 2])

@@ -29,16 +29,22 @@ from typing import Any
 
 from guardd.control import client
 from guardd.exceptions import ControlError, Refused
+from guardd.journal import RECENT_BYTES
 from tests.faults.util import FaultLab, metric, metrics_port, open_fds, rss_kib, scrape, status
 from tests.harness.daemon import Daemon, wait_until
 from tests.harness.upstream import Mode
 
-MAX_MINUTES = 10.0
+MAX_MINUTES = 120.0
 INTERVAL = 0.05
 SAMPLE_EVERY = 5.0
 # Bounds, checked only when the run is long enough for a slope to mean something.
 SLOPE_MIN_MINUTES = 3.0
 RSS_SLOPE_KIB_PER_MIN = 512.0
+# A long run must level off: after its first LONG_WARMUP_MINUTES (imports, pools, the
+# journal's in-memory tail filling to its byte bound) RSS may grow by this much at most.
+LONG_MIN_MINUTES = 20.0
+LONG_WARMUP_MINUTES = 10.0
+LONG_RSS_SLOPE_KIB_PER_MIN = 10.0
 FD_SLOPE_PER_MIN = 0.5
 CADENCE_TOLERANCE = 0.10
 
@@ -65,6 +71,11 @@ class Summary:
     rss_kib_first: int = 0
     rss_kib_last: int = 0
     rss_slope_kib_per_min: float = 0.0
+    # After LONG_WARMUP_MINUTES, for a run of at least LONG_MIN_MINUTES (else None).
+    rss_slope_after_warmup_kib_per_min: float | None = None
+    # The highest RSS of each 10-minute block: a plateau shows as equal figures.
+    rss_kib_max_per_10min: list[int] = field(default_factory=list)
+    journal_tail_cap_bytes: int = RECENT_BYTES
     fds_first: int = 0
     fds_last: int = 0
     fd_slope_per_min: float = 0.0
@@ -298,6 +309,14 @@ def _judge(summary: Summary, samples: list[Sample]) -> None:
     steady = [s for s in samples if s.t >= 60.0] or samples
     summary.rss_slope_kib_per_min = round(slope_per_minute([(s.t, s.rss_kib) for s in steady]), 1)
     summary.fd_slope_per_min = round(slope_per_minute([(s.t, s.fds) for s in steady]), 3)
+    blocks: dict[int, int] = {}
+    for s in samples:
+        block = int(s.t // 600)
+        blocks[block] = max(blocks.get(block, 0), s.rss_kib)
+    summary.rss_kib_max_per_10min = [blocks[b] for b in sorted(blocks)]
+    if summary.minutes >= LONG_MIN_MINUTES:
+        late = [(s.t, float(s.rss_kib)) for s in samples if s.t >= LONG_WARMUP_MINUTES * 60]
+        summary.rss_slope_after_warmup_kib_per_min = round(slope_per_minute(late), 2)
     pairs = list(itertools.pairwise(samples))
     for color in ("blue", "green"):
         # A color's probes slow down only while it hangs (a probe waits out its timeout).
@@ -333,6 +352,11 @@ def _judge(summary: Summary, samples: list[Sample]) -> None:
             summary.failures.append(f"RSS grows {summary.rss_slope_kib_per_min} KiB/min")
         if summary.fd_slope_per_min > FD_SLOPE_PER_MIN:
             summary.failures.append(f"fds grow {summary.fd_slope_per_min}/min")
+    late_slope = summary.rss_slope_after_warmup_kib_per_min
+    if late_slope is not None and late_slope > LONG_RSS_SLOPE_KIB_PER_MIN:
+        summary.failures.append(
+            f"RSS grows {late_slope} KiB/min after the first {LONG_WARMUP_MINUTES:g} minutes"
+        )
 
 
 def _markdown(s: Summary) -> str:
@@ -349,6 +373,23 @@ def _markdown(s: Summary) -> str:
         "|---|---|",
         f"| RSS first → last | {s.rss_kib_first} → {s.rss_kib_last} KiB |",
         f"| RSS slope (after the first minute) | {s.rss_slope_kib_per_min} KiB/min |",
+        *(
+            [
+                (
+                    f"| RSS slope (after the first {LONG_WARMUP_MINUTES:g} minutes) | "
+                    f"{s.rss_slope_after_warmup_kib_per_min} KiB/min "
+                    f"(bound {LONG_RSS_SLOPE_KIB_PER_MIN:g}) |"
+                )
+            ]
+            if s.rss_slope_after_warmup_kib_per_min is not None
+            else []
+        ),
+        (
+            "| RSS, highest of each 10 minutes | "
+            + " → ".join(f"{k / 1024:.1f}" for k in s.rss_kib_max_per_10min)
+            + " MiB |"
+        ),
+        f"| journal's in-memory tail, bound | {s.journal_tail_cap_bytes // 1024} KiB of lines |",
         f"| open fds first → last | {s.fds_first} → {s.fds_last} |",
         f"| fd slope (after the first minute) | {s.fd_slope_per_min}/min |",
         *(

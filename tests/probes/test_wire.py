@@ -1,0 +1,76 @@
+"""What a probe's own HTTP/1.1 wire must survive beyond the hostile suite's cases.
+
+Each drives `HttpProber` against a real misbehaving server on loopback: an answer split
+across hundreds of reads, a chunked body whose one chunk is 100 MiB, a TLS handshake the
+server never finishes, and a kept-alive connection the server says it will close.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trustme
+
+from guardd.core.types import Outcome
+from guardd.probes.http import HttpProber, ProbeSpec
+from tests.faults.test_hostile import MEMORY_BOUND, SLACK, TIMEOUT, probe_once, server_tls
+from tests.harness.hostile import HUGE_BYTES, Hostile
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("expect_json", [None, {"status": "UP"}])
+async def test_an_answer_split_across_many_reads_is_put_together(
+    expect_json: dict[str, str] | None,
+) -> None:
+    with Hostile("split") as server:
+        got, _, error, _ = await probe_once(server.url, expect_json=expect_json)
+        assert got is Outcome.OK, error
+        assert server.requests == 1
+
+
+@pytest.mark.anyio
+async def test_a_huge_chunk_is_read_only_up_to_the_bound() -> None:
+    with Hostile("huge_chunk") as server:
+        got, elapsed, error, peak = await probe_once(server.url, expect_json={"status": "UP"})
+        assert got is Outcome.BODY_MISMATCH, error
+        assert error == "body larger than max_body_bytes=65536"
+        assert elapsed <= TIMEOUT + SLACK
+        assert peak < MEMORY_BOUND, f"the probe held {peak} bytes"
+        assert server.bytes_sent < HUGE_BYTES // 10, "the chunk was not read to its end"
+        # Judged by status only, the body is cut off at the bound all the same.
+        got, _, error, peak = await probe_once(server.url)
+        assert got is Outcome.OK, error
+        assert peak < MEMORY_BOUND
+
+
+@pytest.mark.anyio
+async def test_a_stalled_tls_handshake_times_out() -> None:
+    ca = trustme.CA()
+    with Hostile("stall_handshake", tls=server_tls(ca, "localhost")) as server:
+        got, elapsed, error, _ = await probe_once(
+            f"https://localhost:{server.port}/healthz", verify_tls=False
+        )
+        assert got is Outcome.TIMEOUT, error
+        assert error == f"no answer within {TIMEOUT:g}s"
+        assert elapsed <= TIMEOUT + SLACK
+        assert server.connections_stalled == 1
+        assert server.requests == 0
+
+
+@pytest.mark.anyio
+async def test_a_connection_the_server_closes_is_not_kept() -> None:
+    with Hostile("ok", keepalive=True) as server:
+        prober = HttpProber([server.url], ProbeSpec(timeout=TIMEOUT, keepalive=True))
+        try:
+            assert (await prober.probe()).ok
+            assert (await prober.probe()).ok
+            assert server.connections == 1
+            # The server closes the idle connection (its keepalive timeout, a restart).
+            server.set_mode("answer")
+            server.set_answer(200, b"{}", {"Connection": "close"})
+            assert (await prober.probe()).ok  # answered, then closed by the server
+            server.set_mode("ok")
+            result = await prober.probe()
+            assert result.ok, result.error
+            assert server.connections == 2
+        finally:
+            await prober.aclose()
