@@ -18,8 +18,6 @@ import base64
 import contextlib
 import functools
 import json
-import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -30,27 +28,12 @@ from typing import Any
 
 from tests.harness.daemon import wait_until
 from tests.harness.nginx import free_port
+from tests.harness.paths import debian_binary
 
 
 def etcd_binary() -> str:
     """The etcd binary, installing Debian's etcd-server if missing."""
-    found = shutil.which("etcd") or shutil.which("etcd", path="/usr/bin:/usr/sbin")
-    if found:
-        return found
-    if os.geteuid() != 0:
-        raise RuntimeError("etcd is not installed and we are not root to apt-get it")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, timeout=600)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "etcd-server"],
-        check=True,
-        env=env,
-        timeout=600,
-    )
-    found = shutil.which("etcd")
-    if not found:
-        raise RuntimeError("installed etcd-server but no etcd binary is on PATH")
-    return found
+    return debian_binary("etcd", "etcd-server")
 
 
 class EtcdCluster:
