@@ -381,8 +381,10 @@ class Fleet:
                     self._kvs.pop(kv.key, None)
                 else:
                     self._kvs[kv.key] = kv
-            self._revision = max(self._revision, revision)
             if changes:
+                # Only a message with events moves the resume point: the `created` one
+                # reports the store's revision before the missed events are streamed.
+                self._revision = max(self._revision, revision)
                 self._changed_now()
 
     def _unreachable(self, problem: str) -> None:
