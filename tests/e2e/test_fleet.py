@@ -402,6 +402,30 @@ def test_qos_lock_and_unlock_on_any_node_are_the_fleets(fleet: FleetLab) -> None
         assert out.returncode == 1 and "etcd is unreachable" in out.stderr, out
 
 
+def test_a_fleet_lock_for_a_while_ends_on_every_node(fleet: FleetLab) -> None:
+    fleet.start()
+    leader = fleet.leader()
+    assert leader is not None
+    follower = next(i for i in range(3) if i != leader)
+    out = guardctl(
+        "qos", "lock", "--for", "8s", "--reason", "short freeze",
+        socket=fleet.labs[follower].socket_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out
+
+    def each(locked: bool) -> bool:
+        for lab in fleet.labs:
+            code, doc, _ = qos_status(lab)
+            if doc is None or code != (1 if locked else 0) or lab.lock_file.exists() != locked:
+                return False
+        return True
+
+    wait_until(lambda: each(True), 60, "the lock on every node", poll=0.1)
+    # Its `until` passed: the leader ends the fleet's lock, and every node's copy goes.
+    wait_until(lambda: each(False), 60, "the lock gone on every node after its until", poll=0.2)
+    assert fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["locked"] is False
+
+
 def test_a_frozen_node_is_shown_lost_then_is_an_alert(tmp_path: Path) -> None:
     fleet = FleetLab(tmp_path, switch__timeout="2s")
     frozen: Daemon | None = None
