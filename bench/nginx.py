@@ -27,16 +27,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.harness.paths import debian_binary
+
 _START_ATTEMPTS = 5
 LOG_FORMAT = Path(__file__).resolve().parents[1] / "packaging" / "nginx" / "guardd-log-format.conf"
 
 
 def nginx_binary() -> str:
-    """The nginx binary (installed by `bench.tools.ensure_tools`)."""
-    for d in ("/usr/sbin", "/usr/local/sbin", "/usr/bin"):
-        if os.access(f"{d}/nginx", os.X_OK):
-            return f"{d}/nginx"
-    raise RuntimeError("nginx is not installed")
+    """The nginx binary (installed by `bench.tools.ensure_tools`, so never apt-get here)."""
+    return debian_binary("nginx", "nginx-light", install=False)
 
 
 def free_port() -> int:

@@ -180,6 +180,7 @@ def markdown(results: dict[str, Any]) -> str:
         for r in results.get("targets", [])
     ]
     out += _ttr(s.get("ttr"))
+    out += _fleet(s.get("fleet"))
     out += _cost(s.get("cost"))
     out += _scale(s.get("scale"), s.get("quorum"))
     out += _load(s.get("load"))
@@ -256,6 +257,33 @@ def _ttr(t: dict[str, Any] | None) -> list[str]:
         "",
         _reference_line(ref),
     ]
+    return out
+
+
+def _fleet(f: dict[str, Any] | None) -> list[str]:
+    if not f:
+        return []
+    out = [
+        "",
+        "## Time to rollback: a fleet beside one node",
+        "",
+        (
+            "From green's first 503 until every nginx serves only blue for "
+            f"{f['hold_s']:g} s: three guardd nodes, each with its own nginx, coordinated "
+            "through a 3-member etcd cluster (the slowest node counts), beside one node alone; "
+            "trials interleaved, each setup started afresh."
+        ),
+        "",
+        "| setup | trials | median | p95 | max |",
+        "|---|---|---|---|---|",
+    ]
+    for name, key in (("one node alone", "one_node_ms"), ("3-node fleet", "fleet_ms")):
+        st = f[key]
+        out.append(
+            f"| {name} | {st['n']} | {_fmt(st['median'], ' ms')} | {_fmt(st['p95'], ' ms')} | "
+            f"{_fmt(st['max'], ' ms')} |"
+        )
+    out += ["", f"Fleet median / one node's: {_fmt(f.get('fleet_over_one_node_median'))}."]
     return out
 
 

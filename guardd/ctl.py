@@ -128,6 +128,8 @@ class _Target:
     socket: Path
     lock_file: Path | None
     state_dir: Path | None
+    #: The config's `[fleet]` table, when it has one: the QoS lock is then the fleet's.
+    fleet: Mapping[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -260,7 +262,14 @@ def _resolve(args: argparse.Namespace) -> _Target:
     lock_file = Path(_setting(config, "qos", "lock_file") or paths.qos_lock_file(instance))
     state_dir = Path(_setting(config, "state", "dir") or paths.state_dir(instance))
     if config is not None or paths.is_socket(socket) or paths.has_state(state_dir):
-        target = _Target(instance, args.socket or socket, lock_file, state_dir)
+        fleet = config.get("fleet") if config is not None else None
+        target = _Target(
+            instance,
+            args.socket or socket,
+            lock_file,
+            state_dir,
+            fleet if isinstance(fleet, Mapping) else None,
+        )
         if args.instance is not None and explicit is not None and config is not None:
             named = config.get("instance")
             _confirm_instance(
@@ -349,10 +358,18 @@ def _cmd_fleet_status(args: argparse.Namespace, target: _Target) -> int:
                 f"WARNING: etcd is unreachable from {doc.get('node')}: {doc.get('problem')}"
             )
         lines += [
-            f"  {n['node']:<16} serves {n.get('serving') or 'unknown':<6} generation "
-            f"{n.get('generation')}  lease age {n.get('lease_age_s')}s"
+            f"  {n['node']:<16} "
+            + ("LOST, last seen: " if n.get("lost") else "")
+            + f"serves {n.get('serving') or 'unknown':<6} generation "
+            f"{n.get('generation')}  "
+            + ("lease expired " if n.get("lost") else "lease age ")
+            + f"{n.get('lease_age_s')}s"
             + ("  leader" if n.get("leader") else "")
-            + ("  ALERT: not the desired color" if n.get("alert") else "")
+            + (
+                ("  ALERT: lost" if n.get("lost") else "  ALERT: not the desired color")
+                if n.get("alert")
+                else ""
+            )
             for n in doc.get("nodes", [])
         ]
         print("\n".join(lines))
@@ -526,6 +543,9 @@ def _cmd_qos_status(args: argparse.Namespace, target: _Target) -> int:
                 "name the instance with --instance NAME or --config PATH"
             ) from None
         where = f"guardd at {target.socket}"
+        if lock.get("unknown"):
+            # A fleet node that cannot reach etcd: the fleet's lock is unknown, not absent.
+            raise _CannotTell(f"guardd at {target.socket}: {lock.get('warning')}")
     else:
         try:
             lock = check_lock(target.lock_file).to_json()
@@ -536,6 +556,13 @@ def _cmd_qos_status(args: argparse.Namespace, target: _Target) -> int:
                 "else name the right one with --instance NAME or --config PATH)"
             ) from None
         where = str(target.lock_file)
+        if target.fleet is not None:
+            # The fleet's lock decides; a lock held only in this host's file blocks too.
+            fleet = _fleet_lock(target)
+            if fleet.get("locked") or not lock.get("locked"):
+                lock, where = fleet, "the fleet's lock in etcd"
+            else:
+                lock = {**lock, "source": "local"}
     expired = bool(lock.get("locked")) and _expired(lock.get("until"))
     note = _expiry_note(target) if expired else None
     if args.json:
@@ -543,6 +570,20 @@ def _cmd_qos_status(args: argparse.Namespace, target: _Target) -> int:
     else:
         sys.stdout.write(render_qos(lock, where, color=use_color(sys.stdout), note=note))
     return LOCK_HELD if lock.get("locked") else NO_LOCK
+
+
+def _fleet_lock(target: _Target) -> dict[str, Any]:
+    """With `[fleet]`, the lock is the fleet's: read from etcd (UNKNOWN when it cannot be)."""
+    from guardd.fleet import lockread  # noqa: PLC0415 - only with [fleet]
+
+    try:
+        return lockread.read_fleet_lock(
+            target.fleet or {}, target.instance or "", timeout=PEEK_TIMEOUT_S
+        )
+    except lockread.FleetLockUnknown as e:
+        raise _CannotTell(
+            f"cannot tell whether the fleet's QoS lock ({target.instance}) is held: {e}"
+        ) from None
 
 
 def _cmd_qos_lock(args: argparse.Namespace, target: _Target) -> int:

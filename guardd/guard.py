@@ -58,6 +58,10 @@ __all__ = ["GUARDD", "VERIFY_SHARE", "Guard", "GuardSettings", "Storage", "Switc
 # could not take (a storage failure) logs at `error`.
 # Lines in a row, none usable, before a signal is said to read nothing of use.
 _UNUSABLE_LINES = 20
+# Said in the reason of a rollback a fleet node decided alone (etcd unreachable and
+# `fleet.local_fallback`); its journal entries also carry `"local_fallback": true`.
+_ALONE = "; decided alone: etcd is unreachable (fleet.local_fallback)"
+
 _EVENT_LEVELS = {
     "alert": "warning",
     "hold": "warning",
@@ -515,17 +519,20 @@ class Guard:
             generation = None
             if self.fleet is not None:
                 # In a fleet only its leader rolls back, as a generation every node applies.
-                generation = await self.fleet.decide_rollback(action.target, action.reason)
+                generation = await self.fleet.decide_rollback(
+                    action.target, action.reason, action.severity
+                )
                 if generation is None:
                     return
             await self.move_traffic(
                 action.target,
                 kind="rollback",
                 by=GUARDD,
-                reason=action.reason,
+                reason=action.reason + (_ALONE if generation == 0 else ""),
                 severity=action.severity,
                 evidence=action.evidence.to_dict(),
                 generation=generation or None,
+                local_fallback=generation == 0,
             )
             if generation and self.fleet is not None and self.active == action.target:
                 self.fleet.applied_generation(generation)
@@ -561,10 +568,13 @@ class Guard:
         severity: Severity | None = None,
         evidence: dict[str, Any] | None = None,
         generation: int | None = None,
+        local_fallback: bool = False,
     ) -> None:
         """Switch to `target` as a rollback, switch or promote; `OperationRefused` if it failed.
 
         `generation`: the fleet's generation this applies (journaled with it), if any.
+        `local_fallback`: a fleet node decided alone, etcd unreachable (journaled as
+        `"local_fallback": true`).
 
         The switch runs shielded and bounded by `switch.timeout`, so a SIGTERM arriving
         mid-switch lets it finish or be undone rather than leaving it half done.
@@ -577,6 +587,8 @@ class Guard:
         self.metrics.set_state(self.state.value)
         opened = None
         fleet: dict[str, Any] = {} if generation is None else {"generation": generation}
+        if local_fallback:
+            fleet["local_fallback"] = True
         if kind == "rollback":
             opened = self.record(
                 "rollback_started",

@@ -19,12 +19,8 @@ async def handle(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict[
         return {"events": guard.journal.read(limit if isinstance(limit, int) else None)}
     if cmd == "qos_status":
         if guard.fleet is not None:
-            # The fleet's lock; unknown (held, fail closed) when etcd cannot be asked.
-            return guard.fleet.qos_doc() or {
-                **qoslock.read_lock(guard.s.lock_file).to_json(),
-                "source": "local",
-                "warning": "etcd is unreachable: this is the local copy of the fleet's lock",
-            }
+            # The fleet's lock; unknown (never "unlocked") when etcd cannot be asked.
+            return guard.fleet.qos_doc()
         return qoslock.read_lock(guard.s.lock_file).to_json()
     if cmd == "fleet_status":
         if guard.fleet is None:
@@ -44,33 +40,9 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
     if cmd == "resume":
         return {"paused": False, "changed": guard.resume(reason, by=by)}
     if cmd == "qos_lock":
-        current = qoslock.read_lock(guard.s.lock_file)
-        if current.held and (guard.own_lock is None or current != guard.own_lock.info):
-            raise OperationRefused(
-                f"a QoS lock is already held ({current.reason}); "
-                "release it with `guardctl qos unlock` first"
-            )
-        duration = args.get("for_s")
-        before = guard.own_lock.info if guard.own_lock is not None else None
-        info = guard.take_lock(
-            reason or "locked by an operator",
-            by=by,
-            duration=float(duration) if duration else None,
-            manual=True,
-        )
-        answer = info.to_json()
-        if before is not None and info == before:
-            # A lock never shortens one guardd holds: say so rather than "done".
-            answer["message"] = (
-                f"qos lock: unchanged: the guard window's lock already holds until {info.until}, "
-                "longer than asked (a lock never shortens it; `guardctl qos unlock` ends it)"
-            )
-        return answer
+        return await _qos_lock(guard, args, reason, by)
     if cmd == "qos_unlock":
-        if not qoslock.read_lock(guard.s.lock_file).held:
-            raise OperationRefused("no QoS lock is held")
-        guard.release_lock(by=by, reason=reason or "unlocked by an operator")
-        return qoslock.read_lock(guard.s.lock_file).to_json()
+        return await _qos_unlock(guard, reason, by)
     if guard.active is None and not (cmd == "switch" and args.get("force")):
         raise OperationRefused(
             "the active color is unknown (the switch target names neither color); "
@@ -103,6 +75,57 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
         await _move(guard, standby, "promote", by, reason or f"promote {standby}")
         return _moved(guard)
     raise OperationRefused(f"unknown command {cmd!r}")
+
+
+async def _qos_lock(
+    guard: Guard, args: dict[str, Any], reason: str | None, by: str
+) -> dict[str, Any]:
+    current = qoslock.read_lock(guard.s.lock_file)
+    mirror = guard.fleet is not None and (current.by or "").startswith("fleet:")
+    if guard.fleet is not None:
+        guard.fleet.require_etcd("the fleet's QoS lock cannot be taken")
+    if mirror:
+        # This node's copy of the fleet's lock: the operator's lock replaces it.
+        qoslock.remove_lock(guard.s.lock_file)
+    elif current.held and (guard.own_lock is None or current != guard.own_lock.info):
+        raise OperationRefused(
+            f"a QoS lock is already held ({current.reason}); "
+            "release it with `guardctl qos unlock` first"
+        )
+    duration = args.get("for_s")
+    before = guard.own_lock.info if guard.own_lock is not None else None
+    info = guard.take_lock(
+        reason or "locked by an operator",
+        by=by,
+        duration=float(duration) if duration else None,
+        manual=True,
+    )
+    if guard.fleet is not None:
+        # The fleet's lock, whichever node it is taken on (docs/contract.md "Fleet").
+        await guard.fleet.set_qos(info)
+    answer = info.to_json()
+    if before is not None and info == before:
+        # A lock never shortens one guardd holds: say so rather than "done".
+        answer["message"] = (
+            f"qos lock: unchanged: the guard window's lock already holds until {info.until}, "
+            "longer than asked (a lock never shortens it; `guardctl qos unlock` ends it)"
+        )
+    return answer
+
+
+async def _qos_unlock(guard: Guard, reason: str | None, by: str) -> dict[str, Any]:
+    fleet_held = guard.fleet is not None and bool(guard.fleet.qos_doc().get("locked"))
+    if not qoslock.read_lock(guard.s.lock_file).held and not fleet_held:
+        if guard.fleet is not None:
+            guard.fleet.require_etcd("whether the fleet's QoS lock is held is unknown")
+        raise OperationRefused("no QoS lock is held")
+    if guard.fleet is not None:
+        # Released in etcd first: every node releases its copy (or its own window).
+        await guard.fleet.set_qos(
+            qoslock.LockInfo(held=False, reason=reason or "unlocked by an operator", by=by)
+        )
+    guard.release_lock(by=by, reason=reason or "unlocked by an operator")
+    return qoslock.read_lock(guard.s.lock_file).to_json()
 
 
 async def _move(guard: Guard, target: Color, kind: str, by: str, reason: str) -> None:

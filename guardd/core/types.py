@@ -33,6 +33,7 @@ JOURNAL_EVENTS: frozenset[str] = frozenset(
         "resumed",
         "config_reloaded",
         "alert",
+        "fleet_leader",
     }
 )
 

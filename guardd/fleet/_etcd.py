@@ -1,9 +1,11 @@
 """A small client of etcd's v3 JSON gateway (the `/v3/...` HTTP API on the client port).
 
-Only what the fleet needs: leases (grant, one keepalive round), range, put, delete and
-transactions. Keys and values are text; the gateway wants them base64. Members are tried
-in turn: a connection error or a 5xx moves on to the next one, and `EtcdUnavailable` is
-raised when none answered. Every request is bounded by `timeout` seconds.
+Only what the fleet needs: leases (grant, one keepalive round), range, put, delete,
+transactions and a watch (`/v3/watch`, one JSON message a line on a streamed answer). Keys
+and values are text; the gateway wants them base64. Members are tried in turn: a connection
+error or a 5xx moves on to the next one, and `EtcdUnavailable` is raised when none answered.
+Every request is bounded by `timeout` seconds; a watch's stream by `idle` seconds between
+two messages, and each message by `_MAX_BODY` bytes.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from __future__ import annotations
 import base64
 import json
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-__all__ = ["KV", "EtcdClient", "EtcdUnavailable", "prefix_end"]
+__all__ = ["KV", "Compacted", "EtcdClient", "EtcdUnavailable", "prefix_end"]
 
 # An etcd answer larger than this is not one the fleet wrote: refuse to read it all.
 _MAX_BODY = 4 * 1024 * 1024
@@ -26,6 +28,10 @@ _MAX_BODY = 4 * 1024 * 1024
 
 class EtcdUnavailable(Exception):
     """No etcd member answered (or every one refused): the fleet cannot be consulted."""
+
+
+class Compacted(EtcdUnavailable):
+    """A watch asked for revisions etcd has compacted away: read afresh, then watch again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +162,50 @@ class EtcdClient:
             for kv in doc.get("kvs", [])
         ]
 
+    async def watch(
+        self, key: str, *, start_revision: int, idle: float, prefix: bool = True
+    ) -> AsyncIterator[tuple[int, list[tuple[bool, KV]]]]:
+        """Follow `key` (every key under it when `prefix`) from `start_revision` on.
+
+        Yields (the revision the message reports, [(deleted, kv), ...]) for each message
+        etcd streams, the first (`created`) with no change. Ends quietly when no message
+        came for `idle` seconds, so the caller resumes from its last revision on a fresh
+        connection; raises `Compacted` when `start_revision` is gone, `EtcdUnavailable`
+        when no member accepted the watch or the stream broke or was cancelled.
+        """
+        request: dict[str, Any] = {"key": _b64(key), "start_revision": str(start_revision)}
+        if prefix:
+            request["range_end"] = _b64(prefix_end(key))
+        timeout = httpx.Timeout(self.timeout, read=idle)
+        problems = []
+        n = len(self.endpoints)
+        for i in range(n):
+            index = (self._current + i) % n
+            base = self.endpoints[index]
+            try:
+                await self._authenticate(base)
+                headers = {"Authorization": self._token} if self._token else {}
+                async with self._client.stream(
+                    "POST",
+                    f"{base}/v3/watch",
+                    json={"create_request": request},
+                    headers=headers,
+                    timeout=timeout,
+                ) as r:
+                    if r.status_code != 200:
+                        problems.append(f"{base}: HTTP {r.status_code}")
+                        continue
+                    self._current = index
+                    async for doc in _messages(r):
+                        yield _watch_message(doc)
+            except httpx.ReadTimeout:
+                return  # idle: the caller reconnects from its last revision
+            except (httpx.HTTPError, OSError) as e:
+                problems.append(f"{base}: {type(e).__name__}")
+                continue
+            raise EtcdUnavailable(f"the watch on {base} ended")
+        raise EtcdUnavailable("no etcd member accepted the watch: " + "; ".join(problems))
+
     async def put(self, key: str, value: str, *, lease: int = 0) -> int:
         """Write `key`; the store's revision after it."""
         doc = await self.call(
@@ -199,3 +249,50 @@ def put_op(key: str, value: Any, *, lease: int = 0) -> dict[str, Any]:
     """A txn put; `value` is written as JSON unless it is text."""
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
     return {"request_put": {"key": _b64(key), "value": _b64(text), "lease": str(lease)}}
+
+
+async def _messages(r: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of a streamed watch, one a line, none over `_MAX_BODY` bytes."""
+    buffer = b""
+    async for chunk in r.aiter_bytes():
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            if line.strip():
+                doc = json.loads(line)
+                if not isinstance(doc, dict):
+                    raise EtcdUnavailable("the watch sent something other than a JSON object")
+                yield doc
+        if len(buffer) > _MAX_BODY:
+            raise EtcdUnavailable("the watch sent a message larger than the fleet writes")
+    if buffer.strip():
+        doc = json.loads(buffer)
+        if isinstance(doc, dict):
+            yield doc
+
+
+def _watch_message(doc: dict[str, Any]) -> tuple[int, list[tuple[bool, KV]]]:
+    if "error" in doc:
+        raise EtcdUnavailable(f"the watch failed: {str(doc['error'])[:200]}")
+    result = doc.get("result") or {}
+    if result.get("compact_revision") not in (None, "0", 0):
+        raise Compacted(f"etcd compacted the revisions up to {result['compact_revision']}")
+    if result.get("canceled"):
+        raise EtcdUnavailable(f"etcd cancelled the watch: {result.get('cancel_reason', '')}")
+    revision = int(result.get("header", {}).get("revision", 0))
+    changes = []
+    for event in result.get("events") or []:
+        kv = event.get("kv") or {}
+        changes.append(
+            (
+                event.get("type") == "DELETE",
+                KV(
+                    key=_unb64(kv.get("key")),
+                    value=_unb64(kv.get("value")),
+                    create_revision=int(kv.get("create_revision", 0)),
+                    mod_revision=int(kv.get("mod_revision", 0)),
+                    lease=int(kv.get("lease", 0)),
+                ),
+            )
+        )
+    return revision, changes

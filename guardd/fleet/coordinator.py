@@ -7,15 +7,19 @@ Keys under the fleet's prefix P (values are JSON)::
     P/rollbacks       [wall time, ...]: the fleet's rollbacks (its rollback budget)
     P/qos             the fleet's QoS lock, as `guardctl qos status --json` shows it
     P/nodes/<node>    {"serving", "generation", "wants_rollback", "at"}, under the node's lease
+    P/seen/<node>     {"serving", "generation", "at"}: the node's last record, without a lease,
+                      so that a node whose lease expired is shown as lost, not dropped
 
 A node becomes leader by creating P/leader when it is absent (a txn comparing its
 create_revision with 0). The leader writes P/desired only in a txn that also compares
 P/leader's create_revision with the one it created: a deposed leader's write fails (the
 fencing token), and comparing P/desired's mod_revision makes each generation follow
-exactly one other. Every node polls the prefix (a bounded range read every
-`POLL_S`), applies a newer generation through the guard's own switcher, and publishes
-what it serves under its own lease. The guard asks `decide_rollback` before it rolls
-back on its own.
+exactly one other. Every node follows the prefix with etcd's watch (one range read, then
+the changes streamed from the next revision; a broken stream resumes from the last
+revision seen, a compacted one starts over with a fresh read; a full read every
+`SAFETY_READ_S` besides), applies a newer generation through the guard's own switcher,
+and publishes what it serves under its own lease (when it changes, and every third of
+the lease). The guard asks `decide_rollback` before it rolls back on its own.
 """
 
 from __future__ import annotations
@@ -31,17 +35,22 @@ import anyio
 
 from guardd import qoslock
 from guardd.config import FleetConfig
-from guardd.core.types import COLORS, Color
+from guardd.core.types import COLORS, Color, Severity
 from guardd.exceptions import GuarddError, OperationRefused, why
-from guardd.fleet._etcd import EtcdClient, EtcdUnavailable, compare, put_op
+from guardd.fleet._etcd import KV, Compacted, EtcdClient, EtcdUnavailable, compare, put_op
+from guardd.journal import parse_rfc3339
 
 if TYPE_CHECKING:
     from guardd.guard import Guard
 
-__all__ = ["POLL_S", "Fleet"]
+__all__ = ["SAFETY_READ_S", "Fleet"]
 
-#: How often a node reads the fleet's keys (s).
-POLL_S = 0.1
+#: How often a node reads every fleet key besides following the watch (s): a safety net.
+SAFETY_READ_S = 30.0
+#: A watch's stream with no message for this long is reopened from the last revision (s).
+WATCH_IDLE_S = 10.0
+#: The longest wait before a broken watch is reopened (s); it starts at a tenth of a second.
+WATCH_BACKOFF_MAX_S = 2.0
 
 
 class Fleet:
@@ -81,6 +90,21 @@ class Fleet:
         self._alerted: set[str] = set()
         self._failed: dict[int, float] = {}
         self._answered: set[str] = set()
+        # The prefix as last read and followed: key -> KV, at revision `_revision`.
+        self._kvs: dict[str, KV] = {}
+        self._revision = 0
+        self._fresh = False  # whether `_kvs` is a whole read (not yet: wait for one)
+        self._changed = anyio.Event()  # set (and replaced) at every change seen
+        self._watching = anyio.CancelScope()  # the watch's stream, to reopen it at once
+        self._published: dict[str, Any] | None = None  # our record as last written
+        self._published_at = 0.0
+        self.seen: dict[str, dict[str, Any]] = {}  # P/seen/<node>: last records
+        self._lost: dict[str, float] = {}  # node -> when its lease was first seen gone
+        self._last_leader: str | None = None
+        # The fleet's QoS lock: its mod_revision as last acted on, our own last write's.
+        self._qos_mod: int | None = None
+        self._qos_mine = 0
+        self._local_lock: dict[str, Any] | None = None  # the leader's lock file, last look
         self._store = state_dir / "fleet.json"
         self.applied = self._load_applied()
 
@@ -95,14 +119,18 @@ class Fleet:
         """The fleet key `P/<parts>`."""
         return "/".join([self.prefix, *parts])
 
-    async def decide_rollback(self, target: Color, reason: str = "") -> int | None:
+    async def decide_rollback(
+        self, target: Color, reason: str = "", severity: str | None = None
+    ) -> int | None:
         """May this node roll back to `target` now? The generation to apply it as, else None.
 
-        Only the leader writes a rollback, fenced by its leader key; a follower's wish is
-        published for `quorum = "majority"`. With etcd unreachable: 0 (decide alone) when
-        `local_fallback`, else None. Never raises.
+        Only the leader writes a rollback (with its `severity`, which every node journals),
+        fenced by its leader key; a follower's wish is published for `quorum = "majority"`.
+        With etcd unreachable: 0 (decide alone) when `local_fallback`, else None. Never raises.
         """
         self._wants_at = time.monotonic()
+        if self._published is not None and not self._published.get("wants_rollback"):
+            self._changed_now()  # publish the wish at once, not at the next lease third
         if not self.reachable:
             return 0 if self.c.local_fallback else None
         if not self.is_leader:
@@ -121,7 +149,12 @@ class Fleet:
                 return None
         try:
             return await self._write_desired(
-                target, "rollback", self.node, reason or f"roll back to {target}", fenced=True
+                target,
+                "rollback",
+                self.node,
+                reason or f"roll back to {target}",
+                fenced=True,
+                severity=severity,
             )
         except EtcdUnavailable:
             return 0 if self.c.local_fallback else None
@@ -161,12 +194,22 @@ class Fleet:
                 f"fleet: etcd is unreachable ({self.problem}); this node keeps serving "
                 f"what it last applied and {what}"
             )
-        found += [
-            f"fleet: node {n} serves {self.nodes.get(n, {}).get('serving')}, not the desired "
-            f"{(self.desired or {}).get('color')}, for longer than switch.timeout"
-            for n in self.diverged()
-        ]
+        found += [self._alert_text(n) for n in self.diverged()]
         return found
+
+    def _alert_text(self, name: str) -> str:
+        want = (self.desired or {}).get("color")
+        if name in self._lost:
+            last = self.seen.get(name, {})
+            return (
+                f"fleet: node {name} is lost (its lease expired; last seen serving "
+                f"{last.get('serving')}, generation {last.get('generation')}) for longer "
+                "than switch.timeout"
+            )
+        return (
+            f"fleet: node {name} serves {self.nodes.get(name, {}).get('serving')}, not the "
+            f"desired {want}, for longer than switch.timeout"
+        )
 
     def status_word(self) -> str | None:
         """The STATUS= word: `fleet=etcd-unreachable`, `fleet=diverged`, or None."""
@@ -177,13 +220,37 @@ class Fleet:
         return None
 
     def diverged(self) -> list[str]:
-        """Nodes serving something other than the desired color longer than switch.timeout."""
+        """Nodes serving something other than the desired color, or lost (their lease
+        expired), for longer than switch.timeout."""
         now = time.monotonic()
-        return sorted(n for n, t in self._diverged.items() if now - t > self.switch_timeout)
+        late = {n for n, t in self._diverged.items() if now - t > self.switch_timeout}
+        late |= {n for n, t in self._lost.items() if now - t > self.switch_timeout}
+        return sorted(late)
 
     def status_doc(self) -> dict[str, Any]:
-        """`guardctl fleet status --json`: the nodes, the leader, the desired color."""
+        """`guardctl fleet status --json`: the nodes, the leader, the desired color.
+
+        A node whose lease expired stays listed from its last record (`P/seen/<node>`),
+        with `"lost": true` and `"lease": "expired"`.
+        """
         now = time.time()
+        alerts = self.diverged()
+        rows = []
+        for name in sorted(set(self.nodes) | set(self._lost)):
+            lost = name not in self.nodes
+            doc = self.seen.get(name, {}) if lost else self.nodes[name]
+            rows.append(
+                {
+                    "node": name,
+                    "serving": doc.get("serving"),
+                    "generation": doc.get("generation"),
+                    "lease_age_s": round(max(0.0, now - float(doc.get("at", now))), 3),
+                    "lease": "expired" if lost else "live",
+                    "lost": lost,
+                    "leader": name == self.leader,
+                    "alert": name in alerts,
+                }
+            )
         return {
             "node": self.node,
             "prefix": self.prefix,
@@ -192,46 +259,133 @@ class Fleet:
             "leader": self.leader,
             "desired": self.desired,
             "rollbacks": len(self.rollbacks),
-            "nodes": [
-                {
-                    "node": name,
-                    "serving": doc.get("serving"),
-                    "generation": doc.get("generation"),
-                    "lease_age_s": round(max(0.0, now - float(doc.get("at", now))), 3),
-                    "leader": name == self.leader,
-                    "alert": name in self.diverged(),
-                }
-                for name, doc in sorted(self.nodes.items())
-            ],
-            "alerts": self.diverged(),
+            "nodes": rows,
+            "alerts": alerts,
         }
 
-    def qos_doc(self) -> dict[str, Any] | None:
-        """The fleet's QoS lock as last read (None: unknown, etcd unreachable)."""
+    def qos_doc(self) -> dict[str, Any]:
+        """The fleet's QoS lock as `qos status --json` shows it, `"source": "fleet"`.
+
+        A lock held in this node's own lock file (one not yet published, or a `touch`)
+        blocks too: then it is that one, `"source": "local"`. With etcd unreachable the
+        fleet's lock is unknown: `"locked": null, "unknown": true` (never "unlocked").
+        """
         if not self.reachable:
-            return None
-        if self.qos is None:
-            return qoslock.LockInfo(held=False).to_json() | {"source": "fleet"}
-        return dict(self.qos) | {"source": "fleet"}
+            return {
+                "locked": None,
+                "unknown": True,
+                "source": "fleet",
+                "warning": f"etcd is unreachable ({self.problem}): the fleet's QoS lock is unknown",
+            }
+        fleet = dict(self.qos) if self.qos is not None else {"locked": False}
+        if not fleet.get("locked") and self.guard is not None:
+            local = qoslock.read_lock(self.guard.s.lock_file)
+            if local.held:
+                return local.to_json() | {"source": "local"}
+        return qoslock.LockInfo(held=False).to_json() | fleet | {"source": "fleet"}
+
+    def require_etcd(self, consequence: str) -> None:
+        """Raise `OperationRefused` ("etcd is unreachable (...); <consequence>") unless the
+        last round reached etcd."""
+        if not self.reachable:
+            raise OperationRefused(f"etcd is unreachable ({self.problem}); {consequence}")
+
+    async def set_qos(self, info: qoslock.LockInfo) -> None:
+        """Write `info` as the fleet's QoS lock (an operator's `qos lock`/`unlock` on any node).
+
+        Written by this node directly, not through the leader: the operator's command is
+        answered once the fleet has it, also between two leaders, and a lock is no traffic
+        decision that a deposed leader could get wrong. The transaction compares `qos`'s
+        mod_revision with the one last read, so a change made meanwhile elsewhere is never
+        overwritten unseen. Raises `OperationRefused` when etcd cannot be reached or the
+        lock changed meanwhile.
+        """
+        self.require_etcd("the fleet's QoS lock cannot be changed")
+        doc = info.to_json()
+        current = self._kvs.get(self.key("qos"))
+        try:
+            ok, revision = await self.client.txn(
+                [compare(self.key("qos"), "MOD", current.mod_revision if current else 0)],
+                [put_op(self.key("qos"), doc)],
+            )
+        except EtcdUnavailable as e:
+            raise OperationRefused(
+                f"etcd is unreachable ({e}); the fleet's QoS lock cannot be changed"
+            ) from None
+        if not ok:
+            raise OperationRefused("the fleet's QoS lock changed meanwhile; look and try again")
+        self.qos, self._qos_mine, self._qos_mod = doc, revision, revision
 
     # ---- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Read the fleet, keep the lease, elect, converge; until cancelled."""
+        """Follow the fleet, keep the lease, elect, converge; until cancelled."""
         try:
-            while True:
-                try:
-                    await self._round()
-                except EtcdUnavailable as e:
-                    self._unreachable(str(e))
-                except (ValueError, KeyError, TypeError) as e:
-                    # An answer not shaped as etcd's: as good as no answer (fail closed).
-                    self._unreachable(f"unexpected answer from etcd: {type(e).__name__}: {e}")
-                await self._converge()
-                await anyio.sleep(POLL_S)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._follow)
+                await self._loop()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.client.aclose()
+
+    async def _loop(self) -> None:
+        while True:
+            changed = self._changed
+            try:
+                await self._round()
+            except EtcdUnavailable as e:
+                self._unreachable(str(e))
+            except (ValueError, KeyError, TypeError) as e:
+                # An answer not shaped as etcd's: as good as no answer (fail closed).
+                self._unreachable(f"unexpected answer from etcd: {type(e).__name__}: {e}")
+            await self._converge()
+            # Until something changes in the fleet (or here), or the lease needs renewing.
+            with anyio.move_on_after(self.c.lease_ttl / 3):
+                await changed.wait()
+
+    def _changed_now(self) -> None:
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    async def _follow(self) -> None:
+        """Keep `_kvs` as etcd has it: a read, then the watch; reconnect with backoff."""
+        backoff = 0.1
+        last_read = -SAFETY_READ_S
+        while True:
+            try:
+                if not self._fresh or time.monotonic() - last_read > SAFETY_READ_S:
+                    revision, kvs = await self.client.range(self.prefix + "/", prefix=True)
+                    self._kvs, self._revision = {kv.key: kv for kv in kvs}, revision
+                    self._fresh, last_read = True, time.monotonic()
+                    self._changed_now()
+                # Reopened at the safety read, or at once when `_kick` cancels it.
+                with anyio.move_on_after(SAFETY_READ_S) as self._watching:
+                    await self._stream()
+                backoff = 0.1
+            except Compacted:
+                self._fresh = False  # what was missed is gone: read it all again
+            except (EtcdUnavailable, ValueError, KeyError, TypeError):
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, WATCH_BACKOFF_MAX_S)
+
+    def _kick(self) -> None:
+        """Reopen the watch now (its connection may be dead after etcd was away)."""
+        self._watching.cancel()
+
+    async def _stream(self) -> None:
+        async for revision, changes in self.client.watch(
+            self.prefix + "/", start_revision=self._revision + 1, idle=WATCH_IDLE_S
+        ):
+            for deleted, kv in changes:
+                if deleted:
+                    self._kvs.pop(kv.key, None)
+                else:
+                    self._kvs[kv.key] = kv
+            if changes:
+                # Only a message with events moves the resume point: the `created` one
+                # reports the store's revision before the missed events are streamed.
+                self._revision = max(self._revision, revision)
+                self._changed_now()
 
     def _unreachable(self, problem: str) -> None:
         guard = self.guard
@@ -242,27 +396,37 @@ class Fleet:
         self.reachable, self.problem = False, problem
         self._leader_rev = None
         self._diverged.clear()
+        self._lost.clear()
 
     async def _round(self) -> None:
         now = time.monotonic()
         if self.lease is None:
             self.lease, self._renewed = await self.client.grant(self.c.lease_ttl), now
+            self._published = None
         elif now - self._renewed > self.c.lease_ttl / 3:
             if await self.client.keepalive(self.lease) <= 0:
-                # The lease expired (etcd was away too long): so did leadership.
+                # The lease expired (etcd or this process was away too long): so did
+                # leadership, and our record with it.
                 self.lease, self._leader_rev = await self.client.grant(self.c.lease_ttl), None
+                self._published = None
             self._renewed = now
         await self._publish_self()
-        _rev, kvs = await self.client.range(self.prefix + "/", prefix=True)
+        if not self._fresh:
+            return  # the first read is not in yet: nothing to judge from
+        kvs = list(self._kvs.values())
         self._read(kvs)
         await self._answer_prepares(kvs)
-        if self.reachable is False and self.guard is not None:
-            self.guard.record("alert", reason="fleet: etcd is reachable again", by=self.node)
+        if self.reachable is False:
+            if self.guard is not None:
+                self.guard.record("alert", reason="fleet: etcd is reachable again", by=self.node)
+            self._kick()  # the watch may hang on a dead connection: reopen it now
         self.reachable, self.problem, self.unreachable_since = True, None, None
         if self.leader is None:
             await self._campaign()
         elif self.is_leader:
             await self._mirror_qos_up()
+            await self._expire_qos()
+        await self._adopt_qos()
         await self._mirror_qos_down()
         self._watch_divergence()
 
@@ -270,6 +434,8 @@ class Fleet:
         by_key = {kv.key: kv for kv in kvs}
         leader = by_key.get(self.key("leader"))
         self.leader = leader.value if leader is not None else None
+        if self.leader is not None:
+            self._last_leader = self.leader
         if leader is None or leader.value != self.node or leader.lease != self.lease:
             self._leader_rev = None
         elif self._leader_rev is None:
@@ -282,23 +448,31 @@ class Fleet:
         self.rollbacks = [float(t) for t in got] if isinstance(got, list) else []
         qos = by_key.get(self.key("qos"))
         self.qos = _json(qos.value) if qos is not None else None
-        nodes_at = self.key("nodes") + "/"
-        self.nodes = {
-            kv.key[len(nodes_at) :]: doc
-            for kv in kvs
-            if kv.key.startswith(nodes_at) and isinstance(doc := _json(kv.value), dict)
-        }
+        self.nodes = _under(kvs, self.key("nodes") + "/")
+        self.seen = _under(kvs, self.key("seen") + "/")
 
     async def _publish_self(self) -> None:
+        """Write our record under the lease when it changed or a third of the lease went by,
+        and its copy without a lease (`seen/`) when what we serve changed."""
         guard = self.guard
         wants = self._wants_at is not None and time.monotonic() - self._wants_at < self.c.lease_ttl
-        doc = {
+        doc: dict[str, Any] = {
             "serving": guard.active if guard is not None else None,
             "generation": self.applied,
             "wants_rollback": wants,
-            "at": time.time(),
         }
-        await self.client.put(self.key("nodes", self.node), json.dumps(doc), lease=self.lease or 0)
+        now = time.monotonic()
+        if doc == self._published and now - self._published_at < self.c.lease_ttl / 3:
+            return
+        record = doc | {"at": time.time()}
+        await self.client.put(
+            self.key("nodes", self.node), json.dumps(record), lease=self.lease or 0
+        )
+        last = self._published or {}
+        if (last.get("serving"), last.get("generation")) != (doc["serving"], doc["generation"]):
+            seen = {k: record[k] for k in ("serving", "generation", "at")}
+            await self.client.put(self.key("seen", self.node), json.dumps(seen))
+        self._published, self._published_at = doc, now
 
     async def _campaign(self) -> None:
         ok, revision = await self.client.txn(
@@ -306,12 +480,30 @@ class Fleet:
             [put_op(self.key("leader"), self.node, lease=self.lease or 0)],
         )
         if ok:
-            self.leader, self._leader_rev = self.node, revision
+            previous = self._last_leader
+            self.leader, self._leader_rev, self._last_leader = self.node, revision, self.node
+            self._local_lock = None  # look at our lock file afresh, as the fleet's
             if self.guard is not None:
-                self.guard.log.info("fleet_leader", node=self.node, prefix=self.prefix)
+                # The leader key's create_revision is the term: it fences every write.
+                self.guard.record(
+                    "fleet_leader",
+                    node=self.node,
+                    previous=previous,
+                    revision=revision,
+                    by=self.node,
+                    reason=f"{self.node} leads the fleet {self.prefix}"
+                    + (f" after {previous}" if previous and previous != self.node else ""),
+                )
 
     async def _write_desired(
-        self, target: Color, kind: str, by: str, reason: str, *, fenced: bool
+        self,
+        target: Color,
+        kind: str,
+        by: str,
+        reason: str,
+        *,
+        fenced: bool,
+        severity: str | None = None,
     ) -> int | None:
         generation = int((self.desired or {}).get("generation", 0)) + 1
         doc = {
@@ -320,6 +512,7 @@ class Fleet:
             "kind": kind,
             "by": by,
             "reason": reason,
+            "severity": severity,
             "at": time.time(),
         }
         checks = [compare(self.key("desired"), "MOD", self._desired_mod)]
@@ -346,16 +539,27 @@ class Fleet:
             self.key("prepare", ask), json.dumps({"target": target}), lease=self.lease or 0
         )
         answers: dict[str, dict[str, Any]] = {}
+        ready = self.key("ready", ask) + "/"
         try:
             with anyio.move_on_after(2 * self.switch_timeout):
                 while set(answers) < set(live):
-                    _rev, kvs = await self.client.range(self.key("ready", ask) + "/", prefix=True)
-                    answers = {kv.key.rsplit("/", 1)[1]: _json(kv.value, {}) for kv in kvs}
-                    await anyio.sleep(POLL_S)
+                    changed = self._changed
+                    answers = {
+                        k[len(ready) :]: _json(kv.value, {})
+                        for k, kv in list(self._kvs.items())
+                        if k.startswith(ready)
+                    }
+                    if set(answers) < set(live):
+                        # The watch brings the answers; a read now and then in case it broke.
+                        with anyio.move_on_after(1.0) as idle:
+                            await changed.wait()
+                        if idle.cancelled_caught:
+                            _rev, kvs = await self.client.range(ready, prefix=True)
+                            self._kvs.update({kv.key: kv for kv in kvs})
         finally:
             with contextlib.suppress(EtcdUnavailable):
                 await self.client.delete(self.key("prepare", ask))
-                await self.client.delete(self.key("ready", ask) + "/", prefix=True)
+                await self.client.delete(ready, prefix=True)
         refused = [
             f"{n}: {answers[n].get('why') or 'refused'}" if n in answers else f"{n}: no answer"
             for n in live
@@ -396,16 +600,69 @@ class Fleet:
             )
 
     async def _mirror_qos_up(self) -> None:
-        """The leader's lock file is the fleet's lock: publish it when it changed."""
+        """The leader's own lock (its guard window after a rollback) is the fleet's: publish
+        it when the lock file changed. An unlock is published only over a lock this node
+        wrote, never over an operator's lock taken on another node."""
         guard = self.guard
         if guard is None:
             return
         doc = qoslock.read_lock(guard.s.lock_file).to_json()
         if doc.get("locked") and str(doc.get("by", "")).startswith("fleet:"):
             return  # a mirror of the fleet's lock is not news
-        if (self.qos or {"locked": False}) != doc:
-            await self.client.put(self.key("qos"), json.dumps(doc))
-            self.qos = doc
+        before, self._local_lock = self._local_lock, doc
+        if doc == before or (before is None and not doc.get("locked")):
+            return  # unchanged since the last look (or nothing held as we became leader)
+        if doc == (self.qos or {"locked": False}):
+            return
+        current = self._kvs.get(self.key("qos"))
+        mod = current.mod_revision if current is not None else 0
+        if not doc.get("locked") and mod not in (0, self._qos_mine):
+            return
+        ok, revision = await self.client.txn(
+            [compare(self.key("qos"), "MOD", mod)], [put_op(self.key("qos"), doc)]
+        )
+        if ok:
+            self.qos, self._qos_mine, self._qos_mod = doc, revision, revision
+
+    async def _expire_qos(self) -> None:
+        """The leader ends the fleet's lock once its `until` has passed (an operator's
+        `qos lock --for`, whichever node it was taken on)."""
+        until = (self.qos or {}).get("until")
+        if not (self.qos or {}).get("locked") or not isinstance(until, str):
+            return
+        try:
+            expired = parse_rfc3339(until) < time.time()
+        except ValueError:
+            return
+        current = self._kvs.get(self.key("qos"))
+        if expired and current is not None:
+            doc = qoslock.LockInfo(held=False, reason="expired", by=self.node).to_json()
+            ok, revision = await self.client.txn(
+                [compare(self.key("qos"), "MOD", current.mod_revision)],
+                [put_op(self.key("qos"), doc)],
+            )
+            if ok:
+                self.qos, self._qos_mine, self._qos_mod = doc, revision, revision
+
+    async def _adopt_qos(self) -> None:
+        """The fleet's lock released by another node: release ours too (own or mirrored),
+        journaled as `qos_released` by `fleet:<who>`."""
+        current = self._kvs.get(self.key("qos"))
+        mod = current.mod_revision if current is not None else 0
+        first, self._qos_mod = self._qos_mod is None, mod
+        guard = self.guard
+        if first or mod == self._qos_mine or guard is None or self.qos is None:
+            return
+        if self.qos.get("locked") or not qoslock.read_lock(guard.s.lock_file).held:
+            return
+        async with guard.lock:
+            guard.release_lock(
+                by=f"fleet:{self.qos.get('by') or 'unknown'}",
+                reason="the fleet's QoS lock was released"
+                + (f" ({self.qos['reason']})" if self.qos.get("reason") else ""),
+            )
+            guard.save_state()
+        self._local_lock = qoslock.read_lock(guard.s.lock_file).to_json()
 
     async def _mirror_qos_down(self) -> None:
         """Keep the fleet's lock in the local lock file, so a CI gate on this host sees it."""
@@ -440,16 +697,19 @@ class Fleet:
         for name in list(self._diverged):
             if name not in self.nodes:
                 del self._diverged[name]
+        # A node with a last record but no live one: its lease expired (it is frozen, cut
+        # off or gone). Listed as lost, and an alert after switch.timeout, until it is back.
+        lost = set(self.seen) - set(self.nodes) - {self.node}
+        for name in lost:
+            self._lost.setdefault(name, now)
+        for name in set(self._lost) - lost:
+            del self._lost[name]
+            self._alerted.discard(name)
         guard = self.guard
         for name in self.diverged():
             if name not in self._alerted and guard is not None:
                 self._alerted.add(name)
-                guard.record(
-                    "alert",
-                    reason=f"fleet: node {name} serves {self.nodes[name].get('serving')}, not "
-                    f"the desired {want}, for longer than switch.timeout",
-                    node=name,
-                )
+                guard.record("alert", reason=self._alert_text(name), node=name)
 
     async def _converge(self) -> None:
         """Apply a newer desired generation through the guard's own switcher."""
@@ -473,6 +733,7 @@ class Fleet:
                     kind=kind if kind in ("rollback", "switch", "promote") else "switch",
                     by=f"fleet:{d.get('by')}",
                     reason=str(d.get("reason") or f"the fleet's generation {generation}"),
+                    severity=_severity(d.get("severity")),
                     generation=generation,
                 )
             if guard.active == color:
@@ -495,3 +756,17 @@ def _json(text: str, default: Any = None) -> Any:
         return json.loads(text)
     except ValueError:
         return default
+
+
+def _under(kvs: list[Any], prefix: str) -> dict[str, dict[str, Any]]:
+    """The JSON objects of the keys under `prefix`, by the rest of their key."""
+    return {
+        kv.key[len(prefix) :]: doc
+        for kv in kvs
+        if kv.key.startswith(prefix) and isinstance(doc := _json(kv.value), dict)
+    }
+
+
+def _severity(value: object) -> Severity | None:
+    """The decision's severity as the leader wrote it; None when it wrote none it knows."""
+    return value if value in ("P0", "P1", "P2") else None

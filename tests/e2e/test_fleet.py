@@ -3,6 +3,7 @@ of the same blue and green upstreams, coordinated through a real 3-member etcd c
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 from collections.abc import Iterator
@@ -55,6 +56,18 @@ def test_green_fails_the_whole_fleet_rolls_back_once(fleet: FleetLab) -> None:
     for d in fleet.daemons:
         completed = [e for e in d.events() if e["event"] == "rollback_completed"]
         assert [e["generation"] for e in completed] == [1]
+    # Every node journals the decision's severity, the leader's as the followers'.
+    severities = {
+        e["severity"]
+        for d in fleet.daemons
+        for e in d.events()
+        if e["event"] in ("rollback_started", "rollback_completed")
+    }
+    assert len(severities) == 1 and severities <= {"P0", "P1"}, severities
+    # One election, journaled by the node that won it.
+    elected = [e for d in fleet.daemons for e in d.events() if e["event"] == "fleet_leader"]
+    assert [(e["node"], e["previous"]) for e in elected] == [(status["leader"], None)]
+    assert isinstance(elected[0]["revision"], int) and elected[0]["revision"] > 0
 
 
 def test_qos_status_answers_from_the_fleets_lock_on_every_node(fleet: FleetLab) -> None:
@@ -187,6 +200,14 @@ def test_the_leader_killed_mid_rollback_is_replaced_and_follows_when_back(
     for i in others:
         assert fleet.labs[i].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
         applied(fleet.daemons[i], 1)
+    new = fleet.leader()
+    assert new is not None
+    elected = fleet.daemons[new].wait_event(
+        "fleet_leader", timeout=30, where=lambda e: e["previous"] == f"n{old}"
+    )
+    first = fleet.daemons[old].events()
+    term = next(e["revision"] for e in first if e["event"] == "fleet_leader")
+    assert elected["node"] == f"n{new}" and elected["revision"] > term
     restarted = lab.daemon()
     assert lab.nginx.wait_serving_only("blue", hold=0.3, timeout=60)
     wait_until(
@@ -322,3 +343,199 @@ def test_majority_quorum_one_nodes_view_does_not_switch_the_fleet(tmp_path: Path
     finally:
         fleet.close()
         blind.stop()
+
+
+def qos_status(lab: Lab, *, config: bool = False) -> tuple[int, dict[str, Any] | None, str]:
+    """`guardctl qos status --json`, through the node's socket or (`config`) its config."""
+    where = ("--config", str(lab.config_path)) if config else ()
+    out = guardctl("qos", "status", "--json", *where, socket=None if config else lab.socket_path)
+    try:
+        doc = json.loads(out.stdout)
+    except ValueError:
+        doc = None
+    return out.returncode, doc if isinstance(doc, dict) else None, out.stdout + out.stderr
+
+
+def test_qos_lock_and_unlock_on_any_node_are_the_fleets(fleet: FleetLab) -> None:
+    fleet.start()
+    leader = fleet.leader()
+    assert leader is not None
+    followers = [i for i in range(3) if i != leader]
+    out = guardctl(
+        "qos", "lock", "--for", "1h", "--reason", "freeze 7",
+        socket=fleet.labs[followers[0]].socket_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out
+
+    def everywhere(locked: bool) -> bool:
+        for lab in fleet.labs:
+            for config in (False, True):
+                code, doc, _ = qos_status(lab, config=config)
+                if doc is None or code != (1 if locked else 0) or doc["source"] != "fleet":
+                    return False
+                if locked and doc["reason"] != "freeze 7":
+                    return False
+            if lab.lock_file.exists() != locked:
+                return False
+        return True
+
+    wait_until(lambda: everywhere(True), 60, "the follower's lock on every node", poll=0.2)
+    assert fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["locked"] is True
+    # Unlocked on another node (the leader), it is unlocked everywhere.
+    out = guardctl("qos", "unlock", socket=fleet.labs[leader].socket_path)
+    assert out.returncode == 0, out
+    wait_until(lambda: everywhere(False), 60, "the fleet's lock gone on every node", poll=0.2)
+    d = fleet.daemons[followers[0]]
+    d.wait_event("qos_released", timeout=30, where=lambda e: e["by"].startswith("fleet:"))
+    # etcd gone: every node says the fleet's lock is UNKNOWN, never "unlocked".
+    fleet.etcd.stop()
+    for lab in fleet.labs:
+        code, _, said = qos_status(lab, config=True)
+        assert code == 3 and "cannot tell" in said, said
+        wait_until(
+            functools.partial(lambda lab: qos_status(lab)[0] == 3, lab),
+            60,
+            "UNKNOWN over the socket with etcd gone",
+            poll=0.2,
+        )
+        out = guardctl("qos", "unlock", socket=lab.socket_path)
+        assert out.returncode == 1 and "etcd is unreachable" in out.stderr, out
+
+
+def test_a_fleet_lock_for_a_while_ends_on_every_node(fleet: FleetLab) -> None:
+    fleet.start()
+    leader = fleet.leader()
+    assert leader is not None
+    follower = next(i for i in range(3) if i != leader)
+    out = guardctl(
+        "qos", "lock", "--for", "8s", "--reason", "short freeze",
+        socket=fleet.labs[follower].socket_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out
+
+    def each(locked: bool) -> bool:
+        for lab in fleet.labs:
+            code, doc, _ = qos_status(lab)
+            if doc is None or code != (1 if locked else 0) or lab.lock_file.exists() != locked:
+                return False
+        return True
+
+    wait_until(lambda: each(True), 60, "the lock on every node", poll=0.1)
+    # Its `until` passed: the leader ends the fleet's lock, and every node's copy goes.
+    wait_until(lambda: each(False), 60, "the lock gone on every node after its until", poll=0.2)
+    assert fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["locked"] is False
+
+
+def test_a_frozen_node_is_shown_lost_then_is_an_alert(tmp_path: Path) -> None:
+    fleet = FleetLab(tmp_path, switch__timeout="2s")
+    frozen: Daemon | None = None
+    try:
+        fleet.start()
+        leader = fleet.leader()
+        assert leader is not None
+        i = next(j for j in range(3) if j != leader)
+        others = [j for j in range(3) if j != i]
+        frozen = fleet.daemons[i]
+        frozen.signal(signal.SIGSTOP)
+
+        def lost_everywhere() -> bool:
+            for j in others:
+                doc = fleet.fleet_status(j)
+                row = next((n for n in doc["nodes"] if n["node"] == f"n{i}"), None)
+                if row is None or not row["lost"] or row["lease"] != "expired":
+                    return False
+                assert row["serving"] == "green" and row["generation"] == 0
+                if doc["alerts"] != [f"n{i}"]:
+                    return False
+                if not any(f"node n{i} is lost" in w for w in status_of(fleet.labs[j])["warnings"]):
+                    return False
+            return True
+
+        wait_until(lost_everywhere, 60, f"n{i} lost and an alert on the others", poll=0.2)
+        out = guardctl("fleet", "status", socket=fleet.labs[others[0]].socket_path)
+        assert out.returncode == 1 and "ALERT" in out.stdout and "lost" in out.stdout, out
+        for j in others:
+            fleet.daemons[j].wait_event(
+                "alert", timeout=30, where=lambda e: f"node n{i} is lost" in e["reason"]
+            )
+        frozen.signal(signal.SIGCONT)
+        frozen = None
+        wait_until(
+            lambda: all(
+                not fleet.fleet_status(j)["alerts"]
+                and all(not n["lost"] for n in fleet.fleet_status(j)["nodes"])
+                for j in range(3)
+            ),
+            60,
+            "the thawed node live again everywhere",
+            poll=0.2,
+        )
+    finally:
+        if frozen is not None:
+            frozen.signal(signal.SIGCONT)
+        fleet.close()
+
+
+def test_local_fallback_a_cut_off_node_rolls_back_alone_and_says_so(tmp_path: Path) -> None:
+    fleet = FleetLab(tmp_path, fleet__local_fallback=True)
+    try:
+        proxy = fleet.through_proxy(2)
+        fleet.start()
+        cut, cut_d = fleet.labs[2], fleet.daemons[2]
+        proxy.stop()
+        wait_until(
+            lambda: any("decides alone" in w for w in status_of(cut).get("warnings", [])),
+            60,
+            "the cut-off node saying it decides alone",
+            poll=0.2,
+        )
+        fleet.green.set_mode("http_503")
+        for i in (0, 1):
+            assert fleet.labs[i].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+            applied(fleet.daemons[i], 1)
+        # The cut-off node rolls back on its own, and its journal says so.
+        assert cut.nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+        done = cut_d.wait_event("rollback_completed", timeout=60)
+        assert done["local_fallback"] is True and "generation" not in done
+        assert done["severity"] in ("P0", "P1") and "decided alone" in done["reason"]
+        started = cut_d.wait_event("rollback_started", timeout=5)
+        assert started["local_fallback"] is True
+        # Meanwhile etcd forgets the history the cut-off node's watch would resume from.
+        fleet.etcd.compact()
+        proxy.start()
+        wait_until(
+            lambda: (
+                {n["node"]: n["generation"] for n in fleet.fleet_status(0)["nodes"]}
+                == {"n0": 1, "n1": 1, "n2": 1}
+            ),
+            60,
+            "the cut-off node at the fleet's generation once back",
+            poll=0.2,
+        )
+        # It already served blue: the fleet's generation is taken, not applied twice.
+        assert [e["event"] for e in cut_d.events() if e["event"] == "rollback_completed"] == [
+            "rollback_completed"
+        ]
+    finally:
+        fleet.close()
+
+
+def test_nodes_follow_the_fleet_by_watch_not_by_polling(fleet: FleetLab) -> None:
+    fleet.start()
+    wait_until(
+        lambda: fleet.etcd.metric("etcd_debugging_mvcc_watcher_total") >= 3,
+        30,
+        "a watch from every node",
+        poll=0.2,
+    )
+    # Idle, each node rewrites its record every third of its lease; it reads the whole
+    # prefix only as a safety net, not at every round as a poll would.
+    puts, reads = fleet.etcd.calls("Put"), fleet.etcd.calls("Range")
+    wait_until(lambda: fleet.etcd.calls("Put") - puts >= 30, 60, "30 record refreshes", poll=0.2)
+    read = fleet.etcd.calls("Range") - reads
+    assert read <= 6, f"{read} range reads for 30 record refreshes"
+    # And a change still reaches every node at once: the fleet rolls back as one.
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+    for d in fleet.daemons:
+        applied(d, 1)

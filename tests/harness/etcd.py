@@ -18,8 +18,6 @@ import base64
 import contextlib
 import functools
 import json
-import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -30,27 +28,12 @@ from typing import Any
 
 from tests.harness.daemon import wait_until
 from tests.harness.nginx import free_port
+from tests.harness.paths import debian_binary
 
 
 def etcd_binary() -> str:
     """The etcd binary, installing Debian's etcd-server if missing."""
-    found = shutil.which("etcd") or shutil.which("etcd", path="/usr/bin:/usr/sbin")
-    if found:
-        return found
-    if os.geteuid() != 0:
-        raise RuntimeError("etcd is not installed and we are not root to apt-get it")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, timeout=600)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "etcd-server"],
-        check=True,
-        env=env,
-        timeout=600,
-    )
-    found = shutil.which("etcd")
-    if not found:
-        raise RuntimeError("installed etcd-server but no etcd binary is on PATH")
-    return found
+    return debian_binary("etcd", "etcd-server")
 
 
 class EtcdCluster:
@@ -137,6 +120,48 @@ class EtcdCluster:
                 out[base64.b64decode(kv["key"]).decode()] = value
             return out
         raise AssertionError("no etcd member answered")
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        for url in self.client_urls:
+            request = urllib.request.Request(  # noqa: S310 - loopback
+                f"{url}/v3/{path}", data=json.dumps(body).encode(), method="POST"
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=5) as r:  # noqa: S310
+                    doc = json.loads(r.read())
+            except (OSError, ValueError):
+                continue
+            if isinstance(doc, dict):
+                return doc
+        raise AssertionError("no etcd member answered")
+
+    def compact(self) -> int:
+        """Compact the store at its current revision (a watch from before must start over)."""
+        doc = self._post("kv/range", {"key": base64.b64encode(b"/").decode()})
+        revision = int(doc["header"]["revision"])
+        self._post("kv/compaction", {"revision": str(revision), "physical": True})
+        return revision
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum over the live members of the series `name` whose labels include `labels`."""
+        total = 0.0
+        want = [f'{k}="{v}"' for k, v in labels.items()]
+        for url in self.client_urls:
+            try:
+                with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:  # noqa: S310
+                    text = r.read().decode()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                series, _, value = line.rpartition(" ")
+                if series.split("{", 1)[0] == name and all(w in series for w in want):
+                    total += float(value)
+        return total
+
+    def calls(self, method: str) -> int:
+        """gRPC calls of `method` (`Range`, `Put`, `Watch`, ...) the members started, so far:
+        what the JSON gateway forwarded."""
+        return int(self.metric("grpc_server_started_total", grpc_method=method))
 
     def stop(self) -> None:
         """Stop every member."""

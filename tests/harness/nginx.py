@@ -34,8 +34,6 @@ apt-get (root only) or fails loudly.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -44,6 +42,7 @@ from pathlib import Path
 from types import TracebackType
 
 from guardd._demo import nginx as private
+from tests.harness.paths import debian_binary
 from tests.harness.upstream import Upstream
 
 _START_ATTEMPTS = 5
@@ -52,23 +51,7 @@ LOG_FORMAT = Path(__file__).resolve().parents[2] / "packaging/nginx/guardd-log-f
 
 def nginx_binary() -> str:
     """Return the path of the nginx binary, installing Debian's nginx-light if missing."""
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
-    if found:
-        return found
-    if os.geteuid() != 0:
-        raise RuntimeError("nginx is not installed and we are not root to apt-get it")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, timeout=600)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "nginx-light"],
-        check=True,
-        env=env,
-        timeout=600,
-    )
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
-    if not found:
-        raise RuntimeError("installed nginx-light but no nginx binary is on PATH")
-    return found
+    return debian_binary("nginx", "nginx-light")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
