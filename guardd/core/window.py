@@ -1,15 +1,19 @@
 """A time-based sliding window of probe results with bounded memory and O(1) updates.
 
 Latency percentiles come from a log-bucketed histogram that is updated as samples
-enter and leave, so a sample costs O(1) and a percentile O(buckets) with no sorting;
-each reported percentile is within about 2 % of the exact nearest-rank value.
+enter and leave, so a sample costs O(1) and a percentile O(sqrt(buckets)) with no
+sorting; each reported percentile is within about 2 % of the exact nearest-rank value.
+The window's statistics are kept until the window next changes: a decision tick that
+reads them several times pays for them once.
 """
 
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Final
 
 from guardd.core.types import Outcome
@@ -32,6 +36,16 @@ def _bucket_value(index: int) -> float:
     return float(_MIN_MS * _RATIO ** (index + 0.5))
 
 
+# Each bucket's value, computed once by the same expression (so the very same float).
+_VALUES: Final[tuple[float, ...]] = tuple(_bucket_value(i) for i in range(_BUCKETS))
+# Buckets are also counted in blocks of 2**_SHIFT: a percentile walks the ~15 block
+# totals, then the 32 buckets of one block, instead of all ~460 buckets.
+_SHIFT: Final = 5
+_BLOCK: Final = 1 << _SHIFT
+_BLOCKS: Final = (_BUCKETS + _BLOCK - 1) >> _SHIFT
+_P50_P95: Final = (0.50, 0.95)
+
+
 def histogram_percentile(buckets: list[int], n: int, q: float) -> float | None:
     """The nearest-rank `q` quantile (ms) of `n` latencies counted in log `buckets`."""
     if n == 0:
@@ -43,6 +57,30 @@ def histogram_percentile(buckets: list[int], n: int, q: float) -> float | None:
         if seen >= rank:
             return _bucket_value(index)
     return _bucket_value(_BUCKETS - 1)  # pragma: no cover - counts always sum to n
+
+
+def block_percentiles(
+    buckets: list[int], blocks: list[int], n: int, qs: tuple[float, ...]
+) -> tuple[float | None, ...]:
+    """`histogram_percentile(buckets, n, q)` for each of `qs`, the very same floats, in
+    O(blocks + block size): `blocks[k]` must hold the total of buckets k*32 .. k*32+31."""
+    if n == 0:
+        return (None,) * len(qs)
+    cum = list(accumulate(blocks))
+    out: list[float | None] = []
+    for q in qs:
+        rank = max(1, math.ceil(q * n))
+        # The first block whose running total reaches `rank`, then the first bucket in it.
+        block = bisect_left(cum, rank)
+        if block == len(cum):  # pragma: no cover - counts always sum to n
+            out.append(_VALUES[-1])
+            continue
+        start = block << _SHIFT
+        inner = list(
+            accumulate(buckets[start : start + _BLOCK], initial=cum[block] - blocks[block])
+        )
+        out.append(_VALUES[start + bisect_left(inner, rank, 1) - 1])
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +115,19 @@ class WindowStats:
 
 
 class SlidingWindow:
-    """Probe results of one color over the last `span` seconds (at most `max_samples`)."""
+    """Probe results of one color over the last `span` seconds (at most `max_samples`).
+
+    The counters (`consecutive_*`, `last_*`) are written by `add` only: `stats` keeps its
+    answer until a sample is added or forgotten.
+    """
 
     __slots__ = (
         "_5xx",
+        "_blocks",
         "_buckets",
         "_fail",
         "_items",
+        "_stats",
         "consecutive_failures",
         "consecutive_successes",
         "last_error",
@@ -98,6 +142,7 @@ class SlidingWindow:
         self.max_samples = max_samples
         self._items: deque[tuple[float, int, int]] = deque()
         self._buckets = [0] * _BUCKETS
+        self._blocks = [0] * _BLOCKS
         self._fail = 0
         self._5xx = 0
         self.consecutive_failures = 0
@@ -105,6 +150,8 @@ class SlidingWindow:
         self.last_probe_at: float | None = None
         self.last_outcome: Outcome | None = None
         self.last_error: str | None = None
+        # The statistics as of the last change; None once a sample came or went.
+        self._stats: WindowStats | None = None
 
     def add(self, now: float, outcome: Outcome, latency_s: float, error: str | None = None) -> None:
         """Record one probe result taken at monotonic time `now`."""
@@ -112,6 +159,8 @@ class SlidingWindow:
         bucket = _bucket(latency_s * 1000.0)
         self._items.append((now, kind, bucket))
         self._buckets[bucket] += 1
+        self._blocks[bucket >> _SHIFT] += 1
+        self._stats = None
         if kind != _OK:
             self._fail += 1
             self._5xx += kind == _5XX
@@ -137,6 +186,8 @@ class SlidingWindow:
     def _drop_oldest(self) -> None:
         _, kind, bucket = self._items.popleft()
         self._buckets[bucket] -= 1
+        self._blocks[bucket >> _SHIFT] -= 1
+        self._stats = None
         if kind != _OK:
             self._fail -= 1
             self._5xx -= kind == _5XX
@@ -154,20 +205,24 @@ class SlidingWindow:
 
     def percentile(self, q: float) -> float | None:
         """The nearest-rank `q` quantile of latency in milliseconds, approximately."""
-        return histogram_percentile(self._buckets, len(self._items), q)
+        return block_percentiles(self._buckets, self._blocks, len(self._items), (q,))[0]
 
     def stats(self, now: float) -> WindowStats:
-        """The window as it stands at `now`."""
+        """The window as it stands at `now` (the same object until a sample comes or goes)."""
         self.expire(now)
-        return WindowStats(
-            samples=len(self._items),
-            failures=self._fail,
-            errors_5xx=self._5xx,
-            consecutive_failures=self.consecutive_failures,
-            consecutive_successes=self.consecutive_successes,
-            p50_ms=self.percentile(0.50),
-            p95_ms=self.percentile(0.95),
-            last_probe_at=self.last_probe_at,
-            last_outcome=self.last_outcome,
-            last_error=self.last_error,
-        )
+        stats = self._stats
+        if stats is None:
+            p50, p95 = block_percentiles(self._buckets, self._blocks, len(self._items), _P50_P95)
+            stats = self._stats = WindowStats(
+                samples=len(self._items),
+                failures=self._fail,
+                errors_5xx=self._5xx,
+                consecutive_failures=self.consecutive_failures,
+                consecutive_successes=self.consecutive_successes,
+                p50_ms=p50,
+                p95_ms=p95,
+                last_probe_at=self.last_probe_at,
+                last_outcome=self.last_outcome,
+                last_error=self.last_error,
+            )
+        return stats
