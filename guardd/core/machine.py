@@ -128,7 +128,9 @@ class _Edges:
         return True
 
     def clear(self, *prefixes: str) -> None:
-        self.raised = {k for k in self.raised if not k.startswith(prefixes)}
+        # Most ticks have nothing to clear: the set is then kept as it is.
+        if any(k.startswith(prefixes) for k in self.raised):
+            self.raised = {k for k in self.raised if not k.startswith(prefixes)}
 
 
 # The key of the lost-protection episode in `_Edges`: journaled once, re-armed on recovery.
@@ -557,6 +559,12 @@ class GuardMachine:
         """
         actions: list[Action] = []
         table = self.policy.table
+        if (
+            not table.stale_after
+            and not verdict.dry_runs
+            and not any(k.startswith("dryrule:") for k in self._edges.raised)
+        ):
+            return actions  # no signal can be stale, no dry-run rule would act or did
         stale = self.stale_signals(active, f.now)
         for name, limit in sorted(table.stale_after.items()):
             key = f"stale:{name}"
