@@ -14,6 +14,7 @@ from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from itertools import accumulate
+from math import ceil
 from typing import Final
 
 from guardd.core.types import Outcome
@@ -43,7 +44,6 @@ _VALUES: Final[tuple[float, ...]] = tuple(_bucket_value(i) for i in range(_BUCKE
 _SHIFT: Final = 5
 _BLOCK: Final = 1 << _SHIFT
 _BLOCKS: Final = (_BUCKETS + _BLOCK - 1) >> _SHIFT
-_P50_P95: Final = (0.50, 0.95)
 
 
 def histogram_percentile(buckets: list[int], n: int, q: float) -> float | None:
@@ -81,6 +81,39 @@ def block_percentiles(
         )
         out.append(_VALUES[start + bisect_left(inner, rank, 1) - 1])
     return tuple(out)
+
+
+def _seat(buckets: list[int], blocks: list[int], rank: int) -> tuple[int, int]:
+    """The nearest-rank bucket of `rank` by the block counts, with the samples under it."""
+    cum = list(accumulate(blocks))
+    block = bisect_left(cum, rank)
+    start = block << _SHIFT
+    inner = list(accumulate(buckets[start : start + _BLOCK], initial=cum[block] - blocks[block]))
+    k = bisect_left(inner, rank, 1)
+    return start + k - 1, inner[k - 1]
+
+
+def _walk(
+    buckets: list[int], blocks: list[int], index: int, below: int, rank: int
+) -> tuple[int, int]:
+    """Move a cursor (`index`, and `below`: the samples in the buckets under it) to the
+    nearest-rank bucket of `rank` (1 <= rank <= samples): the first bucket at which the
+    running count reaches `rank`. A percentile moves little between two samples, so this
+    is a step or two; a long way is taken by the block counts instead."""
+    steps = 0
+    while below >= rank:
+        index -= 1
+        below -= buckets[index]
+        steps += 1
+        if steps > _BLOCK:
+            return _seat(buckets, blocks, rank)
+    while below + buckets[index] < rank:
+        below += buckets[index]
+        index += 1
+        steps += 1
+        if steps > _BLOCK:
+            return _seat(buckets, blocks, rank)
+    return index, below
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +156,13 @@ class SlidingWindow:
 
     __slots__ = (
         "_5xx",
+        "_b50",
+        "_b95",
         "_blocks",
         "_buckets",
         "_fail",
+        "_i50",
+        "_i95",
         "_items",
         "_stats",
         "consecutive_failures",
@@ -152,6 +189,8 @@ class SlidingWindow:
         self.last_error: str | None = None
         # The statistics as of the last change; None once a sample came or went.
         self._stats: WindowStats | None = None
+        # A cursor per percentile `stats` gives: its bucket, and the samples under it.
+        self._i50 = self._b50 = self._i95 = self._b95 = 0
 
     def add(self, now: float, outcome: Outcome, latency_s: float, error: str | None = None) -> None:
         """Record one probe result taken at monotonic time `now`."""
@@ -161,6 +200,10 @@ class SlidingWindow:
         self._buckets[bucket] += 1
         self._blocks[bucket >> _SHIFT] += 1
         self._stats = None
+        if bucket < self._i50:
+            self._b50 += 1
+        if bucket < self._i95:
+            self._b95 += 1
         if kind != _OK:
             self._fail += 1
             self._5xx += kind == _5XX
@@ -188,6 +231,10 @@ class SlidingWindow:
         self._buckets[bucket] -= 1
         self._blocks[bucket >> _SHIFT] -= 1
         self._stats = None
+        if bucket < self._i50:
+            self._b50 -= 1
+        if bucket < self._i95:
+            self._b95 -= 1
         if kind != _OK:
             self._fail -= 1
             self._5xx -= kind == _5XX
@@ -212,7 +259,15 @@ class SlidingWindow:
         self.expire(now)
         stats = self._stats
         if stats is None:
-            p50, p95 = block_percentiles(self._buckets, self._blocks, len(self._items), _P50_P95)
+            n = len(self._items)
+            p50 = p95 = None
+            if n:
+                # The ranks as `histogram_percentile` takes them, so the very same buckets.
+                buckets, blocks = self._buckets, self._blocks
+                i, self._b50 = _walk(buckets, blocks, self._i50, self._b50, max(1, ceil(0.50 * n)))
+                self._i50, p50 = i, _VALUES[i]
+                i, self._b95 = _walk(buckets, blocks, self._i95, self._b95, max(1, ceil(0.95 * n)))
+                self._i95, p95 = i, _VALUES[i]
             stats = self._stats = WindowStats(
                 samples=len(self._items),
                 failures=self._fail,

@@ -9,7 +9,9 @@ same floats, and its statistics the same values whether or not they were kept.
 from __future__ import annotations
 
 import math
+import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -151,3 +153,22 @@ def test_stats_are_kept_until_the_window_changes() -> None:
     window.resize(0.5)
     assert window.stats(10.5).samples == 0
     assert window.stats(10.5).p50_ms is None
+
+
+@pytest.mark.parametrize("max_samples", [1, 2, 3, 20])
+def test_percentiles_that_jump_across_the_histogram_are_exact(max_samples: int) -> None:
+    # The median moves between the first and the last bucket, far past one block, both
+    # ways, as fast samples and timeouts take turns and old ones are evicted.
+    window = SlidingWindow(1e9, max_samples=max_samples)
+    live: list[int] = []
+    rng = random.Random(max_samples)  # noqa: S311 - a reproducible mix, not a secret
+    for i in range(400):
+        latency = rng.choice((0.0, 0.00002, 0.01, 3.0, 700.0)) if i % 7 else 0.0
+        window.add(float(i), Outcome.OK, latency)
+        live = ([*live, _bucket(latency * 1000.0)])[-max_samples:]
+        buckets = [0] * _BUCKETS
+        for b in live:
+            buckets[b] += 1
+        stats = window.stats(float(i))
+        assert stats.p50_ms == reference_percentile(buckets, len(live), 0.50)
+        assert stats.p95_ms == reference_percentile(buckets, len(live), 0.95)
