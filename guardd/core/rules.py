@@ -23,6 +23,7 @@ from __future__ import annotations
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from math import copysign
 from typing import Any, Final, Literal
 
 from guardd.core.signals import PROBE, Reading
@@ -233,6 +234,8 @@ class RuleTable:
         # With one state per rule name, a tick on which no rule holds needs none of the
         # severity order: every rule is `ok` or `inconclusive` and nothing fires.
         self._distinct = len({r.name for r in self.rules}) == len(self.rules)
+        # Per rule (by index) and color: the key and the state `_quiet` made last.
+        self._kept_states: dict[tuple[int, Color], tuple[tuple[Any, ...], RuleState]] = {}
 
     def reset(self) -> None:
         """Forget every onset (after a switch: what held before says nothing now)."""
@@ -240,7 +243,7 @@ class RuleTable:
 
     def onsets(self, color: Color) -> bool:
         """Whether any rule has an onset on `color` (its condition held at its last judging)."""
-        return any(c == color for _, c in self._since)
+        return bool(self._since) and any(c == color for _, c in self._since)
 
     def is_stale(self, signal: str, reading: Reading | None, now: float) -> bool:
         """Whether `signal` has given nothing for longer than its `stale_after`."""
@@ -325,12 +328,29 @@ class RuleTable:
             for j in judged:
                 self._since.pop((j.rule.name, color), None)
         lacking, evidence = _quiet_evidence(judged, readings(PROBE, color), color)
-        state = self._state
+        # A rule's state without an onset is its value, samples and why: the one made
+        # last time is given again while those are the same (and so is the value's type
+        # and, for a float, its sign: 0 and 0.0 and -0.0 show differently).
+        kept = self._kept_states
+        states: list[RuleState] = []
+        for index, j in enumerate(judged):
+            v = j.value
+            key = (
+                v.__class__,
+                v,
+                copysign(1.0, v) if isinstance(v, float) else 0.0,
+                j.reading.samples if j.reading is not None else 0,
+                j.why,
+            )
+            made = kept.get((index, color))
+            if made is None or made[0] != key:
+                made = kept[index, color] = (key, self._state(j, None))
+            states.append(made[1])
         return Verdict(
             None,
             evidence,
             insufficient_data=lacking is not None,
-            states=tuple([state(j, None) for j in judged]),
+            states=tuple(states),
         )
 
     def _dry_runs(

@@ -256,18 +256,27 @@ class SlidingWindow:
 
     def stats(self, now: float) -> WindowStats:
         """The window as it stands at `now` (the same object until a sample comes or goes)."""
-        self.expire(now)
+        items = self._items
+        if items and items[0][0] < now - self.span:
+            self.expire(now)
         stats = self._stats
         if stats is None:
             n = len(self._items)
             p50 = p95 = None
             if n:
-                # The ranks as `histogram_percentile` takes them, so the very same buckets.
-                buckets, blocks = self._buckets, self._blocks
-                i, self._b50 = _walk(buckets, blocks, self._i50, self._b50, max(1, ceil(0.50 * n)))
-                self._i50, p50 = i, _VALUES[i]
-                i, self._b95 = _walk(buckets, blocks, self._i95, self._b95, max(1, ceil(0.95 * n)))
-                self._i95, p95 = i, _VALUES[i]
+                # The ranks as `histogram_percentile` takes them (at least 1 as n >= 1), so
+                # the very same buckets; a cursor still on its bucket does not move.
+                buckets = self._buckets
+                i, below, rank = self._i50, self._b50, ceil(0.50 * n)
+                if not below < rank <= below + buckets[i]:
+                    i, self._b50 = _walk(buckets, self._blocks, i, below, rank)
+                    self._i50 = i
+                p50 = _VALUES[i]
+                i, below, rank = self._i95, self._b95, ceil(0.95 * n)
+                if not below < rank <= below + buckets[i]:
+                    i, self._b95 = _walk(buckets, self._blocks, i, below, rank)
+                    self._i95 = i
+                p95 = _VALUES[i]
             stats = self._stats = WindowStats(
                 samples=len(self._items),
                 failures=self._fail,
