@@ -384,8 +384,13 @@ class GuardMetrics:
         """`set_rules` from the verdict on each color; the very verdicts shown last time
         (the machine gives them again while nothing changed) change nothing."""
         shown = tuple(verdicts.items())
-        if shown == self._verdicts:
-            return
+        last = self._verdicts
+        if (
+            last is not None
+            and len(last) == len(shown)
+            and all(c == lc and v is lv for (c, v), (lc, lv) in zip(shown, last, strict=True))
+        ):
+            return  # the very same objects (comparing values would cost more than setting)
         self.set_rules((st.rule, color, st.state) for color, v in shown for st in v.states)
         self._verdicts = shown
 
