@@ -123,6 +123,21 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{parse['guardd_lines_per_s']:,} lines/s ({parse['ratio']} x)",
             parse["goals_met"],
         )
+    tk = s.get("tick")
+    if tk:
+        p = tk["paths"]
+        for path, goal, what in (
+            ("core", tk.get("core_goal_us", 12.0), "2 observe + decide, pure core"),
+            ("guard", tk.get("guard_goal_us", 40.0), "Guard.tick with 2 observes"),
+        ):
+            worst = max((p[f"{path}_steady"], p[f"{path}_mixed"]), key=lambda r: r["new_us"])
+            base = f", {worst['ratio_base_over_new']} x cheaper" if "base_us" in worst else ""
+            add(
+                f"CPU per decision tick, {what} (decisions identical to before)",
+                f"<= {goal:g} us",
+                f"{worst['new_us']} us (before: {worst.get('base_us')} us{base})",
+                worst["new_us"] <= goal and tk["decisions_identical"],
+            )
     sc = s.get("scrape")
     if sc:
         add(

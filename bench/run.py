@@ -1,7 +1,8 @@
 """`make bench`: guardd against the tools it replaces, measured side by side in one run.
 
     python -m bench.run [--quick]
-        [--only cost,ctl,ttr,scale,quorum,load,traffic,parse,scrape,fleet] [--out DIR]
+        [--only cost,ctl,ttr,scale,quorum,load,traffic,parse,scrape,fleet,tick]
+        [--out DIR]
 
 Suites (bench/README.md says what each measures and why):
   cost    CPU per probe and memory of guardd, blackbox_exporter, the shell loop, monit
@@ -17,6 +18,8 @@ Suites (bench/README.md says what each measures and why):
   scrape  CPU per scrape of a 10k-series /metrics by guardd beside Prometheus's own scrape
   fleet   time from the fault to every nginx serving only blue: three guardd nodes through
           a 3-member etcd cluster beside one node alone, interleaved
+  tick    CPU per decision tick (pure core; the daemon's Guard.tick) beside guardd before
+          the tick was made cheaper, on the same probe history
 Every figure lands in DIR/latest.json and DIR/latest.md (default bench/results).
 """
 
@@ -43,6 +46,7 @@ from bench import (
     scale,
     scrape,
     subjects,
+    tick,
     traffic,
     ttr,
 )
@@ -51,7 +55,19 @@ from bench.nginx import AppServer
 from bench.notify import NotifyHub
 from bench.tools import ensure_tools, machine, runtime_install
 
-SUITES = ("cost", "ctl", "ttr", "scale", "quorum", "load", "traffic", "parse", "scrape", "fleet")
+SUITES = (
+    "cost",
+    "ctl",
+    "ttr",
+    "scale",
+    "quorum",
+    "load",
+    "traffic",
+    "parse",
+    "scrape",
+    "fleet",
+    "tick",
+)
 # The soak reads memory this long after the guardd and blackbox_exporter it watches started.
 SOAK_S = 600.0
 QUICK_SOAK_S = 60.0
@@ -116,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "parse": lambda: access_log.measure(50_000 if args.quick else 300_000, 5),
         "scrape": lambda: scrape.measure(10_000, 5.0, 30.0 if args.quick else 120.0),
         "fleet": lambda: fleet.run(ctx),
+        "tick": lambda: tick.measure(5_000 if args.quick else 20_000, 3 if args.quick else 5),
     }
     try:
         if "cost" in only or "ctl" in only:

@@ -350,11 +350,7 @@ class Guard:
                 if st.state == "firing" and not st.dry_run
             ),
         )
-        self.metrics.set_rules(
-            (st.rule, color, st.state)
-            for color, v in self.machine.verdicts.items()
-            for st in v.states
-        )
+        self.metrics.set_verdicts(self.machine.verdicts)
         for action in decision.actions:
             await self._act(action)
         if decision.actions or decision.blocked_by:

@@ -32,6 +32,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from guardd.core import types
+from guardd.core.rules import Verdict
 from guardd.core.types import NOTIFICATION_OUTCOMES, Outcome, State
 
 __all__ = [
@@ -231,7 +232,11 @@ class GuardMetrics:
             ("guard", "rule", "color"),
             registry=r,
         )
-        self._rules: set[tuple[str, str]] = set()
+        # Per (rule, color): its two bound gauges and the state they show.
+        self._rules: dict[tuple[str, str], tuple[Gauge, Gauge, str]] = {}
+        # What the per-tick gauges show, so that a tick which changes nothing sets nothing.
+        self._shown: dict[str, object] = {}
+        self._verdicts: tuple[tuple[types.Color, Verdict], ...] | None = None
         self._traffic = _TrafficCollector(guard)
         r.register(self._traffic)
         build_info = Gauge(
@@ -290,6 +295,10 @@ class GuardMetrics:
     ) -> None:
         """Publish the policy's current view of one color."""
         gauges = _lookup(self._upstreams, color, "color")
+        shown = (healthy, consecutive_failures, error_ratio)
+        if self._shown.get(f"upstream_{color}") == shown:
+            return
+        self._shown[f"upstream_{color}"] = shown
         gauges.healthy.set(1 if healthy else 0)
         gauges.consecutive_failures.set(consecutive_failures)
         gauges.error_ratio.set(error_ratio)
@@ -298,12 +307,18 @@ class GuardMetrics:
         """Mark `color` as the one serving traffic; None when guardd cannot tell."""
         if color is not None:
             _lookup(self._active, color, "color")
+        if self._shown.get("active", "") == color:
+            return
+        self._shown["active"] = color
         for name, gauge in self._active.items():
             gauge.set(1 if name == color else 0)
 
     def set_state(self, state: str) -> None:
         """Mark `state` as the current one and every other state as not."""
         _lookup(self._states, state, "state")
+        if self._shown.get("state") == state:
+            return
+        self._shown["state"] = state
         for name, gauge in self._states.items():
             gauge.set(1 if name == state else 0)
 
@@ -317,10 +332,16 @@ class GuardMetrics:
 
     def set_qos_locked(self, locked: bool) -> None:
         """Publish whether the QoS lock is held."""
+        if self._shown.get("qos_locked") is locked:
+            return
+        self._shown["qos_locked"] = locked
         self._qos_locked.set(1 if locked else 0)
 
     def set_rollback_target_healthy(self, healthy: bool) -> None:
         """Publish whether the rollback target could take traffic (0: protection lost)."""
+        if self._shown.get("target_healthy") is healthy:
+            return
+        self._shown["target_healthy"] = healthy
         self._target_healthy.set(1 if healthy else 0)
 
     def declare_sinks(self, sinks: Iterable[str]) -> None:
@@ -359,16 +380,43 @@ class GuardMetrics:
             child = self._loop_errors[loop] = self._loop_errors_family.labels(self.guard, loop)
         child.inc()
 
+    def set_verdicts(self, verdicts: Mapping[types.Color, Verdict]) -> None:
+        """`set_rules` from the verdict on each color; the very verdicts shown last time
+        (the machine gives them again while nothing changed) change nothing."""
+        shown = tuple(verdicts.items())
+        last = self._verdicts
+        if (
+            last is not None
+            and len(last) == len(shown)
+            and all(c == lc and v is lv for (c, v), (lc, lv) in zip(shown, last, strict=True))
+        ):
+            return  # the very same objects (comparing values would cost more than setting)
+        self.set_rules((st.rule, color, st.state) for color, v in shown for st in v.states)
+        self._verdicts = shown
+
     def set_rules(self, states: Iterable[tuple[str, str, str]]) -> None:
         """Publish each rule's state on each color: (rule, color, state) with state `ok`,
         `pending`, `firing` or `inconclusive`. Series of rules no longer given (a reload
         removed them) are dropped, so that a rule that is gone does not seem to fire."""
-        seen: set[tuple[str, str]] = set()
+        self._verdicts = None
+        shown = self._rules
+        seen: dict[tuple[str, str], tuple[Gauge, Gauge, str]] = {}
         for rule, color, state in states:
-            seen.add((rule, color))
-            self._rule_firing.labels(self.guard, rule, color).set(state == "firing")
-            self._rule_inconclusive.labels(self.guard, rule, color).set(state == "inconclusive")
-        for rule, color in self._rules - seen:
+            key = (rule, color)
+            entry = seen.get(key) or shown.get(key)
+            if entry is None:
+                # Bound once; a tick then sets a gauge only when the rule's state changed.
+                entry = (
+                    self._rule_firing.labels(self.guard, rule, color),
+                    self._rule_inconclusive.labels(self.guard, rule, color),
+                    "",
+                )
+            if entry[2] != state:
+                entry[0].set(state == "firing")
+                entry[1].set(state == "inconclusive")
+                entry = (entry[0], entry[1], state)
+            seen[key] = entry
+        for rule, color in shown.keys() - seen.keys():
             self._rule_firing.remove(self.guard, rule, color)
             self._rule_inconclusive.remove(self.guard, rule, color)
         self._rules = seen

@@ -128,7 +128,9 @@ class _Edges:
         return True
 
     def clear(self, *prefixes: str) -> None:
-        self.raised = {k for k in self.raised if not k.startswith(prefixes)}
+        # Most ticks have nothing to clear: the set is then kept as it is.
+        if self.raised and any(k.startswith(prefixes) for k in self.raised):
+            self.raised = {k for k in self.raised if not k.startswith(prefixes)}
 
 
 # The key of the lost-protection episode in `_Edges`: journaled once, re-armed on recovery.
@@ -459,8 +461,9 @@ class GuardMachine:
         return decision
 
     def _decide(self, f: Facts) -> Decision:
-        if any(w.last_probe_at is None for w in self.windows.values()):
-            return Decision(State.STARTING, None)
+        for w in self.windows.values():
+            if w.last_probe_at is None:
+                return Decision(State.STARTING, None)
         if f.rolling_back:
             return Decision(State.ROLLING_BACK, None)
         if not f.qos_locked:
@@ -471,11 +474,13 @@ class GuardMachine:
 
         active = f.active
         self._readings = f.readings
-        verdict = self._judge(f, active)
         standby = other(active)
+        # Each window read once for both judgements.
+        mine, theirs = self.stats(active, f.now), self.stats(standby, f.now)
+        verdict = self._judge(f, active, mine, theirs)
         # The standby is judged too (status and metrics show every rule on both colors);
         # its onsets are its own, and nothing is decided from them.
-        self.verdicts = {active: verdict, standby: self._judge(f, standby)}
+        self.verdicts = {active: verdict, standby: self._judge(f, standby, theirs, mine)}
         actions: list[Action] = self._signal_alerts(f, active, verdict)
         lost = self.protection_lost(active, f.now)
         if lost is not None:
@@ -509,12 +514,12 @@ class GuardMachine:
             actions.extend(self._watch_front_door(f, active))
         return Decision(self._state(f, active, verdict), verdict, tuple(actions), blocked)
 
-    def _judge(self, f: Facts, color: Color) -> Verdict:
+    def _judge(self, f: Facts, color: Color, stats: WindowStats, standby: WindowStats) -> Verdict:
         return self.policy.evaluate(
             f.now,
             color,
-            self.stats(color, f.now),
-            self.stats(other(color), f.now),
+            stats,
+            standby,
             readings=f.readings,
             baselines=self.baseline,
         )
@@ -557,6 +562,13 @@ class GuardMachine:
         """
         actions: list[Action] = []
         table = self.policy.table
+        raised = self._edges.raised
+        if (
+            not table.stale_after
+            and not verdict.dry_runs
+            and not (raised and any(k.startswith("dryrule:") for k in raised))
+        ):
+            return actions  # no signal can be stale, no dry-run rule would act or did
         stale = self.stale_signals(active, f.now)
         for name, limit in sorted(table.stale_after.items()):
             key = f"stale:{name}"

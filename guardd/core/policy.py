@@ -40,19 +40,50 @@ class PolicySpec:
     stale_after: Mapping[str, float] = field(default_factory=dict)
 
 
+# What of a probe window the rules can read: its `probe_reading` but for `last_at`.
+_ProbeKey = tuple[int, int, int, float | None, float | None, str | None]
+
+
+def _probe_key(stats: WindowStats | None) -> _ProbeKey | None:
+    if stats is None:
+        return None
+    return (
+        stats.samples,
+        stats.failures,
+        stats.consecutive_failures,
+        stats.p50_ms,
+        stats.p95_ms,
+        stats.last_error,
+    )
+
+
 class Policy:
     """The rule table of one guard: `[policy]`'s built-in rules, then `[[rules]]`.
 
     Remembers, per rule and color, since when each condition has held (the `for`).
+
+    A quiet verdict (no rule holds, so no onset and no `now` enters it) is kept per color
+    and given again while the probe windows read the same, when the rules read nothing
+    else: the same inputs give the same verdict, without judging every rule again.
     """
 
     def __init__(self, spec: PolicySpec) -> None:
         self.spec = spec
         self.table = RuleTable(spec_rules(spec), spec.stale_after)
+        # Only rules that read nothing but the probe window (no other signal, no
+        # baseline, no staleness, which depend on more than the window) may be kept.
+        self._keeps = PROBE not in self.table.stale_after and all(
+            r.signal == PROBE and r.op != "above_baseline" for r in self.table.rules
+        )
+        # The standby's window enters a verdict only through `above_standby` rules.
+        self._reads_standby = any(r.op == "above_standby" for r in self.table.rules)
+        self._quiet: dict[Color, tuple[tuple[_ProbeKey | None, ...], Verdict]] = {}
+        self._readings: dict[Color, tuple[WindowStats, Reading]] = {}
 
     def reset(self) -> None:
         """Forget sustained-condition onsets (after a switch)."""
         self.table.reset()
+        self._quiet.clear()
 
     def evaluate(
         self,
@@ -70,9 +101,15 @@ class Policy:
         `latency_regression`); `readings` holds the other signals' readings by name and
         color, as the edges took them for this tick.
         """
-        probe = {color: probe_reading(active, self.spec.window)}
+        key: tuple[_ProbeKey | None, ...] = ()
+        if self._keeps:
+            key = (_probe_key(active), _probe_key(standby) if self._reads_standby else None)
+            kept = self._quiet.get(color)
+            if kept is not None and kept[0] == key and not self.table.onsets(color):
+                return kept[1]
+        probe = {color: self._probe_reading(color, active)}
         if standby is not None:
-            probe[other(color)] = probe_reading(standby, self.spec.window)
+            probe[other(color)] = self._probe_reading(other(color), standby)
         signals = readings or {}
 
         def read(signal: str, c: Color) -> Reading | None:
@@ -81,7 +118,30 @@ class Policy:
             return signals.get(signal, {}).get(c)
 
         kwargs = {} if baselines is None else {"baselines": baselines}
-        return self.table.evaluate(now, color, other(color), read, **kwargs)
+        verdict = self.table.evaluate(now, color, other(color), read, **kwargs)
+        if self._keeps and _quiet(verdict):
+            self._quiet[color] = (key, verdict)
+        else:
+            self._quiet.pop(color, None)
+        return verdict
+
+    def _probe_reading(self, color: Color, stats: WindowStats) -> Reading:
+        # A window's statistics are one object until it changes: so is its reading.
+        made = self._readings.get(color)
+        if made is None or made[0] is not stats:
+            made = self._readings[color] = (stats, probe_reading(stats, self.spec.window))
+        return made[1]
+
+
+def _quiet(verdict: Verdict) -> bool:
+    """Whether no rule held: every rule `ok` or `inconclusive`, so no onset was kept and
+    nothing in the verdict depends on the time it was taken."""
+    return (
+        verdict.severity is None
+        and verdict.pending is None
+        and not verdict.dry_runs
+        and all(st.state in ("ok", "inconclusive") for st in verdict.states)
+    )
 
 
 def spec_rules(spec: PolicySpec) -> tuple[Rule, ...]:

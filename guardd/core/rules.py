@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from math import copysign
 from typing import Any, Final, Literal
 
 from guardd.core.signals import PROBE, Reading
@@ -217,7 +218,7 @@ class _Judged:
     value: float | int | None
     holds: bool
     why: str | None  # set when inconclusive
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: Mapping[str, Any] | None = None  # what a firing rule adds to its evidence
 
 
 class RuleTable:
@@ -230,10 +231,19 @@ class RuleTable:
         self.rules: tuple[Rule, ...] = tuple(rules)
         self.stale_after: Mapping[str, float] = dict(stale_after or {})
         self._since: dict[tuple[str, Color], float] = {}
+        # With one state per rule name, a tick on which no rule holds needs none of the
+        # severity order: every rule is `ok` or `inconclusive` and nothing fires.
+        self._distinct = len({r.name for r in self.rules}) == len(self.rules)
+        # Per rule (by index) and color: the key and the state `_quiet` made last.
+        self._kept_states: dict[tuple[int, Color], tuple[tuple[Any, ...], RuleState]] = {}
 
     def reset(self) -> None:
         """Forget every onset (after a switch: what held before says nothing now)."""
         self._since.clear()
+
+    def onsets(self, color: Color) -> bool:
+        """Whether any rule has an onset on `color` (its condition held at its last judging)."""
+        return bool(self._since) and any(c == color for _, c in self._since)
 
     def is_stale(self, signal: str, reading: Reading | None, now: float) -> bool:
         """Whether `signal` has given nothing for longer than its `stale_after`."""
@@ -255,12 +265,10 @@ class RuleTable:
         `standby` is the other color, read by `above_standby` rules. The probe reading
         must exist: the verdict's evidence when nothing fires is built from it.
         """
-        judged = [
-            self._judge(
-                r, now=now, color=color, standby=standby, readings=readings, baselines=baselines
-            )
-            for r in self.rules
-        ]
+        judge = self._judge
+        judged = [judge(r, now, color, standby, readings, baselines=baselines) for r in self.rules]
+        if self._distinct and not any(j.holds for j in judged):
+            return self._quiet(judged, color, readings)
         states: dict[str, RuleState] = {}
         fired: tuple[Rule, Evidence] | None = None
         pending: Evidence | None = None
@@ -313,6 +321,38 @@ class RuleTable:
             states=ordered,
         )
 
+    def _quiet(self, judged: list[_Judged], color: Color, readings: Readings) -> Verdict:
+        # What the full walk of `evaluate` comes to when no rule holds: every onset of
+        # `color` ends, each rule is `ok` or `inconclusive`, nothing is pending or fires.
+        if self._since:
+            for j in judged:
+                self._since.pop((j.rule.name, color), None)
+        lacking, evidence = _quiet_evidence(judged, readings(PROBE, color), color)
+        # A rule's state without an onset is its value, samples and why: the one made
+        # last time is given again while those are the same (and so is the value's type
+        # and, for a float, its sign: 0 and 0.0 and -0.0 show differently).
+        kept = self._kept_states
+        states: list[RuleState] = []
+        for index, j in enumerate(judged):
+            v = j.value
+            key = (
+                v.__class__,
+                v,
+                copysign(1.0, v) if isinstance(v, float) else 0.0,
+                j.reading.samples if j.reading is not None else 0,
+                j.why,
+            )
+            made = kept.get((index, color))
+            if made is None or made[0] != key:
+                made = kept[index, color] = (key, self._state(j, None))
+            states.append(made[1])
+        return Verdict(
+            None,
+            evidence,
+            insufficient_data=lacking is not None,
+            states=tuple(states),
+        )
+
     def _dry_runs(
         self, judged: list[_Judged], color: Color, now: float, states: dict[str, RuleState]
     ) -> tuple[tuple[Rule, Evidence], ...]:
@@ -335,11 +375,11 @@ class RuleTable:
     def _judge(
         self,
         rule: Rule,
-        *,
         now: float,
         color: Color,
         standby: Color,
         readings: Readings,
+        *,
         baselines: Baselines,
     ) -> _Judged:
         reading = readings(rule.signal, color)
@@ -408,7 +448,8 @@ class RuleTable:
         assert j.reading is not None  # noqa: S101 - only judged readings hold
         r = j.rule
         extra: dict[str, Any] = {} if r.builtin else {"signal": r.signal, "stat": r.stat}
-        extra.update(j.detail)
+        if j.detail:
+            extra.update(j.detail)
         evidence = _base_evidence(
             j.reading, r, color, name=r.name, threshold=r.threshold, value=j.value, extra=extra
         )

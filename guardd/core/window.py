@@ -1,15 +1,21 @@
 """A time-based sliding window of probe results with bounded memory and O(1) updates.
 
 Latency percentiles come from a log-bucketed histogram that is updated as samples
-enter and leave, so a sample costs O(1) and a percentile O(buckets) with no sorting;
-each reported percentile is within about 2 % of the exact nearest-rank value.
+enter and leave, so a sample costs O(1) and a percentile O(sqrt(buckets)) with no
+sorting (block counts), p50 and p95 a step or two (a cursor each that follows the
+samples); each reported percentile is within about 2 % of the exact nearest-rank value.
+The window's statistics are kept until the window next changes: a decision tick that
+reads them several times pays for them once.
 """
 
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
+from itertools import accumulate
+from math import ceil
 from typing import Final
 
 from guardd.core.types import Outcome
@@ -32,6 +38,15 @@ def _bucket_value(index: int) -> float:
     return float(_MIN_MS * _RATIO ** (index + 0.5))
 
 
+# Each bucket's value, computed once by the same expression (so the very same float).
+_VALUES: Final[tuple[float, ...]] = tuple(_bucket_value(i) for i in range(_BUCKETS))
+# Buckets are also counted in blocks of 2**_SHIFT: a percentile walks the ~15 block
+# totals, then the 32 buckets of one block, instead of all ~460 buckets.
+_SHIFT: Final = 5
+_BLOCK: Final = 1 << _SHIFT
+_BLOCKS: Final = (_BUCKETS + _BLOCK - 1) >> _SHIFT
+
+
 def histogram_percentile(buckets: list[int], n: int, q: float) -> float | None:
     """The nearest-rank `q` quantile (ms) of `n` latencies counted in log `buckets`."""
     if n == 0:
@@ -43,6 +58,63 @@ def histogram_percentile(buckets: list[int], n: int, q: float) -> float | None:
         if seen >= rank:
             return _bucket_value(index)
     return _bucket_value(_BUCKETS - 1)  # pragma: no cover - counts always sum to n
+
+
+def block_percentiles(
+    buckets: list[int], blocks: list[int], n: int, qs: tuple[float, ...]
+) -> tuple[float | None, ...]:
+    """`histogram_percentile(buckets, n, q)` for each of `qs`, the very same floats, in
+    O(blocks + block size): `blocks[k]` must hold the total of buckets k*32 .. k*32+31."""
+    if n == 0:
+        return (None,) * len(qs)
+    cum = list(accumulate(blocks))
+    out: list[float | None] = []
+    for q in qs:
+        rank = max(1, math.ceil(q * n))
+        # The first block whose running total reaches `rank`, then the first bucket in it.
+        block = bisect_left(cum, rank)
+        if block == len(cum):  # pragma: no cover - counts always sum to n
+            out.append(_VALUES[-1])
+            continue
+        start = block << _SHIFT
+        inner = list(
+            accumulate(buckets[start : start + _BLOCK], initial=cum[block] - blocks[block])
+        )
+        out.append(_VALUES[start + bisect_left(inner, rank, 1) - 1])
+    return tuple(out)
+
+
+def _seat(buckets: list[int], blocks: list[int], rank: int) -> tuple[int, int]:
+    """The nearest-rank bucket of `rank` by the block counts, with the samples under it."""
+    cum = list(accumulate(blocks))
+    block = bisect_left(cum, rank)
+    start = block << _SHIFT
+    inner = list(accumulate(buckets[start : start + _BLOCK], initial=cum[block] - blocks[block]))
+    k = bisect_left(inner, rank, 1)
+    return start + k - 1, inner[k - 1]
+
+
+def _walk(
+    buckets: list[int], blocks: list[int], index: int, below: int, rank: int
+) -> tuple[int, int]:
+    """Move a cursor (`index`, and `below`: the samples in the buckets under it) to the
+    nearest-rank bucket of `rank` (1 <= rank <= samples): the first bucket at which the
+    running count reaches `rank`. A percentile moves little between two samples, so this
+    is a step or two; a long way is taken by the block counts instead."""
+    steps = 0
+    while below >= rank:
+        index -= 1
+        below -= buckets[index]
+        steps += 1
+        if steps > _BLOCK:
+            return _seat(buckets, blocks, rank)
+    while below + buckets[index] < rank:
+        below += buckets[index]
+        index += 1
+        steps += 1
+        if steps > _BLOCK:
+            return _seat(buckets, blocks, rank)
+    return index, below
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +149,23 @@ class WindowStats:
 
 
 class SlidingWindow:
-    """Probe results of one color over the last `span` seconds (at most `max_samples`)."""
+    """Probe results of one color over the last `span` seconds (at most `max_samples`).
+
+    The counters (`consecutive_*`, `last_*`) are written by `add` only: `stats` keeps its
+    answer until a sample is added or forgotten.
+    """
 
     __slots__ = (
         "_5xx",
+        "_b50",
+        "_b95",
+        "_blocks",
         "_buckets",
         "_fail",
+        "_i50",
+        "_i95",
         "_items",
+        "_stats",
         "consecutive_failures",
         "consecutive_successes",
         "last_error",
@@ -98,6 +180,7 @@ class SlidingWindow:
         self.max_samples = max_samples
         self._items: deque[tuple[float, int, int]] = deque()
         self._buckets = [0] * _BUCKETS
+        self._blocks = [0] * _BLOCKS
         self._fail = 0
         self._5xx = 0
         self.consecutive_failures = 0
@@ -105,6 +188,10 @@ class SlidingWindow:
         self.last_probe_at: float | None = None
         self.last_outcome: Outcome | None = None
         self.last_error: str | None = None
+        # The statistics as of the last change; None once a sample came or went.
+        self._stats: WindowStats | None = None
+        # A cursor per percentile `stats` gives: its bucket, and the samples under it.
+        self._i50 = self._b50 = self._i95 = self._b95 = 0
 
     def add(self, now: float, outcome: Outcome, latency_s: float, error: str | None = None) -> None:
         """Record one probe result taken at monotonic time `now`."""
@@ -112,6 +199,12 @@ class SlidingWindow:
         bucket = _bucket(latency_s * 1000.0)
         self._items.append((now, kind, bucket))
         self._buckets[bucket] += 1
+        self._blocks[bucket >> _SHIFT] += 1
+        self._stats = None
+        if bucket < self._i50:
+            self._b50 += 1
+        if bucket < self._i95:
+            self._b95 += 1
         if kind != _OK:
             self._fail += 1
             self._5xx += kind == _5XX
@@ -123,9 +216,11 @@ class SlidingWindow:
             self.consecutive_failures = 0
         self.last_probe_at = now
         self.last_outcome = outcome
-        if len(self._items) > self.max_samples:
+        items = self._items
+        if len(items) > self.max_samples:
             self._drop_oldest()
-        self.expire(now)
+        if items and items[0][0] < now - self.span:
+            self.expire(now)
 
     def expire(self, now: float) -> None:
         """Forget samples older than the span."""
@@ -137,6 +232,12 @@ class SlidingWindow:
     def _drop_oldest(self) -> None:
         _, kind, bucket = self._items.popleft()
         self._buckets[bucket] -= 1
+        self._blocks[bucket >> _SHIFT] -= 1
+        self._stats = None
+        if bucket < self._i50:
+            self._b50 -= 1
+        if bucket < self._i95:
+            self._b95 -= 1
         if kind != _OK:
             self._fail -= 1
             self._5xx -= kind == _5XX
@@ -154,20 +255,41 @@ class SlidingWindow:
 
     def percentile(self, q: float) -> float | None:
         """The nearest-rank `q` quantile of latency in milliseconds, approximately."""
-        return histogram_percentile(self._buckets, len(self._items), q)
+        return block_percentiles(self._buckets, self._blocks, len(self._items), (q,))[0]
 
     def stats(self, now: float) -> WindowStats:
-        """The window as it stands at `now`."""
-        self.expire(now)
-        return WindowStats(
-            samples=len(self._items),
-            failures=self._fail,
-            errors_5xx=self._5xx,
-            consecutive_failures=self.consecutive_failures,
-            consecutive_successes=self.consecutive_successes,
-            p50_ms=self.percentile(0.50),
-            p95_ms=self.percentile(0.95),
-            last_probe_at=self.last_probe_at,
-            last_outcome=self.last_outcome,
-            last_error=self.last_error,
-        )
+        """The window as it stands at `now` (the same object until a sample comes or goes)."""
+        items = self._items
+        if items and items[0][0] < now - self.span:
+            self.expire(now)
+        stats = self._stats
+        if stats is None:
+            n = len(self._items)
+            p50 = p95 = None
+            if n:
+                # The ranks as `histogram_percentile` takes them (at least 1 as n >= 1), so
+                # the very same buckets; a cursor still on its bucket does not move.
+                buckets = self._buckets
+                i, below, rank = self._i50, self._b50, ceil(0.50 * n)
+                if not below < rank <= below + buckets[i]:
+                    i, self._b50 = _walk(buckets, self._blocks, i, below, rank)
+                    self._i50 = i
+                p50 = _VALUES[i]
+                i, below, rank = self._i95, self._b95, ceil(0.95 * n)
+                if not below < rank <= below + buckets[i]:
+                    i, self._b95 = _walk(buckets, self._blocks, i, below, rank)
+                    self._i95 = i
+                p95 = _VALUES[i]
+            stats = self._stats = WindowStats(
+                samples=len(self._items),
+                failures=self._fail,
+                errors_5xx=self._5xx,
+                consecutive_failures=self.consecutive_failures,
+                consecutive_successes=self.consecutive_successes,
+                p50_ms=p50,
+                p95_ms=p95,
+                last_probe_at=self.last_probe_at,
+                last_outcome=self.last_outcome,
+                last_error=self.last_error,
+            )
+        return stats
