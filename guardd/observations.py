@@ -126,6 +126,9 @@ class Recorder:
         self._latest = ""  # the latest day this recorder wrote
         self._fd = -1
         self._zip: Any = None
+        # Whether a worker thread may be writing (set on the loop, cleared by the thread):
+        # a flush abandoned at shutdown leaves its thread the file.
+        self._busy = False
         self.dropped = 0
         self.errors = 0
         self.written = 0
@@ -183,13 +186,23 @@ class Recorder:
             data = {**data, "error": redact_credentials(error)}
         self.add("sample", signal=signal, color=color, data=data)
 
-    def switch(self, source: str | None, target: str, *, by: str, reason: str | None) -> None:
-        """Traffic moved from `source` to `target`."""
+    def switch(
+        self,
+        source: str | None,
+        target: str,
+        *,
+        by: str,
+        reason: str | None,
+        event: str | None = None,
+    ) -> None:
+        """Traffic moved from `source` to `target`; `event` is the journal's name for the
+        move (`rollback_completed`, `switch`, `promote`, `external_switch`)."""
         self.add(
             "switch",
             **{"from": source, "to": target},
             by=by,
             reason=redact_credentials(reason) if reason else None,
+            event=event,
         )
 
     @property
@@ -253,18 +266,40 @@ class Recorder:
             pending = pending[-MAX_PENDING:]
         self._pending = pending
 
-    async def flush(self, limiter: anyio.CapacityLimiter | None = None) -> int:
+    async def flush(
+        self, limiter: anyio.CapacityLimiter | None = None, *, abandon_on_cancel: bool = False
+    ) -> int:
         """Write what is pending from a worker thread; returns how many were written.
 
         Never raises for the disk: a failure is counted (`errors`, `last_error`) and the
         records are tried again on the next call. One flush at a time (one writer task).
+        Not cancellable while the thread writes, unless `abandon_on_cancel` (the last
+        flush at shutdown): then the thread is left to finish alone, its batch uncounted,
+        and later flushes and `aclose` do nothing while it runs.
         """
+        if self._busy:
+            return 0
         batch = self.take()
         if not batch:
             return 0
-        done, error = await anyio.to_thread.run_sync(self.write_batch, batch, limiter=limiter)
+        self._busy = True
+        done, error = await anyio.to_thread.run_sync(
+            self._write_then_free, batch, limiter=limiter, abandon_on_cancel=abandon_on_cancel
+        )
         self.settle(batch, done, error)
         return done
+
+    def _write_then_free(self, batch: list[dict[str, Any]]) -> tuple[int, str | None]:
+        try:
+            return self.write_batch(batch)
+        finally:
+            self._busy = False
+
+    async def aclose(self) -> None:
+        """`close()` from a worker thread (after the last flush); nothing while an
+        abandoned flush still writes."""
+        if not self._busy:
+            await anyio.to_thread.run_sync(self.close, abandon_on_cancel=True)
 
     def write(self) -> int:
         """`flush()` in the calling thread; raises `StorageError` (why) when a write
