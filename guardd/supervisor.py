@@ -547,6 +547,7 @@ class Supervisor:
         while True:
             await anyio.sleep(_RECORD_EVERY_S)
             try:
+                await self.faults.fail("raise_in_recording")
                 await recorder.flush(limiter)
             except Exception as e:  # noqa: BLE001 - a bug loses a batch, never the guard
                 self.loop_failed("recording", e)
