@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from guardd.observations import HistoryUnreadable, ReadReport, Record, read_history
+from guardd.observations import HistoryUnreadable, ReadReport, Record, day_of, read_history
 from guardd.signals.scrape import ScrapeSignal, ScrapeSpec
 from tests.harness.daemon import Lab, MakeLab, guardctl, wait_until
 from tests.harness.exporter import Exporter
@@ -59,6 +59,11 @@ def test_a_rollback_is_recorded_in_order(make_lab: MakeLab) -> None:
     records, report = history(lab)
     assert not report.problems and not report.skipped, report
     assert report.runs == 1
+    folder = lab.state_dir / "observations"
+    names = {f"lab-{day_of(r.ts)}.jsonl.gz" for r in records}  # one, unless run at midnight
+    assert {p.name for p in folder.iterdir()} == names
+    assert folder.stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o640}
     start = records[0]
     assert start.kind == "start"
     assert start.doc["active"] == "green" and start.doc["guard"] == "lab"
