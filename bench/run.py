@@ -1,7 +1,7 @@
 """`make bench`: guardd against the tools it replaces, measured side by side in one run.
 
     python -m bench.run [--quick]
-        [--only cost,ctl,ttr,scale,quorum,load,traffic,parse,scrape,fleet,tick]
+        [--only cost,ctl,ttr,scale,quorum,load,traffic,parse,scrape,fleet,tick,recording]
         [--out DIR]
 
 Suites (bench/README.md says what each measures and why):
@@ -20,6 +20,7 @@ Suites (bench/README.md says what each measures and why):
           a 3-member etcd cluster beside one node alone, interleaved
   tick    CPU per decision tick (pure core; the daemon's Guard.tick) beside guardd before
           the tick was made cheaper, on the same probe history
+  recording  CPU per probe of guardd with observations recorded and without, side by side
 Every figure lands in DIR/latest.json and DIR/latest.md (default bench/results).
 """
 
@@ -42,6 +43,7 @@ from bench import (
     ctl,
     fleet,
     load,
+    recording,
     report,
     scale,
     scrape,
@@ -67,6 +69,7 @@ SUITES = (
     "scrape",
     "fleet",
     "tick",
+    "recording",
 )
 # The soak reads memory this long after the guardd and blackbox_exporter it watches started.
 SOAK_S = 600.0
@@ -133,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "scrape": lambda: scrape.measure(10_000, 5.0, 30.0 if args.quick else 120.0),
         "fleet": lambda: fleet.run(ctx),
         "tick": lambda: tick.measure(5_000 if args.quick else 20_000, 3 if args.quick else 5),
+        "recording": lambda: recording.run(ctx, window=10.0 if args.quick else 20.0, windows=5),
     }
     try:
         if "cost" in only or "ctl" in only:

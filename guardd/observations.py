@@ -1,0 +1,737 @@
+"""What guardd observed, kept so that `guardd replay` can judge another config on it.
+
+Layout: `<state.dir>/observations/<guard>-YYYY-MM-DD.jsonl.gz`, one file per UTC day of the
+records it holds. Each is a gzip stream of JSON objects, one a line; every daemon run (and
+every rotation) appends a new gzip member, and readers take the members in order, which is
+what `zcat` does too. The file is append-only and written in batches: the daemon takes the
+pending records on its event loop (`take`) and a worker thread encodes, compresses and
+appends them (`write_batch`), about once a second, each batch one `write(2)` that ends on a
+`Z_SYNC_FLUSH` boundary, never fsynced: a crash loses at most the last batch, the lines
+before it stay readable in a file cut short, and a reader that meets a damaged member
+resumes at the next member's header.
+
+A line is one record, its `kind` one of `RECORD_KINDS` (docs/contract.md, "Observations"):
+
+- `start`: a daemon run began: `guard`, `active`, `probe_interval_s`, `format`.
+- `probe`: one probe round of a color: `color`, `outcome`, `latency_s`, `error`, `status`.
+- `front_door`: one answer through `switch.verify_url`: `ok`, `error`.
+- `sample`: one sample of a non-file signal (prometheus, scrape): `signal`, `color`, and
+  `data`, the adapter's own payload (its `on_sample` hook emits it, `apply_sample` reads
+  it back).
+- `switch`: traffic moved: `from`, `to`, `by` (`guardd`, an operator, `external`), `reason`,
+  `event` (the journal's name for the move).
+
+A record goes in the file of its UTC day, except that within a run the day never goes back:
+after a wall clock stepped back over midnight the run goes on in the later day's file.
+
+Every record has `ts` (wall clock, seconds since the epoch) and `mono` (the monotonic clock
+of that run, seconds). Replay orders and spaces records by `mono` within a run, so a wall
+clock stepped by NTP or by hand neither reorders nor stretches the history; `ts` places the
+history in real time (`--from`, `--to`, the journal's incidents).
+
+Nothing secret is recorded: error texts (a sample's `data.error` too) go through
+`guardd.secrets.redact_credentials`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import zlib
+from collections import Counter
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Final
+
+import anyio
+import anyio.to_thread
+
+from guardd.exceptions import StorageError
+from guardd.secrets import redact_credentials
+
+__all__ = [
+    "FORMAT",
+    "RECORD_KINDS",
+    "HistoryUnreadable",
+    "ReadReport",
+    "Record",
+    "Recorder",
+    "day_of",
+    "history_files",
+    "read_history",
+]
+
+#: The version of the record layout, in every `start` record.
+FORMAT: Final = 1
+RECORD_KINDS: Final = frozenset({"start", "probe", "front_door", "sample", "switch"})
+#: A line longer than this is not one guardd wrote: skipped, not parsed (bytes).
+MAX_LINE_BYTES: Final = 64 * 1024
+#: Records waiting for the writer; beyond this (a disk that hangs) new ones are dropped
+#: and counted, so that recording never grows without bound nor blocks a probe.
+MAX_PENDING: Final = 100_000
+_NAME: Final = re.compile(r"^(?P<guard>.+)-(?P<day>\d{4}-\d{2}-\d{2})\.jsonl\.gz$")
+_READ_CHUNK: Final = 256 * 1024
+_SALVAGE_STEP: Final = 16
+#: How every member the recorder writes begins: the gzip magic, deflate, no flags, no
+#: mtime (zlib's own header). A reader that lost its place looks for the next one; eight
+#: fixed bytes make a false find inside compressed data vanishingly rare.
+_MEMBER_HEAD: Final = b"\x1f\x8b\x08\x00\x00\x00\x00\x00"
+
+
+#: One line's JSON: compact; a value JSON has no type for is written as its text.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
+def day_of(ts: float) -> str:
+    """The UTC day (`YYYY-MM-DD`) of wall time `ts`: the file a record belongs in."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+def file_name(guard: str, day: str) -> str:
+    """The file of `guard`'s records of UTC `day`."""
+    return f"{guard}-{day}.jsonl.gz"
+
+
+class Recorder:
+    """Collects records in memory and writes them to the day's file in batches.
+
+    Two sides, two threads. On the event loop: the `add*` methods (cheap, no I/O: they run
+    beside probes and ticks), `take()` and `settle()`, and every counter. In one worker
+    thread at a time: `write_batch()`, the only code that touches the file. `flush()` is
+    the three in order (`await` it from the writer task); `write()` is the same without a
+    thread (tests, tools).
+
+    `dropped` counts records lost to a full queue, `errors` failed writes (the batch is
+    kept and tried again, bounded by `MAX_PENDING`), `written` records appended;
+    `last_error` says why the last write failed (None once one succeeds).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        guard: str,
+        *,
+        keep_s: float,
+        wall: Callable[[], float],
+        monotonic: Callable[[], float],
+    ) -> None:
+        self.directory = directory
+        self.guard = guard
+        self.keep_s = keep_s
+        self._wall = wall
+        self._mono = monotonic
+        self._pending: list[dict[str, Any]] = []
+        # The file side, touched by `write_batch` (one worker thread at a time) only.
+        self._day: str | None = None
+        self._latest = ""  # the latest day this recorder wrote
+        self._latest_span = (0.0, 0.0)  # its wall-clock bounds: most records fall in it
+        self._fd = -1
+        self._zip: Any = None
+        # Whether a worker thread may be writing (set on the loop, cleared by the thread):
+        # a flush abandoned at shutdown leaves its thread the file.
+        self._busy = False
+        self.dropped = 0
+        self.errors = 0
+        self.written = 0
+        self.last_error: str | None = None
+
+    # ---- what is recorded (event loop, no I/O) -----------------------------------------
+
+    def add(self, kind: str, **fields: Any) -> None:
+        """Queue one record of `kind` stamped now; dropped (counted) when the queue is full."""
+        if len(self._pending) >= MAX_PENDING:
+            self.dropped += 1
+            return
+        fields["kind"] = kind
+        fields["ts"] = self._wall()
+        fields["mono"] = self._mono()
+        self._pending.append(fields)
+
+    def start(self, *, active: str | None, probe_interval_s: float) -> None:
+        """A daemon run begins (replay starts a new monotonic clock here)."""
+        self.add(
+            "start",
+            guard=self.guard,
+            active=active,
+            probe_interval_s=probe_interval_s,
+            format=FORMAT,
+        )
+
+    def probe(
+        self,
+        color: str,
+        outcome: str,
+        latency_s: float,
+        error: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        """One probe round of `color`."""
+        self.add(
+            "probe",
+            color=color,
+            outcome=outcome,
+            latency_s=round(latency_s, 6),
+            error=redact_credentials(error) if error else None,
+            status=status,
+        )
+
+    def front_door(self, ok: bool, error: str | None = None) -> None:
+        """One answer through the front door."""
+        self.add("front_door", ok=ok, error=redact_credentials(error) if error else None)
+
+    def sample(self, signal: str, color: str, data: dict[str, Any]) -> None:
+        """One sample of a non-file signal, in the adapter's own payload (its `error`
+        text redacted again: the adapter knows its own secrets, not every credential)."""
+        error = data.get("error")
+        if isinstance(error, str):
+            data = {**data, "error": redact_credentials(error)}
+        self.add("sample", signal=signal, color=color, data=data)
+
+    def switch(
+        self,
+        source: str | None,
+        target: str,
+        *,
+        by: str,
+        reason: str | None,
+        event: str | None = None,
+    ) -> None:
+        """Traffic moved from `source` to `target`; `event` is the journal's name for the
+        move (`rollback_completed`, `switch`, `promote`, `external_switch`)."""
+        self.add(
+            "switch",
+            **{"from": source, "to": target},
+            by=by,
+            reason=redact_credentials(reason) if reason else None,
+            event=event,
+        )
+
+    @property
+    def pending(self) -> int:
+        """Records not yet written."""
+        return len(self._pending)
+
+    # ---- writing -----------------------------------------------------------------------
+
+    def take(self) -> list[dict[str, Any]]:
+        """The pending records, handed over for `write_batch` (event loop side); the
+        recorder starts a new list, so `add` never touches the batch being written."""
+        batch, self._pending = self._pending, []
+        return batch
+
+    def write_batch(self, batch: list[dict[str, Any]]) -> tuple[int, str | None]:
+        """Append `batch` to its days' files (worker thread side; never raises).
+
+        Returns (records written, why the rest was not, or None). Each day's part of the
+        batch is compressed whole and appended in one write ending on a sync-flush
+        boundary; a write that fails is cut back off the file (a full disk leaves no half
+        a batch that a retry would write again) and its member abandoned.
+        """
+        done = 0
+        try:
+            while done < len(batch):
+                day = self._day_for(batch[done])
+                end = done
+                while end < len(batch) and self._day_for(batch[end]) == day:
+                    end += 1
+                if day != self._day:
+                    self._open(day)
+                encode = _ENCODER.encode
+                text = "".join([encode(record) + "\n" for record in batch[done:end]])
+                data = self._zip.compress(text.encode()) + self._zip.flush(zlib.Z_SYNC_FLUSH)
+                self._append(data)
+                done = end
+        except OSError as e:
+            self._abandon()
+            return done, f"cannot write {self.directory}: {e.strerror or e}"
+        return done, None
+
+    def settle(self, batch: list[dict[str, Any]], done: int, error: str | None) -> None:
+        """Count what `write_batch` did with `batch` (event loop side): the records not
+        written go back ahead of those that arrived meanwhile, the oldest dropped (and
+        counted) past `MAX_PENDING`."""
+        self.written += done
+        if error is None:
+            self.last_error = None
+            return
+        self.errors += 1
+        self.last_error = error
+        pending = batch[done:] + self._pending
+        if len(pending) > MAX_PENDING:
+            self.dropped += len(pending) - MAX_PENDING
+            pending = pending[-MAX_PENDING:]
+        self._pending = pending
+
+    async def flush(
+        self, limiter: anyio.CapacityLimiter | None = None, *, abandon_on_cancel: bool = False
+    ) -> int:
+        """Write what is pending from a worker thread; returns how many were written.
+
+        Never raises for the disk: a failure is counted (`errors`, `last_error`) and the
+        records are tried again on the next call. One flush at a time (one writer task).
+        Not cancellable while the thread writes, unless `abandon_on_cancel` (the last
+        flush at shutdown): then the thread is left to finish alone, its batch uncounted,
+        and later flushes and `aclose` do nothing while it runs.
+        """
+        if self._busy:
+            return 0
+        batch = self.take()
+        if not batch:
+            return 0
+        self._busy = True
+        done, error = await anyio.to_thread.run_sync(
+            self._write_then_free, batch, limiter=limiter, abandon_on_cancel=abandon_on_cancel
+        )
+        self.settle(batch, done, error)
+        return done
+
+    def _write_then_free(self, batch: list[dict[str, Any]]) -> tuple[int, str | None]:
+        try:
+            return self.write_batch(batch)
+        finally:
+            self._busy = False
+
+    async def aclose(self) -> None:
+        """`close()` from a worker thread (after the last flush); nothing while an
+        abandoned flush still writes."""
+        if not self._busy:
+            await anyio.to_thread.run_sync(self.close, abandon_on_cancel=True)
+
+    def write(self) -> int:
+        """`flush()` in the calling thread; raises `StorageError` (why) when a write
+        failed, the records kept for the next call."""
+        batch = self.take()
+        done, error = self.write_batch(batch)
+        self.settle(batch, done, error)
+        if error is not None:
+            raise StorageError(error)
+        return done
+
+    def close(self) -> None:
+        """End the current gzip member (call after the last flush; worker side)."""
+        self._close()
+
+    def prune(self, now: float | None = None) -> list[Path]:
+        """Delete this guard's files of days older than `keep_s`; returns what was removed.
+
+        A day's file goes once the whole day is older than `keep_s` (I/O: from a worker
+        thread). Errors are ignored: the next prune tries again.
+        """
+        now = self._wall() if now is None else now
+        oldest = day_of(now - self.keep_s)
+        removed: list[Path] = []
+        try:
+            entries = list(self.directory.iterdir())
+        except OSError:
+            return removed
+        for path in entries:
+            m = _NAME.match(path.name)
+            if m is None or m["guard"] != self.guard or m["day"] >= oldest:
+                continue
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            removed.append(path)
+        return removed
+
+    def _day_for(self, record: dict[str, Any]) -> str:
+        """The day's file `record` goes in: its own day, but never one before a day this
+        recorder wrote already (a wall clock stepped back over midnight would otherwise
+        put the rest of the run in a file read before the part already written)."""
+        ts = record["ts"]
+        lo, hi = self._latest_span
+        if not lo <= ts < hi:
+            day = day_of(ts)
+            if day > self._latest:
+                start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+                self._latest, self._latest_span = day, (start, start + 86400.0)
+        return self._latest
+
+    def _open(self, day: str) -> None:
+        self._close()
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        path = self.directory / file_name(self.guard, day)
+        self._fd = os.open(
+            path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640
+        )
+        # A new gzip member per open: a member cut short by a crash ends where the next
+        # begins, and readers resume there.
+        self._zip = zlib.compressobj(6, zlib.DEFLATED, 31)
+        self._day = day
+        # Opened at start and at each new day: the time to let the oldest day go.
+        self.prune()
+
+    def _append(self, data: bytes) -> None:
+        size = os.fstat(self._fd).st_size
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError:
+            # Take back what part of the batch got in (ENOSPC after a partial write), so
+            # the file ends on the last whole batch and the retry does not repeat lines.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
+            raise
+
+    def _abandon(self) -> None:
+        """Close the file without ending its member: the compressor's state no longer
+        matches the file (a reader resumes at the next member)."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = -1
+        self._zip = None
+        self._day = None
+
+    def _close(self) -> None:
+        if self._fd >= 0 and self._zip is not None:
+            with contextlib.suppress(OSError):
+                self._append(self._zip.flush(zlib.Z_FINISH))
+        self._abandon()
+
+
+# ---- reading ------------------------------------------------------------------------
+
+
+class HistoryUnreadable(Exception):
+    """No history can be read at all: `path` and why (exit status 1 of `guardd replay`)."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path = path
+        self.why = why
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One record as replay reads it.
+
+    `at` is the history's own clock (seconds): `mono` within a run, and across runs the
+    wall-clock gap (never negative), so it only moves forward. `doc` is the whole line.
+    """
+
+    at: float
+    ts: float
+    kind: str
+    doc: dict[str, Any]
+
+
+@dataclass
+class ReadReport:
+    """What reading skipped and why, for replay's summary."""
+
+    files: list[str] = field(default_factory=list)
+    #: Reason -> lines (or members) skipped: `invalid JSON`, `too long`, `unknown kind`, ...
+    skipped: Counter[str] = field(default_factory=Counter)
+    #: One line per file that could not be read to its end, naming it and why.
+    problems: list[str] = field(default_factory=list)
+    #: Wall-clock steps seen within a run: (wall time, step in seconds).
+    clock_steps: list[tuple[float, float]] = field(default_factory=list)
+    runs: int = 0
+    records: int = 0
+
+
+#: A wall clock that moved this much more (or less) than the monotonic clock between two
+#: records of one run was stepped (NTP, an operator); the monotonic spacing is kept.
+CLOCK_STEP_S: Final = 1.0
+
+
+def history_files(directory: Path, guard: str | None = None) -> list[Path]:
+    """The observation files in `directory` (of `guard`, else of every guard), oldest first.
+
+    Raises `HistoryUnreadable` when the directory cannot be listed.
+    """
+    try:
+        entries = list(directory.iterdir())
+    except FileNotFoundError:
+        raise HistoryUnreadable(directory, "no such directory: nothing was recorded") from None
+    except OSError as e:
+        raise HistoryUnreadable(directory, e.strerror or str(e)) from None
+    found = []
+    for path in entries:
+        m = _NAME.match(path.name)
+        if m is not None and (guard is None or m["guard"] == guard):
+            found.append((m["day"], m["guard"], path))
+    return [path for _, _, path in sorted(found)]
+
+
+def read_history(
+    directory: Path,
+    report: ReadReport,
+    *,
+    guard: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+) -> Iterator[Record]:
+    """Every readable record in `directory`, in the order it was written.
+
+    Corrupt and truncated files, bad lines and unknown kinds are skipped and counted in
+    `report`; `since` / `until` (wall time, seconds) bound what is yielded, not what is
+    read (a run's clock starts before `since`). Raises `HistoryUnreadable` when the
+    directory cannot be listed or holds no file at all.
+    """
+    files = history_files(directory, guard)
+    if not files:
+        raise HistoryUnreadable(directory, "no observation file (*.jsonl.gz) in it")
+    at = 0.0
+    last_ts: float | None = None
+    last_mono: float | None = None
+    for path in files:
+        report.files.append(str(path))
+        for doc in _lines(path, report):
+            kind = doc.get("kind")
+            ts, mono = _number(doc.get("ts")), _number(doc.get("mono"))
+            if not isinstance(kind, str) or kind not in RECORD_KINDS:
+                report.skipped[f"unknown kind {str(kind)[:40]!r}"] += 1
+                continue
+            if ts is None or mono is None:
+                report.skipped["no ts or mono"] += 1
+                continue
+            if kind == "start" or last_mono is None or last_ts is None or mono < last_mono:
+                # A new run (or a monotonic clock that went back: a reboot without a
+                # start record): its clock starts where the wall clock says, never earlier.
+                report.runs += kind == "start"
+                if last_ts is not None:
+                    at += max(0.0, ts - last_ts)
+            else:
+                step = mono - last_mono
+                drift = (ts - last_ts) - step
+                if abs(drift) > CLOCK_STEP_S:
+                    report.clock_steps.append((ts, drift))
+                at += step
+            last_ts, last_mono = ts, mono
+            if (since is not None and ts < since) or (until is not None and ts > until):
+                continue
+            report.records += 1
+            yield Record(at, ts, kind, doc)
+
+
+def _number(value: object) -> float | None:
+    """`value` as a finite number of seconds, else None (a bool is no time)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _lines(path: Path, report: ReadReport) -> Iterator[dict[str, Any]]:
+    """The JSON objects of one file, member after member; damage is reported, not raised.
+
+    A member that ends unfinished where the next one begins (a crash, or a write that
+    failed, then more records) gives every whole line it holds. A corrupt member gives the
+    lines before the damage, and reading resumes at the next member's header
+    (`_MEMBER_HEAD`). Memory stays bounded whatever the file holds: output is taken a chunk
+    at a time (a gzip bomb inflates no further than that) and a line longer than
+    `MAX_LINE_BYTES` is dropped as it grows.
+    """
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        report.problems.append(f"{path}: cannot open: {e.strerror or e}")
+        return
+    with f:
+        start = 0
+        while True:
+            trouble = yield from _members(f, start, path, report)
+            if trouble is None:
+                return
+            member, where, why = trouble
+            try:
+                resume = _next_member(f, member + 1)
+            except OSError as e:
+                report.problems.append(f"{path}: cannot read: {e.strerror}")
+                return
+            report.skipped["corrupt member"] += 1
+            if resume is None:
+                report.problems.append(
+                    f"{path}: corrupt near byte {where}: {why}; the rest of it is skipped"
+                )
+                return
+            report.problems.append(
+                f"{path}: corrupt near byte {where}: {why}; resumed at byte {resume}"
+            )
+            start = resume
+
+
+class _Splitter:
+    """Decompressed bytes to JSON objects, a line at a time, across calls."""
+
+    def __init__(self, report: ReadReport) -> None:
+        self.report = report
+        self.tail = b""
+        self.overlong = False  # inside a line already dropped as too long
+
+    def feed(self, out: bytes) -> Iterator[dict[str, Any]]:
+        pieces = (self.tail + out).split(b"\n")
+        self.tail = pieces.pop()
+        if self.overlong and pieces:
+            pieces.pop(0)  # the end of the dropped line
+            self.overlong = False
+        yield from _parse(pieces, self.report)
+        if len(self.tail) > MAX_LINE_BYTES:
+            if not self.overlong:
+                self.report.skipped["too long"] += 1
+            self.overlong, self.tail = True, b""
+
+    def cut(self) -> None:
+        """The stream ends here: a line begun is a line cut short."""
+        if self.tail.strip() and not self.overlong:
+            # A crash cut the last line short (or a daemon is still writing it).
+            self.report.skipped["cut-off last line"] += 1
+        self.tail, self.overlong = b"", False
+
+
+def _members(
+    f: BinaryIO, start: int, path: Path, report: ReadReport
+) -> Generator[dict[str, Any], None, tuple[int, int, str] | None]:
+    """Read members from byte `start` on; returns None at the end of the file, else (where
+    the corrupt member began, about where the damage is, zlib's complaint)."""
+    f.seek(start)
+    lines = _Splitter(report)
+    unzip = zlib.decompressobj(31)
+    member = start  # the file offset where the current member began
+    fed = False  # whether the current member has been given any byte
+    produced = 0  # bytes the current member has given
+    offset = start  # the file offset of `data`'s first byte
+    data = b""
+    while True:
+        try:
+            more = f.read(_READ_CHUNK)
+        except OSError as e:
+            report.problems.append(f"{path}: cannot read at byte {offset}: {e.strerror}")
+            return None
+        eof = not more
+        data += more
+        while data:
+            # A member is fed no further than the next one's header: one left unfinished
+            # (a crash, a failed write) ends there, every whole line of it read.
+            size = _feedable(data, fed=fed, eof=eof)
+            if size < 0:
+                lines.cut()
+                unzip = zlib.decompressobj(31)
+                member, fed, produced = offset, False, 0
+                continue
+            if size == 0:
+                break
+            piece = data[:size]
+            fed = True
+            try:
+                out = unzip.decompress(piece, _READ_CHUNK)
+            except zlib.error as e:
+                # This call's output is lost with the error: decode the member again in
+                # small steps to give every line before the damage.
+                yield from _salvage(f, member, produced, lines)
+                return member, offset, str(e)
+            produced += len(out)
+            if unzip.eof:
+                used = len(piece) - len(unzip.unused_data)
+                unzip = zlib.decompressobj(31)
+                fed = False
+            else:
+                used = len(piece) - len(unzip.unconsumed_tail)
+            offset += used
+            data = data[used:]
+            yield from lines.feed(out)
+            if not fed:
+                member, produced = offset, 0
+            if used == 0 and not out:
+                break  # nothing more to take from these bytes (zlib wants more)
+        if eof:
+            break
+    lines.cut()
+    return None
+
+
+def _feedable(data: bytes, *, fed: bool, eof: bool) -> int:
+    """How many of `data`'s bytes the current member may be fed: up to the next member's
+    header, and short of a header's first bytes at the end of a read (it may go on in the
+    next); -1 when a new member begins right here (the current one was fed already)."""
+    head = data.find(_MEMBER_HEAD, 0 if fed else 1)
+    if head == 0:
+        return -1
+    if head > 0:
+        return head
+    return len(data) if eof else max(0, len(data) - len(_MEMBER_HEAD) + 1)
+
+
+def _salvage(f: BinaryIO, member: int, skip: int, lines: _Splitter) -> Iterator[dict[str, Any]]:
+    """The lines of the member at `member` after its first `skip` output bytes, up to its
+    damage, decoding a few bytes at a time so that little is lost with the error."""
+    unzip = zlib.decompressobj(31)
+    f.seek(member)
+    got = 0
+    while True:
+        # A few bytes a call: what the call that meets the damage would give is lost.
+        data = f.read(_SALVAGE_STEP)
+        if not data:
+            break
+        try:
+            while data:
+                out = unzip.decompress(data, _READ_CHUNK)
+                data = unzip.unconsumed_tail
+                if got + len(out) > skip:
+                    yield from lines.feed(out[max(0, skip - got) :])
+                got += len(out)
+                if unzip.eof:
+                    return
+        except zlib.error:
+            break
+    lines.cut()
+
+
+def _next_member(f: BinaryIO, after: int) -> int | None:
+    """The offset of the first member header at or after byte `after`, else None."""
+    f.seek(after)
+    keep = len(_MEMBER_HEAD) - 1
+    carry = b""
+    base = after
+    while True:
+        data = f.read(_READ_CHUNK)
+        if not data:
+            return None
+        buf = carry + data
+        i = buf.find(_MEMBER_HEAD)
+        if i >= 0:
+            return base + i
+        carry = buf[-keep:]
+        base += len(buf) - len(carry)
+
+
+def _parse(lines: list[bytes], report: ReadReport) -> Iterator[dict[str, Any]]:
+    long = sum(len(raw) > MAX_LINE_BYTES for raw in lines)
+    if long:
+        report.skipped["too long"] += long
+    lines = [raw for raw in lines if raw.strip() and len(raw) <= MAX_LINE_BYTES]
+    if not lines:
+        return
+    try:
+        # One parse for the whole batch is twice as fast as one a line (replay reads
+        # millions); any damage, or a line that is more than one value, parses it a line
+        # at a time instead.
+        docs = json.loads(b"[" + b",".join(lines) + b"]")
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        docs = None
+    if isinstance(docs, list) and len(docs) == len(lines):
+        for doc in docs:
+            if isinstance(doc, dict):
+                yield doc
+            else:
+                report.skipped["not an object"] += 1
+        return
+    for raw in lines:
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            report.skipped["invalid JSON"] += 1
+            continue
+        if not isinstance(doc, dict):
+            report.skipped["not an object"] += 1
+            continue
+        yield doc
