@@ -14,7 +14,7 @@ import shutil
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -1118,11 +1118,19 @@ class Settings:
         )
 
 
-def load(path: Path, *, instance: str | None = None, host_checks: bool = False) -> Settings:
+def load(
+    path: Path,
+    *,
+    instance: str | None = None,
+    host_checks: bool = False,
+    overrides: Sequence[str] = (),
+) -> Settings:
     """Read, merge and validate a config file; raise `ConfigError` listing every problem.
 
     With `host_checks`, also what only this host can tell: that the commands exist and are
     executable, the nginx targets and active link, the state file's directory, `ca_file`.
+    `overrides`: `dotted.key=TOML value` texts (`guardd replay --set`) laid over the file
+    before it is validated, so that their problems read as the file's do.
     """
     shown = str(path)
     try:
@@ -1138,6 +1146,8 @@ def load(path: Path, *, instance: str | None = None, host_checks: bool = False) 
         where = f"line {line.group(1)}" if line else "(file)"
         reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
         raise ConfigError([ConfigProblem(shown, where, f"invalid TOML: {reason}")]) from None
+    if overrides:
+        _override(doc, overrides, shown)
     token = _HOST_CHECKS.set(host_checks)
     try:
         config = GuardConfig(**doc)
@@ -1155,6 +1165,58 @@ def load(path: Path, *, instance: str | None = None, host_checks: bool = False) 
     return Settings(
         config, source=path, instance=name, warnings=_bare_numbers(doc, shown, os.environ)
     )
+
+
+_OVERRIDE_PART = re.compile(r"^(?:[A-Za-z0-9_-]+|\d+)$")
+
+
+def _override(doc: dict[str, Any], overrides: Sequence[str], shown: str) -> None:
+    """Lay each `dotted.key=TOML value` over `doc`; `rules.0.above` (or `rules[0].above`)
+    reaches into a list. Raises `ConfigError` naming the key for one that cannot be set."""
+    problems: list[ConfigProblem] = []
+    for text in overrides:
+        key, eq, raw = text.partition("=")
+        key = re.sub(r"\[(\d+)\]", r".\1", key.strip())
+        parts = key.split(".")
+        if not eq or not key or not all(_OVERRIDE_PART.match(p) for p in parts):
+            problems.append(
+                ConfigProblem(shown, key or "(--set)", f"--set {text!r}: not KEY=VALUE")
+            )
+            continue
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            problems.append(
+                ConfigProblem(
+                    shown,
+                    key,
+                    f"--set: {raw.strip()!r} is not a TOML value (quote text: '\"...\"')",
+                )
+            )
+            continue
+        where: Any = doc
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(where, list) and part.isdigit() and int(part) < len(where):
+                where = where[int(part)]
+            elif isinstance(where, dict):
+                where = where.setdefault(part, {})
+            else:
+                where = None
+            if not isinstance(where, dict | list):
+                shown_key = ".".join(parts[: i + 1])
+                problems.append(ConfigProblem(shown, key, f"--set: {shown_key} is not a table"))
+                break
+        else:
+            last = parts[-1]
+            if isinstance(where, list):
+                if not (last.isdigit() and int(last) < len(where)):
+                    problems.append(ConfigProblem(shown, key, "--set: no such item in the list"))
+                    continue
+                where[int(last)] = value
+            else:
+                where[last] = value
+    if problems:
+        raise ConfigError(problems)
 
 
 # Durations a person may write in milliseconds by mistake: a bare number is seconds.
