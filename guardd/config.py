@@ -1196,21 +1196,26 @@ def _override(doc: dict[str, Any], overrides: Sequence[str], shown: str) -> None
             continue
         where: Any = doc
         for i, part in enumerate(parts[:-1]):
-            if isinstance(where, list) and part.isdigit() and int(part) < len(where):
+            prefix = ".".join(parts[: i + 1])
+            if isinstance(where, list):
+                if not (part.isdigit() and int(part) < len(where)):
+                    problems.append(ConfigProblem(shown, key, f"--set: there is no {prefix}"))
+                    break
                 where = where[int(part)]
-            elif isinstance(where, dict):
-                where = where.setdefault(part, {})
+            elif part not in where and parts[i + 1].isdigit():
+                # An item of a list the file does not have: nothing to lay a value over.
+                problems.append(ConfigProblem(shown, key, f"--set: the file has no {prefix}"))
+                break
             else:
-                where = None
+                where = where.setdefault(part, {})
             if not isinstance(where, dict | list):
-                shown_key = ".".join(parts[: i + 1])
-                problems.append(ConfigProblem(shown, key, f"--set: {shown_key} is not a table"))
+                problems.append(ConfigProblem(shown, key, f"--set: {prefix} is not a table"))
                 break
         else:
             last = parts[-1]
             if isinstance(where, list):
                 if not (last.isdigit() and int(last) < len(where)):
-                    problems.append(ConfigProblem(shown, key, "--set: no such item in the list"))
+                    problems.append(ConfigProblem(shown, key, f"--set: there is no {key}"))
                     continue
                 where[int(last)] = value
             else:
