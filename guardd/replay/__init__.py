@@ -144,6 +144,7 @@ async def _replay_all(
                 "summary": _report.summary(decisions),
                 "incidents": _report.detect(incidents, decisions, tolerance),
                 "ticks": sim.ticks,
+                "skipped_ticks": sim.skipped_ticks,
             }
         )
     assert first is not None  # noqa: S101

@@ -59,6 +59,8 @@ from guardd.supervisor import (
 
 #: Records held while the color served is not known yet (history that begins mid-run).
 _MAX_HELD = 100_000
+#: Ticks in a row without input after which a gap in the history is crossed at once.
+_QUIET_TICKS = 100
 
 
 class _NullLog:
@@ -112,6 +114,9 @@ class Simulation:
         self.first_ts: float | None = None
         self.last_ts: float | None = None
         self.ticks = 0
+        self.skipped_ticks = 0
+        self._quiet = 0  # ticks since the last input
+        self._events_seen = 0
         self._interval = settings.config.probe.interval
         self._verify = settings.config.switch.verify_url is not None
         self._started = False  # the run's first tick is done
@@ -180,11 +185,23 @@ class Simulation:
         self._pulse = math.inf
 
     async def _until(self, at: float) -> None:
-        """Run every tick due before monotonic `at`."""
+        """Run every tick due before monotonic `at`.
+
+        Through a long stretch without input (the history has a gap) the guard's ticks
+        change nothing once it has settled: after `_QUIET_TICKS` ticks without input and
+        without a decision, the next one is the last before `at`; `skipped_ticks` counts
+        those not run.
+        """
         while self._started:
             due = min(self._next_tick, self._pulse)
             if due > at:
                 return
+            if self._quiet >= _QUIET_TICKS and len(self.journal.events) == self._events_seen:
+                last = due + self._interval * math.floor((at - due) / self._interval)
+                self.skipped_ticks += int((last - due) / self._interval)
+                due = last
+            self._events_seen = len(self.journal.events)
+            self._quiet += 1
             await self._tick(due)
 
     def _pulse_check(self) -> None:
@@ -207,6 +224,7 @@ class Simulation:
     # ---- records --------------------------------------------------------------------
 
     async def _record(self, rec: Record) -> None:
+        self._quiet = 0
         if rec.kind == "start":
             self.clock.set(rec.at, rec.ts)
             given = color_of(rec.doc.get("active"))
@@ -375,6 +393,7 @@ class Simulation:
         sig = self.signals[name]
         at = min(max(self.clock.to_mono(wall), self.clock.monotonic()), upto)
         await self._until(at)
+        self._quiet = 0
         self.clock.advance(at)
         if isinstance(sig, AccessLogSignal):
             sig.ingest(payload)

@@ -13,7 +13,7 @@ from guardd.journal import Journal
 from guardd.observations import Recorder
 
 GUARDD = [sys.executable, "-m", "guardd.cli"]
-#: 2026-11-30T00:00:00Z: a fixed, whole day, so that files and times are predictable.
+#: 2026-12-01T00:00:00Z: a fixed, whole day, so that files and times are predictable.
 DAY0 = 1_796_083_200.0
 
 
@@ -78,8 +78,16 @@ class Timeline:
         self.journal.close()
 
 
-def config(tmp: Path, state_dir: Path, *, extra: str = "", instance: str = "lab") -> Path:
-    """A config guarding a pair at 200 ms (the e2e lab's policy), state in `state_dir`."""
+def config(
+    tmp: Path,
+    state_dir: Path,
+    *,
+    extra: str = "",
+    instance: str = "lab",
+    interval: str = "200ms",
+    qos_window: str = "2s",
+) -> Path:
+    """A config guarding a pair at `interval` (the e2e lab's policy), state in `state_dir`."""
     path = tmp / f"{instance}.toml"
     path.write_text(
         f"""instance = "{instance}"
@@ -91,7 +99,7 @@ url = "http://127.0.0.1:10/healthz"
 kind = "state-file"
 path = "{tmp}/deploy-state.json"
 [probe]
-interval = "200ms"
+interval = "{interval}"
 fast_interval = "100ms"
 [policy]
 rollback_to = "blue"
@@ -101,7 +109,7 @@ min_samples = 5
 p1_sustain = "2s"
 budget_window = "1h"
 [qos]
-window = "2s"
+window = "{qos_window}"
 lock_file = "{tmp}/run/lab.qos.lock"
 [state]
 dir = "{state_dir}"
