@@ -836,6 +836,9 @@ class StateConfig(_Section):
 
     dir: Path | None = None
     """The journal, state.json and outbox (default: `$STATE_DIRECTORY`)."""
+    keep_observations: Annotated[Duration, Field(ge=0)] = 168 * 3600.0
+    """How long `observations/` keeps what guardd observed, for replay (whole UTC days
+    older than this are deleted); 0 records nothing."""
 
 
 class FleetConfig(_Section):

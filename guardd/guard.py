@@ -169,6 +169,8 @@ class Guard:
         self.foreign_journal: list[str] = []
         #: Why each signal gives nothing at the last tick (None: it reads fine).
         self.signal_problems: dict[str, str | None] = {}
+        #: Status' `recording` object (`guardd.observations`), set by the daemon.
+        self.recording: Callable[[], dict[str, Any]] | None = None
         # Each access-log signal's request totals of a color at the last tick (by the
         # adapter's id): what arrived since is counted in the guard window.
         self._traffic_seen: dict[tuple[int, Color], tuple[int, int]] = {}

@@ -3,9 +3,12 @@
 Layout: `<state.dir>/observations/<guard>-YYYY-MM-DD.jsonl.gz`, one file per UTC day of the
 records it holds. Each is a gzip stream of JSON objects, one a line; every daemon run (and
 every rotation) appends a new gzip member, and readers take the members in order, which is
-what `zcat` does too. The file is append-only and written in batches from its own task,
-flushed (`Z_SYNC_FLUSH`) about once a second and never fsynced per line: a crash loses at
-most the last batch, and the lines before it stay readable in a file cut short.
+what `zcat` does too. The file is append-only and written in batches: the daemon takes the
+pending records on its event loop (`take`) and a worker thread encodes, compresses and
+appends them (`write_batch`), about once a second, each batch one `write(2)` that ends on a
+`Z_SYNC_FLUSH` boundary, never fsynced: a crash loses at most the last batch, the lines
+before it stay readable in a file cut short, and a reader that meets a damaged member
+resumes at the next member's header.
 
 A line is one record, its `kind` one of `RECORD_KINDS` (docs/contract.md, "Observations"):
 
@@ -13,15 +16,20 @@ A line is one record, its `kind` one of `RECORD_KINDS` (docs/contract.md, "Obser
 - `probe`: one probe round of a color: `color`, `outcome`, `latency_s`, `error`, `status`.
 - `front_door`: one answer through `switch.verify_url`: `ok`, `error`.
 - `sample`: one sample of a non-file signal (prometheus, scrape): `signal`, `color`, and
-  `data`, the adapter's own payload (its `sample` / `apply_sample` pair reads it back).
+  `data`, the adapter's own payload (its `on_sample` hook emits it, `apply_sample` reads
+  it back).
 - `switch`: traffic moved: `from`, `to`, `by` (`guardd`, an operator, `external`), `reason`.
+
+A record goes in the file of its UTC day, except that within a run the day never goes back:
+after a wall clock stepped back over midnight the run goes on in the later day's file.
 
 Every record has `ts` (wall clock, seconds since the epoch) and `mono` (the monotonic clock
 of that run, seconds). Replay orders and spaces records by `mono` within a run, so a wall
 clock stepped by NTP or by hand neither reorders nor stretches the history; `ts` places the
 history in real time (`--from`, `--to`, the journal's incidents).
 
-Nothing secret is recorded: error texts go through `guardd.secrets.redact_credentials`.
+Nothing secret is recorded: error texts (a sample's `data.error` too) go through
+`guardd.secrets.redact_credentials`.
 """
 
 from __future__ import annotations
@@ -33,11 +41,14 @@ import os
 import re
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
+
+import anyio
+import anyio.to_thread
 
 from guardd.exceptions import StorageError
 from guardd.secrets import redact_credentials
@@ -50,6 +61,7 @@ __all__ = [
     "Record",
     "Recorder",
     "day_of",
+    "history_files",
     "read_history",
 ]
 
@@ -63,6 +75,11 @@ MAX_LINE_BYTES: Final = 64 * 1024
 MAX_PENDING: Final = 100_000
 _NAME: Final = re.compile(r"^(?P<guard>.+)-(?P<day>\d{4}-\d{2}-\d{2})\.jsonl\.gz$")
 _READ_CHUNK: Final = 256 * 1024
+_SALVAGE_STEP: Final = 16
+#: How every member the recorder writes begins: the gzip magic, deflate, no flags, no
+#: mtime (zlib's own header). A reader that lost its place looks for the next one; eight
+#: fixed bytes make a false find inside compressed data vanishingly rare.
+_MEMBER_HEAD: Final = b"\x1f\x8b\x08\x00\x00\x00\x00\x00"
 
 
 def day_of(ts: float) -> str:
@@ -78,10 +95,15 @@ def file_name(guard: str, day: str) -> str:
 class Recorder:
     """Collects records in memory and writes them to the day's file in batches.
 
-    `add*` methods are cheap and never do I/O (they run on the decision path's side);
-    `write()` encodes, compresses and appends what is pending (call it from a task of its
-    own, or from a worker thread). `dropped` counts records lost to a full queue and
-    `errors` failed writes (the batch is kept and tried again, up to `MAX_PENDING`).
+    Two sides, two threads. On the event loop: the `add*` methods (cheap, no I/O: they run
+    beside probes and ticks), `take()` and `settle()`, and every counter. In one worker
+    thread at a time: `write_batch()`, the only code that touches the file. `flush()` is
+    the three in order (`await` it from the writer task); `write()` is the same without a
+    thread (tests, a last flush at shutdown).
+
+    `dropped` counts records lost to a full queue, `errors` failed writes (the batch is
+    kept and tried again, bounded by `MAX_PENDING`), `written` records appended;
+    `last_error` says why the last write failed (None once one succeeds).
     """
 
     def __init__(
@@ -99,15 +121,20 @@ class Recorder:
         self._wall = wall
         self._mono = monotonic
         self._pending: list[dict[str, Any]] = []
+        # The file side, touched by `write_batch` (one worker thread at a time) only.
         self._day: str | None = None
+        self._latest = ""  # the latest day this recorder wrote
         self._fd = -1
         self._zip: Any = None
+        # Whether a worker thread may be writing (set on the loop, cleared by the thread):
+        # a flush abandoned at shutdown leaves its thread the file.
+        self._busy = False
         self.dropped = 0
         self.errors = 0
         self.written = 0
         self.last_error: str | None = None
 
-    # ---- what is recorded (no I/O) ---------------------------------------------------
+    # ---- what is recorded (event loop, no I/O) -----------------------------------------
 
     def add(self, kind: str, **fields: Any) -> None:
         """Queue one record of `kind` stamped now; dropped (counted) when the queue is full."""
@@ -152,16 +179,30 @@ class Recorder:
         self.add("front_door", ok=ok, error=redact_credentials(error) if error else None)
 
     def sample(self, signal: str, color: str, data: dict[str, Any]) -> None:
-        """One sample of a non-file signal, in the adapter's own payload."""
+        """One sample of a non-file signal, in the adapter's own payload (its `error`
+        text redacted again: the adapter knows its own secrets, not every credential)."""
+        error = data.get("error")
+        if isinstance(error, str):
+            data = {**data, "error": redact_credentials(error)}
         self.add("sample", signal=signal, color=color, data=data)
 
-    def switch(self, source: str | None, target: str, *, by: str, reason: str | None) -> None:
-        """Traffic moved from `source` to `target`."""
+    def switch(
+        self,
+        source: str | None,
+        target: str,
+        *,
+        by: str,
+        reason: str | None,
+        event: str | None = None,
+    ) -> None:
+        """Traffic moved from `source` to `target`; `event` is the journal's name for the
+        move (`rollback_completed`, `switch`, `promote`, `external_switch`)."""
         self.add(
             "switch",
             **{"from": source, "to": target},
             by=by,
             reason=redact_credentials(reason) if reason else None,
+            event=event,
         )
 
     @property
@@ -171,43 +212,115 @@ class Recorder:
 
     # ---- writing -----------------------------------------------------------------------
 
-    def write(self) -> int:
-        """Append every pending record to its day's file; returns how many were written.
-
-        Raises `StorageError` when the directory or file cannot be written; the records
-        stay pending and the next call tries again.
-        """
+    def take(self) -> list[dict[str, Any]]:
+        """The pending records, handed over for `write_batch` (event loop side); the
+        recorder starts a new list, so `add` never touches the batch being written."""
         batch, self._pending = self._pending, []
+        return batch
+
+    def write_batch(self, batch: list[dict[str, Any]]) -> tuple[int, str | None]:
+        """Append `batch` to its days' files (worker thread side; never raises).
+
+        Returns (records written, why the rest was not, or None). Each day's part of the
+        batch is compressed whole and appended in one write ending on a sync-flush
+        boundary; a write that fails is cut back off the file (a full disk leaves no half
+        a batch that a retry would write again) and its member abandoned.
+        """
         done = 0
         try:
-            for record in batch:
-                day = day_of(record["ts"])
+            while done < len(batch):
+                day = self._day_for(batch[done])
+                end = done
+                while end < len(batch) and self._day_for(batch[end]) == day:
+                    end += 1
                 if day != self._day:
                     self._open(day)
-                line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
-                self._append(self._zip.compress(line.encode()))
-                done += 1
-            if self._zip is not None:
-                self._append(self._zip.flush(zlib.Z_SYNC_FLUSH))
+                compress = self._zip.compress
+                chunks = [
+                    compress(
+                        (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
+                    )
+                    for record in batch[done:end]
+                ]
+                chunks.append(self._zip.flush(zlib.Z_SYNC_FLUSH))
+                self._append(b"".join(chunks))
+                done = end
         except OSError as e:
-            self.errors += 1
-            self.last_error = f"cannot write {self.directory}: {e.strerror or e}"
-            # Keep what was not written, ahead of what arrived meanwhile; bounded.
-            self._pending = (batch[done:] + self._pending)[-MAX_PENDING:]
-            self._close()
-            raise StorageError(self.last_error) from None
+            self._abandon()
+            return done, f"cannot write {self.directory}: {e.strerror or e}"
+        return done, None
+
+    def settle(self, batch: list[dict[str, Any]], done: int, error: str | None) -> None:
+        """Count what `write_batch` did with `batch` (event loop side): the records not
+        written go back ahead of those that arrived meanwhile, the oldest dropped (and
+        counted) past `MAX_PENDING`."""
         self.written += done
-        self.last_error = None
+        if error is None:
+            self.last_error = None
+            return
+        self.errors += 1
+        self.last_error = error
+        pending = batch[done:] + self._pending
+        if len(pending) > MAX_PENDING:
+            self.dropped += len(pending) - MAX_PENDING
+            pending = pending[-MAX_PENDING:]
+        self._pending = pending
+
+    async def flush(
+        self, limiter: anyio.CapacityLimiter | None = None, *, abandon_on_cancel: bool = False
+    ) -> int:
+        """Write what is pending from a worker thread; returns how many were written.
+
+        Never raises for the disk: a failure is counted (`errors`, `last_error`) and the
+        records are tried again on the next call. One flush at a time (one writer task).
+        Not cancellable while the thread writes, unless `abandon_on_cancel` (the last
+        flush at shutdown): then the thread is left to finish alone, its batch uncounted,
+        and later flushes and `aclose` do nothing while it runs.
+        """
+        if self._busy:
+            return 0
+        batch = self.take()
+        if not batch:
+            return 0
+        self._busy = True
+        done, error = await anyio.to_thread.run_sync(
+            self._write_then_free, batch, limiter=limiter, abandon_on_cancel=abandon_on_cancel
+        )
+        self.settle(batch, done, error)
+        return done
+
+    def _write_then_free(self, batch: list[dict[str, Any]]) -> tuple[int, str | None]:
+        try:
+            return self.write_batch(batch)
+        finally:
+            self._busy = False
+
+    async def aclose(self) -> None:
+        """`close()` from a worker thread (after the last flush); nothing while an
+        abandoned flush still writes."""
+        if not self._busy:
+            await anyio.to_thread.run_sync(self.close, abandon_on_cancel=True)
+
+    def write(self) -> int:
+        """`flush()` in the calling thread; raises `StorageError` (why) when a write
+        failed, the records kept for the next call."""
+        batch = self.take()
+        done, error = self.write_batch(batch)
+        self.settle(batch, done, error)
+        if error is not None:
+            raise StorageError(error)
         return done
 
     def close(self) -> None:
-        """Write what is pending (best effort) and end the current gzip member."""
-        with contextlib.suppress(StorageError):
-            self.write()
+        """End the current gzip member (call after the last flush; worker side)."""
         self._close()
 
     def prune(self, now: float | None = None) -> list[Path]:
-        """Delete this guard's files of days older than `keep_s`; returns what was removed."""
+        """Delete this guard's files of days older than `keep_s`; returns what was removed.
+
+        A day's file goes once the whole day is older than `keep_s` (I/O: from a worker
+        thread). Errors are ignored: the next prune tries again.
+        """
         now = self._wall() if now is None else now
         oldest = day_of(now - self.keep_s)
         removed: list[Path] = []
@@ -226,6 +339,13 @@ class Recorder:
             removed.append(path)
         return removed
 
+    def _day_for(self, record: dict[str, Any]) -> str:
+        """The day's file `record` goes in: its own day, but never one before a day this
+        recorder wrote already (a wall clock stepped back over midnight would otherwise
+        put the rest of the run in a file read before the part already written)."""
+        self._latest = max(self._latest, day_of(record["ts"]))
+        return self._latest
+
     def _open(self, day: str) -> None:
         self._close()
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -237,25 +357,38 @@ class Recorder:
         # begins, and readers resume there.
         self._zip = zlib.compressobj(6, zlib.DEFLATED, 31)
         self._day = day
+        # Opened at start and at each new day: the time to let the oldest day go.
         self.prune()
 
     def _append(self, data: bytes) -> None:
+        size = os.fstat(self._fd).st_size
         view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError:
+            # Take back what part of the batch got in (ENOSPC after a partial write), so
+            # the file ends on the last whole batch and the retry does not repeat lines.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
+            raise
 
-    def _close(self) -> None:
+    def _abandon(self) -> None:
+        """Close the file without ending its member: the compressor's state no longer
+        matches the file (a reader resumes at the next member)."""
         if self._fd >= 0:
-            try:
-                if self._zip is not None:
-                    self._append(self._zip.flush(zlib.Z_FINISH))
-            except OSError:
-                pass
-            os.close(self._fd)
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
         self._fd = -1
         self._zip = None
         self._day = None
+
+    def _close(self) -> None:
+        if self._fd >= 0 and self._zip is not None:
+            with contextlib.suppress(OSError):
+                self._append(self._zip.flush(zlib.Z_FINISH))
+        self._abandon()
 
 
 # ---- reading ------------------------------------------------------------------------
@@ -384,9 +517,12 @@ def _number(value: object) -> float | None:
 def _lines(path: Path, report: ReadReport) -> Iterator[dict[str, Any]]:
     """The JSON objects of one file, member after member; damage is reported, not raised.
 
-    Memory stays bounded whatever the file holds: output is taken a chunk at a time (a
-    gzip bomb inflates no further than that) and a line longer than `MAX_LINE_BYTES` is
-    dropped as it grows.
+    A member that ends unfinished where the next one begins (a crash, or a write that
+    failed, then more records) gives every whole line it holds. A corrupt member gives the
+    lines before the damage, and reading resumes at the next member's header
+    (`_MEMBER_HEAD`). Memory stays bounded whatever the file holds: output is taken a chunk
+    at a time (a gzip bomb inflates no further than that) and a line longer than
+    `MAX_LINE_BYTES` is dropped as it grows.
     """
     try:
         f = path.open("rb")
@@ -394,48 +530,171 @@ def _lines(path: Path, report: ReadReport) -> Iterator[dict[str, Any]]:
         report.problems.append(f"{path}: cannot open: {e.strerror or e}")
         return
     with f:
-        unzip = zlib.decompressobj(31)
-        tail = b""
-        overlong = False  # inside a line already dropped as too long
-        offset = 0
+        start = 0
         while True:
-            try:
-                data = f.read(_READ_CHUNK)
-            except OSError as e:
-                report.problems.append(f"{path}: cannot read at byte {offset}: {e.strerror}")
+            trouble = yield from _members(f, start, path, report)
+            if trouble is None:
                 return
-            if not data:
-                break
-            offset += len(data)
-            while data:
-                try:
-                    out = unzip.decompress(data, _READ_CHUNK)
-                except zlib.error as e:
-                    report.problems.append(
-                        f"{path}: corrupt near byte {offset}: {e}; the rest of it is skipped"
-                    )
-                    report.skipped["corrupt file"] += 1
-                    return
-                if unzip.eof:
-                    # The next member (a later run of the same day) starts here; at the
-                    # end of a member zlib leaves the rest in both attributes.
-                    data = unzip.unused_data
-                    unzip = zlib.decompressobj(31)
-                else:
-                    data = unzip.unconsumed_tail
-                pieces = (tail + out).split(b"\n")
-                tail = pieces.pop()
-                if overlong and pieces:
-                    pieces.pop(0)  # the end of the dropped line
-                    overlong = False
-                yield from _parse(pieces, report)
-                if len(tail) > MAX_LINE_BYTES:
-                    if not overlong:
-                        report.skipped["too long"] += 1
-                    overlong, tail = True, b""
-        if tail.strip() and not overlong:
+            member, where, why = trouble
+            try:
+                resume = _next_member(f, member + 1)
+            except OSError as e:
+                report.problems.append(f"{path}: cannot read: {e.strerror}")
+                return
+            report.skipped["corrupt member"] += 1
+            if resume is None:
+                report.problems.append(
+                    f"{path}: corrupt near byte {where}: {why}; the rest of it is skipped"
+                )
+                return
+            report.problems.append(
+                f"{path}: corrupt near byte {where}: {why}; resumed at byte {resume}"
+            )
+            start = resume
+
+
+class _Splitter:
+    """Decompressed bytes to JSON objects, a line at a time, across calls."""
+
+    def __init__(self, report: ReadReport) -> None:
+        self.report = report
+        self.tail = b""
+        self.overlong = False  # inside a line already dropped as too long
+
+    def feed(self, out: bytes) -> Iterator[dict[str, Any]]:
+        pieces = (self.tail + out).split(b"\n")
+        self.tail = pieces.pop()
+        if self.overlong and pieces:
+            pieces.pop(0)  # the end of the dropped line
+            self.overlong = False
+        yield from _parse(pieces, self.report)
+        if len(self.tail) > MAX_LINE_BYTES:
+            if not self.overlong:
+                self.report.skipped["too long"] += 1
+            self.overlong, self.tail = True, b""
+
+    def cut(self) -> None:
+        """The stream ends here: a line begun is a line cut short."""
+        if self.tail.strip() and not self.overlong:
             # A crash cut the last line short (or a daemon is still writing it).
-            report.skipped["cut-off last line"] += 1
+            self.report.skipped["cut-off last line"] += 1
+        self.tail, self.overlong = b"", False
+
+
+def _members(
+    f: BinaryIO, start: int, path: Path, report: ReadReport
+) -> Generator[dict[str, Any], None, tuple[int, int, str] | None]:
+    """Read members from byte `start` on; returns None at the end of the file, else (where
+    the corrupt member began, about where the damage is, zlib's complaint)."""
+    f.seek(start)
+    lines = _Splitter(report)
+    unzip = zlib.decompressobj(31)
+    member = start  # the file offset where the current member began
+    fed = False  # whether the current member has been given any byte
+    produced = 0  # bytes the current member has given
+    offset = start  # the file offset of `data`'s first byte
+    data = b""
+    while True:
+        try:
+            more = f.read(_READ_CHUNK)
+        except OSError as e:
+            report.problems.append(f"{path}: cannot read at byte {offset}: {e.strerror}")
+            return None
+        eof = not more
+        data += more
+        while data:
+            # A member is fed no further than the next one's header: one left unfinished
+            # (a crash, a failed write) ends there, every whole line of it read.
+            size = _feedable(data, fed=fed, eof=eof)
+            if size < 0:
+                lines.cut()
+                unzip = zlib.decompressobj(31)
+                member, fed, produced = offset, False, 0
+                continue
+            if size == 0:
+                break
+            piece = data[:size]
+            fed = True
+            try:
+                out = unzip.decompress(piece, _READ_CHUNK)
+            except zlib.error as e:
+                # This call's output is lost with the error: decode the member again in
+                # small steps to give every line before the damage.
+                yield from _salvage(f, member, produced, lines)
+                return member, offset, str(e)
+            produced += len(out)
+            if unzip.eof:
+                used = len(piece) - len(unzip.unused_data)
+                unzip = zlib.decompressobj(31)
+                fed = False
+            else:
+                used = len(piece) - len(unzip.unconsumed_tail)
+            offset += used
+            data = data[used:]
+            yield from lines.feed(out)
+            if not fed:
+                member, produced = offset, 0
+            if used == 0 and not out:
+                break  # nothing more to take from these bytes (zlib wants more)
+        if eof:
+            break
+    lines.cut()
+    return None
+
+
+def _feedable(data: bytes, *, fed: bool, eof: bool) -> int:
+    """How many of `data`'s bytes the current member may be fed: up to the next member's
+    header, and short of a header's first bytes at the end of a read (it may go on in the
+    next); -1 when a new member begins right here (the current one was fed already)."""
+    head = data.find(_MEMBER_HEAD, 0 if fed else 1)
+    if head == 0:
+        return -1
+    if head > 0:
+        return head
+    return len(data) if eof else max(0, len(data) - len(_MEMBER_HEAD) + 1)
+
+
+def _salvage(f: BinaryIO, member: int, skip: int, lines: _Splitter) -> Iterator[dict[str, Any]]:
+    """The lines of the member at `member` after its first `skip` output bytes, up to its
+    damage, decoding a few bytes at a time so that little is lost with the error."""
+    unzip = zlib.decompressobj(31)
+    f.seek(member)
+    got = 0
+    while True:
+        # A few bytes a call: what the call that meets the damage would give is lost.
+        data = f.read(_SALVAGE_STEP)
+        if not data:
+            break
+        try:
+            while data:
+                out = unzip.decompress(data, _READ_CHUNK)
+                data = unzip.unconsumed_tail
+                if got + len(out) > skip:
+                    yield from lines.feed(out[max(0, skip - got) :])
+                got += len(out)
+                if unzip.eof:
+                    return
+        except zlib.error:
+            break
+    lines.cut()
+
+
+def _next_member(f: BinaryIO, after: int) -> int | None:
+    """The offset of the first member header at or after byte `after`, else None."""
+    f.seek(after)
+    keep = len(_MEMBER_HEAD) - 1
+    carry = b""
+    base = after
+    while True:
+        data = f.read(_READ_CHUNK)
+        if not data:
+            return None
+        buf = carry + data
+        i = buf.find(_MEMBER_HEAD)
+        if i >= 0:
+            return base + i
+        carry = buf[-keep:]
+        base += len(buf) - len(carry)
 
 
 def _parse(lines: list[bytes], report: ReadReport) -> Iterator[dict[str, Any]]:

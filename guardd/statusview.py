@@ -74,6 +74,7 @@ def snapshot(guard: Guard) -> dict[str, Any]:
             "last_error": guard.storage.last_error,
             "journal_backlog": guard.journal.backlog,
         },
+        "recording": guard.recording() if guard.recording is not None else {"enabled": False},
         "probe_interval_s": guard.s.probe_interval,
         "uptime_s": round(now - guard.started_mono, 1),
         "version": __version__,
@@ -176,6 +177,12 @@ def warnings(guard: Guard) -> list[str]:
     ]
     if guard.fleet is not None:
         found += guard.fleet.warnings()
+    recording = guard.recording() if guard.recording is not None else {}
+    if recording.get("last_error"):
+        found.append(
+            f"observations are not being recorded ({recording['last_error']}); "
+            "guarding goes on, and the write is tried again every second"
+        )
     return found
 
 

@@ -37,6 +37,7 @@ from guardd.guard import Guard, GuardSettings
 from guardd.journal import Journal
 from guardd.logs import get_logger
 from guardd.metrics import GuardMetrics, MetricsServer
+from guardd.observations import Recorder
 from guardd.probes.http import HttpProber, ProbeResult, ProbeSpec
 from guardd.secrets import redact
 from guardd.signals import Signal
@@ -54,6 +55,12 @@ _STUCK_MARGIN = 5.0
 _SIGNAL_PULSE_S = 0.25
 # Distinct unexpected errors remembered (to log each traceback once); more are only counted.
 _MAX_LOOP_ERRORS_SEEN = 256
+# How often what was observed is written to `observations/` (s), and how long the last
+# write at shutdown may take before it is abandoned (s).
+_RECORD_EVERY_S = 1.0
+_RECORD_LAST_S = 5.0
+# The journal events that say traffic moved (recorded as `switch`).
+_TRAFFIC_MOVES = frozenset({"rollback_completed", "switch", "promote", "external_switch"})
 
 
 def cannot(settings: Settings, key: str, what: str, error: OSError | str) -> ConfigProblem:
@@ -185,6 +192,7 @@ RESTART_ONLY = (
     "control.mode",
     "control.group",
     "control.admin_group",
+    "state.keep_observations",
 )
 
 
@@ -361,6 +369,9 @@ class Supervisor:
         self._pulsing = False
         self._notifier_task: tuple[anyio.CancelScope, anyio.Event] | None = None
         self._loop_errors_seen: set[tuple[str, str, str]] = set()
+        #: What guardd observed, kept for replay (`state.keep_observations`); None when
+        #: recording is off or before start.
+        self.recorder: Recorder | None = None
 
     # ---- start-up ----------------------------------------------------------------------
 
@@ -429,6 +440,10 @@ class Supervisor:
             signals[name], problems = signal_of(settings, name, self.clock)
             for problem in problems:
                 self.log.warning("signal_addresses", signal=name, problem=problem)
+            adapter: Any = signals[name]
+            if hasattr(adapter, "on_sample"):
+                # A polled signal's samples are recorded: a replay cannot poll the past.
+                adapter.on_sample = functools.partial(self._record, "sample", name)
         return Runtime(
             settings=settings,
             guard=guard_settings(settings),
@@ -520,8 +535,86 @@ class Supervisor:
         await self.faults.reach(f"after_{step}")
 
     def _notify(self, event: dict[str, Any]) -> None:
+        if event.get("event") in _TRAFFIC_MOVES:
+            self._record(
+                "switch",
+                event.get("from"),
+                event.get("to"),
+                by=event.get("by"),
+                reason=event.get("reason"),
+                event=event.get("event"),
+            )
         if self.notifier is not None:
             self.notifier.submit(event)
+
+    # ---- recording what was observed (guardd.observations) ----------------------------
+
+    def _start_recording(self, guard: Guard) -> None:
+        """Begin recording (unless `state.keep_observations` is 0): the `start` record."""
+        guard.recording = self.recording_status
+        keep = self.settings.config.state.keep_observations
+        if keep <= 0:
+            return
+        self.recorder = Recorder(
+            self.settings.state_dir / "observations",
+            self.settings.instance,
+            keep_s=keep,
+            wall=self.clock.wall,
+            monotonic=self.clock.monotonic,
+        )
+        self._record("start", active=guard.active, probe_interval_s=guard.s.probe_interval)
+
+    def _record(self, what: str, *args: Any, **fields: Any) -> None:
+        """Hand one observation to the recorder (no I/O); a bug here never stops guarding."""
+        recorder = self.recorder
+        if recorder is None:
+            return
+        try:
+            getattr(recorder, what)(*args, **fields)
+        except Exception as e:  # noqa: BLE001 - recording is never fatal
+            self.loop_failed("recording", e)
+
+    async def _recording_loop(self) -> None:
+        """Write what was observed about once a second, in a worker thread: a slow or
+        full disk delays only this task. A failure is logged once an episode, shown in
+        status, and the records are tried again (bounded: `observations.MAX_PENDING`)."""
+        recorder = self.recorder
+        assert recorder is not None  # noqa: S101 - started only with a recorder
+        limiter = anyio.CapacityLimiter(1)
+        failing = False
+        while True:
+            await anyio.sleep(_RECORD_EVERY_S)
+            await recorder.flush(limiter)
+            if recorder.last_error is not None and not failing:
+                self.log.warning("observations_write_failed", error=recorder.last_error)
+            elif recorder.last_error is None and failing:
+                self.log.info("observations_write_recovered")
+            failing = recorder.last_error is not None
+
+    async def _stop_recording(self) -> None:
+        """The last write, and the end of the gzip member; abandoned past `_RECORD_LAST_S`."""
+        recorder = self.recorder
+        if recorder is None:
+            return
+        with anyio.move_on_after(_RECORD_LAST_S):
+            await recorder.flush(abandon_on_cancel=True)
+            await recorder.aclose()
+
+    def recording_status(self) -> dict[str, Any]:
+        """Status' `recording` object: whether recording is on, where, and how it goes."""
+        r = self.recorder
+        if r is None:
+            return {"enabled": False}
+        return {
+            "enabled": True,
+            "dir": str(r.directory),
+            "keep_s": r.keep_s,
+            "written": r.written,
+            "pending": r.pending,
+            "dropped": r.dropped,
+            "errors": r.errors,
+            "last_error": r.last_error,
+        }
 
     def _build_notifier(self, settings: Settings | None = None) -> Any:
         settings = settings or self.settings
@@ -594,6 +687,7 @@ class Supervisor:
             await self._close_probers()
             return 1
         self._start_metrics()
+        self._start_recording(guard)
         guard.record(
             "started",
             target=guard.active,
@@ -603,6 +697,8 @@ class Supervisor:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._signals, tg.cancel_scope)
+                if self.recorder is not None:
+                    tg.start_soon(self._recording_loop)
                 if guard.fleet is not None:
                     tg.start_soon(guard.fleet.run)
                 await self._start_signals(tg, runtime)
@@ -673,6 +769,7 @@ class Supervisor:
             guard.journal.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
+        await self._stop_recording()
         await self._close_probers()
         self.log.info("stopped")
 
@@ -717,6 +814,8 @@ class Supervisor:
             self._probe_started[color] = started
             result = await self._guarded_probe(f"probe_{color}", self.probers[color])
             self._probe_started[color] = None
+            if result is not None:
+                self._record_probe(color, result)
             if result is not None and guard.observe(color, result):
                 self._wake.set()
             self._first_round[color].set()
@@ -729,6 +828,11 @@ class Supervisor:
                 next_at = started + interval * math.ceil((now - started) / interval)
             next_at = min(next_at, started + interval)
             await anyio.sleep(max(0.0, next_at - now))
+
+    def _record_probe(self, color: Color, result: ProbeResult) -> None:
+        self._record(
+            "probe", color, result.outcome.value, result.latency_s, result.error, result.status
+        )
 
     async def _front_door_loop(self) -> None:
         """Probe `switch.verify_url` at the probe cadence, so the front door is evidence.
@@ -762,6 +866,7 @@ class Supervisor:
             )
             if result is None:
                 continue
+            self._record("front_door", result.ok, result.error)
             if guard.observe_front_door(result):
                 self._wake.set()
             self._front_door_answered.set()

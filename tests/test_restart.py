@@ -256,6 +256,7 @@ GUARD_NOT_KEPT = {
     "rolling_back": "a switch in flight is an open rollback_started (row: switch in flight)",
     "switch_started": "only times a switch in flight",
     "storage": "measured by the next write",
+    "recording": "the daemon's recorder's status, an adapter; observations/ keeps the records",
     "ticks": "a counter for the watchdog",
     "started_mono": "uptime",
     "state": "recomputed by the next tick",

@@ -20,12 +20,17 @@ Only `ok` gives a value; the others make the color's reading inconclusive. All b
 `empty` and `nan` (answers that are well-formed but carry no value) set `problem` while
 they last. `Reading.last_at` is the time of the last `ok` (or the signal's start), so the
 rules' `stale_after` counts from the last value whatever came after it.
+
+Each query's outcome is also a sample payload, a small JSON object handed to `on_sample`
+(the daemon records it) and read back by `apply_sample` (replay): `{"outcome": "ok",
+"value": v}` or `{"outcome": <another of OUTCOMES>, "error": why}` (why redacted, or null).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -234,6 +239,9 @@ class PrometheusSignal:
             Secret(url.password)  # registered: redact() now scrubs it wherever it shows
         # Shown in status: credentials in the URL are not.
         self.shown_url = str(url.copy_with(username=None, password=None))
+        #: Called with (color, payload) as each query's outcome lands (see the module's
+        #: docstring); the daemon sets it to record the samples. None: nobody listens.
+        self.on_sample: Callable[[str, dict[str, Any]], None] | None = None
 
     # ---- what the rules read ------------------------------------------------------------
 
@@ -321,15 +329,54 @@ class PrometheusSignal:
 
     async def query_once(self, client: httpx.AsyncClient, state: _Color) -> None:
         """Send `state`'s query once and record its outcome."""
+        data: dict[str, Any]
         try:
             value = await self._ask(client, state.query)
         except QueryFailed as e:
-            outcome, state.why = e.outcome, e.why
+            data = {"outcome": e.outcome, "error": e.why}
         else:
-            outcome, state.why = "ok", None
-            state.value, state.value_at = value, self.clock.monotonic()
+            data = {"outcome": "ok", "value": value}
+        self._land(state, data, self.clock.monotonic())
+        if self.on_sample is not None:
+            color = next(c for c, s in self.colors.items() if s is state)
+            self.on_sample(color, data)
+
+    def apply_sample(self, color: str, data: dict[str, Any], now: float) -> None:
+        """Take one payload of `on_sample` as if its query had ended at monotonic `now`.
+
+        A color this signal does not query is ignored. Raises ValueError (the reason) for
+        a payload that is not one this adapter emits.
+        """
+        outcome = data.get("outcome")
+        if outcome not in self.queries:
+            raise ValueError(f"outcome: {str(outcome)[:40]!r} is not one of {', '.join(OUTCOMES)}")
+        if outcome == "ok":
+            value = data.get("value")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
+                raise ValueError("value: an ok sample needs a finite number")
+            data = {"outcome": "ok", "value": float(value)}
+        else:
+            why = data.get("error")
+            if why is not None and not isinstance(why, str):
+                raise ValueError("error: must be a text or null")
+            data = {"outcome": outcome, "error": None if why is None else _text(why)}
+        state = self.colors.get(color)
+        if state is not None:
+            self._land(state, data, now)
+
+    def _land(self, state: _Color, data: dict[str, Any], now: float) -> None:
+        """One query's outcome `data` (a sample payload), ended at monotonic `now`."""
+        outcome = data["outcome"]
+        if outcome == "ok":
+            state.value, state.value_at, state.why = data["value"], now, None
+        else:
+            state.why = data.get("error")
         state.outcome = outcome
-        state.answered_at = self.clock.monotonic()
+        state.answered_at = now
         self.queries[outcome] += 1
         self.problem = self._why_not()
 

@@ -18,6 +18,13 @@ A scrape that fails (`timeout`, `connect`, `http` status, `oversize`, `invalid` 
 text) is counted by kind in `status()`, makes the color's reading inconclusive until a scrape
 succeeds again, and sets `problem` while it lasts. Parsing runs in a worker thread, so a
 large exposition never holds up the decision loop.
+
+Each scrape's result is also a sample payload, a small JSON object handed to `on_sample`
+(the daemon records it) and read back by `apply_sample` (replay): `{"outcome": "ok",
+"steps": [...], "sums": [...]}` (per selector, in `selector_texts()` order: the increase of
+its series since the scrape before, and the sum of its series, null when none matched), or
+`{"outcome": <one of ERROR_KINDS>, "error": text}` (redacted). The window is built from
+steps and sums alone, so the payload stays small whatever the exposition holds.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import itertools
 import math
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -253,6 +260,11 @@ def shown_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{REDACTED}@{host}"))
 
 
+def _finite(value: object) -> bool:
+    """Whether `value` is a finite JSON number (a bool is none)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _cut(text: str) -> str:
     text = redact(text)
     return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 1] + "…"
@@ -293,6 +305,9 @@ class ScrapeSignal:
         self._limiter = anyio.CapacityLimiter(1)
         #: The most body bytes held at once by a scrape (for the tests: bounded memory).
         self.max_held = 0
+        #: Called with (color, payload) as each scrape's result lands (see the module's
+        #: docstring); the daemon sets it to record the samples. None: nobody listens.
+        self.on_sample: Callable[[str, dict[str, Any]], None] | None = None
 
     # ---- what the rules read -----------------------------------------------------------
 
@@ -408,8 +423,58 @@ class ScrapeSignal:
             increase([before[i], s]) if before is not None else 0.0 for i, s in enumerate(series)
         )
         sums = tuple(sum(s.values()) if s else None for s in series)
-        state.samples.append((now, steps, sums))
         state.last = series
+        self._scraped(state, now, steps, sums)
+        if self.on_sample is not None:
+            self.on_sample(color, {"outcome": "ok", "steps": list(steps), "sums": list(sums)})
+
+    def apply_sample(self, color: str, data: dict[str, Any], now: float) -> None:
+        """Take one payload of `on_sample` as if its scrape had ended at monotonic `now`.
+
+        A color this signal does not scrape is ignored. Raises ValueError (the reason) for
+        a payload that is not one this adapter emits (wrong outcome, or not one step and
+        one sum per selector).
+        """
+        outcome = data.get("outcome")
+        if outcome == "ok":
+            n = len(self._selectors)
+            steps, sums = data.get("steps"), data.get("sums")
+            if not (isinstance(steps, list) and len(steps) == n and all(map(_finite, steps))):
+                raise ValueError(f"steps: must be {n} finite numbers")
+            if not (
+                isinstance(sums, list)
+                and len(sums) == n
+                and all(v is None or _finite(v) for v in sums)
+            ):
+                raise ValueError(f"sums: must be {n} numbers or nulls")
+            state = self.colors.get(color)
+            if state is not None:
+                self._scraped(
+                    state,
+                    now,
+                    tuple(float(v) for v in steps),
+                    tuple(None if v is None else float(v) for v in sums),
+                )
+            return
+        if outcome not in self.errors:
+            kinds = ", ".join(("ok", *ERROR_KINDS))
+            raise ValueError(f"outcome: {str(outcome)[:40]!r} is not one of {kinds}")
+        error = data.get("error")
+        if not isinstance(error, str):
+            # ValueError, not TypeError: one reason for every payload replay cannot take.
+            raise ValueError("error: a failed scrape's sample needs its text")  # noqa: TRY004
+        state = self.colors.get(color)
+        if state is not None:
+            self._fail(state, outcome, _cut(error))
+
+    def _scraped(
+        self,
+        state: _Color,
+        now: float,
+        steps: tuple[float, ...],
+        sums: tuple[float | None, ...],
+    ) -> None:
+        state.samples.append((now, steps, sums))
         state.last_ok = now
         state.scrapes += 1
         state.error = None
@@ -438,8 +503,15 @@ class ScrapeSignal:
                 ) from None
 
     def _failed(self, state: _Color, kind: str, why: str) -> None:
+        error = _cut(f"{kind}: {why}")
+        self._fail(state, kind, error)
+        if self.on_sample is not None:
+            color = next(c for c, s in self.colors.items() if s is state)
+            self.on_sample(color, {"outcome": kind, "error": error})
+
+    def _fail(self, state: _Color, kind: str, error: str) -> None:
         self.errors[kind] += 1
-        state.error = _cut(f"{kind}: {why}")
+        state.error = error
         self._set_problem()
 
     def _set_problem(self) -> None:

@@ -1,0 +1,439 @@
+"""The observations format: written by the recorder, read back whatever happened to it.
+
+Real files in a temporary directory, two clocks the tests set: runs across midnight,
+several runs a day (gzip members), retention, files cut short or damaged anywhere, lines
+that are not ours, a disk that refuses (a file in the way, a file size limit), and secrets
+that must not be written.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from guardd.exceptions import StorageError
+from guardd.observations import (
+    MAX_LINE_BYTES,
+    MAX_PENDING,
+    HistoryUnreadable,
+    ReadReport,
+    Record,
+    Recorder,
+    day_of,
+    history_files,
+    read_history,
+)
+
+DAY = 86400.0
+#: 2026-11-30 23:59:50 UTC: ten seconds before midnight.
+EVE = 1_796_083_190.0
+
+
+class Clocks:
+    """A wall and a monotonic clock that the test moves."""
+
+    def __init__(self, wall: float = EVE, mono: float = 500.0) -> None:
+        self.wall_s, self.mono_s = wall, mono
+
+    def wall(self) -> float:
+        return self.wall_s
+
+    def mono(self) -> float:
+        return self.mono_s
+
+    def tick(self, s: float) -> None:
+        self.wall_s += s
+        self.mono_s += s
+
+
+def recorder(
+    directory: Path, clocks: Clocks, guard: str = "web", keep_s: float = 7 * DAY
+) -> Recorder:
+    return Recorder(directory, guard, keep_s=keep_s, wall=clocks.wall, monotonic=clocks.mono)
+
+
+def read(directory: Path, **kw: Any) -> tuple[list[Record], ReadReport]:
+    report = ReadReport()
+    return list(read_history(directory, report, **kw)), report
+
+
+def run(
+    directory: Path, clocks: Clocks, probes: int, *, sizes: list[int] | None = None
+) -> list[dict[str, Any]]:
+    """One daemon run: a start, then a probe of each color and a write every second;
+    `sizes` gets the file's size after each write. Returns every record in `directory`."""
+    rec = recorder(directory, clocks)
+    rec.start(active="blue", probe_interval_s=1.0)
+    for i in range(probes):
+        clocks.tick(1.0)
+        rec.probe("blue", "ok", 0.01 * i, status=200)
+        rec.probe("green", "fail", 0.5, error="connection refused", status=None)
+        rec.write()
+        if sizes is not None:
+            sizes.append(history_files(directory)[-1].stat().st_size)
+    rec.close()
+    return _written(directory)
+
+
+def _written(directory: Path) -> list[dict[str, Any]]:
+    """Every line of every file as `zcat` reads it (the gzip members in order)."""
+    docs = []
+    for path in history_files(directory):
+        docs += [json.loads(line) for line in gzip.decompress(path.read_bytes()).splitlines()]
+    return docs
+
+
+def test_two_runs_across_midnight_read_back_in_order(tmp_path: Path) -> None:
+    clocks = Clocks()
+    run(tmp_path, clocks, 20)  # 23:59:50 to 00:00:10
+    clocks.wall_s += 3600  # an hour later, a new run and a new monotonic clock (a reboot)
+    clocks.mono_s = 7.0
+    run(tmp_path, clocks, 5)
+    names = [p.name for p in history_files(tmp_path)]
+    assert names == ["web-2026-11-30.jsonl.gz", "web-2026-12-01.jsonl.gz"]
+    # The second day's file holds two members (one a run), as zcat reads them.
+    assert gzip.decompress((tmp_path / names[1]).read_bytes()).count(b'"kind":"start"') == 1
+    records, report = read(tmp_path)
+    assert [r.doc for r in records] == _written(tmp_path)
+    assert report.runs == 2 and report.records == 2 + 2 * 25
+    assert not report.skipped and not report.problems and not report.clock_steps
+    assert [r.kind for r in records][:3] == ["start", "probe", "probe"]
+    assert all(day_of(r.ts) == "2026-11-30" for r in records[:19])
+    # The history's clock only moves forward: by mono within a run, by the wall across.
+    ats = [r.at for r in records]
+    assert ats == sorted(ats)
+    second = next(i for i, r in enumerate(records) if r.kind == "start" and i > 0)
+    assert records[second].at - records[second - 1].at == pytest.approx(3600)
+    assert records[1].at - records[0].at == pytest.approx(1.0)
+    # since / until bound what is yielded by wall time.
+    some, _ = read(tmp_path, since=EVE + 10, until=EVE + 15)
+    assert {r.ts for r in some} == {EVE + 10 + i for i in range(6)}
+    with pytest.raises(HistoryUnreadable, match="no observation file"):
+        read(tmp_path, guard="other")
+
+
+def test_files_of_old_days_are_pruned_and_nothing_else(tmp_path: Path) -> None:
+    clocks = Clocks(wall=EVE + 20)  # 2026-12-01
+    for back in range(12):
+        day = day_of(clocks.wall_s - back * DAY)
+        (tmp_path / f"web-{day}.jsonl.gz").write_bytes(b"")
+        (tmp_path / f"web-2-{day}.jsonl.gz").write_bytes(b"")  # another guard
+    (tmp_path / "notes.txt").write_text("mine")
+    rec = recorder(tmp_path, clocks, keep_s=3 * DAY)
+    removed = rec.prune()
+    assert sorted(p.name for p in removed) == [
+        f"web-{day_of(clocks.wall_s - back * DAY)}.jsonl.gz" for back in range(11, 3, -1)
+    ]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("web-2026"))
+    assert left == [f"web-{day_of(clocks.wall_s - b * DAY)}.jsonl.gz" for b in (3, 2, 1, 0)]
+    assert len(list(tmp_path.glob("web-2-*"))) == 12 and (tmp_path / "notes.txt").exists()
+    # Opening a day's file (each start, each new day) prunes too.
+    (tmp_path / "web-2020-01-01.jsonl.gz").write_bytes(b"")
+    rec.probe("blue", "ok", 0.1)
+    rec.write()
+    assert not (tmp_path / "web-2020-01-01.jsonl.gz").exists()
+    # A directory that cannot be listed prunes nothing and says nothing.
+    assert recorder(tmp_path / "none", clocks).prune() == []
+
+
+def _two_runs_one_day(
+    tmp_path: Path,
+) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]], list[int]]:
+    """A day's file of two runs: it, each run's records, the file's size after each of
+    run 1's writes (the last: where run 2's member begins)."""
+    clocks = Clocks(wall=EVE + 100)
+    sizes: list[int] = []
+    first = run(tmp_path, clocks, 30, sizes=sizes)
+    sizes[-1] = history_files(tmp_path)[0].stat().st_size  # after the member's end
+    clocks.mono_s = 3.0
+    run(tmp_path, clocks, 10)
+    second = _written(tmp_path)[len(first) :]
+    return history_files(tmp_path)[0], first, second, sizes
+
+
+def test_a_member_cut_short_anywhere_loses_only_its_unwritten_tail(tmp_path: Path) -> None:
+    path, first, second, sizes = _two_runs_one_day(tmp_path)
+    whole = path.read_bytes()
+    boundary = sizes[-1]
+    for cut in range(11, boundary, 3):
+        # A crash cut run 1's member at `cut`; run 2 appended its member after.
+        path.write_bytes(whole[:cut] + whole[boundary:])
+        records, report = read(tmp_path)
+        docs = [r.doc for r in records]
+        got = len(docs) - len(second)
+        assert docs[got:] == second, cut
+        assert docs[:got] == first[:got], cut  # a prefix: nothing made up
+        # Every batch written whole before the cut is read (the first write holds the
+        # start record and two probes, the others two probes each).
+        whole_batches = sum(size <= cut for size in sizes[:-1])
+        assert got >= (1 + 2 * whole_batches if whole_batches else 0), cut
+        assert not report.problems, (cut, report.problems)
+        assert report.runs == (2 if got else 1)
+    # Cut short at the very end (a crash, or a daemon still writing): the whole lines stay.
+    for cut in range(boundary + 1, len(whole), 5):
+        path.write_bytes(whole[:cut])
+        records, report = read(tmp_path)
+        docs = [r.doc for r in records]
+        assert docs[: len(first)] == first
+        assert docs[len(first) :] == second[: len(docs) - len(first)]
+        assert not report.problems, cut
+
+
+def test_corrupt_bytes_skip_to_the_next_member(tmp_path: Path) -> None:
+    path, first, second, sizes = _two_runs_one_day(tmp_path)
+    whole = path.read_bytes()
+    for at in range(20, sizes[-1], 13):
+        damaged = bytearray(whole)
+        damaged[at : at + 4] = b"\xff\x00\xee\x11"
+        path.write_bytes(bytes(damaged))
+        records, report = read(tmp_path)
+        known = [*first, *second]
+        assert all(r.doc in known for r in records), at  # no garbage passes for a record
+        assert [r.doc for r in records][-len(second) :] == second, at
+        # Every batch before the damage is read (the output zlib gave with the error too),
+        # in order; the damaged batch's lines are skipped, not taken for others.
+        before = sum(size <= at for size in sizes[:-1])
+        got = [r.doc for r in records][: len(records) - len(second)]
+        kept = max(0, 1 + 2 * (before - 1))
+        assert got[:kept] == first[:kept], at
+        order = [first.index(doc) for doc in got]
+        assert order == sorted(order), at
+        if report.problems:
+            assert report.skipped["corrupt member"] == 1
+            assert "resumed at byte" in report.problems[0], report.problems
+    # Garbage appended after the last member is reported, not raised.
+    path.write_bytes(whole + b"not gzip at all" * 10)
+    records, report = read(tmp_path)
+    assert [r.doc for r in records] == [*first, *second]
+    assert report.skipped["corrupt member"] == 1
+    assert "the rest of it is skipped" in report.problems[0]
+
+
+@pytest.mark.parametrize("size", [MAX_LINE_BYTES + 1, 3 * 256 * 1024])
+def test_a_line_over_the_limit_is_skipped_and_its_neighbours_kept(
+    tmp_path: Path, size: int
+) -> None:
+    clocks = Clocks(wall=EVE + 100)
+    rec = recorder(tmp_path, clocks)
+    rec.start(active="blue", probe_interval_s=1.0)
+    rec.probe("blue", "ok", 0.1)
+    rec.sample("big", "blue", {"outcome": "ok", "junk": "x" * size})
+    rec.probe("green", "ok", 0.2)
+    rec.write()
+    rec.close()
+    records, report = read(tmp_path)
+    assert [r.kind for r in records] == ["start", "probe", "probe"]
+    assert report.skipped == {"too long": 1}
+
+
+def test_lines_that_are_not_records_are_counted_by_reason(tmp_path: Path) -> None:
+    clocks = Clocks(wall=EVE + 100)
+    rec = recorder(tmp_path, clocks)
+    rec.start(active="blue", probe_interval_s=1.0)
+    rec.add("weird", x=1)
+    rec.add("probe", color="blue", outcome="ok", latency_s=0.1, error=None, status=200)
+    rec.write()
+    rec.close()
+    extra = b'{"kind":"probe","ts":1}\n[1,2]\n{"kind":"probe","ts":1,"mono":true}\nnot json\n'
+    with (tmp_path / "web-2026-12-01.jsonl.gz").open("ab") as f:
+        f.write(gzip.compress(extra, mtime=0))
+    records, report = read(tmp_path)
+    assert [r.kind for r in records] == ["start", "probe"]
+    assert report.skipped == {
+        "unknown kind 'weird'": 1,
+        "no ts or mono": 2,
+        "not an object": 1,
+        "invalid JSON": 1,
+    }
+
+
+def test_missing_and_unreadable_files_and_directories(tmp_path: Path) -> None:
+    with pytest.raises(HistoryUnreadable, match="no such directory"):
+        read(tmp_path / "absent")
+    with pytest.raises(HistoryUnreadable, match="no observation file"):
+        read(tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(HistoryUnreadable) as e:
+        read(tmp_path / "a-file")
+    assert e.value.path == tmp_path / "a-file"
+    clocks = Clocks(wall=EVE + 100)
+    rec = recorder(tmp_path, clocks)
+    rec.probe("blue", "ok", 0.1)
+    rec.write()
+    rec.close()
+    (tmp_path / "web-2026-11-29.jsonl.gz").mkdir()  # listed, cannot be read as a file
+    records, report = read(tmp_path)
+    assert [r.kind for r in records] == ["probe"]
+    assert (
+        len(report.problems) == 1 and "web-2026-11-29.jsonl.gz: cannot open" in report.problems[0]
+    )
+
+
+def test_a_stepped_wall_clock_is_seen_and_does_not_stretch_the_history(tmp_path: Path) -> None:
+    clocks = Clocks(wall=EVE + 100)  # a few seconds after midnight: stepped back over it
+    rec = recorder(tmp_path, clocks)
+    rec.start(active="blue", probe_interval_s=1.0)
+    for step in (1.0, 1.0, 1.0):
+        clocks.tick(step)
+        rec.probe("blue", "ok", 0.1)
+    clocks.wall_s += 600  # NTP steps the wall clock forward
+    clocks.tick(1.0)
+    rec.probe("blue", "ok", 0.1)
+    clocks.wall_s -= 900  # and an operator back
+    clocks.tick(1.0)
+    rec.probe("blue", "ok", 0.1)
+    rec.write()
+    rec.close()
+    records, report = read(tmp_path)
+    assert [r.at - records[0].at for r in records] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert [round(d) for _, d in report.clock_steps] == [600, -900]
+    assert report.runs == 1
+    # The run stays in the later day's file: the order it was written in is kept.
+    assert [p.name for p in history_files(tmp_path)] == ["web-2026-12-01.jsonl.gz"]
+
+
+def test_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
+    clocks = Clocks(wall=EVE + 100)
+    blocked = tmp_path / "obs"
+    blocked.write_text("a file where the directory should be")
+    rec = recorder(blocked, clocks)
+    for _ in range(MAX_PENDING + 5):
+        rec.probe("blue", "ok", 0.1)
+    assert rec.pending == MAX_PENDING and rec.dropped == 5
+    with pytest.raises(StorageError, match="cannot write"):
+        rec.write()
+    assert rec.pending == MAX_PENDING and rec.errors == 1 and rec.written == 0
+    # What failed goes back ahead of what came meanwhile; the oldest past the bound go.
+    batch = rec.take()
+    rec.probe("green", "ok", 0.1)
+    rec.probe("green", "ok", 0.1)
+    rec.settle(batch, 0, "cannot write: disk full")
+    assert rec.pending == MAX_PENDING and rec.dropped == 7
+    assert rec.take()[-1]["color"] == "green"
+
+
+def test_a_refused_write_is_retried_and_nothing_is_written_twice(tmp_path: Path) -> None:
+    clocks = Clocks(wall=EVE + 100)
+    where = tmp_path / "obs"
+    where.write_text("in the way")
+    rec = recorder(where, clocks)
+    rec.start(active="blue", probe_interval_s=1.0)
+    rec.probe("blue", "ok", 0.1)
+    with pytest.raises(StorageError) as e:
+        rec.write()
+    failed = rec.last_error
+    assert failed is not None and str(where) in failed and rec.errors == 1
+    assert str(e.value) == failed
+    rec.probe("green", "ok", 0.2)
+    where.unlink()
+    assert rec.write() == 3
+    assert rec.last_error is None and rec.written == 3 and rec.pending == 0
+    rec.close()
+    assert [d["kind"] for d in _written(where)] == ["start", "probe", "probe"]
+
+
+def test_a_write_that_fails_half_way_leaves_no_half_batch(tmp_path: Path) -> None:
+    """A file size limit (EFBIG) refuses a batch part way: the part is taken back, and
+    once the limit is lifted every record is in the file exactly once."""
+    script = textwrap.dedent(
+        f"""
+        import json, resource, signal, sys
+        from pathlib import Path
+        from guardd.observations import Recorder
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        t = [{EVE + 100}]
+        clock = lambda: t[0]
+        rec = Recorder(Path(sys.argv[1]), "web", keep_s=1e6, wall=clock, monotonic=clock)
+        rec.start(active="blue", probe_interval_s=1.0)
+        rec.write()
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+        failures = 0
+        for i in range(2000):
+            t[0] += 1
+            rec.probe("blue", "ok", 0.001, error=f"{{i}}-" + "x" * (i % 50), status=200)
+            if i % 100 == 99:
+                try:
+                    rec.write()
+                except Exception:
+                    failures += 1
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        rec.write()
+        rec.close()
+        print(json.dumps({{"failures": failures, "errors": rec.errors, "written": rec.written}}))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    result = json.loads(out.stdout)
+    assert result["failures"] >= 1 and result["errors"] == result["failures"]
+    assert result["written"] == 2001
+    records, report = read(tmp_path)
+    errors = [r.doc["error"] for r in records if r.kind == "probe"]
+    assert errors == [f"{i}-" + "x" * (i % 50) for i in range(2000)]
+    assert not report.skipped
+
+
+def test_secrets_are_not_written(tmp_path: Path) -> None:
+    clocks = Clocks(wall=EVE + 100)
+    rec = recorder(tmp_path, clocks)
+    rec.probe("blue", "error", 0.1, error="GET https://ops:hunter2-pw@10.0.0.1/healthz failed")
+    rec.probe("blue", "error", 0.1, error="Authorization: Bearer eyJhbGciOi.eyJzdWIiOi.c2lnbmF0")
+    rec.front_door(False, "token=abcdef0123456789 refused")
+    rec.switch("blue", "green", by="ops", reason="password=letmein please")
+    rec.sample("q", "green", {"outcome": "unreachable", "error": "https://u:s3cr3tpw@prom:9090"})
+    rec.write()
+    rec.close()
+    text = b"".join(gzip.decompress(p.read_bytes()) for p in history_files(tmp_path))
+    for secret in (b"hunter2-pw", b"eyJhbGciOi", b"abcdef0123456789", b"letmein", b"s3cr3tpw"):
+        assert secret not in text
+    assert text.count(b"***") >= 5
+
+
+@pytest.mark.anyio
+async def test_flush_writes_from_a_thread_while_records_keep_coming(tmp_path: Path) -> None:
+    clocks = Clocks(wall=EVE + 100)
+    rec = recorder(tmp_path, clocks)
+    rec.start(active="blue", probe_interval_s=1.0)
+    for i in range(50):
+        rec.probe("blue", "ok", float(i))
+    async with anyio.create_task_group() as tg:
+        done: list[int] = []
+
+        async def flush() -> None:
+            done.append(await rec.flush())
+
+        tg.start_soon(flush)
+        await anyio.lowlevel.checkpoint()  # the flush takes its batch
+        # Records added while the batch is being written belong to the next batch.
+        for i in range(50, 100):
+            rec.probe("blue", "ok", float(i))
+            await anyio.lowlevel.checkpoint()
+    assert done == [51]
+    assert rec.pending == 50
+    assert await rec.flush() == 50
+    assert await rec.flush() == 0
+    # The writer thread never saw a record twice nor lost one.
+    rec.close()
+    latencies = [r.doc["latency_s"] for r in read(tmp_path)[0] if r.kind == "probe"]
+    assert latencies == [float(i) for i in range(100)]
+    # A failed flush does not raise: it is counted and the records wait.
+    (tmp_path / "blocker").write_text("x")
+    blocked = recorder(tmp_path / "blocker", clocks)
+    blocked.probe("blue", "ok", 0.1)
+    assert await blocked.flush() == 0
+    assert blocked.errors == 1 and blocked.pending == 1 and blocked.last_error is not None
