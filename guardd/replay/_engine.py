@@ -178,8 +178,8 @@ class Simulation:
         guard = self.guard
         assert guard is not None  # noqa: S101
         self.clock.advance(at)
-        async with guard.lock:
-            await guard.tick()
+        # No lock: the replay is one task, and nothing else can act on its guard meanwhile.
+        await guard.tick()
         self.ticks += 1
         self._next_tick = self.clock.monotonic() + self._interval
         self._pulse = math.inf
@@ -311,15 +311,17 @@ class Simulation:
             self.switcher.active = target  # adopted at the next tick, as live
             return
         if guard.active != target:
-            # An operator's switch: made as `guardctl switch` makes it.
+            # An operator's move: made as `guardctl switch` / `promote` / `rollback` makes it.
+            kind = {"promote": "promote", "rollback_completed": "rollback"}.get(
+                str(rec.doc.get("event")), "switch"
+            )
             with contextlib.suppress(OperationRefused):
-                async with guard.lock:
-                    await guard.move_traffic(
-                        target,
-                        kind="switch",
-                        by=str(by or "operator"),
-                        reason=str(rec.doc.get("reason") or "switched by an operator"),
-                    )
+                await guard.move_traffic(
+                    target,
+                    kind=kind,
+                    by=str(by or "operator"),
+                    reason=str(rec.doc.get("reason") or "switched by an operator"),
+                )
         if self._started:
             await self._tick(rec.at)
 

@@ -74,6 +74,8 @@ class Timeline:
 
     def close(self) -> None:
         """Write what is pending and close the files."""
+        if self.recorder.pending:
+            self.recorder.write()
         self.recorder.close()
         self.journal.close()
 
