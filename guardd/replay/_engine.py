@@ -59,6 +59,8 @@ from guardd.supervisor import (
 
 #: Records held while the color served is not known yet (history that begins mid-run).
 _MAX_HELD = 100_000
+#: Times closer than this are one moment (the history's clock is summed in floating point).
+_SAME_MOMENT = 1e-6
 #: Ticks in a row without input after which a gap in the history is crossed at once.
 _QUIET_TICKS = 100
 
@@ -185,7 +187,7 @@ class Simulation:
         self._pulse = math.inf
 
     async def _until(self, at: float) -> None:
-        """Run every tick due before monotonic `at`.
+        """Run every tick due before monotonic `at` (not at it).
 
         Through a long stretch without input (the history has a gap) the guard's ticks
         change nothing once it has settled: after `_QUIET_TICKS` ticks without input and
@@ -194,7 +196,9 @@ class Simulation:
         """
         while self._started:
             due = min(self._next_tick, self._pulse)
-            if due > at:
+            if due >= at - _SAME_MOMENT:
+                # A tick due at `at` itself waits for the input there: the daemon's decision
+                # loop wakes once, whether for the probe or for its period (one tick).
                 return
             if self._quiet >= _QUIET_TICKS and len(self.journal.events) == self._events_seen:
                 last = due + self._interval * math.floor((at - due) / self._interval)

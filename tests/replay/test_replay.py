@@ -139,7 +139,9 @@ def test_a_clean_history_gives_no_decision(tmp_path: Path, tl: Timeline) -> None
     cfg = config(tmp_path, tmp_path / "state")
     doc = replay_json("--config", str(cfg))
     assert doc["configs"][0]["decisions"] == []
-    assert doc["configs"][0]["ticks"] >= 600
+    # One tick per round of the active color, as the daemon's decision loop: a probe and
+    # the period falling due together wake it once.
+    assert 600 <= doc["configs"][0]["ticks"] <= 602
     text = replay("--config", str(cfg))
     assert "No decision" in text.stdout
     assert "Incidents in" in text.stdout and "none in this period" in text.stdout
