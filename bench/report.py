@@ -133,6 +133,23 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"RSS +{sc['guardd']['rss_growth_kib']} KiB",
             None,
         )
+    rec = s.get("recording")
+    if rec:
+        inproc = rec["recorder_in_process"]
+        each = [w["overhead_pct"] for w in rec["windows"] if w["overhead_pct"] is not None]
+        each = each or [None]
+        add(
+            f"recording observations, CPU per probe on vs off ({rec['probes_per_s_each']:g} "
+            "probes/s each, same build, same time)",
+            f"overhead <= {rec['target_overhead_pct']:g} %",
+            f"{rec['overhead_pct_median']} % (median of {len(rec['windows'])} windows, from "
+            f"{min(each, key=lambda v: v or 0)} to {max(each, key=lambda v: v or 0)} %); "
+            "the recorder alone "
+            f"{inproc['total_us_per_record']} us/record = "
+            f"{rec['overhead_pct_from_recorder_cost']} % of a probe; "
+            f"{rec['observations_bytes_per_probe']} bytes/probe on disk",
+            rec["met"],
+        )
     return rows
 
 

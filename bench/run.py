@@ -1,7 +1,7 @@
 """`make bench`: guardd against the tools it replaces, measured side by side in one run.
 
-    python -m bench.run [--quick] [--only cost,ctl,ttr,scale,quorum,load,traffic,parse,scrape]
-        [--out DIR]
+    python -m bench.run [--quick]
+        [--only cost,ctl,ttr,scale,quorum,load,traffic,parse,scrape,recording] [--out DIR]
 
 Suites (bench/README.md says what each measures and why):
   cost    CPU per probe and memory of guardd, blackbox_exporter, the shell loop, monit
@@ -15,6 +15,7 @@ Suites (bench/README.md says what each measures and why):
           the first 500 to the traffic rule's rollback decision at 100 req/s
   parse   access-log lines parsed per second by guardd beside a bare json.loads loop
   scrape  CPU per scrape of a 10k-series /metrics by guardd beside Prometheus's own scrape
+  recording  CPU per probe of guardd with observations recorded and without, side by side
 Every figure lands in DIR/latest.json and DIR/latest.md (default bench/results).
 """
 
@@ -31,13 +32,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import access_log, cost, ctl, load, report, scale, scrape, subjects, traffic, ttr
+from bench import (
+    access_log,
+    cost,
+    ctl,
+    load,
+    recording,
+    report,
+    scale,
+    scrape,
+    subjects,
+    traffic,
+    ttr,
+)
 from bench.context import COLORS, Bench
 from bench.nginx import AppServer
 from bench.notify import NotifyHub
 from bench.tools import ensure_tools, machine, runtime_install
 
-SUITES = ("cost", "ctl", "ttr", "scale", "quorum", "load", "traffic", "parse", "scrape")
+SUITES = (
+    "cost", "ctl", "ttr", "scale", "quorum", "load", "traffic", "parse", "scrape", "recording",
+)  # fmt: skip
 # The soak reads memory this long after the guardd and blackbox_exporter it watches started.
 SOAK_S = 600.0
 QUICK_SOAK_S = 60.0
@@ -101,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "traffic": lambda: traffic.run(ctx),
         "parse": lambda: access_log.measure(50_000 if args.quick else 300_000, 5),
         "scrape": lambda: scrape.measure(10_000, 5.0, 30.0 if args.quick else 120.0),
+        "recording": lambda: recording.run(ctx, window=10.0 if args.quick else 20.0, windows=5),
     }
     try:
         if "cost" in only or "ctl" in only:

@@ -205,3 +205,32 @@ def _probes_after_switch(lab: Lab) -> bool:
     records = history(lab)[0]
     kinds = [r.kind for r in records]
     return "switch" in kinds and "probe" in kinds[kinds.index("switch") :]
+
+
+def test_a_crash_and_a_restart_leave_a_readable_history_of_two_runs(make_lab: MakeLab) -> None:
+    lab = make_lab()
+    d = lab.daemon()
+    lab.green.set_mode("http_503")
+    d.wait_event("rollback_completed")
+    wait_until(lambda: switched(lab), 20, "the switch in observations/")
+    d.kill9()  # the gzip member is left unfinished; the next run appends its own
+    lab.green.set_mode("ok")
+    again = lab.daemon()
+    wait_until(
+        lambda: [r.kind for r in history(lab)[0]].count("start") == 2, 20, "the second start"
+    )
+    wait_until(lambda: _probes_after(lab, "start", 2), 20, "the second run's probes")
+    assert again.stop() == 0
+    records, report = history(lab)
+    assert report.runs == 2 and not report.problems and not report.skipped, report
+    starts = [r for r in records if r.kind == "start"]
+    assert [s.doc["active"] for s in starts] == ["green", "blue"]
+    ats = [r.at for r in records]
+    assert ats == sorted(ats), "the history's clock only moves forward across the crash"
+    assert [r.doc["to"] for r in records if r.kind == "switch"] == ["blue"]
+
+
+def _probes_after(lab: Lab, kind: str, nth: int) -> bool:
+    kinds = [r.kind for r in history(lab)[0]]
+    at = [i for i, k in enumerate(kinds) if k == kind]
+    return len(at) >= nth and "probe" in kinds[at[nth - 1] :]

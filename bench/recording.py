@@ -1,0 +1,203 @@
+"""What recording observations costs: CPU per probe with recording on and off, in one run.
+
+    uv run --frozen python -m bench.recording [--interval 0.05] [--window 20] [--windows 3]
+        [--out DIR]
+
+Two guardd daemons of the same install probe the same steady endpoints of one nginx at the
+same interval, at the same time: one with recording on (`state.keep_observations`, its
+default), one with it off (`0`). Both use the state-file switcher and no metrics listener,
+so the only difference is the recorder (a record per probe, written once a second from a
+worker thread). Over each window, CPU (`bench.procstat.CpuMeter`: per-thread schedstat,
+or ticks when a thread came or went) is divided by the probes the app logged from that
+daemon (by User-Agent); the overhead is on / off - 1, per window and its median. Under
+`make bench` this is the `recording` suite; the target is an overhead of at most 5 %.
+Nothing here asserts a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.context import COLORS, Bench
+from bench.nginx import AppServer
+from bench.notify import NotifyHub
+from bench.procstat import CpuMeter
+from bench.subjects import Guardd
+
+#: The overhead of recording, in percent of CPU per probe, that `make bench` wants at most.
+TARGET_OVERHEAD_PCT = 5.0
+UA = {"on": "guardd-rec-on", "off": "guardd-rec-off"}
+
+
+def run(
+    ctx: Bench, *, interval: float = 0.05, window: float = 20.0, windows: int = 5
+) -> dict[str, Any]:
+    """Measure `windows` windows of `window` s with both daemons probing every `interval` s."""
+    app = ctx.app
+    steady = {"blue": [app.url("sblue")], "green": [app.url("sgreen")]}
+    daemons: dict[str, Guardd] = {}
+    try:
+        for key, keep in (("on", "168h"), ("off", "0")):
+            daemons[key] = Guardd(
+                ctx.root,
+                f"rec-{key}",
+                upstreams=steady,
+                interval=interval,
+                switch=Guardd.state_file_switch(ctx.root / f"rec-{key}" / "active.json", "blue"),
+                user_agent=UA[key],
+                metrics=False,
+            )
+            _set_keep(daemons[key], keep)
+            daemons[key].start(ctx.hub)
+        for d in daemons.values():
+            d.wait_ready(ctx.hub)
+        mark = app.mark()
+        for key in daemons:
+            ctx.wait_hit(mark, 60, ua=UA[key])
+        time.sleep(3.0)  # past start-up: the first flushes, the thread pool's first worker
+        observations = daemons["on"].state_dir / "observations"
+        before = _bytes(observations)
+        rows = [_window(ctx, daemons, window) for _ in range(windows)]
+        written = _bytes(observations) - before
+        off_dir = daemons["off"].state_dir / "observations"
+    finally:
+        for d in daemons.values():
+            d.stop()
+    inproc = recorder_cost()
+    off = [r["off"]["cpu_per_probe_us"] for r in rows if r["off"]["cpu_per_probe_us"]]
+    off_us = statistics.median(off) if off else None
+    overheads = [r["overhead_pct"] for r in rows if r["overhead_pct"] is not None]
+    median = round(statistics.median(overheads), 1) if overheads else None
+    probes_on = sum(r["on"]["probes"] for r in rows)
+    seconds = sum(r["window_s"] for r in rows)
+    return {
+        "interval_s": interval,
+        "probes_per_s_each": round(2 / interval, 1),
+        "windows": rows,
+        "overhead_pct_median": median,
+        "target_overhead_pct": TARGET_OVERHEAD_PCT,
+        "met": None if median is None else median <= TARGET_OVERHEAD_PCT,
+        "observations_bytes_in_windows": written,
+        "observations_bytes_per_probe": round(written / probes_on, 1) if probes_on else None,
+        "observations_mib_per_day_at_this_rate": round(written / seconds * 86400 / 2**20, 1)
+        if seconds
+        else None,
+        "off_wrote_nothing": not off_dir.exists(),
+        "recorder_in_process": inproc,
+        # What the recorder's own cost per record makes of the off daemon's CPU per probe: the
+        # overhead without the noise of two processes sharing a busy machine.
+        "overhead_pct_from_recorder_cost": round(inproc["total_us_per_record"] / off_us * 100, 2)
+        if off_us
+        else None,
+    }
+
+
+def _bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.jsonl.gz"))
+
+
+def recorder_cost(records: int = 40_000, batch: int = 40) -> dict[str, float]:
+    """The recorder alone, in this process, as the daemon drives it: CPU per probe record
+    on the event loop's side (`probe()`) and in all (`flush()` of every `batch` records from
+    a worker thread: JSON, deflate, the append, the thread's hand-off), in µs."""
+    import anyio  # noqa: PLC0415 - only this measure needs them
+
+    from guardd.observations import Recorder  # noqa: PLC0415
+
+    async def drive(rec: Recorder) -> float:
+        adding = 0.0
+        limiter = anyio.CapacityLimiter(1)
+        for i in range(0, records, batch):
+            t = time.process_time()
+            for j in range(batch):
+                rec.probe("blue" if (i + j) % 2 else "green", "ok", 0.0012, None, 200)
+            adding += time.process_time() - t
+            await rec.flush(limiter)
+        await rec.aclose()
+        return adding
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = Recorder(Path(tmp), "bench", keep_s=86400, wall=time.time, monotonic=time.monotonic)
+        t0 = time.process_time()
+        adding = anyio.run(drive, rec)
+        total = time.process_time() - t0
+    return {
+        "records": records,
+        "batch": batch,
+        "add_us_per_record": round(adding / records * 1e6, 2),
+        "total_us_per_record": round(total / records * 1e6, 2),
+    }
+
+
+def _set_keep(d: Guardd, keep: str) -> None:
+    """`state.keep_observations = keep` in the daemon's config (its `[state]` table)."""
+    text = d.config_path.read_text()
+    d.config_path.write_text(
+        text.replace("\n[state]\n", f'\n[state]\nkeep_observations = "{keep}"\n', 1)
+    )
+
+
+def _window(ctx: Bench, daemons: dict[str, Guardd], seconds: float) -> dict[str, Any]:
+    meters = {k: CpuMeter(d.pid) for k, d in daemons.items()}
+    mark = ctx.app.mark()
+    t0 = time.time()
+    for m in meters.values():
+        m.start()
+    time.sleep(seconds)
+    for m in meters.values():
+        m.stop()
+    t1 = time.time()
+    hits = [h for h in ctx.app.hits(mark) if t0 <= h.t <= t1]
+    row: dict[str, Any] = {"window_s": round(t1 - t0, 1)}
+    for key, m in meters.items():
+        probes = sum(1 for h in hits if h.ua.startswith(UA[key]))
+        cpu = m.used or 0.0
+        row[key] = {
+            "probes": probes,
+            "cpu_s": round(cpu, 4),
+            "cpu_per_probe_us": round(cpu / probes * 1e6, 1) if probes else None,
+            "cpu_measured_by": "schedstat" if m.precise else "ticks",
+        }
+    on, off = row["on"]["cpu_per_probe_us"], row["off"]["cpu_per_probe_us"]
+    row["overhead_pct"] = round((on / off - 1) * 100, 1) if on and off else None
+    ctx.say(f"recording: window {row['window_s']}s, on {on} us/probe, off {off} us/probe")
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the suite alone, with its own nginx and notify socket; print (and write) JSON."""
+    parser = argparse.ArgumentParser(prog="python -m bench.recording", description=__doc__)
+    parser.add_argument("--interval", type=float, default=0.05)
+    parser.add_argument("--window", type=float, default=20.0)
+    parser.add_argument("--windows", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="write recording.json here too")
+    ns = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="guardd-bench-recording-"))
+    root.chmod(0o700)
+    app = AppServer(root / "app", COLORS)
+    app.start()
+    hub = NotifyHub(root / "notify.sock")
+    try:
+        ctx = Bench(root=root, quick=False, app=app, hub=hub)
+        result = run(ctx, interval=ns.interval, window=ns.window, windows=ns.windows)
+    finally:
+        hub.close()
+        app.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if ns.out is not None:
+        ns.out.mkdir(parents=True, exist_ok=True)
+        (ns.out / "recording.json").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
