@@ -99,6 +99,18 @@ def replay(
     return 0
 
 
+def _decided(event: dict[str, Any], journal: list[dict[str, Any]]) -> dict[str, Any]:
+    """A journal incident placed at its decision: a rollback at its `rollback_started`
+    (the switch and its verification took the time between)."""
+    rid = event.get("rollback_id")
+    if not rid:
+        return event
+    for e in journal:
+        if e.get("event") == "rollback_started" and e.get("id") == rid:
+            return {**event, "ts": e.get("ts")}
+    return event
+
+
 async def _replay_all(
     settings: Any, others: list[Any], since: float | None, until: float | None, sets: list[str]
 ) -> dict[str, Any]:
@@ -127,7 +139,7 @@ async def _replay_all(
         lo = since if since is not None else first.first_ts
         hi = until if until is not None else first.last_ts
         incidents = [
-            e
+            _decided(e, real)
             for e in real
             if e.get("event") in _report.INCIDENTS
             and e.get("guard", settings.instance) == settings.instance

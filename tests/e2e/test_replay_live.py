@@ -96,6 +96,8 @@ def test_a_live_rollback_is_replayed_by_the_same_rule_at_the_same_time(
     # The real journal's incident is matched, within the interval of the live decision.
     [incident] = doc["configs"][0]["incidents"]
     assert incident["event"] == "rollback_completed" and incident["detected_at"] == rb["at"]
+    assert incident["at"] == started["ts"]  # the live decision, not the end of its switch
+    assert abs(incident["delay_s"]) <= INTERVAL
     # A what-if on the same history (green failed on for seconds): ten failures in a row
     # roll back later, and the summary of the incident says by how much.
     later = _replay(lab, "--set", "policy.consecutive_failures=10")
