@@ -134,7 +134,9 @@ async def _replay_all(
             sim.sources[name] = rep
         first = first or sim
         decisions = [
-            _report.decision(e) for e in sim.journal.events if e.get("event") in _report.DECISIONS
+            _report.decision(e)
+            for e in sim.journal.events
+            if e.get("event") in _report.DECISIONS and _report.within(e.get("ts"), since, until)
         ]
         lo = since if since is not None else first.first_ts
         hi = until if until is not None else first.last_ts

@@ -29,7 +29,6 @@ from guardd.guard import Guard
 from guardd.observations import ReadReport, Record, read_history
 from guardd.probes.http import ProbeResult
 from guardd.replay._sources import (
-    PULSE_S,
     SourceReport,
     has_timestamps,
     line_time,
@@ -83,8 +82,10 @@ _Batch = tuple[float, int, str, Any]
 class Simulation:
     """Replays the history in `directory` through a guard built from `settings`.
 
-    `since` / `until`: wall-time bounds (seconds) of what is decided; records before
-    `since` only tell which color was served. After `run()`: `events` (the journal the
+    `since` / `until`: wall-time bounds (seconds) of what is decided. The `warmup`
+    seconds before `since` are replayed too, their decisions left out of the report (the
+    caller's part), so that the windows are full at `since`; records before that only tell
+    which color was served. After `run()`: `events` (the journal the
     replayed guard wrote), `report` (what reading skipped) and `sources` (per signal).
     """
 
@@ -119,6 +120,13 @@ class Simulation:
         self.skipped_ticks = 0
         self._quiet = 0  # ticks since the last input
         self._events_seen = 0
+        c = settings.config
+        #: Replayed before `since` (decisions not reported), so that the windows are as full
+        #: at `since` as the daemon's were: the longest window of the policy and signals.
+        self.warmup = max(
+            [c.policy.window, *(getattr(t, "window", None) or 0.0 for t in c.signals.values())]
+        )
+        self._start = None if since is None else since - self.warmup
         self._interval = settings.config.probe.interval
         self._verify = settings.config.switch.verify_url is not None
         self._started = False  # the run's first tick is done
@@ -198,7 +206,7 @@ class Simulation:
             due = min(self._next_tick, self._pulse)
             if due >= at - _SAME_MOMENT:
                 # A tick due at `at` itself waits for the input there: the daemon's decision
-                # loop wakes once, whether for the probe or for its period (one tick).
+                # loop wakes once, whether for the probe, the pulse or its period.
                 return
             if self._quiet >= _QUIET_TICKS and len(self.journal.events) == self._events_seen:
                 last = due + self._interval * math.floor((at - due) / self._interval)
@@ -222,8 +230,9 @@ class Simulation:
                 self._lines_seen[name] = n
                 changed = True
         if changed and self._started:
-            now = self.clock.monotonic()
-            self._pulse = min(self._pulse, (math.floor(now / PULSE_S) + 1) * PULSE_S)
+            # The lines came in a `PULSE_S` slot that ends now: the daemon's pulse sees them
+            # at its end and wakes the decision loop (run before the next input).
+            self._pulse = min(self._pulse, self.clock.monotonic())
 
     # ---- records --------------------------------------------------------------------
 
@@ -434,15 +443,15 @@ class Simulation:
         pending = next(externals, None)
         held: list[Record] = []
         for rec in records:
-            if self.since is not None and rec.ts < self.since:
-                # Before the period: only which color was served, and the clock.
+            if self._start is not None and rec.ts < self._start:
+                # Before the period and its warm-up: only which color was served.
                 if rec.kind == "start":
                     self._live = color_of(rec.doc.get("active"))
                 elif rec.kind == "switch":
                     self._live = color_of(rec.doc.get("to")) or self._live
                 self.report.records -= 1
                 continue
-            if self.first_ts is None:
+            if self.first_ts is None and (self.since is None or rec.ts >= self.since):
                 self.first_ts = rec.ts
             self.last_ts = rec.ts
             if self.guard is None and rec.kind != "start" and self._live is None:
@@ -461,7 +470,7 @@ class Simulation:
         for old in held:
             pending = await self._step(old, pending, externals)
         if self.guard is not None and self._started:
-            await self._until(self.clock.monotonic())
+            await self._until(self.clock.monotonic() + 2 * _SAME_MOMENT)
         while pending is not None:
             self._outside(pending)
             pending = next(externals, None)
@@ -471,7 +480,7 @@ class Simulation:
     ) -> _Batch | None:
         # The sources' batches written before this record go first, at their own time.
         while pending is not None and pending[0] <= rec.ts:
-            if self.guard is None or (self.since is not None and pending[0] < self.since):
+            if self.guard is None or (self._start is not None and pending[0] < self._start):
                 self._outside(pending)
             else:
                 await self._external(pending, rec.at)

@@ -179,6 +179,13 @@ def test_from_and_to_bound_the_decisions(tmp_path: Path, tl: Timeline) -> None:
         "--config", str(cfg), "--from", _iso(live_at - 20), "--to", _iso(live_at + 5)
     )
     assert len(decisions(around, "rollback_completed")) == 1
+    # The windows are full at --from, as the daemon's were: the history before it (the
+    # longest window, 30 s) is replayed too, its decisions not reported.
+    [late] = decisions(
+        replay_json("--config", str(cfg), "--from", _iso(live_at - 0.5)), "rollback_completed"
+    )
+    assert late["evidence"]["samples"] >= 140
+    assert abs(parse_rfc3339(late["at"]) - live_at) <= INTERVAL
     # A relative time counts back from now: the whole (older) history is before it.
     recent = replay_json("--config", str(cfg), "--from", "2h")
     assert recent["configs"][0]["decisions"] == []
