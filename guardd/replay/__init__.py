@@ -123,7 +123,14 @@ async def _replay_all(
     configs: list[dict[str, Any]] = []
     first: Simulation | None = None
     journal_path = settings.state_dir / "events.jsonl"
-    real = Journal(journal_path, settings.instance, time.time).read()
+    journal_problem: str | None = None
+    try:
+        real = Journal(journal_path, settings.instance, time.time).read()
+    except OSError as e:
+        real = []
+        journal_problem = (
+            f"{journal_path}: cannot read the journal ({e.strerror or e}): incidents not matched"
+        )
     for i, s in enumerate([settings, *others]):
         sim = Simulation(s, directory, since=since, until=until)
         sim.build_signals()
@@ -195,7 +202,7 @@ async def _replay_all(
             "runs": history.runs,
             "records": history.records,
             "skipped": dict(history.skipped),
-            "problems": history.problems,
+            "problems": history.problems + ([journal_problem] if journal_problem else []),
             "missing_days": _report.missing_days(history.files),
             "clock_steps": [
                 {"at": _report.stamp(ts), "step_s": round(step, 3)}

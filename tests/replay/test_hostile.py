@@ -130,3 +130,16 @@ def test_a_history_of_nothing_but_damage_still_runs(tmp_path: Path) -> None:
     assert doc["configs"][0]["decisions"] == []
     assert any("corrupt" in p for p in doc["history"]["problems"])
     assert doc["history"]["records"] == 0
+
+
+def test_an_unreadable_journal_is_said_and_the_replay_goes_on(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    tl.rounds(50)
+    tl.close()
+    (state / "events.jsonl").unlink()
+    (state / "events.jsonl").mkdir()  # something that is no journal
+    doc = replay_json("--config", str(config(tmp_path, state)))
+    assert doc["configs"][0]["incidents"] == []
+    assert any("cannot read the journal" in p for p in doc["history"]["problems"])
