@@ -18,7 +18,8 @@ A line is one record, its `kind` one of `RECORD_KINDS` (docs/contract.md, "Obser
 - `sample`: one sample of a non-file signal (prometheus, scrape): `signal`, `color`, and
   `data`, the adapter's own payload (its `on_sample` hook emits it, `apply_sample` reads
   it back).
-- `switch`: traffic moved: `from`, `to`, `by` (`guardd`, an operator, `external`), `reason`.
+- `switch`: traffic moved: `from`, `to`, `by` (`guardd`, an operator, `external`), `reason`,
+  `event` (the journal's name for the move).
 
 A record goes in the file of its UTC day, except that within a run the day never goes back:
 after a wall clock stepped back over midnight the run goes on in the later day's file.
@@ -82,6 +83,10 @@ _SALVAGE_STEP: Final = 16
 _MEMBER_HEAD: Final = b"\x1f\x8b\x08\x00\x00\x00\x00\x00"
 
 
+#: One line's JSON: compact; a value JSON has no type for is written as its text.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
 def day_of(ts: float) -> str:
     """The UTC day (`YYYY-MM-DD`) of wall time `ts`: the file a record belongs in."""
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
@@ -99,7 +104,7 @@ class Recorder:
     beside probes and ticks), `take()` and `settle()`, and every counter. In one worker
     thread at a time: `write_batch()`, the only code that touches the file. `flush()` is
     the three in order (`await` it from the writer task); `write()` is the same without a
-    thread (tests, a last flush at shutdown).
+    thread (tests, tools).
 
     `dropped` counts records lost to a full queue, `errors` failed writes (the batch is
     kept and tried again, bounded by `MAX_PENDING`), `written` records appended;
@@ -124,6 +129,7 @@ class Recorder:
         # The file side, touched by `write_batch` (one worker thread at a time) only.
         self._day: str | None = None
         self._latest = ""  # the latest day this recorder wrote
+        self._latest_span = (0.0, 0.0)  # its wall-clock bounds: most records fall in it
         self._fd = -1
         self._zip: Any = None
         # Whether a worker thread may be writing (set on the loop, cleared by the thread):
@@ -235,15 +241,10 @@ class Recorder:
                     end += 1
                 if day != self._day:
                     self._open(day)
-                compress = self._zip.compress
-                chunks = [
-                    compress(
-                        (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
-                    )
-                    for record in batch[done:end]
-                ]
-                chunks.append(self._zip.flush(zlib.Z_SYNC_FLUSH))
-                self._append(b"".join(chunks))
+                encode = _ENCODER.encode
+                text = "".join([encode(record) + "\n" for record in batch[done:end]])
+                data = self._zip.compress(text.encode()) + self._zip.flush(zlib.Z_SYNC_FLUSH)
+                self._append(data)
                 done = end
         except OSError as e:
             self._abandon()
@@ -343,7 +344,13 @@ class Recorder:
         """The day's file `record` goes in: its own day, but never one before a day this
         recorder wrote already (a wall clock stepped back over midnight would otherwise
         put the rest of the run in a file read before the part already written)."""
-        self._latest = max(self._latest, day_of(record["ts"]))
+        ts = record["ts"]
+        lo, hi = self._latest_span
+        if not lo <= ts < hi:
+            day = day_of(ts)
+            if day > self._latest:
+                start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+                self._latest, self._latest_span = day, (start, start + 86400.0)
         return self._latest
 
     def _open(self, day: str) -> None:

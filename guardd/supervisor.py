@@ -584,7 +584,11 @@ class Supervisor:
         failing = False
         while True:
             await anyio.sleep(_RECORD_EVERY_S)
-            await recorder.flush(limiter)
+            try:
+                await self.faults.fail("raise_in_recording")
+                await recorder.flush(limiter)
+            except Exception as e:  # noqa: BLE001 - a bug loses a batch, never the guard
+                self.loop_failed("recording", e)
             if recorder.last_error is not None and not failing:
                 self.log.warning("observations_write_failed", error=recorder.last_error)
             elif recorder.last_error is None and failing:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from guardd.observations import HistoryUnreadable, ReadReport, Record, read_history
+from guardd.observations import HistoryUnreadable, ReadReport, Record, day_of, read_history
 from guardd.signals.scrape import ScrapeSignal, ScrapeSpec
 from tests.harness.daemon import Lab, MakeLab, guardctl, wait_until
 from tests.harness.exporter import Exporter
@@ -59,6 +59,11 @@ def test_a_rollback_is_recorded_in_order(make_lab: MakeLab) -> None:
     records, report = history(lab)
     assert not report.problems and not report.skipped, report
     assert report.runs == 1
+    folder = lab.state_dir / "observations"
+    names = {f"lab-{day_of(r.ts)}.jsonl.gz" for r in records}  # one, unless run at midnight
+    assert {p.name for p in folder.iterdir()} == names
+    assert folder.stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o640}
     start = records[0]
     assert start.kind == "start"
     assert start.doc["active"] == "green" and start.doc["guard"] == "lab"
@@ -234,3 +239,27 @@ def _probes_after(lab: Lab, kind: str, nth: int) -> bool:
     kinds = [r.kind for r in history(lab)[0]]
     at = [i for i, k in enumerate(kinds) if k == kind]
     return len(at) >= nth and "probe" in kinds[at[nth - 1] :]
+
+
+def test_a_bug_in_the_recording_loop_neither_stops_guardd_nor_loses_the_records(
+    make_lab: MakeLab,
+) -> None:
+    lab = make_lab()
+    d = lab.daemon()
+    fault = lab.fault_dir / "raise_in_recording"
+    fault.touch()
+    alert = d.wait_event("alert", where=lambda e: e.get("loop") == "recording")
+    assert alert["reason"] == (
+        "unexpected error in the recording loop, which goes on: "
+        "InjectedFault: injected fault at raise_in_recording"
+    )
+    lab.green.set_mode("http_503")
+    d.wait_event("rollback_completed")
+    assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
+    assert not switched(lab), "nothing written while every flush fails"
+    fault.unlink()
+    # The records waited in memory: the switch is written once the loop runs clean.
+    wait_until(lambda: switched(lab), 20, "the held records written")
+    assert d.stop() == 0
+    records, report = history(lab)
+    assert records[0].kind == "start" and not report.problems
