@@ -312,3 +312,26 @@ def test_replay_writes_nothing_in_state_dir_even_read_only(open_dir: Path) -> No
     assert _snapshot(state) == before
     assert not (open_dir / "run").exists()
     assert sorted(p.name for p in state.iterdir()) == ["events.jsonl", "observations"]
+
+
+def test_a_restart_in_the_history_is_a_restart_in_the_replay(tmp_path: Path, tl: Timeline) -> None:
+    # Run 1: green fails, the live guard rolls back to blue. Then the daemon restarts
+    # (serving blue), and in run 2 blue fails too.
+    _green_fails(tl, failing=10)
+    tl.start(active="blue")
+    tl.rounds(100)
+    tl.rounds(10, blue="http_5xx")
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state", extra="")
+    cfg.write_text(cfg.read_text().replace("[policy]\n", "[policy]\nmax_rollbacks = 1\n"))
+    doc = replay_json("--config", str(cfg), "--set", 'policy.rollback_to="previous"')
+    assert doc["history"]["runs"] == 2
+    [rb] = decisions(doc, "rollback_completed")
+    assert (rb["color"], rb["to"]) == ("green", "blue")
+    # The rollback budget survives the restart, as the daemon rebuilds it from its journal:
+    # the second failure is a hold for an operator, not a second rollback.
+    holds = decisions(doc, "hold")
+    assert holds, doc["configs"][0]["decisions"]
+    assert holds[0]["color"] == "blue"
+    assert "rollback budget spent" in holds[0]["reason"]
+    assert parse_rfc3339(holds[0]["at"]) > parse_rfc3339(rb["at"])
