@@ -115,6 +115,7 @@ async def _replay_all(
     settings: Any, others: list[Any], since: float | None, until: float | None, sets: list[str]
 ) -> dict[str, Any]:
     from guardd.journal import Journal  # noqa: PLC0415
+    from guardd.observations import HistoryUnreadable  # noqa: PLC0415
     from guardd.replay import _report  # noqa: PLC0415
     from guardd.replay._engine import Simulation  # noqa: PLC0415
     from guardd.replay._prometheus import ranges  # noqa: PLC0415
@@ -137,6 +138,11 @@ async def _replay_all(
         prom, prom_reports = await ranges(s, sim.signals, directory, since, until)
         sim.prometheus = prom
         await sim.run()
+        unopened = [p for p in sim.report.problems if ": cannot open: " in p]
+        if sim.report.files and len(unopened) == len(sim.report.files):
+            # Not one file of the history could be opened: nothing was replayed at all.
+            where, _, why = unopened[0].partition(": cannot open: ")
+            raise HistoryUnreadable(Path(where), f"cannot open: {why}")
         for name, rep in prom_reports.items():
             sim.sources[name] = rep
         first = first or sim

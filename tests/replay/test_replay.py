@@ -335,3 +335,20 @@ def test_a_restart_in_the_history_is_a_restart_in_the_replay(tmp_path: Path, tl:
     assert holds[0]["color"] == "blue"
     assert "rollback budget spent" in holds[0]["reason"]
     assert parse_rfc3339(holds[0]["at"]) > parse_rfc3339(rb["at"])
+
+
+def test_history_no_file_of_which_can_be_opened_exits_1_naming_it(open_dir: Path) -> None:
+    state = open_dir / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    tl.rounds(20)
+    tl.close()
+    cfg = config(open_dir, state)
+    cfg.chmod(0o644)
+    for path in state.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o600)  # root's alone
+    state.chmod(0o755)
+    [day] = (state / "observations").iterdir()
+    done = replay("--config", str(cfg), prefix=nobody_prefix())
+    assert done.returncode == 1, done.stdout
+    assert f"{day}: cannot open: Permission denied" in done.stderr
