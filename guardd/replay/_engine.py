@@ -400,6 +400,9 @@ class Simulation:
                 streams.append(self._log_match(name, sig))
             elif name in self.prometheus:
                 streams.append(self._prometheus_points(name))
+            else:
+                kind = str(getattr(self.settings.config.signals[name], "kind", "samples"))
+                self.sources[name] = SourceReport(kind, replayed="from recorded samples")
         return heapq.merge(*streams)
 
     async def _external(self, batch: _Batch, upto: float) -> None:

@@ -270,4 +270,9 @@ min_samples = 2
     # passes 0.1 with the second of them (310 s), judged at the next tick (a probe, 1 s on):
     # a sample wakes no tick, in the daemon as here.
     assert 310 <= parse_rfc3339(fired["at"]) - t0 <= 311
-    assert "runs" not in doc["sources"]  # every recorded sample was taken
+    src = doc["sources"]["runs"]
+    assert (src["kind"], src["replayed"], src["bad_samples"]) == (
+        "scrape",
+        "from recorded samples",
+        0,
+    )
