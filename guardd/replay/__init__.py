@@ -133,9 +133,9 @@ async def _replay_all(
             f"{journal_path}: cannot read the journal ({e.strerror or e}): incidents not matched"
         )
     for i, s in enumerate([settings, *others]):
-        sim = Simulation(s, directory, since=since, until=until)
+        sim = Simulation(s, directory, since=since, until=until, guard=settings.instance)
         sim.build_signals()
-        prom, prom_reports = await ranges(s, sim.signals, directory, since, until)
+        prom, prom_reports = await ranges(settings, sim.signals, directory, since, until)
         sim.prometheus = prom
         await sim.run()
         unopened = [p for p in sim.report.problems if ": cannot open: " in p]

@@ -97,8 +97,12 @@ class Simulation:
         since: float | None,
         until: float | None,
         prometheus: dict[str, list[tuple[float, str, dict[str, Any]]]] | None = None,
+        guard: str | None = None,
     ) -> None:
         self.settings = settings
+        #: Whose history is read (default: this config's instance; `--compare` reads the
+        #: first config's for both).
+        self.history_of = guard or settings.instance
         self.directory = directory
         self.since = since
         self.until = until
@@ -439,9 +443,7 @@ class Simulation:
             await self._run()
 
     async def _run(self) -> None:
-        records = read_history(
-            self.directory, self.report, guard=self.settings.instance, until=self.until
-        )
+        records = read_history(self.directory, self.report, guard=self.history_of, until=self.until)
         externals = self._externals()
         pending = next(externals, None)
         held: list[Record] = []

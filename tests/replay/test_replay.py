@@ -154,7 +154,8 @@ def test_compare_replays_both_configs_over_the_same_history(tmp_path: Path, tl: 
     base = config(tmp_path, state)
     other_dir = tmp_path / "other"
     other_dir.mkdir()
-    other = config(other_dir, state, extra="", instance="lab")
+    # Another instance name, another state.dir: the history is the first config's.
+    other = config(other_dir, other_dir / "elsewhere", extra="", instance="candidate")
     text = other.read_text().replace("consecutive_failures = 3", "consecutive_failures = 10")
     other.write_text(text)
     doc = replay_json("--config", str(base), "--compare", str(other))
