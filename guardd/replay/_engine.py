@@ -348,10 +348,11 @@ class Simulation:
         report = self.sources[name]
         if sig.spec.kind != "file":
             report.why = "a syslog socket keeps no history: nothing to replay"
-            return
-        files = rotated_files(Path(sig.spec.path))
-        if not files:
+        elif not (files := rotated_files(Path(sig.spec.path))):
             report.why = f"no file at {sig.spec.path} (nor rotated beside it)"
+        if report.why is not None:
+            # Its rules are inconclusive, and the guard says why, as live for a dead source.
+            sig.problem = f"cannot be replayed: {report.why}"
             return
         report.replayed = "from its files"
         time_of = msec_reader(sig.spec.field_name("msec"))

@@ -107,3 +107,18 @@ def test_a_p0_traffic_rule_rolls_back_at_the_burst(hour: tuple[Path, float, int]
     [rb] = decisions(doc, "rollback_completed")
     assert (rb["color"], rb["to"], rb["rule"]) == ("green", "blue", "errors")
     assert BURST[0] <= parse_rfc3339(rb["at"]) - t0 <= BURST[1]
+
+
+def test_an_access_log_that_is_not_there_is_said_and_its_rules_say_nothing(
+    hour: tuple[Path, float, int],
+) -> None:
+    tmp, _, _ = hour
+    extra = _signal(tmp / "nowhere", 0.05).replace('severity = "P2"', 'severity = "P0"')
+    cfg = config(tmp, tmp / "state", extra=extra, interval="1s", qos_window="10s")
+    doc = replay_json("--config", str(cfg))
+    src = doc["sources"]["traffic"]
+    assert src["replayed"] is None
+    assert src["why"] == f"no file at {tmp / 'nowhere' / 'access.log'} (nor rotated beside it)"
+    assert decisions(doc, "rollback_completed") == []
+    said = [d["reason"] for d in decisions(doc, "alert")]
+    assert any("signal traffic gives nothing: cannot be replayed" in r for r in said), said
