@@ -210,6 +210,9 @@ async def _replay_all(
             "skipped": dict(history.skipped),
             "problems": history.problems + ([journal_problem] if journal_problem else []),
             "missing_days": _report.missing_days(history.files),
+            "gaps": [
+                {"until": _report.stamp(ts), "seconds": round(gap, 3)} for ts, gap in first.gaps
+            ],
             "clock_steps": [
                 {"at": _report.stamp(ts), "step_s": round(step, 3)}
                 for ts, step in history.clock_steps

@@ -60,6 +60,10 @@ from guardd.supervisor import (
 _MAX_HELD = 100_000
 #: Times closer than this are one moment (the history's clock is summed in floating point).
 _SAME_MOMENT = 1e-6
+#: A run without any record for longer than this (and `_GAP_INTERVALS` probe intervals)
+#: lost its records: the gap is not ticked through (seconds).
+_GAP_S = 60.0
+_GAP_INTERVALS = 20
 #: Ticks in a row without input after which a gap in the history is crossed at once.
 _QUIET_TICKS = 100
 
@@ -122,6 +126,11 @@ class Simulation:
         self.last_ts: float | None = None
         self.ticks = 0
         self.skipped_ticks = 0
+        #: Stretches of a run without any record (records lost): (wall time after, seconds).
+        self.gaps: list[tuple[float, float]] = []
+        self._gap_s = max(_GAP_S, _GAP_INTERVALS * settings.config.probe.interval)
+        self._last_at: float | None = None
+        self._in_gap = False
         self._quiet = 0  # ticks since the last input
         self._events_seen = 0
         c = settings.config
@@ -206,6 +215,12 @@ class Simulation:
         without a decision, the next one is the last before `at`; `skipped_ticks` counts
         those not run.
         """
+        if self._in_gap:
+            # Not ticked through: the guard saw its probes every interval, so a run without
+            # any record for this long lost them; the next tick is at the next record.
+            self._next_tick = max(self._next_tick, at)
+            self._pulse = math.inf
+            return
         while self._started:
             due = min(self._next_tick, self._pulse)
             if due >= at - _SAME_MOMENT:
@@ -484,6 +499,14 @@ class Simulation:
     async def _step(
         self, rec: Record, pending: _Batch | None, externals: Iterator[_Batch]
     ) -> _Batch | None:
+        if (
+            self._last_at is not None
+            and rec.kind != "start"
+            and rec.at - self._last_at > self._gap_s
+        ):
+            self.gaps.append((rec.ts, rec.at - self._last_at))
+            self._in_gap = True
+        self._last_at = rec.at
         # The sources' batches written before this record go first, at their own time.
         while pending is not None and pending[0] <= rec.ts:
             if self.guard is None or (self._start is not None and pending[0] < self._start):
@@ -492,4 +515,5 @@ class Simulation:
                 await self._external(pending, rec.at)
             pending = next(externals, None)
         await self._record(rec)
+        self._in_gap = False
         return pending

@@ -234,11 +234,22 @@ def _incidents(doc: dict[str, Any], pairs: list[tuple[dict[str, Any], str | None
 def _skipped(doc: dict[str, Any]) -> list[str]:
     h = doc["history"]
     out = ["Skipped:"]
-    if not (any(h["skipped"].values()) or h["problems"] or h["clock_steps"] or h["missing_days"]):
+    if not (
+        any(h["skipped"].values())
+        or h["problems"]
+        or h["clock_steps"]
+        or h["missing_days"]
+        or h["gaps"]
+    ):
         out.append("  nothing in the observations")
     out.extend(f"  {n} observation line(s): {why}" for why, n in sorted(h["skipped"].items()))
     out.extend(f"  {problem}" for problem in h["problems"])
     out.extend(f"  no observation file for {day}" for day in h["missing_days"])
+    out.extend(
+        f"  no record for {gap['seconds']:g}s before {gap['until']}: records lost, "
+        "not ticked through"
+        for gap in h["gaps"]
+    )
     out.extend(
         f"  wall clock stepped {step['step_s']:+g}s at {step['at']} "
         "(spacing kept by the monotonic clock)"

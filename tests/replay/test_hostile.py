@@ -98,6 +98,10 @@ addresses = {{ blue = ["{BLUE}"], green = ["{GREEN}"] }}
     assert f"lab-{day_of(DAY0 + 2 * DAY)}.jsonl.gz: corrupt near byte" in problems
     assert h["missing_days"] == [day_of(DAY0 + 3 * DAY)]
     assert len(h["clock_steps"]) == 1
+    # The days whose records were lost are gaps, not probes that stopped: no stale alert.
+    assert len(h["gaps"]) >= 3
+    assert all(g["seconds"] > 80_000 for g in h["gaps"])
+    assert decisions(doc, "alert") == []
     assert h["clock_steps"][0]["step_s"] > 3500
     lines = doc["sources"]["traffic"]["lines"]
     for outcome, n in expected.items():
@@ -113,6 +117,7 @@ addresses = {{ blue = ["{BLUE}"], green = ["{GREEN}"] }}
         f"{skipped['invalid JSON']} observation line(s): invalid JSON",
         f"no observation file for {day_of(DAY0 + 3 * DAY)}",
         "wall clock stepped +3600s",
+        "records lost, not ticked through",
         "corrupt near byte",
         "lines: ok 400, unparsed 3, oversize 1",
     ):
