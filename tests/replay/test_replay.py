@@ -353,3 +353,29 @@ def test_history_no_file_of_which_can_be_opened_exits_1_naming_it(open_dir: Path
     done = replay("--config", str(cfg), prefix=nobody_prefix())
     assert done.returncode == 1, done.stdout
     assert f"{day}: cannot open: Permission denied" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("by", "event", "replayed_as"),
+    [
+        ("uid:0(root)", "switch", "switch"),
+        ("uid:0(root)", "promote", "promote"),
+        ("external", "external_switch", "external_switch"),
+    ],
+)
+def test_switches_made_by_others_are_made_in_the_replay_too(
+    tmp_path: Path, tl: Timeline, by: str, event: str, replayed_as: str
+) -> None:
+    tl.start(active="green")
+    tl.rounds(100)
+    tl.recorder.switch("green", "blue", by=by, reason="moved by hand", event=event)
+    tl.rounds(100)
+    tl.rounds(10, blue="http_5xx")
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    doc = replay_json("--config", str(cfg), "--set", 'policy.rollback_to="previous"')
+    [moved] = decisions(doc, replayed_as)
+    assert (moved["color"], moved["to"], moved["by"]) == ("green", "blue", by)
+    # Then blue, now served, fails: the replayed guard rolls back from it.
+    [rb] = decisions(doc, "rollback_completed")
+    assert (rb["color"], rb["to"]) == ("blue", "green")
