@@ -20,6 +20,7 @@ exit status:
   run           0 clean stop, 1 fatal runtime error (e.g. state.dir not writable by this
                 user), 2 invalid configuration
   check-config  0 valid, 2 invalid
+  replay        0 it ran, 1 the history cannot be read, 2 invalid configuration
   demo          0 when the demo rolled back as expected
 
 Config lookup: --config, else $GUARDD_CONFIG, else /etc/guardd/<instance>.toml
@@ -79,6 +80,39 @@ def _parser() -> argparse.ArgumentParser:
         help="skip the host checks (files, links, executables): for a config in a repository's CI",
     )
     check.add_argument("--instance", help=argparse.SUPPRESS)
+    rep = sub.add_parser(
+        "replay",
+        help="judge a config on the recorded history, in simulated time",
+        description="Run a config over what guardd recorded in <state.dir>/observations/ "
+        "(and the access logs and applications' logs where they lie) in simulated time: "
+        "every decision it would have taken, a summary, and for each incident in the real "
+        "journal when this config would have detected it. Contacts no upstream, switches "
+        "nothing, writes nothing in state.dir.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rep.add_argument("--config", type=Path, required=True, help="the config to judge")
+    rep.add_argument(
+        "--from",
+        dest="since",
+        metavar="TIME",
+        help="ISO 8601 (UTC without an offset) or a time ago: 2h, 7d (default: all history)",
+    )
+    rep.add_argument(
+        "--to", dest="until", metavar="TIME", help="as --from (default: the end of the history)"
+    )
+    rep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key: dotted TOML key = TOML value (policy.consecutive_failures=10, "
+        "rules.0.above=0.08); repeatable",
+    )
+    rep.add_argument(
+        "--compare", type=Path, metavar="PATH", help="another config, replayed side by side"
+    )
+    rep.add_argument("--json", action="store_true", help="one JSON document (docs/contract.md)")
     demo = sub.add_parser(
         "demo",
         help="run the embedded demo: a real rollback in under a minute",
@@ -98,17 +132,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.path, args.instance, offline=args.offline)
     if args.command == "run":
         return _run(args.config, args.instance, args.log_level)
+    if args.command == "replay":
+        from guardd.replay import replay  # noqa: PLC0415 - only replay pays for it
+
+        return replay(
+            args.config,
+            since=args.since,
+            until=args.until,
+            overrides=args.set,
+            compare=args.compare,
+            as_json=args.json,
+        )
     from guardd.demo import run_demo  # noqa: PLC0415 - the demo pulls in test-like machinery
 
     return run_demo(seconds=args.seconds)
 
 
-def _load(path: Path, instance: str | None, *, host_checks: bool = False) -> Settings | None:
+def _load(
+    path: Path,
+    instance: str | None,
+    *,
+    host_checks: bool = False,
+    overrides: Sequence[str] = (),
+) -> Settings | None:
     from guardd import config  # noqa: PLC0415 - keep --help and --version fast
     from guardd.exceptions import ConfigError  # noqa: PLC0415
 
     try:
-        return config.load(path, instance=instance, host_checks=host_checks)
+        return config.load(path, instance=instance, host_checks=host_checks, overrides=overrides)
     except ConfigError as e:
         for problem in [*e.problems, *e.warnings]:
             print(problem, file=sys.stderr)

@@ -14,7 +14,7 @@ import shutil
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -1121,11 +1121,19 @@ class Settings:
         )
 
 
-def load(path: Path, *, instance: str | None = None, host_checks: bool = False) -> Settings:
+def load(
+    path: Path,
+    *,
+    instance: str | None = None,
+    host_checks: bool = False,
+    overrides: Sequence[str] = (),
+) -> Settings:
     """Read, merge and validate a config file; raise `ConfigError` listing every problem.
 
     With `host_checks`, also what only this host can tell: that the commands exist and are
     executable, the nginx targets and active link, the state file's directory, `ca_file`.
+    `overrides`: `dotted.key=TOML value` texts (`guardd replay --set`) laid over the file
+    before it is validated, so that their problems read as the file's do.
     """
     shown = str(path)
     try:
@@ -1141,6 +1149,8 @@ def load(path: Path, *, instance: str | None = None, host_checks: bool = False) 
         where = f"line {line.group(1)}" if line else "(file)"
         reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
         raise ConfigError([ConfigProblem(shown, where, f"invalid TOML: {reason}")]) from None
+    if overrides:
+        _override(doc, overrides, shown)
     token = _HOST_CHECKS.set(host_checks)
     try:
         config = GuardConfig(**doc)
@@ -1158,6 +1168,63 @@ def load(path: Path, *, instance: str | None = None, host_checks: bool = False) 
     return Settings(
         config, source=path, instance=name, warnings=_bare_numbers(doc, shown, os.environ)
     )
+
+
+_OVERRIDE_PART = re.compile(r"^(?:[A-Za-z0-9_-]+|\d+)$")
+
+
+def _override(doc: dict[str, Any], overrides: Sequence[str], shown: str) -> None:
+    """Lay each `dotted.key=TOML value` over `doc`; `rules.0.above` (or `rules[0].above`)
+    reaches into a list. Raises `ConfigError` naming the key for one that cannot be set."""
+    problems: list[ConfigProblem] = []
+    for text in overrides:
+        key, eq, raw = text.partition("=")
+        key = re.sub(r"\[(\d+)\]", r".\1", key.strip())
+        parts = key.split(".")
+        if not eq or not key or not all(_OVERRIDE_PART.match(p) for p in parts):
+            problems.append(
+                ConfigProblem(shown, key or "(--set)", f"--set {text!r}: not KEY=VALUE")
+            )
+            continue
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            problems.append(
+                ConfigProblem(
+                    shown,
+                    key,
+                    f"--set: {raw.strip()!r} is not a TOML value (quote text: '\"...\"')",
+                )
+            )
+            continue
+        where: Any = doc
+        for i, part in enumerate(parts[:-1]):
+            prefix = ".".join(parts[: i + 1])
+            if isinstance(where, list):
+                if not (part.isdigit() and int(part) < len(where)):
+                    problems.append(ConfigProblem(shown, key, f"--set: there is no {prefix}"))
+                    break
+                where = where[int(part)]
+            elif part not in where and parts[i + 1].isdigit():
+                # An item of a list the file does not have: nothing to lay a value over.
+                problems.append(ConfigProblem(shown, key, f"--set: the file has no {prefix}"))
+                break
+            else:
+                where = where.setdefault(part, {})
+            if not isinstance(where, dict | list):
+                problems.append(ConfigProblem(shown, key, f"--set: {prefix} is not a table"))
+                break
+        else:
+            last = parts[-1]
+            if isinstance(where, list):
+                if not (last.isdigit() and int(last) < len(where)):
+                    problems.append(ConfigProblem(shown, key, f"--set: there is no {key}"))
+                    continue
+                where[int(last)] = value
+            else:
+                where[last] = value
+    if problems:
+        raise ConfigError(problems)
 
 
 # Durations a person may write in milliseconds by mistake: a bare number is seconds.

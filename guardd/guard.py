@@ -415,7 +415,9 @@ class Guard:
         """Why the lines a signal reads are of no use: `_UNUSABLE_LINES` or more in a row
         of which none could be counted (a log_format or addresses that do not fit)."""
         lines = getattr(signal, "lines", None)
-        if not isinstance(lines, dict):
+        if not isinstance(lines, dict) or "ok" not in lines:
+            # Only a signal whose lines end in `ok` when counted (access_log) can read
+            # nothing of use; an unmatched line of a log_match signal is a count of 0.
             return None
         counts = dict(lines)
         before = self._lines_seen.get(name, counts)

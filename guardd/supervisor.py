@@ -274,6 +274,65 @@ class Runtime:
     signals: dict[str, Signal] = field(default_factory=dict)
 
 
+def signal_of(settings: Settings, name: str, clock: Clock) -> tuple[Signal, list[str]]:
+    """The adapter of `[signals.NAME]` on `clock`, and what it warns about.
+
+    Raises `ConfigError` (`signals.NAME.key: reason`) when it cannot be built.
+    """
+    c = settings.config
+    try:
+        return build_signal(
+            name,
+            c.signals[name],
+            window_s=c.policy.window,
+            targets=c.switch.targets if c.switch.kind == "nginx" else None,
+            probe_urls={color: _urls(c, color) for color in COLORS},
+            clock=clock,
+            instance=settings.instance,
+        )
+    except ValueError as e:
+        key, _, reason = str(e).partition(": ")
+        raise ConfigError(
+            [ConfigProblem(str(settings.source), f"signals.{name}.{key}", reason)]
+        ) from None
+
+
+def build_guard(
+    runtime: Runtime,
+    *,
+    journal: Journal,
+    state_file: StateFile,
+    metrics: GuardMetrics,
+    clock: Clock,
+    log: Any,
+    notify: Callable[[dict[str, Any]], None] = lambda _e: None,
+    faults: FaultPoints | None = None,
+) -> Guard:
+    """The guard `runtime` describes, on these edges, its budget read back from `journal`.
+
+    The daemon gives it the files in state.dir; `guardd replay` gives it edges in memory,
+    so that both decide with the very same guard.
+    """
+    machine = GuardMachine(runtime.guard.policy, runtime.guard.probe_interval)
+    machine.probe_identity = runtime.probe_identity
+    guard = Guard(
+        runtime.guard,
+        machine=machine,
+        switcher=runtime.switcher,
+        journal=journal,
+        state_file=state_file,
+        metrics=metrics,
+        verifier=runtime.verifier,
+        clock=clock,
+        log=log,
+        notify=notify,
+        faults=faults,
+    )
+    guard.signals = dict(runtime.signals)
+    guard.load_history()
+    return guard
+
+
 class Supervisor:
     """Runs one guard until SIGTERM/SIGINT; reloads on SIGHUP."""
 
@@ -366,7 +425,7 @@ class Supervisor:
         else:
             switcher = build_switcher(settings, self._on_switch_step)
         signals: dict[str, Signal] = {}
-        for name, table in c.signals.items():
+        for name in c.signals:
 
             def inputs(g: GuardConfig, name: str = name) -> object:
                 # What a signal is built from: its table, and where addresses come from.
@@ -378,21 +437,7 @@ class Supervisor:
             if previous is not None and name in previous.signals and kept(inputs):
                 signals[name] = previous.signals[name]
                 continue
-            try:
-                signals[name], problems = build_signal(
-                    name,
-                    table,
-                    window_s=c.policy.window,
-                    targets=c.switch.targets if c.switch.kind == "nginx" else None,
-                    probe_urls={color: _urls(c, color) for color in COLORS},
-                    clock=self.clock,
-                    instance=settings.instance,
-                )
-            except ValueError as e:
-                key, _, reason = str(e).partition(": ")
-                raise ConfigError(
-                    [ConfigProblem(str(settings.source), f"signals.{name}.{key}", reason)]
-                ) from None
+            signals[name], problems = signal_of(settings, name, self.clock)
             for problem in problems:
                 self.log.warning("signal_addresses", signal=name, problem=problem)
             adapter: Any = signals[name]
@@ -464,23 +509,16 @@ class Supervisor:
             self.log.warning(
                 "journal_lines_skipped", count=journal.skipped_lines, path=str(journal.path)
             )
-        machine = GuardMachine(runtime.guard.policy, runtime.guard.probe_interval)
-        machine.probe_identity = runtime.probe_identity
-        guard = Guard(
-            runtime.guard,
-            machine=machine,
-            switcher=runtime.switcher,
+        guard = build_guard(
+            runtime,
             journal=journal,
             state_file=StateFile(state_dir / "state.json"),
             metrics=self.metrics,
-            verifier=runtime.verifier,
             clock=self.clock,
             log=self.log,
             notify=self._notify,
             faults=self.faults,
         )
-        guard.signals = dict(runtime.signals)
-        guard.load_history()
         if s.config.fleet is not None:
             from guardd.fleet.coordinator import Fleet  # noqa: PLC0415 - only in a fleet
 

@@ -140,6 +140,35 @@ async def test_a_log_of_nothing_usable_is_said_and_decides_nothing(tmp_path: Pat
         assert rig.guard.snapshot()["signals"]["traffic"]["problem"] is None
 
 
+class MatchedSignal(FedSignal):
+    """A fed signal that counts lines as the log_match adapter does: matched or not."""
+
+    def __init__(self) -> None:
+        super().__init__("traffic")
+        self.lines = {"matched": 0, "unmatched": 0, "oversize": 0, "binary": 0}
+
+
+async def test_a_log_of_unmatched_lines_is_a_count_of_0_not_a_log_of_nothing_usable(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "threader.toml"
+    path.write_text(textwrap.dedent(CONFIG))
+    signal = MatchedSignal()
+    async with await build_guard(tmp_path, config=path, signals={"traffic": signal}).start() as rig:
+        for name in ("blue", "green"):
+            rig.probers[name].answer(200)
+        await rig.probe_rounds(2)
+        feed(rig, "green", 60, 0.0)
+        signal.lines["unmatched"] += 500  # an application's ordinary lines, none an error
+        await rig.probe_rounds(3)
+        assert [e for e in rig.events("alert") if "signal traffic" in e["reason"]] == []
+        assert rig.guard.snapshot()["signals"]["traffic"]["problem"] is None
+        # Its rules still read it: an error ratio now rolls back.
+        feed(rig, "green", 100, 0.5)
+        await rig.probe_round()
+        assert rig.guard.active == "blue"
+
+
 class PerColorSignal(FedSignal):
     """A signal whose adapter makes only the failing color's reading inconclusive."""
 

@@ -1,0 +1,199 @@
+"""How fast `guardd replay` goes over a day of probe history and over a million
+access-log lines, and how much memory it takes.
+
+    uv run --frozen python -m bench.replay [--hours 24] [--lines 1000000] [--out DIR]
+
+- `probes`: a day of probe history at a 200 ms interval (both colors: about 864,000
+  probe rounds), written with the daemon's own `Recorder` into a temp dir, green failing
+  for a minute in the middle (one rollback); then `guardd replay --json` over it.
+- `access_log`: `--lines` nginx lines at 100 requests a second in guardd's log_format,
+  rotated as logrotate leaves them (`access.log.2.gz`, `access.log.1`, `access.log`),
+  with probe history at 1 s beside them; then `guardd replay --json` over both.
+
+Each replay is the real command in its own process: its wall time and its peak RSS
+(`wait4`'s ru_maxrss) are reported. Targets: 10 s for the day of probes, 20 s for the
+million lines. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from guardd.observations import Recorder
+
+DAY0 = 1_796_083_200.0  # 2026-12-01T00:00:00Z
+BLUE, GREEN = "10.0.0.5:8080", "10.0.1.5:8080"
+
+
+def _config(tmp: Path, state: Path, interval: str, extra: str = "") -> Path:
+    path = tmp / "bench.toml"
+    path.write_text(
+        f"""instance = "bench"
+[upstreams.blue]
+url = "http://127.0.0.1:9/healthz"
+[upstreams.green]
+url = "http://127.0.0.1:10/healthz"
+[switch]
+kind = "state-file"
+path = "{tmp}/deploy-state.json"
+[probe]
+interval = "{interval}"
+[policy]
+rollback_to = "blue"
+consecutive_failures = 3
+window = "30s"
+[qos]
+window = "1m"
+lock_file = "{tmp}/qos.lock"
+[state]
+dir = "{state}"
+{extra}"""
+    )
+    return path
+
+
+def write_probes(state: Path, hours: float, interval: float, *, incident: bool) -> int:
+    """`hours` of probe rounds of both colors every `interval` s; the record count."""
+    clock = {"wall": DAY0, "mono": 1000.0}
+    rec = Recorder(
+        state / "observations",
+        "bench",
+        keep_s=3650 * 86400,
+        wall=lambda: clock["wall"],
+        monotonic=lambda: clock["mono"],
+    )
+    rec.start(active="green", probe_interval_s=interval)
+    rounds = int(hours * 3600 / interval)
+    bad = range(rounds // 2, rounds // 2 + int(60 / interval)) if incident else range(0)
+    n = 1
+    for i in range(rounds):
+        for color in ("blue", "green"):
+            clock["wall"] += interval / 2
+            clock["mono"] += interval / 2
+            if color == "green" and i in bad:
+                rec.probe(color, "http_5xx", 0.004, "HTTP 503", 503)
+            else:
+                rec.probe(color, "ok", 0.004, None, 200)
+            n += 1
+        if len(rec._pending) >= 50_000:  # a batch, as the daemon's writer takes them
+            rec.write()
+    rec.write()
+    rec.close()
+    return n
+
+
+def write_log(logs: Path, lines: int, rate: float) -> None:
+    """`lines` lines at `rate` a second from DAY0, in three rotated files."""
+    logs.mkdir(parents=True)
+    third = lines // 3
+    with contextlib.ExitStack() as stack:
+        files = [
+            stack.enter_context(gzip.open(logs / "access.log.2.gz", "wt")),
+            stack.enter_context((logs / "access.log.1").open("w")),
+            stack.enter_context((logs / "access.log").open("w")),
+        ]
+        _lines(files, lines, third, rate)
+
+
+def _lines(files: list[Any], lines: int, third: int, rate: float) -> None:
+    for i in range(lines):
+        status = "502" if i % 50 == 0 else "200"
+        doc = {
+            "msec": f"{DAY0 + i / rate:.3f}",
+            "status": status,
+            "upstream_addr": GREEN,
+            "upstream_status": status,
+            "request_time": "0.005",
+            "upstream_response_time": "0.004",
+        }
+        files[min(2, i // third)].write(json.dumps(doc, separators=(",", ":")) + "\n")
+
+
+def run_replay(config: Path) -> dict[str, Any]:
+    """The real `guardd replay --json` in its own process: wall time, peak RSS, summary."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "guardd.cli", "replay", "--config", str(config), "--json"],
+            stdout=out,
+            stderr=err,
+        )
+        # wait4: this child's own peak RSS, not the most of every child so far.
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"guardd replay failed ({proc.returncode}): {stderr.decode()[-2000:]}")
+    doc = json.loads(stdout)
+    c = doc["configs"][0]
+    return {
+        "seconds": round(seconds, 2),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "records": doc["history"]["records"],
+        "ticks": c["ticks"],
+        "summary": c["summary"],
+        "lines": {k: v["lines"] for k, v in doc["sources"].items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both measurements and print them (and write `replay.json` to `--out`)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hours", type=float, default=24.0)
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="guardd-bench-replay-") as d:
+        tmp = Path(d) / "probes"
+        tmp.mkdir()
+        t = time.perf_counter()
+        n = write_probes(tmp / "state", args.hours, 0.2, incident=True)
+        written = time.perf_counter() - t
+        print(f"probes: {n} records of {args.hours:g} h at 200 ms written in {written:.1f}s")
+        results["probes"] = {"hours": args.hours, "records_written": n, **run_replay(
+            _config(tmp, tmp / "state", "200ms"))}  # fmt: skip
+        print(f"probes: {json.dumps(results['probes'])}")
+        tmp = Path(d) / "access_log"
+        tmp.mkdir()
+        rate = 100.0
+        hours = args.lines / rate / 3600
+        write_probes(tmp / "state", hours, 1.0, incident=False)
+        write_log(tmp / "logs", args.lines, rate)
+        signal = f"""
+[signals.traffic]
+kind = "access_log"
+source = "file:{tmp}/logs/access.log"
+addresses = {{ blue = ["{BLUE}"], green = ["{GREEN}"] }}
+window = "60s"
+"""
+        results["access_log"] = {"lines_written": args.lines, **run_replay(
+            _config(tmp, tmp / "state", "1s", signal))}  # fmt: skip
+        print(f"access_log: {json.dumps(results['access_log'])}")
+    results["targets"] = {"probes_s": 10, "access_log_s": 20}
+    results["met"] = {
+        "probes": results["probes"]["seconds"] <= 10,
+        "access_log": results["access_log"]["seconds"] <= 20,
+    }
+    print(json.dumps(results["met"]))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "replay.json").write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,519 @@
+"""One config over the recorded history: the daemon's own guard, in simulated time.
+
+The tick schedule mirrors `guardd.supervisor`: a tick after each probe round for which
+`Guard.observe` says it may change a decision, after each answer through the front door
+that may, one `PULSE_S` after new lines of a signal (`_signal_pulse`), and otherwise one
+per `probe.interval` after the last tick (`_decision_loop`). The first tick of a run waits
+for a probe round of each color (the daemon's first round). A `start` record is a daemon
+restart: a new guard (fresh windows) that recovers from the previous one's state.json and
+journal, both kept in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import heapq
+import itertools
+import math
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from guardd.config import Settings
+from guardd.core.types import COLORS, Color, Outcome
+from guardd.exceptions import OperationRefused
+from guardd.guard import Guard
+from guardd.observations import ReadReport, Record, read_history
+from guardd.probes.http import ProbeResult
+from guardd.replay._sources import (
+    SourceReport,
+    has_timestamps,
+    line_time,
+    msec_reader,
+    read_lines,
+    rotated_files,
+    slots,
+)
+from guardd.replay._world import (
+    MemoryJournal,
+    MemoryStateFile,
+    MemorySwitcher,
+    NullMetrics,
+    SimClock,
+    SwitchVerifier,
+    color_of,
+    probe_result,
+)
+from guardd.signals import AccessLogSignal, LogMatchSignal, Signal
+from guardd.supervisor import (
+    Runtime,
+    build_guard,
+    guard_settings,
+    probe_identity,
+    signal_of,
+)
+
+#: Records held while the color served is not known yet (history that begins mid-run).
+_MAX_HELD = 100_000
+#: Times closer than this are one moment (the history's clock is summed in floating point).
+_SAME_MOMENT = 1e-6
+#: A run without any record for longer than this (and `_GAP_INTERVALS` probe intervals)
+#: lost its records: the gap is not ticked through (seconds).
+_GAP_S = 60.0
+_GAP_INTERVALS = 20
+#: Ticks in a row without input after which a gap in the history is crossed at once.
+_QUIET_TICKS = 100
+
+
+class _NullLog:
+    """A logger that says nothing: the decisions are the journal's events."""
+
+    def __getattr__(self, _name: str) -> Any:
+        return _nothing
+
+
+def _nothing(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+# An external batch: (wall, order, signal name, payload); order keeps the merge stable.
+_Batch = tuple[float, int, str, Any]
+
+
+class Simulation:
+    """Replays the history in `directory` through a guard built from `settings`.
+
+    `since` / `until`: wall-time bounds (seconds) of what is decided. The `warmup`
+    seconds before `since` are replayed too, their decisions left out of the report (the
+    caller's part), so that the windows are full at `since`; records before that only tell
+    which color was served. After `run()`: `events` (the journal the
+    replayed guard wrote), `report` (what reading skipped) and `sources` (per signal).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        directory: Path,
+        *,
+        since: float | None,
+        until: float | None,
+        prometheus: dict[str, list[tuple[float, str, dict[str, Any]]]] | None = None,
+        guard: str | None = None,
+    ) -> None:
+        self.settings = settings
+        #: Whose history is read (default: this config's instance; `--compare` reads the
+        #: first config's for both).
+        self.history_of = guard or settings.instance
+        self.directory = directory
+        self.since = since
+        self.until = until
+        self.clock = SimClock()
+        self.report = ReadReport()
+        self.sources: dict[str, SourceReport] = {}
+        #: Per prometheus signal replayed from Prometheus' own history: (wall, color, data).
+        self.prometheus = prometheus or {}
+        self.journal = MemoryJournal(settings.instance, self.clock.wall)
+        self.state_file = MemoryStateFile()
+        self.switcher = MemorySwitcher()
+        self.metrics = NullMetrics(settings.instance)
+        self.guard: Guard | None = None
+        self.signals: dict[str, Signal] = {}
+        self.bad_samples: Counter[str] = Counter()
+        self.first_ts: float | None = None
+        self.last_ts: float | None = None
+        self.ticks = 0
+        self.skipped_ticks = 0
+        #: Stretches of a run without any record (records lost): (wall time after, seconds).
+        self.gaps: list[tuple[float, float]] = []
+        self._gap_s = max(_GAP_S, _GAP_INTERVALS * settings.config.probe.interval)
+        self._last_at: float | None = None
+        self._in_gap = False
+        self._quiet = 0  # ticks since the last input
+        self._events_seen = 0
+        c = settings.config
+        #: Replayed before `since` (decisions not reported), so that the windows are as full
+        #: at `since` as the daemon's were: the longest window of the policy and signals.
+        self.warmup = max(
+            [c.policy.window, *(getattr(t, "window", None) or 0.0 for t in c.signals.values())]
+        )
+        self._start = None if since is None else since - self.warmup
+        self._interval = settings.config.probe.interval
+        self._verify = settings.config.switch.verify_url is not None
+        self._started = False  # the run's first tick is done
+        self._seen: set[Color] = set()  # colors probed in this run
+        self._next_tick = math.inf
+        self._pulse = math.inf
+        self._live: Color | None = None  # the color the live run served
+        self._lines_seen: dict[str, int] = {}
+        self._lock_file: Path | None = None
+        self._order = itertools.count()
+
+    # ---- building -------------------------------------------------------------------
+
+    def _runtime(self) -> Runtime:
+        assert self._lock_file is not None  # noqa: S101 - set by run()
+        s = self.settings
+        # guardd's QoS lock goes to a private folder: deploys are never blocked by a replay.
+        gs = dataclasses.replace(guard_settings(s), lock_file=self._lock_file)
+        return Runtime(
+            settings=s,
+            guard=gs,
+            probe_identity=probe_identity(s.config),
+            probers={},
+            verifier=SwitchVerifier() if self._verify else None,  # type: ignore[arg-type]
+            switcher=self.switcher,
+            notifier=None,
+            signals=self.signals,
+        )
+
+    async def _new_run(self, active: Color | None) -> None:
+        """A daemon (re)start: a new guard that recovers as `Supervisor.run` does."""
+        if self.guard is not None:
+            self.guard.save_state()
+        if active is not None:
+            self.switcher.active = active
+        guard = build_guard(
+            self._runtime(),
+            journal=self.journal,
+            state_file=self.state_file,
+            metrics=self.metrics,
+            clock=self.clock,
+            log=_NullLog(),
+        )
+        await guard.recover(guard.state_file.load())
+        guard.record("started", target=guard.active, reason="replayed run")
+        self.guard = guard
+        self._started = False
+        self._seen = set()
+        self._next_tick = self._pulse = math.inf
+
+    def build_signals(self) -> None:
+        """Every `[signals.NAME]` on the simulated clock (`ConfigError` if one cannot be)."""
+        for name in self.settings.config.signals:
+            self.signals[name], _ = signal_of(self.settings, name, self.clock)
+
+    # ---- ticking --------------------------------------------------------------------
+
+    async def _tick(self, at: float) -> None:
+        guard = self.guard
+        assert guard is not None  # noqa: S101
+        self.clock.advance(at)
+        # No lock: the replay is one task, and nothing else can act on its guard meanwhile.
+        await guard.tick()
+        self.ticks += 1
+        self._next_tick = self.clock.monotonic() + self._interval
+        self._pulse = math.inf
+
+    async def _until(self, at: float) -> None:
+        """Run every tick due before monotonic `at` (not at it).
+
+        Through a long stretch without input (the history has a gap) the guard's ticks
+        change nothing once it has settled: after `_QUIET_TICKS` ticks without input and
+        without a decision, the next one is the last before `at`; `skipped_ticks` counts
+        those not run.
+        """
+        if self._in_gap:
+            # Not ticked through: the guard saw its probes every interval, so a run without
+            # any record for this long lost them; the next tick is at the next record.
+            self._next_tick = max(self._next_tick, at)
+            self._pulse = math.inf
+            return
+        while self._started:
+            due = min(self._next_tick, self._pulse)
+            if due >= at - _SAME_MOMENT:
+                # A tick due at `at` itself waits for the input there: the daemon's decision
+                # loop wakes once, whether for the probe, the pulse or its period.
+                return
+            if self._quiet >= _QUIET_TICKS and len(self.journal.events) == self._events_seen:
+                last = due + self._interval * math.floor((at - due) / self._interval)
+                self.skipped_ticks += int((last - due) / self._interval)
+                due = last
+            self._events_seen = len(self.journal.events)
+            self._quiet += 1
+            await self._tick(due)
+
+    def _pulse_check(self) -> None:
+        """New lines of a signal wake the decision loop at the next pulse (`_signal_pulse`)."""
+        changed = False
+        for name, sig in self.signals.items():
+            lines = getattr(sig, "lines", None)
+            n = (
+                sum(v for v in lines.values() if isinstance(v, int))
+                if isinstance(lines, dict)
+                else 0
+            )
+            if n != self._lines_seen.get(name, 0):
+                self._lines_seen[name] = n
+                changed = True
+        if changed and self._started:
+            # The lines came in a `PULSE_S` slot that ends now: the daemon's pulse sees them
+            # at its end and wakes the decision loop (run before the next input).
+            self._pulse = min(self._pulse, self.clock.monotonic())
+
+    # ---- records --------------------------------------------------------------------
+
+    async def _record(self, rec: Record) -> None:
+        self._quiet = 0
+        if rec.kind == "start":
+            self.clock.set(rec.at, rec.ts)
+            given = color_of(rec.doc.get("active"))
+            # The sim keeps its own color across a restart, unless the live one changed
+            # while the daemon was down (someone moved traffic): that is adopted.
+            moved = self.guard is None or (given is not None and given != self._live)
+            self._live = given
+            await self._new_run(given if moved else None)
+            return
+        if self.guard is None:
+            await self._new_run(self._live)
+        await self._until(rec.at)
+        self.clock.set(rec.at, rec.ts)
+        if rec.kind == "probe":
+            await self._probe(rec)
+        elif rec.kind == "front_door":
+            await self._front_door(rec)
+        elif rec.kind == "sample":
+            self._sample(rec)
+        elif rec.kind == "switch":
+            await self._switch(rec)
+
+    async def _probe(self, rec: Record) -> None:
+        guard = self.guard
+        assert guard is not None  # noqa: S101
+        color = color_of(rec.doc.get("color"))
+        result = probe_result(rec.doc)
+        if color is None or result is None:
+            self.report.skipped["probe record without a color or outcome"] += 1
+            return
+        wake = guard.observe(color, result)
+        self._seen.add(color)
+        if not self._started:
+            if self._seen >= set(COLORS):
+                self._started = True
+                await self._tick(rec.at)
+        elif wake:
+            await self._tick(rec.at)
+
+    async def _front_door(self, rec: Record) -> None:
+        guard = self.guard
+        assert guard is not None  # noqa: S101
+        # Evidence only while the replay serves the color the live run served: the
+        # front door answered for that one.
+        if not self._verify or self._live is None or guard.active != self._live:
+            return
+        ok = rec.doc.get("ok") is True
+        error = rec.doc.get("error")
+        result = ProbeResult(
+            Outcome.OK if ok else Outcome.HTTP_OTHER,
+            0.0,
+            error if isinstance(error, str) else None,
+        )
+        if guard.observe_front_door(result) and self._started:
+            await self._tick(rec.at)
+
+    def _sample(self, rec: Record) -> None:
+        name = rec.doc.get("signal")
+        if not isinstance(name, str) or name not in self.signals or name in self.prometheus:
+            return
+        apply = getattr(self.signals[name], "apply_sample", None)
+        color = color_of(rec.doc.get("color"))
+        data = rec.doc.get("data")
+        if apply is None or color is None or not isinstance(data, dict):
+            self.bad_samples[name] += 1
+            return
+        try:
+            apply(color, data, rec.at)
+        except ValueError:
+            self.bad_samples[name] += 1
+        self._pulse_check()
+
+    async def _switch(self, rec: Record) -> None:
+        guard = self.guard
+        assert guard is not None  # noqa: S101
+        target = color_of(rec.doc.get("to"))
+        if target is None:
+            return
+        self._live = target
+        by = rec.doc.get("by")
+        if by == "guardd":
+            return  # the replayed config decides its own rollbacks
+        if by == "external":
+            self.switcher.active = target  # adopted at the next tick, as live
+            return
+        if guard.active != target:
+            # An operator's move: made as `guardctl switch` / `promote` / `rollback` makes it.
+            kind = {"promote": "promote", "rollback_completed": "rollback"}.get(
+                str(rec.doc.get("event")), "switch"
+            )
+            with contextlib.suppress(OperationRefused):
+                await guard.move_traffic(
+                    target,
+                    kind=kind,
+                    by=str(by or "operator"),
+                    reason=str(rec.doc.get("reason") or "switched by an operator"),
+                )
+        if self._started:
+            await self._tick(rec.at)
+
+    # ---- the external sources ---------------------------------------------------------
+
+    def _access_log(self, name: str, sig: AccessLogSignal) -> Iterator[_Batch]:
+        report = self.sources[name]
+        if sig.spec.kind != "file":
+            report.why = "a syslog socket keeps no history: nothing to replay"
+        elif not (files := rotated_files(Path(sig.spec.path))):
+            report.why = f"no file at {sig.spec.path} (nor rotated beside it)"
+        if report.why is not None:
+            # Its rules are inconclusive, and the guard says why, as live for a dead source.
+            sig.problem = f"cannot be replayed: {report.why}"
+            return
+        report.replayed = "from its files"
+        time_of = msec_reader(sig.spec.field_name("msec"))
+        for path in files:
+            for end, lines in slots(read_lines(path, sig._split, report), time_of, report):
+                yield end, next(self._order), name, lines
+
+    def _log_match(self, name: str, sig: LogMatchSignal) -> Iterator[_Batch]:
+        report = self.sources[name]
+        per_color: list[Iterator[_Batch]] = []
+        for color, path in sig.spec.paths.items():
+            files = rotated_files(Path(path))
+            if not files:
+                report.problems.append(f"{color}: no file at {path} (nor rotated beside it)")
+                continue
+            if not has_timestamps(files[0], report):
+                report.why = (
+                    f"the lines of {files[0]} carry no timestamp guardd can read, so when they "
+                    "were written is unknown; its rules are inconclusive"
+                )
+                for follower in sig.followers.values():
+                    follower.problem = "cannot be replayed: its lines have no timestamp"
+                return
+            per_color.append(self._log_batches(name, sig, color, files))
+        if per_color:
+            report.replayed = "from its files, by each line's own timestamp"
+        yield from heapq.merge(*per_color)
+
+    def _log_batches(
+        self, name: str, sig: LogMatchSignal, color: str, files: list[Path]
+    ) -> Iterator[_Batch]:
+        report = self.sources[name]
+        split = sig.followers[color].split
+        for path in files:
+            for end, lines in slots(read_lines(path, split, report), line_time, report):
+                yield end, next(self._order), name, (color, lines)
+
+    def _prometheus_points(self, name: str) -> Iterator[_Batch]:
+        for wall, color, data in self.prometheus.get(name, []):
+            yield wall, next(self._order), name, (color, data)
+
+    def _externals(self) -> Iterator[_Batch]:
+        streams: list[Iterator[_Batch]] = []
+        for name, sig in self.signals.items():
+            if isinstance(sig, AccessLogSignal):
+                self.sources[name] = SourceReport("access_log")
+                streams.append(self._access_log(name, sig))
+            elif isinstance(sig, LogMatchSignal):
+                self.sources[name] = SourceReport("log_match")
+                streams.append(self._log_match(name, sig))
+            elif name in self.prometheus:
+                streams.append(self._prometheus_points(name))
+            else:
+                kind = str(getattr(self.settings.config.signals[name], "kind", "samples"))
+                self.sources[name] = SourceReport(kind, replayed="from recorded samples")
+        return heapq.merge(*streams)
+
+    async def _external(self, batch: _Batch, upto: float) -> None:
+        """Hand one batch to its signal at its own time (never past monotonic `upto`)."""
+        wall, _, name, payload = batch
+        sig = self.signals[name]
+        at = min(max(self.clock.to_mono(wall), self.clock.monotonic()), upto)
+        await self._until(at)
+        self._quiet = 0
+        self.clock.advance(at)
+        if isinstance(sig, AccessLogSignal):
+            sig.ingest(payload)
+        elif isinstance(sig, LogMatchSignal):
+            color, lines = payload
+            sig.ingest(color, lines)
+            sig.followers[color].read_at = at
+        else:
+            color, data = payload
+            sig.apply_sample(color, data, at)  # type: ignore[attr-defined]
+        self._pulse_check()
+
+    def _outside(self, batch: _Batch) -> None:
+        report = self.sources.get(batch[2])
+        if report is not None:
+            payload = batch[3]
+            report.outside += len(payload[1] if isinstance(payload, tuple) else payload)
+
+    # ---- the run ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Replay the whole history (raises `HistoryUnreadable` when there is none)."""
+        with tempfile.TemporaryDirectory(prefix="guardd-replay-") as lock_dir:
+            self._lock_file = Path(lock_dir) / "qos.lock"
+            await self._run()
+
+    async def _run(self) -> None:
+        records = read_history(self.directory, self.report, guard=self.history_of, until=self.until)
+        externals = self._externals()
+        pending = next(externals, None)
+        held: list[Record] = []
+        for rec in records:
+            if self._start is not None and rec.ts < self._start:
+                # Before the period and its warm-up: only which color was served.
+                if rec.kind == "start":
+                    self._live = color_of(rec.doc.get("active"))
+                elif rec.kind == "switch":
+                    self._live = color_of(rec.doc.get("to")) or self._live
+                self.report.records -= 1
+                continue
+            if self.first_ts is None and (self.since is None or rec.ts >= self.since):
+                self.first_ts = rec.ts
+            self.last_ts = rec.ts
+            if self.guard is None and rec.kind != "start" and self._live is None:
+                # History that begins mid-run: which color was served is told by the first
+                # switch (its `from`); the records before it wait for it.
+                if rec.kind == "switch":
+                    self._live = color_of(rec.doc.get("from"))
+                if self._live is None and len(held) < _MAX_HELD:
+                    held.append(rec)
+                    continue
+            if held:
+                for old in held:
+                    pending = await self._step(old, pending, externals)
+                held = []
+            pending = await self._step(rec, pending, externals)
+        for old in held:
+            pending = await self._step(old, pending, externals)
+        if self.guard is not None and self._started:
+            await self._until(self.clock.monotonic() + 2 * _SAME_MOMENT)
+        while pending is not None:
+            self._outside(pending)
+            pending = next(externals, None)
+
+    async def _step(
+        self, rec: Record, pending: _Batch | None, externals: Iterator[_Batch]
+    ) -> _Batch | None:
+        if (
+            self._last_at is not None
+            and rec.kind != "start"
+            and rec.at - self._last_at > self._gap_s
+        ):
+            self.gaps.append((rec.ts, rec.at - self._last_at))
+            self._in_gap = True
+        self._last_at = rec.at
+        # The sources' batches written before this record go first, at their own time.
+        while pending is not None and pending[0] <= rec.ts:
+            if self.guard is None or (self._start is not None and pending[0] < self._start):
+                self._outside(pending)
+            else:
+                await self._external(pending, rec.at)
+            pending = next(externals, None)
+        await self._record(rec)
+        self._in_gap = False
+        return pending

@@ -1,0 +1,281 @@
+"""What a replay found, as one JSON document and as text (docs/contract.md, "replay")."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+from guardd.journal import parse_rfc3339, rfc3339
+
+#: The journal events a replay reports: its decisions, and the switches that were made.
+DECISIONS: Final = (
+    "rollback_completed",
+    "rollback_failed",
+    "hold",
+    "alert",
+    "qos_locked",
+    "qos_extended",
+    "qos_released",
+    "switch",
+    "promote",
+    "external_switch",
+)
+#: How each is named in the text report.
+_SHOWN: Final = {
+    "rollback_completed": "rollback",
+    "rollback_failed": "rollback failed",
+    "qos_locked": "qos lock",
+    "qos_extended": "qos extended",
+    "qos_released": "qos release",
+    "external_switch": "external switch",
+}
+_MOVES: Final = ("rollback_completed", "rollback_failed", "switch", "promote", "external_switch")
+#: Journal events that are incidents a config should detect.
+INCIDENTS: Final = ("rollback_completed", "rollback_failed", "hold")
+_DAY: Final = re.compile(r"-(\d{4}-\d{2}-\d{2})\.jsonl\.gz$")
+
+
+def decision(event: dict[str, Any]) -> dict[str, Any]:
+    """One decision of the JSON report, from a journal event of the replayed guard."""
+    evidence = event.get("evidence") if isinstance(event.get("evidence"), dict) else None
+    return {
+        "at": event.get("ts"),
+        "event": event.get("event"),
+        "color": event.get("from"),
+        "to": event.get("to"),
+        "rule": evidence.get("rule") if evidence else None,
+        "severity": event.get("severity"),
+        "by": event.get("by"),
+        "reason": event.get("reason"),
+        "evidence": evidence,
+    }
+
+
+def summary(decisions: list[dict[str, Any]]) -> dict[str, int]:
+    """Counts of the decisions by kind."""
+
+    def n(kind: str) -> int:
+        return sum(1 for d in decisions if d["event"] == kind)
+
+    return {
+        "rollbacks": n("rollback_completed") + n("rollback_failed"),
+        "holds": n("hold"),
+        "alerts": n("alert"),
+        "qos_locks": n("qos_locked"),
+        "qos_extended": n("qos_extended"),
+        "qos_releases": n("qos_released"),
+    }
+
+
+def _ts(value: object) -> float | None:
+    try:
+        return parse_rfc3339(str(value))
+    except ValueError:
+        return None
+
+
+def within(value: object, lo: float | None, hi: float | None) -> bool:
+    """Whether the RFC 3339 stamp `value` lies within [lo, hi] (an open end: no bound)."""
+    t = _ts(value)
+    return t is not None and (lo is None or t >= lo) and (hi is None or t <= hi)
+
+
+def detect(
+    incidents: list[dict[str, Any]], decisions: list[dict[str, Any]], tolerance_s: float
+) -> list[dict[str, Any]]:
+    """For each real incident, when the replayed config took a decision about it.
+
+    A decision about an incident is a rollback, a hold or an alert with a severity (a dry
+    run's "would roll back") about the same color, within `tolerance_s` of it either way.
+    """
+    out = []
+    acting = [
+        (t, d)
+        for d in decisions
+        if (t := _ts(d["at"])) is not None
+        and (
+            d["event"] in ("rollback_completed", "rollback_failed", "hold")
+            or (d["event"] == "alert" and d["severity"] in ("P0", "P1"))
+        )
+    ]
+    for inc in incidents:
+        at = _ts(inc.get("ts"))
+        found = None
+        if at is not None:
+            for t, d in acting:
+                if abs(t - at) <= tolerance_s and d["color"] == inc.get("from"):
+                    found = (t, d)
+                    break
+        evidence = inc.get("evidence")
+        evidence = evidence if isinstance(evidence, dict) else {}
+        out.append(
+            {
+                "at": inc.get("ts"),
+                "event": inc.get("event"),
+                "color": inc.get("from"),
+                "to": inc.get("to"),
+                "rule": evidence.get("rule"),
+                "detected_at": found[1]["at"] if found else None,
+                "detected_by": found[1]["event"] if found else None,
+                "delay_s": round(found[0] - at, 3) if found and at is not None else None,
+            }
+        )
+    return out
+
+
+def missing_days(files: list[str]) -> list[str]:
+    """The UTC days between the first and last observation file that have no file."""
+    days = sorted({m.group(1) for f in files if (m := _DAY.search(Path(f).name))})
+    if len(days) < 2:
+        return []
+    first = datetime.strptime(days[0], "%Y-%m-%d").replace(tzinfo=UTC)
+    last = datetime.strptime(days[-1], "%Y-%m-%d").replace(tzinfo=UTC)
+    have = set(days)
+    out = []
+    day = first
+    while day < last:
+        day += timedelta(days=1)
+        if day.strftime("%Y-%m-%d") not in have:
+            out.append(day.strftime("%Y-%m-%d"))
+    return out
+
+
+def _evidence_text(evidence: dict[str, Any] | None) -> str:
+    if not evidence:
+        return ""
+    keys = ("value", "threshold", "samples", "consecutive_failures", "error_ratio", "window_s")
+    return " ".join(f"{k}={evidence[k]}" for k in keys if evidence.get(k) is not None)
+
+
+def _row(d: dict[str, Any], label: str | None) -> list[str]:
+    color = d["color"] or "-"
+    if d["to"] and d["event"] in _MOVES:
+        color = f"{color} -> {d['to']}"
+    head = f"{d['at']}  " + (f"[{label}] " if label else "")
+    head += f"{_SHOWN.get(d['event'], d['event']):<15} {color:<14} {d['severity'] or '-':<3} "
+    head += d["rule"] or "-"
+    lines = [head, f"    {d['reason']}"]
+    ev = _evidence_text(d["evidence"])
+    if ev:
+        lines.append(f"    evidence: {ev}")
+    return lines
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The text report of a JSON report `doc`."""
+    out: list[str] = []
+    h = doc["history"]
+    configs = doc["configs"]
+    labels: list[str | None] = [c["label"] for c in configs] if len(configs) > 1 else [None]
+    pairs = list(zip(configs, labels, strict=True))
+    out.append(
+        f"guardd replay of {h['dir']}: {h['from'] or '-'} .. {h['to'] or '-'}, "
+        f"{h['runs']} run(s), {h['records']} records"
+    )
+    for c, label in pairs:
+        if label:
+            sets = "".join(f" --set {x}" for x in c["set"])
+            out.append(f"  [{label}] {c['config']}{sets}")
+    out.append("")
+    rows = sorted(
+        (
+            (d["at"] or "", i, d, label)
+            for i, (c, label) in enumerate(pairs)
+            for d in c["decisions"]
+        ),
+        key=lambda r: (r[0], r[1]),
+    )
+    if not rows:
+        out.append("No decision: the replayed config(s) took none over this history.")
+    for _, _, d, label in rows:
+        out.extend(_row(d, label))
+    out.append("")
+    for c, label in pairs:
+        s = c["summary"]
+        out.append(
+            ("Summary" + (f" [{label}]" if label else "") + ": ")
+            + f"{s['rollbacks']} rollback(s), {s['holds']} hold(s), {s['alerts']} alert(s), "
+            f"{s['qos_locks']} QoS lock(s) ({s['qos_releases']} released, "
+            f"{s['qos_extended']} extended)"
+        )
+    out.append("")
+    out.extend(_incidents(doc, pairs))
+    out.append("")
+    out.extend(_skipped(doc))
+    return "\n".join(out) + "\n"
+
+
+def _incidents(doc: dict[str, Any], pairs: list[tuple[dict[str, Any], str | None]]) -> list[str]:
+    incidents = pairs[0][0]["incidents"]
+    if not incidents:
+        return [f"Incidents in {doc['journal']}: none in this period."]
+    out = [f"Incidents in {doc['journal']}:"]
+    for i, inc in enumerate(incidents):
+        shown = _SHOWN.get(inc["event"], inc["event"])
+        where = inc["color"] or "-"
+        if inc["to"] and inc["event"] != "hold":
+            where += f" -> {inc['to']}"
+        out.append(f"  {inc['at']}  {shown} {where} ({inc['rule'] or 'no rule'})")
+        for c, label in pairs:
+            found = c["incidents"][i]
+            prefix = f"    [{label}] " if label else "    "
+            if found["detected_at"] is None:
+                out.append(prefix + "not detected")
+                continue
+            by = _SHOWN.get(found["detected_by"], found["detected_by"])
+            out.append(
+                prefix + f"detected at {found['detected_at']} ({found['delay_s']:+g}s, {by})"
+            )
+    return out
+
+
+def _skipped(doc: dict[str, Any]) -> list[str]:
+    h = doc["history"]
+    out = ["Skipped:"]
+    if not (
+        any(h["skipped"].values())
+        or h["problems"]
+        or h["clock_steps"]
+        or h["missing_days"]
+        or h["gaps"]
+    ):
+        out.append("  nothing in the observations")
+    out.extend(f"  {n} observation line(s): {why}" for why, n in sorted(h["skipped"].items()))
+    out.extend(f"  {problem}" for problem in h["problems"])
+    out.extend(f"  no observation file for {day}" for day in h["missing_days"])
+    out.extend(
+        f"  no record for {gap['seconds']:g}s before {gap['until']}: records lost, "
+        "not ticked through"
+        for gap in h["gaps"]
+    )
+    out.extend(
+        f"  wall clock stepped {step['step_s']:+g}s at {step['at']} "
+        "(spacing kept by the monotonic clock)"
+        for step in h["clock_steps"]
+    )
+    for name, src in doc["sources"].items():
+        lines = src.get("lines") or {}
+        counted = ", ".join(f"{k} {v}" for k, v in lines.items() if v)
+        how = src["replayed"] or f"not replayed: {src['why']}"
+        if src["replayed"] and src["why"]:
+            how += f" ({src['why']})"
+        out.append(f"  signal {name} ({src['kind']}): {how}")
+        if counted:
+            out.append(f"    lines: {counted}")
+        if src["outside_history"]:
+            out.append(
+                f"    {src['outside_history']} line(s)/sample(s) outside the recorded history"
+            )
+        if src.get("untimed_lines"):
+            out.append(f"    {src['untimed_lines']} line(s) without a time of their own")
+        out.extend(f"    {problem}" for problem in src["problems"])
+        if src.get("bad_samples"):
+            out.append(f"    {src['bad_samples']} recorded sample(s) this signal could not take")
+    return out
+
+
+def stamp(ts: float | None) -> str | None:
+    """RFC 3339 of `ts`, or None."""
+    return None if ts is None else rfc3339(ts)

@@ -1,0 +1,266 @@
+"""Evidence replay reads where it lies: access logs and applications' logs (rotated and
+`.gz` files included), and Prometheus' own history (`query_range`).
+
+Each source gives batches in wall-clock order: `(wall, signal, what)` where `wall` is the
+end of the `PULSE_S` slot the lines fall in (the daemon wakes its decision loop at most
+this often for new lines) or a Prometheus sample's own time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import re
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from guardd.signals._tail import READ_CHUNK, Tail
+
+#: The daemon's signal pulse (`guardd.supervisor._SIGNAL_PULSE_S`): lines are handed over
+#: in slots of this many seconds, each followed by a decision tick.
+PULSE_S: Final = 0.25
+#: Lines of a log_match file looked at for a timestamp before it is judged to have none.
+PROBE_LINES: Final = 50
+#: At most this many points per `query_range` request (Prometheus refuses > 11,000).
+RANGE_POINTS: Final = 10_000
+_ROTATED: Final = re.compile(r"^\.(\d+)(\.gz)?$")
+
+
+@dataclass
+class SourceReport:
+    """What one signal's replay read and skipped."""
+
+    kind: str
+    files: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    #: Lines (or samples) read that fell outside the history replayed.
+    outside: int = 0
+    #: How the signal was replayed, in words; None when it could not be (then `why`).
+    replayed: str | None = None
+    why: str | None = None
+    #: Lines without a time of their own (log_match), placed at the line before them.
+    untimed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The `sources.NAME` object of the JSON report (docs/contract.md)."""
+        return {
+            "kind": self.kind,
+            "replayed": self.replayed,
+            "why": self.why,
+            "files": self.files,
+            "problems": self.problems,
+            "outside_history": self.outside,
+            "untimed_lines": self.untimed,
+        }
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """`path` and its rotations, oldest first: `path-DATE[.gz]` by name, then `path.N[.gz]`
+    from the highest N, then `path` itself (each only if it is there)."""
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        siblings = []
+    numbered: list[tuple[int, Path]] = []
+    dated: list[Path] = []
+    for p in siblings:
+        if not p.name.startswith(path.name) or p.name == path.name:
+            continue
+        rest = p.name[len(path.name) :]
+        m = _ROTATED.match(rest)
+        if m is not None:
+            numbered.append((int(m.group(1)), p))
+        elif rest.startswith("-") and rest[1:2].isdigit():
+            dated.append(p)
+    files = sorted(dated) + [p for _, p in sorted(numbered, reverse=True)]
+    if path.exists():
+        files.append(path)
+    return files
+
+
+def read_lines(
+    path: Path, split: Callable[[Tail, bytes], list[str]], report: SourceReport
+) -> Iterator[list[str]]:
+    """The complete lines of one file (gzip when it ends in `.gz`), a chunk at a time.
+
+    `split` is the adapter's own line splitter (bounded: an overlong line is counted by it
+    and never held whole). Damage ends the file, reported; it never raises.
+    """
+    tail = Tail(-1, (0, 0), 0, 0.0)
+    try:
+        f: Any = gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        report.problems.append(f"{path}: cannot open: {e.strerror or e}")
+        return
+    report.files.append(str(path))
+    with f:
+        while True:
+            try:
+                chunk = f.read(READ_CHUNK)
+            except (OSError, EOFError, zlib.error) as e:
+                report.problems.append(f"{path}: cannot read on ({e}); the rest of it is skipped")
+                return
+            if not chunk:
+                break
+            lines = split(tail, chunk)
+            if lines:
+                yield lines
+    if tail.pending.strip():
+        yield [tail.pending.decode("utf-8", "surrogateescape")]
+
+
+def slots(
+    lines: Iterator[list[str]], time_of: Callable[[str], float | None], report: SourceReport
+) -> Iterator[tuple[float, list[str]]]:
+    """Lines grouped in `PULSE_S` slots of their own time: `(slot end, lines)`, in order.
+
+    A line without a time goes with the line before it (lines before the first time, with
+    the first slot); a line older than its slot (written late) stays in the current slot.
+    """
+    slot: int | None = None
+    batch: list[str] = []
+    for chunk in lines:
+        for line in chunk:
+            t = time_of(line)
+            if t is None:
+                report.untimed += 1
+            else:
+                s = math.floor(t / PULSE_S)
+                if slot is None:
+                    slot = s
+                elif s > slot:
+                    if batch:
+                        yield (slot + 1) * PULSE_S, batch
+                    batch, slot = [], s
+            batch.append(line)
+    if batch and slot is not None:
+        yield (slot + 1) * PULSE_S, batch
+
+
+def msec_reader(key: str) -> Callable[[str], float | None]:
+    """A line's `msec` (seconds since the epoch) found without parsing the whole line."""
+    pattern = re.compile(r'"' + re.escape(key) + r'"\s*:\s*"?(\d+(?:\.\d+)?)')
+
+    def time_of(line: str) -> float | None:
+        m = pattern.search(line)
+        return float(m.group(1)) if m is not None else None
+
+    return time_of
+
+
+_MONTHS: Final = {
+    m: i + 1
+    for i, m in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+    )
+}
+# ISO 8601 at the start of a line (`2026-12-01T04:13:24.123Z`, `2026-12-01 04:13:24,123`,
+# `[2026-12-01 04:13:24 +0000]`), and nginx's error log (`2026/12/01 04:13:24`).
+_ISO: Final = re.compile(
+    r"^\W{0,2}(\d{4})[-/](\d{2})[-/](\d{2})[T ](\d{2}):(\d{2}):(\d{2})(?:[.,](\d{1,9}))?"
+    r"\s?(Z|[+-]\d{2}:?\d{2})?"
+)
+# The common log format's `[01/Dec/2026:04:13:24 +0000]`, anywhere in the line.
+_CLF: Final = re.compile(r"\[(\d{2})/([A-Z][a-z]{2})/(\d{4}):(\d{2}):(\d{2}):(\d{2}) ([+-]\d{4})\]")
+
+
+def line_time(line: str) -> float | None:
+    """The time a log line says it was written (seconds since the epoch), or None.
+
+    Understood: ISO 8601 at the line's start (a time without an offset is taken as the
+    local time of the host replaying), nginx's error log, and the common log format.
+    """
+    m = _ISO.match(line)
+    if m is not None:
+        y, mo, d, h, mi, s, frac, zone = m.groups()
+        try:
+            moment = datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), tzinfo=UTC)
+        except ValueError:
+            return None
+        seconds = float(f"0.{frac}") if frac else 0.0
+        if zone is None:
+            # The host's local time (the usual meaning of a time without an offset).
+            return time.mktime(moment.timetuple()) + seconds
+        if zone == "Z":
+            return moment.timestamp() + seconds
+        sign = 1 if zone[0] == "+" else -1
+        offset = sign * (int(zone[1:3]) * 3600 + int(zone[-2:]) * 60)
+        return moment.timestamp() - offset + seconds
+    m = _CLF.search(line)
+    if m is not None:
+        d, mon, y, h, mi, s, zone = m.groups()
+        month = _MONTHS.get(mon)
+        if month is None:
+            return None
+        try:
+            moment = datetime(int(y), month, int(d), int(h), int(mi), int(s), tzinfo=UTC)
+        except ValueError:
+            return None
+        sign = 1 if zone[0] == "+" else -1
+        return moment.timestamp() - sign * (int(zone[1:3]) * 3600 + int(zone[3:]) * 60)
+    return None
+
+
+def has_timestamps(path: Path, report: SourceReport) -> bool:
+    """Whether the first lines of `path` (its oldest rotation) carry a time of their own."""
+    seen = 0
+    probe = SourceReport(report.kind)
+
+    def split(tail: Tail, chunk: bytes) -> list[str]:
+        data = tail.pending + chunk
+        cut = data.rfind(b"\n")
+        tail.pending = data[cut + 1 :][-65536:]
+        return data[: max(cut, 0)].decode("utf-8", "surrogateescape").split("\n")
+
+    for lines in read_lines(path, split, probe):
+        for line in lines:
+            if not line.strip():
+                continue
+            if line_time(line) is not None:
+                return True
+            seen += 1
+            if seen >= PROBE_LINES:
+                return False
+    return False
+
+
+def parse_range(body: bytes) -> list[tuple[float, dict[str, Any]]]:
+    """The samples of one series in a `/api/v1/query_range` answer: `(wall, payload)`.
+
+    Raises ValueError (why) when the answer is not one series of a matrix.
+    """
+    import json  # noqa: PLC0415 - only when a prometheus signal is replayed
+
+    doc = json.loads(body)
+    if not isinstance(doc, dict) or doc.get("status") != "success":
+        why = doc.get("error") if isinstance(doc, dict) else None
+        raise ValueError(f"Prometheus refused the range query: {str(why)[:200]}")
+    data = doc.get("data")
+    if not isinstance(data, dict) or data.get("resultType") != "matrix":
+        raise ValueError("the answer is not a matrix")
+    result = data.get("result")
+    if not isinstance(result, list):
+        raise ValueError("the matrix is not a list")  # noqa: TRY004 - an answer's reason
+    if len(result) > 1:
+        raise ValueError(f"{len(result)} series where one is expected")
+    if not result:
+        return []
+    values = result[0].get("values") if isinstance(result[0], dict) else None
+    if not isinstance(values, list):
+        raise ValueError("a series has no values")  # noqa: TRY004 - an answer's reason
+    out: list[tuple[float, dict[str, Any]]] = []
+    for pair in values:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], str)):
+            raise ValueError('a sample is not [timestamp, "value"]')
+        at = float(pair[0])
+        value = float(pair[1])
+        if math.isfinite(value):
+            out.append((at, {"outcome": "ok", "value": value}))
+        else:
+            out.append((at, {"outcome": "nan", "error": f"the value is {pair[1][:10]}"}))
+    return out

@@ -1,0 +1,208 @@
+"""The world a replayed guard lives in: simulated time, and edges that touch nothing.
+
+The guard (`guardd.guard.Guard`) is the daemon's own; only what it is plugged into
+differs. The clock is moved by the replay to each recorded moment; the switcher moves
+traffic in memory and always succeeds at once; the journal keeps its events in memory
+(they are the replay's decisions); the state file remembers its last document in memory
+(a replayed restart reads it back, as the daemon reads state.json); metrics go nowhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from guardd.core.types import COLORS, Color, Outcome
+from guardd.journal import Journal
+from guardd.metrics import GuardMetrics
+from guardd.probes.http import ProbeResult
+from guardd.statefile import StateFile
+
+
+class SimClock:
+    """Simulated time: `monotonic()` is the history's own clock, `wall()` its wall clock.
+
+    `set(at, ts)` places the clock at a record (monotonic `at`, wall `ts`); `advance(at)`
+    moves it on from there, the wall clock by as much as the monotonic one.
+    """
+
+    def __init__(self) -> None:
+        self._mono = 0.0
+        self._offset = 0.0  # wall - monotonic, from the last record
+
+    def set(self, at: float, ts: float) -> None:
+        """Stand at a record: monotonic `at` (never back), wall `ts`."""
+        self._mono = max(self._mono, at)
+        self._offset = ts - at
+
+    def advance(self, at: float) -> None:
+        """Move the monotonic clock on to `at` (never back); the wall clock follows."""
+        self._mono = max(self._mono, at)
+
+    def to_mono(self, wall: float) -> float:
+        """Where wall time `wall` falls on the monotonic clock, as of the last record."""
+        return wall - self._offset
+
+    def monotonic(self) -> float:
+        """Seconds on the history's monotonic clock."""
+        return self._mono
+
+    def wall(self) -> float:
+        """Seconds since the epoch, as the history's wall clock said (or would have)."""
+        return self._mono + self._offset
+
+
+class MemorySwitcher:
+    """A switch target in memory (`guardd.switchers.Switcher`): every switch succeeds now."""
+
+    def __init__(self, active: Color | None = None) -> None:
+        self.active: Color | None = active
+
+    async def read_active(self) -> Color | None:
+        """The color the target names."""
+        return self.active
+
+    async def switch(self, to: Color) -> None:
+        """Name `to`; never fails."""
+        self.active = to
+
+    async def recover(self) -> None:
+        """Nothing is ever left half done."""
+
+    async def restore(self, previous: Color) -> None:
+        """Name `previous` again."""
+        self.active = previous
+
+    async def reapply(self) -> None:
+        """Nothing to re-apply in memory."""
+
+
+class MemoryJournal(Journal):
+    """A journal that keeps every event in memory (`events`) and writes no file."""
+
+    def __init__(self, guard: str, wall: Callable[[], float]) -> None:
+        super().__init__(Path("/nonexistent/replay-journal"), guard, wall)
+        self.events: list[dict[str, Any]] = []
+
+    def open(self) -> None:
+        """Nothing to open."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Journal one event in memory; returns it."""
+        record = super().append(event, **fields)
+        self.events.append(record)
+        return record
+
+    def flush(self) -> None:
+        """Drop the encoded lines: they are kept as `events`."""
+        self._backlog.clear()
+
+    def read(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The events so far (the newest `limit`)."""
+        return list(self.events if limit is None else self.events[-limit:])
+
+
+class MemoryStateFile(StateFile):
+    """state.json in memory: `save` keeps the document, `load` gives it back."""
+
+    def __init__(self) -> None:
+        super().__init__(Path("/nonexistent/replay-state.json"))
+        self.doc: dict[str, Any] = {}
+
+    def load(self) -> dict[str, Any]:
+        """The last document saved (empty before the first)."""
+        return dict(self.doc)
+
+    def save(self, doc: dict[str, Any]) -> None:
+        """Keep `doc`."""
+        self.doc = doc
+
+
+class NullMetrics(GuardMetrics):
+    """Metrics that go nowhere: replay serves none, and a million probes need not count."""
+
+    def __init__(self, guard: str) -> None:
+        super().__init__(guard, "replay")
+
+    def observe_probe(self, color: str, outcome: str, seconds: float) -> None:
+        """Not counted."""
+
+    def set_upstream(
+        self, color: str, *, healthy: bool, consecutive_failures: int, error_ratio: float
+    ) -> None:
+        """Not kept."""
+
+    def set_active(self, color: str | None) -> None:
+        """Not kept."""
+
+    def set_state(self, state: str) -> None:
+        """Not kept."""
+
+    def set_qos_locked(self, locked: bool) -> None:
+        """Not kept."""
+
+    def set_rollback_target_healthy(self, healthy: bool) -> None:
+        """Not kept."""
+
+    def set_rules(self, states: Any) -> None:
+        """Not kept."""
+
+    def decision_tick(self) -> None:
+        """Not counted."""
+
+
+class SwitchVerifier:
+    """What verifies a replayed switch through the front door: it always serves.
+
+    The replayed switch is in memory and succeeds at once, so its verification does too;
+    its presence tells the guard that `switch.verify_url` is watched, so that the recorded
+    front-door answers (fed through `Guard.observe_front_door`) are evidence as live.
+    """
+
+    async def probe(self) -> ProbeResult:
+        """A passing answer, at once."""
+        return ProbeResult(Outcome.OK, 0.0)
+
+    async def aclose(self) -> None:
+        """Nothing to close."""
+
+
+def probe_result(doc: dict[str, Any]) -> ProbeResult | None:
+    """The `ProbeResult` of a `probe` record; None when its fields are not one."""
+    try:
+        outcome = Outcome(str(doc.get("outcome")))
+    except ValueError:
+        return None
+    latency = doc.get("latency_s")
+    if isinstance(latency, bool) or not isinstance(latency, int | float) or latency < 0:
+        latency = 0.0
+    error = doc.get("error")
+    status = doc.get("status")
+    return ProbeResult(
+        outcome,
+        float(latency),
+        error if isinstance(error, str) else None,
+        status if isinstance(status, int) and not isinstance(status, bool) else None,
+    )
+
+
+def color_of(value: object) -> Color | None:
+    """`value` if it is one of the two colors."""
+    return "blue" if value == "blue" else "green" if value == "green" else None
+
+
+__all__ = [
+    "COLORS",
+    "MemoryJournal",
+    "MemoryStateFile",
+    "MemorySwitcher",
+    "NullMetrics",
+    "SimClock",
+    "SwitchVerifier",
+    "color_of",
+    "probe_result",
+]

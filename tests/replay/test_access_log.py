@@ -1,0 +1,124 @@
+"""`guardd replay` reads an access log where nginx left it, rotated and compressed, and
+judges each request at its own time."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from guardd.journal import parse_rfc3339
+from tests.replay.history import Timeline, config, decisions, replay, replay_json
+from tests.signals.access_log_lib import BLUE, GREEN, line
+
+HOUR = 3600
+RATE = 20  # requests a second, all to green (the active color)
+BURST = (1800.0, 2100.0)  # seconds into the hour: 5 minutes of 8 % 5xx on green
+
+
+def _log_hour(where: Path, t0: float) -> int:
+    """An hour of green's traffic in `access.log.2.gz` (the first 20 minutes), `access.log.1`
+    and `access.log` (the last 20), as logrotate leaves them; returns the line count."""
+    where.mkdir(parents=True, exist_ok=True)
+    parts: list[list[str]] = [[], [], []]
+    n = 0
+    for i in range(HOUR * RATE):
+        at = i / RATE
+        in_burst = BURST[0] <= at < BURST[1]
+        # 2 in 25 requests fail during the burst: exactly 8 %.
+        status = "502" if in_burst and i % 25 < 2 else "200"
+        parts[min(2, int(at // 1200))].append(line(GREEN, status, msec=t0 + at))
+        n += 1
+    with gzip.open(where / "access.log.2.gz", "wt") as f:
+        f.writelines(parts[0])
+    (where / "access.log.1").write_text("".join(parts[1]))
+    (where / "access.log").write_text("".join(parts[2]))
+    return n
+
+
+def _signal(logs: Path, above: float) -> str:
+    return f"""
+[signals.traffic]
+kind = "access_log"
+source = "file:{logs}/access.log"
+addresses = {{ blue = ["{BLUE}"], green = ["{GREEN}"] }}
+window = "60s"
+
+[[rules]]
+name = "errors"
+signal = "traffic"
+stat = "error_ratio"
+above = {above}
+severity = "P2"
+min_samples = 50
+"""
+
+
+@pytest.fixture
+def hour(tmp_path: Path) -> tuple[Path, float, int]:
+    tl = Timeline(tmp_path / "state")
+    t0 = tl.wall
+    tl.start(active="green", interval=1.0)
+    tl.rounds(HOUR, interval=1.0)
+    tl.close()
+    n = _log_hour(tmp_path / "logs", t0)
+    return tmp_path, t0, n
+
+
+def test_an_error_ratio_rule_fires_within_the_burst_and_a_higher_one_never(
+    hour: tuple[Path, float, int],
+) -> None:
+    tmp, t0, n = hour
+    cfg = config(
+        tmp, tmp / "state", extra=_signal(tmp / "logs", 0.05), interval="1s", qos_window="10s"
+    )
+    doc = replay_json("--config", str(cfg))
+    fired = [d for d in decisions(doc, "alert") if d["rule"] == "errors"]
+    assert len(fired) == 1, doc["configs"][0]["decisions"]
+    at = parse_rfc3339(fired[0]["at"]) - t0
+    # Within the burst, once the 60 s window holds more than 5 % of errors (about 38 s in).
+    assert BURST[0] + 30 <= at <= BURST[0] + 45, at
+    assert fired[0]["color"] == "green"
+    assert fired[0]["evidence"]["value"] > 0.05
+    # Every line of the three files was read and counted, none skipped.
+    src = doc["sources"]["traffic"]
+    assert src["lines"]["ok"] == n
+    assert src["lines"]["unparsed"] == src["lines"]["oversize"] == src["lines"]["shed"] == 0
+    assert [Path(f).name for f in src["files"]] == ["access.log.2.gz", "access.log.1", "access.log"]
+    assert doc["configs"][0]["decisions"] == fired  # nothing else happened
+    # New lines wake a tick every quarter second (the daemon's signal pulse), besides the
+    # tick of each probe round: the rule is judged as often as live.
+    assert doc["configs"][0]["ticks"] >= HOUR * 4 - 10
+    # The same history with the threshold at 10 %: the rule never fires.
+    higher = replay_json("--config", str(cfg), "--set", "rules.0.above=0.10")
+    assert [d for d in higher["configs"][0]["decisions"] if d["rule"] == "errors"] == []
+    assert higher["configs"][0]["summary"]["alerts"] == 0
+    text = replay("--config", str(cfg), "--set", "rules.0.above=0.10")
+    assert "No decision" in text.stdout
+    assert "signal traffic (access_log): from its files" in text.stdout
+
+
+def test_a_p0_traffic_rule_rolls_back_at_the_burst(hour: tuple[Path, float, int]) -> None:
+    tmp, t0, _ = hour
+    extra = _signal(tmp / "logs", 0.05).replace('severity = "P2"', 'severity = "P0"')
+    cfg = config(tmp, tmp / "state", extra=extra, interval="1s", qos_window="10s")
+    doc = replay_json("--config", str(cfg))
+    [rb] = decisions(doc, "rollback_completed")
+    assert (rb["color"], rb["to"], rb["rule"]) == ("green", "blue", "errors")
+    assert BURST[0] <= parse_rfc3339(rb["at"]) - t0 <= BURST[1]
+
+
+def test_an_access_log_that_is_not_there_is_said_and_its_rules_say_nothing(
+    hour: tuple[Path, float, int],
+) -> None:
+    tmp, _, _ = hour
+    extra = _signal(tmp / "nowhere", 0.05).replace('severity = "P2"', 'severity = "P0"')
+    cfg = config(tmp, tmp / "state", extra=extra, interval="1s", qos_window="10s")
+    doc = replay_json("--config", str(cfg))
+    src = doc["sources"]["traffic"]
+    assert src["replayed"] is None
+    assert src["why"] == f"no file at {tmp / 'nowhere' / 'access.log'} (nor rotated beside it)"
+    assert decisions(doc, "rollback_completed") == []
+    said = [d["reason"] for d in decisions(doc, "alert")]
+    assert any("signal traffic gives nothing: cannot be replayed" in r for r in said), said

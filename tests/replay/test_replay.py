@@ -1,0 +1,381 @@
+"""`guardd replay` over a recorded history: the decisions, the what-if, the incidents,
+the exit statuses, and that it writes nothing where guardd keeps its state."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from guardd.journal import parse_rfc3339
+from tests.harness.daemon import nobody_prefix
+from tests.replay.history import GUARDD, Timeline, config, decisions, replay, replay_json
+
+INTERVAL = 0.2
+
+
+def _green_fails(tl: Timeline, *, failing: int = 30) -> float:
+    """Healthy for a while, then green (active) fails `failing` rounds; the live guard
+    rolled back at the third failure (journaled). Returns the wall time of that rollback."""
+    tl.start(active="green")
+    tl.rounds(150)
+    tl.rounds(3, green="http_5xx")
+    at = tl.wall
+    tl.incident(
+        "rollback_completed",
+        source="green",
+        target="blue",
+        reason="P0 consecutive_failures: 3 >= 3 on green; rolling back to blue",
+        severity="P0",
+        evidence={"rule": "consecutive_failures", "threshold": 3, "value": 3, "color": "green"},
+    )
+    tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+    tl.rounds(failing - 3, green="http_5xx")
+    tl.rounds(150)
+    return at
+
+
+@pytest.fixture
+def tl(tmp_path: Path) -> Iterator[Timeline]:
+    timeline = Timeline(tmp_path / "state")
+    yield timeline
+    timeline.close()
+
+
+def test_a_rollback_is_replayed_by_the_same_rule_at_the_same_time(
+    tmp_path: Path, tl: Timeline
+) -> None:
+    live_at = _green_fails(tl)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    doc = replay_json("--config", str(cfg))
+    rollbacks = decisions(doc, "rollback_completed")
+    assert len(rollbacks) == 1, doc["configs"][0]["decisions"]
+    rb = rollbacks[0]
+    assert (rb["color"], rb["to"], rb["rule"], rb["severity"]) == (
+        "green",
+        "blue",
+        "consecutive_failures",
+        "P0",
+    )
+    assert abs(parse_rfc3339(rb["at"]) - live_at) <= INTERVAL
+    assert rb["evidence"]["consecutive_failures"] == 3
+    [incident] = doc["configs"][0]["incidents"]
+    assert incident["event"] == "rollback_completed"
+    assert incident["detected_at"] == rb["at"]
+    assert abs(incident["delay_s"]) <= INTERVAL
+    # A rollback takes the QoS lock (in a private folder), and the guard window releases it.
+    assert decisions(doc, "qos_locked") and decisions(doc, "qos_released")
+    assert doc["configs"][0]["summary"]["rollbacks"] == 1
+    text = replay("--config", str(cfg))
+    assert text.returncode == 0, text.stderr
+    assert "rollback        green -> blue  P0  consecutive_failures" in text.stdout
+    assert "detected at" in text.stdout
+    assert "Summary: 1 rollback(s), 0 hold(s)" in text.stdout
+
+
+def test_a_higher_threshold_rolls_back_later_and_the_summary_says_so(
+    tmp_path: Path, tl: Timeline
+) -> None:
+    live_at = _green_fails(tl)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    doc = replay_json("--config", str(cfg), "--set", "policy.consecutive_failures=10")
+    [rb] = decisions(doc, "rollback_completed")
+    assert rb["rule"] == "consecutive_failures"
+    assert rb["evidence"]["consecutive_failures"] == 10
+    # Seven more failed rounds of green than live: later by about 7 intervals.
+    delay = parse_rfc3339(rb["at"]) - live_at
+    assert 6 * INTERVAL <= delay <= 8 * INTERVAL
+    [incident] = doc["configs"][0]["incidents"]
+    assert incident["delay_s"] == pytest.approx(delay, abs=0.002)
+    text = replay("--config", str(cfg), "--set", "policy.consecutive_failures=10")
+    assert f"({incident['delay_s']:+g}s, rollback)" in text.stdout
+
+
+def test_a_higher_threshold_misses_a_short_incident_and_says_not_detected(
+    tmp_path: Path, tl: Timeline
+) -> None:
+    _green_fails(tl, failing=6)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    assert len(decisions(replay_json("--config", str(cfg)), "rollback_completed")) == 1
+    doc = replay_json("--config", str(cfg), "--set", "policy.consecutive_failures=10")
+    assert decisions(doc, "rollback_completed") == []
+    assert doc["configs"][0]["summary"]["rollbacks"] == 0
+    [incident] = doc["configs"][0]["incidents"]
+    assert incident["detected_at"] is None
+    text = replay("--config", str(cfg), "--set", "policy.consecutive_failures=10")
+    assert "not detected" in text.stdout
+    assert "Summary: 0 rollback(s)" in text.stdout
+
+
+def test_both_colors_down_is_a_hold_not_a_rollback(tmp_path: Path, tl: Timeline) -> None:
+    tl.start(active="green")
+    tl.rounds(150)
+    tl.rounds(2, blue="connect_error")
+    tl.rounds(40, blue="connect_error", green="http_5xx")
+    live_at = tl.wall - 38 * INTERVAL
+    tl.incident("hold", source="green", target="blue", reason="both down", severity="P0")
+    tl.close()
+    doc = replay_json("--config", str(config(tmp_path, tmp_path / "state")))
+    assert decisions(doc, "rollback_completed") == []
+    holds = decisions(doc, "hold")
+    assert holds, doc["configs"][0]["decisions"]
+    assert holds[0]["color"] == "green"
+    assert "rollback target blue is unhealthy" in holds[0]["reason"]
+    assert abs(parse_rfc3339(holds[0]["at"]) - live_at) <= INTERVAL
+    assert doc["configs"][0]["incidents"][0]["detected_by"] == "hold"
+
+
+def test_a_clean_history_gives_no_decision(tmp_path: Path, tl: Timeline) -> None:
+    tl.start(active="green")
+    tl.rounds(600)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    doc = replay_json("--config", str(cfg))
+    assert doc["configs"][0]["decisions"] == []
+    # One tick per round of the active color, as the daemon's decision loop: a probe and
+    # the period falling due together wake it once.
+    assert 600 <= doc["configs"][0]["ticks"] <= 602
+    text = replay("--config", str(cfg))
+    assert "No decision" in text.stdout
+    assert "Incidents in" in text.stdout and "none in this period" in text.stdout
+
+
+def test_compare_replays_both_configs_over_the_same_history(tmp_path: Path, tl: Timeline) -> None:
+    _green_fails(tl, failing=6)
+    tl.close()
+    state = tmp_path / "state"
+    base = config(tmp_path, state)
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    # Another instance name, another state.dir: the history is the first config's.
+    other = config(other_dir, other_dir / "elsewhere", extra="", instance="candidate")
+    text = other.read_text().replace("consecutive_failures = 3", "consecutive_failures = 10")
+    other.write_text(text)
+    doc = replay_json("--config", str(base), "--compare", str(other))
+    assert [c["label"] for c in doc["configs"]] == ["A", "B"]
+    assert doc["configs"][0]["summary"]["rollbacks"] == 1
+    assert doc["configs"][1]["summary"]["rollbacks"] == 0
+    shown = replay("--config", str(base), "--compare", str(other)).stdout
+    assert "[A] rollback" in shown
+    assert "Summary [A]: 1 rollback(s)" in shown
+    assert "Summary [B]: 0 rollback(s)" in shown
+    assert "[B] not detected" in shown
+
+
+def test_from_and_to_bound_the_decisions(tmp_path: Path, tl: Timeline) -> None:
+    live_at = _green_fails(tl)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    before = replay_json("--config", str(cfg), "--to", _iso(live_at - 5))
+    assert decisions(before, "rollback_completed") == []
+    assert before["configs"][0]["incidents"] == []
+    around = replay_json(
+        "--config", str(cfg), "--from", _iso(live_at - 20), "--to", _iso(live_at + 5)
+    )
+    assert len(decisions(around, "rollback_completed")) == 1
+    # The windows are full at --from, as the daemon's were: the history before it (the
+    # longest window, 30 s) is replayed too, its decisions not reported.
+    [late] = decisions(
+        replay_json("--config", str(cfg), "--from", _iso(live_at - 0.5)), "rollback_completed"
+    )
+    assert late["evidence"]["samples"] >= 140
+    assert abs(parse_rfc3339(late["at"]) - live_at) <= INTERVAL
+    # A relative time counts back from now: the whole (older) history is before it.
+    recent = replay_json("--config", str(cfg), "--from", "2h")
+    assert recent["configs"][0]["decisions"] == []
+    assert recent["history"]["records"] == 0
+
+
+def _iso(ts: float) -> str:
+    from guardd.journal import rfc3339  # noqa: PLC0415
+
+    return rfc3339(ts)
+
+
+def test_an_invalid_config_prints_what_check_config_prints(tmp_path: Path) -> None:
+    cfg = config(tmp_path, tmp_path / "state")
+    cfg.write_text(cfg.read_text().replace("consecutive_failures = 3", "consecutive_failures = 0")
+                   + "\n[bogus]\nx = 1\n")  # fmt: skip
+    done = replay("--config", str(cfg))
+    check = subprocess.run(
+        [*GUARDD, "check-config", "--offline", str(cfg)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == check.returncode == 2
+    assert done.stderr == check.stderr
+    assert f"{cfg}: policy.consecutive_failures: must be >= 1" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "said"),
+    [
+        ("policy.consecutive_failures=0", "policy.consecutive_failures: must be >= 1"),
+        ("policy.consecutive_failures=ten", "policy.consecutive_failures: --set: 'ten' is not"),
+        ("policy.no_such_key=1", "policy.no_such_key: unknown key"),
+        ('policy.window="soon"', "policy.window: must be a duration"),
+        ("rules.3.above=0.1", "rules.3.above: --set: the file has no rules"),
+        ("policy.window.x=1", "policy.window.x: --set: policy.window is not a table"),
+        ("nonsense", "--set 'nonsense': not KEY=VALUE"),
+    ],
+)
+def test_a_bad_set_is_reported_as_the_files_problems_are(
+    tmp_path: Path, setting: str, said: str
+) -> None:
+    cfg = config(tmp_path, tmp_path / "state")
+    done = replay("--config", str(cfg), "--set", setting)
+    assert done.returncode == 2
+    assert f"{cfg}: " in done.stderr
+    assert said in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_set_reaches_into_the_rules(tmp_path: Path, tl: Timeline) -> None:
+    _green_fails(tl)
+    tl.close()
+    rule = (
+        '\n[[rules]]\nsignal = "probe"\nstat = "consecutive_failures"\nabove = 1\n'
+        'severity = "P2"\nname = "wobbly"\n'
+    )
+    cfg = config(tmp_path, tmp_path / "state", extra=rule)
+    doc = replay_json("--config", str(cfg), "--set", 'rules.0.severity="P0"')
+    [rb] = decisions(doc, "rollback_completed")
+    assert rb["rule"] == "wobbly"
+
+
+def test_bad_times_exit_2(tmp_path: Path) -> None:
+    cfg = config(tmp_path, tmp_path / "state")
+    done = replay("--config", str(cfg), "--from", "last tuesday")
+    assert done.returncode == 2
+    assert "--from/--to" in done.stderr and "ISO 8601" in done.stderr
+
+
+def test_no_history_exits_1_naming_the_folder(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    cfg = config(tmp_path, state)
+    done = replay("--config", str(cfg))
+    assert done.returncode == 1
+    assert f"{state / 'observations'}: no such directory" in done.stderr
+    (state / "observations").mkdir(parents=True)
+    (state / "observations" / "notes.txt").write_text("hello\n")
+    done = replay("--config", str(cfg))
+    assert done.returncode == 1
+    assert "no observation file" in done.stderr
+    assert not state.joinpath("events.jsonl").exists()
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        st = path.lstat()
+        out[str(path)] = (st.st_mtime_ns, st.st_mode, path.read_bytes() if path.is_file() else b"")
+    out[str(folder)] = (folder.stat().st_mtime_ns, folder.stat().st_mode, b"")
+    return out
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A folder any uid may enter (pytest's are 0700), for a replay run as `nobody`."""
+    where = Path(tempfile.mkdtemp(prefix="guardd-replay-", dir="/tmp"))
+    where.chmod(0o755)
+    yield where
+    shutil.rmtree(where, ignore_errors=True)
+
+
+def test_replay_writes_nothing_in_state_dir_even_read_only(open_dir: Path) -> None:
+    state = open_dir / "state"
+    tl = Timeline(state)
+    _green_fails(tl)
+    tl.close()
+    cfg = config(open_dir, state)
+    cfg.chmod(0o644)
+    for path in state.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o444)
+    state.chmod(0o555)
+    before = _snapshot(state)
+    # As `nobody`, who may read the state folder and write nothing in it.
+    done = replay("--config", str(cfg), "--json", prefix=nobody_prefix())
+    assert done.returncode == 0, done.stderr
+    assert '"rollback_completed"' in done.stdout
+    assert _snapshot(state) == before
+    # And as root, who could: still nothing written, no lock file anywhere it was configured.
+    done = replay("--config", str(cfg))
+    assert done.returncode == 0, done.stderr
+    assert _snapshot(state) == before
+    assert not (open_dir / "run").exists()
+    assert sorted(p.name for p in state.iterdir()) == ["events.jsonl", "observations"]
+
+
+def test_a_restart_in_the_history_is_a_restart_in_the_replay(tmp_path: Path, tl: Timeline) -> None:
+    # Run 1: green fails, the live guard rolls back to blue. Then the daemon restarts
+    # (serving blue), and in run 2 blue fails too.
+    _green_fails(tl, failing=10)
+    tl.start(active="blue")
+    tl.rounds(100)
+    tl.rounds(10, blue="http_5xx")
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state", extra="")
+    cfg.write_text(cfg.read_text().replace("[policy]\n", "[policy]\nmax_rollbacks = 1\n"))
+    doc = replay_json("--config", str(cfg), "--set", 'policy.rollback_to="previous"')
+    assert doc["history"]["runs"] == 2
+    [rb] = decisions(doc, "rollback_completed")
+    assert (rb["color"], rb["to"]) == ("green", "blue")
+    # The rollback budget survives the restart, as the daemon rebuilds it from its journal:
+    # the second failure is a hold for an operator, not a second rollback.
+    holds = decisions(doc, "hold")
+    assert holds, doc["configs"][0]["decisions"]
+    assert holds[0]["color"] == "blue"
+    assert "rollback budget spent" in holds[0]["reason"]
+    assert parse_rfc3339(holds[0]["at"]) > parse_rfc3339(rb["at"])
+
+
+def test_history_no_file_of_which_can_be_opened_exits_1_naming_it(open_dir: Path) -> None:
+    state = open_dir / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    tl.rounds(20)
+    tl.close()
+    cfg = config(open_dir, state)
+    cfg.chmod(0o644)
+    for path in state.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o600)  # root's alone
+    state.chmod(0o755)
+    [day] = (state / "observations").iterdir()
+    done = replay("--config", str(cfg), prefix=nobody_prefix())
+    assert done.returncode == 1, done.stdout
+    assert f"{day}: cannot open: Permission denied" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("by", "event", "replayed_as"),
+    [
+        ("uid:0(root)", "switch", "switch"),
+        ("uid:0(root)", "promote", "promote"),
+        ("external", "external_switch", "external_switch"),
+    ],
+)
+def test_switches_made_by_others_are_made_in_the_replay_too(
+    tmp_path: Path, tl: Timeline, by: str, event: str, replayed_as: str
+) -> None:
+    tl.start(active="green")
+    tl.rounds(100)
+    tl.recorder.switch("green", "blue", by=by, reason="moved by hand", event=event)
+    tl.rounds(100)
+    tl.rounds(10, blue="http_5xx")
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    doc = replay_json("--config", str(cfg), "--set", 'policy.rollback_to="previous"')
+    [moved] = decisions(doc, replayed_as)
+    assert (moved["color"], moved["to"], moved["by"]) == ("green", "blue", by)
+    # Then blue, now served, fails: the replayed guard rolls back from it.
+    [rb] = decisions(doc, "rollback_completed")
+    assert (rb["color"], rb["to"]) == ("blue", "green")
