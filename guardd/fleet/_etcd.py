@@ -90,6 +90,18 @@ class EtcdClient:
         """Close the connections."""
         await self._client.aclose()
 
+    def _members(self) -> list[tuple[int, str]]:
+        """Every member as (index, base URL), the one that answered last first."""
+        n = len(self.endpoints)
+        return [
+            ((self._current + i) % n, self.endpoints[(self._current + i) % n]) for i in range(n)
+        ]
+
+    async def _headers(self, base: str) -> dict[str, str]:
+        """The headers of a request to `base`, authenticated first when credentials are set."""
+        await self._authenticate(base)
+        return {"Authorization": self._token} if self._token else {}
+
     async def _authenticate(self, base: str) -> None:
         if self._username is None or self._password_file is None or self._token is not None:
             return
@@ -108,13 +120,9 @@ class EtcdClient:
         Raises `EtcdUnavailable` naming every member's failure when none answered.
         """
         problems = []
-        n = len(self.endpoints)
-        for i in range(n):
-            index = (self._current + i) % n
-            base = self.endpoints[index]
+        for index, base in self._members():
             try:
-                await self._authenticate(base)
-                headers = {"Authorization": self._token} if self._token else {}
+                headers = await self._headers(base)
                 r = await self._client.post(f"{base}/v3/{path}", json=body, headers=headers)
             except (httpx.HTTPError, OSError) as e:
                 problems.append(f"{base}: {type(e).__name__}")
@@ -178,13 +186,9 @@ class EtcdClient:
             request["range_end"] = _b64(prefix_end(key))
         timeout = httpx.Timeout(self.timeout, read=idle)
         problems = []
-        n = len(self.endpoints)
-        for i in range(n):
-            index = (self._current + i) % n
-            base = self.endpoints[index]
+        for index, base in self._members():
             try:
-                await self._authenticate(base)
-                headers = {"Authorization": self._token} if self._token else {}
+                headers = await self._headers(base)
                 async with self._client.stream(
                     "POST",
                     f"{base}/v3/watch",
