@@ -219,8 +219,30 @@ class SwitchVerifier:
         """Nothing to close."""
 
 
+#: The results read so far, by their fields: most probe rounds of a day are alike, and a
+#: `ProbeResult` is immutable, so one object serves them all.
+_RESULTS: dict[tuple[Any, ...], ProbeResult | None] = {}
+_MAX_RESULTS = 4096
+
+
 def probe_result(doc: dict[str, Any]) -> ProbeResult | None:
     """The `ProbeResult` of a `probe` record; None when its fields are not one."""
+    fields = (doc.get("outcome"), doc.get("latency_s"), doc.get("error"), doc.get("status"))
+    # The types are part of the key: 1, 1.0 and True are equal keys, not equal fields.
+    key = (*fields, *map(type, fields))
+    try:
+        return _RESULTS[key]
+    except KeyError:
+        result = _probe_result(doc)
+        if len(_RESULTS) >= _MAX_RESULTS:
+            _RESULTS.clear()
+        _RESULTS[key] = result
+        return result
+    except TypeError:  # a field that is a list or an object: not a key, nor a result
+        return _probe_result(doc)
+
+
+def _probe_result(doc: dict[str, Any]) -> ProbeResult | None:
     try:
         outcome = Outcome(str(doc.get("outcome")))
     except ValueError:

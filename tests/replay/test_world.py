@@ -11,8 +11,10 @@ import pytest
 
 from guardd import config as guardd_config
 from guardd import qoslock
+from guardd.core.types import Outcome
+from guardd.probes.http import ProbeResult
 from guardd.replay._engine import Simulation
-from guardd.replay._world import MemoryLocks, MemoryStateFile
+from guardd.replay._world import MemoryLocks, MemoryStateFile, probe_result
 from tests.replay.history import Timeline
 from tests.replay.history import config as write_config
 
@@ -95,3 +97,34 @@ def test_a_lock_taken_before_a_replayed_restart_is_kept_in_memory_not_on_disk(
     assert sim.state_file.load()["qos"]["reason"] == guard.qos.own_lock.info.reason
     # The configured lock file was never written: deploys are not blocked by a replay.
     assert not (tmp_path / "run").exists()
+
+
+def test_probe_results_read_alike_are_one_object_and_others_are_not_confused() -> None:
+    ok = {"kind": "probe", "color": "green", "outcome": "ok", "latency_s": 0.004, "status": 200}
+    first, again = probe_result(dict(ok)), probe_result(dict(ok))
+    assert first is again
+    assert first == ProbeResult(Outcome.OK, 0.004, None, 200)
+    # Equal as dict keys, not as fields: each is read as the record says.
+    cases: list[tuple[dict[str, Any], ProbeResult | None]] = [
+        ({**ok, "latency_s": 1}, ProbeResult(Outcome.OK, 1.0, None, 200)),
+        ({**ok, "latency_s": True}, ProbeResult(Outcome.OK, 0.0, None, 200)),
+        ({**ok, "latency_s": 1.0}, ProbeResult(Outcome.OK, 1.0, None, 200)),
+        ({**ok, "status": True}, ProbeResult(Outcome.OK, 0.004, None, None)),
+        ({**ok, "status": 1}, ProbeResult(Outcome.OK, 0.004, None, 1)),
+        ({**ok, "status": 1.0}, ProbeResult(Outcome.OK, 0.004, None, None)),
+        ({**ok, "error": 1}, ProbeResult(Outcome.OK, 0.004, None, 200)),
+        ({**ok, "error": ["HTTP 503"]}, ProbeResult(Outcome.OK, 0.004, None, 200)),
+        ({**ok, "error": {"a": 1}, "status": [1]}, ProbeResult(Outcome.OK, 0.004, None, None)),
+        (
+            {**ok, "outcome": "http_5xx", "error": "HTTP 503", "status": 503},
+            ProbeResult(Outcome.HTTP_5XX, 0.004, "HTTP 503", 503),
+        ),
+        ({**ok, "outcome": ["ok"]}, None),
+        ({**ok, "outcome": "fine"}, None),
+        ({**ok, "latency_s": -1.0}, ProbeResult(Outcome.OK, 0.0, None, 200)),
+    ]
+    for _ in range(2):  # read, then read again from what was kept
+        for doc, want in cases:
+            assert probe_result(doc) == want, doc
+            if want is not None:
+                assert type(probe_result(doc).latency_s) is float  # type: ignore[union-attr]
