@@ -145,7 +145,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             ("access_log", "{n:,} access-log lines at 100 req/s beside probes at 1 s"),
         ):
             r = rp[case]
-            n = r["records"] if case == "probes" else sum(r["lines"].values())
+            n = r["records"] if case == "probes" else r["lines_written"]
             add(
                 f"`guardd replay` over {what.format(n=n)}, wall time",
                 f"<= {r['target_s']:g} s",
