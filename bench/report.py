@@ -138,6 +138,21 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{worst['new_us']} us (before: {worst.get('base_us')} us{base})",
                 worst["new_us"] <= goal and tk["decisions_identical"],
             )
+    rp = s.get("replay")
+    if rp:
+        for case, what in (
+            ("probes", "a day of probe history at 200 ms ({n:,} records)"),
+            ("access_log", "{n:,} access-log lines at 100 req/s beside probes at 1 s"),
+        ):
+            r = rp[case]
+            n = r["records"] if case == "probes" else r["lines_written"]
+            add(
+                f"`guardd replay` over {what.format(n=n)}, wall time",
+                f"<= {r['target_s']:g} s",
+                f"{r['seconds']} s ({r['ratio_to_target']} x the target), "
+                f"peak RSS {r['peak_rss_mib']} MiB",
+                r["met"],
+            )
     sc = s.get("scrape")
     if sc:
         add(

@@ -1,7 +1,7 @@
 """`make bench`: guardd against the tools it replaces, measured side by side in one run.
 
     python -m bench.run [--quick]
-        [--only cost,ctl,ttr,scale,quorum,load,traffic,parse,scrape,fleet,tick,recording]
+        [--only cost,ctl,ttr,scale,quorum,load,traffic,parse,scrape,fleet,tick,recording,replay]
         [--out DIR]
 
 Suites (bench/README.md says what each measures and why):
@@ -21,6 +21,8 @@ Suites (bench/README.md says what each measures and why):
   tick    CPU per decision tick (pure core; the daemon's Guard.tick) beside guardd before
           the tick was made cheaper, on the same probe history
   recording  CPU per probe of guardd with observations recorded and without, side by side
+  replay  wall time of `guardd replay` over a day of probe history at 200 ms and over a
+          million access-log lines (bench/replay.py), each beside its target
 Every figure lands in DIR/latest.json and DIR/latest.md (default bench/results).
 """
 
@@ -44,6 +46,7 @@ from bench import (
     fleet,
     load,
     recording,
+    replay,
     report,
     scale,
     scrape,
@@ -70,6 +73,7 @@ SUITES = (
     "fleet",
     "tick",
     "recording",
+    "replay",
 )
 # The soak reads memory this long after the guardd and blackbox_exporter it watches started.
 SOAK_S = 600.0
@@ -137,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         "fleet": lambda: fleet.run(ctx),
         "tick": lambda: tick.measure(5_000 if args.quick else 20_000, 3 if args.quick else 5),
         "recording": lambda: recording.run(ctx, window=10.0 if args.quick else 20.0, windows=5),
+        # The full sizes even with --quick: the targets are set for them (about a minute).
+        "replay": replay.measure,
     }
     try:
         if "cost" in only or "ctl" in only:

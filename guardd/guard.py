@@ -222,7 +222,16 @@ class Guard:
 
     def save_state(self) -> None:
         """Mirror what must survive a restart into state.json."""
-        doc: dict[str, Any] = {
+        try:
+            self.state_file.save_from(self.state_doc)
+        except (StorageError, UnsafePath) as e:
+            self.storage_failed("state", str(e))
+        else:
+            self.storage_ok("state")
+
+    def state_doc(self) -> dict[str, Any]:
+        """The state.json document (docs/contract.md §4) as things stand."""
+        return {
             "guard": self.s.instance,
             "active": self.active,
             "state": self.state.value,
@@ -231,12 +240,6 @@ class Guard:
             **self.machine.memory().to_json(),
             "qos": self.qos.to_json(),
         }
-        try:
-            self.state_file.save(doc)
-        except (StorageError, UnsafePath) as e:
-            self.storage_failed("state", str(e))
-        else:
-            self.storage_ok("state")
 
     # ---- start-up ----------------------------------------------------------------------
 

@@ -64,6 +64,8 @@ class QosKeeper:
         self.host = host
         self.own_lock: OwnedLock | None = None
         self.held = False  # whether any lock file is there, as of the last look
+        #: Where the lock is read and written (the files; a replay keeps it in memory).
+        self.store: qoslock.LockStore = qoslock.LOCK_FILES
         # The rules firing on the active color at the last tick: a measurement, taken
         # again after a restart (a rule still firing then is counted again: fail closed).
         self._firing: frozenset[str] = frozenset()
@@ -100,7 +102,7 @@ class QosKeeper:
         else:
             span = duration or host.s.qos_window
             window = self._new_window(now, span)
-            current = qoslock.read_lock(host.s.lock_file)
+            current = self.store.read(host.s.lock_file)
             if current.held and (old is None or current != old.info):
                 # Someone else's lock (a touched file): it had no end, so neither does ours.
                 floor = math.inf
@@ -126,7 +128,7 @@ class QosKeeper:
     def _write(self, info: qoslock.LockInfo) -> None:
         lock_file = self.host.s.lock_file
         try:
-            qoslock.write_lock(lock_file, info)
+            self.store.write(lock_file, info)
         except (OSError, StorageError, UnsafePath) as e:
             self.host.storage_failed("lock", f"cannot write {lock_file}: {why(e)}")
         else:
@@ -162,12 +164,12 @@ class QosKeeper:
     def step(self, now: float) -> None:
         """Look at the lock file, and judge the guard window (release or extend) when due."""
         host = self.host
-        current = qoslock.read_lock(host.s.lock_file)
+        current = self.store.read(host.s.lock_file)
         own = self.own_lock
         if own is not None and current != own.info:
             if "lock" in host.storage.failing and not current.held:
                 self._write(own.info)  # the earlier write failed (disk full): try again
-                current = qoslock.read_lock(host.s.lock_file)
+                current = self.store.read(host.s.lock_file)
             if current != own.info:
                 # Removed or replaced by someone else: theirs now, never ours to delete.
                 self.own_lock = own = None
@@ -223,7 +225,7 @@ class QosKeeper:
         """Remove the lock file (any lock, when an operator asks) and journal it."""
         host = self.host
         try:
-            removed = qoslock.remove_lock(host.s.lock_file)
+            removed = self.store.remove(host.s.lock_file)
         except (OSError, UnsafePath) as e:
             host.storage_failed("lock", why(e))
             return False
@@ -278,7 +280,7 @@ class QosKeeper:
             except ValueError:
                 return default
 
-        current = qoslock.read_lock(host.s.lock_file)
+        current = self.store.read(host.s.lock_file)
         if not current.held:
             # /run was cleared (a reboot) or the file was removed while guardd was down:
             # the guard window still stands, so put the lock back.

@@ -13,6 +13,7 @@ import os
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 from guardd.exceptions import UnsafePath
 
@@ -89,6 +90,11 @@ def check_lock(path: Path) -> LockInfo:
     return read_lock(path)
 
 
+def parse_lock(raw: bytes) -> LockInfo:
+    """What a lock file holding `raw` says (held, whatever it holds)."""
+    return _parse(raw)
+
+
 def _parse(raw: bytes) -> LockInfo:
     try:
         doc = json.loads(raw)
@@ -115,8 +121,13 @@ def write_lock(path: Path, lock: LockInfo) -> None:
     """Write guardd's lock atomically, refusing to write through a symlink."""
     from guardd import fsutil  # noqa: PLC0415 - writers only; readers stay stdlib-light
 
+    fsutil.atomic_write(path, lock_bytes(lock), mode=0o644)
+
+
+def lock_bytes(lock: LockInfo) -> bytes:
+    """What `write_lock` writes for `lock`: one JSON object and a newline."""
     body = {k: v for k, v in asdict(lock).items() if k != "held"}
-    fsutil.atomic_write(path, (json.dumps(body, sort_keys=True) + "\n").encode(), mode=0o644)
+    return (json.dumps(body, sort_keys=True) + "\n").encode()
 
 
 def remove_lock(path: Path) -> bool:
@@ -130,3 +141,40 @@ def remove_lock(path: Path) -> bool:
     # unlink removes a symlink itself, never its target, so a planted link is safe to drop.
     path.unlink(missing_ok=True)
     return True
+
+
+class LockStore(Protocol):
+    """Where the guard reads and writes the lock: the file system (`LOCK_FILES`), or a
+    stand-in with the same answers (a replay keeps its lock in memory)."""
+
+    def read(self, path: Path) -> LockInfo:
+        """As `read_lock`."""
+        ...
+
+    def write(self, path: Path, lock: LockInfo) -> None:
+        """As `write_lock`."""
+        ...
+
+    def remove(self, path: Path) -> bool:
+        """As `remove_lock`."""
+        ...
+
+
+class _LockFiles:
+    """The lock files themselves."""
+
+    def read(self, path: Path) -> LockInfo:
+        """`read_lock(path)`."""
+        return read_lock(path)
+
+    def write(self, path: Path, lock: LockInfo) -> None:
+        """`write_lock(path, lock)`."""
+        write_lock(path, lock)
+
+    def remove(self, path: Path) -> bool:
+        """`remove_lock(path)`."""
+        return remove_lock(path)
+
+
+#: The daemon's lock store: the files at `qos.lock_file`.
+LOCK_FILES: LockStore = _LockFiles()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,11 @@ class StateFile:
         except ValueError:
             return {}
         return doc if isinstance(doc, dict) else {}
+
+    def save_from(self, build: Callable[[], dict[str, Any]]) -> None:
+        """`save(build())`: the document `build` gives now. A store that is only read back
+        after its writer's last save (a replay's, in memory) may build it then instead."""
+        self.save(build())
 
     def save(self, doc: dict[str, Any]) -> None:
         """Write `doc` atomically unless it is unchanged; raise `StorageError` on failure."""

@@ -271,6 +271,7 @@ QOS_NOT_KEPT = {
     "_firing": "the rules firing at the last tick: measured again; one still firing after a "
     "restart counts again in the window (fail closed)",
     "_firing_color": "the color those rules fired on",
+    "store": "where the lock file is read and written: the files themselves, set at start",
 }
 QOS_KEPT = {"own_lock"}
 BUDGET_NOT_KEPT = {

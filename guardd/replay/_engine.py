@@ -39,6 +39,7 @@ from guardd.replay._sources import (
 )
 from guardd.replay._world import (
     MemoryJournal,
+    MemoryLocks,
     MemoryStateFile,
     MemorySwitcher,
     NullMetrics,
@@ -118,6 +119,8 @@ class Simulation:
         self.journal = MemoryJournal(settings.instance, self.clock.wall)
         self.state_file = MemoryStateFile()
         self.switcher = MemorySwitcher()
+        #: The QoS lock files, kept across the replayed restarts as on disk.
+        self.locks = MemoryLocks()
         self.metrics = NullMetrics(settings.instance)
         self.guard: Guard | None = None
         self.signals: dict[str, Signal] = {}
@@ -183,6 +186,7 @@ class Simulation:
             clock=self.clock,
             log=_NullLog(),
         )
+        guard.qos.store = self.locks
         await guard.recover(guard.state_file.load())
         guard.record("started", target=guard.active, reason="replayed run")
         self.guard = guard

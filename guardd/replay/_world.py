@@ -4,15 +4,18 @@ The guard (`guardd.guard.Guard`) is the daemon's own; only what it is plugged in
 differs. The clock is moved by the replay to each recorded moment; the switcher moves
 traffic in memory and always succeeds at once; the journal keeps its events in memory
 (they are the replay's decisions); the state file remembers its last document in memory
-(a replayed restart reads it back, as the daemon reads state.json); metrics go nowhere.
+(a replayed restart reads it back, as the daemon reads state.json); the QoS lock is kept
+in memory too, across restarts, as a file would be; metrics go nowhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from guardd import qoslock
+from guardd.core.rules import Verdict
 from guardd.core.types import COLORS, Color, Outcome
 from guardd.journal import Journal
 from guardd.metrics import GuardMetrics
@@ -106,12 +109,50 @@ class MemoryJournal(Journal):
         return list(self.events if limit is None else self.events[-limit:])
 
 
+class MemoryLocks:
+    """QoS lock files in memory (`qoslock.LockStore`), by path: each answers what the file
+    would, written as `write_lock` writes it and read back as `read_lock` reads it.
+
+    A replayed guard looks at its lock every tick; a file would be opened each time.
+    """
+
+    _NONE = qoslock.LockInfo(held=False)
+
+    def __init__(self) -> None:
+        self._files: dict[Path, qoslock.LockInfo] = {}
+
+    def read(self, path: Path) -> qoslock.LockInfo:
+        """What the lock at `path` says (not held if there is none)."""
+        return self._files.get(path, self._NONE)
+
+    def write(self, path: Path, lock: qoslock.LockInfo) -> None:
+        """Keep `lock` at `path`, as the file's bytes read back."""
+        self._files[path] = qoslock.parse_lock(qoslock.lock_bytes(lock))
+
+    def remove(self, path: Path) -> bool:
+        """Drop the lock at `path`; false if there was none."""
+        return self._files.pop(path, None) is not None
+
+
 class MemoryStateFile(StateFile):
-    """state.json in memory: `save` keeps the document, `load` gives it back."""
+    """state.json in memory: `save` keeps the document, `load` gives it back.
+
+    `save_from` keeps how to build it, and builds it when it is read: the guard saves
+    its state at every tick, the replay reads it back only at a restart, just after the
+    old guard's last save, so the document is the one that save would have kept.
+    """
 
     def __init__(self) -> None:
         super().__init__(Path("/nonexistent/replay-state.json"))
-        self.doc: dict[str, Any] = {}
+        self._doc: dict[str, Any] = {}
+        self._build: Callable[[], dict[str, Any]] | None = None
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        """The last document saved (empty before the first)."""
+        if self._build is not None:
+            return self._build()
+        return self._doc
 
     def load(self) -> dict[str, Any]:
         """The last document saved (empty before the first)."""
@@ -119,7 +160,11 @@ class MemoryStateFile(StateFile):
 
     def save(self, doc: dict[str, Any]) -> None:
         """Keep `doc`."""
-        self.doc = doc
+        self._doc, self._build = doc, None
+
+    def save_from(self, build: Callable[[], dict[str, Any]]) -> None:
+        """Keep `build`, to be called when the document is read."""
+        self._build = build
 
 
 class NullMetrics(GuardMetrics):
@@ -151,6 +196,9 @@ class NullMetrics(GuardMetrics):
     def set_rules(self, states: Any) -> None:
         """Not kept."""
 
+    def set_verdicts(self, verdicts: Mapping[Color, Verdict]) -> None:
+        """Not kept."""
+
     def decision_tick(self) -> None:
         """Not counted."""
 
@@ -171,8 +219,30 @@ class SwitchVerifier:
         """Nothing to close."""
 
 
+#: The results read so far, by their fields: most probe rounds of a day are alike, and a
+#: `ProbeResult` is immutable, so one object serves them all.
+_RESULTS: dict[tuple[Any, ...], ProbeResult | None] = {}
+_MAX_RESULTS = 4096
+
+
 def probe_result(doc: dict[str, Any]) -> ProbeResult | None:
     """The `ProbeResult` of a `probe` record; None when its fields are not one."""
+    fields = (doc.get("outcome"), doc.get("latency_s"), doc.get("error"), doc.get("status"))
+    # The types are part of the key: 1, 1.0 and True are equal keys, not equal fields.
+    key = (*fields, *map(type, fields))
+    try:
+        return _RESULTS[key]
+    except KeyError:
+        result = _probe_result(doc)
+        if len(_RESULTS) >= _MAX_RESULTS:
+            _RESULTS.clear()
+        _RESULTS[key] = result
+        return result
+    except TypeError:  # a field that is a list or an object: not a key, nor a result
+        return _probe_result(doc)
+
+
+def _probe_result(doc: dict[str, Any]) -> ProbeResult | None:
     try:
         outcome = Outcome(str(doc.get("outcome")))
     except ValueError:
@@ -198,6 +268,7 @@ def color_of(value: object) -> Color | None:
 __all__ = [
     "COLORS",
     "MemoryJournal",
+    "MemoryLocks",
     "MemoryStateFile",
     "MemorySwitcher",
     "NullMetrics",
