@@ -104,7 +104,8 @@ def status_exit_code(status: Mapping[str, Any]) -> int:
     active_ok = (
         isinstance(active, Mapping) and active.get("healthy") is True and not active.get("stale")
     )
-    locked = isinstance(qos, Mapping) and bool(qos.get("locked"))
+    # A lock that cannot be told (a fleet node without etcd) is no "no lock" either.
+    locked = not isinstance(qos, Mapping) or qos.get("locked") is not False
     lost = status.get("no_rollback_target")  # the rollback target is down: no protection
     warned = bool(status.get("warnings"))  # e.g. the front door and the probes disagree
     if state != "steady" or status.get("paused") or locked or not active_ok or lost or warned:

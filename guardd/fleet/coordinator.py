@@ -271,11 +271,17 @@ class Fleet:
         fleet's lock is unknown: `"locked": null, "unknown": true` (never "unlocked").
         """
         if not self.reachable:
+            # Also before the first read from etcd: an empty local lock file says nothing
+            # about the fleet's lock (fail closed).
             return {
                 "locked": None,
                 "unknown": True,
+                "reason": None,
+                "until": None,
+                "locked_at": None,
+                "by": None,
                 "source": "fleet",
-                "warning": f"etcd is unreachable ({self.problem}): the fleet's QoS lock is unknown",
+                "warning": self.qos_unknown_why(),
             }
         fleet = dict(self.qos) if self.qos is not None else {"locked": False}
         if not fleet.get("locked") and self.guard is not None:
@@ -283,6 +289,15 @@ class Fleet:
             if local.held:
                 return local.to_json() | {"source": "local"}
         return qoslock.LockInfo(held=False).to_json() | fleet | {"source": "fleet"}
+
+    def qos_unknown_why(self) -> str | None:
+        """Why the fleet's QoS lock cannot be told here (etcd not read yet, or unreachable);
+        None when it can."""
+        if self.reachable:
+            return None
+        if self.reachable is None:
+            return "etcd has not been read yet: the fleet's QoS lock is unknown"
+        return f"etcd is unreachable ({self.problem}): the fleet's QoS lock is unknown"
 
     def require_etcd(self, consequence: str) -> None:
         """Raise `OperationRefused` ("etcd is unreachable (...); <consequence>") unless the

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.harness.daemon import Daemon, Lab, guardctl, wait_until
+from tests.harness.daemon import lab as make_lab
 from tests.harness.fleet import PREFIX, FleetLab
 from tests.harness.upstream import Upstream
 
@@ -156,6 +158,8 @@ def test_a_node_cut_off_from_etcd_keeps_its_color_then_converges(tmp_path: Path)
             return warned and seen
 
         wait_until(says_unreachable, 60, "the cut-off node's WARNING and STATUS=", poll=0.2)
+        # Cut off, the node cannot tell whether the fleet's lock is held: no deploy.
+        lock_is_unknown_on(cut)
         out = guardctl("status", socket=cut.socket_path)
         assert out.returncode == 1 and "etcd is unreachable" in out.stdout, out
         fleet.green.set_mode("http_503")
@@ -539,3 +543,52 @@ def test_nodes_follow_the_fleet_by_watch_not_by_polling(fleet: FleetLab) -> None
     assert fleet.all_serve("blue")
     for d in fleet.daemons:
         applied(d, 1)
+
+
+def lock_is_unknown_on(node: Lab) -> None:
+    """Every surface of `node` that answers "is the QoS lock held" says UNKNOWN, never
+    "deploys allowed"."""
+    doc = status_of(node)
+    assert doc["qos"]["locked"] is None and doc["qos"]["unknown"] is True, doc["qos"]
+    config = ("--config", str(node.config_path))
+    out = guardctl(*config, "status")
+    assert out.returncode != 0, out
+    assert "deploys allowed" not in out.stdout and "UNKNOWN, deploys not allowed" in out.stdout
+    for where in (config, ("--socket", str(node.socket_path))):
+        out = guardctl(*where, "wait", "unlocked", "--timeout", "2s")
+        assert out.returncode == 3 and "unlocked" not in out.stdout, out
+        assert "UNKNOWN" in out.stderr, out
+    for via_config in (False, True):
+        code, _, said = qos_status(node, config=via_config)
+        assert code == 3, said
+    notify = node.notify
+    assert notify is not None
+
+    def last_status() -> str:
+        return ([m for m in notify.lines() if "STATUS=" in m] or [""])[-1]
+
+    wait_until(
+        lambda: "qos=unknown" in last_status(),
+        60,
+        "STATUS= saying qos=unknown",
+        poll=0.2,
+    )
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_node_that_never_reached_etcd_never_says_deploys_allowed(tmp_path: Path) -> None:
+    # A typo'd port: etcd is never read, and the empty local lock file proves nothing.
+    with make_lab(
+        tmp_path,
+        fleet__etcd=[f"http://127.0.0.1:{_closed_port()}"],
+        fleet__node="n0",
+        fleet__lease_ttl="2s",
+    ) as node:
+        node.daemon()
+        assert not node.lock_file.exists()
+        lock_is_unknown_on(node)
