@@ -794,7 +794,9 @@ exit codes:
   0  the condition is met
   1  not met at the deadline (the last reason is printed)
   2  usage error
-  3  guardd not answering at the deadline, or which guard is meant cannot be told""",
+  3  guardd not answering at the deadline, the QoS lock still UNKNOWN then (a fleet
+     node that cannot read the fleet's lock: never `unlocked`), or which guard is meant
+     cannot be told""",
         _cmd_wait,
     ),
     _Command(
