@@ -104,7 +104,8 @@ def status_exit_code(status: Mapping[str, Any]) -> int:
     active_ok = (
         isinstance(active, Mapping) and active.get("healthy") is True and not active.get("stale")
     )
-    locked = isinstance(qos, Mapping) and bool(qos.get("locked"))
+    # A lock that cannot be told (a fleet node without etcd) is no "no lock" either.
+    locked = not isinstance(qos, Mapping) or qos.get("locked") is not False
     lost = status.get("no_rollback_target")  # the rollback target is down: no protection
     warned = bool(status.get("warnings"))  # e.g. the front door and the probes disagree
     if state != "steady" or status.get("paused") or locked or not active_ok or lost or warned:
@@ -793,7 +794,9 @@ exit codes:
   0  the condition is met
   1  not met at the deadline (the last reason is printed)
   2  usage error
-  3  guardd not answering at the deadline, or which guard is meant cannot be told""",
+  3  guardd not answering at the deadline, the QoS lock still UNKNOWN then (a fleet
+     node that cannot read the fleet's lock: never `unlocked`), or which guard is meant
+     cannot be told""",
         _cmd_wait,
     ),
     _Command(

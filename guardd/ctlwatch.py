@@ -238,6 +238,13 @@ def change_and_wait(socket: Path, cmd: str, payload: dict[str, Any], *, timeout:
     return _UNKNOWN if unreachable else _NOT_YET
 
 
+def lock_unknown(status: Mapping[str, Any]) -> bool:
+    """Whether `status` cannot tell if the QoS lock is held (a fleet node that cannot read
+    the fleet's lock, or no `qos` at all): never "unlocked"."""
+    qos = status.get("qos")
+    return not isinstance(qos, Mapping) or bool(qos.get("unknown")) or qos.get("locked") is None
+
+
 def _condition(status: Mapping[str, Any], condition: str) -> str | None:
     """Why `status` does not meet `condition` yet; None when it does."""
     state = status.get("state")
@@ -245,7 +252,10 @@ def _condition(status: Mapping[str, Any], condition: str) -> str | None:
         return None if state == "steady" else f"state is {state}"
     if condition == "unlocked":
         qos = status.get("qos")
-        if not isinstance(qos, Mapping) or not qos.get("locked"):
+        if not isinstance(qos, Mapping) or lock_unknown(status):
+            why = qos.get("warning") if isinstance(qos, Mapping) else None
+            return f"the QoS lock is UNKNOWN ({why or 'not reported'})"
+        if not qos.get("locked"):
             return None
         until = f", until {qos['until']}" if qos.get("until") else ""
         return f"the QoS lock is held ({qos.get('reason')}{until})"
@@ -265,22 +275,29 @@ def _condition(status: Mapping[str, Any], condition: str) -> str | None:
 
 def wait_for(socket: Path, label: str, condition: str, *, timeout: float) -> int:
     """`guardctl wait CONDITION`: 0 once guardd's status meets it, 1 with the last reason at
-    `timeout`, 3 when guardd was not answering then."""
+    `timeout`, 3 when guardd was not answering then or (`unlocked`) could not tell whether
+    the QoS lock is held (a fleet node that cannot read the fleet's lock)."""
+    unknown = False
 
     def attempt() -> str | None:
+        nonlocal unknown
         try:
-            return _condition(call(socket, "status", {}, timeout=_READ_TIMEOUT_S), condition)
+            status = call(socket, "status", {}, timeout=_READ_TIMEOUT_S)
         except DaemonUnreachable:
             raise
         except ControlError as e:
+            unknown = False
             return str(e)
+        unknown = condition == "unlocked" and lock_unknown(status)
+        return _condition(status, condition)
 
     done, reason, unreachable = _waiting(attempt, timeout=timeout, what=condition)
     if done:
         print(f"{label}: {condition}")
         return _DONE
-    _say(f"not {condition} after {_span(timeout)}: {'UNKNOWN: ' if unreachable else ''}{reason}")
-    return _UNKNOWN if unreachable else _NOT_YET
+    unknown = unreachable or unknown
+    _say(f"not {condition} after {_span(timeout)}: {'UNKNOWN: ' if unknown else ''}{reason}")
+    return _UNKNOWN if unknown else _NOT_YET
 
 
 # ---- incident ----------------------------------------------------------------------------

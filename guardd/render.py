@@ -334,12 +334,23 @@ def _event(event: object) -> str:
 
 
 def _lock(qos: object) -> tuple[str, str | None]:
-    if not isinstance(qos, Mapping) or not qos.get("locked"):
+    if not isinstance(qos, Mapping) or qos.get("unknown") or qos.get("locked") is None:
+        # Fail closed: a lock that cannot be told (a fleet node without etcd) blocks.
+        why = qos.get("warning") if isinstance(qos, Mapping) else None
+        return f"UNKNOWN, deploys not allowed ({_text(why or 'not reported')})", _RED
+    if not qos.get("locked"):
         return "none, deploys allowed", None
     details = [f"until {clean(qos['until'])}" if qos.get("until") else "no expiry"]
     if qos.get("by"):
         details.append(f"by {clean(qos['by'])}")
     return f"HELD: {_text(qos.get('reason'))} ({', '.join(details)})", _YELLOW
+
+
+def _lock_word(qos: object) -> str:
+    """`locked`, `free`, or `unknown` (the lock cannot be told: never `free`)."""
+    if not isinstance(qos, Mapping) or qos.get("unknown") or qos.get("locked") is None:
+        return "unknown"
+    return "locked" if qos.get("locked") else "free"
 
 
 def _state_code(state: object) -> str | None:
@@ -488,7 +499,7 @@ def watch_key(status: Mapping[str, Any], *, with_event: bool = True) -> tuple[ob
         status.get("state"),
         status.get("active"),
         colors,
-        bool(isinstance(qos, Mapping) and qos.get("locked")),
+        _lock_word(qos),
         bool(status.get("paused")),
         status.get("hold_reason"),
         (last.get("id") or last.get("ts")) if with_event and isinstance(last, Mapping) else None,
@@ -507,8 +518,7 @@ def render_watch_line(status: Mapping[str, Any], now: str) -> str:
         if isinstance(up, Mapping):
             fails = _text(up.get("consecutive_failures"))
             parts.append(f"{color}={_healthy(up)[0]}(fails {fails})")
-    qos = status.get("qos")
-    parts.append(f"qos={'locked' if isinstance(qos, Mapping) and qos.get('locked') else 'free'}")
+    parts.append(f"qos={_lock_word(status.get('qos'))}")
     if status.get("paused"):
         parts.append("paused")
     if status.get("hold_reason"):

@@ -56,13 +56,7 @@ def snapshot(guard: Guard) -> dict[str, Any]:
         "paused_reason": (guard.paused or {}).get("reason"),
         "hold_reason": hold.reason if hold else None,
         "no_rollback_target": guard.protection_lost(),
-        "qos": {
-            "locked": lock.held,
-            "reason": lock.reason,
-            "until": lock.until,
-            "locked_at": lock.locked_at,
-            "by": lock.by,
-        },
+        "qos": qos_doc(guard, lock),
         "upstreams": upstreams,
         "rules": rules_doc(guard, now),
         "signals": signals_doc(guard, now),
@@ -79,6 +73,14 @@ def snapshot(guard: Guard) -> dict[str, Any]:
         "uptime_s": round(now - guard.started_mono, 1),
         "version": __version__,
     }
+
+
+def qos_doc(guard: Guard, lock: qoslock.LockInfo) -> dict[str, Any]:
+    """`status --json`'s `qos`: the lock file's, or in a fleet the fleet's lock as
+    `qos status` answers it (`"locked": null, "unknown": true` while etcd cannot be read)."""
+    if guard.fleet is not None:
+        return guard.fleet.qos_doc()
+    return lock.to_json()
 
 
 def rules_doc(guard: Guard, now: float) -> list[dict[str, Any]]:
@@ -208,7 +210,10 @@ def status_line(guard: Guard) -> str:
             )
         else:
             parts.append(f"{color}=up")
-    parts.append("qos=locked" if guard.qos.held else "qos=free")
+    if guard.fleet is not None and guard.fleet.qos_unknown_why() is not None:
+        parts.append("qos=unknown")  # the fleet's lock cannot be read: never "free"
+    else:
+        parts.append("qos=locked" if guard.qos.held else "qos=free")
     if guard.protection_lost() is not None:
         parts.append("no-rollback-target")
     if guard.paused is not None:

@@ -271,11 +271,17 @@ class Fleet:
         fleet's lock is unknown: `"locked": null, "unknown": true` (never "unlocked").
         """
         if not self.reachable:
+            # Also before the first read from etcd: an empty local lock file says nothing
+            # about the fleet's lock (fail closed).
             return {
                 "locked": None,
                 "unknown": True,
+                "reason": None,
+                "until": None,
+                "locked_at": None,
+                "by": None,
                 "source": "fleet",
-                "warning": f"etcd is unreachable ({self.problem}): the fleet's QoS lock is unknown",
+                "warning": self.qos_unknown_why(),
             }
         fleet = dict(self.qos) if self.qos is not None else {"locked": False}
         if not fleet.get("locked") and self.guard is not None:
@@ -283,6 +289,15 @@ class Fleet:
             if local.held:
                 return local.to_json() | {"source": "local"}
         return qoslock.LockInfo(held=False).to_json() | fleet | {"source": "fleet"}
+
+    def qos_unknown_why(self) -> str | None:
+        """Why the fleet's QoS lock cannot be told here (etcd not read yet, or unreachable);
+        None when it can."""
+        if self.reachable:
+            return None
+        if self.reachable is None:
+            return "etcd has not been read yet: the fleet's QoS lock is unknown"
+        return f"etcd is unreachable ({self.problem}): the fleet's QoS lock is unknown"
 
     def require_etcd(self, consequence: str) -> None:
         """Raise `OperationRefused` ("etcd is unreachable (...); <consequence>") unless the
@@ -447,7 +462,10 @@ class Fleet:
         got = _json(rollbacks.value, []) if rollbacks is not None else []
         self.rollbacks = [float(t) for t in got] if isinstance(got, list) else []
         qos = by_key.get(self.key("qos"))
-        self.qos = _json(qos.value) if qos is not None else None
+        if (qos.mod_revision if qos is not None else 0) >= self._qos_mine:
+            # A view older than our own last write (the watch has not brought it yet) would
+            # bring back the lock we just replaced: ours stays until etcd's catches up.
+            self.qos = _json(qos.value) if qos is not None else None
         self.nodes = _under(kvs, self.key("nodes") + "/")
         self.seen = _under(kvs, self.key("seen") + "/")
 
@@ -649,9 +667,15 @@ class Fleet:
         journaled as `qos_released` by `fleet:<who>`."""
         current = self._kvs.get(self.key("qos"))
         mod = current.mod_revision if current is not None else 0
-        first, self._qos_mod = self._qos_mod is None, mod
+        if mod < self._qos_mine:
+            return  # a view older than our own write: nothing new from another node
+        previous, self._qos_mod = self._qos_mod, mod
         guard = self.guard
-        if first or mod == self._qos_mine or guard is None or self.qos is None:
+        # Only a new release acts: a lock this node took after the fleet's last release
+        # (a rollback's guard window) is not released by that old release.
+        if previous is None or mod in (previous, self._qos_mine):
+            return
+        if guard is None or self.qos is None:
             return
         if self.qos.get("locked") or not qoslock.read_lock(guard.s.lock_file).held:
             return
@@ -670,7 +694,8 @@ class Fleet:
         if guard is None or self.qos is None:
             return
         local = qoslock.read_lock(guard.s.lock_file)
-        if self.qos.get("locked") and not local.held:
+        mirrored = (local.by or "").startswith("fleet:")
+        if self.qos.get("locked"):
             until, at = self.qos.get("until"), self.qos.get("locked_at")
             info = qoslock.LockInfo(
                 held=True,
@@ -679,9 +704,13 @@ class Fleet:
                 until=until if isinstance(until, str) else None,
                 by=f"fleet:{self.qos.get('by') or self.leader}",
             )
+            # Any change of the fleet's lock (a lock replaced: its reason, until, owner)
+            # reaches the copy; a lock of this node's own is left as it is.
+            if local.held and (not mirrored or local == info):
+                return
             with contextlib.suppress(OSError):
                 qoslock.write_lock(guard.s.lock_file, info)
-        elif not self.qos.get("locked") and local.held and (local.by or "").startswith("fleet:"):
+        elif local.held and mirrored:
             with contextlib.suppress(OSError):
                 qoslock.remove_lock(guard.s.lock_file)
 

@@ -6,13 +6,16 @@ from __future__ import annotations
 import functools
 import json
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from guardd import qoslock
 from tests.harness.daemon import Daemon, Lab, guardctl, wait_until
+from tests.harness.daemon import lab as make_lab
 from tests.harness.fleet import PREFIX, FleetLab
 from tests.harness.upstream import Upstream
 
@@ -156,6 +159,8 @@ def test_a_node_cut_off_from_etcd_keeps_its_color_then_converges(tmp_path: Path)
             return warned and seen
 
         wait_until(says_unreachable, 60, "the cut-off node's WARNING and STATUS=", poll=0.2)
+        # Cut off, the node cannot tell whether the fleet's lock is held: no deploy.
+        lock_is_unknown_on(cut)
         out = guardctl("status", socket=cut.socket_path)
         assert out.returncode == 1 and "etcd is unreachable" in out.stdout, out
         fleet.green.set_mode("http_503")
@@ -539,3 +544,133 @@ def test_nodes_follow_the_fleet_by_watch_not_by_polling(fleet: FleetLab) -> None
     assert fleet.all_serve("blue")
     for d in fleet.daemons:
         applied(d, 1)
+
+
+def lock_is_unknown_on(node: Lab) -> None:
+    """Every surface of `node` that answers "is the QoS lock held" says UNKNOWN, never
+    "deploys allowed"."""
+    doc = status_of(node)
+    assert doc["qos"]["locked"] is None and doc["qos"]["unknown"] is True, doc["qos"]
+    config = ("--config", str(node.config_path))
+    out = guardctl(*config, "status")
+    assert out.returncode != 0, out
+    assert "deploys allowed" not in out.stdout and "UNKNOWN, deploys not allowed" in out.stdout
+    for where in (config, ("--socket", str(node.socket_path))):
+        out = guardctl(*where, "wait", "unlocked", "--timeout", "2s")
+        assert out.returncode == 3 and "unlocked" not in out.stdout, out
+        assert "UNKNOWN" in out.stderr, out
+    for via_config in (False, True):
+        code, _, said = qos_status(node, config=via_config)
+        assert code == 3, said
+    notify = node.notify
+    assert notify is not None
+
+    def last_status() -> str:
+        return ([m for m in notify.lines() if "STATUS=" in m] or [""])[-1]
+
+    wait_until(
+        lambda: "qos=unknown" in last_status(),
+        60,
+        "STATUS= saying qos=unknown",
+        poll=0.2,
+    )
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_node_that_never_reached_etcd_never_says_deploys_allowed(tmp_path: Path) -> None:
+    # A typo'd port: etcd is never read, and the empty local lock file proves nothing.
+    with make_lab(
+        tmp_path,
+        fleet__etcd=[f"http://127.0.0.1:{_closed_port()}"],
+        fleet__node="n0",
+        fleet__lease_ttl="2s",
+    ) as node:
+        node.daemon()
+        assert not node.lock_file.exists()
+        lock_is_unknown_on(node)
+
+
+def lock_everywhere(fleet: FleetLab, reason: str) -> bool:
+    """The fleet's lock with `reason` in etcd, and the same reason and until on every node:
+    in `status`, in `qos status`, and in its lock file (what a CI gate on the host reads)."""
+    held = fleet.etcd.range(PREFIX + "/qos").get(PREFIX + "/qos")
+    if not isinstance(held, dict) or held.get("reason") != reason:
+        return False
+    for node in fleet.labs:
+        code, doc, _ = qos_status(node)
+        qos = status_of(node)["qos"]
+        local = qoslock.read_lock(node.lock_file)
+        for shown in (doc or {}, qos, local.to_json()):
+            if (shown.get("reason"), shown.get("until")) != (reason, held["until"]):
+                return False
+        if code != 1:
+            return False
+    return True
+
+
+def test_a_replaced_fleet_lock_reaches_every_node(fleet: FleetLab) -> None:
+    fleet.start()
+    on = fleet.labs[1].socket_path
+    out = guardctl("qos", "lock", "--for", "15s", "--reason", "short", socket=on)
+    assert out.returncode == 0, out
+    wait_until(lambda: lock_everywhere(fleet, "short"), 60, "the short lock everywhere", poll=0.2)
+    out = guardctl("qos", "lock", "--for", "1h", "--reason", "long", socket=on)
+    assert out.returncode == 0, out
+    wait_until(lambda: lock_everywhere(fleet, "long"), 60, "the long lock everywhere", poll=0.2)
+    # Replaced by its owner with another reason and until too (a longer freeze).
+    out = guardctl("qos", "lock", "--for", "2h", "--reason", "longer", socket=on)
+    assert out.returncode == 0, out
+    wait_until(lambda: lock_everywhere(fleet, "longer"), 60, "the new lock everywhere", poll=0.2)
+
+
+def test_an_old_release_does_not_release_a_rollbacks_lock(tmp_path: Path) -> None:
+    # A guard window that outlasts the test: its lock ends only if something releases it.
+    fleet = FleetLab(tmp_path, qos__window="10m")
+    try:
+        _old_release_then_a_rollback(fleet)
+    finally:
+        fleet.close()
+
+
+def _old_release_then_a_rollback(fleet: FleetLab) -> None:
+    fleet.start()
+    # The fleet's lock was taken and released by an operator: etcd keeps that release.
+    out = guardctl("qos", "lock", "--reason", "freeze", socket=fleet.labs[0].socket_path)
+    assert out.returncode == 0, out
+    wait_until(lambda: all(n.lock_file.exists() for n in fleet.labs), 60, "the lock everywhere")
+    out = guardctl("qos", "unlock", socket=fleet.labs[0].socket_path)
+    assert out.returncode == 0, out
+    wait_until(
+        lambda: not any(n.lock_file.exists() for n in fleet.labs), 60, "the lock gone everywhere"
+    )
+    released = [sum(e["event"] == "qos_released" for e in d.events()) for d in fleet.daemons]
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+    for d in fleet.daemons:
+        applied(d, 1)
+
+    def rollback_locked_everywhere() -> bool:
+        held = fleet.etcd.range(PREFIX + "/qos").get(PREFIX + "/qos")
+        published = {n["generation"] for n in fleet.fleet_status(0)["nodes"]} == {1}
+        return bool(isinstance(held, dict) and held.get("locked") and published)
+
+    wait_until(rollback_locked_everywhere, 60, "the rollback's lock in the fleet", poll=0.2)
+    # One more round on every node (each publishes its record every third of the lease).
+    seen = {n["node"]: n["lease_age_s"] for n in fleet.fleet_status(0)["nodes"]}
+    wait_until(
+        lambda: all(n["lease_age_s"] < seen[n["node"]] for n in fleet.fleet_status(0)["nodes"]),
+        60,
+        "a new record from every node",
+        poll=0.2,
+    )
+    for node, d, before in zip(fleet.labs, fleet.daemons, released, strict=True):
+        again = [e for e in d.events() if e["event"] == "qos_released"][before:]
+        assert not again, again  # nobody unlocked since
+        assert qoslock.read_lock(node.lock_file).held
+        code, doc, said = qos_status(node)
+        assert code == 1 and doc is not None, said
