@@ -20,7 +20,8 @@ exit status:
   run           0 clean stop, 1 fatal runtime error (e.g. state.dir not writable by this
                 user), 2 invalid configuration
   check-config  0 valid, 2 invalid
-  replay        0 it ran, 1 the history cannot be read, 2 invalid configuration
+  replay        0 it ran, 1 the history cannot be read or holds no record in the period,
+                2 invalid configuration or usage (a bad or reversed --from/--to)
   demo          0 when the demo rolled back as expected
 
 Config lookup: --config, else $GUARDD_CONFIG, else /etc/guardd/<instance>.toml
@@ -91,7 +92,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    rep.add_argument("--config", type=Path, required=True, help="the config to judge")
+    rep.add_argument(
+        "--config",
+        type=Path,
+        help="the config to judge (default: $GUARDD_CONFIG, else /etc/guardd/default.toml)",
+    )
     rep.add_argument(
         "--from",
         dest="since",

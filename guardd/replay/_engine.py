@@ -124,6 +124,8 @@ class Simulation:
         self.bad_samples: Counter[str] = Counter()
         self.first_ts: float | None = None
         self.last_ts: float | None = None
+        #: Records replayed before `since` only to fill the windows (not in the period).
+        self.warmup_records = 0
         self.ticks = 0
         self.skipped_ticks = 0
         #: Stretches of a run without any record (records lost): (wall time after, seconds).
@@ -472,6 +474,8 @@ class Simulation:
                     self._live = color_of(rec.doc.get("to")) or self._live
                 self.report.records -= 1
                 continue
+            if self.since is not None and rec.ts < self.since:
+                self.warmup_records += 1
             if self.first_ts is None and (self.since is None or rec.ts >= self.since):
                 self.first_ts = rec.ts
             self.last_ts = rec.ts
