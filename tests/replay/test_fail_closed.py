@@ -171,3 +171,44 @@ def test_without_config_guardd_config_is_used_as_the_help_says(tmp_path: Path) -
         [*GUARDD, "replay", "--help"], capture_output=True, text=True, timeout=60, check=True
     )
     assert "$GUARDD_CONFIG" in helped.stdout and "usage" in helped.stdout
+
+
+def test_a_reader_that_leaves_early_ends_it_quietly(tmp_path: Path) -> None:
+    tl = _healthy(tmp_path / "state")
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    for args in (["--json"], []):
+        # The reader closes its end before replay writes a byte (`| (sleep 0.1)`).
+        proc = subprocess.Popen(
+            [*GUARDD, "replay", "--config", str(cfg), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        with proc.stderr:
+            err = proc.stderr.read().decode()
+        assert proc.wait(timeout=300) == 1
+        assert err == "", err
+    # `| head -1`: the reader takes one line, then leaves.
+    done = subprocess.run(
+        [
+            "bash",
+            "-o",
+            "pipefail",
+            "-c",
+            '"$@" | head -1',
+            "sh",
+            *GUARDD,
+            "replay",
+            "--config",
+            str(cfg),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.stdout == "{\n"
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
