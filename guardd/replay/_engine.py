@@ -386,13 +386,14 @@ class Simulation:
                 report.problems.append(f"{color}: no file at {path} (nor rotated beside it)")
                 continue
             if not has_timestamps(files[0], report):
-                report.why = (
+                # Only this color is inconclusive: a timed color's lines are replayed.
+                why = (
                     f"the lines of {files[0]} carry no timestamp guardd can read, so when they "
-                    "were written is unknown; its rules are inconclusive"
+                    f"were written is unknown; its rules are inconclusive on {color}"
                 )
-                for follower in sig.followers.values():
-                    follower.problem = "cannot be replayed: its lines have no timestamp"
-                return
+                report.why = why if report.why is None else f"{report.why}; {why}"
+                sig.followers[color].problem = "cannot be replayed: its lines have no timestamp"
+                continue
             per_color.append(self._log_batches(name, sig, color, files))
         if per_color:
             report.replayed = "from its files, by each line's own timestamp"
