@@ -129,6 +129,8 @@ def replay(
         return 2
     except HistoryUnreadable as e:
         print(f"guardd replay: cannot read the history: {e}", file=sys.stderr)
+        for hint in _hints(settings, e):
+            print(f"  {hint}", file=sys.stderr)
         return 1
     except NoHistory as e:
         print(f"guardd replay: {e}", file=sys.stderr)
@@ -140,6 +142,57 @@ def replay(
 
         sys.stdout.write(render(doc))
     return 0
+
+
+def _hints(settings: Any, e: Any) -> list[str]:
+    """What to try when the history of `settings` cannot be read (`HistoryUnreadable` e)."""
+    from guardd.observations import history_files  # noqa: PLC0415
+
+    directory = settings.state_dir / "observations"
+    if "no such directory" in e.why:
+        where = (
+            "the config sets no state.dir: this is guardd's default"
+            if settings.config.state.dir is None
+            else "this is the config's state.dir"
+        )
+        return [
+            (
+                f"{where}; to replay a copy of the state folder, point at it: "
+                '--set state.dir="/path/to/the/copy"'
+            )
+        ]
+    if "no observation file" in e.why:
+        try:
+            found = history_files(directory)
+        except Exception:  # noqa: BLE001 - a hint only: the error above stands
+            return []
+        # `<instance>-YYYY-MM-DD.jsonl.gz`: the instance is what comes before the day.
+        others = sorted({p.name[: -len("-YYYY-MM-DD.jsonl.gz")] for p in found})
+        if others:
+            return [
+                (
+                    f"it holds the files of instance(s) {', '.join(others)}, not of "
+                    f"{settings.instance!r}: set `instance` in the config, or "
+                    f'--set instance="{others[0]}"'
+                )
+            ]
+    return []
+
+
+def _notes(a: Any, b: Any, sets: list[str]) -> list[str]:
+    """What the report says of the `--compare` config `b` beside the first config `a`."""
+    notes = []
+    if sets:
+        notes.append("--set applies to A only")
+    if b.instance != a.instance:
+        notes.append(
+            f"instance {b.instance!r} differs from A's {a.instance!r}: replayed over A's history"
+        )
+    if b.state_dir != a.state_dir:
+        notes.append(
+            f"state.dir {b.state_dir} differs from A's {a.state_dir}: replayed over A's history"
+        )
+    return notes
 
 
 def _real_journal(path: Path, instance: str) -> tuple[list[dict[str, Any]], str | None, int]:
@@ -259,6 +312,7 @@ async def _replay_all(
                 "config": str(s.source),
                 "set": sets if i == 0 else [],
                 "env": env,
+                "notes": [] if i == 0 else _notes(settings, s, sets),
                 "decisions": decisions,
                 "summary": _report.summary(decisions),
                 "incidents": found,

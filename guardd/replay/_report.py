@@ -34,6 +34,8 @@ _SHOWN: Final = {
 _MOVES: Final = ("rollback_completed", "rollback_failed", "switch", "promote", "external_switch")
 #: Journal events that are incidents a config should detect.
 INCIDENTS: Final = ("rollback_completed", "rollback_failed", "hold")
+#: The text report's words for line outcomes whose name says little to an operator.
+_LINE_WORDS: Final = {"shed": "over budget"}
 _DAY: Final = re.compile(r"-(\d{4}-\d{2}-\d{2})\.jsonl\.gz$")
 
 
@@ -183,6 +185,7 @@ def render(doc: dict[str, Any]) -> str:
         if label:
             sets = "".join(f" --set {x}" for x in c["set"])
             out.append(f"  [{label}] {c['config']}{sets}")
+            out.extend(f"      {note}" for note in c.get("notes") or [])
     if configs and configs[0].get("env"):
         out.append("  settings from the environment: " + " ".join(configs[0]["env"]))
     out.append("")
@@ -272,13 +275,18 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
     )
     for name, src in doc["sources"].items():
         lines = src.get("lines") or {}
-        counted = ", ".join(f"{k} {v}" for k, v in lines.items() if v)
+        counted = ", ".join(f"{_LINE_WORDS.get(k, k)} {v}" for k, v in lines.items() if v)
         how = src["replayed"] or f"not replayed: {src['why']}"
         if src["replayed"] and src["why"]:
             how += f" ({src['why']})"
         out.append(f"  signal {name} ({src['kind']}): {how}")
         if counted:
             out.append(f"    lines: {counted}")
+        if lines.get("shed"):
+            out.append(
+                "    over budget: lines beyond the signal's max_lines_per_s in their second, "
+                "counted but not parsed (as the daemon does); the figures are a lower bound"
+            )
         if src["outside_history"]:
             out.append(
                 f"    {src['outside_history']} line(s)/sample(s) outside the recorded history"

@@ -212,3 +212,60 @@ def test_a_reader_that_leaves_early_ends_it_quietly(tmp_path: Path) -> None:
     )
     assert done.stdout == "{\n"
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_a_missing_observations_folder_hints_at_state_dir(tmp_path: Path) -> None:
+    cfg = config(tmp_path, tmp_path / "state")
+    # The config's own state.dir.
+    done = replay("--config", str(cfg))
+    assert done.returncode == 1
+    assert "this is the config's state.dir" in done.stderr
+    assert '--set state.dir="/path/to/the/copy"' in done.stderr
+    # No state.dir in the config: guardd's default (here $STATE_DIRECTORY).
+    bare = tmp_path / "bare.toml"
+    bare.write_text(
+        "\n".join(line for line in cfg.read_text().splitlines() if not line.startswith("dir ="))
+    )
+    done = subprocess.run(
+        [*GUARDD, "replay", "--config", str(bare)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "STATE_DIRECTORY": str(tmp_path / "default-state")},
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"{tmp_path / 'default-state' / 'observations'}: no such directory" in done.stderr
+    assert "the config sets no state.dir: this is guardd's default" in done.stderr
+    assert '--set state.dir="/path/to/the/copy"' in done.stderr
+
+
+def test_another_instances_history_is_named(tmp_path: Path) -> None:
+    tl = _healthy(tmp_path / "state")  # instance "lab"
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state", instance="other")
+    done = replay("--config", str(cfg))
+    assert done.returncode == 1
+    assert "no observation file" in done.stderr
+    assert "it holds the files of instance(s) lab, not of 'other'" in done.stderr
+
+
+def test_compare_says_what_set_and_the_history_apply_to(tmp_path: Path) -> None:
+    tl = _healthy(tmp_path / "state")
+    tl.close()
+    a = config(tmp_path, tmp_path / "state")
+    b = config(tmp_path, tmp_path / "elsewhere", instance="candidate")
+    sets = ("--set", "policy.consecutive_failures=5")
+    doc = replay_json("--config", str(a), "--compare", str(b), *sets)
+    notes = doc["configs"][1]["notes"]
+    assert doc["configs"][0]["notes"] == []
+    assert "--set applies to A only" in notes
+    assert any("instance 'candidate' differs from A's 'lab'" in n for n in notes), notes
+    assert any(
+        f"state.dir {tmp_path / 'elsewhere'} differs" in n and "A's history" in n for n in notes
+    ), notes
+    text = replay("--config", str(a), "--compare", str(b), *sets).stdout
+    assert "--set applies to A only" in text
+    assert "replayed over A's history" in text
+    same = replay_json("--config", str(a), "--compare", str(a))
+    assert same["configs"][1]["notes"] == []
