@@ -4,6 +4,7 @@ from the environment or could not be read is said."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -269,3 +270,20 @@ def test_compare_says_what_set_and_the_history_apply_to(tmp_path: Path) -> None:
     assert "replayed over A's history" in text
     same = replay_json("--config", str(a), "--compare", str(a))
     assert same["configs"][1]["notes"] == []
+
+
+def test_the_day_file_being_written_reads_as_the_docs_say(tmp_path: Path) -> None:
+    tl = _healthy(tmp_path / "state", rounds=20)
+    [day] = (tmp_path / "state" / "observations").iterdir()
+    # Still being written: every whole line, then the unfinished member is complained of.
+    live = subprocess.run(["gzip", "-dc", str(day)], capture_output=True, timeout=60, check=False)
+    assert live.returncode == 1
+    assert b"unexpected end of file" in live.stderr
+    records = [json.loads(raw) for raw in live.stdout.splitlines()]
+    assert len(records) == 1 + 2 * 20  # the run's start and each color's rounds
+    doc = replay_json("--config", str(config(tmp_path, tmp_path / "state")))
+    assert doc["history"]["records"] == len(records)
+    tl.close()
+    done = subprocess.run(["zcat", str(day)], capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == live.stdout
