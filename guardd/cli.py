@@ -95,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--config",
         type=Path,
+        metavar="PATH",
         help="the config to judge (default: $GUARDD_CONFIG, else /etc/guardd/default.toml)",
     )
     rep.add_argument(

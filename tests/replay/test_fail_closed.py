@@ -172,6 +172,7 @@ def test_without_config_guardd_config_is_used_as_the_help_says(tmp_path: Path) -
         [*GUARDD, "replay", "--help"], capture_output=True, text=True, timeout=60, check=True
     )
     assert "$GUARDD_CONFIG" in helped.stdout and "usage" in helped.stdout
+    assert "[--config PATH]" in helped.stdout
 
 
 def test_a_reader_that_leaves_early_ends_it_quietly(tmp_path: Path) -> None:
