@@ -20,7 +20,8 @@ exit status:
   run           0 clean stop, 1 fatal runtime error (e.g. state.dir not writable by this
                 user), 2 invalid configuration
   check-config  0 valid, 2 invalid
-  replay        0 it ran, 1 the history cannot be read, 2 invalid configuration
+  replay        0 it ran, 1 the history cannot be read or holds no record in the period,
+                2 invalid configuration or usage (a bad or reversed --from/--to)
   demo          0 when the demo rolled back as expected
 
 Config lookup: --config, else $GUARDD_CONFIG, else /etc/guardd/<instance>.toml
@@ -91,7 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    rep.add_argument("--config", type=Path, required=True, help="the config to judge")
+    rep.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help="the config to judge (default: $GUARDD_CONFIG, else /etc/guardd/default.toml)",
+    )
     rep.add_argument(
         "--from",
         dest="since",
@@ -134,15 +140,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args.config, args.instance, args.log_level)
     if args.command == "replay":
         from guardd.replay import replay  # noqa: PLC0415 - only replay pays for it
+        from guardd.stdio import reader_left  # noqa: PLC0415
 
-        return replay(
-            args.config,
-            since=args.since,
-            until=args.until,
-            overrides=args.set,
-            compare=args.compare,
-            as_json=args.json,
-        )
+        try:
+            code = replay(
+                args.config,
+                since=args.since,
+                until=args.until,
+                overrides=args.set,
+                compare=args.compare,
+                as_json=args.json,
+            )
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # `guardd replay --json | head -1`: the reader left, as guardctl handles it.
+            return reader_left()
+        return code
     from guardd.demo import run_demo  # noqa: PLC0415 - the demo pulls in test-like machinery
 
     return run_demo(seconds=args.seconds)

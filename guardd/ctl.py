@@ -36,6 +36,7 @@ from guardd.exceptions import ControlError, DaemonUnreachable, NotPermitted, Ref
 from guardd.journal import parse_rfc3339
 from guardd.qoslock import LockUnknown, check_lock
 from guardd.render import render_change, render_history, render_qos, render_status, use_color
+from guardd.stdio import reader_left
 
 __all__ = ["main", "parse_duration", "status_exit_code"]
 
@@ -1089,10 +1090,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # `guardctl history | head`: the reader left; say nothing more, and let the
-        # interpreter's final flush go to /dev/null instead of raising again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        # `guardctl history | head`: the reader left.
+        return reader_left()
     return code
 
 

@@ -6,13 +6,15 @@ signal samples and switches (`guardd.observations`), the access logs and applica
 logs where they lie, and Prometheus' own history. Nothing is contacted but Prometheus,
 nothing is switched, and nothing is written in `state.dir`.
 
-Exit status: 0 when it ran, 1 when the history cannot be read (which file and why),
-2 for an invalid config (the messages of `guardd check-config --offline`).
+Exit status: 0 when it ran, 1 when the history cannot be read or holds no record in the
+period (which file and why), 2 for an invalid config (the messages of
+`guardd check-config --offline`) or a usage error (a bad or reversed `--from`/`--to`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -21,7 +23,33 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["parse_time", "replay"]
+from guardd.replay import _report
+
+__all__ = ["env_settings", "parse_time", "replay"]
+
+
+class NoHistory(Exception):
+    """Not one record could be read in the period: there is nothing to judge (exit 1)."""
+
+
+def env_settings(environ: dict[str, str] | None = None) -> list[str]:
+    """The `GUARDD_<SECTION>__<KEY>=value` settings the config takes from the environment,
+    sorted; the value of a credential-like name, or of a known secret, shown as `***`."""
+    from guardd.config import GuardConfig  # noqa: PLC0415
+    from guardd.secrets import REDACTED, is_secret_name, redact  # noqa: PLC0415
+
+    env = os.environ if environ is None else environ
+    fields = set(GuardConfig.model_fields)
+    out = []
+    for name, value in sorted(env.items()):
+        if not name.startswith("GUARDD_"):
+            continue
+        if name[len("GUARDD_") :].split("__")[0].lower() not in fields:
+            continue  # GUARDD_CONFIG and the like name no setting
+        shown = REDACTED if is_secret_name(name) or redact(value) != value else value
+        out.append(f"{name}={shown}")
+    return out
+
 
 _RELATIVE = re.compile(r"^-?(\d+(?:\.\d+)?)(d|h|m|s)$")
 _UNIT = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
@@ -49,7 +77,7 @@ def parse_time(text: str, now: float) -> float:
 
 
 def replay(
-    config: Path,
+    config: Path | None,
     *,
     since: str | None = None,
     until: str | None = None,
@@ -58,14 +86,26 @@ def replay(
     as_json: bool = False,
 ) -> int:
     """Run `guardd replay`; print the report on stdout, problems on stderr; the exit status."""
+    from guardd import paths  # noqa: PLC0415
     from guardd.cli import _load  # noqa: PLC0415 - the same messages as check-config
 
+    if config is None:
+        # The lookup of `guardd run`: $GUARDD_CONFIG, else the default instance's file.
+        env = os.environ.get("GUARDD_CONFIG")
+        config = Path(env) if env else paths.config_file(None)
     now = time.time()
     try:
         t0 = parse_time(since, now) if since else None
         t1 = parse_time(until, now) if until else None
     except ValueError as e:
-        print(f"guardd replay: --from/--to: {e}", file=sys.stderr)
+        print(f"guardd replay: --from/--to: {e} (usage error)", file=sys.stderr)
+        return 2
+    if t0 is not None and t1 is not None and t0 > t1:
+        print(
+            f"guardd replay: --from {since} ({_report.stamp(t0)}) is after "
+            f"--to {until} ({_report.stamp(t1)}): the period is empty (usage error)",
+            file=sys.stderr,
+        )
         return 2
     settings = _load(config, None, overrides=overrides)
     if settings is None:
@@ -89,6 +129,11 @@ def replay(
         return 2
     except HistoryUnreadable as e:
         print(f"guardd replay: cannot read the history: {e}", file=sys.stderr)
+        for hint in _hints(settings, e):
+            print(f"  {hint}", file=sys.stderr)
+        return 1
+    except NoHistory as e:
+        print(f"guardd replay: {e}", file=sys.stderr)
         return 1
     if as_json:
         print(json.dumps(doc, indent=1, default=str))
@@ -97,6 +142,108 @@ def replay(
 
         sys.stdout.write(render(doc))
     return 0
+
+
+def _hints(settings: Any, e: Any) -> list[str]:
+    """What to try when the history of `settings` cannot be read (`HistoryUnreadable` e)."""
+    from guardd.observations import history_files  # noqa: PLC0415
+
+    directory = settings.state_dir / "observations"
+    if "no such directory" in e.why:
+        where = (
+            "the config sets no state.dir: this is guardd's default"
+            if settings.config.state.dir is None
+            else "this is the config's state.dir"
+        )
+        return [
+            (
+                f"{where}; to replay a copy of the state folder, point at it: "
+                '--set state.dir="/path/to/the/copy"'
+            )
+        ]
+    if "no observation file" in e.why:
+        try:
+            found = history_files(directory)
+        except Exception:  # noqa: BLE001 - a hint only: the error above stands
+            return []
+        # `<instance>-YYYY-MM-DD.jsonl.gz`: the instance is what comes before the day.
+        others = sorted({p.name[: -len("-YYYY-MM-DD.jsonl.gz")] for p in found})
+        if others:
+            return [
+                (
+                    f"it holds the files of instance(s) {', '.join(others)}, not of "
+                    f"{settings.instance!r}: set `instance` in the config, or "
+                    f'--set instance="{others[0]}"'
+                )
+            ]
+    return []
+
+
+def _notes(a: Any, b: Any, sets: list[str]) -> list[str]:
+    """What the report says of the `--compare` config `b` beside the first config `a`."""
+    notes = []
+    if sets:
+        notes.append("--set applies to A only")
+    if b.instance != a.instance:
+        notes.append(
+            f"instance {b.instance!r} differs from A's {a.instance!r}: replayed over A's history"
+        )
+    if b.state_dir != a.state_dir:
+        notes.append(
+            f"state.dir {b.state_dir} differs from A's {a.state_dir}: replayed over A's history"
+        )
+    return notes
+
+
+def _real_journal(path: Path, instance: str) -> tuple[list[dict[str, Any]], str | None, int]:
+    """The live journal's events, why it could not be read (or None), and its lines that are
+    no event."""
+    from guardd.journal import Journal  # noqa: PLC0415
+
+    journal = Journal(path, instance, time.time)
+    try:
+        if not path.is_file():
+            # Journal.read() gives nothing for a missing file: that is not "no incident".
+            raise FileNotFoundError(2, "no such file")
+        return journal.read(), None, journal.skipped_lines
+    except OSError as e:
+        why = f"{path}: cannot read the journal ({e.strerror or e}): incidents not matched"
+        return [], why, 0
+
+
+def _no_history(sim: Any, directory: Path, since: float | None, until: float | None) -> str:
+    """Why there is nothing to judge: the period, and each file with what reading it found."""
+    rep = sim.report
+    if since is not None or until is not None:
+        head = (
+            f"no history between {_report.stamp(since) or 'the beginning'} and "
+            f"{_report.stamp(until) or 'the end'}"
+        )
+    else:
+        head = "no history to judge"
+    lines = [f"{head}: no readable record in {directory}"]
+    lines.extend(f"  {p}" for p in rep.problems)
+    lines.extend(f"  {n} line(s) skipped: {why}" for why, n in sorted(rep.skipped.items()))
+    told = " ".join(rep.problems)
+    where = " in the period" if since is not None or until is not None else ""
+    lines.extend(f"  {f}: no record{where}" for f in rep.files if f not in told)
+    return "\n".join(lines)
+
+
+def _covered(at: object, sim: Any, tolerance: float) -> bool:
+    """Whether the history holds records around the moment `at`: between its first and last
+    record of the period, and not in a stretch where records were lost."""
+    from guardd.journal import parse_rfc3339  # noqa: PLC0415
+
+    try:
+        t = parse_rfc3339(str(at))
+    except ValueError:
+        return False
+    if sim.first_ts is None or sim.last_ts is None:
+        return False
+    if not sim.first_ts - tolerance <= t <= sim.last_ts + tolerance:
+        return False
+    return not any(after - gap < t < after for after, gap in sim.gaps)
 
 
 def _decided(event: dict[str, Any], journal: list[dict[str, Any]]) -> dict[str, Any]:
@@ -114,24 +261,16 @@ def _decided(event: dict[str, Any], journal: list[dict[str, Any]]) -> dict[str, 
 async def _replay_all(
     settings: Any, others: list[Any], since: float | None, until: float | None, sets: list[str]
 ) -> dict[str, Any]:
-    from guardd.journal import Journal  # noqa: PLC0415
     from guardd.observations import HistoryUnreadable  # noqa: PLC0415
-    from guardd.replay import _report  # noqa: PLC0415
     from guardd.replay._engine import Simulation  # noqa: PLC0415
     from guardd.replay._prometheus import ranges  # noqa: PLC0415
 
     directory = settings.state_dir / "observations"
+    env = env_settings()
     configs: list[dict[str, Any]] = []
     first: Simulation | None = None
     journal_path = settings.state_dir / "events.jsonl"
-    journal_problem: str | None = None
-    try:
-        real = Journal(journal_path, settings.instance, time.time).read()
-    except OSError as e:
-        real = []
-        journal_problem = (
-            f"{journal_path}: cannot read the journal ({e.strerror or e}): incidents not matched"
-        )
+    real, journal_problem, journal_skipped = _real_journal(journal_path, settings.instance)
     for i, s in enumerate([settings, *others]):
         sim = Simulation(s, directory, since=since, until=until, guard=settings.instance)
         sim.build_signals()
@@ -143,6 +282,8 @@ async def _replay_all(
             # Not one file of the history could be opened: nothing was replayed at all.
             where, _, why = unopened[0].partition(": cannot open: ")
             raise HistoryUnreadable(Path(where), f"cannot open: {why}")
+        if i == 0 and sim.first_ts is None:
+            raise NoHistory(_no_history(sim, directory, since, until))
         for name, rep in prom_reports.items():
             sim.sources[name] = rep
         first = first or sim
@@ -162,14 +303,19 @@ async def _replay_all(
         ]
         c = s.config
         tolerance = max(c.policy.window, 10 * c.probe.interval)
+        found = _report.detect(incidents, decisions, tolerance)
+        for inc in found:
+            inc["covered"] = _covered(inc.get("at"), first, tolerance)
         configs.append(
             {
                 "label": "A" if i == 0 else "B",
                 "config": str(s.source),
                 "set": sets if i == 0 else [],
+                "env": env,
+                "notes": [] if i == 0 else _notes(settings, s, sets),
                 "decisions": decisions,
                 "summary": _report.summary(decisions),
-                "incidents": _report.detect(incidents, decisions, tolerance),
+                "incidents": found,
                 "ticks": sim.ticks,
                 "skipped_ticks": sim.skipped_ticks,
             }
@@ -206,7 +352,8 @@ async def _replay_all(
             "to": _report.stamp(until if until is not None else first.last_ts),
             "files": history.files,
             "runs": history.runs,
-            "records": history.records,
+            "records": history.records - first.warmup_records,
+            "warmup_records": first.warmup_records,
             "skipped": dict(history.skipped),
             "problems": history.problems + ([journal_problem] if journal_problem else []),
             "missing_days": _report.missing_days(history.files),
@@ -219,6 +366,8 @@ async def _replay_all(
             ],
         },
         "journal": str(journal_path),
+        "journal_problem": journal_problem,
+        "journal_skipped": journal_skipped,
         "sources": sources,
         "configs": configs,
     }

@@ -127,6 +127,8 @@ class Simulation:
         self.bad_samples: Counter[str] = Counter()
         self.first_ts: float | None = None
         self.last_ts: float | None = None
+        #: Records replayed before `since` only to fill the windows (not in the period).
+        self.warmup_records = 0
         self.ticks = 0
         self.skipped_ticks = 0
         #: Stretches of a run without any record (records lost): (wall time after, seconds).
@@ -388,13 +390,14 @@ class Simulation:
                 report.problems.append(f"{color}: no file at {path} (nor rotated beside it)")
                 continue
             if not has_timestamps(files[0], report):
-                report.why = (
+                # Only this color is inconclusive: a timed color's lines are replayed.
+                why = (
                     f"the lines of {files[0]} carry no timestamp guardd can read, so when they "
-                    "were written is unknown; its rules are inconclusive"
+                    f"were written is unknown; its rules are inconclusive on {color}"
                 )
-                for follower in sig.followers.values():
-                    follower.problem = "cannot be replayed: its lines have no timestamp"
-                return
+                report.why = why if report.why is None else f"{report.why}; {why}"
+                sig.followers[color].problem = "cannot be replayed: its lines have no timestamp"
+                continue
             per_color.append(self._log_batches(name, sig, color, files))
         if per_color:
             report.replayed = "from its files, by each line's own timestamp"
@@ -476,6 +479,8 @@ class Simulation:
                     self._live = color_of(rec.doc.get("to")) or self._live
                 self.report.records -= 1
                 continue
+            if self.since is not None and rec.ts < self.since:
+                self.warmup_records += 1
             if self.first_ts is None and (self.since is None or rec.ts >= self.since):
                 self.first_ts = rec.ts
             self.last_ts = rec.ts

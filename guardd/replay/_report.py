@@ -34,6 +34,8 @@ _SHOWN: Final = {
 _MOVES: Final = ("rollback_completed", "rollback_failed", "switch", "promote", "external_switch")
 #: Journal events that are incidents a config should detect.
 INCIDENTS: Final = ("rollback_completed", "rollback_failed", "hold")
+#: The text report's words for line outcomes whose name says little to an operator.
+_LINE_WORDS: Final = {"shed": "over budget"}
 _DAY: Final = re.compile(r"-(\d{4}-\d{2}-\d{2})\.jsonl\.gz$")
 
 
@@ -173,11 +175,19 @@ def render(doc: dict[str, Any]) -> str:
     out.append(
         f"guardd replay of {h['dir']}: {h['from'] or '-'} .. {h['to'] or '-'}, "
         f"{h['runs']} run(s), {h['records']} records"
+        + (
+            f" (and {h['warmup_records']} before it, replayed only to fill the windows)"
+            if h.get("warmup_records")
+            else ""
+        )
     )
     for c, label in pairs:
         if label:
             sets = "".join(f" --set {x}" for x in c["set"])
             out.append(f"  [{label}] {c['config']}{sets}")
+            out.extend(f"      {note}" for note in c.get("notes") or [])
+    if configs and configs[0].get("env"):
+        out.append("  settings from the environment: " + " ".join(configs[0]["env"]))
     out.append("")
     rows = sorted(
         (
@@ -209,6 +219,8 @@ def render(doc: dict[str, Any]) -> str:
 
 def _incidents(doc: dict[str, Any], pairs: list[tuple[dict[str, Any], str | None]]) -> list[str]:
     incidents = pairs[0][0]["incidents"]
+    if doc.get("journal_problem"):
+        return [f"Incidents: unknown: {doc['journal_problem']}"]
     if not incidents:
         return [f"Incidents in {doc['journal']}: none in this period."]
     out = [f"Incidents in {doc['journal']}:"]
@@ -222,7 +234,10 @@ def _incidents(doc: dict[str, Any], pairs: list[tuple[dict[str, Any], str | None
             found = c["incidents"][i]
             prefix = f"    [{label}] " if label else "    "
             if found["detected_at"] is None:
-                out.append(prefix + "not detected")
+                if found.get("covered", True):
+                    out.append(prefix + "not detected")
+                else:
+                    out.append(prefix + "not covered by the history (no record around it)")
                 continue
             by = _SHOWN.get(found["detected_by"], found["detected_by"])
             out.append(
@@ -240,8 +255,11 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
         or h["clock_steps"]
         or h["missing_days"]
         or h["gaps"]
+        or doc.get("journal_skipped")
     ):
         out.append("  nothing in the observations")
+    if doc.get("journal_skipped"):
+        out.append(f"  {doc['journal_skipped']} journal line(s) of {doc['journal']}: not an event")
     out.extend(f"  {n} observation line(s): {why}" for why, n in sorted(h["skipped"].items()))
     out.extend(f"  {problem}" for problem in h["problems"])
     out.extend(f"  no observation file for {day}" for day in h["missing_days"])
@@ -257,13 +275,18 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
     )
     for name, src in doc["sources"].items():
         lines = src.get("lines") or {}
-        counted = ", ".join(f"{k} {v}" for k, v in lines.items() if v)
+        counted = ", ".join(f"{_LINE_WORDS.get(k, k)} {v}" for k, v in lines.items() if v)
         how = src["replayed"] or f"not replayed: {src['why']}"
         if src["replayed"] and src["why"]:
             how += f" ({src['why']})"
         out.append(f"  signal {name} ({src['kind']}): {how}")
         if counted:
             out.append(f"    lines: {counted}")
+        if lines.get("shed"):
+            out.append(
+                "    over budget: lines beyond the signal's max_lines_per_s in their second, "
+                "counted but not parsed (as the daemon does); the figures are a lower bound"
+            )
         if src["outside_history"]:
             out.append(
                 f"    {src['outside_history']} line(s)/sample(s) outside the recorded history"

@@ -122,3 +122,17 @@ def test_an_access_log_that_is_not_there_is_said_and_its_rules_say_nothing(
     assert decisions(doc, "rollback_completed") == []
     said = [d["reason"] for d in decisions(doc, "alert")]
     assert any("signal traffic gives nothing: cannot be replayed" in r for r in said), said
+
+
+def test_lines_over_the_budget_are_named_and_explained(hour: tuple[Path, float, int]) -> None:
+    tmp, _, _ = hour
+    extra = _signal(tmp / "logs", 0.05).replace(
+        'window = "60s"', 'window = "60s"\nmax_lines_per_s = 5'
+    )
+    cfg = config(tmp, tmp / "state", extra=extra, interval="1s", qos_window="10s")
+    doc = replay_json("--config", str(cfg))
+    assert doc["sources"]["traffic"]["lines"]["shed"] > 0
+    text = replay("--config", str(cfg)).stdout
+    assert "shed" not in text
+    assert "over budget " in text
+    assert "over budget: lines beyond the signal's max_lines_per_s in their second" in text

@@ -125,16 +125,20 @@ addresses = {{ blue = ["{BLUE}"], green = ["{GREEN}"] }}
     assert "Traceback" not in text.stderr
 
 
-def test_a_history_of_nothing_but_damage_still_runs(tmp_path: Path) -> None:
+def test_a_history_of_nothing_but_damage_has_nothing_to_judge(tmp_path: Path) -> None:
     obs = tmp_path / "state" / "observations"
     obs.mkdir(parents=True)
     (obs / "lab-2026-11-30.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00garbage" * 100)
     (obs / "lab-2026-12-01.jsonl.gz").write_bytes(b"")
     cfg = config(tmp_path, tmp_path / "state")
-    doc = replay_json("--config", str(cfg))
-    assert doc["configs"][0]["decisions"] == []
-    assert any("corrupt" in p for p in doc["history"]["problems"])
-    assert doc["history"]["records"] == 0
+    for args in ([], ["--json"]):
+        done = replay("--config", str(cfg), *args)
+        assert done.returncode == 1, done.stdout
+        assert "no history to judge" in done.stderr
+        assert f"{obs / 'lab-2026-11-30.jsonl.gz'}: corrupt" in done.stderr
+        assert f"{obs / 'lab-2026-12-01.jsonl.gz'}: no record" in done.stderr
+        assert "No decision" not in done.stdout and "not detected" not in done.stdout
+        assert "Traceback" not in done.stderr
 
 
 def test_an_unreadable_journal_is_said_and_the_replay_goes_on(tmp_path: Path) -> None:

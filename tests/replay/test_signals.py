@@ -34,18 +34,21 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _app_logs(logs: Path, t0: float, *, timed: bool = True) -> None:
+def _app_logs(logs: Path, t0: float, *, timed: bool = True, untimed: tuple[str, ...] = ()) -> None:
+    """Each color's log (green says ERROR at `ERRORS_AT`); `untimed` colors' lines, or every
+    color's without `timed`, carry no timestamp."""
     logs.mkdir()
     for color in ("blue", "green"):
+        stamped = timed and color not in untimed
         lines = []
         for i in range(MINUTES * 60):
             at = t0 + i
             said = "INFO served /api"
             if color == "green" and ERRORS_AT <= i < ERRORS_AT + 5:
                 said = "ERROR database connection refused"
-            lines.append(f"{_iso(at)} {said}\n" if timed else f"{said}\n")
+            lines.append(f"{_iso(at)} {said}\n" if stamped else f"{said}\n")
             if color == "green" and ERRORS_AT <= i < ERRORS_AT + 5:
-                lines.append(f"{_iso(at + 0.5)} {said}\n" if timed else f"{said}\n")
+                lines.append(f"{_iso(at + 0.5)} {said}\n" if stamped else f"{said}\n")
         (logs / f"{color}.log").write_text("".join(lines))
 
 
@@ -98,6 +101,33 @@ def test_a_log_without_timestamps_cannot_be_replayed_and_its_rules_say_nothing(
     assert any("signal app gives nothing" in r and "no timestamp" in r for r in said), said
     text = replay("--config", str(cfg)).stdout
     assert "signal app (log_match): not replayed: the lines of" in text
+
+
+@pytest.mark.parametrize("untimed", ["blue", "green"])
+def test_one_untimed_log_leaves_only_its_color_inconclusive(
+    history: tuple[Path, float], untimed: str
+) -> None:
+    tmp, t0 = history
+    _app_logs(tmp / "logs", t0, untimed=(untimed,))
+    cfg = config(tmp, tmp / "state", extra=_signal(tmp / "logs"), interval="1s", qos_window="10s")
+    doc = replay_json("--config", str(cfg))
+    src = doc["sources"]["app"]
+    timed = "green" if untimed == "blue" else "blue"
+    assert src["replayed"] == "from its files, by each line's own timestamp"
+    assert f"{untimed}.log carry no timestamp" in src["why"]
+    assert f"inconclusive on {untimed}" in src["why"] and timed not in src["why"]
+    fired = [d for d in decisions(doc, "alert") if d["rule"] == "app_errors"]
+    if untimed == "blue":
+        # Green's lines are timed: its burst is replayed and fires the rule.
+        [alert] = fired
+        assert alert["color"] == "green"
+        assert ERRORS_AT + 2 <= parse_rfc3339(alert["at"]) - t0 <= ERRORS_AT + 4
+    else:
+        assert fired == []  # green's burst has no time: inconclusive, never fired
+    said = [d["reason"] for d in decisions(doc, "alert") if "signal app" in (d["reason"] or "")]
+    assert said, decisions(doc, "alert")
+    assert all(f"{untimed}: cannot be replayed" in r for r in said), said
+    assert not any(f"{timed}: cannot be replayed" in r for r in said), said
 
 
 class _RangeServer:
