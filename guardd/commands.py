@@ -38,7 +38,7 @@ _MAX_OUTPUT = 64 * 1024
 _DRAIN_GRACE = 1.0
 
 
-_retry_hooks = {"structlog_only": False}
+_retry_hooks = {"structlog_only": False, "applied": False}
 
 
 def log_retries_through_structlog() -> None:
@@ -57,8 +57,9 @@ def retrying() -> ModuleType:
     """stamina, imported now if it was not yet, with the hooks the daemon asked for."""
     import stamina  # noqa: PLC0415 - a retry is rare: most processes never pay for it
 
-    if _retry_hooks["structlog_only"]:
+    if _retry_hooks["structlog_only"] and not _retry_hooks["applied"]:
         stamina.instrumentation.set_on_retry_hooks([stamina.instrumentation.StructlogOnRetryHook])
+        _retry_hooks["applied"] = True
     return stamina
 
 

@@ -7,14 +7,16 @@ log, so the test reads what the real process loaded, and when.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from anyio.from_thread import start_blocking_portal
 
 from guardd.control import client
-from tests.harness.daemon import Daemon, Lab, MakeLab, wait_until
+from tests.harness.daemon import Daemon, Lab, MakeLab, log_lines, wait_until
 from tests.harness.receiver import Receiver, serve
 
 pytestmark = pytest.mark.nginx
@@ -98,3 +100,31 @@ def test_a_slack_sink_loads_its_http_client_at_the_first_delivery(make_lab: Make
         message = rec.requests[0].json()
         assert message["blocks"] and "blue" in message["text"], message
         assert {"httpx", "httpcore", "stamina"} <= set(loaded(d))
+
+
+def test_a_reload_that_fails_once_loads_stamina_and_retries_through_structlog(
+    make_lab: MakeLab, tmp_path: Path
+) -> None:
+    lab = make_lab()
+    # nginx's own reload behind a first attempt that fails: the switch must retry it.
+    failed_once = tmp_path / "failed-once"
+    reload = tmp_path / "reload-fails-once.sh"
+    reload.write_text(
+        "#!/bin/sh\n"
+        f'if [ ! -e "{failed_once}" ]; then touch "{failed_once}"; echo busy >&2; exit 1; fi\n'
+        f"exec {shlex.join(lab.nginx.reload_command)}\n"
+    )
+    reload.chmod(0o755)
+    lab.write_config(switch__reload_command=[str(reload)])
+    d = lab.daemon(env=IMPORT_LOG)
+    at_work(lab)
+    assert "stamina" not in loaded(d)
+    lab.green.set_mode("http_503")
+    d.wait_event("rollback_completed")
+    assert lab.nginx.wait_serving_only("blue", hold=0.3, timeout=30)
+    assert failed_once.exists()
+    assert "stamina" in loaded(d)
+    # stamina's hook is structlog's (the daemon's JSON log), never its Prometheus one.
+    retries = [e for e in log_lines(d) if e.get("event") == "stamina.retry_scheduled"]
+    assert len(retries) == 1, retries
+    assert retries[0]["retry_num"] == 1
