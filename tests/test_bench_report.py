@@ -9,6 +9,17 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+VERSIONED = [
+    "guardd",
+    "python",
+    "httpx",
+    "nginx",
+    "blackbox_exporter",
+    "monit",
+    "curl",
+    "wrk",
+    "hyperfine",
+]
 BEGIN, END = "<!-- bench-targets:begin -->", "<!-- bench-targets:end -->"
 
 
@@ -24,7 +35,15 @@ def results(*, idle: float, idle_tls: float, slope: float | None) -> dict[str, A
     return {
         "generated_at": "2026-01-01T00:00:00Z",
         "quick": False,
-        "machine": {"cpu_model": "Test CPU", "cores": 2},
+        "machine": {
+            "cpu_model": "Test CPU",
+            "cores": 2,
+            "memory_gib": 4,
+            "os": "Debian",
+            "kernel": "6",
+            "load_avg_at_start": [0.0, 0.0, 0.0],
+            "versions": dict.fromkeys(VERSIONED, "1"),
+        },
         "suites": {
             "cost": {
                 "ratios": {"guardd_over_blackbox_exporter": 0.4},
@@ -108,3 +127,29 @@ def test_a_readme_without_the_markers_is_refused_untouched(tmp_path: Path) -> No
     assert status == 2
     assert "bench-targets:begin" in err
     assert text == "# no block here\n"
+
+
+def test_rejudge_takes_the_kept_soak_into_the_results(tmp_path: Path) -> None:
+    doc = results(idle=39.0, idle_tls=44.0, slope=None)
+    del doc["soak"]
+    doc["suites"] = {}  # the figures of the suites do not matter here
+    (tmp_path / "latest.json").write_text(json.dumps(doc))
+    kept = results(idle=0, idle_tls=0, slope=3.0)["soak"] | {"series": [[0, 1, 2, 3]]}
+    (tmp_path / "soak.json").write_text(json.dumps(kept))
+    argv = ["--results", str(tmp_path / "latest.json"), "--rejudge"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.report", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    after = json.loads((tmp_path / "latest.json").read_text())
+    assert after["soak"]["rss_slope_after_warmup_kib_per_min"] == 3.0
+    assert "series" not in after["soak"]
+    (soak,) = [t for t in after["targets"] if t["target"].startswith("memory over time")]
+    assert soak["met"] is True and soak["ratio"] == 0.3
+    md = (tmp_path / "latest.md").read_text()
+    assert "| 0.3 | yes |" in md
