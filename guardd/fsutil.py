@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import functools
 import os
 import stat
 from pathlib import Path
@@ -35,12 +34,6 @@ _DEFAULT_MODE = 0o644
 _TEMP_SUFFIX = ".guardd-tmp"
 
 
-# Cached, so that the temp name's Path stays alive between writes. pathlib interns every
-# name it parses, and an interned string that dies leaves a dead slot in CPython's table
-# of interned strings: a state file saved at every tick of a 50 ms guard used to fill the
-# table's free slots within half an hour, and its rebuild (about 2 MiB, allocated before
-# the old table is freed) left a step in the daemon's resident memory each time.
-@functools.lru_cache(maxsize=64)
 def temp_path_for(path: Path) -> Path:
     """Return the fixed temp path `atomic_write` uses for *path*: a hidden sibling."""
     return path.with_name(f".{path.name}{_TEMP_SUFFIX}")

@@ -200,21 +200,3 @@ def test_unwritable_directory_is_a_storage_error(tmp_path: Path) -> None:
     """A write into a directory that does not exist is a StorageError, not a crash."""
     with pytest.raises(StorageError):
         atomic_write(tmp_path / "missing-dir" / "state.json", b"x")
-
-
-def test_repeated_writes_do_not_churn_the_interned_names(tmp_path: Path) -> None:
-    """The temp name pathlib interned stays alive between two writes of the same file.
-
-    An interned string that dies leaves a dead slot in CPython's interned-strings table;
-    a file rewritten at every decision tick would fill the table's free slots and make
-    the interpreter rebuild it (about 2 MiB) every half hour, a step in RSS each time.
-    """
-    for name in ("state.json", "lab.qos.lock", "deploy-state.json"):
-        path = tmp_path / name
-        atomic_write(path, b"one")
-        atomic_write(path, b"two")
-        # A new string equal to the temp name: interning it must find pathlib's copy.
-        fresh = "".join([".", name, ".guardd-tmp"])
-        assert sys.intern(fresh) is not fresh, name
-        assert path.read_bytes() == b"two"
-        assert not os.path.lexists(temp_path_for(path))
