@@ -9,7 +9,10 @@ same time, so a busy machine slows them all alike and the ratios stand:
 - the shell loop `health_guard.sh 0.1 URL` (bash + curl + sleep), children included;
 - a bare httpx.AsyncClient loop, the floor of any httpx-based Python prober, and a bare
   asyncio-streams loop, the floor of any Python prober at all (bench/floor.py);
-- monit with one HTTP check at its 1 s cycle (CPU per cycle).
+- monit with one HTTP check at its 1 s cycle (CPU per cycle);
+- for memory only, a second idle guardd with HTTPS probes (a local TLS upstream per
+  color, `probe.ca_file` trusting a private CA) and a `slack` sink (a local Slack-like
+  webhook receiver): what TLS and the notification client add to the idle RSS.
 
 CPU per probe = (CPU over the window - the idle twin's) / probes the app logged from
 that subject in the window. The active guardd and blackbox_exporter then keep running
@@ -19,11 +22,16 @@ for the soak, which reads their memory 10 minutes after they started.
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+# A test dependency: the bench runs from the development venv (guardd from a runtime one).
+import trustme
 
 from bench.context import Bench
 from bench.nginx import Front
@@ -37,11 +45,14 @@ from bench.subjects import (
     Monit,
     ShellGuard,
 )
+from bench.webhook import SlackHook
+from tests.harness.hostile import Hostile
 
 RATE = 10.0  # probes per second, for every subject
 UA = {
     "guardd": "guardd-cost",
     "guardd_idle": "guardd-idle",
+    "guardd_idle_https_slack": "guardd-idle-tls",
     "blackbox_exporter": "Blackbox Exporter",
     "shell_loop": "shell-cost",
     "httpx_floor": "httpx-floor",
@@ -66,6 +77,10 @@ class Soak:
     httpx: Floor
     asyncio: Floor
     monit: Monit
+    # The idle guardd with HTTPS probes and a Slack sink, its TLS upstreams and receiver.
+    idle_tls: Guardd
+    tls_upstreams: list[Hostile]
+    slack: SlackHook
     started: float = field(default_factory=time.monotonic)
     ready_at: float = 0.0
     samples: list[dict[str, float]] = field(default_factory=list)
@@ -83,6 +98,10 @@ class Soak:
         while not self._stop.wait(30.0):
             self.samples.append(self._sample())
 
+    def idle_tls_probes(self) -> int:
+        """Requests the HTTPS upstreams answered (the idle guard's probes at start)."""
+        return sum(u.requests for u in self.tls_upstreams)
+
     def retire_extras(self) -> None:
         """Stop everything but the soak's guardd and blackbox_exporter."""
         if self.extras_stopped:
@@ -95,6 +114,9 @@ class Soak:
             self.monit.stop,
             self.guardd_idle.stop,
             self.blackbox_idle.stop,
+            self.idle_tls.stop,
+            *(u.stop for u in self.tls_upstreams),
+            self.slack.stop,
         ):
             stop()
 
@@ -157,6 +179,19 @@ def start_soak(ctx: Bench, duration: float) -> Soak:
         # The QoS window must hold policy.min_samples probes at this interval.
         qos_window="6h",
     ).start(ctx.hub)
+    tls_upstreams, ca_file = _tls_upstreams(ctx)
+    slack = SlackHook().start()
+    gt = Guardd(
+        ctx.root,
+        "idle-tls",
+        upstreams={c: [u.url] for c, u in zip(("blue", "green"), tls_upstreams, strict=True)},
+        interval=3600.0,
+        switch=switch,
+        user_agent=UA["guardd_idle_https_slack"],
+        qos_window="6h",
+        probe={"ca_file": str(ca_file)},
+        extra_toml=f'\n[[notify]]\nkind = "slack"\nurl = "{slack.url}"\n',
+    ).start(ctx.hub)
     bb = BlackboxExporter(ctx.root / "blackbox").start()
     bbi = BlackboxExporter(ctx.root / "blackbox-idle").start()
     driver = BlackboxDriver(bb, [app.url("sblue"), app.url("sgreen")], RATE).start()
@@ -170,10 +205,27 @@ def start_soak(ctx: Bench, duration: float) -> Soak:
     hx = Floor(ctx.root / "floors", "httpx", urls, 1 / RATE).start()
     aio = Floor(ctx.root / "floors", "asyncio", urls, 1 / RATE).start()
     monit = Monit(ctx.root / "monit-cost", port=app.port_of["sblue"]).start()
-    soak = Soak(ctx, duration, front, g, gi, bb, bbi, driver, shell, hx, aio, monit)
+    soak = Soak(
+        ctx,
+        duration,
+        front,
+        g,
+        gi,
+        bb,
+        bbi,
+        driver,
+        shell,
+        hx,
+        aio,
+        monit,
+        gt,
+        tls_upstreams,
+        slack,
+    )
     try:
         g.wait_ready(ctx.hub)
         gi.wait_ready(ctx.hub)
+        gt.wait_ready(ctx.hub)
         for key in (
             "guardd",
             "blackbox_exporter",
@@ -190,6 +242,19 @@ def start_soak(ctx: Bench, duration: float) -> Soak:
     soak._sampler = threading.Thread(target=soak._run, name="soak", daemon=True)
     soak._sampler.start()
     return soak
+
+
+def _tls_upstreams(ctx: Bench) -> tuple[list[Hostile], Path]:
+    """Two HTTPS health endpoints with a certificate from a private CA, and the CA's PEM."""
+    ca = trustme.CA()
+    ca_file = ctx.root / "bench-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    ups = [Hostile("ok", tls=server, color=c) for c in ("blue", "green")]
+    for u in ups:
+        u.start()
+    return ups, ca_file
 
 
 def _curl_peak_rss_kib(url: str) -> int:
@@ -209,6 +274,7 @@ def run(ctx: Bench, soak: Soak) -> dict[str, Any]:
     pids = {
         "guardd": soak.guardd.pid,
         "guardd_idle": soak.guardd_idle.pid,
+        "guardd_idle_https_slack": soak.idle_tls.pid,
         "blackbox_exporter": soak.blackbox.pid,
         "blackbox_exporter_idle": soak.blackbox_idle.pid,
         "shell_loop": soak.shell.proc.pid if soak.shell.proc else 0,
@@ -263,6 +329,10 @@ def run(ctx: Bench, soak: Soak) -> dict[str, Any]:
             "pss_mib": pss["guardd"],
             "idle_rss_mib": rss["guardd_idle"],
             "idle_pss_mib": pss["guardd_idle"],
+            "idle_https_slack_rss_mib": rss["guardd_idle_https_slack"],
+            "idle_https_slack_pss_mib": pss["guardd_idle_https_slack"],
+            "idle_https_slack_probes": soak.idle_tls_probes(),
+            "idle_https_slack_deliveries": len(soak.slack.received),
         },
         "blackbox_exporter": {
             "probes": n["blackbox_exporter"],

@@ -111,6 +111,7 @@ class Guardd:
         policy: Mapping[str, Any] | None = None,
         extra_toml: str = "",
         qos_window: str = "5m",
+        probe: Mapping[str, Any] | None = None,
     ) -> None:
         self.root = root / name
         self.root.mkdir(parents=True, exist_ok=True)
@@ -128,6 +129,7 @@ class Guardd:
                 "timeout": 2.0,
                 "expect_json": {"status": "UP"},
                 "headers": {"User-Agent": user_agent},
+                **(probe or {}),
             },
             "policy": {
                 "rollback_to": "blue",

@@ -219,9 +219,9 @@ def _run(config_path: Path | None, instance: str | None, level: str) -> int:
     if settings is None:
         return 2
     import anyio  # noqa: PLC0415
-    import stamina  # noqa: PLC0415
 
     from guardd import logs  # noqa: PLC0415
+    from guardd.commands import log_retries_through_structlog  # noqa: PLC0415
     from guardd.supervisor import Supervisor, startup_problems  # noqa: PLC0415
 
     if problems := startup_problems(settings):
@@ -233,7 +233,7 @@ def _run(config_path: Path | None, instance: str | None, level: str) -> int:
         logs.get_logger().warning("config_warning", problem=str(warning))
     # Retries are logged through structlog only: stamina's default Prometheus hook would
     # register in the global registry, which guardd never serves.
-    stamina.instrumentation.set_on_retry_hooks([stamina.instrumentation.StructlogOnRetryHook])
+    log_retries_through_structlog()
     supervisor = Supervisor(settings, instance_arg=instance)
     try:
         return anyio.run(supervisor.run)

@@ -4,7 +4,8 @@ Every command guardd runs (`nginx -t`, `nginx -s reload`, a deploy tool) goes th
 `run_command`. It never uses a shell, runs the command in its own session so a
 timeout kills the whole process group (a `sh` wrapper's children included), and
 retries transient failures under a `RetryPolicy` with stamina's exponential backoff
-and jitter.
+and jitter. stamina is imported at the first retry (`retrying`): a guard whose commands
+pass at once, and an idle one, never load it (nor tenacity under it).
 """
 
 from __future__ import annotations
@@ -13,21 +14,53 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import anyio
-import stamina
 from anyio.abc import ByteReceiveStream
 
 from guardd.exceptions import CommandFailed
 
-__all__ = ["CommandResult", "RetryPolicy", "run_command"]
+__all__ = [
+    "CommandResult",
+    "RetryPolicy",
+    "log_retries_through_structlog",
+    "retrying",
+    "run_command",
+]
 
 # Enough for any error message; a chatty command cannot balloon guardd's memory.
 _MAX_OUTPUT = 64 * 1024
 # How long output may keep arriving after the command itself has exited.
 _DRAIN_GRACE = 1.0
+
+
+_retry_hooks = {"structlog_only": False, "applied": False}
+
+
+def log_retries_through_structlog() -> None:
+    """Have stamina report retries through structlog only, from its first import on.
+
+    stamina's default Prometheus hook would register in prometheus_client's global
+    registry, which guardd never serves. The daemon calls this at start; stamina itself
+    is imported only when something is first retried (`retrying`).
+    """
+    _retry_hooks["structlog_only"] = True
+    if "stamina" in sys.modules:
+        retrying()
+
+
+def retrying() -> ModuleType:
+    """stamina, imported now if it was not yet, with the hooks the daemon asked for."""
+    import stamina  # noqa: PLC0415 - a retry is rare: most processes never pay for it
+
+    if _retry_hooks["structlog_only"] and not _retry_hooks["applied"]:
+        stamina.instrumentation.set_on_retry_hooks([stamina.instrumentation.StructlogOnRetryHook])
+        _retry_hooks["applied"] = True
+    return stamina
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +141,14 @@ async def run_command(
     try:
         if retry is None or retry.attempts <= 1:
             return await attempt_once()
-        async for attempt in stamina.retry_context(
+        # The first attempt runs before stamina is loaded; its failure is replayed as
+        # stamina's first attempt, so the backoff and the attempt count are stamina's own.
+        replay: list[_TransientError] = []
+        try:
+            return await attempt_once()
+        except _TransientError as exc:
+            replay.append(exc)
+        async for attempt in retrying().retry_context(
             on=_TransientError,
             attempts=retry.attempts,
             # The caller bounds the whole run with a cancel scope; stamina need not.
@@ -118,6 +158,8 @@ async def run_command(
             wait_jitter=retry.base_delay,
         ):
             with attempt:
+                if replay:
+                    raise replay.pop()
                 return await attempt_once()
     except _TransientError as exc:
         raise CommandFailed(

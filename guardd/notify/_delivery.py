@@ -4,6 +4,10 @@
 a disk or a network. The notifier's intake task writes each event to the outbox once per
 sink that wants it; one sender task per sink then posts the queue in order, retrying
 with stamina, and forgets a message durably only once it is delivered or given up.
+
+httpx and stamina are loaded at the first delivery, in a worker thread (`_Client`): a
+guard whose sinks have nothing to say does not carry an HTTP client, its TLS context and
+its CA bundle (about 4 MiB resident), and the event loop never stalls on the import.
 """
 
 from __future__ import annotations
@@ -20,16 +24,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 from urllib.parse import urlsplit
 
 import anyio
-import httpx
-import stamina
+import anyio.to_thread
 import structlog
 from anyio.abc import TaskStatus
 
 from guardd._version import __version__
+from guardd.commands import retrying
 from guardd.core.types import JOURNAL_EVENTS, NotificationOutcome
 from guardd.exceptions import StorageError
 from guardd.notify import slack_api
@@ -38,6 +42,9 @@ from guardd.notify.outbox import CorruptMessageError, Message, Outbox
 from guardd.notify.slack import slack_message
 from guardd.notify.webhook import webhook_body, webhook_headers
 from guardd.secrets import Secret, redact
+
+if TYPE_CHECKING:
+    import httpx
 
 SinkKind = Literal["slack", "slack_api", "discord", "webhook"]
 
@@ -257,6 +264,39 @@ class _SinkState:
             self.ready.set()
 
 
+class _Client:
+    """The notifier's httpx.AsyncClient, made at the first delivery and then shared."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport | None) -> None:
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._lock = anyio.Lock()
+
+    def _make(self) -> httpx.AsyncClient:
+        import httpx  # noqa: PLC0415 - loaded when there is something to send
+
+        retrying()  # stamina too, while off the event loop: every retry needs it
+        return httpx.AsyncClient(
+            transport=self._transport,
+            follow_redirects=False,
+            headers={"User-Agent": f"guardd/{__version__}"},
+        )
+
+    async def get(self) -> httpx.AsyncClient:
+        """The client; the first call imports httpx and builds it in a worker thread."""
+        async with self._lock:
+            if self._client is None:
+                # Importing httpx and loading its CA bundle take tens of milliseconds of
+                # CPU: a thread keeps the decision loop turning meanwhile.
+                self._client = await anyio.to_thread.run_sync(self._make)
+            return self._client
+
+    async def aclose(self) -> None:
+        """Close the client, if one was made."""
+        if self._client is not None:
+            await self._client.aclose()
+
+
 class Notifier:
     """Deliver journal events to Slack, Discord and webhooks without ever delaying a decision."""
 
@@ -331,11 +371,7 @@ class Notifier:
         self._started = True
         self._inbox_ready = anyio.Event()
         await self._load()
-        client = httpx.AsyncClient(
-            transport=self._transport,
-            follow_redirects=False,
-            headers={"User-Agent": f"guardd/{__version__}"},
-        )
+        client = _Client(self._transport)
         try:
             async with anyio.create_task_group() as tg:
                 for state in self._sinks.values():
@@ -507,7 +543,7 @@ class Notifier:
 
     # -- senders ------------------------------------------------------------------------
 
-    async def _send_loop(self, client: httpx.AsyncClient, state: _SinkState) -> None:
+    async def _send_loop(self, client: _Client, state: _SinkState) -> None:
         while True:
             while not state.queue:
                 state.ready = anyio.Event()
@@ -521,9 +557,7 @@ class Notifier:
             with anyio.CancelScope(shield=True):
                 await self._settle(state, message, delivered=delivered)
 
-    async def _deliver(
-        self, client: httpx.AsyncClient, state: _SinkState, message: Message
-    ) -> bool:
+    async def _deliver(self, client: _Client, state: _SinkState, message: Message) -> bool:
         """Post `message` until it is accepted, rejected or out of attempts; True if sent."""
         sink = state.sink
         journal_event = message.event.get("event")
@@ -539,9 +573,10 @@ class Notifier:
             why = f"cannot build the message: {redact(repr(e))}"
             self._dropped(sink.name, message.event_id, why)
             return False
+        http = await client.get()
         attempts = 0
         try:
-            async for attempt in stamina.retry_context(
+            async for attempt in retrying().retry_context(
                 on=_backoff,
                 attempts=self._retry.attempts,
                 # Bounded by attempts alone: a total deadline would cut the last attempts short.
@@ -555,7 +590,7 @@ class Notifier:
                     if attempts > 1:
                         self._outcome(sink.name, "retried")
                     try:
-                        answer = await _post(client, sink, body, headers)
+                        answer = await _post(http, sink, body, headers)
                     except _TransientError as e:
                         log.warning(
                             "notification_attempt_failed",
@@ -692,6 +727,8 @@ async def _post(
 
     Returns the answer's body for `slack_api` (whose 200 may still be a refusal), else b"".
     """
+    import httpx  # noqa: PLC0415 - loaded by `_Client` before any post
+
     try:
         # httpx's timeout bounds each read; this bounds the whole exchange.
         with anyio.fail_after(sink.timeout):

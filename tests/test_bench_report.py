@@ -1,0 +1,155 @@
+"""`python -m bench.report`: the targets judged from a results file, and the README's table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+VERSIONED = [
+    "guardd",
+    "python",
+    "httpx",
+    "nginx",
+    "blackbox_exporter",
+    "monit",
+    "curl",
+    "wrk",
+    "hyperfine",
+]
+BEGIN, END = "<!-- bench-targets:begin -->", "<!-- bench-targets:end -->"
+
+
+def results(*, idle: float, idle_tls: float, slope: float | None) -> dict[str, Any]:
+    """A results file as `make bench` writes it, with the memory figures only."""
+    soak = {
+        "minutes": 60.0,
+        "interval_s": 0.05,
+        "rss_slope_after_warmup_kib_per_min": slope,
+        "rss_kib_max_per_10min": [45000, 45100, 45100],
+        "journal_tail_cap_bytes": 262144,
+    }
+    return {
+        "generated_at": "2026-01-01T00:00:00Z",
+        "quick": False,
+        "machine": {
+            "cpu_model": "Test CPU",
+            "cores": 2,
+            "memory_gib": 4,
+            "os": "Debian",
+            "kernel": "6",
+            "load_avg_at_start": [0.0, 0.0, 0.0],
+            "versions": dict.fromkeys(VERSIONED, "1"),
+        },
+        "suites": {
+            "cost": {
+                "ratios": {"guardd_over_blackbox_exporter": 0.4},
+                "subjects": {
+                    "guardd": {"idle_rss_mib": idle, "idle_https_slack_rss_mib": idle_tls}
+                },
+            }
+        },
+        "soak": soak,
+    }
+
+
+def report(tmp: Path, doc: dict[str, Any], readme_text: str) -> tuple[int, str, str]:
+    """Run the real command on a results file and a README; (status, stderr, README after)."""
+    (tmp / "latest.json").write_text(json.dumps(doc))
+    readme = tmp / "README.md"
+    readme.write_text(readme_text)
+    argv = ["--results", str(tmp / "latest.json"), "--readme", str(readme)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.report", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return done.returncode, done.stderr, readme.read_text()
+
+
+def rows(text: str) -> dict[str, list[str]]:
+    """The generated table's rows by target name: wanted, measured, ratio, met."""
+    block = text[text.index(BEGIN) : text.index(END)]
+    out = {}
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] not in ("target", "---"):
+            out[cells[0]] = cells[1:]
+    return out
+
+
+def test_the_readme_block_is_replaced_and_nothing_else(tmp_path: Path) -> None:
+    before = f"# guardd\n\nintro\n\n{BEGIN}\nold hand-made table\n{END}\n\nafter\n"
+    status, err, text = report(tmp_path, results(idle=38.5, idle_tls=46.0, slope=2.5), before)
+    assert status == 0, err
+    assert text.startswith("# guardd\n\nintro\n\n" + BEGIN)
+    assert text.endswith(END + "\n\nafter\n")
+    assert "old hand-made table" not in text
+    table = rows(text)
+    assert table["idle RSS, plain-HTTP probes, no notification sink"][1:] == [
+        "38.5 MiB",
+        "0.96",
+        "yes",
+    ]
+    assert table["idle RSS, HTTPS probes and a Slack sink"][1:] == ["46.0 MiB", "1.02", "**no**"]
+    cpu = table["CPU per probe vs blackbox_exporter, fresh connections for both"]
+    assert cpu[2:] == ["0.8", "yes"]
+    (soak,) = [v for k, v in table.items() if k.startswith("memory over time")]
+    assert soak[0] == "< 10 KiB/min" and soak[2:] == ["0.25", "yes"]
+    assert "journal tail cap 256 KiB" in soak[1]
+    # Generated again from the same figures, the README does not change.
+    again = report(tmp_path, results(idle=38.5, idle_tls=46.0, slope=2.5), text)
+    assert again[0] == 0 and again[2] == text
+
+
+def test_a_soak_slope_over_the_bound_is_not_met(tmp_path: Path) -> None:
+    status, err, text = report(
+        tmp_path, results(idle=41.0, idle_tls=44.0, slope=46.9), f"{BEGIN}\n{END}\n"
+    )
+    assert status == 0, err
+    table = rows(text)
+    (soak,) = [v for k, v in table.items() if k.startswith("memory over time")]
+    assert soak[2:] == ["4.69", "**no**"]
+    assert table["idle RSS, plain-HTTP probes, no notification sink"][3] == "**no**"
+    assert table["idle RSS, HTTPS probes and a Slack sink"][3] == "yes"
+
+
+def test_a_readme_without_the_markers_is_refused_untouched(tmp_path: Path) -> None:
+    status, err, text = report(
+        tmp_path, results(idle=38.0, idle_tls=44.0, slope=1.0), "# no block here\n"
+    )
+    assert status == 2
+    assert "bench-targets:begin" in err
+    assert text == "# no block here\n"
+
+
+def test_rejudge_takes_the_kept_soak_into_the_results(tmp_path: Path) -> None:
+    doc = results(idle=39.0, idle_tls=44.0, slope=None)
+    del doc["soak"]
+    doc["suites"] = {}  # the figures of the suites do not matter here
+    (tmp_path / "latest.json").write_text(json.dumps(doc))
+    kept = results(idle=0, idle_tls=0, slope=3.0)["soak"] | {"series": [[0, 1, 2, 3]]}
+    (tmp_path / "soak.json").write_text(json.dumps(kept))
+    argv = ["--results", str(tmp_path / "latest.json"), "--rejudge"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.report", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    after = json.loads((tmp_path / "latest.json").read_text())
+    assert after["soak"]["rss_slope_after_warmup_kib_per_min"] == 3.0
+    assert "series" not in after["soak"]
+    (soak,) = [t for t in after["targets"] if t["target"].startswith("memory over time")]
+    assert soak["met"] is True and soak["ratio"] == 0.3
+    md = (tmp_path / "latest.md").read_text()
+    assert "| 0.3 | yes |" in md
