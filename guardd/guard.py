@@ -479,7 +479,9 @@ class Guard:
         self.state = state
         self.metrics.set_state(self.state.value)
         self.metrics.set_active(self.active)
-        self.metrics.set_qos_locked(self.qos_held)
+        unknown = self.fleet is not None and self.fleet.qos_unknown_why() is not None
+        # A fleet node that cannot read the fleet's lock shows it as unknown, never as free.
+        self.metrics.set_qos_locked(None if unknown else self.qos_held)
         self.metrics.set_rollback_target_healthy(self.protection_lost() is None)
         self.save_state()
 

@@ -9,6 +9,7 @@ tests and embedded demos never collide on the process-wide default one.
 from __future__ import annotations
 
 import gzip
+import math
 import socket
 import socketserver
 import threading
@@ -330,12 +331,14 @@ class GuardMetrics:
         """Record the time from a decision to a verified switch."""
         self._switch_seconds.observe(seconds)
 
-    def set_qos_locked(self, locked: bool) -> None:
-        """Publish whether the QoS lock is held."""
-        if self._shown.get("qos_locked") is locked:
+    def set_qos_locked(self, locked: bool | None) -> None:
+        """Publish whether the QoS lock is held: 1, 0, or NaN when it cannot be told (a
+        fleet node that cannot read the fleet's lock), so that `== 0` never means allowed
+        then."""
+        if "qos_locked" in self._shown and self._shown["qos_locked"] is locked:
             return
         self._shown["qos_locked"] = locked
-        self._qos_locked.set(1 if locked else 0)
+        self._qos_locked.set(math.nan if locked is None else (1 if locked else 0))
 
     def set_rollback_target_healthy(self, healthy: bool) -> None:
         """Publish whether the rollback target could take traffic (0: protection lost)."""

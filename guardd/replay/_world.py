@@ -187,7 +187,7 @@ class NullMetrics(GuardMetrics):
     def set_state(self, state: str) -> None:
         """Not kept."""
 
-    def set_qos_locked(self, locked: bool) -> None:
+    def set_qos_locked(self, locked: bool | None) -> None:
         """Not kept."""
 
     def set_rollback_target_healthy(self, healthy: bool) -> None:

@@ -7,6 +7,7 @@ import functools
 import json
 import signal
 import socket
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -584,15 +585,33 @@ def _closed_port() -> int:
 
 def test_a_node_that_never_reached_etcd_never_says_deploys_allowed(tmp_path: Path) -> None:
     # A typo'd port: etcd is never read, and the empty local lock file proves nothing.
+    port = _closed_port()
     with make_lab(
         tmp_path,
         fleet__etcd=[f"http://127.0.0.1:{_closed_port()}"],
         fleet__node="n0",
         fleet__lease_ttl="2s",
+        metrics__listen=f"127.0.0.1:{port}",
     ) as node:
         node.daemon()
         assert not node.lock_file.exists()
         lock_is_unknown_on(node)
+        # What Prometheus scrapes says it cannot tell too: NaN, never 0 ("not locked").
+        wait_until(
+            lambda: qos_locked_metric(port) == "NaN",
+            30,
+            "guardd_qos_locked NaN on /metrics",
+            poll=0.2,
+        )
+
+
+def qos_locked_metric(port: int) -> str | None:
+    """The `guardd_qos_locked` sample as /metrics shows it on `port` (its text)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(("guardd_qos_locked ", "guardd_qos_locked{")):
+                return str(line.rsplit(" ", 1)[1])
+    return None
 
 
 def lock_everywhere(fleet: FleetLab, reason: str) -> bool:
