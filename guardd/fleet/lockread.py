@@ -46,7 +46,8 @@ def _post(
         method="POST",
         headers={"Content-Type": "application/json", **headers},
     )
-    with urllib.request.urlopen(request, timeout=timeout, context=context) as r:  # noqa: S310
+    # http(s) only: read_fleet_lock refuses any other scheme before a request is made.
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as r:  # noqa: S310  # nosec B310
         doc = json.loads(r.read(_MAX_BODY + 1)[:_MAX_BODY])
     if not isinstance(doc, dict):
         raise TypeError("not a JSON object")
@@ -65,6 +66,11 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
         or not all(isinstance(e, str) for e in endpoints)
     ):
         raise FleetLockUnknown("[fleet] etcd is not a list of URLs")
+    # The table is read raw (guardctl does not validate the config): a `file:` or other
+    # scheme would have urllib open something that is not etcd.
+    odd = [e for e in endpoints if not e.startswith(("http://", "https://"))]
+    if odd:
+        raise FleetLockUnknown(f"[fleet] etcd: not an http(s) URL: {odd[0]!r}")
 
     def path(key: str) -> Path | None:
         value = fleet.get(key)
