@@ -377,7 +377,14 @@ def _cmd_fleet_status(args: argparse.Namespace, target: _Target) -> int:
         print("\n".join(lines))
     if not doc.get("etcd_reachable"):
         return UNKNOWN
-    return WARNING if doc.get("alerts") else OK
+    desired_color = (doc.get("desired") or {}).get("color")
+    nodes = doc.get("nodes", [])
+    # 0 only when every node is known to serve the desired color: a lost node's color is
+    # unknown, and one still switching diverges (alerted on after `switch.timeout`).
+    diverges = any(
+        n.get("lost") or (desired_color and n.get("serving") != desired_color) for n in nodes
+    )
+    return WARNING if doc.get("alerts") or diverges else OK
 
 
 def _cmd_history(args: argparse.Namespace, target: _Target) -> int:

@@ -284,6 +284,13 @@ async def _replay_all(
             raise HistoryUnreadable(Path(where), f"cannot open: {why}")
         if i == 0 and sim.first_ts is None:
             raise NoHistory(_no_history(sim, directory, since, until))
+        if i == 0 and sim.ticks == 0:
+            # Records, but never a probe round of each color: the guard never decided, so
+            # "no decision" would be a verdict on nothing.
+            raise NoHistory(
+                f"no history to judge: the records in {directory} never hold a probe round "
+                "of both colors, so the guard never took a decision tick"
+            )
         for name, rep in prom_reports.items():
             sim.sources[name] = rep
         first = first or sim

@@ -444,6 +444,16 @@ def test_a_frozen_node_is_shown_lost_then_is_an_alert(tmp_path: Path) -> None:
         frozen = fleet.daemons[i]
         frozen.signal(signal.SIGSTOP)
 
+        def lost_on_first() -> bool:
+            rows = fleet.fleet_status(others[0])["nodes"]
+            return any(n["node"] == f"n{i}" and n["lost"] for n in rows)
+
+        wait_until(lost_on_first, 60, f"n{i} shown lost", poll=0.2)
+        # Lost, before its alert is due: its color is unknown, so not "every node serves
+        # the desired color" (exit 0).
+        out = guardctl("fleet", "status", socket=fleet.labs[others[0]].socket_path)
+        assert out.returncode == 1 and "LOST" in out.stdout, out
+
         def lost_everywhere() -> bool:
             for j in others:
                 doc = fleet.fleet_status(j)

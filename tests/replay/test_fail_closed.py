@@ -288,3 +288,37 @@ def test_the_day_file_being_written_reads_as_the_docs_say(tmp_path: Path) -> Non
     done = subprocess.run(["zcat", str(day)], capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout == live.stdout
+
+
+def test_records_without_a_probe_round_of_both_colors_are_no_history_to_judge(
+    tmp_path: Path,
+) -> None:
+    # Readable records the guard can never decide on (a run that only began, front-door
+    # answers, one color's probes): "No decision" would be a verdict on nothing.
+    def only_start(tl: Timeline) -> None:
+        tl.start(active="green")
+
+    def only_front_door(tl: Timeline) -> None:
+        tl.start(active="green")
+        for _ in range(50):
+            tl.tick(0.2)
+            tl.recorder.front_door(True, None)
+
+    def only_green(tl: Timeline) -> None:
+        tl.start(active="green")
+        for _ in range(50):
+            tl.tick(0.2)
+            tl.recorder.probe("green", "ok", 0.004, None, 200)
+
+    for i, write in enumerate((only_start, only_front_door, only_green)):
+        state = tmp_path / f"s{i}"
+        tl = Timeline(state)
+        write(tl)
+        tl.close()
+        cfg = config(tmp_path, state)
+        for args in ([], ["--json"]):
+            done = replay("--config", str(cfg), *args)
+            assert done.returncode == 1, (write.__name__, done.stdout)
+            assert "no history to judge" in done.stderr, done.stderr
+            assert "never took a decision tick" in done.stderr, done.stderr
+            assert "No decision" not in done.stdout and "Traceback" not in done.stderr
