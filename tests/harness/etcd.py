@@ -18,6 +18,7 @@ import base64
 import contextlib
 import functools
 import json
+import shutil
 import socket
 import subprocess
 import threading
@@ -74,13 +75,45 @@ class EtcdCluster:
         self.procs[i] = subprocess.Popen(self._argv(i), stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
-    def start(self) -> EtcdCluster:
-        """Start every member; return once each says it is healthy."""
-        for i in range(self.size):
-            self.start_member(i)
-        for i in range(self.size):
-            wait_until(functools.partial(self.healthy, i), 60, f"etcd e{i} healthy", poll=0.1)
-        return self
+    def start(self, attempts: int = 3) -> EtcdCluster:
+        """Start every member; return once each says it is healthy.
+
+        A port from `free_port` was free a moment ago, but the kernel may hand it to any
+        outgoing connection before etcd binds it; a member that exits while the cluster forms
+        is such a race, so the whole cluster starts again on fresh ports and fresh data dirs.
+        """
+        for attempt in range(1, attempts + 1):
+            for i in range(self.size):
+                self.start_member(i)
+            try:
+                if wait_until(self._formed_or_dead, 60, "etcd members healthy", poll=0.1) == "formed":
+                    return self
+            except AssertionError:
+                pass  # stuck rather than dead: start over all the same, and report the logs
+            self.stop()
+            if attempt == attempts:
+                break
+            for i in range(self.size):
+                shutil.rmtree(self.tmp / f"e{i}", ignore_errors=True)
+            self.client_ports = [free_port() for _ in range(self.size)]
+            self.peer_ports = [free_port() for _ in range(self.size)]
+        logs = {i: self._log_tail(i) for i in range(self.size)}
+        raise AssertionError(f"etcd did not form after {attempts} attempts: {logs}")
+
+    def _formed_or_dead(self) -> str | None:
+        """`formed` once every member is healthy, `dead` if one exited, else None."""
+        if any(p is not None and p.poll() is not None for p in self.procs):
+            return "dead"
+        if all(self.healthy(i) for i in range(self.size)):
+            return "formed"
+        return None
+
+    def _log_tail(self, i: int, lines: int = 5) -> list[str]:
+        try:
+            text = (self.tmp / f"e{i}.log").read_text(errors="replace")
+        except OSError:
+            return []
+        return text.splitlines()[-lines:]
 
     def healthy(self, i: int) -> bool:
         """Whether member `i` answers /health with true."""
