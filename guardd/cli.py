@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -140,22 +141,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args.config, args.instance, args.log_level)
     if args.command == "replay":
         from guardd.replay import replay  # noqa: PLC0415 - only replay pays for it
-        from guardd.stdio import reader_left  # noqa: PLC0415
+        from guardd.stdio import answering  # noqa: PLC0415
 
-        try:
-            code = replay(
+        return answering(
+            "guardd replay",
+            functools.partial(
+                replay,
                 args.config,
                 since=args.since,
                 until=args.until,
                 overrides=args.set,
                 compare=args.compare,
                 as_json=args.json,
-            )
-            sys.stdout.flush()
-        except BrokenPipeError:
-            # `guardd replay --json | head -1`: the reader left, as guardctl handles it.
-            return reader_left()
-        return code
+            ),
+        )
     from guardd.demo import run_demo  # noqa: PLC0415 - the demo pulls in test-like machinery
 
     return run_demo(seconds=args.seconds)

@@ -9,6 +9,8 @@ where every start-up millisecond counts.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import grp
 import io
 import json
@@ -36,7 +38,7 @@ from guardd.exceptions import ControlError, DaemonUnreachable, NotPermitted, Ref
 from guardd.journal import parse_rfc3339
 from guardd.qoslock import LockUnknown, check_lock
 from guardd.render import render_change, render_history, render_qos, render_status, use_color
-from guardd.stdio import reader_left
+from guardd.stdio import answering
 
 __all__ = ["main", "parse_duration", "status_exit_code"]
 
@@ -203,7 +205,7 @@ def _read_config(path: Path, *, instance: str, explicit: bool) -> dict[str, Any]
     """The config as a table; None when there is none at the default path."""
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
+            return _with_environment(tomllib.load(f), os.environ)
     except FileNotFoundError:
         if explicit:
             raise _CannotTell(
@@ -224,6 +226,31 @@ def _read_config(path: Path, *, instance: str, explicit: bool) -> dict[str, Any]
     except (OSError, UnicodeDecodeError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise _CannotTell(f"{path}: cannot read config ({why})") from None
+
+
+# The sections guardctl reads; each takes `GUARDD_<SECTION>__<KEY>` from the environment
+# as guardd does, so the two never disagree on where the socket, lock or etcd are.
+_ENV_SECTIONS: Final = ("control", "qos", "state", "fleet")
+
+
+def _with_environment(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """`config` with the `GUARDD_<SECTION>__<KEY>` variables of `environ` laid over it, as
+    guardd's settings lay them (names case-insensitive; a value that is a JSON list or
+    object, such as `GUARDD_FLEET__ETCD='["http://10.0.0.1:2379"]'`, decoded as one)."""
+    for name, value in environ.items():
+        section, sep, key = name.upper().removeprefix("GUARDD_").partition("__")
+        section, key = section.lower(), key.lower()
+        if not name.upper().startswith("GUARDD_") or not sep or section not in _ENV_SECTIONS:
+            continue
+        if not key or "__" in key:
+            continue
+        parsed: Any = value
+        if value.lstrip()[:1] in ("[", "{"):
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(value)
+        table = config.get(section)
+        config[section] = {**(table if isinstance(table, Mapping) else {}), key: parsed}
+    return config
 
 
 def _setting(config: Mapping[str, Any] | None, section: str, key: str) -> str | None:
@@ -1083,23 +1110,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
         args = build_parser().parse_args(argv)
-        run: Runner = args.run
-        try:
-            code = run(args, _resolve(args))
-        except _CannotTell as e:
-            # `status` is a monitoring check: its verdict is the first line of stdout.
-            if run is _cmd_status:
-                print(f"UNKNOWN: {e}")
-            else:
-                _warn(f"UNKNOWN: {e}")
-            code = CANNOT_TELL
-        sys.stdout.flush()
+        return answering("guardctl", functools.partial(_main, args))
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        # `guardctl history | head`: the reader left.
-        return reader_left()
-    return code
+
+
+def _main(args: argparse.Namespace) -> int:
+    run: Runner = args.run
+    try:
+        return run(args, _resolve(args))
+    except _CannotTell as e:
+        # `status` is a monitoring check: its verdict is the first line of stdout.
+        if run is _cmd_status:
+            print(f"UNKNOWN: {e}")
+        else:
+            _warn(f"UNKNOWN: {e}")
+        return CANNOT_TELL
 
 
 if __name__ == "__main__":

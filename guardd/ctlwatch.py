@@ -28,6 +28,7 @@ from guardd.render import (
     use_color,
     watch_key,
 )
+from guardd.stdio import wait_unless_reader_left
 
 __all__ = [
     "WAIT_CONDITIONS",
@@ -152,7 +153,7 @@ def watch(
                 out.write(render_watch_line(status, now))
                 last = key
             out.flush()
-        time.sleep(interval)
+        wait_unless_reader_left(out, interval)
 
 
 # Journal lines fetched per round of a watch: more than guardd writes in any second.

@@ -508,6 +508,41 @@ def test_qos_status_reads_the_lock_file_with_the_daemon_down(tmp_path: Path, run
     }
 
 
+def test_settings_in_the_environment_override_the_config_as_for_guardd(
+    tmp_path: Path, run_dir: Path
+) -> None:
+    """`GUARDD_<SECTION>__<KEY>` variables move the lock file and the fleet's etcd for
+    guardctl as they do for guardd; without them the config's own paths count."""
+    config = _write_config(
+        tmp_path / "threader.toml", tmp_path / "nobody-listens.sock", tmp_path / "lock"
+    )
+    elsewhere = tmp_path / "elsewhere.lock"
+    elsewhere.write_text(json.dumps({"reason": "held elsewhere", "by": "guardd"}))
+
+    def qos_status(**env: str) -> Run:
+        return guardctl("--config", str(config), "qos", "status", run_dir=run_dir, env=env)
+
+    assert qos_status().code == 0
+    for name in ("GUARDD_QOS__LOCK_FILE", "guardd_qos__lock_file"):
+        moved = qos_status(**{name: str(elsewhere)})
+        assert moved.code == 1 and "held elsewhere" in moved.out, moved
+    # A fleet named only in the environment: the lock is then the fleet's, and an etcd
+    # that does not answer is UNKNOWN, never "no lock".
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    fleet = qos_status(GUARDD_FLEET__ETCD=json.dumps([dead]), GUARDD_FLEET__NODE="lb-a")
+    assert fleet.code == 3 and "UNKNOWN" in fleet.err and dead in fleet.err, fleet
+    # Unrelated names (other sections, deeper keys, GUARDD_CONFIG) change nothing.
+    quiet = qos_status(GUARDD_PROBE__INTERVAL="5s", GUARDD_QOS__A__B="x", GUARDD_QOSX="y")
+    assert quiet.code == 0, quiet
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.mark.parametrize(
     "until", ["2026-11-22T04:45:00.123Z", "2020-01-01T00:00:00+00:00", "2020-01-01T00:00:00"]
 )

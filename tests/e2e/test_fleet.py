@@ -92,8 +92,14 @@ def test_qos_status_answers_from_the_fleets_lock_on_every_node(fleet: FleetLab) 
         return True
 
     wait_until(locked_everywhere, 60, "the fleet's lock on every node", poll=0.2)
-    # The local lock file carries it too, so a CI gate reading the file is blocked.
-    assert all(lab.lock_file.exists() for lab in fleet.labs)
+    # The local lock file carries it too (each node mirrors it in its next round), so a
+    # CI gate reading the file is blocked.
+    wait_until(
+        lambda: all(lab.lock_file.exists() for lab in fleet.labs),
+        60,
+        "the fleet's lock mirrored into every node's lock file",
+        poll=0.2,
+    )
 
 
 def promote(lab: Lab) -> tuple[int, str]:

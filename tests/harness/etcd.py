@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import functools
 import json
 import shutil
 import socket
@@ -86,7 +85,8 @@ class EtcdCluster:
             for i in range(self.size):
                 self.start_member(i)
             try:
-                if wait_until(self._formed_or_dead, 60, "etcd members healthy", poll=0.1) == "formed":
+                formed = wait_until(self._formed_or_dead, 60, "etcd members healthy", poll=0.1)
+                if formed == "formed":
                     return self
             except AssertionError:
                 pass  # stuck rather than dead: start over all the same, and report the logs

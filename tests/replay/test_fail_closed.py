@@ -322,3 +322,30 @@ def test_records_without_a_probe_round_of_both_colors_are_no_history_to_judge(
             assert "no history to judge" in done.stderr, done.stderr
             assert "never took a decision tick" in done.stderr, done.stderr
             assert "No decision" not in done.stdout and "Traceback" not in done.stderr
+
+
+def _shell(redirect: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """`argv` run by bash with its stdout redirected as `redirect` says (`>/dev/full`,
+    `>&-`)."""
+    return subprocess.run(
+        ["bash", "-c", f'"$@" {redirect}', "sh", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_an_output_that_cannot_be_written_is_exit_1_and_one_line(tmp_path: Path) -> None:
+    tl = _healthy(tmp_path / "state")
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    for args in (["--json"], []):
+        command = [*GUARDD, "replay", "--config", str(cfg), *args]
+        assert _shell(">/dev/null", *command).returncode == 0  # the history itself is fine
+        full = _shell(">/dev/full", *command)
+        assert full.returncode == 1
+        assert full.stderr == "guardd replay: cannot write the output: No space left on device\n"
+        closed = _shell(">&-", *command)
+        assert closed.returncode == 1
+        assert closed.stderr == "guardd replay: cannot write the output: stdout is closed\n"
