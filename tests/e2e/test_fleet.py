@@ -814,13 +814,14 @@ def test_a_lock_lost_with_etcds_store_is_published_again_and_no_stale_expiry_end
     assert fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["until"] == until
     # Replaced on another node in the new store, the new lock is everywhere, the owner's
     # file too; the old lock's end releases nothing (no stale expiry, no spurious release).
+    marks = [len(d.events()) for d in fleet.daemons]
     out = guardctl(
         "qos", "lock", "--for", "1h", "--reason", "after",
         socket=fleet.labs[follower].socket_path,
     )  # fmt: skip
     assert out.returncode == 0, out
     wait_until(lambda: lock_everywhere(fleet, "after"), 60, "the new lock everywhere", poll=0.2)
-    marks = [len(d.events()) for d in fleet.daemons]
+    assert time.time() < parse_rfc3339(until), "the new lock mirrored only at the old one's end"
     past_until(until)
     held = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]
     assert held["locked"] is True and held["reason"] == "after", held
@@ -850,6 +851,7 @@ def test_an_operators_lock_replaced_from_another_node_is_mirrored_and_ends_quiet
         held_a = functools.partial(lock_everywhere, fleet, f"on n{a}")
         wait_until(held_a, 60, f"n{a}'s lock", poll=0.2)
         until = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["until"]
+        mark = len(fleet.daemons[a].events())
         out = guardctl(
             "qos", "lock", "--for", "1h", "--reason", f"on n{b}",
             socket=fleet.labs[b].socket_path,
@@ -858,9 +860,10 @@ def test_an_operators_lock_replaced_from_another_node_is_mirrored_and_ends_quiet
         # n{a}'s own file now mirrors the fleet's lock, by fleet:<who>.
         held_b = functools.partial(lock_everywhere, fleet, f"on n{b}")
         wait_until(held_b, 60, f"n{b}'s lock", poll=0.2)
+        # At once, not only when n{a}'s own lock would have ended.
+        assert time.time() < parse_rfc3339(until), "mirrored only at the old lock's end"
         local = qoslock.read_lock(fleet.labs[a].lock_file)
         assert (local.by or "").startswith("fleet:"), local
-        mark = len(fleet.daemons[a].events())
         past_until(until)
         assert lock_everywhere(fleet, f"on n{b}")
         again = [e for e in fleet.daemons[a].events()[mark:] if e["event"] == "qos_released"]
