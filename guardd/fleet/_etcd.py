@@ -5,9 +5,10 @@ transactions and a watch (`/v3/watch`, one JSON message a line on a streamed ans
 and values are text; the gateway wants them base64. Members are tried in turn: a connection
 error or a 5xx moves on to the next one, and `EtcdUnavailable` is raised when none answered.
 Every request is bounded by `timeout` seconds; a watch's stream by `idle` seconds between
-two messages, and each message by `_MAX_BODY` bytes. Every answer's header (etcd's
-cluster_id and the store's revision) is handed to `on_header`, so that the caller can tell a
-store that went back (restored from a backup, or a new cluster) from one that moved on.
+two messages, and each message by `_MAX_BODY` bytes. The header of every answer about keys
+and of a watch's start (etcd's cluster_id and the store's revision) is handed to
+`on_header`, so that the caller can tell a store that went back (restored from a backup, or
+a new cluster) from one that moved on.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ class EtcdClient:
         self._password_file = password_file
         self._token: str | None = None
         self._current = 0  # the member that answered last: tried first
-        #: Called with the header of every answer (range, txn, put, lease, watch message).
+        #: Called with the header of every answer about keys (range, txn, put, delete) and
+        #: of a watch's `created` message.
         self.on_header: Callable[[Header], None] | None = None
 
     def _saw(self, doc: dict[str, Any]) -> Header:
@@ -172,7 +174,10 @@ class EtcdClient:
                 problems.append(f"{base}: HTTP {r.status_code} {str(doc)[:100]}")
                 continue
             self._current = index
-            self._saw(doc)
+            if path.startswith("kv/"):
+                # A lease's answer comes from the raft leader's own store, which may not have
+                # applied what another member already answered: only the keys' answers count.
+                self._saw(doc)
             return doc
         raise EtcdUnavailable("no etcd member answered: " + "; ".join(problems))
 
@@ -243,7 +248,8 @@ class EtcdClient:
                     self._current = index
                     async for doc in _messages(r):
                         message = _watch_message(doc)
-                        self._saw(doc)
+                        if (doc.get("result") or {}).get("created"):
+                            self._saw(doc)  # the store's revision as the watch begins
                         yield message
             except httpx.ReadTimeout:
                 return  # idle: the caller reconnects from its last revision
