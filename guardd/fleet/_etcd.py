@@ -5,7 +5,10 @@ transactions and a watch (`/v3/watch`, one JSON message a line on a streamed ans
 and values are text; the gateway wants them base64. Members are tried in turn: a connection
 error or a 5xx moves on to the next one, and `EtcdUnavailable` is raised when none answered.
 Every request is bounded by `timeout` seconds; a watch's stream by `idle` seconds between
-two messages, and each message by `_MAX_BODY` bytes.
+two messages, and each message by `_MAX_BODY` bytes. The header of every answer about keys
+and of a watch's start (etcd's cluster_id and the store's revision) is handed to
+`on_header`, so that the caller can tell a store that went back (restored from a backup, or
+a new cluster) from one that moved on.
 """
 
 from __future__ import annotations
@@ -13,14 +16,14 @@ from __future__ import annotations
 import base64
 import json
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-__all__ = ["KV", "Compacted", "EtcdClient", "EtcdUnavailable", "prefix_end"]
+__all__ = ["KV", "Compacted", "EtcdClient", "EtcdUnavailable", "Header", "prefix_end"]
 
 # An etcd answer larger than this is not one the fleet wrote: refuse to read it all.
 _MAX_BODY = 4 * 1024 * 1024
@@ -43,6 +46,29 @@ class KV:
     create_revision: int
     mod_revision: int
     lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """What an etcd answer says of the store it came from.
+
+    `cluster_id`: etcd's cluster (0 when the answer named none); `revision`: the store's
+    revision as that member knew it when it answered (0 when none was given).
+    """
+
+    cluster_id: int
+    revision: int
+
+
+def header_of(doc: dict[str, Any]) -> Header:
+    """The header of an answer (a lease keepalive's and a watch's sit under `result`)."""
+    raw = doc.get("header")
+    if not isinstance(raw, dict):
+        result = doc.get("result")
+        raw = result.get("header") if isinstance(result, dict) else None
+    if not isinstance(raw, dict):
+        return Header(0, 0)
+    return Header(int(raw.get("cluster_id", 0) or 0), int(raw.get("revision", 0) or 0))
 
 
 def _b64(text: str) -> str:
@@ -85,6 +111,15 @@ class EtcdClient:
         self._password_file = password_file
         self._token: str | None = None
         self._current = 0  # the member that answered last: tried first
+        #: Called with the header of every answer about keys (range, txn, put, delete) and
+        #: of a watch's `created` message.
+        self.on_header: Callable[[Header], None] | None = None
+
+    def _saw(self, doc: dict[str, Any]) -> Header:
+        header = header_of(doc)
+        if self.on_header is not None:
+            self.on_header(header)
+        return header
 
     async def aclose(self) -> None:
         """Close the connections."""
@@ -139,6 +174,10 @@ class EtcdClient:
                 problems.append(f"{base}: HTTP {r.status_code} {str(doc)[:100]}")
                 continue
             self._current = index
+            if path.startswith("kv/"):
+                # A lease's answer comes from the raft leader's own store, which may not have
+                # applied what another member already answered: only the keys' answers count.
+                self._saw(doc)
             return doc
         raise EtcdUnavailable("no etcd member answered: " + "; ".join(problems))
 
@@ -154,12 +193,19 @@ class EtcdClient:
 
     async def range(self, key: str, *, prefix: bool = False) -> tuple[int, list[KV]]:
         """The store's revision and the key (or every key under `key` when `prefix`)."""
+        header, kvs = await self.read(key, prefix=prefix)
+        return header.revision, kvs
+
+    async def read(self, key: str, *, prefix: bool = False) -> tuple[Header, list[KV]]:
+        """The answer's header and the key (or every key under `key` when `prefix`).
+
+        A linearizable read: its revision is never below one a write already answered.
+        """
         body = {"key": _b64(key)}
         if prefix:
             body["range_end"] = _b64(prefix_end(key))
         doc = await self.call("kv/range", body)
-        revision = int(doc.get("header", {}).get("revision", 0))
-        return revision, [
+        return header_of(doc), [
             KV(
                 key=_unb64(kv.get("key")),
                 value=_unb64(kv.get("value")),
@@ -201,7 +247,10 @@ class EtcdClient:
                         continue
                     self._current = index
                     async for doc in _messages(r):
-                        yield _watch_message(doc)
+                        message = _watch_message(doc)
+                        if (doc.get("result") or {}).get("created"):
+                            self._saw(doc)  # the store's revision as the watch begins
+                        yield message
             except httpx.ReadTimeout:
                 return  # idle: the caller reconnects from its last revision
             except (httpx.HTTPError, OSError) as e:

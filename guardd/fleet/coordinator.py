@@ -20,6 +20,17 @@ revision seen, a compacted one starts over with a fresh read; a full read every
 `SAFETY_READ_S` besides), applies a newer generation through the guard's own switcher,
 and publishes what it serves under its own lease (when it changes, and every third of
 the lease). The guard asks `decide_rollback` before it rolls back on its own.
+
+etcd's store can go back: restored from an older backup, or replaced by a new cluster. An
+answer whose revision is below one already seen (or whose cluster_id changed) makes the
+node read the prefix afresh at once; a linearizable read below a revision a write already
+answered proves it (a lagging member's watch alone does not). Then every memory keyed on
+revisions is dropped (the watch's resume point, our last writes' mod_revisions, the leader
+term, the lease), the node journals one `alert`, and it acts only on what the new store
+holds: a lock this node owned and published is published again if the store lost it, and
+the leader rewrites `desired` when live nodes applied a higher generation than the store
+remembers. Generations are numbered above every one the node knows of (desired's, its own,
+every node's record), so a decision after a restore is never one the nodes already applied.
 """
 
 from __future__ import annotations
@@ -37,7 +48,15 @@ from guardd import qoslock
 from guardd.config import FleetConfig
 from guardd.core.types import COLORS, Color, Severity
 from guardd.exceptions import GuarddError, OperationRefused, why
-from guardd.fleet._etcd import KV, Compacted, EtcdClient, EtcdUnavailable, compare, put_op
+from guardd.fleet._etcd import (
+    KV,
+    Compacted,
+    EtcdClient,
+    EtcdUnavailable,
+    Header,
+    compare,
+    put_op,
+)
 from guardd.journal import parse_rfc3339
 
 if TYPE_CHECKING:
@@ -104,7 +123,22 @@ class Fleet:
         # The fleet's QoS lock: its mod_revision as last acted on, our own last write's.
         self._qos_mod: int | None = None
         self._qos_mine = 0
+        self._qos_wrote: dict[str, Any] | None = None  # the lock doc our last write put there
         self._local_lock: dict[str, Any] | None = None  # the leader's lock file, last look
+        # The store itself: its cluster_id, the highest revision any answer reported, and
+        # why a fresh read must tell whether it went back (None: no sign of it).
+        self._cluster: int | None = None
+        self._high = 0
+        self._suspect: str | None = None
+        # Since the store went back (until this node writes a new generation): the fleet's
+        # lock and desired as this node knew them before, to put back what the store lost.
+        self._went_back = False
+        self._qos_before: dict[str, Any] | None = None
+        self._desired_before: dict[str, Any] | None = None
+        # Mirrors of a lock the new store lacks stay until then: its owner publishes it again.
+        self._qos_settle_until = 0.0
+        self._epoch = 0  # how many times the store went back: a round's view is of one epoch
+        self.client.on_header = self._header
         self._store = state_dir / "fleet.json"
         self.applied = self._load_applied()
 
@@ -329,7 +363,11 @@ class Fleet:
             ) from None
         if not ok:
             raise OperationRefused("the fleet's QoS lock changed meanwhile; look and try again")
-        self.qos, self._qos_mine, self._qos_mod = doc, revision, revision
+        self._wrote_qos(doc, revision)
+
+    def _wrote_qos(self, doc: dict[str, Any], revision: int) -> None:
+        """Our write of `doc` as the fleet's lock passed, at `revision`."""
+        self.qos, self._qos_mine, self._qos_mod, self._qos_wrote = doc, revision, revision, doc
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -369,10 +407,9 @@ class Fleet:
         while True:
             try:
                 if not self._fresh or time.monotonic() - last_read > SAFETY_READ_S:
-                    revision, kvs = await self.client.range(self.prefix + "/", prefix=True)
-                    self._kvs, self._revision = {kv.key: kv for kv in kvs}, revision
-                    self._fresh, last_read = True, time.monotonic()
-                    self._changed_now()
+                    header, kvs = await self.client.read(self.prefix + "/", prefix=True)
+                    self._take_read(header, kvs)
+                    last_read = time.monotonic()
                 # Reopened at the safety read, or at once when `_kick` cancels it.
                 with anyio.move_on_after(SAFETY_READ_S) as self._watching:
                     await self._stream()
@@ -383,6 +420,76 @@ class Fleet:
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, WATCH_BACKOFF_MAX_S)
 
+    def _take_read(self, header: Header, kvs: list[KV]) -> None:
+        """A whole read of the prefix: the view from now on, from the store it came from."""
+        moved = self._cluster is not None and header.cluster_id not in (0, self._cluster)
+        if moved or header.revision < self._high:
+            self._store_went_back(header, moved=moved)
+        self._suspect = None
+        if self._cluster is None and header.cluster_id:
+            self._cluster = header.cluster_id
+        self._high = max(self._high, header.revision)
+        self._kvs, self._revision = {kv.key: kv for kv in kvs}, header.revision
+        self._fresh = True
+        self._changed_now()
+
+    def _header(self, header: Header) -> None:
+        """Every etcd answer's header: one below the store's known revision, or from
+        another cluster, may be a store that went back; a fresh read tells (see `_take_read`).
+
+        A lagging member's answer (a watch on it) may be behind too: only the read decides.
+        """
+        if self._suspect is not None:
+            return  # a fresh read is already on its way
+        if self._cluster is not None and header.cluster_id not in (0, self._cluster):
+            why = f"etcd's cluster_id changed from {self._cluster} to {header.cluster_id}"
+        elif 0 < header.revision < self._high:
+            why = f"etcd answered revision {header.revision}, below {self._high}"
+        else:
+            self._high = max(self._high, header.revision)
+            return
+        self._suspect, self._fresh = why, False
+        self._kick()  # the watch may wait for revisions the store does not have yet
+        self._changed_now()
+
+    def _store_went_back(self, header: Header, *, moved: bool) -> None:
+        """The store went back (restored, or a new cluster): forget every revision, say so."""
+        old = self._high
+        self._epoch += 1
+        self._went_back = True
+        if (self.qos or {}).get("locked"):
+            self._qos_before = self.qos
+        if self.desired is not None and _int(self.desired.get("generation")) >= _int(
+            (self._desired_before or {}).get("generation")
+        ):
+            self._desired_before = self.desired
+        self._cluster = header.cluster_id or self._cluster
+        self._high = header.revision
+        # Revisions of the old store mean nothing in this one: compared in a transaction
+        # they could even match another key's.
+        self._qos_mine, self._qos_mod, self._desired_mod = 0, None, 0
+        self._leader_rev = None
+        # Our lease and records went with the old store: a new lease, records written again.
+        self.lease, self._published = None, None
+        self._qos_settle_until = time.monotonic() + self.c.lease_ttl
+        guard = self.guard
+        if guard is not None:
+            guard.record(
+                "alert",
+                by=self.node,
+                revision=header.revision,
+                previous_revision=old,
+                reason=f"fleet: etcd's store went back from revision {old} to "
+                f"{header.revision}: restored from a backup?"
+                + (" (its cluster_id changed: a new cluster)" if moved else "")
+                + "; this node read it afresh and acts on what it holds now",
+            )
+
+    def _stale(self, epoch: int) -> bool:
+        """Whether the view a round started from is gone: it waits for a fresh read, or the
+        store went back meanwhile (an await may have seen it: see `_header`)."""
+        return not self._fresh or self._epoch != epoch
+
     def _kick(self) -> None:
         """Reopen the watch now (its connection may be dead after etcd was away)."""
         self._watching.cancel()
@@ -391,6 +498,8 @@ class Fleet:
         async for revision, changes in self.client.watch(
             self.prefix + "/", start_revision=self._revision + 1, idle=WATCH_IDLE_S
         ):
+            if not self._fresh:
+                return  # the store may have gone back (see `_header`): read it afresh
             for deleted, kv in changes:
                 if deleted:
                     self._kvs.pop(kv.key, None)
@@ -414,6 +523,7 @@ class Fleet:
         self._lost.clear()
 
     async def _round(self) -> None:
+        epoch = self._epoch
         now = time.monotonic()
         if self.lease is None:
             self.lease, self._renewed = await self.client.grant(self.c.lease_ttl), now
@@ -426,24 +536,31 @@ class Fleet:
                 self._published = None
             self._renewed = now
         await self._publish_self()
-        if not self._fresh:
-            return  # the first read is not in yet: nothing to judge from
+        if self._stale(epoch):
+            return  # the first read (or one after the store went back) is not in yet
         kvs = list(self._kvs.values())
         self._read(kvs)
         await self._answer_prepares(kvs)
+        if self._stale(epoch):
+            return
         if self.reachable is False:
             if self.guard is not None:
                 self.guard.record("alert", reason="fleet: etcd is reachable again", by=self.node)
             self._kick()  # the watch may hang on a dead connection: reopen it now
         self.reachable, self.problem, self.unreachable_since = True, None, None
+        # Each step acts on the view read from the store as it is: none after a sign that
+        # the store went back, until it is read afresh.
         if self.leader is None:
             await self._campaign()
         elif self.is_leader:
-            await self._mirror_qos_up()
-            await self._expire_qos()
-        await self._adopt_qos()
-        await self._mirror_qos_down()
-        self._watch_divergence()
+            for step in (self._restore_desired, self._mirror_qos_up, self._expire_qos):
+                if not self._stale(epoch):
+                    await step()
+        for step in (self._republish_qos, self._adopt_qos, self._mirror_qos_down):
+            if not self._stale(epoch):
+                await step()
+        if not self._stale(epoch):
+            self._watch_divergence()
 
     def _read(self, kvs: list[Any]) -> None:
         by_key = {kv.key: kv for kv in kvs}
@@ -473,6 +590,8 @@ class Fleet:
         """Write our record under the lease when it changed or a third of the lease went by,
         and its copy without a lease (`seen/`) when what we serve changed."""
         guard = self.guard
+        if self.lease is None:
+            return  # never a record without a lease (the store went back: a new one comes)
         wants = self._wants_at is not None and time.monotonic() - self._wants_at < self.c.lease_ttl
         doc: dict[str, Any] = {
             "serving": guard.active if guard is not None else None,
@@ -493,6 +612,8 @@ class Fleet:
         self._published, self._published_at = doc, now
 
     async def _campaign(self) -> None:
+        if self.lease is None:
+            return  # a leader key without a lease would never expire
         ok, revision = await self.client.txn(
             [compare(self.key("leader"), "CREATE", 0)],
             [put_op(self.key("leader"), self.node, lease=self.lease or 0)],
@@ -523,7 +644,7 @@ class Fleet:
         fenced: bool,
         severity: str | None = None,
     ) -> int | None:
-        generation = int((self.desired or {}).get("generation", 0)) + 1
+        generation = self.known_generation() + 1
         doc = {
             "color": target,
             "generation": generation,
@@ -547,7 +668,21 @@ class Fleet:
                 raise OperationRefused("the fleet's desired color changed meanwhile; try again")
             return None
         self.desired, self._desired_mod = doc, 0
+        self._went_back, self._desired_before = False, None  # a new decision supersedes
         return generation
+
+    def known_generation(self) -> int:
+        """The highest generation this node knows of: desired's (and, after the store went
+        back, the one before), its own applied one, every node's record (`nodes/`, `seen/`).
+
+        A new decision is numbered above it: after a restore to an older store, `desired`
+        may be below what nodes already applied, and they ignore a generation not above theirs.
+        """
+        known = [_int((self.desired or {}).get("generation")), self.applied]
+        known.append(_int((self._desired_before or {}).get("generation")))
+        known += [_int(doc.get("generation")) for doc in self.nodes.values()]
+        known += [_int(doc.get("generation")) for doc in self.seen.values()]
+        return max(known)
 
     async def _prepare(self, target: Color) -> None:
         """Phase one of a switch or promote: every live node tests `target`."""
@@ -600,7 +735,7 @@ class Fleet:
             if not kv.key.startswith(asked) or guard is None:
                 continue
             ask = kv.key[len(asked) :]
-            if ask in self._answered:
+            if ask in self._answered or self.lease is None:
                 continue
             self._answered.add(ask)
             target = (_json(kv.value, {}) or {}).get("target")
@@ -640,27 +775,121 @@ class Fleet:
             [compare(self.key("qos"), "MOD", mod)], [put_op(self.key("qos"), doc)]
         )
         if ok:
-            self.qos, self._qos_mine, self._qos_mod = doc, revision, revision
+            self._wrote_qos(doc, revision)
 
     async def _expire_qos(self) -> None:
         """The leader ends the fleet's lock once its `until` has passed (an operator's
-        `qos lock --for`, whichever node it was taken on)."""
-        until = (self.qos or {}).get("until")
-        if not (self.qos or {}).get("locked") or not isinstance(until, str):
+        `qos lock --for`, whichever node it was taken on).
+
+        Judged on the lock the store holds (the `qos` key as read from it, never a copy kept
+        from before, nor our own newer write it has not shown yet), and written over
+        exactly that key's mod_revision.
+        """
+        current = self._kvs.get(self.key("qos"))
+        if current is None or current.mod_revision < self._qos_mine:
+            return
+        held = _json(current.value, {})
+        until = held.get("until") if isinstance(held, dict) else None
+        if not isinstance(held, dict) or not held.get("locked") or not isinstance(until, str):
             return
         try:
             expired = parse_rfc3339(until) < time.time()
         except ValueError:
             return
-        current = self._kvs.get(self.key("qos"))
-        if expired and current is not None:
+        if expired:
             doc = qoslock.LockInfo(held=False, reason="expired", by=self.node).to_json()
             ok, revision = await self.client.txn(
                 [compare(self.key("qos"), "MOD", current.mod_revision)],
                 [put_op(self.key("qos"), doc)],
             )
             if ok:
-                self.qos, self._qos_mine, self._qos_mod = doc, revision, revision
+                self._wrote_qos(doc, revision)
+
+    async def _republish_qos(self) -> None:
+        """After the store went back: publish again the fleet's lock this node owned (taken
+        here and held in its own lock file, not a mirror) when the store holds no lock.
+
+        A store that holds a lock keeps it (the fleet stays locked either way); a lock whose
+        owner does not publish it again is gone, as the store says (see `_mirror_qos_down`).
+        """
+        before, guard = self._qos_before, self.guard
+        if before is None or guard is None:
+            return
+        local = qoslock.read_lock(guard.s.lock_file).to_json()
+        current = self._kvs.get(self.key("qos"))
+        held = _json(current.value, {}) if current is not None else {}
+        if (
+            not local.get("locked")
+            or str(local.get("by", "")).startswith("fleet:")
+            or local != {k: before.get(k) for k in local}  # not the fleet's lock, or not ours
+            or (isinstance(held, dict) and held.get("locked"))  # the store holds a lock
+        ):
+            self._qos_before = None
+            return
+        ok, revision = await self.client.txn(
+            [compare(self.key("qos"), "MOD", current.mod_revision if current else 0)],
+            [put_op(self.key("qos"), local)],
+        )
+        self._qos_before = None  # one try: the store's word counts after it
+        if ok:
+            self._wrote_qos(local, revision)
+            guard.record(
+                "alert",
+                by=self.node,
+                reason="fleet: the fleet's QoS lock, lost as etcd's store went back, "
+                f"published again by {self.node}, which holds it"
+                + (f" ({local['reason']})" if local.get("reason") else ""),
+            )
+
+    async def _restore_desired(self) -> None:
+        """After the store went back, the leader rewrites `desired` when a live node applied
+        a higher generation than the store's: the fleet's decision survives the restore.
+
+        The decision is the one this node knew before (same generation), else the color the
+        node with the highest generation serves. Nodes at that generation do nothing; one
+        below it converges to it. Fenced by the leader key, over desired's mod_revision.
+        """
+        guard = self.guard
+        if not self._went_back or guard is None or self._leader_rev is None:
+            return
+        have = _int((self.desired or {}).get("generation"))
+        best, color, source = self.applied, guard.active, self.node
+        for name, doc in sorted(self.nodes.items()):
+            if _int(doc.get("generation")) > best and doc.get("serving") in COLORS:
+                best, color, source = _int(doc.get("generation")), doc.get("serving"), name
+        if best <= have or color not in COLORS:
+            return
+        before = self._desired_before or {}
+        if _int(before.get("generation")) == best and before.get("color") in COLORS:
+            doc = dict(before)
+        else:
+            doc = {
+                "color": color,
+                "generation": best,
+                "kind": "switch",
+                "by": source,
+                "reason": f"the fleet's generation {best}, as {source} applied it",
+                "severity": None,
+                "at": time.time(),
+            }
+        ok, _ = await self.client.txn(
+            [
+                compare(self.key("desired"), "MOD", self._desired_mod),
+                compare(self.key("leader"), "CREATE", self._leader_rev),
+            ],
+            [put_op(self.key("desired"), doc)],
+        )
+        if not ok:
+            return
+        self.desired, self._desired_mod = doc, 0
+        guard.record(
+            "alert",
+            by=self.node,
+            generation=best,
+            reason=f"fleet: etcd's desired generation {have} is below generation {best} "
+            f"that {source} applied: desired written again as generation {best} "
+            f"({doc['color']}), the fleet's decision before etcd's store went back",
+        )
 
     async def _adopt_qos(self) -> None:
         """The fleet's lock released by another node: release ours too (own or mirrored),
@@ -689,30 +918,54 @@ class Fleet:
         self._local_lock = qoslock.read_lock(guard.s.lock_file).to_json()
 
     async def _mirror_qos_down(self) -> None:
-        """Keep the fleet's lock in the local lock file, so a CI gate on this host sees it."""
+        """Keep the fleet's lock in the local lock file, so a CI gate on this host sees it.
+
+        A lock of this node's own stays, unless it was the fleet's lock (published by this
+        node) and another node has since replaced it: then the file mirrors the fleet's
+        current lock (and the old lock's end is no longer this node's to journal). After
+        the store went back, a mirror of a lock the store lacks stays for `lease_ttl` (its
+        owner publishes it again), then follows the store.
+        """
         guard = self.guard
-        if guard is None or self.qos is None:
+        if guard is None:
             return
+        if self.qos is None and not (
+            self._went_back and time.monotonic() >= self._qos_settle_until
+        ):
+            return
+        qos = self.qos or {"locked": False}
         local = qoslock.read_lock(guard.s.lock_file)
         mirrored = (local.by or "").startswith("fleet:")
-        if self.qos.get("locked"):
-            until, at = self.qos.get("until"), self.qos.get("locked_at")
+        if qos.get("locked"):
+            until, at = qos.get("until"), qos.get("locked_at")
             info = qoslock.LockInfo(
                 held=True,
-                reason=str(self.qos.get("reason") or "the fleet's QoS lock"),
+                reason=str(qos.get("reason") or "the fleet's QoS lock"),
                 locked_at=at if isinstance(at, str) else None,
                 until=until if isinstance(until, str) else None,
-                by=f"fleet:{self.qos.get('by') or self.leader}",
+                by=f"fleet:{qos.get('by') or self.leader}",
             )
             # Any change of the fleet's lock (a lock replaced: its reason, until, owner)
-            # reaches the copy; a lock of this node's own is left as it is.
-            if local.held and (not mirrored or local == info):
+            # reaches the copy; a lock of this node's own is left as it is, unless it was
+            # the fleet's and another node replaced it.
+            if local == info or (local.held and not mirrored and not self._replaced(local)):
                 return
             with contextlib.suppress(OSError):
                 qoslock.write_lock(guard.s.lock_file, info)
-        elif local.held and mirrored:
+        elif local.held and mirrored and time.monotonic() >= self._qos_settle_until:
             with contextlib.suppress(OSError):
                 qoslock.remove_lock(guard.s.lock_file)
+
+    def _replaced(self, local: qoslock.LockInfo) -> bool:
+        """Whether `local` (this node's own lock) is the lock this node last wrote as the
+        fleet's, and a later write by another node replaced it in the store."""
+        current = self._kvs.get(self.key("qos"))
+        return (
+            self._qos_wrote is not None
+            and local.to_json() == self._qos_wrote
+            and current is not None
+            and current.mod_revision > self._qos_mine
+        )
 
     def _watch_divergence(self) -> None:
         now = time.monotonic()
@@ -785,6 +1038,18 @@ def _json(text: str, default: Any = None) -> Any:
         return json.loads(text)
     except ValueError:
         return default
+
+
+def _int(value: object) -> int:
+    """A generation as a record gives it; 0 when it is none (never raises)."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value))
+    except ValueError:
+        return 0
 
 
 def _under(kvs: list[Any], prefix: str) -> dict[str, dict[str, Any]]:

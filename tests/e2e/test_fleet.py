@@ -7,6 +7,7 @@ import functools
 import json
 import signal
 import socket
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 import pytest
 
 from guardd import qoslock
+from guardd.fleet.coordinator import SAFETY_READ_S
+from guardd.journal import parse_rfc3339
 from tests.harness.daemon import Daemon, Lab, guardctl, wait_until
 from tests.harness.daemon import lab as make_lab
 from tests.harness.fleet import PREFIX, FleetLab
@@ -709,3 +712,174 @@ def _old_release_then_a_rollback(fleet: FleetLab) -> None:
         assert qoslock.read_lock(node.lock_file).held
         code, doc, said = qos_status(node)
         assert code == 1 and doc is not None, said
+
+
+def noticed_the_store_went_back(fleet: FleetLab) -> None:
+    """Every node journals, once, that etcd's store went back (and from which revision)."""
+    for d in fleet.daemons:
+        said = d.wait_event(
+            "alert", timeout=60, where=lambda e: "etcd's store went back" in e["reason"]
+        )
+        assert "restored from a backup?" in said["reason"]
+        assert said["previous_revision"] > said["revision"], said
+    for d in fleet.daemons:
+        alerts = [e for e in d.events() if "store went back" in e.get("reason", "")]
+        assert len(alerts) == 1, alerts
+
+
+def generations(fleet: FleetLab) -> dict[str, int]:
+    return {n["node"]: n["generation"] for n in fleet.fleet_status(0)["nodes"]}
+
+
+def test_after_etcd_is_wiped_the_fleet_decides_above_the_old_generations(
+    fleet: FleetLab,
+) -> None:
+    fleet.start()
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+    for d in fleet.daemons:
+        applied(d, 1)
+    fleet.green.set_mode("ok")
+    before = fleet.etcd.revision()
+    # The store starts over (an empty backup restored): revision 1, no desired, no leader.
+    fleet.etcd.wipe()
+    assert fleet.etcd.revision() < before
+    noticed_the_store_went_back(fleet)
+    # The fleet's decision survives: the new leader writes desired again as generation 1
+    # from what the nodes applied, and nobody applies it twice.
+    wait_until(
+        lambda: (
+            (fleet.etcd.range(PREFIX + "/desired").get(PREFIX + "/desired") or {}).get("generation")
+            == 1
+        ),
+        60,
+        "desired written again as generation 1",
+        poll=0.2,
+    )
+    desired = fleet.etcd.range(PREFIX + "/desired")[PREFIX + "/desired"]
+    assert desired["color"] == "blue"
+    wait_until(
+        lambda: generations(fleet) == {"n0": 1, "n1": 1, "n2": 1},
+        60,
+        "every node's record in the new store, at generation 1",
+        poll=0.2,
+    )
+    # An operator's switch afterwards is a generation above the old ones, applied by every
+    # node; its two phases ride on the watch (the prepare reaches every node at once).
+    started = time.monotonic()
+    out = guardctl(
+        "switch", "green", "--force", "--reason", "after the restore",
+        socket=fleet.labs[1].socket_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out
+    assert fleet.all_serve("green")
+    for d in fleet.daemons:
+        done = d.wait_event("switch", timeout=60, where=lambda e: e.get("generation") == 2)
+        assert done["to"] == "green"
+    took = time.monotonic() - started
+    assert took < SAFETY_READ_S / 2, f"the switch took {took:.1f}s: the watch did not follow"
+    # And the one after it too (an operator's rollback), at generation 3 everywhere.
+    out = guardctl("rollback", "--reason", "again", socket=fleet.labs[2].socket_path)
+    assert out.returncode == 0, out
+    assert fleet.all_serve("blue")
+    for d in fleet.daemons:
+        applied(d, 3)
+        # Each generation applied once: the rewritten generation 1 was not applied again.
+        completed = [e["generation"] for e in d.events() if e["event"] == "rollback_completed"]
+        assert completed == [1, 3], completed
+        assert [e["generation"] for e in d.events() if e["event"] == "switch"] == [2]
+    wait_until(
+        lambda: generations(fleet) == {"n0": 3, "n1": 3, "n2": 3},
+        60,
+        "every node at generation 3",
+        poll=0.2,
+    )
+
+
+def test_a_lock_lost_with_etcds_store_is_published_again_and_no_stale_expiry_ends_it(
+    fleet: FleetLab,
+) -> None:
+    fleet.start()
+    leader = fleet.leader()
+    assert leader is not None
+    follower = next(i for i in range(3) if i != leader)
+    old_id = fleet.etcd.cluster_id()
+    # A lock taken on the leader, due to end in a while; then the cluster is replaced.
+    out = guardctl(
+        "qos", "lock", "--for", "40s", "--reason", "before",
+        socket=fleet.labs[leader].socket_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out
+    wait_until(lambda: lock_everywhere(fleet, "before"), 60, "the lock everywhere", poll=0.2)
+    until = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["until"]
+    fleet.etcd.wipe(new_cluster=True)
+    assert fleet.etcd.cluster_id() != old_id
+    noticed_the_store_went_back(fleet)
+    # Its owner publishes it again: the fleet's lock is not lost with the store.
+    wait_until(lambda: lock_everywhere(fleet, "before"), 60, "the lock back in etcd", poll=0.2)
+    assert fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["until"] == until
+    # Replaced on another node in the new store, the new lock is everywhere, the owner's
+    # file too; the old lock's end releases nothing (no stale expiry, no spurious release).
+    marks = [len(d.events()) for d in fleet.daemons]
+    out = guardctl(
+        "qos", "lock", "--for", "1h", "--reason", "after",
+        socket=fleet.labs[follower].socket_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out
+    wait_until(lambda: lock_everywhere(fleet, "after"), 60, "the new lock everywhere", poll=0.2)
+    assert time.time() < parse_rfc3339(until), "the new lock mirrored only at the old one's end"
+    past_until(until)
+    held = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]
+    assert held["locked"] is True and held["reason"] == "after", held
+    assert lock_everywhere(fleet, "after")
+    for d, mark in zip(fleet.daemons, marks, strict=True):
+        released = [e for e in d.events()[mark:] if e["event"] == "qos_released"]
+        assert not released, released
+
+
+def past_until(until: str, margin: float = 4.0) -> None:
+    """Wait until the wall clock is `margin` seconds past the RFC 3339 time `until`: the
+    leader's expiry round and every node's lock step have had their turn by then."""
+    end = parse_rfc3339(until) + margin
+    wait_until(lambda: time.time() > end, end - time.time() + 30, f"{margin}s past {until}")
+
+
+def test_an_operators_lock_replaced_from_another_node_is_mirrored_and_ends_quietly(
+    fleet: FleetLab,
+) -> None:
+    fleet.start()
+    for a, b, how_long in ((1, 2, "12s"), (0, 1, "10s")):
+        out = guardctl(
+            "qos", "lock", "--for", how_long, "--reason", f"on n{a}",
+            socket=fleet.labs[a].socket_path,
+        )  # fmt: skip
+        assert out.returncode == 0, out
+        held_a = functools.partial(lock_everywhere, fleet, f"on n{a}")
+        wait_until(held_a, 60, f"n{a}'s lock", poll=0.2)
+        until = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["until"]
+        mark = len(fleet.daemons[a].events())
+        out = guardctl(
+            "qos", "lock", "--for", "1h", "--reason", f"on n{b}",
+            socket=fleet.labs[b].socket_path,
+        )  # fmt: skip
+        assert out.returncode == 0, out
+        # n{a}'s own file now mirrors the fleet's lock, by fleet:<who>.
+        held_b = functools.partial(lock_everywhere, fleet, f"on n{b}")
+        wait_until(held_b, 60, f"n{b}'s lock", poll=0.2)
+        # At once, not only when n{a}'s own lock would have ended.
+        assert time.time() < parse_rfc3339(until), "mirrored only at the old lock's end"
+        local = qoslock.read_lock(fleet.labs[a].lock_file)
+        assert (local.by or "").startswith("fleet:"), local
+        past_until(until)
+        assert lock_everywhere(fleet, f"on n{b}")
+        again = [e for e in fleet.daemons[a].events()[mark:] if e["event"] == "qos_released"]
+        assert not again, again
+        # Unlocked by the operator: every node's file is free again, for the next round.
+        out = guardctl("qos", "unlock", socket=fleet.labs[b].socket_path)
+        assert out.returncode == 0, out
+        wait_until(
+            lambda: not any(n.lock_file.exists() for n in fleet.labs),
+            60,
+            "the lock gone everywhere",
+            poll=0.2,
+        )

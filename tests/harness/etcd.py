@@ -4,6 +4,7 @@
         etcd.client_urls                    # ["http://127.0.0.1:<port>", ...]
         etcd.kill(0)                        # kill -9 one member
         etcd.range("/guardd/lab/", prefix=True)
+        etcd.wipe()                         # every member's data gone: an empty store, same ports
 
     with TcpProxy(etcd.client_urls[0]) as proxy:   # proxy.url forwards to that member
         proxy.stop()                        # drop every connection, refuse new ones
@@ -46,6 +47,7 @@ class EtcdCluster:
         self.peer_ports = [free_port() for _ in range(size)]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
         self.binary = etcd_binary()
+        self.generation = 0  # how many times the cluster was wiped (and so named anew)
 
     @property
     def client_urls(self) -> list[str]:
@@ -64,7 +66,7 @@ class EtcdCluster:
             f"--initial-advertise-peer-urls=http://127.0.0.1:{self.peer_ports[i]}",
             f"--initial-cluster={cluster}",
             "--initial-cluster-state=new",
-            f"--initial-cluster-token=guardd-test-{self.peer_ports[0]}",
+            f"--initial-cluster-token=guardd-test-{self.peer_ports[0]}-{self.generation}",
         ]
 
     def start_member(self, i: int) -> None:
@@ -99,6 +101,35 @@ class EtcdCluster:
             self.peer_ports = [free_port() for _ in range(self.size)]
         logs = {i: self._log_tail(i) for i in range(self.size)}
         raise AssertionError(f"etcd did not form after {attempts} attempts: {logs}")
+
+    def wipe(self, *, new_cluster: bool = False) -> None:
+        """Stop every member, delete its data and start them again on the same ports: the
+        store starts over at revision 1, as after a restore from an empty backup.
+
+        `new_cluster` names the cluster anew (another initial-cluster-token), so that etcd's
+        cluster_id changes too, as when the cluster is replaced by a new one.
+        """
+        self.stop()
+        for i in range(self.size):
+            shutil.rmtree(self.tmp / f"e{i}", ignore_errors=True)
+        if new_cluster:
+            self.generation += 1
+        for i in range(self.size):
+            self.start_member(i)
+        formed = wait_until(self._formed_or_dead, 60, "wiped etcd members healthy", poll=0.1)
+        if formed != "formed":
+            logs = {i: self._log_tail(i) for i in range(self.size)}
+            raise AssertionError(f"the wiped etcd did not form again: {logs}")
+
+    def revision(self) -> int:
+        """The store's revision now."""
+        doc = self._post("kv/range", {"key": base64.b64encode(b"/").decode()})
+        return int(doc["header"]["revision"])
+
+    def cluster_id(self) -> str:
+        """etcd's cluster_id, as its answers' headers give it."""
+        doc = self._post("kv/range", {"key": base64.b64encode(b"/").decode()})
+        return str(doc["header"]["cluster_id"])
 
     def _formed_or_dead(self) -> str | None:
         """`formed` once every member is healthy, `dead` if one exited, else None."""

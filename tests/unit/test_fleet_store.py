@@ -1,0 +1,105 @@
+"""The fleet coordinator's judgement of etcd's store (`guardd.fleet.coordinator`): a store
+that went back (restored, or a new cluster) is told from a member that lags, and the next
+generation is numbered above every one known. No etcd here: the answers are given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from guardd.config import FleetConfig
+from guardd.fleet._etcd import KV, Header, header_of
+from guardd.fleet.coordinator import Fleet
+
+
+def fleet(tmp_path: Path) -> Fleet:
+    config = FleetConfig(etcd=["http://127.0.0.1:9"], node="n0", lease_ttl=2.0)
+    return Fleet(config, instance="lab", state_dir=tmp_path, switch_timeout=10.0)
+
+
+def memory(f: Fleet) -> tuple[object, ...]:
+    """What the node keeps from the store: our last qos write's revision, the qos and desired
+    mod_revisions, the leader term, the lease, our record as last written."""
+    return (f._qos_mine, f._qos_mod, f._desired_mod, f._leader_rev, f.lease, f._published)
+
+
+def kv(key: str, value: str, mod: int) -> KV:
+    return KV(key=key, value=value, create_revision=mod, mod_revision=mod, lease=0)
+
+
+@pytest.mark.parametrize(
+    ("doc", "header"),
+    [
+        ({"header": {"cluster_id": "1484163906896", "revision": "812"}}, (1484163906896, 812)),
+        ({"result": {"header": {"cluster_id": "7", "revision": "3"}, "TTL": "0"}}, (7, 3)),
+        ({"result": {"created": True}}, (0, 0)),
+        ({}, (0, 0)),
+    ],
+)  # fmt: skip
+def test_the_header_of_every_kind_of_answer(
+    doc: dict[str, object], header: tuple[int, int]
+) -> None:
+    assert header_of(doc) == Header(*header)
+
+
+@pytest.mark.parametrize(
+    ("cluster", "revision", "why"),
+    [
+        (5, 40, "revision"),  # restored from an older backup: same cluster, lower revision
+        (5, 1, "revision"),  # an empty store
+        (6, 900, "cluster_id"),  # a new cluster that already went past our revision
+    ],
+)
+def test_a_store_that_went_back_is_read_afresh_and_forgets_its_revisions(
+    tmp_path: Path, cluster: int, revision: int, why: str
+) -> None:
+    async def main() -> None:
+        f = fleet(tmp_path)
+        f._take_read(Header(5, 500), [kv("/guardd/lab/desired", '{"generation": 4}', 450)])
+        f._read(list(f._kvs.values()))
+        f._qos_mine, f._qos_mod, f._leader_rev, f.lease = 480, 480, 300, 77
+        f._header(Header(5, 510))  # moving on
+        assert not f._stale(0) and f._high == 510
+        f._header(Header(cluster, revision))
+        assert f._stale(0) and why in (f._suspect or "")
+        f._take_read(Header(cluster, revision), [])
+        assert not f._stale(1) and f._epoch == 1 and f._went_back
+        assert (f._revision, f._high, f._cluster) == (revision, revision, cluster)
+        assert memory(f) == (0, None, 0, None, None, None)
+        # The store lost desired; the decision known before still numbers the next one.
+        f._read([])
+        assert f.desired is None and f.known_generation() == 4
+
+    anyio.run(main)
+
+
+def test_a_lagging_member_is_not_a_store_that_went_back(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = fleet(tmp_path)
+        f._take_read(Header(5, 500), [])
+        f._qos_mine, f.lease = 490, 77
+        f._header(Header(5, 498))  # a watch on a member two revisions behind
+        assert f._stale(0)
+        f._take_read(Header(5, 502), [])  # the linearizable read is not behind
+        assert not f._stale(0) and f._epoch == 0 and not f._went_back and f._suspect is None
+        assert (f._qos_mine, f.lease, f._high) == (490, 77, 502)
+
+    anyio.run(main)
+
+
+def test_the_next_generation_is_above_every_one_known(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = fleet(tmp_path)
+        f.applied_generation(5)
+        f.desired = {"color": "blue", "generation": 1}
+        f.nodes = {"n1": {"generation": 7}, "n2": {"generation": "x"}, "n3": {"generation": True}}
+        f.seen = {"n4": {"generation": "9"}, "n5": {}}
+        assert f.known_generation() == 9
+        f.seen = {}
+        assert f.known_generation() == 7
+        f.nodes = {}
+        assert f.known_generation() == 5
+
+    anyio.run(main)
