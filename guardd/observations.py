@@ -536,12 +536,19 @@ def read_history(
     at = 0.0
     last_ts: float | None = None
     last_mono: float | None = None
+    kinds = RECORD_KINDS
+    make = tuple.__new__  # `Record(...)` without its Python-level `__new__`: the same tuple
     for path in files:
         report.files.append(str(path))
         for doc in _lines(path, report):
             kind = doc.get("kind")
-            ts, mono = _number(doc.get("ts")), _number(doc.get("mono"))
-            if not isinstance(kind, str) or kind not in RECORD_KINDS:
+            ts, mono = doc.get("ts"), doc.get("mono")
+            # Finite floats (nearly every record) as they are; anything else by `_number`.
+            if type(ts) is not float or ts - ts != 0.0:
+                ts = _number(ts)
+            if type(mono) is not float or mono - mono != 0.0:
+                mono = _number(mono)
+            if type(kind) is not str or kind not in kinds:
                 report.skipped[f"unknown kind {str(kind)[:40]!r}"] += 1
                 continue
             if ts is None or mono is None:
@@ -563,7 +570,7 @@ def read_history(
             if (since is not None and ts < since) or (until is not None and ts > until):
                 continue
             report.records += 1
-            yield Record(at, ts, kind, doc)
+            yield make(Record, (at, ts, kind, doc))
 
 
 def _number(value: object) -> float | None:
