@@ -335,15 +335,18 @@ class Guard:
         self.qos.step(now)
         self._read_signals(now)
         decision = self.machine.decide(
+            # Positional, in the fields' order (now, active, qos_locked, paused,
+            # rollbacks_in_budget, rolling_back, front_door_watched, readings): cheaper
+            # than keywords, once a tick.
             Facts(
-                now=now,
-                active=self.active,
-                qos_locked=self.qos_held,
-                paused=self.paused is not None,
-                rollbacks_in_budget=self._rollbacks_in_budget(),
-                rolling_back=self.rolling_back,
-                front_door_watched=self.verifier is not None,
-                readings=self.readings,
+                now,
+                self.active,
+                self.qos_held,
+                self.paused is not None,
+                self._rollbacks_in_budget(),
+                self.rolling_back,
+                self.verifier is not None,
+                self.readings,
             )
         )
         verdict = decision.verdict

@@ -51,6 +51,7 @@ from typing import Any, BinaryIO, Final, NamedTuple
 import anyio
 import anyio.to_thread
 
+from guardd.core.types import Outcome
 from guardd.exceptions import StorageError
 from guardd.secrets import redact_credentials
 
@@ -85,6 +86,47 @@ _MEMBER_HEAD: Final = b"\x1f\x8b\x08\x00\x00\x00\x00\x00"
 
 #: One line's JSON: compact; a value JSON has no type for is written as its text.
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
+#: The keys of a `probe` record, in the order `Recorder.probe` writes them.
+_PROBE_KEYS: Final = ("color", "outcome", "latency_s", "error", "status", "kind", "ts", "mono")
+#: The JSON of the strings a probe record's `color` and `outcome` nearly always are.
+_QUOTED: Final = {s: _ENCODER.encode(s) for s in ("blue", "green", *(o.value for o in Outcome))}
+
+
+def _line(record: dict[str, Any]) -> str:
+    """`record`'s line: its JSON, compact, and a newline.
+
+    A probe record as `Recorder.probe` makes it (every field of the type it writes, each
+    float finite) is formatted directly, into the very text `_ENCODER` gives for it, at
+    less than half the cost; anything else goes through `_ENCODER`.
+    """
+    if record.get("kind") == "probe" and tuple(record) == _PROBE_KEYS:
+        color = _QUOTED.get(record["color"])
+        outcome = _QUOTED.get(record["outcome"])
+        latency, ts, mono = record["latency_s"], record["ts"], record["mono"]
+        error, status = record["error"], record["status"]
+        if (
+            color is not None
+            and outcome is not None
+            and type(latency) is float
+            and type(ts) is float
+            and type(mono) is float
+            # Finite: inf - inf and nan - nan are nan, which JSON writes as `NaN`.
+            and latency - latency == 0.0
+            and ts - ts == 0.0
+            and mono - mono == 0.0
+            and (error is None or type(error) is str)
+            and (status is None or type(status) is int)
+        ):
+            # `repr` of a float is what the JSON encoder writes for it.
+            return (
+                f'{{"color":{color},"outcome":{outcome},"latency_s":{latency!r},"error":'
+                f'{"null" if error is None else _ENCODER.encode(error)},"status":'
+                f'{"null" if status is None else status},"kind":"probe","ts":{ts!r},'
+                f'"mono":{mono!r}}}\n'
+            )
+    return _ENCODER.encode(record) + "\n"
 
 
 def day_of(ts: float) -> str:
@@ -171,13 +213,23 @@ class Recorder:
         status: int | None = None,
     ) -> None:
         """One probe round of `color`."""
-        self.add(
-            "probe",
-            color=color,
-            outcome=outcome,
-            latency_s=round(latency_s, 6),
-            error=redact_credentials(error) if error else None,
-            status=status,
+        # `add` inlined, the record built as one literal (keys in `_PROBE_KEYS` order): the
+        # daemon calls this for every probe round, on its event loop.
+        pending = self._pending
+        if len(pending) >= MAX_PENDING:
+            self.dropped += 1
+            return
+        pending.append(
+            {
+                "color": color,
+                "outcome": outcome,
+                "latency_s": round(latency_s, 6),
+                "error": redact_credentials(error) if error else None,
+                "status": status,
+                "kind": "probe",
+                "ts": self._wall(),
+                "mono": self._mono(),
+            }
         )
 
     def front_door(self, ok: bool, error: str | None = None) -> None:
@@ -241,8 +293,7 @@ class Recorder:
                     end += 1
                 if day != self._day:
                     self._open(day)
-                encode = _ENCODER.encode
-                text = "".join([encode(record) + "\n" for record in batch[done:end]])
+                text = "".join([_line(record) for record in batch[done:end]])
                 data = self._zip.compress(text.encode()) + self._zip.flush(zlib.Z_SYNC_FLUSH)
                 self._append(data)
                 done = end
@@ -485,12 +536,19 @@ def read_history(
     at = 0.0
     last_ts: float | None = None
     last_mono: float | None = None
+    kinds = RECORD_KINDS
+    make = tuple.__new__  # `Record(...)` without its Python-level `__new__`: the same tuple
     for path in files:
         report.files.append(str(path))
         for doc in _lines(path, report):
             kind = doc.get("kind")
-            ts, mono = _number(doc.get("ts")), _number(doc.get("mono"))
-            if not isinstance(kind, str) or kind not in RECORD_KINDS:
+            ts, mono = doc.get("ts"), doc.get("mono")
+            # Finite floats (nearly every record) as they are; anything else by `_number`.
+            if type(ts) is not float or ts - ts != 0.0:
+                ts = _number(ts)
+            if type(mono) is not float or mono - mono != 0.0:
+                mono = _number(mono)
+            if type(kind) is not str or kind not in kinds:
                 report.skipped[f"unknown kind {str(kind)[:40]!r}"] += 1
                 continue
             if ts is None or mono is None:
@@ -512,7 +570,7 @@ def read_history(
             if (since is not None and ts < since) or (until is not None and ts > until):
                 continue
             report.records += 1
-            yield Record(at, ts, kind, doc)
+            yield make(Record, (at, ts, kind, doc))
 
 
 def _number(value: object) -> float | None:

@@ -274,8 +274,12 @@ class Simulation:
             return
         if self.guard is None:
             await self._new_run(self._live)
-        await self._until(rec.at)
-        self.clock.set(rec.at, rec.ts)
+        at = rec.at
+        if self._in_gap or (
+            self._started and min(self._next_tick, self._pulse) < at - _SAME_MOMENT
+        ):
+            await self._until(at)  # (otherwise it would return at once: no tick due)
+        self.clock.set(at, rec.ts)
         if rec.kind == "probe":
             await self._probe(rec)
         elif rec.kind == "front_door":
@@ -294,8 +298,8 @@ class Simulation:
             self.report.skipped["probe record without a color or outcome"] += 1
             return
         wake = guard.observe(color, result)
-        self._seen.add(color)
         if not self._started:
+            self._seen.add(color)
             if self._seen >= set(COLORS):
                 self._started = True
                 await self._tick(rec.at)

@@ -225,9 +225,31 @@ _RESULTS: dict[tuple[Any, ...], ProbeResult | None] = {}
 _MAX_RESULTS = 4096
 
 
+#: The same, for the fields of the types the recorder writes: (outcome, latency, error, status).
+_PLAIN: dict[tuple[Any, ...], ProbeResult | None] = {}
+
+
 def probe_result(doc: dict[str, Any]) -> ProbeResult | None:
     """The `ProbeResult` of a `probe` record; None when its fields are not one."""
-    fields = (doc.get("outcome"), doc.get("latency_s"), doc.get("error"), doc.get("status"))
+    get = doc.get
+    fields = (get("outcome"), get("latency_s"), get("error"), get("status"))
+    outcome, latency, error, status = fields
+    if (
+        type(outcome) is str
+        and type(latency) is float
+        and (error is None or type(error) is str)
+        and (status is None or type(status) is int)
+    ):
+        # Nearly every record: fields of these types are equal only if they are the same,
+        # so the fields alone are the key (no types in it: cheaper to build and hash).
+        try:
+            return _PLAIN[fields]
+        except KeyError:
+            result = _probe_result(doc)
+            if len(_PLAIN) >= _MAX_RESULTS:
+                _PLAIN.clear()
+            _PLAIN[fields] = result
+            return result
     # The types are part of the key: 1, 1.0 and True are equal keys, not equal fields.
     key = (*fields, *map(type, fields))
     try:

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from guardd import observations
 from guardd.exceptions import StorageError
 from guardd.observations import (
     MAX_LINE_BYTES,
@@ -437,3 +439,66 @@ async def test_flush_writes_from_a_thread_while_records_keep_coming(tmp_path: Pa
     blocked.probe("blue", "ok", 0.1)
     assert await blocked.flush() == 0
     assert blocked.errors == 1 and blocked.pending == 1 and blocked.last_error is not None
+
+
+PROBES: list[tuple[Any, ...]] = [
+    ("blue", "ok", 0.004, None, 200),
+    ("green", "http_5xx", 0.0123456789, "HTTP 503", 503),
+    ("blue", "timeout", 2.0, 'said "no"\n\tthen \\ left \x01 \u00e9 \U0001f600', None),
+    ("green", "probe_error", 0.0, "x" * 300, None),
+    ("blue", "connect_error", float("nan"), "refused", None),
+    ("blue", "connect_error", float("inf"), None, None),
+    ("blue", "ok", -0.0, None, True),
+    ("blue", "ok", 1e-7, None, 0),
+    ("blue", "ok", 3, None, 200),  # an int latency: round() keeps it an int
+    ("purple", "ok", 0.1, None, 200),
+    ("green", "a new outcome", 0.1, None, 200),
+    ("green", "ok", 123456.654321, "GET https://ops:hunter2-pw@h/x", 599),
+]
+
+
+@pytest.mark.parametrize("probe", PROBES)
+def test_a_probe_line_is_the_json_encoders_own(tmp_path: Path, probe: tuple[Any, ...]) -> None:
+    """The recorder formats probe lines itself (it is cheaper): each must be the very text
+    the JSON encoder writes for the record, so that every reader reads the same thing."""
+    for wall, mono in ((EVE + 0.1, 500.25), (EVE, 1e-9), (1.5e9 + 1 / 3, 12345678.9)):
+        rec = recorder(tmp_path, Clocks(wall=wall, mono=mono))
+        rec.probe(*probe)
+        (record,) = rec.take()
+        expected = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        assert observations._line(record) == expected
+    # The other kinds, and a probe record not in the recorder's own shape, are encoded.
+    for other in (
+        {"kind": "start", "ts": EVE, "mono": 1.0, "guard": "web", "format": 1},
+        {"kind": "probe", "ts": EVE, "mono": 1.0, "color": "blue"},
+        {**record, "extra": [1, 2]},
+    ):
+        assert observations._line(other) == json.dumps(other, separators=(",", ":")) + "\n"
+
+
+def test_files_written_before_the_fast_lines_read_back_alike(tmp_path: Path) -> None:
+    """A file written as earlier versions wrote it (every line by the JSON encoder, deflate
+    level 6) reads back record for record as one the recorder writes now."""
+    clocks = Clocks(wall=EVE + 100)
+    new = tmp_path / "new"
+    rec = recorder(new, clocks)
+    rec.start(active="blue", probe_interval_s=0.5)
+    for i, probe in enumerate(PROBES * 20):
+        clocks.tick(0.25 + i / 1000)
+        rec.probe(*probe)
+    batch = list(rec._pending)
+    rec.write()
+    rec.close()
+    old = tmp_path / "old"
+    old.mkdir()
+    text = "".join(json.dumps(r, separators=(",", ":"), default=str) + "\n" for r in batch)
+    z = zlib.compressobj(6, zlib.DEFLATED, 31)
+    name = history_files(new)[0].name
+    (old / name).write_bytes(z.compress(text.encode()) + z.flush())
+    assert gzip.decompress((new / name).read_bytes()) == text.encode()
+    got_new, report_new = read(new)
+    got_old, report_old = read(old)
+    assert [(r.at, r.ts, r.kind, json.dumps(r.doc)) for r in got_new] == [
+        (r.at, r.ts, r.kind, json.dumps(r.doc)) for r in got_old
+    ]
+    assert len(got_new) == len(batch) and not report_new.skipped and not report_old.skipped
