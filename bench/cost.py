@@ -169,29 +169,10 @@ def start_soak(ctx: Bench, duration: float) -> Soak:
         switch=switch,
         user_agent=UA["guardd"],
     ).start(ctx.hub)
-    gi = Guardd(
-        ctx.root,
-        "idle",
-        upstreams=steady,
-        interval=3600.0,
-        switch=switch,
-        user_agent=UA["guardd_idle"],
-        # The QoS window must hold policy.min_samples probes at this interval.
-        qos_window="6h",
-    ).start(ctx.hub)
-    tls_upstreams, ca_file = _tls_upstreams(ctx)
+    gi = idle_guardd(ctx, steady, switch).start(ctx.hub)
+    tls_upstreams, ca_file = start_tls_upstreams(ctx)
     slack = SlackHook().start()
-    gt = Guardd(
-        ctx.root,
-        "idle-tls",
-        upstreams={c: [u.url] for c, u in zip(("blue", "green"), tls_upstreams, strict=True)},
-        interval=3600.0,
-        switch=switch,
-        user_agent=UA["guardd_idle_https_slack"],
-        qos_window="6h",
-        probe={"ca_file": str(ca_file)},
-        extra_toml=f'\n[[notify]]\nkind = "slack"\nurl = "{slack.url}"\n',
-    ).start(ctx.hub)
+    gt = idle_tls_guardd(ctx, tls_upstreams, ca_file, slack, switch).start(ctx.hub)
     bb = BlackboxExporter(ctx.root / "blackbox").start()
     bbi = BlackboxExporter(ctx.root / "blackbox-idle").start()
     driver = BlackboxDriver(bb, [app.url("sblue"), app.url("sgreen")], RATE).start()
@@ -244,7 +225,42 @@ def start_soak(ctx: Bench, duration: float) -> Soak:
     return soak
 
 
-def _tls_upstreams(ctx: Bench) -> tuple[list[Hostile], Path]:
+def idle_guardd(ctx: Bench, upstreams: dict[str, list[str]], switch: dict[str, Any]) -> Guardd:
+    """The idle guardd (interval 1 h, plain-HTTP probes, no sink), not started."""
+    return Guardd(
+        ctx.root,
+        "idle",
+        upstreams=upstreams,
+        interval=3600.0,
+        switch=switch,
+        user_agent=UA["guardd_idle"],
+        # The QoS window must hold policy.min_samples probes at this interval.
+        qos_window="6h",
+    )
+
+
+def idle_tls_guardd(
+    ctx: Bench,
+    tls_upstreams: list[Hostile],
+    ca_file: Path,
+    slack: SlackHook,
+    switch: dict[str, Any],
+) -> Guardd:
+    """The idle guardd with HTTPS probes (trusting `ca_file`) and a `slack` sink, not started."""
+    return Guardd(
+        ctx.root,
+        "idle-tls",
+        upstreams={c: [u.url] for c, u in zip(("blue", "green"), tls_upstreams, strict=True)},
+        interval=3600.0,
+        switch=switch,
+        user_agent=UA["guardd_idle_https_slack"],
+        qos_window="6h",
+        probe={"ca_file": str(ca_file)},
+        extra_toml=f'\n[[notify]]\nkind = "slack"\nurl = "{slack.url}"\n',
+    )
+
+
+def start_tls_upstreams(ctx: Bench) -> tuple[list[Hostile], Path]:
     """Two HTTPS health endpoints with a certificate from a private CA, and the CA's PEM."""
     ca = trustme.CA()
     ca_file = ctx.root / "bench-ca.pem"

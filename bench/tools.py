@@ -64,7 +64,7 @@ def ensure_tools() -> list[str]:
     return missing
 
 
-def runtime_install(root: Path) -> Install:
+def runtime_install(root: Path, venv: Path | None = None) -> Install:
     """guardd as an operator installs it: a venv with its runtime dependencies only.
 
     The development venv also holds the test and lint tools, and some of them change
@@ -72,13 +72,15 @@ def runtime_install(root: Path) -> Install:
     would not be an installed guardd's. The locked versions come from `uv export
     --no-dev`, from uv's cache when it has them, bytecode compiled at install as a
     package manager would. Falls back to the development venv, and says so, if that
-    cannot be built (no uv, no network and an empty cache).
+    cannot be built (no uv, no network and an empty cache). `venv` (default
+    `root/runtime-venv`) may hold one built before: its packages are synced again and
+    guardd reinstalled from this checkout.
     """
     uv = os.environ.get("UV") or which("uv")
     if uv is None:
         print("bench: no uv; measuring the dev venv", file=sys.stderr)
         return Install(Path(sys.executable).parent, "the development venv (no uv)")
-    venv = root / "runtime-venv"
+    venv = venv or root / "runtime-venv"
     repo = Path(__file__).resolve().parent.parent
     py = str(venv / "bin" / "python")
     pip = [uv, "pip", "install", "-q", "--python", py, "--compile-bytecode"]
@@ -87,9 +89,10 @@ def runtime_install(root: Path) -> Install:
         req.write_text(
             _run([uv, "export", "--frozen", "--no-dev", "--no-hashes", "--no-emit-project", "-q"])
         )
-        _run([uv, "venv", "-q", "--python", sys.executable, str(venv)])
+        if not (venv / "bin" / "python").exists():
+            _run([uv, "venv", "-q", "--python", sys.executable, str(venv)])
         _run([*pip, "-r", str(req)])
-        _run([*pip, "--no-deps", str(repo)])
+        _run([*pip, "--no-deps", "--reinstall", str(repo)])
         frozen = _run([uv, "pip", "freeze", "--python", py]).splitlines()
     except (OSError, subprocess.SubprocessError) as e:
         why = getattr(e, "stderr", None) or str(e)

@@ -7,7 +7,6 @@ Every model rejects unknown keys, and every problem is reported as
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import shutil
@@ -1017,8 +1016,8 @@ class GuardConfig(BaseSettings):
                 kind = signals[rule.signal].kind
             if kind is None:
                 names = [PROBE, *sorted(signals)]
-                near = difflib.get_close_matches(rule.signal, names, n=1, cutoff=0.6)
-                hint = f"did you mean {near[0]}?" if near else f"known: {', '.join(names)}"
+                near = _close_match(rule.signal, names)
+                hint = f"did you mean {near}?" if near else f"known: {', '.join(names)}"
                 found.append((f"{i}.signal", f"no signal {rule.signal!r}; {hint}"))
                 continue
             stats = KIND_STATS[kind]
@@ -1345,7 +1344,15 @@ def _nearest_key(loc: list[int | str]) -> str | None:
     kind = _unwrap(kind)
     if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
         return None
-    near = difflib.get_close_matches(str(loc[-1]), list(kind.model_fields), n=1, cutoff=0.6)
+    return _close_match(str(loc[-1]), list(kind.model_fields))
+
+
+def _close_match(word: str, known: Sequence[str]) -> str | None:
+    """The known word closest to a misspelt `word`, if any is close enough."""
+    # Loaded only for an invalid file: a valid one never pays difflib's import.
+    import difflib  # noqa: PLC0415
+
+    near = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
     return near[0] if near else None
 
 

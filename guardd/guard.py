@@ -44,7 +44,7 @@ from guardd.journal import Journal
 from guardd.metrics import GuardMetrics
 from guardd.probes.http import HttpProber, ProbeResult
 from guardd.qoskeeper import OwnedLock, QosKeeper
-from guardd.signals import AccessLogSignal, Signal, TrafficView
+from guardd.signals import Signal, TrafficView, is_access_log
 from guardd.statefile import StateFile
 from guardd.switchers import Switcher
 
@@ -448,7 +448,7 @@ class Guard:
         active = self.active
         seen: dict[tuple[int, Color], tuple[int, int]] = {}
         for signal in self.signals.values():
-            if not isinstance(signal, AccessLogSignal) or active is None:
+            if not is_access_log(signal) or active is None:
                 continue
             key = (id(signal), active)
             counts = signal.requests
@@ -466,7 +466,7 @@ class Guard:
         return [
             TrafficView(signal, self.readings.get(name, {}))
             for name, signal in list(self.signals.items())
-            if isinstance(signal, AccessLogSignal)
+            if is_access_log(signal)
         ]
 
     def _flush_journal_backlog(self) -> None:

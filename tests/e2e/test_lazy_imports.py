@@ -23,7 +23,8 @@ pytestmark = pytest.mark.nginx
 
 IMPORT_LOG = {"PYTHONPROFILEIMPORTTIME": "1"}
 # Loaded only by a configuration (or a moment) that needs them: the notification client,
-# the retry library, the HTTP signals, the demo.
+# the retry library, the HTTP signals, the file-following signals, the demo; difflib only
+# for an invalid config's suggestions.
 LAZY = (
     "httpx",
     "httpcore",
@@ -33,6 +34,11 @@ LAZY = (
     "guardd.notify",
     "guardd.signals.prometheus",
     "guardd.signals.scrape",
+    "guardd.signals.access_log",
+    "guardd.signals.log_match",
+    "guardd.signals._tail",
+    "guardd.core.traffic",
+    "difflib",
     "guardd.demo",
     "aiohttp",
 )
