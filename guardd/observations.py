@@ -252,15 +252,18 @@ class Recorder:
         by: str,
         reason: str | None,
         event: str | None = None,
+        severity: str | None = None,
     ) -> None:
         """Traffic moved from `source` to `target`; `event` is the journal's name for the
-        move (`rollback_completed`, `switch`, `promote`, `external_switch`)."""
+        move (`rollback_completed`, `switch`, `promote`, `external_switch`), `severity` the
+        rule's (`P0`..`P2`) when a guard decided it, the fleet's leader included."""
         self.add(
             "switch",
             **{"from": source, "to": target},
             by=by,
             reason=redact_credentials(reason) if reason else None,
             event=event,
+            severity=severity,
         )
 
     @property

@@ -543,6 +543,7 @@ class Supervisor:
                 by=event.get("by"),
                 reason=event.get("reason"),
                 event=event.get("event"),
+                severity=event.get("severity"),
             )
         if self.notifier is not None:
             self.notifier.submit(event)

@@ -46,6 +46,7 @@ from guardd.replay._world import (
     SimClock,
     SwitchVerifier,
     color_of,
+    fleet_decision,
     probe_result,
 )
 from guardd.signals import AccessLogSignal, LogMatchSignal, Signal
@@ -347,7 +348,7 @@ class Simulation:
             return
         self._live = target
         by = rec.doc.get("by")
-        if by == "guardd":
+        if by == "guardd" or fleet_decision(rec.doc):
             return  # the replayed config decides its own rollbacks
         if by == "external":
             self.switcher.active = target  # adopted at the next tick, as live

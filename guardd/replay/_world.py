@@ -287,6 +287,21 @@ def color_of(value: object) -> Color | None:
     return "blue" if value == "blue" else "green" if value == "green" else None
 
 
+def fleet_decision(doc: dict[str, Any]) -> bool:
+    """Whether a `switch` record is a fleet node applying its leader's own rollback
+    (`by: fleet:<leader>`): a guard's decision, which the replayed config makes for itself
+    from this node's probes, as it does for `by: guardd`. An operator's fleet-wide move
+    (`fleet:uid:0(root)`, no `severity`) is not one. Records written before switches
+    carried the rule's `severity` are told apart by their `by` alone.
+    """
+    by = doc.get("by")
+    if not isinstance(by, str) or not by.startswith("fleet:"):
+        return False
+    if doc.get("event") != "rollback_completed":
+        return False
+    return doc.get("severity") is not None or not by.startswith("fleet:uid:")
+
+
 __all__ = [
     "COLORS",
     "MemoryJournal",
@@ -297,5 +312,6 @@ __all__ = [
     "SimClock",
     "SwitchVerifier",
     "color_of",
+    "fleet_decision",
     "probe_result",
 ]

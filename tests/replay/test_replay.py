@@ -380,3 +380,83 @@ def test_switches_made_by_others_are_made_in_the_replay_too(
     # Then blue, now served, fails: the replayed guard rolls back from it.
     [rb] = decisions(doc, "rollback_completed")
     assert (rb["color"], rb["to"]) == ("blue", "green")
+
+
+@pytest.mark.parametrize("with_severity", [True, False])
+def test_a_fleet_nodes_rollback_applied_from_its_leader_is_not_this_configs_detection(
+    tmp_path: Path, tl: Timeline, with_severity: bool
+) -> None:
+    """A follower applied the leader's rollback after green's first failure here (the
+    leader saw it sooner); replaying the follower's history, its config decides from this
+    node's own probes, at the third failure, and the incident is credited to that, never
+    to the leader's switch. Records from before switches carried `severity` count alike."""
+    tl.start(active="green")
+    tl.rounds(150)
+    tl.rounds(1, green="http_5xx")
+    fleet_at = tl.wall
+    tl.incident(
+        "rollback_completed",
+        source="green",
+        target="blue",
+        reason="P0 consecutive_failures: 3 >= 3 on green; rolling back to blue",
+        severity="P0",
+        by="fleet:lb-a",
+    )
+    if with_severity:
+        tl.recorder.switch(
+            "green",
+            "blue",
+            by="fleet:lb-a",
+            reason="fleet",
+            event="rollback_completed",
+            severity="P0",
+        )
+    else:  # as written before switch records carried the rule's severity
+        tl.recorder.add(
+            "switch",
+            **{"from": "green", "to": "blue"},
+            by="fleet:lb-a",
+            reason="fleet",
+            event="rollback_completed",
+        )
+    tl.rounds(2, green="http_5xx")
+    own_at = tl.wall
+    tl.rounds(27, green="http_5xx")
+    tl.rounds(150)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    doc = replay_json("--config", str(cfg))
+    [rb] = decisions(doc, "rollback_completed")
+    assert (rb["by"], rb["rule"], rb["color"], rb["to"]) == (
+        "guardd",
+        "consecutive_failures",
+        "green",
+        "blue",
+    )
+    assert abs(parse_rfc3339(rb["at"]) - own_at) <= INTERVAL
+    assert parse_rfc3339(rb["at"]) - fleet_at > INTERVAL
+    [incident] = doc["configs"][0]["incidents"]
+    assert incident["detected_at"] == rb["at"]
+    assert incident["delay_s"] > INTERVAL  # later than the leader, and said so
+
+
+def test_an_operators_fleet_wide_rollback_is_replayed_as_the_operators(
+    tmp_path: Path, tl: Timeline
+) -> None:
+    tl.start(active="green")
+    tl.rounds(100)
+    tl.recorder.switch(
+        "green",
+        "blue",
+        by="fleet:uid:0(root)",
+        reason="rolled back by hand",
+        event="rollback_completed",
+        severity=None,
+    )
+    tl.rounds(100)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    doc = replay_json("--config", str(cfg))
+    [moved] = decisions(doc, "rollback_completed")
+    assert (moved["by"], moved["color"], moved["to"]) == ("fleet:uid:0(root)", "green", "blue")
+    assert moved["rule"] is None
