@@ -752,15 +752,27 @@ class Fleet:
                 self.key("ready", ask, self.node), json.dumps(answer), lease=self.lease or 0
             )
 
+    def _is_mirror(self, local: qoslock.LockInfo) -> bool:
+        """Whether the lock in this node's file is a copy of the fleet's lock (written by
+        `_mirror_qos_down`), not one this node's guard took: a guard window after a
+        rollback the node applied is its own, whoever decided the rollback (its `by` is
+        then `fleet:<who>` too)."""
+        guard = self.guard
+        own = guard.own_lock if guard is not None else None
+        return (local.by or "").startswith("fleet:") and (own is None or own.info != local)
+
     async def _mirror_qos_up(self) -> None:
-        """The leader's own lock (its guard window after a rollback) is the fleet's: publish
-        it when the lock file changed. An unlock is published only over a lock this node
-        wrote, never over an operator's lock taken on another node."""
+        """The leader's own lock (its guard window after a rollback, the leader's decision
+        or one it applied: an operator's fleet-wide rollback, a rollback decided by a
+        leader that died before publishing it) is the fleet's: publish it when the lock
+        file changed. An unlock is published only over a lock this node wrote, never over
+        an operator's lock taken on another node."""
         guard = self.guard
         if guard is None:
             return
-        doc = qoslock.read_lock(guard.s.lock_file).to_json()
-        if doc.get("locked") and str(doc.get("by", "")).startswith("fleet:"):
+        local = qoslock.read_lock(guard.s.lock_file)
+        doc = local.to_json()
+        if local.held and self._is_mirror(local):
             return  # a mirror of the fleet's lock is not news
         before, self._local_lock = self._local_lock, doc
         if doc == before or (before is None and not doc.get("locked")):
@@ -771,6 +783,9 @@ class Fleet:
         mod = current.mod_revision if current is not None else 0
         if not doc.get("locked") and mod not in (0, self._qos_mine):
             return
+        if not doc.get("locked"):
+            # Said by whom: every other node journals the release as `fleet:<by>`.
+            doc = {**doc, "by": self.node, "reason": doc.get("reason") or "released"}
         ok, revision = await self.client.txn(
             [compare(self.key("qos"), "MOD", mod)], [put_op(self.key("qos"), doc)]
         )
@@ -935,7 +950,7 @@ class Fleet:
             return
         qos = self.qos or {"locked": False}
         local = qoslock.read_lock(guard.s.lock_file)
-        mirrored = (local.by or "").startswith("fleet:")
+        mirrored = self._is_mirror(local)
         if qos.get("locked"):
             until, at = qos.get("until"), qos.get("locked_at")
             info = qoslock.LockInfo(

@@ -198,8 +198,18 @@ def test_a_node_cut_off_from_etcd_keeps_its_color_then_converges(tmp_path: Path)
 
 
 def test_the_leader_killed_mid_rollback_is_replaced_and_follows_when_back(
-    fleet: FleetLab,
+    tmp_path: Path,
 ) -> None:
+    # A guard window longer than the test: the rollback's lock must be the fleet's though
+    # the leader that decided it died before it could publish it.
+    fleet = FleetLab(tmp_path, qos__window="10m")
+    try:
+        _leader_killed_mid_rollback(fleet)
+    finally:
+        fleet.close()
+
+
+def _leader_killed_mid_rollback(fleet: FleetLab) -> None:
     fleet.start()
     old = fleet.leader()
     assert old is not None
@@ -223,6 +233,15 @@ def test_the_leader_killed_mid_rollback_is_replaced_and_follows_when_back(
     first = fleet.daemons[old].events()
     term = next(e["revision"] for e in first if e["event"] == "fleet_leader")
     assert elected["node"] == f"n{new}" and elected["revision"] > term
+    # The new leader's own guard window (the rollback it applied) is the fleet's lock.
+    wait_until(
+        lambda: (fleet.etcd.range(PREFIX + "/qos").get(PREFIX + "/qos") or {}).get("locked"),
+        30,
+        "the rollback's lock published as the fleet's",
+    )
+    for i in others:
+        out = guardctl("qos", "status", "--json", socket=fleet.labs[i].socket_path)
+        assert out.returncode == 1 and json.loads(out.stdout)["locked"] is True, out
     restarted = lab.daemon()
     assert lab.nginx.wait_serving_only("blue", hold=0.3, timeout=60)
     wait_until(
@@ -883,3 +902,56 @@ def test_an_operators_lock_replaced_from_another_node_is_mirrored_and_ends_quiet
             "the lock gone everywhere",
             poll=0.2,
         )
+
+
+def test_a_rollback_asked_on_a_follower_locks_the_whole_fleet_until_its_window_passes(
+    tmp_path: Path,
+) -> None:
+    """The guard window of a rollback the leader did not decide itself (an operator's, asked
+    on a follower) is the fleet's lock all the same: every node says deploys are blocked and
+    a promote from a third node is refused, until the window passes; then every node
+    releases it, journaled as the releasing node's."""
+    fleet = FleetLab(tmp_path, qos__window="8s")
+    try:
+        fleet.start()
+        leader = fleet.leader()
+        assert leader is not None
+        follower, third = [i for i in range(3) if i != leader][:2]
+        out = guardctl(
+            "rollback", "--reason", "bad release", socket=fleet.labs[follower].socket_path
+        )
+        assert out.returncode == 0, out
+        assert fleet.all_serve("blue")
+
+        def blocked(lab: Lab) -> bool:
+            out = guardctl("qos", "status", "--json", socket=lab.socket_path)
+            doc = json.loads(out.stdout)
+            return out.returncode == 1 and doc["source"] == "fleet" and doc["locked"] is True
+
+        wait_until(lambda: all(blocked(lab) for lab in fleet.labs), 30, "locked everywhere")
+        wait_until(lambda: all(lab.lock_file.exists() for lab in fleet.labs), 30, "every lock file")
+        held = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]
+        assert held["locked"] is True and "rollback green -> blue" in held["reason"], held
+        # Still blocked a few rounds later (a copy must not be dropped as the fleet's lock
+        # read "unlocked" a moment before): the gate on every host, and a promote.
+        # Each node renews its record every third of the lease: six writes are two rounds.
+        start = fleet.etcd.revision()
+        wait_until(lambda: fleet.etcd.revision() >= start + 6, 30, "two more rounds", poll=0.2)
+        assert all(blocked(lab) for lab in fleet.labs)
+        promoted = guardctl("promote", "--reason", "x", socket=fleet.labs[third].socket_path)
+        assert promoted.returncode == 1 and "QoS lock" in promoted.stdout + promoted.stderr
+        # The window passes: released on every node, each release said by a node.
+        wait_until(
+            lambda: (
+                all(not lab.lock_file.exists() for lab in fleet.labs)
+                and all(not blocked(lab) for lab in fleet.labs)
+            ),
+            60,
+            "the fleet's lock released everywhere",
+            poll=0.3,
+        )
+        released = [e for d in fleet.daemons for e in d.events() if e["event"] == "qos_released"]
+        assert released and all(e["by"] != "fleet:unknown" for e in released), released
+        assert all(fleet.labs[i].nginx.served_color() == "blue" for i in range(3))
+    finally:
+        fleet.close()

@@ -201,8 +201,7 @@ class EtcdCluster:
 
     def compact(self) -> int:
         """Compact the store at its current revision (a watch from before must start over)."""
-        doc = self._post("kv/range", {"key": base64.b64encode(b"/").decode()})
-        revision = int(doc["header"]["revision"])
+        revision = self.revision()
         self._post("kv/compaction", {"revision": str(revision), "physical": True})
         return revision
 
