@@ -270,6 +270,13 @@ class Guard:
         self.record("resumed", reason=reason or "resumed by an operator", by=by)
         return was
 
+    def fleet_resumed(self, *, by: str, reason: str) -> None:
+        """Another fleet node's operator resumed the fleet: end the hold and refill the
+        rollback budget (the journal's `resumed` does), leaving this node's pause as it is."""
+        self.machine.clear_hold()
+        self.record("resumed", reason=reason, by=by)
+        self.save_state()
+
     def reconfigure(
         self,
         settings: GuardSettings,
@@ -518,7 +525,7 @@ class Guard:
         spent = self.budget.spent(self.clock.monotonic(), self.s.policy.budget_window)
         if self.fleet is not None:
             # The budget is the fleet's: its rollbacks count wherever they were decided.
-            since = self.clock.wall() - self.s.policy.budget_window
+            since = max(self.clock.wall() - self.s.policy.budget_window, self.fleet.rearmed_at)
             spent = max(spent, sum(1 for t in self.fleet.rollbacks if t >= since))
         return spent
 

@@ -38,7 +38,11 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
         guard.pause(reason, by=by)
         return {"paused": True}
     if cmd == "resume":
-        return {"paused": False, "changed": guard.resume(reason, by=by)}
+        changed = guard.resume(reason, by=by)
+        if guard.fleet is not None:
+            # A hold and the rollback budget are the fleet's: so is their resume.
+            await guard.fleet.rearm(by, reason or "resumed by an operator")
+        return {"paused": False, "changed": changed}
     if cmd == "qos_lock":
         return await _qos_lock(guard, args, reason, by)
     if cmd == "qos_unlock":

@@ -5,6 +5,8 @@ Keys under the fleet's prefix P (values are JSON)::
     P/leader          the leader's node name, under the leader's lease
     P/desired         {"color", "generation", "kind", "by", "reason", "at"}: what every node serves
     P/rollbacks       [wall time, ...]: the fleet's rollbacks (its rollback budget)
+    P/rearmed         {"at", "by", "node", "reason"}: an operator's last `resume`, on any
+                      node: the budget counts only rollbacks after it, and holds end
     P/qos             the fleet's QoS lock, as `guardctl qos status --json` shows it
     P/nodes/<node>    {"serving", "generation", "wants_rollback", "at"}, under the node's lease
     P/seen/<node>     {"serving", "generation", "at"}: the node's last record, without a lease,
@@ -100,6 +102,10 @@ class Fleet:
         self._desired_mod = 0
         self.nodes: dict[str, dict[str, Any]] = {}
         self.rollbacks: list[float] = []
+        # The fleet's last `resume` (P/rearmed), and whether this node read it yet and which
+        # one it acted on.
+        self.rearmed: dict[str, Any] | None = None
+        self._rearm: tuple[bool, float | None] = (False, None)  # (read yet, `at` acted on)
         self.qos: dict[str, Any] | None = None
         self.reachable: bool | None = None  # None: not asked yet
         self.problem: str | None = None
@@ -339,6 +345,47 @@ class Fleet:
         if not self.reachable:
             raise OperationRefused(f"etcd is unreachable ({self.problem}); {consequence}")
 
+    @property
+    def rearmed_at(self) -> float:
+        """The wall time of the fleet's last `resume` (0 when none): the fleet's rollback
+        budget counts only the rollbacks after it."""
+        return float(self.rearmed["at"]) if self.rearmed is not None else 0.0
+
+    async def rearm(self, by: str, reason: str) -> None:
+        """An operator's `resume` on this node, for the whole fleet: the fleet's rollback
+        budget is refilled and every node's hold ends (journaled there as `resumed` by
+        `fleet:<by>`). Raises `OperationRefused` when etcd cannot be reached."""
+        self.require_etcd("resumed on this node only: the fleet's rollback budget is spent still")
+        at = time.time()
+        doc: dict[str, Any] = {"at": at, "by": by, "node": self.node, "reason": reason}
+        try:
+            await self.client.put(self.key("rearmed"), json.dumps(doc))
+        except EtcdUnavailable as e:
+            raise OperationRefused(
+                f"etcd is unreachable ({e}); resumed on this node only: the fleet's rollback "
+                "budget is spent still"
+            ) from None
+        self.rearmed, self._rearm = doc, (True, at)
+
+    async def _adopt_rearm(self) -> None:
+        """Another node's `resume` is the fleet's: end this node's hold and refill its own
+        count of the budget (journaled `resumed` by `fleet:<who>`); a pause stays, as it is
+        this node's operator's."""
+        at = self.rearmed_at if self.rearmed is not None else None
+        (read, seen), self._rearm = self._rearm, (True, at)
+        first = not read
+        guard, doc = self.guard, self.rearmed
+        if first or at is None or at == seen or guard is None or doc is None:
+            return  # nothing new (the first read at start is the fleet as it was)
+        if doc.get("node") == self.node:
+            return
+        async with guard.lock:
+            guard.fleet_resumed(
+                by=f"fleet:{doc.get('by') or 'unknown'}",
+                reason=f"the fleet was resumed on {doc.get('node')}"
+                + (f" ({doc['reason']})" if doc.get("reason") else ""),
+            )
+
     async def set_qos(self, info: qoslock.LockInfo) -> None:
         """Write `info` as the fleet's QoS lock (an operator's `qos lock`/`unlock` on any node).
 
@@ -556,7 +603,12 @@ class Fleet:
             for step in (self._restore_desired, self._mirror_qos_up, self._expire_qos):
                 if not self._stale(epoch):
                     await step()
-        for step in (self._republish_qos, self._adopt_qos, self._mirror_qos_down):
+        for step in (
+            self._republish_qos,
+            self._adopt_qos,
+            self._mirror_qos_down,
+            self._adopt_rearm,
+        ):
             if not self._stale(epoch):
                 await step()
         if not self._stale(epoch):
@@ -578,6 +630,11 @@ class Fleet:
         rollbacks = by_key.get(self.key("rollbacks"))
         got = _json(rollbacks.value, []) if rollbacks is not None else []
         self.rollbacks = [float(t) for t in got] if isinstance(got, list) else []
+        rearmed = by_key.get(self.key("rearmed"))
+        doc = _json(rearmed.value, None) if rearmed is not None else None
+        at = doc.get("at") if isinstance(doc, dict) else None
+        valid = isinstance(at, int | float) and not isinstance(at, bool)
+        self.rearmed = doc if isinstance(doc, dict) and valid else None
         qos = by_key.get(self.key("qos"))
         if (qos.mod_revision if qos is not None else 0) >= self._qos_mine:
             # A view older than our own last write (the watch has not brought it yet) would

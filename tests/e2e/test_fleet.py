@@ -955,3 +955,49 @@ def test_a_rollback_asked_on_a_follower_locks_the_whole_fleet_until_its_window_p
         assert all(fleet.labs[i].nginx.served_color() == "blue" for i in range(3))
     finally:
         fleet.close()
+
+
+def test_resume_on_any_node_re_arms_the_fleets_budget_and_ends_every_hold(
+    tmp_path: Path,
+) -> None:
+    fleet = FleetLab(tmp_path, policy__max_rollbacks=1)
+    try:
+        fleet.start()
+        fleet.green.set_mode("http_503")
+        assert fleet.all_serve("blue")
+        for d in fleet.daemons:
+            applied(d, 1)
+        fleet.green.set_mode("ok")
+        leader = fleet.leader()
+        assert leader is not None
+        follower = next(i for i in range(3) if i != leader)
+        wait_until(
+            lambda: (
+                guardctl("qos", "status", socket=fleet.labs[follower].socket_path).returncode == 0
+            ),
+            60,
+            "the rollback's guard window over",
+            poll=0.3,
+        )
+        code, said = promote(fleet.labs[follower])
+        assert code == 0, said
+        assert fleet.all_serve("green")
+        # Green fails again: the fleet's budget (1 an hour) is spent, every node holds.
+        fleet.green.set_mode("http_503")
+        for d in fleet.daemons:
+            d.wait_event("hold", timeout=60, where=lambda e: "budget" in str(e.get("reason")))
+        for lab in fleet.labs:  # held on the failing color: no node switched
+            assert lab.nginx.active_link.resolve() == lab.nginx.targets["green"].resolve()
+        # An operator resumes on a follower: the fleet rolls back, every node's hold ends.
+        out = guardctl("resume", socket=fleet.labs[follower].socket_path)
+        assert out.returncode == 0, out
+        assert fleet.all_serve("blue")
+        for i, d in enumerate(fleet.daemons):
+            if i != follower:
+                resumed = d.wait_event("resumed", timeout=30)
+                assert resumed["by"] == "fleet:uid:0(root)", resumed
+                assert resumed["reason"].startswith(f"the fleet was resumed on n{follower}")
+        status = fleet.fleet_status(leader)
+        assert status["rollbacks"] == 2 and status["desired"]["color"] == "blue"
+    finally:
+        fleet.close()
