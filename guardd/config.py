@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -870,8 +871,33 @@ class FleetConfig(_Section):
     @field_validator("etcd")
     @classmethod
     def _etcd(cls, v: list[str]) -> list[str]:
+        seen: set[str] = set()
         for url in v:
             _check_http_url(url)
+            parts = urlsplit(url)
+            if parts.username is not None or parts.password is not None:
+                # A password in the URL would reach logs and status; etcd's own are files.
+                raise ValueError("credentials in a URL; use username and password_file")
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise ValueError(
+                    f"{url}: a member's address is scheme://host:port, without a path "
+                    "(guardd adds /v3/...)"
+                )
+            member = f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+            if member in seen:
+                raise ValueError(f"{url}: the same member is listed twice")
+            seen.add(member)
+        return v
+
+    @field_validator("node")
+    @classmethod
+    def _node(cls, v: str | None) -> str | None:
+        # The name is a key under the prefix (nodes/<node>, seen/<node>): one path segment.
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,62}", v):
+            raise ValueError(
+                f"{v!r}: letters, digits and ._@- only (at most 63, starting with a letter "
+                'or digit), e.g. "lb-a"'
+            )
         return v
 
     @field_validator("prefix")
@@ -887,6 +913,14 @@ class FleetConfig(_Section):
             found.append(("cert_file", "cert_file and key_file go together"))
         if (self.username is None) != (self.password_file is None):
             found.append(("username", "username and password_file go together"))
+        return found
+
+    def _host_checks(self, invalid: frozenset[str]) -> Found:
+        found: Found = []
+        for key in ("ca_file", "cert_file", "key_file", "password_file"):
+            path = getattr(self, key)
+            if key not in invalid and path is not None and (why := _readable_file(path)):
+                found.append((key, why))
         return found
 
 

@@ -391,8 +391,11 @@ def _cmd_fleet_status(args: argparse.Namespace, target: _Target) -> int:
             + ("LOST, last seen: " if n.get("lost") else "")
             + f"serves {n.get('serving') or 'unknown':<6} generation "
             f"{n.get('generation')}  "
-            + ("lease expired " if n.get("lost") else "lease age ")
-            + f"{n.get('lease_age_s')}s"
+            + (
+                f"lease expired {n.get('lost_for_s')}s ago, record {n.get('lease_age_s')}s old"
+                if n.get("lost")
+                else f"lease age {n.get('lease_age_s')}s"
+            )
             + ("  leader" if n.get("leader") else "")
             + (
                 ("  ALERT: lost" if n.get("lost") else "  ALERT: not the desired color")

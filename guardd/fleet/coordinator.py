@@ -273,18 +273,23 @@ class Fleet:
         A node whose lease expired stays listed from its last record (`P/seen/<node>`),
         with `"lost": true` and `"lease": "expired"`.
         """
-        now = time.time()
+        now, mono = time.time(), time.monotonic()
         alerts = self.diverged()
         rows = []
         for name in sorted(set(self.nodes) | set(self._lost)):
             lost = name not in self.nodes
             doc = self.seen.get(name, {}) if lost else self.nodes[name]
+            since = self._lost.get(name) if lost else None
             rows.append(
                 {
                     "node": name,
                     "serving": doc.get("serving"),
                     "generation": doc.get("generation"),
+                    # The age of the node's record: its last renewal, or for a lost node
+                    # the last change it published (`seen/`); `lost_for_s`: since this
+                    # node found its lease gone.
                     "lease_age_s": round(max(0.0, now - float(doc.get("at", now))), 3),
+                    "lost_for_s": None if since is None else round(max(0.0, mono - since), 3),
                     "lease": "expired" if lost else "live",
                     "lost": lost,
                     "leader": name == self.leader,
@@ -1008,7 +1013,7 @@ class Fleet:
         qos = self.qos or {"locked": False}
         local = qoslock.read_lock(guard.s.lock_file)
         mirrored = self._is_mirror(local)
-        if qos.get("locked"):
+        if qos.get("locked") and not _ended(qos):
             until, at = qos.get("until"), qos.get("locked_at")
             info = qoslock.LockInfo(
                 held=True,
@@ -1103,6 +1108,16 @@ class Fleet:
         except (OSError, ValueError):
             return 0
         return int(doc.get("applied", 0)) if isinstance(doc, dict) else 0
+
+
+def _ended(lock: dict[str, Any]) -> bool:
+    """Whether a lock's `until` has passed: the leader ends it soon; no node copies it
+    meanwhile (the node whose lock it was has journaled its end already)."""
+    until = lock.get("until")
+    try:
+        return isinstance(until, str) and parse_rfc3339(until) < time.time()
+    except ValueError:
+        return False
 
 
 def _json(text: str, default: Any = None) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import signal
 import socket
 import time
@@ -458,6 +459,12 @@ def test_a_fleet_lock_for_a_while_ends_on_every_node(fleet: FleetLab) -> None:
     # Its `until` passed: the leader ends the fleet's lock, and every node's copy goes.
     wait_until(lambda: each(False), 60, "the lock gone on every node after its until", poll=0.2)
     assert fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["locked"] is False
+    # The node it was taken on journals its end once: not again when the leader's release
+    # of the fleet's copy arrives (two more rounds of every node: six writes).
+    start = fleet.etcd.revision()
+    wait_until(lambda: fleet.etcd.revision() >= start + 6, 30, "two more rounds", poll=0.2)
+    ends = [e for e in fleet.daemons[follower].events() if e["event"] == "qos_released"]
+    assert len(ends) == 1, ends
 
 
 def test_a_frozen_node_is_shown_lost_then_is_an_alert(tmp_path: Path) -> None:
@@ -481,6 +488,12 @@ def test_a_frozen_node_is_shown_lost_then_is_an_alert(tmp_path: Path) -> None:
         # the desired color" (exit 0).
         out = guardctl("fleet", "status", socket=fleet.labs[others[0]].socket_path)
         assert out.returncode == 1 and "LOST" in out.stdout, out
+        assert re.search(rf"n{i} .*lease expired [0-9.]+s ago, record [0-9.]+s old", out.stdout)
+        # How long it is lost counts from its lease's end here, not from its last record.
+        rows = fleet.fleet_status(others[0])["nodes"]
+        row = next(n for n in rows if n["node"] == f"n{i}")
+        assert row["lost_for_s"] is not None and row["lost_for_s"] <= row["lease_age_s"], row
+        assert all(n["lost_for_s"] is None for n in rows if not n["lost"])
 
         def lost_everywhere() -> bool:
             for j in others:
