@@ -143,7 +143,12 @@ class Fleet:
         self._desired_before: dict[str, Any] | None = None
         # Mirrors of a lock the new store lacks stay until then: its owner publishes it again.
         self._qos_settle_until = 0.0
-        self._epoch = 0  # how many times the store went back: a round's view is of one epoch
+        # `_epoch`: how many times the store went back (a round's view is of one epoch).
+        # `_own`: our acknowledged writes of keys without a lease, which no node deletes:
+        # key -> the revision etcd answered. A linearizable read that shows one older, or
+        # not at all, comes from a store that lost it (restored from a backup taken before
+        # it), even when other writes since carried its revision past the one we knew.
+        self._epoch, self._own = 0, dict[str, int]()
         self.client.on_header = self._header
         self._store = state_dir / "fleet.json"
         self.applied = self._load_applied()
@@ -420,6 +425,7 @@ class Fleet:
     def _wrote_qos(self, doc: dict[str, Any], revision: int) -> None:
         """Our write of `doc` as the fleet's lock passed, at `revision`."""
         self.qos, self._qos_mine, self._qos_mod, self._qos_wrote = doc, revision, revision, doc
+        self._own[self.key("qos")] = revision
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -469,19 +475,31 @@ class Fleet:
             except Compacted:
                 self._fresh = False  # what was missed is gone: read it all again
             except (EtcdUnavailable, ValueError, KeyError, TypeError):
+                # Back, etcd may be another store (restored while we were away): read it
+                # whole before judging anything, not only from where the watch stopped.
+                self._fresh = False
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, WATCH_BACKOFF_MAX_S)
 
     def _take_read(self, header: Header, kvs: list[KV]) -> None:
         """A whole read of the prefix: the view from now on, from the store it came from."""
         moved = self._cluster is not None and header.cluster_id not in (0, self._cluster)
-        if moved or header.revision < self._high:
-            self._store_went_back(header, moved=moved)
+        by_key = {kv.key: kv for kv in kvs}
+        lost = next(
+            (
+                (key, revision)
+                for key, revision in self._own.items()
+                if key not in by_key or by_key[key].mod_revision < revision
+            ),
+            None,
+        )
+        if moved or header.revision < self._high or lost is not None:
+            self._store_went_back(header, moved=moved, lost=lost)
         self._suspect = None
         if self._cluster is None and header.cluster_id:
             self._cluster = header.cluster_id
         self._high = max(self._high, header.revision)
-        self._kvs, self._revision = {kv.key: kv for kv in kvs}, header.revision
+        self._kvs, self._revision = by_key, header.revision
         self._fresh = True
         self._changed_now()
 
@@ -504,9 +522,15 @@ class Fleet:
         self._kick()  # the watch may wait for revisions the store does not have yet
         self._changed_now()
 
-    def _store_went_back(self, header: Header, *, moved: bool) -> None:
-        """The store went back (restored, or a new cluster): forget every revision, say so."""
+    def _store_went_back(
+        self, header: Header, *, moved: bool, lost: tuple[str, int] | None = None
+    ) -> None:
+        """The store went back (restored, or a new cluster): forget every revision, say so.
+
+        `lost`: a key this node wrote, at the revision etcd acknowledged, that the store no
+        longer holds as written."""
         old = self._high
+        self._own.clear()
         self._epoch += 1
         self._went_back = True
         if (self.qos or {}).get("locked"):
@@ -531,9 +555,15 @@ class Fleet:
                 by=self.node,
                 revision=header.revision,
                 previous_revision=old,
-                reason=f"fleet: etcd's store went back from revision {old} to "
-                f"{header.revision}: restored from a backup?"
-                + (" (its cluster_id changed: a new cluster)" if moved else "")
+                reason=(
+                    f"fleet: etcd's store went back: it lost {lost[0]}, written at revision "
+                    f"{lost[1]} (it is at revision {header.revision} now): restored from a "
+                    "backup?"
+                    if lost is not None and not moved and header.revision >= old
+                    else f"fleet: etcd's store went back from revision {old} to "
+                    f"{header.revision}: restored from a backup?"
+                    + (" (its cluster_id changed: a new cluster)" if moved else "")
+                )
                 + "; this node read it afresh and acts on what it holds now",
             )
 
@@ -670,7 +700,8 @@ class Fleet:
         last = self._published or {}
         if (last.get("serving"), last.get("generation")) != (doc["serving"], doc["generation"]):
             seen = {k: record[k] for k in ("serving", "generation", "at")}
-            await self.client.put(self.key("seen", self.node), json.dumps(seen))
+            revision = await self.client.put(self.key("seen", self.node), json.dumps(seen))
+            self._own[self.key("seen", self.node)] = revision
         self._published, self._published_at = doc, now
 
     async def _campaign(self) -> None:

@@ -1014,3 +1014,70 @@ def test_resume_on_any_node_re_arms_the_fleets_budget_and_ends_every_hold(
         assert status["rollbacks"] == 2 and status["desired"]["color"] == "blue"
     finally:
         fleet.close()
+
+
+def test_a_lock_lost_by_a_restore_is_noticed_though_the_revision_went_on(
+    tmp_path: Path,
+) -> None:
+    """etcd restored from a backup taken just before an operator's lock, and written to
+    (other clients, the nodes' own records) past the revision the nodes knew before they
+    read it again: no answer is below what they saw. The node whose lock the store lost
+    notices all the same (its own acknowledged write is gone) and publishes it again; every
+    node is locked again and a switch elsewhere is refused."""
+    fleet = FleetLab(tmp_path)
+    try:
+        proxies = [fleet.through_proxy(i) for i in range(3)]
+        fleet.start()
+        fleet.etcd.backup(tmp_path / "backup")
+        wait_until(
+            lambda: (
+                fleet.settled() and all(fleet.fleet_status(i)["etcd_reachable"] for i in range(3))
+            ),
+            60,
+            "every node reaching etcd again after the backup",
+            poll=0.2,
+        )
+        leader = fleet.leader()
+        assert leader is not None
+        taker, other = [i for i in range(3) if i != leader][:2]
+        out = guardctl(
+            "qos", "lock", "--for", "10m", "--reason", "freeze 9",
+            socket=fleet.labs[taker].socket_path,
+        )  # fmt: skip
+        assert out.returncode == 0, out
+
+        def locked_everywhere() -> bool:
+            for lab in fleet.labs:
+                out = guardctl("qos", "status", "--json", socket=lab.socket_path)
+                doc = json.loads(out.stdout)
+                if out.returncode != 1 or doc.get("reason") != "freeze 9":
+                    return False
+            return True
+
+        wait_until(locked_everywhere, 60, "the lock on every node", poll=0.2)
+        high = fleet.etcd.revision()
+        for proxy in proxies:  # no node reaches etcd while it is restored and written to
+            proxy.stop()
+        fleet.etcd.restore(tmp_path / "backup")
+        while fleet.etcd.revision() <= high + 10:
+            fleet.etcd.put("/elsewhere/filler", "x")
+        for proxy in proxies:
+            proxy.start()
+        said = fleet.daemons[taker].wait_event(
+            "alert", timeout=60, where=lambda e: "etcd's store went back" in e["reason"]
+        )
+        assert "it lost " + PREFIX + "/qos" in said["reason"], said
+        wait_until(
+            lambda: (
+                (fleet.etcd.range(PREFIX + "/qos").get(PREFIX + "/qos") or {}).get("reason")
+                == "freeze 9"
+            ),
+            60,
+            "the lock published again",
+            poll=0.2,
+        )
+        wait_until(locked_everywhere, 60, "the lock on every node again", poll=0.2)
+        refused = guardctl("switch", "blue", socket=fleet.labs[other].socket_path)
+        assert refused.returncode == 1 and "QoS lock" in refused.stdout + refused.stderr
+    finally:
+        fleet.close()
