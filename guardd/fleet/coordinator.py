@@ -4,7 +4,7 @@ Keys under the fleet's prefix P (values are JSON)::
 
     P/leader          the leader's node name, under the leader's lease
     P/desired         {"color", "generation", "kind", "by", "reason", "at"}: what every node serves
-    P/rollbacks       [wall time, ...]: the fleet's rollbacks (its rollback budget)
+    P/rollbacks       [wall time, ...]: the fleet's automatic rollbacks (its rollback budget)
     P/rearmed         {"at", "by", "node", "reason"}: an operator's last `resume`, on any
                       node: the budget counts only rollbacks after it, and holds end
     P/qos             the fleet's QoS lock, as `guardctl qos status --json` shows it
@@ -77,6 +77,10 @@ WATCH_BACKOFF_MAX_S = 2.0
 class Fleet:
     """This node's side of the fleet: election, the desired color, its own record."""
 
+    #: Since the store went back: the fleet's rollbacks (wall times) this node knew before,
+    #: for the leader to write back what the store lost (the budget survives a restore).
+    _rollbacks_before: list[float]
+
     def __init__(
         self, config: FleetConfig, *, instance: str, state_dir: Path, switch_timeout: float
     ) -> None:
@@ -148,7 +152,7 @@ class Fleet:
         # key -> the revision etcd answered. A linearizable read that shows one older, or
         # not at all, comes from a store that lost it (restored from a backup taken before
         # it), even when other writes since carried its revision past the one we knew.
-        self._epoch, self._own = 0, dict[str, int]()
+        self._epoch, self._own, self._rollbacks_before = 0, dict[str, int](), []
         self.client.on_header = self._header
         self._store = state_dir / "fleet.json"
         self.applied = self._load_applied()
@@ -533,6 +537,7 @@ class Fleet:
         self._own.clear()
         self._epoch += 1
         self._went_back = True
+        self._rollbacks_before = sorted({*self._rollbacks_before, *self.rollbacks})[-100:]
         if (self.qos or {}).get("locked"):
             self._qos_before = self.qos
         if self.desired is not None and _int(self.desired.get("generation")) >= _int(
@@ -635,7 +640,12 @@ class Fleet:
         if self.leader is None:
             await self._campaign()
         elif self.is_leader:
-            for step in (self._restore_desired, self._mirror_qos_up, self._expire_qos):
+            for step in (
+                self._restore_desired,
+                self._restore_rollbacks,
+                self._mirror_qos_up,
+                self._expire_qos,
+            ):
                 if not self._stale(epoch):
                     await step()
         for step in (
@@ -753,7 +763,9 @@ class Fleet:
                 return None
             checks.append(compare(self.key("leader"), "CREATE", self._leader_rev))
         ops = [put_op(self.key("desired"), doc)]
-        if kind == "rollback":
+        if kind == "rollback" and fenced:
+            # The budget counts automatic rollbacks (the leader's, fenced), as a single
+            # guard's does; an operator's `guardctl rollback` spends none of it.
             ops.append(put_op(self.key("rollbacks"), [*self.rollbacks[-99:], time.time()]))
         ok, _ = await self.client.txn(checks, ops)
         if not ok:
@@ -997,6 +1009,37 @@ class Fleet:
             reason=f"fleet: etcd's desired generation {have} is below generation {best} "
             f"that {source} applied: desired written again as generation {best} "
             f"({doc['color']}), the fleet's decision before etcd's store went back",
+        )
+
+    async def _restore_rollbacks(self) -> None:
+        """After the store went back, the leader writes back the fleet's rollbacks the store
+        lost (as this node knew them before), so that its budget is not refilled by a
+        restore. Fenced by the leader key, over the `rollbacks` key's mod_revision."""
+        guard = self.guard
+        if not self._went_back or guard is None or self._leader_rev is None:
+            return
+        lost = set(self._rollbacks_before) - set(self.rollbacks)
+        if not lost:
+            return
+        merged = sorted({*self.rollbacks, *self._rollbacks_before})[-100:]
+        current = self._kvs.get(self.key("rollbacks"))
+        ok, _ = await self.client.txn(
+            [
+                compare(
+                    self.key("rollbacks"), "MOD", current.mod_revision if current is not None else 0
+                ),
+                compare(self.key("leader"), "CREATE", self._leader_rev),
+            ],
+            [put_op(self.key("rollbacks"), merged)],
+        )
+        if not ok:
+            return
+        self.rollbacks, self._rollbacks_before = merged, []
+        guard.record(
+            "alert",
+            by=self.node,
+            reason=f"fleet: {len(lost)} rollback(s) of the fleet's budget that etcd's store "
+            "lost written back, as this node knew them before it went back",
         )
 
     async def _adopt_qos(self) -> None:

@@ -790,6 +790,13 @@ def test_after_etcd_is_wiped_the_fleet_decides_above_the_old_generations(
     )
     desired = fleet.etcd.range(PREFIX + "/desired")[PREFIX + "/desired"]
     assert desired["color"] == "blue"
+    # The fleet's rollback budget survives too: the one rollback before is written back.
+    wait_until(
+        lambda: len(fleet.etcd.range(PREFIX + "/rollbacks").get(PREFIX + "/rollbacks") or []) == 1,
+        60,
+        "the fleet's rollbacks written back",
+        poll=0.2,
+    )
     wait_until(
         lambda: generations(fleet) == {"n0": 1, "n1": 1, "n2": 1},
         60,
@@ -945,6 +952,8 @@ def test_a_rollback_asked_on_a_follower_locks_the_whole_fleet_until_its_window_p
         wait_until(lambda: all(lab.lock_file.exists() for lab in fleet.labs), 30, "every lock file")
         held = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]
         assert held["locked"] is True and "rollback green -> blue" in held["reason"], held
+        # An operator's rollback spends none of the fleet's automatic-rollback budget.
+        assert fleet.fleet_status(leader)["rollbacks"] == 0
         # Still blocked a few rounds later (a copy must not be dropped as the fleet's lock
         # read "unlocked" a moment before): the gate on every host, and a promote.
         # Each node renews its record every third of the lease: six writes are two rounds.
