@@ -220,6 +220,11 @@ class Guard:
             self.storage.failing.discard(kind)
             self.log.info("storage_write_recovered", kind=kind)
 
+    def lock_to_keep(self) -> qoslock.LockInfo | None:
+        """For the keeper: on a fleet node, the copy of the fleet's lock that replaces this
+        node's own lock when it ends, while another node's lock holds; else None."""
+        return self.fleet.copy_to_keep() if self.fleet is not None else None
+
     def save_state(self) -> None:
         """Mirror what must survive a restart into state.json."""
         try:

@@ -56,6 +56,11 @@ class LockHost(Protocol):
 
     def storage_ok(self, kind: str) -> None: ...
 
+    def lock_to_keep(self) -> qoslock.LockInfo | None:
+        """A lock that must stay in the lock file once guardd's own ends (a fleet node's
+        copy of the fleet's lock, held by another node), else None."""
+        ...
+
 
 class QosKeeper:
     """guardd's side of the QoS lock file (`qos.lock_file`)."""
@@ -224,15 +229,25 @@ class QosKeeper:
     def release(self, *, by: str, reason: str, evidence: dict[str, Any] | None = None) -> bool:
         """Remove the lock file (any lock, when an operator asks) and journal it."""
         host = self.host
+        # Ours ends, but a lock that still holds takes its place in one rename: a gate that
+        # reads the file never sees it missing in between (an operator's unlock, `by`
+        # someone else, removes the file whatever it holds).
+        keep = host.lock_to_keep() if by == GUARDD else None
         try:
-            removed = self.store.remove(host.s.lock_file)
+            if keep is not None:
+                removed = self.store.read(host.s.lock_file).held
+                self._write(keep)
+            else:
+                removed = self.store.remove(host.s.lock_file)
         except (OSError, UnsafePath) as e:
             host.storage_failed("lock", why(e))
             return False
         self.own_lock = None
-        self.held = False
-        host.metrics.set_qos_locked(False)
+        self.held = keep is not None
+        host.metrics.set_qos_locked(keep is not None)
         if removed:
+            if keep is not None:
+                reason += f"; the fleet's lock ({keep.by}, until {keep.until or 'unlocked'}) holds"
             host.record("qos_released", reason=reason, by=by, evidence=evidence)
         host.save_state()
         return removed

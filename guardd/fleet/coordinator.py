@@ -1088,14 +1088,7 @@ class Fleet:
         local = qoslock.read_lock(guard.s.lock_file)
         mirrored = self._is_mirror(local)
         if qos.get("locked") and not _ended(qos):
-            until, at = qos.get("until"), qos.get("locked_at")
-            info = qoslock.LockInfo(
-                held=True,
-                reason=str(qos.get("reason") or "the fleet's QoS lock"),
-                locked_at=at if isinstance(at, str) else None,
-                until=until if isinstance(until, str) else None,
-                by=f"fleet:{qos.get('by') or self.leader}",
-            )
+            info = self._copy_of(qos)
             # Any change of the fleet's lock (a lock replaced: its reason, until, owner)
             # reaches the copy; a lock of this node's own is left as it is, unless it was
             # the fleet's and another node replaced it.
@@ -1106,6 +1099,29 @@ class Fleet:
         elif local.held and mirrored and time.monotonic() >= self._qos_settle_until:
             with contextlib.suppress(OSError):
                 qoslock.remove_lock(guard.s.lock_file)
+
+    def _copy_of(self, qos: dict[str, Any]) -> qoslock.LockInfo:
+        """The fleet's lock `qos` as this node's lock file holds a copy of it."""
+        until, at = qos.get("until"), qos.get("locked_at")
+        return qoslock.LockInfo(
+            held=True,
+            reason=str(qos.get("reason") or "the fleet's QoS lock"),
+            locked_at=at if isinstance(at, str) else None,
+            until=until if isinstance(until, str) else None,
+            by=f"fleet:{qos.get('by') or self.leader}",
+        )
+
+    def copy_to_keep(self) -> qoslock.LockInfo | None:
+        """The copy of the fleet's lock to put in the lock file when this node's own lock
+        ends (see `Guard.lock_to_keep`): while the fleet's lock, as last read, is held, has
+        not ended and is not the one this node wrote. None otherwise (etcd unreachable: the
+        next rounds decide)."""
+        qos = self.qos
+        if not self.reachable or not qos or not qos.get("locked") or _ended(qos):
+            return None
+        if self._qos_wrote is not None and qos == self._qos_wrote:
+            return None  # ours: its end is the fleet's, published in the next round
+        return self._copy_of(qos)
 
     def _replaced(self, local: qoslock.LockInfo) -> bool:
         """Whether `local` (this node's own lock) is the lock this node last wrote as the

@@ -8,6 +8,7 @@ import json
 import re
 import signal
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -1088,5 +1089,64 @@ def test_a_lock_lost_by_a_restore_is_noticed_though_the_revision_went_on(
         wait_until(locked_everywhere, 60, "the lock on every node again", poll=0.2)
         refused = guardctl("switch", "blue", socket=fleet.labs[other].socket_path)
         assert refused.returncode == 1 and "QoS lock" in refused.stdout + refused.stderr
+    finally:
+        fleet.close()
+
+
+def test_a_nodes_own_window_ending_under_the_fleets_lock_never_leaves_the_file_empty(
+    tmp_path: Path,
+) -> None:
+    """A follower's own guard window ends while an operator's lock, taken on another node,
+    holds the fleet: the follower's lock file goes from its window to the copy of the
+    fleet's lock in one step, so a gate that reads the file never finds it missing."""
+    fleet = FleetLab(tmp_path, qos__window="4s")
+    try:
+        fleet.start()
+        leader = fleet.leader()
+        assert leader is not None
+        follower = next(i for i in range(3) if i != leader)
+        lab, d = fleet.labs[follower], fleet.daemons[follower]
+        out = guardctl("rollback", "--reason", "bad release", socket=lab.socket_path)
+        assert out.returncode == 0, out
+        assert fleet.all_serve("blue")
+        d.wait_event("qos_locked")
+        out = guardctl(
+            "qos", "lock", "--for", "2m", "--reason", "freeze 12",
+            socket=fleet.labs[leader].socket_path,
+        )  # fmt: skip
+        assert out.returncode == 0, out
+        wait_until(
+            lambda: (
+                (fleet.etcd.range(PREFIX + "/qos").get(PREFIX + "/qos") or {}).get("reason")
+                == "freeze 12"
+            ),
+            30,
+            "the operator's lock as the fleet's",
+            poll=0.1,
+        )
+        missing: list[float] = []
+        done = threading.Event()
+
+        def gate() -> None:  # a CI gate that tests the file, as often as it can
+            while not done.is_set():
+                if not lab.lock_file.exists():
+                    missing.append(time.monotonic())
+                done.wait(0.005)
+
+        watcher = threading.Thread(target=gate, daemon=True)
+        watcher.start()
+        try:
+            ended = d.wait_event(
+                "qos_released", timeout=60, where=lambda e: "guard window" in e["reason"]
+            )
+            start = fleet.etcd.revision()
+            wait_until(lambda: fleet.etcd.revision() >= start + 6, 30, "two more rounds")
+        finally:
+            done.set()
+            watcher.join(timeout=10)
+        assert missing == [], f"the lock file was missing {len(missing)} times"
+        assert "the fleet's lock" in ended["reason"] and "holds" in ended["reason"], ended
+        held = json.loads(lab.lock_file.read_text())
+        assert held["reason"] == "freeze 12" and held["by"].startswith("fleet:"), held
     finally:
         fleet.close()
