@@ -20,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Literal
+
+from tests.harness.httpserver import QuietHTTPServer
 
 ExporterMode = Literal["ok", "huge", "huge_declared", "hang", "trickle", "invalid", "http_500"]
 _CHUNK = b"# " + b"x" * 65533 + b"\n"
@@ -45,7 +47,7 @@ class Exporter:
         self._extra = "".join(
             f'app_series{{n="{i}",shard="s{i % 16}"}} {i}.5\n' for i in range(extra_series)
         )
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server = QuietHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
         self._server.exporter = self  # type: ignore[attr-defined]
         self.port: int = self._server.server_address[1]

@@ -34,10 +34,12 @@ import select
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.harness.httpserver import QuietHTTPServer
 
 HUGE_BYTES = 100 * 1024 * 1024
 
@@ -66,7 +68,7 @@ class FakePrometheus:
                     outer.queries.append(query)
                 outer._answer(self)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port: int = self._server.server_address[1]
         self._thread: threading.Thread | None = None
