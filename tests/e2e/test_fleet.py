@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,33 @@ from tests.harness.upstream import Upstream
 pytestmark = pytest.mark.nginx
 
 
+#: `make_fleet(**overrides)`: a fleet whose nodes' configs take `overrides`, closed after
+#: the test whatever it did.
+MakeFleet = Callable[..., FleetLab]
+
+
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[FleetLab]:
-    made = FleetLab(tmp_path)
+def fleet(make_fleet: MakeFleet) -> FleetLab:
+    """A fleet of three nodes with the lab's defaults."""
+    return make_fleet()
+
+
+@pytest.fixture
+def make_fleet(tmp_path: Path) -> Iterator[MakeFleet]:
+    made: list[FleetLab] = []
+
+    def make(**overrides: Any) -> FleetLab:
+        root = tmp_path / f"fleet{len(made)}"
+        root.mkdir()
+        fleet = FleetLab(root, **overrides)
+        made.append(fleet)
+        return fleet
+
     try:
-        yield made
+        yield make
     finally:
-        made.close()
+        for fleet in made:
+            fleet.close()
 
 
 def applied(d: Daemon, generation: int) -> dict[str, Any]:
@@ -120,33 +140,30 @@ def promote(lab: Lab) -> tuple[int, str]:
 
 
 def test_a_node_whose_nginx_rejects_the_target_refuses_the_promote_fleet_wide(
-    tmp_path: Path,
+    make_fleet: MakeFleet,
 ) -> None:
-    fleet = FleetLab(tmp_path, active="blue")
-    try:
-        fleet.start()
-        broken = fleet.labs[1].nginx.targets["green"]
-        good = broken.read_text()
-        broken.write_text("upstream lab_app { this is not nginx; }\n")
-        code, said = promote(fleet.labs[0])
-        assert code == 1, said
-        assert "n1" in said and "not every node is ready" in said
-        assert "n0" not in said.split("ready:", 1)[1] and "n2" not in said.split("ready:", 1)[1]
-        for lab, d in zip(fleet.labs, fleet.daemons, strict=True):
-            assert lab.nginx.wait_serving_only("blue", hold=0.3)
-            assert lab.nginx.active_link.resolve() == lab.nginx.targets["blue"].resolve()
-            assert not [e for e in d.events() if e["event"] in ("promote", "rollback_started")]
-        assert PREFIX + "/desired" not in fleet.etcd.range(PREFIX + "/", prefix=True)
-        # Fixed, the same promote goes through on every node as one generation.
-        broken.write_text(good)
-        code, said = promote(fleet.labs[2])
-        assert code == 0, said
-        assert fleet.all_serve("green")
-        for d in fleet.daemons:
-            done = d.wait_event("promote", timeout=60)
-            assert done["generation"] == 1 and done["to"] == "green"
-    finally:
-        fleet.close()
+    fleet = make_fleet(active="blue")
+    fleet.start()
+    broken = fleet.labs[1].nginx.targets["green"]
+    good = broken.read_text()
+    broken.write_text("upstream lab_app { this is not nginx; }\n")
+    code, said = promote(fleet.labs[0])
+    assert code == 1, said
+    assert "n1" in said and "not every node is ready" in said
+    assert "n0" not in said.split("ready:", 1)[1] and "n2" not in said.split("ready:", 1)[1]
+    for lab, d in zip(fleet.labs, fleet.daemons, strict=True):
+        assert lab.nginx.wait_serving_only("blue", hold=0.3)
+        assert lab.nginx.active_link.resolve() == lab.nginx.targets["blue"].resolve()
+        assert not [e for e in d.events() if e["event"] in ("promote", "rollback_started")]
+    assert PREFIX + "/desired" not in fleet.etcd.range(PREFIX + "/", prefix=True)
+    # Fixed, the same promote goes through on every node as one generation.
+    broken.write_text(good)
+    code, said = promote(fleet.labs[2])
+    assert code == 0, said
+    assert fleet.all_serve("green")
+    for d in fleet.daemons:
+        done = d.wait_event("promote", timeout=60)
+        assert done["generation"] == 1 and done["to"] == "green"
 
 
 def status_of(lab: Lab) -> dict[str, Any]:
@@ -156,62 +173,52 @@ def status_of(lab: Lab) -> dict[str, Any]:
     return doc
 
 
-def test_a_node_cut_off_from_etcd_keeps_its_color_then_converges(tmp_path: Path) -> None:
-    fleet = FleetLab(tmp_path)
-    try:
-        proxy = fleet.through_proxy(2)
-        fleet.start()
-        cut = fleet.labs[2]
-        proxy.stop()
+def test_a_node_cut_off_from_etcd_keeps_its_color_then_converges(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet()
+    proxy = fleet.through_proxy(2)
+    fleet.start()
+    cut = fleet.labs[2]
+    proxy.stop()
 
-        def says_unreachable() -> bool:
-            warned = any("etcd is unreachable" in w for w in status_of(cut).get("warnings", []))
-            assert cut.notify is not None
-            seen = any("fleet=etcd-unreachable" in m for m in cut.notify.lines())
-            return warned and seen
+    def says_unreachable() -> bool:
+        warned = any("etcd is unreachable" in w for w in status_of(cut).get("warnings", []))
+        assert cut.notify is not None
+        seen = any("fleet=etcd-unreachable" in m for m in cut.notify.lines())
+        return warned and seen
 
-        wait_until(says_unreachable, 60, "the cut-off node's WARNING and STATUS=", poll=0.2)
-        # Cut off, the node cannot tell whether the fleet's lock is held: no deploy.
-        lock_is_unknown_on(cut)
-        out = guardctl("status", socket=cut.socket_path)
-        assert out.returncode == 1 and "etcd is unreachable" in out.stdout, out
-        fleet.green.set_mode("http_503")
-        assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
-        assert fleet.labs[1].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
-        applied(fleet.daemons[0], 1)
-        applied(fleet.daemons[1], 1)
-        # The cut-off node saw green fail too, but made no switch on its own.
-        cut_d = fleet.daemons[2]
-        wait_until(
-            lambda: cut.nginx.served_color() is None, 30, "green failing through the cut-off node"
-        )
-        assert cut.nginx.active_link.resolve() == cut.nginx.targets["green"].resolve()
-        assert not [e for e in cut_d.events() if e["event"].startswith("rollback")]
-        proxy.start()
-        assert cut.nginx.wait_serving_only("blue", hold=0.3, timeout=60)
-        applied(cut_d, 1)
-        wait_until(
-            lambda: not any("etcd" in w for w in status_of(cut).get("warnings", [])),
-            60,
-            "the WARNING gone once etcd answers",
-        )
-    finally:
-        fleet.close()
+    wait_until(says_unreachable, 60, "the cut-off node's WARNING and STATUS=", poll=0.2)
+    # Cut off, the node cannot tell whether the fleet's lock is held: no deploy.
+    lock_is_unknown_on(cut)
+    out = guardctl("status", socket=cut.socket_path)
+    assert out.returncode == 1 and "etcd is unreachable" in out.stdout, out
+    fleet.green.set_mode("http_503")
+    assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    assert fleet.labs[1].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    applied(fleet.daemons[0], 1)
+    applied(fleet.daemons[1], 1)
+    # The cut-off node saw green fail too, but made no switch on its own.
+    cut_d = fleet.daemons[2]
+    wait_until(
+        lambda: cut.nginx.served_color() is None, 30, "green failing through the cut-off node"
+    )
+    assert cut.nginx.active_link.resolve() == cut.nginx.targets["green"].resolve()
+    assert not [e for e in cut_d.events() if e["event"].startswith("rollback")]
+    proxy.start()
+    assert cut.nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    applied(cut_d, 1)
+    wait_until(
+        lambda: not any("etcd" in w for w in status_of(cut).get("warnings", [])),
+        60,
+        "the WARNING gone once etcd answers",
+    )
 
 
 def test_the_leader_killed_mid_rollback_is_replaced_and_follows_when_back(
-    tmp_path: Path,
+    make_fleet: MakeFleet,
 ) -> None:
     # A guard window longer than the test: the rollback's lock must be the fleet's though
     # the leader that decided it died before it could publish it.
-    fleet = FleetLab(tmp_path, qos__window="10m")
-    try:
-        _leader_killed_mid_rollback(fleet)
-    finally:
-        fleet.close()
-
-
-def _leader_killed_mid_rollback(fleet: FleetLab) -> None:
+    fleet = make_fleet(qos__window="10m")
     fleet.start()
     old = fleet.leader()
     assert old is not None
@@ -309,32 +316,29 @@ def test_one_etcd_member_down_the_fleet_works_two_down_no_node_switches(
 
 
 def test_a_node_that_cannot_apply_the_rollback_is_reported_on_every_node(
-    tmp_path: Path,
+    make_fleet: MakeFleet,
 ) -> None:
-    fleet = FleetLab(tmp_path, switch__timeout="2s")
-    try:
-        fleet.start()
-        fleet.labs[1].nginx.targets["blue"].write_text("upstream lab_app { not nginx; }\n")
-        fleet.green.set_mode("http_503")
-        assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
-        assert fleet.labs[2].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
-        fleet.daemons[1].wait_event("rollback_failed", timeout=60)
+    fleet = make_fleet(switch__timeout="2s")
+    fleet.start()
+    fleet.labs[1].nginx.targets["blue"].write_text("upstream lab_app { not nginx; }\n")
+    fleet.green.set_mode("http_503")
+    assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    assert fleet.labs[2].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    fleet.daemons[1].wait_event("rollback_failed", timeout=60)
 
-        def reported_everywhere() -> bool:
-            for i, lab in enumerate(fleet.labs):
-                if fleet.fleet_status(i)["alerts"] != ["n1"]:
-                    return False
-                if not any("node n1 serves green" in w for w in status_of(lab)["warnings"]):
-                    return False
-            return True
+    def reported_everywhere() -> bool:
+        for i, lab in enumerate(fleet.labs):
+            if fleet.fleet_status(i)["alerts"] != ["n1"]:
+                return False
+            if not any("node n1 serves green" in w for w in status_of(lab)["warnings"]):
+                return False
+        return True
 
-        wait_until(reported_everywhere, 60, "n1 reported as diverging on every node", poll=0.2)
-        out = guardctl("fleet", "status", socket=fleet.labs[0].socket_path)
-        assert out.returncode == 1 and "ALERT" in out.stdout, out
-        for d in fleet.daemons:
-            d.wait_event("alert", timeout=30, where=lambda e: "node n1 serves" in e["reason"])
-    finally:
-        fleet.close()
+    wait_until(reported_everywhere, 60, "n1 reported as diverging on every node", poll=0.2)
+    out = guardctl("fleet", "status", socket=fleet.labs[0].socket_path)
+    assert out.returncode == 1 and "ALERT" in out.stdout, out
+    for d in fleet.daemons:
+        d.wait_event("alert", timeout=30, where=lambda e: "node n1 serves" in e["reason"])
 
 
 def test_a_reload_keeps_the_fleet_settings_until_the_next_start(fleet: FleetLab) -> None:
@@ -348,8 +352,8 @@ def test_a_reload_keeps_the_fleet_settings_until_the_next_start(fleet: FleetLab)
     assert fleet.fleet_status(0)["etcd_reachable"] is True
 
 
-def test_majority_quorum_one_nodes_view_does_not_switch_the_fleet(tmp_path: Path) -> None:
-    fleet = FleetLab(tmp_path, fleet__quorum="majority")
+def test_majority_quorum_one_nodes_view_does_not_switch_the_fleet(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(fleet__quorum="majority")
     blind = Upstream("green", mode="http_503").start()
     try:
         fleet.start()
@@ -377,7 +381,6 @@ def test_majority_quorum_one_nodes_view_does_not_switch_the_fleet(tmp_path: Path
         for node in fleet.daemons:
             applied(node, 1)
     finally:
-        fleet.close()
         blind.stop()
 
 
@@ -468,8 +471,8 @@ def test_a_fleet_lock_for_a_while_ends_on_every_node(fleet: FleetLab) -> None:
     assert len(ends) == 1, ends
 
 
-def test_a_frozen_node_is_shown_lost_then_is_an_alert(tmp_path: Path) -> None:
-    fleet = FleetLab(tmp_path, switch__timeout="2s")
+def test_a_frozen_node_is_shown_lost_then_is_an_alert(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(switch__timeout="2s")
     frozen: Daemon | None = None
     try:
         fleet.start()
@@ -531,51 +534,47 @@ def test_a_frozen_node_is_shown_lost_then_is_an_alert(tmp_path: Path) -> None:
     finally:
         if frozen is not None:
             frozen.signal(signal.SIGCONT)
-        fleet.close()
 
 
-def test_local_fallback_a_cut_off_node_rolls_back_alone_and_says_so(tmp_path: Path) -> None:
-    fleet = FleetLab(tmp_path, fleet__local_fallback=True)
-    try:
-        proxy = fleet.through_proxy(2)
-        fleet.start()
-        cut, cut_d = fleet.labs[2], fleet.daemons[2]
-        proxy.stop()
-        wait_until(
-            lambda: any("decides alone" in w for w in status_of(cut).get("warnings", [])),
-            60,
-            "the cut-off node saying it decides alone",
-            poll=0.2,
-        )
-        fleet.green.set_mode("http_503")
-        for i in (0, 1):
-            assert fleet.labs[i].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
-            applied(fleet.daemons[i], 1)
-        # The cut-off node rolls back on its own, and its journal says so.
-        assert cut.nginx.wait_serving_only("blue", hold=0.3, timeout=60)
-        done = cut_d.wait_event("rollback_completed", timeout=60)
-        assert done["local_fallback"] is True and "generation" not in done
-        assert done["severity"] in ("P0", "P1") and "decided alone" in done["reason"]
-        started = cut_d.wait_event("rollback_started", timeout=5)
-        assert started["local_fallback"] is True
-        # Meanwhile etcd forgets the history the cut-off node's watch would resume from.
-        fleet.etcd.compact()
-        proxy.start()
-        wait_until(
-            lambda: (
-                {n["node"]: n["generation"] for n in fleet.fleet_status(0)["nodes"]}
-                == {"n0": 1, "n1": 1, "n2": 1}
-            ),
-            60,
-            "the cut-off node at the fleet's generation once back",
-            poll=0.2,
-        )
-        # It already served blue: the fleet's generation is taken, not applied twice.
-        assert [e["event"] for e in cut_d.events() if e["event"] == "rollback_completed"] == [
-            "rollback_completed"
-        ]
-    finally:
-        fleet.close()
+def test_local_fallback_a_cut_off_node_rolls_back_alone_and_says_so(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(fleet__local_fallback=True)
+    proxy = fleet.through_proxy(2)
+    fleet.start()
+    cut, cut_d = fleet.labs[2], fleet.daemons[2]
+    proxy.stop()
+    wait_until(
+        lambda: any("decides alone" in w for w in status_of(cut).get("warnings", [])),
+        60,
+        "the cut-off node saying it decides alone",
+        poll=0.2,
+    )
+    fleet.green.set_mode("http_503")
+    for i in (0, 1):
+        assert fleet.labs[i].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+        applied(fleet.daemons[i], 1)
+    # The cut-off node rolls back on its own, and its journal says so.
+    assert cut.nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    done = cut_d.wait_event("rollback_completed", timeout=60)
+    assert done["local_fallback"] is True and "generation" not in done
+    assert done["severity"] in ("P0", "P1") and "decided alone" in done["reason"]
+    started = cut_d.wait_event("rollback_started", timeout=5)
+    assert started["local_fallback"] is True
+    # Meanwhile etcd forgets the history the cut-off node's watch would resume from.
+    fleet.etcd.compact()
+    proxy.start()
+    wait_until(
+        lambda: (
+            {n["node"]: n["generation"] for n in fleet.fleet_status(0)["nodes"]}
+            == {"n0": 1, "n1": 1, "n2": 1}
+        ),
+        60,
+        "the cut-off node at the fleet's generation once back",
+        poll=0.2,
+    )
+    # It already served blue: the fleet's generation is taken, not applied twice.
+    assert [e["event"] for e in cut_d.events() if e["event"] == "rollback_completed"] == [
+        "rollback_completed"
+    ]
 
 
 def test_nodes_follow_the_fleet_by_watch_not_by_polling(fleet: FleetLab) -> None:
@@ -699,16 +698,9 @@ def test_a_replaced_fleet_lock_reaches_every_node(fleet: FleetLab) -> None:
     wait_until(lambda: lock_everywhere(fleet, "longer"), 60, "the new lock everywhere", poll=0.2)
 
 
-def test_an_old_release_does_not_release_a_rollbacks_lock(tmp_path: Path) -> None:
+def test_an_old_release_does_not_release_a_rollbacks_lock(make_fleet: MakeFleet) -> None:
     # A guard window that outlasts the test: its lock ends only if something releases it.
-    fleet = FleetLab(tmp_path, qos__window="10m")
-    try:
-        _old_release_then_a_rollback(fleet)
-    finally:
-        fleet.close()
-
-
-def _old_release_then_a_rollback(fleet: FleetLab) -> None:
+    fleet = make_fleet(qos__window="10m")
     fleet.start()
     # The fleet's lock was taken and released by an operator: etcd keeps that release.
     out = guardctl("qos", "lock", "--reason", "freeze", socket=fleet.labs[0].socket_path)
@@ -926,227 +918,210 @@ def test_an_operators_lock_replaced_from_another_node_is_mirrored_and_ends_quiet
 
 
 def test_a_rollback_asked_on_a_follower_locks_the_whole_fleet_until_its_window_passes(
-    tmp_path: Path,
+    make_fleet: MakeFleet,
 ) -> None:
     """The guard window of a rollback the leader did not decide itself (an operator's, asked
     on a follower) is the fleet's lock all the same: every node says deploys are blocked and
     a promote from a third node is refused, until the window passes; then every node
     releases it, journaled as the releasing node's."""
-    fleet = FleetLab(tmp_path, qos__window="8s")
-    try:
-        fleet.start()
-        leader = fleet.leader()
-        assert leader is not None
-        follower, third = [i for i in range(3) if i != leader][:2]
-        out = guardctl(
-            "rollback", "--reason", "bad release", socket=fleet.labs[follower].socket_path
-        )
-        assert out.returncode == 0, out
-        assert fleet.all_serve("blue")
+    fleet = make_fleet(qos__window="8s")
+    fleet.start()
+    leader = fleet.leader()
+    assert leader is not None
+    follower, third = [i for i in range(3) if i != leader][:2]
+    out = guardctl("rollback", "--reason", "bad release", socket=fleet.labs[follower].socket_path)
+    assert out.returncode == 0, out
+    assert fleet.all_serve("blue")
 
-        def blocked(lab: Lab) -> bool:
-            out = guardctl("qos", "status", "--json", socket=lab.socket_path)
-            doc = json.loads(out.stdout)
-            return out.returncode == 1 and doc["source"] == "fleet" and doc["locked"] is True
+    def blocked(lab: Lab) -> bool:
+        out = guardctl("qos", "status", "--json", socket=lab.socket_path)
+        doc = json.loads(out.stdout)
+        return out.returncode == 1 and doc["source"] == "fleet" and doc["locked"] is True
 
-        wait_until(lambda: all(blocked(lab) for lab in fleet.labs), 30, "locked everywhere")
-        wait_until(lambda: all(lab.lock_file.exists() for lab in fleet.labs), 30, "every lock file")
-        held = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]
-        assert held["locked"] is True and "rollback green -> blue" in held["reason"], held
-        # An operator's rollback spends none of the fleet's automatic-rollback budget.
-        assert fleet.fleet_status(leader)["rollbacks"] == 0
-        # Still blocked a few rounds later (a copy must not be dropped as the fleet's lock
-        # read "unlocked" a moment before): the gate on every host, and a promote.
-        # Each node renews its record every third of the lease: six writes are two rounds.
-        start = fleet.etcd.revision()
-        wait_until(lambda: fleet.etcd.revision() >= start + 6, 30, "two more rounds", poll=0.2)
-        assert all(blocked(lab) for lab in fleet.labs)
-        promoted = guardctl("promote", "--reason", "x", socket=fleet.labs[third].socket_path)
-        assert promoted.returncode == 1 and "QoS lock" in promoted.stdout + promoted.stderr
-        # The window passes: released on every node, each release said by a node.
-        wait_until(
-            lambda: (
-                all(not lab.lock_file.exists() for lab in fleet.labs)
-                and all(not blocked(lab) for lab in fleet.labs)
-            ),
-            60,
-            "the fleet's lock released everywhere",
-            poll=0.3,
-        )
-        released = [e for d in fleet.daemons for e in d.events() if e["event"] == "qos_released"]
-        assert released and all(e["by"] != "fleet:unknown" for e in released), released
-        assert all(fleet.labs[i].nginx.served_color() == "blue" for i in range(3))
-    finally:
-        fleet.close()
+    wait_until(lambda: all(blocked(lab) for lab in fleet.labs), 30, "locked everywhere")
+    wait_until(lambda: all(lab.lock_file.exists() for lab in fleet.labs), 30, "every lock file")
+    held = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]
+    assert held["locked"] is True and "rollback green -> blue" in held["reason"], held
+    # An operator's rollback spends none of the fleet's automatic-rollback budget.
+    assert fleet.fleet_status(leader)["rollbacks"] == 0
+    # Still blocked a few rounds later (a copy must not be dropped as the fleet's lock
+    # read "unlocked" a moment before): the gate on every host, and a promote.
+    # Each node renews its record every third of the lease: six writes are two rounds.
+    start = fleet.etcd.revision()
+    wait_until(lambda: fleet.etcd.revision() >= start + 6, 30, "two more rounds", poll=0.2)
+    assert all(blocked(lab) for lab in fleet.labs)
+    promoted = guardctl("promote", "--reason", "x", socket=fleet.labs[third].socket_path)
+    assert promoted.returncode == 1 and "QoS lock" in promoted.stdout + promoted.stderr
+    # The window passes: released on every node, each release said by a node.
+    wait_until(
+        lambda: (
+            all(not lab.lock_file.exists() for lab in fleet.labs)
+            and all(not blocked(lab) for lab in fleet.labs)
+        ),
+        60,
+        "the fleet's lock released everywhere",
+        poll=0.3,
+    )
+    released = [e for d in fleet.daemons for e in d.events() if e["event"] == "qos_released"]
+    assert released and all(e["by"] != "fleet:unknown" for e in released), released
+    assert all(fleet.labs[i].nginx.served_color() == "blue" for i in range(3))
 
 
 def test_resume_on_any_node_re_arms_the_fleets_budget_and_ends_every_hold(
-    tmp_path: Path,
+    make_fleet: MakeFleet,
 ) -> None:
-    fleet = FleetLab(tmp_path, policy__max_rollbacks=1)
-    try:
-        fleet.start()
-        fleet.green.set_mode("http_503")
-        assert fleet.all_serve("blue")
-        for d in fleet.daemons:
-            applied(d, 1)
-        fleet.green.set_mode("ok")
-        leader = fleet.leader()
-        assert leader is not None
-        follower = next(i for i in range(3) if i != leader)
-        wait_until(
-            lambda: (
-                guardctl("qos", "status", socket=fleet.labs[follower].socket_path).returncode == 0
-            ),
-            60,
-            "the rollback's guard window over",
-            poll=0.3,
-        )
-        code, said = promote(fleet.labs[follower])
-        assert code == 0, said
-        assert fleet.all_serve("green")
-        # Green fails again: the fleet's budget (1 an hour) is spent, every node holds.
-        fleet.green.set_mode("http_503")
-        for d in fleet.daemons:
-            d.wait_event("hold", timeout=60, where=lambda e: "budget" in str(e.get("reason")))
-        for lab in fleet.labs:  # held on the failing color: no node switched
-            assert lab.nginx.active_link.resolve() == lab.nginx.targets["green"].resolve()
-        # An operator resumes on a follower: the fleet rolls back, every node's hold ends.
-        out = guardctl("resume", socket=fleet.labs[follower].socket_path)
-        assert out.returncode == 0, out
-        assert fleet.all_serve("blue")
-        for i, d in enumerate(fleet.daemons):
-            if i != follower:
-                resumed = d.wait_event("resumed", timeout=30)
-                assert resumed["by"] == "fleet:uid:0(root)", resumed
-                assert resumed["reason"].startswith(f"the fleet was resumed on n{follower}")
-        status = fleet.fleet_status(leader)
-        assert status["rollbacks"] == 2 and status["desired"]["color"] == "blue"
-    finally:
-        fleet.close()
+    fleet = make_fleet(policy__max_rollbacks=1)
+    fleet.start()
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+    for d in fleet.daemons:
+        applied(d, 1)
+    fleet.green.set_mode("ok")
+    leader = fleet.leader()
+    assert leader is not None
+    follower = next(i for i in range(3) if i != leader)
+    wait_until(
+        lambda: guardctl("qos", "status", socket=fleet.labs[follower].socket_path).returncode == 0,
+        60,
+        "the rollback's guard window over",
+        poll=0.3,
+    )
+    code, said = promote(fleet.labs[follower])
+    assert code == 0, said
+    assert fleet.all_serve("green")
+    # Green fails again: the fleet's budget (1 an hour) is spent, every node holds.
+    fleet.green.set_mode("http_503")
+    for d in fleet.daemons:
+        d.wait_event("hold", timeout=60, where=lambda e: "budget" in str(e.get("reason")))
+    for lab in fleet.labs:  # held on the failing color: no node switched
+        assert lab.nginx.active_link.resolve() == lab.nginx.targets["green"].resolve()
+    # An operator resumes on a follower: the fleet rolls back, every node's hold ends.
+    out = guardctl("resume", socket=fleet.labs[follower].socket_path)
+    assert out.returncode == 0, out
+    assert fleet.all_serve("blue")
+    for i, d in enumerate(fleet.daemons):
+        if i != follower:
+            resumed = d.wait_event("resumed", timeout=30)
+            assert resumed["by"] == "fleet:uid:0(root)", resumed
+            assert resumed["reason"].startswith(f"the fleet was resumed on n{follower}")
+    status = fleet.fleet_status(leader)
+    assert status["rollbacks"] == 2 and status["desired"]["color"] == "blue"
 
 
 def test_a_lock_lost_by_a_restore_is_noticed_though_the_revision_went_on(
     tmp_path: Path,
+    make_fleet: MakeFleet,
 ) -> None:
     """etcd restored from a backup taken just before an operator's lock, and written to
     (other clients, the nodes' own records) past the revision the nodes knew before they
     read it again: no answer is below what they saw. The node whose lock the store lost
     notices all the same (its own acknowledged write is gone) and publishes it again; every
     node is locked again and a switch elsewhere is refused."""
-    fleet = FleetLab(tmp_path)
-    try:
-        proxies = [fleet.through_proxy(i) for i in range(3)]
-        fleet.start()
-        fleet.etcd.backup(tmp_path / "backup")
-        wait_until(
-            lambda: (
-                fleet.settled() and all(fleet.fleet_status(i)["etcd_reachable"] for i in range(3))
-            ),
-            60,
-            "every node reaching etcd again after the backup",
-            poll=0.2,
-        )
-        leader = fleet.leader()
-        assert leader is not None
-        taker, other = [i for i in range(3) if i != leader][:2]
-        out = guardctl(
-            "qos", "lock", "--for", "10m", "--reason", "freeze 9",
-            socket=fleet.labs[taker].socket_path,
-        )  # fmt: skip
-        assert out.returncode == 0, out
+    fleet = make_fleet()
+    proxies = [fleet.through_proxy(i) for i in range(3)]
+    fleet.start()
+    fleet.etcd.backup(tmp_path / "backup")
+    wait_until(
+        lambda: fleet.settled() and all(fleet.fleet_status(i)["etcd_reachable"] for i in range(3)),
+        60,
+        "every node reaching etcd again after the backup",
+        poll=0.2,
+    )
+    leader = fleet.leader()
+    assert leader is not None
+    taker, other = [i for i in range(3) if i != leader][:2]
+    out = guardctl(
+        "qos", "lock", "--for", "10m", "--reason", "freeze 9",
+        socket=fleet.labs[taker].socket_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out
 
-        def locked_everywhere() -> bool:
-            for lab in fleet.labs:
-                out = guardctl("qos", "status", "--json", socket=lab.socket_path)
-                doc = json.loads(out.stdout)
-                if out.returncode != 1 or doc.get("reason") != "freeze 9":
-                    return False
-            return True
+    def locked_everywhere() -> bool:
+        for lab in fleet.labs:
+            out = guardctl("qos", "status", "--json", socket=lab.socket_path)
+            doc = json.loads(out.stdout)
+            if out.returncode != 1 or doc.get("reason") != "freeze 9":
+                return False
+        return True
 
-        wait_until(locked_everywhere, 60, "the lock on every node", poll=0.2)
-        high = fleet.etcd.revision()
-        for proxy in proxies:  # no node reaches etcd while it is restored and written to
-            proxy.stop()
-        fleet.etcd.restore(tmp_path / "backup")
-        while fleet.etcd.revision() <= high + 10:
-            fleet.etcd.put("/elsewhere/filler", "x")
-        for proxy in proxies:
-            proxy.start()
-        said = fleet.daemons[taker].wait_event(
-            "alert", timeout=60, where=lambda e: "etcd's store went back" in e["reason"]
-        )
-        assert "it lost " + PREFIX + "/qos" in said["reason"], said
-        wait_until(
-            lambda: (
-                (fleet.etcd.range(PREFIX + "/qos").get(PREFIX + "/qos") or {}).get("reason")
-                == "freeze 9"
-            ),
-            60,
-            "the lock published again",
-            poll=0.2,
-        )
-        wait_until(locked_everywhere, 60, "the lock on every node again", poll=0.2)
-        refused = guardctl("switch", "blue", socket=fleet.labs[other].socket_path)
-        assert refused.returncode == 1 and "QoS lock" in refused.stdout + refused.stderr
-    finally:
-        fleet.close()
+    wait_until(locked_everywhere, 60, "the lock on every node", poll=0.2)
+    high = fleet.etcd.revision()
+    for proxy in proxies:  # no node reaches etcd while it is restored and written to
+        proxy.stop()
+    fleet.etcd.restore(tmp_path / "backup")
+    while fleet.etcd.revision() <= high + 10:
+        fleet.etcd.put("/elsewhere/filler", "x")
+    for proxy in proxies:
+        proxy.start()
+    said = fleet.daemons[taker].wait_event(
+        "alert", timeout=60, where=lambda e: "etcd's store went back" in e["reason"]
+    )
+    assert "it lost " + PREFIX + "/qos" in said["reason"], said
+    wait_until(
+        lambda: (
+            (fleet.etcd.range(PREFIX + "/qos").get(PREFIX + "/qos") or {}).get("reason")
+            == "freeze 9"
+        ),
+        60,
+        "the lock published again",
+        poll=0.2,
+    )
+    wait_until(locked_everywhere, 60, "the lock on every node again", poll=0.2)
+    refused = guardctl("switch", "blue", socket=fleet.labs[other].socket_path)
+    assert refused.returncode == 1 and "QoS lock" in refused.stdout + refused.stderr
 
 
 def test_a_nodes_own_window_ending_under_the_fleets_lock_never_leaves_the_file_empty(
-    tmp_path: Path,
+    make_fleet: MakeFleet,
 ) -> None:
     """A follower's own guard window ends while an operator's lock, taken on another node,
     holds the fleet: the follower's lock file goes from its window to the copy of the
     fleet's lock in one step, so a gate that reads the file never finds it missing."""
-    fleet = FleetLab(tmp_path, qos__window="4s")
+    fleet = make_fleet(qos__window="4s")
+    fleet.start()
+    leader = fleet.leader()
+    assert leader is not None
+    follower = next(i for i in range(3) if i != leader)
+    lab, d = fleet.labs[follower], fleet.daemons[follower]
+    out = guardctl("rollback", "--reason", "bad release", socket=lab.socket_path)
+    assert out.returncode == 0, out
+    assert fleet.all_serve("blue")
+    d.wait_event("qos_locked")
+    out = guardctl(
+        "qos", "lock", "--for", "2m", "--reason", "freeze 12",
+        socket=fleet.labs[leader].socket_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out
+    wait_until(
+        lambda: (
+            (fleet.etcd.range(PREFIX + "/qos").get(PREFIX + "/qos") or {}).get("reason")
+            == "freeze 12"
+        ),
+        30,
+        "the operator's lock as the fleet's",
+        poll=0.1,
+    )
+    missing: list[float] = []
+    done = threading.Event()
+
+    def gate() -> None:  # a CI gate that tests the file, as often as it can
+        while not done.is_set():
+            if not lab.lock_file.exists():
+                missing.append(time.monotonic())
+            done.wait(0.005)
+
+    watcher = threading.Thread(target=gate, daemon=True)
+    watcher.start()
     try:
-        fleet.start()
-        leader = fleet.leader()
-        assert leader is not None
-        follower = next(i for i in range(3) if i != leader)
-        lab, d = fleet.labs[follower], fleet.daemons[follower]
-        out = guardctl("rollback", "--reason", "bad release", socket=lab.socket_path)
-        assert out.returncode == 0, out
-        assert fleet.all_serve("blue")
-        d.wait_event("qos_locked")
-        out = guardctl(
-            "qos", "lock", "--for", "2m", "--reason", "freeze 12",
-            socket=fleet.labs[leader].socket_path,
-        )  # fmt: skip
-        assert out.returncode == 0, out
-        wait_until(
-            lambda: (
-                (fleet.etcd.range(PREFIX + "/qos").get(PREFIX + "/qos") or {}).get("reason")
-                == "freeze 12"
-            ),
-            30,
-            "the operator's lock as the fleet's",
-            poll=0.1,
+        ended = d.wait_event(
+            "qos_released", timeout=60, where=lambda e: "guard window" in e["reason"]
         )
-        missing: list[float] = []
-        done = threading.Event()
-
-        def gate() -> None:  # a CI gate that tests the file, as often as it can
-            while not done.is_set():
-                if not lab.lock_file.exists():
-                    missing.append(time.monotonic())
-                done.wait(0.005)
-
-        watcher = threading.Thread(target=gate, daemon=True)
-        watcher.start()
-        try:
-            ended = d.wait_event(
-                "qos_released", timeout=60, where=lambda e: "guard window" in e["reason"]
-            )
-            start = fleet.etcd.revision()
-            wait_until(lambda: fleet.etcd.revision() >= start + 6, 30, "two more rounds")
-        finally:
-            done.set()
-            watcher.join(timeout=10)
-        assert missing == [], f"the lock file was missing {len(missing)} times"
-        assert "the fleet's lock" in ended["reason"] and "holds" in ended["reason"], ended
-        held = json.loads(lab.lock_file.read_text())
-        assert held["reason"] == "freeze 12" and held["by"].startswith("fleet:"), held
+        start = fleet.etcd.revision()
+        wait_until(lambda: fleet.etcd.revision() >= start + 6, 30, "two more rounds")
     finally:
-        fleet.close()
+        done.set()
+        watcher.join(timeout=10)
+    assert missing == [], f"the lock file was missing {len(missing)} times"
+    assert "the fleet's lock" in ended["reason"] and "holds" in ended["reason"], ended
+    held = json.loads(lab.lock_file.read_text())
+    assert held["reason"] == "freeze 12" and held["by"].startswith("fleet:"), held
