@@ -108,15 +108,12 @@ def test_qos_status_answers_from_the_fleets_lock_on_every_node(fleet: FleetLab) 
     fleet.green.set_mode("http_503")
     assert fleet.all_serve("blue")
 
-    def locked_everywhere() -> bool:
-        for lab in fleet.labs:
-            out = guardctl("qos", "status", "--json", socket=lab.socket_path)
-            doc = json.loads(out.stdout)
-            if out.returncode != 1 or doc["source"] != "fleet" or not doc["locked"]:
-                return False
-        return True
-
-    wait_until(locked_everywhere, 60, "the fleet's lock on every node", poll=0.2)
+    wait_until(
+        lambda: all(blocked_by_the_fleet(lab) for lab in fleet.labs),
+        60,
+        "the fleet's lock on every node",
+        poll=0.2,
+    )
     # The local lock file carries it too (each node mirrors it in its next round), so a
     # CI gate reading the file is blocked.
     wait_until(
@@ -384,6 +381,12 @@ def test_majority_quorum_one_nodes_view_does_not_switch_the_fleet(make_fleet: Ma
         blind.stop()
 
 
+def blocked_by_the_fleet(lab: Lab) -> bool:
+    """`qos status` on `lab` says the fleet's lock holds: exit 1, locked, from the fleet."""
+    code, doc, _ = qos_status(lab)
+    return code == 1 and doc is not None and doc["source"] == "fleet" and doc["locked"] is True
+
+
 def qos_status(lab: Lab, *, config: bool = False) -> tuple[int, dict[str, Any] | None, str]:
     """`guardctl qos status --json`, through the node's socket or (`config`) its config."""
     where = ("--config", str(lab.config_path)) if config else ()
@@ -464,9 +467,8 @@ def test_a_fleet_lock_for_a_while_ends_on_every_node(fleet: FleetLab) -> None:
     wait_until(lambda: each(False), 60, "the lock gone on every node after its until", poll=0.2)
     assert fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["locked"] is False
     # The node it was taken on journals its end once: not again when the leader's release
-    # of the fleet's copy arrives (two more rounds of every node: six writes).
-    start = fleet.etcd.revision()
-    wait_until(lambda: fleet.etcd.revision() >= start + 6, 30, "two more rounds", poll=0.2)
+    # of the fleet's copy arrives (two more rounds of every node).
+    fleet.rounds_pass()
     ends = [e for e in fleet.daemons[follower].events() if e["event"] == "qos_released"]
     assert len(ends) == 1, ends
 
@@ -933,12 +935,9 @@ def test_a_rollback_asked_on_a_follower_locks_the_whole_fleet_until_its_window_p
     assert out.returncode == 0, out
     assert fleet.all_serve("blue")
 
-    def blocked(lab: Lab) -> bool:
-        out = guardctl("qos", "status", "--json", socket=lab.socket_path)
-        doc = json.loads(out.stdout)
-        return out.returncode == 1 and doc["source"] == "fleet" and doc["locked"] is True
-
-    wait_until(lambda: all(blocked(lab) for lab in fleet.labs), 30, "locked everywhere")
+    wait_until(
+        lambda: all(blocked_by_the_fleet(lab) for lab in fleet.labs), 30, "locked everywhere"
+    )
     wait_until(lambda: all(lab.lock_file.exists() for lab in fleet.labs), 30, "every lock file")
     held = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]
     assert held["locked"] is True and "rollback green -> blue" in held["reason"], held
@@ -946,17 +945,15 @@ def test_a_rollback_asked_on_a_follower_locks_the_whole_fleet_until_its_window_p
     assert fleet.fleet_status(leader)["rollbacks"] == 0
     # Still blocked a few rounds later (a copy must not be dropped as the fleet's lock
     # read "unlocked" a moment before): the gate on every host, and a promote.
-    # Each node renews its record every third of the lease: six writes are two rounds.
-    start = fleet.etcd.revision()
-    wait_until(lambda: fleet.etcd.revision() >= start + 6, 30, "two more rounds", poll=0.2)
-    assert all(blocked(lab) for lab in fleet.labs)
+    fleet.rounds_pass()
+    assert all(blocked_by_the_fleet(lab) for lab in fleet.labs)
     promoted = guardctl("promote", "--reason", "x", socket=fleet.labs[third].socket_path)
     assert promoted.returncode == 1 and "QoS lock" in promoted.stdout + promoted.stderr
     # The window passes: released on every node, each release said by a node.
     wait_until(
         lambda: (
             all(not lab.lock_file.exists() for lab in fleet.labs)
-            and all(not blocked(lab) for lab in fleet.labs)
+            and all(not blocked_by_the_fleet(lab) for lab in fleet.labs)
         ),
         60,
         "the fleet's lock released everywhere",
@@ -1036,15 +1033,7 @@ def test_a_lock_lost_by_a_restore_is_noticed_though_the_revision_went_on(
     )  # fmt: skip
     assert out.returncode == 0, out
 
-    def locked_everywhere() -> bool:
-        for lab in fleet.labs:
-            out = guardctl("qos", "status", "--json", socket=lab.socket_path)
-            doc = json.loads(out.stdout)
-            if out.returncode != 1 or doc.get("reason") != "freeze 9":
-                return False
-        return True
-
-    wait_until(locked_everywhere, 60, "the lock on every node", poll=0.2)
+    wait_until(lambda: lock_everywhere(fleet, "freeze 9"), 60, "the lock on every node", poll=0.2)
     high = fleet.etcd.revision()
     for proxy in proxies:  # no node reaches etcd while it is restored and written to
         proxy.stop()
@@ -1066,7 +1055,9 @@ def test_a_lock_lost_by_a_restore_is_noticed_though_the_revision_went_on(
         "the lock published again",
         poll=0.2,
     )
-    wait_until(locked_everywhere, 60, "the lock on every node again", poll=0.2)
+    wait_until(
+        lambda: lock_everywhere(fleet, "freeze 9"), 60, "the lock on every node again", poll=0.2
+    )
     refused = guardctl("switch", "blue", socket=fleet.labs[other].socket_path)
     assert refused.returncode == 1 and "QoS lock" in refused.stdout + refused.stderr
 
@@ -1116,8 +1107,7 @@ def test_a_nodes_own_window_ending_under_the_fleets_lock_never_leaves_the_file_e
         ended = d.wait_event(
             "qos_released", timeout=60, where=lambda e: "guard window" in e["reason"]
         )
-        start = fleet.etcd.revision()
-        wait_until(lambda: fleet.etcd.revision() >= start + 6, 30, "two more rounds")
+        fleet.rounds_pass()
     finally:
         done.set()
         watcher.join(timeout=10)

@@ -66,6 +66,13 @@ class FleetLab:
         name = self.etcd.range(PREFIX + "/leader").get(PREFIX + "/leader")
         return None if name is None else int(str(name).removeprefix("n"))
 
+    def rounds_pass(self, rounds: int = 2) -> None:
+        """Wait until every node has had `rounds` more rounds: each renews its record every
+        third of the lease, so that is `rounds` writes per node to etcd."""
+        start = self.etcd.revision()
+        want = start + rounds * len(self.labs)
+        wait_until(lambda: self.etcd.revision() >= want, 30, f"{rounds} more rounds", poll=0.2)
+
     def all_serve(self, color: str) -> bool:
         return all(lab.nginx.wait_serving_only(color, hold=0.3, timeout=30) for lab in self.labs)
 
