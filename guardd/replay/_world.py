@@ -245,23 +245,27 @@ def probe_result(doc: dict[str, Any]) -> ProbeResult | None:
         try:
             return _PLAIN[fields]
         except KeyError:
-            result = _probe_result(doc)
-            if len(_PLAIN) >= _MAX_RESULTS:
-                _PLAIN.clear()
-            _PLAIN[fields] = result
-            return result
+            return _remember(_PLAIN, fields, doc)
     # The types are part of the key: 1, 1.0 and True are equal keys, not equal fields.
     key = (*fields, *map(type, fields))
     try:
         return _RESULTS[key]
     except KeyError:
-        result = _probe_result(doc)
-        if len(_RESULTS) >= _MAX_RESULTS:
-            _RESULTS.clear()
-        _RESULTS[key] = result
-        return result
+        return _remember(_RESULTS, key, doc)
     except TypeError:  # a field that is a list or an object: not a key, nor a result
         return _probe_result(doc)
+
+
+def _remember(
+    cache: dict[tuple[Any, ...], ProbeResult | None], key: tuple[Any, ...], doc: dict[str, Any]
+) -> ProbeResult | None:
+    """A cache miss: the result of `doc`, kept under `key` (the cache starts over once it
+    holds `_MAX_RESULTS`, so a history of ever new fields cannot grow it)."""
+    result = _probe_result(doc)
+    if len(cache) >= _MAX_RESULTS:
+        cache.clear()
+    cache[key] = result
+    return result
 
 
 def _probe_result(doc: dict[str, Any]) -> ProbeResult | None:
