@@ -41,6 +41,7 @@ import contextlib
 import json
 import socket
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -215,14 +216,10 @@ class Fleet:
         `prepare`). Raises `OperationRefused` naming the nodes that refused or did not
         answer, or when etcd cannot be reached.
         """
-        if not self.reachable:
-            raise OperationRefused(f"etcd is unreachable ({self.problem}); the fleet cannot {kind}")
-        try:
+        with self._operator_write(f"the fleet cannot {kind}"):
             if kind != "rollback":
                 await self._prepare(target)
             generation = await self._write_desired(target, kind, by, reason, fenced=False)
-        except EtcdUnavailable as e:
-            raise OperationRefused(f"etcd is unreachable ({e}); the fleet cannot {kind}") from None
         if generation is None:
             raise OperationRefused(f"the fleet's desired color changed meanwhile; {kind} again")
         return generation
@@ -359,6 +356,17 @@ class Fleet:
         if not self.reachable:
             raise OperationRefused(f"etcd is unreachable ({self.problem}); {consequence}")
 
+    @contextlib.contextmanager
+    def _operator_write(self, consequence: str) -> Iterator[None]:
+        """Around an operator's write to etcd: refused ("etcd is unreachable (...);
+        <consequence>") before it when the last round did not reach etcd, and when etcd
+        fails it (`EtcdUnavailable` becomes `OperationRefused`)."""
+        self.require_etcd(consequence)
+        try:
+            yield
+        except EtcdUnavailable as e:
+            raise OperationRefused(f"etcd is unreachable ({e}); {consequence}") from None
+
     @property
     def rearmed_at(self) -> float:
         """The wall time of the fleet's last `resume` (0 when none): the fleet's rollback
@@ -369,16 +377,12 @@ class Fleet:
         """An operator's `resume` on this node, for the whole fleet: the fleet's rollback
         budget is refilled and every node's hold ends (journaled there as `resumed` by
         `fleet:<by>`). Raises `OperationRefused` when etcd cannot be reached."""
-        self.require_etcd("resumed on this node only: the fleet's rollback budget is spent still")
         at = time.time()
         doc: dict[str, Any] = {"at": at, "by": by, "node": self.node, "reason": reason}
-        try:
+        with self._operator_write(
+            "resumed on this node only: the fleet's rollback budget is spent still"
+        ):
             await self.client.put(self.key("rearmed"), json.dumps(doc))
-        except EtcdUnavailable as e:
-            raise OperationRefused(
-                f"etcd is unreachable ({e}); resumed on this node only: the fleet's rollback "
-                "budget is spent still"
-            ) from None
         self.rearmed, self._rearm = doc, (True, at)
 
     async def _adopt_rearm(self) -> None:
@@ -410,18 +414,13 @@ class Fleet:
         overwritten unseen. Raises `OperationRefused` when etcd cannot be reached or the
         lock changed meanwhile.
         """
-        self.require_etcd("the fleet's QoS lock cannot be changed")
         doc = info.to_json()
         current = self._kvs.get(self.key("qos"))
-        try:
+        with self._operator_write("the fleet's QoS lock cannot be changed"):
             ok, revision = await self.client.txn(
                 [compare(self.key("qos"), "MOD", current.mod_revision if current else 0)],
                 [put_op(self.key("qos"), doc)],
             )
-        except EtcdUnavailable as e:
-            raise OperationRefused(
-                f"etcd is unreachable ({e}); the fleet's QoS lock cannot be changed"
-            ) from None
         if not ok:
             raise OperationRefused("the fleet's QoS lock changed meanwhile; look and try again")
         self._wrote_qos(doc, revision)
@@ -637,25 +636,26 @@ class Fleet:
         self.reachable, self.problem, self.unreachable_since = True, None, None
         # Each step acts on the view read from the store as it is: none after a sign that
         # the store went back, until it is read afresh.
+        leading: tuple[Callable[[], Awaitable[None]], ...] = ()
         if self.leader is None:
             await self._campaign()
         elif self.is_leader:
-            for step in (
+            leading = (
                 self._restore_desired,
                 self._restore_rollbacks,
                 self._mirror_qos_up,
                 self._expire_qos,
-            ):
-                if not self._stale(epoch):
-                    await step()
+            )
         for step in (
+            *leading,
             self._republish_qos,
             self._adopt_qos,
             self._mirror_qos_down,
             self._adopt_rearm,
         ):
-            if not self._stale(epoch):
-                await step()
+            if self._stale(epoch):
+                return
+            await step()
         if not self._stale(epoch):
             self._watch_divergence()
 
@@ -909,14 +909,7 @@ class Fleet:
         if current is None or current.mod_revision < self._qos_mine:
             return
         held = _json(current.value, {})
-        until = held.get("until") if isinstance(held, dict) else None
-        if not isinstance(held, dict) or not held.get("locked") or not isinstance(until, str):
-            return
-        try:
-            expired = parse_rfc3339(until) < time.time()
-        except ValueError:
-            return
-        if expired:
+        if isinstance(held, dict) and held.get("locked") and _ended(held):
             doc = qoslock.LockInfo(held=False, reason="expired", by=self.node).to_json()
             ok, revision = await self.client.txn(
                 [compare(self.key("qos"), "MOD", current.mod_revision)],
