@@ -18,6 +18,7 @@ from tests.harness.daemon import GUARDCTL, Lab, MakeLab, guardctl, wait_until
 from tests.harness.daemon import lab as lab_in
 from tests.harness.jsondoc import json_object
 from tests.harness.paths import shared_tmp_dir
+from tests.harness.shell import redirected
 
 pytestmark = pytest.mark.nginx
 
@@ -214,30 +215,18 @@ def test_unprivileged_uid_reads_but_may_not_mutate(make_lab: MakeLab, shared_run
     assert lab.nginx.served_color() == "green"
 
 
-def _shell(redirect: str, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """`argv` run by bash (with pipefail) and its stdout redirected or piped as `redirect`
-    says (`>/dev/full`, `>&-`, `| head -1`)."""
-    return subprocess.run(
-        ["bash", "-o", "pipefail", "-c", f'"$@" {redirect}', "sh", *argv],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def test_an_answer_that_cannot_be_written_is_never_exit_0(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     base = [str(GUARDCTL), "--config", str(lab.config_path)]
     # Daemon down: `qos status` answers from the lock file, exit 0 when none is held.
-    assert _shell(">/dev/null", *base, "qos", "status").returncode == 0
+    assert redirected(">/dev/null", *base, "qos", "status").returncode == 0
     for argv in (["qos", "status"], ["qos", "status", "--json"]):
-        full = _shell(">/dev/full", *base, *argv)
+        full = redirected(">/dev/full", *base, *argv)
         assert (full.returncode, full.stderr) == (
             1,
             "guardctl: cannot write the output: No space left on device\n",
         )
-        closed = _shell(">&-", *base, *argv)
+        closed = redirected(">&-", *base, *argv)
         assert (closed.returncode, closed.stderr) == (
             1,
             "guardctl: cannot write the output: stdout is closed\n",
@@ -245,7 +234,7 @@ def test_an_answer_that_cannot_be_written_is_never_exit_0(make_lab: MakeLab) -> 
     d = lab.daemon()
     wait_until(lambda: ctl(lab, "status").returncode == 0, 20, "status OK")
     for argv in (["status"], ["status", "--json"], ["history"]):
-        full = _shell(">/dev/full", *base, *argv)
+        full = redirected(">/dev/full", *base, *argv)
         assert full.returncode == 1 and "No space left on device" in full.stderr, full
         assert "Traceback" not in full.stderr
     assert d.stop() == 0
@@ -259,7 +248,7 @@ def test_a_watch_ends_when_its_reader_leaves_though_nothing_changes(make_lab: Ma
     # A steady guard: after the first line nothing changes, so a watch that only noticed
     # its reader at its next write would run on forever (the timeout would fail this).
     for extra in (["--json"], []):
-        done = _shell("| head -1", *base, "--interval", "0.2s", *extra, timeout=60)
+        done = redirected("| head -1", *base, "--interval", "0.2s", *extra, timeout=60)
         assert done.returncode == 1 and done.stderr == "", done
         assert len(done.stdout.splitlines()) == 1
     assert d.stop() == 0

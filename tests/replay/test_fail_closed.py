@@ -11,6 +11,7 @@ from pathlib import Path
 
 from guardd.journal import rfc3339
 from guardd.replay import env_settings
+from tests.harness.shell import redirected
 from tests.replay.history import DAY0, GUARDD, Timeline, config, replay, replay_json
 
 
@@ -193,25 +194,7 @@ def test_a_reader_that_leaves_early_ends_it_quietly(tmp_path: Path) -> None:
         assert proc.wait(timeout=300) == 1
         assert err == "", err
     # `| head -1`: the reader takes one line, then leaves.
-    done = subprocess.run(
-        [
-            "bash",
-            "-o",
-            "pipefail",
-            "-c",
-            '"$@" | head -1',
-            "sh",
-            *GUARDD,
-            "replay",
-            "--config",
-            str(cfg),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = redirected("| head -1", *GUARDD, "replay", "--config", str(cfg), "--json", timeout=300)
     assert done.stdout == "{\n"
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
 
@@ -324,28 +307,18 @@ def test_records_without_a_probe_round_of_both_colors_are_no_history_to_judge(
             assert "No decision" not in done.stdout and "Traceback" not in done.stderr
 
 
-def _shell(redirect: str, *argv: str) -> subprocess.CompletedProcess[str]:
-    """`argv` run by bash with its stdout redirected as `redirect` says (`>/dev/full`,
-    `>&-`)."""
-    return subprocess.run(
-        ["bash", "-c", f'"$@" {redirect}', "sh", *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 def test_an_output_that_cannot_be_written_is_exit_1_and_one_line(tmp_path: Path) -> None:
     tl = _healthy(tmp_path / "state")
     tl.close()
     cfg = config(tmp_path, tmp_path / "state")
     for args in (["--json"], []):
         command = [*GUARDD, "replay", "--config", str(cfg), *args]
-        assert _shell(">/dev/null", *command).returncode == 0  # the history itself is fine
-        full = _shell(">/dev/full", *command)
+        assert (
+            redirected(">/dev/null", *command, timeout=300).returncode == 0
+        )  # the history itself is fine
+        full = redirected(">/dev/full", *command, timeout=300)
         assert full.returncode == 1
         assert full.stderr == "guardd replay: cannot write the output: No space left on device\n"
-        closed = _shell(">&-", *command)
+        closed = redirected(">&-", *command, timeout=300)
         assert closed.returncode == 1
         assert closed.stderr == "guardd replay: cannot write the output: stdout is closed\n"
