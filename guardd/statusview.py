@@ -148,7 +148,7 @@ def front_door_doc(guard: Guard, now: float) -> dict[str, Any] | None:
     if guard.verifier is None:
         return None
     fd = guard.machine.front_door
-    stale = fd.last_at is None or now - fd.last_at > 3 * guard.s.probe_interval
+    stale = guard.machine.front_door_stale(now)
     return {
         "healthy": None if stale else fd.ok,
         "stale": stale,

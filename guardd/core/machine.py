@@ -326,11 +326,15 @@ class GuardMachine:
         """True if the front door's last answer passed, False if it failed; None if the
         front door is not watched, not answered yet, or its last answer is stale."""
         fd = self.front_door
-        if not f.front_door_watched or fd.ok is None or fd.last_at is None:
-            return None
-        if f.now - fd.last_at > STALE_INTERVALS * self.probe_interval:
+        if not f.front_door_watched or fd.ok is None or self.front_door_stale(f.now):
             return None
         return fd.ok
+
+    def front_door_stale(self, now: float) -> bool:
+        """Whether the front door's last answer is too old to vouch for (or there is none),
+        by the same rule as a color's probes (`is_stale`)."""
+        last = self.front_door.last_at
+        return last is None or now - last > STALE_INTERVALS * self.probe_interval
 
     def disagreement(self, f: Facts, active: Color) -> str | None:
         """What the front door and `active`'s own probes disagree on, if they do.
