@@ -69,7 +69,13 @@ def test_front_door_failing_while_probes_pass_holds_and_pages(
         d.wait_event("alert", where=lambda e: e.get("reapplied") is True)
         hold = d.wait_event("hold", where=lambda e: "mismatch persists" in e["reason"])
         assert hold["from"] == "green"
-        doc = wait_until(lambda: (s := status(lab))["warnings"] and s, 10, "a warning in status")
+        # A hanging front door answers (a timeout) once per timeout: between two answers
+        # longer apart than three intervals it reads stale (healthy null), never healthy.
+        doc = wait_until(
+            lambda: (s := status(lab))["warnings"] and s["front_door"]["healthy"] is False and s,
+            20,
+            "a warning in status, the front door's last answer a failure",
+        )
         assert doc["warnings"][0].startswith("mismatch:")
         assert doc["front_door"]["healthy"] is False
         assert ctl(lab, "status").returncode != 0
