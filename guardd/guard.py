@@ -225,6 +225,11 @@ class Guard:
         node's own lock when it ends, while another node's lock holds; else None."""
         return self.fleet.copy_to_keep() if self.fleet is not None else None
 
+    def lock_must_stay(self) -> str | None:
+        """For the keeper: on a fleet node, why the guard window must not end though its
+        SLOs held (a node not yet serving the fleet's desired color); else None."""
+        return self.fleet.unconverged() if self.fleet is not None else None
+
     def save_state(self) -> None:
         """Mirror what must survive a restart into state.json."""
         try:
@@ -588,11 +593,13 @@ class Guard:
         severity: Severity | None = None,
         evidence: dict[str, Any] | None = None,
         generation: int | None = None,
+        fleet_node: str | None = None,
         local_fallback: bool = False,
     ) -> None:
         """Switch to `target` as a rollback, switch or promote; `OperationRefused` if it failed.
 
-        `generation`: the fleet's generation this applies (journaled with it), if any.
+        `generation`: the fleet's generation this applies (journaled with it), if any;
+        `fleet_node`: the node that decision was written on (journaled as `fleet_node`).
         `local_fallback`: a fleet node decided alone, etcd unreachable (journaled as
         `"local_fallback": true`).
 
@@ -607,6 +614,8 @@ class Guard:
         self.metrics.set_state(self.state.value)
         opened = None
         fleet: dict[str, Any] = {} if generation is None else {"generation": generation}
+        if fleet_node is not None:
+            fleet["fleet_node"] = fleet_node
         if local_fallback:
             fleet["local_fallback"] = True
         if kind == "rollback":

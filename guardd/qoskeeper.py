@@ -61,6 +61,11 @@ class LockHost(Protocol):
         copy of the fleet's lock, held by another node), else None."""
         ...
 
+    def lock_must_stay(self) -> str | None:
+        """Why a guard window whose SLOs held must not end yet (a fleet node still serves
+        another color than the fleet's desired one), else None."""
+        ...
+
 
 class QosKeeper:
     """guardd's side of the QoS lock file (`qos.lock_file`)."""
@@ -108,7 +113,10 @@ class QosKeeper:
             span = duration or host.s.qos_window
             window = self._new_window(now, span)
             current = self.store.read(host.s.lock_file)
-            if current.held and (old is None or current != old.info):
+            # A fleet node's copy of the fleet's lock is no one else's: the window replaces
+            # it in one rename and ends as windows do (the fleet's lock holds either way).
+            foreign = current.held and current != host.lock_to_keep()
+            if foreign and (old is None or current != old.info):
                 # Someone else's lock (a touched file): it had no end, so neither does ours.
                 floor = math.inf
                 reason = f"{reason}; a lock was already held ({current.reason}): until unlocked"
@@ -187,7 +195,12 @@ class QosKeeper:
                 own.window.rule_fired(name)  # still firing as the window is judged
             verdict = own.window.verdict()
             evidence = verdict.evidence(own.window.max_error_ratio, own.window.min_health_ratio)
-            if verdict.met and own.floor is not None and own.floor > now:
+            # SLOs held here, but a fleet node still serves the color rolled away from:
+            # the window goes on (a deploy now would meet users on that node).
+            stay = host.lock_must_stay() if verdict.met else None
+            if stay is not None:
+                evidence = {**evidence, "fleet": stay}
+            if verdict.met and stay is None and own.floor is not None and own.floor > now:
                 # The window passed, but an operator's lock laid over it still stands.
                 host.log.info("guard_window_passed", reason=verdict.reason, until=own.info.until)
                 own.window = None
@@ -195,11 +208,12 @@ class QosKeeper:
                 own.expires_at = None if math.isinf(own.floor) else own.floor
                 own.floor = None
                 host.save_state()
-            elif verdict.met:
+            elif verdict.met and stay is None:
                 self.release(
                     by=GUARDD, reason=f"guard window passed: {verdict.reason}", evidence=evidence
                 )
             else:
+                why_not = verdict.reason if stay is None else f"{verdict.reason}, but {stay}"
                 end = now + host.s.qos_window
                 if own.floor is not None:
                     end = max(end, own.floor)
@@ -213,15 +227,17 @@ class QosKeeper:
                 host.record(
                     "qos_extended",
                     source=host.active,
-                    reason=verdict.reason,
+                    reason=why_not,
                     until=info.until,
                     evidence=evidence,
                 )
-                host.record(
-                    "alert",
-                    source=host.active,
-                    reason=f"guard window not met, lock extended: {verdict.reason}",
-                )
+                if stay is None:
+                    # (A node that serves another color is an alert of the fleet's already.)
+                    host.record(
+                        "alert",
+                        source=host.active,
+                        reason=f"guard window not met, lock extended: {why_not}",
+                    )
                 host.save_state()
         elif own.window is None and own.expires_at is not None and now >= own.expires_at:
             self.release(by=GUARDD, reason="operator lock expired")

@@ -50,7 +50,7 @@ import anyio
 from guardd import qoslock
 from guardd.config import FleetConfig
 from guardd.core.types import COLORS, Color, Severity
-from guardd.exceptions import GuarddError, OperationRefused, why
+from guardd.exceptions import GuarddError, OperationRefused, StorageError, UnsafePath, why
 from guardd.fleet._etcd import (
     KV,
     Compacted,
@@ -273,6 +273,31 @@ class Fleet:
         late |= {n for n, t in self._lost.items() if now - t > self.switch_timeout}
         return sorted(late)
 
+    def unconverged(self) -> str | None:
+        """Why the fleet has not converged on its desired color, else None: the live nodes
+        serving another color, and the lost ones last seen serving another (a node
+        forgotten with `etcdctl del P/seen/<node>` is not waited for). With etcd not read
+        (unreachable, or not yet) the nodes cannot be told: that is a reason too (fail
+        closed). A guard window whose SLOs held goes on while this is not None."""
+        if not self.reachable:
+            return "the fleet's nodes cannot be told: etcd is not reachable"
+        want = (self.desired or {}).get("color")
+        if want not in COLORS:
+            return None
+        behind = [
+            f"node {name} serves {doc.get('serving')}"
+            for name, doc in sorted(self.nodes.items())
+            if doc.get("serving") != want
+        ]
+        behind += [
+            f"node {name} (lost) last served {self.seen[name].get('serving')}"
+            for name in sorted(set(self.seen) - set(self.nodes) - {self.node})
+            if self.seen[name].get("serving") != want
+        ]
+        if not behind:
+            return None
+        return f"the fleet has not converged on {want}: " + "; ".join(behind)
+
     def status_doc(self) -> dict[str, Any]:
         """`guardctl fleet status --json`: the nodes, the leader, the desired color.
 
@@ -414,7 +439,7 @@ class Fleet:
         overwritten unseen. Raises `OperationRefused` when etcd cannot be reached or the
         lock changed meanwhile.
         """
-        doc = info.to_json()
+        doc = self._as_fleets(info.to_json())
         current = self._kvs.get(self.key("qos"))
         with self._operator_write("the fleet's QoS lock cannot be changed"):
             ok, revision = await self.client.txn(
@@ -424,6 +449,11 @@ class Fleet:
         if not ok:
             raise OperationRefused("the fleet's QoS lock changed meanwhile; look and try again")
         self._wrote_qos(doc, revision)
+
+    def _as_fleets(self, lock: dict[str, Any]) -> dict[str, Any]:
+        """A lock document (`LockInfo.to_json`) as the fleet's `qos` key holds it: with the
+        node it was written on, which every other node journals (`fleet_node`)."""
+        return {**lock, "node": self.node}
 
     def _wrote_qos(self, doc: dict[str, Any], revision: int) -> None:
         """Our write of `doc` as the fleet's lock passed, at `revision`."""
@@ -756,6 +786,7 @@ class Fleet:
             "reason": reason,
             "severity": severity,
             "at": time.time(),
+            "node": self.node,
         }
         checks = [compare(self.key("desired"), "MOD", self._desired_mod)]
         if fenced:
@@ -882,6 +913,7 @@ class Fleet:
         before, self._local_lock = self._local_lock, doc
         if doc == before or (before is None and not doc.get("locked")):
             return  # unchanged since the last look (or nothing held as we became leader)
+        doc = self._as_fleets(doc)
         if doc == (self.qos or {"locked": False}):
             return
         current = self._kvs.get(self.key("qos"))
@@ -910,7 +942,9 @@ class Fleet:
             return
         held = _json(current.value, {})
         if isinstance(held, dict) and held.get("locked") and _ended(held):
-            doc = qoslock.LockInfo(held=False, reason="expired", by=self.node).to_json()
+            doc = self._as_fleets(
+                qoslock.LockInfo(held=False, reason="expired", by=self.node).to_json()
+            )
             ok, revision = await self.client.txn(
                 [compare(self.key("qos"), "MOD", current.mod_revision)],
                 [put_op(self.key("qos"), doc)],
@@ -941,11 +975,11 @@ class Fleet:
             return
         ok, revision = await self.client.txn(
             [compare(self.key("qos"), "MOD", current.mod_revision if current else 0)],
-            [put_op(self.key("qos"), local)],
+            [put_op(self.key("qos"), self._as_fleets(local))],
         )
         self._qos_before = None  # one try: the store's word counts after it
         if ok:
-            self._wrote_qos(local, revision)
+            self._wrote_qos(self._as_fleets(local), revision)
             guard.record(
                 "alert",
                 by=self.node,
@@ -1053,9 +1087,11 @@ class Fleet:
         if self.qos.get("locked") or not qoslock.read_lock(guard.s.lock_file).held:
             return
         async with guard.lock:
+            on = self.qos.get("node")
             guard.release_lock(
                 by=f"fleet:{self.qos.get('by') or 'unknown'}",
                 reason="the fleet's QoS lock was released"
+                + (f" on {on}" if isinstance(on, str) and on != self.qos.get("by") else "")
                 + (f" ({self.qos['reason']})" if self.qos.get("reason") else ""),
             )
             guard.save_state()
@@ -1080,6 +1116,7 @@ class Fleet:
         qos = self.qos or {"locked": False}
         local = qoslock.read_lock(guard.s.lock_file)
         mirrored = self._is_mirror(local)
+        on = {"fleet_node": qos["node"]} if isinstance(qos.get("node"), str) else {}
         if qos.get("locked") and not _ended(qos):
             info = self._copy_of(qos)
             # Any change of the fleet's lock (a lock replaced: its reason, until, owner)
@@ -1087,11 +1124,44 @@ class Fleet:
             # the fleet's and another node replaced it.
             if local == info or (local.held and not mirrored and not self._replaced(local)):
                 return
-            with contextlib.suppress(OSError):
+            try:
                 qoslock.write_lock(guard.s.lock_file, info)
+            except (OSError, StorageError, UnsafePath) as e:
+                guard.storage_failed("lock", f"cannot write {guard.s.lock_file}: {why(e)}")
+                return  # the next round tries again
+            guard.storage_ok("lock")
+            # This host's gate changed: its journal says so, as for a lock taken here.
+            extended = mirrored and (local.reason, local.by) == (info.reason, info.by)
+            guard.record(
+                "qos_extended" if extended else "qos_locked",
+                reason=f"the fleet's QoS lock: {info.reason}",
+                by=info.by,
+                until=info.until,
+                **on,
+            )
         elif local.held and mirrored and time.monotonic() >= self._qos_settle_until:
-            with contextlib.suppress(OSError):
-                qoslock.remove_lock(guard.s.lock_file)
+            try:
+                removed = qoslock.remove_lock(guard.s.lock_file)
+            except (OSError, UnsafePath) as e:
+                guard.storage_failed("lock", f"cannot remove {guard.s.lock_file}: {why(e)}")
+                return
+            guard.storage_ok("lock")
+            if not removed:
+                return
+            if not self.qos:
+                why_gone = "the fleet's QoS lock is gone from etcd's store"
+            elif qos.get("locked"):
+                why_gone = f"the fleet's QoS lock ended (until {qos.get('until')})"
+            else:
+                why_gone = "the fleet's QoS lock was released" + (
+                    f" ({qos['reason']})" if qos.get("reason") else ""
+                )
+            guard.record(
+                "qos_released",
+                reason=why_gone,
+                by=f"fleet:{qos.get('by') or self.leader or 'unknown'}",
+                **on,
+            )
 
     def _copy_of(self, qos: dict[str, Any]) -> qoslock.LockInfo:
         """The fleet's lock `qos` as this node's lock file holds a copy of it."""
@@ -1122,7 +1192,7 @@ class Fleet:
         current = self._kvs.get(self.key("qos"))
         return (
             self._qos_wrote is not None
-            and local.to_json() == self._qos_wrote
+            and self._as_fleets(local.to_json()) == self._qos_wrote
             and current is not None
             and current.mod_revision > self._qos_mine
         )
@@ -1177,6 +1247,7 @@ class Fleet:
                     reason=str(d.get("reason") or f"the fleet's generation {generation}"),
                     severity=_severity(d.get("severity")),
                     generation=generation,
+                    fleet_node=d["node"] if isinstance(d.get("node"), str) else None,
                 )
             if guard.active == color:
                 self.applied_generation(generation)

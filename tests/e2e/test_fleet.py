@@ -340,6 +340,60 @@ def test_a_node_that_cannot_apply_the_rollback_is_reported_on_every_node(
         d.wait_event("alert", timeout=30, where=lambda e: "node n1 serves" in e["reason"])
 
 
+def test_the_fleets_lock_holds_until_a_late_node_applied_the_rollback(
+    make_fleet: MakeFleet,
+) -> None:
+    """A node whose nginx rejects the rollback keeps serving the failing color: the
+    leader's guard window passes its SLOs but goes on (deploys stay blocked on every node)
+    until that node applies it; then the late node's own window, taken over its copy of the
+    fleet's lock, ends with the fleet's, and no lock is left anywhere."""
+    fleet = make_fleet(switch__timeout="2s", qos__window="6s")
+    fleet.start()
+    late = fleet.labs[1]
+    good = late.nginx.targets["blue"].read_text()
+    late.nginx.targets["blue"].write_text("upstream lab_app { not nginx; }\n")
+    fleet.green.set_mode("http_503")
+    assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    assert fleet.labs[2].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    fleet.daemons[1].wait_event("rollback_failed", timeout=60)
+    leader = fleet.leader()
+    assert leader is not None and leader != 1
+    # The window is due and its SLOs held (blue is fine), but n1 still serves green.
+    extended = fleet.daemons[leader].wait_event(
+        "qos_extended", timeout=60, where=lambda e: "n1 serves green" in e["reason"]
+    )
+    assert "has not converged on blue" in extended["reason"], extended
+    assert all(blocked_by_the_fleet(lab) for lab in fleet.labs)
+    assert all(lab.lock_file.exists() for lab in fleet.labs)
+    rows = {n["node"]: n for n in fleet.fleet_status(leader)["nodes"]}
+    assert rows["n1"]["serving"] == "green", rows
+
+    mark = len(fleet.daemons[1].events())
+    late.nginx.targets["blue"].write_text(good)
+    assert late.nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    # n1's own window, taken over its copy of the fleet's lock: a window with an end, not
+    # "someone else's lock, until unlocked".
+    taken = fleet.daemons[1].wait_event(
+        "qos_locked",
+        timeout=30,
+        after=mark,
+        where=lambda e: e["reason"].startswith("rollback green -> blue"),
+    )
+    assert taken["until"] is not None and "already held" not in taken["reason"], taken
+    wait_until(
+        lambda: (
+            all(not lab.lock_file.exists() for lab in fleet.labs)
+            and all(qos_status(lab)[0] == 0 for lab in fleet.labs)
+        ),
+        90,
+        "the fleet's lock released everywhere once every node serves blue",
+        poll=0.3,
+    )
+    fleet.rounds_pass()
+    assert not any(lab.lock_file.exists() for lab in fleet.labs)
+    assert fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["locked"] is False
+
+
 def test_a_reload_keeps_the_fleet_settings_until_the_next_start(fleet: FleetLab) -> None:
     fleet.start()
     lab, d = fleet.labs[0], fleet.daemons[0]
@@ -473,6 +527,16 @@ def test_a_fleet_lock_for_a_while_ends_on_every_node(fleet: FleetLab) -> None:
     fleet.rounds_pass()
     ends = [e for e in fleet.daemons[follower].events() if e["event"] == "qos_released"]
     assert len(ends) == 1, ends
+    # Every other node's journal says what its gate did: the copy taken, then gone, once
+    # each, naming the node the lock was taken on (the leader that ended it too).
+    for i in set(range(3)) - {follower}:
+        events = fleet.daemons[i].events()
+        taken = [e for e in events if e["event"] == "qos_locked"]
+        gone = [e for e in events if e["event"] == "qos_released"]
+        assert len(taken) == 1 and len(gone) == 1, (i, taken, gone)
+        assert taken[0]["by"].startswith("fleet:uid:") and "short freeze" in taken[0]["reason"]
+        assert taken[0]["fleet_node"] == f"n{follower}", taken
+        assert gone[0]["by"].startswith("fleet:"), gone
 
 
 def test_a_frozen_node_is_shown_lost_then_is_an_alert(make_fleet: MakeFleet) -> None:
@@ -868,6 +932,12 @@ def test_a_lock_lost_with_etcds_store_is_published_again_and_no_stale_expiry_end
         assert not released, released
 
 
+def copy_of_lock_taken_on(node: str) -> Callable[[dict[str, Any]], bool]:
+    """Whether a journal event is about a copy of the fleet's lock taken on `node` (the
+    tests' locks there say "on <node>")."""
+    return lambda e: e.get("fleet_node") == node and f"on {node}" in e["reason"]
+
+
 def past_until(until: str, margin: float = 4.0) -> None:
     """Wait until the wall clock is `margin` seconds past the RFC 3339 time `until`: the
     leader's expiry round and every node's lock step have had their turn by then."""
@@ -901,6 +971,10 @@ def test_an_operators_lock_replaced_from_another_node_is_mirrored_and_ends_quiet
         assert time.time() < parse_rfc3339(until), "mirrored only at the old lock's end"
         local = qoslock.read_lock(fleet.labs[a].lock_file)
         assert (local.by or "").startswith("fleet:"), local
+        # n{a}'s gate now holds n{b}'s lock: its journal says so.
+        fleet.daemons[a].wait_event(
+            "qos_locked", timeout=30, after=mark, where=copy_of_lock_taken_on(f"n{b}")
+        )
         past_until(until)
         assert lock_everywhere(fleet, f"on n{b}")
         again = [e for e in fleet.daemons[a].events()[mark:] if e["event"] == "qos_released"]
@@ -959,6 +1033,10 @@ def test_a_rollback_asked_on_a_follower_locks_the_whole_fleet_until_its_window_p
     released = [e for d in fleet.daemons for e in d.events() if e["event"] == "qos_released"]
     assert released and all(e["by"] != "fleet:unknown" for e in released), released
     assert all(fleet.labs[i].nginx.served_color() == "blue" for i in range(3))
+    # The other nodes' journals name the node the operator asked on.
+    for i in set(range(3)) - {follower}:
+        done = applied(fleet.daemons[i], 1)
+        assert done["by"].startswith("fleet:uid:") and done["fleet_node"] == f"n{follower}"
 
 
 def test_resume_on_any_node_re_arms_the_fleets_budget_and_ends_every_hold(

@@ -382,3 +382,62 @@ async def test_a_journal_shared_with_another_guard_is_said(tmp_path: Path) -> No
         assert any(c.args == ("journal_of_another_guard",) for c in other.log.calls)
     finally:
         await other.aclose()
+
+
+async def test_a_window_whose_slos_held_goes_on_while_the_fleet_has_not_converged(
+    tmp_path: Path,
+) -> None:
+    """A fleet node's guard window is not released while a node still serves the color
+    rolled away from (`Guard.lock_must_stay`): it is extended, saying why, and ends at the
+    first due time after the fleet converged."""
+    rig = await rolled_back(tmp_path)
+    behind = "the fleet has not converged on blue: node n1 serves green"
+    stay: list[str | None] = [behind]
+    rig.guard.lock_must_stay = lambda: stay[0]  # type: ignore[method-assign]
+    try:
+        (locked,) = rig.events("qos_locked")
+        taken_at = rig.clock.monotonic()
+        while rig.clock.monotonic() - taken_at < QOS_WINDOW:
+            await rig.probe_round()
+        (extended,) = rig.events("qos_extended")
+        assert extended["reason"].startswith("SLOs held over 10 probes")
+        assert extended["reason"].endswith(f", but {behind}")
+        assert extended["evidence"]["fleet"] == behind
+        assert extended["until"] > locked["until"]
+        assert lock_held(rig)
+        # Not an alert of the window's: the node's divergence is the fleet's alert.
+        assert not [e for e in rig.events("alert") if "guard window" in e["reason"]]
+        stay[0] = None
+        extended_at = rig.clock.monotonic()
+        while rig.clock.monotonic() - extended_at < QOS_WINDOW:
+            assert lock_held(rig)
+            await rig.probe_round()
+        assert not lock_held(rig)
+        (released,) = rig.events("qos_released")
+        assert released["reason"].startswith("guard window passed")
+    finally:
+        await rig.aclose()
+
+
+@pytest.mark.parametrize("fleets", [True, False], ids=["fleet-copy", "someone-elses"])
+async def test_a_window_taken_over_the_fleets_copy_ends_as_windows_do(
+    tmp_path: Path, fleets: bool
+) -> None:
+    """On a fleet node, the rollback's window replaces this node's copy of the fleet's lock
+    and keeps its own end; a lock someone else wrote there still makes it last until
+    unlocked (it had no end)."""
+    rig = await build_guard(tmp_path).start()
+    copy = qoslock.LockInfo(True, "the fleet's", "2026-12-01T00:00:00Z", None, "fleet:n0")
+    qoslock.write_lock(rig.guard.s.lock_file, copy)
+    rig.guard.lock_to_keep = lambda: copy if fleets else None  # type: ignore[method-assign]
+    try:
+        await rig.probe_rounds(WARM_UP)
+        rig.probers["green"].answer(503, "db down")
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+        (locked,) = rig.events("qos_locked")
+        if fleets:
+            assert locked["until"] is not None and "already held" not in locked["reason"]
+        else:
+            assert locked["until"] is None and "a lock was already held" in locked["reason"]
+    finally:
+        await rig.aclose()
