@@ -49,7 +49,7 @@ import anyio
 
 from guardd import qoslock
 from guardd.config import FleetConfig
-from guardd.core.types import COLORS, Color, Severity
+from guardd.core.types import COLORS, GUARDD, Color, Severity
 from guardd.exceptions import GuarddError, OperationRefused, StorageError, UnsafePath, why
 from guardd.fleet._etcd import (
     KV,
@@ -81,6 +81,14 @@ class Fleet:
     #: Since the store went back: the fleet's rollbacks (wall times) this node knew before,
     #: for the leader to write back what the store lost (the budget survives a restore).
     _rollbacks_before: list[float]
+    #: Another process publishing under this node's name (its record under a lease not
+    #: ours): (since, its lease), and whether it was journaled. One that outlives
+    #: `lease_ttl` is no earlier run of ours (whose lease expires by then) but a clash.
+    _clash: tuple[float, int] | None
+    _clash_told: bool
+    #: Why a rollback this node decided was not written (etcd unreachable, no
+    #: local_fallback): journaled when it is first set, once an outage.
+    _unacted: str | None
 
     def __init__(
         self, config: FleetConfig, *, instance: str, state_dir: Path, switch_timeout: float
@@ -100,7 +108,6 @@ class Fleet:
         )
         self.guard: Guard | None = None
         self.lease: int | None = None
-        self._renewed = 0.0
         self.leader: str | None = None
         self._leader_rev: int | None = None  # P/leader's create_revision, while we hold it
         self.desired: dict[str, Any] | None = None
@@ -154,6 +161,7 @@ class Fleet:
         # not at all, comes from a store that lost it (restored from a backup taken before
         # it), even when other writes since carried its revision past the one we knew.
         self._epoch, self._own, self._rollbacks_before = 0, dict[str, int](), []
+        self._clash, self._clash_told, self._unacted, self._renewed = None, False, None, 0.0
         self.client.on_header = self._header
         self._store = state_dir / "fleet.json"
         self.applied = self._load_applied()
@@ -182,7 +190,10 @@ class Fleet:
         if self._published is not None and not self._published.get("wants_rollback"):
             self._changed_now()  # publish the wish at once, not at the next lease third
         if not self.reachable:
-            return 0 if self.c.local_fallback else None
+            if self.c.local_fallback:
+                return 0
+            self._cannot_act(target, reason)
+            return None
         if not self.is_leader:
             return None
         d = self.desired
@@ -208,6 +219,22 @@ class Fleet:
             )
         except EtcdUnavailable:
             return 0 if self.c.local_fallback else None
+
+    def _cannot_act(self, target: Color, reason: str) -> None:
+        """This node wants a rollback and cannot write it (etcd unreachable, no
+        `local_fallback`): journal it once an outage, and warn until etcd is back."""
+        guard = self.guard
+        if guard is None:
+            return
+        first, self._unacted = (
+            self._unacted is None,
+            (
+                f"fleet: this node sees {guard.active} failing and does not roll back to "
+                f"{target}: etcd is unreachable and fleet.local_fallback is false ({reason})"
+            ),
+        )
+        if first:
+            guard.record("alert", reason=self._unacted, source=guard.active, target=target)
 
     async def propose(self, target: Color, kind: str, by: str, reason: str) -> int:
         """An operator's rollback, switch or promote for the whole fleet; its generation.
@@ -240,8 +267,20 @@ class Fleet:
                 f"fleet: etcd is unreachable ({self.problem}); this node keeps serving "
                 f"what it last applied and {what}"
             )
+        if self._unacted is not None and self.reachable is False:
+            found.append(self._unacted)
+        if self._clash is not None and self._clash_told:
+            found.append(self._clash_text())
         found += [self._alert_text(n) for n in self.diverged()]
         return found
+
+    def _clash_text(self) -> str:
+        other = self._clash[1] if self._clash is not None else 0
+        return (
+            f"fleet: another guardd publishes as node {self.node} (etcd lease {other:x}): "
+            "this node does not publish its record nor answer for that name; give each "
+            "node its own fleet.node"
+        )
 
     def _alert_text(self, name: str) -> str:
         want = (self.desired or {}).get("color")
@@ -261,6 +300,8 @@ class Fleet:
         """The STATUS= word: `fleet=etcd-unreachable`, `fleet=diverged`, or None."""
         if self.reachable is False:
             return "fleet=etcd-unreachable"
+        if self._clash is not None and self._clash_told:
+            return "fleet=name-clash"
         if self.diverged():
             return "fleet=diverged"
         return None
@@ -454,6 +495,15 @@ class Fleet:
         """A lock document (`LockInfo.to_json`) as the fleet's `qos` key holds it: with the
         node it was written on, which every other node journals (`fleet_node`)."""
         return {**lock, "node": self.node}
+
+    @property
+    def expiry_grace(self) -> float:
+        """How long past its `until` the fleet's lock still holds (s): twice `lease_ttl`
+        plus a probe interval. A guard window is judged at its owner's first tick after
+        `until` and an extension published in the owner's next round; a lock read as ended
+        in between would open every host's gate for that moment, then close it again."""
+        interval = self.guard.s.probe_interval if self.guard is not None else 0.0
+        return 2 * self.c.lease_ttl + interval
 
     def _wrote_qos(self, doc: dict[str, Any], revision: int) -> None:
         """Our write of `doc` as the fleet's lock passed, at `revision`."""
@@ -664,6 +714,7 @@ class Fleet:
                 self.guard.record("alert", reason="fleet: etcd is reachable again", by=self.node)
             self._kick()  # the watch may hang on a dead connection: reopen it now
         self.reachable, self.problem, self.unreachable_since = True, None, None
+        self._unacted = None
         # Each step acts on the view read from the store as it is: none after a sign that
         # the store went back, until it is read afresh.
         leading: tuple[Callable[[], Awaitable[None]], ...] = ()
@@ -734,15 +785,41 @@ class Fleet:
         if doc == self._published and now - self._published_at < self.c.lease_ttl / 3:
             return
         record = doc | {"at": time.time()}
-        await self.client.put(
-            self.key("nodes", self.node), json.dumps(record), lease=self.lease or 0
-        )
+        key = self.key("nodes", self.node)
+        # Only over our own record or none: never over another process's of this name.
+        for check in (compare(key, "LEASE", self.lease), compare(key, "CREATE", 0)):
+            ok, _ = await self.client.txn([check], [put_op(key, record, lease=self.lease)])
+            if ok:
+                break
+        self._note_clash(now, clashing=not ok)
+        if not ok:
+            return
         last = self._published or {}
         if (last.get("serving"), last.get("generation")) != (doc["serving"], doc["generation"]):
             seen = {k: record[k] for k in ("serving", "generation", "at")}
             revision = await self.client.put(self.key("seen", self.node), json.dumps(seen))
             self._own[self.key("seen", self.node)] = revision
         self._published, self._published_at = doc, now
+
+    def _note_clash(self, now: float, *, clashing: bool) -> None:
+        """Whether our record could not be written: `nodes/<our name>` is held under a
+        lease not ours. An earlier run of this node (restarted, its lease not yet expired)
+        lets go within `lease_ttl`; a record that outlives that is another guardd with the
+        same `fleet.node`: journaled once (an `alert`), a WARNING, `fleet=name-clash`."""
+        if not clashing:
+            if self._clash is not None and self._clash_told and self.guard is not None:
+                self.guard.record(
+                    "alert", reason=f"fleet: node name {self.node} is this node's alone again"
+                )
+            self._clash, self._clash_told = None, False
+            return
+        held = self._kvs.get(self.key("nodes", self.node))
+        if self._clash is None:
+            self._clash, self._clash_told = (now, held.lease if held is not None else 0), False
+        if not self._clash_told and now - self._clash[0] > 1.5 * self.c.lease_ttl:
+            self._clash_told = True
+            if self.guard is not None:
+                self.guard.record("alert", reason=self._clash_text())
 
     async def _campaign(self) -> None:
         if self.lease is None:
@@ -871,8 +948,8 @@ class Fleet:
             if not kv.key.startswith(asked) or guard is None:
                 continue
             ask = kv.key[len(asked) :]
-            if ask in self._answered or self.lease is None:
-                continue
+            if ask in self._answered or self.lease is None or self._clash is not None:
+                continue  # (a name another process holds: it answers for the name)
             self._answered.add(ask)
             target = (_json(kv.value, {}) or {}).get("target")
             answer: dict[str, Any] = {"ok": True, "why": None}
@@ -941,7 +1018,10 @@ class Fleet:
         if current is None or current.mod_revision < self._qos_mine:
             return
         held = _json(current.value, {})
-        if isinstance(held, dict) and held.get("locked") and _ended(held):
+        guard = self.guard
+        if held == self._qos_wrote and guard is not None and guard.own_lock is not None:
+            return  # our own lock: our keeper ends or extends it, and we publish that
+        if isinstance(held, dict) and held.get("locked") and _ended(held, self.expiry_grace):
             doc = self._as_fleets(
                 qoslock.LockInfo(held=False, reason="expired", by=self.node).to_json()
             )
@@ -1117,7 +1197,9 @@ class Fleet:
         local = qoslock.read_lock(guard.s.lock_file)
         mirrored = self._is_mirror(local)
         on = {"fleet_node": qos["node"]} if isinstance(qos.get("node"), str) else {}
-        if qos.get("locked") and not _ended(qos):
+        if qos.get("locked") and not local.held and qos == self._qos_wrote:
+            return  # ours, ended here: the leader's release of it follows (no copy of it)
+        if qos.get("locked") and not _ended(qos, self.expiry_grace):
             info = self._copy_of(qos)
             # Any change of the fleet's lock (a lock replaced: its reason, until, owner)
             # reaches the copy; a lock of this node's own is left as it is, unless it was
@@ -1166,12 +1248,15 @@ class Fleet:
     def _copy_of(self, qos: dict[str, Any]) -> qoslock.LockInfo:
         """The fleet's lock `qos` as this node's lock file holds a copy of it."""
         until, at = qos.get("until"), qos.get("locked_at")
+        by, node = qos.get("by") or self.leader, qos.get("node")
+        if by == GUARDD and isinstance(node, str):
+            by = node  # a guard window: the node whose guard took it
         return qoslock.LockInfo(
             held=True,
             reason=str(qos.get("reason") or "the fleet's QoS lock"),
             locked_at=at if isinstance(at, str) else None,
             until=until if isinstance(until, str) else None,
-            by=f"fleet:{qos.get('by') or self.leader}",
+            by=f"fleet:{by}",
         )
 
     def copy_to_keep(self) -> qoslock.LockInfo | None:
@@ -1180,7 +1265,7 @@ class Fleet:
         not ended and is not the one this node wrote. None otherwise (etcd unreachable: the
         next rounds decide)."""
         qos = self.qos
-        if not self.reachable or not qos or not qos.get("locked") or _ended(qos):
+        if not self.reachable or not qos or not qos.get("locked") or _ended(qos, self.expiry_grace):
             return None
         if self._qos_wrote is not None and qos == self._qos_wrote:
             return None  # ours: its end is the fleet's, published in the next round
@@ -1264,12 +1349,13 @@ class Fleet:
         return int(doc.get("applied", 0)) if isinstance(doc, dict) else 0
 
 
-def _ended(lock: dict[str, Any]) -> bool:
-    """Whether a lock's `until` has passed: the leader ends it soon; no node copies it
-    meanwhile (the node whose lock it was has journaled its end already)."""
+def _ended(lock: dict[str, Any], grace: float = 0.0) -> bool:
+    """Whether a lock's `until` has passed by more than `grace` seconds: the leader ends it
+    soon; no node copies it meanwhile (the node whose lock it was has journaled its end
+    already)."""
     until = lock.get("until")
     try:
-        return isinstance(until, str) and parse_rfc3339(until) < time.time()
+        return isinstance(until, str) and parse_rfc3339(until) + grace < time.time()
     except ValueError:
         return False
 

@@ -202,6 +202,12 @@ def test_a_node_cut_off_from_etcd_keeps_its_color_then_converges(make_fleet: Mak
     )
     assert cut.nginx.active_link.resolve() == cut.nginx.targets["green"].resolve()
     assert not [e for e in cut_d.events() if e["event"].startswith("rollback")]
+    # It says so, once: in its journal and among its warnings while it lasts.
+    unacted = "does not roll back to blue: etcd is unreachable"
+    cut_d.wait_event("alert", timeout=30, where=lambda e: unacted in e["reason"])
+    assert any(unacted in w for w in status_of(cut)["warnings"])
+    fleet.rounds_pass()
+    assert sum(unacted in e.get("reason", "") for e in cut_d.events()) == 1
     proxy.start()
     assert cut.nginx.wait_serving_only("blue", hold=0.3, timeout=60)
     applied(cut_d, 1)
@@ -358,13 +364,40 @@ def test_the_fleets_lock_holds_until_a_late_node_applied_the_rollback(
     fleet.daemons[1].wait_event("rollback_failed", timeout=60)
     leader = fleet.leader()
     assert leader is not None and leader != 1
-    # The window is due and its SLOs held (blue is fine), but n1 still serves green.
-    extended = fleet.daemons[leader].wait_event(
-        "qos_extended", timeout=60, where=lambda e: "n1 serves green" in e["reason"]
-    )
+    wait_until(lambda: all(lab.lock_file.exists() for lab in fleet.labs), 30, "every lock file")
+    # Gates on every host, testing their lock files as often as they can.
+    missing: list[tuple[int, float]] = []
+    done = threading.Event()
+
+    def gates() -> None:
+        while not done.is_set():
+            missing.extend((i, time.monotonic()) for i, lab in enumerate(fleet.labs)
+                           if not lab.lock_file.exists())  # fmt: skip
+            done.wait(0.005)
+
+    watcher = threading.Thread(target=gates, daemon=True)
+    watcher.start()
+    mark = len(fleet.daemons[1].events())
+    try:
+        # The window is due twice and its SLOs held (blue is fine), but n1 serves green.
+        for _ in range(2):
+            extended = fleet.daemons[leader].wait_event(
+                "qos_extended",
+                timeout=60,
+                after=len(fleet.daemons[leader].events()),
+                where=lambda e: "n1 serves green" in e["reason"],
+            )
+        fleet.rounds_pass()
+    finally:
+        done.set()
+        watcher.join(timeout=10)
     assert "has not converged on blue" in extended["reason"], extended
+    assert missing == [], f"a gate found its lock file missing {len(missing)} times"
     assert all(blocked_by_the_fleet(lab) for lab in fleet.labs)
-    assert all(lab.lock_file.exists() for lab in fleet.labs)
+    # n1's copy follows the extensions: journaled as extended, never ended and taken again.
+    moved = fleet.daemons[1].events()[mark:]
+    assert [e for e in moved if e["event"] == "qos_extended"], moved
+    assert not [e for e in moved if e["event"] in ("qos_released", "qos_locked")], moved
     rows = {n["node"]: n for n in fleet.fleet_status(leader)["nodes"]}
     assert rows["n1"]["serving"] == "green", rows
 
@@ -749,6 +782,51 @@ def lock_everywhere(fleet: FleetLab, reason: str) -> bool:
         if code != 1:
             return False
     return True
+
+
+def test_a_second_guardd_with_a_nodes_name_is_a_clash_never_its_record(
+    fleet: FleetLab,
+) -> None:
+    """A fourth guardd configured with n1's name: it never overwrites n1's record (the
+    fleet keeps seeing the real n1), and says so, once, in its journal, its warnings and
+    STATUS=."""
+    fleet.start()
+    clash = "another guardd publishes as node n1"
+    real = fleet.etcd.lease_of(PREFIX + "/nodes/n1")
+    assert real
+    (fleet.tmp / "twin").mkdir()
+    twin = Lab(
+        fleet.tmp / "twin",
+        upstreams=(fleet.blue, fleet.green),
+        fleet__etcd=fleet.etcd.client_urls,
+        fleet__node="n1",
+        fleet__lease_ttl="2s",
+    )
+    try:
+        twin_d = twin.daemon()
+        said = twin_d.wait_event(
+            "alert",
+            timeout=60,
+            where=lambda e: clash in e["reason"],
+        )
+        assert "give each node its own fleet.node" in said["reason"]
+        assert any(clash in w for w in status_of(twin)["warnings"])
+        assert twin.notify is not None
+        wait_until(
+            lambda: any("fleet=name-clash" in m for m in twin.notify.lines()),  # type: ignore[union-attr]
+            30,
+            "fleet=name-clash in STATUS=",
+        )
+        # The fleet's n1 is the real one all along: its record, under its own lease.
+        fleet.rounds_pass()
+        for i in (0, 2):
+            rows = {r["node"]: r for r in fleet.fleet_status(i)["nodes"]}
+            assert sorted(rows) == ["n0", "n1", "n2"], rows
+        assert fleet.etcd.lease_of(PREFIX + "/nodes/n1") == real
+        clashes = [e for e in twin_d.events() if clash in e.get("reason", "")]
+        assert len(clashes) == 1, clashes
+    finally:
+        twin.close()
 
 
 def test_a_replaced_fleet_lock_reaches_every_node(fleet: FleetLab) -> None:

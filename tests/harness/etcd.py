@@ -226,6 +226,12 @@ class EtcdCluster:
                 return doc
         raise AssertionError("no etcd member answered")
 
+    def lease_of(self, key: str) -> int | None:
+        """The lease `key` is held under (0: none), or None when there is no such key."""
+        body = {"key": base64.b64encode(key.encode()).decode()}
+        kvs = self._post("kv/range", body).get("kvs", [])
+        return int(kvs[0].get("lease", 0)) if kvs else None
+
     def put(self, key: str, value: str) -> int:
         """Write `key` on any live member; the store's revision after it."""
         body = {"key": base64.b64encode(key.encode()).decode()}
