@@ -309,20 +309,17 @@ class Guard:
         The active color always may; the standby only when its health flips, which is
         what a hold waits for. Its other rounds wait for the periodic tick.
         """
-        now = self.clock.monotonic()
-        w = self.machine.windows[color]
+        machine = self.machine
+        w = machine.windows[color]
         was_failing = w.consecutive_failures > 0
-        self.machine.observe(color, now, result.outcome, result.latency_s, result.error)
-        if color == self.active:
-            self.qos.observe(result.outcome)
-        self.metrics.observe_probe(color, result.outcome.value, result.latency_s)
-        self.metrics.set_upstream(
-            color,
-            healthy=w.consecutive_failures == 0,
-            consecutive_failures=w.consecutive_failures,
-            error_ratio=w.failure_ratio,
+        machine.observe(
+            color, self.clock.monotonic(), result.outcome, result.latency_s, result.error
         )
-        return color == self.active or was_failing != (w.consecutive_failures > 0)
+        active = color == self.active
+        if active:
+            self.qos.observe(result.outcome)
+        self.metrics.probe_round(color, result, w)
+        return active or was_failing != (w.consecutive_failures > 0)
 
     def cadence(self, color: Color) -> float:
         """How soon to probe `color` again: fast while confirming a failure."""
