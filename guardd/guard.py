@@ -314,20 +314,17 @@ class Guard:
         The active color always may; the standby only when its health flips, which is
         what a hold waits for. Its other rounds wait for the periodic tick.
         """
-        now = self.clock.monotonic()
-        w = self.machine.windows[color]
+        machine = self.machine
+        w = machine.windows[color]
         was_failing = w.consecutive_failures > 0
-        self.machine.observe(color, now, result.outcome, result.latency_s, result.error)
-        if color == self.active:
-            self.qos.observe(result.outcome)
-        self.metrics.observe_probe(color, result.outcome.value, result.latency_s)
-        self.metrics.set_upstream(
-            color,
-            healthy=w.consecutive_failures == 0,
-            consecutive_failures=w.consecutive_failures,
-            error_ratio=w.failure_ratio,
+        machine.observe(
+            color, self.clock.monotonic(), result.outcome, result.latency_s, result.error
         )
-        return color == self.active or was_failing != (w.consecutive_failures > 0)
+        active = color == self.active
+        if active:
+            self.qos.observe(result.outcome)
+        self.metrics.probe_round(color, result, w)
+        return active or was_failing != (w.consecutive_failures > 0)
 
     def cadence(self, color: Color) -> float:
         """How soon to probe `color` again: fast while confirming a failure."""
@@ -396,6 +393,34 @@ class Guard:
             self._publish(decision.state)
         self._flush_journal_backlog()
         return decision
+
+    def repeat_key(self, on_disk: Color | None) -> tuple[object, ...] | None:
+        """What a decision tick now reads, when it reads nothing more: the machine's
+        (`GuardMachine.repeat_key`), the color the switch target names (`on_disk`, as
+        `Switcher.read_active` gives it) and the QoS lock's (`QosKeeper.repeat_key`). None
+        when a tick may read more than a key holds (signals besides the probe, a fleet, a
+        switch under way, a journal backlog to write).
+
+        A tick that took no action, then one whose key equals the key taken just after it,
+        decides the same and changes nothing: `guardd replay` counts that one
+        (`repeat_tick`) rather than taking it. The daemon itself takes every tick.
+        """
+        if self.signals or self.fleet is not None or self.rolling_back or self.journal.backlog:
+            return None
+        now = self.clock.monotonic()
+        qos = self.qos
+        machine = self.machine.repeat_key(
+            now, self.active, qos.held, self.paused is not None, self.verifier is not None
+        )
+        if machine is None:
+            return None
+        return (machine, on_disk, qos.repeat_key(now))
+
+    def repeat_tick(self) -> None:
+        """Count a decision tick that `repeat_key` shows would decide nothing new and
+        change nothing, without taking it."""
+        self.ticks += 1
+        self.metrics.decision_tick()
 
     def _read_signals(self, now: float) -> None:
         """Take every signal's reading of each color for this tick, and say once per

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from prometheus_client import (
@@ -35,6 +35,10 @@ from prometheus_client.registry import Collector
 from guardd.core import types
 from guardd.core.rules import Verdict
 from guardd.core.types import NOTIFICATION_OUTCOMES, Outcome, State
+
+if TYPE_CHECKING:
+    from guardd.core.window import SlidingWindow
+    from guardd.probes.http import ProbeResult
 
 __all__ = [
     "COLORS",
@@ -290,6 +294,18 @@ class GuardMetrics:
             ) from None
         count.inc()
         latency.observe(seconds)
+
+    def probe_round(self, color: str, result: ProbeResult, window: SlidingWindow) -> None:
+        """One probe round of `color` and its window after it: `observe_probe`, then
+        `set_upstream` from the window (healthy: no failure in a row; its failure ratio)."""
+        self.observe_probe(color, result.outcome.value, result.latency_s)
+        failures = window.consecutive_failures
+        self.set_upstream(
+            color,
+            healthy=failures == 0,
+            consecutive_failures=failures,
+            error_ratio=window.failure_ratio,
+        )
 
     def set_upstream(
         self, color: str, *, healthy: bool, consecutive_failures: int, error_ratio: float

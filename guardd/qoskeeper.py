@@ -242,6 +242,27 @@ class QosKeeper:
         elif own.window is None and own.expires_at is not None and now >= own.expires_at:
             self.release(by=GUARDD, reason="operator lock expired")
 
+    def repeat_key(self, now: float) -> tuple[object, ...]:
+        """What `step(now)` and `rules_firing` read (`Guard.repeat_key`): the lock file as
+        it reads now, guardd's own lock and whether its window or expiry is due at `now`.
+        A step that found nothing due leaves the keeper as another on the same key would."""
+        own = self.own_lock
+        lock: tuple[object, ...] | None = None
+        if own is not None:
+            window = own.window
+            lock = (
+                own,
+                own.info,
+                window,
+                window is not None and window.due(now),
+                own.expires_at is not None and now >= own.expires_at,
+                own.floor,
+                own.manual,
+                "lock" in self.host.storage.failing,
+            )
+        current = self.store.read(self.host.s.lock_file)
+        return (current, self.held, lock, self._firing, self._firing_color)
+
     def release(self, *, by: str, reason: str, evidence: dict[str, Any] | None = None) -> bool:
         """Remove the lock file (any lock, when an operator asks) and journal it."""
         host = self.host

@@ -458,6 +458,79 @@ class GuardMachine:
             return "blue" if self.spec.rollback_to == "blue" else "green"
         return other(active)
 
+    def repeat_key(
+        self, now: float, active: Color | None, qos_locked: bool, paused: bool, front_door: bool
+    ) -> tuple[object, ...] | None:
+        """What a decision at monotonic `now` reads, when it reads nothing more: decisions
+        on equal keys decide alike. The arguments are the `Facts` fields of that decision
+        (`front_door`: `front_door_watched`), its other facts being no readings of other
+        signals and no switch under way. None when a decision may read more than a key holds.
+
+        A decision that took no action leaves the machine as a second decision on the same
+        key would leave it (what it clears stays cleared, its verdicts are the ones kept).
+        So a later decision whose key equals the key taken just after that one would take
+        no action and change nothing either, whatever time has passed: every use of `now`
+        is in the key (each color's staleness, the front door's) or gives nothing (a
+        verdict the policy keeps judges no rule, and never fails, so that
+        `rollbacks_in_budget` is not read either).
+
+        None: no active color, no probe of a color yet, a `stale_after` (the ages of
+        readings), a verdict the policy would judge anew (a rule holds, an onset runs, the
+        windows read otherwise than when it was kept). Reading the windows at `now` forgets
+        their samples older than their span, as a decision would.
+        """
+        if active is None or self.policy.table.stale_after:
+            return None
+        windows = self.windows
+        wa, ws = windows[active], windows["green" if active == "blue" else "blue"]
+        last_a, last_s = wa.last_probe_at, ws.last_probe_at
+        if last_a is None or last_s is None:
+            return None
+        mine, theirs = wa.rules_key(now), ws.rules_key(now)
+        policy = self.policy
+        # Each kept entry holds the key it was kept under: the same entry, the same reading
+        # of both windows by the rules.
+        ka = policy.kept(active, mine, theirs)
+        if ka is None:
+            return None
+        ks = policy.kept(other(active), theirs, mine)
+        if ks is None:
+            return None
+        n = self.spec.consecutive_failures
+        stale = STALE_INTERVALS * self.probe_interval
+        fd = self.front_door
+        raised = self._edges.raised
+        return (
+            active,
+            qos_locked,
+            paused,
+            self.spec,
+            policy,
+            self.probe_interval,
+            self.hold,
+            self.rolled_away_from,
+            frozenset(raised) if raised else None,
+            self.mismatch,
+            self._mismatch_color,
+            self._reapplied_at,
+            active in self.seen_healthy,
+            (fd.ok, fd.streak, fd.answers, fd.last_error, self.front_door_stale(now))
+            if front_door
+            else None,
+            # Each window (a new one is judged afresh), its staleness now, and the runs of
+            # successes the front door is compared with; what the rules read is in `ka`/`ks`.
+            wa,
+            ws,
+            now - last_a > stale,
+            now - last_s > stale,
+            wa.consecutive_successes >= n,
+            wa.consecutive_successes > 0,
+            ws.consecutive_successes >= n,
+            ws.consecutive_successes > 0,
+            ka,
+            ks,
+        )
+
     def decide(self, facts: Facts) -> Decision:
         """One decision tick."""
         decision = self._decide(facts)

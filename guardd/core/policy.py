@@ -10,7 +10,7 @@ from guardd.core.signals import PROBE, Reading
 from guardd.core.types import Color, other
 from guardd.core.window import WindowStats
 
-__all__ = ["Policy", "PolicySpec", "Verdict", "probe_reading", "spec_rules"]
+__all__ = ["Policy", "PolicySpec", "Verdict", "probe_key", "probe_reading", "spec_rules"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +40,12 @@ class PolicySpec:
     stale_after: Mapping[str, float] = field(default_factory=dict)
 
 
-# What of a probe window the rules can read: its `probe_reading` but for `last_at`.
-_ProbeKey = tuple[int, int, int, float | None, float | None, str | None]
+#: What of a probe window the rules can read: its `probe_reading` but for `last_at`.
+ProbeKey = tuple[int, int, int, float | None, float | None, str | None]
 
 
-def _probe_key(stats: WindowStats | None) -> _ProbeKey | None:
+def probe_key(stats: WindowStats | None) -> ProbeKey | None:
+    """What the rules can read of a probe window (`probe_reading` but for `last_at`)."""
     if stats is None:
         return None
     return (
@@ -77,7 +78,7 @@ class Policy:
         )
         # The standby's window enters a verdict only through `above_standby` rules.
         self._reads_standby = any(r.op == "above_standby" for r in self.table.rules)
-        self._quiet: dict[Color, tuple[tuple[_ProbeKey | None, ...], Verdict]] = {}
+        self._quiet: dict[Color, tuple[tuple[ProbeKey | None, ...], Verdict]] = {}
         self._readings: dict[Color, tuple[WindowStats, Reading]] = {}
 
     def reset(self) -> None:
@@ -101,9 +102,9 @@ class Policy:
         `latency_regression`); `readings` holds the other signals' readings by name and
         color, as the edges took them for this tick.
         """
-        key: tuple[_ProbeKey | None, ...] = ()
+        key: tuple[ProbeKey | None, ...] = ()
         if self._keeps:
-            key = (_probe_key(active), _probe_key(standby) if self._reads_standby else None)
+            key = self._key(active, standby)
             kept = self._quiet.get(color)
             if kept is not None and kept[0] == key and not self.table.onsets(color):
                 return kept[1]
@@ -124,6 +125,27 @@ class Policy:
         else:
             self._quiet.pop(color, None)
         return verdict
+
+    def _key(self, active: WindowStats, standby: WindowStats | None) -> tuple[ProbeKey | None, ...]:
+        return (probe_key(active), probe_key(standby) if self._reads_standby else None)
+
+    def kept(
+        self, color: Color, active: ProbeKey | None, standby: ProbeKey | None
+    ) -> tuple[object, Verdict] | None:
+        """What `evaluate` keeps for `color` and would give again without judging any rule
+        (so whatever `now`), as (its key, the verdict), when the windows read `active` and
+        `standby` (`probe_key` of each); None when it would judge (nothing kept, windows
+        that read otherwise, an onset, rules that read more than the windows)."""
+        if not self._keeps:
+            return None
+        kept = self._quiet.get(color)
+        if (
+            kept is None
+            or kept[0] != (active, standby if self._reads_standby else None)
+            or self.table.onsets(color)
+        ):
+            return None
+        return kept
 
     def _probe_reading(self, color: Color, stats: WindowStats) -> Reading:
         # A window's statistics are one object until it changes: so is its reading.

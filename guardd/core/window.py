@@ -196,7 +196,9 @@ class SlidingWindow:
     def add(self, now: float, outcome: Outcome, latency_s: float, error: str | None = None) -> None:
         """Record one probe result taken at monotonic time `now`."""
         kind = _OK if outcome is Outcome.OK else (_5XX if outcome is Outcome.HTTP_5XX else _FAIL)
-        bucket = _bucket(latency_s * 1000.0)
+        # `_bucket`, inlined: a replay adds a million samples.
+        ms = latency_s * 1000.0
+        bucket = 0 if ms <= _MIN_MS else min(int(math.log(ms / _MIN_MS) / _LOG_RATIO), _BUCKETS - 1)
         self._items.append((now, kind, bucket))
         self._buckets[bucket] += 1
         self._blocks[bucket >> _SHIFT] += 1
@@ -219,8 +221,9 @@ class SlidingWindow:
         items = self._items
         if len(items) > self.max_samples:
             self._drop_oldest()
-        if items and items[0][0] < now - self.span:
-            self.expire(now)
+        horizon = now - self.span
+        while items and items[0][0] < horizon:  # `expire`, inlined
+            self._drop_oldest()
 
     def expire(self, now: float) -> None:
         """Forget samples older than the span."""
@@ -257,6 +260,22 @@ class SlidingWindow:
         """The nearest-rank `q` quantile of latency in milliseconds, approximately."""
         return block_percentiles(self._buckets, self._blocks, len(self._items), (q,))[0]
 
+    def _percentiles(self, n: int) -> tuple[float, float]:
+        """p50 and p95 (ms) of the `n` >= 1 samples, by the cursors."""
+        # The ranks as `histogram_percentile` takes them (at least 1 as n >= 1), so the
+        # very same buckets; a cursor still on its bucket does not move.
+        buckets = self._buckets
+        i, below, rank = self._i50, self._b50, ceil(0.50 * n)
+        if not below < rank <= below + buckets[i]:
+            i, self._b50 = _walk(buckets, self._blocks, i, below, rank)
+            self._i50 = i
+        p50 = _VALUES[i]
+        i, below, rank = self._i95, self._b95, ceil(0.95 * n)
+        if not below < rank <= below + buckets[i]:
+            i, self._b95 = _walk(buckets, self._blocks, i, below, rank)
+            self._i95 = i
+        return p50, _VALUES[i]
+
     def stats(self, now: float) -> WindowStats:
         """The window as it stands at `now` (the same object until a sample comes or goes)."""
         items = self._items
@@ -264,22 +283,8 @@ class SlidingWindow:
             self.expire(now)
         stats = self._stats
         if stats is None:
-            n = len(self._items)
-            p50 = p95 = None
-            if n:
-                # The ranks as `histogram_percentile` takes them (at least 1 as n >= 1), so
-                # the very same buckets; a cursor still on its bucket does not move.
-                buckets = self._buckets
-                i, below, rank = self._i50, self._b50, ceil(0.50 * n)
-                if not below < rank <= below + buckets[i]:
-                    i, self._b50 = _walk(buckets, self._blocks, i, below, rank)
-                    self._i50 = i
-                p50 = _VALUES[i]
-                i, below, rank = self._i95, self._b95, ceil(0.95 * n)
-                if not below < rank <= below + buckets[i]:
-                    i, self._b95 = _walk(buckets, self._blocks, i, below, rank)
-                    self._i95 = i
-                p95 = _VALUES[i]
+            n = len(items)
+            p50, p95 = self._percentiles(n) if n else (None, None)
             # Positional, in the fields' order: a call with keywords costs a quarter more,
             # and this runs at nearly every decision tick, for each color.
             stats = self._stats = WindowStats(
@@ -295,3 +300,24 @@ class SlidingWindow:
                 self.last_error,
             )
         return stats
+
+    def rules_key(self, now: float) -> tuple[int, int, int, float | None, float | None, str | None]:
+        """What the rules read of the window at `now` (`guardd.core.policy.probe_key` of
+        `stats(now)`: samples, failures, consecutive failures, p50 and p95 in ms, the last
+        error), without building the statistics (a replay asks at every tick)."""
+        items = self._items
+        if items and items[0][0] < now - self.span:
+            self.expire(now)
+        stats = self._stats
+        if stats is not None:
+            return (
+                stats.samples,
+                stats.failures,
+                stats.consecutive_failures,
+                stats.p50_ms,
+                stats.p95_ms,
+                stats.last_error,
+            )
+        n = len(items)
+        p50, p95 = self._percentiles(n) if n else (None, None)
+        return (n, self._fail, self.consecutive_failures, p50, p95, self.last_error)

@@ -104,6 +104,7 @@ class Simulation:
         until: float | None,
         prometheus: dict[str, list[tuple[float, str, dict[str, Any]]]] | None = None,
         guard: str | None = None,
+        repeats: bool = True,
     ) -> None:
         self.settings = settings
         #: Whose history is read (default: this config's instance; `--compare` reads the
@@ -132,6 +133,13 @@ class Simulation:
         self.warmup_records = 0
         self.ticks = 0
         self.skipped_ticks = 0
+        #: Whether a tick shown to repeat the last one is counted rather than taken
+        #: (`Guard.repeat_key`); false takes every tick (what the daemon does).
+        self.repeats = repeats
+        #: Ticks counted in `ticks` that were not taken, being repeats of the one before.
+        self.repeated_ticks = 0
+        # The guard's `repeat_key` just after its last tick taken, if that tick took no action.
+        self._after: tuple[object, ...] | None = None
         #: Stretches of a run without any record (records lost): (wall time after, seconds).
         self.gaps: list[tuple[float, float]] = []
         self._gap_s = max(_GAP_S, _GAP_INTERVALS * settings.config.probe.interval)
@@ -193,6 +201,7 @@ class Simulation:
         await guard.recover(guard.state_file.load())
         guard.record("started", target=guard.active, reason="replayed run")
         self.guard = guard
+        self._after = None
         self._started = False
         self._seen = set()
         self._next_tick = self._pulse = math.inf
@@ -208,8 +217,20 @@ class Simulation:
         guard = self.guard
         assert guard is not None  # noqa: S101
         self.clock.advance(at)
-        # No lock: the replay is one task, and nothing else can act on its guard meanwhile.
-        await guard.tick()
+        after = self._after
+        if after is not None and guard.repeat_key(self.switcher.active) == after:
+            # The same inputs as just after the last tick, which decided nothing: this one
+            # would decide nothing and change nothing either. Most ticks of a quiet day.
+            guard.repeat_tick()
+            self.repeated_ticks += 1
+        else:
+            # No lock: the replay is one task, and nothing else can act on its guard meanwhile.
+            decision = await guard.tick()
+            self._after = (
+                guard.repeat_key(self.switcher.active)
+                if self.repeats and not decision.actions and decision.blocked_by is None
+                else None
+            )
         self.ticks += 1
         self._next_tick = self.clock.monotonic() + self._interval
         self._pulse = math.inf
@@ -282,7 +303,8 @@ class Simulation:
             await self._until(at)  # (otherwise it would return at once: no tick due)
         self.clock.set(at, rec.ts)
         if rec.kind == "probe":
-            await self._probe(rec)
+            if self._probe(rec):
+                await self._tick(at)
         elif rec.kind == "front_door":
             await self._front_door(rec)
         elif rec.kind == "sample":
@@ -290,22 +312,24 @@ class Simulation:
         elif rec.kind == "switch":
             await self._switch(rec)
 
-    async def _probe(self, rec: Record) -> None:
+    def _probe(self, rec: Record) -> bool:
+        """Feed a probe record to the guard; whether a tick is due at it (run by the caller:
+        a coroutine less for each of a day's million records)."""
         guard = self.guard
         assert guard is not None  # noqa: S101
         color = color_of(rec.doc.get("color"))
         result = probe_result(rec.doc)
         if color is None or result is None:
             self.report.skipped["probe record without a color or outcome"] += 1
-            return
+            return False
         wake = guard.observe(color, result)
         if not self._started:
             self._seen.add(color)
             if self._seen >= set(COLORS):
                 self._started = True
-                await self._tick(rec.at)
-        elif wake:
-            await self._tick(rec.at)
+                return True
+            return False
+        return wake
 
     async def _front_door(self, rec: Record) -> None:
         guard = self.guard

@@ -17,6 +17,7 @@ from typing import Any
 from guardd import qoslock
 from guardd.core.rules import Verdict
 from guardd.core.types import COLORS, Color, Outcome
+from guardd.core.window import SlidingWindow
 from guardd.journal import Journal
 from guardd.metrics import GuardMetrics
 from guardd.probes.http import ProbeResult
@@ -172,6 +173,9 @@ class NullMetrics(GuardMetrics):
 
     def __init__(self, guard: str) -> None:
         super().__init__(guard, "replay")
+
+    def probe_round(self, color: str, result: ProbeResult, window: SlidingWindow) -> None:
+        """Not counted: a replay's rounds are a million."""
 
     def observe_probe(self, color: str, outcome: str, seconds: float) -> None:
         """Not counted."""

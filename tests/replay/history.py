@@ -40,7 +40,7 @@ class Timeline:
         self.wall += seconds
         self.mono += seconds
 
-    def start(self, active: str = "green", interval: float = 0.2) -> None:
+    def start(self, active: str | None = "green", interval: float = 0.2) -> None:
         """A daemon run begins (a new monotonic clock, far from the last one)."""
         self.mono += 5_000.0
         self.recorder.start(active=active, probe_interval_s=interval)

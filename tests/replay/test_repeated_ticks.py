@@ -1,0 +1,308 @@
+"""A replay counts a decision tick that would repeat the one before it (`Guard.repeat_key`)
+rather than taking it. Over varied histories (failures, holds, both colors down,
+restarts, clock steps, gaps, QoS locks that end, operators' switches, the front door,
+latencies that cross their thresholds, rules with a `for`), the replay that takes every
+tick and the one that counts repeats must journal the very same decisions at the same
+times; and each tick counted as a repeat, taken anyway, must decide nothing and change
+nothing."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from guardd import config as guardd_config
+from guardd.replay._engine import Simulation
+from tests.replay.history import Timeline
+from tests.replay.history import config as write_config
+
+
+def _rounds(tl: Timeline, n: int, lat: Callable[[str], float], **outcomes: str) -> None:
+    """`n` rounds of both colors with the latencies `lat(color)` gives (s)."""
+    for _ in range(n):
+        for color in ("blue", "green"):
+            tl.tick(0.1)
+            outcome = outcomes.get(color, "ok")
+            ok = outcome == "ok"
+            tl.recorder.probe(
+                color, outcome, lat(color), None if ok else "HTTP 503", 200 if ok else 503
+            )
+    tl.recorder.write()
+
+
+def _fast(_color: str) -> float:
+    return 0.004
+
+
+def rollback_and_lock(tl: Timeline) -> None:
+    """Green fails: a rollback, a QoS lock that ends, then blue flaky (P2 alerts)."""
+    tl.start(active="green")
+    tl.rounds(200)
+    tl.rounds(5, green="http_5xx")
+    tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+    tl.rounds(100, green="http_5xx")
+    tl.rounds(300)
+    for _ in range(20):  # one failure in 20: between the P2 and P1 ratios
+        tl.rounds(19)
+        tl.rounds(1, blue="http_5xx")
+    tl.rounds(300)
+
+
+def both_down(tl: Timeline) -> None:
+    """Both colors fail: a hold, not a rollback; then both recover, then green alone fails."""
+    tl.start(active="green")
+    tl.rounds(200)
+    tl.rounds(60, blue="http_5xx", green="http_5xx")
+    tl.rounds(200)
+    tl.rounds(40, blue="timeout")
+    tl.rounds(20, green="http_5xx", blue="timeout")
+    tl.rounds(200)
+
+
+def restarts_and_steps(tl: Timeline) -> None:
+    """Restarts (serving another color), wall-clock steps, a gap without records."""
+    tl.start(active="green")
+    tl.rounds(200)
+    tl.wall += 120.0  # the wall clock stepped forward
+    tl.rounds(100)
+    tl.wall -= 60.0  # and back
+    tl.rounds(100)
+    tl.start(active="blue")
+    tl.rounds(150)
+    tl.tick(300.0)  # records lost for five minutes
+    tl.rounds(150)
+    tl.rounds(4, blue="http_5xx")
+    tl.rounds(100)
+    tl.start(active=None)
+    tl.rounds(150)
+
+
+def operators(tl: Timeline) -> None:
+    """Operators' switches, an external one, a promote, the standby going stale."""
+    tl.start(active="green")
+    tl.rounds(150)
+    tl.recorder.switch("green", "blue", by="uid:0(root)", reason="by hand", event="switch")
+    tl.rounds(150)
+    tl.recorder.switch("blue", "green", by="external", reason="moved", event="external_switch")
+    tl.rounds(150)
+    for _ in range(30):  # blue (the rollback target) unprobed: stale, then back
+        tl.tick(0.2)
+        tl.recorder.probe("green", "ok", 0.004, None, 200)
+    tl.rounds(150)
+    tl.recorder.switch("green", "blue", by="uid:0(root)", reason="promote", event="promote")
+    tl.rounds(150)
+    tl.rounds(10, blue="http_5xx")
+    tl.rounds(150)
+
+
+def front_door(tl: Timeline) -> None:
+    """The front door fails while the probes pass: a mismatch, a re-apply, a hold; then
+    it serves again; then it goes silent (stale)."""
+    tl.start(active="green")
+    tl.rounds(150, front_door=True)
+    tl.rounds(60, front_door=False)
+    tl.rounds(150, front_door=True)
+    tl.rounds(150)
+    tl.rounds(30, green="http_5xx", front_door=True)
+    tl.rounds(150, front_door=True)
+
+
+def latencies(tl: Timeline) -> None:
+    """Latencies that drift across the P2 and P1 thresholds, held for less and more
+    than `p1_sustain`, on either color, with random spread."""
+    rng = random.Random(7)  # noqa: S311 - a repeatable history, not a secret
+    tl.start(active="green")
+    _rounds(tl, 200, lambda _c: rng.uniform(0.002, 0.006))
+    _rounds(tl, 30, lambda c: rng.uniform(0.3, 0.5) if c == "green" else 0.004)  # P2
+    _rounds(tl, 200, _fast)
+    _rounds(tl, 5, lambda c: rng.uniform(1.2, 1.5) if c == "green" else 0.004)  # P1 pending
+    _rounds(tl, 200, _fast)
+    _rounds(tl, 40, lambda c: rng.uniform(1.2, 1.5) if c == "green" else 0.004)  # P1 fires
+    _rounds(tl, 300, lambda _c: rng.uniform(0.002, 0.006))
+    _rounds(tl, 60, lambda c: rng.uniform(0.02, 0.03) if c == "blue" else 0.004)
+    _rounds(tl, 200, _fast)
+
+
+def shuffled(seed: int) -> Callable[[Timeline], None]:
+    """Random stretches of all of the above, in a random order."""
+
+    def build(tl: Timeline) -> None:
+        rng = random.Random(seed)  # noqa: S311 - a repeatable history, not a secret
+        tl.start(active=rng.choice(["green", "blue"]))
+        outcomes = ["ok"] * 6 + ["http_5xx", "timeout"]
+        for _ in range(40):
+            what = rng.random()
+            n = rng.choice([1, 2, 3, 5, 20, 100, 300])
+            if what < 0.6:
+                _rounds(
+                    tl,
+                    n,
+                    lambda _c: rng.choice([0.004, 0.004, 0.2, 1.3]),
+                    blue=rng.choice(outcomes),
+                    green=rng.choice(outcomes),
+                )
+            elif what < 0.7:
+                tl.rounds(n, front_door=rng.random() < 0.7)
+            elif what < 0.75:
+                tl.start(active=rng.choice(["green", "blue", None]))
+            elif what < 0.8:
+                tl.wall += rng.choice([-30.0, 5.0, 90.0])
+            elif what < 0.85:
+                tl.tick(rng.choice([0.5, 2.0, 100.0]))
+            elif what < 0.9:
+                by = rng.choice(["uid:0(root)", "external", "guardd"])
+                event = {"external": "external_switch", "guardd": "rollback_completed"}
+                to = rng.choice(["green", "blue"])
+                tl.recorder.switch(
+                    "blue" if to == "green" else "green",
+                    to,
+                    by=by,
+                    reason="moved",
+                    event=event.get(by, "switch"),
+                )
+            else:
+                for _ in range(n):  # one color only: the other goes stale
+                    tl.tick(0.2)
+                    tl.recorder.probe(rng.choice(["green", "blue"]), "ok", 0.004, None, 200)
+        tl.rounds(100)
+
+    return build
+
+
+HISTORIES: dict[str, Callable[[Timeline], None]] = {
+    "rollback_and_lock": rollback_and_lock,
+    "both_down": both_down,
+    "restarts_and_steps": restarts_and_steps,
+    "operators": operators,
+    "front_door": front_door,
+    "latencies": latencies,
+    **{f"shuffled_{seed}": shuffled(seed) for seed in (1, 2, 3)},
+}
+
+#: Policies the histories are replayed under: the lab's, and ones that read more.
+SETS: dict[str, list[str]] = {
+    "lab": [],
+    "previous_and_regression": [
+        'policy.rollback_to="previous"',
+        "policy.latency_regression=3.0",
+        "policy.p2_latency=0.1",
+        "policy.p1_latency=1.0",
+    ],
+    "dry_run_and_rules": [
+        "policy.dry_run=true",
+        (
+            'rules=[{signal="probe", stat="p95_ms", above=100.0, severity="P2", for="1s"},'
+            ' {signal="probe", stat="error_ratio", above=0.02, severity="P1", dry_run=true}]'
+        ),
+    ],
+    "front_door": ['switch.verify_url="http://127.0.0.1:11/"', "policy.max_rollbacks=1"],
+}
+
+
+class _Checked(Simulation):
+    """Takes every tick, and checks that each one `repeat_key` would have counted as a
+    repeat decides nothing and leaves the guard as it found it."""
+
+    checked = 0
+
+    async def _tick(self, at: float) -> None:
+        guard = self.guard
+        assert guard is not None
+        self.clock.advance(at)
+        key = guard.repeat_key(self.switcher.active)
+        repeat = self._after is not None and key == self._after
+        before = (len(self.journal.events), guard.state, guard.active, guard.state_doc())
+        verdicts = dict(guard.machine.verdicts)
+        decision = await guard.tick()
+        if repeat:
+            self.checked += 1
+            assert not decision.actions, decision
+            assert decision.blocked_by is None
+            after = (len(self.journal.events), guard.state, guard.active, guard.state_doc())
+            assert after == before
+            assert guard.machine.verdicts == verdicts
+            assert guard.repeat_key(self.switcher.active) == key
+        self._after = (
+            guard.repeat_key(self.switcher.active)
+            if not decision.actions and decision.blocked_by is None
+            else None
+        )
+        self.ticks += 1
+        self._next_tick = self.clock.monotonic() + self._interval
+        self._pulse = float("inf")
+
+
+def _replay(
+    tmp: Path, sets: list[str], kind: type[Simulation] = Simulation, **kw: Any
+) -> Simulation:
+    cfg = write_config(tmp, tmp / "state", qos_window="2s")
+    cfg.write_text(cfg.read_text().replace("[policy]\n", "[policy]\np2_error_ratio = 0.04\n"))
+    settings = guardd_config.load(cfg, overrides=sets)
+    sim = kind(settings, tmp / "state" / "observations", since=None, until=None, **kw)
+    sim.build_signals()
+    anyio.run(sim.run)
+    return sim
+
+
+def _events(sim: Simulation) -> list[dict[str, Any]]:
+    """The journal the replay wrote, but for the random ids of its events."""
+    return [
+        {k: v for k, v in e.items() if k not in ("id", "rollback_id")} for e in sim.journal.events
+    ]
+
+
+@pytest.mark.parametrize("sets", SETS.values(), ids=list(SETS))
+@pytest.mark.parametrize("history", HISTORIES.values(), ids=list(HISTORIES))
+def test_counting_repeats_journals_what_taking_every_tick_journals(
+    tmp_path: Path, history: Callable[[Timeline], None], sets: list[str]
+) -> None:
+    tl = Timeline(tmp_path / "state")
+    history(tl)
+    tl.close()
+    every = _replay(tmp_path, sets, repeats=False)
+    counted = _replay(tmp_path, sets)
+    checked = _replay(tmp_path, sets, _Checked)
+    assert every.repeated_ticks == 0
+    assert _events(counted) == _events(every)
+    assert _events(checked) == _events(every)
+    assert (counted.ticks, counted.skipped_ticks) == (every.ticks, every.skipped_ticks)
+    assert counted.gaps == every.gaps
+    assert counted.state_file.load() == every.state_file.load()
+    assert counted.guard is not None and every.guard is not None
+    assert counted.guard.ticks == every.guard.ticks
+    # Not a vacuous comparison: many ticks are repeats (not those while a window fills,
+    # after each start and switch), and each of them was checked.
+    assert counted.repeated_ticks > counted.ticks / 8, (counted.repeated_ticks, counted.ticks)
+    assert isinstance(checked, _Checked)
+    assert checked.checked == counted.repeated_ticks
+
+
+def test_the_histories_reach_what_they_are_meant_to(tmp_path: Path) -> None:
+    """The comparison above covers rollbacks, holds, locks taken and released, alerts,
+    re-applies and operators' moves: each is journaled by some history."""
+    seen: set[str] = set()
+    for name, history in HISTORIES.items():
+        if name.startswith("shuffled"):
+            continue
+        for label, sets in SETS.items():
+            where = tmp_path / f"{name}-{label}"
+            tl = Timeline(where / "state")
+            history(tl)
+            tl.close()
+            seen |= {e["event"] for e in _events(_replay(where, sets, repeats=False))}
+    wanted = {
+        "rollback_completed",
+        "hold",
+        "alert",
+        "qos_locked",
+        "qos_released",
+        "external_switch",
+        "switch",
+        "promote",
+    }
+    assert wanted <= seen, wanted - seen
