@@ -59,7 +59,7 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
             raise OperationRefused(f"{target} is already active; it is the rollback target")
         guard.machine.clear_hold()
         await _move(guard, target, "rollback", by, reason or "rollback requested by an operator")
-        return _moved(guard)
+        return _moved(guard, cmd)
     if cmd == "switch":
         color: Color = args["color"]
         if color not in COLORS:
@@ -71,13 +71,13 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
         await _move(
             guard, color, "switch", by, reason or f"switch to {color} requested by an operator"
         )
-        return _moved(guard)
+        return _moved(guard, cmd)
     if cmd == "promote":
         assert guard.active is not None  # noqa: S101 - refused above
         standby = other(guard.active)
         _gate(guard, standby, force=False, promote=True)
         await _move(guard, standby, "promote", by, reason or f"promote {standby}")
-        return _moved(guard)
+        return _moved(guard, cmd)
     raise OperationRefused(f"unknown command {cmd!r}")
 
 
@@ -88,9 +88,15 @@ async def _qos_lock(
     mirror = guard.fleet is not None and (current.by or "").startswith("fleet:")
     if guard.fleet is not None:
         guard.fleet.require_etcd("the fleet's QoS lock cannot be taken")
+    replaced = None
     if mirror:
-        # This node's copy of the fleet's lock: the operator's lock replaces it.
+        # This node's copy of the fleet's lock: the operator's lock replaces it (and the
+        # answer says which, as it may have been taken on another host, for longer).
         qoslock.remove_lock(guard.s.lock_file)
+        replaced = (
+            f"; it replaces the fleet's lock ({current.reason}, {current.by}, "
+            f"until {current.until or 'unlocked'})"
+        )
     elif current.held and (guard.own_lock is None or current != guard.own_lock.info):
         raise OperationRefused(
             f"a QoS lock is already held ({current.reason}); "
@@ -108,6 +114,8 @@ async def _qos_lock(
         # The fleet's lock, whichever node it is taken on (docs/contract.md "Fleet").
         await guard.fleet.set_qos(info)
     answer = info.to_json()
+    if replaced is not None:
+        answer["message"] = f"qos lock: done{replaced}"
     if before is not None and info == before:
         # A lock never shortens one guardd holds: say so rather than "done".
         answer["message"] = (
@@ -185,7 +193,17 @@ def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
         )
 
 
-def _moved(guard: Guard) -> dict[str, Any]:
+def _moved(guard: Guard, cmd: str) -> dict[str, Any]:
     moves = ("rollback_completed", "switch", "promote")
     event = next((e for e in reversed(guard.journal.recent) if e.get("event") in moves), None)
-    return {"active": guard.active, "event": event}
+    answer: dict[str, Any] = {"active": guard.active, "event": event}
+    lost = guard.fleet.lost_nodes() if guard.fleet is not None else []
+    if lost:
+        # Done on the live nodes; the lost ones were neither asked nor told: say so.
+        generation = (event or {}).get("generation")
+        answer["message"] = (
+            f"{cmd}: done on the live nodes; not on "
+            + ", ".join(lost)
+            + f" (lost: lease expired), which will apply generation {generation} when back"
+        )
+    return answer

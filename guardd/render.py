@@ -390,6 +390,9 @@ def render_status(status: Mapping[str, Any], *, color: bool = False) -> str:
     if status.get("no_rollback_target"):
         field("WARNING", "no safe rollback: " + clean(status["no_rollback_target"]), _YELLOW)
     field("qos lock", *_lock(status.get("qos")))
+    fleet = status.get("fleet")
+    if isinstance(fleet, Mapping):
+        field("fleet", _fleet_line(fleet))
     if status.get("paused"):
         reason = status.get("paused_reason")
         field("paused", "yes" + (f": {clean(reason)}" if reason else ""), _YELLOW)
@@ -415,6 +418,23 @@ def render_status(status: Mapping[str, Any], *, color: bool = False) -> str:
         about.append(f"probing every {_interval(status['probe_interval_s'])}")
     field("version", ", ".join(about))
     return "\n".join(lines) + "\n"
+
+
+def _fleet_line(fleet: Mapping[str, Any]) -> str:
+    """`node lb-a (leader lb-b), desired blue generation 5, applied 5` (or etcd's state)."""
+    leader = fleet.get("leader")
+    node = _text(fleet.get("node"))
+    who = (
+        f"node {node} (leader)"
+        if leader == fleet.get("node")
+        else f"node {node} (leader {_text(leader)})"
+    )
+    if fleet.get("etcd_reachable") is not True:
+        return f"{who}, etcd not answering: the fleet's state is UNKNOWN"
+    return (
+        f"{who}, desired {_text(fleet.get('desired'))} generation "
+        f"{_text(fleet.get('generation'))}, applied here {_text(fleet.get('applied'))}"
+    )
 
 
 def render_history(events: Sequence[Mapping[str, Any]], *, color: bool = False) -> str:

@@ -57,6 +57,7 @@ def snapshot(guard: Guard) -> dict[str, Any]:
         "hold_reason": hold.reason if hold else None,
         "no_rollback_target": guard.protection_lost(),
         "qos": qos_doc(guard, lock),
+        "fleet": guard.fleet.summary() if guard.fleet is not None else None,
         "upstreams": upstreams,
         "rules": rules_doc(guard, now),
         "signals": signals_doc(guard, now),

@@ -73,6 +73,10 @@ SAFETY_READ_S = 30.0
 WATCH_IDLE_S = 10.0
 #: The longest wait before a broken watch is reopened (s); it starts at a tenth of a second.
 WATCH_BACKOFF_MAX_S = 2.0
+#: The longest wait between two tries of a generation this node failed to apply (s): the
+#: first waits `switch.timeout`, each next one twice as long, so that a node whose nginx
+#: rejects the target does not fill its journal with a failed rollback every few seconds.
+RETRY_MAX_S = 300.0
 
 
 class Fleet:
@@ -125,7 +129,9 @@ class Fleet:
         self._wants_at: float | None = None
         self._diverged: dict[str, float] = {}
         self._alerted: set[str] = set()
-        self._failed: dict[int, float] = {}
+        # generation -> (when its last try failed, how many tries failed): the next try
+        # waits switch.timeout, doubled at each failure up to RETRY_MAX_S.
+        self._failed: dict[int, tuple[float, int]] = {}
         self._answered: set[str] = set()
         # The prefix as last read and followed: key -> KV, at revision `_revision`.
         self._kvs: dict[str, KV] = {}
@@ -314,6 +320,24 @@ class Fleet:
         late |= {n for n, t in self._lost.items() if now - t > self.switch_timeout}
         return sorted(late)
 
+    def summary(self) -> dict[str, Any]:
+        """`status --json`'s `fleet`: this node, the leader, the desired color and
+        generation, the generation applied here, whether etcd answers (`guardctl fleet
+        status` has every node)."""
+        desired = self.desired or {}
+        return {
+            "node": self.node,
+            "leader": self.leader,
+            "desired": desired.get("color"),
+            "generation": desired.get("generation"),
+            "applied": self.applied,
+            "etcd_reachable": self.reachable,
+        }
+
+    def lost_nodes(self) -> list[str]:
+        """The nodes with a last record (`seen/`) but no live one: their lease expired."""
+        return sorted(set(self.seen) - set(self.nodes) - {self.node})
+
     def unconverged(self) -> str | None:
         """Why the fleet has not converged on its desired color, else None: the live nodes
         serving another color, and the lost ones last seen serving another (a node
@@ -332,7 +356,7 @@ class Fleet:
         ]
         behind += [
             f"node {name} (lost) last served {self.seen[name].get('serving')}"
-            for name in sorted(set(self.seen) - set(self.nodes) - {self.node})
+            for name in self.lost_nodes()
             if self.seen[name].get("serving") != want
         ]
         if not behind:
@@ -999,7 +1023,11 @@ class Fleet:
             return
         if not doc.get("locked"):
             # Said by whom: every other node journals the release as `fleet:<by>`.
-            doc = {**doc, "by": self.node, "reason": doc.get("reason") or "released"}
+            doc = {
+                **doc,
+                "by": self.node,
+                "reason": doc.get("reason") or f"{self.node}'s lock ended",
+            }
         ok, revision = await self.client.txn(
             [compare(self.key("qos"), "MOD", mod)], [put_op(self.key("qos"), doc)]
         )
@@ -1290,19 +1318,27 @@ class Fleet:
                 self._diverged.setdefault(name, now)
             else:
                 self._diverged.pop(name, None)
-                self._alerted.discard(name)
         for name in list(self._diverged):
             if name not in self.nodes:
                 del self._diverged[name]
         # A node with a last record but no live one: its lease expired (it is frozen, cut
         # off or gone). Listed as lost, and an alert after switch.timeout, until it is back.
-        lost = set(self.seen) - set(self.nodes) - {self.node}
+        lost = set(self.lost_nodes())
         for name in lost:
             self._lost.setdefault(name, now)
         for name in set(self._lost) - lost:
             del self._lost[name]
-            self._alerted.discard(name)
         guard = self.guard
+        # An alert that ends is journaled too: the operator reads when the episode ended.
+        for name in sorted(self._alerted - set(self._diverged) - set(self._lost)):
+            self._alerted.discard(name)
+            if guard is not None:
+                back = (
+                    f"serves the desired {want} again"
+                    if name in self.nodes
+                    else "is no longer in the fleet (its last record was removed)"
+                )
+                guard.record("alert", reason=f"fleet: node {name} {back}", node=name)
         for name in self.diverged():
             if name not in self._alerted and guard is not None:
                 self._alerted.add(name)
@@ -1316,9 +1352,13 @@ class Fleet:
         generation, color = int(d.get("generation", 0)), d.get("color")
         if generation <= self.applied or color not in COLORS:
             return
-        failed_at = self._failed.get(generation)
-        if failed_at is not None and time.monotonic() - failed_at < self.switch_timeout:
-            return
+        failed = self._failed.get(generation)
+        if failed is not None:
+            wait = min(
+                self.switch_timeout * 2 ** (failed[1] - 1), max(RETRY_MAX_S, self.switch_timeout)
+            )
+            if time.monotonic() - failed[0] < wait:
+                return
         async with guard.lock:
             if guard.active == color:
                 self.applied_generation(generation)
@@ -1337,7 +1377,8 @@ class Fleet:
             if guard.active == color:
                 self.applied_generation(generation)
             else:
-                self._failed[generation] = time.monotonic()
+                tries = self._failed.get(generation, (0.0, 0))[1] + 1
+                self._failed[generation] = (time.monotonic(), tries)
         with contextlib.suppress(EtcdUnavailable):
             await self._publish_self()
 

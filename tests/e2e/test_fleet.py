@@ -81,6 +81,18 @@ def test_green_fails_the_whole_fleet_rolls_back_once(fleet: FleetLab) -> None:
         "every node publishing generation 1",
     )
     assert {n["serving"] for n in fleet.fleet_status(0)["nodes"]} == {"blue"}
+    # Each node's own status says where it stands in the fleet.
+    for i, lab in enumerate(fleet.labs):
+        assert status_of(lab)["fleet"] == {
+            "node": f"n{i}",
+            "leader": status["leader"],
+            "desired": "blue",
+            "generation": 1,
+            "applied": 1,
+            "etcd_reachable": True,
+        }
+        text = guardctl("status", socket=lab.socket_path).stdout
+        assert re.search(rf"fleet +node n{i} \(leader.*desired blue generation 1, applied", text)
     # One rollback in the fleet's history, and no node applied a generation twice.
     for d in fleet.daemons:
         completed = [e for e in d.events() if e["event"] == "rollback_completed"]
@@ -190,6 +202,7 @@ def test_a_node_cut_off_from_etcd_keeps_its_color_then_converges(make_fleet: Mak
     lock_is_unknown_on(cut)
     out = guardctl("status", socket=cut.socket_path)
     assert out.returncode == 1 and "etcd is unreachable" in out.stdout, out
+    assert "etcd not answering: the fleet's state is UNKNOWN" in out.stdout, out
     fleet.green.set_mode("http_503")
     assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
     assert fleet.labs[1].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
@@ -344,6 +357,17 @@ def test_a_node_that_cannot_apply_the_rollback_is_reported_on_every_node(
     assert out.returncode == 1 and "ALERT" in out.stdout, out
     for d in fleet.daemons:
         d.wait_event("alert", timeout=30, where=lambda e: "node n1 serves" in e["reason"])
+    # n1 tries again, each time after twice as long (2 s, then 4 s): not a failed rollback
+    # in its journal every switch.timeout.
+    failed = wait_until(
+        lambda: (f := [parse_rfc3339(e["ts"]) for e in fleet.daemons[1].events()
+                       if e["event"] == "rollback_failed"])[2:] and f,
+        60,
+        "n1's third try",
+        poll=0.2,
+    )  # fmt: skip
+    first, second = failed[1] - failed[0], failed[2] - failed[1]
+    assert first >= 2.0 and second >= first + 1.5, failed  # 2 s + a try, 4 s + a try
 
 
 def test_the_fleets_lock_holds_until_a_late_node_applied_the_rollback(
@@ -404,6 +428,9 @@ def test_the_fleets_lock_holds_until_a_late_node_applied_the_rollback(
     mark = len(fleet.daemons[1].events())
     late.nginx.targets["blue"].write_text(good)
     assert late.nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    fleet.daemons[leader].wait_event(
+        "alert", timeout=30, where=lambda e: "node n1 serves the desired blue again" in e["reason"]
+    )
     # n1's own window, taken over its copy of the fleet's lock: a window with an end, not
     # "someone else's lock, until unlocked".
     taken = fleet.daemons[1].wait_event(
@@ -620,6 +647,12 @@ def test_a_frozen_node_is_shown_lost_then_is_an_alert(make_fleet: MakeFleet) -> 
             fleet.daemons[j].wait_event(
                 "alert", timeout=30, where=lambda e: f"node n{i} is lost" in e["reason"]
             )
+        # An operator's rollback meanwhile: done on the live nodes, and the answer says
+        # which node it did not reach.
+        out = guardctl("rollback", "--reason", "x", socket=fleet.labs[others[0]].socket_path)
+        assert out.returncode == 0, out
+        assert f"done on the live nodes; not on n{i} (lost" in out.stdout, out
+        assert "apply generation 1 when back" in out.stdout, out
         frozen.signal(signal.SIGCONT)
         frozen = None
         wait_until(
@@ -632,6 +665,14 @@ def test_a_frozen_node_is_shown_lost_then_is_an_alert(make_fleet: MakeFleet) -> 
             "the thawed node live again everywhere",
             poll=0.2,
         )
+        applied(fleet.daemons[i], 1)
+        # The alert's end is journaled where it was raised.
+        for j in others:
+            fleet.daemons[j].wait_event(
+                "alert",
+                timeout=30,
+                where=lambda e: f"node n{i} serves the desired blue again" in e["reason"],
+            )
     finally:
         if frozen is not None:
             frozen.signal(signal.SIGCONT)
@@ -1042,6 +1083,8 @@ def test_an_operators_lock_replaced_from_another_node_is_mirrored_and_ends_quiet
             socket=fleet.labs[b].socket_path,
         )  # fmt: skip
         assert out.returncode == 0, out
+        # Taken on another host, perhaps for longer: the answer says what it replaced.
+        assert f"it replaces the fleet's lock (on n{a}, fleet:uid:" in out.stdout, out
         # n{a}'s own file now mirrors the fleet's lock, by fleet:<who>.
         held_b = functools.partial(lock_everywhere, fleet, f"on n{b}")
         wait_until(held_b, 60, f"n{b}'s lock", poll=0.2)
@@ -1110,6 +1153,7 @@ def test_a_rollback_asked_on_a_follower_locks_the_whole_fleet_until_its_window_p
     )
     released = [e for d in fleet.daemons for e in d.events() if e["event"] == "qos_released"]
     assert released and all(e["by"] != "fleet:unknown" for e in released), released
+    assert not [e for e in released if "(released)" in e["reason"]], released
     assert all(fleet.labs[i].nginx.served_color() == "blue" for i in range(3))
     # The other nodes' journals name the node the operator asked on.
     for i in set(range(3)) - {follower}:
