@@ -727,10 +727,11 @@ def test_nodes_follow_the_fleet_by_watch_not_by_polling(fleet: FleetLab) -> None
         "a watch from every node",
         poll=0.2,
     )
-    # Idle, each node rewrites its record every third of its lease; it reads the whole
-    # prefix only as a safety net, not at every round as a poll would.
-    puts, reads = fleet.etcd.calls("Put"), fleet.etcd.calls("Range")
-    wait_until(lambda: fleet.etcd.calls("Put") - puts >= 30, 60, "30 record refreshes", poll=0.2)
+    # Idle, each node rewrites its record every third of its lease (a transaction: over
+    # its own record only); it reads the whole prefix only as a safety net, not at every
+    # round as a poll would.
+    writes, reads = fleet.etcd.calls("Txn"), fleet.etcd.calls("Range")
+    wait_until(lambda: fleet.etcd.calls("Txn") - writes >= 30, 60, "30 record refreshes", poll=0.2)
     read = fleet.etcd.calls("Range") - reads
     assert read <= 6, f"{read} range reads for 30 record refreshes"
     # And a change still reaches every node at once: the fleet rolls back as one.
