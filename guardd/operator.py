@@ -85,7 +85,9 @@ async def _qos_lock(
     guard: Guard, args: dict[str, Any], reason: str | None, by: str
 ) -> dict[str, Any]:
     current = qoslock.read_lock(guard.s.lock_file)
-    mirror = guard.fleet is not None and (current.by or "").startswith("fleet:")
+    # A copy of the fleet's lock, not this node's own guard window (whose `by` is
+    # `fleet:<who>` too after a rollback the fleet decided).
+    mirror = guard.fleet is not None and current.held and guard.fleet.is_mirror(current)
     if guard.fleet is not None:
         guard.fleet.require_etcd("the fleet's QoS lock cannot be taken")
     replaced = None
@@ -110,13 +112,15 @@ async def _qos_lock(
         duration=float(duration) if duration else None,
         manual=True,
     )
-    if guard.fleet is not None:
-        # The fleet's lock, whichever node it is taken on (docs/contract.md "Fleet").
+    unchanged = before is not None and info == before
+    if guard.fleet is not None and not (unchanged and guard.fleet.qos_doc().get("locked")):
+        # The fleet's lock, whichever node it is taken on (docs/contract.md "Fleet"); not
+        # when this node's window already outlasts what was asked and the fleet is locked.
         await guard.fleet.set_qos(info)
     answer = info.to_json()
     if replaced is not None:
         answer["message"] = f"qos lock: done{replaced}"
-    if before is not None and info == before:
+    if unchanged:
         # A lock never shortens one guardd holds: say so rather than "done".
         answer["message"] = (
             f"qos lock: unchanged: the guard window's lock already holds until {info.until}, "

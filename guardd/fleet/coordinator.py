@@ -51,6 +51,7 @@ from guardd import qoslock
 from guardd.config import FleetConfig
 from guardd.core.types import COLORS, GUARDD, Color, Severity
 from guardd.exceptions import GuarddError, OperationRefused, StorageError, UnsafePath, why
+from guardd.fleet import lockread
 from guardd.fleet._etcd import (
     KV,
     Compacted,
@@ -277,6 +278,12 @@ class Fleet:
             found.append(self._unacted)
         if self._clash is not None and self._clash_told:
             found.append(self._clash_text())
+        elif self.reachable:
+            found += [
+                f"fleet: a second guardd runs as node {name} (serving {doc.get('serving')}): "
+                "give each node its own fleet.node"
+                for name, doc in sorted(self.twins().items())
+            ]
         found += [self._alert_text(n) for n in self.diverged()]
         return found
 
@@ -346,22 +353,12 @@ class Fleet:
         closed). A guard window whose SLOs held goes on while this is not None."""
         if not self.reachable:
             return "the fleet's nodes cannot be told: etcd is not reachable"
-        want = (self.desired or {}).get("color")
-        if want not in COLORS:
-            return None
-        behind = [
-            f"node {name} serves {doc.get('serving')}"
-            for name, doc in sorted(self.nodes.items())
-            if doc.get("serving") != want
-        ]
-        behind += [
-            f"node {name} (lost) last served {self.seen[name].get('serving')}"
-            for name in self.lost_nodes()
-            if self.seen[name].get("serving") != want
-        ]
-        if not behind:
-            return None
-        return f"the fleet has not converged on {want}: " + "; ".join(behind)
+        lost = {name: self.seen[name] for name in self.lost_nodes()}
+        return lockread.unconverged(self.desired, self.nodes, lost, self.twins())
+
+    def twins(self) -> dict[str, dict[str, Any]]:
+        """The records of a second guardd running under a node's name (`clash/<node>`)."""
+        return _under(list(self._kvs.values()), self.key("clash") + "/")
 
     def status_doc(self) -> dict[str, Any]:
         """`guardctl fleet status --json`: the nodes, the leader, the desired color.
@@ -402,6 +399,7 @@ class Fleet:
             "rollbacks": len(self.rollbacks),
             "nodes": rows,
             "alerts": alerts,
+            "twins": sorted(self.twins()),
         }
 
     def qos_doc(self) -> dict[str, Any]:
@@ -429,6 +427,10 @@ class Fleet:
             local = qoslock.read_lock(self.guard.s.lock_file)
             if local.held:
                 return local.to_json() | {"source": "local"}
+        if not fleet.get("locked") and (behind := self.unconverged()) is not None:
+            # A rollback written and not yet applied everywhere (or a node that cannot
+            # apply it): some users still meet the other color; no deploy.
+            return qoslock.LockInfo(held=True, reason=behind).to_json() | {"source": "fleet"}
         return qoslock.LockInfo(held=False).to_json() | fleet | {"source": "fleet"}
 
     def qos_unknown_why(self) -> str | None:
@@ -489,7 +491,7 @@ class Fleet:
             return
         async with guard.lock:
             guard.fleet_resumed(
-                by=f"fleet:{doc.get('by') or 'unknown'}",
+                by=_fleet_by(doc.get("by")),
                 reason=f"the fleet was resumed on {doc.get('node')}"
                 + (f" ({doc['reason']})" if doc.get("reason") else ""),
             )
@@ -815,8 +817,17 @@ class Fleet:
             ok, _ = await self.client.txn([check], [put_op(key, record, lease=self.lease)])
             if ok:
                 break
+        was = self._clash_told
         self._note_clash(now, clashing=not ok)
+        if ok and was:
+            await self.client.delete(self.key("clash", self.node))
         if not ok:
+            if self._clash_told:
+                # Seen by every node: the fleet has not converged while this twin serves
+                # another color, and `fleet status` lists it.
+                await self.client.put(
+                    self.key("clash", self.node), json.dumps(record), lease=self.lease
+                )
             return
         last = self._published or {}
         if (last.get("serving"), last.get("generation")) != (doc["serving"], doc["generation"]):
@@ -989,7 +1000,7 @@ class Fleet:
                 self.key("ready", ask, self.node), json.dumps(answer), lease=self.lease or 0
             )
 
-    def _is_mirror(self, local: qoslock.LockInfo) -> bool:
+    def is_mirror(self, local: qoslock.LockInfo) -> bool:
         """Whether the lock in this node's file is a copy of the fleet's lock (written by
         `_mirror_qos_down`), not one this node's guard took: a guard window after a
         rollback the node applied is its own, whoever decided the rollback (its `by` is
@@ -1009,7 +1020,7 @@ class Fleet:
             return
         local = qoslock.read_lock(guard.s.lock_file)
         doc = local.to_json()
-        if local.held and self._is_mirror(local):
+        if local.held and self.is_mirror(local):
             return  # a mirror of the fleet's lock is not news
         before, self._local_lock = self._local_lock, doc
         if doc == before or (before is None and not doc.get("locked")):
@@ -1197,7 +1208,7 @@ class Fleet:
         async with guard.lock:
             on = self.qos.get("node")
             guard.release_lock(
-                by=f"fleet:{self.qos.get('by') or 'unknown'}",
+                by=_fleet_by(self.qos.get("by")),
                 reason="the fleet's QoS lock was released"
                 + (f" on {on}" if isinstance(on, str) and on != self.qos.get("by") else "")
                 + (f" ({self.qos['reason']})" if self.qos.get("reason") else ""),
@@ -1223,7 +1234,7 @@ class Fleet:
             return
         qos = self.qos or {"locked": False}
         local = qoslock.read_lock(guard.s.lock_file)
-        mirrored = self._is_mirror(local)
+        mirrored = self.is_mirror(local)
         on = {"fleet_node": qos["node"]} if isinstance(qos.get("node"), str) else {}
         if qos.get("locked") and not local.held and qos == self._qos_wrote:
             return  # ours, ended here: the leader's release of it follows (no copy of it)
@@ -1269,14 +1280,14 @@ class Fleet:
             guard.record(
                 "qos_released",
                 reason=why_gone,
-                by=f"fleet:{qos.get('by') or self.leader or 'unknown'}",
+                by=_fleet_by(qos.get("by") or self.leader),
                 **on,
             )
 
     def _copy_of(self, qos: dict[str, Any]) -> qoslock.LockInfo:
         """The fleet's lock `qos` as this node's lock file holds a copy of it."""
         until, at = qos.get("until"), qos.get("locked_at")
-        by, node = qos.get("by") or self.leader, qos.get("node")
+        by, node = str(qos.get("by") or self.leader), qos.get("node")
         if by == GUARDD and isinstance(node, str):
             by = node  # a guard window: the node whose guard took it
         return qoslock.LockInfo(
@@ -1284,7 +1295,7 @@ class Fleet:
             reason=str(qos.get("reason") or "the fleet's QoS lock"),
             locked_at=at if isinstance(at, str) else None,
             until=until if isinstance(until, str) else None,
-            by=f"fleet:{by}",
+            by=_fleet_by(by),
         )
 
     def copy_to_keep(self) -> qoslock.LockInfo | None:
@@ -1368,7 +1379,7 @@ class Fleet:
                 await guard.move_traffic(
                     color,
                     kind=kind if kind in ("rollback", "switch", "promote") else "switch",
-                    by=f"fleet:{d.get('by')}",
+                    by=_fleet_by(d.get("by")),
                     reason=str(d.get("reason") or f"the fleet's generation {generation}"),
                     severity=_severity(d.get("severity")),
                     generation=generation,
@@ -1388,6 +1399,13 @@ class Fleet:
         except (OSError, ValueError):
             return 0
         return int(doc.get("applied", 0)) if isinstance(doc, dict) else 0
+
+
+def _fleet_by(by: object) -> str:
+    """`by` as another node journals it: `fleet:<by>` (once: a window a node took after
+    the fleet's rollback is `fleet:<who>` already)."""
+    text = str(by) if by else "unknown"
+    return text if text.startswith("fleet:") else f"fleet:{text}"
 
 
 def _ended(lock: dict[str, Any], grace: float = 0.0) -> bool:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FleetLockUnknown", "fleet_prefix", "read_fleet_lock"]
+__all__ = ["FleetLockUnknown", "fleet_prefix", "read_fleet_lock", "unconverged"]
 
 # The fleet's lock is a small JSON object: an answer larger than this is not one it wrote.
 _MAX_BODY = 1024 * 1024
@@ -25,6 +25,45 @@ _MAX_BODY = 1024 * 1024
 
 class FleetLockUnknown(Exception):
     """Whether the fleet's lock is held cannot be told; the message says why."""
+
+
+def unconverged(
+    desired: Mapping[str, Any] | None,
+    live: Mapping[str, Mapping[str, Any]],
+    lost: Mapping[str, Mapping[str, Any]],
+    twins: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str | None:
+    """Why the fleet has not converged on its desired color, else None.
+
+    `desired`: the `desired` key's document; `live`: the `nodes/<node>` records by node;
+    `lost`: the `seen/<node>` records of nodes without a live one (their lease expired);
+    `twins`: the `clash/<node>` records of a second guardd running under a node's name.
+    A live node (or twin) serving another color, or a lost one last seen serving another,
+    is behind.
+    While one is, a rollback's guard window goes on and no gate says "deploys allowed":
+    some users still meet the color the fleet moved away from.
+    """
+    want = (desired or {}).get("color")
+    if want not in ("blue", "green"):
+        return None
+    behind = [
+        f"node {name} serves {doc.get('serving')}"
+        for name, doc in sorted(live.items())
+        if doc.get("serving") != want
+    ]
+    behind += [
+        f"node {name} (lost) last served {doc.get('serving')}"
+        for name, doc in sorted(lost.items())
+        if doc.get("serving") != want
+    ]
+    behind += [
+        f"a second guardd named {name} serves {doc.get('serving')}"
+        for name, doc in sorted((twins or {}).items())
+        if doc.get("serving") != want
+    ]
+    if not behind:
+        return None
+    return f"the fleet has not converged on {want}: " + "; ".join(behind)
 
 
 def fleet_prefix(fleet: Mapping[str, Any], instance: str) -> str:
@@ -82,8 +121,13 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
         context = ssl.create_default_context(cafile=str(ca) if ca else None)
         if cert is not None and key is not None:
             context.load_cert_chain(str(cert), str(key))
-    qos_key = fleet_prefix(fleet, instance) + "/qos"
-    body = {"key": base64.b64encode(qos_key.encode()).decode()}
+    prefix = fleet_prefix(fleet, instance) + "/"
+    qos_key = prefix + "qos"
+    # The whole prefix (a few small keys): the lock, and whether the fleet converged.
+    body = {
+        "key": base64.b64encode(prefix.encode()).decode(),
+        "range_end": base64.b64encode(prefix[:-1].encode() + b"0").decode(),  # "/" + 1
+    }
     problems = []
     for endpoint in endpoints:
         base = endpoint.rstrip("/")
@@ -104,21 +148,49 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
         except (OSError, ValueError, TypeError, urllib.error.URLError) as e:
             problems.append(f"{base}: {type(e).__name__}")
             continue
-        kvs = doc.get("kvs") or []
-        if not kvs:
-            return {
-                "locked": False,
-                "reason": None,
-                "until": None,
-                "locked_at": None,
-                "by": None,
-                "source": "fleet",
-            }
-        try:
-            lock = json.loads(base64.b64decode(kvs[0].get("value", "")))
-        except ValueError:
-            lock = None
+        if not isinstance(doc.get("header"), dict) or not isinstance(doc.get("kvs", []), list):
+            # Every etcd answer has a header (cluster, revision): anything else is not etcd.
+            problems.append(f"{base}: not an answer of etcd's")
+            continue
+        keys = _values(doc.get("kvs") or [], prefix)
+        lock = keys.get("qos", {"locked": False, "reason": None, "until": None})
         if not isinstance(lock, dict) or not isinstance(lock.get("locked"), bool):
             raise FleetLockUnknown(f"{qos_key} in etcd is not a lock guardd wrote")
-        return {**lock, "source": "fleet"}
+        if not lock["locked"]:
+            live = _under(keys, "nodes/")
+            lost = {k: v for k, v in _under(keys, "seen/").items() if k not in live}
+            desired = keys.get("desired")
+            behind = unconverged(
+                desired if isinstance(desired, dict) else None, live, lost, _under(keys, "clash/")
+            )
+            if behind is not None:
+                lock = {"locked": True, "reason": behind, "until": None, "by": None}
+        return {"locked_at": None, "by": None, **lock, "source": "fleet"}
     raise FleetLockUnknown("no etcd member answered: " + "; ".join(problems))
+
+
+def _values(kvs: list[Any], prefix: str) -> dict[str, Any]:
+    """The keys under `prefix` (the prefix cut off), their values parsed as JSON (None
+    when a value is not JSON)."""
+    out: dict[str, Any] = {}
+    for kv in kvs:
+        if not isinstance(kv, dict):
+            continue
+        try:
+            key = base64.b64decode(kv.get("key", "")).decode()
+        except ValueError:
+            continue
+        try:
+            value = json.loads(base64.b64decode(kv.get("value", "")))
+        except ValueError:
+            value = None
+        out[key.removeprefix(prefix)] = value
+    return out
+
+
+def _under(keys: Mapping[str, Any], part: str) -> dict[str, dict[str, Any]]:
+    """The records under `part` (`nodes/`, `seen/`) by node; any that is no object is left
+    out."""
+    return {
+        k[len(part) :]: v for k, v in keys.items() if k.startswith(part) and isinstance(v, dict)
+    }

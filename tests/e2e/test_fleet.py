@@ -246,6 +246,11 @@ def test_the_leader_killed_mid_rollback_is_replaced_and_follows_when_back(
     fleet.green.set_mode("http_503")
     wait_until((lab.fault_dir / "after_renamed.reached").exists, 60, "the leader mid-rollback")
     fleet.daemons[old].kill9()
+    # Its guardd dead, its nginx still on green, the rollback written: its host's gate
+    # (guardctl reading the config, the lock file and etcd) says no deploy, not "allowed".
+    code, doc, said = qos_status(lab, config=True)
+    assert code == 1 and doc is not None, said
+    assert f"has not converged on blue: node n{old}" in str(doc["reason"]), doc
     (lab.fault_dir / "after_renamed").unlink()
     others = [i for i in range(3) if i != old]
     wait_until(lambda: fleet.leader() not in (None, old), 60, "another leader", poll=0.1)
@@ -418,6 +423,7 @@ def test_the_fleets_lock_holds_until_a_late_node_applied_the_rollback(
     assert "has not converged on blue" in extended["reason"], extended
     assert missing == [], f"a gate found its lock file missing {len(missing)} times"
     assert all(blocked_by_the_fleet(lab) for lab in fleet.labs)
+    assert all(qos_status(lab, config=True)[0] == 1 for lab in fleet.labs)
     # n1's copy follows the extensions: journaled as extended, never ended and taken again.
     moved = fleet.daemons[1].events()[mark:]
     assert [e for e in moved if e["event"] == "qos_extended"], moved
@@ -827,11 +833,13 @@ def lock_everywhere(fleet: FleetLab, reason: str) -> bool:
 
 
 def test_a_second_guardd_with_a_nodes_name_is_a_clash_never_its_record(
-    fleet: FleetLab,
+    make_fleet: MakeFleet,
 ) -> None:
     """A fourth guardd configured with n1's name: it never overwrites n1's record (the
     fleet keeps seeing the real n1), and says so, once, in its journal, its warnings and
-    STATUS=."""
+    STATUS=; every other node warns of it, and while it serves another color than the
+    fleet's, the fleet has not converged: no gate allows a deploy."""
+    fleet = make_fleet(qos__window="4s", switch__timeout="2s")
     fleet.start()
     clash = "another guardd publishes as node n1"
     real = fleet.etcd.lease_of(PREFIX + "/nodes/n1")
@@ -867,6 +875,27 @@ def test_a_second_guardd_with_a_nodes_name_is_a_clash_never_its_record(
         assert fleet.etcd.lease_of(PREFIX + "/nodes/n1") == real
         clashes = [e for e in twin_d.events() if clash in e.get("reason", "")]
         assert len(clashes) == 1, clashes
+        # The others (the real n1 too) see it.
+        for i in range(3):
+            assert fleet.fleet_status(i)["twins"] == ["n1"]
+            warned = status_of(fleet.labs[i])["warnings"]
+            assert any("a second guardd runs as node n1" in w for w in warned), warned
+        # The twin's nginx cannot take blue: the fleet rolls back, the twin stays on green,
+        # and the fleet's lock holds on every node past its window, naming the twin.
+        twin.nginx.targets["blue"].write_text("upstream lab_app { not nginx; }\n")
+        fleet.green.set_mode("http_503")
+        assert fleet.all_serve("blue")
+        twin_d.wait_event("rollback_failed", timeout=60)
+        leader = fleet.leader()
+        assert leader is not None
+        fleet.daemons[leader].wait_event(
+            "qos_extended",
+            timeout=60,
+            where=lambda e: "a second guardd named n1 serves green" in e["reason"],
+        )
+        for lab in fleet.labs:
+            code, _answer, text = qos_status(lab, config=True)
+            assert code == 1 and "a second guardd named n1 serves green" in text, text
     finally:
         twin.close()
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
+
 import pytest
 
-from guardd.fleet.lockread import FleetLockUnknown, read_fleet_lock
+from guardd.fleet.lockread import FleetLockUnknown, read_fleet_lock, unconverged
+from tests.harness.httpserver import QuietHTTPServer
 
 
 @pytest.mark.parametrize(
@@ -27,3 +31,66 @@ def test_an_etcd_address_that_is_not_http_is_unknown_before_any_request(etcd: li
 def test_an_etcd_list_that_is_not_one_is_unknown(etcd: object) -> None:
     with pytest.raises(FleetLockUnknown, match="not a list of URLs"):
         read_fleet_lock({"etcd": etcd}, "lab", timeout=1.0)
+
+
+@pytest.mark.parametrize("answer", [b"{}", b'{"kvs": []}', b'{"header": "x"}'])
+def test_an_answer_that_is_not_etcds_is_unknown_never_unlocked(answer: bytes) -> None:
+    # Something else on etcd's port (a proxy's error page, another service) answers 200:
+    # without etcd's header it says nothing of the fleet's lock.
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    with QuietHTTPServer(("127.0.0.1", 0), Other) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}"
+            with pytest.raises(FleetLockUnknown, match="not an answer of etcd's"):
+                read_fleet_lock({"etcd": [url]}, "lab", timeout=2.0)
+        finally:
+            server.shutdown()
+
+
+BLUE = {"color": "blue", "generation": 5}
+
+
+@pytest.mark.parametrize(
+    ("desired", "live", "lost", "said"),
+    [
+        (None, {"a": {"serving": "green"}}, {}, None),
+        (BLUE, {"a": {"serving": "blue"}, "b": {"serving": "blue"}}, {}, None),
+        (BLUE, {"a": {"serving": "blue"}}, {"c": {"serving": "blue"}}, None),
+        (
+            BLUE,
+            {"a": {"serving": "blue"}, "b": {"serving": "green"}},
+            {},
+            "the fleet has not converged on blue: node b serves green",
+        ),
+        (
+            BLUE,
+            {"a": {"serving": "blue"}},
+            {"c": {"serving": "green"}},
+            "the fleet has not converged on blue: node c (lost) last served green",
+        ),
+        (
+            BLUE,
+            {"a": {"serving": None}},
+            {},
+            "the fleet has not converged on blue: node a serves None",
+        ),
+    ],
+)
+def test_a_fleet_has_converged_when_every_node_serves_the_desired_color(
+    desired: dict[str, object] | None,
+    live: dict[str, dict[str, object]],
+    lost: dict[str, dict[str, object]],
+    said: str | None,
+) -> None:
+    assert unconverged(desired, live, lost) == said
