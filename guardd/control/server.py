@@ -79,7 +79,10 @@ def _user_name(uid: int) -> str:
 def _process_groups(pid: int, uid: int) -> set[int] | None:
     """The supplementary groups of a live process, or None if /proc cannot tell."""
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
+        # A str path, not a `Path`: a `Path` interns its parts, and a fresh pid string per
+        # request churns CPython's interned-string table (see `guardd.faults`).
+        with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as f:  # noqa: PTH123
+            text = f.read()
     except OSError:
         return None
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
