@@ -228,7 +228,7 @@ class Guard:
     def lock_must_stay(self) -> str | None:
         """For the keeper: on a fleet node, why the guard window must not end though its
         SLOs held (a node not yet serving the fleet's desired color); else None."""
-        return self.fleet.unconverged() if self.fleet is not None else None
+        return self.fleet.lock_must_stay() if self.fleet is not None else None
 
     def save_state(self) -> None:
         """Mirror what must survive a restart into state.json."""

@@ -36,6 +36,9 @@ class OwnedLock:
     # An operator's lock laid over a guard window: the lock is not released before this
     # (monotonic; math.inf = until unlocked), whatever the window says.
     floor: float | None = None
+    # Whether the window was judged and its SLOs did not hold (extended for that): a fleet
+    # node says so in its record, and the fleet's lock stays while it does.
+    failed: bool = False
 
 
 class LockHost(Protocol):
@@ -224,6 +227,7 @@ class QosKeeper:
                 own.info = info
                 own.window.restart(now, host.s.qos_window)
                 own.expires_at = None if math.isinf(end) else end
+                own.failed = own.failed or stay is None
                 host.record(
                     "qos_extended",
                     source=host.active,

@@ -8,7 +8,10 @@ Keys under the fleet's prefix P (values are JSON)::
     P/rearmed         {"at", "by", "node", "reason"}: an operator's last `resume`, on any
                       node: the budget counts only rollbacks after it, and holds end
     P/qos             the fleet's QoS lock, as `guardctl qos status --json` shows it
-    P/nodes/<node>    {"serving", "generation", "wants_rollback", "at"}, under the node's lease
+    P/nodes/<node>    {"serving", "generation", "wants_rollback", "window", "at"}, under the
+                      node's lease (`window`: "failing" while its own guard window is not met)
+    P/clash/<node>    a second guardd's record under a name another process holds, under its
+                      lease: every node sees it
     P/seen/<node>     {"serving", "generation", "at"}: the node's last record, without a lease,
                       so that a node whose lease expired is shown as lost, not dropped
 
@@ -355,6 +358,23 @@ class Fleet:
             return "the fleet's nodes cannot be told: etcd is not reachable"
         lost = {name: self.seen[name] for name in self.lost_nodes()}
         return lockread.unconverged(self.desired, self.nodes, lost, self.twins())
+
+    def lock_must_stay(self) -> str | None:
+        """Why a guard window whose SLOs held on this node must go on, else None: the fleet
+        has not converged (`unconverged`), or another live node's own guard window did not
+        hold (its record says `"window": "failing"`): the fleet's lock, which is this
+        window's, must not end while a node still sees the SLOs fail."""
+        behind = self.unconverged()
+        if behind is not None:
+            return behind
+        failing = [
+            name
+            for name, doc in sorted(self.nodes.items())
+            if name != self.node and doc.get("window") == "failing"
+        ]
+        if not failing:
+            return None
+        return "the guard window of " + ", ".join(f"node {n}" for n in failing) + " is not met"
 
     def twins(self) -> dict[str, dict[str, Any]]:
         """The records of a second guardd running under a node's name (`clash/<node>`)."""
@@ -757,6 +777,7 @@ class Fleet:
             *leading,
             self._republish_qos,
             self._adopt_qos,
+            self._publish_own_window,
             self._mirror_qos_down,
             self._adopt_rearm,
         ):
@@ -802,10 +823,13 @@ class Fleet:
         if self.lease is None:
             return  # never a record without a lease (the store went back: a new one comes)
         wants = self._wants_at is not None and time.monotonic() - self._wants_at < self.c.lease_ttl
+        own = guard.own_lock if guard is not None else None
         doc: dict[str, Any] = {
             "serving": guard.active if guard is not None else None,
             "generation": self.applied,
             "wants_rollback": wants,
+            # This node's own guard window judged and not met (its SLOs failed here).
+            "window": "failing" if own is not None and own.failed else None,
         }
         now = time.monotonic()
         if doc == self._published and now - self._published_at < self.c.lease_ttl / 3:
@@ -1045,6 +1069,44 @@ class Fleet:
         if ok:
             self._wrote_qos(doc, revision)
 
+    def _failed_window(self, local: qoslock.LockInfo) -> bool:
+        """Whether `local` is this node's own guard window, judged and not met (extended)."""
+        own = self.guard.own_lock if self.guard is not None else None
+        return own is not None and own.window is not None and own.failed and own.info == local
+
+    async def _publish_own_window(self) -> None:
+        """A follower's own guard window whose SLOs did not hold is the fleet's lock when
+        the fleet holds none (the leader's window passed on its probes, not on this
+        node's); once it is, this node publishes its extensions and its end, as the
+        leader does its own. Written over `qos`'s mod_revision as read."""
+        guard = self.guard
+        if guard is None or self.is_leader:
+            return
+        current = self._kvs.get(self.key("qos"))
+        mod = current.mod_revision if current is not None else 0
+        local = qoslock.read_lock(guard.s.lock_file)
+        ours = mod != 0 and mod == self._qos_mine and self.qos == self._qos_wrote
+        if ours and (self._qos_wrote or {}).get("locked"):
+            if local.held and not self.is_mirror(local):
+                doc = self._as_fleets(local.to_json())  # extended (or replaced here)
+            else:
+                doc = self._as_fleets(
+                    qoslock.LockInfo(
+                        held=False, reason=f"{self.node}'s lock ended", by=self.node
+                    ).to_json()
+                )
+        elif self._failed_window(local) and not (self.qos or {}).get("locked"):
+            doc = self._as_fleets(local.to_json())
+        else:
+            return
+        if doc == self._qos_wrote:
+            return
+        ok, revision = await self.client.txn(
+            [compare(self.key("qos"), "MOD", mod)], [put_op(self.key("qos"), doc)]
+        )
+        if ok:
+            self._wrote_qos(doc, revision)
+
     async def _expire_qos(self) -> None:
         """The leader ends the fleet's lock once its `until` has passed (an operator's
         `qos lock --for`, whichever node it was taken on).
@@ -1203,7 +1265,14 @@ class Fleet:
             return
         if guard is None or self.qos is None:
             return
-        if self.qos.get("locked") or not qoslock.read_lock(guard.s.lock_file).held:
+        local = qoslock.read_lock(guard.s.lock_file)
+        if self.qos.get("locked") or not local.held:
+            return
+        by = self.qos.get("by")
+        if self._failed_window(local) and (by in self.nodes or by in self.seen):
+            # A node's automatic release (its window passed, a lock expired), while this
+            # node's window saw the SLOs fail: it stays, and becomes the fleet's lock
+            # (`_publish_own_window`). An operator's unlock ends it like any other.
             return
         async with guard.lock:
             on = self.qos.get("node")

@@ -460,6 +460,47 @@ def test_the_fleets_lock_holds_until_a_late_node_applied_the_rollback(
     assert fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["locked"] is False
 
 
+def test_a_followers_failed_window_keeps_the_fleets_lock_until_an_operator_ends_it(
+    make_fleet: MakeFleet,
+) -> None:
+    """One follower's guard window does not hold (here: its P2 latency bound is a hundredth
+    of a millisecond, so the rule fires on every color): the leader's window, met on its own
+    probes, goes on while that node's is not met, and no gate opens; an operator's unlock
+    ends every lock, that one too."""
+    fleet = make_fleet(qos__window="6s")
+    fleet.start()
+    leader = fleet.leader()
+    assert leader is not None
+    f = next(i for i in range(3) if i != leader)
+    mark = len(fleet.daemons[f].events())
+    fleet.labs[f].write_config(qos__window="2s", policy__p2_latency="0.01ms")
+    fleet.daemons[f].signal(signal.SIGHUP)
+    fleet.daemons[f].wait_event("config_reloaded", timeout=30, after=mark)
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+    fleet.daemons[f].wait_event("qos_extended", timeout=60)
+    extended = fleet.daemons[leader].wait_event(
+        "qos_extended",
+        timeout=60,
+        where=lambda e: f"the guard window of node n{f} is not met" in e["reason"],
+    )
+    assert extended["reason"].startswith("SLOs held"), extended
+    fleet.rounds_pass()
+    assert all(blocked_by_the_fleet(lab) for lab in fleet.labs)
+    assert all(lab.lock_file.exists() for lab in fleet.labs)
+    out = guardctl("qos", "unlock", socket=fleet.labs[leader].socket_path)
+    assert out.returncode == 0, out
+    wait_until(
+        lambda: (
+            not any(lab.lock_file.exists() for lab in fleet.labs)
+            and all(qos_status(lab)[0] == 0 for lab in fleet.labs)
+        ),
+        60,
+        "every lock gone after the operator's unlock",
+        poll=0.3,
+    )
+
+
 def test_a_reload_keeps_the_fleet_settings_until_the_next_start(fleet: FleetLab) -> None:
     fleet.start()
     lab, d = fleet.labs[0], fleet.daemons[0]

@@ -4,14 +4,22 @@ generation is numbered above every one known. No etcd here: the answers are give
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import anyio
 import pytest
 
+from guardd import qoslock
 from guardd.config import FleetConfig
+from guardd.core.qos import QosWindow
 from guardd.fleet._etcd import KV, Header, header_of
 from guardd.fleet.coordinator import Fleet
+from guardd.qoskeeper import OwnedLock
 
 
 def fleet(tmp_path: Path) -> Fleet:
@@ -101,5 +109,68 @@ def test_the_next_generation_is_above_every_one_known(tmp_path: Path) -> None:
         assert f.known_generation() == 7
         f.nodes = {}
         assert f.known_generation() == 5
+
+    anyio.run(main)
+
+
+class _Txns:
+    """An etcd client stand-in that takes every transaction: what was put, in order."""
+
+    def __init__(self) -> None:
+        self.put: list[dict[str, object]] = []
+
+    async def txn(self, _compare: object, success: list[dict[str, Any]]) -> tuple[bool, int]:
+        for op in success:
+            value = op["request_put"]["value"]
+            self.put.append(json.loads(base64.b64decode(value)))
+        return True, 100 + len(self.put)
+
+
+def test_a_followers_failed_window_becomes_the_fleets_lock_and_it_publishes_its_end(
+    tmp_path: Path,
+) -> None:
+    """The leader's window passed and released the fleet's lock, but this follower's own
+    window saw the SLOs fail (extended): the follower publishes it as the fleet's lock, then
+    its extension, then its end, each named after the node."""
+
+    async def main() -> None:
+        f = fleet(tmp_path)
+        lock_file = tmp_path / "qos.lock"
+        info = qoslock.LockInfo(True, "rollback green -> blue", "2026-12-01T00:00:00Z",
+                                "2026-12-01T00:05:00Z", "fleet:n1")  # fmt: skip
+        qoslock.write_lock(lock_file, info)
+        window = QosWindow(0.0, 10.0, 0.01, 0.99, 5)
+        own = OwnedLock(info, window, None, manual=False, failed=True)
+        guard = SimpleNamespace(own_lock=own, s=SimpleNamespace(lock_file=lock_file))
+        f.guard = guard  # type: ignore[assignment]
+        f.client = client = _Txns()  # type: ignore[assignment]
+        released = {"locked": False, "reason": "n1's lock ended", "by": "n1", "node": "n1"}
+        f._kvs = {"/guardd/lab/qos": kv("/guardd/lab/qos", json.dumps(released), 50)}
+        f.qos, f.leader, f.nodes = released, "n1", {"n1": {}, "n0": {}}
+        await f._publish_own_window()
+        assert client.put == [{**info.to_json(), "node": "n0"}]
+        # Now the fleet's lock is ours: its extension is published, then its end.
+        mine = f._qos_mine
+        f._kvs = {"/guardd/lab/qos": kv("/guardd/lab/qos", json.dumps(client.put[-1]), mine)}
+        longer = dataclasses.replace(info, until="2026-12-01T00:10:00Z")
+        qoslock.write_lock(lock_file, longer)
+        own.info = longer
+        await f._publish_own_window()
+        assert client.put[-1] == {**longer.to_json(), "node": "n0"}
+        mine = f._qos_mine
+        f._kvs = {"/guardd/lab/qos": kv("/guardd/lab/qos", json.dumps(client.put[-1]), mine)}
+        qoslock.remove_lock(lock_file)
+        guard.own_lock = None
+        await f._publish_own_window()
+        end = client.put[-1]
+        assert end["locked"] is False and end["by"] == "n0" and end["node"] == "n0", end
+        # A window that did not fail is no news: the leader's lock decides.
+        qoslock.write_lock(lock_file, info)
+        guard.own_lock = OwnedLock(info, window, None, manual=False)
+        f._kvs = {"/guardd/lab/qos": kv("/guardd/lab/qos", json.dumps(released), mine + 5)}
+        f.qos = released
+        count = len(client.put)
+        await f._publish_own_window()
+        assert len(client.put) == count
 
     anyio.run(main)
