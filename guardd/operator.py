@@ -141,6 +141,9 @@ async def _qos_unlock(guard: Guard, reason: str | None, by: str) -> dict[str, An
             qoslock.LockInfo(held=False, reason=reason or "unlocked by an operator", by=by)
         )
     guard.release_lock(by=by, reason=reason or "unlocked by an operator")
+    if guard.fleet is not None:
+        # What a gate now says: still locked while the fleet has not converged.
+        return guard.fleet.qos_doc()
     return qoslock.read_lock(guard.s.lock_file).to_json()
 
 

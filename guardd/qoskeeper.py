@@ -36,8 +36,8 @@ class OwnedLock:
     # An operator's lock laid over a guard window: the lock is not released before this
     # (monotonic; math.inf = until unlocked), whatever the window says.
     floor: float | None = None
-    # Whether the window was judged and its SLOs did not hold (extended for that): a fleet
-    # node says so in its record, and the fleet's lock stays while it does.
+    # Whether the window's last judgement found its SLOs not held (extended for that): a
+    # fleet node says so in its record.
     failed: bool = False
 
 
@@ -227,7 +227,7 @@ class QosKeeper:
                 own.info = info
                 own.window.restart(now, host.s.qos_window)
                 own.expires_at = None if math.isinf(end) else end
-                own.failed = own.failed or stay is None
+                own.failed = stay is None  # this judgement's, not sticky: met next time, not
                 host.record(
                     "qos_extended",
                     source=host.active,

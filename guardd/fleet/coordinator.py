@@ -361,20 +361,27 @@ class Fleet:
 
     def lock_must_stay(self) -> str | None:
         """Why a guard window whose SLOs held on this node must go on, else None: the fleet
-        has not converged (`unconverged`), or another live node's own guard window did not
-        hold (its record says `"window": "failing"`): the fleet's lock, which is this
-        window's, must not end while a node still sees the SLOs fail."""
+        has not converged (`unconverged`); and on the leader, whose window is the fleet's
+        lock, another live node's own guard window still runs (its record says `"window":
+        "open"` or `"failing"`): the fleet's lock ends only after every node's window, so a
+        node that applied the rollback late, or saw the SLOs fail, gets its whole window.
+        Followers wait for no one's window (the leader waits for theirs), so no two windows
+        wait for each other."""
         behind = self.unconverged()
-        if behind is not None:
+        if behind is not None or not self.is_leader:
             return behind
-        failing = [
-            name
+        running = {
+            name: doc.get("window")
             for name, doc in sorted(self.nodes.items())
-            if name != self.node and doc.get("window") == "failing"
-        ]
-        if not failing:
+            if name != self.node and doc.get("window") in ("open", "failing")
+        }
+        if not running:
             return None
-        return "the guard window of " + ", ".join(f"node {n}" for n in failing) + " is not met"
+        return "; ".join(
+            f"the guard window of node {name} "
+            + ("is not met" if state == "failing" else "still runs")
+            for name, state in running.items()
+        )
 
     def twins(self) -> dict[str, dict[str, Any]]:
         """The records of a second guardd running under a node's name (`clash/<node>`)."""
@@ -829,7 +836,9 @@ class Fleet:
             "generation": self.applied,
             "wants_rollback": wants,
             # This node's own guard window judged and not met (its SLOs failed here).
-            "window": "failing" if own is not None and own.failed else None,
+            "window": None
+            if own is None or own.window is None
+            else ("failing" if own.failed else "open"),
         }
         now = time.monotonic()
         if doc == self._published and now - self._published_at < self.c.lease_ttl / 3:

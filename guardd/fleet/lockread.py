@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from guardd.core.types import COLORS
+
 __all__ = ["FleetLockUnknown", "fleet_prefix", "read_fleet_lock", "unconverged"]
 
 # The fleet's lock is a small JSON object: an answer larger than this is not one it wrote.
@@ -44,7 +46,7 @@ def unconverged(
     some users still meet the color the fleet moved away from.
     """
     want = (desired or {}).get("color")
-    if want not in ("blue", "green"):
+    if want not in COLORS:
         return None
     behind = [
         f"node {name} serves {doc.get('serving')}"
