@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from guardd.core.rules import Baselines, Rule, RuleTable, Verdict, builtin_rules
 from guardd.core.signals import PROBE, Reading
 from guardd.core.types import Color, other
-from guardd.core.window import WindowStats
+from guardd.core.window import ProbeKey, WindowStats
 
 __all__ = ["Policy", "PolicySpec", "Verdict", "probe_key", "probe_reading", "spec_rules"]
 
@@ -40,22 +40,9 @@ class PolicySpec:
     stale_after: Mapping[str, float] = field(default_factory=dict)
 
 
-#: What of a probe window the rules can read: its `probe_reading` but for `last_at`.
-ProbeKey = tuple[int, int, int, float | None, float | None, str | None]
-
-
 def probe_key(stats: WindowStats | None) -> ProbeKey | None:
     """What the rules can read of a probe window (`probe_reading` but for `last_at`)."""
-    if stats is None:
-        return None
-    return (
-        stats.samples,
-        stats.failures,
-        stats.consecutive_failures,
-        stats.p50_ms,
-        stats.p95_ms,
-        stats.last_error,
-    )
+    return None if stats is None else stats.rules_key()
 
 
 class Policy:

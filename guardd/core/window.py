@@ -117,6 +117,11 @@ def _walk(
     return index, below
 
 
+#: What of a probe window the rules can read: samples, failures, consecutive failures, p50
+#: and p95 in ms, the last error (`WindowStats.rules_key`).
+ProbeKey = tuple[int, int, int, float | None, float | None, str | None]
+
+
 @dataclass(frozen=True, slots=True)
 class WindowStats:
     """A snapshot of one color's window at a moment."""
@@ -131,6 +136,17 @@ class WindowStats:
     last_probe_at: float | None
     last_outcome: Outcome | None
     last_error: str | None
+
+    def rules_key(self) -> ProbeKey:
+        """What the rules can read of these statistics (all but `last_probe_at`)."""
+        return (
+            self.samples,
+            self.failures,
+            self.consecutive_failures,
+            self.p50_ms,
+            self.p95_ms,
+            self.last_error,
+        )
 
     @property
     def error_ratio(self) -> float | None:
@@ -301,23 +317,15 @@ class SlidingWindow:
             )
         return stats
 
-    def rules_key(self, now: float) -> tuple[int, int, int, float | None, float | None, str | None]:
-        """What the rules read of the window at `now` (`guardd.core.policy.probe_key` of
-        `stats(now)`: samples, failures, consecutive failures, p50 and p95 in ms, the last
-        error), without building the statistics (a replay asks at every tick)."""
+    def rules_key(self, now: float) -> ProbeKey:
+        """What the rules read of the window at `now` (`stats(now).rules_key()`), without
+        building the statistics (a replay asks at every tick)."""
         items = self._items
         if items and items[0][0] < now - self.span:
             self.expire(now)
         stats = self._stats
         if stats is not None:
-            return (
-                stats.samples,
-                stats.failures,
-                stats.consecutive_failures,
-                stats.p50_ms,
-                stats.p95_ms,
-                stats.last_error,
-            )
+            return stats.rules_key()
         n = len(items)
         p50, p95 = self._percentiles(n) if n else (None, None)
         return (n, self._fail, self.consecutive_failures, p50, p95, self.last_error)
