@@ -852,7 +852,7 @@ class FleetConfig(_Section):
     """Where the fleet's keys live in etcd (default: `/guardd/<instance>`)."""
     lease_ttl: PositiveDuration = 5.0
     """The lease of the leader key and of this node's record; a dead leader is replaced
-    after at most this long."""
+    after at most this long. At least `1s` (etcd grants whole seconds)."""
     quorum: Literal["leader", "majority"] = "leader"
     """`majority`: a P0/P1 rollback needs most live nodes to see the active color fail."""
     local_fallback: Flag = False
@@ -898,6 +898,15 @@ class FleetConfig(_Section):
                 f"{v!r}: letters, digits and ._@- only (at most 63, starting with a letter "
                 'or digit), e.g. "lb-a"'
             )
+        return v
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _lease_ttl(cls, v: float) -> float:
+        # etcd grants leases in whole seconds, at least one: a shorter lease would be
+        # granted longer than said, and a dead leader replaced later than configured.
+        if v < 1.0:
+            raise ValueError("at least 1s: etcd grants leases in whole seconds")
         return v
 
     @field_validator("prefix")
