@@ -669,7 +669,9 @@ class Guard:
         }
         if outcome.failure is not None:
             if kind == "rollback":
-                self.close_failed(source, target, reason=reason, outcome=outcome, **closing)
+                self.close_failed(
+                    source, target, reason=reason, outcome=outcome, **closing, **fleet
+                )
                 return
             said = (
                 f"{kind} to {target} failed at {outcome.step}"
@@ -684,6 +686,7 @@ class Guard:
                 reason=said,
                 step=outcome.step,
                 serving=outcome.serving,
+                **fleet,
             )
             raise OperationRefused(said)
         self.active = target
@@ -730,8 +733,13 @@ class Guard:
         by: str,
         evidence: dict[str, Any] | None,
         rollback_id: str,
+        **fleet: Any,
     ) -> None:
-        """Journal a rollback that failed (and what its undo left), and hold for an operator."""
+        """Journal a rollback that failed (and what its undo left), and hold for an operator.
+
+        `fleet`: the fleet's fields of the rollback (`generation`, `fleet_node`,
+        `local_fallback`), journaled with `rollback_failed` as with its `rollback_started`.
+        """
         undone = "could not be undone" if outcome.undo_problem else "undone"
         why = f"{outcome.step}: {outcome.why()}; {undone}, {outcome.serving_text()}"
         self.record(
@@ -745,6 +753,7 @@ class Guard:
             rollback_id=rollback_id,
             step=outcome.step,
             serving=outcome.serving,
+            **fleet,
         )
         hold = self.machine.rollback_failed(
             f"rollback {source} -> {target} failed at {why}", None, severity

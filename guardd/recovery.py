@@ -118,14 +118,14 @@ async def _resume_rollback(guard: Guard, started: dict[str, Any]) -> None:
         # The link may already name the target (the crash fell after the rename):
         # then only the verification is owed, and a failed one is undone all the same.
         outcome = await guard.switch_verified(source, target, switch=guard.active != target)
-    if outcome.failure is not None:
-        guard.close_failed(source, target, reason=reason, outcome=outcome, **closing)
-        return
-    guard.active = target
-    guard.machine.switched()
     # A fleet's generation stays with the rollback it was started as, and counts as applied.
     generation = started.get("generation")
     fleet: dict[str, Any] = {"generation": generation} if isinstance(generation, int) else {}
+    if outcome.failure is not None:
+        guard.close_failed(source, target, reason=reason, outcome=outcome, **closing, **fleet)
+        return
+    guard.active = target
+    guard.machine.switched()
     guard.close_completed(
         source, target, reason=reason, lock_reason=str(started.get("reason")), **closing, **fleet
     )

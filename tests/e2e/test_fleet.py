@@ -347,7 +347,9 @@ def test_a_node_that_cannot_apply_the_rollback_is_reported_on_every_node(
     fleet.green.set_mode("http_503")
     assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
     assert fleet.labs[2].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
-    fleet.daemons[1].wait_event("rollback_failed", timeout=60)
+    failed = fleet.daemons[1].wait_event("rollback_failed", timeout=60)
+    # The journal ties the failure to the fleet's decision it failed to apply.
+    assert failed["generation"] == 1 and failed["fleet_node"] in {"n0", "n1", "n2"}, failed
 
     def reported_everywhere() -> bool:
         for i, lab in enumerate(fleet.labs):
@@ -372,7 +374,8 @@ def test_a_node_that_cannot_apply_the_rollback_is_reported_on_every_node(
         poll=0.2,
     )  # fmt: skip
     first, second = failed[1] - failed[0], failed[2] - failed[1]
-    assert first >= 2.0 and second >= first + 1.5, failed  # 2 s + a try, 4 s + a try
+    # The gaps are the waits (2 s, then 4 s) plus a try each, whose length varies with load.
+    assert first >= 2.0 and second >= 4.0, failed
 
 
 def test_the_fleets_lock_holds_until_a_late_node_applied_the_rollback(
