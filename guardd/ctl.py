@@ -386,6 +386,13 @@ def _cmd_fleet_status(args: argparse.Namespace, target: _Target) -> int:
             lines.append(
                 f"WARNING: etcd is unreachable from {doc.get('node')}: {doc.get('problem')}"
             )
+        # What `status` warns of for the fleet on this node (a second guardd under a node's
+        # name, a node that diverges, ...); etcd unreachable is said above.
+        lines += [
+            f"WARNING: {w}"
+            for w in doc.get("warnings", [])
+            if doc.get("etcd_reachable") or "etcd is unreachable" not in w
+        ]
         lines += [
             f"  {n['node']:<16} "
             + ("LOST, last seen: " if n.get("lost") else "")
@@ -414,7 +421,8 @@ def _cmd_fleet_status(args: argparse.Namespace, target: _Target) -> int:
     diverges = any(
         n.get("lost") or (desired_color and n.get("serving") != desired_color) for n in nodes
     )
-    return WARNING if doc.get("alerts") or diverges else OK
+    # A second guardd under a node's name is a warning even while it serves the right color.
+    return WARNING if doc.get("alerts") or doc.get("twins") or diverges else OK
 
 
 def _cmd_history(args: argparse.Namespace, target: _Target) -> int:

@@ -427,6 +427,7 @@ class Fleet:
             "nodes": rows,
             "alerts": alerts,
             "twins": sorted(self.twins()),
+            "warnings": self.warnings(),
         }
 
     def qos_doc(self) -> dict[str, Any]:

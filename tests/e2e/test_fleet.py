@@ -938,6 +938,11 @@ def test_a_second_guardd_with_a_nodes_name_is_a_clash_never_its_record(
             assert fleet.fleet_status(i)["twins"] == ["n1"]
             warned = status_of(fleet.labs[i])["warnings"]
             assert any("a second guardd runs as node n1" in w for w in warned), warned
+        # `fleet status` says so too, in text, and is no "all is well" (exit 1 WARNING),
+        # though every node serves the desired color.
+        out = guardctl("fleet", "status", socket=fleet.labs[0].socket_path)
+        assert out.returncode == 1, out
+        assert "WARNING: fleet: a second guardd runs as node n1" in out.stdout, out
         # The twin's nginx cannot take blue: the fleet rolls back, the twin stays on green,
         # and the fleet's lock holds on every node past its window, naming the twin.
         twin.nginx.targets["blue"].write_text("upstream lab_app { not nginx; }\n")
