@@ -8,6 +8,7 @@ from guardd import qoslock
 from guardd.core.types import COLORS, Color, other
 from guardd.exceptions import OperationRefused
 from guardd.guard import Guard
+from guardd.journal import parse_rfc3339
 
 
 async def handle(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict[str, Any]:
@@ -91,9 +92,20 @@ async def _qos_lock(
     if guard.fleet is not None:
         guard.fleet.require_etcd("the fleet's QoS lock cannot be taken")
     replaced = None
+    duration = args.get("for_s")
     if mirror:
+        ends = _wall_end(current)
+        asked = guard.clock.wall() + float(duration) if duration else None
+        if asked is not None and (ends is None or asked < ends):
+            # A lock never shortens another (as on one host): a colleague's freeze "until
+            # unlocked" must not end in ten minutes because someone else locked for ten.
+            raise OperationRefused(
+                f"the fleet's lock ({current.reason}, {current.by}, until "
+                f"{current.until or 'unlocked'}) holds longer than asked; a lock never "
+                "shortens it (`guardctl qos unlock` ends it)"
+            )
         # This node's copy of the fleet's lock: the operator's lock replaces it (and the
-        # answer says which, as it may have been taken on another host, for longer).
+        # answer says which, as it may have been taken on another host).
         qoslock.remove_lock(guard.s.lock_file)
         replaced = (
             f"; it replaces the fleet's lock ({current.reason}, {current.by}, "
@@ -104,7 +116,6 @@ async def _qos_lock(
             f"a QoS lock is already held ({current.reason}); "
             "release it with `guardctl qos unlock` first"
         )
-    duration = args.get("for_s")
     before = guard.own_lock.info if guard.own_lock is not None else None
     info = guard.take_lock(
         reason or "locked by an operator",
@@ -127,6 +138,17 @@ async def _qos_lock(
             "longer than asked (a lock never shortens it; `guardctl qos unlock` ends it)"
         )
     return answer
+
+
+def _wall_end(lock: qoslock.LockInfo) -> float | None:
+    """When `lock` ends (wall time, s); None for a lock until unlocked, and for an `until`
+    that cannot be read (taken as the longest: never shortened by mistake)."""
+    if lock.until is None:
+        return None
+    try:
+        return parse_rfc3339(lock.until)
+    except ValueError:
+        return None
 
 
 async def _qos_unlock(guard: Guard, reason: str | None, by: str) -> dict[str, Any]:

@@ -975,6 +975,21 @@ def test_a_replaced_fleet_lock_reaches_every_node(fleet: FleetLab) -> None:
     out = guardctl("qos", "lock", "--for", "2h", "--reason", "longer", socket=on)
     assert out.returncode == 0, out
     wait_until(lambda: lock_everywhere(fleet, "longer"), 60, "the new lock everywhere", poll=0.2)
+    # From another node, a lock never shortens the fleet's: refused, naming the lock.
+    out = guardctl("qos", "lock", "--for", "10m", "--reason", "shorter",
+                   socket=fleet.labs[2].socket_path)  # fmt: skip
+    assert out.returncode != 0, out
+    assert "the fleet's lock (longer, fleet:uid:" in out.stdout + out.stderr, out
+    assert "holds longer than asked" in out.stdout + out.stderr, out
+    # A freeze until unlocked is the longest: it replaces it; then nothing shorter does.
+    out = guardctl("qos", "lock", "--reason", "freeze", socket=fleet.labs[0].socket_path)
+    assert out.returncode == 0, out
+    wait_until(lambda: lock_everywhere(fleet, "freeze"), 60, "the freeze everywhere", poll=0.2)
+    out = guardctl("qos", "lock", "--for", "24h", "--reason", "a day",
+                   socket=fleet.labs[2].socket_path)  # fmt: skip
+    assert out.returncode != 0 and "until unlocked" in out.stdout + out.stderr, out
+    fleet.rounds_pass()
+    assert lock_everywhere(fleet, "freeze")
 
 
 def test_an_old_release_does_not_release_a_rollbacks_lock(make_fleet: MakeFleet) -> None:
