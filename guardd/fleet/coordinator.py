@@ -602,8 +602,12 @@ class Fleet:
         while True:
             try:
                 if not self._fresh or time.monotonic() - last_read > SAFETY_READ_S:
+                    # What the store had answered before the read was sent: an answer
+                    # that comes back meanwhile (our own write, on another connection) may
+                    # be newer than what the read saw, on a store that never went back.
+                    floor, own = self._high, dict(self._own)
                     header, kvs = await self.client.read(self.prefix + "/", prefix=True)
-                    self._take_read(header, kvs)
+                    self._take_read(header, kvs, floor=floor, own=own)
                     last_read = time.monotonic()
                 # Reopened at the safety read, or at once when `_kick` cancels it.
                 with anyio.move_on_after(SAFETY_READ_S) as self._watching:
@@ -618,19 +622,33 @@ class Fleet:
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, WATCH_BACKOFF_MAX_S)
 
-    def _take_read(self, header: Header, kvs: list[KV]) -> None:
-        """A whole read of the prefix: the view from now on, from the store it came from."""
+    def _take_read(
+        self,
+        header: Header,
+        kvs: list[KV],
+        *,
+        floor: int | None = None,
+        own: dict[str, int] | None = None,
+    ) -> None:
+        """A whole read of the prefix: the view from now on, from the store it came from.
+
+        `floor` and `own`: the highest revision etcd had answered, and this node's writes
+        it had acknowledged, when the read was sent (by default, now). A linearizable read
+        is never below those; one below them is a store that went back.
+        """
+        floor = self._high if floor is None else floor
+        own = self._own if own is None else own
         moved = self._cluster is not None and header.cluster_id not in (0, self._cluster)
         by_key = {kv.key: kv for kv in kvs}
         lost = next(
             (
                 (key, revision)
-                for key, revision in self._own.items()
+                for key, revision in own.items()
                 if key not in by_key or by_key[key].mod_revision < revision
             ),
             None,
         )
-        if moved or header.revision < self._high or lost is not None:
+        if moved or header.revision < floor or lost is not None:
             self._store_went_back(header, moved=moved, lost=lost)
         self._suspect = None
         if self._cluster is None and header.cluster_id:

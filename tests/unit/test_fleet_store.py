@@ -174,3 +174,56 @@ def test_a_followers_failed_window_becomes_the_fleets_lock_and_it_publishes_its_
         assert len(client.put) == count
 
     anyio.run(main)
+
+
+class _SlowRead:
+    """An etcd client stand-in whose read answers when the test says, as of a revision
+    the test gives; its watch waits for ever."""
+
+    def __init__(self, answer: tuple[Header, list[KV]]) -> None:
+        self.answer = answer
+        self.sent, self.go, self.watching = anyio.Event(), anyio.Event(), anyio.Event()
+
+    async def read(self, _key: str, **_kw: object) -> tuple[Header, list[KV]]:
+        self.sent.set()
+        await self.go.wait()
+        return self.answer
+
+    async def watch(self, *_args: object, **_kw: object) -> Any:
+        self.watching.set()
+        await anyio.sleep_forever()
+        yield  # pragma: no cover
+
+
+@pytest.mark.parametrize("meanwhile", [True, False])
+def test_a_write_answered_while_a_read_is_on_its_way_is_no_store_that_went_back(
+    tmp_path: Path, meanwhile: bool
+) -> None:
+    """The read is evaluated at revision 505; our own write of `seen/n0`, on another
+    connection, is answered at 510 before the read's answer comes back. A healthy store:
+    no alert. The same read sent after that write was answered is a store that went back."""
+
+    async def main() -> None:
+        f = fleet(tmp_path)
+        seen = "/guardd/lab/seen/n0"
+        f._take_read(Header(5, 500), [kv(seen, "{}", 450)])
+        f._own[seen] = 450
+        if not meanwhile:
+            f._header(Header(5, 510))
+            f._own[seen] = 510
+        f.client = client = _SlowRead((Header(5, 505), [kv(seen, "{}", 450)]))  # type: ignore[assignment]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(f._follow)
+            with anyio.fail_after(10):
+                await client.sent.wait()
+            if meanwhile:
+                f._header(Header(5, 510))  # our write's answer (`_saw`), then its revision
+                f._own[seen] = 510
+            client.go.set()
+            with anyio.fail_after(10):
+                await client.watching.wait()
+            tg.cancel_scope.cancel()
+        assert f._went_back is not meanwhile
+        assert f._high == (510 if meanwhile else 505)
+
+    anyio.run(main)
