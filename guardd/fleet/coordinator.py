@@ -64,7 +64,7 @@ from guardd.fleet._etcd import (
     compare,
     put_op,
 )
-from guardd.journal import parse_rfc3339
+from guardd.journal import parse_rfc3339, rfc3339
 
 if TYPE_CHECKING:
     from guardd.guard import Guard
@@ -534,7 +534,7 @@ class Fleet:
         overwritten unseen. Raises `OperationRefused` when etcd cannot be reached or the
         lock changed meanwhile.
         """
-        doc = self._as_fleets(info.to_json())
+        doc = _stamped(self._as_fleets(info.to_json()))
         current = self._kvs.get(self.key("qos"))
         with self._operator_write("the fleet's QoS lock cannot be changed"):
             ok, revision = await self.client.txn(
@@ -1078,7 +1078,7 @@ class Fleet:
         if doc == before or (before is None and not doc.get("locked")):
             return  # unchanged since the last look (or nothing held as we became leader)
         doc = self._as_fleets(doc)
-        if doc == (self.qos or {"locked": False}):
+        if _same_lock(doc, self.qos or {"locked": False}):
             return
         current = self._kvs.get(self.key("qos"))
         mod = current.mod_revision if current is not None else 0
@@ -1091,6 +1091,7 @@ class Fleet:
                 "by": self.node,
                 "reason": doc.get("reason") or f"{self.node}'s lock ended",
             }
+        doc = _stamped(doc)
         ok, revision = await self.client.txn(
             [compare(self.key("qos"), "MOD", mod)], [put_op(self.key("qos"), doc)]
         )
@@ -1100,12 +1101,28 @@ class Fleet:
     def _failed_window(self, local: qoslock.LockInfo) -> bool:
         """Whether `local` is this node's own guard window, judged and not met (extended)."""
         own = self.guard.own_lock if self.guard is not None else None
-        return own is not None and own.window is not None and own.failed and own.info == local
+        return self._own_window(local) and own is not None and own.failed
+
+    def _own_window(self, local: qoslock.LockInfo) -> bool:
+        """Whether `local` is this node's own guard window (the lock its guard took after a
+        rollback it applied), not an operator's lock nor a copy of the fleet's."""
+        own = self.guard.own_lock if self.guard is not None else None
+        return own is not None and own.window is not None and own.info == local
+
+    def _released_since_decided(self) -> bool:
+        """Whether the fleet's lock was released after the fleet's last decision was
+        written (by etcd's revisions: `qos` modified after `desired`): no lock is then to
+        come for that decision from the leader, whose window passed or was unlocked."""
+        qos, desired = self._kvs.get(self.key("qos")), self._kvs.get(self.key("desired"))
+        return qos is not None and desired is not None and qos.mod_revision > desired.mod_revision
 
     async def _publish_own_window(self) -> None:
-        """A follower's own guard window whose SLOs did not hold is the fleet's lock when
-        the fleet holds none (the leader's window passed on its probes, not on this
-        node's); once it is, this node publishes its extensions and its end, as the
+        """A follower's own guard window is the fleet's lock when the fleet holds none and
+        either the window saw its SLOs fail (the leader's passed on its own probes) or the
+        fleet's lock was released since the decision the window follows (the leader's
+        window passed while this one ran, or an operator unlocked before this node could
+        apply the rollback: a late node); the leader's own window is the fleet's lock
+        otherwise. Once it is, this node publishes its extensions and its end, as the
         leader does its own. Written over `qos`'s mod_revision as read."""
         guard = self.guard
         if guard is None or self.is_leader:
@@ -1123,12 +1140,17 @@ class Fleet:
                         held=False, reason=f"{self.node}'s lock ended", by=self.node
                     ).to_json()
                 )
-        elif self._failed_window(local) and not (self.qos or {}).get("locked"):
+        elif (
+            self._own_window(local)
+            and not (self.qos or {}).get("locked")
+            and (self._failed_window(local) or self._released_since_decided())
+        ):
             doc = self._as_fleets(local.to_json())
         else:
             return
-        if doc == self._qos_wrote:
+        if self._qos_wrote is not None and _same_lock(doc, self._qos_wrote):
             return
+        doc = _stamped(doc)
         ok, revision = await self.client.txn(
             [compare(self.key("qos"), "MOD", mod)], [put_op(self.key("qos"), doc)]
         )
@@ -1151,8 +1173,10 @@ class Fleet:
         if held == self._qos_wrote and guard is not None and guard.own_lock is not None:
             return  # our own lock: our keeper ends or extends it, and we publish that
         if isinstance(held, dict) and held.get("locked") and _ended(held, self.expiry_grace):
-            doc = self._as_fleets(
-                qoslock.LockInfo(held=False, reason="expired", by=self.node).to_json()
+            doc = _stamped(
+                self._as_fleets(
+                    qoslock.LockInfo(held=False, reason="expired", by=self.node).to_json()
+                )
             )
             ok, revision = await self.client.txn(
                 [compare(self.key("qos"), "MOD", current.mod_revision)],
@@ -1296,12 +1320,17 @@ class Fleet:
         local = qoslock.read_lock(guard.s.lock_file)
         if self.qos.get("locked") or not local.held:
             return
-        by = self.qos.get("by")
-        if self._failed_window(local) and (by in self.nodes or by in self.seen):
-            # A node's automatic release (its window passed, a lock expired), while this
-            # node's window saw the SLOs fail: it stays, and becomes the fleet's lock
-            # (`_publish_own_window`). An operator's unlock ends it like any other.
-            return
+        if self._own_window(local):
+            by = self.qos.get("by")
+            if by in self.nodes or by in self.seen:
+                # A node's automatic release (its window passed, a lock expired) is not this
+                # node's verdict on its own rollback: its window stays and becomes the
+                # fleet's lock (`_publish_own_window`). An operator's unlock ends it.
+                return
+            if _released_before(self.qos, local):
+                # Written before this window was taken (read late: the node was cut off, or
+                # the watch brought it late): that release was not about this lock.
+                return
         async with guard.lock:
             on = self.qos.get("node")
             guard.release_lock(
@@ -1503,6 +1532,32 @@ def _fleet_by(by: object) -> str:
     the fleet's rollback is `fleet:<who>` already)."""
     text = str(by) if by else "unknown"
     return text if text.startswith("fleet:") else f"fleet:{text}"
+
+
+def _stamped(doc: dict[str, Any]) -> dict[str, Any]:
+    """A release (`"locked": false`) with `released_at`, the wall time it is written (RFC
+    3339): a node that reads it late tells a release of its lock from an older one."""
+    return doc if doc.get("locked") else {**doc, "released_at": rfc3339(time.time())}
+
+
+def _same_lock(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two `qos` documents say the same, whenever a release was written."""
+    return {k: v for k, v in a.items() if k != "released_at"} == {
+        k: v for k, v in b.items() if k != "released_at"
+    }
+
+
+def _released_before(release: dict[str, Any], local: qoslock.LockInfo) -> bool:
+    """Whether the fleet's `release` was written before `local` (a lock taken on this node)
+    was taken, by the wall clocks of the two nodes. Unknown (no time on either) is False:
+    the release acts, as before releases carried a time."""
+    at, taken = release.get("released_at"), local.locked_at
+    if not isinstance(at, str) or taken is None:
+        return False
+    try:
+        return parse_rfc3339(at) < parse_rfc3339(taken)
+    except ValueError:
+        return False
 
 
 def _ended(lock: dict[str, Any], grace: float = 0.0) -> bool:

@@ -471,6 +471,64 @@ def test_the_fleets_lock_holds_until_a_late_node_applied_the_rollback(
     assert fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["locked"] is False
 
 
+def test_a_late_nodes_window_after_an_operators_unlock_is_the_fleets_lock(
+    make_fleet: MakeFleet,
+) -> None:
+    """An operator unlocks the fleet while one node cannot apply the rollback (the gates
+    stay locked: the fleet has not converged). When that node applies it at last, its
+    guard window is the fleet's lock: every host's gate stays locked until it passes, then
+    every lock ends."""
+    fleet = make_fleet(switch__timeout="2s", qos__window="4s")
+    fleet.start()
+    late = fleet.labs[1]
+    good = late.nginx.targets["blue"].read_text()
+    late.nginx.targets["blue"].write_text("upstream lab_app { not nginx; }\n")
+    fleet.green.set_mode("http_503")
+    assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    assert fleet.labs[2].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    fleet.daemons[1].wait_event("rollback_failed", timeout=60)
+    wait_until(lambda: all(lab.lock_file.exists() for lab in fleet.labs), 30, "every lock file")
+    out = guardctl("qos", "unlock", socket=fleet.labs[0].socket_path)
+    assert out.returncode == 0, out
+    wait_until(
+        lambda: not any(lab.lock_file.exists() for lab in fleet.labs), 60, "every file unlocked"
+    )
+    # Unlocked, but n1 serves green still: no gate says "deploys allowed".
+    for lab in fleet.labs:
+        code, doc, said = qos_status(lab)
+        assert code == 1 and doc is not None, said
+        assert "has not converged on blue" in doc["reason"], doc
+    mark = [len(d.events()) for d in fleet.daemons]
+    late.nginx.targets["blue"].write_text(good)
+    assert late.nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    taken = fleet.daemons[1].wait_event(
+        "qos_locked",
+        timeout=30,
+        after=mark[1],
+        where=lambda e: e["reason"].startswith("rollback green -> blue"),
+    )
+    # Every other host mirrors it as the fleet's lock, taken on n1.
+    for i in (0, 2):
+        copy = fleet.daemons[i].wait_event(
+            "qos_locked", timeout=30, after=mark[i], where=lambda e: e.get("fleet_node") == "n1"
+        )
+        assert copy["reason"].startswith("the fleet's QoS lock: rollback green -> blue"), copy
+    assert all(blocked_by_the_fleet(lab) for lab in fleet.labs)
+    # Its end is the fleet's: no lock left anywhere, and n1 says why.
+    fleet.daemons[1].wait_event("qos_released", timeout=60, after=mark[1])
+    wait_until(
+        lambda: (
+            not any(lab.lock_file.exists() for lab in fleet.labs)
+            and all(qos_status(lab)[0] == 0 for lab in fleet.labs)
+        ),
+        60,
+        "the late node's window over, every gate open",
+        poll=0.3,
+    )
+    assert taken["until"] is not None, taken
+    assert fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["locked"] is False
+
+
 def test_the_fleets_lock_waits_for_a_followers_failing_window_then_ends_on_its_own(
     make_fleet: MakeFleet,
 ) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +20,7 @@ from guardd.config import FleetConfig
 from guardd.core.qos import QosWindow
 from guardd.fleet._etcd import KV, Header, header_of
 from guardd.fleet.coordinator import Fleet
+from guardd.journal import parse_rfc3339
 from guardd.qoskeeper import OwnedLock
 
 
@@ -164,14 +166,116 @@ def test_a_followers_failed_window_becomes_the_fleets_lock_and_it_publishes_its_
         await f._publish_own_window()
         end = client.put[-1]
         assert end["locked"] is False and end["by"] == "n0" and end["node"] == "n0", end
-        # A window that did not fail is no news: the leader's lock decides.
+        # A window not judged yet, while the fleet's last release came before the decision
+        # it follows: the leader's window is (or will be) the fleet's lock, not this one ...
         qoslock.write_lock(lock_file, info)
         guard.own_lock = OwnedLock(info, window, None, manual=False)
-        f._kvs = {"/guardd/lab/qos": kv("/guardd/lab/qos", json.dumps(released), mine + 5)}
+        desired = kv("/guardd/lab/desired", '{"color": "blue", "generation": 2}', mine + 6)
+        f._kvs = {
+            "/guardd/lab/qos": kv("/guardd/lab/qos", json.dumps(released), mine + 5),
+            "/guardd/lab/desired": desired,
+        }
         f.qos = released
         count = len(client.put)
         await f._publish_own_window()
         assert len(client.put) == count
+        # ... but released since (the leader's window passed while this one ran, or an
+        # operator unlocked before this late node applied it): this window is the fleet's.
+        f._kvs["/guardd/lab/qos"] = kv("/guardd/lab/qos", json.dumps(released), mine + 7)
+        await f._publish_own_window()
+        assert client.put[-1] == {**info.to_json(), "node": "n0"}
+        # ... but while the fleet holds a lock (the leader's window), the leader decides.
+        held = {**info.to_json(), "by": "guardd", "node": "n1"}
+        f._kvs["/guardd/lab/qos"] = kv("/guardd/lab/qos", json.dumps(held), f._qos_mine + 5)
+        f.qos = held
+        count = len(client.put)
+        await f._publish_own_window()
+        assert len(client.put) == count
+        # An operator's lock taken here is no guard window: never published by this path.
+        guard.own_lock = OwnedLock(info, None, None, manual=True)
+        f._kvs["/guardd/lab/qos"] = kv("/guardd/lab/qos", json.dumps(released), f._qos_mine + 9)
+        f.qos = released
+        await f._publish_own_window()
+        assert len(client.put) == count
+
+    anyio.run(main)
+
+
+@pytest.mark.parametrize(
+    ("by", "released_at", "manual", "released"),
+    [
+        ("uid:0(root)", "2026-12-01T00:00:30.000Z", False, False),  # before the window
+        ("uid:0(root)", "2026-12-01T00:02:00.000Z", False, True),  # after it: its end
+        ("uid:0(root)", None, False, True),  # no time (an older guardd): it acts, as it did
+        ("uid:0(root)", "garbage", False, True),
+        ("uid:0(root)", "2026-12-01T00:00:30.000Z", True, True),  # an operator's lock
+        ("n1", "2026-12-01T00:02:00.000Z", False, False),  # a node's automatic release
+        ("n1", "2026-12-01T00:02:00.000Z", True, True),
+    ],
+)  # fmt: skip
+def test_a_release_ends_a_guard_window_only_if_an_operator_wrote_it_after_the_window(
+    tmp_path: Path, by: str, released_at: str | None, manual: bool, released: bool
+) -> None:
+    """A node cut off when the fleet's lock was released, that took a guard window since
+    (its own rollback), reads that release late: the window stays, as the release was not
+    about it. An operator's release written after the window was taken ends it; another
+    node's automatic release (its own window passed) never does: this window is this
+    node's verdict on its own rollback."""
+
+    async def main() -> None:
+        f = fleet(tmp_path)
+        lock_file = tmp_path / "qos.lock"
+        info = qoslock.LockInfo(True, "rollback green -> blue", "2026-12-01T00:01:00.000Z",
+                                "2026-12-01T00:06:00.000Z", "guardd")  # fmt: skip
+        qoslock.write_lock(lock_file, info)
+        window = None if manual else QosWindow(0.0, 10.0, 0.01, 0.99, 5)
+        calls: list[dict[str, Any]] = []
+
+        def release_lock(**fields: Any) -> None:
+            calls.append(fields)
+            qoslock.remove_lock(lock_file)
+
+        guard = SimpleNamespace(
+            own_lock=OwnedLock(info, window, None, manual=manual),
+            s=SimpleNamespace(lock_file=lock_file),
+            lock=anyio.Lock(),
+            release_lock=release_lock,
+            save_state=lambda: None,
+        )
+        f.guard = guard  # type: ignore[assignment]
+        doc: dict[str, Any] = {"locked": False, "reason": "done", "by": by, "node": "n1"}
+        f.nodes = {"n0": {}, "n1": {}}
+        if released_at is not None:
+            doc["released_at"] = released_at
+        f._qos_mod, f._qos_mine = 10, 0  # the node last read `qos` at revision 10
+        f._kvs = {"/guardd/lab/qos": kv("/guardd/lab/qos", json.dumps(doc), 20)}
+        f.qos = doc
+        await f._adopt_qos()
+        assert bool(calls) is released, calls
+        assert qoslock.read_lock(lock_file).held is not released
+
+    anyio.run(main)
+
+
+def test_every_release_the_fleet_writes_carries_its_time(tmp_path: Path) -> None:
+    """An operator's unlock, a leader's expiry: `released_at`, RFC 3339, now; a lock none."""
+
+    async def main() -> None:
+        f = fleet(tmp_path)
+        f.client = client = _Txns()  # type: ignore[assignment]
+        f._kvs, f.reachable = {}, True
+        await f.set_qos(qoslock.LockInfo(True, "freeze", by="uid:0(root)"))
+        assert "released_at" not in client.put[-1]
+        before = time.time()
+        await f.set_qos(qoslock.LockInfo(False, by="uid:0(root)"))
+        at = client.put[-1]["released_at"]
+        assert isinstance(at, str) and at.endswith("Z")
+        assert before - 0.01 <= parse_rfc3339(at) <= time.time() + 0.01
+        held = {"locked": True, "reason": "freeze", "until": "2000-01-01T00:00:00Z", "node": "n1"}
+        f._kvs = {"/guardd/lab/qos": kv("/guardd/lab/qos", json.dumps(held), 200)}
+        f._qos_mine = 0
+        await f._expire_qos()
+        assert client.put[-1]["locked"] is False and "released_at" in client.put[-1]
 
     anyio.run(main)
 
