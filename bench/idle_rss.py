@@ -46,9 +46,10 @@ from bench.tools import runtime_install
 from bench.webhook import SlackHook
 
 # What `guardd run` loads, in about its order: cli.py's own imports, the config's
-# (pydantic, pydantic-settings), the runtime's (anyio, structlog, the supervisor with
-# prometheus_client and the guard), what the first `anyio.run` and READY load (asyncio,
-# the control socket), then what only HTTPS probes or a notification sink load.
+# (pydantic), the runtime's (anyio, structlog, the supervisor with prometheus_client and
+# the guard), what the first `anyio.run` and READY load (asyncio, the control socket),
+# then what only some configs load: pydantic-settings with a `GUARDD_<SECTION>__<KEY>`
+# variable set, and what HTTPS probes or a notification sink load.
 IMPORTS = [
     "guardd.cli",
     "tomllib",
@@ -56,7 +57,6 @@ IMPORTS = [
     "pydantic",
     "pydantic.main",
     "pydantic.fields",
-    "pydantic_settings",
     "guardd.core.policy",
     "guardd.config",
     "anyio",
@@ -78,6 +78,7 @@ IMPORTS = [
     "guardd.control.server",
     "guardd.operator",
     "ctypes",
+    "pydantic_settings",
     "httpx",
     "stamina",
     "guardd.notify",

@@ -7,6 +7,7 @@ Every model rejects unknown keys, and every problem is reported as
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -32,7 +33,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from guardd import paths
 from guardd.core.policy import PolicySpec, spec_rules
@@ -40,6 +40,9 @@ from guardd.core.rules import BUILTIN_NAMES, OPS, Rule
 from guardd.core.signals import KIND_STATS, PROBE
 from guardd.core.types import COLORS, Color
 from guardd.exceptions import ConfigError, ConfigProblem
+
+if typing.TYPE_CHECKING:
+    from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 _NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
 # One or more number-unit parts, largest first or not, as Go's time.ParseDuration takes them.
@@ -933,16 +936,20 @@ class FleetConfig(_Section):
         return found
 
 
-class GuardConfig(BaseSettings):
-    """The whole configuration of one guarded service."""
+class GuardConfig(BaseModel):
+    """The whole configuration of one guarded service.
 
-    model_config = SettingsConfigDict(
-        env_prefix="GUARDD_",
-        env_nested_delimiter="__",
+    A plain model: `load` validates a file with it when no `GUARDD_<SECTION>__<KEY>`
+    variable is set, and with `_with_environment()`'s subclass (pydantic-settings) when
+    one is. The config is pydantic-settings' `BaseSettings` config, less what only its
+    sources read.
+    """
+
+    model_config = ConfigDict(
         extra="forbid",
         frozen=True,
-        nested_model_default_partial_update=False,
         use_attribute_docstrings=True,
+        validate_default=True,  # as BaseSettings does: defaults go through the validators
     )
 
     instance: str | None = None
@@ -973,18 +980,6 @@ class GuardConfig(BaseSettings):
     """The rule table; it follows the built-in rules of `[policy]`."""
     fleet: FleetConfig | None = None
     """Coordination with other guardd nodes through etcd; none: this node decides alone."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],  # noqa: ARG003 - signature fixed by pydantic-settings
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003
-        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The TOML document arrives as init kwargs; the environment overrides it.
-        return (env_settings, init_settings)
 
     @field_validator("instance")
     @classmethod
@@ -1120,6 +1115,69 @@ class GuardConfig(BaseSettings):
         return self
 
 
+def _names_a_setting(name: str) -> bool:
+    """Whether pydantic-settings would read environment variable `name` into GuardConfig:
+    `GUARDD_<FIELD>` or `GUARDD_<FIELD>__...`, in any case (it is not case-sensitive)."""
+    lowered = name.lower()
+    return lowered.startswith("guardd_") and (
+        lowered[len("guardd_") :].split("__")[0] in GuardConfig.model_fields
+    )
+
+
+def _validator_for(doc: Mapping[str, Any], environ: Mapping[str, str]) -> type[GuardConfig]:
+    """GuardConfig itself when pydantic-settings would only hand `doc` on to it, else the
+    pydantic-settings subclass that lays the environment over `doc`."""
+    # pydantic-settings also matches the document's own top-level keys without regard to
+    # case (`[Probe]` is `probe`): any key that is not a field's exact name goes its way,
+    # so that such a file reads, and fails, exactly as before.
+    if all(key in GuardConfig.model_fields for key in doc) and not any(
+        _names_a_setting(name) for name in environ
+    ):
+        return GuardConfig
+    return _with_environment()
+
+
+@functools.cache
+def _with_environment() -> type[GuardConfig]:
+    """GuardConfig as a pydantic-settings `BaseSettings`: `GUARDD_<SECTION>__<KEY>` variables
+    (JSON for a table or list) override the document's keys, which arrive as init kwargs.
+
+    Imported and built here, not at import: pydantic-settings and what it loads (dotenv,
+    every source provider) add about 1 MiB to the daemon's RSS, and a daemon configured by
+    its file alone never reads them. `load` comes here at start and at each reload
+    (SIGHUP), never while a decision is made.
+    """
+    from pydantic_settings import BaseSettings, SettingsConfigDict  # noqa: PLC0415
+
+    class _FromEnvironment(GuardConfig, BaseSettings):
+        __doc__ = GuardConfig.__doc__
+        model_config = SettingsConfigDict(
+            env_prefix="GUARDD_",
+            env_nested_delimiter="__",
+            extra="forbid",
+            frozen=True,
+            nested_model_default_partial_update=False,
+            use_attribute_docstrings=True,
+            title="GuardConfig",  # its validation errors name the config as they always have
+        )
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],  # noqa: ARG003 - signature fixed by pydantic-settings
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+            file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            # The TOML document arrives as init kwargs; the environment overrides it.
+            return (env_settings, init_settings)
+
+    # And so does its repr.
+    _FromEnvironment.__name__ = _FromEnvironment.__qualname__ = "GuardConfig"
+    return _FromEnvironment
+
+
 class Settings:
     """A validated config plus the facts derived from where it was loaded."""
 
@@ -1195,7 +1253,7 @@ def load(
         _override(doc, overrides, shown)
     token = _HOST_CHECKS.set(host_checks)
     try:
-        config = GuardConfig(**doc)
+        config = _validator_for(doc, os.environ)(**doc)
     except ValidationError as e:
         raise ConfigError(
             _problems(e, shown, os.environ), _bare_numbers(doc, shown, os.environ)

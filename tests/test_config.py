@@ -338,6 +338,56 @@ def test_bad_env_override_names_the_variable(monkeypatch: pytest.MonkeyPatch) ->
     ]
 
 
+LOAD_AND_LIST = """
+import sys
+from pathlib import Path
+from guardd import config
+c = config.load(Path(sys.argv[1])).config
+print(c.policy.consecutive_failures, c.probe.interval, "pydantic_settings" in sys.modules,
+      "dotenv" in sys.modules, type(c).__name__, isinstance(c, config.GuardConfig))
+"""
+
+
+def load_in_child(path: Path, env: dict[str, str]) -> list[str]:
+    """What a fresh interpreter that loads `path` under `env` (besides the `GUARDD_*`-free
+    part of ours) prints: consecutive_failures, interval, whether pydantic-settings and
+    dotenv were imported, the config's class name and whether it is a GuardConfig."""
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("GUARDD_")}
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_LIST, str(path)],
+        capture_output=True,
+        text=True,
+        env={**clean, "PYTHONPATH": str(Path(__file__).parents[1]), **env},
+        timeout=60,
+        check=True,
+    )
+    return done.stdout.split()
+
+
+def test_a_config_set_by_its_file_alone_never_imports_pydantic_settings() -> None:
+    # GUARDD_CONFIG and GUARDD_STATE_ROOT name no setting: they change nothing here.
+    env = {"GUARDD_CONFIG": str(EXAMPLE), "GUARDD_STATE_ROOT": "/nonexistent"}
+    assert load_in_child(EXAMPLE, env) == ["3", "1.0", "False", "False", "GuardConfig", "True"]
+
+
+@pytest.mark.parametrize(
+    "name", ["GUARDD_POLICY__CONSECUTIVE_FAILURES", "guardd_policy__consecutive_failures"]
+)
+def test_a_setting_in_the_environment_is_read_through_pydantic_settings(name: str) -> None:
+    # Upper or lower case, as pydantic-settings reads them; a whole table as JSON too.
+    env = {name: "5", "GUARDD_PROBE": '{"interval": "2s", "fast_interval": "1s"}'}
+    assert load_in_child(EXAMPLE, env) == ["5", "2.0", "True", "True", "GuardConfig", "True"]
+
+
+def test_a_top_level_key_in_another_case_reads_as_it_always_has(tmp_path: Path) -> None:
+    # pydantic-settings matches the file's top-level keys without regard to case.
+    path = tmp_path / "cased.toml"
+    path.write_text(EXAMPLE.read_text().replace("\n[policy]\n", "\n[Policy]\n"))
+    assert "[Policy]" in path.read_text()
+    out = load_in_child(path, {"GUARDD_CONFIG": str(path)})
+    assert out == ["3", "1.0", "True", "True", "GuardConfig", "True"]
+
+
 def test_defaults_follow_systemd_directories(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

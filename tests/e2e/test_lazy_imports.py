@@ -24,7 +24,8 @@ pytestmark = pytest.mark.nginx
 IMPORT_LOG = {"PYTHONPROFILEIMPORTTIME": "1"}
 # Loaded only by a configuration (or a moment) that needs them: the notification client,
 # the retry library, the HTTP signals, the file-following signals, the demo; difflib only
-# for an invalid config's suggestions.
+# for an invalid config's suggestions; pydantic-settings (and dotenv) only when a
+# `GUARDD_<SECTION>__<KEY>` variable is set.
 LAZY = (
     "httpx",
     "httpcore",
@@ -41,6 +42,8 @@ LAZY = (
     "difflib",
     "guardd.demo",
     "aiohttp",
+    "pydantic_settings",
+    "dotenv",
 )
 
 
