@@ -930,6 +930,16 @@ def qos_locked_metric(port: int) -> str | None:
     return None
 
 
+def lock_on(fleet: FleetLab, node: int, reason: str, for_: str | None = None) -> str:
+    """`guardctl qos lock [--for for_] --reason reason` on `node`, done (exit 0) and then
+    held everywhere (`lock_everywhere`); the answer's text."""
+    when = ("--for", for_) if for_ is not None else ()
+    out = guardctl("qos", "lock", *when, "--reason", reason, socket=fleet.labs[node].socket_path)
+    assert out.returncode == 0, out
+    wait_until(lambda: lock_everywhere(fleet, reason), 60, f"{reason!r} everywhere", poll=0.2)
+    return out.stdout
+
+
 def lock_everywhere(fleet: FleetLab, reason: str) -> bool:
     """The fleet's lock with `reason` in etcd, and the same reason and until on every node:
     in `status`, in `qos status`, and in its lock file (what a CI gate on the host reads)."""
@@ -1022,17 +1032,10 @@ def test_a_second_guardd_with_a_nodes_name_is_a_clash_never_its_record(
 
 def test_a_replaced_fleet_lock_reaches_every_node(fleet: FleetLab) -> None:
     fleet.start()
-    on = fleet.labs[1].socket_path
-    out = guardctl("qos", "lock", "--for", "15s", "--reason", "short", socket=on)
-    assert out.returncode == 0, out
-    wait_until(lambda: lock_everywhere(fleet, "short"), 60, "the short lock everywhere", poll=0.2)
-    out = guardctl("qos", "lock", "--for", "1h", "--reason", "long", socket=on)
-    assert out.returncode == 0, out
-    wait_until(lambda: lock_everywhere(fleet, "long"), 60, "the long lock everywhere", poll=0.2)
+    lock_on(fleet, 1, "short", "15s")
+    lock_on(fleet, 1, "long", "1h")
     # Replaced by its owner with another reason and until too (a longer freeze).
-    out = guardctl("qos", "lock", "--for", "2h", "--reason", "longer", socket=on)
-    assert out.returncode == 0, out
-    wait_until(lambda: lock_everywhere(fleet, "longer"), 60, "the new lock everywhere", poll=0.2)
+    lock_on(fleet, 1, "longer", "2h")
     # From another node, a lock never shortens the fleet's: refused, naming the lock.
     out = guardctl("qos", "lock", "--for", "10m", "--reason", "shorter",
                    socket=fleet.labs[2].socket_path)  # fmt: skip
@@ -1040,9 +1043,7 @@ def test_a_replaced_fleet_lock_reaches_every_node(fleet: FleetLab) -> None:
     assert "the fleet's lock (longer, fleet:uid:" in out.stdout + out.stderr, out
     assert "holds longer than asked" in out.stdout + out.stderr, out
     # A freeze until unlocked is the longest: it replaces it; then nothing shorter does.
-    out = guardctl("qos", "lock", "--reason", "freeze", socket=fleet.labs[0].socket_path)
-    assert out.returncode == 0, out
-    wait_until(lambda: lock_everywhere(fleet, "freeze"), 60, "the freeze everywhere", poll=0.2)
+    lock_on(fleet, 0, "freeze")
     out = guardctl("qos", "lock", "--for", "24h", "--reason", "a day",
                    socket=fleet.labs[2].socket_path)  # fmt: skip
     assert out.returncode != 0 and "until unlocked" in out.stdout + out.stderr, out
@@ -1184,12 +1185,7 @@ def test_a_lock_lost_with_etcds_store_is_published_again_and_no_stale_expiry_end
     follower = next(i for i in range(3) if i != leader)
     old_id = fleet.etcd.cluster_id()
     # A lock taken on the leader, due to end in a while; then the cluster is replaced.
-    out = guardctl(
-        "qos", "lock", "--for", "40s", "--reason", "before",
-        socket=fleet.labs[leader].socket_path,
-    )  # fmt: skip
-    assert out.returncode == 0, out
-    wait_until(lambda: lock_everywhere(fleet, "before"), 60, "the lock everywhere", poll=0.2)
+    lock_on(fleet, leader, "before", "40s")
     until = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["until"]
     fleet.etcd.wipe(new_cluster=True)
     assert fleet.etcd.cluster_id() != old_id
@@ -1200,12 +1196,7 @@ def test_a_lock_lost_with_etcds_store_is_published_again_and_no_stale_expiry_end
     # Replaced on another node in the new store, the new lock is everywhere, the owner's
     # file too; the old lock's end releases nothing (no stale expiry, no spurious release).
     marks = [len(d.events()) for d in fleet.daemons]
-    out = guardctl(
-        "qos", "lock", "--for", "1h", "--reason", "after",
-        socket=fleet.labs[follower].socket_path,
-    )  # fmt: skip
-    assert out.returncode == 0, out
-    wait_until(lambda: lock_everywhere(fleet, "after"), 60, "the new lock everywhere", poll=0.2)
+    lock_on(fleet, follower, "after", "1h")
     assert time.time() < parse_rfc3339(until), "the new lock mirrored only at the old one's end"
     past_until(until)
     held = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]
@@ -1234,25 +1225,13 @@ def test_an_operators_lock_replaced_from_another_node_is_mirrored_and_ends_quiet
 ) -> None:
     fleet.start()
     for a, b, how_long in ((1, 2, "12s"), (0, 1, "10s")):
-        out = guardctl(
-            "qos", "lock", "--for", how_long, "--reason", f"on n{a}",
-            socket=fleet.labs[a].socket_path,
-        )  # fmt: skip
-        assert out.returncode == 0, out
-        held_a = functools.partial(lock_everywhere, fleet, f"on n{a}")
-        wait_until(held_a, 60, f"n{a}'s lock", poll=0.2)
+        lock_on(fleet, a, f"on n{a}", how_long)
         until = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["until"]
         mark = len(fleet.daemons[a].events())
-        out = guardctl(
-            "qos", "lock", "--for", "1h", "--reason", f"on n{b}",
-            socket=fleet.labs[b].socket_path,
-        )  # fmt: skip
-        assert out.returncode == 0, out
-        # Taken on another host, perhaps for longer: the answer says what it replaced.
-        assert f"it replaces the fleet's lock (on n{a}, fleet:uid:" in out.stdout, out
-        # n{a}'s own file now mirrors the fleet's lock, by fleet:<who>.
-        held_b = functools.partial(lock_everywhere, fleet, f"on n{b}")
-        wait_until(held_b, 60, f"n{b}'s lock", poll=0.2)
+        # Taken on another host, for longer: the answer says what it replaced, and n{a}'s
+        # own file now mirrors the fleet's lock, by fleet:<who>.
+        said = lock_on(fleet, b, f"on n{b}", "1h")
+        assert f"it replaces the fleet's lock (on n{a}, fleet:uid:" in said, said
         # At once, not only when n{a}'s own lock would have ended.
         assert time.time() < parse_rfc3339(until), "mirrored only at the old lock's end"
         local = qoslock.read_lock(fleet.labs[a].lock_file)
@@ -1389,13 +1368,7 @@ def test_a_lock_lost_by_a_restore_is_noticed_though_the_revision_went_on(
     leader = fleet.leader()
     assert leader is not None
     taker, other = [i for i in range(3) if i != leader][:2]
-    out = guardctl(
-        "qos", "lock", "--for", "10m", "--reason", "freeze 9",
-        socket=fleet.labs[taker].socket_path,
-    )  # fmt: skip
-    assert out.returncode == 0, out
-
-    wait_until(lambda: lock_everywhere(fleet, "freeze 9"), 60, "the lock on every node", poll=0.2)
+    lock_on(fleet, taker, "freeze 9", "10m")
     high = fleet.etcd.revision()
     for proxy in proxies:  # no node reaches etcd while it is restored and written to
         proxy.stop()
