@@ -12,10 +12,10 @@ import json
 import os
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from guardd.core.types import JOURNAL_EVENTS
 from guardd.exceptions import StorageError, UnsafePath
@@ -25,7 +25,8 @@ from guardd.secrets import redact
 EVENTS = JOURNAL_EVENTS
 # The in-memory tail of the journal is bounded by the size of its lines, not their number:
 # events carry evidence of very different sizes, and a count bound let the tail keep
-# growing for an hour at a fast interval. Held as dicts, a tail costs ~4x its line bytes.
+# growing for an hour at a fast interval. It holds the lines themselves: held as dicts, a
+# tail cost ~4x its line bytes and kept growing long after its bound was reached.
 RECENT_BYTES = 256 * 1024
 
 
@@ -43,6 +44,72 @@ def parse_rfc3339(text: str) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
+class Tail(Sequence[dict[str, Any]]):
+    """The newest journal events, oldest first, at most `limit` bytes of their lines.
+
+    Always holds the newest event, however large. Held as the lines' bytes (a line with
+    its newline) and decoded only when read: `tail[-1]` decodes nothing (the newest event
+    is kept as its dict), any other index one line, and `reversed(tail)` one line a step,
+    so a search from the newest end stops paying where it stops. Every read of an older
+    event is a fresh dict.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lines: deque[bytes] = deque()
+        self.bytes = 0
+        # The newest event as appended (or as read at open); None when the tail is empty.
+        self._newest: dict[str, Any] | None = None
+
+    def add(self, event: dict[str, Any], line: bytes) -> None:
+        """Remember `event`, whose journal line (with its newline) is `line`."""
+        self._lines.append(line)
+        self._newest = event
+        self.bytes += len(line)
+        while self.bytes > self.limit and len(self._lines) > 1:
+            self.bytes -= len(self._lines.popleft())
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self._lines)))]
+        n = len(self._lines)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError("journal tail index out of range")
+        if index == n - 1 and self._newest is not None:
+            return self._newest
+        return _decode(self._lines[index])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        n = len(self._lines)
+        for i, line in enumerate(list(self._lines)):
+            yield self._newest if i == n - 1 and self._newest is not None else _decode(line)
+
+    def __reversed__(self) -> Iterator[dict[str, Any]]:
+        # A snapshot of the references, so an append while a caller iterates cannot
+        # break the iteration (a deque raises if mutated under its iterator).
+        lines = list(self._lines)
+        newest = self._newest
+        for i in range(len(lines) - 1, -1, -1):
+            yield newest if i == len(lines) - 1 and newest is not None else _decode(lines[i])
+
+
+def _decode(line: bytes) -> dict[str, Any]:
+    """The event of a line the tail holds (every one was checked to be an event object)."""
+    doc: dict[str, Any] = json.loads(line)
+    return doc
+
+
 class Journal:
     """Appends events to `path` and remembers the recent ones."""
 
@@ -53,9 +120,7 @@ class Journal:
         self._backlog: list[bytes] = []
         # The newest events, oldest first, at most RECENT_BYTES of their lines (always the
         # newest one, however large).
-        self.recent: deque[dict[str, Any]] = deque()
-        self._recent_sizes: deque[int] = deque()
-        self.recent_bytes = 0
+        self.recent = Tail(RECENT_BYTES)
         self.skipped_lines = 0
         self._fd = -1
         self._torn = False
@@ -84,20 +149,17 @@ class Journal:
                     except StorageError:
                         self._torn = True  # disk full: the first write that succeeds ends it
         skipped = 0
-        for event, size in self._sized_lines():
+        for event, raw in self._lines():
             if event is None:
                 skipped += 1
             else:
-                self._remember(event, size)
+                self.recent.add(event, raw)
         self.skipped_lines = skipped
 
-    def _remember(self, event: dict[str, Any], size: int) -> None:
-        self.recent.append(event)
-        self._recent_sizes.append(size)
-        self.recent_bytes += size
-        while self.recent_bytes > RECENT_BYTES and len(self.recent) > 1:
-            self.recent.popleft()
-            self.recent_bytes -= self._recent_sizes.popleft()
+    @property
+    def recent_bytes(self) -> int:
+        """Bytes of the lines in the in-memory tail (at most RECENT_BYTES, or one line)."""
+        return self.recent.bytes
 
     def close(self) -> None:
         """Close the file."""
@@ -140,7 +202,7 @@ class Journal:
             record["evidence"] = evidence
         record.update(extra)
         line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
-        self._remember(record, len(line))
+        self.recent.add(record, line)
         self._backlog.append(line)
         self.flush()
         return record
@@ -180,7 +242,7 @@ class Journal:
         """Every well-formed event in the file (the newest `limit`), skipping torn lines."""
         events: deque[dict[str, Any]] = deque(maxlen=limit)
         skipped = 0
-        for event, _ in self._sized_lines():
+        for event, _ in self._lines():
             if event is None:
                 skipped += 1
             else:
@@ -188,8 +250,8 @@ class Journal:
         self.skipped_lines = skipped
         return list(events)
 
-    def _sized_lines(self) -> Iterator[tuple[dict[str, Any] | None, int]]:
-        """Each line's event (None for a torn or foreign line) and its size in bytes."""
+    def _lines(self) -> Iterator[tuple[dict[str, Any] | None, bytes]]:
+        """Each line's event (None for a torn or foreign line) and the line as read."""
         try:
             f = self.path.open("rb")
         except FileNotFoundError:
@@ -201,6 +263,6 @@ class Journal:
                 try:
                     doc = json.loads(raw)
                 except (UnicodeDecodeError, ValueError):
-                    yield None, len(raw)
+                    yield None, raw
                     continue
-                yield (doc if isinstance(doc, dict) and "event" in doc else None), len(raw)
+                yield (doc if isinstance(doc, dict) and "event" in doc else None), raw

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import tracemalloc
 from pathlib import Path
+
+import pytest
 
 from guardd.journal import RECENT_BYTES, Journal
 
@@ -63,3 +68,76 @@ def test_one_event_larger_than_the_bound_is_still_the_newest(tmp_path: Path) -> 
     assert [e["reason"] for e in j.recent] == ["huge"]
     j.append("config_reloaded", reason="after")
     assert [e["reason"] for e in j.recent] == ["after"]
+
+
+def _soak_like(j: Journal, count: int) -> None:
+    """Events shaped like a fast guard's: small evidence dicts, a few hundred bytes a line."""
+    for i in range(count):
+        j.append(
+            "config_reloaded",
+            source="green",
+            target="blue",
+            reason=f"reload {i}",
+            severity="P2",
+            evidence={"failed": i % 7, "samples": 20, "ratio": 0.35, "window_s": 5.0},
+            rollback_id=f"{i:032x}",
+        )
+
+
+def test_a_full_tail_costs_about_its_byte_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Held as dicts the same tail cost ~3x its line bytes; as lines it costs the bytes
+    # plus a small per-line overhead (~1.15x with these ~300-byte lines).
+    monkeypatch.setattr(os, "fsync", lambda _fd: None)  # what is measured is memory, not disk
+    j = _journal(tmp_path)
+    _soak_like(j, 200)  # warm up what the first appends allocate once
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        _soak_like(j, 1500)  # ~850 of these lines fill the bound
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert j.recent_bytes > RECENT_BYTES - 1024  # filled to its bound
+    assert grown <= 1.5 * RECENT_BYTES, f"a full tail costs {grown} bytes"
+
+
+def test_the_tail_reads_as_the_events_it_was_given(tmp_path: Path) -> None:
+    j = _journal(tmp_path)
+    assert not j.recent
+    assert len(j.recent) == 0
+    with pytest.raises(IndexError):
+        j.recent[-1]
+    appended = [j.append("config_reloaded", reason=f"r{i}", evidence={"n": i}) for i in range(50)]
+    assert j.recent
+    assert len(j.recent) == 50
+    assert j.recent[-1] is appended[-1]  # the newest costs no decoding
+    assert j.recent[-1] == appended[-1]
+    assert j.recent[0] == appended[0]
+    assert j.recent[-2] == appended[-2]
+    assert j.recent[10:13] == appended[10:13]
+    assert list(j.recent) == appended
+    assert list(reversed(j.recent)) == appended[::-1]
+    with pytest.raises(IndexError):
+        j.recent[50]
+    # After a restart the tail reads the same from the file.
+    j.close()
+    again = _journal(tmp_path)
+    assert list(again.recent) == appended
+    assert again.recent[-1] == appended[-1]
+    assert list(reversed(again.recent)) == appended[::-1]
+
+
+def test_a_search_from_the_newest_end_stops_where_it_finds(tmp_path: Path) -> None:
+    j = _journal(tmp_path)
+    j.append("switch", source="blue", target="green", reason="by hand")
+    for i in range(20):
+        j.append("config_reloaded", reason=f"r{i}")
+    it = reversed(j.recent)
+    assert next(it)["reason"] == "r19"
+    # Appending while a caller iterates neither breaks nor changes what it sees.
+    j.append("config_reloaded", reason="late")
+    found = next(e for e in it if e["event"] == "switch")
+    assert found["reason"] == "by hand"
