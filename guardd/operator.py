@@ -67,17 +67,23 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
             raise OperationRefused(f"unknown color {color!r}")
         if color == guard.active:
             raise OperationRefused(f"{color} is already active")
-        _gate(guard, color, force=bool(args.get("force")), promote=False)
+        force = bool(args.get("force"))
+        _gate(guard, color, force=force, promote=False)
         guard.machine.clear_hold()
         await _move(
-            guard, color, "switch", by, reason or f"switch to {color} requested by an operator"
+            guard,
+            color,
+            "switch",
+            by,
+            reason or f"switch to {color} requested by an operator",
+            gated=not force,
         )
         return _moved(guard, cmd)
     if cmd == "promote":
         assert guard.active is not None  # noqa: S101 - refused above
         standby = other(guard.active)
         _gate(guard, standby, force=False, promote=True)
-        await _move(guard, standby, "promote", by, reason or f"promote {standby}")
+        await _move(guard, standby, "promote", by, reason or f"promote {standby}", gated=True)
         return _moved(guard, cmd)
     raise OperationRefused(f"unknown command {cmd!r}")
 
@@ -169,12 +175,17 @@ async def _qos_unlock(guard: Guard, reason: str | None, by: str) -> dict[str, An
     return qoslock.read_lock(guard.s.lock_file).to_json()
 
 
-async def _move(guard: Guard, target: Color, kind: str, by: str, reason: str) -> None:
+async def _move(
+    guard: Guard, target: Color, kind: str, by: str, reason: str, *, gated: bool = False
+) -> None:
     """Move this node's traffic; in a fleet, first make it the fleet's desired color
-    (two-phase for a switch or promote), then apply it here as that generation."""
+    (two-phase for a switch or promote), then apply it here as that generation.
+
+    `gated`: the move passed the QoS gate (no `--force`); in a fleet the gate holds until
+    the decision is written (see `Fleet.propose`)."""
     generation = None
     if guard.fleet is not None:
-        generation = await guard.fleet.propose(target, kind, by, reason)
+        generation = await guard.fleet.propose(target, kind, by, reason, gated=gated)
     await guard.move_traffic(target, kind=kind, by=by, reason=reason, generation=generation)
     if generation is not None and guard.fleet is not None and guard.active == target:
         guard.fleet.applied_generation(generation)

@@ -246,17 +246,54 @@ class Fleet:
         if first:
             guard.record("alert", reason=self._unacted, source=guard.active, target=target)
 
-    async def propose(self, target: Color, kind: str, by: str, reason: str) -> int:
+    async def propose(
+        self, target: Color, kind: str, by: str, reason: str, *, gated: bool = False
+    ) -> int:
         """An operator's rollback, switch or promote for the whole fleet; its generation.
 
         A switch or promote is two-phase: every live node tests `target` first (see
-        `prepare`). Raises `OperationRefused` naming the nodes that refused or did not
-        answer, or when etcd cannot be reached.
+        `prepare`). `gated` (a switch or promote without `--force`): the fleet's QoS lock
+        must not be held, nor the fleet unconverged, as read now, and the decision is
+        written only if `qos` has not changed since (a lock taken on another node while
+        the nodes test the target refuses the move, as it would have refused it a moment
+        earlier). Raises `OperationRefused` naming the nodes that refused or did not
+        answer, the lock, or when etcd cannot be reached.
         """
         with self._operator_write(f"the fleet cannot {kind}"):
+            qos_mod = None
+            if gated:
+                held = self.qos_doc()
+                if held.get("locked") is None:
+                    raise OperationRefused(
+                        f"the fleet's QoS lock is unknown ({held.get('warning')}); "
+                        + ("" if kind == "promote" else "use --force to override")
+                    )
+                if held.get("locked"):
+                    raise OperationRefused(
+                        f"the fleet's QoS lock is held ({held.get('reason')}"
+                        + (f", until {held['until']}" if held.get("until") else "")
+                        + ")"
+                        + ("" if kind == "promote" else "; use --force to override")
+                    )
+                current = self._kvs.get(self.key("qos"))
+                qos_mod = current.mod_revision if current is not None else 0
             if kind != "rollback":
                 await self._prepare(target)
-            generation = await self._write_desired(target, kind, by, reason, fenced=False)
+            generation = await self._write_desired(
+                target, kind, by, reason, fenced=False, qos_mod=qos_mod
+            )
+            if generation is None and qos_mod is not None:
+                # Which comparison failed: the lock, read from the store itself (the watch
+                # may not have brought it yet).
+                _, kvs = await self.client.read(self.key("qos"))
+                now = _json(kvs[0].value, {}) if kvs else {}
+                now = now if isinstance(now, dict) else {}
+                if (kvs[0].mod_revision if kvs else 0) != qos_mod:
+                    raise OperationRefused(
+                        f"the fleet's QoS lock changed while the nodes tested {target}"
+                        + (f": locked ({now.get('reason')})" if now.get("locked") else "")
+                        + f"; nothing was switched: look, then {kind} again"
+                    )
         if generation is None:
             raise OperationRefused(f"the fleet's desired color changed meanwhile; {kind} again")
         return generation
@@ -940,7 +977,11 @@ class Fleet:
         *,
         fenced: bool,
         severity: str | None = None,
+        qos_mod: int | None = None,
     ) -> int | None:
+        """Write `desired` (and, for a fenced rollback, the budget); its generation, or None
+        when a comparison failed: `desired` changed since read, the leader key is no
+        longer ours (`fenced`), or `qos` changed since `qos_mod` (when given)."""
         generation = self.known_generation() + 1
         doc = {
             "color": target,
@@ -953,6 +994,8 @@ class Fleet:
             "node": self.node,
         }
         checks = [compare(self.key("desired"), "MOD", self._desired_mod)]
+        if qos_mod is not None:
+            checks.append(compare(self.key("qos"), "MOD", qos_mod))
         if fenced:
             if self._leader_rev is None:
                 return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import shlex
 import signal
 import socket
 import threading
@@ -1028,6 +1029,55 @@ def test_a_second_guardd_with_a_nodes_name_is_a_clash_never_its_record(
         assert all(qos_status(lab, config=True)[0] == 1 for lab in fleet.labs)
     finally:
         twin.close()
+
+
+def test_a_lock_taken_while_the_nodes_test_a_switch_refuses_the_switch(
+    make_fleet: MakeFleet,
+) -> None:
+    """An operator's `switch` (no --force) passed the gate, and while the nodes test the
+    target another operator freezes deploys on another node: the switch is refused, and
+    no node moves. (The gate holds until the decision is written, not only at its start.)"""
+    fleet = make_fleet()
+    fleet.start()
+    slow, d = fleet.labs[1], fleet.daemons[1]
+    testing, go = fleet.tmp / "testing", fleet.tmp / "go"
+    script = fleet.tmp / "slow-test"
+    # n1's nginx test waits for the test's word, so the lock comes while it runs.
+    script.write_text(
+        f"#!/bin/sh\ntouch {testing}\nwhile [ ! -e {go} ]; do sleep 0.05; done\n"
+        f"exec {shlex.join(slow.nginx.test_command)}\n"
+    )
+    script.chmod(0o755)
+    mark = len(d.events())
+    slow.write_config(switch__test_command=[str(script)])
+    d.signal(signal.SIGHUP)
+    d.wait_event("config_reloaded", timeout=30, after=mark)
+    answers: list[Any] = []
+    switch = threading.Thread(
+        target=lambda: answers.append(
+            guardctl("switch", "blue", "--reason", "deploy", socket=fleet.labs[0].socket_path)
+        ),
+        daemon=True,
+    )
+    switch.start()
+    try:
+        wait_until(testing.exists, 30, "n1 testing blue")
+        # (n1 mirrors it once its test is over: its fleet rounds wait for the test.)
+        locked = guardctl("qos", "lock", "--for", "1h", "--reason", "freeze during the switch",
+                          socket=fleet.labs[2].socket_path)  # fmt: skip
+        assert locked.returncode == 0, locked
+    finally:
+        go.touch()
+        switch.join(timeout=120)
+    (out,) = answers
+    said = out.stdout + out.stderr
+    assert out.returncode != 0, out
+    assert "the fleet's QoS lock changed while the nodes tested blue" in said, said
+    assert "freeze during the switch" in said, said
+    wait_until(lambda: lock_everywhere(fleet, "freeze during the switch"), 60, "the freeze")
+    fleet.rounds_pass()
+    assert all(lab.nginx.served_color() == "green" for lab in fleet.labs)
+    assert not any(e["event"] == "switch" for x in fleet.daemons for e in x.events())
 
 
 def test_a_replaced_fleet_lock_reaches_every_node(fleet: FleetLab) -> None:
