@@ -304,6 +304,11 @@ def put_op(key: str, value: Any, *, lease: int = 0) -> dict[str, Any]:
     return {"request_put": {"key": _b64(key), "value": _b64(text), "lease": str(lease)}}
 
 
+def delete_op(key: str) -> dict[str, Any]:
+    """A txn delete of one key."""
+    return {"request_delete_range": {"key": _b64(key)}}
+
+
 async def _messages(r: httpx.Response) -> AsyncIterator[dict[str, Any]]:
     """The JSON objects of a streamed watch, one a line, none over `_MAX_BODY` bytes."""
     buffer = b""

@@ -62,6 +62,7 @@ from guardd.fleet._etcd import (
     EtcdUnavailable,
     Header,
     compare,
+    delete_op,
     put_op,
 )
 from guardd.journal import parse_rfc3339, rfc3339
@@ -827,8 +828,12 @@ class Fleet:
         # Each step acts on the view read from the store as it is: none after a sign that
         # the store went back, until it is read afresh.
         leading: tuple[Callable[[], Awaitable[None]], ...] = ()
+        paused = self.guard is not None and self.guard.paused is not None
         if self.leader is None:
-            await self._campaign()
+            if not paused:
+                await self._campaign()
+        elif self.is_leader and paused:
+            await self._resign()
         elif self.is_leader:
             leading = (
                 self._restore_desired,
@@ -966,6 +971,28 @@ class Fleet:
                     by=self.node,
                     reason=f"{self.node} leads the fleet {self.prefix}"
                     + (f" after {previous}" if previous and previous != self.node else ""),
+                )
+
+    async def _resign(self) -> None:
+        """A paused node does not lead: its pause stops its own automatic rollbacks, and
+        would stop the whole fleet's if it kept deciding them. It deletes the leader key
+        it holds (fenced on its term), so that another node takes it."""
+        if self._leader_rev is None:
+            return
+        ok, _ = await self.client.txn(
+            [compare(self.key("leader"), "CREATE", self._leader_rev)],
+            [delete_op(self.key("leader"))],
+        )
+        if ok:
+            self.leader, self._leader_rev = None, None
+            if self.guard is not None:
+                self.guard.record(
+                    "fleet_leader",
+                    node=None,
+                    previous=self.node,
+                    by=self.node,
+                    reason=f"{self.node} is paused: it hands over the lead of the fleet "
+                    f"{self.prefix}, whose automatic rollbacks another node decides",
                 )
 
     async def _write_desired(

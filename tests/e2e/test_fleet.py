@@ -1080,6 +1080,35 @@ def test_a_lock_taken_while_the_nodes_test_a_switch_refuses_the_switch(
     assert not any(e["event"] == "switch" for x in fleet.daemons for e in x.events())
 
 
+def test_a_paused_leader_hands_over_the_lead_and_the_fleet_still_rolls_back(
+    fleet: FleetLab,
+) -> None:
+    """`pause` on the leader stops that node deciding, not the whole fleet: it hands the
+    leader key over, and green failing is rolled back by the node that took it."""
+    fleet.start()
+    old = fleet.leader()
+    assert old is not None
+    d = fleet.daemons[old]
+    mark = len(d.events())
+    out = guardctl("pause", "--reason", "maintenance", socket=fleet.labs[old].socket_path)
+    assert out.returncode == 0, out
+    handed = d.wait_event(
+        "fleet_leader", timeout=30, after=mark, where=lambda e: e["previous"] == f"n{old}"
+    )
+    assert handed["node"] is None and "is paused" in handed["reason"], handed
+    wait_until(lambda: fleet.leader() not in (None, old), 30, "another leader", poll=0.1)
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+    for x in fleet.daemons:
+        applied(x, 1)
+    assert fleet.leader() != old
+    # Resumed, it follows: the lead stays where it went.
+    out = guardctl("resume", socket=fleet.labs[old].socket_path)
+    assert out.returncode == 0, out
+    fleet.rounds_pass()
+    assert fleet.leader() not in (None, old)
+
+
 def test_a_replaced_fleet_lock_reaches_every_node(fleet: FleetLab) -> None:
     fleet.start()
     lock_on(fleet, 1, "short", "15s")
