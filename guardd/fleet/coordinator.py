@@ -489,15 +489,14 @@ class Fleet:
                 "warning": self.qos_unknown_why(),
             }
         fleet = dict(self.qos) if self.qos is not None else {"locked": False}
+        lock = qoslock.LockInfo(held=False).to_json() | fleet | {"source": "fleet"}
         if not fleet.get("locked") and self.guard is not None:
             local = qoslock.read_lock(self.guard.s.lock_file)
             if local.held:
-                return local.to_json() | {"source": "local"}
-        if not fleet.get("locked") and (behind := self.unconverged()) is not None:
-            # A rollback written and not yet applied everywhere (or a node that cannot
-            # apply it): some users still meet the other color; no deploy.
-            return qoslock.LockInfo(held=True, reason=behind).to_json() | {"source": "fleet"}
-        return qoslock.LockInfo(held=False).to_json() | fleet | {"source": "fleet"}
+                lock = local.to_json() | {"source": "local"}
+        # A rollback written and not yet applied everywhere (or a node that cannot apply
+        # it): some users still meet the other color; no deploy, and the reason says so.
+        return lockread.with_unconverged(lock, self.unconverged())
 
     def qos_unknown_why(self) -> str | None:
         """Why the fleet's QoS lock cannot be told here (etcd not read yet, or unreachable);
@@ -1034,8 +1033,6 @@ class Fleet:
             ops.append(put_op(self.key("rollbacks"), [*self.rollbacks[-99:], time.time()]))
         ok, _ = await self.client.txn(checks, ops)
         if not ok:
-            if not fenced:
-                raise OperationRefused("the fleet's desired color changed meanwhile; try again")
             return None
         self.desired, self._desired_mod = doc, 0
         self._went_back, self._desired_before = False, None  # a new decision supersedes

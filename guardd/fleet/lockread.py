@@ -19,7 +19,13 @@ from typing import Any
 
 from guardd.core.types import COLORS
 
-__all__ = ["FleetLockUnknown", "fleet_prefix", "read_fleet_lock", "unconverged"]
+__all__ = [
+    "FleetLockUnknown",
+    "fleet_prefix",
+    "read_fleet_lock",
+    "unconverged",
+    "with_unconverged",
+]
 
 # The fleet's lock is a small JSON object: an answer larger than this is not one it wrote.
 _MAX_BODY = 1024 * 1024
@@ -66,6 +72,19 @@ def unconverged(
     if not behind:
         return None
     return f"the fleet has not converged on {want}: " + "; ".join(behind)
+
+
+def with_unconverged(lock: dict[str, Any], behind: str | None) -> dict[str, Any]:
+    """`lock` (a `qos status --json` answer) as a gate must read it while the fleet has
+    not converged (`behind`, from `unconverged`; None: it has): locked, and the reason
+    says so first, also over a lock that holds anyway (whose end would not open the gate).
+    """
+    if behind is None:
+        return lock
+    if not lock.get("locked"):
+        return {"locked": True, "reason": behind, "until": None, "locked_at": None,
+                "by": None, "source": lock.get("source", "fleet")}  # fmt: skip
+    return {**lock, "reason": f"{behind} (and the QoS lock holds: {lock.get('reason')})"}
 
 
 def fleet_prefix(fleet: Mapping[str, Any], instance: str) -> str:
@@ -158,16 +177,13 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
         lock = keys.get("qos", {"locked": False, "reason": None, "until": None})
         if not isinstance(lock, dict) or not isinstance(lock.get("locked"), bool):
             raise FleetLockUnknown(f"{qos_key} in etcd is not a lock guardd wrote")
-        if not lock["locked"]:
-            live = _under(keys, "nodes/")
-            lost = {k: v for k, v in _under(keys, "seen/").items() if k not in live}
-            desired = keys.get("desired")
-            behind = unconverged(
-                desired if isinstance(desired, dict) else None, live, lost, _under(keys, "clash/")
-            )
-            if behind is not None:
-                lock = {"locked": True, "reason": behind, "until": None, "by": None}
-        return {"locked_at": None, "by": None, **lock, "source": "fleet"}
+        live = _under(keys, "nodes/")
+        lost = {k: v for k, v in _under(keys, "seen/").items() if k not in live}
+        desired = keys.get("desired")
+        behind = unconverged(
+            desired if isinstance(desired, dict) else None, live, lost, _under(keys, "clash/")
+        )
+        return with_unconverged({"locked_at": None, "by": None, **lock, "source": "fleet"}, behind)
     raise FleetLockUnknown("no etcd member answered: " + "; ".join(problems))
 
 

@@ -427,7 +427,14 @@ def test_the_fleets_lock_holds_until_a_late_node_applied_the_rollback(
     assert "has not converged on blue" in extended["reason"], extended
     assert missing == [], f"a gate found its lock file missing {len(missing)} times"
     assert all(blocked_by_the_fleet(lab) for lab in fleet.labs)
-    assert all(qos_status(lab, config=True)[0] == 1 for lab in fleet.labs)
+    # Every gate, through the socket and from the config, says why first: the lock's own
+    # end would not open it.
+    for lab in fleet.labs:
+        for config in (False, True):
+            code, doc, said = qos_status(lab, config=config)
+            assert code == 1 and doc is not None, said
+            assert doc["reason"].startswith("the fleet has not converged on blue: node n1"), doc
+            assert "(and the QoS lock holds: rollback green -> blue" in doc["reason"], doc
     # n1's copy follows the extensions: journaled as extended, never ended and taken again.
     moved = fleet.daemons[1].events()[mark:]
     assert [e for e in moved if e["event"] == "qos_extended"], moved
