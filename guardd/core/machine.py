@@ -19,6 +19,8 @@ from guardd.core.window import ProbeKey, SlidingWindow, WindowStats
 
 # A color whose last probe is older than this many intervals is not vouched for.
 STALE_INTERVALS = 3
+# Looked up once: an enum member read off its class costs more than a whole comparison.
+_OUTCOME_OK = Outcome.OK
 
 #: `GuardMachine.moving_key`: seen healthy, front door stale, each window stale, the runs
 #: of successes (active >= n, active > 0, standby >= n, standby > 0), what the rules read
@@ -320,7 +322,7 @@ class GuardMachine:
     ) -> None:
         """Record one probe round of `color`."""
         self.windows[color].add(now, outcome, latency_s, error)
-        if outcome is Outcome.OK:
+        if outcome is _OUTCOME_OK:
             self.seen_healthy.add(color)
 
     def observe_front_door(self, now: float, ok: bool, error: str | None = None) -> None:
