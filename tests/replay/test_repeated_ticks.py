@@ -19,6 +19,7 @@ import anyio
 import pytest
 
 from guardd import config as guardd_config
+from guardd.observations import ReadReport, read_history
 from guardd.replay._engine import Simulation
 from tests.replay.history import Timeline
 from tests.replay.history import config as write_config
@@ -256,12 +257,17 @@ class _Checked(Simulation):
 
 
 def _replay(
-    tmp: Path, sets: list[str], kind: type[Simulation] = Simulation, **kw: Any
+    tmp: Path,
+    sets: list[str],
+    kind: type[Simulation] = Simulation,
+    since: float | None = None,
+    until: float | None = None,
+    **kw: Any,
 ) -> Simulation:
     cfg = write_config(tmp, tmp / "state", qos_window="2s")
     cfg.write_text(cfg.read_text().replace("[policy]\n", "[policy]\np2_error_ratio = 0.04\n"))
     settings = guardd_config.load(cfg, overrides=sets)
-    sim = kind(settings, tmp / "state" / "observations", since=None, until=None, **kw)
+    sim = kind(settings, tmp / "state" / "observations", since=since, until=until, **kw)
     sim.build_signals()
     anyio.run(sim.run)
     return sim
@@ -329,3 +335,51 @@ def test_the_histories_reach_what_they_are_meant_to(tmp_path: Path) -> None:
         "promote",
     }
     assert wanted <= seen, wanted - seen
+
+
+class _EveryRecordStepped(Simulation):
+    """Feeds every record through `_step` and `_record`, the short way for probe rounds
+    in `_run` not taken."""
+
+    fast_probes = False
+
+
+@pytest.mark.parametrize("bounded", [False, True], ids=["whole", "bounded"])
+@pytest.mark.parametrize("sets", [SETS["lab"], SETS["front_door"]], ids=["lab", "front_door"])
+@pytest.mark.parametrize("history", HISTORIES.values(), ids=list(HISTORIES))
+def test_the_short_way_for_probe_rounds_replays_what_stepping_every_record_does(
+    tmp_path: Path, history: Callable[[Timeline], None], sets: list[str], bounded: bool
+) -> None:
+    tl = Timeline(tmp_path / "state")
+    history(tl)
+    tl.close()
+    since = until = None
+    if bounded:
+        # A period from a third of the way in to two thirds (its warm-up before it).
+        stamps = sorted(
+            r.ts for r in read_history(tmp_path / "state" / "observations", ReadReport())
+        )
+        since, until = stamps[len(stamps) // 3], stamps[2 * len(stamps) // 3]
+    stepped = _replay(tmp_path, sets, _EveryRecordStepped, since, until)
+    short = _replay(tmp_path, sets, Simulation, since, until)
+    assert _events(short) == _events(stepped)
+    assert (short.ticks, short.skipped_ticks, short.repeated_ticks) == (
+        stepped.ticks,
+        stepped.skipped_ticks,
+        stepped.repeated_ticks,
+    )
+    assert (short.first_ts, short.last_ts, short.warmup_records) == (
+        stepped.first_ts,
+        stepped.last_ts,
+        stepped.warmup_records,
+    )
+    assert short.gaps == stepped.gaps
+    assert short.report == stepped.report
+    assert short.clock.monotonic() == stepped.clock.monotonic()
+    assert short.clock.wall() == stepped.clock.wall()
+    assert short.state_file.load() == stepped.state_file.load()
+    assert short.guard is not None and stepped.guard is not None
+    assert short.guard.ticks == stepped.guard.ticks
+    # Not vacuous: the histories have ticks to compare, and warm-up when bounded.
+    assert short.ticks > 50
+    assert (short.warmup_records > 0) == bounded
