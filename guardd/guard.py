@@ -404,6 +404,10 @@ class Guard:
         A tick that took no action, then one whose key equals the key taken just after it,
         decides the same and changes nothing: `guardd replay` counts that one
         (`repeat_tick`) rather than taking it. The daemon itself takes every tick.
+
+        The key's first item is `moving_key()`: with nothing but `observe` and time passing
+        between two keys, the rest of them is equal, so that item alone tells whether they
+        are (`guardd replay` compares just that while it only feeds probe rounds in).
         """
         if self.signals or self.fleet is not None or self.rolling_back or self.journal.backlog:
             return None
@@ -414,7 +418,19 @@ class Guard:
         )
         if machine is None:
             return None
-        return (machine, on_disk, qos.repeat_key(now))
+        qos_moving, qos_rest = qos.repeat_key(now)
+        return (machine[0], qos_moving), machine[1], on_disk, qos_rest
+
+    def moving_key(self) -> tuple[object, ...]:
+        """The first item of `repeat_key`, as things stand now (that key must have been
+        one: an active color, both colors probed)."""
+        active = self.active
+        assert active is not None  # noqa: S101 - a key was taken, so there is one
+        now = self.clock.monotonic()
+        return (
+            self.machine.moving_key(now, active, self.verifier is not None),
+            self.qos.moving_key(now),
+        )
 
     def repeat_tick(self) -> None:
         """Count a decision tick that `repeat_key` shows would decide nothing new and

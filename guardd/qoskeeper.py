@@ -246,26 +246,40 @@ class QosKeeper:
         elif own.window is None and own.expires_at is not None and now >= own.expires_at:
             self.release(by=GUARDD, reason="operator lock expired")
 
-    def repeat_key(self, now: float) -> tuple[object, ...]:
+    def repeat_key(self, now: float) -> tuple[tuple[object, ...], tuple[object, ...]]:
         """What `step(now)` and `rules_firing` read (`Guard.repeat_key`): the lock file as
         it reads now, guardd's own lock and whether its window or expiry is due at `now`.
-        A step that found nothing due leaves the keeper as another on the same key would."""
+        A step that found nothing due leaves the keeper as another on the same key would.
+
+        A pair: first `moving_key(now)`, what the passing of time changes (a probe round
+        counted in the window is read only once the window is due, which is in it), then
+        what only a step, a lock taken or released, or a restart changes.
+        """
         own = self.own_lock
         lock: tuple[object, ...] | None = None
         if own is not None:
-            window = own.window
             lock = (
                 own,
                 own.info,
-                window,
-                window is not None and window.due(now),
-                own.expires_at is not None and now >= own.expires_at,
+                own.window,
                 own.floor,
                 own.manual,
                 "lock" in self.host.storage.failing,
             )
         current = self.store.read(self.host.s.lock_file)
-        return (current, self.held, lock, self._firing, self._firing_color)
+        return self.moving_key(now), (current, self.held, lock, self._firing, self._firing_color)
+
+    def moving_key(self, now: float) -> tuple[object, ...]:
+        """The part of `repeat_key` that time changes: whether guardd's own lock's window,
+        or its expiry, is due at monotonic `now` (None without a lock of guardd's)."""
+        own = self.own_lock
+        if own is None:
+            return ()
+        window = own.window
+        return (
+            window is not None and window.due(now),
+            own.expires_at is not None and now >= own.expires_at,
+        )
 
     def release(self, *, by: str, reason: str, evidence: dict[str, Any] | None = None) -> bool:
         """Remove the lock file (any lock, when an operator asks) and journal it."""

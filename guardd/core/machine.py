@@ -15,10 +15,17 @@ from guardd.core.policy import Policy, PolicySpec, Verdict, probe_reading
 from guardd.core.rules import Rule
 from guardd.core.signals import PROBE, Reading
 from guardd.core.types import COLORS, Color, Evidence, Outcome, Severity, State, other
-from guardd.core.window import SlidingWindow, WindowStats
+from guardd.core.window import ProbeKey, SlidingWindow, WindowStats
 
 # A color whose last probe is older than this many intervals is not vouched for.
 STALE_INTERVALS = 3
+# Looked up once: an enum member read off its class costs more than a whole comparison.
+_OUTCOME_OK = Outcome.OK
+
+#: `GuardMachine.moving_key`: seen healthy, front door stale, each window stale, the runs
+#: of successes (active >= n, active > 0, standby >= n, standby > 0), what the rules read
+#: of the active window and of the standby's.
+MovingKey = tuple[bool, bool | None, bool, bool, bool, bool, bool, bool, ProbeKey, ProbeKey]
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +322,7 @@ class GuardMachine:
     ) -> None:
         """Record one probe round of `color`."""
         self.windows[color].add(now, outcome, latency_s, error)
-        if outcome is Outcome.OK:
+        if outcome is _OUTCOME_OK:
             self.seen_healthy.add(color)
 
     def observe_front_door(self, now: float, ok: bool, error: str | None = None) -> None:
@@ -460,7 +467,7 @@ class GuardMachine:
 
     def repeat_key(
         self, now: float, active: Color | None, qos_locked: bool, paused: bool, front_door: bool
-    ) -> tuple[object, ...] | None:
+    ) -> tuple[MovingKey, tuple[object, ...]] | None:
         """What a decision at monotonic `now` reads, when it reads nothing more: decisions
         on equal keys decide alike. The arguments are the `Facts` fields of that decision
         (`front_door`: `front_door_watched`), its other facts being no readings of other
@@ -474,6 +481,12 @@ class GuardMachine:
         verdict the policy keeps judges no rule, and never fails, so that
         `rollbacks_in_budget` is not read either).
 
+        The key is a pair: first `moving_key(now, active, front_door)`, what probe rounds
+        (`observe`) and the passing of time can change, then the rest, which only a
+        decision, a front-door answer, a switch, a restart or a reload changes. So between
+        two keys with nothing but `observe` in between, the moving parts alone tell whether
+        the keys are equal (`guardd replay` compares just those then).
+
         None: no active color, no probe of a color yet, a `stale_after` (the ages of
         readings), a verdict the policy would judge anew (a rule holds, an onset runs, the
         windows read otherwise than when it was kept). Reading the windows at `now` forgets
@@ -483,24 +496,23 @@ class GuardMachine:
             return None
         windows = self.windows
         wa, ws = windows[active], windows["green" if active == "blue" else "blue"]
-        last_a, last_s = wa.last_probe_at, ws.last_probe_at
-        if last_a is None or last_s is None:
+        if wa.last_probe_at is None or ws.last_probe_at is None:
             return None
-        mine, theirs = wa.rules_key(now), ws.rules_key(now)
+        moving = self.moving_key(now, active, front_door)
+        mine, theirs = moving[-2], moving[-1]
         policy = self.policy
         # Each kept entry holds the key it was kept under: the same entry, the same reading
-        # of both windows by the rules.
+        # of both windows by the rules (the windows' readings are in `moving`, and only a
+        # decision or a switch changes what the policy keeps).
         ka = policy.kept(active, mine, theirs)
         if ka is None:
             return None
         ks = policy.kept(other(active), theirs, mine)
         if ks is None:
             return None
-        n = self.spec.consecutive_failures
-        stale = STALE_INTERVALS * self.probe_interval
         fd = self.front_door
         raised = self._edges.raised
-        return (
+        return moving, (
             active,
             qos_locked,
             paused,
@@ -513,22 +525,38 @@ class GuardMachine:
             self.mismatch,
             self._mismatch_color,
             self._reapplied_at,
-            active in self.seen_healthy,
-            (fd.ok, fd.streak, fd.answers, fd.last_error, self.front_door_stale(now))
-            if front_door
-            else None,
-            # Each window (a new one is judged afresh), its staleness now, and the runs of
-            # successes the front door is compared with; what the rules read is in `ka`/`ks`.
+            (fd.ok, fd.streak, fd.answers, fd.last_error) if front_door else None,
+            # Each window (a new one is judged afresh); what the rules read is in `ka`/`ks`.
             wa,
             ws,
-            now - last_a > stale,
-            now - last_s > stale,
-            wa.consecutive_successes >= n,
-            wa.consecutive_successes > 0,
-            ws.consecutive_successes >= n,
-            ws.consecutive_successes > 0,
             ka,
             ks,
+        )
+
+    def moving_key(self, now: float, active: Color, front_door: bool) -> MovingKey:
+        """The part of `repeat_key` that `observe` and the passing of time can change: whether
+        `active` was seen healthy, the front door's staleness (when `front_door` is watched),
+        each window's staleness at `now` and the runs of successes the front door is
+        compared with, then what the rules read of each window (`active`'s, the other's: the
+        last two items). Nothing else in `repeat_key` changes with them.
+        """
+        windows = self.windows
+        wa, ws = windows[active], windows["green" if active == "blue" else "blue"]
+        last_a, last_s = wa.last_probe_at, ws.last_probe_at
+        stale = STALE_INTERVALS * self.probe_interval
+        n = self.spec.consecutive_failures
+        ca, cs = wa.consecutive_successes, ws.consecutive_successes
+        return (
+            active in self.seen_healthy,
+            self.front_door_stale(now) if front_door else None,
+            last_a is None or now - last_a > stale,
+            last_s is None or now - last_s > stale,
+            ca >= n,
+            ca > 0,
+            cs >= n,
+            cs > 0,
+            wa.rules_key(now),
+            ws.rules_key(now),
         )
 
     def decide(self, facts: Facts) -> Decision:

@@ -27,6 +27,12 @@ _BUCKETS: Final = int(math.log(600_000 / _MIN_MS) / _LOG_RATIO) + 1
 _OK, _5XX, _FAIL = 0, 1, 2
 
 
+#: The outcomes `SlidingWindow.add` tells apart, looked up once (an enum member read off
+#: its class costs more than the rest of a comparison).
+_OUTCOME_OK: Final = Outcome.OK
+_OUTCOME_5XX: Final = Outcome.HTTP_5XX
+
+
 def _bucket(latency_ms: float) -> int:
     if latency_ms <= _MIN_MS:
         return 0
@@ -36,6 +42,21 @@ def _bucket(latency_ms: float) -> int:
 def _bucket_value(index: int) -> float:
     # The geometric middle of the bucket keeps the relative error symmetric.
     return float(_MIN_MS * _RATIO ** (index + 0.5))
+
+
+#: The bucket of each latency (s) met lately: recorded latencies are rounded to the
+#: microsecond, so a replay meets the same ones again and again. Starts over once full.
+_BUCKET_OF: dict[float, int] = {}
+_MAX_BUCKET_OF: Final = 1024
+
+
+def _bucket_of(latency_s: float) -> int:
+    """`_bucket` of `latency_s` in milliseconds, remembered in `_BUCKET_OF`."""
+    bucket = _bucket(latency_s * 1000.0)
+    if len(_BUCKET_OF) >= _MAX_BUCKET_OF:
+        _BUCKET_OF.clear()
+    _BUCKET_OF[latency_s] = bucket
+    return bucket
 
 
 # Each bucket's value, computed once by the same expression (so the very same float).
@@ -211,35 +232,50 @@ class SlidingWindow:
 
     def add(self, now: float, outcome: Outcome, latency_s: float, error: str | None = None) -> None:
         """Record one probe result taken at monotonic time `now`."""
-        kind = _OK if outcome is Outcome.OK else (_5XX if outcome is Outcome.HTTP_5XX else _FAIL)
-        # `_bucket`, inlined: a replay adds a million samples.
-        ms = latency_s * 1000.0
-        bucket = 0 if ms <= _MIN_MS else min(int(math.log(ms / _MIN_MS) / _LOG_RATIO), _BUCKETS - 1)
-        self._items.append((now, kind, bucket))
-        self._buckets[bucket] += 1
-        self._blocks[bucket >> _SHIFT] += 1
-        self._stats = None
-        if bucket < self._i50:
-            self._b50 += 1
-        if bucket < self._i95:
-            self._b95 += 1
-        if kind != _OK:
+        # A replay adds a million samples: every name it can, local; the bucket of a
+        # latency seen lately, remembered.
+        bucket = _BUCKET_OF.get(latency_s)
+        if bucket is None:
+            bucket = _bucket_of(latency_s)
+        if outcome is _OUTCOME_OK:
+            kind = _OK
+            self.consecutive_successes += 1
+            self.consecutive_failures = 0
+        else:
+            kind = _5XX if outcome is _OUTCOME_5XX else _FAIL
             self._fail += 1
             self._5xx += kind == _5XX
             self.consecutive_failures += 1
             self.consecutive_successes = 0
             self.last_error = error or outcome.value
-        else:
-            self.consecutive_successes += 1
-            self.consecutive_failures = 0
+        items = self._items
+        items.append((now, kind, bucket))
+        buckets, blocks = self._buckets, self._blocks
+        buckets[bucket] += 1
+        blocks[bucket >> _SHIFT] += 1
+        self._stats = None
+        i50, i95 = self._i50, self._i95
+        if bucket < i50:
+            self._b50 += 1
+        if bucket < i95:
+            self._b95 += 1
         self.last_probe_at = now
         self.last_outcome = outcome
-        items = self._items
         if len(items) > self.max_samples:
             self._drop_oldest()
         horizon = now - self.span
-        while items and items[0][0] < horizon:  # `expire`, inlined
-            self._drop_oldest()
+        # `expire`, with `_drop_oldest` inlined (a sample in, usually one out).
+        while items and items[0][0] < horizon:
+            _, kind, bucket = items.popleft()
+            buckets[bucket] -= 1
+            blocks[bucket >> _SHIFT] -= 1
+            if bucket < i50:
+                self._b50 -= 1
+            if bucket < i95:
+                self._b95 -= 1
+            if kind != _OK:
+                self._fail -= 1
+                self._5xx -= kind == _5XX
 
     def expire(self, now: float) -> None:
         """Forget samples older than the span."""
@@ -327,5 +363,15 @@ class SlidingWindow:
         if stats is not None:
             return stats.rules_key()
         n = len(items)
-        p50, p95 = self._percentiles(n) if n else (None, None)
+        if not n:
+            return (0, self._fail, self.consecutive_failures, None, None, self.last_error)
+        # `_percentiles`, its usual case inlined (each cursor still on its bucket).
+        buckets = self._buckets
+        i50, i95 = self._i50, self._i95
+        b50, b95 = self._b50, self._b95
+        r50, r95 = ceil(0.50 * n), ceil(0.95 * n)
+        if b50 < r50 <= b50 + buckets[i50] and b95 < r95 <= b95 + buckets[i95]:
+            p50, p95 = _VALUES[i50], _VALUES[i95]
+        else:
+            p50, p95 = self._percentiles(n)
         return (n, self._fail, self.consecutive_failures, p50, p95, self.last_error)

@@ -95,6 +95,10 @@ class Simulation:
     replayed guard wrote), `report` (what reading skipped) and `sources` (per signal).
     """
 
+    #: Whether a probe round that needs nothing but feeding in takes the short way in
+    #: `_run` (false: every record goes through `_step`; the tests compare the two).
+    fast_probes = True
+
     def __init__(
         self,
         settings: Settings,
@@ -140,6 +144,9 @@ class Simulation:
         self.repeated_ticks = 0
         # The guard's `repeat_key` just after its last tick taken, if that tick took no action.
         self._after: tuple[object, ...] | None = None
+        # Whether, since `_after` was taken (or last found equal), the guard was only fed
+        # probe rounds and moved on in time: then only the key's moving part can differ.
+        self._only_probed = False
         #: Stretches of a run without any record (records lost): (wall time after, seconds).
         self.gaps: list[tuple[float, float]] = []
         self._gap_s = max(_GAP_S, _GAP_INTERVALS * settings.config.probe.interval)
@@ -202,6 +209,7 @@ class Simulation:
         guard.record("started", target=guard.active, reason="replayed run")
         self.guard = guard
         self._after = None
+        self._only_probed = False
         self._started = False
         self._seen = set()
         self._next_tick = self._pulse = math.inf
@@ -214,26 +222,66 @@ class Simulation:
     # ---- ticking --------------------------------------------------------------------
 
     async def _tick(self, at: float) -> None:
+        if not self._counted(at):
+            await self._take(at)
+
+    def _repeats(self) -> bool:
+        """Whether a tick now would repeat the last one taken: the guard's `repeat_key` is
+        the one taken just after it (`_after`), and that tick decided nothing.
+
+        While the guard was only fed probe rounds since that key (or since one found equal
+        to it), only the key's moving part can differ (`Guard.moving_key`): that is all
+        that is compared then, about a third of the cost of a whole key.
+        """
+        after = self._after
+        if after is None:
+            return False
         guard = self.guard
         assert guard is not None  # noqa: S101
+        if self._only_probed:
+            return guard.moving_key() == after[0]
+        if guard.repeat_key(self.switcher.active) != after:
+            return False
+        self._only_probed = True
+        return True
+
+    def _counted(self, at: float) -> bool:
+        """A tick at `at` counted without being taken, if it would repeat the last one (it
+        would decide nothing and change nothing); whether it was. Most ticks of a quiet day."""
         self.clock.advance(at)
-        after = self._after
-        if after is not None and guard.repeat_key(self.switcher.active) == after:
-            # The same inputs as just after the last tick, which decided nothing: this one
-            # would decide nothing and change nothing either. Most ticks of a quiet day.
-            guard.repeat_tick()
-            self.repeated_ticks += 1
-        else:
-            # No lock: the replay is one task, and nothing else can act on its guard meanwhile.
-            decision = await guard.tick()
-            self._after = (
-                guard.repeat_key(self.switcher.active)
-                if self.repeats and not decision.actions and decision.blocked_by is None
-                else None
-            )
+        if not self._repeats():
+            return False
+        guard = self.guard
+        assert guard is not None  # noqa: S101
+        guard.repeat_tick()
+        self.repeated_ticks += 1
         self.ticks += 1
         self._next_tick = self.clock.monotonic() + self._interval
         self._pulse = math.inf
+        return True
+
+    async def _take(self, at: float) -> None:
+        """Take a decision tick at `at`."""
+        guard = self.guard
+        assert guard is not None  # noqa: S101
+        self.clock.advance(at)
+        # No lock: the replay is one task, and nothing else can act on its guard meanwhile.
+        decision = await guard.tick()
+        self._taken(decision.actions, decision.blocked_by)
+        self.ticks += 1
+        self._next_tick = self.clock.monotonic() + self._interval
+        self._pulse = math.inf
+
+    def _taken(self, actions: tuple[object, ...], blocked_by: str | None) -> None:
+        """Keep the guard's key just after a tick that took no action (else none)."""
+        guard = self.guard
+        assert guard is not None  # noqa: S101
+        self._after = (
+            guard.repeat_key(self.switcher.active)
+            if self.repeats and not actions and blocked_by is None
+            else None
+        )
+        self._only_probed = True
 
     async def _until(self, at: float) -> None:
         """Run every tick due before monotonic `at` (not at it).
@@ -285,6 +333,9 @@ class Simulation:
 
     async def _record(self, rec: Record) -> None:
         self._quiet = 0
+        if rec.kind != "probe":
+            # Whatever else a record does to the guard may change any part of its key.
+            self._only_probed = False
         if rec.kind == "start":
             self.clock.set(rec.at, rec.ts)
             given = color_of(rec.doc.get("active"))
@@ -317,8 +368,11 @@ class Simulation:
         a coroutine less for each of a day's million records)."""
         guard = self.guard
         assert guard is not None  # noqa: S101
-        color = color_of(rec.doc.get("color"))
-        result = probe_result(rec.doc)
+        doc = rec.doc
+        color = doc.get("color")  # `color_of`, without its call: once a record
+        if color not in ("blue", "green"):
+            color = None
+        result = probe_result(doc)
         if color is None or result is None:
             self.report.skipped["probe record without a color or outcome"] += 1
             return False
@@ -468,6 +522,7 @@ class Simulation:
         at = min(max(self.clock.to_mono(wall), self.clock.monotonic()), upto)
         await self._until(at)
         self._quiet = 0
+        self._only_probed = False
         self.clock.advance(at)
         if isinstance(sig, AccessLogSignal):
             sig.ingest(payload)
@@ -499,8 +554,38 @@ class Simulation:
         externals = self._externals()
         pending = next(externals, None)
         held: list[Record] = []
+        start, since, gap_s = self._start, self.since, self._gap_s
         for rec in records:
-            if self._start is not None and rec.ts < self._start:
+            at, ts, kind, _ = rec
+            last_at = self._last_at
+            if (
+                kind == "probe"
+                and self.fast_probes
+                and self.guard is not None
+                and not held
+                and (start is None or ts >= start)
+                and last_at is not None
+                and at - last_at <= gap_s
+                and (pending is None or pending[0] > ts)
+                and not (self._started and min(self._next_tick, self._pulse) < at - _SAME_MOMENT)
+            ):
+                # Nearly every record of a day: a probe round in a running guard, with no
+                # gap before it, no external batch and no tick due before it. What `_step`
+                # and `_record` would do for it, without their two coroutines and their
+                # checks of what cannot be (the tick itself still goes through `_counted`
+                # and `_take`, as any other).
+                if since is not None and ts < since:
+                    self.warmup_records += 1
+                if self.first_ts is None and (since is None or ts >= since):
+                    self.first_ts = ts
+                self.last_ts = ts
+                self._last_at = at
+                self._quiet = 0
+                self.clock.set(at, ts)
+                if self._probe(rec) and not self._counted(at):
+                    await self._take(at)
+                continue
+            if start is not None and rec.ts < start:
                 # Before the period and its warm-up: only which color was served.
                 if rec.kind == "start":
                     self._live = color_of(rec.doc.get("active"))

@@ -37,7 +37,8 @@ class SimClock:
 
     def set(self, at: float, ts: float) -> None:
         """Stand at a record: monotonic `at` (never back), wall `ts`."""
-        self._mono = max(self._mono, at)
+        if at > self._mono:  # noqa: PLR1730 - `max` without its call: once a record
+            self._mono = at
         self._offset = ts - at
 
     def advance(self, at: float) -> None:

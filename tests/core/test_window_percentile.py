@@ -16,7 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardd.core import Outcome, SlidingWindow
-from guardd.core.window import _BUCKETS, _MIN_MS, _RATIO, _bucket, block_percentiles
+from guardd.core.window import (
+    _BUCKET_OF,
+    _BUCKETS,
+    _MAX_BUCKET_OF,
+    _MIN_MS,
+    _RATIO,
+    _bucket,
+    _bucket_of,
+    block_percentiles,
+)
 
 QS = (0.0, 0.01, 0.25, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0)
 
@@ -122,7 +131,10 @@ def test_window_percentiles_match_the_reference(
         buckets = [0] * _BUCKETS
         for _, b in live:
             buckets[b] += 1
+        # What the rules read, taken before the statistics are (its own percentile path).
+        key = window.rules_key(now)
         stats = window.stats(now)
+        assert key == stats.rules_key()
         assert stats.samples == len(live)
         assert stats.p50_ms == reference_percentile(buckets, len(live), 0.50)
         assert stats.p95_ms == reference_percentile(buckets, len(live), 0.95)
@@ -172,3 +184,24 @@ def test_percentiles_that_jump_across_the_histogram_are_exact(max_samples: int) 
         stats = window.stats(float(i))
         assert stats.p50_ms == reference_percentile(buckets, len(live), 0.50)
         assert stats.p95_ms == reference_percentile(buckets, len(live), 0.95)
+
+
+def test_the_remembered_bucket_of_a_latency_is_the_computed_one() -> None:
+    """`SlidingWindow.add` takes a latency's bucket from `_BUCKET_OF` when it is there:
+    through more distinct latencies than it keeps (so it starts over), each is the one
+    `_bucket` computes, remembered or not."""
+    rng = random.Random(3)  # noqa: S311 - repeatable, not a secret
+    latencies = [round(rng.uniform(0.0, 2.0), 6) for _ in range(3 * _MAX_BUCKET_OF)]
+    latencies += [0.0, -0.0, 1e-9, 600.0, 1e6, 5, 0.004, 0.004]
+    for latency in latencies + latencies:
+        assert _bucket_of(latency) == _bucket(latency * 1000.0)
+        assert 0 < len(_BUCKET_OF) <= _MAX_BUCKET_OF
+        assert _BUCKET_OF[latency] == _bucket(latency * 1000.0)
+    window = SlidingWindow(1e9)
+    for i, latency in enumerate(latencies):
+        window.add(float(i), Outcome.OK, latency)
+    buckets = [0] * _BUCKETS
+    for latency in latencies:
+        buckets[_bucket(latency * 1000.0)] += 1
+    for q in QS:
+        assert window.percentile(q) == reference_percentile(buckets, len(latencies), q)

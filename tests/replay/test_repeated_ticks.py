@@ -3,8 +3,10 @@ rather than taking it. Over varied histories (failures, holds, both colors down,
 restarts, clock steps, gaps, QoS locks that end, operators' switches, the front door,
 latencies that cross their thresholds, rules with a `for`), the replay that takes every
 tick and the one that counts repeats must journal the very same decisions at the same
-times; and each tick counted as a repeat, taken anyway, must decide nothing and change
-nothing."""
+times; each tick counted as a repeat, taken anyway, must decide nothing and change
+nothing; and the replay's own judgement of a repeat, which compares only the key's moving
+part (`Guard.moving_key`) while nothing but probe rounds came in, must agree with comparing
+whole keys at every tick."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import anyio
 import pytest
 
 from guardd import config as guardd_config
+from guardd.observations import ReadReport, read_history
 from guardd.replay._engine import Simulation
 from tests.replay.history import Timeline
 from tests.replay.history import config as write_config
@@ -206,20 +209,40 @@ SETS: dict[str, list[str]] = {
 
 class _Checked(Simulation):
     """Takes every tick, and checks that each one `repeat_key` would have counted as a
-    repeat decides nothing and leaves the guard as it found it."""
+    repeat decides nothing and leaves the guard as it found it; and that the replay's own
+    judgement (`_repeats`: the key's moving part alone while only probe rounds came in)
+    says the same as comparing whole keys, at every tick."""
 
     checked = 0
+    #: Ticks judged by the moving part of the key alone (`Guard.moving_key`): found to
+    #: repeat the last one, found not to.
+    moving_same = 0
+    moving_differs = 0
+    _repeat = False
+    _key: tuple[object, ...] | None = None
 
-    async def _tick(self, at: float) -> None:
+    def _counted(self, at: float) -> bool:
         guard = self.guard
         assert guard is not None
         self.clock.advance(at)
         key = guard.repeat_key(self.switcher.active)
-        repeat = self._after is not None and key == self._after
+        whole = self._after is not None and key == self._after
+        if self._after is not None and self._only_probed:
+            self.moving_same += whole
+            self.moving_differs += not whole
+        assert self._repeats() == whole
+        self._repeat, self._key = whole, key
+        return False  # taken all the same, and checked
+
+    async def _take(self, at: float) -> None:
+        guard = self.guard
+        assert guard is not None
+        self.clock.advance(at)
+        key = self._key
         before = (len(self.journal.events), guard.state, guard.active, guard.state_doc())
         verdicts = dict(guard.machine.verdicts)
         decision = await guard.tick()
-        if repeat:
+        if self._repeat:
             self.checked += 1
             assert not decision.actions, decision
             assert decision.blocked_by is None
@@ -227,23 +250,24 @@ class _Checked(Simulation):
             assert after == before
             assert guard.machine.verdicts == verdicts
             assert guard.repeat_key(self.switcher.active) == key
-        self._after = (
-            guard.repeat_key(self.switcher.active)
-            if not decision.actions and decision.blocked_by is None
-            else None
-        )
+        self._taken(decision.actions, decision.blocked_by)
         self.ticks += 1
         self._next_tick = self.clock.monotonic() + self._interval
         self._pulse = float("inf")
 
 
 def _replay(
-    tmp: Path, sets: list[str], kind: type[Simulation] = Simulation, **kw: Any
+    tmp: Path,
+    sets: list[str],
+    kind: type[Simulation] = Simulation,
+    since: float | None = None,
+    until: float | None = None,
+    **kw: Any,
 ) -> Simulation:
     cfg = write_config(tmp, tmp / "state", qos_window="2s")
     cfg.write_text(cfg.read_text().replace("[policy]\n", "[policy]\np2_error_ratio = 0.04\n"))
     settings = guardd_config.load(cfg, overrides=sets)
-    sim = kind(settings, tmp / "state" / "observations", since=None, until=None, **kw)
+    sim = kind(settings, tmp / "state" / "observations", since=since, until=until, **kw)
     sim.build_signals()
     anyio.run(sim.run)
     return sim
@@ -280,6 +304,11 @@ def test_counting_repeats_journals_what_taking_every_tick_journals(
     assert counted.repeated_ticks > counted.ticks / 8, (counted.repeated_ticks, counted.ticks)
     assert isinstance(checked, _Checked)
     assert checked.checked == counted.repeated_ticks
+    # The shortcut was put to the test: most ticks were judged by the moving part alone.
+    # The shortcut was put to the test, both ways: ticks judged by the key's moving part
+    # alone found to repeat the last one, and (where the windows change) found not to.
+    assert checked.moving_same > 0
+    assert checked.moving_differs > 0
 
 
 def test_the_histories_reach_what_they_are_meant_to(tmp_path: Path) -> None:
@@ -306,3 +335,51 @@ def test_the_histories_reach_what_they_are_meant_to(tmp_path: Path) -> None:
         "promote",
     }
     assert wanted <= seen, wanted - seen
+
+
+class _EveryRecordStepped(Simulation):
+    """Feeds every record through `_step` and `_record`, the short way for probe rounds
+    in `_run` not taken."""
+
+    fast_probes = False
+
+
+@pytest.mark.parametrize("bounded", [False, True], ids=["whole", "bounded"])
+@pytest.mark.parametrize("sets", [SETS["lab"], SETS["front_door"]], ids=["lab", "front_door"])
+@pytest.mark.parametrize("history", HISTORIES.values(), ids=list(HISTORIES))
+def test_the_short_way_for_probe_rounds_replays_what_stepping_every_record_does(
+    tmp_path: Path, history: Callable[[Timeline], None], sets: list[str], bounded: bool
+) -> None:
+    tl = Timeline(tmp_path / "state")
+    history(tl)
+    tl.close()
+    since = until = None
+    if bounded:
+        # A period from a third of the way in to two thirds (its warm-up before it).
+        stamps = sorted(
+            r.ts for r in read_history(tmp_path / "state" / "observations", ReadReport())
+        )
+        since, until = stamps[len(stamps) // 3], stamps[2 * len(stamps) // 3]
+    stepped = _replay(tmp_path, sets, _EveryRecordStepped, since, until)
+    short = _replay(tmp_path, sets, Simulation, since, until)
+    assert _events(short) == _events(stepped)
+    assert (short.ticks, short.skipped_ticks, short.repeated_ticks) == (
+        stepped.ticks,
+        stepped.skipped_ticks,
+        stepped.repeated_ticks,
+    )
+    assert (short.first_ts, short.last_ts, short.warmup_records) == (
+        stepped.first_ts,
+        stepped.last_ts,
+        stepped.warmup_records,
+    )
+    assert short.gaps == stepped.gaps
+    assert short.report == stepped.report
+    assert short.clock.monotonic() == stepped.clock.monotonic()
+    assert short.clock.wall() == stepped.clock.wall()
+    assert short.state_file.load() == stepped.state_file.load()
+    assert short.guard is not None and stepped.guard is not None
+    assert short.guard.ticks == stepped.guard.ticks
+    # Not vacuous: the histories have ticks to compare, and warm-up when bounded.
+    assert short.ticks > 50
+    assert (short.warmup_records > 0) == bounded

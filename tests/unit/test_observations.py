@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import subprocess
 import sys
 import textwrap
@@ -502,3 +503,68 @@ def test_files_written_before_the_fast_lines_read_back_alike(tmp_path: Path) -> 
         (r.at, r.ts, r.kind, json.dumps(r.doc)) for r in got_old
     ]
     assert len(got_new) == len(batch) and not report_new.skipped and not report_old.skipped
+
+
+def _parsed_by_json(lines: list[bytes]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """What reading gave when the json module alone parsed a batch: the batch whole, else
+    a line at a time."""
+    report = ReadReport()
+    try:
+        docs = json.loads(b"[" + b",".join(lines) + b"]")
+    except ValueError:
+        docs = None
+    if isinstance(docs, list) and len(docs) == len(lines):
+        out = [d for d in docs if isinstance(d, dict)]
+        if len(out) < len(docs):
+            report.skipped["not an object"] += len(docs) - len(out)
+        return out, dict(report.skipped)
+    out = []
+    for raw in lines:
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            report.skipped["invalid JSON"] += 1
+            continue
+        if isinstance(doc, dict):
+            out.append(doc)
+        else:
+            report.skipped["not an object"] += 1
+    return out, dict(report.skipped)
+
+
+#: Lines on which orjson and the json module could part: numbers of every shape, values
+#: only the json module reads, escapes, duplicate keys, deep nesting, bad UTF-8.
+_AWKWARD = [
+    b'{"a":0.1,"b":1e-7,"c":1E+300,"d":-0.0,"e":-0,"f":123456789012345678,"g":2.5e-324}',
+    b'{"big":123456789012345678901234567890,"neg":-9223372036854775809}',
+    b'{"x":1e400,"y":-1e400}',
+    b'{"n":NaN,"i":Infinity,"m":-Infinity}',
+    b'{"s":"\\ud800 lone","t":"\\ud83d\\ude00 pair","u":"\\u00e9\\n\\t\\"\\\\"}',
+    b'{"k":1,"k":2,"j":3,"k":4}',
+    b'{"deep":' + b"[" * 600 + b"]" * 600 + b"}",
+    b'{"bad":"\xff\xfe"}',
+    b'{"v":0.30000000000000004,"w":4.35,"z":1.7976931348623157e308,"t":true,"f":null}',
+    b"[1, 2]",
+    b'{"cut": ',
+]
+
+
+@pytest.mark.parametrize("bad", [[], *([line] for line in _AWKWARD[1:])])
+def test_a_batch_reads_as_the_json_module_reads_it(bad: list[bytes]) -> None:
+    """orjson parses each batch when it takes it; what it gives must be what the json
+    module gives (same types, same floats, same key order), and what it refuses must
+    be read as the json module reads it (the batch whole, else a line at a time)."""
+    rng = random.Random(11)  # noqa: S311 - repeatable, not a secret
+    lines = [_AWKWARD[0]]
+    for _ in range(2000):
+        x = rng.choice([rng.uniform(-1e6, 1e6), rng.expovariate(1e-3), rng.random() * 1e-9])
+        text = rng.choice([repr(x), f"{x:.17g}", f"{x:.3e}", f"{x:.1f}"]).encode()
+        lines.append(
+            b'{"ts":' + text + b',"n":' + str(rng.randrange(-(10**12), 10**12)).encode() + b"}"
+        )
+    lines += bad
+    report = ReadReport()
+    got = observations._parse(lines, report)
+    want, skipped = _parsed_by_json(lines)
+    assert repr(list(got)) == repr(want)  # repr: 1 and 1.0 and True are equal, not alike
+    assert dict(report.skipped) == skipped
