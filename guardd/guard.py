@@ -278,6 +278,7 @@ class Guard:
         self.paused = None
         self.machine.clear_hold()
         self.record("resumed", reason=reason or "resumed by an operator", by=by)
+        self.qos.end_hold(f"resumed by {by}")
         return was
 
     def fleet_resumed(self, *, by: str, reason: str) -> None:
@@ -285,6 +286,7 @@ class Guard:
         rollback budget (the journal's `resumed` does), leaving this node's pause as it is."""
         self.machine.clear_hold()
         self.record("resumed", reason=reason, by=by)
+        self.qos.end_hold(f"resumed by {by}")
         self.save_state()
 
     def reconfigure(
@@ -375,9 +377,10 @@ class Guard:
         self.metrics.set_verdicts(self.machine.verdicts)
         for action in decision.actions:
             await self._act(action)
+        relocked = self._hold_lock()
         if decision.actions or decision.blocked_by:
             self.last_decision = statusview.decision_doc(decision, self.clock.wall())
-        if decision.actions:
+        if decision.actions or relocked:
             # Acting changed the world (a switch, a lock, a hold): restate without deciding again.
             self._publish(
                 self.machine.current_state(
@@ -393,6 +396,18 @@ class Guard:
             self._publish(decision.state)
         self._flush_journal_backlog()
         return decision
+
+    def _hold_lock(self) -> bool:
+        """While the guard holds, deploys wait too: its active color fails and it will not
+        act (`QosKeeper.hold`); the lock ends with the hold. True if the lock changed."""
+        hold, own = self.machine.hold, self.qos.own_lock
+        if hold is not None and own is None:
+            self.qos.hold(hold.reason)
+        elif hold is None and own is not None and own.hold:
+            self.qos.end_hold("guardd no longer holds")
+        else:
+            return False
+        return self.qos.own_lock is not own
 
     def repeat_key(self, on_disk: Color | None) -> tuple[object, ...] | None:
         """What a decision tick now reads, when it reads nothing more: the machine's

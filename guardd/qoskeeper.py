@@ -39,6 +39,8 @@ class OwnedLock:
     # Whether the window's last judgement found its SLOs not held (extended for that): a
     # fleet node says so in its record.
     failed: bool = False
+    # A lock taken because the guard holds (`QosKeeper.hold`): it lasts as long as the hold.
+    hold: bool = False
 
 
 class LockHost(Protocol):
@@ -123,8 +125,8 @@ class QosKeeper:
                 # Someone else's lock (a touched file): it had no end, so neither does ours.
                 floor = math.inf
                 reason = f"{reason}; a lock was already held ({current.reason}): until unlocked"
-            elif old is None:
-                floor = None
+            elif old is None or old.hold:
+                floor = None  # (a hold's lock ends as the hold does: the window replaces it)
             elif old.window is None:  # an operator's lock: the guard window lasts at least as long
                 floor = math.inf if old.expires_at is None else old.expires_at
             else:
@@ -140,6 +142,29 @@ class QosKeeper:
         host.record("qos_locked", reason=reason, by=by, until=info.until)
         host.save_state()
         return info
+
+    def hold(self, reason: str) -> None:
+        """The guard holds (a spent rollback budget, a rollback that failed, both colors
+        down): its active color fails and it will not act, so deploys wait too. Take a lock
+        that lasts as long as the hold (`end_hold`), unless a lock is held already."""
+        host = self.host
+        if self.own_lock is not None or self.store.read(host.s.lock_file).held:
+            return  # locked already (a guard window, an operator's lock, the fleet's copy)
+        wall = host.clock.wall()
+        reason = f"guardd holds: {reason}"
+        info = qoslock.LockInfo(True, reason, rfc3339(wall), None, GUARDD)
+        self._write(info)
+        self.own_lock = OwnedLock(info, None, None, manual=False, hold=True)
+        self.held = True
+        host.metrics.set_qos_locked(True)
+        host.record("qos_locked", reason=reason, by=GUARDD, until=None)
+        host.save_state()
+
+    def end_hold(self, why: str) -> None:
+        """The hold ended (`why`): release the lock it took, if it is still the one held."""
+        own = self.own_lock
+        if own is not None and own.hold:
+            self.release(by=GUARDD, reason=f"the hold ended: {why}")
 
     def _write(self, info: qoslock.LockInfo) -> None:
         lock_file = self.host.s.lock_file
@@ -319,6 +344,7 @@ class QosKeeper:
             "until": own.info.until,
             "by": own.info.by,
             "manual": own.manual,
+            "hold": own.hold,
             "floor": None
             if own.floor is None
             else ("unlocked" if math.isinf(own.floor) else rfc3339(wall + own.floor - now)),
@@ -358,6 +384,7 @@ class QosKeeper:
         elif current != info:
             return  # someone else's lock now; it is theirs to remove
         manual = bool(saved.get("manual"))
+        hold = bool(saved.get("hold"))
         expires_at = mono(info.until, None) if info.until else None
         floor_doc = saved.get("floor")
         floor = (
@@ -366,7 +393,7 @@ class QosKeeper:
             else (math.inf if floor_doc == "unlocked" else mono(floor_doc, math.inf))
         )
         window: QosWindow | None = None
-        if not manual:
+        if not manual and not hold:
             w = saved.get("window")
             w = w if isinstance(w, dict) else {}
             # Older state files kept only the lock's until: the window then ends with it.
@@ -375,7 +402,7 @@ class QosKeeper:
                 now, (ends if ends is not None else now + host.s.qos_window) - now
             )
             window.restore_counts(w)
-        self.own_lock = OwnedLock(info, window, expires_at, manual, floor)
+        self.own_lock = OwnedLock(info, window, expires_at, manual, floor, hold=hold)
 
     def _new_window(self, now: float, span: float) -> QosWindow:
         s = self.host.s

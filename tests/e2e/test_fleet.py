@@ -1419,6 +1419,17 @@ def test_resume_on_any_node_re_arms_the_fleets_budget_and_ends_every_hold(
         d.wait_event("hold", timeout=60, where=lambda e: "budget" in str(e.get("reason")))
     for lab in fleet.labs:  # held on the failing color: no node switched
         assert lab.nginx.active_link.resolve() == lab.nginx.targets["green"].resolve()
+
+    def gates_say_hold() -> bool:
+        for lab in fleet.labs:
+            for config in (False, True):
+                code, doc, _ = qos_status(lab, config=config)
+                if code != 1 or doc is None or "guardd holds: " not in str(doc["reason"]):
+                    return False
+        return True
+
+    # Users meet a failing green and no node will act: no gate says "deploys allowed".
+    wait_until(gates_say_hold, 30, "every gate locked by the hold", poll=0.2)
     # An operator resumes on a follower: the fleet rolls back, every node's hold ends.
     out = guardctl("resume", socket=fleet.labs[follower].socket_path)
     assert out.returncode == 0, out

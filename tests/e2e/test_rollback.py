@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness.daemon import Daemon, Lab, MakeLab, wait_until
+from guardd import qoslock
+from tests.harness.daemon import Daemon, Lab, MakeLab, guardctl, wait_until
 from tests.harness.upstream import Mode
 
 pytestmark = pytest.mark.nginx
@@ -91,9 +92,16 @@ def test_both_colors_down_holds_then_rolls_back_when_blue_recovers(make_lab: Mak
     assert wait_until(lambda: d.state().get("state") == "hold", 10, "state hold")
     assert not [e for e in d.events() if e["event"] == "rollback_started"]
     assert lab.nginx.served_color() is None  # green is really failing behind nginx
+    # Users meet a failing green and guardd will not act: deploys wait too, as long as the
+    # hold (the lock file, which every gate reads, says why; taken as the hold began).
+    assert _hold_locked(lab)
     lab.blue.set_mode("ok")
     assert_rolled_back(lab, d)
-    assert len([e for e in d.events() if e["event"] == "hold"]) == 1, "one hold per incident"
+    # The rollback's guard window took the hold's place, in one step.
+    assert (qoslock.read_lock(lab.lock_file).reason or "").startswith("rollback green -> blue")
+    assert not [e for e in d.events() if e["event"] == "qos_released"]
+    holds = [e for e in d.events() if e["event"] == "hold"]
+    assert len(holds) == 1, [h["reason"] for h in holds]  # one hold per incident
 
 
 def test_target_rejected_by_nginx_test_restores_link(make_lab: MakeLab) -> None:
@@ -160,7 +168,21 @@ def test_rollback_budget_holds_and_survives_restart(make_lab: MakeLab) -> None:
     assert "budget" in [e for e in d2.events() if e["event"] == "hold"][-1]["reason"]
     assert len([e for e in d2.events() if e["event"] == "rollback_started"]) == 3
     assert lab.nginx.served_color() is None  # still on the failing green: held, not switched
+    # Deploys wait: the last rollback's guard window, not met on the failing green, holds
+    # the lock (a gate reading the lock file says so too), and across a restart.
+    out = guardctl("qos", "status", "--config", str(lab.config_path))
+    assert out.returncode == 1, out
     assert d2.stop() == 0
+    d3 = lab.daemon()
+    d3.wait_event("started", after=0)
+    out = guardctl("qos", "status", "--config", str(lab.config_path))
+    assert out.returncode == 1, out
+    assert d3.stop() == 0
+
+
+def _hold_locked(lab: Lab) -> bool:
+    lock = qoslock.read_lock(lab.lock_file)
+    return lock.held and (lock.reason or "").startswith("guardd holds: ")
 
 
 def test_sigterm_is_a_clean_stop(make_lab: MakeLab) -> None:

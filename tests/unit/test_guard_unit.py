@@ -148,8 +148,17 @@ async def test_a_rollback_whose_switch_fails_is_undone_and_held(
         assert rig.switcher.target == SwitchTarget("green", "green")
         assert rig.guard.active == "green"
         assert rig.guard.machine.hold is not None and rig.guard.machine.hold.sticky
-        assert not lock_held(rig)
         assert rig.events("hold")
+        # Held on a failing color: deploys wait too, until an operator resumes.
+        await rig.probe_rounds(1)
+        assert lock_held(rig)
+        (locked,) = rig.events("qos_locked")
+        assert locked["reason"].startswith("guardd holds: rollback green -> blue failed"), locked
+        assert locked["until"] is None
+        assert rig.guard.resume("fixed", by="uid:0(root)")
+        assert not lock_held(rig)
+        (released,) = rig.events("qos_released")
+        assert released["reason"] == "the hold ended: resumed by uid:0(root)", released
 
 
 async def test_p1_rolls_back_only_once_sustained(tmp_path: Path) -> None:
