@@ -1435,8 +1435,14 @@ class Fleet:
             info = self._copy_of(qos)
             # Any change of the fleet's lock (a lock replaced: its reason, until, owner)
             # reaches the copy; a lock of this node's own is left as it is, unless it was
-            # the fleet's and another node replaced it.
-            if local == info or (local.held and not mirrored and not self._replaced(local)):
+            # the fleet's and another node replaced it, or it is this node's hold's (which
+            # only stands for "locked" while the guard holds: the fleet's lock says it too,
+            # and the hold takes its lock again when the fleet's ends).
+            own = guard.own_lock
+            held_for_hold = own is not None and own.hold and own.info == local
+            if local == info or (
+                local.held and not mirrored and not held_for_hold and not self._replaced(local)
+            ):
                 return
             try:
                 qoslock.write_lock(guard.s.lock_file, info)

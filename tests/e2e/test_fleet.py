@@ -499,7 +499,13 @@ def test_a_late_nodes_window_after_an_operators_unlock_is_the_fleets_lock(
     out = guardctl("qos", "unlock", socket=fleet.labs[0].socket_path)
     assert out.returncode == 0, out
     wait_until(
-        lambda: not any(lab.lock_file.exists() for lab in fleet.labs), 60, "every file unlocked"
+        lambda: not any(fleet.labs[i].lock_file.exists() for i in (0, 2)), 60, "n0, n2 unlocked"
+    )
+    # n1 holds (its rollback failed): its own file keeps its hold's lock.
+    wait_until(
+        lambda: (qoslock.read_lock(late.lock_file).reason or "").startswith("guardd holds: "),
+        30,
+        "n1's hold lock",
     )
     # Unlocked, but n1 serves green still: no gate says "deploys allowed".
     for lab in fleet.labs:
