@@ -771,6 +771,8 @@ class Supervisor:
             if not guard.journal.recent or guard.journal.recent[-1].get("event") != "stopped":
                 guard.record("stopped", target=guard.active, reason="shutting down")
             guard.save_state()
+            if guard.fleet is not None:
+                await guard.fleet.farewell()  # (it may journal: before the journal closes)
             guard.journal.close()
         if self.metrics_server is not None:
             self.metrics_server.close()

@@ -82,6 +82,8 @@ WATCH_BACKOFF_MAX_S = 2.0
 #: first waits `switch.timeout`, each next one twice as long, so that a node whose nginx
 #: rejects the target does not fill its journal with a failed rollback every few seconds.
 RETRY_MAX_S = 300.0
+#: At shutdown, the longest wait for this node's last record to be written (s).
+FAREWELL_S = 2.0
 
 
 class Fleet:
@@ -604,14 +606,26 @@ class Fleet:
     # ---- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Follow the fleet, keep the lease, elect, converge; until cancelled."""
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._follow)
-                await self._loop()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.client.aclose()
+        """Follow the fleet, keep the lease, elect, converge; until cancelled (then
+        `farewell` closes the connections)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._follow)
+            await self._loop()
+
+    async def farewell(self) -> None:
+        """At shutdown, once the guard's last switch is over (a rollback in flight finishes
+        before guardd stops): write this node's record once more, so that the fleet sees
+        the color it serves as it stops, not the one before that switch; at most
+        `FAREWELL_S`, never an error. Then close the connections."""
+        with anyio.CancelScope(shield=True):
+            with (
+                anyio.move_on_after(FAREWELL_S),
+                contextlib.suppress(EtcdUnavailable, ValueError, KeyError, TypeError),
+            ):
+                if self.reachable and not self._clash_told:
+                    self._published = None  # written whatever was written last
+                    await self._publish_self()
+            await self.client.aclose()
 
     async def _loop(self) -> None:
         while True:

@@ -293,6 +293,31 @@ def test_the_leader_killed_mid_rollback_is_replaced_and_follows_when_back(
         assert len(generations) == len(set(generations)) and set(generations) <= {1}
 
 
+def test_a_node_stopped_mid_rollback_leaves_the_color_it_serves_in_its_record(
+    make_fleet: MakeFleet,
+) -> None:
+    """SIGTERM reaches a follower between the rename and the reload of the fleet's rollback:
+    it finishes the switch before it stops, and its last record says blue, so the fleet
+    does not take the stopped node for one still on green."""
+    fleet = make_fleet()
+    fleet.start()
+    leader = fleet.leader()
+    assert leader is not None
+    f = next(i for i in range(3) if i != leader)
+    lab, d = fleet.labs[f], fleet.daemons[f]
+    (lab.fault_dir / "after_renamed").write_text("")
+    fleet.green.set_mode("http_503")
+    wait_until((lab.fault_dir / "after_renamed.reached").exists, 60, "the follower mid-rollback")
+    d.signal(signal.SIGTERM)
+    (lab.fault_dir / "after_renamed").unlink()
+    assert d.stop() == 0
+    assert lab.nginx.wait_serving_only("blue", hold=0.3, timeout=30)
+    seen = fleet.etcd.range(PREFIX + f"/seen/n{f}")[PREFIX + f"/seen/n{f}"]
+    assert (seen["serving"], seen["generation"]) == ("blue", 1), seen
+    rows = {r["node"]: r for r in fleet.fleet_status(leader)["nodes"]}
+    assert rows[f"n{f}"]["serving"] == "blue", rows
+
+
 def test_one_etcd_member_down_the_fleet_works_two_down_no_node_switches(
     fleet: FleetLab,
 ) -> None:
