@@ -11,6 +11,7 @@ import functools
 import os
 import re
 import shutil
+import socket
 import tomllib
 import types
 import typing
@@ -1218,6 +1219,12 @@ class Settings:
             f"{self.source}: ok: instance={self.instance} {ups} switch={c.switch.kind} "
             f"interval={c.probe.interval:g}s failures={c.policy.consecutive_failures} "
             f"rollback_to={c.policy.rollback_to} notify={len(c.notify)}"
+            # A fleet node says which node it is and of how many etcd members (not contacted).
+            + (
+                f" fleet={c.fleet.node or socket.gethostname()}@{len(c.fleet.etcd)}etcd"
+                if c.fleet is not None
+                else ""
+            )
         )
 
 

@@ -445,3 +445,15 @@ def test_the_readme_s_rules_and_signals_examples_are_valid(tmp_path: Path) -> No
             config.load(path)
             checked += 1
     assert checked >= 2
+
+
+def test_the_summary_of_a_fleet_node_names_it_and_its_etcd_members(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(
+        UPSTREAMS
+        + '[switch]\nkind = "state-file"\npath = "/tmp/guardd-state.json"\n'
+        + '[fleet]\netcd = ["http://10.0.0.21:2379", "http://10.0.0.22:2379"]\nnode = "lb-b"\n'
+    )
+    result = check_config(path, tmp_path, None, "--offline")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith(" notify=0 fleet=lb-b@2etcd"), result.stdout
