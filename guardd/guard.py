@@ -278,15 +278,18 @@ class Guard:
         self.paused = None
         self.machine.clear_hold()
         self.record("resumed", reason=reason or "resumed by an operator", by=by)
-        self.qos.end_hold(f"resumed by {by}")
         return was
 
     def fleet_resumed(self, *, by: str, reason: str) -> None:
         """Another fleet node's operator resumed the fleet: end the hold and refill the
         rollback budget (the journal's `resumed` does), leaving this node's pause as it is."""
         self.machine.clear_hold()
-        self.record("resumed", reason=reason, by=by)
-        self.qos.end_hold(f"resumed by {by}")
+        self.record(
+            "resumed",
+            # The fleet's budget and holds are resumed; this node's pause is its own.
+            reason=reason + ("; this node stays paused" if self.paused is not None else ""),
+            by=by,
+        )
         self.save_state()
 
     def reconfigure(
@@ -377,7 +380,7 @@ class Guard:
         self.metrics.set_verdicts(self.machine.verdicts)
         for action in decision.actions:
             await self._act(action)
-        relocked = self._hold_lock()
+        relocked = self._standstill_lock(decision)
         if decision.actions or decision.blocked_by:
             self.last_decision = statusview.decision_doc(decision, self.clock.wall())
         if decision.actions or relocked:
@@ -397,14 +400,27 @@ class Guard:
         self._flush_journal_backlog()
         return decision
 
-    def _hold_lock(self) -> bool:
-        """While the guard holds, deploys wait too: its active color fails and it will not
-        act (`QosKeeper.hold`); the lock ends with the hold. True if the lock changed."""
-        hold, own = self.machine.hold, self.qos.own_lock
-        if hold is not None and own is None:
-            self.qos.hold(hold.reason)
-        elif hold is None and own is not None and own.hold:
-            self.qos.end_hold("guardd no longer holds")
+    def _standstill_lock(self, decision: Decision) -> bool:
+        """While guardd will not act on a failing color (it holds, or it is paused while
+        the active color fails P0/P1), deploys wait too (`QosKeeper.hold`). The lock ends
+        once the active color no longer fails and guardd no longer holds, or a rollback's
+        guard window takes its place (so a `resume` that leads to a rollback leaves no
+        moment unlocked). True if the lock changed."""
+        hold, own, verdict = self.machine.hold, self.qos.own_lock, decision.verdict
+        failing = verdict is not None and verdict.failing
+        why = None
+        if hold is not None:
+            why = f"guardd holds: {hold.reason}"
+        elif decision.blocked_by == "paused" and verdict is not None and failing:
+            why = f"guardd is paused while {self.active} fails: {verdict.reason}"
+        if why is not None and own is None:
+            self.qos.hold(why)
+        elif why is None and not failing and own is not None and own.hold:
+            self.qos.end_hold(
+                "guardd no longer holds"
+                if (own.info.reason or "").startswith("guardd holds")
+                else f"{self.active} no longer fails"
+            )
         else:
             return False
         return self.qos.own_lock is not own

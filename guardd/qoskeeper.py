@@ -144,14 +144,14 @@ class QosKeeper:
         return info
 
     def hold(self, reason: str) -> None:
-        """The guard holds (a spent rollback budget, a rollback that failed, both colors
-        down): its active color fails and it will not act, so deploys wait too. Take a lock
-        that lasts as long as the hold (`end_hold`), unless a lock is held already."""
+        """guardd will not act on a failing color (it holds: a spent rollback budget, a
+        rollback that failed, both colors down; or it is paused), so deploys wait too. Take
+        a lock for `reason` that lasts as long as that (`end_hold`), unless a lock is held
+        already."""
         host = self.host
         if self.own_lock is not None or self.store.read(host.s.lock_file).held:
             return  # locked already (a guard window, an operator's lock, the fleet's copy)
         wall = host.clock.wall()
-        reason = f"guardd holds: {reason}"
         info = qoslock.LockInfo(True, reason, rfc3339(wall), None, GUARDD)
         self._write(info)
         self.own_lock = OwnedLock(info, None, None, manual=False, hold=True)
@@ -161,7 +161,7 @@ class QosKeeper:
         host.save_state()
 
     def end_hold(self, why: str) -> None:
-        """The hold ended (`why`): release the lock it took, if it is still the one held."""
+        """What `hold` stood for ended (`why`): release its lock, if still the one held."""
         own = self.own_lock
         if own is not None and own.hold:
             self.release(by=GUARDD, reason=f"the hold ended: {why}")

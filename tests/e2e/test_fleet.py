@@ -1147,6 +1147,31 @@ def test_a_paused_leader_hands_over_the_lead_and_the_fleet_still_rolls_back(
     assert fleet.leader() not in (None, old)
 
 
+def test_every_node_paused_while_green_fails_no_gate_allows_a_deploy(fleet: FleetLab) -> None:
+    """Every node paused: no node decides, and green's users meet its 503s; every gate, on
+    every host, says locked ("guardd is paused while green fails") until green recovers."""
+    fleet.start()
+    for lab in fleet.labs:
+        out = guardctl("pause", "--reason", "maintenance", socket=lab.socket_path)
+        assert out.returncode == 0, out
+    fleet.green.set_mode("http_503")
+
+    def every_gate_locked() -> bool:
+        for lab in fleet.labs:
+            for config in (False, True):
+                code, doc, _ = qos_status(lab, config=config)
+                if code != 1 or doc is None or "is paused while green fails" not in doc["reason"]:
+                    return False
+        return True
+
+    wait_until(every_gate_locked, 60, "every gate locked while paused on a failing green")
+    assert all(lab.nginx.served_color() is None for lab in fleet.labs)  # nobody switched
+    fleet.green.set_mode("ok")
+    wait_until(
+        lambda: all(qos_status(lab)[0] == 0 for lab in fleet.labs), 120, "every gate open again"
+    )
+
+
 def test_a_replaced_fleet_lock_reaches_every_node(fleet: FleetLab) -> None:
     fleet.start()
     lock_on(fleet, 1, "short", "15s")

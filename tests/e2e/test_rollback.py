@@ -193,3 +193,23 @@ def test_sigterm_is_a_clean_stop(make_lab: MakeLab) -> None:
     assert d.events()[-1]["event"] == "stopped"
     assert lab.notify is not None
     lab.notify.wait_for("STOPPING=1")
+
+
+def test_paused_while_the_active_color_fails_deploys_wait_too(make_lab: MakeLab) -> None:
+    """Paused, guardd does not roll back a failing green: users meet it, so no gate says
+    "deploys allowed" until green no longer fails (or guardd is resumed and acts)."""
+    lab = make_lab()
+    d = lab.daemon()
+    out = guardctl("pause", "--reason", "maintenance", socket=lab.socket_path)
+    assert out.returncode == 0, out
+    lab.green.set_mode("http_503")
+    locked = d.wait_event("qos_locked", timeout=30)
+    assert locked["reason"].startswith("guardd is paused while green fails: P0"), locked
+    out = guardctl("qos", "status", "--config", str(lab.config_path))
+    assert out.returncode == 1 and "guardd is paused while green fails" in out.stdout, out
+    assert not [e for e in d.events() if e["event"] == "rollback_started"]
+    lab.green.set_mode("ok")
+    released = d.wait_event("qos_released", timeout=90)
+    assert released["reason"] == "the hold ended: green no longer fails", released
+    assert not lab.lock_file.exists()
+    assert d.stop() == 0
