@@ -430,7 +430,8 @@ def _fleet_line(fleet: Mapping[str, Any]) -> str:
         else f"node {node} (leader {_text(leader)})"
     )
     if fleet.get("etcd_reachable") is not True:
-        return f"{who}, etcd not answering: the fleet's state is UNKNOWN"
+        # Who leads is part of the fleet's state: unknown too (the last read is stale).
+        return f"node {node}, etcd not answering: the fleet's state (its leader too) is UNKNOWN"
     return (
         f"{who}, desired {_text(fleet.get('desired'))} generation "
         f"{_text(fleet.get('generation'))}, applied here {_text(fleet.get('applied'))}"

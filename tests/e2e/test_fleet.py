@@ -203,7 +203,9 @@ def test_a_node_cut_off_from_etcd_keeps_its_color_then_converges(make_fleet: Mak
     lock_is_unknown_on(cut)
     out = guardctl("status", socket=cut.socket_path)
     assert out.returncode == 1 and "etcd is unreachable" in out.stdout, out
-    assert "etcd not answering: the fleet's state is UNKNOWN" in out.stdout, out
+    assert "node n2, etcd not answering: the fleet's state (its leader too) is UNKNOWN" in (
+        out.stdout
+    ), out
     fleet.green.set_mode("http_503")
     assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
     assert fleet.labs[1].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
