@@ -37,6 +37,11 @@ class Compacted(EtcdUnavailable):
     """A watch asked for revisions etcd has compacted away: read afresh, then watch again."""
 
 
+class LeaseGone(EtcdUnavailable):
+    """etcd answered that the lease a write named does not exist (it expired: this process
+    was away longer than its TTL): grant another, etcd itself answers."""
+
+
 @dataclass(frozen=True, slots=True)
 class KV:
     """One key as etcd keeps it."""
@@ -165,6 +170,10 @@ class EtcdClient:
             if r.status_code >= 500 or len(r.content) > _MAX_BODY:
                 problems.append(f"{base}: HTTP {r.status_code}")
                 continue
+            if r.status_code == 404 and b"lease not found" in r.content:
+                # An answer, not a member away: etcd no longer has the lease a write named.
+                self._current = index
+                raise LeaseGone(f"{base}: etcd no longer has the lease (it expired)")
             if r.status_code == 401:
                 self._token = None
                 problems.append(f"{base}: HTTP 401")

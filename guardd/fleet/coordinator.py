@@ -61,6 +61,7 @@ from guardd.fleet._etcd import (
     EtcdClient,
     EtcdUnavailable,
     Header,
+    LeaseGone,
     compare,
     delete_op,
     put_op,
@@ -632,6 +633,11 @@ class Fleet:
             changed = self._changed
             try:
                 await self._round()
+            except LeaseGone:
+                # Our lease expired (this process was away longer than its TTL): with it went
+                # our leadership and records. etcd answered: grant another in the next round.
+                self.lease, self._leader_rev, self._published = None, None, None
+                self._changed_now()
             except EtcdUnavailable as e:
                 self._unreachable(str(e))
             except (ValueError, KeyError, TypeError) as e:

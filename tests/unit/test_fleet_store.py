@@ -18,7 +18,7 @@ import pytest
 from guardd import qoslock
 from guardd.config import FleetConfig
 from guardd.core.qos import QosWindow
-from guardd.fleet._etcd import KV, Header, header_of
+from guardd.fleet._etcd import KV, Header, LeaseGone, header_of
 from guardd.fleet.coordinator import Fleet
 from guardd.journal import parse_rfc3339
 from guardd.qoskeeper import OwnedLock
@@ -329,5 +329,45 @@ def test_a_write_answered_while_a_read_is_on_its_way_is_no_store_that_went_back(
             tg.cancel_scope.cancel()
         assert f._went_back is not meanwhile
         assert f._high == (510 if meanwhile else 505)
+
+    anyio.run(main)
+
+
+class _LeaseGoneOnce:
+    """An etcd client stand-in: the lease it is asked to renew is alive, but a write under
+    it finds it gone (this process was away longer than its TTL); grants count."""
+
+    def __init__(self) -> None:
+        self.granted = 0
+
+    async def grant(self, _ttl: float) -> int:
+        self.granted += 1
+        return 1000 + self.granted
+
+    async def keepalive(self, _lease: int) -> int:
+        return 5
+
+    async def txn(self, *_args: object) -> tuple[bool, int]:
+        raise LeaseGone("http://127.0.0.1:9: etcd no longer has the lease (it expired)")
+
+
+def test_a_lease_gone_is_granted_anew_and_is_no_etcd_out_of_reach(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = fleet(tmp_path)
+        f.client = client = _LeaseGoneOnce()  # type: ignore[assignment]
+        f.lease, f._renewed, f.reachable = 77, time.monotonic(), True
+        alerts: list[dict[str, Any]] = []
+        f.guard = SimpleNamespace(  # type: ignore[assignment]
+            record=lambda event, **fields: alerts.append({"event": event, **fields}),
+            active="green",
+            own_lock=None,
+            paused=None,
+        )
+        with anyio.move_on_after(0.5):
+            await f._loop()
+        assert f.reachable is True and f.problem is None, f.problem
+        assert not [a for a in alerts if "unreachable" in str(a.get("reason"))], alerts
+        assert client.granted >= 1  # a new lease, in the next round
+        assert f.lease != 77
 
     anyio.run(main)
