@@ -370,7 +370,7 @@ class Simulation:
         assert guard is not None  # noqa: S101
         doc = rec.doc
         color = doc.get("color")  # `color_of`, without its call: once a record
-        if color not in ("blue", "green"):
+        if color not in COLORS:
             color = None
         result = probe_result(doc)
         if color is None or result is None:
