@@ -194,11 +194,18 @@ async def _move(
 def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
     if force:
         return
-    lock = qoslock.read_lock(guard.s.lock_file)
-    if lock.held:
+    lock = qoslock.read_lock(guard.s.lock_file).to_json()
+    whose = "the QoS lock"
+    fleet = guard.fleet
+    if not lock["locked"] and fleet is not None and fleet.reachable:
+        # The fleet's lock as this node last read it (held, or the fleet unconverged); the
+        # move's decision is then written only if it has not changed (`Fleet.propose`).
+        # Unreachable, `propose` refuses: etcd cannot be written.
+        lock, whose = fleet.qos_doc(), "the fleet's QoS lock"
+    if lock["locked"]:
         raise OperationRefused(
-            f"the QoS lock is held ({lock.reason}"
-            + (f", until {lock.until}" if lock.until else "")
+            f"{whose} is held ({lock['reason']}"
+            + (f", until {lock['until']}" if lock.get("until") else "")
             + ")"
             + ("" if promote else "; use --force to override")
         )

@@ -256,29 +256,16 @@ class Fleet:
         """An operator's rollback, switch or promote for the whole fleet; its generation.
 
         A switch or promote is two-phase: every live node tests `target` first (see
-        `prepare`). `gated` (a switch or promote without `--force`): the fleet's QoS lock
-        must not be held, nor the fleet unconverged, as read now, and the decision is
-        written only if `qos` has not changed since (a lock taken on another node while
-        the nodes test the target refuses the move, as it would have refused it a moment
-        earlier). Raises `OperationRefused` naming the nodes that refused or did not
-        answer, the lock, or when etcd cannot be reached.
+        `prepare`). `gated` (a switch or promote that passed the QoS gate, which read the
+        fleet's lock as this node last read it: `qos_doc`): the decision is written only if
+        `qos` has not changed since (a lock taken on another node while the nodes test the
+        target refuses the move, as it would have refused it a moment earlier). Raises
+        `OperationRefused` naming the nodes that refused or did not answer, the lock, or
+        when etcd cannot be reached.
         """
         with self._operator_write(f"the fleet cannot {kind}"):
             qos_mod = None
             if gated:
-                held = self.qos_doc()
-                if held.get("locked") is None:
-                    raise OperationRefused(
-                        f"the fleet's QoS lock is unknown ({held.get('warning')}); "
-                        + ("" if kind == "promote" else "use --force to override")
-                    )
-                if held.get("locked"):
-                    raise OperationRefused(
-                        f"the fleet's QoS lock is held ({held.get('reason')}"
-                        + (f", until {held['until']}" if held.get("until") else "")
-                        + ")"
-                        + ("" if kind == "promote" else "; use --force to override")
-                    )
                 current = self._kvs.get(self.key("qos"))
                 qos_mod = current.mod_revision if current is not None else 0
             if kind != "rollback":
