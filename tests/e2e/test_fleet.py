@@ -366,16 +366,24 @@ def test_one_etcd_member_down_the_fleet_works_two_down_no_node_switches(
         assert any("fleet=etcd-unreachable" in m for m in lab.notify.lines())
 
 
+def n1_cannot_apply_the_rollback(fleet: FleetLab) -> tuple[str, dict[str, Any]]:
+    """n1's nginx rejects blue, and green fails: n0 and n2 roll back to blue, n1 journals
+    `rollback_failed`. Returns n1's good blue target text (to mend it) and that event."""
+    target = fleet.labs[1].nginx.targets["blue"]
+    good = target.read_text()
+    target.write_text("upstream lab_app { not nginx; }\n")
+    fleet.green.set_mode("http_503")
+    assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    assert fleet.labs[2].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
+    return good, fleet.daemons[1].wait_event("rollback_failed", timeout=60)
+
+
 def test_a_node_that_cannot_apply_the_rollback_is_reported_on_every_node(
     make_fleet: MakeFleet,
 ) -> None:
     fleet = make_fleet(switch__timeout="2s")
     fleet.start()
-    fleet.labs[1].nginx.targets["blue"].write_text("upstream lab_app { not nginx; }\n")
-    fleet.green.set_mode("http_503")
-    assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
-    assert fleet.labs[2].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
-    failed = fleet.daemons[1].wait_event("rollback_failed", timeout=60)
+    _, failed = n1_cannot_apply_the_rollback(fleet)
     # The journal ties the failure to the fleet's decision it failed to apply.
     assert failed["generation"] == 1 and failed["fleet_node"] in {"n0", "n1", "n2"}, failed
 
@@ -416,12 +424,7 @@ def test_the_fleets_lock_holds_until_a_late_node_applied_the_rollback(
     fleet = make_fleet(switch__timeout="2s", qos__window="6s")
     fleet.start()
     late = fleet.labs[1]
-    good = late.nginx.targets["blue"].read_text()
-    late.nginx.targets["blue"].write_text("upstream lab_app { not nginx; }\n")
-    fleet.green.set_mode("http_503")
-    assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
-    assert fleet.labs[2].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
-    fleet.daemons[1].wait_event("rollback_failed", timeout=60)
+    good, _ = n1_cannot_apply_the_rollback(fleet)
     leader = fleet.leader()
     assert leader is not None and leader != 1
     wait_until(lambda: all(lab.lock_file.exists() for lab in fleet.labs), 30, "every lock file")
@@ -516,12 +519,7 @@ def test_a_late_nodes_window_after_an_operators_unlock_is_the_fleets_lock(
     fleet = make_fleet(switch__timeout="2s", qos__window="4s")
     fleet.start()
     late = fleet.labs[1]
-    good = late.nginx.targets["blue"].read_text()
-    late.nginx.targets["blue"].write_text("upstream lab_app { not nginx; }\n")
-    fleet.green.set_mode("http_503")
-    assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
-    assert fleet.labs[2].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
-    fleet.daemons[1].wait_event("rollback_failed", timeout=60)
+    good, _ = n1_cannot_apply_the_rollback(fleet)
     wait_until(lambda: all(lab.lock_file.exists() for lab in fleet.labs), 30, "every lock file")
     out = guardctl("qos", "unlock", socket=fleet.labs[0].socket_path)
     assert out.returncode == 0, out

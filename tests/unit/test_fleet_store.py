@@ -115,6 +115,16 @@ def test_the_next_generation_is_above_every_one_known(tmp_path: Path) -> None:
     anyio.run(main)
 
 
+def _lock_held(
+    tmp_path: Path, locked_at: str, until: str, by: str
+) -> tuple[Path, qoslock.LockInfo]:
+    """A rollback's guard window in `tmp_path`'s lock file: the file and the lock."""
+    lock_file = tmp_path / "qos.lock"
+    info = qoslock.LockInfo(True, "rollback green -> blue", locked_at, until, by)
+    qoslock.write_lock(lock_file, info)
+    return lock_file, info
+
+
 class _Txns:
     """An etcd client stand-in that takes every transaction: what was put, in order."""
 
@@ -137,10 +147,8 @@ def test_a_followers_failed_window_becomes_the_fleets_lock_and_it_publishes_its_
 
     async def main() -> None:
         f = fleet(tmp_path)
-        lock_file = tmp_path / "qos.lock"
-        info = qoslock.LockInfo(True, "rollback green -> blue", "2026-12-01T00:00:00Z",
-                                "2026-12-01T00:05:00Z", "fleet:n1")  # fmt: skip
-        qoslock.write_lock(lock_file, info)
+        lock_file, info = _lock_held(tmp_path, "2026-12-01T00:00:00Z", "2026-12-01T00:05:00Z",
+                                     "fleet:n1")  # fmt: skip
         window = QosWindow(0.0, 10.0, 0.01, 0.99, 5)
         own = OwnedLock(info, window, None, manual=False, failed=True)
         guard = SimpleNamespace(own_lock=own, s=SimpleNamespace(lock_file=lock_file))
@@ -224,10 +232,8 @@ def test_a_release_ends_a_guard_window_only_if_an_operator_wrote_it_after_the_wi
 
     async def main() -> None:
         f = fleet(tmp_path)
-        lock_file = tmp_path / "qos.lock"
-        info = qoslock.LockInfo(True, "rollback green -> blue", "2026-12-01T00:01:00.000Z",
-                                "2026-12-01T00:06:00.000Z", "guardd")  # fmt: skip
-        qoslock.write_lock(lock_file, info)
+        lock_file, info = _lock_held(tmp_path, "2026-12-01T00:01:00.000Z",
+                                     "2026-12-01T00:06:00.000Z", "guardd")  # fmt: skip
         window = None if manual else QosWindow(0.0, 10.0, 0.01, 0.99, 5)
         calls: list[dict[str, Any]] = []
 
