@@ -424,14 +424,14 @@ def _fleet_line(fleet: Mapping[str, Any]) -> str:
     """`node lb-a (leader lb-b), desired blue generation 5, applied 5` (or etcd's state)."""
     leader = fleet.get("leader")
     node = _text(fleet.get("node"))
+    if fleet.get("etcd_reachable") is not True:
+        # Who leads is part of the fleet's state: unknown too (the last read is stale).
+        return f"node {node}, etcd not answering: the fleet's state (its leader too) is UNKNOWN"
     who = (
         f"node {node} (leader)"
         if leader == fleet.get("node")
         else f"node {node} (leader {_text(leader)})"
     )
-    if fleet.get("etcd_reachable") is not True:
-        # Who leads is part of the fleet's state: unknown too (the last read is stale).
-        return f"node {node}, etcd not answering: the fleet's state (its leader too) is UNKNOWN"
     return (
         f"{who}, desired {_text(fleet.get('desired'))} generation "
         f"{_text(fleet.get('generation'))}, applied here {_text(fleet.get('applied'))}"
