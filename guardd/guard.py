@@ -230,6 +230,11 @@ class Guard:
         SLOs held (a node not yet serving the fleet's desired color); else None."""
         return self.fleet.lock_must_stay() if self.fleet is not None else None
 
+    def lock_stay_ends(self) -> float | None:
+        """For the keeper: when what `lock_must_stay` waits for ends (wall seconds), if
+        that is known (other fleet nodes' guard windows, each saying its end); else None."""
+        return self.fleet.lock_stay_ends() if self.fleet is not None else None
+
     def save_state(self) -> None:
         """Mirror what must survive a restart into state.json."""
         try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from guardd import qoslock
-from guardd.core.qos import QosWindow
+from guardd.core.qos import QosVerdict, QosWindow
 from guardd.core.types import GUARDD, Color, Outcome
 from guardd.exceptions import StorageError, UnsafePath, why
 from guardd.journal import parse_rfc3339, rfc3339
@@ -23,6 +23,11 @@ from guardd.metrics import GuardMetrics
 
 if TYPE_CHECKING:
     from guardd.guard import GuardSettings, Storage
+
+#: How long after the last of the other nodes' guard windows the leader's is judged again
+#: (seconds): time for those nodes' records to say their windows ended. Also the shortest
+#: such extension.
+STAY_MARGIN_S = 1.0
 
 
 @dataclass(slots=True)
@@ -69,6 +74,10 @@ class LockHost(Protocol):
     def lock_must_stay(self) -> str | None:
         """Why a guard window whose SLOs held must not end yet (a fleet node still serves
         another color than the fleet's desired one), else None."""
+        ...
+
+    def lock_stay_ends(self) -> float | None:
+        """When what `lock_must_stay` waits for ends (wall seconds), if that is known."""
         ...
 
 
@@ -241,35 +250,60 @@ class QosKeeper:
                     by=GUARDD, reason=f"guard window passed: {verdict.reason}", evidence=evidence
                 )
             else:
-                why_not = verdict.reason if stay is None else f"{verdict.reason}, but {stay}"
-                end = now + host.s.qos_window
-                if own.floor is not None:
-                    end = max(end, own.floor)
-                wall = host.clock.wall()
-                until = None if math.isinf(end) else rfc3339(wall + end - now)
-                info = dataclasses.replace(own.info, until=until)
-                self._write(info)
-                own.info = info
-                own.window.restart(now, host.s.qos_window)
-                own.expires_at = None if math.isinf(end) else end
-                own.failed = stay is None  # this judgement's, not sticky: met next time, not
-                host.record(
-                    "qos_extended",
-                    source=host.active,
-                    reason=why_not,
-                    until=info.until,
-                    evidence=evidence,
-                )
-                if stay is None:
-                    # (A node that serves another color is an alert of the fleet's already.)
-                    host.record(
-                        "alert",
-                        source=host.active,
-                        reason=f"guard window not met, lock extended: {why_not}",
-                    )
-                host.save_state()
+                self._extend(now, own, verdict, evidence, stay)
         elif own.window is None and own.expires_at is not None and now >= own.expires_at:
             self.release(by=GUARDD, reason="operator lock expired")
+
+    def _extend(
+        self,
+        now: float,
+        own: OwnedLock,
+        verdict: QosVerdict,
+        evidence: dict[str, Any],
+        stay: str | None,
+    ) -> None:
+        """Extend guardd's own lock whose window was judged not met (`stay` None) or met but
+        kept by the fleet (`stay`: why)."""
+        host = self.host
+        window = own.window
+        assert window is not None  # noqa: S101 - a window was judged
+        why_not = verdict.reason if stay is None else f"{verdict.reason}, but {stay}"
+        wall = host.clock.wall()
+        span = host.s.qos_window
+        stay_ends = host.lock_stay_ends() if stay is not None else None
+        if stay_ends is not None:
+            # Other nodes' windows, each with a known end: until just after the last
+            # of them, the probes seen so far still counted (a fresh short window
+            # would have too few to be judged).
+            span = min(span, max(STAY_MARGIN_S, stay_ends - wall + STAY_MARGIN_S))
+        end = now + span
+        if own.floor is not None:
+            end = max(end, own.floor)
+        until = None if math.isinf(end) else rfc3339(wall + end - now)
+        info = dataclasses.replace(own.info, until=until)
+        self._write(info)
+        own.info = info
+        if stay_ends is not None:
+            window.prolong(now + span)
+        else:
+            window.restart(now, host.s.qos_window)
+        own.expires_at = None if math.isinf(end) else end
+        own.failed = stay is None  # this judgement's, not sticky: met next time, not
+        host.record(
+            "qos_extended",
+            source=host.active,
+            reason=why_not,
+            until=info.until,
+            evidence=evidence,
+        )
+        if stay is None:
+            # (A node that serves another color is an alert of the fleet's already.)
+            host.record(
+                "alert",
+                source=host.active,
+                reason=f"guard window not met, lock extended: {why_not}",
+            )
+        host.save_state()
 
     def repeat_key(self, now: float) -> tuple[tuple[object, ...], tuple[object, ...]]:
         """What `step(now)` and `rules_firing` read (`Guard.repeat_key`): the lock file as

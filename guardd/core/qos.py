@@ -189,6 +189,11 @@ class QosWindow:
             self.traffic_errors,
         )
 
+    def prolong(self, ends_at: float) -> None:
+        """Judge the window again at monotonic `ends_at`, over the probes it counted so far
+        and those to come (a fleet's leader waiting for other nodes' windows)."""
+        self.span = max(self.span, ends_at - self.started_at)
+
     def restart(self, now: float, span: float | None = None) -> None:
         """Begin another window (an extension)."""
         self.started_at = now

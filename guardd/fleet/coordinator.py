@@ -8,8 +8,9 @@ Keys under the fleet's prefix P (values are JSON)::
     P/rearmed         {"at", "by", "node", "reason"}: an operator's last `resume`, on any
                       node: the budget counts only rollbacks after it, and holds end
     P/qos             the fleet's QoS lock, as `guardctl qos status --json` shows it
-    P/nodes/<node>    {"serving", "generation", "wants_rollback", "window", "at"}, under the
-                      node's lease (`window`: "failing" while its own guard window is not met)
+    P/nodes/<node>    {"serving", "generation", "wants_rollback", "window", "window_until",
+                      "at"}, under the node's lease (`window`: "failing" while its own guard
+                      window is not met; `window_until`: when that window is judged)
     P/clash/<node>    a second guardd's record under a name another process holds, under its
                       lease: every node sees it
     P/seen/<node>     {"serving", "generation", "at"}: the node's last record, without a lease,
@@ -398,18 +399,45 @@ class Fleet:
         behind = self.unconverged()
         if behind is not None or not self.is_leader:
             return behind
-        running = {
-            name: doc.get("window")
-            for name, doc in sorted(self.nodes.items())
-            if name != self.node and doc.get("window") in ("open", "failing")
-        }
+        running = self._running_windows()
         if not running:
             return None
         return "; ".join(
             f"the guard window of node {name} "
-            + ("is not met" if state == "failing" else "still runs")
-            for name, state in running.items()
+            + ("is not met" if doc["window"] == "failing" else "still runs")
+            for name, doc in running.items()
         )
+
+    def lock_stay_ends(self) -> float | None:
+        """When what `lock_must_stay` waits for ends, in wall seconds since the epoch, if
+        that is known: only other nodes' guard windows, each of whose records says when it
+        is judged (`"window_until"`). None otherwise (an unconverged fleet, a record
+        without its end: the keeper then extends by a whole `qos.window`).
+
+        The leader's window would otherwise go on a whole `qos.window` for followers'
+        windows that end a moment after it (they began when each node applied the
+        rollback, a fleet round or two later).
+        """
+        if self.unconverged() is not None or not self.is_leader:
+            return None
+        ends = []
+        for doc in self._running_windows().values():
+            until = doc.get("window_until")
+            try:
+                ends.append(parse_rfc3339(until) if isinstance(until, str) else None)
+            except ValueError:
+                return None
+        if not ends or None in ends:
+            return None
+        return max(e for e in ends if e is not None)
+
+    def _running_windows(self) -> dict[str, dict[str, Any]]:
+        """The other live nodes whose own guard window runs (`"window"`: open or failing)."""
+        return {
+            name: doc
+            for name, doc in sorted(self.nodes.items())
+            if name != self.node and doc.get("window") in ("open", "failing")
+        }
 
     def twins(self) -> dict[str, dict[str, Any]]:
         """The records of a second guardd running under a node's name (`clash/<node>`)."""
@@ -906,6 +934,8 @@ class Fleet:
             "window": None
             if own is None or own.window is None
             else ("failing" if own.failed else "open"),
+            # When it is judged: the leader's window waits for it, and no longer.
+            "window_until": None if own is None or own.window is None else own.info.until,
         }
         now = time.monotonic()
         if doc == self._published and now - self._published_at < self.c.lease_ttl / 3:

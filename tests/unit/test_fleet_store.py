@@ -377,3 +377,46 @@ def test_a_lease_gone_is_granted_anew_and_is_no_etcd_out_of_reach(tmp_path: Path
         assert f.lease != 77
 
     anyio.run(main)
+
+
+def test_the_leaders_window_waits_for_other_windows_until_their_known_end(
+    tmp_path: Path,
+) -> None:
+    """`lock_stay_ends`: the latest end the other nodes' running windows publish, when the
+    fleet converged and this node leads; None whenever an end is not known (an unconverged
+    fleet, a record without one or with a garbled one, a follower), so that the keeper
+    then extends by a whole window."""
+
+    async def main() -> None:
+        f = fleet(tmp_path)
+        f.reachable = True
+        f.desired = {"color": "blue", "generation": 3}
+        f.leader, f._leader_rev = "n0", 5
+        a, b = "2026-12-01T10:00:05.000Z", "2026-12-01T10:00:07.500Z"
+        f.nodes = {
+            "n0": {"serving": "blue", "window": "open", "window_until": "2026-12-01T10:09:00Z"},
+            "n1": {"serving": "blue", "window": "open", "window_until": a},
+            "n2": {"serving": "blue", "window": "failing", "window_until": b},
+            "n3": {"serving": "blue", "window": None, "window_until": None},
+        }
+        assert f.lock_must_stay() == (
+            "the guard window of node n1 still runs; the guard window of node n2 is not met"
+        )
+        assert f.lock_stay_ends() == parse_rfc3339(b)  # the latest; never our own
+        for garbled in (None, "soon", 5):
+            f.nodes["n2"]["window_until"] = garbled
+            assert f.lock_stay_ends() is None, garbled
+        f.nodes["n2"]["window_until"] = b
+        f.nodes["n3"]["serving"] = "green"  # unconverged: no end is known
+        assert f.lock_must_stay() is not None
+        assert f.lock_stay_ends() is None
+        f.nodes["n3"]["serving"] = "blue"
+        f.leader = "n1"  # a follower waits for no one's window
+        assert f.lock_must_stay() is None
+        assert f.lock_stay_ends() is None
+        f.leader = "n0"
+        f.nodes = {"n0": {"serving": "blue"}, "n1": {"serving": "blue", "window": None}}
+        assert f.lock_must_stay() is None
+        assert f.lock_stay_ends() is None
+
+    anyio.run(main)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 from guardd import qoslock
 from guardd.core.machine import Rollback
 from guardd.core.types import State
+from guardd.journal import parse_rfc3339
 from guardd.switchers import COMMAND_STEPS, NGINX_STEPS, STATE_FILE_STEPS
 from guardd.testing import (
     DEFAULT_POLICY,
@@ -428,6 +430,45 @@ async def test_a_window_whose_slos_held_goes_on_while_the_fleet_has_not_converge
         assert not lock_held(rig)
         (released,) = rig.events("qos_released")
         assert released["reason"].startswith("guard window passed")
+    finally:
+        await rig.aclose()
+
+
+@pytest.mark.parametrize("after_s", [2.5, -3.0], ids=["ends-later", "ended-already"])
+async def test_a_leaders_window_waits_for_other_windows_only_until_they_end(
+    tmp_path: Path, after_s: float
+) -> None:
+    """A leader's window whose SLOs held, kept only by other nodes' windows whose ends are
+    known (`Guard.lock_stay_ends`), is extended until 1 s after the last of them, never by
+    a whole `qos.window`, and is judged then over every probe it saw since it began."""
+    rig = await rolled_back(tmp_path)
+    running = "the guard window of node n1 still runs"
+    stay: list[str | None] = [running]
+    ends: list[float | None] = [None]
+    rig.guard.lock_must_stay = lambda: stay[0]  # type: ignore[method-assign]
+    rig.guard.lock_stay_ends = lambda: ends[0]  # type: ignore[method-assign]
+    try:
+        taken_at = rig.clock.monotonic()
+        while rig.clock.monotonic() - taken_at < QOS_WINDOW - 1.0:
+            await rig.probe_round()
+        ends[0] = rig.clock.wall() + 1.0 + after_s
+        await rig.probe_round()  # the window is due here
+        (extended,) = rig.events("qos_extended")
+        assert extended["reason"].endswith(f", but {running}")
+        wanted = max(1.0, after_s + 1.0 + 1.0)  # from the due time, not from now
+        span = parse_rfc3339(extended["until"]) - rig.clock.wall()
+        assert wanted - 1.0 <= span <= wanted + 0.5, (span, extended)
+        stay[0] = None
+        judged_at = rig.clock.monotonic()
+        while lock_held(rig):
+            assert rig.clock.monotonic() - judged_at < span + 1.0
+            await rig.probe_round()
+        (released,) = rig.events("qos_released")
+        # Every probe since the window began: more than its first judgement saw.
+        held = re.compile(r"SLOs held over (\d+) probes")
+        first, last = (held.search(e["reason"]) for e in (extended, released))
+        assert first is not None and last is not None, (extended, released)
+        assert int(last[1]) > int(first[1]), (extended, released)
     finally:
         await rig.aclose()
 
