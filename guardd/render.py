@@ -307,6 +307,8 @@ def _decision(decision: object) -> str:
     head = " ".join(
         clean(decision[k]) for k in ("ts", "action", "severity") if decision.get(k) is not None
     )
+    if decision.get("not_taken"):
+        head += f" (not taken here: {clean(decision['not_taken'])})"
     reason = decision.get("reason")
     return f"{head}{': ' + clean(reason) if reason else ''}{_evidence(decision.get('evidence'))}"
 

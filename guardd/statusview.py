@@ -229,8 +229,9 @@ def status_line(guard: Guard) -> str:
     return " ".join(parts)
 
 
-def decision_doc(decision: Decision, wall: float) -> dict[str, Any]:
-    """`last_decision` of `status --json`: what a tick did and why, stamped `wall`."""
+def decision_doc(decision: Decision, wall: float, not_taken: str | None = None) -> dict[str, Any]:
+    """`last_decision` of `status --json`: what a tick did and why, stamped `wall`;
+    `not_taken`: why its rollback was not taken here (a fleet node's), else None."""
     verdict = decision.verdict
     action = "none"
     for a in decision.actions:
@@ -243,6 +244,7 @@ def decision_doc(decision: Decision, wall: float) -> dict[str, Any]:
         "severity": verdict.severity if verdict else None,
         "reason": verdict.reason if verdict else None,
         "evidence": verdict.evidence.to_dict() if verdict else None,
+        "not_taken": not_taken,
     }
 
 

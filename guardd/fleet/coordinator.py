@@ -102,6 +102,9 @@ class Fleet:
     #: Why a rollback this node decided was not written (etcd unreachable, no
     #: local_fallback): journaled when it is first set, once an outage.
     _unacted: str | None
+    #: Why the last rollback this node decided was not taken here (`decide_rollback` said
+    #: None): the leader decides, etcd is unreachable, the quorum is not met.
+    held_back: str | None
 
     def __init__(
         self, config: FleetConfig, *, instance: str, state_dir: Path, switch_timeout: float
@@ -149,7 +152,6 @@ class Fleet:
         self._changed = anyio.Event()  # set (and replaced) at every change seen
         self._watching = anyio.CancelScope()  # the watch's stream, to reopen it at once
         self._published: dict[str, Any] | None = None  # our record as last written
-        self._published_at = 0.0
         self.seen: dict[str, dict[str, Any]] = {}  # P/seen/<node>: last records
         self._lost: dict[str, float] = {}  # node -> when its lease was first seen gone
         self._last_leader: str | None = None
@@ -176,7 +178,8 @@ class Fleet:
         # not at all, comes from a store that lost it (restored from a backup taken before
         # it), even when other writes since carried its revision past the one we knew.
         self._epoch, self._own, self._rollbacks_before = 0, dict[str, int](), []
-        self._clash, self._clash_told, self._unacted, self._renewed = None, False, None, 0.0
+        self._clash, self._clash_told, self._unacted, self.held_back = None, False, None, None
+        self._renewed, self._published_at = 0.0, 0.0
         self.client.on_header = self._header
         self._store = state_dir / "fleet.json"
         self.applied = self._load_applied()
@@ -204,12 +207,15 @@ class Fleet:
         self._wants_at = time.monotonic()
         if self._published is not None and not self._published.get("wants_rollback"):
             self._changed_now()  # publish the wish at once, not at the next lease third
+        self.held_back = None
         if not self.reachable:
             if self.c.local_fallback:
                 return 0
             self._cannot_act(target, reason)
+            self.held_back = "etcd is unreachable and fleet.local_fallback is false"
             return None
         if not self.is_leader:
+            self.held_back = f"the fleet's leader ({self.leader or 'UNKNOWN'}) decides"
             return None
         d = self.desired
         if (
@@ -222,9 +228,12 @@ class Fleet:
             live = [n for n in self.nodes.values() if n.get("wants_rollback")]
             wanting = len(live) + (0 if self.nodes.get(self.node, {}).get("wants_rollback") else 1)
             if wanting * 2 <= max(len(self.nodes), 1):
+                self.held_back = (
+                    f"quorum majority: {wanting} of {max(len(self.nodes), 1)} live nodes see it"
+                )
                 return None
         try:
-            return await self._write_desired(
+            generation = await self._write_desired(
                 target,
                 "rollback",
                 self.node,
@@ -233,7 +242,13 @@ class Fleet:
                 severity=severity,
             )
         except EtcdUnavailable:
-            return 0 if self.c.local_fallback else None
+            if self.c.local_fallback:
+                return 0
+            self.held_back = "etcd did not take the decision"
+            return None
+        if generation is None:
+            self.held_back = "etcd refused the decision: this node's leadership or desired changed"
+        return generation
 
     def _cannot_act(self, target: Color, reason: str) -> None:
         """This node wants a rollback and cannot write it (etcd unreachable, no

@@ -279,6 +279,19 @@ def test_golden_status_text(name: str) -> None:
     assert render_status(fixture(name), color=False) == golden(name)
 
 
+def test_a_rollback_not_taken_here_says_why_on_its_decision_line() -> None:
+    """A fleet node's rollback decision that it did not take itself (`not_taken`) is shown
+    as such, never as a bare "rollback"."""
+    status = fixture("guard_window")
+    assert status["last_decision"]["action"] == "rollback"
+    plain = render_status(status, color=False)
+    status["last_decision"]["not_taken"] = "the fleet's leader (lb-b) decides"
+    shown = render_status(status, color=False)
+    (line,) = [ln for ln in shown.splitlines() if ln.lstrip().startswith("last decision")]
+    assert "rollback P0 (not taken here: the fleet's leader (lb-b) decides)" in line, line
+    assert "not taken" not in plain
+
+
 @pytest.mark.parametrize(
     ("name", "code"), [("steady", 0), ("guard_window", 1), ("hold", 2), ("paused", 1)]
 )

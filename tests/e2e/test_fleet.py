@@ -222,6 +222,12 @@ def test_a_node_cut_off_from_etcd_keeps_its_color_then_converges(make_fleet: Mak
     unacted = "does not roll back to blue: etcd is unreachable"
     cut_d.wait_event("alert", timeout=30, where=lambda e: unacted in e["reason"])
     assert any(unacted in w for w in status_of(cut)["warnings"])
+    # Its last decision was a rollback, not taken here: its status says so, and why.
+    decided = status_of(cut)["last_decision"]
+    assert decided["action"] == "rollback", decided
+    assert decided["not_taken"] == "etcd is unreachable and fleet.local_fallback is false"
+    out = guardctl("status", socket=cut.socket_path)
+    assert "rollback P0 (not taken here: etcd is unreachable" in out.stdout, out
     fleet.rounds_pass()
     assert sum(unacted in e.get("reason", "") for e in cut_d.events()) == 1
     proxy.start()
