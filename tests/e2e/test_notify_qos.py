@@ -145,7 +145,12 @@ def test_guard_window_is_released_when_slos_hold(make_lab: MakeLab) -> None:
 
 
 def test_guard_window_is_extended_when_slos_fail(make_lab: MakeLab) -> None:
-    lab: Lab = make_lab(qos__window="2s", policy__p0_error_ratio=1.0, policy__p1_error_ratio=1.0)
+    lab: Lab = make_lab(
+        qos__window="2s",
+        policy__window="8s",
+        policy__p0_error_ratio=1.0,
+        policy__p1_error_ratio=1.0,
+    )
     d = lab.daemon()
     lab.green.set_mode("http_503")
     locked = d.wait_event("qos_locked")
@@ -157,7 +162,7 @@ def test_guard_window_is_extended_when_slos_fail(make_lab: MakeLab) -> None:
     assert lab.lock_file.exists()
     lab.blue.set_mode("ok")
     # Released only once a whole window passes with no rule firing: p2_error_ratio fires
-    # until blue's errors leave its 30 s policy window, so the wait outlasts that window,
+    # until blue's errors leave its 8 s policy window, so the wait outlasts that window,
     # plus a guard window, plus room for a loaded machine.
     d.wait_event("qos_released", timeout=90)
 
