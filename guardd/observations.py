@@ -545,39 +545,41 @@ def read_history(
     last_mono: float | None = None
     kinds = RECORD_KINDS
     make = tuple.__new__  # `Record(...)` without its Python-level `__new__`: the same tuple
+    skipped = report.skipped
     for path in files:
         report.files.append(str(path))
-        for doc in _lines(path, report):
-            kind = doc.get("kind")
-            ts, mono = doc.get("ts"), doc.get("mono")
-            # Finite floats (nearly every record) as they are; anything else by `_number`.
-            if type(ts) is not float or ts - ts != 0.0:
-                ts = _number(ts)
-            if type(mono) is not float or mono - mono != 0.0:
-                mono = _number(mono)
-            if type(kind) is not str or kind not in kinds:
-                report.skipped[f"unknown kind {str(kind)[:40]!r}"] += 1
-                continue
-            if ts is None or mono is None:
-                report.skipped["no ts or mono"] += 1
-                continue
-            if kind == "start" or last_mono is None or last_ts is None or mono < last_mono:
-                # A new run (or a monotonic clock that went back: a reboot without a
-                # start record): its clock starts where the wall clock says, never earlier.
-                report.runs += kind == "start"
-                if last_ts is not None:
-                    at += max(0.0, ts - last_ts)
-            else:
-                step = mono - last_mono
-                drift = (ts - last_ts) - step
-                if abs(drift) > CLOCK_STEP_S:
-                    report.clock_steps.append((ts, drift))
-                at += step
-            last_ts, last_mono = ts, mono
-            if (since is not None and ts < since) or (until is not None and ts > until):
-                continue
-            report.records += 1
-            yield make(Record, (at, ts, kind, doc))
+        for docs in _lines(path, report):
+            for doc in docs:
+                kind = doc.get("kind")
+                ts, mono = doc.get("ts"), doc.get("mono")
+                # Finite floats (nearly every record) as they are; anything else by `_number`.
+                if type(ts) is not float or ts - ts != 0.0:
+                    ts = _number(ts)
+                if type(mono) is not float or mono - mono != 0.0:
+                    mono = _number(mono)
+                if type(kind) is not str or kind not in kinds:
+                    skipped[f"unknown kind {str(kind)[:40]!r}"] += 1
+                    continue
+                if ts is None or mono is None:
+                    skipped["no ts or mono"] += 1
+                    continue
+                if kind == "start" or last_mono is None or last_ts is None or mono < last_mono:
+                    # A new run (or a monotonic clock that went back: a reboot without a
+                    # start record): its clock starts where the wall clock says, never earlier.
+                    report.runs += kind == "start"
+                    if last_ts is not None:
+                        at += max(0.0, ts - last_ts)
+                else:
+                    step = mono - last_mono
+                    drift = (ts - last_ts) - step
+                    if drift > CLOCK_STEP_S or drift < -CLOCK_STEP_S:
+                        report.clock_steps.append((ts, drift))
+                    at += step
+                last_ts, last_mono = ts, mono
+                if (since is not None and ts < since) or (until is not None and ts > until):
+                    continue
+                report.records += 1
+                yield make(Record, (at, ts, kind, doc))
 
 
 def _number(value: object) -> float | None:
@@ -589,8 +591,10 @@ def _number(value: object) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _lines(path: Path, report: ReadReport) -> Iterator[dict[str, Any]]:
-    """The JSON objects of one file, member after member; damage is reported, not raised.
+def _lines(path: Path, report: ReadReport) -> Iterator[list[dict[str, Any]]]:
+    """The JSON objects of one file, member after member, in batches (a list each, never
+    empty: one per chunk read, so that a million records pass few generators); damage is
+    reported, not raised.
 
     A member that ends unfinished where the next one begins (a crash, or a write that
     failed, then more records) gives every whole line it holds. A corrupt member gives the
@@ -636,17 +640,19 @@ class _Splitter:
         self.tail = b""
         self.overlong = False  # inside a line already dropped as too long
 
-    def feed(self, out: bytes) -> Iterator[dict[str, Any]]:
+    def feed(self, out: bytes) -> list[dict[str, Any]]:
+        """The objects of the lines `out` completes (a batch: see `_lines`)."""
         pieces = (self.tail + out).split(b"\n")
         self.tail = pieces.pop()
         if self.overlong and pieces:
             pieces.pop(0)  # the end of the dropped line
             self.overlong = False
-        yield from _parse(pieces, self.report)
+        docs = _parse(pieces, self.report)
         if len(self.tail) > MAX_LINE_BYTES:
             if not self.overlong:
                 self.report.skipped["too long"] += 1
             self.overlong, self.tail = True, b""
+        return docs
 
     def cut(self) -> None:
         """The stream ends here: a line begun is a line cut short."""
@@ -658,7 +664,7 @@ class _Splitter:
 
 def _members(
     f: BinaryIO, start: int, path: Path, report: ReadReport
-) -> Generator[dict[str, Any], None, tuple[int, int, str] | None]:
+) -> Generator[list[dict[str, Any]], None, tuple[int, int, str] | None]:
     """Read members from byte `start` on; returns None at the end of the file, else (where
     the corrupt member began, about where the damage is, zlib's complaint)."""
     f.seek(start)
@@ -706,7 +712,8 @@ def _members(
                 used = len(piece) - len(unzip.unconsumed_tail)
             offset += used
             data = data[used:]
-            yield from lines.feed(out)
+            if docs := lines.feed(out):
+                yield docs
             if not fed:
                 member, produced = offset, 0
             if used == 0 and not out:
@@ -729,7 +736,9 @@ def _feedable(data: bytes, *, fed: bool, eof: bool) -> int:
     return len(data) if eof else max(0, len(data) - len(_MEMBER_HEAD) + 1)
 
 
-def _salvage(f: BinaryIO, member: int, skip: int, lines: _Splitter) -> Iterator[dict[str, Any]]:
+def _salvage(
+    f: BinaryIO, member: int, skip: int, lines: _Splitter
+) -> Iterator[list[dict[str, Any]]]:
     """The lines of the member at `member` after its first `skip` output bytes, up to its
     damage, decoding a few bytes at a time so that little is lost with the error."""
     unzip = zlib.decompressobj(31)
@@ -744,8 +753,8 @@ def _salvage(f: BinaryIO, member: int, skip: int, lines: _Splitter) -> Iterator[
             while data:
                 out = unzip.decompress(data, _READ_CHUNK)
                 data = unzip.unconsumed_tail
-                if got + len(out) > skip:
-                    yield from lines.feed(out[max(0, skip - got) :])
+                if got + len(out) > skip and (docs := lines.feed(out[max(0, skip - got) :])):
+                    yield docs
                 got += len(out)
                 if unzip.eof:
                     return
@@ -772,13 +781,20 @@ def _next_member(f: BinaryIO, after: int) -> int | None:
         base += len(buf) - len(carry)
 
 
-def _parse(lines: list[bytes], report: ReadReport) -> Iterator[dict[str, Any]]:
-    long = sum(len(raw) > MAX_LINE_BYTES for raw in lines)
-    if long:
-        report.skipped["too long"] += long
-    lines = [raw for raw in lines if raw.strip() and len(raw) <= MAX_LINE_BYTES]
+def _parse(lines: list[bytes], report: ReadReport) -> list[dict[str, Any]]:
+    """The JSON objects of `lines` (whole lines, without their newline), in order; a line
+    too long, not JSON or not an object is counted in `report` and left out; a blank one is
+    left out silently."""
+    # Whole-list checks first (C loops): nearly every batch has no blank or long line.
     if not lines:
-        return
+        return []
+    if max(map(len, lines)) > MAX_LINE_BYTES:
+        report.skipped["too long"] += sum(len(raw) > MAX_LINE_BYTES for raw in lines)
+        lines = [raw for raw in lines if len(raw) <= MAX_LINE_BYTES]
+    if not all(lines):
+        lines = [raw for raw in lines if raw]
+        if not lines:
+            return []
     batch = b"[" + b",".join(lines) + b"]"
     # Imported here, not with the module: the daemon records, and only replay reads.
     import orjson  # noqa: PLC0415
@@ -788,7 +804,8 @@ def _parse(lines: list[bytes], report: ReadReport) -> Iterator[dict[str, Any]]:
     # takes, strict JSON, the json module reads to the same values, but for integers past
     # 64 bits (orjson makes them floats): a batch with a run of 19 digits or more is left
     # to the json module, as is what orjson refuses (NaN, lone surrogates, damage); any
-    # damage, or a line that is more than one value, then parses it a line at a time.
+    # damage, a line that is more than one value, or one of blanks only, then parses it a
+    # line at a time.
     docs: Any = None
     if _LONG_DIGITS not in batch.translate(_DIGITS):
         with contextlib.suppress(ValueError):
@@ -799,13 +816,15 @@ def _parse(lines: list[bytes], report: ReadReport) -> Iterator[dict[str, Any]]:
         except (UnicodeDecodeError, ValueError, RecursionError):
             docs = None
     if isinstance(docs, list) and len(docs) == len(lines):
-        for doc in docs:
-            if isinstance(doc, dict):
-                yield doc
-            else:
-                report.skipped["not an object"] += 1
-        return
+        if set(map(type, docs)) == {dict}:
+            return docs
+        kept = [doc for doc in docs if isinstance(doc, dict)]
+        report.skipped["not an object"] += len(docs) - len(kept)
+        return kept
+    kept = []
     for raw in lines:
+        if not raw.strip():
+            continue
         try:
             doc = json.loads(raw)
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -814,4 +833,5 @@ def _parse(lines: list[bytes], report: ReadReport) -> Iterator[dict[str, Any]]:
         if not isinstance(doc, dict):
             report.skipped["not an object"] += 1
             continue
-        yield doc
+        kept.append(doc)
+    return kept

@@ -259,6 +259,23 @@ def test_lines_that_are_not_records_are_counted_by_reason(tmp_path: Path) -> Non
     }
 
 
+@pytest.mark.parametrize("blank", [b"", b" ", b"\r", b" \t "], ids=repr)
+def test_blank_lines_are_left_out_silently_and_the_rest_is_read(
+    tmp_path: Path, blank: bytes
+) -> None:
+    """A blank line (empty, or blanks only: a hand-edited file) is no record and no damage:
+    the records around it are all read, in order, and nothing is counted as skipped."""
+    lines = [
+        json.dumps({"kind": "probe", "ts": EVE + i, "mono": 10.0 + i, "n": i}).encode()
+        for i in range(50)
+    ]
+    body = b"\n".join([*lines[:20], blank, blank, *lines[20:], blank]) + b"\n"
+    (tmp_path / "web-2026-12-01.jsonl.gz").write_bytes(gzip.compress(body, mtime=0))
+    records, report = read(tmp_path)
+    assert [r.doc["n"] for r in records] == list(range(50))
+    assert not report.skipped and not report.problems
+
+
 def test_missing_and_unreadable_files_and_directories(tmp_path: Path) -> None:
     with pytest.raises(HistoryUnreadable, match="no such directory"):
         read(tmp_path / "absent")
