@@ -112,7 +112,6 @@ async def _qos_lock(
             )
         # This node's copy of the fleet's lock: the operator's lock replaces it (and the
         # answer says which, as it may have been taken on another host).
-        qoslock.remove_lock(guard.s.lock_file)
         replaced = (
             f"; it replaces the fleet's lock ({current.reason}, {current.by}, "
             f"until {current.until or 'unlocked'})"
@@ -122,18 +121,22 @@ async def _qos_lock(
             f"a QoS lock is already held ({current.reason}); "
             "release it with `guardctl qos unlock` first"
         )
-    before = guard.own_lock.info if guard.own_lock is not None else None
-    info = guard.take_lock(
+    plan = guard.qos.plan_take(
         reason or "locked by an operator",
         by=by,
         duration=float(duration) if duration else None,
         manual=True,
     )
-    unchanged = before is not None and info == before
+    unchanged = plan.unchanged
     if guard.fleet is not None and not (unchanged and guard.fleet.qos_doc().get("locked")):
         # The fleet's lock, whichever node it is taken on (docs/contract.md "Fleet"); not
         # when this node's window already outlasts what was asked and the fleet is locked.
-        await guard.fleet.set_qos(info)
+        # Written to etcd first: a lock etcd refuses (another node's changed it meanwhile)
+        # is taken nowhere, this node's file and journal included.
+        await guard.fleet.set_qos(plan.info)
+    # (A copy of the fleet's lock in the file is replaced in one rename, never removed
+    # first: a gate reading it in between would find no lock.)
+    info = guard.qos.apply_take(plan)
     answer = info.to_json()
     if replaced is not None:
         answer["message"] = f"qos lock: done{replaced}"

@@ -30,6 +30,19 @@ if TYPE_CHECKING:
 STAY_MARGIN_S = 1.0
 
 
+@dataclass(frozen=True, slots=True)
+class TakePlan:
+    """A lock `QosKeeper.plan_take` planned: what `apply_take` writes and keeps."""
+
+    info: qoslock.LockInfo
+    window: QosWindow | None
+    expires_at: float | None  # monotonic; None = until unlocked
+    manual: bool
+    floor: float | None
+    # The guard window held already lasts longer than asked: only its floor moves.
+    unchanged: bool = False
+
+
 @dataclass(slots=True)
 class OwnedLock:
     """A lock file guardd wrote, with the window that will judge its release."""
@@ -99,7 +112,16 @@ class QosKeeper:
         self, reason: str, *, by: str, duration: float | None = None, manual: bool = False
     ) -> qoslock.LockInfo:
         """Write guardd's lock: a guard window, or an operator's lock for `duration` seconds
-        (None: until unlocked). Returns the lock as it now stands.
+        (None: until unlocked). Returns the lock as it now stands (`plan_take`, then
+        `apply_take`)."""
+        return self.apply_take(self.plan_take(reason, by=by, duration=duration, manual=manual))
+
+    def plan_take(
+        self, reason: str, *, by: str, duration: float | None = None, manual: bool = False
+    ) -> TakePlan:
+        """What `take` would write, changing nothing: a fleet node writes the lock to etcd
+        first and takes it here only once etcd has it (`apply_take`), so that a lock etcd
+        refused leaves no trace in this node's file or journal.
 
         A new lock never shortens one guardd holds: an operator's lock laid over a guard
         window can only extend it (the window is still judged, and extended if its SLOs
@@ -116,9 +138,8 @@ class QosKeeper:
             asked = math.inf if duration is None else now + duration
             floor = max(asked, old.floor if old.floor is not None else -math.inf)
             if floor <= (math.inf if old.expires_at is None else old.expires_at):
-                old.floor = floor
-                host.save_state()
-                return old.info  # the guard window already lasts longer
+                # The guard window already lasts longer: only the floor moves.
+                return TakePlan(old.info, old.window, old.expires_at, False, floor, unchanged=True)
             end, window, manual = floor, old.window, False
         elif manual:
             # An operator replaces their own lock (or takes one): theirs to shorten.
@@ -143,12 +164,24 @@ class QosKeeper:
             end = max(now + span, floor if floor is not None else -math.inf)
         until = None if math.isinf(end) else rfc3339(wall + end - now)
         info = qoslock.LockInfo(True, reason, rfc3339(wall), until, by)
-        self._write(info)
         expires_at = None if math.isinf(end) else end
-        self.own_lock = OwnedLock(info, window, expires_at, manual and window is None, floor)
+        return TakePlan(info, window, expires_at, manual and window is None, floor)
+
+    def apply_take(self, plan: TakePlan) -> qoslock.LockInfo:
+        """Take the lock `plan_take` planned; returns it."""
+        host = self.host
+        if plan.unchanged:
+            old = self.own_lock
+            if old is not None:
+                old.floor = plan.floor
+            host.save_state()
+            return plan.info
+        info = plan.info
+        self._write(info)
+        self.own_lock = OwnedLock(info, plan.window, plan.expires_at, plan.manual, plan.floor)
         self.held = True
         host.metrics.set_qos_locked(True)
-        host.record("qos_locked", reason=reason, by=by, until=info.until)
+        host.record("qos_locked", reason=info.reason, by=info.by, until=info.until)
         host.save_state()
         return info
 

@@ -12,10 +12,13 @@ from typing import Any
 import pytest
 
 from guardd import qoslock
+from guardd.config import FleetConfig
 from guardd.core.qos import QosWindow
 from guardd.core.types import Outcome
+from guardd.exceptions import OperationRefused
+from guardd.fleet.coordinator import Fleet
 from guardd.guard import Guard
-from guardd.journal import parse_rfc3339
+from guardd.journal import parse_rfc3339, rfc3339
 from guardd.operator import handle
 from tests.harness.guard_fakes import DOWN, OK, SPEC, FakeClock, Log, prepare, start, step, steps
 
@@ -183,3 +186,59 @@ async def test_journal_levels_follow_what_the_event_means(tmp_path: Path) -> Non
     g.record("alert", reason="cannot tell")
     level, event, fields = g.log.lines[-1]
     assert (level, event) == ("error", "alert") and fields["journaled"] is False
+
+
+def _fleet_refusing_writes(g: Guard, tmp_path: Path) -> list[int]:
+    """`g` as a fleet node whose etcd answers, but refuses every transaction (the lock
+    changed meanwhile: another node's `qos lock` won the race); the count of refusals."""
+    fleet = Fleet(
+        FleetConfig(etcd=["http://127.0.0.1:9"], node="n0", lease_ttl=2.0),
+        instance="lab",
+        state_dir=tmp_path / "fleet",
+        switch_timeout=10.0,
+    )
+    fleet.reachable, fleet.guard, g.fleet = True, g, fleet
+    refused = [0]
+
+    async def txn(*_: object) -> tuple[bool, int]:
+        refused[0] += 1
+        return False, 7
+
+    fleet.client.txn = txn  # type: ignore[method-assign,assignment]
+    return refused
+
+
+@pytest.mark.parametrize("before", ["none", "copy", "own", "window"])
+async def test_a_fleet_lock_etcd_refuses_is_taken_nowhere(tmp_path: Path, before: str) -> None:
+    """An operator's `qos lock` on a fleet node is written to etcd first: refused there
+    (another node's lock won), it leaves this node's lock file, its own lock and its
+    journal as they were, whatever the file held (nothing, a copy of the fleet's lock,
+    the operator's own lock, a guard window)."""
+    if before == "window":
+        g, _ = await rolled_back(tmp_path)
+    else:
+        prepare(tmp_path)
+        g = await start(tmp_path, FakeClock(), SPEC)
+    soon = rfc3339(g.clock.wall() + 60.0)
+    if before == "copy":
+        qoslock.write_lock(
+            g.s.lock_file,
+            qoslock.LockInfo(True, "X", "2026-12-01T10:00:00.000Z", soon, "fleet:uid:0(root)"),
+        )
+    elif before == "own":
+        await handle(g, "qos_lock", {"reason": "mine", "for_s": 60.0}, ROOT)
+    refused = _fleet_refusing_writes(g, tmp_path)
+    if before == "copy":
+        g.fleet.qos = {  # type: ignore[union-attr]
+            "locked": True, "reason": "X", "until": soon, "by": "uid:0(root)", "node": "n1",
+        }  # fmt: skip
+    file_before, own_before = lock(g), g.own_lock
+    floor_before = own_before.floor if own_before is not None else None
+    journal_before = list(g.journal.recent)
+    with pytest.raises(OperationRefused, match="changed meanwhile"):
+        await handle(g, "qos_lock", {"reason": "Y", "for_s": 3600.0}, ROOT)
+    assert refused[0] == 1
+    assert lock(g) == file_before
+    assert g.own_lock is own_before
+    assert (g.own_lock.floor if g.own_lock is not None else None) == floor_before
+    assert list(g.journal.recent) == journal_before

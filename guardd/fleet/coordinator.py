@@ -1481,8 +1481,11 @@ class Fleet:
         local = qoslock.read_lock(guard.s.lock_file)
         mirrored = self.is_mirror(local)
         on = {"fleet_node": qos["node"]} if isinstance(qos.get("node"), str) else {}
-        if qos.get("locked") and not local.held and qos == self._qos_wrote:
-            return  # ours, ended here: the leader's release of it follows (no copy of it)
+        if qos.get("locked") and qos == self._qos_wrote:
+            # Ours: this node's keeper keeps its file (an operator's lock is written to etcd
+            # first, then taken here); ended here, the leader's release of it follows. Never
+            # a copy of it.
+            return
         if qos.get("locked") and not _ended(qos, self.expiry_grace):
             info = self._copy_of(qos)
             # Any change of the fleet's lock (a lock replaced: its reason, until, owner)
