@@ -161,7 +161,10 @@ def _wall_end(lock: qoslock.LockInfo) -> float | None:
 
 
 async def _qos_unlock(guard: Guard, reason: str | None, by: str) -> dict[str, Any]:
-    fleet_held = guard.fleet is not None and bool(guard.fleet.qos_doc().get("locked"))
+    # A fleet's lock missing from etcd is unknown: an operator's unlock writes it released.
+    fleet_held = guard.fleet is not None and (
+        bool(guard.fleet.qos_doc().get("locked")) or guard.fleet.qos_missing()
+    )
     if not qoslock.read_lock(guard.s.lock_file).held and not fleet_held:
         if guard.fleet is not None:
             guard.fleet.require_etcd("whether the fleet's QoS lock is held is unknown")
@@ -205,6 +208,11 @@ def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
         # move's decision is then written only if it has not changed (`Fleet.propose`).
         # Unreachable, `propose` refuses: etcd cannot be written.
         lock, whose = fleet.qos_doc(), "the fleet's QoS lock"
+    if lock.get("unknown"):
+        raise OperationRefused(
+            f"{whose} is unknown ({lock.get('warning')})"
+            + ("" if promote else "; use --force to override")
+        )
     if lock["locked"]:
         raise OperationRefused(
             f"{whose} is held ({lock['reason']}"

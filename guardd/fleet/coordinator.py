@@ -105,6 +105,13 @@ class Fleet:
     #: Why the last rollback this node decided was not taken here (`decide_rollback` said
     #: None): the leader decides, etcd is unreachable, the quorum is not met.
     held_back: str | None
+    #: The fleet's keys guardd never deletes: one gone is a store that lost it.
+    _durable: frozenset[str]
+    #: Whether a whole read was ever taken (a view to compare the next one with).
+    _fresh_once: bool
+    #: The fleet's lock as last known when it was a release, before the store lost it.
+    _release_before: dict[str, Any] | None
+    _suspect: str | None
 
     def __init__(
         self, config: FleetConfig, *, instance: str, state_dir: Path, switch_timeout: float
@@ -146,9 +153,9 @@ class Fleet:
         self._failed: dict[int, tuple[float, int]] = {}
         self._answered: set[str] = set()
         # The prefix as last read and followed: key -> KV, at revision `_revision`.
+        # `_fresh`: whether `_kvs` is a whole read (not yet: wait for one).
         self._kvs: dict[str, KV] = {}
-        self._revision = 0
-        self._fresh = False  # whether `_kvs` is a whole read (not yet: wait for one)
+        self._revision, self._fresh = 0, False
         self._changed = anyio.Event()  # set (and replaced) at every change seen
         self._watching = anyio.CancelScope()  # the watch's stream, to reopen it at once
         self._published: dict[str, Any] | None = None  # our record as last written
@@ -163,8 +170,7 @@ class Fleet:
         # The store itself: its cluster_id, the highest revision any answer reported, and
         # why a fresh read must tell whether it went back (None: no sign of it).
         self._cluster: int | None = None
-        self._high = 0
-        self._suspect: str | None = None
+        self._high, self._suspect = 0, None
         # Since the store went back (until this node writes a new generation): the fleet's
         # lock and desired as this node knew them before, to put back what the store lost.
         self._went_back = False
@@ -172,6 +178,8 @@ class Fleet:
         self._desired_before: dict[str, Any] | None = None
         # Mirrors of a lock the new store lacks stay until then: its owner publishes it again.
         self._qos_settle_until = 0.0
+        self._durable = frozenset(self.key(k) for k in ("desired", "rollbacks", "qos", "rearmed"))
+        self._fresh_once, self._release_before = False, None
         # `_epoch`: how many times the store went back (a round's view is of one epoch).
         # `_own`: our acknowledged writes of keys without a lease, which no node deletes:
         # key -> the revision etcd answered. A linearizable read that shows one older, or
@@ -521,12 +529,29 @@ class Fleet:
                 "source": "fleet",
                 "warning": self.qos_unknown_why(),
             }
+        local = (
+            qoslock.read_lock(self.guard.s.lock_file)
+            if self.guard is not None
+            else qoslock.LockInfo(held=False)
+        )
+        if self.qos is None and not local.held:
+            # No `qos` key: not "unlocked" (a mistyped prefix, a store that lost it).
+            return {
+                "locked": None,
+                "unknown": True,
+                "reason": None,
+                "until": None,
+                "locked_at": None,
+                "by": None,
+                "source": "fleet",
+                "warning": f"the fleet's QoS lock is not in etcd ({self.key('qos')}): a store "
+                "that lost it, or a fleet whose leader has not written it yet; the fleet's "
+                "QoS lock is unknown",
+            }
         fleet = dict(self.qos) if self.qos is not None else {"locked": False}
         lock = qoslock.LockInfo(held=False).to_json() | fleet | {"source": "fleet"}
-        if not fleet.get("locked") and self.guard is not None:
-            local = qoslock.read_lock(self.guard.s.lock_file)
-            if local.held:
-                lock = local.to_json() | {"source": "local"}
+        if not fleet.get("locked") and local.held:
+            lock = local.to_json() | {"source": "local"}
         # A rollback written and not yet applied everywhere (or a node that cannot apply
         # it): some users still meet the other color; no deploy, and the reason says so.
         return lockread.with_unconverged(lock, self.unconverged())
@@ -735,6 +760,10 @@ class Fleet:
             ),
             None,
         )
+        if lost is None and self._fresh_once:
+            # A key guardd never deletes, in the last view and not in this one.
+            gone = sorted(k for k in self._durable if k in self._kvs and k not in by_key)
+            lost = (gone[0], 0) if gone else None
         if moved or header.revision < floor or lost is not None:
             self._store_went_back(header, moved=moved, lost=lost)
         self._suspect = None
@@ -742,7 +771,7 @@ class Fleet:
             self._cluster = header.cluster_id
         self._high = max(self._high, header.revision)
         self._kvs, self._revision = by_key, header.revision
-        self._fresh = True
+        self._fresh = self._fresh_once = True
         self._changed_now()
 
     def _header(self, header: Header) -> None:
@@ -778,6 +807,10 @@ class Fleet:
         self._rollbacks_before = sorted({*self._rollbacks_before, *self.rollbacks})[-100:]
         if (self.qos or {}).get("locked"):
             self._qos_before = self.qos
+        elif self.qos is not None:
+            # Released: the leader writes the release back if no lock's owner publishes
+            # its lock meanwhile (`_restore_qos_release`).
+            self._release_before = self.qos
         if self.desired is not None and _int(self.desired.get("generation")) >= _int(
             (self._desired_before or {}).get("generation")
         ):
@@ -799,9 +832,13 @@ class Fleet:
                 revision=header.revision,
                 previous_revision=old,
                 reason=(
-                    f"fleet: etcd's store went back: it lost {lost[0]}, written at revision "
-                    f"{lost[1]} (it is at revision {header.revision} now): restored from a "
-                    "backup?"
+                    f"fleet: {lost[0]} is gone from etcd at revision {header.revision}, and "
+                    "guardd never deletes it: a store restored from a backup, or deleted by "
+                    "hand?"
+                    if lost is not None and lost[1] == 0 and not moved
+                    else f"fleet: etcd's store went back: it lost {lost[0]}, written at "
+                    f"revision {lost[1]} (it is at revision {header.revision} now): restored "
+                    "from a backup?"
                     if lost is not None and not moved and header.revision >= old
                     else f"fleet: etcd's store went back from revision {old} to "
                     f"{header.revision}: restored from a backup?"
@@ -826,6 +863,15 @@ class Fleet:
             if not self._fresh:
                 return  # the store may have gone back (see `_header`): read it afresh
             for deleted, kv in changes:
+                if deleted and kv.key in self._durable:
+                    # guardd never deletes these: the store lost them (or a hand removed
+                    # them). What this node knew stays its "before" (the leader puts the
+                    # budget and the decision back, a lock's owner its lock), read afresh.
+                    self._store_went_back(
+                        Header(self._cluster or 0, revision), moved=False, lost=(kv.key, 0)
+                    )
+                    self._fresh = False
+                    return
                 if deleted:
                     self._kvs.pop(kv.key, None)
                 else:
@@ -889,6 +935,7 @@ class Fleet:
                 self._restore_rollbacks,
                 self._mirror_qos_up,
                 self._expire_qos,
+                self._keep_qos_key,
             )
         for step in (
             *leading,
@@ -1303,6 +1350,51 @@ class Fleet:
             )
             if ok:
                 self._wrote_qos(doc, revision)
+
+    async def _keep_qos_key(self) -> None:
+        """The leader keeps the `qos` key in etcd, so that its absence means something: a
+        gate reads a missing key as UNKNOWN (a mistyped prefix, a store that lost it).
+
+        A fleet without one that this node never saw lose one (a new fleet) gets a release
+        by this node: "no QoS lock taken in this fleet yet". After the store lost it
+        (`_store_went_back`), the release this node knew last is written back once a lock's
+        owner has had `lease_ttl` to publish its lock again (`_republish_qos`, which
+        replaces a release); a lost lock no node publishes again stays UNKNOWN until an
+        operator's `qos lock` or `qos unlock`. Written only where no key is (compare
+        CREATE 0), never over another's.
+        """
+        if self.key("qos") in self._kvs or self.guard is None or self._leader_rev is None:
+            return
+        if self._went_back:
+            before = self._release_before
+            if before is None or time.monotonic() < self._qos_settle_until:
+                return
+            doc = dict(before)  # as written then: its `released_at` still says when
+            said = (
+                "fleet: the fleet's QoS lock, lost as etcd's store went back, written back "
+                f"by {self.node} as it was last: released"
+            )
+        else:
+            doc = _stamped(
+                self._as_fleets(
+                    qoslock.LockInfo(
+                        held=False, reason="no QoS lock taken in this fleet yet", by=self.node
+                    ).to_json()
+                )
+            )
+            said = None
+        ok, revision = await self.client.txn(
+            [compare(self.key("qos"), "CREATE", 0)], [put_op(self.key("qos"), doc)]
+        )
+        self._release_before = None  # one try: the store's word counts after it
+        if ok:
+            self._wrote_qos(doc, revision)
+            if said is not None:
+                self.guard.record("alert", by=self.node, reason=said)
+
+    def qos_missing(self) -> bool:
+        """Whether etcd was read and holds no `qos` key (the fleet's lock is then UNKNOWN)."""
+        return bool(self.reachable) and self._fresh_once and self.key("qos") not in self._kvs
 
     async def _republish_qos(self) -> None:
         """After the store went back: publish again the fleet's lock this node owned (taken

@@ -174,7 +174,14 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
             problems.append(f"{base}: not an answer of etcd's")
             continue
         keys = _values(doc.get("kvs") or [], prefix)
-        lock = keys.get("qos", {"locked": False, "reason": None, "until": None})
+        if "qos" not in keys:
+            # A fleet's leader keeps the key: none is a mistyped prefix, a fleet not started
+            # yet, or a store that lost it; never "unlocked".
+            raise FleetLockUnknown(
+                f"the fleet's QoS lock is not in etcd ({qos_key}): a mistyped fleet.prefix, "
+                "a fleet whose leader has not written it yet, or a store that lost it"
+            )
+        lock = keys["qos"]
         if not isinstance(lock, dict) or not isinstance(lock.get("locked"), bool):
             raise FleetLockUnknown(f"{qos_key} in etcd is not a lock guardd wrote")
         live = _under(keys, "nodes/")

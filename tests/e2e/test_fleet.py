@@ -1358,6 +1358,63 @@ def test_a_lock_lost_with_etcds_store_is_published_again_and_no_stale_expiry_end
         assert not released, released
 
 
+def test_the_fleets_keys_deleted_from_etcd_never_open_a_gate_and_are_put_back(
+    make_fleet: MakeFleet,
+) -> None:
+    """`etcdctl del --prefix` under a fleet that rolled back and holds the rollback's lock:
+    no gate on any host (socket or --config) ever says "deploys allowed" meanwhile; the
+    lock, the decision and the rollback budget come back as the nodes knew them."""
+    fleet = make_fleet(qos__window="10m")
+    fleet.start()
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+    for d in fleet.daemons:
+        applied(d, 1)
+    wait_until(lambda: all(blocked_by_the_fleet(lab) for lab in fleet.labs), 60, "the lock")
+    keys = fleet.etcd.range(PREFIX + "/", prefix=True)
+    spent, lock = keys[PREFIX + "/rollbacks"], keys[PREFIX + "/qos"]
+    assert len(spent) == 1 and lock["locked"] is True, keys
+    answers: list[tuple[int, str]] = []
+    done = threading.Event()
+
+    def gates() -> None:
+        while not done.is_set():
+            for lab in fleet.labs:
+                for config in (False, True):
+                    code, _, said = qos_status(lab, config=config)
+                    answers.append((code, said))
+
+    watcher = threading.Thread(target=gates, daemon=True)
+    watcher.start()
+    try:
+        assert fleet.etcd.delete(PREFIX + "/", prefix=True) > 0
+
+        def put_back() -> bool:
+            now = fleet.etcd.range(PREFIX + "/", prefix=True)
+            return (
+                now.get(PREFIX + "/rollbacks") == spent
+                and (now.get(PREFIX + "/qos") or {}).get("reason") == lock["reason"]
+                and (now.get(PREFIX + "/desired") or {}).get("color") == "blue"
+            )
+
+        wait_until(put_back, 90, "the budget, the lock and the decision put back", poll=0.3)
+        fleet.rounds_pass()
+    finally:
+        done.set()
+        watcher.join(timeout=60)
+    assert len(answers) >= 6, answers
+    allowed = [said for code, said in answers if code == 0]
+    assert not allowed, allowed[:3]
+    told = [
+        e
+        for d in fleet.daemons
+        for e in d.events()
+        if "is gone from etcd" in (e.get("reason") or "") and "never deletes it" in e["reason"]
+    ]
+    assert told, "no node said the fleet's keys were gone"
+    assert all(blocked_by_the_fleet(lab) for lab in fleet.labs)
+
+
 def copy_of_lock_taken_on(node: str) -> Callable[[dict[str, Any]], bool]:
     """Whether a journal event is about a copy of the fleet's lock taken on `node` (the
     tests' locks there say "on <node>")."""

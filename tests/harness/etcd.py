@@ -238,6 +238,15 @@ class EtcdCluster:
         body["value"] = base64.b64encode(value.encode()).decode()
         return int(self._post("kv/put", body)["header"]["revision"])
 
+    def delete(self, key: str, *, prefix: bool = False) -> int:
+        """Delete `key` (every key under it with `prefix`), as `etcdctl del [--prefix]`
+        does; how many keys were deleted."""
+        body = {"key": base64.b64encode(key.encode()).decode()}
+        if prefix:
+            end = key[:-1] + chr(ord(key[-1]) + 1)
+            body["range_end"] = base64.b64encode(end.encode()).decode()
+        return int(self._post("kv/deleterange", body).get("deleted", 0))
+
     def compact(self) -> int:
         """Compact the store at its current revision (a watch from before must start over)."""
         revision = self.revision()

@@ -33,8 +33,27 @@ def test_an_etcd_list_that_is_not_one_is_unknown(etcd: object) -> None:
         read_fleet_lock({"etcd": etcd}, "lab", timeout=1.0)
 
 
-@pytest.mark.parametrize("answer", [b"{}", b'{"kvs": []}', b'{"header": "x"}'])
-def test_an_answer_that_is_not_etcds_is_unknown_never_unlocked(answer: bytes) -> None:
+_HEADER = b'"header": {"cluster_id": "7", "revision": "40"}'
+_NODE = (
+    b'{"key": "L2d1YXJkZC9sYWIvbm9kZXMvbjE=", "value": '  # /guardd/lab/nodes/n1
+    b'"eyJzZXJ2aW5nIjogImJsdWUifQ=="}'  # {"serving": "blue"}
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (b"{}", "not an answer of etcd's"),
+        (b'{"kvs": []}', "not an answer of etcd's"),
+        (b'{"header": "x"}', "not an answer of etcd's"),
+        # etcd's answer, but no `qos` key under the prefix: a mistyped prefix, a store
+        # that lost it, or a fleet not started; nodes' records alone say nothing of it.
+        (b"{" + _HEADER + b"}", "QoS lock is not in etcd"),
+        (b"{" + _HEADER + b', "kvs": [], "count": "0"}', "QoS lock is not in etcd"),
+        (b"{" + _HEADER + b', "kvs": [' + _NODE + b'], "count": "1"}', "not in etcd"),
+    ],
+)
+def test_an_answer_that_is_not_etcds_is_unknown_never_unlocked(answer: bytes, why: str) -> None:
     # Something else on etcd's port (a proxy's error page, another service) answers 200:
     # without etcd's header it says nothing of the fleet's lock.
     class Other(http.server.BaseHTTPRequestHandler):
@@ -52,7 +71,7 @@ def test_an_answer_that_is_not_etcds_is_unknown_never_unlocked(answer: bytes) ->
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
             url = f"http://127.0.0.1:{server.server_address[1]}"
-            with pytest.raises(FleetLockUnknown, match="not an answer of etcd's"):
+            with pytest.raises(FleetLockUnknown, match=why):
                 read_fleet_lock({"etcd": [url]}, "lab", timeout=2.0)
         finally:
             server.shutdown()
