@@ -1542,17 +1542,10 @@ def test_resume_on_any_node_re_arms_the_fleets_budget_and_ends_every_hold(
     for lab in fleet.labs:  # held on the failing color: no node switched
         assert lab.nginx.active_link.resolve() == lab.nginx.targets["green"].resolve()
 
-    def gates_say_hold() -> bool:
-        for lab in fleet.labs:
-            for config in (False, True):
-                code, doc, _ = qos_status(lab, config=config)
-                if code != 1 or doc is None or "guardd holds: " not in str(doc["reason"]):
-                    return False
-        return True
-
     # Users meet a failing green and no node will act: no gate says "deploys allowed".
-    wait_until(gates_say_hold, 30, "every gate locked by the hold", poll=0.2)
+    wait_until(lambda: gates_say_hold(fleet), 30, "every gate locked by the hold", poll=0.2)
     # An operator resumes on a follower: the fleet rolls back, every node's hold ends.
+    mark = len(fleet.daemons[leader].events())
     out = guardctl("resume", socket=fleet.labs[follower].socket_path)
     assert out.returncode == 0, out
     assert fleet.all_serve("blue")
@@ -1563,6 +1556,55 @@ def test_resume_on_any_node_re_arms_the_fleets_budget_and_ends_every_hold(
             assert resumed["reason"].startswith(f"the fleet was resumed on n{follower}")
     status = fleet.fleet_status(leader)
     assert status["rollbacks"] == 2 and status["desired"]["color"] == "blue"
+    # The rollback's guard window takes the hold's lock's place: a window with an end,
+    # never "a lock was already held (guardd holds ...): until unlocked"; then it ends on
+    # every host.
+    taken = fleet.daemons[leader].wait_event(
+        "qos_locked",
+        timeout=30,
+        after=mark,
+        where=lambda e: e["reason"].startswith("rollback green -> blue"),
+    )
+    assert taken["until"] is not None and "already held" not in taken["reason"], taken
+    all_released(fleet)
+
+
+def gates_say_hold(fleet: FleetLab) -> bool:
+    """Every gate, through the socket and from the config, is locked by a hold."""
+    for lab in fleet.labs:
+        for config in (False, True):
+            code, doc, _ = qos_status(lab, config=config)
+            if code != 1 or doc is None or "guardd holds: " not in str(doc["reason"]):
+                return False
+    return True
+
+
+def all_released(fleet: FleetLab) -> None:
+    """Every host's lock file gone and every gate open, through the socket and the config."""
+    wait_until(
+        lambda: (
+            not any(lab.lock_file.exists() for lab in fleet.labs)
+            and all(qos_status(lab, config=c)[0] == 0 for lab in fleet.labs for c in (False, True))
+        ),
+        60,
+        "every lock released",
+        poll=0.3,
+    )
+
+
+def test_a_holds_lock_ends_on_every_node_when_the_hold_does(fleet: FleetLab) -> None:
+    """Both colors down: every node holds, and its lock blocks deploys on every host (the
+    leader's is the fleet's). Green back: the hold ends, and so does every lock."""
+    fleet.start()
+    fleet.blue.set_mode("http_503")
+    fleet.green.set_mode("http_503")
+    for d in fleet.daemons:
+        d.wait_event("hold", timeout=60)
+    wait_until(lambda: gates_say_hold(fleet), 30, "every gate locked by the hold", poll=0.2)
+    fleet.green.set_mode("ok")
+    all_released(fleet)
+    for lab in fleet.labs:
+        assert lab.nginx.served_color() == "green"
 
 
 def test_a_lock_lost_by_a_restore_is_noticed_though_the_revision_went_on(
