@@ -35,7 +35,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from guardd import paths
+from guardd import httpfields, paths
 from guardd.core.policy import PolicySpec, spec_rules
 from guardd.core.rules import BUILTIN_NAMES, OPS, Rule
 from guardd.core.signals import KIND_STATS, PROBE
@@ -102,8 +102,9 @@ Ratio = Annotated[float, Field(ge=0, le=1)]
 # Whether validation also looks at the host: files, links, executables (`check-config`
 # without --offline). A context variable, because pydantic-settings passes no context.
 _HOST_CHECKS: ContextVar[bool] = ContextVar("guardd_host_checks", default=False)
-# Problems found by a section's own checks: (key inside the section, reason).
-Found = list[tuple[str, str]]
+# Problems found by a section's own checks: (key inside the section, reason). The key is
+# dotted text, or its parts when one may hold a dot itself (a header name).
+Found = list[tuple[str | tuple[str, ...], str]]
 
 
 class _Section(BaseModel):
@@ -153,12 +154,34 @@ def _validation_error(title: str, errors: list[Any], found: Found) -> Validation
     details += [
         InitErrorDetails(
             type=PydanticCustomError("guardd_check", "{reason}", {"reason": reason}),
-            loc=tuple(int(p) if p.isdigit() else p for p in key.split(".")) if key else (),
+            loc=_loc(key),
             input=None,
         )
         for key, reason in found
     ]
     return ValidationError.from_exception_data(title, details)
+
+
+def _loc(key: str | tuple[str, ...]) -> tuple[int | str, ...]:
+    if isinstance(key, tuple):
+        return key
+    return tuple(int(p) if p.isdigit() else p for p in key.split(".")) if key else ()
+
+
+def _header_problems(key: str, headers: Mapping[str, str]) -> Found:
+    """What makes the `headers` table at `key` unsendable, each problem at its header's
+    key (`key.NAME`), never quoting a value.
+
+    A name that is not an HTTP token is not shown either (it may be a whole
+    `Authorization: Bearer ...` line): it is counted instead, "header 2", as written.
+    """
+    found: Found = []
+    for i, (name, value) in enumerate(headers.items(), start=1):
+        if why := httpfields.name_problem(name):
+            found.append((key, f"header {i} (in the order written): {why}"))
+        elif why := httpfields.value_problem(value):
+            found.append(((key, name), why))
+    return found
 
 
 def _check_http_url(url: str) -> str:
@@ -270,7 +293,9 @@ class ProbeConfig(_Section):
     expect_json: dict[str, Any] | None = None
     """Keys that must match in the JSON body (a subset match); unset: the body is not parsed."""
     headers: dict[str, str] = Field(default_factory=dict)
-    """Headers sent with every probe; values of token-like names are never logged."""
+    """Headers sent with every probe; values of token-like names are never logged. Names
+    are HTTP tokens; values are ASCII without CR, LF or other control characters, and
+    without a space at either end."""
     max_body_bytes: Annotated[int, Field(ge=0, le=64 * 1024 * 1024)] = 65536
     """The most of a body read, before and after decoding; a longer one fails `expect_json`."""
     follow_redirects: Flag = False
@@ -283,11 +308,14 @@ class ProbeConfig(_Section):
     """Reuse a kept-alive connection between probes: a color refusing new ones still passes."""
 
     def _cross_checks(self, invalid: frozenset[str]) -> Found:
+        # Headers are refused here, not at the first probe: a value h11 cannot send would
+        # fail every probe, and h11's reason quotes the value (a token) in its message.
+        found = [] if "headers" in invalid else _header_problems("headers", self.headers)
         if invalid & {"interval", "fast_interval"}:
-            return []
+            return found
         if self.fast_interval is not None and self.fast_interval > self.interval:
-            return [("fast_interval", "must not be longer than interval")]
-        return []
+            found.append(("fast_interval", "must not be longer than interval"))
+        return found
 
     def _host_checks(self, invalid: frozenset[str]) -> Found:
         if "ca_file" in invalid or self.ca_file is None:

@@ -6,6 +6,7 @@ Files whose text holds `@TMP@` need this host's files: the test lays out a tmp f
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -420,6 +421,49 @@ def test_secret_url_never_printed(tmp_path: Path) -> None:
     result = check_config(path, cwd=tmp_path)
     assert result.returncode == 2
     assert token not in result.stderr + result.stdout
+
+
+HEADER_FILES = sorted(TESTDATA.glob("invalid-header-*.toml"))
+
+
+@pytest.mark.parametrize("path", HEADER_FILES, ids=[p.stem for p in HEADER_FILES])
+def test_a_refused_header_is_never_quoted(path: Path) -> None:
+    # Every secret in these files is spelt SEKRET-...: not one may come back, whole or cut.
+    assert len(HEADER_FILES) >= 3
+    result = check_config(Path(path.name), cwd=TESTDATA)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") >= 1
+    assert "SEKRET" not in result.stderr + result.stdout
+    assert "4f1c" not in result.stderr + result.stdout
+
+
+def test_a_header_in_the_environment_is_checked_as_in_the_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GUARDD_PROBE__HEADERS", '{"Authorization": "Bearer SEKRET-env-4f1c\\n"}')
+    with pytest.raises(ConfigError) as info:
+        config.load(EXAMPLE)
+    assert [str(p) for p in info.value.problems] == [
+        (
+            f"{EXAMPLE}: probe.headers.Authorization: "
+            "the value must not contain CR, LF or other control characters"
+        ),
+    ]
+
+
+def test_headers_http_can_carry_are_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "h.toml"
+    headers = {
+        "Authorization": "Bearer abc.def-ghi_jkl~mno+/=",
+        "X-Words": "several words\twith a tab",
+        "X-Empty": "",
+        "!#$%&'*+-.^_`|~09azAZ": "every token character",
+    }
+    table = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in headers.items())
+    text = EXAMPLE.read_text()
+    assert "\nheaders = {}" in text
+    path.write_text(text.replace("\nheaders = {}", f"\nheaders = {{ {table} }}"))
+    assert config.load(path).config.probe.headers == headers
 
 
 def test_the_readme_s_rules_and_signals_examples_are_valid(tmp_path: Path) -> None:

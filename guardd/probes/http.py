@@ -225,8 +225,11 @@ class HttpProber:
             outcome, error, status = Outcome.CONNECT_ERROR, _describe(e, url), None
         except OSError as e:  # ssl.SSLError is an OSError (and a certificate's, a ValueError)
             outcome, error, status = Outcome.CONNECT_ERROR, _describe(e, url), None
+        except wire.RequestError as e:
+            # Headers it cannot send: guardd's own words, which quote no header value.
+            outcome, error, status = Outcome.CONNECT_ERROR, str(e), None
         except ValueError as e:
-            # A URL the wire cannot dial, or headers it cannot send.
+            # A URL the wire cannot dial.
             outcome, error, status = Outcome.CONNECT_ERROR, redact(str(e))[:200], None
         except Exception as e:
             httpx = sys.modules.get("httpx")
@@ -459,9 +462,12 @@ def _describe(e: BaseException, url: str) -> str:
         if text is not None:
             break
     if text is None:
-        if isinstance(e, wire.ProtocolError) or (
-            httpx is not None
-            and isinstance(e, httpx.RemoteProtocolError | httpx.LocalProtocolError)
+        if httpx is not None and isinstance(e, httpx.LocalProtocolError):
+            # What guardd was about to send was refused: h11's reason quotes the header
+            # (an `Authorization` value), so none of it is kept.
+            text = f"cannot send this request ({where}): a header name or value is not valid HTTP"
+        elif isinstance(e, wire.ProtocolError) or (
+            httpx is not None and isinstance(e, httpx.RemoteProtocolError)
         ):
             detail = str(e).rstrip(".") or "malformed answer"
             text = f"protocol error ({where}): {detail[:1].lower() + detail[1:]}"

@@ -22,6 +22,8 @@ import anyio.abc
 import h11
 from anyio.streams.tls import TLSStream
 
+from guardd import httpfields
+
 if TYPE_CHECKING:
     import ssl
 
@@ -35,6 +37,14 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 class ProtocolError(Exception):
     """The upstream's bytes are not HTTP/1.1, or the connection ended mid-answer."""
+
+
+class RequestError(ValueError):
+    """The request cannot be sent as written: a header name or value is not valid HTTP.
+
+    Its text is guardd's own and names no header value: h11's reason quotes the value,
+    and a header is where credentials travel (`Authorization: Bearer ...`).
+    """
 
 
 class Target:
@@ -193,8 +203,9 @@ async def get(
 
     The caller reads the body (`Response.aiter_raw`) and must `aclose()` the response (or
     `keep()` it). A kept connection the server has closed meanwhile is replaced by a new
-    one, once. Raises `OSError`, `ssl.SSLError` or `ProtocolError`; the caller's cancel
-    scope bounds the time.
+    one, once. Raises `OSError`, `ssl.SSLError` or `ProtocolError`, and `RequestError`
+    when `headers` cannot be sent (no byte is sent then); the caller's cancel scope bounds
+    the time.
     """
     if idle is not None:
         try:
@@ -206,6 +217,21 @@ async def get(
     return await _exchange(stream, conn, target, headers)
 
 
+def _request_bytes(conn: h11.Connection, target: Target, headers: list[tuple[str, str]]) -> bytes:
+    """The bytes of `GET target` with `headers`; raises `RequestError` if h11 refuses them."""
+    data: bytes | None = None
+    try:
+        data = conn.send(h11.Request(method="GET", target=target.request_target, headers=headers))
+        data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
+    except (h11.LocalProtocolError, UnicodeError):
+        # h11 quotes the offending header (a non-ASCII one, its characters): only guardd's
+        # own words go on, raised below so that h11's exception is not even chained to them.
+        data = None
+    if data is None:
+        raise RequestError(unsendable(headers))
+    return data
+
+
 async def _exchange(
     stream: anyio.abc.ByteStream,
     conn: h11.Connection,
@@ -213,12 +239,7 @@ async def _exchange(
     headers: Sequence[tuple[str, str]],
 ) -> Response:
     try:
-        sent = [("Host", target.host_header), *headers]
-        try:
-            data = conn.send(h11.Request(method="GET", target=target.request_target, headers=sent))
-            data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
-        except h11.LocalProtocolError as e:
-            raise ValueError(f"cannot send this request: {e}") from None
+        data = _request_bytes(conn, target, [("Host", target.host_header), *headers])
         try:
             await stream.send(data)
         except anyio.BrokenResourceError as e:
@@ -243,3 +264,18 @@ async def _exchange(
     except BaseException:
         await stream.aclose()
         raise
+
+
+def unsendable(headers: Sequence[tuple[str, str]]) -> str:
+    """Why h11 refused to send `headers`, in words that quote no header value.
+
+    Names the first header whose value cannot be sent (a valid name is not a secret), or
+    says a name is not valid; h11 also refuses headers a GET cannot carry as given (a
+    `Content-Length` without a body, a second `Host`), which the last sentence covers.
+    """
+    for name, value in headers:
+        if httpfields.name_problem(name):
+            return "cannot send this request: a header name is not valid HTTP"
+        if httpfields.value_problem(value):
+            return f"cannot send this request: the value of header {name} is not valid HTTP"
+    return "cannot send this request: a header is not valid for an HTTP/1.1 GET"

@@ -2,11 +2,13 @@
 
 A changed `switch.verify_url` verifies the next rollback; a changed `[[notify]]` delivers the
 next events to the new sink; `metrics.listen` moves; and `config_reloaded` names exactly the
-keys that wait for a restart, which keep their running values meanwhile.
+keys that wait for a restart, which keep their running values meanwhile. A file that
+cannot be applied is refused whole, the previous config running on.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import signal
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ import httpx
 import pytest
 from anyio.from_thread import start_blocking_portal
 
-from tests.faults.util import status
+from tests.faults.util import guardctl_json, status
 from tests.harness.daemon import Daemon, Lab, MakeLab, wait_until
 from tests.harness.nginx import free_port
 from tests.harness.receiver import Receiver, Reply, serve
@@ -170,3 +172,53 @@ def test_config_reloaded_names_the_keys_that_wait_for_a_restart(make_lab: MakeLa
     assert json.loads(d.journal_path.read_text().splitlines()[-1])["event"] == "config_reloaded"
     assert oct(lab.socket_path.stat().st_mode & 0o777) == "0o666"
     assert d.stop() == 0
+
+
+def test_a_header_value_with_a_newline_is_refused_and_never_shown(make_lab: MakeLab) -> None:
+    # A token pasted with its newline: h11 cannot send it, and its reason quotes it. The
+    # reload is refused like any invalid file, and the token is shown nowhere.
+    secret = "SEKRET-reload-9b3d"  # noqa: S105 - a fake, to prove it is hidden
+    sink = '\n[[notify]]\nkind = "webhook"\nurl_env = "HOOK"\nevents = ["alert", "rollback"]\n'
+    with receiver() as hook:
+        lab: Lab = make_lab()
+        lab.config_path.write_text(lab.config_text() + sink)
+        d = lab.daemon(env={"HOOK": hook.url})
+        seen = len(d.events())
+        lab.overrides["probe__headers"] = {"Authorization": f"Bearer {secret}\n"}
+        lab.config_path.write_text(lab.config_text() + sink)
+        d.signal(signal.SIGHUP)
+        refused = d.wait_event(
+            "alert", after=seen, where=lambda e: "reload rejected" in (e.get("reason") or "")
+        )
+        assert refused["reason"] == (
+            f"reload rejected, still running the previous config: {lab.config_path}: "
+            "probe.headers.Authorization: the value must not contain CR, LF or other control "
+            "characters"
+        )
+        wait_until(
+            lambda: [b for b in requests_to(hook, "alert") if b["id"] == refused["id"]],
+            30,
+            "the refusal at the sink",
+        )
+        # The previous config still probes both colors: a failing green is rolled back to
+        # blue (under the refused one, every probe of both would fail to be sent).
+        lab.green.set_mode("http_503")
+        d.wait_event("rollback_completed", after=seen)
+        assert [e for e in d.events()[seen:] if e["event"] == "config_reloaded"] == []
+        surfaces = {
+            "log": d.log(),
+            "journal": d.raw_journal(),
+            "status": json.dumps(status(lab)),
+            "history": json.dumps(guardctl_json(lab, "history")),
+            "notifications": json.dumps([r.json() for r in list(hook.requests)]),
+        }
+        assert d.stop() == 0
+    for path in lab.state_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            if path.suffix == ".gz":  # the observations, each probe round's error with them
+                data = gzip.decompress(data)
+            surfaces[str(path)] = data.decode("utf-8", "replace")
+    assert any(path.endswith("state.json") for path in surfaces)
+    for where, text in surfaces.items():
+        assert "SEKRET" not in text and "9b3d" not in text, f"the token leaked into {where}"

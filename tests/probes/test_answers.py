@@ -342,6 +342,79 @@ async def test_a_summary_redacts_a_configured_secret(hostile: Hostile) -> None:
     assert result.error == "HTTP 503 rejected header ***"
 
 
+# ---- headers that cannot be sent ----------------------------------------------------
+
+# Config validation refuses all of these; the prober is given them directly, as a config
+# that slipped past it would: the probe fails, but its error never carries the secret.
+SECRET_PART = "SEKRET-probe-7c2e"  # noqa: S105 - a fake, to prove it is hidden
+UNSENDABLE: dict[str, tuple[dict[str, str], str]] = {
+    "trailing-newline": (
+        {"Authorization": f"Bearer {SECRET_PART}\n"},
+        "the value of header Authorization is not valid HTTP",
+    ),
+    "crlf-injection": (
+        {"Authorization": f"Bearer {SECRET_PART}\r\nX-Injected: 1"},
+        "the value of header Authorization is not valid HTTP",
+    ),
+    "nul": ({"X-Api-Key": f"{SECRET_PART}\x00"}, "the value of header X-Api-Key is not valid HTTP"),
+    "non-ascii": (
+        {"X-Api-Key": f"{SECRET_PART}-é"},
+        "the value of header X-Api-Key is not valid HTTP",
+    ),
+    "leading-space": (
+        {"X-Api-Key": f" {SECRET_PART}"},
+        "the value of header X-Api-Key is not valid HTTP",
+    ),
+    "name-holds-the-line": (
+        {f"Authorization: Bearer {SECRET_PART}": "x"},
+        "a header name is not valid HTTP",
+    ),
+}
+
+
+@pytest.mark.parametrize(("headers", "reason"), list(UNSENDABLE.values()), ids=list(UNSENDABLE))
+async def test_a_header_that_cannot_be_sent_is_never_quoted(
+    hostile: Hostile, headers: dict[str, str], reason: str
+) -> None:
+    result = await probe(hostile.url, headers=headers)
+    assert result.outcome is Outcome.CONNECT_ERROR
+    assert result.error == f"cannot send this request: {reason}"
+    assert result.status is None
+    assert "SEKRET" not in repr(result) and "7c2e" not in repr(result)
+    # Not a byte left: the smuggled `X-Injected` never reached the server.
+    assert hostile.requests == 0
+    assert (await probe(hostile.url, headers={"Authorization": "Bearer fine"})).ok
+    assert hostile.requests == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [h for name, (h, _) in UNSENDABLE.items() if name != "non-ascii"],
+    ids=[name for name in UNSENDABLE if name != "non-ascii"],
+)
+async def test_an_injected_transport_never_quotes_a_header_either(
+    hostile: Hostile, headers: dict[str, str]
+) -> None:
+    # httpx's own HTTP/1.1 (h11 again, through httpcore) refuses them with the same quote.
+    # Non-ASCII is left out: httpx refuses it when the client is made, before any probe.
+    import httpx  # noqa: PLC0415 - the wire's tests never load it
+
+    prober = HttpProber(
+        [hostile.url], ProbeSpec(timeout=2.0, headers=headers), transport=httpx.AsyncHTTPTransport()
+    )
+    try:
+        result = await prober.probe()
+    finally:
+        await prober.aclose()
+    assert result.outcome is Outcome.CONNECT_ERROR
+    assert result.error == (
+        f"cannot send this request (127.0.0.1:{hostile.port}): "
+        "a header name or value is not valid HTTP"
+    )
+    assert "SEKRET" not in repr(result) and "7c2e" not in repr(result)
+    assert hostile.requests == 0
+
+
 # ---- connection failures ------------------------------------------------------------
 
 
