@@ -7,6 +7,7 @@ running on its own event loop in a background thread.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -554,6 +556,54 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _not_http() -> Iterator[str]:
+    """A loopback URL whose server answers any request with a line that is not HTTP."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(WAIT_S)
+
+        def answer() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = server.accept()
+                    with conn:
+                        conn.recv(65536)
+                        conn.sendall(b"garbage\r\n\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+def test_a_fleet_lock_that_cannot_be_asked_for_is_unknown_never_a_traceback(
+    tmp_path: Path, run_dir: Path
+) -> None:
+    """TLS files that cannot be loaded, and a server at the etcd URL that does not speak
+    HTTP, leave the fleet's lock unknown: exit 3 and why, never a traceback (exit 1)."""
+    config = _write_config(
+        tmp_path / "threader.toml", tmp_path / "nobody-listens.sock", tmp_path / "lock"
+    )
+    missing_ca = tmp_path / "no-such-ca.pem"
+
+    def qos_status(etcd: str, **env: str) -> Run:
+        return guardctl(
+            "--config", str(config), "qos", "status", run_dir=run_dir,
+            env={"GUARDD_FLEET__ETCD": json.dumps([etcd]), "GUARDD_FLEET__NODE": "lb-a", **env},
+        )  # fmt: skip
+
+    tls = qos_status("https://127.0.0.1:1", GUARDD_FLEET__CA_FILE=str(missing_ca))
+    with _not_http() as url:
+        garbled = qos_status(url)
+
+    assert tls.code == 3, tls
+    assert f"TLS files cannot be used (ca_file {missing_ca})" in tls.err, tls
+    assert garbled.code == 3, garbled
+    assert f"no etcd member answered: {url}: BadStatusLine" in garbled.err, garbled
+    for run in (tls, garbled):
+        assert "Traceback" not in run.err and run.err.startswith("guardctl: UNKNOWN: "), run
 
 
 @pytest.mark.parametrize(
