@@ -511,16 +511,7 @@ class Fleet:
         if not self.reachable:
             # Also before the first read from etcd: an empty local lock file says nothing
             # about the fleet's lock (fail closed).
-            return {
-                "locked": None,
-                "unknown": True,
-                "reason": None,
-                "until": None,
-                "locked_at": None,
-                "by": None,
-                "source": "fleet",
-                "warning": self.qos_unknown_why(),
-            }
+            return qoslock.unknown_json(self.qos_unknown_why(), source="fleet")
         fleet = dict(self.qos) if self.qos is not None else {"locked": False}
         lock = qoslock.LockInfo(held=False).to_json() | fleet | {"source": "fleet"}
         if not fleet.get("locked") and self.guard is not None:
