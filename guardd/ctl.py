@@ -36,7 +36,7 @@ from guardd.control.client import call
 from guardd.core.types import COLORS
 from guardd.exceptions import ControlError, DaemonUnreachable, NotPermitted, Refused
 from guardd.journal import parse_rfc3339
-from guardd.qoslock import LockUnknown, check_lock
+from guardd.qoslock import LockUnknown, check_lock, unknown_json
 from guardd.render import render_change, render_history, render_qos, render_status, use_color
 from guardd.stdio import answering
 
@@ -117,7 +117,16 @@ def status_exit_code(status: Mapping[str, Any]) -> int:
 
 
 class _CannotTell(Exception):
-    """guardctl cannot establish which guard it asks about; the message says how to fix it."""
+    """guardctl cannot establish which guard it asks about or what its lock says (UNKNOWN);
+    the message says how to fix it.
+
+    `source` is `"fleet"` when it is the fleet's lock that cannot be read, for the
+    `qos status --json` UNKNOWN object (docs/contract.md §1).
+    """
+
+    def __init__(self, message: str, *, source: str | None = None) -> None:
+        super().__init__(message)
+        self.source = source
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,15 +359,14 @@ def _cmd_status(args: argparse.Namespace, target: _Target) -> int:
             _another_hint(target),
             interval=args.interval,
             as_json=args.json,
+            guard=target.instance,
         )
     try:
         status = call(target.socket, "status", {}, timeout=READ_TIMEOUT_S)
     except DaemonUnreachable as e:
-        print(f"UNKNOWN: guardd {target.label}: {e} ({_another_hint(target)})")
-        return UNKNOWN
+        raise _CannotTell(f"guardd {target.label}: {e} ({_another_hint(target)})") from None
     except ControlError as e:
-        print(f"UNKNOWN: guardd {target.label}: {e}")
-        return UNKNOWN
+        raise _CannotTell(f"guardd {target.label}: {e}") from None
     if args.json:
         _print_json(status)
     else:
@@ -590,9 +598,15 @@ def _cmd_qos_status(args: argparse.Namespace, target: _Target) -> int:
                 "name the instance with --instance NAME or --config PATH"
             ) from None
         where = f"guardd at {target.socket}"
-        if lock.get("unknown"):
-            # A fleet node that cannot reach etcd: the fleet's lock is unknown, not absent.
-            raise _CannotTell(f"guardd at {target.socket}: {lock.get('warning')}")
+        if lock.get("unknown") or not isinstance(lock.get("locked"), bool):
+            # A fleet node that cannot reach etcd: the fleet's lock is unknown, not absent;
+            # and an answer that does not say true or false is no "no lock" either.
+            source = lock.get("source")
+            raise _CannotTell(
+                f"guardd at {target.socket}: "
+                f"{lock.get('warning') or 'its answer does not say whether the lock is held'}",
+                source=source if isinstance(source, str) else None,
+            )
     else:
         try:
             lock = check_lock(target.lock_file).to_json()
@@ -629,7 +643,8 @@ def _fleet_lock(target: _Target) -> dict[str, Any]:
         )
     except lockread.FleetLockUnknown as e:
         raise _CannotTell(
-            f"cannot tell whether the fleet's QoS lock ({target.instance}) is held: {e}"
+            f"cannot tell whether the fleet's QoS lock ({target.instance}) is held: {e}",
+            source="fleet",
         ) from None
 
 
@@ -723,7 +738,8 @@ exit codes:
   1  WARNING: degraded, guard window, rolling back, starting, QoS lock held, paused,
      the active color is not (known to be) healthy, or the rollback target is down
   2  CRITICAL: hold - the active color fails and no safe switch exists
-  3  UNKNOWN: guardd is unreachable, or which guard is meant cannot be told""",
+  3  UNKNOWN: guardd is unreachable, or which guard is meant cannot be told; with
+     --json, stdout is then {"unknown": true, "warning": ..., "state": null, ...}""",
         _cmd_status,
     ),
     _Command(
@@ -889,7 +905,8 @@ examples:
 exit codes:
   0  no lock: deploys allowed
   1  lock held: deploys blocked (the reason and until when are printed)
-  3  UNKNOWN: cannot tell; deploys must wait (the line printed says how to fix it)""",
+  3  UNKNOWN: cannot tell; deploys must wait (the line printed says how to fix it);
+     with --json, stdout is then {"locked": null, "unknown": true, "warning": ...}""",
         _cmd_qos_status,
     ),
     _Command(
@@ -1128,15 +1145,41 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     run: Runner = args.run
+    target: _Target | None = None
     try:
-        return run(args, _resolve(args))
+        target = _resolve(args)
+        return run(args, target)
     except _CannotTell as e:
-        # `status` is a monitoring check: its verdict is the first line of stdout.
+        guard = target.instance if target is not None else args.instance
+        return _cannot_tell(args, e, guard)
+
+
+def _cannot_tell(args: argparse.Namespace, e: _CannotTell, guard: str | None) -> int:
+    """Say UNKNOWN (docs/contract.md §1) and return `CANNOT_TELL`.
+
+    The line goes to stdout for `status`, a monitoring check whose verdict is the first
+    line of stdout, and to stderr otherwise. With `--json`, `status` and `qos status`
+    print it on stderr and the UNKNOWN object on stdout: a pipeline parsing the answer
+    gets one saying UNKNOWN, never an empty or unparseable stdout.
+    """
+    run: Runner = args.run
+    why = str(e)
+    if not getattr(args, "json", False) or run not in (_cmd_status, _cmd_qos_status):
         if run is _cmd_status:
-            print(f"UNKNOWN: {e}")
+            print(f"UNKNOWN: {why}")
         else:
-            _warn(f"UNKNOWN: {e}")
+            _warn(f"UNKNOWN: {why}")
         return CANNOT_TELL
+    _warn(f"UNKNOWN: {why}")
+    if run is _cmd_qos_status:
+        doc: dict[str, Any] = {**unknown_json(why, source=e.source), "expired": False}
+    else:
+        doc = ctlwatch.unknown_status(guard, why)
+    if getattr(args, "watch", False):
+        print(json.dumps(doc))  # `status --watch --json` prints compact lines
+    else:
+        _print_json(doc)
+    return CANNOT_TELL
 
 
 if __name__ == "__main__":

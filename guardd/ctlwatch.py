@@ -19,6 +19,7 @@ from typing import Any, Final, TextIO
 from guardd.control.client import call
 from guardd.exceptions import ControlError, DaemonUnreachable, NotPermitted, Refused
 from guardd.incident import NoIncident, build
+from guardd.qoslock import unknown_json
 from guardd.render import (
     render_change,
     render_incident,
@@ -34,6 +35,7 @@ __all__ = [
     "WAIT_CONDITIONS",
     "change_and_wait",
     "incident",
+    "unknown_status",
     "wait_for",
     "watch",
 ]
@@ -97,6 +99,24 @@ class _Screen:
         self.drawn = len(lines)
 
 
+def unknown_status(guard: str | None, warning: str) -> dict[str, Any]:
+    """`status --json` when guardctl cannot tell (UNKNOWN, exit 3; docs/contract.md §1):
+    `{"guard": <the instance asked about>|null, "unknown": true, "warning": <why>,
+    "state": null, "active": null, "qos": <the UNKNOWN lock>, "warnings": [<why>]}`.
+
+    Nothing in it reads as OK: no state, no active color, a lock that is not "unlocked".
+    """
+    return {
+        "guard": guard,
+        "unknown": True,
+        "warning": warning,
+        "state": None,
+        "active": None,
+        "qos": unknown_json(warning),
+        "warnings": [warning],
+    }
+
+
 def watch(
     socket: Path,
     label: str,
@@ -104,13 +124,16 @@ def watch(
     *,
     interval: float,
     as_json: bool = False,
+    guard: str | None = None,
     stream: TextIO | None = None,
 ) -> int:
     """Show guardd's status until Ctrl-C (KeyboardInterrupt, left to the caller) or until
     guardd goes away (3). On a terminal the status is redrawn in place every `interval`
     seconds. Elsewhere each new journal event is a line, and so is the picture (state,
     active color, health, lock, pause, hold) when it changes; with `as_json`, the status
-    object is a line whenever the picture or the last journal event changes."""
+    object is a line whenever the picture or the last journal event changes, and the last
+    line, when guardd goes away, is `unknown_status(guard, <why>)` (the why on stderr too).
+    """
     out = stream or sys.stdout
     isatty = getattr(out, "isatty", None)
     live = bool(isatty and isatty()) and not as_json
@@ -121,12 +144,15 @@ def watch(
     while True:
         try:
             status = call(socket, "status", {}, timeout=_READ_TIMEOUT_S)
-        except DaemonUnreachable as e:
-            out.write(f"UNKNOWN: guardd {label}: {e} ({hint})\n")
-            out.flush()
-            return _UNKNOWN
         except ControlError as e:
-            out.write(f"UNKNOWN: guardd {label}: {e}\n")
+            hinted = f" ({hint})" if isinstance(e, DaemonUnreachable) else ""
+            why = f"guardd {label}: {e}{hinted}"
+            if as_json:
+                # A reader of JSON lines parses every line: this one says UNKNOWN too.
+                _say(f"UNKNOWN: {why}")
+                out.write(json.dumps(unknown_status(guard, why)) + "\n")
+            else:
+                out.write(f"UNKNOWN: {why}\n")
             out.flush()
             return _UNKNOWN
         if screen is not None:

@@ -41,6 +41,28 @@ class LockInfo:
         }
 
 
+def unknown_json(warning: str | None, *, source: str | None = None) -> dict[str, object]:
+    """The lock in the `to_json` shape when whether it is held cannot be told (UNKNOWN,
+    docs/contract.md §1): `{"locked": null, "unknown": true, "reason": null, "until": null,
+    "locked_at": null, "by": null, ["source": ...,] "warning": <why>}`.
+
+    `source` is `"fleet"` when it is the fleet's lock that cannot be read, and left out
+    otherwise, as in the answers that can tell. Never `"locked": false`: fail closed.
+    """
+    doc: dict[str, object] = {
+        "locked": None,
+        "unknown": True,
+        "reason": None,
+        "until": None,
+        "locked_at": None,
+        "by": None,
+    }
+    if source is not None:
+        doc["source"] = source
+    doc["warning"] = warning
+    return doc
+
+
 def read_lock(path: Path) -> LockInfo:
     """Read the lock at `path` without following a symlink planted there."""
     try:

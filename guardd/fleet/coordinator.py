@@ -519,16 +519,7 @@ class Fleet:
         if not self.reachable:
             # Also before the first read from etcd: an empty local lock file says nothing
             # about the fleet's lock (fail closed).
-            return {
-                "locked": None,
-                "unknown": True,
-                "reason": None,
-                "until": None,
-                "locked_at": None,
-                "by": None,
-                "source": "fleet",
-                "warning": self.qos_unknown_why(),
-            }
+            return qoslock.unknown_json(self.qos_unknown_why(), source="fleet")
         local = (
             qoslock.read_lock(self.guard.s.lock_file)
             if self.guard is not None
@@ -536,18 +527,12 @@ class Fleet:
         )
         if self.qos is None and not local.held:
             # No `qos` key: not "unlocked" (a mistyped prefix, a store that lost it).
-            return {
-                "locked": None,
-                "unknown": True,
-                "reason": None,
-                "until": None,
-                "locked_at": None,
-                "by": None,
-                "source": "fleet",
-                "warning": f"the fleet's QoS lock is not in etcd ({self.key('qos')}): a store "
-                "that lost it, or a fleet whose leader has not written it yet; the fleet's "
-                "QoS lock is unknown",
-            }
+            return qoslock.unknown_json(
+                f"the fleet's QoS lock is not in etcd ({self.key('qos')}): a store that lost "
+                "it, or a fleet whose leader has not written it yet; the fleet's QoS lock is "
+                "unknown",
+                source="fleet",
+            )
         fleet = dict(self.qos) if self.qos is not None else {"locked": False}
         lock = qoslock.LockInfo(held=False).to_json() | fleet | {"source": "fleet"}
         if not fleet.get("locked") and local.held:

@@ -3,12 +3,14 @@
 Standard library only (urllib), like the rest of guardctl's read path: it runs in deploy
 scripts and CI gates and must answer fast. One `kv/range` of `<prefix>/qos` on the first
 member that answers, each bounded by `timeout` seconds; `FleetLockUnknown` when none did
-or the `[fleet]` table cannot say where etcd is (fail closed: never "unlocked").
+or the `[fleet]` table cannot say where etcd is or its TLS files cannot be loaded (fail
+closed: never "unlocked").
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import ssl
 import urllib.error
@@ -139,9 +141,21 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
     context = None
     if any(e.startswith("https://") for e in endpoints):
         ca, cert, key = path("ca_file"), path("cert_file"), path("key_file")
-        context = ssl.create_default_context(cafile=str(ca) if ca else None)
-        if cert is not None and key is not None:
-            context.load_cert_chain(str(cert), str(key))
+        try:
+            context = ssl.create_default_context(cafile=str(ca) if ca else None)
+            if cert is not None and key is not None:
+                context.load_cert_chain(str(cert), str(key))
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            # Without its TLS files etcd cannot be asked: UNKNOWN, not a traceback.
+            named = ", ".join(
+                f"{k} {v}"
+                for k, v in (("ca_file", ca), ("cert_file", cert), ("key_file", key))
+                if v is not None
+            )
+            raise FleetLockUnknown(
+                f"[fleet] TLS files cannot be used ({named or 'the system CAs'}): "
+                f"{getattr(e, 'strerror', None) or e}"
+            ) from None
     prefix = fleet_prefix(fleet, instance) + "/"
     qos_key = prefix + "qos"
     # The whole prefix (a few small keys): the lock, and whether the fleet converged.
@@ -166,7 +180,14 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
                 ).get("token")
                 headers["Authorization"] = str(token or "")
             doc = _post(f"{base}/v3/kv/range", body, context, timeout, headers)
-        except (OSError, ValueError, TypeError, urllib.error.URLError) as e:
+        except (
+            OSError,
+            ValueError,
+            TypeError,
+            urllib.error.URLError,
+            # Something that is not an HTTP server at the URL (a bad status line, a cut body).
+            http.client.HTTPException,
+        ) as e:
             problems.append(f"{base}: {type(e).__name__}")
             continue
         if not isinstance(doc.get("header"), dict) or not isinstance(doc.get("kvs", []), list):

@@ -7,6 +7,7 @@ running on its own event loop in a background thread.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -16,7 +17,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,12 +103,18 @@ class FakeGuard:
     status: dict[str, Any] = field(default_factory=lambda: fixture("steady"))
     own_lock: dict[str, Any] | None = None
     calls: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)
+    #: What `qos_status` answers instead of the lock file (a fleet node's UNKNOWN lock).
+    qos_answer: dict[str, Any] | None = None
+    #: Commands whose handler fails: guardd answers them with an `internal` error.
+    failing: set[str] = field(default_factory=set)
 
     def reset(self, status: str = "steady") -> None:
-        """Back to a fixture, no lock, no calls."""
+        """Back to a fixture, no lock, no calls, every command answered."""
         self.status = fixture(status)
         self.own_lock = None
         self.calls.clear()
+        self.qos_answer = None
+        self.failing.clear()
         self.lock_file.unlink(missing_ok=True)
         qos = self.status["qos"]
         if qos["locked"]:
@@ -141,6 +150,8 @@ class FakeGuard:
 
     async def __call__(self, cmd: str, args: dict[str, Any], caller: Caller) -> dict[str, Any]:
         self.calls.append((cmd, args, caller.by()))
+        if cmd in self.failing:
+            raise RuntimeError(f"{cmd} fails here on purpose")
         status, by = self.status, caller.by()
         status["qos"] = self._lock_json()
         if cmd == "status":
@@ -149,7 +160,7 @@ class FakeGuard:
             limit = args["limit"]
             return {"events": EVENTS[-limit:] if limit else EVENTS}
         if cmd == "qos_status":
-            return self._lock_json()
+            return copy.deepcopy(self.qos_answer) if self.qos_answer else self._lock_json()
         reason = args.get("reason")
         if cmd == "pause":
             status["paused"], status["paused_reason"] = True, reason
@@ -332,8 +343,7 @@ def test_status_unreachable(run_dir: Path, stopped: str) -> None:
         "(instance stopped; name another with --instance NAME or --config PATH; "
         "instances here: stopped, threader)\n"
     )
-    assert stale.code == 3
-    assert "nothing listens" in stale.out
+    assert "nothing listens" in unknown_answer(stale, status=True)["warning"]
 
 
 def _status(**changes: Any) -> dict[str, Any]:
@@ -457,6 +467,35 @@ def test_history_without_daemon_or_journal_is_unknown(run_dir: Path, tmp_path: P
     assert ") and there is no journal at" in run.err
 
 
+_UNKNOWN_LOCK_KEYS = {"locked", "unknown", "reason", "until", "locked_at", "by", "warning"}
+
+
+def unknown_answer(run: Run, *, status: bool = False) -> dict[str, Any]:
+    """The UNKNOWN object a `--json` run printed, checked (docs/contract.md §1): exit 3,
+    stdout one JSON object (a `--watch` line, or indented) in which nothing reads as
+    "allowed" or OK, and stderr the one line `guardctl: UNKNOWN: <its warning>`.
+
+    `status`: the `status --json` object, else `qos status --json`'s.
+    """
+    assert run.code == 3, run
+    doc = json.loads(run.out)
+    assert isinstance(doc, dict), run
+    assert doc["unknown"] is True and isinstance(doc["warning"], str), doc
+    assert run.err == f"guardctl: UNKNOWN: {doc['warning']}\n", run
+    lock = doc["qos"] if status else doc
+    assert lock["locked"] is None and lock["unknown"] is True, doc
+    assert all(lock[k] is None for k in ("reason", "until", "locked_at", "by")), doc
+    assert lock["warning"] == doc["warning"], doc
+    if status:
+        assert set(doc) == {"guard", "unknown", "warning", "state", "active", "qos", "warnings"}
+        assert set(lock) == _UNKNOWN_LOCK_KEYS, doc
+        assert (doc["state"], doc["active"], doc["warnings"]) == (None, None, [doc["warning"]])
+    else:
+        assert set(doc) - {"source"} == _UNKNOWN_LOCK_KEYS | {"expired"}, doc
+        assert doc["expired"] is False
+    return doc
+
+
 def _write_config(path: Path, socket_path: Path, lock_file: Path) -> Path:
     path.write_text(
         f'instance = "threader"\n[control]\nsocket = "{socket_path}"\n'
@@ -554,6 +593,54 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _not_http() -> Iterator[str]:
+    """A loopback URL whose server answers any request with a line that is not HTTP."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(WAIT_S)
+
+        def answer() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = server.accept()
+                    with conn:
+                        conn.recv(65536)
+                        conn.sendall(b"garbage\r\n\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+def test_a_fleet_lock_that_cannot_be_asked_for_is_unknown_never_a_traceback(
+    tmp_path: Path, run_dir: Path
+) -> None:
+    """TLS files that cannot be loaded, and a server at the etcd URL that does not speak
+    HTTP, leave the fleet's lock unknown: exit 3 and why, never a traceback (exit 1)."""
+    config = _write_config(
+        tmp_path / "threader.toml", tmp_path / "nobody-listens.sock", tmp_path / "lock"
+    )
+    missing_ca = tmp_path / "no-such-ca.pem"
+
+    def qos_status(etcd: str, **env: str) -> Run:
+        return guardctl(
+            "--config", str(config), "qos", "status", run_dir=run_dir,
+            env={"GUARDD_FLEET__ETCD": json.dumps([etcd]), "GUARDD_FLEET__NODE": "lb-a", **env},
+        )  # fmt: skip
+
+    tls = qos_status("https://127.0.0.1:1", GUARDD_FLEET__CA_FILE=str(missing_ca))
+    with _not_http() as url:
+        garbled = qos_status(url)
+
+    assert tls.code == 3, tls
+    assert f"TLS files cannot be used (ca_file {missing_ca})" in tls.err, tls
+    assert garbled.code == 3, garbled
+    assert f"no etcd member answered: {url}: BadStatusLine" in garbled.err, garbled
+    for run in (tls, garbled):
+        assert "Traceback" not in run.err and run.err.startswith("guardctl: UNKNOWN: "), run
 
 
 @pytest.mark.parametrize(
@@ -1060,10 +1147,14 @@ def test_unreadable_config_is_unknown_never_allowed(
 
     for argv, run in runs.items():
         assert run.code == 3, (argv, run)
-        said = run.out if argv[0] == "status" else run.err
+        # The text of `status` is a check's verdict on stdout; with --json stdout is the
+        # UNKNOWN object and the line goes to stderr, as for every other command.
+        said = run.out if argv == ("status",) else run.err
         assert _one_line(said).startswith(
-            "UNKNOWN: " if argv[0] == "status" else "guardctl: UNKNOWN: "
+            "UNKNOWN: " if argv == ("status",) else "guardctl: UNKNOWN: "
         )
+        if "--json" in argv:
+            unknown_answer(run, status=argv[0] == "status")
         assert f"{config}: permission denied" in said
         assert f"add nobody to group {name} (usermod -aG {name} nobody)" in said
         assert "deploys allowed" not in run.out
@@ -1149,8 +1240,10 @@ def test_missing_or_hidden_lock_directory_is_unknown(host: Host) -> None:
 
     assert missing.code == 3
     assert f"the lock directory {gone.parent} does not exist" in missing.err
-    assert (unsearchable.code, unsearchable.out) == (3, "")
-    assert f"{hidden} cannot be searched (permission denied)" in unsearchable.err
+    assert (
+        f"{hidden} cannot be searched (permission denied)"
+        in (unknown_answer(unsearchable)["warning"])
+    )
     assert no_run_dir.code == 3
     assert f"the lock directory {host.run} does not exist" in no_run_dir.err
 
@@ -1262,3 +1355,178 @@ def test_a_socket_does_not_vouch_for_a_misspelled_instance(guard: FakeGuard, run
     assert gate.code == 1
     assert f"guardd at {sock}" in gate.out
     assert status.code == 1  # the lock is held: WARNING, from the guard at the socket
+
+
+# --- UNKNOWN with --json: an object saying so on stdout, exit 3, never an empty stdout.
+
+_JSON_ANSWERS = [("qos", "status", "--json"), ("status", "--json"), ("status", "--watch", "--json")]
+
+
+@pytest.mark.parametrize("argv", _JSON_ANSWERS, ids=["qos-status", "status", "watch"])
+def test_which_guard_cannot_be_told_answers_a_json_unknown(
+    host: Host, argv: tuple[str, ...]
+) -> None:
+    """No instance, several, a misspelled one, a config missing, not TOML, or naming another
+    instance with nobody answering: with --json a pipeline parses an UNKNOWN object."""
+    is_status = argv[0] == "status"
+    host.config("example")  # the packaged example is not an instance
+    nothing = host.ctl(*argv)
+    alpha = host.config("alpha")
+    host.config("beta")
+    host.config("broken", "[qos\n")
+    several = host.ctl(*argv)
+    misspelled = host.ctl("--instance", "alhpa", *argv)
+    absent = host.ctl("--config", str(host.etc / "gone.toml"), *argv)
+    broken = host.ctl("--instance", "broken", *argv)
+    other = host.ctl("--instance", "beta", "--config", str(alpha), *argv)
+
+    cases = [
+        (nothing, None, "no guardd instance found here (no "),
+        (several, None, "several guardd instances here (alpha, beta, broken)"),
+        (misspelled, "alhpa", "no guardd instance 'alhpa': no "),
+        (absent, None, f"{host.etc / 'gone.toml'}: no such config file"),
+        (broken, "broken", "broken.toml: not valid TOML"),
+        (other, "beta", f"{alpha} is instance 'alpha', not 'beta', and no guardd answers"),
+    ]
+    for run, guard, why in cases:
+        doc = unknown_answer(run, status=is_status)
+        assert why in doc["warning"], (why, doc)
+        if is_status:
+            assert doc["guard"] == guard, doc
+        # `status --watch --json` prints compact lines; the others indent.
+        assert run.out.count("\n") == 1 if "--watch" in argv else run.out.count("\n") > 1
+
+
+@pytest.fixture
+def silent_socket(run_dir: Path) -> Iterator[Path]:
+    """A control socket that accepts connections and never answers (a guardd hung)."""
+    path = run_dir / "silent.sock"
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(path))
+        listening.listen(8)
+        yield path
+    path.unlink()
+
+
+def test_guardd_not_answering_is_a_json_unknown(
+    guard: FakeGuard, run_dir: Path, stopped: str, silent_socket: Path
+) -> None:
+    """guardd not running, a dead socket, one that never answers (5 s), an error answer:
+    `status --json` (also `--watch`) and `qos status --json` through `--socket` answer the
+    UNKNOWN object; the text forms keep their line."""
+    dead = run_dir / "dead-json.sock"
+    threader = str(run_dir / "threader.sock")
+    guard.failing.update({"status", "qos_status"})
+    with socket.socket(socket.AF_UNIX) as bound:
+        bound.bind(str(dead))  # bound, never listening: nothing listens
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            runs = {
+                name: pool.submit(guardctl, *argv, run_dir=run_dir)
+                for name, argv in {
+                    "stopped": ("--instance", stopped, "status", "--json"),
+                    "stopped-watch": ("--instance", stopped, "status", "--watch", "--json"),
+                    "stopped-text": ("--instance", stopped, "status"),
+                    "gone-qos": ("--socket", str(run_dir / "gone.sock"), "qos", "status", "--json"),
+                    "dead": ("--socket", str(dead), "status", "--json"),
+                    "dead-qos": ("--socket", str(dead), "qos", "status", "--json"),
+                    "silent": ("--socket", str(silent_socket), "status", "--json"),
+                    "silent-qos": ("--socket", str(silent_socket), "qos", "status", "--json"),
+                }.items()
+            }
+            done = {name: future.result() for name, future in runs.items()}
+    dead.unlink()
+    failing = guardctl("--instance", "threader", "status", "--json", run_dir=run_dir)
+    failing_qos = guardctl("--socket", threader, "qos", "status", "--json", run_dir=run_dir)
+
+    for name in ("stopped", "stopped-watch"):
+        doc = unknown_answer(done[name], status=True)
+        assert doc["guard"] == stopped
+        assert doc["warning"].startswith(f"guardd stopped: no control socket at {run_dir}"), doc
+    assert done["stopped-watch"].out.count("\n") == 1
+    text = done["stopped-text"]
+    assert (text.code, text.err) == (3, "")
+    assert text.out == f"UNKNOWN: {json.loads(done['stopped'].out)['warning']}\n"
+    assert "no control socket at" in unknown_answer(done["gone-qos"])["warning"]
+    assert "nothing listens" in unknown_answer(done["dead"], status=True)["warning"]
+    assert "nothing listens" in unknown_answer(done["dead-qos"])["warning"]
+    for name, is_status in (("silent", True), ("silent-qos", False)):
+        doc = unknown_answer(done[name], status=is_status)
+        assert "guardd did not answer within 5s" in doc["warning"], doc
+        assert doc.get("guard") is None
+    assert "internal error" in unknown_answer(failing, status=True)["warning"]
+    assert unknown_answer(failing, status=True)["guard"] == "threader"
+    assert "internal error" in unknown_answer(failing_qos)["warning"]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(
+            {"locked": None, "unknown": True, "reason": None, "until": None, "locked_at": None,
+             "by": None, "source": "fleet",
+             "warning": "etcd is unreachable: the fleet's QoS lock is unknown"},
+            id="fleet-unknown",
+        ),
+        pytest.param({"locked": None, "reason": None, "until": None}, id="locked-null"),
+        pytest.param({"reason": "no locked key"}, id="no-locked"),
+    ],
+)  # fmt: skip
+def test_a_lock_guardd_cannot_tell_is_a_json_unknown(
+    guard: FakeGuard, run_dir: Path, answer: dict[str, Any]
+) -> None:
+    """guardd answering that it cannot tell (a fleet node cut off from etcd), or an answer
+    without a true or false `locked`: UNKNOWN, exit 3, never "deploys allowed" (exit 0)."""
+    guard.qos_answer = answer
+    sock = str(run_dir / "threader.sock")
+
+    as_json = guardctl("--socket", sock, "qos", "status", "--json", run_dir=run_dir)
+    text = guardctl("--socket", sock, "qos", "status", run_dir=run_dir)
+
+    doc = unknown_answer(as_json)
+    assert doc["warning"].startswith(f"guardd at {sock}: "), doc
+    if answer.get("unknown"):
+        assert doc["warning"] == f"guardd at {sock}: {answer['warning']}"
+        assert doc["source"] == "fleet"
+    else:
+        assert doc["warning"].endswith("its answer does not say whether the lock is held")
+        assert "source" not in doc
+    assert (text.code, text.out, text.err) == (3, "", as_json.err)
+
+
+@contextlib.contextmanager
+def _silent_tcp() -> Iterator[str]:
+    """A loopback URL that accepts connections and never answers."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("etcd", ["closed", "silent", "not-http", "tls"])
+def test_a_fleet_lock_etcd_cannot_give_is_a_json_unknown(
+    tmp_path: Path, run_dir: Path, etcd: str
+) -> None:
+    """`qos status --config --json` with `[fleet]` and etcd not to be asked (nothing listens,
+    no answer in 2 s, no HTTP, TLS files missing): the UNKNOWN object, `"source": "fleet"`;
+    the text form keeps its line on stderr alone."""
+    lock = tmp_path / "threader.qos.lock"
+    config = _write_config(tmp_path / "threader.toml", tmp_path / "nobody-listens.sock", lock)
+    with contextlib.ExitStack() as stack:
+        url, why = {
+            "closed": (f"http://127.0.0.1:{_closed_port()}", "URLError"),
+            "silent": (stack.enter_context(_silent_tcp()), "TimeoutError"),
+            "not-http": (stack.enter_context(_not_http()), "BadStatusLine"),
+            "tls": ("https://127.0.0.1:1", "TLS files cannot be used"),
+        }[etcd]
+        fleet = f'\n[fleet]\nnode = "lb-a"\netcd = ["{url}"]\n'
+        if etcd == "tls":
+            fleet += f'ca_file = "{tmp_path / "no-such-ca.pem"}"\n'
+        config.write_text(config.read_text() + fleet)
+        as_json = guardctl("--config", str(config), "qos", "status", "--json", run_dir=run_dir)
+        text = guardctl("--config", str(config), "qos", "status", run_dir=run_dir)
+
+    doc = unknown_answer(as_json)
+    assert doc["source"] == "fleet", doc
+    assert doc["warning"].startswith("cannot tell whether the fleet's QoS lock (threader) is held")
+    assert why in doc["warning"], doc
+    assert (text.code, text.out, text.err) == (3, "", as_json.err)

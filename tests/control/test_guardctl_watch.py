@@ -49,6 +49,38 @@ def test_watch_json_in_a_pipe_prints_the_status_and_exits_130_on_ctrl_c(
     assert json.loads(first) == fixture("steady")
 
 
+def test_watch_json_ends_with_an_unknown_line_when_guardd_stops_answering(
+    guard: FakeGuard, run_dir: Path
+) -> None:
+    """A reader of `status --watch --json` parses every line: the last one, when guardd
+    answers no more, is the UNKNOWN object (exit 3), the why on stderr too."""
+    proc = subprocess.Popen(
+        [str(GUARDCTL), "--instance", "threader", "status", "--watch", "--json",
+         "--interval", "0.2s"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PATH": os.environ["PATH"], **_dirs(run_dir)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert json.loads(first)["state"] == "steady"
+        guard.failing.add("status")
+        assert proc.wait(WAIT_S) == 3
+        rest, err = proc.communicate(timeout=WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (line,) = rest.splitlines()
+    doc = json.loads(line)
+    assert (doc["unknown"], doc["guard"], doc["state"]) == (True, "threader", None), doc
+    assert doc["qos"]["locked"] is None and doc["qos"]["unknown"] is True, doc
+    assert doc["warning"].startswith("guardd threader: internal: internal error"), doc
+    assert err == f"guardctl: UNKNOWN: {doc['warning']}\n"
+
+
 def test_watch_without_a_daemon_is_unknown(run_dir: Path) -> None:
     run = guardctl("--socket", str(run_dir / "nobody.sock"), "status", "--watch", run_dir=run_dir)
     assert run.code == 3

@@ -718,8 +718,9 @@ def test_qos_lock_and_unlock_on_any_node_are_the_fleets(fleet: FleetLab) -> None
     # etcd gone: every node says the fleet's lock is UNKNOWN, never "unlocked".
     fleet.etcd.stop()
     for lab in fleet.labs:
-        code, _, said = qos_status(lab, config=True)
+        code, doc, said = qos_status(lab, config=True)
         assert code == 3 and "cannot tell" in said, said
+        assert doc is not None and doc["unknown"] is True and doc["locked"] is None, said
         wait_until(
             functools.partial(lambda lab: qos_status(lab)[0] == 3, lab),
             60,
@@ -925,8 +926,11 @@ def lock_is_unknown_on(node: Lab) -> None:
         assert out.returncode == 3 and "unlocked" not in out.stdout, out
         assert "UNKNOWN" in out.stderr, out
     for via_config in (False, True):
-        code, _, said = qos_status(node, config=via_config)
+        code, answer, said = qos_status(node, config=via_config)
         assert code == 3, said
+        # What a CI gate parses says UNKNOWN too, never an empty answer.
+        assert answer is not None, said
+        assert (answer["locked"], answer["unknown"], answer["source"]) == (None, True, "fleet")
     notify = node.notify
     assert notify is not None
 
