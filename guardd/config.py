@@ -179,9 +179,20 @@ def _header_problems(key: str, headers: Mapping[str, str]) -> Found:
     for i, (name, value) in enumerate(headers.items(), start=1):
         if why := httpfields.name_problem(name):
             found.append((key, f"header {i} (in the order written): {why}"))
+        elif name.lower() in _FRAMING:
+            found.append(((key, name), "a probe is a GET without a body: guardd frames it"))
         elif why := httpfields.value_problem(value):
             found.append(((key, name), why))
+    lowered = [n.lower() for n in headers]
+    for name in sorted({n for n in lowered if lowered.count(n) > 1}):
+        found.append((key, f"{name} is given twice (header names are case-insensitive)"))
     return found
+
+
+#: Headers of the message's framing, which guardd writes (a GET without a body): one from the
+#: config would contradict them and every probe would fail. (`Host` may be given: it then
+#: replaces the URL's, for a virtual host behind an address.)
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "te", "upgrade"})
 
 
 def _check_http_url(url: str) -> str:
@@ -294,8 +305,9 @@ class ProbeConfig(_Section):
     """Keys that must match in the JSON body (a subset match); unset: the body is not parsed."""
     headers: dict[str, str] = Field(default_factory=dict)
     """Headers sent with every probe; values of token-like names are never logged. Names
-    are HTTP tokens; values are ASCII without CR, LF or other control characters, and
-    without a space at either end."""
+    are HTTP tokens, none twice, none that frames the message (Content-Length,
+    Transfer-Encoding, Connection, TE, Upgrade); values are ASCII without CR, LF or other
+    control characters, and without a space at either end. A `Host` replaces the URL's."""
     max_body_bytes: Annotated[int, Field(ge=0, le=64 * 1024 * 1024)] = 65536
     """The most of a body read, before and after decoding; a longer one fails `expect_json`."""
     follow_redirects: Flag = False

@@ -239,7 +239,12 @@ async def _exchange(
     headers: Sequence[tuple[str, str]],
 ) -> Response:
     try:
-        data = _request_bytes(conn, target, [("Host", target.host_header), *headers])
+        # The config's `Host`, when given (a virtual host behind the URL's address),
+        # replaces the URL's: two would be refused.
+        given = any(name.lower() == "host" for name, _ in headers)
+        data = _request_bytes(
+            conn, target, [*(() if given else [("Host", target.host_header)]), *headers]
+        )
         try:
             await stream.send(data)
         except anyio.BrokenResourceError as e:

@@ -182,6 +182,32 @@ async def test_probes_ask_for_identity(hostile: Hostile) -> None:
     assert b"connection: close" in seen[0].lower()
 
 
+@pytest.mark.parametrize("given", [None, "Host", "host"])
+async def test_a_host_header_from_the_config_replaces_the_urls(
+    hostile: Hostile, given: str | None
+) -> None:
+    """A virtual host behind the URL's address: the config's `Host` (any case) is the one
+    sent, never beside the URL's (h11 would refuse two and every probe would fail)."""
+    seen: list[bytes] = []
+    original = hostile._read_request
+
+    def spy(conn: socket.socket) -> str | None:
+        seen.append(conn.recv(65536, socket.MSG_PEEK))
+        return original(conn)
+
+    hostile._read_request = spy  # type: ignore[method-assign]
+    headers = {} if given is None else {given: "app.example"}
+    result = await probe(hostile.url, headers=headers)
+    assert result.ok, result.error
+    hosts = [
+        line.split(b":", 1)[1].strip()
+        for line in seen[0].split(b"\r\n")
+        if line.lower().startswith(b"host:")
+    ]
+    want = hostile.url.split("/")[2].encode() if given is None else b"app.example"
+    assert hosts == [want], seen[0]
+
+
 @pytest.mark.parametrize("mode", ["gzip_bomb", "deflate_bomb"])
 async def test_a_zip_bomb_is_bounded_after_decoding(hostile: Hostile, mode: HostileMode) -> None:
     hostile.set_mode(mode)
