@@ -107,6 +107,16 @@ def status_exit_code(status: Mapping[str, Any]) -> int:
     active_ok = (
         isinstance(active, Mapping) and active.get("healthy") is True and not active.get("stale")
     )
+    decided = status.get("last_decision")
+    if (
+        not active_ok
+        and isinstance(decided, Mapping)
+        and decided.get("action") == "rollback"
+        and str(decided.get("not_taken") or "").startswith("etcd")
+    ):
+        # A fleet node that cannot write the rollback its failing color calls for (etcd
+        # out of reach, no local_fallback): as a hold, nothing will act on it.
+        return CRITICAL
     # A lock that cannot be told (a fleet node without etcd) is no "no lock" either.
     locked = not isinstance(qos, Mapping) or qos.get("locked") is not False
     lost = status.get("no_rollback_target")  # the rollback target is down: no protection
@@ -737,7 +747,8 @@ exit codes:
   0  OK: the active color is healthy, no QoS lock, not paused, state steady
   1  WARNING: degraded, guard window, rolling back, starting, QoS lock held, paused,
      the active color is not (known to be) healthy, or the rollback target is down
-  2  CRITICAL: hold - the active color fails and no safe switch exists
+  2  CRITICAL: hold - the active color fails and no safe switch exists (in a fleet
+     also: it fails and this node cannot write the rollback: etcd is unreachable)
   3  UNKNOWN: guardd is unreachable, or which guard is meant cannot be told; with
      --json, stdout is then {"unknown": true, "warning": ..., "state": null, ...}""",
         _cmd_status,

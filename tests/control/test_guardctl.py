@@ -346,6 +346,13 @@ def test_status_unreachable(run_dir: Path, stopped: str) -> None:
     assert "nothing listens" in unknown_answer(stale, status=True)["warning"]
 
 
+_UNTAKEN = {
+    "action": "rollback",
+    "severity": "P0",
+    "not_taken": "etcd is unreachable and fleet.local_fallback is false",
+}
+
+
 def _status(**changes: Any) -> dict[str, Any]:
     status = fixture("steady")
     for key, value in changes.items():
@@ -372,6 +379,23 @@ def _status(**changes: Any) -> dict[str, Any]:
         pytest.param(_status(green_healthy=None), 1, id="active-unknown"),
         pytest.param(_status(active="purple"), 1, id="active-missing"),
         pytest.param(_status(state="hold", paused=True), 2, id="hold"),
+        pytest.param(
+            _status(green_healthy=False, state="degraded", last_decision=_UNTAKEN),
+            2,
+            id="rollback-etcd-cannot-take",
+        ),
+        pytest.param(
+            _status(green_healthy=True, last_decision=_UNTAKEN), 0, id="untaken-but-healthy-now"
+        ),
+        pytest.param(
+            _status(
+                green_healthy=False,
+                state="degraded",
+                last_decision={**_UNTAKEN, "not_taken": "the fleet's leader (n1) decides"},
+            ),
+            1,
+            id="leader-decides",
+        ),
         pytest.param(_status(no_rollback_target="blue is down"), 1, id="no-rollback-target"),
         pytest.param(_status(state="hold", no_rollback_target="blue"), 2, id="hold-wins"),
     ],

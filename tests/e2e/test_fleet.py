@@ -228,6 +228,7 @@ def test_a_node_cut_off_from_etcd_keeps_its_color_then_converges(make_fleet: Mak
     assert decided["not_taken"] == "etcd is unreachable and fleet.local_fallback is false"
     out = guardctl("status", socket=cut.socket_path)
     assert "rollback P0 (not taken here: etcd is unreachable" in out.stdout, out
+    assert out.returncode == 2, out  # CRITICAL: as a hold, nothing will act on green
     fleet.rounds_pass()
     assert sum(unacted in e.get("reason", "") for e in cut_d.events()) == 1
     proxy.start()
