@@ -384,6 +384,53 @@ def _cmd_status(args: argparse.Namespace, target: _Target) -> int:
     return status_exit_code(status)
 
 
+def fleet_status_lines(doc: Mapping[str, Any]) -> list[str]:
+    """`fleet status`'s text: a head line, the warnings, a row per node. Cut off from etcd,
+    it says first that the fleet is UNKNOWN now, and marks every row as last read."""
+    desired = doc.get("desired") or {}
+    reachable = bool(doc.get("etcd_reachable"))
+    head = (
+        f"fleet {doc.get('prefix')}: leader {doc.get('leader') or 'none'}, desired "
+        f"{desired.get('color') or 'unset'} (generation {desired.get('generation', 0)}), "
+        f"{doc.get('rollbacks', 0)} rollback(s)"
+    )
+    # Cut off, all below is the fleet as last read: said first, and on every line.
+    lines = [head if reachable else f"UNKNOWN now; as last read: {head}"]
+    if not reachable:
+        lines.append(
+            f"WARNING: etcd is unreachable from {doc.get('node')}: {doc.get('problem')}; "
+            "the leader, the desired color and every node below are as last read, "
+            "not as they are now"
+        )
+    # What `status` warns of for the fleet on this node (a second guardd under a node's
+    # name, a node that diverges, ...); etcd unreachable is said above.
+    lines += [
+        f"WARNING: {w}"
+        for w in doc.get("warnings", [])
+        if doc.get("etcd_reachable") or "etcd is unreachable" not in w
+    ]
+    lines += [
+        f"  {n['node']:<16} "
+        + ("LOST, last seen: " if n.get("lost") else "")
+        + f"serves {n.get('serving') or 'unknown':<6} generation "
+        f"{n.get('generation')}  "
+        + (
+            f"lease expired {n.get('lost_for_s')}s ago, record {n.get('lease_age_s')}s old"
+            if n.get("lost")
+            else f"lease age {n.get('lease_age_s')}s"
+        )
+        + ("  leader" if n.get("leader") else "")
+        + (
+            ("  ALERT: lost" if n.get("lost") else "  ALERT: not the desired color")
+            if n.get("alert")
+            else ""
+        )
+        + ("" if reachable else "  (as last read)")
+        for n in doc.get("nodes", [])
+    ]
+    return lines
+
+
 def _cmd_fleet_status(args: argparse.Namespace, target: _Target) -> int:
     try:
         doc = call(target.socket, "fleet_status", {}, timeout=READ_TIMEOUT_S)
@@ -393,43 +440,7 @@ def _cmd_fleet_status(args: argparse.Namespace, target: _Target) -> int:
     if args.json:
         _print_json(doc)
     else:
-        desired = doc.get("desired") or {}
-        head = (
-            f"fleet {doc.get('prefix')}: leader {doc.get('leader') or 'none'}, desired "
-            f"{desired.get('color') or 'unset'} (generation {desired.get('generation', 0)}), "
-            f"{doc.get('rollbacks', 0)} rollback(s)"
-        )
-        lines = [head]
-        if not doc.get("etcd_reachable"):
-            lines.append(
-                f"WARNING: etcd is unreachable from {doc.get('node')}: {doc.get('problem')}"
-            )
-        # What `status` warns of for the fleet on this node (a second guardd under a node's
-        # name, a node that diverges, ...); etcd unreachable is said above.
-        lines += [
-            f"WARNING: {w}"
-            for w in doc.get("warnings", [])
-            if doc.get("etcd_reachable") or "etcd is unreachable" not in w
-        ]
-        lines += [
-            f"  {n['node']:<16} "
-            + ("LOST, last seen: " if n.get("lost") else "")
-            + f"serves {n.get('serving') or 'unknown':<6} generation "
-            f"{n.get('generation')}  "
-            + (
-                f"lease expired {n.get('lost_for_s')}s ago, record {n.get('lease_age_s')}s old"
-                if n.get("lost")
-                else f"lease age {n.get('lease_age_s')}s"
-            )
-            + ("  leader" if n.get("leader") else "")
-            + (
-                ("  ALERT: lost" if n.get("lost") else "  ALERT: not the desired color")
-                if n.get("alert")
-                else ""
-            )
-            for n in doc.get("nodes", [])
-        ]
-        print("\n".join(lines))
+        print("\n".join(fleet_status_lines(doc)))
     if not doc.get("etcd_reachable"):
         return UNKNOWN
     desired_color = (doc.get("desired") or {}).get("color")

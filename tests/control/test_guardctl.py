@@ -1554,3 +1554,39 @@ def test_a_fleet_lock_etcd_cannot_give_is_a_json_unknown(
     assert doc["warning"].startswith("cannot tell whether the fleet's QoS lock (threader) is held")
     assert why in doc["warning"], doc
     assert (text.code, text.out, text.err) == (3, "", as_json.err)
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_fleet_status_cut_off_says_unknown_first_and_marks_every_row(reachable: bool) -> None:
+    """Cut off from etcd, `fleet status` shows the fleet as last read: the head says the
+    fleet is UNKNOWN now, and every node's row says it is as last read."""
+    doc = {
+        "prefix": "/guardd/threader",
+        "node": "lb-c",
+        "leader": "lb-b",
+        "desired": {"color": "blue", "generation": 3},
+        "rollbacks": 1,
+        "etcd_reachable": reachable,
+        "problem": None if reachable else "ConnectError",
+        "warnings": [],
+        "nodes": [
+            {
+                "node": n,
+                "serving": "blue",
+                "generation": 3,
+                "lease_age_s": 22.5,
+                "leader": n == "lb-b",
+            }
+            for n in ("lb-a", "lb-b", "lb-c")
+        ],
+    }
+    lines = ctl.fleet_status_lines(doc)
+    rows = [ln for ln in lines if ln.startswith("  ")]
+    assert len(rows) == 3
+    if reachable:
+        assert lines[0].startswith("fleet /guardd/threader: leader lb-b")
+        assert not any("as last read" in ln for ln in lines)
+    else:
+        assert lines[0].startswith("UNKNOWN now; as last read: fleet /guardd/threader")
+        assert lines[1].startswith("WARNING: etcd is unreachable from lb-c: ConnectError")
+        assert all(ln.endswith("(as last read)") for ln in rows)

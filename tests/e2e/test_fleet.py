@@ -201,6 +201,11 @@ def test_a_node_cut_off_from_etcd_keeps_its_color_then_converges(make_fleet: Mak
     wait_until(says_unreachable, 60, "the cut-off node's WARNING and STATUS=", poll=0.2)
     # Cut off, the node cannot tell whether the fleet's lock is held: no deploy.
     lock_is_unknown_on(cut)
+    # Nor what the fleet is now: what it shows is as last read (if anything), and says so.
+    out = guardctl("fleet", "status", socket=cut.socket_path)
+    assert out.returncode == 3 and out.stdout.startswith("UNKNOWN now; as last read: fleet"), out
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("  ")]
+    assert all(ln.endswith("(as last read)") for ln in rows), out
     out = guardctl("status", socket=cut.socket_path)
     assert out.returncode == 1 and "etcd is unreachable" in out.stdout, out
     assert "node n2, etcd not answering: the fleet's state (its leader too) is UNKNOWN" in (
