@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -255,6 +256,26 @@ def test_example_config_is_valid() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert "ok: instance=threader" in result.stdout
+
+
+def test_example_configs_commented_sections_are_valid_uncommented(tmp_path: Path) -> None:
+    """The example's commented sections at its end (from `[[notify]]` for a Slack bot on:
+    their `# key = ...` and `# [table]` lines, not the `# # ...` asides) are a valid config
+    once uncommented, with the keys they name."""
+    text = EXAMPLE.read_text()
+    at = text.index("# More of [[notify]]")
+    shown = text[:at].splitlines()
+    for line in text[at:].splitlines():
+        body = line[2:] if line.startswith("# ") and not line.startswith("# # ") else ""
+        shown.append(body if re.match(r"^(\[|[a-z_]+ = )", body) else line)
+    full = tmp_path / "threader.toml"
+    full.write_text("\n".join(shown) + "\n")
+    result = check_config(full, tmp_path, None, "--offline")
+    assert result.returncode == 0, result.stderr
+    assert "notify=1 fleet=lb-a@3etcd" in result.stdout, result.stdout
+    doc = tomllib.loads(full.read_text())
+    assert {"notify", "signals", "rules", "fleet"} <= set(doc), sorted(doc)
+    assert set(doc["signals"]) == {"traffic", "app_errors", "own_metrics", "panics"}
 
 
 def test_example_config_names_what_this_host_lacks() -> None:
