@@ -583,8 +583,8 @@ def _cmd_pause(args: argparse.Namespace, target: _Target) -> int:
     return _change(target, "pause", {"reason": args.reason})
 
 
-def _cmd_resume(_args: argparse.Namespace, target: _Target) -> int:
-    return _change(target, "resume", {})
+def _cmd_resume(args: argparse.Namespace, target: _Target) -> int:
+    return _change(target, "resume", {"reason": args.reason})
 
 
 def _expired(until: object) -> bool:
@@ -857,6 +857,7 @@ examples:
         f"""\
 examples:
   guardctl --instance threader resume
+  guardctl --instance threader resume --reason "db failover done, CHG-4712"
 
 {_CHANGE_EXITS}""",
         _cmd_resume,
@@ -1089,7 +1090,7 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="switch even if COLOR is unhealthy or the QoS lock is held",
             )
-        if command.name in ("switch", "rollback", "promote", "pause"):
+        if command.name in ("switch", "rollback", "promote", "pause", "resume"):
             sub.add_argument(
                 "--reason", metavar="TEXT", help="why; goes to the journal and the notifications"
             )

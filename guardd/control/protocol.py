@@ -145,7 +145,7 @@ COMMANDS: Final[Mapping[str, Mapping[str, _Arg]]] = {
     "rollback": {"reason": _REASON},
     "promote": {"reason": _REASON},
     "pause": {"reason": _REASON},
-    "resume": {},
+    "resume": {"reason": _REASON},
     "qos_status": {},
     "fleet_status": {},
     "qos_lock": {"for_s": _Arg(_seconds), "reason": _REASON},

@@ -755,7 +755,7 @@ def test_pause_resume_and_unlock(guard: FakeGuard, run_dir: Path) -> None:
 
     paused = guardctl(*base, "pause", "--reason", "maintenance", run_dir=run_dir)
     warning = guardctl(*base, "status", run_dir=run_dir)
-    resumed = guardctl(*base, "resume", run_dir=run_dir)
+    resumed = guardctl(*base, "resume", "--reason", "failover done", run_dir=run_dir)
     locked = guardctl(*base, "qos", "lock", "--for", "5m", run_dir=run_dir)
     blocked = guardctl(*base, "qos", "status", run_dir=run_dir)
     unlocked = guardctl(*base, "qos", "unlock", run_dir=run_dir)
@@ -765,6 +765,8 @@ def test_pause_resume_and_unlock(guard: FakeGuard, run_dir: Path) -> None:
     assert warning.code == 1
     assert "paused         yes: maintenance" in warning.out
     assert (resumed.code, resumed.out) == (0, "resume: done\n  paused    no\n")
+    # The reason reaches guardd (its journal's `resumed`, a fleet's `rearmed`).
+    assert ("resume", {"reason": "failover done"}) in [c[:2] for c in guard.calls]
     assert locked.code == 0
     assert locked.out == (
         "qos lock: done\n  qos lock  HELD: locked by an operator "

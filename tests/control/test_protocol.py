@@ -51,7 +51,11 @@ GOOD = [
         {"v": 1, "cmd": "pause", "args": {"reason": "CHG-4711"}},
         Request("pause", {"reason": "CHG-4711"}),
     ),
-    ({"v": 1, "cmd": "resume", "args": {}}, Request("resume", {})),
+    ({"v": 1, "cmd": "resume", "args": {}}, Request("resume", {"reason": None})),
+    (
+        {"v": 1, "cmd": "resume", "args": {"reason": "failover done"}},
+        Request("resume", {"reason": "failover done"}),
+    ),
     ({"v": 1, "cmd": "qos_status", "args": {}}, Request("qos_status", {})),
     (
         {"v": 1, "cmd": "qos_lock", "args": {"for_s": 300}},
@@ -209,7 +213,12 @@ BAD = [
         id="reason-bidi",
     ),
     pytest.param(_cmd("pause", reason="x" * 501), ErrorCode.BAD_REQUEST, "500", id="reason-long"),
-    pytest.param(_cmd("resume", reason="x"), ErrorCode.BAD_REQUEST, "'reason'", id="resume-reason"),
+    pytest.param(
+        _cmd("qos_unlock", reason="x"), ErrorCode.BAD_REQUEST, "'reason'", id="unlock-reason"
+    ),
+    pytest.param(
+        _cmd("resume", reason="x" * 501), ErrorCode.BAD_REQUEST, "500", id="resume-reason-long"
+    ),
     pytest.param(
         _cmd("qos_lock", for_s="5m"), ErrorCode.BAD_REQUEST, "args.for_s", id="for-string"
     ),
