@@ -1384,6 +1384,7 @@ _SHORT_DURATIONS = [
     ("switch", "timeout"),
     ("retry", "base_delay"),
     ("retry", "max_delay"),
+    ("fleet", "lease_ttl"),
 ]
 _BARE_NUMBER_LIMIT = 100
 
@@ -1391,7 +1392,8 @@ _BARE_NUMBER_LIMIT = 100
 def _bare_numbers(
     doc: Mapping[str, Any], shown: str, env: Mapping[str, str]
 ) -> list[ConfigProblem]:
-    """A warning for each interval or timeout given as a bare number >= 100 (seconds)."""
+    """A warning for each interval, timeout or lease given as a bare number >= 100
+    (seconds)."""
     keys: list[tuple[str | int, ...]] = list(_SHORT_DURATIONS)
     notify = doc.get("notify")
     if isinstance(notify, list):

@@ -216,6 +216,7 @@ def test_durations_written_as_bare_numbers_of_100_or_more_are_warned_about(
         + '[switch]\nkind = "state-file"\npath = "/tmp/s.json"\ntimeout = "100s"\n'
         + "[retry]\nmax_delay = 150.5\n"
         + '[qos]\nwindow = "2h"\n'  # min_samples probes at a 1000 s interval must fit
+        + '[fleet]\netcd = ["http://127.0.0.1:2379"]\nnode = "n1"\nlease_ttl = 100000\n'
         + '[[notify]]\nkind = "webhook"\nurl = "http://127.0.0.1:1/h"\ntimeout = 100\n'
     )
     (tmp_path / "w.toml").write_text(text)
@@ -225,6 +226,7 @@ def test_durations_written_as_bare_numbers_of_100_or_more_are_warned_about(
         'w.toml: probe.interval: warning: 1000 = 16m40s; did you mean "1000ms"?\n'
         'env GUARDD_PROBE__TIMEOUT: probe.timeout: warning: 250 = 4m10s; did you mean "250ms"?\n'
         'w.toml: retry.max_delay: warning: 150.5 = 2m30.5s; did you mean "150.5ms"?\n'
+        'w.toml: fleet.lease_ttl: warning: 100000 = 27h46m40s; did you mean "100000ms"?\n'
         'w.toml: notify[0].timeout: warning: 100 = 1m40s; did you mean "100ms"?\n'
     )
     assert "ok: instance=w" in result.stdout
