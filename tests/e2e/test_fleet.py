@@ -1166,9 +1166,13 @@ def test_a_paused_leader_hands_over_the_lead_and_the_fleet_still_rolls_back(
     assert fleet.leader() not in (None, old)
 
 
-def test_every_node_paused_while_green_fails_no_gate_allows_a_deploy(fleet: FleetLab) -> None:
+def test_every_node_paused_while_green_fails_no_gate_allows_a_deploy(
+    make_fleet: MakeFleet,
+) -> None:
     """Every node paused: no node decides, and green's users meet its 503s; every gate, on
     every host, says locked ("guardd is paused while green fails") until green recovers."""
+    # Green fails until its errors leave the policy window: a short one, a short wait.
+    fleet = make_fleet(policy__window="8s")
     fleet.start()
     for lab in fleet.labs:
         out = guardctl("pause", "--reason", "maintenance", socket=lab.socket_path)
@@ -1602,9 +1606,11 @@ def all_released(fleet: FleetLab) -> None:
     )
 
 
-def test_a_holds_lock_ends_on_every_node_when_the_hold_does(fleet: FleetLab) -> None:
+def test_a_holds_lock_ends_on_every_node_when_the_hold_does(make_fleet: MakeFleet) -> None:
     """Both colors down: every node holds, and its lock blocks deploys on every host (the
     leader's is the fleet's). Green back: the hold ends, and so does every lock."""
+    # Green fails until its errors leave the policy window: a short one, a short wait.
+    fleet = make_fleet(policy__window="8s")
     fleet.start()
     fleet.blue.set_mode("http_503")
     fleet.green.set_mode("http_503")
