@@ -192,7 +192,21 @@ async def _move(
     generation = None
     if guard.fleet is not None:
         generation = await guard.fleet.propose(target, kind, by, reason, gated=gated)
-    await guard.move_traffic(target, kind=kind, by=by, reason=reason, generation=generation)
+    try:
+        await guard.move_traffic(target, kind=kind, by=by, reason=reason, generation=generation)
+    except OperationRefused as e:
+        back = guard.active
+        if guard.fleet is None or generation is None or back is None or back == target:
+            raise
+        # Failed here and undone: the fleet's desired color goes back too, or every node
+        # would keep trying the color that did not verify, its users meeting it each time.
+        undone = await guard.fleet.undo(generation, back, by, str(e))
+        if undone is None:
+            raise
+        guard.fleet.applied_generation(undone)  # served here already
+        raise OperationRefused(
+            f"{e}; the fleet's desired color is {back} again (generation {undone})"
+        ) from None
     if generation is not None and guard.fleet is not None and guard.active == target:
         guard.fleet.applied_generation(generation)
 

@@ -313,6 +313,41 @@ class Fleet:
             raise OperationRefused(f"the fleet's desired color changed meanwhile; {kind} again")
         return generation
 
+    async def undo(self, generation: int, back_to: Color, by: str, why: str) -> int | None:
+        """The move this node proposed as `generation` failed here and was undone (it
+        serves `back_to` again): write `back_to` as the fleet's desired color, a newer
+        generation, so that no node keeps trying a color that did not verify (each try
+        would put its users on it). Only while `desired` is still that generation (read
+        from the store, compared in the write); its generation, else None. Never raises
+        but `OperationRefused` when etcd cannot be reached.
+        """
+        with self._operator_write("the fleet's desired color cannot be put back"):
+            _, kvs = await self.client.read(self.key("desired"))
+            current = _json(kvs[0].value, {}) if kvs else {}
+            if not kvs or not isinstance(current, dict):
+                return None
+            if _int(current.get("generation")) != generation:
+                return None  # another decision came since: it stands
+            back = self.known_generation() + 1
+            doc = {
+                "color": back_to,
+                "generation": back,
+                "kind": "switch",
+                "by": by,
+                "reason": f"undone: {why}",
+                "severity": None,
+                "at": time.time(),
+                "node": self.node,
+            }
+            ok, _ = await self.client.txn(
+                [compare(self.key("desired"), "MOD", kvs[0].mod_revision)],
+                [put_op(self.key("desired"), doc)],
+            )
+        if not ok:
+            return None
+        self.desired, self._desired_mod = doc, 0
+        return back
+
     def applied_generation(self, generation: int) -> None:
         """Remember that this node serves `generation`'s color (kept across restarts)."""
         if generation > self.applied:

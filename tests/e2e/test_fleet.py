@@ -1583,6 +1583,41 @@ def test_resume_on_any_node_re_arms_the_fleets_budget_and_ends_every_hold(
     all_released(fleet)
 
 
+def test_a_forced_switch_that_fails_to_verify_is_undone_for_the_whole_fleet(
+    make_fleet: MakeFleet,
+) -> None:
+    """`switch green --force` while green fails: it fails at verify on the node that asked
+    and is undone there; the fleet's desired color goes back to blue with it, so that no
+    node keeps trying green (each try would put its users on green's errors)."""
+    fleet = make_fleet(switch__timeout="2s")
+    fleet.start()
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+    for d in fleet.daemons:
+        applied(d, 1)
+    out = guardctl(
+        "switch", "green", "--force", "--reason", "try it", socket=fleet.labs[0].socket_path
+    )
+    said = out.stdout + out.stderr
+    assert out.returncode == 1 and "was undone" in said, out
+    assert "the fleet's desired color is blue again (generation 3)" in said, out
+    desired = fleet.etcd.range(PREFIX + "/desired")[PREFIX + "/desired"]
+    assert (desired["color"], desired["generation"]) == ("blue", 3), desired
+    assert desired["reason"].startswith("undone: switch to green failed at verify"), desired
+    wait_until(
+        lambda: all(n["generation"] == 3 for n in fleet.fleet_status(0)["nodes"]),
+        60,
+        "every node at generation 3",
+        poll=0.3,
+    )
+    # Three retry periods and more (2 s, then 4 s, then 8 s): no node tries green again.
+    end = time.monotonic() + 16
+    served: set[str | None] = set()
+    while time.monotonic() < end:
+        served |= {lab.nginx.served_color(timeout=2.0) for lab in fleet.labs}
+    assert served == {"blue"}, served
+
+
 def gates_say_hold(fleet: FleetLab) -> bool:
     """Every gate, through the socket and from the config, is locked by a hold."""
     for lab in fleet.labs:
