@@ -112,6 +112,8 @@ class Fleet:
     #: The fleet's lock as last known when it was a release, before the store lost it.
     _release_before: dict[str, Any] | None
     _suspect: str | None
+    #: Why the `qos` key's value is not a lock guardd wrote (`lockread.lock_problem`).
+    _qos_bad: str | None
 
     def __init__(
         self, config: FleetConfig, *, instance: str, state_dir: Path, switch_timeout: float
@@ -179,7 +181,7 @@ class Fleet:
         # Mirrors of a lock the new store lacks stay until then: its owner publishes it again.
         self._qos_settle_until = 0.0
         self._durable = frozenset(self.key(k) for k in ("desired", "rollbacks", "qos", "rearmed"))
-        self._fresh_once, self._release_before = False, None
+        self._fresh_once, self._release_before, self._qos_bad = False, None, None
         # `_epoch`: how many times the store went back (a round's view is of one epoch).
         # `_own`: our acknowledged writes of keys without a lease, which no node deletes:
         # key -> the revision etcd answered. A linearizable read that shows one older, or
@@ -561,11 +563,15 @@ class Fleet:
             else qoslock.LockInfo(held=False)
         )
         if self.qos is None and not local.held:
-            # No `qos` key: not "unlocked" (a mistyped prefix, a store that lost it).
+            # No `qos` key, or not one guardd wrote: not "unlocked" (a mistyped prefix, a
+            # store that lost it, a hand's edit).
             return qoslock.unknown_json(
-                f"the fleet's QoS lock is not in etcd ({self.key('qos')}): a store that lost "
-                "it, or a fleet whose leader has not written it yet; the fleet's QoS lock is "
-                "unknown",
+                f"the fleet's QoS lock in etcd ({self.key('qos')}) is {self._qos_bad}; "
+                "the fleet's QoS lock is unknown"
+                if self._qos_bad is not None
+                else f"the fleet's QoS lock is not in etcd ({self.key('qos')}): a store that "
+                "lost it, or a fleet whose leader has not written it yet; the fleet's QoS "
+                "lock is unknown",
                 source="fleet",
             )
         fleet = dict(self.qos) if self.qos is not None else {"locked": False}
@@ -996,7 +1002,11 @@ class Fleet:
         if (qos.mod_revision if qos is not None else 0) >= self._qos_mine:
             # A view older than our own last write (the watch has not brought it yet) would
             # bring back the lock we just replaced: ours stays until etcd's catches up.
-            self.qos = _json(qos.value) if qos is not None else None
+            doc = _json(qos.value) if qos is not None else None
+            # One guardd did not write (garbled, or `{"locked": false}` by hand) is no lock
+            # and no release: unknown (`qos_doc`), acted on by no node.
+            self._qos_bad = None if qos is None else lockread.lock_problem(doc)
+            self.qos = None if self._qos_bad is not None else doc
         self.nodes = _under(kvs, self.key("nodes") + "/")
         self.seen = _under(kvs, self.key("seen") + "/")
 
@@ -1413,8 +1423,13 @@ class Fleet:
                 self.guard.record("alert", by=self.node, reason=said)
 
     def qos_missing(self) -> bool:
-        """Whether etcd was read and holds no `qos` key (the fleet's lock is then UNKNOWN)."""
-        return bool(self.reachable) and self._fresh_once and self.key("qos") not in self._kvs
+        """Whether etcd was read and holds no `qos` key, or one guardd did not write (the
+        fleet's lock is then UNKNOWN: an operator's `qos unlock` writes a release)."""
+        return (
+            bool(self.reachable)
+            and self._fresh_once
+            and (self.key("qos") not in self._kvs or self._qos_bad is not None)
+        )
 
     async def _republish_qos(self) -> None:
         """After the store went back: publish again the fleet's lock this node owned (taken

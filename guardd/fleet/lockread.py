@@ -24,6 +24,7 @@ from guardd.core.types import COLORS
 __all__ = [
     "FleetLockUnknown",
     "fleet_prefix",
+    "lock_problem",
     "read_fleet_lock",
     "unconverged",
     "with_unconverged",
@@ -203,8 +204,8 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
                 "a fleet whose leader has not written it yet, or a store that lost it"
             )
         lock = keys["qos"]
-        if not isinstance(lock, dict) or not isinstance(lock.get("locked"), bool):
-            raise FleetLockUnknown(f"{qos_key} in etcd is not a lock guardd wrote")
+        if (problem := lock_problem(lock)) is not None:
+            raise FleetLockUnknown(f"{qos_key} in etcd: {problem}")
         live = _under(keys, "nodes/")
         lost = {k: v for k, v in _under(keys, "seen/").items() if k not in live}
         desired = keys.get("desired")
@@ -213,6 +214,20 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
         )
         return with_unconverged({"locked_at": None, "by": None, **lock, "source": "fleet"}, behind)
     raise FleetLockUnknown("no etcd member answered: " + "; ".join(problems))
+
+
+def lock_problem(doc: object) -> str | None:
+    """Why `doc` (the `qos` key's value, parsed) is not a lock or a release guardd wrote,
+    else None. guardd's always name who wrote them (`by`), and a release says when it was
+    written (`released_at`): anything less (`{"locked": false}` put by hand) is read as
+    UNKNOWN, never as a release that would end every node's lock."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("locked"), bool):
+        return "not a lock guardd wrote"
+    if not isinstance(doc.get("by"), str) or not doc["by"]:
+        return "a lock or a release that names no one (no `by`): not one guardd wrote"
+    if not doc["locked"] and not isinstance(doc.get("released_at"), str):
+        return "a release without the time it was written (no `released_at`): not one guardd wrote"
+    return None
 
 
 def _values(kvs: list[Any], prefix: str) -> dict[str, Any]:

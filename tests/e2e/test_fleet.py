@@ -1618,6 +1618,41 @@ def test_a_forced_switch_that_fails_to_verify_is_undone_for_the_whole_fleet(
     assert served == {"blue"}, served
 
 
+def test_a_release_guardd_did_not_write_ends_no_lock_and_opens_no_gate(
+    make_fleet: MakeFleet,
+) -> None:
+    """`etcdctl put <prefix>/qos '{"locked": false}'` during the rollback's guard window:
+    not a release guardd wrote (no `by`, no `released_at`), so no node ends its lock and
+    no gate opens; the leader publishes its window again."""
+    fleet = make_fleet(qos__window="10m")
+    fleet.start()
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+    for d in fleet.daemons:
+        applied(d, 1)
+    wait_until(lambda: all(blocked_by_the_fleet(lab) for lab in fleet.labs), 60, "the lock")
+    before = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]
+    marks = [len(d.events()) for d in fleet.daemons]
+    fleet.etcd.put(PREFIX + "/qos", '{"locked": false}')
+    answers: list[int] = []
+    end = time.monotonic() + 8
+    while time.monotonic() < end:
+        answers += [qos_status(lab, config=c)[0] for lab in fleet.labs for c in (False, True)]
+    assert answers and 0 not in answers, answers
+    wait_until(
+        lambda: (
+            fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"].get("reason") == before["reason"]
+        ),
+        60,
+        "the leader's window published again",
+        poll=0.3,
+    )
+    assert all(lab.lock_file.exists() for lab in fleet.labs)
+    for d, mark in zip(fleet.daemons, marks, strict=True):
+        released = [e for e in d.events()[mark:] if e["event"] == "qos_released"]
+        assert not released, released
+
+
 def gates_say_hold(fleet: FleetLab) -> bool:
     """Every gate, through the socket and from the config, is locked by a hold."""
     for lab in fleet.labs:

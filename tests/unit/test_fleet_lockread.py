@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from guardd.fleet.lockread import FleetLockUnknown, read_fleet_lock, unconverged
+from guardd.fleet.lockread import FleetLockUnknown, lock_problem, read_fleet_lock, unconverged
 from tests.harness.httpserver import QuietHTTPServer
 
 
@@ -113,3 +113,21 @@ def test_a_fleet_has_converged_when_every_node_serves_the_desired_color(
     said: str | None,
 ) -> None:
     assert unconverged(desired, live, lost) == said
+
+
+@pytest.mark.parametrize(
+    ("doc", "ok"),
+    [
+        ({"locked": True, "reason": "x", "until": None, "by": "uid:0(root)"}, True),
+        ({"locked": False, "by": "n1", "released_at": "2026-12-01T10:00:00.000Z"}, True),
+        ({"locked": False}, False),  # by hand: it would end every node's lock
+        ({"locked": False, "by": "n1"}, False),
+        ({"locked": False, "released_at": "2026-12-01T10:00:00.000Z"}, False),
+        ({"locked": True, "by": ""}, False),
+        ({"locked": "no", "by": "n1"}, False),
+        (["locked", False], False),
+        (None, False),
+    ],
+)
+def test_only_a_lock_or_release_guardd_wrote_is_read_as_one(doc: object, ok: bool) -> None:
+    assert (lock_problem(doc) is None) is ok
