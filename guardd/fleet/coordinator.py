@@ -114,6 +114,8 @@ class Fleet:
     _suspect: str | None
     #: Why the `qos` key's value is not a lock guardd wrote (`lockread.lock_problem`).
     _qos_bad: str | None
+    #: The fleet's last `resume` as this node knew it, before the store lost it.
+    _rearmed_before: dict[str, Any] | None
 
     def __init__(
         self, config: FleetConfig, *, instance: str, state_dir: Path, switch_timeout: float
@@ -181,7 +183,12 @@ class Fleet:
         # Mirrors of a lock the new store lacks stay until then: its owner publishes it again.
         self._qos_settle_until = 0.0
         self._durable = frozenset(self.key(k) for k in ("desired", "rollbacks", "qos", "rearmed"))
-        self._fresh_once, self._release_before, self._qos_bad = False, None, None
+        self._fresh_once, self._qos_bad, self._release_before, self._rearmed_before = (
+            False,
+            None,
+            None,
+            None,
+        )
         # `_epoch`: how many times the store went back (a round's view is of one epoch).
         # `_own`: our acknowledged writes of keys without a lease, which no node deletes:
         # key -> the revision etcd answered. A linearizable read that shows one older, or
@@ -831,6 +838,8 @@ class Fleet:
         self._epoch += 1
         self._went_back = True
         self._rollbacks_before = sorted({*self._rollbacks_before, *self.rollbacks})[-100:]
+        if self.rearmed is not None and self.rearmed_at >= _at(self._rearmed_before):
+            self._rearmed_before = self.rearmed
         if (self.qos or {}).get("locked"):
             self._qos_before = self.qos
         elif self.qos is not None:
@@ -1474,9 +1483,13 @@ class Fleet:
         The decision is the one this node knew before (same generation), else the color the
         node with the highest generation serves. Nodes at that generation do nothing; one
         below it converges to it. Fenced by the leader key, over desired's mod_revision.
+        Also with no `desired` at all while nodes applied a generation (the store lost it
+        while every node was down: no node saw it go), so the numbering and the color stay.
         """
         guard = self.guard
-        if not self._went_back or guard is None or self._leader_rev is None:
+        if guard is None or self._leader_rev is None:
+            return
+        if not self._went_back and self.desired is not None:
             return
         have = _int((self.desired or {}).get("generation"))
         best, color, source = self.applied, guard.active, self.node
@@ -1524,6 +1537,7 @@ class Fleet:
         guard = self.guard
         if not self._went_back or guard is None or self._leader_rev is None:
             return
+        await self._restore_rearmed()
         lost = set(self._rollbacks_before) - set(self.rollbacks)
         if not lost:
             return
@@ -1546,6 +1560,37 @@ class Fleet:
             by=self.node,
             reason=f"fleet: {len(lost)} rollback(s) of the fleet's budget that etcd's store "
             "lost written back, as this node knew them before it went back",
+        )
+
+    async def _restore_rearmed(self) -> None:
+        """After the store went back, the leader writes back the fleet's last `resume`
+        (`rearmed`) when the store lost it or holds an older one: the budget counts only
+        rollbacks after it, and a lost resume would count old ones again (a hold where a
+        rollback was due). Fenced by the leader key, over the key's mod_revision."""
+        before, guard = self._rearmed_before, self.guard
+        if before is None or guard is None or self._leader_rev is None:
+            return
+        if self.rearmed is not None and self.rearmed_at >= _at(before):
+            self._rearmed_before = None
+            return
+        current = self._kvs.get(self.key("rearmed"))
+        ok, _ = await self.client.txn(
+            [
+                compare(
+                    self.key("rearmed"), "MOD", current.mod_revision if current is not None else 0
+                ),
+                compare(self.key("leader"), "CREATE", self._leader_rev),
+            ],
+            [put_op(self.key("rearmed"), before)],
+        )
+        if not ok:
+            return
+        self.rearmed, self._rearmed_before = before, None
+        guard.record(
+            "alert",
+            by=self.node,
+            reason="fleet: the fleet's last resume (rearmed), lost as etcd's store went back, "
+            f"written back by {self.node}: the rollback budget counts from it still",
         )
 
     async def _adopt_qos(self) -> None:
@@ -1831,6 +1876,12 @@ def _json(text: str, default: Any = None) -> Any:
         return json.loads(text)
     except ValueError:
         return default
+
+
+def _at(doc: dict[str, Any] | None) -> float:
+    """A `rearmed` document's wall time (0 when there is none or it has none)."""
+    at = (doc or {}).get("at")
+    return float(at) if isinstance(at, int | float) and not isinstance(at, bool) else 0.0
 
 
 def _int(value: object) -> int:

@@ -1385,9 +1385,13 @@ def test_the_fleets_keys_deleted_from_etcd_never_open_a_gate_and_are_put_back(
     for d in fleet.daemons:
         applied(d, 1)
     wait_until(lambda: all(blocked_by_the_fleet(lab) for lab in fleet.labs), 60, "the lock")
+    # An operator's resume: the budget counts only rollbacks after it, so it must survive.
+    out = guardctl("resume", "--reason", "ack", socket=fleet.labs[1].socket_path)
+    assert out.returncode == 0, out
     keys = fleet.etcd.range(PREFIX + "/", prefix=True)
     spent, lock = keys[PREFIX + "/rollbacks"], keys[PREFIX + "/qos"]
-    assert len(spent) == 1 and lock["locked"] is True, keys
+    rearmed = keys[PREFIX + "/rearmed"]
+    assert len(spent) == 1 and lock["locked"] is True and rearmed["reason"] == "ack", keys
     answers: list[tuple[int, str]] = []
     done = threading.Event()
 
@@ -1407,11 +1411,14 @@ def test_the_fleets_keys_deleted_from_etcd_never_open_a_gate_and_are_put_back(
             now = fleet.etcd.range(PREFIX + "/", prefix=True)
             return (
                 now.get(PREFIX + "/rollbacks") == spent
+                and now.get(PREFIX + "/rearmed") == rearmed
                 and (now.get(PREFIX + "/qos") or {}).get("reason") == lock["reason"]
                 and (now.get(PREFIX + "/desired") or {}).get("color") == "blue"
             )
 
-        wait_until(put_back, 90, "the budget, the lock and the decision put back", poll=0.3)
+        wait_until(
+            put_back, 90, "the budget, the resume, the lock and the decision put back", poll=0.3
+        )
         fleet.rounds_pass()
     finally:
         done.set()
@@ -1651,6 +1658,38 @@ def test_a_release_guardd_did_not_write_ends_no_lock_and_opens_no_gate(
     for d, mark in zip(fleet.daemons, marks, strict=True):
         released = [e for e in d.events()[mark:] if e["event"] == "qos_released"]
         assert not released, released
+
+
+def test_the_fleets_decision_lost_while_every_node_was_down_is_written_back(
+    make_fleet: MakeFleet,
+) -> None:
+    """Every guardd stopped, then the fleet's keys deleted: no node saw them go. Started
+    again, the leader writes the decision back from what the nodes applied (their
+    `fleet.json`), with an alert; the numbering goes on above it."""
+    fleet = make_fleet()
+    fleet.start()
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+    for d in fleet.daemons:
+        applied(d, 1)
+    for d in fleet.daemons:
+        assert d.stop() == 0
+    assert fleet.etcd.delete(PREFIX + "/", prefix=True) > 0
+    fleet.start()
+
+    def written_back() -> bool:
+        desired = fleet.etcd.range(PREFIX + "/desired").get(PREFIX + "/desired")
+        return isinstance(desired, dict) and desired.get("color") == "blue"
+
+    wait_until(written_back, 60, "desired written back", poll=0.3)
+    desired = fleet.etcd.range(PREFIX + "/desired")[PREFIX + "/desired"]
+    assert desired["generation"] == 1, desired
+    leader = fleet.leader()
+    assert leader is not None
+    fleet.daemons[leader].wait_event(
+        "alert", timeout=30, where=lambda e: "desired written again as generation 1" in e["reason"]
+    )
+    assert all(lab.nginx.served_color() == "blue" for lab in fleet.labs)
 
 
 def gates_say_hold(fleet: FleetLab) -> bool:
