@@ -14,6 +14,7 @@ import http.client
 import json
 import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -133,7 +134,7 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
     # scheme would have urllib open something that is not etcd.
     odd = [e for e in endpoints if not e.startswith(("http://", "https://"))]
     if odd:
-        raise FleetLockUnknown(f"[fleet] etcd: not an http(s) URL: {odd[0]!r}")
+        raise FleetLockUnknown(f"[fleet] etcd: not an http(s) URL: {_shown(odd[0])!r}")
 
     def path(key: str) -> Path | None:
         value = fleet.get(key)
@@ -189,11 +190,11 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
             # Something that is not an HTTP server at the URL (a bad status line, a cut body).
             http.client.HTTPException,
         ) as e:
-            problems.append(f"{base}: {type(e).__name__}")
+            problems.append(f"{_shown(base)}: {type(e).__name__}")
             continue
         if not isinstance(doc.get("header"), dict) or not isinstance(doc.get("kvs", []), list):
             # Every etcd answer has a header (cluster, revision): anything else is not etcd.
-            problems.append(f"{base}: not an answer of etcd's")
+            problems.append(f"{_shown(base)}: not an answer of etcd's")
             continue
         keys = _values(doc.get("kvs") or [], prefix)
         if "qos" not in keys:
@@ -214,6 +215,20 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
         )
         return with_unconverged({"locked_at": None, "by": None, **lock, "source": "fleet"}, behind)
     raise FleetLockUnknown("no etcd member answered: " + "; ".join(problems))
+
+
+def _shown(url: str) -> str:
+    """`url` as guardctl may print it: scheme, host and port only. guardctl reads the
+    `[fleet]` table unvalidated, and a URL with credentials in it (`user:pw@`, `?token=`),
+    which `check-config` refuses, must not reach a CI log through an error message."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return "(an etcd URL that cannot be read)"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{port}"
 
 
 def lock_problem(doc: object) -> str | None:

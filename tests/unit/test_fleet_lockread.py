@@ -131,3 +131,21 @@ def test_a_fleet_has_converged_when_every_node_serves_the_desired_color(
 )
 def test_only_a_lock_or_release_guardd_wrote_is_read_as_one(doc: object, ok: bool) -> None:
     assert (lock_problem(doc) is None) is ok
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://user:S3CRETPW@127.0.0.1:9",
+        "http://127.0.0.1:9/?token=S3CRETTOKEN",
+        "http://127.0.0.1:9/#S3CRETFRAG",
+        "ftp://user:S3CRETPW@127.0.0.1:9",
+    ],
+)
+def test_credentials_in_an_etcd_url_never_reach_the_answer(endpoint: str) -> None:
+    """guardctl reads `[fleet]` unvalidated: credentials in a URL (which `check-config`
+    refuses) must not be printed with the reason it is UNKNOWN (a CI log keeps it)."""
+    with pytest.raises(FleetLockUnknown) as raised:
+        read_fleet_lock({"etcd": [endpoint]}, "lab", timeout=1.0)
+    said = str(raised.value)
+    assert "S3CRET" not in said and "127.0.0.1:9" in said, said
