@@ -451,7 +451,9 @@ def _cmd_fleet_status(args: argparse.Namespace, target: _Target) -> int:
         n.get("lost") or (desired_color and n.get("serving") != desired_color) for n in nodes
     )
     # A second guardd under a node's name is a warning even while it serves the right color.
-    return WARNING if doc.get("alerts") or doc.get("twins") or diverges else OK
+    # Any warning (a decision in etcd guardd did not write, ...) is worth a look too.
+    warned = bool(doc.get("warnings"))
+    return WARNING if doc.get("alerts") or doc.get("twins") or diverges or warned else OK
 
 
 def _cmd_history(args: argparse.Namespace, target: _Target) -> int:

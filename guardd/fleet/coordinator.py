@@ -384,6 +384,9 @@ class Fleet:
                 for name, doc in sorted(self.twins().items())
             ]
         found += [self._alert_text(n) for n in self.diverged()]
+        behind = self.unconverged() if self.reachable else None
+        if behind is not None and "not a decision guardd wrote" in behind:
+            found.append(f"fleet: {behind} ({self.key('desired')})")
         return found
 
     def _clash_text(self) -> str:
@@ -997,7 +1000,9 @@ class Fleet:
         elif self._leader_rev is None:
             self._leader_rev = leader.create_revision  # ours, e.g. written before a restart
         desired = by_key.get(self.key("desired"))
-        self.desired = _json(desired.value) if desired is not None else None
+        value = _json(desired.value) if desired is not None else None
+        # Present but garbled: `{}`, a decision that cannot be read (never "none yet").
+        self.desired = None if desired is None else value if isinstance(value, dict) else {}
         self._desired_mod = desired.mod_revision if desired is not None else 0
         rollbacks = by_key.get(self.key("rollbacks"))
         got = _json(rollbacks.value, []) if rollbacks is not None else []

@@ -55,9 +55,17 @@ def unconverged(
     While one is, a rollback's guard window goes on and no gate says "deploys allowed":
     some users still meet the color the fleet moved away from.
     """
-    want = (desired or {}).get("color")
-    if want not in COLORS:
-        return None
+    if desired is None:
+        return None  # no decision yet: a new fleet serves what it serves
+    want = desired.get("color")
+    generation = desired.get("generation")
+    if want not in COLORS or not isinstance(generation, int) or isinstance(generation, bool):
+        # Not a decision guardd wrote (a hand's edit, damage): which color users should
+        # meet cannot be told, so the fleet is not known to have converged.
+        return (
+            "the fleet's desired color in etcd is not a decision guardd wrote (no color blue "
+            "or green with a generation): `guardctl switch` or `rollback` writes a new one"
+        )
     behind = [
         f"node {name} serves {doc.get('serving')}"
         for name, doc in sorted(live.items())
@@ -211,7 +219,11 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
         lost = {k: v for k, v in _under(keys, "seen/").items() if k not in live}
         desired = keys.get("desired")
         behind = unconverged(
-            desired if isinstance(desired, dict) else None, live, lost, _under(keys, "clash/")
+            # Present but not an object (garbled): a decision that cannot be read.
+            (desired if isinstance(desired, dict) else {}) if "desired" in keys else None,
+            live,
+            lost,
+            _under(keys, "clash/"),
         )
         return with_unconverged({"locked_at": None, "by": None, **lock, "source": "fleet"}, behind)
     raise FleetLockUnknown("no etcd member answered: " + "; ".join(problems))

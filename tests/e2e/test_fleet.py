@@ -1692,6 +1692,33 @@ def test_the_fleets_decision_lost_while_every_node_was_down_is_written_back(
     assert all(lab.nginx.served_color() == "blue" for lab in fleet.labs)
 
 
+@pytest.mark.parametrize("value", ["garbage", '{"color": "purple", "generation": 50}'])
+def test_a_decision_guardd_did_not_write_keeps_every_gate_locked(
+    make_fleet: MakeFleet, value: str
+) -> None:
+    """`desired` overwritten by hand with something that is not a decision: which color
+    users should meet cannot be told, so no gate says "deploys allowed", and `fleet status`
+    warns; a `rollback` writes a new decision and the gates open."""
+    fleet = make_fleet()
+    fleet.start()
+    fleet.etcd.put(PREFIX + "/desired", value)
+
+    def all_locked() -> bool:
+        for lab in fleet.labs:
+            for config in (False, True):
+                code, doc, _ = qos_status(lab, config=config)
+                if code != 1 or "not a decision guardd wrote" not in str((doc or {}).get("reason")):
+                    return False
+        return True
+
+    wait_until(all_locked, 30, "every gate locked by the unreadable decision", poll=0.3)
+    out = guardctl("fleet", "status", socket=fleet.labs[0].socket_path)
+    assert out.returncode == 1 and "not a decision guardd wrote" in out.stdout, out
+    out = guardctl("rollback", "--reason", "a new decision", socket=fleet.labs[1].socket_path)
+    assert out.returncode == 0, out
+    all_released(fleet)
+
+
 def gates_say_hold(fleet: FleetLab) -> bool:
     """Every gate, through the socket and from the config, is locked by a hold."""
     for lab in fleet.labs:

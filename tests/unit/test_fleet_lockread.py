@@ -78,6 +78,10 @@ def test_an_answer_that_is_not_etcds_is_unknown_never_unlocked(answer: bytes, wh
 
 
 BLUE = {"color": "blue", "generation": 5}
+_NOT_GUARDDS = (
+    "the fleet's desired color in etcd is not a decision guardd wrote (no color blue or green "
+    "with a generation): `guardctl switch` or `rollback` writes a new one"
+)
 
 
 @pytest.mark.parametrize(
@@ -104,6 +108,11 @@ BLUE = {"color": "blue", "generation": 5}
             {},
             "the fleet has not converged on blue: node a serves None",
         ),
+        # A decision guardd did not write: not known to have converged (never "None").
+        ({}, {"a": {"serving": "blue"}}, {}, _NOT_GUARDDS),
+        ({"color": "purple", "generation": 50}, {"a": {"serving": "blue"}}, {}, _NOT_GUARDDS),
+        ({"color": "blue"}, {"a": {"serving": "blue"}}, {}, _NOT_GUARDDS),
+        ({"color": "blue", "generation": True}, {"a": {"serving": "blue"}}, {}, _NOT_GUARDDS),
     ],
 )
 def test_a_fleet_has_converged_when_every_node_serves_the_desired_color(
