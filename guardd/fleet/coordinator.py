@@ -631,7 +631,8 @@ class Fleet:
         at = time.time()
         doc: dict[str, Any] = {"at": at, "by": by, "node": self.node, "reason": reason}
         with self._operator_write(
-            "resumed on this node only: the fleet's rollback budget is spent still"
+            "resumed on this node only: the fleet's rollback budget and the other nodes' holds "
+            "were not resumed"
         ):
             await self.client.put(self.key("rearmed"), json.dumps(doc))
         self.rearmed, self._rearm = doc, (True, at)

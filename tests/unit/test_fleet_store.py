@@ -18,6 +18,7 @@ import pytest
 from guardd import qoslock
 from guardd.config import FleetConfig
 from guardd.core.qos import QosWindow
+from guardd.exceptions import OperationRefused
 from guardd.fleet._etcd import KV, Header, LeaseGone, header_of
 from guardd.fleet.coordinator import Fleet
 from guardd.journal import parse_rfc3339
@@ -418,5 +419,22 @@ def test_the_leaders_window_waits_for_other_windows_until_their_known_end(
         f.nodes = {"n0": {"serving": "blue"}, "n1": {"serving": "blue", "window": None}}
         assert f.lock_must_stay() is None
         assert f.lock_stay_ends() is None
+
+    anyio.run(main)
+
+
+def test_a_resume_etcd_cannot_take_says_what_was_not_resumed(tmp_path: Path) -> None:
+    """With etcd out of reach a resume is this node's only: the refusal says the fleet's
+    budget and the other nodes' holds were not resumed (never that the budget is spent,
+    which this node cannot tell)."""
+
+    async def main() -> None:
+        f = fleet(tmp_path)
+        f.reachable, f.problem = False, "ConnectError"
+        with pytest.raises(OperationRefused) as refused:
+            await f.rearm("uid:0(root)", "ack")
+        said = str(refused.value)
+        assert "resumed on this node only" in said and "were not resumed" in said, said
+        assert "spent" not in said, said
 
     anyio.run(main)
