@@ -1819,6 +1819,18 @@ class Fleet:
                 )
             if guard.active == color:
                 self.applied_generation(generation)
+                if kind == "rollback":
+                    # The fleet's rollback is this node's last decision too: its status says
+                    # so, not the last one its own machine took before it.
+                    guard.last_decision = {
+                        "ts": rfc3339(time.time()),
+                        "action": "rollback",
+                        "severity": _severity(d.get("severity")),
+                        "reason": f"the fleet's rollback, generation {generation}, decided on "
+                        f"{d.get('node') or 'another node'}: {d.get('reason') or color}",
+                        "evidence": None,
+                        "not_taken": None,
+                    }
             else:
                 tries = self._failed.get(generation, (0.0, 0))[1] + 1
                 self._failed[generation] = (time.monotonic(), tries)

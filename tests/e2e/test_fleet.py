@@ -82,6 +82,11 @@ def test_green_fails_the_whole_fleet_rolls_back_once(fleet: FleetLab) -> None:
         "every node publishing generation 1",
     )
     assert {n["serving"] for n in fleet.fleet_status(0)["nodes"]} == {"blue"}
+    # Every node's last decision is the rollback it serves, not one its machine left to
+    # the leader (nor an older one).
+    for lab in fleet.labs:
+        decided = status_of(lab)["last_decision"]
+        assert decided["action"] == "rollback" and not decided.get("not_taken"), decided
     # Each node's own status says where it stands in the fleet.
     for i, lab in enumerate(fleet.labs):
         assert status_of(lab)["fleet"] == {
