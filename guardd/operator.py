@@ -56,7 +56,7 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
     if cmd == "rollback":
         assert guard.active is not None  # noqa: S101 - refused above
         target = guard.machine.rollback_target(guard.active)
-        if target == guard.active:
+        if target == guard.active and not _fleet_wants_other(guard, target):
             raise OperationRefused(f"{target} is already active; it is the rollback target")
         guard.machine.clear_hold()
         await _move(guard, target, "rollback", by, reason or "rollback requested by an operator")
@@ -65,7 +65,7 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
         color: Color = args["color"]
         if color not in COLORS:
             raise OperationRefused(f"unknown color {color!r}")
-        if color == guard.active:
+        if color == guard.active and not _fleet_wants_other(guard, color):
             raise OperationRefused(f"{color} is already active")
         force = bool(args.get("force"))
         _gate(guard, color, force=force, promote=False)
@@ -179,6 +179,14 @@ async def _qos_unlock(guard: Guard, reason: str | None, by: str) -> dict[str, An
         # What a gate now says: still locked while the fleet has not converged.
         return guard.fleet.qos_doc()
     return qoslock.read_lock(guard.s.lock_file).to_json()
+
+
+def _fleet_wants_other(guard: Guard, color: Color) -> bool:
+    """Whether this node serves `color` but the fleet's decision is another, or cannot be
+    read (a hand's edit of `desired`): then a switch or rollback to `color` is no no-op, it
+    writes the fleet's decision (the way out of one no node can apply)."""
+    fleet = guard.fleet
+    return fleet is not None and fleet.desired is not None and fleet.desired.get("color") != color
 
 
 async def _move(

@@ -1802,6 +1802,7 @@ class Fleet:
             )
             if time.monotonic() - failed[0] < wait:
                 return
+        revert: Color | None = None
         async with guard.lock:
             if guard.active == color:
                 self.applied_generation(generation)
@@ -1834,6 +1835,32 @@ class Fleet:
             else:
                 tries = self._failed.get(generation, (0.0, 0))[1] + 1
                 self._failed[generation] = (time.monotonic(), tries)
+                back = guard.active
+                failing = guard.machine.healthy(color, guard.clock.monotonic()) is False
+                if self.is_leader and back is not None and failing:
+                    revert = back
+        if revert is not None:
+            # A decision no node should try again: its color fails here too (a hand's edit
+            # of `desired`, a move asked with --force). Each try would put users on it; the
+            # leader puts the fleet back on what it serves (outside the guard's lock: etcd).
+            with contextlib.suppress(OperationRefused, EtcdUnavailable):
+                undone = await self.undo(
+                    generation,
+                    revert,
+                    self.node,
+                    f"the fleet's desired {color} (generation {generation}) did not apply on "
+                    f"{self.node}, and {color} fails its probes here",
+                )
+                if undone is not None:
+                    self.applied_generation(undone)
+                    guard.record(
+                        "alert",
+                        by=self.node,
+                        generation=undone,
+                        reason=f"fleet: the desired color {color} (generation {generation}) "
+                        f"did not apply here and fails its probes: written back to {revert} "
+                        f"as generation {undone}",
+                    )
         with contextlib.suppress(EtcdUnavailable):
             await self._publish_self()
 

@@ -1706,6 +1706,13 @@ def test_a_decision_guardd_did_not_write_keeps_every_gate_locked(
     warns; a `rollback` writes a new decision and the gates open."""
     fleet = make_fleet()
     fleet.start()
+    # Blue, the rollback target, serves already: `rollback` is no no-op while the fleet's
+    # decision cannot be read, it writes a new one.
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+    for d in fleet.daemons:
+        applied(d, 1)
+    all_released(fleet)
     fleet.etcd.put(PREFIX + "/desired", value)
 
     def all_locked() -> bool:
@@ -1722,6 +1729,44 @@ def test_a_decision_guardd_did_not_write_keeps_every_gate_locked(
     out = guardctl("rollback", "--reason", "a new decision", socket=fleet.labs[1].socket_path)
     assert out.returncode == 0, out
     all_released(fleet)
+
+
+def test_a_hand_written_decision_for_a_failing_color_is_put_back_by_the_leader(
+    make_fleet: MakeFleet,
+) -> None:
+    """`desired` written by hand for green while green fails: every node tries it, fails
+    at verify and undoes it; the leader, whose probes see green fail, writes blue back, so
+    no node tries green again."""
+    fleet = make_fleet(switch__timeout="2s")
+    fleet.start()
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+    for d in fleet.daemons:
+        applied(d, 1)
+    doc = {"color": "green", "generation": 99, "kind": "switch", "by": "mallory",
+           "reason": "by hand", "at": time.time(), "node": "elsewhere"}  # fmt: skip
+    fleet.etcd.put(PREFIX + "/desired", json.dumps(doc))
+
+    def put_back() -> bool:
+        now = fleet.etcd.range(PREFIX + "/desired")[PREFIX + "/desired"]
+        return bool(now["color"] == "blue" and now["generation"] > 99)
+
+    wait_until(put_back, 60, "blue written back by the leader", poll=0.3)
+    desired = fleet.etcd.range(PREFIX + "/desired")[PREFIX + "/desired"]
+    assert desired["reason"].startswith("undone: the fleet's desired green (generation 99)")
+    wait_until(
+        lambda: all(
+            n["generation"] == desired["generation"] for n in fleet.fleet_status(0)["nodes"]
+        ),
+        60,
+        "every node at the generation written back",
+        poll=0.3,
+    )
+    end = time.monotonic() + 12  # past the 2 s, 4 s and 8 s retries of generation 99
+    served: set[str | None] = set()
+    while time.monotonic() < end:
+        served |= {lab.nginx.served_color(timeout=2.0) for lab in fleet.labs}
+    assert served == {"blue"}, served
 
 
 def gates_say_hold(fleet: FleetLab) -> bool:
