@@ -435,7 +435,15 @@ def _cmd_fleet_status(args: argparse.Namespace, target: _Target) -> int:
     try:
         doc = call(target.socket, "fleet_status", {}, timeout=READ_TIMEOUT_S)
     except ControlError as e:
-        print(f"UNKNOWN: guardd {target.label}: {e}")
+        why = f"guardd {target.label}: {e}"
+        if not args.json:
+            print(f"UNKNOWN: {why}")
+            return UNKNOWN
+        # A pipeline parsing the answer gets one saying UNKNOWN, never plain text.
+        _warn(f"UNKNOWN: {why}")
+        _print_json(
+            {"unknown": True, "warning": why, "etcd_reachable": None, "nodes": [], "alerts": []}
+        )
         return UNKNOWN
     if args.json:
         _print_json(doc)

@@ -1592,3 +1592,19 @@ def test_fleet_status_cut_off_says_unknown_first_and_marks_every_row(reachable: 
         assert lines[0].startswith("UNKNOWN now; as last read: fleet /guardd/threader")
         assert lines[1].startswith("WARNING: etcd is unreachable from lb-c: ConnectError")
         assert all(ln.endswith("(as last read)") for ln in rows)
+
+
+def test_fleet_status_json_without_a_daemon_is_a_json_unknown(run_dir: Path, stopped: str) -> None:
+    """`fleet status --json` with guardd not answering: an UNKNOWN object on stdout, exit 3
+    (a pipeline parsing it never gets plain text); the text form keeps its line."""
+    dead = run_dir / "dead.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(dead))  # bound, never listening: nothing answers
+        as_json = guardctl("--socket", str(dead), "fleet", "status", "--json", run_dir=run_dir)
+        text = guardctl("--socket", str(dead), "fleet", "status", run_dir=run_dir)
+    dead.unlink()
+    assert as_json.code == 3, as_json
+    doc = json.loads(as_json.out)
+    assert doc["unknown"] is True and doc["etcd_reachable"] is None and doc["nodes"] == []
+    assert as_json.err == f"guardctl: UNKNOWN: {doc['warning']}\n", as_json
+    assert text.code == 3 and text.out.startswith("UNKNOWN: guardd "), text
