@@ -123,7 +123,14 @@ async def test_500_clients_and_10000_status_calls_keep_the_cadence(make_lab: Mak
     # Memory and descriptors are back where they were once the clients are gone.
     for _ in range(50):  # a few more calls let the server settle its bookkeeping
         await anyio.to_thread.run_sync(status, lab)
-    rss_after, fds_after = rss_kib(d.pid), open_fds(d.pid)
+    rss_after = rss_kib(d.pid)
+    # Descriptors in use for a moment (a probe's fresh connection, one per color and the
+    # front door) come and go; a leak stays. Looked at until they are back, for a while.
+    for _ in range(600):  # 30 s at most
+        fds_after = open_fds(d.pid)
+        if fds_after <= fds_before + 2:
+            break
+        await anyio.sleep(0.05)
     assert rss_after - rss_before < 16 * 1024, (rss_before, rss_after)
     assert fds_after <= fds_before + 2, (fds_before, fds_after)
     figure(
