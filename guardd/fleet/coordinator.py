@@ -1609,15 +1609,23 @@ class Fleet:
         previous, self._qos_mod = self._qos_mod, mod
         guard = self.guard
         # Only a new release acts: a lock this node took after the fleet's last release
-        # (a rollback's guard window) is not released by that old release.
-        if previous is None or mod in (previous, self._qos_mine):
+        # (a rollback's guard window) is not released by that old release. At the first
+        # read (`previous` None), only this node's own window, taken before a release
+        # written while the node was away (restarted mid-window): the fleet judged its
+        # rollback meanwhile, and a window kept from before would lock it again.
+        first = previous is None
+        if mod == self._qos_mine or (not first and mod == previous):
             return
         if guard is None or self.qos is None:
             return
         local = qoslock.read_lock(guard.s.lock_file)
         if self.qos.get("locked") or not local.held:
             return
-        if self._own_window(local):
+        if first:
+            stamped = isinstance(self.qos.get("released_at"), str)
+            if not self._own_window(local) or not stamped or _released_before(self.qos, local):
+                return
+        elif self._own_window(local):
             by = self.qos.get("by")
             if by in self.nodes or by in self.seen:
                 # A node's automatic release (its window passed, a lock expired) is not this

@@ -1769,6 +1769,42 @@ def test_a_hand_written_decision_for_a_failing_color_is_put_back_by_the_leader(
     assert served == {"blue"}, served
 
 
+def test_a_node_restarted_after_the_fleet_released_its_window_does_not_lock_again(
+    make_fleet: MakeFleet,
+) -> None:
+    """The leader, whose guard window is the fleet's lock, is killed; the fleet's lock is
+    released while it is down. Restarted, it finds its window in state.json, taken before
+    that release: it ends it, and locks nothing again."""
+    fleet = make_fleet(qos__window="4s")
+    fleet.start()
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+    for d in fleet.daemons:
+        applied(d, 1)
+    leader = fleet.leader()
+    assert leader is not None
+    wait_until(fleet.labs[leader].lock_file.exists, 30, "the leader's window")
+    fleet.daemons[leader].kill9()
+
+    def released() -> bool:
+        held = fleet.etcd.range(PREFIX + "/qos").get(PREFIX + "/qos") or {}
+        return held.get("locked") is False
+
+    wait_until(released, 90, "the fleet's lock released while the leader is down", poll=0.3)
+    assert fleet.labs[leader].lock_file.exists()  # its window, as it was killed
+    back = fleet.labs[leader].daemon()
+    back.wait_event(
+        "qos_released",
+        timeout=60,
+        where=lambda e: "the fleet's QoS lock was released" in e["reason"],
+    )
+    fleet.rounds_pass(3)
+    assert released(), fleet.etcd.range(PREFIX + "/qos")
+    assert not any(lab.lock_file.exists() for lab in fleet.labs)
+    assert all(qos_status(lab)[0] == 0 for lab in fleet.labs)
+    fleet.daemons[leader] = back
+
+
 def gates_say_hold(fleet: FleetLab) -> bool:
     """Every gate, through the socket and from the config, is locked by a hold."""
     for lab in fleet.labs:
