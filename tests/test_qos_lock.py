@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from guardd import qoslock
@@ -242,3 +243,32 @@ async def test_a_fleet_lock_etcd_refuses_is_taken_nowhere(tmp_path: Path, before
     assert g.own_lock is own_before
     assert (g.own_lock.floor if g.own_lock is not None else None) == floor_before
     assert list(g.journal.recent) == journal_before
+
+
+async def test_a_generation_decided_again_while_the_lock_was_waited_for_is_not_applied(
+    tmp_path: Path,
+) -> None:
+    """A node about to apply the fleet's generation waits for the guard's lock while an
+    operator's move on this node is undone and a newer generation written back: once it
+    has the lock, the generation it was about to apply is not the fleet's any more, and
+    it moves nothing (applying it would put users on the color just undone)."""
+    prepare(tmp_path)
+    g = await start(tmp_path, FakeClock(), SPEC)
+    _fleet_refusing_writes(g, tmp_path)
+    fleet = g.fleet
+    assert fleet is not None
+    fleet.desired = {"color": "blue", "generation": 2, "kind": "switch", "node": "n0"}
+    moved: list[str] = []
+
+    async def move_traffic(target: str, **_: object) -> None:
+        moved.append(target)
+
+    g.move_traffic = move_traffic  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg, g.lock:
+        tg.start_soon(fleet._converge)
+        await anyio.wait_all_tasks_blocked()  # it waits for the lock
+        # Meanwhile (the operator's command holds the lock): undone, written back.
+        fleet.desired = {"color": "green", "generation": 3, "kind": "switch"}
+        fleet.applied_generation(3)
+    assert moved == []
+    assert g.active == "green"

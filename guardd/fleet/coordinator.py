@@ -116,6 +116,10 @@ class Fleet:
     _qos_bad: str | None
     #: The fleet's last `resume` as this node knew it, before the store lost it.
     _rearmed_before: dict[str, Any] | None
+    #: Why the `rollbacks` key's value is not the list guardd writes (a warning), else None.
+    _rollbacks_bad: str | None
+    _qos_before: dict[str, Any] | None
+    _desired_before: dict[str, Any] | None
 
     def __init__(
         self, config: FleetConfig, *, instance: str, state_dir: Path, switch_timeout: float
@@ -177,18 +181,12 @@ class Fleet:
         self._high, self._suspect = 0, None
         # Since the store went back (until this node writes a new generation): the fleet's
         # lock and desired as this node knew them before, to put back what the store lost.
-        self._went_back = False
-        self._qos_before: dict[str, Any] | None = None
-        self._desired_before: dict[str, Any] | None = None
+        self._went_back, self._qos_before, self._desired_before = False, None, None
         # Mirrors of a lock the new store lacks stay until then: its owner publishes it again.
         self._qos_settle_until = 0.0
         self._durable = frozenset(self.key(k) for k in ("desired", "rollbacks", "qos", "rearmed"))
-        self._fresh_once, self._qos_bad, self._release_before, self._rearmed_before = (
-            False,
-            None,
-            None,
-            None,
-        )
+        self._fresh_once, self._qos_bad, self._rollbacks_bad = False, None, None
+        self._release_before = self._rearmed_before = None
         # `_epoch`: how many times the store went back (a round's view is of one epoch).
         # `_own`: our acknowledged writes of keys without a lease, which no node deletes:
         # key -> the revision etcd answered. A linearizable read that shows one older, or
@@ -196,7 +194,7 @@ class Fleet:
         # it), even when other writes since carried its revision past the one we knew.
         self._epoch, self._own, self._rollbacks_before = 0, dict[str, int](), []
         self._clash, self._clash_told, self._unacted, self.held_back = None, False, None, None
-        self._renewed, self._published_at = 0.0, 0.0
+        self._renewed = self._published_at = 0.0
         self.client.on_header = self._header
         self._store = state_dir / "fleet.json"
         self.applied = self._load_applied()
@@ -387,6 +385,8 @@ class Fleet:
         behind = self.unconverged() if self.reachable else None
         if behind is not None and "not a decision guardd wrote" in behind:
             found.append(f"fleet: {behind} ({self.key('desired')})")
+        if self._rollbacks_bad is not None and self.reachable:
+            found.append(self._rollbacks_bad)
         return found
 
     def _clash_text(self) -> str:
@@ -1006,8 +1006,19 @@ class Fleet:
         self.desired = None if desired is None else value if isinstance(value, dict) else {}
         self._desired_mod = desired.mod_revision if desired is not None else 0
         rollbacks = by_key.get(self.key("rollbacks"))
-        got = _json(rollbacks.value, []) if rollbacks is not None else []
-        self.rollbacks = [float(t) for t in got] if isinstance(got, list) else []
+        got = _json(rollbacks.value, None) if rollbacks is not None else []
+        if isinstance(got, list) and all(
+            isinstance(t, int | float) and not isinstance(t, bool) for t in got
+        ):
+            self.rollbacks, self._rollbacks_bad = [float(t) for t in got], None
+        else:
+            # Not the list of times guardd writes (a hand's edit, damage): the budget as
+            # this node last knew it stays, never an empty one (that would refill it).
+            self._rollbacks_bad = (
+                f"fleet: {self.key('rollbacks')} in etcd is not the list of rollback times "
+                f"guardd writes: the budget counts the {len(self.rollbacks)} rollback(s) "
+                "this node last knew"
+            )
         rearmed = by_key.get(self.key("rearmed"))
         doc = _json(rearmed.value, None) if rearmed is not None else None
         at = doc.get("at") if isinstance(doc, dict) else None
@@ -1800,7 +1811,7 @@ class Fleet:
         guard, d = self.guard, self.desired
         if guard is None or d is None or self.reachable is False:
             return
-        generation, color = int(d.get("generation", 0)), d.get("color")
+        generation, color = _int(d.get("generation")), d.get("color")
         if generation <= self.applied or color not in COLORS:
             return
         failed = self._failed.get(generation)
@@ -1812,6 +1823,13 @@ class Fleet:
                 return
         revert: Color | None = None
         async with guard.lock:
+            if (
+                generation <= self.applied
+                or _int((self.desired or {}).get("generation")) != generation
+            ):
+                # Decided again while the lock was waited for (an operator's move, undone
+                # and written back meanwhile): that generation is not the fleet's any more.
+                return
             if guard.active == color:
                 self.applied_generation(generation)
                 return

@@ -438,3 +438,26 @@ def test_a_resume_etcd_cannot_take_says_what_was_not_resumed(tmp_path: Path) -> 
         assert "spent" not in said, said
 
     anyio.run(main)
+
+
+@pytest.mark.parametrize("value", ['{"x": 1}', '["soon"]', "not json", "[true]"])
+def test_a_budget_guardd_did_not_write_keeps_the_one_known(tmp_path: Path, value: str) -> None:
+    """A `rollbacks` value that is not the list of times guardd writes (a hand's edit) is no
+    empty budget (that would allow rollbacks the fleet has spent): the times last known stay,
+    and a warning names the key."""
+
+    async def main() -> None:
+        f = fleet(tmp_path)
+        f.reachable = True
+        key = f.key("rollbacks")
+        f._read([kv(key, "[1796160000.5, 1796160100.0]", 5)])
+        assert f.rollbacks == [1796160000.5, 1796160100.0]
+        assert not [w for w in f.warnings() if "rollbacks" in w]
+        f._read([kv(key, value, 6)])
+        assert f.rollbacks == [1796160000.5, 1796160100.0]
+        (said,) = [w for w in f.warnings() if "rollbacks" in w]
+        assert "not the list of rollback times guardd writes" in said and "2 rollback(s)" in said
+        f._read([kv(key, "[1796160000.5, 1796160100.0, 1796160200.0]", 7)])
+        assert len(f.rollbacks) == 3 and not [w for w in f.warnings() if "rollbacks" in w]
+
+    anyio.run(main)
