@@ -64,6 +64,35 @@ def applied(d: Daemon, generation: int) -> dict[str, Any]:
     )
 
 
+def green_fails_and_the_fleet_rolls_back(fleet: FleetLab) -> None:
+    """Green answers 503: every nginx serves only blue, and every node journals the
+    rollback as generation 1."""
+    fleet.green.set_mode("http_503")
+    assert fleet.all_serve("blue")
+    for d in fleet.daemons:
+        applied(d, 1)
+
+
+def every_node_at(fleet: FleetLab, generation: int, timeout: float = 60) -> None:
+    """Wait until every node's record (`fleet status`) says it applied `generation`."""
+    wait_until(
+        lambda: all(n["generation"] == generation for n in fleet.fleet_status(0)["nodes"]),
+        timeout,
+        f"every node at generation {generation}",
+        poll=0.3,
+    )
+
+
+def only_blue_served_for(fleet: FleetLab, seconds: float) -> None:
+    """For `seconds`, every nginx answers fresh connections from blue only (a node that
+    tried green again would show it)."""
+    end = time.monotonic() + seconds
+    served: set[str | None] = set()
+    while time.monotonic() < end:
+        served |= {lab.nginx.served_color(timeout=2.0) for lab in fleet.labs}
+    assert served == {"blue"}, served
+
+
 def test_green_fails_the_whole_fleet_rolls_back_once(fleet: FleetLab) -> None:
     fleet.start()
     assert all(lab.nginx.served_color() == "green" for lab in fleet.labs)
@@ -76,11 +105,7 @@ def test_green_fails_the_whole_fleet_rolls_back_once(fleet: FleetLab) -> None:
     assert status["rollbacks"] == 1
     assert status["desired"]["color"] == "blue" and status["desired"]["generation"] == 1
     assert status["leader"] in {"n0", "n1", "n2"}
-    wait_until(
-        lambda: all(n["generation"] == 1 for n in fleet.fleet_status(0)["nodes"]),
-        30,
-        "every node publishing generation 1",
-    )
+    every_node_at(fleet, 1, timeout=30)
     assert {n["serving"] for n in fleet.fleet_status(0)["nodes"]} == {"blue"}
     # Every node's last decision is the rollback it serves, not one its machine left to
     # the leader (nor an older one).
@@ -670,10 +695,7 @@ def test_majority_quorum_one_nodes_view_does_not_switch_the_fleet(make_fleet: Ma
             assert not [e for e in other.events() if e["event"].startswith("rollback")]
         assert PREFIX + "/desired" not in fleet.etcd.range(PREFIX + "/", prefix=True)
         # Every node sees it now: the majority is there, and the fleet rolls back once.
-        fleet.green.set_mode("http_503")
-        assert fleet.all_serve("blue")
-        for node in fleet.daemons:
-            applied(node, 1)
+        green_fails_and_the_fleet_rolls_back(fleet)
     finally:
         blind.stop()
 
@@ -917,10 +939,7 @@ def test_nodes_follow_the_fleet_by_watch_not_by_polling(fleet: FleetLab) -> None
     read = fleet.etcd.calls("Range") - reads
     assert read <= 6, f"{read} range reads for 30 record refreshes"
     # And a change still reaches every node at once: the fleet rolls back as one.
-    fleet.green.set_mode("http_503")
-    assert fleet.all_serve("blue")
-    for d in fleet.daemons:
-        applied(d, 1)
+    green_fails_and_the_fleet_rolls_back(fleet)
 
 
 def lock_is_unknown_on(node: Lab) -> None:
@@ -1159,10 +1178,7 @@ def test_a_paused_leader_hands_over_the_lead_and_the_fleet_still_rolls_back(
     )
     assert handed["node"] is None and "is paused" in handed["reason"], handed
     wait_until(lambda: fleet.leader() not in (None, old), 30, "another leader", poll=0.1)
-    fleet.green.set_mode("http_503")
-    assert fleet.all_serve("blue")
-    for x in fleet.daemons:
-        applied(x, 1)
+    green_fails_and_the_fleet_rolls_back(fleet)
     assert fleet.leader() != old
     # Resumed, it follows: the lead stays where it went.
     out = guardctl("resume", socket=fleet.labs[old].socket_path)
@@ -1235,10 +1251,7 @@ def test_an_old_release_does_not_release_a_rollbacks_lock(make_fleet: MakeFleet)
         lambda: not any(n.lock_file.exists() for n in fleet.labs), 60, "the lock gone everywhere"
     )
     released = [sum(e["event"] == "qos_released" for e in d.events()) for d in fleet.daemons]
-    fleet.green.set_mode("http_503")
-    assert fleet.all_serve("blue")
-    for d in fleet.daemons:
-        applied(d, 1)
+    green_fails_and_the_fleet_rolls_back(fleet)
 
     def rollback_locked_everywhere() -> bool:
         held = fleet.etcd.range(PREFIX + "/qos").get(PREFIX + "/qos")
@@ -1278,10 +1291,7 @@ def test_after_etcd_is_wiped_the_fleet_decides_above_the_old_generations(
     fleet: FleetLab,
 ) -> None:
     fleet.start()
-    fleet.green.set_mode("http_503")
-    assert fleet.all_serve("blue")
-    for d in fleet.daemons:
-        applied(d, 1)
+    green_fails_and_the_fleet_rolls_back(fleet)
     fleet.green.set_mode("ok")
     before = fleet.etcd.revision()
     # The store starts over (an empty backup restored): revision 1, no desired, no leader.
@@ -1385,10 +1395,7 @@ def test_the_fleets_keys_deleted_from_etcd_never_open_a_gate_and_are_put_back(
     lock, the decision and the rollback budget come back as the nodes knew them."""
     fleet = make_fleet(qos__window="10m")
     fleet.start()
-    fleet.green.set_mode("http_503")
-    assert fleet.all_serve("blue")
-    for d in fleet.daemons:
-        applied(d, 1)
+    green_fails_and_the_fleet_rolls_back(fleet)
     wait_until(lambda: all(blocked_by_the_fleet(lab) for lab in fleet.labs), 60, "the lock")
     # An operator's resume: the budget counts only rollbacks after it, so it must survive.
     out = guardctl("resume", "--reason", "ack", socket=fleet.labs[1].socket_path)
@@ -1544,10 +1551,7 @@ def test_resume_on_any_node_re_arms_the_fleets_budget_and_ends_every_hold(
 ) -> None:
     fleet = make_fleet(policy__max_rollbacks=1)
     fleet.start()
-    fleet.green.set_mode("http_503")
-    assert fleet.all_serve("blue")
-    for d in fleet.daemons:
-        applied(d, 1)
+    green_fails_and_the_fleet_rolls_back(fleet)
     fleet.green.set_mode("ok")
     leader = fleet.leader()
     assert leader is not None
@@ -1603,10 +1607,7 @@ def test_a_forced_switch_that_fails_to_verify_is_undone_for_the_whole_fleet(
     node keeps trying green (each try would put its users on green's errors)."""
     fleet = make_fleet(switch__timeout="2s")
     fleet.start()
-    fleet.green.set_mode("http_503")
-    assert fleet.all_serve("blue")
-    for d in fleet.daemons:
-        applied(d, 1)
+    green_fails_and_the_fleet_rolls_back(fleet)
     out = guardctl(
         "switch", "green", "--force", "--reason", "try it", socket=fleet.labs[0].socket_path
     )
@@ -1616,18 +1617,9 @@ def test_a_forced_switch_that_fails_to_verify_is_undone_for_the_whole_fleet(
     desired = fleet.etcd.range(PREFIX + "/desired")[PREFIX + "/desired"]
     assert (desired["color"], desired["generation"]) == ("blue", 3), desired
     assert desired["reason"].startswith("undone: switch to green failed at verify"), desired
-    wait_until(
-        lambda: all(n["generation"] == 3 for n in fleet.fleet_status(0)["nodes"]),
-        60,
-        "every node at generation 3",
-        poll=0.3,
-    )
+    every_node_at(fleet, 3)
     # Three retry periods and more (2 s, then 4 s, then 8 s): no node tries green again.
-    end = time.monotonic() + 16
-    served: set[str | None] = set()
-    while time.monotonic() < end:
-        served |= {lab.nginx.served_color(timeout=2.0) for lab in fleet.labs}
-    assert served == {"blue"}, served
+    only_blue_served_for(fleet, 16)
 
 
 def test_a_release_guardd_did_not_write_ends_no_lock_and_opens_no_gate(
@@ -1638,10 +1630,7 @@ def test_a_release_guardd_did_not_write_ends_no_lock_and_opens_no_gate(
     no gate opens; the leader publishes its window again."""
     fleet = make_fleet(qos__window="10m")
     fleet.start()
-    fleet.green.set_mode("http_503")
-    assert fleet.all_serve("blue")
-    for d in fleet.daemons:
-        applied(d, 1)
+    green_fails_and_the_fleet_rolls_back(fleet)
     wait_until(lambda: all(blocked_by_the_fleet(lab) for lab in fleet.labs), 60, "the lock")
     before = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]
     marks = [len(d.events()) for d in fleet.daemons]
@@ -1673,10 +1662,7 @@ def test_the_fleets_decision_lost_while_every_node_was_down_is_written_back(
     `fleet.json`), with an alert; the numbering goes on above it."""
     fleet = make_fleet()
     fleet.start()
-    fleet.green.set_mode("http_503")
-    assert fleet.all_serve("blue")
-    for d in fleet.daemons:
-        applied(d, 1)
+    green_fails_and_the_fleet_rolls_back(fleet)
     for d in fleet.daemons:
         assert d.stop() == 0
     assert fleet.etcd.delete(PREFIX + "/", prefix=True) > 0
@@ -1708,10 +1694,7 @@ def test_a_decision_guardd_did_not_write_keeps_every_gate_locked(
     fleet.start()
     # Blue, the rollback target, serves already: `rollback` is no no-op while the fleet's
     # decision cannot be read, it writes a new one.
-    fleet.green.set_mode("http_503")
-    assert fleet.all_serve("blue")
-    for d in fleet.daemons:
-        applied(d, 1)
+    green_fails_and_the_fleet_rolls_back(fleet)
     all_released(fleet)
     fleet.etcd.put(PREFIX + "/desired", value)
 
@@ -1739,10 +1722,7 @@ def test_a_hand_written_decision_for_a_failing_color_is_put_back_by_the_leader(
     no node tries green again."""
     fleet = make_fleet(switch__timeout="2s")
     fleet.start()
-    fleet.green.set_mode("http_503")
-    assert fleet.all_serve("blue")
-    for d in fleet.daemons:
-        applied(d, 1)
+    green_fails_and_the_fleet_rolls_back(fleet)
     doc = {"color": "green", "generation": 99, "kind": "switch", "by": "mallory",
            "reason": "by hand", "at": time.time(), "node": "elsewhere"}  # fmt: skip
     fleet.etcd.put(PREFIX + "/desired", json.dumps(doc))
@@ -1754,19 +1734,8 @@ def test_a_hand_written_decision_for_a_failing_color_is_put_back_by_the_leader(
     wait_until(put_back, 60, "blue written back by the leader", poll=0.3)
     desired = fleet.etcd.range(PREFIX + "/desired")[PREFIX + "/desired"]
     assert desired["reason"].startswith("undone: the fleet's desired green (generation 99)")
-    wait_until(
-        lambda: all(
-            n["generation"] == desired["generation"] for n in fleet.fleet_status(0)["nodes"]
-        ),
-        60,
-        "every node at the generation written back",
-        poll=0.3,
-    )
-    end = time.monotonic() + 12  # past the 2 s, 4 s and 8 s retries of generation 99
-    served: set[str | None] = set()
-    while time.monotonic() < end:
-        served |= {lab.nginx.served_color(timeout=2.0) for lab in fleet.labs}
-    assert served == {"blue"}, served
+    every_node_at(fleet, desired["generation"])
+    only_blue_served_for(fleet, 12)  # past the 2 s, 4 s and 8 s retries of generation 99
 
 
 def test_a_node_restarted_after_the_fleet_released_its_window_does_not_lock_again(
@@ -1777,10 +1746,7 @@ def test_a_node_restarted_after_the_fleet_released_its_window_does_not_lock_agai
     that release: it ends it, and locks nothing again."""
     fleet = make_fleet(qos__window="4s")
     fleet.start()
-    fleet.green.set_mode("http_503")
-    assert fleet.all_serve("blue")
-    for d in fleet.daemons:
-        applied(d, 1)
+    green_fails_and_the_fleet_rolls_back(fleet)
     leader = fleet.leader()
     assert leader is not None
     wait_until(fleet.labs[leader].lock_file.exists, 30, "the leader's window")
