@@ -579,9 +579,7 @@ class Fleet:
                 f"the fleet's QoS lock in etcd ({self.key('qos')}) is {self._qos_bad}; "
                 "the fleet's QoS lock is unknown"
                 if self._qos_bad is not None
-                else f"the fleet's QoS lock is not in etcd ({self.key('qos')}): a store that "
-                "lost it, or a fleet whose leader has not written it yet; the fleet's QoS "
-                "lock is unknown",
+                else f"{lockread.missing_lock(self.key('qos'))}; the fleet's QoS lock is unknown",
                 source="fleet",
             )
         fleet = dict(self.qos) if self.qos is not None else {"locked": False}
@@ -676,6 +674,12 @@ class Fleet:
         if not ok:
             raise OperationRefused("the fleet's QoS lock changed meanwhile; look and try again")
         self._wrote_qos(doc, revision)
+
+    def _release(self, reason: str) -> dict[str, Any]:
+        """A release of the fleet's lock written by this node, as the `qos` key holds it."""
+        return _stamped(
+            self._as_fleets(qoslock.LockInfo(held=False, reason=reason, by=self.node).to_json())
+        )
 
     def _as_fleets(self, lock: dict[str, Any]) -> dict[str, Any]:
         """A lock document (`LockInfo.to_json`) as the fleet's `qos` key holds it: with the
@@ -972,6 +976,7 @@ class Fleet:
             leading = (
                 self._restore_desired,
                 self._restore_rollbacks,
+                self._restore_rearmed,
                 self._mirror_qos_up,
                 self._expire_qos,
                 self._keep_qos_key,
@@ -1395,11 +1400,7 @@ class Fleet:
         if held == self._qos_wrote and guard is not None and guard.own_lock is not None:
             return  # our own lock: our keeper ends or extends it, and we publish that
         if isinstance(held, dict) and held.get("locked") and _ended(held, self.expiry_grace):
-            doc = _stamped(
-                self._as_fleets(
-                    qoslock.LockInfo(held=False, reason="expired", by=self.node).to_json()
-                )
-            )
+            doc = self._release("expired")
             ok, revision = await self.client.txn(
                 [compare(self.key("qos"), "MOD", current.mod_revision)],
                 [put_op(self.key("qos"), doc)],
@@ -1431,14 +1432,7 @@ class Fleet:
                 f"by {self.node} as it was last: released"
             )
         else:
-            doc = _stamped(
-                self._as_fleets(
-                    qoslock.LockInfo(
-                        held=False, reason="no QoS lock taken in this fleet yet", by=self.node
-                    ).to_json()
-                )
-            )
-            said = None
+            doc, said = self._release("no QoS lock taken in this fleet yet"), None
         ok, revision = await self.client.txn(
             [compare(self.key("qos"), "CREATE", 0)], [put_op(self.key("qos"), doc)]
         )
@@ -1554,22 +1548,11 @@ class Fleet:
         guard = self.guard
         if not self._went_back or guard is None or self._leader_rev is None:
             return
-        await self._restore_rearmed()
         lost = set(self._rollbacks_before) - set(self.rollbacks)
         if not lost:
             return
         merged = sorted({*self.rollbacks, *self._rollbacks_before})[-100:]
-        current = self._kvs.get(self.key("rollbacks"))
-        ok, _ = await self.client.txn(
-            [
-                compare(
-                    self.key("rollbacks"), "MOD", current.mod_revision if current is not None else 0
-                ),
-                compare(self.key("leader"), "CREATE", self._leader_rev),
-            ],
-            [put_op(self.key("rollbacks"), merged)],
-        )
-        if not ok:
+        if not await self._leader_put("rollbacks", merged):
             return
         self.rollbacks, self._rollbacks_before = merged, []
         guard.record(
@@ -1578,6 +1561,22 @@ class Fleet:
             reason=f"fleet: {len(lost)} rollback(s) of the fleet's budget that etcd's store "
             "lost written back, as this node knew them before it went back",
         )
+
+    async def _leader_put(self, name: str, value: object) -> bool:
+        """Write `P/<name>` as the leader: over the key's mod_revision as last read (0:
+        absent), fenced by the leader key's create_revision. Whether etcd took it."""
+        key, term = self.key(name), self._leader_rev
+        if term is None:
+            return False  # not the leader (any more)
+        current = self._kvs.get(key)
+        ok, _ = await self.client.txn(
+            [
+                compare(key, "MOD", current.mod_revision if current is not None else 0),
+                compare(self.key("leader"), "CREATE", term),
+            ],
+            [put_op(key, value)],
+        )
+        return ok
 
     async def _restore_rearmed(self) -> None:
         """After the store went back, the leader writes back the fleet's last `resume`
@@ -1590,17 +1589,7 @@ class Fleet:
         if self.rearmed is not None and self.rearmed_at >= _at(before):
             self._rearmed_before = None
             return
-        current = self._kvs.get(self.key("rearmed"))
-        ok, _ = await self.client.txn(
-            [
-                compare(
-                    self.key("rearmed"), "MOD", current.mod_revision if current is not None else 0
-                ),
-                compare(self.key("leader"), "CREATE", self._leader_rev),
-            ],
-            [put_op(self.key("rearmed"), before)],
-        )
-        if not ok:
+        if not await self._leader_put("rearmed", before):
             return
         self.rearmed, self._rearmed_before = before, None
         guard.record(

@@ -26,6 +26,7 @@ __all__ = [
     "FleetLockUnknown",
     "fleet_prefix",
     "lock_problem",
+    "missing_lock",
     "read_fleet_lock",
     "unconverged",
     "with_unconverged",
@@ -208,10 +209,7 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
         if "qos" not in keys:
             # A fleet's leader keeps the key: none is a mistyped prefix, a fleet not started
             # yet, or a store that lost it; never "unlocked".
-            raise FleetLockUnknown(
-                f"the fleet's QoS lock is not in etcd ({qos_key}): a mistyped fleet.prefix, "
-                "a fleet whose leader has not written it yet, or a store that lost it"
-            )
+            raise FleetLockUnknown(missing_lock(qos_key))
         lock = keys["qos"]
         if (problem := lock_problem(lock)) is not None:
             raise FleetLockUnknown(f"{qos_key} in etcd: {problem}")
@@ -241,6 +239,14 @@ def _shown(url: str) -> str:
         return "(an etcd URL that cannot be read)"
     host = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{host}{port}"
+
+
+def missing_lock(qos_key: str) -> str:
+    """Why there is no `qos` key: what a gate says, UNKNOWN (never "no lock")."""
+    return (
+        f"the fleet's QoS lock is not in etcd ({qos_key}): a mistyped fleet.prefix, a fleet "
+        "whose leader has not written it yet, or a store that lost it"
+    )
 
 
 def lock_problem(doc: object) -> str | None:
