@@ -162,9 +162,6 @@ class Guard:
         self.started_mono = clock.monotonic()
         self.state: State = State.STARTING
         self.last_decision: dict[str, Any] | None = None
-        # Why the rollback the last tick decided was not taken here (a fleet node: the
-        # leader decides, etcd is unreachable...); `last_decision` says so.
-        self.last_not_taken: str | None = None
         self.budget = RollbackBudget()
         #: The fleet this node belongs to (`[fleet]`), or None: this node decides alone.
         self.fleet: Fleet | None = None
@@ -386,14 +383,15 @@ class Guard:
             ),
         )
         self.metrics.set_verdicts(self.machine.verdicts)
-        self.last_not_taken = None
         for action in decision.actions:
             await self._act(action)
         relocked = self._standstill_lock(decision)
         if decision.actions or decision.blocked_by:
-            self.last_decision = statusview.decision_doc(
-                decision, self.clock.wall(), self.last_not_taken
-            )
+            # A rollback this tick decided and the fleet did not take (`decide_rollback`
+            # said why, this tick): the leader decides, etcd is unreachable...
+            rolled = any(isinstance(a, Rollback) for a in decision.actions)
+            not_taken = self.fleet.held_back if rolled and self.fleet is not None else None
+            self.last_decision = statusview.decision_doc(decision, self.clock.wall(), not_taken)
         if decision.actions or relocked:
             # Acting changed the world (a switch, a lock, a hold): restate without deciding again.
             self._publish(
@@ -631,8 +629,7 @@ class Guard:
                     action.target, action.reason, action.severity
                 )
                 if generation is None:
-                    self.last_not_taken = self.fleet.held_back
-                    return
+                    return  # (`held_back` says why: `last_decision.not_taken`)
             await self.move_traffic(
                 action.target,
                 kind="rollback",

@@ -261,7 +261,6 @@ GUARD_NOT_KEPT = {
     "started_mono": "uptime",
     "state": "recomputed by the next tick",
     "last_decision": "shown in status only; recomputed by the next decision",
-    "last_not_taken": "part of last_decision, recomputed with it",
     "qos": "checked attribute by attribute below",
     "budget": "checked attribute by attribute below",
 }
