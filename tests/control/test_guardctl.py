@@ -327,8 +327,9 @@ def test_status_json(guard: FakeGuard, run_dir: Path, name: str) -> None:
     assert run.code == ctl.status_exit_code(fixture(name))
 
 
-def test_status_unreachable(run_dir: Path, stopped: str) -> None:
-    """No daemon, or a dead socket, is UNKNOWN: exit 3."""
+def test_status_unreachable(run_dir: Path, stopped: str, guard: FakeGuard) -> None:
+    """No daemon, or a dead socket, is UNKNOWN: exit 3 (and the instances here are named:
+    `guard` runs "threader" beside the stopped one, whichever test ran first)."""
     missing = guardctl("--instance", stopped, "status", run_dir=run_dir)
     with socket.socket(socket.AF_UNIX) as dead:
         dead.bind(str(run_dir / "dead.sock"))
