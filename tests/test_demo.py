@@ -17,6 +17,7 @@ from guardd._demo.nginx import LOG_FORMAT
 from guardd._demo.servers import Upstream
 from guardd._demo.view import Frame, View
 from tests.harness.nginx import nginx_binary
+from tests.harness.procs import INTERRUPTIBLE, is_gone
 
 DEMO = [sys.executable, "-m", "guardd.cli", "demo"]
 REPO = Path(__file__).resolve().parents[1]
@@ -52,15 +53,6 @@ def run_demo(tmp_path: Path, *, with_nginx: bool) -> str:
     return done.stdout
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether `pid` is a live process (a zombie counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
 def processes_mentioning(text: str) -> list[str]:
     """Command lines of live processes that mention `text` (a workspace path)."""
     found = []
@@ -69,7 +61,7 @@ def processes_mentioning(text: str) -> list[str]:
             args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if text in args and pid_alive(int(cmdline.parent.name)):
+        if text in args and not is_gone(int(cmdline.parent.name)):
             found.append(args)
     return found
 
@@ -82,9 +74,9 @@ def assert_nothing_left(output: str, tmp_path: Path) -> None:
     assert not list(tmp_path.glob("guardd-demo-*"))
     guardd_pid = re.search(r"guardd is ready \(pid (\d+)", output)
     assert guardd_pid, output
-    assert not pid_alive(int(guardd_pid[1]))
+    assert is_gone(int(guardd_pid[1]))
     if nginx_pid := re.search(r"master pid (\d+)", output):
-        assert not pid_alive(int(nginx_pid[1]))
+        assert is_gone(int(nginx_pid[1]))
     assert processes_mentioning(workspace[1]) == []
 
 
@@ -185,7 +177,7 @@ def test_demo_without_nginx_uses_the_state_file_switcher(tmp_path: Path) -> None
 @pytest.mark.nginx
 def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [*DEMO, "--seconds", "60"],
+        [*INTERRUPTIBLE, *DEMO, "--seconds", "60"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -12,6 +12,7 @@ from typing import Any
 
 from tests.control import test_guardctl as base
 from tests.control.test_guardctl import GUARDCTL, WAIT_S, FakeGuard, _dirs, fixture, guardctl
+from tests.harness.procs import INTERRUPTIBLE
 
 # The control-socket fixtures of test_guardctl: one fake guard on a background loop.
 run_dir = base.run_dir
@@ -22,28 +23,27 @@ guard = base.guard
 def test_watch_json_in_a_pipe_prints_the_status_and_exits_130_on_ctrl_c(
     guard: FakeGuard, run_dir: Path
 ) -> None:
-    proc = subprocess.Popen(
-        [str(GUARDCTL), "--instance", "threader", "status", "--watch", "--json"],
+    with subprocess.Popen(
+        [*INTERRUPTIBLE, str(GUARDCTL), "--instance", "threader", "status", "--watch", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={"PATH": os.environ["PATH"], **_dirs(run_dir)},
-    )
-    try:
-        assert proc.stdout is not None
-        first = proc.stdout.readline()
-        assert json.loads(first)["state"] == "steady"
-        guard.status["state"] = "degraded"
-        second = proc.stdout.readline()
-        assert json.loads(second)["state"] == "degraded"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(WAIT_S) == 130
-        rest, err = proc.communicate(timeout=WAIT_S)
-        assert "Traceback" not in err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            first = proc.stdout.readline()
+            assert json.loads(first)["state"] == "steady"
+            guard.status["state"] = "degraded"
+            second = proc.stdout.readline()
+            assert json.loads(second)["state"] == "degraded"
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(WAIT_S) == 130
+            rest, err = proc.communicate(timeout=WAIT_S)
+            assert "Traceback" not in err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     # No change, no line: the status did not change again after the second.
     assert rest == ""
     assert json.loads(first) == fixture("steady")

@@ -363,6 +363,8 @@ class Lab:
             if d.proc is not None and d.proc.poll() is None:
                 d.proc.kill()
                 d.proc.wait()
+            # Also for a daemon that died on its own: its log file is ours to close.
+            if d.proc is not None:
                 d._log.close()
         self.nginx.stop()
         if self.owns_upstreams:

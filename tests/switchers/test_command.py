@@ -18,6 +18,7 @@ from guardd.commands import RetryPolicy, run_command
 from guardd.exceptions import CommandFailed, SwitchError
 from guardd.switchers import COMMAND_STEPS, Switcher
 from guardd.switchers.command import CommandSwitcher, substitute
+from tests.harness.procs import is_gone
 
 pytestmark = pytest.mark.anyio
 
@@ -37,15 +38,6 @@ def script(path: Path, body: str) -> Path:
 def lines(path: Path) -> list[str]:
     """Return a log file's lines, none if it was never written."""
     return path.read_text().splitlines() if path.exists() else []
-
-
-def is_gone(pid: int) -> bool:
-    """Tell whether *pid* has exited (a zombie awaiting its reaper counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return True
-    return state in {"Z", "X"}
 
 
 def names(directory: Path) -> list[str]:
