@@ -105,6 +105,10 @@ class StorageError(GuarddError):
     """A journal, state or outbox write failed (disk full, permissions)."""
 
 
+class AlreadyRunning(GuarddError):
+    """Another guardd holds this instance's state directory (its `guardd.lock`)."""
+
+
 class UnsafePath(GuarddError):
     """A path guardd must write is a symlink or not a regular file."""
 

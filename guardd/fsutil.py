@@ -19,11 +19,12 @@ import os
 import stat
 from pathlib import Path
 
-from guardd.exceptions import StorageError, UnsafePath
+from guardd.exceptions import AlreadyRunning, StorageError, UnsafePath
 
 __all__ = [
     "atomic_write",
     "fsync_dir",
+    "hold_instance_lock",
     "open_nofollow",
     "read_bytes",
     "remove_debris",
@@ -63,6 +64,46 @@ def open_nofollow(path: Path, flags: int, mode: int = _DEFAULT_MODE) -> int:
     if not regular:
         os.close(fd)
         raise UnsafePath(f"{path}: is not a regular file")
+    return fd
+
+
+def hold_instance_lock(directory: Path) -> int:
+    """Take the exclusive `flock` on `directory` itself and write this process's pid into
+    `<directory>/guardd.pid`; the directory's fd, to keep open for as long as the process
+    guards.
+
+    The directory, not a file in it, carries the lock: taking it creates nothing, so a full
+    disk never keeps guardd from starting (the pid file is then left as it was). The kernel
+    lets go of the lock when the process ends, however it ends (`kill -9` too), so nothing
+    stale ever keeps the next guardd out. Raises `AlreadyRunning` (naming the holder's pid
+    when its file says it) when another process holds it, `OSError` when the directory
+    cannot be opened.
+    """
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    pid_file = directory / "guardd.pid"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            holder = read_bytes(pid_file)[:32].decode("ascii", "replace").strip()
+        except (OSError, UnsafePath):
+            holder = ""
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        raise AlreadyRunning(
+            f"another guardd{pid} runs with this state directory: {directory} is locked"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    # Only a hint for the message above: a disk too full to take it changes nothing.
+    with contextlib.suppress(OSError, UnsafePath):
+        pid_fd = open_nofollow(pid_file, os.O_WRONLY | os.O_CREAT, 0o640)
+        try:
+            os.ftruncate(pid_fd, 0)
+            os.pwrite(pid_fd, f"{os.getpid()}\n".encode(), 0)
+        finally:
+            os.close(pid_fd)
     return fd
 
 

@@ -8,10 +8,12 @@ uvicorn's server.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import math
+import os
 import signal
 import stat
 import tempfile
@@ -33,6 +35,7 @@ from guardd.core.machine import GuardMachine
 from guardd.core.types import COLORS, Color, Outcome
 from guardd.exceptions import ConfigError, ConfigProblem, GuarddError
 from guardd.faults import FaultPoints
+from guardd.fsutil import hold_instance_lock
 from guardd.guard import Guard, GuardSettings
 from guardd.journal import Journal
 from guardd.logs import get_logger
@@ -101,7 +104,24 @@ def startup_problems(settings: Settings) -> list[ConfigProblem]:
         elif sock.is_dir() or (sock.exists() and not stat.S_ISSOCK(sock.lstat().st_mode)):
             why = "something that is not a socket is in the way"
             problems.append(cannot(settings, "control.socket", f"bind {sock}", why))
+        elif _listened_on(sock):
+            # Another guardd (on another state directory) answers there: starting would
+            # probe and decide beside it until the bind, after the first tick, failed.
+            why = f"cannot bind {sock}: another process listens on it (a guardd already running?)"
+            problems.append(ConfigProblem(str(settings.source), "control.socket", why))
     return problems
+
+
+def _listened_on(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket at `path`."""
+    try:
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            return False
+    except OSError:
+        return False
+    from guardd.control.server import connect_answer  # noqa: PLC0415 - as ControlServer
+
+    return connect_answer(path) in (0, errno.EAGAIN)
 
 
 def _try_write(folder: Path) -> OSError | None:
@@ -501,8 +521,7 @@ class Supervisor:
 
     def _build(self, runtime: Runtime) -> Guard:
         s = runtime.settings
-        state_dir = s.state_dir
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        state_dir = s.state_dir  # made, and locked, by `run` before anything is built
         journal = Journal(state_dir / "events.jsonl", s.instance, self.clock.wall)
         journal.open()
         if journal.skipped_lines:
@@ -674,6 +693,23 @@ class Supervisor:
 
     async def run(self) -> int:
         """Guard until stopped; the process exit code."""
+        state_dir = self.settings.state_dir
+        try:
+            # Before anything is read or written: a second guardd on the same state (a
+            # `guardd run` typed beside the unit) would recover, journal, probe and decide
+            # beside the first, and could switch nginx under it.
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            lock_fd = hold_instance_lock(state_dir)
+        except (GuarddError, OSError) as e:
+            why = str(e) if isinstance(e, GuarddError) else f"cannot lock {state_dir}: {_why(e)}"
+            self.log.error("startup_failed", error=why)
+            return 1
+        try:
+            return await self._run()
+        finally:
+            os.close(lock_fd)
+
+    async def _run(self) -> int:
         try:
             runtime = self.build_runtime(self.settings)
             await self.install(runtime)

@@ -178,10 +178,7 @@ class ControlServer:
             return
         if not stat.S_ISSOCK(st.st_mode):
             raise UnsafePath(f"{self._path} exists and is not a socket; not removing it")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.setblocking(False)
-            # A Unix connect answers at once: refused means nobody is listening any more.
-            result = probe.connect_ex(str(self._path))
+        result = connect_answer(self._path)
         if result != errno.ECONNREFUSED:
             raise OSError(
                 errno.EADDRINUSE,
@@ -336,3 +333,12 @@ async def _send_quietly(stream: SocketStream, reply: bytes) -> None:
     # The peer may be gone already; there is nobody left to tell.
     with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
         await stream.send(reply)
+
+
+def connect_answer(path: Path) -> int:
+    """What a connect to the Unix socket at `path` answers, as `connect_ex` gives it: 0 (a
+    process accepted), `ECONNREFUSED` (nobody listens any more), `EAGAIN` (a listener
+    whose backlog is full), or another errno. A Unix connect answers at once."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        return probe.connect_ex(str(path))

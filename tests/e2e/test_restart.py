@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from typing import Any
 
 import pytest
 
-from tests.harness.daemon import Daemon, Lab, MakeLab, guardctl, log_lines, wait_until
+from tests.harness.daemon import GUARDD, Daemon, Lab, MakeLab, guardctl, log_lines, wait_until
 
 pytestmark = pytest.mark.nginx
 
@@ -145,3 +146,56 @@ def test_under_journald_each_line_carries_its_syslog_priority(make_lab: MakeLab)
     assert by_event["started"] == 6  # info
     assert all(prio == {"info": 6, "warning": 4, "error": 3}[doc["level"]] for prio, doc in lines)
     assert d.stop() == 0
+
+
+def test_a_second_guardd_on_a_running_guards_state_writes_nothing(make_lab: MakeLab) -> None:
+    """`guardd run` typed beside the running unit: refused before it reads or writes."""
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    journal = d.journal_path.read_bytes()
+    link = lab.nginx.active_link.readlink()
+
+    # The same state directory under another control socket: only the state lock tells.
+    other = lab.tmp / "other.toml"
+    other.write_text(lab.config_text().replace(str(lab.socket_path), str(lab.tmp / "other.sock")))
+    # The same control socket with another state directory: the live socket tells.
+    beside = lab.tmp / "beside.toml"
+    beside_state = lab.tmp / "beside-state"
+    beside.write_text(lab.config_text().replace(str(lab.state_dir), str(beside_state)))
+    for config in (lab.config_path, other, beside):
+        second = subprocess.run(
+            [*GUARDD, "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode == 1, (config, second)
+        said = second.stdout + second.stderr
+        if config == other:
+            failed = [json.loads(x) for x in said.splitlines() if '"startup_failed"' in x]
+            assert len(failed) == 1, said
+            assert failed[0]["error"] == (
+                f"another guardd (pid {d.pid}) runs with this state directory: "
+                f"{lab.state_dir} is locked"
+            )
+        else:
+            assert said.strip() == (
+                f"{config}: control.socket: cannot bind {lab.socket_path}: another process "
+                "listens on it (a guardd already running?)"
+            ), said
+    # Whatever the running guard journaled meanwhile, none of it is a start or a stop.
+    assert d.journal_path.read_bytes().startswith(journal)
+    assert [e["event"] for e in d.events()].count("started") == 1
+    assert "stopped" not in [e["event"] for e in d.events()]
+    assert not beside_state.exists() or not any(beside_state.iterdir())
+    assert lab.nginx.active_link.readlink() == link
+    assert d.proc is not None and d.proc.poll() is None, "the running guard goes on"
+    assert ctl(lab, "status").returncode == 0
+
+    # The lock dies with its holder, however it ends: the next start is not kept out.
+    d.kill9()
+    d2 = lab.daemon()
+    assert d2.state_dir == d.state_dir
+    assert (lab.state_dir / "guardd.pid").read_text().strip() == str(d2.pid)
+    assert d2.stop() == 0
