@@ -232,7 +232,7 @@ class HttpProber:
             # A URL the wire cannot dial.
             outcome, error, status = Outcome.CONNECT_ERROR, redact(str(e))[:200], None
         except Exception as e:
-            httpx = sys.modules.get("httpx")
+            httpx = _loaded("httpx")
             if httpx is None or not isinstance(e, httpx.HTTPError):
                 raise
             outcome, error, status = _httpx_outcome(e, url, self.spec)
@@ -409,8 +409,22 @@ async def _read_summary(
     return summarize(bytes(decoder.body[:limit]))
 
 
+def _loaded(name: str) -> Any:
+    """Module `name` if it is imported and done importing, else None; never imports it.
+
+    Another thread may be importing it right now (httpx, at a notification sink's first
+    delivery): a module still importing may lack the very names asked for, and nothing of
+    it can have raised here yet (`__spec__._initializing`, set by the import system while
+    the module runs).
+    """
+    module = sys.modules.get(name)
+    if module is None or getattr(getattr(module, "__spec__", None), "_initializing", False):
+        return None
+    return module
+
+
 def _read_errors() -> tuple[type[BaseException], ...]:
-    httpx = sys.modules.get("httpx")
+    httpx = _loaded("httpx")
     return (OSError, wire.ProtocolError) + (() if httpx is None else (httpx.TransportError,))
 
 
@@ -444,8 +458,8 @@ def _describe(e: BaseException, url: str) -> str:
     text: str | None = None
     # ssl and httpx are looked up, not imported: a config without https probes (or a
     # prober without an injected transport) never loads them, and then none is theirs.
-    ssl = sys.modules.get("ssl")
-    httpx = sys.modules.get("httpx")
+    ssl = _loaded("ssl")
+    httpx = _loaded("httpx")
     for cause in chain:
         if ssl is not None and isinstance(cause, ssl.SSLCertVerificationError):
             reason = cause.verify_message or cause.reason or "verification failed"

@@ -7,9 +7,12 @@ upstream sends may raise out of a probe or hold more than a bounded amount of me
 from __future__ import annotations
 
 import gzip
+import importlib.machinery
 import json
 import socket
+import sys
 import tracemalloc
+import types
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -523,3 +526,25 @@ async def test_url_schemes_are_case_insensitive(
         done = await anyio.run_process([*GUARDD, "check-config", str(config)], check=False)
     assert done.returncode == 0, done.stderr
     assert b"ok: instance=case" in done.stdout
+
+
+# ---- a library another thread is still importing ------------------------------------
+
+
+async def test_httpx_half_imported_by_another_thread_changes_no_outcome(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httpx is looked up, never imported, by the prober: while another thread imports it
+    (a notification sink's first delivery), `sys.modules` holds a module without its names
+    yet. A failing answer, summarised, and a refused connection are outcomes all the same."""
+    half = types.ModuleType("httpx")
+    half.__spec__ = importlib.machinery.ModuleSpec("httpx", None)
+    half.__spec__._initializing = True  # type: ignore[attr-defined]  # as the import system sets it
+    monkeypatch.setitem(sys.modules, "httpx", half)
+    with Upstream("green") as server:
+        server.set_mode("http_503")
+        failing = await probe(server.url, expect_json=UP)
+    assert failing.outcome is Outcome.HTTP_5XX, failing
+    port = free_port()
+    refused = await probe(f"http://127.0.0.1:{port}/healthz")
+    assert refused.error == f"connection refused (127.0.0.1:{port})"
