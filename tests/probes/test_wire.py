@@ -2,10 +2,15 @@
 
 Each drives `HttpProber` against a real misbehaving server on loopback: an answer split
 across hundreds of reads, a chunked body whose one chunk is 100 MiB, a TLS handshake the
-server never finishes, and a kept-alive connection the server says it will close.
+server never finishes, a kept-alive connection the server says it will close, a connect
+that never completes and an IPv6 address literal.
 """
 
 from __future__ import annotations
+
+import contextlib
+import socket
+import threading
 
 import pytest
 import trustme
@@ -74,3 +79,61 @@ async def test_a_connection_the_server_closes_is_not_kept() -> None:
             assert server.connections == 2
         finally:
             await prober.aclose()
+
+
+# ---- the plain socket an address literal is dialled on ------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_connect_that_never_completes_times_out() -> None:
+    """A listener whose accept queue is full drops the SYN: the connect waits, bounded."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        # Never accepted: the first fills the queue, the second is left waiting.
+        fillers = [socket.socket() for _ in range(2)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+            got, elapsed, error, _ = await probe_once(f"http://127.0.0.1:{port}/healthz")
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert got is Outcome.TIMEOUT, error
+    assert error == f"no answer within {TIMEOUT:g}s"
+    assert elapsed <= TIMEOUT + SLACK
+
+
+@pytest.mark.anyio
+async def test_an_ipv6_literal_is_probed() -> None:
+    """`http://[::1]:port/`: dialled as an IPv6 address, sent `Host: [::1]:port`."""
+    heard: list[bytes] = []
+    with socket.socket(socket.AF_INET6) as listener:
+        listener.bind(("::1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(4096)
+                heard.append(data)
+                body = b'{"status": "UP"}'
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+                )
+
+        server = threading.Thread(target=answer, daemon=True)
+        server.start()
+        got, _, error, _ = await probe_once(
+            f"http://[::1]:{port}/healthz", expect_json={"status": "UP"}
+        )
+        server.join(timeout=10)
+    assert got is Outcome.OK, error
+    assert heard and f"\r\nHost: [::1]:{port}\r\n".encode() in heard[0], heard
