@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import re
 import shutil
@@ -199,6 +200,13 @@ def _check_http_url(url: str) -> str:
     # Schemes are case-insensitive (RFC 3986 §3.1): HTTP:// is http://.
     if not re.match(r"^https?://[^\s/]+", url, re.IGNORECASE):
         raise ValueError("must be an http:// or https:// URL")
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        port = 0  # out of range, or not a number
+    if port == 0:
+        # Not repeated from the URL: it may hold a password.
+        raise ValueError("the port must be a number from 1 to 65535")
     return url
 
 
@@ -916,8 +924,12 @@ class FleetConfig(_Section):
     @classmethod
     def _etcd(cls, v: list[str]) -> list[str]:
         seen: set[str] = set()
-        for url in v:
-            _check_http_url(url)
+        for i, url in enumerate(v, 1):
+            try:
+                _check_http_url(url)
+            except ValueError as e:
+                # Which one, by its place: the text may hold a password, never repeated.
+                raise ValueError(f"item {i}: {e}") from None
             parts = urlsplit(url)
             if parts.username is not None or parts.password is not None:
                 # A password in the URL would reach logs and status; etcd's own are files.
@@ -1159,10 +1171,22 @@ class GuardConfig(BaseModel):
 def _names_a_setting(name: str) -> bool:
     """Whether pydantic-settings would read environment variable `name` into GuardConfig:
     `GUARDD_<FIELD>` or `GUARDD_<FIELD>__...`, in any case (it is not case-sensitive)."""
-    lowered = name.lower()
-    return lowered.startswith("guardd_") and (
-        lowered[len("guardd_") :].split("__")[0] in GuardConfig.model_fields
+    return name.lower().startswith("guardd_") and (
+        _variable_path(name)[0] in GuardConfig.model_fields
     )
+
+
+def _variable_path(name: str) -> list[str]:
+    """The keys a `GUARDD_` variable names, in lower case: `GUARDD_FLEET__ETCD` ->
+    `["fleet", "etcd"]`."""
+    return name.lower().removeprefix("guardd_").split("__")
+
+
+def _variable(env: Mapping[str, str], key: Sequence[str | int]) -> str | None:
+    """The variable of `env` that sets `key` (`("probe", "timeout")`), named as it was set:
+    pydantic-settings reads it in any case. None when none does."""
+    wanted = "GUARDD_" + "__".join(str(p).upper() for p in key)
+    return next((name for name in env if name.upper() == wanted), None)
 
 
 def _validator_for(doc: Mapping[str, Any], environ: Mapping[str, str]) -> type[GuardConfig]:
@@ -1305,6 +1329,10 @@ def load(
         raise ConfigError(
             _problems(e, shown, os.environ), _bare_numbers(doc, shown, os.environ)
         ) from None
+    except ValueError as e:
+        # pydantic-settings' own error (`SettingsError`): a variable it could not decode
+        # for a field that takes a list or a table, before any validation.
+        raise ConfigError(_environment_problems(str(e), os.environ)) from None
     finally:
         _HOST_CHECKS.reset(token)
     name = instance or config.instance or path.stem
@@ -1312,9 +1340,126 @@ def load(
         raise ConfigError(
             [ConfigProblem(shown, "instance", "may use letters, digits and _.@- only (at most 64)")]
         )
-    return Settings(
-        config, source=path, instance=name, warnings=_bare_numbers(doc, shown, os.environ)
+    warnings = _bare_numbers(doc, shown, os.environ)
+    warned = {w.key for w in warnings}
+    warnings += [w for w in _fleet_warnings(config, shown, os.environ) if w.key not in warned]
+    warnings += _near_miss_variables(os.environ)
+    return Settings(config, source=path, instance=name, warnings=warnings)
+
+
+#: guardd's own variables that are not settings (`guardd.paths`, the fault points, the demo).
+_GUARDD_VARIABLES = frozenset(
+    {"GUARDD_CONFIG", "GUARDD_STATE_ROOT", "GUARDD_FAULT_DIR", "GUARDD_DEMO_WEBHOOK_URL"}
+)
+
+
+def _near_miss_variables(env: Mapping[str, str]) -> list[ConfigProblem]:
+    """A warning for each `GUARDD_` variable that names no setting but nearly does, and so
+    is ignored: one underscore where two belong (`GUARDD_FLEET_NODE`), or a section that is
+    misspelt (`GUARDD_FLEETX__NODE`). Other `GUARDD_` variables (guardd's own, a packaging
+    script's) are not settings and are left alone."""
+    found = []
+    fields = list(GuardConfig.model_fields)
+    for name in sorted(env):
+        lowered = name.lower()
+        if (
+            not lowered.startswith("guardd_")
+            or _names_a_setting(name)
+            or name.upper() in _GUARDD_VARIABLES
+        ):
+            continue
+        rest = lowered.removeprefix("guardd_")
+        section, double, key = rest.partition("__")
+        near: str | None
+        if double:
+            near = _close_match(section, fields)
+        else:
+            # One underscore where two belong: the longest section the name begins with.
+            near = max((f for f in fields if rest.startswith(f + "_")), key=len, default=None)
+            key = rest[len(near) + 1 :] if near is not None else ""
+        if near is not None and key:
+            meant = f"{near}.{key.replace('__', '.')}"
+            found.append(
+                ConfigProblem(
+                    f"env {name}",
+                    meant,
+                    "warning: names no setting and is ignored; did you mean "
+                    f"GUARDD_{meant.replace('.', '__').upper()}?",
+                )
+            )
+    return found
+
+
+#: A lease longer than this keeps a dead leader's lead (and its node's record) that long.
+_LONG_LEASE_S = 60.0
+
+
+def _fleet_warnings(config: GuardConfig, shown: str, env: Mapping[str, str]) -> list[ConfigProblem]:
+    """Warnings about `[fleet]` that are valid settings but rarely meant: a lease of more
+    than a minute (the fleet waits that long for a dead leader's successor), and TLS files
+    given while no etcd URL is https:// (they are not used)."""
+    fleet = config.fleet
+    if fleet is None:
+        return []
+
+    def origin(key: str) -> str:
+        set_as = _variable(env, ("fleet", key))
+        return f"env {set_as}" if set_as is not None else shown
+
+    found = []
+    if fleet.lease_ttl > _LONG_LEASE_S:
+        found.append(
+            ConfigProblem(
+                origin("lease_ttl"),
+                "fleet.lease_ttl",
+                f"warning: a leader that dies keeps the lead for up to "
+                f"{format_duration(fleet.lease_ttl)} (a few seconds is usual: 5s)",
+            )
+        )
+    if not any(url.lower().startswith("https://") for url in fleet.etcd):
+        found += [
+            ConfigProblem(
+                origin(key), f"fleet.{key}", "warning: not used: no fleet.etcd URL is https://"
+            )
+            for key in ("ca_file", "cert_file", "key_file")
+            if getattr(fleet, key) is not None
+        ]
+    return found
+
+
+def _environment_problems(said: str, env: Mapping[str, str]) -> list[ConfigProblem]:
+    """`env NAME: key: reason` for each `GUARDD_` variable of the field pydantic-settings
+    could not decode (`said` names it), the ones that are not JSON first among them."""
+    m = re.search(r'field "([A-Za-z0-9_]+)"', said)
+    field = m.group(1) if m else None
+    names = sorted(
+        name
+        for name in env
+        if _names_a_setting(name) and (field is None or _variable_path(name)[0] == field)
     )
+
+    def suspect(name: str) -> bool:
+        # A list or a table whose value is not JSON: what pydantic-settings cannot decode.
+        kind = _kind_at(_variable_path(name))
+        if not (
+            typing.get_origin(kind) in (list, dict)
+            or (isinstance(kind, type) and issubclass(kind, BaseModel))
+        ):
+            return False
+        try:
+            json.loads(env[name])
+        except ValueError:
+            return True
+        return False
+
+    names = [n for n in names if suspect(n)] or names
+    reason = (
+        "cannot be read: a list or a table set in the environment is written as JSON "
+        '(["http://a:2379", "http://b:2379"], {"key": "value"})'
+    )
+    return [
+        ConfigProblem(f"env {name}", ".".join(_variable_path(name)), reason) for name in names
+    ] or [ConfigProblem("env", field or "(environment)", reason)]
 
 
 _OVERRIDE_PART = re.compile(r"^(?:[A-Za-z0-9_-]+|\d+)$")
@@ -1400,10 +1545,10 @@ def _bare_numbers(
         keys += [("notify", i, "timeout") for i in range(len(notify))]
     warnings = []
     for key in keys:
-        env_name = "GUARDD_" + "__".join(str(p).upper() for p in key)
+        set_as = _variable(env, key)
         value: Any
-        if env_name in env:
-            origin, value = f"env {env_name}", env[env_name].strip()
+        if set_as is not None:
+            origin, value = f"env {set_as}", env[set_as].strip()
         else:
             origin, value = shown, _lookup(doc, key)
         if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -1469,8 +1614,8 @@ def _problems(error: ValidationError, shown: str, env: Mapping[str, str]) -> lis
         if err["type"] == "value_error" and (m := re.match(r"^([a-z0-9_.]+): (.*)$", reason)):
             key = f"{key}.{m.group(1)}" if key != "(top level)" else m.group(1)
             reason = m.group(2)
-        env_name = "GUARDD_" + "__".join(str(p).upper() for p in loc)
-        origin = f"env {env_name}" if loc and env_name in env else shown
+        set_as = _variable(env, loc) if loc else None
+        origin = f"env {set_as}" if set_as is not None else shown
         if (key, reason) not in seen:
             seen.add((key, reason))
             problems.append(ConfigProblem(origin, key, reason))
@@ -1479,8 +1624,16 @@ def _problems(error: ValidationError, shown: str, env: Mapping[str, str]) -> lis
 
 def _nearest_key(loc: list[int | str]) -> str | None:
     """The known key of the table at `loc[:-1]` closest to the unknown `loc[-1]`."""
+    kind = _kind_at(loc[:-1])
+    if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
+        return None
+    return _close_match(str(loc[-1]), list(kind.model_fields))
+
+
+def _kind_at(loc: Sequence[int | str]) -> Any:
+    """The type of the key at `loc` (unwrapped: `_unwrap`), None when there is no such key."""
     kind: Any = GuardConfig
-    for part in loc[:-1]:
+    for part in loc:
         kind = _unwrap(kind)
         if isinstance(kind, type) and issubclass(kind, BaseModel):
             field = kind.model_fields.get(str(part))
@@ -1491,10 +1644,7 @@ def _nearest_key(loc: list[int | str]) -> str | None:
             kind = typing.get_args(kind)[-1]  # an index or a color: the item's type
         else:
             return None
-    kind = _unwrap(kind)
-    if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
-        return None
-    return _close_match(str(loc[-1]), list(kind.model_fields))
+    return _unwrap(kind)
 
 
 def _close_match(word: str, known: Sequence[str]) -> str | None:

@@ -232,6 +232,49 @@ def test_durations_written_as_bare_numbers_of_100_or_more_are_warned_about(
     assert "ok: instance=w" in result.stdout
 
 
+def test_a_long_fleet_lease_and_unused_tls_files_are_warned_about(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    text = (
+        UPSTREAMS
+        + '[switch]\nkind = "state-file"\npath = "/tmp/s.json"\n'
+        + '[fleet]\netcd = ["http://127.0.0.1:2379"]\nnode = "n1"\nlease_ttl = "2m"\n'
+        + f'ca_file = "{ca}"\n'
+    )
+    (tmp_path / "w.toml").write_text(text)
+    result = check_config(Path("w.toml"), tmp_path, {})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        "w.toml: fleet.lease_ttl: warning: a leader that dies keeps the lead for up to 2m "
+        "(a few seconds is usual: 5s)\n"
+        "w.toml: fleet.ca_file: warning: not used: no fleet.etcd URL is https://\n"
+    )
+    # Over https the file is used, and a lease of a minute or less is not remarked on.
+    (tmp_path / "w.toml").write_text(text.replace("http://", "https://").replace('"2m"', '"1m"'))
+    result = check_config(Path("w.toml"), tmp_path, {})
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_a_variable_that_nearly_names_a_setting_is_warned_about(tmp_path: Path) -> None:
+    """One underscore where two belong, or a misspelt section: ignored, and said so. guardd's
+    own variables and other tools' `GUARDD_` ones are not settings, and not remarked on."""
+    (tmp_path / "w.toml").write_text(UPSTREAMS + '[switch]\nkind = "state-file"\npath = "/s"\n')
+    env = {
+        "GUARDD_FLEET_NODE": "lb-q",
+        "GUARDD_POLCY__CONSECUTIVE_FAILURES": "5",
+        "GUARDD_STATE_ROOT": str(tmp_path),
+        "GUARDD_DEB_WORKDIR": "/tmp/deb",
+    }
+    result = check_config(Path("w.toml"), tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        "env GUARDD_FLEET_NODE: fleet.node: warning: names no setting and is ignored; "
+        "did you mean GUARDD_FLEET__NODE?\n"
+        "env GUARDD_POLCY__CONSECUTIVE_FAILURES: policy.consecutive_failures: warning: names "
+        "no setting and is ignored; did you mean GUARDD_POLICY__CONSECUTIVE_FAILURES?\n"
+    )
+
+
 def test_warnings_are_shown_beside_the_errors(tmp_path: Path) -> None:
     # One run tells everything: a person fixing the typo learns of the 16-minute timeout too.
     text = (
@@ -352,14 +395,41 @@ def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bad_env_override_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("guardd_probe__expect_json", "[1]")  # named as it was set
     monkeypatch.setenv("GUARDD_POLICY__CONSECUTIVE_FAILURES", "0")
     monkeypatch.setenv("GUARDD_POLICY__NOPE", "1")
     with pytest.raises(ConfigError) as info:
         config.load(EXAMPLE)
     assert [str(p) for p in info.value.problems] == [
+        "env guardd_probe__expect_json: probe.expect_json: must be a table",
         "env GUARDD_POLICY__CONSECUTIVE_FAILURES: policy.consecutive_failures: must be >= 1",
         "env GUARDD_POLICY__NOPE: policy.nope: unknown key",
     ]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "key"),
+    [
+        ("GUARDD_FLEET__ETCD", "http://127.0.0.1:2379", "fleet.etcd"),  # a list, not JSON
+        ("GUARDD_PROBE__HEADERS", "Authorization: x", "probe.headers"),  # a table
+        ("GUARDD_UPSTREAMS", "blue", "upstreams"),  # a whole section
+        ("guardd_fleet__etcd", '["http://a:2379"', "fleet.etcd"),  # broken JSON, any case
+    ],
+)
+def test_a_list_or_table_in_the_environment_that_is_not_json_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, key: str
+) -> None:
+    """What pydantic-settings cannot decode is `env NAME: key: reason`, never a traceback;
+    a plain string set beside it for a string key is not blamed."""
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("GUARDD_FLEET__NODE", "lb-a")
+    with pytest.raises(ConfigError) as info:
+        config.load(EXAMPLE)
+    said = (
+        f"env {variable}: {key}: cannot be read: a list or a table set in the environment is "
+        'written as JSON (["http://a:2379", "http://b:2379"], {"key": "value"})'
+    )
+    assert [str(p) for p in info.value.problems] == [said]
 
 
 LOAD_AND_LIST = """
