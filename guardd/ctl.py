@@ -683,8 +683,8 @@ def _cmd_qos_lock(args: argparse.Namespace, target: _Target) -> int:
     return _change(target, "qos_lock", {"for_s": args.for_s, "reason": args.reason})
 
 
-def _cmd_qos_unlock(_args: argparse.Namespace, target: _Target) -> int:
-    return _change(target, "qos_unlock", {})
+def _cmd_qos_unlock(args: argparse.Namespace, target: _Target) -> int:
+    return _change(target, "qos_unlock", {"reason": args.reason})
 
 
 _CHANGE_EXITS: Final = """\
@@ -965,6 +965,7 @@ stays until `guardctl qos unlock`.
         f"""\
 examples:
   guardctl --instance threader qos unlock
+  guardctl --instance threader qos unlock --reason "incident 812 closed"
 
 {_CHANGE_EXITS}""",
         _cmd_qos_unlock,
@@ -1161,6 +1162,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help="release the lock after this long (default: never)",
             )
             sub.add_argument("--reason", metavar="TEXT", help="why; shown to whoever is blocked")
+        if command.name == "unlock":
+            sub.add_argument("--reason", metavar="TEXT", help="why; journaled with the release")
     return parser
 
 

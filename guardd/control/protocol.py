@@ -149,7 +149,7 @@ COMMANDS: Final[Mapping[str, Mapping[str, _Arg]]] = {
     "qos_status": {},
     "fleet_status": {},
     "qos_lock": {"for_s": _Arg(_seconds), "reason": _REASON},
-    "qos_unlock": {},
+    "qos_unlock": {"reason": _REASON},
 }
 MUTATING: Final = frozenset(
     {"switch", "rollback", "promote", "pause", "resume", "qos_lock", "qos_unlock"}

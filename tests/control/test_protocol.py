@@ -69,7 +69,11 @@ GOOD = [
         {"v": 1, "cmd": "qos_lock", "args": {"for_s": None}},
         Request("qos_lock", {"for_s": None, "reason": None}),
     ),
-    ({"v": 1, "cmd": "qos_unlock", "args": {}}, Request("qos_unlock", {})),
+    ({"v": 1, "cmd": "qos_unlock", "args": {}}, Request("qos_unlock", {"reason": None})),
+    (
+        {"v": 1, "cmd": "qos_unlock", "args": {"reason": "incident 812 closed"}},
+        Request("qos_unlock", {"reason": "incident 812 closed"}),
+    ),
 ]
 
 
@@ -214,7 +218,13 @@ BAD = [
     ),
     pytest.param(_cmd("pause", reason="x" * 501), ErrorCode.BAD_REQUEST, "500", id="reason-long"),
     pytest.param(
-        _cmd("qos_unlock", reason="x"), ErrorCode.BAD_REQUEST, "'reason'", id="unlock-reason"
+        _cmd("qos_unlock", reason="x" * 501), ErrorCode.BAD_REQUEST, "500", id="unlock-reason-long"
+    ),
+    pytest.param(
+        _cmd("qos_unlock", reason="x", color="blue"),
+        ErrorCode.BAD_REQUEST,
+        "'color'",
+        id="unlock-color",
     ),
     pytest.param(
         _cmd("resume", reason="x" * 501), ErrorCode.BAD_REQUEST, "500", id="resume-reason-long"
