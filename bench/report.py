@@ -507,8 +507,8 @@ def _reference_line(ref: dict[str, Any]) -> str:
 
 
 def _cost(c: dict[str, Any] | None) -> list[str]:
-    if not c:
-        return []
+    if not c or "subjects" not in c:
+        return []  # (`--only ctl` starts the cost suite's daemons for the soak alone)
     subj = c["subjects"]
     names = {
         "guardd": "guardd (2 colors, 200 ms)",

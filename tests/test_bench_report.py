@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench import report as bench_report
+
 REPO = Path(__file__).resolve().parents[1]
 VERSIONED = [
     "guardd",
@@ -153,3 +155,29 @@ def test_rejudge_takes_the_kept_soak_into_the_results(tmp_path: Path) -> None:
     assert soak["met"] is True and soak["ratio"] == 0.3
     md = (tmp_path / "latest.md").read_text()
     assert "| 0.3 | yes |" in md
+
+
+def test_a_run_of_the_ctl_suite_alone_is_reported(tmp_path: Path) -> None:
+    """`python -m bench.run --only ctl` starts the cost suite's daemons for the soak only:
+    its results have a `cost` with the soak and no subjects, and are reported."""
+    doc = results(idle=39.0, idle_tls=44.0, slope=None)
+    ctl = {"median_ms": 120.0, "mean_ms": 121.0, "stddev_ms": 3.0, "min_ms": 110.0}
+    doc["suites"] = {
+        "ctl": {
+            "runs": 40,
+            "commands": {},
+            "results": {
+                "status": {**ctl, "max_ms": 130.0, "target_ms": 150.0, "met": True},
+                "qos_status": {**ctl, "max_ms": 130.0, "target_ms": 100.0, "met": False},
+                "python_startup": {**ctl, "max_ms": 30.0},
+            },
+        },
+        "cost": {"soak": {"minutes": 1.0}},
+    }
+    doc["targets"] = bench_report.targets(doc)
+    text = bench_report.markdown(doc)  # what `bench.run` writes to latest.md
+    assert "| guardctl status | 120.0 ms |" in text  # the section of its own
+    targets = text[text.index("## Targets") :].split("\n## ")[0]
+    table = rows(f"{BEGIN}\n{targets}\n{END}")
+    assert table["guardctl status"][1:] == ["120.0 ms", "0.8", "yes"]
+    assert table["guardctl qos status"][3] == "**no**"
