@@ -24,7 +24,9 @@ async def undo_failed_switch(
     undo (its returned problem, or that it ran past *limit*). It is *exc* itself for a
     cancellation: the caller then re-raises it as is.
     """
-    problem: str | None = f"the undo ran past {limit:g}s; run recover()"
+    problem: str | None = (
+        f"the undo ran past {limit:g}s; guardd finishes it at its next switch or start"
+    )
     with anyio.CancelScope(shield=True), anyio.move_on_after(limit):
         problem = await undo()
     error = switch_error_for(exc, what, limit, step)

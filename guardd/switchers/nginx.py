@@ -253,7 +253,10 @@ class NginxSwitcher:
             if progress.renamed:
                 self._restore_from_undo()
         except OSError as exc:
-            problem = f"restoring the previous link failed: {exc}; recover() will finish it"
+            problem = (
+                f"restoring the previous link failed: {exc}; "
+                "guardd finishes it at its next switch or start"
+            )
         else:
             if progress.reload_attempted:
                 try:
