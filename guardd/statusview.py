@@ -238,12 +238,22 @@ def decision_doc(decision: Decision, wall: float, not_taken: str | None = None) 
         action = {Rollback: "rollback", Hold: "hold", Alert: "alert", Reapply: "reapply"}[type(a)]
     if decision.blocked_by and action == "none":
         action = f"blocked:{decision.blocked_by}"
+    severity = verdict.severity if verdict else None
+    reason = verdict.reason if verdict else None
+    evidence = verdict.evidence if verdict else None
+    last = decision.actions[-1] if decision.actions else None
+    if isinstance(last, Rollback | Hold | Alert):
+        # What was done, in its own words: an alert about the standby ("no safe rollback:
+        # blue is down") is not the active color's verdict ("healthy").
+        severity, reason, evidence = last.severity, last.reason, last.evidence
+    elif isinstance(last, Reapply):
+        reason = last.reason
     return {
         "ts": rfc3339(wall),
         "action": action,
-        "severity": verdict.severity if verdict else None,
-        "reason": verdict.reason if verdict else None,
-        "evidence": verdict.evidence.to_dict() if verdict else None,
+        "severity": severity,
+        "reason": reason,
+        "evidence": evidence.to_dict() if evidence is not None else None,
         "not_taken": not_taken,
     }
 

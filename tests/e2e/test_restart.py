@@ -92,6 +92,11 @@ def test_a_dead_rollback_target_is_a_warning_once_per_episode(make_lab: MakeLab)
     assert "no safe rollback" in status.stdout
     doc = json.loads(ctl(lab, "status", "--json").stdout)
     assert doc["state"] == "steady" and "blue" in doc["no_rollback_target"]
+    # The last decision says what was done in its own words, not the active color's
+    # verdict ("healthy"), in the JSON and the text.
+    assert doc["last_decision"]["action"] == "alert", doc["last_decision"]
+    assert doc["last_decision"]["reason"] == alert["reason"], doc["last_decision"]
+    assert re.search(r"last decision +\S+ alert: no safe rollback: ", status.stdout), status
     served = lab.blue.requests
     assert lab.blue.wait_for_requests(served + 20, timeout=30)
     alerts = [e for e in d.events() if "no safe rollback" in (e.get("reason") or "")]
