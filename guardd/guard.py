@@ -900,7 +900,7 @@ class Guard:
 
         The switch target names a color; without a front door that is all guardd knows.
         With one, its answer must agree with that color's own last probe (both pass or
-        both fail), or guardd cannot tell which color answered.
+        both fail with an HTTP answer), or guardd cannot tell which color answered.
         """
         named = self.active
         if named is None or self.verifier is None:
@@ -912,7 +912,10 @@ class Guard:
             while True:
                 answer = await self.verifier.probe()
                 healthy = self.machine.healthy(named, self.clock.monotonic())
-                streak = streak + 1 if healthy is not None and answer.ok == healthy else 0
+                # A front door that gives no answer at all (a timeout, a refused
+                # connection: nginx stopped) agrees with no color, a failing one included.
+                agrees = healthy is not None and answer.ok == healthy and answer.status is not None
+                streak = streak + 1 if agrees else 0
                 if streak >= self.s.verify_successes:
                     return named
                 await anyio.sleep(0.05)
