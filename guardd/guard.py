@@ -235,6 +235,12 @@ class Guard:
         that is known (other fleet nodes' guard windows, each saying its end); else None."""
         return self.fleet.lock_stay_ends() if self.fleet is not None else None
 
+    def guard_window_passed(self) -> None:
+        """For the keeper: the last rollback's guard window passed (`GuardMachine.
+        guard_window_passed`): the color rolled away from is a rollback target again, also
+        while an operator's lock blocks deploys (it never blocks a rollback)."""
+        self.machine.guard_window_passed()
+
     def save_state(self) -> None:
         """Mirror what must survive a restart into state.json."""
         try:

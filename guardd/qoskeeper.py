@@ -31,6 +31,26 @@ STAY_MARGIN_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
+class Floor:
+    """An end a lock is not released before: another lock's, laid over or under a guard
+    window. Kept as written as well as on the monotonic clock: rendered back from the
+    monotonic clock, it would move by the time between two clock reads each time, and a
+    lock that ends with another must show that lock's very `until`."""
+
+    at: float  # monotonic seconds; math.inf = until unlocked
+    until: str | None  # the RFC 3339 end as written; None = until unlocked
+
+    @classmethod
+    def of(cls, at: float, wall: float, now: float) -> Floor:
+        """The floor at monotonic `at`, its `until` read off the clocks (`wall` and
+        monotonic `now` read together)."""
+        return cls(at, None if math.isinf(at) else rfc3339(wall + at - now))
+
+
+UNLOCKED = Floor(math.inf, None)
+
+
+@dataclass(frozen=True, slots=True)
 class TakePlan:
     """A lock `QosKeeper.plan_take` planned: what `apply_take` writes and keeps."""
 
@@ -38,7 +58,7 @@ class TakePlan:
     window: QosWindow | None
     expires_at: float | None  # monotonic; None = until unlocked
     manual: bool
-    floor: float | None
+    floor: Floor | None
     # The guard window held already lasts longer than asked: only its floor moves.
     unchanged: bool = False
 
@@ -51,9 +71,9 @@ class OwnedLock:
     window: QosWindow | None  # None for an operator's lock, which only expires
     expires_at: float | None  # monotonic; None = until unlocked
     manual: bool
-    # An operator's lock laid over a guard window: the lock is not released before this
-    # (monotonic; math.inf = until unlocked), whatever the window says.
-    floor: float | None = None
+    # An operator's lock laid over a guard window, or one a window was taken under: the
+    # lock is not released before this, whatever the window says.
+    floor: Floor | None = None
     # Whether the window's last judgement found its SLOs not held (extended for that): a
     # fleet node says so in its record.
     failed: bool = False
@@ -91,6 +111,11 @@ class LockHost(Protocol):
 
     def lock_stay_ends(self) -> float | None:
         """When what `lock_must_stay` waits for ends (wall seconds), if that is known."""
+        ...
+
+    def guard_window_passed(self) -> None:
+        """The guard window of the last rollback passed, its SLOs held: whatever lock still
+        holds (an operator's, laid over it or taken elsewhere), the rollback is judged."""
         ...
 
 
@@ -133,17 +158,20 @@ class QosKeeper:
         now = host.clock.monotonic()
         old = self.own_lock
         window: QosWindow | None
+        floor: Floor | None
         if manual and old is not None and old.window is not None:
             # An operator's lock over a guard window: a floor under the window's end.
-            asked = math.inf if duration is None else now + duration
-            floor = max(asked, old.floor if old.floor is not None else -math.inf)
-            if floor <= (math.inf if old.expires_at is None else old.expires_at):
+            asked = UNLOCKED if duration is None else Floor.of(now + duration, wall, now)
+            floor = asked if old.floor is None or asked.at > old.floor.at else old.floor
+            if floor.at <= (math.inf if old.expires_at is None else old.expires_at):
                 # The guard window already lasts longer: only the floor moves.
                 return TakePlan(old.info, old.window, old.expires_at, False, floor, unchanged=True)
-            end, window, manual = floor, old.window, False
+            window, manual = old.window, False
+            end = floor
         elif manual:
             # An operator replaces their own lock (or takes one): theirs to shorten.
-            end, window, floor = (math.inf if duration is None else now + duration), None, None
+            window, floor = None, None
+            end = UNLOCKED if duration is None else Floor.of(now + duration, wall, now)
         else:
             span = duration or host.s.qos_window
             window = self._new_window(now, span)
@@ -153,18 +181,27 @@ class QosKeeper:
             foreign = current.held and current != host.lock_to_keep()
             if foreign and (old is None or current != old.info):
                 # Someone else's lock (a touched file): it had no end, so neither does ours.
-                floor = math.inf
+                floor = UNLOCKED
                 reason = f"{reason}; a lock was already held ({current.reason}): until unlocked"
             elif old is None or old.hold:
                 floor = None  # (a hold's lock ends as the hold does: the window replaces it)
             elif old.window is None:  # an operator's lock: the guard window lasts at least as long
-                floor = math.inf if old.expires_at is None else old.expires_at
+                floor = Floor(
+                    math.inf if old.expires_at is None else old.expires_at, old.info.until
+                )
+                if floor.at > now + span:
+                    # The window ends with that lock, and its reason must still say why it
+                    # holds that long, or a `qos status` shows a freeze's end under a
+                    # rollback's why.
+                    reason = (
+                        f"{reason}; a lock was already held ({old.info.reason}): until "
+                        f"{old.info.until or 'unlocked'}"
+                    )
             else:
                 floor = old.floor
-            end = max(now + span, floor if floor is not None else -math.inf)
-        until = None if math.isinf(end) else rfc3339(wall + end - now)
-        info = qoslock.LockInfo(True, reason, rfc3339(wall), until, by)
-        expires_at = None if math.isinf(end) else end
+            end = _later(Floor.of(now + span, wall, now), floor)
+        info = qoslock.LockInfo(True, reason, rfc3339(wall), end.until, by)
+        expires_at = None if math.isinf(end.at) else end.at
         return TakePlan(info, window, expires_at, manual and window is None, floor)
 
     def apply_take(self, plan: TakePlan) -> qoslock.LockInfo:
@@ -270,12 +307,14 @@ class QosKeeper:
             stay = host.lock_must_stay() if verdict.met else None
             if stay is not None:
                 evidence = {**evidence, "fleet": stay}
-            if verdict.met and stay is None and own.floor is not None and own.floor > now:
+            if verdict.met and stay is None:
+                host.guard_window_passed()
+            if verdict.met and stay is None and own.floor is not None and own.floor.at > now:
                 # The window passed, but an operator's lock laid over it still stands.
                 host.log.info("guard_window_passed", reason=verdict.reason, until=own.info.until)
                 own.window = None
                 own.manual = True
-                own.expires_at = None if math.isinf(own.floor) else own.floor
+                own.expires_at = None if math.isinf(own.floor.at) else own.floor.at
                 own.floor = None
                 host.save_state()
             elif verdict.met and stay is None:
@@ -309,18 +348,15 @@ class QosKeeper:
             # of them, the probes seen so far still counted (a fresh short window
             # would have too few to be judged).
             span = min(span, max(STAY_MARGIN_S, stay_ends - wall + STAY_MARGIN_S))
-        end = now + span
-        if own.floor is not None:
-            end = max(end, own.floor)
-        until = None if math.isinf(end) else rfc3339(wall + end - now)
-        info = dataclasses.replace(own.info, until=until)
+        end = _later(Floor.of(now + span, wall, now), own.floor)
+        info = dataclasses.replace(own.info, until=end.until)
         self._write(info)
         own.info = info
         if stay_ends is not None:
             window.prolong(now + span)
         else:
             window.restart(now, host.s.qos_window)
-        own.expires_at = None if math.isinf(end) else end
+        own.expires_at = None if math.isinf(end.at) else end.at
         own.failed = stay is None  # this judgement's, not sticky: met next time, not
         host.record(
             "qos_extended",
@@ -412,9 +448,7 @@ class QosKeeper:
             "by": own.info.by,
             "manual": own.manual,
             "hold": own.hold,
-            "floor": None
-            if own.floor is None
-            else ("unlocked" if math.isinf(own.floor) else rfc3339(wall + own.floor - now)),
+            "floor": None if own.floor is None else (own.floor.until or "unlocked"),
             "window": None,
         }
         if own.window is not None:
@@ -454,11 +488,12 @@ class QosKeeper:
         hold = bool(saved.get("hold"))
         expires_at = mono(info.until, None) if info.until else None
         floor_doc = saved.get("floor")
-        floor = (
-            None
-            if floor_doc is None
-            else (math.inf if floor_doc == "unlocked" else mono(floor_doc, math.inf))
-        )
+        floor: Floor | None = None
+        if floor_doc == "unlocked":
+            floor = UNLOCKED
+        elif floor_doc is not None:
+            at = mono(floor_doc, math.inf)
+            floor = Floor(math.inf if at is None else at, str(floor_doc))
         window: QosWindow | None = None
         if not manual and not hold:
             w = saved.get("window")
@@ -476,3 +511,9 @@ class QosKeeper:
         return QosWindow(
             now, span, s.qos_max_error_ratio, s.qos_min_health_ratio, s.policy.min_samples
         )
+
+
+def _later(end: Floor, floor: Floor | None) -> Floor:
+    """The later of a window's `end` and a `floor` under it (the floor, as written, when
+    the two are the same instant)."""
+    return end if floor is None or end.at > floor.at else floor

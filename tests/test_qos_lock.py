@@ -112,8 +112,65 @@ async def test_a_guard_window_taken_under_an_operator_lock_keeps_it(tmp_path: Pa
     await handle(g, "qos_lock", {"reason": "freeze"}, ROOT)
     await steps(g, clock, [(OK, DOWN)] * 3)  # a rollback while the operator's lock is held
     assert g.active == "blue" and events(g, "rollback_completed")
+    # The window's reason says why it lasts as long as the freeze: the freeze is named.
+    assert str(lock(g).reason).endswith("; a lock was already held (freeze): until unlocked")
     await steps(g, clock, [(OK, OK)] * 40)
     assert lock(g).held and lock(g).until is None
+    assert not events(g, "qos_released")
+
+
+class RunningClock(FakeClock):
+    """Time passes between two reads of the clock (1.3 ms a monotonic read), as it does on
+    a real machine: an end converted through the monotonic clock and back moves."""
+
+    def monotonic(self) -> float:
+        self.advance(0.0013)
+        return self.mono
+
+
+async def test_a_guard_window_ending_with_an_operators_lock_keeps_its_very_until(
+    tmp_path: Path,
+) -> None:
+    """The window's lock shows the freeze's own `until`, to the millisecond, when it is
+    taken, each time it is extended, and after a restart: a gate or a fleet comparing the
+    two sees one end."""
+    prepare(tmp_path)
+    clock = RunningClock()
+    g = await start(tmp_path, clock, SPEC)
+    await steps(g, clock, [(OK, OK)])
+    await handle(g, "qos_lock", {"reason": "freeze", "for_s": 6 * QOS_WINDOW}, ROOT)
+    freeze = lock(g).until
+    assert freeze is not None
+    await steps(g, clock, [(OK, DOWN)] * 3)  # a rollback under the freeze
+    assert g.active == "blue" and events(g, "rollback_completed")
+    assert lock(g).until == freeze
+    await steps(g, clock, [(DOWN, OK)] + [(OK, OK)] * 12)  # a window not met: extended
+    assert events(g, "qos_extended") and lock(g).until == freeze
+    assert events(g, "qos_extended")[-1]["until"] == freeze
+    g.save_state()
+    g = await start(tmp_path, clock, SPEC)  # a restart: the floor comes back as written
+    assert g.own_lock is not None and g.own_lock.floor is not None
+    assert g.own_lock.floor.until == freeze
+    extended = len(events(g, "qos_extended"))
+    await steps(g, clock, [(DOWN, OK)] + [(OK, OK)] * 12)
+    assert len(events(g, "qos_extended")) > extended and lock(g).until == freeze
+    await run_until_released(g, clock, 80)
+    assert parse_rfc3339(events(g, "qos_released")[-1]["ts"]) >= parse_rfc3339(freeze)
+
+
+async def test_a_guard_window_outlasting_an_operators_lock_says_only_its_own_why(
+    tmp_path: Path,
+) -> None:
+    prepare(tmp_path)
+    clock = FakeClock()
+    g = await start(tmp_path, clock, SPEC)
+    await steps(g, clock, [(OK, OK)])
+    await handle(g, "qos_lock", {"reason": "short", "for_s": QOS_WINDOW / 2}, ROOT)
+    await steps(g, clock, [(OK, DOWN)] * 3)
+    assert g.active == "blue" and events(g, "rollback_completed")
+    # Taken while "short" held, and outlasting it: the window's own why alone.
+    assert str(lock(g).reason).startswith("rollback green -> blue"), lock(g)
+    assert "already held" not in str(lock(g).reason), lock(g)
     assert not events(g, "qos_released")
 
 

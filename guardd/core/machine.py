@@ -850,6 +850,13 @@ class GuardMachine:
             return State.DEGRADED
         return State.STEADY
 
+    def guard_window_passed(self) -> None:
+        """The guard window after the last rollback passed, its SLOs held: the color rolled
+        away from may be rolled back to again (the anti-flap hold lasts that window, not
+        whatever QoS lock is held after it: an operator's freeze blocks deploys, and must
+        not keep traffic on a failing color)."""
+        self.rolled_away_from = None
+
     def rollback_succeeded(self, source: Color) -> None:
         """The switch away from `source` is done and verified."""
         self.rolled_away_from = source

@@ -117,7 +117,11 @@ async def test_guard_window_and_operator_lock_expire_on_monotonic_time(
     async with guarding(lab, clock) as guard:
         lab.green.set_mode("http_503")
         await until(lambda: event(guard, "qos_locked"), 30, "the lock after a rollback")
-        locked_at = time.monotonic()
+        own = guard.qos.own_lock
+        assert own is not None and own.window is not None
+        # From the window's own start: the test's poll runs only once the guard yields,
+        # after the journal and state fsyncs that follow the lock (long on a busy disk).
+        locked_at = own.window.ends_at - 3.0
         clock.jump(+HOUR)  # wall time says the 3 s window is long over
         mark = len(guard.journal.recent)
         await anyio.sleep(1.0)  # a measuring period: the window must still be running
@@ -130,7 +134,9 @@ async def test_guard_window_and_operator_lock_expire_on_monotonic_time(
 
         # An operator's 2 s lock, then the wall clock steps back an hour.
         await call(lab, "qos_lock", {"for_s": 2.0, "reason": "clock test"})
-        taken = time.monotonic()
+        own = guard.qos.own_lock
+        assert own is not None and own.expires_at is not None
+        taken = own.expires_at - 2.0  # the lock's own start, as above
         clock.jump(-HOUR)
         mark = len(guard.journal.recent)
         await until(lambda: event(guard, "qos_released", mark), 10, "the operator lock expiry")

@@ -495,3 +495,45 @@ async def test_a_window_taken_over_the_fleets_copy_ends_as_windows_do(
             assert locked["until"] is None and "a lock was already held" in locked["reason"]
     finally:
         await rig.aclose()
+
+
+async def test_an_operators_freeze_past_the_guard_window_never_blocks_a_rollback(
+    tmp_path: Path,
+) -> None:
+    """A freeze laid over the window outlasts it; once the window passed (SLOs held), the
+    color rolled away from is a rollback target again: blue failing goes back to a healthy
+    green, under the freeze, rather than holding on the failing color."""
+    rig = await rolled_back(tmp_path)
+    try:
+        rig.guard.take_lock("freeze", by="uid:0(root)", duration=3600.0, manual=True)
+        rig.probers["green"].answer(200, json={"status": "UP"})
+        taken_at = rig.clock.monotonic()
+        while rig.clock.monotonic() - taken_at <= QOS_WINDOW + 1:
+            await rig.probe_round()
+        assert lock_held(rig), "the freeze holds past the window"
+        assert qoslock.read_lock(rig.guard.s.lock_file).reason == "freeze"
+        rig.probers["blue"].answer(503, "blue down")
+        decisions = await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+        (back,) = [a for d in decisions for a in d.actions if isinstance(a, Rollback)]
+        assert (back.source, back.target) == ("blue", "green")
+        assert rig.events("hold") == []
+        assert lock_held(rig), "the freeze still holds deploys"
+    finally:
+        await rig.aclose()
+
+
+async def test_an_undone_rollback_behind_a_silent_front_door_cannot_tell_what_is_served(
+    tmp_path: Path,
+) -> None:
+    """The front door gives no answer at all (nginx stopped) while the color put back
+    fails too: a timeout agrees with no color, so `serving` is unknown, not that color."""
+    async with build_guard(tmp_path, front_door=True) as rig:
+        assert rig.front_door is not None
+        await rig.probe_rounds(WARM_UP)
+        rig.front_door.time_out()
+        rig.probers["green"].answer(503)
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+        (failed,) = rig.events("rollback_failed")
+        assert failed["step"] == "verify"
+        assert failed["serving"] is None, failed
+        assert "which color is served is unknown" in failed["reason"], failed
