@@ -905,6 +905,12 @@ class FleetConfig(_Section):
     lease_ttl: PositiveDuration = 5.0
     """The lease of the leader key and of this node's record; a dead leader is replaced
     after at most this long. At least `1s` (etcd grants whole seconds)."""
+    size: Annotated[int, Field(ge=1)] = 2
+    """How many nodes the fleet has. Until this many were seen under `prefix` (live
+    records or last ones, this node's included), the fleet's QoS lock is UNKNOWN: a
+    mistyped `prefix` or an `etcd` of another fleet finds an empty prefix, and a fleet of
+    one there would answer "deploys allowed" while the real one is locked. `1`: a fleet
+    of one node on purpose."""
     quorum: Literal["leader", "majority"] = "leader"
     """`majority`: a P0/P1 rollback needs most live nodes to see the active color fail."""
     local_fallback: Flag = False

@@ -420,6 +420,7 @@ def fleet_status_lines(doc: Mapping[str, Any]) -> list[str]:
             else f"lease age {n.get('lease_age_s')}s"
         )
         + ("  leader" if n.get("leader") else "")
+        + ("  HOLD" if n.get("state") == "hold" else "")
         + (
             ("  ALERT: lost" if n.get("lost") else "  ALERT: not the desired color")
             if n.get("alert")
@@ -461,7 +462,9 @@ def _cmd_fleet_status(args: argparse.Namespace, target: _Target) -> int:
     # A second guardd under a node's name is a warning even while it serves the right color.
     # Any warning (a decision in etcd guardd did not write, ...) is worth a look too.
     warned = bool(doc.get("warnings"))
-    return WARNING if doc.get("alerts") or doc.get("twins") or diverges or warned else OK
+    # A node that holds makes no automatic switch: its users are not protected.
+    holds = any(n.get("state") == "hold" for n in nodes)
+    return WARNING if doc.get("alerts") or doc.get("twins") or diverges or warned or holds else OK
 
 
 def _cmd_history(args: argparse.Namespace, target: _Target) -> int:
@@ -1123,7 +1126,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Show every node of the fleet: the color it serves, the generation it applied, "
             "the age of its record, and which node leads.",
             "exit codes:\n  0  every node serves the desired color\n"
-            "  1  a node serves another color for longer than switch.timeout\n"
+            "  1  WARNING: a node diverges, is lost or holds, or a warning\n"
             "  3  UNKNOWN: guardd or etcd cannot be reached",
             _cmd_fleet_status,
         ),

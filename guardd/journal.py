@@ -9,13 +9,14 @@ skipped by readers.
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Final, overload
 
 from guardd.core.types import JOURNAL_EVENTS
 from guardd.exceptions import StorageError, UnsafePath
@@ -42,6 +43,18 @@ def parse_rfc3339(text: str) -> float:
     """
     moment = datetime.fromisoformat(text)
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def until_wall(until: object) -> float:
+    """When a lock with this `until` ends (seconds since the epoch): infinity for a lock
+    until unlocked (None) and for an `until` that cannot be read, taken as the longest so
+    that no lock is ever shortened by mistake."""
+    if not isinstance(until, str):
+        return math.inf
+    try:
+        return parse_rfc3339(until)
+    except ValueError:
+        return math.inf
 
 
 class Tail(Sequence[dict[str, Any]]):

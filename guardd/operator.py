@@ -8,7 +8,7 @@ from guardd import qoslock
 from guardd.core.types import COLORS, Color, other
 from guardd.exceptions import OperationRefused
 from guardd.guard import Guard
-from guardd.journal import parse_rfc3339
+from guardd.journal import until_wall
 
 
 async def handle(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict[str, Any]:
@@ -97,29 +97,35 @@ async def _qos_lock(
     mirror = guard.fleet is not None and current.held and guard.fleet.is_mirror(current)
     if guard.fleet is not None:
         guard.fleet.require_etcd("the fleet's QoS lock cannot be taken")
-    replaced = None
-    duration = args.get("for_s")
-    if mirror:
-        ends = _wall_end(current)
-        asked = guard.clock.wall() + float(duration) if duration else None
-        if asked is not None and (ends is None or asked < ends):
-            # A lock never shortens another (as on one host): a colleague's freeze "until
-            # unlocked" must not end in ten minutes because someone else locked for ten.
-            raise OperationRefused(
-                f"the fleet's lock ({current.reason}, {current.by}, until "
-                f"{current.until or 'unlocked'}) holds longer than asked; a lock never "
-                "shortens it (`guardctl qos unlock` ends it)"
-            )
-        # This node's copy of the fleet's lock: the operator's lock replaces it (and the
-        # answer says which, as it may have been taken on another host).
-        replaced = (
-            f"; it replaces the fleet's lock ({current.reason}, {current.by}, "
-            f"until {current.until or 'unlocked'})"
-        )
-    elif current.held and (guard.own_lock is None or current != guard.own_lock.info):
+    own = guard.own_lock
+    if current.held and not mirror and (own is None or current != own.info):
         raise OperationRefused(
             f"a QoS lock is already held ({current.reason}); "
             "release it with `guardctl qos unlock` first"
+        )
+    # The fleet's lock as read, when another node wrote it: also while this node's own
+    # guard window is what its file holds (the fleet's lock may be a colleague's freeze
+    # that outlasts the window).
+    fleet_lock = guard.fleet.copy_to_keep() if guard.fleet is not None else None
+    if fleet_lock is None and mirror:
+        fleet_lock = current
+    replaced = None
+    duration = args.get("for_s")
+    if fleet_lock is not None:
+        asked = guard.clock.wall() + float(duration) if duration else None
+        if asked is not None and asked < until_wall(fleet_lock.until):
+            # A lock never shortens another (as on one host): a colleague's freeze "until
+            # unlocked" must not end in ten minutes because someone else locked for ten.
+            raise OperationRefused(
+                f"the fleet's lock ({fleet_lock.reason}, {fleet_lock.by}, until "
+                f"{fleet_lock.until or 'unlocked'}) holds longer than asked; a lock never "
+                "shortens it (`guardctl qos unlock` ends it)"
+            )
+        # The operator's lock replaces the fleet's (and the answer says which, as it may
+        # have been taken on another host).
+        replaced = (
+            f"; it replaces the fleet's lock ({fleet_lock.reason}, {fleet_lock.by}, "
+            f"until {fleet_lock.until or 'unlocked'})"
         )
     plan = guard.qos.plan_take(
         reason or "locked by an operator",
@@ -147,17 +153,6 @@ async def _qos_lock(
             "longer than asked (a lock never shortens it; `guardctl qos unlock` ends it)"
         )
     return answer
-
-
-def _wall_end(lock: qoslock.LockInfo) -> float | None:
-    """When `lock` ends (wall time, s); None for a lock until unlocked, and for an `until`
-    that cannot be read (taken as the longest: never shortened by mistake)."""
-    if lock.until is None:
-        return None
-    try:
-        return parse_rfc3339(lock.until)
-    except ValueError:
-        return None
 
 
 async def _qos_unlock(guard: Guard, reason: str | None, by: str) -> dict[str, Any]:

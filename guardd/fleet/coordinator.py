@@ -67,7 +67,7 @@ from guardd.fleet._etcd import (
     delete_op,
     put_op,
 )
-from guardd.journal import parse_rfc3339, rfc3339
+from guardd.journal import parse_rfc3339, rfc3339, until_wall
 
 if TYPE_CHECKING:
     from guardd.guard import Guard
@@ -78,6 +78,12 @@ __all__ = ["SAFETY_READ_S", "Fleet"]
 SAFETY_READ_S = 30.0
 #: A watch's stream with no message for this long is reopened from the last revision (s).
 WATCH_IDLE_S = 10.0
+#: How long this node's own record, acknowledged by etcd, may be missing from its watch
+#: before the watch counts as stuck and the prefix is read afresh (s). The record is under
+#: the watched prefix: on a live stream it arrives within milliseconds. A stream that went
+#: silent (its member frozen, or its connection served no more) would otherwise show a
+#: stale fleet until `WATCH_IDLE_S`.
+WATCH_LAG_S = 2.0
 #: The longest wait before a broken watch is reopened (s); it starts at a tenth of a second.
 WATCH_BACKOFF_MAX_S = 2.0
 #: The longest wait between two tries of a generation this node failed to apply (s): the
@@ -98,6 +104,8 @@ class Fleet:
     #: ours): (since, its lease), and whether it was journaled. One that outlives
     #: `lease_ttl` is no earlier run of ours (whose lease expires by then) but a clash.
     _clash: tuple[float, int] | None
+    #: Our record's write the watch has not shown yet: (its revision, when acknowledged).
+    _unwatched: tuple[int, float] | None
     _clash_told: bool
     #: Why a rollback this node decided was not written (etcd unreachable, no
     #: local_fallback): journaled when it is first set, once an outage.
@@ -195,6 +203,9 @@ class Fleet:
         self._epoch, self._own, self._rollbacks_before = 0, dict[str, int](), []
         self._clash, self._clash_told, self._unacted, self.held_back = None, False, None, None
         self._renewed = self._published_at = 0.0
+        # `_keep_lease` found the lease expired: the next round grants another.
+        # `_unwatched`: our record's write the watch has not shown yet (`_check_watch`).
+        self._lease_expired, self._unwatched = False, None
         self.client.on_header = self._header
         self._store = state_dir / "fleet.json"
         self.applied = self._load_applied()
@@ -382,6 +393,14 @@ class Fleet:
                 for name, doc in sorted(self.twins().items())
             ]
         found += [self._alert_text(n) for n in self.diverged()]
+        found += [
+            f"fleet: node {name} holds: it makes no automatic switch (`guardctl status` "
+            "on it says why)"
+            for name in self.holding()
+            if name != self.node  # this node's own hold is its `status`'s
+        ]
+        if self.reachable and (few := self.undersized()) is not None:
+            found.append(f"fleet: {few}")
         behind = self.unconverged() if self.reachable else None
         if behind is not None and "not a decision guardd wrote" in behind:
             found.append(f"fleet: {behind} ({self.key('desired')})")
@@ -429,6 +448,12 @@ class Fleet:
         late |= {n for n, t in self._lost.items() if now - t > self.switch_timeout}
         return sorted(late)
 
+    def holding(self) -> list[str]:
+        """The live nodes whose record says they hold (state `hold`), when etcd answers."""
+        if not self.reachable:
+            return []
+        return sorted(n for n, doc in self.nodes.items() if doc.get("state") == "hold")
+
     def summary(self) -> dict[str, Any]:
         """`status --json`'s `fleet`: this node, the leader, the desired color and
         generation, the generation applied here, whether etcd answers (`guardctl fleet
@@ -442,6 +467,13 @@ class Fleet:
             "applied": self.applied,
             "etcd_reachable": self.reachable,
         }
+
+    def undersized(self) -> str | None:
+        """Why this fleet is not known to be the configured one: fewer nodes seen under the
+        prefix, live or lost, this one included, than `fleet.size` (`lockread.undersized`);
+        else None."""
+        members = set(self.seen) | set(self.nodes) | {self.node}
+        return lockread.undersized(members, self.c.size, self.prefix)
 
     def lost_nodes(self) -> list[str]:
         """The nodes with a last record (`seen/`) but no live one: their lease expired."""
@@ -537,6 +569,9 @@ class Fleet:
                     "lease_age_s": round(max(0.0, now - float(doc.get("at", now))), 3),
                     "lost_for_s": None if since is None else round(max(0.0, mono - since), 3),
                     "lease": "expired" if lost else "live",
+                    # The node's guard state as its record says (None: lost, or a record
+                    # from before states were published).
+                    "state": None if lost else doc.get("state"),
                     "lost": lost,
                     "leader": name == self.leader,
                     "alert": name in alerts,
@@ -563,10 +598,10 @@ class Fleet:
         blocks too: then it is that one, `"source": "local"`. With etcd unreachable the
         fleet's lock is unknown: `"locked": null, "unknown": true` (never "unlocked").
         """
-        if not self.reachable:
+        if (why := self.qos_unknown_why()) is not None:
             # Also before the first read from etcd: an empty local lock file says nothing
-            # about the fleet's lock (fail closed).
-            return qoslock.unknown_json(self.qos_unknown_why(), source="fleet")
+            # about the fleet's lock (fail closed); nor does a fleet smaller than configured.
+            return qoslock.unknown_json(why, source="fleet")
         local = (
             qoslock.read_lock(self.guard.s.lock_file)
             if self.guard is not None
@@ -591,10 +626,11 @@ class Fleet:
         return lockread.with_unconverged(lock, self.unconverged())
 
     def qos_unknown_why(self) -> str | None:
-        """Why the fleet's QoS lock cannot be told here (etcd not read yet, or unreachable);
-        None when it can."""
+        """Why the fleet's QoS lock cannot be told here (etcd not read yet, or unreachable,
+        or fewer nodes seen than `fleet.size`: `undersized`); None when it can."""
         if self.reachable:
-            return None
+            few = self.undersized()
+            return None if few is None else f"{few}; the fleet's QoS lock is unknown"
         if self.reachable is None:
             return "etcd has not been read yet: the fleet's QoS lock is unknown"
         return f"etcd is unreachable ({self.problem}): the fleet's QoS lock is unknown"
@@ -641,10 +677,11 @@ class Fleet:
         this node's operator's."""
         at = self.rearmed_at if self.rearmed is not None else None
         (read, seen), self._rearm = self._rearm, (True, at)
-        first = not read
         guard, doc = self.guard, self.rearmed
-        if first or at is None or at == seen or guard is None or doc is None:
-            return  # nothing new (the first read at start is the fleet as it was)
+        if at is None or at == seen or guard is None or doc is None:
+            return  # nothing new
+        if not read and not self._resumed_while_away(at):
+            return  # the first read at start is the fleet as it was
         if doc.get("node") == self.node:
             return
         async with guard.lock:
@@ -653,6 +690,19 @@ class Fleet:
                 reason=f"the fleet was resumed on {doc.get('node')}"
                 + (f" ({doc['reason']})" if doc.get("reason") else ""),
             )
+
+    def _resumed_while_away(self, at: float) -> bool:
+        """Whether the fleet's last `resume` (wall time `at`), found at this process's first
+        read, came after this node's guard began the hold it restored from before its
+        restart (its hold's lock, taken then): a resume this node missed while it was down,
+        which ends that hold as it ended the others'."""
+        own = self.guard.own_lock if self.guard is not None else None
+        if own is None or not own.hold or not own.info.locked_at:
+            return False
+        try:
+            return at > parse_rfc3339(own.info.locked_at)
+        except ValueError:
+            return False
 
     async def set_qos(self, info: qoslock.LockInfo) -> None:
         """Write `info` as the fleet's QoS lock (an operator's `qos lock`/`unlock` on any node).
@@ -707,7 +757,43 @@ class Fleet:
         `farewell` closes the connections)."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._follow)
+            tg.start_soon(self._keep_lease)
             await self._loop()
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease whenever the loop has not for a third of its TTL: the loop may be
+        busy applying a switch (`_converge`: `nginx -t`, reload, verify, up to
+        `switch.timeout` and its undo), and meanwhile this node's lease, and with it its
+        record and its leadership, must not expire. A lease found expired is the loop's to
+        replace (`_round`); etcd out of reach is the loop's to tell.
+
+        Not while the loop's last round failed (`reachable` False): etcd may still renew a
+        lease for a node it refuses everything else (auth enabled and this node without
+        credentials, a permission taken away), and that node's record, and its leadership,
+        would then live on, stale, while it can neither read nor decide. Let go, the lease
+        expires: the other nodes see it lost, and another leads."""
+        third = self.c.lease_ttl / 3
+        while True:
+            await anyio.sleep(third / 2)
+            lease = self.lease
+            if (
+                lease is None
+                or self.reachable is False
+                or self._lease_expired
+                or time.monotonic() - self._renewed <= third
+            ):
+                continue
+            try:
+                ttl = await self.client.keepalive(lease)
+            except (EtcdUnavailable, ValueError, KeyError, TypeError):
+                continue
+            if self.lease != lease:
+                continue  # replaced meanwhile: that answer was about the old one
+            if ttl > 0:
+                self._renewed = time.monotonic()
+            else:
+                self._lease_expired = True
+                self._changed_now()
 
     async def farewell(self) -> None:
         """At shutdown, once the guard's last switch is over (a rollback in flight finishes
@@ -807,6 +893,10 @@ class Fleet:
             lost = (gone[0], 0) if gone else None
         if moved or header.revision < floor or lost is not None:
             self._store_went_back(header, moved=moved, lost=lost)
+        elif not self._fresh_once and self.key("qos") not in by_key:
+            self._own_lock_lost_while_away()
+        elif not self._fresh_once:
+            self._own_lock_from_before(by_key[self.key("qos")])
         self._suspect = None
         if self._cluster is None and header.cluster_id:
             self._cluster = header.cluster_id
@@ -814,6 +904,36 @@ class Fleet:
         self._kvs, self._revision = by_key, header.revision
         self._fresh = self._fresh_once = True
         self._changed_now()
+
+    def _own_lock_lost_while_away(self) -> None:
+        """The first read since this process started finds no `qos` key, and this node's
+        guard holds a lock of its own (restored from state.json: an operator's lock taken
+        here, its guard window): the store lost the fleet's lock while the node was away
+        (deleted, restored), and the lock's owner publishes it again (`_republish_qos`), as
+        it does for a loss it sees while running."""
+        guard = self.guard
+        if guard is None or guard.own_lock is None:
+            return
+        local = qoslock.read_lock(guard.s.lock_file)
+        if local.held and guard.own_lock.info == local:
+            self._qos_before = self._as_fleets(local.to_json())
+
+    def _own_lock_from_before(self, kv: KV) -> None:
+        """The first read since this process started finds, as the fleet's lock, one this
+        node's guard took in an earlier run (`"by": "guardd"`, `"node"`: this node; a hold's
+        lock, a guard window): it is this node's, as if this run had written it, so the node
+        publishes its extension or its end as for any of its own (`_mirror_qos_up`,
+        `_publish_own_window`). No other node ends a lock it did not write, and a hold's
+        lock has no `until`: unclaimed, it would block every deploy after a `resume` until
+        an operator's `qos unlock`."""
+        doc = _json(kv.value, {})
+        if (
+            isinstance(doc, dict)
+            and doc.get("locked") is True
+            and doc.get("by") == "guardd"
+            and doc.get("node") == self.node
+        ):
+            self._qos_mine, self._qos_wrote = kv.mod_revision, doc
 
     def _header(self, header: Header) -> None:
         """Every etcd answer's header: one below the store's known revision, or from
@@ -895,6 +1015,28 @@ class Fleet:
         store went back meanwhile (an await may have seen it: see `_header`)."""
         return not self._fresh or self._epoch != epoch
 
+    def _check_watch(self) -> None:
+        """Read the prefix afresh and reopen the watch (on the member that answers now)
+        when our own acknowledged record has not come through the watch in `WATCH_LAG_S`:
+        the stream is stuck, and the view it keeps is stale. Logged as
+        `fleet_watch_stuck`."""
+        if self._unwatched is None:
+            return
+        revision, since = self._unwatched
+        if self._revision >= revision or not self._fresh:
+            self._unwatched = None  # shown (or a fresh read is on its way anyway)
+            return
+        if time.monotonic() - since < WATCH_LAG_S:
+            return
+        self._unwatched = None
+        if self.guard is not None:
+            self.guard.log.warning(
+                "fleet_watch_stuck", revision=revision, watched=self._revision, waited_s=WATCH_LAG_S
+            )
+        self._fresh = False
+        self._kick()
+        self._changed_now()
+
     def _kick(self) -> None:
         """Reopen the watch now (its connection may be dead after etcd was away)."""
         self._watching.cancel()
@@ -939,17 +1081,24 @@ class Fleet:
     async def _round(self) -> None:
         epoch = self._epoch
         now = time.monotonic()
+        # After a failed round the lease is renewed only once etcd took a write of ours
+        # again (see `_keep_lease`): our record, written first (it raises while refused).
+        proven = self.reachable is not False
+        if not proven and self.lease is not None and not self._lease_expired:
+            await self._publish_self(force=True)
+            proven = True
         if self.lease is None:
             self.lease, self._renewed = await self.client.grant(self.c.lease_ttl), now
-            self._published = None
-        elif now - self._renewed > self.c.lease_ttl / 3:
-            if await self.client.keepalive(self.lease) <= 0:
+            self._published, self._lease_expired = None, False
+        elif proven and (self._lease_expired or now - self._renewed > self.c.lease_ttl / 3):
+            if self._lease_expired or await self.client.keepalive(self.lease) <= 0:
                 # The lease expired (etcd or this process was away too long): so did
                 # leadership, and our record with it.
                 self.lease, self._leader_rev = await self.client.grant(self.c.lease_ttl), None
-                self._published = None
+                self._published, self._lease_expired = None, False
             self._renewed = now
         await self._publish_self()
+        self._check_watch()
         if self._stale(epoch):
             return  # the first read (or one after the store went back) is not in yet
         kvs = list(self._kvs.values())
@@ -982,9 +1131,12 @@ class Fleet:
                 self._keep_qos_key,
             )
         for step in (
+            # A release read in this round acts first: the leader's `_mirror_qos_up` would
+            # otherwise publish its own window over an operator's unlock taken on another
+            # node before this node ended that window.
+            self._adopt_qos,
             *leading,
             self._republish_qos,
-            self._adopt_qos,
             self._publish_own_window,
             self._mirror_qos_down,
             self._adopt_rearm,
@@ -1036,12 +1188,27 @@ class Fleet:
             doc = _json(qos.value) if qos is not None else None
             # One guardd did not write (garbled, or `{"locked": false}` by hand) is no lock
             # and no release: unknown (`qos_doc`), acted on by no node.
-            self._qos_bad = None if qos is None else lockread.lock_problem(doc)
-            self.qos = None if self._qos_bad is not None else doc
+            bad = None if qos is None else lockread.lock_problem(doc)
+            known = self.qos
+            if bad is not None and self._qos_bad is None and known and known.get("locked"):
+                # Written over a lock guardd wrote: as if the store had lost that lock, its
+                # owner publishes it again (`_republish_qos`); no other node writes over it.
+                self._qos_before = known
+                if self.guard is not None:
+                    self.guard.record(
+                        "alert",
+                        by=self.node,
+                        reason=f"fleet: the fleet's QoS lock in etcd ({self.key('qos')}) was "
+                        f"replaced by {bad}; the lock it held ({known.get('reason')}) is "
+                        "published again by the node that holds it, and deploys stay blocked "
+                        "meanwhile",
+                    )
+            self._qos_bad = bad
+            self.qos = None if bad is not None else doc
         self.nodes = _under(kvs, self.key("nodes") + "/")
         self.seen = _under(kvs, self.key("seen") + "/")
 
-    async def _publish_self(self) -> None:
+    async def _publish_self(self, *, force: bool = False) -> None:
         """Write our record under the lease when it changed or a third of the lease went by,
         and its copy without a lease (`seen/`) when what we serve changed."""
         guard = self.guard
@@ -1059,16 +1226,30 @@ class Fleet:
             else ("failing" if own.failed else "open"),
             # When it is judged: the leader's window waits for it, and no longer.
             "window_until": None if own is None or own.window is None else own.info.until,
+            # `hold` here (no safe switch, or the front door unknown): every node's `fleet
+            # status` warns of it, not only this node's `status`.
+            "state": guard.state.value if guard is not None else None,
         }
         now = time.monotonic()
-        if doc == self._published and now - self._published_at < self.c.lease_ttl / 3:
+        # `force`: written even unchanged (a write etcd takes is what a round after a failed
+        # one waits for); what we serve is compared with the last record all the same, so
+        # `seen/` is rewritten only when that changed.
+        if not force and doc == self._published and now - self._published_at < self.c.lease_ttl / 3:
             return
         record = doc | {"at": time.time()}
         key = self.key("nodes", self.node)
-        # Only over our own record or none: never over another process's of this name.
-        for check in (compare(key, "LEASE", self.lease), compare(key, "CREATE", 0)):
-            ok, _ = await self.client.txn([check], [put_op(key, record, lease=self.lease)])
+        # Only over our own record, none, or one without a lease (guardd writes none such:
+        # a hand's `etcdctl put` would otherwise silence this node until deleted); never
+        # over another process's of this name, which is under its lease.
+        for check in (
+            compare(key, "LEASE", self.lease),
+            compare(key, "CREATE", 0),
+            compare(key, "LEASE", 0),
+        ):
+            ok, revision = await self.client.txn([check], [put_op(key, record, lease=self.lease)])
             if ok:
+                if self._unwatched is None:
+                    self._unwatched = (revision, time.monotonic())
                 break
         was = self._clash_told
         self._note_clash(now, clashing=not ok)
@@ -1295,8 +1476,8 @@ class Fleet:
         file changed. An unlock is published only over a lock this node wrote, never over
         an operator's lock taken on another node."""
         guard = self.guard
-        if guard is None:
-            return
+        if guard is None or self._qos_bad is not None:
+            return  # a value guardd did not write: its owner's (`_republish_qos`) or an operator's
         local = qoslock.read_lock(guard.s.lock_file)
         doc = local.to_json()
         if local.held and self.is_mirror(local):
@@ -1310,6 +1491,21 @@ class Fleet:
         current = self._kvs.get(self.key("qos"))
         mod = current.mod_revision if current is not None else 0
         if not doc.get("locked") and mod not in (0, self._qos_mine):
+            return
+        held = _json(current.value, {}) if current is not None else {}
+        if (
+            doc.get("locked")
+            and mod not in (0, self._qos_mine)
+            and isinstance(held, dict)
+            and held.get("locked")
+            and until_wall(doc.get("until")) < until_wall(held.get("until"))
+        ):
+            # A lock never shortens another: an operator's freeze taken on another node (or
+            # a window a former leader published) that outlasts this node's window stays
+            # the fleet's lock, and this node's file keeps the window (a copy of the
+            # fleet's lock follows it: `copy_to_keep`). Looked at again next round: an
+            # extended window that outlasts it is published then.
+            self._local_lock = before
             return
         if not doc.get("locked"):
             # Said by whom: every other node journals the release as `fleet:<by>`.
@@ -1352,7 +1548,7 @@ class Fleet:
         otherwise. Once it is, this node publishes its extensions and its end, as the
         leader does its own. Written over `qos`'s mod_revision as read."""
         guard = self.guard
-        if guard is None or self.is_leader:
+        if guard is None or self.is_leader or self._qos_bad is not None:
             return
         current = self._kvs.get(self.key("qos"))
         mod = current.mod_revision if current is not None else 0
@@ -1393,8 +1589,8 @@ class Fleet:
         exactly that key's mod_revision.
         """
         current = self._kvs.get(self.key("qos"))
-        if current is None or current.mod_revision < self._qos_mine:
-            return
+        if current is None or current.mod_revision < self._qos_mine or self._qos_bad is not None:
+            return  # (a lock guardd did not write is not ended by guardd either)
         held = _json(current.value, {})
         guard = self.guard
         if held == self._qos_wrote and guard is not None and guard.own_lock is not None:
@@ -1452,8 +1648,9 @@ class Fleet:
         )
 
     async def _republish_qos(self) -> None:
-        """After the store went back: publish again the fleet's lock this node owned (taken
-        here and held in its own lock file, not a mirror) when the store holds no lock.
+        """After the store went back (or a value guardd did not write replaced the lock):
+        publish again the fleet's lock this node owned (held in its own lock file, not a
+        mirror) when the store holds no lock.
 
         A store that holds a lock keeps it (the fleet stays locked either way); a lock whose
         owner does not publish it again is gone, as the store says (see `_mirror_qos_down`).
@@ -1461,12 +1658,13 @@ class Fleet:
         before, guard = self._qos_before, self.guard
         if before is None or guard is None:
             return
-        local = qoslock.read_lock(guard.s.lock_file).to_json()
+        info = qoslock.read_lock(guard.s.lock_file)
+        local = info.to_json()
         current = self._kvs.get(self.key("qos"))
         held = _json(current.value, {}) if current is not None else {}
         if (
             not local.get("locked")
-            or str(local.get("by", "")).startswith("fleet:")
+            or self.is_mirror(info)  # a copy: the lock of another node
             or local != {k: before.get(k) for k in local}  # not the fleet's lock, or not ours
             or (isinstance(held, dict) and held.get("locked"))  # the store holds a lock
         ):
@@ -1482,8 +1680,9 @@ class Fleet:
             guard.record(
                 "alert",
                 by=self.node,
-                reason="fleet: the fleet's QoS lock, lost as etcd's store went back, "
-                f"published again by {self.node}, which holds it"
+                reason="fleet: the fleet's QoS lock, lost from etcd (a store restored from a "
+                "backup, or a hand replaced or deleted the key), published again by "
+                f"{self.node}, which holds it"
                 + (f" ({local['reason']})" if local.get("reason") else ""),
             )
 

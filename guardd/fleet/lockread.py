@@ -16,7 +16,7 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ __all__ = [
     "missing_lock",
     "read_fleet_lock",
     "unconverged",
+    "undersized",
     "with_unconverged",
 ]
 
@@ -65,7 +66,8 @@ def unconverged(
         # meet cannot be told, so the fleet is not known to have converged.
         return (
             "the fleet's desired color in etcd is not a decision guardd wrote (no color blue "
-            "or green with a generation): `guardctl switch` or `rollback` writes a new one"
+            "or green with a generation): `guardctl rollback` (or `switch --force`) writes a "
+            "new one"
         )
     behind = [
         f"node {name} serves {doc.get('serving')}"
@@ -85,6 +87,25 @@ def unconverged(
     if not behind:
         return None
     return f"the fleet has not converged on {want}: " + "; ".join(behind)
+
+
+def undersized(members: Collection[str], size: int, prefix: str) -> str | None:
+    """Why the fleet under `prefix` is not known to be the configured one, else None.
+
+    `members`: the nodes seen there (`nodes/<node>` and `seen/<node>` records, and the
+    asking node itself when it is one); `size`: `fleet.size`. Fewer than `size` is what a
+    mistyped `fleet.prefix` or an `etcd` of another fleet looks like (an empty prefix,
+    and a node there that would make a fleet of its own whose lock no one else takes),
+    or a fleet whose other nodes have not started yet: either way its lock is UNKNOWN.
+    """
+    if len(members) >= size:
+        return None
+    names = ", ".join(sorted(members)) or "none"
+    return (
+        f"only {len(members)} of the fleet's {size} nodes (fleet.size) seen under {prefix} "
+        f"({names}): a mistyped fleet.prefix or fleet.etcd, or the other nodes not started "
+        "yet (fleet.size = 1 for a fleet of one node)"
+    )
 
 
 def with_unconverged(lock: dict[str, Any], behind: str | None) -> dict[str, Any]:
@@ -168,7 +189,6 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
                 f"{getattr(e, 'strerror', None) or e}"
             ) from None
     prefix = fleet_prefix(fleet, instance) + "/"
-    qos_key = prefix + "qos"
     # The whole prefix (a few small keys): the lock, and whether the fleet converged.
     body = {
         "key": base64.b64encode(prefix.encode()).decode(),
@@ -199,32 +219,61 @@ def read_fleet_lock(fleet: Mapping[str, Any], instance: str, *, timeout: float) 
             # Something that is not an HTTP server at the URL (a bad status line, a cut body).
             http.client.HTTPException,
         ) as e:
-            problems.append(f"{_shown(base)}: {type(e).__name__}")
+            problems.append(f"{_shown(base)}: {_why(e)}")
             continue
         if not isinstance(doc.get("header"), dict) or not isinstance(doc.get("kvs", []), list):
             # Every etcd answer has a header (cluster, revision): anything else is not etcd.
             problems.append(f"{_shown(base)}: not an answer of etcd's")
             continue
-        keys = _values(doc.get("kvs") or [], prefix)
-        if "qos" not in keys:
-            # A fleet's leader keeps the key: none is a mistyped prefix, a fleet not started
-            # yet, or a store that lost it; never "unlocked".
-            raise FleetLockUnknown(missing_lock(qos_key))
-        lock = keys["qos"]
-        if (problem := lock_problem(lock)) is not None:
-            raise FleetLockUnknown(f"{qos_key} in etcd: {problem}")
-        live = _under(keys, "nodes/")
-        lost = {k: v for k, v in _under(keys, "seen/").items() if k not in live}
-        desired = keys.get("desired")
-        behind = unconverged(
-            # Present but not an object (garbled): a decision that cannot be read.
-            (desired if isinstance(desired, dict) else {}) if "desired" in keys else None,
-            live,
-            lost,
-            _under(keys, "clash/"),
-        )
-        return with_unconverged({"locked_at": None, "by": None, **lock, "source": "fleet"}, behind)
+        return _answer(_values(doc.get("kvs") or [], prefix), fleet, prefix)
     raise FleetLockUnknown("no etcd member answered: " + "; ".join(problems))
+
+
+def _size(fleet: Mapping[str, Any]) -> int:
+    """`fleet.size` from the raw table (2 when not set, as the config's default).
+    Raises `FleetLockUnknown` when it is not a whole number of at least 1: the fleet
+    cannot then be told to be the configured one."""
+    size = fleet.get("size", 2)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise FleetLockUnknown("[fleet] size is not a whole number of at least 1")
+    return size
+
+
+def _answer(keys: Mapping[str, Any], fleet: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The gate's answer from the keys under `prefix` (ending in "/"), cut off and parsed
+    (`_values`). Raises `FleetLockUnknown`."""
+    if "qos" not in keys:
+        # A fleet's leader keeps the key: none is a mistyped prefix, a fleet not started
+        # yet, or a store that lost it; never "unlocked".
+        raise FleetLockUnknown(missing_lock(prefix + "qos"))
+    lock = keys["qos"]
+    if (problem := lock_problem(lock)) is not None:
+        raise FleetLockUnknown(f"{prefix}qos in etcd: {problem}")
+    live = _under(keys, "nodes/")
+    lost = {k: v for k, v in _under(keys, "seen/").items() if k not in live}
+    if (few := undersized(live.keys() | lost.keys(), _size(fleet), prefix[:-1])) is not None:
+        raise FleetLockUnknown(f"{few}; the fleet's QoS lock is unknown")
+    desired = keys.get("desired")
+    behind = unconverged(
+        # Present but not an object (garbled): a decision that cannot be read.
+        (desired if isinstance(desired, dict) else {}) if "desired" in keys else None,
+        live,
+        lost,
+        _under(keys, "clash/"),
+    )
+    return with_unconverged({"locked_at": None, "by": None, **lock, "source": "fleet"}, behind)
+
+
+def _why(e: BaseException) -> str:
+    """What went wrong with one member, in words an operator can act on: the HTTP status
+    (an auth failure is 401 or 400), or the socket's error (connection refused), never a
+    body or a URL (either may hold a secret)."""
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTPError: HTTP {e.code}"
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    if isinstance(reason, OSError) and reason.strerror:
+        return f"{type(e).__name__}: {reason.strerror}"
+    return type(e).__name__
 
 
 def _shown(url: str) -> str:

@@ -1545,7 +1545,7 @@ def test_a_fleet_lock_etcd_cannot_give_is_a_json_unknown(
     config = _write_config(tmp_path / "threader.toml", tmp_path / "nobody-listens.sock", lock)
     with contextlib.ExitStack() as stack:
         url, why = {
-            "closed": (f"http://127.0.0.1:{_closed_port()}", "URLError"),
+            "closed": (f"http://127.0.0.1:{_closed_port()}", "URLError: Connection refused"),
             "silent": (stack.enter_context(_silent_tcp()), "TimeoutError"),
             "not-http": (stack.enter_context(_not_http()), "BadStatusLine"),
             "tls": ("https://127.0.0.1:1", "TLS files cannot be used"),

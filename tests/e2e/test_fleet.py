@@ -543,7 +543,7 @@ def test_the_fleets_lock_holds_until_a_late_node_applied_the_rollback(
     wait_until(
         lambda: (
             all(not lab.lock_file.exists() for lab in fleet.labs)
-            and all(qos_status(lab)[0] == 0 for lab in fleet.labs)
+            and all(allowed(lab) for lab in fleet.labs)
         ),
         90,
         "the fleet's lock released everywhere once every node serves blue",
@@ -603,7 +603,7 @@ def test_a_late_nodes_window_after_an_operators_unlock_is_the_fleets_lock(
     wait_until(
         lambda: (
             not any(lab.lock_file.exists() for lab in fleet.labs)
-            and all(qos_status(lab)[0] == 0 for lab in fleet.labs)
+            and all(allowed(lab) for lab in fleet.labs)
         ),
         60,
         "the late node's window over, every gate open",
@@ -652,7 +652,7 @@ def test_the_fleets_lock_waits_for_a_followers_failing_window_then_ends_on_its_o
     wait_until(
         lambda: (
             not any(lab.lock_file.exists() for lab in fleet.labs)
-            and all(qos_status(lab)[0] == 0 for lab in fleet.labs)
+            and all(allowed(lab) for lab in fleet.labs)
         ),
         120,
         "every lock gone once the follower's window is met",
@@ -706,6 +706,11 @@ def blocked_by_the_fleet(lab: Lab) -> bool:
     return code == 1 and doc is not None and doc["source"] == "fleet" and doc["locked"] is True
 
 
+def allowed(lab: Lab, *, config: bool = False) -> bool:
+    """`qos status` on `lab` says deploys are allowed (exit 0)."""
+    return qos_status(lab, config=config)[0] == 0
+
+
 def qos_status(lab: Lab, *, config: bool = False) -> tuple[int, dict[str, Any] | None, str]:
     """`guardctl qos status --json`, through the node's socket or (`config`) its config."""
     where = ("--config", str(lab.config_path)) if config else ()
@@ -715,6 +720,67 @@ def qos_status(lab: Lab, *, config: bool = False) -> tuple[int, dict[str, Any] |
     except ValueError:
         doc = None
     return out.returncode, doc if isinstance(doc, dict) else None, out.stdout + out.stderr
+
+
+def test_a_node_alone_under_its_prefix_never_says_deploys_allowed(make_fleet: MakeFleet) -> None:
+    """A node that finds no other under `fleet.prefix` (a mistyped prefix, another fleet's
+    etcd, or the first node up) cannot tell its fleet's lock: every gate on it says
+    UNKNOWN, never "allowed", until `fleet.size` nodes were seen there."""
+    fleet = make_fleet(nodes=2)
+    alone = fleet.labs[0]
+    fleet.daemons = [alone.daemon()]
+
+    def unknown_for_size() -> bool:
+        code, doc, _ = qos_status(alone)
+        return code == 3 and doc is not None and "fleet.size" in str(doc.get("warning"))
+
+    wait_until(unknown_for_size, 60, "the lone node's gate UNKNOWN for fleet.size")
+    # Its leader has written the fleet's first release all the same: the gates do not
+    # read that as "allowed".
+    assert fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["locked"] is False
+    code, doc, text = qos_status(alone, config=True)
+    assert code == 3, text
+    assert doc is not None and doc["unknown"] is True, text
+    assert f"only 1 of the fleet's 2 nodes (fleet.size) seen under {PREFIX} (n0)" in text
+    status = guardctl("status", "--json", socket=alone.socket_path)
+    assert status.returncode == 1, status
+    shown = json.loads(status.stdout)
+    assert shown["qos"]["unknown"] is True, shown
+    assert any("fleet.size" in w for w in shown["warnings"]), shown
+    out = guardctl("fleet", "status", "--json", socket=alone.socket_path)
+    assert out.returncode == 1, out
+    assert any("fleet.size" in w for w in json.loads(out.stdout)["warnings"]), out.stdout
+    # The second node: the fleet is the configured one, and its (released) lock counts.
+    fleet.daemons.append(fleet.labs[1].daemon())
+    for lab in fleet.labs:
+        wait_until(functools.partial(allowed, lab), 60, "deploys allowed over the socket")
+        assert allowed(lab, config=True)
+    out = guardctl("fleet", "status", "--json", socket=alone.socket_path)
+    assert out.returncode == 0, out
+
+
+def test_a_hand_written_record_under_a_nodes_name_is_replaced_by_the_node(
+    make_fleet: MakeFleet,
+) -> None:
+    """guardd writes a node's record only under its lease: one without (an `etcdctl put`)
+    is not another guardd's, and the node writes its own over it, no clash."""
+    fleet = make_fleet(nodes=2)
+    fleet.start()
+    key = f"{PREFIX}/nodes/n1"
+    fleet.etcd.put(key, json.dumps({"serving": "green", "generation": 99}))
+    assert not fleet.etcd.lease_of(key)
+
+    def own_record() -> bool:
+        doc = fleet.etcd.range(key).get(key)
+        return bool(fleet.etcd.lease_of(key)) and isinstance(doc, dict) and "window" in doc
+
+    wait_until(own_record, 30, "n1's own record, under its lease, in place of the hand's")
+    # Past the time a clash is told (one and a half leases): none is.
+    fleet.rounds_pass(6)
+    for i in range(2):
+        doc = fleet.fleet_status(i)
+        assert doc["twins"] == [], doc
+        assert not [w for w in doc["warnings"] if "another guardd" in w], doc
 
 
 def test_qos_lock_and_unlock_on_any_node_are_the_fleets(fleet: FleetLab) -> None:
@@ -743,11 +809,18 @@ def test_qos_lock_and_unlock_on_any_node_are_the_fleets(fleet: FleetLab) -> None
     wait_until(lambda: everywhere(True), 60, "the follower's lock on every node", poll=0.2)
     assert fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["locked"] is True
     # Unlocked on another node (the leader), it is unlocked everywhere.
-    out = guardctl("qos", "unlock", socket=fleet.labs[leader].socket_path)
+    out = guardctl(
+        "qos", "unlock", "--reason", "freeze 7 over", socket=fleet.labs[leader].socket_path
+    )
     assert out.returncode == 0, out
     wait_until(lambda: everywhere(False), 60, "the fleet's lock gone on every node", poll=0.2)
+    released = fleet.daemons[leader].wait_event("qos_released", timeout=30)
+    assert released["reason"] == "freeze 7 over", released  # the operator's why, journaled
     d = fleet.daemons[followers[0]]
-    d.wait_event("qos_released", timeout=30, where=lambda e: e["by"].startswith("fleet:"))
+    released = d.wait_event(
+        "qos_released", timeout=30, where=lambda e: e["by"].startswith("fleet:")
+    )
+    assert "freeze 7 over" in released["reason"], released
     # etcd gone: every node says the fleet's lock is UNKNOWN, never "unlocked".
     fleet.etcd.stop()
     for lab in fleet.labs:
@@ -940,6 +1013,35 @@ def test_nodes_follow_the_fleet_by_watch_not_by_polling(fleet: FleetLab) -> None
     assert read <= 6, f"{read} range reads for 30 record refreshes"
     # And a change still reaches every node at once: the fleet rolls back as one.
     green_fails_and_the_fleet_rolls_back(fleet)
+
+
+def logged(d: Daemon, text: str) -> bool:
+    """Whether `d`'s log has `text`."""
+    return text in d.log()
+
+
+def test_a_watch_gone_silent_is_noticed_by_the_nodes_own_record(fleet: FleetLab) -> None:
+    """The etcd member every node watches on is frozen (its connections stay open, silent):
+    each node's own record, written through another member, does not come through its
+    watch, so the node reads the prefix afresh there at once, not after the watch's idle
+    time, and a lock taken meanwhile reaches every gate."""
+    fleet.start()
+    fleet.etcd.freeze(0)
+    try:
+        # Member 0 may have led the cluster: the lock is asked once the two left have a
+        # leader again (etcd's /health says so), as an operator would see writes work.
+        wait_until(
+            lambda: fleet.etcd.healthy(1) and fleet.etcd.healthy(2), 60, "a leader among the rest"
+        )
+        out = guardctl("qos", "lock", "--reason", "freeze 9", socket=fleet.labs[1].socket_path)
+        assert out.returncode == 0, out
+        for d in fleet.daemons:
+            wait_until(functools.partial(logged, d, "fleet_watch_stuck"), 60, "a stuck watch")
+        wait_until(
+            lambda: all(blocked_by_the_fleet(lab) for lab in fleet.labs), 60, "every gate locked"
+        )
+    finally:
+        fleet.etcd.thaw(0)
 
 
 def lock_is_unknown_on(node: Lab) -> None:
@@ -1211,9 +1313,7 @@ def test_every_node_paused_while_green_fails_no_gate_allows_a_deploy(
     wait_until(every_gate_locked, 60, "every gate locked while paused on a failing green")
     assert all(lab.nginx.served_color() is None for lab in fleet.labs)  # nobody switched
     fleet.green.set_mode("ok")
-    wait_until(
-        lambda: all(qos_status(lab)[0] == 0 for lab in fleet.labs), 120, "every gate open again"
-    )
+    wait_until(lambda: all(allowed(lab) for lab in fleet.labs), 120, "every gate open again")
 
 
 def test_a_replaced_fleet_lock_reaches_every_node(fleet: FleetLab) -> None:
@@ -1599,6 +1699,40 @@ def test_resume_on_any_node_re_arms_the_fleets_budget_and_ends_every_hold(
     all_released(fleet)
 
 
+def test_a_holds_lock_of_a_leader_killed_while_holding_ends_once_it_is_back(
+    make_fleet: MakeFleet,
+) -> None:
+    """No rollback allowed (a spent budget): every node holds on a failing green, and the
+    fleet's lock is the leader's hold's (no end). The leader is killed, green is fixed, an
+    operator resumes on another node. The killed leader, started again, knows that lock as
+    its own from before: its hold over, it ends it, and every gate opens."""
+    # Green's errors leave the policy window soon: a resume then holds no more.
+    fleet = make_fleet(policy__max_rollbacks=0, policy__window="8s")
+    fleet.start()
+    leader = fleet.leader()
+    assert leader is not None
+    follower = next(i for i in range(3) if i != leader)
+    fleet.green.set_mode("http_503")
+    for d in fleet.daemons:
+        d.wait_event("hold", timeout=60, where=lambda e: "budget" in str(e.get("reason")))
+    wait_until(lambda: gates_say_hold(fleet), 30, "every gate locked by the hold", poll=0.2)
+    held = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]
+    assert (held["by"], held["node"], held["until"]) == ("guardd", f"n{leader}", None), held
+    fleet.daemons[leader].kill9()
+    fleet.green.set_mode("ok")
+    wait_until(
+        lambda: status_of(fleet.labs[follower])["upstreams"]["green"]["error_ratio"] == 0,
+        60,
+        "green's errors out of the policy window",
+        poll=0.3,
+    )
+    out = guardctl("resume", socket=fleet.labs[follower].socket_path)
+    assert out.returncode == 0, out
+    fleet.daemons[leader] = fleet.labs[leader].daemon()
+    all_released(fleet)
+    assert fleet.all_serve("green")
+
+
 def test_a_forced_switch_that_fails_to_verify_is_undone_for_the_whole_fleet(
     make_fleet: MakeFleet,
 ) -> None:
@@ -1767,7 +1901,7 @@ def test_a_node_restarted_after_the_fleet_released_its_window_does_not_lock_agai
     fleet.rounds_pass(3)
     assert released(), fleet.etcd.range(PREFIX + "/qos")
     assert not any(lab.lock_file.exists() for lab in fleet.labs)
-    assert all(qos_status(lab)[0] == 0 for lab in fleet.labs)
+    assert all(allowed(lab) for lab in fleet.labs)
     fleet.daemons[leader] = back
 
 
@@ -1783,15 +1917,41 @@ def gates_say_hold(fleet: FleetLab) -> bool:
 
 def all_released(fleet: FleetLab) -> None:
     """Every host's lock file gone and every gate open, through the socket and the config."""
-    wait_until(
-        lambda: (
-            not any(lab.lock_file.exists() for lab in fleet.labs)
-            and all(qos_status(lab, config=c)[0] == 0 for lab in fleet.labs for c in (False, True))
-        ),
-        60,
-        "every lock released",
-        poll=0.3,
-    )
+    try:
+        wait_until(
+            lambda: (
+                not any(lab.lock_file.exists() for lab in fleet.labs)
+                and all(allowed(lab, config=c) for lab in fleet.labs for c in (False, True))
+            ),
+            60,
+            "every lock released",
+            poll=0.3,
+        )
+    except AssertionError as e:
+        held = {
+            i: (
+                lab.lock_file.read_text() if lab.lock_file.exists() else None,
+                qos_status(lab)[2],
+                [(x["event"], x["reason"]) for x in fleet.daemons[i].events()[-6:]],
+            )
+            for i, lab in enumerate(fleet.labs)
+        }
+        raise AssertionError(f"{e}; still held: {held}") from None
+
+
+def fleet_says_holding(fleet: FleetLab) -> bool:
+    """`fleet status` on every node exits 1, every row says `hold`, and the warnings name
+    the other nodes as holding."""
+    for i, lab in enumerate(fleet.labs):
+        out = guardctl("fleet", "status", "--json", socket=lab.socket_path)
+        doc = json.loads(out.stdout)
+        others = {f"n{j}" for j in range(len(fleet.labs)) if j != i}
+        named = {w.split()[2] for w in doc["warnings"] if w.endswith("says why)")}
+        if out.returncode != 1 or named != others:
+            return False
+        if [row["state"] for row in doc["nodes"]] != ["hold"] * len(fleet.labs):
+            return False
+    return True
 
 
 def test_a_holds_lock_ends_on_every_node_when_the_hold_does(make_fleet: MakeFleet) -> None:
@@ -1805,6 +1965,9 @@ def test_a_holds_lock_ends_on_every_node_when_the_hold_does(make_fleet: MakeFlee
     for d in fleet.daemons:
         d.wait_event("hold", timeout=60)
     wait_until(lambda: gates_say_hold(fleet), 30, "every gate locked by the hold", poll=0.2)
+    # Every node's `fleet status` says which nodes hold, not only each node's `status`.
+    holding = functools.partial(fleet_says_holding, fleet)
+    wait_until(holding, 30, "every fleet status naming every node that holds", poll=0.2)
     fleet.green.set_mode("ok")
     all_released(fleet)
     for lab in fleet.labs:
@@ -1915,3 +2078,184 @@ def test_a_nodes_own_window_ending_under_the_fleets_lock_never_leaves_the_file_e
     assert "the fleet's lock" in ended["reason"] and "holds" in ended["reason"], ended
     held = json.loads(lab.lock_file.read_text())
     assert held["reason"] == "freeze 12" and held["by"].startswith("fleet:"), held
+
+
+def fleet_lock() -> Callable[[FleetLab], dict[str, Any]]:
+    """The `qos` key of a fleet as etcd holds it ({} when there is none)."""
+    return lambda fleet: fleet.etcd.range(PREFIX + "/qos").get(PREFIX + "/qos") or {}
+
+
+def test_a_new_leaders_own_window_never_shortens_an_operators_lock(
+    make_fleet: MakeFleet,
+) -> None:
+    """An operator's freeze, taken on one node, outlasts a follower's own guard window;
+    the leader dies and that follower leads: the freeze stays the fleet's lock, on every
+    node, and a shorter `qos lock` asked on the new leader is refused naming it."""
+    # The window outlasts the change of leader; the freeze outlasts the test.
+    fleet = make_fleet(qos__window="1m")
+    fleet.start()
+    held = fleet_lock()
+    leader = fleet.leader()
+    assert leader is not None
+    follower, third = [i for i in range(3) if i != leader]
+    out = guardctl("rollback", "--reason", "bad release", socket=fleet.labs[follower].socket_path)
+    assert out.returncode == 0, out
+    assert fleet.all_serve("blue")
+    fleet.daemons[follower].wait_event("qos_locked")  # its own guard window
+    out = guardctl(
+        "qos", "lock", "--for", "2h", "--reason", "freeze 2h",
+        socket=fleet.labs[third].socket_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out
+    wait_until(lambda: held(fleet).get("reason") == "freeze 2h", 30, "the freeze in etcd")
+    freeze = held(fleet)
+    # The third node paused does not campaign: the follower, whose window runs, leads next.
+    out = guardctl("pause", "--reason", "maintenance", socket=fleet.labs[third].socket_path)
+    assert out.returncode == 0, out
+    fleet.daemons[leader].kill9()
+    wait_until(lambda: fleet.leader() == follower, 60, "the follower leads", poll=0.1)
+    fleet.daemons[follower].wait_event(
+        "fleet_leader", timeout=30, where=lambda e: e["node"] == f"n{follower}"
+    )
+    fleet.rounds_pass(3)
+    assert held(fleet) == freeze, held(fleet)
+    for i in (follower, third):
+        code, doc, said = qos_status(fleet.labs[i])
+        assert code == 1 and doc is not None, said
+        assert (doc["reason"], doc["until"]) == ("freeze 2h", freeze["until"]), doc
+    # The new leader's own window is shorter than the freeze; a lock for less than the
+    # freeze is refused there too, naming it.
+    out = guardctl(
+        "qos", "lock", "--for", "10s", "--reason", "short",
+        socket=fleet.labs[follower].socket_path,
+    )  # fmt: skip
+    assert out.returncode == 1, out
+    assert "the fleet's lock (freeze 2h" in out.stdout + out.stderr, out
+    assert "holds longer than asked" in out.stdout + out.stderr, out
+    assert held(fleet) == freeze
+    # An operator's unlock on another node ends the freeze and the leader's own window
+    # with it, as `qos unlock` does on a single guard: the window is not published over
+    # the release.
+    out = guardctl("qos", "unlock", socket=fleet.labs[third].socket_path)
+    assert out.returncode == 0, out
+    fleet.daemons[follower].wait_event(
+        "qos_released", timeout=30, where=lambda e: e["by"] == "fleet:uid:0(root)"
+    )
+    fleet.rounds_pass(3)
+    assert held(fleet)["locked"] is False, held(fleet)
+    for i in (follower, third):
+        assert allowed(fleet.labs[i]), qos_status(fleet.labs[i])
+
+
+def test_a_node_busy_applying_a_switch_keeps_its_lease(make_fleet: MakeFleet) -> None:
+    """A follower whose switch takes longer than `lease_ttl` (here: held with the new link
+    renamed in, before the reload) is still a live node meanwhile: its record and lease
+    stay, no node lists it lost; then it finishes, and the fleet serves blue."""
+    fleet = make_fleet(switch__timeout="1m")
+    fleet.start()
+    leader = fleet.leader()
+    assert leader is not None
+    slow = next(i for i in range(3) if i != leader)
+    lab = fleet.labs[slow]
+    record = f"{PREFIX}/nodes/n{slow}"
+    lease = fleet.etcd.lease_of(record)
+    assert lease
+    (lab.fault_dir / "after_renamed").write_text("")
+    fleet.green.set_mode("http_503")
+    wait_until((lab.fault_dir / "after_renamed.reached").exists, 60, "the follower mid-switch")
+    # The other two write a record every third of the 2 s lease: six more rounds are
+    # longer than the lease.
+    fleet.rounds_pass(6)
+    assert (lab.fault_dir / "after_renamed.reached").exists()
+    assert fleet.etcd.lease_of(record) == lease, "the busy node's lease expired"
+    rows = {r["node"]: r for r in fleet.fleet_status(leader)["nodes"]}
+    assert rows[f"n{slow}"]["lost"] is False, rows
+    (lab.fault_dir / "after_renamed").unlink()
+    assert fleet.all_serve("blue")
+    applied(fleet.daemons[slow], 1)
+    assert fleet.etcd.lease_of(record) == lease
+
+
+def same_end(lock: dict[str, Any], until: str) -> bool:
+    """Whether `lock` ends when `until` says: exactly, as a window laid under a freeze takes
+    the freeze's very `until` (through the node's monotonic clock it moved by the time
+    between two clock reads, 2 ms once under load)."""
+    return lock.get("until") == until
+
+
+def test_a_hand_written_qos_value_never_lets_a_shorter_window_replace_a_freeze(
+    make_fleet: MakeFleet,
+) -> None:
+    """A freeze, then an operator's rollback asked on another node (its own window is
+    shorter), then `etcdctl put <prefix>/qos '{"locked": false}'`: no node publishes its
+    window over the hand's value; the node that holds the fleet's lock publishes it again,
+    with the freeze's end, and no gate opens once the shorter window has passed."""
+    fleet = make_fleet(qos__window="6s")
+    fleet.start()
+    held = fleet_lock()
+    a, c = 0, 2
+    lock_on(fleet, a, "freeze", "10m")
+    until = held(fleet)["until"]
+    out = guardctl("rollback", "--reason", "bad release", socket=fleet.labs[c].socket_path)
+    assert out.returncode == 0, out
+    assert fleet.all_serve("blue")
+    fleet.daemons[c].wait_event("qos_locked")  # the rollback's own window on that node
+    wait_until(lambda: same_end(held(fleet), until), 30, "the fleet's lock until the freeze")
+    marks = [len(d.events()) for d in fleet.daemons]
+    fleet.etcd.put(PREFIX + "/qos", '{"locked": false}')
+    wait_until(
+        lambda: held(fleet).get("locked") is True and same_end(held(fleet), until),
+        60,
+        "the fleet's lock published again with the freeze's end",
+        poll=0.2,
+    )
+    # The shorter window on the other node passes; the fleet's lock and every gate hold.
+    fleet.daemons[c].wait_event(
+        "qos_released", timeout=60, where=lambda e: "guard window passed" in e["reason"]
+    )
+    fleet.rounds_pass(3)
+    assert same_end(held(fleet), until), held(fleet)
+    for lab in fleet.labs:
+        for config in (False, True):
+            code, doc, said = qos_status(lab, config=config)
+            assert code == 1 and doc is not None and same_end(doc, until), said
+    alerts = [
+        e["reason"] for d, m in zip(fleet.daemons, marks, strict=True) for e in d.events()[m:]
+    ]
+    assert any("was replaced by" in r for r in alerts), alerts
+
+
+def test_a_lock_lost_while_its_owner_was_down_is_published_again_when_it_is_back(
+    make_fleet: MakeFleet,
+) -> None:
+    """An operator's lock taken on a node; that node killed; the `qos` key deleted by hand
+    meanwhile: every gate says UNKNOWN, never "allowed", and the owner, restarted with its
+    lock in its state, publishes it again."""
+    fleet = make_fleet()
+    fleet.start()
+    held = fleet_lock()
+    owner = 2
+    lock_on(fleet, owner, "freeze while down", "20m")
+    until = held(fleet)["until"]
+    fleet.daemons[owner].kill9()
+    fleet.etcd.delete(PREFIX + "/qos")
+    # The lock's owner is away: nobody can tell the lock, so UNKNOWN, never "allowed".
+    wait_until(
+        lambda: all(qos_status(lab)[0] == 3 for lab in fleet.labs[:2]),
+        60,
+        "UNKNOWN on the live nodes",
+    )
+    fleet.rounds_pass(3)
+    assert held(fleet) == {}, "nobody but its owner publishes the lost lock"
+    assert all(qos_status(lab)[0] == 3 for lab in fleet.labs[:2])
+    fleet.labs[owner].daemon()
+    wait_until(
+        lambda: held(fleet).get("reason") == "freeze while down",
+        60,
+        "the lock published again by its owner",
+        poll=0.2,
+    )
+    assert held(fleet)["until"] == until
+    wait_until(
+        lambda: all(qos_status(lab)[0] == 1 for lab in fleet.labs), 30, "locked on every node"
+    )

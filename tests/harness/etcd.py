@@ -19,6 +19,7 @@ import base64
 import contextlib
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -187,6 +188,18 @@ class EtcdCluster:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+
+    def freeze(self, i: int) -> None:
+        """SIGSTOP member `i`: its connections stay open and say nothing more."""
+        proc = self.procs[i]
+        assert proc is not None and proc.poll() is None, f"member {i} is not running"
+        proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self, i: int) -> None:
+        """SIGCONT member `i` (frozen by `freeze`)."""
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
 
     def range(self, key: str, *, prefix: bool = False) -> dict[str, Any]:
         """The keys (decoded, values parsed as JSON when they are) from any live member."""

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import http.server
+import re
 import threading
+from collections.abc import Iterator
 
 import pytest
 
-from guardd.fleet.lockread import FleetLockUnknown, lock_problem, read_fleet_lock, unconverged
+from guardd.fleet.lockread import (
+    FleetLockUnknown,
+    lock_problem,
+    read_fleet_lock,
+    unconverged,
+    undersized,
+)
 from tests.harness.httpserver import QuietHTTPServer
 
 
@@ -40,6 +50,30 @@ _NODE = (
 )
 
 
+@contextlib.contextmanager
+def answering(answer: bytes, status: int = 200) -> Iterator[str]:
+    """An HTTP server on loopback that answers every POST with `answer` (HTTP `status`);
+    yields its URL."""
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    with QuietHTTPServer(("127.0.0.1", 0), Server) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+
+
 @pytest.mark.parametrize(
     ("answer", "why"),
     [
@@ -56,31 +90,14 @@ _NODE = (
 def test_an_answer_that_is_not_etcds_is_unknown_never_unlocked(answer: bytes, why: str) -> None:
     # Something else on etcd's port (a proxy's error page, another service) answers 200:
     # without etcd's header it says nothing of the fleet's lock.
-    class Other(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
-
-        def log_message(self, *_args: object) -> None:
-            pass
-
-    with QuietHTTPServer(("127.0.0.1", 0), Other) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            url = f"http://127.0.0.1:{server.server_address[1]}"
-            with pytest.raises(FleetLockUnknown, match=why):
-                read_fleet_lock({"etcd": [url]}, "lab", timeout=2.0)
-        finally:
-            server.shutdown()
+    with answering(answer) as url, pytest.raises(FleetLockUnknown, match=why):
+        read_fleet_lock({"etcd": [url]}, "lab", timeout=2.0)
 
 
 BLUE = {"color": "blue", "generation": 5}
 _NOT_GUARDDS = (
     "the fleet's desired color in etcd is not a decision guardd wrote (no color blue or green "
-    "with a generation): `guardctl switch` or `rollback` writes a new one"
+    "with a generation): `guardctl rollback` (or `switch --force`) writes a new one"
 )
 
 
@@ -158,3 +175,72 @@ def test_credentials_in_an_etcd_url_never_reach_the_answer(endpoint: str) -> Non
         read_fleet_lock({"etcd": [endpoint]}, "lab", timeout=1.0)
     said = str(raised.value)
     assert "S3CRET" not in said and "127.0.0.1:9" in said, said
+
+
+@pytest.mark.parametrize(
+    ("members", "size", "fits"),
+    [((), 2, False), (("lb-a",), 2, False), (("lb-a",), 1, True), (("lb-a", "lb-b"), 2, True),
+     (("lb-a", "lb-b"), 3, False), (("lb-a", "lb-b", "lb-c", "lb-d"), 3, True)],
+)  # fmt: skip
+def test_a_fleet_smaller_than_its_size_is_not_known_to_be_the_configured_one(
+    members: tuple[str, ...], size: int, fits: bool
+) -> None:
+    why = undersized(members, size, "/guardd/lab")
+    assert (why is None) is fits
+    if why is not None:
+        assert f"only {len(members)} of the fleet's {size} nodes (fleet.size)" in why
+        assert "mistyped fleet.prefix" in why
+
+
+_RELEASE = (
+    b'{"key": "L2d1YXJkZC9sYWIvcW9z", "value": "'  # /guardd/lab/qos
+    + base64.b64encode(
+        b'{"locked": false, "by": "fleet:n1", "released_at": "2026-12-02T00:00:00Z"}'
+    )
+    + b'"}'
+)
+_SEEN = (
+    b'{"key": "L2d1YXJkZC9sYWIvc2Vlbi9uMg==", "value": '  # /guardd/lab/seen/n2
+    b'"eyJzZXJ2aW5nIjogImJsdWUifQ=="}'  # {"serving": "blue"}
+)
+
+
+@pytest.mark.parametrize(
+    ("kvs", "size", "unknown"),
+    [
+        # A release under a prefix one node ever wrote to: a fleet of its own.
+        ([_RELEASE, _NODE], None, "only 1 of the fleet's 2 nodes"),
+        ([_RELEASE, _NODE], 2, "only 1 of the fleet's 2 nodes"),
+        ([_RELEASE, _NODE], 3, "only 1 of the fleet's 3 nodes"),
+        ([_RELEASE], 1, "only 0 of the fleet's 1 nodes"),
+        ([_RELEASE, _NODE], 1, None),
+        # A lost node (its last record only) is still one of the fleet's.
+        ([_RELEASE, _NODE, _SEEN], None, None),
+        ([_RELEASE, _NODE, _SEEN], "2", "size is not a whole number"),
+        ([_RELEASE, _NODE, _SEEN], 0, "size is not a whole number"),
+        ([_RELEASE, _NODE, _SEEN], True, "size is not a whole number"),
+    ],
+)
+def test_the_gate_reads_a_fleet_smaller_than_its_size_as_unknown(
+    kvs: list[bytes], size: object, unknown: str | None
+) -> None:
+    answer = b"{" + _HEADER + b', "kvs": [' + b", ".join(kvs) + b"]}"
+    with answering(answer) as url:
+        table: dict[str, object] = {"etcd": [url]}
+        if size is not None:
+            table["size"] = size
+        if unknown is None:
+            assert read_fleet_lock(table, "lab", timeout=5.0)["locked"] is False
+        else:
+            with pytest.raises(FleetLockUnknown, match=re.escape(unknown)):
+                read_fleet_lock(table, "lab", timeout=5.0)
+
+
+def test_an_etcd_that_refuses_says_its_http_status_and_nothing_of_its_body() -> None:
+    """An auth failure answers 401 (or 400 with etcd's error): the gate names the status, so
+    an operator sees it is no network problem; the body is never repeated."""
+    body = b'{"error": "etcdserver: user name is empty S3CRET", "code": 3}'
+    with answering(body, status=401) as url, pytest.raises(FleetLockUnknown) as caught:
+        read_fleet_lock({"etcd": [url]}, "lab", timeout=2.0)
+    assert f"{url}: HTTPError: HTTP 401" in str(caught.value)
+    assert "S3CRET" not in str(caught.value)

@@ -18,8 +18,9 @@ import pytest
 from guardd import qoslock
 from guardd.config import FleetConfig
 from guardd.core.qos import QosWindow
+from guardd.core.types import State
 from guardd.exceptions import OperationRefused
-from guardd.fleet._etcd import KV, Header, LeaseGone, header_of
+from guardd.fleet._etcd import KV, EtcdUnavailable, Header, LeaseGone, header_of
 from guardd.fleet.coordinator import Fleet
 from guardd.journal import parse_rfc3339
 from guardd.qoskeeper import OwnedLock
@@ -369,6 +370,7 @@ def test_a_lease_gone_is_granted_anew_and_is_no_etcd_out_of_reach(tmp_path: Path
             active="green",
             own_lock=None,
             paused=None,
+            state=State.STEADY,
         )
         with anyio.move_on_after(0.5):
             await f._loop()
@@ -376,6 +378,54 @@ def test_a_lease_gone_is_granted_anew_and_is_no_etcd_out_of_reach(tmp_path: Path
         assert not [a for a in alerts if "unreachable" in str(a.get("reason"))], alerts
         assert client.granted >= 1  # a new lease, in the next round
         assert f.lease != 77
+
+    anyio.run(main)
+
+
+class _OnlyKeepalives:
+    """An etcd client stand-in that renews leases but refuses every other call, as etcd
+    does for a node without credentials once auth is enabled."""
+
+    def __init__(self) -> None:
+        self.keepalives = 0
+
+    async def keepalive(self, _lease: int) -> int:
+        self.keepalives += 1
+        return 5
+
+    async def txn(self, *_args: object) -> tuple[bool, int]:
+        raise EtcdUnavailable("http://127.0.0.1:9: HTTP 400 (etcdserver: user name is empty)")
+
+    async def grant(self, _ttl: float) -> int:
+        raise EtcdUnavailable("http://127.0.0.1:9: HTTP 400 (etcdserver: user name is empty)")
+
+
+def test_a_node_etcd_refuses_lets_its_lease_expire(tmp_path: Path) -> None:
+    """Its record and its leadership must not outlive what it can do: once its rounds fail,
+    neither the loop nor the renewing task keeps its lease alive."""
+
+    async def main() -> None:
+        f = fleet(tmp_path)
+        f.client = client = _OnlyKeepalives()  # type: ignore[assignment]
+        f.lease, f._renewed, f.reachable = 77, 0.0, True  # due for renewal at once
+        f.guard = SimpleNamespace(  # type: ignore[assignment]
+            record=lambda *_a, **_k: None, active="green", own_lock=None, paused=None,
+            state=State.STEADY,
+        )  # fmt: skip
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(f._loop)
+            tg.start_soon(f._keep_lease)
+            with anyio.fail_after(10):
+                # A plain attribute the loop sets, no event to wait on.
+                while f.reachable is not False:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            renewed = client.keepalives
+            # Three thirds of the lease (lease_ttl = 2s here): no renewal while refused.
+            await anyio.sleep(2.0)
+            tg.cancel_scope.cancel()
+        assert renewed <= 1, renewed  # the first round's, before it knew
+        assert client.keepalives == renewed, (renewed, client.keepalives)
+        assert "user name is empty" in str(f.problem)
 
     anyio.run(main)
 
