@@ -14,6 +14,7 @@ from typing import Any, Final
 from guardd.core.types import COLORS
 from guardd.observations import HistoryUnreadable, history_files
 from guardd.replay._sources import RANGE_POINTS, SourceReport, parse_range
+from guardd.signals import is_prometheus
 
 #: Seconds one range request may take, and all of a signal's requests together.
 REQUEST_S: Final = 10.0
@@ -55,9 +56,7 @@ async def ranges(
     Returns the signals replayed that way (wall, color, payload in time order) and a report
     per prometheus signal saying which source was used and why.
     """
-    from guardd.signals.prometheus import PrometheusSignal  # noqa: PLC0415
-
-    wanted = {n: s for n, s in signals.items() if isinstance(s, PrometheusSignal)}
+    wanted = {n: s for n, s in signals.items() if is_prometheus(s)}
     if not wanted:
         return {}, {}
     import anyio  # noqa: PLC0415

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
 from anyio.abc import TaskStatus
 
+from guardd._lazy import from_modules
 from guardd.clock import Clock
 from guardd.core.signals import Reading
 from guardd.core.types import COLORS, Color
@@ -39,13 +40,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib  # noqa: PLC0415
-
-    return getattr(importlib.import_module(module), name)
+__getattr__ = from_modules(__name__, _LAZY)
 
 
 __all__ = [
@@ -61,6 +56,7 @@ __all__ = [
     "TrafficView",
     "build",
     "is_access_log",
+    "is_prometheus",
 ]
 
 
@@ -88,12 +84,20 @@ class Signal(Protocol):
 
 
 def is_access_log(signal: object) -> TypeGuard[AccessLogSignal]:
-    """Whether `signal` is an access-log adapter, without loading that module to ask.
+    """Whether `signal` is an access-log adapter, without loading that module to ask."""
+    return _is_loaded(signal, "AccessLogSignal")
 
-    Until the module is loaded no adapter of its kind can exist: the answer is then False.
-    """
-    module = sys.modules.get("guardd.signals.access_log")
-    return module is not None and isinstance(signal, module.AccessLogSignal)
+
+def is_prometheus(signal: object) -> TypeGuard[PrometheusSignal]:
+    """Whether `signal` is a prometheus adapter, without loading that module (and httpx)
+    to ask."""
+    return _is_loaded(signal, "PrometheusSignal")
+
+
+def _is_loaded(signal: object, name: str) -> bool:
+    # Until an adapter's module is loaded no adapter of its kind can exist: then False.
+    module = sys.modules.get(_LAZY[name])
+    return module is not None and isinstance(signal, getattr(module, name))
 
 
 class TrafficView:
