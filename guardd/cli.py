@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -132,9 +133,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: A time ago written with its minus (`-2h`, docs/contract.md): argparse takes it for an
+#: option unless it is glued to its flag.
+_TIME_AGO = re.compile(r"^-\d+(?:\.\d+)?[dhms]$")
+
+
+def _glued(argv: Sequence[str]) -> list[str]:
+    """`argv` with `--from -2h` (and `--to`) written as `--from=-2h`."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in ("--from", "--to") and _TIME_AGO.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `guardd` command."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_glued(sys.argv[1:] if argv is None else argv))
     if args.command == "check-config":
         return _check(args.path, args.instance, offline=args.offline)
     if args.command == "run":

@@ -18,6 +18,7 @@ import fcntl
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from guardd.exceptions import AlreadyRunning, StorageError, UnsafePath
 
@@ -25,7 +26,9 @@ __all__ = [
     "atomic_write",
     "fsync_dir",
     "hold_instance_lock",
+    "not_regular",
     "open_nofollow",
+    "open_regular",
     "read_bytes",
     "remove_debris",
     "temp_path_for",
@@ -124,6 +127,44 @@ def read_bytes(path: Path) -> bytes:
             return f.read()
     except OSError as exc:
         raise StorageError(f"{path}: cannot read: {exc.strerror}") from exc
+
+
+#: What a path that is not a regular file is, by its `stat.S_IFMT`, for messages.
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def not_regular(mode: int) -> str | None:
+    """Why a file of this `st_mode` is no file to read (`not a regular file (a FIFO)`), or
+    None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'of an unknown kind')})"
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open `path` to read, following a symlink, only if it is a regular file.
+
+    A FIFO would block the open, and a FIFO or a device (`/dev/zero` behind a symlink)
+    would give bytes without end: the open never waits (`O_NONBLOCK`, which changes
+    nothing for a regular file) and anything else is refused. Raises `OSError`; its
+    `strerror` says why (`not a regular file (a FIFO)`).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        why = not_regular(os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    if why is not None:
+        os.close(fd)
+        raise OSError(errno.EINVAL, why, str(path))
+    return os.fdopen(fd, "rb")
 
 
 def fsync_dir(directory: Path) -> None:

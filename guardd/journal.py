@@ -31,6 +31,16 @@ EVENTS = JOURNAL_EVENTS
 RECENT_BYTES = 256 * 1024
 
 
+#: The stamps `rfc3339` renders (seconds since the epoch): 1970-01-01 to 9999-12-31.
+#: A time read from outside (a record, an argument) beyond them is not a time.
+STAMPS: Final = (0.0, 253_402_300_799.0)
+
+
+def is_stamp(ts: float) -> bool:
+    """Whether `ts` lies within `STAMPS` (False for NaN and infinities)."""
+    return STAMPS[0] <= ts <= STAMPS[1]
+
+
 def rfc3339(ts: float) -> str:
     """UTC RFC 3339 with milliseconds, as every journal line carries."""
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

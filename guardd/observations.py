@@ -13,6 +13,10 @@ resumes at the next member's header.
 A line is one record, its `kind` one of `RECORD_KINDS` (docs/contract.md, "Observations"):
 
 - `start`: a daemon run began: `guard`, `active`, `probe_interval_s`, `format`.
+- `context`: the first record of a day's file that a run already going on opens (the same
+  fields as `start`, `active` as of then): once the older days are pruned, the oldest file
+  still says which color was served. No restart: replay only reads the color from it when
+  its history begins there.
 - `probe`: one probe round of a color: `color`, `outcome`, `latency_s`, `error`, `status`.
 - `front_door`: one answer through `switch.verify_url`: `ok`, `error`.
 - `sample`: one sample of a non-file signal (prometheus, scrape): `signal`, `color`, and
@@ -36,8 +40,10 @@ Nothing secret is recorded: error texts (a sample's `data.error` too) go through
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
+import operator
 import os
 import re
 import zlib
@@ -53,6 +59,8 @@ import anyio.to_thread
 
 from guardd.core.types import Outcome
 from guardd.exceptions import StorageError
+from guardd.fsutil import open_regular
+from guardd.journal import STAMPS, is_stamp
 from guardd.secrets import redact_credentials
 
 __all__ = [
@@ -69,7 +77,7 @@ __all__ = [
 
 #: The version of the record layout, in every `start` record.
 FORMAT: Final = 1
-RECORD_KINDS: Final = frozenset({"start", "probe", "front_door", "sample", "switch"})
+RECORD_KINDS: Final = frozenset({"start", "context", "probe", "front_door", "sample", "switch"})
 #: A line longer than this is not one guardd wrote: skipped, not parsed (bytes).
 MAX_LINE_BYTES: Final = 64 * 1024
 #: Records waiting for the writer; beyond this (a disk that hangs) new ones are dropped
@@ -178,6 +186,9 @@ class Recorder:
         self._latest_span = (0.0, 0.0)  # its wall-clock bounds: most records fall in it
         self._fd = -1
         self._zip: Any = None
+        # The run as of the last record written (worker thread side): what a `context`
+        # record at the head of a new day's file says. None before a `start` was written.
+        self._context: dict[str, Any] | None = None
         # Whether a worker thread may be writing (set on the loop, cleared by the thread):
         # a flush abandoned at shutdown leaves its thread the file.
         self._busy = False
@@ -298,16 +309,40 @@ class Recorder:
                 end = done
                 while end < len(batch) and self._day_for(batch[end]) == day:
                     end += 1
+                lines = [_line(record) for record in batch[done:end]]
                 if day != self._day:
                     self._open(day)
-                text = "".join([_line(record) for record in batch[done:end]])
-                data = self._zip.compress(text.encode()) + self._zip.flush(zlib.Z_SYNC_FLUSH)
-                self._append(data)
+                    head = self._head(batch[done])
+                    if head is not None:
+                        lines.insert(0, _line(head))
+                data = self._zip.compress("".join(lines).encode())
+                self._append(data + self._zip.flush(zlib.Z_SYNC_FLUSH))
+                self._follow(batch[done:end])
                 done = end
         except OSError as e:
             self._abandon()
             return done, f"cannot write {self.directory}: {e.strerror or e}"
         return done, None
+
+    def _head(self, first: dict[str, Any]) -> dict[str, Any] | None:
+        """The `context` record that opens a day's file whose first record, `first`, is not
+        a `start` (a run goes on past midnight, or after a write failed), stamped as it."""
+        if first.get("kind") == "start" or self._context is None:
+            return None
+        return {**self._context, "kind": "context", "ts": first["ts"], "mono": first["mono"]}
+
+    def _follow(self, records: list[dict[str, Any]]) -> None:
+        """Keep `_context` as of the last of `records` written: a `start` sets the run, a
+        `switch` the color it serves."""
+        for record in records:
+            kind = record.get("kind")
+            if kind == "start":
+                self._context = {
+                    key: record.get(key)
+                    for key in ("guard", "active", "probe_interval_s", "format")
+                }
+            elif kind == "switch" and self._context is not None:
+                self._context["active"] = record.get("to")
 
     def settle(self, batch: list[dict[str, Any]], done: int, error: str | None) -> None:
         """Count what `write_batch` did with `batch` (event loop side): the records not
@@ -494,10 +529,15 @@ class ReadReport:
     problems: list[str] = field(default_factory=list)
     #: Wall-clock steps seen within a run: (wall time, step in seconds).
     clock_steps: list[tuple[float, float]] = field(default_factory=list)
+    #: Files whose last gzip member ends unfinished (the newest is being written).
+    unfinished: list[str] = field(default_factory=list)
     runs: int = 0
     records: int = 0
 
 
+#: A monotonic step between two records of one run longer than this, with the wall clock
+#: moving this much less, is no clock's doing: the record is damaged (seconds).
+MONO_LEAP_S: Final = 3600.0
 #: A wall clock that moved this much more (or less) than the monotonic clock between two
 #: records of one run was stepped (NTP, an operator); the monotonic spacing is kept.
 CLOCK_STEP_S: Final = 1.0
@@ -537,49 +577,162 @@ def read_history(
     read (a run's clock starts before `since`). Raises `HistoryUnreadable` when the
     directory cannot be listed or holds no file at all.
     """
+    return itertools.chain.from_iterable(
+        read_batches(directory, report, guard=guard, since=since, until=until)
+    )
+
+
+def read_batches(
+    directory: Path,
+    report: ReadReport,
+    *,
+    guard: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+) -> Iterator[list[Record]]:
+    """`read_history`'s records, a list of them at a time (none empty): what a chunk of a
+    file held. Raises `HistoryUnreadable` as `read_history` does, on the first `next`."""
     files = history_files(directory, guard)
     if not files:
         raise HistoryUnreadable(directory, "no observation file (*.jsonl.gz) in it")
-    at = 0.0
-    last_ts: float | None = None
-    last_mono: float | None = None
-    kinds = RECORD_KINDS
-    make = tuple.__new__  # `Record(...)` without its Python-level `__new__`: the same tuple
-    skipped = report.skipped
+    clocks = _Clocks(report, guard)
     for path in files:
         report.files.append(str(path))
         for docs in _lines(path, report):
-            for doc in docs:
-                kind = doc.get("kind")
-                ts, mono = doc.get("ts"), doc.get("mono")
-                # Finite floats (nearly every record) as they are; anything else by `_number`.
-                if type(ts) is not float or ts - ts != 0.0:
-                    ts = _number(ts)
-                if type(mono) is not float or mono - mono != 0.0:
-                    mono = _number(mono)
-                if type(kind) is not str or kind not in kinds:
-                    skipped[f"unknown kind {str(kind)[:40]!r}"] += 1
+            records = clocks.plain(docs, since, until)
+            if records is None:
+                records = list(clocks.each(docs, since, until))
+            if records:
+                report.records += len(records)
+                yield records
+    for name in report.unfinished:
+        if name != str(files[-1]):
+            report.problems.append(
+                f"{name}: ends unfinished (the daemon stopped without closing it, or a copy "
+                "was cut short): what it holds up to there is read"
+            )
+
+
+_get = dict.get
+_make = tuple.__new__  # `Record(...)` without its Python-level `__new__`: the same tuple
+
+
+class _Clocks:
+    """The history's own clock (`Record.at`) across records, runs and files."""
+
+    def __init__(self, report: ReadReport, guard: str | None = None) -> None:
+        self.report = report
+        #: Whose history this is (None: anyone's): a run whose `start` (or a day's
+        #: `context`) names another guard is not theirs, and is skipped until one names it.
+        self.guard = guard
+        self.foreign: str | None = None
+        self.at = 0.0
+        self.last_ts: float | None = None
+        self.last_mono: float | None = None
+
+    def plain(
+        self, docs: list[dict[str, Any]], since: float | None, until: float | None
+    ) -> list[Record] | None:
+        """The records of `docs` when the batch is plain (nearly every one of a day), each
+        check one loop in C rather than one a record; None when it is not, for `each`.
+
+        Plain: every record of a known kind but `start`, with finite float stamps, in a
+        run already begun, its monotonic clock never going back and its wall clock never
+        stepped, and all of it within `since` / `until`. Then `at` moves by the monotonic
+        steps alone, summed in the same order as `each` sums them: the same floats.
+        """
+        last_ts, last_mono = self.last_ts, self.last_mono
+        if last_ts is None or last_mono is None or not docs or self.foreign is not None:
+            return None
+        kinds = list(map(_get, docs, itertools.repeat("kind")))
+        # (Any: their types are checked next, a whole list at a time.)
+        tss: list[Any] = list(map(_get, docs, itertools.repeat("ts")))
+        monos: list[Any] = list(map(_get, docs, itertools.repeat("mono")))
+        if (
+            set(map(type, kinds)) != _STR  # (first: a list or an object is no set member)
+            or not set(kinds) <= _PLAIN_KINDS
+            or set(map(type, tss)) != _FLOAT
+            or set(map(type, monos)) != _FLOAT
+            or not all(map(math.isfinite, tss))
+            or not all(map(math.isfinite, monos))
+            or min(tss) < STAMPS[0]
+            or max(tss) > STAMPS[1]
+            or (since is not None and min(tss) < since)
+            or (until is not None and max(tss) > until)
+        ):
+            return None
+        steps = list(map(operator.sub, monos, [last_mono, *monos[:-1]]))
+        if min(steps) < 0.0:
+            return None  # a monotonic clock that went back: a new run
+        walls = map(operator.sub, tss, [last_ts, *tss[:-1]])
+        if max(map(abs, map(operator.sub, walls, steps))) > CLOCK_STEP_S:
+            return None  # a clock step, noted by `each`
+        ats = list(itertools.accumulate(steps, initial=self.at))
+        del ats[0]
+        self.at, self.last_ts, self.last_mono = ats[-1], tss[-1], monos[-1]
+        return list(map(_make, itertools.repeat(Record), zip(ats, tss, kinds, docs, strict=True)))
+
+    def each(
+        self, docs: list[dict[str, Any]], since: float | None, until: float | None
+    ) -> Iterator[Record]:
+        """The records of `docs`, a record at a time: any batch `plain` is not."""
+        kinds = RECORD_KINDS
+        skipped = self.report.skipped
+        for doc in docs:
+            kind = doc.get("kind")
+            ts, mono = doc.get("ts"), doc.get("mono")
+            # Finite floats (nearly every record) as they are; anything else by `_number`.
+            if type(ts) is not float or ts - ts != 0.0:
+                ts = _number(ts)
+            if type(mono) is not float or mono - mono != 0.0:
+                mono = _number(mono)
+            if type(kind) is not str or kind not in kinds:
+                skipped[f"unknown kind {str(kind)[:40]!r}"] += 1
+                continue
+            if ts is None or mono is None:
+                skipped["no ts or mono"] += 1
+                continue
+            if not is_stamp(ts):
+                skipped["ts not a time from 1970 to 9999"] += 1
+                continue
+            if kind in ("start", "context") and self.guard is not None:
+                named = doc.get("guard")
+                self.foreign = None if named in (None, self.guard) else str(named)[:80]
+            if self.foreign is not None:
+                # (A file renamed or copied under this guard's name.)
+                skipped[f"records of another guard ({self.foreign})"] += 1
+                continue
+            last_ts, last_mono = self.last_ts, self.last_mono
+            if kind == "start" or last_mono is None or last_ts is None or mono < last_mono:
+                # A new run (or a monotonic clock that went back: a reboot without a
+                # start record): its clock starts where the wall clock says, never earlier.
+                self.report.runs += kind == "start"
+                if last_ts is not None:
+                    self.at += max(0.0, ts - last_ts)
+            else:
+                step = mono - last_mono
+                drift = (ts - last_ts) - step
+                if step > MONO_LEAP_S and drift < -MONO_LEAP_S:
+                    # The monotonic clock leapt ahead and the wall clock did not follow:
+                    # a wall clock stepped back keeps the monotonic step small, and records
+                    # lost move both. Damage (a salvaged line of a corrupt member), which
+                    # would open a gap of years and judge the colors stale across it.
+                    skipped["mono far ahead of ts"] += 1
                     continue
-                if ts is None or mono is None:
-                    skipped["no ts or mono"] += 1
-                    continue
-                if kind == "start" or last_mono is None or last_ts is None or mono < last_mono:
-                    # A new run (or a monotonic clock that went back: a reboot without a
-                    # start record): its clock starts where the wall clock says, never earlier.
-                    report.runs += kind == "start"
-                    if last_ts is not None:
-                        at += max(0.0, ts - last_ts)
-                else:
-                    step = mono - last_mono
-                    drift = (ts - last_ts) - step
-                    if drift > CLOCK_STEP_S or drift < -CLOCK_STEP_S:
-                        report.clock_steps.append((ts, drift))
-                    at += step
-                last_ts, last_mono = ts, mono
-                if (since is not None and ts < since) or (until is not None and ts > until):
-                    continue
-                report.records += 1
-                yield make(Record, (at, ts, kind, doc))
+                if drift > CLOCK_STEP_S or drift < -CLOCK_STEP_S:
+                    self.report.clock_steps.append((ts, drift))
+                self.at += step
+            self.last_ts, self.last_mono = ts, mono
+            if (since is not None and ts < since) or (until is not None and ts > until):
+                continue
+            yield _make(Record, (self.at, ts, kind, doc))
+
+
+_FLOAT: Final = {float}
+_STR: Final = {str}
+#: The kinds a plain batch may hold: a `start` begins a run, and it or a `context` may
+#: name another guard (`_Clocks.each`).
+_PLAIN_KINDS: Final = RECORD_KINDS - {"start", "context"}
 
 
 def _number(value: object) -> float | None:
@@ -604,7 +757,7 @@ def _lines(path: Path, report: ReadReport) -> Iterator[list[dict[str, Any]]]:
     `MAX_LINE_BYTES` is dropped as it grows.
     """
     try:
-        f = path.open("rb")
+        f = open_regular(path)  # (a FIFO or a device behind the name would never end)
     except OSError as e:
         report.problems.append(f"{path}: cannot open: {e.strerror or e}")
         return
@@ -720,8 +873,16 @@ def _members(
                 break  # nothing more to take from these bytes (zlib wants more)
         if eof:
             break
-    lines.cut()
+    _ended(lines, path, report, unfinished=fed)
     return None
+
+
+def _ended(lines: _Splitter, path: Path, report: ReadReport, *, unfinished: bool) -> None:
+    """The end of a file: a line begun is cut short, and a last member that was fed but
+    never ended is noted (said of any file but the newest: `read_batches`)."""
+    lines.cut()
+    if unfinished:
+        report.unfinished.append(str(path))
 
 
 def _feedable(data: bytes, *, fed: bool, eof: bool) -> int:

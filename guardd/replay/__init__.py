@@ -13,15 +13,18 @@ period (which file and why), 2 for an invalid config (the messages of
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from guardd.replay import _report
 
@@ -32,11 +35,39 @@ class NoHistory(Exception):
     """Not one record could be read in the period: there is nothing to judge (exit 1)."""
 
 
+class Signalled(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the replay (`signum`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM stop the replay where it is, by raising `Signalled` there.
+
+    asyncio's own SIGINT handler only cancels the main task at its next await, which a
+    replay (a million records in one pass, a gzip bomb being skipped) may not reach for
+    minutes; SIGTERM's default would end the process without removing the temporary
+    folder. Raised between two bytecodes, the exception unwinds through every `with`.
+    """
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Signalled(signum)
+
+    kept = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in kept.items():
+            signal.signal(s, handler)
+
+
 def env_settings(environ: dict[str, str] | None = None) -> list[str]:
     """The `GUARDD_<SECTION>__<KEY>=value` settings the config takes from the environment,
-    sorted; the value of a credential-like name, or of a known secret, shown as `***`."""
+    sorted, each value as `shown_value` shows it."""
     from guardd.config import GuardConfig  # noqa: PLC0415
-    from guardd.secrets import REDACTED, is_secret_name, redact  # noqa: PLC0415
 
     env = os.environ if environ is None else environ
     fields = set(GuardConfig.model_fields)
@@ -44,11 +75,42 @@ def env_settings(environ: dict[str, str] | None = None) -> list[str]:
     for name, value in sorted(env.items()):
         if not name.startswith("GUARDD_"):
             continue
-        if name[len("GUARDD_") :].split("__")[0].lower() not in fields:
+        key = name[len("GUARDD_") :].lower().replace("__", ".")
+        if key.split(".")[0] not in fields:
             continue  # GUARDD_CONFIG and the like name no setting
-        shown = REDACTED if is_secret_name(name) or redact(value) != value else value
-        out.append(f"{name}={shown}")
+        out.append(f"{name}={shown_value(key, value)}")
     return out
+
+
+def shown_set(setting: str) -> str:
+    """A `--set KEY=VALUE` as the report shows it: the value as `shown_value` shows it."""
+    key, eq, value = setting.partition("=")
+    return f"{key}{eq}{shown_value(key.strip(), value)}" if eq else setting
+
+
+#: Settings whose values may carry a credential whatever their names say: a webhook's URL
+#: (Slack's and Discord's hold their token in the path) and any header.
+_SECRET_BEARING: Final = frozenset({"notify", "headers"})
+
+
+def shown_value(key: str, value: str) -> str:
+    """`value` of the setting `key` (dotted: `probe.headers`), or `***` unless it is
+    plainly no secret (fail closed): a value under a credential-like name, under notify or
+    headers, a table or a list (anything may be in it), a URL, or one holding a known
+    secret or a credential's shape is never shown."""
+    from guardd.secrets import REDACTED, is_secret_name, redact, redact_credentials  # noqa: PLC0415
+
+    parts = key.lower().split(".")
+    if (
+        is_secret_name(key)
+        or _SECRET_BEARING.intersection(parts)
+        or value.lstrip()[:1] in ("[", "{")
+        or "://" in value
+        or redact(value) != value
+        or redact_credentials(value) != value
+    ):
+        return REDACTED
+    return value
 
 
 _RELATIVE = re.compile(r"^-?(\d+(?:\.\d+)?)(d|h|m|s)$")
@@ -64,16 +126,25 @@ def parse_time(text: str, now: float) -> float:
     text = text.strip()
     if text == "now":
         return now
+    from guardd.journal import is_stamp  # noqa: PLC0415
+
     m = _RELATIVE.match(text)
     if m is not None:
-        return now - float(m.group(1)) * _UNIT[m.group(2)]
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is neither ISO 8601 (2026-12-01T04:00:00Z) nor a time ago (2h, 7d)"
-        ) from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+        ts = now - float(m.group(1)) * _UNIT[m.group(2)]
+    else:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(
+                f"{text!r} is neither ISO 8601 (2026-12-01T04:00:00Z) nor a time ago (2h, 7d)"
+            ) from None
+        try:
+            ts = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+        except (OverflowError, ValueError):  # (year 1 with a positive offset, and the like)
+            ts = math.nan
+    if not is_stamp(ts):
+        raise ValueError(f"{text!r} is not a time from 1970 to 9999")
+    return ts
 
 
 def replay(
@@ -122,7 +193,12 @@ def replay(
     from guardd.observations import HistoryUnreadable  # noqa: PLC0415
 
     try:
-        doc = anyio.run(_replay_all, settings, others, t0, t1, list(overrides))
+        with _stopped_by_signals():
+            doc = anyio.run(_replay_all, settings, others, t0, t1, list(overrides))
+    except Signalled as e:
+        name = signal.Signals(e.signum).name
+        print(f"guardd replay: stopped by {name}; nothing was reported", file=sys.stderr)
+        return 128 + e.signum
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
@@ -198,17 +274,19 @@ def _notes(a: Any, b: Any, sets: list[str]) -> list[str]:
 def _real_journal(path: Path, instance: str) -> tuple[list[dict[str, Any]], str | None, int]:
     """The live journal's events, why it could not be read (or None), and its lines that are
     no event."""
+    from guardd.fsutil import not_regular  # noqa: PLC0415
     from guardd.journal import Journal  # noqa: PLC0415
 
     journal = Journal(path, instance, time.time)
     try:
-        if not path.is_file():
-            # Journal.read() gives nothing for a missing file: that is not "no incident".
-            raise FileNotFoundError(2, "no such file")
-        return journal.read(), None, journal.skipped_lines
+        # Journal.read() gives nothing for a missing file, which is not "no incident"; a
+        # FIFO there would never end: both said, neither read.
+        why = not_regular(path.stat().st_mode)
+        if why is None:
+            return journal.read(), None, journal.skipped_lines
     except OSError as e:
-        why = f"{path}: cannot read the journal ({e.strerror or e}): incidents not matched"
-        return [], why, 0
+        why = e.strerror or str(e)
+    return [], f"{path}: cannot read the journal ({why}): incidents not matched", 0
 
 
 def _no_history(sim: Any, directory: Path, since: float | None, until: float | None) -> str:
@@ -230,9 +308,11 @@ def _no_history(sim: Any, directory: Path, since: float | None, until: float | N
     return "\n".join(lines)
 
 
-def _covered(at: object, sim: Any, tolerance: float) -> bool:
-    """Whether the history holds records around the moment `at`: between its first and last
-    record of the period, and not in a stretch where records were lost."""
+def _covered(at: object, sim: Any, before: float, after: float) -> bool:
+    """Whether the history holds what a decision at the moment `at` was taken on: records
+    from `before` seconds ahead of it (the failures its rule counts) until `after` seconds
+    short of it (the probe round it followed), and no stretch where records were lost in
+    between. A history that ends, or begins, within the failure is no verdict on it."""
     from guardd.journal import parse_rfc3339  # noqa: PLC0415
 
     try:
@@ -241,9 +321,9 @@ def _covered(at: object, sim: Any, tolerance: float) -> bool:
         return False
     if sim.first_ts is None or sim.last_ts is None:
         return False
-    if not sim.first_ts - tolerance <= t <= sim.last_ts + tolerance:
+    if not (sim.first_ts <= t - before and t <= sim.last_ts + after):
         return False
-    return not any(after - gap < t < after for after, gap in sim.gaps)
+    return not any(t - before < end and end - gap < t for end, gap in sim.gaps)
 
 
 def _decided(event: dict[str, Any], journal: list[dict[str, Any]]) -> dict[str, Any]:
@@ -293,14 +373,26 @@ async def _replay_all(
             )
         for name, rep in prom_reports.items():
             sim.sources[name] = rep
+        for name, rep in sim.sources.items():
+            was = rep.replayed or ""
+            if was.startswith("from recorded samples") and not sim.samples[name]:
+                # A signal added to the config after the history was recorded: nothing of it
+                # was replayed, and its rules had no data at all (never "healthy").
+                rep.replayed = None
+                rep.why = (
+                    f"{was}, but the history holds none: its rules were inconclusive throughout"
+                )
         first = first or sim
         decisions = [
             _report.decision(e)
             for e in sim.journal.events
             if e.get("event") in _report.DECISIONS and _report.within(e.get("ts"), since, until)
         ]
+        c = s.config
+        tolerance = max(c.policy.window, 10 * c.probe.interval)
         lo = since if since is not None else first.first_ts
-        hi = until if until is not None else first.last_ts
+        # (A history that ends just before an incident must still show it, not covered.)
+        hi = until if until is not None else first.last_ts + tolerance
         incidents = [
             _decided(e, real)
             for e in real
@@ -308,16 +400,18 @@ async def _replay_all(
             and e.get("guard", settings.instance) == settings.instance
             and _report.within(e.get("ts"), lo, hi)
         ]
-        c = s.config
-        tolerance = max(c.policy.window, 10 * c.probe.interval)
         found = _report.detect(incidents, decisions, tolerance)
+        # The failures the quickest rule counts (`consecutive_failures` rounds), and the
+        # probe round a decision follows (an interval, a second's slack for its tick).
+        before = c.policy.consecutive_failures * c.probe.interval
+        after = max(1.0, 2 * c.probe.interval)
         for inc in found:
-            inc["covered"] = _covered(inc.get("at"), first, tolerance)
+            inc["covered"] = _covered(inc.get("at"), first, before, after)
         configs.append(
             {
                 "label": "A" if i == 0 else "B",
                 "config": str(s.source),
-                "set": sets if i == 0 else [],
+                "set": [shown_set(x) for x in sets] if i == 0 else [],
                 "env": env,
                 "notes": [] if i == 0 else _notes(settings, s, sets),
                 "decisions": decisions,
@@ -357,6 +451,9 @@ async def _replay_all(
             "dir": str(directory),
             "from": _report.stamp(since if since is not None else first.first_ts),
             "to": _report.stamp(until if until is not None else first.last_ts),
+            # What the records of the period span: inside `from` .. `to` when --from/--to
+            # reach past the history.
+            "recorded": [_report.stamp(first.first_ts), _report.stamp(first.last_ts)],
             "files": history.files,
             "runs": history.runs,
             "records": history.records - first.warmup_records,

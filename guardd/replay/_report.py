@@ -172,8 +172,12 @@ def render(doc: dict[str, Any]) -> str:
     configs = doc["configs"]
     labels: list[str | None] = [c["label"] for c in configs] if len(configs) > 1 else [None]
     pairs = list(zip(configs, labels, strict=True))
+    recorded = h.get("recorded") or [h["from"], h["to"]]
+    span = f"{h['from'] or '-'} .. {h['to'] or '-'}"
+    if recorded != [h["from"], h["to"]]:
+        span += f" (recorded: {recorded[0] or '-'} .. {recorded[1] or '-'})"
     out.append(
-        f"guardd replay of {h['dir']}: {h['from'] or '-'} .. {h['to'] or '-'}, "
+        f"guardd replay of {h['dir']}: {span}, "
         f"{h['runs']} run(s), {h['records']} records"
         + (
             f" (and {h['warmup_records']} before it, replayed only to fill the windows)"

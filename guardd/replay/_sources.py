@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from guardd.fsutil import open_regular
 from guardd.signals._tail import READ_CHUNK, Tail
 
 #: The daemon's signal pulse (`guardd.supervisor._SIGNAL_PULSE_S`): lines are handed over
@@ -93,12 +94,13 @@ def read_lines(
     """
     tail = Tail(-1, (0, 0), 0, 0.0)
     try:
-        f: Any = gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")  # noqa: SIM115 - closed below
+        raw = open_regular(path)  # (a FIFO or a device behind the name would never end)
     except OSError as e:
         report.problems.append(f"{path}: cannot open: {e.strerror or e}")
         return
     report.files.append(str(path))
-    with f:
+    f: Any = gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw
+    with raw, f:
         while True:
             try:
                 chunk = f.read(READ_CHUNK)

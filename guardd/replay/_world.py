@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from guardd import qoslock
 from guardd.core.rules import Verdict
@@ -281,6 +281,8 @@ def _probe_result(doc: dict[str, Any]) -> ProbeResult | None:
     latency = doc.get("latency_s")
     if isinstance(latency, bool) or not isinstance(latency, int | float) or latency < 0:
         latency = 0.0
+    elif not latency <= MAX_LATENCY_S:
+        return None  # NaN, infinite or absurd: no probe took that long (see `why_no_probe`)
     error = doc.get("error")
     status = doc.get("status")
     return ProbeResult(
@@ -289,6 +291,25 @@ def _probe_result(doc: dict[str, Any]) -> ProbeResult | None:
         error if isinstance(error, str) else None,
         status if isinstance(status, int) and not isinstance(status, bool) else None,
     )
+
+
+#: The longest latency a probe record can say (seconds): a probe is bounded by its
+#: timeout, far below this; more is damage, which the window's buckets cannot take.
+MAX_LATENCY_S: Final = 86_400.0
+
+
+def why_no_probe(doc: dict[str, Any]) -> str:
+    """Why a `probe` record gives no `ProbeResult` (`probe_result` gave None): for the
+    report's skipped lines."""
+    latency = doc.get("latency_s")
+    if (
+        color_of(doc.get("color")) is not None
+        and isinstance(latency, int | float)
+        and not isinstance(latency, bool)
+        and not latency <= MAX_LATENCY_S
+    ):
+        return "probe record with an impossible latency"
+    return "probe record without a color or outcome"
 
 
 def color_of(value: object) -> Color | None:

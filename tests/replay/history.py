@@ -72,6 +72,18 @@ class Timeline:
         """What the live guard journaled now (`rollback_completed`, `hold`)."""
         self.journal.append(event, **fields)
 
+    def rolled_back(self) -> None:
+        """The live guard rolled green back to blue now, on three failures in a row (P0),
+        as it journals that."""
+        self.incident(
+            "rollback_completed",
+            source="green",
+            target="blue",
+            reason="P0 consecutive_failures: 3 >= 3 on green; rolling back to blue",
+            severity="P0",
+            evidence={"rule": "consecutive_failures", "threshold": 3, "value": 3, "color": "green"},
+        )
+
     def close(self) -> None:
         """Write what is pending and close the files."""
         if self.recorder.pending:

@@ -4,15 +4,18 @@ from the environment or could not be read is said."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
 from pathlib import Path
 
-from guardd.journal import rfc3339
+import pytest
+
+from guardd.journal import parse_rfc3339, rfc3339
 from guardd.replay import env_settings
 from tests.harness.shell import redirected
-from tests.replay.history import DAY0, GUARDD, Timeline, config, replay, replay_json
+from tests.replay.history import DAY0, GUARDD, Timeline, config, decisions, replay, replay_json
 
 
 def _healthy(state: Path, rounds: int = 300) -> Timeline:
@@ -57,14 +60,7 @@ def test_an_incident_outside_the_recorded_time_is_not_covered_not_missed(
 ) -> None:
     tl = _healthy(tmp_path / "state")
     tl.tick(7200)  # two hours nothing was recorded (the daemon was down)
-    tl.incident(
-        "rollback_completed",
-        source="green",
-        target="blue",
-        reason="P0 consecutive_failures: 3 >= 3 on green; rolling back to blue",
-        severity="P0",
-        evidence={"rule": "consecutive_failures", "threshold": 3, "value": 3},
-    )
+    tl.rolled_back()
     end = tl.wall + 60
     tl.close()
     cfg = config(tmp_path, tmp_path / "state")
@@ -135,6 +131,69 @@ def test_settings_from_the_environment_are_listed_secrets_redacted(tmp_path: Pat
         }
     )
     assert listed == ["GUARDD_NOTIFY__0__HEADERS__AUTHORIZATION=***", "GUARDD_POLICY__WINDOW=60s"]
+
+
+#: Settings whose values hold a secret under a name that does not say so: a whole section
+#: or table as JSON, a header of any name, a webhook's URL (its token in the path).
+_HIDDEN_SECRETS = {
+    "GUARDD_NOTIFY": '[{"kind":"webhook","url":"http://127.0.0.1:9/hooks/ENVHOOKSECRET"}]',
+    "GUARDD_PROBE__HEADERS": '{"X-Api-Key":"ENVKEYSECRET"}',
+    "GUARDD_PROBE__HEADERS__X_TRACE": "ENVHEADERSECRET",
+}
+_HIDDEN_SETS = (
+    'notify.0.url="http://127.0.0.1:9/hooks/SETSECRET123"',
+    'probe.headers={Authorization="Bearer SETBEARERSECRET"}',
+    'upstreams.blue.url="http://u:SETPASSWORD@127.0.0.1:9/healthz"',
+)
+
+
+def test_a_secret_in_a_setting_is_never_shown_whatever_its_name(tmp_path: Path) -> None:
+    """The settings from the environment and `--set` are shown with their values, but a
+    value that may hold a secret is `***` (fail closed): a table or a list, anything
+    under notify or headers, a URL."""
+    tl = _healthy(tmp_path / "state")
+    tl.close()
+    sink = '[[notify]]\nkind = "webhook"\nurl = "http://127.0.0.1:9/hooks/FILESECRET"\n'
+    cfg = config(tmp_path, tmp_path / "state", extra=sink)
+    listed = env_settings({**_HIDDEN_SECRETS, "GUARDD_POLICY__WINDOW": "60s"})
+    assert listed == sorted(
+        [*(f"{name}=***" for name in _HIDDEN_SECRETS), "GUARDD_POLICY__WINDOW=60s"]
+    )
+    sets = [x for s in (*_HIDDEN_SETS, "policy.consecutive_failures=5") for x in ("--set", s)]
+    for args in (["--json"], []):
+        done = subprocess.run(
+            [*GUARDD, "replay", "--config", str(cfg), *sets, *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env={**os.environ, **_HIDDEN_SECRETS},
+        )
+        assert done.returncode == 0, done.stderr
+        out = done.stdout + done.stderr
+        for secret in ("SECRET", "SETPASSWORD"):
+            assert secret not in out, out
+        assert "GUARDD_NOTIFY=***" in out
+        if args:  # the JSON's `set` (the text shows it beside a `--compare` only)
+            assert json.loads(done.stdout)["configs"][0]["set"][-2:] == [
+                "upstreams.blue.url=***",
+                "policy.consecutive_failures=5",
+            ]
+
+
+@pytest.mark.parametrize(
+    "when",
+    ["99999999d", "99999999999d", "123456789012345678901234567890s", "0001-01-01T00:00+01:00"],
+)
+def test_a_time_no_clock_can_say_is_a_usage_error(tmp_path: Path, when: str) -> None:
+    tl = _healthy(tmp_path / "state")
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    for flag in ("--from", "--to"):
+        done = replay("--config", str(cfg), flag, when)
+        assert done.returncode == 2, done.stderr
+        assert f"{when!r} is not a time from 1970 to 9999" in done.stderr
+        assert "usage error" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_missing_journal_is_said_and_junk_lines_are_counted(tmp_path: Path) -> None:
@@ -322,3 +381,130 @@ def test_an_output_that_cannot_be_written_is_exit_1_and_one_line(tmp_path: Path)
         closed = redirected(">&-", *command, timeout=300)
         assert closed.returncode == 1
         assert closed.stderr == "guardd replay: cannot write the output: stdout is closed\n"
+
+
+def test_a_history_that_ends_or_begins_within_an_incident_does_not_judge_it(
+    tmp_path: Path,
+) -> None:
+    """The records stop 3 s before a rollback (a copy taken then, a disk that filled), or
+    begin 1.2 s after one: the incident is listed as not covered by the history, never
+    "none in this period", never "not detected"."""
+    ends = tmp_path / "ends"
+    tl = _healthy(ends / "state")
+    tl.tick(3.0)  # the failures were never recorded
+    tl.rolled_back()
+    tl.close()
+    begins = tmp_path / "begins"
+    tl = Timeline(begins / "state")
+    tl.rolled_back()
+    at = tl.wall
+    tl.tick(1.2)
+    tl.start(active="blue")
+    tl.rounds(300)
+    tl.close()
+    for root, period in (
+        (ends, ()),
+        (ends, ("--to", rfc3339(tl.wall + 3600))),
+        (begins, ("--from", rfc3339(at - 60))),
+    ):
+        cfg = config(root, root / "state")
+        doc = replay_json("--config", str(cfg), *period)
+        [incident] = doc["configs"][0]["incidents"]
+        assert incident["detected_at"] is None and incident["covered"] is False, incident
+        text = replay("--config", str(cfg), *period)
+        assert text.returncode == 0, text.stderr
+        assert "not covered by the history" in text.stdout
+        assert "not detected" not in text.stdout and "none in this period" not in text.stdout
+
+
+def test_an_incident_in_a_stretch_of_stepped_wall_clock_is_in_the_period(tmp_path: Path) -> None:
+    """The wall clock ran an hour ahead for a while (both the records and the journal):
+    the period reaches the latest time recorded, not the last record's, and the rollback
+    taken then is matched."""
+    tl = _healthy(tmp_path / "state")
+    tl.wall += 3600.0  # stepped ahead
+    tl.rounds(3, green="http_5xx")
+    tl.rolled_back()
+    stepped = tl.wall
+    tl.rounds(50)
+    tl.wall -= 3600.0  # and back
+    tl.rounds(100)
+    tl.close()
+    doc = replay_json("--config", str(config(tmp_path, tmp_path / "state")))
+    assert parse_rfc3339(doc["history"]["to"]) >= stepped, doc["history"]
+    [incident] = doc["configs"][0]["incidents"]
+    assert incident["covered"] is True and incident["detected_at"] is not None, incident
+
+
+def _two_days(state: Path) -> Path:
+    """A run that goes on past midnight (green served, failing on the second day, and
+    rolled back); its first day pruned away. Returns the second day's file."""
+    tl = Timeline(state, wall=DAY0 - 60)
+    tl.start(active="green")
+    tl.rounds(600)  # two minutes: past midnight
+    tl.rounds(3, green="http_5xx")
+    tl.rounds(20, green="http_5xx")
+    tl.close()
+    first, second = sorted((state / "observations").iterdir())
+    first.unlink()  # `state.keep_observations` let it go
+    return second
+
+
+def test_a_history_that_begins_mid_run_knows_its_color_from_the_days_head(
+    tmp_path: Path,
+) -> None:
+    """The oldest file kept begins mid-run: its `context` head says which color was
+    served, and the day is replayed as the daemon lived it."""
+    _two_days(tmp_path / "state")
+    doc = replay_json("--config", str(config(tmp_path, tmp_path / "state")))
+    [rb] = decisions(doc, "rollback_completed")
+    assert rb["color"] == "green" and rb["to"] == "blue", rb
+    assert not any("mid-run" in p for p in doc["history"]["problems"])
+
+
+def test_a_history_that_begins_mid_run_without_a_head_is_not_replayed_on_a_guess(
+    tmp_path: Path,
+) -> None:
+    """Files written before days had a head: which color was served is unknown, so the
+    records are left out and said, never replayed as if blue (or green) were served."""
+    day = _two_days(tmp_path / "state")
+    lines = gzip.decompress(day.read_bytes()).splitlines(keepends=True)
+    assert json.loads(lines[0])["kind"] == "context"
+    day.write_bytes(gzip.compress(b"".join(lines[1:])))
+    cfg = config(tmp_path, tmp_path / "state")
+    done = replay("--config", str(cfg))
+    assert done.returncode == 1, done.stdout
+    assert "the history begins mid-run, without a start record" in done.stderr
+    assert "record before the served color was known" in done.stderr
+    assert "No decision" not in done.stdout and "Traceback" not in done.stderr
+
+
+def test_a_time_ago_with_its_minus_is_taken_as_the_docs_write_it(tmp_path: Path) -> None:
+    """`--from -2h` as the contract writes it, not only `--from=-2h` (argparse reads a
+    lone `-2h` as an option)."""
+    tl = _healthy(tmp_path / "state")
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    apart = replay("--config", str(cfg), "--from", "-20000d", "--to", "-1s", "--json")
+    glued = replay("--config", str(cfg), "--from=-20000d", "--to=-1s", "--json")
+    assert apart.returncode == 0, apart.stderr
+    assert (
+        json.loads(apart.stdout)["history"]["records"]
+        == (json.loads(glued.stdout)["history"]["records"])
+    )
+
+
+def test_a_period_wider_than_the_history_shows_what_was_recorded(tmp_path: Path) -> None:
+    """`--from` an hour before the first record: the header gives the period asked for and,
+    beside it, the span the records cover, so neither reads as the other."""
+    tl = _healthy(tmp_path / "state")  # 60 s of rounds from DAY0 + 3600
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    asked = rfc3339(DAY0)
+    doc = replay_json("--config", str(cfg), "--from", asked)
+    h = doc["history"]
+    assert h["from"] == asked
+    first, last = (parse_rfc3339(t) for t in h["recorded"])
+    assert abs(first - (DAY0 + 3600)) < 1 and abs(last - (DAY0 + 3660)) < 1, h["recorded"]
+    text = replay("--config", str(cfg), "--from", asked).stdout
+    assert f"{asked} .. {h['to']} (recorded: {h['recorded'][0]} .. {h['recorded'][1]})" in text

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import shutil
+import signal
+import subprocess
+import zlib
 from pathlib import Path
 
+import pytest
+
 from guardd.journal import parse_rfc3339
-from guardd.observations import day_of
-from tests.replay.history import DAY0, Timeline, config, decisions, replay, replay_json
+from guardd.observations import ReadReport, Recorder, day_of, read_history
+from tests.harness.daemon import wait_until
+from tests.replay.history import DAY0, GUARDD, Timeline, config, decisions, replay, replay_json
 from tests.signals.access_log_lib import BLUE, GREEN, line
 
 DAY = 86400.0
@@ -89,20 +97,29 @@ addresses = {{ blue = ["{BLUE}"], green = ["{GREEN}"] }}
     h = doc["history"]
     skipped = h["skipped"]
     assert skipped["unknown kind 'telemetry'"] == 1
-    assert skipped["no ts or mono"] == 1
+    # The junk line without stamps, and those salvaged from day 2's corrupt bytes (which
+    # they are depends on where the damage fell: counted on day 2 alone).
+    day2 = tmp_path / "day2"
+    day2.mkdir()
+    shutil.copy(state / "observations" / f"lab-{day_of(DAY0 + 2 * DAY)}.jsonl.gz", day2)
+    alone = ReadReport()
+    list(read_history(day2, alone))
+    assert skipped["no ts or mono"] == 1 + alone.skipped["no ts or mono"]
     # The junk line, and what the reader salvaged past the corrupt bytes of day 2.
     assert skipped["invalid JSON"] >= 1
     assert skipped["too long"] == 1
     assert skipped.get("corrupt file", 0) + skipped.get("cut-off last line", 0) >= 1
     problems = "\n".join(h["problems"])
     assert f"lab-{day_of(DAY0 + 2 * DAY)}.jsonl.gz: corrupt near byte" in problems
+    # Day 1 ends where it was cut: said, though every whole line of it was read.
+    assert f"lab-{day_of(DAY0 + DAY)}.jsonl.gz: ends unfinished" in problems
     assert h["missing_days"] == [day_of(DAY0 + 3 * DAY)]
-    assert len(h["clock_steps"]) == 1
+    assert len(h["clock_steps"]) == 1 + len(alone.clock_steps)  # (day 2's salvage may hold one)
     # The days whose records were lost are gaps, not probes that stopped: no stale alert.
     assert len(h["gaps"]) >= 3
     assert all(g["seconds"] > 80_000 for g in h["gaps"])
     assert decisions(doc, "alert") == []
-    assert h["clock_steps"][0]["step_s"] > 3500
+    assert [s["step_s"] for s in h["clock_steps"] if s["step_s"] > 0] == [3600.0]
     lines = doc["sources"]["traffic"]["lines"]
     for outcome, n in expected.items():
         assert lines[outcome] == n, lines
@@ -152,3 +169,168 @@ def test_an_unreadable_journal_is_said_and_the_replay_goes_on(tmp_path: Path) ->
     doc = replay_json("--config", str(config(tmp_path, state)))
     assert doc["configs"][0]["incidents"] == []
     assert any("cannot read the journal" in p for p in doc["history"]["problems"])
+
+
+def test_impossible_numbers_in_records_are_skipped_and_counted(tmp_path: Path) -> None:
+    """A probe's latency that is no number a probe can take (NaN, infinite, 1e308 s) and a
+    time beyond what a clock can say (1e300) are damage: skipped, counted, and the
+    records around them replayed."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    tl.rounds(100)
+    [today] = sorted((state / "observations").iterdir())
+    probe = '{"kind":"probe","color":"green","outcome":"ok","error":null,"status":200,'
+    junk = [
+        probe + f'"latency_s":NaN,"ts":{tl.wall},"mono":{tl.mono}}}',
+        probe + f'"latency_s":Infinity,"ts":{tl.wall},"mono":{tl.mono}}}',
+        probe + f'"latency_s":1e308,"ts":{tl.wall},"mono":{tl.mono}}}',
+        probe + f'"latency_s":1e30,"ts":{tl.wall},"mono":{tl.mono}}}',
+        probe + '"latency_s":0.004,"ts":1e300,"mono":-1e300}',
+        probe + '"latency_s":0.004,"ts":-5.0,"mono":1.0}',
+    ]
+    # The recorder's member is closed first, then recording goes on in a member of its own
+    # (as after a write that failed half-way), the junk between them.
+    tl.recorder.close()
+    with today.open("ab") as f:
+        f.write(gzip.compress(("\n".join(junk) + "\n").encode()))
+    tl.recorder = Recorder(
+        state / "observations", "lab", keep_s=DAY, wall=lambda: tl.wall, monotonic=lambda: tl.mono
+    )
+    tl.rounds(3, green="http_5xx")
+    failed_at = tl.wall
+    tl.rounds(20, green="http_5xx")
+    tl.close()
+    cfg = config(tmp_path, state)
+    doc = replay_json("--config", str(cfg))
+    skipped = doc["history"]["skipped"]
+    assert skipped["probe record with an impossible latency"] == 4, skipped
+    assert skipped["ts not a time from 1970 to 9999"] == 2, skipped
+    [rb] = decisions(doc, "rollback_completed")
+    assert abs(parse_rfc3339(rb["at"]) - failed_at) <= 0.2
+    text = replay("--config", str(cfg))
+    assert text.returncode == 0, text.stderr
+    assert "4 observation line(s): probe record with an impossible latency" in text.stdout
+    assert "Traceback" not in text.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_an_observation_file_that_is_no_regular_file_is_refused_not_read(
+    tmp_path: Path, kind: str
+) -> None:
+    """A FIFO would block the open, `/dev/zero` behind a symlink would give zeros without
+    end: a day's name on anything but a regular file is said and skipped, and the other
+    days are replayed; the same for the journal."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    tl.rounds(50)
+    tl.close()
+    odd = state / "observations" / f"lab-{day_of(DAY0 - DAY)}.jsonl.gz"  # the day before
+    journal = state / "events.jsonl"
+    journal.unlink()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "access.log").write_text(line(GREEN, "200", msec=tl.wall - 5))
+    rotated = logs / "access.log.1"
+    if kind == "fifo":
+        os.mkfifo(odd)
+        os.mkfifo(journal)
+        os.mkfifo(rotated)
+    elif kind == "device":
+        for path in (odd, journal, rotated):
+            path.symlink_to("/dev/zero")
+    else:
+        for path in (odd, journal, rotated):
+            path.mkdir()
+    signal_toml = f"""
+[signals.traffic]
+kind = "access_log"
+source = "file:{logs}/access.log"
+addresses = {{ blue = ["{BLUE}"], green = ["{GREEN}"] }}
+"""
+    what = {"fifo": "a FIFO", "device": "a character device", "directory": "a directory"}[kind]
+    cfg = config(tmp_path, state, extra=signal_toml)
+    done = replay("--config", str(cfg), "--json")  # (bounded: 300 s)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert (
+        f"{rotated}: cannot open: not a regular file ({what})"
+        in (doc["sources"]["traffic"]["problems"])
+    )
+    assert doc["sources"]["traffic"]["lines"]["ok"] == 1
+    h = doc["history"]
+    assert f"{odd}: cannot open: not a regular file ({what})" in h["problems"], h["problems"]
+    assert f"{journal}: cannot read the journal (not a regular file ({what})): " in "\n".join(
+        h["problems"]
+    )
+    assert h["records"] > 0
+
+
+def _zeros_bomb(path: Path, members: int = 50) -> None:
+    """An observation file that inflates to `members` GiB of zero bytes (one line too long
+    to keep, read to its end): minutes of work for a reader, a few MiB on disk."""
+    packer = zlib.compressobj(1, zlib.DEFLATED, 31)
+    chunk = bytes(1 << 20)
+    member = b"".join(packer.compress(chunk) for _ in range(1024)) + packer.flush()
+    with path.open("wb") as f:
+        for _ in range(members):
+            f.write(member)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_replay_at_once_and_leaves_nothing_behind(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Ctrl-C (or a SIGTERM) while a replay reads: it stops where it is, says so, exits
+    128 + the signal's number, and removes its temporary folder."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    tl.rounds(20)
+    tl.close()
+    _zeros_bomb(state / "observations" / f"lab-{day_of(DAY0 - DAY)}.jsonl.gz")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(
+        [*GUARDD, "replay", "--config", str(config(tmp_path, state))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )
+    try:
+        # Its temporary folder is made as the history begins to be read.
+        wait_until(lambda: any(tmp.iterdir()), 60, "the replay under way")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == 128 + sig, err
+    assert f"guardd replay: stopped by {sig.name}" in err
+    assert "Traceback" not in err and out == ""
+    assert list(tmp.iterdir()) == []
+
+
+def test_another_guards_run_in_this_guards_file_is_skipped_and_said(tmp_path: Path) -> None:
+    """A run whose `start` names another guard (its file copied under this guard's name)
+    is not this guard's history: its records are skipped, counted under its name, and
+    its failures decide nothing here."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    tl.rounds(100)
+    tl.close()
+    other = Timeline(tmp_path / "shop", guard="shop", wall=tl.wall + 5)
+    other.start(active="blue")
+    other.rounds(50, blue="http_5xx")  # the shop's blue failing: nothing of lab's
+    other.close()
+    [lab_day] = sorted((state / "observations").iterdir())
+    [shop_day] = sorted((tmp_path / "shop" / "observations").iterdir())
+    with lab_day.open("ab") as f:
+        f.write(shop_day.read_bytes())
+    doc = replay_json("--config", str(config(tmp_path, state)))
+    assert doc["history"]["skipped"]["records of another guard (shop)"] == 1 + 2 * 50
+    assert doc["configs"][0]["decisions"] == [], doc["configs"][0]["decisions"]
+    assert doc["history"]["runs"] == 1

@@ -25,14 +25,7 @@ def _green_fails(tl: Timeline, *, failing: int = 30) -> float:
     tl.rounds(150)
     tl.rounds(3, green="http_5xx")
     at = tl.wall
-    tl.incident(
-        "rollback_completed",
-        source="green",
-        target="blue",
-        reason="P0 consecutive_failures: 3 >= 3 on green; rolling back to blue",
-        severity="P0",
-        evidence={"rule": "consecutive_failures", "threshold": 3, "value": 3, "color": "green"},
-    )
+    tl.rolled_back()
     tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
     tl.rounds(failing - 3, green="http_5xx")
     tl.rounds(150)

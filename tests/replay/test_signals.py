@@ -4,6 +4,8 @@ a log without times said to be unreplayable, and Prometheus' own history."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -84,6 +86,39 @@ def test_an_application_log_is_replayed_by_each_lines_time(history: tuple[Path, 
     src = doc["sources"]["app"]
     assert src["replayed"] == "from its files, by each line's own timestamp"
     assert src["untimed_lines"] == 0
+
+
+#: `guardd replay` as `python -m guardd.cli` runs it, that prints every module loaded
+#: (`sys.modules`, whatever imported them) as its last line on stderr.
+_MODULES_AT_EXIT = """
+import atexit, runpy, sys
+atexit.register(lambda: print(" ".join(sorted(sys.modules)), file=sys.stderr))
+sys.argv = ["guardd", *sys.argv[1:]]
+runpy.run_module("guardd.cli", run_name="__main__")
+"""
+
+
+def test_a_replay_loads_an_http_client_only_for_an_http_signal(
+    history: tuple[Path, float],
+) -> None:
+    """A config whose signals read files replays without httpx (nor the prometheus
+    adapter) in the process: only a prometheus signal asks a server for its history."""
+    tmp, t0 = history
+    _app_logs(tmp / "logs", t0)
+    cfg = config(tmp, tmp / "state", extra=_signal(tmp / "logs"), interval="1s", qos_window="10s")
+    done = subprocess.run(
+        [sys.executable, "-c", _MODULES_AT_EXIT, "replay", "--config", str(cfg), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert decisions(json.loads(done.stdout), "alert"), "the log's rule was replayed"
+    names = set(done.stderr.splitlines()[-1].split())
+    assert {"guardd.replay._engine", "guardd.signals.log_match"} <= names
+    assert not {n for n in names if n.split(".")[0] in ("httpx", "httpcore")}
+    assert "guardd.signals.prometheus" not in names
 
 
 def test_a_log_without_timestamps_cannot_be_replayed_and_its_rules_say_nothing(
@@ -306,4 +341,34 @@ min_samples = 2
         "scrape",
         "from recorded samples",
         0,
+    )
+
+
+def test_a_signal_of_which_no_sample_was_recorded_says_its_rules_had_nothing(
+    tmp_path: Path,
+) -> None:
+    """A scrape signal added to the config after the history was recorded: it is not
+    "from recorded samples" but not replayed, its rules inconclusive throughout."""
+    tl = Timeline(tmp_path / "state")
+    tl.start(active="green", interval=1.0)
+    tl.rounds(120, interval=1.0)
+    tl.close()
+    extra = """
+[signals.runs]
+kind = "scrape"
+urls = { blue = "http://127.0.0.1:9/metrics", green = "http://127.0.0.1:10/metrics" }
+value = "runs_total"
+every = "5s"
+window = "30s"
+"""
+    cfg = config(tmp_path, tmp_path / "state", extra=extra, interval="1s", qos_window="10s")
+    src = replay_json("--config", str(cfg))["sources"]["runs"]
+    assert src["replayed"] is None, src
+    assert src["why"] == (
+        "from recorded samples, but the history holds none: its rules were inconclusive throughout"
+    )
+    text = replay("--config", str(cfg))
+    assert text.returncode == 0, text.stderr
+    assert "signal runs (scrape): not replayed: from recorded samples, but the history holds" in (
+        text.stdout
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
 import subprocess
 import sys
@@ -107,10 +108,20 @@ def test_two_runs_across_midnight_read_back_in_order(tmp_path: Path) -> None:
     assert gzip.decompress((tmp_path / names[1]).read_bytes()).count(b'"kind":"start"') == 1
     records, report = read(tmp_path)
     assert [r.doc for r in records] == _written(tmp_path)
-    assert report.runs == 2 and report.records == 2 + 2 * 25
+    # The run that went on past midnight opened the second day's file with a `context`
+    # record: that file alone still says which color was served, and at what interval.
+    assert report.runs == 2 and report.records == 2 + 2 * 25 + 1
     assert not report.skipped and not report.problems and not report.clock_steps
     assert [r.kind for r in records][:3] == ["start", "probe", "probe"]
     assert all(day_of(r.ts) == "2026-11-30" for r in records[:19])
+    head = records[19]
+    assert head.kind == "context" and day_of(head.ts) == "2026-12-01"
+    assert {k: head.doc[k] for k in ("guard", "active", "probe_interval_s")} == {
+        "guard": "web",
+        "active": "blue",
+        "probe_interval_s": 1.0,
+    }
+    assert (head.ts, head.at) == (records[20].ts, records[20].at)
     # The history's clock only moves forward: by mono within a run, by the wall across.
     ats = [r.at for r in records]
     assert ats == sorted(ats)
@@ -585,3 +596,67 @@ def test_a_batch_reads_as_the_json_module_reads_it(bad: list[bytes]) -> None:
     want, skipped = _parsed_by_json(lines)
     assert repr(list(got)) == repr(want)  # repr: 1 and 1.0 and True are equal, not alike
     assert dict(report.skipped) == skipped
+
+
+def _history_docs(rng: random.Random, n: int) -> list[dict[str, Any]]:
+    """`n` records as a day holds them (probe rounds every 200 ms), with now and then what
+    a plain batch must not hide: a restart, a monotonic clock gone back, a wall clock
+    stepped, stamps that are not finite floats, kinds that are not known strings."""
+    wall, mono = EVE, 500.0
+    docs: list[dict[str, Any]] = []
+    for _ in range(n):
+        wall, mono = wall + 0.2, mono + 0.2
+        doc: dict[str, Any] = {"kind": "probe", "color": "blue", "ts": wall, "mono": mono}
+        odd = rng.random()
+        if odd < 0.01:
+            doc["kind"] = "start"
+        elif odd < 0.02:
+            mono -= 50.0  # a reboot without a start record (its wall clock too, or not)
+            wall -= rng.choice([0.0, 50.0])
+            doc["mono"], doc["ts"] = mono, wall
+        elif odd < 0.03:
+            wall += rng.choice([-30.0, 5.0, 1.0001])  # NTP, an operator
+            doc["ts"] = wall
+        elif odd < 0.04:
+            doc[rng.choice(["ts", "mono"])] = rng.choice(
+                [None, 7, True, "x", math.nan, math.inf, 1e300, -1e300, -1.0]
+            )
+        elif odd < 0.045:
+            doc["mono"] = mono + 5e9  # a salvaged line of a corrupt member
+        elif odd < 0.05:
+            doc["kind"] = rng.choice([None, "nope", ["probe"], {"k": 1}, 3])
+        elif odd < 0.06:
+            doc["kind"] = rng.choice(["sample", "switch", "front_door"])
+        docs.append(doc)
+    return docs
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize(
+    ("since", "until"), [(None, None), (EVE - 1000, EVE + 300), (EVE - 400, None)]
+)
+def test_plain_batches_read_as_records_read_one_at_a_time(
+    seed: int, since: float | None, until: float | None
+) -> None:
+    """`_Clocks.plain` takes a whole batch at once only when it gives what `each` gives a
+    record at a time: the same records (the same floats of `at`), skips, runs and clock
+    steps, whatever the batch sizes."""
+    rng = random.Random(seed)  # noqa: S311 - repeatable, not a secret
+    docs = _history_docs(rng, 3000)
+    want = ReadReport()
+    records = list(observations._Clocks(want).each(docs, since, until))
+    got = ReadReport()
+    clocks = observations._Clocks(got)
+    read_back: list[Record] = []
+    plain = 0
+    i = 0
+    while i < len(docs):
+        size = rng.choice([1, 2, 7, 50, 400])
+        batch = docs[i : i + size]
+        i += size
+        out = clocks.plain(batch, since, until)
+        plain += out is not None
+        read_back += out if out is not None else list(clocks.each(batch, since, until))
+    assert repr(read_back) == repr(records)
+    assert (got.skipped, got.runs, got.clock_steps) == (want.skipped, want.runs, want.clock_steps)
+    assert plain > 0, "some batches were plain"
