@@ -226,7 +226,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "probes/s each, same build, same time)",
             f"overhead <= {rec['target_overhead_pct']:g} %",
             f"{rec['overhead_pct_median']} % (median of {len(rec['windows'])} windows, from "
-            f"{min(each, key=lambda v: v or 0)} to {max(each, key=lambda v: v or 0)} %); "
+            f"{min(each, key=lambda v: v or 0)} to {max(each, key=lambda v: v or 0)} %"
+            + (
+                f"; {rec['overhead_pct_median_on_started_first']} % with the recording daemon "
+                f"started first, {rec['overhead_pct_median_off_started_first']} % second"
+                if "overhead_pct_median_on_started_first" in rec
+                else ""
+            )
+            + "); "
             "the recorder alone "
             f"{inproc['total_us_per_record']} us/record = "
             f"{rec['overhead_pct_from_recorder_cost']} % of a probe; "

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "scrape": lambda: scrape.measure(10_000, 5.0, 30.0 if args.quick else 120.0),
         "fleet": lambda: fleet.run(ctx),
         "tick": lambda: tick.measure(5_000 if args.quick else 20_000, 3 if args.quick else 5),
-        "recording": lambda: recording.run(ctx, window=10.0 if args.quick else 20.0, windows=5),
+        "recording": lambda: recording.run(ctx, window=10.0 if args.quick else 20.0, windows=3),
         # The full sizes even with --quick: the targets are set for them (about a minute).
         "replay": replay.measure,
     }
