@@ -201,8 +201,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             add(
                 f"`guardd replay` over {what.format(n=n)}, wall time",
                 f"<= {r['target_s']:g} s",
-                f"{r['seconds']} s ({r['ratio_to_target']} x the target), "
-                f"peak RSS {r['peak_rss_mib']} MiB",
+                f"{r['seconds']} s ({r['ratio_to_target']} x the target"
+                + (
+                    f"; median of {len(r['rounds_s'])} runs, "
+                    f"{min(r['rounds_s'])} to {max(r['rounds_s'])} s"
+                    if len(r.get("rounds_s", ())) > 1
+                    else ""
+                )
+                + f"), peak RSS {r['peak_rss_mib']} MiB",
                 r["met"],
                 r["ratio_to_target"],
             )
