@@ -455,7 +455,7 @@ async def _replay_all(
             # reach past the history.
             "recorded": [_report.stamp(first.first_ts), _report.stamp(first.last_ts)],
             "files": history.files,
-            "runs": history.runs,
+            "runs": first.runs,
             "records": history.records - first.warmup_records,
             "warmup_records": first.warmup_records,
             "skipped": dict(history.skipped),

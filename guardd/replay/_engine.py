@@ -160,6 +160,9 @@ class Simulation:
         self.last_ts: float | None = None
         #: Records replayed before `since` only to fill the windows (not in the period).
         self.warmup_records = 0
+        #: The daemon runs replayed: each `start` from the warm-up on, and the run going on
+        #: when the replay begins (the reader counts every `start` it reads, any time).
+        self.runs = 0
         self.ticks = 0
         self.skipped_ticks = 0
         #: Whether a tick shown to repeat the last one is counted rather than taken
@@ -220,6 +223,7 @@ class Simulation:
 
     async def _new_run(self, active: Color | None) -> None:
         """A daemon (re)start: a new guard that recovers as `Supervisor.run` does."""
+        self.runs += 1
         if self.guard is not None:
             self.guard.save_state()
         if active is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from guardd.journal import parse_rfc3339
+from guardd.journal import parse_rfc3339, rfc3339
 from tests.harness.daemon import nobody_prefix
 from tests.replay.history import GUARDD, Timeline, config, decisions, replay, replay_json
 
@@ -453,3 +453,28 @@ def test_an_operators_fleet_wide_rollback_is_replayed_as_the_operators(
     [moved] = decisions(doc, "rollback_completed")
     assert (moved["by"], moved["color"], moved["to"]) == ("fleet:uid:0(root)", "green", "blue")
     assert moved["rule"] is None
+
+
+def test_the_runs_counted_are_those_of_the_period(tmp_path: Path, tl: Timeline) -> None:
+    """`history.runs` counts the runs replayed: those begun within `--from`/`--to` (and its
+    warm-up) and the run going on when it begins, not every `start` in the files."""
+    starts = []
+    for _ in range(3):
+        tl.start(active="green")
+        starts.append(tl.wall)
+        tl.rounds(300)  # a minute a run
+        tl.tick(600.0)  # then ten minutes down
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+
+    def runs(*bounds: str) -> int:
+        n = replay_json("--config", str(cfg), *bounds)["history"]["runs"]
+        assert isinstance(n, int)
+        return n
+
+    assert runs() == 3
+    # From the middle of the second run (its start is before the 30 s warm-up).
+    middle = rfc3339(starts[1] + 45.0)
+    assert runs("--from", middle) == 2
+    assert runs("--from", middle, "--to", rfc3339(starts[2] - 60.0)) == 1
+    assert runs("--to", rfc3339(starts[1] - 60.0)) == 1
