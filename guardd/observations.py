@@ -853,9 +853,10 @@ def _members(
                 out = unzip.decompress(piece, _READ_CHUNK)
             except zlib.error as e:
                 # This call's output is lost with the error: decode the member again in
-                # small steps to give every line before the damage.
-                yield from _salvage(f, member, produced, lines)
-                return member, offset, str(e)
+                # small steps to give every line before the damage, and find where it is
+                # (this call was given up to a chunk: its start may be far before it).
+                noticed = yield from _salvage(f, member, produced, lines)
+                return member, offset if noticed is None else noticed, str(e)
             produced += len(out)
             if unzip.eof:
                 used = len(piece) - len(unzip.unused_data)
@@ -899,12 +900,15 @@ def _feedable(data: bytes, *, fed: bool, eof: bool) -> int:
 
 def _salvage(
     f: BinaryIO, member: int, skip: int, lines: _Splitter
-) -> Iterator[list[dict[str, Any]]]:
+) -> Generator[list[dict[str, Any]], None, int | None]:
     """The lines of the member at `member` after its first `skip` output bytes, up to its
-    damage, decoding a few bytes at a time so that little is lost with the error."""
+    damage, decoding a few bytes at a time so that little is lost with the error; returns
+    the file offset of the few bytes at which zlib noticed the damage (None if it did not
+    this time)."""
     unzip = zlib.decompressobj(31)
     f.seek(member)
     got = 0
+    at = member  # the file offset of `data`'s first byte
     while True:
         # A few bytes a call: what the call that meets the damage would give is lost.
         data = f.read(_SALVAGE_STEP)
@@ -918,10 +922,13 @@ def _salvage(
                     yield docs
                 got += len(out)
                 if unzip.eof:
-                    return
+                    return None
         except zlib.error:
-            break
+            lines.cut()
+            return at
+        at = f.tell()
     lines.cut()
+    return None
 
 
 def _next_member(f: BinaryIO, after: int) -> int | None:

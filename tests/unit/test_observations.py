@@ -12,6 +12,7 @@ import gzip
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -224,6 +225,12 @@ def test_corrupt_bytes_skip_to_the_next_member(tmp_path: Path) -> None:
         if report.problems:
             assert report.skipped["corrupt member"] == 1
             assert "resumed at byte" in report.problems[0], report.problems
+            # Where zlib noticed it: in the damaged member, at or after the damage (the
+            # start of the few bytes it was given then), not where the chunk read began.
+            said = re.search(r"corrupt near byte (\d+)", report.problems[0])
+            assert said is not None, report.problems
+            noticed = int(said[1])
+            assert at - observations._SALVAGE_STEP < noticed < sizes[-1], (at, noticed)
     # Garbage appended after the last member is reported, not raised.
     path.write_bytes(whole + b"not gzip at all" * 10)
     records, report = read(tmp_path)
