@@ -19,7 +19,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -35,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core.core_schema import ErrorType
 
 from guardd import httpfields, paths
 from guardd.core.policy import PolicySpec, spec_rules
@@ -147,9 +148,21 @@ class _Section(BaseModel):
         return model
 
 
+#: The error types pydantic-core can build an error of by name. Others come from pydantic's
+#: own Python validators (`path_type` for a `Path` given a number): raised again by name,
+#: one of them stopped `check-config` with a KeyError.
+_CORE_ERROR_TYPES: Final = frozenset(get_args(ErrorType))
+
+
 def _validation_error(title: str, errors: list[Any], found: Found) -> ValidationError:
     details = [
         InitErrorDetails(type=e["type"], loc=e["loc"], input=e["input"], ctx=e.get("ctx", {}))
+        if e["type"] in _CORE_ERROR_TYPES
+        else InitErrorDetails(
+            type=PydanticCustomError(e["type"], "{reason}", {"reason": e["msg"]}),
+            loc=e["loc"],
+            input=e["input"],
+        )
         for e in errors
     ]
     details += [
