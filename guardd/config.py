@@ -43,6 +43,7 @@ from guardd.core.rules import BUILTIN_NAMES, OPS, Rule
 from guardd.core.signals import KIND_STATS, PROBE
 from guardd.core.types import COLORS, Color
 from guardd.exceptions import ConfigError, ConfigProblem
+from guardd.secrets import shown_setting
 
 if typing.TYPE_CHECKING:
     from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
@@ -1493,18 +1494,18 @@ def _override(doc: dict[str, Any], overrides: Sequence[str], shown: str) -> None
         key = re.sub(r"\[(\d+)\]", r".\1", key.strip())
         parts = key.split(".")
         if not eq or not key or not all(_OVERRIDE_PART.match(p) for p in parts):
-            problems.append(
-                ConfigProblem(shown, key or "(--set)", f"--set {text!r}: not KEY=VALUE")
-            )
+            # Neither the argument nor its key is named as typed: without its `=` the whole
+            # argument may be a value, a secret too (`shown_setting` judges it).
+            said = shown_setting("", text)
+            problems.append(ConfigProblem(shown, "(--set)", f"--set {said!r}: not KEY=VALUE"))
             continue
         try:
             value = tomllib.loads(f"v = {raw.strip()}")["v"]
         except tomllib.TOMLDecodeError:
+            said = shown_setting(key, raw.strip())
             problems.append(
                 ConfigProblem(
-                    shown,
-                    key,
-                    f"--set: {raw.strip()!r} is not a TOML value (quote text: '\"...\"')",
+                    shown, key, f"--set: {said!r} is not a TOML value (quote text: '\"...\"')"
                 )
             )
             continue

@@ -104,3 +104,26 @@ def redact_credentials(text: str) -> str:
     for pattern, replacement in _CREDENTIALS:
         text = pattern.sub(replacement, text)
     return text
+
+
+#: Settings whose values may carry a credential whatever their names say: a webhook's URL
+#: (Slack's and Discord's hold their token in the path) and any header.
+_SECRET_BEARING: Final = frozenset({"notify", "headers"})
+
+
+def shown_setting(key: str, value: str) -> str:
+    """`value` of the setting `key` (dotted: `probe.headers`) as a report or an error may
+    show it: `***` unless it is plainly no secret (fail closed). A value under a
+    credential-like name, under notify or headers, a table or a list (anything may be in
+    it), a URL, or one holding a known secret or a credential's shape is never shown."""
+    parts = key.lower().split(".")
+    if (
+        is_secret_name(key)
+        or _SECRET_BEARING.intersection(parts)
+        or value.lstrip()[:1] in ("[", "{")
+        or "://" in value
+        or redact(value) != value
+        or redact_credentials(value) != value
+    ):
+        return REDACTED
+    return value

@@ -24,9 +24,10 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from guardd.replay import _report
+from guardd.secrets import shown_setting
 
 __all__ = ["env_settings", "parse_time", "replay"]
 
@@ -66,7 +67,7 @@ def _stopped_by_signals() -> Iterator[None]:
 
 def env_settings(environ: dict[str, str] | None = None) -> list[str]:
     """The `GUARDD_<SECTION>__<KEY>=value` settings the config takes from the environment,
-    sorted, each value as `shown_value` shows it."""
+    sorted, each value as `guardd.secrets.shown_setting` shows it."""
     from guardd.config import GuardConfig  # noqa: PLC0415
 
     env = os.environ if environ is None else environ
@@ -78,39 +79,15 @@ def env_settings(environ: dict[str, str] | None = None) -> list[str]:
         key = name[len("GUARDD_") :].lower().replace("__", ".")
         if key.split(".")[0] not in fields:
             continue  # GUARDD_CONFIG and the like name no setting
-        out.append(f"{name}={shown_value(key, value)}")
+        out.append(f"{name}={shown_setting(key, value)}")
     return out
 
 
 def shown_set(setting: str) -> str:
-    """A `--set KEY=VALUE` as the report shows it: the value as `shown_value` shows it."""
+    """A `--set KEY=VALUE` as the report shows it: the value as `shown_setting` shows it
+    (and an argument without its `=` as a value)."""
     key, eq, value = setting.partition("=")
-    return f"{key}{eq}{shown_value(key.strip(), value)}" if eq else setting
-
-
-#: Settings whose values may carry a credential whatever their names say: a webhook's URL
-#: (Slack's and Discord's hold their token in the path) and any header.
-_SECRET_BEARING: Final = frozenset({"notify", "headers"})
-
-
-def shown_value(key: str, value: str) -> str:
-    """`value` of the setting `key` (dotted: `probe.headers`), or `***` unless it is
-    plainly no secret (fail closed): a value under a credential-like name, under notify or
-    headers, a table or a list (anything may be in it), a URL, or one holding a known
-    secret or a credential's shape is never shown."""
-    from guardd.secrets import REDACTED, is_secret_name, redact, redact_credentials  # noqa: PLC0415
-
-    parts = key.lower().split(".")
-    if (
-        is_secret_name(key)
-        or _SECRET_BEARING.intersection(parts)
-        or value.lstrip()[:1] in ("[", "{")
-        or "://" in value
-        or redact(value) != value
-        or redact_credentials(value) != value
-    ):
-        return REDACTED
-    return value
+    return f"{key}{eq}{shown_setting(key.strip(), value)}" if eq else shown_setting("", setting)
 
 
 _RELATIVE = re.compile(r"^-?(\d+(?:\.\d+)?)(d|h|m|s)$")

@@ -219,7 +219,7 @@ def test_an_invalid_config_prints_what_check_config_prints(tmp_path: Path) -> No
         ('policy.window="soon"', "policy.window: must be a duration"),
         ("rules.3.above=0.1", "rules.3.above: --set: the file has no rules"),
         ("policy.window.x=1", "policy.window.x: --set: policy.window is not a table"),
-        ("nonsense", "--set 'nonsense': not KEY=VALUE"),
+        ("nonsense", "(--set): --set 'nonsense': not KEY=VALUE"),
     ],
 )
 def test_a_bad_set_is_reported_as_the_files_problems_are(
@@ -478,3 +478,26 @@ def test_the_runs_counted_are_those_of_the_period(tmp_path: Path, tl: Timeline) 
     assert runs("--from", middle) == 2
     assert runs("--from", middle, "--to", rfc3339(starts[2] - 60.0)) == 1
     assert runs("--to", rfc3339(starts[1] - 60.0)) == 1
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "notify.0.url=SECRETunquoted",  # under notify: whatever its shape
+        "probe.headers.Authorization=Bearer SECRETbare",  # a header; a credential's shape
+        "upstreams.blue.token=SECRETtoken",  # a credential-like name
+        "policy.window=https://user:SECRETpw@example.com/x",  # a URL
+        "https://hooks.example.com/services/SECRETnoequals",  # no `=`: all of it a value
+        "Bearer SECRETnokey",  # no `=`, a credential's shape
+    ],
+)
+def test_a_bad_set_never_shows_a_value_that_may_be_a_secret(tmp_path: Path, setting: str) -> None:
+    """A `--set` that cannot be read is named without its value when that value may be a
+    secret, as the report shows such values (fail closed): stderr lands in CI logs."""
+    cfg = config(tmp_path, tmp_path / "state")
+    done = replay("--config", str(cfg), "--set", setting)
+    assert done.returncode == 2, done.stderr
+    assert f"{cfg}: " in done.stderr
+    assert "SECRET" not in done.stderr + done.stdout
+    assert "***" in done.stderr
+    assert "Traceback" not in done.stderr
