@@ -111,10 +111,11 @@ _Batch = tuple[float, int, str, Any]
 class Simulation:
     """Replays the history in `directory` through a guard built from `settings`.
 
-    `since` / `until`: wall-time bounds (seconds) of what is decided. The `warmup`
-    seconds before `since` are replayed too, their decisions left out of the report (the
-    caller's part), so that the windows are full at `since`; records before that only tell
-    which color was served. After `run()`: `events` (the journal the
+    `since` / `until`: wall-time bounds (seconds) of what is decided. Everything before
+    `since` is replayed too, its decisions left out of the report (the caller's part): the
+    guard's state at `since` (its windows, a rollback's QoS lock, a hold, the rollback
+    budget) follows from all of it, and a replay begun a window before `since` decided
+    there on a state the daemon never had. After `run()`: `events` (the journal the
     replayed guard wrote), `report` (what reading skipped) and `sources` (per signal).
     """
 
@@ -158,11 +159,12 @@ class Simulation:
         self.samples: Counter[str] = Counter()
         self.first_ts: float | None = None
         self.last_ts: float | None = None
-        #: Records replayed before `since` only to fill the windows (not in the period).
+        #: Records replayed before `since` (the warm-up: not in the period).
         self.warmup_records = 0
-        #: The daemon runs replayed: each `start` from the warm-up on, and the run going on
-        #: when the replay begins (the reader counts every `start` it reads, any time).
+        #: The daemon runs with records in the period (the reader counts every `start` it
+        #: reads, any time); `_in_period` says the current run has one.
         self.runs = 0
+        self._in_period = False
         self.ticks = 0
         self.skipped_ticks = 0
         #: Whether a tick shown to repeat the last one is counted rather than taken
@@ -185,13 +187,6 @@ class Simulation:
         self._in_gap = False
         self._quiet = 0  # ticks since the last input
         self._events_seen = 0
-        c = settings.config
-        #: Replayed before `since` (decisions not reported), so that the windows are as full
-        #: at `since` as the daemon's were: the longest window of the policy and signals.
-        self.warmup = max(
-            [c.policy.window, *(getattr(t, "window", None) or 0.0 for t in c.signals.values())]
-        )
-        self._start = None if since is None else since - self.warmup
         self._interval = settings.config.probe.interval
         self._verify = settings.config.switch.verify_url is not None
         self._started = False  # the run's first tick is done
@@ -223,7 +218,7 @@ class Simulation:
 
     async def _new_run(self, active: Color | None) -> None:
         """A daemon (re)start: a new guard that recovers as `Supervisor.run` does."""
-        self.runs += 1
+        self._run_ends()
         if self.guard is not None:
             self.guard.save_state()
         if active is not None:
@@ -593,7 +588,7 @@ class Simulation:
         externals = self._externals()
         pending = next(externals, None)
         held: deque[Record] = deque()
-        start, gap_s = self._start, self._gap_s
+        gap_s = self._gap_s
         for rec in records:
             at, ts, kind, _ = rec
             last_at = self._last_at
@@ -602,7 +597,6 @@ class Simulation:
                 and self.fast_probes
                 and self.guard is not None
                 and not held
-                and (start is None or ts >= start)
                 and last_at is not None
                 and at - last_at <= gap_s
                 and (pending is None or pending[0] > ts)
@@ -620,14 +614,6 @@ class Simulation:
                 if self._probe(rec) and not self._counted(at):
                     await self._take(at)
                 continue
-            if start is not None and rec.ts < start:
-                # Before the period and its warm-up: only which color was served.
-                if rec.kind in ("start", "context"):
-                    self._live = color_of(rec.doc.get("active"))
-                elif rec.kind == "switch":
-                    self._live = color_of(rec.doc.get("to")) or self._live
-                self.report.records -= 1
-                continue
             if self.guard is None and self._live is None:
                 # History that begins mid-run: which color was served is told by the first
                 # `start` or `context` record, or the first switch (its `from`); the records
@@ -640,12 +626,13 @@ class Simulation:
                         self._headless(held.popleft())
                     held.append(rec)
                     continue
+            # (Placed once stepped: a `start` record is its own run's.)
             while held:
                 old = held.popleft()
-                self._place(old.ts)
                 pending = await self._step(old, pending, externals)
-            self._place(rec.ts)
+                self._place(old.ts)
             pending = await self._step(rec, pending, externals)
+            self._place(rec.ts)
         for old in held:
             self._headless(old)
         if self.headless:
@@ -657,9 +644,16 @@ class Simulation:
             )
         if self.guard is not None and self._started:
             await self._until(self.clock.monotonic() + 2 * _SAME_MOMENT)
+        self._run_ends()
         while pending is not None:
             self._outside(pending)
             pending = next(externals, None)
+
+    def _run_ends(self) -> None:
+        """The current run (if any) ends: counted in `runs` if it had a record in the
+        period."""
+        self.runs += self._in_period
+        self._in_period = False
 
     def _headless(self, rec: Record) -> None:
         """Leave out a record of a history that begins mid-run, taken before anything
@@ -677,6 +671,7 @@ class Simulation:
         if since is not None and ts < since:
             self.warmup_records += 1
         else:
+            self._in_period = True
             first = self.first_ts
             if first is None or ts < first:
                 self.first_ts = ts
@@ -697,7 +692,7 @@ class Simulation:
         self._last_at = rec.at
         # The sources' batches written before this record go first, at their own time.
         while pending is not None and pending[0] <= rec.ts:
-            if self.guard is None or (self._start is not None and pending[0] < self._start):
+            if self.guard is None:
                 self._outside(pending)
             else:
                 await self._external(pending, rec.at)

@@ -180,7 +180,7 @@ def render(doc: dict[str, Any]) -> str:
         f"guardd replay of {h['dir']}: {span}, "
         f"{h['runs']} run(s), {h['records']} records"
         + (
-            f" (and {h['warmup_records']} before it, replayed only to fill the windows)"
+            f" (and {h['warmup_records']} before it, replayed for the state at its start)"
             if h.get("warmup_records")
             else ""
         )

@@ -501,3 +501,31 @@ def test_a_bad_set_never_shows_a_value_that_may_be_a_secret(tmp_path: Path, sett
     assert "SECRET" not in done.stderr + done.stdout
     assert "***" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_period_is_decided_on_the_state_the_whole_history_leaves_at_its_start(
+    tmp_path: Path, tl: Timeline
+) -> None:
+    """`--from` shows what replaying the whole history shows from that time on, wherever
+    it falls: before the incident, while the color rolled away from still fails, under the
+    QoS lock the rollback took, after its release. The guard's state at `--from` (a
+    rollback, its lock, the colors' windows) follows from everything before it."""
+    rolled_back_at = _green_fails(tl, failing=300)  # green fails for a minute
+    tl.close()
+    # A guard window longer than the policy's (30 s): a period may begin under the lock
+    # after its rollback fell out of the policy's window.
+    cfg = config(tmp_path, tmp_path / "state", qos_window="60s")
+    whole = replay_json("--config", str(cfg))["configs"][0]["decisions"]
+    assert [d["event"] for d in whole][:2] == ["rollback_completed", "qos_locked"], whole
+    for offset in (-5.0, 10.0, 45.0, 75.0):
+        since = rolled_back_at + offset
+        doc = replay_json("--config", str(cfg), "--from", rfc3339(since))
+        got = doc["configs"][0]["decisions"]
+        want = [d for d in whole if parse_rfc3339(d["at"]) >= since]
+        assert got == want, (offset, got, want)
+    # Not vacuous: a period begins under the lock, 45 s after its rollback, and holds its
+    # release.
+    assert any(
+        d["event"] == "qos_released" and parse_rfc3339(d["at"]) >= rolled_back_at + 45.0
+        for d in whole
+    ), whole
