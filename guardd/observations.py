@@ -77,7 +77,9 @@ __all__ = [
 
 #: The version of the record layout, in every `start` record.
 FORMAT: Final = 1
-RECORD_KINDS: Final = frozenset({"start", "context", "probe", "front_door", "sample", "switch"})
+RECORD_KINDS: Final = frozenset(
+    {"start", "context", "probe", "front_door", "sample", "switch", "stop"}
+)
 #: A line longer than this is not one guardd wrote: skipped, not parsed (bytes).
 MAX_LINE_BYTES: Final = 64 * 1024
 #: Records waiting for the writer; beyond this (a disk that hangs) new ones are dropped
@@ -218,6 +220,11 @@ class Recorder:
             probe_interval_s=probe_interval_s,
             format=FORMAT,
         )
+
+    def stop(self) -> None:
+        """The daemon stops (a clean shutdown): replay decides nothing until the next
+        `start`, and reads the time between as the daemon down, not as records lost."""
+        self.add("stop")
 
     def probe(
         self,

@@ -620,6 +620,7 @@ class Supervisor:
         recorder = self.recorder
         if recorder is None:
             return
+        self._record("stop")
         with anyio.move_on_after(_RECORD_LAST_S):
             await recorder.flush(abandon_on_cancel=True)
             await recorder.aclose()

@@ -185,6 +185,9 @@ class Simulation:
         self._gap_s = max(_GAP_S, _GAP_INTERVALS * settings.config.probe.interval)
         self._last_at: float | None = None
         self._in_gap = False
+        # A run ended by its `stop` record (a clean shutdown): nothing is decided, and no
+        # external batch fed, until the next run starts.
+        self._down = False
         self._quiet = 0  # ticks since the last input
         self._events_seen = 0
         self._interval = settings.config.probe.interval
@@ -318,6 +321,8 @@ class Simulation:
         without a decision, the next one is the last before `at`; `skipped_ticks` counts
         those not run.
         """
+        if self._down:
+            return  # no daemon: nothing ticks until the next run's first tick
         if self._in_gap:
             # Not ticked through: the guard saw its probes every interval, so a run without
             # any record for this long lost them; the next tick is at the next record.
@@ -369,6 +374,7 @@ class Simulation:
             # a record like any other that moves the clock, and does nothing more.
             self._live = color_of(rec.doc.get("active"))
         if rec.kind == "start":
+            self._down = False
             self.clock.set(rec.at, rec.ts)
             given = color_of(rec.doc.get("active"))
             # The sim keeps its own color across a restart, unless the live one changed
@@ -385,6 +391,10 @@ class Simulation:
         ):
             await self._until(at)  # (otherwise it would return at once: no tick due)
         self.clock.set(at, rec.ts)
+        if rec.kind == "stop":
+            self._down = True
+            self._next_tick = self._pulse = math.inf
+            return
         if rec.kind == "probe":
             if self._probe(rec):
                 await self._tick(at)
@@ -682,9 +692,11 @@ class Simulation:
     async def _step(
         self, rec: Record, pending: _Batch | None, externals: Iterator[_Batch]
     ) -> _Batch | None:
+        # A run's `start` after such a stretch too (its last records lost: a crash, a
+        # corrupt member), unless the run before it said it stopped.
         if (
             self._last_at is not None
-            and rec.kind != "start"
+            and not (rec.kind == "start" and self._down)
             and rec.at - self._last_at > self._gap_s
         ):
             self.gaps.append((rec.ts, rec.at - self._last_at))
@@ -692,7 +704,8 @@ class Simulation:
         self._last_at = rec.at
         # The sources' batches written before this record go first, at their own time.
         while pending is not None and pending[0] <= rec.ts:
-            if self.guard is None:
+            if self.guard is None or self._down:
+                # (Stopped: the daemon started again reads its logs from their end.)
                 self._outside(pending)
             else:
                 await self._external(pending, rec.at)

@@ -269,7 +269,7 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
     out.extend(f"  no observation file for {day}" for day in h["missing_days"])
     out.extend(
         f"  no record for {gap['seconds']:g}s before {gap['until']}: records lost, "
-        "not ticked through"
+        "not ticked through (or guardd down without saying it stopped)"
         for gap in h["gaps"]
     )
     out.extend(

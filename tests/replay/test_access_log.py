@@ -136,3 +136,45 @@ def test_lines_over_the_budget_are_named_and_explained(hour: tuple[Path, float, 
     assert "shed" not in text
     assert "over budget " in text
     assert "over budget: lines beyond the signal's max_lines_per_s in their second" in text
+
+
+def test_nothing_is_decided_while_the_daemon_was_stopped(tmp_path: Path) -> None:
+    """A run that ended with a clean stop (its `stop` record) decides nothing until the
+    next run starts, whatever the access log holds meanwhile: the daemon was not there to
+    read it, and started again it reads the log from its end."""
+    tl = Timeline(tmp_path / "state")
+    t0 = tl.wall
+    tl.start(active="green", interval=1.0)
+    tl.rounds(120, interval=1.0)
+    stopped = tl.wall
+    tl.recorder.stop()
+    tl.tick(40.0)  # down for 40 s: less than a gap
+    started = tl.wall
+    tl.start(active="green", interval=1.0)
+    tl.rounds(120, interval=1.0)
+    tl.close()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    # Every request to green fails while guardd is down, none otherwise.
+    lines = [
+        line(GREEN, "502" if stopped <= t0 + i / RATE < started else "200", msec=t0 + i / RATE)
+        for i in range(int((tl.wall - t0) * RATE))
+    ]
+    (logs / "access.log").write_text("".join(lines))
+    cfg = config(
+        tmp_path, tmp_path / "state", interval="1s", qos_window="10s", extra=_signal(logs, 0.5)
+    )
+    doc = replay_json("--config", str(cfg))
+    assert doc["history"]["gaps"] == []
+    assert doc["history"]["runs"] == 2
+    assert doc["configs"][0]["decisions"] == [], doc["configs"][0]["decisions"]
+    # Not vacuous: the same lines while the daemon ran fire the rule.
+    tl = Timeline(tmp_path / "state2", wall=t0)
+    tl.start(active="green", interval=1.0)
+    tl.rounds(int(started + 120 - t0), interval=1.0)
+    tl.close()
+    cfg = config(
+        tmp_path, tmp_path / "state2", interval="1s", qos_window="10s", extra=_signal(logs, 0.5)
+    )
+    fired = decisions(replay_json("--config", str(cfg)), "alert")
+    assert fired and stopped <= parse_rfc3339(fired[0]["at"]) <= started + 1.0, fired

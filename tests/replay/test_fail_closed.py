@@ -509,3 +509,29 @@ def test_a_period_wider_than_the_history_shows_what_was_recorded(tmp_path: Path)
     assert abs(first - (DAY0 + 3600)) < 1 and abs(last - (DAY0 + 3660)) < 1, h["recorded"]
     text = replay("--config", str(cfg), "--from", asked).stdout
     assert f"{asked} .. {h['to']} (recorded: {h['recorded'][0]} .. {h['recorded'][1]})" in text
+
+
+@pytest.mark.parametrize("hole_s", [75.0, 3600.0])
+def test_records_lost_before_a_restart_are_a_gap_and_cover_nothing(
+    tmp_path: Path, hole_s: float
+) -> None:
+    """The records at the end of a run lost (a crash, a corrupt member), then the daemon
+    started again: that stretch is a gap like one inside a run, never ticked through, and
+    an incident in it is not covered by the history."""
+    tl = _healthy(tmp_path / "state")
+    tl.tick(hole_s / 2)
+    tl.rolled_back()  # what the journal says happened while no record was kept
+    tl.tick(hole_s / 2)
+    tl.start(active="blue")
+    tl.rounds(300)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    doc = replay_json("--config", str(cfg))
+    [gap] = doc["history"]["gaps"]
+    assert abs(gap["seconds"] - hole_s) <= 1.0, gap
+    [incident] = doc["configs"][0]["incidents"]
+    assert incident["detected_at"] is None and incident["covered"] is False, incident
+    text = replay("--config", str(cfg))
+    assert text.returncode == 0, text.stderr
+    assert "not covered by the history" in text.stdout
+    assert "records lost, not ticked through" in text.stdout
