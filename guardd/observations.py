@@ -605,6 +605,7 @@ def read_batches(
     clocks = _Clocks(report, guard)
     for path in files:
         report.files.append(str(path))
+        clocks.day_end = _day_end(path)
         for docs in _lines(path, report):
             records = clocks.plain(docs, since, until)
             if records is None:
@@ -636,6 +637,11 @@ class _Clocks:
         self.at = 0.0
         self.last_ts: float | None = None
         self.last_mono: float | None = None
+        #: The end of the day the file being read is named after (seconds since the epoch):
+        #: the recorder never puts a record in the file of a day before its own (a wall
+        #: clock stepped back keeps it in the later file), so one stamped later is not this
+        #: file's (a file copied or renamed under another day: replayed twice otherwise).
+        self.day_end = math.inf
 
     def plain(
         self, docs: list[dict[str, Any]], since: float | None, until: float | None
@@ -664,6 +670,7 @@ class _Clocks:
             or not all(map(math.isfinite, monos))
             or min(tss) < STAMPS[0]
             or max(tss) > STAMPS[1]
+            or max(tss) >= self.day_end
             or (since is not None and min(tss) < since)
             or (until is not None and max(tss) > until)
         ):
@@ -701,6 +708,9 @@ class _Clocks:
                 continue
             if not is_stamp(ts):
                 skipped["ts not a time from 1970 to 9999"] += 1
+                continue
+            if ts >= self.day_end:
+                skipped["later than the day its file is named after"] += 1
                 continue
             if kind in ("start", "context") and self.guard is not None:
                 named = doc.get("guard")
@@ -740,6 +750,19 @@ _STR: Final = {str}
 #: The kinds a plain batch may hold: a `start` begins a run, and it or a `context` may
 #: name another guard (`_Clocks.each`).
 _PLAIN_KINDS: Final = RECORD_KINDS - {"start", "context"}
+
+
+def _day_end(path: Path) -> float:
+    """The end of the UTC day `path` is named after (seconds since the epoch); infinity
+    for a name without one."""
+    m = _NAME.match(path.name)
+    if m is None:
+        return math.inf
+    try:
+        day = datetime.strptime(m["day"], "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        return math.inf  # (`2026-13-45`: no day, nothing to compare with)
+    return day.timestamp() + 86400.0
 
 
 def _number(value: object) -> float | None:

@@ -667,3 +667,29 @@ def test_plain_batches_read_as_records_read_one_at_a_time(
     assert repr(read_back) == repr(records)
     assert (got.skipped, got.runs, got.clock_steps) == (want.skipped, want.runs, want.clock_steps)
     assert plain > 0, "some batches were plain"
+
+
+@pytest.mark.parametrize("records", [3, 3000])  # a batch read record by record, a plain one
+def test_a_file_copied_under_an_earlier_day_is_not_read_twice(
+    tmp_path: Path, records: int
+) -> None:
+    """The recorder never writes a record into the file of a day before its own: a day's
+    file copied (or renamed) under an earlier day's name holds records later than that day,
+    skipped and counted, never replayed twice."""
+    clocks = Clocks(wall=EVE + 100)  # the day after EVE's
+    rec = recorder(tmp_path, clocks)
+    rec.start(active="blue", probe_interval_s=1.0)
+    for _ in range(records):
+        clocks.tick(1.0)
+        rec.probe("blue", "ok", 0.01, status=200)
+    rec.write()
+    rec.close()
+    [path] = history_files(tmp_path)
+    alone, report = read(tmp_path)
+    assert len(alone) == records + 1 and not report.skipped
+    earlier = path.with_name(path.name.replace(day_of(EVE + 100), day_of(EVE)))
+    assert earlier != path
+    earlier.write_bytes(path.read_bytes())
+    got, report = read(tmp_path)
+    assert [r.doc for r in got] == [r.doc for r in alone]
+    assert report.skipped == {"later than the day its file is named after": records + 1}
