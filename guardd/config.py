@@ -1188,6 +1188,15 @@ class GuardConfig(BaseModel):
         return self
 
 
+def setting_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Each variable of `environ` that pydantic-settings reads into the config, as set
+    (in any case), with the dotted key it sets (`GUARDD_FLEET__ETCD` -> `fleet.etcd`),
+    sorted by name."""
+    return [
+        (name, ".".join(_variable_path(name))) for name in sorted(environ) if _names_a_setting(name)
+    ]
+
+
 def _names_a_setting(name: str) -> bool:
     """Whether pydantic-settings would read environment variable `name` into GuardConfig:
     `GUARDD_<FIELD>` or `GUARDD_<FIELD>__...`, in any case (it is not case-sensitive)."""

@@ -66,21 +66,13 @@ def _stopped_by_signals() -> Iterator[None]:
 
 
 def env_settings(environ: dict[str, str] | None = None) -> list[str]:
-    """The `GUARDD_<SECTION>__<KEY>=value` settings the config takes from the environment,
+    """The `GUARDD_<SECTION>__<KEY>=value` settings the config takes from the environment
+    (`guardd.config.setting_variables`: in any case, as pydantic-settings reads them),
     sorted, each value as `guardd.secrets.shown_setting` shows it."""
-    from guardd.config import GuardConfig  # noqa: PLC0415
+    from guardd.config import setting_variables  # noqa: PLC0415
 
     env = os.environ if environ is None else environ
-    fields = set(GuardConfig.model_fields)
-    out = []
-    for name, value in sorted(env.items()):
-        if not name.startswith("GUARDD_"):
-            continue
-        key = name[len("GUARDD_") :].lower().replace("__", ".")
-        if key.split(".")[0] not in fields:
-            continue  # GUARDD_CONFIG and the like name no setting
-        out.append(f"{name}={shown_setting(key, value)}")
-    return out
+    return [f"{name}={shown_setting(key, env[name])}" for name, key in setting_variables(env)]
 
 
 def shown_set(setting: str) -> str:

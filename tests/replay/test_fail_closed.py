@@ -132,6 +132,16 @@ def test_settings_from_the_environment_are_listed_secrets_redacted(tmp_path: Pat
         }
     )
     assert listed == ["GUARDD_NOTIFY__0__HEADERS__AUTHORIZATION=***", "GUARDD_POLICY__WINDOW=60s"]
+    # In any case, as the config takes them (pydantic-settings is not case-sensitive): a
+    # setting that changed the config is never left out of the list.
+    listed = env_settings(
+        {
+            "guardd_policy__window": "60s",
+            "Guardd_Probe__Headers": '{"X": "y"}',
+            "guardd_config": "x",
+        }
+    )
+    assert listed == ["Guardd_Probe__Headers=***", "guardd_policy__window=60s"]
 
 
 #: Settings whose values hold a secret under a name that does not say so: a whole section
