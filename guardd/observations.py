@@ -668,11 +668,15 @@ class _Clocks:
             or set(map(type, monos)) != _FLOAT
             or not all(map(math.isfinite, tss))
             or not all(map(math.isfinite, monos))
-            or min(tss) < STAMPS[0]
-            or max(tss) > STAMPS[1]
-            or max(tss) >= self.day_end
-            or (since is not None and min(tss) < since)
-            or (until is not None and max(tss) > until)
+        ):
+            return None
+        first, last = min(tss), max(tss)  # (finite floats now: one pass each)
+        if (
+            first < STAMPS[0]
+            or last > STAMPS[1]
+            or last >= self.day_end
+            or (since is not None and first < since)
+            or (until is not None and last > until)
         ):
             return None
         steps = list(map(operator.sub, monos, [last_mono, *monos[:-1]]))
