@@ -670,9 +670,7 @@ def test_plain_batches_read_as_records_read_one_at_a_time(
 
 
 @pytest.mark.parametrize("records", [3, 3000])  # a batch read record by record, a plain one
-def test_a_file_copied_under_an_earlier_day_is_not_read_twice(
-    tmp_path: Path, records: int
-) -> None:
+def test_a_file_copied_under_an_earlier_day_is_not_read_twice(tmp_path: Path, records: int) -> None:
     """The recorder never writes a record into the file of a day before its own: a day's
     file copied (or renamed) under an earlier day's name holds records later than that day,
     skipped and counted, never replayed twice."""
