@@ -111,7 +111,12 @@ Found = list[tuple[str | tuple[str, ...], str]]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # allow_inf_nan: TOML and JSON read `nan` and `inf` as floats. A NaN compares false with
+    # everything, so a rule `above = nan` would never fire and a window of `nan` seconds
+    # would hold nothing, silently; no setting of guardd means anything at infinity either.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
     def _cross_checks(self, invalid: frozenset[str]) -> Found:  # noqa: ARG002 - for subclasses
         """Rules across keys; each skips itself when a key it reads is in `invalid`."""
@@ -1023,6 +1028,7 @@ class GuardConfig(BaseModel):
         frozen=True,
         use_attribute_docstrings=True,
         validate_default=True,  # as BaseSettings does: defaults go through the validators
+        allow_inf_nan=False,  # as every section
     )
 
     instance: str | None = None
@@ -1250,6 +1256,7 @@ def _with_environment() -> type[GuardConfig]:
             env_nested_delimiter="__",
             extra="forbid",
             frozen=True,
+            allow_inf_nan=False,
             nested_model_default_partial_update=False,
             use_attribute_docstrings=True,
             title="GuardConfig",  # its validation errors name the config as they always have

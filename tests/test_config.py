@@ -407,6 +407,21 @@ def test_bad_env_override_names_the_variable(monkeypatch: pytest.MonkeyPatch) ->
     ]
 
 
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999"])
+def test_a_number_that_is_not_finite_is_refused_wherever_it_is_set(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """TOML and JSON read `nan` and `inf` as numbers; a threshold of NaN compares false with
+    everything (a rule that silently never fires): refused in the environment as in a file
+    (`testdata/invalid-not-finite`)."""
+    monkeypatch.setenv("GUARDD_POLICY__P1_ERROR_RATIO", value)
+    with pytest.raises(ConfigError) as info:
+        config.load(EXAMPLE)
+    assert [str(p) for p in info.value.problems] == [
+        "env GUARDD_POLICY__P1_ERROR_RATIO: policy.p1_error_ratio: input should be a finite number"
+    ]
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "key"),
     [
