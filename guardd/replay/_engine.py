@@ -628,9 +628,15 @@ class Simulation:
                 # History that begins mid-run: which color was served is told by the first
                 # `start` or `context` record, or the first switch (its `from`); the records
                 # before it wait for it (the newest `_MAX_HELD`), and are never replayed on
-                # a guess (fail closed).
+                # a guess (fail closed). Only a switch's `from` says the color of the records
+                # before it; a `start` says its own run's, a `context` the color as of its
+                # time (a switch before it may be among what was lost): the records held
+                # until then are left out.
                 if rec.kind == "switch":
                     self._live = color_of(rec.doc.get("from"))
+                elif rec.kind in ("start", "context"):
+                    while held:
+                        self._headless(held.popleft())
                 if self._live is None and rec.kind not in ("start", "context"):
                     if len(held) == _MAX_HELD:
                         self._headless(held.popleft())

@@ -490,6 +490,42 @@ def test_a_history_that_begins_mid_run_without_a_head_is_not_replayed_on_a_guess
     assert "No decision" not in done.stdout and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("head", ["context", "start"])
+def test_records_before_the_first_that_tells_the_color_are_left_out_whatever_follows(
+    tmp_path: Path, head: str
+) -> None:
+    """The first day's file lost its `start` (a corrupt first member, a copy begun late);
+    the next day's file begins with its `context` head, or a new run's `start`. The records
+    before that head are left out and said, never replayed under the color it tells (a
+    `context` says the color as of its own time, a `start` its own run's): no made-up
+    hold, and the second day's incident still found."""
+    state = tmp_path / "state"
+    tl = Timeline(state, wall=DAY0 - 60)
+    tl.start(active="green")
+    tl.rounds(300)  # one minute, then midnight
+    if head == "start":
+        tl.close()
+        tl = Timeline(state, wall=DAY0 + 5)
+        tl.start(active="green")
+    tl.rounds(300)
+    tl.rounds(23, green="http_5xx")
+    tl.rolled_back()
+    tl.close()
+    first, second = sorted((state / "observations").iterdir())
+    lines = gzip.decompress(first.read_bytes()).splitlines(keepends=True)
+    assert json.loads(lines[0])["kind"] == "start"
+    first.write_bytes(gzip.compress(b"".join(lines[1:])))
+    assert json.loads(gzip.decompress(second.read_bytes()).splitlines()[0])["kind"] == head
+    doc = replay_json("--config", str(config(tmp_path, state)))
+    taken = [d["event"] for d in doc["configs"][0]["decisions"]]
+    assert "hold" not in taken and "alert" not in taken, taken
+    [rb] = decisions(doc, "rollback_completed")
+    assert rb["color"] == "green" and rb["to"] == "blue", rb
+    assert any("the history begins mid-run" in p for p in doc["history"]["problems"])
+    left_out = doc["history"]["skipped"]["record before the served color was known"]
+    assert left_out >= 2 * 300 - 2, doc["history"]["skipped"]
+
+
 def test_a_time_ago_with_its_minus_is_taken_as_the_docs_write_it(tmp_path: Path) -> None:
     """`--from -2h` as the contract writes it, not only `--from=-2h` (argparse reads a
     lone `-2h` as an option)."""
