@@ -411,6 +411,7 @@ async def _replay_all(
                 "problems": [],
                 "outside_history": 0,
                 "untimed_lines": 0,
+                "ahead_lines": 0,
                 "lines": None,
             },
         )["bad_samples"] = n

@@ -297,6 +297,11 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
             )
         if src.get("untimed_lines"):
             out.append(f"    {src['untimed_lines']} line(s) without a time of their own")
+        if src.get("ahead_lines"):
+            out.append(
+                f"    {src['ahead_lines']} line(s) stamped ahead of the lines written after "
+                "them: replayed when written, with the lines before them"
+            )
         out.extend(f"    {problem}" for problem in src["problems"])
         if src.get("bad_samples"):
             out.append(f"    {src['bad_samples']} recorded sample(s) this signal could not take")

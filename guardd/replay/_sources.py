@@ -25,6 +25,12 @@ from guardd.signals._tail import READ_CHUNK, Tail
 #: The daemon's signal pulse (`guardd.supervisor._SIGNAL_PULSE_S`): lines are handed over
 #: in slots of this many seconds, each followed by a decision tick.
 PULSE_S: Final = 0.25
+#: A line stamped this much past the lines before it may be stamped ahead rather than
+#: written after a quiet stretch: the lines after it tell (`_placed`). nginx's `$msec` is
+#: the time of the write, so its lines are in order to a few milliseconds.
+AHEAD_S: Final = 2.0
+#: How many lines after such a line are read to tell, at most (what waits is held).
+MAX_AHEAD_LINES: Final = 1000
 #: Lines of a log_match file looked at for a timestamp before it is judged to have none.
 PROBE_LINES: Final = 50
 #: At most this many points per `query_range` request (Prometheus refuses > 11,000).
@@ -46,6 +52,8 @@ class SourceReport:
     why: str | None = None
     #: Lines without a time of their own (log_match), placed at the line before them.
     untimed: int = 0
+    #: Lines stamped ahead of the lines written after them, placed as written (`_placed`).
+    ahead: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The `sources.NAME` object of the JSON report (docs/contract.md)."""
@@ -57,6 +65,7 @@ class SourceReport:
             "problems": self.problems,
             "outside_history": self.outside,
             "untimed_lines": self.untimed,
+            "ahead_lines": self.ahead,
         }
 
 
@@ -121,18 +130,15 @@ def slots(
 ) -> Iterator[tuple[float, list[str]]]:
     """Lines grouped in `PULSE_S` slots of their own time: `(slot end, lines)`, in order.
 
-    A line without a time goes with the line before it (lines before the first time, with
-    the first slot); a line older than its slot (written late) stays in the current slot.
+    A line without a time, or stamped ahead (`_placed`), goes with the line before it
+    (lines before the first time, with the first slot); a line older than its slot (written
+    late) stays in the current slot.
     """
     slot: int | None = None
     batch: list[str] = []
-    for chunk in lines:
-        for line in chunk:
-            t = time_of(line)
-            if t is None:
-                report.untimed += 1
-            else:
-                s = math.floor(t / PULSE_S)
+    for placed in _placed(lines, time_of, report):
+        for line, s in placed:
+            if s is not None:
                 if slot is None:
                     slot = s
                 elif s > slot:
@@ -142,6 +148,57 @@ def slots(
             batch.append(line)
     if batch and slot is not None:
         yield (slot + 1) * PULSE_S, batch
+
+
+def _placed(
+    lines: Iterator[list[str]], time_of: Callable[[str], float | None], report: SourceReport
+) -> Iterator[list[tuple[str, int | None]]]:
+    """Each line with the `PULSE_S` slot of its own time, a chunk at a time; None for a
+    line without a time (counted in `report.untimed`) or one stamped ahead.
+
+    A line stamped more than `AHEAD_S` past the lines before it waits for the lines after
+    it (at most `MAX_AHEAD_LINES`). When one of them is back within `AHEAD_S` of the lines
+    before, those that waited were stamped ahead (a clock that jumped for a moment): they
+    are placed as written, with the lines before them, as the daemon reading them live
+    places a line from its future at the time it reads it (counted in `report.ahead`).
+    Otherwise the log did move on (after a quiet stretch) and they keep their own time.
+    Without that, one line stamped a day ahead carried every line after it to its slot,
+    outside the history.
+    """
+    jump = AHEAD_S / PULSE_S
+    last: int | None = None  # the latest slot placed
+    waiting: list[tuple[str, int | None]] = []
+    for chunk in lines:
+        out: list[tuple[str, int | None]] = []
+        for line in chunk:
+            t = time_of(line)
+            if t is None:
+                report.untimed += 1
+                (waiting or out).append((line, None))
+                continue
+            s = math.floor(t / PULSE_S)
+            if waiting:
+                assert last is not None  # noqa: S101 - a line waits only after a placed one
+                if s > last + jump:
+                    waiting.append((line, s))
+                    if len(waiting) >= MAX_AHEAD_LINES:  # moved on
+                        out += waiting
+                        last = max(w for _, w in waiting if w is not None)
+                        waiting = []
+                    continue
+                report.ahead += sum(w is not None for _, w in waiting)
+                out += [(w, None) for w, _ in waiting]
+                waiting = []
+            elif last is not None and s > last + jump:
+                waiting.append((line, s))
+                continue
+            if last is None or s > last:
+                last = s
+            out.append((line, s))
+        if out:
+            yield out
+    if waiting:  # the log ends there: nothing after it tells
+        yield waiting
 
 
 def msec_reader(key: str) -> Callable[[str], float | None]:

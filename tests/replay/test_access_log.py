@@ -99,6 +99,31 @@ def test_an_error_ratio_rule_fires_within_the_burst_and_a_higher_one_never(
     assert "signal traffic (access_log): from its files" in text.stdout
 
 
+def test_lines_stamped_ahead_never_carry_the_lines_after_them_out_of_the_history(
+    hour: tuple[Path, float, int],
+) -> None:
+    """Before the burst, one line a day ahead, one in the year 5138, and a run of five an
+    hour ahead (a clock that jumped on the nginx host): the rule fires in the burst as it
+    does without them, every line is counted, and the report says what was placed how."""
+    tmp, t0, n = hour
+    log = tmp / "logs" / "access.log.1"
+    lines = log.read_text().splitlines(keepends=True)
+    ahead = [line(GREEN, "200", msec=t0 + 1300 + 86_400), line(GREEN, "200", msec=99999999999.0)]
+    run = [line(GREEN, "200", msec=t0 + 1500 + HOUR + i) for i in range(5)]
+    log.write_text("".join(lines[:2000] + ahead + lines[2000:8000] + run + lines[8000:]))
+    cfg = config(
+        tmp, tmp / "state", extra=_signal(tmp / "logs", 0.05), interval="1s", qos_window="10s"
+    )
+    doc = replay_json("--config", str(cfg))
+    [fired] = [d for d in decisions(doc, "alert") if d["rule"] == "errors"]
+    assert BURST[0] + 30 <= parse_rfc3339(fired["at"]) - t0 <= BURST[0] + 45, fired
+    src = doc["sources"]["traffic"]
+    assert src["lines"]["ok"] == n + 7 and src["outside_history"] == 0, src
+    assert src["ahead_lines"] == 7
+    text = replay("--config", str(cfg)).stdout
+    assert "7 line(s) stamped ahead of the lines written after them" in text
+
+
 def test_a_p0_traffic_rule_rolls_back_at_the_burst(hour: tuple[Path, float, int]) -> None:
     tmp, t0, _ = hour
     extra = _signal(tmp / "logs", 0.05).replace('severity = "P2"', 'severity = "P0"')

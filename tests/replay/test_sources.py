@@ -1,0 +1,66 @@
+"""How replay places a log's lines in time (`guardd.replay._sources.slots`): pure, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from guardd.replay._sources import MAX_AHEAD_LINES, PULSE_S, SourceReport, slots
+
+
+def _lines(*times: float | None) -> Iterator[list[str]]:
+    """One chunk of lines `"<i> <time>"` (`"<i> -"`: a line without a time)."""
+    yield [f"{i} {'-' if t is None else repr(t)}" for i, t in enumerate(times)]
+
+
+def _time(line: str) -> float | None:
+    text = line.split()[1]
+    return None if text == "-" else float(text)
+
+
+def _placed(*times: float | None) -> tuple[dict[int, float], SourceReport]:
+    """Each line's index -> the end of the slot it was handed in."""
+    report = SourceReport("access_log")
+    at = {
+        int(line.split()[0]): end
+        for end, batch in slots(_lines(*times), _time, report)
+        for line in batch
+    }
+    assert sorted(at) == list(range(len(times)))  # every line, once
+    return at, report
+
+
+def test_lines_in_order_each_go_in_the_slot_of_their_own_time() -> None:
+    at, report = _placed(10.0, 10.1, 10.3, None, 11.0, 10.9)
+    assert at == {0: 10.25, 1: 10.25, 2: 10.5, 3: 10.5, 4: 11.25, 5: 11.25}
+    assert (report.untimed, report.ahead) == (1, 0)
+
+
+def test_lines_stamped_ahead_are_handed_when_written_and_every_line_after_them_too() -> None:
+    """One line a day ahead, then a run of three an hour ahead (with a line without a time
+    among them): each is placed with the lines written before it, and the lines after
+    them at their own time, never carried to the future slot."""
+    day, hour = 86_400.0, 3_600.0
+    at, report = _placed(10.0, 10.1, 10.1 + day, 10.2, 10.6, 10.7 + hour, None, 10.7 + hour,
+                         10.8 + hour, 10.9, 11.3)  # fmt: skip
+    assert at == {0: 10.25, 1: 10.25, 2: 10.25, 3: 10.25, 4: 10.75, 5: 10.75, 6: 10.75,
+                  7: 10.75, 8: 10.75, 9: 11.0, 10: 11.5}  # fmt: skip
+    assert report.ahead == 4 and report.untimed == 1
+
+
+def test_a_log_that_moves_on_after_a_quiet_stretch_keeps_its_times() -> None:
+    """Minutes without a request, then traffic again: the lines after the quiet stretch
+    are not ahead of anything that follows, and keep their own time, as does a log that
+    ends there."""
+    at, report = _placed(10.0, 300.0, 300.1, 300.2, 600.0)
+    assert at == {0: 10.25, 1: 300.25, 2: 300.25, 3: 300.25, 4: 600.25}
+    assert report.ahead == 0
+
+
+def test_what_waits_to_be_told_is_bounded() -> None:
+    """Past `MAX_AHEAD_LINES` lines after a jump the log has moved on: they keep their own
+    time (what is held is bounded), and a line back in the old time after them is late."""
+    ahead = [1000.0 + i * 0.01 for i in range(MAX_AHEAD_LINES)]
+    at, report = _placed(10.0, *ahead, 10.1)
+    assert at[1] == 1000.0 + PULSE_S and at[MAX_AHEAD_LINES] == 1010.0
+    assert at[MAX_AHEAD_LINES + 1] == 1010.0  # late: stays in the slot of the line before
+    assert report.ahead == 0
