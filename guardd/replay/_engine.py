@@ -708,9 +708,14 @@ class Simulation:
             self.gaps.append((rec.ts, rec.at - self._last_at))
             self._in_gap = True
         self._last_at = rec.at
+        # A run that ended without its `stop` (killed, crashed) was down from its last
+        # record to this `start`: no more decided then than after a clean stop (how long
+        # it lived past its last record is unknown; fail closed).
+        died = rec.kind == "start" and not self._down and self.guard is not None
+        last_wall = self.clock.wall()
         # The sources' batches written before this record go first, at their own time.
         while pending is not None and pending[0] <= rec.ts:
-            if self.guard is None or self._down:
+            if self.guard is None or self._down or (died and pending[0] > last_wall):
                 # (Stopped: the daemon started again reads its logs from their end.)
                 self._outside(pending)
             else:

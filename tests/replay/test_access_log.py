@@ -163,16 +163,19 @@ def test_lines_over_the_budget_are_named_and_explained(hour: tuple[Path, float, 
     assert "over budget: lines beyond the signal's max_lines_per_s in their second" in text
 
 
-def test_nothing_is_decided_while_the_daemon_was_stopped(tmp_path: Path) -> None:
-    """A run that ended with a clean stop (its `stop` record) decides nothing until the
-    next run starts, whatever the access log holds meanwhile: the daemon was not there to
-    read it, and started again it reads the log from its end."""
+@pytest.mark.parametrize("ended", ["stopped", "killed"])
+def test_nothing_is_decided_while_the_daemon_was_stopped(tmp_path: Path, ended: str) -> None:
+    """A run that ended with a clean stop (its `stop` record), or killed (no `stop`: it
+    was down from its last record), decides nothing until the next run starts, whatever
+    the access log holds meanwhile: the daemon was not there to read it, and started
+    again it reads the log from its end."""
     tl = Timeline(tmp_path / "state")
     t0 = tl.wall
     tl.start(active="green", interval=1.0)
     tl.rounds(120, interval=1.0)
     stopped = tl.wall
-    tl.recorder.stop()
+    if ended == "stopped":
+        tl.recorder.stop()
     tl.tick(40.0)  # down for 40 s: less than a gap
     started = tl.wall
     tl.start(active="green", interval=1.0)
