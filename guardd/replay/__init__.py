@@ -360,8 +360,10 @@ async def _replay_all(
         c = s.config
         tolerance = max(c.policy.window, 10 * c.probe.interval)
         lo = since if since is not None else first.first_ts
-        # (A history that ends just before an incident must still show it, not covered.)
-        hi = until if until is not None else first.last_ts + tolerance
+        # Without `--to`, every incident after the history too: a history that ends before
+        # the journal does (its last records lost, recording stopped, a copy cut short)
+        # must show what it does not cover, never look complete.
+        hi = until
         incidents = [
             _decided(e, real)
             for e in real

@@ -428,6 +428,25 @@ def test_a_history_that_ends_or_begins_within_an_incident_does_not_judge_it(
         assert "not detected" not in text.stdout and "none in this period" not in text.stdout
 
 
+def test_incidents_after_a_history_cut_short_are_listed_as_not_covered(tmp_path: Path) -> None:
+    """The records end (a copy cut short, recording stopped) while the journal goes on:
+    its later incidents, a minute and a day on, are listed as not covered by the history
+    without `--to` too, so the report never looks complete when it is not."""
+    tl = _healthy(tmp_path / "state")
+    tl.close()
+    for later in (60.0, 86_400.0):
+        tl.wall += later
+        tl.journal.open()
+        tl.rolled_back()
+        tl.journal.close()
+    doc = replay_json("--config", str(config(tmp_path, tmp_path / "state")))
+    found = doc["configs"][0]["incidents"]
+    assert len(found) == 2, found
+    assert all(i["covered"] is False and i["detected_at"] is None for i in found), found
+    text = replay("--config", str(config(tmp_path, tmp_path / "state"))).stdout
+    assert text.count("not covered by the history") == 2, text
+
+
 def test_an_incident_in_a_stretch_of_stepped_wall_clock_is_in_the_period(tmp_path: Path) -> None:
     """The wall clock ran an hour ahead for a while (both the records and the journal):
     the period reaches the latest time recorded, not the last record's, and the rollback
