@@ -31,16 +31,24 @@ bootstrap: .venv/.synced
 $(UV):
 	@./packaging/bootstrap.sh uv "$(UV_HOME)"
 
+# Bytecode compiled at install, and the project's own before the suite: an environment
+# may forbid Python to write it (PYTHONDONTWRITEBYTECODE, a read-only tree), and then every
+# daemon, guardctl and replay the suite starts compiled all it imports from source again
+# (a daemon's start to READY measured at 1.9 s that way, 0.9 s from bytecode).
 .venv/.synced: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 	@touch $@
+
+.PHONY: bytecode
+bytecode: bootstrap
+	$(UV) run --frozen python -m compileall -q -j 0 guardd tests bench
 
 .PHONY: system-deps
 system-deps:  ## install nginx, systemd-container, debootstrap, zstd, prometheus, tmux when missing
 	@./packaging/bootstrap.sh system
 
 .PHONY: test
-test: bootstrap system-deps  ## the full suite (installs what it needs)
+test: bootstrap system-deps bytecode  ## the full suite (installs what it needs)
 	$(UV) run --frozen pytest -n $(PYTEST_WORKERS) $(PYTEST_SCHED) $(PYTEST_ARGS)
 
 .PHONY: lint
