@@ -156,6 +156,10 @@ def replay(
         if other is None:
             return 2
         others.append(other)
+    # As check-config says them: a misspelt GUARDD_ variable is ignored, and a what-if
+    # that silently did not apply is a wrong answer. (Said once when both configs have it.)
+    for warning in dict.fromkeys(str(w) for c in (settings, *others) for w in c.warnings):
+        print(warning, file=sys.stderr)
     import anyio  # noqa: PLC0415
 
     from guardd.exceptions import ConfigError  # noqa: PLC0415

@@ -144,6 +144,31 @@ def test_settings_from_the_environment_are_listed_secrets_redacted(tmp_path: Pat
     assert listed == ["Guardd_Probe__Headers=***", "guardd_policy__window=60s"]
 
 
+def test_a_misspelt_variable_is_warned_of_as_check_config_warns(tmp_path: Path) -> None:
+    """`GUARDD_POLICY_WINDOW` (one underscore) names no setting: the what-if it was meant
+    for did not apply, and replay says so on stderr as `check-config` does (once, with
+    `--compare` too), and still runs."""
+    tl = _healthy(tmp_path / "state")
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    env = {**os.environ, "GUARDD_POLICY_WINDOW": "5"}
+    warning = (
+        "env GUARDD_POLICY_WINDOW: policy.window: warning: names no setting and is ignored; "
+        "did you mean GUARDD_POLICY__WINDOW?\n"
+    )
+    for args in (["--json"], ["--compare", str(cfg)]):
+        done = subprocess.run(
+            [*GUARDD, "replay", "--config", str(cfg), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == warning
+
+
 #: Settings whose values hold a secret under a name that does not say so: a whole section
 #: or table as JSON, a header of any name, a webhook's URL (its token in the path).
 _HIDDEN_SECRETS = {
