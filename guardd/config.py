@@ -43,6 +43,7 @@ from guardd.core.rules import BUILTIN_NAMES, OPS, Rule
 from guardd.core.signals import KIND_STATS, PROBE
 from guardd.core.types import COLORS, Color
 from guardd.exceptions import ConfigError, ConfigProblem
+from guardd.fsutil import open_regular
 from guardd.secrets import shown_setting
 
 if typing.TYPE_CHECKING:
@@ -52,6 +53,8 @@ _NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
 # One or more number-unit parts, largest first or not, as Go's time.ParseDuration takes them.
 _DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|h|m|s))+$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+#: A config file larger than this is refused unread (the example config is about 10 KiB).
+MAX_CONFIG_BYTES = 1024 * 1024
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_HELP = 'must be a duration such as "250ms", "3s", "1m30s" or seconds'
 # Names end up in paths, unit names and argv: a conservative alphabet keeps them inert.
@@ -1344,9 +1347,16 @@ def load(
     """
     shown = str(path)
     try:
-        raw = path.read_bytes()
+        # Only a regular file, and a bounded read: a FIFO behind the name would hang
+        # check-config and every start, /dev/zero would fill the memory.
+        with open_regular(path) as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError([ConfigProblem(shown, "(file)", f"cannot read: {e.strerror}")]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [ConfigProblem(shown, "(file)", f"larger than {MAX_CONFIG_BYTES // 1024} KiB: no config")]
+        )
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

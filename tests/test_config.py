@@ -59,6 +59,7 @@ def check_config(
         cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **(env or {})},
         check=False,
+        timeout=120,  # a config that hangs the check fails the test, never the suite
     )
 
 
@@ -405,6 +406,25 @@ def test_bad_env_override_names_the_variable(monkeypatch: pytest.MonkeyPatch) ->
         "env GUARDD_POLICY__CONSECUTIVE_FAILURES: policy.consecutive_failures: must be >= 1",
         "env GUARDD_POLICY__NOPE: policy.nope: unknown key",
     ]
+
+
+def test_a_config_that_is_no_regular_file_or_too_large_is_refused_unread(tmp_path: Path) -> None:
+    """A FIFO without a writer hung check-config (and replay, and every start); /dev/zero
+    filled the memory; a file of gigabytes was read whole. Each is one line, exit 2, at
+    once (the subprocess' timeout would fail a hang)."""
+    fifo = tmp_path / "guard.toml"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * (config.MAX_CONFIG_BYTES + 1))
+    cases = {
+        fifo: "cannot read: not a regular file (a FIFO)",
+        Path("/dev/zero"): "cannot read: not a regular file (a character device)",
+        tmp_path: "cannot read: not a regular file (a directory)",
+        big: "larger than 1024 KiB: no config",
+    }
+    for path, why in cases.items():
+        result = check_config(path, cwd=tmp_path)
+        assert (result.returncode, result.stderr) == (2, f"{path}: (file): {why}\n"), result
 
 
 @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999"])
