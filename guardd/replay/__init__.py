@@ -84,6 +84,7 @@ def shown_set(setting: str) -> str:
 
 _RELATIVE = re.compile(r"^-?(\d+(?:\.\d+)?)(d|h|m|s)$")
 _UNIT = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+_YEAR_PAST_9999 = re.compile(r"^\+?\d{5,}-\d{2}-\d{2}")
 
 
 def parse_time(text: str, now: float) -> float:
@@ -104,6 +105,8 @@ def parse_time(text: str, now: float) -> float:
         try:
             moment = datetime.fromisoformat(text)
         except ValueError:
+            if _YEAR_PAST_9999.match(text):  # (datetime's own range ends there too)
+                raise ValueError(f"{text!r} is not a time from 1970 to 9999") from None
             raise ValueError(
                 f"{text!r} is neither ISO 8601 (2026-12-01T04:00:00Z) nor a time ago (2h, 7d)"
             ) from None
@@ -135,8 +138,9 @@ def replay(
         config = Path(env) if env else paths.config_file(None)
     now = time.time()
     try:
-        t0 = parse_time(since, now) if since else None
-        t1 = parse_time(until, now) if until else None
+        # (`--from=` given empty is a usage error, never "no --from".)
+        t0 = parse_time(since, now) if since is not None else None
+        t1 = parse_time(until, now) if until is not None else None
     except ValueError as e:
         print(f"guardd replay: --from/--to: {e} (usage error)", file=sys.stderr)
         return 2

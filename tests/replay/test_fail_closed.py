@@ -219,7 +219,14 @@ def test_a_secret_in_a_setting_is_never_shown_whatever_its_name(tmp_path: Path) 
 
 @pytest.mark.parametrize(
     "when",
-    ["99999999d", "99999999999d", "123456789012345678901234567890s", "0001-01-01T00:00+01:00"],
+    [
+        "99999999d",
+        "99999999999d",
+        "123456789012345678901234567890s",
+        "0001-01-01T00:00+01:00",
+        "10000-01-01T00:00:00Z",
+        "+275760-09-13",
+    ],
 )
 def test_a_time_no_clock_can_say_is_a_usage_error(tmp_path: Path, when: str) -> None:
     tl = _healthy(tmp_path / "state")
@@ -230,6 +237,18 @@ def test_a_time_no_clock_can_say_is_a_usage_error(tmp_path: Path, when: str) -> 
         assert done.returncode == 2, done.stderr
         assert f"{when!r} is not a time from 1970 to 9999" in done.stderr
         assert "usage error" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_empty_time_is_a_usage_error_never_no_bound(tmp_path: Path) -> None:
+    """`--from=` (a variable that was empty) is no time: refused, never read as "from the
+    beginning" of the history."""
+    tl = _healthy(tmp_path / "state")
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    for given in ("--from=", "--to=", "--from= "):
+        done = replay("--config", str(cfg), given)
+        assert done.returncode == 2, done.stdout
+        assert "is neither ISO 8601" in done.stderr and "usage error" in done.stderr
 
 
 def test_a_missing_journal_is_said_and_junk_lines_are_counted(tmp_path: Path) -> None:
