@@ -1657,10 +1657,17 @@ def _problems(error: ValidationError, shown: str, env: Mapping[str, str]) -> lis
         if err["type"] == "extra_forbidden" and (near := _nearest_key(loc)):
             reason += f"; did you mean {near}?"
         # A model validator names the key it is about as "key: reason"; fold it into the path.
+        path: list[str | int] = list(loc)
         if err["type"] == "value_error" and (m := re.match(r"^([a-z0-9_.]+): (.*)$", reason)):
             key = f"{key}.{m.group(1)}" if key != "(top level)" else m.group(1)
             reason = m.group(2)
-        set_as = _variable(env, loc) if loc else None
+            path += m.group(1).split(".")
+        # The variable that set the key, or a table it is in (GUARDD_PROBE__HEADERS sets
+        # every header): the longest such prefix of the key's path.
+        set_as = next(
+            (v for n in range(len(path), 0, -1) if (v := _variable(env, path[:n])) is not None),
+            None,
+        )
         origin = f"env {set_as}" if set_as is not None else shown
         if (key, reason) not in seen:
             seen.add((key, reason))

@@ -408,6 +408,22 @@ def test_bad_env_override_names_the_variable(monkeypatch: pytest.MonkeyPatch) ->
     ]
 
 
+def test_a_problem_inside_a_table_set_by_a_variable_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A variable that sets a table (JSON) or a whole section: a problem of a key inside it
+    is that variable's, never blamed on the file."""
+    monkeypatch.setenv("GUARDD_PROBE__HEADERS", '{"X-Api-Key": "Bearer x\\n"}')
+    monkeypatch.setenv("GUARDD_QOS", '{"window": "soon"}')
+    with pytest.raises(ConfigError) as info:
+        config.load(EXAMPLE)
+    assert sorted(str(p) for p in info.value.problems) == [
+        "env GUARDD_PROBE__HEADERS: probe.headers.X-Api-Key: the value must not contain CR, LF "
+        "or other control characters",
+        'env GUARDD_QOS: qos.window: must be a duration such as "250ms", "3s", "1m30s" or seconds',
+    ]
+
+
 def test_a_config_that_is_no_regular_file_or_too_large_is_refused_unread(tmp_path: Path) -> None:
     """A FIFO without a writer hung check-config (and replay, and every start); /dev/zero
     filled the memory; a file of gigabytes was read whole. Each is one line, exit 2, at
