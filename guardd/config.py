@@ -831,6 +831,20 @@ class NotifyConfig(_Section):
     timeout: PositiveDuration = 10.0
     """The deadline of one delivery attempt."""
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: SecretStr | None) -> SecretStr | None:
+        # Checked without the host, so `check-config --offline` says it too (the message
+        # never repeats the URL: it holds the webhook's token).
+        if v is not None:
+            _check_http_url(v.get_secret_value())
+        return v
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, v: str | None) -> str | None:
+        return None if v is None else _check_http_url(v)
+
     def _cross_checks(self, invalid: frozenset[str]) -> Found:
         found: Found = [] if "kind" in invalid else self._source_checks(invalid)
         if self.name is not None and not _SAFE_NAME.match(self.name):

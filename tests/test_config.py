@@ -408,6 +408,16 @@ def test_bad_env_override_names_the_variable(monkeypatch: pytest.MonkeyPatch) ->
     ]
 
 
+def test_a_notify_url_that_is_not_http_is_refused_offline_too(tmp_path: Path) -> None:
+    """`check-config --offline` accepted `url = "ftp://..."` that the full check refused:
+    the scheme needs no host to be judged (and the message never shows the URL)."""
+    path = TESTDATA / "invalid-notify-url.toml"
+    result = check_config(Path(path.name), TESTDATA, None, "--offline")
+    assert result.returncode == 2
+    assert result.stderr == path.with_suffix(".err").read_text()
+    assert "WEBHOOKSECRET" not in result.stderr
+
+
 def test_a_problem_inside_a_table_set_by_a_variable_names_the_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
