@@ -1369,7 +1369,7 @@ def load(
         raise ConfigError([ConfigProblem(shown, "(file)", f"cannot read: {e.strerror}")]) from None
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(
-            [ConfigProblem(shown, "(file)", f"larger than {MAX_CONFIG_BYTES // 1024} KiB: no config")]
+            [ConfigProblem(shown, "(file)", f"larger than {MAX_CONFIG_BYTES // 1024} KiB")]
         )
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
