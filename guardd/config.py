@@ -23,6 +23,7 @@ from typing import Annotated, Any, Final, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -99,7 +100,19 @@ def parse_flag(value: object) -> bool:
     raise ValueError("must be true or false")
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+#: The longest duration a setting takes. Nothing guardd times runs longer than a year, and
+#: a bound keeps every figure derived from a duration (probes in a window, a lock's end)
+#: a number a clock and a message can hold: `interval = 1e308` passed as seconds.
+MAX_DURATION_S = 366 * 86400.0
+
+
+def _at_most_a_year(seconds: float) -> float:
+    if seconds > MAX_DURATION_S:
+        raise ValueError("must be at most 8784h (a year)")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_at_most_a_year)]
 Flag = Annotated[bool, BeforeValidator(parse_flag)]
 PositiveDuration = Annotated[Duration, Field(gt=0)]
 Ratio = Annotated[float, Field(ge=0, le=1)]
@@ -1616,7 +1629,8 @@ def _bare_numbers(
         if isinstance(value, str) and not _NUMBER.match(value):
             continue
         seconds = float(value)
-        if seconds >= _BARE_NUMBER_LIMIT:
+        # (Not finite, or past a year: the value's own error says it, not this warning.)
+        if _BARE_NUMBER_LIMIT <= seconds <= MAX_DURATION_S:
             written = f"{value:g}" if isinstance(value, float) else str(value)
             dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in key).lstrip(".")
             warnings.append(
