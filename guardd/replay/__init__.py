@@ -386,6 +386,10 @@ async def _replay_all(
         after = max(1.0, 2 * c.probe.interval)
         for inc in found:
             inc["covered"] = _covered(inc.get("at"), first, before, after)
+            if not inc["covered"]:
+                # A decision the config took after a hole in the records is no detection
+                # time of an incident inside it: it never saw the failure begin.
+                inc.update(detected_at=None, detected_by=None, delay_s=None)
         configs.append(
             {
                 "label": "A" if i == 0 else "B",

@@ -65,10 +65,13 @@ from guardd.supervisor import (
 _MAX_HELD = 100_000
 #: Times closer than this are one moment (the history's clock is summed in floating point).
 _SAME_MOMENT = 1e-6
-#: A run without any record for longer than this (and `_GAP_INTERVALS` probe intervals)
-#: lost its records: the gap is not ticked through (seconds).
-_GAP_S = 60.0
-_GAP_INTERVALS = 20
+#: A run without any record for longer than this (seconds), and `_GAP_ROUNDS` of the
+#: longest a probe round can take (`probe.timeout + probe.interval`: each color is probed
+#: on its own, so only both hanging at once stops the records), lost its records: the gap
+#: is not ticked through. A hole of 40 s at a 1 s interval is forty rounds lost, never
+#: quiet: ticking through it judged the colors on probes gone stale.
+_GAP_S = 5.0
+_GAP_ROUNDS = 3
 #: Ticks in a row without input after which a gap in the history is crossed at once.
 _QUIET_TICKS = 100
 
@@ -182,7 +185,8 @@ class Simulation:
         self.headless: tuple[int, float, float] | None = None
         #: Stretches of a run without any record (records lost): (wall time after, seconds).
         self.gaps: list[tuple[float, float]] = []
-        self._gap_s = max(_GAP_S, _GAP_INTERVALS * settings.config.probe.interval)
+        probe = settings.config.probe
+        self._gap_s = max(_GAP_S, _GAP_ROUNDS * (probe.timeout + probe.interval))
         self._last_at: float | None = None
         self._in_gap = False
         # A run ended by its `stop` record (a clean shutdown): nothing is decided, and no

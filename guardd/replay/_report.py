@@ -90,7 +90,9 @@ def detect(
     """For each real incident, when the replayed config took a decision about it.
 
     A decision about an incident is a rollback, a hold or an alert with a severity (a dry
-    run's "would roll back") about the same color, within `tolerance_s` of it either way.
+    run's "would roll back") about the same color, within `tolerance_s` of it either way:
+    the nearest in time (a hold taken earlier is not the rollback the config took with
+    the live one).
     """
     out = []
     acting = [
@@ -106,10 +108,14 @@ def detect(
         at = _ts(inc.get("ts"))
         found = None
         if at is not None:
-            for t, d in acting:
-                if abs(t - at) <= tolerance_s and d["color"] == inc.get("from"):
-                    found = (t, d)
-                    break
+            near = [
+                (abs(t - at), t, d)
+                for t, d in acting
+                if abs(t - at) <= tolerance_s and d["color"] == inc.get("from")
+            ]
+            if near:
+                _, t, d = min(near, key=lambda n: n[0])
+                found = (t, d)
         evidence = inc.get("evidence")
         evidence = evidence if isinstance(evidence, dict) else {}
         out.append(

@@ -193,7 +193,8 @@ def test_nothing_is_decided_while_the_daemon_was_stopped(tmp_path: Path, ended: 
         tmp_path, tmp_path / "state", interval="1s", qos_window="10s", extra=_signal(logs, 0.5)
     )
     doc = replay_json("--config", str(cfg))
-    assert doc["history"]["gaps"] == []
+    # (Killed, the stretch to the next start is also a gap: records may have been lost.)
+    assert len(doc["history"]["gaps"]) == (ended == "killed")
     assert doc["history"]["runs"] == 2
     assert doc["configs"][0]["decisions"] == [], doc["configs"][0]["decisions"]
     # Not vacuous: the same lines while the daemon ran fire the rule.

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from guardd.journal import parse_rfc3339, rfc3339
-from guardd.replay import env_settings
+from guardd.replay import _report, env_settings
 from tests.harness.shell import redirected
 from tests.replay.history import DAY0, GUARDD, Timeline, config, decisions, replay, replay_json
 
@@ -618,6 +618,45 @@ def test_a_period_wider_than_the_history_shows_what_was_recorded(tmp_path: Path)
     assert abs(first - (DAY0 + 3600)) < 1 and abs(last - (DAY0 + 3660)) < 1, h["recorded"]
     text = replay("--config", str(cfg), "--from", asked).stdout
     assert f"{asked} .. {h['to']} (recorded: {h['recorded'][0]} .. {h['recorded'][1]})" in text
+
+
+@pytest.mark.parametrize("hole_s", [8.0, 42.0])
+def test_a_hole_of_seconds_inside_a_run_is_a_gap_not_probes_gone_stale(
+    tmp_path: Path, hole_s: float
+) -> None:
+    """Records lost for less than a minute inside a run (a disk that refused, then
+    recovered), the live rollback among them: the hole is a gap, the incident not covered
+    (never "detected" by what the config decided after the hole), and no alert made up
+    from probes that went stale in the hole."""
+    tl = _healthy(tmp_path / "state")
+    tl.tick(hole_s / 2)
+    tl.rolled_back()
+    tl.tick(hole_s / 2)
+    tl.rounds(20, green="http_5xx")
+    tl.rounds(100)
+    tl.close()
+    doc = replay_json("--config", str(config(tmp_path, tmp_path / "state")))
+    [gap] = doc["history"]["gaps"]
+    assert abs(gap["seconds"] - hole_s) <= 1.0, gap
+    [incident] = doc["configs"][0]["incidents"]
+    assert incident["covered"] is False and incident["detected_at"] is None, incident
+    stale = [d for d in doc["configs"][0]["decisions"] if "stale" in (d["reason"] or "")]
+    assert stale == [], stale
+
+
+def test_an_incident_is_matched_with_the_nearest_decision_about_its_color() -> None:
+    """A hold 27 s before a rollback, both about green and within the tolerance of a live
+    rollback taken with the replayed one: the rollback is the detection, not the hold."""
+    at = DAY0 + 100.0
+    decisions = [
+        {"at": rfc3339(at - 27.0), "event": "hold", "color": "green", "severity": "P0"},
+        {"at": rfc3339(at - 0.003), "event": "rollback_completed", "color": "green",
+         "severity": "P0"},
+        {"at": rfc3339(at + 10.0), "event": "hold", "color": "green", "severity": "P0"},
+    ]  # fmt: skip
+    live = [{"ts": rfc3339(at), "event": "rollback_completed", "from": "green", "to": "blue"}]
+    [found] = _report.detect(live, decisions, 30.0)
+    assert (found["detected_by"], found["delay_s"]) == ("rollback_completed", -0.003), found
 
 
 @pytest.mark.parametrize("hole_s", [75.0, 3600.0])
