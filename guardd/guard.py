@@ -430,7 +430,7 @@ class Guard:
             why = f"guardd is paused while {self.active} fails: {verdict.reason}"
         if why is not None and own is None:
             self.qos.hold(why)
-        elif why is None and not failing and own is not None and own.hold:
+        elif why is None and not failing and own is not None and own.hold and self._vouched():
             self.qos.end_hold(
                 "guardd no longer holds"
                 if (own.info.reason or "").startswith("guardd holds")
@@ -439,6 +439,22 @@ class Guard:
         else:
             return False
         return self.qos.own_lock is not own
+
+    def _vouched(self) -> bool:
+        """Whether the active color's probes vouch for it: its last probe fresh and passing,
+        and its window holding `policy.min_samples` probes (what the ratio rules judge on).
+        Started again, guardd's windows are empty: no failure seen yet is no evidence that
+        a hold is over, so its lock stays until the probes say so (a restart changes no
+        decision)."""
+        active = self.active
+        if active is None:
+            return False
+        now = self.clock.monotonic()
+        machine = self.machine
+        return (
+            machine.healthy(active, now) is True
+            and machine.stats(active, now).samples >= machine.spec.min_samples
+        )
 
     def repeat_key(self, on_disk: Color | None) -> tuple[object, ...] | None:
         """What a decision tick now reads, when it reads nothing more: the machine's

@@ -79,3 +79,28 @@ async def test_resume_refills_the_rollback_budget(tmp_path: Path) -> None:
     assert g.active == "blue" and g._rollbacks_in_budget() == 1
     await handle(g, "resume", {}, ROOT)
     assert g._rollbacks_in_budget() == 0
+
+
+async def test_a_restart_during_a_hold_keeps_deploys_blocked_until_probes_vouch(
+    tmp_path: Path,
+) -> None:
+    """Both colors down: guardd holds, and its lock blocks deploys. Killed and started
+    again, its windows are empty: a first tick before any probe (or after one) is no
+    evidence that the hold is over, so the lock stays; it ends only once probes of the
+    active color show it healthy again, as before the restart."""
+    prepare(tmp_path)
+    clock = FakeClock()
+    g = await start(tmp_path, clock, SPEC)
+    await steps(g, clock, [(OK, OK)] + [(DOWN, DOWN)] * 4)
+    assert g.machine.hold is not None and g.qos_held
+    again = await start(tmp_path, clock, SPEC)  # the same state folder, fresh windows
+    await again.tick()
+    assert again.qos_held
+    await steps(again, clock, [(DOWN, OK)])  # green (active) answers once
+    assert again.qos_held, events(again, "qos_released")
+    assert events(again, "qos_released") == []
+    # Probes that vouch for green: the hold's lock ends, said once.
+    await steps(again, clock, [(DOWN, OK)] * (SPEC.min_samples + 1))
+    assert not again.qos_held
+    [released] = events(again, "qos_released")
+    assert "no longer" in released["reason"], released
