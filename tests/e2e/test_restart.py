@@ -79,6 +79,38 @@ def test_a_guard_window_survives_a_restart_with_its_probes(make_lab: MakeLab) ->
     assert d2.stop() == 0
 
 
+def test_a_guardd_killed_while_it_holds_keeps_deploys_blocked_when_it_is_back(
+    make_lab: MakeLab,
+) -> None:
+    """Both colors fail: guardd holds, and its QoS lock blocks deploys. Killed (-9) and
+    started again, its windows are empty; that is no evidence the colors recovered, so the
+    lock stays (never released and taken again) until they do, and then it ends."""
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    lab.blue.set_mode("http_503")
+    lab.green.set_mode("http_503")
+    d.wait_event("qos_locked", where=lambda e: (e["reason"] or "").startswith("guardd holds"))
+    d.kill9()
+    count = len(d.events())
+    d2 = lab.daemon()
+    # Until the fresh windows hold ten probes of each color (past policy.min_samples), the
+    # gate is asked all along: it never says deploys are allowed.
+    def filled() -> bool:
+        assert ctl(lab, "qos", "status").returncode == 1, "deploys allowed: both colors fail"
+        doc = json.loads(ctl(lab, "status", "--json").stdout)
+        return all(doc["upstreams"][c]["samples"] >= 10 for c in ("blue", "green"))
+
+    wait_until(filled, 30, "ten probes of each color in the restarted guard's windows")
+    assert [e for e in d2.events()[count:] if e["event"] == "qos_released"] == []
+    assert lab.lock_file.exists()
+    # Green is back: the hold ends once green's 30 s window no longer fails the P1 ratio
+    # rule, and its lock with it.
+    lab.green.set_mode("ok")
+    released = d2.wait_event("qos_released", after=count, timeout=90)
+    assert "no longer" in (released["reason"] or ""), released
+    assert d2.stop() == 0
+
+
 def test_a_dead_rollback_target_is_a_warning_once_per_episode(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     d = lab.daemon()
