@@ -115,6 +115,9 @@ def _at_most_a_year(seconds: float) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_at_most_a_year)]
 Flag = Annotated[bool, BeforeValidator(parse_flag)]
 PositiveDuration = Annotated[Duration, Field(gt=0)]
+#: A probe's cadence: a hundred rounds a second at most. `1ms` (or `1e-9`) passed, and the
+#: daemon, or a replay's ticks over a week at that cadence, would never keep up.
+ProbeCadence = Annotated[Duration, Field(ge=0.01)]
 Ratio = Annotated[float, Field(ge=0, le=1)]
 
 
@@ -336,9 +339,9 @@ class UpstreamConfig(_Section):
 class ProbeConfig(_Section):
     """How every color is probed."""
 
-    interval: PositiveDuration = 1.0
-    """The normal cadence of each color's probe round."""
-    fast_interval: PositiveDuration | None = None
+    interval: ProbeCadence = 1.0
+    """The normal cadence of each color's probe round (at least 10ms)."""
+    fast_interval: ProbeCadence | None = None
     """The cadence while the active color is failing, to confirm fast (default: interval)."""
     timeout: PositiveDuration = 2.0
     """The hard deadline of one probe: connect, headers and body."""
@@ -1393,6 +1396,10 @@ def load(
         where = f"line {line.group(1)}" if line else "(file)"
         reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
         raise ConfigError([ConfigProblem(shown, where, f"invalid TOML: {reason}")]) from None
+    except ValueError:
+        # tomllib reads an integer through int(), which refuses more than 4300 digits.
+        reason = "invalid TOML: an integer of more than 4300 digits"
+        raise ConfigError([ConfigProblem(shown, "(file)", reason)]) from None
     if overrides:
         _override(doc, overrides, shown)
     token = _HOST_CHECKS.set(host_checks)
@@ -1554,7 +1561,7 @@ def _override(doc: dict[str, Any], overrides: Sequence[str], shown: str) -> None
             continue
         try:
             value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
+        except ValueError:  # (TOMLDecodeError, and an integer of over 4300 digits)
             said = shown_setting(key, raw.strip())
             problems.append(
                 ConfigProblem(

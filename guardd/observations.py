@@ -564,9 +564,19 @@ def history_files(directory: Path, guard: str | None = None) -> list[Path]:
     found = []
     for path in entries:
         m = _NAME.match(path.name)
-        if m is not None and (guard is None or m["guard"] == guard):
+        if m is not None and (guard is None or m["guard"] == guard) and _is_day(m["day"]):
             found.append((m["day"], m["guard"], path))
     return [path for _, _, path in sorted(found)]
+
+
+def _is_day(text: str) -> bool:
+    """Whether `text` (`YYYY-MM-DD`) names a real day: the recorder names its files after
+    one, so `lab-9999-99-99.jsonl.gz` is no file of the history (as any other name)."""
+    try:
+        datetime.strptime(text, "%Y-%m-%d")
+    except ValueError:
+        return False
+    return True
 
 
 def read_history(

@@ -251,6 +251,32 @@ def test_an_empty_time_is_a_usage_error_never_no_bound(tmp_path: Path) -> None:
         assert "is neither ISO 8601" in done.stderr and "usage error" in done.stderr
 
 
+def test_a_file_named_after_no_real_day_is_no_file_of_the_history(tmp_path: Path) -> None:
+    """A copy named `lab-9999-99-99.jsonl.gz` (or month 13) was a traceback: it is not a
+    name the recorder gives, so it is no file of the history, as any other name."""
+    tl = _healthy(tmp_path / "state")
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    before = replay_json("--config", str(cfg))["history"]["records"]
+    [day] = (tmp_path / "state" / "observations").iterdir()
+    for name in ("lab-9999-99-99.jsonl.gz", "lab-2026-13-01.jsonl.gz"):
+        (day.parent / name).write_bytes(day.read_bytes())
+    done = replay("--config", str(cfg), "--json")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert json.loads(done.stdout)["history"]["records"] == before
+
+
+def test_a_set_value_too_long_to_read_is_a_usage_error(tmp_path: Path) -> None:
+    """An integer of 5000 digits is more than tomllib reads (Python's int limit): a
+    traceback before; a `--set` problem now, exit 2."""
+    tl = _healthy(tmp_path / "state")
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    done = replay("--config", str(cfg), "--set", "policy.consecutive_failures=" + "9" * 5000)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-500:]
+    assert "policy.consecutive_failures: --set:" in done.stderr
+
+
 def test_a_missing_journal_is_said_and_junk_lines_are_counted(tmp_path: Path) -> None:
     state = tmp_path / "state"
     tl = _healthy(state)
