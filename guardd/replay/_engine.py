@@ -228,6 +228,12 @@ class Simulation:
         self._run_ends()
         if self.guard is not None:
             self.guard.save_state()
+            # A daemon started again reads its logs from their end into fresh windows: the
+            # lines of the run before never count in this one's.
+            for sig in self.signals.values():
+                restarted = getattr(sig, "restarted", None)
+                if restarted is not None:
+                    restarted()
         if active is not None:
             self.switcher.active = active
         guard = build_guard(

@@ -348,6 +348,12 @@ class AccessLogSignal:
 
     # ---- parsing ----------------------------------------------------------------------
 
+    def restarted(self) -> None:
+        """Fresh windows, as a daemon started again has (`guardd replay` at a run's
+        `start`); the counters go on (they are what the replay reports it read)."""
+        started = self.clock.monotonic()
+        self.windows = {c: TrafficWindow(self.spec.window_s, started) for c in self.windows}
+
     def ingest(self, lines: list[str]) -> None:
         """Parse and count complete lines (without their newline) received just now."""
         if not lines:

@@ -204,6 +204,12 @@ class LogMatchSignal:
 
     # ---- lines --------------------------------------------------------------------------
 
+    def restarted(self) -> None:
+        """Fresh windows, as a daemon started again has (`guardd replay` at a run's
+        `start`); the counters go on (they are what the replay reports it read)."""
+        self.started_at = self.clock.monotonic()
+        self.windows = {c: CountWindow(self.spec.window_s, self.started_at) for c in self.windows}
+
     def ingest(self, color: str, lines: list[str]) -> None:
         """Sort and count complete lines (without their newline) of `color` read just now."""
         if not lines:

@@ -124,6 +124,41 @@ def test_lines_stamped_ahead_never_carry_the_lines_after_them_out_of_the_history
     assert "7 line(s) stamped ahead of the lines written after them" in text
 
 
+@pytest.mark.parametrize("ended", ["stopped", "killed"])
+def test_a_restarted_daemons_windows_start_empty(tmp_path: Path, ended: str) -> None:
+    """Two minutes of good traffic, a restart (clean, or killed), then every request to
+    green fails: the rule fires on the lines since the restart alone (about min_samples of
+    them), as the daemon started again reads the log from its end into fresh windows; the
+    lines of the run before never dilute the ratio."""
+    tl = Timeline(tmp_path / "state")
+    t0 = tl.wall
+    tl.start(active="green", interval=1.0)
+    tl.rounds(120, interval=1.0)
+    if ended == "stopped":
+        tl.recorder.stop()
+    tl.tick(3.0)
+    started = tl.wall
+    tl.start(active="green", interval=1.0)
+    tl.rounds(60, interval=1.0)
+    tl.close()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lines = [
+        line(GREEN, "502" if t0 + i / RATE >= started else "200", msec=t0 + i / RATE)
+        for i in range(int((tl.wall - t0) * RATE))
+    ]
+    (logs / "access.log").write_text("".join(lines))
+    cfg = config(
+        tmp_path, tmp_path / "state", interval="1s", qos_window="10s", extra=_signal(logs, 0.5)
+    )
+    doc = replay_json("--config", str(cfg))
+    fired = decisions(doc, "alert")
+    assert fired, doc["configs"][0]["decisions"]
+    evidence = fired[0]["evidence"]
+    assert evidence["samples"] < 4 * RATE and evidence["value"] > 0.5, evidence
+    assert parse_rfc3339(fired[0]["at"]) - started < 5.0, fired[0]
+
+
 def test_a_p0_traffic_rule_rolls_back_at_the_burst(hour: tuple[Path, float, int]) -> None:
     tmp, t0, _ = hour
     extra = _signal(tmp / "logs", 0.05).replace('severity = "P2"', 'severity = "P0"')
