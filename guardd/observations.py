@@ -50,7 +50,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Final, NamedTuple
 
@@ -573,7 +573,7 @@ def _is_day(text: str) -> bool:
     """Whether `text` (`YYYY-MM-DD`) names a real day: the recorder names its files after
     one, so `lab-9999-99-99.jsonl.gz` is no file of the history (as any other name)."""
     try:
-        datetime.strptime(text, "%Y-%m-%d")
+        date.fromisoformat(text)
     except ValueError:
         return False
     return True

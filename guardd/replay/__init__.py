@@ -315,6 +315,44 @@ def _decided(event: dict[str, Any], journal: list[dict[str, Any]]) -> dict[str, 
     return event
 
 
+def _incidents(
+    c: Any,
+    real: list[dict[str, Any]],
+    decisions: list[dict[str, Any]],
+    first: Any,
+    *,
+    since: float | None,
+    until: float | None,
+    instance: str,
+) -> list[dict[str, Any]]:
+    """The real journal's incidents of the period, each with when config `c` detected it
+    (`_report.detect`) and whether the history covers it (`_covered`)."""
+    tolerance = max(c.policy.window, 10 * c.probe.interval)
+    lo = since if since is not None else first.first_ts
+    # Without `--to`, every incident after the history too: a history that ends before
+    # the journal does (its last records lost, recording stopped, a copy cut short)
+    # must show what it does not cover, never look complete.
+    incidents = [
+        _decided(e, real)
+        for e in real
+        if e.get("event") in _report.INCIDENTS
+        and e.get("guard", instance) == instance
+        and _report.within(e.get("ts"), lo, until)
+    ]
+    found = _report.detect(incidents, decisions, tolerance)
+    # The failures the quickest rule counts (`consecutive_failures` rounds), and the
+    # probe round a decision follows (an interval, a second's slack for its tick).
+    before = c.policy.consecutive_failures * c.probe.interval
+    after = max(1.0, 2 * c.probe.interval)
+    for inc in found:
+        inc["covered"] = _covered(inc.get("at"), first, before, after)
+        if not inc["covered"]:
+            # A decision the config took after a hole in the records is no detection
+            # time of an incident inside it: it never saw the failure begin.
+            inc.update(detected_at=None, detected_by=None, delay_s=None)
+    return found
+
+
 async def _replay_all(
     settings: Any, others: list[Any], since: float | None, until: float | None, sets: list[str]
 ) -> dict[str, Any]:
@@ -365,31 +403,9 @@ async def _replay_all(
             for e in sim.journal.events
             if e.get("event") in _report.DECISIONS and _report.within(e.get("ts"), since, until)
         ]
-        c = s.config
-        tolerance = max(c.policy.window, 10 * c.probe.interval)
-        lo = since if since is not None else first.first_ts
-        # Without `--to`, every incident after the history too: a history that ends before
-        # the journal does (its last records lost, recording stopped, a copy cut short)
-        # must show what it does not cover, never look complete.
-        hi = until
-        incidents = [
-            _decided(e, real)
-            for e in real
-            if e.get("event") in _report.INCIDENTS
-            and e.get("guard", settings.instance) == settings.instance
-            and _report.within(e.get("ts"), lo, hi)
-        ]
-        found = _report.detect(incidents, decisions, tolerance)
-        # The failures the quickest rule counts (`consecutive_failures` rounds), and the
-        # probe round a decision follows (an interval, a second's slack for its tick).
-        before = c.policy.consecutive_failures * c.probe.interval
-        after = max(1.0, 2 * c.probe.interval)
-        for inc in found:
-            inc["covered"] = _covered(inc.get("at"), first, before, after)
-            if not inc["covered"]:
-                # A decision the config took after a hole in the records is no detection
-                # time of an incident inside it: it never saw the failure begin.
-                inc.update(detected_at=None, detected_by=None, delay_s=None)
+        found = _incidents(
+            s.config, real, decisions, first, since=since, until=until, instance=settings.instance
+        )
         configs.append(
             {
                 "label": "A" if i == 0 else "B",

@@ -93,6 +93,7 @@ def test_a_guardd_killed_while_it_holds_keeps_deploys_blocked_when_it_is_back(
     d.kill9()
     count = len(d.events())
     d2 = lab.daemon()
+
     # Until the fresh windows hold ten probes of each color (past policy.min_samples), the
     # gate is asked all along: it never says deploys are allowed.
     def filled() -> bool:
