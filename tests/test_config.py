@@ -601,7 +601,7 @@ def test_a_header_in_the_environment_is_checked_as_in_the_file(
         config.load(EXAMPLE)
     assert [str(p) for p in info.value.problems] == [
         (
-            f"{EXAMPLE}: probe.headers.Authorization: "
+            "env GUARDD_PROBE__HEADERS: probe.headers.Authorization: "
             "the value must not contain CR, LF or other control characters"
         ),
     ]
