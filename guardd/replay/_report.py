@@ -108,14 +108,15 @@ def detect(
         at = _ts(inc.get("ts"))
         found = None
         if at is not None:
-            near = [
-                (abs(t - at), t, d)
-                for t, d in acting
-                if abs(t - at) <= tolerance_s and d["color"] == inc.get("from")
-            ]
-            if near:
-                _, t, d = min(near, key=lambda n: n[0])
-                found = (t, d)
+            found = min(
+                (
+                    (t, d)
+                    for t, d in acting
+                    if abs(t - at) <= tolerance_s and d["color"] == inc.get("from")
+                ),
+                key=lambda td: abs(td[0] - at),
+                default=None,
+            )
         evidence = inc.get("evidence")
         evidence = evidence if isinstance(evidence, dict) else {}
         out.append(

@@ -183,11 +183,11 @@ def _placed(
                     waiting.append((line, s))
                     if len(waiting) >= MAX_AHEAD_LINES:  # moved on
                         out += waiting
-                        last = max(w for _, w in waiting if w is not None)
+                        last = max(slot for _, slot in waiting if slot is not None)
                         waiting = []
                     continue
-                report.ahead += sum(w is not None for _, w in waiting)
-                out += [(w, None) for w, _ in waiting]
+                report.ahead += sum(slot is not None for _, slot in waiting)
+                out += [(waited, None) for waited, _ in waiting]
                 waiting = []
             elif last is not None and s > last + jump:
                 waiting.append((line, s))
