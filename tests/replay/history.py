@@ -132,14 +132,17 @@ dir = "{state_dir}"
     return path
 
 
-def replay(*args: str, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real `guardd replay` with `args`."""
+def replay(
+    *args: str, prefix: list[str] | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `guardd replay` with `args` (in `env`, else this process's environment)."""
     return subprocess.run(
         [*(prefix or []), *GUARDD, "replay", *args],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
+        env=env,
     )
 
 

@@ -4,6 +4,7 @@ judges each request at its own time."""
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,39 @@ above = {above}
 severity = "P2"
 min_samples = 50
 """
+
+
+def _two_runs(
+    state: Path, ended: str, *, down_s: float, second_s: int
+) -> tuple[float, float, float, float]:
+    """Two minutes of a run with probe rounds every second; then down for `down_s` (its
+    `stop` record written when `ended` is "stopped", none when "killed"); then a second
+    run of `second_s` seconds. The wall times (start, stopped, started again, end)."""
+    tl = Timeline(state)
+    t0 = tl.wall
+    tl.start(active="green", interval=1.0)
+    tl.rounds(120, interval=1.0)
+    stopped = tl.wall
+    if ended == "stopped":
+        tl.recorder.stop()
+    tl.tick(down_s)
+    started = tl.wall
+    tl.start(active="green", interval=1.0)
+    tl.rounds(second_s, interval=1.0)
+    tl.close()
+    return t0, stopped, started, tl.wall
+
+
+def _green_log(logs: Path, t0: float, end: float, *, fails: Callable[[float], bool]) -> Path:
+    """`RATE` requests a second to green from `t0` to `end` in `logs/access.log`, a 502
+    where `fails(t)`, else a 200; returns `logs`."""
+    logs.mkdir()
+    lines = [
+        line(GREEN, "502" if fails(t0 + i / RATE) else "200", msec=t0 + i / RATE)
+        for i in range(int((end - t0) * RATE))
+    ]
+    (logs / "access.log").write_text("".join(lines))
+    return logs
 
 
 @pytest.fixture
@@ -130,24 +164,8 @@ def test_a_restarted_daemons_windows_start_empty(tmp_path: Path, ended: str) -> 
     green fails: the rule fires on the lines since the restart alone (about min_samples of
     them), as the daemon started again reads the log from its end into fresh windows; the
     lines of the run before never dilute the ratio."""
-    tl = Timeline(tmp_path / "state")
-    t0 = tl.wall
-    tl.start(active="green", interval=1.0)
-    tl.rounds(120, interval=1.0)
-    if ended == "stopped":
-        tl.recorder.stop()
-    tl.tick(3.0)
-    started = tl.wall
-    tl.start(active="green", interval=1.0)
-    tl.rounds(60, interval=1.0)
-    tl.close()
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    lines = [
-        line(GREEN, "502" if t0 + i / RATE >= started else "200", msec=t0 + i / RATE)
-        for i in range(int((tl.wall - t0) * RATE))
-    ]
-    (logs / "access.log").write_text("".join(lines))
+    t0, _, started, end = _two_runs(tmp_path / "state", ended, down_s=3.0, second_s=60)
+    logs = _green_log(tmp_path / "logs", t0, end, fails=lambda t: t >= started)
     cfg = config(
         tmp_path, tmp_path / "state", interval="1s", qos_window="10s", extra=_signal(logs, 0.5)
     )
@@ -204,26 +222,9 @@ def test_nothing_is_decided_while_the_daemon_was_stopped(tmp_path: Path, ended: 
     was down from its last record), decides nothing until the next run starts, whatever
     the access log holds meanwhile: the daemon was not there to read it, and started
     again it reads the log from its end."""
-    tl = Timeline(tmp_path / "state")
-    t0 = tl.wall
-    tl.start(active="green", interval=1.0)
-    tl.rounds(120, interval=1.0)
-    stopped = tl.wall
-    if ended == "stopped":
-        tl.recorder.stop()
-    tl.tick(40.0)  # down for 40 s: less than a gap
-    started = tl.wall
-    tl.start(active="green", interval=1.0)
-    tl.rounds(120, interval=1.0)
-    tl.close()
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    t0, stopped, started, end = _two_runs(tmp_path / "state", ended, down_s=40.0, second_s=120)
     # Every request to green fails while guardd is down, none otherwise.
-    lines = [
-        line(GREEN, "502" if stopped <= t0 + i / RATE < started else "200", msec=t0 + i / RATE)
-        for i in range(int((tl.wall - t0) * RATE))
-    ]
-    (logs / "access.log").write_text("".join(lines))
+    logs = _green_log(tmp_path / "logs", t0, end, fails=lambda t: stopped <= t < started)
     cfg = config(
         tmp_path, tmp_path / "state", interval="1s", qos_window="10s", extra=_signal(logs, 0.5)
     )

@@ -113,14 +113,7 @@ def test_settings_from_the_environment_are_listed_secrets_redacted(tmp_path: Pat
     cfg = config(tmp_path, tmp_path / "state")
     env = {**os.environ, "GUARDD_POLICY__CONSECUTIVE_FAILURES": "7", "GUARDD_CONFIG": "/x"}
     for args in (["--json"], []):
-        done = subprocess.run(
-            [*GUARDD, "replay", "--config", str(cfg), *args],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-            env=env,
-        )
+        done = replay("--config", str(cfg), *args, env=env)
         assert done.returncode == 0, done.stderr
         assert "GUARDD_POLICY__CONSECUTIVE_FAILURES=7" in done.stdout
         assert "GUARDD_CONFIG" not in done.stdout  # names a file, not a setting
@@ -157,14 +150,7 @@ def test_a_misspelt_variable_is_warned_of_as_check_config_warns(tmp_path: Path) 
         "did you mean GUARDD_POLICY__WINDOW?\n"
     )
     for args in (["--json"], ["--compare", str(cfg)]):
-        done = subprocess.run(
-            [*GUARDD, "replay", "--config", str(cfg), *args],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-            env=env,
-        )
+        done = replay("--config", str(cfg), *args, env=env)
         assert done.returncode == 0, done.stderr
         assert done.stderr == warning
 
