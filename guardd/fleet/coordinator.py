@@ -994,19 +994,7 @@ class Fleet:
                 by=self.node,
                 revision=header.revision,
                 previous_revision=old,
-                reason=(
-                    f"fleet: {lost[0]} is gone from etcd at revision {header.revision}, and "
-                    "guardd never deletes it: a store restored from a backup, or deleted by "
-                    "hand?"
-                    if lost is not None and lost[1] == 0 and not moved
-                    else f"fleet: etcd's store went back: it lost {lost[0]}, written at "
-                    f"revision {lost[1]} (it is at revision {header.revision} now): restored "
-                    "from a backup?"
-                    if lost is not None and not moved and header.revision >= old
-                    else f"fleet: etcd's store went back from revision {old} to "
-                    f"{header.revision}: restored from a backup?"
-                    + (" (its cluster_id changed: a new cluster)" if moved else "")
-                )
+                reason=_went_back_why(header.revision, old, moved=moved, lost=lost)
                 + "; this node read it afresh and acts on what it holds now",
             )
 
@@ -2135,6 +2123,32 @@ def _json(text: str, default: Any = None) -> Any:
         return json.loads(text)
     except ValueError:
         return default
+
+
+def _went_back_why(revision: int, old: int, *, moved: bool, lost: tuple[str, int] | None) -> str:
+    """The `alert`'s words for a store that went back, strongest proof first.
+
+    A lower revision or another cluster_id is a restore (or a new cluster), whatever key
+    the read also misses: which key a node finds missing first depends only on what it
+    had written, so it must not change the words (a deletion by hand never moves the
+    revision back). Only with the revision gone on is a lost key the proof: one guardd
+    never deletes (`lost[1] == 0`), or this node's own write, at the revision etcd gave it.
+    """
+    if moved or revision < old or lost is None:
+        new_cluster = " (its cluster_id changed: a new cluster)" if moved else ""
+        return (
+            f"fleet: etcd's store went back from revision {old} to {revision}: restored from "
+            f"a backup?{new_cluster}"
+        )
+    if lost[1] == 0:
+        return (
+            f"fleet: {lost[0]} is gone from etcd at revision {revision}, and guardd never "
+            "deletes it: a store restored from a backup, or deleted by hand?"
+        )
+    return (
+        f"fleet: etcd's store went back: it lost {lost[0]}, written at revision {lost[1]} "
+        f"(it is at revision {revision} now): restored from a backup?"
+    )
 
 
 def _at(doc: dict[str, Any] | None) -> float:

@@ -511,3 +511,38 @@ def test_a_budget_guardd_did_not_write_keeps_the_one_known(tmp_path: Path, value
         assert len(f.rollbacks) == 3 and not [w for w in f.warnings() if "rollbacks" in w]
 
     anyio.run(main)
+
+
+@pytest.mark.parametrize(
+    ("revision", "cluster", "own", "says"),
+    [
+        # Wiped: the read misses desired (guardd never deletes it) and is below the known
+        # revision. Which key a node misses first must not change the words.
+        (7, 5, {}, "store went back from revision 510 to 7: restored from a backup?"),
+        (7, 5, {"/guardd/lab/seen/n0": 505}, "store went back from revision 510 to 7"),
+        (900, 6, {}, "from revision 510 to 900: restored from a backup? (its cluster_id"),
+        # The revision went on: the missing key is the proof, and the words name it.
+        (520, 5, {}, "/guardd/lab/desired is gone from etcd at revision 520, and guardd never"),
+        (520, 5, {"/guardd/lab/seen/n0": 505}, "it lost /guardd/lab/seen/n0, written at revision"),
+    ],
+)  # fmt: skip
+def test_the_alert_for_a_store_that_went_back_names_its_strongest_proof(
+    tmp_path: Path, revision: int, cluster: int, own: dict[str, int], says: str
+) -> None:
+    async def main() -> None:
+        f = fleet(tmp_path)
+        alerts: list[dict[str, Any]] = []
+        f.guard = SimpleNamespace(  # type: ignore[assignment]
+            record=lambda event, **fields: alerts.append({"event": event, **fields}),
+            own_lock=None,
+        )
+        f._take_read(Header(5, 500), [kv("/guardd/lab/desired", '{"generation": 4}', 450)])
+        f._read(list(f._kvs.values()))
+        f._header(Header(5, 510))
+        f._own = dict(own)
+        f._take_read(Header(cluster, revision), [])
+        assert [a["event"] for a in alerts] == ["alert"]
+        assert says in alerts[0]["reason"], alerts[0]["reason"]
+        assert (alerts[0]["previous_revision"], alerts[0]["revision"]) == (510, revision)
+
+    anyio.run(main)
