@@ -201,6 +201,37 @@ class EtcdCluster:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGCONT)
 
+    def _status(self, i: int) -> dict[str, Any]:
+        request = urllib.request.Request(  # noqa: S310 - loopback
+            f"{self.client_urls[i]}/v3/maintenance/status", data=b"{}", method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=5) as r:  # noqa: S310
+            doc = json.loads(r.read())
+        assert isinstance(doc, dict), doc
+        return doc
+
+    def leader(self) -> int:
+        """The index of the member that leads the raft group now."""
+        ids = [self._status(i)["header"]["member_id"] for i in range(self.size)]
+        return ids.index(self._status(0)["leader"])
+
+    def lead_from(self, i: int) -> None:
+        """Make member `i` the raft leader (`etcdctl move-leader`), and wait until it is."""
+        target = self._status(i)["header"]["member_id"]
+        wait_until(lambda: self._move_leader(target, i), 60, f"member {i} leading", poll=0.2)
+
+    def _move_leader(self, target: str, i: int) -> bool:
+        leader = self.leader()
+        if leader != i:
+            with contextlib.suppress(OSError):  # refused while an election runs: try again
+                request = urllib.request.Request(  # noqa: S310 - loopback
+                    f"{self.client_urls[leader]}/v3/maintenance/transfer-leadership",
+                    data=json.dumps({"targetID": target}).encode(),
+                    method="POST",
+                )
+                urllib.request.urlopen(request, timeout=5).close()  # noqa: S310
+        return self.leader() == i
+
     def range(self, key: str, *, prefix: bool = False) -> dict[str, Any]:
         """The keys (decoded, values parsed as JSON when they are) from any live member."""
         body: dict[str, str] = {"key": base64.b64encode(key.encode()).decode()}
