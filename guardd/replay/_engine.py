@@ -31,6 +31,7 @@ from guardd.journal import rfc3339
 from guardd.observations import ReadReport, Record, read_history
 from guardd.probes.http import ProbeResult
 from guardd.replay._sources import (
+    AHEAD_S,
     SourceReport,
     has_timestamps,
     line_time,
@@ -204,6 +205,8 @@ class Simulation:
         self._lines_seen: dict[str, int] = {}
         self._lock_file: Path | None = None
         self._order = itertools.count()
+        #: Each source's last batch handed over (its wall time): see `_step`.
+        self._fed: dict[str, float] = {}
 
     # ---- building -------------------------------------------------------------------
 
@@ -619,7 +622,8 @@ class Simulation:
                 and not held
                 and last_at is not None
                 and at - last_at <= gap_s
-                and (pending is None or pending[0] > ts)
+                # (Not at a wall clock stepped back: see `_step`.)
+                and (pending is None or pending[0] > max(ts, self.clock.wall_at(at)))
                 and not (self._started and min(self._next_tick, self._pulse) < at - _SAME_MOMENT)
             ):
                 # Nearly every record of a day: a probe round in a running guard, with no
@@ -724,7 +728,25 @@ class Simulation:
         died = rec.kind == "start" and not self._down and self.guard is not None
         last_wall = self.clock.wall()
         # The sources' batches written before this record go first, at their own time.
-        while pending is not None and pending[0] <= rec.ts:
+        # A host's wall clock stepped back steps the records and the log lines alike, at
+        # one moment: a batch more than `AHEAD_S` below the last one fed from its source is
+        # after that step, due by the stepped clock once the records are on it too (until
+        # then, as far as the records tell, at the old clock's latest time); at the record
+        # that steps, the batches before the source's step are due by the old clock's time
+        # (else they and every batch after them would wait as long as the step).
+        old_clock = self.clock.wall_at(rec.at) if self.guard is not None else rec.ts
+        stepped = old_clock - rec.ts > AHEAD_S
+        after_step: set[str] = set()
+        while pending is not None:
+            wall, _, name, _ = pending
+            fed = self._fed.get(name, wall)
+            if wall < fed - AHEAD_S:
+                if not (stepped or rec.ts > fed):
+                    break
+                after_step.add(name)
+            if not (wall <= rec.ts or (stepped and wall <= old_clock and name not in after_step)):
+                break
+            self._fed[name] = wall
             if self.guard is None or self._down or (died and pending[0] > last_wall):
                 # (Stopped: the daemon started again reads its logs from their end.)
                 self._outside(pending)

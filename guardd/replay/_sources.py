@@ -132,8 +132,11 @@ def slots(
 
     A line without a time, or stamped ahead (`_placed`), goes with the line before it
     (lines before the first time, with the first slot); a line older than its slot (written
-    late) stays in the current slot.
+    late) stays in the current slot, unless it is more than `AHEAD_S` older: the host's
+    clock was stepped back, and the lines from it on are slotted on the stepped clock (so
+    is the recorded history, which the engine follows: see `Replay._step`).
     """
+    back = AHEAD_S / PULSE_S
     slot: int | None = None
     batch: list[str] = []
     for placed in _placed(lines, time_of, report):
@@ -141,7 +144,7 @@ def slots(
             if s is not None:
                 if slot is None:
                     slot = s
-                elif s > slot:
+                elif s > slot or s < slot - back:
                     if batch:
                         yield (slot + 1) * PULSE_S, batch
                     batch, slot = [], s
@@ -192,8 +195,8 @@ def _placed(
             elif last is not None and s > last + jump:
                 waiting.append((line, s))
                 continue
-            if last is None or s > last:
-                last = s
+            if last is None or s > last or s < last - jump:
+                last = s  # (far below: the clock was stepped back, and goes on from there)
             out.append((line, s))
         if out:
             yield out

@@ -45,6 +45,10 @@ class SimClock:
         """Move the monotonic clock on to `at` (never back); the wall clock follows."""
         self._mono = max(self._mono, at)
 
+    def wall_at(self, at: float) -> float:
+        """What the wall clock of the last record said (or would have) at monotonic `at`."""
+        return at + self._offset
+
     def to_mono(self, wall: float) -> float:
         """Where wall time `wall` falls on the monotonic clock, as of the last record."""
         return wall - self._offset

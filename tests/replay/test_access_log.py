@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -243,3 +244,45 @@ def test_nothing_is_decided_while_the_daemon_was_stopped(tmp_path: Path, ended: 
     )
     fired = decisions(replay_json("--config", str(cfg)), "alert")
     assert fired and stopped <= parse_rfc3339(fired[0]["at"]) <= started + 1.0, fired
+
+
+def _stepped(tmp: Path, step_s: float) -> tuple[dict[str, Any], float]:
+    """Four minutes of probe rounds at 0.5 s and of green's traffic, 20 % of it failing
+    from 60 s on; at 40 s the host's wall clock is stepped by `step_s` (NTP, by hand), for
+    the records and nginx's lines alike. The JSON report and the first wall time."""
+    state = tmp / f"state{step_s:+g}"
+    tl = Timeline(state)
+    t0 = tl.wall
+    tl.start(active="green", interval=0.5)
+    tl.rounds(80, interval=0.5)
+    tl.wall += step_s
+    tl.rounds(400, interval=0.5)
+    tl.close()
+    logs = tmp / f"logs{step_s:+g}"
+    logs.mkdir()
+    lines = []
+    for i in range(240 * RATE):
+        m = i / RATE
+        status = "502" if m >= 60 and i % 5 == 0 else "200"
+        lines.append(line(GREEN, status, msec=t0 + m + (step_s if m >= 40 else 0.0)))
+    (logs / "access.log").write_text("".join(lines))
+    cfg = config(tmp, state, interval="500ms", qos_window="10s", extra=_signal(logs, 0.05))
+    return replay_json("--config", str(cfg)), t0
+
+
+@pytest.mark.parametrize("step_s", [-600.0, -120.0, -60.0, -31.0, -5.0, 600.0])
+def test_a_wall_clock_stepped_on_the_host_moves_no_line_from_its_moment(
+    tmp_path: Path, step_s: float
+) -> None:
+    """The records and the log lines after a step carry the stepped clock: each line is
+    judged where it was written, as the daemon reading it live does, so the rule fires at
+    the same moment of the burst as without the step, and no line falls outside."""
+    plain, t0 = _stepped(tmp_path, 0.0)
+    [expected] = decisions(plain, "alert")
+    doc, _ = _stepped(tmp_path, step_s)
+    fired = decisions(doc, "alert")
+    assert len(fired) == 1, doc["configs"][0]["decisions"]
+    moment = parse_rfc3339(fired[0]["at"]) - step_s - t0
+    assert abs(moment - (parse_rfc3339(expected["at"]) - t0)) <= 1.0, (fired, expected)
+    src = doc["sources"]["traffic"]
+    assert src["outside_history"] == 0 and src["lines"]["ok"] == 240 * RATE, src

@@ -58,9 +58,23 @@ def test_a_log_that_moves_on_after_a_quiet_stretch_keeps_its_times() -> None:
 
 def test_what_waits_to_be_told_is_bounded() -> None:
     """Past `MAX_AHEAD_LINES` lines after a jump the log has moved on: they keep their own
-    time (what is held is bounded), and a line back in the old time after them is late."""
+    time (what is held is bounded), and a line back in the old time after them is on a
+    clock stepped back (see the next test)."""
     ahead = [1000.0 + i * 0.01 for i in range(MAX_AHEAD_LINES)]
     at, report = _placed(10.0, *ahead, 10.1)
     assert at[1] == 1000.0 + PULSE_S and at[MAX_AHEAD_LINES] == 1010.0
-    assert at[MAX_AHEAD_LINES + 1] == 1010.0  # late: stays in the slot of the line before
+    assert at[MAX_AHEAD_LINES + 1] == 10.25
     assert report.ahead == 0
+
+
+def test_a_line_a_little_late_stays_in_its_slot_and_a_clock_stepped_back_goes_on_from_there() -> (
+    None
+):
+    """nginx's lines are in the order written, to a few milliseconds: one up to `AHEAD_S`
+    older than its slot was written late and stays in that slot; one further back is on a
+    host clock stepped back (so are the records), and the lines after it go on from its
+    time, each in its own slot, and may be stamped ahead of it again."""
+    at, report = _placed(100.0, 101.0, 99.5, 101.1, 60.0, 60.1, 60.3, 60.3 + 86_400, 60.4)
+    assert at == {0: 100.25, 1: 101.25, 2: 101.25, 3: 101.25, 4: 60.25, 5: 60.25, 6: 60.5,
+                  7: 60.5, 8: 60.5}  # fmt: skip
+    assert report.ahead == 1
