@@ -8,7 +8,6 @@ this often for new lines) or a Prometheus sample's own time.
 
 from __future__ import annotations
 
-import gzip
 import math
 import re
 import time
@@ -31,6 +30,9 @@ PULSE_S: Final = 0.25
 AHEAD_S: Final = 2.0
 #: How many lines after such a line are read to tell, at most (what waits is held).
 MAX_AHEAD_LINES: Final = 1000
+#: Compressed bytes handed to zlib at a time: what a damaged file's reader may lose at most
+#: is what one piece decompresses to.
+_GZIP_PIECE: Final = 16384
 #: Lines of a log_match file looked at for a timestamp before it is judged to have none.
 PROBE_LINES: Final = 50
 #: At most this many points per `query_range` request (Prometheus refuses > 11,000).
@@ -108,21 +110,47 @@ def read_lines(
         report.problems.append(f"{path}: cannot open: {e.strerror or e}")
         return
     report.files.append(str(path))
-    f: Any = gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw
-    with raw, f:
-        while True:
-            try:
-                chunk = f.read(READ_CHUNK)
-            except (OSError, EOFError, zlib.error) as e:
-                report.problems.append(f"{path}: cannot read on ({e}); the rest of it is skipped")
-                return
-            if not chunk:
-                break
-            lines = split(tail, chunk)
-            if lines:
-                yield lines
+    chunks = _gunzipped(raw) if path.suffix == ".gz" else iter(lambda: raw.read(READ_CHUNK), b"")
+    with raw:
+        try:
+            for chunk in chunks:
+                lines = split(tail, chunk)
+                if lines:
+                    yield lines
+        except (OSError, EOFError, zlib.error) as e:
+            # Every whole line before the damage was read (its last, cut line is not).
+            report.problems.append(f"{path}: cannot read on ({e}); the rest of it is skipped")
+            return
     if tail.pending.strip():
         yield [tail.pending.decode("utf-8", "surrogateescape")]
+
+
+def _gunzipped(raw: Any) -> Iterator[bytes]:
+    """A gzip file's bytes (every member, as logrotate or `cat a.gz b.gz` leave them), a
+    bounded piece at a time, each given as soon as it is out: a file cut short or damaged
+    gives every byte before the damage, then raises (EOFError, zlib.error). `gzip.GzipFile`
+    loses what its last `read` had decompressed, a whole small file."""
+    unzip = zlib.decompressobj(31)
+    begun = False
+    while data := raw.read(_GZIP_PIECE):
+        while data:
+            begun = True
+            out = unzip.decompress(data, READ_CHUNK)  # (never more out than a chunk: bombs)
+            if out:
+                yield out
+            if unzip.eof:
+                data = unzip.unused_data
+                unzip, begun = zlib.decompressobj(31), False
+                if not data.strip(b"\0"):
+                    break  # zero padding after the last member, as gzip(1) allows
+            else:
+                data = unzip.unconsumed_tail
+    while begun and not unzip.eof:
+        # (zlib may still hold what the last piece decompressed to, past `READ_CHUNK`.)
+        out = unzip.decompress(unzip.unconsumed_tail, READ_CHUNK)
+        if not out:
+            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+        yield out
 
 
 def slots(

@@ -1,10 +1,17 @@
-"""How replay places a log's lines in time (`guardd.replay._sources.slots`): pure, no I/O."""
+"""How replay reads a log's lines (`guardd.replay._sources.read_lines`) and places them in
+time (`slots`: pure, no I/O)."""
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
-from guardd.replay._sources import MAX_AHEAD_LINES, PULSE_S, SourceReport, slots
+import pytest
+
+from guardd.replay._sources import MAX_AHEAD_LINES, PULSE_S, SourceReport, read_lines, slots
+from guardd.signals._tail import Tail
 
 
 def _lines(*times: float | None) -> Iterator[list[str]]:
@@ -78,3 +85,43 @@ def test_a_line_a_little_late_stays_in_its_slot_and_a_clock_stepped_back_goes_on
     assert at == {0: 100.25, 1: 101.25, 2: 101.25, 3: 101.25, 4: 60.25, 5: 60.25, 6: 60.5,
                   7: 60.5, 8: 60.5}  # fmt: skip
     assert report.ahead == 1
+
+
+def _split(tail: Tail, chunk: bytes) -> list[str]:
+    data = tail.pending + chunk
+    cut = data.rfind(b"\n")
+    tail.pending = data[cut + 1 :]
+    return data[: max(cut, 0)].decode().split("\n")
+
+
+@pytest.mark.parametrize("n", [700, 30_000])
+def test_a_rotated_log_cut_short_gives_every_whole_line_before_the_cut(
+    tmp_path: Path, n: int
+) -> None:
+    """As `gzip -dc` does: a small file cut in half gave none of its lines before."""
+    text = "".join(f"{i} {'x' * 40}\n" for i in range(n)).encode()
+    packed = gzip.compress(text)
+    cut = packed[: len(packed) // 2]
+    (tmp_path / "access.log.1.gz").write_bytes(cut)
+    report = SourceReport("access_log")
+    got = [
+        line for lines in read_lines(tmp_path / "access.log.1.gz", _split, report) for line in lines
+    ]
+    whole = zlib.decompressobj(31).decompress(cut).count(b"\n")  # what gzip -dc gives
+    assert got == text.decode().splitlines()[:whole] and whole > n // 3
+    [problem] = report.problems
+    assert (
+        "ended before the end-of-stream marker" in problem
+        and "the rest of it is skipped" in problem
+    )
+
+
+def test_a_rotated_log_of_several_members_and_padding_is_read_whole(tmp_path: Path) -> None:
+    """`cat a.gz b.gz` (and zero padding after the last member, as gzip allows)."""
+    a, b = "".join(f"a{i}\n" for i in range(5000)), "".join(f"b{i}\n" for i in range(5000))
+    (tmp_path / "x.gz").write_bytes(
+        gzip.compress(a.encode()) + gzip.compress(b.encode()) + bytes(8)
+    )
+    report = SourceReport("access_log")
+    got = [line for lines in read_lines(tmp_path / "x.gz", _split, report) for line in lines]
+    assert got == (a + b).splitlines() and report.problems == []
