@@ -285,22 +285,37 @@ def _no_history(sim: Any, directory: Path, since: float | None, until: float | N
     return "\n".join(lines)
 
 
-def _covered(at: object, sim: Any, before: float, after: float) -> bool:
-    """Whether the history holds what a decision at the moment `at` was taken on: records
-    from `before` seconds ahead of it (the failures its rule counts) until `after` seconds
-    short of it (the probe round it followed), and no stretch where records were lost in
-    between. A history that ends, or begins, within the failure is no verdict on it."""
-    from guardd.journal import parse_rfc3339  # noqa: PLC0415
+def _secs(seconds: float) -> str:
+    return f"{round(seconds, 1):g}s"
+
+
+def _uncovered(at: object, sim: Any, before: float, after: float, need: str) -> str | None:
+    """Why the history does not hold what a decision at the moment `at` was taken on, or
+    None when it does: records from `before` seconds ahead of it (`need`: the failures its
+    quickest rule counts) until `after` seconds short of it (the probe round it followed),
+    and no stretch where records were lost in between. A history that ends, or begins,
+    within the failure is no verdict on it."""
+    from guardd.journal import parse_rfc3339, rfc3339  # noqa: PLC0415
 
     try:
         t = parse_rfc3339(str(at))
     except ValueError:
-        return False
+        return "its time cannot be read"
     if sim.first_ts is None or sim.last_ts is None:
-        return False
-    if not (sim.first_ts <= t - before and t <= sim.last_ts + after):
-        return False
-    return not any(t - before < end and end - gap < t for end, gap in sim.gaps)
+        return "no record"
+    if t > sim.last_ts + after:
+        return f"the history ends {_secs(t - sim.last_ts)} before it"
+    if sim.first_ts > t - before:
+        begins = (
+            f"the history begins {_secs(t - sim.first_ts)} before it"
+            if sim.first_ts <= t
+            else f"the history begins {_secs(sim.first_ts - t)} after it"
+        )
+        return f"{begins}, and {need} take {_secs(before)}"
+    for end, gap in sim.gaps:
+        if t - before < end and end - gap < t:
+            return f"records lost for {_secs(gap)} before {rfc3339(end)}"
+    return None
 
 
 def _decided(event: dict[str, Any], journal: list[dict[str, Any]]) -> dict[str, Any]:
@@ -344,9 +359,11 @@ def _incidents(
     # probe round a decision follows (an interval, a second's slack for its tick).
     before = c.policy.consecutive_failures * c.probe.interval
     after = max(1.0, 2 * c.probe.interval)
+    need = f"consecutive_failures = {c.policy.consecutive_failures} at {c.probe.interval:g}s"
     for inc in found:
-        inc["covered"] = _covered(inc.get("at"), first, before, after)
-        if not inc["covered"]:
+        why = _uncovered(inc.get("at"), first, before, after, need)
+        inc["covered"], inc["not_covered"] = why is None, why
+        if why is not None:
             # A decision the config took after a hole in the records is no detection
             # time of an incident inside it: it never saw the failure begin.
             inc.update(detected_at=None, detected_by=None, delay_s=None)

@@ -248,7 +248,8 @@ def _incidents(doc: dict[str, Any], pairs: list[tuple[dict[str, Any], str | None
                 if found.get("covered", True):
                     out.append(prefix + "not detected")
                 else:
-                    out.append(prefix + "not covered by the history (no record around it)")
+                    why = found.get("not_covered") or "no record around it"
+                    out.append(prefix + f"not covered by the history ({why})")
                 continue
             by = _SHOWN.get(found["detected_by"], found["detected_by"])
             out.append(

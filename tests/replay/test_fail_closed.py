@@ -68,10 +68,32 @@ def test_an_incident_outside_the_recorded_time_is_not_covered_not_missed(
     doc = replay_json("--config", str(cfg), *period)
     [incident] = doc["configs"][0]["incidents"]
     assert incident["detected_at"] is None and incident["covered"] is False
+    assert incident["not_covered"].startswith("the history ends 7"), incident
     text = replay("--config", str(cfg), *period)
     assert text.returncode == 0, text.stderr
-    assert "not covered by the history" in text.stdout
+    assert "not covered by the history (the history ends 7" in text.stdout
     assert "not detected" not in text.stdout
+
+
+def test_an_incident_too_early_for_a_what_if_says_what_the_what_if_needs(
+    tmp_path: Path,
+) -> None:
+    """10 s of records before a live rollback: enough for 3 failures at 200 ms, not for
+    the 100 a what-if asks. The incident is not covered, and says why, with the figures."""
+    tl = Timeline(tmp_path / "state")
+    tl.start(active="green")
+    tl.rounds(50)
+    tl.rolled_back()
+    tl.rounds(100)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    [covered] = replay_json("--config", str(cfg))["configs"][0]["incidents"]
+    assert covered["covered"] is True and covered["not_covered"] is None, covered
+    what_if = ("--config", str(cfg), "--set", "policy.consecutive_failures=100")
+    [incident] = replay_json(*what_if)["configs"][0]["incidents"]
+    why = "the history begins 10s before it, and consecutive_failures = 100 at 0.2s take 20s"
+    assert (incident["covered"], incident["not_covered"]) == (False, why), incident
+    assert f"not covered by the history ({why})" in replay(*what_if).stdout
 
 
 def test_from_after_to_is_a_usage_error(tmp_path: Path) -> None:
@@ -652,6 +674,7 @@ def test_a_hole_of_seconds_inside_a_run_is_a_gap_not_probes_gone_stale(
     assert abs(gap["seconds"] - hole_s) <= 1.0, gap
     [incident] = doc["configs"][0]["incidents"]
     assert incident["covered"] is False and incident["detected_at"] is None, incident
+    assert incident["not_covered"].startswith("records lost for "), incident
     stale = [d for d in doc["configs"][0]["decisions"] if "stale" in (d["reason"] or "")]
     assert stale == [], stale
 
