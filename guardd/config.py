@@ -1257,6 +1257,12 @@ def _variable(env: Mapping[str, str], key: Sequence[str | int]) -> str | None:
     return next((name for name in env if name.upper() == wanted), None)
 
 
+def _variable_beneath(env: Mapping[str, str], key: Sequence[str | int]) -> str | None:
+    """The first variable of `env` (by name) that sets a key under `key`, or None."""
+    prefix = "GUARDD_" + "__".join(str(p).upper() for p in key) + "__"
+    return min((name for name in env if name.upper().startswith(prefix)), default=None)
+
+
 def _validator_for(doc: Mapping[str, Any], environ: Mapping[str, str]) -> type[GuardConfig]:
     """GuardConfig itself when pydantic-settings would only hand `doc` on to it, else the
     pydantic-settings subclass that lays the environment over `doc`."""
@@ -1703,6 +1709,15 @@ def _problems(error: ValidationError, shown: str, env: Mapping[str, str]) -> lis
             (v for n in range(len(path), 0, -1) if (v := _variable(env, path[:n])) is not None),
             None,
         )
+        # Variables beneath the key (GUARDD_NOTIFY__0__URL) made it a table of their own:
+        # the environment sets a list, and a list's item, whole, as JSON.
+        if (
+            set_as is None
+            and (set_as := _variable_beneath(env, path))
+            and err["type"] == ("list_type")
+        ):
+            whole = "GUARDD_" + "__".join(str(p).upper() for p in path)
+            reason += f" (the environment sets a list whole, as JSON: {whole}='[...]')"
         origin = f"env {set_as}" if set_as is not None else shown
         if (key, reason) not in seen:
             seen.add((key, reason))

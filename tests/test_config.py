@@ -495,6 +495,27 @@ def test_a_list_or_table_in_the_environment_that_is_not_json_is_one_line(
     assert [str(p) for p in info.value.problems] == [said]
 
 
+@pytest.mark.parametrize(
+    ("variable", "said"),
+    [
+        # A list's item by its index: pydantic-settings makes a table of the list.
+        ("GUARDD_NOTIFY__0__URL", ("notify: must be a list (the environment sets a list "
+         "whole, as JSON: GUARDD_NOTIFY='[...]')")),
+        # A key under a plain value: the value becomes a table.
+        ("GUARDD_UPSTREAMS__BLUE__URL__X", "upstreams.blue.url: must be a string"),
+        ("guardd_probe__timeout__ms", ('probe.timeout: must be a duration such as "250ms", '
+         '"3s", "1m30s" or seconds')),
+    ],
+)  # fmt: skip
+def test_a_variable_under_a_key_that_holds_no_table_is_blamed_not_the_file(
+    monkeypatch: pytest.MonkeyPatch, variable: str, said: str
+) -> None:
+    monkeypatch.setenv(variable, "http://127.0.0.1:9/x")
+    with pytest.raises(ConfigError) as info:
+        config.load(EXAMPLE)
+    assert [str(p) for p in info.value.problems] == [f"env {variable}: {said}"]
+
+
 LOAD_AND_LIST = """
 import sys
 from pathlib import Path
