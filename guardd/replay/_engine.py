@@ -28,7 +28,7 @@ from guardd.core.types import COLORS, Color, Outcome
 from guardd.exceptions import OperationRefused
 from guardd.guard import Guard
 from guardd.journal import rfc3339
-from guardd.observations import ReadReport, Record, read_history
+from guardd.observations import FORMAT, ReadReport, Record, read_history
 from guardd.probes.http import ProbeResult
 from guardd.replay._sources import (
     AHEAD_S,
@@ -390,11 +390,17 @@ class Simulation:
             self._down = False
             self.clock.set(rec.at, rec.ts)
             given = color_of(rec.doc.get("active"))
+            self._damaged_start(rec.doc, given)
             # The sim keeps its own color across a restart, unless the live one changed
             # while the daemon was down (someone moved traffic): that is adopted.
             moved = self.guard is None or (given is not None and given != self._live)
             self._live = given
             await self._new_run(given if moved else None)
+            return
+        if self._down:
+            # After its run's `stop`, the run wrote nothing more (damage, or records
+            # spliced in): the daemon was down, nothing is decided until the next `start`.
+            self.report.skipped["record after its run's stop record"] += 1
             return
         if self.guard is None:
             await self._new_run(self._live)
@@ -417,6 +423,15 @@ class Simulation:
             self._sample(rec)
         elif rec.kind == "switch":
             await self._switch(rec)
+
+    def _damaged_start(self, doc: dict[str, Any], active: Color | None) -> None:
+        """Count what a `start` record says that guardd never writes: a color that is
+        none of the two (its run is replayed, the color the sim serves kept), or a
+        format this guardd does not know (read as its own)."""
+        if active is None and doc.get("active") is not None:
+            self.report.skipped["start record naming no color (its run replayed)"] += 1
+        if doc.get("format", FORMAT) != FORMAT:
+            self.report.skipped[f"start record of a format other than {FORMAT} (read as it)"] += 1
 
     def _probe(self, rec: Record) -> bool:
         """Feed a probe record to the guard; whether a tick is due at it (run by the caller:
@@ -479,10 +494,12 @@ class Simulation:
         guard = self.guard
         assert guard is not None  # noqa: S101
         target = color_of(rec.doc.get("to"))
-        if target is None:
+        by = rec.doc.get("by")
+        if target is None or not isinstance(by, str | None):
+            # guardd records a switch to a color, by someone: damage, not a move.
+            self.report.skipped["switch record without a color or by whom"] += 1
             return
         self._live = target
-        by = rec.doc.get("by")
         if by == "guardd" or fleet_decision(rec.doc):
             return  # the replayed config decides its own rollbacks
         if by == "external":
@@ -619,6 +636,7 @@ class Simulation:
                 kind == "probe"
                 and self.fast_probes
                 and self.guard is not None
+                and not self._down
                 and not held
                 and last_at is not None
                 and at - last_at <= gap_s

@@ -283,10 +283,11 @@ def _probe_result(doc: dict[str, Any]) -> ProbeResult | None:
     except ValueError:
         return None
     latency = doc.get("latency_s")
-    if isinstance(latency, bool) or not isinstance(latency, int | float) or latency < 0:
+    if isinstance(latency, bool) or not isinstance(latency, int | float):
         latency = 0.0
-    elif not latency <= MAX_LATENCY_S:
-        return None  # NaN, infinite or absurd: no probe took that long (see `why_no_probe`)
+    elif not 0.0 <= latency <= MAX_LATENCY_S:
+        # NaN, infinite, negative or absurd: no probe took that long (see `why_no_probe`).
+        return None
     error = doc.get("error")
     status = doc.get("status")
     return ProbeResult(
@@ -310,7 +311,7 @@ def why_no_probe(doc: dict[str, Any]) -> str:
         color_of(doc.get("color")) is not None
         and isinstance(latency, int | float)
         and not isinstance(latency, bool)
-        and not latency <= MAX_LATENCY_S
+        and not 0.0 <= latency <= MAX_LATENCY_S
     ):
         return "probe record with an impossible latency"
     return "probe record without a color or outcome"

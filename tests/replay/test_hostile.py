@@ -334,3 +334,48 @@ def test_another_guards_run_in_this_guards_file_is_skipped_and_said(tmp_path: Pa
     assert doc["history"]["skipped"]["records of another guard (shop)"] == 1 + 2 * 50
     assert doc["configs"][0]["decisions"] == [], doc["configs"][0]["decisions"]
     assert doc["history"]["runs"] == 1
+
+
+def test_records_guardd_never_writes_are_counted_and_move_nothing(tmp_path: Path) -> None:
+    """A start naming a color that is none of the two, in a format from elsewhere; a switch
+    to such a color, and one by a list; a probe that took less than no time; records of a
+    run after its own `stop`: each is counted under Skipped, none moves traffic, and no
+    decision is made after the stop."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    tl.rounds(100)
+    [today] = sorted((state / "observations").iterdir())
+    at = f'"ts":{tl.wall},"mono":{tl.mono}}}'
+    junk = [
+        '{"kind":"start","guard":"lab","active":"purple","format":99,"probe_interval_s":0.2,' + at,
+        '{"kind":"switch","from":"green","to":"purple","by":"operator",' + at,
+        '{"kind":"switch","from":"green","to":"blue","by":["x"],"severity":"P9",' + at,
+        '{"kind":"probe","color":"green","outcome":"ok","status":200,"latency_s":-1000,' + at,
+    ]
+    tl.recorder.close()
+    with today.open("ab") as f:
+        f.write(gzip.compress(("\n".join(junk) + "\n").encode()))
+    tl.recorder = Recorder(
+        state / "observations", "lab", keep_s=DAY, wall=lambda: tl.wall, monotonic=lambda: tl.mono
+    )
+    tl.rounds(30)
+    tl.rounds(3, green="http_5xx")
+    failed_at = tl.wall
+    tl.rounds(20, green="http_5xx")
+    tl.recorder.stop()
+    stopped = tl.wall
+    tl.rounds(30, blue="http_5xx", green="http_5xx")
+    tl.close()
+    doc = replay_json("--config", str(config(tmp_path, state)))
+    skipped = doc["history"]["skipped"]
+    assert skipped["start record naming no color (its run replayed)"] == 1, skipped
+    assert skipped["start record of a format other than 1 (read as it)"] == 1, skipped
+    assert skipped["switch record without a color or by whom"] == 2, skipped
+    assert skipped["probe record with an impossible latency"] == 1, skipped
+    assert skipped["record after its run's stop record"] == 60, skipped
+    # Green was still served (no switch moved it): its failures roll it back, once.
+    [rb] = decisions(doc, "rollback_completed")
+    assert abs(parse_rfc3339(rb["at"]) - failed_at) <= 0.2, rb
+    late = [d for d in doc["configs"][0]["decisions"] if parse_rfc3339(d["at"]) > stopped]
+    assert late == [], late

@@ -121,7 +121,7 @@ def test_probe_results_read_alike_are_one_object_and_others_are_not_confused() -
         ),
         ({**ok, "outcome": ["ok"]}, None),
         ({**ok, "outcome": "fine"}, None),
-        ({**ok, "latency_s": -1.0}, ProbeResult(Outcome.OK, 0.0, None, 200)),
+        ({**ok, "latency_s": -1.0}, None),  # no probe takes less than no time: damage
     ]
     for _ in range(2):  # read, then read again from what was kept
         for doc, want in cases:
