@@ -144,9 +144,10 @@ def replay(
     except ValueError as e:
         print(f"guardd replay: --from/--to: {e} (usage error)", file=sys.stderr)
         return 2
-    if t0 is not None and t1 is not None and t0 > t1:
+    if t0 is not None and t1 is not None and t0 >= t1:
         print(
-            f"guardd replay: --from {since} ({_report.stamp(t0)}) is after "
+            f"guardd replay: --from {since} ({_report.stamp(t0)}) is "
+            f"{'after' if t0 > t1 else 'the same time as'} "
             f"--to {until} ({_report.stamp(t1)}): the period is empty (usage error)",
             file=sys.stderr,
         )
