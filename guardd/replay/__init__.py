@@ -261,10 +261,27 @@ def _real_journal(path: Path, instance: str) -> tuple[list[dict[str, Any]], str 
         # FIFO there would never end: both said, neither read.
         why = not_regular(path.stat().st_mode)
         if why is None:
-            return journal.read(), None, journal.skipped_lines
+            events = journal.read()
+            kept = [e for e in events if _readable_incident(e)]
+            return kept, None, journal.skipped_lines + len(events) - len(kept)
     except OSError as e:
         why = e.strerror or str(e)
     return [], f"{path}: cannot read the journal ({why}): incidents not matched", 0
+
+
+def _readable_incident(event: dict[str, Any]) -> bool:
+    """Whether a journal event is no incident, or one as guardd writes it: a time, and a
+    color (or none) where it names one. Others are counted with the lines that are no event,
+    never listed as an incident of a color no guard has."""
+    from guardd.journal import parse_rfc3339  # noqa: PLC0415
+
+    if event.get("event") not in _report.INCIDENTS:
+        return True
+    try:
+        parse_rfc3339(str(event.get("ts")))
+    except ValueError:
+        return False
+    return all(event.get(k) in (None, "blue", "green") for k in ("from", "to"))
 
 
 def _no_history(sim: Any, directory: Path, since: float | None, until: float | None) -> str:

@@ -271,7 +271,9 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
     ):
         out.append("  nothing in the observations")
     if doc.get("journal_skipped"):
-        out.append(f"  {doc['journal_skipped']} journal line(s) of {doc['journal']}: not an event")
+        out.append(
+            f"  {doc['journal_skipped']} journal line(s) of {doc['journal']}: not an event as guardd writes it"
+        )
     out.extend(f"  {n} observation line(s): {why}" for why, n in sorted(h["skipped"].items()))
     out.extend(f"  {problem}" for problem in h["problems"])
     out.extend(f"  no observation file for {day}" for day in h["missing_days"])

@@ -298,11 +298,18 @@ def test_a_missing_journal_is_said_and_junk_lines_are_counted(tmp_path: Path) ->
     assert text.returncode == 0, text.stderr
     assert "none in this period" not in text.stdout
     assert f"Incidents: unknown: {journal}: cannot read the journal" in text.stdout
-    journal.write_text('{"event": "hold"\nnot json\n{"no": "event"}\n')
+    # Besides lines that are no event: incidents of a color no guard has, or at no time.
+    purple = {"event": "rollback_completed", "from": "purple", "to": "blue", "ts": rfc3339(DAY0)}
+    garbage = {"event": "rollback_started", "from": "green", "to": "blue", "ts": "garbage"}
+    timeless = {"event": "hold", "from": "green", "ts": "garbage"}
+    lines = [json.dumps(e) for e in (purple, garbage, timeless)]
+    journal.write_text('{"event": "hold"\nnot json\n{"no": "event"}\n' + "\n".join(lines) + "\n")
     doc = replay_json("--config", str(cfg))
-    assert doc["journal_skipped"] == 3
+    assert doc["journal_skipped"] == 5, doc["journal_skipped"]
+    assert doc["configs"][0]["incidents"] == []
     text = replay("--config", str(cfg))
-    assert f"3 journal line(s) of {journal}: not an event" in text.stdout
+    assert f"5 journal line(s) of {journal}: not an event as guardd writes it" in text.stdout
+    assert "purple" not in text.stdout
 
 
 def test_without_config_guardd_config_is_used_as_the_help_says(tmp_path: Path) -> None:
