@@ -112,6 +112,17 @@ def _at_most_a_year(seconds: float) -> float:
     return seconds
 
 
+def _whole_number(value: object) -> object:
+    """A count as written: an integer (or, from the environment, its digits). pydantic's
+    lax mode reads `true` as 1 and `3.0` as 3: a boolean or a float in the file is a slip,
+    never a count."""
+    if isinstance(value, bool | float):
+        raise ValueError(f"must be an integer, not {str(value).lower()}")  # noqa: TRY004
+    return value
+
+
+#: A count (failures, samples, attempts, bytes): an integer, never a boolean or a float.
+Count = Annotated[int, BeforeValidator(_whole_number)]
 Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_at_most_a_year)]
 Flag = Annotated[bool, BeforeValidator(parse_flag)]
 PositiveDuration = Annotated[Duration, Field(gt=0)]
@@ -345,7 +356,7 @@ class ProbeConfig(_Section):
     """The cadence while the active color is failing, to confirm fast (default: interval)."""
     timeout: PositiveDuration = 2.0
     """The hard deadline of one probe: connect, headers and body."""
-    expect_status: Literal["2xx"] | list[Annotated[int, Field(ge=100, le=599)]] = "2xx"
+    expect_status: Literal["2xx"] | list[Annotated[Count, Field(ge=100, le=599)]] = "2xx"
     """`"2xx"`, or a list of accepted status codes."""
     expect_json: dict[str, Any] | None = None
     """Keys that must match in the JSON body (a subset match); unset: the body is not parsed."""
@@ -354,7 +365,7 @@ class ProbeConfig(_Section):
     are HTTP tokens, none twice, none that frames the message (Content-Length,
     Transfer-Encoding, Connection, TE, Upgrade); values are ASCII without CR, LF or other
     control characters, and without a space at either end. A `Host` replaces the URL's."""
-    max_body_bytes: Annotated[int, Field(ge=0, le=64 * 1024 * 1024)] = 65536
+    max_body_bytes: Annotated[Count, Field(ge=0, le=64 * 1024 * 1024)] = 65536
     """The most of a body read, before and after decoding; a longer one fails `expect_json`."""
     follow_redirects: Flag = False
     """Follow redirects; otherwise a redirect is a failure (`http_other`)."""
@@ -392,11 +403,11 @@ class PolicyConfig(_Section):
 
     rollback_to: Literal["blue", "green", "previous"] = "previous"
     """Where automatic rollbacks go: blue, green, or previous (the standby color)."""
-    consecutive_failures: Annotated[int, Field(ge=1)] = 3
+    consecutive_failures: Annotated[Count, Field(ge=1)] = 3
     """P0: the active color fails this many probes in a row."""
     window: PositiveDuration = 60.0
     """The sliding window for ratios and latency."""
-    min_samples: Annotated[int, Field(ge=1)] = 5
+    min_samples: Annotated[Count, Field(ge=1)] = 5
     """Ratio and latency rules need this many samples in the window."""
     p0_error_ratio: Annotated[float, Field(gt=0, le=1)] = 0.50
     """P0: failed-probe ratio of the active color over the window."""
@@ -412,9 +423,9 @@ class PolicyConfig(_Section):
     """P2 (alert only): window p95 latency."""
     latency_regression: Annotated[float, Field(ge=0)] = 0.0
     """When > 0, P1 once the active p95 exceeds this many times the standby's p95."""
-    promote_successes: Annotated[int, Field(ge=1)] = 5
+    promote_successes: Annotated[Count, Field(ge=1)] = 5
     """`guardctl promote` needs this many passing probes in a row of the standby."""
-    max_rollbacks: Annotated[int, Field(ge=0)] = 3
+    max_rollbacks: Annotated[Count, Field(ge=0)] = 3
     """The rollback budget: automatic rollbacks allowed within `budget_window`."""
     budget_window: PositiveDuration = 3600.0
     """The span the rollback budget counts over (from the journal, across restarts)."""
@@ -467,9 +478,9 @@ class AccessLogSignalConfig(_Section):
     """The span of the statistics (default: `policy.window`)."""
     stale_after: PositiveDuration | None = None
     """No request logged for this long: the signal is stale and its rules inconclusive."""
-    max_line_bytes: Annotated[int, Field(ge=256, le=1024 * 1024)] = 16384
+    max_line_bytes: Annotated[Count, Field(ge=256, le=1024 * 1024)] = 16384
     """Longer lines are skipped and counted as `oversize`."""
-    max_lines_per_s: Annotated[int, Field(ge=1)] = 50_000
+    max_lines_per_s: Annotated[Count, Field(ge=1)] = 50_000
     """The parsing budget: lines beyond it in a second are counted as `shed`."""
     socket_group: str | None = None
     """`syslog:` only: the socket's group (nginx's workers'), mode 0660; unset: mode 0666."""
@@ -566,7 +577,7 @@ class ScrapeSignalConfig(_Section):
     """The deadline of one scrape."""
     window: PositiveDuration | None = None
     """The span counter increases are taken over (default: `policy.window`)."""
-    max_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+    max_bytes: Annotated[Count, Field(ge=1024)] = 8 * 1024 * 1024
     """A larger exposition is not read (inconclusive, counted)."""
     stale_after: PositiveDuration | None = None
     """No scrape for this long: the signal is stale, its rules inconclusive, one alert."""
@@ -602,7 +613,7 @@ class LogMatchSignalConfig(_Section):
     """Regular expressions, matched per line (Python `re` syntax)."""
     window: PositiveDuration | None = None
     """The span counts are taken over (default: `policy.window`)."""
-    max_line_bytes: Annotated[int, Field(ge=256, le=1024 * 1024)] = 16384
+    max_line_bytes: Annotated[Count, Field(ge=256, le=1024 * 1024)] = 16384
     """Longer lines are skipped and counted as `oversize`."""
     stale_after: PositiveDuration | None = None
     """The log cannot be read for this long: the signal is stale, one alert."""
@@ -646,7 +657,7 @@ class RuleConfig(_Section):
     for_: Annotated[Duration, Field(ge=0)] | None = Field(default=None, alias="for")
     """How long the condition must hold (default: 0 for P0 and P2, `policy.p1_sustain`
     for P1)."""
-    min_samples: Annotated[int, Field(ge=0)] | None = None
+    min_samples: Annotated[Count, Field(ge=0)] | None = None
     """Fewer samples in the window: inconclusive (default: `policy.min_samples`)."""
     name: str | None = None
     """The rule's name in evidence, status and metrics (default: `SIGNAL.STAT`)."""
@@ -738,7 +749,7 @@ class SwitchConfig(_Section):
     """command: the argv run to switch; `{color}` and `{instance}` are substituted."""
     verify_url: str | None = None
     """The front door: probed all the time, and after a switch until `verify_successes` pass."""
-    verify_successes: Annotated[int, Field(ge=1)] = 3
+    verify_successes: Annotated[Count, Field(ge=1)] = 3
     """Passing fresh-connection answers in a row that verify a switch."""
 
     @field_validator("verify_url")
@@ -888,7 +899,7 @@ class NotifyConfig(_Section):
 class RetryConfig(_Section):
     """Retries of notifications and switch commands."""
 
-    attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    attempts: Annotated[Count, Field(ge=1, le=100)] = 5
     """Attempts of a notification or switch command before giving up."""
     base_delay: PositiveDuration = 1.0
     """The first backoff; it doubles, with jitter, up to `max_delay`."""
@@ -957,7 +968,7 @@ class FleetConfig(_Section):
     lease_ttl: PositiveDuration = 5.0
     """The lease of the leader key and of this node's record; a dead leader is replaced
     after at most this long. At least `1s` (etcd grants whole seconds)."""
-    size: Annotated[int, Field(ge=1)] = 2
+    size: Annotated[Count, Field(ge=1)] = 2
     """How many nodes the fleet has. Until this many were seen under `prefix` (live
     records or last ones, this node's included), the fleet's QoS lock is UNKNOWN: a
     mistyped `prefix` or an `etcd` of another fleet finds an empty prefix, and a fleet of
