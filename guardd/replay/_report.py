@@ -272,7 +272,8 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
         out.append("  nothing in the observations")
     if doc.get("journal_skipped"):
         out.append(
-            f"  {doc['journal_skipped']} journal line(s) of {doc['journal']}: not an event as guardd writes it"
+            f"  {doc['journal_skipped']} journal line(s) of {doc['journal']}: "
+            "not an event as guardd writes it"
         )
     out.extend(f"  {n} observation line(s): {why}" for why, n in sorted(h["skipped"].items()))
     out.extend(f"  {problem}" for problem in h["problems"])
