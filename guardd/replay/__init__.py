@@ -249,6 +249,19 @@ def _notes(a: Any, b: Any, sets: list[str]) -> list[str]:
     return notes
 
 
+def _cadence_note(interval: float, recorded: float | None) -> list[str]:
+    """A config probing faster than the history was recorded sees rounds only as often as
+    they were recorded: its counts of rounds and its staleness are the history's, said."""
+    if recorded is None or interval >= recorded * 0.99:
+        return []
+    note = (
+        f"probe.interval {interval:g}s is faster than the history's {recorded:g}s: probe "
+        "rounds come only as often as they were recorded, so consecutive failures take "
+        f"{recorded:g}s each and a color may be judged stale between two rounds"
+    )
+    return [note]
+
+
 def _real_journal(path: Path, instance: str) -> tuple[list[dict[str, Any]], str | None, int]:
     """The live journal's events, why it could not be read (or None), and its lines that are
     no event."""
@@ -447,7 +460,8 @@ async def _replay_all(
                 "config": str(s.source),
                 "set": [shown_set(x) for x in sets] if i == 0 else [],
                 "env": env,
-                "notes": [] if i == 0 else _notes(settings, s, sets),
+                "notes": ([] if i == 0 else _notes(settings, s, sets))
+                + _cadence_note(s.config.probe.interval, sim.recorded_interval),
                 "decisions": decisions,
                 "summary": _report.summary(decisions),
                 "incidents": found,

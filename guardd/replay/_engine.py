@@ -169,6 +169,9 @@ class Simulation:
         #: reads, any time); `_in_period` says the current run has one.
         self.runs = 0
         self._in_period = False
+        #: The slowest probe interval a run of the history probed at (its `start`), if any
+        #: said: a replayed guard probing faster sees rounds only that often.
+        self.recorded_interval: float | None = None
         self.ticks = 0
         self.skipped_ticks = 0
         #: Whether a tick shown to repeat the last one is counted rather than taken
@@ -391,6 +394,9 @@ class Simulation:
             self.clock.set(rec.at, rec.ts)
             given = color_of(rec.doc.get("active"))
             self._damaged_start(rec.doc, given)
+            interval = rec.doc.get("probe_interval_s")
+            if type(interval) in (int, float) and 0 < interval <= 86_400:
+                self.recorded_interval = max(self.recorded_interval or 0.0, float(interval))
             # The sim keeps its own color across a restart, unless the live one changed
             # while the daemon was down (someone moved traffic): that is adopted.
             moved = self.guard is None or (given is not None and given != self._live)

@@ -193,10 +193,11 @@ def render(doc: dict[str, Any]) -> str:
         )
     )
     for c, label in pairs:
-        if label:
-            sets = "".join(f" --set {x}" for x in c["set"])
-            out.append(f"  [{label}] {c['config']}{sets}")
-            out.extend(f"      {note}" for note in c.get("notes") or [])
+        sets = "".join(f" --set {x}" for x in c["set"])
+        if label or sets:
+            # (One config without --set: the command line says it all.)
+            out.append(f"  [{label}] {c['config']}{sets}" if label else f"  {c['config']}{sets}")
+        out.extend(f"      {note}" for note in c.get("notes") or [])
     if configs and configs[0].get("env"):
         out.append("  settings from the environment: " + " ".join(configs[0]["env"]))
     out.append("")

@@ -88,6 +88,22 @@ def test_a_higher_threshold_rolls_back_later_and_the_summary_says_so(
     assert incident["delay_s"] == pytest.approx(delay, abs=0.002)
     text = replay("--config", str(cfg), "--set", "policy.consecutive_failures=10")
     assert f"({incident['delay_s']:+g}s, rollback)" in text.stdout
+    # What was tried is in the report itself, not only on the command line that ran it.
+    assert f"  {cfg} --set policy.consecutive_failures=10\n" in text.stdout
+
+
+def test_a_cadence_faster_than_the_recorded_one_is_said(tmp_path: Path, tl: Timeline) -> None:
+    """The history was probed every 200 ms: a what-if at 50 ms sees rounds only that
+    often, and the report says so, with both figures; at the recorded cadence, no note."""
+    _green_fails(tl)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    assert replay_json("--config", str(cfg))["configs"][0]["notes"] == []
+    faster = ("--config", str(cfg), "--set", 'probe.interval="50ms"',
+              "--set", 'probe.fast_interval="50ms"')  # fmt: skip
+    [note] = replay_json(*faster)["configs"][0]["notes"]
+    assert note.startswith("probe.interval 0.05s is faster than the history's 0.2s"), note
+    assert note in replay(*faster).stdout
 
 
 def test_a_higher_threshold_misses_a_short_incident_and_says_not_detected(
