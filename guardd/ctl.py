@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from guardd import ctlwatch, paths
+from guardd import ctlwatch, paths, untrusted_json
 from guardd._version import __version__
 from guardd.control import protocol
 from guardd.control.client import call
@@ -504,8 +504,8 @@ def _read_journal(
         with path.open("rb") as f:
             for raw in f:
                 try:
-                    doc = json.loads(raw)
-                except (UnicodeDecodeError, ValueError):
+                    doc = untrusted_json.loads(raw)
+                except ValueError:
                     continue  # a line torn by a crash; guardd seals it at its next start
                 if isinstance(doc, dict) and "event" in doc:
                     events.append(doc)

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, overload
 
+from guardd import untrusted_json
 from guardd.core.types import JOURNAL_EVENTS
 from guardd.exceptions import StorageError, UnsafePath
 from guardd.secrets import redact
@@ -284,7 +285,7 @@ class Journal:
                 if not raw.strip():
                     continue
                 try:
-                    doc = json.loads(raw)
+                    doc = untrusted_json.loads(raw)
                 except (UnicodeDecodeError, ValueError):
                     yield None, raw
                     continue

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+from guardd import untrusted_json
 from guardd.exceptions import UnsafePath
 
 _MAX_LOCK_BYTES = 64 * 1024
@@ -119,8 +120,8 @@ def parse_lock(raw: bytes) -> LockInfo:
 
 def _parse(raw: bytes) -> LockInfo:
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        doc = untrusted_json.loads(raw)
+    except ValueError:  # (UnicodeDecodeError is one)
         doc = None
     if not isinstance(doc, dict):
         text = raw.decode("utf-8", "replace").strip()

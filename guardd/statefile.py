@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from guardd import fsutil
+from guardd import fsutil, untrusted_json
 from guardd.exceptions import StorageError, UnsafePath
 
 STATE_VERSION = 1
@@ -32,7 +32,7 @@ class StateFile:
         except OSError as e:
             raise StorageError(f"cannot read {self.path}: {e.strerror}") from None
         try:
-            doc = json.loads(raw)
+            doc = untrusted_json.loads(raw)
         except ValueError:
             return {}
         return doc if isinstance(doc, dict) else {}

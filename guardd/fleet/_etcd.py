@@ -23,6 +23,8 @@ from typing import Any
 
 import httpx
 
+from guardd import untrusted_json
+
 __all__ = ["KV", "Compacted", "EtcdClient", "EtcdUnavailable", "Header", "prefix_end"]
 
 # An etcd answer larger than this is not one the fleet wrote: refuse to read it all.
@@ -326,14 +328,14 @@ async def _messages(r: httpx.Response) -> AsyncIterator[dict[str, Any]]:
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
             if line.strip():
-                doc = json.loads(line)
+                doc = untrusted_json.loads(line)
                 if not isinstance(doc, dict):
                     raise EtcdUnavailable("the watch sent something other than a JSON object")
                 yield doc
         if len(buffer) > _MAX_BODY:
             raise EtcdUnavailable("the watch sent a message larger than the fleet writes")
     if buffer.strip():
-        doc = json.loads(buffer)
+        doc = untrusted_json.loads(buffer)
         if isinstance(doc, dict):
             yield doc
 

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from guardd import qoslock
+from guardd import qoslock, untrusted_json
 from guardd.config import FleetConfig
 from guardd.core.types import COLORS, GUARDD, Color, Severity
 from guardd.exceptions import GuarddError, OperationRefused, StorageError, UnsafePath, why
@@ -2068,7 +2068,7 @@ class Fleet:
 
     def _load_applied(self) -> int:
         try:
-            doc = json.loads(self._store.read_text())
+            doc = untrusted_json.loads(self._store.read_text())
         except (OSError, ValueError):
             return 0
         return int(doc.get("applied", 0)) if isinstance(doc, dict) else 0
@@ -2120,7 +2120,7 @@ def _ended(lock: dict[str, Any], grace: float = 0.0) -> bool:
 
 def _json(text: str, default: Any = None) -> Any:
     try:
-        return json.loads(text)
+        return untrusted_json.loads(text)
     except ValueError:
         return default
 

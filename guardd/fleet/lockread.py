@@ -20,6 +20,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from guardd import untrusted_json
 from guardd.core.types import COLORS
 
 __all__ = [
@@ -142,7 +143,7 @@ def _post(
     )
     # http(s) only: read_fleet_lock refuses any other scheme before a request is made.
     with urllib.request.urlopen(request, timeout=timeout, context=context) as r:  # noqa: S310  # nosec B310
-        doc = json.loads(r.read(_MAX_BODY + 1)[:_MAX_BODY])
+        doc = untrusted_json.loads(r.read(_MAX_BODY + 1)[:_MAX_BODY])
     if not isinstance(doc, dict):
         raise TypeError("not a JSON object")
     return doc
@@ -324,7 +325,7 @@ def _values(kvs: list[Any], prefix: str) -> dict[str, Any]:
         except ValueError:
             continue
         try:
-            value = json.loads(base64.b64decode(kv.get("value", "")))
+            value = untrusted_json.loads(base64.b64decode(kv.get("value", "")))
         except ValueError:
             value = None
         out[key.removeprefix(prefix)] = value

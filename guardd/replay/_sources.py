@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from guardd import untrusted_json
 from guardd.fsutil import open_regular
 from guardd.signals._tail import READ_CHUNK, Tail
 
@@ -324,9 +325,7 @@ def parse_range(body: bytes) -> list[tuple[float, dict[str, Any]]]:
 
     Raises ValueError (why) when the answer is not one series of a matrix.
     """
-    import json  # noqa: PLC0415 - only when a prometheus signal is replayed
-
-    doc = json.loads(body)
+    doc = untrusted_json.loads(body)
     if not isinstance(doc, dict) or doc.get("status") != "success":
         why = doc.get("error") if isinstance(doc, dict) else None
         raise ValueError(f"Prometheus refused the range query: {str(why)[:200]}")
