@@ -14,13 +14,16 @@ than `span`, always while it is younger than `span - slot`.
 
 from __future__ import annotations
 
-import math
 from typing import Final
 
 from guardd.core.signals import Reading
 from guardd.core.slots import SlotWindow
 from guardd.core.window import _BUCKETS, _bucket, histogram_percentile
 
+#: The longest request time a line can say (s): nginx's `$request_time` is bounded by its
+#: timeouts, far below a day. `1e308` passed the finite check and overflowed the
+#: microseconds it is bucketed in (a traceback in replay; the live adapter restarted).
+MAX_REQUEST_TIME_S: Final = 86_400.0
 #: The status classes counted, in the order of `detail`; `1xx` is there for upgrades (101).
 CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _5XX: Final = 4
@@ -83,8 +86,11 @@ class TrafficWindow(SlotWindow):
         cls = status // 100 - 1
         if not 0 <= cls < len(CLASSES):
             raise ValueError(f"HTTP status {status} is not within 100 ... 599")
-        if request_time_s is not None and not 0.0 <= request_time_s < math.inf:
-            raise ValueError(f"request time {request_time_s!r} is not a finite s >= 0")
+        if request_time_s is not None and not 0.0 <= request_time_s <= MAX_REQUEST_TIME_S:
+            raise ValueError(
+                f"request time {request_time_s!r} is not a time a request took "
+                f"(0 to {MAX_REQUEST_TIME_S:g} s)"
+            )
         i = self._slot_at(at)
         if i is None:
             return False

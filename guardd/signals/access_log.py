@@ -58,7 +58,7 @@ from anyio.abc import TaskStatus
 
 from guardd.clock import Clock
 from guardd.core.signals import Reading
-from guardd.core.traffic import CLASSES, TrafficWindow
+from guardd.core.traffic import CLASSES, MAX_REQUEST_TIME_S, TrafficWindow
 from guardd.signals._tail import BATCH_LINES, DRAIN_S, READ_CHUNK, FileFollower
 from guardd.signals._tail import Tail as _Tail
 
@@ -238,6 +238,8 @@ def _record(doc: object, keys: tuple[str, ...]) -> tuple[str, int, float | None,
     latency = _seconds(doc.get(k_urt, "-"))
     if latency is None:
         latency = _seconds(doc.get(k_rt, "-"))
+    if latency is not None and latency > MAX_REQUEST_TIME_S:
+        raise ValueError("no time a request took")
     msec = doc.get(k_msec)
     return addr, status, latency, None if msec is None else _seconds(msec)
 

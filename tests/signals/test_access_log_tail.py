@@ -277,6 +277,11 @@ FORGED = [
     '{"upstream_addr":"' + BLUE + '","status":"200","request_time":"-1",'
     '"upstream_response_time":"-"}',
     '{"upstream_addr":"' + BLUE + '","status":"200","upstream_response_time":"fast"}',
+    # Finite, and no time a request took (past a day; 1e308 s overflowed the bucketing).
+    '{"upstream_addr":"' + BLUE + '","status":"200","request_time":"1e308",'
+    '"upstream_response_time":"1e308"}',
+    '{"upstream_addr":"' + BLUE + '","status":"200","request_time":"1e20",'
+    '"upstream_response_time":"-"}',
     '{"upstream_addr":"' + BLUE + '","status":"200"} trailing',
     '["' + BLUE + '", "200"]',
     '"' + BLUE + '"',
