@@ -777,8 +777,14 @@ class Guard:
         if kind != "rollback":
             # An operator moved traffic on purpose (perhaps with --force, past the gate):
             # judge the color by what it does from now on, not by failures from before the
-            # act, which would otherwise undo it on the next tick.
+            # act, which would otherwise undo it on the next tick. So with the requests
+            # and log lines the log signals hold of it: a 5xx burst that rolled it back a
+            # moment ago rolled the fixed color back again at once.
             self.machine.judge_afresh(target)
+            for sig in self.signals.values():
+                afresh = getattr(sig, "judge_afresh", None)
+                if afresh is not None:
+                    afresh(target)
         if kind == "rollback":
             self.close_completed(
                 source,

@@ -356,6 +356,13 @@ class AccessLogSignal:
         started = self.clock.monotonic()
         self.windows = {c: TrafficWindow(self.spec.window_s, started) for c in self.windows}
 
+    def judge_afresh(self, color: str) -> None:
+        """Forget `color`'s requests: an operator moved traffic to it (after a redeploy,
+        say), and it is judged by the requests it serves from now on; its rules are
+        inconclusive until `min_samples` of them (`Guard.move_traffic`)."""
+        if color in self.windows:
+            self.windows[color] = TrafficWindow(self.spec.window_s, self.clock.monotonic())
+
     def ingest(self, lines: list[str]) -> None:
         """Parse and count complete lines (without their newline) received just now."""
         if not lines:

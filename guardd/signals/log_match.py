@@ -210,6 +210,12 @@ class LogMatchSignal:
         self.started_at = self.clock.monotonic()
         self.windows = {c: CountWindow(self.spec.window_s, self.started_at) for c in self.windows}
 
+    def judge_afresh(self, color: str) -> None:
+        """Forget `color`'s lines: an operator moved traffic to it, and it is judged by
+        what it logs from now on (`Guard.move_traffic`)."""
+        if color in self.windows:
+            self.windows[color] = CountWindow(self.spec.window_s, self.clock.monotonic())
+
     def ingest(self, color: str, lines: list[str]) -> None:
         """Sort and count complete lines (without their newline) of `color` read just now."""
         if not lines:

@@ -286,3 +286,40 @@ def test_a_wall_clock_stepped_on_the_host_moves_no_line_from_its_moment(
     assert abs(moment - (parse_rfc3339(expected["at"]) - t0)) <= 1.0, (fired, expected)
     src = doc["sources"]["traffic"]
     assert src["outside_history"] == 0 and src["lines"]["ok"] == 240 * RATE, src
+
+
+def test_a_color_an_operator_moves_traffic_to_is_judged_by_its_requests_from_then_on(
+    tmp_path: Path,
+) -> None:
+    """Green's 502s roll it back (a P0 traffic rule over 60 s); it is fixed and an operator
+    switches back to it 30 s later, its 502s still in the window: it is judged by the
+    requests it serves after the switch, never rolled back again at once on those before."""
+    tl = Timeline(tmp_path / "state")
+    t0 = tl.wall
+    tl.start(active="green", interval=1.0)
+    tl.rounds(60, interval=1.0)
+    tl.recorder.switch("blue", "green", by="uid:0(root)", reason="fixed", event="switch")
+    switched = tl.wall
+    tl.rounds(60, interval=1.0)
+    tl.close()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lines = []
+    for i in range(120 * RATE):
+        t = i / RATE
+        if 30 <= t < 40:
+            lines.append(line(GREEN, "502", msec=t0 + t))
+        elif 40 <= t < 60:
+            lines.append(line(BLUE, "200", msec=t0 + t))
+        else:
+            lines.append(line(GREEN, "200", msec=t0 + t))
+    (logs / "access.log").write_text("".join(lines))
+    rule = _signal(logs, 0.2).replace('severity = "P2"', 'severity = "P0"')
+    cfg = config(tmp_path, tmp_path / "state", interval="1s", qos_window="10s", extra=rule)
+    doc = replay_json("--config", str(cfg))
+    [rb] = decisions(doc, "rollback_completed")
+    assert 30 <= parse_rfc3339(rb["at"]) - t0 <= 40 and rb["rule"] == "errors", rb
+    [moved] = decisions(doc, "switch")
+    assert moved["to"] == "green" and abs(parse_rfc3339(moved["at"]) - switched) <= 1.0, moved
+    after = [d for d in doc["configs"][0]["decisions"] if parse_rfc3339(d["at"]) > switched]
+    assert not [d for d in after if d["event"] in ("rollback_started", "rollback_completed")], after
