@@ -282,6 +282,20 @@ def _real_journal(path: Path, instance: str) -> tuple[list[dict[str, Any]], str 
     return [], f"{path}: cannot read the journal ({why}): incidents not matched", 0
 
 
+def _operator_actions(real: list[dict[str, Any]], instance: str) -> list[tuple[float, Any]]:
+    """The live journal's `paused` and `resumed` events of `instance`, at their time."""
+    from guardd.journal import parse_rfc3339  # noqa: PLC0415
+
+    out = []
+    for e in real:
+        if e.get("event") in ("paused", "resumed") and e.get("guard", instance) == instance:
+            try:
+                out.append((parse_rfc3339(str(e.get("ts"))), e))
+            except ValueError:
+                continue
+    return out
+
+
 def _readable_incident(event: dict[str, Any]) -> bool:
     """Whether a journal event is no incident, or one as guardd writes it: a time, and a
     color (or none) where it names one. Others are counted with the lines that are no event,
@@ -416,6 +430,7 @@ async def _replay_all(
     real, journal_problem, journal_skipped = _real_journal(journal_path, settings.instance)
     for i, s in enumerate([settings, *others]):
         sim = Simulation(s, directory, since=since, until=until, guard=settings.instance)
+        sim.operator = _operator_actions(real, settings.instance)
         sim.build_signals()
         prom, prom_reports = await ranges(settings, sim.signals, directory, since, until)
         sim.prometheus = prom

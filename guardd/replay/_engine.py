@@ -21,7 +21,7 @@ import tempfile
 from collections import Counter, deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from guardd.config import Settings
 from guardd.core.types import COLORS, Color, Outcome
@@ -97,6 +97,10 @@ def _fewer_collections() -> Iterator[None]:
         gc.set_threshold(*threshold)
 
 
+#: The name of the stream of operator actions among the sources' batches.
+_OPERATOR: Final = "\x00operator"
+
+
 class _NullLog:
     """A logger that says nothing: the decisions are the journal's events."""
 
@@ -127,7 +131,7 @@ class Simulation:
     #: `_run` (false: every record goes through `_step`; the tests compare the two).
     fast_probes = True
 
-    def __init__(
+    def __init__(  # noqa: PLR0915 - a statement per attribute, each with what it holds
         self,
         settings: Settings,
         directory: Path,
@@ -150,6 +154,10 @@ class Simulation:
         self.sources: dict[str, SourceReport] = {}
         #: Per prometheus signal replayed from Prometheus' own history: (wall, color, data).
         self.prometheus = prometheus or {}
+        #: The live journal's operator actions replayed at their time: (wall, `paused` or
+        #: `resumed` event). Not recorded in the observations; a resume refills the
+        #: rollback budget, which the replayed guard must know to decide as live did.
+        self.operator: list[tuple[float, dict[str, Any]]] = []
         self.journal = MemoryJournal(settings.instance, self.clock.wall)
         self.state_file = MemoryStateFile()
         self.switcher = MemorySwitcher()
@@ -172,6 +180,8 @@ class Simulation:
         #: The slowest probe interval a run of the history probed at (its `start`), if any
         #: said: a replayed guard probing faster sees rounds only that often.
         self.recorded_interval: float | None = None
+        #: The live journal's pauses and resumes replayed (`operator`).
+        self.operator_actions = 0
         self.ticks = 0
         self.skipped_ticks = 0
         #: Whether a tick shown to repeat the last one is counted rather than taken
@@ -579,8 +589,12 @@ class Simulation:
         for wall, color, data in self.prometheus.get(name, []):
             yield wall, next(self._order), name, (color, data)
 
+    def _operator_actions(self) -> Iterator[_Batch]:
+        for wall, event in sorted(self.operator, key=lambda pair: pair[0]):
+            yield wall, next(self._order), _OPERATOR, event
+
     def _externals(self) -> Iterator[_Batch]:
-        streams: list[Iterator[_Batch]] = []
+        streams: list[Iterator[_Batch]] = [self._operator_actions()]
         for name, sig in self.signals.items():
             if isinstance(sig, AccessLogSignal):
                 self.sources[name] = SourceReport("access_log")
@@ -598,12 +612,15 @@ class Simulation:
     async def _external(self, batch: _Batch, upto: float) -> None:
         """Hand one batch to its signal at its own time (never past monotonic `upto`)."""
         wall, _, name, payload = batch
-        sig = self.signals[name]
         at = min(max(self.clock.to_mono(wall), self.clock.monotonic()), upto)
         await self._until(at)
         self._quiet = 0
         self._only_probed = False
         self.clock.advance(at)
+        if name == _OPERATOR:
+            self._operator_action(payload)
+            return
+        sig = self.signals[name]
         if isinstance(sig, AccessLogSignal):
             sig.ingest(payload)
         elif isinstance(sig, LogMatchSignal):
@@ -614,6 +631,19 @@ class Simulation:
             color, data = payload
             sig.apply_sample(color, data, at)  # type: ignore[attr-defined]
         self._pulse_check()
+
+    def _operator_action(self, event: dict[str, Any]) -> None:
+        """An operator's `pause` or `resume`, as `guardctl` makes it (a resume ends a hold
+        and refills the rollback budget)."""
+        guard = self.guard
+        assert guard is not None  # noqa: S101
+        by = str(event.get("by") or "operator")
+        reason = event.get("reason") if isinstance(event.get("reason"), str) else None
+        if event.get("event") == "paused":
+            guard.pause(reason, by=by)
+        else:
+            guard.resume(reason, by=by)
+        self.operator_actions += 1
 
     def _outside(self, batch: _Batch) -> None:
         report = self.sources.get(batch[2])

@@ -545,3 +545,35 @@ def test_a_period_is_decided_on_the_state_the_whole_history_leaves_at_its_start(
         d["event"] == "qos_released" and parse_rfc3339(d["at"]) >= rolled_back_at + 45.0
         for d in whole
     ), whole
+
+
+@pytest.mark.parametrize("resumed", [True, False])
+def test_an_operators_resume_in_the_journal_refills_the_replayed_budget(
+    tmp_path: Path, tl: Timeline, resumed: bool
+) -> None:
+    """One rollback spends a budget of one; an operator switches back to green and, as
+    the live journal says, resumes: green's next failure is rolled back, as live. Without
+    that resume in the journal, the same history is a hold (the budget spent)."""
+    tl.start(active="green")
+    tl.rounds(30)
+    tl.rounds(8, green="http_5xx")
+    tl.rounds(10)
+    tl.recorder.switch("blue", "green", by="uid:0(root)", reason="fixed", event="switch")
+    tl.rounds(20)
+    if resumed:
+        tl.incident("resumed", reason="budget checked", by="uid:0(root)")
+    tl.rounds(20)
+    failed_at = tl.wall
+    tl.rounds(8, green="http_5xx")
+    tl.rounds(10)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    doc = replay_json("--config", str(cfg), "--set", "policy.max_rollbacks=1")
+    rollbacks = decisions(doc, "rollback_completed")
+    holds = decisions(doc, "hold")
+    if resumed:
+        assert len(rollbacks) == 2 and holds == [], doc["configs"][0]["decisions"]
+        assert abs(parse_rfc3339(rollbacks[1]["at"]) - failed_at) <= 1.0, rollbacks
+    else:
+        assert len(rollbacks) == 1 and len(holds) == 1, doc["configs"][0]["decisions"]
+        assert "budget" in holds[0]["reason"], holds
