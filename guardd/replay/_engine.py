@@ -526,13 +526,16 @@ class Simulation:
             kind = {"promote": "promote", "rollback_completed": "rollback"}.get(
                 str(rec.doc.get("event")), "switch"
             )
-            with contextlib.suppress(OperationRefused):
-                await guard.move_traffic(
-                    target,
-                    kind=kind,
-                    by=str(by or "operator"),
-                    reason=str(rec.doc.get("reason") or "switched by an operator"),
+            reason = str(rec.doc.get("reason") or "switched by an operator")
+            if guard.own_lock is not None:
+                # Live, no lock stood in the way (or it was forced); this config's lock
+                # would have: the move is made as recorded, and said to need --force.
+                reason += (
+                    " (the replayed config held its QoS lock then: guardctl would have "
+                    "refused this move without --force)"
                 )
+            with contextlib.suppress(OperationRefused):
+                await guard.move_traffic(target, kind=kind, by=str(by or "operator"), reason=reason)
         if self._started:
             await self._tick(rec.at)
 

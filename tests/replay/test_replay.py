@@ -577,3 +577,23 @@ def test_an_operators_resume_in_the_journal_refills_the_replayed_budget(
     else:
         assert len(rollbacks) == 1 and len(holds) == 1, doc["configs"][0]["decisions"]
         assert "budget" in holds[0]["reason"], holds
+
+
+@pytest.mark.parametrize(("rounds_before", "says"), [(0, True), (100, False)])
+def test_an_operators_move_while_the_replayed_lock_holds_is_said_to_need_force(
+    tmp_path: Path, tl: Timeline, rounds_before: int, says: bool
+) -> None:
+    """Live, nothing stood in the way of the operator's switch; the replayed config still
+    held the QoS lock of its rollback then, and guardctl would have refused: the move is
+    replayed as recorded, and its reason says so. Long after, nothing is said."""
+    tl.start(active="green")
+    tl.rounds(30)
+    tl.rounds(8, green="http_5xx")
+    tl.rounds(rounds_before)
+    tl.recorder.switch("blue", "green", by="uid:0(root)", reason="fixed", event="switch")
+    tl.rounds(20)
+    tl.close()
+    doc = replay_json("--config", str(config(tmp_path, tmp_path / "state")))
+    [moved] = decisions(doc, "switch")
+    assert moved["to"] == "green" and moved["reason"].startswith("fixed"), moved
+    assert ("would have refused this move without --force" in moved["reason"]) is says, moved
