@@ -331,7 +331,12 @@ def _no_history(sim: Any, directory: Path, since: float | None, until: float | N
 
 
 def _secs(seconds: float) -> str:
-    return f"{round(seconds, 1):g}s"
+    """`42.5s`, `2h`, `1m15s`; a time stamped in the year 9999 is `more than a year`."""
+    from guardd.config import MAX_DURATION_S, format_duration  # noqa: PLC0415
+
+    if seconds > MAX_DURATION_S:
+        return "more than a year"
+    return format_duration(round(seconds, 1)) if seconds >= 60 else f"{round(seconds, 1):g}s"
 
 
 def _uncovered(at: object, sim: Any, before: float, after: float, need: str) -> str | None:
