@@ -405,8 +405,12 @@ class Simulation:
             given = color_of(rec.doc.get("active"))
             self._damaged_start(rec.doc, given)
             interval = rec.doc.get("probe_interval_s")
-            if type(interval) in (int, float) and 0 < interval <= 86_400:
-                self.recorded_interval = max(self.recorded_interval or 0.0, float(interval))
+            if (
+                isinstance(interval, int | float)
+                and not isinstance(interval, bool)
+                and 0 < interval <= 86_400  # (NaN is neither)
+            ):
+                self.recorded_interval = max(self.recorded_interval or 0.0, interval)
             # The sim keeps its own color across a restart, unless the live one changed
             # while the daemon was down (someone moved traffic): that is adopted.
             moved = self.guard is None or (given is not None and given != self._live)
