@@ -626,6 +626,10 @@ class Simulation:
         self.clock.advance(at)
         if name == _OPERATOR:
             self._operator_action(payload)
+            if self._started:
+                # guardctl wakes the decision loop: a hold resumed while its color still
+                # fails is a hold again at once, as live.
+                await self._tick(at)
             return
         sig = self.signals[name]
         if isinstance(sig, AccessLogSignal):

@@ -597,3 +597,23 @@ def test_an_operators_move_while_the_replayed_lock_holds_is_said_to_need_force(
     [moved] = decisions(doc, "switch")
     assert moved["to"] == "green" and moved["reason"].startswith("fixed"), moved
     assert ("would have refused this move without --force" in moved["reason"]) is says, moved
+
+
+def test_a_hold_resumed_while_its_color_still_fails_is_a_hold_again_at_once(
+    tmp_path: Path, tl: Timeline
+) -> None:
+    """Blue, the rollback target, is active and fails: a hold. The operator resumes while
+    it still fails; live, the woken tick holds again within milliseconds, and so does the
+    replay, at the resume, not at the next probe round."""
+    tl.start(active="blue")
+    tl.rounds(30)
+    tl.rounds(20, blue="http_5xx")
+    tl.tick(0.05)  # between two probe records
+    resumed_at = tl.wall
+    tl.incident("resumed", reason="looking at it", by="uid:0(root)")
+    tl.rounds(10, blue="http_5xx")
+    tl.close()
+    doc = replay_json("--config", str(config(tmp_path, tmp_path / "state")))
+    holds = decisions(doc, "hold")
+    assert len(holds) == 2, doc["configs"][0]["decisions"]
+    assert abs(parse_rfc3339(holds[1]["at"]) - resumed_at) <= 0.01, (holds, resumed_at)
