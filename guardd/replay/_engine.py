@@ -523,9 +523,11 @@ class Simulation:
         if by == "guardd" or fleet_decision(rec.doc):
             return  # the replayed config decides its own rollbacks
         if by == "external":
-            self.switcher.active = target  # adopted at the next tick, as live
-            return
-        if guard.active != target:
+            # The daemon adopted it at a tick and recorded it then: the replayed guard
+            # adopts it at this moment too (its tick reads the switcher), never a tick
+            # later, which would count its windows from a probe round late.
+            self.switcher.active = target
+        elif guard.active != target:
             # An operator's move: made as `guardctl switch` / `promote` / `rollback` makes it.
             kind = {"promote": "promote", "rollback_completed": "rollback"}.get(
                 str(rec.doc.get("event")), "switch"

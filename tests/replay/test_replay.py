@@ -391,6 +391,37 @@ def test_switches_made_by_others_are_made_in_the_replay_too(
     assert (rb["color"], rb["to"]) == ("blue", "green")
 
 
+@pytest.mark.parametrize("failing_after", [0.0, 0.03, 0.07])
+def test_a_switch_made_outside_guardd_is_adopted_when_the_daemon_adopted_it(
+    tmp_path: Path, tl: Timeline, failing_after: float
+) -> None:
+    """The daemon adopts a switch made outside it at a tick, and journals it then; the
+    replayed guard adopts it at that moment too, not a tick later: green, failing from
+    the adoption on, is rolled back at its third failure (the config's rule), exactly
+    when the daemon would have, whatever the phase of the probe rounds."""
+    tl.start(active="blue")
+    tl.rounds(100)
+    tl.tick(failing_after)
+    adopted_at = tl.wall
+    tl.recorder.switch("blue", "green", by="external", reason="adopted", event="external_switch")
+    tl.tick(-failing_after)  # the rounds keep their own phase
+    third = []
+    for _ in range(6):
+        tl.rounds(1, green="http_5xx")
+        third.append(tl.wall)
+    tl.rounds(20)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    doc = replay_json("--config", str(cfg))
+    [moved] = decisions(doc, "external_switch")
+    assert parse_rfc3339(moved["at"]) == pytest.approx(adopted_at, abs=1e-3)
+    [rb] = decisions(doc, "rollback_completed")
+    assert (rb["color"], rb["to"]) == ("green", "blue")
+    # Green's failing rounds after the adoption: the third one decides.
+    after = [t for t in third if t > adopted_at]
+    assert parse_rfc3339(rb["at"]) == pytest.approx(after[2], abs=1e-3)
+
+
 @pytest.mark.parametrize("with_severity", [True, False])
 def test_a_fleet_nodes_rollback_applied_from_its_leader_is_not_this_configs_detection(
     tmp_path: Path, tl: Timeline, with_severity: bool
