@@ -257,7 +257,7 @@ def _cadence_note(interval: float, recorded: float | None) -> list[str]:
     note = (
         f"probe.interval {interval:g}s is faster than the history's {recorded:g}s: probe "
         "rounds come only as often as they were recorded, so consecutive failures take "
-        f"{recorded:g}s each and a color may be judged stale between two rounds"
+        f"{recorded:g}s each, and a color is judged stale on the history's cadence"
     )
     return [note]
 

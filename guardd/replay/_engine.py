@@ -180,6 +180,8 @@ class Simulation:
         #: The slowest probe interval a run of the history probed at (its `start`), if any
         #: said: a replayed guard probing faster sees rounds only that often.
         self.recorded_interval: float | None = None
+        #: The probe interval the current run of the history probed at, if its `start` said.
+        self._run_interval: float | None = None
         #: The live journal's pauses and resumes replayed (`operator`).
         self.operator_actions = 0
         self.ticks = 0
@@ -261,6 +263,12 @@ class Simulation:
             log=_NullLog(),
         )
         guard.qos.store = self.locks
+        if self._run_interval is not None and self._run_interval > self._interval:
+            # The history holds a round only every recorded interval: a config probing
+            # faster would judge every color stale between two of them (and alert, and
+            # refuse rollbacks to it) for want of rounds that were never recorded, not
+            # for anything the upstreams did. Staleness is judged on the recorded cadence.
+            guard.machine.probe_interval = self._run_interval
         await guard.recover(guard.state_file.load())
         guard.record("started", target=guard.active, reason="replayed run")
         self.guard = guard
@@ -405,11 +413,13 @@ class Simulation:
             given = color_of(rec.doc.get("active"))
             self._damaged_start(rec.doc, given)
             interval = rec.doc.get("probe_interval_s")
+            self._run_interval = None
             if (
                 isinstance(interval, int | float)
                 and not isinstance(interval, bool)
                 and 0 < interval <= 86_400  # (NaN is neither)
             ):
+                self._run_interval = float(interval)
                 self.recorded_interval = max(self.recorded_interval or 0.0, interval)
             # The sim keeps its own color across a restart, unless the live one changed
             # while the daemon was down (someone moved traffic): that is adopted.

@@ -106,6 +106,58 @@ def test_a_cadence_faster_than_the_recorded_one_is_said(tmp_path: Path, tl: Time
     assert note in replay(*faster).stdout
 
 
+def _slow_history(tl: Timeline, *, blue_silent_rounds: int = 0) -> None:
+    """A history probed every 500 ms: green fails and the live guard rolled back; after
+    `blue_silent_rounds` rounds in which only green was probed (blue's prober stuck)."""
+    tl.start(active="green", interval=0.5)
+    tl.rounds(150, interval=0.5)
+    for _ in range(blue_silent_rounds):
+        tl.tick(0.5)
+        tl.recorder.probe("green", "ok", 0.004, None, 200)
+    tl.rounds(3, interval=0.5, green="http_5xx")
+    tl.rolled_back()
+    tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+    tl.rounds(20, interval=0.5, green="http_5xx")
+    tl.rounds(300, interval=0.5)
+    tl.close()
+
+
+@pytest.mark.parametrize("faster", ["100ms", "250ms", "400ms"])
+def test_a_faster_cadence_tried_decides_as_the_recorded_one_between_rounds(
+    tmp_path: Path, tl: Timeline, faster: str
+) -> None:
+    """The history holds a round every 500 ms: a what-if probing faster finds a color's
+    last round older than three of its own intervals between any two recorded ones. That
+    is no news of the upstreams: it is never judged stale for it (no alert, no hold, no
+    refused rollback counted in the summary); the decisions are the recorded cadence's."""
+    _slow_history(tl)
+    cfg = config(tmp_path, tmp_path / "state", interval="500ms", qos_window="10s")
+    base = replay_json("--config", str(cfg))["configs"][0]
+    tried = replay_json("--config", str(cfg), "--set", f'probe.interval="{faster}"')
+    got = tried["configs"][0]
+    assert got["summary"]["rollbacks"] == base["summary"]["rollbacks"] == 1
+    assert got["summary"]["holds"] == base["summary"]["holds"] == 0
+    assert got["summary"]["alerts"] == base["summary"]["alerts"]
+    assert not [d for d in got["decisions"] if "stale" in d.get("reason", "")], got["decisions"]
+    [rb] = decisions(tried, "rollback_completed")
+    [was] = [d for d in base["decisions"] if d["event"] == "rollback_completed"]
+    assert parse_rfc3339(rb["at"]) == pytest.approx(parse_rfc3339(was["at"]), abs=0.5)
+
+
+def test_a_color_not_probed_for_longer_than_the_recorded_cadence_allows_is_still_stale(
+    tmp_path: Path, tl: Timeline
+) -> None:
+    """Blue was not probed for 4 s of a 500 ms history (eight rounds lost) just before
+    green failed: the rollback target is stale, at the recorded cadence and at a faster
+    one alike, and the guard refuses to roll back to it until it is probed again."""
+    _slow_history(tl, blue_silent_rounds=8)
+    cfg = config(tmp_path, tmp_path / "state", interval="500ms", qos_window="10s")
+    for args in ((), ("--set", 'probe.interval="100ms"')):
+        doc = replay_json("--config", str(cfg), *args)
+        stale = [d for d in doc["configs"][0]["decisions"] if "blue is stale" in d["reason"]]
+        assert stale, (args, doc["configs"][0]["decisions"])
+
+
 def test_a_higher_threshold_misses_a_short_incident_and_says_not_detected(
     tmp_path: Path, tl: Timeline
 ) -> None:
