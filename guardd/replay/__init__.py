@@ -541,6 +541,14 @@ async def _replay_all(
         "journal": str(journal_path),
         "journal_problem": journal_problem,
         "journal_skipped": journal_skipped,
+        # A journal shared with (or copied from) another guard: its incidents are no
+        # incident of this one, and are counted rather than dropped unsaid.
+        "journal_other_guards": sum(
+            1
+            for e in real
+            if e.get("event") in _report.INCIDENTS
+            and e.get("guard", settings.instance) != settings.instance
+        ),
         "sources": sources,
         "configs": configs,
     }

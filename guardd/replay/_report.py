@@ -118,14 +118,16 @@ def detect(
                 default=None,
             )
         evidence = inc.get("evidence")
-        evidence = evidence if isinstance(evidence, dict) else {}
+        rule = evidence.get("rule") if isinstance(evidence, dict) else None
         out.append(
             {
-                "at": inc.get("ts"),
+                # Read from a file anyone may have edited: the time as every other time
+                # of the report is written, a rule only when it is a name.
+                "at": stamp(at) if at is not None else inc.get("ts"),
                 "event": inc.get("event"),
                 "color": inc.get("from"),
                 "to": inc.get("to"),
-                "rule": evidence.get("rule"),
+                "rule": rule if isinstance(rule, str) else None,
                 "detected_at": found[1]["at"] if found else None,
                 "detected_by": found[1]["event"] if found else None,
                 "delay_s": round(found[0] - at, 3) if found and at is not None else None,
@@ -269,12 +271,18 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
         or h["missing_days"]
         or h["gaps"]
         or doc.get("journal_skipped")
+        or doc.get("journal_other_guards")
     ):
         out.append("  nothing in the observations")
     if doc.get("journal_skipped"):
         out.append(
             f"  {doc['journal_skipped']} journal line(s) of {doc['journal']}: "
             "not an event as guardd writes it"
+        )
+    if doc.get("journal_other_guards"):
+        out.append(
+            f"  {doc['journal_other_guards']} incident(s) of {doc['journal']}: of another "
+            "guard than the one replayed, not matched"
         )
     out.extend(f"  {n} observation line(s): {why}" for why, n in sorted(h["skipped"].items()))
     out.extend(f"  {problem}" for problem in h["problems"])

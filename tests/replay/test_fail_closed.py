@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -310,6 +311,40 @@ def test_a_missing_journal_is_said_and_junk_lines_are_counted(tmp_path: Path) ->
     text = replay("--config", str(cfg))
     assert f"5 journal line(s) of {journal}: not an event as guardd writes it" in text.stdout
     assert "purple" not in text.stdout
+
+
+def test_journal_incidents_written_by_hand_or_by_another_guard_are_shown_as_read(
+    tmp_path: Path,
+) -> None:
+    """A journal edited by hand: a time without milliseconds is shown as every time of
+    the report is; a rule that is no name (an object, a number) is no rule, never a
+    Python repr; an incident of another guard is counted, never dropped unsaid."""
+    state = tmp_path / "state"
+    tl = _healthy(state)
+    tl.close()
+    cfg = config(tmp_path, state)
+    at = DAY0 + 3600 + 10
+    bare = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+    hand = [
+        {"event": "hold", "guard": "lab", "from": "green", "ts": bare,
+         "evidence": {"rule": {"name": "x"}}},
+        {"event": "hold", "guard": "lab", "from": "green", "ts": rfc3339(at + 1),
+         "evidence": {"rule": 7}},
+        {"event": "rollback_completed", "guard": "other", "from": "green", "to": "blue",
+         "ts": rfc3339(at + 2)},
+    ]  # fmt: skip
+    (state / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in hand))
+    doc = replay_json("--config", str(cfg))
+    incidents = doc["configs"][0]["incidents"]
+    assert [(i["at"], i["rule"]) for i in incidents] == [
+        (rfc3339(at), None),
+        (rfc3339(at + 1), None),
+    ]
+    assert doc["journal_other_guards"] == 1
+    text = replay("--config", str(cfg)).stdout
+    assert f"  {rfc3339(at)}  hold green (no rule)" in text
+    assert "{'name'" not in text and "(7)" not in text
+    assert f"1 incident(s) of {state / 'events.jsonl'}: of another guard" in text
 
 
 def test_without_config_guardd_config_is_used_as_the_help_says(tmp_path: Path) -> None:
