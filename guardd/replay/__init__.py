@@ -339,33 +339,36 @@ def _secs(seconds: float) -> str:
     return format_duration(round(seconds, 1)) if seconds >= 60 else f"{round(seconds, 1):g}s"
 
 
-def _uncovered(at: object, sim: Any, before: float, after: float, need: str) -> str | None:
+def _uncovered(
+    at: object, sim: Any, before: float, after: float, need: str
+) -> tuple[str | None, bool]:
     """Why the history does not hold what a decision at the moment `at` was taken on, or
     None when it does: records from `before` seconds ahead of it (`need`: the failures its
     quickest rule counts) until `after` seconds short of it (the probe round it followed),
     and no stretch where records were lost in between. A history that ends, or begins,
-    within the failure is no verdict on it."""
+    within the failure is no verdict on it. The flag: whether no decision can be credited
+    to it either (records lost around it, or the history begins after it: the config never
+    saw the failure begin)."""
     from guardd.journal import parse_rfc3339, rfc3339  # noqa: PLC0415
 
     try:
         t = parse_rfc3339(str(at))
     except ValueError:
-        return "its time cannot be read"
+        return "its time cannot be read", False
     if sim.first_ts is None or sim.last_ts is None:
-        return "no record"
+        return "no record", False
     if t > sim.last_ts + after:
-        return f"the history ends {_secs(t - sim.last_ts)} before it"
+        return f"the history ends {_secs(t - sim.last_ts)} before it", False
     if sim.first_ts > t - before:
-        begins = (
-            f"the history begins {_secs(t - sim.first_ts)} before it"
-            if sim.first_ts <= t
-            else f"the history begins {_secs(sim.first_ts - t)} after it"
-        )
-        return f"{begins}, and {need} take {_secs(before)}"
+        if sim.first_ts <= t:
+            begins = f"the history begins {_secs(t - sim.first_ts)} before it"
+        else:
+            begins = f"the history begins {_secs(sim.first_ts - t)} after it"
+        return f"{begins}, and {need} take {_secs(before)}", sim.first_ts > t
     for end, gap in sim.gaps:
         if t - before < end and end - gap < t:
-            return f"records lost for {_secs(gap)} before {rfc3339(end)}"
-    return None
+            return f"records lost for {_secs(gap)} before {rfc3339(end)}", True
+    return None, False
 
 
 def _decided(event: dict[str, Any], journal: list[dict[str, Any]]) -> dict[str, Any]:
@@ -397,12 +400,14 @@ def _incidents(
     # Without `--to`, every incident after the history too: a history that ends before
     # the journal does (its last records lost, recording stopped, a copy cut short)
     # must show what it does not cover, never look complete.
+    # An incident is in the period by the time it is placed at (a rollback's decision),
+    # as it is shown and matched: never dropped for its switch ending after `--to`.
     incidents = [
-        _decided(e, real)
+        placed
         for e in real
         if e.get("event") in _report.INCIDENTS
         and e.get("guard", instance) == instance
-        and _report.within(e.get("ts"), lo, until)
+        and _report.within((placed := _decided(e, real)).get("ts"), lo, until)
     ]
     found = _report.detect(incidents, decisions, tolerance)
     # The failures the quickest rule counts (`consecutive_failures` rounds), and the
@@ -411,7 +416,11 @@ def _incidents(
     after = max(1.0, 2 * c.probe.interval)
     need = f"consecutive_failures = {c.policy.consecutive_failures} at {c.probe.interval:g}s"
     for inc in found:
-        why = _uncovered(inc.get("at"), first, before, after, need)
+        why, lost = _uncovered(inc.get("at"), first, before, after, need)
+        if why is not None and inc["detected_at"] is not None and not lost:
+            # Too little history around it to say it would be missed, but the config
+            # did decide on it (another rule, quicker than the one counted): detected.
+            why = None
         inc["covered"], inc["not_covered"] = why is None, why
         if why is not None:
             # A decision the config took after a hole in the records is no detection

@@ -97,6 +97,60 @@ def test_an_incident_too_early_for_a_what_if_says_what_the_what_if_needs(
     assert f"not covered by the history ({why})" in replay(*what_if).stdout
 
 
+def test_an_incident_a_quicker_rule_caught_is_detected_whatever_the_counted_rule_needs(
+    tmp_path: Path,
+) -> None:
+    """10 s of records before a live rollback, and green failing on: a what-if asking
+    100 failures in a row could not have rolled back by that rule, but its P1 ratio rule
+    did, within the match window. That is a detection, with its time, never "not
+    covered" for the rule that did not fire."""
+    tl = Timeline(tmp_path / "state")
+    tl.start(active="green")
+    tl.rounds(50)
+    tl.rounds(3, green="http_5xx")
+    live_at = tl.wall
+    tl.rolled_back()
+    tl.rounds(60, green="http_5xx")
+    tl.rounds(100)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    doc = replay_json("--config", str(cfg), "--set", "policy.consecutive_failures=100")
+    [rb] = decisions(doc, "rollback_completed")
+    assert rb["rule"] == "p1_error_ratio", rb
+    [incident] = doc["configs"][0]["incidents"]
+    assert (incident["covered"], incident["not_covered"]) == (True, None), incident
+    assert incident["detected_at"] == rb["at"]
+    assert incident["delay_s"] == pytest.approx(parse_rfc3339(rb["at"]) - live_at, abs=0.002)
+
+
+def test_a_rollback_decided_before_to_and_completed_after_it_is_in_the_period(
+    tmp_path: Path,
+) -> None:
+    """The report places a live rollback at its decision (`rollback_started`): one whose
+    switch completed after `--to` is still an incident of a period that holds the
+    decision, matched with the replayed one."""
+    tl = Timeline(tmp_path / "state")
+    tl.start(active="green")
+    tl.rounds(50)
+    tl.rounds(3, green="http_5xx")
+    decided = tl.wall
+    tl.incident("rollback_started", id="rb-1", source="green", target="blue", severity="P0")
+    tl.tick(0.25)
+    tl.incident(
+        "rollback_completed", rollback_id="rb-1", source="green", target="blue", severity="P0",
+        reason="P0 consecutive_failures: 3 >= 3 on green; rolling back to blue",
+        evidence={"rule": "consecutive_failures"},
+    )  # fmt: skip
+    tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+    tl.rounds(100)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    doc = replay_json("--config", str(cfg), "--to", rfc3339(decided + 0.1))
+    [incident] = doc["configs"][0]["incidents"]
+    assert incident["at"] == rfc3339(decided)
+    assert incident["detected_at"] is not None and abs(incident["delay_s"]) <= 0.2, incident
+
+
 def test_from_after_to_is_a_usage_error(tmp_path: Path) -> None:
     tl = _healthy(tmp_path / "state")
     tl.close()
