@@ -249,9 +249,17 @@ def _notes(a: Any, b: Any, sets: list[str]) -> list[str]:
     return notes
 
 
-def _cadence_note(interval: float, recorded: float | None) -> list[str]:
+def _cadence_note(interval: float, recorded: float | None, fed: int, thinned: int) -> list[str]:
     """A config probing faster than the history was recorded sees rounds only as often as
-    they were recorded: its counts of rounds and its staleness are the history's, said."""
+    they were recorded: its counts of rounds and its staleness are the history's, said. One
+    probing slower is fed only the rounds it would have made (`fed` of `fed + thinned`)."""
+    if thinned:
+        note = (
+            f"probe.interval {interval:g}s is slower than the history's: {fed:,} of its "
+            f"{fed + thinned:,} recorded probes replayed, those a guard probing every "
+            f"{interval:g}s would have made (each the recorded round nearest its time)"
+        )
+        return [note]
     if recorded is None or interval >= recorded * 0.99:
         return []
     note = (
@@ -490,7 +498,9 @@ async def _replay_all(
                 "set": [shown_set(x) for x in sets] if i == 0 else [],
                 "env": env,
                 "notes": ([] if i == 0 else _notes(settings, s, sets))
-                + _cadence_note(s.config.probe.interval, sim.recorded_interval),
+                + _cadence_note(
+                    s.config.probe.interval, sim.recorded_interval, sim.probes_fed, sim.thinned
+                ),
                 "decisions": decisions,
                 "summary": _report.summary(decisions),
                 "incidents": found,

@@ -13,7 +13,7 @@ import pytest
 
 from guardd.journal import parse_rfc3339, rfc3339
 from tests.harness.daemon import nobody_prefix
-from tests.replay.history import GUARDD, Timeline, config, decisions, replay, replay_json
+from tests.replay.history import DAY0, GUARDD, Timeline, config, decisions, replay, replay_json
 
 INTERVAL = 0.2
 
@@ -142,6 +142,43 @@ def test_a_faster_cadence_tried_decides_as_the_recorded_one_between_rounds(
     [rb] = decisions(tried, "rollback_completed")
     [was] = [d for d in base["decisions"] if d["event"] == "rollback_completed"]
     assert parse_rfc3339(rb["at"]) == pytest.approx(parse_rfc3339(was["at"]), abs=0.5)
+
+
+@pytest.mark.parametrize(("interval", "fast"), [("2s", "2s"), ("2s", "500ms"), ("5s", "5s")])
+def test_a_slower_cadence_tried_sees_only_the_rounds_it_would_have_made(
+    tmp_path: Path, tl: Timeline, interval: str, fast: str
+) -> None:
+    """A 500 ms history replayed at 2 s (or 5 s) is fed one recorded round of each color
+    per 2 s: three failures in a row take some 4 s more than live, not the history's
+    1.5 s; confirming at `fast_interval` 500 ms takes every recorded round again; the
+    guard window counts the probes the slower guard made. The report says so."""
+    _slow_history(tl)
+    failing_from = DAY0 + 3600 + 150 * 0.5  # green's first failing round ends 0.5 s after
+    every = {"2s": 2.0, "5s": 5.0, "500ms": 0.5}
+    cfg = config(tmp_path, tmp_path / "state", interval="500ms", qos_window="1m")
+    doc = replay_json(
+        "--config", str(cfg), "--set", f'probe.interval="{interval}"',
+        "--set", f'probe.fast_interval="{fast}"',
+    )  # fmt: skip
+    got = doc["configs"][0]
+    [note] = got["notes"]
+    assert note.startswith(f"probe.interval {every[interval]:g}s is slower than the history's")
+    [rb] = decisions(doc, "rollback_completed")
+    at = parse_rfc3339(rb["at"])
+    if rb["rule"] == "consecutive_failures":
+        # The first failing round seen comes within one cadence of the failure's start;
+        # the two more the rule needs come a confirming cadence apart each.
+        first_seen = at - 2 * every[fast]
+        assert failing_from < first_seen <= failing_from + every[interval] + 0.25, rb
+    else:
+        # At 5 s the P1 ratio rule is quicker: two failing rounds of seven, 5 s apart.
+        assert rb["rule"] == "p1_error_ratio", rb
+        assert failing_from + every[interval] <= at <= failing_from + 2 * every[interval] + 0.25
+    [released] = decisions(doc, "qos_released")
+    held_over = int(released["reason"].split("SLOs held over ")[1].split()[0])
+    assert held_over <= 65 / every[interval] + 1, released["reason"]
+    text = replay("--config", str(cfg), "--set", f'probe.interval="{interval}"').stdout
+    assert "is slower than the history's" in text
 
 
 def test_a_color_not_probed_for_longer_than_the_recorded_cadence_allows_is_still_stale(
