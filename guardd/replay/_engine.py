@@ -251,10 +251,19 @@ class Simulation:
             signals=self.signals,
         )
 
-    async def _new_run(self, active: Color | None) -> None:
-        """A daemon (re)start: a new guard that recovers as `Supervisor.run` does."""
+    async def _new_run(self, active: Color | None, *, moved_unseen: bool = False) -> None:
+        """A daemon (re)start: a new guard that recovers as `Supervisor.run` does.
+
+        `moved_unseen`: the run serves `active`, another color than the replayed guard
+        served, after a run that ended without a `stop` record. The history lost how
+        traffic moved (the live guard's own rollback, or an operator's switch): the new
+        guard adopts it, journaled as an `external_switch` that says so, never as a switch
+        made while the daemon was down (which the live daemon would journal)."""
         self._run_ends()
+        moved_from = None
         if self.guard is not None:
+            if moved_unseen and active is not None:
+                moved_from, self.guard.active = self.guard.active, active
             self.guard.save_state()
             # A daemon started again reads its logs from their end into fresh windows: the
             # lines of the run before never count in this one's.
@@ -283,6 +292,18 @@ class Simulation:
             # for anything the upstreams did. Staleness is judged on the recorded cadence.
             guard.machine.probe_interval = self._run_interval
         await guard.recover(guard.state_file.load())
+        if moved_from is not None and moved_from != guard.active:
+            guard.record(
+                "external_switch",
+                source=moved_from,
+                target=guard.active,
+                by="unknown",
+                reason=(
+                    f"the run that began here served {guard.active}; the records before it "
+                    "were lost (the run before never said it stopped), and with them how "
+                    "traffic moved: adopted"
+                ),
+            )
         guard.record("started", target=guard.active, reason="replayed run")
         self.guard = guard
         self._after = None
@@ -421,7 +442,7 @@ class Simulation:
             # a record like any other that moves the clock, and does nothing more.
             self._live = color_of(rec.doc.get("active"))
         if rec.kind == "start":
-            self._down = False
+            stopped, self._down = self._down, False
             self.clock.set(rec.at, rec.ts)
             given = color_of(rec.doc.get("active"))
             self._damaged_start(rec.doc, given)
@@ -437,8 +458,11 @@ class Simulation:
             # The sim keeps its own color across a restart, unless the live one changed
             # while the daemon was down (someone moved traffic): that is adopted.
             moved = self.guard is None or (given is not None and given != self._live)
+            # The run before never said it stopped (a crash; its last records lost): who
+            # moved traffic before this run began is not in the history.
+            unseen = moved and self.guard is not None and given is not None and not stopped
             self._live = given
-            await self._new_run(given if moved else None)
+            await self._new_run(given if moved else None, moved_unseen=unseen)
             return
         if self._down:
             # After its run's `stop`, the run wrote nothing more (damage, or records

@@ -379,3 +379,34 @@ def test_records_guardd_never_writes_are_counted_and_move_nothing(tmp_path: Path
     assert abs(parse_rfc3339(rb["at"]) - failed_at) <= 0.2, rb
     late = [d for d in doc["configs"][0]["decisions"] if parse_rfc3339(d["at"]) > stopped]
     assert late == [], late
+
+
+@pytest.mark.parametrize("stopped", [False, True])
+def test_traffic_moved_while_records_were_lost_is_adopted_as_unknown_not_as_a_switch(
+    tmp_path: Path, stopped: bool
+) -> None:
+    """Green failed and the live guard rolled back, but the run's last records (the
+    switch among them) were lost in a crash: the next run starts serving blue. The replay
+    follows it, and says how traffic moved is unknown, never that someone switched it
+    while the daemon was down. After a clean `stop`, it is such a switch, as live."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    tl.rounds(100)
+    if stopped:
+        tl.recorder.stop()
+    tl.tick(30)
+    tl.start(active="blue")
+    tl.rounds(100)
+    tl.close()
+    cfg = config(tmp_path, state)
+    doc = replay_json("--config", str(cfg))
+    [moved] = decisions(doc, "external_switch")
+    assert (moved["color"], moved["to"]) == ("green", "blue")
+    if stopped:
+        assert moved["by"] == "external", moved
+        assert "while guardd was not running" in moved["reason"]
+    else:
+        assert moved["by"] == "unknown", moved
+        assert "records before it were lost" in moved["reason"]
+        assert "while guardd was not running" not in moved["reason"]
