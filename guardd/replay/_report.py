@@ -21,6 +21,10 @@ DECISIONS: Final = (
     "switch",
     "promote",
     "external_switch",
+    # An operator's pause and resume, replayed from the live journal: a resume refills
+    # the rollback budget, so what follows may differ from what was decided without it.
+    "paused",
+    "resumed",
 )
 #: How each is named in the text report.
 _SHOWN: Final = {

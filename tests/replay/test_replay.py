@@ -694,6 +694,11 @@ def test_an_operators_resume_in_the_journal_refills_the_replayed_budget(
     if resumed:
         assert len(rollbacks) == 2 and holds == [], doc["configs"][0]["decisions"]
         assert abs(parse_rfc3339(rollbacks[1]["at"]) - failed_at) <= 1.0, rollbacks
+        # The resume replayed is listed among the decisions, as the operator's switch is.
+        [again] = decisions(doc, "resumed")
+        assert (again["by"], again["reason"]) == ("uid:0(root)", "budget checked"), again
+        text = replay("--config", str(cfg), "--set", "policy.max_rollbacks=1").stdout
+        assert "resumed" in text and "budget checked" in text
     else:
         assert len(rollbacks) == 1 and len(holds) == 1, doc["configs"][0]["decisions"]
         assert "budget" in holds[0]["reason"], holds
