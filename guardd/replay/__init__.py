@@ -249,25 +249,28 @@ def _notes(a: Any, b: Any, sets: list[str]) -> list[str]:
     return notes
 
 
-def _cadence_note(interval: float, recorded: float | None, fed: int, thinned: int) -> list[str]:
+def _cadence_note(
+    interval: float, fast: float, recorded: float | None, fed: int, thinned: int
+) -> list[str]:
     """A config probing faster than the history was recorded sees rounds only as often as
     they were recorded: its counts of rounds and its staleness are the history's, said. One
     probing slower is fed only the rounds it would have made (`fed` of `fed + thinned`)."""
+    notes = []
     if thinned:
-        note = (
-            f"probe.interval {interval:g}s is slower than the history's: {fed:,} of its "
-            f"{fed + thinned:,} recorded probes replayed, those a guard probing every "
-            f"{interval:g}s would have made (each the recorded round nearest its time)"
+        notes.append(
+            f"probe.interval {interval:g}s (fast_interval {fast:g}s while confirming a "
+            f"failure) is slower than the history was recorded: {fed:,} of its "
+            f"{fed + thinned:,} recorded probes replayed, those a guard at this cadence "
+            "would have made (each the recorded round nearest its time)"
         )
-        return [note]
     if recorded is None or interval >= recorded * 0.99:
-        return []
+        return notes
     note = (
         f"probe.interval {interval:g}s is faster than the history's {recorded:g}s: probe "
         "rounds come only as often as they were recorded, so consecutive failures take "
         f"{recorded:g}s each, and a color is judged stale on the history's cadence"
     )
-    return [note]
+    return [*notes, note]
 
 
 def _real_journal(path: Path, instance: str) -> tuple[list[dict[str, Any]], str | None, int]:
@@ -499,7 +502,11 @@ async def _replay_all(
                 "env": env,
                 "notes": ([] if i == 0 else _notes(settings, s, sets))
                 + _cadence_note(
-                    s.config.probe.interval, sim.recorded_interval, sim.probes_fed, sim.thinned
+                    s.config.probe.interval,
+                    s.config.probe.fast_interval,
+                    sim.recorded_interval,
+                    sim.probes_fed,
+                    sim.thinned,
                 ),
                 "decisions": decisions,
                 "summary": _report.summary(decisions),

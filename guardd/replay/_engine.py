@@ -182,12 +182,15 @@ class Simulation:
         self.recorded_interval: float | None = None
         #: The probe interval the current run of the history probed at, if its `start` said.
         self._run_interval: float | None = None
-        #: For a config probing slower than the current run did: when each color's next
-        #: probe is due at the config's cadence (a color absent: its next recorded round);
-        #: None replays every round (`_probe`).
-        self._due: dict[Color, float] | None = None
+        #: When each color's next probe is due at the config's cadence (absent: its next
+        #: recorded round), as `Supervisor._probe_loop` schedules it: a config probing
+        #: slower than the history was recorded (`probe.interval`, or `fast_interval` while
+        #: confirming a failure) is fed only the rounds it would have made (`_probe`).
+        self._due: dict[Color, float] = {}
         #: Each color's cadence when its due time was set (a change restarts the schedule).
         self._cadence: dict[Color, float] = {}
+        #: Each color's last recorded round (fed or not): the spacing of the history.
+        self._recorded_at: dict[Color, float] = {}
         #: Probe rounds recorded but left out, a guard at the config's slower cadence
         #: having made none then; and the rounds fed to the guard.
         self.thinned = 0
@@ -282,9 +285,9 @@ class Simulation:
             log=_NullLog(),
         )
         guard.qos.store = self.locks
-        slower = self._run_interval is not None and self._interval > self._run_interval * 1.01
-        self._due = {} if slower else None
+        self._due = {}
         self._cadence = {}
+        self._recorded_at = {}
         if self._run_interval is not None and self._run_interval > self._interval:
             # The history holds a round only every recorded interval: a config probing
             # faster would judge every color stale between two of them (and alert, and
@@ -513,14 +516,19 @@ class Simulation:
         if color is None or result is None:
             self.report.skipped[why_no_probe(doc)] += 1
             return False
-        due = self._due
-        if due is not None and not self._due_now(due, color, rec.at):
+        at = rec.at
+        recorded = self._recorded_at
+        previous = recorded.get(color)
+        recorded[color] = at
+        when = self._due.get(color)
+        # The recorded round nearest the due time stands for the round the guard made:
+        # one more than half the history's spacing early is left for the next.
+        if when is not None and previous is not None and at < when - (at - previous) / 2:
             self.thinned += 1
             return False
         self.probes_fed += 1
         wake = guard.observe(color, result)
-        if due is not None:
-            self._next_due(due, color, rec.at)
+        self._next_due(color, at)
         if not self._started:
             self._seen.add(color)
             if self._seen >= set(COLORS):
@@ -529,33 +537,20 @@ class Simulation:
             return False
         return wake
 
-    def _due_now(self, due: dict[Color, float], color: Color, at: float) -> bool:
-        """Whether the guard, probing at the config's cadence, would have probed `color`
-        at `at`: the recorded round nearest its due time (within half a recorded interval)
-        stands for the round it would have made."""
-        when = due.get(color)
-        assert self._run_interval is not None  # noqa: S101 - `_due` is set with it
-        return when is None or at >= when - self._run_interval / 2
-
-    def _next_due(self, due: dict[Color, float], color: Color, at: float) -> None:
+    def _next_due(self, color: Color, at: float) -> None:
         """After feeding a round of `color` at `at`: when the next one is due, as
         `Supervisor._probe_loop` schedules it (a fixed cadence without drift, slots
         overrun skipped; a new cadence, such as confirming a failure, from this round)."""
         guard = self.guard
         assert guard is not None  # noqa: S101
-        assert self._run_interval is not None  # noqa: S101
         cadence = guard.cadence(color)
-        if cadence <= self._run_interval * 1.01:
-            due.pop(color, None)  # every recorded round is due (confirming: fast_interval)
-            self._cadence.pop(color, None)
-            return
-        when = due.get(color)
+        when = self._due.get(color)
         if when is None or self._cadence.get(color) != cadence:
             when = at
         when += cadence
-        if when <= at - self._run_interval / 2:
-            when = at + cadence  # a gap in the records: the cadence goes on from here
-        due[color] = when
+        if when <= at:
+            when = at + cadence  # overran, or records lost: the cadence goes on from here
+        self._due[color] = when
         self._cadence[color] = cadence
 
     async def _front_door(self, rec: Record) -> None:

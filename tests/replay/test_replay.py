@@ -162,7 +162,10 @@ def test_a_slower_cadence_tried_sees_only_the_rounds_it_would_have_made(
     )  # fmt: skip
     got = doc["configs"][0]
     [note] = got["notes"]
-    assert note.startswith(f"probe.interval {every[interval]:g}s is slower than the history's")
+    assert note.startswith(
+        f"probe.interval {every[interval]:g}s (fast_interval {every[fast]:g}s while confirming "
+        "a failure) is slower than the history was recorded"
+    ), note
     [rb] = decisions(doc, "rollback_completed")
     at = parse_rfc3339(rb["at"])
     if rb["rule"] == "consecutive_failures":
@@ -178,7 +181,37 @@ def test_a_slower_cadence_tried_sees_only_the_rounds_it_would_have_made(
     held_over = int(released["reason"].split("SLOs held over ")[1].split()[0])
     assert held_over <= 65 / every[interval] + 1, released["reason"]
     text = replay("--config", str(cfg), "--set", f'probe.interval="{interval}"').stdout
-    assert "is slower than the history's" in text
+    assert "is slower than the history was recorded" in text
+
+
+@pytest.mark.parametrize(("fast", "confirm"), [("250ms", 0.25), ("400ms", 0.4), ("500ms", 0.5)])
+def test_a_slower_confirming_cadence_tried_waits_for_the_rounds_it_would_have_made(
+    tmp_path: Path, tl: Timeline, fast: str, confirm: float
+) -> None:
+    """Live, green failing was confirmed at `fast_interval` 250 ms: those rounds are in the
+    history. A what-if confirming every 500 ms (or 400 ms) sees the recorded round nearest
+    each of its own: the third failure in a row comes two such intervals after the first
+    (within half a recorded round), never sooner. Confirming as recorded, every one counts."""
+    tl.start(active="green", interval=0.5)
+    tl.rounds(150, interval=0.5)
+    # The first failing round comes at the interval, the live guard confirming the next
+    # ones at 250 ms (green is probed half-way through each round, after blue).
+    tl.rounds(1, interval=0.5, green="http_5xx")
+    first_failing = tl.wall
+    tl.rounds(12, interval=0.25, green="http_5xx")
+    tl.rolled_back()
+    tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+    tl.rounds(100, interval=0.5)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state", interval="500ms", qos_window="10s")
+    doc = replay_json("--config", str(cfg), "--set", f'probe.fast_interval="{fast}"')
+    [rb] = decisions(doc, "rollback_completed")
+    assert rb["rule"] == "consecutive_failures", rb
+    took = parse_rfc3339(rb["at"]) - first_failing
+    assert took == pytest.approx(2 * confirm, abs=0.126), (took, rb)
+    if confirm > 0.25:
+        [note] = doc["configs"][0]["notes"]
+        assert f"(fast_interval {confirm:g}s while confirming a failure)" in note, note
 
 
 def test_a_color_not_probed_for_longer_than_the_recorded_cadence_allows_is_still_stale(
