@@ -68,7 +68,7 @@ SWITCH_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _Child = TypeVar("_Child")
 
 #: What became of an access-log line, and the status classes of requests (contract §5).
-TRAFFIC_LINE_OUTCOMES = ("ok", "unparsed", "unattributed", "oversize", "shed")
+TRAFFIC_LINE_OUTCOMES = ("ok", "unparsed", "unattributed", "oversize", "shed", "late")
 TRAFFIC_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 

@@ -895,6 +895,11 @@ class Simulation:
             if self.guard is None or self._down or (died and pending[0] > last_wall):
                 # (Stopped: the daemon started again reads its logs from their end.)
                 self._outside(pending)
+            elif stepped and name in after_step:
+                # Written on the stepped clock, which the record stepping it is on: read
+                # by that clock (else its requests look as old as the step, `late`).
+                with self.clock.stepped(rec.at, rec.ts):
+                    await self._external(pending, rec.at)
             else:
                 await self._external(pending, rec.at)
             pending = next(externals, None)

@@ -39,7 +39,7 @@ _MOVES: Final = ("rollback_completed", "rollback_failed", "switch", "promote", "
 #: Journal events that are incidents a config should detect.
 INCIDENTS: Final = ("rollback_completed", "rollback_failed", "hold")
 #: The text report's words for line outcomes whose name says little to an operator.
-_LINE_WORDS: Final = {"shed": "over budget"}
+_LINE_WORDS: Final = {"shed": "over budget", "late": "late (ended before the window)"}
 _DAY: Final = re.compile(r"-(\d{4}-\d{2}-\d{2})\.jsonl\.gz$")
 
 

@@ -10,7 +10,8 @@ in memory too, across restarts, as a file would be; metrics go nowhere.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,6 +41,16 @@ class SimClock:
         if at > self._mono:  # noqa: PLR1730 - `max` without its call: once a record
             self._mono = at
         self._offset = ts - at
+
+    @contextlib.contextmanager
+    def stepped(self, at: float, ts: float) -> Iterator[None]:
+        """Within: the wall clock as of a record (`at`, `ts`) not reached yet, the monotonic
+        one where it stands; after, as before (the record is then stood at with `set`)."""
+        kept, self._offset = self._offset, ts - at
+        try:
+            yield
+        finally:
+            self._offset = kept
 
     def advance(self, at: float) -> None:
         """Move the monotonic clock on to `at` (never back); the wall clock follows."""

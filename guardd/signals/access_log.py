@@ -16,7 +16,10 @@ Every line ends in exactly one outcome of `LINE_OUTCOMES`:
 - `unparsed`: not a JSON object, or a field of an impossible type or value (forged, binary);
 - `unattributed`: `$upstream_addr` is `-` or an address of neither color;
 - `oversize`: longer than `max_line_bytes` (skipped without being held whole);
-- `shed`: over the per-second budget `max_lines_per_s`, skipped unparsed (see below).
+- `shed`: over the per-second budget `max_lines_per_s`, skipped unparsed (see below);
+- `late`: attributed, but its request ended before the window began (written or read that
+  late: a buffered log, lines appended out of order): no evidence of now, counted here
+  rather than in a window it would leave at once.
 
 Files are followed (`guardd.signals._tail`, shared with the other file-reading signals)
 by polling (every `poll_interval_s`) the path's inode and the open
@@ -84,7 +87,7 @@ FIELDS: Final = (
     "upstream_response_time",
 )
 #: What became of a line (the `outcome` label of `guardd_traffic_lines_total`).
-LINE_OUTCOMES: Final = ("ok", "unparsed", "unattributed", "oversize", "shed")
+LINE_OUTCOMES: Final = ("ok", "unparsed", "unattributed", "oversize", "shed", "late")
 #: Room for the syslog header (`<190>Nov 30 16:23:31 host tag: `) above `max_line_bytes`.
 SYSLOG_HEADER_BYTES: Final = 1024
 _DEFAULT_WINDOW_S: Final = 60.0
@@ -387,7 +390,7 @@ class AccessLogSignal:
         requests = self.requests
         keys = self._keys
         oldest = now - self.spec.window_s
-        ok = unparsed = unattributed = oversize = 0
+        ok = unparsed = unattributed = oversize = late = 0
         for line in lines:
             # isascii() is O(1) on str: only a non-ASCII line is measured in bytes.
             if len(line) > max_bytes or (
@@ -416,7 +419,10 @@ class AccessLogSignal:
             else:
                 # The line's own wall time, moved onto the monotonic clock, kept in the window.
                 at = msec + offset
-                at = now if at > now else max(at, oldest)
+                if at < oldest:
+                    late += 1
+                    continue
+                at = min(at, now)
             windows[color].add(at, status, latency)
             requests[color, CLASSES[status // 100 - 1]] += 1
             ok += 1
@@ -425,6 +431,7 @@ class AccessLogSignal:
         counts["unparsed"] += unparsed
         counts["unattributed"] += unattributed
         counts["oversize"] += oversize
+        counts["late"] += late
 
     def _count_oversize(self) -> None:
         self.lines["oversize"] += 1

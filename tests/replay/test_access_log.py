@@ -323,3 +323,29 @@ def test_a_color_an_operator_moves_traffic_to_is_judged_by_its_requests_from_the
     assert moved["to"] == "green" and abs(parse_rfc3339(moved["at"]) - switched) <= 1.0, moved
     after = [d for d in doc["configs"][0]["decisions"] if parse_rfc3339(d["at"]) > switched]
     assert not [d for d in after if d["event"] in ("rollback_started", "rollback_completed")], after
+
+
+def test_a_burst_appended_late_to_the_log_is_counted_late_never_silently_lost(
+    tmp_path: Path,
+) -> None:
+    """Ten minutes of green's traffic, then a 5xx burst of a minute before appended at the
+    log's end (lines written out of order). Read as the daemon reads them, when they were
+    written, their requests ended before the window began: no evidence of then, and each
+    is counted `late`, in the JSON and the text, never dropped unsaid."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    t0 = tl.wall
+    tl.start(active="green", interval=1.0)
+    tl.rounds(900, interval=1.0)
+    tl.close()
+    logs = _green_log(tmp_path / "logs", t0, t0 + 600, fails=lambda _t: False)
+    burst = [line(GREEN, "502", msec=t0 + 300 + i / RATE) for i in range(60 * RATE)]
+    with (logs / "access.log").open("a") as f:
+        f.writelines(burst)
+    cfg = config(tmp_path, state, extra=_signal(logs, 0.05), interval="1s", qos_window="10s")
+    doc = replay_json("--config", str(cfg))
+    lines = doc["sources"]["traffic"]["lines"]
+    assert lines["late"] == len(burst), lines
+    assert lines["ok"] == 600 * RATE, lines
+    text = replay("--config", str(cfg)).stdout
+    assert f"late (ended before the window) {len(burst)}" in text, text

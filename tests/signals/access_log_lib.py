@@ -45,9 +45,11 @@ def line(
 class FixedClock:
     """A clock that says what the test sets."""
 
-    def __init__(self, mono: float = 1000.0, wall: float = 1_800_000_000.0) -> None:
+    def __init__(self, mono: float = 1000.0, wall: float | None = None) -> None:
         self.mono = mono
-        self.wall_s = wall
+        # Now by default: a line's own time (`line`'s `msec`, now unless given) is then of
+        # the window, not older than it (`late`).
+        self.wall_s = time.time() if wall is None else wall
 
     def monotonic(self) -> float:
         return self.mono

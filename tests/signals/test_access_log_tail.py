@@ -401,6 +401,23 @@ def _as_unprivileged(log: Path) -> subprocess.Popen[str]:
 # ---- parsing and attribution (no I/O) ------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("age_s", "late"), [(0.0, False), (59.0, False), (61.0, True), (86400.0, True)]
+)
+def test_a_request_that_ended_before_the_window_began_is_late_in_no_window(
+    age_s: float, late: bool
+) -> None:
+    """A line read now whose request ended `age_s` ago, with a 60 s window: within it, it
+    counts at its own time; older (a buffered log, lines appended out of order), it is no
+    evidence of now: counted `late`, in no window, never placed at the window's edge."""
+    clock = FixedClock()
+    signal = AccessLogSignal("web", spec(Path("/nonexistent"), window_s=60.0), clock)
+    signal.ingest([line(GREEN, "502", msec=clock.wall_s - age_s).rstrip("\n")])
+    assert signal.lines["late"] == int(late)
+    assert signal.lines["ok"] == int(not late)
+    assert signal.requests["green", "5xx"] == int(not late)
+
+
 def test_attribution_follows_the_last_upstream_that_answered() -> None:
     clock = FixedClock()
     signal = AccessLogSignal("web", spec(Path("/nonexistent")), clock)
@@ -415,7 +432,14 @@ def test_attribution_follows_the_last_upstream_that_answered() -> None:
         line(BLUE, "200", urt="-", rt="0.250"),  # no upstream time: $request_time
     ]
     signal.ingest([r.rstrip("\n") for r in raw])
-    assert signal.lines == {"ok": 5, "unparsed": 0, "unattributed": 3, "oversize": 0, "shed": 0}
+    assert signal.lines == {
+        "ok": 5,
+        "unparsed": 0,
+        "unattributed": 3,
+        "oversize": 0,
+        "shed": 0,
+        "late": 0,
+    }
     assert signal.requests["blue", "2xx"] == 2
     assert signal.requests["green", "5xx"] == 1
     assert signal.requests["green", "4xx"] == 1
