@@ -196,9 +196,16 @@ def _placed(
     Otherwise the log did move on (after a quiet stretch) and they keep their own time.
     Without that, one line stamped a day ahead carried every line after it to its slot,
     outside the history.
+
+    "The lines before" are the highest time the log reached: lines written late (a
+    buffered log, several workers) fall back below it, and the lines after them, back on
+    the log's clock, are not ahead. Only `MAX_AHEAD_LINES` lines in a row more than
+    `AHEAD_S` below it (a clock stepped back for good) lower it.
     """
     jump = AHEAD_S / PULSE_S
     last: int | None = None  # the latest slot placed
+    high: int | None = None  # the highest slot placed (since the clock last went back)
+    below = 0  # lines in a row placed more than `jump` below `high`
     waiting: list[tuple[str, int | None]] = []
     for chunk in lines:
         out: list[tuple[str, int | None]] = []
@@ -210,22 +217,31 @@ def _placed(
                 continue
             s = math.floor(t / PULSE_S)
             if waiting:
-                assert last is not None  # noqa: S101 - a line waits only after a placed one
-                if s > last + jump:
+                assert high is not None  # noqa: S101 - a line waits only after a placed one
+                if s > high + jump:
                     waiting.append((line, s))
                     if len(waiting) >= MAX_AHEAD_LINES:  # moved on
                         out += waiting
-                        last = max(slot for _, slot in waiting if slot is not None)
+                        last = high = max(slot for _, slot in waiting if slot is not None)
+                        below = 0
                         waiting = []
                     continue
                 report.ahead += sum(slot is not None for _, slot in waiting)
                 out += [(waited, None) for waited, _ in waiting]
                 waiting = []
-            elif last is not None and s > last + jump:
+            elif high is not None and s > high + jump:
                 waiting.append((line, s))
                 continue
             if last is None or s > last or s < last - jump:
                 last = s  # (far below: the clock was stepped back, and goes on from there)
+            if high is None or s >= high:
+                high, below = s, 0
+            elif s < high - jump:
+                below += 1
+                if below >= MAX_AHEAD_LINES:  # the clock went back for good
+                    high, below = last, 0
+            else:
+                below = 0
             out.append((line, s))
         if out:
             yield out

@@ -349,3 +349,36 @@ def test_a_burst_appended_late_to_the_log_is_counted_late_never_silently_lost(
     assert lines["ok"] == 600 * RATE, lines
     text = replay("--config", str(cfg)).stdout
     assert f"late (ended before the window) {len(burst)}" in text, text
+
+
+@pytest.mark.parametrize("late_s", [5.0, 30.0])
+def test_lines_written_late_among_the_others_pull_no_later_line_back(
+    tmp_path: Path, late_s: float
+) -> None:
+    """One line in ten reaches the log `late_s` after its request ended (a buffered log,
+    several workers): the lines after it are back on the log's own clock, not stamped
+    ahead; none is placed before its time, so no window holds more requests than the
+    traffic had (20 a second over the 60 s window), and none is counted ahead."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    t0 = tl.wall
+    tl.start(active="green", interval=1.0)
+    tl.rounds(600, interval=1.0)
+    tl.close()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    n = 500 * RATE
+    stamps = [t0 + i / RATE for i in range(n)]
+    written = sorted(
+        (t + (late_s if i % 10 == 0 else 0.0), t) for i, t in enumerate(stamps)
+    )  # in the order written; each line keeps its request's time
+    (logs / "access.log").write_text(
+        "".join(line(GREEN, "502" if 200 <= t - t0 < 260 else "200", msec=t) for _, t in written)
+    )
+    cfg = config(tmp_path, state, extra=_signal(logs, 0.05), interval="1s", qos_window="10s")
+    doc = replay_json("--config", str(cfg))
+    src = doc["sources"]["traffic"]
+    assert src["ahead_lines"] == 0, src
+    [fired] = [d for d in decisions(doc, "alert") if d["rule"] == "errors"]
+    assert fired["evidence"]["samples"] <= 60 * RATE + RATE, fired["evidence"]
+    assert src["lines"]["ok"] + src["lines"]["late"] == n, src

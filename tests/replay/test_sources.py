@@ -87,6 +87,27 @@ def test_a_line_a_little_late_stays_in_its_slot_and_a_clock_stepped_back_goes_on
     assert report.ahead == 1
 
 
+def test_lines_written_late_leave_the_lines_after_them_on_the_logs_own_clock() -> None:
+    """Two lines written 30 s late among the others: each goes in a slot of its own time
+    (the engine reads it when written); the lines after them, back on the log's clock,
+    are not stamped ahead of the late ones, and keep their own time."""
+    at, report = _placed(100.0, 100.3, 70.3, 100.6, 100.8, 70.8, 101.1, 101.4)
+    assert at == {0: 100.25, 1: 100.5, 2: 70.5, 3: 100.75, 4: 101.0, 5: 71.0, 6: 101.25,
+                  7: 101.5}  # fmt: skip
+    assert report.ahead == 0
+
+
+def test_a_clock_stepped_back_for_good_is_the_clock_lines_are_ahead_of() -> None:
+    """A host clock stepped back 600 s, and the log goes on from there past
+    `MAX_AHEAD_LINES` lines: a line then stamped an hour ahead of the new clock is ahead
+    (placed with the lines before it), as on any clock."""
+    after = [400.0 + i * 0.01 for i in range(MAX_AHEAD_LINES + 10)]
+    glitch = after[-1] + 3600.0
+    at, report = _placed(1000.0, *after, glitch, after[-1] + 0.01)
+    assert at[len(after) + 1] == at[len(after)], at[len(after)]
+    assert report.ahead == 1
+
+
 def _split(tail: Tail, chunk: bytes) -> list[str]:
     data = tail.pending + chunk
     cut = data.rfind(b"\n")
