@@ -774,17 +774,20 @@ class Guard:
         self.metrics.observe_switch(elapsed)
         self.metrics.set_active(target)
         self.machine.policy.reset()
-        if kind != "rollback":
-            # An operator moved traffic on purpose (perhaps with --force, past the gate):
-            # judge the color by what it does from now on, not by failures from before the
-            # act, which would otherwise undo it on the next tick. So with the requests
-            # and log lines the log signals hold of it: a 5xx burst that rolled it back a
-            # moment ago rolled the fixed color back again at once.
-            self.machine.judge_afresh(target)
-            for sig in self.signals.values():
-                afresh = getattr(sig, "judge_afresh", None)
-                if afresh is not None:
-                    afresh(target)
+        # Traffic was moved to `target` on purpose: an operator (perhaps with --force,
+        # past the gate), or a rollback to a target that passes its probes now. Judge the
+        # color by what it does from now on, not by failures from before the move, which
+        # would otherwise undo it on the next tick: a color back from an outage both colors
+        # had was rolled back to, then held at once as "failing" on the outage still in its
+        # window. So with the requests and log lines the log signals hold of it: a 5xx
+        # burst that rolled it back a moment ago rolled the fixed color back again at once.
+        # (A color failing again is caught from its new probes; `rolled_away_from` and the
+        # rollback budget keep a flapping pair from ping-ponging traffic.)
+        self.machine.judge_afresh(target)
+        for sig in self.signals.values():
+            afresh = getattr(sig, "judge_afresh", None)
+            if afresh is not None:
+                afresh(target)
         if kind == "rollback":
             self.close_completed(
                 source,

@@ -775,3 +775,32 @@ def test_a_hold_resumed_while_its_color_still_fails_is_a_hold_again_at_once(
     holds = decisions(doc, "hold")
     assert len(holds) == 2, doc["configs"][0]["decisions"]
     assert abs(parse_rfc3339(holds[1]["at"]) - resumed_at) <= 0.01, (holds, resumed_at)
+
+
+@pytest.mark.parametrize("fails_again", [False, True])
+def test_a_color_back_from_an_outage_both_had_is_judged_by_its_probes_from_the_rollback(
+    tmp_path: Path, tl: Timeline, fails_again: bool
+) -> None:
+    """Both colors fail (a hold), then blue recovers while green still fails: traffic is
+    rolled back to blue, and blue is judged from then on, never held at once as "failing"
+    on the outage still in its window. Failing again, it is caught by its new probes."""
+    tl.start(active="green")
+    tl.rounds(100)
+    tl.rounds(20, blue="http_5xx", green="http_5xx")
+    tl.rounds(10, green="http_5xx")
+    again_from = tl.wall
+    tl.rounds(5 if fails_again else 0, blue="http_5xx", green="http_5xx")
+    tl.rounds(100, green="http_5xx")
+    tl.close()
+    doc = replay_json("--config", str(config(tmp_path, tmp_path / "state")))
+    [rb] = decisions(doc, "rollback_completed")
+    assert (rb["color"], rb["to"]) == ("green", "blue"), rb
+    after = [h for h in decisions(doc, "hold") if parse_rfc3339(h["at"]) > parse_rfc3339(rb["at"])]
+    if fails_again:
+        # The first hold after the rollback: blue's third new failure, no sooner.
+        again = after[0]
+        assert again["color"] == "blue" and again["rule"] == "consecutive_failures", after
+        # (blue is probed half-way through each round)
+        assert parse_rfc3339(again["at"]) == pytest.approx(again_from + 2.5 * INTERVAL, abs=0.01)
+    else:
+        assert after == [], after
