@@ -382,6 +382,28 @@ def _uncovered(
     return None, False
 
 
+def _later_than_live(inc: dict[str, Any], c: Any, recorded: float | None) -> str | None:
+    """Why a detection later than the live rollback is an upper bound, or None.
+
+    From its rollback on, the live guard probed the color it rolled away from as a standby,
+    every `probe.interval`; a config still serving it would have confirmed its failures at
+    `probe.fast_interval`. Those rounds are not in the history: the failures it still
+    needed took the recorded interval each."""
+    delay = inc.get("delay_s")
+    interval = recorded or c.probe.interval
+    if (
+        inc.get("event") != "rollback_completed"
+        or not isinstance(delay, int | float)
+        or delay <= 0
+        or c.probe.fast_interval >= interval * 0.99
+    ):
+        return None
+    return (
+        f"an upper bound: after the live rollback, {inc.get('color')} was recorded every "
+        f"{interval:g}s, not at this config's fast_interval {c.probe.fast_interval:g}s"
+    )
+
+
 def _decided(event: dict[str, Any], journal: list[dict[str, Any]]) -> dict[str, Any]:
     """A journal incident placed at its decision: a rollback at its `rollback_started`
     (the switch and its verification took the time between)."""
@@ -437,6 +459,7 @@ def _incidents(
             # A decision the config took after a hole in the records is no detection
             # time of an incident inside it: it never saw the failure begin.
             inc.update(detected_at=None, detected_by=None, delay_s=None)
+        inc["bound"] = _later_than_live(inc, c, first.recorded_interval)
     return found
 
 

@@ -262,6 +262,8 @@ def _incidents(doc: dict[str, Any], pairs: list[tuple[dict[str, Any], str | None
             out.append(
                 prefix + f"detected at {found['detected_at']} ({found['delay_s']:+g}s, {by})"
             )
+            if found.get("bound"):
+                out.append(prefix + f"  ({found['bound']})")
     return out
 
 

@@ -61,6 +61,7 @@ def test_a_rollback_is_replayed_by_the_same_rule_at_the_same_time(
     assert incident["event"] == "rollback_completed"
     assert incident["detected_at"] == rb["at"]
     assert abs(incident["delay_s"]) <= INTERVAL
+    assert incident["bound"] is None  # as soon as live: nothing after its rollback needed
     # A rollback takes the QoS lock (in a private folder), and the guard window releases it.
     assert decisions(doc, "qos_locked") and decisions(doc, "qos_released")
     assert doc["configs"][0]["summary"]["rollbacks"] == 1
@@ -86,8 +87,16 @@ def test_a_higher_threshold_rolls_back_later_and_the_summary_says_so(
     assert 6 * INTERVAL <= delay <= 8 * INTERVAL
     [incident] = doc["configs"][0]["incidents"]
     assert incident["delay_s"] == pytest.approx(delay, abs=0.002)
+    # From the live rollback on, green was probed as a standby (every 200 ms), not at the
+    # config's fast_interval (100 ms) as a guard still serving it would have: said.
+    bound = (
+        "an upper bound: after the live rollback, green was recorded every 0.2s, not at "
+        "this config's fast_interval 0.1s"
+    )
+    assert incident["bound"] == bound
     text = replay("--config", str(cfg), "--set", "policy.consecutive_failures=10")
     assert f"({incident['delay_s']:+g}s, rollback)" in text.stdout
+    assert f"  ({bound})" in text.stdout
     # What was tried is in the report itself, not only on the command line that ran it.
     assert f"  {cfg} --set policy.consecutive_failures=10\n" in text.stdout
 
