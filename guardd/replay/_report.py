@@ -319,7 +319,9 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
             )
         if src["outside_history"]:
             out.append(
-                f"    {src['outside_history']} line(s)/sample(s) outside the recorded history"
+                f"    {src['outside_history']} line(s)/sample(s) not replayed: outside the "
+                "recorded history (before its first record, after its last or --to, or "
+                "while the daemon was down)"
             )
         if src.get("untimed_lines"):
             out.append(f"    {src['untimed_lines']} line(s) without a time of their own")

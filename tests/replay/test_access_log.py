@@ -234,6 +234,12 @@ def test_nothing_is_decided_while_the_daemon_was_stopped(tmp_path: Path, ended: 
     assert len(doc["history"]["gaps"]) == (ended == "killed")
     assert doc["history"]["runs"] == 2
     assert doc["configs"][0]["decisions"] == [], doc["configs"][0]["decisions"]
+    # The lines of the stretch it was down are counted, and said why they were not fed.
+    outside = doc["sources"]["traffic"]["outside_history"]
+    assert outside >= 40 * RATE, doc["sources"]["traffic"]
+    text = replay("--config", str(cfg)).stdout
+    assert f"{outside} line(s)/sample(s) not replayed: outside the recorded history" in text
+    assert "while the daemon was down)" in text
     # Not vacuous: the same lines while the daemon ran fire the rule.
     tl = Timeline(tmp_path / "state2", wall=t0)
     tl.start(active="green", interval=1.0)
