@@ -221,9 +221,9 @@ def _placed(
                 if s > high + jump:
                     waiting.append((line, s))
                     if len(waiting) >= MAX_AHEAD_LINES:  # moved on
-                        out += waiting
-                        last = high = max(slot for _, slot in waiting if slot is not None)
-                        below = 0
+                        settled, last = _settled(waiting, jump, report)
+                        out += settled
+                        high, below = last, 0
                         waiting = []
                     continue
                 report.ahead += sum(slot is not None for _, slot in waiting)
@@ -245,8 +245,39 @@ def _placed(
             out.append((line, s))
         if out:
             yield out
-    if waiting:  # the log ends there: nothing after it tells
-        yield waiting
+    if waiting:  # the log ends there: only the lines that waited tell
+        yield _settled(waiting, jump, report)[0]
+
+
+def _settled(
+    waiting: list[tuple[str, int | None]], jump: float, report: SourceReport
+) -> tuple[list[tuple[str, int | None]], int]:
+    """The lines that waited after a jump, the log having moved on (or ended): each keeps
+    its slot, but one more than `jump` past a line written after it among them was stamped
+    ahead (placed with the lines before it, counted in `report.ahead`), as a line ahead of
+    the lines before the jump is. With the latest slot of those kept: the log's clock.
+
+    Without this, one line stamped ahead among them set the log's clock to its own time,
+    and every line after it looked written late."""
+    lowest = math.inf
+    ahead = [False] * len(waiting)
+    for i in range(len(waiting) - 1, -1, -1):  # the lowest slot written after each line
+        slot = waiting[i][1]
+        if slot is not None:
+            ahead[i] = slot > lowest + jump
+            lowest = min(lowest, slot)
+    settled: list[tuple[str, int | None]] = []
+    latest = None
+    for (line, slot), is_ahead in zip(waiting, ahead, strict=True):
+        if is_ahead:
+            report.ahead += 1
+            settled.append((line, None))
+        else:
+            settled.append((line, slot))
+            if slot is not None and (latest is None or slot > latest):
+                latest = slot
+    assert latest is not None  # noqa: S101 - the last line with a slot is never ahead
+    return settled, latest
 
 
 def msec_reader(key: str) -> Callable[[str], float | None]:

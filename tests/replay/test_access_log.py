@@ -388,3 +388,36 @@ def test_lines_written_late_among_the_others_pull_no_later_line_back(
     [fired] = [d for d in decisions(doc, "alert") if d["rule"] == "errors"]
     assert fired["evidence"]["samples"] <= 60 * RATE + RATE, fired["evidence"]
     assert src["lines"]["ok"] + src["lines"]["late"] == n, src
+
+
+@pytest.mark.parametrize("ahead_s", [60.0, 3600.0])
+def test_one_line_stamped_ahead_after_a_quiet_start_loses_no_line_and_no_decision(
+    tmp_path: Path, ahead_s: float
+) -> None:
+    """A request, 10 s of quiet, then 20 a second with a 5xx burst; one line among them
+    stamped `ahead_s` ahead. The replay decides as over the clean log: the line is counted
+    ahead, and no other line is late or left out behind it."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    t0 = tl.wall
+    tl.start(active="green", interval=1.0)
+    tl.rounds(600, interval=1.0)
+    tl.close()
+    stamps = [t0 + 1.0] + [t0 + 11.0 + i / RATE for i in range(500 * RATE)]
+    results = {}
+    for glitch in (False, True):
+        logs = tmp_path / f"logs-{glitch}"
+        logs.mkdir()
+        lines = [line(GREEN, "502" if 300 <= t - t0 < 360 else "200", msec=t) for t in stamps]
+        if glitch:
+            lines.insert(100, line(GREEN, "200", msec=stamps[99] + ahead_s))
+        (logs / "access.log").write_text("".join(lines))
+        cfg = config(tmp_path, state, extra=_signal(logs, 0.05), interval="1s", qos_window="10s")
+        results[glitch] = replay_json("--config", str(cfg))
+    clean, glitched = results[False], results[True]
+    assert glitched["configs"][0]["decisions"] == clean["configs"][0]["decisions"]
+    assert decisions(clean, "alert"), clean["configs"][0]["decisions"]  # not vacuous
+    src = glitched["sources"]["traffic"]
+    assert src["ahead_lines"] == 1 and src["lines"]["late"] == 0, src
+    assert src["lines"]["ok"] == clean["sources"]["traffic"]["lines"]["ok"] + 1, src
+    assert src["outside_history"] == clean["sources"]["traffic"]["outside_history"], src

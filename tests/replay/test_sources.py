@@ -108,6 +108,24 @@ def test_a_clock_stepped_back_for_good_is_the_clock_lines_are_ahead_of() -> None
     assert report.ahead == 1
 
 
+@pytest.mark.parametrize("after", [200, MAX_AHEAD_LINES + 200])
+def test_a_line_stamped_ahead_after_a_quiet_stretch_is_ahead_not_the_logs_clock(
+    after: int,
+) -> None:
+    """A first request, 10 s of quiet, then traffic (`after` lines, 0.1 s apart: the log
+    ends while they wait, or moves on past `MAX_AHEAD_LINES`) with one line stamped 60 s
+    ahead among them: that line is ahead, and every other keeps its own time (none looks
+    written late behind it)."""
+    times = [100.0] + [110.0 + i * 0.1 for i in range(after)]
+    times.insert(101, times[100] + 60.0)
+    at, report = _placed(*times)
+    assert report.ahead == 1
+    assert at[101] == at[100]  # with the line written before it
+    for i, t in enumerate(times):
+        if i != 101:
+            assert t < at[i] <= t + PULSE_S, (i, t, at[i])
+
+
 def _split(tail: Tail, chunk: bytes) -> list[str]:
     data = tail.pending + chunk
     cut = data.rfind(b"\n")
