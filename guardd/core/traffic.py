@@ -1,6 +1,7 @@
 """One color's real requests over a sliding span, in memory that does not grow with traffic.
 
-The span is cut into slots (1 s each for spans up to 10 minutes; `span / 600` beyond). A
+The span is cut into slots (`span / 120` up to 2 minutes, 1 s each up to 10 minutes,
+`span / 600` beyond: `guardd.core.slots`). A
 slot holds its requests' count per status class, the number of requests that had a
 latency, their latency summed in whole microseconds, and a sparse log-bucketed latency
 histogram (the buckets of `guardd.core.window`). Running totals are updated as a request
