@@ -258,10 +258,11 @@ def _cadence_note(
     notes = []
     if thinned:
         notes.append(
-            f"probe.interval {interval:g}s (fast_interval {fast:g}s while confirming a "
-            f"failure) is slower than the history was recorded: {fed:,} of its "
-            f"{fed + thinned:,} recorded probes replayed, those a guard at this cadence "
-            "would have made (each the recorded round nearest its time)"
+            f"probe rounds as this config would have made them (probe.interval {interval:g}s, "
+            f"fast_interval {fast:g}s while confirming a failure): {fed:,} of the "
+            f"{fed + thinned:,} recorded probes replayed, each the recorded round nearest its "
+            "time; the others came sooner than it would have probed then (the live guard "
+            "probing faster, or confirming a failure this config was not)"
         )
     if recorded is None or interval >= recorded * 0.99:
         return notes
@@ -389,10 +390,14 @@ def _later_than_live(inc: dict[str, Any], c: Any, recorded: float | None) -> str
     every `probe.interval`; a config still serving it would have confirmed its failures at
     `probe.fast_interval`. Those rounds are not in the history: the failures it still
     needed took the recorded interval each."""
+    from guardd.core.rules import BUILTIN_NAMES  # noqa: PLC0415
+
     delay = inc.get("delay_s")
     interval = recorded or c.probe.interval
     if (
         inc.get("event") != "rollback_completed"
+        # Only a rule on the probes waits for probe rounds (a signal's rule reads its own).
+        or inc.get("detected_rule") not in BUILTIN_NAMES
         or not isinstance(delay, int | float)
         or delay <= 0
         or c.probe.fast_interval >= interval * 0.99
@@ -460,6 +465,7 @@ def _incidents(
             # time of an incident inside it: it never saw the failure begin.
             inc.update(detected_at=None, detected_by=None, delay_s=None)
         inc["bound"] = _later_than_live(inc, c, first.recorded_interval)
+        inc["match_window_s"] = tolerance
     return found
 
 

@@ -98,7 +98,6 @@ def detect(
     the nearest in time (a hold taken earlier is not the rollback the config took with
     the live one).
     """
-    out = []
     acting = [
         (t, d)
         for d in decisions
@@ -108,21 +107,42 @@ def detect(
             or (d["event"] == "alert" and d["severity"] in ("P0", "P1"))
         )
     ]
-    for inc in incidents:
-        at = _ts(inc.get("ts"))
-        found = None
-        if at is not None:
-            found = min(
-                (
-                    (t, d)
-                    for t, d in acting
-                    if abs(t - at) <= tolerance_s and d["color"] == inc.get("from")
-                ),
+    times = [_ts(inc.get("ts")) for inc in incidents]
+    # Each decision is credited to one incident at most: the pairs nearest in time first
+    # (a dry run's one alert is not the detection of a hold and of the rollback after it).
+    pairs = sorted(
+        (abs(t - at), i, j)
+        for i, (inc, at) in enumerate(zip(incidents, times, strict=True))
+        if at is not None
+        for j, (t, d) in enumerate(acting)
+        if abs(t - at) <= tolerance_s and d["color"] == inc.get("from")
+    )
+    credited: dict[int, int] = {}
+    taken: set[int] = set()
+    for _, i, j in pairs:
+        if i not in credited and j not in taken:
+            credited[i] = j
+            taken.add(j)
+    out = []
+    for i, (inc, at) in enumerate(zip(incidents, times, strict=True)):
+        found = acting[credited[i]] if i in credited else None
+        evidence = inc.get("evidence")
+        rule = evidence.get("rule") if isinstance(evidence, dict) else None
+        nearest = None
+        if found is None and at is not None:
+            # Not detected within the match window: the config's nearest decision about
+            # the color, if any, said (it may have acted well before, or after).
+            near = min(
+                ((t, d) for t, d in acting if d["color"] == inc.get("from")),
                 key=lambda td: abs(td[0] - at),
                 default=None,
             )
-        evidence = inc.get("evidence")
-        rule = evidence.get("rule") if isinstance(evidence, dict) else None
+            if near is not None:
+                nearest = {
+                    "at": near[1]["at"],
+                    "event": near[1]["event"],
+                    "delay_s": round(near[0] - at, 3),
+                }
         out.append(
             {
                 # Read from a file anyone may have edited: the time as every other time
@@ -134,7 +154,9 @@ def detect(
                 "rule": rule if isinstance(rule, str) else None,
                 "detected_at": found[1]["at"] if found else None,
                 "detected_by": found[1]["event"] if found else None,
+                "detected_rule": found[1].get("rule") if found else None,
                 "delay_s": round(found[0] - at, 3) if found and at is not None else None,
+                "nearest": nearest,
             }
         )
     return out
@@ -253,7 +275,16 @@ def _incidents(doc: dict[str, Any], pairs: list[tuple[dict[str, Any], str | None
             prefix = f"    [{label}] " if label else "    "
             if found["detected_at"] is None:
                 if found.get("covered", True):
-                    out.append(prefix + "not detected")
+                    near = found.get("nearest")
+                    if near is None:
+                        out.append(prefix + "not detected")
+                    else:
+                        shown_near = _SHOWN.get(near["event"], near["event"])
+                        out.append(
+                            prefix + f"not detected within {found['match_window_s']:g}s of it "
+                            f"(the nearest decision on {inc['color']}: {shown_near} at "
+                            f"{near['at']}, {near['delay_s']:+g}s)"
+                        )
                 else:
                     why = found.get("not_covered") or "no record around it"
                     out.append(prefix + f"not covered by the history ({why})")

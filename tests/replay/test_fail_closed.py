@@ -792,6 +792,67 @@ def test_an_incident_is_matched_with_the_nearest_decision_about_its_color() -> N
     assert (found["detected_by"], found["delay_s"]) == ("rollback_completed", -0.003), found
 
 
+def test_one_decision_is_the_detection_of_one_incident_at_most() -> None:
+    """A dry run's one alert, 1 ms before a live hold and 5.25 s before the live rollback
+    that followed it: it detects the hold; the rollback is not detected, and the report
+    names that nearest decision with its time, never crediting it twice."""
+    at = DAY0 + 100.0
+    decisions = [
+        {"at": rfc3339(at - 0.001), "event": "alert", "color": "blue", "severity": "P0",
+         "rule": "errors"},
+    ]  # fmt: skip
+    live = [
+        {"ts": rfc3339(at), "event": "hold", "from": "blue"},
+        {"ts": rfc3339(at + 5.25), "event": "rollback_completed", "from": "blue", "to": "green"},
+    ]
+    held, rolled = _report.detect(live, decisions, 30.0)
+    assert (held["detected_by"], held["detected_rule"], held["delay_s"]) == (
+        "alert",
+        "errors",
+        -0.001,
+    )
+    assert rolled["detected_at"] is None, rolled
+    assert rolled["nearest"] == {"at": rfc3339(at - 0.001), "event": "alert", "delay_s": -5.251}
+
+
+def test_a_config_that_acted_outside_the_match_window_is_said_not_silent(
+    tmp_path: Path,
+) -> None:
+    """The what-if rolled back 2 minutes before the live rollback (a lower threshold on a slow
+    failure), outside the match window of 30 s: "not detected", with that decision and
+    its time, so the operator sees it acted sooner rather than never."""
+    tl = Timeline(tmp_path / "state")
+    tl.start(active="green")
+    tl.rounds(100)
+    for _ in range(150):  # one failing round in four for 2 minutes, then all failing
+        tl.rounds(3)
+        tl.rounds(1, green="http_5xx")
+    tl.rounds(3, green="http_5xx")
+    tl.rolled_back()
+    tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+    tl.rounds(100)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    args = (
+        "--config",
+        str(cfg),
+        "--set",
+        "policy.p1_error_ratio=0.2",
+        "--set",
+        'policy.p1_sustain="1s"',
+    )
+    doc = replay_json(*args)
+    [incident] = doc["configs"][0]["incidents"]
+    assert incident["detected_at"] is None and incident["nearest"] is not None, incident
+    near = incident["nearest"]
+    assert near["event"] == "rollback_completed" and near["delay_s"] < -30.0, near
+    text = replay(*args).stdout
+    assert (
+        f"not detected within 30s of it (the nearest decision on green: rollback at "
+        f"{near['at']}, {near['delay_s']:+g}s)"
+    ) in text, text
+
+
 @pytest.mark.parametrize("hole_s", [75.0, 3600.0])
 def test_records_lost_before_a_restart_are_a_gap_and_cover_nothing(
     tmp_path: Path, hole_s: float
@@ -827,3 +888,21 @@ def test_a_span_in_a_coverage_reason_reads_as_a_duration(seconds: float, said: s
     from guardd.replay import _secs  # noqa: PLC0415 - the report's own wording
 
     assert _secs(seconds) == said
+
+
+@pytest.mark.parametrize(
+    ("rule", "bounded"),
+    [("consecutive_failures", True), ("p1_error_ratio", True), ("5xx-p0", False)],
+)
+def test_only_a_probe_rules_late_detection_is_an_upper_bound(rule: str, bounded: bool) -> None:
+    """After the live rollback the color was probed as a standby: a rule on the probes
+    waited for rounds a guard still serving it would have made sooner (an upper bound);
+    a signal's rule reads its own lines, whatever the probes' cadence."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from guardd.replay import _later_than_live  # noqa: PLC0415
+
+    c = SimpleNamespace(probe=SimpleNamespace(interval=1.0, fast_interval=0.25))
+    inc = {"event": "rollback_completed", "color": "blue", "delay_s": 0.033, "detected_rule": rule}
+    bound = _later_than_live(inc, c, 1.0)
+    assert (bound is not None) is bounded, bound
