@@ -400,12 +400,12 @@ def _later_than_live(inc: dict[str, Any], c: Any, recorded: float | None) -> str
         or inc.get("detected_rule") not in BUILTIN_NAMES
         or not isinstance(delay, int | float)
         or delay <= 0
-        or c.probe.fast_interval >= interval * 0.99
+        or c.probe.confirm_interval >= interval * 0.99
     ):
         return None
     return (
         f"an upper bound: after the live rollback, {inc.get('color')} was recorded every "
-        f"{interval:g}s, not at this config's fast_interval {c.probe.fast_interval:g}s"
+        f"{interval:g}s, not at this config's fast_interval {c.probe.confirm_interval:g}s"
     )
 
 
@@ -532,7 +532,7 @@ async def _replay_all(
                 "notes": ([] if i == 0 else _notes(settings, s, sets))
                 + _cadence_note(
                     s.config.probe.interval,
-                    s.config.probe.fast_interval,
+                    s.config.probe.confirm_interval,
                     sim.recorded_interval,
                     sim.probes_fed,
                     sim.thinned,

@@ -410,3 +410,37 @@ def test_traffic_moved_while_records_were_lost_is_adopted_as_unknown_not_as_a_sw
         assert moved["by"] == "unknown", moved
         assert "records before it were lost" in moved["reason"]
         assert "while guardd was not running" not in moved["reason"]
+
+
+@pytest.mark.parametrize("damage", ["duplicated", "swapped"])
+def test_a_probe_record_duplicated_or_out_of_order_is_replayed_without_a_traceback(
+    tmp_path: Path, damage: str
+) -> None:
+    """One probe record written twice, or two neighbours swapped (a copy spliced by hand),
+    in a config without `probe.fast_interval` (its default): the replay runs and decides
+    as over the clean history."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    tl.rounds(150)
+    tl.rounds(3, green="http_5xx")
+    tl.rolled_back()
+    tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+    tl.rounds(100)
+    tl.close()
+    cfg = config(tmp_path, state)
+    cfg.write_text(cfg.read_text().replace('fast_interval = "100ms"\n', ""))
+    clean = replay_json("--config", str(cfg))
+    [day] = (state / "observations").iterdir()
+    lines = gzip.decompress(day.read_bytes()).decode().splitlines(keepends=True)
+    probes = [i for i, text in enumerate(lines) if '"probe"' in text]
+    i = probes[100]
+    if damage == "duplicated":
+        lines.insert(i, lines[i])
+    else:
+        lines[i], lines[i + 1] = lines[i + 1], lines[i]
+    day.write_bytes(gzip.compress("".join(lines).encode()))
+    done = replay("--config", str(cfg))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-800:]
+    doc = replay_json("--config", str(cfg))
+    assert decisions(doc, "rollback_completed") == decisions(clean, "rollback_completed")

@@ -813,3 +813,28 @@ def test_a_color_back_from_an_outage_both_had_is_judged_by_its_probes_from_the_r
         assert parse_rfc3339(again["at"]) == pytest.approx(again_from + 2.5 * INTERVAL, abs=0.01)
     else:
         assert after == [], after
+
+
+@pytest.mark.parametrize(
+    "what_if",
+    [
+        ("--set", "policy.consecutive_failures=10"),
+        ("--set", 'probe.interval="1s"'),
+        ("--set", 'probe.interval="1s"', "--set", "policy.consecutive_failures=10"),
+    ],
+)
+def test_a_config_without_fast_interval_is_replayed_and_tried_like_any(
+    tmp_path: Path, tl: Timeline, what_if: tuple[str, ...]
+) -> None:
+    """`probe.fast_interval` is optional (it defaults to `probe.interval`): what-ifs that
+    detect later than live or thin the recorded rounds report as with it set, never a
+    traceback."""
+    _green_fails(tl)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state", qos_window="10s")
+    cfg.write_text(cfg.read_text().replace('fast_interval = "100ms"\n', ""))
+    doc = replay_json("--config", str(cfg), *what_if)
+    [rb] = decisions(doc, "rollback_completed")
+    assert rb["color"] == "green", rb
+    text = replay("--config", str(cfg), *what_if)
+    assert text.returncode == 0 and "Traceback" not in text.stderr, text.stderr[-800:]
