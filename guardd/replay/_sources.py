@@ -226,8 +226,18 @@ def _placed(
                         high, below = last, 0
                         waiting = []
                     continue
-                report.ahead += sum(slot is not None for _, slot in waiting)
-                out += [(waited, None) for waited, _ in waiting]
+                assert last is not None  # noqa: S101 - set with `high`
+                if abs(s - last) > jump:
+                    # Not back with the lines before the jump: far below them (written
+                    # late, or a clock stepped back), or late among those that waited. No
+                    # sign that those were a glimpse ahead: the log had moved on with them
+                    # (each judged by the lines after it among them); this one follows.
+                    settled, last = _settled(waiting, jump, report)
+                    out += settled
+                    high, below = last, 0
+                else:
+                    report.ahead += sum(slot is not None for _, slot in waiting)
+                    out += [(waited, None) for waited, _ in waiting]
                 waiting = []
             elif high is not None and s > high + jump:
                 waiting.append((line, s))
@@ -253,31 +263,47 @@ def _settled(
     waiting: list[tuple[str, int | None]], jump: float, report: SourceReport
 ) -> tuple[list[tuple[str, int | None]], int]:
     """The lines that waited after a jump, the log having moved on (or ended): each keeps
-    its slot, but one more than `jump` past a line written after it among them was stamped
-    ahead (placed with the lines before it, counted in `report.ahead`), as a line ahead of
-    the lines before the jump is. With the latest slot of those kept: the log's clock.
+    its slot, judged among them as `_placed` judges lines: a run more than `jump` past the
+    highest slot before it, followed by a line back within `jump` of that slot, was
+    stamped ahead (placed with the lines before it, counted in `report.ahead`); a line far
+    below is written late and moves nothing. With the highest slot kept: the log's clock.
 
     Without this, one line stamped ahead among them set the log's clock to its own time,
     and every line after it looked written late."""
-    lowest = math.inf
-    ahead = [False] * len(waiting)
-    for i in range(len(waiting) - 1, -1, -1):  # the lowest slot written after each line
-        slot = waiting[i][1]
-        if slot is not None:
-            ahead[i] = slot > lowest + jump
-            lowest = min(lowest, slot)
     settled: list[tuple[str, int | None]] = []
-    latest = None
-    for (line, slot), is_ahead in zip(waiting, ahead, strict=True):
-        if is_ahead:
-            report.ahead += 1
-            settled.append((line, None))
-        else:
-            settled.append((line, slot))
-            if slot is not None and (latest is None or slot > latest):
-                latest = slot
-    assert latest is not None  # noqa: S101 - the last line with a slot is never ahead
-    return settled, latest
+    run: list[tuple[str, int | None]] = []
+    ref: int | None = None  # the highest slot kept
+    for line, slot in waiting:
+        if slot is None:
+            (run or settled).append((line, None))
+            continue
+        if ref is None:
+            ref = slot
+        elif run:
+            if slot > ref + jump:
+                run.append((line, slot))
+                continue
+            if abs(slot - ref) <= jump:
+                report.ahead += sum(s is not None for _, s in run)
+                settled += [(waited, None) for waited, _ in run]
+            else:  # far below: the log had moved on with the run
+                settled += run
+                ref = max(s for _, s in run if s is not None)
+            run = []
+        elif slot > ref + jump:
+            run.append((line, slot))
+            continue
+        settled.append((line, slot))
+        ref = max(ref, slot)
+    if run:  # nothing after it tells: the log moved on with it
+        settled += run
+        ref = max(s for _, s in run if s is not None)
+    assert ref is not None  # noqa: S101 - the first line that waited had a slot
+    return settled, ref
+
+
+#: 10000-01-01T00:00:00Z: a line's time must be before it.
+_LAST_TIME: Final = 253_402_300_800.0
 
 
 def msec_reader(key: str) -> Callable[[str], float | None]:
@@ -286,7 +312,11 @@ def msec_reader(key: str) -> Callable[[str], float | None]:
 
     def time_of(line: str) -> float | None:
         m = pattern.search(line)
-        return float(m.group(1)) if m is not None else None
+        if m is None:
+            return None
+        t = float(m.group(1))
+        # A time no clock says (past year 9999; 400 digits read as infinity): no time.
+        return t if t < _LAST_TIME else None
 
     return time_of
 

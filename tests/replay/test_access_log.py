@@ -390,13 +390,13 @@ def test_lines_written_late_among_the_others_pull_no_later_line_back(
     assert src["lines"]["ok"] + src["lines"]["late"] == n, src
 
 
-@pytest.mark.parametrize("ahead_s", [60.0, 3600.0])
+@pytest.mark.parametrize("ahead_s", [60.0, 3600.0, -10.0, -120.0, -3600.0])
 def test_one_line_stamped_ahead_after_a_quiet_start_loses_no_line_and_no_decision(
     tmp_path: Path, ahead_s: float
 ) -> None:
     """A request, 10 s of quiet, then 20 a second with a 5xx burst; one line among them
-    stamped `ahead_s` ahead. The replay decides as over the clean log: the line is counted
-    ahead, and no other line is late or left out behind it."""
+    stamped `ahead_s` ahead (or back). The replay decides as over the clean log: the line
+    is counted ahead (or, far back, late), and no other line is moved or left out."""
     state = tmp_path / "state"
     tl = Timeline(state)
     t0 = tl.wall
@@ -418,6 +418,7 @@ def test_one_line_stamped_ahead_after_a_quiet_start_loses_no_line_and_no_decisio
     assert glitched["configs"][0]["decisions"] == clean["configs"][0]["decisions"]
     assert decisions(clean, "alert"), clean["configs"][0]["decisions"]  # not vacuous
     src = glitched["sources"]["traffic"]
-    assert src["ahead_lines"] == 1 and src["lines"]["late"] == 0, src
-    assert src["lines"]["ok"] == clean["sources"]["traffic"]["lines"]["ok"] + 1, src
+    late = int(ahead_s < -60.0)  # older than the 60 s window when written
+    assert src["ahead_lines"] == int(ahead_s > 0) and src["lines"]["late"] == late, src
+    assert src["lines"]["ok"] == clean["sources"]["traffic"]["lines"]["ok"] + 1 - late, src
     assert src["outside_history"] == clean["sources"]["traffic"]["outside_history"], src

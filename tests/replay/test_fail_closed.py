@@ -902,7 +902,7 @@ def test_only_a_probe_rules_late_detection_is_an_upper_bound(rule: str, bounded:
 
     from guardd.replay import _later_than_live  # noqa: PLC0415
 
-    c = SimpleNamespace(probe=SimpleNamespace(interval=1.0, fast_interval=0.25))
+    c = SimpleNamespace(probe=SimpleNamespace(interval=1.0, confirm_interval=0.25))
     inc = {"event": "rollback_completed", "color": "blue", "delay_s": 0.033, "detected_rule": rule}
     bound = _later_than_live(inc, c, 1.0)
     assert (bound is not None) is bounded, bound

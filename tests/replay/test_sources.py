@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from guardd.replay._sources import MAX_AHEAD_LINES, PULSE_S, SourceReport, read_lines, slots
+from guardd.replay._sources import (
+    MAX_AHEAD_LINES,
+    PULSE_S,
+    SourceReport,
+    msec_reader,
+    read_lines,
+    slots,
+)
 from guardd.signals._tail import Tail
 
 
@@ -124,6 +131,31 @@ def test_a_line_stamped_ahead_after_a_quiet_stretch_is_ahead_not_the_logs_clock(
     for i, t in enumerate(times):
         if i != 101:
             assert t < at[i] <= t + PULSE_S, (i, t, at[i])
+
+
+@pytest.mark.parametrize("back_s", [10.0, 120.0, 3600.0])
+def test_a_line_far_back_after_a_quiet_start_leaves_the_lines_before_it_their_time(
+    back_s: float,
+) -> None:
+    """A request, 10 s of quiet, 400 requests 0.1 s apart, then one line stamped `back_s`
+    earlier than the one before it, then more: no line is stamped ahead (the 400 are not,
+    for the line far back after them); each line, the far one too, goes in its own slot."""
+    times = [100.0] + [110.0 + i * 0.1 for i in range(400)]
+    times.append(times[-1] - back_s)
+    times += [times[-2] + 0.1 * (i + 1) for i in range(50)]
+    at, report = _placed(*times)
+    assert report.ahead == 0
+    for i, t in enumerate(times):
+        assert t < at[i] <= t + PULSE_S, (i, t, at[i])
+
+
+def test_a_time_no_clock_says_is_no_time() -> None:
+    """An `msec` of 400 digits (read as infinity) or past year 9999: a line without a
+    time of its own, never a slot out of range (an OverflowError before)."""
+    time_of = msec_reader("msec")
+    assert time_of('{"msec":"' + "9" * 400 + '"}') is None
+    assert time_of('{"msec":"253402300800.000"}') is None
+    assert time_of('{"msec":"1796083200.125"}') == 1796083200.125
 
 
 def _split(tail: Tail, chunk: bytes) -> list[str]:
