@@ -191,6 +191,9 @@ class Simulation:
         self._cadence: dict[Color, float] = {}
         #: Each color's last recorded round (fed or not): the spacing of the history.
         self._recorded_at: dict[Color, float] = {}
+        #: The same for the front door, probed at `probe.interval` (`_front_door_loop`).
+        self._door_due: float | None = None
+        self._door_recorded_at: float | None = None
         #: Probe rounds recorded but left out, a guard at the config's slower cadence
         #: having made none then; and the rounds fed to the guard.
         self.thinned = 0
@@ -288,6 +291,7 @@ class Simulation:
         self._due = {}
         self._cadence = {}
         self._recorded_at = {}
+        self._door_due = self._door_recorded_at = None
         if self._run_interval is not None and self._run_interval > self._interval:
             # The history holds a round only every recorded interval: a config probing
             # faster would judge every color stale between two of them (and alert, and
@@ -556,6 +560,17 @@ class Simulation:
     async def _front_door(self, rec: Record) -> None:
         guard = self.guard
         assert guard is not None  # noqa: S101
+        # As the probes (`_probe`): a config probing slower than the history was recorded
+        # hears the front door only as often as it would have asked it.
+        at, previous, due = rec.at, self._door_recorded_at, self._door_due
+        self._door_recorded_at = at
+        if due is not None and previous is not None and at < due - (at - previous) / 2:
+            self.thinned += 1
+            return
+        self.probes_fed += 1
+        interval = guard.s.probe_interval
+        due = at + interval if due is None else due + interval
+        self._door_due = due if due > at else at + interval
         # Evidence only while the replay serves the color the live run served: the
         # front door answered for that one.
         if not self._verify or self._live is None or guard.active != self._live:

@@ -838,3 +838,25 @@ def test_a_config_without_fast_interval_is_replayed_and_tried_like_any(
     assert rb["color"] == "green", rb
     text = replay("--config", str(cfg), *what_if)
     assert text.returncode == 0 and "Traceback" not in text.stderr, text.stderr[-800:]
+
+
+def test_a_slower_cadence_tried_hears_the_front_door_as_often_as_it_would_have_asked(
+    tmp_path: Path, tl: Timeline
+) -> None:
+    """The front door failed three answers in a row (200 ms apart) while green's probes
+    passed: live, a mismatch. A what-if at 1 s asks the front door once a second too: it
+    hears one failure, as a guard at that cadence would have, and sees no mismatch."""
+    tl.start(active="green")
+    tl.rounds(150, front_door=True)
+    tl.rounds(3, front_door=False)
+    tl.rounds(150, front_door=True)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state", qos_window="10s")
+    door = ("--set", 'switch.verify_url="http://127.0.0.1:11/"')
+    recorded = replay_json("--config", str(cfg), *door)
+    assert [d for d in decisions(recorded, "alert") if "front door" in d["reason"]]
+    slower = replay_json("--config", str(cfg), *door, "--set", 'probe.interval="1s"',
+                         "--set", 'probe.fast_interval="1s"')  # fmt: skip
+    assert not [d for d in decisions(slower, "alert") if "front door" in d["reason"]], decisions(
+        slower, "alert"
+    )
