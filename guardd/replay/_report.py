@@ -133,15 +133,21 @@ def detect(
             # Not detected within the match window: the config's nearest decision about
             # the color, if any, said (it may have acted well before, or after).
             near = min(
-                ((t, d) for t, d in acting if d["color"] == inc.get("from")),
-                key=lambda td: abs(td[0] - at),
+                (
+                    (abs(t - at), j)
+                    for j, (t, d) in enumerate(acting)
+                    if d["color"] == inc.get("from")
+                ),
                 default=None,
             )
             if near is not None:
+                t, d = acting[near[1]]
                 nearest = {
-                    "at": near[1]["at"],
-                    "event": near[1]["event"],
-                    "delay_s": round(near[0] - at, 3),
+                    "at": d["at"],
+                    "event": d["event"],
+                    "delay_s": round(t - at, 3),
+                    # Within the match window, it is the detection of another incident.
+                    "detects_another": near[1] in taken,
                 }
         out.append(
             {
@@ -280,10 +286,11 @@ def _incidents(doc: dict[str, Any], pairs: list[tuple[dict[str, Any], str | None
                         out.append(prefix + "not detected")
                     else:
                         shown_near = _SHOWN.get(near["event"], near["event"])
+                        another = ", the detection of another incident" * near["detects_another"]
                         out.append(
                             prefix + f"not detected within {found['match_window_s']:g}s of it "
                             f"(the nearest decision on {inc['color']}: {shown_near} at "
-                            f"{near['at']}, {near['delay_s']:+g}s)"
+                            f"{near['at']}, {near['delay_s']:+g}s{another})"
                         )
                 else:
                     why = found.get("not_covered") or "no record around it"

@@ -812,7 +812,21 @@ def test_one_decision_is_the_detection_of_one_incident_at_most() -> None:
         -0.001,
     )
     assert rolled["detected_at"] is None, rolled
-    assert rolled["nearest"] == {"at": rfc3339(at - 0.001), "event": "alert", "delay_s": -5.251}
+    assert rolled["nearest"] == {
+        "at": rfc3339(at - 0.001),
+        "event": "alert",
+        "delay_s": -5.251,
+        "detects_another": True,
+    }
+    for found in (held, rolled):
+        found["match_window_s"] = 30.0
+    text = _report._incidents(
+        {"journal": "j", "journal_problem": None}, [({"incidents": [held, rolled]}, None)]
+    )
+    assert (
+        f"    not detected within 30s of it (the nearest decision on blue: alert at "
+        f"{rfc3339(at - 0.001)}, -5.251s, the detection of another incident)"
+    ) in text, text
 
 
 def test_a_config_that_acted_outside_the_match_window_is_said_not_silent(
@@ -846,6 +860,7 @@ def test_a_config_that_acted_outside_the_match_window_is_said_not_silent(
     assert incident["detected_at"] is None and incident["nearest"] is not None, incident
     near = incident["nearest"]
     assert near["event"] == "rollback_completed" and near["delay_s"] < -30.0, near
+    assert near["detects_another"] is False
     text = replay(*args).stdout
     assert (
         f"not detected within 30s of it (the nearest decision on green: rollback at "
