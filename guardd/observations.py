@@ -78,7 +78,7 @@ __all__ = [
 #: The version of the record layout, in every `start` record.
 FORMAT: Final = 1
 RECORD_KINDS: Final = frozenset(
-    {"start", "context", "probe", "front_door", "sample", "switch", "stop"}
+    {"start", "context", "probe", "front_door", "sample", "switch", "operator", "stop"}
 )
 #: A line longer than this is not one guardd wrote: skipped, not parsed (bytes).
 MAX_LINE_BYTES: Final = 64 * 1024
@@ -219,6 +219,10 @@ class Recorder:
             active=active,
             probe_interval_s=probe_interval_s,
             format=FORMAT,
+            # This run records an operator's pause and resume (`operator`): replay takes
+            # them from here, on the monotonic clock, rather than from the journal's
+            # wall-clock times (ambiguous across a wall clock stepped back).
+            operator_actions=True,
         )
 
     def stop(self) -> None:
@@ -286,6 +290,15 @@ class Recorder:
             reason=redact_credentials(reason) if reason else None,
             event=event,
             severity=severity,
+        )
+
+    def operator(self, event: str, *, by: str | None, reason: str | None) -> None:
+        """An operator's `paused` or `resumed` (the journal's event), by whom, why."""
+        self.add(
+            "operator",
+            event=event,
+            by=by,
+            reason=redact_credentials(reason) if reason else None,
         )
 
     @property

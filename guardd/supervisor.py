@@ -564,6 +564,8 @@ class Supervisor:
                 event=event.get("event"),
                 severity=event.get("severity"),
             )
+        elif event.get("event") in ("paused", "resumed"):
+            self._record("operator", event["event"], by=event.get("by"), reason=event.get("reason"))
         if self.notifier is not None:
             self.notifier.submit(event)
 

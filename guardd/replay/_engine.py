@@ -200,6 +200,9 @@ class Simulation:
         self.probes_fed = 0
         #: The live journal's pauses and resumes replayed (`operator`).
         self.operator_actions = 0
+        #: The current run records its operator actions (its `start` says so): they are
+        #: replayed from its `operator` records, and the journal's copies are left out.
+        self._run_records_operator = False
         self.ticks = 0
         self.skipped_ticks = 0
         #: Whether a tick shown to repeat the last one is counted rather than taken
@@ -450,6 +453,7 @@ class Simulation:
             self._live = color_of(rec.doc.get("active"))
         if rec.kind == "start":
             stopped, self._down = self._down, False
+            self._run_records_operator = rec.doc.get("operator_actions") is True
             self.clock.set(rec.at, rec.ts)
             given = color_of(rec.doc.get("active"))
             self._damaged_start(rec.doc, given)
@@ -497,6 +501,12 @@ class Simulation:
             self._sample(rec)
         elif rec.kind == "switch":
             await self._switch(rec)
+        elif rec.kind == "operator" and rec.doc.get("event") in ("paused", "resumed"):
+            # On the monotonic clock, where the daemon took it (the journal's wall time
+            # may be on a clock stepped since).
+            self._operator_action(rec.doc)
+            if self._started:
+                await self._tick(at)
 
     def _damaged_start(self, doc: dict[str, Any], active: Color | None) -> None:
         """Count what a `start` record says that guardd never writes: a color that is
@@ -720,6 +730,8 @@ class Simulation:
         self._only_probed = False
         self.clock.advance(at)
         if name == _OPERATOR:
+            if self._run_records_operator:
+                return  # replayed from the run's own `operator` record, at its moment
             self._operator_action(payload)
             if self._started:
                 # guardctl wakes the decision loop: a hold resumed while its color still

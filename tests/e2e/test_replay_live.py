@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from guardd.journal import parse_rfc3339
-from tests.harness.daemon import GUARDD, Daemon, Lab, MakeLab, wait_until
+from tests.harness.daemon import GUARDD, Daemon, Lab, MakeLab, guardctl, wait_until
 
 pytestmark = pytest.mark.nginx
 
@@ -135,3 +135,26 @@ def test_a_live_run_without_incident_replays_without_decision(make_lab: MakeLab)
     assert doc["history"]["runs"] == 1
     kinds = {r["kind"] for r in _recorded(lab)}
     assert {"start", "probe", "front_door"} <= kinds
+
+
+def test_an_operators_pause_and_resume_are_recorded_and_replayed_at_their_moment(
+    make_lab: MakeLab,
+) -> None:
+    """`guardctl pause` and `resume` on a live guard: the daemon records each (`operator`,
+    on its monotonic clock, its `start` saying it does) beside the journal, and replay
+    takes them from there, once each, listed among its decisions."""
+    lab = make_lab()
+    d = lab.daemon()
+    wait_until(lambda: len(_recorded(lab)) > 20, 20, "a healthy stretch recorded")
+    for verb in ("pause", "resume"):
+        done = guardctl(verb, "--reason", f"{verb} for a test", socket=lab.socket_path)
+        assert done.returncode == 0, done.stderr
+    _run_on(lab, d, 1.0)
+    records = _recorded(lab)
+    [start] = [r for r in records if r["kind"] == "start"]
+    assert start["operator_actions"] is True
+    actions = [(r["event"], r["reason"]) for r in records if r["kind"] == "operator"]
+    assert actions == [("paused", "pause for a test"), ("resumed", "resume for a test")]
+    doc = _replay(lab)
+    replayed = [d["event"] for d in doc["configs"][0]["decisions"]]
+    assert replayed.count("paused") == 1 and replayed.count("resumed") == 1, replayed

@@ -40,10 +40,18 @@ class Timeline:
         self.wall += seconds
         self.mono += seconds
 
-    def start(self, active: str | None = "green", interval: float = 0.2) -> None:
-        """A daemon run begins (a new monotonic clock, far from the last one)."""
+    def start(
+        self, active: str | None = "green", interval: float = 0.2, *, operator: bool = True
+    ) -> None:
+        """A daemon run begins (a new monotonic clock, far from the last one); without
+        `operator`, as a daemon that did not record operator actions yet wrote it."""
         self.mono += 5_000.0
-        self.recorder.start(active=active, probe_interval_s=interval)
+        if operator:
+            self.recorder.start(active=active, probe_interval_s=interval)
+        else:
+            self.recorder.add(
+                "start", guard=self.guard, active=active, probe_interval_s=interval, format=1
+            )
 
     def rounds(
         self,
@@ -67,6 +75,11 @@ class Timeline:
     def _probe(self, color: str, outcome: str) -> None:
         ok = outcome == "ok"
         self.recorder.probe(color, outcome, 0.004, None if ok else "HTTP 503", 200 if ok else 503)
+
+    def operator(self, event: str, *, by: str, reason: str) -> None:
+        """An operator's `paused` or `resumed`, journaled and recorded as the daemon does."""
+        self.journal.append(event, reason=reason, by=by)
+        self.recorder.operator(event, by=by, reason=reason)
 
     def incident(self, event: str, **fields: Any) -> None:
         """What the live guard journaled now (`rollback_completed`, `hold`)."""

@@ -709,20 +709,29 @@ def test_a_period_is_decided_on_the_state_the_whole_history_leaves_at_its_start(
     ), whole
 
 
-@pytest.mark.parametrize("resumed", [True, False])
+@pytest.mark.parametrize(
+    ("resumed", "recorded", "step_s"),
+    [(True, True, 0.0), (True, True, -30.0), (True, False, 0.0), (False, True, 0.0)],
+)
 def test_an_operators_resume_in_the_journal_refills_the_replayed_budget(
-    tmp_path: Path, tl: Timeline, resumed: bool
+    tmp_path: Path, tl: Timeline, resumed: bool, recorded: bool, step_s: float
 ) -> None:
-    """One rollback spends a budget of one; an operator switches back to green and, as
-    the live journal says, resumes: green's next failure is rolled back, as live. Without
-    that resume in the journal, the same history is a hold (the budget spent)."""
-    tl.start(active="green")
+    """One rollback spends a budget of one; an operator switches back to green and
+    resumes: green's next failure is rolled back, as live. Without that resume, the same
+    history is a hold (the budget spent). The daemon records the resume on its monotonic
+    clock: a wall clock stepped back 30 s just before it (the journal's time 30 s early,
+    before the rollback) moves it nowhere. A history from before such records (`recorded`
+    false) takes it from the journal."""
+    tl.start(active="green", operator=recorded)
     tl.rounds(30)
     tl.rounds(8, green="http_5xx")
     tl.rounds(10)
     tl.recorder.switch("blue", "green", by="uid:0(root)", reason="fixed", event="switch")
     tl.rounds(20)
-    if resumed:
+    tl.wall += step_s  # NTP steps the host's wall clock (records and journal alike)
+    if resumed and recorded:
+        tl.operator("resumed", reason="budget checked", by="uid:0(root)")
+    elif resumed:
         tl.incident("resumed", reason="budget checked", by="uid:0(root)")
     tl.rounds(20)
     failed_at = tl.wall
@@ -777,7 +786,7 @@ def test_a_hold_resumed_while_its_color_still_fails_is_a_hold_again_at_once(
     tl.rounds(20, blue="http_5xx")
     tl.tick(0.05)  # between two probe records
     resumed_at = tl.wall
-    tl.incident("resumed", reason="looking at it", by="uid:0(root)")
+    tl.operator("resumed", reason="looking at it", by="uid:0(root)")
     tl.rounds(10, blue="http_5xx")
     tl.close()
     doc = replay_json("--config", str(config(tmp_path, tmp_path / "state")))
