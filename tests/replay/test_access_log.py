@@ -90,6 +90,16 @@ def _green_log(logs: Path, t0: float, end: float, *, fails: Callable[[float], bo
     return logs
 
 
+def _probed(state: Path, seconds: int) -> float:
+    """A run of `seconds` probe rounds at 1 s, recorded in `state`; its first wall time."""
+    tl = Timeline(state)
+    t0 = tl.wall
+    tl.start(active="green", interval=1.0)
+    tl.rounds(seconds, interval=1.0)
+    tl.close()
+    return t0
+
+
 @pytest.fixture
 def hour(tmp_path: Path) -> tuple[Path, float, int]:
     tl = Timeline(tmp_path / "state")
@@ -339,11 +349,7 @@ def test_a_burst_appended_late_to_the_log_is_counted_late_never_silently_lost(
     written, their requests ended before the window began: no evidence of then, and each
     is counted `late`, in the JSON and the text, never dropped unsaid."""
     state = tmp_path / "state"
-    tl = Timeline(state)
-    t0 = tl.wall
-    tl.start(active="green", interval=1.0)
-    tl.rounds(900, interval=1.0)
-    tl.close()
+    t0 = _probed(state, 900)
     logs = _green_log(tmp_path / "logs", t0, t0 + 600, fails=lambda _t: False)
     burst = [line(GREEN, "502", msec=t0 + 300 + i / RATE) for i in range(60 * RATE)]
     with (logs / "access.log").open("a") as f:
@@ -366,11 +372,7 @@ def test_lines_written_late_among_the_others_pull_no_later_line_back(
     ahead; none is placed before its time, so no window holds more requests than the
     traffic had (20 a second over the 60 s window), and none is counted ahead."""
     state = tmp_path / "state"
-    tl = Timeline(state)
-    t0 = tl.wall
-    tl.start(active="green", interval=1.0)
-    tl.rounds(600, interval=1.0)
-    tl.close()
+    t0 = _probed(state, 600)
     logs = tmp_path / "logs"
     logs.mkdir()
     n = 500 * RATE
@@ -398,11 +400,7 @@ def test_one_line_stamped_ahead_after_a_quiet_start_loses_no_line_and_no_decisio
     stamped `ahead_s` ahead (or back). The replay decides as over the clean log: the line
     is counted ahead (or, far back, late), and no other line is moved or left out."""
     state = tmp_path / "state"
-    tl = Timeline(state)
-    t0 = tl.wall
-    tl.start(active="green", interval=1.0)
-    tl.rounds(600, interval=1.0)
-    tl.close()
+    t0 = _probed(state, 600)
     stamps = [t0 + 1.0] + [t0 + 11.0 + i / RATE for i in range(500 * RATE)]
     results = {}
     for glitch in (False, True):
