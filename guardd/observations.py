@@ -665,6 +665,14 @@ class _Clocks:
         #: clock stepped back keeps it in the later file), so one stamped later is not this
         #: file's (a file copied or renamed under another day: replayed twice otherwise).
         self.day_end = math.inf
+        #: What has been read, per boot and wall clock, the newest last (`_MAX_SPANS` of
+        #: them; a clock step opens one). A boot's monotonic clock never goes back and is
+        #: every run's of that boot, so a record within a span was read before: the same
+        #: records twice (a file concatenated to itself, copied under another day, two
+        #: overlapping copies, a line written twice).
+        self.spans: list[_Span] = []
+        #: The last record was one read before: every record is checked until one is not.
+        self.rereading = False
 
     def plain(
         self, docs: list[dict[str, Any]], since: float | None, until: float | None
@@ -678,7 +686,13 @@ class _Clocks:
         steps alone, summed in the same order as `each` sums them: the same floats.
         """
         last_ts, last_mono = self.last_ts, self.last_mono
-        if last_ts is None or last_mono is None or not docs or self.foreign is not None:
+        if (
+            last_ts is None
+            or last_mono is None
+            or not docs
+            or self.foreign is not None
+            or self.rereading
+        ):
             return None
         kinds = list(map(_get, docs, itertools.repeat("kind")))
         # (Any: their types are checked next, a whole list at a time.)
@@ -703,17 +717,25 @@ class _Clocks:
         ):
             return None
         steps = list(map(operator.sub, monos, [last_mono, *monos[:-1]]))
-        if min(steps) < 0.0:
-            return None  # a monotonic clock that went back: a new run
+        if min(steps) <= 0.0:
+            # A monotonic clock that went back (a new run), or that did not move: a line
+            # that may be its neighbour's copy (`each`), or a clock the test holds still.
+            return None
         walls = map(operator.sub, tss, [last_ts, *tss[:-1]])
         if max(map(abs, map(operator.sub, walls, steps))) > CLOCK_STEP_S:
             return None  # a clock step, noted by `each`
         ats = list(itertools.accumulate(steps, initial=self.at))
         del ats[0]
         self.at, self.last_ts, self.last_mono = ats[-1], tss[-1], monos[-1]
+        # (Each record continues the boot's span, `each` made it at this run's first; the
+        # monotonic clock moved at every one of them.)
+        offsets = list(map(operator.sub, tss, monos))
+        span = self.spans[-1]
+        span.lo, span.hi = min(span.lo, *offsets), max(span.hi, *offsets)
+        span.last, span.tail = monos[-1], [docs[-1]]
         return list(map(_make, itertools.repeat(Record), zip(ats, tss, kinds, docs, strict=True)))
 
-    def each(
+    def each(  # noqa: PLR0915 - one loop, its checks inline: a call apiece costs a day seconds
         self, docs: list[dict[str, Any]], since: float | None, until: float | None
     ) -> Iterator[Record]:
         """The records of `docs`, a record at a time: any batch `plain` is not."""
@@ -748,13 +770,9 @@ class _Clocks:
                 continue
             last_ts, last_mono = self.last_ts, self.last_mono
             if kind == "start" or last_mono is None or last_ts is None or mono < last_mono:
-                # A new run (or a monotonic clock that went back: a reboot without a
-                # start record): its clock starts where the wall clock says, never earlier.
-                self.report.runs += kind == "start"
-                if last_ts is not None:
-                    self.at += max(0.0, ts - last_ts)
+                anew, step, drift = True, 0.0, 0.0
             else:
-                step = mono - last_mono
+                anew, step = False, mono - last_mono
                 drift = (ts - last_ts) - step
                 if step > MONO_LEAP_S and drift < -MONO_LEAP_S:
                     # The monotonic clock leapt ahead and the wall clock did not follow:
@@ -763,7 +781,22 @@ class _Clocks:
                     # would open a gap of years and judge the colors stale across it.
                     skipped["mono far ahead of ts"] += 1
                     continue
-                if drift > CLOCK_STEP_S or drift < -CLOCK_STEP_S:
+            stepped = drift > CLOCK_STEP_S or drift < -CLOCK_STEP_S
+            # (Asked only where a record does not simply follow the last one read.)
+            if (anew or stepped or step == 0.0 or self.rereading) and self._read_before(
+                ts, mono, doc
+            ):
+                skipped[_READ_BEFORE] += 1
+                continue
+            self._extend(ts - mono, mono, doc, anew=anew or stepped)
+            if anew:
+                # A new run (or a monotonic clock that went back: a reboot without a
+                # start record): its clock starts where the wall clock says, never earlier.
+                self.report.runs += kind == "start"
+                if last_ts is not None:
+                    self.at += max(0.0, ts - last_ts)
+            else:
+                if stepped:
                     self.report.clock_steps.append((ts, drift))
                 self.at += step
             self.last_ts, self.last_mono = ts, mono
@@ -771,9 +804,71 @@ class _Clocks:
                 continue
             yield _make(Record, (self.at, ts, kind, doc))
 
+    def _read_before(self, ts: float, mono: float, doc: dict[str, Any]) -> bool:
+        """Whether the record `doc` stamped `ts` / `mono` is in a span already read (sets
+        `rereading` to the answer: every record after one read before is asked)."""
+        offset = ts - mono
+        self.rereading = any(span.holds(offset, mono, doc) for span in self.spans)
+        return self.rereading
+
+    def _extend(self, offset: float, mono: float, doc: dict[str, Any], *, anew: bool) -> None:
+        """Count the record `doc` read (its `ts - mono` offset, its `mono`): it extends
+        the last span, unless it is `anew` (the first of a run, or after a clock step) and
+        not that span's (another boot, a clock stepped), when it opens a span."""
+        spans = self.spans
+        if not spans or (anew and not spans[-1].goes_on(offset, mono)):
+            spans.append(_Span(offset, offset, mono, mono, [doc]))
+            if len(spans) > _MAX_SPANS:
+                del spans[0]
+        else:
+            spans[-1].add(offset, mono, doc)
+
+
+@dataclass(slots=True)
+class _Span:
+    """What was read of one boot's monotonic clock on one wall clock (seconds): the
+    offsets `ts - mono` from `lo` to `hi` (a wall clock slewed by NTP drifts), the
+    monotonic times from `first` to `last`, and the records read at `last` (`tail`).
+
+    Another boot's offset is apart by at least the earlier boot's uptime; a record of
+    this boot later than `last` is new. One at `last` itself is new unless it is one of
+    `tail` (the daemon's clock moves between two records it stamps, a test's may not).
+    """
+
+    lo: float
+    hi: float
+    first: float
+    last: float
+    tail: list[dict[str, Any]]
+
+    def holds(self, offset: float, mono: float, doc: dict[str, Any]) -> bool:
+        """Whether the record `doc` (`offset`, `mono`) was read in this span."""
+        return self.lo - CLOCK_STEP_S <= offset <= self.hi + CLOCK_STEP_S and (
+            self.first <= mono < self.last or (mono == self.last and doc in self.tail)
+        )
+
+    def goes_on(self, offset: float, mono: float) -> bool:
+        """Whether a run beginning at `offset` / `mono` is of this span's boot and clock."""
+        return self.lo - CLOCK_STEP_S <= offset <= self.hi + CLOCK_STEP_S and mono >= self.last
+
+    def add(self, offset: float, mono: float, doc: dict[str, Any]) -> None:
+        """The record `doc` (`offset`, `mono`, not before `last`) was read."""
+        self.lo, self.hi = min(self.lo, offset), max(self.hi, offset)
+        if mono != self.last:
+            self.last, self.tail = mono, [doc]
+        elif len(self.tail) < _MAX_TAIL:
+            self.tail.append(doc)
+
 
 _FLOAT: Final = {float}
 _STR: Final = {str}
+#: The boots (and wall clocks far apart) `_Clocks` remembers what it read of: a history's
+#: few, and a hostile one's every record costs at most this many comparisons.
+_MAX_SPANS: Final = 64
+#: The records a span keeps of its last instant (a test's clock held still; never the
+#: daemon's): more at that instant are read as new.
+_MAX_TAIL: Final = 64
+_READ_BEFORE: Final = "record read before (the same records twice: a file copied or concatenated)"
 #: The kinds a plain batch may hold: a `start` begins a run, and it or a `context` may
 #: name another guard (`_Clocks.each`).
 _PLAIN_KINDS: Final = RECORD_KINDS - {"start", "context"}

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from guardd.replay import _report
 from guardd.secrets import shown_setting
@@ -274,9 +274,20 @@ def _cadence_note(
     return [*notes, note]
 
 
-def _real_journal(path: Path, instance: str) -> tuple[list[dict[str, Any]], str | None, int]:
-    """The live journal's events, why it could not be read (or None), and its lines that are
-    no event."""
+class _LiveJournal(NamedTuple):
+    """The live journal as replay reads it."""
+
+    events: list[dict[str, Any]]
+    #: Why it could not be read (None: it was).
+    problem: str | None
+    #: Its lines that are no event (or no incident as guardd writes it).
+    skipped: int
+    #: Its events found again after the first, by their `id` (a line written twice), left out.
+    twice: int
+
+
+def _real_journal(path: Path, instance: str) -> _LiveJournal:
+    """The live journal's events (each once), as `_LiveJournal`."""
     from guardd.fsutil import not_regular  # noqa: PLC0415
     from guardd.journal import Journal  # noqa: PLC0415
 
@@ -288,10 +299,22 @@ def _real_journal(path: Path, instance: str) -> tuple[list[dict[str, Any]], str 
         if why is None:
             events = journal.read()
             kept = [e for e in events if _readable_incident(e)]
-            return kept, None, journal.skipped_lines + len(events) - len(kept)
+            # Every event has its own id: one found again is the same event (a write
+            # retried after it reached the disk, a file concatenated), not a second one.
+            seen: set[str] = set()
+            once = []
+            for e in kept:
+                key = e.get("id")
+                if isinstance(key, str):
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                once.append(e)
+            skipped = journal.skipped_lines + len(events) - len(kept)
+            return _LiveJournal(once, None, skipped, len(kept) - len(once))
     except OSError as e:
         why = e.strerror or str(e)
-    return [], f"{path}: cannot read the journal ({why}): incidents not matched", 0
+    return _LiveJournal([], f"{path}: cannot read the journal ({why}): incidents not matched", 0, 0)
 
 
 def _operator_actions(real: list[dict[str, Any]], instance: str) -> list[tuple[float, Any]]:
@@ -481,7 +504,9 @@ async def _replay_all(
     configs: list[dict[str, Any]] = []
     first: Simulation | None = None
     journal_path = settings.state_dir / "events.jsonl"
-    real, journal_problem, journal_skipped = _real_journal(journal_path, settings.instance)
+    real, journal_problem, journal_skipped, journal_twice = _real_journal(
+        journal_path, settings.instance
+    )
     for i, s in enumerate([settings, *others]):
         sim = Simulation(s, directory, since=since, until=until, guard=settings.instance)
         sim.operator = _operator_actions(real, settings.instance)
@@ -596,6 +621,7 @@ async def _replay_all(
         "journal": str(journal_path),
         "journal_problem": journal_problem,
         "journal_skipped": journal_skipped,
+        "journal_read_twice": journal_twice,
         # A journal shared with (or copied from) another guard: its incidents are no
         # incident of this one, and are counted rather than dropped unsaid.
         "journal_other_guards": sum(

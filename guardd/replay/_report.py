@@ -315,6 +315,7 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
         or h["missing_days"]
         or h["gaps"]
         or doc.get("journal_skipped")
+        or doc.get("journal_read_twice")
         or doc.get("journal_other_guards")
     ):
         out.append("  nothing in the observations")
@@ -322,6 +323,11 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
         out.append(
             f"  {doc['journal_skipped']} journal line(s) of {doc['journal']}: "
             "not an event as guardd writes it"
+        )
+    if doc.get("journal_read_twice"):
+        out.append(
+            f"  {doc['journal_read_twice']} journal event(s) of {doc['journal']}: found again "
+            "(the same id: a line written twice), read once"
         )
     if doc.get("journal_other_guards"):
         out.append(

@@ -444,3 +444,53 @@ def test_a_probe_record_duplicated_or_out_of_order_is_replayed_without_a_traceba
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-800:]
     doc = replay_json("--config", str(cfg))
     assert decisions(doc, "rollback_completed") == decisions(clean, "rollback_completed")
+
+
+def test_a_history_whose_records_appear_twice_is_replayed_once(tmp_path: Path) -> None:
+    """Observation files concatenated to themselves (`cat obs obs | gzip`) with the journal
+    (`cat events.jsonl events.jsonl`), or a day's file copied under a later day's name: the
+    replay is the one of the history read once (the same runs, decisions and incidents
+    found), the copies counted under skipped."""
+    state = tmp_path / "state"
+    tl = Timeline(state, wall=DAY0 + 3600)
+    for _ in range(2):  # two runs, green failing in each, rolled back live each time
+        tl.start(active="green")
+        tl.rounds(150)
+        tl.rounds(3, green="http_5xx")
+        tl.rolled_back()
+        tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+        tl.rounds(30, green="http_5xx")
+        tl.recorder.switch("blue", "green", by="deploy", reason="promote", event="promote")
+        tl.rounds(100)
+        tl.recorder.stop()
+        tl.tick(600.0)
+    tl.close()
+    cfg = config(tmp_path, state)
+    once = replay_json("--config", str(cfg))
+    assert once["history"]["runs"] == 2
+    assert once["configs"][0]["summary"]["rollbacks"] == 2
+    assert len(once["configs"][0]["incidents"]) == 2
+    [path] = sorted((state / "observations").iterdir())
+    raw = path.read_bytes()
+    lines = gzip.decompress(raw)
+    path.write_bytes(gzip.compress(lines + lines))
+    journal = state / "events.jsonl"
+    events = journal.read_bytes()
+    assert events.count(b"\n") == 2  # the two rollbacks
+    journal.write_bytes(events + events)
+    doubled = replay_json("--config", str(cfg))
+    assert doubled["journal_read_twice"] == 2 and doubled["journal_skipped"] == 0
+    journal.write_bytes(events)
+    later = path.with_name(path.name.replace(day_of(DAY0), day_of(DAY0 + DAY)))
+    path.write_bytes(raw)
+    later.write_bytes(raw)
+    copied = replay_json("--config", str(cfg))
+    for doc in (doubled, copied):
+        assert doc["history"]["runs"] == 2
+        assert doc["history"]["records"] == once["history"]["records"]
+        assert doc["history"]["skipped"] == {
+            "record read before (the same records twice: a file copied or concatenated)": (
+                lines.count(b"\n")
+            )
+        }
+        assert doc["configs"] == once["configs"]

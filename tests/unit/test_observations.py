@@ -618,8 +618,8 @@ def _history_docs(rng: random.Random, n: int) -> list[dict[str, Any]]:
         if odd < 0.01:
             doc["kind"] = "start"
         elif odd < 0.02:
-            mono -= 50.0  # a reboot without a start record (its wall clock too, or not)
-            wall -= rng.choice([0.0, 50.0])
+            mono -= 50.0  # a reboot without a start record (its wall clock stepped, or not)
+            wall += rng.choice([0.0, 50.0, -20.0])
             doc["mono"], doc["ts"] = mono, wall
         elif odd < 0.03:
             wall += rng.choice([-30.0, 5.0, 1.0001])  # NTP, an operator
@@ -634,6 +634,8 @@ def _history_docs(rng: random.Random, n: int) -> list[dict[str, Any]]:
             doc["kind"] = rng.choice([None, "nope", ["probe"], {"k": 1}, 3])
         elif odd < 0.06:
             doc["kind"] = rng.choice(["sample", "switch", "front_door"])
+        elif odd < 0.062:
+            docs += [dict(d) for d in docs[-rng.randrange(1, 100) :]]  # records read twice
         docs.append(doc)
     return docs
 
@@ -691,3 +693,93 @@ def test_a_file_copied_under_an_earlier_day_is_not_read_twice(tmp_path: Path, re
     got, report = read(tmp_path)
     assert [r.doc for r in got] == [r.doc for r in alone]
     assert report.skipped == {"later than the day its file is named after": records + 1}
+
+
+def _three_runs(directory: Path, records: int) -> list[Record]:
+    """Three runs of `records` probe rounds: a restart in one boot (the monotonic clock
+    goes on), then a reboot (a new monotonic clock, near zero), a wall clock stepped
+    back an hour in the last. Returns them as read, alone."""
+    clocks = Clocks(wall=EVE + 100)
+    for reboot in (False, False, True):
+        if reboot:
+            clocks.wall_s += 600.0
+            clocks.mono_s = 30.0
+        else:
+            clocks.tick(60.0)
+        rec = recorder(directory, clocks)
+        rec.start(active="blue", probe_interval_s=1.0)
+        for i in range(records):
+            clocks.tick(1.0)
+            if reboot and i == records // 2:
+                clocks.wall_s -= 3600.0
+            rec.probe("blue", "ok", 0.01, status=200)
+        rec.stop()
+        rec.write()
+        rec.close()
+    alone, report = read(directory)
+    assert report.runs == 3 and not report.skipped and len(alone) == 3 * (records + 2)
+    assert len(report.clock_steps) == 1
+    return alone
+
+
+READ_BEFORE = "record read before (the same records twice: a file copied or concatenated)"
+
+
+@pytest.mark.parametrize("records", [3, 3000])  # record by record, and plain batches
+@pytest.mark.parametrize(
+    "how", ["concatenated", "copied under a later day", "overlapping copies", "a line twice"]
+)
+def test_records_read_twice_are_replayed_once(tmp_path: Path, records: int, how: str) -> None:
+    """The same records found twice in the history (a file concatenated to itself, a day's
+    file copied under a later day's name, two copies that overlap, one line written
+    twice) are read once: the copies are skipped and counted, the runs counted once, and
+    a restart, a reboot and a stepped clock are still what they were."""
+    alone = _three_runs(tmp_path, records)
+    [path] = history_files(tmp_path)
+    raw = path.read_bytes()
+    lines = gzip.decompress(raw).splitlines(keepends=True)
+    if how == "concatenated":  # cat obs obs | gzip
+        path.write_bytes(gzip.compress(b"".join(lines + lines)))
+        twice = len(lines)
+    elif how == "copied under a later day":
+        path.with_name(path.name.replace(day_of(EVE + 100), day_of(EVE + 100 + DAY))).write_bytes(
+            raw
+        )
+        twice = len(lines)
+    elif how == "overlapping copies":  # the second run and the rest again, then a new run
+        second = next(i for i, ln in enumerate(lines) if b'"start"' in ln and i > 0)
+        path.write_bytes(raw + gzip.compress(b"".join(lines[second:])))
+        twice = len(lines) - second
+    else:
+        middle = len(lines) // 2
+        path.write_bytes(gzip.compress(b"".join([*lines[:middle], lines[middle], *lines[middle:]])))
+        twice = 1
+    got, report = read(tmp_path)
+    assert [r.doc for r in got] == [r.doc for r in alone]
+    assert [r.at for r in got] == [r.at for r in alone]
+    assert report.skipped == {READ_BEFORE: twice}
+    assert report.runs == 3 and len(report.clock_steps) == 1
+
+
+def test_records_read_twice_then_new_ones_go_on_from_the_first(tmp_path: Path) -> None:
+    """A copy whose end is newer than what was read before (a file rotated with what the
+    first copy held, then more): what was read before is skipped, what follows it is
+    read, on the same run's clock."""
+    clocks = Clocks(wall=EVE + 100)
+    rec = recorder(tmp_path, clocks)
+    rec.start(active="blue", probe_interval_s=1.0)
+    for _ in range(40):
+        clocks.tick(1.0)
+        rec.probe("blue", "ok", 0.01, status=200)
+    rec.write()
+    rec.close()
+    whole, _ = read(tmp_path)
+    [path] = history_files(tmp_path)
+    lines = gzip.decompress(path.read_bytes()).splitlines(keepends=True)
+    # The first copy holds the run to its 30th round, the second from the 10th on.
+    path.write_bytes(gzip.compress(b"".join(lines[:31])) + gzip.compress(b"".join(lines[11:])))
+    got, report = read(tmp_path)
+    assert [r.doc for r in got] == [r.doc for r in whole]
+    assert [r.at for r in got] == [r.at for r in whole]
+    assert report.skipped == {READ_BEFORE: 20}
+    assert report.runs == 1
