@@ -116,6 +116,38 @@ def _nothing(*_args: Any, **_kwargs: Any) -> None:
 _Batch = tuple[float, int, str, Any]
 
 
+@dataclasses.dataclass(slots=True)
+class _Schedule:
+    """When a stream's next round (a color's probe, the front door) is due at the
+    config's cadence, as `Supervisor._probe_loop` schedules it: a fixed cadence without
+    drift, slots overrun skipped, a new cadence (confirming a failure) from the round it
+    begins at. Times are the history's clock (`Record.at`, seconds)."""
+
+    #: The next round due (None: the next recorded round is taken).
+    due: float | None = None
+    #: The cadence `due` was set with (seconds).
+    cadence: float | None = None
+    #: The last round recorded (fed or not): the spacing of the history.
+    recorded_at: float | None = None
+
+    def takes(self, at: float) -> bool:
+        """Whether the round recorded at `at` stands for one the config made: the one
+        nearest the due time is; one more than half the history's spacing early is left
+        for the next."""
+        previous, self.recorded_at = self.recorded_at, at
+        due = self.due
+        return due is None or previous is None or at >= due - (at - previous) / 2
+
+    def fed(self, at: float, cadence: float) -> None:
+        """The round at `at` was fed; the next is due `cadence` seconds after the last due
+        time (after `at` when the cadence changed, or rounds overran or were lost)."""
+        due = self.due
+        if due is None or self.cadence != cadence:
+            due = at
+        due += cadence
+        self.due, self.cadence = (due if due > at else at + cadence), cadence
+
+
 class Simulation:
     """Replays the history in `directory` through a guard built from `settings`.
 
@@ -182,18 +214,12 @@ class Simulation:
         self.recorded_interval: float | None = None
         #: The probe interval the current run of the history probed at, if its `start` said.
         self._run_interval: float | None = None
-        #: When each color's next probe is due at the config's cadence (absent: its next
-        #: recorded round), as `Supervisor._probe_loop` schedules it: a config probing
-        #: slower than the history was recorded (`probe.interval`, or `fast_interval` while
+        #: Each color's probe rounds at the config's cadence: a config probing slower
+        #: than the history was recorded (`probe.interval`, or `fast_interval` while
         #: confirming a failure) is fed only the rounds it would have made (`_probe`).
-        self._due: dict[Color, float] = {}
-        #: Each color's cadence when its due time was set (a change restarts the schedule).
-        self._cadence: dict[Color, float] = {}
-        #: Each color's last recorded round (fed or not): the spacing of the history.
-        self._recorded_at: dict[Color, float] = {}
-        #: The same for the front door, probed at `probe.interval` (`_front_door_loop`).
-        self._door_due: float | None = None
-        self._door_recorded_at: float | None = None
+        self._schedules: dict[Color, _Schedule] = {color: _Schedule() for color in COLORS}
+        #: The same for the front door, asked at `probe.interval` (`_front_door_loop`).
+        self._door = _Schedule()
         #: Probe rounds recorded but left out, a guard at the config's slower cadence
         #: having made none then; and the rounds fed to the guard.
         self.thinned = 0
@@ -291,10 +317,8 @@ class Simulation:
             log=_NullLog(),
         )
         guard.qos.store = self.locks
-        self._due = {}
-        self._cadence = {}
-        self._recorded_at = {}
-        self._door_due = self._door_recorded_at = None
+        self._schedules = {color: _Schedule() for color in COLORS}
+        self._door = _Schedule()
         if self._run_interval is not None and self._run_interval > self._interval:
             # The history holds a round only every recorded interval: a config probing
             # faster would judge every color stale between two of them (and alert, and
@@ -504,9 +528,7 @@ class Simulation:
         elif rec.kind == "operator" and rec.doc.get("event") in ("paused", "resumed"):
             # On the monotonic clock, where the daemon took it (the journal's wall time
             # may be on a clock stepped since).
-            self._operator_action(rec.doc)
-            if self._started:
-                await self._tick(at)
+            await self._operator_action(rec.doc, at)
 
     def _damaged_start(self, doc: dict[str, Any], active: Color | None) -> None:
         """Count what a `start` record says that guardd never writes: a color that is
@@ -530,19 +552,13 @@ class Simulation:
         if color is None or result is None:
             self.report.skipped[why_no_probe(doc)] += 1
             return False
-        at = rec.at
-        recorded = self._recorded_at
-        previous = recorded.get(color)
-        recorded[color] = at
-        when = self._due.get(color)
-        # The recorded round nearest the due time stands for the round the guard made:
-        # one more than half the history's spacing early is left for the next.
-        if when is not None and previous is not None and at < when - (at - previous) / 2:
+        schedule = self._schedules[color]
+        if not schedule.takes(rec.at):
             self.thinned += 1
             return False
         self.probes_fed += 1
         wake = guard.observe(color, result)
-        self._next_due(color, at)
+        schedule.fed(rec.at, guard.cadence(color))
         if not self._started:
             self._seen.add(color)
             if self._seen >= set(COLORS):
@@ -551,36 +567,16 @@ class Simulation:
             return False
         return wake
 
-    def _next_due(self, color: Color, at: float) -> None:
-        """After feeding a round of `color` at `at`: when the next one is due, as
-        `Supervisor._probe_loop` schedules it (a fixed cadence without drift, slots
-        overrun skipped; a new cadence, such as confirming a failure, from this round)."""
-        guard = self.guard
-        assert guard is not None  # noqa: S101
-        cadence = guard.cadence(color)
-        when = self._due.get(color)
-        if when is None or self._cadence.get(color) != cadence:
-            when = at
-        when += cadence
-        if when <= at:
-            when = at + cadence  # overran, or records lost: the cadence goes on from here
-        self._due[color] = when
-        self._cadence[color] = cadence
-
     async def _front_door(self, rec: Record) -> None:
         guard = self.guard
         assert guard is not None  # noqa: S101
         # As the probes (`_probe`): a config probing slower than the history was recorded
         # hears the front door only as often as it would have asked it.
-        at, previous, due = rec.at, self._door_recorded_at, self._door_due
-        self._door_recorded_at = at
-        if due is not None and previous is not None and at < due - (at - previous) / 2:
+        if not self._door.takes(rec.at):
             self.thinned += 1
             return
         self.probes_fed += 1
-        interval = guard.s.probe_interval
-        due = at + interval if due is None else due + interval
-        self._door_due = due if due > at else at + interval
+        self._door.fed(rec.at, guard.s.probe_interval)
         # Evidence only while the replay serves the color the live run served: the
         # front door answered for that one.
         if not self._verify or self._live is None or guard.active != self._live:
@@ -730,13 +726,8 @@ class Simulation:
         self._only_probed = False
         self.clock.advance(at)
         if name == _OPERATOR:
-            if self._run_records_operator:
-                return  # replayed from the run's own `operator` record, at its moment
-            self._operator_action(payload)
-            if self._started:
-                # guardctl wakes the decision loop: a hold resumed while its color still
-                # fails is a hold again at once, as live.
-                await self._tick(at)
+            if not self._run_records_operator:  # (else from its `operator` record)
+                await self._operator_action(payload, at)
             return
         sig = self.signals[name]
         if isinstance(sig, AccessLogSignal):
@@ -750,9 +741,9 @@ class Simulation:
             sig.apply_sample(color, data, at)  # type: ignore[attr-defined]
         self._pulse_check()
 
-    def _operator_action(self, event: dict[str, Any]) -> None:
-        """An operator's `pause` or `resume`, as `guardctl` makes it (a resume ends a hold
-        and refills the rollback budget)."""
+    async def _operator_action(self, event: dict[str, Any], at: float) -> None:
+        """An operator's `pause` or `resume` at `at`, as `guardctl` makes it (a resume
+        ends a hold and refills the rollback budget), then the tick it wakes."""
         guard = self.guard
         assert guard is not None  # noqa: S101
         by = str(event.get("by") or "operator")
@@ -762,6 +753,10 @@ class Simulation:
         else:
             guard.resume(reason, by=by)
         self.operator_actions += 1
+        if self._started:
+            # guardctl wakes the decision loop: a hold resumed while its color still
+            # fails is a hold again at once, as live.
+            await self._tick(at)
 
     def _outside(self, batch: _Batch) -> None:
         report = self.sources.get(batch[2])
