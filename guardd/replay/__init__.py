@@ -24,10 +24,13 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from guardd.replay import _report
 from guardd.secrets import shown_setting
+
+if TYPE_CHECKING:
+    from guardd.replay._engine import Simulation
 
 __all__ = ["env_settings", "parse_time", "replay"]
 
@@ -284,6 +287,33 @@ class _LiveJournal(NamedTuple):
     skipped: int
     #: Its events found again after the first, by their `id` (a line written twice), left out.
     twice: int
+
+
+def _sources_json(sim: Simulation) -> dict[str, Any]:
+    """What `sim` read of each signal's source (the contract's `sources`)."""
+    sources: dict[str, Any] = {}
+    for name, src in sim.sources.items():
+        entry = src.to_json()
+        lines = getattr(sim.signals.get(name), "lines", None)
+        entry["lines"] = dict(lines) if isinstance(lines, dict) else None
+        entry["bad_samples"] = sim.bad_samples.get(name, 0)
+        sources[name] = entry
+    for name, n in sim.bad_samples.items():
+        sources.setdefault(
+            name,
+            {
+                "kind": "samples",
+                "replayed": "from recorded samples",
+                "why": None,
+                "files": [],
+                "problems": [],
+                "outside_history": 0,
+                "untimed_lines": 0,
+                "ahead_lines": 0,
+                "lines": None,
+            },
+        )["bad_samples"] = n
+    return sources
 
 
 def _real_journal(path: Path, instance: str) -> _LiveJournal:
@@ -567,33 +597,13 @@ async def _replay_all(
                 "incidents": found,
                 "ticks": sim.ticks,
                 "skipped_ticks": sim.skipped_ticks,
+                # Each config reads the logs with its own signals (other addresses, another
+                # format, a signal more): what it made of them is its own.
+                "sources": _sources_json(sim),
             }
         )
     assert first is not None  # noqa: S101
     history = first.report
-    sources: dict[str, Any] = {}
-    for name, src in first.sources.items():
-        entry = src.to_json()
-        sig = first.signals.get(name)
-        lines = getattr(sig, "lines", None)
-        entry["lines"] = dict(lines) if isinstance(lines, dict) else None
-        entry["bad_samples"] = first.bad_samples.get(name, 0)
-        sources[name] = entry
-    for name, n in first.bad_samples.items():
-        sources.setdefault(
-            name,
-            {
-                "kind": "samples",
-                "replayed": "from recorded samples",
-                "why": None,
-                "files": [],
-                "problems": [],
-                "outside_history": 0,
-                "untimed_lines": 0,
-                "ahead_lines": 0,
-                "lines": None,
-            },
-        )["bad_samples"] = n
     return {
         "format": 1,
         "history": {
@@ -630,6 +640,6 @@ async def _replay_all(
             if e.get("event") in _report.INCIDENTS
             and e.get("guard", settings.instance) != settings.instance
         ),
-        "sources": sources,
+        "sources": configs[0]["sources"],
         "configs": configs,
     }

@@ -347,7 +347,18 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
         "(spacing kept by the monotonic clock)"
         for step in h["clock_steps"]
     )
-    for name, src in doc["sources"].items():
+    out.extend(_source_lines(doc["sources"]))
+    for c in doc["configs"][1:]:
+        if c.get("sources", doc["sources"]) != doc["sources"]:
+            out.append(f"  as [{c['label']}] read them (its own signals):")
+            out.extend(f"  {line}" for line in _source_lines(c["sources"]))
+    return out
+
+
+def _source_lines(sources: dict[str, Any]) -> list[str]:
+    """The `Skipped:` lines of what a config read of each signal's source."""
+    out: list[str] = []
+    for name, src in sources.items():
         lines = src.get("lines") or {}
         counted = ", ".join(f"{_LINE_WORDS.get(k, k)} {v}" for k, v in lines.items() if v)
         how = src["replayed"] or f"not replayed: {src['why']}"
@@ -368,7 +379,10 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
                 "while the daemon was down)"
             )
         if src.get("untimed_lines"):
-            out.append(f"    {src['untimed_lines']} line(s) without a time of their own")
+            out.append(
+                f"    {src['untimed_lines']} line(s) without a time of their own: replayed with "
+                "the line before them (junk among them is counted under lines too)"
+            )
         if src.get("ahead_lines"):
             out.append(
                 f"    {src['ahead_lines']} line(s) stamped ahead of the lines written after "

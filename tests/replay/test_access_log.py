@@ -420,3 +420,24 @@ def test_one_line_stamped_ahead_after_a_quiet_start_loses_no_line_and_no_decisio
     assert src["ahead_lines"] == int(ahead_s > 0) and src["lines"]["late"] == late, src
     assert src["lines"]["ok"] == clean["sources"]["traffic"]["lines"]["ok"] + 1 - late, src
     assert src["outside_history"] == clean["sources"]["traffic"]["outside_history"], src
+
+
+def test_compare_says_what_each_config_read_of_the_log(hour: tuple[Path, float, int]) -> None:
+    """`--compare` with a config whose signal reads the log otherwise (its addresses name
+    another green): each config's own counts are in its `sources`, and the text says B's
+    where they differ from A's."""
+    tmp, _, n = hour
+    a = config(
+        tmp, tmp / "state", extra=_signal(tmp / "logs", 0.05), interval="1s", qos_window="10s"
+    )
+    other = _signal(tmp / "logs", 0.05).replace(f'green = ["{GREEN}"]', 'green = ["10.9.9.9:1"]')
+    (tmp / "b").mkdir()
+    b = config(tmp / "b", tmp / "state", extra=other, interval="1s", qos_window="10s")
+    doc = replay_json("--config", str(a), "--compare", str(b))
+    mine, theirs = (c["sources"]["traffic"]["lines"] for c in doc["configs"])
+    assert doc["sources"] == doc["configs"][0]["sources"]
+    assert mine["ok"] == n and not mine["unattributed"], mine
+    assert theirs["unattributed"] == n, theirs
+    text = replay("--config", str(a), "--compare", str(b)).stdout
+    assert "  as [B] read them (its own signals):" in text
+    assert f"unattributed {n}" in text
