@@ -604,6 +604,11 @@ async def _replay_all(
         )
     assert first is not None  # noqa: S101
     history = first.report
+    if journal_problem and first.runs_without_operator:
+        journal_problem += (
+            f"; {first.runs_without_operator} run(s) did not record the operator's pauses "
+            "and resumes, which only the journal holds: those are not replayed"
+        )
     return {
         "format": 1,
         "history": {

@@ -229,6 +229,9 @@ class Simulation:
         #: The current run records its operator actions (its `start` says so): they are
         #: replayed from its `operator` records, and the journal's copies are left out.
         self._run_records_operator = False
+        #: Runs replayed that did not record them (their `start` older, or no `start`):
+        #: their pauses and resumes are the journal's alone.
+        self.runs_without_operator = 0
         self.ticks = 0
         self.skipped_ticks = 0
         #: Whether a tick shown to repeat the last one is counted rather than taken
@@ -295,6 +298,7 @@ class Simulation:
         guard adopts it, journaled as an `external_switch` that says so, never as a switch
         made while the daemon was down (which the live daemon would journal)."""
         self._run_ends()
+        self.runs_without_operator += not self._run_records_operator
         moved_from = None
         if self.guard is not None:
             if moved_unseen and active is not None:

@@ -921,3 +921,25 @@ def test_only_a_probe_rules_late_detection_is_an_upper_bound(rule: str, bounded:
     inc = {"event": "rollback_completed", "color": "blue", "delay_s": 0.033, "detected_rule": rule}
     bound = _later_than_live(inc, c, 1.0)
     assert (bound is not None) is bounded, bound
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_missing_journal_says_whether_operator_actions_went_unreplayed(
+    tmp_path: Path, recorded: bool
+) -> None:
+    """A run that recorded its operator's pauses and resumes is replayed with them without
+    the journal; one that did not (a guardd that did not record them wrote it) had them in
+    the journal only: when it cannot be read, that is said, never left to look complete."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green", operator=recorded)
+    tl.rounds(100)
+    tl.start(active="green")  # (a run of today's guardd after it)
+    tl.rounds(100)
+    tl.close()
+    (state / "events.jsonl").unlink()
+    doc = replay_json("--config", str(config(tmp_path, state)))
+    problem = doc["journal_problem"]
+    assert problem.startswith(f"{state / 'events.jsonl'}: cannot read the journal"), problem
+    said = "1 run(s) did not record the operator's pauses and resumes, which only the journal"
+    assert (said in problem) is not recorded, problem
