@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -173,6 +174,9 @@ def replay(
     from guardd.exceptions import ConfigError  # noqa: PLC0415
     from guardd.observations import HistoryUnreadable  # noqa: PLC0415
 
+    # `tempfile` learns its folder is writable by writing a file there and removing it: a
+    # signal raised between the two would leave that file behind. Learnt here, before.
+    tempfile.gettempdir()
     try:
         with _stopped_by_signals():
             doc = anyio.run(_replay_all, settings, others, t0, t1, list(overrides))

@@ -300,8 +300,9 @@ def test_a_signal_stops_a_replay_at_once_and_leaves_nothing_behind(
         env={**os.environ, "TMPDIR": str(tmp)},
     )
     try:
-        # Its temporary folder is made as the history begins to be read.
-        wait_until(lambda: any(tmp.iterdir()), 60, "the replay under way")
+        # Its temporary folder is made as the history begins to be read (not the file
+        # `tempfile` writes and removes at once to learn the folder is writable).
+        wait_until(lambda: any(tmp.glob("guardd-replay-*")), 60, "the replay under way")
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     finally:
