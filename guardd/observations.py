@@ -563,8 +563,12 @@ MONO_LEAP_S: Final = 3600.0
 CLOCK_STEP_S: Final = 1.0
 
 
-def history_files(directory: Path, guard: str | None = None) -> list[Path]:
-    """The observation files in `directory` (of `guard`, else of every guard), oldest first.
+def history_files(
+    directory: Path, guard: str | None = None, strays: list[str] | None = None
+) -> list[Path]:
+    """The observation files in `directory` (of `guard`, else of every guard), oldest first;
+    the names of the entries that are no guard's day file go to `strays` (a copy kept as
+    `lab-2026-12-01.jsonl.gz.bak`, an unzipped `.jsonl`: never read, so said).
 
     Raises `HistoryUnreadable` when the directory cannot be listed.
     """
@@ -577,9 +581,17 @@ def history_files(directory: Path, guard: str | None = None) -> list[Path]:
     found = []
     for path in entries:
         m = _NAME.match(path.name)
-        if m is not None and (guard is None or m["guard"] == guard) and _is_day(m["day"]):
+        if m is None or not _is_day(m["day"]):
+            if strays is not None:
+                strays.append(path.name)
+        elif guard is None or m["guard"] == guard:
             found.append((m["day"], m["guard"], path))
     return [path for _, _, path in sorted(found)]
+
+
+#: The entries named otherwise that the report names one by one (a directory full of them
+#: is said in one line more).
+_MAX_STRAYS: Final = 20
 
 
 def _is_day(text: str) -> bool:
@@ -622,9 +634,19 @@ def read_batches(
 ) -> Iterator[list[Record]]:
     """`read_history`'s records, a list of them at a time (none empty): what a chunk of a
     file held. Raises `HistoryUnreadable` as `read_history` does, on the first `next`."""
-    files = history_files(directory, guard)
+    strays: list[str] = []
+    files = history_files(directory, guard, strays)
     if not files:
         raise HistoryUnreadable(directory, "no observation file (*.jsonl.gz) in it")
+    report.problems += [
+        f"{directory / name}: not read: not named <guard>-<YYYY-MM-DD>.jsonl.gz as the "
+        "daemon names its files"
+        for name in sorted(strays)[:_MAX_STRAYS]
+    ]
+    if len(strays) > _MAX_STRAYS:
+        report.problems.append(
+            f"{directory}: {len(strays) - _MAX_STRAYS} more entries not read, named otherwise"
+        )
     clocks = _Clocks(report, guard)
     for path in files:
         report.files.append(str(path))
@@ -868,7 +890,11 @@ _MAX_SPANS: Final = 64
 #: The records a span keeps of its last instant (a test's clock held still; never the
 #: daemon's): more at that instant are read as new.
 _MAX_TAIL: Final = 64
-_READ_BEFORE: Final = "record read before (the same records twice: a file copied or concatenated)"
+#: (A copy or a line moved back cannot be told apart without the records themselves.)
+_READ_BEFORE: Final = (
+    "record at a time already read "
+    "(the same records twice: a file copied or concatenated, or lines moved out of order)"
+)
 #: The kinds a plain batch may hold: a `start` begins a run, and it or a `context` may
 #: name another guard (`_Clocks.each`).
 _PLAIN_KINDS: Final = RECORD_KINDS - {"start", "context"}

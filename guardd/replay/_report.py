@@ -334,7 +334,12 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
             f"  {doc['journal_other_guards']} incident(s) of {doc['journal']}: of another "
             "guard than the one replayed, not matched"
         )
-    out.extend(f"  {n} observation line(s): {why}" for why, n in sorted(h["skipped"].items()))
+    out.extend(
+        f"  {n} corrupt gzip member(s) of the observations: their lines past the damage lost"
+        if why == "corrupt member"  # (a member, not a line: how many lines it held is unknown)
+        else f"  {n} observation line(s): {why}"
+        for why, n in sorted(h["skipped"].items())
+    )
     out.extend(f"  {problem}" for problem in h["problems"])
     out.extend(f"  no observation file for {day}" for day in h["missing_days"])
     out.extend(

@@ -318,17 +318,38 @@ def test_an_empty_time_is_a_usage_error_never_no_bound(tmp_path: Path) -> None:
 
 def test_a_file_named_after_no_real_day_is_no_file_of_the_history(tmp_path: Path) -> None:
     """A copy named `lab-9999-99-99.jsonl.gz` (or month 13) was a traceback: it is not a
-    name the recorder gives, so it is no file of the history, as any other name."""
+    name the recorder gives, so it is no file of the history, as any other name; each such
+    entry (a backup copy, an unzipped copy) is said not read, never ignored unsaid."""
     tl = _healthy(tmp_path / "state")
     tl.close()
     cfg = config(tmp_path, tmp_path / "state")
-    before = replay_json("--config", str(cfg))["history"]["records"]
+    first = replay_json("--config", str(cfg))["history"]
+    assert first["problems"] == []
     [day] = (tmp_path / "state" / "observations").iterdir()
-    for name in ("lab-9999-99-99.jsonl.gz", "lab-2026-13-01.jsonl.gz"):
+    strays = [
+        "lab-9999-99-99.jsonl.gz",
+        "lab-2026-13-01.jsonl.gz",
+        f"{day.name}.bak",
+        day.name.removesuffix(".gz"),
+    ]
+    for name in strays:
         (day.parent / name).write_bytes(day.read_bytes())
+    (day.parent / "old").mkdir()
     done = replay("--config", str(cfg), "--json")
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
-    assert json.loads(done.stdout)["history"]["records"] == before
+    history = json.loads(done.stdout)["history"]
+    assert history["records"] == first["records"]
+    assert history["problems"] == [
+        f"{day.parent / name}: not read: not named <guard>-<YYYY-MM-DD>.jsonl.gz as the daemon "
+        "names its files"
+        for name in sorted([*strays, "old"])
+    ]
+    for n in range(30):
+        (day.parent / f"junk-{n}").touch()
+    problems = replay_json("--config", str(cfg))["history"]["problems"]
+    assert len(problems) == 21 and problems[-1].endswith(
+        "15 more entries not read, named otherwise"
+    )
 
 
 def test_a_set_value_too_long_to_read_is_a_usage_error(tmp_path: Path) -> None:
