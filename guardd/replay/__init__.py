@@ -31,6 +31,7 @@ from guardd.replay import _report
 from guardd.secrets import shown_setting
 
 if TYPE_CHECKING:
+    from guardd.config import GuardConfig
     from guardd.replay._engine import Simulation
 
 __all__ = ["env_settings", "parse_time", "replay"]
@@ -487,10 +488,11 @@ def _incidents(
     since: float | None,
     until: float | None,
     instance: str,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The real journal's incidents of the period, each with when config `c` detected it
-    (`_report.detect`) and whether the history covers it (`_covered`)."""
-    tolerance = max(c.policy.window, 10 * c.probe.interval)
+    (`_report.detect`) and whether the history covers it (`_covered`); and the decisions
+    that detect no incident (`_report.unmatched`)."""
+    tolerance = _match_window(c)
     lo = since if since is not None else first.first_ts
     # Without `--to`, every incident after the history too: a history that ends before
     # the journal does (its last records lost, recording stopped, a copy cut short)
@@ -505,6 +507,9 @@ def _incidents(
         and _report.within((placed := _decided(e, real)).get("ts"), lo, until)
     ]
     found = _report.detect(incidents, decisions, tolerance)
+    # (Before a detection in a hole of the records is unsaid below: it is still the
+    # decision about that incident, never one the live guard did not take.)
+    unmatched = _report.unmatched(found, decisions)
     # The failures the quickest rule counts (`consecutive_failures` rounds), and the
     # probe round a decision follows (an interval, a second's slack for its tick).
     before = c.policy.consecutive_failures * c.probe.interval
@@ -523,7 +528,12 @@ def _incidents(
             inc.update(detected_at=None, detected_by=None, delay_s=None)
         inc["bound"] = _later_than_live(inc, c, first.recorded_interval)
         inc["match_window_s"] = tolerance
-    return found
+    return found, unmatched
+
+
+def _match_window(c: GuardConfig) -> float:
+    """How far apart (seconds) an incident and the decision detecting it may be."""
+    return max(c.policy.window, 10 * c.probe.interval)
 
 
 async def _replay_all(
@@ -579,7 +589,7 @@ async def _replay_all(
             for e in sim.journal.events
             if e.get("event") in _report.DECISIONS and _report.within(e.get("ts"), since, until)
         ]
-        found = _incidents(
+        found, unmatched = _incidents(
             s.config, real, decisions, first, since=since, until=until, instance=settings.instance
         )
         configs.append(
@@ -599,6 +609,9 @@ async def _replay_all(
                 "decisions": decisions,
                 "summary": _report.summary(decisions),
                 "incidents": found,
+                # Where this config acted and the live guard did not (no incident credited).
+                "unmatched": [] if journal_problem else unmatched,
+                "match_window_s": _match_window(s.config),
                 "ticks": sim.ticks,
                 "skipped_ticks": sim.skipped_ticks,
                 # Each config reads the logs with its own signals (other addresses, another

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -98,15 +99,7 @@ def detect(
     the nearest in time (a hold taken earlier is not the rollback the config took with
     the live one).
     """
-    acting = [
-        (t, d)
-        for d in decisions
-        if (t := _ts(d["at"])) is not None
-        and (
-            d["event"] in ("rollback_completed", "rollback_failed", "hold")
-            or (d["event"] == "alert" and d["severity"] in ("P0", "P1"))
-        )
-    ]
+    acting = _acting(decisions)
     times = [_ts(inc.get("ts")) for inc in incidents]
     # Each decision is credited to one incident at most: the pairs nearest in time first
     # (a dry run's one alert is not the detection of a hold and of the rollback after it).
@@ -217,6 +210,8 @@ def render(doc: dict[str, Any]) -> str:
     span = f"{h['from'] or '-'} .. {h['to'] or '-'}"
     if recorded != [h["from"], h["to"]]:
         span += f" (recorded: {recorded[0] or '-'} .. {recorded[1] or '-'})"
+    if any(step["step_s"] < 0 for step in h["clock_steps"]):
+        span += " (the wall clock was stepped back within it: times repeat, see Skipped)"
     out.append(
         f"guardd replay of {h['dir']}: {span}, "
         f"{h['runs']} run(s), {h['records']} records"
@@ -235,13 +230,16 @@ def render(doc: dict[str, Any]) -> str:
     if configs and configs[0].get("env"):
         out.append("  settings from the environment: " + " ".join(configs[0]["env"]))
     out.append("")
-    rows = sorted(
-        (
-            (d["at"] or "", i, d, label)
-            for i, (c, label) in enumerate(pairs)
-            for d in c["decisions"]
-        ),
-        key=lambda r: (r[0], r[1]),
+    # Each config's decisions in the order it took them (by the monotonic clock: a wall
+    # clock stepped back puts later ones at earlier times), the configs merged by time.
+    rows = list(
+        heapq.merge(
+            *(
+                [(d["at"] or "", i, d, label) for d in c["decisions"]]
+                for i, (c, label) in enumerate(pairs)
+            ),
+            key=lambda r: (r[0], r[1]),
+        )
     )
     if not rows:
         out.append("No decision: the replayed config(s) took none over this history.")
@@ -263,12 +261,37 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _acting(decisions: list[dict[str, Any]]) -> list[tuple[float, dict[str, Any]]]:
+    """The decisions that detect an incident, with their time: a rollback, a hold, or an
+    alert with a severity (a dry run's "would roll back")."""
+    return [
+        (t, d)
+        for d in decisions
+        if (t := _ts(d["at"])) is not None
+        and (
+            d["event"] in ("rollback_completed", "rollback_failed", "hold")
+            or (d["event"] == "alert" and d["severity"] in ("P0", "P1"))
+        )
+    ]
+
+
+def unmatched(found: list[dict[str, Any]], decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The decisions of `decisions` that would detect an incident but are credited to none
+    of `found` (`detect`'s answer): where the config acted and the live guard did not."""
+    credited = {(inc["detected_at"], inc["detected_by"], inc["color"]) for inc in found}
+    return [
+        {k: d[k] for k in ("at", "event", "color", "to", "rule", "severity")}
+        for _, d in _acting(decisions)
+        if (d["at"], d["event"], d["color"]) not in credited
+    ]
+
+
 def _incidents(doc: dict[str, Any], pairs: list[tuple[dict[str, Any], str | None]]) -> list[str]:
     incidents = pairs[0][0]["incidents"]
     if doc.get("journal_problem"):
         return [f"Incidents: unknown: {doc['journal_problem']}"]
     if not incidents:
-        return [f"Incidents in {doc['journal']}: none in this period."]
+        return [f"Incidents in {doc['journal']}: none in this period.", *_unmatched(pairs)]
     out = [f"Incidents in {doc['journal']}:"]
     for i, inc in enumerate(incidents):
         shown = _SHOWN.get(inc["event"], inc["event"])
@@ -302,6 +325,26 @@ def _incidents(doc: dict[str, Any], pairs: list[tuple[dict[str, Any], str | None
             )
             if found.get("bound"):
                 out.append(prefix + f"  ({found['bound']})")
+    return out + _unmatched(pairs)
+
+
+def _unmatched(pairs: list[tuple[dict[str, Any], str | None]]) -> list[str]:
+    """The lines of the decisions no live incident matches (none: no line)."""
+    out = []
+    for c, label in pairs:
+        for d in c.get("unmatched") or []:
+            shown = _SHOWN.get(d["event"], d["event"])
+            where = d["color"] or "-"
+            if d["to"] and d["event"] != "hold":
+                where += f" -> {d['to']}"
+            out.append(
+                (f"  [{label}] " if label else "  ")
+                + f"{d['at']}  {shown} {where} ({d['rule'] or 'no rule'}): no such incident "
+                f"in the journal within {c['match_window_s']:g}s: the live guard did not "
+                "act then"
+            )
+    if out:
+        out.insert(0, "Decided where the live guard did not:")
     return out
 
 

@@ -869,3 +869,67 @@ def test_a_slower_cadence_tried_hears_the_front_door_as_often_as_it_would_have_a
     assert not [d for d in decisions(slower, "alert") if "front door" in d["reason"]], decisions(
         slower, "alert"
     )
+
+
+def _two_rollbacks(tl: Timeline, *, step_back: float = 0.0) -> None:
+    """Green fails twice and is rolled back each time (live, journaled), promoted back
+    between; the wall clock stepped back `step_back` seconds before the second failure."""
+    for second in (False, True):
+        if second:
+            tl.recorder.switch("blue", "green", by="deploy", reason="promote", event="promote")
+            tl.rounds(150)
+            tl.wall -= step_back
+        else:
+            tl.start(active="green")
+        tl.rounds(150)
+        tl.rounds(3, green="http_5xx")
+        tl.rolled_back()
+        tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+        tl.rounds(30, green="http_5xx")
+    tl.rounds(150)
+    tl.close()
+
+
+def test_a_decision_no_live_incident_matches_is_said(tmp_path: Path, tl: Timeline) -> None:
+    """A config that acts where the live guard did not (here: the journal lost the second
+    rollback) shows it under its own heading, in the JSON as `unmatched`; one whose every
+    decision matches an incident shows none."""
+    _two_rollbacks(tl)
+    cfg = config(tmp_path, tmp_path / "state")
+    doc = replay_json("--config", str(cfg))
+    assert doc["configs"][0]["unmatched"] == []
+    assert "Decided where the live guard did not" not in replay("--config", str(cfg)).stdout
+    journal = tmp_path / "state" / "events.jsonl"
+    first, _ = journal.read_text().splitlines(keepends=True)
+    journal.write_text(first)
+    doc = replay_json("--config", str(cfg))
+    [extra] = doc["configs"][0]["unmatched"]
+    [_, rolled] = decisions(doc, "rollback_completed")
+    assert extra == {k: rolled[k] for k in ("at", "event", "color", "to", "rule", "severity")}
+    assert len(doc["configs"][0]["incidents"]) == 1
+    text = replay("--config", str(cfg)).stdout
+    assert "Decided where the live guard did not:\n" in text
+    assert (
+        f"  {rolled['at']}  rollback green -> blue (consecutive_failures): no such incident in "
+        f"the journal within {doc['configs'][0]['match_window_s']:g}s: the live guard did not "
+        "act then"
+    ) in text
+    # Without a journal, nothing can be said to match or not: no such list.
+    journal.unlink()
+    assert replay_json("--config", str(cfg))["configs"][0]["unmatched"] == []
+
+
+def test_decisions_are_listed_in_the_order_taken_across_a_wall_clock_stepped_back(
+    tmp_path: Path, tl: Timeline
+) -> None:
+    """The wall clock stepped back an hour between two rollbacks: the second is stamped
+    earlier than the first, and is listed after it, as taken; the period's line says the
+    clock went back within it."""
+    _two_rollbacks(tl, step_back=3600.0)
+    cfg = config(tmp_path, tmp_path / "state")
+    doc = replay_json("--config", str(cfg))
+    first, second = decisions(doc, "rollback_completed")
+    assert parse_rfc3339(second["at"]) < parse_rfc3339(first["at"])
+    text = replay("--config", str(cfg)).stdout
+    assert text.index(first["at"]) < text.index(second["at"])
+    assert "(the wall clock was stepped back within it: times repeat, see Skipped)" in text
