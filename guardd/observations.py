@@ -651,6 +651,7 @@ def read_batches(
     for path in files:
         report.files.append(str(path))
         clocks.day_end = _day_end(path)
+        clocks.latest = -math.inf
         for docs in _lines(path, report):
             records = clocks.plain(docs, since, until)
             if records is None:
@@ -658,6 +659,14 @@ def read_batches(
             if records:
                 report.records += len(records)
                 yield records
+        if math.isfinite(clocks.latest) and clocks.latest < clocks.day_end - 86400.0:
+            # The recorder opens a day's file for a record of that day: one without any
+            # was renamed or copied under a later day (read all the same: no record in it
+            # is impossible there, a wall clock stepped back puts earlier ones in it too).
+            report.problems.append(
+                f"{path}: holds no record of the day it is named after, only of days before "
+                "(a file renamed or copied under a later day?); read all the same"
+            )
     for name in report.unfinished:
         if name != str(files[-1]):
             report.problems.append(
@@ -687,6 +696,8 @@ class _Clocks:
         #: clock stepped back keeps it in the later file), so one stamped later is not this
         #: file's (a file copied or renamed under another day: replayed twice otherwise).
         self.day_end = math.inf
+        #: The latest wall time read in the file being read (seconds).
+        self.latest = -math.inf
         #: What has been read, per boot and wall clock, the newest last (`_MAX_SPANS` of
         #: them; a clock step opens one). A boot's monotonic clock never goes back and is
         #: every run's of that boot, so a record within a span was read before: the same
@@ -749,6 +760,7 @@ class _Clocks:
         ats = list(itertools.accumulate(steps, initial=self.at))
         del ats[0]
         self.at, self.last_ts, self.last_mono = ats[-1], tss[-1], monos[-1]
+        self.latest = max(self.latest, last)
         # (Each record continues the boot's span, `each` made it at this run's first; the
         # monotonic clock moved at every one of them.)
         offsets = list(map(operator.sub, tss, monos))
@@ -822,6 +834,7 @@ class _Clocks:
                     self.report.clock_steps.append((ts, drift))
                 self.at += step
             self.last_ts, self.last_mono = ts, mono
+            self.latest = max(self.latest, ts)
             if (since is not None and ts < since) or (until is not None and ts > until):
                 continue
             yield _make(Record, (self.at, ts, kind, doc))

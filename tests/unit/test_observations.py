@@ -808,3 +808,35 @@ def test_a_line_moved_ahead_leaves_out_the_lines_it_moved_past(tmp_path: Path) -
     assert report.skipped == {READ_BEFORE: 10}
     assert [r.doc for r in got] == [r.doc for r in alone[:k] + alone[k + 10 :]]
     assert all(b.at >= a.at for a, b in itertools.pairwise(got))
+
+
+@pytest.mark.parametrize("records", [3, 3000])  # record by record, and plain batches
+def test_a_file_renamed_under_a_later_day_is_read_and_said(tmp_path: Path, records: int) -> None:
+    """A day's file renamed under a later day holds no record of that day, which the
+    recorder never writes (it opens a day's file for a record of the day): read all the
+    same, and said. A file that also holds earlier records (a wall clock stepped back over
+    midnight) is no such file."""
+    clocks = Clocks(wall=EVE + 100)
+    rec = recorder(tmp_path, clocks)
+    rec.start(active="blue", probe_interval_s=1.0)
+    for _ in range(records):
+        clocks.tick(1.0)
+        rec.probe("blue", "ok", 0.01, status=200)
+    clocks.wall_s -= 3600.0  # back over midnight: the rest stays in this day's file
+    for _ in range(3):
+        clocks.tick(1.0)
+        rec.probe("blue", "ok", 0.01, status=200)
+    rec.write()
+    rec.close()
+    [path] = history_files(tmp_path)
+    alone, report = read(tmp_path)
+    assert report.problems == [] and len(alone) == records + 4
+    later = path.with_name(path.name.replace(day_of(EVE + 100), day_of(EVE + 100 + 3 * DAY)))
+    path.rename(later)
+    got, report = read(tmp_path)
+    assert [r.doc for r in got] == [r.doc for r in alone]
+    said = (
+        f"{later}: holds no record of the day it is named after, only of days before (a file "
+        "renamed or copied under a later day?); read all the same"
+    )
+    assert report.problems == [said]
