@@ -294,6 +294,20 @@ class _LiveJournal(NamedTuple):
     twice: int
 
 
+def _moves_note(moves: Sequence[tuple[float, str, str]]) -> list[str]:
+    """The note on an operator's moves the replay did not make: the replayed config
+    already served their color (it held, or rolled back where the live guard did not)."""
+    if not moves:
+        return []
+    shown = ", ".join(f"{kind} to {color} at {_report.stamp(ts)}" for ts, kind, color in moves[:5])
+    more = f" and {len(moves) - 5} more" if len(moves) > 5 else ""
+    note = (
+        f"{len(moves)} operator move(s) made no move here, this config already serving "
+        f"their color: {shown}{more}"
+    )
+    return [note]
+
+
 def _sources_json(sim: Simulation) -> dict[str, Any]:
     """What `sim` read of each signal's source (the contract's `sources`)."""
     sources: dict[str, Any] = {}
@@ -605,7 +619,8 @@ async def _replay_all(
                     sim.recorded_interval,
                     sim.probes_fed,
                     sim.thinned,
-                ),
+                )
+                + _moves_note(sim.moves_without_effect),
                 "decisions": decisions,
                 "summary": _report.summary(decisions),
                 "incidents": found,

@@ -226,6 +226,9 @@ class Simulation:
         self.probes_fed = 0
         #: The live journal's pauses and resumes replayed (`operator`).
         self.operator_actions = 0
+        #: An operator's moves to the color the replayed guard already served: (wall
+        #: time, `switch`/`promote`/`rollback`, color).
+        self.moves_without_effect: list[tuple[float, str, Color]] = []
         #: The current run records its operator actions (its `start` says so): they are
         #: replayed from its `operator` records, and the journal's copies are left out.
         self._run_records_operator = False
@@ -630,23 +633,34 @@ class Simulation:
             # adopts it at this moment too (its tick reads the switcher), never a tick
             # later, which would count its windows from a probe round late.
             self.switcher.active = target
-        elif guard.active != target:
-            # An operator's move: made as `guardctl switch` / `promote` / `rollback` makes it.
+        else:
             kind = {"promote": "promote", "rollback_completed": "rollback"}.get(
                 str(rec.doc.get("event")), "switch"
             )
-            reason = str(rec.doc.get("reason") or "switched by an operator")
-            if guard.own_lock is not None:
-                # Live, no lock stood in the way (or it was forced); this config's lock
-                # would have: the move is made as recorded, and said to need --force.
-                reason += (
-                    " (the replayed config held its QoS lock then: guardctl would have "
-                    "refused this move without --force)"
-                )
-            with contextlib.suppress(OperationRefused):
-                await guard.move_traffic(target, kind=kind, by=str(by or "operator"), reason=reason)
+            if guard.active == target:
+                # The replayed config already serves it (it held, or rolled back where the
+                # live one did not): no move, and nothing journaled; said in the notes.
+                self.moves_without_effect.append((rec.ts, kind, target))
+            else:
+                await self._operator_move(rec, target, kind, by)
         if self._started:
             await self._tick(rec.at)
+
+    async def _operator_move(self, rec: Record, target: Color, kind: str, by: str | None) -> None:
+        """An operator's move to `target`, made as `guardctl switch` / `promote` /
+        `rollback` makes it."""
+        guard = self.guard
+        assert guard is not None  # noqa: S101
+        reason = str(rec.doc.get("reason") or "switched by an operator")
+        if guard.own_lock is not None:
+            # Live, no lock stood in the way (or it was forced); this config's lock
+            # would have: the move is made as recorded, and said to need --force.
+            reason += (
+                " (the replayed config held its QoS lock then: guardctl would have "
+                "refused this move without --force)"
+            )
+        with contextlib.suppress(OperationRefused):
+            await guard.move_traffic(target, kind=kind, by=str(by or "operator"), reason=reason)
 
     # ---- the external sources ---------------------------------------------------------
 

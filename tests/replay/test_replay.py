@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from guardd.journal import parse_rfc3339, rfc3339
+from guardd.observations import ReadReport, read_history
 from tests.harness.daemon import nobody_prefix
 from tests.replay.history import DAY0, GUARDD, Timeline, config, decisions, replay, replay_json
 
@@ -933,3 +934,26 @@ def test_decisions_are_listed_in_the_order_taken_across_a_wall_clock_stepped_bac
     text = replay("--config", str(cfg)).stdout
     assert text.index(first["at"]) < text.index(second["at"])
     assert "(the wall clock was stepped back within it: times repeat, see Skipped)" in text
+
+
+def test_an_operators_move_to_the_color_already_served_is_said(
+    tmp_path: Path, tl: Timeline
+) -> None:
+    """Live, an operator promoted green back after a rollback; a what-if that never rolled
+    back (a dry run) already serves green then: no move is made, and the notes say so
+    rather than leave the live promote unaccounted for."""
+    _two_rollbacks(tl)
+    promoted = next(
+        r.ts
+        for r in read_history(tmp_path / "state" / "observations", ReadReport())
+        if r.kind == "switch" and r.doc.get("event") == "promote"
+    )
+    cfg = config(tmp_path, tmp_path / "state")
+    assert replay_json("--config", str(cfg))["configs"][0]["notes"] == []
+    doc = replay_json("--config", str(cfg), "--set", "policy.dry_run=true")
+    assert decisions(doc, "rollback_completed") == [] and decisions(doc, "promote") == []
+    said = (
+        "1 operator move(s) made no move here, this config already serving their color: "
+        f"promote to green at {rfc3339(promoted)}"
+    )
+    assert doc["configs"][0]["notes"] == [said]
