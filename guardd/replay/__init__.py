@@ -310,6 +310,8 @@ def _moves_note(moves: Sequence[tuple[float, str, str]]) -> list[str]:
 
 def _sources_json(sim: Simulation) -> dict[str, Any]:
     """What `sim` read of each signal's source (the contract's `sources`)."""
+    from guardd.replay._sources import SourceReport  # noqa: PLC0415
+
     sources: dict[str, Any] = {}
     for name, src in sim.sources.items():
         entry = src.to_json()
@@ -318,20 +320,8 @@ def _sources_json(sim: Simulation) -> dict[str, Any]:
         entry["bad_samples"] = sim.bad_samples.get(name, 0)
         sources[name] = entry
     for name, n in sim.bad_samples.items():
-        sources.setdefault(
-            name,
-            {
-                "kind": "samples",
-                "replayed": "from recorded samples",
-                "why": None,
-                "files": [],
-                "problems": [],
-                "outside_history": 0,
-                "untimed_lines": 0,
-                "ahead_lines": 0,
-                "lines": None,
-            },
-        )["bad_samples"] = n
+        samples = SourceReport("samples", replayed="from recorded samples")
+        sources.setdefault(name, {**samples.to_json(), "lines": None})["bad_samples"] = n
     return sources
 
 

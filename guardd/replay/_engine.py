@@ -39,6 +39,7 @@ from guardd.replay._sources import (
     read_lines,
     rotated_files,
     slots,
+    without_overlap,
 )
 from guardd.replay._world import (
     MemoryJournal,
@@ -668,7 +669,7 @@ class Simulation:
         report = self.sources[name]
         if sig.spec.kind != "file":
             report.why = "a syslog socket keeps no history: nothing to replay"
-        elif not (files := rotated_files(Path(sig.spec.path))):
+        elif not (files := rotated_files(Path(sig.spec.path), report)):
             report.why = f"no file at {sig.spec.path} (nor rotated beside it)"
         if report.why is not None:
             # Its rules are inconclusive, and the guard says why, as live for a dead source.
@@ -676,15 +677,15 @@ class Simulation:
             return
         report.replayed = "from its files"
         time_of = msec_reader(sig.spec.field_name("msec"))
-        for path in files:
-            for end, lines in slots(read_lines(path, sig._split, report), time_of, report):
-                yield end, next(self._order), name, lines
+        lines = without_overlap(files, lambda path: read_lines(path, sig._split, report), report)
+        for end, batch in slots(lines, time_of, report):
+            yield end, next(self._order), name, batch
 
     def _log_match(self, name: str, sig: LogMatchSignal) -> Iterator[_Batch]:
         report = self.sources[name]
         per_color: list[Iterator[_Batch]] = []
         for color, path in sig.spec.paths.items():
-            files = rotated_files(Path(path))
+            files = rotated_files(Path(path), report)
             if not files:
                 report.problems.append(f"{color}: no file at {path} (nor rotated beside it)")
                 continue
@@ -707,9 +708,9 @@ class Simulation:
     ) -> Iterator[_Batch]:
         report = self.sources[name]
         split = sig.followers[color].split
-        for path in files:
-            for end, lines in slots(read_lines(path, split, report), line_time, report):
-                yield end, next(self._order), name, (color, lines)
+        lines = without_overlap(files, lambda path: read_lines(path, split, report), report)
+        for end, batch in slots(lines, line_time, report):
+            yield end, next(self._order), name, (color, batch)
 
     def _prometheus_points(self, name: str) -> Iterator[_Batch]:
         for wall, color, data in self.prometheus.get(name, []):
@@ -776,11 +777,22 @@ class Simulation:
             # fails is a hold again at once, as live.
             await self._tick(at)
 
-    def _outside(self, batch: _Batch) -> None:
-        report = self.sources.get(batch[2])
-        if report is not None:
-            payload = batch[3]
-            report.outside += len(payload[1] if isinstance(payload, tuple) else payload)
+    def _outside(self, batch: _Batch, *, at_end: bool = False) -> None:
+        """Count a batch not replayed: outside the history (before it, after it, while the
+        daemon was down), or, left `at_end` of the history though stamped within it, out
+        of order: a batch is held only behind one stamped below what its source fed (a
+        log concatenated newest first, lines copied), which the history ended waiting for
+        (as written, they came after later lines)."""
+        wall, _, name, payload = batch
+        report = self.sources.get(name)
+        if report is None:
+            return
+        n = len(payload[1] if isinstance(payload, tuple) else payload)
+        first = self.first_ts
+        if at_end and first is not None and first <= wall <= self.clock.wall():
+            report.disordered += n
+        else:
+            report.outside += n
 
     # ---- the run ----------------------------------------------------------------------
 
@@ -861,7 +873,7 @@ class Simulation:
             await self._until(self.clock.monotonic() + 2 * _SAME_MOMENT)
         self._run_ends()
         while pending is not None:
-            self._outside(pending)
+            self._outside(pending, at_end=True)
             pending = next(externals, None)
 
     def _run_ends(self) -> None:

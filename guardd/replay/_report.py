@@ -426,6 +426,18 @@ def _source_lines(sources: dict[str, Any]) -> list[str]:
                 "recorded history (before its first record, after its last or --to, or "
                 "while the daemon was down)"
             )
+        if src.get("repeated_lines"):
+            out.append(
+                f"    {src['repeated_lines']} line(s) read once: a file began with lines the "
+                "file before it ended with (see below)"
+            )
+        if src.get("out_of_order_lines"):
+            out.append(
+                f"    {src['out_of_order_lines']} line(s) not replayed: stamped within the "
+                "history, but found after lines later than them (a log concatenated out of "
+                "order, or the same lines twice); replay reads a log as it was written: give "
+                "it the rotated files as logrotate left them"
+            )
         if src.get("untimed_lines"):
             out.append(
                 f"    {src['untimed_lines']} line(s) without a time of their own: replayed with "

@@ -8,10 +8,12 @@ this often for new lines) or a Prometheus sample's own time.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,6 +38,8 @@ MAX_AHEAD_LINES: Final = 1000
 _GZIP_PIECE: Final = 16384
 #: Lines of a log_match file looked at for a timestamp before it is judged to have none.
 PROBE_LINES: Final = 50
+#: The lines of a file's end compared with the next file's beginning (`without_overlap`).
+OVERLAP_LINES: Final = 1000
 #: At most this many points per `query_range` request (Prometheus refuses > 11,000).
 RANGE_POINTS: Final = 10_000
 _ROTATED: Final = re.compile(r"^\.(\d+)(\.gz)?$")
@@ -57,6 +61,11 @@ class SourceReport:
     untimed: int = 0
     #: Lines stamped ahead of the lines written after them, placed as written (`_placed`).
     ahead: int = 0
+    #: Lines left out as the repeat of lines read before (`without_overlap`).
+    twice: int = 0
+    #: Lines stamped within the history but found after lines later than them, and so not
+    #: replayed (a log concatenated out of order, the same lines twice).
+    disordered: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The `sources.NAME` object of the JSON report (docs/contract.md)."""
@@ -69,31 +78,106 @@ class SourceReport:
             "outside_history": self.outside,
             "untimed_lines": self.untimed,
             "ahead_lines": self.ahead,
+            "repeated_lines": self.twice,
+            "out_of_order_lines": self.disordered,
         }
 
 
-def rotated_files(path: Path) -> list[Path]:
+def rotated_files(path: Path, report: SourceReport | None = None) -> list[Path]:
     """`path` and its rotations, oldest first: `path-DATE[.gz]` by name, then `path.N[.gz]`
-    from the highest N, then `path` itself (each only if it is there)."""
+    from the highest N, then `path` itself (each only if it is there).
+
+    A rotation there both plain and compressed (`path.1` and `path.1.gz`: gzip cut short
+    leaves both, the same lines) is read once, from the plain file (a cut `.gz` lacks its
+    end); the other is named in `report.problems`.
+    """
     try:
         siblings = list(path.parent.iterdir())
     except OSError:
         siblings = []
-    numbered: list[tuple[int, Path]] = []
-    dated: list[Path] = []
+    numbered: list[tuple[int, bool, Path]] = []
+    dated: list[tuple[str, bool, Path]] = []
     for p in siblings:
         if not p.name.startswith(path.name) or p.name == path.name:
             continue
         rest = p.name[len(path.name) :]
         m = _ROTATED.match(rest)
         if m is not None:
-            numbered.append((int(m.group(1)), p))
+            numbered.append((int(m.group(1)), m.group(2) is not None, p))
         elif rest.startswith("-") and rest[1:2].isdigit():
-            dated.append(p)
-    files = sorted(dated) + [p for _, p in sorted(numbered, reverse=True)]
+            dated.append((rest.removesuffix(".gz"), rest.endswith(".gz"), p))
+    files = [
+        *_once(sorted(dated), report),
+        *_once(sorted(numbered, key=lambda n: (-n[0], n[1])), report),
+    ]
     if path.exists():
         files.append(path)
     return files
+
+
+def _once(rotations: list[tuple[Any, bool, Path]], report: SourceReport | None) -> list[Path]:
+    """`rotations` (key, compressed, path), in order, each key's plain file before its
+    compressed one: a key's first only, the other said."""
+    kept: dict[Any, Path] = {}
+    for key, _, p in rotations:
+        if key in kept:
+            if report is not None:
+                report.problems.append(
+                    f"{p}: not read: {kept[key].name} is there too, the same rotation (a "
+                    "compression cut short leaves both): its lines would be read twice"
+                )
+            continue
+        kept[key] = p
+    return list(kept.values())
+
+
+def without_overlap(
+    files: list[Path],
+    read: Callable[[Path], Iterator[list[str]]],
+    report: SourceReport,
+) -> Iterator[list[str]]:
+    """The lines of `files` in order (`read` gives one file's, a chunk at a time), with a
+    file's first lines left out where they repeat the last lines of the file before it:
+    at least two, up to `OVERLAP_LINES` (a rotation copied with lines already in the next
+    file). Counted in `report.twice`, and said.
+
+    Two or more requests in a row, alike to the byte, ending one file and beginning the
+    next, are no rotation's doing: nginx writes a line once, to one file.
+    """
+    tail: deque[str] = deque(maxlen=OVERLAP_LINES)
+    previous: Path | None = None
+    for path in files:
+        chunks = read(path)
+        head: list[str] = []
+        for chunk in chunks:
+            head += chunk
+            if len(head) >= OVERLAP_LINES:
+                break
+        skip = _overlap(tail, head) if previous is not None else 0
+        if skip:
+            report.twice += skip
+            report.problems.append(
+                f"{path}: its first {skip} line(s) repeat the last of {previous}: read once"
+            )
+        for lines in itertools.chain([head[skip:]], chunks):
+            if lines:
+                tail.extend(lines)
+                yield lines
+        previous = path
+
+
+def _overlap(tail: deque[str], head: list[str]) -> int:
+    """How many of `head`'s first lines repeat the end of `tail` (0 below two)."""
+    if len(head) < 2 or len(tail) < 2:
+        return 0
+    last = list(tail)
+    first = head[0]
+    # The longest overlap first: the earliest place in the tail where the head begins.
+    for i, line in enumerate(last):
+        n = len(last) - i
+        if line == first and n >= 2 and n <= len(head) and last[i:] == head[:n]:
+            return n
+    return 0
 
 
 def read_lines(

@@ -441,3 +441,79 @@ def test_compare_says_what_each_config_read_of_the_log(hour: tuple[Path, float, 
     text = replay("--config", str(a), "--compare", str(b)).stdout
     assert "  as [B] read them (its own signals):" in text
     assert f"unattributed {n}" in text
+
+
+def _ten_minutes(tmp: Path) -> tuple[Path, list[str]]:
+    """Ten minutes of probe rounds and of green's traffic at 20 requests a second, 5xx for
+    a minute in the middle, the lines as one list; returns the config (P0 at 5 %)."""
+    t0 = _probed(tmp / "state", 600)
+    lines = [
+        line(GREEN, "502" if 300 <= i / RATE < 360 and i % 4 == 0 else "200", msec=t0 + i / RATE)
+        for i in range(600 * RATE)
+    ]
+    (tmp / "logs").mkdir()
+    extra = _signal(tmp / "logs", 0.05).replace('severity = "P2"', 'severity = "P0"')
+    return config(tmp, tmp / "state", extra=extra, interval="1s", qos_window="10s"), lines
+
+
+@pytest.mark.parametrize("how", ["overlap", "plain and gzip"])
+def test_lines_found_twice_across_rotated_files_are_read_once(tmp_path: Path, how: str) -> None:
+    """The same lines in two rotated files: a file beginning with the last lines of the one
+    before it (a copy of a rotation made by hand), or a rotation both plain and compressed
+    (gzip cut short leaves both). They are read once: the counts and decisions of the log
+    read once, what was left out said."""
+    cfg, lines = _ten_minutes(tmp_path)
+    logs = tmp_path / "logs"
+    cut = 330 * RATE  # within the 5xx minute
+    (logs / "access.log.1").write_text("".join(lines[:cut]))
+    (logs / "access.log").write_text("".join(lines[cut:]))
+    once = replay_json("--config", str(cfg))
+    src = once["sources"]["traffic"]
+    assert src["lines"]["ok"] == len(lines) and src["repeated_lines"] == 0
+    [rb] = decisions(once, "rollback_completed")
+    if how == "overlap":
+        (logs / "access.log").write_text("".join(lines[cut - 40 :]))
+    else:
+        with gzip.open(logs / "access.log.1.gz", "wt") as f:
+            f.writelines(lines[:cut])
+    doc = replay_json("--config", str(cfg))
+    src = doc["sources"]["traffic"]
+    assert src["lines"] == once["sources"]["traffic"]["lines"]
+    assert src["outside_history"] == src["out_of_order_lines"] == 0
+    assert doc["configs"][0]["decisions"] == once["configs"][0]["decisions"]
+    assert decisions(doc, "rollback_completed") == [rb]
+    if how == "overlap":
+        assert src["repeated_lines"] == 40
+        said = f"{logs / 'access.log'}: its first 40 line(s) repeat the last of "
+        said += str(logs / "access.log.1")
+    else:
+        assert [Path(f).name for f in src["files"]] == ["access.log.1", "access.log"]
+        said = f"{logs / 'access.log.1.gz'}: not read: access.log.1 is there too, the same rotation"
+    assert any(p.startswith(said) for p in src["problems"]), src["problems"]
+
+
+@pytest.mark.parametrize("how", ["newest first", "appended to itself"])
+def test_lines_out_of_order_are_said_so_never_outside_the_history(tmp_path: Path, how: str) -> None:
+    """A log concatenated newest first (`cat access.log access.log.1`), or appended to
+    itself: the lines found after later ones are not replayed (replay reads a log as it was
+    written), and are counted and said as such, never as "outside the recorded history"."""
+    cfg, lines = _ten_minutes(tmp_path)
+    log = tmp_path / "logs" / "access.log"
+    half = len(lines) // 2
+    if how == "newest first":
+        log.write_text("".join(lines[half:] + lines[:half]))
+        late = half
+    else:
+        log.write_text("".join(lines + lines))
+        late = len(lines)
+    doc = replay_json("--config", str(cfg))
+    src = doc["sources"]["traffic"]
+    assert src["outside_history"] == 0, src
+    assert src["out_of_order_lines"] + src["lines"]["late"] == late, src
+    assert src["out_of_order_lines"] > 0
+    text = replay("--config", str(cfg)).stdout
+    assert (
+        f"    {src['out_of_order_lines']} line(s) not replayed: stamped within the history, but "
+        "found after lines later than them (a log concatenated out of order, or the same lines "
+        "twice)"
+    ) in text
