@@ -442,6 +442,12 @@ def _uncovered(
     for end, gap in sim.gaps:
         if t - before < end and end - gap < t:
             return f"records lost for {_secs(gap)} before {rfc3339(end)}", True
+    for stopped, started in sim.downs:
+        if stopped < t < started:
+            # The live guard journaled nothing while it was stopped: the journal's clock
+            # and the history's disagree (one of them stepped or edited).
+            until = "the end of the history" if math.isinf(started) else rfc3339(started)
+            return f"guardd was stopped then, from {rfc3339(stopped)} to {until}", True
     return None, False
 
 

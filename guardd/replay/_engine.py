@@ -253,6 +253,8 @@ class Simulation:
         self.headless: tuple[int, float, float] | None = None
         #: Stretches of a run without any record (records lost): (wall time after, seconds).
         self.gaps: list[tuple[float, float]] = []
+        #: Stretches the daemon said it was down: (its `stop`, the next `start`), wall times.
+        self.downs: list[tuple[float, float]] = []
         probe = settings.config.probe
         self._gap_s = max(_GAP_S, _GAP_ROUNDS * (probe.timeout + probe.interval))
         self._last_at: float | None = None
@@ -485,6 +487,8 @@ class Simulation:
             self._live = color_of(rec.doc.get("active"))
         if rec.kind == "start":
             stopped, self._down = self._down, False
+            if stopped:
+                self.downs[-1] = (self.downs[-1][0], rec.ts)
             self._run_records_operator = rec.doc.get("operator_actions") is True
             self.clock.set(rec.at, rec.ts)
             given = color_of(rec.doc.get("active"))
@@ -522,6 +526,7 @@ class Simulation:
         self.clock.set(at, rec.ts)
         if rec.kind == "stop":
             self._down = True
+            self.downs.append((rec.ts, math.inf))
             self._next_tick = self._pulse = math.inf
             return
         if rec.kind == "probe":

@@ -964,3 +964,31 @@ def test_a_missing_journal_says_whether_operator_actions_went_unreplayed(
     assert problem.startswith(f"{state / 'events.jsonl'}: cannot read the journal"), problem
     said = "1 run(s) did not record the operator's pauses and resumes, which only the journal"
     assert (said in problem) is not recorded, problem
+
+
+def test_an_incident_while_the_history_says_guardd_was_stopped_is_not_covered(
+    tmp_path: Path,
+) -> None:
+    """The journal has an incident at a time the observations say guardd was stopped (its
+    `stop`, then the next run's `start` ten minutes on): one of the two clocks is wrong.
+    The replay says the history does not cover it, never that the config missed it."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    tl.rounds(150)
+    tl.recorder.stop()
+    stopped = tl.wall
+    tl.tick(300.0)
+    tl.rolled_back()  # journaled five minutes into the stop
+    tl.tick(300.0)
+    started = tl.wall
+    tl.start(active="green")
+    tl.rounds(150)
+    tl.close()
+    doc = replay_json("--config", str(config(tmp_path, state)))
+    [inc] = doc["configs"][0]["incidents"]
+    assert inc["covered"] is False and inc["detected_at"] is None, inc
+    assert inc["not_covered"] == (
+        f"guardd was stopped then, from {rfc3339(stopped)} to {rfc3339(started)}"
+    )
+    assert "not detected" not in replay("--config", str(config(tmp_path, state))).stdout
