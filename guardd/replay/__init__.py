@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from guardd.replay import _report
 from guardd.secrets import shown_setting
@@ -463,6 +463,19 @@ def _later_than_live(inc: dict[str, Any], c: Any, recorded: float | None) -> str
     delay = inc.get("delay_s")
     interval = recorded or c.probe.interval
     if (
+        inc.get("event") == "rollback_completed"
+        and isinstance(delay, int | float)
+        and delay > 0
+        and _traffic_rule(c, inc.get("detected_rule"))
+    ):
+        # From the live rollback on, nginx sent the color no request: its window here
+        # emptied of the requests that would have come, rather than filled with them.
+        return (
+            f"not a measurement: after the live rollback {inc.get('color')} got no "
+            "requests, so this traffic rule's window emptied rather than filled; had it "
+            "kept serving, it might never have fired"
+        )
+    if (
         inc.get("event") != "rollback_completed"
         # Only a rule on the probes waits for probe rounds (a signal's rule reads its own).
         or inc.get("detected_rule") not in BUILTIN_NAMES
@@ -475,6 +488,30 @@ def _later_than_live(inc: dict[str, Any], c: Any, recorded: float | None) -> str
         f"an upper bound: after the live rollback, {inc.get('color')} was recorded every "
         f"{interval:g}s, not at this config's fast_interval {c.probe.confirm_interval:g}s"
     )
+
+
+def _signal_uncovered(inc: dict[str, Any], c: Any, sim: Simulation) -> str | None:
+    """Why the log a live incident's rule reads holds nothing of it (None: it may), for an
+    incident the live guard decided on a log signal's rule (`access_log`, `log_match`): the
+    files begin after it (rotated away), end before it, or leave a hole around it. The
+    config's rules could not see it: not covered, never "not detected"."""
+    t = _report.seconds(inc.get("at"))
+    rule = _rule_named(c, inc.get("rule"))
+    report = sim.sources.get(rule.signal) if rule is not None else None
+    why = report.covers(t) if report is not None and t is not None else None
+    return None if why is None or rule is None else f"signal {rule.signal}: {why}"
+
+
+def _traffic_rule(c: Any, name: object) -> bool:
+    """Whether the `[[rules]]` row `name` of config `c` reads an `access_log` signal."""
+    rule = _rule_named(c, name)
+    signal = c.signals.get(rule.signal) if rule is not None else None
+    return getattr(signal, "kind", None) == "access_log"
+
+
+def _rule_named(c: Any, name: object) -> Any:
+    """Config `c`'s `[[rules]]` row named `name`, or None."""
+    return next((rule for rule in c.rules if getattr(rule, "name", None) == name), None)
 
 
 def _decided(event: dict[str, Any], journal: list[dict[str, Any]]) -> dict[str, Any]:
@@ -527,6 +564,9 @@ def _incidents(
     need = f"consecutive_failures = {c.policy.consecutive_failures} at {c.probe.interval:g}s"
     for inc in found:
         why, lost = _uncovered(inc.get("at"), first, before, after, need)
+        if why is None:
+            # (A decision the config took all the same, on another rule, still detects it.)
+            why, lost = _signal_uncovered(inc, c, first), False
         if why is not None and inc["detected_at"] is not None and not lost:
             # Too little history around it to say it would be missed, but the config
             # did decide on it (another rule, quicker than the one counted): detected.
@@ -539,6 +579,64 @@ def _incidents(
         inc["bound"] = _later_than_live(inc, c, first.recorded_interval)
         inc["match_window_s"] = tolerance
     return found, unmatched
+
+
+def _journal_span(
+    real: list[dict[str, Any]], sim: Simulation, instance: str
+) -> tuple[tuple[float, float] | None, str | None]:
+    """The stretch the live journal covers, when it holds less than the history, and why
+    (else None, None).
+
+    guardd journals `started` as each run begins, beside its `start` record: a run of the
+    history with no `started` near it, before the journal's first event or after its last,
+    is one the journal does not hold (cut short, rotated away, another host's). Incidents
+    and the live guard's decisions outside what it holds are unknown, never "none".
+    """
+    from guardd.journal import parse_rfc3339  # noqa: PLC0415
+
+    times: list[float] = []
+    started: list[float] = []
+    for e in real:
+        if e.get("guard", instance) != instance:
+            continue
+        try:
+            t = parse_rfc3339(str(e.get("ts")))
+        except ValueError:
+            continue
+        times.append(t)
+        if e.get("event") == "started":
+            started.append(t)
+    missing = [t for t in sim.run_starts if not any(abs(t - u) <= _STARTED_NEAR_S for u in started)]
+    if not times or not missing:
+        return None, None
+    lo, hi = min(times), max(times)
+    before = [t for t in missing if t < lo]
+    after = [t for t in missing if t > hi]
+    if not before and not after:
+        return None, None
+    said = []
+    if before:
+        said.append(f"begins at {_report.stamp(lo)}, after the run(s) begun at {_runs(before)}")
+    if after:
+        said.append(f"ends at {_report.stamp(hi)}, before the run(s) begun at {_runs(after)}")
+    why = (
+        "the journal "
+        + " and ".join(said)
+        + " (no `started` for them: cut short, rotated away?): incidents and the live "
+        "guard's decisions outside it are unknown"
+    )
+    return (lo if before else -math.inf, hi if after else math.inf), why
+
+
+def _runs(starts: list[float]) -> str:
+    """The first few of `starts`, as RFC 3339 times."""
+    shown = ", ".join(str(_report.stamp(t)) for t in starts[:3])
+    return shown + (f" and {len(starts) - 3} more" if len(starts) > 3 else "")
+
+
+#: How far a run's `start` record and the journal's `started` may be apart (seconds): the
+#: daemon writes both as it starts, the journal after its recovery.
+_STARTED_NEAR_S: Final = 30.0
 
 
 def _match_window(c: GuardConfig) -> float:
@@ -602,6 +700,12 @@ async def _replay_all(
         found, unmatched = _incidents(
             s.config, real, decisions, first, since=since, until=until, instance=settings.instance
         )
+        if i == 0:
+            span, journal_gap = _journal_span(real, first, settings.instance)
+        if span is not None:
+            # Outside what the journal holds, whether the live guard acted is unknown.
+            lo, hi = span[0] - _match_window(s.config), span[1] + _match_window(s.config)
+            unmatched = [d for d in unmatched if lo <= (_report.seconds(d["at"]) or lo) <= hi]
         configs.append(
             {
                 "label": "A" if i == 0 else "B",
@@ -663,6 +767,8 @@ async def _replay_all(
         },
         "journal": str(journal_path),
         "journal_problem": journal_problem,
+        # The journal holds less than the history (see `_journal_span`), or null.
+        "journal_gap": journal_gap,
         "journal_skipped": journal_skipped,
         "journal_read_twice": journal_twice,
         # A journal shared with (or copied from) another guard: its incidents are no

@@ -32,6 +32,7 @@ from guardd.observations import FORMAT, ReadReport, Record, read_history
 from guardd.probes.http import ProbeResult
 from guardd.replay._sources import (
     AHEAD_S,
+    PULSE_S,
     SourceReport,
     has_timestamps,
     line_time,
@@ -115,6 +116,21 @@ def _nothing(*_args: Any, **_kwargs: Any) -> None:
 
 # An external batch: (wall, order, signal name, payload); order keeps the merge stable.
 _Batch = tuple[float, int, str, Any]
+
+
+def _hole_s(window: float) -> float:
+    """A stretch without a line between two files longer than this is said (seconds):
+    longer than the signal's window, a minute at least (a quiet minute is no news)."""
+    return max(60.0, window)
+
+
+def _spans(report: SourceReport, end: float) -> None:
+    """Count a batch of lines in the slot ending at `end` in `report`'s line span."""
+    start = end - PULSE_S
+    if report.first_line is None or start < report.first_line:
+        report.first_line = start
+    if report.last_line is None or end > report.last_line:
+        report.last_line = end
 
 
 @dataclasses.dataclass(slots=True)
@@ -253,6 +269,8 @@ class Simulation:
         self.headless: tuple[int, float, float] | None = None
         #: Stretches of a run without any record (records lost): (wall time after, seconds).
         self.gaps: list[tuple[float, float]] = []
+        #: The wall time of each run's `start` record read.
+        self.run_starts: list[float] = []
         #: Stretches the daemon said it was down: (its `stop`, the next `start`), wall times.
         self.downs: list[tuple[float, float]] = []
         probe = settings.config.probe
@@ -486,6 +504,7 @@ class Simulation:
             # a record like any other that moves the clock, and does nothing more.
             self._live = color_of(rec.doc.get("active"))
         if rec.kind == "start":
+            self.run_starts.append(rec.ts)
             stopped, self._down = self._down, False
             if stopped:
                 self.downs[-1] = (self.downs[-1][0], rec.ts)
@@ -682,8 +701,15 @@ class Simulation:
             return
         report.replayed = "from its files"
         time_of = msec_reader(sig.spec.field_name("msec"))
-        lines = without_overlap(files, lambda path: read_lines(path, sig._split, report), report)
+        lines = without_overlap(
+            files,
+            lambda path: read_lines(path, sig._split, report),
+            report,
+            time_of,
+            _hole_s(sig.spec.window_s),
+        )
         for end, batch in slots(lines, time_of, report):
+            _spans(report, end)
             yield end, next(self._order), name, batch
 
     def _log_match(self, name: str, sig: LogMatchSignal) -> Iterator[_Batch]:
@@ -713,8 +739,15 @@ class Simulation:
     ) -> Iterator[_Batch]:
         report = self.sources[name]
         split = sig.followers[color].split
-        lines = without_overlap(files, lambda path: read_lines(path, split, report), report)
+        lines = without_overlap(
+            files,
+            lambda path: read_lines(path, split, report),
+            report,
+            line_time,
+            _hole_s(sig.spec.window_s),
+        )
         for end, batch in slots(lines, line_time, report):
+            _spans(report, end)
             yield end, next(self._order), name, (color, batch)
 
     def _prometheus_points(self, name: str) -> Iterator[_Batch]:

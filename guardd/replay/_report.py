@@ -76,7 +76,8 @@ def summary(decisions: list[dict[str, Any]]) -> dict[str, int]:
     }
 
 
-def _ts(value: object) -> float | None:
+def seconds(value: object) -> float | None:
+    """The RFC 3339 stamp `value` in seconds since the epoch; None when it is none."""
     try:
         return parse_rfc3339(str(value))
     except ValueError:
@@ -85,7 +86,7 @@ def _ts(value: object) -> float | None:
 
 def within(value: object, lo: float | None, hi: float | None) -> bool:
     """Whether the RFC 3339 stamp `value` lies within [lo, hi] (an open end: no bound)."""
-    t = _ts(value)
+    t = seconds(value)
     return t is not None and (lo is None or t >= lo) and (hi is None or t <= hi)
 
 
@@ -100,7 +101,7 @@ def detect(
     the live one).
     """
     acting = _acting(decisions)
-    times = [_ts(inc.get("ts")) for inc in incidents]
+    times = [seconds(inc.get("ts")) for inc in incidents]
     # Each decision is credited to one incident at most: the pairs nearest in time first
     # (a dry run's one alert is not the detection of a hold and of the rollback after it).
     pairs = sorted(
@@ -267,7 +268,7 @@ def _acting(decisions: list[dict[str, Any]]) -> list[tuple[float, dict[str, Any]
     return [
         (t, d)
         for d in decisions
-        if (t := _ts(d["at"])) is not None
+        if (t := seconds(d["at"])) is not None
         and (
             d["event"] in ("rollback_completed", "rollback_failed", "hold")
             or (d["event"] == "alert" and d["severity"] in ("P0", "P1"))
@@ -290,9 +291,14 @@ def _incidents(doc: dict[str, Any], pairs: list[tuple[dict[str, Any], str | None
     incidents = pairs[0][0]["incidents"]
     if doc.get("journal_problem"):
         return [f"Incidents: unknown: {doc['journal_problem']}"]
+    gap = [f"  ({doc['journal_gap']})"] if doc.get("journal_gap") else []
     if not incidents:
-        return [f"Incidents in {doc['journal']}: none in this period.", *_unmatched(pairs)]
-    out = [f"Incidents in {doc['journal']}:"]
+        return [
+            f"Incidents in {doc['journal']}: none in this period.",
+            *gap,
+            *_unmatched(pairs),
+        ]
+    out = [f"Incidents in {doc['journal']}:", *gap]
     for i, inc in enumerate(incidents):
         shown = _SHOWN.get(inc["event"], inc["event"])
         where = inc["color"] or "-"
@@ -440,8 +446,8 @@ def _source_lines(sources: dict[str, Any]) -> list[str]:
             )
         if src.get("untimed_lines"):
             out.append(
-                f"    {src['untimed_lines']} line(s) without a time of their own: replayed with "
-                "the line before them (junk among them is counted under lines too)"
+                f"    {src['untimed_lines']} line(s) without a time of their own: taken with "
+                "the line before them, and counted with it (under lines when replayed)"
             )
         if src.get("ahead_lines"):
             out.append(

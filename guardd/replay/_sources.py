@@ -14,7 +14,7 @@ import re
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,6 +66,25 @@ class SourceReport:
     #: Lines stamped within the history but found after lines later than them, and so not
     #: replayed (a log concatenated out of order, the same lines twice).
     disordered: int = 0
+    #: The times (seconds) of the first and last lines, to a `PULSE_S` slot; None: none.
+    first_line: float | None = None
+    last_line: float | None = None
+    #: Stretches without a line where one file ends and the next begins, longer than
+    #: `HOLE_S`: (last line of the one, first of the next), seconds.
+    holes: list[tuple[float, float]] = field(default_factory=list)
+
+    def covers(self, at: float) -> str | None:
+        """Why this source's lines say nothing of the moment `at` (None: they may)."""
+        if self.first_line is None or self.last_line is None:
+            return None  # (said as the signal not replayed)
+        if at < self.first_line:
+            return f"its lines begin at {_stamp(self.first_line)}, after it (rotated away?)"
+        if at > self.last_line + PULSE_S:
+            return f"its lines end at {_stamp(self.last_line)}, before it"
+        for lo, hi in self.holes:
+            if lo < at < hi:
+                return f"no line of it from {_stamp(lo)} to {_stamp(hi)}, between two files"
+        return None
 
     def to_json(self) -> dict[str, Any]:
         """The `sources.NAME` object of the JSON report (docs/contract.md)."""
@@ -80,7 +99,20 @@ class SourceReport:
             "ahead_lines": self.ahead,
             "repeated_lines": self.twice,
             "out_of_order_lines": self.disordered,
+            "lines_span": (
+                None
+                if self.first_line is None or self.last_line is None
+                else [_stamp(self.first_line), _stamp(self.last_line)]
+            ),
+            "holes": [[_stamp(lo), _stamp(hi)] for lo, hi in self.holes],
         }
+
+
+def _stamp(ts: float) -> str:
+    """RFC 3339 of `ts` (as every time of the report)."""
+    from guardd.journal import rfc3339  # noqa: PLC0415
+
+    return rfc3339(ts)
 
 
 def rotated_files(path: Path, report: SourceReport | None = None) -> list[Path]:
@@ -135,6 +167,8 @@ def without_overlap(
     files: list[Path],
     read: Callable[[Path], Iterator[list[str]]],
     report: SourceReport,
+    time_of: Callable[[str], float | None] | None = None,
+    hole_s: float = math.inf,
 ) -> Iterator[list[str]]:
     """The lines of `files` in order (`read` gives one file's, a chunk at a time), with a
     file's first lines left out where they repeat the last lines of the file before it:
@@ -146,6 +180,7 @@ def without_overlap(
     """
     tail: deque[str] = deque(maxlen=OVERLAP_LINES)
     previous: Path | None = None
+    heads: dict[int, Path] = {}
     for path in files:
         chunks = read(path)
         head: list[str] = []
@@ -153,17 +188,78 @@ def without_overlap(
             head += chunk
             if len(head) >= OVERLAP_LINES:
                 break
+        key = hash(tuple(head[:OVERLAP_LINES]))
+        if len(head) >= 2 and (copied := heads.get(key)) is not None:
+            # It begins as a file read before (a rotation copied under another name):
+            # what it repeats of that file is left out.
+            rest = _minus_copy(path, copied, itertools.chain([head], chunks), read, report)
+            yield from _kept(rest, tail)
+            previous = path
+            continue
+        heads.setdefault(key, path)
         skip = _overlap(tail, head) if previous is not None else 0
         if skip:
             report.twice += skip
             report.problems.append(
                 f"{path}: its first {skip} line(s) repeat the last of {previous}: read once"
             )
-        for lines in itertools.chain([head[skip:]], chunks):
-            if lines:
-                tail.extend(lines)
-                yield lines
+        if previous is not None and time_of is not None:
+            # Where one file ends and the next begins: a stretch without a line longer than
+            # the rules look back is a file cut short or missing (or no traffic at all).
+            ended = _first_time(reversed(tail), time_of)
+            began = _first_time(head[skip:], time_of)
+            if ended is not None and began is not None and began - ended > hole_s:
+                report.holes.append((ended, began))
+                report.problems.append(
+                    f"{path}: begins {began - ended:.0f}s after {previous} ends: no line "
+                    "between (a file cut short or missing, or no traffic then)"
+                )
+        yield from _kept(itertools.chain([head[skip:]], chunks), tail)
         previous = path
+
+
+def _kept(chunks: Iterable[list[str]], tail: deque[str]) -> Iterator[list[str]]:
+    """`chunks` but the empty ones, each kept in `tail` too (the end of the file before)."""
+    for lines in chunks:
+        if lines:
+            tail.extend(lines)
+            yield lines
+
+
+def _minus_copy(
+    path: Path,
+    copied: Path,
+    chunks: Iterator[list[str]],
+    read: Callable[[Path], Iterator[list[str]]],
+    report: SourceReport,
+) -> Iterator[list[str]]:
+    """The lines of `path` (`chunks`) past those it repeats of `copied`, from the first,
+    read again beside it; how many were left out counted in `report.twice`, and said."""
+    before = list(report.files)
+    old: Iterator[str] | None = itertools.chain.from_iterable(read(copied))
+    same = 0
+    for chunk in chunks:
+        i = 0
+        while old is not None and i < len(chunk):
+            if next(old, None) != chunk[i]:
+                old = None
+                break
+            i += 1
+        same += i
+        if i < len(chunk):
+            yield chunk[i:]
+    report.files[:] = before  # (read again, not another file)
+    report.twice += same
+    report.problems.append(f"{path}: its first {same} line(s) repeat {copied}: read once")
+
+
+def _first_time(lines: Iterable[str], time_of: Callable[[str], float | None]) -> float | None:
+    """The time of the first of `lines` that has one (at most `OVERLAP_LINES` looked at)."""
+    for line in itertools.islice(lines, OVERLAP_LINES):
+        t = time_of(line)
+        if t is not None:
+            return t
+    return None
 
 
 def _overlap(tail: deque[str], head: list[str]) -> int:

@@ -46,6 +46,8 @@ class Timeline:
         """A daemon run begins (a new monotonic clock, far from the last one); without
         `operator`, as a daemon that did not record operator actions yet wrote it."""
         self.mono += 5_000.0
+        # As the daemon: a run journals `started` as it records its `start`.
+        self.journal.append("started", target=active, reason=f"guardd guarding {self.guard}")
         if operator:
             self.recorder.start(active=active, probe_interval_s=interval)
         else:
@@ -96,6 +98,23 @@ class Timeline:
             severity="P0",
             evidence={"rule": "consecutive_failures", "threshold": 3, "value": 3, "color": "green"},
         )
+
+    def failing_run(self, *, healthy_after: int = 100, down: float = 600.0) -> float:
+        """A run in which green fails and is rolled back live (journaled), is promoted back
+        by a deploy, serves `healthy_after` healthy rounds and stops; then `down` seconds
+        with the daemon down. Returns the wall time the run began."""
+        self.start(active="green")
+        began = self.wall
+        self.rounds(150)
+        self.rounds(3, green="http_5xx")
+        self.rolled_back()
+        self.recorder.switch("green", "blue", by="guardd", reason="rollback")
+        self.rounds(30, green="http_5xx")
+        self.recorder.switch("blue", "green", by="deploy", reason="promote", event="promote")
+        self.rounds(healthy_after)
+        self.recorder.stop()
+        self.tick(down)
+        return began
 
     def close(self) -> None:
         """Write what is pending and close the files."""

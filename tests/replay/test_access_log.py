@@ -4,13 +4,14 @@ judges each request at its own time."""
 from __future__ import annotations
 
 import gzip
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from guardd.journal import parse_rfc3339
+from guardd.journal import Journal, parse_rfc3339
 from tests.replay.history import Timeline, config, decisions, replay, replay_json
 from tests.signals.access_log_lib import BLUE, GREEN, line
 
@@ -456,12 +457,12 @@ def _ten_minutes(tmp: Path) -> tuple[Path, list[str]]:
     return config(tmp, tmp / "state", extra=extra, interval="1s", qos_window="10s"), lines
 
 
-@pytest.mark.parametrize("how", ["overlap", "plain and gzip"])
+@pytest.mark.parametrize("how", ["overlap", "plain and gzip", "copied under another name"])
 def test_lines_found_twice_across_rotated_files_are_read_once(tmp_path: Path, how: str) -> None:
     """The same lines in two rotated files: a file beginning with the last lines of the one
-    before it (a copy of a rotation made by hand), or a rotation both plain and compressed
-    (gzip cut short leaves both). They are read once: the counts and decisions of the log
-    read once, what was left out said."""
+    before it (a copy of a rotation made by hand), a rotation both plain and compressed
+    (gzip cut short leaves both), or a rotation copied under another rotation's name. They
+    are read once: the counts and decisions of the log read once, what was left out said."""
     cfg, lines = _ten_minutes(tmp_path)
     logs = tmp_path / "logs"
     cut = 330 * RATE  # within the 5xx minute
@@ -474,7 +475,8 @@ def test_lines_found_twice_across_rotated_files_are_read_once(tmp_path: Path, ho
     if how == "overlap":
         (logs / "access.log").write_text("".join(lines[cut - 40 :]))
     else:
-        with gzip.open(logs / "access.log.1.gz", "wt") as f:
+        name = "access.log.1.gz" if how == "plain and gzip" else "access.log.2.gz"
+        with gzip.open(logs / name, "wt") as f:
             f.writelines(lines[:cut])
     doc = replay_json("--config", str(cfg))
     src = doc["sources"]["traffic"]
@@ -486,9 +488,17 @@ def test_lines_found_twice_across_rotated_files_are_read_once(tmp_path: Path, ho
         assert src["repeated_lines"] == 40
         said = f"{logs / 'access.log'}: its first 40 line(s) repeat the last of "
         said += str(logs / "access.log.1")
-    else:
+    elif how == "plain and gzip":
         assert [Path(f).name for f in src["files"]] == ["access.log.1", "access.log"]
         said = f"{logs / 'access.log.1.gz'}: not read: access.log.1 is there too, the same rotation"
+    else:
+        assert [Path(f).name for f in src["files"]] == [
+            "access.log.2.gz",
+            "access.log.1",
+            "access.log",
+        ]
+        assert src["repeated_lines"] == cut
+        said = f"{logs / 'access.log.1'}: its first {cut} line(s) repeat {logs / 'access.log.2.gz'}"
     assert any(p.startswith(said) for p in src["problems"]), src["problems"]
 
 
@@ -517,3 +527,88 @@ def test_lines_out_of_order_are_said_so_never_outside_the_history(tmp_path: Path
         "found after lines later than them (a log concatenated out of order, or the same lines "
         "twice)"
     ) in text
+
+
+def test_a_traffic_rule_firing_after_the_live_rollback_is_said_not_a_measurement(
+    tmp_path: Path,
+) -> None:
+    """Live, green was rolled back on its probes; nginx then sent it no request. A what-if
+    without the probe rules sees green's traffic window empty out until only the errors
+    before the rollback are left, and fires: the report says that detection is not a
+    measurement, never a plain delay."""
+    tl = Timeline(tmp_path / "state")
+    t0 = tl.wall
+    tl.start(active="green", interval=1.0)
+    tl.rounds(120, interval=1.0)
+    tl.rounds(3, interval=1.0, green="http_5xx")
+    live_at = tl.wall
+    tl.rolled_back()
+    tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+    tl.rounds(120, interval=1.0, green="http_5xx")
+    tl.close()
+    lines = [
+        line(
+            GREEN if t0 + i / RATE < live_at else BLUE,
+            "502" if live_at - 3 <= t0 + i / RATE < live_at else "200",
+            msec=t0 + i / RATE,
+        )
+        for i in range(240 * RATE)
+    ]
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "access.log").write_text("".join(lines))
+    extra = _signal(tmp_path / "logs", 0.5).replace('severity = "P2"', 'severity = "P0"')
+    extra = extra.replace('window = "60s"', 'window = "20s"').replace(
+        "min_samples = 50", "min_samples = 20"
+    )
+    cfg = config(tmp_path, tmp_path / "state", extra=extra, interval="1s", qos_window="10s")
+    live = replay_json("--config", str(cfg))
+    [inc] = live["configs"][0]["incidents"]
+    assert inc["detected_rule"] == "consecutive_failures" and inc["bound"] is None, inc
+    doc = replay_json("--config", str(cfg), "--set", "policy.builtin_rules=false")
+    [inc] = doc["configs"][0]["incidents"]
+    assert inc["detected_rule"] == "errors" and inc["delay_s"] > 10, inc
+    assert inc["bound"] == (
+        "not a measurement: after the live rollback green got no requests, so this traffic "
+        "rule's window emptied rather than filled; had it kept serving, it might never have "
+        "fired"
+    )
+
+
+@pytest.mark.parametrize("how", ["rotated away", "cut short"])
+def test_an_incident_the_log_holds_nothing_of_is_not_covered(tmp_path: Path, how: str) -> None:
+    """Live, a traffic rule rolled green back at the 5xx minute; the log files replayed hold
+    no line of that time (the rotation before the current file deleted, or cut short). The
+    config's traffic rule could not see it: not covered, and why, never "not detected"."""
+    cfg, lines = _ten_minutes(tmp_path)
+    t0 = float(json.loads(lines[0])["msec"])
+    journal = Journal(tmp_path / "state" / "events.jsonl", "lab", lambda: t0 + 310)
+    journal.open()
+    journal.append(
+        "rollback_completed",
+        source="green",
+        target="blue",
+        reason="P0 errors",
+        severity="P0",
+        evidence={"rule": "errors", "color": "green"},
+    )
+    journal.close()
+    logs = tmp_path / "logs"
+    cut = 400 * RATE  # after the 5xx minute
+    (logs / "access.log").write_text("".join(lines[cut:]))
+    if how == "cut short":
+        (logs / "access.log.1").write_text("".join(lines[: 200 * RATE]))
+    doc = replay_json("--config", str(cfg))
+    [inc] = doc["configs"][0]["incidents"]
+    assert inc["covered"] is False and inc["detected_at"] is None, inc
+    src = doc["sources"]["traffic"]
+    if how == "rotated away":
+        assert inc["not_covered"] == (
+            f"signal traffic: its lines begin at {src['lines_span'][0]}, after it (rotated away?)"
+        )
+    else:
+        [[lo, hi]] = src["holes"]
+        assert (
+            inc["not_covered"]
+            == f"signal traffic: no line of it from {lo} to {hi}, between two files"
+        )
+        assert any("begins 200s after" in p for p in src["problems"]), src["problems"]

@@ -927,21 +927,34 @@ def test_a_span_in_a_coverage_reason_reads_as_a_duration(seconds: float, said: s
 
 
 @pytest.mark.parametrize(
-    ("rule", "bounded"),
-    [("consecutive_failures", True), ("p1_error_ratio", True), ("5xx-p0", False)],
+    ("rule", "kind", "bounded"),
+    [
+        ("consecutive_failures", None, "an upper bound"),
+        ("p1_error_ratio", None, "an upper bound"),
+        ("5xx-p0", "access_log", "not a measurement"),
+        ("5xx-p0", "log_match", None),
+        ("5xx-p0", "prometheus", None),
+    ],
 )
-def test_only_a_probe_rules_late_detection_is_an_upper_bound(rule: str, bounded: bool) -> None:
+def test_only_a_probe_or_traffic_rules_late_detection_is_bounded(
+    rule: str, kind: str | None, bounded: str | None
+) -> None:
     """After the live rollback the color was probed as a standby: a rule on the probes
     waited for rounds a guard still serving it would have made sooner (an upper bound);
-    a signal's rule reads its own lines, whatever the probes' cadence."""
+    and nginx sent it no request, so a traffic rule's window emptied (not a measurement).
+    An application's own signal goes on whatever nginx serves: neither."""
     from types import SimpleNamespace  # noqa: PLC0415
 
     from guardd.replay import _later_than_live  # noqa: PLC0415
 
-    c = SimpleNamespace(probe=SimpleNamespace(interval=1.0, confirm_interval=0.25))
+    c = SimpleNamespace(
+        probe=SimpleNamespace(interval=1.0, confirm_interval=0.25),
+        rules=[SimpleNamespace(name="5xx-p0", signal="app")],
+        signals={"app": SimpleNamespace(kind=kind)},
+    )
     inc = {"event": "rollback_completed", "color": "blue", "delay_s": 0.033, "detected_rule": rule}
     bound = _later_than_live(inc, c, 1.0)
-    assert (bound is not None) is bounded, bound
+    assert (bound.split(":")[0] if bound else None) == bounded, bound
 
 
 @pytest.mark.parametrize("recorded", [True, False])
@@ -992,3 +1005,31 @@ def test_an_incident_while_the_history_says_guardd_was_stopped_is_not_covered(
         f"guardd was stopped then, from {rfc3339(stopped)} to {rfc3339(started)}"
     )
     assert "not detected" not in replay("--config", str(config(tmp_path, state))).stdout
+
+
+def test_a_journal_cut_short_leaves_what_it_lacks_unknown(tmp_path: Path) -> None:
+    """The journal ends before the history does (cut short, or rotated away): the runs the
+    history holds after its end have no `started` in it. The decisions the replay takes
+    there are not "where the live guard did not act" (that is unknown), and the report
+    says how far the journal reaches."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    starts = [tl.failing_run(healthy_after=50, down=60.0) for _ in range(3)]
+    tl.close()
+    cfg = config(tmp_path, state)
+    whole = replay_json("--config", str(cfg))
+    assert whole["journal_gap"] is None and whole["configs"][0]["unmatched"] == []
+    journal = state / "events.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:2]) + lines[2][:40])  # run 1, then a cut line
+    doc = replay_json("--config", str(cfg))
+    assert len(decisions(doc, "rollback_completed")) == 3
+    assert len(doc["configs"][0]["incidents"]) == 1
+    assert doc["configs"][0]["unmatched"] == []
+    ended = rfc3339(parse_rfc3339(json.loads(lines[1])["ts"]))
+    assert doc["journal_gap"] == (
+        f"the journal ends at {ended}, before the run(s) begun at {rfc3339(starts[1])}, "
+        f"{rfc3339(starts[2])} (no `started` for them: cut short, rotated away?): incidents "
+        "and the live guard's decisions outside it are unknown"
+    )
+    assert f"  ({doc['journal_gap']})" in replay("--config", str(cfg)).stdout

@@ -456,16 +456,7 @@ def test_a_history_whose_records_appear_twice_is_replayed_once(tmp_path: Path) -
     state = tmp_path / "state"
     tl = Timeline(state, wall=DAY0 + 3600)
     for _ in range(2):  # two runs, green failing in each, rolled back live each time
-        tl.start(active="green")
-        tl.rounds(150)
-        tl.rounds(3, green="http_5xx")
-        tl.rolled_back()
-        tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
-        tl.rounds(30, green="http_5xx")
-        tl.recorder.switch("blue", "green", by="deploy", reason="promote", event="promote")
-        tl.rounds(100)
-        tl.recorder.stop()
-        tl.tick(600.0)
+        tl.failing_run()
     tl.close()
     cfg = config(tmp_path, state)
     once = replay_json("--config", str(cfg))
@@ -478,10 +469,10 @@ def test_a_history_whose_records_appear_twice_is_replayed_once(tmp_path: Path) -
     path.write_bytes(gzip.compress(lines + lines))
     journal = state / "events.jsonl"
     events = journal.read_bytes()
-    assert events.count(b"\n") == 2  # the two rollbacks
+    assert events.count(b"\n") == 4  # each run's `started`, the two rollbacks
     journal.write_bytes(events + events)
     doubled = replay_json("--config", str(cfg))
-    assert doubled["journal_read_twice"] == 2 and doubled["journal_skipped"] == 0
+    assert doubled["journal_read_twice"] == 4 and doubled["journal_skipped"] == 0
     journal.write_bytes(events)
     later = path.with_name(path.name.replace(day_of(DAY0), day_of(DAY0 + DAY)))
     path.write_bytes(raw)
