@@ -118,7 +118,11 @@ def _parser() -> argparse.ArgumentParser:
         "rules.0.above=0.08); repeatable",
     )
     rep.add_argument(
-        "--compare", type=Path, metavar="PATH", help="another config, replayed side by side"
+        "--compare",
+        type=Path,
+        metavar="PATH",
+        action="append",
+        help="another config, replayed side by side (once)",
     )
     rep.add_argument("--json", action="store_true", help="one JSON document (docs/contract.md)")
     demo = sub.add_parser(
@@ -151,7 +155,11 @@ def _glued(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `guardd` command."""
-    args = _parser().parse_args(_glued(sys.argv[1:] if argv is None else argv))
+    parser = _parser()
+    args = parser.parse_args(_glued(sys.argv[1:] if argv is None else argv))
+    if getattr(args, "compare", None) and len(args.compare) > 1:
+        # (argparse would keep the last one, and the first would be dropped unsaid.)
+        parser.error("--compare: given more than once: replay sets one config beside --config")
     if args.command == "check-config":
         return _check(args.path, args.instance, offline=args.offline)
     if args.command == "run":
@@ -168,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 since=args.since,
                 until=args.until,
                 overrides=args.set,
-                compare=args.compare,
+                compare=args.compare[0] if args.compare else None,
                 as_json=args.json,
             ),
         )

@@ -795,6 +795,8 @@ class _Clocks:
             if ts >= self.day_end:
                 skipped["later than the day its file is named after"] += 1
                 continue
+            # (Before any skip for what the record is: a copy read before is of its day too.)
+            self.latest = max(self.latest, ts)
             if kind in ("start", "context") and self.guard is not None:
                 named = doc.get("guard")
                 self.foreign = None if named in (None, self.guard) else str(named)[:80]
@@ -834,7 +836,6 @@ class _Clocks:
                     self.report.clock_steps.append((ts, drift))
                 self.at += step
             self.last_ts, self.last_mono = ts, mono
-            self.latest = max(self.latest, ts)
             if (since is not None and ts < since) or (until is not None and ts > until):
                 continue
             yield _make(Record, (self.at, ts, kind, doc))

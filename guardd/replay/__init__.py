@@ -465,15 +465,15 @@ def _later_than_live(inc: dict[str, Any], c: Any, recorded: float | None) -> str
     if (
         inc.get("event") == "rollback_completed"
         and isinstance(delay, int | float)
-        and delay > 0
+        and delay > _EMPTIED_S
         and _traffic_rule(c, inc.get("detected_rule"))
     ):
         # From the live rollback on, nginx sent the color no request: its window here
-        # emptied of the requests that would have come, rather than filled with them.
+        # lost its older requests with none coming in their place.
         return (
-            f"not a measurement: after the live rollback {inc.get('color')} got no "
-            "requests, so this traffic rule's window emptied rather than filled; had it "
-            "kept serving, it might never have fired"
+            f"not a measurement: from the live rollback on {inc.get('color')} got no "
+            "requests, so this traffic rule judged a window of fewer and older requests "
+            "than it would have held had the color kept serving"
         )
     if (
         inc.get("event") != "rollback_completed"
@@ -634,6 +634,9 @@ def _runs(starts: list[float]) -> str:
     return shown + (f" and {len(starts) - 3} more" if len(starts) > 3 else "")
 
 
+#: A traffic rule's detection this long (seconds) after the live rollback was made on a
+#: window the rollback emptied (within it: the same requests the live guard judged).
+_EMPTIED_S: Final = 1.0
 #: How far a run's `start` record and the journal's `started` may be apart (seconds): the
 #: daemon writes both as it starts, the journal after its recovery.
 _STARTED_NEAR_S: Final = 30.0

@@ -219,6 +219,8 @@ class Simulation:
         #: Recorded samples replayed, per signal (`prometheus` and `scrape` signals).
         self.samples: Counter[str] = Counter()
         self.first_ts: float | None = None
+        #: The earliest wall time of any record replayed, the warm-up's too.
+        self.earliest_ts: float | None = None
         self.last_ts: float | None = None
         #: Records replayed before `since` (the warm-up: not in the period).
         self.warmup_records = 0
@@ -709,7 +711,6 @@ class Simulation:
             _hole_s(sig.spec.window_s),
         )
         for end, batch in slots(lines, time_of, report):
-            _spans(report, end)
             yield end, next(self._order), name, batch
 
     def _log_match(self, name: str, sig: LogMatchSignal) -> Iterator[_Batch]:
@@ -747,7 +748,6 @@ class Simulation:
             _hole_s(sig.spec.window_s),
         )
         for end, batch in slots(lines, line_time, report):
-            _spans(report, end)
             yield end, next(self._order), name, (color, batch)
 
     def _prometheus_points(self, name: str) -> Iterator[_Batch]:
@@ -787,6 +787,8 @@ class Simulation:
                 await self._operator_action(payload, at)
             return
         sig = self.signals[name]
+        if isinstance(sig, AccessLogSignal | LogMatchSignal):
+            _spans(self.sources[name], wall)  # (the lines replayed: what the rules saw)
         if isinstance(sig, AccessLogSignal):
             sig.ingest(payload)
         elif isinstance(sig, LogMatchSignal):
@@ -943,6 +945,8 @@ class Simulation:
         last = self.last_ts
         if last is None or ts > last:
             self.last_ts = ts
+        if self.earliest_ts is None or ts < self.earliest_ts:
+            self.earliest_ts = ts
 
     async def _step(
         self, rec: Record, pending: _Batch | None, externals: Iterator[_Batch]
@@ -982,7 +986,15 @@ class Simulation:
             if not (wall <= rec.ts or (stepped and wall <= old_clock and name not in after_step)):
                 break
             self._fed[name] = wall
-            if self.guard is None or self._down or (died and pending[0] > last_wall):
+            earliest = rec.ts if self.earliest_ts is None else min(self.earliest_ts, rec.ts)
+            if (
+                self.guard is None
+                or self._down
+                or (died and pending[0] > last_wall)
+                # Stamped before any record (and not on a clock stepped back to there,
+                # which the records would show): before the history, not "late".
+                or wall < earliest - AHEAD_S
+            ):
                 # (Stopped: the daemon started again reads its logs from their end.)
                 self._outside(pending)
             elif stepped and name in after_step:

@@ -38,6 +38,9 @@ MAX_AHEAD_LINES: Final = 1000
 _GZIP_PIECE: Final = 16384
 #: Lines of a log_match file looked at for a timestamp before it is judged to have none.
 PROBE_LINES: Final = 50
+#: The first lines two files must share to be one a copy of the other (a gzip file's first
+#: piece holds that many lines, plain or not).
+_HEAD_LINES: Final = 64
 #: The lines of a file's end compared with the next file's beginning (`without_overlap`).
 OVERLAP_LINES: Final = 1000
 #: At most this many points per `query_range` request (Prometheus refuses > 11,000).
@@ -180,23 +183,13 @@ def without_overlap(
     """
     tail: deque[str] = deque(maxlen=OVERLAP_LINES)
     previous: Path | None = None
-    heads: dict[int, Path] = {}
-    for path in files:
+    for path in _without_copies(files, report):
         chunks = read(path)
         head: list[str] = []
         for chunk in chunks:
             head += chunk
             if len(head) >= OVERLAP_LINES:
                 break
-        key = hash(tuple(head[:OVERLAP_LINES]))
-        if len(head) >= 2 and (copied := heads.get(key)) is not None:
-            # It begins as a file read before (a rotation copied under another name):
-            # what it repeats of that file is left out.
-            rest = _minus_copy(path, copied, itertools.chain([head], chunks), read, report)
-            yield from _kept(rest, tail)
-            previous = path
-            continue
-        heads.setdefault(key, path)
         skip = _overlap(tail, head) if previous is not None else 0
         if skip:
             report.twice += skip
@@ -212,7 +205,7 @@ def without_overlap(
                 report.holes.append((ended, began))
                 report.problems.append(
                     f"{path}: begins {began - ended:.0f}s after {previous} ends: no line "
-                    "between (a file cut short or missing, or no traffic then)"
+                    "between (a file cut short or missing, no traffic then, or a wrong clock)"
                 )
         yield from _kept(itertools.chain([head[skip:]], chunks), tail)
         previous = path
@@ -226,31 +219,42 @@ def _kept(chunks: Iterable[list[str]], tail: deque[str]) -> Iterator[list[str]]:
             yield lines
 
 
-def _minus_copy(
-    path: Path,
-    copied: Path,
-    chunks: Iterator[list[str]],
-    read: Callable[[Path], Iterator[list[str]]],
-    report: SourceReport,
-) -> Iterator[list[str]]:
-    """The lines of `path` (`chunks`) past those it repeats of `copied`, from the first,
-    read again beside it; how many were left out counted in `report.twice`, and said."""
-    before = list(report.files)
-    old: Iterator[str] | None = itertools.chain.from_iterable(read(copied))
-    same = 0
-    for chunk in chunks:
-        i = 0
-        while old is not None and i < len(chunk):
-            if next(old, None) != chunk[i]:
-                old = None
-                break
-            i += 1
-        same += i
-        if i < len(chunk):
-            yield chunk[i:]
-    report.files[:] = before  # (read again, not another file)
-    report.twice += same
-    report.problems.append(f"{path}: its first {same} line(s) repeat {copied}: read once")
+def _without_copies(files: list[Path], report: SourceReport) -> list[Path]:
+    """`files` but those that begin as a later one does (the same first lines, two or more,
+    up to `_HEAD_LINES`): a rotation copied under another name, its lines read once, in
+    the place of the newest name (a copy made as `.3` of `.1` is older by its name only).
+    Each left out is said."""
+    heads: list[int | None] = []
+    for path in files if len(files) > 1 else []:
+        head = _peek(path)
+        heads.append(hash(tuple(head)) if len(head) >= 2 else None)
+    kept: list[Path] = []
+    newest: dict[int, Path] = {}
+    if len(files) <= 1:
+        return files
+    for path, key in reversed(list(zip(files, heads, strict=True))):
+        if key is not None and key in newest:
+            report.problems.append(
+                f"{path}: not read: it begins as {newest[key].name} does (the same first "
+                "lines: a copy under another name); its lines are read there, once"
+            )
+            continue
+        if key is not None:
+            newest[key] = path
+        kept.append(path)
+    return kept[::-1]
+
+
+def _peek(path: Path) -> list[bytes]:
+    """The first whole lines of `path` (at most `_HEAD_LINES`, from its first piece),
+    raw: looked at, not read (nothing counted; damage gives fewer)."""
+    try:
+        with open_regular(path) as raw:
+            gz = path.suffix == ".gz"
+            chunk = next(_gunzipped(raw), b"") if gz else raw.read(READ_CHUNK)
+    except (OSError, EOFError, zlib.error):
+        return []
+    return chunk.split(b"\n")[:-1][:_HEAD_LINES]
 
 
 def _first_time(lines: Iterable[str], time_of: Callable[[str], float | None]) -> float | None:

@@ -393,13 +393,14 @@ def test_lines_written_late_among_the_others_pull_no_later_line_back(
     assert src["lines"]["ok"] + src["lines"]["late"] == n, src
 
 
-@pytest.mark.parametrize("ahead_s", [60.0, 3600.0, -10.0, -120.0, -3600.0])
+@pytest.mark.parametrize("ahead_s", [60.0, 3600.0, -10.0, -100.0, -3600.0])
 def test_one_line_stamped_ahead_after_a_quiet_start_loses_no_line_and_no_decision(
     tmp_path: Path, ahead_s: float
 ) -> None:
     """A request, 10 s of quiet, then 20 a second with a 5xx burst; one line among them
     stamped `ahead_s` ahead (or back). The replay decides as over the clean log: the line
-    is counted ahead (or, far back, late), and no other line is moved or left out."""
+    is counted ahead (or, far back, late; stamped before the history, outside it), and no
+    other line is moved or left out."""
     state = tmp_path / "state"
     t0 = _probed(state, 600)
     stamps = [t0 + 1.0] + [t0 + 11.0 + i / RATE for i in range(500 * RATE)]
@@ -409,7 +410,7 @@ def test_one_line_stamped_ahead_after_a_quiet_start_loses_no_line_and_no_decisio
         logs.mkdir()
         lines = [line(GREEN, "502" if 300 <= t - t0 < 360 else "200", msec=t) for t in stamps]
         if glitch:
-            lines.insert(100, line(GREEN, "200", msec=stamps[99] + ahead_s))
+            lines.insert(2000, line(GREEN, "200", msec=stamps[1999] + ahead_s))
         (logs / "access.log").write_text("".join(lines))
         cfg = config(tmp_path, state, extra=_signal(logs, 0.05), interval="1s", qos_window="10s")
         results[glitch] = replay_json("--config", str(cfg))
@@ -417,10 +418,12 @@ def test_one_line_stamped_ahead_after_a_quiet_start_loses_no_line_and_no_decisio
     assert glitched["configs"][0]["decisions"] == clean["configs"][0]["decisions"]
     assert decisions(clean, "alert"), clean["configs"][0]["decisions"]  # not vacuous
     src = glitched["sources"]["traffic"]
-    late = int(ahead_s < -60.0)  # older than the 60 s window when written
+    before = int(stamps[1999] + ahead_s < t0)  # stamped before the history's first record
+    late = int(ahead_s < -60.0) - before  # older than the 60 s window when written
     assert src["ahead_lines"] == int(ahead_s > 0) and src["lines"]["late"] == late, src
-    assert src["lines"]["ok"] == clean["sources"]["traffic"]["lines"]["ok"] + 1 - late, src
-    assert src["outside_history"] == clean["sources"]["traffic"]["outside_history"], src
+    ok = clean["sources"]["traffic"]["lines"]["ok"] + 1 - late - before
+    assert src["lines"]["ok"] == ok, src
+    assert src["outside_history"] == clean["sources"]["traffic"]["outside_history"] + before
 
 
 def test_compare_says_what_each_config_read_of_the_log(hour: tuple[Path, float, int]) -> None:
@@ -457,7 +460,9 @@ def _ten_minutes(tmp: Path) -> tuple[Path, list[str]]:
     return config(tmp, tmp / "state", extra=extra, interval="1s", qos_window="10s"), lines
 
 
-@pytest.mark.parametrize("how", ["overlap", "plain and gzip", "copied under another name"])
+@pytest.mark.parametrize(
+    "how", ["overlap", "plain and gzip", "copied under another name", "copied as the oldest"]
+)
 def test_lines_found_twice_across_rotated_files_are_read_once(tmp_path: Path, how: str) -> None:
     """The same lines in two rotated files: a file beginning with the last lines of the one
     before it (a copy of a rotation made by hand), a rotation both plain and compressed
@@ -474,10 +479,16 @@ def test_lines_found_twice_across_rotated_files_are_read_once(tmp_path: Path, ho
     [rb] = decisions(once, "rollback_completed")
     if how == "overlap":
         (logs / "access.log").write_text("".join(lines[cut - 40 :]))
-    else:
-        name = "access.log.1.gz" if how == "plain and gzip" else "access.log.2.gz"
-        with gzip.open(logs / name, "wt") as f:
+    elif how == "plain and gzip":
+        with gzip.open(logs / "access.log.1.gz", "wt") as f:
             f.writelines(lines[:cut])
+    elif how == "copied under another name":
+        with gzip.open(logs / "access.log.2.gz", "wt") as f:
+            f.writelines(lines[:cut])
+    else:  # `.1` copied as `.3`, older by its name than a real `.2`
+        (logs / "access.log.2").write_text("".join(lines[: 100 * RATE]))
+        (logs / "access.log.1").write_text("".join(lines[100 * RATE : cut]))
+        (logs / "access.log.3").write_text("".join(lines[100 * RATE : cut]))
     doc = replay_json("--config", str(cfg))
     src = doc["sources"]["traffic"]
     assert src["lines"] == once["sources"]["traffic"]["lines"]
@@ -491,14 +502,19 @@ def test_lines_found_twice_across_rotated_files_are_read_once(tmp_path: Path, ho
     elif how == "plain and gzip":
         assert [Path(f).name for f in src["files"]] == ["access.log.1", "access.log"]
         said = f"{logs / 'access.log.1.gz'}: not read: access.log.1 is there too, the same rotation"
+    elif how == "copied under another name":
+        assert [Path(f).name for f in src["files"]] == ["access.log.1", "access.log"]
+        said = f"{logs / 'access.log.2.gz'}: not read: it begins as access.log.1 does"
     else:
+        # (Read under the newest name: read as `.3`, the copy came before `.2`, whose
+        # lines were then late.)
         assert [Path(f).name for f in src["files"]] == [
-            "access.log.2.gz",
+            "access.log.2",
             "access.log.1",
             "access.log",
         ]
-        assert src["repeated_lines"] == cut
-        said = f"{logs / 'access.log.1'}: its first {cut} line(s) repeat {logs / 'access.log.2.gz'}"
+        said = f"{logs / 'access.log.3'}: not read: it begins as access.log.1 does"
+        assert not any("begins" in p and "after" in p for p in src["problems"]), src["problems"]
     assert any(p.startswith(said) for p in src["problems"]), src["problems"]
 
 
@@ -568,9 +584,9 @@ def test_a_traffic_rule_firing_after_the_live_rollback_is_said_not_a_measurement
     [inc] = doc["configs"][0]["incidents"]
     assert inc["detected_rule"] == "errors" and inc["delay_s"] > 10, inc
     assert inc["bound"] == (
-        "not a measurement: after the live rollback green got no requests, so this traffic "
-        "rule's window emptied rather than filled; had it kept serving, it might never have "
-        "fired"
+        "not a measurement: from the live rollback on green got no requests, so this traffic "
+        "rule judged a window of fewer and older requests than it would have held had the "
+        "color kept serving"
     )
 
 
@@ -612,3 +628,25 @@ def test_an_incident_the_log_holds_nothing_of_is_not_covered(tmp_path: Path, how
             == f"signal traffic: no line of it from {lo} to {hi}, between two files"
         )
         assert any("begins 200s after" in p for p in src["problems"]), src["problems"]
+
+
+def test_lines_stamped_before_the_history_are_outside_it_and_out_of_its_span(
+    tmp_path: Path,
+) -> None:
+    """A rotation whose lines are all stamped an hour before the history began (a clock
+    wrong on the host that wrote them), and a line stamped at the epoch: outside the
+    history (before its first record), never "late", and never the start of the span of
+    lines the rules saw."""
+    cfg, lines = _ten_minutes(tmp_path)
+    logs = tmp_path / "logs"
+    cut = 330 * RATE
+    early = [line(GREEN, "200", msec=float(json.loads(x)["msec"]) - 3600.0) for x in lines[:cut]]
+    (logs / "access.log.1").write_text("".join(early))
+    (logs / "access.log").write_text("".join([*lines[cut:], line(GREEN, "200", msec=1.0)]))
+    doc = replay_json("--config", str(cfg))
+    src = doc["sources"]["traffic"]
+    assert src["lines"]["late"] == 0, src
+    assert src["lines"]["ok"] == len(lines) - cut, src
+    assert src["outside_history"] == cut + 1, src
+    first = float(json.loads(lines[cut])["msec"])
+    assert parse_rfc3339(src["lines_span"][0]) >= first - 1.0, src["lines_span"]

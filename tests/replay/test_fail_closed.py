@@ -927,17 +927,18 @@ def test_a_span_in_a_coverage_reason_reads_as_a_duration(seconds: float, said: s
 
 
 @pytest.mark.parametrize(
-    ("rule", "kind", "bounded"),
+    ("rule", "kind", "delay", "bounded"),
     [
-        ("consecutive_failures", None, "an upper bound"),
-        ("p1_error_ratio", None, "an upper bound"),
-        ("5xx-p0", "access_log", "not a measurement"),
-        ("5xx-p0", "log_match", None),
-        ("5xx-p0", "prometheus", None),
+        ("consecutive_failures", None, 0.033, "an upper bound"),
+        ("p1_error_ratio", None, 0.033, "an upper bound"),
+        ("5xx-p0", "access_log", 5.0, "not a measurement"),
+        ("5xx-p0", "access_log", 0.063, None),  # (the requests the live guard judged)
+        ("5xx-p0", "log_match", 5.0, None),
+        ("5xx-p0", "prometheus", 5.0, None),
     ],
 )
 def test_only_a_probe_or_traffic_rules_late_detection_is_bounded(
-    rule: str, kind: str | None, bounded: str | None
+    rule: str, kind: str | None, delay: float, bounded: str | None
 ) -> None:
     """After the live rollback the color was probed as a standby: a rule on the probes
     waited for rounds a guard still serving it would have made sooner (an upper bound);
@@ -952,7 +953,7 @@ def test_only_a_probe_or_traffic_rules_late_detection_is_bounded(
         rules=[SimpleNamespace(name="5xx-p0", signal="app")],
         signals={"app": SimpleNamespace(kind=kind)},
     )
-    inc = {"event": "rollback_completed", "color": "blue", "delay_s": 0.033, "detected_rule": rule}
+    inc = {"event": "rollback_completed", "color": "blue", "delay_s": delay, "detected_rule": rule}
     bound = _later_than_live(inc, c, 1.0)
     assert (bound.split(":")[0] if bound else None) == bounded, bound
 
@@ -1033,3 +1034,10 @@ def test_a_journal_cut_short_leaves_what_it_lacks_unknown(tmp_path: Path) -> Non
         "and the live guard's decisions outside it are unknown"
     )
     assert f"  ({doc['journal_gap']})" in replay("--config", str(cfg)).stdout
+
+
+def test_compare_given_twice_is_a_usage_error(tmp_path: Path) -> None:
+    """`--compare A --compare B` kept B and dropped A unsaid: a usage error now (exit 2)."""
+    done = replay("--config", "x.toml", "--compare", "a.toml", "--compare", "b.toml")
+    assert done.returncode == 2 and done.stdout == "", done
+    assert "--compare: given more than once" in done.stderr

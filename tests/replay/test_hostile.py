@@ -73,7 +73,7 @@ def _garbage_log(logs: Path, t0: float) -> dict[str, int]:
     bad = [
         "\x00\x01\x02 binary junk\n",
         "GET / HTTP/1.1 200 (a line in the wrong format)\n",
-        '{"msec": "1.0", "status": "999", "upstream_addr": "x"}\n',
+        '{"msec": "' + str(t0 + 2) + '", "status": "999", "upstream_addr": "x"}\n',
         '{"msec": "' + str(t0 + 1) + '", "upstream_addr": "' + BLUE + '", "pad": "'
         + "y" * 40_000 + '"}\n',
     ]  # fmt: skip
