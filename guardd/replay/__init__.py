@@ -498,8 +498,12 @@ def _signal_uncovered(inc: dict[str, Any], c: Any, sim: Simulation) -> str | Non
     t = _report.seconds(inc.get("at"))
     rule = _rule_named(c, inc.get("rule"))
     report = sim.sources.get(rule.signal) if rule is not None else None
-    why = report.covers(t) if report is not None and t is not None else None
-    return None if why is None or rule is None else f"signal {rule.signal}: {why}"
+    if report is None or t is None or rule is None:
+        return None
+    # The lines the rule judged at `t`: those of its window before it.
+    window = getattr(c.signals.get(rule.signal), "window", None) or c.policy.window
+    why = report.covers(t, window)
+    return None if why is None else f"signal {rule.signal}: {why}"
 
 
 def _traffic_rule(c: Any, name: object) -> bool:
@@ -510,8 +514,16 @@ def _traffic_rule(c: Any, name: object) -> bool:
 
 
 def _rule_named(c: Any, name: object) -> Any:
-    """Config `c`'s `[[rules]]` row named `name`, or None."""
-    return next((rule for rule in c.rules if getattr(rule, "name", None) == name), None)
+    """Config `c`'s `[[rules]]` row named `name` (a row without a name is `signal.stat`, as
+    the guard names it in its evidence), or None."""
+    return next(
+        (
+            rule
+            for rule in c.rules
+            if (getattr(rule, "name", None) or f"{rule.signal}.{rule.stat}") == name
+        ),
+        None,
+    )
 
 
 def _decided(event: dict[str, Any], journal: list[dict[str, Any]]) -> dict[str, Any]:
@@ -565,8 +577,14 @@ def _incidents(
     for inc in found:
         why, lost = _uncovered(inc.get("at"), first, before, after, need)
         if why is None:
-            # (A decision the config took all the same, on another rule, still detects it.)
-            why, lost = _signal_uncovered(inc, c, first), False
+            why = _signal_uncovered(inc, c, first)
+            # A decision on the same log judged the window it lacks (no detection time);
+            # one the config took on another signal still detects it.
+            judged, detected = (
+                _rule_named(c, inc.get("rule")),
+                _rule_named(c, inc.get("detected_rule")),
+            )
+            lost = judged is not None and detected is not None and detected.signal == judged.signal
         if why is not None and inc["detected_at"] is not None and not lost:
             # Too little history around it to say it would be missed, but the config
             # did decide on it (another rule, quicker than the one counted): detected.
@@ -706,8 +724,9 @@ async def _replay_all(
         if i == 0:
             span, journal_gap = _journal_span(real, first, settings.instance)
         if span is not None:
-            # Outside what the journal holds, whether the live guard acted is unknown.
-            lo, hi = span[0] - _match_window(s.config), span[1] + _match_window(s.config)
+            # Outside what the journal holds, whether the live guard acted is unknown; and
+            # within a match window of its ends too (the incident may lie past them).
+            lo, hi = span[0] + _match_window(s.config), span[1] - _match_window(s.config)
             unmatched = [d for d in unmatched if lo <= (_report.seconds(d["at"]) or lo) <= hi]
         configs.append(
             {

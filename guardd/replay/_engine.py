@@ -119,9 +119,10 @@ _Batch = tuple[float, int, str, Any]
 
 
 def _hole_s(window: float) -> float:
-    """A stretch without a line between two files longer than this is said (seconds):
-    longer than the signal's window, a minute at least (a quiet minute is no news)."""
-    return max(60.0, window)
+    """A stretch without a line between two files longer than this may be said (seconds;
+    also when many times longer than the lines came apart before it): a twelfth of the
+    signal's window, 5 s at least (its rules judged that much less than they would have)."""
+    return max(5.0, window / 12)
 
 
 def _spans(report: SourceReport, end: float) -> None:

@@ -41,6 +41,9 @@ PROBE_LINES: Final = 50
 #: The first lines two files must share to be one a copy of the other (a gzip file's first
 #: piece holds that many lines, plain or not).
 _HEAD_LINES: Final = 64
+#: A stretch without a line between two files is a hole when longer than this many times
+#: the mean spacing of the lines before it (and `hole_s`).
+_HOLE_SPACINGS: Final = 20
 #: The lines of a file's end compared with the next file's beginning (`without_overlap`).
 OVERLAP_LINES: Final = 1000
 #: At most this many points per `query_range` request (Prometheus refuses > 11,000).
@@ -76,17 +79,22 @@ class SourceReport:
     #: `HOLE_S`: (last line of the one, first of the next), seconds.
     holes: list[tuple[float, float]] = field(default_factory=list)
 
-    def covers(self, at: float) -> str | None:
-        """Why this source's lines say nothing of the moment `at` (None: they may)."""
+    def covers(self, at: float, window: float = 0.0) -> str | None:
+        """Why this source's lines do not hold what a rule judged at `at` over `window`
+        seconds before it (None: they may)."""
         if self.first_line is None or self.last_line is None:
             return None  # (said as the signal not replayed)
-        if at < self.first_line:
-            return f"its lines begin at {_stamp(self.first_line)}, after it (rotated away?)"
+        if at - window < self.first_line - PULSE_S:
+            when = "after it" if at < self.first_line else "within the window it was judged on"
+            return f"its lines begin at {_stamp(self.first_line)}, {when} (rotated away?)"
         if at > self.last_line + PULSE_S:
             return f"its lines end at {_stamp(self.last_line)}, before it"
         for lo, hi in self.holes:
-            if lo < at < hi:
-                return f"no line of it from {_stamp(lo)} to {_stamp(hi)}, between two files"
+            if lo < at and at - window < hi:
+                return (
+                    f"no line of it from {_stamp(lo)} to {_stamp(hi)}, between two files, "
+                    "within the window it was judged on"
+                )
         return None
 
     def to_json(self) -> dict[str, Any]:
@@ -201,7 +209,15 @@ def without_overlap(
             # the rules look back is a file cut short or missing (or no traffic at all).
             ended = _first_time(reversed(tail), time_of)
             began = _first_time(head[skip:], time_of)
-            if ended is not None and began is not None and began - ended > hole_s:
+            since = _first_time(tail, time_of)
+            # Longer than the lines before came apart, many times over: a quiet log's
+            # rotation is no hole (its lines come minutes apart anyway).
+            spacing = (ended - since) / max(1, len(tail) - 1) if ended and since else 0.0
+            if (
+                ended is not None
+                and began is not None
+                and began - ended > max(hole_s, _HOLE_SPACINGS * spacing)
+            ):
                 report.holes.append((ended, began))
                 report.problems.append(
                     f"{path}: begins {began - ended:.0f}s after {previous} ends: no line "

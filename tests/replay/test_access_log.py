@@ -590,24 +590,28 @@ def test_a_traffic_rule_firing_after_the_live_rollback_is_said_not_a_measurement
     )
 
 
+def _traffic_rollback(tmp: Path, at: float, rule: str) -> None:
+    """The live guard's rollback of green at `at` on the traffic rule `rule`, journaled."""
+    journal = Journal(tmp / "state" / "events.jsonl", "lab", lambda: at)
+    journal.open()
+    journal.append(
+        "rollback_completed",
+        source="green",
+        target="blue",
+        reason=f"P0 {rule}",
+        severity="P0",
+        evidence={"rule": rule, "color": "green"},
+    )
+    journal.close()
+
+
 @pytest.mark.parametrize("how", ["rotated away", "cut short"])
 def test_an_incident_the_log_holds_nothing_of_is_not_covered(tmp_path: Path, how: str) -> None:
     """Live, a traffic rule rolled green back at the 5xx minute; the log files replayed hold
     no line of that time (the rotation before the current file deleted, or cut short). The
     config's traffic rule could not see it: not covered, and why, never "not detected"."""
     cfg, lines = _ten_minutes(tmp_path)
-    t0 = float(json.loads(lines[0])["msec"])
-    journal = Journal(tmp_path / "state" / "events.jsonl", "lab", lambda: t0 + 310)
-    journal.open()
-    journal.append(
-        "rollback_completed",
-        source="green",
-        target="blue",
-        reason="P0 errors",
-        severity="P0",
-        evidence={"rule": "errors", "color": "green"},
-    )
-    journal.close()
+    _traffic_rollback(tmp_path, float(json.loads(lines[0])["msec"]) + 310, "errors")
     logs = tmp_path / "logs"
     cut = 400 * RATE  # after the 5xx minute
     (logs / "access.log").write_text("".join(lines[cut:]))
@@ -623,9 +627,9 @@ def test_an_incident_the_log_holds_nothing_of_is_not_covered(tmp_path: Path, how
         )
     else:
         [[lo, hi]] = src["holes"]
-        assert (
-            inc["not_covered"]
-            == f"signal traffic: no line of it from {lo} to {hi}, between two files"
+        assert inc["not_covered"] == (
+            f"signal traffic: no line of it from {lo} to {hi}, between two files, within the "
+            "window it was judged on"
         )
         assert any("begins 200s after" in p for p in src["problems"]), src["problems"]
 
@@ -650,3 +654,21 @@ def test_lines_stamped_before_the_history_are_outside_it_and_out_of_its_span(
     assert src["outside_history"] == cut + 1, src
     first = float(json.loads(lines[cut])["msec"])
     assert parse_rfc3339(src["lines_span"][0]) >= first - 1.0, src["lines_span"]
+
+
+def test_a_rule_without_a_name_is_found_by_the_name_the_guard_gives_it(tmp_path: Path) -> None:
+    """A `[[rules]]` row without `name` is `signal.stat` in the guard's evidence: the
+    traffic caveat and the log's coverage find it by that name too. Here the log is cut
+    short within the window the live rule judged: not covered."""
+    cfg, lines = _ten_minutes(tmp_path)
+    text = cfg.read_text().replace('name = "errors"\n', "")
+    cfg.write_text(text)
+    _traffic_rollback(tmp_path, float(json.loads(lines[0])["msec"]) + 340, "traffic.error_ratio")
+    logs = tmp_path / "logs"
+    (logs / "access.log.1").write_text("".join(lines[: 300 * RATE]))
+    (logs / "access.log").write_text("".join(lines[330 * RATE :]))  # 30 s cut out
+    doc = replay_json("--config", str(cfg))
+    [inc] = doc["configs"][0]["incidents"]
+    # (The replayed rule fired too, on the window with the hole: no detection time.)
+    assert inc["covered"] is False and inc["detected_at"] is None, inc
+    assert "within the window it was judged on" in inc["not_covered"], inc
