@@ -610,16 +610,11 @@ def _journal_span(
     is one the journal does not hold (cut short, rotated away, another host's). Incidents
     and the live guard's decisions outside what it holds are unknown, never "none".
     """
-    from guardd.journal import parse_rfc3339  # noqa: PLC0415
-
     times: list[float] = []
     started: list[float] = []
     for e in real:
-        if e.get("guard", instance) != instance:
-            continue
-        try:
-            t = parse_rfc3339(str(e.get("ts")))
-        except ValueError:
+        t = _report.seconds(e.get("ts"))
+        if e.get("guard", instance) != instance or t is None:
             continue
         times.append(t)
         if e.get("event") == "started":

@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from guardd import untrusted_json
 from guardd.fsutil import open_regular
+from guardd.journal import rfc3339
 from guardd.signals._tail import READ_CHUNK, Tail
 
 #: The daemon's signal pulse (`guardd.supervisor._SIGNAL_PULSE_S`): lines are handed over
@@ -86,13 +87,13 @@ class SourceReport:
             return None  # (said as the signal not replayed)
         if at - window < self.first_line - PULSE_S:
             when = "after it" if at < self.first_line else "within the window it was judged on"
-            return f"its lines begin at {_stamp(self.first_line)}, {when} (rotated away?)"
+            return f"its lines begin at {rfc3339(self.first_line)}, {when} (rotated away?)"
         if at > self.last_line + PULSE_S:
-            return f"its lines end at {_stamp(self.last_line)}, before it"
+            return f"its lines end at {rfc3339(self.last_line)}, before it"
         for lo, hi in self.holes:
             if lo < at and at - window < hi:
                 return (
-                    f"no line of it from {_stamp(lo)} to {_stamp(hi)}, between two files, "
+                    f"no line of it from {rfc3339(lo)} to {rfc3339(hi)}, between two files, "
                     "within the window it was judged on"
                 )
         return None
@@ -113,17 +114,10 @@ class SourceReport:
             "lines_span": (
                 None
                 if self.first_line is None or self.last_line is None
-                else [_stamp(self.first_line), _stamp(self.last_line)]
+                else [rfc3339(self.first_line), rfc3339(self.last_line)]
             ),
-            "holes": [[_stamp(lo), _stamp(hi)] for lo, hi in self.holes],
+            "holes": [[rfc3339(lo), rfc3339(hi)] for lo, hi in self.holes],
         }
-
-
-def _stamp(ts: float) -> str:
-    """RFC 3339 of `ts` (as every time of the report)."""
-    from guardd.journal import rfc3339  # noqa: PLC0415
-
-    return rfc3339(ts)
 
 
 def rotated_files(path: Path, report: SourceReport | None = None) -> list[Path]:
@@ -212,11 +206,12 @@ def without_overlap(
             since = _first_time(tail, time_of)
             # Longer than the lines before came apart, many times over: a quiet log's
             # rotation is no hole (its lines come minutes apart anyway).
-            spacing = (ended - since) / max(1, len(tail) - 1) if ended and since else 0.0
             if (
                 ended is not None
+                and since is not None
                 and began is not None
-                and began - ended > max(hole_s, _HOLE_SPACINGS * spacing)
+                and began - ended
+                > max(hole_s, _HOLE_SPACINGS * (ended - since) / max(1, len(tail) - 1))
             ):
                 report.holes.append((ended, began))
                 report.problems.append(
@@ -240,14 +235,11 @@ def _without_copies(files: list[Path], report: SourceReport) -> list[Path]:
     up to `_HEAD_LINES`): a rotation copied under another name, its lines read once, in
     the place of the newest name (a copy made as `.3` of `.1` is older by its name only).
     Each left out is said."""
-    heads: list[int | None] = []
-    for path in files if len(files) > 1 else []:
-        head = _peek(path)
-        heads.append(hash(tuple(head)) if len(head) >= 2 else None)
-    kept: list[Path] = []
-    newest: dict[int, Path] = {}
     if len(files) <= 1:
         return files
+    heads = [hash(tuple(head)) if len(head := _peek(path)) >= 2 else None for path in files]
+    kept: list[Path] = []
+    newest: dict[int, Path] = {}
     for path, key in reversed(list(zip(files, heads, strict=True))):
         if key is not None and key in newest:
             report.problems.append(

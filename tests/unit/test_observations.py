@@ -684,9 +684,7 @@ def test_a_file_copied_under_an_earlier_day_is_not_read_twice(tmp_path: Path, re
     clocks = Clocks(wall=EVE + 100)  # the day after EVE's
     rec = recorder(tmp_path, clocks)
     rec.start(active="blue", probe_interval_s=1.0)
-    for _ in range(records):
-        clocks.tick(1.0)
-        rec.probe("blue", "ok", 0.01, status=200)
+    _healthy_rounds(rec, clocks, records)
     rec.write()
     rec.close()
     [path] = history_files(tmp_path)
@@ -698,6 +696,13 @@ def test_a_file_copied_under_an_earlier_day_is_not_read_twice(tmp_path: Path, re
     got, report = read(tmp_path)
     assert [r.doc for r in got] == [r.doc for r in alone]
     assert report.skipped == {"later than the day its file is named after": records + 1}
+
+
+def _healthy_rounds(rec: Recorder, clocks: Clocks, n: int) -> None:
+    """`n` passing probe rounds of blue, a second apart."""
+    for _ in range(n):
+        clocks.tick(1.0)
+        rec.probe("blue", "ok", 0.01, status=200)
 
 
 def _three_runs(directory: Path, records: int) -> list[Record]:
@@ -776,9 +781,7 @@ def test_records_read_twice_then_new_ones_go_on_from_the_first(tmp_path: Path) -
     clocks = Clocks(wall=EVE + 100)
     rec = recorder(tmp_path, clocks)
     rec.start(active="blue", probe_interval_s=1.0)
-    for _ in range(40):
-        clocks.tick(1.0)
-        rec.probe("blue", "ok", 0.01, status=200)
+    _healthy_rounds(rec, clocks, 40)
     rec.write()
     rec.close()
     whole, _ = read(tmp_path)
@@ -822,13 +825,9 @@ def test_a_file_renamed_under_a_later_day_is_read_and_said(
     clocks = Clocks(wall=EVE + 100)
     rec = recorder(tmp_path, clocks)
     rec.start(active="blue", probe_interval_s=1.0)
-    for _ in range(records):
-        clocks.tick(1.0)
-        rec.probe("blue", "ok", 0.01, status=200)
+    _healthy_rounds(rec, clocks, records)
     clocks.wall_s -= 3600.0  # back over midnight: the rest stays in this day's file
-    for _ in range(3):
-        clocks.tick(1.0)
-        rec.probe("blue", "ok", 0.01, status=200)
+    _healthy_rounds(rec, clocks, 3)
     rec.write()
     rec.close()
     [path] = history_files(tmp_path)
