@@ -392,8 +392,19 @@ def _placed(
     "The lines before" are the highest time the log reached: lines written late (a
     buffered log, several workers) fall back below it, and the lines after them, back on
     the log's clock, are not ahead. Only `MAX_AHEAD_LINES` lines in a row more than
-    `AHEAD_S` below it (a clock stepped back for good) lower it.
+    `AHEAD_S` below it (a clock stepped back for good) lower it. A log's first lines,
+    with no line before them, are told by the lines after them (`_begun`).
     """
+    lead, rest = _begun(lines, time_of, report)
+    if lead:
+        yield lead
+    yield from _after(rest, time_of, report)
+
+
+def _after(
+    lines: Iterator[list[str]], time_of: Callable[[str], float | None], report: SourceReport
+) -> Iterator[list[tuple[str, int | None]]]:
+    """`_placed` for the lines after a log's first lines stamped ahead."""
     jump = AHEAD_S / PULSE_S
     last: int | None = None  # the latest slot placed
     high: int | None = None  # the highest slot placed (since the clock last went back)
@@ -402,12 +413,11 @@ def _placed(
     for chunk in lines:
         out: list[tuple[str, int | None]] = []
         for line in chunk:
-            t = time_of(line)
-            if t is None:
+            s = _slot(time_of(line))
+            if s is None:
                 report.untimed += 1
                 (waiting or out).append((line, None))
                 continue
-            s = math.floor(t / PULSE_S)
             if waiting:
                 assert high is not None  # noqa: S101 - a line waits only after a placed one
                 if s > high + jump:
@@ -451,6 +461,25 @@ def _placed(
         yield _settled(waiting, jump, report)[0]
 
 
+def _begun(
+    lines: Iterator[list[str]], time_of: Callable[[str], float | None], report: SourceReport
+) -> tuple[list[tuple[str, int | None]], Iterator[list[str]]]:
+    """A log's first lines stamped ahead (`_lead`), placed; and the lines after them.
+
+    A log's first lines have no line before them to be ahead of: the lines after them
+    tell. Without this, a first line stamped a day ahead was the log's clock, and every
+    line after it waited behind it, never replayed."""
+    begun: list[str] = []
+    for chunk in lines:
+        begun += chunk
+        if len(begun) >= MAX_AHEAD_LINES:
+            break
+    first = [(line, _slot(time_of(line))) for line in begun[:MAX_AHEAD_LINES]]
+    lead = _lead(first, AHEAD_S / PULSE_S, report)
+    report.untimed += sum(time_of(line) is None for line in begun[:lead])
+    return first[:lead], itertools.chain([begun[lead:]], lines)
+
+
 def _settled(
     waiting: list[tuple[str, int | None]], jump: float, report: SourceReport
 ) -> tuple[list[tuple[str, int | None]], int]:
@@ -462,10 +491,11 @@ def _settled(
 
     Without this, one line stamped ahead among them set the log's clock to its own time,
     and every line after it looked written late."""
-    settled: list[tuple[str, int | None]] = []
+    lead = _lead(waiting, jump, report)
+    settled = waiting[:lead]
     run: list[tuple[str, int | None]] = []
     ref: int | None = None  # the highest slot kept
-    for line, slot in waiting:
+    for line, slot in waiting[lead:]:
         if slot is None:
             (run or settled).append((line, None))
             continue
@@ -492,6 +522,34 @@ def _settled(
         ref = max(s for _, s in run if s is not None)
     assert ref is not None  # noqa: S101 - the first line that waited had a slot
     return settled, ref
+
+
+def _slot(t: float | None) -> int | None:
+    """The `PULSE_S` slot of time `t` (None: none)."""
+    return None if t is None else math.floor(t / PULSE_S)
+
+
+def _lead(lines: list[tuple[str, int | None]], jump: float, report: SourceReport) -> int:
+    """How many of `lines`' first (with their slots) were stamped ahead of the lines after
+    them, where no line before them can tell (a log's beginning, the first lines after a
+    quiet stretch): a run more than `jump` slots above the (lower) median slot of `lines`,
+    fewer than half of their timed lines, followed by a line back within it. Those are
+    given that line's slot (written with it, as far as anything tells), in place, and
+    counted in `report.ahead`."""
+    timed = sorted(s for _, s in lines if s is not None)
+    median = timed[(len(timed) - 1) // 2] if timed else 0
+    above = 0
+    for i, (_, s) in enumerate(lines):
+        if s is None:
+            continue
+        if s <= median + jump:
+            if not above or 2 * above >= len(timed):
+                return 0
+            report.ahead += above
+            lines[:i] = [(line, s) for line, _ in lines[:i]]
+            return i
+        above += 1
+    return 0
 
 
 #: 10000-01-01T00:00:00Z: a line's time must be before it.

@@ -672,3 +672,48 @@ def test_a_rule_without_a_name_is_found_by_the_name_the_guard_gives_it(tmp_path:
     # (The replayed rule fired too, on the window with the hole: no detection time.)
     assert inc["covered"] is False and inc["detected_at"] is None, inc
     assert "within the window it was judged on" in inc["not_covered"], inc
+
+
+@pytest.mark.parametrize(
+    "how", ["first line a day ahead", "first lines an hour ahead", "lines before the history"]
+)
+def test_a_rotation_wholly_before_the_history_changes_nothing_of_the_files_after_it(
+    tmp_path: Path, how: str
+) -> None:
+    """The current log begins with lines stamped ahead (nothing before them in it to tell,
+    only the lines after them), or with lines from before the history; then an unrelated
+    rotation a day older is put beside it. The current log reads alike with or without it
+    (its lines counted outside the history, nothing else moved), and a log beginning with
+    lines stamped ahead is replayed whole, those lines with the first line after them
+    (before: every line waited behind the first, and none was replayed)."""
+    cfg, lines = _ten_minutes(tmp_path)
+    logs = tmp_path / "logs"
+    t0 = float(json.loads(lines[0])["msec"])
+    n = 47
+    if how == "first line a day ahead":
+        first = [line(GREEN, "200", msec=t0 + 86_400.0)]
+    elif how == "first lines an hour ahead":
+        first = [line(GREEN, "200", msec=t0 + 3600.0 + i / RATE) for i in range(n)]
+    else:
+        first = [line(GREEN, "200", msec=t0 - 60.0 + i / RATE) for i in range(n)]
+    (logs / "access.log").write_text("".join(first + lines))
+    alone = replay_json("--config", str(cfg))
+    src = alone["sources"]["traffic"]
+    assert src["out_of_order_lines"] == 0, src
+    if how == "lines before the history":
+        assert src["lines"]["ok"] == len(lines) and src["outside_history"] == n, src
+    else:
+        assert src["lines"]["ok"] == len(lines) + len(first), src
+        assert src["ahead_lines"] == len(first) and src["outside_history"] == 0, src
+    old = [line(GREEN, "200", msec=t0 - 86_400.0 + i / RATE) for i in range(1800 * RATE)]
+    (logs / "access.log.1").write_text("".join(old))
+    doc = replay_json("--config", str(cfg))
+    both = doc["sources"]["traffic"]
+    assert both["lines"] == src["lines"]
+    assert both["outside_history"] == src["outside_history"] + len(old)
+    assert (both["ahead_lines"], both["out_of_order_lines"], both["repeated_lines"]) == (
+        src["ahead_lines"],
+        0,
+        0,
+    )
+    assert doc["configs"][0]["decisions"] == alone["configs"][0]["decisions"]

@@ -108,11 +108,45 @@ def test_a_clock_stepped_back_for_good_is_the_clock_lines_are_ahead_of() -> None
     """A host clock stepped back 600 s, and the log goes on from there past
     `MAX_AHEAD_LINES` lines: a line then stamped an hour ahead of the new clock is ahead
     (placed with the lines before it), as on any clock."""
+    # (Most of the log's first lines before the step: else they were the ones ahead.)
+    before = [1000.0 + i * 0.01 for i in range(MAX_AHEAD_LINES * 3 // 5)]
     after = [400.0 + i * 0.01 for i in range(MAX_AHEAD_LINES + 10)]
     glitch = after[-1] + 3600.0
-    at, report = _placed(1000.0, *after, glitch, after[-1] + 0.01)
-    assert at[len(after) + 1] == at[len(after)], at[len(after)]
+    at, report = _placed(*before, *after, glitch, after[-1] + 0.01)
+    n = len(before) + len(after)
+    assert at[n] == at[n - 1], at[n - 1]
+    assert at[0] == 1000.0 + PULSE_S and at[len(before)] == 400.0 + PULSE_S
     assert report.ahead == 1
+
+
+@pytest.mark.parametrize("n", [1, 3, 40])
+@pytest.mark.parametrize("lines", [200, MAX_AHEAD_LINES + 200])
+def test_a_log_beginning_with_lines_stamped_ahead_keeps_the_time_of_the_lines_after_them(
+    n: int, lines: int
+) -> None:
+    """A log whose first `n` lines are stamped a day ahead (with a line without a time
+    among them), then `lines` on the log's clock: nothing before them tells, the lines
+    after them do: they are ahead, placed with the first line after them, and every other
+    line keeps its own time (before: the first line was the log's clock, and every line
+    after it waited behind it, never replayed)."""
+    day = 86_400.0
+    times: list[float | None] = [day + 100.0 + i for i in range(n)]
+    times += [None, *(100.0 + i * 0.1 for i in range(lines))]
+    at, report = _placed(*times)
+    assert report.ahead == n and report.untimed == 1
+    assert {at[i] for i in range(n + 1)} == {100.0 + PULSE_S}
+    for i, t in enumerate(times[n + 1 :], start=n + 1):
+        assert t is not None and t < at[i] <= t + PULSE_S, (i, t, at[i])
+
+
+def test_lines_stamped_ahead_after_a_quiet_stretch_go_with_the_line_after_them() -> None:
+    """A request, 60 s of quiet, then a line stamped a day ahead and 300 on the log's
+    clock: it was written with the first of them, not with the request before the quiet
+    stretch (nor kept a day ahead)."""
+    times = [100.0, 160.0 + 86_400.0] + [160.0 + i * 0.1 for i in range(300)]
+    at, report = _placed(*times)
+    assert report.ahead == 1
+    assert at[1] == at[2] == 160.0 + PULSE_S
 
 
 @pytest.mark.parametrize("after", [200, MAX_AHEAD_LINES + 200])
