@@ -168,6 +168,118 @@ def _once(rotations: list[tuple[Any, bool, Path]], report: SourceReport | None) 
     return list(kept.values())
 
 
+#: Lines of a rotation are sampled (those whose hash is a multiple of the rate) to tell a
+#: line found again in a later file, a copy, from a new one: first one in this many, the
+#: rate doubled whenever more than `_SAMPLED` are kept (memory bounded by it).
+_SAMPLE_RATE: Final = 32
+_SAMPLED: Final = 1 << 15
+#: Lines held between two sampled ones, at most (the rest judged as the last one was).
+_HELD: Final = 4096
+#: The files whose times are kept (the newest), to judge a line between sampled ones.
+_MAX_SPANS: Final = 64
+
+
+class _Seen:
+    """What the files read so far hold: a sample of their lines (by hash: a line found in
+    it is one read before) and the times each file spans (`(first, last)`, seconds).
+
+    nginx writes a line once, to one file: a later file holding lines of the sample is a
+    copy of an earlier one, in part or whole (`tail -n +2 access.log.1 > access.log.2`,
+    a rotation concatenated onto the next). A line between two sampled ones is judged as
+    both are when they agree; where one is a copy and the other not, by its time: a copy
+    when an earlier file spans it. A host clock stepped back writes new lines at times an
+    earlier file spans: none of them is in the sample, and each is read."""
+
+    def __init__(self, time_of: Callable[[str], float | None]) -> None:
+        self.time_of = time_of
+        self.rate = _SAMPLE_RATE
+        self.sample: set[int] = set()
+        self.spans: list[tuple[float, float]] = []
+
+    def read(
+        self, path: Path, chunks: Iterable[list[str]], report: SourceReport
+    ) -> Iterator[list[str]]:
+        """`chunks`, one file's lines, but those read before in an earlier file (counted
+        in `report.twice`, and said); the file's lines join what was read."""
+        judge = bool(self.sample)
+        mine: set[int] = set()
+        span = [math.inf, -math.inf]  # (the times of its lines, sampled and first and last)
+        held: list[str] = []  # the lines since the last sampled one, not judged yet
+        was: bool | None = None  # whether that one was a copy (None: none yet)
+        twice = 0
+        for chunk in chunks:
+            # (Each chunk's first and last times too: a span of the sampled lines alone
+            # would leave copied lines before its first sampled one out of it.)
+            self._widen(span, _first_time(chunk, self.time_of))
+            self._widen(span, _first_time(reversed(chunk), self.time_of))
+            out: list[str] = []
+            for line in chunk:
+                h = hash(line)
+                if h % self.rate:
+                    (held if judge else out).append(line)
+                    if len(held) >= _HELD:
+                        twice += self._judged(held, was, None, out)
+                    continue
+                self._widen(span, self.time_of(line))
+                mine.add(h)
+                if len(mine) + len(self.sample) > _SAMPLED:
+                    self._thinned(mine)
+                copy = h in self.sample
+                twice += self._judged(held, was, copy, out) + copy
+                if not copy:
+                    out.append(line)
+                was = copy
+            if out:
+                yield out
+        out = []
+        twice += self._judged(held, was, None, out)
+        if out:
+            yield out
+        self.sample |= mine
+        if span[0] <= span[1]:
+            self.spans.append((span[0], span[1]))
+            del self.spans[:-_MAX_SPANS]
+        if twice:
+            report.twice += twice
+            report.problems.append(
+                f"{path}: {twice} line(s) read before, in the files before it (the same "
+                "lines: a copy of a rotation, in part or whole): read once"
+            )
+
+    @staticmethod
+    def _widen(span: list[float], t: float | None) -> None:
+        if t is not None:
+            span[0], span[1] = min(span[0], t), max(span[1], t)
+
+    def _judged(self, held: list[str], was: bool | None, now: bool | None, out: list[str]) -> int:
+        """The lines `held` between two sampled lines (a copy: `was`, `now`; None: no
+        sampled line there), the new ones added to `out`; how many were copies. `held`
+        is emptied."""
+        n = 0
+        if was and now:
+            n = len(held)
+        elif not (was or now):
+            out += held
+        else:
+            copy = bool(was)
+            for line in held:
+                if (t := self.time_of(line)) is not None:
+                    copy = any(lo <= t <= hi for lo, hi in self.spans)
+                if copy:
+                    n += 1
+                else:
+                    out.append(line)
+        held.clear()
+        return n
+
+    def _thinned(self, mine: set[int]) -> None:
+        """Sample half as many lines (`mine` too) until no more than `_SAMPLED` are kept."""
+        while len(mine) + len(self.sample) > _SAMPLED:
+            self.rate *= 2
+            for kept in (mine, self.sample):
+                kept.difference_update([h for h in kept if h % self.rate])
+
+
 def without_overlap(
     files: list[Path],
     read: Callable[[Path], Iterator[list[str]]],
@@ -185,7 +297,8 @@ def without_overlap(
     """
     tail: deque[str] = deque(maxlen=OVERLAP_LINES)
     previous: Path | None = None
-    for path in _without_copies(files, report):
+    seen = None if time_of is None else _Seen(time_of)
+    for path in _without_copies(files, report, time_of):
         chunks = read(path)
         head: list[str] = []
         for chunk in chunks:
@@ -218,7 +331,8 @@ def without_overlap(
                     f"{path}: begins {began - ended:.0f}s after {previous} ends: no line "
                     "between (a file cut short or missing, no traffic then, or a wrong clock)"
                 )
-        yield from _kept(itertools.chain([head[skip:]], chunks), tail)
+        lines = _kept(itertools.chain([head[skip:]], chunks), tail)
+        yield from lines if seen is None else seen.read(path, lines, report)
         previous = path
 
 
@@ -230,17 +344,26 @@ def _kept(chunks: Iterable[list[str]], tail: deque[str]) -> Iterator[list[str]]:
             yield lines
 
 
-def _without_copies(files: list[Path], report: SourceReport) -> list[Path]:
+def _without_copies(
+    files: list[Path], report: SourceReport, time_of: Callable[[str], float | None] | None
+) -> list[Path]:
     """`files` but those that begin as a later one does (the same first lines, two or more,
     up to `_HEAD_LINES`): a rotation copied under another name, its lines read once, in
     the place of the newest name (a copy made as `.3` of `.1` is older by its name only).
-    Each left out is said."""
+    Each left out is said.
+
+    Then in the order of their times (the median time of their first lines; a file
+    without one where its name puts it): a part of a rotation copied under an older name
+    (`tail -n +2 access.log.1 > access.log.2`) is read after the lines it repeats, where
+    `_Seen` finds them, instead of before them, making every line it skipped late. Names
+    and times disagree otherwise only for a clock stepped back by more than a rotation."""
     if len(files) <= 1:
         return files
-    heads = [hash(tuple(head)) if len(head := _peek(path)) >= 2 else None for path in files]
-    kept: list[Path] = []
+    kept: list[tuple[Path, list[bytes]]] = []
     newest: dict[int, Path] = {}
-    for path, key in reversed(list(zip(files, heads, strict=True))):
+    for path in reversed(files):
+        head = _peek(path)
+        key = hash(tuple(head)) if len(head) >= 2 else None
         if key is not None and key in newest:
             report.problems.append(
                 f"{path}: not read: it begins as {newest[key].name} does (the same first "
@@ -249,8 +372,19 @@ def _without_copies(files: list[Path], report: SourceReport) -> list[Path]:
             continue
         if key is not None:
             newest[key] = path
-        kept.append(path)
-    return kept[::-1]
+        kept.append((path, head))
+    kept.reverse()
+    if time_of is None:
+        return [path for path, _ in kept]
+    at = -math.inf
+    order: list[tuple[float, Path]] = []
+    for path, head in kept:
+        times = sorted(
+            t for raw in head if (t := time_of(raw.decode("utf-8", "surrogateescape"))) is not None
+        )
+        at = times[(len(times) - 1) // 2] if times else at
+        order.append((at, path))
+    return [path for _, path in sorted(order, key=lambda pair: pair[0])]
 
 
 def _peek(path: Path) -> list[bytes]:

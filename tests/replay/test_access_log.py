@@ -518,6 +518,44 @@ def test_lines_found_twice_across_rotated_files_are_read_once(tmp_path: Path, ho
     assert any(p.startswith(said) for p in src["problems"]), src["problems"]
 
 
+@pytest.mark.parametrize(
+    "how", ["all but its first line, as the oldest", "its middle, as the oldest", "at the head"]
+)
+def test_lines_copied_from_a_rotation_anywhere_in_another_are_read_once(
+    tmp_path: Path, how: str
+) -> None:
+    """Part of a rotation copied into another file (`tail -n +2 access.log.1 >
+    access.log.2`, a stretch of its middle, or the whole of it before the current file's
+    own lines): wherever the copy begins and ends, its lines are read once, counted and
+    said, and no decision moves (before: read twice, as late)."""
+    cfg, lines = _ten_minutes(tmp_path)
+    logs = tmp_path / "logs"
+    cut = 330 * RATE
+    (logs / "access.log.1").write_text("".join(lines[:cut]))
+    (logs / "access.log").write_text("".join(lines[cut:]))
+    once = replay_json("--config", str(cfg))
+    if how == "all but its first line, as the oldest":
+        copied = lines[1:cut]
+        (logs / "access.log.2").write_text("".join(copied))
+    elif how == "its middle, as the oldest":
+        copied = lines[100 * RATE : 200 * RATE]
+        (logs / "access.log.2").write_text("".join(copied))
+    else:  # (from its first line: the file itself is left unread, as a copy)
+        copied = lines[100 * RATE : cut]
+        (logs / "access.log").write_text("".join(lines[100 * RATE :]))
+    doc = replay_json("--config", str(cfg))
+    src = doc["sources"]["traffic"]
+    counts = src["lines"]
+    assert src["repeated_lines"] == len(copied), src
+    assert counts == once["sources"]["traffic"]["lines"], src
+    assert src["outside_history"] == src["out_of_order_lines"] == 0, src
+    assert doc["configs"][0]["decisions"] == once["configs"][0]["decisions"]
+    # (Read after the file it was copied from, whatever its name.)
+    copy = "access.log" if how == "at the head" else "access.log.2"
+    said = f"{logs / copy}: {len(copied)} line(s) read before, in the files before it"
+    assert any(p.startswith(said) for p in src["problems"]), src["problems"]
+
+
 @pytest.mark.parametrize("how", ["newest first", "appended to itself"])
 def test_lines_out_of_order_are_said_so_never_outside_the_history(tmp_path: Path, how: str) -> None:
     """A log concatenated newest first (`cat access.log access.log.1`), or appended to

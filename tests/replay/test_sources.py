@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from guardd.replay import _sources
 from guardd.replay._sources import (
     MAX_AHEAD_LINES,
     PULSE_S,
@@ -17,6 +18,7 @@ from guardd.replay._sources import (
     msec_reader,
     read_lines,
     slots,
+    without_overlap,
 )
 from guardd.signals._tail import Tail
 
@@ -230,3 +232,59 @@ def test_a_rotated_log_of_several_members_and_padding_is_read_whole(tmp_path: Pa
     report = SourceReport("access_log")
     got = [line for lines in read_lines(tmp_path / "x.gz", _split, report) for line in lines]
     assert got == (a + b).splitlines() and report.problems == []
+
+
+def _files(tmp: Path, **files: list[float]) -> list[Path]:
+    """Files of lines `"<name>:<i> <time>"`, one per keyword (its name), in that order."""
+    paths = []
+    for name, times in files.items():
+        path = tmp / name
+        path.write_text("".join(f"{name}:{i} {t!r}\n" for i, t in enumerate(times)))
+        paths.append(path)
+    return paths
+
+
+def _read(paths: list[Path], report: SourceReport) -> list[str]:
+    def read(path: Path) -> Iterator[list[str]]:
+        text = path.read_text().splitlines()
+        for i in range(0, len(text), 100):  # (chunks, as `read_lines` gives them)
+            yield text[i : i + 100]
+
+    return [line for chunk in without_overlap(paths, read, report, _time) for line in chunk]
+
+
+def test_new_lines_at_times_an_earlier_rotation_holds_are_read(tmp_path: Path) -> None:
+    """A host clock stepped back an hour over a rotation: the next file's lines are at
+    times the file before it holds, and none is one of its lines: each is read."""
+    report = SourceReport("access_log")
+    older = [10_000.0 + i * 0.5 for i in range(8000)]
+    newer = [12_000.0 + i * 0.5 for i in range(8000)]  # (within `older`'s times)
+    got = _read(_files(tmp_path, a=older, b=newer), report)
+    assert len(got) == 16_000 and report.twice == 0, report.problems
+
+
+def test_copies_are_found_with_the_sample_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Far more lines than the sample keeps: it is thinned (half as many lines, as often
+    as needed), never grows past `_SAMPLED`, and a part of a file copied into the next is
+    still found and read once."""
+    monkeypatch.setattr(_sources, "_SAMPLED", 256)
+    seen: list[_sources._Seen] = []
+    real = _sources._Seen
+
+    def keep(*args: object) -> _sources._Seen:
+        seen.append(real(*args))  # type: ignore[arg-type]
+        return seen[-1]
+
+    monkeypatch.setattr(_sources, "_Seen", keep)
+    times = [1000.0 + i * 0.01 for i in range(40_000)]
+    [original] = _files(tmp_path, a=times)
+    lines = original.read_text().splitlines(keepends=True)
+    copy = tmp_path / "b"
+    copy.write_text("".join(lines[5000:30_000]) + "b:new 1400.5\n")
+    report = SourceReport("access_log")
+    got = _read([original, copy], report)
+    assert got == [line.rstrip("\n") for line in lines] + ["b:new 1400.5"]
+    assert report.twice == 25_000, report.problems
+    assert len(seen[0].sample) <= 256 and seen[0].rate > _sources._SAMPLE_RATE
