@@ -292,6 +292,15 @@ class _LiveJournal(NamedTuple):
     skipped: int
     #: Its events found again after the first, by their `id` (a line written twice), left out.
     twice: int
+    #: Its events stamped more than `_JOURNAL_BACK_S` before one written before them (a
+    #: clock stepped back, the file edited or concatenated): taken at their own time, said.
+    back: int = 0
+
+
+#: How far an event may be stamped before the events written before it unremarked: a
+#: clock slewed or stepped by NTP by a little (the journal is written in order, by one
+#: process).
+_JOURNAL_BACK_S: Final = 30.0
 
 
 def _moves_note(moves: Sequence[tuple[float, str, str]]) -> list[str]:
@@ -342,6 +351,7 @@ def _real_journal(path: Path, instance: str) -> _LiveJournal:
             # retried after it reached the disk, a file concatenated), not a second one.
             seen: set[str] = set()
             once = []
+            latest, back = -math.inf, 0
             for e in kept:
                 key = e.get("id")
                 if isinstance(key, str):
@@ -349,8 +359,11 @@ def _real_journal(path: Path, instance: str) -> _LiveJournal:
                         continue
                     seen.add(key)
                 once.append(e)
+                if (ts := _report.seconds(e.get("ts"))) is not None:
+                    back += ts < latest - _JOURNAL_BACK_S
+                    latest = max(latest, ts)
             skipped = journal.skipped_lines + len(events) - len(kept)
-            return _LiveJournal(once, None, skipped, len(kept) - len(once))
+            return _LiveJournal(once, None, skipped, len(kept) - len(once), back)
     except OSError as e:
         why = e.strerror or str(e)
     return _LiveJournal([], f"{path}: cannot read the journal ({why}): incidents not matched", 0, 0)
@@ -565,6 +578,9 @@ def _incidents(
         and e.get("guard", instance) == instance
         and _report.within((placed := _decided(e, real)).get("ts"), lo, until)
     ]
+    # In time order, as everything the report lists, whatever order the journal holds them
+    # in (reversed, edited: `journal_out_of_order`).
+    incidents.sort(key=lambda e: _report.seconds(e.get("ts")) or 0.0)
     found = _report.detect(incidents, decisions, tolerance)
     # (Before a detection in a hole of the records is unsaid below: it is still the
     # decision about that incident, never one the live guard did not take.)
@@ -672,7 +688,7 @@ async def _replay_all(
     configs: list[dict[str, Any]] = []
     first: Simulation | None = None
     journal_path = settings.state_dir / "events.jsonl"
-    real, journal_problem, journal_skipped, journal_twice = _real_journal(
+    real, journal_problem, journal_skipped, journal_twice, journal_back = _real_journal(
         journal_path, settings.instance
     )
     for i, s in enumerate([settings, *others]):
@@ -788,6 +804,7 @@ async def _replay_all(
         "journal_gap": journal_gap,
         "journal_skipped": journal_skipped,
         "journal_read_twice": journal_twice,
+        "journal_out_of_order": journal_back,
         # A journal shared with (or copied from) another guard: its incidents are no
         # incident of this one, and are counted rather than dropped unsaid.
         "journal_other_guards": sum(

@@ -365,6 +365,7 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
         or h["gaps"]
         or doc.get("journal_skipped")
         or doc.get("journal_read_twice")
+        or doc.get("journal_out_of_order")
         or doc.get("journal_other_guards")
     ):
         out.append("  nothing in the observations")
@@ -377,6 +378,12 @@ def _skipped(doc: dict[str, Any]) -> list[str]:
         out.append(
             f"  {doc['journal_read_twice']} journal event(s) of {doc['journal']}: found again "
             "(the same id: a line written twice), read once"
+        )
+    if doc.get("journal_out_of_order"):
+        out.append(
+            f"  {doc['journal_out_of_order']} journal event(s) of {doc['journal']}: stamped "
+            "over 30s before an event written before them (a clock stepped back, the file "
+            "edited or concatenated): taken at their own time"
         )
     if doc.get("journal_other_guards"):
         out.append(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from guardd.journal import parse_rfc3339
+from guardd.journal import parse_rfc3339, rfc3339
 from guardd.observations import ReadReport, Recorder, day_of, read_history
 from tests.harness.daemon import wait_until
 from tests.replay.history import DAY0, GUARDD, Timeline, config, decisions, replay, replay_json
@@ -486,3 +486,44 @@ def test_a_history_whose_records_appear_twice_is_replayed_once(tmp_path: Path) -
             "concatenated, or lines moved out of order)": lines.count(b"\n")
         }
         assert doc["configs"] == once["configs"]
+
+
+@pytest.mark.parametrize("how", ["reversed", "one event edited a day back"])
+def test_a_journal_out_of_order_is_said_and_its_incidents_taken_at_their_time(
+    tmp_path: Path, how: str
+) -> None:
+    """The journal is written in order, by one process: events stamped over 30 s before an
+    event written before them (a journal reversed, a time edited by hand) are counted and
+    said, never taken silently, and each incident is still matched at its own time, and
+    listed in time order (before: in the journal's order)."""
+    state = tmp_path / "state"
+    tl = Timeline(state, wall=DAY0 + 3600)
+    for _ in range(2):
+        tl.failing_run()
+    tl.close()
+    cfg = config(tmp_path, state)
+    once = replay_json("--config", str(cfg))
+    assert once["journal_out_of_order"] == 0
+    journal = state / "events.jsonl"
+    events = journal.read_text().splitlines(keepends=True)
+    if how == "reversed":
+        events.reverse()
+        stamps = [parse_rfc3339(json.loads(e)["ts"]) for e in events]
+        back = sum(t < max(stamps[:i], default=t) - 30 for i, t in enumerate(stamps))
+        assert back >= 2
+    else:
+        doc = json.loads(events[-1])
+        doc["ts"] = rfc3339(parse_rfc3339(doc["ts"]) - DAY)
+        events[-1] = json.dumps(doc) + "\n"
+        back = 1
+    journal.write_text("".join(events))
+    doc = replay_json("--config", str(cfg))
+    assert doc["journal_out_of_order"] == back
+    if how == "reversed":
+        assert doc["configs"][0]["incidents"] == once["configs"][0]["incidents"]
+    text = replay("--config", str(cfg)).stdout
+    assert (
+        f"  {back} journal event(s) of {journal}: stamped over 30s before an event written "
+        "before them (a clock stepped back, the file edited or concatenated): taken at their "
+        "own time"
+    ) in text, text
