@@ -173,7 +173,7 @@ def _once(rotations: list[tuple[Any, bool, Path]], report: SourceReport | None) 
 #: rate doubled whenever more than `_SAMPLED` are kept (memory bounded by it).
 _SAMPLE_RATE: Final = 32
 _SAMPLED: Final = 1 << 15
-#: Lines held between two sampled ones, at most (the rest judged as the last one was).
+#: Lines held between two sampled ones, at most (then judged by the one before alone).
 _HELD: Final = 4096
 #: The files whose times are kept (the newest), to judge a line between sampled ones.
 _MAX_SPANS: Final = 64
@@ -293,7 +293,8 @@ def without_overlap(
     file). Counted in `report.twice`, and said.
 
     Two or more requests in a row, alike to the byte, ending one file and beginning the
-    next, are no rotation's doing: nginx writes a line once, to one file.
+    next, are no rotation's doing: nginx writes a line once, to one file. So are lines of
+    an earlier file found anywhere in a later one (`_Seen`, with `time_of`): left out too.
     """
     tail: deque[str] = deque(maxlen=OVERLAP_LINES)
     previous: Path | None = None
