@@ -789,7 +789,12 @@ class Simulation:
             return
         sig = self.signals[name]
         if isinstance(sig, AccessLogSignal | LogMatchSignal):
-            _spans(self.sources[name], wall)  # (the lines replayed: what the rules saw)
+            report = self.sources[name]
+            _spans(report, wall)  # (the lines replayed: what the rules saw)
+            if (now := self.clock.wall()) - wall > AHEAD_S:
+                # Found after later lines: the rules judged their time without them.
+                n = len(payload[1] if isinstance(payload, tuple) else payload)
+                report.fell_behind(wall - PULSE_S, wall, now, n)
         if isinstance(sig, AccessLogSignal):
             sig.ingest(payload)
         elif isinstance(sig, LogMatchSignal):
@@ -832,6 +837,7 @@ class Simulation:
         first = self.first_ts
         if at_end and first is not None and first <= wall <= self.clock.wall():
             report.disordered += n
+            report.fell_behind(wall - PULSE_S, wall, math.inf, n)
         else:
             report.outside += n
 

@@ -47,6 +47,10 @@ _HEAD_LINES: Final = 64
 _HOLE_SPACINGS: Final = 20
 #: The lines of a file's end compared with the next file's beginning (`without_overlap`).
 OVERLAP_LINES: Final = 1000
+#: Lines handed over behind their time (`SourceReport.fell_behind`): stretches closer than
+#: this are one, and at most `_MAX_BEHIND` are kept (coarser beyond).
+_BEHIND_MERGE_S: Final = 5.0
+_MAX_BEHIND: Final = 256
 #: At most this many points per `query_range` request (Prometheus refuses > 11,000).
 RANGE_POINTS: Final = 10_000
 _ROTATED: Final = re.compile(r"^\.(\d+)(\.gz)?$")
@@ -79,12 +83,41 @@ class SourceReport:
     #: Stretches without a line where one file ends and the next begins, longer than
     #: `HOLE_S`: (last line of the one, first of the next), seconds.
     holes: list[tuple[float, float]] = field(default_factory=list)
+    #: Stretches of lines handed over well after their time, or never (found after later
+    #: lines): `[first, last, handed at (inf: never), lines]`, seconds, merged, bounded.
+    behind: list[list[float]] = field(default_factory=list)
+
+    def fell_behind(self, lo: float, hi: float, handed: float, n: int) -> None:
+        """Lines stamped from `lo` to `hi` were handed over only at `handed` (inf: never)."""
+        last = self.behind[-1] if self.behind else None
+        if last is not None and lo <= last[1] + _BEHIND_MERGE_S and hi >= last[0] - _BEHIND_MERGE_S:
+            last[0], last[1] = min(last[0], lo), max(last[1], hi)
+            last[2], last[3] = max(last[2], handed), last[3] + n
+            return
+        self.behind.append([lo, hi, handed, n])
+        if len(self.behind) > _MAX_BEHIND:
+            # Coarser, never lost: two neighbours as one (their times may not touch).
+            pairs = zip(self.behind[::2], self.behind[1::2], strict=False)
+            merged = [
+                [min(a[0], b[0]), max(a[1], b[1]), max(a[2], b[2]), a[3] + b[3]] for a, b in pairs
+            ]
+            self.behind = merged + ([self.behind[-1]] if len(self.behind) % 2 else [])
 
     def covers(self, at: float, window: float = 0.0) -> str | None:
         """Why this source's lines do not hold what a rule judged at `at` over `window`
         seconds before it (None: they may)."""
+        # (First: lines found after later ones are there, not rotated away.)
+        for lo, hi, handed, n in self.behind:
+            if lo < at and at - window < hi and handed > at + PULSE_S:
+                return (
+                    f"{n:.0f} of its lines stamped from {rfc3339(lo)} to {rfc3339(hi)}, within "
+                    "the window it was judged on, were found after later lines (a log "
+                    "concatenated out of order, lines copied): not read at their time"
+                )
         if self.first_line is None or self.last_line is None:
-            return None  # (said as the signal not replayed)
+            if self.why is not None:
+                return f"it could not be replayed: {self.why}"
+            return "not one line of it was replayed (no file, an empty one, or none in the history)"
         if at - window < self.first_line - PULSE_S:
             when = "after it" if at < self.first_line else "within the window it was judged on"
             return f"its lines begin at {rfc3339(self.first_line)}, {when} (rotated away?)"

@@ -643,16 +643,27 @@ def _traffic_rollback(tmp: Path, at: float, rule: str) -> None:
     journal.close()
 
 
-@pytest.mark.parametrize("how", ["rotated away", "cut short"])
+@pytest.mark.parametrize(
+    "how", ["rotated away", "cut short", "no file", "an empty file", "newest first", "reversed"]
+)
 def test_an_incident_the_log_holds_nothing_of_is_not_covered(tmp_path: Path, how: str) -> None:
     """Live, a traffic rule rolled green back at the 5xx minute; the log files replayed hold
-    no line of that time (the rotation before the current file deleted, or cut short). The
+    no line of that time (the rotation before the current file deleted, or cut short; no
+    log at all, or an empty one), or hold them only after later lines (a log concatenated
+    newest first, or written in reverse), which the rule judged that time without. The
     config's traffic rule could not see it: not covered, and why, never "not detected"."""
     cfg, lines = _ten_minutes(tmp_path)
     _traffic_rollback(tmp_path, float(json.loads(lines[0])["msec"]) + 310, "errors")
     logs = tmp_path / "logs"
     cut = 400 * RATE  # after the 5xx minute
-    (logs / "access.log").write_text("".join(lines[cut:]))
+    if how == "newest first":
+        (logs / "access.log").write_text("".join(lines[cut:] + lines[:cut]))
+    elif how == "reversed":
+        (logs / "access.log").write_text("".join(reversed(lines)))
+    elif how == "an empty file":
+        (logs / "access.log").write_text("")
+    elif how != "no file":
+        (logs / "access.log").write_text("".join(lines[cut:]))
     if how == "cut short":
         (logs / "access.log.1").write_text("".join(lines[: 200 * RATE]))
     doc = replay_json("--config", str(cfg))
@@ -663,6 +674,22 @@ def test_an_incident_the_log_holds_nothing_of_is_not_covered(tmp_path: Path, how
         assert inc["not_covered"] == (
             f"signal traffic: its lines begin at {src['lines_span'][0]}, after it (rotated away?)"
         )
+    elif how == "no file":
+        assert inc["not_covered"] == (
+            f"signal traffic: it could not be replayed: no file at {logs / 'access.log'} (nor "
+            "rotated beside it)"
+        )
+    elif how == "an empty file":
+        assert inc["not_covered"] == (
+            "signal traffic: not one line of it was replayed (no file, an empty one, or none "
+            "in the history)"
+        )
+    elif how in ("newest first", "reversed"):
+        assert inc["not_covered"].startswith("signal traffic: "), inc
+        assert inc["not_covered"].endswith(
+            ", within the window it was judged on, were found after later lines (a log "
+            "concatenated out of order, lines copied): not read at their time"
+        ), inc
     else:
         [[lo, hi]] = src["holes"]
         assert inc["not_covered"] == (
