@@ -214,80 +214,129 @@ _MAX_SPANS: Final = 64
 
 class _Seen:
     """What the files read so far hold: a sample of their lines (by hash: a line found in
-    it is one read before) and the times each file spans (`(first, last)`, seconds).
+    it is one read before, with its place among the sampled lines) and the times each file
+    spans (`(first, last)`, seconds).
 
     nginx writes a line once, to one file: a later file holding lines of the sample is a
     copy of an earlier one, in part or whole (`tail -n +2 access.log.1 > access.log.2`,
-    a rotation concatenated onto the next). A line between two sampled ones is judged as
-    both are when they agree; where one is a copy and the other not, by its time: a copy
-    when an earlier file spans it. A host clock stepped back writes new lines at times an
-    earlier file spans: none of them is in the sample, and each is read."""
+    a rotation concatenated onto the next), and so is a file holding its own lines again,
+    stamped before a time it had reached (a log appended to itself, a stretch sent twice).
+    A copy is a run: a sampled line is one only beside another, the two in the places
+    they had (one line alike may be chance: an error logged alike again after a clock
+    stepped back). A line between two sampled ones is judged as both are when they agree;
+    where one is a copy and the other not, by its time: a copy when an earlier file spans
+    it, or the file had passed it. New lines at times an earlier file spans (a clock
+    stepped back) are none of the sample, and each is read."""
 
     def __init__(self, time_of: Callable[[str], float | None]) -> None:
         self.time_of = time_of
         self.rate = _SAMPLE_RATE
-        self.sample: set[int] = set()
+        #: hash -> its place among the sampled lines read (its first), in reading order.
+        self.sample: dict[int, int] = {}
+        self.places = 0  # sampled lines read (the next place)
+        self.begin = 0  # the first place of the file being read
         self.spans: list[tuple[float, float]] = []
 
     def read(
         self, path: Path, chunks: Iterable[list[str]], report: SourceReport
     ) -> Iterator[list[str]]:
-        """`chunks`, one file's lines, but those read before in an earlier file (counted
-        in `report.twice`, and said); the file's lines join what was read."""
-        judge = bool(self.sample)
-        mine: set[int] = set()
+        """`chunks`, one file's lines, but those read before (counted in `report.twice`,
+        and said); the file's lines join what was read."""
+        self.begin = self.places
         span = [math.inf, -math.inf]  # (the times of its lines, sampled and first and last)
-        held: list[str] = []  # the lines since the last sampled one, not judged yet
+        # From its first time to the latest of a line of it read as new: exact where it
+        # matters, after the lines judged by their time (`_judged`).
+        own = [math.inf, -math.inf]
+        held: list[str] = []  # the lines since the last sampled one judged, not judged yet
         was: bool | None = None  # whether that one was a copy (None: none yet)
+        last: int | None = None  # the last sampled line's place, when read before
+        pending = False  # that line, read before but not beside another: in `held`
         twice = 0
         for chunk in chunks:
             # (Each chunk's first and last times too: a span of the sampled lines alone
             # would leave copied lines before its first sampled one out of it.)
             self._widen(span, _first_time(chunk, self.time_of))
             self._widen(span, _first_time(reversed(chunk), self.time_of))
+            own[0] = span[0]
             out: list[str] = []
             for line in chunk:
                 h = hash(line)
                 if h % self.rate:
-                    (held if judge else out).append(line)
+                    held.append(line)
                     if len(held) >= _HELD:
-                        twice += self._judged(held, was, None, out)
+                        twice += self._judged(held, was, None, out, own)
+                        pending = False
                     continue
-                self._widen(span, self.time_of(line))
-                mine.add(h)
-                if len(mine) + len(self.sample) > _SAMPLED:
-                    self._thinned(mine)
-                copy = h in self.sample
-                twice += self._judged(held, was, copy, out) + copy
-                if not copy:
+                t = self.time_of(line)
+                self._widen(span, t)
+                place = self._before(h, t, own[1])
+                linked = place is not None and last is not None and place == last + 1
+                last = place
+                if place is not None and not linked:
+                    # The first of a copied run, or chance: the next sampled line tells.
+                    if pending:  # (the one before was chance)
+                        twice += self._judged(held, was, False, out, own)
+                        was = False
+                    held.append(line)
+                    pending = True
+                    continue
+                twice += self._judged(held, was, linked, out, own) + linked
+                if not linked:
                     out.append(line)
-                was = copy
+                    own[1] = max(own[1], own[1] if t is None else t)
+                was, pending = linked, False
+                if place is None:
+                    self.sample.setdefault(h, self.places)
+                    self.places += 1
+                    if len(self.sample) > _SAMPLED:
+                        self._thinned()
+                        last = None
             if out:
                 yield out
         out = []
-        twice += self._judged(held, was, None, out)
+        twice += self._judged(held, was, None, out, own)
         if out:
             yield out
-        self.sample |= mine
+        self._done(path, span, twice, report)
+
+    def _done(self, path: Path, span: list[float], twice: int, report: SourceReport) -> None:
+        """The file at `path` read: its times kept, the lines it held twice said."""
         if span[0] <= span[1]:
             self.spans.append((span[0], span[1]))
             del self.spans[:-_MAX_SPANS]
         if twice:
             report.twice += twice
             report.problems.append(
-                f"{path}: {twice} line(s) read before, in the files before it (the same "
-                "lines: a copy of a rotation, in part or whole): read once"
+                f"{path}: {twice} line(s) read before (the same lines: a copy of a rotation "
+                "or of its own lines, in part or whole): read once"
             )
+
+    def _before(self, h: int, t: float | None, reached: float) -> int | None:
+        """The place of the sampled line of hash `h` (time `t`) when it was read before: in
+        an earlier file, or in this one at a time before it `reached` (alike lines at the
+        time a file is at are requests alike, not a copy); else None."""
+        place = self.sample.get(h)
+        if place is None or place < self.begin or (t is not None and t < reached):
+            return place
+        return None
 
     @staticmethod
     def _widen(span: list[float], t: float | None) -> None:
         if t is not None:
             span[0], span[1] = min(span[0], t), max(span[1], t)
 
-    def _judged(self, held: list[str], was: bool | None, now: bool | None, out: list[str]) -> int:
+    def _judged(
+        self,
+        held: list[str],
+        was: bool | None,
+        now: bool | None,
+        out: list[str],
+        own: list[float],
+    ) -> int:
         """The lines `held` between two sampled lines (a copy: `was`, `now`; None: no
-        sampled line there), the new ones added to `out`; how many were copies. `held`
-        is emptied."""
+        sampled line there), the new ones added to `out`; how many were copies. `own`:
+        the file's first time and the latest of its lines read as new, moved on by those
+        judged here. `held` is emptied."""
         n = 0
         if was and now:
             n = len(held)
@@ -297,7 +346,9 @@ class _Seen:
             copy = bool(was)
             for line in held:
                 if (t := self.time_of(line)) is not None:
-                    copy = any(lo <= t <= hi for lo, hi in self.spans)
+                    copy = own[0] <= t < own[1] or any(lo <= t <= hi for lo, hi in self.spans)
+                    if not copy:
+                        own[1] = max(own[1], t)
                 if copy:
                     n += 1
                 else:
@@ -305,12 +356,15 @@ class _Seen:
         held.clear()
         return n
 
-    def _thinned(self, mine: set[int]) -> None:
-        """Sample half as many lines (`mine` too) until no more than `_SAMPLED` are kept."""
-        while len(mine) + len(self.sample) > _SAMPLED:
+    def _thinned(self) -> None:
+        """Sample half as many lines until no more than `_SAMPLED` are kept, the places
+        of those kept renumbered in order (a run's places stay side by side)."""
+        while len(self.sample) > _SAMPLED:
             self.rate *= 2
-            for kept in (mine, self.sample):
-                kept.difference_update([h for h in kept if h % self.rate])
+            kept = sorted((place, h) for h, place in self.sample.items() if not h % self.rate)
+            self.begin = sum(place < self.begin for place, _ in kept)
+            self.sample = {h: i for i, (_, h) in enumerate(kept)}
+            self.places = len(kept)
 
 
 def without_overlap(
@@ -386,11 +440,13 @@ def _without_copies(
     the place of the newest name (a copy made as `.3` of `.1` is older by its name only).
     Each left out is said.
 
-    Then in the order of their times (the median time of their first lines; a file
-    without one where its name puts it): a part of a rotation copied under an older name
-    (`tail -n +2 access.log.1 > access.log.2`) is read after the lines it repeats, where
-    `_Seen` finds them, instead of before them, making every line it skipped late. Names
-    and times disagree otherwise only for a clock stepped back by more than a rotation."""
+    Then a file whose first lines' median time falls within a later-named file's times
+    (from that file's first lines to the next file's, or to its own last line), and whose
+    first two lines that file holds too, is read after it: a part of a rotation copied
+    under an older name (`tail -n +2 access.log.1 > access.log.2`) comes after the lines
+    it repeats, where `_Seen` finds them, instead of before them, making every line it
+    skipped late. New lines at those times (a clock stepped back) move no file.
+    """
     if len(files) <= 1:
         return files
     kept: list[tuple[Path, list[bytes]]] = []
@@ -410,15 +466,70 @@ def _without_copies(
     kept.reverse()
     if time_of is None:
         return [path for path, _ in kept]
-    at = -math.inf
-    order: list[tuple[float, Path]] = []
-    for path, head in kept:
-        times = sorted(
-            t for raw in head if (t := time_of(raw.decode("utf-8", "surrogateescape"))) is not None
-        )
-        at = times[(len(times) - 1) // 2] if times else at
-        order.append((at, path))
-    return [path for _, path in sorted(order, key=lambda pair: pair[0])]
+    starts = [_median_time(head, time_of) for _, head in kept]
+    ends: list[float | None] = []
+    for i, (path, _) in enumerate(kept):
+        begin, after = starts[i], starts[i + 1] if i + 1 < len(kept) else None
+        if begin is not None and after is not None and after > begin:
+            ends.append(after)
+        else:
+            ends.append(_last_time(path, time_of) if path.suffix != ".gz" else begin)
+    place: list[float] = []
+    for i, start in enumerate(starts):
+        within = [
+            j
+            for j in range(i + 1, len(kept))
+            if start is not None
+            and (begin := starts[j]) is not None
+            and (end := ends[j]) is not None
+            and begin < start <= end
+            # (Its first lines are there too: a copy, not a clock stepped back.)
+            and _holds(kept[j][0], kept[i][1][:2])
+        ]
+        place.append(within[-1] + 0.5 if within else float(i))
+    return [path for _, (path, _) in sorted(zip(place, kept, strict=True), key=lambda x: x[0])]
+
+
+def _holds(path: Path, lines: list[bytes]) -> bool:
+    """Whether file `path` (gzip when it ends in `.gz`) holds `lines` (two or more, whole),
+    one after the other: read through until they are found (damage ends it: not)."""
+    if len(lines) < 2:
+        return False
+    wanted = b"\n" + b"\n".join(lines) + b"\n"
+    try:
+        with open_regular(path) as raw:
+            chunks = (
+                _gunzipped(raw) if path.suffix == ".gz" else iter(lambda: raw.read(READ_CHUNK), b"")
+            )
+            carry = b"\n"  # (the file's first line follows a line's end too)
+            for chunk in chunks:
+                data = carry + chunk
+                if wanted in data:
+                    return True
+                carry = data[-len(wanted) :]
+    except (OSError, EOFError, zlib.error):
+        pass
+    return False
+
+
+def _median_time(head: list[bytes], time_of: Callable[[str], float | None]) -> float | None:
+    """The median time of a file's first lines `head` (None: none has one)."""
+    times = sorted(
+        t for raw in head if (t := time_of(raw.decode("utf-8", "surrogateescape"))) is not None
+    )
+    return times[(len(times) - 1) // 2] if times else None
+
+
+def _last_time(path: Path, time_of: Callable[[str], float | None]) -> float | None:
+    """The time of the last line of plain file `path` that has one, from its last bytes."""
+    try:
+        with open_regular(path) as raw:
+            raw.seek(max(0, raw.seek(0, 2) - READ_CHUNK))
+            lines = raw.read(READ_CHUNK).split(b"\n")[1:]
+    except OSError:
+        return None
+    whole = (x.decode("utf-8", "surrogateescape") for x in reversed(lines) if x.strip())
+    return _first_time(whole, time_of)
 
 
 def _peek(path: Path) -> list[bytes]:

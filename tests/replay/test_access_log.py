@@ -263,10 +263,11 @@ def test_nothing_is_decided_while_the_daemon_was_stopped(tmp_path: Path, ended: 
     assert fired and stopped <= parse_rfc3339(fired[0]["at"]) <= started + 1.0, fired
 
 
-def _stepped(tmp: Path, step_s: float) -> tuple[dict[str, Any], float]:
+def _stepped(tmp: Path, step_s: float, *, rotated: bool = False) -> tuple[dict[str, Any], float]:
     """Four minutes of probe rounds at 0.5 s and of green's traffic, 20 % of it failing
     from 60 s on; at 40 s the host's wall clock is stepped by `step_s` (NTP, by hand), for
-    the records and nginx's lines alike. The JSON report and the first wall time."""
+    the records and nginx's lines alike (the log rotated there when `rotated`: the lines
+    before the step in `access.log.1`). The JSON report and the first wall time."""
     state = tmp / f"state{step_s:+g}"
     tl = Timeline(state)
     t0 = tl.wall
@@ -281,22 +282,34 @@ def _stepped(tmp: Path, step_s: float) -> tuple[dict[str, Any], float]:
     for i in range(240 * RATE):
         m = i / RATE
         status = "502" if m >= 60 and i % 5 == 0 else "200"
-        lines.append(line(GREEN, status, msec=t0 + m + (step_s if m >= 40 else 0.0)))
-    (logs / "access.log").write_text("".join(lines))
+        # (Request times vary, as real ones do: the lines after a step back, stamped as
+        # lines before it were, are new requests, none alike to the byte to an older one.)
+        rt = f"{0.005 + (i % 7) / 1000:.3f}"
+        lines.append(line(GREEN, status, msec=t0 + m + (step_s if m >= 40 else 0.0), rt=rt))
+    cut = 40 * RATE if rotated else 0
+    (logs / "access.log").write_text("".join(lines[cut:]))
+    if rotated:
+        (logs / "access.log.1").write_text("".join(lines[:cut]))
     cfg = config(tmp, state, interval="500ms", qos_window="10s", extra=_signal(logs, 0.05))
     return replay_json("--config", str(cfg)), t0
 
 
-@pytest.mark.parametrize("step_s", [-600.0, -120.0, -60.0, -31.0, -5.0, 600.0])
+@pytest.mark.parametrize(
+    ("step_s", "rotated"),
+    [(-600.0, False), (-120.0, False), (-60.0, False), (-31.0, False), (-5.0, False),
+     (600.0, False), (-600.0, True), (-120.0, True)],
+)  # fmt: skip
 def test_a_wall_clock_stepped_on_the_host_moves_no_line_from_its_moment(
-    tmp_path: Path, step_s: float
+    tmp_path: Path, step_s: float, rotated: bool
 ) -> None:
     """The records and the log lines after a step carry the stepped clock: each line is
     judged where it was written, as the daemon reading it live does, so the rule fires at
-    the same moment of the burst as without the step, and no line falls outside."""
+    the same moment of the burst as without the step, and no line falls outside; also
+    when the log was rotated at the step (the files are read in their names' order: the
+    newer file's lines are all before the older one's, never within them)."""
     plain, t0 = _stepped(tmp_path, 0.0)
     [expected] = decisions(plain, "alert")
-    doc, _ = _stepped(tmp_path, step_s)
+    doc, _ = _stepped(tmp_path, step_s, rotated=rotated)
     fired = decisions(doc, "alert")
     assert len(fired) == 1, doc["configs"][0]["decisions"]
     moment = parse_rfc3339(fired[0]["at"]) - step_s - t0
@@ -552,24 +565,48 @@ def test_lines_copied_from_a_rotation_anywhere_in_another_are_read_once(
     assert doc["configs"][0]["decisions"] == once["configs"][0]["decisions"]
     # (Read after the file it was copied from, whatever its name.)
     copy = "access.log" if how == "at the head" else "access.log.2"
-    said = f"{logs / copy}: {len(copied)} line(s) read before, in the files before it"
+    said = f"{logs / copy}: {len(copied)} line(s) read before (the same lines: a copy of a "
     assert any(p.startswith(said) for p in src["problems"]), src["problems"]
 
 
-@pytest.mark.parametrize("how", ["newest first", "appended to itself"])
-def test_lines_out_of_order_are_said_so_never_outside_the_history(tmp_path: Path, how: str) -> None:
-    """A log concatenated newest first (`cat access.log access.log.1`), or appended to
-    itself: the lines found after later ones are not replayed (replay reads a log as it was
-    written), and are counted and said as such, never as "outside the recorded history"."""
+@pytest.mark.parametrize("how", ["whole", "a stretch of it"])
+def test_a_log_holding_its_own_lines_again_reads_them_once(tmp_path: Path, how: str) -> None:
+    """A log appended to itself (`cat access.log access.log`), or holding a stretch of its
+    lines again further on (a shipper that sent them twice): those read again are left out,
+    counted and said, and the replay is the one of the log read once. The one line stamped
+    at the very time the log had reached is taken for a request alike to it (alike lines at
+    one time are requests alike), and read."""
+    cfg, lines = _ten_minutes(tmp_path)
+    log = tmp_path / "logs" / "access.log"
+    log.write_text("".join(lines))
+    once = replay_json("--config", str(cfg))
+    if how == "whole":
+        log.write_text("".join(lines + lines))
+        again = len(lines)
+    else:
+        i, j = 100 * RATE, 130 * RATE
+        log.write_text("".join(lines[:j] + lines[i:j] + lines[j:]))
+        again = j - i
+    doc = replay_json("--config", str(cfg))
+    src = doc["sources"]["traffic"]
+    assert src["repeated_lines"] == again - 1, src
+    assert src["out_of_order_lines"] == src["outside_history"] == 0, src
+    counts = dict(src["lines"], ok=src["lines"]["ok"] - 1)
+    assert counts == once["sources"]["traffic"]["lines"], src
+    assert doc["configs"][0]["decisions"] == once["configs"][0]["decisions"]
+    said = f"{log}: {again - 1} line(s) read before (the same lines: a copy of a rotation or "
+    assert any(p.startswith(said) for p in src["problems"]), src["problems"]
+
+
+def test_lines_out_of_order_are_said_so_never_outside_the_history(tmp_path: Path) -> None:
+    """A log concatenated newest first (`cat access.log access.log.1`): the lines found
+    after later ones are not replayed (replay reads a log as it was written), and are
+    counted and said as such, never as "outside the recorded history"."""
     cfg, lines = _ten_minutes(tmp_path)
     log = tmp_path / "logs" / "access.log"
     half = len(lines) // 2
-    if how == "newest first":
-        log.write_text("".join(lines[half:] + lines[:half]))
-        late = half
-    else:
-        log.write_text("".join(lines + lines))
-        late = len(lines)
+    log.write_text("".join(lines[half:] + lines[:half]))
+    late = half
     doc = replay_json("--config", str(cfg))
     src = doc["sources"]["traffic"]
     assert src["outside_history"] == 0, src

@@ -288,3 +288,25 @@ def test_copies_are_found_with_the_sample_bounded(
     assert got == [line.rstrip("\n") for line in lines] + ["b:new 1400.5"]
     assert report.twice == 25_000, report.problems
     assert len(seen[0].sample) <= 256 and seen[0].rate > _sources._SAMPLE_RATE
+
+
+def test_alike_lines_again_after_a_clock_stepped_back_are_read(tmp_path: Path) -> None:
+    """An application logging the same error every 50 ms, stamped to the second, and its
+    host's clock stepped back a minute: the lines after the step are alike to the byte to
+    lines written a minute before, one by one, and are new lines all the same (a copy is a
+    run of lines in their places; these repeat one line each second). Each is read."""
+    before = [f"{100 + i // 20} ERROR upstream timed out" for i in range(20 * 120)]
+    after = [f"{160 + i // 20} ERROR upstream timed out" for i in range(20 * 60)]
+    log = tmp_path / "app.log"
+    log.write_text("".join(f"{line}\n" for line in before + after))
+
+    def read(path: Path) -> Iterator[list[str]]:
+        yield path.read_text().splitlines()
+
+    report = SourceReport("log_match")
+    got = [
+        line
+        for chunk in without_overlap([log], read, report, lambda line: float(line.split()[0]))
+        for line in chunk
+    ]
+    assert got == before + after and report.twice == 0, report.problems
