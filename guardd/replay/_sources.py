@@ -402,8 +402,8 @@ def without_overlap(
         if previous is not None and time_of is not None:
             # Where one file ends and the next begins: a stretch without a line longer than
             # the rules look back is a file cut short or missing (or no traffic at all).
-            ended = _first_time(reversed(tail), time_of)
-            began = _first_time(head[skip:], time_of)
+            ended = _edge(reversed(tail), time_of)
+            began = _edge(head[skip:], time_of)
             since = _first_time(tail, time_of)
             # Longer than the lines before came apart, many times over: a quiet log's
             # rotation is no hole (its lines come minutes apart anyway).
@@ -542,6 +542,19 @@ def _peek(path: Path) -> list[bytes]:
     except (OSError, EOFError, zlib.error):
         return []
     return chunk.split(b"\n")[:-1][:_HEAD_LINES]
+
+
+def _edge(lines: Iterable[str], time_of: Callable[[str], float | None]) -> float | None:
+    """The time of the first of `lines` (of the first `_HEAD_LINES`) within Tukey's far
+    fences of theirs: where a file begins (or, its lines reversed, ends). One line stamped
+    a year ahead, or at the epoch, is no file's edge, and makes no hole."""
+    times = [t for line in itertools.islice(lines, _HEAD_LINES) if (t := time_of(line)) is not None]
+    if not times:
+        return None
+    ranked = sorted(times)
+    q1, q3 = ranked[len(ranked) // 4], ranked[3 * len(ranked) // 4]
+    lo, hi = q1 - 3 * (q3 - q1) - AHEAD_S, q3 + 3 * (q3 - q1) + AHEAD_S
+    return next(t for t in times if lo <= t <= hi)
 
 
 def _first_time(lines: Iterable[str], time_of: Callable[[str], float | None]) -> float | None:

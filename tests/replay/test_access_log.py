@@ -819,3 +819,30 @@ def test_a_rotation_wholly_before_the_history_changes_nothing_of_the_files_after
         0,
     )
     assert doc["configs"][0]["decisions"] == alone["configs"][0]["decisions"]
+
+
+@pytest.mark.parametrize("where", ["a year ahead, first in the newer file", "at the epoch, last"])
+def test_one_line_stamped_far_off_at_a_files_edge_makes_no_hole(tmp_path: Path, where: str) -> None:
+    """Where one file ends and the next begins, one line stamped far off (a year ahead as
+    the newer file's first line, or at the epoch as the older file's last): no hole is
+    made of it, the incident the traffic rule decided live within that window is covered
+    and detected as without it (before: a year-long hole, and "not covered")."""
+    cfg, lines = _ten_minutes(tmp_path)
+    t0 = float(json.loads(lines[0])["msec"])
+    _traffic_rollback(tmp_path, t0 + 310, "errors")
+    logs = tmp_path / "logs"
+    cut = 305 * RATE  # (within the window the rule judged at 310 s)
+    (logs / "access.log.1").write_text("".join(lines[:cut]))
+    (logs / "access.log").write_text("".join(lines[cut:]))
+    plain = replay_json("--config", str(cfg))
+    [inc] = plain["configs"][0]["incidents"]
+    assert inc["covered"] is True and inc["detected_at"] is not None, inc
+    if where.startswith("a year"):
+        far = line(GREEN, "200", msec=t0 + 305 + 365 * 86_400.0)
+        (logs / "access.log").write_text("".join([far, *lines[cut:]]))
+    else:
+        (logs / "access.log.1").write_text("".join([*lines[:cut], line(GREEN, "200", msec=1.0)]))
+    doc = replay_json("--config", str(cfg))
+    src = doc["sources"]["traffic"]
+    assert src["holes"] == [], src["problems"]
+    assert doc["configs"][0]["incidents"] == plain["configs"][0]["incidents"]
