@@ -456,7 +456,9 @@ def _uncovered(
         if t - before < end and end - gap < t:
             return f"records lost for {_secs(gap)} before {rfc3339(end)}", True
     for stopped, started in sim.downs:
-        if stopped < t < started:
+        # (A wall clock stepped back after a run: its times before the stop were lived by
+        # the run, and the incident may be of then.)
+        if stopped < t < started and not sim.lived_at(t):
             # The live guard journaled nothing while it was stopped: the journal's clock
             # and the history's disagree (one of them stepped or edited).
             until = "the end of the history" if math.isinf(started) else rfc3339(started)

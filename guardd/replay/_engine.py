@@ -74,6 +74,8 @@ _SAME_MOMENT = 1e-6
 #: is not ticked through. A hole of 40 s at a 1 s interval is forty rounds lost, never
 #: quiet: ticking through it judged the colors on probes gone stale.
 _GAP_S = 5.0
+#: Stretches of wall time lived kept (`Simulation.lived`), at most.
+_MAX_LIVED = 10_000
 _GAP_ROUNDS = 3
 #: Ticks in a row without input after which a gap in the history is crossed at once.
 _QUIET_TICKS = 100
@@ -276,6 +278,9 @@ class Simulation:
         self.run_starts: list[float] = []
         #: Stretches the daemon said it was down: (its `stop`, the next `start`), wall times.
         self.downs: list[tuple[float, float]] = []
+        #: Stretches of wall time a running daemon's records cover, `[first, last]`: a wall
+        #: clock stepped back lives some times twice, once running (see `lived_at`).
+        self.lived: list[list[float]] = []
         probe = settings.config.probe
         self._gap_s = max(_GAP_S, _GAP_ROUNDS * (probe.timeout + probe.interval))
         self._last_at: float | None = None
@@ -954,6 +959,16 @@ class Simulation:
             self.last_ts = ts
         if self.earliest_ts is None or ts < self.earliest_ts:
             self.earliest_ts = ts
+        if not self._down and self.guard is not None:
+            lived = self.lived
+            if lived and lived[-1][0] <= ts <= lived[-1][1] + self._gap_s:
+                lived[-1][1] = max(lived[-1][1], ts)
+            elif len(lived) < _MAX_LIVED:  # (beyond: fewer times known lived, fail closed)
+                lived.append([ts, ts])
+
+    def lived_at(self, ts: float) -> bool:
+        """Whether a running daemon's records cover wall time `ts`."""
+        return any(lo <= ts <= hi for lo, hi in self.lived)
 
     async def _step(
         self, rec: Record, pending: _Batch | None, externals: Iterator[_Batch]

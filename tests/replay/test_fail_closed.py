@@ -1008,6 +1008,29 @@ def test_an_incident_while_the_history_says_guardd_was_stopped_is_not_covered(
     assert "not detected" not in replay("--config", str(config(tmp_path, state))).stdout
 
 
+def test_an_incident_before_a_clock_stepped_back_and_a_stop_is_covered(tmp_path: Path) -> None:
+    """Green fails and is rolled back live; then the host's wall clock is stepped back an
+    hour, the run goes on and stops, and the history ends there. The wall times after the
+    stop were lived by the run before the step: the incident of then is covered and
+    detected, never "guardd was stopped then" (the stop's time is below it)."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    tl.rounds(150)
+    tl.rounds(3, green="http_5xx")
+    tl.rolled_back()
+    tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+    tl.rounds(30, green="http_5xx")
+    tl.wall -= 3600.0  # (the monotonic clock goes on)
+    tl.rounds(60, green="http_5xx")
+    tl.recorder.stop()
+    tl.close()
+    doc = replay_json("--config", str(config(tmp_path, state)))
+    [inc] = doc["configs"][0]["incidents"]
+    assert inc["covered"] is True and inc["not_covered"] is None, inc
+    assert inc["detected_at"] is not None, inc
+
+
 def test_a_journal_cut_short_leaves_what_it_lacks_unknown(tmp_path: Path) -> None:
     """The journal ends before the history does (cut short, or rotated away): the runs the
     history holds after its end have no `started` in it. The decisions the replay takes
