@@ -435,10 +435,11 @@ def _kept(chunks: Iterable[list[str]], tail: deque[str]) -> Iterator[list[str]]:
 def _without_copies(
     files: list[Path], report: SourceReport, time_of: Callable[[str], float | None] | None
 ) -> list[Path]:
-    """`files` but those that begin as a later one does (the same first lines, two or more,
-    up to `_HEAD_LINES`): a rotation copied under another name, its lines read once, in
-    the place of the newest name (a copy made as `.3` of `.1` is older by its name only).
-    Each left out is said.
+    """`files` in the order they are read. Those that begin as a later one does (the same
+    first lines, two or more, up to `_HEAD_LINES`: a rotation copied under another name)
+    are read right after the newest of them (a copy made as `.3` of `.1` is older by its
+    name only), where `_Seen` leaves out the lines they share and keeps what only one of
+    them holds (the other cut short); said. Without `time_of` (no `_Seen`), left out.
 
     Then a file whose first lines' median time falls within a later-named file's times
     (from that file's first lines to the next file's, or to its own last line), and whose
@@ -451,14 +452,22 @@ def _without_copies(
         return files
     kept: list[tuple[Path, list[bytes]]] = []
     newest: dict[int, Path] = {}
+    copies: dict[Path, list[Path]] = {}
     for path in reversed(files):
         head = _peek(path)
         key = hash(tuple(head)) if len(head) >= 2 else None
         if key is not None and key in newest:
-            report.problems.append(
-                f"{path}: not read: it begins as {newest[key].name} does (the same first "
-                "lines: a copy under another name); its lines are read there, once"
-            )
+            if time_of is None:
+                report.problems.append(
+                    f"{path}: not read: it begins as {newest[key].name} does (the same first "
+                    "lines: a copy under another name); its lines are read there, once"
+                )
+            else:
+                copies.setdefault(newest[key], []).insert(0, path)
+                report.problems.append(
+                    f"{path}: begins as {newest[key].name} does (the same first lines: a "
+                    "copy under another name): read after it, the lines they share once"
+                )
             continue
         if key is not None:
             newest[key] = path
@@ -487,7 +496,8 @@ def _without_copies(
             and _holds(kept[j][0], kept[i][1][:2])
         ]
         place.append(within[-1] + 0.5 if within else float(i))
-    return [path for _, (path, _) in sorted(zip(place, kept, strict=True), key=lambda x: x[0])]
+    ordered = sorted(zip(place, kept, strict=True), key=lambda x: x[0])
+    return [p for _, (path, _) in ordered for p in (path, *copies.get(path, []))]
 
 
 def _holds(path: Path, lines: list[bytes]) -> bool:

@@ -516,19 +516,45 @@ def test_lines_found_twice_across_rotated_files_are_read_once(tmp_path: Path, ho
         assert [Path(f).name for f in src["files"]] == ["access.log.1", "access.log"]
         said = f"{logs / 'access.log.1.gz'}: not read: access.log.1 is there too, the same rotation"
     elif how == "copied under another name":
-        assert [Path(f).name for f in src["files"]] == ["access.log.1", "access.log"]
-        said = f"{logs / 'access.log.2.gz'}: not read: it begins as access.log.1 does"
+        # (Read right after the newest name: what only one of them held would be read.)
+        names = ["access.log.1", "access.log.2.gz", "access.log"]
+        assert [Path(f).name for f in src["files"]] == names
+        assert src["repeated_lines"] == cut
+        said = f"{logs / 'access.log.2.gz'}: begins as access.log.1 does (the same first lines"
     else:
-        # (Read under the newest name: read as `.3`, the copy came before `.2`, whose
+        # (Read after the newest name: read as `.3`, the copy came before `.2`, whose
         # lines were then late.)
-        assert [Path(f).name for f in src["files"]] == [
-            "access.log.2",
-            "access.log.1",
-            "access.log",
-        ]
-        said = f"{logs / 'access.log.3'}: not read: it begins as access.log.1 does"
-        assert not any("begins" in p and "after" in p for p in src["problems"]), src["problems"]
+        names = ["access.log.2", "access.log.1", "access.log.3", "access.log"]
+        assert [Path(f).name for f in src["files"]] == names
+        assert src["repeated_lines"] == cut - 100 * RATE
+        said = f"{logs / 'access.log.3'}: begins as access.log.1 does (the same first lines"
+        assert not any(" ends: no line between" in p for p in src["problems"]), src["problems"]
     assert any(p.startswith(said) for p in src["problems"]), src["problems"]
+
+
+@pytest.mark.parametrize("copy", ["access.log.5", "access.log.5.gz"])
+def test_a_copy_longer_than_its_cut_original_loses_no_line(tmp_path: Path, copy: str) -> None:
+    """A rotation copied under another name, then the original cut short (a disk filled
+    while it was written): the copy holds lines the original lost. Every line is read,
+    once: the same counts and decisions as the rotation whole (before: the copy was left
+    unread, its lines lost, a hole made)."""
+    cfg, lines = _ten_minutes(tmp_path)
+    logs = tmp_path / "logs"
+    cut = 330 * RATE
+    (logs / "access.log.1").write_text("".join(lines[:cut]))
+    (logs / "access.log").write_text("".join(lines[cut:]))
+    whole = replay_json("--config", str(cfg))
+    if copy.endswith(".gz"):
+        with gzip.open(logs / copy, "wt") as f:
+            f.writelines(lines[:cut])
+    else:
+        (logs / copy).write_text("".join(lines[:cut]))
+    (logs / "access.log.1").write_text("".join(lines[: 200 * RATE]))  # cut short
+    doc = replay_json("--config", str(cfg))
+    src = doc["sources"]["traffic"]
+    assert src["lines"] == whole["sources"]["traffic"]["lines"], src
+    assert src["repeated_lines"] == 200 * RATE and src["holes"] == [], src
+    assert doc["configs"][0]["decisions"] == whole["configs"][0]["decisions"]
 
 
 @pytest.mark.parametrize(
