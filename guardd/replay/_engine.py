@@ -74,9 +74,9 @@ _SAME_MOMENT = 1e-6
 #: is not ticked through. A hole of 40 s at a 1 s interval is forty rounds lost, never
 #: quiet: ticking through it judged the colors on probes gone stale.
 _GAP_S = 5.0
+_GAP_ROUNDS = 3
 #: Stretches of wall time lived kept (`Simulation.lived`), at most.
 _MAX_LIVED = 10_000
-_GAP_ROUNDS = 3
 #: Ticks in a row without input after which a gap in the history is crossed at once.
 _QUIET_TICKS = 100
 
