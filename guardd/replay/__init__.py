@@ -22,7 +22,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
@@ -562,10 +562,12 @@ def _incidents(
     since: float | None,
     until: float | None,
     instance: str,
+    served_at: Callable[[float], str | None],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The real journal's incidents of the period, each with when config `c` detected it
-    (`_report.detect`) and whether the history covers it (`_covered`); and the decisions
-    that detect no incident (`_report.unmatched`)."""
+    (`_report.detect`), whether the history covers it (`_covered`) and the color `c`
+    served then (`served_at`, by wall time: `served`); and the decisions that detect no
+    incident (`_report.unmatched`)."""
     tolerance = _match_window(c)
     lo = since if since is not None else first.first_ts
     # Without `--to`, every incident after the history too: a history that ends before
@@ -614,6 +616,10 @@ def _incidents(
             inc.update(detected_at=None, detected_by=None, delay_s=None)
         inc["bound"] = _later_than_live(inc, c, first.recorded_interval)
         inc["match_window_s"] = tolerance
+        # (A config that served the other color then had no failure of this one to act
+        # on: "not detected" alone reads as a miss.)
+        t = _report.seconds(inc.get("at"))
+        inc["served"] = served_at(t) if t is not None else None
     return found, unmatched
 
 
@@ -732,7 +738,14 @@ async def _replay_all(
             if e.get("event") in _report.DECISIONS and _report.within(e.get("ts"), since, until)
         ]
         found, unmatched = _incidents(
-            s.config, real, decisions, first, since=since, until=until, instance=settings.instance
+            s.config,
+            real,
+            decisions,
+            first,
+            since=since,
+            until=until,
+            instance=settings.instance,
+            served_at=sim.switcher.served_at,
         )
         if i == 0:
             span, journal_gap = _journal_span(real, first, settings.instance)

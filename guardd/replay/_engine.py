@@ -212,7 +212,7 @@ class Simulation:
         self.operator: list[tuple[float, dict[str, Any]]] = []
         self.journal = MemoryJournal(settings.instance, self.clock.wall)
         self.state_file = MemoryStateFile()
-        self.switcher = MemorySwitcher()
+        self.switcher = MemorySwitcher(wall=self.clock.wall)
         #: The QoS lock files, kept across the replayed restarts as on disk.
         self.locks = MemoryLocks()
         self.metrics = NullMetrics(settings.instance)

@@ -311,9 +311,8 @@ def _incidents(doc: dict[str, Any], pairs: list[tuple[dict[str, Any], str | None
             if found["detected_at"] is None:
                 if found.get("covered", True):
                     near = found.get("nearest")
-                    if near is None:
-                        out.append(prefix + "not detected")
-                    else:
+                    served = found.get("served")
+                    if near is not None:
                         shown_near = _SHOWN.get(near["event"], near["event"])
                         another = ", the detection of another incident" * near["detects_another"]
                         out.append(
@@ -321,6 +320,13 @@ def _incidents(doc: dict[str, Any], pairs: list[tuple[dict[str, Any], str | None
                             f"(the nearest decision on {inc['color']}: {shown_near} at "
                             f"{near['at']}, {near['delay_s']:+g}s{another})"
                         )
+                    elif served is not None and inc["color"] is not None and served != inc["color"]:
+                        out.append(
+                            prefix + f"not detected: this config served {served} then, not "
+                            f"{inc['color']}: no failure of it to act on"
+                        )
+                    else:
+                        out.append(prefix + "not detected")
                 else:
                     why = found.get("not_covered") or "no record around it"
                     out.append(prefix + f"not covered by the history ({why})")

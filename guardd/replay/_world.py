@@ -73,11 +73,45 @@ class SimClock:
         return self._mono + self._offset
 
 
-class MemorySwitcher:
-    """A switch target in memory (`guardd.switchers.Switcher`): every switch succeeds now."""
+#: Colors named by a `MemorySwitcher` kept with their time, at most (a history of runs
+#: beyond it says less of what was served, never something else).
+_MAX_SERVED: Final = 100_000
 
-    def __init__(self, active: Color | None = None) -> None:
-        self.active: Color | None = active
+
+class MemorySwitcher:
+    """A switch target in memory (`guardd.switchers.Switcher`): every switch succeeds now.
+
+    Each color it names is kept with the wall time (`wall`) it was named from (`served`):
+    what the replayed config served when (`served_at`)."""
+
+    def __init__(
+        self, active: Color | None = None, wall: Callable[[], float] | None = None
+    ) -> None:
+        self._wall = wall
+        self.served: list[tuple[float, Color | None]] = []
+        self._active: Color | None = None
+        self.active = active
+
+    @property
+    def active(self) -> Color | None:
+        """The color the target names."""
+        return self._active
+
+    @active.setter
+    def active(self, color: Color | None) -> None:
+        changed = not self.served or self.served[-1][1] != color
+        if changed and self._wall is not None and len(self.served) < _MAX_SERVED:
+            self.served.append((self._wall(), color))
+        self._active = color
+
+    def served_at(self, at: float) -> Color | None:
+        """The color named at wall time `at` (the latest named at or before it, in the
+        order named: a wall clock stepped back lives some times twice); None: unknown."""
+        color: Color | None = None
+        for since, named in self.served:
+            if since <= at:
+                color = named
+        return color
 
     async def read_active(self) -> Color | None:
         """The color the target names."""

@@ -1064,3 +1064,48 @@ def test_compare_given_twice_is_a_usage_error(tmp_path: Path) -> None:
     done = replay("--config", "x.toml", "--compare", "a.toml", "--compare", "b.toml")
     assert done.returncode == 2 and done.stdout == "", done
     assert "--compare: given more than once" in done.stderr
+
+
+def test_an_incident_of_a_color_the_what_if_never_served_says_so(tmp_path: Path) -> None:
+    """Live, green failed and was rolled back to blue; later blue failed and was rolled
+    back to green. A what-if too slow for green's failure keeps serving green: blue's
+    failure was never its to act on. The report says the color it served, never a plain
+    "not detected" (a miss); the config as live detects both."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    tl.rounds(150)
+    tl.rounds(3, green="http_5xx")
+    tl.rolled_back()
+    tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+    tl.rounds(150)
+    tl.rounds(3, blue="http_5xx")
+    tl.incident(
+        "rollback_completed",
+        source="blue",
+        target="green",
+        reason="P0 consecutive_failures: 3 >= 3 on blue; rolling back to green",
+        severity="P0",
+        evidence={"rule": "consecutive_failures", "threshold": 3, "value": 3, "color": "blue"},
+    )
+    tl.recorder.switch("blue", "green", by="guardd", reason="rollback")
+    tl.rounds(150)
+    tl.close()
+    cfg = config(tmp_path, state)
+    as_live = replay_json("--config", str(cfg))
+    assert [i["detected_at"] is not None for i in as_live["configs"][0]["incidents"]] == [
+        True,
+        True,
+    ]
+    assert [i["served"] for i in as_live["configs"][0]["incidents"]] == ["green", "blue"]
+    slow = ("--config", str(cfg), "--set", "policy.consecutive_failures=50")
+    doc = replay_json(*slow)
+    first, second = doc["configs"][0]["incidents"]
+    assert first["detected_at"] is None and first["served"] == "green", first
+    assert second["detected_at"] is None and second["served"] == "green", second
+    text = replay(*slow).stdout
+    assert (
+        "    not detected: this config served green then, not blue: no failure of it to act on"
+        in text
+    )
+    assert text.count("not detected") == 2, text
