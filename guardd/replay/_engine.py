@@ -1002,10 +1002,15 @@ class Simulation:
             wall, _, name, _ = pending
             fed = self._fed.get(name, wall)
             if wall < fed - AHEAD_S:
-                if not (stepped or rec.ts > fed):
+                # Due once the records step too (at this record, or stepped already: the
+                # records below what the source fed), or pass it (lines written late).
+                if not (stepped or rec.ts > fed or rec.ts < fed - AHEAD_S):
                     break
                 after_step.add(name)
-            if not (wall <= rec.ts or (stepped and wall <= old_clock and name not in after_step)):
+            # (By the old clock, a slot begun before the step: its lines were written
+            # before it, though the slot ends after the old clock's last time.)
+            old = stepped and wall - PULSE_S <= old_clock and name not in after_step
+            if not (wall <= rec.ts or old):
                 break
             self._fed[name] = wall
             earliest = rec.ts if self.earliest_ts is None else min(self.earliest_ts, rec.ts)

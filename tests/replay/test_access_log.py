@@ -263,11 +263,14 @@ def test_nothing_is_decided_while_the_daemon_was_stopped(tmp_path: Path, ended: 
     assert fired and stopped <= parse_rfc3339(fired[0]["at"]) <= started + 1.0, fired
 
 
-def _stepped(tmp: Path, step_s: float, *, rotated: bool = False) -> tuple[dict[str, Any], float]:
+def _stepped(
+    tmp: Path, step_s: float, *, rotated: bool = False, phase: float = 0.0
+) -> tuple[dict[str, Any], float]:
     """Four minutes of probe rounds at 0.5 s and of green's traffic, 20 % of it failing
     from 60 s on; at 40 s the host's wall clock is stepped by `step_s` (NTP, by hand), for
     the records and nginx's lines alike (the log rotated there when `rotated`: the lines
-    before the step in `access.log.1`). The JSON report and the first wall time."""
+    before the step in `access.log.1`); the requests `phase` seconds after the records'
+    rounds. The JSON report and the first wall time."""
     state = tmp / f"state{step_s:+g}"
     tl = Timeline(state)
     t0 = tl.wall
@@ -285,7 +288,8 @@ def _stepped(tmp: Path, step_s: float, *, rotated: bool = False) -> tuple[dict[s
         # (Request times vary, as real ones do: the lines after a step back, stamped as
         # lines before it were, are new requests, none alike to the byte to an older one.)
         rt = f"{0.005 + (i % 7) / 1000:.3f}"
-        lines.append(line(GREEN, status, msec=t0 + m + (step_s if m >= 40 else 0.0), rt=rt))
+        at = t0 + phase + m + (step_s if m >= 40 else 0.0)
+        lines.append(line(GREEN, status, msec=at, rt=rt))
     cut = 40 * RATE if rotated else 0
     (logs / "access.log").write_text("".join(lines[cut:]))
     if rotated:
@@ -295,27 +299,34 @@ def _stepped(tmp: Path, step_s: float, *, rotated: bool = False) -> tuple[dict[s
 
 
 @pytest.mark.parametrize(
-    ("step_s", "rotated"),
-    [(-600.0, False), (-120.0, False), (-60.0, False), (-31.0, False), (-5.0, False),
-     (600.0, False), (-600.0, True), (-120.0, True)],
+    ("step_s", "rotated", "phase"),
+    [(-600.0, False, 0.0), (-120.0, False, 0.0), (-60.0, False, 0.0), (-31.0, False, 0.0),
+     (-5.0, False, 0.0), (600.0, False, 0.0), (-600.0, True, 0.0), (-120.0, True, 0.0),
+     (-31.0, False, 0.3), (-8.0, False, 0.3), (-120.0, False, 0.3), (-120.0, True, 0.3)],
 )  # fmt: skip
 def test_a_wall_clock_stepped_on_the_host_moves_no_line_from_its_moment(
-    tmp_path: Path, step_s: float, rotated: bool
+    tmp_path: Path, step_s: float, rotated: bool, phase: float
 ) -> None:
     """The records and the log lines after a step carry the stepped clock: each line is
     judged where it was written, as the daemon reading it live does, so the rule fires at
     the same moment of the burst as without the step, and no line falls outside; also
     when the log was rotated at the step (the files are read in their names' order: the
-    newer file's lines are all before the older one's, never within them)."""
-    plain, t0 = _stepped(tmp_path, 0.0)
+    newer file's lines are all before the older one's, never within them), and whatever
+    the requests' phase to the records' rounds (before: the last slot before the step,
+    ending after the old clock's last record, held every line after it until the stepped
+    records reached its time, and they were late)."""
+    plain, t0 = _stepped(tmp_path, 0.0, phase=phase)
     [expected] = decisions(plain, "alert")
-    doc, _ = _stepped(tmp_path, step_s, rotated=rotated)
+    doc, _ = _stepped(tmp_path, step_s, rotated=rotated, phase=phase)
     fired = decisions(doc, "alert")
     assert len(fired) == 1, doc["configs"][0]["decisions"]
     moment = parse_rfc3339(fired[0]["at"]) - step_s - t0
     assert abs(moment - (parse_rfc3339(expected["at"]) - t0)) <= 1.0, (fired, expected)
     src = doc["sources"]["traffic"]
-    assert src["outside_history"] == 0 and src["lines"]["ok"] == 240 * RATE, src
+    # (With a phase, the last lines come after the last round: outside, step or not.)
+    outside = plain["sources"]["traffic"]["outside_history"]
+    assert outside <= phase * RATE + 1, outside
+    assert src["outside_history"] == outside and src["lines"]["ok"] == 240 * RATE - outside, src
 
 
 def test_a_color_an_operator_moves_traffic_to_is_judged_by_its_requests_from_then_on(
