@@ -158,8 +158,9 @@ def rotated_files(path: Path, report: SourceReport | None = None) -> list[Path]:
     from the highest N, then `path` itself (each only if it is there).
 
     A rotation there both plain and compressed (`path.1` and `path.1.gz`: gzip cut short
-    leaves both, the same lines) is read once, from the plain file (a cut `.gz` lacks its
-    end); the other is named in `report.problems`.
+    leaves both, the same lines) is read from both, the plain file first (a cut `.gz`
+    lacks its end, an emptied plain file all of it): the lines they share are read once
+    (`_Seen`), what only one holds too; said in `report.problems`.
     """
     try:
         siblings = list(path.parent.iterdir())
@@ -177,28 +178,26 @@ def rotated_files(path: Path, report: SourceReport | None = None) -> list[Path]:
         elif rest.startswith("-") and rest[1:2].isdigit():
             dated.append((rest.removesuffix(".gz"), rest.endswith(".gz"), p))
     files = [
-        *_once(sorted(dated), report),
-        *_once(sorted(numbered, key=lambda n: (-n[0], n[1])), report),
+        *_pairs_said(sorted(dated), report),
+        *_pairs_said(sorted(numbered, key=lambda n: (-n[0], n[1])), report),
     ]
     if path.exists():
         files.append(path)
     return files
 
 
-def _once(rotations: list[tuple[Any, bool, Path]], report: SourceReport | None) -> list[Path]:
+def _pairs_said(rotations: list[tuple[Any, bool, Path]], report: SourceReport | None) -> list[Path]:
     """`rotations` (key, compressed, path), in order, each key's plain file before its
-    compressed one: a key's first only, the other said."""
-    kept: dict[Any, Path] = {}
+    compressed one; a key's second said."""
+    first: dict[Any, Path] = {}
     for key, _, p in rotations:
-        if key in kept:
-            if report is not None:
-                report.problems.append(
-                    f"{p}: not read: {kept[key].name} is there too, the same rotation (a "
-                    "compression cut short leaves both): its lines would be read twice"
-                )
-            continue
-        kept[key] = p
-    return list(kept.values())
+        if key in first and report is not None:
+            report.problems.append(
+                f"{p}: {first[key].name} is there too, the same rotation (a compression cut "
+                "short leaves both): read after it, the lines they share once"
+            )
+        first.setdefault(key, p)
+    return [p for _, _, p in rotations]
 
 
 #: Lines of a rotation are sampled (those whose hash is a multiple of the rate) to tell a
@@ -386,6 +385,7 @@ def without_overlap(
     tail: deque[str] = deque(maxlen=OVERLAP_LINES)
     previous: Path | None = None
     seen = None if time_of is None else _Seen(time_of)
+    reached: tuple[float, Path] | None = None  # the latest end of a file read, and which
     for path in _without_copies(files, report, time_of):
         chunks = read(path)
         head: list[str] = []
@@ -405,19 +405,25 @@ def without_overlap(
             ended = _edge(reversed(tail), time_of)
             began = _edge(head[skip:], time_of)
             since = _first_time(tail, time_of)
+            # (From the furthest any file read reached: a copy read after its original,
+            # cut shorter, ends before the lines the original held.)
+            if ended is not None and (reached is None or ended > reached[0]):
+                reached = (ended, previous)
             # Longer than the lines before came apart, many times over: a quiet log's
             # rotation is no hole (its lines come minutes apart anyway).
             if (
                 ended is not None
+                and reached is not None
                 and since is not None
                 and began is not None
-                and began - ended
+                and began - reached[0]
                 > max(hole_s, _HOLE_SPACINGS * (ended - since) / max(1, len(tail) - 1))
             ):
-                report.holes.append((ended, began))
+                report.holes.append((reached[0], began))
                 report.problems.append(
-                    f"{path}: begins {began - ended:.0f}s after {previous} ends: no line "
-                    "between (a file cut short or missing, no traffic then, or a wrong clock)"
+                    f"{path}: begins {began - reached[0]:.0f}s after {reached[1]} ends: no "
+                    "line between (a file cut short or missing, no traffic then, or a wrong "
+                    "clock)"
                 )
         lines = _kept(itertools.chain([head[skip:]], chunks), tail)
         yield from lines if seen is None else seen.read(path, lines, report)

@@ -524,8 +524,10 @@ def test_lines_found_twice_across_rotated_files_are_read_once(tmp_path: Path, ho
         said = f"{logs / 'access.log'}: its first 40 line(s) repeat the last of "
         said += str(logs / "access.log.1")
     elif how == "plain and gzip":
-        assert [Path(f).name for f in src["files"]] == ["access.log.1", "access.log"]
-        said = f"{logs / 'access.log.1.gz'}: not read: access.log.1 is there too, the same rotation"
+        names = ["access.log.1.gz", "access.log.1", "access.log"]
+        assert [Path(f).name for f in src["files"]] == names
+        assert src["repeated_lines"] == cut
+        said = f"{logs / 'access.log.1.gz'}: access.log.1 is there too, the same rotation"
     elif how == "copied under another name":
         # (Read right after the newest name: what only one of them held would be read.)
         names = ["access.log.1", "access.log.2.gz", "access.log"]
@@ -541,6 +543,30 @@ def test_lines_found_twice_across_rotated_files_are_read_once(tmp_path: Path, ho
         said = f"{logs / 'access.log.3'}: begins as access.log.1 does (the same first lines"
         assert not any(" ends: no line between" in p for p in src["problems"]), src["problems"]
     assert any(p.startswith(said) for p in src["problems"]), src["problems"]
+
+
+@pytest.mark.parametrize("plain", ["emptied", "cut short"])
+def test_a_rotation_plain_and_compressed_is_read_whole_from_the_two(
+    tmp_path: Path, plain: str
+) -> None:
+    """`access.log.1` beside a whole `access.log.1.gz`, the plain file emptied (`: >`) or
+    cut short: every line is read, once (before: the plain file alone was read, the
+    compressed one's lines lost, a rollback 3 s early on what was left)."""
+    cfg, lines = _ten_minutes(tmp_path)
+    logs = tmp_path / "logs"
+    cut = 330 * RATE
+    (logs / "access.log.1").write_text("".join(lines[:cut]))
+    (logs / "access.log").write_text("".join(lines[cut:]))
+    whole = replay_json("--config", str(cfg))
+    with gzip.open(logs / "access.log.1.gz", "wt") as f:
+        f.writelines(lines[:cut])
+    kept = 0 if plain == "emptied" else 100 * RATE
+    (logs / "access.log.1").write_text("".join(lines[:kept]))
+    doc = replay_json("--config", str(cfg))
+    src = doc["sources"]["traffic"]
+    assert src["lines"] == whole["sources"]["traffic"]["lines"], src
+    assert src["repeated_lines"] == kept and src["holes"] == [], src
+    assert doc["configs"][0]["decisions"] == whole["configs"][0]["decisions"]
 
 
 @pytest.mark.parametrize("copy", ["access.log.5", "access.log.5.gz"])
@@ -882,4 +908,25 @@ def test_one_line_stamped_far_off_at_a_files_edge_makes_no_hole(tmp_path: Path, 
     doc = replay_json("--config", str(cfg))
     src = doc["sources"]["traffic"]
     assert src["holes"] == [], src["problems"]
+    assert doc["configs"][0]["incidents"] == plain["configs"][0]["incidents"]
+
+
+def test_a_shorter_copy_read_after_its_rotation_makes_no_hole(tmp_path: Path) -> None:
+    """`head -2000 access.log.1 > access.log.3`: the copy is read right after the rotation
+    it copies, and ends long before it. Where the current file begins is judged from the
+    furthest any file reached, not from the copy's end: no hole, the incident there
+    covered (before: "no line of it" for the minutes the rotation itself held)."""
+    cfg, lines = _ten_minutes(tmp_path)
+    t0 = float(json.loads(lines[0])["msec"])
+    _traffic_rollback(tmp_path, t0 + 310, "errors")
+    logs = tmp_path / "logs"
+    cut = 305 * RATE
+    (logs / "access.log.1").write_text("".join(lines[:cut]))
+    (logs / "access.log").write_text("".join(lines[cut:]))
+    plain = replay_json("--config", str(cfg))
+    (logs / "access.log.3").write_text("".join(lines[: 100 * RATE]))
+    doc = replay_json("--config", str(cfg))
+    src = doc["sources"]["traffic"]
+    assert src["holes"] == [] and src["repeated_lines"] == 100 * RATE, src
+    assert src["lines"] == plain["sources"]["traffic"]["lines"]
     assert doc["configs"][0]["incidents"] == plain["configs"][0]["incidents"]
