@@ -203,7 +203,7 @@ def _pairs_said(rotations: list[tuple[Any, bool, Path]], report: SourceReport | 
 #: Lines of a rotation are sampled (those whose hash is a multiple of the rate) to tell a
 #: line found again in a later file, a copy, from a new one: first one in this many, the
 #: rate doubled whenever more than `_SAMPLED` are kept (memory bounded by it).
-_SAMPLE_RATE: Final = 32
+_SAMPLE_RATE: Final = 4
 _SAMPLED: Final = 1 << 15
 #: Lines held between two sampled ones, at most (then judged by the one before alone).
 _HELD: Final = 4096

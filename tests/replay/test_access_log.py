@@ -632,7 +632,7 @@ def test_lines_copied_from_a_rotation_anywhere_in_another_are_read_once(
     assert any(p.startswith(said) for p in src["problems"]), src["problems"]
 
 
-@pytest.mark.parametrize("how", ["whole", "a stretch of it"])
+@pytest.mark.parametrize("how", ["whole", "a stretch of it", "three seconds of it, later"])
 def test_a_log_holding_its_own_lines_again_reads_them_once(tmp_path: Path, how: str) -> None:
     """A log appended to itself (`cat access.log access.log`), or holding a stretch of its
     lines again further on (a shipper that sent them twice): those read again are left out,
@@ -646,18 +646,23 @@ def test_a_log_holding_its_own_lines_again_reads_them_once(tmp_path: Path, how: 
     if how == "whole":
         log.write_text("".join(lines + lines))
         again = len(lines)
-    else:
+    elif how == "a stretch of it":
         i, j = 100 * RATE, 130 * RATE
         log.write_text("".join(lines[:j] + lines[i:j] + lines[j:]))
         again = j - i
+    else:  # (its last line below the time the log reached: each line of it left out)
+        i, j, k = 20 * RATE, 23 * RATE, 40 * RATE
+        log.write_text("".join(lines[:k] + lines[i:j] + lines[k:]))
+        again = j - i
     doc = replay_json("--config", str(cfg))
     src = doc["sources"]["traffic"]
-    assert src["repeated_lines"] == again - 1, src
+    alike = 0 if how.endswith("later") else 1  # (the line at the very time reached)
+    assert src["repeated_lines"] == again - alike, src
     assert src["out_of_order_lines"] == src["outside_history"] == 0, src
-    counts = dict(src["lines"], ok=src["lines"]["ok"] - 1)
+    counts = dict(src["lines"], ok=src["lines"]["ok"] - alike)
     assert counts == once["sources"]["traffic"]["lines"], src
     assert doc["configs"][0]["decisions"] == once["configs"][0]["decisions"]
-    said = f"{log}: {again - 1} line(s) read before (the same lines: a copy of a rotation or "
+    said = f"{log}: {again - alike} line(s) read before (the same lines: a copy of a rotation or "
     assert any(p.startswith(said) for p in src["problems"]), src["problems"]
 
 
