@@ -383,6 +383,48 @@ def _operator_actions(real: list[dict[str, Any]], instance: str) -> list[tuple[f
     return out
 
 
+def _with_unjournaled(
+    real: list[dict[str, Any]], sim: Simulation, instance: str, lo: float | None, hi: float | None
+) -> tuple[list[dict[str, Any]], int]:
+    """The journal's events with the live rollbacks the observations record and it lacks
+    (no rollback of the same colors within a minute of it: a journal cut short or edited),
+    each as the incident the journal would hold (`"origin": "observations"`); how many.
+
+    Without them, the replay's rollback there read "where the live guard did not act"."""
+    from guardd.journal import rfc3339  # noqa: PLC0415
+
+    journaled = [
+        (t, e.get("from"), e.get("to"))
+        for e in real
+        if e.get("event") in ("rollback_completed", "rollback_failed", "rollback_started")
+        and e.get("guard", instance) == instance
+        and (t := _report.seconds(e.get("ts"))) is not None
+    ]
+    added = [
+        {
+            "event": "rollback_completed",
+            "ts": rfc3339(ts),
+            "guard": instance,
+            "from": source,
+            "to": target,
+            "reason": reason,
+            "by": "guardd",
+            "origin": "observations",
+        }
+        for ts, source, target, reason in sim.live_rollbacks
+        if (lo is None or ts >= lo)
+        and (hi is None or ts <= hi)
+        and not any(
+            abs(t - ts) <= _UNJOURNALED_S and (s, g) == (source, target) for t, s, g in journaled
+        )
+    ]
+    return [*real, *added], len(added)
+
+
+#: How near a journaled rollback must be to a recorded switch by guardd to be its own (s).
+_UNJOURNALED_S: Final = 60.0
+
+
 def _readable_incident(event: dict[str, Any]) -> bool:
     """Whether a journal event is no incident, or one as guardd writes it: a time, and a
     color (or none) where it names one. Others are counted with the lines that are no event,
@@ -699,6 +741,7 @@ async def _replay_all(
     real, journal_problem, journal_skipped, journal_twice, journal_back = _real_journal(
         journal_path, settings.instance
     )
+    journal_notes: list[str] = []
     for i, s in enumerate([settings, *others]):
         sim = Simulation(s, directory, since=since, until=until, guard=settings.instance)
         sim.operator = _operator_actions(real, settings.instance)
@@ -731,6 +774,13 @@ async def _replay_all(
                 rep.why = (
                     f"{was}, but the history holds none: its rules were inconclusive throughout"
                 )
+        if first is None and journal_problem is None:
+            real, unjournaled = _with_unjournaled(real, sim, settings.instance, since, until)
+            if unjournaled:
+                journal_notes.append(
+                    f"the observations hold {unjournaled} rollback(s) by guardd the journal "
+                    "does not (it is cut short or edited): taken from the observations"
+                )
         first = first or sim
         decisions = [
             _report.decision(e)
@@ -748,7 +798,8 @@ async def _replay_all(
             served_at=sim.switcher.served_at,
         )
         if i == 0:
-            span, journal_gap = _journal_span(real, first, settings.instance)
+            journaled = [e for e in real if e.get("origin") != "observations"]
+            span, journal_gap = _journal_span(journaled, first, settings.instance)
         if span is not None:
             # Outside what the journal holds, whether the live guard acted is unknown; and
             # within a match window of its ends too (the incident may lie past them).
@@ -816,7 +867,7 @@ async def _replay_all(
         "journal": str(journal_path),
         "journal_problem": journal_problem,
         # The journal holds less than the history (see `_journal_span`), or null.
-        "journal_gap": journal_gap,
+        "journal_gap": "; ".join(x for x in (journal_gap, *journal_notes) if x) or None,
         "journal_skipped": journal_skipped,
         "journal_read_twice": journal_twice,
         "journal_out_of_order": journal_back,

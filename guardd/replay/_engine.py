@@ -281,6 +281,8 @@ class Simulation:
         #: Stretches of wall time a running daemon's records cover, `[first, last]`: a wall
         #: clock stepped back lives some times twice, once running (see `lived_at`).
         self.lived: list[list[float]] = []
+        #: The live guard's own switches the history records: (wall, from, to, reason).
+        self.live_rollbacks: list[tuple[float, Color | None, Color, str]] = []
         probe = settings.config.probe
         self._gap_s = max(_GAP_S, _GAP_ROUNDS * (probe.timeout + probe.interval))
         self._last_at: float | None = None
@@ -659,6 +661,11 @@ class Simulation:
             self.report.skipped["switch record without a color or by whom"] += 1
             return
         self._live = target
+        if by == "guardd" and len(self.live_rollbacks) < _MAX_HELD:
+            # (What the journal should hold too: a journal cut short or edited lacks it.)
+            source = color_of(rec.doc.get("from"))
+            reason = rec.doc.get("reason")
+            self.live_rollbacks.append((rec.ts, source, target, str(reason or "")))
         if by == "guardd" or fleet_decision(rec.doc):
             return  # the replayed config decides its own rollbacks
         if by == "external":

@@ -1048,13 +1048,17 @@ def test_a_journal_cut_short_leaves_what_it_lacks_unknown(tmp_path: Path) -> Non
     journal.write_bytes(b"".join(lines[:2]) + lines[2][:40])  # run 1, then a cut line
     doc = replay_json("--config", str(cfg))
     assert len(decisions(doc, "rollback_completed")) == 3
-    assert len(doc["configs"][0]["incidents"]) == 1
+    # (The two rollbacks after the cut are in the observations: taken from there.)
+    incidents = doc["configs"][0]["incidents"]
+    assert len(incidents) == 3 and all(i["detected_at"] for i in incidents), incidents
     assert doc["configs"][0]["unmatched"] == []
     ended = rfc3339(parse_rfc3339(json.loads(lines[1])["ts"]))
     assert doc["journal_gap"] == (
         f"the journal ends at {ended}, before the run(s) begun at {rfc3339(starts[1])}, "
         f"{rfc3339(starts[2])} (no `started` for them: cut short, rotated away?): incidents "
-        "and the live guard's decisions outside it are unknown"
+        "and the live guard's decisions outside it are unknown; the observations hold 2 "
+        "rollback(s) by guardd the journal does not (it is cut short or edited): taken from "
+        "the observations"
     )
     assert f"  ({doc['journal_gap']})" in replay("--config", str(cfg)).stdout
 
@@ -1109,3 +1113,36 @@ def test_an_incident_of_a_color_the_what_if_never_served_says_so(tmp_path: Path)
         in text
     )
     assert text.count("not detected") == 2, text
+
+
+@pytest.mark.parametrize("cut", ["its first line only", "the rollback deleted"])
+def test_a_live_rollback_the_journal_lacks_is_taken_from_the_observations(
+    tmp_path: Path, cut: str
+) -> None:
+    """The journal cut short after its first line, or the live rollback's line deleted:
+    the observations still record the live guard's switch. The replay's rollback there is
+    the detection of that incident, never "where the live guard did not act", and the
+    report says the journal lacks it."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.failing_run()
+    tl.close()
+    cfg = config(tmp_path, state)
+    whole = replay_json("--config", str(cfg))
+    [inc] = whole["configs"][0]["incidents"]
+    journal = state / "events.jsonl"
+    events = journal.read_text().splitlines(keepends=True)
+    if cut == "its first line only":
+        journal.write_text(events[0])
+    else:
+        journal.write_text("".join(e for e in events if "rollback_completed" not in e))
+    doc = replay_json("--config", str(cfg))
+    [found] = doc["configs"][0]["incidents"]
+    assert found["color"] == inc["color"] and found["to"] == inc["to"], found
+    assert found["detected_at"] == inc["detected_at"] is not None, found
+    assert doc["configs"][0]["unmatched"] == [], doc["configs"][0]["unmatched"]
+    assert "the observations hold 1 rollback(s) by guardd the journal does not" in (
+        doc["journal_gap"] or ""
+    ), doc["journal_gap"]
+    text = replay("--config", str(cfg)).stdout
+    assert "the live guard did not" not in text, text

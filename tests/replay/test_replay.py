@@ -3,6 +3,7 @@ the exit statuses, and that it writes nothing where guardd keeps its state."""
 
 from __future__ import annotations
 
+import gzip
 import shutil
 import subprocess
 import tempfile
@@ -892,9 +893,10 @@ def _two_rollbacks(tl: Timeline, *, step_back: float = 0.0) -> None:
 
 
 def test_a_decision_no_live_incident_matches_is_said(tmp_path: Path, tl: Timeline) -> None:
-    """A config that acts where the live guard did not (here: the journal lost the second
-    rollback) shows it under its own heading, in the JSON as `unmatched`; one whose every
-    decision matches an incident shows none."""
+    """A config that acts where the live guard did not (here: the second rollback lost
+    from the journal and the observations alike, as if the live guard never took it)
+    shows it under its own heading, in the JSON as `unmatched`; one whose every decision
+    matches an incident shows none."""
     _two_rollbacks(tl)
     cfg = config(tmp_path, tmp_path / "state")
     doc = replay_json("--config", str(cfg))
@@ -903,6 +905,11 @@ def test_a_decision_no_live_incident_matches_is_said(tmp_path: Path, tl: Timelin
     journal = tmp_path / "state" / "events.jsonl"
     *kept, _second = journal.read_text().splitlines(keepends=True)  # (`started`, the first)
     journal.write_text("".join(kept))
+    [day] = (tmp_path / "state" / "observations").iterdir()
+    records = gzip.decompress(day.read_bytes()).decode().splitlines(keepends=True)
+    rolled_live = [i for i, r in enumerate(records) if '"by":"guardd"' in r and "switch" in r]
+    del records[rolled_live[-1]]
+    day.write_bytes(gzip.compress("".join(records).encode()))
     doc = replay_json("--config", str(cfg))
     [extra] = doc["configs"][0]["unmatched"]
     [_, rolled] = decisions(doc, "rollback_completed")
