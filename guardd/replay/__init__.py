@@ -22,7 +22,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
@@ -604,12 +604,12 @@ def _incidents(
     since: float | None,
     until: float | None,
     instance: str,
-    served_at: Callable[[float], str | None],
+    own: Any,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The real journal's incidents of the period, each with when config `c` detected it
-    (`_report.detect`), whether the history covers it (`_covered`) and the color `c`
-    served then (`served_at`, by wall time: `served`); and the decisions that detect no
-    incident (`_report.unmatched`)."""
+    (`_report.detect`), whether the history covers it (`_covered`; its logs as `c`'s own
+    replay `own` read them) and the color `c` served then (`served`); and the decisions
+    that detect no incident (`_report.unmatched`)."""
     tolerance = _match_window(c)
     lo = since if since is not None else first.first_ts
     # Without `--to`, every incident after the history too: a history that ends before
@@ -639,7 +639,7 @@ def _incidents(
     for inc in found:
         why, lost = _uncovered(inc.get("at"), first, before, after, need)
         if why is None:
-            why = _signal_uncovered(inc, c, first)
+            why = _signal_uncovered(inc, c, own)
             # A decision on the same log judged the window it lacks (no detection time);
             # one the config took on another signal still detects it.
             judged, detected = (
@@ -661,7 +661,7 @@ def _incidents(
         # (A config that served the other color then had no failure of this one to act
         # on: "not detected" alone reads as a miss.)
         t = _report.seconds(inc.get("at"))
-        inc["served"] = served_at(t) if t is not None else None
+        inc["served"] = own.switcher.served_at(t) if t is not None else None
     return found, unmatched
 
 
@@ -795,7 +795,7 @@ async def _replay_all(
             since=since,
             until=until,
             instance=settings.instance,
-            served_at=sim.switcher.served_at,
+            own=sim,
         )
         if i == 0:
             journaled = [e for e in real if e.get("origin") != "observations"]

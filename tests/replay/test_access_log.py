@@ -935,3 +935,25 @@ def test_a_shorter_copy_read_after_its_rotation_makes_no_hole(tmp_path: Path) ->
     assert src["holes"] == [] and src["repeated_lines"] == 100 * RATE, src
     assert src["lines"] == plain["sources"]["traffic"]["lines"]
     assert doc["configs"][0]["incidents"] == plain["configs"][0]["incidents"]
+
+
+def test_compare_judges_each_configs_coverage_by_the_logs_it_read(tmp_path: Path) -> None:
+    """`--compare` with a config whose access log is not there: its traffic rule could
+    not see the incident the live guard decided on traffic; [B] says not covered, and why,
+    as it does alone, never "not detected" (before: judged by [A]'s logs)."""
+    cfg, lines = _ten_minutes(tmp_path)
+    _traffic_rollback(tmp_path, float(json.loads(lines[0])["msec"]) + 310, "errors")
+    (tmp_path / "logs" / "access.log").write_text("".join(lines))
+    other = tmp_path / "other.toml"
+    nowhere = tmp_path / "nowhere" / "access.log"
+    other.write_text(
+        cfg.read_text().replace(f"file:{tmp_path / 'logs'}/access.log", f"file:{nowhere}")
+    )
+    alone = replay_json("--config", str(other))
+    doc = replay_json("--config", str(cfg), "--compare", str(other))
+    [mine], [theirs] = (c["incidents"] for c in doc["configs"])
+    assert mine["covered"] is True and mine["detected_at"] is not None, mine
+    assert theirs == alone["configs"][0]["incidents"][0], theirs
+    assert theirs["covered"] is False and theirs["not_covered"] == (
+        f"signal traffic: it could not be replayed: no file at {nowhere} (nor rotated beside it)"
+    ), theirs
