@@ -130,6 +130,7 @@ def _hole_s(window: float) -> float:
 def _spans(report: SourceReport, end: float) -> None:
     """Count a batch of lines in the slot ending at `end` in `report`'s line span."""
     start = end - PULSE_S
+    report.fill(start, end)
     if report.first_line is None or start < report.first_line:
         report.first_line = start
     if report.last_line is None or end > report.last_line:
@@ -850,6 +851,7 @@ class Simulation:
         if at_end and first is not None and first <= wall <= self.clock.wall():
             report.disordered += n
             report.fell_behind(wall - PULSE_S, wall, math.inf, n)
+            report.fill(wall - PULSE_S, wall)
         else:
             report.outside += n
 

@@ -83,9 +83,20 @@ class SourceReport:
     #: Stretches without a line where one file ends and the next begins, longer than
     #: `HOLE_S`: (last line of the one, first of the next), seconds.
     holes: list[tuple[float, float]] = field(default_factory=list)
+    #: The `holes` lines handed over afterwards fall in (files read out of their time
+    #: order): no hole, their indices.
+    filled: set[int] = field(default_factory=set)
     #: Stretches of lines handed over well after their time, or never (found after later
     #: lines): `[first, last, handed at (inf: never), lines]`, seconds, merged, bounded.
     behind: list[list[float]] = field(default_factory=list)
+
+    def fill(self, start: float, end: float) -> None:
+        """Lines stamped from `start` to `end` were found (handed over or not): a hole
+        they lie well within was no stretch without a line (files read out of their time
+        order)."""
+        for i, (lo, hi) in enumerate(self.holes):
+            if lo + PULSE_S < start and end < hi - PULSE_S:
+                self.filled.add(i)
 
     def fell_behind(self, lo: float, hi: float, handed: float, n: int) -> None:
         """Lines stamped from `lo` to `hi` were handed over only at `handed` (inf: never)."""
@@ -123,8 +134,8 @@ class SourceReport:
             return f"its lines begin at {rfc3339(self.first_line)}, {when} (rotated away?)"
         if at > self.last_line + PULSE_S:
             return f"its lines end at {rfc3339(self.last_line)}, before it"
-        for lo, hi in self.holes:
-            if lo < at and at - window < hi:
+        for i, (lo, hi) in enumerate(self.holes):
+            if i not in self.filled and lo < at and at - window < hi:
                 return (
                     f"no line of it from {rfc3339(lo)} to {rfc3339(hi)}, between two files, "
                     "within the window it was judged on"
@@ -149,7 +160,11 @@ class SourceReport:
                 if self.first_line is None or self.last_line is None
                 else [rfc3339(self.first_line), rfc3339(self.last_line)]
             ),
-            "holes": [[rfc3339(lo), rfc3339(hi)] for lo, hi in self.holes],
+            "holes": [
+                [rfc3339(lo), rfc3339(hi)]
+                for i, (lo, hi) in enumerate(self.holes)
+                if i not in self.filled
+            ],
         }
 
 

@@ -957,3 +957,26 @@ def test_compare_judges_each_configs_coverage_by_the_logs_it_read(tmp_path: Path
     assert theirs["covered"] is False and theirs["not_covered"] == (
         f"signal traffic: it could not be replayed: no file at {nowhere} (nor rotated beside it)"
     ), theirs
+
+
+def test_a_hole_the_lines_of_a_file_read_after_fill_is_none(tmp_path: Path) -> None:
+    """The contents of `access.log.1` and `access.log` swapped (the newer lines under the
+    older name): read in their names' order, `access.log.2` ends minutes before
+    `access.log.1` begins; the lines of that stretch, in `access.log`, handed over after,
+    fill it. The incident there is not "no line of it between two files": every line is
+    there (said instead as lines found after later ones, if they were)."""
+    cfg, lines = _ten_minutes(tmp_path)
+    t0 = float(json.loads(lines[0])["msec"])
+    _traffic_rollback(tmp_path, t0 + 310, "errors")
+    logs = tmp_path / "logs"
+    (logs / "access.log.2").write_text("".join(lines[: 100 * RATE]))
+    (logs / "access.log.1").write_text("".join(lines[300 * RATE :]))
+    (logs / "access.log").write_text("".join(lines[100 * RATE : 300 * RATE]))
+    doc = replay_json("--config", str(cfg))
+    src = doc["sources"]["traffic"]
+    assert src["holes"] == [], src
+    [inc] = doc["configs"][0]["incidents"]
+    assert inc["covered"] is False and inc["not_covered"].endswith(
+        "were found after later lines (a log concatenated out of order, lines copied): not "
+        "read at their time"
+    ), inc
