@@ -87,28 +87,33 @@ class Timeline:
         """What the live guard journaled now (`rollback_completed`, `hold`)."""
         self.journal.append(event, **fields)
 
-    def rolled_back(self) -> None:
-        """The live guard rolled green back to blue now, on three failures in a row (P0),
-        as it journals that."""
+    def rolled_back(self, source: str = "green", target: str = "blue") -> None:
+        """The live guard rolled `source` back to `target` now, on three failures in a row
+        (P0), as it journals that."""
         self.incident(
             "rollback_completed",
-            source="green",
-            target="blue",
-            reason="P0 consecutive_failures: 3 >= 3 on green; rolling back to blue",
+            source=source,
+            target=target,
+            reason=f"P0 consecutive_failures: 3 >= 3 on {source}; rolling back to {target}",
             severity="P0",
-            evidence={"rule": "consecutive_failures", "threshold": 3, "value": 3, "color": "green"},
+            evidence={"rule": "consecutive_failures", "threshold": 3, "value": 3, "color": source},
         )
+
+    def green_rolled_back(self) -> None:
+        """A run begins serving green, 150 healthy rounds, then green fails three in a row
+        and the live guard rolls it back to blue (journaled, and its switch recorded)."""
+        self.start(active="green")
+        self.rounds(150)
+        self.rounds(3, green="http_5xx")
+        self.rolled_back()
+        self.recorder.switch("green", "blue", by="guardd", reason="rollback")
 
     def failing_run(self, *, healthy_after: int = 100, down: float = 600.0) -> float:
         """A run in which green fails and is rolled back live (journaled), is promoted back
         by a deploy, serves `healthy_after` healthy rounds and stops; then `down` seconds
         with the daemon down. Returns the wall time the run began."""
-        self.start(active="green")
         began = self.wall
-        self.rounds(150)
-        self.rounds(3, green="http_5xx")
-        self.rolled_back()
-        self.recorder.switch("green", "blue", by="guardd", reason="rollback")
+        self.green_rolled_back()
         self.rounds(30, green="http_5xx")
         self.recorder.switch("blue", "green", by="deploy", reason="promote", event="promote")
         self.rounds(healthy_after)

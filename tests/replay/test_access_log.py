@@ -484,6 +484,15 @@ def _ten_minutes(tmp: Path) -> tuple[Path, list[str]]:
     return config(tmp, tmp / "state", extra=extra, interval="1s", qos_window="10s"), lines
 
 
+def _rotated(lines: list[str], logs: Path, at_s: int) -> int:
+    """`lines` rotated `at_s` seconds in: `access.log.1` before, `access.log` after, as
+    logrotate leaves them; returns the line the rotation cut at."""
+    cut = at_s * RATE
+    (logs / "access.log.1").write_text("".join(lines[:cut]))
+    (logs / "access.log").write_text("".join(lines[cut:]))
+    return cut
+
+
 @pytest.mark.parametrize(
     "how", ["overlap", "plain and gzip", "copied under another name", "copied as the oldest"]
 )
@@ -494,9 +503,7 @@ def test_lines_found_twice_across_rotated_files_are_read_once(tmp_path: Path, ho
     are read once: the counts and decisions of the log read once, what was left out said."""
     cfg, lines = _ten_minutes(tmp_path)
     logs = tmp_path / "logs"
-    cut = 330 * RATE  # within the 5xx minute
-    (logs / "access.log.1").write_text("".join(lines[:cut]))
-    (logs / "access.log").write_text("".join(lines[cut:]))
+    cut = _rotated(lines, logs, 330)  # within the 5xx minute
     once = replay_json("--config", str(cfg))
     src = once["sources"]["traffic"]
     assert src["lines"]["ok"] == len(lines) and src["repeated_lines"] == 0
@@ -554,9 +561,7 @@ def test_a_rotation_plain_and_compressed_is_read_whole_from_the_two(
     compressed one's lines lost, a rollback 3 s early on what was left)."""
     cfg, lines = _ten_minutes(tmp_path)
     logs = tmp_path / "logs"
-    cut = 330 * RATE
-    (logs / "access.log.1").write_text("".join(lines[:cut]))
-    (logs / "access.log").write_text("".join(lines[cut:]))
+    cut = _rotated(lines, logs, 330)
     whole = replay_json("--config", str(cfg))
     with gzip.open(logs / "access.log.1.gz", "wt") as f:
         f.writelines(lines[:cut])
@@ -577,9 +582,7 @@ def test_a_copy_longer_than_its_cut_original_loses_no_line(tmp_path: Path, copy:
     unread, its lines lost, a hole made)."""
     cfg, lines = _ten_minutes(tmp_path)
     logs = tmp_path / "logs"
-    cut = 330 * RATE
-    (logs / "access.log.1").write_text("".join(lines[:cut]))
-    (logs / "access.log").write_text("".join(lines[cut:]))
+    cut = _rotated(lines, logs, 330)
     whole = replay_json("--config", str(cfg))
     if copy.endswith(".gz"):
         with gzip.open(logs / copy, "wt") as f:
@@ -606,9 +609,7 @@ def test_lines_copied_from_a_rotation_anywhere_in_another_are_read_once(
     said, and no decision moves (before: read twice, as late)."""
     cfg, lines = _ten_minutes(tmp_path)
     logs = tmp_path / "logs"
-    cut = 330 * RATE
-    (logs / "access.log.1").write_text("".join(lines[:cut]))
-    (logs / "access.log").write_text("".join(lines[cut:]))
+    cut = _rotated(lines, logs, 330)
     once = replay_json("--config", str(cfg))
     if how == "all but its first line, as the oldest":
         copied = lines[1:cut]
@@ -899,9 +900,7 @@ def test_one_line_stamped_far_off_at_a_files_edge_makes_no_hole(tmp_path: Path, 
     t0 = float(json.loads(lines[0])["msec"])
     _traffic_rollback(tmp_path, t0 + 310, "errors")
     logs = tmp_path / "logs"
-    cut = 305 * RATE  # (within the window the rule judged at 310 s)
-    (logs / "access.log.1").write_text("".join(lines[:cut]))
-    (logs / "access.log").write_text("".join(lines[cut:]))
+    cut = _rotated(lines, logs, 305)  # (within the window the rule judged at 310 s)
     plain = replay_json("--config", str(cfg))
     [inc] = plain["configs"][0]["incidents"]
     assert inc["covered"] is True and inc["detected_at"] is not None, inc
@@ -925,9 +924,7 @@ def test_a_shorter_copy_read_after_its_rotation_makes_no_hole(tmp_path: Path) ->
     t0 = float(json.loads(lines[0])["msec"])
     _traffic_rollback(tmp_path, t0 + 310, "errors")
     logs = tmp_path / "logs"
-    cut = 305 * RATE
-    (logs / "access.log.1").write_text("".join(lines[:cut]))
-    (logs / "access.log").write_text("".join(lines[cut:]))
+    _rotated(lines, logs, 305)
     plain = replay_json("--config", str(cfg))
     (logs / "access.log.3").write_text("".join(lines[: 100 * RATE]))
     doc = replay_json("--config", str(cfg))

@@ -1015,11 +1015,7 @@ def test_an_incident_before_a_clock_stepped_back_and_a_stop_is_covered(tmp_path:
     detected, never "guardd was stopped then" (the stop's time is below it)."""
     state = tmp_path / "state"
     tl = Timeline(state)
-    tl.start(active="green")
-    tl.rounds(150)
-    tl.rounds(3, green="http_5xx")
-    tl.rolled_back()
-    tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+    tl.green_rolled_back()
     tl.rounds(30, green="http_5xx")
     tl.wall -= 3600.0  # (the monotonic clock goes on)
     tl.rounds(60, green="http_5xx")
@@ -1077,21 +1073,10 @@ def test_an_incident_of_a_color_the_what_if_never_served_says_so(tmp_path: Path)
     "not detected" (a miss); the config as live detects both."""
     state = tmp_path / "state"
     tl = Timeline(state)
-    tl.start(active="green")
-    tl.rounds(150)
-    tl.rounds(3, green="http_5xx")
-    tl.rolled_back()
-    tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+    tl.green_rolled_back()
     tl.rounds(150)
     tl.rounds(3, blue="http_5xx")
-    tl.incident(
-        "rollback_completed",
-        source="blue",
-        target="green",
-        reason="P0 consecutive_failures: 3 >= 3 on blue; rolling back to green",
-        severity="P0",
-        evidence={"rule": "consecutive_failures", "threshold": 3, "value": 3, "color": "blue"},
-    )
+    tl.rolled_back("blue", "green")
     tl.recorder.switch("blue", "green", by="guardd", reason="rollback")
     tl.rounds(150)
     tl.close()

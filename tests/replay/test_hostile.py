@@ -423,11 +423,7 @@ def test_a_probe_record_duplicated_or_out_of_order_is_replayed_without_a_traceba
     as over the clean history."""
     state = tmp_path / "state"
     tl = Timeline(state)
-    tl.start(active="green")
-    tl.rounds(150)
-    tl.rounds(3, green="http_5xx")
-    tl.rolled_back()
-    tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+    tl.green_rolled_back()
     tl.rounds(100)
     tl.close()
     cfg = config(tmp_path, state)
