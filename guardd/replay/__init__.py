@@ -519,6 +519,26 @@ def _later_than_live(inc: dict[str, Any], c: Any, recorded: float | None) -> str
 
     delay = inc.get("delay_s")
     interval = recorded or c.probe.interval
+    traffic = [
+        _rule_name(rule)
+        for rule in c.rules
+        if getattr(c.signals.get(rule.signal), "kind", None) == "access_log"
+    ]
+    if (
+        inc.get("event") == "rollback_completed"
+        and delay is None
+        and inc.get("covered") is True
+        and inc.get("served") in (None, inc.get("color"))
+        and traffic
+    ):
+        # Not firing on the requests before the live rollback is a measurement; after it
+        # nginx sent the color none, so whether a traffic rule would have fired on what
+        # the color kept failing is unknown (a probe rule went on judging standby rounds).
+        return (
+            f"until the live rollback only: from it on {inc.get('color')} got no requests, "
+            f"so this config's traffic rule(s) ({', '.join(traffic)}) judged none of what it "
+            "would have served had it kept serving"
+        )
     if (
         inc.get("event") == "rollback_completed"
         and isinstance(delay, int | float)
@@ -573,14 +593,12 @@ def _traffic_rule(c: Any, name: object) -> bool:
 def _rule_named(c: Any, name: object) -> Any:
     """Config `c`'s `[[rules]]` row named `name` (a row without a name is `signal.stat`, as
     the guard names it in its evidence), or None."""
-    return next(
-        (
-            rule
-            for rule in c.rules
-            if (getattr(rule, "name", None) or f"{rule.signal}.{rule.stat}") == name
-        ),
-        None,
-    )
+    return next((rule for rule in c.rules if _rule_name(rule) == name), None)
+
+
+def _rule_name(rule: Any) -> str:
+    """A `[[rules]]` row's name: its own, or `signal.stat` as the guard names it."""
+    return getattr(rule, "name", None) or f"{rule.signal}.{rule.stat}"
 
 
 def _decided(event: dict[str, Any], journal: list[dict[str, Any]]) -> dict[str, Any]:
@@ -656,12 +674,12 @@ def _incidents(
             # A decision the config took after a hole in the records is no detection
             # time of an incident inside it: it never saw the failure begin.
             inc.update(detected_at=None, detected_by=None, delay_s=None)
-        inc["bound"] = _later_than_live(inc, c, first.recorded_interval)
-        inc["match_window_s"] = tolerance
         # (A config that served the other color then had no failure of this one to act
         # on: "not detected" alone reads as a miss.)
         t = _report.seconds(inc.get("at"))
         inc["served"] = own.switcher.served_at(t) if t is not None else None
+        inc["bound"] = _later_than_live(inc, c, first.recorded_interval)
+        inc["match_window_s"] = tolerance
     return found, unmatched
 
 

@@ -327,6 +327,8 @@ def _incidents(doc: dict[str, Any], pairs: list[tuple[dict[str, Any], str | None
                         )
                     else:
                         out.append(prefix + "not detected")
+                    if found.get("bound"):
+                        out.append(prefix + f"  ({found['bound']})")
                 else:
                     why = found.get("not_covered") or "no record around it"
                     out.append(prefix + f"not covered by the history ({why})")

@@ -734,6 +734,57 @@ def test_a_traffic_rule_firing_after_the_live_rollback_is_said_not_a_measurement
     )
 
 
+def test_a_traffic_rule_that_never_fires_after_a_live_traffic_rollback_says_until_when(
+    tmp_path: Path,
+) -> None:
+    """Live, a traffic rule rolled green back after a minute of 8 % 5xx; nginx then sent it
+    no request. A what-if with a higher threshold does not fire on the requests before the
+    rollback, and has none after it: "not detected" is said to hold only until the live
+    rollback, never as a plain miss (the color's failure went on unseen)."""
+    tl = Timeline(tmp_path / "state")
+    t0 = tl.wall
+    tl.start(active="green", interval=1.0)
+    tl.rounds(180, interval=1.0)
+    live_at = tl.wall
+    tl.incident(
+        "rollback_completed",
+        source="green",
+        target="blue",
+        reason="P0 errors: 0.083 > 0.05 on green; rolling back to blue",
+        severity="P0",
+        evidence={"rule": "errors", "color": "green"},
+    )
+    tl.recorder.switch("green", "blue", by="guardd", reason="rollback")
+    tl.rounds(120, interval=1.0)
+    tl.close()
+    burst = live_at - 60
+    lines = [
+        line(
+            GREEN if t0 + i / RATE < live_at else BLUE,
+            "502" if burst <= t0 + i / RATE < live_at and i % 12 == 0 else "200",
+            msec=t0 + i / RATE,
+        )
+        for i in range(300 * RATE)
+    ]
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "access.log").write_text("".join(lines))
+    extra = _signal(tmp_path / "logs", 0.05).replace('severity = "P2"', 'severity = "P0"')
+    cfg = config(tmp_path, tmp_path / "state", extra=extra, interval="1s", qos_window="10s")
+    live = replay_json("--config", str(cfg))
+    [inc] = live["configs"][0]["incidents"]
+    assert inc["detected_rule"] == "errors" and inc["bound"] is None, inc
+    doc = replay_json("--config", str(cfg), "--set", "rules.0.above=0.2")
+    [inc] = doc["configs"][0]["incidents"]
+    assert inc["covered"] is True and inc["detected_at"] is None and inc["nearest"] is None, inc
+    bound = (
+        "until the live rollback only: from it on green got no requests, so this config's "
+        "traffic rule(s) (errors) judged none of what it would have served had it kept serving"
+    )
+    assert inc["bound"] == bound, inc
+    text = replay("--config", str(cfg), "--set", "rules.0.above=0.2").stdout
+    assert f"    not detected\n      ({bound})\n" in text, text
+
+
 def _traffic_rollback(tmp: Path, at: float, rule: str) -> None:
     """The live guard's rollback of green at `at` on the traffic rule `rule`, journaled."""
     journal = Journal(tmp / "state" / "events.jsonl", "lab", lambda: at)

@@ -935,15 +935,20 @@ def test_a_span_in_a_coverage_reason_reads_as_a_duration(seconds: float, said: s
         ("5xx-p0", "access_log", 0.063, None),  # (the requests the live guard judged)
         ("5xx-p0", "log_match", 5.0, None),
         ("5xx-p0", "prometheus", 5.0, None),
+        (None, "access_log", None, "until the live rollback only"),  # (not detected)
+        (None, "log_match", None, None),
+        (None, None, None, None),
     ],
 )
 def test_only_a_probe_or_traffic_rules_late_detection_is_bounded(
-    rule: str, kind: str | None, delay: float, bounded: str | None
+    rule: str | None, kind: str | None, delay: float | None, bounded: str | None
 ) -> None:
     """After the live rollback the color was probed as a standby: a rule on the probes
     waited for rounds a guard still serving it would have made sooner (an upper bound);
     and nginx sent it no request, so a traffic rule's window emptied (not a measurement).
-    An application's own signal goes on whatever nginx serves: neither."""
+    An application's own signal goes on whatever nginx serves: neither. A config with a
+    traffic rule that does not detect the rollback at all judged the color's requests only
+    until it."""
     from types import SimpleNamespace  # noqa: PLC0415
 
     from guardd.replay import _later_than_live  # noqa: PLC0415
@@ -953,7 +958,14 @@ def test_only_a_probe_or_traffic_rules_late_detection_is_bounded(
         rules=[SimpleNamespace(name="5xx-p0", signal="app")],
         signals={"app": SimpleNamespace(kind=kind)},
     )
-    inc = {"event": "rollback_completed", "color": "blue", "delay_s": delay, "detected_rule": rule}
+    inc = {
+        "event": "rollback_completed",
+        "color": "blue",
+        "delay_s": delay,
+        "detected_rule": rule,
+        "covered": True,
+        "served": "blue",
+    }
     bound = _later_than_live(inc, c, 1.0)
     assert (bound.split(":")[0] if bound else None) == bounded, bound
 
