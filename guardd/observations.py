@@ -652,13 +652,28 @@ def read_batches(
         report.files.append(str(path))
         clocks.day_end = _day_end(path)
         clocks.latest = -math.inf
-        for docs in _lines(path, report):
+        moved = 0
+        held: list[dict[str, Any]] = []
+        # The last `_HELD` records of a chunk wait for the next one: a record found ahead
+        # of others of its run is put back in its place with them (`_in_stamp_order`).
+        for chunk in itertools.chain(_lines(path, report), [None]):
+            docs = held + chunk if chunk is not None else held
+            if chunk is not None:
+                moved += _in_stamp_order(docs)
+                docs, held = docs[:-_HELD], docs[-_HELD:]
+            if not docs:
+                continue
             records = clocks.plain(docs, since, until)
             if records is None:
                 records = list(clocks.each(docs, since, until))
             if records:
                 report.records += len(records)
                 yield records
+        if moved:
+            report.problems.append(
+                f"{path}: {moved} record(s) found after later-stamped ones of their run (lines "
+                "moved or swapped in the file): replayed in the order they were stamped"
+            )
         if math.isfinite(clocks.latest) and clocks.latest < clocks.day_end - 86400.0:
             # The recorder opens a day's file for a record of that day: one without any
             # was renamed or copied under a later day (read all the same: no record in it
@@ -677,6 +692,67 @@ def read_batches(
 
 _get = dict.get
 _make = tuple.__new__  # `Record(...)` without its Python-level `__new__`: the same tuple
+#: The records `read_batches` holds back from a chunk for the next one (about 100 s of a
+#: 200 ms history): a record moved this far in its file is put back in its place.
+_HELD: Final = 1024
+
+
+def _in_stamp_order(docs: list[dict[str, Any]]) -> int:
+    """Put the records of `docs` back in the order their run stamped them (in place) and
+    return how many were found after a later-stamped one of their run; nearly always a
+    batch already is, and one pass over its `mono` stamps says so.
+
+    A run is the records from a `start` on, on one boot's monotonic clock and one wall
+    clock (their `ts - mono` within `CLOCK_STEP_S`): there `mono` orders them as they were
+    stamped, so a record found later (two lines swapped, one moved by an edit) is put back
+    before `_Clocks` reads it, never taken for a copy and dropped with those it moved past.
+    A copy of a record (the same record again) is not counted: it stays right after its
+    original, where `_Clocks` skips it as read before. Records without finite stamps and
+    every `start` stay where they are.
+    """
+    monos: list[Any] = list(map(_get, docs, itertools.repeat("mono")))
+    if set(map(type, monos)) == _FLOAT and all(map(operator.le, monos, monos[1:])):
+        return 0
+    moved = 0
+    begun = 0  # the first record of the run being read
+    last_offset = first = math.nan
+    for i in range(len(docs) + 1):
+        offset = math.nan  # (none: the end, or stamps that are no finite floats)
+        if i < len(docs):
+            ts, mono = docs[i].get("ts"), monos[i]
+            if type(ts) is float and type(mono) is float:
+                offset = ts - mono
+        fits = math.isfinite(offset)
+        if (
+            not fits
+            or docs[i].get("kind") == "start"
+            or not abs(offset - last_offset) <= CLOCK_STEP_S
+            # (Before the first one here: a copy of what was read before begins, or a
+            # record moved further than this batch reaches; `_Clocks` tells which.)
+            or not monos[i] >= first
+        ):
+            moved += _sort_run(docs, begun, i)
+            begun, first = (i, monos[i]) if fits else (i + 1, math.nan)
+        last_offset = offset
+    return moved
+
+
+def _sort_run(docs: list[dict[str, Any]], lo: int, hi: int) -> int:
+    """Sort `docs[lo:hi]` (one run's records, finite stamps) by `mono`, stably; how many
+    were found after a later-stamped one, copies of an earlier one of them not counted."""
+    run = docs[lo:hi]
+    if all(map(operator.le, (d["mono"] for d in run), (d["mono"] for d in run[1:]))):
+        return 0
+    moved, latest = 0, -math.inf
+    seen: dict[float, list[dict[str, Any]]] = {}
+    for doc in run:
+        mono = doc["mono"]
+        if mono < latest and doc not in seen.get(mono, ()):
+            moved += 1
+        latest = max(latest, mono)
+        seen.setdefault(mono, []).append(doc)
+    docs[lo:hi] = sorted(run, key=operator.itemgetter("mono"))
+    return moved
 
 
 class _Clocks:

@@ -414,13 +414,15 @@ def test_traffic_moved_while_records_were_lost_is_adopted_as_unknown_not_as_a_sw
         assert "while guardd was not running" not in moved["reason"]
 
 
-@pytest.mark.parametrize("damage", ["duplicated", "swapped"])
+@pytest.mark.parametrize("damage", ["duplicated", "swapped", "swapped ten apart"])
 def test_a_probe_record_duplicated_or_out_of_order_is_replayed_without_a_traceback(
     tmp_path: Path, damage: str
 ) -> None:
-    """One probe record written twice, or two neighbours swapped (a copy spliced by hand),
-    in a config without `probe.fast_interval` (its default): the replay runs and decides
-    as over the clean history."""
+    """One probe record written twice, or two records swapped (neighbours, or ten apart: a
+    copy spliced by hand), in a config without `probe.fast_interval` (its default): the
+    replay runs and takes every decision it takes over the clean history, and no other
+    (before, the records between two swapped ten apart were dropped as read before, and
+    the colors judged stale for them)."""
     state = tmp_path / "state"
     tl = Timeline(state)
     tl.green_rolled_back()
@@ -433,15 +435,19 @@ def test_a_probe_record_duplicated_or_out_of_order_is_replayed_without_a_traceba
     lines = gzip.decompress(day.read_bytes()).decode().splitlines(keepends=True)
     probes = [i for i, text in enumerate(lines) if '"probe"' in text]
     i = probes[100]
+    j = {"duplicated": i, "swapped": i + 1, "swapped ten apart": i + 10}[damage]
     if damage == "duplicated":
         lines.insert(i, lines[i])
     else:
-        lines[i], lines[i + 1] = lines[i + 1], lines[i]
+        lines[i], lines[j] = lines[j], lines[i]
     day.write_bytes(gzip.compress("".join(lines).encode()))
     done = replay("--config", str(cfg))
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-800:]
     doc = replay_json("--config", str(cfg))
-    assert decisions(doc, "rollback_completed") == decisions(clean, "rollback_completed")
+    assert doc["configs"][0]["decisions"] == clean["configs"][0]["decisions"]
+    assert doc["history"]["records"] == clean["history"]["records"]
+    said = [p for p in doc["history"]["problems"] if "found after later-stamped" in p]
+    assert len(said) == (damage != "duplicated"), doc["history"]["problems"]
 
 
 def test_a_history_whose_records_appear_twice_is_replayed_once(tmp_path: Path) -> None:

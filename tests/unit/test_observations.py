@@ -796,21 +796,78 @@ def test_records_read_twice_then_new_ones_go_on_from_the_first(tmp_path: Path) -
     assert report.runs == 1
 
 
-def test_a_line_moved_ahead_leaves_out_the_lines_it_moved_past(tmp_path: Path) -> None:
-    """A record moved ahead of ten (an edited file): the ten are at times already read on
-    their boot's clock, as a copy's would be. Nothing tells a copy from a line moved, so
-    they are skipped and counted under a reason that names both, never replayed back in
-    time."""
-    alone = _three_runs(tmp_path, 40)
+def _moved(lines: list[bytes], k: int, how: str) -> tuple[list[bytes], int]:
+    """`lines` with line `k + 10` moved ahead of the ten before it, line `k` moved after
+    the ten after it, or the two swapped; and how many lines then follow a later one."""
+    a, b = lines[k], lines[k + 10]
+    between = lines[k + 1 : k + 10]
+    if how == "moved ahead":
+        return [*lines[:k], b, a, *between, *lines[k + 11 :]], 10
+    if how == "moved back":
+        return [*lines[:k], *between, b, a, *lines[k + 11 :]], 1
+    return [*lines[:k], b, *between, a, *lines[k + 11 :]], 10
+
+
+@pytest.mark.parametrize("how", ["moved ahead", "moved back", "swapped"])
+@pytest.mark.parametrize(
+    ("records", "where"), [(40, "mid-run"), (3000, "mid-run"), (3000, "across two chunks")]
+)
+def test_a_record_moved_or_swapped_in_its_file_is_put_back_in_its_place(
+    tmp_path: Path, records: int, where: str, how: str
+) -> None:
+    """A record moved ahead of ten others of its run, or after them, or two records ten
+    apart swapped (an edited file): each is put back where its run stamped it, every record
+    is replayed once, and the file is said to hold records out of order. Before, the ten
+    were taken for copies (at times already read) and dropped: ten probe rounds lost, a
+    color judged stale for them."""
+    alone = _three_runs(tmp_path, records)
     [path] = history_files(tmp_path)
     lines = gzip.decompress(path.read_bytes()).splitlines(keepends=True)
-    k = 5
-    moved = [*lines[:k], lines[k + 10], *lines[k : k + 10], *lines[k + 11 :]]
-    path.write_bytes(gzip.compress(b"".join(moved)))
+    if where == "mid-run":
+        k = len(lines) // 2  # (the second run's)
+    else:  # the ten lines straddle the end of the first chunk read
+        k = next(i for i, n in enumerate(itertools.accumulate(map(len, lines))) if n > 256 * 1024)
+        k -= 5
+    edited, late = _moved(lines, k, how)
+    path.write_bytes(gzip.compress(b"".join(edited)))
     got, report = read(tmp_path)
-    assert report.skipped == {READ_BEFORE: 10}
-    assert [r.doc for r in got] == [r.doc for r in alone[:k] + alone[k + 10 :]]
+    assert [r.doc for r in got] == [r.doc for r in alone]
+    assert [r.at for r in got] == [r.at for r in alone]
+    assert not report.skipped
+    said = (
+        f"{path}: {late} record(s) found after later-stamped ones of their run (lines moved or "
+        "swapped in the file): replayed in the order they were stamped"
+    )
+    assert report.problems == [said]
+
+
+@pytest.mark.parametrize("how", ["moved ahead", "moved back"])
+def test_a_record_moved_far_is_put_back_or_said_read_before(tmp_path: Path, how: str) -> None:
+    """A record moved ahead of ten times `_HELD` others is carried forward to its place
+    (it sorts last of every batch, into what is held back for the next). One moved back as
+    far is found after its run went well past it, as the first of a copy would be: it is
+    skipped and counted under a reason that names both, never replayed back in time, and
+    every other record is replayed."""
+    from guardd.observations import _HELD  # noqa: PLC0415 - the reach under test
+
+    alone = _three_runs(tmp_path, 12 * _HELD)
+    [path] = history_files(tmp_path)
+    lines = gzip.decompress(path.read_bytes()).splitlines(keepends=True)
+    k, far = 5, 10 * _HELD
+    if how == "moved ahead":
+        edited = [*lines[:k], lines[k + far], *lines[k : k + far], *lines[k + far + 1 :]]
+    else:
+        edited = [*lines[:k], *lines[k + 1 : k + far], lines[k], *lines[k + far :]]
+    path.write_bytes(gzip.compress(b"".join(edited)))
+    got, report = read(tmp_path)
     assert all(b.at >= a.at for a, b in itertools.pairwise(got))
+    if how == "moved ahead":
+        assert [r.doc for r in got] == [r.doc for r in alone] and not report.skipped
+        said = f"{path}: {far} record(s) found after later-stamped ones of their run"
+        assert report.problems[0].startswith(said), report.problems
+    else:
+        assert [r.doc for r in got] == [r.doc for r in alone[:k] + alone[k + 1 :]]
+        assert report.skipped == {READ_BEFORE: 1} and report.problems == []
 
 
 @pytest.mark.parametrize("copied", [False, True])
