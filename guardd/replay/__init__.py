@@ -572,12 +572,19 @@ def _signal_uncovered(inc: dict[str, Any], c: Any, sim: Simulation) -> str | Non
     incident the live guard decided on a log signal's rule (`access_log`, `log_match`): the
     files begin after it (rotated away), end before it, or leave a hole around it. The
     config's rules could not see it: not covered, never "not detected"."""
-    t = _report.seconds(inc.get("at"))
-    rule = _rule_named(c, inc.get("rule"))
+    return _log_gap(inc.get("at"), inc.get("rule"), c, sim)
+
+
+def _log_gap(at: object, name: object, c: Any, sim: Simulation) -> str | None:
+    """Why the log the rule `name` of config `c` reads holds not all it judged at the
+    moment `at` (the lines of its window before it), or None: it may, or the rule reads no
+    log. A decision on it was taken on what was left (a caveat); an incident it decided is
+    not covered."""
+    t = _report.seconds(at)
+    rule = _rule_named(c, name)
     report = sim.sources.get(rule.signal) if rule is not None else None
     if report is None or t is None or rule is None:
         return None
-    # The lines the rule judged at `t`: those of its window before it.
     window = getattr(c.signals.get(rule.signal), "window", None) or c.policy.window
     why = report.covers(t, window)
     return None if why is None else f"signal {rule.signal}: {why}"
@@ -805,6 +812,9 @@ async def _replay_all(
             for e in sim.journal.events
             if e.get("event") in _report.DECISIONS and _report.within(e.get("ts"), since, until)
         ]
+        for d in decisions:
+            # (A rule on a log whose window lost lines decided on what was left.)
+            d["caveat"] = _log_gap(d["at"], d["rule"], s.config, sim) if d["rule"] else None
         found, unmatched = _incidents(
             s.config,
             real,

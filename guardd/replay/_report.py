@@ -197,6 +197,8 @@ def _row(d: dict[str, Any], label: str | None) -> list[str]:
     ev = _evidence_text(d["evidence"])
     if ev:
         lines.append(f"    evidence: {ev}")
+    if d.get("caveat"):
+        lines.append(f"    taken on what was left: {d['caveat']}")
     return lines
 
 

@@ -856,6 +856,32 @@ def test_an_incident_the_log_holds_nothing_of_is_not_covered(tmp_path: Path, how
         assert any("begins 200s after" in p for p in src["problems"]), src["problems"]
 
 
+def test_a_decision_on_a_window_with_a_hole_says_it_was_taken_on_what_was_left(
+    tmp_path: Path,
+) -> None:
+    """The rotation before the 5xx minute was cut short (a copy, a full disk): no line from
+    250 s to 320 s. The traffic rule fires on the burst's first lines after the hole, over
+    a window that lost most of its lines: the decision says so, under it, never looks as
+    sound as one over a whole window (the same decision without the hole has no caveat)."""
+    cfg, lines = _ten_minutes(tmp_path)
+    logs = tmp_path / "logs"
+    (logs / "access.log").write_text("".join(lines))
+    whole = decisions(replay_json("--config", str(cfg)), "rollback_completed")
+    assert [d["caveat"] for d in whole] == [None], whole
+    (logs / "access.log.1").write_text("".join(lines[: 250 * RATE]))
+    (logs / "access.log").write_text("".join(lines[320 * RATE :]))
+    doc = replay_json("--config", str(cfg))
+    [decided] = decisions(doc, "rollback_completed")
+    [[lo, hi]] = doc["sources"]["traffic"]["holes"]
+    caveat = (
+        f"signal traffic: no line of it from {lo} to {hi}, between two files, within the "
+        "window it was judged on"
+    )
+    assert decided["rule"] == "errors" and decided["caveat"] == caveat, decided
+    text = replay("--config", str(cfg)).stdout
+    assert f"    taken on what was left: {caveat}\n" in text, text
+
+
 def test_lines_stamped_before_the_history_are_outside_it_and_out_of_its_span(
     tmp_path: Path,
 ) -> None:
