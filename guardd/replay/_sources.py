@@ -401,7 +401,7 @@ def without_overlap(
     previous: Path | None = None
     seen = None if time_of is None else _Seen(time_of)
     reached: tuple[float, Path] | None = None  # the latest end of a file read, and which
-    for path in _without_copies(files, report, time_of):
+    for path in _in_reading_order(files, report, time_of):
         chunks = read(path)
         head: list[str] = []
         for chunk in chunks:
@@ -453,7 +453,7 @@ def _kept(chunks: Iterable[list[str]], tail: deque[str]) -> Iterator[list[str]]:
             yield lines
 
 
-def _without_copies(
+def _in_reading_order(
     files: list[Path], report: SourceReport, time_of: Callable[[str], float | None] | None
 ) -> list[Path]:
     """`files` in the order they are read. Those that begin as a later one does (the same
