@@ -724,7 +724,7 @@ def _placed(
     yield from _after(rest, time_of, report)
 
 
-def _after(
+def _after(  # noqa: PLR0915 - one loop over every line, its cases inline: a call a line costs seconds
     lines: Iterator[list[str]], time_of: Callable[[str], float | None], report: SourceReport
 ) -> Iterator[list[tuple[str, int | None]]]:
     """`_placed` for the lines after a log's first lines stamped ahead."""
@@ -752,6 +752,15 @@ def _after(
                         waiting = []
                     continue
                 assert last is not None  # noqa: S101 - set with `high`
+                if s < last - jump and below + 1 < MAX_AHEAD_LINES:
+                    # Far below the lines before the jump too (a line written late, or
+                    # damage: a corrupt rotation's garbled times go both ways): it tells
+                    # nothing of those that wait, which go on waiting; it is placed at its
+                    # own time, as without them. Only `MAX_AHEAD_LINES` of them (below `high`
+                    # in a row) say the clock went back for good, as below.
+                    below += 1
+                    out.append((line, s))
+                    continue
                 if abs(s - last) > jump:
                     # Not back with the lines before the jump: far below them (written
                     # late, or a clock stepped back), or late among those that waited. No
@@ -881,13 +890,16 @@ _LAST_TIME: Final = 253_402_300_800.0
 
 def msec_reader(key: str) -> Callable[[str], float | None]:
     """A line's `msec` (seconds since the epoch) found without parsing the whole line."""
-    pattern = re.compile(r'"' + re.escape(key) + r'"\s*:\s*"?(\d+(?:\.\d+)?)')
+    # The whole value, quoted or not: the digits a corrupt line runs into other text with
+    # (`"msec":"17963030549sponse_time"`) are no time, which would steer the log's clock.
+    number = r"(\d+(?:\.\d+)?)"
+    pattern = re.compile(r'"' + re.escape(key) + rf'"\s*:\s*(?:"{number}"|{number}(?=\s*[,}}]))')
 
     def time_of(line: str) -> float | None:
         m = pattern.search(line)
         if m is None:
             return None
-        t = float(m.group(1))
+        t = float(m.group(1) or m.group(2))
         # A time no clock says (past year 9999; 400 digits read as infinity): no time.
         return t if t < _LAST_TIME else None
 

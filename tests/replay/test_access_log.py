@@ -882,6 +882,57 @@ def test_a_decision_on_a_window_with_a_hole_says_it_was_taken_on_what_was_left(
     assert f"    taken on what was left: {caveat}\n" in text, text
 
 
+def _garbled(t0: float, n: int) -> list[str]:
+    """`n` lines as a corrupt deflate stream gives them: an `msec` whose digits run into
+    other text (500 years on), or cut short (1975, the year 17), or whole and far ahead."""
+    return [
+        text + "\n"
+        for i in range(n)
+        for text in (
+            f'{{"msec":"{int(t0 * 10) + i}sponse_time":"0.018"}}',
+            f'{{"msec":"{int(t0 / 10)}":"8.001"}}',
+            '{"msec":"17onse_time":"0.002"}',
+            f'{{"msec":"{t0 * 10 + i:.3f}","status":"200"}}',
+        )
+    ]
+
+
+@pytest.mark.parametrize("damage", ["bytes flipped", "garbled lines"])
+def test_a_corrupt_rotation_costs_its_own_lines_never_those_of_the_files_after_it(
+    tmp_path: Path, damage: str
+) -> None:
+    """The oldest rotation damaged in its middle: 40 bytes of `access.log.2.gz` flipped,
+    or the lines a corrupt stream decompresses to before its check fails, their times run
+    into other text or cut short. What is left of it is read, its damage said, and every
+    line of the intact files after it is replayed at its time, the 5xx minute decided as
+    over the clean files. Before, the garbled times carried the log's clock 500 years on
+    and most lines after them were counted out of order."""
+    cfg, lines = _ten_minutes(tmp_path)
+    logs = tmp_path / "logs"
+    (logs / "access.log").write_text("".join(lines))
+    clean = replay_json("--config", str(cfg))
+    cut, rest = 200 * RATE, 400 * RATE
+    if damage == "bytes flipped":
+        packed = bytearray(gzip.compress("".join(lines[:cut]).encode(), mtime=0))
+        middle = len(packed) // 2
+        packed[middle : middle + 40] = bytes(b ^ 0x5A for b in packed[middle : middle + 40])
+        (logs / "access.log.2.gz").write_bytes(bytes(packed))
+    else:
+        t0 = parse_rfc3339(clean["history"]["from"])
+        garbled = lines[: cut // 2] + _garbled(t0, 60) + lines[cut // 2 + 240 : cut]
+        (logs / "access.log.2").write_text("".join(garbled))
+    (logs / "access.log.1").write_text("".join(lines[cut:rest]))
+    (logs / "access.log").write_text("".join(lines[rest:]))
+    doc = replay_json("--config", str(cfg))
+    src = doc["sources"]["traffic"]
+    assert src["out_of_order_lines"] == 0, src
+    assert src["lines"]["ok"] >= len(lines) - cut, src
+    if damage == "bytes flipped":
+        said = f"{logs / 'access.log.2.gz'}: cannot read on"
+        assert any(p.startswith(said) for p in src["problems"]), src["problems"]
+    assert decisions(doc, "rollback_completed") == decisions(clean, "rollback_completed")
+
+
 def test_lines_stamped_before_the_history_are_outside_it_and_out_of_its_span(
     tmp_path: Path,
 ) -> None:

@@ -194,6 +194,55 @@ def test_a_time_no_clock_says_is_no_time() -> None:
     assert time_of('{"msec":"1796083200.125"}') == 1796083200.125
 
 
+@pytest.mark.parametrize(
+    ("line", "t"),
+    [
+        ('{"msec":"17963030549sponse_time":"0.018"}', None),  # (digits run into other text)
+        ('{"msec":"1796tream_response_time":"0.009"}', None),
+        ('{"msec":17x}', None),
+        ('{"msec": 1796083200.5, "status":"200"}', 1796083200.5),
+        ('{"msec":1796083200}', 1796083200.0),
+        ('{"status":"200", "msec" : "1796083200.250"}', 1796083200.25),
+    ],
+)
+def test_a_time_is_a_whole_value(line: str, t: float | None) -> None:
+    """A corrupt rotation decompresses to lines whose `msec` runs into other text: those
+    digits are no time (a year 2539 there steered the log's clock before), a whole number,
+    quoted or not, is."""
+    assert msec_reader("msec")(line) == t
+
+
+def test_garbled_times_both_ways_leave_the_lines_after_them_their_own_time() -> None:
+    """A damaged stretch whose times go far ahead and far back in turn (what a corrupt
+    deflate stream makes of a log), then the log goes on: each line after it is placed at
+    its own time. Before, a line far back settled the lines that waited far ahead as the
+    log moving on, and every line after them was late behind a time 500 years on."""
+    t0 = 1_796_303_000.0  # (2026-12-03: digits of it, cut or run on, give the others)
+    ahead, back = 17_963_030_549.0, 179_630_305.0
+    times: list[float | None] = [t0 + i * 0.1 for i in range(100)]
+    times += [ahead, back, ahead + 3, 17.0] * 20
+    times += [t0 + 10.0 + i * 0.1 for i in range(300)]
+    at, report = _placed(*times)
+    assert report.ahead == 40
+    for i, t in enumerate(times):
+        if t is not None and t0 <= t < t0 + 100.0:
+            assert t < at[i] <= t + PULSE_S, (i, t, at[i])
+
+
+def test_a_clock_stepped_back_for_good_while_lines_wait_ahead_goes_on_from_there() -> None:
+    """Lines stamped an hour ahead wait; then the clock is stepped back a day, for good
+    (`MAX_AHEAD_LINES` lines and more): the lines after the step keep the stepped clock's
+    time, as they do without lines waiting."""
+    hour, day = 3_600.0, 86_400.0
+    times: list[float | None] = [day + i * 0.1 for i in range(100)]
+    times += [day + 10.0 + hour + i * 0.1 for i in range(5)]
+    times += [100.0 + i * 0.1 for i in range(MAX_AHEAD_LINES + 100)]
+    at, _ = _placed(*times)
+    for i in range(105 + MAX_AHEAD_LINES, len(times)):
+        t = times[i]
+        assert t is not None and t < at[i] <= t + PULSE_S, (i, t, at[i])
+
+
 def _split(tail: Tail, chunk: bytes) -> list[str]:
     data = tail.pending + chunk
     cut = data.rfind(b"\n")
