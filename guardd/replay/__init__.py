@@ -486,14 +486,16 @@ def _uncovered(
         return "its time cannot be read", False
     if sim.first_ts is None or sim.last_ts is None:
         return "no record", False
+    # (The warm-up before `--from` was replayed too: the config saw what began in it.)
+    first_ts = sim.first_ts if sim.earliest_ts is None else min(sim.first_ts, sim.earliest_ts)
     if t > sim.last_ts + after:
         return f"the history ends {_secs(t - sim.last_ts)} before it", False
-    if sim.first_ts > t - before:
-        if sim.first_ts <= t:
-            begins = f"the history begins {_secs(t - sim.first_ts)} before it"
+    if first_ts > t - before:
+        if first_ts <= t:
+            begins = f"the history begins {_secs(t - first_ts)} before it"
         else:
-            begins = f"the history begins {_secs(sim.first_ts - t)} after it"
-        return f"{begins}, and {need} take {_secs(before)}", sim.first_ts > t
+            begins = f"the history begins {_secs(first_ts - t)} after it"
+        return f"{begins}, and {need} take {_secs(before)}", first_ts > t
     for end, gap in sim.gaps:
         if t - before < end and end - gap < t:
             return f"records lost for {_secs(gap)} before {rfc3339(end)}", True
@@ -630,11 +632,13 @@ def _incidents(
     until: float | None,
     instance: str,
     own: Any,
+    warmup: list[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The real journal's incidents of the period, each with when config `c` detected it
-    (`_report.detect`), whether the history covers it (`_covered`; its logs as `c`'s own
-    replay `own` read them) and the color `c` served then (`served`); and the decisions
-    that detect no incident (`_report.unmatched`)."""
+    (`_report.detect`, among `decisions` and those of the `warmup` before `--from`: an
+    incident just after it may have been detected just before), whether the history covers
+    it (`_covered`; its logs as `c`'s own replay `own` read them) and the color `c` served
+    then (`served`); and the decisions that detect no incident (`_report.unmatched`)."""
     tolerance = _match_window(c)
     lo = since if since is not None else first.first_ts
     # Without `--to`, every incident after the history too: a history that ends before
@@ -652,7 +656,7 @@ def _incidents(
     # In time order, as everything the report lists, whatever order the journal holds them
     # in (reversed, edited: `journal_out_of_order`).
     incidents.sort(key=lambda e: _report.seconds(e.get("ts")) or 0.0)
-    found = _report.detect(incidents, decisions, tolerance)
+    found = _report.detect(incidents, warmup + decisions, tolerance)
     # (Before a detection in a hole of the records is unsaid below: it is still the
     # decision about that incident, never one the live guard did not take.)
     unmatched = _report.unmatched(found, decisions)
@@ -812,6 +816,16 @@ async def _replay_all(
             for e in sim.journal.events
             if e.get("event") in _report.DECISIONS and _report.within(e.get("ts"), since, until)
         ]
+        # (The warm-up's last decisions, a match window before `--from`: not of the period,
+        # but the detection of an incident just after it.)
+        warmup = [
+            _report.decision(e)
+            for e in sim.journal.events
+            if since is not None
+            and e.get("event") in _report.DECISIONS
+            and _report.within(e.get("ts"), since - _match_window(s.config), since)
+            and not _report.within(e.get("ts"), since, until)
+        ]
         for d in decisions:
             # (A rule on a log whose window lost lines decided on what was left.)
             d["caveat"] = _log_gap(d["at"], d["rule"], s.config, sim) if d["rule"] else None
@@ -824,6 +838,7 @@ async def _replay_all(
             until=until,
             instance=settings.instance,
             own=sim,
+            warmup=warmup,
         )
         if i == 0:
             journaled = [e for e in real if e.get("origin") != "observations"]

@@ -336,6 +336,28 @@ def test_from_and_to_bound_the_decisions(tmp_path: Path, tl: Timeline) -> None:
     assert "no history between" in recent.stderr and recent.stdout == ""
 
 
+def test_an_incident_just_after_from_detected_just_before_it_is_detected(
+    tmp_path: Path, tl: Timeline
+) -> None:
+    """`--from` pasted from the journal's incident time, with a config that detects it a
+    round sooner: its decision falls in the warm-up before `--from`. The incident is
+    detected (its delay as ever), never "not covered" for a history said to begin after
+    it, nor "not detected"; and the decision is no decision of the period."""
+    tl.green_rolled_back()
+    tl.rounds(100)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    sooner = ("--set", "policy.consecutive_failures=2")
+    [whole] = replay_json("--config", str(cfg), *sooner)["configs"][0]["incidents"]
+    assert whole["delay_s"] < 0, whole
+    doc = replay_json("--config", str(cfg), *sooner, "--from", whole["at"])
+    [inc] = doc["configs"][0]["incidents"]
+    assert inc["covered"] is True, inc
+    assert (inc["detected_at"], inc["delay_s"]) == (whole["detected_at"], whole["delay_s"])
+    assert decisions(doc, "rollback_completed") == []
+    assert doc["configs"][0]["unmatched"] == []
+
+
 def _iso(ts: float) -> str:
     from guardd.journal import rfc3339  # noqa: PLC0415
 
