@@ -410,6 +410,8 @@ def _with_unjournaled(
             "reason": reason,
             "by": "guardd",
             "origin": "observations",
+            # (The rule and severity as the guard's reason names them: `P0 rule: ...`.)
+            **_named_rule(reason, source),
         }
         for ts, source, target, reason in sim.live_rollbacks
         if (lo is None or ts >= lo)
@@ -421,6 +423,16 @@ def _with_unjournaled(
     return [*real, *added], len(added)
 
 
+def _named_rule(reason: object, color: object) -> dict[str, Any]:
+    """The severity and rule a guard's rollback reason (`P0 consecutive_failures: 3 >= 3
+    on green; ...`) names, as a journal incident holds them; nothing for another text."""
+    m = _REASON.match(reason) if isinstance(reason, str) else None
+    if m is None:
+        return {}
+    return {"severity": m["severity"], "evidence": {"rule": m["rule"], "color": color}}
+
+
+_REASON: Final = re.compile(r"(?P<severity>P[0-2]) (?P<rule>[^\s:]+):")
 #: How near a journaled rollback must be to a recorded switch by guardd to be its own (s).
 _UNJOURNALED_S: Final = 60.0
 

@@ -106,7 +106,9 @@ class Timeline:
         self.rounds(150)
         self.rounds(3, green="http_5xx")
         self.rolled_back()
-        self.recorder.switch("green", "blue", by="guardd", reason="rollback")
+        # (As the daemon records it: the journal event's reason and severity.)
+        reason = "P0 consecutive_failures: 3 >= 3 on green; rolling back to blue"
+        self.recorder.switch("green", "blue", by="guardd", reason=reason, severity="P0")
 
     def failing_run(self, *, healthy_after: int = 100, down: float = 600.0) -> float:
         """A run in which green fails and is rolled back live (journaled), is promoted back

@@ -1059,6 +1059,8 @@ def test_a_journal_cut_short_leaves_what_it_lacks_unknown(tmp_path: Path) -> Non
     # (The two rollbacks after the cut are in the observations: taken from there.)
     incidents = doc["configs"][0]["incidents"]
     assert len(incidents) == 3 and all(i["detected_at"] for i in incidents), incidents
+    # (With the rule their recorded reason names, as the journal would have held it.)
+    assert [i["rule"] for i in incidents] == ["consecutive_failures"] * 3, incidents
     assert doc["configs"][0]["unmatched"] == []
     ended = rfc3339(parse_rfc3339(json.loads(lines[1])["ts"]))
     assert doc["journal_gap"] == (
