@@ -854,6 +854,9 @@ class Simulation:
             report.fill(wall - PULSE_S, wall)
         else:
             report.outside += n
+            if first is None or wall < first:
+                last = report.before_history
+                report.before_history = wall if last is None else max(last, wall)
 
     # ---- the run ----------------------------------------------------------------------
 

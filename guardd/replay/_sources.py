@@ -65,6 +65,8 @@ class SourceReport:
     problems: list[str] = field(default_factory=list)
     #: Lines (or samples) read that fell outside the history replayed.
     outside: int = 0
+    #: The latest time of those before the history's first record (None: none).
+    before_history: float | None = None
     #: How the signal was replayed, in words; None when it could not be (then `why`).
     replayed: str | None = None
     why: str | None = None
@@ -131,7 +133,17 @@ class SourceReport:
             return "not one line of it was replayed (no file, an empty one, or none in the history)"
         if at - window < self.first_line - PULSE_S:
             when = "after it" if at < self.first_line else "within the window it was judged on"
-            return f"its lines begin at {rfc3339(self.first_line)}, {when} (rotated away?)"
+            # (A log read up to the history's first record goes on before it: the history,
+            # not the log, begins there, as the daemon reading it live began at its end.)
+            goes_on = self.before_history is not None and (
+                self.before_history >= self.first_line - _GOES_ON_S
+            )
+            why = (
+                "the lines before it are before the history's first record"
+                if goes_on
+                else ("rotated away?")
+            )
+            return f"its lines begin at {rfc3339(self.first_line)}, {when} ({why})"
         if at > self.last_line + PULSE_S:
             return f"its lines end at {rfc3339(self.last_line)}, before it"
         for i, (lo, hi) in enumerate(self.holes):
@@ -222,6 +234,8 @@ _SAMPLE_RATE: Final = 4
 _SAMPLED: Final = 1 << 15
 #: Lines held between two sampled ones, at most (then judged by the one before alone).
 _HELD: Final = 4096
+#: How near the history's first line a line before it says the log went on (seconds).
+_GOES_ON_S: Final = 60.0
 #: The files whose times are kept (the newest), to judge a line between sampled ones.
 _MAX_SPANS: Final = 64
 

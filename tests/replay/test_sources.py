@@ -359,3 +359,24 @@ def test_alike_lines_again_after_a_clock_stepped_back_are_read(tmp_path: Path) -
         for line in chunk
     ]
     assert got == before + after and report.twice == 0, report.problems
+
+
+@pytest.mark.parametrize(
+    ("before_history", "why"),
+    [
+        (None, "rotated away?"),  # (no line before: the log's beginning is lost)
+        (995.0, "the lines before it are before the history's first record"),
+        (100.0, "rotated away?"),  # (lines long before, none near: a rotation lost between)
+    ],
+)
+def test_a_window_before_the_first_line_says_whether_the_log_went_on_before_it(
+    before_history: float | None, why: str
+) -> None:
+    """A rule judged at 1,010 s over 60 s, the log's lines replayed from 1,000 s: when the
+    log went on up to the history's first record (its lines before it outside the
+    history, as a daemon started then reads from the log's end), that is why, never
+    "rotated away?"."""
+    report = SourceReport("access_log", first_line=1000.0, last_line=2000.0)
+    report.before_history = before_history
+    said = report.covers(1010.0, 60.0)
+    assert said is not None and said.endswith(f"within the window it was judged on ({why})")
