@@ -688,8 +688,30 @@ def read_batches(
                 f"{name}: ends unfinished (the daemon stopped without closing it, or a copy "
                 "was cut short): what it holds up to there is read"
             )
+        elif not _ends_a_write(Path(name)):
+            # The newest file of a running daemon ends unfinished too, but on a write's
+            # end: the recorder ends each on a sync-flush marker.
+            report.problems.append(
+                f"{name}: ends within a write (being written as it was read, a write cut off, "
+                "or a copy cut short): what it holds up to there is read"
+            )
 
 
+def _ends_a_write(path: Path) -> bool:
+    """Whether the file at `path` ends as each of the recorder's writes does: on zlib's
+    sync-flush marker (an empty stored block, `00 00 ff ff`); True when it cannot tell."""
+    try:
+        with open_regular(path) as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < len(_SYNC_MARK):
+                return True
+            f.seek(-len(_SYNC_MARK), os.SEEK_END)
+            return f.read() == _SYNC_MARK
+    except OSError:
+        return True  # (what reading it met is said already)
+
+
+_SYNC_MARK: Final = b"\x00\x00\xff\xff"
 _get = dict.get
 _make = tuple.__new__  # `Record(...)` without its Python-level `__new__`: the same tuple
 #: The records `read_batches` holds back from a chunk for the next one (about 100 s of a

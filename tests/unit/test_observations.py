@@ -194,14 +194,16 @@ def test_a_member_cut_short_anywhere_loses_only_its_unwritten_tail(tmp_path: Pat
         assert got >= (1 + 2 * whole_batches if whole_batches else 0), cut
         assert not report.problems, (cut, report.problems)
         assert report.runs == (2 if got else 1)
-    # Cut short at the very end (a crash, or a daemon still writing): the whole lines stay.
+    # Cut short at the very end (a crash, or a daemon still writing): the whole lines stay,
+    # and a cut within a write is said.
     for cut in range(boundary + 1, len(whole), 5):
         path.write_bytes(whole[:cut])
         records, report = read(tmp_path)
         docs = [r.doc for r in records]
         assert docs[: len(first)] == first
         assert docs[len(first) :] == second[: len(docs) - len(first)]
-        assert not report.problems, cut
+        within = not whole[:cut].endswith(b"\x00\x00\xff\xff")
+        assert report.problems == [CUT_IN_A_WRITE.format(path=path)] * within, cut
 
 
 def test_corrupt_bytes_skip_to_the_next_member(tmp_path: Path) -> None:
@@ -902,3 +904,32 @@ def test_a_file_renamed_under_a_later_day_is_read_and_said(
         "renamed or copied under a later day?); read all the same"
     )
     assert report.problems == [said]
+
+
+CUT_IN_A_WRITE = (
+    "{path}: ends within a write (being written as it was read, a write cut off, or a copy "
+    "cut short): what it holds up to there is read"
+)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 3, 200])
+def test_the_newest_file_cut_within_a_write_is_said(tmp_path: Path, cut: int) -> None:
+    """The newest file of a running daemon ends unfinished, on the sync-flush marker its
+    every write ends with: nothing to say. One cut short of that (a copy cut, a write cut
+    off) is said, and every whole record before the cut is read."""
+    clocks = Clocks(wall=EVE + 100)
+    rec = recorder(tmp_path, clocks)
+    rec.start(active="blue", probe_interval_s=1.0)
+    _healthy_rounds(rec, clocks, 50)
+    rec.write()
+    [path] = history_files(tmp_path)
+    running = path.read_bytes()  # (as the daemon leaves it between writes)
+    rec.close()
+    path.write_bytes(running[: len(running) - cut])
+    got, report = read(tmp_path)
+    said = [p for p in report.problems if "ends within a write" in p]
+    if cut == 0:
+        assert len(got) == 51 and report.problems == []
+    else:
+        assert said == [CUT_IN_A_WRITE.format(path=path)]
+        assert 0 < len(got) <= 51
