@@ -303,6 +303,55 @@ class _LiveJournal(NamedTuple):
 _JOURNAL_BACK_S: Final = 30.0
 
 
+def _beyond_period(
+    unmatched: list[dict[str, Any]],
+    real: list[dict[str, Any]],
+    *,
+    instance: str,
+    since: float | None,
+    until: float | None,
+    c: Any,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """`unmatched` without the decisions within the match window of a live incident of
+    their color outside `--from` .. `--to` (the live guard did act then, after the period
+    ends or before it begins); and those, by their time, each with that incident's."""
+    if since is None and until is None:
+        return unmatched, {}
+    tolerance = _match_window(c)
+    outside = [
+        (t, placed.get("from"), placed.get("ts"))
+        for e in real
+        if e.get("event") in _report.INCIDENTS
+        and e.get("guard", instance) == instance
+        and not _report.within((placed := _decided(e, real)).get("ts"), since, until)
+        and (t := _report.seconds(placed.get("ts"))) is not None
+    ]
+    beyond: dict[str, str] = {}
+    for d in unmatched:
+        at = _report.seconds(d["at"])
+        near = [
+            (abs(t - at), str(ts))
+            for t, color, ts in outside
+            if at is not None and color == d["color"] and abs(t - at) <= tolerance
+        ]
+        if near:
+            beyond[d["at"]] = min(near)[1]
+    return [d for d in unmatched if d["at"] not in beyond], beyond
+
+
+def _beyond_note(beyond: dict[str, str]) -> list[str]:
+    """The note on decisions near an end of the period that detect a live incident past it."""
+    if not beyond:
+        return []
+    shown = ", ".join(f"{at} (the live incident at {ts})" for at, ts in list(beyond.items())[:5])
+    more = f" and {len(beyond) - 5} more" if len(beyond) > 5 else ""
+    note = (
+        f"{len(beyond)} decision(s) near an end of the period are within the match window of "
+        f"a live incident outside it, never 'where the live guard did not act': {shown}{more}"
+    )
+    return [note]
+
+
 def _moves_note(moves: Sequence[tuple[float, str, str]]) -> list[str]:
     """The note on an operator's moves the replay did not make: the replayed config
     already served their color (it held, or rolled back where the live guard did not)."""
@@ -393,10 +442,12 @@ def _with_unjournaled(
     Without them, the replay's rollback there read "where the live guard did not act"."""
     from guardd.journal import rfc3339  # noqa: PLC0415
 
+    # (A `rollback_started` alone is no incident the report matches: its end was cut off
+    # the journal, and the switch the observations hold is taken in its place.)
     journaled = [
         (t, e.get("from"), e.get("to"))
         for e in real
-        if e.get("event") in ("rollback_completed", "rollback_failed", "rollback_started")
+        if e.get("event") in ("rollback_completed", "rollback_failed")
         and e.get("guard", instance) == instance
         and (t := _report.seconds(e.get("ts"))) is not None
     ]
@@ -852,6 +903,10 @@ async def _replay_all(
             own=sim,
             warmup=warmup,
         )
+        # A decision near an end of the period may detect a live incident beyond it.
+        unmatched, beyond = _beyond_period(
+            unmatched, real, instance=settings.instance, since=since, until=until, c=s.config
+        )
         if i == 0:
             journaled = [e for e in real if e.get("origin") != "observations"]
             span, journal_gap = _journal_span(journaled, first, settings.instance)
@@ -874,7 +929,8 @@ async def _replay_all(
                     sim.probes_fed,
                     sim.thinned,
                 )
-                + _moves_note(sim.moves_without_effect),
+                + _moves_note(sim.moves_without_effect)
+                + _beyond_note(beyond),
                 "decisions": decisions,
                 "summary": _report.summary(decisions),
                 "incidents": found,

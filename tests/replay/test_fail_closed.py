@@ -1073,6 +1073,30 @@ def test_a_journal_cut_short_leaves_what_it_lacks_unknown(tmp_path: Path) -> Non
     assert f"  ({doc['journal_gap']})" in replay("--config", str(cfg)).stdout
 
 
+def test_a_rollback_whose_end_the_journal_lacks_is_taken_from_the_observations(
+    tmp_path: Path,
+) -> None:
+    """The journal holds a rollback's `rollback_started` but not its `rollback_completed`
+    (a line deleted, the journal edited); the observations hold its switch by guardd. The
+    replay's rollback there is that incident's detection, taken from the observations and
+    said, never "the live guard did not act then"."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    tl.rounds(150)
+    tl.rounds(3, green="http_5xx")
+    reason = "P0 consecutive_failures: 3 >= 3 on green; rolling back to blue"
+    tl.incident("rollback_started", source="green", target="blue", reason=reason, severity="P0")
+    tl.recorder.switch("green", "blue", by="guardd", reason=reason, severity="P0")
+    tl.rounds(100)
+    tl.close()
+    doc = replay_json("--config", str(config(tmp_path, state)))
+    [inc] = doc["configs"][0]["incidents"]
+    assert inc["rule"] == "consecutive_failures" and inc["detected_at"] is not None, inc
+    assert doc["configs"][0]["unmatched"] == []
+    assert "taken from the observations" in (doc["journal_gap"] or ""), doc["journal_gap"]
+
+
 def test_compare_given_twice_is_a_usage_error(tmp_path: Path) -> None:
     """`--compare A --compare B` kept B and dropped A unsaid: a usage error now (exit 2)."""
     done = replay("--config", "x.toml", "--compare", "a.toml", "--compare", "b.toml")

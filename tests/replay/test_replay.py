@@ -358,6 +358,35 @@ def test_an_incident_just_after_from_detected_just_before_it_is_detected(
     assert doc["configs"][0]["unmatched"] == []
 
 
+def test_a_decision_just_before_to_detecting_an_incident_after_it_is_no_false_alarm(
+    tmp_path: Path, tl: Timeline
+) -> None:
+    """`--to` between a config's rollback and the live one it detects a round sooner: the
+    decision is in the period, the incident after it. It is not "where the live guard did
+    not act" (it did, just after `--to`): a note says which incident it is near."""
+    tl.green_rolled_back()
+    tl.rounds(100)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    sooner = ("--set", "policy.consecutive_failures=2")
+    [whole] = replay_json("--config", str(cfg), *sooner)["configs"][0]["incidents"]
+    cut = _iso((parse_rfc3339(whole["detected_at"]) + parse_rfc3339(whole["at"])) / 2)
+    doc = replay_json("--config", str(cfg), *sooner, "--to", cut)
+    c = doc["configs"][0]
+    assert c["incidents"] == [] and len(decisions(doc, "rollback_completed")) == 1
+    assert c["unmatched"] == [], c["unmatched"]
+    note = (
+        "1 decision(s) near an end of the period are within the match window of a live "
+        f"incident outside it, never 'where the live guard did not act': "
+        f"{whole['detected_at']} (the live incident at {whole['at']})"
+    )
+    assert note in c["notes"], c["notes"]
+    assert (
+        "Decided where the live guard did not"
+        not in replay("--config", str(cfg), *sooner, "--to", cut).stdout
+    )
+
+
 def _iso(ts: float) -> str:
     from guardd.journal import rfc3339  # noqa: PLC0415
 
