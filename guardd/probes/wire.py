@@ -92,17 +92,14 @@ Connector = Callable[[Target, "ssl.SSLContext | None"], Awaitable[anyio.abc.Byte
 async def connect(target: Target, tls: ssl.SSLContext | None) -> anyio.abc.ByteStream:
     """A TCP connection to `target`, wrapped in TLS (stdlib `ssl`) when `tls` is given.
 
-    Raises `OSError` (refused, unreachable, DNS) or `ssl.SSLError`; a plain connection to
-    an address literal may raise the handshake's `OSError` at its first send instead.
+    Raises `OSError` (refused, unreachable, DNS) or `ssl.SSLError`.
     """
     family = target.family
     stream: anyio.abc.ByteStream
     if family is None:
         stream = await anyio.connect_tcp(target.host, target.port)
     else:
-        # Plain HTTP sends the request first, so the handshake need not be waited for; TLS
-        # wraps the stream, and anyio's TLS stream turns an `OSError` into another error.
-        stream = await connect_literal(target.host, target.port, family, early=tls is None)
+        stream = await connect_literal(target.host, target.port, family)
     if tls is None:
         return stream
     literal = family is not None
@@ -227,7 +224,7 @@ async def get(
             pass  # closed by the server while idle (nginx's keepalive_timeout): reconnect
     stream = await connector(target, tls if target.scheme == "https" else None)
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
-    return await _exchange(stream, conn, target, headers, fresh=True)
+    return await _exchange(stream, conn, target, headers)
 
 
 def _request_bytes(
@@ -260,11 +257,7 @@ async def _exchange(
     conn: h11.Connection,
     target: Target,
     headers: Sequence[tuple[str, str]],
-    *,
-    fresh: bool = False,
 ) -> Response:
-    """Send the request on `stream` and read the answer's head; `fresh`: a new connection,
-    whose parser holds nothing yet."""
     try:
         # The config's `Host`, when given (a virtual host behind the URL's address),
         # replaces the URL's: two would be refused.
@@ -277,10 +270,6 @@ async def _exchange(
         except anyio.BrokenResourceError as e:
             cause = e.__cause__
             raise cause if isinstance(cause, OSError) else ConnectionResetError(104, str(e)) from e
-        if fresh:
-            # Nothing was received on a new connection yet: asking h11 first would only
-            # say NEED_DATA, a parse of an empty buffer per probe.
-            conn.receive_data(await _receive(stream))
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,7 +344,7 @@ class NginxSwitcher:
         # absolute targets), and paths are resolved only for a link made some other way.
         for link in (self.undo_link, self.active_link):
             try:
-                text = os.readlink(link)  # noqa: PTH115 - the text; a Path of it is not needed
+                text = str(link.readlink())
             except OSError:
                 continue  # no such link (or not a link): the next one is the answer
             for color, target in self.targets.items():
