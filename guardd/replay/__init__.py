@@ -319,12 +319,10 @@ def _beyond_period(
         return unmatched, {}
     tolerance = _match_window(c)
     outside = [
-        (t, placed.get("from"), placed.get("ts"))
-        for e in real
-        if e.get("event") in _report.INCIDENTS
-        and e.get("guard", instance) == instance
-        and not _report.within((placed := _decided(e, real)).get("ts"), since, until)
-        and (t := _report.seconds(placed.get("ts"))) is not None
+        (t, inc.get("from"), inc.get("ts"))
+        for inc in _journal_incidents(real, instance)
+        if not _report.within(inc.get("ts"), since, until)
+        and (t := _report.seconds(inc.get("ts"))) is not None
     ]
     beyond: dict[str, str] = {}
     for d in unmatched:
@@ -632,19 +630,13 @@ def _later_than_live(inc: dict[str, Any], c: Any, recorded: float | None) -> str
     )
 
 
-def _signal_uncovered(inc: dict[str, Any], c: Any, sim: Simulation) -> str | None:
-    """Why the log a live incident's rule reads holds nothing of it (None: it may), for an
-    incident the live guard decided on a log signal's rule (`access_log`, `log_match`): the
-    files begin after it (rotated away), end before it, or leave a hole around it. The
-    config's rules could not see it: not covered, never "not detected"."""
-    return _log_gap(inc.get("at"), inc.get("rule"), c, sim)
-
-
 def _log_gap(at: object, name: object, c: Any, sim: Simulation) -> str | None:
-    """Why the log the rule `name` of config `c` reads holds not all it judged at the
-    moment `at` (the lines of its window before it), or None: it may, or the rule reads no
-    log. A decision on it was taken on what was left (a caveat); an incident it decided is
-    not covered."""
+    """Why the log the rule `name` of config `c` reads (`access_log`, `log_match`) holds
+    not all it judged at the moment `at` (the lines of its window before it: the files
+    begin after it, rotated away; end before it; leave a hole around it), or None: it may,
+    or the rule reads no log. A decision on it was taken on what was left (a caveat); an
+    incident the live guard decided on it could not be seen by the config's rules: not
+    covered, never "not detected"."""
     t = _report.seconds(at)
     rule = _rule_named(c, name)
     report = sim.sources.get(rule.signal) if rule is not None else None
@@ -671,6 +663,16 @@ def _rule_named(c: Any, name: object) -> Any:
 def _rule_name(rule: Any) -> str:
     """A `[[rules]]` row's name: its own, or `signal.stat` as the guard names it."""
     return getattr(rule, "name", None) or f"{rule.signal}.{rule.stat}"
+
+
+def _journal_incidents(real: list[dict[str, Any]], instance: str) -> list[dict[str, Any]]:
+    """The incidents of guard `instance` in the journal `real`, each placed at its
+    decision (`_decided`)."""
+    return [
+        _decided(e, real)
+        for e in real
+        if e.get("event") in _report.INCIDENTS and e.get("guard", instance) == instance
+    ]
 
 
 def _decided(event: dict[str, Any], journal: list[dict[str, Any]]) -> dict[str, Any]:
@@ -710,11 +712,9 @@ def _incidents(
     # An incident is in the period by the time it is placed at (a rollback's decision),
     # as it is shown and matched: never dropped for its switch ending after `--to`.
     incidents = [
-        placed
-        for e in real
-        if e.get("event") in _report.INCIDENTS
-        and e.get("guard", instance) == instance
-        and _report.within((placed := _decided(e, real)).get("ts"), lo, until)
+        inc
+        for inc in _journal_incidents(real, instance)
+        if _report.within(inc.get("ts"), lo, until)
     ]
     # In time order, as everything the report lists, whatever order the journal holds them
     # in (reversed, edited: `journal_out_of_order`).
@@ -731,7 +731,7 @@ def _incidents(
     for inc in found:
         why, lost = _uncovered(inc.get("at"), first, before, after, need)
         if why is None:
-            why = _signal_uncovered(inc, c, own)
+            why = _log_gap(inc.get("at"), inc.get("rule"), c, own)
             # A decision on the same log judged the window it lacks (no detection time);
             # one the config took on another signal still detects it.
             judged, detected = (
@@ -755,6 +755,32 @@ def _incidents(
         inc["bound"] = _later_than_live(inc, c, first.recorded_interval)
         inc["match_window_s"] = tolerance
     return found, unmatched
+
+
+def _decisions_between(
+    events: list[dict[str, Any]], lo: float | None, hi: float | None
+) -> list[dict[str, Any]]:
+    """The decisions among the replayed guard's journal `events` from `lo` to `hi`
+    (seconds; None: no bound), as the report lists them (`_report.decision`)."""
+    return [
+        _report.decision(e)
+        for e in events
+        if e.get("event") in _report.DECISIONS and _report.within(e.get("ts"), lo, hi)
+    ]
+
+
+def _warmup_decisions(
+    events: list[dict[str, Any]], since: float | None, until: float | None, window: float
+) -> list[dict[str, Any]]:
+    """The warm-up's last decisions, `window` seconds before `--from` (`since`; none
+    without it): not of the period, but the detection of an incident just after it."""
+    if since is None:
+        return []
+    return [
+        d
+        for d in _decisions_between(events, since - window, since)
+        if not _report.within(d["at"], since, until)
+    ]
 
 
 def _journal_span(
@@ -874,21 +900,8 @@ async def _replay_all(
                     "does not (it is cut short or edited): taken from the observations"
                 )
         first = first or sim
-        decisions = [
-            _report.decision(e)
-            for e in sim.journal.events
-            if e.get("event") in _report.DECISIONS and _report.within(e.get("ts"), since, until)
-        ]
-        # (The warm-up's last decisions, a match window before `--from`: not of the period,
-        # but the detection of an incident just after it.)
-        warmup = [
-            _report.decision(e)
-            for e in sim.journal.events
-            if since is not None
-            and e.get("event") in _report.DECISIONS
-            and _report.within(e.get("ts"), since - _match_window(s.config), since)
-            and not _report.within(e.get("ts"), since, until)
-        ]
+        decisions = _decisions_between(sim.journal.events, since, until)
+        warmup = _warmup_decisions(sim.journal.events, since, until, _match_window(s.config))
         for d in decisions:
             # (A rule on a log whose window lost lines decided on what was left.)
             d["caveat"] = _log_gap(d["at"], d["rule"], s.config, sim) if d["rule"] else None

@@ -138,11 +138,9 @@ class SourceReport:
             goes_on = self.before_history is not None and (
                 self.before_history >= self.first_line - _GOES_ON_S
             )
-            why = (
-                "the lines before it are before the history's first record"
-                if goes_on
-                else ("rotated away?")
-            )
+            why = "rotated away?"
+            if goes_on:
+                why = "the lines before it are before the history's first record"
             return f"its lines begin at {rfc3339(self.first_line)}, {when} ({why})"
         if at > self.last_line + PULSE_S:
             return f"its lines end at {rfc3339(self.last_line)}, before it"
