@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -336,13 +337,11 @@ def test_from_and_to_bound_the_decisions(tmp_path: Path, tl: Timeline) -> None:
     assert "no history between" in recent.stderr and recent.stdout == ""
 
 
-def test_an_incident_just_after_from_detected_just_before_it_is_detected(
+def _detected_a_round_sooner(
     tmp_path: Path, tl: Timeline
-) -> None:
-    """`--from` pasted from the journal's incident time, with a config that detects it a
-    round sooner: its decision falls in the warm-up before `--from`. The incident is
-    detected (its delay as ever), never "not covered" for a history said to begin after
-    it, nor "not detected"; and the decision is no decision of the period."""
+) -> tuple[Path, tuple[str, str], dict[str, Any]]:
+    """Green rolled back live; a `--set` that detects it a round sooner. The config, that
+    `--set`, and the incident as the whole history replayed with it gives it."""
     tl.green_rolled_back()
     tl.rounds(100)
     tl.close()
@@ -350,6 +349,17 @@ def test_an_incident_just_after_from_detected_just_before_it_is_detected(
     sooner = ("--set", "policy.consecutive_failures=2")
     [whole] = replay_json("--config", str(cfg), *sooner)["configs"][0]["incidents"]
     assert whole["delay_s"] < 0, whole
+    return cfg, sooner, whole
+
+
+def test_an_incident_just_after_from_detected_just_before_it_is_detected(
+    tmp_path: Path, tl: Timeline
+) -> None:
+    """`--from` pasted from the journal's incident time, with a config that detects it a
+    round sooner: its decision falls in the warm-up before `--from`. The incident is
+    detected (its delay as ever), never "not covered" for a history said to begin after
+    it, nor "not detected"; and the decision is no decision of the period."""
+    cfg, sooner, whole = _detected_a_round_sooner(tmp_path, tl)
     doc = replay_json("--config", str(cfg), *sooner, "--from", whole["at"])
     [inc] = doc["configs"][0]["incidents"]
     assert inc["covered"] is True, inc
@@ -364,12 +374,7 @@ def test_a_decision_just_before_to_detecting_an_incident_after_it_is_no_false_al
     """`--to` between a config's rollback and the live one it detects a round sooner: the
     decision is in the period, the incident after it. It is not "where the live guard did
     not act" (it did, just after `--to`): a note says which incident it is near."""
-    tl.green_rolled_back()
-    tl.rounds(100)
-    tl.close()
-    cfg = config(tmp_path, tmp_path / "state")
-    sooner = ("--set", "policy.consecutive_failures=2")
-    [whole] = replay_json("--config", str(cfg), *sooner)["configs"][0]["incidents"]
+    cfg, sooner, whole = _detected_a_round_sooner(tmp_path, tl)
     cut = _iso((parse_rfc3339(whole["detected_at"]) + parse_rfc3339(whole["at"])) / 2)
     doc = replay_json("--config", str(cfg), *sooner, "--to", cut)
     c = doc["configs"][0]
