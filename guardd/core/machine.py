@@ -25,7 +25,7 @@ _OUTCOME_OK = Outcome.OK
 #: `GuardMachine.moving_key`: seen healthy, front door stale, each window stale, the runs
 #: of successes (active >= n, active > 0, standby >= n, standby > 0), what the rules read
 #: of the active window and of the standby's.
-MovingKey = tuple[bool, bool | None, bool, bool, bool, bool, bool, bool, ProbeKey, ProbeKey]
+MovingKey = tuple[bool, bool, bool | None, bool, bool, bool, bool, bool, bool, ProbeKey, ProbeKey]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,20 +124,58 @@ class Decision:
 
 @dataclass(slots=True)
 class _Edges:
-    """Conditions already reported, so that each is journaled once per incident."""
+    """Conditions already reported, so that each is journaled once per episode.
 
+    An episode ends once its condition has stayed clear for `keep_firing_for` seconds (the
+    policy window), as Prometheus's `keep_firing_for` keeps an alert firing: a condition that
+    clears for a moment and comes back (a slow target going stale between its answers, a
+    probe failing every other round) is one episode, not an alert per flap. An operator's act
+    or a completed rollback ends episodes at once (`clear`).
+    """
+
+    keep_firing_for: float
     raised: set[str] = field(default_factory=set)
+    # Raised keys whose condition is clear, each with the monotonic time it last cleared.
+    # Not kept across a restart: after one, a clear episode is waited out afresh, which
+    # can only merge two episodes, never alert one twice.
+    quiet: dict[str, float] = field(default_factory=dict)
 
-    def first(self, key: str) -> bool:
-        if key in self.raised:
-            return False
-        self.raised.add(key)
-        return True
+    def first(self, key: str, now: float) -> bool:
+        """Whether the condition `key`, present at `now`, starts an episode."""
+        if key not in self.raised:
+            self.raised.add(key)
+            return True
+        since = self.quiet.pop(key, None) if self.quiet else None
+        # Ended, though no decision since saw it end (`repeat_key` skipped them).
+        return since is not None and now - since >= self.keep_firing_for
+
+    def settle(self, now: float, *prefixes: str) -> None:
+        """The conditions under `prefixes` are clear at `now`: end those clear for long
+        enough, start the wait of the others."""
+        if not (self.raised and any(k.startswith(prefixes) for k in self.raised)):
+            return  # most ticks: nothing raised to settle
+        quiet = self.quiet
+        for key in [k for k in self.raised if k.startswith(prefixes)]:
+            since = quiet.setdefault(key, now)
+            if now - since >= self.keep_firing_for:
+                self.raised.discard(key)
+                del quiet[key]
+
+    def keep(self, key: str) -> None:
+        """The condition `key` is not clear yet, though it raises nothing now."""
+        if self.quiet:
+            self.quiet.pop(key, None)
+
+    def ending(self, now: float) -> bool:
+        """Whether an episode waiting to end has waited long enough at `now`."""
+        return any(now - since >= self.keep_firing_for for since in self.quiet.values())
 
     def clear(self, *prefixes: str) -> None:
+        """End the episodes under `prefixes` now."""
         # Most ticks have nothing to clear: the set is then kept as it is.
         if self.raised and any(k.startswith(prefixes) for k in self.raised):
             self.raised = {k for k in self.raised if not k.startswith(prefixes)}
+            self.quiet = {k: t for k, t in self.quiet.items() if k in self.raised}
 
 
 # The key of the lost-protection episode in `_Edges`: journaled once, re-armed on recovery.
@@ -276,7 +314,7 @@ class GuardMachine:
         # window that followed is still held, so a flapping color cannot ping-pong traffic.
         self.rolled_away_from: Color | None = None
         self.last_decision: Decision | None = None
-        self._edges = _Edges()
+        self._edges = _Edges(spec.window)
         # Colors that passed a probe since start (or since their URLs last changed): a
         # color never seen healthy may just have a wrong probe URL.
         self.seen_healthy: set[Color] = set()
@@ -302,6 +340,7 @@ class GuardMachine:
         self.spec = spec
         self.probe_interval = probe_interval
         self.policy = Policy(spec)
+        self._edges.keep_firing_for = spec.window
         for color in COLORS:
             if color in keep:
                 self.windows[color].resize(spec.window)
@@ -522,6 +561,7 @@ class GuardMachine:
             self.hold,
             self.rolled_away_from,
             frozenset(raised) if raised else None,
+            tuple(sorted(self._edges.quiet.items())) if self._edges.quiet else None,
             self.mismatch,
             self._mismatch_color,
             self._reapplied_at,
@@ -535,7 +575,8 @@ class GuardMachine:
 
     def moving_key(self, now: float, active: Color, front_door: bool) -> MovingKey:
         """The part of `repeat_key` that `observe` and the passing of time can change: whether
-        `active` was seen healthy, the front door's staleness (when `front_door` is watched),
+        an alert's episode waiting to end has waited long enough, whether `active` was seen
+        healthy, the front door's staleness (when `front_door` is watched),
         each window's staleness at `now` and the runs of successes the front door is
         compared with, then what the rules read of each window (`active`'s, the other's: the
         last two items). Nothing else in `repeat_key` changes with them.
@@ -546,7 +587,9 @@ class GuardMachine:
         stale = STALE_INTERVALS * self.probe_interval
         n = self.spec.consecutive_failures
         ca, cs = wa.consecutive_successes, ws.consecutive_successes
+        edges = self._edges
         return (
+            edges.ending(now) if edges.quiet else False,
             active in self.seen_healthy,
             self.front_door_stale(now) if front_door else None,
             last_a is None or now - last_a > stale,
@@ -589,7 +632,7 @@ class GuardMachine:
         actions: list[Action] = self._signal_alerts(f, active, verdict)
         lost = self.protection_lost(active, f.now)
         if lost is not None:
-            if self._edges.first(NO_TARGET):
+            if self._edges.first(NO_TARGET, f.now):
                 actions.append(
                     Alert(
                         None,
@@ -598,21 +641,24 @@ class GuardMachine:
                     )
                 )
         elif self.healthy(self.rollback_target(active), f.now) is True:
-            # Re-armed only once the target passes again, so a target hovering at the
-            # threshold is one episode, not an alert per probe.
-            self._edges.clear(NO_TARGET)
+            # Over only once the target passes again and goes on passing for a window, so
+            # a target hovering at the threshold, or so slow that it goes stale between
+            # its answers, is one episode, not an alert per probe.
+            self._edges.settle(f.now, NO_TARGET)
+        else:
+            self._edges.keep(NO_TARGET)
         if verdict.severity == "P2":
-            if self._edges.first(f"p2:{verdict.evidence.rule}"):
+            if self._edges.first(f"p2:{verdict.evidence.rule}", f.now):
                 actions.append(Alert("P2", verdict.reason, verdict.evidence))
         else:
-            self._edges.clear("p2:")
+            self._edges.settle(f.now, "p2:")
 
         blocked: str | None = None
         if verdict.failing:
             blocked, more = self._on_failing(f, active, verdict)
             actions.extend(more)
         else:
-            self._edges.clear("dry_run", "paused", "unproven:")
+            self._edges.settle(f.now, "dry_run", "unproven:")
             if self.hold is not None and not self.hold.sticky and self.hold.cause != "mismatch":
                 self.hold = None
         if not any(isinstance(a, Rollback) for a in actions):
@@ -678,7 +724,7 @@ class GuardMachine:
         for name, limit in sorted(table.stale_after.items()):
             key = f"stale:{name}"
             if name in stale:
-                if self._edges.first(key):
+                if self._edges.first(key, f.now):
                     said = (
                         f"nothing from it about {active} for more than {limit:g}s"
                         if self._readings.get(name, {}).get(active) is not None
@@ -691,13 +737,13 @@ class GuardMachine:
                         )
                     )
             else:
-                self._edges.clear(key)
+                self._edges.settle(f.now, key)
         would = {rule.name for rule, _ in verdict.dry_runs}
         for key in [k for k in self._edges.raised if k.startswith("dryrule:")]:
             if key.removeprefix("dryrule:") not in would:
-                self._edges.raised.discard(key)
+                self._edges.settle(f.now, key)
         for rule, evidence in verdict.dry_runs:
-            if self._edges.first(f"dryrule:{rule.name}"):
+            if self._edges.first(f"dryrule:{rule.name}", f.now):
                 actions.append(Alert(rule.severity, _would(rule, evidence, self, active), evidence))
         return actions
 
@@ -752,7 +798,7 @@ class GuardMachine:
             # the front door failing too proves that production is really failing.
             view = self.front_door_view(f)
             if view is not False:
-                if view is True and self._edges.first(f"unproven:{active}"):
+                if view is True and self._edges.first(f"unproven:{active}", f.now):
                     return "front_door", [
                         Alert(
                             severity,
@@ -763,7 +809,7 @@ class GuardMachine:
                     ]
                 return "front_door", []
         if self.spec.dry_run:
-            if self._edges.first("dry_run"):
+            if self._edges.first("dry_run", f.now):
                 return "dry_run", [
                     Alert(
                         severity,

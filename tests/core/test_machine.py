@@ -198,6 +198,10 @@ def test_promotion_gate_needs_a_run_of_passes_and_a_clean_window() -> None:
     assert r.m.promotable("blue", r.now)
 
 
+def no_target_alerts(log: list[object]) -> list[Alert]:
+    return [a for a in log if isinstance(a, Alert) and "no safe rollback" in a.reason]
+
+
 def test_a_dead_rollback_target_alerts_once_per_episode() -> None:
     r = Replay()
     r.step()
@@ -211,11 +215,65 @@ def test_a_dead_rollback_target_alerts_once_per_episode() -> None:
     for _ in range(20):
         assert r.step(blue=FAIL) == [], "once per episode"
     assert r.state() is State.STEADY  # a warning, not a state: green still serves
-    r.step()  # blue passes a probe: the episode ends
+    r.step()  # blue passes a probe: protection is back at once ...
     assert r.m.protection_lost("green", r.now) is None
     for _ in range(3):
         r.step(blue=FAIL)
-    assert len([a for a in r.log if isinstance(a, Alert)]) == 2, "re-armed by the recovery"
+    assert len(no_target_alerts(r.log)) == 1, "... but down again within a window: one episode"
+    for _ in range(int(SPEC.window) + 1):
+        r.step()  # passing probes for a whole window end the episode
+    for _ in range(3):
+        r.step(blue=FAIL)
+    assert len(no_target_alerts(r.log)) == 2, "re-armed by the recovery"
+
+
+def test_a_rollback_target_failing_every_few_probes_is_one_episode() -> None:
+    r = Replay()
+    r.step()
+    for _ in range(15):  # down for 3 probes, then one passes: for a quarter of an hour
+        for _ in range(3):
+            r.step(blue=FAIL)
+        r.step()
+    assert len(no_target_alerts(r.log)) == 1
+
+
+def test_a_rollback_target_too_slow_to_stay_fresh_is_one_episode() -> None:
+    """Its answers pass, but each takes longer than the staleness bound (3 probe intervals):
+    between two of them it cannot be vouched for, after each it can."""
+    m = GuardMachine(SPEC, INTERVAL)
+    alerts: list[Alert] = []
+    for n in range(1, 200):
+        now = float(n)
+        m.observe("green", now, Outcome.OK, 0.01)
+        if n % 5 == 1:
+            m.observe("blue", now, Outcome.OK, 4.5)
+        d = m.decide(Facts(now, "green"))
+        alerts += [a for a in d.actions if isinstance(a, Alert)]
+    (alert,) = alerts
+    assert "blue is stale" in alert.reason
+    for n in range(200, 200 + int(SPEC.window) + 2):  # then it answers in time again
+        m.observe("green", float(n), Outcome.OK, 0.01)
+        m.observe("blue", float(n), Outcome.OK, 0.01)
+        assert not m.decide(Facts(float(n), "green")).actions
+    m.observe("green", 300.0, Outcome.OK, 0.01)
+    (again,) = m.decide(Facts(300.0, "green")).actions
+    assert isinstance(again, Alert) and "blue is stale" in again.reason, "a new episode"
+
+
+def test_a_restart_within_an_ending_episode_never_alerts_it_twice() -> None:
+    r = Replay()
+    r.step()
+    for _ in range(3):
+        r.step(blue=FAIL)
+    for _ in range(5):
+        r.step()  # the episode is waiting to end ...
+    m = GuardMachine(SPEC, INTERVAL)
+    m.restore(r.m.memory())  # ... when guardd restarts
+    r.m = m
+    r.step()
+    for _ in range(3):
+        r.step(blue=FAIL)
+    assert len(no_target_alerts(r.log)) == 1
 
 
 def test_a_stale_rollback_target_is_lost_protection() -> None:

@@ -194,6 +194,31 @@ def test_a_p2_rule_alerts_once_per_episode_and_never_rolls_back() -> None:
     assert alert.severity == "P2" and "traffic.error_ratio" in alert.reason
 
 
+def test_a_p2_rule_above_and_below_its_threshold_by_turns_is_one_episode() -> None:
+    m = machine_with(rule(severity="P2", threshold=0.03))
+    actions: list[Action] = []
+    for n in range(10, 50):
+        m.observe("blue", float(n), Outcome.OK, 0.01)
+        m.observe("green", float(n), Outcome.OK, 0.01)
+        ratio = 0.05 if n % 2 else 0.01
+        d = m.decide(facts(float(n), reading(100, last_at=float(n), error_ratio=ratio)))
+        actions += [a for a in d.actions if isinstance(a, Alert)]
+    assert len(actions) == 1
+
+
+def test_a_signal_stale_by_turns_is_one_episode() -> None:
+    m = machine_with(rule(), stale={"traffic": 5.0})
+    alerts: list[Action] = []
+    for n in range(10, 60):
+        m.observe("blue", float(n), Outcome.OK, 0.01)
+        m.observe("green", float(n), Outcome.OK, 0.01)
+        fresh = float(n) - (0.0 if n % 10 == 0 else 8.0)  # fresh one tick in ten
+        d = m.decide(facts(float(n), reading(100, last_at=fresh, error_ratio=0.0)))
+        alerts += [a for a in d.actions if isinstance(a, Alert)]
+    (alert,) = alerts
+    assert isinstance(alert, Alert) and "signal traffic is stale" in alert.reason
+
+
 def test_a_p0_traffic_rule_rolls_back_with_evidence_naming_it() -> None:
     m = machine_with(rule())
     d = m.decide(facts(9.0, reading(812, last_at=9.0, error_ratio=0.19)))
@@ -216,9 +241,17 @@ def test_a_dry_run_rule_journals_would_roll_back_once_and_never_switches() -> No
         said += [a for a in d.actions if isinstance(a, Alert)]
     assert len(said) == 1
     assert said[0].reason.startswith("dry run: rule traffic.error_ratio would roll back green")
-    # Healthy again, then failing again: a new episode, a new alert.
+    # Healthy for a moment, then failing again: the same episode.
     m.decide(facts(15.0, reading(100, last_at=15.0, error_ratio=0.0)))
-    again = m.decide(facts(16.0, reading(100, last_at=16.0, error_ratio=0.5)))
+    assert not m.decide(facts(16.0, reading(100, last_at=16.0, error_ratio=0.5))).actions
+    # Healthy for a whole window (60 s, the default), then failing: a new episode.
+    quiet = m.spec.window
+    m.decide(facts(17.0, reading(100, last_at=17.0, error_ratio=0.0)))
+    m.decide(facts(17.0 + quiet, reading(100, last_at=17.0 + quiet, error_ratio=0.0)))
+    later = 18.0 + quiet
+    for c in COLORS:
+        m.observe(c, later, Outcome.OK, 0.01)
+    again = m.decide(facts(later, reading(100, last_at=later, error_ratio=0.5)))
     assert [type(a) for a in again.actions] == [Alert]
 
 

@@ -113,7 +113,8 @@ def test_a_guardd_killed_while_it_holds_keeps_deploys_blocked_when_it_is_back(
 
 
 def test_a_dead_rollback_target_is_a_warning_once_per_episode(make_lab: MakeLab) -> None:
-    lab: Lab = make_lab()
+    # A short window: an episode ends once the target has passed for a whole window.
+    lab: Lab = make_lab(policy__window="4s")
     d = lab.daemon()
     wait_until(lambda: ctl(lab, "status").returncode == 0, 20, "status OK")
     lab.blue.set_mode("http_503")
@@ -136,9 +137,11 @@ def test_a_dead_rollback_target_is_a_warning_once_per_episode(make_lab: MakeLab)
     assert len(alerts) == 1, "once per episode"
     assert levels(d, "alert") == {"warning"}
 
-    # The target recovers: the warning goes, and the next episode alerts again.
+    # The target recovers: the warning goes at once, and once it has passed for a window
+    # (4 s: 20 probes at 200 ms) the next episode alerts again.
     lab.blue.set_mode("ok")
     assert wait_until(lambda: ctl(lab, "status").returncode == 0, 20, "status OK again")
+    assert lab.blue.wait_for_requests(lab.blue.requests + 30, timeout=30)
     count = len(d.events())
     lab.blue.set_mode("http_503")
     d.wait_event("alert", after=count, where=lambda e: "no safe rollback" in (e["reason"] or ""))
@@ -152,6 +155,23 @@ def test_a_dead_rollback_target_is_a_warning_once_per_episode(make_lab: MakeLab)
     assert ctl(lab, "status").returncode == 1
     assert not [e for e in d2.events()[count:] if e["event"] == "alert"]
     assert d2.stop() == 0
+
+
+def test_a_rollback_target_too_slow_to_stay_fresh_is_one_warning(make_lab: MakeLab) -> None:
+    """Blue answers every probe well, but in 0.9 s: longer than the 0.6 s (3 probe
+    intervals) after which a probe is stale, shorter than the 1 s probe timeout. Between
+    its answers it cannot be vouched for, after each it can: one episode, one alert."""
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    wait_until(lambda: ctl(lab, "status").returncode == 0, 20, "status OK")
+    lab.blue.set_mode("slow", delay=0.9)
+    alert = d.wait_event("alert", where=lambda e: "no safe rollback" in (e["reason"] or ""))
+    assert "blue is stale" in alert["reason"], alert
+    served = lab.blue.requests
+    assert lab.blue.wait_for_requests(served + 15, timeout=60)  # 15 answers, each fresh a while
+    alerts = [e for e in d.events() if "no safe rollback" in (e.get("reason") or "")]
+    assert len(alerts) == 1, [a["reason"] for a in alerts]
+    assert d.stop() == 0
 
 
 def test_under_journald_each_line_carries_its_syslog_priority(make_lab: MakeLab) -> None:
