@@ -994,6 +994,11 @@ class Simulation:
         ):
             self.gaps.append((rec.ts, rec.at - self._last_at))
             self._in_gap = True
+            # After it, no tick until each color has a probe again, as at a run's start: the
+            # colors probed after the other would otherwise look stale (no recent probe),
+            # which is reading the lost records as probes that stopped.
+            self._started = False
+            self._seen = set()
         self._last_at = rec.at
         # A run that ended without its `stop` (killed, crashed) was down from its last
         # record to this `start`: no more decided then than after a clean stop (how long

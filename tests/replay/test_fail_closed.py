@@ -798,6 +798,24 @@ def test_a_hole_of_seconds_inside_a_run_is_a_gap_not_probes_gone_stale(
     assert stale == [], stale
 
 
+@pytest.mark.parametrize("first", ["green", "blue"])
+def test_after_a_hole_no_color_is_stale_before_its_first_probe_since(
+    tmp_path: Path, first: str
+) -> None:
+    """Both colors healthy on both sides of a hole of 20 s; after it, one color's probe
+    is recorded before the other's. The other is not "stale" in between: the hole is no
+    evidence, not probes that stopped, so nothing is decided at all."""
+    tl = _healthy(tmp_path / "state")
+    tl.tick(20.0)
+    tl._probe(first, "ok")
+    tl.rounds(50)
+    tl.close()
+    doc = replay_json("--config", str(config(tmp_path, tmp_path / "state")))
+    [gap] = doc["history"]["gaps"]
+    assert abs(gap["seconds"] - 20.0) <= 1.0, gap
+    assert doc["configs"][0]["decisions"] == []
+
+
 def test_an_incident_is_matched_with_the_nearest_decision_about_its_color() -> None:
     """A hold 27 s before a rollback, both about green and within the tolerance of a live
     rollback taken with the replayed one: the rollback is the detection, not the hold."""
