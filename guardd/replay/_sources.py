@@ -638,8 +638,11 @@ def read_lines(
         report.problems.append(f"{path}: cannot open: {e.strerror or e}")
         return
     report.files.append(str(path))
-    chunks = _gunzipped(raw) if path.suffix == ".gz" else iter(lambda: raw.read(READ_CHUNK), b"")
     with raw:
+        if path.suffix == ".gz":
+            chunks = _trusted(raw, path, report)
+        else:
+            chunks = iter(lambda: raw.read(READ_CHUNK), b"")
         try:
             for chunk in chunks:
                 lines = split(tail, chunk)
@@ -653,20 +656,63 @@ def read_lines(
         yield [tail.pending.decode("utf-8", "surrogateescape")]
 
 
-def _gunzipped(raw: Any) -> Iterator[bytes]:
+def _trusted(raw: Any, path: Path, report: SourceReport) -> Iterator[bytes]:
+    """`_gunzipped(raw)`, but only the members that check out, when one does not.
+
+    A gzip member whose bits were flipped decompresses to garbage (lines with times years
+    away, lines that parse as other requests) and says so only at its end, where its CRC
+    fails: by then the garbage would have been counted. So the file is decompressed once
+    first, to find where the first member that fails begins, and its content from there
+    on is not read (said in `report.problems`). A file merely cut short is read up to the
+    cut, as before: what deflate gave before it is what was written.
+    """
+    ends: list[int] = []
+    try:
+        for _ in _gunzipped(raw, ends):
+            pass
+    except EOFError:
+        pass  # cut short: read up to the cut (the read itself says so)
+    except (OSError, zlib.error) as e:
+        upto = ends[-1] if ends else 0
+        kept = f"read only its first {upto} byte(s), whole members" if upto else "not read"
+        report.problems.append(
+            f"{path}: damaged ({e}): {kept} (a damaged gzip member decompresses to bytes "
+            "that cannot be trusted)"
+        )
+        raw.seek(0)
+        return _upto(_gunzipped(raw), upto)
+    raw.seek(0)
+    return _gunzipped(raw)
+
+
+def _upto(chunks: Iterator[bytes], n: int) -> Iterator[bytes]:
+    """The first `n` bytes of `chunks`."""
+    for chunk in chunks:
+        if n <= 0:
+            return
+        yield chunk[:n]
+        n -= len(chunk)
+
+
+def _gunzipped(raw: Any, ends: list[int] | None = None) -> Iterator[bytes]:
     """A gzip file's bytes (every member, as logrotate or `cat a.gz b.gz` leave them), a
     bounded piece at a time, each given as soon as it is out: a file cut short or damaged
     gives every byte before the damage, then raises (EOFError, zlib.error). `gzip.GzipFile`
-    loses what its last `read` had decompressed, a whole small file."""
+    loses what its last `read` had decompressed, a whole small file. `ends`, when given,
+    gets the count of bytes given so far at the end of each member (its CRC checked)."""
     unzip = zlib.decompressobj(31)
     begun = False
+    given = 0
     while data := raw.read(_GZIP_PIECE):
         while data:
             begun = True
             out = unzip.decompress(data, READ_CHUNK)  # (never more out than a chunk: bombs)
             if out:
+                given += len(out)
                 yield out
             if unzip.eof:
+                if ends is not None:
+                    ends.append(given)
                 data = unzip.unused_data
                 unzip, begun = zlib.decompressobj(31), False
                 if not data.strip(b"\0"):
@@ -678,7 +724,10 @@ def _gunzipped(raw: Any) -> Iterator[bytes]:
         out = unzip.decompress(unzip.unconsumed_tail, READ_CHUNK)
         if not out:
             raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+        given += len(out)
         yield out
+    if begun and ends is not None:
+        ends.append(given)  # (the last member, ended in the loop above)
 
 
 def slots(

@@ -801,7 +801,16 @@ def _traffic_rollback(tmp: Path, at: float, rule: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "how", ["rotated away", "cut short", "no file", "an empty file", "newest first", "reversed"]
+    "how",
+    [
+        "rotated away",
+        "cut short",
+        "corrupt",
+        "no file",
+        "an empty file",
+        "newest first",
+        "reversed",
+    ],
 )
 def test_an_incident_the_log_holds_nothing_of_is_not_covered(tmp_path: Path, how: str) -> None:
     """Live, a traffic rule rolled green back at the 5xx minute; the log files replayed hold
@@ -823,14 +832,27 @@ def test_an_incident_the_log_holds_nothing_of_is_not_covered(tmp_path: Path, how
         (logs / "access.log").write_text("".join(lines[cut:]))
     if how == "cut short":
         (logs / "access.log.1").write_text("".join(lines[: 200 * RATE]))
+    if how == "corrupt":
+        # Bits flipped in its middle: zlib decompresses them to garbage, lines that read as
+        # other requests at other times, and fails only at the member's end.
+        packed = bytearray(gzip.compress("".join(lines[:cut]).encode(), mtime=0))
+        middle = len(packed) // 2
+        packed[middle : middle + 40] = bytes(b ^ 0x55 for b in packed[middle : middle + 40])
+        (logs / "access.log.1.gz").write_bytes(bytes(packed))
     doc = replay_json("--config", str(cfg))
     [inc] = doc["configs"][0]["incidents"]
     assert inc["covered"] is False and inc["detected_at"] is None, inc
     src = doc["sources"]["traffic"]
-    if how == "rotated away":
+    if how in ("rotated away", "corrupt"):
         assert inc["not_covered"] == (
             f"signal traffic: its lines begin at {src['lines_span'][0]}, after it (rotated away?)"
         )
+        if how == "corrupt":
+            said = f"{logs / 'access.log.1.gz'}: damaged (Error -3 while decompressing data: "
+            assert any(p.startswith(said) and p.endswith(
+                "not read (a damaged gzip member decompresses to bytes that cannot be trusted)"
+            ) for p in src["problems"]), src["problems"]  # fmt: skip
+            assert src["lines"].get("unparsed", 0) == 0, src
     elif how == "no file":
         assert inc["not_covered"] == (
             f"signal traffic: it could not be replayed: no file at {logs / 'access.log'} (nor "
@@ -928,7 +950,7 @@ def test_a_corrupt_rotation_costs_its_own_lines_never_those_of_the_files_after_i
     assert src["out_of_order_lines"] == 0, src
     assert src["lines"]["ok"] >= len(lines) - cut, src
     if damage == "bytes flipped":
-        said = f"{logs / 'access.log.2.gz'}: cannot read on"
+        said = f"{logs / 'access.log.2.gz'}: damaged (Error -3 while decompressing data: "
         assert any(p.startswith(said) for p in src["problems"]), src["problems"]
     assert decisions(doc, "rollback_completed") == decisions(clean, "rollback_completed")
 

@@ -283,6 +283,27 @@ def test_a_rotated_log_of_several_members_and_padding_is_read_whole(tmp_path: Pa
     assert got == (a + b).splitlines() and report.problems == []
 
 
+@pytest.mark.parametrize("damaged", ["first", "second", "third"])
+def test_a_rotated_log_with_a_damaged_member_gives_the_members_before_it_only(
+    tmp_path: Path, damaged: str
+) -> None:
+    """Bits flipped in one member of three: what zlib decompresses that member to before
+    its check fails is garbage, so neither it nor any byte after it is given; the members
+    before it are, whole."""
+    parts = [("".join(f"{m}{i} {'y' * 30}\n" for i in range(20_000))) for m in "abc"]
+    members = [bytearray(gzip.compress(p.encode(), mtime=0)) for p in parts]
+    at = ["first", "second", "third"].index(damaged)
+    middle = len(members[at]) // 2
+    members[at][middle : middle + 40] = bytes(b ^ 0x55 for b in members[at][middle : middle + 40])
+    (tmp_path / "x.gz").write_bytes(b"".join(members))
+    report = SourceReport("access_log")
+    got = [line for lines in read_lines(tmp_path / "x.gz", _split, report) for line in lines]
+    assert got == "".join(parts[:at]).splitlines()
+    [problem] = report.problems
+    said = f"{tmp_path / 'x.gz'}: damaged (Error -3 while decompressing"
+    assert problem.startswith(said), problem
+
+
 def _files(tmp: Path, **files: list[float]) -> list[Path]:
     """Files of lines `"<name>:<i> <time>"`, one per keyword (its name), in that order."""
     paths = []
