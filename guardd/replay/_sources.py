@@ -296,7 +296,8 @@ class _Seen:
                 t = self.time_of(line)
                 self._widen(span, t)
                 place = self._before(h, t, own[1])
-                linked = place is not None and last is not None and place == last + 1
+                # (A place again: alike lines side by side, requests alike where first read.)
+                linked = place is not None and last is not None and last <= place <= last + 1
                 last = place
                 if place is not None and not linked:
                     # The first of a copied run, or chance: the next sampled line tells.
@@ -311,8 +312,9 @@ class _Seen:
                     out.append(line)
                     own[1] = max(own[1], own[1] if t is None else t)
                 was, pending = linked, False
-                if place is None:
-                    self.sample.setdefault(h, self.places)
+                if place is None and h not in self.sample:
+                    # (Alike lines share the place of the first: a copy of them is a run.)
+                    self.sample[h] = self.places
                     self.places += 1
                     if len(self.sample) > _SAMPLED:
                         self._thinned()
@@ -489,7 +491,7 @@ def _in_reading_order(
     for path in reversed(files):
         head = _peek(path)
         key = hash(tuple(head)) if len(head) >= 2 else None
-        if key is not None and key in newest:
+        if key is not None and key in newest and not _twins(path, newest[key]):
             if time_of is None:
                 report.problems.append(
                     f"{path}: not read: it begins as {newest[key].name} does (the same first "
@@ -531,6 +533,12 @@ def _in_reading_order(
         place.append(within[-1] + 0.5 if within else float(i))
     ordered = sorted(zip(place, kept, strict=True), key=lambda x: x[0])
     return [p for _, (path, _) in ordered for p in (path, *copies.get(path, []))]
+
+
+def _twins(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are one rotation, plain and compressed (`access.log.1` and
+    `access.log.1.gz`): read in the order `_pairs_said` said, not as a copy of the other."""
+    return a.name.removesuffix(".gz") == b.name.removesuffix(".gz")
 
 
 def _holds(path: Path, lines: list[bytes]) -> bool:
