@@ -60,7 +60,7 @@ import anyio.to_thread
 from guardd.core.types import Outcome
 from guardd.exceptions import StorageError
 from guardd.fsutil import open_regular
-from guardd.journal import STAMPS, is_stamp
+from guardd.journal import STAMPS, is_stamp, rfc3339
 from guardd.secrets import redact_credentials
 
 __all__ = [
@@ -523,6 +523,24 @@ class HistoryUnreadable(Exception):
         self.why = why
 
 
+def repeated_times(
+    path: Path, option: str, bound: float, before: float, after: float
+) -> HistoryUnreadable:
+    """The wall clock was stepped back across `option`'s time `bound` (seconds): a record
+    of `path` stamped `after` follows one stamped `before`, on the other side of `bound`.
+    The times between occur twice in the history, and which of them the period means cannot
+    be told: replaying either alone would read the other's records as lost, and its
+    incidents as misses."""
+    lo, hi = sorted((before, after))
+    return HistoryUnreadable(
+        path,
+        f"the wall clock was stepped back: a record stamped {rfc3339(after)} follows one "
+        f"stamped {rfc3339(before)}, so the times from {rfc3339(lo)} to {rfc3339(hi)} occur "
+        f"twice, and {option} {rfc3339(bound)} falls among them: which it means cannot be "
+        f"told; give {option} outside them, or leave it out",
+    )
+
+
 class Record(NamedTuple):
     """One record as replay reads it.
 
@@ -650,6 +668,7 @@ def read_batches(
     clocks = _Clocks(report, guard)
     for path in files:
         report.files.append(str(path))
+        clocks.path = path
         clocks.day_end = _day_end(path)
         clocks.latest = -math.inf
         moved = 0
@@ -796,6 +815,10 @@ class _Clocks:
         self.day_end = math.inf
         #: The latest wall time read in the file being read (seconds).
         self.latest = -math.inf
+        #: The file being read (named in `repeated_times`).
+        self.path = Path()
+        #: The latest wall time of a record left out past `until` (seconds; None: none).
+        self.past_until: float | None = None
         #: What has been read, per boot and wall clock, the newest last (`_MAX_SPANS` of
         #: them; a clock step opens one). A boot's monotonic clock never goes back and is
         #: every run's of that boot, so a record within a span was read before: the same
@@ -823,6 +846,7 @@ class _Clocks:
             or not docs
             or self.foreign is not None
             or self.rereading
+            or self.past_until is not None  # (`each` tells whether the period comes back)
         ):
             return None
         kinds = list(map(_get, docs, itertools.repeat("kind")))
@@ -934,7 +958,13 @@ class _Clocks:
                     self.report.clock_steps.append((ts, drift))
                 self.at += step
             self.last_ts, self.last_mono = ts, mono
-            if (since is not None and ts < since) or (until is not None and ts > until):
+            if until is not None:
+                if ts > until:
+                    self.past_until = max(ts, self.past_until or ts)
+                    continue
+                if self.past_until is not None:
+                    raise repeated_times(self.path, "--to", until, self.past_until, ts)
+            if since is not None and ts < since:
                 continue
             yield _make(Record, (self.at, ts, kind, doc))
 

@@ -28,7 +28,7 @@ from guardd.core.types import COLORS, Color, Outcome
 from guardd.exceptions import OperationRefused
 from guardd.guard import Guard
 from guardd.journal import rfc3339
-from guardd.observations import FORMAT, ReadReport, Record, read_history
+from guardd.observations import FORMAT, ReadReport, Record, read_history, repeated_times
 from guardd.probes.http import ProbeResult
 from guardd.replay._sources import (
     AHEAD_S,
@@ -960,6 +960,9 @@ class Simulation:
         the latest time when the wall clock was stepped back meanwhile)."""
         since = self.since
         if since is not None and ts < since:
+            if self.first_ts is not None:
+                # Back before `--from` after the period began: a wall clock stepped back.
+                raise repeated_times(self.directory, "--from", since, self.last_ts or ts, ts)
             self.warmup_records += 1
         else:
             self._in_period = True

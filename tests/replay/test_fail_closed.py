@@ -1057,6 +1057,32 @@ def test_an_incident_before_a_clock_stepped_back_and_a_stop_is_covered(tmp_path:
     assert inc["detected_at"] is not None, inc
 
 
+@pytest.mark.parametrize("option", ["--from", "--to"])
+def test_a_period_bound_among_times_a_stepped_clock_repeats_is_refused(
+    tmp_path: Path, option: str
+) -> None:
+    """60 s of rounds, the wall clock stepped back 40 s, 60 s more: the 40 s before the
+    step occur twice. A `--from` or `--to` among them could mean either time: replaying
+    one would read the other's records as lost and its incidents as misses. Refused,
+    exit 1, saying which times repeat; a bound outside them replays."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    t0 = tl.wall
+    tl.rounds(300)
+    tl.wall -= 40.0  # (the monotonic clock goes on)
+    tl.rounds(300)
+    tl.close()
+    cfg = config(tmp_path, state)
+    among = rfc3339(t0 + 40.0)
+    r = replay("--config", str(cfg), option, among)
+    assert r.returncode == 1, r
+    assert "the wall clock was stepped back: a record stamped " in r.stderr, r.stderr
+    assert f"occur twice, and {option} {among} falls among them" in r.stderr, r.stderr
+    outside = rfc3339(t0 + (10.0 if option == "--from" else 90.0))
+    assert replay("--config", str(cfg), option, outside).returncode == 0
+
+
 def test_a_journal_cut_short_leaves_what_it_lacks_unknown(tmp_path: Path) -> None:
     """The journal ends before the history does (cut short, or rotated away): the runs the
     history holds after its end have no `started` in it. The decisions the replay takes
