@@ -6,6 +6,7 @@ import argparse
 import functools
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -165,21 +166,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return _run(args.config, args.instance, args.log_level)
     if args.command == "replay":
-        from guardd.replay import replay  # noqa: PLC0415 - only replay pays for it
-        from guardd.stdio import answering  # noqa: PLC0415
+        try:
+            from guardd.replay import replay  # noqa: PLC0415 - only replay pays for it
+            from guardd.stdio import answering  # noqa: PLC0415
 
-        return answering(
-            "guardd replay",
-            functools.partial(
-                replay,
-                args.config,
-                since=args.since,
-                until=args.until,
-                overrides=args.set,
-                compare=args.compare[0] if args.compare else None,
-                as_json=args.json,
-            ),
-        )
+            return answering(
+                "guardd replay",
+                functools.partial(
+                    replay,
+                    args.config,
+                    since=args.since,
+                    until=args.until,
+                    overrides=args.set,
+                    compare=args.compare[0] if args.compare else None,
+                    as_json=args.json,
+                ),
+            )
+        except KeyboardInterrupt:
+            # Ctrl-C while it loads (its modules, the config), before replay's own
+            # handlers say it: the same answer, without a traceback.
+            print("guardd replay: stopped by SIGINT; nothing was reported", file=sys.stderr)
+            return 128 + signal.SIGINT
     from guardd.demo import run_demo  # noqa: PLC0415 - the demo pulls in test-like machinery
 
     return run_demo(seconds=args.seconds)

@@ -315,6 +315,23 @@ def test_a_signal_stops_a_replay_at_once_and_leaves_nothing_behind(
     assert list(tmp.iterdir()) == []
 
 
+def test_ctrl_c_while_a_replay_loads_is_said_as_later_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C in its first half second (importing its modules, reading the config), before
+    the replay's own handlers are set: the same answer and exit status as later on."""
+    import guardd.replay  # noqa: PLC0415 - patched for this test only
+    from guardd.cli import main  # noqa: PLC0415
+
+    def interrupted(*_: object, **__: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(guardd.replay, "replay", interrupted)
+    assert main(["replay", "--config", str(tmp_path / "guardd.toml")]) == 128 + signal.SIGINT
+    out, err = capfd.readouterr()
+    assert err == "guardd replay: stopped by SIGINT; nothing was reported\n" and out == ""
+
+
 def test_another_guards_run_in_this_guards_file_is_skipped_and_said(tmp_path: Path) -> None:
     """A run whose `start` names another guard (its file copied under this guard's name)
     is not this guard's history: its records are skipped, counted under its name, and
