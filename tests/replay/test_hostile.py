@@ -227,7 +227,8 @@ def test_an_observation_file_that_is_no_regular_file_is_refused_not_read(
     tl.start(active="green")
     tl.rounds(50)
     tl.close()
-    odd = state / "observations" / f"lab-{day_of(DAY0 - DAY)}.jsonl.gz"  # the day before
+    # Two days before: no day between it and the history is "missing" (it is no file).
+    odd = state / "observations" / f"lab-{day_of(DAY0 - 2 * DAY)}.jsonl.gz"
     journal = state / "events.jsonl"
     journal.unlink()
     logs = tmp_path / "logs"
@@ -262,6 +263,7 @@ addresses = {{ blue = ["{BLUE}"], green = ["{GREEN}"] }}
     assert doc["sources"]["traffic"]["lines"]["ok"] == 1
     h = doc["history"]
     assert f"{odd}: cannot open: not a regular file ({what})" in h["problems"], h["problems"]
+    assert h["missing_days"] == [], h
     assert f"{journal}: cannot read the journal (not a regular file ({what})): " in "\n".join(
         h["problems"]
     )
