@@ -560,7 +560,9 @@ class Record(NamedTuple):
 class ReadReport:
     """What reading skipped and why, for replay's summary."""
 
+    #: The observation files read, oldest first (`unopened`: those that could not be opened).
     files: list[str] = field(default_factory=list)
+    unopened: list[str] = field(default_factory=list)
     #: Reason -> lines (or members) skipped: `invalid JSON`, `too long`, `unknown kind`, ...
     skipped: Counter[str] = field(default_factory=Counter)
     #: One line per file that could not be read to its end, naming it and why.
@@ -1080,6 +1082,7 @@ def _lines(path: Path, report: ReadReport) -> Iterator[list[dict[str, Any]]]:
         f = open_regular(path)  # (a FIFO or a device behind the name would never end)
     except OSError as e:
         report.problems.append(f"{path}: cannot open: {e.strerror or e}")
+        report.unopened.append(str(path))
         return
     with f:
         start = 0

@@ -979,9 +979,10 @@ async def _replay_all(
             "warmup_records": first.warmup_records,
             "skipped": dict(history.skipped),
             "problems": history.problems + ([journal_problem] if journal_problem else []),
-            # (Days between the files read: a directory or a FIFO under a day's name, said
-            # in `problems`, is no file of that day, and no edge of the days.)
-            "missing_days": _report.missing_days([f for f in history.files if Path(f).is_file()]),
+            # (A directory or a FIFO under a day's name, said, is no file of that day.)
+            "missing_days": _report.missing_days(
+                [f for f in history.files if f not in history.unopened]
+            ),
             "gaps": [
                 {"until": _report.stamp(ts), "seconds": round(gap, 3)} for ts, gap in first.gaps
             ],
