@@ -523,6 +523,11 @@ class HistoryUnreadable(Exception):
         self.why = why
 
 
+#: Records in a row stamped back across a `--from` / `--to` bound (more than `CLOCK_STEP_S`)
+#: that show a wall clock stepped back, not a damaged record or two.
+BACK_RECORDS: Final = 10
+
+
 def repeated_times(
     path: Path, option: str, bound: float, before: float, after: float
 ) -> HistoryUnreadable:
@@ -819,8 +824,11 @@ class _Clocks:
         self.latest = -math.inf
         #: The file being read (named in `repeated_times`).
         self.path = Path()
-        #: The latest wall time of a record left out past `until` (seconds; None: none).
+        #: The latest wall time of a record left out past `until` (seconds; None: none),
+        #: and how many records in a row came back well before it since (`BACK_RECORDS`).
         self.past_until: float | None = None
+        self.back = 0
+        self.back_from = 0.0  # (the first of them: where the repeated times begin)
         #: What has been read, per boot and wall clock, the newest last (`_MAX_SPANS` of
         #: them; a clock step opens one). A boot's monotonic clock never goes back and is
         #: every run's of that boot, so a record within a span was read before: the same
@@ -963,9 +971,20 @@ class _Clocks:
             if until is not None:
                 if ts > until:
                     self.past_until = max(ts, self.past_until or ts)
+                    self.back = 0
                     continue
                 if self.past_until is not None:
-                    raise repeated_times(self.path, "--to", until, self.past_until, ts)
+                    # Stamped within the period after the history had passed its end: a
+                    # damaged record, or a wall clock stepped back (records on and on).
+                    if self.past_until - ts > CLOCK_STEP_S:
+                        self.back += 1
+                        self.back_from = ts if self.back == 1 else self.back_from
+                        if self.back >= BACK_RECORDS:
+                            raise repeated_times(
+                                self.path, "--to", until, self.past_until, self.back_from
+                            )
+                    skipped["stamped within --to after later records"] += 1
+                    continue
             if since is not None and ts < since:
                 continue
             yield _make(Record, (self.at, ts, kind, doc))

@@ -28,7 +28,15 @@ from guardd.core.types import COLORS, Color, Outcome
 from guardd.exceptions import OperationRefused
 from guardd.guard import Guard
 from guardd.journal import rfc3339
-from guardd.observations import FORMAT, ReadReport, Record, read_history, repeated_times
+from guardd.observations import (
+    BACK_RECORDS,
+    CLOCK_STEP_S,
+    FORMAT,
+    ReadReport,
+    Record,
+    read_history,
+    repeated_times,
+)
 from guardd.probes.http import ProbeResult
 from guardd.replay._sources import (
     AHEAD_S,
@@ -232,6 +240,10 @@ class Simulation:
         #: reads, any time); `_in_period` says the current run has one.
         self.runs = 0
         self._in_period = False
+        #: Records in a row stamped back before `since` after the period began, and the
+        #: time of the first of them.
+        self._back = 0
+        self._back_from = 0.0
         #: The slowest probe interval a run of the history probed at (its `start`), if any
         #: said: a replayed guard probing faster sees rounds only that often.
         self.recorded_interval: float | None = None
@@ -960,11 +972,17 @@ class Simulation:
         the latest time when the wall clock was stepped back meanwhile)."""
         since = self.since
         if since is not None and ts < since:
-            if self.first_ts is not None:
-                # Back before `--from` after the period began: a wall clock stepped back.
-                raise repeated_times(self.directory, "--from", since, self.last_ts or ts, ts)
+            last = self.last_ts
+            if self.first_ts is not None and last is not None and last - ts > CLOCK_STEP_S:
+                # Back before `--from` after the period began: a damaged record, or a wall
+                # clock stepped back (records on and on).
+                self._back += 1
+                self._back_from = ts if self._back == 1 else self._back_from
+                if self._back >= BACK_RECORDS:
+                    raise repeated_times(self.directory, "--from", since, last, self._back_from)
             self.warmup_records += 1
         else:
+            self._back = 0
             self._in_period = True
             first = self.first_ts
             if first is None or ts < first:

@@ -1083,6 +1083,27 @@ def test_a_period_bound_among_times_a_stepped_clock_repeats_is_refused(
     assert replay("--config", str(cfg), option, outside).returncode == 0
 
 
+@pytest.mark.parametrize("option", ["--from", "--to"])
+def test_a_lone_record_stamped_back_across_a_bound_is_no_clock_step(
+    tmp_path: Path, option: str
+) -> None:
+    """One record stamped 40 s back amid a run (a damaged line), then the run goes on: no
+    times repeat, so a `--from` / `--to` near it replays as any other."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    t0 = tl.wall
+    tl.rounds(300)
+    tl.wall -= 40.0
+    tl._probe("blue", "ok")
+    tl.wall += 40.0
+    tl.rounds(300)
+    tl.close()
+    cfg = config(tmp_path, state)
+    bound = rfc3339(t0 + (30.0 if option == "--from" else 50.0))
+    assert replay("--config", str(cfg), option, bound).returncode == 0
+
+
 def test_a_journal_cut_short_leaves_what_it_lacks_unknown(tmp_path: Path) -> None:
     """The journal ends before the history does (cut short, or rotated away): the runs the
     history holds after its end have no `started` in it. The decisions the replay takes
