@@ -238,6 +238,10 @@ _GOES_ON_S: Final = 60.0
 _MAX_SPANS: Final = 64
 
 
+#: The places kept of alike lines (requests alike in one millisecond), per line.
+_ALIKE_PLACES: Final = 16
+
+
 class _Seen:
     """What the files read so far hold: a sample of their lines (by hash: a line found in
     it is one read before, with its place among the sampled lines) and the times each file
@@ -257,8 +261,10 @@ class _Seen:
     def __init__(self, time_of: Callable[[str], float | None]) -> None:
         self.time_of = time_of
         self.rate = _SAMPLE_RATE
-        #: hash -> its place among the sampled lines read (its first), in reading order.
-        self.sample: dict[int, int] = {}
+        #: hash -> its place among the sampled lines read, in reading order; alike lines
+        #: (requests alike, logged in one millisecond) -> the places of each, up to
+        #: `_ALIKE_PLACES` of them.
+        self.sample: dict[int, int | list[int]] = {}
         self.places = 0  # sampled lines read (the next place)
         self.begin = 0  # the first place of the file being read
         self.spans: list[tuple[float, float]] = []
@@ -295,9 +301,8 @@ class _Seen:
                     continue
                 t = self.time_of(line)
                 self._widen(span, t)
-                place = self._before(h, t, own[1])
-                # (A place again: alike lines side by side, requests alike where first read.)
-                linked = place is not None and last is not None and last <= place <= last + 1
+                place = self._before(h, t, own[1], last)
+                linked = place is not None and last is not None and place == last + 1
                 last = place
                 if place is not None and not linked:
                     # The first of a copied run, or chance: the next sampled line tells.
@@ -312,9 +317,8 @@ class _Seen:
                     out.append(line)
                     own[1] = max(own[1], own[1] if t is None else t)
                 was, pending = linked, False
-                if place is None and h not in self.sample:
-                    # (Alike lines share the place of the first: a copy of them is a run.)
-                    self.sample[h] = self.places
+                if place is None:
+                    self._add(h, self.places)
                     self.places += 1
                     if len(self.sample) > _SAMPLED:
                         self._thinned()
@@ -339,14 +343,35 @@ class _Seen:
                 "or of its own lines, in part or whole): read once"
             )
 
-    def _before(self, h: int, t: float | None, reached: float) -> int | None:
+    def _before(self, h: int, t: float | None, reached: float, last: int | None) -> int | None:
         """The place of the sampled line of hash `h` (time `t`) when it was read before: in
         an earlier file, or in this one at a time before it `reached` (alike lines at the
-        time a file is at are requests alike, not a copy); else None."""
-        place = self.sample.get(h)
-        if place is None or place < self.begin or (t is not None and t < reached):
-            return place
-        return None
+        time a file is at are requests alike, not a copy); else None.
+
+        Of alike lines read in an earlier file, the one after `last` when there is one: a
+        copy of alike requests (a busy nginx logs some in one millisecond) goes on the run.
+        Within this file, the first only: a line logged again and again, stamped to the
+        second, after a clock stepped back, is new lines, never a run of them.
+        """
+        got = self.sample.get(h)
+        if got is None:
+            return None
+        first = got if isinstance(got, int) else got[0]
+        if first >= self.begin and (t is None or t >= reached):
+            return None
+        if isinstance(got, list) and last is not None and last + 1 < self.begin and last + 1 in got:
+            return last + 1
+        return first
+
+    def _add(self, h: int, place: int) -> None:
+        """Keep the place of a sampled line of hash `h` read as new."""
+        got = self.sample.get(h)
+        if got is None:
+            self.sample[h] = place
+        elif isinstance(got, int):
+            self.sample[h] = [got, place]
+        elif len(got) < _ALIKE_PLACES:
+            got.append(place)
 
     @staticmethod
     def _widen(span: list[float], t: float | None) -> None:
@@ -389,9 +414,16 @@ class _Seen:
         of those kept renumbered in order (a run's places stay side by side)."""
         while len(self.sample) > _SAMPLED:
             self.rate *= 2
-            kept = sorted((place, h) for h, place in self.sample.items() if not h % self.rate)
+            kept = sorted(
+                (place, h)
+                for h, got in self.sample.items()
+                if not h % self.rate
+                for place in ([got] if isinstance(got, int) else got)
+            )
             self.begin = sum(place < self.begin for place, _ in kept)
-            self.sample = {h: i for i, (_, h) in enumerate(kept)}
+            self.sample = {}
+            for i, (_, h) in enumerate(kept):
+                self._add(h, i)
             self.places = len(kept)
 
 
