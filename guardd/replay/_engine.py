@@ -285,6 +285,9 @@ class Simulation:
         #: Records left out, the served color unknown (a history that begins mid-run): how
         #: many, and the wall times of the first and last; None when there were none.
         self.headless: tuple[int, float, float] | None = None
+        #: A history that begins mid-run, the color served told by a switch's `from`: the
+        #: first record's wall time and the switch's (seconds).
+        self.midrun: tuple[float, float] | None = None
         #: Stretches of a run without any record (records lost): (wall time after, seconds).
         self.gaps: list[tuple[float, float]] = []
         #: The wall time of each run's `start` record read.
@@ -921,6 +924,8 @@ class Simulation:
                 # until then are left out.
                 if rec.kind == "switch":
                     self._live = color_of(rec.doc.get("from"))
+                    if self._live is not None and held:
+                        self.midrun = (held[0].ts, rec.ts)
                 elif rec.kind in ("start", "context"):
                     while held:
                         self._headless(held.popleft())
@@ -938,6 +943,12 @@ class Simulation:
             self._place(rec.ts)
         for old in held:
             self._headless(old)
+        if self.midrun is not None:
+            first, told = self.midrun
+            self.report.problems.append(
+                f"the history begins mid-run, without a start record: the color served from "
+                f"{rfc3339(first)} was taken from the first switch's `from`, at {rfc3339(told)}"
+            )
         if self.headless:
             n, first, last = self.headless
             self.report.problems.append(

@@ -706,6 +706,26 @@ def test_a_history_that_begins_mid_run_without_a_head_is_not_replayed_on_a_guess
     assert "No decision" not in done.stdout and "Traceback" not in done.stderr
 
 
+def test_a_history_whose_color_a_switch_tells_says_it_begins_mid_run(tmp_path: Path) -> None:
+    """The only file lost its `start` (a corrupt first member, a copy begun late), and a
+    switch's `from` tells which color was served before it: replayed, and said, never as
+    if the history began with a run."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.green_rolled_back()
+    tl.rounds(50)
+    tl.close()
+    [day] = sorted((state / "observations").iterdir())
+    lines = gzip.decompress(day.read_bytes()).splitlines(keepends=True)
+    assert json.loads(lines[0])["kind"] == "start"
+    day.write_bytes(gzip.compress(b"".join(lines[1:])))
+    doc = replay_json("--config", str(config(tmp_path, state)))
+    [rb] = decisions(doc, "rollback_completed")
+    assert rb["color"] == "green", rb
+    said = [p for p in doc["history"]["problems"] if "begins mid-run" in p]
+    assert len(said) == 1 and "was taken from the first switch's `from`, at " in said[0], said
+
+
 @pytest.mark.parametrize("head", ["context", "start"])
 def test_records_before_the_first_that_tells_the_color_are_left_out_whatever_follows(
     tmp_path: Path, head: str
