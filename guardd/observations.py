@@ -568,6 +568,8 @@ class ReadReport:
     #: The observation files read, oldest first (`unopened`: those that could not be opened).
     files: list[str] = field(default_factory=list)
     unopened: list[str] = field(default_factory=list)
+    #: A record stamped past `until` was read: the history goes on past the period.
+    beyond_until: bool = False
     #: Reason -> lines (or members) skipped: `invalid JSON`, `too long`, `unknown kind`, ...
     skipped: Counter[str] = field(default_factory=Counter)
     #: One line per file that could not be read to its end, naming it and why.
@@ -970,6 +972,7 @@ class _Clocks:
             self.last_ts, self.last_mono = ts, mono
             if until is not None:
                 if ts > until:
+                    self.report.beyond_until = True
                     self.past_until = max(ts, self.past_until or ts)
                     self.back = 0
                     continue

@@ -956,12 +956,29 @@ class Simulation:
                 f"is unknown from {rfc3339(first)} to {rfc3339(last)}; the {n} record(s) of that "
                 "time are not replayed"
             )
-        if self.guard is not None and self._started:
-            await self._until(self.clock.monotonic() + 2 * _SAME_MOMENT)
+        pending = await self._last_ticks(pending, externals)
         self._run_ends()
         while pending is not None:
             self._outside(pending, at_end=True)
             pending = next(externals, None)
+
+    async def _last_ticks(
+        self, pending: _Batch | None, externals: Iterator[_Batch]
+    ) -> _Batch | None:
+        """The ticks after the last record read; the batch of `externals` not fed yet."""
+        if self.guard is None or not self._started:
+            return pending
+        end = self.clock.monotonic()
+        if self.until is not None and self.report.beyond_until:
+            # The history goes on past `--to`: the daemon ran up to it, so the ticks (and
+            # the log lines) between the last record before it and it are the period's
+            # too, not only those up to that record.
+            end = max(end, self.clock.to_mono(self.until))
+            while pending is not None and pending[0] <= self.until:
+                await self._external(pending, end)
+                pending = next(externals, None)
+        await self._until(end + 2 * _SAME_MOMENT)
+        return pending
 
     def _run_ends(self) -> None:
         """The current run (if any) ends: counted in `runs` if it had a record in the

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from guardd.journal import Journal, parse_rfc3339
+from guardd.journal import Journal, parse_rfc3339, rfc3339
 from tests.replay.history import Timeline, config, decisions, replay, replay_json
 from tests.signals.access_log_lib import BLUE, GREEN, line
 
@@ -884,6 +884,26 @@ def test_an_incident_the_log_holds_nothing_of_is_not_covered(tmp_path: Path, how
             "window it was judged on"
         )
         assert any("begins 200s after" in p for p in src["problems"]), src["problems"]
+
+
+def test_a_to_just_after_a_decision_between_two_records_keeps_it(tmp_path: Path) -> None:
+    """The traffic rule decides at the end of a slot of log lines, between two probe
+    records (a second apart). `--to` just after that decision, before the next record:
+    the daemon ran up to `--to`, so the decision is the period's, as over the whole."""
+    cfg, lines = _ten_minutes(tmp_path)
+    shifted = []  # (0.3 s later than the probe records, which are half a second apart)
+    for text in lines:
+        doc = json.loads(text)
+        doc["msec"] = f"{float(doc['msec']) + 0.3:.3f}"
+        shifted.append(json.dumps(doc) + "\n")
+    (tmp_path / "logs" / "access.log").write_text("".join(shifted))
+    [rb] = decisions(replay_json("--config", str(cfg)), "rollback_completed")
+    at = parse_rfc3339(rb["at"])
+    assert round(at % 0.5, 3) not in (0.0, 0.5), rb  # between two records
+    bounded = replay_json(
+        "--config", str(cfg), "--from", rfc3339(at - 100.0), "--to", rfc3339(at + 0.01)
+    )
+    assert decisions(bounded, "rollback_completed") == [rb]
 
 
 def test_a_decision_on_a_window_with_a_hole_says_it_was_taken_on_what_was_left(
