@@ -451,8 +451,8 @@ def _source_lines(sources: dict[str, Any]) -> list[str]:
             )
         if src.get("repeated_lines"):
             out.append(
-                f"    {src['repeated_lines']} line(s) read once: a file began with lines the "
-                "file before it ended with (see below)"
+                f"    {src['repeated_lines']} line(s) read once: the same lines found twice "
+                "(a copy of a rotation or of a file's own lines: see below)"
             )
         if src.get("out_of_order_lines"):
             out.append(
