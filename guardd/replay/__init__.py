@@ -647,6 +647,32 @@ def _log_gap(at: object, name: object, c: Any, sim: Simulation) -> str | None:
     return None if why is None else f"signal {rule.signal}: {why}"
 
 
+def _caveat(d: dict[str, Any], c: Any, sim: Simulation) -> str | None:
+    """What decision `d` of config `c` was taken without: a rule on a log whose window
+    lost lines decided on what was left, and so did a guard window judged over real
+    traffic it lost lines of; None when neither."""
+    if d["event"] == "qos_released":
+        return _guard_window_gap(d["at"], c, sim)
+    return _log_gap(d["at"], d["rule"], c, sim) if d["rule"] else None
+
+
+def _guard_window_gap(at: object, c: Any, sim: Simulation) -> str | None:
+    """Why the real traffic a QoS guard window ending at `at` judged (the active color's
+    5xx ratio, from each `access_log` signal of config `c`) lacks lines of its window, or
+    None. Released on what was left: a caveat, as `_log_gap` gives a rule's decision."""
+    t = _report.seconds(at)
+    if t is None:
+        return None
+    for name, sig in sorted(c.signals.items()):
+        report = sim.sources.get(name)
+        if getattr(sig, "kind", None) != "access_log" or report is None:
+            continue
+        why = report.covers(t, c.qos.window)
+        if why is not None:
+            return f"signal {name}: {why}"
+    return None
+
+
 def _traffic_rule(c: Any, name: object) -> bool:
     """Whether the `[[rules]]` row `name` of config `c` reads an `access_log` signal."""
     rule = _rule_named(c, name)
@@ -903,8 +929,7 @@ async def _replay_all(
         decisions = _decisions_between(sim.journal.events, since, until)
         warmup = _warmup_decisions(sim.journal.events, since, until, _match_window(s.config))
         for d in decisions:
-            # (A rule on a log whose window lost lines decided on what was left.)
-            d["caveat"] = _log_gap(d["at"], d["rule"], s.config, sim) if d["rule"] else None
+            d["caveat"] = _caveat(d, s.config, sim)
         found, unmatched = _incidents(
             s.config,
             real,

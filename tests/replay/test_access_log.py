@@ -938,6 +938,26 @@ def test_a_decision_on_a_window_with_a_hole_says_it_was_taken_on_what_was_left(
     assert f"    taken on what was left: {caveat}\n" in text, text
 
 
+def test_a_guard_window_released_over_a_hole_in_the_log_says_so(tmp_path: Path) -> None:
+    """The traffic rule rolls green back 12 s into the 5xx minute; the log then loses its
+    lines for half a minute (a rotation cut short), the 10 s guard window within it. The
+    release judged the active color's real 5xx ratio on what was left: said under it, as
+    under a rule's decision, and never under the rollback, whose window was whole."""
+    cfg, lines = _ten_minutes(tmp_path)
+    logs = tmp_path / "logs"
+    (logs / "access.log.1").write_text("".join(lines[: 315 * RATE]))
+    (logs / "access.log").write_text("".join(lines[345 * RATE :]))
+    doc = replay_json("--config", str(cfg))
+    [rollback] = decisions(doc, "rollback_completed")
+    [released] = decisions(doc, "qos_released")
+    assert rollback["caveat"] is None, rollback
+    [[lo, hi]] = doc["sources"]["traffic"]["holes"]
+    assert released["caveat"] == (
+        f"signal traffic: no line of it from {lo} to {hi}, between two files, within the "
+        "window it was judged on"
+    ), released
+
+
 def _garbled(t0: float, n: int) -> list[str]:
     """`n` lines as a corrupt deflate stream gives them: an `msec` whose digits run into
     other text (500 years on), or cut short (1975, the year 17), or whole and far ahead."""
