@@ -78,11 +78,17 @@ class SocketStream(anyio.abc.ByteStream):
             sock.close()
 
 
-async def connect_literal(address: str, port: int, family: socket.AddressFamily) -> SocketStream:
+async def connect_literal(
+    address: str, port: int, family: socket.AddressFamily, *, early: bool = False
+) -> SocketStream:
     """A TCP connection to the address literal `address` (of `family`) and `port`.
 
-    Raises `OSError` (refused, unreachable, ...); the caller's cancel scope bounds the wait
-    (a cancelled connect closes its socket).
+    With `early`, the stream comes back as soon as the connect is under way, for a caller
+    whose first move is to send: its first `send` or `receive` raises what the handshake
+    ended with (the same `OSError`, ECONNREFUSED, ETIMEDOUT, ...). Otherwise the handshake
+    is waited for and its failure raised here. Raises `OSError` (refused, unreachable,
+    ...); the caller's cancel scope bounds every wait (a cancelled connect closes its
+    socket).
     """
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -92,9 +98,15 @@ async def connect_literal(address: str, port: int, family: socket.AddressFamily)
         try:
             sock.connect((address, port))
         except BlockingIOError:
-            await anyio.wait_writable(sock)
-            if error := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                raise OSError(error, os.strerror(error)) from None
+            # A non-blocking connect says EINPROGRESS even on loopback, where the handshake
+            # is over by the time the call returns: waiting for writability first costs a
+            # trip round the event loop a probe. A send before the handshake ends waits for
+            # writability itself (EAGAIN), and one after a failed handshake raises the
+            # connect's own error, so an early caller skips the wait.
+            if not early:
+                await anyio.wait_writable(sock)
+                if error := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    raise OSError(error, os.strerror(error)) from None
     except BaseException:
         sock.close()
         raise

@@ -213,11 +213,12 @@ class HttpProber:
     async def probe_url(self, url: str) -> ProbeResult:
         """Probe one URL under the hard deadline; every failure is an outcome, not a raise."""
         started = time.perf_counter()
-        # A failing answer's body is read for its summary only until shortly before the
-        # deadline, so a dribbling 503 still reads as a 503.
-        summary_by = anyio.current_time() + self.spec.timeout * 0.8
         try:
-            with anyio.fail_after(self.spec.timeout):
+            with anyio.fail_after(self.spec.timeout) as scope:
+                # A failing answer's body is read for its summary only until shortly before
+                # the deadline, so a dribbling 503 still reads as a 503. (From the scope's
+                # deadline: asking the clock again costs a look-up of the running loop.)
+                summary_by = scope.deadline - self.spec.timeout * 0.2
                 outcome, error, status = await self._exchange(url, summary_by)
         except TimeoutError:
             outcome, error, status = _timed_out(self.spec)

@@ -92,14 +92,17 @@ Connector = Callable[[Target, "ssl.SSLContext | None"], Awaitable[anyio.abc.Byte
 async def connect(target: Target, tls: ssl.SSLContext | None) -> anyio.abc.ByteStream:
     """A TCP connection to `target`, wrapped in TLS (stdlib `ssl`) when `tls` is given.
 
-    Raises `OSError` (refused, unreachable, DNS) or `ssl.SSLError`.
+    Raises `OSError` (refused, unreachable, DNS) or `ssl.SSLError`; a plain connection to
+    an address literal may raise the handshake's `OSError` at its first send instead.
     """
     family = target.family
     stream: anyio.abc.ByteStream
     if family is None:
         stream = await anyio.connect_tcp(target.host, target.port)
     else:
-        stream = await connect_literal(target.host, target.port, family)
+        # Plain HTTP sends the request first, so the handshake need not be waited for; TLS
+        # wraps the stream, and anyio's TLS stream turns an `OSError` into another error.
+        stream = await connect_literal(target.host, target.port, family, early=tls is None)
     if tls is None:
         return stream
     literal = family is not None
@@ -224,7 +227,7 @@ async def get(
             pass  # closed by the server while idle (nginx's keepalive_timeout): reconnect
     stream = await connector(target, tls if target.scheme == "https" else None)
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
-    return await _exchange(stream, conn, target, headers)
+    return await _exchange(stream, conn, target, headers, fresh=True)
 
 
 def _request_bytes(
@@ -257,7 +260,11 @@ async def _exchange(
     conn: h11.Connection,
     target: Target,
     headers: Sequence[tuple[str, str]],
+    *,
+    fresh: bool = False,
 ) -> Response:
+    """Send the request on `stream` and read the answer's head; `fresh`: a new connection,
+    whose parser holds nothing yet."""
     try:
         # The config's `Host`, when given (a virtual host behind the URL's address),
         # replaces the URL's: two would be refused.
@@ -270,6 +277,10 @@ async def _exchange(
         except anyio.BrokenResourceError as e:
             cause = e.__cause__
             raise cause if isinstance(cause, OSError) else ConnectionResetError(104, str(e)) from e
+        if fresh:
+            # Nothing was received on a new connection yet: asking h11 first would only
+            # say NEED_DATA, a parse of an empty buffer per probe.
+            conn.receive_data(await _receive(stream))
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
