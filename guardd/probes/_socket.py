@@ -90,9 +90,9 @@ async def connect_literal(
     ...); the caller's cancel scope bounds every wait (a cancelled connect closes its
     socket).
     """
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Non-blocking from its creation: one system call fewer a probe than setblocking().
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        sock.setblocking(False)
         # As anyio does: a probe's request goes out in one segment, at once.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
