@@ -381,6 +381,8 @@ class Supervisor:
         self._wake = anyio.Event()
         self._first_round: dict[Color, anyio.Event] = {c: anyio.Event() for c in COLORS}
         self._front_door_answered = anyio.Event()
+        # Set when a reload puts another front-door prober in force (or none).
+        self._verifier_changed = anyio.Event()
         self._probe_started: dict[Color, float | None] = dict.fromkeys(COLORS)
         self._exit_code = 0
         self._tg: anyio.abc.TaskGroup | None = None
@@ -515,6 +517,8 @@ class Supervisor:
         stale = previous.verifier if previous is not None else None
         if stale is not None and stale is not runtime.verifier:
             await stale.aclose()
+        if previous is not None and previous.verifier is not runtime.verifier:
+            self._verifier_changed.set()
         if previous is None or runtime.notifier is not previous.notifier:
             await self._swap_notifier(runtime.notifier)
         return keep
@@ -898,7 +902,11 @@ class Supervisor:
                 last = verifier
             if verifier is None:
                 self._front_door_answered.set()
-                await anyio.sleep(guard.s.probe_interval)
+                # Nothing to probe until a reload sets `switch.verify_url`: wait for that
+                # rather than wake every interval to look (an idle wake-up of each of many
+                # instances on a host).
+                await self._verifier_changed.wait()
+                self._verifier_changed = anyio.Event()
                 continue
 
             def replaced(current: HttpProber = verifier) -> bool:
