@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pytest
 
@@ -180,42 +180,40 @@ def facts(now: float, traffic: Reading | None) -> Facts:
     return Facts(now=now, active="green", readings=readings)
 
 
+def decided(
+    m: GuardMachine,
+    seconds: range,
+    ratio: Callable[[int], float],
+    last_at: Callable[[int], float] = float,
+) -> list[Action]:
+    """A decision at each of `seconds`, both colors probed healthy then, on a traffic
+    reading of 100 requests with the error ratio `ratio(n)`, taken at `last_at(n)`."""
+    actions: list[Action] = []
+    for n in seconds:
+        for c in COLORS:
+            m.observe(c, float(n), Outcome.OK, 0.01)
+        reading_n = reading(100, last_at=last_at(n), error_ratio=ratio(n))
+        actions += m.decide(facts(float(n), reading_n)).actions
+    return actions
+
+
 def test_a_p2_rule_alerts_once_per_episode_and_never_rolls_back() -> None:
     m = machine_with(rule(severity="P2", threshold=0.03))
-    actions: list[Action] = []
-    for n in range(10, 20):
-        m.observe("blue", float(n), Outcome.OK, 0.01)
-        m.observe("green", float(n), Outcome.OK, 0.01)
-        actions += m.decide(
-            facts(float(n), reading(100, last_at=float(n), error_ratio=0.05))
-        ).actions
-    (alert,) = actions
+    (alert,) = decided(m, range(10, 20), lambda _: 0.05)
     assert isinstance(alert, Alert)
     assert alert.severity == "P2" and "traffic.error_ratio" in alert.reason
 
 
 def test_a_p2_rule_above_and_below_its_threshold_by_turns_is_one_episode() -> None:
     m = machine_with(rule(severity="P2", threshold=0.03))
-    actions: list[Action] = []
-    for n in range(10, 50):
-        m.observe("blue", float(n), Outcome.OK, 0.01)
-        m.observe("green", float(n), Outcome.OK, 0.01)
-        ratio = 0.05 if n % 2 else 0.01
-        d = m.decide(facts(float(n), reading(100, last_at=float(n), error_ratio=ratio)))
-        actions += [a for a in d.actions if isinstance(a, Alert)]
-    assert len(actions) == 1
+    actions = decided(m, range(10, 50), lambda n: 0.05 if n % 2 else 0.01)
+    assert [type(a) for a in actions] == [Alert]
 
 
 def test_a_signal_stale_by_turns_is_one_episode() -> None:
     m = machine_with(rule(), stale={"traffic": 5.0})
-    alerts: list[Action] = []
-    for n in range(10, 60):
-        m.observe("blue", float(n), Outcome.OK, 0.01)
-        m.observe("green", float(n), Outcome.OK, 0.01)
-        fresh = float(n) - (0.0 if n % 10 == 0 else 8.0)  # fresh one tick in ten
-        d = m.decide(facts(float(n), reading(100, last_at=fresh, error_ratio=0.0)))
-        alerts += [a for a in d.actions if isinstance(a, Alert)]
-    (alert,) = alerts
+    # Fresh one tick in ten, 8 s old (stale after 5 s) at the others.
+    (alert,) = decided(m, range(10, 60), lambda _: 0.0, lambda n: n - (0 if n % 10 == 0 else 8))
     assert isinstance(alert, Alert) and "signal traffic is stale" in alert.reason
 
 
