@@ -445,7 +445,7 @@ def _with_unjournaled(
     journaled = [
         (t, e.get("from"), e.get("to"))
         for e in real
-        if e.get("event") in ("rollback_completed", "rollback_failed")
+        if e.get("event") in _ENDS
         and e.get("guard", instance) == instance
         and (t := _report.seconds(e.get("ts"))) is not None
     ]
@@ -461,6 +461,8 @@ def _with_unjournaled(
             "origin": "observations",
             # (The rule and severity as the guard's reason names them: `P0 rule: ...`.)
             **_named_rule(reason, source),
+            # (Placed at its decision when the journal kept that: `_decided`.)
+            **_started(real, instance, ts, source, target),
         }
         for ts, source, target, reason in sim.live_rollbacks
         if (lo is None or ts >= lo)
@@ -470,6 +472,29 @@ def _with_unjournaled(
         )
     ]
     return [*real, *added], len(added)
+
+
+def _started(
+    real: list[dict[str, Any]], instance: str, ts: float, source: object, target: object
+) -> dict[str, Any]:
+    """`{"rollback_id": ID}` of the journal's `rollback_started` of guard `instance` from
+    `source` to `target` within `_UNJOURNALED_S` before the switch at `ts` whose end the
+    journal lacks (the line cut off or edited out), the latest; else nothing."""
+    ended = {e.get("rollback_id") for e in real if e.get("event") in _ENDS}
+    ids = [
+        e.get("id")
+        for e in real
+        if e.get("event") == "rollback_started"
+        and e.get("guard", instance) == instance
+        and (e.get("from"), e.get("to")) == (source, target)
+        and e.get("id") not in ended
+        and (t := _report.seconds(e.get("ts"))) is not None
+        and ts - _UNJOURNALED_S <= t <= ts
+    ]
+    return {"rollback_id": ids[-1]} if ids and isinstance(ids[-1], str) else {}
+
+
+_ENDS: Final = ("rollback_completed", "rollback_failed")
 
 
 def _named_rule(reason: object, color: object) -> dict[str, Any]:
