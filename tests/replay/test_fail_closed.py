@@ -1124,31 +1124,6 @@ def test_a_lone_record_stamped_back_across_a_bound_is_no_clock_step(
     assert replay("--config", str(cfg), option, bound).returncode == 0
 
 
-def test_a_live_rollback_whose_end_the_journal_lacks_is_placed_at_its_start(
-    tmp_path: Path,
-) -> None:
-    """The journal kept the live rollback's `rollback_started` but lost its
-    `rollback_completed` (edited out): the incident taken from the observations is placed
-    at that decision, as the journal's own would be, not at the switch recorded after it."""
-    state = tmp_path / "state"
-    tl = Timeline(state)
-    tl.start(active="green")
-    tl.rounds(150)
-    tl.rounds(3, green="http_5xx")
-    reason = "P0 consecutive_failures: 3 >= 3 on green; rolling back to blue"
-    started = tl.journal.append(
-        "rollback_started", source="green", target="blue", reason=reason, severity="P0"
-    )
-    tl.tick(0.4)  # (the switch and its verification)
-    tl.recorder.switch("green", "blue", by="guardd", reason=reason, severity="P0")
-    tl.rounds(100)
-    tl.close()
-    doc = replay_json("--config", str(config(tmp_path, state)))
-    [found] = doc["configs"][0]["incidents"]
-    assert found["at"] == started["ts"], (found, started)
-    assert found["detected_at"] is not None, found
-
-
 def test_a_journal_cut_short_leaves_what_it_lacks_unknown(tmp_path: Path) -> None:
     """The journal ends before the history does (cut short, or rotated away): the runs the
     history holds after its end have no `started` in it. The decisions the replay takes
@@ -1189,20 +1164,25 @@ def test_a_rollback_whose_end_the_journal_lacks_is_taken_from_the_observations(
     """The journal holds a rollback's `rollback_started` but not its `rollback_completed`
     (a line deleted, the journal edited); the observations hold its switch by guardd. The
     replay's rollback there is that incident's detection, taken from the observations and
-    said, never "the live guard did not act then"."""
+    said, never "the live guard did not act then"; and it is placed at the decision the
+    journal kept, as the journal's own would be, not at the switch recorded after it."""
     state = tmp_path / "state"
     tl = Timeline(state)
     tl.start(active="green")
     tl.rounds(150)
     tl.rounds(3, green="http_5xx")
     reason = "P0 consecutive_failures: 3 >= 3 on green; rolling back to blue"
-    tl.incident("rollback_started", source="green", target="blue", reason=reason, severity="P0")
+    started = tl.journal.append(
+        "rollback_started", source="green", target="blue", reason=reason, severity="P0"
+    )
+    tl.tick(0.4)  # (the switch and its verification)
     tl.recorder.switch("green", "blue", by="guardd", reason=reason, severity="P0")
     tl.rounds(100)
     tl.close()
     doc = replay_json("--config", str(config(tmp_path, state)))
     [inc] = doc["configs"][0]["incidents"]
     assert inc["rule"] == "consecutive_failures" and inc["detected_at"] is not None, inc
+    assert inc["at"] == started["ts"], (inc, started)
     assert doc["configs"][0]["unmatched"] == []
     assert "taken from the observations" in (doc["journal_gap"] or ""), doc["journal_gap"]
 
