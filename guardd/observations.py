@@ -568,8 +568,9 @@ class ReadReport:
     #: The observation files read, oldest first (`unopened`: those that could not be opened).
     files: list[str] = field(default_factory=list)
     unopened: list[str] = field(default_factory=list)
-    #: A record stamped past `until` was read: the history goes on past the period.
-    beyond_until: bool = False
+    #: The history's own clock (`Record.at`) of the first record stamped past `until`: the
+    #: history goes on past the period, up to that record's time (None: it does not).
+    beyond_until: float | None = None
     #: Reason -> lines (or members) skipped: `invalid JSON`, `too long`, `unknown kind`, ...
     skipped: Counter[str] = field(default_factory=Counter)
     #: One line per file that could not be read to its end, naming it and why.
@@ -972,7 +973,8 @@ class _Clocks:
             self.last_ts, self.last_mono = ts, mono
             if until is not None:
                 if ts > until:
-                    self.report.beyond_until = True
+                    if self.report.beyond_until is None:
+                        self.report.beyond_until = self.at
                     self.past_until = max(ts, self.past_until or ts)
                     self.back = 0
                     continue

@@ -968,16 +968,19 @@ class Simulation:
         """The ticks after the last record read; the batch of `externals` not fed yet."""
         if self.guard is None or not self._started:
             return pending
-        end = self.clock.monotonic()
-        if self.until is not None and self.report.beyond_until:
+        end = self.clock.monotonic() + 2 * _SAME_MOMENT
+        beyond = self.report.beyond_until
+        if self.until is not None and beyond is not None:
             # The history goes on past `--to`: the daemon ran up to it, so the ticks (and
             # the log lines) between the last record before it and it are the period's
-            # too, not only those up to that record.
-            end = max(end, self.clock.to_mono(self.until))
+            # too, not only those up to that record; never past the next record, whose
+            # time the daemon's own clock gives (a wall clock stepped forward across `--to`
+            # skipped the time between, which the daemon never ticked through).
+            end = max(end, min(self.clock.to_mono(self.until) + 2 * _SAME_MOMENT, beyond))
             while pending is not None and pending[0] <= self.until:
                 await self._external(pending, end)
                 pending = next(externals, None)
-        await self._until(end + 2 * _SAME_MOMENT)
+        await self._until(end)
         return pending
 
     def _run_ends(self) -> None:

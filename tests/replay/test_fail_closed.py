@@ -1103,6 +1103,26 @@ def test_a_period_bound_among_times_a_stepped_clock_repeats_is_refused(
     assert replay("--config", str(cfg), option, outside).returncode == 0
 
 
+def test_a_to_within_the_hour_a_clock_stepped_forward_skipped_ticks_no_hour(
+    tmp_path: Path,
+) -> None:
+    """60 s of healthy rounds, the wall clock stepped an hour forward, 60 s more. A `--to`
+    in the skipped hour ends the period where the daemon's own clock went on at once: no
+    hour of ticks without probes, no made-up "stale" alert."""
+    state = tmp_path / "state"
+    tl = Timeline(state)
+    tl.start(active="green")
+    t0 = tl.wall
+    tl.rounds(300)
+    tl.wall += 3600.0  # (the monotonic clock goes on)
+    tl.rounds(300)
+    tl.close()
+    cfg = config(tmp_path, state)
+    for to in (t0 + 1800.0, t0 + 3660.0):  # within the hour; 50 ms before the next record
+        doc = replay_json("--config", str(cfg), "--to", rfc3339(to))
+        assert doc["configs"][0]["decisions"] == [], (to, doc["configs"][0]["decisions"])
+
+
 @pytest.mark.parametrize("option", ["--from", "--to"])
 def test_a_lone_record_stamped_back_across_a_bound_is_no_clock_step(
     tmp_path: Path, option: str
