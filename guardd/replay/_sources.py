@@ -268,6 +268,11 @@ class _Seen:
         self.places = 0  # sampled lines read (the next place)
         self.begin = 0  # the first place of the file being read
         self.spans: list[tuple[float, float]] = []
+        #: Per span, the lines its file ended with at its last time: a line stamped at
+        #: that very time is a copy only when it is one of them (requests logged in the
+        #: millisecond a file was cut at, whole only in the file read after it, are new).
+        self.ends: list[frozenset[str]] = []
+        self._last_timed: list[str] = []  # (the last chunk with a time of the file read)
 
     def read(
         self, path: Path, chunks: Iterable[list[str]], report: SourceReport
@@ -284,15 +289,14 @@ class _Seen:
         last: int | None = None  # the last sampled line's place, when read before
         pending = False  # that line, read before but not beside another: in `held`
         twice = 0
+        self._last_timed = []
         for chunk in chunks:
-            # (Each chunk's first and last times too: a span of the sampled lines alone
-            # would leave copied lines before its first sampled one out of it.)
-            self._widen(span, _first_time(chunk, self.time_of))
-            self._widen(span, _first_time(reversed(chunk), self.time_of))
-            own[0] = span[0]
+            self._spanned(span, own, chunk)
             out: list[str] = []
             for line in chunk:
-                h = hash(line)
+                # (Not `hash`: a string's is seeded anew in each process, and which lines
+                # are sampled would change from one replay of the same files to the next.)
+                h = zlib.crc32(line.encode("utf-8", "surrogateescape"))
                 if h % self.rate:
                     held.append(line)
                     if len(held) >= _HELD:
@@ -329,13 +333,41 @@ class _Seen:
         twice += self._judged(held, was, None, out, own)
         if out:
             yield out
-        self._done(path, span, twice, report)
+        self._done(path, span, twice, report, self._ended(self._last_timed, span[1]))
 
-    def _done(self, path: Path, span: list[float], twice: int, report: SourceReport) -> None:
-        """The file at `path` read: its times kept, the lines it held twice said."""
+    def _spanned(self, span: list[float], own: list[float], chunk: list[str]) -> None:
+        """Widen a file's `span` by the first and last times of its `chunk` (a span of the
+        sampled lines alone would leave copied lines before its first sampled one out of
+        it), `own` with it; keep the chunk when it has a time, as the file's last so far."""
+        first = _first_time(chunk, self.time_of)
+        self._widen(span, first)
+        self._widen(span, _first_time(reversed(chunk), self.time_of))
+        own[0] = span[0]
+        if first is not None:
+            # (Not a cut last line alone, given apart at the file's end: `read_lines`.)
+            self._last_timed = chunk
+
+    def _ended(self, last: list[str], at: float) -> frozenset[str]:
+        """The lines of the chunk `last` (a file's last) stamped at time `at`, its latest."""
+        lines = []
+        for line in reversed(last):
+            t = self.time_of(line)
+            if t is not None and t < at:
+                break
+            if t == at:
+                lines.append(line)
+        return frozenset(lines)
+
+    def _done(
+        self, path: Path, span: list[float], twice: int, report: SourceReport, ended: frozenset[str]
+    ) -> None:
+        """The file at `path` read: its times kept (with the lines `ended` it ended with at
+        the last of them), the lines it held twice said."""
         if span[0] <= span[1]:
             self.spans.append((span[0], span[1]))
+            self.ends.append(ended)
             del self.spans[:-_MAX_SPANS]
+            del self.ends[:-_MAX_SPANS]
         if twice:
             report.twice += twice
             report.problems.append(
@@ -399,7 +431,10 @@ class _Seen:
             copy = bool(was)
             for line in held:
                 if (t := self.time_of(line)) is not None:
-                    copy = own[0] <= t < own[1] or any(lo <= t <= hi for lo, hi in self.spans)
+                    copy = own[0] <= t < own[1] or any(
+                        lo <= t < hi or (t == hi and line in end)
+                        for (lo, hi), end in zip(self.spans, self.ends, strict=True)
+                    )
                     if not copy:
                         own[1] = max(own[1], t)
                 if copy:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -564,6 +565,43 @@ def test_lines_found_twice_across_rotated_files_are_read_once(
             f"    {src['repeated_lines']} line(s) read once: the same lines found twice (a copy "
             "of a rotation or of a file's own lines: see below)\n"
         ) in text, text
+
+
+def test_a_plain_rotation_cut_mid_line_beside_its_gzip_loses_no_request_on_any_run(
+    tmp_path: Path,
+) -> None:
+    """Three requests logged in each millisecond slot (distinct by their times to answer),
+    `access.log.1` cut in the middle of a line beside the whole `access.log.1.gz`. Every
+    request is read once, whichever process replays it: the lines read twice are found by
+    a sample that is the same in every process (a string's `hash` is seeded anew in each),
+    and a request stamped in the very millisecond the plain file was cut at is new unless
+    that file ended with it."""
+    t0 = _probed(tmp_path / "state", 600)
+    lines = [
+        line(GREEN, "200", msec=t0 + (i // 3) * 0.05, rt=f"0.{i % 3 + 1:03d}")
+        for i in range(600 * RATE * 3)
+    ]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    cut = 300 * RATE * 3
+    (logs / "access.log").write_text("".join(lines[cut:]))
+    with gzip.open(logs / "access.log.1.gz", "wt") as f:
+        f.writelines(lines[:cut])
+    # Cut within the third request of a millisecond slot: the two before it are whole.
+    k = cut // 2 + 2 - (cut // 2) % 3
+    head = "".join(lines[:k]).encode()
+    (logs / "access.log.1").write_bytes(head + lines[k].encode()[:17])
+    cfg = config(
+        tmp_path, tmp_path / "state", extra=_signal(logs, 0.05), interval="1s", qos_window="10s"
+    )
+    seen = set()
+    for seed in ("0", "1", "2", "3"):
+        done = replay("--config", str(cfg), "--json", env={**os.environ, "PYTHONHASHSEED": seed})
+        assert done.returncode == 0, done.stderr
+        src = json.loads(done.stdout)["sources"]["traffic"]
+        assert src["lines"]["ok"] == len(lines), (seed, src["lines"])
+        seen.add(json.dumps(src, sort_keys=True))
+    assert len(seen) == 1, "the same report on every run"
 
 
 @pytest.mark.parametrize("plain", ["emptied", "cut short"])
