@@ -129,9 +129,10 @@ _Batch = tuple[float, int, str, Any]
 
 
 def _hole_s(window: float) -> float:
-    """A stretch without a line between two files longer than this may be said (seconds;
-    also when many times longer than the lines came apart before it): a twelfth of the
-    signal's window, 5 s at least (its rules judged that much less than they would have)."""
+    """A stretch without a line (between two files, within one) longer than this may be
+    said (seconds; also when many times longer than the lines came apart before it): a
+    twelfth of the signal's window, 5 s at least (its rules judged that much less than
+    they would have)."""
     return max(5.0, window / 12)
 
 
@@ -739,7 +740,7 @@ class Simulation:
             time_of,
             _hole_s(sig.spec.window_s),
         )
-        for end, batch in slots(lines, time_of, report):
+        for end, batch in slots(lines, time_of, report, _hole_s(sig.spec.window_s)):
             yield end, next(self._order), name, batch
 
     def _log_match(self, name: str, sig: LogMatchSignal) -> Iterator[_Batch]:
@@ -776,7 +777,7 @@ class Simulation:
             line_time,
             _hole_s(sig.spec.window_s),
         )
-        for end, batch in slots(lines, line_time, report):
+        for end, batch in slots(lines, line_time, report, _hole_s(sig.spec.window_s)):
             yield end, next(self._order), name, (color, batch)
 
     def _prometheus_points(self, name: str) -> Iterator[_Batch]:

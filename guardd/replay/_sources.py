@@ -45,6 +45,10 @@ _HEAD_LINES: Final = 64
 #: A stretch without a line between two files is a hole when longer than this many times
 #: the mean spacing of the lines before it (and `hole_s`).
 _HOLE_SPACINGS: Final = 20
+#: The mean step between slots with lines moves by 1/this of each step (`slots`).
+_STEP_WEIGHT: Final = 16
+#: Holes within files told at most (`_within`).
+_MAX_HOLES: Final = 256
 #: The lines of a file's end compared with the next file's beginning (`without_overlap`).
 OVERLAP_LINES: Final = 1000
 #: Lines handed over behind their time (`SourceReport.fell_behind`): stretches closer than
@@ -82,9 +86,14 @@ class SourceReport:
     #: The times (seconds) of the first and last lines, to a `PULSE_S` slot; None: none.
     first_line: float | None = None
     last_line: float | None = None
-    #: Stretches without a line where one file ends and the next begins, longer than
-    #: `HOLE_S`: (last line of the one, first of the next), seconds.
-    holes: list[tuple[float, float]] = field(default_factory=list)
+    #: Stretches without a line, seconds: (the last line before, the first after, where:
+    #: "between two files" or "within a file"); `without_overlap` and `slots` say which.
+    holes: list[tuple[float, float, str]] = field(default_factory=list)
+    #: Where one file ends and the next begins, seconds (`without_overlap`): a stretch
+    #: without a line there is judged as one between two files, never again within one.
+    seams: list[tuple[float, float]] = field(default_factory=list)
+    #: Where holes within files stopped being told (`_MAX_HOLES`), seconds; None: never.
+    untold: float | None = None
     #: The `holes` lines handed over afterwards fall in (files read out of their time
     #: order): no hole, their indices.
     filled: set[int] = field(default_factory=set)
@@ -96,7 +105,7 @@ class SourceReport:
         """Lines stamped from `start` to `end` were found (handed over or not): a hole
         they lie well within was no stretch without a line (files read out of their time
         order)."""
-        for i, (lo, hi) in enumerate(self.holes):
+        for i, (lo, hi, _) in enumerate(self.holes):
             if lo + PULSE_S < start and end < hi - PULSE_S:
                 self.filled.add(i)
 
@@ -144,10 +153,16 @@ class SourceReport:
             return f"its lines begin at {rfc3339(self.first_line)}, {when} ({why})"
         if at > self.last_line + PULSE_S:
             return f"its lines end at {rfc3339(self.last_line)}, before it"
-        for i, (lo, hi) in enumerate(self.holes):
+        if self.untold is not None and at > self.untold:
+            return (
+                f"more than {_MAX_HOLES} stretches without a line, those from "
+                f"{rfc3339(self.untold)} on not told: it may lack lines of the window it was "
+                "judged on"
+            )
+        for i, (lo, hi, where) in enumerate(self.holes):
             if i not in self.filled and lo < at and at - window < hi:
                 return (
-                    f"no line of it from {rfc3339(lo)} to {rfc3339(hi)}, between two files, "
+                    f"no line of it from {rfc3339(lo)} to {rfc3339(hi)}, {where}, "
                     "within the window it was judged on"
                 )
         return None
@@ -172,7 +187,7 @@ class SourceReport:
             ),
             "holes": [
                 [rfc3339(lo), rfc3339(hi)]
-                for i, (lo, hi) in enumerate(self.holes)
+                for i, (lo, hi, _) in enumerate(self.holes)
                 if i not in self.filled
             ],
         }
@@ -505,6 +520,8 @@ def without_overlap(
             # cut shorter, ends before the lines the original held.)
             if ended is not None and (reached is None or ended > reached[0]):
                 reached = (ended, previous)
+            if reached is not None and began is not None:
+                report.seams.append((min(reached[0], began), max(reached[0], began)))
             # Longer than the lines before came apart, many times over: a quiet log's
             # rotation is no hole (its lines come minutes apart anyway).
             if (
@@ -515,7 +532,7 @@ def without_overlap(
                 and began - reached[0]
                 > max(hole_s, _HOLE_SPACINGS * (ended - since) / max(1, len(tail) - 1))
             ):
-                report.holes.append((reached[0], began))
+                report.holes.append((reached[0], began, "between two files"))
                 report.problems.append(
                     f"{path}: begins {began - reached[0]:.0f}s after {reached[1]} ends: no "
                     "line between (a file cut short or missing, no traffic then, or a wrong "
@@ -806,7 +823,10 @@ def _gunzipped(raw: Any, ends: list[int] | None = None) -> Iterator[bytes]:
 
 
 def slots(
-    lines: Iterator[list[str]], time_of: Callable[[str], float | None], report: SourceReport
+    lines: Iterator[list[str]],
+    time_of: Callable[[str], float | None],
+    report: SourceReport,
+    hole_s: float = math.inf,
 ) -> Iterator[tuple[float, list[str]]]:
     """Lines grouped in `PULSE_S` slots of their own time: `(slot end, lines)`, in order.
 
@@ -815,9 +835,13 @@ def slots(
     late) stays in the current slot, unless it is more than `AHEAD_S` older: the host's
     clock was stepped back, and the lines from it on are slotted on the stepped clock (so
     is the recorded history, which the engine follows: see `Replay._step`).
+
+    A stretch without a line within a file, longer than `hole_s` seconds and `_HOLE_SPACINGS`
+    times the mean step between slots with lines before it, is a hole (`_within`).
     """
     back = AHEAD_S / PULSE_S
     slot: int | None = None
+    step: float | None = None  # the mean step between slots with lines (slots; moving)
     batch: list[str] = []
     for placed in _placed(lines, time_of, report):
         for line, s in placed:
@@ -827,10 +851,42 @@ def slots(
                 elif s > slot or s < slot - back:
                     if batch:
                         yield (slot + 1) * PULSE_S, batch
+                    if s > slot:
+                        # (Per slot, not per line: a day's million lines fill ~350,000.)
+                        gone = s - slot
+                        if step is not None and gone * PULSE_S > hole_s:
+                            _within(report, slot, s, step)
+                        step = gone if step is None else step + (gone - step) / _STEP_WEIGHT
                     batch, slot = [], s
             batch.append(line)
     if batch and slot is not None:
         yield (slot + 1) * PULSE_S, batch
+
+
+def _within(report: SourceReport, last: int, first: int, step: float) -> None:
+    """Say a hole from slot `last` (its lines' slot) to slot `first` (the next lines'),
+    `step` the mean step between slots before it, unless it is no longer than
+    `_HOLE_SPACINGS` steps (a quiet log's lines come minutes apart anyway) or where one file
+    ends and the next begins (`without_overlap` judged it)."""
+    if first - last <= _HOLE_SPACINGS * step:
+        return
+    lo, hi = (last + 1) * PULSE_S, first * PULSE_S
+    if any(a <= hi + PULSE_S and lo - PULSE_S <= b for a, b in report.seams):
+        return
+    if len(report.holes) >= _MAX_HOLES:
+        # (Bounded: a log crafted of bursts and pauses. Past the last told, fail closed.)
+        if report.untold is None:
+            report.untold = lo
+            report.problems.append(
+                f"more than {_MAX_HOLES} stretches without a line: those from "
+                f"{rfc3339(lo)} on are not told"
+            )
+        return
+    report.holes.append((lo, hi, "within a file"))
+    report.problems.append(
+        f"no line from {rfc3339(lo)} to {rfc3339(hi)} ({hi - lo:.0f}s), within a file: lines "
+        "lost (a log truncated or rewritten), no traffic then, or a wrong clock"
+    )
 
 
 def _placed(

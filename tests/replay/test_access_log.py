@@ -1219,3 +1219,32 @@ def test_a_hole_the_lines_of_a_file_read_after_fill_is_none(tmp_path: Path) -> N
         "were found after later lines (a log concatenated out of order, lines copied): not "
         "read at their time"
     ), inc
+
+
+@pytest.mark.parametrize("what", ["rule", "guard window"])
+def test_a_hole_within_one_file_gives_the_same_caveat_as_one_between_two(
+    tmp_path: Path, what: str
+) -> None:
+    """Lines lost within one file (a log truncated and written on, lines cut out): no line
+    from 250 s to 320 s (before the burst: the rule's window), or from 315 s to 345 s (the
+    guard window after the rollback). The decision taken on what was left says so, as it
+    does over a hole between two files, and the hole is said once, under the source."""
+    cfg, lines = _ten_minutes(tmp_path)
+    cut = (250, 320) if what == "rule" else (315, 345)
+    (tmp_path / "logs" / "access.log").write_text(
+        "".join(lines[: cut[0] * RATE] + lines[cut[1] * RATE :])
+    )
+    doc = replay_json("--config", str(cfg))
+    [[lo, hi]] = doc["sources"]["traffic"]["holes"]
+    caveat = (
+        f"signal traffic: no line of it from {lo} to {hi}, within a file, within the window "
+        "it was judged on"
+    )
+    [rollback] = decisions(doc, "rollback_completed")
+    [released] = decisions(doc, "qos_released")
+    if what == "rule":
+        assert rollback["rule"] == "errors" and rollback["caveat"] == caveat, rollback
+    else:
+        assert rollback["caveat"] is None and released["caveat"] == caveat, released
+    [said] = [p for p in doc["sources"]["traffic"]["problems"] if "within a file" in p]
+    assert said.startswith(f"no line from {lo} to {hi} ("), said

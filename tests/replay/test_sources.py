@@ -401,3 +401,61 @@ def test_a_window_before_the_first_line_says_whether_the_log_went_on_before_it(
     report.before_history = before_history
     said = report.covers(1010.0, 60.0)
     assert said is not None and said.endswith(f"within the window it was judged on ({why})")
+
+
+def _holes(times: list[float], hole_s: float = 5.0) -> SourceReport:
+    report = SourceReport("access_log")
+    ends = [end for end, _ in slots(_lines(*times), _time, report, hole_s)]
+    # (What the engine counts of the lines it replays: `covers` asks it.)
+    report.first_line, report.last_line = ends[0] - PULSE_S, ends[-1]
+    return report
+
+
+def test_a_stretch_without_a_line_within_a_file_is_a_hole() -> None:
+    """Ten lines a second, then none for 30 s, then ten a second again: a hole within the
+    file, from the last line's slot to the next line's, said under the source's problems;
+    one as long among lines minutes apart (a quiet log) is none, nor is one shorter than
+    `hole_s`."""
+    steady = [100.0 + i / 10 for i in range(600)]
+    report = _holes(steady + [190.0 + i / 10 for i in range(100)])
+    assert report.holes == [(160.0, 190.0, "within a file")], report.holes
+    said = (
+        "no line from 1970-01-01T00:02:40.000Z to 1970-01-01T00:03:10.000Z (30s), within a "
+        "file: lines lost (a log truncated or rewritten), no traffic then, or a wrong clock"
+    )
+    assert report.problems == [said], report.problems
+    assert report.covers(195.0, 10.0) == (
+        "no line of it from 1970-01-01T00:02:40.000Z to 1970-01-01T00:03:10.000Z, within a file, "
+        "within the window it was judged on"
+    )
+    assert report.covers(200.0, 5.0) is None  # (a window after it: whole)
+    quiet = [100.0 + 120 * i for i in range(20)]
+    assert _holes([*quiet, quiet[-1] + 600.0]).holes == []
+    assert _holes(steady + [164.0 + i / 10 for i in range(100)]).holes == []  # (4 s < 5 s)
+
+
+def test_a_hole_where_one_file_ends_and_the_next_begins_is_judged_once() -> None:
+    """A stretch without a line at a seam between two files is `without_overlap`'s to
+    judge (between two files): `slots` does not say it again as one within a file."""
+    report = SourceReport("access_log")
+    report.seams.append((160.0, 190.0))
+    times = [100.0 + i / 10 for i in range(600)] + [190.0 + i / 10 for i in range(100)]
+    for _ in slots(_lines(*times), _time, report, 5.0):
+        pass
+    assert report.holes == [] and report.problems == [], report
+
+
+def test_holes_within_a_file_are_told_up_to_a_bound_and_fail_closed_past_it() -> None:
+    """A log crafted of bursts and pauses: at most `_MAX_HOLES` holes are kept; a decision
+    after the last told gets a caveat all the same (fail closed, never "whole")."""
+    times: list[float] = []
+    t = 0.0
+    for _ in range(_sources._MAX_HOLES + 5):
+        times += [t + i / 10 for i in range(200)]
+        t += 20.0 + 60.0
+    report = _holes(times)
+    assert len(report.holes) == _sources._MAX_HOLES, len(report.holes)
+    assert report.untold is not None
+    assert sum("are not told" in p for p in report.problems) == 1, report.problems[-1]
+    why = report.covers(times[-1], 10.0)
+    assert why is not None and "not told" in why, why
