@@ -546,6 +546,35 @@ def repeated_times(
     )
 
 
+class SteppedBack:
+    """Records in a row stamped back across a `--from` / `--to` bound, well before the
+    latest the history had reached: up to `BACK_RECORDS`, a damaged record or two; at
+    `BACK_RECORDS`, a wall clock stepped back (`repeated_times`)."""
+
+    __slots__ = ("count", "first", "option", "path")
+
+    def __init__(self, option: str, path: Path = Path()) -> None:
+        self.option = option
+        #: The file read (named in `repeated_times`).
+        self.path = path
+        self.count = 0
+        self.first = 0.0  # (the first of them: where the repeated times begin)
+
+    def back(self, ts: float, bound: float, latest: float) -> None:
+        """One more record stamped `ts` back across `bound` from `latest` (seconds).
+
+        Raises `HistoryUnreadable` (`repeated_times`) at the `BACK_RECORDS`-th in a row."""
+        self.count += 1
+        if self.count == 1:
+            self.first = ts
+        if self.count >= BACK_RECORDS:
+            raise repeated_times(self.path, self.option, bound, latest, self.first)
+
+    def clear(self) -> None:
+        """A record on the history's side of the bound: the row is broken."""
+        self.count = 0
+
+
 class Record(NamedTuple):
     """One record as replay reads it.
 
@@ -678,7 +707,7 @@ def read_batches(
     clocks = _Clocks(report, guard)
     for path in files:
         report.files.append(str(path))
-        clocks.path = path
+        clocks.back.path = path
         clocks.day_end = _day_end(path)
         clocks.latest = -math.inf
         moved = 0
@@ -825,13 +854,11 @@ class _Clocks:
         self.day_end = math.inf
         #: The latest wall time read in the file being read (seconds).
         self.latest = -math.inf
-        #: The file being read (named in `repeated_times`).
-        self.path = Path()
         #: The latest wall time of a record left out past `until` (seconds; None: none),
-        #: and how many records in a row came back well before it since (`BACK_RECORDS`).
+        #: and the records in a row that came back well before it since (it names the file
+        #: being read).
         self.past_until: float | None = None
-        self.back = 0
-        self.back_from = 0.0  # (the first of them: where the repeated times begin)
+        self.back = SteppedBack("--to")
         #: What has been read, per boot and wall clock, the newest last (`_MAX_SPANS` of
         #: them; a clock step opens one). A boot's monotonic clock never goes back and is
         #: every run's of that boot, so a record within a span was read before: the same
@@ -976,18 +1003,13 @@ class _Clocks:
                     if self.report.beyond_until is None:
                         self.report.beyond_until = self.at
                     self.past_until = max(ts, self.past_until or ts)
-                    self.back = 0
+                    self.back.clear()
                     continue
                 if self.past_until is not None:
                     # Stamped within the period after the history had passed its end: a
                     # damaged record, or a wall clock stepped back (records on and on).
                     if self.past_until - ts > CLOCK_STEP_S:
-                        self.back += 1
-                        self.back_from = ts if self.back == 1 else self.back_from
-                        if self.back >= BACK_RECORDS:
-                            raise repeated_times(
-                                self.path, "--to", until, self.past_until, self.back_from
-                            )
+                        self.back.back(ts, until, self.past_until)
                     skipped["stamped within --to after later records"] += 1
                     continue
             if since is not None and ts < since:

@@ -29,13 +29,12 @@ from guardd.exceptions import OperationRefused
 from guardd.guard import Guard
 from guardd.journal import rfc3339
 from guardd.observations import (
-    BACK_RECORDS,
     CLOCK_STEP_S,
     FORMAT,
     ReadReport,
     Record,
+    SteppedBack,
     read_history,
-    repeated_times,
 )
 from guardd.probes.http import ProbeResult
 from guardd.replay._sources import (
@@ -241,10 +240,8 @@ class Simulation:
         #: reads, any time); `_in_period` says the current run has one.
         self.runs = 0
         self._in_period = False
-        #: Records in a row stamped back before `since` after the period began, and the
-        #: time of the first of them.
-        self._back = 0
-        self._back_from = 0.0
+        #: Records in a row stamped back before `since` after the period began.
+        self._back = SteppedBack("--from", directory)
         #: The slowest probe interval a run of the history probed at (its `start`), if any
         #: said: a replayed guard probing faster sees rounds only that often.
         self.recorded_interval: float | None = None
@@ -1008,13 +1005,10 @@ class Simulation:
             if self.first_ts is not None and last is not None and last - ts > CLOCK_STEP_S:
                 # Back before `--from` after the period began: a damaged record, or a wall
                 # clock stepped back (records on and on).
-                self._back += 1
-                self._back_from = ts if self._back == 1 else self._back_from
-                if self._back >= BACK_RECORDS:
-                    raise repeated_times(self.directory, "--from", since, last, self._back_from)
+                self._back.back(ts, since, last)
             self.warmup_records += 1
         else:
-            self._back = 0
+            self._back.clear()
             self._in_period = True
             first = self.first_ts
             if first is None or ts < first:
