@@ -730,14 +730,11 @@ class Simulation:
             return
         report.replayed = "from its files"
         time_of = msec_reader(sig.spec.field_name("msec"))
+        hole_s = _hole_s(sig.spec.window_s)
         lines = without_overlap(
-            files,
-            lambda path: read_lines(path, sig._split, report),
-            report,
-            time_of,
-            _hole_s(sig.spec.window_s),
+            files, lambda path: read_lines(path, sig._split, report), report, time_of, hole_s
         )
-        for end, batch in slots(lines, time_of, report, _hole_s(sig.spec.window_s)):
+        for end, batch in slots(lines, time_of, report, hole_s):
             yield end, next(self._order), name, batch
 
     def _log_match(self, name: str, sig: LogMatchSignal) -> Iterator[_Batch]:
@@ -767,14 +764,11 @@ class Simulation:
     ) -> Iterator[_Batch]:
         report = self.sources[name]
         split = sig.followers[color].split
+        hole_s = _hole_s(sig.spec.window_s)
         lines = without_overlap(
-            files,
-            lambda path: read_lines(path, split, report),
-            report,
-            line_time,
-            _hole_s(sig.spec.window_s),
+            files, lambda path: read_lines(path, split, report), report, line_time, hole_s
         )
-        for end, batch in slots(lines, line_time, report, _hole_s(sig.spec.window_s)):
+        for end, batch in slots(lines, line_time, report, hole_s):
             yield end, next(self._order), name, (color, batch)
 
     def _prometheus_points(self, name: str) -> Iterator[_Batch]:
