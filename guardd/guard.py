@@ -220,6 +220,10 @@ class Guard:
             self.storage.failing.discard(kind)
             self.log.info("storage_write_recovered", kind=kind)
 
+    def journaled(self, event_id: str) -> bool:
+        """For the keeper: whether the journal's recent events hold the one with this `id`."""
+        return any(e.get("id") == event_id for e in reversed(self.journal.recent))
+
     def lock_to_keep(self) -> qoslock.LockInfo | None:
         """For the keeper: on a fleet node, the copy of the fleet's lock that replaces this
         node's own lock when it ends, while another node's lock holds; else None."""
@@ -260,6 +264,7 @@ class Guard:
             # hold, rolled_away_from, raised: the machine's memory (docs/contract.md §4).
             **self.machine.memory().to_json(),
             "qos": self.qos.to_json(),
+            "qos_change": self.qos.change_json(),
         }
 
     # ---- start-up ----------------------------------------------------------------------

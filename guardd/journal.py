@@ -206,14 +206,19 @@ class Journal:
         reason: str | None = None,
         severity: str | None = None,
         evidence: dict[str, Any] | None = None,
+        event_id: str | None = None,
         **extra: Any,
     ) -> dict[str, Any]:
-        """Journal one event; returns it. Raises `StorageError` if it is not yet on disk."""
+        """Journal one event; returns it. Raises `StorageError` if it is not yet on disk.
+
+        `event_id`: the event's `id` when it was named before it happened (a change of the
+        QoS lock file names its event in state.json first); a fresh one otherwise.
+        """
         if event not in EVENTS:
             raise ValueError(f"unknown journal event {event!r}")
         record: dict[str, Any] = {
             "ts": rfc3339(self._wall()),
-            "id": uuid.uuid4().hex,
+            "id": event_id or uuid.uuid4().hex,
             "event": event,
             "guard": self.guard,
             "from": source,

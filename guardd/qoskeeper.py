@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,6 +21,7 @@ from guardd.core.types import GUARDD, Color, Outcome
 from guardd.exceptions import StorageError, UnsafePath, why
 from guardd.journal import parse_rfc3339, rfc3339
 from guardd.metrics import GuardMetrics
+from guardd.secrets import redact
 
 if TYPE_CHECKING:
     from guardd.guard import GuardSettings, Storage
@@ -81,6 +83,61 @@ class OwnedLock:
     hold: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class LockChange:
+    """A change of the lock file under way (state.json `qos_change`).
+
+    state.json names it before the file is touched, so that a crash at any step is finished
+    at the next start (`QosKeeper.restore`): cut short between the file and state.json,
+    guardd's own lock would otherwise read as someone else's (never released) and a
+    released one would come back. `before`/`after`: the file as it was and as the change
+    leaves it (`after` None: removed); `event`: the journal record the change makes
+    (`event`, `id` and its fields), None when it makes none.
+    """
+
+    before: qoslock.LockInfo
+    after: qoslock.LockInfo | None
+    event: dict[str, Any] | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The `qos_change` object of state.json."""
+        return {
+            "before": self.before.to_json(),
+            "after": None if self.after is None else self.after.to_json(),
+            "event": self.event,
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> LockChange | None:
+        """The change `to_json` wrote; None for anything else (nothing to finish)."""
+        if not isinstance(doc, dict):
+            return None
+        before, after, event = (
+            _lock_info(doc.get("before")),
+            _lock_info(doc.get("after")),
+            doc.get("event"),
+        )
+        if before is None or (doc.get("after") is not None and after is None):
+            return None
+        if event is not None and not (
+            isinstance(event, dict)
+            and isinstance(event.get("event"), str)
+            and isinstance(event.get("id"), str)
+        ):
+            return None
+        return cls(before, after, event)
+
+
+def _lock_info(doc: object) -> qoslock.LockInfo | None:
+    """A `LockInfo.to_json` object read back; None if it is not one."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("locked"), bool):
+        return None
+    fields = [doc.get(k) for k in ("reason", "locked_at", "until", "by")]
+    if not all(f is None or isinstance(f, str) for f in fields):
+        return None
+    return qoslock.LockInfo(doc["locked"], *fields)
+
+
 class LockHost(Protocol):
     """What the keeper needs of the guard it serves."""
 
@@ -118,6 +175,10 @@ class LockHost(Protocol):
         holds (an operator's, laid over it or taken elsewhere), the rollback is judged."""
         ...
 
+    def journaled(self, event_id: str) -> bool:
+        """Whether the journal's recent events hold the one with this `id`."""
+        ...
+
 
 class QosKeeper:
     """guardd's side of the QoS lock file (`qos.lock_file`)."""
@@ -125,6 +186,8 @@ class QosKeeper:
     def __init__(self, host: LockHost) -> None:
         self.host = host
         self.own_lock: OwnedLock | None = None
+        # A change of the lock file under way, named in state.json before it is made.
+        self.change: LockChange | None = None
         self.held = False  # whether any lock file is there, as of the last look
         #: Where the lock is read and written (the files; a replay keeps it in memory).
         self.store: qoslock.LockStore = qoslock.LOCK_FILES
@@ -214,12 +277,8 @@ class QosKeeper:
             host.save_state()
             return plan.info
         info = plan.info
-        self._write(info)
-        self.own_lock = OwnedLock(info, plan.window, plan.expires_at, plan.manual, plan.floor)
-        self.held = True
-        host.metrics.set_qos_locked(True)
-        host.record("qos_locked", reason=info.reason, by=info.by, until=info.until)
-        host.save_state()
+        own = OwnedLock(info, plan.window, plan.expires_at, plan.manual, plan.floor)
+        self._change(own, info, "qos_locked", reason=info.reason, by=info.by, until=info.until)
         return info
 
     def hold(self, reason: str) -> None:
@@ -230,20 +289,66 @@ class QosKeeper:
         host = self.host
         if self.own_lock is not None or self.store.read(host.s.lock_file).held:
             return  # locked already (a guard window, an operator's lock, the fleet's copy)
-        wall = host.clock.wall()
-        info = qoslock.LockInfo(True, reason, rfc3339(wall), None, GUARDD)
-        self._write(info)
-        self.own_lock = OwnedLock(info, None, None, manual=False, hold=True)
-        self.held = True
-        host.metrics.set_qos_locked(True)
-        host.record("qos_locked", reason=reason, by=GUARDD, until=None)
-        host.save_state()
+        info = qoslock.LockInfo(True, reason, rfc3339(host.clock.wall()), None, GUARDD)
+        own = OwnedLock(info, None, None, manual=False, hold=True)
+        self._change(own, info, "qos_locked", reason=reason, by=GUARDD, until=None)
 
     def end_hold(self, why: str) -> None:
         """What `hold` stood for ended (`why`): release its lock, if still the one held."""
         own = self.own_lock
         if own is not None and own.hold:
             self.release(by=GUARDD, reason=f"the hold ended: {why}")
+
+    def _change(
+        self, own: OwnedLock | None, after: qoslock.LockInfo | None, event: str, **fields: Any
+    ) -> bool:
+        """Make `own` guardd's lock (None: it holds none) and leave `after` in the lock file
+        (None: remove it), journaling `event` with `fields` when a lock is taken, changed or
+        removed. In an order a crash at any step cannot break (`LockChange`): state.json
+        names the change, then the file, the journal (the event under the id named), and
+        state.json again without it.
+
+        A write that fails leaves `own` guardd's lock all the same (`step` writes it again);
+        a release (`own` None) that fails changes nothing. Returns whether the file held a
+        lock before (False too when a release failed).
+        """
+        host = self.host
+        lock_file = host.s.lock_file
+        before = self.store.read(lock_file)
+        previous = self.own_lock
+        record = None
+        if own is not None or before.held:
+            # As the journal will hold it: a reason with a secret in it is redacted there.
+            said = (
+                {**fields, "reason": redact(fields["reason"])} if fields.get("reason") else fields
+            )
+            record = {"event": event, "id": uuid.uuid4().hex, **said}
+        self.own_lock, self.change = own, LockChange(before, after, record)
+        host.save_state()
+        try:
+            self._put(after)
+        except (OSError, StorageError, UnsafePath) as e:
+            host.storage_failed("lock", f"cannot change {lock_file}: {why(e)}")
+            if own is None:
+                self.own_lock, self.change = previous, None
+                host.save_state()
+                return False
+        else:
+            host.storage_ok("lock")
+        self.held = after is not None
+        host.metrics.set_qos_locked(self.held)
+        if record is not None:
+            host.record(event, event_id=record["id"], **fields)
+        self.change = None
+        host.save_state()
+        return before.held
+
+    def _put(self, after: qoslock.LockInfo | None) -> None:
+        """Leave `after` in the lock file (None: remove it); raises as the store does."""
+        if after is None:
+            self.store.remove(self.host.s.lock_file)
+        else:
+            self.store.write(self.host.s.lock_file, after)
 
     def _write(self, info: qoslock.LockInfo) -> None:
         lock_file = self.host.s.lock_file
@@ -350,7 +455,6 @@ class QosKeeper:
             span = min(span, max(STAY_MARGIN_S, stay_ends - wall + STAY_MARGIN_S))
         end = _later(Floor.of(now + span, wall, now), own.floor)
         info = dataclasses.replace(own.info, until=end.until)
-        self._write(info)
         own.info = info
         if stay_ends is not None:
             window.prolong(now + span)
@@ -358,7 +462,9 @@ class QosKeeper:
             window.restart(now, host.s.qos_window)
         own.expires_at = None if math.isinf(end.at) else end.at
         own.failed = stay is None  # this judgement's, not sticky: met next time, not
-        host.record(
+        self._change(
+            own,
+            info,
             "qos_extended",
             source=host.active,
             reason=why_not,
@@ -416,24 +522,9 @@ class QosKeeper:
         # reads the file never sees it missing in between (an operator's unlock, `by`
         # someone else, removes the file whatever it holds).
         keep = host.lock_to_keep() if by == GUARDD else None
-        try:
-            if keep is not None:
-                removed = self.store.read(host.s.lock_file).held
-                self._write(keep)
-            else:
-                removed = self.store.remove(host.s.lock_file)
-        except (OSError, UnsafePath) as e:
-            host.storage_failed("lock", why(e))
-            return False
-        self.own_lock = None
-        self.held = keep is not None
-        host.metrics.set_qos_locked(keep is not None)
-        if removed:
-            if keep is not None:
-                reason += f"; the fleet's lock ({keep.by}, until {keep.until or 'unlocked'}) holds"
-            host.record("qos_released", reason=reason, by=by, evidence=evidence)
-        host.save_state()
-        return removed
+        if keep is not None:
+            reason += f"; the fleet's lock ({keep.by}, until {keep.until or 'unlocked'}) holds"
+        return self._change(None, keep, "qos_released", reason=reason, by=by, evidence=evidence)
 
     def to_json(self) -> dict[str, Any] | None:
         """The `qos` object of state.json: guardd's own lock, or None."""
@@ -459,8 +550,16 @@ class QosKeeper:
             }
         return doc
 
-    def restore(self, saved: object) -> None:
-        """Take back the lock state.json's `qos` names (see `to_json`) after a restart."""
+    def change_json(self) -> dict[str, Any] | None:
+        """The `qos_change` object of state.json: a change of the lock file under way."""
+        return None if self.change is None else self.change.to_json()
+
+    def restore(self, saved: object, change: object = None) -> None:
+        """Take back the lock state.json's `qos` names (see `to_json`) after a restart,
+        once a change of the lock file a crash cut short (`qos_change`) is finished."""
+        cut_short = LockChange.from_json(change)
+        if cut_short is not None:
+            self._finish(cut_short)
         if not isinstance(saved, dict):
             return
         host = self.host
@@ -505,6 +604,24 @@ class QosKeeper:
             )
             window.restore_counts(w)
         self.own_lock = OwnedLock(info, window, expires_at, manual, floor, hold=hold)
+
+    def _finish(self, change: LockChange) -> None:
+        """Finish `change`, cut short by a crash: the lock file still as it was is changed
+        now; the event is journaled (under its id) unless it was, and only if the file
+        holds what the change left (not a lock someone wrote meanwhile)."""
+        host = self.host
+        current = self.store.read(host.s.lock_file)
+        if current == change.before:
+            try:
+                self._put(change.after)
+            except (OSError, StorageError, UnsafePath) as e:
+                host.storage_failed("lock", f"cannot change {host.s.lock_file}: {why(e)}")
+            current = self.store.read(host.s.lock_file)
+        left = current == change.after if change.after is not None else not current.held
+        event = change.event
+        if event is not None and left and not host.journaled(event["id"]):
+            fields = {k: v for k, v in event.items() if k not in ("event", "id")}
+            host.record(event["event"], event_id=event["id"], **fields)
 
     def _new_window(self, now: float, span: float) -> QosWindow:
         s = self.host.s

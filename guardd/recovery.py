@@ -96,7 +96,7 @@ async def recover(guard: Guard, saved: dict[str, Any]) -> None:
         # Someone moved traffic while guardd was down: an operator acted, just as with
         # a switch made while it runs (`Guard._adopt_external_switch`).
         guard.machine.clear_hold()
-    guard.qos.restore(saved.get("qos"))
+    guard.qos.restore(saved.get("qos"), saved.get("qos_change"))
     guard.metrics.set_active(guard.active)
 
 

@@ -210,6 +210,11 @@ ROWS = [
 NOT_MEMORY = {
     "version": "the file format",
 }
+# Keys of state.json that only a crash in the middle of a step leaves set, each with the
+# test that crashes there.
+CUT_SHORT = {
+    "qos_change": "test_a_crash_at_any_step_of_a_lock_change_is_finished_at_the_next_start",
+}
 # Attributes of the machine and the guard that state.json does not keep, and why each may
 # be lost in a restart without changing a decision.
 MACHINE_NOT_KEPT = {
@@ -273,7 +278,7 @@ QOS_NOT_KEPT = {
     "_firing_color": "the color those rules fired on",
     "store": "where the lock file is read and written: the files themselves, set at start",
 }
-QOS_KEPT = {"own_lock"}
+QOS_KEPT = {"own_lock", "change"}
 BUDGET_NOT_KEPT = {
     "_auto_rollbacks": "the budget: read back from the journal (row: rollback budget spent)",
     "_since": "the budget: read back from the journal (`resumed`)",
@@ -344,7 +349,7 @@ async def test_a_restart_decides_as_the_running_guard_would(row: Row, tmp_path: 
 
 def test_every_piece_of_state_has_a_row(tmp_path: Path) -> None:
     """A new key in state.json, or new state in the machine or the guard, needs a row here."""
-    covered = set().union(*(r.covers for r in ROWS)) | set(NOT_MEMORY)
+    covered = set().union(*(r.covers for r in ROWS)) | set(NOT_MEMORY) | set(CUT_SHORT)
     (tmp_path / "target").write_text("green")
     guard = build(tmp_path, FakeClock(), SPEC)
     guard.save_state()
@@ -383,3 +388,113 @@ async def test_the_budget_counts_rollbacks_behind_thousands_of_newer_events(tmp_
         decision = await step(g2, clock, OK, DOWN)
     assert decision is not None and decision.blocked_by == "hold"
     assert "budget" in str(g2.machine.hold)
+
+
+@dataclass(frozen=True)
+class LockChangeRow:
+    """Inputs that make the guard change the lock file with `event`, and inputs after it
+    that end the lock (both guards must end it alike)."""
+
+    name: str
+    event: str
+    before: Sequence[tuple[ProbeResult, ...]]
+    after: Sequence[tuple[ProbeResult, ...]]
+
+
+LOCK_CHANGES = [
+    LockChangeRow(
+        "a hold's lock taken", "qos_locked", [(OK, OK)] + [(DOWN, DOWN)] * 4, [(DOWN, OK)] * 40
+    ),
+    LockChangeRow(
+        "a guard window taken", "qos_locked", [(OK, OK)] + [(OK, DOWN)] * 3, [(OK, OK)] * 14
+    ),
+    LockChangeRow(
+        "a guard window extended",
+        "qos_extended",
+        [(OK, OK)] + [(OK, DOWN)] * 3 + [(DOWN, OK)] + [(OK, OK)] * 12,
+        [(OK, OK)] * 30,
+    ),
+    LockChangeRow(
+        "a guard window released",
+        "qos_released",
+        [(OK, OK)] + [(OK, DOWN)] * 3 + [(OK, OK)] * 12,
+        [(OK, OK)] * 3,
+    ),
+]
+CRASH_POINTS = ("before the lock file", "after the lock file", "after the journal")
+
+
+class CrashingStore:
+    """The lock files, with a hook before and after each change of one."""
+
+    def __init__(self, hook: Callable[[str], None]) -> None:
+        self.hook = hook
+
+    def read(self, path: Path) -> qoslock.LockInfo:
+        return qoslock.LOCK_FILES.read(path)
+
+    def write(self, path: Path, lock: qoslock.LockInfo) -> None:
+        self.hook("before the lock file")
+        qoslock.LOCK_FILES.write(path, lock)
+        self.hook("after the lock file")
+
+    def remove(self, path: Path) -> bool:
+        self.hook("before the lock file")
+        removed = qoslock.LOCK_FILES.remove(path)
+        self.hook("after the lock file")
+        return removed
+
+
+@pytest.mark.parametrize("at", CRASH_POINTS)
+@pytest.mark.parametrize("row", LOCK_CHANGES, ids=[r.name for r in LOCK_CHANGES])
+async def test_a_crash_at_any_step_of_a_lock_change_is_finished_at_the_next_start(
+    row: LockChangeRow, at: str, tmp_path: Path
+) -> None:
+    """kill -9 while guardd changes the QoS lock file: the restarted guard owns the lock the
+    running one owns (never someone else's, never a released one back), journals the change
+    exactly once, and ends the lock as the running one does."""
+    clock = FakeClock()
+    a_root, b_root = tmp_path / "a", tmp_path / "b"
+    prepare(a_root)
+    g1 = await start(a_root, clock, PREVIOUS)
+
+    def hook(point: str) -> None:
+        change = g1.qos.change
+        named = change is not None and change.event is not None and change.event["event"]
+        if point == at and named == row.event and not b_root.exists():
+            shutil.copytree(a_root, b_root)
+
+    g1.qos.store = CrashingStore(hook)
+    record = g1.record
+
+    def recording(event: str, **fields: object) -> dict[str, object]:
+        entry = record(event, **fields)
+        if event == row.event and at == "after the journal" and not b_root.exists():
+            shutil.copytree(a_root, b_root)
+        return entry
+
+    g1.record = recording  # type: ignore[method-assign]
+    for inputs in row.before:
+        await step(g1, clock, *inputs)
+        if b_root.exists():
+            break  # (the first such change is the one cut short)
+    assert b_root.exists(), f"no {row.event}"
+    changed = [e for e in g1.journal.recent if e["event"] == row.event][-1]
+
+    b_clock = copy.copy(clock)
+    g2 = build(b_root, b_clock, PREVIOUS)
+    await g2.recover(g2.state_file.load())
+    g2.machine.windows = copy.deepcopy(g1.machine.windows)
+    g2.machine.policy.table._since = dict(g1.machine.policy.table._since)
+
+    assert qoslock.read_lock(g2.s.lock_file) == qoslock.read_lock(g1.s.lock_file)
+    own1, own2 = g1.qos.own_lock, g2.qos.own_lock
+    assert (own2 and own2.info) == (own1 and own1.info), "guardd's own lock, as before"
+    assert [e["id"] for e in g2.journal.recent].count(changed["id"]) == 1, "journaled once"
+    assert g2.qos.change is None, "finished"
+    for n, inputs in enumerate(row.after):
+        d1 = await step(g1, clock, *inputs)
+        d2 = await step(g2, b_clock, *inputs)
+        assert decision_key(d2) == decision_key(d1), f"tick {n} after the restart"
+        assert qoslock.read_lock(g2.s.lock_file) == qoslock.read_lock(g1.s.lock_file), n
+    assert not qoslock.read_lock(g2.s.lock_file).held, "the lock ended"
