@@ -428,6 +428,8 @@ class Guard:
         moment unlocked). True if the lock changed."""
         hold, own, verdict = self.machine.hold, self.qos.own_lock, decision.verdict
         failing = verdict is not None and verdict.failing
+        # Not over while a P0/P1 rule's condition still holds, its `for` not yet run out.
+        fails = verdict is not None and verdict.failing_or_pending
         why = None
         if hold is not None:
             why = f"guardd holds: {hold.reason}"
@@ -435,7 +437,7 @@ class Guard:
             why = f"guardd is paused while {self.active} fails: {verdict.reason}"
         if why is not None and own is None:
             self.qos.hold(why)
-        elif why is None and not failing and own is not None and own.hold and self._vouched():
+        elif why is None and not fails and own is not None and own.hold and self._vouched():
             self.qos.end_hold(
                 "guardd no longer holds"
                 if (own.info.reason or "").startswith("guardd holds")

@@ -659,7 +659,14 @@ class GuardMachine:
             actions.extend(more)
         else:
             self._edges.settle(f.now, "dry_run", "unproven:")
-            if self.hold is not None and not self.hold.sticky and self.hold.cause != "mismatch":
+            # A P1 rule whose `for` started again once the P0 above it stopped still fails its
+            # threshold: the hold lasts through it, one episode rather than two.
+            if (
+                self.hold is not None
+                and not self.hold.sticky
+                and self.hold.cause != "mismatch"
+                and not verdict.failing_or_pending
+            ):
                 self.hold = None
         if not any(isinstance(a, Rollback) for a in actions):
             actions.extend(self._watch_front_door(f, active))

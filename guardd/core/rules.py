@@ -130,6 +130,16 @@ class Verdict:
         return self.severity in ("P0", "P1")
 
     @property
+    def failing_or_pending(self) -> bool:
+        """Whether a P0/P1 rule fires, or its condition holds and waits for its `for`
+        (dry runs aside): the color still fails a threshold that calls for a rollback, so a
+        hold, and the QoS lock a hold took, do not end on it (fail closed)."""
+        return self.failing or any(
+            st.state == "pending" and st.severity in ("P0", "P1") and not st.dry_run
+            for st in self.states
+        )
+
+    @property
     def reason(self) -> str:
         """A one-line human account of the verdict."""
         e = self.evidence

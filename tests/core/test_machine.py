@@ -51,6 +51,10 @@ class Replay:
         """The state the last step decided; a call, so mypy re-reads it after each step."""
         return self._state
 
+    def holding(self) -> bool:
+        """Whether the machine holds; a call, as `state`."""
+        return self.m.hold is not None
+
 
 FAIL = Outcome.HTTP_5XX
 
@@ -87,18 +91,28 @@ def test_both_down_holds_once_then_rolls_back_when_target_recovers() -> None:
     assert isinstance(action, Rollback)
 
 
-def test_hold_clears_when_active_recovers() -> None:
+def test_hold_lasts_while_a_p1_threshold_still_fails_and_then_clears() -> None:
     r = Replay()
     for _ in range(4):
         r.step(blue=FAIL, green=FAIL)
     assert r.state() is State.HOLD
     for _ in range(5):
         r.step(blue=FAIL)  # green passes again; its window ratio falls from 80 % to 40 %
-    assert r.m.hold is None
-    assert r.state() is State.DEGRADED  # the window still remembers the failures
-    for _ in range(40):
+    # Below P0's 50 %, but P1's condition (>= 10 %) holds, its `for` started again: the
+    # color still fails a threshold that calls for a rollback, so the hold goes on.
+    (p1,) = [st for st in r.m.verdicts["green"].states if st.rule == "p1_error_ratio"]
+    assert p1.state in ("pending", "firing"), p1
+    assert r.holding() and r.state() is State.HOLD
+    ended = None
+    for i in range(40):
         r.step(blue=FAIL)
+        if ended is None and not r.holding():
+            ended = i
+            ratio = r.m.stats("green", r.now).error_ratio
+            assert ratio is not None and ratio < SPEC.p1_error_ratio, ratio
+    assert ended is not None, "the hold ended once green's window was clean enough"
     assert r.state() is State.STEADY
+    assert len([a for a in r.log if isinstance(a, Hold)]) == 1, "one episode, one hold"
 
 
 def test_budget_spent_is_a_sticky_hold() -> None:

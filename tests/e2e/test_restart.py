@@ -105,10 +105,14 @@ def test_a_guardd_killed_while_it_holds_keeps_deploys_blocked_when_it_is_back(
     assert [e for e in d2.events()[count:] if e["event"] == "qos_released"] == []
     assert lab.lock_file.exists()
     # Green is back: the hold ends once green's 30 s window no longer fails the P1 ratio
-    # rule, and its lock with it.
+    # rule (nor holds its condition), and its lock with it.
     lab.green.set_mode("ok")
     released = d2.wait_event("qos_released", after=count, timeout=90)
     assert "no longer" in (released["reason"] or ""), released
+    # One episode: the lock was never released and taken again while green's P1 ratio rule
+    # waited out its `for` (after the P0 ratio rule above it stopped).
+    after = [e["event"] for e in d2.events()[count:]]
+    assert "qos_locked" not in after and after.count("hold") == 1, after
     assert d2.stop() == 0
 
 
