@@ -228,6 +228,7 @@ MACHINE_NOT_KEPT = {
     "_reapplied_at": "an index into the front door's answers, which count anew from 0",
     "_readings": "the other signals' readings: measurements, taken again after a restart",
     "verdicts": "the last tick's verdicts on each color, recomputed by the next tick",
+    "_probed": "the colors probed since this start: a restart is `starting` until both are",
 }
 MACHINE_KEPT = {
     "hold", "rolled_away_from", "_edges", "seen_healthy", "mismatch", "_mismatch_color",

@@ -332,6 +332,8 @@ class GuardMachine:
         self._readings: Mapping[str, Mapping[Color, Reading]] = {}
         # The last verdict on each color (status, metrics): the standby is judged too.
         self.verdicts: dict[Color, Verdict] = {}
+        # The colors probed since this start: `starting` until both were.
+        self._probed: set[Color] = set()
 
     def reconfigure(
         self, spec: PolicySpec, probe_interval: float, keep: frozenset[Color] = frozenset(COLORS)
@@ -361,6 +363,7 @@ class GuardMachine:
     ) -> None:
         """Record one probe round of `color`."""
         self.windows[color].add(now, outcome, latency_s, error)
+        self._probed.add(color)
         if outcome is _OUTCOME_OK:
             self.seen_healthy.add(color)
 
@@ -608,10 +611,14 @@ class GuardMachine:
         self.last_decision = decision
         return decision
 
+    @property
+    def starting(self) -> bool:
+        """Whether a color has not been probed yet since this start."""
+        return len(self._probed) < len(COLORS)
+
     def _decide(self, f: Facts) -> Decision:
-        for w in self.windows.values():
-            if w.last_probe_at is None:
-                return Decision(State.STARTING, None)
+        if self.starting:
+            return Decision(State.STARTING, None)
         if f.rolling_back:
             return Decision(State.ROLLING_BACK, None)
         if not f.qos_locked:
@@ -619,6 +626,11 @@ class GuardMachine:
         if f.active is None:
             hold = Hold("the switch target names neither blue nor green", sticky=False)
             return Decision(State.HOLD, None, self._enter_hold(hold))
+        if any(w.last_probe_at is None for w in self.windows.values()):
+            # A color judged afresh (traffic moved to it, its probe URLs reloaded) has no
+            # probe of its own yet: nothing is decided on an empty window until it has, and
+            # the state is what the facts say (a rollback's guard window, not `starting`).
+            return Decision(self._state(f, f.active, None), None)
 
         active = f.active
         self._readings = f.readings
@@ -878,7 +890,7 @@ class GuardMachine:
 
     def current_state(self, f: Facts) -> State:
         """The state as the facts stand, without deciding anything."""
-        if any(w.last_probe_at is None for w in self.windows.values()):
+        if self.starting:
             return State.STARTING
         if f.rolling_back:
             return State.ROLLING_BACK

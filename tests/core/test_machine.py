@@ -65,6 +65,21 @@ def test_starting_until_both_colors_probed() -> None:
     assert m.decide(Facts(1.0, "green")).state is State.STARTING
 
 
+def test_a_color_judged_afresh_decides_nothing_until_probed_and_is_not_starting() -> None:
+    r = Replay()
+    for _ in range(3):
+        r.step()
+    r.locked = True  # a rollback's guard window
+    r.m.judge_afresh("green")
+    d = r.m.decide(Facts(r.now, "green", True))
+    # Not `starting`: guardd has probed both colors since it started; the lock is the state.
+    assert (d.state, d.actions, d.verdict) == (State.GUARD_WINDOW, (), None)
+    assert r.m.current_state(Facts(r.now, "green", True)) is State.GUARD_WINDOW
+    for _ in range(3):
+        r.step(green=FAIL)  # green's own probes, from now on, are what it is judged by
+    assert any(isinstance(a, Rollback) for a in r.log)
+
+
 def test_p0_rolls_back_to_target_with_evidence() -> None:
     r = Replay()
     r.step()
