@@ -29,18 +29,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from guardd import ctlwatch, paths, untrusted_json
+from guardd import paths, untrusted_json
 from guardd._version import __version__
 from guardd.control import protocol
 from guardd.control.client import call
 from guardd.core.types import COLORS
 from guardd.exceptions import ControlError, DaemonUnreachable, NotPermitted, Refused
-from guardd.journal import parse_rfc3339
 from guardd.qoslock import LockUnknown, check_lock, unknown_json
 from guardd.render import render_change, render_history, render_qos, render_status, use_color
 from guardd.stdio import answering
+from guardd.timestamps import parse_rfc3339
 
 __all__ = ["main", "parse_duration", "status_exit_code"]
+
+#: What `guardctl wait` can wait for.
+WAIT_CONDITIONS: Final = ("steady", "healthy", "unlocked")
+# _LAZY_CTLWATCH: `guardd.ctlwatch` is imported where it is used. `--watch`, `wait`,
+# `--wait`, `incident` and an UNKNOWN status need it; a plain `status` or `qos status` (a
+# deploy script's question, asked often) does not, and its imports (the incident builder
+# and the journal's reader) are a part of guardctl's start-up.
+
 
 # Monitoring-plugin exit codes of `status`.
 OK: Final = 0
@@ -363,6 +371,8 @@ def _print_json(value: object) -> None:
 
 def _cmd_status(args: argparse.Namespace, target: _Target) -> int:
     if args.watch:
+        from guardd import ctlwatch  # noqa: PLC0415 - see _LAZY_CTLWATCH
+
         return ctlwatch.watch(
             target.socket,
             target.label,
@@ -552,6 +562,8 @@ def _change(target: _Target, cmd: str, payload: dict[str, Any]) -> int:
 def _cmd_switch(args: argparse.Namespace, target: _Target) -> int:
     payload = {"color": args.color, "force": args.force, "reason": args.reason}
     if args.wait is not None:
+        from guardd import ctlwatch  # noqa: PLC0415 - see _LAZY_CTLWATCH
+
         return ctlwatch.change_and_wait(target.socket, "switch", payload, timeout=args.wait)
     return _change(target, "switch", payload)
 
@@ -562,6 +574,8 @@ def _cmd_rollback(args: argparse.Namespace, target: _Target) -> int:
 
 def _cmd_promote(args: argparse.Namespace, target: _Target) -> int:
     if args.wait is not None:
+        from guardd import ctlwatch  # noqa: PLC0415 - see _LAZY_CTLWATCH
+
         return ctlwatch.change_and_wait(
             target.socket, "promote", {"reason": args.reason}, timeout=args.wait
         )
@@ -569,6 +583,8 @@ def _cmd_promote(args: argparse.Namespace, target: _Target) -> int:
 
 
 def _cmd_wait(args: argparse.Namespace, target: _Target) -> int:
+    from guardd import ctlwatch  # noqa: PLC0415 - see _LAZY_CTLWATCH
+
     return ctlwatch.wait_for(target.socket, target.label, args.condition, timeout=args.timeout)
 
 
@@ -589,6 +605,8 @@ def _cmd_incident(args: argparse.Namespace, target: _Target) -> int:
             raise unreadable from None
         events = [e for e in answer.get("events") or [] if isinstance(e, dict)]
     form = "json" if args.json else "markdown" if args.markdown else "text"
+    from guardd import ctlwatch  # noqa: PLC0415 - see _LAZY_CTLWATCH
+
     return ctlwatch.incident(events, None if args.last else args.rollback, form=form)
 
 
@@ -1069,7 +1087,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "condition",
                 metavar="CONDITION",
-                choices=ctlwatch.WAIT_CONDITIONS,
+                choices=WAIT_CONDITIONS,
                 help="steady, healthy or unlocked",
             )
             sub.add_argument(
@@ -1213,6 +1231,8 @@ def _cannot_tell(args: argparse.Namespace, e: _CannotTell, guard: str | None) ->
     if run is _cmd_qos_status:
         doc: dict[str, Any] = {**unknown_json(why, source=e.source), "expired": False}
     else:
+        from guardd import ctlwatch  # noqa: PLC0415 - see _LAZY_CTLWATCH
+
         doc = ctlwatch.unknown_status(guard, why)
     if getattr(args, "watch", False):
         print(json.dumps(doc))  # `status --watch --json` prints compact lines

@@ -32,7 +32,6 @@ from guardd.render import (
 from guardd.stdio import wait_unless_reader_left
 
 __all__ = [
-    "WAIT_CONDITIONS",
     "change_and_wait",
     "incident",
     "unknown_status",
@@ -51,7 +50,6 @@ _CHANGE_TIMEOUT_S: Final = 120.0
 # While waiting: ask at most this often, and say why at most this often.
 _POLL_S: Final = 1.0
 _SAY_EVERY_S: Final = 5.0
-WAIT_CONDITIONS: Final = ("steady", "healthy", "unlocked")
 
 
 def _now() -> str:

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from guardd.journal import parse_rfc3339
+from guardd.timestamps import parse_rfc3339
 
 __all__ = ["NoIncident", "build", "incident_ids"]
 

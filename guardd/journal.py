@@ -9,12 +9,10 @@ skipped by readers.
 from __future__ import annotations
 
 import json
-import math
 import os
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, overload
 
@@ -22,6 +20,7 @@ from guardd import untrusted_json
 from guardd.core.types import JOURNAL_EVENTS
 from guardd.exceptions import StorageError, UnsafePath
 from guardd.secrets import redact
+from guardd.timestamps import rfc3339
 
 # The journal refuses any event outside the shared vocabulary.
 EVENTS = JOURNAL_EVENTS
@@ -40,32 +39,6 @@ STAMPS: Final = (0.0, 253_402_300_799.0)
 def is_stamp(ts: float) -> bool:
     """Whether `ts` lies within `STAMPS` (False for NaN and infinities)."""
     return STAMPS[0] <= ts <= STAMPS[1]
-
-
-def rfc3339(ts: float) -> str:
-    """UTC RFC 3339 with milliseconds, as every journal line carries."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_rfc3339(text: str) -> float:
-    """Seconds since the epoch from an RFC 3339 string; one without an offset is UTC.
-
-    Raises `ValueError` for text that is not an ISO 8601 date and time.
-    """
-    moment = datetime.fromisoformat(text)
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-
-
-def until_wall(until: object) -> float:
-    """When a lock with this `until` ends (seconds since the epoch): infinity for a lock
-    until unlocked (None) and for an `until` that cannot be read, taken as the longest so
-    that no lock is ever shortened by mistake."""
-    if not isinstance(until, str):
-        return math.inf
-    try:
-        return parse_rfc3339(until)
-    except ValueError:
-        return math.inf
 
 
 class Tail(Sequence[dict[str, Any]]):

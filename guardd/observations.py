@@ -60,8 +60,9 @@ import anyio.to_thread
 from guardd.core.types import Outcome
 from guardd.exceptions import StorageError
 from guardd.fsutil import open_regular
-from guardd.journal import STAMPS, is_stamp, rfc3339
+from guardd.journal import STAMPS, is_stamp
 from guardd.secrets import redact_credentials
+from guardd.timestamps import rfc3339
 
 __all__ = [
     "FORMAT",

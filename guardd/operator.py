@@ -8,7 +8,7 @@ from guardd import qoslock
 from guardd.core.types import COLORS, Color, other
 from guardd.exceptions import OperationRefused
 from guardd.guard import Guard
-from guardd.journal import until_wall
+from guardd.timestamps import until_wall
 
 
 async def handle(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict[str, Any]:

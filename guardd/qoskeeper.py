@@ -19,9 +19,9 @@ from guardd import qoslock
 from guardd.core.qos import QosVerdict, QosWindow
 from guardd.core.types import GUARDD, Color, Outcome
 from guardd.exceptions import StorageError, UnsafePath, why
-from guardd.journal import parse_rfc3339, rfc3339
 from guardd.metrics import GuardMetrics
 from guardd.secrets import redact
+from guardd.timestamps import parse_rfc3339, rfc3339
 
 if TYPE_CHECKING:
     from guardd.guard import GuardSettings, Storage

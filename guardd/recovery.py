@@ -16,7 +16,7 @@ import anyio
 from guardd.core.machine import Memory
 from guardd.core.types import COLORS, GUARDD
 from guardd.exceptions import SwitchError, why
-from guardd.journal import parse_rfc3339
+from guardd.timestamps import parse_rfc3339
 
 if TYPE_CHECKING:
     from guardd.guard import Guard

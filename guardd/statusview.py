@@ -14,7 +14,7 @@ from guardd import qoslock
 from guardd._version import __version__
 from guardd.core.machine import Alert, Decision, Hold, Reapply, Rollback
 from guardd.core.types import COLORS, other
-from guardd.journal import rfc3339
+from guardd.timestamps import rfc3339
 
 if TYPE_CHECKING:
     from guardd.guard import Guard

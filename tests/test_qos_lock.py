@@ -19,8 +19,8 @@ from guardd.core.types import Outcome
 from guardd.exceptions import OperationRefused
 from guardd.fleet.coordinator import Fleet
 from guardd.guard import Guard
-from guardd.journal import parse_rfc3339, rfc3339
 from guardd.operator import handle
+from guardd.timestamps import parse_rfc3339, rfc3339
 from tests.harness.guard_fakes import DOWN, OK, SPEC, FakeClock, Log, prepare, start, step, steps
 
 pytestmark = pytest.mark.anyio

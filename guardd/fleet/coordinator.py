@@ -67,7 +67,7 @@ from guardd.fleet._etcd import (
     delete_op,
     put_op,
 )
-from guardd.journal import parse_rfc3339, rfc3339, until_wall
+from guardd.timestamps import parse_rfc3339, rfc3339, until_wall
 
 if TYPE_CHECKING:
     from guardd.guard import Guard

@@ -418,7 +418,7 @@ def _real_journal(path: Path, instance: str) -> _LiveJournal:
 
 def _operator_actions(real: list[dict[str, Any]], instance: str) -> list[tuple[float, Any]]:
     """The live journal's `paused` and `resumed` events of `instance`, at their time."""
-    from guardd.journal import parse_rfc3339  # noqa: PLC0415
+    from guardd.timestamps import parse_rfc3339  # noqa: PLC0415
 
     out = []
     for e in real:
@@ -438,7 +438,7 @@ def _with_unjournaled(
     each as the incident the journal would hold (`"origin": "observations"`); how many.
 
     Without them, the replay's rollback there read "where the live guard did not act"."""
-    from guardd.journal import rfc3339  # noqa: PLC0415
+    from guardd.timestamps import rfc3339  # noqa: PLC0415
 
     # (A `rollback_started` alone is no incident the report matches: its end was cut off
     # the journal, and the switch the observations hold is taken in its place.)
@@ -515,7 +515,7 @@ def _readable_incident(event: dict[str, Any]) -> bool:
     """Whether a journal event is no incident, or one as guardd writes it: a time, and a
     color (or none) where it names one. Others are counted with the lines that are no event,
     never listed as an incident of a color no guard has."""
-    from guardd.journal import parse_rfc3339  # noqa: PLC0415
+    from guardd.timestamps import parse_rfc3339  # noqa: PLC0415
 
     if event.get("event") not in _report.INCIDENTS:
         return True
@@ -564,7 +564,7 @@ def _uncovered(
     within the failure is no verdict on it. The flag: whether no decision can be credited
     to it either (records lost around it, or the history begins after it: the config never
     saw the failure begin)."""
-    from guardd.journal import parse_rfc3339, rfc3339  # noqa: PLC0415
+    from guardd.timestamps import parse_rfc3339, rfc3339  # noqa: PLC0415
 
     try:
         t = parse_rfc3339(str(at))

@@ -27,7 +27,6 @@ from guardd.config import Settings
 from guardd.core.types import COLORS, Color, Outcome
 from guardd.exceptions import OperationRefused
 from guardd.guard import Guard
-from guardd.journal import rfc3339
 from guardd.observations import (
     CLOCK_STEP_S,
     FORMAT,
@@ -70,6 +69,7 @@ from guardd.supervisor import (
     probe_identity,
     signal_of,
 )
+from guardd.timestamps import rfc3339
 
 #: Records held while the color served is not known yet (history that begins mid-run).
 _MAX_HELD = 100_000

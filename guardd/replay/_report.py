@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from guardd.journal import parse_rfc3339, rfc3339
+from guardd.timestamps import parse_rfc3339, rfc3339
 
 #: The journal events a replay reports: its decisions, and the switches that were made.
 DECISIONS: Final = (

@@ -22,8 +22,8 @@ from typing import Any, Final
 
 from guardd import untrusted_json
 from guardd.fsutil import open_regular
-from guardd.journal import rfc3339
 from guardd.signals._tail import READ_CHUNK, Tail
+from guardd.timestamps import rfc3339
 
 #: The daemon's signal pulse (`guardd.supervisor._SIGNAL_PULSE_S`): lines are handed over
 #: in slots of this many seconds, each followed by a decision tick.

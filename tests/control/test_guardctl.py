@@ -954,6 +954,11 @@ def test_import_is_light() -> None:
         "guardd.core.policy",
         "guardd.core.rules",
         "guardd.core.window",
+        # `--watch`, `wait`, `incident` and an UNKNOWN status load these when they run; a
+        # plain `status` or `qos status` does not.
+        "guardd.ctlwatch",
+        "guardd.incident",
+        "guardd.journal",
     ]
     code = (
         "import json, sys, guardd.ctl\n"

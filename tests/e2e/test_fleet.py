@@ -20,7 +20,7 @@ import pytest
 
 from guardd import qoslock
 from guardd.fleet.coordinator import SAFETY_READ_S
-from guardd.journal import parse_rfc3339
+from guardd.timestamps import parse_rfc3339
 from tests.harness.daemon import Daemon, Lab, guardctl, wait_until
 from tests.harness.daemon import lab as make_lab
 from tests.harness.fleet import PREFIX, FleetLab

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from guardd.journal import parse_rfc3339
+from guardd.timestamps import parse_rfc3339
 from tests.harness.daemon import GUARDD, Daemon, Lab, MakeLab, guardctl, wait_until
 
 pytestmark = pytest.mark.nginx

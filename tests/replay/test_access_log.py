@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from guardd.journal import Journal, parse_rfc3339, rfc3339
+from guardd.journal import Journal
+from guardd.timestamps import parse_rfc3339, rfc3339
 from tests.replay.history import Timeline, config, decisions, replay, replay_json
 from tests.signals.access_log_lib import BLUE, GREEN, line
 

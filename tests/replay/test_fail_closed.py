@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from guardd.journal import parse_rfc3339, rfc3339
 from guardd.replay import _report, env_settings
+from guardd.timestamps import parse_rfc3339, rfc3339
 from tests.harness.shell import redirected
 from tests.replay.history import DAY0, GUARDD, Timeline, config, decisions, replay, replay_json
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from guardd.journal import parse_rfc3339, rfc3339
 from guardd.observations import ReadReport, Recorder, day_of, read_history
+from guardd.timestamps import parse_rfc3339, rfc3339
 from tests.harness.daemon import wait_until
 from tests.replay.history import DAY0, GUARDD, Timeline, config, decisions, replay, replay_json
 from tests.signals.access_log_lib import BLUE, GREEN, line

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from guardd.journal import parse_rfc3339, rfc3339
 from guardd.observations import ReadReport, read_history
+from guardd.timestamps import parse_rfc3339, rfc3339
 from tests.harness.daemon import nobody_prefix
 from tests.replay.history import DAY0, GUARDD, Timeline, config, decisions, replay, replay_json
 
@@ -393,7 +393,7 @@ def test_a_decision_just_before_to_detecting_an_incident_after_it_is_no_false_al
 
 
 def _iso(ts: float) -> str:
-    from guardd.journal import rfc3339  # noqa: PLC0415
+    from guardd.timestamps import rfc3339  # noqa: PLC0415
 
     return rfc3339(ts)
 

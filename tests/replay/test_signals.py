@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from guardd.journal import parse_rfc3339
+from guardd.timestamps import parse_rfc3339
 from tests.harness.httpserver import QuietHTTPServer
 from tests.replay.history import Timeline, config, decisions, replay, replay_json
 

@@ -22,8 +22,8 @@ from guardd.core.types import State
 from guardd.exceptions import OperationRefused
 from guardd.fleet._etcd import KV, EtcdUnavailable, Header, LeaseGone, header_of
 from guardd.fleet.coordinator import Fleet
-from guardd.journal import parse_rfc3339
 from guardd.qoskeeper import OwnedLock
+from guardd.timestamps import parse_rfc3339
 
 
 def fleet(tmp_path: Path) -> Fleet:

@@ -20,7 +20,6 @@ import pytest
 from guardd import qoslock
 from guardd.core.machine import Rollback
 from guardd.core.types import State
-from guardd.journal import parse_rfc3339
 from guardd.switchers import COMMAND_STEPS, NGINX_STEPS, STATE_FILE_STEPS
 from guardd.testing import (
     DEFAULT_POLICY,
@@ -31,6 +30,7 @@ from guardd.testing import (
     SwitchTarget,
     build_guard,
 )
+from guardd.timestamps import parse_rfc3339
 
 pytestmark = pytest.mark.anyio
 
