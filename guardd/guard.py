@@ -448,20 +448,12 @@ class Guard:
         return self.qos.own_lock is not own
 
     def _vouched(self) -> bool:
-        """Whether the active color's probes vouch for it: its last probe fresh and passing,
-        and its window holding `policy.min_samples` probes (what the ratio rules judge on).
+        """Whether the active color's probes vouch for it (`GuardMachine.vouched`).
         Started again, guardd's windows are empty: no failure seen yet is no evidence that
         a hold is over, so its lock stays until the probes say so (a restart changes no
         decision)."""
         active = self.active
-        if active is None:
-            return False
-        now = self.clock.monotonic()
-        machine = self.machine
-        return (
-            machine.healthy(active, now) is True
-            and machine.stats(active, now).samples >= machine.spec.min_samples
-        )
+        return active is not None and self.machine.vouched(active, self.clock.monotonic())
 
     def repeat_key(self, on_disk: Color | None) -> tuple[object, ...] | None:
         """What a decision tick now reads, when it reads nothing more: the machine's

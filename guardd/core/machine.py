@@ -436,6 +436,13 @@ class GuardMachine:
             return None
         return self.windows[color].consecutive_failures == 0
 
+    def vouched(self, color: Color, now: float) -> bool:
+        """Whether `color`'s probes vouch for it: its last probe fresh and passing, and its
+        window holding `min_samples` probes (what the ratio rules judge on)."""
+        return self.healthy(color, now) is True and self.stats(color, now).samples >= (
+            self.spec.min_samples
+        )
+
     def promotable(self, color: Color, now: float) -> bool:
         """The promotion gate: `promote_successes` fresh passing probes in a row, and a
         window clean enough that the P1 ratio rule would not send traffic straight back."""
@@ -673,11 +680,15 @@ class GuardMachine:
             self._edges.settle(f.now, "dry_run", "unproven:")
             # A P1 rule whose `for` started again once the P0 above it stopped still fails its
             # threshold: the hold lasts through it, one episode rather than two.
+            # And only on the active color's own evidence: started again, guardd's windows
+            # are empty, and a hold kept in state.json must not end (and be journaled anew
+            # a moment later) because nothing has failed yet.
             if (
                 self.hold is not None
                 and not self.hold.sticky
                 and self.hold.cause != "mismatch"
                 and not verdict.failing_or_pending
+                and self.vouched(active, f.now)
             ):
                 self.hold = None
         if not any(isinstance(a, Rollback) for a in actions):

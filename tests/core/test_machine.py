@@ -130,6 +130,23 @@ def test_hold_lasts_while_a_p1_threshold_still_fails_and_then_clears() -> None:
     assert len([a for a in r.log if isinstance(a, Hold)]) == 1, "one episode, one hold"
 
 
+def test_a_hold_kept_across_a_restart_is_not_ended_by_the_empty_windows() -> None:
+    r = Replay()
+    for _ in range(4):
+        r.step(blue=FAIL, green=FAIL)
+    assert r.holding()
+    # Started again: the hold comes back from state.json, the windows start empty.
+    again = Replay()
+    again.m.restore(r.m.memory())
+    for _ in range(10):
+        again.step(blue=FAIL, green=FAIL)  # a failure or two is no evidence either way
+        assert again.holding(), "held all along"
+    assert not [a for a in again.log if isinstance(a, Hold)], "the same hold, not a new one"
+    for _ in range(40):
+        again.step(blue=FAIL)
+    assert not again.holding(), "ended on green's own probes"
+
+
 def test_budget_spent_is_a_sticky_hold() -> None:
     r = Replay()
     r.rollbacks = 3

@@ -109,10 +109,11 @@ def test_a_guardd_killed_while_it_holds_keeps_deploys_blocked_when_it_is_back(
     lab.green.set_mode("ok")
     released = d2.wait_event("qos_released", after=count, timeout=90)
     assert "no longer" in (released["reason"] or ""), released
-    # One episode: the lock was never released and taken again while green's P1 ratio rule
+    # One episode: the hold kept across the restart is the same hold (never journaled
+    # anew), and its lock was never released and taken again while green's P1 ratio rule
     # waited out its `for` (after the P0 ratio rule above it stopped).
     after = [e["event"] for e in d2.events()[count:]]
-    assert "qos_locked" not in after and after.count("hold") == 1, after
+    assert "qos_locked" not in after and "hold" not in after, after
     assert d2.stop() == 0
 
 
