@@ -17,6 +17,8 @@ import gc
 import heapq
 import itertools
 import math
+import secrets
+import shutil
 import tempfile
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -86,6 +88,23 @@ _GAP_ROUNDS = 3
 _MAX_LIVED = 10_000
 #: Ticks in a row without input after which a gap in the history is crossed at once.
 _QUIET_TICKS = 100
+
+
+@contextlib.contextmanager
+def scratch_folder() -> Iterator[Path]:
+    """A private folder (mode 0700) in the temporary directory, removed on the way out,
+    however the way out is taken.
+
+    Not `tempfile.TemporaryDirectory`: a Ctrl-C (`Signalled`, raised between two bytecodes)
+    that lands after `mkdtemp` made the folder and before a `with` owns it leaves the folder
+    behind. Here it is named first and made inside the `try` whose `finally` removes it.
+    """
+    path = Path(tempfile.gettempdir()) / f"guardd-replay-{secrets.token_hex(8)}"
+    try:
+        path.mkdir(mode=0o700)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -869,8 +888,8 @@ class Simulation:
 
     async def run(self) -> None:
         """Replay the whole history (raises `HistoryUnreadable` when there is none)."""
-        with tempfile.TemporaryDirectory(prefix="guardd-replay-") as lock_dir, _fewer_collections():
-            self._lock_file = Path(lock_dir) / "qos.lock"
+        with scratch_folder() as lock_dir, _fewer_collections():
+            self._lock_file = lock_dir / "qos.lock"
             await self._run()
 
     async def _run(self) -> None:

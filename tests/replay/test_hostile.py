@@ -9,12 +9,15 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import zlib
 from pathlib import Path
 
 import pytest
 
 from guardd.observations import ReadReport, Recorder, day_of, read_history
+from guardd.replay import Signalled
+from guardd.replay._engine import scratch_folder
 from guardd.timestamps import parse_rfc3339, rfc3339
 from tests.harness.daemon import wait_until
 from tests.replay.history import DAY0, GUARDD, Timeline, config, decisions, replay, replay_json
@@ -279,6 +282,32 @@ def _zeros_bomb(path: Path, members: int = 50) -> None:
     with path.open("wb") as f:
         for _ in range(members):
             f.write(member)
+
+
+@pytest.mark.parametrize("at", ["made", "held"])
+def test_a_signal_as_the_scratch_folder_is_made_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str
+) -> None:
+    """A Ctrl-C raised at any bytecode: here the moment right after the folder is made
+    (where `tempfile.TemporaryDirectory` leaves it behind, no `with` owning it yet), and
+    one while it is in use."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    made = os.mkdir
+
+    def mkdir_then_signal(path: str, mode: int = 0o777) -> None:
+        made(path, mode)
+        raise Signalled(signal.SIGINT)
+
+    def use() -> None:
+        with scratch_folder() as folder:
+            assert folder.is_dir() and folder.stat().st_mode & 0o777 == 0o700
+            raise Signalled(signal.SIGINT)
+
+    if at == "made":
+        monkeypatch.setattr(os, "mkdir", mkdir_then_signal)
+    with pytest.raises(Signalled):
+        use()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
