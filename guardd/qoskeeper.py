@@ -313,8 +313,7 @@ class QosKeeper:
         lock before (False too when a release failed).
         """
         host = self.host
-        lock_file = host.s.lock_file
-        before = self.store.read(lock_file)
+        before = self.store.read(host.s.lock_file)
         previous = self.own_lock
         record = None
         if own is not None or before.held:
@@ -325,16 +324,10 @@ class QosKeeper:
             record = {"event": event, "id": uuid.uuid4().hex, **said}
         self.own_lock, self.change = own, LockChange(before, after, record)
         host.save_state()
-        try:
-            self._put(after)
-        except (OSError, StorageError, UnsafePath) as e:
-            host.storage_failed("lock", f"cannot change {lock_file}: {why(e)}")
-            if own is None:
-                self.own_lock, self.change = previous, None
-                host.save_state()
-                return False
-        else:
-            host.storage_ok("lock")
+        if not self._write(after) and own is None:
+            self.own_lock, self.change = previous, None
+            host.save_state()
+            return False
         self.held = after is not None
         host.metrics.set_qos_locked(self.held)
         if record is not None:
@@ -343,21 +336,21 @@ class QosKeeper:
         host.save_state()
         return before.held
 
-    def _put(self, after: qoslock.LockInfo | None) -> None:
-        """Leave `after` in the lock file (None: remove it); raises as the store does."""
-        if after is None:
-            self.store.remove(self.host.s.lock_file)
-        else:
-            self.store.write(self.host.s.lock_file, after)
-
-    def _write(self, info: qoslock.LockInfo) -> None:
+    def _write(self, after: qoslock.LockInfo | None) -> bool:
+        """Leave `after` in the lock file (None: remove it); a failure is accounted for
+        (`storage_failed`), not raised. Returns whether it went through."""
         lock_file = self.host.s.lock_file
         try:
-            self.store.write(lock_file, info)
+            if after is None:
+                self.store.remove(lock_file)
+            else:
+                self.store.write(lock_file, after)
         except (OSError, StorageError, UnsafePath) as e:
-            self.host.storage_failed("lock", f"cannot write {lock_file}: {why(e)}")
-        else:
-            self.host.storage_ok("lock")
+            done = "remove" if after is None else "write"
+            self.host.storage_failed("lock", f"cannot {done} {lock_file}: {why(e)}")
+            return False
+        self.host.storage_ok("lock")
+        return True
 
     def observe(self, outcome: Outcome) -> None:
         """Count one probe round of the active color in the guard window, if one runs."""
@@ -612,10 +605,7 @@ class QosKeeper:
         host = self.host
         current = self.store.read(host.s.lock_file)
         if current == change.before:
-            try:
-                self._put(change.after)
-            except (OSError, StorageError, UnsafePath) as e:
-                host.storage_failed("lock", f"cannot change {host.s.lock_file}: {why(e)}")
+            self._write(change.after)
             current = self.store.read(host.s.lock_file)
         left = current == change.after if change.after is not None else not current.held
         event = change.event
