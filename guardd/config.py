@@ -38,7 +38,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_core.core_schema import ErrorType
 
-from guardd import httpfields, paths
+from guardd import _pydantic, httpfields, paths
 from guardd.core.policy import PolicySpec, spec_rules
 from guardd.core.rules import BUILTIN_NAMES, OPS, Rule
 from guardd.core.signals import KIND_STATS, PROBE
@@ -49,6 +49,9 @@ from guardd.secrets import shown_setting
 
 if typing.TYPE_CHECKING:
     from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+
+# Before the first model below is built (guardd/_pydantic.py says why).
+_pydantic.without_plugins()
 
 _NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
 # One or more number-unit parts, largest first or not, as Go's time.ParseDuration takes them.

@@ -522,14 +522,16 @@ from pathlib import Path
 from guardd import config
 c = config.load(Path(sys.argv[1])).config
 print(c.policy.consecutive_failures, c.probe.interval, "pydantic_settings" in sys.modules,
-      "dotenv" in sys.modules, type(c).__name__, isinstance(c, config.GuardConfig))
+      "dotenv" in sys.modules, type(c).__name__, isinstance(c, config.GuardConfig),
+      "importlib.metadata" in sys.modules)
 """
 
 
 def load_in_child(path: Path, env: dict[str, str]) -> list[str]:
     """What a fresh interpreter that loads `path` under `env` (besides the `GUARDD_*`-free
     part of ours) prints: consecutive_failures, interval, whether pydantic-settings and
-    dotenv were imported, the config's class name and whether it is a GuardConfig."""
+    dotenv were imported, the config's class name, whether it is a GuardConfig, and
+    whether pydantic looked for plugins (`importlib.metadata` imported)."""
     clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("GUARDD_")}
     done = subprocess.run(
         [sys.executable, "-c", LOAD_AND_LIST, str(path)],
@@ -545,7 +547,9 @@ def load_in_child(path: Path, env: dict[str, str]) -> list[str]:
 def test_a_config_set_by_its_file_alone_never_imports_pydantic_settings() -> None:
     # GUARDD_CONFIG and GUARDD_STATE_ROOT name no setting: they change nothing here.
     env = {"GUARDD_CONFIG": str(EXAMPLE), "GUARDD_STATE_ROOT": "/nonexistent"}
-    assert load_in_child(EXAMPLE, env) == ["3", "1.0", "False", "False", "GuardConfig", "True"]
+    assert load_in_child(EXAMPLE, env) == [
+        "3", "1.0", "False", "False", "GuardConfig", "True", "False"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -554,7 +558,8 @@ def test_a_config_set_by_its_file_alone_never_imports_pydantic_settings() -> Non
 def test_a_setting_in_the_environment_is_read_through_pydantic_settings(name: str) -> None:
     # Upper or lower case, as pydantic-settings reads them; a whole table as JSON too.
     env = {name: "5", "GUARDD_PROBE": '{"interval": "2s", "fast_interval": "1s"}'}
-    assert load_in_child(EXAMPLE, env) == ["5", "2.0", "True", "True", "GuardConfig", "True"]
+    out = load_in_child(EXAMPLE, env)
+    assert out == ["5", "2.0", "True", "True", "GuardConfig", "True", "False"]
 
 
 def test_a_top_level_key_in_another_case_reads_as_it_always_has(tmp_path: Path) -> None:
@@ -563,7 +568,7 @@ def test_a_top_level_key_in_another_case_reads_as_it_always_has(tmp_path: Path) 
     path.write_text(EXAMPLE.read_text().replace("\n[policy]\n", "\n[Policy]\n"))
     assert "[Policy]" in path.read_text()
     out = load_in_child(path, {"GUARDD_CONFIG": str(path)})
-    assert out == ["3", "1.0", "True", "True", "GuardConfig", "True"]
+    assert out == ["3", "1.0", "True", "True", "GuardConfig", "True", "False"]
 
 
 def test_defaults_follow_systemd_directories(
@@ -678,3 +683,44 @@ def test_the_summary_of_a_fleet_node_names_it_and_its_etcd_members(tmp_path: Pat
     result = check_config(path, tmp_path, None, "--offline")
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().endswith(" notify=0 fleet=lb-b@2etcd"), result.stdout
+
+
+SPY_PLUGIN = """
+import os
+
+class Spy:
+    def new_schema_validator(self, schema, schema_type, schema_type_path, schema_kind, config,
+                             plugin_settings):
+        with open(os.environ["SPY_SEEN"], "a") as f:
+            f.write(f"{schema_type_path.name}\\n")
+        return None, None, None
+
+plugin = Spy()
+"""
+
+
+def test_a_pydantic_plugin_installed_beside_guardd_never_sees_a_config(tmp_path: Path) -> None:
+    # A distribution registering a `pydantic` entry point, as an observability SDK does;
+    # a model of its own shows that pydantic would call it in this interpreter.
+    site = tmp_path / "site"
+    dist = site / "spy_plugin-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: spy-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[pydantic]\nspy = spy_plugin:plugin\n")
+    (site / "spy_plugin.py").write_text(SPY_PLUGIN)
+    seen = tmp_path / "seen"
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(site)])}
+    own_model = "import pydantic\nclass Own(pydantic.BaseModel):\n    x: int = 0\n"
+    for code in (own_model, LOAD_AND_LIST):
+        subprocess.run(
+            [sys.executable, "-c", code, str(EXAMPLE)],
+            env={**os.environ, **env, "SPY_SEEN": str(seen)},
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        if code == own_model:
+            # Without guardd, pydantic hands the plugin every model it builds.
+            assert seen.read_text().split() == ["Own"]
+            seen.unlink()
+    assert not seen.exists(), seen.read_text()
