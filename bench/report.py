@@ -524,7 +524,7 @@ def _cost(c: dict[str, Any] | None) -> list[str]:
         return []  # (`--only ctl` starts the cost suite's daemons for the soak alone)
     subj = c["subjects"]
     names = {
-        "guardd": "guardd (2 colors, 200 ms)",
+        "guardd": "guardd (2 colors + front door, 300 ms)",
         "blackbox_exporter": "blackbox_exporter via /probe",
         "shell_loop": "shell loop (bash + curl -fsS -m 2)",
         "httpx_floor": "bare httpx.AsyncClient loop (floor of guardd's client)",
