@@ -31,8 +31,6 @@ from typing import Any, Final
 
 from guardd import paths, untrusted_json
 from guardd._version import __version__
-from guardd.control import protocol
-from guardd.control.client import call
 from guardd.core.types import COLORS
 from guardd.exceptions import ControlError, DaemonUnreachable, NotPermitted, Refused
 from guardd.qoslock import LockUnknown, check_lock, unknown_json
@@ -48,6 +46,18 @@ WAIT_CONDITIONS: Final = ("steady", "healthy", "unlocked")
 # `--wait`, `incident` and an UNKNOWN status need it; a plain `status` or `qos status` (a
 # deploy script's question, asked often) does not, and its imports (the incident builder
 # and the journal's reader) are a part of guardctl's start-up.
+# _LAZY_CLIENT: so is the control socket's client (`socket`, the protocol's vocabulary):
+# `qos status` with a config reads the lock file and never talks to guardd unless the lock
+# has expired.
+
+
+def call(
+    socket_path: Path, cmd: str, args: dict[str, Any] | None = None, *, timeout: float
+) -> dict[str, Any]:
+    """`guardd.control.client.call`: the daemon's answer to `cmd`; its `ControlError`s."""
+    from guardd.control import client  # noqa: PLC0415 - _LAZY_CLIENT
+
+    return client.call(socket_path, cmd, args, timeout=timeout)
 
 
 # Monitoring-plugin exit codes of `status`.
@@ -86,6 +96,8 @@ def parse_duration(text: str) -> float:
             f"invalid duration {text!r}: use e.g. 250ms, 30s, 5m, 1h or plain seconds"
         )
     seconds = float(match["number"]) * _UNIT_S[match["unit"]]
+    from guardd.control import protocol  # noqa: PLC0415 - _LAZY_CLIENT
+
     if not (math.isfinite(seconds) and 0 < seconds <= protocol.MAX_LOCK_S):
         raise argparse.ArgumentTypeError(
             f"invalid duration {text!r}: must be above 0 and at most 366 days"
@@ -98,6 +110,8 @@ def _history_limit(text: str) -> int:
         limit = int(text)
     except ValueError:
         limit = 0
+    from guardd.control import protocol  # noqa: PLC0415 - _LAZY_CLIENT
+
     if not 1 <= limit <= protocol.MAX_HISTORY_LIMIT:
         raise argparse.ArgumentTypeError(f"invalid limit {text!r}: must be a whole number >= 1")
     return limit
@@ -594,6 +608,8 @@ def _cmd_incident(args: argparse.Namespace, target: _Target) -> int:
     try:
         events, _path = _read_journal(target, None, why="cannot read the journal")
     except _CannotTell as unreadable:
+        from guardd.control import protocol  # noqa: PLC0415 - _LAZY_CLIENT
+
         try:
             answer = call(
                 target.socket,

@@ -974,6 +974,34 @@ def test_import_is_light() -> None:
     assert json.loads(done.stdout) == []
 
 
+@pytest.mark.parametrize("held", [False, True])
+def test_qos_status_with_a_config_never_loads_the_control_client(
+    tmp_path: Path, held: bool
+) -> None:
+    """The deploy script's question reads the lock file: no socket module, no client."""
+    lock = tmp_path / "threader.qos.lock"
+    if held:
+        lock.touch()  # a lock taken by hand, as the contract allows
+    config = tmp_path / "threader.toml"
+    config.write_text(f'[qos]\nlock_file = "{lock}"\n')
+    code = (
+        "import json, sys\n"
+        "from guardd.ctl import main\n"
+        f"sys.argv = ['guardctl', '--config', {str(config)!r}, 'qos', 'status']\n"
+        "code = main()\n"
+        "loaded = [m for m in ('socket', 'guardd.control.client', 'guardd.control.protocol')\n"
+        "          if m in sys.modules]\n"
+        "print(json.dumps([code, loaded]), file=sys.stderr)\n"
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=WAIT_S
+    )
+
+    assert json.loads(done.stderr.splitlines()[-1]) == [1 if held else 0, []], done.stderr
+    assert ("QoS lock HELD" if held else "no QoS lock") in done.stdout
+
+
 @pytest.mark.parametrize(
     "argv",
     [
