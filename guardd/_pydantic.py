@@ -10,8 +10,9 @@ and the compression modules): 1.0 MiB of an idle daemon's resident memory (42.5 
 `PYDANTIC_DISABLE_PLUGINS` skips the scan but not that import.
 
 So pydantic's plugin lookup (`pydantic.plugin._loader.get_plugins`, pydantic 2.x) is
-answered with none before any model is built. `tests/test_pydantic_plugins.py` checks
-that a fresh interpreter loading a config never imports `importlib.metadata`, so a
+answered with none before any model is built. `tests/test_config.py` checks
+that a fresh interpreter loading a config never imports `importlib.metadata` and that an
+installed plugin never sees a config, so a
 pydantic that looks elsewhere shows up there, not as a silent cost.
 """
 
