@@ -40,7 +40,7 @@ from guardd.exceptions import (
 )
 from guardd.exceptions import why as _why
 from guardd.faults import FaultPoints
-from guardd.journal import Journal
+from guardd.journal import Journal, named_record, record_fields
 from guardd.metrics import GuardMetrics
 from guardd.probes.http import HttpProber, ProbeResult
 from guardd.qoskeeper import OwnedLock, QosKeeper
@@ -157,6 +157,8 @@ class Guard:
         self.rolling_back = False
         self.switch_started: float | None = None
         self.qos = QosKeeper(self)
+        # Journal records a step owes (`owe`), named in state.json before they are written.
+        self.owed: list[dict[str, Any]] = []
         self.storage = Storage()
         self.ticks = 0
         self.started_mono = clock.monotonic()
@@ -187,6 +189,8 @@ class Guard:
 
     def record(self, event: str, **fields: Any) -> dict[str, Any]:
         """Journal an event, hand it to the notifier, and never let a full disk stop us."""
+        if self.owed:
+            self.settle()  # a record never overtakes one owed before it (`owe`)
         try:
             entry = self.journal.append(event, **fields)
         except StorageError as e:
@@ -219,6 +223,29 @@ class Guard:
         if kind in self.storage.failing:
             self.storage.failing.discard(kind)
             self.log.info("storage_write_recovered", kind=kind)
+
+    def owe(self, event: str, **fields: Any) -> None:
+        """Name a journal record that state.json's memory goes with (a rollback's close,
+        a hold, an alert raised, a pause), to be written once state.json holds both: by
+        `pay`, from `settle` or a change of the lock file, or at the next start if a crash
+        came first. Written before its state, a record would say what a restart then forgot
+        (no hold, no guard window, a failed rollback tried again, a page sent twice)."""
+        self.owed.append(named_record(event, fields))
+
+    def pay(self) -> None:
+        """Journal what is owed (`owe`), in order, under the ids named: call only once
+        state.json names it."""
+        owed, self.owed = self.owed, []
+        for record in owed:
+            self.record(record["event"], event_id=record["id"], **record_fields(record))
+
+    def settle(self) -> None:
+        """Save state.json; what is owed (`owe`) is named in it, then journaled, then
+        state.json is saved again without it."""
+        self.save_state()
+        if self.owed:
+            self.pay()
+            self.save_state()
 
     def journaled(self, event_id: str) -> bool:
         """For the keeper: whether the journal's recent events hold the one with this `id`."""
@@ -265,6 +292,7 @@ class Guard:
             **self.machine.memory().to_json(),
             "qos": self.qos.to_json(),
             "qos_change": self.qos.change_json(),
+            "journal_owed": list(self.owed),  # (a copy: the saved doc is compared later)
         }
 
     # ---- start-up ----------------------------------------------------------------------
@@ -285,7 +313,8 @@ class Guard:
         if self.paused is not None:
             return False
         self.paused = {"reason": reason, "by": by}
-        self.record("paused", reason=reason or "paused by an operator", by=by)
+        self.owe("paused", reason=reason or "paused by an operator", by=by)
+        self.settle()
         return True
 
     def resume(self, reason: str | None, *, by: str) -> bool:
@@ -293,20 +322,21 @@ class Guard:
         was = self.paused is not None or self.machine.hold is not None
         self.paused = None
         self.machine.clear_hold()
-        self.record("resumed", reason=reason or "resumed by an operator", by=by)
+        self.owe("resumed", reason=reason or "resumed by an operator", by=by)
+        self.settle()
         return was
 
     def fleet_resumed(self, *, by: str, reason: str) -> None:
         """Another fleet node's operator resumed the fleet: end the hold and refill the
         rollback budget (the journal's `resumed` does), leaving this node's pause as it is."""
         self.machine.clear_hold()
-        self.record(
+        self.owe(
             "resumed",
             # The fleet's budget and holds are resumed; this node's pause is its own.
             reason=reason + ("; this node stays paused" if self.paused is not None else ""),
             by=by,
         )
-        self.save_state()
+        self.settle()
 
     def reconfigure(
         self,
@@ -394,9 +424,22 @@ class Guard:
             ),
         )
         self.metrics.set_verdicts(self.machine.verdicts)
+        # The decision's pages (holds, alerts; `decide` puts them before its moves) are
+        # journaled before it acts, and after state.json remembers them (the machine's hold,
+        # the alerts raised): a crash must lose no page, nor send one twice. A hold's lock
+        # is on disk before its `hold` (`_standstill_lock` pays it, then `qos_locked`). A
+        # move takes its own lock (a guard window, a failed rollback's hold).
+        moves: list[Rollback | Reapply] = []
         for action in decision.actions:
-            await self._act(action)
+            if isinstance(action, (Hold, Alert)):
+                self.owed.append(self._page(action))
+            else:
+                moves.append(action)
         relocked = self._standstill_lock(decision)
+        if self.owed:
+            self.settle()
+        for move in moves:
+            await self._act(move)
         if decision.actions or decision.blocked_by:
             # A rollback this tick decided and the fleet did not take (`decide_rollback`
             # said why, this tick): the leader decides, etcd is unreachable...
@@ -432,7 +475,7 @@ class Guard:
         fails = verdict is not None and verdict.failing_or_pending
         why = None
         if hold is not None:
-            why = f"guardd holds: {hold.reason}"
+            why = _holds(hold)
         elif decision.blocked_by == "paused" and verdict is not None and failing:
             why = f"guardd is paused while {self.active} fails: {verdict.reason}"
         if why is not None and own is None:
@@ -605,7 +648,7 @@ class Guard:
         # A fleet node that cannot read the fleet's lock shows it as unknown, never as free.
         self.metrics.set_qos_locked(None if unknown else self.qos_held)
         self.metrics.set_rollback_target_healthy(self.protection_lost() is None)
-        self.save_state()
+        self.settle()
 
     def protection_lost(self) -> str | None:
         """Why no automatic rollback could go ahead now, or None (docs/contract.md §3)."""
@@ -641,7 +684,7 @@ class Guard:
             spent = max(spent, sum(1 for t in self.fleet.rollbacks if t >= since))
         return spent
 
-    async def _act(self, action: Rollback | Hold | Alert | Reapply) -> None:
+    async def _act(self, action: Rollback | Reapply) -> None:
         if isinstance(action, Rollback):
             generation = None
             if self.fleet is not None:
@@ -663,25 +706,31 @@ class Guard:
             )
             if generation and self.fleet is not None and self.active == action.target:
                 self.fleet.applied_generation(generation)
-        elif isinstance(action, Reapply):
-            await self.reapply(action.color, action.reason)
-        elif isinstance(action, Hold):
-            self.record(
-                "hold",
-                source=self.active,
-                target=self.machine.rollback_target(self.active) if self.active else None,
-                reason=action.reason,
-                severity=action.severity,
-                evidence=action.evidence.to_dict() if action.evidence else None,
-            )
         else:
-            self.record(
-                "alert",
-                source=self.active,
-                reason=action.reason,
-                severity=action.severity,
-                evidence=action.evidence.to_dict() if action.evidence else None,
+            await self.reapply(action.color, action.reason)
+
+    def _page(self, action: Hold | Alert) -> dict[str, Any]:
+        """The journal record (`named_record`) of a decision's hold or alert."""
+        if isinstance(action, Hold):
+            return named_record(
+                "hold",
+                {
+                    "source": self.active,
+                    "target": self.machine.rollback_target(self.active) if self.active else None,
+                    "reason": action.reason,
+                    "severity": action.severity,
+                    "evidence": action.evidence.to_dict() if action.evidence else None,
+                },
             )
+        return named_record(
+            "alert",
+            {
+                "source": self.active,
+                "reason": action.reason,
+                "severity": action.severity,
+                "evidence": action.evidence.to_dict() if action.evidence else None,
+            },
+        )
 
     # ---- moving traffic ----------------------------------------------------------------
 
@@ -828,7 +877,9 @@ class Guard:
         """
         undone = "could not be undone" if outcome.undo_problem else "undone"
         why = f"{outcome.step}: {outcome.why()}; {undone}, {outcome.serving_text()}"
-        self.record(
+        # Owed (`owe`) until state.json holds the hold: journaled first, a crash came back
+        # to a rollback closed and no hold, and tried it again.
+        self.owe(
             "rollback_failed",
             source=source,
             target=target,
@@ -844,7 +895,11 @@ class Guard:
         hold = self.machine.rollback_failed(
             f"rollback {source} -> {target} failed at {why}", None, severity
         )
-        self.record("hold", source=source, target=target, reason=hold.reason, severity=severity)
+        self.owe("hold", source=source, target=target, reason=hold.reason, severity=severity)
+        # The hold's lock with them, as the next tick would take it (`_standstill_lock`): no
+        # moment after the failed rollback allows deploys, guardd running or not.
+        self.qos.hold(_holds(hold))
+        self.settle()
 
     def close_completed(
         self,
@@ -859,8 +914,14 @@ class Guard:
         rollback_id: str,
         **extra: Any,
     ) -> None:
-        """Journal a verified rollback, count it, and take the QoS lock."""
-        self.record(
+        """Journal a verified rollback, count it, and take the QoS lock.
+
+        `rollback_completed` is owed (`owe`) until the guard window's lock is on disk: the
+        lock's change journals it just before its `qos_locked`. Killed between a journaled
+        `rollback_completed` and the lock, guardd came back to a rollback closed and no
+        guard window: every gate allowed deploys moments after users met a failing color.
+        """
+        self.owe(
             "rollback_completed",
             source=source,
             target=target,
@@ -875,6 +936,7 @@ class Guard:
         if source is not None:
             self.machine.rollback_succeeded(source)
         self.take_lock(f"rollback {source} -> {target}: {lock_reason}", by=by)
+        self.settle()
 
     async def switch_verified(
         self, source: Color | None, target: Color, *, switch: bool
@@ -1057,3 +1119,8 @@ class Guard:
     def status_line(self) -> str:
         """The one-line STATUS= summary for systemd."""
         return statusview.status_line(self)
+
+
+def _holds(hold: Hold) -> str:
+    """The reason of the QoS lock a hold takes (docs/contract.md: "guardd holds: ...")."""
+    return f"guardd holds: {hold.reason}"

@@ -41,6 +41,44 @@ def is_stamp(ts: float) -> bool:
     return STAMPS[0] <= ts <= STAMPS[1]
 
 
+def named_record(event: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """A journal record named before it is written: `event`, a fresh `id` and `fields`
+    (keywords of `Journal.append`), its `reason` redacted as the journal will hold it.
+
+    State.json names a record so before the journal has it (a change of the QoS lock file,
+    a record the guard owes): a crash between the two is finished at the next start, which
+    writes it (`record_fields`, under that `id`) unless the journal already holds the `id`.
+    """
+    said = {**fields, "reason": redact(fields["reason"])} if fields.get("reason") else fields
+    return {"event": event, "id": uuid.uuid4().hex, **said}
+
+
+def is_named(doc: object) -> bool:
+    """Whether `doc`, read back from state.json, is a `named_record` guardd can journal: an
+    event it knows, a 32-hex id. (state.json is data: a hand edit, or a file of another
+    version, must not stop a start.)"""
+    if not isinstance(doc, dict):
+        return False
+    event, event_id = doc.get("event"), doc.get("id")
+    return (
+        event in EVENTS
+        and isinstance(event_id, str)
+        and len(event_id) == 32
+        and all(c in "0123456789abcdef" for c in event_id)
+        and all(isinstance(k, str) for k in doc)
+    )
+
+
+# The keys of a journal line that `Journal.append` writes itself.
+_OWN_KEYS: Final = frozenset({"event", "id", "event_id", "ts", "guard"})
+
+
+def record_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of `Journal.append` (but `event_id`) a `named_record` was named with;
+    none that would overwrite what the journal writes itself (`ts`, `guard`)."""
+    return {k: v for k, v in record.items() if k not in _OWN_KEYS}
+
+
 class Tail(Sequence[dict[str, Any]]):
     """The newest journal events, oldest first, at most `limit` bytes of their lines.
 

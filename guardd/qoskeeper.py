@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -19,8 +18,8 @@ from guardd import qoslock
 from guardd.core.qos import QosVerdict, QosWindow
 from guardd.core.types import GUARDD, Color, Outcome
 from guardd.exceptions import StorageError, UnsafePath, why
+from guardd.journal import is_named, named_record, record_fields
 from guardd.metrics import GuardMetrics
-from guardd.secrets import redact
 from guardd.timestamps import parse_rfc3339, rfc3339
 
 if TYPE_CHECKING:
@@ -119,11 +118,7 @@ class LockChange:
         )
         if before is None or (doc.get("after") is not None and after is None):
             return None
-        if event is not None and not (
-            isinstance(event, dict)
-            and isinstance(event.get("event"), str)
-            and isinstance(event.get("id"), str)
-        ):
+        if event is not None and not is_named(event):
             return None
         return cls(before, after, event)
 
@@ -151,6 +146,8 @@ class LockHost(Protocol):
     def record(self, event: str, **fields: Any) -> dict[str, Any]: ...
 
     def save_state(self) -> None: ...
+
+    def pay(self) -> None: ...
 
     def storage_failed(self, kind: str, message: str) -> None: ...
 
@@ -305,7 +302,8 @@ class QosKeeper:
         """Make `own` guardd's lock (None: it holds none) and leave `after` in the lock file
         (None: remove it), journaling `event` with `fields` when a lock is taken, changed or
         removed. In an order a crash at any step cannot break (`LockChange`): state.json
-        names the change, then the file, the journal (the event under the id named), and
+        names the change, then the file, the journal (the event under the id named, after
+        the records the guard owes, `Guard.owe`, which that state.json names too), and
         state.json again without it.
 
         A write that fails leaves `own` guardd's lock all the same (`step` writes it again);
@@ -317,11 +315,7 @@ class QosKeeper:
         previous = self.own_lock
         record = None
         if own is not None or before.held:
-            # As the journal will hold it: a reason with a secret in it is redacted there.
-            said = (
-                {**fields, "reason": redact(fields["reason"])} if fields.get("reason") else fields
-            )
-            record = {"event": event, "id": uuid.uuid4().hex, **said}
+            record = named_record(event, fields)
         self.own_lock, self.change = own, LockChange(before, after, record)
         host.save_state()
         if not self._write(after) and own is None:
@@ -330,6 +324,9 @@ class QosKeeper:
             return False
         self.held = after is not None
         host.metrics.set_qos_locked(self.held)
+        # What the guard owes the journal comes first: a rollback's `rollback_completed`
+        # before its guard window's `qos_locked`, once the lock is on disk.
+        host.pay()
         if record is not None:
             host.record(event, event_id=record["id"], **fields)
         self.change = None
@@ -610,8 +607,7 @@ class QosKeeper:
         left = current == change.after if change.after is not None else not current.held
         event = change.event
         if event is not None and left and not host.journaled(event["id"]):
-            fields = {k: v for k, v in event.items() if k not in ("event", "id")}
-            host.record(event["event"], event_id=event["id"], **fields)
+            host.record(event["event"], event_id=event["id"], **record_fields(event))
 
     def _new_window(self, now: float, span: float) -> QosWindow:
         s = self.host.s

@@ -16,6 +16,7 @@ import anyio
 from guardd.core.machine import Memory
 from guardd.core.types import COLORS, GUARDD
 from guardd.exceptions import SwitchError, why
+from guardd.journal import is_named
 from guardd.timestamps import parse_rfc3339
 
 if TYPE_CHECKING:
@@ -71,6 +72,15 @@ async def recover(guard: Guard, saved: dict[str, Any]) -> None:
         guard.record("alert", reason=f"could not repair the switch target at start: {why(e)}")
     # The memory first: a rollback resumed below ends in its own hold or guard window.
     guard.machine.restore(Memory.from_json(saved))
+    # What a crash left owed to the journal (`Guard.owe`), first: a rollback whose close
+    # it names is closed, not resumed.
+    guard.owed = _still_owed(guard, saved.get("journal_owed"))
+    guard.pay()
+    # Then the pause and the lock as they were: a rollback resumed below takes its lock
+    # (a guard window, a hold's) over guardd's own lock, never over a lock it forgot.
+    if isinstance(saved.get("paused"), dict):
+        guard.paused = saved["paused"]
+    guard.qos.restore(saved.get("qos"), saved.get("qos_change"))
     pending = open_rollback(guard.journal.recent)
     guard.active = await guard.switcher.read_active()
     if pending is not None:
@@ -90,14 +100,24 @@ async def recover(guard: Guard, saved: dict[str, Any]) -> None:
             by="external",
             reason="the switch target changed while guardd was not running",
         )
-    if isinstance(saved.get("paused"), dict):
-        guard.paused = saved["paused"]
     if moved_while_down:
         # Someone moved traffic while guardd was down: an operator acted, just as with
         # a switch made while it runs (`Guard._adopt_external_switch`).
         guard.machine.clear_hold()
-    guard.qos.restore(saved.get("qos"), saved.get("qos_change"))
     guard.metrics.set_active(guard.active)
+
+
+def _still_owed(guard: Guard, owed: object) -> list[dict[str, Any]]:
+    """The records state.json's `journal_owed` names that the journal lacks, each once:
+    the crash may have come after some were written. What guardd cannot journal (an
+    unknown event, a malformed id: state.json is data) is left out."""
+    found: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for record in owed if isinstance(owed, list) else []:
+        if is_named(record) and record["id"] not in seen and not guard.journaled(record["id"]):
+            seen.add(record["id"])
+            found.append(record)
+    return found
 
 
 async def _resume_rollback(guard: Guard, started: dict[str, Any]) -> None:

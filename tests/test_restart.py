@@ -214,6 +214,7 @@ NOT_MEMORY = {
 # test that crashes there.
 CUT_SHORT = {
     "qos_change": "test_a_crash_at_any_step_of_a_lock_change_is_finished_at_the_next_start",
+    "journal_owed": "test_a_crash_around_a_ticks_journal_records_changes_nothing",
 }
 # Attributes of the machine and the guard that state.json does not keep, and why each may
 # be lost in a restart without changing a decision.
@@ -270,7 +271,7 @@ GUARD_NOT_KEPT = {
     "qos": "checked attribute by attribute below",
     "budget": "checked attribute by attribute below",
 }
-GUARD_KEPT = {"paused"}
+GUARD_KEPT = {"paused", "owed"}
 QOS_NOT_KEPT = {
     "host": "the guard itself",
     "held": "read from the lock file before every decision",
@@ -499,3 +500,174 @@ async def test_a_crash_at_any_step_of_a_lock_change_is_finished_at_the_next_star
         assert decision_key(d2) == decision_key(d1), f"tick {n} after the restart"
         assert qoslock.read_lock(g2.s.lock_file) == qoslock.read_lock(g1.s.lock_file), n
     assert not qoslock.read_lock(g2.s.lock_file).held, "the lock ended"
+
+
+@dataclass(frozen=True)
+class RecordsRow:
+    """Inputs that make the guard journal `events` in one tick (a rollback's close, a
+    hold, an alert: records whose memory state.json keeps), with the lock they take, and
+    inputs after it (both guards must decide alike). `switch_fails`: every switch fails."""
+
+    name: str
+    before: Sequence[tuple[ProbeResult, ...]]
+    events: tuple[str, ...]
+    after: Sequence[tuple[ProbeResult, ...]]
+    switch_fails: bool = False
+    spec: PolicySpec = PREVIOUS
+
+    def crash_points(self) -> tuple[str, ...]:
+        """Where a crash can cut the tick short: the lock file, each record."""
+        file = CRASH_POINTS[:2] if "qos_locked" in self.events else ()
+        return (*file, *(f"after {e}" for e in self.events))
+
+
+ROLLBACK = [(OK, OK)] + [(OK, DOWN)] * 3
+RECORDS = [
+    RecordsRow(
+        "rollback completed", ROLLBACK, ("rollback_completed", "qos_locked"), [(OK, OK)] * 14
+    ),
+    RecordsRow(
+        "rollback failed",
+        ROLLBACK,
+        ("rollback_failed", "hold", "qos_locked"),
+        [(OK, DOWN)] * 6,
+        switch_fails=True,
+    ),
+    RecordsRow("hold", [(OK, OK)] + [(DOWN, DOWN)] * 4, ("hold", "qos_locked"), [(DOWN, OK)] * 40),
+    RecordsRow("P2 alert", [(OK, OK)] * 10 + [(OK, DOWN)], ("alert",), [(OK, OK)] * 20, spec=P2),
+]
+
+
+@pytest.mark.parametrize(
+    ("row", "at"),
+    [(row, at) for row in RECORDS for at in row.crash_points()],
+    ids=lambda v: v.name if isinstance(v, RecordsRow) else v,
+)
+async def test_a_crash_around_a_ticks_journal_records_changes_nothing(
+    row: RecordsRow, at: str, tmp_path: Path
+) -> None:
+    """kill -9 anywhere in a tick that journals what state.json remembers (a rollback's
+    close and the QoS lock it takes, a hold and its lock, an alert): the restarted guard
+    holds the lock and the hold the running one holds, and the lock file holds it while
+    guardd is down; it journals each record once, in order (never a page twice, never
+    one lost), resumes no rollback, and decides as the running guard after it."""
+    clock = FakeClock()
+    a_root, b_root = tmp_path / "a", tmp_path / "b"
+    prepare(a_root)
+    g1 = await start(a_root, clock, row.spec)
+    if row.switch_fails:
+        assert isinstance(g1.switcher, FakeSwitcher) and g1.switcher.path is not None
+        (g1.switcher.path.parent / "switch-fails").touch()
+    lock_file = g1.s.lock_file
+
+    def copy_at(point: str) -> None:
+        if point == at and not b_root.exists():
+            shutil.copytree(a_root, b_root)
+            if point != CRASH_POINTS[0] and "qos_locked" in row.events:
+                # What `qos status --config` reads while guardd is down: a lock.
+                assert qoslock.read_lock(b_root / lock_file.relative_to(a_root)).held
+
+    g1.qos.store = CrashingStore(copy_at)
+    record = g1.record
+
+    def recording(event: str, **fields: object) -> dict[str, object]:
+        entry = record(event, **fields)
+        copy_at(f"after {event}")
+        return entry
+
+    g1.record = recording  # type: ignore[method-assign]
+    for inputs in row.before:
+        await step(g1, clock, *inputs)
+        if b_root.exists():
+            break  # (the rest of the tick: what the crash cut short)
+    assert b_root.exists(), f"no {at}"
+    made = [(e["event"], e["id"]) for e in g1.journal.recent]
+    assert [name for name, _ in made][-len(row.events) :] == list(row.events)
+
+    b_clock = copy.copy(clock)
+    g2 = build(b_root, b_clock, row.spec)
+    await g2.recover(g2.state_file.load())
+    g2.machine.windows = copy.deepcopy(g1.machine.windows)
+    g2.machine.policy.table._since = dict(g1.machine.policy.table._since)
+
+    assert qoslock.read_lock(g2.s.lock_file) == qoslock.read_lock(lock_file)
+    own1, own2 = g1.qos.own_lock, g2.qos.own_lock
+    assert (own2 and (own2.info, own2.window is None, own2.hold)) == (
+        own1 and (own1.info, own1.window is None, own1.hold)
+    )
+    assert g2.machine.memory().to_json() == g1.machine.memory().to_json()
+    assert g2.active == g1.active
+    assert [(e["event"], e["id"]) for e in g2.journal.recent] == made, (
+        "journaled once each, in order, under the ids named; no rollback resumed"
+    )
+    assert (g2.owed, g2.qos.change) == ([], None), "finished"
+    for n, inputs in enumerate(row.after):
+        d1 = await step(g1, clock, *inputs)
+        d2 = await step(g2, b_clock, *inputs)
+        assert decision_key(d2) == decision_key(d1), f"tick {n} after the restart"
+        assert qoslock.read_lock(g2.s.lock_file) == qoslock.read_lock(lock_file), n
+    tail = len(g1.journal.recent) - len(made)
+    assert [e["event"] for e in g2.journal.recent][len(made) :] == [
+        e["event"] for e in g1.journal.recent
+    ][len(made) :], f"the same {tail} records after the restart"
+
+
+@pytest.mark.parametrize("cmd", ["pause", "resume"])
+async def test_a_crash_just_after_an_operators_pause_or_resume_keeps_it(
+    cmd: str, tmp_path: Path
+) -> None:
+    """kill -9 just after `paused` or `resumed` is journaled: the restarted guard is paused
+    (or not) as the journal says, and journals it once."""
+    clock = FakeClock()
+    a_root, b_root = tmp_path / "a", tmp_path / "b"
+    prepare(a_root)
+    g1 = await start(a_root, clock, SPEC)
+    await steps(g1, clock, [(OK, OK)])
+    if cmd == "resume":
+        await handle(g1, "pause", {"reason": "maintenance"}, "uid:0(root)")
+    journaled = {"pause": "paused", "resume": "resumed"}[cmd]
+    record = g1.record
+
+    def recording(event: str, **fields: object) -> dict[str, object]:
+        entry = record(event, **fields)
+        if event == journaled and not b_root.exists():
+            shutil.copytree(a_root, b_root)
+        return entry
+
+    g1.record = recording  # type: ignore[method-assign]
+    await handle(g1, cmd, {"reason": "by hand"}, "uid:0(root)")
+    assert b_root.exists()
+    g2 = build(b_root, copy.copy(clock), SPEC)
+    await g2.recover(g2.state_file.load())
+    assert g2.paused == g1.paused
+    assert [e["id"] for e in g2.journal.recent] == [e["id"] for e in g1.journal.recent]
+
+
+async def test_a_state_file_owing_records_guardd_cannot_journal_starts_all_the_same(
+    tmp_path: Path,
+) -> None:
+    """state.json is data: owed records with an event guardd does not know, a malformed id
+    or fields the journal writes itself are not journaled, and the start goes on; a good
+    one is journaled once."""
+    clock = FakeClock()
+    prepare(tmp_path)
+    g1 = await start(tmp_path, clock, SPEC)
+    await steps(g1, clock, [(OK, OK)])
+    doc = g1.state_doc()
+    good = {"event": "alert", "id": "a" * 32, "reason": "owed", "ts": "1999", "guard": "x"}
+    doc["journal_owed"] = [
+        {"event": "no_such_event", "id": "b" * 32},
+        {"event": "alert", "id": "not hex"},
+        {"event": "alert"},
+        "a string",
+        good,
+        good,
+    ]
+    g1.journal.close()
+    g1.state_file.save(doc)
+    g2 = build(tmp_path, clock, SPEC)
+    await g2.recover(g2.state_file.load())
+    owed = [e for e in g2.journal.recent if e["event"] == "alert"]
+    assert [(e["id"], e["reason"], e["guard"]) for e in owed] == [("a" * 32, "owed", "lab")]
+    assert owed[0]["ts"] != "1999"
+    assert not any(e["event"] == "no_such_event" for e in g2.journal.recent)

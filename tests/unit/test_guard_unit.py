@@ -353,7 +353,10 @@ async def test_a_resumed_rollback_onto_a_target_now_rejected_fails_closed(tmp_pa
         assert after.guard.active == "green"
         hold = after.guard.machine.hold
         assert hold is not None and hold.sticky
-        assert not lock_held(after)
+        # No guard window: the hold's own lock, taken with the hold (deploys wait for it).
+        own = after.guard.qos.own_lock
+        assert lock_held(after) and own is not None and own.hold and own.window is None
+        assert own.info.reason == f"guardd holds: {hold.reason}"
         assert after.events("rollback_completed") == []
     finally:
         await after.aclose()
