@@ -36,3 +36,15 @@ def test_a_write_under_an_expired_lease_is_an_answer_not_an_etcd_out_of_reach(
                 await client.aclose()
 
         anyio.run(main)
+
+
+def test_the_etcd_harness_leaves_only_its_logs_behind(tmp_path: Path) -> None:
+    """Each member preallocates 64 MB of WAL: the harness deletes its data dirs as the
+    `with` ends (the logs stay for a failure's report), or a run of the fleet tests leaves
+    gigabytes on the disk."""
+    with EtcdCluster(tmp_path, size=2) as etcd:
+        etcd.put("/guardd/lab/probe", "{}")
+        wal = sum(f.stat().st_size for f in tmp_path.glob("e*/member/wal/*"))
+        assert wal >= 2 * 60_000_000, wal  # what is at stake: the preallocated segments
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e0.log", "e1.log"]
+    assert all(p.stat().st_size > 0 for p in tmp_path.iterdir())

@@ -83,4 +83,4 @@ class FleetLab:
             proxy.stop()
         self.blue.stop()
         self.green.stop()
-        self.etcd.stop()
+        self.etcd.close()
