@@ -389,6 +389,8 @@ class Supervisor:
         # The running signal adapters' cancel scopes, by the adapter's id.
         self._signal_scopes: dict[int, anyio.CancelScope] = {}
         self._pulsing = False
+        # Set by a file signal as it counts new lines (`_lines_counted`); the pulse waits on it.
+        self._lines_seen = anyio.Event()
         self._notifier_task: tuple[anyio.CancelScope, anyio.Event] | None = None
         self._loop_errors_seen: set[tuple[str, str, str]] = set()
         #: What guardd observed, kept for replay (`state.keep_observations`); None when
@@ -466,6 +468,9 @@ class Supervisor:
             if hasattr(adapter, "on_sample"):
                 # A polled signal's samples are recorded: a replay cannot poll the past.
                 adapter.on_sample = functools.partial(self._record, "sample", name)
+            if hasattr(adapter, "on_counted"):
+                # A file signal's new lines wake a tick (`_signal_pulse`).
+                adapter.on_counted = self._lines_counted
         return Runtime(
             settings=settings,
             guard=guard_settings(settings),
@@ -1005,22 +1010,28 @@ class Supervisor:
             finally:
                 self._signal_scopes.pop(id(adapter), None)
 
-    async def _signal_pulse(self) -> None:
-        """Wake the decision loop soon after new traffic is counted, not a probe later.
+    def _lines_counted(self) -> None:
+        """A file signal counted new lines (called by the adapter, on the event loop)."""
+        self._lines_seen.set()
 
-        At most four ticks a second from here: enough for a rule over real requests to
-        act within a fraction of a second, without a tick per log line.
+    async def _signal_pulse(self) -> None:
+        """Wake the decision loop as soon as a file signal counted new lines, not a probe
+        later, and at most once every `_SIGNAL_PULSE_S`.
+
+        Woken by the lines themselves, a rule over real requests acts as its tail reads
+        them (its poll, 0.2 s on a quiet log), without a tick per log line under a flood,
+        and a guard whose logs are quiet never wakes for them.
         """
-        seen: dict[str, int] = {}
+        last = -math.inf
         while True:
-            await anyio.sleep(_SIGNAL_PULSE_S)
-            guard = self.guard
-            if guard is None:
-                continue
-            counts = {name: _lines_read(sig) for name, sig in guard.signals.items()}
-            if counts != seen:
-                seen = counts
-                self._wake.set()
+            await self._lines_seen.wait()
+            wait = last + _SIGNAL_PULSE_S - anyio.current_time()
+            if wait > 0:
+                await anyio.sleep(wait)
+            # Lines counted from here on wake the next pulse; those before are in this tick.
+            self._lines_seen = anyio.Event()
+            last = anyio.current_time()
+            self._wake.set()
 
     async def _decision_loop(self) -> None:
         guard = self.guard
@@ -1136,14 +1147,6 @@ class Supervisor:
             )
         self.sd.status(guard.status_line())
         self.sd.ready()
-
-
-def _lines_read(adapter: object) -> int:
-    """How many lines an adapter has read, if it counts them (`lines`: outcome -> count)."""
-    lines = getattr(adapter, "lines", None)
-    if not isinstance(lines, dict):
-        return 0
-    return sum(n for n in lines.values() if isinstance(n, int))
 
 
 def _urls(c: GuardConfig, color: Color) -> list[str]:

@@ -50,7 +50,7 @@ import math
 import os
 import socket
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -263,6 +263,9 @@ class AccessLogSignal:
         self.windows = {color: TrafficWindow(spec.window_s, started) for color in spec.addresses}
         self._color_of = {a: c for c, addrs in spec.addresses.items() for a in addrs}
         self.lines: dict[str, int] = dict.fromkeys(LINE_OUTCOMES, 0)
+        #: Called (on the event loop, no argument) after new lines were counted: the daemon
+        #: wakes a tick with it (`Supervisor._signal_pulse`); None: nobody is told.
+        self.on_counted: Callable[[], None] | None = None
         self.requests: dict[tuple[str, str], int] = {
             (color, cls): 0 for color in spec.addresses for cls in CLASSES
         }
@@ -380,6 +383,11 @@ class AccessLogSignal:
             lines = lines[: self._budget_left]
         self._budget_left -= len(lines)
         self._parse(lines, now, now - self.clock.wall())
+        self._counted()
+
+    def _counted(self) -> None:
+        if self.on_counted is not None:
+            self.on_counted()
 
     def _parse(self, lines: list[str], now: float, offset: float) -> None:
         # The hot loop: locals for everything it touches on each line.
@@ -435,6 +443,7 @@ class AccessLogSignal:
 
     def _count_oversize(self) -> None:
         self.lines["oversize"] += 1
+        self._counted()
 
     def _split(self, tail: _Tail, chunk: bytes) -> list[str]:
         """Complete lines of `tail` with `chunk` appended (`FileFollower.split`)."""
@@ -479,7 +488,7 @@ class AccessLogSignal:
                     except BlockingIOError:
                         break
                     if len(datagram) >= size:
-                        self.lines["oversize"] += 1  # truncated by recv: too long
+                        self._count_oversize()  # truncated by recv: too long
                         continue
                     line = self._strip_syslog(datagram)
                     lines.append(line.decode("utf-8", "surrogateescape"))

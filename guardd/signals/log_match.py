@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -125,6 +125,9 @@ class LogMatchSignal:
         self.color_lines: dict[str, dict[str, int]] = {
             c: dict.fromkeys(LINE_OUTCOMES, 0) for c in spec.paths
         }
+        #: Called (on the event loop, no argument) after new lines were counted: the daemon
+        #: wakes a tick with it (`Supervisor._signal_pulse`); None: nobody is told.
+        self.on_counted: Callable[[], None] | None = None
         self.followers = {
             color: FileFollower(
                 path,
@@ -250,10 +253,16 @@ class LogMatchSignal:
         counts["oversize"] += oversize
         counts["binary"] += binary
         self.windows[color].add(self.clock.monotonic(), len(lines), matched, first)
+        self._counted()
 
     def _oversize(self, color: str) -> None:
         self.color_lines[color]["oversize"] += 1
         self.windows[color].add(self.clock.monotonic(), 1)
+        self._counted()
+
+    def _counted(self) -> None:
+        if self.on_counted is not None:
+            self.on_counted()
 
     # ---- the loop -----------------------------------------------------------------------
 
