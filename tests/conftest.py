@@ -1,6 +1,11 @@
-"""Fixtures shared by every test: the async backend and free loopback ports."""
+"""Shared by every test: the async backend, the order of the run, and room to run it in."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -9,6 +14,45 @@ from hypothesis import HealthCheck, settings
 # running nginx, upstreams and daemons beside the suite, a slow example is load, not a bug.
 settings.register_profile("guardd", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("guardd")
+
+
+# What a run holds under its temporary directory at once: about 1.5 GB at the peak, early
+# on, while the fleet tests run side by side, each with three etcd members that preallocate
+# 64 MB WAL files (sampled every 5 s over a whole run on 2 cores). A passing test's folder
+# is removed as it ends (`tmp_path_retention_policy` in pyproject.toml). A part of the
+# suite may need far less: `GUARDD_TEST_TMP_MIB` says how much to ask for instead.
+TMP_NEEDED_MIB = 2048
+MIB = 1024**2
+
+
+def tmp_space_problem(where: Path, free: int, need_mib: int = TMP_NEEDED_MIB) -> str | None:
+    """Why a run cannot start with `free` bytes under `where`, or None when it can."""
+    if free >= need_mib * MIB:
+        return None
+    return (
+        f"{where}: {free // MIB:,} MiB free, and the test suite needs {need_mib:,} MiB there "
+        "at its peak. Free some space, point TMPDIR at a file system with room, or set "
+        "GUARDD_TEST_TMP_MIB to what a part of the suite needs (0: no check)."
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to start with too little room for the run's temporary files: one clear line
+    rather than a thousand errors once the disk fills under etcd, nginx and the daemons.
+
+    Raises `pytest.UsageError` (exit status 4) before any test is collected.
+    """
+    if hasattr(config, "workerinput"):
+        return  # a pytest-xdist worker: the controller checked for every one
+    raw = os.environ.get("GUARDD_TEST_TMP_MIB", str(TMP_NEEDED_MIB))
+    if not raw.isdigit():
+        raise pytest.UsageError(f"GUARDD_TEST_TMP_MIB={raw!r}: not a whole number of MiB")
+    where = Path(config.option.basetemp or tempfile.gettempdir()).absolute()
+    while not where.exists():
+        where = where.parent
+    problem = tmp_space_problem(where, shutil.disk_usage(where).free, int(raw))
+    if problem is not None:
+        raise pytest.UsageError(problem)
 
 
 @pytest.fixture
