@@ -81,7 +81,7 @@ deb: bootstrap  ## build dist/guardd_<version>_<arch>.deb (Debian 12; installs d
 BENCH_ARGS ?=
 
 .PHONY: bench
-bench: bootstrap  ## guardd beside the shell guard, monit and blackbox_exporter, and a 3-node fleet (~13 min; writes bench/results/)
+bench: bootstrap  ## guardd beside the shell guard, monit and blackbox_exporter, and a 3-node fleet (~20 min; writes bench/results/)
 	$(UV) run --frozen python -m bench.run $(BENCH_ARGS)
 
 .PHONY: clean
