@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -82,8 +83,20 @@ QUICK_SOAK_S = 60.0
 POOL = 100
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (`timeout`, a cancelled job) stop the run as Ctrl-C does, through every
+    `finally`: its default action ends the process at once and left the nginx, guardd and
+    exporters the run had started running, and its temporary folder behind."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the suites, write the results; 0 unless a suite crashed."""
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(
         prog="python -m bench.run",
         description=__doc__,

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bench import report as bench_report
+from bench import run as bench_run
 
 REPO = Path(__file__).resolve().parents[1]
 VERSIONED = [
@@ -215,3 +221,29 @@ def test_the_recording_target_shows_each_start_order(tmp_path: Path) -> None:
         "started first, 4.3 % second)"
     ), row[1]
     assert row[2:] == ["0.6", "yes"]
+
+
+def test_sigterm_stops_a_bench_run_through_its_cleanup() -> None:
+    """SIGTERM raises SystemExit(143) in `python -m bench.run`, so that its `finally`
+    blocks stop what it started, as after Ctrl-C."""
+    cleaned: list[bool] = []
+
+    def terminated() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            # Python runs the handler at its next instruction; this only bounds the wait
+            # if it ever came later (sleep wakes for a signal's handler).
+            for _ in range(500):
+                time.sleep(0.01)
+        finally:
+            cleaned.append(True)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        bench_run.stop_on_sigterm()
+        with pytest.raises(SystemExit) as stopped:
+            terminated()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert cleaned == [True]
