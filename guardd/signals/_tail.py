@@ -48,6 +48,10 @@ _MARK: Final = 1024
 _CHUNKS_PER_TURN: Final = 64
 
 
+def unheard() -> None:
+    """The file signals' `on_counted` until the daemon wires it: nobody is told."""
+
+
 class Tail:
     """One open log file being followed: where we are in it and the partial line held."""
 

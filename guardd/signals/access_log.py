@@ -62,7 +62,7 @@ from anyio.abc import TaskStatus
 from guardd.clock import Clock
 from guardd.core.signals import Reading
 from guardd.core.traffic import CLASSES, MAX_REQUEST_TIME_S, TrafficWindow
-from guardd.signals._tail import BATCH_LINES, DRAIN_S, READ_CHUNK, FileFollower
+from guardd.signals._tail import BATCH_LINES, DRAIN_S, READ_CHUNK, FileFollower, unheard
 from guardd.signals._tail import Tail as _Tail
 
 __all__ = [
@@ -264,8 +264,8 @@ class AccessLogSignal:
         self._color_of = {a: c for c, addrs in spec.addresses.items() for a in addrs}
         self.lines: dict[str, int] = dict.fromkeys(LINE_OUTCOMES, 0)
         #: Called (on the event loop, no argument) after new lines were counted: the daemon
-        #: wakes a tick with it (`Supervisor._signal_pulse`); None: nobody is told.
-        self.on_counted: Callable[[], None] | None = None
+        #: wakes a tick with it (`Supervisor._signal_pulse`).
+        self.on_counted: Callable[[], None] = unheard
         self.requests: dict[tuple[str, str], int] = {
             (color, cls): 0 for color in spec.addresses for cls in CLASSES
         }
@@ -383,11 +383,7 @@ class AccessLogSignal:
             lines = lines[: self._budget_left]
         self._budget_left -= len(lines)
         self._parse(lines, now, now - self.clock.wall())
-        self._counted()
-
-    def _counted(self) -> None:
-        if self.on_counted is not None:
-            self.on_counted()
+        self.on_counted()
 
     def _parse(self, lines: list[str], now: float, offset: float) -> None:
         # The hot loop: locals for everything it touches on each line.
@@ -443,7 +439,7 @@ class AccessLogSignal:
 
     def _count_oversize(self) -> None:
         self.lines["oversize"] += 1
-        self._counted()
+        self.on_counted()
 
     def _split(self, tail: _Tail, chunk: bytes) -> list[str]:
         """Complete lines of `tail` with `chunk` appended (`FileFollower.split`)."""

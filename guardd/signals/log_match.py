@@ -38,7 +38,7 @@ from guardd.clock import Clock
 from guardd.core.counts import CountWindow
 from guardd.core.signals import Reading
 from guardd.secrets import redact_credentials
-from guardd.signals._tail import FileFollower
+from guardd.signals._tail import FileFollower, unheard
 
 #: What became of a line, in `status()["colors"][color]["lines"]`.
 LINE_OUTCOMES: Final = ("matched", "unmatched", "oversize", "binary")
@@ -126,8 +126,8 @@ class LogMatchSignal:
             c: dict.fromkeys(LINE_OUTCOMES, 0) for c in spec.paths
         }
         #: Called (on the event loop, no argument) after new lines were counted: the daemon
-        #: wakes a tick with it (`Supervisor._signal_pulse`); None: nobody is told.
-        self.on_counted: Callable[[], None] | None = None
+        #: wakes a tick with it (`Supervisor._signal_pulse`).
+        self.on_counted: Callable[[], None] = unheard
         self.followers = {
             color: FileFollower(
                 path,
@@ -253,16 +253,12 @@ class LogMatchSignal:
         counts["oversize"] += oversize
         counts["binary"] += binary
         self.windows[color].add(self.clock.monotonic(), len(lines), matched, first)
-        self._counted()
+        self.on_counted()
 
     def _oversize(self, color: str) -> None:
         self.color_lines[color]["oversize"] += 1
         self.windows[color].add(self.clock.monotonic(), 1)
-        self._counted()
-
-    def _counted(self) -> None:
-        if self.on_counted is not None:
-            self.on_counted()
+        self.on_counted()
 
     # ---- the loop -----------------------------------------------------------------------
 

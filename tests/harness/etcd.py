@@ -110,9 +110,7 @@ class EtcdCluster:
         `new_cluster` names the cluster anew (another initial-cluster-token), so that etcd's
         cluster_id changes too, as when the cluster is replaced by a new one.
         """
-        self.stop()
-        for i in range(self.size):
-            shutil.rmtree(self.tmp / f"e{i}", ignore_errors=True)
+        self.close()
         if new_cluster:
             self.generation += 1
         for i in range(self.size):
@@ -134,9 +132,8 @@ class EtcdCluster:
         """Stop every member, put the data dirs of a `backup` back, wait `outage` seconds
         (etcd down meanwhile, as during a real restore) and start them again: the store is
         as it was at the backup, its cluster_id the same."""
-        self.stop()
+        self.close()
         for i in range(self.size):
-            shutil.rmtree(self.tmp / f"e{i}", ignore_errors=True)
             shutil.copytree(src / f"e{i}", self.tmp / f"e{i}")
         time.sleep(outage)  # the outage itself is the condition under test, not a wait
         self._restart("restored etcd members healthy")

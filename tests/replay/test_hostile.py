@@ -275,7 +275,7 @@ addresses = {{ blue = ["{BLUE}"], green = ["{GREEN}"] }}
 
 def _zeros_bomb(path: Path, members: int = 160) -> None:
     """An observation file that inflates to `members` times 64 MiB of zero bytes (one line too
-    long to keep, read to its end): tens of seconds of work for a reader, a few MiB on disk
+    long to keep, read to its end): tens of seconds of work for a reader, about 10 MiB on disk
     (deflate's best ratio is about 1,000 to 1; each member is compressed once)."""
     packer = zlib.compressobj(9, zlib.DEFLATED, 31)
     chunk = bytes(1 << 20)
