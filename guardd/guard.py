@@ -665,7 +665,7 @@ class Guard:
         if on_disk != self.active and on_disk is not None:
             previous = self.active
             self.active = on_disk
-            self.machine.policy.reset()
+            self.machine.policy.reset(on_disk)
             self.machine.clear_hold()
             self.machine.switched()
             self.record(
@@ -821,7 +821,7 @@ class Guard:
         self.machine.switched()
         self.metrics.observe_switch(elapsed)
         self.metrics.set_active(target)
-        self.machine.policy.reset()
+        self.machine.policy.reset(target)
         # Traffic was moved to `target` on purpose: an operator (perhaps with --force,
         # past the gate), or a rollback to a target that passes its probes now. Judge the
         # color by what it does from now on, not by failures from before the move, which

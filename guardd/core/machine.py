@@ -937,7 +937,9 @@ class GuardMachine:
         """The switch away from `source` is done and verified."""
         self.rolled_away_from = source
         self.hold = None
-        self.policy.reset()
+        # The target's onsets go; the source's stay, so that its rules (shown in status,
+        # never decided from while it is the standby) keep the onset the rollback came of.
+        self.policy.reset(other(source))
         self._edges.clear("dry_run", "p2:")
 
     def rollback_failed(

@@ -68,9 +68,9 @@ class Policy:
         self._quiet: dict[Color, tuple[tuple[ProbeKey | None, ...], Verdict]] = {}
         self._readings: dict[Color, tuple[WindowStats, Reading]] = {}
 
-    def reset(self) -> None:
-        """Forget sustained-condition onsets (after a switch)."""
-        self.table.reset()
+    def reset(self, color: Color) -> None:
+        """Forget the sustained-condition onsets of `color`, which traffic moved to."""
+        self.table.reset(color)
         self._quiet.clear()
 
     def evaluate(

@@ -247,9 +247,12 @@ class RuleTable:
         # Per rule (by index) and color: the key and the state `_quiet` made last.
         self._kept_states: dict[tuple[int, Color], tuple[tuple[Any, ...], RuleState]] = {}
 
-    def reset(self) -> None:
-        """Forget every onset (after a switch: what held before says nothing now)."""
-        self._since.clear()
+    def reset(self, color: Color) -> None:
+        """Forget the onsets of `color`, which traffic just moved to: what held on it as the
+        standby says nothing of it serving. The other color's onsets stay: its conditions
+        have held since then, and `status` says since when."""
+        for key in [k for k in self._since if k[1] == color]:
+            del self._since[key]
 
     def onsets(self, color: Color) -> bool:
         """Whether any rule has an onset on `color` (its condition held at its last judging)."""

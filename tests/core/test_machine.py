@@ -341,3 +341,33 @@ def test_no_protection_to_lose_when_the_active_color_is_the_target() -> None:
         r.step(green=FAIL)
     assert r.m.protection_lost("blue", r.now) is None
     assert not [a for a in r.log if isinstance(a, Alert)]
+
+
+def test_after_a_rollback_the_color_rolled_away_from_keeps_its_onsets() -> None:
+    # A 5xx ratio of a third on green: P1 (10-50 %) holds, never 3 failures in a row.
+    r = Replay()
+    pattern = [FAIL, Outcome.OK, Outcome.OK]
+    onset: float | None = None
+    for n in range(30):
+        r.step(green=pattern[n % 3])
+        (p1,) = [st for st in r.m.verdicts["green"].states if st.rule == "p1_error_ratio"]
+        if onset is None and p1.since is not None:
+            onset = p1.since
+        if r.active == "blue":
+            break
+    rollback = next(a for a in r.log if isinstance(a, Rollback))
+    assert (rollback.source, rollback.severity, rollback.evidence.rule) == (
+        "green", "P1", "p1_error_ratio",
+    )  # fmt: skip
+    decided_at = r.now
+    assert onset is not None and onset < decided_at
+    for n in range(2):
+        r.step(green=pattern[n % 3])  # green, the standby now, goes on failing a third
+    # Status shows green's P1 firing since its condition began, before the decision that
+    # came of it, not since the first tick after.
+    (p1,) = [st for st in r.m.verdicts["green"].states if st.rule == "p1_error_ratio"]
+    assert (p1.state, p1.since) == ("firing", onset)
+    # Blue, which traffic moved to, has no onset from before the move.
+    assert all(st.since is None or st.since > decided_at for st in r.m.verdicts["blue"].states)
+    # And nothing is decided from the standby's firing rule.
+    assert not any(isinstance(a, Rollback) for a in r.log[r.log.index(rollback) + 1 :])

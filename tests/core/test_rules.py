@@ -264,3 +264,21 @@ def test_a_stale_signal_is_alerted_once_and_never_rolls_back() -> None:
     assert len(actions) == 1 and isinstance(actions[0], Alert)
     assert "signal traffic is stale" in actions[0].reason
     assert m.verdicts["green"].states[-1].why == "signal stale"
+
+
+@pytest.mark.parametrize("moved_to", COLORS)
+def test_a_switch_forgets_the_onsets_of_the_color_traffic_moved_to_only(moved_to: Color) -> None:
+    # Both colors hold a P1 condition with onsets at 0 s; traffic then moves to one.
+    table = RuleTable([rule(severity="P1", for_s=10.0)])
+    bad = reading(100, error_ratio=0.2)
+    for color in COLORS:
+        assert judge(table, 0.0, {"blue": bad, "green": bad}, color=color).states[0].since == 0.0
+    table.reset(moved_to)
+    stayed: Color = "blue" if moved_to == "green" else "green"
+    # The color traffic left has held its condition since 0 s, and fires on time...
+    kept = judge(table, 10.0, {"blue": bad, "green": bad}, color=stayed)
+    assert (kept.states[0].state, kept.states[0].since, kept.severity) == ("firing", 0.0, "P1")
+    # ... while the `for` of the color it moved to counts from its first judging after.
+    fresh = judge(table, 10.0, {"blue": bad, "green": bad}, color=moved_to)
+    assert (fresh.states[0].state, fresh.states[0].since, fresh.severity) == ("pending", 10.0, None)
+    assert table.onsets(stayed) and table.onsets(moved_to)

@@ -83,7 +83,7 @@ def replay(spec: PolicySpec, ticks: list[Tick]) -> list[Step]:
             machine.traffic_moved(active, "green", now)
             active = "green"
             machine.switched()
-            machine.policy.reset()
+            machine.policy.reset("green")
             machine.judge_afresh("green")
             machine.clear_hold()
             qos_until = -1.0

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from guardd.timestamps import parse_rfc3339
 from tests.faults.util import metric, metrics_port, scrape, status
 from tests.harness.daemon import Daemon, Lab, MakeLab, guardctl, wait_until
 from tests.harness.jsondoc import json_object
@@ -133,7 +134,13 @@ def test_real_5xx_on_green_rolls_back_by_the_traffic_rule(
     with Load(lab.nginx, rate=100) as load:
         started = d.wait_event("rollback_started", timeout=60)
         d.wait_event("rollback_completed", timeout=60)
+        # Green, the standby now, still has its 5xx in the 10 s window: its rule fires,
+        # since the condition the rollback came of began, not since a tick after it.
+        wait_ticks(d, metrics_port(d), 1)
+        green = rule_state(status(lab), RULE, "green")
     assert_traffic_evidence(started, load.answered_by("green"))
+    assert green is not None and green["state"] == "firing", green
+    assert parse_rfc3339(green["since"]) <= parse_rfc3339(started["ts"]), (green, started)
     assert lab.green.api_counts[500] > 0 and lab.green.counts["ok"] > 0, "probes stayed UP"
     assert lab.nginx.wait_serving_only("blue")
     assert d.stop() == 0

@@ -121,7 +121,7 @@ class Replay:
             if isinstance(action, Rollback):
                 self.rollbacks.append((now, action.source, action.target))
                 self.active = action.target
-                self.machine.policy.reset()
+                self.machine.policy.reset(action.target)
                 self.machine.rollback_succeeded(action.source)
                 self.lock = QosWindow(
                     now, self.qos_window, self.qos_max_error_ratio, self.qos_min_health_ratio
