@@ -914,9 +914,10 @@ examples:
         "wait until the guard is steady, the active color healthy, or the lock gone",
         "Wait until guardd's status meets CONDITION, for a pipeline step: `steady` (state "
         "steady: no guard window, rollback, hold or pause), `healthy` (the active color is "
-        "fresh and healthy), `unlocked` (no QoS lock: the guard window has passed). Why it "
-        "is still waiting goes to stderr every few seconds. A guardd that does not answer "
-        "is waited out like any other reason, until the deadline.",
+        "fresh, its probes pass, and no rule fires or is pending on it), `unlocked` (no "
+        "QoS lock: the guard window has passed). Why it is still waiting goes to stderr "
+        "every few seconds. A guardd that does not answer is waited out like any other "
+        "reason, until the deadline.",
         """\
 examples:
   guardctl --instance threader wait unlocked --timeout 10m && ./deploy.sh

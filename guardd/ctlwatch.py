@@ -295,6 +295,25 @@ def _condition(status: Mapping[str, Any], condition: str) -> str | None:
         return (
             f"{active} (active) is unhealthy ({up.get('consecutive_failures')} failures in a row)"
         )
+    return _failing_rule(status.get("rules"), str(active))
+
+
+def _failing_rule(rules: object, active: str) -> str | None:
+    """Why the rules keep `active` from being healthy: one fires or is pending on it (its
+    probes may pass while real traffic fails); None when none does. Rules not reported
+    are not "none failing": the answer is then that they are unknown."""
+    if not isinstance(rules, list):
+        return "the rules' states are not reported"
+    for row in rules:
+        if not isinstance(row, Mapping) or row.get("dry_run"):
+            continue  # a dry-run rule only says what it would do
+        state = row.get(active)
+        if isinstance(state, Mapping) and state.get("state") in ("firing", "pending"):
+            since = f" since {state['since']}" if state.get("since") else ""
+            return (
+                f"{active} (active) {state['state']} rule {row.get('rule')} "
+                f"({row.get('severity')}: {row.get('condition')}){since}"
+            )
     return None
 
 

@@ -10,6 +10,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.control import test_guardctl as base
 from tests.control.test_guardctl import GUARDCTL, WAIT_S, FakeGuard, _dirs, fixture, guardctl
 from tests.harness.procs import INTERRUPTIBLE
@@ -120,6 +122,72 @@ def test_wait_conditions(guard: FakeGuard, run_dir: Path) -> None:
     guard.reset("hold")
     held = wait("healthy")
     assert held.code == 1 and "(active) is unhealthy" in held.err
+
+
+def _traffic_rule(green: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
+    return {
+        "rule": "5xx-p0",
+        "signal": "traffic",
+        "stat": "error_ratio",
+        "condition": "error_ratio >= 0.5",
+        "severity": "P0",
+        "for_s": None,
+        "dry_run": dry_run,
+        "blue": {"state": "inconclusive", "since": None, "value": None, "samples": 0,
+                 "min_samples": 50, "why": "0 of 50 samples"},
+        "green": {"since": None, "value": 0.95, "samples": 120, "min_samples": 50, "why": None,
+                  **green},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("rules", "said"),
+    [
+        # The probes pass while real requests fail: a hold on a P0 traffic rule.
+        (
+            [_traffic_rule({"state": "firing", "since": "2026-11-22T05:02:16.107Z"})],
+            (
+                "green (active) firing rule 5xx-p0 (P0: error_ratio >= 0.5) "
+                "since 2026-11-22T05:02:16.107Z"
+            ),
+        ),
+        (
+            [_traffic_rule({"state": "pending", "since": "2026-11-22T05:02:16.107Z"})],
+            "green (active) pending rule 5xx-p0",
+        ),
+        # No rules reported is no "no rule fails": guardctl cannot tell.
+        (None, "the rules' states are not reported"),
+    ],
+    ids=["firing", "pending", "not-reported"],
+)
+def test_wait_healthy_is_not_met_while_a_rule_fails_the_active_color(
+    guard: FakeGuard, run_dir: Path, rules: list[dict[str, Any]] | None, said: str
+) -> None:
+    guard.status["rules"] = rules
+    assert guard.status["upstreams"]["green"]["healthy"] is True  # its probes pass
+    run = guardctl("--instance", "threader", "wait", "healthy", "--timeout", "1s", run_dir=run_dir)
+    assert run.code == 1 and said in run.err, run.err
+
+
+@pytest.mark.parametrize(
+    "green",
+    [
+        {"state": "ok"},
+        {"state": "inconclusive", "why": "12 of 50 samples"},
+    ],
+    ids=["ok", "inconclusive"],
+)
+def test_wait_healthy_is_met_when_no_rule_fails_the_active_color(
+    guard: FakeGuard, run_dir: Path, green: dict[str, Any]
+) -> None:
+    # A dry-run rule firing only says what it would do; the standby's rules are not read.
+    guard.status["rules"] = [
+        _traffic_rule(green),
+        _traffic_rule({"state": "firing"}, dry_run=True),
+        {**_traffic_rule({"state": "ok"}), "blue": {"state": "firing", "since": None}},
+    ]
+    run = guardctl("--instance", "threader", "wait", "healthy", "--timeout", "1s", run_dir=run_dir)
+    assert (run.code, run.out) == (0, "threader: healthy\n"), run.err
 
 
 def test_incident_reads_the_journal_file_without_a_daemon(tmp_path: Path, run_dir: Path) -> None:

@@ -146,6 +146,31 @@ def test_real_5xx_on_green_rolls_back_by_the_traffic_rule(
     assert d.stop() == 0
 
 
+def test_wait_healthy_is_not_met_while_real_5xx_fire_a_rule_the_probes_pass(
+    make_lab: MakeLab, short_dir: Path
+) -> None:
+    # A P2 rule alerts and rolls nothing back: green stays active, its probes pass, and
+    # `wait healthy` (a pipeline's "is the new color good?") must not say it is.
+    rule = {**ERROR_RULE, "severity": "P2"}
+    lab = traffic_lab(make_lab, short_dir, rules=[rule])
+    lab.green.set_api(error_ratio=0.2)
+    d = lab.daemon()
+    with Load(lab.nginx, rate=100):
+        d.wait_event("alert", timeout=60)
+        wait_until(
+            lambda: (rule_state(status(lab), RULE, "green") or {}).get("state") == "firing",
+            30,
+            "the traffic rule firing on green",
+        )
+        waited = guardctl("--config", str(lab.config_path), "wait", "healthy", "--timeout", "2s")
+        doc = status(lab)
+    assert doc["upstreams"]["green"]["healthy"] is True, doc["upstreams"]  # probes pass
+    assert waited.returncode == 1, (waited.stdout, waited.stderr)
+    assert f"green (active) firing rule {RULE} (P2: error_ratio >= 0.05)" in waited.stderr
+    assert rollbacks(d) == []
+    assert d.stop() == 0
+
+
 def test_without_the_traffic_rule_real_5xx_change_nothing(
     make_lab: MakeLab, short_dir: Path
 ) -> None:
