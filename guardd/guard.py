@@ -414,6 +414,9 @@ class Guard:
                 self.readings,
             )
         )
+        # Stamped as decided: acting (a switch and its verification) may take seconds, and
+        # the decision comes before the events it leads to.
+        decided_at = self.clock.wall()
         verdict = decision.verdict
         self.qos.rules_firing(
             self.active,
@@ -445,7 +448,7 @@ class Guard:
             # said why, this tick): the leader decides, etcd is unreachable...
             rolled = any(isinstance(a, Rollback) for a in decision.actions)
             not_taken = self.fleet.held_back if rolled and self.fleet is not None else None
-            self.last_decision = statusview.decision_doc(decision, self.clock.wall(), not_taken)
+            self.last_decision = statusview.decision_doc(decision, decided_at, not_taken)
         if decision.actions or relocked:
             # Acting changed the world (a switch, a lock, a hold): restate without deciding again.
             self._publish(

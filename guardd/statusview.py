@@ -89,7 +89,8 @@ def rules_doc(guard: Guard, now: float) -> list[dict[str, Any]]:
 
     A rule's state is `ok`, `pending` (holds, not yet for its `for`), `firing` or
     `inconclusive` (with `why`: `3 of 5 samples`, `signal stale`, ...); `since` is when a
-    pending or firing condition began (RFC 3339).
+    pending or firing condition began (RFC 3339). A color without a verdict (not probed
+    yet since start, or since traffic moved to it) is `inconclusive`, `not judged yet`.
     """
     wall = guard.clock.wall()
     rows: dict[str, dict[str, Any]] = {}
@@ -116,6 +117,18 @@ def rules_doc(guard: Guard, now: float) -> list[dict[str, Any]]:
                 "min_samples": st.min_samples,
                 "why": st.why,
             }
+    for rule in guard.machine.policy.table.rules:
+        row = rows[rule.name]
+        for color in COLORS:
+            if color not in row:
+                row[color] = {
+                    "state": "inconclusive",
+                    "since": None,
+                    "value": None,
+                    "samples": 0,
+                    "min_samples": rule.min_samples,
+                    "why": "not judged yet",
+                }
     return list(rows.values())
 
 

@@ -357,6 +357,9 @@ class GuardMachine:
         consecutive failures count from zero; nothing is read as healthy meanwhile.
         """
         self.windows[color] = SlidingWindow(self.spec.window)
+        # Its verdict was made of the window just forgotten: shown on, it would call the
+        # color `ok` on evidence it no longer has. The next full tick judges it again.
+        self.verdicts.pop(color, None)
 
     def observe(
         self, color: Color, now: float, outcome: Outcome, latency_s: float, error: str | None = None

@@ -24,6 +24,7 @@ from guardd.switchers import COMMAND_STEPS, NGINX_STEPS, STATE_FILE_STEPS
 from guardd.testing import (
     DEFAULT_POLICY,
     GuardRig,
+    ManualClock,
     MemorySwitcher,
     SimulatedCrash,
     SwitchStep,
@@ -540,3 +541,35 @@ async def test_an_undone_rollback_behind_a_silent_front_door_cannot_tell_what_is
         assert failed["step"] == "verify"
         assert failed["serving"] is None, failed
         assert "which color is served is unknown" in failed["reason"], failed
+
+
+async def test_after_a_rollback_status_vouches_for_nothing_the_target_did_before(
+    tmp_path: Path,
+) -> None:
+    # The switch takes 2 s of wall time, as a reload and its verification may.
+    clock = ManualClock()
+
+    async def slow_step(step: str) -> None:
+        clock.advance(0.5)
+
+    rig = await rolled_back(tmp_path, clock=clock, switcher=MemorySwitcher(on_step=slow_step))
+    async with rig:
+        status = rig.guard.snapshot()
+        # Blue, judged afresh, has no probe of its own yet: stale, and no rule says `ok`
+        # of it on the window it had as the standby.
+        assert status["upstreams"]["blue"]["stale"] is True
+        for row in status["rules"]:
+            assert (row["blue"]["state"], row["blue"]["why"]) == (
+                "inconclusive",
+                "not judged yet",
+            ), row
+        # The decision is stamped when it was made: before the events it led to.
+        (started,) = rig.events("rollback_started")
+        decided = parse_rfc3339(status["last_decision"]["ts"])
+        assert status["last_decision"]["action"] == "rollback"
+        assert decided <= parse_rfc3339(started["ts"]) < clock.wall(), (decided, started)
+        # Its own probes judge it from then on.
+        await rig.probe_round()
+        states = {r["rule"]: r["blue"] for r in rig.guard.snapshot()["rules"]}
+        assert states["consecutive_failures"]["state"] == "ok", states
+        assert "not judged yet" not in {s["why"] for s in states.values()}, states
