@@ -175,7 +175,8 @@ def _rule_cell(state: object) -> tuple[str, str | None]:
     if name == "firing":
         return f"FIRING{when}", _RED
     if name == "pending":
-        return f"pending{when}", _YELLOW
+        why = f": {clean(state.get('why'))}" if state.get("why") else ""
+        return f"pending{when}{why}", _YELLOW
     if name == "inconclusive":
         return f"inconclusive: {clean(state.get('why'))}", _YELLOW
     return _text(name), None

@@ -91,7 +91,9 @@ class RuleState:
     """What one rule says about one color at one tick (status, metrics, `--json`).
 
     `since` is the monotonic onset of a pending or firing condition; `why` says what an
-    inconclusive rule lacks (`3 of 5 samples`, `signal stale`, `no baseline`).
+    inconclusive rule lacks (`3 of 5 samples`, `signal stale`, `no baseline`), or why a
+    rule whose condition holds is only `pending`, with no onset: a rule of a higher
+    severity fired first (`outranked by P0 5xx-p0`), and its `for` starts when that stops.
     """
 
     rule: str
@@ -288,9 +290,12 @@ class RuleTable:
         for severity in SEVERITIES:
             level = [j for j in judged if j.rule.severity == severity and not j.rule.dry_run]
             if fired is not None:
+                outranked = f"outranked by {fired[0].severity} {fired[0].name}"
                 for j in level:
                     self._since.pop((j.rule.name, color), None)
-                    states[j.rule.name] = self._state(j, None)
+                    states[j.rule.name] = (
+                        self._outranked(j, outranked) if j.holds else self._state(j, None)
+                    )
                 continue
             for j in level:
                 if not j.holds:
@@ -432,6 +437,23 @@ class RuleTable:
             rule, reading, ratio, value > rule.threshold * ref, None,
             {f"standby_{rule.stat}": round(ref, 4)},
         )  # fmt: skip
+
+    @staticmethod
+    def _outranked(j: _Judged, why: str) -> RuleState:
+        # Not judged this tick (contract: a higher severity fired first): its condition
+        # holds, but it neither fires nor has an onset, so no `since` it does not have.
+        r = j.rule
+        return RuleState(
+            r.name,
+            r.severity,
+            "pending",
+            _round(j.value),
+            j.reading.samples if j.reading is not None else 0,
+            r.min_samples,
+            None,
+            why,
+            r.dry_run,
+        )
 
     @staticmethod
     def _state(j: _Judged, since: float | None, *, firing: bool = False) -> RuleState:

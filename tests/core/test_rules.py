@@ -153,6 +153,36 @@ def test_a_higher_severity_restarts_the_for_of_lower_ones() -> None:
     assert judge(table, 70.0, {"green": only_p1}).severity == "P1"
 
 
+@pytest.mark.parametrize("for_s", [None, 30.0], ids=["no-for", "for-30s"])
+def test_a_rule_outranked_by_a_firing_one_shows_pending_and_why_with_no_onset(
+    for_s: float | None,
+) -> None:
+    p0 = rule(name="p0", stat="p99_ms", threshold=1000.0, min_samples=0)
+    p2 = rule(name="p2", severity="P2", for_s=for_s)
+    table = RuleTable([p0, p2])
+    both = reading(100, error_ratio=0.5, p99_ms=2000.0)
+    only_p2 = reading(100, error_ratio=0.5, p99_ms=10.0)
+    v = judge(table, 20.0, {"green": both})
+    assert v.severity == "P0"
+    fired, outranked = v.states
+    assert (fired.state, fired.since) == ("firing", 20.0)
+    # Its condition holds, but it was not judged: neither firing nor an onset to show.
+    assert (outranked.state, outranked.since, outranked.why, outranked.value) == (
+        "pending", None, "outranked by P0 p0", 0.5,
+    )  # fmt: skip
+    # Once P0 stops, it is judged again, its onset from then.
+    after = judge(table, 40.0, {"green": only_p2}).states[1]
+    assert (after.state, after.since, after.why) == (
+        "firing" if for_s is None else "pending", 40.0, None,
+    )  # fmt: skip
+
+
+def test_a_rule_outranked_whose_condition_does_not_hold_is_ok() -> None:
+    table = RuleTable([rule(name="p0", min_samples=0), rule(name="p2", severity="P2", op="below")])
+    v = judge(table, 0.0, {"green": reading(100, error_ratio=0.5)})
+    assert [(s.state, s.why) for s in v.states] == [("firing", None), ("ok", None)]
+
+
 def test_colors_keep_their_own_onsets() -> None:
     table = RuleTable([rule(severity="P1", for_s=10.0)])
     bad = reading(100, error_ratio=0.5)
