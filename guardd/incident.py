@@ -142,12 +142,18 @@ def _first_evidence(events: Sequence[Event], since: int, at: int) -> int:
     """Where the failure first showed: the first alert or hold with a severity about the
     failing color from `since` on; the decision (`at`) itself when nothing warned before it.
 
-    An operator's `resumed` acknowledged whatever warned before it: an earlier episode
-    (a hold since resolved) is not this incident's start.
+    An operator's `resumed` out of a `hold` acknowledged whatever warned before it: an
+    earlier episode (a hold since resolved) is not this incident's start. A `resumed` that
+    ended a pause acknowledged nothing: what failed while guardd was paused is this
+    incident's start, and a pause only delayed the decision.
     """
     failing = events[at].get("from")
     since = next(
-        (i + 1 for i in range(at - 1, since - 1, -1) if events[i].get("event") == "resumed"),
+        (
+            i + 1
+            for i in range(at - 1, since - 1, -1)
+            if events[i].get("event") == "resumed" and _resumed_from(events, i, since) == "hold"
+        ),
         since,
     )
     return next(
@@ -159,6 +165,19 @@ def _first_evidence(events: Sequence[Event], since: int, at: int) -> int:
             and events[i].get("from") in (failing, None)
         ),
         at,
+    )
+
+
+def _resumed_from(events: Sequence[Event], resumed: int, since: int) -> str | None:
+    """What the `resumed` at `resumed` ended: `hold` or `paused` (the last of either before
+    it, from `since` on), or None."""
+    return next(
+        (
+            name
+            for i in range(resumed - 1, since - 1, -1)
+            if (name := events[i].get("event")) in ("hold", "paused")
+        ),
+        None,
     )
 
 

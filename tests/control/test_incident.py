@@ -279,3 +279,47 @@ def test_an_episode_an_operator_resumed_from_is_not_the_start() -> None:
     assert incident["times"]["start"] == "2026-11-30T11:04:00.000Z"
     assert incident["durations_s"]["time_to_detect"] == 5.0
     assert incident["times"]["change"] == "2026-11-30T11:00:00.000Z"  # the change stays
+
+
+def test_what_failed_while_guardd_was_paused_is_the_start() -> None:
+    """A `resumed` that ends a pause acknowledges nothing: the failure that went on through
+    the pause is this incident's start, and its steps hold the pause's lock and the resume."""
+    rid = f"{35:032x}"
+    events = [
+        line("12:00:00.000", "paused", 30, by="uid:1000(ana)", reason="testing pause"),
+        line(
+            "12:00:00.445",
+            "alert",
+            31,
+            **{"from": "green", "severity": "P2", "reason": "5xx-p2"},
+            evidence={"rule": "5xx-p2"},
+        ),
+        line(
+            "12:00:06.471",
+            "qos_locked",
+            32,
+            reason="guardd is paused while green fails: P0 5xx-p0",
+            until=None,
+        ),
+        line("12:00:18.179", "resumed", 33, by="uid:1000(ana)", reason="go on"),
+        line("12:00:18.180", "qos_released", 34, reason="the pause ended"),
+        line(
+            "12:00:18.181",
+            "rollback_started",
+            35,
+            **{"from": "green", "to": "blue", "severity": "P0", "reason": "5xx 95 %"},
+        ),
+        line("12:00:18.400", "rollback_completed", 36, rollback_id=rid, duration_ms=219.0),
+    ]
+    incident = build(events)
+    assert incident["times"]["start"] == "2026-11-30T12:00:00.445Z"
+    assert incident["durations_s"]["time_to_detect"] == 17.736
+    steps = [(s["event"], s["kind"]) for s in incident["steps"]]
+    assert steps == [
+        ("alert", "evidence"),
+        ("qos_locked", "lock"),
+        ("resumed", "operator"),
+        ("qos_released", "lock"),
+        ("rollback_started", "decision"),
+        ("rollback_completed", "switch"),
+    ]
