@@ -104,9 +104,11 @@ class FrontDoor:
         self.last_error = None if ok else error
 
     def restart(self) -> None:
-        """Forget the streak: what came before a switch says nothing about after it."""
+        """Forget the streak and the last error: what came before a switch says nothing
+        about after it (a rollback's front door serves another color now)."""
         self.ok = None
         self.streak = 0
+        self.last_error = None
 
 
 Action = Rollback | Hold | Alert | Reapply

@@ -122,3 +122,14 @@ def test_paused_shows_a_mismatch_but_does_not_act_until_resumed() -> None:
     r.paused = False
     actions = r.step(front=False)
     assert [type(a) for a in actions] == [Alert, Reapply]
+
+
+def test_a_switch_forgets_the_front_doors_last_error_with_its_streak() -> None:
+    r = Replay()
+    for _ in range(2):
+        r.step(front=False)
+    fd = r.m.front_door
+    assert (fd.ok, fd.streak, fd.last_error) == (False, 2, "HTTP 503")
+    r.m.switched()  # traffic moved: the front door serves another color now
+    # Nothing said of the color served before is shown as the front door's state now.
+    assert (fd.ok, fd.streak, fd.last_error) == (None, 0, None)
