@@ -241,16 +241,20 @@ def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
     if promote:
         if not guard.machine.promotable(color, now):
             w = guard.machine.windows[color]
+            need = guard.s.policy.promote_successes
             ratio = guard.machine.window_would_fire(color, now, guard.s.policy.p1_error_ratio)
-            raise OperationRefused(
-                f"{color} has passed {w.consecutive_successes} probes in a row; "
-                f"promotion needs {guard.s.policy.promote_successes}"
-                + (
-                    ""
-                    if ratio is None
-                    else f" and a window failed-probe ratio under {guard.s.policy.p1_error_ratio:g}"
-                    f" (now {ratio:.3g})"
+            # Only what is still missing, each with where it stands now.
+            missing = []
+            if w.consecutive_successes < need:
+                missing.append(f"{need} passing probes in a row (now {w.consecutive_successes})")
+            if ratio is not None:
+                missing.append(
+                    f"a window failed-probe ratio under {guard.s.policy.p1_error_ratio:g} "
+                    f"(now {ratio:.3g})"
                 )
+            raise OperationRefused(
+                f"{color} is not ready for promotion: it needs "
+                + (" and ".join(missing) or "to be fresh and healthy")
             )
         return
     healthy = guard.machine.healthy(color, now)

@@ -650,6 +650,10 @@ def render_incident(incident: Mapping[str, Any], *, markdown: bool = False) -> s
             change += f": {esc(step['reason'])}" if step.get("reason") else ""
             break
     cause = esc(incident.get("cause") or _NONE) + _evidence(incident.get("evidence"))
+    # An operator's rollback with nothing failing before it starts at the rollback itself.
+    start_is = "first failing evidence"
+    if incident.get("by") not in ("guardd", None) and times.get("start") == times.get("detected"):
+        start_is = f"the rollback by {clean(incident['by'])}: no failing evidence before it"
     rows = [
         (
             "Incident",
@@ -657,7 +661,7 @@ def render_incident(incident: Mapping[str, Any], *, markdown: bool = False) -> s
         ),
         ("Outcome", outcome),
         ("Change", change),
-        ("Start", f"{_text(times.get('start'))} (first failing evidence)"),
+        ("Start", f"{_text(times.get('start'))} ({start_is})"),
         ("Detection", f"{_text(times.get('detected'))} (rollback decided)"),
         ("Rollback", rollback),
         ("Recovery", recovery),
@@ -670,7 +674,8 @@ def render_incident(incident: Mapping[str, Any], *, markdown: bool = False) -> s
         under = "still locked"
     durations = (
         f"time to detect {_duration(spans.get('time_to_detect'))}, "
-        f"time to recover {_duration(spans.get('time_to_recover'))}, "
+        # `time_to_recover` (detection to rolled back): "recovery" is the lock's release.
+        f"time to roll back {_duration(spans.get('time_to_recover'))}, "
         f"time under lock {under}"
         + (f" (extended {extended}x)" if isinstance(extended, int) and extended else "")
         + (

@@ -243,7 +243,7 @@ def test_text_and_markdown_hold_the_template_and_escape_what_came_from_outside()
             assert label in rendered
         assert "Cause" in rendered and "consecutive_failures" in rendered
         assert "time to detect 3.5s" in rendered
-        assert "time to recover 0.5s" in rendered
+        assert "time to roll back 0.5s" in rendered
         assert "time under lock 8m00s" in rendered
         assert "\x1b" not in rendered
         assert "by uid:1001(bo)" in rendered
@@ -323,3 +323,14 @@ def test_what_failed_while_guardd_was_paused_is_the_start() -> None:
         ("rollback_started", "decision"),
         ("rollback_completed", "switch"),
     ]
+
+
+def test_an_operators_rollback_with_no_evidence_before_it_says_so_as_its_start() -> None:
+    events = journal()
+    guardds = render_incident(build(events, "INC-20261130-1"))
+    operators = render_incident(build(events, "INC-20261130-2"))
+    assert "10:00:05.000Z (first failing evidence)" in guardds
+    assert (
+        "10:40:00.000Z (the rollback by uid:1000(ana): no failing evidence before it)" in operators
+    )
+    assert "first failing evidence" not in operators

@@ -175,7 +175,7 @@ def promote(lab: Lab) -> tuple[int, str]:
     def attempt() -> tuple[int, str] | None:
         out = guardctl("promote", "--reason", "release 42", socket=lab.socket_path)
         said = out.stdout + out.stderr
-        return None if "probes in a row" in said else (out.returncode, said)
+        return None if "not ready for promotion" in said else (out.returncode, said)
 
     result: tuple[int, str] = wait_until(attempt, 60, "promote past the local gate", poll=0.3)
     return result

@@ -208,7 +208,7 @@ def test_promote_wait_as_a_ci_step(make_lab: MakeLab, tmp_path: Path) -> None:
                 proc.wait()
     assert proc.returncode == 0, err.read_text()
     said = err.read_text()
-    assert "promotion needs 5" in said, said
+    assert "green is not ready for promotion: it needs 5 passing probes in a row" in said, said
     assert "green" in stdout
     promoted = d.wait_event("promote")
     assert promoted["to"] == "green" and promoted["reason"] == "release 4"
@@ -223,7 +223,10 @@ def test_promote_wait_as_a_ci_step(make_lab: MakeLab, tmp_path: Path) -> None:
     )
     gave_up = ctl(lab, "promote", "--wait", "3s")
     assert gave_up.returncode == 1
-    assert "gave up after 3s: refused: blue has passed 0 probes in a row" in gave_up.stderr
+    assert (
+        "gave up after 3s: refused: blue is not ready for promotion: it needs 5 passing probes"
+        " in a row (now 0)" in gave_up.stderr
+    )
     assert [e["event"] for e in d.events()].count("promote") == 1
     # switch --wait too: blue is unhealthy until the deadline.
     refused = ctl(lab, "switch", "blue", "--wait", "2s")
@@ -316,7 +319,7 @@ def test_incident_after_a_real_rollback_with_guardd_down(make_lab: MakeLab) -> N
     for when in (started, completed, locked, released, by_name["promote"]):
         assert f"`{when['ts'][11:23]}`" in text
     assert f"time to detect {_duration(spans['time_to_detect'])}" in text
-    assert f"time to recover {_duration(spans['time_to_recover'])}" in text
+    assert f"time to roll back {_duration(spans['time_to_recover'])}" in text
     assert f"time under lock {_duration(spans['time_under_lock'])}" in text
     assert f"decision - rollback_started green->blue P0 rule {found['rule']}" in text
     assert "operator - paused by uid:" in text
