@@ -8,6 +8,7 @@ are handed off and never awaited.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -697,16 +698,19 @@ class Guard:
                 )
                 if generation is None:
                     return  # (`held_back` says why: `last_decision.not_taken`)
-            await self.move_traffic(
-                action.target,
-                kind="rollback",
-                by=GUARDD,
-                reason=action.reason + (_ALONE if generation == 0 else ""),
-                severity=action.severity,
-                evidence=action.evidence.to_dict(),
-                generation=generation or None,
-                local_fallback=generation == 0,
-            )
+            # A rollback that fails is journaled, held and locked by `move_traffic`; its
+            # `OperationRefused` is for an operator's command, and the tick goes on.
+            with contextlib.suppress(OperationRefused):
+                await self.move_traffic(
+                    action.target,
+                    kind="rollback",
+                    by=GUARDD,
+                    reason=action.reason + (_ALONE if generation == 0 else ""),
+                    severity=action.severity,
+                    evidence=action.evidence.to_dict(),
+                    generation=generation or None,
+                    local_fallback=generation == 0,
+                )
             if generation and self.fleet is not None and self.active == action.target:
                 self.fleet.applied_generation(generation)
         else:
@@ -798,10 +802,13 @@ class Guard:
         }
         if outcome.failure is not None:
             if kind == "rollback":
-                self.close_failed(
+                why = self.close_failed(
                     source, target, reason=reason, outcome=outcome, **closing, **fleet
                 )
-                return
+                # Journaled, held and locked: the caller learns it failed, as for a switch.
+                raise OperationRefused(
+                    f"rollback to {target} failed at {why}; guardd holds until an operator acts"
+                )
             said = (
                 f"{kind} to {target} failed at {outcome.step}"
                 + (" and could not be undone" if outcome.undo_problem else " and was undone")
@@ -872,8 +879,10 @@ class Guard:
         evidence: dict[str, Any] | None,
         rollback_id: str,
         **fleet: Any,
-    ) -> None:
-        """Journal a rollback that failed (and what its undo left), and hold for an operator.
+    ) -> str:
+        """Journal a rollback that failed (and what its undo left), and hold for an operator;
+        returns where and why it failed and what is served (`test: nginx rejected ...;
+        undone, green is served`).
 
         `fleet`: the fleet's fields of the rollback (`generation`, `fleet_node`,
         `local_fallback`), journaled with `rollback_failed` as with its `rollback_started`.
@@ -903,6 +912,7 @@ class Guard:
         # moment after the failed rollback allows deploys, guardd running or not.
         self.qos.hold(_holds(hold))
         self.settle()
+        return why
 
     def close_completed(
         self,

@@ -227,3 +227,30 @@ def test_state_file_switch_that_does_not_verify_is_restored_byte_for_byte(
     assert state.read_bytes() == before
     assert_undone_to_green(lab, d, after=count)
     assert d.stop() == 0
+
+
+@pytest.mark.parametrize("step", ["test", "verify"])
+def test_an_operators_rollback_that_fails_says_so_and_holds(make_lab: MakeLab, step: str) -> None:
+    # `guardctl rollback` is an acting command: one whose switch failed (nginx -t refusing
+    # blue's file, or a blue that answers 502 through the front door) and was undone is
+    # refused, exit 1, never "done".
+    lab: Lab = make_lab(**FAST)
+    if step == "test":
+        lab.nginx.targets["blue"].write_text("upstream lab_app { this is not nginx }\n")
+    else:
+        point_at(lab, "blue", free_port())
+    d = lab.daemon()
+    count = len(d.events())
+    result = ctl(lab, "rollback", "--reason", "checkout 500s")
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert f"rollback to blue failed at {step}:" in said, said
+    assert "undone, green is served; guardd holds until an operator acts" in said, said
+    assert "done" not in said.replace("undone", ""), said
+    failed = d.wait_event("rollback_failed", after=count)
+    assert (failed["step"], failed["by"].startswith("uid:")) == (step, True), failed
+    assert "failed at" in d.wait_event("hold", after=count)["reason"]
+    assert link_color(lab) == "green"
+    assert lab.nginx.wait_serving_only("green", hold=0.5, timeout=20)
+    assert status(lab)["state"] == "hold"
+    assert d.stop() == 0
