@@ -1088,7 +1088,12 @@ class Supervisor:
         self.sd.reloading()
         old = self.settings
         try:
-            loaded = config_mod.load(self.settings.source, instance=self.instance_arg)
+            # With the host's checks, as `check-config` makes them: a config that names an
+            # nginx target that is not there would only fail at the next rollback. (A start
+            # skips them: with no previous config to keep, guarding on probes beats none.)
+            loaded = config_mod.load(
+                self.settings.source, instance=self.instance_arg, host_checks=True
+            )
             changed = changed_keys(old.config, loaded.config)
             if self.instance_arg is not None and "instance" in changed:
                 changed.remove("instance")  # --instance wins over the file: nothing changes
@@ -1137,7 +1142,8 @@ class Supervisor:
                 "config_reloaded",
                 reason="configuration reloaded"
                 + (
-                    f"; {', '.join(restart_required)} take effect at the next restart"
+                    f"; the changes to {', '.join(restart_required)} take effect at the "
+                    "next restart"
                     if restart_required
                     else ""
                 ),

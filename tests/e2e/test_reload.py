@@ -163,7 +163,8 @@ def test_config_reloaded_names_the_keys_that_wait_for_a_restart(make_lab: MakeLa
     assert event["changed"] == ["control.mode", "metrics.listen", "probe.timeout", "state.dir"]
     assert event["restart_required"] == ["control.mode", "state.dir"]
     assert event["reason"] == (
-        "configuration reloaded; control.mode, state.dir take effect at the next restart"
+        "configuration reloaded; the changes to control.mode, state.dir take effect at the "
+        "next restart"
     )
     # Applied: the metrics endpoint moved. Not applied: the journal is where it was.
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -222,3 +223,29 @@ def test_a_header_value_with_a_newline_is_refused_and_never_shown(make_lab: Make
     assert any(path.endswith("state.json") for path in surfaces)
     for where, text in surfaces.items():
         assert "SEKRET" not in text and "9b3d" not in text, f"the token leaked into {where}"
+
+
+def test_a_reload_is_checked_on_this_host_as_check_config_checks_it(make_lab: MakeLab) -> None:
+    # A typo in a target's path is a valid file that only this host can tell is wrong:
+    # applied, it would first fail at the next rollback's `nginx -t`.
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    seen = len(d.events())
+    blue = str(lab.nginx.targets["blue"])
+    typo = blue.replace("blue.conf", "bleu.conf")
+    assert typo != blue
+    lab.config_path.write_text(lab.config_text().replace(blue, typo))
+    d.signal(signal.SIGHUP)
+    refused = d.wait_event(
+        "alert", after=seen, where=lambda e: "reload rejected" in (e.get("reason") or "")
+    )
+    assert refused["reason"].startswith(
+        f"reload rejected, still running the previous config: {lab.config_path}: "
+        f"switch.targets.blue: {typo}: no such file"
+    ), refused
+    # The previous targets still switch: a failing green is rolled back to blue.
+    lab.green.set_mode("http_503")
+    d.wait_event("rollback_completed", after=seen)
+    assert lab.nginx.wait_serving_only("blue")
+    assert [e for e in d.events()[seen:] if e["event"] == "config_reloaded"] == []
+    assert d.stop() == 0
