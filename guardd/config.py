@@ -252,6 +252,13 @@ def _check_http_url(url: str) -> str:
     # Schemes are case-insensitive (RFC 3986 §3.1): HTTP:// is http://.
     if not re.match(r"^https?://[^\s/]+", url, re.IGNORECASE):
         raise ValueError("must be an http:// or https:// URL")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        # No request line can carry it (h11 refuses it at every probe): said here, once, and
+        # the URL not repeated (it may hold a password, and the characters are unprintable).
+        raise ValueError(
+            "must not contain spaces, tabs, line breaks or other control characters "
+            "(write a space in a path as %20)"
+        )
     try:
         port = urlsplit(url).port
     except ValueError:

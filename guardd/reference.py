@@ -119,7 +119,11 @@ def config_reference() -> str:
             'A duration is a string with units (`"250ms"`, `"3s"`, `"5m"`, `"1h"`, '
             '`"1m30s"`) or a bare number of seconds.'
         ),
-        "Every key can be overridden by `GUARDD_<SECTION>__<KEY>`; unknown keys are errors.",
+        (
+            "Every key can be overridden by `GUARDD_<SECTION>__<KEY>`; unknown keys are errors, "
+            "in the file and in a variable of a known section (a variable whose section is "
+            "misspelt is ignored with a warning: it may be another tool's)."
+        ),
         "",
         END,
     ]
