@@ -143,7 +143,18 @@ def status_exit_code(status: Mapping[str, Any]) -> int:
     locked = not isinstance(qos, Mapping) or qos.get("locked") is not False
     lost = status.get("no_rollback_target")  # the rollback target is down: no protection
     warned = bool(status.get("warnings"))  # e.g. the front door and the probes disagree
-    if state != "steady" or status.get("paused") or locked or not active_ok or lost or warned:
+    # The journal or state.json not written: a restart would lose a hold, a pause, the lock.
+    storage = status.get("storage")
+    failing = isinstance(storage, Mapping) and storage.get("ok") is False
+    if (
+        state != "steady"
+        or status.get("paused")
+        or locked
+        or not active_ok
+        or lost
+        or warned
+        or failing
+    ):
         return WARNING
     return OK
 
@@ -225,6 +236,12 @@ def _whoami() -> str:
 
 def _permission_fix(path: Path) -> str:
     """What lets this user read `path`: its group, when the group may read it, or root."""
+    if os.geteuid() == 0:
+        # Root refused: "run as root" would send the operator in a circle.
+        return (
+            "root may not read it here either: check its mode, owner and ACL, and whether "
+            "this container or sandbox took root's CAP_DAC_OVERRIDE or a MAC policy denies it"
+        )
     try:
         st = path.stat()
     except OSError:
@@ -620,10 +637,37 @@ def _cmd_incident(args: argparse.Namespace, target: _Target) -> int:
         except ControlError:
             raise unreadable from None
         events = [e for e in answer.get("events") or [] if isinstance(e, dict)]
+    else:
+        events += _unwritten(target, _path, {e.get("id") for e in events})
     form = "json" if args.json else "markdown" if args.markdown else "text"
     from guardd import ctlwatch  # noqa: PLC0415 - see _LAZY_CTLWATCH
 
     return ctlwatch.incident(events, None if args.last else args.rollback, form=form)
+
+
+def _unwritten(target: _Target, path: Path, known: set[object]) -> list[dict[str, Any]]:
+    """The events a running guardd journaled and could not write to `path` yet (its state
+    disk full or failing: `storage.journal_backlog`), but those whose id is `known` (written
+    meanwhile); none when it does not answer."""
+    from guardd.control import protocol  # noqa: PLC0415 - _LAZY_CLIENT
+
+    try:
+        status = call(target.socket, "status", {}, timeout=PEEK_TIMEOUT_S)
+        storage = status.get("storage")
+        backlog = storage.get("journal_backlog") if isinstance(storage, Mapping) else None
+        if not isinstance(backlog, int) or isinstance(backlog, bool) or backlog <= 0:
+            return []
+        limit = min(backlog, protocol.MAX_HISTORY_LIMIT)
+        answer = call(target.socket, "history", {"limit": limit}, timeout=READ_TIMEOUT_S)
+    except ControlError:
+        return []
+    events = [
+        e for e in answer.get("events") or [] if isinstance(e, dict) and e.get("id") not in known
+    ]
+    if not events:
+        return []
+    _warn(f"{len(events)} events guardd could not write to {path} yet are read from its memory")
+    return events
 
 
 def _cmd_pause(args: argparse.Namespace, target: _Target) -> int:

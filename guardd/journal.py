@@ -279,7 +279,8 @@ class Journal:
             raise StorageError(f"cannot write {self.path}: No space left on device")
 
     def read(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """Every well-formed event in the file (the newest `limit`), skipping torn lines."""
+        """Every well-formed event in the file, then those not written to it yet (a full
+        disk: the backlog, in order), the newest `limit`; torn lines skipped."""
         events: deque[dict[str, Any]] = deque(maxlen=limit)
         skipped = 0
         for event, _ in self._lines():
@@ -288,6 +289,8 @@ class Journal:
             else:
                 events.append(event)
         self.skipped_lines = skipped
+        # What guardd journaled and the disk has not taken yet happened all the same.
+        events.extend(json.loads(line) for line in self._backlog)
         return list(events)
 
     def _lines(self) -> Iterator[tuple[dict[str, Any] | None, bytes]]:

@@ -399,6 +399,12 @@ def _status(**changes: Any) -> dict[str, Any]:
         ),
         pytest.param(_status(no_rollback_target="blue is down"), 1, id="no-rollback-target"),
         pytest.param(_status(state="hold", no_rollback_target="blue"), 2, id="hold-wins"),
+        pytest.param(
+            _status(storage={"ok": False, "errors": 66, "last_error": "Read-only file system"}),
+            1,
+            id="storage-failing",
+        ),
+        pytest.param(_status(state="hold", storage={"ok": False}), 2, id="hold-wins-storage"),
     ],
 )
 def test_status_exit_rule(status: dict[str, Any], code: int) -> None:
@@ -1647,3 +1653,16 @@ def test_fleet_status_json_without_a_daemon_is_a_json_unknown(run_dir: Path, sto
     assert doc["unknown"] is True and doc["etcd_reachable"] is None and doc["nodes"] == []
     assert as_json.err == f"guardctl: UNKNOWN: {doc['warning']}\n", as_json
     assert text.code == 3 and text.out.startswith("UNKNOWN: guardd "), text
+
+
+def test_root_refused_is_not_told_to_run_as_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "threader.toml"
+    path.write_text("")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    said = ctl._permission_fix(path)
+    assert "root may not read it here either" in said and "CAP_DAC_OVERRIDE" in said
+    assert "run guardctl as root" not in said and "run as root" not in said
+    monkeypatch.setattr(os, "geteuid", lambda: 65534)
+    assert ctl._permission_fix(path).endswith("or run guardctl as root")

@@ -30,7 +30,7 @@ from tests.faults.util import (
     status,
     status_lines,
 )
-from tests.harness.daemon import Daemon, log_lines, wait_until
+from tests.harness.daemon import Daemon, guardctl, log_lines, wait_until
 
 pytestmark = pytest.mark.nginx
 
@@ -105,6 +105,17 @@ def test_full_state_dir_guard_goes_on_and_recovers_by_itself(
     assert doc["storage"]["journal_backlog"] >= 3
     assert doc["active"] == "blue"
     assert d.proc is not None and d.proc.poll() is None
+    # What the disk has not taken yet is no less what happened: history and the incident
+    # read it from guardd's memory, the incident saying so.
+    history = [e["event"] for e in guardctl_json(lab, "history")]
+    assert "rollback_started" in history and "rollback_completed" in history, history
+    told = guardctl("--config", str(lab.config_path), "incident", "--json")
+    assert told.returncode == 0, told.stderr
+    incident = json.loads(told.stdout)
+    assert (incident["from"], incident["to"], incident["outcome"]) == (
+        "green", "blue", "guard_window",
+    ), incident  # fmt: skip
+    assert "could not write to" in told.stderr and "read from its memory" in told.stderr
 
     # Space comes back: the backlog lands in order, storage is ok again, nobody touched it.
     backlog = doc["storage"]["journal_backlog"]
