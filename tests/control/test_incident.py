@@ -9,6 +9,7 @@ import pytest
 
 from guardd.incident import NoIncident, build, incident_ids
 from guardd.render import render_incident
+from guardd.timestamps import parse_rfc3339
 
 GUARD = "threader"
 EVIDENCE = {
@@ -259,21 +260,31 @@ def test_text_and_markdown_hold_the_template_and_escape_what_came_from_outside()
     assert "- `10:00:08.500` (+3.5s) decision - rollback_started green->blue P0" in markdown
 
 
+def rolled_back(started: str, done: str, n: int, reason: str) -> list[dict[str, Any]]:
+    """guardd's P0 rollback green -> blue: its `rollback_started` (id `n`) at `started` and
+    its `rollback_completed` (id `n + 1`) at `done`."""
+    took = (parse_rfc3339(f"2026-11-30T{done}Z") - parse_rfc3339(f"2026-11-30T{started}Z")) * 1000
+    return [
+        line(
+            started,
+            "rollback_started",
+            n,
+            **{"from": "green", "to": "blue", "severity": "P0", "reason": reason},
+        ),
+        line(
+            done, "rollback_completed", n + 1, rollback_id=f"{n:032x}", duration_ms=round(took, 1)
+        ),
+    ]
+
+
 def test_an_episode_an_operator_resumed_from_is_not_the_start() -> None:
     """A hold since resolved (an operator's `resumed`) is an earlier episode, not this start."""
-    rid = f"{24:032x}"
     events = [
         line("11:00:00.000", "promote", 20, **{"from": "blue", "to": "green", "reason": "r6"}),
         line("11:00:02.000", "hold", 21, **{"from": "green", "severity": "P0", "reason": "typo"}),
         line("11:03:00.000", "resumed", 22, by="uid:1000(ana)", reason="url fixed"),
         line("11:04:00.000", "alert", 23, **{"from": "green", "severity": "P2", "reason": "slow"}),
-        line(
-            "11:04:05.000",
-            "rollback_started",
-            24,
-            **{"from": "green", "to": "blue", "severity": "P0", "reason": "503s"},
-        ),
-        line("11:04:05.500", "rollback_completed", 25, rollback_id=rid, duration_ms=500.0),
+        *rolled_back("11:04:05.000", "11:04:05.500", 24, "503s"),
     ]
     incident = build(events)
     assert incident["times"]["start"] == "2026-11-30T11:04:00.000Z"
@@ -284,7 +295,6 @@ def test_an_episode_an_operator_resumed_from_is_not_the_start() -> None:
 def test_what_failed_while_guardd_was_paused_is_the_start() -> None:
     """A `resumed` that ends a pause acknowledges nothing: the failure that went on through
     the pause is this incident's start, and its steps hold the pause's lock and the resume."""
-    rid = f"{35:032x}"
     events = [
         line("12:00:00.000", "paused", 30, by="uid:1000(ana)", reason="testing pause"),
         line(
@@ -303,13 +313,7 @@ def test_what_failed_while_guardd_was_paused_is_the_start() -> None:
         ),
         line("12:00:18.179", "resumed", 33, by="uid:1000(ana)", reason="go on"),
         line("12:00:18.180", "qos_released", 34, reason="the pause ended"),
-        line(
-            "12:00:18.181",
-            "rollback_started",
-            35,
-            **{"from": "green", "to": "blue", "severity": "P0", "reason": "5xx 95 %"},
-        ),
-        line("12:00:18.400", "rollback_completed", 36, rollback_id=rid, duration_ms=219.0),
+        *rolled_back("12:00:18.181", "12:00:18.400", 35, "5xx 95 %"),
     ]
     incident = build(events)
     assert incident["times"]["start"] == "2026-11-30T12:00:00.445Z"
