@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 
 from guardd import qoslock
@@ -58,8 +59,10 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
         target = guard.machine.rollback_target(guard.active)
         if target == guard.active and not _fleet_wants_other(guard, target):
             raise OperationRefused(f"{target} is already active; it is the rollback target")
-        guard.machine.clear_hold()
-        await _move(guard, target, "rollback", by, reason or "rollback requested by an operator")
+        await _acting(
+            guard,
+            _move(guard, target, "rollback", by, reason or "rollback requested by an operator"),
+        )
         return _moved(guard, cmd)
     if cmd == "switch":
         color: Color = args["color"]
@@ -69,14 +72,16 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
             raise OperationRefused(f"{color} is already active")
         force = bool(args.get("force"))
         _gate(guard, color, force=force, promote=False)
-        guard.machine.clear_hold()
-        await _move(
+        await _acting(
             guard,
-            color,
-            "switch",
-            by,
-            reason or f"switch to {color} requested by an operator",
-            gated=not force,
+            _move(
+                guard,
+                color,
+                "switch",
+                by,
+                reason or f"switch to {color} requested by an operator",
+                gated=not force,
+            ),
         )
         return _moved(guard, cmd)
     if cmd == "promote":
@@ -182,6 +187,20 @@ def _fleet_wants_other(guard: Guard, color: Color) -> bool:
     writes the fleet's decision (the way out of one no node can apply)."""
     fleet = guard.fleet
     return fleet is not None and fleet.desired is not None and fleet.desired.get("color") != color
+
+
+async def _acting(guard: Guard, move: Coroutine[Any, Any, None]) -> None:
+    """Run an operator's `move`, which ends a hold only once it has moved traffic: one that
+    failed and was undone fixed nothing, and the hold (with its deploy lock) stays, said."""
+    held = guard.machine.hold
+    try:
+        await move
+    except OperationRefused as e:
+        if held is not None and guard.machine.hold is held:
+            raise OperationRefused(f"{e}; guardd still holds ({held.reason})") from None
+        raise
+    if guard.machine.hold is held:
+        guard.machine.clear_hold()
 
 
 async def _move(

@@ -20,6 +20,8 @@ import pytest
 from guardd import qoslock
 from guardd.core.machine import Rollback
 from guardd.core.types import State
+from guardd.exceptions import OperationRefused
+from guardd.operator import handle
 from guardd.switchers import COMMAND_STEPS, NGINX_STEPS, STATE_FILE_STEPS
 from guardd.testing import (
     DEFAULT_POLICY,
@@ -573,3 +575,28 @@ async def test_after_a_rollback_status_vouches_for_nothing_the_target_did_before
         states = {r["rule"]: r["blue"] for r in rig.guard.snapshot()["rules"]}
         assert states["consecutive_failures"]["state"] == "ok", states
         assert "not judged yet" not in {s["why"] for s in states.values()}, states
+
+
+@pytest.mark.parametrize("command", ["switch", "rollback"])
+async def test_an_operators_move_that_fails_leaves_the_hold_and_its_lock(
+    tmp_path: Path, command: str
+) -> None:
+    async with build_guard(tmp_path) as rig:
+        await rig.probe_rounds(WARM_UP)
+        rig.switcher.fail("tested")
+        rig.probers["green"].answer(503)
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures + 1)
+        held = rig.guard.machine.hold
+        assert held is not None and held.sticky and lock_held(rig)
+        # The operator tries again; blue's file is still rejected by the config test.
+        rig.switcher.fail("tested")
+        args = {"color": "blue", "force": True} if command == "switch" else {}
+        with pytest.raises(OperationRefused) as refused:
+            await handle(rig.guard, command, {**args, "reason": "try again"}, "uid:0(root)")
+        assert "failed at test" in str(refused.value)
+        assert "guardd holds" in str(refused.value) or "guardd still holds" in str(refused.value)
+        # Nothing was fixed: still held, deploys still locked, and no tick ends it.
+        await rig.probe_rounds(3)
+        assert rig.guard.machine.hold is not None and rig.guard.machine.hold.sticky
+        assert lock_held(rig) and not rig.events("qos_released")
+        assert rig.guard.active == "green"
