@@ -178,7 +178,7 @@ def test_config_reloaded_names_the_keys_that_wait_for_a_restart(make_lab: MakeLa
 def test_a_header_value_with_a_newline_is_refused_and_never_shown(make_lab: MakeLab) -> None:
     # A token pasted with its newline: h11 cannot send it, and its reason quotes it. The
     # reload is refused like any invalid file, and the token is shown nowhere.
-    secret = "SEKRET-reload-9b3d"  # noqa: S105 - a fake, to prove it is hidden
+    secret = "SEKRET-reload-qzxw"  # noqa: S105 - a fake, to prove it is hidden
     sink = '\n[[notify]]\nkind = "webhook"\nurl_env = "HOOK"\nevents = ["alert", "rollback"]\n'
     with receiver() as hook:
         lab: Lab = make_lab()
@@ -222,7 +222,7 @@ def test_a_header_value_with_a_newline_is_refused_and_never_shown(make_lab: Make
             surfaces[str(path)] = data.decode("utf-8", "replace")
     assert any(path.endswith("state.json") for path in surfaces)
     for where, text in surfaces.items():
-        assert "SEKRET" not in text and "9b3d" not in text, f"the token leaked into {where}"
+        assert "SEKRET" not in text and "qzxw" not in text, f"the token leaked into {where}"
 
 
 def test_a_reload_is_checked_on_this_host_as_check_config_checks_it(make_lab: MakeLab) -> None:

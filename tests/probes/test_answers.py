@@ -375,7 +375,7 @@ async def test_a_summary_redacts_a_configured_secret(hostile: Hostile) -> None:
 
 # Config validation refuses all of these; the prober is given them directly, as a config
 # that slipped past it would: the probe fails, but its error never carries the secret.
-SECRET_PART = "SEKRET-probe-7c2e"  # noqa: S105 - a fake, to prove it is hidden
+SECRET_PART = "SEKRET-probe-wqzk"  # noqa: S105 - a fake, to prove it is hidden
 UNSENDABLE: dict[str, tuple[dict[str, str], str]] = {
     "trailing-newline": (
         {"Authorization": f"Bearer {SECRET_PART}\n"},
@@ -409,7 +409,7 @@ async def test_a_header_that_cannot_be_sent_is_never_quoted(
     assert result.outcome is Outcome.CONNECT_ERROR
     assert result.error == f"cannot send this request: {reason}"
     assert result.status is None
-    assert "SEKRET" not in repr(result) and "7c2e" not in repr(result)
+    assert "SEKRET" not in repr(result) and "wqzk" not in repr(result)
     # Not a byte left: the smuggled `X-Injected` never reached the server.
     assert hostile.requests == 0
     assert (await probe(hostile.url, headers={"Authorization": "Bearer fine"})).ok
@@ -440,7 +440,7 @@ async def test_an_injected_transport_never_quotes_a_header_either(
         f"cannot send this request (127.0.0.1:{hostile.port}): "
         "a header name or value is not valid HTTP"
     )
-    assert "SEKRET" not in repr(result) and "7c2e" not in repr(result)
+    assert "SEKRET" not in repr(result) and "wqzk" not in repr(result)
     assert hostile.requests == 0
 
 
