@@ -95,6 +95,15 @@ def rules_doc(guard: Guard, now: float) -> list[dict[str, Any]]:
     wall = guard.clock.wall()
     rows: dict[str, dict[str, Any]] = {}
     for rule in guard.machine.policy.table.rules:
+        # Each color as not judged until its verdict below says otherwise.
+        unjudged = {
+            "state": "inconclusive",
+            "since": None,
+            "value": None,
+            "samples": 0,
+            "min_samples": rule.min_samples,
+            "why": "not judged yet",
+        }
         rows[rule.name] = {
             "rule": rule.name,
             "signal": rule.signal,
@@ -103,6 +112,7 @@ def rules_doc(guard: Guard, now: float) -> list[dict[str, Any]]:
             "severity": rule.severity,
             "for_s": rule.for_s,
             "dry_run": rule.dry_run,
+            **{color: dict(unjudged) for color in COLORS},
         }
     for color, verdict in guard.machine.verdicts.items():
         for st in verdict.states:
@@ -117,18 +127,6 @@ def rules_doc(guard: Guard, now: float) -> list[dict[str, Any]]:
                 "min_samples": st.min_samples,
                 "why": st.why,
             }
-    for rule in guard.machine.policy.table.rules:
-        row = rows[rule.name]
-        for color in COLORS:
-            if color not in row:
-                row[color] = {
-                    "state": "inconclusive",
-                    "since": None,
-                    "value": None,
-                    "samples": 0,
-                    "min_samples": rule.min_samples,
-                    "why": "not judged yet",
-                }
     return list(rows.values())
 
 

@@ -293,9 +293,7 @@ class RuleTable:
                 outranked = f"outranked by {fired[0].severity} {fired[0].name}"
                 for j in level:
                     self._since.pop((j.rule.name, color), None)
-                    states[j.rule.name] = (
-                        self._outranked(j, outranked) if j.holds else self._state(j, None)
-                    )
+                    states[j.rule.name] = self._state(j, None, outranked=outranked)
                 continue
             for j in level:
                 if not j.holds:
@@ -439,29 +437,19 @@ class RuleTable:
         )  # fmt: skip
 
     @staticmethod
-    def _outranked(j: _Judged, why: str) -> RuleState:
-        # Not judged this tick (contract: a higher severity fired first): its condition
-        # holds, but it neither fires nor has an onset, so no `since` it does not have.
+    def _state(
+        j: _Judged, since: float | None, *, firing: bool = False, outranked: str | None = None
+    ) -> RuleState:
+        # `outranked`: why a rule was not judged this tick (a higher severity fired first).
+        # Its condition may hold, but it neither fires nor has an onset: `pending`, `why`.
         r = j.rule
-        return RuleState(
-            r.name,
-            r.severity,
-            "pending",
-            _round(j.value),
-            j.reading.samples if j.reading is not None else 0,
-            r.min_samples,
-            None,
-            why,
-            r.dry_run,
-        )
-
-    @staticmethod
-    def _state(j: _Judged, since: float | None, *, firing: bool = False) -> RuleState:
-        r = j.rule
-        if j.why is not None:
+        why = j.why
+        if why is not None:
             name: RuleStateName = "inconclusive"
         elif not j.holds:
             name = "ok"
+        elif outranked is not None:
+            name, why = "pending", outranked
         elif firing or not r.for_s:
             name = "firing"
         else:
@@ -474,7 +462,7 @@ class RuleTable:
             j.reading.samples if j.reading is not None else 0,
             r.min_samples,
             since,
-            j.why,
+            why,
             r.dry_run,
         )
 
