@@ -1138,6 +1138,26 @@ class GuardConfig(BaseModel):
             raise _validation_error("upstreams", [], found)
         return validated
 
+    @field_validator("switch", mode="after")
+    @classmethod
+    def _targets_proxy_to_their_own_color(
+        cls, switch: SwitchConfig, info: ValidationInfo
+    ) -> SwitchConfig:
+        # On this host only: an upstream file that proxies to the other color's servers
+        # (two files swapped, or one copied over the other) passes every check of its own,
+        # and then every switch to that color serves the other one.
+        upstreams: dict[Color, UpstreamConfig] | None = info.data.get("upstreams")
+        if not _HOST_CHECKS.get() or switch.kind != "nginx" or not switch.targets or not upstreams:
+            return switch
+        from guardd.upstream_addresses import crossed_targets  # noqa: PLC0415 - host checks only
+
+        crossed = crossed_targets(switch.targets, {c: u.all_urls for c, u in upstreams.items()})
+        if crossed:
+            raise _validation_error(
+                "switch", [], [(f"targets.{c}", why) for c, why in sorted(crossed.items())]
+            )
+        return switch
+
     @field_validator("signals", mode="after")
     @classmethod
     def _signal_names(cls, signals: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from guardd.core.types import COLORS, Color
+from guardd.core.types import COLORS, Color, other
 
 _SERVER = re.compile(r"(?:^|[;{}\s])server\s+([^\s;]+)")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -98,6 +98,44 @@ def color_addresses(
             f"{', '.join(sorted(shared))} belong to both colors: their requests are unattributed"
         )
     return {c: frozenset(resolved[c] - shared) for c in COLORS}, problems
+
+
+def crossed_targets(
+    targets: Mapping[Color, Path], probe_urls: Mapping[Color, Iterable[str]]
+) -> dict[Color, str]:
+    """Each color whose nginx target file proxies to the other color, and why it is judged so.
+
+    A file is crossed when its `server` lines reach an address the other color's probes
+    go to, and none that its own color's probes go to: a switch to that color would move
+    traffic to the other one, and guardd would report the wrong color as serving. Only
+    such positive evidence counts. A file that cannot be read (its own problem) or has
+    no `server` line, an address both colors' probes share, and servers that none of
+    the probes reach (a health port beside the traffic port, a name that does not
+    resolve) prove nothing and are not judged.
+
+    Returns {color: reason}, empty when no file is crossed.
+    """
+    probed = {c: _resolved(url_address(u) for u in probe_urls.get(c, ())) for c in COLORS}
+    shared = probed["blue"] & probed["green"]
+    crossed: dict[Color, str] = {}
+    for color in COLORS:
+        path = targets.get(color)
+        try:
+            servers = _resolved(server_lines(path.read_text(errors="replace"))) if path else set()
+        except OSError:
+            continue
+        theirs = servers & (probed[other(color)] - shared)
+        if theirs and not servers & (probed[color] - shared):
+            crossed[color] = (
+                f"{path} proxies to {', '.join(sorted(theirs))}, where upstreams."
+                f"{other(color)} is probed, and to no address of upstreams.{color}: "
+                f"a switch to {color} would serve {other(color)}"
+            )
+    return crossed
+
+
+def _resolved(addresses: Iterable[str | None]) -> set[str]:
+    return {ip for a in addresses if a for ip in resolve(a)}
 
 
 def _split(address: str) -> tuple[str, int]:

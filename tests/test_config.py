@@ -72,8 +72,14 @@ def host_layout(root: Path) -> Path:
     (root / "bin" / "README").write_text("not a program\n")
     ups = root / "upstreams"
     ups.mkdir()
-    for name in ("threader_blue.conf", "threader_green.conf", "other.conf", "plain.conf"):
-        (ups / name).write_text("upstream threader_app { server 127.0.0.1:9009; }\n")
+    # Each color's file proxies to where its probes go (UPSTREAMS): 9009 blue, 9010 green.
+    for name, port in (
+        ("threader_blue.conf", 9009),
+        ("threader_green.conf", 9010),
+        ("other.conf", 9009),
+        ("plain.conf", 9009),
+    ):
+        (ups / name).write_text(f"upstream threader_app {{ server 127.0.0.1:{port}; }}\n")
     (ups / "threader_active.conf").symlink_to(ups / "threader_green.conf")
     (ups / "stray_active.conf").symlink_to(ups / "other.conf")
     (root / "deploy").mkdir()

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from guardd.upstream_addresses import color_addresses, resolve, server_lines, url_address
+from guardd.core.types import Color
+from guardd.upstream_addresses import (
+    color_addresses,
+    crossed_targets,
+    resolve,
+    server_lines,
+    url_address,
+)
 
 
 def test_server_lines_of_an_upstream_file() -> None:
@@ -54,3 +61,72 @@ def test_given_addresses_win_and_probe_urls_are_the_last_resort(tmp_path: Path) 
     )
     assert got == {"blue": frozenset({"127.0.0.1:9009"}), "green": frozenset({"127.0.0.1:9010"})}
     assert problems and "missing.conf" in problems[0]
+
+
+PROBES: dict[Color, list[str]] = {
+    "blue": ["http://127.0.0.1:9009/healthz"],
+    "green": ["http://localhost:9010/healthz"],
+}
+
+
+def _files(tmp_path: Path, blue: str, green: str) -> dict[Color, Path]:
+    paths: dict[Color, Path] = {"blue": tmp_path / "b.conf", "green": tmp_path / "g.conf"}
+    paths["blue"].write_text(blue)
+    paths["green"].write_text(green)
+    return paths
+
+
+def test_files_that_proxy_to_their_own_color_are_not_crossed(tmp_path: Path) -> None:
+    files = _files(
+        tmp_path,
+        "upstream a { server 127.0.0.1:9009; server 127.0.0.1:7000 backup; }",
+        "upstream a { server localhost:9010; }",  # a name, resolved as nginx would
+    )
+    assert crossed_targets(files, PROBES) == {}
+
+
+def test_swapped_files_are_each_crossed(tmp_path: Path) -> None:
+    files = _files(
+        tmp_path, "upstream a { server 127.0.0.1:9010; }", "upstream a { server 127.0.0.1:9009; }"
+    )
+    got = crossed_targets(files, PROBES)
+    assert set(got) == {"blue", "green"}
+    assert got["blue"] == (
+        f"{files['blue']} proxies to 127.0.0.1:9010, where upstreams.green is probed, and to "
+        "no address of upstreams.blue: a switch to blue would serve green"
+    )
+    assert "a switch to green would serve blue" in got["green"]
+
+
+def test_a_copy_of_the_other_colors_file_is_crossed(tmp_path: Path) -> None:
+    blue = "upstream a { server 127.0.0.1:9009; }"
+    got = crossed_targets(_files(tmp_path, blue, blue), PROBES)
+    assert list(got) == ["green"]
+    assert "proxies to 127.0.0.1:9009, where upstreams.blue is probed" in got["green"]
+
+
+def test_a_file_reaching_both_colors_names_its_own_and_is_not_crossed(tmp_path: Path) -> None:
+    both = "upstream a { server 127.0.0.1:9009; server 127.0.0.1:9010; }"
+    assert crossed_targets(_files(tmp_path, both, both), PROBES) == {}
+
+
+def test_what_proves_nothing_is_not_judged(tmp_path: Path) -> None:
+    # Probes on a health port beside the traffic port: no server is a probed address.
+    health: dict[Color, list[str]] = {
+        "blue": ["http://127.0.0.1:8009/h"],
+        "green": ["http://127.0.0.1:8010/h"],
+    }
+    swapped = _files(
+        tmp_path, "upstream a { server 127.0.0.1:9010; }", "upstream a { server 127.0.0.1:9009; }"
+    )
+    assert crossed_targets(swapped, health) == {}
+    # Both colors probed at one address (paths apart): that address tells no color.
+    one: dict[Color, list[str]] = {
+        "blue": ["http://127.0.0.1:9009/blue"],
+        "green": ["http://127.0.0.1:9009/green"],
+    }
+    assert crossed_targets(swapped, one) == {}
+    # No server line, a name that does not resolve, a file that cannot be read.
+    odd = _files(tmp_path, "# nothing here\n", "upstream a { server no-such-host.invalid:9009; }")
+    assert crossed_targets(odd, PROBES) == {}
+    assert crossed_targets({"blue": tmp_path / "missing.conf"}, PROBES) == {}

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -225,23 +226,36 @@ def test_a_header_value_with_a_newline_is_refused_and_never_shown(make_lab: Make
         assert "SEKRET" not in text and "qzxw" not in text, f"the token leaked into {where}"
 
 
-def test_a_reload_is_checked_on_this_host_as_check_config_checks_it(make_lab: MakeLab) -> None:
-    # A typo in a target's path is a valid file that only this host can tell is wrong:
-    # applied, it would first fail at the next rollback's `nginx -t`.
+@pytest.mark.parametrize("mistake", ["misspelt", "swapped"])
+def test_a_reload_is_checked_on_this_host_as_check_config_checks_it(
+    make_lab: MakeLab, mistake: str
+) -> None:
+    # Valid files that only this host can tell are wrong. A typo in a target's path,
+    # applied, would first fail at the next rollback's `nginx -t`; two targets swapped
+    # would pass it, and every switch would then serve the color it moved away from.
     lab: Lab = make_lab()
     d = lab.daemon()
     seen = len(d.events())
-    blue = str(lab.nginx.targets["blue"])
-    typo = blue.replace("blue.conf", "bleu.conf")
-    assert typo != blue
-    lab.config_path.write_text(lab.config_text().replace(blue, typo))
+    blue, green = (str(lab.nginx.targets[c]) for c in ("blue", "green"))
+    if mistake == "misspelt":
+        wrong = blue.replace("blue.conf", "bleu.conf")
+        assert wrong != blue
+        text = lab.config_text().replace(blue, wrong)
+        why = f"switch.targets.blue: {wrong}: no such file"
+    else:
+        text = lab.config_text().replace(blue, "@B@").replace(green, blue).replace("@B@", green)
+        port = urlsplit(lab.green.url).port
+        why = (
+            f"switch.targets.blue: {green} proxies to 127.0.0.1:{port}, where upstreams.green "
+            "is probed, and to no address of upstreams.blue: a switch to blue would serve green"
+        )
+    lab.config_path.write_text(text)
     d.signal(signal.SIGHUP)
     refused = d.wait_event(
         "alert", after=seen, where=lambda e: "reload rejected" in (e.get("reason") or "")
     )
     assert refused["reason"].startswith(
-        f"reload rejected, still running the previous config: {lab.config_path}: "
-        f"switch.targets.blue: {typo}: no such file"
+        f"reload rejected, still running the previous config: {lab.config_path}: {why}"
     ), refused
     # The previous targets still switch: a failing green is rolled back to blue.
     lab.green.set_mode("http_503")
