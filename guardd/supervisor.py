@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from guardd import config as config_mod
@@ -1091,8 +1092,15 @@ class Supervisor:
             # With the host's checks, as `check-config` makes them: a config that names an
             # nginx target that is not there would only fail at the next rollback. (A start
             # skips them: with no previous config to keep, guarding on probes beats none.)
-            loaded = config_mod.load(
-                self.settings.source, instance=self.instance_arg, host_checks=True
+            # In a worker thread: they read files and resolve names as nginx would, which
+            # must not stall the probes and decisions meanwhile.
+            loaded = await anyio.to_thread.run_sync(
+                functools.partial(
+                    config_mod.load,
+                    self.settings.source,
+                    instance=self.instance_arg,
+                    host_checks=True,
+                )
             )
             changed = changed_keys(old.config, loaded.config)
             if self.instance_arg is not None and "instance" in changed:

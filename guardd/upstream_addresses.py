@@ -22,16 +22,30 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from guardd import fsutil
 from guardd.core.types import COLORS, Color, other
 
 _SERVER = re.compile(r"(?:^|[;{}\s])server\s+([^\s;]+)")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# An upstream file is a few lines; one of many megabytes is no upstream file, and its
+# servers are read from its beginning only.
+MAX_UPSTREAM_FILE_BYTES = 1024 * 1024
 
 
 def server_lines(text: str) -> list[str]:
     """The addresses of the `server` lines of an nginx upstream file, comments removed."""
     bare = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
     return _SERVER.findall(bare)
+
+
+def read_upstream_file(path: Path) -> str:
+    """The text of an nginx upstream file, its first `MAX_UPSTREAM_FILE_BYTES` at most.
+
+    Only a regular file is read: a FIFO planted there would block the read for ever, and
+    a device would give bytes without end. Raises `OSError` (`strerror` says why).
+    """
+    with fsutil.open_regular(path) as f:
+        return f.read(MAX_UPSTREAM_FILE_BYTES).decode(errors="replace")
 
 
 def url_address(url: str) -> str | None:
@@ -83,7 +97,7 @@ def color_addresses(
         path = targets.get(color) if targets else None
         if path is not None:
             try:
-                found = server_lines(path.read_text(errors="replace"))
+                found = server_lines(read_upstream_file(path))
             except OSError as e:
                 problems.append(f"cannot read {path}: {e.strerror}")
                 found = []
@@ -121,7 +135,7 @@ def crossed_targets(
     for color in COLORS:
         path = targets.get(color)
         try:
-            servers = _resolved(server_lines(path.read_text(errors="replace"))) if path else set()
+            servers = _resolved(server_lines(read_upstream_file(path))) if path else set()
         except OSError:
             continue
         theirs = servers & (probed[other(color)] - shared)

@@ -80,6 +80,7 @@ def host_layout(root: Path) -> Path:
         ("plain.conf", 9009),
     ):
         (ups / name).write_text(f"upstream threader_app {{ server 127.0.0.1:{port}; }}\n")
+    os.mkfifo(ups / "fifo.conf")  # a read of it would wait for a writer for ever
     (ups / "threader_active.conf").symlink_to(ups / "threader_green.conf")
     (ups / "stray_active.conf").symlink_to(ups / "other.conf")
     (root / "deploy").mkdir()

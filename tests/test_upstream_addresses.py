@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Any
 
 from guardd.core.types import Color
 from guardd.upstream_addresses import (
@@ -130,3 +134,33 @@ def test_what_proves_nothing_is_not_judged(tmp_path: Path) -> None:
     odd = _files(tmp_path, "# nothing here\n", "upstream a { server no-such-host.invalid:9009; }")
     assert crossed_targets(odd, PROBES) == {}
     assert crossed_targets({"blue": tmp_path / "missing.conf"}, PROBES) == {}
+
+
+def test_a_fifo_for_an_upstream_file_is_refused_never_waited_on(tmp_path: Path) -> None:
+    # A read of a FIFO waits for a writer for ever: at a reload, the whole guard with it.
+    fifo = tmp_path / "fifo.conf"
+    os.mkfifo(fifo)
+    good = tmp_path / "g.conf"
+    good.write_text("upstream a { server 127.0.0.1:9010; }")
+    targets: dict[Color, Path] = {"blue": fifo, "green": good}
+    pool = ThreadPoolExecutor(2)
+    crossed = pool.submit(crossed_targets, targets, PROBES)
+    found = pool.submit(color_addresses, given=None, targets=targets, probe_urls=PROBES)
+    both: list[Future[Any]] = [crossed, found]
+    try:
+        finished, _ = wait(both, timeout=30)
+    finally:
+        # Should a read wait on it after all, writers end it: the test fails, never hangs.
+        while wait(both, timeout=0.05).not_done:
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pool.shutdown()
+    assert finished == {crossed, found}, "a read waited on the FIFO"
+    assert crossed.result() == {}
+    addresses, problems = found.result()
+    assert problems == [f"cannot read {fifo}: not a regular file (a FIFO)"]
+    # Blue's addresses come from its probe URL instead.
+    assert addresses == {
+        "blue": frozenset({"127.0.0.1:9009"}),
+        "green": frozenset({"127.0.0.1:9010"}),
+    }

@@ -11,6 +11,8 @@ from __future__ import annotations
 import gzip
 import json
 import signal
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -262,4 +264,40 @@ def test_a_reload_is_checked_on_this_host_as_check_config_checks_it(
     d.wait_event("rollback_completed", after=seen)
     assert lab.nginx.wait_serving_only("blue")
     assert [e for e in d.events()[seen:] if e["event"] == "config_reloaded"] == []
+    assert d.stop() == 0
+
+
+# A loopback address for a name server that takes every query and answers none.
+SILENT_RESOLVER = "127.0.0.77"
+
+
+def test_a_reload_waiting_on_the_resolver_stalls_no_probe_or_answer(make_lab: MakeLab) -> None:
+    # The host checks of a reload resolve the names in the upstream files, as nginx would.
+    # A resolver that does not answer must cost the reload its time, and nothing else: the
+    # probes go on and guardd answers meanwhile.
+    lab: Lab = make_lab()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind((SILENT_RESOLVER, 53))
+        resolv = lab.tmp / "resolv.conf"
+        resolv.write_text(f"nameserver {SILENT_RESOLVER}\noptions timeout:8 attempts:1\n")
+        # This guardd alone sees that resolv.conf: its own mount namespace.
+        mount = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+        d = lab.daemon(prefix=["unshare", "--mount", "--", "sh", "-c", mount, str(resolv)])
+        blue = lab.nginx.targets["blue"]
+        # A name under .test (RFC 2606): in no hosts file, so it goes to the resolver.
+        blue.write_text(blue.read_text() + "upstream spare { server slow-lookup.guardd.test; }\n")
+        assert lab.notify is not None
+        seen, events = len(lab.notify.messages), len(d.events())
+        d.signal(signal.SIGHUP)
+        at_reload, reloading_at, _ = lab.notify.wait_for("RELOADING=1", after=seen)
+        answers = 0
+        while time.monotonic() - reloading_at < 3.0:
+            doc = status(lab, timeout=2.0)  # a stalled event loop would not answer in time
+            answers += 1
+            for color in ("blue", "green"):
+                assert doc["upstreams"][color]["last_probe_age_s"] < 1.0, doc["upstreams"]
+        ready = [m for _, m in lab.notify.messages[at_reload:] if m.startswith("READY=1")]
+        assert ready == [], "the reload was over before the probes were looked at"
+        assert answers >= 3
+        d.wait_event("config_reloaded", timeout=30, after=events)
     assert d.stop() == 0

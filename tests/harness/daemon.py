@@ -323,12 +323,18 @@ class Lab:
         self.config_path.write_text(self.config_text())
 
     def daemon(
-        self, *, notify: bool = True, env: dict[str, str] | None = None, as_nobody: bool = False
+        self,
+        *,
+        notify: bool = True,
+        env: dict[str, str] | None = None,
+        as_nobody: bool = False,
+        prefix: list[str] | None = None,
     ) -> Daemon:
         """Start guardd on this lab and wait for READY.
 
         `as_nobody` runs it as uid `nobody` (the lab's folders must then be reachable and
         its state, run and upstream folders writable by that uid; see `open_to_nobody`).
+        `prefix` goes before the command (after `as_nobody`'s), as an argv.
         """
         if notify and self.notify is None:
             self.notify = NotifySocket(self.tmp / "notify.sock")
@@ -338,7 +344,7 @@ class Lab:
             self.state_dir,
             notify=self.notify if notify else None,
             env={"GUARDD_FAULT_DIR": str(self.fault_dir), **(env or {})},
-            prefix=nobody_prefix(as_nobody),
+            prefix=[*nobody_prefix(as_nobody), *(prefix or [])],
         ).start()
         self.daemons.append(d)
         if notify:
