@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import grp
 import json
 import os
 import re
@@ -296,6 +297,17 @@ def _readable_file(path: Path) -> str | None:
         return f"{path}: not a regular file"
     if not _can(path, os.R_OK):
         return f"{path}: not readable"
+    return None
+
+
+def group_problem(name: str | None) -> str | None:
+    """Why `name` (a group name or a numeric gid) names no group on this host, or None."""
+    if name is None or name.isdigit():
+        return None
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return f"no group {name!r} on this host"
     return None
 
 
@@ -933,6 +945,8 @@ class MetricsConfig(_Section):
     def _listen(cls, v: str) -> str:
         if v and not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$", v):
             raise ValueError('must be host:port, e.g. "127.0.0.1:9105" or "[::1]:9105"')
+        if v and int(v.rpartition(":")[2]) > 65535:  # 0: any free port (tests use it)
+            raise ValueError("the port must be a number from 0 to 65535")
         return v
 
 
@@ -954,6 +968,13 @@ class ControlConfig(_Section):
         if not re.match(r"^0?[0-7]{3}$", v):
             raise ValueError('must be an octal file mode such as "0660"')
         return v
+
+    def _host_checks(self, invalid: frozenset[str]) -> Found:
+        return [
+            (key, why)
+            for key in ("group", "admin_group")
+            if key not in invalid and (why := group_problem(getattr(self, key)))
+        ]
 
 
 class StateConfig(_Section):

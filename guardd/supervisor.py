@@ -31,7 +31,7 @@ from guardd import config as config_mod
 from guardd._version import __version__
 from guardd.clock import Clock, SystemClock
 from guardd.commands import RetryPolicy
-from guardd.config import GuardConfig, Settings
+from guardd.config import GuardConfig, Settings, group_problem
 from guardd.core.machine import GuardMachine
 from guardd.core.types import COLORS, Color, Outcome
 from guardd.exceptions import ConfigError, ConfigProblem, GuarddError
@@ -110,6 +110,14 @@ def startup_problems(settings: Settings) -> list[ConfigProblem]:
             # probe and decide beside it until the bind, after the first tick, failed.
             why = f"cannot bind {sock}: another process listens on it (a guardd already running?)"
             problems.append(ConfigProblem(str(settings.source), "control.socket", why))
+    # The socket's groups are looked up as it is bound, after the first probe round: a
+    # group this host lacks is said here, in one line, as check-config says it.
+    control = settings.config.control
+    problems += [
+        ConfigProblem(str(settings.source), f"control.{key}", lacking)
+        for key in ("group", "admin_group")
+        if (lacking := group_problem(getattr(control, key)))
+    ]
     return problems
 
 
@@ -214,6 +222,10 @@ RESTART_ONLY = (
     "control.group",
     "control.admin_group",
     "state.keep_observations",
+    # A lock held at the old path would be dropped without a trace, and a deploy gate
+    # reading the new one would find none: the lock moves with a restart (which puts a
+    # lock guardd holds back at the new path).
+    "qos.lock_file",
 )
 
 
@@ -695,7 +707,7 @@ class Supervisor:
         try:
             server = MetricsServer(listen, self.metrics.registry)
             server.start()
-        except OSError as e:
+        except (OSError, ValueError) as e:
             # Metrics are not the decision path: guard on, and say so loudly.
             self.log.error("metrics_listen_failed", listen=listen, error=str(e))
             return
@@ -805,7 +817,7 @@ class Supervisor:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             await tg.start(server.serve)
-        except (OSError, GuarddError) as e:
+        except (OSError, GuarddError, LookupError) as e:  # LookupError: a group gone since
             # Without the socket no operator can act: stop, in one line, not a traceback.
             problem = cannot(self.settings, "control.socket", f"bind {path}", _why(e))
             self.log.error("startup_failed", error=str(problem))
@@ -1118,6 +1130,9 @@ class Supervisor:
                         "instance": old.config.instance,
                         "state": old.config.state,
                         "control": old.config.control,
+                        "qos": loaded.config.qos.model_copy(
+                            update={"lock_file": old.config.qos.lock_file}
+                        ),
                     }
                 ),
                 source=loaded.source,

@@ -23,6 +23,7 @@ import httpx
 import pytest
 from anyio.from_thread import start_blocking_portal
 
+from guardd.control import client
 from tests.faults.util import guardctl_json, status
 from tests.harness.daemon import Daemon, Lab, MakeLab, wait_until
 from tests.harness.nginx import free_port
@@ -155,6 +156,7 @@ def test_config_reloaded_names_the_keys_that_wait_for_a_restart(make_lab: MakeLa
 
     elsewhere: Path = lab.tmp / "state-elsewhere"
     port = free_port()
+    client.call(lab.socket_path, "qos_lock", {"for_s": 600, "reason": "freeze"}, timeout=10)
     event = reload_with(
         d,
         lab,
@@ -162,13 +164,19 @@ def test_config_reloaded_names_the_keys_that_wait_for_a_restart(make_lab: MakeLa
         control__mode="0600",
         metrics__listen=f"127.0.0.1:{port}",
         probe__timeout="900ms",
+        qos__lock_file=str(lab.tmp / "elsewhere.lock"),
     )
-    assert event["changed"] == ["control.mode", "metrics.listen", "probe.timeout", "state.dir"]
-    assert event["restart_required"] == ["control.mode", "state.dir"]
+    assert event["changed"] == [
+        "control.mode", "metrics.listen", "probe.timeout", "qos.lock_file", "state.dir",
+    ]  # fmt: skip
+    assert event["restart_required"] == ["control.mode", "qos.lock_file", "state.dir"]
     assert event["reason"] == (
-        "configuration reloaded; the changes to control.mode, state.dir take effect at the "
-        "next restart"
+        "configuration reloaded; the changes to control.mode, qos.lock_file, state.dir take "
+        "effect at the next restart"
     )
+    # The lock held stays held, where it was.
+    assert status(lab)["qos"]["locked"] is True
+    assert lab.lock_file.exists() and not (lab.tmp / "elsewhere.lock").exists()
     # Applied: the metrics endpoint moved. Not applied: the journal is where it was.
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert 'guardd_build_info{guard="lab"' in text

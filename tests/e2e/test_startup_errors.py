@@ -181,3 +181,22 @@ def test_a_file_where_the_socket_belongs_is_one_line(shared_tmp: Path) -> None:
         "is in the way; " + HINT.format(key="control.socket")
     ]
     assert squatter.read_text() == "someone's file\n"
+
+
+def test_socket_groups_this_host_lacks_are_one_line_each(tmp_path: Path) -> None:
+    # Looked up only as the socket is bound, after the first probe round: an
+    # ExceptionGroup from the task group, once.
+    config = write_config(
+        tmp_path,
+        state={"dir": str(tmp_path / "state")},
+        control={
+            "socket": str(tmp_path / "run" / "x.sock"),
+            "group": "guardd-no-such-group",
+            "admin_group": "guardd-no-such-admins",
+        },
+    )
+    lines = assert_clean_failure(guardd_run(config, as_nobody=False))
+    assert lines == [
+        f"{config}: control.group: no group 'guardd-no-such-group' on this host",
+        f"{config}: control.admin_group: no group 'guardd-no-such-admins' on this host",
+    ]
