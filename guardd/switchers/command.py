@@ -88,12 +88,13 @@ class CommandSwitcher:
             await self._switch(previous)
 
     async def reapply(self) -> None:
-        """Run the command again for the color of the last successful switch."""
+        """Run the command again for the color of the last successful switch, once (a
+        repair from the decision path is not retried: `NginxSwitcher.reapply`)."""
         async with self._lock:
             current = self._load().get("activeColor")
             if not is_color(current):
                 raise SwitchError("no switch has been recorded yet; nothing to re-apply")
-            await self._switch(current)
+            await self._switch(current, retry=False)
 
     async def recover(self) -> None:
         """Re-run a switch a crash interrupted; clear a crashed write's temp file."""
@@ -104,14 +105,14 @@ class CommandSwitcher:
                 log.info("command_switch_resumed", to=pending)
                 await self._switch(pending)
 
-    async def _switch(self, to: Color) -> None:
-        """Do `switch` with the lock held."""
+    async def _switch(self, to: Color, *, retry: bool = True) -> None:
+        """Do `switch` with the lock held (the command retried unless `retry` is false)."""
         previous = self._load().get("activeColor")
         before: Color | None = previous if is_color(previous) else None
         self._save(before, pending=to)
         try:
             with anyio.fail_after(self.timeout):
-                await self._run(to)
+                await self._run(to, retry=retry)
                 await self._step(STEP_RAN)
         except BaseException as exc:
             error = await undo_failed_switch(
@@ -139,12 +140,12 @@ class CommandSwitcher:
             log.error("command_undo_incomplete", problem=problem)
         return problem
 
-    async def _run(self, color: Color) -> None:
-        """Run the command for *color* under the retry policy."""
+    async def _run(self, color: Color, *, retry: bool = True) -> None:
+        """Run the command for *color* under the retry policy (once if not `retry`)."""
         await run_command(
             self.argv_for(color),
             timeout=self.timeout,
-            retry=self.retry,
+            retry=self.retry if retry else None,
             what=f"switch command for {color}",
         )
 

@@ -132,7 +132,12 @@ class NginxSwitcher:
             self._replaced = None
 
     async def reapply(self) -> None:
-        """Test the active link and reload nginx onto it; the link is not touched."""
+        """Test the active link and reload nginx onto it, once; the link is not touched.
+
+        Not retried: a repair guardd tries of its own accord, from the decision path, and
+        a rollback that the active color's failure calls for waits behind it. One that
+        fails is journaled, and guardd holds if the mismatch stays.
+        """
         async with self._lock:
             step = "reload"  # a rejection says "test" by itself
             try:
@@ -140,10 +145,10 @@ class NginxSwitcher:
                     await self._recover()  # tests, and reloads what it settles on
                 step = "test"
                 with anyio.fail_after(self.timeout):
-                    result = await self._test()
+                    result = await self._test(retry=False)
                     _raise_if_rejected(result, f"nginx rejects the active link {self.active_link}")
                     step = "reload"
-                    await self._reload()
+                    await self._reload(retry=False)
             except BaseException as exc:
                 error = switch_error_for(exc, "re-applying the active link", self.timeout, step)
                 if error is exc:
@@ -272,20 +277,25 @@ class NginxSwitcher:
         log.info("nginx_switch_undone", active=self._color_on_disk())
         return None
 
-    async def _test(self) -> CommandResult:
-        """Run the test command; its "no" is deterministic, so only timeouts are retried."""
+    async def _test(self, *, retry: bool = True) -> CommandResult:
+        """Run the test command; its "no" is deterministic, so only timeouts are retried
+        (under the retry policy, unless `retry` is false)."""
         return await run_command(
             self.test_command,
             timeout=self.timeout,
-            retry=self.retry,
+            retry=self.retry if retry else None,
             what="nginx config test",
             check=False,
         )
 
-    async def _reload(self) -> None:
-        """Run the reload command, retrying failures under the retry policy."""
+    async def _reload(self, *, retry: bool = True) -> None:
+        """Run the reload command, retrying failures under the retry policy (unless `retry`
+        is false)."""
         await run_command(
-            self.reload_command, timeout=self.timeout, retry=self.retry, what="nginx reload"
+            self.reload_command,
+            timeout=self.timeout,
+            retry=self.retry if retry else None,
+            what="nginx reload",
         )
 
     async def _step(self, name: str) -> None:

@@ -109,11 +109,12 @@ class StateFileSwitcher:
             self._replaced = None
 
     async def reapply(self) -> None:
-        """Run the reload command, so the app reads the file again; no-op without one."""
+        """Run the reload command once, so the app reads the file again; no-op without one
+        (a repair from the decision path is not retried: `NginxSwitcher.reapply`)."""
         async with self._lock:
             try:
                 with anyio.fail_after(self.timeout):
-                    await self._reload()
+                    await self._reload(retry=False)
             except BaseException as exc:
                 error = switch_error_for(exc, "reloading the app", self.timeout, "reload")
                 if error is exc:
@@ -201,11 +202,15 @@ class StateFileSwitcher:
         self._clear_marker()
         return None
 
-    async def _reload(self) -> None:
-        """Run the reload command, retrying failures under the retry policy."""
+    async def _reload(self, *, retry: bool = True) -> None:
+        """Run the reload command, retrying failures under the retry policy (unless `retry`
+        is false)."""
         if self.reload_command:
             await run_command(
-                self.reload_command, timeout=self.timeout, retry=self.retry, what="app reload"
+                self.reload_command,
+                timeout=self.timeout,
+                retry=self.retry if retry else None,
+                what="app reload",
             )
 
     async def _step(self, name: str) -> None:

@@ -318,3 +318,19 @@ async def test_reapply_before_any_switch_is_refused(tmp_path: Path) -> None:
     switcher = make_switcher(tmp_path, [sys.executable, "-c", "pass"])
     with pytest.raises(SwitchError, match="nothing to re-apply"):
         await switcher.reapply()
+
+
+async def test_a_reapply_runs_the_command_once_where_a_switch_retries(tmp_path: Path) -> None:
+    """A re-apply from the decision path is not retried (`NginxSwitcher.reapply`)."""
+    log = tmp_path / "calls"
+    broken = tmp_path / "broken"
+    cmd = script(tmp_path / "deploy", f'echo "$1" >> {log}\n! [ -e {broken} ]\n')
+    switcher = make_switcher(tmp_path, [str(cmd), "{color}"], retry=FAST_RETRY)
+    await switcher.switch("green")
+    broken.touch()
+    with pytest.raises(CommandFailed):
+        await switcher.reapply()
+    assert lines(log) == ["green", "green"]
+    with pytest.raises(CommandFailed):
+        await switcher.switch("blue")
+    assert lines(log)[2:] == ["blue"] * FAST_RETRY.attempts + ["green"] * FAST_RETRY.attempts

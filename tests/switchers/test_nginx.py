@@ -349,3 +349,17 @@ async def test_failed_steps_are_named(tmp_path: Path, nginx: Nginx) -> None:
     with pytest.raises(CommandFailed) as reapply_failed:
         await make_switcher(nginx, reload_command=failing).reapply()
     assert reapply_failed.value.step == "reload"
+
+
+async def test_a_reapply_reloads_once_where_a_switch_retries(tmp_path: Path, nginx: Nginx) -> None:
+    """A re-apply is a repair guardd tries from the decision path, where a rollback the
+    active color's failure calls for waits behind it: a failed reload is not retried."""
+    calls = tmp_path / "reloads"
+    failing = [sys.executable, "-c", f"open({str(calls)!r}, 'a').write('.'); raise SystemExit(1)"]
+    with pytest.raises(CommandFailed):
+        await make_switcher(nginx, reload_command=failing).reapply()
+    assert calls.read_text() == "."
+    calls.unlink()
+    with pytest.raises(CommandFailed):
+        await make_switcher(nginx, reload_command=failing).switch("green")
+    assert len(calls.read_text()) >= FAST_RETRY.attempts  # (then the undo's own reloads)

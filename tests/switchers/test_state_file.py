@@ -259,3 +259,15 @@ async def test_a_failed_reload_is_named_as_the_step(tmp_path: Path) -> None:
         await switcher.switch("green")
     assert failed.value.step == "reload"
     assert json.loads(path.read_text()) == DOCUMENT
+
+
+async def test_a_reapply_reloads_once_where_a_switch_retries(tmp_path: Path) -> None:
+    """A re-apply from the decision path is not retried (`NginxSwitcher.reapply`)."""
+    path = make_state(tmp_path, {**DOCUMENT, "activeColor": "green"})
+    log = tmp_path / "reloads"
+    retry = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.01)
+    reload = reload_script(tmp_path, path, log, fail_on="green")
+    switcher = StateFileSwitcher(path=path, reload_command=reload, timeout=10, retry=retry)
+    with pytest.raises(CommandFailed):
+        await switcher.reapply()
+    assert lines(log) == ["green"]
