@@ -736,6 +736,8 @@ def _cmd_qos_status(args: argparse.Namespace, target: _Target) -> int:
                 lock, where = fleet, "the fleet's lock in etcd"
             else:
                 lock = {**lock, "source": "local"}
+        elif not lock.get("locked"):
+            lock, where = _unless_guardd_holds(target, lock, where)
     expired = bool(lock.get("locked")) and _expired(lock.get("until"))
     note = _expiry_note(target) if expired else None
     if args.json:
@@ -743,6 +745,33 @@ def _cmd_qos_status(args: argparse.Namespace, target: _Target) -> int:
     else:
         sys.stdout.write(render_qos(lock, where, color=use_color(sys.stdout), note=note))
     return LOCK_HELD if lock.get("locked") else NO_LOCK
+
+
+def _unless_guardd_holds(
+    target: _Target, lock: dict[str, Any], where: str
+) -> tuple[dict[str, Any], str]:
+    """`lock`, read as no lock from `where`, unless the guardd running there holds one.
+
+    That guardd may have been given another lock file than this config names (a
+    `GUARDD_QOS__LOCK_FILE` in its unit's environment): its word then decides. Asked only
+    before saying "allowed"; a guardd that does not answer leaves the file's word, as
+    when it is down.
+    """
+    if not paths.is_socket(target.socket):
+        return lock, where  # no guardd there to ask (and no client to load: _LAZY_CLIENT)
+    try:
+        held = call(target.socket, "qos_status", {}, timeout=PEEK_TIMEOUT_S)
+    except ControlError:
+        return lock, where
+    if held.get("locked") is False:
+        return lock, where
+    _warn(
+        f"guardd at {target.socket} holds a QoS lock that {where} does not show: its "
+        "qos.lock_file is another file (a GUARDD_QOS__LOCK_FILE in its environment?)"
+    )
+    if held.get("unknown") or not isinstance(held.get("locked"), bool):
+        raise _CannotTell(f"guardd at {target.socket}: {held.get('warning') or 'no answer'}")
+    return held, f"guardd at {target.socket}"
 
 
 def _fleet_lock(target: _Target) -> dict[str, Any]:

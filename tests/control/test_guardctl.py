@@ -981,10 +981,11 @@ def test_import_is_light() -> None:
 
 
 @pytest.mark.parametrize("held", [False, True])
-def test_qos_status_with_a_config_never_loads_the_control_client(
+def test_qos_status_with_a_config_and_no_guardd_never_loads_the_control_client(
     tmp_path: Path, held: bool
 ) -> None:
-    """The deploy script's question reads the lock file: no socket module, no client."""
+    """The deploy script's question reads the lock file: no socket module, no client (a
+    guardd running is asked before "allowed": e2e/test_guardctl.py)."""
     lock = tmp_path / "threader.qos.lock"
     if held:
         lock.touch()  # a lock taken by hand, as the contract allows

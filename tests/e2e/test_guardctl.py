@@ -195,6 +195,28 @@ def test_qos_commands_and_status_with_the_daemon_down(make_lab: MakeLab) -> None
     assert d2.stop() == 0
 
 
+def test_a_lock_guardd_holds_in_a_file_of_its_own_environment_is_never_allowed(
+    make_lab: MakeLab,
+) -> None:
+    # A unit's drop-in may move the lock file (GUARDD_QOS__LOCK_FILE) where the config, and
+    # so a deploy script's guardctl, does not: the file it reads then holds nothing.
+    lab: Lab = make_lab()
+    elsewhere = lab.tmp / "dropin.qos.lock"
+    d = lab.daemon(env={"GUARDD_QOS__LOCK_FILE": str(elsewhere)})
+    assert ctl(lab, "qos", "lock", "--for", "10m", "--reason", "freeze").returncode == 0
+    assert elsewhere.exists() and not lab.lock_file.exists()
+    res = guardctl("--config", str(lab.config_path), "qos", "status", "--json")
+    assert res.returncode == 1, res
+    assert json.loads(res.stdout)["reason"] == "freeze"
+    assert f"guardd at {lab.socket_path} holds a QoS lock that {lab.lock_file} does not show" in (
+        res.stderr
+    )
+    assert ctl(lab, "qos", "unlock").returncode == 0
+    free = guardctl("--config", str(lab.config_path), "qos", "status")
+    assert (free.returncode, free.stderr) == (0, ""), free
+    assert d.stop() == 0
+
+
 def test_unprivileged_uid_reads_but_may_not_mutate(make_lab: MakeLab, shared_run_dir: Path) -> None:
     lab: Lab = make_lab(run_dir=shared_run_dir)
     lab.daemon()
