@@ -56,8 +56,10 @@ _pydantic.without_plugins()
 
 _NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
 # One or more number-unit parts, largest first or not, as Go's time.ParseDuration takes them.
-_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|h|m|s))+$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+# Spaces may stand between parts ("1m 30s") and before a unit ("5 ms"), never inside a
+# number: "5 00ms" is a typo, not 500ms.
+_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?\s*(?:ms|h|m|s)\s*)+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|h|m|s)")
 #: A config file larger than this is refused unread (the example config is about 10 KiB).
 MAX_CONFIG_BYTES = 1024 * 1024
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -76,7 +78,7 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str):
-        text = re.sub(r"\s+", "", value)
+        text = value.strip()
         if _NUMBER.match(text):
             return float(text)
         if _DURATION.match(text):
@@ -462,20 +464,12 @@ class PolicyConfig(_Section):
 
     def _cross_checks(self, invalid: frozenset[str]) -> Found:
         found: Found = []
-        ratios = {"p0_error_ratio", "p1_error_ratio", "p2_error_ratio"}
-        if not invalid & ratios and not (
-            self.p2_error_ratio <= self.p1_error_ratio <= self.p0_error_ratio
-        ):
-            found.append(
-                (
-                    "p1_error_ratio",
-                    (
-                        "must lie between p2_error_ratio and p0_error_ratio "
-                        f"(got p2={self.p2_error_ratio}, p1={self.p1_error_ratio}, "
-                        f"p0={self.p0_error_ratio})"
-                    ),
-                )
-            )
+        # A lower severity fires at a lower ratio: each key is named by the order it breaks.
+        for lower, higher in (("p1", "p0"), ("p2", "p1")):
+            low, high = f"{lower}_error_ratio", f"{higher}_error_ratio"
+            if not invalid & {low, high} and getattr(self, low) > getattr(self, high):
+                got = f"got {lower}={getattr(self, low)}, {higher}={getattr(self, high)}"
+                found.append((low, f"must not exceed {high} ({got})"))
         if not invalid & {"p1_latency", "p2_latency"} and self.p2_latency > self.p1_latency:
             found.append(("p2_latency", "must not exceed p1_latency"))
         return found
@@ -1155,6 +1149,17 @@ class GuardConfig(BaseModel):
             if not found or not isinstance(value, Mapping):
                 raise
             raise _validation_error("upstreams", e.errors(), found) from None
+        # One URL probed as both colors: every probe of one is a probe of the other, so a
+        # failing color could be neither told apart nor rolled back from.
+        shared = (
+            not found
+            and isinstance(validated, Mapping)
+            and set(COLORS) <= set(validated)
+            and set(validated["blue"].all_urls) & set(validated["green"].all_urls)
+        )
+        if shared:  # (not quoted: a URL may hold a password)
+            why = "probes a URL that upstreams.blue probes too; each color needs its own"
+            found.append(("green", why))
         if found:
             raise _validation_error("upstreams", [], found)
         return validated

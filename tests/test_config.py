@@ -364,6 +364,7 @@ def test_missing_file_is_a_clean_error(tmp_path: Path) -> None:
         ("1h2m3s", 3723.0),
         ("2s500ms", 2.5),
         ("1m 30s", 90.0),
+        (" 5 ms ", 0.005),
         ("1.5m", 90.0),
         ("90", 90.0),
         (2, 2.0),
@@ -375,7 +376,25 @@ def test_durations(text: object, seconds: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["5 minutes", "1d", "", "-1s", True, None, "1m30", "30s1", "m", "1m-30s", "1.m"]
+    "bad",
+    # A space inside a number is a typo, never read past: "5 00ms" is not 500ms.
+    [
+        "5 minutes",
+        "1d",
+        "",
+        "-1s",
+        True,
+        None,
+        "1m30",
+        "30s1",
+        "m",
+        "1m-30s",
+        "1.m",
+        "5 00ms",
+        "1 5s",
+        "1. 5s",
+        "9 0",
+    ],
 )
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError, match="must be a duration"):
