@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from guardd import qoslock
@@ -12,8 +12,19 @@ from guardd.guard import Guard
 from guardd.timestamps import until_wall
 
 
-async def handle(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict[str, Any]:
-    """Run one command; raise `OperationRefused` with the reason an operator should read."""
+async def handle(
+    guard: Guard,
+    cmd: str,
+    args: dict[str, Any],
+    by: str,
+    *,
+    waiting: Callable[[], bool] = lambda: True,
+) -> dict[str, Any]:
+    """Run one command; raise `OperationRefused` with the reason an operator should read.
+
+    `waiting` says whether the client still waits for the answer; a change it gave up on
+    while guardd was busy (a rollback, a stalled tick) is not made.
+    """
     if cmd == "status":
         return guard.snapshot()
     if cmd == "history":
@@ -29,6 +40,11 @@ async def handle(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict[
             raise OperationRefused("this guard has no [fleet] section")
         return guard.fleet.status_doc()
     async with guard.lock:
+        if not waiting():
+            # Told "unreachable" (a timeout, an interrupt), the operator may act by hand:
+            # a change made now, behind their back, would surprise them.
+            guard.log.warning("control_request_abandoned", cmd=cmd, by=by)
+            raise OperationRefused("the client left before guardd could act: nothing done")
         result = await _mutate(guard, cmd, args, by)
         guard.save_state()
         return result

@@ -804,7 +804,7 @@ class Supervisor:
         assert guard is not None  # noqa: S101
 
         async def handler(cmd: str, args: dict[str, Any], caller: Any) -> dict[str, Any]:
-            result = await handle(guard, cmd, args, caller.by())
+            result = await handle(guard, cmd, args, caller.by(), waiting=caller.waiting)
             if cmd not in ("status", "history", "qos_status", "fleet_status"):
                 self._wake.set()
                 self.sd.status(guard.status_line())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import grp
 import os
 import pwd
@@ -17,7 +18,7 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -51,6 +52,8 @@ class Caller:
     pid: int
     user: str
     admin: bool
+    waiting: Callable[[], bool] = field(default=lambda: True, compare=False, repr=False)
+    """Whether the peer still waits for the answer (has not closed the connection)."""
 
     def by(self) -> str:
         """The journal's `by` field: `uid:<n>(<user>)`."""
@@ -67,6 +70,20 @@ def _group_id(name: str) -> int:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         raise LookupError(f"group {name!r} does not exist") from None
+
+
+def _peer_waits(sock: socket.socket) -> bool:
+    """Whether the peer of `sock` still waits for an answer: it has not closed its end.
+
+    guardctl keeps the connection open until the answer, and closes it when it gives up
+    (its timeout, an interrupt). A look without reading: nothing is taken off the socket.
+    """
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True  # nothing more to read, and still open
+    except OSError:
+        return False  # reset
 
 
 def _user_name(uid: int) -> str:
@@ -253,6 +270,7 @@ class ControlServer:
             self._log.debug("control_bad_request", code=e.code, message=e.message, uid=uid)
             return protocol.encode_error(e.code, e.message)
         caller = await anyio.to_thread.run_sync(self._identify, pid, uid, gid)
+        caller = replace(caller, waiting=functools.partial(_peer_waits, raw))
         if request.mutating and not caller.admin:
             self._log.warning("control_not_permitted", cmd=request.cmd, by=caller.by())
             return protocol.encode_error(ErrorCode.NOT_PERMITTED, self._denial(request.cmd, caller))

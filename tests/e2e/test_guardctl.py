@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.daemon import GUARDCTL, Lab, MakeLab, guardctl, wait_until
+from tests.harness.daemon import GUARDCTL, Lab, MakeLab, guardctl, log_lines, wait_until
 from tests.harness.daemon import lab as lab_in
 from tests.harness.jsondoc import json_object
 from tests.harness.paths import shared_tmp_dir
@@ -214,6 +215,33 @@ def test_a_lock_guardd_holds_in_a_file_of_its_own_environment_is_never_allowed(
     assert ctl(lab, "qos", "unlock").returncode == 0
     free = guardctl("--config", str(lab.config_path), "qos", "status")
     assert (free.returncode, free.stderr) == (0, ""), free
+    assert d.stop() == 0
+
+
+def test_a_change_the_client_gave_up_on_is_not_made_later(make_lab: MakeLab) -> None:
+    # guardd busy (here: frozen) past guardctl's patience: the operator is told it did not
+    # answer, and may act by hand; the change must not land behind their back later.
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        # Interrupted as an operator's Ctrl-C (SIGINT) would: it gives up and leaves.
+        gave_up = subprocess.run(
+            ["timeout", "-s", "INT", "2", str(GUARDCTL), "--config", str(lab.config_path),
+             "pause", "--reason", "abandoned"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert gave_up.returncode != 0, gave_up
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    assert wait_until(
+        lambda: any(e.get("event") == "control_request_abandoned" for e in log_lines(d)),
+        30,
+        "the abandoned request logged",
+    )
+    assert status(lab)["paused"] is False
+    assert "paused" not in [e["event"] for e in d.events()]
     assert d.stop() == 0
 
 
