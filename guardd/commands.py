@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,10 @@ __all__ = [
 
 # Enough for any error message; a chatty command cannot balloon guardd's memory.
 _MAX_OUTPUT = 64 * 1024
+# A line of a command's stderr that says what failed (`CommandResult.stderr_gist`).
+_ERROR_LINE = re.compile(
+    r"\[(?:emerg|alert|crit|error)\]|\b(?:error|fatal|failed)\b", re.IGNORECASE
+)
 # How long output may keep arriving after the command itself has exited.
 _DRAIN_GRACE = 1.0
 
@@ -91,6 +96,15 @@ class CommandResult:
         """Return the first *lines* non-empty lines of stderr, for messages and logs."""
         return "\n".join([line for line in self.stderr.splitlines() if line.strip()][:lines])
 
+    def stderr_gist(self, lines: int = 2) -> str:
+        """What stderr says went wrong, for a one-line message: its lines marked as errors
+        (nginx's `[emerg]`, `[alert]`, `[crit]`, `[error]`; "error", "fatal", "failed"),
+        else its last line (a program says why it stops last); at most *lines*, joined by
+        " / ". nginx starts a failed `-s reload` with `[notice] signal process started`."""
+        said = [line.strip() for line in self.stderr.splitlines() if line.strip()]
+        marked = [line for line in said if _ERROR_LINE.search(line)]
+        return " / ".join((marked or said[-1:])[:lines])
+
 
 class _TransientError(Exception):
     """One attempt failed in a way another attempt may not: non-zero exit or timeout."""
@@ -133,8 +147,8 @@ async def run_command(
             # the command's verdict, even where a non-zero exit would.
             raise _TransientError(f"killed by signal {_signal_name(-returncode)}")
         if check and not result.ok:
-            head = result.stderr_head(1)
-            said = f": {head}" if head else ""
+            gist = result.stderr_gist()
+            said = f": {gist}" if gist else ""
             raise _TransientError(f"exited with status {returncode}{said}")
         return result
 

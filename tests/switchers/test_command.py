@@ -66,6 +66,28 @@ async def test_success_returns_output(tmp_path: Path) -> None:
     assert result.stderr_head(1) == "err one"
 
 
+async def test_a_failure_is_told_by_the_line_that_says_what_failed(tmp_path: Path) -> None:
+    """nginx's failed `-s reload` says a notice first and the error second: the error is
+    what an operator needs; with no line marked, the last one (said last, as it stops)."""
+    nginx_says = (
+        "echo 'nginx: [notice] signal process started' >&2\n"
+        'echo \'nginx: [error] invalid PID number "" in "/run/nginx.pid"\' >&2\nexit 1\n'
+    )
+    with pytest.raises(CommandFailed) as failed:
+        await run_command(
+            [str(script(tmp_path / "nginx", nginx_says))], timeout=10, retry=None, what="reload"
+        )
+    assert str(failed.value).endswith(
+        'exited with status 1: nginx: [error] invalid PID number "" in "/run/nginx.pid"'
+    )
+    plain = "echo 'checking' >&2; echo 'no such upstream' >&2; exit 2\n"
+    with pytest.raises(CommandFailed) as failed:
+        await run_command(
+            [str(script(tmp_path / "app", plain))], timeout=10, retry=None, what="reload"
+        )
+    assert str(failed.value).endswith("exited with status 2: no such upstream")
+
+
 async def test_failure_is_retried_then_raised(tmp_path: Path) -> None:
     """A command that keeps failing runs `attempts` times, then CommandFailed names it."""
     log = tmp_path / "calls"
