@@ -914,6 +914,18 @@ class Guard:
         self.settle()
         return why
 
+    def hold_for_lost_state(self, why: str) -> None:
+        """`state.json` could not be read at start (`why`): whether an operator had paused
+        guardd, or it held, is unknown, so it holds until an operator resumes it, and
+        deploys wait with it. Deciding alone after a pause for a migration would be worse
+        than waiting for a look."""
+        hold = self.machine.hold_until_resumed(
+            f"{why}: whether guardd was paused or held is unknown; check, then `guardctl resume`"
+        )
+        self.record("hold", source=self.active, reason=hold.reason, by=GUARDD)
+        self.qos.hold(_holds(hold))
+        self.settle()
+
     def close_completed(
         self,
         source: Color | None,

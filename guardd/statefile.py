@@ -20,9 +20,15 @@ class StateFile:
         self.path = path
         self._last: bytes | None = None
         self._last_doc: dict[str, Any] | None = None
+        self.unreadable: str | None = None
+        """After `load`: why the file there was no state document (where it was kept), or
+        None when it was one, or there was none (a first start)."""
 
     def load(self) -> dict[str, Any]:
-        """The saved state, or an empty one when missing or unreadable."""
+        """The saved state; an empty one when there is none, or when the file is not a
+        state document (cut short, overwritten): then `unreadable` says so, and the file
+        is kept beside as `state.json.unreadable` for the operator to look at."""
+        self.unreadable = None
         try:
             raw = fsutil.read_bytes(self.path)
         except FileNotFoundError:
@@ -33,9 +39,20 @@ class StateFile:
             raise StorageError(f"cannot read {self.path}: {e.strerror}") from None
         try:
             doc = untrusted_json.loads(raw)
-        except ValueError:
-            return {}
-        return doc if isinstance(doc, dict) else {}
+        except ValueError as e:
+            why = f"not JSON ({e})"
+        else:
+            if isinstance(doc, dict):
+                return doc
+            why = "not a JSON object"
+        aside = self.path.with_name(self.path.name + ".unreadable")
+        try:
+            self.path.replace(aside)
+        except OSError as e:
+            self.unreadable = f"{self.path} is {why}; it could not be kept aside: {e.strerror}"
+        else:
+            self.unreadable = f"{self.path} was {why}; kept as {aside}"
+        return {}
 
     def save_from(self, build: Callable[[], dict[str, Any]]) -> None:
         """`save(build())`: the document `build` gives now. A store that is only read back

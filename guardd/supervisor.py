@@ -741,6 +741,8 @@ class Supervisor:
             guard = self.guard = self._build(runtime)
             saved = guard.state_file.load()
             await guard.recover(saved)
+            if guard.state_file.unreadable is not None:
+                guard.hold_for_lost_state(guard.state_file.unreadable)
         except ConfigError as e:
             for problem in e.problems:
                 self.log.error("config_invalid", problem=str(problem))

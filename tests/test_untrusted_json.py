@@ -35,7 +35,8 @@ def test_every_reader_of_outside_json_takes_a_deep_document_as_malformed(tmp_pat
     assert qoslock.parse_lock(DEEP).held
     state = tmp_path / "state.json"
     state.write_bytes(DEEP)
-    assert StateFile(state).load() == {}
+    store = StateFile(state)
+    assert store.load() == {} and store.unreadable is not None  # (guardd holds on it)
     assert coordinator._json(DEEP.decode(), "default") == "default"
     kv = {"key": base64.b64encode(b"/p/qos").decode(), "value": base64.b64encode(DEEP).decode()}
     assert lockread._values([kv], "/p/") == {"qos": None}

@@ -954,6 +954,12 @@ class GuardMachine:
         self.hold = Hold(reason, sticky=True, evidence=evidence, severity=severity)
         return self.hold
 
+    def hold_until_resumed(self, reason: str) -> Hold:
+        """Hold for `reason` until an operator acts (`clear_hold`): guardd cannot tell
+        whether deciding alone is what was wanted (its saved state is lost)."""
+        self.hold = Hold(reason, sticky=True)
+        return self.hold
+
     def clear_hold(self) -> None:
         """An operator acted (resume, switch, rollback): automatic decisions may go on."""
         self.hold = None

@@ -18,6 +18,10 @@ def ctl(lab: Lab, *argv: str) -> subprocess.CompletedProcess[str]:
     return guardctl("--config", str(lab.config_path), *argv)
 
 
+def status(lab: Lab) -> dict[str, Any]:
+    return dict(json.loads(ctl(lab, "status", "--json").stdout))
+
+
 def levels(d: Daemon, event: str) -> set[str]:
     return {x["level"] for x in log_lines(d) if x.get("event") == event}
 
@@ -261,4 +265,36 @@ def test_a_second_guardd_on_a_running_guards_state_writes_nothing(make_lab: Make
     d2 = lab.daemon()
     assert d2.state_dir == d.state_dir
     assert (lab.state_dir / "guardd.pid").read_text().strip() == str(d2.pid)
+    assert d2.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "damage", [b"", b'{"version": 1, "paused": {"reason": "DB mig', b"[1, 2]", b"\xff\xfe"]
+)
+def test_a_state_file_that_cannot_be_read_holds_never_decides_alone(
+    make_lab: MakeLab, damage: bytes
+) -> None:
+    # Paused for a migration, then state.json is lost (cut short, overwritten): guardd
+    # cannot tell it was paused, so it must not go back to deciding alone.
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    assert ctl(lab, "pause", "--reason", "DB migration").returncode == 0
+    assert d.stop() == 0
+    state = lab.state_dir / "state.json"
+    state.write_bytes(damage)
+    count = len(d.events())
+    d2 = lab.daemon()
+    held = d2.wait_event("hold", after=count)
+    kept = lab.state_dir / "state.json.unreadable"
+    assert held["reason"].startswith(f"{state} was not "), held
+    assert f"kept as {kept}: whether guardd was paused or held is unknown" in held["reason"]
+    assert kept.read_bytes() == damage
+    doc = status(lab)
+    assert (doc["state"], doc["qos"]["locked"]) == ("hold", True), doc
+    # Held: a failing green is not rolled back until an operator has looked.
+    lab.green.set_mode("http_503")
+    assert lab.green.wait_for_requests(lab.green.requests + 10, timeout=30)
+    assert "rollback_started" not in [e["event"] for e in d2.events()[count:]]
+    assert ctl(lab, "resume").returncode == 0
+    d2.wait_event("rollback_completed", after=count)
     assert d2.stop() == 0
