@@ -143,6 +143,11 @@ class LockHost(Protocol):
     storage: Storage
     active: Color | None
 
+    @property
+    def fleet(self) -> object | None:
+        """The fleet's coordinator on a fleet node (which writes the lock file too)."""
+        ...
+
     def record(self, event: str, **fields: Any) -> dict[str, Any]: ...
 
     def save_state(self) -> None: ...
@@ -387,6 +392,16 @@ class QosKeeper:
                 current = self.store.read(host.s.lock_file)
             if current != own.info:
                 # Removed or replaced by someone else: theirs now, never ours to delete.
+                if not current.held and host.fleet is None:
+                    # Removed by hand (`rm`): deploys are allowed from now on, and the
+                    # journal says so, as for a switch made by hand (`external_switch`).
+                    # (A fleet node's file is also its coordinator's to change.)
+                    host.record(
+                        "qos_released",
+                        by="external",
+                        reason=f"the lock file {host.s.lock_file} was removed outside "
+                        f"guardd; its lock ({own.info.reason}) ends",
+                    )
                 self.own_lock = own = None
                 host.save_state()
         self.held = current.held

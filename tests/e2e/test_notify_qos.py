@@ -144,6 +144,25 @@ def test_guard_window_is_released_when_slos_hold(make_lab: MakeLab) -> None:
     wait_until(lambda: d.state().get("qos") is None, 10, "state.json mirror cleared")
 
 
+def test_a_guard_window_lock_removed_by_hand_ends_in_the_journal(make_lab: MakeLab) -> None:
+    # `rm` of the lock file is an operator's unlock: guardd never fights it, and never
+    # lets deploys open in silence either.
+    lab: Lab = make_lab(qos__window="10m")
+    d = lab.daemon()
+    lab.green.set_mode("http_503")
+    locked = d.wait_event("qos_locked")
+    lab.lock_file.unlink()
+    released = d.wait_event("qos_released", after=d.events().index(locked))
+    assert released["by"] == "external", released
+    assert released["reason"] == (
+        f"the lock file {lab.lock_file} was removed outside guardd; its lock "
+        f"({locked['reason']}) ends"
+    )
+    wait_until(lambda: d.state().get("qos") is None, 10, "state.json mirror cleared")
+    assert guardctl("--config", str(lab.config_path), "qos", "status").returncode == 0
+    assert d.stop() == 0
+
+
 def test_guard_window_is_extended_when_slos_fail(make_lab: MakeLab) -> None:
     lab: Lab = make_lab(
         qos__window="2s",
