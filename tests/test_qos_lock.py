@@ -329,3 +329,22 @@ async def test_a_generation_decided_again_while_the_lock_was_waited_for_is_not_a
         fleet.applied_generation(3)
     assert moved == []
     assert g.active == "green"
+
+
+async def test_an_unlock_is_refused_while_the_standstill_its_lock_stands_for_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A hold's lock released while guardd still holds is taken again at the next tick:
+    "unlocked" would be untrue a moment later, so the unlock says why it cannot be."""
+    prepare(tmp_path)
+    clock = FakeClock()
+    g = await start(tmp_path, clock, SPEC)
+    await steps(g, clock, [(OK, OK)])
+    await steps(g, clock, [(DOWN, DOWN)] * 4)  # green fails, and blue with it: hold
+    assert g.machine.hold is not None and lock(g).held
+    with pytest.raises(OperationRefused, match=r"guardd would take it again at once"):
+        await handle(g, "qos_unlock", {}, ROOT)
+    assert lock(g).held and not events(g, "qos_released")
+    await handle(g, "pause", {"reason": "looking"}, ROOT)
+    with pytest.raises(OperationRefused, match=r"`guardctl resume`"):
+        await handle(g, "qos_unlock", {}, ROOT)
