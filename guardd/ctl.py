@@ -539,6 +539,8 @@ def _read_journal(
     """The newest `limit` events of the journal file, skipping torn lines, and its path."""
     if target.state_dir is None:
         raise _CannotTell(f"{why}; name the instance with --instance NAME to read its journal")
+    from guardd.journal import is_event_line  # noqa: PLC0415 - only with guardd down
+
     path = target.state_dir / "events.jsonl"
     events: deque[dict[str, Any]] = deque(maxlen=limit)
     try:
@@ -548,7 +550,7 @@ def _read_journal(
                     doc = untrusted_json.loads(raw)
                 except ValueError:
                     continue  # a line torn by a crash; guardd seals it at its next start
-                if isinstance(doc, dict) and "event" in doc:
+                if is_event_line(doc):
                     events.append(doc)
     except FileNotFoundError:
         raise _CannotTell(f"{why} and there is no journal at {path}") from None

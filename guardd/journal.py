@@ -53,6 +53,17 @@ def named_record(event: str, fields: dict[str, Any]) -> dict[str, Any]:
     return {"event": event, "id": uuid.uuid4().hex, **said}
 
 
+def is_event_line(doc: object) -> bool:
+    """Whether a journal line's JSON is an event: an object whose `event` and `ts` are
+    strings. Anything else (a torn line, a line another tool wrote) is skipped by every
+    reader of the journal, guardd's and guardctl's alike."""
+    return (
+        isinstance(doc, dict)
+        and isinstance(doc.get("event"), str)
+        and isinstance(doc.get("ts"), str)
+    )
+
+
 def is_named(doc: object) -> bool:
     """Whether `doc`, read back from state.json, is a `named_record` guardd can journal: an
     event it knows, a 32-hex id. (state.json is data: a hand edit, or a file of another
@@ -308,4 +319,4 @@ class Journal:
                 except (UnicodeDecodeError, ValueError):
                     yield None, raw
                     continue
-                yield (doc if isinstance(doc, dict) and "event" in doc else None), raw
+                yield (doc if is_event_line(doc) else None), raw

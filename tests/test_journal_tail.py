@@ -141,3 +141,17 @@ def test_a_search_from_the_newest_end_stops_where_it_finds(tmp_path: Path) -> No
     j.append("config_reloaded", reason="late")
     found = next(e for e in it if e["event"] == "switch")
     assert found["reason"] == "by hand"
+
+
+def test_a_line_that_is_no_event_is_skipped_by_every_reader(tmp_path: Path) -> None:
+    """guardd's journal and guardctl's reading of the file (guardd down) skip alike what
+    is no event: an `event` or `ts` that is not a string, or no object at all."""
+    path = tmp_path / "events.jsonl"
+    good = {"event": "started", "ts": "2026-12-01T00:00:00.000Z", "guard": "lab"}
+    path.write_text(
+        json.dumps(good) + '\n{"ts": "bad", "event": 5}\n{"event": "stopped"}\n[1]\n"x"\n'
+    )
+    journal = Journal(path, "lab", lambda: 0.0)
+    journal.open()
+    assert list(journal.recent) == [good] and journal.skipped_lines == 4
+    journal.close()

@@ -454,6 +454,9 @@ def test_history_with_the_daemon_down_reads_the_journal(make_lab: MakeLab) -> No
     up = ctl(lab_, "history", "--json")
     assert up.returncode == 0 and up.stderr == ""
     assert d.stop() == 0
+    # Lines another tool wrote, that are no events: skipped here as guardd skips them.
+    with (lab_.state_dir / "events.jsonl").open("a") as journal:
+        journal.write('{"ts": "bad", "event": 5}\n{"event": "stopped"}\n[1]\n')
 
     down = ctl(lab_, "history", "--json")
     text = ctl(lab_, "history", "--limit", "1")
