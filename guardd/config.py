@@ -1166,6 +1166,21 @@ class GuardConfig(BaseModel):
 
     @field_validator("switch", mode="after")
     @classmethod
+    def _front_door_is_no_color(cls, switch: SwitchConfig, info: ValidationInfo) -> SwitchConfig:
+        # The front door is what users reach (nginx): a color's own URL there would vouch
+        # for that color whichever one nginx serves, and never see nginx at all.
+        upstreams: dict[Color, UpstreamConfig] | None = info.data.get("upstreams")
+        for color, upstream in (upstreams or {}).items():
+            if switch.verify_url is not None and switch.verify_url in upstream.all_urls:
+                why = (
+                    f"is a URL of upstreams.{color}; the front door is the address users "
+                    "reach through nginx, which serves whichever color is active"
+                )
+                raise _validation_error("switch", [], [("verify_url", why)])
+        return switch
+
+    @field_validator("switch", mode="after")
+    @classmethod
     def _targets_proxy_to_their_own_color(
         cls, switch: SwitchConfig, info: ValidationInfo
     ) -> SwitchConfig:

@@ -518,7 +518,7 @@ async def test_url_schemes_are_case_insensitive(
     assert (await probe(url, expect_json=UP)).ok
     config = tmp_path / "case.toml"
     config.write_text(
-        f'[upstreams.blue]\nurl = "{url}"\n[upstreams.green]\nurls = ["{url}"]\n'
+        f'[upstreams.blue]\nurl = "{url}"\n[upstreams.green]\nurls = ["{url}?green"]\n'
         f'[switch]\nkind = "state-file"\npath = "{tmp_path / "state.json"}"\n'
         f'verify_url = "HtTpS://127.0.0.1/healthz"\n'
     )
