@@ -1387,6 +1387,12 @@ class Fleet:
         await self.client.put(
             self.key("prepare", ask), json.dumps({"target": target}), lease=self.lease or 0
         )
+        if self.node in live and self.guard is not None:
+            # This node answers for itself here, not in its round: the operator's command
+            # asking holds the guard's lock until this returns, and a round waiting on that
+            # lock would answer only after the wait for the answers ran out.
+            self._answered.add(ask)
+            await self._answer(ask, target)
         answers: dict[str, dict[str, Any]] = {}
         ready = self.key("ready", ask) + "/"
         try:
@@ -1434,19 +1440,24 @@ class Fleet:
             if ask in self._answered or self.lease is None or self._clash is not None:
                 continue  # (a name another process holds: it answers for the name)
             self._answered.add(ask)
-            target = (_json(kv.value, {}) or {}).get("target")
-            answer: dict[str, Any] = {"ok": True, "why": None}
-            test = getattr(guard.switcher, "test_target", None)
-            if target not in COLORS:
-                answer = {"ok": False, "why": f"unknown color {target!r}"}
-            elif test is not None:
-                try:
-                    await test(target)
-                except (GuarddError, OSError, TimeoutError) as e:
-                    answer = {"ok": False, "why": why(e)[:300]}
-            await self.client.put(
-                self.key("ready", ask, self.node), json.dumps(answer), lease=self.lease or 0
-            )
+            await self._answer(ask, (_json(kv.value, {}) or {}).get("target"))
+
+    async def _answer(self, ask: str, target: object) -> None:
+        """Test `target` here and put this node's answer to the prepare `ask`."""
+        guard = self.guard
+        assert guard is not None  # noqa: S101 - asked only with a guard
+        answer: dict[str, Any] = {"ok": True, "why": None}
+        test = getattr(guard.switcher, "test_target", None)
+        if target not in COLORS:
+            answer = {"ok": False, "why": f"unknown color {target!r}"}
+        elif test is not None:
+            try:
+                await test(target)
+            except (GuarddError, OSError, TimeoutError) as e:
+                answer = {"ok": False, "why": why(e)[:300]}
+        await self.client.put(
+            self.key("ready", ask, self.node), json.dumps(answer), lease=self.lease or 0
+        )
 
     def is_mirror(self, local: qoslock.LockInfo) -> bool:
         """Whether the lock in this node's file is a copy of the fleet's lock (written by
