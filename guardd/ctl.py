@@ -32,8 +32,14 @@ from typing import Any, Final
 from guardd import paths, untrusted_json
 from guardd._version import __version__
 from guardd.core.types import COLORS
-from guardd.exceptions import ControlError, DaemonUnreachable, NotPermitted, Refused
-from guardd.qoslock import LockUnknown, check_lock, unknown_json
+from guardd.exceptions import (
+    ControlError,
+    DaemonUnreachable,
+    DaemonUnresponsive,
+    NotPermitted,
+    Refused,
+)
+from guardd.qoslock import IN_FLIGHT, LockUnknown, check_lock, unknown_json
 from guardd.render import render_change, render_history, render_qos, render_status, use_color
 from guardd.stdio import answering
 from guardd.timestamps import parse_rfc3339
@@ -763,14 +769,23 @@ def _unless_guardd_holds(
         return lock, where  # no guardd there to ask (and no client to load: _LAZY_CLIENT)
     try:
         held = call(target.socket, "qos_status", {}, timeout=PEEK_TIMEOUT_S)
+    except DaemonUnresponsive as e:
+        # Not down: frozen or wedged, maybe in the middle of a rollback. No "allowed" then.
+        raise _CannotTell(
+            f"guardd at {target.socket} takes connections but does not answer ({e}): "
+            f"whether deploys may go is unknown, though {where} holds no lock"
+        ) from None
     except ControlError:
         return lock, where
     if held.get("locked") is False:
         return lock, where
-    _warn(
-        f"guardd at {target.socket} holds a QoS lock that {where} does not show: its "
-        "qos.lock_file is another file (a GUARDD_QOS__LOCK_FILE in its environment?)"
-    )
+    if held.get("reason") == IN_FLIGHT:
+        _warn(f"guardd at {target.socket} is moving traffic: deploys wait until it ends")
+    else:
+        _warn(
+            f"guardd at {target.socket} holds a QoS lock that {where} does not show: its "
+            "qos.lock_file is another file (a GUARDD_QOS__LOCK_FILE in its environment?)"
+        )
     if held.get("unknown") or not isinstance(held.get("locked"), bool):
         raise _CannotTell(f"guardd at {target.socket}: {held.get('warning') or 'no answer'}")
     return held, f"guardd at {target.socket}"

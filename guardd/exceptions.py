@@ -141,6 +141,11 @@ class DaemonUnreachable(ControlError):
     """Nothing answers on the control socket."""
 
 
+class DaemonUnresponsive(DaemonUnreachable):
+    """A guardd took the connection but gave no answer in time (frozen, or wedged): unlike
+    a guardd that is down, it may be in the middle of something."""
+
+
 class NotPermitted(ControlError):
     """The caller may not run a mutating command."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from guardd import qoslock
+from guardd import qoslock, statusview
 from guardd.core.types import COLORS, Color, other
 from guardd.exceptions import OperationRefused
 from guardd.guard import Guard
@@ -34,7 +34,7 @@ async def handle(
         if guard.fleet is not None:
             # The fleet's lock; unknown (never "unlocked") when etcd cannot be asked.
             return guard.fleet.qos_doc()
-        return qoslock.read_lock(guard.s.lock_file).to_json()
+        return statusview.qos_doc(guard, qoslock.read_lock(guard.s.lock_file))
     if cmd == "fleet_status":
         if guard.fleet is None:
             raise OperationRefused("this guard has no [fleet] section")

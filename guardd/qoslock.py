@@ -19,6 +19,9 @@ from guardd import untrusted_json
 from guardd.exceptions import UnsafePath
 
 _MAX_LOCK_BYTES = 64 * 1024
+#: The lock guardd reports, with no lock file held, while a switch is in flight (its lock,
+#: a guard window or a hold's, is written as it ends): deploys wait meanwhile.
+IN_FLIGHT = "guardd is moving traffic (a switch in flight): deploys wait until it ends"
 
 
 @dataclass(frozen=True, slots=True)

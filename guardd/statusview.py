@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from guardd import qoslock
 from guardd._version import __version__
 from guardd.core.machine import Alert, Decision, Hold, Reapply, Rollback
-from guardd.core.types import COLORS, other
+from guardd.core.types import COLORS, GUARDD, other
 from guardd.timestamps import rfc3339
 
 if TYPE_CHECKING:
@@ -81,7 +81,13 @@ def qos_doc(guard: Guard, lock: qoslock.LockInfo) -> dict[str, Any]:
     `qos status` answers it (`"locked": null, "unknown": true` while etcd cannot be read)."""
     if guard.fleet is not None:
         return guard.fleet.qos_doc()
-    return lock.to_json()
+    doc = lock.to_json()
+    if not lock.held and guard.rolling_back:
+        # A switch in flight: its lock (a guard window, a hold's) is written as it ends,
+        # and a rollback stuck at nginx's reload, with its undo, lasts a few switch.timeouts.
+        # No deploy starts meanwhile: the traffic is moving because a color failed.
+        doc |= {"locked": True, "by": GUARDD, "reason": qoslock.IN_FLIGHT}
+    return doc
 
 
 def rules_doc(guard: Guard, now: float) -> list[dict[str, Any]]:

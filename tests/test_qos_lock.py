@@ -348,3 +348,18 @@ async def test_an_unlock_is_refused_while_the_standstill_its_lock_stands_for_goe
     await handle(g, "pause", {"reason": "looking"}, ROOT)
     with pytest.raises(OperationRefused, match=r"`guardctl resume`"):
         await handle(g, "qos_unlock", {}, ROOT)
+
+
+async def test_deploys_wait_while_a_switch_is_in_flight(tmp_path: Path) -> None:
+    """A rollback stuck at nginx's reload, with its undo, lasts a few switch.timeouts
+    before its lock (a guard window, a hold's) is written: the gate says locked meanwhile."""
+    prepare(tmp_path)
+    clock = FakeClock()
+    g = await start(tmp_path, clock, SPEC)
+    await steps(g, clock, [(OK, OK)])
+    assert (await handle(g, "qos_status", {}, ROOT))["locked"] is False
+    g.rolling_back = True
+    doc = await handle(g, "qos_status", {}, ROOT)
+    assert (doc["locked"], doc["reason"], doc["by"]) == (True, qoslock.IN_FLIGHT, "guardd")
+    assert g.snapshot()["qos"] == doc
+    assert not lock(g).held  # (nothing written: it is said, as the switch goes on)

@@ -13,7 +13,14 @@ from typing import Any, Final
 
 from guardd.control import protocol
 from guardd.control.protocol import ErrorCode
-from guardd.exceptions import ControlError, DaemonUnreachable, NotPermitted, ProtocolError, Refused
+from guardd.exceptions import (
+    ControlError,
+    DaemonUnreachable,
+    DaemonUnresponsive,
+    NotPermitted,
+    ProtocolError,
+    Refused,
+)
 
 __all__ = ["call"]
 
@@ -39,7 +46,7 @@ def call(
             # The server may have answered (busy) and closed before reading: read that answer.
             pass
         except TimeoutError:
-            raise DaemonUnreachable(f"guardd did not read the request in {timeout:g}s") from None
+            raise DaemonUnresponsive(f"guardd did not read the request in {timeout:g}s") from None
         line = _read_line(sock, deadline, timeout)
     try:
         return protocol.parse_response(line)
@@ -78,12 +85,12 @@ def _read_line(sock: socket.socket, deadline: float, timeout: float) -> bytes:
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise DaemonUnreachable(f"guardd did not answer within {timeout:g}s")
+            raise DaemonUnresponsive(f"guardd did not answer within {timeout:g}s")
         sock.settimeout(remaining)
         try:
             chunk = sock.recv(65536)
         except TimeoutError:
-            raise DaemonUnreachable(f"guardd did not answer within {timeout:g}s") from None
+            raise DaemonUnresponsive(f"guardd did not answer within {timeout:g}s") from None
         except OSError as e:
             raise DaemonUnreachable(f"connection to guardd lost: {e.strerror or e}") from None
         if not chunk:

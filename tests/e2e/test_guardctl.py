@@ -218,6 +218,27 @@ def test_a_lock_guardd_holds_in_a_file_of_its_own_environment_is_never_allowed(
     assert d.stop() == 0
 
 
+def test_a_guardd_that_takes_the_question_but_never_answers_is_unknown(
+    make_lab: MakeLab,
+) -> None:
+    # Frozen (or wedged) is not down: it may be in the middle of a rollback, its lock not
+    # written yet. The lock file's silence then proves nothing.
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    assert d.proc is not None
+    assert ctl(lab, "qos", "status").returncode == 0
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        frozen = ctl(lab, "qos", "status")
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    assert frozen.returncode == 3, frozen
+    assert "takes connections but does not answer" in frozen.stderr, frozen.stderr
+    assert d.stop() == 0
+    # Down is down: the lock file answers alone.
+    assert ctl(lab, "qos", "status").returncode == 0
+
+
 def test_a_change_the_client_gave_up_on_is_not_made_later(make_lab: MakeLab) -> None:
     # guardd busy (here: frozen) past guardctl's patience: the operator is told it did not
     # answer, and may act by hand; the change must not land behind their back later.
