@@ -402,6 +402,16 @@ class QosKeeper:
                         reason=f"the lock file {host.s.lock_file} was removed outside "
                         f"guardd; its lock ({own.info.reason}) ends",
                     )
+                elif host.fleet is None:
+                    # Overwritten (emptied, another tool's lock): deploys stay blocked by
+                    # what is there now, until it is removed; guardd no longer ends it.
+                    host.record(
+                        "alert",
+                        by="external",
+                        reason=f"the lock file {host.s.lock_file} was overwritten outside "
+                        f"guardd: guardd's lock ({own.info.reason}) ends, and the lock there "
+                        "now holds deploys until it is removed (`guardctl qos unlock`)",
+                    )
                 self.own_lock = own = None
                 host.save_state()
         self.held = current.held

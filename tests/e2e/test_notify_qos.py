@@ -163,6 +163,24 @@ def test_a_guard_window_lock_removed_by_hand_ends_in_the_journal(make_lab: MakeL
     assert d.stop() == 0
 
 
+def test_a_guard_window_lock_overwritten_by_hand_is_said_and_keeps_blocking(
+    make_lab: MakeLab,
+) -> None:
+    # An emptied lock file is a lock of no one's: it holds (fail closed), but guardd's
+    # window no longer ends it, and the journal says so rather than a silent freeze.
+    lab: Lab = make_lab(qos__window="10m")
+    d = lab.daemon()
+    lab.green.set_mode("http_503")
+    locked = d.wait_event("qos_locked")
+    lab.lock_file.write_text("")
+    said = d.wait_event(
+        "alert", after=d.events().index(locked), where=lambda e: "overwritten" in e["reason"]
+    )
+    assert said["by"] == "external" and locked["reason"] in said["reason"], said
+    assert guardctl("--config", str(lab.config_path), "qos", "status").returncode == 1
+    assert d.stop() == 0
+
+
 def test_guard_window_is_extended_when_slos_fail(make_lab: MakeLab) -> None:
     lab: Lab = make_lab(
         qos__window="2s",
