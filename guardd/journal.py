@@ -9,6 +9,7 @@ skipped by readers.
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from collections import deque
@@ -20,7 +21,7 @@ from guardd import untrusted_json
 from guardd.core.types import JOURNAL_EVENTS
 from guardd.exceptions import StorageError, UnsafePath
 from guardd.secrets import redact
-from guardd.timestamps import rfc3339
+from guardd.timestamps import parse_rfc3339, rfc3339
 
 # The journal refuses any event outside the shared vocabulary.
 EVENTS = JOURNAL_EVENTS
@@ -54,14 +55,19 @@ def named_record(event: str, fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_event_line(doc: object) -> bool:
-    """Whether a journal line's JSON is an event: an object whose `event` and `ts` are
-    strings. Anything else (a torn line, a line another tool wrote) is skipped by every
-    reader of the journal, guardd's and guardctl's alike."""
-    return (
-        isinstance(doc, dict)
-        and isinstance(doc.get("event"), str)
-        and isinstance(doc.get("ts"), str)
-    )
+    """Whether a journal line's JSON is an event: an object whose `event` is a string, `ts`
+    an RFC 3339 time, and `from`, `to`, `by` and `reason`, when there, strings or null.
+    Anything else (a torn line, a line another tool wrote) is skipped by every reader of
+    the journal, guardd's and guardctl's alike."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("event"), str):
+        return False
+    if any(not isinstance(doc.get(k), str | None) for k in ("from", "to", "by", "reason")):
+        return False
+    ts = doc.get("ts")
+    try:
+        return isinstance(ts, str) and math.isfinite(parse_rfc3339(ts))
+    except (ValueError, OverflowError):
+        return False
 
 
 def is_named(doc: object) -> bool:

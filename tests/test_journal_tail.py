@@ -145,13 +145,22 @@ def test_a_search_from_the_newest_end_stops_where_it_finds(tmp_path: Path) -> No
 
 def test_a_line_that_is_no_event_is_skipped_by_every_reader(tmp_path: Path) -> None:
     """guardd's journal and guardctl's reading of the file (guardd down) skip alike what
-    is no event: an `event` or `ts` that is not a string, or no object at all."""
+    is no event: no object, an `event` that is no string, a `ts` that is no time, or a
+    `from`, `to`, `by` or `reason` that is neither a string nor null."""
     path = tmp_path / "events.jsonl"
     good = {"event": "started", "ts": "2026-12-01T00:00:00.000Z", "guard": "lab"}
-    path.write_text(
-        json.dumps(good) + '\n{"ts": "bad", "event": 5}\n{"event": "stopped"}\n[1]\n"x"\n'
-    )
+    foreign: list[object] = [
+        {"ts": "bad", "event": 5},
+        {"event": "stopped"},
+        [1],
+        "x",
+        {"event": "hold", "ts": "2026-13-45T99:00:00Z"},  # no such time
+        {"event": "alert", "ts": good["ts"], "from": 5, "to": [1]},
+        {"event": "alert", "ts": good["ts"], "by": {"x": 1}},
+        {"event": "alert", "ts": good["ts"], "reason": 7},
+    ]
+    path.write_text("".join(json.dumps(d) + "\n" for d in [good, *foreign]))
     journal = Journal(path, "lab", lambda: 0.0)
     journal.open()
-    assert list(journal.recent) == [good] and journal.skipped_lines == 4
+    assert list(journal.recent) == [good] and journal.skipped_lines == len(foreign)
     journal.close()
