@@ -47,7 +47,7 @@ import structlog
 
 from guardd.commands import CommandResult, RetryPolicy, run_command
 from guardd.exceptions import CommandFailed, SwitchError, SwitchRejected
-from guardd.fsutil import fsync_dir
+from guardd.fsutil import fsync_dir, not_regular
 from guardd.switchers import (
     STEP_LINK_WRITTEN,
     STEP_RELOADED,
@@ -117,6 +117,7 @@ class NginxSwitcher:
             if self._has_debris():
                 # A crash nobody recovered from: settle it before building on it.
                 await self._recover()
+            _check_target(self.targets[to], to)
             await self._move(self.targets[to], to)
 
     async def restore(self, previous: Color) -> None:
@@ -166,6 +167,7 @@ class NginxSwitcher:
         async with self._lock:
             if self._has_debris():
                 await self._recover()
+            _check_target(self.targets[to], to)
             if self._color_on_disk() == to:
                 _raise_if_rejected(await self._test(), f"nginx rejects {self.targets[to]}")
                 return
@@ -385,6 +387,17 @@ def _readlink(path: Path) -> Path | None:
         return path.readlink()
     except OSError:
         return None
+
+
+def _check_target(path: Path, color: Color) -> None:
+    """Raise `SwitchRejected` when *path* is no regular file: nginx's test would read a
+    FIFO there until `switch.timeout` ran out, and say nothing of why. Nothing is touched."""
+    try:
+        why = not_regular(path.stat().st_mode)
+    except OSError as e:
+        why = e.strerror or str(e)
+    if why is not None:
+        raise SwitchRejected(f"{color}'s target {path}: {why}")
 
 
 def _raise_if_rejected(result: CommandResult, what: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -363,3 +364,22 @@ async def test_a_reapply_reloads_once_where_a_switch_retries(tmp_path: Path, ngi
     with pytest.raises(CommandFailed):
         await make_switcher(nginx, reload_command=failing).switch("green")
     assert len(calls.read_text()) >= FAST_RETRY.attempts  # (then the undo's own reloads)
+
+
+async def test_a_target_that_is_no_regular_file_is_refused_at_once(
+    tmp_path: Path, nginx: Nginx
+) -> None:
+    """A FIFO where green's file was: nginx's test would wait on it for the whole
+    timeout and say nothing; the switch is refused before anything is touched."""
+    nginx.targets["green"].unlink()
+    os.mkfifo(nginx.targets["green"])
+    switcher = make_switcher(nginx)
+    with anyio.fail_after(5), pytest.raises(SwitchRejected) as refused:
+        await switcher.switch("green")
+    assert (
+        str(refused.value)
+        == f"green's target {nginx.targets['green']}: not a regular file (a FIFO)"
+    )
+    assert link_target(nginx) == nginx.targets["blue"]
+    with anyio.fail_after(5), pytest.raises(SwitchRejected):
+        await switcher.test_target("green")
