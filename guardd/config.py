@@ -302,6 +302,19 @@ def _readable_file(path: Path) -> str | None:
     return None
 
 
+def same_url(url: str) -> tuple[str, str, int | None, str, str]:
+    """What two spellings of one URL share: the scheme and host in any case, the scheme's
+    port written or not, a path with or without its trailing slash. (Names are not
+    resolved: `localhost` and `127.0.0.1` stay apart, as a check without the host.)"""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        port = None
+    path = parts.path.rstrip("/") or "/"
+    return (parts.scheme.lower(), (parts.hostname or "").lower(), port, path, parts.query)
+
+
 def group_problem(name: str | None) -> str | None:
     """Why `name` (a group name or a numeric gid) names no group on this host, or None."""
     if name is None or name.isdigit():
@@ -1155,7 +1168,8 @@ class GuardConfig(BaseModel):
             not found
             and isinstance(validated, Mapping)
             and set(COLORS) <= set(validated)
-            and set(validated["blue"].all_urls) & set(validated["green"].all_urls)
+            and {same_url(u) for u in validated["blue"].all_urls}
+            & {same_url(u) for u in validated["green"].all_urls}
         )
         if shared:  # (not quoted: a URL may hold a password)
             why = "probes a URL that upstreams.blue probes too; each color needs its own"
@@ -1171,7 +1185,8 @@ class GuardConfig(BaseModel):
         # for that color whichever one nginx serves, and never see nginx at all.
         upstreams: dict[Color, UpstreamConfig] | None = info.data.get("upstreams")
         for color, upstream in (upstreams or {}).items():
-            if switch.verify_url is not None and switch.verify_url in upstream.all_urls:
+            door = None if switch.verify_url is None else same_url(switch.verify_url)
+            if door is not None and door in {same_url(u) for u in upstream.all_urls}:
                 why = (
                     f"is a URL of upstreams.{color}; the front door is the address users "
                     "reach through nginx, which serves whichever color is active"

@@ -750,3 +750,26 @@ def test_a_pydantic_plugin_installed_beside_guardd_never_sees_a_config(tmp_path:
             assert seen.read_text().split() == ["Own"]
             seen.unlink()
     assert not seen.exists(), seen.read_text()
+
+
+@pytest.mark.parametrize(
+    "spelt",
+    [
+        "http://127.0.0.1:9009/healthz",
+        "HTTP://127.0.0.1:9009/healthz",
+        "http://127.0.0.1:9009/healthz/",
+    ],
+)
+def test_one_url_spelt_two_ways_is_still_one_url(spelt: str, tmp_path: Path) -> None:
+    """The scheme's case, a trailing slash: the same URL for both colors, or for the front
+    door and a color, is refused however it is spelt."""
+    switch = '[switch]\nkind = "state-file"\npath = "/tmp/s.json"\n'
+    blue = '[upstreams.blue]\nurl = "http://127.0.0.1:9009/healthz"\n'
+    (tmp_path / "both.toml").write_text(f'{blue}[upstreams.green]\nurl = "{spelt}"\n{switch}')
+    done = check_config(Path("both.toml"), tmp_path, None, "--offline")
+    assert done.returncode == 2 and "upstreams.blue probes too" in done.stderr, done.stderr
+    green = '[upstreams.green]\nurl = "http://127.0.0.1:9010/healthz"\n'
+    (tmp_path / "door.toml").write_text(f'{blue}{green}{switch}verify_url = "{spelt}"\n')
+    done = check_config(Path("door.toml"), tmp_path, None, "--offline")
+    assert done.returncode == 2, done
+    assert "switch.verify_url: is a URL of upstreams.blue" in done.stderr, done.stderr
