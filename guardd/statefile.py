@@ -13,6 +13,27 @@ from guardd.exceptions import StorageError, UnsafePath
 STATE_VERSION = 1
 
 
+# The keys whose loss changes a decision, and the JSON types guardd writes them as (null
+# aside): a pause or a hold read as something else would be forgotten in silence.
+_KEY_TYPES: dict[str, type] = {
+    "active": str,
+    "paused": dict,
+    "hold": dict,
+    "qos": dict,
+    "qos_change": dict,
+    "journal_owed": list,
+}
+
+
+def _wrong_key(doc: dict[str, Any]) -> str | None:
+    """The first key of `_KEY_TYPES` that `doc` holds as another type, said, or None."""
+    for key, kind in _KEY_TYPES.items():
+        value = doc.get(key)
+        if value is not None and not isinstance(value, kind):
+            return f"its {key} is {type(value).__name__}, not {kind.__name__}"
+    return None
+
+
 class StateFile:
     """Loads and atomically saves the daemon's state document."""
 
@@ -42,9 +63,12 @@ class StateFile:
         except ValueError as e:
             why = f"not JSON ({e})"
         else:
-            if isinstance(doc, dict):
+            if not isinstance(doc, dict):
+                why = "not a JSON object"
+            elif (wrong := _wrong_key(doc)) is None:
                 return doc
-            why = "not a JSON object"
+            else:
+                why = f"not a state document ({wrong})"
         aside = self.path.with_name(self.path.name + ".unreadable")
         try:
             self.path.replace(aside)
