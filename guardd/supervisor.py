@@ -700,19 +700,21 @@ class Supervisor:
             # (At start there is no task group yet: `run` starts it after the first tick.)
             await self._tg.start(self._run_notifier, new)
 
-    def _start_metrics(self) -> None:
-        listen = self.settings.config.metrics.listen
+    def _start_metrics(self, listen: str | None = None) -> str | None:
+        """Serve /metrics on `listen` (default: the config's); why it could not, or None."""
+        listen = self.settings.config.metrics.listen if listen is None else listen
         if not listen:
-            return
+            return None
         try:
             server = MetricsServer(listen, self.metrics.registry)
             server.start()
         except (OSError, ValueError) as e:
             # Metrics are not the decision path: guard on, and say so loudly.
             self.log.error("metrics_listen_failed", listen=listen, error=str(e))
-            return
+            return str(e)
         self.metrics_server = server
         self.log.info("metrics_listening", listen=listen, port=server.port)
+        return None
 
     # ---- the main loop -----------------------------------------------------------------
 
@@ -1159,10 +1161,19 @@ class Supervisor:
         async with guard.lock:
             keep = await self.install(runtime)
             if old.config.metrics != new.config.metrics:
+                served = self.metrics_server is not None
                 if self.metrics_server is not None:
                     self.metrics_server.close()
                     self.metrics_server = None
-                self._start_metrics()
+                why = self._start_metrics()
+                if why is not None and served:
+                    # Scraped until now: keep serving where Prometheus looks, and say so.
+                    self._start_metrics(old.config.metrics.listen)
+                    guard.record(
+                        "alert",
+                        reason=f"metrics.listen {new.config.metrics.listen} cannot be served "
+                        f"({why}); /metrics stays on {old.config.metrics.listen}",
+                    )
             guard.record(
                 "config_reloaded",
                 reason="configuration reloaded"

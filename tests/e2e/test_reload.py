@@ -309,3 +309,25 @@ def test_a_reload_waiting_on_the_resolver_stalls_no_probe_or_answer(make_lab: Ma
         assert answers >= 3
         d.wait_event("config_reloaded", timeout=30, after=events)
     assert d.stop() == 0
+
+
+def test_a_metrics_address_that_cannot_be_served_keeps_the_one_scraped(make_lab: MakeLab) -> None:
+    # A port another process holds is a valid config: only the bind can tell. Prometheus
+    # scrapes the old address until the new one works, and the journal says why.
+    port = free_port()
+    lab: Lab = make_lab(metrics__listen=f"127.0.0.1:{port}")
+    d = lab.daemon()
+    assert "guardd_build_info" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        seen = len(d.events())
+        event = reload_with(d, lab, metrics__listen=busy)
+        assert event["changed"] == ["metrics.listen"]
+        said = d.wait_event("alert", after=seen, where=lambda e: "metrics.listen" in e["reason"])
+        assert said["reason"].startswith(f"metrics.listen {busy} cannot be served ("), said
+        assert said["reason"].endswith(f"/metrics stays on 127.0.0.1:{port}")
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert "guardd_build_info" in text
+    assert d.stop() == 0
