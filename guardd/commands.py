@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -35,6 +36,10 @@ __all__ = [
 
 # Enough for any error message; a chatty command cannot balloon guardd's memory.
 _MAX_OUTPUT = 64 * 1024
+#: How the last attempt of a command run in this context failed (`<what>: <why>`), or None
+#: when it succeeded: a caller's deadline that cuts the retries short says only "timed
+#: out", and this is what the operator needs beside it (`switchers.switch_error_for`).
+LAST_FAILURE: ContextVar[str | None] = ContextVar("guardd_last_command_failure", default=None)
 # A line of a command's stderr that says what failed (`CommandResult.stderr_gist`).
 _ERROR_LINE = re.compile(
     r"\[(?:emerg|alert|crit|error)\]|\b(?:error|fatal|failed)\b", re.IGNORECASE
@@ -136,20 +141,24 @@ async def run_command(
     if not args:
         raise CommandFailed(f"{what}: empty command")
     attempts = 0
+    LAST_FAILURE.set(None)  # (a failure of an earlier command is no news of this one)
 
     async def attempt_once() -> CommandResult:
         nonlocal attempts
         attempts += 1
         returncode, stdout, stderr = await _run_once(args, timeout, what)
         result = CommandResult(args, returncode, stdout, stderr, attempts)
+        failure = None
         if returncode < 0:
             # A signal from outside (the OOM killer, an operator) says nothing about
             # the command's verdict, even where a non-zero exit would.
-            raise _TransientError(f"killed by signal {_signal_name(-returncode)}")
-        if check and not result.ok:
+            failure = f"killed by signal {_signal_name(-returncode)}"
+        elif check and not result.ok:
             gist = result.stderr_gist()
-            said = f": {gist}" if gist else ""
-            raise _TransientError(f"exited with status {returncode}{said}")
+            failure = f"exited with status {returncode}" + (f": {gist}" if gist else "")
+        LAST_FAILURE.set(None if failure is None else f"{what}: {failure}")
+        if failure is not None:
+            raise _TransientError(failure)
         return result
 
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Final, Protocol, TypeGuard, runtime_checkable
 
+from guardd.commands import LAST_FAILURE
 from guardd.core.types import COLORS, Color
 from guardd.exceptions import CommandFailed, SwitchError
 
@@ -62,7 +63,11 @@ def switch_error_for(
     """
     error: BaseException
     if isinstance(exc, TimeoutError):
-        error = CommandFailed(f"{what} timed out after {timeout:g}s")
+        # Retries of a failing command cut short by the deadline: why they failed, too.
+        last = LAST_FAILURE.get()
+        error = CommandFailed(
+            f"{what} timed out after {timeout:g}s" + (f" ({last})" if last else "")
+        )
     elif isinstance(exc, OSError):
         error = SwitchError(f"{what} failed: {exc}")
     else:

@@ -383,3 +383,21 @@ async def test_a_target_that_is_no_regular_file_is_refused_at_once(
     assert link_target(nginx) == nginx.targets["blue"]
     with anyio.fail_after(5), pytest.raises(SwitchRejected):
         await switcher.test_target("green")
+
+
+async def test_retries_cut_short_by_the_timeout_say_why_they_failed(
+    tmp_path: Path, nginx: Nginx
+) -> None:
+    """A reload failing again and again until `switch.timeout` runs out: "timed out" alone
+    hides what nginx said; the last attempt's error is told with it."""
+    says = "import sys; sys.stderr.write('nginx: [error] invalid PID number\\n'); sys.exit(1)"
+    slow = RetryPolicy(attempts=100, base_delay=0.2, max_delay=0.2)
+    switcher = make_switcher(
+        nginx, reload_command=[sys.executable, "-c", says], retry=slow, timeout=1.5
+    )
+    with pytest.raises(CommandFailed) as failed:
+        await switcher.switch("green")
+    assert "switch to green timed out after 1.5s (nginx reload: exited with status 1: " in str(
+        failed.value
+    ), failed.value
+    assert "[error] invalid PID number" in str(failed.value)
