@@ -1184,9 +1184,11 @@ class GuardConfig(BaseModel):
         # The front door is what users reach (nginx): a color's own URL there would vouch
         # for that color whichever one nginx serves, and never see nginx at all.
         upstreams: dict[Color, UpstreamConfig] | None = info.data.get("upstreams")
-        for color, upstream in (upstreams or {}).items():
-            door = None if switch.verify_url is None else same_url(switch.verify_url)
-            if door is not None and door in {same_url(u) for u in upstream.all_urls}:
+        if switch.verify_url is None or not upstreams:
+            return switch
+        door = same_url(switch.verify_url)
+        for color, upstream in upstreams.items():
+            if door in {same_url(u) for u in upstream.all_urls}:
                 why = (
                     f"is a URL of upstreams.{color}; the front door is the address users "
                     "reach through nginx, which serves whichever color is active"

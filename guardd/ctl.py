@@ -761,9 +761,9 @@ def _unless_guardd_holds(
     """`lock`, read as no lock from `where`, unless the guardd running there holds one.
 
     That guardd may have been given another lock file than this config names (a
-    `GUARDD_QOS__LOCK_FILE` in its unit's environment): its word then decides. Asked only
-    before saying "allowed"; a guardd that does not answer leaves the file's word, as
-    when it is down.
+    `GUARDD_QOS__LOCK_FILE` in its unit's environment), or be moving traffic: its word
+    then decides. Asked only before saying "allowed". No guardd there (down) leaves the
+    file's word; one that takes the question and never answers is UNKNOWN.
     """
     if not paths.is_socket(target.socket):
         return lock, where  # no guardd there to ask (and no client to load: _LAZY_CLIENT)
@@ -779,6 +779,8 @@ def _unless_guardd_holds(
         return lock, where
     if held.get("locked") is False:
         return lock, where
+    if held.get("unknown") or not isinstance(held.get("locked"), bool):
+        raise _CannotTell(f"guardd at {target.socket}: {held.get('warning') or 'no answer'}")
     if held.get("reason") == IN_FLIGHT:
         _warn(f"guardd at {target.socket} is moving traffic: deploys wait until it ends")
     else:
@@ -786,8 +788,6 @@ def _unless_guardd_holds(
             f"guardd at {target.socket} holds a QoS lock that {where} does not show: its "
             "qos.lock_file is another file (a GUARDD_QOS__LOCK_FILE in its environment?)"
         )
-    if held.get("unknown") or not isinstance(held.get("locked"), bool):
-        raise _CannotTell(f"guardd at {target.socket}: {held.get('warning') or 'no answer'}")
     return held, f"guardd at {target.socket}"
 
 
