@@ -525,6 +525,7 @@ def watch_key(status: Mapping[str, Any], *, with_event: bool = True) -> tuple[ob
         colors,
         _lock_word(qos),
         bool(status.get("paused")),
+        bool(status.get("dry_run")),
         status.get("hold_reason"),
         (last.get("id") or last.get("ts")) if with_event and isinstance(last, Mapping) else None,
     )
@@ -545,6 +546,8 @@ def render_watch_line(status: Mapping[str, Any], now: str) -> str:
     parts.append(f"qos={_lock_word(status.get('qos'))}")
     if status.get("paused"):
         parts.append("paused")
+    if status.get("dry_run"):
+        parts.append("dry-run")
     if status.get("hold_reason"):
         parts.append(f"hold={clean(status['hold_reason'])!r}")
     return " ".join(parts) + "\n"

@@ -19,6 +19,11 @@ from guardd.timestamps import rfc3339
 if TYPE_CHECKING:
     from guardd.guard import Guard
 
+#: `warnings` while `policy.dry_run` is on (docs/contract.md §1).
+DRY_RUN_WARNING = (
+    "policy.dry_run is on: guardd journals and notifies the rollbacks it would make, and makes none"
+)
+
 
 def snapshot(guard: Guard) -> dict[str, Any]:
     """The docs/contract.md §1 `status --json` object."""
@@ -54,6 +59,7 @@ def snapshot(guard: Guard) -> dict[str, Any]:
         "rollback_to": machine.rollback_target(guard.active) if guard.active else None,
         "paused": guard.paused is not None,
         "paused_reason": (guard.paused or {}).get("reason"),
+        "dry_run": guard.s.policy.dry_run,
         "hold_reason": hold.reason if hold else None,
         "no_rollback_target": guard.protection_lost(),
         "qos": qos_doc(guard, lock),
@@ -179,6 +185,10 @@ def front_door_doc(guard: Guard, now: float) -> dict[str, Any] | None:
 def warnings(guard: Guard) -> list[str]:
     """What an operator should look at although nothing is failing outright."""
     found: list[str] = []
+    if guard.s.policy.dry_run:
+        # Not a failure, but no protection either: the operator must not read a calm
+        # status as "guardd would have rolled that back".
+        found.append(DRY_RUN_WARNING)
     mismatch = guard.machine.mismatch
     if mismatch is not None:
         found.append(f"mismatch: {mismatch}")
@@ -236,6 +246,8 @@ def status_line(guard: Guard) -> str:
         parts.append("no-rollback-target")
     if guard.paused is not None:
         parts.append("paused")
+    if guard.s.policy.dry_run:
+        parts.append("dry-run")
     if guard.storage.failing:
         parts.append("storage=failing(" + ",".join(sorted(guard.storage.failing)) + ")")
     if machine.mismatch is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from guardd.statusview import DRY_RUN_WARNING
 from tests.harness.daemon import GUARDCTL, Lab, MakeLab, guardctl, log_lines, wait_until
 from tests.harness.daemon import lab as lab_in
 from tests.harness.jsondoc import json_object
@@ -85,6 +86,45 @@ def test_status_exit_codes_and_shape(make_lab: MakeLab) -> None:
     assert d.stop() == 0
     down = ctl(lab, "status")
     assert down.returncode == 3 and "UNKNOWN" in down.stdout
+
+
+def test_a_dry_run_guard_never_reads_as_protecting(make_lab: MakeLab, tmp_path: Path) -> None:
+    """policy.dry_run: guardd acts on nothing, and every place an operator looks says so."""
+    lab: Lab = make_lab(policy__dry_run=True)
+    d = lab.daemon()
+    assert lab.notify is not None
+    lab.notify.wait_for(lambda m: m.startswith("STATUS=") and " dry-run" in m)
+    doc = wait_until(lambda: (s := status(lab))["state"] == "steady" and s, 20, "steady")
+    assert doc["dry_run"] is True
+    assert DRY_RUN_WARNING in doc["warnings"]
+    human = ctl(lab, "status")
+    assert human.returncode == 1, "healthy but unprotected is a WARNING, not OK"
+    assert "policy.dry_run is on" in human.stdout
+    out = tmp_path / "watch.out"
+    with out.open("w") as sink:
+        watch = subprocess.Popen(
+            [str(GUARDCTL), "--config", str(lab.config_path), "status", "--watch"],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(lambda: "state=steady" in out.read_text(), 30, "a watch line")
+        finally:
+            watch.kill()
+            watch.wait()
+    assert " dry-run" in out.read_text().splitlines()[0]
+    # What it says is what it does: a failing green is only told about.
+    lab.green.set_mode("http_503")
+    would = d.wait_event("alert", where=lambda e: str(e["reason"]).startswith("dry run:"))
+    assert "would roll back green -> blue" in would["reason"]
+    assert lab.nginx.served_color() is None  # still on the failing green, nothing moved
+    assert not [e for e in d.events() if e["event"].startswith("rollback")]
+    # Turned off by a reload, the warning goes, and guardd acts.
+    lab.write_config(policy__dry_run=False)
+    d.signal(signal.SIGHUP)
+    d.wait_event("rollback_completed")
+    assert status(lab)["dry_run"] is False
+    assert DRY_RUN_WARNING not in status(lab)["warnings"]
 
 
 def test_stale_probes_are_never_shown_healthy(make_lab: MakeLab) -> None:
