@@ -129,6 +129,8 @@ def _whole_number(value: object) -> object:
 
 #: A count (failures, samples, attempts, bytes): an integer, never a boolean or a float.
 Count = Annotated[int, BeforeValidator(_whole_number)]
+#: The least `switch.timeout`: see `SwitchConfig._timeout`.
+MIN_SWITCH_TIMEOUT_S = 1.0
 Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_at_most_a_year)]
 Flag = Annotated[bool, BeforeValidator(parse_flag)]
 PositiveDuration = Annotated[Duration, Field(gt=0)]
@@ -763,7 +765,7 @@ class SwitchConfig(_Section):
     kind: Literal["nginx", "state-file", "command"] = "nginx"
     """How traffic moves: nginx (symlink swap), state-file, or command."""
     timeout: PositiveDuration = 30.0
-    """The bound on a whole switch, verification included."""
+    """The bound on a whole switch, verification included (at least 1s)."""
     active_link: Path | None = None
     """nginx: the symlink nginx includes, pointing at one of `targets`."""
     targets: dict[Color, Path] | None = None
@@ -785,6 +787,20 @@ class SwitchConfig(_Section):
     @classmethod
     def _verify(cls, v: str | None) -> str | None:
         return None if v is None else _check_http_url(v)
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, v: float) -> float:
+        # Below this every switch fails and is undone, and guardd holds instead of rolling
+        # back: `nginx -t` and a reload take 14 ms on an idle host with a two-line config
+        # (bench/results, "Reference switch"), and seconds with a large one.
+        if v < MIN_SWITCH_TIMEOUT_S:
+            raise ValueError(
+                f"must be at least {MIN_SWITCH_TIMEOUT_S:g}s: a switch runs the test and "
+                "reload commands and then verifies; shorter, every switch would fail and "
+                "be undone"
+            )
+        return v
 
     @field_validator("test_command", "reload_command", "command")
     @classmethod
@@ -1194,6 +1210,26 @@ class GuardConfig(BaseModel):
                     "reach through nginx, which serves whichever color is active"
                 )
                 raise _validation_error("switch", [], [("verify_url", why)])
+        return switch
+
+    @field_validator("switch", mode="after")
+    @classmethod
+    def _verification_holds_an_answer(
+        cls, switch: SwitchConfig, info: ValidationInfo
+    ) -> SwitchConfig:
+        # Verification has half of switch.timeout (docs/contract.md §5): a budget shorter
+        # than one front-door answer may take fails every switch whose first answer is slow.
+        probe: ProbeConfig | None = info.data.get("probe")
+        if switch.verify_url is None or probe is None:
+            return switch
+        if switch.timeout / 2 < probe.timeout:
+            half = switch.timeout / 2
+            why = (
+                f"{switch.timeout:g}s leaves verification through verify_url {half:g}s "
+                f"(half), less than one answer may take (probe.timeout {probe.timeout:g}s); "
+                f"make it at least {2 * probe.timeout:g}s"
+            )
+            raise _validation_error("switch", [], [("timeout", why)])
         return switch
 
     @field_validator("switch", mode="after")

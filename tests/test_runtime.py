@@ -97,7 +97,7 @@ async def test_the_same_file_reuses_every_part(tmp_path: Path) -> None:
     [
         (("9009/healthz", "9019/healthz"), {"blue"}),
         (("9010/healthz", "9020/healthz"), {"green"}),
-        (('timeout = "2s"', 'timeout = "3s"'), {"blue", "green", "verifier"}),
+        (('timeout = "2s"', 'timeout = "2500ms"'), {"blue", "green", "verifier"}),
         # verify_url is in [switch]: the switcher is rebuilt with its section.
         (("9011/healthz", "9021/healthz"), {"verifier", "switcher"}),
         (('timeout = "5s"', 'timeout = "6s"'), {"switcher"}),
