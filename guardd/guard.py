@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from guardd import qoslock, recovery, statusview
+from guardd import onsets, qoslock, recovery, statusview
 from guardd.budget import RollbackBudget
 from guardd.core.machine import (
     Alert,
@@ -166,6 +166,7 @@ class Guard:
         self.state: State = State.STARTING
         self.last_decision: dict[str, Any] | None = None
         self.budget = RollbackBudget()
+        self._onsets = onsets.OnsetStamps()
         #: The fleet this node belongs to (`[fleet]`), or None: this node decides alone.
         self.fleet: Fleet | None = None
         # The signals besides the probe, by name (set by the runtime), their readings at
@@ -294,7 +295,18 @@ class Guard:
             "qos": self.qos.to_json(),
             "qos_change": self.qos.change_json(),
             "journal_owed": list(self.owed),  # (a copy: the saved doc is compared later)
+            "onsets": self._onsets.doc(
+                self.machine.policy.table, self.clock.monotonic(), self.clock.wall()
+            ),
         }
+
+    def carry_onsets(self, saved: object) -> None:
+        """Take up the `for` onsets state.json kept (`guardd.onsets`), at start-up."""
+        table = self.machine.policy.table
+        found = onsets.carried(saved, table, self.clock.monotonic(), self.clock.wall())
+        if found:
+            table.carry(found)
+            self.log.info("onsets_carried", rules=sorted(f"{r}@{c}" for r, c in found))
 
     # ---- start-up ----------------------------------------------------------------------
 

@@ -104,6 +104,10 @@ async def recover(guard: Guard, saved: dict[str, Any]) -> None:
         # Someone moved traffic while guardd was down: an operator acted, just as with
         # a switch made while it runs (`Guard._adopt_external_switch`).
         guard.machine.clear_hold()
+    elif pending is None and remembered == guard.active:
+        # Traffic is where it was: the `for` of a condition that held goes on, as if
+        # guardd had not stopped (a switch would have started them afresh).
+        guard.carry_onsets(saved.get("onsets"))
     guard.metrics.set_active(guard.active)
 
 

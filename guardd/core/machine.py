@@ -188,9 +188,9 @@ NO_TARGET = "no_target"
 class Memory:
     """Everything the machine remembers besides its probe windows: state.json keeps it.
 
-    The windows (and the P1 onsets the policy derives from them) are measurements, taken
-    again after a restart; whatever else steers a decision is here, so that a restart
-    alone never changes one (docs/contract.md §4).
+    The windows are measurements, taken again after a restart; the onsets of the rules'
+    `for` are kept beside this (`Guard.onsets_doc`); whatever else steers a decision is
+    here, so that a restart alone never changes one (docs/contract.md §4).
     """
 
     hold: Hold | None = None
@@ -343,7 +343,9 @@ class GuardMachine:
         """Apply a reloaded policy; windows of colors not in `keep` start afresh."""
         self.spec = spec
         self.probe_interval = probe_interval
-        self.policy = Policy(spec)
+        old, self.policy = self.policy, Policy(spec)
+        # A reload never restarts a `for`: the onsets of rules it left as they were stay.
+        self.policy.table.adopt(old.table)
         self._edges.keep_firing_for = spec.window
         for color in COLORS:
             if color in keep:
@@ -351,6 +353,7 @@ class GuardMachine:
             else:
                 self.windows[color] = SlidingWindow(spec.window)
                 self.seen_healthy.discard(color)
+                self.policy.reset(color)  # its onsets were of the URLs it had
 
     def judge_afresh(self, color: Color) -> None:
         """Forget `color`'s probe window: what it did before an operator's switch to it.

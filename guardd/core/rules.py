@@ -20,10 +20,10 @@ firing, and its `for` starts again.
 
 from __future__ import annotations
 
+import math
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from math import copysign
 from typing import Any, Final, Literal
 
 from guardd.core.signals import PROBE, Reading
@@ -243,6 +243,12 @@ class RuleTable:
         self.rules: tuple[Rule, ...] = tuple(rules)
         self.stale_after: Mapping[str, float] = dict(stale_after or {})
         self._since: dict[tuple[str, Color], float] = {}
+        # Onsets of an earlier run (`carry`), each with the monotonic time it lapses:
+        # taken up by the first tick on which its rule holds, dropped by one on which it
+        # is judged and does not.
+        self._carried: dict[tuple[str, Color], tuple[float, float]] = {}
+        #: The monotonic `now` of the last `evaluate`: when the onsets were last seen to hold.
+        self.judged_at = -math.inf
         # With one state per rule name, a tick on which no rule holds needs none of the
         # severity order: every rule is `ok` or `inconclusive` and nothing fires.
         self._distinct = len({r.name for r in self.rules}) == len(self.rules)
@@ -255,10 +261,50 @@ class RuleTable:
         have held since then, and `status` says since when."""
         for key in [k for k in self._since if k[1] == color]:
             del self._since[key]
+        for key in [k for k in self._carried if k[1] == color]:
+            del self._carried[key]
 
     def onsets(self, color: Color) -> bool:
-        """Whether any rule has an onset on `color` (its condition held at its last judging)."""
-        return bool(self._since) and any(c == color for _, c in self._since)
+        """Whether any rule has an onset on `color` (its condition held at its last judging),
+        or one carried over from an earlier run."""
+        return any(c == color for _, c in self._since) or any(c == color for _, c in self._carried)
+
+    def pending_onsets(self) -> dict[tuple[str, Color], float]:
+        """Each (rule name, color) whose condition holds, with its monotonic onset (s)."""
+        return dict(self._since)
+
+    def carry(self, onsets: Mapping[tuple[str, Color], tuple[float, float]]) -> None:
+        """Take up the onsets of an earlier run (a restart's, a reload's): per (rule name,
+        color), (monotonic onset, monotonic time it lapses). Each continues on the first
+        tick its rule holds before it lapses; a tick on which its rule is judged and does
+        not hold drops it. (How the `for` of Prometheus' alerting rules survives a restart:
+        https://prometheus.io/docs/prometheus/latest/configuration/alerting_rules/.)"""
+        names = {r.name for r in self.rules}
+        self._carried.update((k, v) for k, v in onsets.items() if k[0] in names)
+
+    def adopt(self, old: RuleTable) -> None:
+        """On a reload: keep the onsets of `old` (carried ones too) whose rule is unchanged
+        (same name, same definition); a rule changed in any way starts its `for` afresh."""
+        rules = set(self.rules)
+        same = {r.name for r in old.rules if r in rules}
+        self._since = {k: v for k, v in old._since.items() if k[0] in same}
+        self._carried = {k: v for k, v in old._carried.items() if k[0] in same}
+
+    def _onset(self, key: tuple[str, Color], now: float) -> float:
+        since = self._since.get(key)
+        if since is None:
+            carried = self._carried.pop(key, None) if self._carried else None
+            since = carried[0] if carried is not None and now <= carried[1] else now
+            self._since[key] = since
+        return since
+
+    def _ended(self, j: _Judged, color: Color) -> None:
+        # A rule judged not to hold: its onset ends, and so does one carried over (a rule
+        # that could not judge keeps a carried onset until it can, or it lapses).
+        key = (j.rule.name, color)
+        self._since.pop(key, None)
+        if self._carried and j.why is None:
+            self._carried.pop(key, None)
 
     def is_stale(self, signal: str, reading: Reading | None, now: float) -> bool:
         """Whether `signal` has given nothing for longer than its `stale_after`."""
@@ -280,6 +326,7 @@ class RuleTable:
         `standby` is the other color, read by `above_standby` rules. The probe reading
         must exist: the verdict's evidence when nothing fires is built from it.
         """
+        self.judged_at = now
         judge = self._judge
         judged = [judge(r, now, color, standby, readings, baselines=baselines) for r in self.rules]
         if self._distinct and not any(j.holds for j in judged):
@@ -297,7 +344,7 @@ class RuleTable:
                 continue
             for j in level:
                 if not j.holds:
-                    self._since.pop((j.rule.name, color), None)
+                    self._ended(j, color)
             for j in level:
                 if not j.holds:
                     states[j.rule.name] = self._state(j, None)
@@ -307,7 +354,7 @@ class RuleTable:
                     # already had, but a new one starts only on a tick it is judged.
                     states[j.rule.name] = self._state(j, self._since.get((j.rule.name, color)))
                     continue
-                since = self._since.setdefault((j.rule.name, color), now)
+                since = self._onset((j.rule.name, color), now)
                 evidence = self._evidence(j, color, now - since)
                 if now - since >= (j.rule.for_s or 0.0):
                     fired = (j.rule, evidence)
@@ -340,9 +387,9 @@ class RuleTable:
     def _quiet(self, judged: list[_Judged], color: Color, readings: Readings) -> Verdict:
         # What the full walk of `evaluate` comes to when no rule holds: every onset of
         # `color` ends, each rule is `ok` or `inconclusive`, nothing is pending or fires.
-        if self._since:
+        if self._since or self._carried:
             for j in judged:
-                self._since.pop((j.rule.name, color), None)
+                self._ended(j, color)
         lacking, evidence = _quiet_evidence(judged, readings(PROBE, color), color)
         # A rule's state without an onset is its value, samples and why: the one made
         # last time is given again while those are the same (and so is the value's type
@@ -354,7 +401,7 @@ class RuleTable:
             key = (
                 v.__class__,
                 v,
-                copysign(1.0, v) if isinstance(v, float) else 0.0,
+                math.copysign(1.0, v) if isinstance(v, float) else 0.0,
                 j.reading.samples if j.reading is not None else 0,
                 j.why,
             )
@@ -378,10 +425,10 @@ class RuleTable:
             if not j.rule.dry_run:
                 continue
             if not j.holds:
-                self._since.pop((j.rule.name, color), None)
+                self._ended(j, color)
                 states[j.rule.name] = self._state(j, None)
                 continue
-            since = self._since.setdefault((j.rule.name, color), now)
+            since = self._onset((j.rule.name, color), now)
             firing = now - since >= (j.rule.for_s or 0.0)
             states[j.rule.name] = self._state(j, since, firing=firing)
             if firing:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
+import time
 from typing import Any
 
 import pytest
 
+from guardd.timestamps import parse_rfc3339
 from tests.harness.daemon import GUARDD, Daemon, Lab, MakeLab, guardctl, log_lines, wait_until
 
 pytestmark = pytest.mark.nginx
@@ -299,3 +302,86 @@ def test_a_state_file_that_cannot_be_read_holds_never_decides_alone(
     assert ctl(lab, "resume").returncode == 0
     d2.wait_event("rollback_completed", after=count)
     assert d2.stop() == 0
+
+
+# ---- the `for` of a pending rule --------------------------------------------------------
+
+SUSTAIN = "6s"
+# A quarter of green's probes fail: no P0 rule may fire first.
+NO_P0 = {"policy__p0_error_ratio": 0.9, "policy__consecutive_failures": 100}
+
+
+def _pending_p1(lab: Lab) -> float:
+    """Make green fail about a quarter of its answers at random (the front door's too,
+    whose requests reach it between the probes) and wait for its P1 ratio rule to be
+    pending; the onset (wall seconds) status gives. The lab's P0 rules are set out of
+    reach."""
+    lab.green.set_mode("random_5xx", probability=0.25, seed=11)
+
+    def since() -> str | None:
+        row = next(r for r in status(lab)["rules"] if r["rule"] == "p1_error_ratio")
+        green = row["green"]
+        return green["since"] if green["state"] == "pending" else None
+
+    return parse_rfc3339(wait_until(since, 30, "green's P1 ratio rule pending"))
+
+
+def _onset_of(started: dict[str, Any]) -> float:
+    """When the `for` of the rule behind `rollback_started` began (wall seconds)."""
+    return parse_rfc3339(started["ts"]) - float(started["evidence"]["sustained_s"])
+
+
+def test_a_restart_never_restarts_the_for_of_a_pending_rule(make_lab: MakeLab) -> None:
+    """Killed (-9) while a P1 rule is pending and started again, guardd rolls back when
+    the rule's `for` ends counted from its onset before the kill: a guardd restarted more
+    often than its `for` (a crash loop) would otherwise never roll back on a P1."""
+    lab: Lab = make_lab(policy__p1_sustain=SUSTAIN, **NO_P0)
+    d = lab.daemon()
+    since = _pending_p1(lab)
+    saved = wait_until(lambda: d.state().get("onsets"), 10, "the onset in state.json")
+    assert [(o["rule"], o["color"]) for o in saved["onsets"]] == [("p1_error_ratio", "green")]
+    d.kill9()
+    count = len(d.events())
+    restarted = time.time()
+    d2 = lab.daemon()
+    started = d2.wait_event("rollback_started", after=count, timeout=60)
+    assert started["severity"] == "P1" and started["evidence"]["rule"] == "p1_error_ratio"
+    # The onset is the one before the kill (to the millisecond state.json keeps), not one
+    # taken after the restart.
+    assert _onset_of(started) < restarted
+    assert abs(_onset_of(started) - since) < 0.05, (started, since)
+    d2.wait_event("rollback_completed", after=count)
+    # The color traffic moved to starts its onsets afresh; the one it left keeps its own.
+    assert all(
+        o["color"] == "green" for o in (d2.state().get("onsets") or {"onsets": []})["onsets"]
+    )
+
+
+def test_a_reload_keeps_the_for_of_an_unchanged_rule_and_restarts_a_changed_one(
+    make_lab: MakeLab,
+) -> None:
+    lab: Lab = make_lab(policy__p1_sustain="1h", **NO_P0)
+    d = lab.daemon()
+    since = _pending_p1(lab)
+
+    def green() -> dict[str, Any]:
+        return dict(next(r for r in status(lab)["rules"] if r["rule"] == "p1_error_ratio")["green"])
+
+    def reload(**more: Any) -> tuple[float, float]:
+        """(the rule's onset on green after the reload, when the reload was journaled)."""
+        count = len(d.events())
+        lab.write_config(**more)
+        d.signal(signal.SIGHUP)
+        reloaded = d.wait_event("config_reloaded", after=count)
+        # status shows the last tick's states: wait for one that judged more samples.
+        before = green()["samples"]
+        row = wait_until(lambda: (g := green())["samples"] > before and g, 10, "a tick")
+        assert row["state"] == "pending", row
+        return parse_rfc3339(row["since"]), parse_rfc3339(reloaded["ts"])
+
+    # A reload that leaves the rule as it was (the QoS window changes): its `for` goes on.
+    onset, _ = reload(qos__window="3s")
+    assert abs(onset - since) < 0.005
+    # One that changes it (a `for` of 30 minutes is another rule): it starts afresh.
+    onset, reloaded = reload(policy__p1_sustain="30m")
+    assert onset >= reloaded - 0.005
