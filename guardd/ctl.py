@@ -31,7 +31,7 @@ from typing import Any, Final
 
 from guardd import paths, untrusted_json
 from guardd._version import __version__
-from guardd.core.types import COLORS
+from guardd.core.types import COLORS, GUARDD
 from guardd.exceptions import (
     ControlError,
     DaemonUnreachable,
@@ -762,11 +762,14 @@ def _unless_guardd_holds(
 
     That guardd may have been given another lock file than this config names (a
     `GUARDD_QOS__LOCK_FILE` in its unit's environment), or be moving traffic: its word
-    then decides. Asked only before saying "allowed". No guardd there (down) leaves the
-    file's word; one that takes the question and never answers is UNKNOWN.
+    then decides. Asked only before saying "allowed". A guardd that cannot be asked
+    (down, or its socket not this user's) leaves what its state.dir says
+    (`_unless_left_held`); one that takes the question and never answers is UNKNOWN.
     """
     if not paths.is_socket(target.socket):
-        return lock, where  # no guardd there to ask (and no client to load: _LAZY_CLIENT)
+        # No guardd there to ask (and no client to load: _LAZY_CLIENT).
+        why = f"guardd {target.label} is not running (no socket at {target.socket})"
+        return _unless_left_held(target, lock, where, why)
     try:
         held = call(target.socket, "qos_status", {}, timeout=PEEK_TIMEOUT_S)
     except DaemonUnresponsive as e:
@@ -775,8 +778,9 @@ def _unless_guardd_holds(
             f"guardd at {target.socket} takes connections but does not answer ({e}): "
             f"whether deploys may go is unknown, though {where} holds no lock"
         ) from None
-    except ControlError:
-        return lock, where
+    except ControlError as e:
+        why = f"guardd at {target.socket} cannot be asked ({e})"
+        return _unless_left_held(target, lock, where, why)
     if held.get("locked") is False:
         return lock, where
     if held.get("unknown") or not isinstance(held.get("locked"), bool):
@@ -789,6 +793,71 @@ def _unless_guardd_holds(
             "qos.lock_file is another file (a GUARDD_QOS__LOCK_FILE in its environment?)"
         )
     return held, f"guardd at {target.socket}"
+
+
+def _unless_left_held(
+    target: _Target, lock: dict[str, Any], where: str, why: str
+) -> tuple[dict[str, Any], str]:
+    """`lock`, no lock in `where`, unless what guardd left in its state.dir says deploys
+    must wait, when guardd cannot be asked (`why`): a rollback its journal shows begun and
+    never ended (killed mid-switch: it resumes or undoes it at its next start), or a lock
+    of its own that state.json keeps (the lock file removed meanwhile: it takes the lock
+    back when it starts). UNKNOWN when those files cannot be read."""
+    if target.state_dir is None:
+        return lock, where
+    from guardd.journal import open_rollback, tail_events  # noqa: PLC0415 - guardd unasked
+
+    journal, state = target.state_dir / "events.jsonl", target.state_dir / "state.json"
+    try:
+        pending = open_rollback(tail_events(journal))
+        saved, unreadable = _saved_state(state)
+    except OSError as e:
+        raise _CannotTell(
+            f"{why}, and its state in {target.state_dir} cannot be read "
+            f"({e.strerror or e}): whether a switch is in flight, or a lock of its own "
+            f"waits to be taken back, is unknown, though {where} holds no lock"
+        ) from None
+
+    def left(reason: str, locked_at: object = None) -> dict[str, Any]:
+        return {
+            "locked": True,
+            "reason": reason,
+            "until": None,
+            "locked_at": locked_at,
+            "by": GUARDD,
+        }
+
+    if pending is not None:
+        _warn(f"{why}; its journal shows a rollback begun and not ended")
+        begun = pending.get("ts")
+        return left(
+            f"a rollback guardd began at {begun} has not ended (guardd resumes or undoes it "
+            "when it runs): deploys wait until it ends",
+            begun,
+        ), str(journal)
+    if unreadable is not None:
+        _warn(f"{why}; its {state} is {unreadable}")
+        return left(
+            f"{state} is {unreadable}: guardd starts in a hold, with its lock, until an "
+            "operator looks (`guardctl resume`)"
+        ), str(state)
+    own = saved.get("qos")
+    if isinstance(own, Mapping):
+        _warn(f"{why}; its state.json keeps a QoS lock it takes back when it starts")
+        fields = ("reason", "until", "locked_at", "by")
+        return {"locked": True, **{k: own.get(k) for k in fields}}, str(state)
+    return lock, where
+
+
+def _saved_state(state: Path) -> tuple[Mapping[str, Any], str | None]:
+    """state.json as guardd left it (`statefile.read_only`): no file is no state."""
+    from guardd.statefile import read_only  # noqa: PLC0415 - guardd unasked
+
+    try:
+        raw = state.read_bytes()
+    except FileNotFoundError:
+        return {}, None
+    return read_only(raw)
 
 
 def _fleet_lock(target: _Target) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import math
 import os
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Reversible, Sequence
 from pathlib import Path
 from typing import Any, Final, overload
 
@@ -87,6 +87,47 @@ def is_named(doc: object) -> bool:
 
 
 # The keys of a journal line that `Journal.append` writes itself.
+def open_rollback(recent: Reversible[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last `rollback_started` among the journal's `recent` entries (oldest first)
+    that no completion or failure closed."""
+    closed: set[str] = set()
+    for entry in reversed(recent):
+        kind = entry.get("event")
+        if kind in ("rollback_completed", "rollback_failed"):
+            closed.add(str(entry.get("rollback_id")))
+        elif kind == "rollback_started":
+            return None if str(entry.get("id")) in closed else entry
+    return None
+
+
+def tail_events(path: Path, limit_bytes: int = RECENT_BYTES) -> list[dict[str, Any]]:
+    """The events of the last `limit_bytes` of the journal at `path` (what a guardd starting
+    now keeps of it, `Journal.recent`), oldest first, torn and foreign lines skipped; []
+    when there is no journal. Raises `OSError` when it cannot be read."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return []
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - limit_bytes))
+        data = f.read(limit_bytes)
+    lines = data.split(b"\n")
+    if size > limit_bytes:
+        lines = lines[1:]  # begun mid-line
+    events: list[dict[str, Any]] = []
+    for raw in lines:
+        if not raw.strip():
+            continue
+        try:
+            doc = untrusted_json.loads(raw)
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if is_event_line(doc):
+            events.append(doc)
+    return events
+
+
 _OWN_KEYS: Final = frozenset({"event", "id", "event_id", "ts", "guard"})
 
 

@@ -8,7 +8,6 @@ QoS lock taken back. It runs once, before the guard's loops start.
 
 from __future__ import annotations
 
-from collections.abc import Reversible
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -16,7 +15,7 @@ import anyio
 from guardd.core.machine import Memory
 from guardd.core.types import COLORS, GUARDD
 from guardd.exceptions import SwitchError, why
-from guardd.journal import is_named
+from guardd.journal import is_named, open_rollback
 from guardd.timestamps import parse_rfc3339
 
 if TYPE_CHECKING:
@@ -46,19 +45,6 @@ def load_history(guard: Guard) -> None:
             others=sorted(others),
             path=str(guard.journal.path),
         )
-
-
-def open_rollback(recent: Reversible[dict[str, Any]]) -> dict[str, Any] | None:
-    """The last `rollback_started` among the journal's `recent` entries (oldest first)
-    that no completion or failure closed."""
-    closed: set[str] = set()
-    for entry in reversed(recent):
-        kind = entry.get("event")
-        if kind in ("rollback_completed", "rollback_failed"):
-            closed.add(str(entry.get("rollback_id")))
-        elif kind == "rollback_started":
-            return None if str(entry.get("id")) in closed else entry
-    return None
 
 
 async def recover(guard: Guard, saved: dict[str, Any]) -> None:

@@ -34,6 +34,19 @@ def _wrong_key(doc: dict[str, Any]) -> str | None:
     return None
 
 
+def read_only(raw: bytes) -> tuple[dict[str, Any], str | None]:
+    """state.json's bytes as `StateFile.load` reads them, without moving anything: (the
+    document, None), or ({}, why it is no state document; guardd then starts in a hold)."""
+    try:
+        doc = untrusted_json.loads(raw)
+    except ValueError as e:
+        return {}, f"not JSON ({e})"
+    if not isinstance(doc, dict):
+        return {}, "not a JSON object"
+    wrong = _wrong_key(doc)
+    return (doc, None) if wrong is None else ({}, f"not a state document ({wrong})")
+
+
 class StateFile:
     """Loads and atomically saves the daemon's state document."""
 
@@ -58,17 +71,9 @@ class StateFile:
             raise
         except OSError as e:
             raise StorageError(f"cannot read {self.path}: {e.strerror}") from None
-        try:
-            doc = untrusted_json.loads(raw)
-        except ValueError as e:
-            why = f"not JSON ({e})"
-        else:
-            if not isinstance(doc, dict):
-                why = "not a JSON object"
-            elif (wrong := _wrong_key(doc)) is None:
-                return doc
-            else:
-                why = f"not a state document ({wrong})"
+        doc, why = read_only(raw)
+        if why is None:
+            return doc
         aside = self.path.with_name(self.path.name + ".unreadable")
         try:
             self.path.replace(aside)

@@ -236,6 +236,45 @@ def test_qos_commands_and_status_with_the_daemon_down(make_lab: MakeLab) -> None
     assert d2.stop() == 0
 
 
+def test_with_guardd_down_the_gate_reads_the_lock_it_will_take_back(make_lab: MakeLab) -> None:
+    """Killed during its guard window, and the lock file removed meanwhile (a /run emptied,
+    a hand's rm): state.json keeps the window and guardd takes it back at start, so the
+    gate never says "allowed" in between."""
+    lab: Lab = make_lab(qos__window="10m")
+    d = lab.daemon()
+    lab.green.set_mode("http_503")
+    locked = d.wait_event("qos_locked")
+    d.kill9()
+    lab.lock_file.unlink()
+    res = guardctl("--config", str(lab.config_path), "qos", "status", "--json")
+    assert res.returncode == 1, res
+    doc = json.loads(res.stdout)
+    assert doc["locked"] is True and doc["reason"] == locked["reason"], doc
+    assert "takes back when it starts" in res.stderr
+    d2 = lab.daemon()
+    assert wait_until(lab.lock_file.exists, 10, "the lock taken back")
+    assert not [e for e in d2.events() if e["event"] == "qos_released"]
+
+
+def test_with_guardd_down_and_its_state_unreadable_the_gate_is_unknown(
+    make_lab: MakeLab, shared_run_dir: Path
+) -> None:
+    """A user who can neither ask guardd nor read its state.dir cannot tell whether a
+    switch was cut short: UNKNOWN, never "allowed" from an empty lock path alone."""
+    lab: Lab = make_lab(run_dir=shared_run_dir)
+    d = lab.daemon()
+    assert d.stop() == 0
+    lab.state_dir.chmod(0o700)
+    config = shared_run_dir / "lab.toml"
+    config.write_text(lab.config_path.read_text())
+    config.chmod(0o644)
+    res = guardctl("--config", str(config), "qos", "status", as_nobody=True)
+    assert res.returncode == 3, res
+    assert "cannot be read" in res.stdout + res.stderr
+    # root reads it: nothing cut short, nothing kept, the lock path empty.
+    assert guardctl("--config", str(config), "qos", "status").returncode == 0
+
+
 def test_a_lock_guardd_holds_in_a_file_of_its_own_environment_is_never_allowed(
     make_lab: MakeLab,
 ) -> None:
