@@ -480,11 +480,11 @@ class Guard:
         return decision
 
     def _standstill_lock(self, decision: Decision) -> bool:
-        """While guardd will not act on a failing color (it holds, or it is paused while
-        the active color fails P0/P1), deploys wait too (`QosKeeper.hold`). The lock ends
-        once the active color no longer fails and guardd no longer holds, or a rollback's
-        guard window takes its place (so a `resume` that leads to a rollback leaves no
-        moment unlocked). True if the lock changed."""
+        """While guardd will not act on a failing color (it holds, or it is paused or in
+        dry run while the active color fails P0/P1), deploys wait too (`QosKeeper.hold`).
+        The lock ends once the active color no longer fails and guardd no longer holds, or a
+        rollback's guard window takes its place (so a `resume` that leads to a rollback
+        leaves no moment unlocked). True if the lock changed."""
         hold, own, verdict = self.machine.hold, self.qos.own_lock, decision.verdict
         failing = verdict is not None and verdict.failing
         # Not over while a P0/P1 rule's condition still holds, its `for` not yet run out.
@@ -494,6 +494,11 @@ class Guard:
             why = _holds(hold)
         elif decision.blocked_by == "paused" and verdict is not None and failing:
             why = f"guardd is paused while {self.active} fails: {verdict.reason}"
+        elif decision.blocked_by == "dry_run" and verdict is not None and failing:
+            # policy.dry_run moves no traffic; deploys onto a failing service wait all the same.
+            why = (
+                f"guardd is in dry run (policy.dry_run) while {self.active} fails: {verdict.reason}"
+            )
         if why is not None and own is None:
             self.qos.hold(why)
         elif why is None and not fails and own is not None and own.hold and self._vouched():

@@ -178,13 +178,18 @@ async def _qos_lock(
 
 async def _qos_unlock(guard: Guard, reason: str | None, by: str) -> dict[str, Any]:
     own = guard.qos.own_lock
-    if own is not None and own.hold and (guard.machine.hold is not None or guard.paused):
-        # The lock of a hold, or of a pause while the active color fails: released now, it
-        # is taken again at the next tick, and "unlocked" would be untrue a moment later.
+    if (
+        own is not None
+        and own.hold
+        and (guard.machine.hold is not None or guard.paused or guard.s.policy.dry_run)
+    ):
+        # The lock of a hold, or of a pause or dry run while the active color fails:
+        # released now, it is taken again at the next tick, and "unlocked" would be untrue
+        # a moment later.
         raise OperationRefused(
             f"the lock stands for a standstill that goes on ({own.info.reason}); guardd "
             "would take it again at once: end that first (`guardctl resume`, `switch`, "
-            "`rollback`)"
+            "`rollback`, or a reload with policy.dry_run off)"
         )
     # A fleet's lock missing from etcd is unknown: an operator's unlock writes it released.
     fleet_held = guard.fleet is not None and (

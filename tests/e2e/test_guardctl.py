@@ -119,6 +119,13 @@ def test_a_dry_run_guard_never_reads_as_protecting(make_lab: MakeLab, tmp_path: 
     assert "would roll back green -> blue" in would["reason"]
     assert lab.nginx.served_color() is None  # still on the failing green, nothing moved
     assert not [e for e in d.events() if e["event"].startswith("rollback")]
+    # Deploys wait while users meet a failing color guardd will not act on, as in a pause.
+    locked = d.wait_event("qos_locked")
+    assert locked["reason"].startswith("guardd is in dry run (policy.dry_run) while green fails")
+    gate = ctl(lab, "qos", "status")
+    assert gate.returncode == 1, gate
+    refused = ctl(lab, "qos", "unlock")
+    assert refused.returncode == 1 and "standstill" in refused.stderr, refused
     # Turned off by a reload, the warning goes, and guardd acts.
     lab.write_config(policy__dry_run=False)
     d.signal(signal.SIGHUP)
