@@ -237,8 +237,9 @@ def idle_guardd(ctx: Bench, upstreams: dict[str, list[str]], switch: dict[str, A
         interval=3600.0,
         switch=switch,
         user_agent=UA["guardd_idle"],
-        # The QoS window must hold policy.min_samples probes at this interval.
+        # The QoS and policy windows must hold policy.min_samples probes at this interval.
         qos_window="6h",
+        policy={"window": "6h"},
     )
 
 
@@ -258,6 +259,7 @@ def idle_tls_guardd(
         switch=switch,
         user_agent=UA["guardd_idle_https_slack"],
         qos_window="6h",
+        policy={"window": "6h"},
         probe={"ca_file": str(ca_file)},
         extra_toml=f'\n[[notify]]\nkind = "slack"\nurl = "{slack.url}"\n',
     )

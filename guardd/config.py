@@ -396,7 +396,7 @@ class ProbeConfig(_Section):
     timeout: PositiveDuration = 2.0
     """The hard deadline of one probe: connect, headers and body."""
     expect_status: Literal["2xx"] | list[Annotated[Count, Field(ge=100, le=599)]] = "2xx"
-    """`"2xx"`, or a list of accepted status codes."""
+    """`"2xx"`, or a list of accepted status codes (at least one)."""
     expect_json: dict[str, Any] | None = None
     """Keys that must match in the JSON body (a subset match); unset: the body is not parsed."""
     headers: dict[str, str] = Field(default_factory=dict)
@@ -430,6 +430,14 @@ class ProbeConfig(_Section):
             return []
         why = _readable_file(self.ca_file)
         return [("ca_file", why)] if why else []
+
+    @field_validator("expect_status", mode="before")
+    @classmethod
+    def _some_status(cls, v: object) -> object:
+        # An empty list accepts no answer: every probe would fail, and guardd hold.
+        if isinstance(v, list) and not v:
+            raise ValueError('accepts no status at all: list at least one, or use "2xx"')
+        return v
 
     @property
     def confirm_interval(self) -> float:
@@ -1358,6 +1366,49 @@ class GuardConfig(BaseModel):
                 f"{int(self.qos.window / self.probe.interval)} probes at probe.interval "
                 f"{self.probe.interval:g}s; policy.min_samples is {self.policy.min_samples}, "
                 f"so it must be at least {need:g}s"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _policy_window_holds_min_samples(self) -> GuardConfig:
+        # Ratio and latency rules judge a window of at least policy.min_samples probes; a
+        # window too short to hold them leaves every one inconclusive for good, and only
+        # consecutive_failures could ever act.
+        need = self.policy.min_samples * self.probe.interval
+        if self.policy.window < need:
+            raise ValueError(
+                f"policy.window: {self.policy.window:g}s holds at most "
+                f"{int(self.policy.window / self.probe.interval)} probes at probe.interval "
+                f"{self.probe.interval:g}s; policy.min_samples is {self.policy.min_samples}, "
+                f"so it must be at least {need:g}s"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lock_file_is_its_own(self) -> GuardConfig:
+        # guardd writes the lock over whatever is at qos.lock_file, and an unlock deletes
+        # it: a path that names another file guardd keeps or moves traffic with would lose
+        # the journal, or an nginx upstream file, at the first rollback.
+        lock = self.qos.lock_file
+        if lock is None:
+            return self
+        others: dict[str, str] = {}
+        if self.state.dir is not None:
+            for name in ("events.jsonl", "state.json", "fleet.json", "guardd.pid"):
+                others[os.path.normpath(self.state.dir / name)] = f"guardd's {name}"
+        for color, target in sorted((self.switch.targets or {}).items()):
+            others[os.path.normpath(target)] = f"switch.targets.{color}"
+        for key in ("active_link", "path"):
+            path = getattr(self.switch, key)
+            if path is not None:
+                others[os.path.normpath(path)] = f"switch.{key}"
+        if self.control.socket is not None:
+            others[os.path.normpath(self.control.socket)] = "control.socket"
+        other = others.get(os.path.normpath(lock))
+        if other is not None:
+            raise ValueError(
+                f"qos.lock_file: is {other}; guardd writes its lock there and an unlock "
+                "removes it: give the lock a file of its own"
             )
         return self
 

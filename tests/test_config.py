@@ -220,7 +220,7 @@ def test_durations_written_as_bare_numbers_of_100_or_more_are_warned_about(
     text = (
         UPSTREAMS
         + "[probe]\ninterval = 1000\nfast_interval = 99\n"
-        + "[policy]\nwindow = 3600\nbudget_window = 7200\n"
+        + "[policy]\nwindow = 7200\nbudget_window = 14400\n"
         + '[switch]\nkind = "state-file"\npath = "/tmp/s.json"\ntimeout = "100s"\n'
         + "[retry]\nmax_delay = 150.5\n"
         + '[qos]\nwindow = "2h"\n'  # min_samples probes at a 1000 s interval must fit
