@@ -669,6 +669,18 @@ class Guard:
         # A fleet node that cannot read the fleet's lock shows it as unknown, never as free.
         self.metrics.set_qos_locked(None if unknown else self.qos_held)
         self.metrics.set_rollback_target_healthy(self.protection_lost() is None)
+        now = self.clock.monotonic()
+        for color in COLORS:
+            if self.machine.is_stale(color, now):
+                # Set at each probe round; a probe that never comes back sets nothing, and
+                # the last round's "healthy" must not stand for a color no longer vouched for.
+                w = self.machine.windows[color]
+                self.metrics.set_upstream(
+                    color,
+                    healthy=False,
+                    consecutive_failures=w.consecutive_failures,
+                    error_ratio=w.failure_ratio,
+                )
         self.settle()
 
     def protection_lost(self) -> str | None:

@@ -926,10 +926,16 @@ class GuardMachine:
         if f.qos_locked:
             return State.GUARD_WINDOW
         window = self.windows[active]
-        if window.consecutive_failures > 0 or (
-            verdict is not None
-            and verdict.evidence.color == active
-            and (verdict.severity is not None or verdict.pending is not None)
+        # A color whose probes stopped coming back (an upstream that accepts and never
+        # answers, under a long probe.timeout) is not known to serve: never `steady`.
+        if (
+            window.consecutive_failures > 0
+            or self.is_stale(active, f.now)
+            or (
+                verdict is not None
+                and verdict.evidence.color == active
+                and (verdict.severity is not None or verdict.pending is not None)
+            )
         ):
             return State.DEGRADED
         return State.STEADY

@@ -149,6 +149,10 @@ def test_stale_probes_are_never_shown_healthy(make_lab: MakeLab) -> None:
     human = ctl(lab, "status")
     assert human.returncode == 1, "an active color guardd cannot vouch for is a WARNING"
     assert "stale" in human.stdout
+    # Nor is it `steady`: a pipeline waiting for steady must not go on.
+    assert wait_until(lambda: status(lab)["state"] == "degraded", 10, "degraded")
+    waited = ctl(lab, "wait", "steady", "--timeout", "1s")
+    assert waited.returncode == 1, waited
     (lab.fault_dir / "probe_green").unlink()
     wait_until(lambda: status(lab)["upstreams"]["green"]["healthy"] is True, 20, "fresh again")
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from guardd import qoslock
 from guardd.core.machine import Rollback
@@ -77,6 +78,32 @@ async def test_one_decision_tick(tmp_path: Path) -> None:
         assert rig.switcher.steps_taken == [SwitchStep("recover", "tested", "green")]
         assert saved(rig)["state"] == "steady"
         assert rig.events() == []
+
+
+async def test_a_color_whose_probes_stopped_coming_back_is_neither_steady_nor_healthy(
+    tmp_path: Path,
+) -> None:
+    """A probe hanging under a long probe.timeout sets nothing: after three intervals
+    without a round, the state and the metrics stop vouching for the color."""
+
+    def healthy() -> dict[str, float]:
+        text = rig.guard.metrics.render().decode()
+        return {
+            s.labels["color"]: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "guardd_upstream_healthy"
+        }
+
+    async with build_guard(tmp_path) as rig:
+        assert (await rig.probe_round()).state is State.STEADY
+        assert healthy() == {"blue": 1.0, "green": 1.0}
+        rig.clock.advance(4 * rig.guard.s.probe_interval)  # no round comes back
+        decision = await rig.tick()
+        assert decision.state is State.DEGRADED
+        assert healthy() == {"blue": 0.0, "green": 0.0}
+        assert (await rig.probe_round()).state is State.STEADY
+        assert healthy() == {"blue": 1.0, "green": 1.0}
 
 
 async def test_p0_rollback_end_to_end(tmp_path: Path) -> None:
