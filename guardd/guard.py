@@ -253,6 +253,11 @@ class Guard:
         """For the keeper: whether the journal's recent events hold the one with this `id`."""
         return any(e.get("id") == event_id for e in reversed(self.journal.recent))
 
+    def holds_why(self) -> str | None:
+        """For the keeper: the reason of a hold's lock while guardd holds, else None."""
+        hold = self.machine.hold
+        return _holds(hold) if hold is not None else None
+
     def lock_to_keep(self) -> qoslock.LockInfo | None:
         """For the keeper: on a fleet node, the copy of the fleet's lock that replaces this
         node's own lock when it ends, while another node's lock holds; else None."""

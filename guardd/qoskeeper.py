@@ -163,6 +163,10 @@ class LockHost(Protocol):
         copy of the fleet's lock, held by another node), else None."""
         ...
 
+    def holds_why(self) -> str | None:
+        """The reason of the lock a hold takes while guardd holds now, else None."""
+        ...
+
     def lock_must_stay(self) -> str | None:
         """Why a guard window whose SLOs held must not end yet (a fleet node still serves
         another color than the fleet's desired one), else None."""
@@ -291,7 +295,10 @@ class QosKeeper:
         host = self.host
         if self.own_lock is not None or self.store.read(host.s.lock_file).held:
             return  # locked already (a guard window, an operator's lock, the fleet's copy)
-        info = qoslock.LockInfo(True, reason, rfc3339(host.clock.wall()), None, GUARDD)
+        self._hold_lock(reason)
+
+    def _hold_lock(self, reason: str) -> None:
+        info = qoslock.LockInfo(True, reason, rfc3339(self.host.clock.wall()), None, GUARDD)
         own = OwnedLock(info, None, None, manual=False, hold=True)
         self._change(own, info, "qos_locked", reason=reason, by=GUARDD, until=None)
 
@@ -437,6 +444,12 @@ class QosKeeper:
                 own.expires_at = None if math.isinf(own.floor.at) else own.floor.at
                 own.floor = None
                 host.save_state()
+            elif verdict.met and stay is None and (holds := host.holds_why()) is not None:
+                # The window passed while guardd holds (its rollback budget spent, say): the
+                # hold's lock takes the window's place in one rename, as a window takes a
+                # hold's. Released first, the file would be missing for a moment, and the
+                # journal (and every `qos` sink) would announce deploys allowed.
+                self._hold_lock(f"{holds} (the guard window passed: {verdict.reason})")
             elif verdict.met and stay is None:
                 self.release(
                     by=GUARDD, reason=f"guard window passed: {verdict.reason}", evidence=evidence

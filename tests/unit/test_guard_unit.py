@@ -106,6 +106,48 @@ async def test_a_color_whose_probes_stopped_coming_back_is_neither_steady_nor_he
         assert healthy() == {"blue": 1.0, "green": 1.0}
 
 
+async def test_a_guard_window_passing_while_guardd_holds_hands_its_lock_to_the_hold(
+    tmp_path: Path,
+) -> None:
+    """The rollback budget is spent (a second rollback was called for): guardd holds while
+    its guard window runs. When the window passes, the hold's lock takes its place in one
+    write: never a moment without a lock, nor a `qos_released` while guardd holds."""
+    spec = dataclasses.replace(DEFAULT_POLICY, max_rollbacks=1)
+    async with build_guard(tmp_path, policy=spec) as rig:
+        store = rig.guard.qos.store
+        removed: list[Path] = []
+        remove = store.remove
+
+        def recorded_remove(path: Path) -> bool:
+            removed.append(path)
+            return remove(path)
+
+        store.remove = recorded_remove  # type: ignore[method-assign]
+        await rig.probe_rounds(WARM_UP)
+        rig.probers["green"].answer(503, "db down")
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+        assert rig.guard.active == "blue" and lock_held(rig)
+        rig.probers["green"].answer(200, '{"status": "UP"}')
+        rig.probers["blue"].answer(503, "blue down too")
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+        assert rig.guard.machine.hold is not None, "the budget is spent: guardd holds"
+        rig.probers["blue"].answer(200, '{"status": "UP"}')
+
+        def handed() -> list[dict[str, Any]]:
+            return [e for e in rig.events("qos_locked") if "guard window passed" in e["reason"]]
+
+        for _ in range(int(8 * QOS_WINDOW)):
+            await rig.probe_round()
+            assert lock_held(rig)
+            if handed() or rig.events("qos_released"):
+                break
+        (lock,) = handed()
+        assert lock["reason"].startswith("guardd holds: "), lock
+        assert not rig.events("qos_released"), "released while guardd holds"
+        assert removed == [], "the lock file was removed in between"
+        assert rig.guard.qos.own_lock is not None and rig.guard.qos.own_lock.hold
+
+
 async def test_p0_rollback_end_to_end(tmp_path: Path) -> None:
     async with build_guard(tmp_path) as rig:
         await rig.probe_rounds(WARM_UP)
