@@ -166,6 +166,8 @@ class Guard:
         self.state: State = State.STARTING
         self.last_decision: dict[str, Any] | None = None
         self.budget = RollbackBudget()
+        #: An operator's switch or promote under way, as it will be journaled (`move_traffic`).
+        self.moving: dict[str, Any] | None = None
         self._onsets = onsets.OnsetStamps()
         #: The fleet this node belongs to (`[fleet]`), or None: this node decides alone.
         self.fleet: Fleet | None = None
@@ -300,6 +302,7 @@ class Guard:
             "qos": self.qos.to_json(),
             "qos_change": self.qos.change_json(),
             "journal_owed": list(self.owed),  # (a copy: the saved doc is compared later)
+            "moving": self.moving,
             "onsets": self._onsets.doc(
                 self.machine.policy.table, self.clock.monotonic(), self.clock.wall()
             ),
@@ -810,6 +813,7 @@ class Guard:
             fleet["fleet_node"] = fleet_node
         if local_fallback:
             fleet["local_fallback"] = True
+        moved = self._begin_move(kind, source=source, target=target, reason=reason, by=by, **fleet)
         if kind == "rollback":
             opened = self.record(
                 "rollback_started",
@@ -858,6 +862,7 @@ class Guard:
                 serving=outcome.serving,
                 **fleet,
             )
+            self._end_move()
             raise OperationRefused(said)
         self.active = target
         if source is not None:
@@ -893,6 +898,7 @@ class Guard:
         else:
             self.record(
                 kind,
+                event_id=moved["id"] if moved else None,
                 source=source,
                 target=target,
                 reason=reason,
@@ -900,6 +906,22 @@ class Guard:
                 duration_ms=round(elapsed * 1000, 1),
                 **fleet,
             )
+            self._end_move()
+
+    def _begin_move(self, kind: str, **fields: Any) -> dict[str, Any] | None:
+        """An operator's switch or promote is journaled once it is done; it is named in
+        state.json first (`moving`), so that a crash in the middle is told as theirs at the
+        next start (`recovery`), never as a switch made by someone else. None for a
+        rollback, which `rollback_started` opens in the journal itself."""
+        if kind == "rollback":
+            return None
+        self.moving = named_record(kind, fields)
+        self.save_state()
+        return self.moving
+
+    def _end_move(self) -> None:
+        self.moving = None
+        self.save_state()
 
     def close_failed(
         self,

@@ -15,7 +15,7 @@ import anyio
 from guardd.core.machine import Memory
 from guardd.core.types import COLORS, GUARDD
 from guardd.exceptions import SwitchError, why
-from guardd.journal import is_named, open_rollback
+from guardd.journal import is_named, open_rollback, record_fields
 from guardd.timestamps import parse_rfc3339
 
 if TYPE_CHECKING:
@@ -72,11 +72,13 @@ async def recover(guard: Guard, saved: dict[str, Any]) -> None:
     if pending is not None:
         await _resume_rollback(guard, pending)
     remembered = saved.get("active")
+    interrupted = _interrupted_move(guard, saved.get("moving"))
     moved_while_down = (
         remembered in COLORS
         and guard.active is not None
         and remembered != guard.active
         and pending is None
+        and not interrupted
     )
     if moved_while_down:
         guard.record(
@@ -86,7 +88,7 @@ async def recover(guard: Guard, saved: dict[str, Any]) -> None:
             by="external",
             reason="the switch target changed while guardd was not running",
         )
-    if moved_while_down:
+    if moved_while_down or interrupted:
         # Someone moved traffic while guardd was down: an operator acted, just as with
         # a switch made while it runs (`Guard._adopt_external_switch`).
         guard.machine.clear_hold()
@@ -95,6 +97,35 @@ async def recover(guard: Guard, saved: dict[str, Any]) -> None:
         # guardd had not stopped (a switch would have started them afresh).
         guard.carry_onsets(saved.get("onsets"))
     guard.metrics.set_active(guard.active)
+
+
+def _interrupted_move(guard: Guard, moving: object) -> bool:
+    """Journal an operator's switch or promote a crash cut short (state.json's `moving`,
+    `Guard.move_traffic`), as theirs: done, if the switch target names its color now (the
+    switcher's `recover` finished it), else an `alert` that it was not. True when it was
+    done: traffic moved by the operator, not by someone while guardd was down."""
+    if not is_named(moving) or not isinstance(moving, dict):
+        return False
+    if moving["event"] not in ("switch", "promote"):
+        return False
+    if guard.journaled(moving["id"]):
+        return moving.get("target") == guard.active  # journaled before the crash
+    fields = record_fields(moving)
+    target, by = fields.get("target"), fields.get("by")
+    if target is not None and target == guard.active:
+        said = fields.get("reason") or moving["event"]
+        reason = f"{said}; interrupted by a restart, found done at start"
+        guard.record(moving["event"], event_id=moving["id"], **{**fields, "reason": reason})
+        return True
+    guard.record(
+        "alert",
+        source=fields.get("source"),
+        target=target,
+        by=by,
+        reason=f"the {moving['event']} to {target} by {by} was cut short by a restart and not "
+        f"made: {guard.active or 'no color'} is served",
+    )
+    return False
 
 
 def _still_owed(guard: Guard, owed: object) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ _KEY_TYPES: dict[str, type] = {
     "qos": dict,
     "qos_change": dict,
     "journal_owed": list,
+    "moving": dict,
 }
 
 

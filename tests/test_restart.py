@@ -224,6 +224,7 @@ NOT_MEMORY = {
 CUT_SHORT = {
     "qos_change": "test_a_crash_at_any_step_of_a_lock_change_is_finished_at_the_next_start",
     "journal_owed": "test_a_crash_around_a_ticks_journal_records_changes_nothing",
+    "moving": "tests/faults/test_crash.py::test_kill9_during_an_operators_switch_keeps_who_and_why",
 }
 # Attributes of the machine and the guard that state.json does not keep, and why each may
 # be lost in a restart without changing a decision.
@@ -281,7 +282,7 @@ GUARD_NOT_KEPT = {
     "budget": "checked attribute by attribute below",
     "_onsets": "the wall stamps of the onsets in state.json, made again from the rule table",
 }
-GUARD_KEPT = {"paused", "owed"}
+GUARD_KEPT = {"paused", "owed", "moving"}
 QOS_NOT_KEPT = {
     "host": "the guard itself",
     "held": "read from the lock file before every decision",

@@ -8,6 +8,7 @@ it accepts, the journal lost and tore nothing, and the interrupted rollback is c
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -21,7 +22,7 @@ from tests.faults.util import (
     journal_raw_lines,
     nginx_accepts,
 )
-from tests.harness.daemon import guardctl, wait_until
+from tests.harness.daemon import GUARDCTL, guardctl, wait_until
 
 pytestmark = pytest.mark.nginx
 
@@ -128,3 +129,48 @@ def test_kill9_during_the_resumed_rollback_still_converges(make_lab: MakeFaultLa
     events = assert_journal_well_formed(d3.journal_path)
     assert len([e for e in events if e["event"] == "rollback_completed"]) == 1
     assert d3.stop() == 0
+
+
+# ---- an operator's switch -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("point", "made"),
+    [("after_renamed", True), ("after_tested", True), ("after_link_written", False)],
+)
+def test_kill9_during_an_operators_switch_keeps_who_and_why(
+    make_lab: MakeFaultLab, point: str, made: bool
+) -> None:
+    """Killed in the middle of `guardctl switch blue`, guardd tells the move at its next
+    start as the operator's, with their reason: done if the switch target names blue then
+    (the switcher's recovery finished it), else an alert that it was not made. Never an
+    `external_switch` by no one."""
+    lab: FaultLab = make_lab()
+    (lab.fault_dir / point).touch()
+    d = lab.daemon()
+    argv = ["--config", str(lab.config_path), "switch", "blue", "--force", "--reason", "deploy 5"]
+    switch = subprocess.Popen(
+        [str(GUARDCTL), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until((lab.fault_dir / f"{point}.reached").exists, 30, f"the switch at {point}")
+        d.kill9()
+    finally:
+        switch.communicate(timeout=60)
+    (lab.fault_dir / point).unlink()
+    count = len(d.events())
+    d2 = lab.daemon()
+    after = d2.events()[count:]
+    assert not [e for e in after if e["event"] == "external_switch"], after
+    if made:
+        (told,) = [e for e in after if e["event"] == "switch"]
+        assert (told["from"], told["to"], told["by"]) == ("green", "blue", "uid:0(root)")
+        assert told["reason"] == "deploy 5; interrupted by a restart, found done at start"
+        assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
+    else:
+        (told,) = [e for e in after if e["event"] == "alert" and "cut short" in e["reason"]]
+        assert told["by"] == "uid:0(root)" and "green is served" in told["reason"], told
+        assert not [e for e in after if e["event"] == "switch"]
+        assert color_of_link(lab) == "green"
+    assert d2.state().get("moving") is None
+    assert d2.stop() == 0
