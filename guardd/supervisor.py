@@ -79,7 +79,8 @@ def cannot(settings: Settings, key: str, what: str, error: OSError | str) -> Con
 
 
 def startup_problems(settings: Settings) -> list[ConfigProblem]:
-    """What stops this user from running this config: `state.dir`, the control socket's folder.
+    """What stops this user from running this config: `state.dir`, the control socket's
+    folder, the QoS lock file's folder (each created when missing).
 
     Checked before anything starts, so that a wrong user or path is one line, not a traceback.
     Each folder is tried with a real file, so that read-only mounts, ACLs and capabilities
@@ -110,6 +111,16 @@ def startup_problems(settings: Settings) -> list[ConfigProblem]:
             # probe and decide beside it until the bind, after the first tick, failed.
             why = f"cannot bind {sock}: another process listens on it (a guardd already running?)"
             problems.append(ConfigProblem(str(settings.source), "control.socket", why))
+    # The lock file's folder: a lock guardd cannot write there would be taken in its
+    # memory alone (deploys never see it), and its absence read as someone's `rm`.
+    lock = settings.lock_file
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        problems.append(cannot(settings, "qos.lock_file", f"create {lock.parent}", e))
+    else:
+        if error := _try_write(lock.parent):
+            problems.append(cannot(settings, "qos.lock_file", f"write in {lock.parent}", error))
     # The socket's groups are looked up as it is bound, after the first probe round: a
     # group this host lacks is said here, in one line, as check-config says it.
     control = settings.config.control

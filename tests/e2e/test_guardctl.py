@@ -247,6 +247,23 @@ def test_qos_commands_and_status_with_the_daemon_down(make_lab: MakeLab) -> None
     assert d2.stop() == 0
 
 
+def test_a_lock_file_in_a_folder_not_made_yet_is_a_real_lock(make_lab: MakeLab) -> None:
+    """guardd makes the lock file's folder at start (as it does state.dir's): a lock taken
+    is a file the gate reads, never one held in guardd's memory alone and then journaled
+    as removed by someone else."""
+    lab: Lab = make_lab()
+    lock_file = lab.tmp / "not" / "yet" / "lab.qos.lock"
+    lab.write_config(qos__lock_file=str(lock_file))
+    d = lab.daemon()
+    assert lock_file.parent.is_dir()
+    taken = ctl(lab, "qos", "lock", "--for", "1m", "--reason", "freeze")
+    assert taken.returncode == 0, taken
+    assert json.loads(lock_file.read_text())["reason"] == "freeze"
+    assert ctl(lab, "qos", "status").returncode == 1
+    assert ctl(lab, "wait", "unlocked", "--timeout", "1s").returncode == 1
+    assert not [e for e in d.events() if e["event"] == "qos_released"]
+
+
 def test_with_guardd_down_the_gate_reads_the_lock_it_will_take_back(make_lab: MakeLab) -> None:
     """Killed during its guard window, and the lock file removed meanwhile (a /run emptied,
     a hand's rm): state.json keeps the window and guardd takes it back at start, so the

@@ -33,12 +33,16 @@ def shared_tmp() -> Iterator[Path]:
         yield path
 
 
-def write_config(folder: Path, **sections: dict[str, str]) -> Path:
+def write_config(folder: Path, *, default_lock: bool = False, **sections: dict[str, str]) -> Path:
+    """A config for `nobody`; its QoS lock in a folder nobody may write, unless
+    `default_lock` leaves it at its default (/run/guardd, root's)."""
     state_file = folder / "deploy" / "state.json"
     state_file.parent.mkdir(exist_ok=True)
     state_file.parent.chmod(0o777)
     state_file.write_text(json.dumps({"activeColor": "blue"}))
     state_file.chmod(0o666)
+    if not default_lock:
+        sections = {"qos": {"lock_file": str(state_file.parent / "x.qos.lock")}, **sections}
     lines = [
         'instance = "x"',
         "[upstreams.blue]",
@@ -117,15 +121,20 @@ def test_an_existing_state_dir_the_user_cannot_write_is_one_line(shared_tmp: Pat
 
 
 def test_the_default_paths_as_another_user_are_one_line_each(shared_tmp: Path) -> None:
-    """No state.dir, no control.socket: /var/lib/guardd/x and /run/guardd/x.sock, root's."""
-    config = write_config(shared_tmp)
+    """No state.dir, no control.socket, no qos.lock_file: /var/lib/guardd/x,
+    /run/guardd/x.sock and /run/guardd/x.qos.lock, root's."""
+    config = write_config(shared_tmp, default_lock=True)
     lines = assert_clean_failure(guardd_run(config))
-    assert len(lines) == 2, lines
+    assert len(lines) == 3, lines
     assert lines[0].startswith(f"{config}: state.dir: cannot create /var/lib/guardd/x: ")
     assert lines[0].endswith(HINT.format(key="state.dir"))
     assert lines[1].startswith(f"{config}: control.socket: ")
     assert "/run/guardd" in lines[1]
     assert lines[1].endswith(HINT.format(key="control.socket"))
+    # The lock's folder too: a lock guardd cannot write is one deploys never see.
+    assert lines[2].startswith(f"{config}: qos.lock_file: cannot ")
+    assert "/run/guardd" in lines[2]
+    assert lines[2].endswith(HINT.format(key="qos.lock_file"))
 
 
 def test_a_socket_folder_the_user_cannot_write_is_one_line(shared_tmp: Path) -> None:
