@@ -166,6 +166,8 @@ class Guard:
         self.state: State = State.STARTING
         self.last_decision: dict[str, Any] | None = None
         self.budget = RollbackBudget()
+        # Ticks in a row that read a switch target naming neither color (`_adopt_external_switch`).
+        self._unnamed_reads = 0
         #: An operator's switch or promote under way, as it will be journaled (`move_traffic`).
         self.moving: dict[str, Any] | None = None
         self._onsets = onsets.OnsetStamps()
@@ -703,6 +705,25 @@ class Guard:
         if self.rolling_back:
             return
         on_disk = await self.switcher.read_active()
+        if on_disk is None and self.active is not None:
+            # It names neither color now: a hand pointed it at another file (a hotfix
+            # copy) or removed it. guardd no longer knows what users are served, so it
+            # holds until the target names a color again, as at a start that finds it so.
+            # Seen twice in a row: not a hand's `ln -sfn` read between unlink and symlink.
+            self._unnamed_reads += 1
+            if self._unnamed_reads < 2:
+                return
+            left, self.active = self.active, None
+            self.record(
+                "external_switch",
+                source=left,
+                target=None,
+                by="external",
+                reason="the switch target was changed outside guardd and names neither blue "
+                "nor green; guardd holds until it names one",
+            )
+            return
+        self._unnamed_reads = 0
         if on_disk != self.active and on_disk is not None:
             previous = self.active
             self.active = on_disk

@@ -281,6 +281,8 @@ GUARD_NOT_KEPT = {
     "qos": "checked attribute by attribute below",
     "budget": "checked attribute by attribute below",
     "_onsets": "the wall stamps of the onsets in state.json, made again from the rule table",
+    "_unnamed_reads": "switch-target reads in a row that named no color: read again; a start "
+    "that finds none named holds at once",
 }
 GUARD_KEPT = {"paused", "owed", "moving"}
 QOS_NOT_KEPT = {

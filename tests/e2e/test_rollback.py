@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from typing import Any
 
@@ -178,6 +179,42 @@ def test_rollback_budget_holds_and_survives_restart(make_lab: MakeLab) -> None:
     out = guardctl("qos", "status", "--config", str(lab.config_path))
     assert out.returncode == 1, out
     assert d3.stop() == 0
+
+
+@pytest.mark.parametrize("how", ["a hotfix copy", "removed"])
+def test_a_switch_target_changed_by_hand_to_no_color_holds_and_locks(
+    make_lab: MakeLab, how: str
+) -> None:
+    """The active link pointed by hand at a file that is neither color's (a copy of green's
+    for a hotfix), or removed: guardd can no longer say what users are served, so it says
+    so and holds, with deploys locked, until the link names a color again."""
+    lab = make_lab()
+    d = lab.daemon()
+    count = len(d.events())
+    lab.nginx.active_link.unlink()
+    if how == "a hotfix copy":
+        hotfix = lab.nginx.targets["green"].with_name("hotfix.conf")
+        hotfix.write_text(lab.nginx.targets["green"].read_text())
+        lab.nginx.active_link.symlink_to(hotfix)
+        lab.nginx.reload()
+    moved = d.wait_event("external_switch", after=count)
+    assert (moved["from"], moved["to"]) == ("green", None)
+    assert "names neither blue nor green" in moved["reason"]
+    held = d.wait_event("hold", after=count)
+    assert "names neither" in held["reason"]
+    assert wait_until(lambda: _hold_locked(lab), 10, "deploys locked")
+    doc = json.loads(guardctl("--config", str(lab.config_path), "status", "--json").stdout)
+    assert doc["active"] is None and doc["state"] == "hold"
+    # Named again: adopted, the hold and its lock end.
+    count = len(d.events())
+    if lab.nginx.active_link.is_symlink():
+        lab.nginx.active_link.unlink()
+    lab.nginx.active_link.symlink_to(lab.nginx.targets["green"])
+    lab.nginx.reload()
+    back = d.wait_event("external_switch", after=count)
+    assert (back["from"], back["to"]) == (None, "green")
+    d.wait_event("qos_released", after=count)
+    assert d.stop() == 0
 
 
 def _hold_locked(lab: Lab) -> bool:
