@@ -44,6 +44,8 @@ from guardd.core.policy import PolicySpec, spec_rules
 from guardd.core.rules import BUILTIN_NAMES, OPS, Rule
 from guardd.core.signals import KIND_STATS, PROBE
 from guardd.core.types import COLORS, Color
+from guardd.durations import NUMBER as _NUMBER
+from guardd.durations import format_duration, parse_duration
 from guardd.exceptions import ConfigError, ConfigProblem
 from guardd.fsutil import open_regular
 from guardd.secrets import shown_setting
@@ -54,47 +56,10 @@ if typing.TYPE_CHECKING:
 # Before the first model below is built (guardd/_pydantic.py says why).
 _pydantic.without_plugins()
 
-_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
-# One or more number-unit parts, largest first or not, as Go's time.ParseDuration takes them.
-# Spaces may stand between parts ("1m 30s") and before a unit ("5 ms"), never inside a
-# number: "5 00ms" is a typo, not 500ms.
-_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?\s*(?:ms|h|m|s)\s*)+$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|h|m|s)")
 #: A config file larger than this is refused unread (the example config is about 10 KiB).
 MAX_CONFIG_BYTES = 1024 * 1024
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_HELP = 'must be a duration such as "250ms", "3s", "1m30s" or seconds'
 # Names end up in paths, unit names and argv: a conservative alphabet keeps them inert.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from `"250ms"`, `"3s"`, `"5m"`, `"1h"`, `"1m30s"` or a plain number of seconds.
-
-    Raises `ValueError` for anything else (a negative string, an unknown unit, a bool).
-    """
-    if isinstance(value, bool):  # pydantic turns a ValueError into the operator's message
-        raise ValueError(_DURATION_HELP)  # noqa: TRY004
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if _NUMBER.match(text):
-            return float(text)
-        if _DURATION.match(text):
-            return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
-    raise ValueError(_DURATION_HELP)
-
-
-def format_duration(seconds: float) -> str:
-    """`1000` -> `"16m40s"`: seconds written the way a config would say them."""
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [f"{int(hours)}h" if hours else "", f"{int(minutes)}m" if minutes else ""]
-    parts.append(f"{round(secs, 3):g}s" if secs or not (hours or minutes) else "")
-    return "".join(parts)
 
 
 def parse_flag(value: object) -> bool:

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import pwd
-import re
 import stat
 import sys
 import textwrap
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from guardd import paths, untrusted_json
+from guardd import durations, paths, untrusted_json
 from guardd._version import __version__
 from guardd.core.types import COLORS, GUARDD
 from guardd.exceptions import (
@@ -90,18 +89,16 @@ PEEK_TIMEOUT_S: Final = 2.0
 # guardd serializes changes, so a pause may wait behind a rollback in flight.
 CHANGE_TIMEOUT_S: Final = 120.0
 
-_DURATION: Final = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>ms|s|m|h)?")
-_UNIT_S: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
 
 def parse_duration(text: str) -> float:
-    """Seconds in "250ms", "3s", "5m", "1h" or a plain number of seconds."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
+    """Seconds in "250ms", "3s", "5m", "1h", "1m30s" or a plain number of seconds: the
+    config's grammar (`guardd.durations`)."""
+    try:
+        seconds = durations.parse_duration(text)
+    except ValueError:
         raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: use e.g. 250ms, 30s, 5m, 1h or plain seconds"
-        )
-    seconds = float(match["number"]) * _UNIT_S[match["unit"]]
+            f"invalid duration {text!r}: use e.g. 250ms, 30s, 5m, 1h30m or plain seconds"
+        ) from None
     from guardd.control import protocol  # noqa: PLC0415 - _LAZY_CLIENT
 
     if not (math.isfinite(seconds) and 0 < seconds <= protocol.MAX_LOCK_S):

@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from guardd import config as c
+from guardd import durations
 
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
@@ -46,7 +47,7 @@ def _type(annotation: Any) -> str:
     args = typing.get_args(annotation)
     if origin is typing.Annotated:
         meta = args[1:]
-        if any(getattr(m, "func", None) is c.parse_duration for m in meta):
+        if any(getattr(m, "func", None) is durations.parse_duration for m in meta):
             return "duration"
         if any(getattr(m, "func", None) is c.parse_flag for m in meta):
             return "bool"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from guardd import config
+from guardd import config, durations
 from guardd.exceptions import ConfigError
 from tests.harness.daemon import nobody_prefix
 from tests.harness.paths import shared_tmp_dir
@@ -372,7 +372,7 @@ def test_missing_file_is_a_clean_error(tmp_path: Path) -> None:
     ],
 )
 def test_durations(text: object, seconds: float) -> None:
-    assert config.parse_duration(text) == seconds
+    assert durations.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize(
@@ -398,7 +398,7 @@ def test_durations(text: object, seconds: float) -> None:
 )
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError, match="must be a duration"):
-        config.parse_duration(bad)
+        durations.parse_duration(bad)
 
 
 @pytest.mark.parametrize(
@@ -406,8 +406,8 @@ def test_bad_durations(bad: object) -> None:
     [(1000, "16m40s"), (100, "1m40s"), (3600, "1h"), (3723, "1h2m3s"), (0.25, "250ms"), (60, "1m")],
 )
 def test_format_duration(seconds: float, text: str) -> None:
-    assert config.format_duration(seconds) == text
-    assert config.parse_duration(text) == seconds
+    assert durations.format_duration(seconds) == text
+    assert durations.parse_duration(text) == seconds
 
 
 def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -547,7 +547,8 @@ def _no_history(sim: Any, directory: Path, since: float | None, until: float | N
 
 def _secs(seconds: float) -> str:
     """`42.5s`, `2h`, `1m15s`; a time stamped in the year 9999 is `more than a year`."""
-    from guardd.config import MAX_DURATION_S, format_duration  # noqa: PLC0415
+    from guardd.config import MAX_DURATION_S  # noqa: PLC0415
+    from guardd.durations import format_duration  # noqa: PLC0415
 
     if seconds > MAX_DURATION_S:
         return "more than a year"

@@ -739,6 +739,9 @@ def test_config_names_socket_and_instance(guard: FakeGuard, run_dir: Path, tmp_p
         (["qos", "lock", "--for", "250ms"], ("qos_lock", {"for_s": 0.25, "reason": None})),
         (["qos", "lock", "--for", "90"], ("qos_lock", {"for_s": 90.0, "reason": None})),
         (["qos", "lock", "--for", "1h"], ("qos_lock", {"for_s": 3600.0, "reason": None})),
+        # The config's grammar: a compound duration, as `qos.window = "1m30s"` takes it.
+        (["qos", "lock", "--for", "1m30s"], ("qos_lock", {"for_s": 90.0, "reason": None})),
+        (["qos", "lock", "--for", "1h 30m"], ("qos_lock", {"for_s": 5400.0, "reason": None})),
         (["qos", "lock"], ("qos_lock", {"for_s": None, "reason": None})),
     ],
 )
@@ -1054,6 +1057,7 @@ def test_every_command_has_a_manual(argv: list[str], capsys: pytest.CaptureFixtu
         ["qos", "lock", "--for", "5x"],
         ["qos", "lock", "--for", "0"],
         ["qos", "lock", "--for", "-3s"],
+        ["qos", "lock", "--for", "5 00ms"],
         ["status", "--bogus"],
         ["status", "--watch", "--interval", "0"],
         ["promote", "--wait", "soon"],
