@@ -294,6 +294,8 @@ def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
             ratio = guard.machine.window_would_fire(color, now, guard.s.policy.p1_error_ratio)
             # Only what is still missing, each with where it stands now.
             missing = []
+            if (lacking := guard.machine.judged(color, now)) is not None:
+                missing.append(f"a window guardd can judge (now {lacking})")
             if w.consecutive_successes < need:
                 missing.append(f"{need} passing probes in a row (now {w.consecutive_successes})")
             if ratio is not None:
@@ -311,6 +313,12 @@ def _gate(guard: Guard, color: Color, *, force: bool, promote: bool) -> None:
         raise OperationRefused(
             f"{color} is {'stale' if healthy is None else 'unhealthy'}; "
             "use --force to switch anyway"
+        )
+    lacking = guard.machine.judged(color, now)
+    if lacking is not None:
+        raise OperationRefused(
+            f"{color}'s window cannot be judged yet ({lacking}): whether guardd would roll "
+            "it back at once is unknown; wait, or use --force to switch anyway"
         )
     ratio = guard.machine.window_would_fire(color, now, guard.s.policy.p0_error_ratio)
     if ratio is not None:

@@ -453,12 +453,23 @@ class GuardMachine:
 
     def promotable(self, color: Color, now: float) -> bool:
         """The promotion gate: `promote_successes` fresh passing probes in a row, and a
-        window clean enough that the P1 ratio rule would not send traffic straight back."""
+        window that holds `min_samples` (`judged`) and is clean enough that the P1 ratio
+        rule would not send traffic straight back."""
         return (
             self.healthy(color, now) is True
             and self.windows[color].consecutive_successes >= self.spec.promote_successes
+            and self.judged(color, now) is None
             and self.window_would_fire(color, now, self.spec.p1_error_ratio) is None
         )
+
+    def judged(self, color: Color, now: float) -> str | None:
+        """Why `color`'s window cannot be judged yet (`3 of 5 samples`), or None when it
+        holds `min_samples`. A gate never opens on a window that cannot tell: one started
+        afresh (a restart, traffic moved) holds none of the failures it saw before."""
+        samples = self.stats(color, now).samples
+        if samples >= self.spec.min_samples:
+            return None
+        return f"{samples} of {self.spec.min_samples} samples"
 
     def window_would_fire(self, color: Color, now: float, threshold: float) -> float | None:
         """The window's failed-probe ratio if it is judged and at or above `threshold`."""

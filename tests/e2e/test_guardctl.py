@@ -180,6 +180,8 @@ def test_pause_stops_switching_and_resume_lets_the_rollback_happen(make_lab: Mak
 def test_switch_promote_rollback_move_traffic_and_respect_the_lock(make_lab: MakeLab) -> None:
     lab: Lab = make_lab(policy__promote_successes=3, qos__window="1h")
     d = lab.daemon()
+    # A gate opens only on a window that holds policy.min_samples probes.
+    wait_until(lambda: status(lab)["upstreams"]["blue"]["samples"] >= 5, 20, "blue's window")
     # switch: moves real traffic and is journaled with the caller.
     res = ctl(lab, "switch", "blue", "--reason", "canary done")
     assert res.returncode == 0, res.stderr
