@@ -464,6 +464,10 @@ class Guard:
         relocked = self._standstill_lock(decision)
         if self.owed:
             self.settle()
+        if moves:
+            # Shown while it is carried out (a switch and its verification take seconds):
+            # `status` during a rollback says what it comes of.
+            self.last_decision = statusview.decision_doc(decision, decided_at)
         for move in moves:
             await self._act(move)
         if decision.actions or decision.blocked_by:

@@ -134,6 +134,21 @@ def test_a_dry_run_guard_never_reads_as_protecting(make_lab: MakeLab, tmp_path: 
     assert DRY_RUN_WARNING not in status(lab)["warnings"]
 
 
+def test_status_during_a_rollback_says_what_it_comes_of(make_lab: MakeLab) -> None:
+    lab: Lab = make_lab()
+    (lab.fault_dir / "after_rollback_started").touch()  # the switch waits here
+    d = lab.daemon()
+    lab.green.set_mode("http_503")
+    wait_until((lab.fault_dir / "after_rollback_started.reached").exists, 30, "the rollback")
+    doc = status(lab)
+    assert doc["state"] == "rolling_back"
+    decided = doc["last_decision"]
+    assert decided is not None and decided["action"] == "rollback", doc
+    assert decided["severity"] == "P0" and decided["evidence"]["rule"] == "consecutive_failures"
+    (lab.fault_dir / "after_rollback_started").unlink()
+    d.wait_event("rollback_completed")
+
+
 def test_stale_probes_are_never_shown_healthy(make_lab: MakeLab) -> None:
     lab: Lab = make_lab()
     lab.daemon()
