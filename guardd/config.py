@@ -1321,32 +1321,19 @@ class GuardConfig(BaseModel):
         return self.policy.min_samples
 
     @model_validator(mode="after")
-    def _qos_window_holds_min_samples(self) -> GuardConfig:
-        # The guard window is judged on at least policy.min_samples probes; a window too
-        # short to hold them could only ever be extended.
+    def _windows_hold_min_samples(self) -> GuardConfig:
+        # Both windows are judged on at least policy.min_samples probes. A guard window too
+        # short to hold them could only ever be extended; a policy window too short leaves
+        # every ratio and latency rule inconclusive for good (consecutive_failures alone
+        # could act).
         need = self.policy.min_samples * self.probe.interval
-        if self.qos.window < need:
-            raise ValueError(
-                f"qos.window: {self.qos.window:g}s holds at most "
-                f"{int(self.qos.window / self.probe.interval)} probes at probe.interval "
-                f"{self.probe.interval:g}s; policy.min_samples is {self.policy.min_samples}, "
-                f"so it must be at least {need:g}s"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _policy_window_holds_min_samples(self) -> GuardConfig:
-        # Ratio and latency rules judge a window of at least policy.min_samples probes; a
-        # window too short to hold them leaves every one inconclusive for good, and only
-        # consecutive_failures could ever act.
-        need = self.policy.min_samples * self.probe.interval
-        if self.policy.window < need:
-            raise ValueError(
-                f"policy.window: {self.policy.window:g}s holds at most "
-                f"{int(self.policy.window / self.probe.interval)} probes at probe.interval "
-                f"{self.probe.interval:g}s; policy.min_samples is {self.policy.min_samples}, "
-                f"so it must be at least {need:g}s"
-            )
+        for key, span in (("qos.window", self.qos.window), ("policy.window", self.policy.window)):
+            if span < need:
+                raise ValueError(
+                    f"{key}: {span:g}s holds at most {int(span / self.probe.interval)} probes "
+                    f"at probe.interval {self.probe.interval:g}s; policy.min_samples is "
+                    f"{self.policy.min_samples}, so it must be at least {need:g}s"
+                )
         return self
 
     @model_validator(mode="after")

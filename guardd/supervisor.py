@@ -86,24 +86,25 @@ def startup_problems(settings: Settings) -> list[ConfigProblem]:
     Each folder is tried with a real file, so that read-only mounts, ACLs and capabilities
     count as they will for guardd itself.
     """
-    problems = []
+    problems: list[ConfigProblem] = []
+
+    def folder(key: str, path: Path, doing: str, mode: int = 0o777) -> bool:
+        # Made when missing, then tried with a real file; a problem is one line for `key`.
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=mode)
+        except OSError as e:
+            problems.append(cannot(settings, key, f"create {path}", e))
+            return False
+        if error := _try_write(path):
+            problems.append(cannot(settings, key, doing, error))
+            return False
+        return True
+
     state_dir = settings.state_dir
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    except OSError as e:
-        problems.append(cannot(settings, "state.dir", f"create {state_dir}", e))
-    else:
-        if error := _try_write(state_dir):
-            problems.append(cannot(settings, "state.dir", f"write {state_dir}", error))
+    folder("state.dir", state_dir, f"write {state_dir}", 0o750)
     sock = settings.control_socket
-    try:
-        sock.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        problems.append(cannot(settings, "control.socket", f"create {sock.parent}", e))
-    else:
-        if error := _try_write(sock.parent):
-            problems.append(cannot(settings, "control.socket", f"bind {sock}", error))
-        elif sock.is_dir() or (sock.exists() and not stat.S_ISSOCK(sock.lstat().st_mode)):
+    if folder("control.socket", sock.parent, f"bind {sock}"):
+        if sock.is_dir() or (sock.exists() and not stat.S_ISSOCK(sock.lstat().st_mode)):
             why = "something that is not a socket is in the way"
             problems.append(cannot(settings, "control.socket", f"bind {sock}", why))
         elif _listened_on(sock):
@@ -114,13 +115,7 @@ def startup_problems(settings: Settings) -> list[ConfigProblem]:
     # The lock file's folder: a lock guardd cannot write there would be taken in its
     # memory alone (deploys never see it), and its absence read as someone's `rm`.
     lock = settings.lock_file
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        problems.append(cannot(settings, "qos.lock_file", f"create {lock.parent}", e))
-    else:
-        if error := _try_write(lock.parent):
-            problems.append(cannot(settings, "qos.lock_file", f"write in {lock.parent}", error))
+    folder("qos.lock_file", lock.parent, f"write in {lock.parent}")
     # The socket's groups are looked up as it is bound, after the first probe round: a
     # group this host lacks is said here, in one line, as check-config says it.
     control = settings.config.control
