@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from guardd import durations, paths, untrusted_json
+from guardd import durations, paths
 from guardd._version import __version__
 from guardd.core.types import COLORS, GUARDD
 from guardd.exceptions import (
@@ -542,19 +542,14 @@ def _read_journal(
     """The newest `limit` events of the journal file, skipping torn lines, and its path."""
     if target.state_dir is None:
         raise _CannotTell(f"{why}; name the instance with --instance NAME to read its journal")
-    from guardd.journal import is_event_line  # noqa: PLC0415 - only with guardd down
+    from guardd.journal import event_of  # noqa: PLC0415 - only with guardd down
 
     path = target.state_dir / "events.jsonl"
     events: deque[dict[str, Any]] = deque(maxlen=limit)
     try:
         with path.open("rb") as f:
-            for raw in f:
-                try:
-                    doc = untrusted_json.loads(raw)
-                except ValueError:
-                    continue  # a line torn by a crash; guardd seals it at its next start
-                if is_event_line(doc):
-                    events.append(doc)
+            # A line torn by a crash is skipped; guardd seals it at its next start.
+            events.extend(e for raw in f if (e := event_of(raw)) is not None)
     except FileNotFoundError:
         raise _CannotTell(f"{why} and there is no journal at {path}") from None
     except PermissionError:

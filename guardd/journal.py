@@ -115,17 +115,16 @@ def tail_events(path: Path, limit_bytes: int = RECENT_BYTES) -> list[dict[str, A
     lines = data.split(b"\n")
     if size > limit_bytes:
         lines = lines[1:]  # begun mid-line
-    events: list[dict[str, Any]] = []
-    for raw in lines:
-        if not raw.strip():
-            continue
-        try:
-            doc = untrusted_json.loads(raw)
-        except (UnicodeDecodeError, ValueError):
-            continue
-        if is_event_line(doc):
-            events.append(doc)
-    return events
+    return [event for raw in lines if raw.strip() and (event := event_of(raw)) is not None]
+
+
+def event_of(raw: bytes) -> dict[str, Any] | None:
+    """The event a journal line holds; None for a line torn by a crash, or not guardd's."""
+    try:
+        doc = untrusted_json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return doc if is_event_line(doc) else None
 
 
 _OWN_KEYS: Final = frozenset({"event", "id", "event_id", "ts", "guard"})
@@ -359,11 +358,5 @@ class Journal:
             return
         with f:
             for raw in f:
-                if not raw.strip():
-                    continue
-                try:
-                    doc = untrusted_json.loads(raw)
-                except (UnicodeDecodeError, ValueError):
-                    yield None, raw
-                    continue
-                yield (doc if is_event_line(doc) else None), raw
+                if raw.strip():
+                    yield event_of(raw), raw
