@@ -17,7 +17,7 @@ import socket
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, get_args
@@ -1327,13 +1327,23 @@ class GuardConfig(BaseModel):
         # every ratio and latency rule inconclusive for good (consecutive_failures alone
         # could act).
         need = self.policy.min_samples * self.probe.interval
-        for key, span in (("qos.window", self.qos.window), ("policy.window", self.policy.window)):
-            if span < need:
-                raise ValueError(
-                    f"{key}: {span:g}s holds at most {int(span / self.probe.interval)} probes "
-                    f"at probe.interval {self.probe.interval:g}s; policy.min_samples is "
+        found: Found = [
+            (
+                key,
+                (
+                    f"{span:g}s holds at most {int(span / self.probe.interval)} probes at "
+                    f"probe.interval {self.probe.interval:g}s; policy.min_samples is "
                     f"{self.policy.min_samples}, so it must be at least {need:g}s"
-                )
+                ),
+            )
+            for key, span in (
+                ("qos.window", self.qos.window),
+                ("policy.window", self.policy.window),
+            )
+            if span < need
+        ]
+        if found:
+            raise _validation_error("GuardConfig", [], found)  # both, when both are short
         return self
 
     @model_validator(mode="after")
@@ -1344,19 +1354,25 @@ class GuardConfig(BaseModel):
         lock = self.qos.lock_file
         if lock is None:
             return self
+        # On this host, as the paths resolve (a folder reached through a symlink names the
+        # same file); without host checks, as they are written.
+        same: Callable[[Path], str] = os.path.realpath if _HOST_CHECKS.get() else os.path.normpath
         others: dict[str, str] = {}
         if self.state.dir is not None:
             for name in ("events.jsonl", "state.json", "fleet.json", "guardd.pid"):
-                others[os.path.normpath(self.state.dir / name)] = f"guardd's {name}"
+                others[same(self.state.dir / name)] = f"guardd's {name}"
         for color, target in sorted((self.switch.targets or {}).items()):
-            others[os.path.normpath(target)] = f"switch.targets.{color}"
+            others[same(target)] = f"switch.targets.{color}"
         for key in ("active_link", "path"):
             path = getattr(self.switch, key)
             if path is not None:
-                others[os.path.normpath(path)] = f"switch.{key}"
+                # (The link itself, not what it points at: that is a target, above.)
+                others[os.path.normpath(path) if key == "active_link" else same(path)] = (
+                    f"switch.{key}"
+                )
         if self.control.socket is not None:
-            others[os.path.normpath(self.control.socket)] = "control.socket"
-        other = others.get(os.path.normpath(lock))
+            others[same(self.control.socket)] = "control.socket"
+        other = others.get(same(lock))
         if other is not None:
             raise ValueError(
                 f"qos.lock_file: is {other}; guardd writes its lock there and an unlock "

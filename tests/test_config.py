@@ -82,6 +82,7 @@ def host_layout(root: Path) -> Path:
         (ups / name).write_text(f"upstream threader_app {{ server 127.0.0.1:{port}; }}\n")
     os.mkfifo(ups / "fifo.conf")  # a read of it would wait for a writer for ever
     (ups / "threader_active.conf").symlink_to(ups / "threader_green.conf")
+    (root / "upstreams-link").symlink_to(ups)  # the same folder by another name
     (ups / "stray_active.conf").symlink_to(ups / "other.conf")
     (root / "deploy").mkdir()
     return root
