@@ -827,6 +827,15 @@ def _unless_left_held(
             "when it runs): deploys wait until it ends",
             begun,
         ), str(journal)
+    moving = saved.get("moving")
+    if isinstance(moving, Mapping):
+        # An operator's switch or promote, killed mid-way: guardd finishes or tells it at
+        # its next start, and the front door may serve either color meanwhile.
+        _warn(f"{why}; its state.json shows an operator's {moving.get('event')} not ended")
+        return left(
+            f"a {moving.get('event')} to {moving.get('target')} by {moving.get('by')} has not "
+            "ended (guardd tells how it ended when it runs): deploys wait until it ends"
+        ), str(state)
     if unreadable is not None:
         _warn(f"{why}; its {state} is {unreadable}")
         return left(

@@ -157,6 +157,10 @@ def test_kill9_during_an_operators_switch_keeps_who_and_why(
         d.kill9()
     finally:
         switch.communicate(timeout=60)
+    # guardd down: the gate reads the move it left unfinished, never "allowed".
+    gate = guardctl("--config", str(lab.config_path), "qos", "status", "--json")
+    assert gate.returncode == 1, gate
+    assert "switch to blue by uid:0(root) has not ended" in json.loads(gate.stdout)["reason"]
     (lab.fault_dir / point).unlink()
     count = len(d.events())
     d2 = lab.daemon()
