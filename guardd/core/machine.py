@@ -938,10 +938,12 @@ class GuardMachine:
             return State.GUARD_WINDOW
         window = self.windows[active]
         # A color whose probes stopped coming back (an upstream that accepts and never
-        # answers, under a long probe.timeout) is not known to serve: never `steady`.
+        # answers, under a long probe.timeout) is not known to serve: never `steady`; nor
+        # one whose rule held before a restart and cannot be judged again yet.
         if (
             window.consecutive_failures > 0
             or self.is_stale(active, f.now)
+            or self.policy.table.carrying(active)
             or (
                 verdict is not None
                 and verdict.evidence.color == active

@@ -269,6 +269,10 @@ class RuleTable:
         or one carried over from an earlier run."""
         return any(c == color for _, c in self._since) or any(c == color for _, c in self._carried)
 
+    def carrying(self, color: Color) -> bool:
+        """Whether an onset of an earlier run waits on `color` for its rule to judge."""
+        return bool(self._carried) and any(c == color for _, c in self._carried)
+
     def pending_onsets(self) -> dict[tuple[str, Color], float]:
         """Each (rule name, color) whose condition holds, with its monotonic onset (s)."""
         return dict(self._since)

@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 
+from guardd.core.machine import Facts, GuardMachine
 from guardd.core.rules import Rule, RuleTable
 from guardd.core.signals import Reading
-from guardd.core.types import Color
+from guardd.core.types import Color, Outcome, State
 from guardd.onsets import OnsetStamps, carried
+from guardd.testing import DEFAULT_POLICY
 from guardd.timestamps import rfc3339
 from tests.core.test_rules import judge, reading, rule
 
@@ -168,3 +170,19 @@ def test_a_reload_keeps_the_onsets_of_unchanged_rules_only() -> None:
     states = {s.rule: s for s in judge(new, 110.0, failing).states}
     assert states[P1.name].since == 100.0, "unchanged: its `for` goes on"
     assert states["latency"].since == 110.0, "its `for` changed: afresh"
+
+
+def test_a_color_whose_carried_onset_waits_to_be_judged_is_degraded_not_steady() -> None:
+    """After a restart, a rule that held before it cannot judge a fresh window yet: the
+    color is not read as healthy meanwhile (`degraded`), and once judged healthy it is
+    `steady` again."""
+    machine = GuardMachine(DEFAULT_POLICY, 1.0)
+    for t in (1.0, 2.0):
+        machine.observe("blue", t, Outcome.OK, 0.01)
+        machine.observe("green", t, Outcome.OK, 0.01)
+    assert machine.decide(Facts(now=2.0, active="green")).state is State.STEADY
+    machine.policy.table.carry({("p1_error_ratio", "green"): (-30.0, 60.0)})
+    assert machine.decide(Facts(now=2.0, active="green")).state is State.DEGRADED
+    machine.observe("blue", 3.0, Outcome.OK, 0.01)
+    machine.observe("green", 3.0, Outcome.OK, 0.01)  # 3 samples: judged, and ok
+    assert machine.decide(Facts(now=3.0, active="green")).state is State.STEADY
