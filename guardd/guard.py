@@ -515,6 +515,15 @@ class Guard:
             )
         if why is not None and own is None:
             self.qos.hold(why)
+        elif (
+            why is not None
+            and own is not None
+            and own.hold
+            and _standstill_cause(why) != _standstill_cause(own.info.reason or "")
+        ):
+            # The standstill goes on for another cause (a pause ended in a hold, a hold
+            # whose reason changed): the lock says the cause it stands for now.
+            self.qos.rehold(why)
         elif why is None and not fails and own is not None and own.hold and self._vouched():
             self.qos.end_hold(
                 "guardd no longer holds"
@@ -1225,6 +1234,12 @@ class Guard:
     def status_line(self) -> str:
         """The one-line STATUS= summary for systemd."""
         return statusview.status_line(self)
+
+
+def _standstill_cause(reason: str) -> str:
+    """What a standstill lock's reason stands for: a hold (its whole reason), or a pause or
+    dry run while the color fails (not the verdict's figures, which change every tick)."""
+    return reason if reason.startswith("guardd holds: ") else reason.partition(" while ")[0]
 
 
 def _holds(hold: Hold) -> str:

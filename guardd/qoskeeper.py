@@ -297,6 +297,13 @@ class QosKeeper:
             return  # locked already (a guard window, an operator's lock, the fleet's copy)
         self._hold_lock(reason)
 
+    def rehold(self, reason: str) -> None:
+        """The standstill `hold` took its lock for goes on for another cause: the lock says
+        `reason` now, in one write (journaled `qos_locked`, as a new lock)."""
+        own = self.own_lock
+        if own is not None and own.hold and own.info.reason != reason:
+            self._hold_lock(reason)
+
     def _hold_lock(self, reason: str) -> None:
         info = qoslock.LockInfo(True, reason, rfc3339(self.host.clock.wall()), None, GUARDD)
         own = OwnedLock(info, None, None, manual=False, hold=True)

@@ -148,6 +148,27 @@ async def test_a_guard_window_passing_while_guardd_holds_hands_its_lock_to_the_h
         assert rig.guard.qos.own_lock is not None and rig.guard.qos.own_lock.hold
 
 
+async def test_a_standstill_lock_says_the_cause_it_stands_for_now(tmp_path: Path) -> None:
+    """Paused while both colors fail, deploys are locked for the pause; resumed, guardd
+    holds (no safe target) and the same lock says so, in one write, never the pause."""
+    async with build_guard(tmp_path) as rig:
+        await rig.probe_rounds(WARM_UP)
+        await handle(rig.guard, "pause", {"reason": "db migration"}, "uid:0(root)")
+        rig.probers["green"].answer(503, "green down")
+        rig.probers["blue"].answer(503, "blue down")
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+        reason = qoslock.read_lock(rig.guard.s.lock_file).reason or ""
+        assert reason.startswith("guardd is paused while green fails"), reason
+        await rig.probe_round()
+        assert len(rig.events("qos_locked")) == 1, "the verdict's figures change nothing"
+        await handle(rig.guard, "resume", {}, "uid:0(root)")
+        await rig.probe_round()
+        assert rig.guard.machine.hold is not None
+        reason = qoslock.read_lock(rig.guard.s.lock_file).reason or ""
+        assert reason.startswith("guardd holds: "), reason
+        assert not rig.events("qos_released"), "no moment unlocked"
+
+
 async def test_p0_rollback_end_to_end(tmp_path: Path) -> None:
     async with build_guard(tmp_path) as rig:
         await rig.probe_rounds(WARM_UP)
