@@ -1195,8 +1195,8 @@ class GuardConfig(BaseModel):
         probe: ProbeConfig | None = info.data.get("probe")
         if switch.verify_url is None or probe is None:
             return switch
-        if switch.timeout / 2 < probe.timeout:
-            half = switch.timeout / 2
+        half = switch.timeout / 2
+        if half < probe.timeout:
             why = (
                 f"{switch.timeout:g}s leaves verification through verify_url {half:g}s "
                 f"(half), less than one answer may take (probe.timeout {probe.timeout:g}s); "

@@ -38,7 +38,7 @@ from guardd.exceptions import (
     NotPermitted,
     Refused,
 )
-from guardd.qoslock import IN_FLIGHT, LockUnknown, check_lock, unknown_json
+from guardd.qoslock import IN_FLIGHT, LockInfo, LockUnknown, check_lock, unknown_json
 from guardd.render import render_change, render_history, render_qos, render_status, use_color
 from guardd.stdio import answering
 from guardd.timestamps import parse_rfc3339
@@ -792,9 +792,11 @@ def _unless_left_held(
 ) -> tuple[dict[str, Any], str]:
     """`lock`, no lock in `where`, unless what guardd left in its state.dir says deploys
     must wait, when guardd cannot be asked (`why`): a rollback its journal shows begun and
-    never ended (killed mid-switch: it resumes or undoes it at its next start), or a lock
-    of its own that state.json keeps (the lock file removed meanwhile: it takes the lock
-    back when it starts). UNKNOWN when those files cannot be read."""
+    never ended (killed mid-switch: it resumes or undoes it at its next start), an
+    operator's move state.json shows not ended, a state.json that is no state document (a
+    hold at the next start), or a lock of its own that state.json keeps (the lock file
+    removed meanwhile: it takes the lock back when it starts). UNKNOWN when those files
+    cannot be read."""
     if target.state_dir is None:
         return lock, where
     from guardd.journal import open_rollback, tail_events  # noqa: PLC0415 - guardd unasked
@@ -810,18 +812,12 @@ def _unless_left_held(
             f"waits to be taken back, is unknown, though {where} holds no lock"
         ) from None
 
-    def left(reason: str, locked_at: object = None) -> dict[str, Any]:
-        return {
-            "locked": True,
-            "reason": reason,
-            "until": None,
-            "locked_at": locked_at,
-            "by": GUARDD,
-        }
+    def left(reason: str, locked_at: str | None = None) -> dict[str, Any]:
+        return dict(LockInfo(True, reason, locked_at, None, GUARDD).to_json())
 
     if pending is not None:
         _warn(f"{why}; its journal shows a rollback begun and not ended")
-        begun = pending.get("ts")
+        begun = str(pending.get("ts"))
         return left(
             f"a rollback guardd began at {begun} has not ended (guardd resumes or undoes it "
             "when it runs): deploys wait until it ends",

@@ -506,13 +506,12 @@ class Guard:
         why = None
         if hold is not None:
             why = _holds(hold)
-        elif decision.blocked_by == "paused" and verdict is not None and failing:
-            why = f"guardd is paused while {self.active} fails: {verdict.reason}"
-        elif decision.blocked_by == "dry_run" and verdict is not None and failing:
-            # policy.dry_run moves no traffic; deploys onto a failing service wait all the same.
-            why = (
-                f"guardd is in dry run (policy.dry_run) while {self.active} fails: {verdict.reason}"
-            )
+        elif (
+            (standing := _STANDING_BY.get(decision.blocked_by or ""))
+            and verdict is not None
+            and failing
+        ):
+            why = f"{standing} while {self.active} fails: {verdict.reason}"
         if why is not None and own is None:
             self.qos.hold(why)
         elif (
@@ -1234,6 +1233,15 @@ class Guard:
     def status_line(self) -> str:
         """The one-line STATUS= summary for systemd."""
         return statusview.status_line(self)
+
+
+#: Why guardd does not act on a failing color, by what blocked the decision, as the
+#: standstill lock says it. policy.dry_run moves no traffic; deploys onto a failing service
+#: wait all the same, as in a pause.
+_STANDING_BY: dict[str, str] = {
+    "paused": "guardd is paused",
+    "dry_run": "guardd is in dry run (policy.dry_run)",
+}
 
 
 def _standstill_cause(reason: str) -> str:

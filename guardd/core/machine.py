@@ -189,8 +189,9 @@ class Memory:
     """Everything the machine remembers besides its probe windows: state.json keeps it.
 
     The windows are measurements, taken again after a restart; the onsets of the rules'
-    `for` are kept beside this (`Guard.onsets_doc`); whatever else steers a decision is
-    here, so that a restart alone never changes one (docs/contract.md §4).
+    `for` are kept beside this (`guardd.onsets`, state.json's `onsets`); whatever else
+    steers a decision is here, so that a restart alone never changes one
+    (docs/contract.md §4).
     """
 
     hold: Hold | None = None

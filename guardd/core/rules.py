@@ -267,7 +267,7 @@ class RuleTable:
     def onsets(self, color: Color) -> bool:
         """Whether any rule has an onset on `color` (its condition held at its last judging),
         or one carried over from an earlier run."""
-        return any(c == color for _, c in self._since) or any(c == color for _, c in self._carried)
+        return any(c == color for _, c in self._since) or self.carrying(color)
 
     def carrying(self, color: Color) -> bool:
         """Whether an onset of an earlier run waits on `color` for its rule to judge."""
