@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from guardd import durations, paths
 from guardd._version import __version__
@@ -1214,9 +1214,16 @@ def _paragraphs(text: str) -> str:
     return "\n\n".join(textwrap.fill(part, width=78) for part in text.split("\n\n"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The guardctl argument parser."""
-    parser = argparse.ArgumentParser(
+def build_parser(
+    path: Sequence[str] = (), parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+) -> argparse.ArgumentParser:
+    """The guardctl argument parser; with `path` (`("qos", "status")`), only that command's.
+
+    A parser of one command parses every command line naming it the same way the whole
+    parser does: the others are only left out, never told apart differently. See
+    `_parse` for why it exists.
+    """
+    parser = parser_class(
         prog="guardctl",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_MAIN_EPILOG,
@@ -1230,6 +1237,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"guardctl {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for command in _COMMANDS:
+        if path and path[0] != command.name:
+            continue
         sub = _subparser(commands, command, command.name)
         _globals(sub, defaults=False)
         if command.name in ("status", "history", "incident"):
@@ -1299,7 +1308,14 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--reason", metavar="TEXT", help="why; goes to the journal and the notifications"
             )
+    if not path or path[0] == "fleet":
+        _fleet_parser(commands)
+    if not path or path[0] == "qos":
+        _qos_parser(commands, path[1:])
+    return parser
 
+
+def _fleet_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fleet = commands.add_parser(
         "fleet",
         help="the fleet of guardd nodes coordinated through etcd",
@@ -1326,6 +1342,10 @@ def build_parser() -> argparse.ArgumentParser:
     _globals(fleet_status, defaults=False)
     fleet_status.add_argument("--json", action="store_true", help="print the fleet as JSON")
 
+
+def _qos_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], path: Sequence[str]
+) -> None:
     qos = commands.add_parser(
         "qos",
         help="QoS lock: status, lock, unlock",
@@ -1343,6 +1363,8 @@ def build_parser() -> argparse.ArgumentParser:
     _globals(qos, defaults=False)
     qos_commands = qos.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for command in _QOS_COMMANDS:
+        if path and path[0] != command.name:
+            continue
         sub = _subparser(qos_commands, command, f"qos {command.name}")
         _globals(sub, defaults=False)
         if command.name == "status":
@@ -1358,7 +1380,71 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--reason", metavar="TEXT", help="why; shown to whoever is blocked")
         if command.name == "unlock":
             sub.add_argument("--reason", metavar="TEXT", help="why; journaled with the release")
-    return parser
+
+
+# The global options that take a value, as `_command_path` must step over them.
+_VALUE_OPTIONS: Final = ("--instance", "--config", "--socket")
+# Each command word and the words that may follow it (none: the command is named).
+_WORDS: Final[dict[str, tuple[str, ...]]] = {
+    **dict.fromkeys((c.name for c in _COMMANDS), ()),
+    "fleet": ("status",),
+    "qos": tuple(c.name for c in _QOS_COMMANDS),
+}
+
+
+def _command_path(argv: Sequence[str]) -> tuple[str, ...] | None:
+    """The command words `argv` names (`("qos", "status")`), or None when unsure.
+
+    Unsure is any word before the last command word that is neither a global option
+    taking a value (or an abbreviation of one, as argparse accepts) nor that value:
+    `--help` or `--version` there shows the whole parser's text, so only the whole
+    parser may answer it.
+    """
+    names = _WORDS
+    path: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word.startswith("--") and "=" not in word and len(word) > 2:
+            if not any(option.startswith(word) for option in _VALUE_OPTIONS):
+                return None
+            next(words, None)  # its value
+        elif word.startswith("-"):
+            if "=" not in word or not any(o.startswith(word.split("=")[0]) for o in _VALUE_OPTIONS):
+                return None
+        elif word in names:
+            path.append(word)
+            below = names[word]
+            if not below:
+                return tuple(path)
+            names = dict.fromkeys(below, ())
+        else:
+            return None
+    return None
+
+
+class _Unsure(Exception):
+    """A command line the one command's parser would refuse (`_parse` asks the whole one)."""
+
+
+class _OneCommandParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _Unsure(message)
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse guardctl's command line.
+
+    Building the whole parser costs more than the rest of `guardctl qos status`
+    together (sixteen subparsers and their help texts), and a deploy script asks it
+    often: so the parser of the command the line names parses it first. A line it
+    refuses, or whose command is unclear, goes to the whole parser, whose error,
+    help and usage texts are then exactly those of before.
+    """
+    path = _command_path(argv)
+    if path is not None:
+        with contextlib.suppress(_Unsure):
+            return build_parser(path, _OneCommandParser).parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1367,7 +1453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A reason or error in a script the terminal cannot show must not crash the output.
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(sys.argv[1:] if argv is None else argv)
         return answering("guardctl", functools.partial(_main, args))
     except KeyboardInterrupt:
         return 130

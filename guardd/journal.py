@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Reversible, Sequence
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any, Final, overload
 from guardd import untrusted_json
 from guardd.core.types import JOURNAL_EVENTS
 from guardd.exceptions import StorageError, UnsafePath
-from guardd.secrets import redact
 from guardd.timestamps import parse_rfc3339, rfc3339
 
 # The journal refuses any event outside the shared vocabulary.
@@ -30,6 +28,21 @@ EVENTS = JOURNAL_EVENTS
 # growing for an hour at a fast interval. It holds the lines themselves: held as dicts, a
 # tail cost ~4x its line bytes and kept growing long after its bound was reached.
 RECENT_BYTES = 256 * 1024
+
+
+# _LAZY_WRITE: `uuid` (which imports `platform`) and `guardd.secrets` (which compiles its
+# patterns) were ~6 ms of a `guardctl qos status` that only reads the journal's tail:
+# what writes imports them on first use.
+def _fresh_id() -> str:
+    import uuid  # noqa: PLC0415 - _LAZY_WRITE
+
+    return uuid.uuid4().hex
+
+
+def _redact(text: str) -> str:
+    from guardd.secrets import redact  # noqa: PLC0415 - _LAZY_WRITE
+
+    return redact(text)
 
 
 #: The stamps `rfc3339` renders (seconds since the epoch): 1970-01-01 to 9999-12-31.
@@ -50,8 +63,8 @@ def named_record(event: str, fields: dict[str, Any]) -> dict[str, Any]:
     a record the guard owes): a crash between the two is finished at the next start, which
     writes it (`record_fields`, under that `id`) unless the journal already holds the `id`.
     """
-    said = {**fields, "reason": redact(fields["reason"])} if fields.get("reason") else fields
-    return {"event": event, "id": uuid.uuid4().hex, **said}
+    said = {**fields, "reason": _redact(fields["reason"])} if fields.get("reason") else fields
+    return {"event": event, "id": _fresh_id(), **said}
 
 
 def is_event_line(doc: object) -> bool:
@@ -286,12 +299,12 @@ class Journal:
             raise ValueError(f"unknown journal event {event!r}")
         record: dict[str, Any] = {
             "ts": rfc3339(self._wall()),
-            "id": event_id or uuid.uuid4().hex,
+            "id": event_id or _fresh_id(),
             "event": event,
             "guard": self.guard,
             "from": source,
             "to": target,
-            "reason": redact(reason) if reason else reason,
+            "reason": _redact(reason) if reason else reason,
             "severity": severity,
             "by": by,
         }
