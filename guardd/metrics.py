@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import gzip
 import math
+import selectors
 import socket
 import socketserver
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
@@ -525,6 +527,21 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         """Stay quiet: a scrape every few seconds is not news, and stderr is the daemon's log."""
 
 
+_ACCEPT_WAIT_S = 1.0
+
+
+def _serve(httpd: _MetricsHTTPServer, wake: socket.socket) -> None:
+    """Serve scrapes until `wake` is readable; each scrape in its own thread."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(httpd, selectors.EVENT_READ)
+        selector.register(wake, selectors.EVENT_READ)
+        while True:
+            ready = {key.fileobj for key, _ in selector.select()}
+            if wake in ready:
+                return
+            httpd.handle_request()
+
+
 class _MetricsHTTPServer(ThreadingHTTPServer):
     """A threading HTTP server bound to one registry, IPv4 or IPv6."""
 
@@ -538,6 +555,13 @@ class _MetricsHTTPServer(ThreadingHTTPServer):
         self.address_family = family
         super().__init__((str(sockaddr[0]), address[1]), _MetricsHandler)
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A scraper that resets or drops its connection is not news; anything else is
+        a bug, printed as socketserver does (stderr is the daemon's log)."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
     def server_bind(self) -> None:
         """Bind without HTTPServer's reverse DNS lookup, which can hang on a broken resolver."""
         socketserver.TCPServer.server_bind(self)
@@ -547,7 +571,13 @@ class _MetricsHTTPServer(ThreadingHTTPServer):
 
 
 class MetricsServer:
-    """Serves GET /metrics of a registry from a daemon thread, off the asyncio loop."""
+    """Serves GET /metrics of a registry from a daemon thread, off the asyncio loop.
+
+    The thread sleeps until a scrape connects or `close` wakes it: socketserver's
+    `serve_forever` wakes every poll interval to look for a shutdown, and every
+    wake-up of an idle daemon takes the interpreter's lock from the guard's loop
+    (fifty instances on a host add up).
+    """
 
     def __init__(self, listen: str, registry: CollectorRegistry) -> None:
         self.listen = listen
@@ -555,6 +585,7 @@ class MetricsServer:
         self.registry = registry
         self._httpd: _MetricsHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._wake: tuple[socket.socket, socket.socket] | None = None
 
     @property
     def port(self) -> int:
@@ -567,26 +598,30 @@ class MetricsServer:
         """Bind and start serving; raises OSError if the address is taken."""
         if self._httpd is not None:
             raise RuntimeError("metrics server already started")
-        self._httpd = _MetricsHTTPServer((self.host, self._requested_port), self.registry)
+        self._httpd = httpd = _MetricsHTTPServer((self.host, self._requested_port), self.registry)
+        # `handle_request` waits this long for the connection it was woken for: one
+        # gone before it is accepted must not hold the thread (and `close`) forever.
+        httpd.timeout = _ACCEPT_WAIT_S
+        self._wake = wake = socket.socketpair()
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            # Each poll is a wake-up of an idle daemon; fifty instances on a host add up.
-            kwargs={"poll_interval": 1.0},
-            name=f"guardd-metrics-{self.listen}",
-            daemon=True,
+            target=_serve, args=(httpd, wake[0]), name=f"guardd-metrics-{self.listen}", daemon=True
         )
         self._thread.start()
 
     def close(self) -> None:
         """Stop serving and release the socket; safe to call twice."""
-        httpd, thread = self._httpd, self._thread
-        self._httpd = self._thread = None
+        httpd, thread, wake = self._httpd, self._thread, self._wake
+        self._httpd = self._thread = self._wake = None
         if httpd is None:
             return
-        httpd.shutdown()
-        httpd.server_close()
+        if wake is not None:
+            wake[1].send(b"\0")
         if thread is not None:
             thread.join()
+        httpd.server_close()
+        if wake is not None:
+            for end in wake:
+                end.close()
 
     def __enter__(self) -> MetricsServer:
         self.start()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import selectors
+import socket
+import struct
 from pathlib import Path
+from typing import Any
 
 import httpx
 import prometheus_client
@@ -296,6 +300,36 @@ def test_server_refuses_a_taken_port_and_closes_twice(metrics: GuardMetrics) -> 
 
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{first.port}/metrics", timeout=5)
+
+
+def test_the_server_thread_sleeps_until_a_scrape_or_close(
+    metrics: GuardMetrics, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """No wake-up of its own: every wait of the serving thread is without a timeout, a
+    connection gone before it is accepted holds nothing, and `close` wakes it."""
+    waits: list[float | None] = []
+
+    class Recording(selectors.DefaultSelector):
+        def select(self, timeout: float | None = None) -> list[Any]:
+            waits.append(timeout)
+            return super().select(timeout)
+
+    monkeypatch.setattr(selectors, "DefaultSelector", Recording)
+    with MetricsServer("127.0.0.1:0", metrics.registry) as server:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        assert httpx.get(url, timeout=30).status_code == 200
+        for _ in range(3):
+            gone = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            # Linger 0: the close resets the connection, maybe before it is accepted.
+            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            gone.close()
+        assert httpx.get(url, timeout=30).status_code == 200
+    assert waits
+    assert set(waits) == {None}
+    # A reset connection is not logged as a crash.
+    assert "Traceback" not in capfd.readouterr().err
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url, timeout=5)
 
 
 def test_real_prometheus_scrapes_the_active_color(metrics: GuardMetrics, tmp_path: Path) -> None:
