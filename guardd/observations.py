@@ -307,6 +307,11 @@ class Recorder:
         """Records not yet written."""
         return len(self._pending)
 
+    @property
+    def oldest(self) -> float | None:
+        """The monotonic time (s) of the oldest record not yet written; None if none."""
+        return self._pending[0]["mono"] if self._pending else None
+
     # ---- writing -----------------------------------------------------------------------
 
     def take(self) -> list[dict[str, Any]]:

@@ -59,9 +59,12 @@ _STUCK_MARGIN = 5.0
 _SIGNAL_PULSE_S = 0.25
 # Distinct unexpected errors remembered (to log each traceback once); more are only counted.
 _MAX_LOOP_ERRORS_SEEN = 256
-# How often what was observed is written to `observations/` (s), and how long the last
-# write at shutdown may take before it is abandoned (s).
+# How long a record waits at most before it is written to `observations/` (s); the
+# shortest time between two writes (s), so that a write at the end of every round does
+# not pay a worker thread's wake-ups more than about once a second at fast intervals;
+# and how long the last write at shutdown may take before it is abandoned (s).
 _RECORD_EVERY_S = 1.0
+_RECORD_GAP_S = 0.75
 _RECORD_LAST_S = 5.0
 # The journal events that say traffic moved (recorded as `switch`).
 _TRAFFIC_MOVES = frozenset({"rollback_completed", "switch", "promote", "external_switch"})
@@ -398,6 +401,8 @@ class Supervisor:
         self.notifier: Any = None
         self.metrics_server: MetricsServer | None = None
         self._wake = anyio.Event()
+        # Set (and replaced) after each tick of the decision loop: `_record_due`.
+        self._ticked = anyio.Event()
         self._first_round: dict[Color, anyio.Event] = {c: anyio.Event() for c in COLORS}
         self._front_door_answered = anyio.Event()
         # Set when a reload puts another front-door prober in force (or none).
@@ -632,8 +637,10 @@ class Supervisor:
         assert recorder is not None  # noqa: S101 - started only with a recorder
         limiter = anyio.CapacityLimiter(1)
         failing = False
+        last = -math.inf
         while True:
-            await anyio.sleep(_RECORD_EVERY_S)
+            await self._record_due(recorder, last)
+            last = self.clock.monotonic()
             try:
                 await self.faults.fail("raise_in_recording")
                 await recorder.flush(limiter)
@@ -644,6 +651,27 @@ class Supervisor:
             elif recorder.last_error is None and failing:
                 self.log.info("observations_write_recovered")
             failing = recorder.last_error is not None
+
+    async def _record_due(self, recorder: Recorder, last: float) -> None:
+        """Return when records should be written: at the end of a decision tick (the
+        round complete, on the wake-up the round already paid for), or when the oldest
+        of them has waited `_RECORD_EVERY_S`; never within `_RECORD_GAP_S` of the last
+        write (monotonic `last`), nor within a second of a write that failed. With
+        nothing to write, it sleeps until there is: an idle guard is not woken every
+        second for nothing."""
+        gap = _RECORD_EVERY_S if recorder.last_error is not None else _RECORD_GAP_S
+        while True:
+            now = self.clock.monotonic()
+            oldest = recorder.oldest
+            not_before = last + gap
+            if oldest is not None and now >= max(oldest + _RECORD_EVERY_S, not_before):
+                return
+            ticked = self._ticked
+            due = math.inf if oldest is None else oldest + _RECORD_EVERY_S
+            with anyio.move_on_after(max(due, not_before) - now):
+                await ticked.wait()
+            if ticked.is_set() and recorder.pending and self.clock.monotonic() >= not_before:
+                return
 
     async def _stop_recording(self) -> None:
         """The last write, and the end of the gzip member; abandoned past `_RECORD_LAST_S`."""
@@ -1070,6 +1098,9 @@ class Supervisor:
             async with guard.lock:
                 await guard.tick()
             self.sd.status(guard.status_line())
+            # The round's records are all in: the recording loop may write them now.
+            self._ticked.set()
+            self._ticked = anyio.Event()
 
     def probes_stuck(self) -> bool:
         """Whether a probe loop is wedged past its own deadline."""
