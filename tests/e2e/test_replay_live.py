@@ -19,6 +19,15 @@ INTERVAL = 0.2  # the lab's probe.interval
 DECISIONS = ("rollback_started", "hold", "alert")
 
 
+def _green_ok(lab: Lab) -> int:
+    """Green's healthy probes recorded so far."""
+    return sum(
+        1
+        for r in _recorded(lab)
+        if (r.get("kind"), r.get("color"), r.get("outcome")) == ("probe", "green", "ok")
+    )
+
+
 def _recorded(lab: Lab) -> list[dict[str, Any]]:
     """Every record of the lab's observations, read as replay reads them."""
     from guardd.observations import ReadReport, read_history  # noqa: PLC0415
@@ -81,7 +90,9 @@ def test_a_live_rollback_is_replayed_by_the_same_rule_at_the_same_time(
 ) -> None:
     lab = make_lab()
     d = lab.daemon()
-    wait_until(lambda: len(_recorded(lab)) > 20, 20, "a healthy stretch recorded")
+    # Healthy probes of green enough that ten failures in a row stay under the lab's
+    # P0 error ratio (0.5), for the what-if below: then the rule it changes decides.
+    wait_until(lambda: _green_ok(lab) >= 12, 20, "a healthy stretch recorded")
     lab.green.set_mode("http_503")
     started = d.wait_event("rollback_started")
     d.wait_event("rollback_completed")
