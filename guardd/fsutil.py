@@ -110,6 +110,9 @@ def hold_instance_lock(directory: Path) -> int:
     return fd
 
 
+_READ_CHUNK = 64 * 1024
+
+
 def read_bytes(path: Path) -> bytes:
     """Read a regular file without following a symlink at *path*.
 
@@ -122,11 +125,17 @@ def read_bytes(path: Path) -> bytes:
         raise
     except OSError as exc:
         raise StorageError(f"{path}: cannot open: {exc.strerror}") from exc
+    # os.read on the fd, not a file object: a switcher reads its state file every round,
+    # and a buffered file costs six system calls more (fstat, ioctl, lseek) than the read.
+    chunks: list[bytes] = []
     try:
-        with os.fdopen(fd, "rb") as f:
-            return f.read()
+        while chunk := os.read(fd, _READ_CHUNK):
+            chunks.append(chunk)
     except OSError as exc:
         raise StorageError(f"{path}: cannot read: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 #: What a path that is not a regular file is, by its `stat.S_IFMT`, for messages.
