@@ -61,10 +61,11 @@ _SIGNAL_PULSE_S = 0.25
 _MAX_LOOP_ERRORS_SEEN = 256
 # How long a record waits at most before it is written to `observations/` (s); the
 # shortest time between two writes (s), so that a write at the end of every round does
-# not pay a worker thread's wake-ups more than about once a second at fast intervals;
+# not pay a worker thread's wake-ups more than about once a second at fast intervals (a
+# round at 1 s may end up to a tenth of a second earlier than the last and still write);
 # and how long the last write at shutdown may take before it is abandoned (s).
 _RECORD_EVERY_S = 1.0
-_RECORD_GAP_S = 0.75
+_RECORD_GAP_S = 0.9
 _RECORD_LAST_S = 5.0
 # The journal events that say traffic moved (recorded as `switch`).
 _TRAFFIC_MOVES = frozenset({"rollback_completed", "switch", "promote", "external_switch"})
@@ -401,8 +402,10 @@ class Supervisor:
         self.notifier: Any = None
         self.metrics_server: MetricsServer | None = None
         self._wake = anyio.Event()
-        # Set (and replaced) after each tick of the decision loop: `_record_due`.
+        # Set (and replaced) after a tick of the decision loop from `_record_after` (monotonic
+        # s) on, when the recording loop waits for one: `_record_due`.
         self._ticked = anyio.Event()
+        self._record_after = math.inf
         self._first_round: dict[Color, anyio.Event] = {c: anyio.Event() for c in COLORS}
         self._front_door_answered = anyio.Event()
         # Set when a reload puts another front-door prober in force (or none).
@@ -664,12 +667,16 @@ class Supervisor:
             now = self.clock.monotonic()
             oldest = recorder.oldest
             not_before = last + gap
-            if oldest is not None and now >= max(oldest + _RECORD_EVERY_S, not_before):
+            due = math.inf if oldest is None else oldest + _RECORD_EVERY_S
+            if now >= max(due, not_before):
                 return
             ticked = self._ticked
-            due = math.inf if oldest is None else oldest + _RECORD_EVERY_S
-            with anyio.move_on_after(max(due, not_before) - now):
-                await ticked.wait()
+            self._record_after = not_before
+            try:
+                with anyio.move_on_after(max(due, not_before) - now):
+                    await ticked.wait()
+            finally:
+                self._record_after = math.inf
             if ticked.is_set() and recorder.pending and self.clock.monotonic() >= not_before:
                 return
 
@@ -1098,9 +1105,11 @@ class Supervisor:
             async with guard.lock:
                 await guard.tick()
             self.sd.status(guard.status_line())
-            # The round's records are all in: the recording loop may write them now.
-            self._ticked.set()
-            self._ticked = anyio.Event()
+            # The round's records are all in: the recording loop may write them now (woken
+            # only when it may: a task switch a tick at 50 ms adds up).
+            if self.clock.monotonic() >= self._record_after:
+                self._ticked.set()
+                self._ticked = anyio.Event()
 
     def probes_stuck(self) -> bool:
         """Whether a probe loop is wedged past its own deadline."""

@@ -111,3 +111,19 @@ async def test_after_a_failed_write_the_next_waits_a_second(tmp_path: Path) -> N
     at = await written_at(sup, rec, last, ticks_every=0.1, limit=WAIT_S)
     assert at is not None
     assert at >= last + _RECORD_EVERY_S
+
+
+async def test_ticks_within_the_gap_do_not_wake_the_writer_task(tmp_path: Path) -> None:
+    """The decision loop wakes the writer task only from `_record_after` on: at 50 ms,
+    a task switch a tick for nothing adds up."""
+    sup = supervisor(tmp_path)
+    rec = recorder(tmp_path, sup.clock)  # type: ignore[arg-type]
+    rec.probe("blue", "ok", 0.01)
+    last = sup.clock.monotonic()
+    assert sup._record_after == math.inf
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup._record_due, rec, last)
+        await anyio.lowlevel.checkpoint()
+        assert sup._record_after == last + _RECORD_GAP_S
+        tg.cancel_scope.cancel()
+    assert sup._record_after == math.inf
