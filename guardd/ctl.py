@@ -1404,13 +1404,12 @@ def _command_path(argv: Sequence[str]) -> tuple[str, ...] | None:
     path: list[str] = []
     words = iter(argv)
     for word in words:
-        if word.startswith("--") and "=" not in word and len(word) > 2:
-            if not any(option.startswith(word) for option in _VALUE_OPTIONS):
+        if word.startswith("-"):
+            name, inline, _ = word.partition("=")
+            if len(name) < 3 or not any(option.startswith(name) for option in _VALUE_OPTIONS):
                 return None
-            next(words, None)  # its value
-        elif word.startswith("-"):
-            if "=" not in word or not any(o.startswith(word.split("=")[0]) for o in _VALUE_OPTIONS):
-                return None
+            if not inline:
+                next(words, None)  # its value
         elif word in names:
             path.append(word)
             below = names[word]

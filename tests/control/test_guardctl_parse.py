@@ -177,6 +177,8 @@ def test_help_and_version_are_the_whole_parsers(
         (["--help", "status"], None),
         (["qos", "-h", "status"], None),
         (["--bogus", "status"], None),
+        (["--=x", "status"], None),
+        (["-in", "x", "status"], None),
         (["stauts"], None),
         (["qos"], None),
         (["qos", "bogus"], None),
