@@ -148,21 +148,21 @@ def _bytes(directory: Path) -> int:
 
 def recorder_cost(records: int = 40_000, batch: int = 40) -> dict[str, float]:
     """The recorder alone, in this process, as the daemon drives it: CPU per probe record
-    on the event loop's side (`probe()`) and in all (`flush()` of every `batch` records from
-    a worker thread: JSON, deflate, the append, the thread's hand-off), in µs."""
+    on the event loop's side (`probe()`) and in all (`submit()` of every `batch` records to
+    the writer thread: JSON, deflate, the append, the hand-off), in µs."""
     import anyio  # noqa: PLC0415 - only this measure needs them
 
     from guardd.observations import Recorder  # noqa: PLC0415
 
     async def drive(rec: Recorder) -> float:
         adding = 0.0
-        limiter = anyio.CapacityLimiter(1)
+        rec.start_writer()
         for i in range(0, records, batch):
             t = time.process_time()
             for j in range(batch):
                 rec.probe("blue" if (i + j) % 2 else "green", "ok", 0.0012, None, 200)
             adding += time.process_time() - t
-            await rec.flush(limiter)
+            rec.submit()
         await rec.aclose()
         return adding
 

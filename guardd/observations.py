@@ -4,7 +4,7 @@ Layout: `<state.dir>/observations/<guard>-YYYY-MM-DD.jsonl.gz`, one file per UTC
 records it holds. Each is a gzip stream of JSON objects, one a line; every daemon run (and
 every rotation) appends a new gzip member, and readers take the members in order, which is
 what `zcat` does too. The file is append-only and written in batches: the daemon takes the
-pending records on its event loop (`take`) and a worker thread encodes, compresses and
+pending records on its event loop (`submit`) and its writer thread encodes, compresses and
 appends them (`write_batch`), about once a second, each batch one `write(2)` that ends on a
 `Z_SYNC_FLUSH` boundary, never fsynced: a crash loses at most the last batch, the lines
 before it stay readable in a file cut short, and a reader that meets a damaged member
@@ -45,7 +45,9 @@ import json
 import math
 import operator
 import os
+import queue
 import re
+import threading
 import zlib
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator
@@ -86,6 +88,10 @@ MAX_LINE_BYTES: Final = 64 * 1024
 #: Records waiting for the writer; beyond this (a disk that hangs) new ones are dropped
 #: and counted, so that recording never grows without bound nor blocks a probe.
 MAX_PENDING: Final = 100_000
+#: After a failed write, the writer tries again this much later (s) if no batch comes first.
+RETRY_S: Final = 1.0
+#: How often `Recorder.aclose` looks whether the writer thread has ended (s).
+_CLOSE_POLL_S: Final = 0.01
 _NAME: Final = re.compile(r"^(?P<guard>.+)-(?P<day>\d{4}-\d{2}-\d{2})\.jsonl\.gz$")
 _READ_CHUNK: Final = 256 * 1024
 #: Each digit to `0`, any other byte to a space: 19 zeros in a row in a batch so
@@ -158,10 +164,11 @@ class Recorder:
     """Collects records in memory and writes them to the day's file in batches.
 
     Two sides, two threads. On the event loop: the `add*` methods (cheap, no I/O: they run
-    beside probes and ticks), `take()` and `settle()`, and every counter. In one worker
-    thread at a time: `write_batch()`, the only code that touches the file. `flush()` is
-    the three in order (`await` it from the writer task); `write()` is the same without a
-    thread (tests, tools).
+    beside probes and ticks) and `submit()`, which hands the pending records to the writer
+    thread (`start_writer`); that thread alone runs `write_batch()`, the only code that
+    touches the file, and sets `written`, `errors` and `last_error` (each counter has one
+    writer, so no lock is needed). `write()` takes, writes and counts in the calling
+    thread, without a writer thread (tests, tools).
 
     `dropped` counts records lost to a full queue, `errors` failed writes (the batch is
     kept and tried again, bounded by `MAX_PENDING`), `written` records appended;
@@ -183,19 +190,26 @@ class Recorder:
         self._wall = wall
         self._mono = monotonic
         self._pending: list[dict[str, Any]] = []
-        # The file side, touched by `write_batch` (one worker thread at a time) only.
+        # The file side, touched by `write_batch` (the writer thread) only.
         self._day: str | None = None
         self._latest = ""  # the latest day this recorder wrote
         self._latest_span = (0.0, 0.0)  # its wall-clock bounds: most records fall in it
         self._fd = -1
         self._zip: Any = None
-        # The run as of the last record written (worker thread side): what a `context`
+        # The run as of the last record written (writer side): what a `context`
         # record at the head of a new day's file says. None before a `start` was written.
         self._context: dict[str, Any] | None = None
-        # Whether a worker thread may be writing (set on the loop, cleared by the thread):
-        # a flush abandoned at shutdown leaves its thread the file.
-        self._busy = False
-        self.dropped = 0
+        # The writer thread and its queue: lists of records, then None to stop.
+        self._writer: threading.Thread | None = None
+        self._queue: queue.SimpleQueue[list[dict[str, Any]] | None] = queue.SimpleQueue()
+        self._stopping = False
+        # Records handed to the writer (counted on the loop) and those it has done with,
+        # written or dropped (counted by the writer): the difference waits in its hands.
+        self._submitted = 0
+        self._finished = 0
+        # Records dropped for a full queue (loop side) and after failed writes (writer side).
+        self._dropped_new = 0
+        self._dropped_held = 0
         self.errors = 0
         self.written = 0
         self.last_error: str | None = None
@@ -204,8 +218,8 @@ class Recorder:
 
     def add(self, kind: str, **fields: Any) -> None:
         """Queue one record of `kind` stamped now; dropped (counted) when the queue is full."""
-        if len(self._pending) >= MAX_PENDING:
-            self.dropped += 1
+        if len(self._pending) + self._submitted - self._finished >= MAX_PENDING:
+            self._dropped_new += 1
             return
         fields["kind"] = kind
         fields["ts"] = self._wall()
@@ -243,8 +257,8 @@ class Recorder:
         # `add` inlined, the record built as one literal (keys in `_PROBE_KEYS` order): the
         # daemon calls this for every probe round, on its event loop.
         pending = self._pending
-        if len(pending) >= MAX_PENDING:
-            self.dropped += 1
+        if len(pending) + self._submitted - self._finished >= MAX_PENDING:
+            self._dropped_new += 1
             return
         pending.append(
             {
@@ -304,24 +318,31 @@ class Recorder:
 
     @property
     def pending(self) -> int:
-        """Records not yet written."""
-        return len(self._pending)
+        """Records not yet written: on the loop, and in the writer thread's hands."""
+        return len(self._pending) + self._submitted - self._finished
+
+    @property
+    def dropped(self) -> int:
+        """Records lost: to a full queue, or held past `MAX_PENDING` after failed writes."""
+        return self._dropped_new + self._dropped_held
 
     @property
     def oldest(self) -> float | None:
-        """The monotonic time (s) of the oldest record not yet written; None if none."""
+        """The monotonic time (s) of the oldest record not yet handed to the writer; None
+        if none."""
         return self._pending[0]["mono"] if self._pending else None
 
     # ---- writing -----------------------------------------------------------------------
 
     def take(self) -> list[dict[str, Any]]:
         """The pending records, handed over for `write_batch` (event loop side); the
-        recorder starts a new list, so `add` never touches the batch being written."""
+        recorder starts a new list, so `add` never touches the batch being written. The
+        caller counts them (`submit`, `write`)."""
         batch, self._pending = self._pending, []
         return batch
 
     def write_batch(self, batch: list[dict[str, Any]]) -> tuple[int, str | None]:
-        """Append `batch` to its days' files (worker thread side; never raises).
+        """Append `batch` to its days' files (writer side; never raises).
 
         Returns (records written, why the rest was not, or None). Each day's part of the
         batch is compressed whole and appended in one write ending on a sync-flush
@@ -370,69 +391,113 @@ class Recorder:
             elif kind == "switch" and self._context is not None:
                 self._context["active"] = record.get("to")
 
-    def settle(self, batch: list[dict[str, Any]], done: int, error: str | None) -> None:
-        """Count what `write_batch` did with `batch` (event loop side): the records not
-        written go back ahead of those that arrived meanwhile, the oldest dropped (and
-        counted) past `MAX_PENDING`."""
+    # ---- the writer thread (the daemon) -----------------------------------------------
+
+    def start_writer(self) -> None:
+        """Start the writer thread that `submit` hands batches to.
+
+        One thread for the recorder's life rather than a worker thread per batch: handing
+        it a batch is one put on a queue, and nothing comes back to the event loop when
+        the write is done (the counters are the thread's to set). A worker thread per
+        batch woke the loop again for each result, and that wake-up, with the task it
+        resumed, cost a guard probing at 1 s about a sixth of its CPU.
+        """
+        if self._writer is not None:
+            raise RuntimeError("the writer thread is already started")
+        self._writer = threading.Thread(
+            target=self._write_loop, name="guardd-recorder", daemon=True
+        )
+        self._writer.start()
+
+    def submit(self) -> int:
+        """Hand the pending records to the writer thread (event loop side: never blocks,
+        no I/O); returns how many. Without a writer thread, nothing is handed over."""
+        if self._writer is None or self._stopping or not self._pending:
+            return 0
+        batch = self.take()
+        self._submitted += len(batch)
+        self._queue.put(batch)
+        return len(batch)
+
+    async def aclose(self) -> None:
+        """Submit what is pending, then stop the writer thread once it has written all it
+        holds and ended the gzip member, and wait for it under the caller's cancel scope:
+        a writer still busy when that ends is left to finish alone (a daemon thread: the
+        process may exit under it; `closed` says whether it ended). Without a writer
+        thread: `close()`."""
+        writer = self._writer
+        if writer is None:
+            self.close()
+            return
+        if not self._stopping:
+            self.submit()
+            self._stopping = True
+            self._queue.put(None)
+        # Polled: this happens once, at shutdown, and the thread then never has to reach
+        # back into the event loop.
+        while writer.is_alive():  # noqa: ASYNC110
+            await anyio.sleep(_CLOSE_POLL_S)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the writer thread has ended (True without one)."""
+        return self._writer is None or not self._writer.is_alive()
+
+    def _write_loop(self) -> None:
+        """The writer thread: write each batch submitted, after any a failed write left
+        (tried again `RETRY_S` later if nothing new comes first); `None` ends it."""
+        held: list[dict[str, Any]] = []
+        while True:
+            try:
+                item = self._queue.get(timeout=RETRY_S if held else None)
+            except queue.Empty:
+                item = []
+            batch = held + item if item else held
+            held = []
+            if batch:
+                done, error = self.write_batch(batch)
+                held = self._count_write(batch, done, error)
+            if item is None:
+                self.close()
+                return
+
+    def _count_write(
+        self, batch: list[dict[str, Any]], done: int, error: str | None
+    ) -> list[dict[str, Any]]:
+        """Count what `write_batch` did with `batch` (writer thread side); returns the
+        records to try again, the oldest dropped (and counted) past `MAX_PENDING`."""
         self.written += done
         if error is None:
             self.last_error = None
-            return
+            self._finished += done
+            return []
         self.errors += 1
         self.last_error = error
-        pending = batch[done:] + self._pending
-        if len(pending) > MAX_PENDING:
-            self.dropped += len(pending) - MAX_PENDING
-            pending = pending[-MAX_PENDING:]
-        self._pending = pending
-
-    async def flush(
-        self, limiter: anyio.CapacityLimiter | None = None, *, abandon_on_cancel: bool = False
-    ) -> int:
-        """Write what is pending from a worker thread; returns how many were written.
-
-        Never raises for the disk: a failure is counted (`errors`, `last_error`) and the
-        records are tried again on the next call. One flush at a time (one writer task).
-        Not cancellable while the thread writes, unless `abandon_on_cancel` (the last
-        flush at shutdown): then the thread is left to finish alone, its batch uncounted,
-        and later flushes and `aclose` do nothing while it runs.
-        """
-        if self._busy:
-            return 0
-        batch = self.take()
-        if not batch:
-            return 0
-        self._busy = True
-        done, error = await anyio.to_thread.run_sync(
-            self._write_then_free, batch, limiter=limiter, abandon_on_cancel=abandon_on_cancel
-        )
-        self.settle(batch, done, error)
-        return done
-
-    def _write_then_free(self, batch: list[dict[str, Any]]) -> tuple[int, str | None]:
-        try:
-            return self.write_batch(batch)
-        finally:
-            self._busy = False
-
-    async def aclose(self) -> None:
-        """`close()` from a worker thread (after the last flush); nothing while an
-        abandoned flush still writes."""
-        if not self._busy:
-            await anyio.to_thread.run_sync(self.close, abandon_on_cancel=True)
+        held = batch[done:]
+        lost = max(0, len(held) - MAX_PENDING)
+        self._dropped_held += lost
+        self._finished += done + lost
+        return held[lost:]
 
     def write(self) -> int:
-        """`flush()` in the calling thread; raises `StorageError` (why) when a write
-        failed, the records kept for the next call."""
+        """Take, write and count what is pending in the calling thread (no writer thread:
+        tests, tools); raises `StorageError` (why) when a write failed, the records kept
+        for the next call, ahead of those added meanwhile."""
         batch = self.take()
+        self._submitted += len(batch)
         done, error = self.write_batch(batch)
-        self.settle(batch, done, error)
+        held = self._count_write(batch, done, error)
+        self._submitted -= len(held)
+        pending = held + self._pending
+        lost = max(0, len(pending) - MAX_PENDING)
+        self._dropped_held += lost
+        self._pending = pending[lost:]
         if error is not None:
             raise StorageError(error)
         return done
 
     def close(self) -> None:
-        """End the current gzip member (call after the last flush; worker side)."""
+        """End the current gzip member (after the last write; writer side)."""
         self._close()
 
     def prune(self, now: float | None = None) -> list[Path]:

@@ -402,10 +402,13 @@ class Supervisor:
         self.notifier: Any = None
         self.metrics_server: MetricsServer | None = None
         self._wake = anyio.Event()
-        # Set (and replaced) after a tick of the decision loop from `_record_after` (monotonic
-        # s) on, when the recording loop waits for one: `_record_due`.
-        self._ticked = anyio.Event()
-        self._record_after = math.inf
+        # Recording (`_record`, `_after_tick`, `_recording_loop`): the monotonic time (s)
+        # before which no batch is handed to the writer; the latest the decision loop will
+        # tick next (-inf while it ticks); the timer for records no tick takes in time.
+        self._record_not_before = -math.inf
+        self._next_tick_by = math.inf
+        self._record_timer = anyio.Event()
+        self._recording_failing = False
         self._first_round: dict[Color, anyio.Event] = {c: anyio.Event() for c in COLORS}
         self._front_door_answered = anyio.Event()
         # Set when a reload puts another front-door prober in force (or none).
@@ -620,6 +623,7 @@ class Supervisor:
             wall=self.clock.wall,
             monotonic=self.clock.monotonic,
         )
+        self.recorder.start_writer()
         self._record("start", active=guard.active, probe_interval_s=guard.s.probe_interval)
 
     def _record(self, what: str, *args: Any, **fields: Any) -> None:
@@ -631,54 +635,66 @@ class Supervisor:
             getattr(recorder, what)(*args, **fields)
         except Exception as e:  # noqa: BLE001 - recording is never fatal
             self.loop_failed("recording", e)
+            return
+        # The end of the next tick hands it to the writer, unless that tick may come more
+        # than a second from now (a long interval, a signal's sample between ticks): then
+        # the timer does.
+        if not self._record_timer.is_set() and (
+            self._next_tick_by > self.clock.monotonic() + _RECORD_EVERY_S
+        ):
+            self._record_timer.set()
+
+    def _after_tick(self, period: float) -> None:
+        """After a tick (the round's records all in): hand the records to the writer thread
+        if `_RECORD_GAP_S` has passed since the last batch; else, if the next tick, at most
+        `period` (s) away, would come after the oldest of them is due, set the timer."""
+        recorder = self.recorder
+        if recorder is None:
+            return
+        oldest = recorder.oldest
+        if oldest is None:
+            return
+        now = self.clock.monotonic()
+        if now >= self._record_not_before:
+            self._submit_records(recorder, now)
+        elif not self._record_timer.is_set() and now + period > oldest + _RECORD_EVERY_S:
+            self._record_timer.set()
+
+    def _submit_records(self, recorder: Recorder, now: float) -> None:
+        """Hand the pending records to the writer thread (no I/O, no wait), and log a
+        write failure once an episode as the writer reports it."""
+        try:
+            self.faults.fail_now("raise_in_recording")
+            recorder.submit()
+        except Exception as e:  # noqa: BLE001 - a bug holds the records, never the guard
+            self.loop_failed("recording", e)
+        failing = recorder.last_error is not None
+        # After a failed write, a second between batches (the writer tries again alone).
+        self._record_not_before = now + (_RECORD_EVERY_S if failing else _RECORD_GAP_S)
+        if failing and not self._recording_failing:
+            self.log.warning("observations_write_failed", error=recorder.last_error)
+        elif not failing and self._recording_failing:
+            self.log.info("observations_write_recovered")
+        self._recording_failing = failing
 
     async def _recording_loop(self) -> None:
-        """Write what was observed about once a second, in a worker thread: a slow or
-        full disk delays only this task. A failure is logged once an episode, shown in
-        status, and the records are tried again (bounded: `observations.MAX_PENDING`)."""
+        """The timer of records no tick hands to the writer in time (`_record`,
+        `_after_tick`): once set, it writes them when the oldest has waited
+        `_RECORD_EVERY_S` (never within `_RECORD_GAP_S` of the last batch), until none is
+        left. Unset, it sleeps: a guard with nothing to record is not woken for it, and one
+        whose ticks take its records in time never wakes it."""
         recorder = self.recorder
         assert recorder is not None  # noqa: S101 - started only with a recorder
-        limiter = anyio.CapacityLimiter(1)
-        failing = False
-        last = -math.inf
         while True:
-            await self._record_due(recorder, last)
-            last = self.clock.monotonic()
-            try:
-                await self.faults.fail("raise_in_recording")
-                await recorder.flush(limiter)
-            except Exception as e:  # noqa: BLE001 - a bug loses a batch, never the guard
-                self.loop_failed("recording", e)
-            if recorder.last_error is not None and not failing:
-                self.log.warning("observations_write_failed", error=recorder.last_error)
-            elif recorder.last_error is None and failing:
-                self.log.info("observations_write_recovered")
-            failing = recorder.last_error is not None
-
-    async def _record_due(self, recorder: Recorder, last: float) -> None:
-        """Return when records should be written: at the end of a decision tick (the
-        round complete, on the wake-up the round already paid for), or when the oldest
-        of them has waited `_RECORD_EVERY_S`; never within `_RECORD_GAP_S` of the last
-        write (monotonic `last`), nor within a second of a write that failed. With
-        nothing to write, it sleeps until there is: an idle guard is not woken every
-        second for nothing."""
-        gap = _RECORD_EVERY_S if recorder.last_error is not None else _RECORD_GAP_S
-        while True:
-            now = self.clock.monotonic()
-            oldest = recorder.oldest
-            not_before = last + gap
-            due = math.inf if oldest is None else oldest + _RECORD_EVERY_S
-            if now >= max(due, not_before):
-                return
-            ticked = self._ticked
-            self._record_after = not_before
-            try:
-                with anyio.move_on_after(max(due, not_before) - now):
-                    await ticked.wait()
-            finally:
-                self._record_after = math.inf
-            if ticked.is_set() and recorder.pending and self.clock.monotonic() >= not_before:
-                return
+            await self._record_timer.wait()
+            while (oldest := recorder.oldest) is not None:
+                now = self.clock.monotonic()
+                due = max(oldest + _RECORD_EVERY_S, self._record_not_before)
+                if now < due:
+                    await anyio.sleep(due - now)
+                else:
+                    self._submit_records(recorder, now)
+            self._record_timer = anyio.Event()
 
     async def _stop_recording(self) -> None:
         """The last write, and the end of the gzip member; abandoned past `_RECORD_LAST_S`."""
@@ -687,8 +703,9 @@ class Supervisor:
             return
         self._record("stop")
         with anyio.move_on_after(_RECORD_LAST_S):
-            await recorder.flush(abandon_on_cancel=True)
             await recorder.aclose()
+        if not recorder.closed:
+            self.log.warning("observations_write_abandoned", after_s=_RECORD_LAST_S)
 
     def recording_status(self) -> dict[str, Any]:
         """Status' `recording` object: whether recording is on, where, and how it goes."""
@@ -1098,18 +1115,16 @@ class Supervisor:
             period = self.settings.config.probe.interval
             if self.sd.watchdog_interval:
                 period = min(period, self.sd.watchdog_interval / 2)
+            self._next_tick_by = self.clock.monotonic() + period
             with anyio.move_on_after(period):
                 await self._wake.wait()
+            self._next_tick_by = -math.inf
             self._wake = anyio.Event()
             await self.faults.reach("stall_tick")
             async with guard.lock:
                 await guard.tick()
             self.sd.status(guard.status_line())
-            # The round's records are all in: the recording loop may write them now (woken
-            # only when it may: a task switch a tick at 50 ms adds up).
-            if self.clock.monotonic() >= self._record_after:
-                self._ticked.set()
-                self._ticked = anyio.Event()
+            self._after_tick(period)
 
     def probes_stuck(self) -> bool:
         """Whether a probe loop is wedged past its own deadline."""

@@ -1,21 +1,27 @@
-"""When the daemon writes its observations: at the end of a decision tick, at most about
-once a second, no record waiting more than a second, and never for nothing.
+"""When the daemon hands its observations to the writer thread: at the end of a decision
+tick, at most about once a second, no record waiting more than a second, and never for
+nothing; and the event loop is never woken because a write ended.
 
-`Supervisor._record_due` is the writer task's wait. A quiet second in which it must not
-return is the condition under test here, not a wait for something to happen.
+`Supervisor._after_tick` is what the decision loop does after each tick, `_record` what
+every observation goes through, and `_recording_loop` the timer of records no tick takes in
+time. The writer is a real thread writing real files.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
 
-from guardd import supervisor as supervisor_module
 from guardd.clock import SystemClock
+from guardd.faults import FaultPoints
 from guardd.observations import Recorder
 from guardd.supervisor import _RECORD_EVERY_S, _RECORD_GAP_S, Supervisor
 from tests.test_runtime import supervisor
@@ -25,105 +31,198 @@ pytestmark = pytest.mark.anyio
 WAIT_S = 30.0
 
 
-def recorder(tmp_path: Path, clock: SystemClock) -> Recorder:
-    return Recorder(
+def recording(tmp_path: Path) -> tuple[Supervisor, Recorder]:
+    """A supervisor with a recorder whose writer thread runs (not the daemon's loops)."""
+    sup = supervisor(tmp_path)
+    clock: SystemClock = sup.clock  # type: ignore[assignment]
+    rec = Recorder(
         tmp_path / "observations",
         "lab",
         keep_s=3600.0,
         wall=clock.wall,
         monotonic=clock.monotonic,
     )
+    rec.start_writer()
+    sup.recorder = rec
+    return sup, rec
 
 
-async def written_at(
-    sup: Supervisor, rec: Recorder, last: float, *, ticks_every: float | None, limit: float
-) -> float | None:
-    """The monotonic time `_record_due` returned, with the decision loop ticking every
-    `ticks_every` seconds (None: never); None if it did not return within `limit`."""
-    returned: list[float] = []
-
-    async def writer() -> None:
-        await sup._record_due(rec, last)
-        returned.append(sup.clock.monotonic())
-
-    with anyio.move_on_after(limit):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(writer)
-            await anyio.lowlevel.checkpoint()
-            while not returned:
-                if ticks_every is not None:
-                    sup._ticked.set()  # what the decision loop does after each tick
-                    sup._ticked = anyio.Event()
-                await anyio.sleep(ticks_every or 0.05)
-    return returned[0] if returned else None
+async def until(what: Callable[[], bool]) -> None:
+    """Wait until `what` holds, polling: the writer thread's counters (and the timer's
+    state) have no event a test could wait on."""
+    with anyio.fail_after(WAIT_S):
+        while not what():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
 
 
-async def test_nothing_to_record_is_never_a_wake_up(tmp_path: Path) -> None:
-    sup = supervisor(tmp_path)
-    rec = recorder(tmp_path, sup.clock)  # type: ignore[arg-type]
-    # Neither the second running out nor ticks with nothing recorded call for a write.
-    assert await written_at(sup, rec, -math.inf, ticks_every=None, limit=2.5) is None
-    assert await written_at(sup, rec, -math.inf, ticks_every=0.2, limit=2.5) is None
-    assert rec.pending == 0
+async def written(rec: Recorder, n: int) -> None:
+    """Wait until `n` records are written."""
+    await until(lambda: rec.written >= n)
 
 
-async def test_a_tick_with_records_waiting_writes_at_once(
+async def test_a_tick_hands_the_round_to_the_writer_at_once(tmp_path: Path) -> None:
+    sup, rec = recording(tmp_path)
+    sup._next_tick_by = -math.inf  # ticking: what is recorded now, the tick takes
+    sup._record("probe", "blue", "ok", 0.01)
+    sup._record("probe", "green", "ok", 0.01)
+    assert not sup._record_timer.is_set(), "a tick follows: no timer"
+    sup._after_tick(period=1.0)
+    left = rec.oldest
+    assert left is None, "handed over at the end of the tick"
+    await written(rec, 2)
+    # The next batch waits out the gap: ticks within it leave the records pending.
+    sup._record("probe", "blue", "ok", 0.01)
+    sup._after_tick(period=0.05)
+    assert rec.oldest is not None
+    assert sup._record_not_before >= sup.clock.monotonic() + _RECORD_GAP_S - 0.5
+    assert not sup._record_timer.is_set(), "the next tick is in 50 ms, well before it is due"
+    with anyio.fail_after(WAIT_S):
+        await rec.aclose()
+    assert rec.written == 3, "the shutdown writes what waited"
+
+
+async def test_nothing_to_record_sets_no_timer(tmp_path: Path) -> None:
+    sup, rec = recording(tmp_path)
+    for period in (0.05, 1.0, 3600.0):
+        sup._after_tick(period=period)
+        assert not sup._record_timer.is_set()
+    with anyio.fail_after(WAIT_S):
+        await rec.aclose()
+    assert rec.written == 0
+
+
+async def test_a_tick_that_comes_too_late_leaves_it_to_the_timer(tmp_path: Path) -> None:
+    sup, _ = recording(tmp_path)
+    sup._record_not_before = sup.clock.monotonic() + 0.5  # a batch just went
+    sup._next_tick_by = -math.inf
+    sup._record("probe", "blue", "ok", 0.01)
+    # The next tick is an hour away (interval 1h): the records would wait that long.
+    sup._after_tick(period=3600.0)
+    assert sup._record_timer.is_set()
+
+
+async def test_a_record_between_distant_ticks_is_written_within_about_a_second(
+    tmp_path: Path,
+) -> None:
+    sup, rec = recording(tmp_path)
+    sup._next_tick_by = sup.clock.monotonic() + 3600.0  # the decision loop sleeps an hour
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup._recording_loop)
+        await anyio.lowlevel.checkpoint()
+        sup._record("sample", "q", "green", {"value": 1.0})
+        oldest = rec.oldest
+        assert oldest is not None and sup._record_timer.is_set()
+        await written(rec, 1)
+        handed = sup._record_not_before - _RECORD_GAP_S
+        assert handed >= oldest + _RECORD_EVERY_S, "not before its second is up"
+        # With nothing left, the timer is unset again and the loop sleeps.
+        await until(lambda: not sup._record_timer.is_set())
+        tg.cancel_scope.cancel()
+    with anyio.fail_after(WAIT_S):
+        await rec.aclose()
+
+
+async def test_after_a_failed_write_the_next_batch_waits_a_second(tmp_path: Path) -> None:
+    sup, rec = recording(tmp_path)
+    (tmp_path / "observations").write_text("a file where the directory should be")
+    sup._next_tick_by = -math.inf
+    sup._record("probe", "blue", "ok", 0.01)
+    sup._after_tick(period=0.1)
+    await until(lambda: rec.errors > 0)
+    sup._record("probe", "blue", "ok", 0.01)
+    sup._record_not_before = -math.inf
+    now = sup.clock.monotonic()
+    sup._after_tick(period=0.1)
+    assert sup._recording_failing
+    assert sup._record_not_before >= now + _RECORD_EVERY_S
+    (tmp_path / "observations").unlink()
+    await written(rec, 2)
+    with anyio.fail_after(WAIT_S):
+        await rec.aclose()
+
+
+async def test_a_bug_when_handing_over_holds_the_records(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A record's longest wait made longer than the test may take: what returns is the
-    # tick's own wake-up, not the record's time running out.
-    monkeypatch.setattr(supervisor_module, "_RECORD_EVERY_S", 10 * WAIT_S)
-    sup = supervisor(tmp_path)
-    rec = recorder(tmp_path, sup.clock)  # type: ignore[arg-type]
-    rec.probe("blue", "ok", 0.01)
-    assert await written_at(sup, rec, -math.inf, ticks_every=0.05, limit=WAIT_S) is not None
-    assert await written_at(sup, rec, -math.inf, ticks_every=None, limit=1.0) is None
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    sup, rec = recording(tmp_path)
+    sup.faults = FaultPoints(str(faults))
+    failures: list[str] = []
+
+    def failed(loop: str, _error: Exception) -> str:
+        failures.append(loop)
+        return ""
+
+    monkeypatch.setattr(sup, "loop_failed", failed)
+    (faults / "raise_in_recording").touch()
+    sup._next_tick_by = -math.inf
+    sup._record("probe", "blue", "ok", 0.01)
+    sup._after_tick(period=0.1)
+    assert failures == ["recording"] and rec.pending == 1 and rec.oldest is not None
+    (faults / "raise_in_recording").unlink()
+    sup._record_not_before = -math.inf
+    sup._after_tick(period=0.1)
+    await written(rec, 1)
+    with anyio.fail_after(WAIT_S):
+        await rec.aclose()
 
 
-async def test_a_record_waits_at_most_a_second_without_a_tick(tmp_path: Path) -> None:
-    sup = supervisor(tmp_path)
-    rec = recorder(tmp_path, sup.clock)  # type: ignore[arg-type]
-    rec.front_door(True)
-    oldest = rec.oldest
-    assert oldest is not None
-    at = await written_at(sup, rec, -math.inf, ticks_every=None, limit=WAIT_S)
-    assert at is not None
-    assert at >= oldest + _RECORD_EVERY_S
+async def test_a_write_ending_never_wakes_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer thread counts what it wrote itself: no callback crosses back into the
+    loop (a self-pipe wake-up and a task resumed per batch, a sixth of a guard's CPU at
+    a 1 s interval)."""
+    loop = asyncio.get_running_loop()
+    crossings: list[object] = []
+    real = loop.call_soon_threadsafe
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        crossings.append(args[0])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    sup, rec = recording(tmp_path)
+    sup._next_tick_by = -math.inf
+    for n in range(1, 6):
+        sup._record("probe", "blue", "ok", 0.01)
+        sup._record_not_before = -math.inf
+        sup._after_tick(period=0.1)
+        await written(rec, n)
+    assert crossings == []
+    rec._queue.put(None)  # stop it, and not through `aclose`'s own wait
+    rec._writer.join(WAIT_S)  # type: ignore[union-attr]
 
 
-async def test_ticks_soon_after_a_write_wait_for_the_gap(tmp_path: Path) -> None:
-    sup = supervisor(tmp_path)
-    rec = recorder(tmp_path, sup.clock)  # type: ignore[arg-type]
-    last = sup.clock.monotonic()
-    rec.probe("green", "ok", 0.01)
-    # Ticks every 0.1 s, as at a 100 ms interval.
-    at = await written_at(sup, rec, last, ticks_every=0.1, limit=WAIT_S)
-    assert at is not None
-    assert at >= last + _RECORD_GAP_S
+@pytest.mark.parametrize("period", [0.05, 0.5, 1.0])
+async def test_the_decision_loop_alone_writes_at_its_cadence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, period: float
+) -> None:
+    """Records of rounds at `period` (s) go out about once a second, each within a second
+    and a tick of its recording, and the timer is never needed."""
+    sup, rec = recording(tmp_path)
+    handed: list[tuple[float, float]] = []  # (oldest, handed at)
+    submit = rec.submit
 
+    def watched() -> int:
+        oldest = rec.oldest
+        n = submit()
+        if n and oldest is not None:
+            handed.append((oldest, sup.clock.monotonic()))
+        return n
 
-async def test_after_a_failed_write_the_next_waits_a_second(tmp_path: Path) -> None:
-    sup = supervisor(tmp_path)
-    rec = recorder(tmp_path, sup.clock)  # type: ignore[arg-type]
-    rec.probe("green", "ok", 0.01)
-    rec.last_error = "No space left on device"
-    last = sup.clock.monotonic()
-    at = await written_at(sup, rec, last, ticks_every=0.1, limit=WAIT_S)
-    assert at is not None
-    assert at >= last + _RECORD_EVERY_S
-
-
-async def test_ticks_within_the_gap_do_not_wake_the_writer_task(tmp_path: Path) -> None:
-    """The decision loop wakes the writer task only from `_record_after` on: at 50 ms,
-    a task switch a tick for nothing adds up."""
-    sup = supervisor(tmp_path)
-    rec = recorder(tmp_path, sup.clock)  # type: ignore[arg-type]
-    rec.probe("blue", "ok", 0.01)
-    last = sup.clock.monotonic()
-    assert sup._record_after == math.inf
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(sup._record_due, rec, last)
-        await anyio.lowlevel.checkpoint()
-        assert sup._record_after == last + _RECORD_GAP_S
-        tg.cancel_scope.cancel()
-    assert sup._record_after == math.inf
+    monkeypatch.setattr(rec, "submit", watched)
+    with anyio.fail_after(WAIT_S):
+        while len(handed) < 3:
+            sup._next_tick_by = -math.inf
+            sup._record("probe", "blue", "ok", 0.01)
+            sup._after_tick(period)
+            assert not sup._record_timer.is_set()
+            sup._next_tick_by = sup.clock.monotonic() + period
+            await anyio.sleep(period)
+    gaps = [b[1] - a[1] for a, b in itertools.pairwise(handed)]
+    assert all(g >= _RECORD_GAP_S for g in gaps), gaps
+    assert all(at - oldest <= _RECORD_EVERY_S + period for oldest, at in handed), handed
+    with anyio.fail_after(WAIT_S):
+        await rec.aclose()

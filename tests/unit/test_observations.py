@@ -17,13 +17,14 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import pytest
 
 from guardd import observations
@@ -358,13 +359,11 @@ def test_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="cannot write"):
         rec.write()
     assert rec.pending == MAX_PENDING and rec.errors == 1 and rec.written == 0
-    # What failed goes back ahead of what came meanwhile; the oldest past the bound go.
-    batch = rec.take()
+    # What failed waits, and counts against the bound: new records are dropped.
     rec.probe("green", "ok", 0.1)
     rec.probe("green", "ok", 0.1)
-    rec.settle(batch, 0, "cannot write: disk full")
     assert rec.pending == MAX_PENDING and rec.dropped == 7
-    assert rec.take()[-1]["color"] == "green"
+    assert {r["color"] for r in rec.take()} == {"blue"}
 
 
 def test_a_refused_write_is_retried_and_nothing_is_written_twice(tmp_path: Path) -> None:
@@ -450,39 +449,98 @@ def test_secrets_are_not_written(tmp_path: Path) -> None:
     assert text.count(b"***") >= 5
 
 
+def wait_for(what: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll `what` (the writer thread's counters) until it holds; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 @pytest.mark.anyio
-async def test_flush_writes_from_a_thread_while_records_keep_coming(tmp_path: Path) -> None:
+async def test_the_writer_thread_writes_every_batch_once_in_order(tmp_path: Path) -> None:
     clocks = Clocks(wall=EVE + 100)
     rec = recorder(tmp_path, clocks)
+    rec.start_writer()
+    with pytest.raises(RuntimeError, match="already started"):
+        rec.start_writer()
     rec.start(active="blue", probe_interval_s=1.0)
-    for i in range(50):
+    for i in range(100):
         rec.probe("blue", "ok", float(i))
-    async with anyio.create_task_group() as tg:
-        done: list[int] = []
+        if i % 7 == 0:
+            # Handed over while the thread may still write the last batch.
+            assert rec.submit() > 0
+    assert rec.submit() > 0
+    assert rec.submit() == 0, "nothing pending, nothing handed over"
+    with anyio.fail_after(30.0):
+        await rec.aclose()
+    assert rec.closed
+    assert rec.submit() == 0, "a stopped writer takes nothing"
+    assert rec.written == 101 and rec.pending == 0 and rec.errors == 0
+    records, report = read(tmp_path)
+    assert not report.problems
+    assert [r.doc["latency_s"] for r in records if r.kind == "probe"] == [
+        float(i) for i in range(100)
+    ]
 
-        async def flush() -> None:
-            done.append(await rec.flush())
 
-        tg.start_soon(flush)
-        await anyio.lowlevel.checkpoint()  # the flush takes its batch
-        # Records added while the batch is being written belong to the next batch.
-        for i in range(50, 100):
-            rec.probe("blue", "ok", float(i))
-            await anyio.lowlevel.checkpoint()
-    assert done == [51]
-    assert rec.pending == 50
-    assert await rec.flush() == 50
-    assert await rec.flush() == 0
-    # The writer thread never saw a record twice nor lost one.
-    rec.close()
-    latencies = [r.doc["latency_s"] for r in read(tmp_path)[0] if r.kind == "probe"]
-    assert latencies == [float(i) for i in range(100)]
-    # A failed flush does not raise: it is counted and the records wait.
-    (tmp_path / "blocker").write_text("x")
-    blocked = recorder(tmp_path / "blocker", clocks)
-    blocked.probe("blue", "ok", 0.1)
-    assert await blocked.flush() == 0
-    assert blocked.errors == 1 and blocked.pending == 1 and blocked.last_error is not None
+@pytest.mark.anyio
+async def test_the_writer_thread_retries_a_failed_write_alone(tmp_path: Path) -> None:
+    clocks = Clocks(wall=EVE + 100)
+    where = tmp_path / "obs"
+    where.write_text("a file where the directory should be")
+    rec = recorder(where, clocks)
+    rec.start_writer()
+    rec.probe("blue", "ok", 0.1)
+    assert rec.submit() == 1
+    wait_for(lambda: rec.errors >= 1)
+    failed = rec.last_error
+    assert failed is not None and str(where) in failed
+    # Held by the writer: still pending, counted against the bound, tried again.
+    assert rec.pending == 1 and rec.written == 0
+    rec.probe("green", "ok", 0.2)
+    assert rec.pending == 2
+    where.unlink()
+    # No new batch comes: the writer tries again on its own, `RETRY_S` later.
+    wait_for(lambda: rec.written == 1)
+    assert rec.last_error is None and rec.pending == 1
+    assert rec.submit() == 1
+    with anyio.fail_after(30.0):
+        await rec.aclose()
+    colors = [r.doc["color"] for r in read(where)[0] if r.kind == "probe"]
+    assert colors == ["blue", "green"], "the failed batch first, nothing twice"
+
+
+@pytest.mark.anyio
+async def test_a_writer_stuck_on_the_disk_is_left_behind_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clocks = Clocks(wall=EVE + 100)
+    rec = recorder(tmp_path, clocks)
+    stuck, release = threading.Event(), threading.Event()
+    write_batch = rec.write_batch
+
+    def hanging(batch: list[dict[str, Any]]) -> tuple[int, str | None]:
+        stuck.set()
+        release.wait(60.0)
+        return write_batch(batch)
+
+    monkeypatch.setattr(rec, "write_batch", hanging)
+    rec.start_writer()
+    rec.probe("blue", "ok", 0.1)
+    rec.submit()
+    assert stuck.wait(30.0)
+    rec.probe("blue", "ok", 0.2)
+    with anyio.move_on_after(0.2):
+        await rec.aclose()
+    closed = rec.closed
+    assert not closed, "the caller's deadline leaves a writer that hangs behind"
+    assert rec.pending == 2
+    release.set()
+    with anyio.fail_after(30.0):
+        await rec.aclose()
+    assert rec.closed, "and the writer, once free, writes both and ends"
+    assert rec.written == 2
 
 
 PROBES: list[tuple[Any, ...]] = [
