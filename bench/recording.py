@@ -6,8 +6,8 @@
 Two guardd daemons of the same install probe the same steady endpoints of one nginx at the
 same interval, at the same time: one with recording on (`state.keep_observations`, its
 default), one with it off (`0`). Both use the state-file switcher and no metrics listener,
-so the only difference is the recorder (a record per probe, written once a second from a
-worker thread). Over each window, CPU (`bench.procstat.CpuMeter`: per-thread schedstat,
+so the only difference is the recorder (a record per probe, written once a second by its
+writer thread). Over each window, CPU (`bench.procstat.CpuMeter`: per-thread schedstat,
 or ticks when a thread came or went) is divided by the probes the app logged from that
 daemon (by User-Agent); the overhead is on / off - 1, per window and its median over
 `--windows` windows with each daemon started first in turn (see `run`). Under

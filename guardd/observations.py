@@ -39,6 +39,7 @@ Nothing secret is recorded: error texts (a sample's `data.error` too) go through
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -57,7 +58,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, Final, NamedTuple
 
 import anyio
-import anyio.to_thread
 
 from guardd.core.types import Outcome
 from guardd.exceptions import StorageError
@@ -85,8 +85,10 @@ RECORD_KINDS: Final = frozenset(
 )
 #: A line longer than this is not one guardd wrote: skipped, not parsed (bytes).
 MAX_LINE_BYTES: Final = 64 * 1024
-#: Records waiting for the writer; beyond this (a disk that hangs) new ones are dropped
-#: and counted, so that recording never grows without bound nor blocks a probe.
+#: Records waiting on the loop for the writer, and records the writer holds after failed
+#: writes (a disk that hangs or is full), each at most this many: past it the loop drops
+#: new ones and the writer its oldest, counted, so that recording never grows without
+#: bound nor blocks a probe.
 MAX_PENDING: Final = 100_000
 #: After a failed write, the writer tries again this much later (s) if no batch comes first.
 RETRY_S: Final = 1.0
@@ -211,6 +213,14 @@ class Recorder:
         self._dropped_new = 0
         self._dropped_held = 0
         self.errors = 0
+        # Failure episodes the writer saw begin and end, and the first error of the latest:
+        # the loop logs each once (`observations_write_failed`, `..._recovered`), however
+        # short, by comparing counts. Exceptions that were bugs, not the disk, for the loop
+        # to report (appended by the writer, taken by the loop).
+        self.failures = 0
+        self.recoveries = 0
+        self.failure_error: str | None = None
+        self.bugs: collections.deque[Exception] = collections.deque(maxlen=8)
         self.written = 0
         self.last_error: str | None = None
 
@@ -218,7 +228,7 @@ class Recorder:
 
     def add(self, kind: str, **fields: Any) -> None:
         """Queue one record of `kind` stamped now; dropped (counted) when the queue is full."""
-        if len(self._pending) + self._submitted - self._finished >= MAX_PENDING:
+        if len(self._pending) >= MAX_PENDING:
             self._dropped_new += 1
             return
         fields["kind"] = kind
@@ -257,7 +267,7 @@ class Recorder:
         # `add` inlined, the record built as one literal (keys in `_PROBE_KEYS` order): the
         # daemon calls this for every probe round, on its event loop.
         pending = self._pending
-        if len(pending) + self._submitted - self._finished >= MAX_PENDING:
+        if len(pending) >= MAX_PENDING:
             self._dropped_new += 1
             return
         pending.append(
@@ -323,7 +333,8 @@ class Recorder:
 
     @property
     def dropped(self) -> int:
-        """Records lost: to a full queue, or held past `MAX_PENDING` after failed writes."""
+        """Records lost: to a full queue, held past `MAX_PENDING` after failed writes,
+        in a batch a bug failed, or held by the writer when it stopped."""
         return self._dropped_new + self._dropped_held
 
     @property
@@ -455,22 +466,41 @@ class Recorder:
             batch = held + item if item else held
             held = []
             if batch:
-                done, error = self.write_batch(batch)
-                held = self._count_write(batch, done, error)
+                try:
+                    done, error = self.write_batch(batch)
+                except Exception as e:  # noqa: BLE001 - a bug loses a batch, never the writer
+                    # Not the disk (`write_batch` reports that): the same records would fail
+                    # the same way. The member may hold what never reached the file: a new
+                    # one begins. The loop reports the bug (`bugs`).
+                    self._abandon()
+                    self._dropped_held += len(batch)
+                    self._finished += len(batch)
+                    self.bugs.append(e)
+                else:
+                    held = self._count_write(batch, done, error)
             if item is None:
+                # Records a last failed write left are lost with the writer: counted.
+                self._dropped_held += len(held)
+                self._finished += len(held)
                 self.close()
                 return
 
     def _count_write(
         self, batch: list[dict[str, Any]], done: int, error: str | None
     ) -> list[dict[str, Any]]:
-        """Count what `write_batch` did with `batch` (writer thread side); returns the
-        records to try again, the oldest dropped (and counted) past `MAX_PENDING`."""
+        """Count what `write_batch` did with `batch` (writer side); returns the records to
+        try again, the oldest dropped (and counted) past `MAX_PENDING`: in a long outage,
+        the latest records (a rollback's) are the ones worth keeping."""
         self.written += done
         if error is None:
+            if self.last_error is not None:
+                self.recoveries += 1
             self.last_error = None
             self._finished += done
             return []
+        if self.last_error is None:
+            self.failures += 1
+            self.failure_error = error
         self.errors += 1
         self.last_error = error
         held = batch[done:]
@@ -503,7 +533,7 @@ class Recorder:
     def prune(self, now: float | None = None) -> list[Path]:
         """Delete this guard's files of days older than `keep_s`; returns what was removed.
 
-        A day's file goes once the whole day is older than `keep_s` (I/O: from a worker
+        A day's file goes once the whole day is older than `keep_s` (I/O: from the writer
         thread). Errors are ignored: the next prune tries again.
         """
         now = self._wall() if now is None else now

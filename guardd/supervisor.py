@@ -60,9 +60,9 @@ _SIGNAL_PULSE_S = 0.25
 # Distinct unexpected errors remembered (to log each traceback once); more are only counted.
 _MAX_LOOP_ERRORS_SEEN = 256
 # How long a record waits at most before it is written to `observations/` (s); the
-# shortest time between two writes (s), so that a write at the end of every round does
-# not pay a worker thread's wake-ups more than about once a second at fast intervals (a
-# round at 1 s may end up to a tenth of a second earlier than the last and still write);
+# shortest time between two batches (s), so that the writer thread is not woken at the
+# end of every round at fast intervals (a round at 1 s may end up to a tenth of a second
+# earlier than the last and still hand one over);
 # and how long the last write at shutdown may take before it is abandoned (s).
 _RECORD_EVERY_S = 1.0
 _RECORD_GAP_S = 0.9
@@ -404,11 +404,12 @@ class Supervisor:
         self._wake = anyio.Event()
         # Recording (`_record`, `_after_tick`, `_recording_loop`): the monotonic time (s)
         # before which no batch is handed to the writer; the latest the decision loop will
-        # tick next (-inf while it ticks); the timer for records no tick takes in time.
+        # tick next (inf before it waits); the timer for records no tick takes in time.
         self._record_not_before = -math.inf
         self._next_tick_by = math.inf
         self._record_timer = anyio.Event()
-        self._recording_failing = False
+        # The writer's failure episodes (begun, ended) as last logged.
+        self._write_episodes = (0, 0)
         self._first_round: dict[Color, anyio.Event] = {c: anyio.Event() for c in COLORS}
         self._front_door_answered = anyio.Event()
         # Set when a reload puts another front-door prober in force (or none).
@@ -623,7 +624,12 @@ class Supervisor:
             wall=self.clock.wall,
             monotonic=self.clock.monotonic,
         )
-        self.recorder.start_writer()
+        try:
+            self.recorder.start_writer()
+        except RuntimeError as e:  # no thread to be had (a pids limit): guard unrecorded
+            self.recorder = None
+            self.loop_failed("recording", e)
+            return
         self._record("start", active=guard.active, probe_interval_s=guard.s.probe_interval)
 
     def _record(self, what: str, *args: Any, **fields: Any) -> None:
@@ -637,8 +643,8 @@ class Supervisor:
             self.loop_failed("recording", e)
             return
         # The end of the next tick hands it to the writer, unless that tick may come more
-        # than a second from now (a long interval, a signal's sample between ticks): then
-        # the timer does.
+        # than a second from now (a long interval, a signal's sample between ticks, a tick
+        # under way, which may act for seconds): then the timer does.
         if not self._record_timer.is_set() and (
             self._next_tick_by > self.clock.monotonic() + _RECORD_EVERY_S
         ):
@@ -651,6 +657,7 @@ class Supervisor:
         recorder = self.recorder
         if recorder is None:
             return
+        self._writer_news(recorder)
         oldest = recorder.oldest
         if oldest is None:
             return
@@ -661,21 +668,30 @@ class Supervisor:
             self._record_timer.set()
 
     def _submit_records(self, recorder: Recorder, now: float) -> None:
-        """Hand the pending records to the writer thread (no I/O, no wait), and log a
-        write failure once an episode as the writer reports it."""
+        """Hand the pending records to the writer thread (no I/O, no wait)."""
         try:
             self.faults.fail_now("raise_in_recording")
             recorder.submit()
         except Exception as e:  # noqa: BLE001 - a bug holds the records, never the guard
             self.loop_failed("recording", e)
-        failing = recorder.last_error is not None
         # After a failed write, a second between batches (the writer tries again alone).
+        failing = recorder.last_error is not None
         self._record_not_before = now + (_RECORD_EVERY_S if failing else _RECORD_GAP_S)
-        if failing and not self._recording_failing:
-            self.log.warning("observations_write_failed", error=recorder.last_error)
-        elif not failing and self._recording_failing:
-            self.log.info("observations_write_recovered")
-        self._recording_failing = failing
+        self._writer_news(recorder)
+
+    def _writer_news(self, recorder: Recorder) -> None:
+        """Report what the writer thread saw since last asked (after every tick and
+        hand-over): each failure episode once, however short (the writer counts them),
+        and each bug."""
+        while recorder.bugs:
+            self.loop_failed("recording", recorder.bugs.popleft())
+        episodes = (recorder.failures, recorder.recoveries)
+        if episodes != self._write_episodes:
+            if episodes[0] != self._write_episodes[0]:
+                self.log.warning("observations_write_failed", error=recorder.failure_error)
+            if episodes[1] != self._write_episodes[1]:
+                self.log.info("observations_write_recovered")
+            self._write_episodes = episodes
 
     async def _recording_loop(self) -> None:
         """The timer of records no tick hands to the writer in time (`_record`,
@@ -690,6 +706,8 @@ class Supervisor:
             while (oldest := recorder.oldest) is not None:
                 now = self.clock.monotonic()
                 due = max(oldest + _RECORD_EVERY_S, self._record_not_before)
+                if self._next_tick_by < due:
+                    break  # a tick comes first: it takes them, or sets the timer again
                 if now < due:
                     await anyio.sleep(due - now)
                 else:
@@ -1118,10 +1136,17 @@ class Supervisor:
             self._next_tick_by = self.clock.monotonic() + period
             with anyio.move_on_after(period):
                 await self._wake.wait()
-            self._next_tick_by = -math.inf
             self._wake = anyio.Event()
             await self.faults.reach("stall_tick")
+            if guard.lock.locked():
+                # An operator's switch holds it, for seconds maybe: see below.
+                self._next_tick_by = math.inf
             async with guard.lock:
+                # Unknown while it ticks: a tick that acts (a switch, its verification)
+                # takes seconds, and a record made meanwhile must not wait for it to end.
+                # (Set once the lock is held: taking it yields even when it is free, and
+                # the rounds' records then are this tick's.)
+                self._next_tick_by = math.inf
                 await guard.tick()
             self.sd.status(guard.status_line())
             self._after_tick(period)

@@ -47,6 +47,12 @@ def recording(tmp_path: Path) -> tuple[Supervisor, Recorder]:
     return sup, rec
 
 
+def soon(sup: Supervisor, period: float = 0.1) -> float:
+    """The latest the decision loop ticks next when it waits `period` (s) from now: what
+    is recorded now, that tick takes."""
+    return sup.clock.monotonic() + period
+
+
 async def until(what: Callable[[], bool]) -> None:
     """Wait until `what` holds, polling: the writer thread's counters (and the timer's
     state) have no event a test could wait on."""
@@ -62,7 +68,7 @@ async def written(rec: Recorder, n: int) -> None:
 
 async def test_a_tick_hands_the_round_to_the_writer_at_once(tmp_path: Path) -> None:
     sup, rec = recording(tmp_path)
-    sup._next_tick_by = -math.inf  # ticking: what is recorded now, the tick takes
+    sup._next_tick_by = soon(sup)
     sup._record("probe", "blue", "ok", 0.01)
     sup._record("probe", "green", "ok", 0.01)
     assert not sup._record_timer.is_set(), "a tick follows: no timer"
@@ -91,14 +97,109 @@ async def test_nothing_to_record_sets_no_timer(tmp_path: Path) -> None:
     assert rec.written == 0
 
 
+class ActingGuard:
+    """What the decision loop needs of a guard; its first tick acts until `release`."""
+
+    def __init__(self) -> None:
+        self.lock = anyio.Lock()
+        self.acting = anyio.Event()
+        self.release = anyio.Event()
+        self.ticks = 0
+
+    async def tick(self) -> None:
+        self.ticks += 1
+        if self.ticks == 1:
+            self.acting.set()
+            await self.release.wait()
+
+    def status_line(self) -> str:
+        return "acting"
+
+
+async def test_a_record_made_while_a_tick_acts_does_not_wait_for_it(tmp_path: Path) -> None:
+    """A tick that switches and verifies takes seconds: the rounds probed meanwhile (and
+    the switch's own record) are written by the timer, before the tick ends."""
+    sup, rec = recording(tmp_path)
+    guard = ActingGuard()
+    sup.guard = guard  # type: ignore[assignment]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup._decision_loop)
+        tg.start_soon(sup._recording_loop)
+        sup._wake.set()
+        with anyio.fail_after(WAIT_S):
+            await guard.acting.wait()
+        sup._record("probe", "blue", "ok", 0.01)
+        assert sup._record_timer.is_set()
+        await written(rec, 1)
+        assert guard.ticks == 1 and not guard.release.is_set(), "written while it acts"
+        guard.release.set()
+        tg.cancel_scope.cancel()
+    with anyio.fail_after(WAIT_S):
+        await rec.aclose()
+
+
+async def test_a_bug_in_the_writer_is_reported_as_the_recording_loop_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sup, rec = recording(tmp_path)
+    failures: list[tuple[str, str]] = []
+
+    def failed(loop: str, error: Exception) -> str:
+        failures.append((loop, str(error)))
+        return ""
+
+    monkeypatch.setattr(sup, "loop_failed", failed)
+
+    def buggy(batch: list[dict[str, Any]]) -> tuple[int, str | None]:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(rec, "write_batch", buggy)
+    sup._next_tick_by = soon(sup)
+    sup._record("probe", "blue", "ok", 0.01)
+    sup._after_tick(period=0.1)
+    await until(lambda: rec.dropped == 1)
+    sup._record_not_before = -math.inf
+    sup._after_tick(period=0.1)
+    assert failures == [("recording", "'a bug'")]
+    with anyio.fail_after(WAIT_S):
+        await rec.aclose()
+
+
+async def test_no_thread_for_the_writer_means_guarding_unrecorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pids limit (systemd's TasksMax) refuses the thread: guardd guards on, says why."""
+    sup = supervisor(tmp_path)
+    failures: list[str] = []
+
+    def failed(loop: str, error: Exception) -> str:
+        failures.append(f"{loop}: {error}")
+        return ""
+
+    def no_thread(self: Recorder) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(sup, "loop_failed", failed)
+    monkeypatch.setattr(Recorder, "start_writer", no_thread)
+    guard = ActingGuard()
+    guard.active = "blue"  # type: ignore[attr-defined]
+    guard.s = type("S", (), {"probe_interval": 1.0})()  # type: ignore[attr-defined]
+    sup._start_recording(guard)  # type: ignore[arg-type]
+    assert sup.recorder is None
+    assert failures == ["recording: can't start new thread"]
+    sup._record("probe", "blue", "ok", 0.01)  # recording nothing, raising nothing
+
+
 async def test_a_tick_that_comes_too_late_leaves_it_to_the_timer(tmp_path: Path) -> None:
-    sup, _ = recording(tmp_path)
+    sup, rec = recording(tmp_path)
     sup._record_not_before = sup.clock.monotonic() + 0.5  # a batch just went
-    sup._next_tick_by = -math.inf
+    sup._next_tick_by = soon(sup)
     sup._record("probe", "blue", "ok", 0.01)
     # The next tick is an hour away (interval 1h): the records would wait that long.
     sup._after_tick(period=3600.0)
     assert sup._record_timer.is_set()
+    with anyio.fail_after(WAIT_S):
+        await rec.aclose()
 
 
 async def test_a_record_between_distant_ticks_is_written_within_about_a_second(
@@ -115,6 +216,7 @@ async def test_a_record_between_distant_ticks_is_written_within_about_a_second(
         await written(rec, 1)
         handed = sup._record_not_before - _RECORD_GAP_S
         assert handed >= oldest + _RECORD_EVERY_S, "not before its second is up"
+        assert handed - oldest < _RECORD_EVERY_S + 0.5, "nor much after"
         # With nothing left, the timer is unset again and the loop sleeps.
         await until(lambda: not sup._record_timer.is_set())
         tg.cancel_scope.cancel()
@@ -122,10 +224,25 @@ async def test_a_record_between_distant_ticks_is_written_within_about_a_second(
         await rec.aclose()
 
 
+class Said:
+    """The supervisor's log, as (level, event) pairs."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def __getattr__(self, level: str) -> Callable[..., None]:
+        def log(event: str, **_: Any) -> None:
+            self.lines.append((level, event))
+
+        return log
+
+
 async def test_after_a_failed_write_the_next_batch_waits_a_second(tmp_path: Path) -> None:
     sup, rec = recording(tmp_path)
+    said = Said()
+    sup.log = said
     (tmp_path / "observations").write_text("a file where the directory should be")
-    sup._next_tick_by = -math.inf
+    sup._next_tick_by = soon(sup)
     sup._record("probe", "blue", "ok", 0.01)
     sup._after_tick(period=0.1)
     await until(lambda: rec.errors > 0)
@@ -133,10 +250,46 @@ async def test_after_a_failed_write_the_next_batch_waits_a_second(tmp_path: Path
     sup._record_not_before = -math.inf
     now = sup.clock.monotonic()
     sup._after_tick(period=0.1)
-    assert sup._recording_failing
     assert sup._record_not_before >= now + _RECORD_EVERY_S
     (tmp_path / "observations").unlink()
     await written(rec, 2)
+    sup._record("probe", "blue", "ok", 0.01)
+    sup._record_not_before = -math.inf
+    sup._after_tick(period=0.1)
+    await written(rec, 3)
+    sup._record_not_before = -math.inf
+    sup._after_tick(period=0.1)
+    sup._record("probe", "blue", "ok", 0.01)
+    sup._after_tick(period=0.1)
+    assert said.lines == [
+        ("warning", "observations_write_failed"),
+        ("info", "observations_write_recovered"),
+    ], "once an episode"
+    with anyio.fail_after(WAIT_S):
+        await rec.aclose()
+
+
+async def test_an_episode_shorter_than_a_batch_is_still_logged(tmp_path: Path) -> None:
+    """The writer retries alone a second later: an episode may begin and end between two
+    hand-overs, and is logged all the same."""
+    sup, rec = recording(tmp_path)
+    said = Said()
+    sup.log = said
+    (tmp_path / "observations").write_text("a file where the directory should be")
+    sup._next_tick_by = soon(sup)
+    sup._record("probe", "blue", "ok", 0.01)
+    sup._after_tick(period=0.1)
+    await until(lambda: rec.errors > 0)
+    (tmp_path / "observations").unlink()
+    await written(rec, 1)
+    assert rec.last_error is None
+    sup._record("probe", "blue", "ok", 0.01)
+    sup._record_not_before = -math.inf
+    sup._after_tick(period=0.1)
+    assert said.lines == [
+        ("warning", "observations_write_failed"),
+        ("info", "observations_write_recovered"),
+    ]
     with anyio.fail_after(WAIT_S):
         await rec.aclose()
 
@@ -156,7 +309,7 @@ async def test_a_bug_when_handing_over_holds_the_records(
 
     monkeypatch.setattr(sup, "loop_failed", failed)
     (faults / "raise_in_recording").touch()
-    sup._next_tick_by = -math.inf
+    sup._next_tick_by = soon(sup)
     sup._record("probe", "blue", "ok", 0.01)
     sup._after_tick(period=0.1)
     assert failures == ["recording"] and rec.pending == 1 and rec.oldest is not None
@@ -184,7 +337,7 @@ async def test_a_write_ending_never_wakes_the_event_loop(
 
     monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
     sup, rec = recording(tmp_path)
-    sup._next_tick_by = -math.inf
+    sup._next_tick_by = soon(sup)
     for n in range(1, 6):
         sup._record("probe", "blue", "ok", 0.01)
         sup._record_not_before = -math.inf
@@ -215,11 +368,11 @@ async def test_the_decision_loop_alone_writes_at_its_cadence(
     monkeypatch.setattr(rec, "submit", watched)
     with anyio.fail_after(WAIT_S):
         while len(handed) < 3:
-            sup._next_tick_by = -math.inf
+            # A round probed while the loop waits for its next tick, then that tick.
+            sup._next_tick_by = soon(sup, period)
             sup._record("probe", "blue", "ok", 0.01)
             sup._after_tick(period)
             assert not sup._record_timer.is_set()
-            sup._next_tick_by = sup.clock.monotonic() + period
             await anyio.sleep(period)
     gaps = [b[1] - a[1] for a, b in itertools.pairwise(handed)]
     assert all(g >= _RECORD_GAP_S for g in gaps), gaps

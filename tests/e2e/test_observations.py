@@ -256,7 +256,7 @@ def test_a_bug_in_the_recording_loop_neither_stops_guardd_nor_loses_the_records(
     lab.green.set_mode("http_503")
     d.wait_event("rollback_completed")
     assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
-    assert not switched(lab), "nothing written while every flush fails"
+    assert not switched(lab), "nothing written while every hand-over fails"
     fault.unlink()
     # The records waited in memory: the switch is written once the loop runs clean.
     wait_until(lambda: switched(lab), 20, "the held records written")

@@ -512,6 +512,79 @@ async def test_the_writer_thread_retries_a_failed_write_alone(tmp_path: Path) ->
 
 
 @pytest.mark.anyio
+async def test_a_long_outage_keeps_the_newest_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer holds what failed, within `MAX_PENDING`, and drops the oldest past it:
+    what happened last (a rollback's `switch`) is what an outage must not cost."""
+    monkeypatch.setattr(observations, "MAX_PENDING", 10)
+    monkeypatch.setattr(observations, "RETRY_S", 0.2)
+    clocks = Clocks(wall=EVE + 100)
+    where = tmp_path / "obs"
+    where.write_text("a file where the directory should be")
+    rec = recorder(where, clocks)
+    rec.start_writer()
+    for i in range(8):
+        rec.probe("blue", "ok", float(i))
+    rec.submit()
+    wait_for(lambda: rec.errors >= 1)
+    started = time.monotonic()
+    for i in range(8, 14):
+        rec.probe("blue", "ok", float(i))
+    rec.switch("green", "blue", by="guardd", reason="P0")
+    rec.submit()
+    wait_for(lambda: rec.dropped == 5)
+    assert rec.pending == 10
+    # Retried alone, `RETRY_S` apart: not in a spin.
+    wait_for(lambda: rec.errors >= 4)
+    assert time.monotonic() - started >= 2 * 0.2
+    where.unlink()
+    wait_for(lambda: rec.written == 10)
+    with anyio.fail_after(30.0):
+        await rec.aclose()
+    records = read(where)[0]
+    assert [r.doc["latency_s"] for r in records if r.kind == "probe"] == [
+        float(i) for i in range(5, 14)
+    ]
+    assert records[-1].kind == "switch"
+
+
+@pytest.mark.anyio
+async def test_a_bug_in_a_write_loses_that_batch_never_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clocks = Clocks(wall=EVE + 100)
+    rec = recorder(tmp_path, clocks)
+    write_batch = rec.write_batch
+    calls: list[int] = []
+
+    def buggy_once(batch: list[dict[str, Any]]) -> tuple[int, str | None]:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise TypeError("a bug")
+        return write_batch(batch)
+
+    monkeypatch.setattr(rec, "write_batch", buggy_once)
+    rec.start_writer()
+    rec.probe("blue", "ok", 0.1)
+    rec.probe("blue", "ok", 0.2)
+    rec.submit()
+    wait_for(lambda: len(rec.bugs) == 1)
+    assert str(rec.bugs.popleft()) == "a bug"
+    # Dropped and counted: the same records would fail the same way again. Not a failed
+    # write: the disk is not to blame.
+    assert rec.dropped == 2 and rec.pending == 0
+    assert rec.errors == 0 and rec.last_error is None
+    rec.probe("green", "ok", 0.3)
+    rec.submit()
+    wait_for(lambda: rec.written == 1)
+    assert calls == [2, 1]
+    with anyio.fail_after(30.0):
+        await rec.aclose()
+    assert [r.doc["color"] for r in read(tmp_path)[0] if r.kind == "probe"] == ["green"]
+
+
+@pytest.mark.anyio
 async def test_a_writer_stuck_on_the_disk_is_left_behind_at_close(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
