@@ -228,13 +228,18 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         each = [w["overhead_pct"] for w in rec["windows"] if w["overhead_pct"] is not None]
         each = each or [None]
         add(
-            f"recording observations, CPU per probe on vs off ({rec['probes_per_s_each']:g} "
-            "probes/s each, same build, same time)",
+            "recording observations, CPU per probe on vs off ("
+            + (
+                f"{rec['daemons_per_side']} daemons a side, "
+                if rec.get("daemons_per_side", 1) > 1
+                else ""
+            )
+            + f"{rec['probes_per_s_each']:g} probes/s each, same build, same time)",
             f"overhead <= {rec['target_overhead_pct']:g} %",
             f"{rec['overhead_pct_median']} % (median of {len(rec['windows'])} windows, from "
             f"{min(each, key=lambda v: v or 0)} to {max(each, key=lambda v: v or 0)} %"
             + (
-                f"; {rec['overhead_pct_median_on_started_first']} % with the recording daemon "
+                f"; {rec['overhead_pct_median_on_started_first']} % with a recording daemon "
                 f"started first, {rec['overhead_pct_median_off_started_first']} % second"
                 if "overhead_pct_median_on_started_first" in rec
                 else ""

@@ -217,7 +217,7 @@ def test_the_recording_target_shows_each_start_order(tmp_path: Path) -> None:
     (row,) = [v for k, v in rows(f"{BEGIN}\n{targets}\n{END}").items() if k.startswith("recording")]
     assert row[0] == "overhead <= 5 %"
     assert row[1].startswith(
-        "3.0 % (median of 4 windows, from -0.4 to 4.6 %; 0.8 % with the recording daemon "
+        "3.0 % (median of 4 windows, from -0.4 to 4.6 %; 0.8 % with a recording daemon "
         "started first, 4.3 % second)"
     ), row[1]
     assert row[2:] == ["0.6", "yes"]
