@@ -122,6 +122,8 @@ class Guardd:
         self.lock_file = self.root / "run" / f"{name}.qos.lock"
         self.log_path = self.root / "guardd.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        # The build to run (`bench.ab`: two side by side); None: `INSTALL`'s.
+        self.install: Install | None = None
         sections: dict[str, dict[str, Any]] = {
             "probe": {
                 "interval": interval,
@@ -195,7 +197,7 @@ class Guardd:
         env.pop("WATCHDOG_PID", None)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [str(INSTALL.guardd), "run", "--config", str(self.config_path)],
+                [str((self.install or INSTALL).guardd), "run", "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -64,7 +64,7 @@ def ensure_tools() -> list[str]:
     return missing
 
 
-def runtime_install(root: Path, venv: Path | None = None) -> Install:
+def runtime_install(root: Path, venv: Path | None = None, source: Path | None = None) -> Install:
     """guardd as an operator installs it: a venv with its runtime dependencies only.
 
     The development venv also holds the test and lint tools, and some of them change
@@ -74,20 +74,24 @@ def runtime_install(root: Path, venv: Path | None = None) -> Install:
     package manager would. Falls back to the development venv, and says so, if that
     cannot be built (no uv, no network and an empty cache). `venv` (default
     `root/runtime-venv`) may hold one built before: its packages are synced again and
-    guardd reinstalled from this checkout.
+    guardd reinstalled from this checkout, or from the tree `source` (`bench.ab`: another
+    commit's, with its own lock).
     """
     uv = os.environ.get("UV") or which("uv")
     if uv is None:
         print("bench: no uv; measuring the dev venv", file=sys.stderr)
         return Install(Path(sys.executable).parent, "the development venv (no uv)")
     venv = venv or root / "runtime-venv"
-    repo = Path(__file__).resolve().parent.parent
+    repo = source or Path(__file__).resolve().parent.parent
     py = str(venv / "bin" / "python")
     pip = [uv, "pip", "install", "-q", "--python", py, "--compile-bytecode"]
-    req = root / "runtime-requirements.txt"
+    req = root / f"{venv.name}-requirements.txt"
     try:
         req.write_text(
-            _run([uv, "export", "--frozen", "--no-dev", "--no-hashes", "--no-emit-project", "-q"])
+            _run(
+                [uv, "export", "--frozen", "--no-dev", "--no-hashes", "--no-emit-project", "-q"],
+                cwd=repo,
+            )
         )
         if not (venv / "bin" / "python").exists():
             _run([uv, "venv", "-q", "--python", sys.executable, str(venv)])
@@ -101,8 +105,8 @@ def runtime_install(root: Path, venv: Path | None = None) -> Install:
     return Install(venv / "bin", "a runtime-only venv (uv export --no-dev)", frozen)
 
 
-def _run(argv: list[str]) -> str:
-    repo = Path(__file__).resolve().parent.parent
+def _run(argv: list[str], cwd: Path | None = None) -> str:
+    repo = cwd or Path(__file__).resolve().parent.parent
     done = subprocess.run(argv, cwd=repo, check=True, capture_output=True, text=True, timeout=600)
     return done.stdout
 
