@@ -21,7 +21,6 @@ Nothing is asserted: the figures are printed as JSON (and written to DIR/ab.json
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.context import COLORS
+from bench.context import COLORS, emit
 from bench.nginx import AppServer
 from bench.notify import NotifyHub
 from bench.procstat import CpuMeter
@@ -208,11 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         settings=settings,
     )
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "ab.json").write_text(text + "\n")
+    emit(result, args.out, "ab.json")
     return 0
 
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.context import emit
 from guardd.clock import SystemClock
 from guardd.signals.access_log import READ_CHUNK, AccessLogSignal, AccessLogSpec, _Tail
 
@@ -99,11 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write access_log.json here too")
     args = parser.parse_args(argv)
     result = measure(args.lines, args.rounds)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "access_log.json").write_text(text + "\n")
+    emit(result, args.out, "access_log.json")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,3 +41,12 @@ class Bench:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no request from {ua or 'anyone'} within {timeout:g}s")
             time.sleep(0.02)
+
+
+def emit(result: object, out: Path | None, name: str) -> None:
+    """A standalone suite's result: printed as JSON, and written to `out/name` if given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text + "\n")

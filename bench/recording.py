@@ -18,7 +18,6 @@ Nothing here asserts a figure.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tempfile
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.context import COLORS, Bench
+from bench.context import COLORS, Bench, emit
 from bench.nginx import AppServer
 from bench.notify import NotifyHub
 from bench.procstat import CpuMeter
@@ -256,11 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         hub.close()
         app.stop()
         shutil.rmtree(root, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if ns.out is not None:
-        ns.out.mkdir(parents=True, exist_ok=True)
-        (ns.out / "recording.json").write_text(text + "\n")
+    emit(result, ns.out, "recording.json")
     return 0
 
 

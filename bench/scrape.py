@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from bench.context import emit
 from bench.procstat import cpu_seconds, hwm_kib, rss_kib
 
 PROMETHEUS = "/usr/bin/prometheus"
@@ -290,11 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write scrape.json here too")
     ns = parser.parse_args(args)
     result = measure(ns.series, ns.every, ns.seconds)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if ns.out is not None:
-        ns.out.mkdir(parents=True, exist_ok=True)
-        (ns.out / "scrape.json").write_text(text + "\n")
+    emit(result, ns.out, "scrape.json")
     return 0
 
 

@@ -46,9 +46,11 @@ from typing import Any
 
 import anyio
 
+import guardd
+
 # The child interpreter of a base round puts the base tree first on sys.path before it
 # imports this module: these are then the base's.
-import guardd
+from bench.context import emit
 from guardd.core.machine import Facts, GuardMachine
 from guardd.core.policy import PolicySpec
 from guardd.core.types import Outcome
@@ -238,11 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write tick.json here too")
     args = parser.parse_args(argv)
     result = measure(args.ticks, args.rounds)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "tick.json").write_text(text + "\n")
+    emit(result, args.out, "tick.json")
     return 0
 
 

@@ -237,7 +237,9 @@ class Said:
         return log
 
 
-async def test_after_a_failed_write_the_next_batch_waits_a_second(tmp_path: Path) -> None:
+async def failed_once(tmp_path: Path) -> tuple[Supervisor, Recorder, Said]:
+    """A supervisor (its log kept) whose writer failed its first write: a file stands
+    where the observations directory goes."""
     sup, rec = recording(tmp_path)
     said = Said()
     sup.log = said
@@ -246,6 +248,11 @@ async def test_after_a_failed_write_the_next_batch_waits_a_second(tmp_path: Path
     sup._record("probe", "blue", "ok", 0.01)
     sup._after_tick(period=0.1)
     await until(lambda: rec.errors > 0)
+    return sup, rec, said
+
+
+async def test_after_a_failed_write_the_next_batch_waits_a_second(tmp_path: Path) -> None:
+    sup, rec, said = await failed_once(tmp_path)
     sup._record("probe", "blue", "ok", 0.01)
     sup._record_not_before = -math.inf
     now = sup.clock.monotonic()
@@ -272,14 +279,7 @@ async def test_after_a_failed_write_the_next_batch_waits_a_second(tmp_path: Path
 async def test_an_episode_shorter_than_a_batch_is_still_logged(tmp_path: Path) -> None:
     """The writer retries alone a second later: an episode may begin and end between two
     hand-overs, and is logged all the same."""
-    sup, rec = recording(tmp_path)
-    said = Said()
-    sup.log = said
-    (tmp_path / "observations").write_text("a file where the directory should be")
-    sup._next_tick_by = soon(sup)
-    sup._record("probe", "blue", "ok", 0.01)
-    sup._after_tick(period=0.1)
-    await until(lambda: rec.errors > 0)
+    sup, rec, said = await failed_once(tmp_path)
     (tmp_path / "observations").unlink()
     await written(rec, 1)
     assert rec.last_error is None

@@ -511,6 +511,19 @@ async def test_the_writer_thread_retries_a_failed_write_alone(tmp_path: Path) ->
     assert colors == ["blue", "green"], "the failed batch first, nothing twice"
 
 
+def before_writes(
+    monkeypatch: pytest.MonkeyPatch, rec: Recorder, before: Callable[[list[dict[str, Any]]], None]
+) -> None:
+    """Make the writer call `before(batch)` (which may raise, or block) ahead of each write."""
+    write_batch = rec.write_batch
+
+    def wrapped(batch: list[dict[str, Any]]) -> tuple[int, str | None]:
+        before(batch)
+        return write_batch(batch)
+
+    monkeypatch.setattr(rec, "write_batch", wrapped)
+
+
 @pytest.mark.anyio
 async def test_a_long_outage_keeps_the_newest_records(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -555,16 +568,14 @@ async def test_a_bug_in_a_write_loses_that_batch_never_the_writer(
 ) -> None:
     clocks = Clocks(wall=EVE + 100)
     rec = recorder(tmp_path, clocks)
-    write_batch = rec.write_batch
     calls: list[int] = []
 
-    def buggy_once(batch: list[dict[str, Any]]) -> tuple[int, str | None]:
+    def buggy_once(batch: list[dict[str, Any]]) -> None:
         calls.append(len(batch))
         if len(calls) == 1:
             raise TypeError("a bug")
-        return write_batch(batch)
 
-    monkeypatch.setattr(rec, "write_batch", buggy_once)
+    before_writes(monkeypatch, rec, buggy_once)
     rec.start_writer()
     rec.probe("blue", "ok", 0.1)
     rec.probe("blue", "ok", 0.2)
@@ -591,14 +602,12 @@ async def test_a_writer_stuck_on_the_disk_is_left_behind_at_close(
     clocks = Clocks(wall=EVE + 100)
     rec = recorder(tmp_path, clocks)
     stuck, release = threading.Event(), threading.Event()
-    write_batch = rec.write_batch
 
-    def hanging(batch: list[dict[str, Any]]) -> tuple[int, str | None]:
+    def hanging(_: list[dict[str, Any]]) -> None:
         stuck.set()
         release.wait(60.0)
-        return write_batch(batch)
 
-    monkeypatch.setattr(rec, "write_batch", hanging)
+    before_writes(monkeypatch, rec, hanging)
     rec.start_writer()
     rec.probe("blue", "ok", 0.1)
     rec.submit()
