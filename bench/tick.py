@@ -46,10 +46,9 @@ from typing import Any
 
 import anyio
 
-import guardd
-
 # The child interpreter of a base round puts the base tree first on sys.path before it
-# imports this module: these are then the base's.
+# imports this module: these `guardd` imports are then the base's.
+import guardd
 from bench.context import emit
 from guardd.core.machine import Facts, GuardMachine
 from guardd.core.policy import PolicySpec

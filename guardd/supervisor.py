@@ -677,12 +677,11 @@ class Supervisor:
         # After a failed write, a second between batches (the writer tries again alone).
         failing = recorder.last_error is not None
         self._record_not_before = now + (_RECORD_EVERY_S if failing else _RECORD_GAP_S)
-        self._writer_news(recorder)
 
     def _writer_news(self, recorder: Recorder) -> None:
-        """Report what the writer thread saw since last asked (after every tick and
-        hand-over): each failure episode once, however short (the writer counts them),
-        and each bug."""
+        """Report what the writer thread saw since last asked (after every tick, and each
+        batch the timer hands over): each failure episode once, however short (the writer
+        counts them), and each bug."""
         while recorder.bugs:
             self.loop_failed("recording", recorder.bugs.popleft())
         episodes = (recorder.failures, recorder.recoveries)
@@ -712,6 +711,7 @@ class Supervisor:
                     await anyio.sleep(due - now)
                 else:
                     self._submit_records(recorder, now)
+                    self._writer_news(recorder)
             self._record_timer = anyio.Event()
 
     async def _stop_recording(self) -> None:
