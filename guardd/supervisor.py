@@ -32,6 +32,7 @@ from guardd._version import __version__
 from guardd.clock import Clock, SystemClock
 from guardd.commands import RetryPolicy
 from guardd.config import GuardConfig, Settings, group_problem
+from guardd.core.cadence import next_round
 from guardd.core.machine import GuardMachine
 from guardd.core.types import COLORS, Color, Outcome
 from guardd.exceptions import ConfigError, ConfigProblem, GuarddError
@@ -415,6 +416,9 @@ class Supervisor:
         # Set when a reload puts another front-door prober in force (or none).
         self._verifier_changed = anyio.Event()
         self._probe_started: dict[Color, float | None] = dict.fromkeys(COLORS)
+        # Where the probe loops' shared cadence starts (monotonic s; `next_round`): set as
+        # they start, so that their rounds fall due together.
+        self._cadence_epoch = 0.0
         self._exit_code = 0
         self._tg: anyio.abc.TaskGroup | None = None
         # The running signal adapters' cancel scopes, by the adapter's id.
@@ -848,6 +852,7 @@ class Supervisor:
                 if guard.fleet is not None:
                     tg.start_soon(guard.fleet.run)
                 await self._start_signals(tg, runtime)
+                self._cadence_epoch = self.clock.monotonic()
                 for color in COLORS:
                     tg.start_soon(self._probe_loop, color)
                 # Always running: a reload may set `switch.verify_url` later.
@@ -955,7 +960,7 @@ class Supervisor:
     async def _probe_loop(self, color: Color) -> None:
         guard = self.guard
         assert guard is not None  # noqa: S101
-        next_at = self.clock.monotonic()
+        due = self._cadence_epoch
         while True:
             await self.faults.reach(f"probe_{color}")
             started = self.clock.monotonic()
@@ -967,15 +972,7 @@ class Supervisor:
             if result is not None and guard.observe(color, result):
                 self._wake.set()
             self._first_round[color].set()
-            interval = guard.cadence(color)
-            # Fixed cadence without drift; a slow round skips the slots it overran
-            # instead of stacking a second probe behind itself.
-            next_at += interval
-            now = self.clock.monotonic()
-            if next_at < now:
-                next_at = started + interval * math.ceil((now - started) / interval)
-            next_at = min(next_at, started + interval)
-            await anyio.sleep(max(0.0, next_at - now))
+            due = await self._next_round(due, started, guard.cadence(color))
 
     def _record_probe(self, color: Color, result: ProbeResult) -> None:
         self._record(
@@ -991,6 +988,7 @@ class Supervisor:
         guard = self.guard
         assert guard is not None  # noqa: S101
         last: HttpProber | None = None
+        due = self._cadence_epoch
         while True:
             started = self.clock.monotonic()
             verifier = guard.verifier
@@ -1005,6 +1003,7 @@ class Supervisor:
                 # instances on a host).
                 await self._verifier_changed.wait()
                 self._verifier_changed = anyio.Event()
+                due = self.clock.monotonic()
                 continue
 
             def replaced(current: HttpProber = verifier) -> bool:
@@ -1022,8 +1021,19 @@ class Supervisor:
             if guard.observe_front_door(result):
                 self._wake.set()
             self._front_door_answered.set()
-            wait = guard.s.probe_interval - (self.clock.monotonic() - started)
-            await anyio.sleep(max(0.0, wait))
+            due = await self._next_round(due, started, guard.s.probe_interval)
+
+    async def _next_round(self, due: float, started: float, interval: float) -> float:
+        """Sleep until the next round of a probe loop is due, and return when that is.
+
+        `due` is when the round just ended was due and `started` when it began (monotonic
+        s); `interval` is the loop's cadence now (s). See `next_round`.
+        """
+        grid = (self._cadence_epoch, self.settings.config.probe.interval)
+        now = self.clock.monotonic()
+        due = next_round(due, started, now, interval, grid)
+        await anyio.sleep(max(0.0, due - now))
+        return due
 
     async def _guarded_probe(
         self,

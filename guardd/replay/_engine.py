@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from guardd.config import Settings
+from guardd.core.cadence import next_round
 from guardd.core.types import COLORS, Color, Outcome
 from guardd.exceptions import OperationRefused
 from guardd.guard import Guard
@@ -167,16 +168,17 @@ def _spans(report: SourceReport, end: float) -> None:
 @dataclasses.dataclass(slots=True)
 class _Schedule:
     """When a stream's next round (a color's probe, the front door) is due at the
-    config's cadence, as `Supervisor._probe_loop` schedules it: a fixed cadence without
-    drift, slots overrun skipped, a new cadence (confirming a failure) from the round it
-    begins at. Times are the history's clock (`Record.at`, seconds)."""
+    config's cadence, as the daemon's probe loops schedule it (`next_round`). Times are
+    the history's clock (`Record.at`, seconds)."""
 
     #: The next round due (None: the next recorded round is taken).
     due: float | None = None
-    #: The cadence `due` was set with (seconds).
-    cadence: float | None = None
     #: The last round recorded (fed or not): the spacing of the history.
     recorded_at: float | None = None
+    #: Where the stream's cadence starts: its first round fed. (The daemon's loops share
+    #: one start, but a stream's rounds are recorded as they end, each stream's a probe's
+    #: time after it was due: its own first round stands for that start.)
+    epoch: float | None = None
 
     def takes(self, at: float) -> bool:
         """Whether the round recorded at `at` stands for one the config made: the one
@@ -186,14 +188,14 @@ class _Schedule:
         due = self.due
         return due is None or previous is None or at >= due - (at - previous) / 2
 
-    def fed(self, at: float, cadence: float) -> None:
-        """The round at `at` was fed; the next is due `cadence` seconds after the last due
-        time (after `at` when the cadence changed, or rounds overran or were lost)."""
-        due = self.due
-        if due is None or self.cadence != cadence:
-            due = at
-        due += cadence
-        self.due, self.cadence = (due if due > at else at + cadence), cadence
+    def fed(self, at: float, cadence: float, step: float) -> None:
+        """The round at `at` was fed: the next is due as `next_round` says, at `cadence`
+        (s) on a grid of `step` (s, `probe.interval`), for a round due when it was due
+        (the first: at `at`) that began and ended at `at`."""
+        due, epoch = self.due, self.epoch
+        if due is None or epoch is None:
+            due = epoch = self.epoch = at
+        self.due = next_round(due, at, at, cadence, (epoch, step))
 
 
 class Simulation:
@@ -633,7 +635,7 @@ class Simulation:
             return False
         self.probes_fed += 1
         wake = guard.observe(color, result)
-        schedule.fed(rec.at, guard.cadence(color))
+        schedule.fed(rec.at, guard.cadence(color), guard.s.probe_interval)
         if not self._started:
             self._seen.add(color)
             if self._seen >= set(COLORS):
@@ -651,7 +653,7 @@ class Simulation:
             self.thinned += 1
             return
         self.probes_fed += 1
-        self._door.fed(rec.at, guard.s.probe_interval)
+        self._door.fed(rec.at, guard.s.probe_interval, guard.s.probe_interval)
         # Evidence only while the replay serves the color the live run served: the
         # front door answered for that one.
         if not self._verify or self._live is None or guard.active != self._live:

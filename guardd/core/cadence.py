@@ -1,0 +1,44 @@
+"""When a probe loop's next round is due: a fixed cadence, on a grid shared by the loops.
+
+Pure: times are monotonic seconds passed in. The daemon's loops (each color's, the front
+door's) start their cadence at one epoch. Rounds on the same grid fall due at the same
+instant, so that one timer wake-up of the process serves all of them: on a host running a
+guard per service, a wake-up of a cold process costs several times the probe it serves.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["next_round"]
+
+
+def next_round(
+    due: float, started: float, now: float, interval: float, grid: tuple[float, float]
+) -> float:
+    """When the round after this one is due (monotonic s).
+
+    `due` is when this round was due, `started` when it began and `now` when it ended;
+    `interval` is the loop's cadence from here on (s, > 0). `grid` is `(epoch, step)`: the
+    shared cadence of the daemon's loops, rounds due at `epoch + k * step`.
+
+    - No drift: the next round is due `interval` after this one was due, not after it
+      ended.
+    - At the shared step, on the grid: the last point within a step after `due`, or the
+      first one after `now` if that one passed during the round. A loop that ran faster
+      for a while (confirming a failure) so falls back in step with the others.
+    - A round that overran its slot is not followed by a second one stacked behind it:
+      the next starts `interval` after this one started, or at once if that has passed.
+    """
+    epoch, step = grid
+    if interval == step and now <= started + interval:
+        # (The margins, a millionth of a step, absorb float error: `due` on the grid plus
+        # a step is the next point, never the one before it.)
+        k = math.floor((due + step - epoch) / step + 1e-6)
+        if epoch + step * k < now:
+            k = math.floor((now - epoch) / step + 1e-6) + 1
+        return epoch + step * k
+    nxt = due + interval
+    if nxt < now:
+        nxt = started + interval * math.ceil((now - started) / interval)
+    return min(nxt, started + interval)
