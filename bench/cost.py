@@ -172,10 +172,11 @@ def start_soak(ctx: Bench, duration: float) -> Soak:
         switch=switch,
         user_agent=UA["guardd"],
     ).start(ctx.hub)
-    gi = idle_guardd(ctx, steady, switch).start(ctx.hub)
+    gi = idle_guardd(ctx, steady, idle_switch(ctx, front, "idle")).start(ctx.hub)
     tls_upstreams, ca_file = start_tls_upstreams(ctx)
     slack = SlackHook().start()
-    gt = idle_tls_guardd(ctx, tls_upstreams, ca_file, slack, switch).start(ctx.hub)
+    tls_switch = idle_switch(ctx, front, "idle-tls")
+    gt = idle_tls_guardd(ctx, tls_upstreams, ca_file, slack, tls_switch).start(ctx.hub)
     bb = BlackboxExporter(ctx.root / "blackbox").start()
     bbi = BlackboxExporter(ctx.root / "blackbox-idle").start()
     driver = BlackboxDriver(bb, [app.url("sblue"), app.url("sgreen")], RATE).start()
@@ -226,6 +227,12 @@ def start_soak(ctx: Bench, duration: float) -> Soak:
     soak._sampler = threading.Thread(target=soak._run, name="soak", daemon=True)
     soak._sampler.start()
     return soak
+
+
+def idle_switch(ctx: Bench, front: Front, name: str) -> dict[str, Any]:
+    """The `[switch]` of the idle guard `name`: the front's, through a link of its own (the
+    front's is the measured guard's)."""
+    return Guardd.nginx_switch(front, link=ctx.root / f"{name}-link" / "app_active.conf")
 
 
 def idle_guardd(ctx: Bench, upstreams: dict[str, list[str]], switch: dict[str, Any]) -> Guardd:

@@ -188,11 +188,12 @@ def measure(root: Path, install: Install, runs: int, settle: float, reload: bool
     ups, ca_file = cost.start_tls_upstreams(ctx)
     slack = SlackHook().start()
     try:
-        switch = Guardd.nginx_switch(front)
         steady = {"blue": [app.url("sblue")], "green": [app.url("sgreen")]}
         guards = {
-            "plain_http": cost.idle_guardd(ctx, steady, switch),
-            "https_slack": cost.idle_tls_guardd(ctx, ups, ca_file, slack, switch),
+            "plain_http": cost.idle_guardd(ctx, steady, cost.idle_switch(ctx, front, "idle")),
+            "https_slack": cost.idle_tls_guardd(
+                ctx, ups, ca_file, slack, cost.idle_switch(ctx, front, "idle-tls")
+            ),
         }
         results = []
         for i in range(runs):

@@ -164,11 +164,24 @@ class Guardd:
         self.config_path.write_text("\n".join(lines) + "\n" + extra_toml)
 
     @staticmethod
-    def nginx_switch(front: Front, *, verify_successes: int = 3) -> dict[str, Any]:
-        """A `[switch]` table for an nginx front, verified through it."""
+    def nginx_switch(
+        front: Front, *, verify_successes: int = 3, link: Path | None = None
+    ) -> dict[str, Any]:
+        """A `[switch]` table for an nginx front, verified through it.
+
+        `link`: an active link of the guard's own, made now pointing where the front's
+        does, for a guard beside the one that switches the front (one guardd per link: the
+        second would refuse to start). The front's nginx never reads it.
+        """
+        active = front.active_link
+        if link is not None:
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.unlink(missing_ok=True)
+            link.symlink_to(front.active_link.resolve())
+            active = link
         return {
             "kind": "nginx",
-            "active_link": str(front.active_link),
+            "active_link": str(active),
             "test_command": front.test_command,
             "reload_command": front.reload_command,
             "timeout": "10s",

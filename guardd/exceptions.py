@@ -106,7 +106,8 @@ class StorageError(GuarddError):
 
 
 class AlreadyRunning(GuarddError):
-    """Another guardd holds this instance's state directory (its `guardd.lock`)."""
+    """Another guardd holds a lock this one needs: its instance's state directory, or its
+    switch target's (`fsutil.hold_instance_lock`, `fsutil.hold_switch_lock`)."""
 
 
 class UnsafePath(GuarddError):

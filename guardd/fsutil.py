@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -70,6 +71,22 @@ def open_nofollow(path: Path, flags: int, mode: int = _DEFAULT_MODE) -> int:
     return fd
 
 
+def _holder(read: Callable[[], bytes]) -> str:
+    """` (pid N)` from what the lock's holder wrote, or nothing if it says no pid."""
+    try:
+        holder = read()[:32].decode("ascii", "replace").strip()
+    except (OSError, UnsafePath):
+        holder = ""
+    return f" (pid {holder})" if holder.isdigit() else ""
+
+
+def _write_pid(fd: int) -> None:
+    # Only a hint for the holder's message: a disk too full to take it changes nothing.
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
 def hold_instance_lock(directory: Path) -> int:
     """Take the exclusive `flock` on `directory` itself and write this process's pid into
     `<directory>/guardd.pid`; the directory's fd, to keep open for as long as the process
@@ -88,25 +105,51 @@ def hold_instance_lock(directory: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        try:
-            holder = read_bytes(pid_file)[:32].decode("ascii", "replace").strip()
-        except (OSError, UnsafePath):
-            holder = ""
-        pid = f" (pid {holder})" if holder.isdigit() else ""
+        pid = _holder(lambda: read_bytes(pid_file))
         raise AlreadyRunning(
             f"another guardd{pid} runs with this state directory: {directory} is locked"
         ) from None
     except BaseException:
         os.close(fd)
         raise
-    # Only a hint for the message above: a disk too full to take it changes nothing.
     with contextlib.suppress(OSError, UnsafePath):
         pid_fd = open_nofollow(pid_file, os.O_WRONLY | os.O_CREAT, 0o640)
         try:
-            os.ftruncate(pid_fd, 0)
-            os.pwrite(pid_fd, f"{os.getpid()}\n".encode(), 0)
+            _write_pid(pid_fd)
         finally:
             os.close(pid_fd)
+    return fd
+
+
+def switch_lock_path(target: Path) -> Path:
+    """The lock beside a switch target: `.<name>.guardd.lock` (an nginx include of
+    `*.conf` never reads it)."""
+    return target.with_name(f".{target.name}.guardd.lock")
+
+
+def hold_switch_lock(target: Path) -> int:
+    """Take the exclusive `flock` on `switch_lock_path(target)` (created if need be) and
+    write this process's pid into it; the lock's fd, to keep open for as long as the
+    process may switch `target` (an nginx active link, a state file).
+
+    Two guardd switching one target would each undo the other's switches and read the
+    other's undo records as their own. The kernel lets go of the lock when the process
+    ends, however it ends. Raises `AlreadyRunning` (naming the holder's pid when the file
+    says it) when another process holds it; `OSError` or `UnsafePath` when the file cannot
+    be opened or created.
+    """
+    path = switch_lock_path(target)
+    fd = open_nofollow(path, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _holder(lambda: os.pread(fd, 32, 0))
+        os.close(fd)
+        raise AlreadyRunning(f"another guardd{pid} switches {target}: {path} is locked") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    _write_pid(fd)
     return fd
 
 

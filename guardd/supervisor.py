@@ -35,9 +35,9 @@ from guardd.config import GuardConfig, Settings, group_problem
 from guardd.core.cadence import next_round
 from guardd.core.machine import GuardMachine
 from guardd.core.types import COLORS, Color, Outcome
-from guardd.exceptions import ConfigError, ConfigProblem, GuarddError
+from guardd.exceptions import AlreadyRunning, ConfigError, ConfigProblem, GuarddError, UnsafePath
 from guardd.faults import FaultPoints
-from guardd.fsutil import hold_instance_lock
+from guardd.fsutil import hold_instance_lock, hold_switch_lock
 from guardd.guard import Guard, GuardSettings
 from guardd.journal import Journal
 from guardd.logs import get_logger
@@ -256,6 +256,16 @@ def changed_keys(old: GuardConfig, new: GuardConfig) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
+def switch_target(c: GuardConfig) -> tuple[str, Path] | None:
+    """The key and path of what the switcher rewrites (nginx: the active link; state-file:
+    the file); None for `kind = "command"`, whose target is the command's own."""
+    if c.switch.kind == "nginx" and c.switch.active_link is not None:
+        return "switch.active_link", c.switch.active_link
+    if c.switch.kind == "state-file" and c.switch.path is not None:
+        return "switch.path", c.switch.path
+    return None
+
+
 def build_switcher(settings: Settings, on_step: Callable[[str], Awaitable[None]]) -> Switcher:
     """The switcher `switch.kind` names."""
     s = settings.config.switch
@@ -428,6 +438,9 @@ class Supervisor:
         self._lines_seen = anyio.Event()
         self._notifier_task: tuple[anyio.CancelScope, anyio.Event] | None = None
         self._loop_errors_seen: set[tuple[str, str, str]] = set()
+        # The switch targets' locks held (`hold_switch_lock`), by target: the one in force,
+        # and while a reload is built, the one it moves to.
+        self._switch_locks: dict[Path, int] = {}
         #: What guardd observed, kept for replay (`state.keep_observations`); None when
         #: recording is off or before start.
         self.recorder: Recorder | None = None
@@ -444,6 +457,8 @@ class Supervisor:
 
         Raises `ConfigError` when a notification sink cannot be built (its URL does not
         resolve): the notifier is built first, so that nothing else is built for nothing.
+        Raises `AlreadyRunning` when another guardd holds the switch target's lock, which
+        is taken next (`_hold_switch_target`).
         Probers whose URLs and probe settings are unchanged are kept (and with them the
         color's connections), as are the front-door verifier, the switcher and the
         notifier whose sections (and `retry`) are unchanged.
@@ -462,6 +477,7 @@ class Supervisor:
             notifier = previous.notifier
         else:
             notifier = self._build_notifier(settings)
+        self._hold_switch_target(settings)
         spec = probe_spec(c)
         probers: dict[Color, HttpProber] = {}
         for color in COLORS:
@@ -517,6 +533,37 @@ class Supervisor:
             signals=signals,
         )
 
+    def _hold_switch_target(self, settings: Settings) -> None:
+        """Lock the switch target `settings` names, unless this process holds it already.
+
+        Raises `AlreadyRunning` (`<file>: switch.active_link: another guardd (pid N)
+        switches ...`) when another process holds it. A lock that cannot be taken for another
+        reason (the folder read-only to guardd) is logged, and guardd guards unlocked: it
+        would fail its switches there anyway, and says so then.
+        """
+        target = switch_target(settings.config)
+        if target is None or target[1] in self._switch_locks:
+            return
+        key, path = target
+        try:
+            self._switch_locks[path] = hold_switch_lock(path)
+        except AlreadyRunning as e:
+            problem = ConfigProblem(
+                str(settings.source),
+                key,
+                f"{e}; two guards of one target undo each other's switches: give each "
+                "instance its own",
+            )
+            raise AlreadyRunning(str(problem)) from None
+        except (OSError, UnsafePath) as e:
+            self.log.warning("switch_target_unlocked", target=str(path), error=_why(e))
+
+    def _release_switch_locks(self, keep: Settings | None) -> None:
+        """Let go of every switch target's lock but the one `keep` names (all: None)."""
+        target = switch_target(keep.config) if keep is not None else None
+        for path in [p for p in self._switch_locks if target is None or p != target[1]]:
+            os.close(self._switch_locks.pop(path))
+
     async def install(self, runtime: Runtime) -> frozenset[Color]:
         """Put `runtime` in force, and close what the one it replaces had and it does not reuse.
 
@@ -526,6 +573,7 @@ class Supervisor:
         """
         previous, self.runtime = self.runtime, runtime
         self.settings = runtime.settings
+        self._release_switch_locks(keep=runtime.settings)
         if previous is None:
             keep = frozenset(COLORS)
         else:
@@ -814,6 +862,7 @@ class Supervisor:
         try:
             return await self._run()
         finally:
+            self._release_switch_locks(keep=None)
             os.close(lock_fd)
 
     async def _run(self) -> int:
@@ -1242,13 +1291,16 @@ class Supervisor:
             # Built before anything is applied: a sink whose URL cannot be resolved now
             # rejects the whole reload, as an invalid file does.
             runtime = self.build_runtime(new, self.runtime)
-        except ConfigError as e:
-            for problem in e.problems:
-                self.log.error("config_invalid", problem=str(problem))
+        except (ConfigError, AlreadyRunning) as e:
+            # (AlreadyRunning: the switch target it names is another guardd's.)
+            self._release_switch_locks(keep=old)
+            problems = [str(p) for p in e.problems] if isinstance(e, ConfigError) else [str(e)]
+            for problem in problems:
+                self.log.error("config_invalid", problem=problem)
             guard.record(
                 "alert",
                 reason=f"reload rejected, still running the previous config: "
-                f"{'; '.join(str(p) for p in e.problems)[:900]}",
+                f"{'; '.join(problems)[:900]}",
             )
             self.sd.ready()
             return

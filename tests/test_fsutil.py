@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from guardd.exceptions import StorageError, UnsafePath
+from guardd.exceptions import AlreadyRunning, StorageError, UnsafePath
 from guardd.fsutil import (
     atomic_write,
+    hold_switch_lock,
     open_nofollow,
     read_bytes,
     remove_debris,
@@ -200,3 +201,59 @@ def test_unwritable_directory_is_a_storage_error(tmp_path: Path) -> None:
     """A write into a directory that does not exist is a StorageError, not a crash."""
     with pytest.raises(StorageError):
         atomic_write(tmp_path / "missing-dir" / "state.json", b"x")
+
+
+def _held_elsewhere(target: Path) -> subprocess.Popen[str]:
+    """Another process holding `target`'s switch lock until its stdin closes."""
+    code = (
+        "import sys; from pathlib import Path; from guardd.fsutil import hold_switch_lock; "
+        f"hold_switch_lock(Path({str(target)!r})); print('held', flush=True); sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    return proc
+
+
+@pytest.mark.parametrize("kind", ["active link", "state file"])
+def test_a_switch_target_is_locked_by_one_process_until_it_ends(tmp_path: Path, kind: str) -> None:
+    """The lock beside the target names its holder's pid, and dies with the holder."""
+    target = tmp_path / ("app_active.conf" if kind == "active link" else "active.json")
+    if kind == "active link":
+        target.symlink_to(tmp_path / "blue.conf")
+    else:
+        target.write_text('{"activeColor": "blue"}')
+    lock = tmp_path / f".{target.name}.guardd.lock"
+    holder = _held_elsewhere(target)
+    try:
+        with pytest.raises(AlreadyRunning) as refused:
+            hold_switch_lock(target)
+        assert str(refused.value) == (
+            f"another guardd (pid {holder.pid}) switches {target}: {lock} is locked"
+        )
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    fd = hold_switch_lock(target)
+    try:
+        assert lock.read_text() == f"{os.getpid()}\n"
+        # One process, two opens: flock tells them apart too (a reload moving back).
+        with pytest.raises(AlreadyRunning, match=f"pid {os.getpid()}"):
+            hold_switch_lock(target)
+    finally:
+        os.close(fd)
+    # The target itself is untouched: a link stays a link to where it pointed.
+    assert target.is_symlink() or target.read_text() == '{"activeColor": "blue"}'
+
+
+def test_a_symlink_planted_at_the_switch_lock_is_not_followed(tmp_path: Path) -> None:
+    target = tmp_path / "active.json"
+    target.write_text("{}")
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / ".active.json.guardd.lock").symlink_to(victim)
+    with pytest.raises(UnsafePath, match="symlink"):
+        hold_switch_lock(target)
+    assert victim.read_text() == "precious"

@@ -7,6 +7,7 @@ its state), and `install` closes exactly the parts it replaced.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from guardd import config
 from guardd.config import Settings
+from guardd.exceptions import AlreadyRunning
 from guardd.supervisor import Runtime, Supervisor
 from guardd.systemd import SystemdNotifier
 
@@ -154,3 +156,48 @@ def _recorder(
         await close()
 
     return aclose
+
+
+def _state_file(tmp_path: Path, name: str) -> Settings:
+    """BASE switching with the state file `name` (made), for a guard of its own."""
+    (tmp_path / name).write_text('{"activeColor": "blue"}')
+    text = BASE.replace(
+        'kind = "command"\ncommand = ["true"]', f'kind = "state-file"\npath = "{tmp_path / name}"'
+    )
+    return settings(tmp_path, text)
+
+
+async def test_one_switch_target_is_built_for_one_guardd_at_a_time(tmp_path: Path) -> None:
+    """A second guard of the same state file is refused, naming the key and the holder;
+    a reload moving to another file lets go of the first once it is in force."""
+    a, b = supervisor(tmp_path), supervisor(tmp_path)
+    first = a.build_runtime(_state_file(tmp_path, "active.json"))
+    await a.install(first)
+    built: list[Runtime] = [first]
+    try:
+        with pytest.raises(AlreadyRunning) as refused:
+            b.build_runtime(_state_file(tmp_path, "active.json"))
+        target = tmp_path / "active.json"
+        assert str(refused.value) == (
+            f"{tmp_path / 'lab.toml'}: switch.path: another guardd (pid {os.getpid()}) "
+            f"switches {target}: {tmp_path / '.active.json.guardd.lock'} is locked; two "
+            "guards of one target undo each other's switches: give each instance its own"
+        )
+        assert b.runtime is None and not b._switch_locks, "b holds nothing"
+        # a moves to another file: built (its lock taken), then in force (the old let go).
+        moved = a.build_runtime(_state_file(tmp_path, "other.json"), first)
+        built.append(moved)
+        with pytest.raises(AlreadyRunning):
+            b.build_runtime(_state_file(tmp_path, "active.json"))
+        await a.install(moved)
+        built.append(b.build_runtime(_state_file(tmp_path, "active.json")))
+        with pytest.raises(AlreadyRunning, match=r"switches .*other\.json"):
+            b.build_runtime(_state_file(tmp_path, "other.json"))
+        # A kind without a file (command) holds none.
+        await a.install(a.build_runtime(settings(tmp_path), moved))
+        assert not a._switch_locks
+    finally:
+        a._release_switch_locks(keep=None)
+        b._release_switch_locks(keep=None)
+        for r in built:
+            await close(r)

@@ -232,7 +232,15 @@ def test_a_second_guardd_on_a_running_guards_state_writes_nothing(make_lab: Make
     beside = lab.tmp / "beside.toml"
     beside_state = lab.tmp / "beside-state"
     beside.write_text(lab.config_text().replace(str(lab.state_dir), str(beside_state)))
-    for config in (lab.config_path, other, beside):
+    # Its own state directory and socket, the same nginx link: the link's lock tells.
+    apart = lab.tmp / "apart.toml"
+    apart_state = lab.tmp / "apart-state"
+    apart.write_text(
+        lab.config_text()
+        .replace(str(lab.state_dir), str(apart_state))
+        .replace(str(lab.socket_path), str(lab.tmp / "apart.sock"))
+    )
+    for config in (lab.config_path, other, beside, apart):
         second = subprocess.run(
             [*GUARDD, "run", "--config", str(config)],
             capture_output=True,
@@ -242,13 +250,22 @@ def test_a_second_guardd_on_a_running_guards_state_writes_nothing(make_lab: Make
         )
         assert second.returncode == 1, (config, second)
         said = second.stdout + second.stderr
+        failed = [json.loads(x) for x in said.splitlines() if '"startup_failed"' in x]
         if config == other:
-            failed = [json.loads(x) for x in said.splitlines() if '"startup_failed"' in x]
             assert len(failed) == 1, said
             assert failed[0]["error"] == (
                 f"another guardd (pid {d.pid}) runs with this state directory: "
                 f"{lab.state_dir} is locked"
             )
+        elif config == apart:
+            assert len(failed) == 1, said
+            held = lab.nginx.active_link
+            assert failed[0]["error"] == (
+                f"{apart}: switch.active_link: another guardd (pid {d.pid}) switches {held}: "
+                f"{held.parent / f'.{held.name}.guardd.lock'} is locked; two guards of one "
+                "target undo each other's switches: give each instance its own"
+            )
+            assert not (apart_state / "events.jsonl").exists(), "nothing journaled"
         else:
             assert said.strip() == (
                 f"{config}: control.socket: cannot bind {lab.socket_path}: another process "
