@@ -32,7 +32,7 @@ from guardd._version import __version__
 from guardd.clock import Clock, SystemClock
 from guardd.commands import RetryPolicy
 from guardd.config import GuardConfig, Settings, group_problem
-from guardd.core.cadence import next_round
+from guardd.core.cadence import last_point_by, next_round
 from guardd.core.machine import GuardMachine
 from guardd.core.types import COLORS, Color, Outcome
 from guardd.exceptions import AlreadyRunning, ConfigError, ConfigProblem, GuarddError, UnsafePath
@@ -1235,7 +1235,12 @@ class Supervisor:
                 self.sd.watchdog()
             elif guard.ticks == seen:
                 self.log.warning("watchdog_withheld", reason="the decision tick has not advanced")
-            await anyio.sleep(every)
+            # At the last probe round before `every` is up, in the wake-up that round
+            # costs anyway; `every` itself if the rounds are further apart than half of it.
+            now = self.clock.monotonic()
+            grid = (self._cadence_epoch, self.settings.config.probe.interval)
+            at = last_point_by(now + every, grid)
+            await anyio.sleep((at if at > now + every / 2 else now + every) - now)
 
     # ---- reload ------------------------------------------------------------------------
 

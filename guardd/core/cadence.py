@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["next_round"]
+__all__ = ["last_point_by", "next_round"]
 
 
 def next_round(
@@ -42,3 +42,14 @@ def next_round(
     if nxt < now:
         nxt = started + interval * math.ceil((now - started) / interval)
     return min(nxt, started + interval)
+
+
+def last_point_by(t: float, grid: tuple[float, float]) -> float:
+    """The last point of `grid` (`(epoch, step)`, as `next_round`'s) not after `t` (s).
+
+    For a timer that may fire early but not late (the watchdog's ping): due then, it
+    shares the probe round's wake-up.
+    """
+    epoch, step = grid
+    # (The margin, a millionth of a step, as next_round's: t on a point is that point.)
+    return epoch + step * math.floor((t - epoch) / step + 1e-6)

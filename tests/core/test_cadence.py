@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from guardd.core.cadence import next_round
+from guardd.core.cadence import last_point_by, next_round
 
 EPOCH = 1234.5678  # an arbitrary monotonic start: nothing may assume 0
 STEP = 1.0
@@ -114,3 +114,17 @@ def test_loops_on_one_grid_fall_due_together() -> None:
     front = rounds(30, [STEP], late=0.004, takes=0.007)
     assert set(blue) <= set(front)
     assert set(green[-10:]) <= set(blue)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e-9, 0.3, 0.999999])
+def test_the_last_point_by_a_time_is_never_after_it(offset: float) -> None:
+    t = EPOCH + 7 * STEP + offset
+    at = last_point_by(t, GRID)
+    assert on_grid(at)
+    assert at == pytest.approx(EPOCH + 7 * STEP)
+
+
+def test_a_time_on_a_point_is_that_point_despite_float_error() -> None:
+    for k in range(1, 2000):
+        t = EPOCH + k * 0.1
+        assert last_point_by(t, (EPOCH, 0.1)) == pytest.approx(t)
