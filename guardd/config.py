@@ -301,6 +301,14 @@ def _writable_dir(folder: Path, why: str) -> str | None:
     return None
 
 
+def _same_entry(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name the same directory entry (a symlink not followed)."""
+    try:
+        return os.path.samestat(os.lstat(a), os.lstat(b))
+    except OSError:
+        return False
+
+
 def _active_link(link: Path, targets: Mapping[Color, Path] | None) -> str | None:
     """Why `link` is not a symlink guardd can swap between `targets`, or None."""
     try:
@@ -313,6 +321,14 @@ def _active_link(link: Path, targets: Mapping[Color, Path] | None) -> str | None
         resolved = link.resolve()
         if not any(text == str(t) or t.resolve() == resolved for t in targets.values()):
             return f"{link} points at {text}, which is none of switch.targets"
+        hop = link.parent / text
+        if hop.is_symlink() and not any(_same_entry(hop, t) for t in targets.values()):
+            # An alias of the link nginx includes: swapping it would change nothing nginx
+            # reads, and a guard of the real link would not know of this one.
+            return (
+                f"{link} points at {text}, itself a symlink and none of switch.targets: set "
+                "switch.active_link to the link nginx includes"
+            )
     return _writable_dir(link.parent, "a switch writes the new link beside the old one")
 
 

@@ -110,6 +110,11 @@ class AlreadyRunning(GuarddError):
     switch target's (`fsutil.hold_instance_lock`, `fsutil.hold_switch_lock`)."""
 
 
+class SwitchLockError(GuarddError):
+    """The switch target's lock cannot be held: another process holds it, or its file
+    cannot be made (`Supervisor.build_runtime`). The message is `<file>: <key>: <why>`."""
+
+
 class UnsafePath(GuarddError):
     """A path guardd must write is a symlink or not a regular file."""
 

@@ -17,7 +17,7 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import BinaryIO
 
@@ -121,36 +121,57 @@ def hold_instance_lock(directory: Path) -> int:
     return fd
 
 
-def switch_lock_path(target: Path) -> Path:
-    """The lock beside a switch target: `.<name>.guardd.lock` (an nginx include of
-    `*.conf` never reads it)."""
-    return target.with_name(f".{target.name}.guardd.lock")
+def switch_lock_path(target: Path, ends: Collection[Path] = ()) -> Path:
+    """The lock of a switch target: `.<name>.guardd.lock` beside it (an nginx include of
+    `*.conf` never reads it).
+
+    A target that is a symlink to another symlink (an alias of nginx's active link) is
+    followed to the last link before one of `ends` (the colors' targets) or a file that
+    is no symlink, so that every alias of one link shares its lock. At most 8 links are
+    followed; one that cannot be read ends the chain.
+    """
+    ends_st = []
+    for end in ends:
+        with contextlib.suppress(OSError):
+            ends_st.append(os.lstat(end))
+    path = target
+    for _ in range(8):
+        try:
+            hop = path.parent / path.readlink()  # (an absolute link replaces the parent)
+            st = os.lstat(hop)
+        except OSError:
+            break
+        if not stat.S_ISLNK(st.st_mode) or any(os.path.samestat(st, e) for e in ends_st):
+            break
+        path = hop
+    return path.with_name(f".{path.name}.guardd.lock")
 
 
-def hold_switch_lock(target: Path) -> int:
-    """Take the exclusive `flock` on `switch_lock_path(target)` (created if need be) and
-    write this process's pid into it; the lock's fd, to keep open for as long as the
-    process may switch `target` (an nginx active link, a state file).
+def hold_switch_lock(target: Path, ends: Collection[Path] = ()) -> tuple[Path, int]:
+    """Take the exclusive `flock` on `switch_lock_path(target, ends)` (created if need be)
+    and write this process's pid into it; the lock's path and fd, the fd to keep open for
+    as long as the process may switch `target` (an nginx active link, a state file).
 
     Two guardd switching one target would each undo the other's switches and read the
     other's undo records as their own. The kernel lets go of the lock when the process
     ends, however it ends. Raises `AlreadyRunning` (naming the holder's pid when the file
     says it) when another process holds it; `OSError` or `UnsafePath` when the file cannot
-    be opened or created.
+    be opened or created (a directory or a symlink planted there, a read-only folder).
     """
-    path = switch_lock_path(target)
+    path = switch_lock_path(target, ends)
     fd = open_nofollow(path, os.O_RDWR | os.O_CREAT, 0o640)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         pid = _holder(lambda: os.pread(fd, 32, 0))
         os.close(fd)
-        raise AlreadyRunning(f"another guardd{pid} switches {target}: {path} is locked") from None
+        who = f"another guardd{pid}" if pid else "another process (a guardd?)"
+        raise AlreadyRunning(f"{who} switches {target}: {path} is locked") from None
     except BaseException:
         os.close(fd)
         raise
     _write_pid(fd)
-    return fd
+    return path, fd
 
 
 _READ_CHUNK = 64 * 1024

@@ -8,6 +8,7 @@ uvicorn's server.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -35,9 +36,16 @@ from guardd.config import GuardConfig, Settings, group_problem
 from guardd.core.cadence import last_point_by, next_round
 from guardd.core.machine import GuardMachine
 from guardd.core.types import COLORS, Color, Outcome
-from guardd.exceptions import AlreadyRunning, ConfigError, ConfigProblem, GuarddError, UnsafePath
+from guardd.exceptions import (
+    AlreadyRunning,
+    ConfigError,
+    ConfigProblem,
+    GuarddError,
+    SwitchLockError,
+    UnsafePath,
+)
 from guardd.faults import FaultPoints
-from guardd.fsutil import hold_instance_lock, hold_switch_lock
+from guardd.fsutil import hold_instance_lock, hold_switch_lock, switch_lock_path
 from guardd.guard import Guard, GuardSettings
 from guardd.journal import Journal
 from guardd.logs import get_logger
@@ -457,8 +465,8 @@ class Supervisor:
 
         Raises `ConfigError` when a notification sink cannot be built (its URL does not
         resolve): the notifier is built first, so that nothing else is built for nothing.
-        Raises `AlreadyRunning` when another guardd holds the switch target's lock, which
-        is taken next (`_hold_switch_target`).
+        Raises `SwitchLockError` when the switch target's lock, taken next, cannot be held
+        (`_hold_switch_target`).
         Probers whose URLs and probe settings are unchanged are kept (and with them the
         color's connections), as are the front-door verifier, the switcher and the
         notifier whose sections (and `retry`) are unchanged.
@@ -534,35 +542,52 @@ class Supervisor:
         )
 
     def _hold_switch_target(self, settings: Settings) -> None:
-        """Lock the switch target `settings` names, unless this process holds it already.
+        """Lock the switch target `settings` names, unless this process holds its lock
+        already (under this spelling of its path or another).
 
-        Raises `AlreadyRunning` (`<file>: switch.active_link: another guardd (pid N)
-        switches ...`) when another process holds it. A lock that cannot be taken for another
-        reason (the folder read-only to guardd) is logged, and guardd guards unlocked: it
-        would fail its switches there anyway, and says so then.
+        Raises `SwitchLockError` (`<file>: switch.active_link: another guardd (pid N)
+        switches ...`) when another process holds it, or when the lock cannot be taken (a
+        directory or a symlink planted at its path, a read-only folder): a guard that
+        cannot tell whether another switches its target does not switch it.
         """
         target = switch_target(settings.config)
         if target is None or target[1] in self._switch_locks:
             return
         key, path = target
+        ends = list((settings.config.switch.targets or {}).values())
+        lock = switch_lock_path(path, ends)
+        with contextlib.suppress(OSError):
+            st = os.lstat(lock)
+            for fd in self._switch_locks.values():
+                if os.path.samestat(st, os.fstat(fd)):
+                    self._switch_locks[path] = fd
+                    return
         try:
-            self._switch_locks[path] = hold_switch_lock(path)
+            _, self._switch_locks[path] = hold_switch_lock(path, ends)
         except AlreadyRunning as e:
-            problem = ConfigProblem(
-                str(settings.source),
-                key,
+            why = (
                 f"{e}; two guards of one target undo each other's switches: give each "
-                "instance its own",
+                "instance its own"
             )
-            raise AlreadyRunning(str(problem)) from None
         except (OSError, UnsafePath) as e:
-            self.log.warning("switch_target_unlocked", target=str(path), error=_why(e))
+            what = str(e) if isinstance(e, UnsafePath) else f"{lock}: {_why(e)}"
+            why = (
+                f"cannot take the lock beside it: {what}; guardd switches it only while it "
+                "holds that lock"
+            )
+        else:
+            return
+        raise SwitchLockError(str(ConfigProblem(str(settings.source), key, why)))
 
     def _release_switch_locks(self, keep: Settings | None) -> None:
         """Let go of every switch target's lock but the one `keep` names (all: None)."""
         target = switch_target(keep.config) if keep is not None else None
+        kept = self._switch_locks.get(target[1]) if target is not None else None
         for path in [p for p in self._switch_locks if target is None or p != target[1]]:
-            os.close(self._switch_locks.pop(path))
+            fd = self._switch_locks.pop(path)
+            # (One lock may be held under two spellings of its target's path.)
+            if fd != kept and fd not in self._switch_locks.values():
+                os.close(fd)
 
     async def install(self, runtime: Runtime) -> frozenset[Color]:
         """Put `runtime` in force, and close what the one it replaces had and it does not reuse.
@@ -865,6 +890,19 @@ class Supervisor:
             self._release_switch_locks(keep=None)
             os.close(lock_fd)
 
+    def _startup_error(self, e: GuarddError | OSError) -> str:
+        """What a start that failed with `e` says: `<file>: <key>: ...` for a file it could
+        not write."""
+        if not isinstance(e, OSError) or e.filename is None:
+            return str(e)
+        # A file beside the switch target (the switcher's new or old link) is in that key's
+        # folder; anything else written at start is state.dir's.
+        target = switch_target(self.settings.config)
+        key = "state.dir"
+        if target is not None and Path(e.filename).parent == target[1].parent:
+            key = target[0]
+        return str(cannot(self.settings, key, f"write {e.filename}", e))
+
     async def _run(self) -> int:
         try:
             runtime = self.build_runtime(self.settings)
@@ -879,10 +917,7 @@ class Supervisor:
                 self.log.error("config_invalid", problem=str(problem))
             return 2
         except (GuarddError, OSError) as e:
-            error = str(e)
-            if isinstance(e, OSError) and e.filename is not None:
-                error = str(cannot(self.settings, "state.dir", f"write {e.filename}", e))
-            self.log.error("startup_failed", error=error)
+            self.log.error("startup_failed", error=self._startup_error(e))
             await self._close_probers()
             return 1
         self._start_metrics()
@@ -1296,8 +1331,7 @@ class Supervisor:
             # Built before anything is applied: a sink whose URL cannot be resolved now
             # rejects the whole reload, as an invalid file does.
             runtime = self.build_runtime(new, self.runtime)
-        except (ConfigError, AlreadyRunning) as e:
-            # (AlreadyRunning: the switch target it names is another guardd's.)
+        except (ConfigError, SwitchLockError) as e:
             self._release_switch_locks(keep=old)
             problems = [str(p) for p in e.problems] if isinstance(e, ConfigError) else [str(e)]
             for problem in problems:

@@ -84,6 +84,8 @@ def host_layout(root: Path) -> Path:
     (ups / "threader_active.conf").symlink_to(ups / "threader_green.conf")
     (root / "upstreams-link").symlink_to(ups)  # the same folder by another name
     (ups / "stray_active.conf").symlink_to(ups / "other.conf")
+    # An alias of the active link: swapping it changes nothing nginx reads.
+    (ups / "alias_active.conf").symlink_to(ups / "threader_active.conf")
     (root / "deploy").mkdir()
     return root
 

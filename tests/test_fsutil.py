@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -203,17 +205,27 @@ def test_unwritable_directory_is_a_storage_error(tmp_path: Path) -> None:
         atomic_write(tmp_path / "missing-dir" / "state.json", b"x")
 
 
-def _held_elsewhere(target: Path) -> subprocess.Popen[str]:
-    """Another process holding `target`'s switch lock until its stdin closes."""
-    code = (
+def _held_elsewhere(target: Path) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
+    """Another process holding `target`'s switch lock while the block runs."""
+    return _holding(
         "import sys; from pathlib import Path; from guardd.fsutil import hold_switch_lock; "
         f"hold_switch_lock(Path({str(target)!r})); print('held', flush=True); sys.stdin.read()"
     )
-    proc = subprocess.Popen(
+
+
+@contextlib.contextmanager
+def _holding(code: str) -> Iterator[subprocess.Popen[str]]:
+    """Run `code` in another process, from when it prints `held` until the block ends."""
+    with subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
-    return proc
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline() == "held\n"
+        try:
+            yield proc
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize("kind", ["active link", "state file"])
@@ -225,20 +237,15 @@ def test_a_switch_target_is_locked_by_one_process_until_it_ends(tmp_path: Path, 
     else:
         target.write_text('{"activeColor": "blue"}')
     lock = tmp_path / f".{target.name}.guardd.lock"
-    holder = _held_elsewhere(target)
-    try:
+    with _held_elsewhere(target) as holder:
         with pytest.raises(AlreadyRunning) as refused:
             hold_switch_lock(target)
         assert str(refused.value) == (
             f"another guardd (pid {holder.pid}) switches {target}: {lock} is locked"
         )
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait(timeout=30)
-    fd = hold_switch_lock(target)
+    path, fd = hold_switch_lock(target)
     try:
-        assert lock.read_text() == f"{os.getpid()}\n"
+        assert path == lock and lock.read_text() == f"{os.getpid()}\n"
         # One process, two opens: flock tells them apart too (a reload moving back).
         with pytest.raises(AlreadyRunning, match=f"pid {os.getpid()}"):
             hold_switch_lock(target)
@@ -257,3 +264,44 @@ def test_a_symlink_planted_at_the_switch_lock_is_not_followed(tmp_path: Path) ->
     with pytest.raises(UnsafePath, match="symlink"):
         hold_switch_lock(target)
     assert victim.read_text() == "precious"
+
+
+def test_an_alias_of_the_active_link_shares_its_lock(tmp_path: Path) -> None:
+    """alias.conf -> active.conf -> blue.conf: a guard given the alias is refused beside
+    the one given the link nginx reads; a link whose targets are symlinks is no alias."""
+    blue, green = tmp_path / "deploy-blue.conf", tmp_path / "deploy-green.conf"
+    blue.write_text("")
+    green.write_text("")
+    # The colors' targets are symlinks themselves (into a deploy tree): the chain stops at them.
+    targets = [tmp_path / "app_blue.conf", tmp_path / "app_green.conf"]
+    targets[0].symlink_to(blue)
+    targets[1].symlink_to(green)
+    active = tmp_path / "active.conf"
+    active.symlink_to(targets[0])
+    alias = tmp_path / "alias.conf"
+    alias.symlink_to(active)
+    path, fd = hold_switch_lock(active, targets)
+    try:
+        assert path == tmp_path / ".active.conf.guardd.lock"
+        with pytest.raises(
+            AlreadyRunning, match=r"switches .*alias\.conf: .*\.active\.conf\.guardd\.lock"
+        ):
+            hold_switch_lock(alias, targets)
+    finally:
+        os.close(fd)
+
+
+def test_a_lock_held_by_a_process_that_wrote_no_pid_says_so(tmp_path: Path) -> None:
+    target = tmp_path / "active.json"
+    target.write_text("{}")
+    lock = tmp_path / ".active.json.guardd.lock"
+    with _holding(
+        "import fcntl, os, sys; "
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+        "print('held', flush=True); sys.stdin.read()"
+    ):
+        with pytest.raises(AlreadyRunning) as refused:
+            hold_switch_lock(target)
+        assert str(refused.value) == (
+            f"another process (a guardd?) switches {target}: {lock} is locked"
+        )

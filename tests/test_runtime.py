@@ -7,6 +7,7 @@ its state), and `install` closes exactly the parts it replaced.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from guardd import config
 from guardd.config import Settings
-from guardd.exceptions import AlreadyRunning
+from guardd.exceptions import SwitchLockError
 from guardd.supervisor import Runtime, Supervisor
 from guardd.systemd import SystemdNotifier
 
@@ -175,7 +176,7 @@ async def test_one_switch_target_is_built_for_one_guardd_at_a_time(tmp_path: Pat
     await a.install(first)
     built: list[Runtime] = [first]
     try:
-        with pytest.raises(AlreadyRunning) as refused:
+        with pytest.raises(SwitchLockError) as refused:
             b.build_runtime(_state_file(tmp_path, "active.json"))
         target = tmp_path / "active.json"
         assert str(refused.value) == (
@@ -187,11 +188,11 @@ async def test_one_switch_target_is_built_for_one_guardd_at_a_time(tmp_path: Pat
         # a moves to another file: built (its lock taken), then in force (the old let go).
         moved = a.build_runtime(_state_file(tmp_path, "other.json"), first)
         built.append(moved)
-        with pytest.raises(AlreadyRunning):
+        with pytest.raises(SwitchLockError):
             b.build_runtime(_state_file(tmp_path, "active.json"))
         await a.install(moved)
         built.append(b.build_runtime(_state_file(tmp_path, "active.json")))
-        with pytest.raises(AlreadyRunning, match=r"switches .*other\.json"):
+        with pytest.raises(SwitchLockError, match=r"switches .*other\.json"):
             b.build_runtime(_state_file(tmp_path, "other.json"))
         # A kind without a file (command) holds none.
         await a.install(a.build_runtime(settings(tmp_path), moved))
@@ -201,3 +202,50 @@ async def test_one_switch_target_is_built_for_one_guardd_at_a_time(tmp_path: Pat
         b._release_switch_locks(keep=None)
         for r in built:
             await close(r)
+
+
+@pytest.mark.parametrize("planted", ["directory", "symlink"])
+async def test_a_lock_that_cannot_be_taken_refuses_the_target(tmp_path: Path, planted: str) -> None:
+    """Something planted where the lock goes: guardd cannot tell whether another guard
+    switches the file, and does not build a switcher of it (it never guards unlocked)."""
+    lock = tmp_path / ".active.json.guardd.lock"
+    if planted == "directory":
+        lock.mkdir()
+    else:
+        (tmp_path / "victim").write_text("precious")
+        lock.symlink_to(tmp_path / "victim")
+    sup = supervisor(tmp_path)
+    with pytest.raises(SwitchLockError) as refused:
+        sup.build_runtime(_state_file(tmp_path, "active.json"))
+    why = (
+        f"{lock}: Is a directory"
+        if planted == "directory"
+        else f"{lock}: is a symlink; refusing to follow it"
+    )
+    assert str(refused.value) == (
+        f"{tmp_path / 'lab.toml'}: switch.path: cannot take the lock beside it: {why}; guardd "
+        "switches it only while it holds that lock"
+    )
+    assert not sup._switch_locks
+    if planted == "symlink":
+        assert (tmp_path / "victim").read_text() == "precious"
+
+
+def test_a_start_that_cannot_write_beside_the_link_names_the_link(tmp_path: Path) -> None:
+    """A file the start could not write in the switch target's folder is that key's
+    problem; any other is state.dir's."""
+    ups = tmp_path / "upstreams"
+    text = BASE.replace(
+        'kind = "command"\ncommand = ["true"]',
+        f'kind = "nginx"\nactive_link = "{ups}/app_active.conf"\n'
+        f'targets = {{ blue = "{ups}/app_blue.conf", green = "{ups}/app_green.conf" }}',
+    )
+    sup = Supervisor(settings(tmp_path, text), sd=SystemdNotifier({}))
+    beside = OSError(errno.EROFS, "Read-only file system", str(ups / ".app_active.conf.guardd-new"))
+    assert sup._startup_error(beside) == (
+        f"{tmp_path / 'lab.toml'}: switch.active_link: cannot write {beside.filename}: "
+        "Read-only file system; run guardd as the guardd user (as guardd@.service does), or "
+        "set switch.active_link to a path this user may write"
+    )
+    state = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "state" / "x"))
+    assert sup._startup_error(state).startswith(f"{tmp_path / 'lab.toml'}: state.dir: ")

@@ -41,7 +41,7 @@ def last(guard: Guard, event: str) -> dict[str, Any] | None:
 
 def held_by_someone(target: Path) -> bool:
     try:
-        os.close(hold_switch_lock(target))
+        os.close(hold_switch_lock(target)[1])
     except AlreadyRunning:
         return True
     return False
@@ -61,7 +61,7 @@ async def test_a_reload_onto_another_guardds_link_is_rejected(make_lab: MakeFaul
         assert held_by_someone(link), "the running guard holds its link"
         assert not held_by_someone(other)
 
-        held = hold_switch_lock(other)
+        _, held = hold_switch_lock(other)
         try:
             lab.config_path.write_text(lab.config_text().replace(str(link), str(other)))
             await sup.reload()
@@ -83,5 +83,19 @@ async def test_a_reload_onto_another_guardds_link_is_rejected(make_lab: MakeFaul
         assert (last(guard, "config_reloaded") or {}).get("changed") == ["switch.active_link"]
         assert sup.settings.config.switch.active_link == other
         assert held_by_someone(other) and not held_by_someone(link)
+
+        # The same link spelled another way (through `..`, through a symlinked folder) is
+        # the lock this guard holds, not another guard's.
+        folder = other.parent
+        alias_dir = lab.tmp / "upstreams-alias"
+        alias_dir.symlink_to(folder)
+        for spelled in (folder / ".." / folder.name / other.name, alias_dir / other.name):
+            lab.config_path.write_text(lab.config_text().replace(str(link), str(spelled)))
+            mark = len(guard.journal.recent)
+            await sup.reload()
+            reloaded = [e["event"] for e in list(guard.journal.recent)[mark:]]
+            assert "config_reloaded" in reloaded and "alert" not in reloaded, reloaded
+            assert sup.settings.config.switch.active_link == spelled
+            assert held_by_someone(other), "still held, under its new spelling"
         tg.cancel_scope.cancel()
     assert not held_by_someone(other), "a stop lets go of it"
