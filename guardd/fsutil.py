@@ -121,15 +121,11 @@ def hold_instance_lock(directory: Path) -> int:
     return fd
 
 
-def switch_lock_path(target: Path, ends: Collection[Path] = ()) -> Path:
-    """The lock of a switch target: `.<name>.guardd.lock` beside it (an nginx include of
-    `*.conf` never reads it).
-
-    A target that is a symlink to another symlink (an alias of nginx's active link) is
-    followed to the last link before one of `ends` (the colors' targets) or a file that
-    is no symlink, so that every alias of one link shares its lock. At most 8 links are
-    followed; one that cannot be read ends the chain.
-    """
+def link_end(target: Path, ends: Collection[Path] = ()) -> Path:
+    """The last symlink of the chain `target` begins: `target` itself unless it is a
+    symlink to another symlink (an alias of nginx's active link), followed to the last one
+    before one of `ends` (the colors' targets) or a file that is no symlink. At most 8
+    links are followed; one that cannot be read ends the chain."""
     ends_st = []
     for end in ends:
         with contextlib.suppress(OSError):
@@ -144,6 +140,14 @@ def switch_lock_path(target: Path, ends: Collection[Path] = ()) -> Path:
         if not stat.S_ISLNK(st.st_mode) or any(os.path.samestat(st, e) for e in ends_st):
             break
         path = hop
+    return path
+
+
+def switch_lock_path(target: Path, ends: Collection[Path] = ()) -> Path:
+    """The lock of a switch target: `.<name>.guardd.lock` beside `link_end(target, ends)`
+    (an nginx include of `*.conf` never reads it), so that every alias of one link shares
+    its lock."""
+    path = link_end(target, ends)
     return path.with_name(f".{path.name}.guardd.lock")
 
 
@@ -156,10 +160,20 @@ def hold_switch_lock(target: Path, ends: Collection[Path] = ()) -> tuple[Path, i
     other's undo records as their own. The kernel lets go of the lock when the process
     ends, however it ends. Raises `AlreadyRunning` (naming the holder's pid when the file
     says it) when another process holds it; `OSError` or `UnsafePath` when the file cannot
-    be opened or created (a directory or a symlink planted there, a read-only folder).
+    be opened or created (a directory, a symlink or a hard link planted there, a read-only
+    folder).
     """
     path = switch_lock_path(target, ends)
     fd = open_nofollow(path, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        links = os.fstat(fd).st_nlink
+    except BaseException:
+        os.close(fd)
+        raise
+    if links > 1:
+        # A hard link planted there: writing the pid would overwrite another file.
+        os.close(fd)
+        raise UnsafePath(f"{path}: has {links} hard links; refusing to write it")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -170,6 +184,8 @@ def hold_switch_lock(target: Path, ends: Collection[Path] = ()) -> tuple[Path, i
     except BaseException:
         os.close(fd)
         raise
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o640)  # (a file left with another mode)
     _write_pid(fd)
     return path, fd
 

@@ -45,7 +45,7 @@ from guardd.exceptions import (
     UnsafePath,
 )
 from guardd.faults import FaultPoints
-from guardd.fsutil import hold_instance_lock, hold_switch_lock, switch_lock_path
+from guardd.fsutil import hold_instance_lock, hold_switch_lock, link_end, switch_lock_path
 from guardd.guard import Guard, GuardSettings
 from guardd.journal import Journal
 from guardd.logs import get_logger
@@ -272,6 +272,25 @@ def switch_target(c: GuardConfig) -> tuple[str, Path] | None:
     if c.switch.kind == "state-file" and c.switch.path is not None:
         return "switch.path", c.switch.path
     return None
+
+
+def _not_switchable(target: Path, ends: list[Path]) -> str | None:
+    """Why guardd cannot switch by rewriting `target`, a symlink itself: an alias of the
+    active link (`ends`: the colors' targets), or a state file reached through a link."""
+    if not ends:
+        if target.is_symlink():
+            return (
+                f"{target} is a symlink; guardd replaces the state file itself, never through "
+                "a link: set switch.path to the file"
+            )
+        return None
+    end = link_end(target, ends)
+    if end == target:
+        return None
+    return (
+        f"{target} points at {target.readlink()}, itself a symlink and none of "
+        "switch.targets: set switch.active_link to the link nginx includes"
+    )
 
 
 def build_switcher(settings: Settings, on_step: Callable[[str], Awaitable[None]]) -> Switcher:
@@ -555,6 +574,10 @@ class Supervisor:
             return
         key, path = target
         ends = list((settings.config.switch.targets or {}).values())
+        if why := _not_switchable(path, ends):
+            # (Checked at every start, host checks or not: guardd would switch a file
+            # nginx never reads, or refuse to write the state file at its first switch.)
+            raise SwitchLockError(str(ConfigProblem(str(settings.source), key, why)))
         lock = switch_lock_path(path, ends)
         with contextlib.suppress(OSError):
             st = os.lstat(lock)

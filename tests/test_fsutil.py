@@ -305,3 +305,26 @@ def test_a_lock_held_by_a_process_that_wrote_no_pid_says_so(tmp_path: Path) -> N
         assert str(refused.value) == (
             f"another process (a guardd?) switches {target}: {lock} is locked"
         )
+
+
+def test_a_hard_link_planted_at_the_switch_lock_is_not_written(tmp_path: Path) -> None:
+    target = tmp_path / "active.json"
+    target.write_text("{}")
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.link(victim, tmp_path / ".active.json.guardd.lock")
+    with pytest.raises(UnsafePath, match="has 2 hard links; refusing to write it"):
+        hold_switch_lock(target)
+    assert victim.read_text() == "precious"
+
+
+def test_a_lock_file_left_with_another_mode_gets_its_own(tmp_path: Path) -> None:
+    target = tmp_path / "active.json"
+    target.write_text("{}")
+    lock = tmp_path / ".active.json.guardd.lock"
+    lock.write_text("not a pid\n")
+    lock.chmod(0o666)
+    path, fd = hold_switch_lock(target)
+    os.close(fd)
+    assert path == lock and lock.stat().st_mode & 0o777 == 0o640
+    assert lock.read_text() == f"{os.getpid()}\n"

@@ -249,3 +249,59 @@ def test_a_start_that_cannot_write_beside_the_link_names_the_link(tmp_path: Path
     )
     state = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "state" / "x"))
     assert sup._startup_error(state).startswith(f"{tmp_path / 'lab.toml'}: state.dir: ")
+
+
+def _nginx(tmp_path: Path, link: str) -> Settings:
+    """BASE switching nginx through `link` (a name in `upstreams/`), the targets made."""
+    ups = tmp_path / "upstreams"
+    ups.mkdir(exist_ok=True)
+    for color in ("blue", "green"):
+        (ups / f"app_{color}.conf").write_text("")
+    text = BASE.replace(
+        'kind = "command"\ncommand = ["true"]',
+        f'kind = "nginx"\nactive_link = "{ups / link}"\n'
+        f'targets = {{ blue = "{ups}/app_blue.conf", green = "{ups}/app_green.conf" }}',
+    )
+    return settings(tmp_path, text)
+
+
+async def test_an_alias_of_the_active_link_is_refused_at_start(tmp_path: Path) -> None:
+    """A start makes no host checks, but guardd never switches an alias of the link nginx
+    includes: its swaps would change nothing nginx reads."""
+    ups = tmp_path / "upstreams"
+    s = _nginx(tmp_path, "alias.conf")
+    (ups / "app_active.conf").symlink_to(ups / "app_blue.conf")
+    (ups / "alias.conf").symlink_to(ups / "app_active.conf")
+    sup = supervisor(tmp_path)
+    with pytest.raises(SwitchLockError) as refused:
+        sup.build_runtime(s)
+    assert str(refused.value) == (
+        f"{tmp_path / 'lab.toml'}: switch.active_link: {ups / 'alias.conf'} points at "
+        f"{ups / 'app_active.conf'}, itself a symlink and none of switch.targets: set "
+        "switch.active_link to the link nginx includes"
+    )
+    assert not sup._switch_locks
+    # The link itself, pointing at a target that is a symlink (a deploy tree): switched.
+    (ups / "app_blue.conf").unlink()
+    (ups / "app_blue.conf").symlink_to(ups / "app_green.conf")
+    (ups / "app_active.conf").unlink()
+    (ups / "app_active.conf").symlink_to(ups / "app_blue.conf")
+    r = sup.build_runtime(_nginx(tmp_path, "app_active.conf"))
+    try:
+        assert list(sup._switch_locks) == [ups / "app_active.conf"]
+    finally:
+        sup._release_switch_locks(keep=None)
+        await close(r)
+
+
+async def test_a_state_file_reached_through_a_link_is_refused_at_start(tmp_path: Path) -> None:
+    s = _state_file(tmp_path, "real.json")
+    (tmp_path / "linked.json").symlink_to(tmp_path / "real.json")
+    s = settings(tmp_path, (tmp_path / "lab.toml").read_text().replace("real.json", "linked.json"))
+    sup = supervisor(tmp_path)
+    with pytest.raises(SwitchLockError) as refused:
+        sup.build_runtime(s)
+    assert str(refused.value) == (
+        f"{tmp_path / 'lab.toml'}: switch.path: {tmp_path / 'linked.json'} is a symlink; "
+        "guardd replaces the state file itself, never through a link: set switch.path to the file"
+    )
