@@ -713,10 +713,22 @@ class Guard:
             return None  # `hold` or `starting`: each is its own warning
         return self.machine.protection_lost(self.active, self.clock.monotonic())
 
+    async def _read_target(self) -> tuple[Color | None, str | None]:
+        """The color the switch target names now, and why none when it cannot be read.
+
+        What the host did to the target (a symlink put in place of the state file, a file
+        made unreadable) is a target that names no color, never an error that ends the
+        tick: guardd then holds, as for a target named neither color.
+        """
+        try:
+            return await self.switcher.read_active(), None
+        except (OSError, GuarddError) as e:
+            return None, str(e)
+
     async def _adopt_external_switch(self) -> None:
         if self.rolling_back:
             return
-        on_disk = await self.switcher.read_active()
+        on_disk, unreadable = await self._read_target()
         if on_disk is None and self.active is not None:
             # It names neither color now: a hand pointed it at another file (a hotfix
             # copy) or removed it. guardd no longer knows what users are served, so it
@@ -732,7 +744,10 @@ class Guard:
                 target=None,
                 by="external",
                 reason="the switch target was changed outside guardd and names neither blue "
-                "nor green; guardd holds until it names one",
+                "nor green; guardd holds until it names one"
+                if unreadable is None
+                else f"the switch target cannot be read ({unreadable}); guardd holds until "
+                "it names blue or green",
             )
             return
         self._unnamed_reads = 0
@@ -1084,7 +1099,7 @@ class Guard:
             return out
         if committed:
             out.undo_problem = await self._restore(source)
-        self.active = await self.switcher.read_active()
+        self.active, _ = await self._read_target()
         self.machine.switched()
         out.serving = None if out.undo_problem else await self._serving()
         return out

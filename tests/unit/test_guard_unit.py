@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from guardd import qoslock
 from guardd.core.machine import Rollback
 from guardd.core.types import State
-from guardd.exceptions import OperationRefused
+from guardd.exceptions import OperationRefused, UnsafePath
 from guardd.operator import handle
 from guardd.switchers import COMMAND_STEPS, NGINX_STEPS, STATE_FILE_STEPS
 from guardd.testing import (
@@ -690,3 +690,37 @@ async def test_an_operators_move_that_fails_leaves_the_hold_and_its_lock(
         assert rig.guard.machine.hold is not None and rig.guard.machine.hold.sticky
         assert lock_held(rig) and not rig.events("qos_released")
         assert rig.guard.active == "green"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        UnsafePath("/srv/deploy/state.json: is a symlink; refusing to follow it"),
+        PermissionError(13, "Permission denied"),
+    ],
+    ids=["a symlink put in its place", "unreadable"],
+)
+async def test_a_switch_target_that_cannot_be_read_holds_and_never_ends_the_tick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    """The state file replaced by a symlink (or made unreadable) while guardd runs: it no
+    longer knows what users are served, says why, and holds; read again, it adopts."""
+    async with build_guard(tmp_path) as rig:
+        await rig.probe_rounds(WARM_UP)
+        read = rig.switcher.read_active
+
+        async def cannot_read() -> None:
+            raise error
+
+        monkeypatch.setattr(rig.switcher, "read_active", cannot_read)
+        await rig.probe_rounds(2)  # seen twice in a row, as a target naming no color
+        [moved] = [e for e in rig.events() if e["event"] == "external_switch"]
+        assert (moved["from"], moved["to"]) == ("green", None)
+        assert moved["reason"] == (
+            f"the switch target cannot be read ({error}); guardd holds until it names blue or green"
+        )
+        assert rig.guard.active is None and rig.guard.state is State.HOLD
+        monkeypatch.setattr(rig.switcher, "read_active", read)
+        await rig.probe_round()
+        back = [e for e in rig.events() if e["event"] == "external_switch"][-1]
+        assert (back["from"], back["to"]) == (None, "green")
