@@ -1371,14 +1371,21 @@ def test_an_old_release_does_not_release_a_rollbacks_lock(make_fleet: MakeFleet)
         assert code == 1 and doc is not None, said
 
 
-def noticed_the_store_went_back(fleet: FleetLab) -> None:
-    """Every node journals, once, that etcd's store went back (and from which revision)."""
+def noticed_the_store_went_back(fleet: FleetLab, *, new_cluster: bool = False) -> None:
+    """Every node journals, once, that etcd's store went back (and from which revision).
+
+    The same cluster restored: its revision is below the one the node knew. A new cluster:
+    its cluster_id says so, whatever revision its own writes took it to by the node's read
+    (the nodes publish again at once, and may reach the old revision first)."""
     for d in fleet.daemons:
         said = d.wait_event(
             "alert", timeout=60, where=lambda e: "etcd's store went back" in e["reason"]
         )
         assert "restored from a backup?" in said["reason"]
-        assert said["previous_revision"] > said["revision"], said
+        if new_cluster:
+            assert "(its cluster_id changed: a new cluster)" in said["reason"], said
+        else:
+            assert said["previous_revision"] > said["revision"], said
     for d in fleet.daemons:
         # (Not what the leader writes back afterwards, "... before etcd's store went back".)
         alerts = [
@@ -1473,7 +1480,7 @@ def test_a_lock_lost_with_etcds_store_is_published_again_and_no_stale_expiry_end
     until = fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["until"]
     fleet.etcd.wipe(new_cluster=True)
     assert fleet.etcd.cluster_id() != old_id
-    noticed_the_store_went_back(fleet)
+    noticed_the_store_went_back(fleet, new_cluster=True)
     # Its owner publishes it again: the fleet's lock is not lost with the store.
     wait_until(lambda: lock_everywhere(fleet, "before"), 60, "the lock back in etcd", poll=0.2)
     assert fleet.etcd.range(PREFIX + "/qos")[PREFIX + "/qos"]["until"] == until
