@@ -164,6 +164,34 @@ def hold_switch_lock(target: Path, ends: Collection[Path] = ()) -> tuple[Path, i
     folder).
     """
     path = switch_lock_path(target, ends)
+    for _ in range(3):
+        fd = _lock_file(path, target)
+        # Locked, but maybe a file its holder removed as it let go (`release_switch_lock`)
+        # between this open and this lock: then the lock is of no file; take the new one.
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.lstat(path), os.fstat(fd)):
+                break
+        os.close(fd)
+    else:
+        raise AlreadyRunning(f"another guardd switches {target}: {path} keeps being replaced")
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o640)  # (a file left with another mode)
+    _write_pid(fd)
+    return path, fd
+
+
+def release_switch_lock(path: Path, fd: int) -> None:
+    """Let go of a lock `hold_switch_lock` took, removing its file first (while still
+    held, and only if it is still the file locked): a clean stop leaves nothing beside
+    the target. A process killed leaves the file, and the next start takes it."""
+    with contextlib.suppress(OSError):
+        if os.path.samestat(os.lstat(path), os.fstat(fd)):
+            path.unlink()
+    os.close(fd)
+
+
+def _lock_file(path: Path, target: Path) -> int:
+    """Open (or create) the lock file `path` of `target` and lock it; its fd."""
     fd = open_nofollow(path, os.O_RDWR | os.O_CREAT, 0o640)
     try:
         links = os.fstat(fd).st_nlink
@@ -184,10 +212,7 @@ def hold_switch_lock(target: Path, ends: Collection[Path] = ()) -> tuple[Path, i
     except BaseException:
         os.close(fd)
         raise
-    with contextlib.suppress(OSError):
-        os.fchmod(fd, 0o640)  # (a file left with another mode)
-    _write_pid(fd)
-    return path, fd
+    return fd
 
 
 _READ_CHUNK = 64 * 1024

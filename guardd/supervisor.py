@@ -45,7 +45,13 @@ from guardd.exceptions import (
     UnsafePath,
 )
 from guardd.faults import FaultPoints
-from guardd.fsutil import hold_instance_lock, hold_switch_lock, link_end, switch_lock_path
+from guardd.fsutil import (
+    hold_instance_lock,
+    hold_switch_lock,
+    link_end,
+    release_switch_lock,
+    switch_lock_path,
+)
 from guardd.guard import Guard, GuardSettings
 from guardd.journal import Journal
 from guardd.logs import get_logger
@@ -465,9 +471,9 @@ class Supervisor:
         self._lines_seen = anyio.Event()
         self._notifier_task: tuple[anyio.CancelScope, anyio.Event] | None = None
         self._loop_errors_seen: set[tuple[str, str, str]] = set()
-        # The switch targets' locks held (`hold_switch_lock`), by target: the one in force,
-        # and while a reload is built, the one it moves to.
-        self._switch_locks: dict[Path, int] = {}
+        # The switch targets' locks held (`hold_switch_lock`: the lock file and its fd), by
+        # target: the one in force, and while a reload is built, the one it moves to.
+        self._switch_locks: dict[Path, tuple[Path, int]] = {}
         #: What guardd observed, kept for replay (`state.keep_observations`); None when
         #: recording is off or before start.
         self.recorder: Recorder | None = None
@@ -581,12 +587,12 @@ class Supervisor:
         lock = switch_lock_path(path, ends)
         with contextlib.suppress(OSError):
             st = os.lstat(lock)
-            for fd in self._switch_locks.values():
-                if os.path.samestat(st, os.fstat(fd)):
-                    self._switch_locks[path] = fd
+            for held in self._switch_locks.values():
+                if os.path.samestat(st, os.fstat(held[1])):
+                    self._switch_locks[path] = held
                     return
         try:
-            _, self._switch_locks[path] = hold_switch_lock(path, ends)
+            self._switch_locks[path] = hold_switch_lock(path, ends)
         except AlreadyRunning as e:
             why = (
                 f"{e}; two guards of one target undo each other's switches: give each "
@@ -607,10 +613,10 @@ class Supervisor:
         target = switch_target(keep.config) if keep is not None else None
         kept = self._switch_locks.get(target[1]) if target is not None else None
         for path in [p for p in self._switch_locks if target is None or p != target[1]]:
-            fd = self._switch_locks.pop(path)
+            held = self._switch_locks.pop(path)
             # (One lock may be held under two spellings of its target's path.)
-            if fd != kept and fd not in self._switch_locks.values():
-                os.close(fd)
+            if held != kept and held not in self._switch_locks.values():
+                release_switch_lock(*held)
 
     async def install(self, runtime: Runtime) -> frozenset[Color]:
         """Put `runtime` in force, and close what the one it replaces had and it does not reuse.

@@ -19,6 +19,7 @@ from guardd.fsutil import (
     hold_switch_lock,
     open_nofollow,
     read_bytes,
+    release_switch_lock,
     remove_debris,
     temp_path_for,
 )
@@ -328,3 +329,18 @@ def test_a_lock_file_left_with_another_mode_gets_its_own(tmp_path: Path) -> None
     os.close(fd)
     assert path == lock and lock.stat().st_mode & 0o777 == 0o640
     assert lock.read_text() == f"{os.getpid()}\n"
+
+
+def test_a_released_switch_lock_leaves_no_file_and_frees_the_target(tmp_path: Path) -> None:
+    """A clean stop removes the lock file (a purge finds nothing of guardd's beside the
+    link); one replaced meanwhile is not its to remove."""
+    target = tmp_path / "active.json"
+    target.write_text("{}")
+    path, fd = hold_switch_lock(target)
+    release_switch_lock(path, fd)
+    assert not path.exists()
+    path, fd = hold_switch_lock(target)
+    path.unlink()
+    path.write_text("someone else's\n")
+    release_switch_lock(path, fd)
+    assert path.read_text() == "someone else's\n"
