@@ -47,7 +47,7 @@ from guardd.core.types import COLORS, Color
 from guardd.durations import NUMBER as _NUMBER
 from guardd.durations import format_duration, parse_duration
 from guardd.exceptions import ConfigError, ConfigProblem
-from guardd.fsutil import open_regular
+from guardd.fsutil import link_end, open_regular
 from guardd.secrets import shown_setting
 
 if typing.TYPE_CHECKING:
@@ -301,12 +301,28 @@ def _writable_dir(folder: Path, why: str) -> str | None:
     return None
 
 
-def _same_entry(a: Path, b: Path) -> bool:
-    """Whether `a` and `b` name the same directory entry (a symlink not followed)."""
-    try:
-        return os.path.samestat(os.lstat(a), os.lstat(b))
-    except OSError:
-        return False
+def not_switchable(target: Path, ends: Sequence[Path]) -> str | None:
+    """Why guardd cannot switch by rewriting `target`, a symlink itself, or None.
+
+    An alias of the active link (`ends`: the colors' targets): a link to another symlink
+    that is none of them. Swapping it would change nothing nginx reads, and a guard of the
+    real link would not know of this one. Or, without `ends`, a state file reached through
+    a link: guardd replaces the state file itself. One check for start, reload and
+    `check-config`.
+    """
+    if not ends:
+        if target.is_symlink():
+            return (
+                f"{target} is a symlink; guardd replaces the state file itself, never through "
+                "a link: set switch.path to the file"
+            )
+        return None
+    if link_end(target, ends) == target:
+        return None
+    return (
+        f"{target} points at {target.readlink()}, itself a symlink and none of "
+        "switch.targets: set switch.active_link to the link nginx includes"
+    )
 
 
 def _active_link(link: Path, targets: Mapping[Color, Path] | None) -> str | None:
@@ -321,14 +337,8 @@ def _active_link(link: Path, targets: Mapping[Color, Path] | None) -> str | None
         resolved = link.resolve()
         if not any(text == str(t) or t.resolve() == resolved for t in targets.values()):
             return f"{link} points at {text}, which is none of switch.targets"
-        hop = link.parent / text
-        if hop.is_symlink() and not any(_same_entry(hop, t) for t in targets.values()):
-            # An alias of the link nginx includes: swapping it would change nothing nginx
-            # reads, and a guard of the real link would not know of this one.
-            return (
-                f"{link} points at {text}, itself a symlink and none of switch.targets: set "
-                "switch.active_link to the link nginx includes"
-            )
+        if why := not_switchable(link, list(targets.values())):
+            return why
     return _writable_dir(link.parent, "a switch writes the new link beside the old one")
 
 

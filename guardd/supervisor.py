@@ -32,7 +32,7 @@ from guardd import config as config_mod
 from guardd._version import __version__
 from guardd.clock import Clock, SystemClock
 from guardd.commands import RetryPolicy
-from guardd.config import GuardConfig, Settings, group_problem
+from guardd.config import GuardConfig, Settings, group_problem, not_switchable
 from guardd.core.cadence import last_point_by, next_round
 from guardd.core.machine import GuardMachine
 from guardd.core.types import COLORS, Color, Outcome
@@ -48,7 +48,6 @@ from guardd.faults import FaultPoints
 from guardd.fsutil import (
     hold_instance_lock,
     hold_switch_lock,
-    link_end,
     release_switch_lock,
     switch_lock_path,
 )
@@ -278,25 +277,6 @@ def switch_target(c: GuardConfig) -> tuple[str, Path] | None:
     if c.switch.kind == "state-file" and c.switch.path is not None:
         return "switch.path", c.switch.path
     return None
-
-
-def _not_switchable(target: Path, ends: list[Path]) -> str | None:
-    """Why guardd cannot switch by rewriting `target`, a symlink itself: an alias of the
-    active link (`ends`: the colors' targets), or a state file reached through a link."""
-    if not ends:
-        if target.is_symlink():
-            return (
-                f"{target} is a symlink; guardd replaces the state file itself, never through "
-                "a link: set switch.path to the file"
-            )
-        return None
-    end = link_end(target, ends)
-    if end == target:
-        return None
-    return (
-        f"{target} points at {target.readlink()}, itself a symlink and none of "
-        "switch.targets: set switch.active_link to the link nginx includes"
-    )
 
 
 def build_switcher(settings: Settings, on_step: Callable[[str], Awaitable[None]]) -> Switcher:
@@ -580,7 +560,7 @@ class Supervisor:
             return
         key, path = target
         ends = list((settings.config.switch.targets or {}).values())
-        if why := _not_switchable(path, ends):
+        if why := not_switchable(path, ends):
             # (Checked at every start, host checks or not: guardd would switch a file
             # nginx never reads, or refuse to write the state file at its first switch.)
             raise SwitchLockError(str(ConfigProblem(str(settings.source), key, why)))
