@@ -1116,15 +1116,19 @@ class Supervisor:
             self._front_door_answered.set()
             due = await self._next_round(due, started, guard.s.probe_interval)
 
+    @property
+    def _grid(self) -> tuple[float, float]:
+        """The probe loops' shared cadence, `(epoch, step)` in monotonic s: see `next_round`."""
+        return (self._cadence_epoch, self.settings.config.probe.interval)
+
     async def _next_round(self, due: float, started: float, interval: float) -> float:
         """Sleep until the next round of a probe loop is due, and return when that is.
 
         `due` is when the round just ended was due and `started` when it began (monotonic
         s); `interval` is the loop's cadence now (s). See `next_round`.
         """
-        grid = (self._cadence_epoch, self.settings.config.probe.interval)
         now = self.clock.monotonic()
-        due = next_round(due, started, now, interval, grid)
+        due = next_round(due, started, now, interval, self._grid)
         await anyio.sleep(max(0.0, due - now))
         return due
 
@@ -1282,8 +1286,7 @@ class Supervisor:
             # At the last probe round before `every` is up, in the wake-up that round
             # costs anyway; `every` itself if the rounds are further apart than half of it.
             now = self.clock.monotonic()
-            grid = (self._cadence_epoch, self.settings.config.probe.interval)
-            at = last_point_by(now + every, grid)
+            at = last_point_by(now + every, self._grid)
             await anyio.sleep((at if at > now + every / 2 else now + every) - now)
 
     # ---- reload ------------------------------------------------------------------------

@@ -32,11 +32,9 @@ def next_round(
     """
     epoch, step = grid
     if interval == step and now <= started + interval:
-        # (The margins, a millionth of a step, absorb float error: `due` on the grid plus
-        # a step is the next point, never the one before it.)
-        k = math.floor((due + step - epoch) / step + 1e-6)
+        k = _index(due + step, grid)
         if epoch + step * k < now:
-            k = math.floor((now - epoch) / step + 1e-6) + 1
+            k = _index(now, grid) + 1
         return epoch + step * k
     nxt = due + interval
     if nxt < now:
@@ -51,5 +49,12 @@ def last_point_by(t: float, grid: tuple[float, float]) -> float:
     shares the probe round's wake-up.
     """
     epoch, step = grid
-    # (The margin, a millionth of a step, as next_round's: t on a point is that point.)
-    return epoch + step * math.floor((t - epoch) / step + 1e-6)
+    return epoch + step * _index(t, grid)
+
+
+def _index(t: float, grid: tuple[float, float]) -> int:
+    """The index k of the last point `epoch + k * step` of `grid` not after `t`."""
+    epoch, step = grid
+    # (The margin, a millionth of a step, absorbs float error: `t` on a point, or a point
+    # plus a step, is that point or the next one, never the one before it.)
+    return math.floor((t - epoch) / step + 1e-6)
