@@ -152,6 +152,9 @@ class Guard:
         self.log = log
         self.notify = notify
         self.faults = faults or FaultPoints(None)
+        #: Why this process may not change the switch target now, or None: it holds the
+        #: target's lock (`Supervisor.keep_switch_lock`). Asked before every switch.
+        self.switch_refused: Callable[[], str | None] = lambda: None
         self.lock = anyio.Lock()
         self.active: Color | None = None
         self.paused: dict[str, Any] | None = None
@@ -1080,8 +1083,7 @@ class Guard:
         committed = not switch
         try:
             if switch:
-                with anyio.fail_after(2 * self.s.switch_timeout):
-                    await self.switcher.switch(target)
+                await self._switch(target)
                 committed = True
             await self._verify()
         except TimeoutError:
@@ -1103,6 +1105,15 @@ class Guard:
         self.machine.switched()
         out.serving = None if out.undo_problem else await self._serving()
         return out
+
+    async def _switch(self, target: Color) -> None:
+        """The switcher's switch to `target`, bounded by twice `switch.timeout`; a
+        `SwitchError` at once when this process may not switch (`switch_refused`)."""
+        if why := self.switch_refused():
+            # Another guardd may switch the target now: a swap here could undo its swap.
+            raise SwitchError(why)
+        with anyio.fail_after(2 * self.s.switch_timeout):
+            await self.switcher.switch(target)
 
     async def _restore(self, previous: Color | None) -> str | None:
         """Put `previous` back in force after a switch that did not verify; why not, if not."""

@@ -454,6 +454,9 @@ class Supervisor:
         # The switch targets' locks held (`hold_switch_lock`: the lock file and its fd), by
         # target: the one in force, and while a reload is built, the one it moves to.
         self._switch_locks: dict[Path, tuple[Path, int]] = {}
+        # Why the lock of the target in force could not be taken again, once it was lost
+        # (`keep_switch_lock`); None while it is held.
+        self._switch_lock_lost: str | None = None
         #: What guardd observed, kept for replay (`state.keep_observations`); None when
         #: recording is off or before start.
         self.recorder: Recorder | None = None
@@ -588,6 +591,51 @@ class Supervisor:
             return
         raise SwitchLockError(str(ConfigProblem(str(settings.source), key, why)))
 
+    def keep_switch_lock(self) -> str | None:
+        """None while this process holds the lock of the switch target in force (or there
+        is none); else why it may not switch that target. Asked at every tick and before
+        every switch (`Guard.switch_refused`).
+
+        A lock whose file was removed or replaced (an `rm`, a cleaner of old files) locks
+        no file any more: a second guardd would take the new file at that path, and switch
+        beside this one. So the lock is taken again at once. When that fails (another
+        process took it first, a directory planted there), guardd does not switch until it
+        holds it again: a rollback then fails at its switch, and guardd holds.
+        """
+        target = switch_target(self.settings.config)
+        held = self._switch_locks.get(target[1]) if target is not None else None
+        if held is None:
+            return None  # (no target, or not locked yet: the start takes it)
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.lstat(held[0]), os.fstat(held[1])):
+                return None
+        assert target is not None  # noqa: S101 - held implies a target
+        path = target[1]
+        try:
+            new = hold_switch_lock(path, list((self.settings.config.switch.targets or {}).values()))
+        except (AlreadyRunning, OSError, UnsafePath) as e:
+            why = str(e) if isinstance(e, GuarddError) else f"{held[0]}: {_why(e)}"
+            if why != self._switch_lock_lost:
+                self.log.error(
+                    "switch_lock_lost",
+                    lock=str(held[0]),
+                    error=f"its file was removed or replaced, and it cannot be taken again: "
+                    f"{why}; guardd does not switch {path} until it holds it",
+                )
+            self._switch_lock_lost = why
+            return f"guardd lost its switch lock: {why}"
+        for spelling, lock in list(self._switch_locks.items()):
+            if lock == held:
+                self._switch_locks[spelling] = new
+        os.close(held[1])  # (the file it locked is gone: nothing to remove)
+        self.log.warning(
+            "switch_lock_taken_again",
+            lock=str(new[0]),
+            reason="its file was removed or replaced while guardd held it",
+        )
+        self._switch_lock_lost = None
+        return None
+
     def _release_switch_locks(self, keep: Settings | None) -> None:
         """Let go of every switch target's lock but the one `keep` names (all: None)."""
         target = switch_target(keep.config) if keep is not None else None
@@ -664,6 +712,7 @@ class Supervisor:
             notify=self._notify,
             faults=self.faults,
         )
+        guard.switch_refused = self.keep_switch_lock
         if s.config.fleet is not None:
             from guardd.fleet.coordinator import Fleet  # noqa: PLC0415 - only in a fleet
 
@@ -1254,6 +1303,8 @@ class Supervisor:
                 # (Set once the lock is held: taking it yields even when it is free, and
                 # the rounds' records then are this tick's.)
                 self._next_tick_by = math.inf
+                # (Taken again at once if its file went: before a second guardd takes it.)
+                self.keep_switch_lock()
                 await guard.tick()
             self.sd.status(guard.status_line())
             self._after_tick(period)

@@ -17,6 +17,7 @@ import pytest
 from guardd import config
 from guardd.config import Settings
 from guardd.exceptions import SwitchLockError
+from guardd.fsutil import hold_switch_lock
 from guardd.supervisor import Runtime, Supervisor
 from guardd.systemd import SystemdNotifier
 
@@ -202,6 +203,57 @@ async def test_one_switch_target_is_built_for_one_guardd_at_a_time(tmp_path: Pat
         b._release_switch_locks(keep=None)
         for r in built:
             await close(r)
+
+
+async def test_a_lock_whose_file_went_is_taken_again_or_refuses_the_switch(
+    tmp_path: Path,
+) -> None:
+    """The lock file removed, replaced, taken by another process or turned into a
+    directory while guardd runs: `keep_switch_lock` takes it again when it can, and
+    otherwise says why guardd may not switch, until it holds it again."""
+    sup = supervisor(tmp_path)
+    runtime = sup.build_runtime(_state_file(tmp_path, "active.json"))
+    await sup.install(runtime)
+    target = tmp_path / "active.json"
+    lock = tmp_path / ".active.json.guardd.lock"
+    try:
+        assert sup.keep_switch_lock() is None
+        for how in ("removed", "replaced"):
+            if how == "removed":
+                lock.unlink()
+            else:
+                (tmp_path / "stranger").write_text("")
+                (tmp_path / "stranger").replace(lock)
+            assert sup.keep_switch_lock() is None, how
+            assert lock.read_text().strip() == str(os.getpid()), how
+            ((_, held),) = sup._switch_locks.values()
+            assert os.path.samestat(os.lstat(lock), os.fstat(held)), how
+
+        # Another lock in its place (one of this process's own, as another process's
+        # is: a flock is of its open file): refused until that one lets go.
+        lock.unlink()
+        _, theirs = hold_switch_lock(target)
+        try:
+            for _ in range(2):  # (asked again: still refused, the same words)
+                assert sup.keep_switch_lock() == (
+                    f"guardd lost its switch lock: another guardd (pid {os.getpid()}) "
+                    f"switches {target}: {lock} is locked"
+                )
+        finally:
+            os.close(theirs)
+        assert sup.keep_switch_lock() is None, "free again: taken"
+        assert lock.read_text().strip() == str(os.getpid())
+
+        # A directory planted where it was: refused, nothing followed or written.
+        lock.unlink()
+        lock.mkdir()
+        assert sup.keep_switch_lock() == f"guardd lost its switch lock: {lock}: Is a directory"
+        lock.rmdir()
+        assert sup.keep_switch_lock() is None
+    finally:
+        sup._release_switch_locks(keep=None)
+        await close(runtime)
+    assert not lock.exists()
 
 
 @pytest.mark.parametrize("planted", ["directory", "symlink"])

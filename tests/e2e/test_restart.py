@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
+import os
 import re
 import signal
 import subprocess
@@ -405,3 +407,105 @@ def test_a_reload_keeps_the_for_of_an_unchanged_rule_and_restarts_a_changed_one(
     # One that changes it (a `for` of 30 minutes is another rule): it starts afresh.
     onset, reloaded = reload(policy__p1_sustain="30m")
     assert onset >= reloaded - 0.005
+
+
+def _second_guard(lab: Lab, name: str) -> subprocess.CompletedProcess[str]:
+    """`guardd run` with its own state and socket, on the running guard's nginx link."""
+    config = lab.tmp / f"{name}.toml"
+    config.write_text(
+        lab.config_text()
+        .replace(str(lab.state_dir), str(lab.tmp / f"{name}-state"))
+        .replace(str(lab.socket_path), str(lab.tmp / f"{name}.sock"))
+    )
+    return subprocess.run(
+        [*GUARDD, "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _taken_again(d: Daemon, count: int) -> bool:
+    return [x.get("event") for x in log_lines(d)].count("switch_lock_taken_again") >= count
+
+
+def test_a_switch_lock_removed_or_replaced_is_taken_again(make_lab: MakeLab) -> None:
+    """The lock file removed (an `rm`, a cleaner of old files) or replaced under a running
+    guard: its flock then locks no file, and a second guardd would start beside it. The
+    running guard takes the lock again at its next tick, and the second is refused."""
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    link = lab.nginx.active_link
+    lock = link.parent / f".{link.name}.guardd.lock"
+    assert lock.read_text().strip() == str(d.pid)
+    stranger = lab.tmp / "stranger"
+    for count, how in enumerate(("removed", "replaced"), start=1):
+        if how == "removed":
+            lock.unlink()
+        else:
+            stranger.write_text("")
+            stranger.replace(lock)
+        wait_until(functools.partial(_taken_again, d, count), 20, f"the lock {how}: taken again")
+        assert lock.read_text().strip() == str(d.pid), how
+        second = _second_guard(lab, f"second-{how}")
+        assert second.returncode == 1, (how, second)
+        assert f"another guardd (pid {d.pid}) switches {link}: {lock} is locked" in second.stderr
+    assert d.proc is not None and d.proc.poll() is None, "the running guard goes on"
+    # Still the guard of the link: a failing green is rolled back.
+    lab.green.set_mode("http_503")
+    d.wait_event("rollback_completed")
+    assert lab.nginx.wait_serving_only("blue", hold=0.3, timeout=20)
+    assert d.stop() == 0
+    assert not lock.exists(), "a clean stop removes the file it holds"
+
+
+def test_a_guard_whose_switch_lock_another_took_does_not_switch(make_lab: MakeLab) -> None:
+    """Another process took the lock's path while this guard ran (a new file renamed over
+    it, locked): this guard may no longer switch the link. Its rollback fails at the switch
+    and it holds, the link untouched; once the other lets go, it takes the lock again, and
+    an operator's resume rolls back."""
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    link = lab.nginx.active_link
+    lock = link.parent / f".{link.name}.guardd.lock"
+    before = link.readlink()
+    # The other's lock is in place the instant the guard's file is gone: no tick between.
+    theirs = lab.tmp / "theirs.lock"
+    theirs.write_text("4242\n")
+    fd = os.open(theirs, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        theirs.replace(lock)
+        lost = wait_until(
+            lambda: next((x for x in log_lines(d) if x.get("event") == "switch_lock_lost"), None),
+            20,
+            "switch_lock_lost",
+        )
+        assert lost["level"] == "error"
+        assert f"another guardd (pid 4242) switches {link}: {lock} is locked" in lost["error"]
+        # An operator's switch is refused the same way, and undone before it began.
+        wait_until(lambda: status(lab)["upstreams"]["blue"]["samples"] >= 5, 20, "blue's window")
+        res = ctl(lab, "switch", "blue", "--reason", "by hand")
+        assert res.returncode == 1, res
+        assert "guardd lost its switch lock: another guardd (pid 4242)" in res.stderr + res.stdout
+        assert link.readlink() == before
+
+        lab.green.set_mode("http_503")
+        failed = d.wait_event("rollback_failed")
+        assert (
+            "failed at switch: guardd lost its switch lock: another guardd (pid 4242) switches"
+            in failed["reason"]
+        ), failed
+        d.wait_event("hold")
+        assert link.readlink() == before, "the link is untouched"
+        assert lab.nginx.served_color() is None, "green and its 503s, not switched"
+    finally:
+        os.close(fd)
+    wait_until(functools.partial(_taken_again, d, 1), 20, "the lock taken again once free")
+    assert lock.read_text().strip() == str(d.pid)
+    count = len(d.events())
+    assert ctl(lab, "resume").returncode == 0
+    d.wait_event("rollback_completed", after=count)
+    assert lab.nginx.wait_serving_only("blue", hold=0.3, timeout=20)
+    assert d.stop() == 0
