@@ -302,13 +302,18 @@ def _writable_dir(folder: Path, why: str) -> str | None:
 
 
 def not_switchable(target: Path, ends: Sequence[Path]) -> str | None:
-    """Why guardd cannot switch by rewriting `target`, a symlink itself, or None.
+    """Why guardd cannot switch by rewriting `target`, or None. One check for start,
+    reload and `check-config`.
 
-    An alias of the active link (`ends`: the colors' targets): a link to another symlink
-    that is none of them. Swapping it would change nothing nginx reads, and a guard of the
-    real link would not know of this one. Or, without `ends`, a state file reached through
-    a link: guardd replaces the state file itself. One check for start, reload and
-    `check-config`.
+    - An alias of the active link (`ends`: the colors' targets): a link to another symlink
+      that is none of them. Swapping it would change nothing nginx reads, and a guard of
+      the real link would not know of this one.
+    - Without `ends`, a state file reached through a link: guardd replaces the state file
+      itself.
+    - A target with more than one name (a hard link, `ln -P`): a switch replaces the name
+      guardd knows, and the others keep what it held before. A reader of another name
+      (nginx, the service) sees no switch while guardd says "switch: done", and a guard
+      of another name takes a lock of its own.
     """
     if not ends:
         if target.is_symlink():
@@ -316,13 +321,21 @@ def not_switchable(target: Path, ends: Sequence[Path]) -> str | None:
                 f"{target} is a symlink; guardd replaces the state file itself, never through "
                 "a link: set switch.path to the file"
             )
-        return None
-    if link_end(target, ends) == target:
-        return None
-    return (
-        f"{target} points at {target.readlink()}, itself a symlink and none of "
-        "switch.targets: set switch.active_link to the link nginx includes"
-    )
+    elif link_end(target, ends) != target:
+        return (
+            f"{target} points at {target.readlink()}, itself a symlink and none of "
+            "switch.targets: set switch.active_link to the link nginx includes"
+        )
+    try:
+        names = os.lstat(target).st_nlink
+    except OSError:
+        return None  # (a missing target is the callers' own problem to name)
+    if names > 1:
+        return (
+            f"{target} has {names} hard links; a switch replaces this name only, and the "
+            "others keep the old target: remove the other names"
+        )
+    return None
 
 
 def _active_link(link: Path, targets: Mapping[Color, Path] | None) -> str | None:
@@ -846,8 +859,11 @@ class SwitchConfig(_Section):
                     found.append(("active_link", why))
         elif self.kind == "state-file":
             executable("reload_command", self.reload_command)
-            folder = None if "path" in invalid or self.path is None else self.path.parent
-            if folder is not None and (why := _writable_dir(folder, "it is replaced there")):
+            path = None if "path" in invalid else self.path
+            if path is not None and (
+                why := _writable_dir(path.parent, "it is replaced there")
+                or not_switchable(path, [])
+            ):
                 found.append(("path", why))
         elif self.command and not _PLACEHOLDER.search(self.command[0]):
             # An executable named by {color} or {instance} is only known at switch time.

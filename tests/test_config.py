@@ -87,6 +87,14 @@ def host_layout(root: Path) -> Path:
     # An alias of the active link: swapping it changes nothing nginx reads.
     (ups / "alias_active.conf").symlink_to(ups / "threader_active.conf")
     (root / "deploy").mkdir()
+    # Targets with a second name (`ln -P`): a switch replaces one name, the other stays.
+    (ups / "linked_active.conf").symlink_to(ups / "threader_green.conf")
+    os.link(
+        ups / "linked_active.conf", root / "deploy" / "linked_active.conf", follow_symlinks=False
+    )
+    (root / "deploy" / "linked-state.json").write_text('{"activeColor": "blue"}')
+    os.link(root / "deploy" / "linked-state.json", root / "linked-state.json")
+    (root / "deploy" / "state-link.json").symlink_to(root / "deploy" / "linked-state.json")
     return root
 
 

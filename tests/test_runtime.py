@@ -346,6 +346,39 @@ async def test_an_alias_of_the_active_link_is_refused_at_start(tmp_path: Path) -
         await close(r)
 
 
+@pytest.mark.parametrize("kind", ["nginx", "state-file"])
+async def test_a_target_with_a_second_name_is_refused_at_start(tmp_path: Path, kind: str) -> None:
+    """A hard link to the active link or the state file (`ln -P`), in another folder: a
+    guard of either name would take a lock of its own, and its switches (a rename over its
+    name) leave the other name as it was. Refused at every start, host checks or not."""
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    if kind == "nginx":
+        s = _nginx(tmp_path, "app_active.conf")
+        target = tmp_path / "upstreams" / "app_active.conf"
+        target.symlink_to(target.with_name("app_blue.conf"))
+        key = "switch.active_link"
+    else:
+        s = _state_file(tmp_path, "active.json")
+        target, key = tmp_path / "active.json", "switch.path"
+    os.link(target, other / target.name, follow_symlinks=False)
+    sup = supervisor(tmp_path)
+    with pytest.raises(SwitchLockError) as refused:
+        sup.build_runtime(s)
+    assert str(refused.value) == (
+        f"{tmp_path / 'lab.toml'}: {key}: {target} has 2 hard links; a switch replaces this "
+        "name only, and the others keep the old target: remove the other names"
+    )
+    assert not sup._switch_locks
+    (other / target.name).unlink()
+    r = sup.build_runtime(s)
+    try:
+        assert list(sup._switch_locks) == [target]
+    finally:
+        sup._release_switch_locks(keep=None)
+        await close(r)
+
+
 async def test_a_state_file_reached_through_a_link_is_refused_at_start(tmp_path: Path) -> None:
     s = _state_file(tmp_path, "real.json")
     (tmp_path / "linked.json").symlink_to(tmp_path / "real.json")
