@@ -794,11 +794,21 @@ class SwitchConfig(_Section):
     """The front door: probed all the time, and after a switch until `verify_successes` pass."""
     verify_successes: Annotated[Count, Field(ge=1)] = 3
     """Passing fresh-connection answers in a row that verify a switch."""
+    verify_header: str | None = None
+    """A header of the front door's answers naming the color that answered (`blue` or
+    `green`): a switch verifies, and the front door agrees, only with that color's answers."""
 
     @field_validator("verify_url")
     @classmethod
     def _verify(cls, v: str | None) -> str | None:
         return None if v is None else _check_http_url(v)
+
+    @field_validator("verify_header")
+    @classmethod
+    def _verify_header(cls, v: str | None) -> str | None:
+        if v is not None and (why := httpfields.name_problem(v)):
+            raise ValueError(why)
+        return v
 
     @field_validator("timeout")
     @classmethod
@@ -836,6 +846,16 @@ class SwitchConfig(_Section):
         ]
         if self.kind == "nginx" and self.targets is not None and set(self.targets) != set(COLORS):
             found.append(("targets", "must name a file for both blue and green"))
+        if (
+            self.verify_header is not None
+            and self.verify_url is None
+            and not invalid
+            & {
+                "verify_header",
+                "verify_url",
+            }
+        ):
+            found.append(("verify_header", "needs verify_url: the front door it reads"))
         return found
 
     def _host_checks(self, invalid: frozenset[str]) -> Found:

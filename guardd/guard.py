@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,7 @@ from guardd.core.machine import (
 )
 from guardd.core.policy import PolicySpec
 from guardd.core.signals import Reading
-from guardd.core.types import COLORS, GUARDD, Color, Severity, State
+from guardd.core.types import COLORS, GUARDD, Color, Outcome, Severity, State
 from guardd.exceptions import (
     GuarddError,
     OperationRefused,
@@ -90,6 +90,8 @@ class GuardSettings:
     qos_window: float
     qos_max_error_ratio: float
     qos_min_health_ratio: float
+    #: `switch.verify_header`: the front door's header naming the color that answered.
+    verify_header: str | None = None
 
 
 @dataclass(slots=True)
@@ -1085,7 +1087,7 @@ class Guard:
             if switch:
                 await self._switch(target)
                 committed = True
-            await self._verify()
+            await self._verify(target)
         except TimeoutError:
             out.failure = SwitchError(
                 f"the switch did not finish within {2 * self.s.switch_timeout:g}s"
@@ -1132,29 +1134,44 @@ class Guard:
 
         The switch target names a color; without a front door that is all guardd knows.
         With one, its answer must agree with that color's own last probe (both pass or
-        both fail with an HTTP answer), or guardd cannot tell which color answered.
+        both fail with an HTTP answer), or guardd cannot tell which color answered. With
+        `switch.verify_header`, the color its answers name, whatever the target says.
         """
         named = self.active
-        if named is None or self.verifier is None:
+        if self.verifier is None or (named is None and self.s.verify_header is None):
             return named
         # Old nginx workers answer for a moment after a reload: only a streak of answers
-        # that agree with the named color's own probes, within the verify budget, tells.
-        streak = 0
+        # that agree, within the verify budget, tells.
+        streak, said = 0, None  # (said: the color the last answer named)
         with anyio.move_on_after(self.s.switch_timeout * VERIFY_SHARE):
             while True:
                 answer = await self.verifier.probe()
-                healthy = self.machine.healthy(named, self.clock.monotonic())
-                # A front door that gives no answer at all (a timeout, a refused
-                # connection: nginx stopped) agrees with no color, a failing one included.
-                agrees = healthy is not None and answer.ok == healthy and answer.status is not None
-                streak = streak + 1 if agrees else 0
-                if streak >= self.s.verify_successes:
-                    return named
+                if self.s.verify_header is not None:
+                    # The front door names the color that answered: that one is served,
+                    # whatever the target says and whether it passes or fails.
+                    now_said = next((c for c in COLORS if c == answer.served_by), None)
+                    streak = streak + 1 if now_said is not None and now_said == said else 1
+                    said = now_said
+                    if said is not None and streak >= self.s.verify_successes:
+                        return said
+                else:
+                    assert named is not None  # noqa: S101 - returned above when None
+                    healthy = self.machine.healthy(named, self.clock.monotonic())
+                    # A front door that gives no answer at all (a timeout, a refused
+                    # connection: nginx stopped) agrees with no color, a failing one
+                    # included.
+                    agrees = (
+                        healthy is not None and answer.ok == healthy and answer.status is not None
+                    )
+                    streak = streak + 1 if agrees else 0
+                    if streak >= self.s.verify_successes:
+                        return named
                 await anyio.sleep(0.05)
         return None
 
-    async def _verify(self) -> None:
-        """Confirm the front door serves: `verify_successes` passing answers in a row.
+    async def _verify(self, target: Color) -> None:
+        """Confirm the front door serves `target`: `verify_successes` passing answers in a
+        row (with `switch.verify_header`, answers that name `target` too).
 
         Raises `VerifyFailed` ("verify failed: 0/31 answers passed (3 in a row needed)
         within 5s, last: HTTP 503") when they do not come within the verify budget,
@@ -1167,7 +1184,7 @@ class Guard:
         last: ProbeResult | None = None
         with anyio.move_on_after(budget):
             while streak < self.s.verify_successes:
-                last = await self.verifier.probe()
+                last = self.front_door_answer(await self.verifier.probe(), target)
                 answers += 1
                 passed += last.ok
                 streak = streak + 1 if last.ok else 0
@@ -1183,6 +1200,23 @@ class Guard:
             passed=passed,
             status=None if last is None else last.status,
             error=None if last is None or last.ok else said,
+        )
+
+    def front_door_answer(self, answer: ProbeResult, color: Color | None) -> ProbeResult:
+        """The front door's `answer` judged as an answer of `color`'s (the switch target's
+        color; the daemon records and observes answers so judged): as it is, unless
+        `switch.verify_header` names another color (or none) for a passing one, which then
+        fails: nginx serves something else than the switch target says. Without the
+        header, the answers of two healthy colors look alike."""
+        header = self.s.verify_header
+        if header is None or color is None or not answer.ok or answer.served_by == color:
+            return answer
+        named = "no such header" if answer.served_by is None else repr(answer.served_by[:40])
+        # (Only `ok` and `error` of it are read: the machine's front door, a verification.)
+        return replace(
+            answer,
+            outcome=Outcome.HTTP_OTHER,
+            error=f"the answer is not {color}'s: {header}: {named}",
         )
 
     def switch_limit(self) -> float:

@@ -176,6 +176,7 @@ def guard_settings(settings: Settings) -> GuardSettings:
         switch_timeout=c.switch.timeout,
         verify_url=c.switch.verify_url,
         verify_successes=c.switch.verify_successes,
+        verify_header=c.switch.verify_header,
         lock_file=settings.lock_file,
         qos_window=c.qos.window,
         qos_max_error_ratio=c.qos.max_error_ratio,
@@ -233,6 +234,7 @@ def build_verifier(
         [c.switch.verify_url],
         replace(spec, headers={**spec.headers, "Connection": "close"}),
         transport=transport,
+        named_by=c.switch.verify_header,
     )
 
 
@@ -507,7 +509,9 @@ class Supervisor:
                     quorum=c.upstreams[color].quorum,
                     transport=self.probe_transport,
                 )
-        if previous is not None and kept(probe_spec, lambda g: g.switch.verify_url):
+        if previous is not None and kept(
+            probe_spec, lambda g: (g.switch.verify_url, g.switch.verify_header)
+        ):
             verifier = previous.verifier
         else:
             verifier = build_verifier(c, self.probe_transport)
@@ -1159,6 +1163,9 @@ class Supervisor:
             )
             if result is None:
                 continue
+            # An answer naming another color than the target's fails here (with
+            # switch.verify_header): nginx serves something else than guardd switched to.
+            result = guard.front_door_answer(result, guard.active)
             self._record("front_door", result.ok, result.error)
             if guard.observe_front_door(result):
                 self._wake.set()

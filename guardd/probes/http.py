@@ -71,6 +71,9 @@ class ProbeResult:
     latency_s: float
     error: str | None = None
     status: int | None = None
+    #: The value of the answer's `named_by` header (`HttpProber`), None when the prober
+    #: keeps none or the answer had none: which color answered, as the front door says.
+    served_by: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -141,11 +144,15 @@ class HttpProber:
         quorum: Quorum = "all",
         transport: httpx.AsyncBaseTransport | None = None,
         max_concurrency: int = 10,
+        named_by: str | None = None,
     ) -> None:
         if not urls:
             raise ValueError("a prober needs at least one URL")
         self.urls = list(urls)
         self.spec = spec
+        # The header whose value each answer's result keeps (`ProbeResult.served_by`), as
+        # the wire's headers are looked up: in lower case.
+        self.named_by = None if named_by is None else named_by.lower()
         self.quorum = quorum
         self._limit = anyio.CapacityLimiter(max(1, min(max_concurrency, len(self.urls))))
         # The operator's header names are sent as written; the two guardd sets are
@@ -219,7 +226,8 @@ class HttpProber:
                 # the deadline, so a dribbling 503 still reads as a 503. (From the scope's
                 # deadline: asking the clock again costs a look-up of the running loop.)
                 summary_by = scope.deadline - self.spec.timeout * 0.2
-                outcome, error, status = await self._exchange(url, summary_by)
+                outcome, error, status, named = await self._exchange(url, summary_by)
+                return ProbeResult(outcome, time.perf_counter() - started, error, status, named)
         except TimeoutError:
             outcome, error, status = _timed_out(self.spec)
         except wire.ProtocolError as e:
@@ -241,7 +249,8 @@ class HttpProber:
 
     async def _exchange(
         self, url: str, summary_by: float
-    ) -> tuple[Outcome, str | None, int | None]:
+    ) -> tuple[Outcome, str | None, int | None, str | None]:
+        """The judged answer to a GET of `url`, and the value of its `named_by` header."""
         # Redirects are followed here, each redirect's body unread: a client that follows
         # them itself (httpx) reads each one whole, without a bound.
         for _ in range(MAX_REDIRECTS + 1):
@@ -250,7 +259,8 @@ class HttpProber:
                 if self.spec.follow_redirects and location is not None:
                     url = location
                     continue
-                judged = await self._judge_answer(response, status, summary_by)
+                named = None if self.named_by is None else _header(response, self.named_by)
+                judged = (*await self._judge_answer(response, status, summary_by), named)
                 if self.spec.keepalive and isinstance(response, wire.Response):
                     kept = response.keep()
                     if kept is not None:
@@ -260,7 +270,7 @@ class HttpProber:
             finally:
                 if response is not None:
                     await response.aclose()
-        return Outcome.HTTP_OTHER, "too many redirects", None
+        return Outcome.HTTP_OTHER, "too many redirects", None, None
 
     async def _send(self, url: str) -> tuple[Any, int, str | None]:
         """The answer to a GET of `url`, its status and the redirect's absolute URL."""

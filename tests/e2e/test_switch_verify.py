@@ -254,3 +254,99 @@ def test_an_operators_rollback_that_fails_says_so_and_holds(make_lab: MakeLab, s
     assert lab.nginx.wait_serving_only("green", hold=0.5, timeout=20)
     assert status(lab)["state"] == "hold"
     assert d.stop() == 0
+
+
+# The lab's upstreams name themselves in `X-Color`, and nginx passes it on: the front door
+# then says which color answered (docs/contract.md, `switch.verify_header`).
+NAMED = {"switch__verify_header": "X-Color", **FAST}
+
+
+def promotable(lab: Lab) -> None:
+    wait_until(
+        lambda: status(lab)["upstreams"]["blue"]["consecutive_successes"] >= 5, 30, "blue's window"
+    )
+
+
+def test_a_switch_nginx_never_loads_is_undone_when_the_front_door_names_the_color(
+    make_lab: MakeLab,
+) -> None:
+    """Both colors healthy, a reload that does nothing: every answer through the front door
+    passes, and only its `X-Color` tells that green still answers. Undone, and said so."""
+    lab: Lab = make_lab(switch__reload_command=["true"], **NAMED)
+    d = lab.daemon()
+    promotable(lab)
+    count = len(d.events())
+    result = ctl(lab, "switch", "blue", "--reason", "release 7")
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert "switch to blue failed at verify and was undone" in said, said
+    assert "the answer is not blue's: X-Color: 'green'" in said, said
+    assert "green is served" in said, said
+    assert_undone_to_green(lab, d, after=count)
+    assert status(lab)["active"] == "green"
+    assert not [e for e in d.events()[count:] if e["event"] == "switch"]
+    assert d.stop() == 0
+
+
+def test_a_switch_nginx_loads_verifies_with_the_color_named(make_lab: MakeLab) -> None:
+    lab: Lab = make_lab(**NAMED)
+    d = lab.daemon()
+    promotable(lab)
+    result = ctl(lab, "switch", "blue", "--reason", "release 7")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
+    assert d.wait_event("switch")["to"] == "blue"
+    assert link_color(lab) == "blue"
+    assert d.stop() == 0
+
+
+def test_the_front_door_naming_another_color_is_a_mismatch_and_reapplied(
+    make_lab: MakeLab,
+) -> None:
+    """The link flipped by hand to blue, nginx not reloaded: both colors pass their probes
+    and the front door passes, but it names green. guardd says so and re-applies blue."""
+    lab: Lab = make_lab(**NAMED)
+    d = lab.daemon()
+    count = len(d.events())
+    lab.nginx.active_link.unlink()
+    lab.nginx.active_link.symlink_to(lab.nginx.targets["blue"])
+    d.wait_event("external_switch", after=count)
+    alert = d.wait_event(
+        "alert", after=count, where=lambda e: str(e.get("reason", "")).startswith("mismatch:")
+    )
+    assert (
+        "the front door fails (the answer is not blue's: X-Color: 'green') while the probes "
+        "of blue pass" in alert["reason"]
+    ), alert
+    d.wait_event("alert", after=count, where=lambda e: e.get("reapplied") is True)
+    assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
+    d.wait_event("alert", after=count, where=lambda e: "agree again" in e.get("reason", ""))
+    assert not [e for e in d.events()[count:] if e["event"] == "hold"]
+    assert d.stop() == 0
+
+
+def test_the_nginx_recipe_names_the_target_in_force(make_lab: MakeLab) -> None:
+    """The README's recipe, where the upstreams name no color: each color's file maps a
+    variable to its color, and the front door adds it as a header. A reload that does
+    nothing leaves green's file in force, and the header says so."""
+    lab: Lab = make_lab(
+        switch__reload_command=["true"], switch__verify_header="X-Served-Color", **FAST
+    )
+    for color, target in lab.nginx.targets.items():
+        with target.open("a") as f:
+            f.write(f"map $host $lab_served_color {{ default {color}; }}\n")
+    header = "add_header X-Served-Color $lab_served_color always;"
+    conf = lab.nginx.conf.read_text()
+    lab.nginx.conf.write_text(
+        conf.replace("proxy_next_upstream off;", f"proxy_next_upstream off;\n{header}")
+    )
+    lab.nginx.reload()  # (the lab's own reload: guardd's does nothing here)
+    d = lab.daemon()
+    promotable(lab)
+    count = len(d.events())
+    result = ctl(lab, "switch", "blue")
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert "the answer is not blue's: X-Served-Color: 'green'" in said, said
+    assert_undone_to_green(lab, d, after=count)
+    assert d.stop() == 0
