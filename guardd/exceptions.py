@@ -63,6 +63,11 @@ class SwitchError(GuarddError):
     step: str = "switch"
 
 
+class SwitchRefused(SwitchError):
+    """guardd may not change the switch target now (`Guard.may_switch`: it does not hold
+    the target's lock, or the target became one it never switches); nothing was changed."""
+
+
 class SwitchRejected(SwitchError):
     """The test command rejected the new target."""
 

@@ -36,6 +36,7 @@ from guardd.exceptions import (
     OperationRefused,
     StorageError,
     SwitchError,
+    SwitchRefused,
     UnsafePath,
     VerifyFailed,
 )
@@ -111,6 +112,11 @@ class SwitchOutcome:
             return f"{text}; the undo failed too: {self.undo_problem}"
         return text
 
+    @property
+    def untouched(self) -> bool:
+        """Whether the switch was refused before it changed anything (`SwitchRefused`)."""
+        return isinstance(self.failure, SwitchRefused)
+
     def serving_text(self) -> str:
         """Which color is served, in words."""
         return f"{self.serving} is served" if self.serving else "which color is served is unknown"
@@ -155,8 +161,10 @@ class Guard:
         self.notify = notify
         self.faults = faults or FaultPoints(None)
         #: Why this process may not change the switch target now, or None: it holds the
-        #: target's lock (`Supervisor.keep_switch_lock`). Asked before every switch.
+        #: target's lock (`Supervisor.keep_switch_lock`). Asked through `may_switch`.
         self.switch_refused: Callable[[], str | None] = lambda: None
+        #: Its answer when last asked: shown in status (`protection_lost`) while it stands.
+        self.cannot_switch: str | None = None
         self.lock = anyio.Lock()
         self.active: Color | None = None
         self.paused: dict[str, Any] | None = None
@@ -712,6 +720,8 @@ class Guard:
 
     def protection_lost(self) -> str | None:
         """Why no automatic rollback could go ahead now, or None (docs/contract.md §3)."""
+        if self.cannot_switch is not None:
+            return self.cannot_switch
         if self.active is None or any(
             w.last_probe_at is None for w in self.machine.windows.values()
         ):
@@ -902,7 +912,13 @@ class Guard:
                 )
             said = (
                 f"{kind} to {target} failed at {outcome.step}"
-                + (" and could not be undone" if outcome.undo_problem else " and was undone")
+                + (
+                    " (nothing was changed)"
+                    if outcome.untouched
+                    else " and could not be undone"
+                    if outcome.undo_problem
+                    else " and was undone"
+                )
                 + f": {outcome.why()}; {outcome.serving_text()}"
             )
             self.record(
@@ -996,7 +1012,13 @@ class Guard:
         `fleet`: the fleet's fields of the rollback (`generation`, `fleet_node`,
         `local_fallback`), journaled with `rollback_failed` as with its `rollback_started`.
         """
-        undone = "could not be undone" if outcome.undo_problem else "undone"
+        undone = (
+            "nothing was changed"
+            if outcome.untouched
+            else "could not be undone"
+            if outcome.undo_problem
+            else "undone"
+        )
         why = f"{outcome.step}: {outcome.why()}; {undone}, {outcome.serving_text()}"
         # Owed (`owe`) until state.json holds the hold: journaled first, a crash came back
         # to a rollback closed and no hold, and tried it again.
@@ -1108,12 +1130,18 @@ class Guard:
         out.serving = None if out.undo_problem else await self._serving()
         return out
 
+    def may_switch(self) -> str | None:
+        """Why guardd may not change the switch target now (asked afresh), or None. Asked
+        at every tick and before a switch, its undo and a re-apply: another guardd may
+        switch the target now, and a swap here could undo its swap."""
+        self.cannot_switch = self.switch_refused()
+        return self.cannot_switch
+
     async def _switch(self, target: Color) -> None:
-        """The switcher's switch to `target`, bounded by twice `switch.timeout`; a
-        `SwitchError` at once when this process may not switch (`switch_refused`)."""
-        if why := self.switch_refused():
-            # Another guardd may switch the target now: a swap here could undo its swap.
-            raise SwitchError(why)
+        """The switcher's switch to `target`, bounded by twice `switch.timeout`;
+        `SwitchRefused` at once when guardd may not switch (`may_switch`)."""
+        if why := self.may_switch():
+            raise SwitchRefused(why)
         with anyio.fail_after(2 * self.s.switch_timeout):
             await self.switcher.switch(target)
 
@@ -1121,6 +1149,8 @@ class Guard:
         """Put `previous` back in force after a switch that did not verify; why not, if not."""
         if previous is None:
             return "the color before the switch is unknown, so there is nothing to put back"
+        if why := self.may_switch():
+            return f"restoring {previous} refused: {why}"
         try:
             with anyio.fail_after(2 * self.s.switch_timeout):
                 await self.switcher.restore(previous)
@@ -1227,6 +1257,15 @@ class Guard:
     async def reapply(self, color: Color, reason: str) -> None:
         """Re-apply the switch target (test + reload) because of a front-door mismatch."""
         await self.faults.reach("before_reapply")
+        if why := self.may_switch():
+            self.record(
+                "alert",
+                source=color,
+                by=GUARDD,
+                reapplied=False,
+                reason=f"re-applying {color} refused: {why}",
+            )
+            return
         # Counted as a switch in flight, so the watchdog waits for it like for a switch.
         self.rolling_back, self.switch_started = True, self.clock.monotonic()
         try:

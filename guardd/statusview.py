@@ -192,6 +192,8 @@ def warnings(guard: Guard) -> list[str]:
     mismatch = guard.machine.mismatch
     if mismatch is not None:
         found.append(f"mismatch: {mismatch}")
+    if guard.cannot_switch is not None:
+        found.append(guard.cannot_switch)
     found += [
         f"signal {name} is stale: its rules are inconclusive" for name in stale_signals(guard)
     ]

@@ -35,7 +35,7 @@ from guardd.commands import RetryPolicy
 from guardd.config import GuardConfig, Settings, group_problem, not_switchable
 from guardd.core.cadence import last_point_by, next_round
 from guardd.core.machine import GuardMachine
-from guardd.core.types import COLORS, Color, Outcome
+from guardd.core.types import COLORS, GUARDD, Color, Outcome
 from guardd.exceptions import (
     AlreadyRunning,
     ConfigError,
@@ -279,6 +279,12 @@ def switch_target(c: GuardConfig) -> tuple[str, Path] | None:
     if c.switch.kind == "state-file" and c.switch.path is not None:
         return "switch.path", c.switch.path
     return None
+
+
+def switch_ends(c: GuardConfig) -> list[Path]:
+    """Where the chain of `switch_target(c)` ends: nginx's targets of the colors (the link
+    is followed through aliases to them, `fsutil.link_end`); none for a state file."""
+    return list((c.switch.targets or {}).values()) if c.switch.kind == "nginx" else []
 
 
 def build_switcher(settings: Settings, on_step: Callable[[str], Awaitable[None]]) -> Switcher:
@@ -566,7 +572,7 @@ class Supervisor:
         if target is None or target[1] in self._switch_locks:
             return
         key, path = target
-        ends = list((settings.config.switch.targets or {}).values())
+        ends = switch_ends(settings.config)
         if why := not_switchable(path, ends):
             # (Checked at every start, host checks or not: guardd would switch a file
             # nginx never reads, or refuse to write the state file at its first switch.)
@@ -597,48 +603,70 @@ class Supervisor:
 
     def keep_switch_lock(self) -> str | None:
         """None while this process holds the lock of the switch target in force (or there
-        is none); else why it may not switch that target. Asked at every tick and before
-        every switch (`Guard.switch_refused`).
+        is none); else why it may not switch that target now. Asked at every tick and
+        before every change of the target (`Guard.may_switch`): a switch, its undo, a
+        re-apply.
 
-        A lock whose file was removed or replaced (an `rm`, a cleaner of old files) locks
-        no file any more: a second guardd would take the new file at that path, and switch
-        beside this one. So the lock is taken again at once. When that fails (another
-        process took it first, a directory planted there), guardd does not switch until it
-        holds it again: a rollback then fails at its switch, and guardd holds.
+        The target and its lock are looked at afresh each time, as at start:
+        - A target that became unswitchable (an alias put in place of the link, a second
+          name linked to it, a state file replaced by a symlink) is refused while it is.
+        - A lock whose file was removed or replaced (an `rm`, a cleaner of old files), or
+          whose path now leads elsewhere (a folder on the way flipped to another, as a
+          `current` release link is), locks nothing a second guardd would look at: that
+          one would start beside this one. The lock is taken again at once, where the
+          target's is now. When that fails (another process took it first, something
+          planted there), guardd changes nothing until it holds it again: a rollback then
+          fails at its switch, and guardd holds.
+        Each new cause is logged (`switch_lock_lost`, an error) and journaled (an
+        `alert`), and an end to it too (`switch_lock_taken_again`).
         """
         target = switch_target(self.settings.config)
         held = self._switch_locks.get(target[1]) if target is not None else None
-        if held is None:
+        if target is None or held is None:
             return None  # (no target, or not locked yet: the start takes it)
-        with contextlib.suppress(OSError):
-            if os.path.samestat(os.lstat(held[0]), os.fstat(held[1])):
-                return None
-        assert target is not None  # noqa: S101 - held implies a target
         path = target[1]
+        ends = switch_ends(self.settings.config)
+        if why := not_switchable(path, ends):
+            return self._switch_lock_problem(path, why)
+        # Not an alias: the target's lock is beside the target itself (`switch_lock_path`).
+        with contextlib.suppress(OSError):
+            lock = path.with_name(f".{path.name}.guardd.lock")
+            if os.path.samestat(os.lstat(lock), os.fstat(held[1])):
+                return self._switch_lock_problem(path, None)
         try:
-            new = hold_switch_lock(path, list((self.settings.config.switch.targets or {}).values()))
+            new = hold_switch_lock(path, ends)
         except (AlreadyRunning, OSError, UnsafePath) as e:
             why = str(e) if isinstance(e, GuarddError) else f"{held[0]}: {_why(e)}"
-            if why != self._switch_lock_lost:
-                self.log.error(
-                    "switch_lock_lost",
-                    lock=str(held[0]),
-                    error=f"its file was removed or replaced, and it cannot be taken again: "
-                    f"{why}; guardd does not switch {path} until it holds it",
-                )
-            self._switch_lock_lost = why
-            return f"guardd lost its switch lock: {why}"
-        for spelling, lock in list(self._switch_locks.items()):
-            if lock == held:
+            return self._switch_lock_problem(path, f"its lock cannot be held: {why}")
+        for spelling, lock_held in list(self._switch_locks.items()):
+            if lock_held == held:
                 self._switch_locks[spelling] = new
-        os.close(held[1])  # (the file it locked is gone: nothing to remove)
+        # (Removed only if its path still leads to the file it locked: a lock moved away
+        # from a folder that stayed.)
+        release_switch_lock(*held)
         self.log.warning(
             "switch_lock_taken_again",
             lock=str(new[0]),
-            reason="its file was removed or replaced while guardd held it",
+            reason="its file was removed or replaced, or its path leads elsewhere now",
         )
-        self._switch_lock_lost = None
-        return None
+        return self._switch_lock_problem(path, None)
+
+    def _switch_lock_problem(self, path: Path, why: str | None) -> str | None:
+        """Note `why` guardd may not switch `path` (None: it may), saying so once per cause;
+        what `keep_switch_lock` returns."""
+        if why == self._switch_lock_lost:
+            return None if why is None else f"guardd does not switch {path} now: {why}"
+        was, self._switch_lock_lost = self._switch_lock_lost, why
+        guard = self.guard
+        if why is None:
+            reason = f"guardd may switch {path} again (it was: {was})"
+            self.log.info("switch_lock_held_again", target=str(path))
+        else:
+            reason = f"guardd does not switch {path} now: {why}; until it may, a rollback fails"
+            self.log.error("switch_lock_lost", target=str(path), error=why)
+        if guard is not None:
+            guard.record("alert", by=GUARDD, reason=reason[:900])
+        return None if why is None else f"guardd does not switch {path} now: {why}"
 
     def _release_switch_locks(self, keep: Settings | None) -> None:
         """Let go of every switch target's lock but the one `keep` names (all: None)."""
@@ -1310,8 +1338,9 @@ class Supervisor:
                 # (Set once the lock is held: taking it yields even when it is free, and
                 # the rounds' records then are this tick's.)
                 self._next_tick_by = math.inf
-                # (Taken again at once if its file went: before a second guardd takes it.)
-                self.keep_switch_lock()
+                # (The switch lock taken again at once if its file went: before a second
+                # guardd takes it.)
+                guard.may_switch()
                 await guard.tick()
             self.sd.status(guard.status_line())
             self._after_tick(period)

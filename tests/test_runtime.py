@@ -236,8 +236,8 @@ async def test_a_lock_whose_file_went_is_taken_again_or_refuses_the_switch(
         try:
             for _ in range(2):  # (asked again: still refused, the same words)
                 assert sup.keep_switch_lock() == (
-                    f"guardd lost its switch lock: another guardd (pid {os.getpid()}) "
-                    f"switches {target}: {lock} is locked"
+                    f"guardd does not switch {target} now: its lock cannot be held: another "
+                    f"guardd (pid {os.getpid()}) switches {target}: {lock} is locked"
                 )
         finally:
             os.close(theirs)
@@ -247,13 +247,122 @@ async def test_a_lock_whose_file_went_is_taken_again_or_refuses_the_switch(
         # A directory planted where it was: refused, nothing followed or written.
         lock.unlink()
         lock.mkdir()
-        assert sup.keep_switch_lock() == f"guardd lost its switch lock: {lock}: Is a directory"
+        assert sup.keep_switch_lock() == (
+            f"guardd does not switch {target} now: its lock cannot be held: {lock}: Is a directory"
+        )
         lock.rmdir()
         assert sup.keep_switch_lock() is None
     finally:
         sup._release_switch_locks(keep=None)
         await close(runtime)
     assert not lock.exists()
+
+
+def _nginx_at(tmp_path: Path, link: Path) -> Settings:
+    """BASE switching nginx through `link`, anywhere, the targets made in `upstreams/`."""
+    _nginx(tmp_path, "app_active.conf")  # (the targets)
+    ups = tmp_path / "upstreams"
+    text = BASE.replace(
+        'kind = "command"\ncommand = ["true"]',
+        f'kind = "nginx"\nactive_link = "{link}"\n'
+        f'targets = {{ blue = "{ups}/app_blue.conf", green = "{ups}/app_green.conf" }}',
+    )
+    return settings(tmp_path, text)
+
+
+def _relink(link: Path, to: Path) -> None:
+    """Point `link` at `to` atomically, as a deploy tool does (a rename over it)."""
+    new = link.with_name(f"{link.name}.new")
+    new.symlink_to(to)
+    new.replace(link)
+
+
+async def test_a_link_made_an_alias_under_a_running_guard_is_not_switched(
+    tmp_path: Path,
+) -> None:
+    """The link turned into an alias while guardd runs (and its lock file removed then):
+    refused as at start, no lock taken beside the alias; once it is the link again, the
+    lock is taken beside it, and a second guard of it is refused."""
+    ups = tmp_path / "upstreams"
+    s = _nginx(tmp_path, "app_active.conf")
+    link, lock = ups / "app_active.conf", ups / ".app_active.conf.guardd.lock"
+    link.symlink_to(ups / "app_green.conf")
+    sup = supervisor(tmp_path)
+    runtime = sup.build_runtime(s)
+    await sup.install(runtime)
+    try:
+        (ups / "mid.conf").symlink_to(ups / "app_green.conf")
+        _relink(link, ups / "mid.conf")
+        lock.unlink()
+        assert sup.keep_switch_lock() == (
+            f"guardd does not switch {link} now: {link} points at {ups / 'mid.conf'}, itself "
+            "a symlink and none of switch.targets: set switch.active_link to the link nginx "
+            "includes"
+        )
+        assert not (ups / ".mid.conf.guardd.lock").exists(), "no lock beside the alias"
+        _relink(link, ups / "app_green.conf")
+        assert sup.keep_switch_lock() is None
+        assert lock.read_text().strip() == str(os.getpid())
+        with pytest.raises(SwitchLockError, match="is locked"):
+            supervisor(tmp_path).build_runtime(s)
+    finally:
+        sup._release_switch_locks(keep=None)
+        await close(runtime)
+
+
+async def test_a_link_whose_folder_is_flipped_follows_its_lock(tmp_path: Path) -> None:
+    """active_link spelled through a folder link that a deploy flips to another folder
+    (`current` -> a release): the lock follows to the link now reached, refused while
+    another guard holds that one's."""
+    releases = [tmp_path / "rel1", tmp_path / "rel2"]
+    for folder in releases:
+        folder.mkdir()
+        (folder / "app_active.conf").symlink_to(tmp_path / "upstreams" / "app_green.conf")
+    current = tmp_path / "current"
+    current.symlink_to(releases[0])
+    sup = supervisor(tmp_path)
+    # Started on the release's own spelling, then reloaded onto `current`'s: the same
+    # link, so the same lock, held as it was.
+    first = sup.build_runtime(_nginx_at(tmp_path, releases[0] / "app_active.conf"))
+    await sup.install(first)
+    runtime = sup.build_runtime(_nginx_at(tmp_path, current / "app_active.conf"), first)
+    await sup.install(runtime)
+    link, lock = current / "app_active.conf", current / ".app_active.conf.guardd.lock"
+    try:
+        assert (releases[0] / lock.name).read_text().strip() == str(os.getpid())
+        _, theirs = hold_switch_lock(releases[1] / "app_active.conf")
+        try:
+            _relink(current, releases[1])
+            for _ in range(2):
+                assert sup.keep_switch_lock() == (
+                    f"guardd does not switch {link} now: its lock cannot be held: another "
+                    f"guardd (pid {os.getpid()}) switches {link}: {lock} is locked"
+                )
+        finally:
+            os.close(theirs)
+        assert sup.keep_switch_lock() is None
+        ((_, held),) = sup._switch_locks.values()
+        assert os.path.samestat((releases[1] / lock.name).stat(), os.fstat(held))
+    finally:
+        sup._release_switch_locks(keep=None)
+        await close(runtime)
+
+
+async def test_a_state_file_with_a_targets_table_is_checked_as_a_state_file(
+    tmp_path: Path,
+) -> None:
+    """`[switch.targets]` means nothing to `kind = "state-file"`: its path is checked as
+    a state file's, with the state file's words."""
+    _state_file(tmp_path, "real.json")
+    (tmp_path / "linked.json").symlink_to(tmp_path / "real.json")
+    text = (tmp_path / "lab.toml").read_text().replace("real.json", "linked.json")
+    text += f'[switch.targets]\nblue = "{tmp_path / "real.json"}"\ngreen = "{tmp_path}/x"\n'
+    with pytest.raises(SwitchLockError) as refused:
+        supervisor(tmp_path).build_runtime(settings(tmp_path, text))
+    assert str(refused.value) == (
+        f"{tmp_path / 'lab.toml'}: switch.path: {tmp_path / 'linked.json'} is a symlink; "
+        "guardd replaces the state file itself, never through a link: set switch.path to the file"
+    )
 
 
 @pytest.mark.parametrize("planted", ["directory", "symlink"])

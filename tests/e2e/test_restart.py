@@ -484,18 +484,28 @@ def test_a_guard_whose_switch_lock_another_took_does_not_switch(make_lab: MakeLa
         )
         assert lost["level"] == "error"
         assert f"another guardd (pid 4242) switches {link}: {lock} is locked" in lost["error"]
+        # Said where an operator looks, before any rollback fails on it.
+        refused = f"guardd does not switch {link} now: its lock cannot be held: "
+        alert = d.wait_event("alert", where=lambda e: e["reason"].startswith(refused))
+        assert "until it may, a rollback fails" in alert["reason"], alert
+        assert any(w.startswith(refused) for w in status(lab)["warnings"])
+        assert ctl(lab, "status").returncode == 1
         # An operator's switch is refused the same way, and undone before it began.
         wait_until(lambda: status(lab)["upstreams"]["blue"]["samples"] >= 5, 20, "blue's window")
         res = ctl(lab, "switch", "blue", "--reason", "by hand")
         assert res.returncode == 1, res
-        assert "guardd lost its switch lock: another guardd (pid 4242)" in res.stderr + res.stdout
+        said = res.stderr + res.stdout
+        assert (
+            f"switch to blue failed at switch (nothing was changed): guardd does not switch "
+            f"{link} now: its lock cannot be held: another guardd (pid 4242)" in said
+        ), said
         assert link.readlink() == before
 
         lab.green.set_mode("http_503")
         failed = d.wait_event("rollback_failed")
         assert (
-            "failed at switch: guardd lost its switch lock: another guardd (pid 4242) switches"
-            in failed["reason"]
+            f"failed at switch: guardd does not switch {link} now: its lock cannot be held: "
+            "another guardd (pid 4242) switches" in failed["reason"]
         ), failed
         d.wait_event("hold")
         assert link.readlink() == before, "the link is untouched"
@@ -504,6 +514,8 @@ def test_a_guard_whose_switch_lock_another_took_does_not_switch(make_lab: MakeLa
         os.close(fd)
     wait_until(functools.partial(_taken_again, d, 1), 20, "the lock taken again once free")
     assert lock.read_text().strip() == str(d.pid)
+    d.wait_event("alert", where=lambda e: e["reason"].startswith(f"guardd may switch {link} again"))
+    assert not any(w.startswith(refused) for w in status(lab)["warnings"])
     count = len(d.events())
     assert ctl(lab, "resume").returncode == 0
     d.wait_event("rollback_completed", after=count)

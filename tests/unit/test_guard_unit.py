@@ -724,3 +724,51 @@ async def test_a_switch_target_that_cannot_be_read_holds_and_never_ends_the_tick
         await rig.probe_round()
         back = [e for e in rig.events() if e["event"] == "external_switch"][-1]
         assert (back["from"], back["to"]) == (None, "green")
+
+
+async def test_a_guard_that_may_not_switch_changes_nothing_and_says_so(tmp_path: Path) -> None:
+    """While `may_switch` says no (the switch lock lost to another guardd, the target made
+    an alias), a rollback fails before its switch, the undo of a switch that did not
+    verify puts nothing back, a re-apply is not run, and status says why throughout."""
+    refusal: list[str | None] = [None]
+    async with build_guard(tmp_path, front_door=True) as rig:
+        assert rig.front_door is not None
+        rig.guard.switch_refused = lambda: refusal[0]
+        await rig.probe_rounds(WARM_UP)
+
+        # The undo: the switch went ahead, blue does not verify, and meanwhile the lock went.
+        rig.front_door.time_out()
+
+        async def lock_goes(step: str) -> None:
+            if step == "reloaded":
+                refusal[0] = "its lock cannot be held: another guardd (pid 7) switches it"
+
+        rig.switcher.on_step = lock_goes
+        rig.probers["green"].answer(503)
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+        (failed,) = rig.events("rollback_failed")
+        assert failed["step"] == "verify", failed
+        assert (
+            "the undo failed too: restoring green refused: its lock cannot be held: another "
+            "guardd (pid 7) switches it; could not be undone" in failed["reason"]
+        ), failed
+        assert rig.switcher.target.named == "blue", "the undo put nothing back"
+        restored = [s for s in rig.switcher.steps_taken if s.op == "restore"]
+        assert restored == [], restored
+
+        status = rig.guard.snapshot()
+        assert refusal[0] in status["warnings"], status["warnings"]
+        assert status["no_rollback_target"] == refusal[0]
+
+        # A re-apply, asked of a refusing guard: not run, and said.
+        taken = len(rig.switcher.steps_taken)
+        await rig.guard.reapply("blue", "test")
+        (alert,) = [e for e in rig.events("alert") if e.get("reapplied") is False]
+        assert alert["reason"] == f"re-applying blue refused: {refusal[0]}", alert
+        assert len(rig.switcher.steps_taken) == taken
+
+        # Allowed again: not shown any more.
+        said, refusal[0] = refusal[0], None
+        assert rig.guard.may_switch() is None
+        status = rig.guard.snapshot()
+        assert said not in status["warnings"] and status["no_rollback_target"] != said
