@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tomllib
 import types
 import typing
@@ -315,8 +316,12 @@ def not_switchable(target: Path, ends: Sequence[Path]) -> str | None:
       (nginx, the service) sees no switch while guardd says "switch: done", and a guard
       of another name takes a lock of its own.
     """
+    try:
+        st = os.lstat(target)
+    except OSError:
+        return None  # (a missing target is the callers' own problem to name)
     if not ends:
-        if target.is_symlink():
+        if stat.S_ISLNK(st.st_mode):
             return (
                 f"{target} is a symlink; guardd replaces the state file itself, never through "
                 "a link: set switch.path to the file"
@@ -326,13 +331,9 @@ def not_switchable(target: Path, ends: Sequence[Path]) -> str | None:
             f"{target} points at {target.readlink()}, itself a symlink and none of "
             "switch.targets: set switch.active_link to the link nginx includes"
         )
-    try:
-        names = os.lstat(target).st_nlink
-    except OSError:
-        return None  # (a missing target is the callers' own problem to name)
-    if names > 1:
+    if st.st_nlink > 1:
         return (
-            f"{target} has {names} hard links; a switch replaces this name only, and the "
+            f"{target} has {st.st_nlink} hard links; a switch replaces this name only, and the "
             "others keep the old target: remove the other names"
         )
     return None

@@ -630,8 +630,7 @@ class Supervisor:
             return self._switch_lock_problem(path, why)
         # Not an alias: the target's lock is beside the target itself (`switch_lock_path`).
         with contextlib.suppress(OSError):
-            lock = path.with_name(f".{path.name}.guardd.lock")
-            if os.path.samestat(os.lstat(lock), os.fstat(held[1])):
+            if os.path.samestat(os.lstat(self._lock_beside(path)), os.fstat(held[1])):
                 return self._switch_lock_problem(path, None)
         try:
             new = hold_switch_lock(path, ends)
@@ -650,6 +649,11 @@ class Supervisor:
             reason="its file was removed or replaced, or its path leads elsewhere now",
         )
         return self._switch_lock_problem(path, None)
+
+    @functools.cache  # noqa: B019 - a few paths a run, and the supervisor lives as long
+    def _lock_beside(self, path: Path) -> str:
+        """`switch_lock_path` of a target that is no alias, as a string: asked every tick."""
+        return os.fspath(path.with_name(f".{path.name}.guardd.lock"))
 
     def _switch_lock_problem(self, path: Path, why: str | None) -> str | None:
         """Note `why` guardd may not switch `path` (None: it may), saying so once per cause;
