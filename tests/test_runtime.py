@@ -348,21 +348,13 @@ async def test_a_link_whose_folder_is_flipped_follows_its_lock(tmp_path: Path) -
         await close(runtime)
 
 
-async def test_a_state_file_with_a_targets_table_is_checked_as_a_state_file(
-    tmp_path: Path,
-) -> None:
-    """`[switch.targets]` means nothing to `kind = "state-file"`: its path is checked as
-    a state file's, with the state file's words."""
-    _state_file(tmp_path, "real.json")
-    (tmp_path / "linked.json").symlink_to(tmp_path / "real.json")
-    text = (tmp_path / "lab.toml").read_text().replace("real.json", "linked.json")
-    text += f'[switch.targets]\nblue = "{tmp_path / "real.json"}"\ngreen = "{tmp_path}/x"\n'
+def _refused_at_start(tmp_path: Path, s: Settings) -> str:
+    """What a start with `s` is refused with (`SwitchLockError`); no lock is held after."""
+    sup = supervisor(tmp_path)
     with pytest.raises(SwitchLockError) as refused:
-        supervisor(tmp_path).build_runtime(settings(tmp_path, text))
-    assert str(refused.value) == (
-        f"{tmp_path / 'lab.toml'}: switch.path: {tmp_path / 'linked.json'} is a symlink; "
-        "guardd replaces the state file itself, never through a link: set switch.path to the file"
-    )
+        sup.build_runtime(s)
+    assert not sup._switch_locks
+    return str(refused.value)
 
 
 @pytest.mark.parametrize("planted", ["directory", "symlink"])
@@ -375,19 +367,16 @@ async def test_a_lock_that_cannot_be_taken_refuses_the_target(tmp_path: Path, pl
     else:
         (tmp_path / "victim").write_text("precious")
         lock.symlink_to(tmp_path / "victim")
-    sup = supervisor(tmp_path)
-    with pytest.raises(SwitchLockError) as refused:
-        sup.build_runtime(_state_file(tmp_path, "active.json"))
+    said = _refused_at_start(tmp_path, _state_file(tmp_path, "active.json"))
     why = (
         f"{lock}: Is a directory"
         if planted == "directory"
         else f"{lock}: is a symlink; refusing to follow it"
     )
-    assert str(refused.value) == (
+    assert said == (
         f"{tmp_path / 'lab.toml'}: switch.path: cannot take the lock beside it: {why}; guardd "
         "switches it only while it holds that lock"
     )
-    assert not sup._switch_locks
     if planted == "symlink":
         assert (tmp_path / "victim").read_text() == "precious"
 
@@ -433,15 +422,12 @@ async def test_an_alias_of_the_active_link_is_refused_at_start(tmp_path: Path) -
     s = _nginx(tmp_path, "alias.conf")
     (ups / "app_active.conf").symlink_to(ups / "app_blue.conf")
     (ups / "alias.conf").symlink_to(ups / "app_active.conf")
-    sup = supervisor(tmp_path)
-    with pytest.raises(SwitchLockError) as refused:
-        sup.build_runtime(s)
-    assert str(refused.value) == (
+    assert _refused_at_start(tmp_path, s) == (
         f"{tmp_path / 'lab.toml'}: switch.active_link: {ups / 'alias.conf'} points at "
         f"{ups / 'app_active.conf'}, itself a symlink and none of switch.targets: set "
         "switch.active_link to the link nginx includes"
     )
-    assert not sup._switch_locks
+    sup = supervisor(tmp_path)
     # The link itself, pointing at a target that is a symlink (a deploy tree): switched.
     (ups / "app_blue.conf").unlink()
     (ups / "app_blue.conf").symlink_to(ups / "app_green.conf")
@@ -471,15 +457,12 @@ async def test_a_target_with_a_second_name_is_refused_at_start(tmp_path: Path, k
         s = _state_file(tmp_path, "active.json")
         target, key = tmp_path / "active.json", "switch.path"
     os.link(target, other / target.name, follow_symlinks=False)
-    sup = supervisor(tmp_path)
-    with pytest.raises(SwitchLockError) as refused:
-        sup.build_runtime(s)
-    assert str(refused.value) == (
+    assert _refused_at_start(tmp_path, s) == (
         f"{tmp_path / 'lab.toml'}: {key}: {target} has 2 hard links; a switch replaces this "
         "name only, and the others keep the old target: remove the other names"
     )
-    assert not sup._switch_locks
     (other / target.name).unlink()
+    sup = supervisor(tmp_path)
     r = sup.build_runtime(s)
     try:
         assert list(sup._switch_locks) == [target]
@@ -488,14 +471,18 @@ async def test_a_target_with_a_second_name_is_refused_at_start(tmp_path: Path, k
         await close(r)
 
 
-async def test_a_state_file_reached_through_a_link_is_refused_at_start(tmp_path: Path) -> None:
-    s = _state_file(tmp_path, "real.json")
+@pytest.mark.parametrize("targets", [False, True], ids=["plain", "with-a-targets-table"])
+async def test_a_state_file_reached_through_a_link_is_refused_at_start(
+    tmp_path: Path, targets: bool
+) -> None:
+    """Refused with the state file's words, a `[switch.targets]` table (which means
+    nothing to `kind = "state-file"`) or not."""
+    _state_file(tmp_path, "real.json")
     (tmp_path / "linked.json").symlink_to(tmp_path / "real.json")
-    s = settings(tmp_path, (tmp_path / "lab.toml").read_text().replace("real.json", "linked.json"))
-    sup = supervisor(tmp_path)
-    with pytest.raises(SwitchLockError) as refused:
-        sup.build_runtime(s)
-    assert str(refused.value) == (
+    text = (tmp_path / "lab.toml").read_text().replace("real.json", "linked.json")
+    if targets:
+        text += f'[switch.targets]\nblue = "{tmp_path / "real.json"}"\ngreen = "{tmp_path}/x"\n'
+    assert _refused_at_start(tmp_path, settings(tmp_path, text)) == (
         f"{tmp_path / 'lab.toml'}: switch.path: {tmp_path / 'linked.json'} is a symlink; "
         "guardd replaces the state file itself, never through a link: set switch.path to the file"
     )
