@@ -115,6 +115,9 @@ class ActingGuard:
     def status_line(self) -> str:
         return "acting"
 
+    def may_switch(self) -> str | None:
+        return None
+
 
 async def test_a_record_made_while_a_tick_acts_does_not_wait_for_it(tmp_path: Path) -> None:
     """A tick that switches and verifies takes seconds: the rounds probed meanwhile (and

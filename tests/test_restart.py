@@ -268,6 +268,8 @@ GUARD_NOT_KEPT = {
     "log": "an adapter",
     "notify": "an adapter",
     "faults": "test hooks",
+    "switch_refused": "a hook to the supervisor's switch lock, which a start takes afresh",
+    "cannot_switch": "whether the switch lock is held, asked again at every tick",
     "lock": "a mutex",
     "active": "read from the switch target at start, as before every decision",
     "rolling_back": "a switch in flight is an open rollback_started (row: switch in flight)",
