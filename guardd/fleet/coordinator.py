@@ -1450,6 +1450,10 @@ class Fleet:
         test = getattr(guard.switcher, "test_target", None)
         if target not in COLORS:
             answer = {"ok": False, "why": f"unknown color {target!r}"}
+        elif refused := guard.may_switch():
+            # nginx's test swaps the link for a moment: a change of the target, which a
+            # node that does not hold the target's lock must not make.
+            answer = {"ok": False, "why": refused[:300]}
         elif test is not None:
             try:
                 await test(target)

@@ -3,8 +3,10 @@ of the same blue and green upstreams, coordinated through a real 3-member etcd c
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
+import os
 import re
 import shlex
 import signal
@@ -206,6 +208,38 @@ def test_a_node_whose_nginx_rejects_the_target_refuses_the_promote_fleet_wide(
     for d in fleet.daemons:
         done = d.wait_event("promote", timeout=60)
         assert done["generation"] == 1 and done["to"] == "green"
+
+
+def test_a_node_that_may_not_switch_its_link_refuses_the_prepare_untouched(
+    make_fleet: MakeFleet,
+) -> None:
+    """Another process took node 1's switch lock: node 1 answers the fleet's prepare with
+    why, and never tests the target (nginx's test swaps the link for a moment)."""
+    fleet = make_fleet(active="blue")
+    fleet.start()
+    link = fleet.labs[1].nginx.active_link
+    lock = link.parent / f".{link.name}.guardd.lock"
+    theirs = fleet.tmp / "theirs.lock"
+    theirs.write_text("4242\n")
+    fd = os.open(theirs, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        theirs.replace(lock)  # (in place the instant the node's file is gone)
+        refused = f"guardd does not switch {link} now: its lock cannot be held: "
+        wait_until(
+            lambda: any(w.startswith(refused) for w in status_of(fleet.labs[1])["warnings"]),
+            20,
+            "node 1's warning",
+        )
+        before = fleet.daemons[1].log()
+        code, said = promote(fleet.labs[0])
+        assert code == 1, said
+        assert "not every node is ready" in said and f"n1: {refused}" in said, said
+        assert "nginx_switch_undone" not in fleet.daemons[1].log()[len(before) :]
+    finally:
+        os.close(fd)
+    for lab in fleet.labs:
+        assert lab.nginx.wait_serving_only("blue", hold=0.3)
 
 
 def status_of(lab: Lab) -> dict[str, Any]:
