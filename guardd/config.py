@@ -329,7 +329,8 @@ def not_switchable(target: Path, ends: Sequence[Path]) -> str | None:
     elif link_end(target, ends) != target:
         return (
             f"{target} points at {target.readlink()}, itself a symlink and none of "
-            "switch.targets: set switch.active_link to the link nginx includes"
+            "switch.targets: point it straight at one of them, or set switch.active_link to "
+            "the link nginx includes"
         )
     if st.st_nlink > 1:
         return (

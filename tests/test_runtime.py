@@ -296,8 +296,8 @@ async def test_a_link_made_an_alias_under_a_running_guard_is_not_switched(
         lock.unlink()
         assert sup.keep_switch_lock() == (
             f"guardd does not switch {link} now: {link} points at {ups / 'mid.conf'}, itself "
-            "a symlink and none of switch.targets: set switch.active_link to the link nginx "
-            "includes"
+            "a symlink and none of switch.targets: point it straight at one of them, or set "
+            "switch.active_link to the link nginx includes"
         )
         assert not (ups / ".mid.conf.guardd.lock").exists(), "no lock beside the alias"
         _relink(link, ups / "app_green.conf")
@@ -424,8 +424,8 @@ async def test_an_alias_of_the_active_link_is_refused_at_start(tmp_path: Path) -
     (ups / "alias.conf").symlink_to(ups / "app_active.conf")
     assert _refused_at_start(tmp_path, s) == (
         f"{tmp_path / 'lab.toml'}: switch.active_link: {ups / 'alias.conf'} points at "
-        f"{ups / 'app_active.conf'}, itself a symlink and none of switch.targets: set "
-        "switch.active_link to the link nginx includes"
+        f"{ups / 'app_active.conf'}, itself a symlink and none of switch.targets: point it "
+        "straight at one of them, or set switch.active_link to the link nginx includes"
     )
     sup = supervisor(tmp_path)
     # The link itself, pointing at a target that is a symlink (a deploy tree): switched.
