@@ -1179,7 +1179,7 @@ class Guard:
                 if self.s.verify_header is not None:
                     # The front door names the color that answered: that one is served,
                     # whatever the target says and whether it passes or fails.
-                    now_said = next((c for c in COLORS if c == answer.served_by), None)
+                    now_said = _named(answer)
                     streak = streak + 1 if now_said is not None and now_said == said else 1
                     said = now_said
                     if said is not None and streak >= self.s.verify_successes:
@@ -1239,7 +1239,7 @@ class Guard:
         fails: nginx serves something else than the switch target says. Without the
         header, the answers of two healthy colors look alike."""
         header = self.s.verify_header
-        if header is None or color is None or not answer.ok or answer.served_by == color:
+        if header is None or color is None or not answer.ok or _named(answer) == color:
             return answer
         named = "no such header" if answer.served_by is None else repr(answer.served_by[:40])
         # (Only `ok` and `error` of it are read: the machine's front door, a verification.)
@@ -1341,6 +1341,15 @@ _STANDING_BY: dict[str, str] = {
     "paused": "guardd is paused",
     "dry_run": "guardd is in dry run (policy.dry_run)",
 }
+
+
+def _named(answer: ProbeResult) -> Color | None:
+    """The color the front door's `answer` names in `switch.verify_header`, or None: none,
+    another word, or two colors. Case and spaces aside; a header sent on several lines
+    (joined by ", ") names a color only if every line names it (the application's own and
+    one nginx adds)."""
+    said = {part.strip().lower() for part in (answer.served_by or "").split(",")}
+    return next((c for c in COLORS if said == {c}), None)
 
 
 def _standstill_cause(reason: str) -> str:

@@ -241,6 +241,18 @@ def _request_bytes(
     return (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
 
 
+def _fields(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    """An answer's header fields by lower-case name. A name sent on several lines is one
+    field, its values joined by ", " in order (RFC 9110 §5.3), as httpx gives it: never
+    only the last line, which would let one value hide another (a `Content-Encoding`
+    applied twice, two colors named in `switch.verify_header`)."""
+    fields: dict[str, str] = {}
+    for k, v in headers:
+        name, value = k.decode("latin-1").lower(), v.decode("latin-1")
+        fields[name] = f"{fields[name]}, {value}" if name in fields else value
+    return fields
+
+
 @functools.lru_cache(maxsize=256)
 def _request(request_target: str, headers: tuple[tuple[str, str], ...]) -> h11.Request | None:
     """The request event, built once per URL and headers: h11 checks every header as it
@@ -289,10 +301,7 @@ async def _exchange(
             if isinstance(event, h11.InformationalResponse):
                 continue
             if isinstance(event, h11.Response):
-                fields = {
-                    k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers
-                }
-                return Response(stream, conn, event.status_code, fields)
+                return Response(stream, conn, event.status_code, _fields(event.headers))
             _not_an_answer(event)
     except h11.RemoteProtocolError as e:
         await stream.aclose()

@@ -350,3 +350,49 @@ def test_the_nginx_recipe_names_the_target_in_force(make_lab: MakeLab) -> None:
     assert "the answer is not blue's: X-Served-Color: 'green'" in said, said
     assert_undone_to_green(lab, d, after=count)
     assert d.stop() == 0
+
+
+def test_an_answer_naming_two_colors_verifies_neither(make_lab: MakeLab) -> None:
+    """The application names itself in `X-Color` and nginx adds the file in force's color
+    on a second `X-Color` line. Crossed (blue's file proxies to green's application), the
+    answer names both: it verifies nothing, whichever line comes last. Mended, both lines
+    name blue, and the switch verifies."""
+    lab: Lab = make_lab(**NAMED)
+    targets = lab.nginx.targets
+    files = {c: p.read_text() for c, p in targets.items()}
+
+    def lay_out(blue_port: int) -> None:
+        for color, target in targets.items():
+            text = (
+                files[color]
+                if color == "green"
+                else files[color].replace(str(lab.blue.port), str(blue_port))
+            )
+            target.write_text(f"{text}map $host $lab_served_color {{ default {color}; }}\n")
+
+    lay_out(lab.green.port)  # a bad edit: blue's file proxies to green's application
+    header = "add_header X-Color $lab_served_color always;"
+    conf = lab.nginx.conf.read_text()
+    lab.nginx.conf.write_text(
+        conf.replace("proxy_next_upstream off;", f"proxy_next_upstream off;\n{header}")
+    )
+    lab.nginx.reload()
+    d = lab.daemon()
+    promotable(lab)
+    count = len(d.events())
+    result = ctl(lab, "switch", "blue")
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert "the answer is not blue's: X-Color: 'green, blue'" in said, said
+    # (The lab's own look at what nginx serves reads one X-Color: the journal tells.)
+    assert link_color(lab) == "green"
+    alert = d.wait_event("alert", after=count, where=lambda e: e.get("step") is not None)
+    assert_failed_verify(alert, serving="green")  # (both lines: green, green)
+
+    lay_out(lab.blue.port)
+    lab.nginx.reload()
+    result = ctl(lab, "switch", "blue")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert d.wait_event("switch", after=count)["to"] == "blue"
+    assert link_color(lab) == "blue"
+    assert d.stop() == 0

@@ -16,7 +16,9 @@ import pytest
 import trustme
 
 from guardd.core.types import Outcome
-from guardd.probes.http import HttpProber, ProbeSpec
+from guardd.guard import _named
+from guardd.probes import wire
+from guardd.probes.http import HttpProber, ProbeResult, ProbeSpec
 from tests.faults.test_hostile import MEMORY_BOUND, SLACK, TIMEOUT, probe_once, server_tls
 from tests.harness.hostile import HUGE_BYTES, Hostile
 
@@ -137,3 +139,29 @@ async def test_an_ipv6_literal_is_probed() -> None:
         server.join(timeout=10)
     assert got is Outcome.OK, error
     assert heard and f"\r\nHost: [::1]:{port}\r\n".encode() in heard[0], heard
+
+
+def test_a_field_sent_on_several_lines_is_one_field_its_values_in_order() -> None:
+    """RFC 9110 §5.3, as httpx gives it: never only the last line, which would let one
+    value hide another (two colors named in `switch.verify_header`)."""
+    lines = [(b"X-Color", b"green"), (b"Content-Type", b"text/plain"), (b"x-color", b"blue")]
+    assert wire._fields(lines) == {"x-color": "green, blue", "content-type": "text/plain"}
+
+
+@pytest.mark.parametrize(
+    ("value", "color"),
+    [
+        ("blue", "blue"),
+        (" Blue ", "blue"),
+        ("GREEN", "green"),
+        ("blue, blue", "blue"),
+        ("green, blue", None),
+        ("", None),
+        (None, None),
+        ("bleu", None),
+        ("blue;q=1", None),
+    ],
+)
+def test_the_color_an_answer_names(value: str | None, color: str | None) -> None:
+    answer = ProbeResult(Outcome.OK, 0.01, served_by=value)
+    assert _named(answer) == color
