@@ -267,20 +267,28 @@ def promotable(lab: Lab) -> None:
     )
 
 
+def switch_to_blue_refused(lab: Lab, why: str, *argv: str) -> tuple[Daemon, int, str]:
+    """Start guardd and switch to blue once blue may be: refused, `why` in what it says.
+    The daemon, the journal's length before the switch, and what the command said."""
+    d = lab.daemon()
+    promotable(lab)
+    count = len(d.events())
+    result = ctl(lab, "switch", "blue", *argv)
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert why in said, said
+    return d, count, said
+
+
 def test_a_switch_nginx_never_loads_is_undone_when_the_front_door_names_the_color(
     make_lab: MakeLab,
 ) -> None:
     """Both colors healthy, a reload that does nothing: every answer through the front door
     passes, and only its `X-Color` tells that green still answers. Undone, and said so."""
     lab: Lab = make_lab(switch__reload_command=["true"], **NAMED)
-    d = lab.daemon()
-    promotable(lab)
-    count = len(d.events())
-    result = ctl(lab, "switch", "blue", "--reason", "release 7")
-    said = result.stdout + result.stderr
-    assert result.returncode == 1, said
+    why = "the answer is not blue's: X-Color: 'green'"
+    d, count, said = switch_to_blue_refused(lab, why, "--reason", "release 7")
     assert "switch to blue failed at verify and was undone" in said, said
-    assert "the answer is not blue's: X-Color: 'green'" in said, said
     assert "green is served" in said, said
     assert_undone_to_green(lab, d, after=count)
     assert status(lab)["active"] == "green"
@@ -325,6 +333,23 @@ def test_the_front_door_naming_another_color_is_a_mismatch_and_reapplied(
     assert d.stop() == 0
 
 
+def name_the_file_in_force(lab: Lab, header: str, blue_port: int | None = None) -> None:
+    """The README's recipe: each color's file maps `$lab_served_color` to its color, and
+    the front door adds it as `header`; nginx reloaded (by the lab: guardd's may not).
+    `blue_port`: where blue's file proxies (a bad edit), instead of blue's application."""
+    for color, target in lab.nginx.targets.items():
+        text = lab.nginx.write_target(color).read_text()
+        if color == "blue" and blue_port is not None:
+            text = text.replace(str(lab.blue.port), str(blue_port))
+        target.write_text(f"{text}map $host $lab_served_color {{ default {color}; }}\n")
+    conf = lab.nginx.conf.read_text()
+    if header not in conf:
+        added = f"add_header {header} $lab_served_color always;"
+        conf = conf.replace("proxy_next_upstream off;", f"proxy_next_upstream off;\n{added}")
+        lab.nginx.conf.write_text(conf)
+    lab.nginx.reload()
+
+
 def test_the_nginx_recipe_names_the_target_in_force(make_lab: MakeLab) -> None:
     """The README's recipe, where the upstreams name no color: each color's file maps a
     variable to its color, and the front door adds it as a header. A reload that does
@@ -332,22 +357,8 @@ def test_the_nginx_recipe_names_the_target_in_force(make_lab: MakeLab) -> None:
     lab: Lab = make_lab(
         switch__reload_command=["true"], switch__verify_header="X-Served-Color", **FAST
     )
-    for color, target in lab.nginx.targets.items():
-        with target.open("a") as f:
-            f.write(f"map $host $lab_served_color {{ default {color}; }}\n")
-    header = "add_header X-Served-Color $lab_served_color always;"
-    conf = lab.nginx.conf.read_text()
-    lab.nginx.conf.write_text(
-        conf.replace("proxy_next_upstream off;", f"proxy_next_upstream off;\n{header}")
-    )
-    lab.nginx.reload()  # (the lab's own reload: guardd's does nothing here)
-    d = lab.daemon()
-    promotable(lab)
-    count = len(d.events())
-    result = ctl(lab, "switch", "blue")
-    said = result.stdout + result.stderr
-    assert result.returncode == 1, said
-    assert "the answer is not blue's: X-Served-Color: 'green'" in said, said
+    name_the_file_in_force(lab, "X-Served-Color")
+    d, count, _ = switch_to_blue_refused(lab, "the answer is not blue's: X-Served-Color: 'green'")
     assert_undone_to_green(lab, d, after=count)
     assert d.stop() == 0
 
@@ -358,39 +369,15 @@ def test_an_answer_naming_two_colors_verifies_neither(make_lab: MakeLab) -> None
     answer names both: it verifies nothing, whichever line comes last. Mended, both lines
     name blue, and the switch verifies."""
     lab: Lab = make_lab(**NAMED)
-    targets = lab.nginx.targets
-    files = {c: p.read_text() for c, p in targets.items()}
-
-    def lay_out(blue_port: int) -> None:
-        for color, target in targets.items():
-            text = (
-                files[color]
-                if color == "green"
-                else files[color].replace(str(lab.blue.port), str(blue_port))
-            )
-            target.write_text(f"{text}map $host $lab_served_color {{ default {color}; }}\n")
-
-    lay_out(lab.green.port)  # a bad edit: blue's file proxies to green's application
-    header = "add_header X-Color $lab_served_color always;"
-    conf = lab.nginx.conf.read_text()
-    lab.nginx.conf.write_text(
-        conf.replace("proxy_next_upstream off;", f"proxy_next_upstream off;\n{header}")
-    )
-    lab.nginx.reload()
-    d = lab.daemon()
-    promotable(lab)
-    count = len(d.events())
-    result = ctl(lab, "switch", "blue")
-    said = result.stdout + result.stderr
-    assert result.returncode == 1, said
-    assert "the answer is not blue's: X-Color: 'green, blue'" in said, said
+    # A bad edit: blue's file proxies to green's application.
+    name_the_file_in_force(lab, "X-Color", blue_port=lab.green.port)
+    d, count, _ = switch_to_blue_refused(lab, "the answer is not blue's: X-Color: 'green, blue'")
     # (The lab's own look at what nginx serves reads one X-Color: the journal tells.)
     assert link_color(lab) == "green"
     alert = d.wait_event("alert", after=count, where=lambda e: e.get("step") is not None)
     assert_failed_verify(alert, serving="green")  # (both lines: green, green)
 
-    lay_out(lab.blue.port)
-    lab.nginx.reload()
+    name_the_file_in_force(lab, "X-Color")
     result = ctl(lab, "switch", "blue")
     assert result.returncode == 0, result.stdout + result.stderr
     assert d.wait_event("switch", after=count)["to"] == "blue"
