@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import stat
 from collections.abc import Callable, Collection
@@ -151,12 +152,17 @@ def link_end(target: Path, ends: Collection[Path] = ()) -> Path:
     return target if path == os.fspath(target) else Path(path)
 
 
+@functools.lru_cache(maxsize=16)  # (asked at every decision tick, of one or two paths)
+def lock_beside(link: Path) -> Path:
+    """The lock file of `link`, the end of a switch target's chain: `.<name>.guardd.lock`
+    beside it (an nginx include of `*.conf` never reads it)."""
+    return link.with_name(f".{link.name}.guardd.lock")
+
+
 def switch_lock_path(target: Path, ends: Collection[Path] = ()) -> Path:
-    """The lock of a switch target: `.<name>.guardd.lock` beside `link_end(target, ends)`
-    (an nginx include of `*.conf` never reads it), so that every alias of one link shares
-    its lock."""
-    path = link_end(target, ends)
-    return path.with_name(f".{path.name}.guardd.lock")
+    """The lock of a switch target: `lock_beside(link_end(target, ends))`, so that every
+    alias of one link shares its lock."""
+    return lock_beside(link_end(target, ends))
 
 
 def hold_switch_lock(target: Path, ends: Collection[Path] = ()) -> tuple[Path, int]:

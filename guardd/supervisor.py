@@ -48,8 +48,8 @@ from guardd.faults import FaultPoints
 from guardd.fsutil import (
     hold_instance_lock,
     hold_switch_lock,
+    lock_beside,
     release_switch_lock,
-    switch_lock_path,
 )
 from guardd.guard import Guard, GuardSettings
 from guardd.journal import Journal
@@ -577,7 +577,7 @@ class Supervisor:
             # (Checked at every start, host checks or not: guardd would switch a file
             # nginx never reads, or refuse to write the state file at its first switch.)
             raise SwitchLockError(str(ConfigProblem(str(settings.source), key, why)))
-        lock = switch_lock_path(path, ends)
+        lock = lock_beside(path)  # (not an alias: the target is its own chain's end)
         with contextlib.suppress(OSError):
             st = os.lstat(lock)
             for held in self._switch_locks.values():
@@ -630,7 +630,7 @@ class Supervisor:
             return self._switch_lock_problem(path, why)
         # Not an alias: the target's lock is beside the target itself (`switch_lock_path`).
         with contextlib.suppress(OSError):
-            if os.path.samestat(os.lstat(self._lock_beside(path)), os.fstat(held[1])):
+            if os.path.samestat(os.lstat(lock_beside(path)), os.fstat(held[1])):
                 return self._switch_lock_problem(path, None)
         try:
             new = hold_switch_lock(path, ends)
@@ -649,11 +649,6 @@ class Supervisor:
             reason="its file was removed or replaced, or its path leads elsewhere now",
         )
         return self._switch_lock_problem(path, None)
-
-    @functools.cache  # noqa: B019 - a few paths a run, and the supervisor lives as long
-    def _lock_beside(self, path: Path) -> str:
-        """`switch_lock_path` of a target that is no alias, as a string: asked every tick."""
-        return os.fspath(path.with_name(f".{path.name}.guardd.lock"))
 
     def _switch_lock_problem(self, path: Path, why: str | None) -> str | None:
         """Note `why` guardd may not switch `path` (None: it may), saying so once per cause;
