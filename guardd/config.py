@@ -848,15 +848,8 @@ class SwitchConfig(_Section):
         ]
         if self.kind == "nginx" and self.targets is not None and set(self.targets) != set(COLORS):
             found.append(("targets", "must name a file for both blue and green"))
-        if (
-            self.verify_header is not None
-            and self.verify_url is None
-            and not invalid
-            & {
-                "verify_header",
-                "verify_url",
-            }
-        ):
+        header_alone = self.verify_header is not None and self.verify_url is None
+        if header_alone and not invalid & {"verify_header", "verify_url"}:
             found.append(("verify_header", "needs verify_url: the front door it reads"))
         return found
 

@@ -653,19 +653,19 @@ class Supervisor:
     def _switch_lock_problem(self, path: Path, why: str | None) -> str | None:
         """Note `why` guardd may not switch `path` (None: it may), saying so once per cause;
         what `keep_switch_lock` returns."""
+        refusal = None if why is None else f"guardd does not switch {path} now: {why}"
         if why == self._switch_lock_lost:
-            return None if why is None else f"guardd does not switch {path} now: {why}"
+            return refusal
         was, self._switch_lock_lost = self._switch_lock_lost, why
-        guard = self.guard
-        if why is None:
+        if refusal is None:
             reason = f"guardd may switch {path} again (it was: {was})"
             self.log.info("switch_lock_held_again", target=str(path))
         else:
-            reason = f"guardd does not switch {path} now: {why}; until it may, a rollback fails"
+            reason = f"{refusal}; until it may, a rollback fails"
             self.log.error("switch_lock_lost", target=str(path), error=why)
-        if guard is not None:
-            guard.record("alert", by=GUARDD, reason=reason[:900])
-        return None if why is None else f"guardd does not switch {path} now: {why}"
+        if self.guard is not None:
+            self.guard.record("alert", by=GUARDD, reason=reason[:900])
+        return refusal
 
     def _release_switch_locks(self, keep: Settings | None) -> None:
         """Let go of every switch target's lock but the one `keep` names (all: None)."""
