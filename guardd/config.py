@@ -45,6 +45,7 @@ from guardd.core.policy import PolicySpec, spec_rules
 from guardd.core.rules import BUILTIN_NAMES, OPS, Rule
 from guardd.core.signals import KIND_STATS, PROBE
 from guardd.core.types import COLORS, Color
+from guardd.core.window import MAX_SAMPLES
 from guardd.durations import NUMBER as _NUMBER
 from guardd.durations import format_duration, parse_duration
 from guardd.exceptions import ConfigError, ConfigProblem
@@ -104,6 +105,10 @@ PositiveDuration = Annotated[Duration, Field(gt=0)]
 #: daemon, or a replay's ticks over a week at that cadence, would never keep up.
 ProbeCadence = Annotated[Duration, Field(ge=0.01)]
 Ratio = Annotated[float, Field(ge=0, le=1)]
+#: Probes counted in a window or in a row: at most what a probe window keeps. More in a
+#: window, and the rules reading it could never conclude (a policy silently without its
+#: ratio and latency rules); a streak that long (27 minutes at 10 probes a second) is no P0.
+ProbeCount = Annotated[Count, Field(ge=1, le=MAX_SAMPLES)]
 
 
 # Whether validation also looks at the host: files, links, executables (`check-config`
@@ -456,12 +461,13 @@ class PolicyConfig(_Section):
 
     rollback_to: Literal["blue", "green", "previous"] = "previous"
     """Where automatic rollbacks go: blue, green, or previous (the standby color)."""
-    consecutive_failures: Annotated[Count, Field(ge=1)] = 3
-    """P0: the active color fails this many probes in a row."""
+    consecutive_failures: ProbeCount = 3
+    """P0: the active color fails this many probes in a row (at most 16384)."""
     window: PositiveDuration = 60.0
     """The sliding window for ratios and latency."""
-    min_samples: Annotated[Count, Field(ge=1)] = 5
-    """Ratio and latency rules need this many samples in the window."""
+    min_samples: ProbeCount = 5
+    """Ratio and latency rules need this many samples in the window (at most 16384, the
+    probes a window keeps)."""
     p0_error_ratio: Annotated[float, Field(gt=0, le=1)] = 0.50
     """P0: failed-probe ratio of the active color over the window."""
     p1_error_ratio: Annotated[float, Field(gt=0, le=1)] = 0.10
@@ -476,8 +482,9 @@ class PolicyConfig(_Section):
     """P2 (alert only): window p95 latency."""
     latency_regression: Annotated[float, Field(ge=0)] = 0.0
     """When > 0, P1 once the active p95 exceeds this many times the standby's p95."""
-    promote_successes: Annotated[Count, Field(ge=1)] = 5
-    """`guardctl promote` needs this many passing probes in a row of the standby."""
+    promote_successes: ProbeCount = 5
+    """`guardctl promote` needs this many passing probes in a row of the standby (at most
+    16384)."""
     max_rollbacks: Annotated[Count, Field(ge=0)] = 3
     """The rollback budget: automatic rollbacks allowed within `budget_window`."""
     budget_window: PositiveDuration = 3600.0
@@ -1340,6 +1347,9 @@ class GuardConfig(BaseModel):
                 found.append((f"{i}.stat", f"{kind} signals yield {', '.join(sorted(stats))}"))
             if kind == "prometheus" and (rule.min_samples or 0) > 1:
                 why = "a prometheus signal gives one sample (its query's value) at most"
+                found.append((f"{i}.min_samples", why))
+            if kind == PROBE and (rule.min_samples or 0) > MAX_SAMPLES:
+                why = f"a probe window keeps {MAX_SAMPLES} probes: the rule could never conclude"
                 found.append((f"{i}.min_samples", why))
         if found:
             raise _validation_error("rules", [], found)

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from guardd import config, durations
+from guardd.core.types import Outcome
+from guardd.core.window import MAX_SAMPLES, SlidingWindow
 from guardd.exceptions import ConfigError
 from tests.harness.daemon import nobody_prefix
 from tests.harness.paths import shared_tmp_dir
@@ -430,6 +432,32 @@ def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.config.probe.interval == 0.25
     assert settings.config.policy.dry_run is True
     assert settings.config.policy.window == 60.0  # untouched keys stay from the file
+
+
+def test_counts_of_probes_stop_at_what_a_window_keeps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A count of probes beyond a window's capacity is refused, from the file
+    (`testdata/invalid-probe-counts-huge`, `invalid-min-samples-beyond-window`) or from a
+    variable, which has no 64-bit limit; the capacity itself is accepted and reachable."""
+    monkeypatch.setenv("GUARDD_POLICY__CONSECUTIVE_FAILURES", str(10**30))
+    with pytest.raises(ConfigError) as info:
+        config.load(EXAMPLE)
+    assert [str(p) for p in info.value.problems] == [
+        "env GUARDD_POLICY__CONSECUTIVE_FAILURES: policy.consecutive_failures: must be <= 16384"
+    ]
+    for key in ("CONSECUTIVE_FAILURES", "PROMOTE_SUCCESSES", "MIN_SAMPLES"):
+        monkeypatch.setenv(f"GUARDD_POLICY__{key}", str(MAX_SAMPLES))
+    monkeypatch.setenv("GUARDD_PROBE__INTERVAL", "10ms")
+    monkeypatch.setenv("GUARDD_PROBE__FAST_INTERVAL", "10ms")
+    monkeypatch.setenv("GUARDD_POLICY__WINDOW", "3m")
+    monkeypatch.setenv("GUARDD_QOS__WINDOW", "3m")
+    policy = config.load(EXAMPLE).config.policy
+    assert policy.min_samples == policy.consecutive_failures == MAX_SAMPLES
+    window = SlidingWindow(policy.window)
+    for i in range(MAX_SAMPLES + 10):
+        window.add(i * 0.01, Outcome.HTTP_5XX, 0.001)
+    assert window.stats(MAX_SAMPLES * 0.01).samples == policy.min_samples
 
 
 def test_bad_env_override_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -44,6 +44,11 @@ def _bucket_value(index: int) -> float:
     return float(_MIN_MS * _RATIO ** (index + 0.5))
 
 
+#: The most probes a window keeps, its oldest forgotten first: at 10 probes a second, 27
+#: minutes of them. A count of probes a rule needs in a window is bounded by it in the
+#: config (`guardd.config.ProbeCount`), or the rule could never conclude.
+MAX_SAMPLES: Final = 16_384
+
 #: The bucket of each latency (s) met lately: recorded latencies are rounded to the
 #: microsecond, so a replay meets the same ones again and again. Starts over once full.
 _BUCKET_OF: dict[float, int] = {}
@@ -212,7 +217,7 @@ class SlidingWindow:
         "span",
     )
 
-    def __init__(self, span: float, max_samples: int = 16_384) -> None:
+    def __init__(self, span: float, max_samples: int = MAX_SAMPLES) -> None:
         self.span = span
         self.max_samples = max_samples
         self._items: deque[tuple[float, int, int]] = deque()
