@@ -73,12 +73,33 @@ def open_nofollow(path: Path, flags: int, mode: int = _DEFAULT_MODE) -> int:
 
 
 def _holder(read: Callable[[], bytes]) -> str:
-    """` (pid N)` from what the lock's holder wrote, or nothing if it says no pid."""
+    """Who holds a lock, from the pid its holder wrote (`read`): `another guardd (pid N)`
+    only when pid N runs guardd now. The pid is a hint: a holder that could not write its
+    own (a full disk) leaves the last one there, and the lock may be anyone's (`flock`)."""
     try:
-        holder = read()[:32].decode("ascii", "replace").strip()
+        text = read()[:32].decode("ascii", "replace").strip()
     except (OSError, UnsafePath):
-        holder = ""
-    return f" (pid {holder})" if holder.isdigit() else ""
+        text = ""
+    if not text.isdigit():
+        return "another process (a guardd?)"
+    if _runs_guardd(int(text)):
+        return f"another guardd (pid {text})"
+    return f"another process (the pid its file names, {text}, runs no guardd)"
+
+
+def _runs_guardd(pid: int) -> bool:
+    """Whether process `pid` runs guardd: this one (the lock taken through another open,
+    as a reload onto the same target does), or one an argument of whose command line
+    names guardd (`/usr/bin/guardd`, `python -m guardd`), not merely a file in a `guardd`
+    folder."""
+    if pid == os.getpid():
+        return True
+    try:
+        with Path(f"/proc/{pid}/cmdline").open("rb") as f:
+            argv = f.read(64 * 1024).decode(errors="replace").split("\0")
+    except OSError:
+        return False  # no such process (any more), or not ours to look at
+    return any(Path(arg).name.startswith("guardd") for arg in argv)
 
 
 def _write_pid(fd: int) -> None:
@@ -106,9 +127,9 @@ def hold_instance_lock(directory: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        pid = _holder(lambda: read_bytes(pid_file))
+        who = _holder(lambda: read_bytes(pid_file))
         raise AlreadyRunning(
-            f"another guardd{pid} runs with this state directory: {directory} is locked"
+            f"{who} runs with this state directory: {directory} is locked"
         ) from None
     except BaseException:
         os.close(fd)
@@ -219,9 +240,8 @@ def _lock_file(path: Path, target: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        pid = _holder(lambda: os.pread(fd, 32, 0))
+        who = _holder(lambda: os.pread(fd, 32, 0))
         os.close(fd)
-        who = f"another guardd{pid}" if pid else "another process (a guardd?)"
         raise AlreadyRunning(f"{who} switches {target}: {path} is locked") from None
     except BaseException:
         os.close(fd)

@@ -16,6 +16,7 @@ import pytest
 from guardd.exceptions import AlreadyRunning, StorageError, UnsafePath
 from guardd.fsutil import (
     atomic_write,
+    hold_instance_lock,
     hold_switch_lock,
     open_nofollow,
     read_bytes,
@@ -210,15 +211,21 @@ def _held_elsewhere(target: Path) -> contextlib.AbstractContextManager[subproces
     """Another process holding `target`'s switch lock while the block runs."""
     return _holding(
         "import sys; from pathlib import Path; from guardd.fsutil import hold_switch_lock; "
-        f"hold_switch_lock(Path({str(target)!r})); print('held', flush=True); sys.stdin.read()"
+        f"hold_switch_lock(Path({str(target)!r})); print('held', flush=True); sys.stdin.read()",
+        # Its command line names guardd, as a daemon's does (`python -m guardd run`).
+        argv=("guardd",),
     )
 
 
 @contextlib.contextmanager
-def _holding(code: str) -> Iterator[subprocess.Popen[str]]:
-    """Run `code` in another process, from when it prints `held` until the block ends."""
+def _holding(code: str, argv: tuple[str, ...] = ()) -> Iterator[subprocess.Popen[str]]:
+    """Run `code` in another process (`argv` its arguments), from when it prints `held`
+    until the block ends."""
     with subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", code, *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     ) as proc:
         assert proc.stdin is not None and proc.stdout is not None
         assert proc.stdout.readline() == "held\n"
@@ -306,6 +313,51 @@ def test_a_lock_held_by_a_process_that_wrote_no_pid_says_so(tmp_path: Path) -> N
         assert str(refused.value) == (
             f"another process (a guardd?) switches {target}: {lock} is locked"
         )
+
+
+def _reaped_pid() -> int:
+    """The pid of a process that ran, ended and was reaped."""
+    with subprocess.Popen(["true"]) as proc:
+        proc.wait(timeout=30)
+    return proc.pid
+
+
+@pytest.mark.parametrize("named", ["a pid that ended", "a process that is no guardd"])
+def test_a_lock_whose_file_names_no_running_guardd_never_blames_one(
+    tmp_path: Path, named: str
+) -> None:
+    """The pid in a lock file is a hint: a holder that could not write its own (a full
+    disk; `flock` from a shell) leaves an earlier one. Only a pid that runs guardd now is
+    called another guardd, for the switch lock and the state directory's alike."""
+    with contextlib.ExitStack() as stack:
+        if named == "a pid that ended":
+            pid = _reaped_pid()
+        else:
+            other = stack.enter_context(subprocess.Popen(["sleep", "600"]))
+            stack.callback(other.kill)
+            pid = other.pid
+        target = tmp_path / "active.json"
+        target.write_text("{}")
+        lock = tmp_path / ".active.json.guardd.lock"
+        lock.write_text(f"{pid}\n")
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / "guardd.pid").write_text(f"{pid}\n")
+        who = f"another process (the pid its file names, {pid}, runs no guardd)"
+        with _holding(
+            "import fcntl, os, sys; "
+            f"fd = os.open({str(lock)!r}, os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+            f"dfd = os.open({str(state)!r}, os.O_RDONLY); fcntl.flock(dfd, fcntl.LOCK_EX); "
+            "print('held', flush=True); sys.stdin.read()"
+        ):
+            with pytest.raises(AlreadyRunning) as refused:
+                hold_switch_lock(target)
+            assert str(refused.value) == f"{who} switches {target}: {lock} is locked"
+            with pytest.raises(AlreadyRunning) as refused:
+                hold_instance_lock(state)
+            assert str(refused.value) == (
+                f"{who} runs with this state directory: {state} is locked"
+            )
 
 
 def test_a_hard_link_planted_at_the_switch_lock_is_not_written(tmp_path: Path) -> None:

@@ -472,7 +472,8 @@ def test_a_guard_whose_switch_lock_another_took_does_not_switch(make_lab: MakeLa
     before = link.readlink()
     # The other's lock is in place the instant the guard's file is gone: no tick between.
     theirs = lab.tmp / "theirs.lock"
-    theirs.write_text("4242\n")
+    theirs.write_text("4242\n")  # (a pid of no guardd: the holder is this test)
+    who = "another process (the pid its file names, 4242, runs no guardd)"
     fd = os.open(theirs, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -483,7 +484,7 @@ def test_a_guard_whose_switch_lock_another_took_does_not_switch(make_lab: MakeLa
             "switch_lock_lost",
         )
         assert lost["level"] == "error"
-        assert f"another guardd (pid 4242) switches {link}: {lock} is locked" in lost["error"]
+        assert f"{who} switches {link}: {lock} is locked" in lost["error"]
         # Said where an operator looks, before any rollback fails on it.
         refused = f"guardd does not switch {link} now: its lock cannot be held: "
         alert = d.wait_event("alert", where=lambda e: e["reason"].startswith(refused))
@@ -497,7 +498,7 @@ def test_a_guard_whose_switch_lock_another_took_does_not_switch(make_lab: MakeLa
         said = res.stderr + res.stdout
         assert (
             f"switch to blue failed at switch (nothing was changed): guardd does not switch "
-            f"{link} now: its lock cannot be held: another guardd (pid 4242)" in said
+            f"{link} now: its lock cannot be held: {who}" in said
         ), said
         assert link.readlink() == before
 
@@ -505,7 +506,7 @@ def test_a_guard_whose_switch_lock_another_took_does_not_switch(make_lab: MakeLa
         failed = d.wait_event("rollback_failed")
         assert (
             f"failed at switch: guardd does not switch {link} now: its lock cannot be held: "
-            "another guardd (pid 4242) switches" in failed["reason"]
+            f"{who} switches" in failed["reason"]
         ), failed
         d.wait_event("hold")
         assert link.readlink() == before, "the link is untouched"
