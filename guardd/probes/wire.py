@@ -245,12 +245,21 @@ def _fields(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
     """An answer's header fields by lower-case name. A name sent on several lines is one
     field, its values joined by ", " in order (RFC 9110 §5.3), as httpx gives it: never
     only the last line, which would let one value hide another (a `Content-Encoding`
-    applied twice, two colors named in `switch.verify_header`)."""
+    applied twice, two colors named in `switch.verify_header`). A value is read as UTF-8
+    when it is that (what servers send today, and what a message quoting it shows), else
+    as Latin-1, which reads any bytes (RFC 9110 §5.5)."""
     fields: dict[str, str] = {}
     for k, v in headers:
-        name, value = k.decode("latin-1").lower(), v.decode("latin-1")
+        name, value = k.decode("latin-1").lower(), _text(v)
         fields[name] = f"{fields[name]}, {value}" if name in fields else value
     return fields
+
+
+def _text(value: bytes) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 @functools.lru_cache(maxsize=256)

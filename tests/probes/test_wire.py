@@ -148,6 +148,13 @@ def test_a_field_sent_on_several_lines_is_one_field_its_values_in_order() -> Non
     assert wire._fields(lines) == {"x-color": "green, blue", "content-type": "text/plain"}
 
 
+def test_a_value_is_read_as_utf_8_when_it_is_that_else_as_latin_1() -> None:
+    """What a mismatch's message quotes is what the server sent: `grün`, never `grÃ¼n`;
+    bytes that are no UTF-8 still read, one character each."""
+    lines = [(b"X-Color", "grün".encode()), (b"X-Other", b"gr\xfcn \xff\x80")]
+    assert wire._fields(lines) == {"x-color": "grün", "x-other": "grün ÿ\x80"}
+
+
 @pytest.mark.parametrize(
     ("value", "color"),
     [
