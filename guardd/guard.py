@@ -181,6 +181,8 @@ class Guard:
         self.budget = RollbackBudget()
         # Ticks in a row that read a switch target naming neither color (`_adopt_external_switch`).
         self._unnamed_reads = 0
+        # Why the switch target could not be read at the last look; None once it was.
+        self.target_unreadable: str | None = None
         #: An operator's switch or promote under way, as it will be journaled (`move_traffic`).
         self.moving: dict[str, Any] | None = None
         self._onsets = onsets.OnsetStamps()
@@ -437,8 +439,8 @@ class Guard:
         self._read_signals(now)
         decision = self.machine.decide(
             # Positional, in the fields' order (now, active, qos_locked, paused,
-            # rollbacks_in_budget, rolling_back, front_door_watched, readings): cheaper
-            # than keywords, once a tick.
+            # rollbacks_in_budget, rolling_back, front_door_watched, readings,
+            # target_unreadable): cheaper than keywords, once a tick.
             Facts(
                 now,
                 self.active,
@@ -448,6 +450,7 @@ class Guard:
                 self.rolling_back,
                 self.verifier is not None,
                 self.readings,
+                self.target_unreadable,
             )
         )
         # Stamped as decided: acting (a switch and its verification) may take seconds, and
@@ -736,9 +739,12 @@ class Guard:
         tick: guardd then holds, as for a target named neither color.
         """
         try:
-            return await self.switcher.read_active(), None
+            color = await self.switcher.read_active()
         except (OSError, GuarddError) as e:
-            return None, str(e)
+            self.target_unreadable = str(e)
+            return None, self.target_unreadable
+        self.target_unreadable = None
+        return color, None
 
     async def _adopt_external_switch(self) -> None:
         if self.rolling_back:

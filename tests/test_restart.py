@@ -283,6 +283,8 @@ GUARD_NOT_KEPT = {
     "qos": "checked attribute by attribute below",
     "budget": "checked attribute by attribute below",
     "_onsets": "the wall stamps of the onsets in state.json, made again from the rule table",
+    "target_unreadable": "why the switch target could not be read: read again before every "
+    "decision",
     "_unnamed_reads": "switch-target reads in a row that named no color: read again; a start "
     "that finds none named holds at once",
 }

@@ -42,6 +42,9 @@ class Facts:
     front_door_watched: bool = False
     # The readings of the signals other than `probe`, by signal name and color.
     readings: Mapping[str, Mapping[Color, Reading]] = field(default_factory=dict)
+    # Why the switch target names no color when it could not even be read (a symlink put
+    # in place of a state file, a file made unreadable); None when it was read.
+    target_unreadable: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -651,7 +654,12 @@ class GuardMachine:
         if not f.qos_locked:
             self.rolled_away_from = None
         if f.active is None:
-            hold = Hold("the switch target names neither blue nor green", sticky=False)
+            why = (
+                "the switch target names neither blue nor green"
+                if f.target_unreadable is None
+                else f"the switch target cannot be read ({f.target_unreadable})"
+            )
+            hold = Hold(why, sticky=False)
             return Decision(State.HOLD, None, self._enter_hold(hold))
         if any(w.last_probe_at is None for w in self.windows.values()):
             # A color judged afresh (traffic moved to it, its probe URLs reloaded) has no

@@ -217,6 +217,33 @@ def test_a_switch_target_changed_by_hand_to_no_color_holds_and_locks(
     assert d.stop() == 0
 
 
+def test_a_state_file_replaced_by_a_symlink_holds_and_says_why(make_lab: MakeLab) -> None:
+    """A deploy tool swaps a symlink in for the state file (to a copy naming green): guardd
+    never follows it, and the hold an operator is paged with names the link, not "names
+    neither color"; a file again, it is adopted and the hold ends."""
+    lab = make_lab()
+    state = lab.tmp / "deploy-state.json"
+    state.write_text('{"activeColor": "green"}\n')
+    lab.write_config(switch__kind="state-file", switch__path=str(state))
+    d = lab.daemon()
+    count = len(d.events())
+    copy, swap = lab.tmp / "copy.json", lab.tmp / "swap.json"
+    copy.write_text('{"activeColor": "green"}\n')
+    swap.symlink_to(copy)
+    swap.rename(state)  # (at once, as `ln -sfn` would have it)
+    held = d.wait_event("hold", after=count)
+    why = f"the switch target cannot be read ({state}: is a symlink; refusing to follow it)"
+    assert held["reason"] == why
+    doc = json.loads(guardctl("--config", str(lab.config_path), "status", "--json").stdout)
+    assert (doc["active"], doc["state"], doc["hold_reason"]) == (None, "hold", why), doc
+    count = len(d.events())
+    state.unlink()
+    state.write_text('{"activeColor": "green"}\n')
+    back = d.wait_event("external_switch", after=count)
+    assert (back["from"], back["to"]) == (None, "green")
+    assert d.stop() == 0
+
+
 def _hold_locked(lab: Lab) -> bool:
     lock = qoslock.read_lock(lab.lock_file)
     return lock.held and (lock.reason or "").startswith("guardd holds: ")

@@ -720,6 +720,10 @@ async def test_a_switch_target_that_cannot_be_read_holds_and_never_ends_the_tick
             f"the switch target cannot be read ({error}); guardd holds until it names blue or green"
         )
         assert rig.guard.active is None and rig.guard.state is State.HOLD
+        # The hold says why too: the page an operator reads first, never "names neither".
+        [held] = rig.events("hold")
+        assert held["reason"] == f"the switch target cannot be read ({error})"
+        assert rig.guard.snapshot()["hold_reason"] == held["reason"]
         monkeypatch.setattr(rig.switcher, "read_active", read)
         await rig.probe_round()
         back = [e for e in rig.events() if e["event"] == "external_switch"][-1]
