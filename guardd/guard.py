@@ -1264,13 +1264,9 @@ class Guard:
         """Re-apply the switch target (test + reload) because of a front-door mismatch."""
         await self.faults.reach("before_reapply")
         if why := self.may_switch():
-            self.record(
-                "alert",
-                source=color,
-                by=GUARDD,
-                reapplied=False,
-                reason=f"re-applying {color} refused: {why}",
-            )
+            said = f"re-applying {color} refused: {why}"
+            self.machine.reapply_failed(said)
+            self.record("alert", source=color, by=GUARDD, reapplied=False, reason=said)
             return
         # Counted as a switch in flight, so the watchdog waits for it like for a switch.
         self.rolling_back, self.switch_started = True, self.clock.monotonic()
@@ -1279,14 +1275,9 @@ class Guard:
                 await self.switcher.reapply()
         except (SwitchError, TimeoutError, OSError, GuarddError) as e:
             step = e.step if isinstance(e, SwitchError) else "switch"
-            self.record(
-                "alert",
-                source=color,
-                by=GUARDD,
-                step=step,
-                reapplied=False,
-                reason=f"re-applying {color} failed at {step}: {_why(e)}",
-            )
+            said = f"re-applying {color} failed at {step}: {_why(e)}"
+            self.machine.reapply_failed(said)
+            self.record("alert", source=color, by=GUARDD, step=step, reapplied=False, reason=said)
             return
         finally:
             self.rolling_back = False

@@ -142,6 +142,14 @@ async def mismatch_reapplied(g: Guard, clock: FakeClock) -> None:
     assert isinstance(g.switcher, FakeSwitcher) and g.switcher.reapplied == 1
 
 
+async def mismatch_reapply_failed(g: Guard, clock: FakeClock) -> None:
+    # The same, but `nginx -t` refused the re-apply: the hold to come must say so.
+    assert isinstance(g.switcher, FakeSwitcher)
+    g.switcher.fail("tested", op="reapply")
+    await steps(g, clock, [(OK, OK, OK)] + [(OK, OK, DOWN)] * 3)
+    assert (g.machine.memory().reapply_failed or "").startswith("re-applying green failed at ")
+
+
 @dataclass(frozen=True)
 class Row:
     """One state to restart in, the pieces of state.json (or journal) it exercises, and
@@ -174,6 +182,13 @@ ROWS = [
         "front-door mismatch, re-applied once",
         frozenset({"mismatch", "mismatch_color"}),
         mismatch_reapplied,
+        [(OK, OK, DOWN)] * 5,
+        front_door=True,
+    ),
+    Row(
+        "front-door mismatch whose re-apply failed",
+        frozenset({"reapply_failed"}),
+        mismatch_reapply_failed,
         [(OK, OK, DOWN)] * 5,
         front_door=True,
     ),
@@ -243,7 +258,7 @@ MACHINE_NOT_KEPT = {
 }
 MACHINE_KEPT = {
     "hold", "rolled_away_from", "_edges", "seen_healthy", "mismatch", "_mismatch_color",
-    "baselines",
+    "_reapply_failed", "baselines",
 }  # fmt: skip
 GUARD_NOT_KEPT = {
     "signals": "adapters, built from the configuration",

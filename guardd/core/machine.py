@@ -207,6 +207,8 @@ class Memory:
     # restart it is held for, not re-applied again.
     mismatch: str | None = None
     mismatch_color: Color | None = None
+    # Why its re-apply did not run or failed (`GuardMachine.reapply_failed`); None if it ran.
+    reapply_failed: str | None = None
     # Per signal and color, the statistics of the color traffic last left, over its last
     # window: what `above_baseline` rules compare with (docs/contract.md §2).
     baselines: Mapping[str, Mapping[Color, Mapping[str, float | None]]] = field(
@@ -231,6 +233,7 @@ class Memory:
             "seen_healthy": dict(sorted(self.seen_healthy.items())),
             "mismatch": self.mismatch,
             "mismatch_color": self.mismatch_color,
+            "reapply_failed": self.reapply_failed,
             "baselines": {
                 sig: {c: dict(stats) for c, stats in sorted(by_color.items())}
                 for sig, by_color in sorted(self.baselines.items())
@@ -260,6 +263,7 @@ class Memory:
         seen = doc.get("seen_healthy")
         mismatch = doc.get("mismatch")
         mismatch_color = doc.get("mismatch_color")
+        failed = doc.get("reapply_failed")
         return cls(
             hold=hold,
             rolled_away_from=away if away in COLORS else None,
@@ -271,6 +275,7 @@ class Memory:
             else {},
             mismatch=mismatch if isinstance(mismatch, str) else None,
             mismatch_color=mismatch_color if mismatch_color in COLORS else None,
+            reapply_failed=failed if isinstance(failed, str) else None,
             baselines=_baselines_from_json(doc.get("baselines")),
         )
 
@@ -333,6 +338,7 @@ class GuardMachine:
         self.mismatch: str | None = None
         self._mismatch_color: Color | None = None
         self._reapplied_at = 0
+        self._reapply_failed: str | None = None
         self.baselines: dict[str, dict[Color, dict[str, float | None]]] = {}
         # The other signals' readings at the last tick: a baseline is taken from them.
         self._readings: Mapping[str, Mapping[Color, Reading]] = {}
@@ -492,6 +498,7 @@ class GuardMachine:
             {c: self.probe_identity.get(c, "") for c in COLORS if c in self.seen_healthy},
             self.mismatch,
             self._mismatch_color,
+            self._reapply_failed,
             {sig: dict(by_color) for sig, by_color in self.baselines.items()},
         )
 
@@ -504,6 +511,7 @@ class GuardMachine:
             c for c, ident in memory.seen_healthy.items() if ident == self.probe_identity.get(c, "")
         }
         self.mismatch, self._mismatch_color = memory.mismatch, memory.mismatch_color
+        self._reapply_failed = memory.reapply_failed
         self.baselines = {
             sig: {c: dict(stats) for c, stats in by_color.items()}
             for sig, by_color in memory.baselines.items()
@@ -598,6 +606,7 @@ class GuardMachine:
             self.mismatch,
             self._mismatch_color,
             self._reapplied_at,
+            self._reapply_failed,
             (fd.ok, fd.streak, fd.answers, fd.last_error) if front_door else None,
             # Each window (a new one is judged afresh); what the rules read is in `ka`/`ks`.
             wa,
@@ -817,29 +826,42 @@ class GuardMachine:
             if self.mismatch is not None and (
                 self._mismatch_color != active or self._agrees(f, active)
             ):
-                self.mismatch = self._mismatch_color = None
+                self.mismatch = self._mismatch_color = self._reapply_failed = None
                 if self.hold is not None and self.hold.cause == "mismatch":
                     self.hold = None
                 return [Alert(None, f"the front door and the probes of {active} agree again")]
             return []
         if self.mismatch is None or self._mismatch_color != active:
             self.mismatch, self._mismatch_color = found, active
-            self._reapplied_at = self.front_door.answers
+            self._reapplied_at, self._reapply_failed = self.front_door.answers, None
             return [
                 Alert(None, f"mismatch: {found}; re-applying the switch target ({active})"),
                 Reapply(active, found),
             ]
         self.mismatch = found
         if self.front_door.answers - self._reapplied_at < self.spec.consecutive_failures:
-            return []  # the re-applied target has not been answered for long enough yet
+            # The re-applied target has not been answered for long enough yet. (Nor has it
+            # when the re-apply failed: holding at once would hold sooner in a run than
+            # after a restart, whose front door counts its answers anew.)
+            return []
         if self.hold is not None and self.hold.cause != "mismatch":
             return []  # already held for another reason, which says more
+        failed = self._reapply_failed
         hold = Hold(
-            f"mismatch persists after re-applying {active}: {found}",
+            f"mismatch persists after re-applying {active}: {found}"
+            if failed is None
+            else f"mismatch persists, {failed}: {found}",  # never claiming a re-apply
             sticky=False,
             cause="mismatch",
         )
         return list(self._enter_hold(hold))
+
+    def reapply_failed(self, why: str) -> None:
+        """The `Reapply` the last decision asked for did not run, or failed (`why`: what
+        the edge said, e.g. `re-applying blue failed at test: ...`): the hold that follows
+        says so, never "after re-applying"."""
+        if self.mismatch is not None:
+            self._reapply_failed = why
 
     def _on_failing(
         self, f: Facts, active: Color, verdict: Verdict
@@ -996,11 +1018,11 @@ class GuardMachine:
         self.hold = None
         self._edges.clear("dry_run")
         # A mismatch that still stands is found, re-applied and held for afresh.
-        self.mismatch = self._mismatch_color = None
+        self.mismatch = self._mismatch_color = self._reapply_failed = None
 
     def switched(self) -> None:
         """Traffic moved (or was found moved): earlier front-door answers are old news."""
         self.front_door.restart()
-        self.mismatch = self._mismatch_color = None
+        self.mismatch = self._mismatch_color = self._reapply_failed = None
         if self.hold is not None and self.hold.cause == "mismatch":
             self.hold = None

@@ -98,6 +98,32 @@ def test_front_door_failing_while_probes_pass_reapplies_once_then_holds() -> Non
     assert r.m.mismatch is None and r.m.hold is None and r.state() is State.STEADY
 
 
+def test_a_reapply_that_did_not_run_holds_saying_so() -> None:
+    """Refused (the switch lock lost) or failed (`nginx -t`): the hold never claims a
+    re-apply; what it says is remembered over a restart."""
+    r = Replay()
+    actions = r.run(3, front=False)
+    assert [type(a) for a in actions] == [Alert, Reapply]
+    why = "re-applying green failed at test: nginx: [emerg] unexpected end of file"
+    r.m.reapply_failed(why)
+    [hold] = r.run(3, front=False)
+    assert isinstance(hold, Hold) and hold.cause == "mismatch"
+    assert hold.reason == f"mismatch persists, {why}: {r.m.mismatch}"
+    assert "after re-applying" not in hold.reason
+    assert r.state() is State.HOLD
+    again = Replay()
+    again.m.restore(type(r.m.memory()).from_json(r.m.memory().to_json()))
+    assert again.run(3, front=False) == [], "the same hold, not paged again"
+    assert again.m.hold == r.m.hold
+    # It settles as any mismatch does, and the next episode re-applies afresh.
+    r.run(3, front=True)
+    assert r.m.hold is None
+    r.run(3, front=False)
+    actions = r.run(3, front=False)
+    [hold] = [a for a in actions if isinstance(a, Hold)]
+    assert hold.reason.startswith("mismatch persists after re-applying green: ")
+
+
 def test_mismatch_that_a_reapply_settles_never_holds() -> None:
     r = Replay()
     r.run(3, front=False)

@@ -111,6 +111,32 @@ def test_mismatch_is_a_warning_in_status(make_lab: MakeLab) -> None:
         front.stop()
 
 
+def test_a_reapply_that_fails_holds_and_never_claims_it_ran(make_lab: MakeLab) -> None:
+    # The front door fails; the re-apply meets a green file `nginx -t` refuses (broken by
+    # a hand while guardd waited at the re-apply). The hold says so, never "after
+    # re-applying".
+    front = Upstream("front").start()
+    try:
+        front.set_mode("http_503")
+        lab: Lab = make_lab(switch__verify_url=front.url)
+        (lab.fault_dir / "before_reapply").touch()
+        d = lab.daemon()
+        wait_until((lab.fault_dir / "before_reapply.reached").exists, 30, "the re-apply")
+        count = len(d.events())
+        lab.nginx.targets["green"].write_text("upstream lab_app { this is not nginx }\n")
+        (lab.fault_dir / "before_reapply").unlink()
+        failed = d.wait_event("alert", after=count, where=lambda e: e.get("reapplied") is False)
+        assert failed["reason"].startswith("re-applying green failed at test: "), failed
+        hold = d.wait_event("hold", after=count)
+        assert hold["reason"].startswith(f"mismatch persists, {failed['reason']}: "), hold
+        assert "after re-applying" not in hold["reason"]
+        assert status(lab)["state"] == "hold"
+        assert lab.nginx.served_color() == "green"
+        assert d.stop() == 0
+    finally:
+        front.stop()
+
+
 @pytest.mark.parametrize("wrong", ["refused", "another_service"])
 def test_typo_in_the_live_probe_url_alerts_instead_of_rolling_back(
     make_lab: MakeLab, tmp_path: Path, wrong: str
