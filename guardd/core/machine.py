@@ -185,6 +185,9 @@ class _Edges:
 
 # The key of the lost-protection episode in `_Edges`: journaled once, re-armed on recovery.
 NO_TARGET = "no_target"
+# The keys of a front-door mismatch's episode (`mismatch:<color>`): re-applied and paged
+# for once, over as the front door and the probes have agreed for `keep_firing_for`.
+MISMATCH = "mismatch:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -816,7 +819,13 @@ class GuardMachine:
 
     def _watch_front_door(self, f: Facts, active: Color) -> list[Action]:
         """Re-apply the switch target once when the front door and the probes disagree;
-        hold and page if they still do after that."""
+        hold and page if they still do after that.
+
+        One episode lasts until they have agreed for `keep_firing_for` (the policy
+        window), as `_Edges` has it: a front door that flaps between agreeing and not is
+        re-applied (an nginx reload) and paged for once, not at every flap. Its hold lasts
+        as long, but stops no rollback while they agree (`_on_failing`).
+        """
         found = self.disagreement(f, active)
         if f.paused or self.spec.dry_run:
             # Shown, never acted on; a new episode (with its re-apply) opens on resume.
@@ -826,18 +835,18 @@ class GuardMachine:
             if self.mismatch is not None and (
                 self._mismatch_color != active or self._agrees(f, active)
             ):
-                self.mismatch = self._mismatch_color = self._reapply_failed = None
-                if self.hold is not None and self.hold.cause == "mismatch":
-                    self.hold = None
-                return [Alert(None, f"the front door and the probes of {active} agree again")]
-            return []
+                # Agreeing again: no longer a warning; the episode waits to end.
+                self.mismatch = self._mismatch_color = None
+            return [] if self.mismatch is not None else self._mismatch_settles(f.now, active)
         if self.mismatch is None or self._mismatch_color != active:
             self.mismatch, self._mismatch_color = found, active
-            self._reapplied_at, self._reapply_failed = self.front_door.answers, None
-            return [
-                Alert(None, f"mismatch: {found}; re-applying the switch target ({active})"),
-                Reapply(active, found),
-            ]
+            if self._edges.first(MISMATCH + active, f.now):
+                self._reapplied_at, self._reapply_failed = self.front_door.answers, None
+                return [
+                    Alert(None, f"mismatch: {found}; re-applying the switch target ({active})"),
+                    Reapply(active, found),
+                ]
+            # Back before its episode ended: re-applied already, and paged for.
         self.mismatch = found
         if self.front_door.answers - self._reapplied_at < self.spec.consecutive_failures:
             # The re-applied target has not been answered for long enough yet. (Nor has it
@@ -856,6 +865,20 @@ class GuardMachine:
         )
         return list(self._enter_hold(hold))
 
+    def _mismatch_settles(self, now: float, active: Color) -> list[Action]:
+        """The front door and the probes of `active` agree at `now`: end the mismatch's
+        episode, and its hold, once they have agreed for long enough."""
+        edges = self._edges
+        if not (edges.raised and any(k.startswith(MISMATCH) for k in edges.raised)):
+            return []
+        edges.settle(now, MISMATCH)
+        if any(k.startswith(MISMATCH) for k in edges.raised):
+            return []  # not for long enough yet
+        self._reapply_failed = None
+        if self.hold is not None and self.hold.cause == "mismatch":
+            self.hold = None
+        return [Alert(None, f"the front door and the probes of {active} agree again")]
+
     def reapply_failed(self, why: str) -> None:
         """The `Reapply` the last decision asked for did not run, or failed (`why`: what
         the edge said, e.g. `re-applying blue failed at test: ...`): the hold that follows
@@ -870,7 +893,11 @@ class GuardMachine:
         severity: Severity = verdict.severity
         if f.paused:
             return "paused", []
-        if self.hold is not None and (self.hold.sticky or self.hold.cause == "mismatch"):
+        if self.hold is not None and (
+            # A mismatch's hold stops a rollback only while they disagree: the front door
+            # failing too now agrees that users are failing.
+            self.hold.sticky or (self.hold.cause == "mismatch" and self.mismatch is not None)
+        ):
             return "hold", []
         target = self.rollback_target(active)
         if f.front_door_watched and active not in self.seen_healthy:
@@ -1016,13 +1043,14 @@ class GuardMachine:
     def clear_hold(self) -> None:
         """An operator acted (resume, switch, rollback): automatic decisions may go on."""
         self.hold = None
-        self._edges.clear("dry_run")
         # A mismatch that still stands is found, re-applied and held for afresh.
+        self._edges.clear("dry_run", MISMATCH)
         self.mismatch = self._mismatch_color = self._reapply_failed = None
 
     def switched(self) -> None:
         """Traffic moved (or was found moved): earlier front-door answers are old news."""
         self.front_door.restart()
+        self._edges.clear(MISMATCH)
         self.mismatch = self._mismatch_color = self._reapply_failed = None
         if self.hold is not None and self.hold.cause == "mismatch":
             self.hold = None

@@ -39,6 +39,10 @@ class Replay:
         self.blocked = d.blocked_by
         return list(d.actions)
 
+    def hold(self) -> Hold | None:
+        """The machine's hold now; a call, as `state`."""
+        return self.m.hold
+
     def state(self) -> State:
         """The state the last step decided; a call, so mypy re-reads it after each step."""
         return self._state
@@ -91,11 +95,46 @@ def test_front_door_failing_while_probes_pass_reapplies_once_then_holds() -> Non
     assert not [a for a in actions if isinstance(a, Reapply)], "re-applied once only"
     assert r.state() is State.HOLD
     assert r.run(5, front=False) == [], "one hold per incident"
-    actions = r.run(3, front=True)
+    # Agreeing again: no longer a warning at once; the episode and its hold end once they
+    # have agreed for the policy window (keep_firing_for).
+    assert r.run(3, front=True) == []
+    assert r.m.mismatch is None and r.hold() is not None
+    actions = r.run(int(SPEC.window), front=True)
     assert [a.reason for a in actions if isinstance(a, Alert)] == [
         "the front door and the probes of green agree again"
     ]
-    assert r.m.mismatch is None and r.m.hold is None and r.state() is State.STEADY
+    assert r.m.mismatch is None and r.hold() is None and r.state() is State.STEADY
+
+
+def test_a_flapping_front_door_is_one_episode_one_reapply_one_page() -> None:
+    """Disagreeing, agreeing and disagreeing again, each for a few seconds: one re-apply
+    (an nginx reload) and one of each page, not one per flap; it ends once they have
+    agreed for the policy window."""
+    r = Replay()
+    actions: list[Action] = []
+    for _ in range(5):
+        actions += r.run(6, front=False)
+        actions += r.run(4, front=True)
+    assert [type(a) for a in actions] == [Alert, Reapply, Hold], actions
+    assert r.hold() is not None and r.state() is State.HOLD
+    actions = r.run(int(SPEC.window) + 4, front=True)
+    assert [a.reason for a in actions if isinstance(a, Alert)] == [
+        "the front door and the probes of green agree again"
+    ]
+    assert r.hold() is None
+    # Over: the next mismatch is an episode of its own, re-applied again.
+    assert [type(a) for a in r.run(3, front=False)] == [Alert, Reapply]
+
+
+def test_a_mismatchs_hold_stops_no_rollback_once_they_agree() -> None:
+    """Held for a front door that failed while green passed; then green fails too: the
+    front door and the probes agree that users fail, and green is rolled back at once,
+    not at the end of the episode."""
+    r = Replay()
+    r.run(6, front=False)
+    assert r.m.hold is not None and r.m.hold.cause == "mismatch"
+    actions = r.run(4, green=Outcome.HTTP_5XX, front=False)
+    assert [a for a in actions if isinstance(a, Rollback)], actions
 
 
 def test_a_reapply_that_did_not_run_holds_saying_so() -> None:
@@ -116,7 +155,7 @@ def test_a_reapply_that_did_not_run_holds_saying_so() -> None:
     assert again.run(3, front=False) == [], "the same hold, not paged again"
     assert again.m.hold == r.m.hold
     # It settles as any mismatch does, and the next episode re-applies afresh.
-    r.run(3, front=True)
+    r.run(int(SPEC.window) + 3, front=True)
     assert r.m.hold is None
     r.run(3, front=False)
     actions = r.run(3, front=False)

@@ -30,12 +30,17 @@ def status(lab: Lab) -> dict[str, Any]:
     return json_object(ctl(lab, "status", "--json").stdout)
 
 
+# A mismatch's episode ends once the front door and the probes have agreed for the policy
+# window (`keep_firing_for`): a short one, for the tests that wait for it to end.
+SHORT_EPISODES = {"policy__window": "3s"}
+
+
 def is_mismatch(e: dict[str, Any]) -> bool:
     return e.get("event") == "alert" and str(e.get("reason", "")).startswith("mismatch:")
 
 
 def test_link_flipped_by_hand_without_a_reload_is_caught_and_reapplied(make_lab: MakeLab) -> None:
-    lab: Lab = make_lab()
+    lab: Lab = make_lab(**SHORT_EPISODES)
     d = lab.daemon()
     count = len(d.events())
     # The link names blue, but nobody reloaded nginx: it still serves green.
@@ -62,7 +67,7 @@ def test_front_door_failing_while_probes_pass_holds_and_pages(
     front = Upstream("front").start()
     try:
         front.set_mode(front_mode)
-        lab: Lab = make_lab(switch__verify_url=front.url)
+        lab: Lab = make_lab(switch__verify_url=front.url, **SHORT_EPISODES)
         d = lab.daemon()
         alert = d.wait_event("alert", where=is_mismatch)
         assert "front door fails" in alert["reason"] and "green" in alert["reason"]
@@ -89,6 +94,34 @@ def test_front_door_failing_while_probes_pass_holds_and_pages(
         d.wait_event("alert", after=count, where=lambda e: "agree again" in e.get("reason", ""))
         assert wait_until(lambda: ctl(lab, "status").returncode == 0, 20, "status OK again")
         assert status(lab)["warnings"] == []
+        assert d.stop() == 0
+    finally:
+        front.stop()
+
+
+def test_a_flapping_front_door_is_reapplied_and_paged_for_once(make_lab: MakeLab) -> None:
+    # The front door fails and serves again in turn, each for a few answers, all within
+    # the policy window: one episode, so one re-apply (an nginx reload) and one of each
+    # page, not one per flap; it ends once the front door has served for a whole window.
+    front = Upstream("front").start()
+    try:
+        lab: Lab = make_lab(switch__verify_url=front.url, policy__window="6s")
+        d = lab.daemon()
+        front.set_mode("http_503")
+        d.wait_event("hold", where=lambda e: "mismatch persists" in e["reason"])
+        modes: list[Mode] = ["ok", "http_503"] * 3
+        for mode in modes:
+            front.set_mode(mode)  # (8 answers each: more than consecutive_failures)
+            assert front.wait_for_requests(front.requests + 8, timeout=30)
+        count = len(d.events())
+        front.set_mode("ok")
+        d.wait_event("alert", after=count, where=lambda e: "agree again" in e.get("reason", ""))
+        said = [(e["event"], e.get("reason", "")) for e in d.events()]
+        assert len([r for _, r in said if r.startswith("mismatch:")]) == 1, said
+        assert len([e for e in d.events() if e.get("reapplied") is not None]) == 1, said
+        assert len([r for ev, r in said if ev == "hold"]) == 1, said
+        assert len([r for _, r in said if "agree again" in r]) == 1, said
+        assert wait_until(lambda: ctl(lab, "status").returncode == 0, 20, "status OK again")
         assert d.stop() == 0
     finally:
         front.stop()

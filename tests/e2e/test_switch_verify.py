@@ -313,7 +313,7 @@ def test_the_front_door_naming_another_color_is_a_mismatch_and_reapplied(
 ) -> None:
     """The link flipped by hand to blue, nginx not reloaded: both colors pass their probes
     and the front door passes, but it names green. guardd says so and re-applies blue."""
-    lab: Lab = make_lab(**NAMED)
+    lab: Lab = make_lab(**NAMED, policy__window="3s")  # (its episode ends sooner)
     d = lab.daemon()
     count = len(d.events())
     lab.nginx.active_link.unlink()
