@@ -596,6 +596,7 @@ class QosKeeper:
         if cut_short is not None:
             self._finish(cut_short)
         if not isinstance(saved, dict):
+            self._adopt_unsaved()
             return
         host = self.host
         info = qoslock.LockInfo(
@@ -617,7 +618,8 @@ class QosKeeper:
             # the guard window still stands, so put the lock back.
             self._write(info)
         elif current != info:
-            return  # someone else's lock now; it is theirs to remove
+            self._adopt_unsaved()  # a later lock of guardd's own, or someone else's
+            return
         manual = bool(saved.get("manual"))
         hold = bool(saved.get("hold"))
         expires_at = mono(info.until, None) if info.until else None
@@ -639,6 +641,39 @@ class QosKeeper:
             )
             window.restore_counts(w)
         self.own_lock = OwnedLock(info, window, expires_at, manual, floor, hold=hold)
+
+    def _adopt_unsaved(self) -> None:
+        """At start: take as guardd's own a lock of guardd's (`by`) that state.json does not
+        name, judged as a guard window from now.
+
+        Such a lock was written while state.json could not be (a full state disk: the lock
+        file lives elsewhere, in /run), and a crash came before state.json could say so.
+        Left as someone else's lock, it would never end, whatever the SLOs. Its own window
+        is lost with state.json: the SLOs must hold for a whole `qos.window` from now
+        before it is released, and an alert says why. A fleet node's lock file may hold
+        the fleet's lock, written by its coordinator: that one is the fleet's, never
+        adopted.
+        """
+        host = self.host
+        current = self.store.read(host.s.lock_file)
+        if not current.held or current.by != GUARDD or host.fleet is not None:
+            return
+        now, wall, span = host.clock.monotonic(), host.clock.wall(), host.s.qos_window
+        info = qoslock.LockInfo(
+            True, current.reason, current.locked_at, rfc3339(wall + span), GUARDD
+        )
+        own = OwnedLock(info, self._new_window(now, span), now + span, manual=False)
+        self._change(own, info, "qos_locked", reason=info.reason, by=GUARDD, until=info.until)
+        host.record(
+            "alert",
+            by=GUARDD,
+            reason=(
+                f"the QoS lock in {host.s.lock_file} is guardd's ({current.reason}), but "
+                "state.json does not name it (it could not be written when the lock was "
+                f"taken: a full state disk?): judged as a guard window from now, until "
+                f"{info.until} at the earliest"
+            ),
+        )
 
     def _finish(self, change: LockChange) -> None:
         """Finish `change`, cut short by a crash: the lock file still as it was is changed

@@ -700,3 +700,39 @@ async def test_a_state_file_owing_records_guardd_cannot_journal_starts_all_the_s
     assert [(e["id"], e["reason"], e["guard"]) for e in owed] == [("a" * 32, "owed", "lab")]
     assert owed[0]["ts"] != "1999"
     assert not any(e["event"] == "no_such_event" for e in g2.journal.recent)
+
+
+def _files(root: Path) -> dict[Path, bytes]:
+    """Every file under `root` but the lock files, and its bytes."""
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.suffix != ".lock"}
+
+
+async def test_guardds_own_lock_that_state_json_never_named_is_judged_not_kept_for_ever(
+    tmp_path: Path,
+) -> None:
+    """A rollback on a full state disk: the lock file (elsewhere, in /run) took the
+    rollback's lock, but neither state.json nor the journal took a byte of it. Started
+    again, the lock is guardd's (`by`), not someone else's to wait on for ever: it is
+    judged as a guard window from the start, said so, and released once its SLOs held."""
+    clock = FakeClock()
+    prepare(tmp_path)
+    g1 = await start(tmp_path, clock, SPEC)
+    await steps(g1, clock, [(OK, OK)] * 3)
+    g1.save_state()
+    kept = _files(tmp_path)
+    await steps(g1, clock, [(OK, DOWN)] * 3)
+    lock = qoslock.read_lock(g1.s.lock_file)
+    assert g1.active == "blue" and lock.held and lock.by == "guardd"
+    for path, data in kept.items():  # what a full disk left of the state dir
+        if path.name != "target":
+            path.write_bytes(data)
+
+    g2 = await start(tmp_path, clock, SPEC)
+    assert g2.own_lock is not None and g2.own_lock.window is not None
+    [said] = [e for e in g2.journal.recent if "state.json does not name" in e.get("reason", "")]
+    assert said["event"] == "alert" and lock.reason in said["reason"], said
+    assert qoslock.read_lock(g2.s.lock_file).reason == lock.reason
+    window = int(g2.s.qos_window / g2.s.probe_interval) + 5
+    await steps(g2, clock, [(OK, OK)] * window)
+    assert not qoslock.read_lock(g2.s.lock_file).held
+    assert [e for e in g2.journal.recent if e["event"] == "qos_released"]

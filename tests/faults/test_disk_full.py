@@ -154,6 +154,49 @@ def test_full_state_dir_guard_goes_on_and_recovers_by_itself(
     assert_journal_well_formed(d.journal_path)
 
 
+def test_a_rollback_on_a_full_disk_killed_and_started_again_ends_its_own_lock(
+    make_lab: MakeFaultLab, small_tmpfs: Callable[[Path, str], Path]
+) -> None:
+    # Rolled back on a full state disk, the lock written (in the run dir), then killed
+    # before state.json or the journal took a byte of it, and started on the same full
+    # disk: the lock is guardd's own, so it is judged as a guard window from the start
+    # and released once blue's SLOs held, never left as someone else's for ever.
+    lab: FaultLab = make_lab()
+    small_tmpfs(lab.state_dir, "256k")
+    d = lab.daemon()
+    assert fill(lab.state_dir / "filler") > 0
+    for _ in range(200):
+        if status(lab)["storage"]["journal_backlog"]:
+            break
+        client.call(lab.socket_path, "pause", {"reason": "x" * 200})
+        client.call(lab.socket_path, "resume")
+    else:
+        raise AssertionError("the full tmpfs never refused a journal line")
+    lab.green.set_mode("http_503")
+    assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=30), "rolled back to blue"
+    assert wait_until(lab.lock_file.exists, 10, "the QoS lock (in the run dir, not full)")
+    assert d.state().get("qos") is None, "state.json never named the lock"
+    d.kill9()
+
+    d2 = lab.daemon()
+    said = wait_until(
+        lambda: next(
+            (
+                line
+                for line in log_lines(d2)
+                if "state.json does not name it" in str(line.get("reason", ""))
+            ),
+            None,
+        ),
+        30,
+        "the alert that the lock is guardd's own",
+    )
+    assert said["event"] == "alert", said
+    assert wait_until(lambda: not lab.lock_file.exists(), 30, "the lock released")
+    assert guardctl("--config", str(lab.config_path), "qos", "status").returncode == 0
+    assert d2.stop() == 0
+
+
 def test_torn_last_line_from_a_power_cut_is_skipped_at_start(make_lab: MakeFaultLab) -> None:
     lab: FaultLab = make_lab()
     lab.state_dir.mkdir()
