@@ -56,6 +56,18 @@ def fill(path: Path) -> int:
     return written
 
 
+def fill_until_the_journal_is_refused(lab: FaultLab, filler: Path) -> None:
+    """Fill the state dir's file system with `filler`, then journal events (a pause and
+    a resume) until guardd keeps one in memory: the journal's last page may have room."""
+    assert fill(filler) > 0
+    for _ in range(200):
+        if status(lab)["storage"]["journal_backlog"]:
+            return
+        client.call(lab.socket_path, "pause", {"reason": "x" * 200})
+        client.call(lab.socket_path, "resume")
+    raise AssertionError("the full tmpfs never refused a journal line")
+
+
 def journal_ids_in_log(d: Daemon) -> list[str]:
     """The ids of the events the daemon journaled, in the order it logged them."""
     return [line["id"] for line in log_lines(d) if line.get("event") in EVENTS and "id" in line]
@@ -69,15 +81,7 @@ def test_full_state_dir_guard_goes_on_and_recovers_by_itself(
     d = lab.daemon()
     port = metrics_port(d)
     filler = lab.state_dir / "filler"
-    assert fill(filler) > 0
-    # The journal's last page may still have room: journal events until it has not.
-    for _ in range(200):
-        if status(lab)["storage"]["journal_backlog"]:
-            break
-        client.call(lab.socket_path, "pause", {"reason": "x" * 200})
-        client.call(lab.socket_path, "resume")
-    else:
-        raise AssertionError("the full tmpfs never refused a journal line")
+    fill_until_the_journal_is_refused(lab, filler)
     on_disk_before = len(d.events())
 
     # The fault that matters happens now, on a full disk: green fails.
@@ -164,14 +168,7 @@ def test_a_rollback_on_a_full_disk_killed_and_started_again_ends_its_own_lock(
     lab: FaultLab = make_lab()
     small_tmpfs(lab.state_dir, "256k")
     d = lab.daemon()
-    assert fill(lab.state_dir / "filler") > 0
-    for _ in range(200):
-        if status(lab)["storage"]["journal_backlog"]:
-            break
-        client.call(lab.socket_path, "pause", {"reason": "x" * 200})
-        client.call(lab.socket_path, "resume")
-    else:
-        raise AssertionError("the full tmpfs never refused a journal line")
+    fill_until_the_journal_is_refused(lab, lab.state_dir / "filler")
     lab.green.set_mode("http_503")
     assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=30), "rolled back to blue"
     assert wait_until(lab.lock_file.exists, 10, "the QoS lock (in the run dir, not full)")
