@@ -643,36 +643,51 @@ class QosKeeper:
         self.own_lock = OwnedLock(info, window, expires_at, manual, floor, hold=hold)
 
     def _adopt_unsaved(self) -> None:
-        """At start: take as guardd's own a lock of guardd's (`by`) that state.json does not
-        name, judged as a guard window from now.
+        """At start: take as guardd's own a guard window's lock (`by` guardd, with an
+        `until`) that state.json does not name; judged as a guard window from now, never
+        released before its `until`.
 
         Such a lock was written while state.json could not be (a full state disk: the lock
         file lives elsewhere, in /run), and a crash came before state.json could say so.
         Left as someone else's lock, it would never end, whatever the SLOs. Its own window
-        is lost with state.json: the SLOs must hold for a whole `qos.window` from now
-        before it is released, and an alert says why. A fleet node's lock file may hold
-        the fleet's lock, written by its coordinator: that one is the fleet's, never
-        adopted.
+        is lost with state.json: the SLOs must hold for a whole `qos.window` from now, and
+        the `until` it has keeps what it was laid over (an operator's lock for two hours).
+        A lock with no `until` is kept as it is, until unlocked, and said so: guardd wrote
+        it over a lock with no end (a freeze, another tool's file), or for a hold, and
+        cannot tell which. A fleet node's lock file may hold the fleet's lock, written by
+        its coordinator: that one is the fleet's, never adopted.
         """
         host = self.host
         current = self.store.read(host.s.lock_file)
         if not current.held or current.by != GUARDD or host.fleet is not None:
             return
-        now, wall, span = host.clock.monotonic(), host.clock.wall(), host.s.qos_window
-        info = qoslock.LockInfo(
-            True, current.reason, current.locked_at, rfc3339(wall + span), GUARDD
+        said = (
+            f"the QoS lock in {host.s.lock_file} is guardd's ({current.reason}), but "
+            "state.json does not name it (it could not be written when the lock was taken: "
+            "a full state disk?)"
         )
-        own = OwnedLock(info, self._new_window(now, span), now + span, manual=False)
+        now, wall, span = host.clock.monotonic(), host.clock.wall(), host.s.qos_window
+        try:
+            ends = parse_rfc3339(str(current.until)) if current.until is not None else None
+        except ValueError:
+            ends = None
+        if ends is None:
+            host.record(
+                "alert",
+                by=GUARDD,
+                reason=f"{said}, and it has no end it can be judged by: it stays until "
+                "`guardctl qos unlock`",
+            )
+            return
+        floor = Floor(now + max(0.0, ends - wall), current.until)
+        end = _later(Floor.of(now + span, wall, now), floor)
+        info = qoslock.LockInfo(True, current.reason, current.locked_at, end.until, GUARDD)
+        own = OwnedLock(info, self._new_window(now, span), end.at, manual=False, floor=floor)
         self._change(own, info, "qos_locked", reason=info.reason, by=GUARDD, until=info.until)
         host.record(
             "alert",
             by=GUARDD,
-            reason=(
-                f"the QoS lock in {host.s.lock_file} is guardd's ({current.reason}), but "
-                "state.json does not name it (it could not be written when the lock was "
-                f"taken: a full state disk?): judged as a guard window from now, until "
-                f"{info.until} at the earliest"
-            ),
+            reason=f"{said}: judged as a guard window from now, until {info.until} at the earliest",
         )
 
     def _finish(self, change: LockChange) -> None:

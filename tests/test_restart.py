@@ -707,32 +707,47 @@ def _files(root: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.suffix != ".lock"}
 
 
+@pytest.mark.parametrize("under", [None, "a freeze", "a lock for long"])
 async def test_guardds_own_lock_that_state_json_never_named_is_judged_not_kept_for_ever(
-    tmp_path: Path,
+    tmp_path: Path, under: str | None
 ) -> None:
     """A rollback on a full state disk: the lock file (elsewhere, in /run) took the
     rollback's lock, but neither state.json nor the journal took a byte of it. Started
     again, the lock is guardd's (`by`), not someone else's to wait on for ever: it is
-    judged as a guard window from the start, said so, and released once its SLOs held."""
+    judged as a guard window from the start, said so, and released once its SLOs held.
+    Never before what it was laid over ends: an operator's lock for long keeps it until
+    then, and a freeze with no end (whose lock guardd's took over) until unlocked."""
     clock = FakeClock()
     prepare(tmp_path)
     g1 = await start(tmp_path, clock, SPEC)
     await steps(g1, clock, [(OK, OK)] * 3)
+    if under is not None:
+        asked = {"reason": "release freeze"} | ({"for_s": 600} if under != "a freeze" else {})
+        await handle(g1, "qos_lock", asked, "uid:0(root)")
     g1.save_state()
     kept = _files(tmp_path)
     await steps(g1, clock, [(OK, DOWN)] * 3)
     lock = qoslock.read_lock(g1.s.lock_file)
     assert g1.active == "blue" and lock.held and lock.by == "guardd"
+    assert (lock.until is None) == (under == "a freeze")
     for path, data in kept.items():  # what a full disk left of the state dir
         if path.name != "target":
             path.write_bytes(data)
 
     g2 = await start(tmp_path, clock, SPEC)
-    assert g2.own_lock is not None and g2.own_lock.window is not None
     [said] = [e for e in g2.journal.recent if "state.json does not name" in e.get("reason", "")]
     assert said["event"] == "alert" and lock.reason in said["reason"], said
     assert qoslock.read_lock(g2.s.lock_file).reason == lock.reason
     window = int(g2.s.qos_window / g2.s.probe_interval) + 5
     await steps(g2, clock, [(OK, OK)] * window)
+    if under == "a freeze":
+        assert said["reason"].endswith("it stays until `guardctl qos unlock`"), said
+        assert qoslock.read_lock(g2.s.lock_file) == lock, "kept as it was"
+        return
+    assert g2.own_lock is not None or under is None
+    if under == "a lock for long":
+        assert qoslock.read_lock(g2.s.lock_file).until == lock.until, "not before its end"
+        clock.advance(600)
+        await steps(g2, clock, [(OK, OK)] * 3)
     assert not qoslock.read_lock(g2.s.lock_file).held
     assert [e for e in g2.journal.recent if e["event"] == "qos_released"]

@@ -158,20 +158,26 @@ def test_full_state_dir_guard_goes_on_and_recovers_by_itself(
     assert_journal_well_formed(d.journal_path)
 
 
+@pytest.mark.parametrize("under", [None, "another tool's lock"])
 def test_a_rollback_on_a_full_disk_killed_and_started_again_ends_its_own_lock(
-    make_lab: MakeFaultLab, small_tmpfs: Callable[[Path, str], Path]
+    make_lab: MakeFaultLab, small_tmpfs: Callable[[Path, str], Path], under: str | None
 ) -> None:
     # Rolled back on a full state disk, the lock written (in the run dir), then killed
     # before state.json or the journal took a byte of it, and started on the same full
     # disk: the lock is guardd's own, so it is judged as a guard window from the start
-    # and released once blue's SLOs held, never left as someone else's for ever.
+    # and released once blue's SLOs held, never left as someone else's for ever. Laid
+    # over another tool's lock with no end, it stays, as that lock would have.
     lab: FaultLab = make_lab()
     small_tmpfs(lab.state_dir, "256k")
     d = lab.daemon()
+    if under is not None:
+        lab.lock_file.write_text('{"by": "deploybot", "reason": "deploy 1234", "until": null}')
     fill_until_the_journal_is_refused(lab, lab.state_dir / "filler")
     lab.green.set_mode("http_503")
     assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=30), "rolled back to blue"
-    assert wait_until(lab.lock_file.exists, 10, "the QoS lock (in the run dir, not full)")
+    assert wait_until(
+        lambda: '"by": "guardd"' in lab.lock_file.read_text(), 10, "the QoS lock (in /run)"
+    )
     assert d.state().get("qos") is None, "state.json never named the lock"
     d.kill9()
 
@@ -189,8 +195,16 @@ def test_a_rollback_on_a_full_disk_killed_and_started_again_ends_its_own_lock(
         "the alert that the lock is guardd's own",
     )
     assert said["event"] == "alert", said
-    assert wait_until(lambda: not lab.lock_file.exists(), 30, "the lock released")
-    assert guardctl("--config", str(lab.config_path), "qos", "status").returncode == 0
+    qos = ["--config", str(lab.config_path), "qos", "status"]
+    if under is None:
+        assert wait_until(lambda: not lab.lock_file.exists(), 30, "the lock released")
+        assert guardctl(*qos).returncode == 0
+    else:
+        assert said["reason"].endswith("it stays until `guardctl qos unlock`"), said
+        # Past a whole guard window with blue healthy, deploys are still held.
+        lab.blue.wait_for_requests(lab.blue.requests + 30, timeout=60)
+        assert "deploy 1234" in lab.lock_file.read_text()
+        assert guardctl(*qos).returncode == 1
     assert d2.stop() == 0
 
 
