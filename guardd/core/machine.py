@@ -853,8 +853,11 @@ class GuardMachine:
             # when the re-apply failed: holding at once would hold sooner in a run than
             # after a restart, whose front door counts its answers anew.)
             return []
-        if self.hold is not None and self.hold.cause != "mismatch":
-            return []  # already held for another reason, which says more
+        if self.hold is not None:
+            # Already held for another reason, which says more; or for this mismatch, in
+            # words that stand for the episode: a front door whose answers change (a 502,
+            # a 503, a timeout; another color named) is not paged again for each of them.
+            return []
         failed = self._reapply_failed
         hold = Hold(
             f"mismatch persists after re-applying {active}: {found}"

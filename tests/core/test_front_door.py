@@ -126,6 +126,26 @@ def test_a_flapping_front_door_is_one_episode_one_reapply_one_page() -> None:
     assert [type(a) for a in r.run(3, front=False)] == [Alert, Reapply]
 
 
+def test_a_mismatch_whose_words_change_is_held_and_paged_for_once() -> None:
+    """A front door failing with one error, then another (a 502, a 503, a timeout), in one
+    episode, flapping or not: the hold stands in its first words, paged once."""
+    r = Replay()
+    r.run(6, front=False)
+    first = r.hold()
+    assert first is not None
+    actions: list[Action] = []
+    for error in ("HTTP 502", "timed out", "HTTP 503", "HTTP 502"):
+        for _ in range(4):
+            r.now += INTERVAL
+            r.m.observe("blue", r.now, Outcome.OK, 0.01)
+            r.m.observe("green", r.now, Outcome.OK, 0.01)
+            r.m.observe_front_door(r.now, False, error)
+            actions += r.m.decide(Facts(r.now, "green", front_door_watched=True)).actions
+        actions += r.run(2, front=True)
+    assert actions == [], actions
+    assert r.hold() == first
+
+
 def test_a_mismatchs_hold_stops_no_rollback_once_they_agree() -> None:
     """Held for a front door that failed while green passed; then green fails too: the
     front door and the probes agree that users fail, and green is rolled back at once,

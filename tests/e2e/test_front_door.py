@@ -109,7 +109,8 @@ def test_a_flapping_front_door_is_reapplied_and_paged_for_once(make_lab: MakeLab
         d = lab.daemon()
         front.set_mode("http_503")
         d.wait_event("hold", where=lambda e: "mismatch persists" in e["reason"])
-        modes: list[Mode] = ["ok", "http_503"] * 3
+        # (Failing in other words each time: one page for the episode all the same.)
+        modes: list[Mode] = ["ok", "json_down", "ok", "http_503", "ok", "json_down"]
         for mode in modes:
             front.set_mode(mode)  # (8 answers each: more than consecutive_failures)
             assert front.wait_for_requests(front.requests + 8, timeout=30)
