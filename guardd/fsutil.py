@@ -89,9 +89,10 @@ def _holder(read: Callable[[], bytes]) -> str:
 
 def _runs_guardd(pid: int) -> bool:
     """Whether process `pid` runs guardd: this one (the lock taken through another open,
-    as a reload onto the same target does), or one an argument of whose command line
-    names guardd (`/usr/bin/guardd`, `python -m guardd`), not merely a file in a `guardd`
-    folder."""
+    as a reload onto the same target does), or one whose program is guardd: the command
+    itself (`/usr/bin/guardd`), or what a Python interpreter runs (`python -m guardd.cli`,
+    `python /usr/bin/guardd`). Not a program that merely names guardd's files (`tail -f
+    guardd.log`, `journalctl -u guardd@x`)."""
     if pid == os.getpid():
         return True
     try:
@@ -99,7 +100,20 @@ def _runs_guardd(pid: int) -> bool:
             argv = f.read(64 * 1024).decode(errors="replace").split("\0")
     except OSError:
         return False  # no such process (any more), or not ours to look at
-    return any(Path(arg).name.startswith("guardd") for arg in argv)
+    program = _program(argv)
+    return program == "guardd" or program.startswith("guardd.")
+
+
+def _program(argv: list[str]) -> str:
+    """The program a command line runs: its command's name, or, for a Python interpreter,
+    the module after `-m`, else the script (the first argument that is no option)."""
+    program = Path(argv[0]).name
+    if not program.startswith("python"):
+        return program
+    args = argv[1:]
+    if "-m" in args[:-1]:
+        return args[args.index("-m") + 1]
+    return Path(next((a for a in args if a and not a.startswith("-")), "")).name
 
 
 def _write_pid(fd: int) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from guardd import fsutil
 from guardd.exceptions import AlreadyRunning, StorageError, UnsafePath
 from guardd.fsutil import (
     atomic_write,
@@ -209,20 +210,20 @@ def test_unwritable_directory_is_a_storage_error(tmp_path: Path) -> None:
 
 def _held_elsewhere(target: Path) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
     """Another process holding `target`'s switch lock while the block runs."""
-    return _holding(
+    script = target.with_name("guardd")  # run as `python .../guardd`, as a daemon may be
+    script.write_text(
         "import sys; from pathlib import Path; from guardd.fsutil import hold_switch_lock; "
-        f"hold_switch_lock(Path({str(target)!r})); print('held', flush=True); sys.stdin.read()",
-        # Its command line names guardd, as a daemon's does (`python -m guardd run`).
-        argv=("guardd",),
+        f"hold_switch_lock(Path({str(target)!r})); print('held', flush=True); sys.stdin.read()"
     )
+    return _holding(script=script)
 
 
 @contextlib.contextmanager
-def _holding(code: str, argv: tuple[str, ...] = ()) -> Iterator[subprocess.Popen[str]]:
-    """Run `code` in another process (`argv` its arguments), from when it prints `held`
+def _holding(code: str = "", script: Path | None = None) -> Iterator[subprocess.Popen[str]]:
+    """Run `code` (or the file `script`) in another process, from when it prints `held`
     until the block ends."""
     with subprocess.Popen(
-        [sys.executable, "-c", code, *argv],
+        [sys.executable, *(["-c", code] if script is None else [str(script)])],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -322,7 +323,9 @@ def _reaped_pid() -> int:
     return proc.pid
 
 
-@pytest.mark.parametrize("named", ["a pid that ended", "a process that is no guardd"])
+@pytest.mark.parametrize(
+    "named", ["a pid that ended", "a process that is no guardd", "a program reading its log"]
+)
 def test_a_lock_whose_file_names_no_running_guardd_never_blames_one(
     tmp_path: Path, named: str
 ) -> None:
@@ -333,7 +336,14 @@ def test_a_lock_whose_file_names_no_running_guardd_never_blames_one(
         if named == "a pid that ended":
             pid = _reaped_pid()
         else:
-            other = stack.enter_context(subprocess.Popen(["sleep", "600"]))
+            log = tmp_path / "guardd.log"
+            log.write_text("")
+            argv = (
+                ["sleep", "600"]
+                if named == "a process that is no guardd"
+                else ["tail", "-f", str(log)]
+            )
+            other = stack.enter_context(subprocess.Popen(argv, stdin=subprocess.DEVNULL))
             stack.callback(other.kill)
             pid = other.pid
         target = tmp_path / "active.json"
@@ -358,6 +368,24 @@ def test_a_lock_whose_file_names_no_running_guardd_never_blames_one(
             assert str(refused.value) == (
                 f"{who} runs with this state directory: {state} is locked"
             )
+
+
+@pytest.mark.parametrize(
+    ("argv", "program"),
+    [
+        (["/usr/bin/guardd", "run", "--config", "/etc/guardd/a.toml"], "guardd"),
+        (["/usr/bin/python3", "/usr/bin/guardd", "run"], "guardd"),
+        (["/opt/venv/bin/python3.11", "-X", "importtime", "-m", "guardd.cli", "run"], "guardd.cli"),
+        (["python", "-O", "/srv/guardd", "run"], "guardd"),
+        (["tail", "-f", "/var/log/guardd.log"], "tail"),
+        (["journalctl", "-u", "guardd@threader"], "journalctl"),
+        (["python3", "-c", "import guardd", "guardd"], "import guardd"),
+        (["python3", "-m"], ""),
+        ([""], ""),
+    ],
+)
+def test_the_program_a_command_line_runs(argv: list[str], program: str) -> None:
+    assert fsutil._program(argv) == program
 
 
 def test_a_hard_link_planted_at_the_switch_lock_is_not_written(tmp_path: Path) -> None:
