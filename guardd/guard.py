@@ -1345,7 +1345,8 @@ def _named(answer: ProbeResult) -> Color | None:
     another word, or two colors. Case and spaces aside; a header sent on several lines
     (joined by ", ") names a color only if every line names it (the application's own and
     one nginx adds)."""
-    said = {part.strip().lower() for part in (answer.served_by or "").split(",")}
+    # Spaces and tabs only (RFC 9110's OWS): `str.strip` would take a no-break space too.
+    said = {part.strip(" \t").lower() for part in (answer.served_by or "").split(",")}
     return next((c for c in COLORS if said == {c}), None)
 
 

@@ -167,6 +167,8 @@ def test_a_value_is_read_as_utf_8_when_it_is_that_else_as_latin_1() -> None:
         (None, None),
         ("bleu", None),
         ("blue;q=1", None),
+        ("\tblue ", "blue"),
+        ("\u00a0green\u00a0", None),
     ],
 )
 def test_the_color_an_answer_names(value: str | None, color: str | None) -> None:
