@@ -652,10 +652,12 @@ class QosKeeper:
         Left as someone else's lock, it would never end, whatever the SLOs. Its own window
         is lost with state.json: the SLOs must hold for a whole `qos.window` from now, and
         the `until` it has keeps what it was laid over (an operator's lock for two hours).
-        A lock with no `until` is kept as it is, until unlocked, and said so: guardd wrote
-        it over a lock with no end (a freeze, another tool's file), or for a hold, and
-        cannot tell which. A fleet node's lock file may hold the fleet's lock, written by
-        its coordinator: that one is the fleet's, never adopted.
+        A lock with no `until` is taken back until unlocked, and said so: guardd wrote it
+        over a lock with no end (a freeze, another tool's file), or for a hold, and cannot
+        tell which. Either way state.json names it from then on, so that a reboot (which
+        empties /run) puts it back, and the next start does not say it again. A fleet
+        node's lock file may hold the fleet's lock, written by its coordinator: that one is
+        the fleet's, never adopted.
         """
         host = self.host
         current = self.store.read(host.s.lock_file)
@@ -672,6 +674,8 @@ class QosKeeper:
         except ValueError:
             ends = None
         if ends is None:
+            own = OwnedLock(current, self._new_window(now, span), None, False, UNLOCKED)
+            self._change(own, current, "qos_locked", reason=current.reason, by=GUARDD, until=None)
             host.record(
                 "alert",
                 by=GUARDD,

@@ -743,6 +743,15 @@ async def test_guardds_own_lock_that_state_json_never_named_is_judged_not_kept_f
     if under == "a freeze":
         assert said["reason"].endswith("it stays until `guardctl qos unlock`"), said
         assert qoslock.read_lock(g2.s.lock_file) == lock, "kept as it was"
+        # Named in state.json from now on: a reboot (an empty /run) puts it back, and the
+        # next start has nothing to say again.
+        g2.save_state()
+        g2.s.lock_file.unlink()
+        g3 = await start(tmp_path, clock, SPEC)
+        assert qoslock.read_lock(g3.s.lock_file) == lock
+        assert not [e for e in g3.journal.recent[len(g2.journal.recent) :] if e["event"] == "alert"]
+        await handle(g3, "qos_unlock", {"reason": "freeze over"}, "uid:0(root)")
+        assert not qoslock.read_lock(g3.s.lock_file).held
         return
     assert g2.own_lock is not None or under is None
     if under == "a lock for long":
