@@ -20,7 +20,7 @@ import os
 import stat
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Final
 
 from guardd.exceptions import AlreadyRunning, StorageError, UnsafePath
 
@@ -100,20 +100,36 @@ def _runs_guardd(pid: int) -> bool:
             argv = f.read(64 * 1024).decode(errors="replace").split("\0")
     except OSError:
         return False  # no such process (any more), or not ours to look at
-    program = _program(argv)
-    return program == "guardd" or program.startswith("guardd.")
+    return _program(argv) in _DAEMONS
+
+
+#: The programs that are the daemon: its command, `python -m guardd` and `-m guardd.cli`
+#: (not `guardd.ctl`, which is guardctl).
+_DAEMONS: Final = frozenset({"guardd", "guardd.cli"})
+# Python's options that take a value, given apart (`-X dev`) or attached (`-Xdev`).
+_VALUED: Final = frozenset("WX")
 
 
 def _program(argv: list[str]) -> str:
     """The program a command line runs: its command's name, or, for a Python interpreter,
-    the module after `-m`, else the script (the first argument that is no option)."""
+    the module of `-m`, `-c` for a command string, else its script's name (Python reads
+    its options up to the first of these; what follows is the program's own)."""
     program = Path(argv[0]).name
     if not program.startswith("python"):
         return program
-    args = argv[1:]
-    if "-m" in args[:-1]:
-        return args[args.index("-m") + 1]
-    return Path(next((a for a in args if a and not a.startswith("-")), "")).name
+    args = iter(argv[1:])
+    for arg in args:
+        if not arg.startswith("-") or arg in ("-", "--"):
+            return Path(next(args, "") if arg == "--" else arg).name
+        for i, flag in enumerate(arg[1:], 1):
+            if flag in "mc" or flag in _VALUED:
+                value = arg[i + 1 :] or next(args, "")
+                if flag == "m":
+                    return value
+                if flag == "c":
+                    return "-c"
+                break  # -W/-X's value
+    return ""
 
 
 def _write_pid(fd: int) -> None:

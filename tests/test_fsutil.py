@@ -379,13 +379,32 @@ def test_a_lock_whose_file_names_no_running_guardd_never_blames_one(
         (["python", "-O", "/srv/guardd", "run"], "guardd"),
         (["tail", "-f", "/var/log/guardd.log"], "tail"),
         (["journalctl", "-u", "guardd@threader"], "journalctl"),
-        (["python3", "-c", "import guardd", "guardd"], "import guardd"),
+        (["python3", "-c", "import guardd", "guardd"], "-c"),
+        (["python3", "-c", "import time; time.sleep(9)", "-m", "guardd.cli"], "-c"),
+        (["python3", "-u", "-mguardd.cli", "run"], "guardd.cli"),
+        (["python3", "-Wignore", "-X", "dev", "-Om", "guardd", "run"], "guardd"),
+        (["python3", "-m", "guardd.ctl", "status", "--watch"], "guardd.ctl"),
         (["python3", "-m"], ""),
         ([""], ""),
     ],
 )
 def test_the_program_a_command_line_runs(argv: list[str], program: str) -> None:
     assert fsutil._program(argv) == program
+
+
+@pytest.mark.parametrize(
+    ("argv", "daemon"),
+    [
+        (["/usr/bin/guardd", "run"], True),
+        (["python3", "-m", "guardd", "run"], True),
+        (["python3", "-m", "guardd.cli", "run"], True),
+        (["python3", "-m", "guardd.ctl", "status", "--watch"], False),  # guardctl
+        (["/usr/bin/guardctl", "status", "--watch"], False),
+        (["less", "/var/lib/guardd/threader/events.jsonl"], False),
+    ],
+)
+def test_only_the_daemon_is_called_a_guardd(argv: list[str], daemon: bool) -> None:
+    assert (fsutil._program(argv) in fsutil._DAEMONS) is daemon
 
 
 def test_a_hard_link_planted_at_the_switch_lock_is_not_written(tmp_path: Path) -> None:
