@@ -19,6 +19,8 @@ from guardd.journal import is_named, open_rollback, record_fields
 from guardd.timestamps import parse_rfc3339
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from guardd.guard import Guard
 
 
@@ -79,6 +81,10 @@ async def recover(guard: Guard, saved: dict[str, Any]) -> None:
         and remembered != guard.active
         and pending is None
         and not interrupted
+        # state.json may be older than the journal (a full state disk took the journal's
+        # lines later, or kept its page's room): a move the journal ends with, to the
+        # color served now, is guardd's own, not a switch made while it was down.
+        and _last_moved_to(guard.journal.recent) != guard.active
     )
     if moved_while_down:
         guard.record(
@@ -97,6 +103,16 @@ async def recover(guard: Guard, saved: dict[str, Any]) -> None:
         # guardd had not stopped (a switch would have started them afresh).
         guard.carry_onsets(saved.get("onsets"))
     guard.metrics.set_active(guard.active)
+
+
+# The journal's events that leave traffic on their `to`.
+_MOVES = frozenset({"rollback_completed", "switch", "promote", "external_switch"})
+
+
+def _last_moved_to(recent: Sequence[dict[str, Any]]) -> object:
+    """The `to` of the last traffic move among the journal's `recent` events (oldest
+    first), None when there is none."""
+    return next((e.get("to") for e in reversed(recent) if e.get("event") in _MOVES), None)
 
 
 def _interrupted_move(guard: Guard, moving: object) -> bool:

@@ -760,3 +760,24 @@ async def test_guardds_own_lock_that_state_json_never_named_is_judged_not_kept_f
         await steps(g2, clock, [(OK, OK)] * 3)
     assert not qoslock.read_lock(g2.s.lock_file).held
     assert [e for e in g2.journal.recent if e["event"] == "qos_released"]
+
+
+async def test_a_rollback_state_json_missed_is_not_read_as_a_switch_made_while_down(
+    tmp_path: Path,
+) -> None:
+    """state.json could not take the rollback (a full state disk), the journal did: at the
+    next start the journal says guardd moved traffic there, so no one is blamed for it."""
+    clock = FakeClock()
+    prepare(tmp_path)
+    g1 = await start(tmp_path, clock, SPEC)
+    await steps(g1, clock, [(OK, OK)] * 3)
+    g1.save_state()
+    before = g1.state_file.path.read_bytes()
+    await steps(g1, clock, [(OK, DOWN)] * 3)
+    assert g1.active == "blue"
+    assert [e["event"] for e in g1.journal.recent].count("rollback_completed") == 1
+    g1.state_file.path.write_bytes(before)  # what a full disk left of it
+
+    g2 = await start(tmp_path, clock, SPEC)
+    assert g2.active == "blue"
+    assert "external_switch" not in [e["event"] for e in g2.journal.recent]
