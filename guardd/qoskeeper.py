@@ -581,6 +581,8 @@ class QosKeeper:
             # The counts, so that a restart judges the window on the probes it already saw.
             doc["window"] = {
                 "until": rfc3339(wall + own.window.ends_at - now),
+                # What is left to watch, as of this save: a restart goes on from there.
+                "left_s": round(max(0.0, own.window.ends_at - now), 3),
                 **own.window.counts(),
             }
         return doc
@@ -631,16 +633,41 @@ class QosKeeper:
             at = mono(floor_doc, math.inf)
             floor = Floor(math.inf if at is None else at, str(floor_doc))
         window: QosWindow | None = None
+        left: float | None = None
         if not manual and not hold:
             w = saved.get("window")
             w = w if isinstance(w, dict) else {}
-            # Older state files kept only the lock's until: the window then ends with it.
-            ends = mono(w.get("until"), None) if "until" in w else expires_at
+            left = _seconds(w.get("left_s"), host.s.qos_window)
+            if left is not None:
+                # The time guardd was down does not count: nothing watched it. The window
+                # goes on with what was left to watch when state.json was last written.
+                ends: float | None = now + left
+            else:
+                # Older state files kept only the until: the window then ends with it.
+                ends = mono(w.get("until"), None) if "until" in w else expires_at
             window = self._new_window(
                 now, (ends if ends is not None else now + host.s.qos_window) - now
             )
             window.restore_counts(w)
-        self.own_lock = OwnedLock(info, window, expires_at, manual, floor, hold=hold)
+        own = self.own_lock = OwnedLock(info, window, expires_at, manual, floor, hold=hold)
+        if left is None or window is None or expires_at is None:
+            return
+        if window.ends_at <= expires_at + 1.0:
+            return  # (within a second of it: the clocks read apart, no news)
+        # The lock's until passed, or comes sooner, while the window was not watched: it
+        # is moved to the window's end (and never before what it was laid over, `floor`).
+        end = _later(Floor.of(window.ends_at, wall, now), floor)
+        own.info = dataclasses.replace(info, until=end.until)
+        own.expires_at = None if math.isinf(end.at) else end.at
+        self._change(
+            own,
+            own.info,
+            "qos_extended",
+            source=host.active,
+            reason=f"the guard window resumed after a restart, {left:g}s of it left to "
+            "watch: the time guardd was not running does not count",
+            until=own.info.until,
+        )
 
     def _adopt_unsaved(self) -> None:
         """At start: take as guardd's own a guard window's lock (`by` guardd, with an
@@ -713,6 +740,13 @@ class QosKeeper:
         return QosWindow(
             now, span, s.qos_max_error_ratio, s.qos_min_health_ratio, s.policy.min_samples
         )
+
+
+def _seconds(doc: object, most: float) -> float | None:
+    """A number of seconds from state.json, from 0 to `most`; None for anything else."""
+    if isinstance(doc, bool) or not isinstance(doc, int | float) or not 0 <= doc <= most:
+        return None
+    return float(doc)
 
 
 def _later(end: Floor, floor: Floor | None) -> Floor:

@@ -781,3 +781,31 @@ async def test_a_rollback_state_json_missed_is_not_read_as_a_switch_made_while_d
     g2 = await start(tmp_path, clock, SPEC)
     assert g2.active == "blue"
     assert "external_switch" not in [e["event"] for e in g2.journal.recent]
+
+
+async def test_a_guard_window_goes_on_after_a_restart_for_what_was_left_to_watch(
+    tmp_path: Path,
+) -> None:
+    """Stopped a moment into its guard window and started again after the window would
+    have ended: nothing watched blue meanwhile, so the window goes on for what was left,
+    the lock's until moved to its new end (`qos_extended`), and is released only then."""
+    clock = FakeClock()
+    prepare(tmp_path)
+    g1 = await start(tmp_path, clock, SPEC)
+    await steps(g1, clock, [(OK, OK)] * 3 + [(OK, DOWN)] * 3 + [(OK, OK)] * 2)
+    assert g1.own_lock is not None and g1.own_lock.window is not None
+    left = g1.own_lock.window.ends_at - clock.monotonic()
+    assert left > 2 * g1.s.probe_interval
+    g1.save_state()  # what SIGTERM does
+    clock.advance(10 * g1.s.qos_window)
+
+    g2 = await start(tmp_path, clock, SPEC)
+    [moved] = [e for e in g2.journal.recent if e["event"] == "qos_extended"]
+    assert "the time guardd was not running does not count" in moved["reason"], moved
+    assert g2.own_lock is not None and g2.own_lock.window is not None
+    assert g2.own_lock.window.ends_at == pytest.approx(clock.monotonic() + left, abs=0.01)
+    assert qoslock.read_lock(g2.s.lock_file).until == moved["until"]
+    await steps(g2, clock, [(OK, OK)])
+    assert qoslock.read_lock(g2.s.lock_file).held, "not released on the first look"
+    await steps(g2, clock, [(OK, OK)] * (int(left / g2.s.probe_interval) + 2))
+    assert not qoslock.read_lock(g2.s.lock_file).held
