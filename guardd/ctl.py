@@ -693,7 +693,7 @@ def _expiry_note(target: _Target) -> str:
     try:
         call(target.socket, "qos_status", {}, timeout=PEEK_TIMEOUT_S)
     except DaemonUnreachable:
-        return "expired; released by guardd when it runs"
+        return "expired; guardd judges it when it runs: released, or its guard window goes on"
     except ControlError:
         return "expired; guardd releases it when it runs"
     return "expired; guardd releases it, or extends the guard window, at its next check"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from guardd import qoslock
+from guardd.core.machine import STALE_INTERVALS
 from guardd.core.qos import QosVerdict, QosWindow
 from guardd.core.types import GUARDD, Color, Outcome
 from guardd.exceptions import StorageError, UnsafePath, why
@@ -637,27 +638,30 @@ class QosKeeper:
         if not manual and not hold:
             w = saved.get("window")
             w = w if isinstance(w, dict) else {}
+            # Older state files kept only the until: the window then ends with it.
+            ends: float | None = mono(w.get("until"), None) if "until" in w else expires_at
             left = _seconds(w.get("left_s"), host.s.qos_window)
-            if left is not None:
-                # The time guardd was down does not count: nothing watched it. The window
-                # goes on with what was left to watch when state.json was last written.
-                ends: float | None = now + left
+            # The time guardd was down does not count: nothing watched it. The window goes
+            # on with what was left to watch when state.json was last written; unless
+            # guardd was back before its probes would have read as stale (a quick
+            # restart): the window missed no more than a probe's lateness then.
+            gap = STALE_INTERVALS * host.s.probe_interval
+            if left is not None and (ends is None or now + left > ends + gap):
+                ends = now + left
             else:
-                # Older state files kept only the until: the window then ends with it.
-                ends = mono(w.get("until"), None) if "until" in w else expires_at
+                left = None
             window = self._new_window(
                 now, (ends if ends is not None else now + host.s.qos_window) - now
             )
             window.restore_counts(w)
         own = self.own_lock = OwnedLock(info, window, expires_at, manual, floor, hold=hold)
-        if left is None or window is None or expires_at is None:
+        if left is None or window is None or expires_at is None or window.ends_at <= expires_at:
             return
-        if window.ends_at <= expires_at + 1.0:
-            return  # (within a second of it: the clocks read apart, no news)
         # The lock's until passed, or comes sooner, while the window was not watched: it
         # is moved to the window's end (and never before what it was laid over, `floor`).
+        # guardd's from then on: an operator who locked until a time never asked for this.
         end = _later(Floor.of(window.ends_at, wall, now), floor)
-        own.info = dataclasses.replace(info, until=end.until)
+        own.info = dataclasses.replace(info, until=end.until, by=GUARDD)
         own.expires_at = None if math.isinf(end.at) else end.at
         self._change(
             own,

@@ -783,12 +783,14 @@ async def test_a_rollback_state_json_missed_is_not_read_as_a_switch_made_while_d
     assert "external_switch" not in [e["event"] for e in g2.journal.recent]
 
 
+@pytest.mark.parametrize("down", ["a moment", "past the window's end"])
 async def test_a_guard_window_goes_on_after_a_restart_for_what_was_left_to_watch(
-    tmp_path: Path,
+    tmp_path: Path, down: str
 ) -> None:
     """Stopped a moment into its guard window and started again after the window would
     have ended: nothing watched blue meanwhile, so the window goes on for what was left,
-    the lock's until moved to its new end (`qos_extended`), and is released only then."""
+    the lock's until moved to its new end (`qos_extended`), and is released only then. A
+    restart quicker than a probe takes to go stale moves nothing."""
     clock = FakeClock()
     prepare(tmp_path)
     g1 = await start(tmp_path, clock, SPEC)
@@ -797,6 +799,13 @@ async def test_a_guard_window_goes_on_after_a_restart_for_what_was_left_to_watch
     left = g1.own_lock.window.ends_at - clock.monotonic()
     assert left > 2 * g1.s.probe_interval
     g1.save_state()  # what SIGTERM does
+    before = qoslock.read_lock(g1.s.lock_file)
+    if down == "a moment":
+        clock.advance(2 * g1.s.probe_interval)  # (a probe goes stale after 3)
+        g2 = await start(tmp_path, clock, SPEC)
+        assert "qos_extended" not in [e["event"] for e in g2.journal.recent]
+        assert qoslock.read_lock(g2.s.lock_file) == before
+        return
     clock.advance(10 * g1.s.qos_window)
 
     g2 = await start(tmp_path, clock, SPEC)

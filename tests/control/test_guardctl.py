@@ -689,7 +689,10 @@ def test_qos_status_says_when_a_lock_has_expired_with_the_daemon_down(
     as_json = guardctl("--config", str(config), "qos", "status", "--json", run_dir=run_dir)
 
     assert text.code == 1
-    assert f"  until      {until} (expired; released by guardd when it runs)\n" in text.out
+    assert (
+        f"  until      {until} (expired; guardd judges it when it runs: released, or its "
+        "guard window goes on)\n" in text.out
+    )
     assert as_json.code == 1
     assert json.loads(as_json.out)["expired"] is True
 
