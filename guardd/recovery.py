@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from guardd.core.machine import Memory
-from guardd.core.types import COLORS, GUARDD
+from guardd.core.types import COLORS, GUARDD, TRAFFIC_MOVES
 from guardd.exceptions import SwitchError, why
 from guardd.journal import is_named, open_rollback, record_fields
 from guardd.timestamps import parse_rfc3339
@@ -105,14 +105,10 @@ async def recover(guard: Guard, saved: dict[str, Any]) -> None:
     guard.metrics.set_active(guard.active)
 
 
-# The journal's events that leave traffic on their `to`.
-_MOVES = frozenset({"rollback_completed", "switch", "promote", "external_switch"})
-
-
 def _last_moved_to(recent: Sequence[dict[str, Any]]) -> object:
     """The `to` of the last traffic move among the journal's `recent` events (oldest
     first), None when there is none."""
-    return next((e.get("to") for e in reversed(recent) if e.get("event") in _MOVES), None)
+    return next((e.get("to") for e in reversed(recent) if e.get("event") in TRAFFIC_MOVES), None)
 
 
 def _interrupted_move(guard: Guard, moving: object) -> bool:

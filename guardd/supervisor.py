@@ -35,7 +35,7 @@ from guardd.commands import RetryPolicy
 from guardd.config import GuardConfig, Settings, group_problem, not_switchable
 from guardd.core.cadence import last_point_by, next_round
 from guardd.core.machine import GuardMachine
-from guardd.core.types import COLORS, GUARDD, Color, Outcome
+from guardd.core.types import COLORS, GUARDD, TRAFFIC_MOVES, Color, Outcome
 from guardd.exceptions import (
     AlreadyRunning,
     ConfigError,
@@ -81,8 +81,6 @@ _MAX_LOOP_ERRORS_SEEN = 256
 _RECORD_EVERY_S = 1.0
 _RECORD_GAP_S = 0.9
 _RECORD_LAST_S = 5.0
-# The journal events that say traffic moved (recorded as `switch`).
-_TRAFFIC_MOVES = frozenset({"rollback_completed", "switch", "promote", "external_switch"})
 
 
 def cannot(settings: Settings, key: str, what: str, error: OSError | str) -> ConfigProblem:
@@ -760,7 +758,7 @@ class Supervisor:
         await self.faults.reach(f"after_{step}")
 
     def _notify(self, event: dict[str, Any]) -> None:
-        if event.get("event") in _TRAFFIC_MOVES:
+        if event.get("event") in TRAFFIC_MOVES:  # (recorded as `switch`)
             self._record(
                 "switch",
                 event.get("from"),

@@ -38,6 +38,12 @@ JOURNAL_EVENTS: frozenset[str] = frozenset(
 )
 
 
+#: The journal events after which traffic is on their `to`: what moved it, guardd or not.
+TRAFFIC_MOVES: frozenset[str] = frozenset(
+    {"rollback_completed", "switch", "promote", "external_switch"}
+)
+
+
 #: How one notification to one sink ended (docs/contract.md §5 `outcome` label of
 #: `guardd_notifications_total`).
 NotificationOutcome = Literal["sent", "retried", "dropped"]
