@@ -608,12 +608,9 @@ class QosKeeper:
         wall, now = host.clock.wall(), host.clock.monotonic()
 
         def mono(stamp: object, default: float | None) -> float | None:
-            # A wall-clock stamp of state.json placed on the monotonic clock; one that cannot
-            # be read keeps the lock (fail closed: a lock is never lost to a garbled file).
-            try:
-                return float(now + max(0.0, parse_rfc3339(str(stamp)) - wall))
-            except ValueError:
-                return default
+            # One that cannot be read keeps the lock (fail closed: a lock is never lost to
+            # a garbled file).
+            return _on_monotonic(stamp, wall, now, default)
 
         current = self.store.read(host.s.lock_file)
         if not current.held:
@@ -700,10 +697,7 @@ class QosKeeper:
             "a full state disk?)"
         )
         now, wall, span = host.clock.monotonic(), host.clock.wall(), host.s.qos_window
-        try:
-            ends = parse_rfc3339(str(current.until)) if current.until is not None else None
-        except ValueError:
-            ends = None
+        ends = _on_monotonic(current.until, wall, now, None)  # (None too for no until)
         if ends is None:
             own = OwnedLock(current, self._new_window(now, span), None, False, UNLOCKED)
             self._change(own, current, "qos_locked", reason=current.reason, by=GUARDD, until=None)
@@ -714,7 +708,7 @@ class QosKeeper:
                 "`guardctl qos unlock`",
             )
             return
-        floor = Floor(now + max(0.0, ends - wall), current.until)
+        floor = Floor(ends, current.until)
         end = _later(Floor.of(now + span, wall, now), floor)
         info = qoslock.LockInfo(True, current.reason, current.locked_at, end.until, GUARDD)
         own = OwnedLock(info, self._new_window(now, span), end.at, manual=False, floor=floor)
@@ -744,6 +738,16 @@ class QosKeeper:
         return QosWindow(
             now, span, s.qos_max_error_ratio, s.qos_min_health_ratio, s.policy.min_samples
         )
+
+
+def _on_monotonic(stamp: object, wall: float, now: float, default: float | None) -> float | None:
+    """An RFC 3339 `stamp` (a lock's until, read back) placed on the monotonic clock, by
+    `wall` and monotonic `now` read together (a time already past: `now`); `default`
+    when it is no time."""
+    try:
+        return now + max(0.0, parse_rfc3339(str(stamp)) - wall)
+    except ValueError:
+        return default
 
 
 def _seconds(doc: object, most: float) -> float | None:
