@@ -731,8 +731,9 @@ class Guard:
             return None  # `hold` or `starting`: each is its own warning
         return self.machine.protection_lost(self.active, self.clock.monotonic())
 
-    async def _read_target(self) -> tuple[Color | None, str | None]:
-        """The color the switch target names now, and why none when it cannot be read.
+    async def _read_target(self) -> Color | None:
+        """The color the switch target names now; None when it names none, and then
+        `target_unreadable` says why when it could not be read at all.
 
         What the host did to the target (a symlink put in place of the state file, a file
         made unreadable) is a target that names no color, never an error that ends the
@@ -742,14 +743,15 @@ class Guard:
             color = await self.switcher.read_active()
         except (OSError, GuarddError) as e:
             self.target_unreadable = str(e)
-            return None, self.target_unreadable
+            return None
         self.target_unreadable = None
-        return color, None
+        return color
 
     async def _adopt_external_switch(self) -> None:
         if self.rolling_back:
             return
-        on_disk, unreadable = await self._read_target()
+        on_disk = await self._read_target()
+        unreadable = self.target_unreadable
         if on_disk is None and self.active is not None:
             # It names neither color now: a hand pointed it at another file (a hotfix
             # copy) or removed it. guardd no longer knows what users are served, so it
@@ -1131,7 +1133,7 @@ class Guard:
             return out
         if committed:
             out.undo_problem = await self._restore(source)
-        self.active, _ = await self._read_target()
+        self.active = await self._read_target()
         self.machine.switched()
         out.serving = None if out.undo_problem else await self._serving()
         return out
