@@ -205,7 +205,10 @@ def test_guard_window_is_extended_when_slos_fail(make_lab: MakeLab) -> None:
 
 
 def test_lock_survives_restart_and_a_cleared_run_dir(make_lab: MakeLab) -> None:
-    lab: Lab = make_lab(qos__window="1h")
+    # A restart quicker than three probe intervals moves no guard window; a slower one
+    # would (the time guardd was down is not watched). At the lab's 200 ms probes a loaded
+    # machine's stop and start took longer than 600 ms; at 1 s probes it has 3 s.
+    lab: Lab = make_lab(qos__window="1h", probe__interval="1s")
     d = lab.daemon()
     lab.green.set_mode("http_503")
     d.wait_event("qos_locked")

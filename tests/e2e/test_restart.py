@@ -69,8 +69,10 @@ def test_sticky_hold_after_a_failed_switch_survives_a_restart(make_lab: MakeLab)
 
 
 def test_a_guard_window_survives_a_restart_with_its_probes(make_lab: MakeLab) -> None:
-    # A window that outlasts a stop and a start on a loaded machine (6 s did not, once).
-    lab: Lab = make_lab(qos__window="20s")
+    # A window that outlasts a stop and a start on a loaded machine (6 s did not, once),
+    # and a restart quicker than three probe intervals, which moves no window: at the
+    # lab's 200 ms probes a loaded machine's restart took longer than 600 ms.
+    lab: Lab = make_lab(qos__window="20s", probe__interval="1s")
     d = lab.daemon()
     lab.green.set_mode("http_503")
     locked = d.wait_event("qos_locked")
