@@ -309,6 +309,8 @@ def read_bytes(path: Path) -> bytes:
 
 #: What a path that is not a regular file is, by its `stat.S_IFMT`, for messages.
 _KINDS = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFLNK: "a symlink",
     stat.S_IFDIR: "a directory",
     stat.S_IFIFO: "a FIFO",
     stat.S_IFCHR: "a character device",
@@ -317,12 +319,17 @@ _KINDS = {
 }
 
 
+def kind_of(mode: int) -> str:
+    """What a file of this `st_mode` is, for messages: `a FIFO`, `a symlink`."""
+    return _KINDS.get(stat.S_IFMT(mode), "of an unknown kind")
+
+
 def not_regular(mode: int) -> str | None:
     """Why a file of this `st_mode` is no file to read (`not a regular file (a FIFO)`), or
     None for a regular file."""
     if stat.S_ISREG(mode):
         return None
-    return f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'of an unknown kind')})"
+    return f"not a regular file ({kind_of(mode)})"
 
 
 def open_regular(path: Path) -> BinaryIO:

@@ -731,7 +731,7 @@ class Guard:
             return None  # `hold` or `starting`: each is its own warning
         return self.machine.protection_lost(self.active, self.clock.monotonic())
 
-    async def _read_target(self) -> Color | None:
+    async def read_target(self) -> Color | None:
         """The color the switch target names now; None when it names none, and then
         `target_unreadable` says why when it could not be read at all.
 
@@ -750,7 +750,7 @@ class Guard:
     async def _adopt_external_switch(self) -> None:
         if self.rolling_back:
             return
-        on_disk = await self._read_target()
+        on_disk = await self.read_target()
         unreadable = self.target_unreadable
         if on_disk is None and self.active is not None:
             # It names neither color now: a hand pointed it at another file (a hotfix
@@ -1133,7 +1133,7 @@ class Guard:
             return out
         if committed:
             out.undo_problem = await self._restore(source)
-        self.active = await self._read_target()
+        self.active = await self.read_target()
         self.machine.switched()
         out.serving = None if out.undo_problem else await self._serving()
         return out

@@ -66,9 +66,13 @@ async def _mutate(guard: Guard, cmd: str, args: dict[str, Any], by: str) -> dict
     if cmd == "qos_unlock":
         return await _qos_unlock(guard, reason, by)
     if guard.active is None and not (cmd == "switch" and args.get("force")):
+        why = (
+            "the switch target names neither color"
+            if guard.target_unreadable is None
+            else f"the switch target cannot be read: {guard.target_unreadable}"
+        )
         raise OperationRefused(
-            "the active color is unknown (the switch target names neither color); "
-            "`guardctl switch COLOR --force` sets it"
+            f"the active color is unknown ({why}); `guardctl switch COLOR --force` sets it"
         )
     if cmd == "rollback":
         assert guard.active is not None  # noqa: S101 - refused above

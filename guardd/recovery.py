@@ -70,7 +70,7 @@ async def recover(guard: Guard, saved: dict[str, Any]) -> None:
         guard.paused = saved["paused"]
     guard.qos.restore(saved.get("qos"), saved.get("qos_change"))
     pending = open_rollback(guard.journal.recent)
-    guard.active = await guard.switcher.read_active()
+    guard.active = await guard.read_target()
     if pending is not None:
         await _resume_rollback(guard, pending)
     remembered = saved.get("active")

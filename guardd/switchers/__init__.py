@@ -82,7 +82,12 @@ class Switcher(Protocol):
     """Moves traffic to a color and tells which color the target on disk names."""
 
     async def read_active(self) -> Color | None:
-        """Return the color the switch target names now, or None if it names neither."""
+        """Return the color the switch target names now, or None if it names neither.
+
+        Raises `GuarddError` or `OSError` when there is no target to read (it does not
+        exist, or is no file of the kind the switcher writes): its message says which, so
+        that a hold can say why rather than "names neither".
+        """
         ...
 
     async def switch(self, to: Color) -> None:

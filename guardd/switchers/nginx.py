@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,8 @@ import anyio
 import structlog
 
 from guardd.commands import CommandResult, RetryPolicy, run_command
-from guardd.exceptions import CommandFailed, SwitchError, SwitchRejected
-from guardd.fsutil import fsync_dir, not_regular
+from guardd.exceptions import CommandFailed, StorageError, SwitchError, SwitchRejected
+from guardd.fsutil import fsync_dir, kind_of, not_regular
 from guardd.switchers import (
     STEP_LINK_WRITTEN,
     STEP_RELOADED,
@@ -108,8 +109,20 @@ class NginxSwitcher:
 
         While a switch is in flight (or a crash left its undo record), the record's
         color is the committed truth and is returned instead. Never waits for a switch.
+        Raises `StorageError` when there is no link to read: the active link does not
+        exist, or is not a symlink (`<path>: not a symlink (a regular file)`).
         """
-        return self._color_on_disk()
+        color = self._color_on_disk()
+        if color is None:
+            try:
+                mode = self.active_link.lstat().st_mode
+            except FileNotFoundError:
+                raise StorageError(f"{self.active_link}: does not exist") from None
+            except OSError as exc:
+                raise StorageError(f"{self.active_link}: cannot be read: {exc.strerror}") from None
+            if not stat.S_ISLNK(mode):
+                raise StorageError(f"{self.active_link}: not a symlink ({kind_of(mode)})")
+        return color
 
     async def switch(self, to: Color) -> None:
         """Point the active link at *to*'s file, test, reload; undo and raise on failure."""

@@ -80,14 +80,17 @@ class StateFileSwitcher:
         self._replaced: tuple[bytes | None, bytes] | None = None
 
     async def read_active(self) -> Color | None:
-        """Return the color the file names; None if it is missing, unreadable JSON or other.
+        """Return the color the file names; None if it is unreadable JSON or names another.
 
-        Raises `UnsafePath` if the path is a symlink: guardd could not switch it either.
-        The file is replaced atomically, so this never waits for a switch.
+        Raises `StorageError` if the file does not exist (`<path>: does not exist`), and
+        `UnsafePath` if the path is a symlink: guardd could not switch it either. The file
+        is replaced atomically, so this never waits for a switch.
         """
         try:
             document = _parse(read_bytes(self.path))
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
+            raise StorageError(f"{self.path}: does not exist") from None
+        except ValueError:
             return None
         value = document.get(self.key)
         return value if is_color(value) else None

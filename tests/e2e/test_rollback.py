@@ -187,30 +187,61 @@ def test_a_switch_target_changed_by_hand_to_no_color_holds_and_locks(
 ) -> None:
     """The active link pointed by hand at a file that is neither color's (a copy of green's
     for a hotfix), or removed: guardd can no longer say what users are served, so it says
-    so and holds, with deploys locked, until the link names a color again."""
+    so and holds, with deploys locked, until the link names a color again. The hold says
+    which: a link that names no color, or no link at all."""
     lab = make_lab()
     d = lab.daemon()
     count = len(d.events())
     lab.nginx.active_link.unlink()
+    why = f"the switch target cannot be read ({lab.nginx.active_link}: does not exist)"
+    said = f"{why}; guardd holds until it names blue or green"
+    unknown = f"the switch target cannot be read: {lab.nginx.active_link}: does not exist"
     if how == "a hotfix copy":
         hotfix = lab.nginx.targets["green"].with_name("hotfix.conf")
         hotfix.write_text(lab.nginx.targets["green"].read_text())
         lab.nginx.active_link.symlink_to(hotfix)
         lab.nginx.reload()
+        why = "the switch target names neither blue nor green"
+        said = (
+            "the switch target was changed outside guardd and names neither blue nor "
+            "green; guardd holds until it names one"
+        )
+        unknown = "the switch target names neither color"
     moved = d.wait_event("external_switch", after=count)
     assert (moved["from"], moved["to"]) == ("green", None)
-    assert "names neither blue nor green" in moved["reason"]
+    assert moved["reason"] == said
     held = d.wait_event("hold", after=count)
-    assert "names neither" in held["reason"]
+    assert held["reason"] == why
     assert wait_until(lambda: _hold_locked(lab), 10, "deploys locked")
     doc = json.loads(guardctl("--config", str(lab.config_path), "status", "--json").stdout)
-    assert doc["active"] is None and doc["state"] == "hold"
+    assert (doc["active"], doc["state"], doc["hold_reason"]) == (None, "hold", why), doc
+    refused = guardctl("--config", str(lab.config_path), "rollback")
+    assert refused.returncode != 0
+    assert f"the active color is unknown ({unknown})" in refused.stderr
     # Named again: adopted, the hold and its lock end.
     count = len(d.events())
     if lab.nginx.active_link.is_symlink():
         lab.nginx.active_link.unlink()
     lab.nginx.active_link.symlink_to(lab.nginx.targets["green"])
     lab.nginx.reload()
+    back = d.wait_event("external_switch", after=count)
+    assert (back["from"], back["to"]) == (None, "green")
+    d.wait_event("qos_released", after=count)
+    assert d.stop() == 0
+
+
+def test_a_start_that_finds_no_switch_target_holds_and_says_why(make_lab: MakeLab) -> None:
+    """Started with nginx's active link removed: guardd cannot tell what users are served,
+    holds with deploys locked, and says the link does not exist; put back, it is adopted."""
+    lab = make_lab()
+    lab.nginx.active_link.unlink()
+    d = lab.daemon()
+    held = d.wait_event("hold")
+    why = f"the switch target cannot be read ({lab.nginx.active_link}: does not exist)"
+    assert held["reason"] == why
+    assert wait_until(lambda: _hold_locked(lab), 10, "deploys locked")
+    count = len(d.events())
+    lab.nginx.active_link.symlink_to(lab.nginx.targets["green"])
     back = d.wait_event("external_switch", after=count)
     assert (back["from"], back["to"]) == (None, "green")
     d.wait_event("qos_released", after=count)

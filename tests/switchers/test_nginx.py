@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import anyio
 import pytest
 
 from guardd.commands import RetryPolicy
-from guardd.exceptions import CommandFailed, SwitchRejected
+from guardd.exceptions import CommandFailed, StorageError, SwitchRejected
 from guardd.switchers import NGINX_STEPS, Switcher
 from guardd.switchers.nginx import NginxSwitcher
 from tests.harness.nginx import Nginx
@@ -195,6 +196,26 @@ async def test_read_active_adopts_a_change_made_by_hand(nginx: Nginx) -> None:
     other.write_text(nginx.targets["blue"].read_text())
     await anyio.run_process(["ln", "-sfn", str(other), str(nginx.active_link)])
     assert await switcher.read_active() is None
+
+
+async def test_read_active_says_why_there_is_no_link_to_read(nginx: Nginx) -> None:
+    """A link removed, or a file put in its place, is no target that names nothing: the
+    error says which, for the hold to quote."""
+    switcher = make_switcher(nginx)
+    link = nginx.active_link
+    link.unlink()
+    with pytest.raises(StorageError, match=f"^{re.escape(str(link))}: does not exist$"):
+        await switcher.read_active()
+    link.write_text(nginx.targets["blue"].read_text())
+    with pytest.raises(StorageError, match=r": not a symlink \(a regular file\)$"):
+        await switcher.read_active()
+    link.unlink()
+    link.mkdir()
+    with pytest.raises(StorageError, match=r": not a symlink \(a directory\)$"):
+        await switcher.read_active()
+    link.rmdir()
+    link.symlink_to(nginx.targets["green"])
+    assert await switcher.read_active() == "green"
 
 
 # -- recovery after kill -9 ----------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import anyio
 import pytest
 
 from guardd.commands import RetryPolicy
-from guardd.exceptions import CommandFailed, SwitchRejected
+from guardd.exceptions import CommandFailed, StorageError, SwitchRejected
 from guardd.fsutil import temp_path_for
 from guardd.switchers import STATE_FILE_STEPS, Switcher
 from guardd.switchers.state_file import StateFileSwitcher
@@ -162,10 +163,11 @@ async def test_unparseable_file_is_left_alone(tmp_path: Path) -> None:
 
 
 async def test_missing_file_is_created(tmp_path: Path) -> None:
-    """No file yet: read_active() is None, and a switch creates it."""
+    """No file yet: read_active() says it does not exist, and a switch creates it."""
     path = tmp_path / "deploy-state.json"
     switcher = StateFileSwitcher(path=path, reload_command=None, timeout=10, retry=None)
-    assert await switcher.read_active() is None
+    with pytest.raises(StorageError, match=f"^{re.escape(str(path))}: does not exist$"):
+        await switcher.read_active()
 
     await switcher.switch("blue")
 
