@@ -68,9 +68,11 @@ async def recover(guard: Guard, saved: dict[str, Any]) -> None:
     # (a guard window, a hold's) over guardd's own lock, never over a lock it forgot.
     if isinstance(saved.get("paused"), dict):
         guard.paused = saved["paused"]
+    # The color served, before the lock: a guard window moved at start names the color
+    # it watches, as every `qos_extended` does.
+    guard.active = await guard.read_target()
     guard.qos.restore(saved.get("qos"), saved.get("qos_change"))
     pending = open_rollback(guard.journal.recent)
-    guard.active = await guard.read_target()
     if pending is not None:
         await _resume_rollback(guard, pending)
     remembered = saved.get("active")

@@ -811,6 +811,7 @@ async def test_a_guard_window_goes_on_after_a_restart_for_what_was_left_to_watch
     g2 = await start(tmp_path, clock, SPEC)
     [moved] = [e for e in g2.journal.recent if e["event"] == "qos_extended"]
     assert "the time guardd was not running does not count" in moved["reason"], moved
+    assert moved["from"] == "blue", "the color watched, as every qos_extended names it"
     assert g2.own_lock is not None and g2.own_lock.window is not None
     assert g2.own_lock.window.ends_at == pytest.approx(clock.monotonic() + left, abs=0.01)
     assert qoslock.read_lock(g2.s.lock_file).until == moved["until"]
