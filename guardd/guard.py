@@ -827,11 +827,14 @@ class Guard:
     def _page(self, action: Hold | Alert) -> dict[str, Any]:
         """The journal record (`named_record`) of a decision's hold or alert."""
         if isinstance(action, Hold):
+            # `to`: where a rollback would go; none when the failing color is itself the
+            # rollback target (never `blue->blue`) or the color served is unknown.
+            target = self.machine.rollback_target(self.active) if self.active else None
             return named_record(
                 "hold",
                 {
                     "source": self.active,
-                    "target": self.machine.rollback_target(self.active) if self.active else None,
+                    "target": None if target == self.active else target,
                     "reason": action.reason,
                     "severity": action.severity,
                     "evidence": action.evidence.to_dict() if action.evidence else None,

@@ -169,6 +169,22 @@ async def test_a_standstill_lock_says_the_cause_it_stands_for_now(tmp_path: Path
         assert not rig.events("qos_released"), "no moment unlocked"
 
 
+@pytest.mark.parametrize(("rollback_to", "to"), [("blue", None), ("previous", "green")])
+async def test_a_holds_to_is_where_a_rollback_would_go_never_the_color_failing(
+    tmp_path: Path, rollback_to: str, to: str | None
+) -> None:
+    """Blue serves and fails. With `rollback_to = "blue"` there is nowhere to go: the
+    hold's `to` is null, never `blue->blue`; with "previous", green, which it will not
+    switch back to (rolled away from in this guard window)."""
+    policy = dataclasses.replace(DEFAULT_POLICY, rollback_to=rollback_to)
+    rig = await rolled_back(tmp_path, policy=policy)
+    async with rig:
+        rig.probers["blue"].answer(503, "blue down")
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+        [held] = rig.events("hold")
+        assert (held["from"], held["to"]) == ("blue", to), held
+
+
 async def test_p0_rollback_end_to_end(tmp_path: Path) -> None:
     async with build_guard(tmp_path) as rig:
         await rig.probe_rounds(WARM_UP)
