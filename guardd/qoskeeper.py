@@ -567,7 +567,6 @@ class QosKeeper:
         own = self.own_lock
         if own is None:
             return None
-        wall, now = self.host.clock.wall(), self.host.clock.monotonic()
         doc: dict[str, Any] = {
             "reason": own.info.reason,
             "locked_at": own.info.locked_at,
@@ -578,15 +577,22 @@ class QosKeeper:
             "floor": None if own.floor is None else (own.floor.until or "unlocked"),
             "window": None,
         }
-        if own.window is not None:
-            # The counts, so that a restart judges the window on the probes it already saw.
-            doc["window"] = {
-                "until": rfc3339(wall + own.window.ends_at - now),
-                # What is left to watch, as of this save: a restart goes on from there.
-                "left_s": round(max(0.0, own.window.ends_at - now), 3),
-                **own.window.counts(),
-            }
+        # The counts, so that a restart judges the window on the probes it already saw.
+        doc["window"] = self.window_json()
         return doc
+
+    def window_json(self) -> dict[str, Any] | None:
+        """guardd's own guard window under way, or None: its `until` (RFC 3339), `left_s`
+        (seconds left to watch; a restart goes on from there) and `counts()` so far."""
+        own = self.own_lock
+        if own is None or own.window is None:
+            return None
+        wall, now = self.host.clock.wall(), self.host.clock.monotonic()
+        return {
+            "until": rfc3339(wall + own.window.ends_at - now),
+            "left_s": round(max(0.0, own.window.ends_at - now), 3),
+            **own.window.counts(),
+        }
 
     def change_json(self) -> dict[str, Any] | None:
         """The `qos_change` object of state.json: a change of the lock file under way."""

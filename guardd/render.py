@@ -346,6 +346,12 @@ def _lock(qos: object) -> tuple[str, str | None]:
     details = [f"until {clean(qos['until'])}" if qos.get("until") else "no expiry"]
     if qos.get("by"):
         details.append(f"by {clean(qos['by'])}")
+    window = qos.get("window")
+    if isinstance(window, Mapping):
+        details.append(
+            f"guard window: {_duration(window.get('left_s'))} left to watch, "
+            f"{_number(window.get('samples'))} probes, {_number(window.get('failures'))} failed"
+        )
     return f"HELD: {_text(qos.get('reason'))} ({', '.join(details)})", _YELLOW
 
 

@@ -88,6 +88,11 @@ def qos_doc(guard: Guard, lock: qoslock.LockInfo) -> dict[str, Any]:
     if guard.fleet is not None:
         return guard.fleet.qos_doc()
     doc = lock.to_json()
+    own = guard.qos.own_lock
+    window = guard.qos.window_json()
+    if lock.held and own is not None and own.info == lock and window is not None:
+        # guardd's own guard window: how long it is still watched, and what it saw so far.
+        doc["window"] = window
     if not lock.held and guard.rolling_back:
         # A switch in flight: its lock (a guard window, a hold's) is written as it ends,
         # and a rollback stuck at nginx's reload, with its undo, lasts a few switch.timeouts.

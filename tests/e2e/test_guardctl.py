@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -135,7 +136,7 @@ def test_a_dry_run_guard_never_reads_as_protecting(make_lab: MakeLab, tmp_path: 
 
 
 def test_status_during_a_rollback_says_what_it_comes_of(make_lab: MakeLab) -> None:
-    lab: Lab = make_lab()
+    lab: Lab = make_lab(qos__window="1h")
     (lab.fault_dir / "after_rollback_started").touch()  # the switch waits here
     d = lab.daemon()
     lab.green.set_mode("http_503")
@@ -147,6 +148,11 @@ def test_status_during_a_rollback_says_what_it_comes_of(make_lab: MakeLab) -> No
     assert decided["severity"] == "P0" and decided["evidence"]["rule"] == "consecutive_failures"
     (lab.fault_dir / "after_rollback_started").unlink()
     d.wait_event("rollback_completed")
+    # Then the guard window: how long it is still watched, in both forms.
+    locked = d.wait_event("qos_locked")
+    window = status(lab)["qos"]["window"]
+    assert window["until"] == locked["until"] and window["left_s"] > 0, window
+    assert re.search(r"guard window: \S+ left to watch, \d+ probes", ctl(lab, "status").stdout)
 
 
 def test_stale_probes_are_never_shown_healthy(make_lab: MakeLab) -> None:

@@ -18,11 +18,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from guardd import qoslock
+from guardd import qoslock, statusview
 from guardd.core.machine import Rollback
 from guardd.core.types import State
 from guardd.exceptions import OperationRefused, UnsafePath
 from guardd.operator import handle
+from guardd.render import render_status
 from guardd.switchers import COMMAND_STEPS, NGINX_STEPS, STATE_FILE_STEPS
 from guardd.testing import (
     DEFAULT_POLICY,
@@ -183,6 +184,28 @@ async def test_a_holds_to_is_where_a_rollback_would_go_never_the_color_failing(
         await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
         [held] = rig.events("hold")
         assert (held["from"], held["to"]) == ("blue", to), held
+
+
+async def test_status_says_how_long_the_guard_window_has_left_to_watch(
+    tmp_path: Path,
+) -> None:
+    """After a rollback, `status` shows the guard window under the lock: what is left to
+    watch and the probes counted; an operator's lock has none."""
+    rig = await rolled_back(tmp_path)
+    async with rig:
+        await rig.probe_rounds(2)
+        doc = statusview.snapshot(rig.guard)
+        window = doc["qos"]["window"]
+        span = rig.guard.s.qos_window
+        assert 0 < window["left_s"] < span
+        assert window["until"] == doc["qos"]["until"]
+        assert (window["samples"], window["failures"]) == (2, 0)
+        line = render_status(doc)
+        assert re.search(r"guard window: \S+ left to watch, 2 probes, 0 failed", line), line
+        await handle(rig.guard, "qos_unlock", {}, "uid:0(root)")
+        await handle(rig.guard, "qos_lock", {"reason": "freeze"}, "uid:0(root)")
+        doc = statusview.snapshot(rig.guard)
+        assert doc["qos"]["locked"] and "window" not in doc["qos"], doc["qos"]
 
 
 async def test_p0_rollback_end_to_end(tmp_path: Path) -> None:
