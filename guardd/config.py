@@ -85,12 +85,38 @@ def _at_most_a_year(seconds: float) -> float:
     return seconds
 
 
+#: The integers TOML holds: 64-bit signed (toml.io, "Integer"). A count beyond is a slip,
+#: from the file or from the environment alike.
+_COUNT_RANGE = range(-(2**63), 2**63)
+_OUT_OF_RANGE = "must be a 64-bit integer, as TOML's are"
+#: What a TOML integer may be made of (`1_000`, `+7`, `0x1F`); anything else is no count,
+#: and cannot be read as TOML meaning something else either (no `=`, quote or newline).
+_INTEGER_CHARS = re.compile(r"[0-9A-Za-z_+-]{1,100}")
+
+
 def _whole_number(value: object) -> object:
-    """A count as written: an integer (or, from the environment, its digits). pydantic's
-    lax mode reads `true` as 1 and `3.0` as 3: a boolean or a float in the file is a slip,
-    never a count."""
+    """A count as written: an integer, or from the environment an integer as TOML writes it
+    (`12`, `-1`, `1_000`, `0x1F`: read by `tomllib`, so a variable says what the file may).
+
+    pydantic's lax mode reads `true` as 1, `3.0` and the text `"3.0"` as 3: a boolean or a
+    float is a slip, never a count. Raises `ValueError` (`must be an integer`, or `must be a
+    64-bit integer, as TOML's are` beyond TOML's range).
+    """
     if isinstance(value, bool | float):
         raise ValueError(f"must be an integer, not {str(value).lower()}")  # noqa: TRY004
+    if isinstance(value, str):
+        text = value.strip(" \t")
+        if not _INTEGER_CHARS.fullmatch(text):
+            long = text.isascii() and text.isdigit()  # (more digits than a pattern takes)
+            raise ValueError(_OUT_OF_RANGE if long else "must be an integer")
+        try:
+            value = tomllib.loads(f"count = {text}")["count"]
+        except (tomllib.TOMLDecodeError, ValueError):  # (ValueError: past int()'s digits)
+            raise ValueError("must be an integer") from None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError("must be an integer")  # noqa: TRY004 - pydantic wants a ValueError
+    if isinstance(value, int) and value not in _COUNT_RANGE:
+        raise ValueError(_OUT_OF_RANGE)
     return value
 
 

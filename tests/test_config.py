@@ -439,8 +439,8 @@ def test_counts_of_probes_stop_at_what_a_window_keeps(
 ) -> None:
     """A count of probes beyond a window's capacity is refused, from the file
     (`testdata/invalid-probe-counts-huge`, `invalid-min-samples-beyond-window`) or from a
-    variable, which has no 64-bit limit; the capacity itself is accepted and reachable."""
-    monkeypatch.setenv("GUARDD_POLICY__CONSECUTIVE_FAILURES", str(10**30))
+    variable; the capacity itself is accepted and reachable."""
+    monkeypatch.setenv("GUARDD_POLICY__CONSECUTIVE_FAILURES", str(10**18))
     with pytest.raises(ConfigError) as info:
         config.load(EXAMPLE)
     assert [str(p) for p in info.value.problems] == [
@@ -458,6 +458,59 @@ def test_counts_of_probes_stop_at_what_a_window_keeps(
     for i in range(MAX_SAMPLES + 10):
         window.add(i * 0.01, Outcome.HTTP_5XX, 0.001)
     assert window.stats(MAX_SAMPLES * 0.01).samples == policy.min_samples
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("16384.0", "must be an integer"),
+        ("5.0", "must be an integer"),
+        ("1e3", "must be an integer"),
+        ("007", "must be an integer"),  # (TOML refuses leading zeros)
+        ("true", "must be an integer"),
+        ("inf", "must be an integer"),
+        ("\u0663", "must be an integer"),  # an Arabic-Indic 3: int() would take it
+        ("", "must be an integer"),
+        ("1\nmax_rollbacks = 2", "must be an integer"),
+        (str(10**30), "must be a 64-bit integer, as TOML's are"),
+        ("9" * 5000, "must be a 64-bit integer, as TOML's are"),  # past int()'s own limit
+        ("-" + "9" * 20, "must be a 64-bit integer, as TOML's are"),
+    ],
+)
+def test_a_count_from_the_environment_is_held_to_what_the_file_may_say(
+    monkeypatch: pytest.MonkeyPatch, value: str, reason: str
+) -> None:
+    """A count in a variable is an integer as TOML writes it: not a float's text, nothing
+    beyond TOML's 64-bit integers; each refused as `file: key: reason`."""
+    monkeypatch.setenv("GUARDD_POLICY__MAX_ROLLBACKS", value)
+    with pytest.raises(ConfigError) as info:
+        config.load(EXAMPLE)
+    assert [str(p) for p in info.value.problems] == [
+        f"env GUARDD_POLICY__MAX_ROLLBACKS: policy.max_rollbacks: {reason}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "count"),
+    [(" 7 ", 7), ("+7", 7), ("0", 0), ("1_000", 1000), ("0x1F", 31), (str(2**63 - 1), 2**63 - 1)],
+)
+def test_a_count_from_the_environment_is_read_as_toml_reads_it(
+    monkeypatch: pytest.MonkeyPatch, value: str, count: int
+) -> None:
+    monkeypatch.setenv("GUARDD_POLICY__MAX_ROLLBACKS", value)
+    assert config.load(EXAMPLE).config.policy.max_rollbacks == count
+
+
+def test_a_count_beyond_tomls_integers_is_refused_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "guardd.toml"
+    path.write_text(
+        re.sub(r"(?m)^max_rollbacks = 3 ", f"max_rollbacks = {2**64} ", EXAMPLE.read_text())
+    )
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}: policy.max_rollbacks: must be a 64-bit integer, as TOML's are"
+    ]
 
 
 def test_bad_env_override_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
