@@ -194,14 +194,19 @@ async def run_command(
 async def _run_once(argv: tuple[str, ...], time_limit: float, what: str) -> tuple[int, str, str]:
     """Run *argv* once; return (returncode, stdout, stderr) or raise on timeout."""
     try:
-        process = await anyio.open_process(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            # Its own session and process group, so a timeout can kill all of it.
-            start_new_session=True,
-        )
+        # Shielded: a cancel landing while asyncio connects the pipes makes it kill the
+        # child alone (its process group lives on: `sh -c 'x & y'`) and leave the pipes'
+        # transports open. The spawn is a fork, an exec and a few loop turns; the cancel
+        # is taken right after it, by the `finally` below, which kills the whole group.
+        with anyio.CancelScope(shield=True):
+            process = await anyio.open_process(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                # Its own session and process group, so a timeout can kill all of it.
+                start_new_session=True,
+            )
     except OSError as exc:
         raise CommandFailed(f"{what} ({argv[0]}) cannot start: {exc.strerror or exc}") from exc
     out, err = bytearray(), bytearray()

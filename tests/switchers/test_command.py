@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -144,6 +146,33 @@ async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     assert pids.exists(), "the script never started within its timeout"
     shell, child = map(int, pids.read_text().split())
     await wait_for(lambda: is_gone(shell) and is_gone(child))
+
+
+async def test_a_cancel_at_any_moment_of_the_start_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    """A command cancelled while it starts (a rollback's deadline, a stop) is killed with
+    everything it forked, whenever the cancel lands: before, asyncio killed the child
+    alone when the cancel came while it connected the pipes, and the child's own child
+    lived on holding them (one start in five here left one)."""
+    nap = tmp_path / "nap"  # sleep under a name of its own, to look for
+    nap.symlink_to(shutil.which("sleep") or "/bin/sleep")
+    cmd = script(tmp_path / "fork", f'"{nap}" 300 &\nexec "{nap}" 301\n')
+
+    def running() -> list[str]:
+        found = subprocess.run(
+            ["pgrep", "-f", str(nap)], check=False, capture_output=True, text=True
+        )
+        return found.stdout.split()
+
+    try:
+        for i in range(300):
+            # From at once to 3 ms in: before the fork, in the spawn, in the wait.
+            with anyio.move_on_after((i % 100) * 0.00003):
+                await run_command([str(cmd)], timeout=10, retry=None, what="fork")
+        await wait_for(lambda: not running())
+    finally:
+        await anyio.run_process(["pkill", "-f", str(nap)], check=False)
 
 
 async def test_timeouts_are_retried(tmp_path: Path) -> None:
