@@ -73,7 +73,16 @@ class CommandSwitcher:
         return substitute(self.command, color=color, instance=self.instance)
 
     async def read_active(self) -> Color | None:
-        """Return the color of the last successful switch, or None if there was none."""
+        """Return the color of the last successful switch; None if its record names none.
+
+        Raises `StorageError` when no switch was ever recorded (the record does not
+        exist): guardd cannot tell which color the command last chose.
+        """
+        if not self.state_path.exists() and not self.state_path.is_symlink():
+            raise StorageError(
+                f"{self.state_path}: does not exist: no switch recorded yet "
+                "(`guardctl switch COLOR --force` records the color served)"
+            )
         value = self._load().get("activeColor")
         return value if is_color(value) else None
 

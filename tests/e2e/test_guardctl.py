@@ -510,6 +510,8 @@ def test_switch_force_declares_the_color_a_command_switcher_cannot_read(make_lab
     d = lab.daemon()
     doc = status(lab)
     assert doc["active"] is None and doc["state"] == "hold"
+    # Held, and the page says why: no switch was ever recorded, and how to record one.
+    assert "no switch recorded yet (`guardctl switch COLOR --force`" in doc["hold_reason"], doc
     res = ctl(lab, "switch", "green")
     assert res.returncode == 1 and "--force" in (res.stdout + res.stderr)
     res = ctl(lab, "switch", "green", "--force", "--reason", "green is live")

@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 from guardd.commands import RetryPolicy, run_command
-from guardd.exceptions import CommandFailed, SwitchError
+from guardd.exceptions import CommandFailed, StorageError, SwitchError
 from guardd.switchers import COMMAND_STEPS, Switcher
 from guardd.switchers.command import CommandSwitcher, substitute
 from tests.harness.procs import is_gone
@@ -265,10 +265,12 @@ def test_substitute_is_one_pass() -> None:
 
 
 async def test_read_active_remembers_the_last_switch(tmp_path: Path) -> None:
-    """Nothing switched yet: None; afterwards the color survives a new switcher instance."""
+    """Nothing switched yet: it says so; afterwards the color survives a new switcher
+    instance."""
     command = [sys.executable, "-c", RECORD, str(tmp_path / "argv"), "{color}"]
     switcher = make_switcher(tmp_path, command)
-    assert await switcher.read_active() is None
+    with pytest.raises(StorageError, match=r"command-switch\.json: does not exist: no switch"):
+        await switcher.read_active()
 
     await switcher.switch("green")
     await switcher.switch("blue")
