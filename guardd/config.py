@@ -140,6 +140,11 @@ ProbeCount = Annotated[Count, Field(ge=1, le=MAX_SAMPLES)]
 # Whether validation also looks at the host: files, links, executables (`check-config`
 # without --offline). A context variable, because pydantic-settings passes no context.
 _HOST_CHECKS: ContextVar[bool] = ContextVar("guardd_host_checks", default=False)
+# What the host checks found that guardd runs with, holding (`_link_state`): warnings,
+# (dotted key, reason), collected by `load` while it validates. None: not collecting.
+_HOST_WARNINGS: ContextVar[list[tuple[str, str]] | None] = ContextVar(
+    "guardd_host_warnings", default=None
+)
 # Problems found by a section's own checks: (key inside the section, reason). The key is
 # dotted text, or its parts when one may hold a dot itself (a header name).
 Found = list[tuple[str | tuple[str, ...], str]]
@@ -363,7 +368,11 @@ def not_switchable(target: Path, ends: Sequence[Path]) -> str | None:
             "switch.targets: point it straight at one of them, or set switch.active_link to "
             "the link nginx includes"
         )
-    if st.st_nlink > 1:
+    # Only for what guardd replaces: a symlink (nginx), or the state file. Anything else in
+    # the link's place (a file, a directory, whose `..` is a second link) is no target to
+    # switch: guardd holds on it, as on a link that names no color.
+    replaced = stat.S_ISLNK(st.st_mode) or (not ends and stat.S_ISREG(st.st_mode))
+    if replaced and st.st_nlink > 1:
         return (
             f"{target} has {st.st_nlink} hard links; a switch replaces this name only, and the "
             "others keep the old target: remove the other names"
@@ -372,20 +381,33 @@ def not_switchable(target: Path, ends: Sequence[Path]) -> str | None:
 
 
 def _active_link(link: Path, targets: Mapping[Color, Path] | None) -> str | None:
-    """Why `link` is not a symlink guardd can swap between `targets`, or None."""
+    """Why guardd cannot swap `link` between `targets`, or None; a link that names no
+    target now is `_link_state`'s warning, not this."""
+    ends = list(targets.values()) if targets is not None and set(targets) == set(COLORS) else None
+    if ends is not None and link.is_symlink() and (why := not_switchable(link, ends)):
+        return why
+    return _writable_dir(link.parent, "a switch writes the new link beside the old one")
+
+
+def _link_state(link: Path, targets: Mapping[Color, Path] | None) -> str | None:
+    """Why `link` names none of `targets` now (missing, not a symlink, pointing elsewhere),
+    or None. A state, not a mistake of the config: guardd starts (and reloads) on it and
+    holds, with deploys locked, until it names one: refused at start, there would be no
+    guard at all, and nothing to lock deploys."""
     try:
         text = str(link.readlink())
     except FileNotFoundError:
-        return f"{link}: no such symlink; create it pointing at the active color's target"
+        why = f"{link}: no such symlink; create it pointing at the active color's target"
     except OSError:
-        return f"{link}: not a symlink; guardd switches by replacing a symlink to a target"
-    if targets is not None and set(targets) == set(COLORS):
+        why = f"{link}: not a symlink; guardd switches by replacing a symlink to a target"
+    else:
+        if targets is None or set(targets) != set(COLORS):
+            return None
         resolved = link.resolve()
-        if not any(text == str(t) or t.resolve() == resolved for t in targets.values()):
-            return f"{link} points at {text}, which is none of switch.targets"
-        if why := not_switchable(link, list(targets.values())):
-            return why
-    return _writable_dir(link.parent, "a switch writes the new link beside the old one")
+        if any(text == str(t) or t.resolve() == resolved for t in targets.values()):
+            return None
+        why = f"{link} points at {text}, which is none of switch.targets"
+    return f"{why}; until it names a target, guardd holds and deploys are locked"
 
 
 class UpstreamConfig(_Section):
@@ -905,6 +927,10 @@ class SwitchConfig(_Section):
                 targets = None if "targets" in invalid else self.targets
                 if why := _active_link(self.active_link, targets):
                     found.append(("active_link", why))
+                elif (warned := _HOST_WARNINGS.get()) is not None and (
+                    why := _link_state(self.active_link, targets)
+                ):
+                    warned.append(("switch.active_link", why))
         elif self.kind == "state-file":
             executable("reload_command", self.reload_command)
             path = None if "path" in invalid else self.path
@@ -1656,11 +1682,14 @@ def load(
     if overrides:
         _override(doc, overrides, shown)
     token = _HOST_CHECKS.set(host_checks)
+    host_warnings: list[tuple[str, str]] = []
+    warnings_token = _HOST_WARNINGS.set(host_warnings)
     try:
         config = _validator_for(doc, os.environ)(**doc)
     except ValidationError as e:
         raise ConfigError(
-            _problems(e, shown, os.environ), _bare_numbers(doc, shown, os.environ)
+            _problems(e, shown, os.environ),
+            _bare_numbers(doc, shown, os.environ) + _warned(shown, host_warnings),
         ) from None
     except ValueError as e:
         # pydantic-settings' own error (`SettingsError`): a variable it could not decode
@@ -1668,6 +1697,7 @@ def load(
         raise ConfigError(_environment_problems(str(e), os.environ)) from None
     finally:
         _HOST_CHECKS.reset(token)
+        _HOST_WARNINGS.reset(warnings_token)
     name = instance or config.instance or path.stem
     if not _SAFE_NAME.match(name):
         raise ConfigError(
@@ -1677,7 +1707,13 @@ def load(
     warned = {w.key for w in warnings}
     warnings += [w for w in _fleet_warnings(config, shown, os.environ) if w.key not in warned]
     warnings += _near_miss_variables(os.environ)
+    warnings += _warned(shown, host_warnings)
     return Settings(config, source=path, instance=name, warnings=warnings)
+
+
+def _warned(shown: str, found: list[tuple[str, str]]) -> list[ConfigProblem]:
+    """The host checks' warnings (`_HOST_WARNINGS`) as `file: key: warning: reason` lines."""
+    return [ConfigProblem(shown, key, f"warning: {why}") for key, why in found]
 
 
 #: guardd's own variables that are not settings (`guardd.paths`, the fault points, the demo).

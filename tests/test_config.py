@@ -86,6 +86,9 @@ def host_layout(root: Path) -> Path:
     (ups / "threader_active.conf").symlink_to(ups / "threader_green.conf")
     (root / "upstreams-link").symlink_to(ups)  # the same folder by another name
     (ups / "stray_active.conf").symlink_to(ups / "other.conf")
+    # In the active link's place: a folder (whose `..` is a second link), a file with two names.
+    (ups / "dir_active.conf").mkdir()
+    os.link(ups / "other.conf", ups / "hard_active.conf")
     # An alias of the active link: swapping it changes nothing nginx reads.
     (ups / "alias_active.conf").symlink_to(ups / "threader_active.conf")
     (root / "deploy").mkdir()
@@ -126,8 +129,26 @@ def test_invalid_config_is_rejected_with_its_exact_message(path: Path, tmp_path:
     assert result.stdout == ""
 
 
+WARNED = sorted(TESTDATA.glob("warn-*.toml"))
+
+
+@pytest.mark.parametrize("path", WARNED, ids=[p.stem for p in WARNED])
+def test_a_host_state_guardd_holds_on_is_a_warning(path: Path, tmp_path: Path) -> None:
+    """An active link that names no target now (missing, not a symlink, pointing elsewhere)
+    is a state guardd runs with, holding: refused at the unit's ExecStartPre, there would be
+    no guard to lock deploys. `check-config` warns, exits 0; the daemon starts and holds."""
+    root = host_layout(tmp_path)
+    (root / path.name).write_text(placed(path.read_text(), root))
+    result = check_config(Path(path.name), cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == placed(path.with_suffix(".err").read_text(), root)
+    assert ": ok: instance=" in result.stdout
+
+
 HOST_ONLY = [
-    p for p in INVALID if p.stem.startswith("invalid-host-") and "all-at-once" not in p.stem
+    p
+    for p in [*INVALID, *WARNED]
+    if p.stem.startswith(("invalid-host-", "warn-host-")) and "all-at-once" not in p.stem
 ]
 
 
@@ -351,8 +372,7 @@ def test_example_config_names_what_this_host_lacks() -> None:
     assert result.stderr == (
         f"{EXAMPLE}: switch.targets.blue: {ups}/threader_blue.conf: no such file\n"
         f"{EXAMPLE}: switch.targets.green: {ups}/threader_green.conf: no such file\n"
-        f"{EXAMPLE}: switch.active_link: {ups}/threader_active.conf: no such symlink; "
-        "create it pointing at the active color's target\n"
+        f"{EXAMPLE}: switch.active_link: directory {ups} does not exist\n"
     )
 
 
