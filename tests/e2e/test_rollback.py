@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from typing import Any
 
 import pytest
 
 from guardd import qoslock
-from tests.harness.daemon import Daemon, Lab, MakeLab, guardctl, wait_until
+from tests.harness.daemon import GUARDD, Daemon, Lab, MakeLab, guardctl, wait_until
 from tests.harness.upstream import Mode
 
 pytestmark = pytest.mark.nginx
@@ -230,22 +231,62 @@ def test_a_switch_target_changed_by_hand_to_no_color_holds_and_locks(
     assert d.stop() == 0
 
 
-def test_a_start_that_finds_no_switch_target_holds_and_says_why(make_lab: MakeLab) -> None:
-    """Started with nginx's active link removed: guardd cannot tell what users are served,
-    holds with deploys locked, and says the link does not exist; put back, it is adopted."""
+@pytest.mark.parametrize("how", ["removed", "a directory", "a file with two names"])
+def test_a_start_that_finds_no_switch_target_holds_and_says_why(
+    make_lab: MakeLab, how: str
+) -> None:
+    """Stopped on green, started with nginx's active link removed, or a folder or a second
+    name of a target file in its place: the unit's check passes (with a warning), guardd
+    starts, says the target changed while it was down and why it cannot be read, holds with
+    deploys locked, and takes a reload; the link put back, it is adopted."""
     lab = make_lab()
-    lab.nginx.active_link.unlink()
     d = lab.daemon()
-    held = d.wait_event("hold")
-    why = f"the switch target cannot be read ({lab.nginx.active_link}: does not exist)"
+    d.wait_event("started")
+    assert d.stop() == 0
+    link = lab.nginx.active_link
+    link.unlink()
+    kind = {
+        "removed": None,
+        "a directory": "a directory",
+        "a file with two names": "a regular file",
+    }
+    if how == "a directory":
+        link.mkdir()
+    elif how == "a file with two names":
+        link.hardlink_to(lab.nginx.targets["green"])
+    checked = subprocess.run(
+        [*GUARDD, "check-config", str(lab.config_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert checked.returncode == 0, checked.stderr  # (ExecStartPre's check)
+    assert "switch.active_link: warning: " in checked.stderr, checked.stderr
+    count = len(d.events())
+    d2 = lab.daemon()
+    found = "does not exist" if kind[how] is None else f"not a symlink ({kind[how]})"
+    why = f"the switch target cannot be read ({link}: {found})"
+    moved = d2.wait_event("external_switch", after=count)
+    assert (moved["from"], moved["to"]) == ("green", None), moved
+    assert moved["reason"] == f"{why}; guardd holds until it names blue or green"
+    held = d2.wait_event("hold", after=count)
     assert held["reason"] == why
     assert wait_until(lambda: _hold_locked(lab), 10, "deploys locked")
-    count = len(d.events())
-    lab.nginx.active_link.symlink_to(lab.nginx.targets["green"])
-    back = d.wait_event("external_switch", after=count)
+    gate = guardctl("--config", str(lab.config_path), "qos", "status")
+    assert gate.returncode == 1, gate
+    d2.signal(signal.SIGHUP)  # a reload is taken, the host's state notwithstanding
+    d2.wait_event("config_reloaded", after=count)
+    count = len(d2.events())
+    if link.is_dir():
+        link.rmdir()
+    elif how != "removed":
+        link.unlink()
+    link.symlink_to(lab.nginx.targets["green"])
+    back = d2.wait_event("external_switch", after=count)
     assert (back["from"], back["to"]) == (None, "green")
-    d.wait_event("qos_released", after=count)
-    assert d.stop() == 0
+    d2.wait_event("qos_released", after=count)
+    assert d2.stop() == 0
 
 
 def test_a_state_file_replaced_by_a_symlink_holds_and_says_why(make_lab: MakeLab) -> None:
