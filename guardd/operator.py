@@ -212,7 +212,15 @@ async def _qos_unlock(guard: Guard, reason: str | None, by: str) -> dict[str, An
     if guard.fleet is not None:
         # What a gate now says: still locked while the fleet has not converged.
         return guard.fleet.qos_doc()
-    return qoslock.read_lock(guard.s.lock_file).to_json()
+    after = qoslock.read_lock(guard.s.lock_file)
+    if after.held:
+        # The file could not be removed (a folder in its place, a read-only mount): deploys
+        # are still blocked, and "done" would send the operator away.
+        raise OperationRefused(
+            f"the QoS lock could not be removed ({guard.storage.last_error}); deploys stay "
+            f"blocked until {guard.s.lock_file} is gone"
+        )
+    return after.to_json()
 
 
 def _fleet_wants_other(guard: Guard, color: Color) -> bool:

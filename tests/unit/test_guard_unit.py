@@ -208,6 +208,20 @@ async def test_status_says_how_long_the_guard_window_has_left_to_watch(
         assert doc["qos"]["locked"] and "window" not in doc["qos"], doc["qos"]
 
 
+async def test_an_unlock_that_cannot_remove_the_lock_says_so(tmp_path: Path) -> None:
+    """`qos unlock` whose removal fails (a folder at the lock's path) is refused, naming
+    why: "done" would send the operator away while deploys stay blocked; nothing is
+    journaled released."""
+    async with build_guard(tmp_path) as rig:
+        await rig.probe_rounds(WARM_UP)
+        lock = rig.guard.s.lock_file
+        lock.mkdir()
+        with pytest.raises(OperationRefused, match=r"^the QoS lock could not be removed \(.*"):
+            await handle(rig.guard, "qos_unlock", {"reason": "x"}, "uid:0(root)")
+        assert qoslock.read_lock(lock).held
+        assert not rig.events("qos_released")
+
+
 async def test_p0_rollback_end_to_end(tmp_path: Path) -> None:
     async with build_guard(tmp_path) as rig:
         await rig.probe_rounds(WARM_UP)
