@@ -47,7 +47,13 @@ import anyio
 import structlog
 
 from guardd.commands import CommandResult, RetryPolicy, run_command
-from guardd.exceptions import CommandFailed, StorageError, SwitchError, SwitchRejected
+from guardd.exceptions import (
+    CommandFailed,
+    StorageError,
+    SwitchError,
+    SwitchRefused,
+    SwitchRejected,
+)
 from guardd.fsutil import fsync_dir, kind_of, not_regular
 from guardd.switchers import (
     STEP_LINK_WRITTEN,
@@ -327,16 +333,22 @@ class NginxSwitcher:
 
         Returns the active link's content before the switch.
         """
+        # Refused before anything is written (`SwitchRefused`, step `switch`): no link to
+        # keep as the undo record, and nothing nginx -t could have rejected.
+        by_hand = (
+            f"put a symlink to one of switch.targets there (ln -sfn TARGET {self.active_link}) "
+            "and reload nginx: guardd adopts it"
+        )
         try:
             previous = self.active_link.readlink()
         except FileNotFoundError:
-            raise SwitchRejected(
-                f"{self.active_link} does not exist; create it as a symlink to a target"
-            ) from None
+            raise SwitchRefused(f"{self.active_link} does not exist; {by_hand}") from None
         except OSError as exc:
             if exc.errno == errno.EINVAL:
-                raise SwitchRejected(
-                    f"{self.active_link} is not a symlink; guardd only swaps symlinks"
+                kind = kind_of(self.active_link.lstat().st_mode)
+                raise SwitchRefused(
+                    f"{self.active_link} is not a symlink ({kind}); guardd only swaps "
+                    f"symlinks: {by_hand}"
                 ) from None
             raise SwitchError(f"{self.active_link}: {exc.strerror}") from exc
         try:

@@ -275,6 +275,11 @@ def test_a_start_that_finds_no_switch_target_holds_and_says_why(
     assert wait_until(lambda: _hold_locked(lab), 10, "deploys locked")
     gate = guardctl("--config", str(lab.config_path), "qos", "status")
     assert gate.returncode == 1, gate
+    # No link to keep for an undo: a forced switch is refused, and says how to put one back.
+    forced = guardctl("--config", str(lab.config_path), "switch", "blue", "--force")
+    assert forced.returncode == 1, forced
+    assert "switch to blue failed at switch (nothing was changed)" in forced.stderr, forced
+    assert "ln -sfn TARGET" in forced.stderr, forced
     d2.signal(signal.SIGHUP)  # a reload is taken, the host's state notwithstanding
     d2.wait_event("config_reloaded", after=count)
     count = len(d2.events())

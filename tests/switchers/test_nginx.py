@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from guardd.commands import RetryPolicy
-from guardd.exceptions import CommandFailed, StorageError, SwitchRejected
+from guardd.exceptions import CommandFailed, StorageError, SwitchRefused, SwitchRejected
 from guardd.switchers import NGINX_STEPS, Switcher
 from guardd.switchers.nginx import NginxSwitcher
 from tests.harness.nginx import Nginx
@@ -216,6 +216,27 @@ async def test_read_active_says_why_there_is_no_link_to_read(nginx: Nginx) -> No
     link.rmdir()
     link.symlink_to(nginx.targets["green"])
     assert await switcher.read_active() == "green"
+
+
+@pytest.mark.parametrize("place", ["nothing", "a folder"])
+async def test_a_switch_with_no_link_to_swap_is_refused_before_anything_is_written(
+    nginx: Nginx, place: str
+) -> None:
+    """No link to keep as the undo record: refused at the switch step, nothing written, and
+    the error says how to put one there by hand (guardd adopts it)."""
+    switcher = make_switcher(nginx)
+    link = nginx.active_link
+    link.unlink()
+    if place == "a folder":
+        link.mkdir()
+    before = sorted(p.name for p in link.parent.iterdir())
+    with pytest.raises(SwitchRefused) as info:
+        await switcher.switch("blue")
+    assert info.value.step == "switch"
+    said = "does not exist" if place == "nothing" else "is not a symlink (a directory)"
+    assert str(info.value).startswith(f"{link} {said}"), info.value
+    assert "ln -sfn TARGET" in str(info.value)
+    assert sorted(p.name for p in link.parent.iterdir()) == before
 
 
 # -- recovery after kill -9 ----------------------------------------------------------
