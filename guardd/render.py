@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, TextIO
 
-from guardd.core.types import COLORS
+from guardd.core.types import COLORS, TRAFFIC_MOVES
 
 __all__ = [
     "clean",
@@ -314,11 +314,21 @@ def _decision(decision: object) -> str:
     return f"{head}{': ' + clean(reason) if reason else ''}{_evidence(decision.get('evidence'))}"
 
 
+#: The events that move traffic (or set out to): `from->to`, an end unknown or none left
+#: blank (`green->`: a switch target that names no color now).
+_MOVES = TRAFFIC_MOVES | {"rollback_started", "rollback_failed"}
+
+
 def _move(event: Mapping[str, Any]) -> str:
     source, target = event.get("from"), event.get("to")
     if source is None and target is None:
         return _NONE
-    # One end may be unknown: `started` only names the color it found active.
+    if source is not None and target is not None:
+        return f"{clean(source)}->{clean(target)}"
+    if event.get("event") not in _MOVES:
+        # The one color an event is about (`started` found green active, a lock extended
+        # on blue): never `blue->`, which reads as traffic leaving blue.
+        return clean(source if source is not None else target)
     return f"{'' if source is None else clean(source)}->{'' if target is None else clean(target)}"
 
 

@@ -464,12 +464,20 @@ def test_history_text() -> None:
     ]
 
     assert render_history(events) == (
-        "2026-11-22T05:01:17.598Z  started           ->green      -   guardd       "
+        "2026-11-22T05:01:17.598Z  started           green        -   guardd       "
         "guardd 0.1.0 guarding threader\n"
         "2026-11-22T05:01:24.771Z  rollback_started  green->blue  P0  guardd       "
         "HTTP 503\\x1b[2J\n"
         "2026-11-22T05:01:24.773Z  qos_locked        -            -   uid:0(root)\n"
     )
+    # One color, and no arrow, for an event that moves nothing; a move to no color keeps it.
+    said = [
+        {"ts": "t", "event": "qos_extended", "from": "blue", "to": None, "by": "guardd"},
+        {"ts": "t", "event": "alert", "from": "green", "to": None, "severity": "P2"},
+        {"ts": "t", "event": "external_switch", "from": "green", "to": None, "by": "external"},
+    ]
+    moves = [line.split()[2] for line in render_history(said).splitlines()]
+    assert moves == ["blue", "green", "green->"]
     assert render_history([]) == "no events\n"
 
 
