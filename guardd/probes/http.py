@@ -310,6 +310,9 @@ class HttpProber:
             summary = await _read_summary(
                 response, encoding, min(spec.max_body_bytes, SUMMARY_BODY_BYTES), summary_by
             )
+            if summary and summary.startswith(f"{status} "):
+                # An error page titled as its status (nginx's `502 Bad Gateway`): said once.
+                summary = summary[len(f"{status} ") :]
             error = f"HTTP {status}" + (f" {summary}" if summary else "")
             return kind, error, status
         if spec.expect_json is None:

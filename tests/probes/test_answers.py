@@ -291,7 +291,7 @@ NGINX_502 = (
         (503, SPRING_MANY, {}, "HTTP 503 status=DOWN db=DOWN diskSpace=UP redis=UP"),
         (503, IETF, {}, "HTTP 503 status=fail postgres:connections=fail"),
         (500, b'{"error":"database unavailable"}', {}, 'HTTP 500 error="database unavailable"'),
-        (502, NGINX_502, {"Content-Type": "text/html"}, "HTTP 502 502 Bad Gateway"),
+        (502, NGINX_502, {"Content-Type": "text/html"}, "HTTP 502 Bad Gateway"),
         (503, b"upstream overloaded\n\x1b[31mretry later\x1b[0m", {}, None),
         (404, b"", {}, "HTTP 404"),
         (503, gzip.compress(SPRING), {"Content-Encoding": "gzip"}, "HTTP 503 status=DOWN db=DOWN"),
