@@ -408,6 +408,8 @@ def render_status(status: Mapping[str, Any], *, color: bool = False) -> str:
     )
     if status.get("no_rollback_target"):
         field("WARNING", "no safe rollback: " + clean(status["no_rollback_target"]), _YELLOW)
+    if isinstance(door := status.get("front_door"), Mapping):
+        field("front door", *_front_door(door))
     field("qos lock", *_lock(status.get("qos")))
     fleet = status.get("fleet")
     if isinstance(fleet, Mapping):
@@ -437,6 +439,19 @@ def render_status(status: Mapping[str, Any], *, color: bool = False) -> str:
         about.append(f"probing every {_interval(status['probe_interval_s'])}")
     field("version", ", ".join(about))
     return "\n".join(lines) + "\n"
+
+
+def _front_door(door: Mapping[str, Any]) -> tuple[str, str | None]:
+    """`passing (12 answers in a row)`, `FAILING (3 in a row): HTTP 502`, or `stale`: what
+    users reach through nginx, as `switch.verify_url` answers it."""
+    streak = f"{_text(door.get('streak'))} in a row"
+    if door.get("last_probe_age_s") is None:
+        return "not answered yet", _YELLOW
+    if door.get("stale") or door.get("healthy") is None:
+        return f"stale: no answer for {_duration(door.get('last_probe_age_s'))}", _YELLOW
+    if door.get("healthy"):
+        return f"passing ({streak})", None
+    return f"FAILING ({streak}): {_text(door.get('last_error'))}", _RED
 
 
 def _fleet_line(fleet: Mapping[str, Any]) -> str:

@@ -304,6 +304,51 @@ def test_a_rollback_not_taken_here_says_why_on_its_decision_line() -> None:
 
 
 @pytest.mark.parametrize(
+    ("door", "line"),
+    [
+        (None, None),
+        (
+            {
+                "healthy": True,
+                "stale": False,
+                "streak": 12,
+                "last_error": None,
+                "last_probe_age_s": 0.1,
+            },
+            "passing (12 in a row)",
+        ),
+        (
+            {
+                "healthy": False,
+                "stale": False,
+                "streak": 3,
+                "last_error": "HTTP 502 Bad Gateway",
+                "last_probe_age_s": 0.2,
+            },
+            "FAILING (3 in a row): HTTP 502 Bad Gateway",
+        ),
+        (
+            {
+                "healthy": None,
+                "stale": True,
+                "streak": 3,
+                "last_error": None,
+                "last_probe_age_s": 42.0,
+            },
+            "stale: no answer for 42s",
+        ),
+    ],
+)
+def test_the_front_door_is_a_line_of_its_own(door: dict[str, Any] | None, line: str | None) -> None:
+    """What users reach through nginx is shown beside the colors' probes: a guard holding
+    on a link that names no color while users get 502s says so without --json."""
+    status = fixture("hold")
+    status["front_door"] = door
+    shown = [ln for ln in render_status(status).splitlines() if ln.startswith("front door")]
+    assert shown == ([] if line is None else [f"{'front door':<15}{line}"])
+
+
+@pytest.mark.parametrize(
     ("name", "code"), [("steady", 0), ("guard_window", 1), ("hold", 2), ("paused", 1)]
 )
 def test_status(guard: FakeGuard, run_dir: Path, name: str, code: int) -> None:
