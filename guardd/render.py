@@ -358,10 +358,19 @@ def _lock(qos: object) -> tuple[str, str | None]:
         details.append(f"by {clean(qos['by'])}")
     window = qos.get("window")
     if isinstance(window, Mapping):
-        details.append(
+        watched = (
             f"guard window: {_duration(window.get('left_s'))} left to watch, "
             f"{_number(window.get('samples'))} probes, {_number(window.get('failures'))} failed"
         )
+        fired = window.get("fired")
+        if isinstance(fired, list) and fired:
+            # A rule that fired fails the window whatever comes next: the until is no time
+            # to plan a deploy by, it moves when the window is judged.
+            watched += (
+                f"; not met ({', '.join(clean(f) for f in fired)} fired): it is extended "
+                "at its end"
+            )
+        details.append(watched)
     return f"HELD: {_text(qos.get('reason'))} ({', '.join(details)})", _YELLOW
 
 
