@@ -202,6 +202,11 @@ class QosKeeper:
         # again after a restart (a rule still firing then is counted again: fail closed).
         self._firing: frozenset[str] = frozenset()
         self._firing_color: Color | None = None
+        # guardd's guard window whose lock another tool's lock replaced in the file (a
+        # `qos_guard.sh lock` of old): it goes on beneath that one, and its lock comes back
+        # if that one is removed before it passes (`_unbury`). Removed otherwise, deploys
+        # would be allowed with the new color never judged.
+        self.beneath: OwnedLock | None = None
 
     def take(
         self, reason: str, *, by: str, duration: float | None = None, manual: bool = False
@@ -333,6 +338,8 @@ class QosKeeper:
         host = self.host
         before = self.store.read(host.s.lock_file)
         previous = self.own_lock
+        if own is not None:
+            self.beneath = None  # a lock of guardd's own again: the window beneath is done
         record = None
         if own is not None or before.held:
             record = named_record(event, fields)
@@ -369,17 +376,23 @@ class QosKeeper:
         self.host.storage_ok("lock")
         return True
 
+    def _windows(self) -> list[QosWindow]:
+        """The guard windows under way: guardd's lock's, and one beneath another's lock."""
+        return [
+            lock.window
+            for lock in (self.own_lock, self.beneath)
+            if lock is not None and lock.window is not None
+        ]
+
     def observe(self, outcome: Outcome) -> None:
         """Count one probe round of the active color in the guard window, if one runs."""
-        own = self.own_lock
-        if own is not None and own.window is not None:
-            own.window.add(outcome)
+        for window in self._windows():
+            window.add(outcome)
 
     def add_traffic(self, requests: int, errors_5xx: int) -> None:
         """Real requests of the active color since the last tick, for the guard window."""
-        own = self.own_lock
-        if own is not None and own.window is not None and requests > 0:
-            own.window.add_traffic(requests, errors_5xx)
+        for window in self._windows() if requests > 0 else ():
+            window.add_traffic(requests, errors_5xx)
 
     def rules_firing(self, color: Color | None, names: frozenset[str]) -> None:
         """The P0-P2 rules firing on the active color at this tick (dry runs aside).
@@ -389,11 +402,10 @@ class QosKeeper:
         moment is counted by the window it happened in, not by every window its sliding
         statistics still remember it in, unless it still fires at the end.
         """
-        own = self.own_lock
         before = self._firing if color == self._firing_color else frozenset()
-        if own is not None and own.window is not None:
+        for window in self._windows():
             for name in sorted(names - before):
-                own.window.rule_fired(name)
+                window.rule_fired(name)
         self._firing, self._firing_color = names, color
 
     def step(self, now: float) -> None:
@@ -420,17 +432,27 @@ class QosKeeper:
                 elif host.fleet is None:
                     # Overwritten (emptied, another tool's lock): deploys stay blocked by
                     # what is there now, until it is removed; guardd no longer ends it.
+                    # A guard window goes on beneath it, and comes back if it is removed.
+                    going_on = own.window is not None and not own.hold
                     host.record(
                         "alert",
                         by="external",
                         reason=f"the lock file {host.s.lock_file} was overwritten outside "
                         f"guardd: guardd's lock ({own.info.reason}) ends, and the lock there "
-                        "now holds deploys until it is removed (`guardctl qos unlock`)",
+                        "now holds deploys until it is removed (`guardctl qos unlock`)"
+                        + (
+                            "; guardd's guard window goes on beneath it, and its lock comes "
+                            "back if that one is removed before the window passes"
+                            if going_on
+                            else ""
+                        ),
                     )
+                    self.beneath = own if going_on else None
                 self.own_lock = own = None
                 host.save_state()
         self.held = current.held
         if own is None:
+            self._unbury(now, current)
             return
         if own.window is not None and own.window.due(now):
             for name in sorted(self._firing):
@@ -466,6 +488,34 @@ class QosKeeper:
                 self._extend(now, own, verdict, evidence, stay)
         elif own.window is None and own.expires_at is not None and now >= own.expires_at:
             self.release(by=GUARDD, reason="operator lock expired")
+
+    def _unbury(self, now: float, current: qoslock.LockInfo) -> None:
+        """Once the lock laid over guardd's guard window (`beneath`) is removed, put the
+        window's lock back: for what is left of it, or, when it passed meanwhile without
+        its SLOs holding, for a window more; one that passed with them held ends there."""
+        below, host = self.beneath, self.host
+        if below is None or current.held or below.window is None:
+            return
+        self.beneath = None
+        window = below.window
+        if window.due(now):
+            verdict = window.verdict()
+            if verdict.met:
+                host.log.info("guard_window_passed", reason=verdict.reason, beneath=True)
+                host.save_state()
+                return
+            window.restart(now, host.s.qos_window)
+        wall = host.clock.wall()
+        end = Floor.of(window.ends_at, wall, now)
+        info = qoslock.LockInfo(True, below.info.reason, rfc3339(wall), end.until, GUARDD)
+        own = OwnedLock(info, window, end.at, manual=False)
+        self._change(own, info, "qos_locked", reason=info.reason, by=GUARDD, until=info.until)
+        host.record(
+            "alert",
+            by=GUARDD,
+            reason=f"the lock laid over guardd's in {host.s.lock_file} was removed, and "
+            f"guardd's guard window has not passed: its lock is back until {info.until}",
+        )
 
     def _extend(
         self,
@@ -558,16 +608,20 @@ class QosKeeper:
         # reads the file never sees it missing in between (an operator's unlock, `by`
         # someone else, removes the file whatever it holds).
         keep = host.lock_to_keep() if by == GUARDD else None
+        if by != GUARDD:
+            self.beneath = None  # an operator's unlock ends guardd's window beneath, too
         if keep is not None:
             reason += f"; the fleet's lock ({keep.by}, until {keep.until or 'unlocked'}) holds"
         return self._change(None, keep, "qos_released", reason=reason, by=by, evidence=evidence)
 
     def to_json(self) -> dict[str, Any] | None:
-        """The `qos` object of state.json: guardd's own lock, or None."""
-        own = self.own_lock
+        """The `qos` object of state.json: guardd's own lock, or the guard window beneath
+        another's lock (`"beneath": true`), or None."""
+        own = self.own_lock or self.beneath
         if own is None:
             return None
         doc: dict[str, Any] = {
+            "beneath": own is not self.own_lock,
             "reason": own.info.reason,
             "locked_at": own.info.locked_at,
             "until": own.info.until,
@@ -582,9 +636,10 @@ class QosKeeper:
         return doc
 
     def window_json(self) -> dict[str, Any] | None:
-        """guardd's own guard window under way, or None: its `until` (RFC 3339), `left_s`
-        (seconds left to watch; a restart goes on from there) and `counts()` so far."""
-        own = self.own_lock
+        """guardd's own guard window under way (or the one beneath another's lock), or
+        None: its `until` (RFC 3339), `left_s` (seconds left to watch; a restart goes on
+        from there) and `counts()` so far."""
+        own = self.own_lock or self.beneath
         if own is None or own.window is None:
             return None
         wall, now = self.host.clock.wall(), self.host.clock.monotonic()
@@ -619,11 +674,14 @@ class QosKeeper:
             return _on_monotonic(stamp, wall, now, default)
 
         current = self.store.read(host.s.lock_file)
+        beneath = saved.get("beneath") is True
         if not current.held:
             # /run was cleared (a reboot) or the file was removed while guardd was down:
-            # the guard window still stands, so put the lock back.
+            # the guard window still stands, so put the lock back. (So too for a window
+            # beneath another's lock: that one was removed meanwhile.)
             self._write(info)
-        elif current != info:
+            beneath = False
+        elif current != info and not beneath:
             self._adopt_unsaved()  # a later lock of guardd's own, or someone else's
             return
         manual = bool(saved.get("manual"))
@@ -657,7 +715,11 @@ class QosKeeper:
                 now, (ends if ends is not None else now + host.s.qos_window) - now
             )
             window.restore_counts(w)
-        own = self.own_lock = OwnedLock(info, window, expires_at, manual, floor, hold=hold)
+        own = OwnedLock(info, window, expires_at, manual, floor, hold=hold)
+        if beneath:
+            self.beneath = own  # still beneath another's lock: it comes back when that goes
+            return
+        self.own_lock = own
         if left is None or window is None or expires_at is None or window.ends_at <= expires_at:
             return
         # The lock's until passed, or comes sooner, while the window was not watched: it

@@ -73,6 +73,17 @@ async def guard_window(g: Guard, clock: FakeClock) -> None:
     assert g.own_lock.window.samples > 0  # counted before the restart, judged after it
 
 
+FOREIGN = qoslock.LockInfo(True, "release train", "2026-11-30T10:00:00.000Z", None, "deploybot")
+
+
+async def window_beneath_a_foreign_lock(g: Guard, clock: FakeClock) -> None:
+    # Another tool (`qos_guard.sh lock`) wrote its lock over guardd's guard window.
+    await guard_window(g, clock)
+    qoslock.LOCK_FILES.write(g.s.lock_file, FOREIGN)
+    await steps(g, clock, [(OK, OK)] * 2)
+    assert g.own_lock is None and g.qos.beneath is not None
+
+
 async def operator_lock_over_window(g: Guard, clock: FakeClock) -> None:
     await steps(g, clock, [(OK, OK)] + [(OK, DOWN)] * 3 + [(OK, DOWN)])
     await handle(g, "qos_lock", {"reason": "hands off", "for_s": 30}, "uid:0(root)")
@@ -209,6 +220,12 @@ ROWS = [
     ),
     Row("operator's lock", frozenset({"qos"}), operator_lock, [(OK, OK)] * 8),
     Row(
+        "guard window beneath another tool's lock",
+        frozenset({"qos"}),
+        window_beneath_a_foreign_lock,
+        [(OK, OK)] * 12,
+    ),
+    Row(
         "color just rolled away from",
         frozenset({"rolled_away_from"}),
         rolled_away_from,
@@ -312,7 +329,7 @@ QOS_NOT_KEPT = {
     "_firing_color": "the color those rules fired on",
     "store": "where the lock file is read and written: the files themselves, set at start",
 }
-QOS_KEPT = {"own_lock", "change"}
+QOS_KEPT = {"own_lock", "change", "beneath"}
 BUDGET_NOT_KEPT = {
     "_auto_rollbacks": "the budget: read back from the journal (row: rollback budget spent)",
     "_since": "the budget: read back from the journal (`resumed`)",
@@ -819,3 +836,52 @@ async def test_a_guard_window_goes_on_after_a_restart_for_what_was_left_to_watch
     assert qoslock.read_lock(g2.s.lock_file).held, "not released on the first look"
     await steps(g2, clock, [(OK, OK)] * (int(left / g2.s.probe_interval) + 2))
     assert not qoslock.read_lock(g2.s.lock_file).held
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["running", "restarted"])
+async def test_a_guard_window_beneath_another_lock_comes_back_when_that_one_goes(
+    tmp_path: Path, restart: bool
+) -> None:
+    """Another tool's lock written over guardd's guard window, then removed before the
+    window passed: deploys were allowed with the new color never judged. guardd's lock
+    now comes back for what is left of the window, restart or not; it is released once
+    the window passes."""
+    clock = FakeClock()
+    prepare(tmp_path)
+    g = await start(tmp_path, clock, SPEC)
+    await window_beneath_a_foreign_lock(g, clock)
+    [said] = [e for e in g.journal.recent if e["event"] == "alert" and "beneath" in e["reason"]]
+    assert "guard window goes on beneath it" in said["reason"], said
+    assert qoslock.read_lock(g.s.lock_file) == FOREIGN
+    if restart:
+        g.save_state()
+        g = await start(tmp_path, clock, SPEC)
+        assert g.own_lock is None and g.qos.beneath is not None
+    g.s.lock_file.unlink()  # the other tool is done
+    await steps(g, clock, [(OK, OK)])
+    back = qoslock.read_lock(g.s.lock_file)
+    assert back.held and back.by == "guardd", back
+    assert [e["event"] for e in g.journal.recent][-2:] == ["qos_locked", "alert"]
+    await steps(g, clock, [(OK, OK)] * int(g.s.qos_window / g.s.probe_interval + 2))
+    assert not qoslock.read_lock(g.s.lock_file).held
+    assert g.journal.recent[-1]["event"] == "qos_released"
+
+
+@pytest.mark.parametrize("ended_by", ["the window passing", "an operator's unlock"])
+async def test_a_guard_window_ended_beneath_another_lock_does_not_come_back(
+    tmp_path: Path, ended_by: str
+) -> None:
+    """The window passed (its SLOs held) while the other lock lay over it, or an operator
+    unlocked: removing that lock allows deploys, and guardd's lock stays gone."""
+    clock = FakeClock()
+    prepare(tmp_path)
+    g = await start(tmp_path, clock, SPEC)
+    await window_beneath_a_foreign_lock(g, clock)
+    if ended_by == "the window passing":
+        await steps(g, clock, [(OK, OK)] * int(g.s.qos_window / g.s.probe_interval + 2))
+        g.s.lock_file.unlink()
+    else:
+        await handle(g, "qos_unlock", {"reason": "ship it"}, "uid:0(root)")
+    await steps(g, clock, [(OK, OK)] * 2)
+    assert not qoslock.read_lock(g.s.lock_file).held
+    assert g.qos.beneath is None and g.own_lock is None

@@ -178,6 +178,14 @@ def test_a_guard_window_lock_overwritten_by_hand_is_said_and_keeps_blocking(
     )
     assert said["by"] == "external" and locked["reason"] in said["reason"], said
     assert guardctl("--config", str(lab.config_path), "qos", "status").returncode == 1
+    # That lock removed in turn before the window passed (another tool done with it):
+    # guardd's window went on beneath it, and its lock is back; deploys stay blocked.
+    count = len(d.events())
+    lab.lock_file.unlink()
+    back = d.wait_event("qos_locked", after=count)
+    assert back["by"] == "guardd" and back["reason"] == locked["reason"], back
+    assert json.loads(lab.lock_file.read_text())["by"] == "guardd"
+    assert guardctl("--config", str(lab.config_path), "qos", "status").returncode == 1
     assert d.stop() == 0
 
 
