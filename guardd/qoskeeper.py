@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from guardd import qoslock
@@ -621,6 +622,9 @@ class QosKeeper:
         if own is None:
             return None
         doc: dict[str, Any] = {
+            # Where it is: a restart after qos.lock_file changed moves it (`_moved_from`).
+            # (None in a replay, whose lock is kept in memory under a throwaway path.)
+            "file": str(self.host.s.lock_file) if self.store is qoslock.LOCK_FILES else None,
             "beneath": own is not self.own_lock,
             "reason": own.info.reason,
             "locked_at": own.info.locked_at,
@@ -674,13 +678,15 @@ class QosKeeper:
             return _on_monotonic(stamp, wall, now, default)
 
         current = self.store.read(host.s.lock_file)
-        beneath = saved.get("beneath") is True
+        # (Beneath another's lock only while one is there: removed meanwhile, it is back.)
+        beneath = saved.get("beneath") is True and current.held
         if not current.held:
             # /run was cleared (a reboot) or the file was removed while guardd was down:
             # the guard window still stands, so put the lock back. (So too for a window
-            # beneath another's lock: that one was removed meanwhile.)
+            # beneath another's lock: that one was removed meanwhile; and at the new path
+            # of a qos.lock_file changed since.)
             self._write(info)
-            beneath = False
+            self._moved_from(saved.get("file"), info)
         elif current != info and not beneath:
             self._adopt_unsaved()  # a later lock of guardd's own, or someone else's
             return
@@ -736,6 +742,30 @@ class QosKeeper:
             reason=f"the guard window resumed after a restart, {left:g}s of it left to "
             "watch: the time guardd was not running does not count",
             until=own.info.until,
+        )
+
+    def _moved_from(self, was: object, info: qoslock.LockInfo) -> None:
+        """After `qos.lock_file` changed (state.json's `file` names where the lock was),
+        remove guardd's lock from the old path once it stands at the new one: left there,
+        it would block for good any gate still reading the old path. Anything else there
+        is someone's own, left alone."""
+        host = self.host
+        if not isinstance(was, str) or Path(was) == host.s.lock_file:
+            return
+        old = Path(was)
+        if self.store.read(old) != info:
+            return
+        try:
+            self.store.remove(old)
+        except (OSError, StorageError, UnsafePath) as e:
+            said = f"could not remove it from {old} ({why(e)}): it blocks deploys there"
+        else:
+            said = f"removed from {old}"
+        host.record(
+            "alert",
+            by=GUARDD,
+            reason=f"qos.lock_file changed: guardd's lock ({info.reason}) is at "
+            f"{host.s.lock_file} now, {said}",
         )
 
     def _adopt_unsaved(self) -> None:

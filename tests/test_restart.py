@@ -885,3 +885,32 @@ async def test_a_guard_window_ended_beneath_another_lock_does_not_come_back(
     await steps(g, clock, [(OK, OK)] * 2)
     assert not qoslock.read_lock(g.s.lock_file).held
     assert g.qos.beneath is None and g.own_lock is None
+
+
+@pytest.mark.parametrize("old_holds", ["guardd's lock", "another lock"])
+async def test_a_lock_file_moved_by_the_config_leaves_no_lock_at_the_old_path(
+    tmp_path: Path, old_holds: str
+) -> None:
+    """qos.lock_file changed, then a restart: guardd's lock stands at the new path, and is
+    removed from the old one, where any gate still reading it would be blocked for good;
+    a lock someone else put there since is theirs, left alone."""
+    clock = FakeClock()
+    prepare(tmp_path)
+    g1 = await start(tmp_path, clock, SPEC)
+    await guard_window(g1, clock)
+    old = g1.s.lock_file
+    mine = qoslock.read_lock(old)
+    if old_holds == "another lock":
+        qoslock.LOCK_FILES.write(old, FOREIGN)
+    g1.save_state()
+    g2 = build(tmp_path, clock, SPEC)
+    g2.s = dataclasses.replace(g2.s, lock_file=tmp_path / "moved" / "lab.qos.lock")
+    g2.s.lock_file.parent.mkdir()
+    await g2.recover(g2.state_file.load())
+    if old_holds == "another lock":
+        assert qoslock.read_lock(old) == FOREIGN
+        return
+    assert qoslock.read_lock(g2.s.lock_file) == mine
+    assert not old.exists()
+    [said] = [e for e in g2.journal.recent if "qos.lock_file changed" in (e["reason"] or "")]
+    assert said["reason"].endswith(f"is at {g2.s.lock_file} now, removed from {old}"), said
