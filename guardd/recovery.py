@@ -57,7 +57,9 @@ async def recover(guard: Guard, saved: dict[str, Any]) -> None:
         with anyio.fail_after(guard.s.switch_timeout):
             await guard.switcher.recover()
     except (SwitchError, TimeoutError) as e:
-        guard.record("alert", reason=f"could not repair the switch target at start: {why(e)}")
+        # Said as what it is: most starts had no switch in flight to repair, only a target
+        # to check (nginx -t), which failed.
+        guard.record("alert", reason=f"the switch target failed its check at start: {why(e)}")
     # The memory first: a rollback resumed below ends in its own hold or guard window.
     guard.machine.restore(Memory.from_json(saved))
     # What a crash left owed to the journal (`Guard.owe`), first: a rollback whose close
