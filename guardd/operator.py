@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -152,6 +153,18 @@ async def _qos_lock(
             f"; it replaces the fleet's lock ({fleet_lock.reason}, {fleet_lock.by}, "
             f"until {fleet_lock.until or 'unlocked'})"
         )
+    if own is not None and own.manual and own.window is None and current == own.info:
+        # An operator's lock (this caller's or another's): a lock never shortens another,
+        # as in a fleet. Two pipelines under one uid, the second locking for ten minutes,
+        # would otherwise end the first one's freeze "until unlocked" in ten.
+        ends = math.inf if own.expires_at is None else own.expires_at
+        asked_end = guard.clock.monotonic() + float(duration) if duration else math.inf
+        if asked_end < ends:
+            raise OperationRefused(
+                f"a QoS lock is already held ({own.info.reason}, {own.info.by}, until "
+                f"{own.info.until or 'unlocked'}) longer than asked; a lock never shortens "
+                "another (`guardctl qos unlock` ends it)"
+            )
     plan = guard.qos.plan_take(
         reason or "locked by an operator",
         by=by,

@@ -245,7 +245,8 @@ class QosKeeper:
             window, manual = old.window, False
             end = floor
         elif manual:
-            # An operator replaces their own lock (or takes one): theirs to shorten.
+            # An operator takes one, or replaces an operator's lock by a longer one
+            # (`operator._qos_lock` refuses a shorter: a lock never shortens another).
             window, floor = None, None
             end = UNLOCKED if duration is None else Floor.of(now + duration, wall, now)
         else:

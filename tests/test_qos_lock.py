@@ -189,15 +189,28 @@ async def test_a_rollback_under_a_touched_lock_file_keeps_it_until_unlocked(tmp_
     assert not lock(g).held
 
 
-async def test_an_operator_lock_alone_is_theirs_to_shorten(tmp_path: Path) -> None:
+@pytest.mark.parametrize("first", [{"for_s": 60}, {}], ids=["for 60s", "until unlocked"])
+async def test_a_lock_never_shortens_an_operators_lock(
+    tmp_path: Path, first: dict[str, float]
+) -> None:
+    """Two pipelines under one uid: the second's `qos lock --for 3s` must not end the
+    first's freeze early. Refused, naming the lock; a longer one replaces it; after an
+    unlock, a short lock is anyone's to take."""
     prepare(tmp_path)
     clock = FakeClock()
     g = await start(tmp_path, clock, SPEC)
     await steps(g, clock, [(OK, OK)])
-    await handle(g, "qos_lock", {"reason": "freeze", "for_s": 60}, ROOT)
+    await handle(g, "qos_lock", {"reason": "freeze", **first}, ROOT)
+    with pytest.raises(OperationRefused, match=r"^a QoS lock is already held \(freeze, "):
+        await handle(g, "qos_lock", {"reason": "shorter", "for_s": 3}, ROOT)
+    assert qoslock.read_lock(g.s.lock_file).reason == "freeze"
+    if first:
+        await handle(g, "qos_lock", {"reason": "longer", "for_s": 120}, ROOT)
+        assert qoslock.read_lock(g.s.lock_file).reason == "longer"
+    await handle(g, "qos_unlock", {}, ROOT)
     await handle(g, "qos_lock", {"reason": "shorter", "for_s": 3}, ROOT)
-    await run_until_released(g, clock, 6)  # long before the first lock's 60 s
-    assert events(g, "qos_released")[0]["reason"] == "operator lock expired"
+    await run_until_released(g, clock, 6)
+    assert events(g, "qos_released")[-1]["reason"] == "operator lock expired"
 
 
 @pytest.mark.parametrize(
