@@ -47,6 +47,9 @@ _NOT_PERMITTED: Final = 4
 # A status or a change attempt: as long as a plain `status` or a change may take.
 _READ_TIMEOUT_S: Final = 5.0
 _CHANGE_TIMEOUT_S: Final = 120.0
+# Within a wait, a status read gets what is left of it, and at least this: one that just
+# starts at the deadline still asks once.
+_LAST_READ_S: Final = 1.0
 # While waiting: ask at most this often, and say why at most this often.
 _POLL_S: Final = 1.0
 _SAY_EVERY_S: Final = 5.0
@@ -200,20 +203,22 @@ def _journal_since(socket: Path, seen: str, newest: Mapping[str, Any]) -> list[M
 
 
 def _waiting(
-    attempt: Callable[[], str | None], *, timeout: float, what: str
+    attempt: Callable[[float], str | None], *, timeout: float, what: str
 ) -> tuple[bool, str, bool]:
     """Call `attempt` until it returns None (done) or `timeout` seconds pass.
 
-    `attempt` returns why it is not done yet; it raises `DaemonUnreachable` when guardd
-    does not answer, which is waited out like any other reason. Returns (done, the last
-    reason, whether that reason was guardd not answering).
+    `attempt` gets the seconds left before the deadline (never below 0), to bound its own
+    request by: a guardd that freezes mid-wait must not hold a pipeline for a request's
+    full timeout past the deadline. It returns why it is not done yet; it raises
+    `DaemonUnreachable` when guardd does not answer, which is waited out like any other
+    reason. Returns (done, the last reason, whether that reason was guardd not answering).
     """
     deadline = time.monotonic() + timeout
     said_at: float | None = None
     reason, unreachable = "", False
     while True:
         try:
-            why = attempt()
+            why = attempt(max(0.0, deadline - time.monotonic()))
             unreachable = False
         except DaemonUnreachable as e:
             why, unreachable = f"guardd is not answering ({e})", True
@@ -241,9 +246,12 @@ def change_and_wait(socket: Path, cmd: str, payload: dict[str, Any], *, timeout:
     was not answering then). Not permitted (4) ends the wait at once."""
     result: dict[str, Any] = {}
 
-    def attempt() -> str | None:
+    def attempt(left: float) -> str | None:
+        # A change that guardd takes runs its switch (seconds): it gets at least a status
+        # read's time past the deadline, never the full 120 s of a frozen guardd.
+        limit = min(_CHANGE_TIMEOUT_S, max(left, _READ_TIMEOUT_S))
         try:
-            result.update(call(socket, cmd, payload, timeout=_CHANGE_TIMEOUT_S))
+            result.update(call(socket, cmd, payload, timeout=limit))
         except Refused as e:
             return str(e)
         return None
@@ -323,10 +331,11 @@ def wait_for(socket: Path, label: str, condition: str, *, timeout: float) -> int
     the QoS lock is held (a fleet node that cannot read the fleet's lock)."""
     unknown = False
 
-    def attempt() -> str | None:
+    def attempt(left: float) -> str | None:
         nonlocal unknown
         try:
-            status = call(socket, "status", {}, timeout=_READ_TIMEOUT_S)
+            limit = min(_READ_TIMEOUT_S, max(left, _LAST_READ_S))
+            status = call(socket, "status", {}, timeout=limit)
         except DaemonUnreachable:
             raise
         except ControlError as e:

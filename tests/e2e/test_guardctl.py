@@ -369,6 +369,36 @@ def test_a_guardd_that_takes_the_question_but_never_answers_is_unknown(
     assert ctl(lab, "qos", "status").returncode == 0
 
 
+def test_a_wait_on_a_frozen_guardd_ends_at_its_deadline_as_unknown(make_lab: MakeLab) -> None:
+    # A CI step's `promote --wait 2s` or `wait unlocked --timeout 2s` against a guardd that
+    # takes connections and never answers: each request is bounded by what is left of the
+    # wait (a change gets a status read's 5 s at least), never the 120 s a change may take
+    # alone; the step ends UNKNOWN (3), and the promote it gave up on is never made.
+    lab: Lab = make_lab()
+    d = lab.daemon()
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        runs = [
+            subprocess.run(
+                [str(GUARDCTL), "--config", str(lab.config_path), *argv],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            for argv in (["promote", "--wait", "2s"], ["wait", "unlocked", "--timeout", "2s"])
+        ]
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    for run in runs:
+        assert run.returncode == 3, run
+        assert "UNKNOWN: guardd is not answering" in run.stderr, run.stderr
+    assert ctl(lab, "status").returncode == 0
+    assert "promote" not in [e["event"] for e in d.events()]
+    assert d.stop() == 0
+
+
 def test_a_change_the_client_gave_up_on_is_not_made_later(make_lab: MakeLab) -> None:
     # guardd busy (here: frozen) past guardctl's patience: the operator is told it did not
     # answer, and may act by hand; the change must not land behind their back later.
