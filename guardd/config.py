@@ -120,6 +120,16 @@ def _whole_number(value: object) -> object:
     return value
 
 
+def _not_a_flag(value: object) -> object:
+    """A number as written: pydantic's lax mode reads `true` as 1.0, and `p0_error_ratio =
+    true` would be a rule that fires only at 100 %: a boolean is a slip, never a number."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")  # noqa: TRY004
+    return value
+
+
+#: A number (a ratio, a threshold): never a boolean.
+Number = Annotated[float, BeforeValidator(_not_a_flag)]
 #: A count (failures, samples, attempts, bytes): an integer, never a boolean or a float.
 Count = Annotated[int, BeforeValidator(_whole_number)]
 #: The least `switch.timeout`: see `SwitchConfig._timeout`.
@@ -130,7 +140,7 @@ PositiveDuration = Annotated[Duration, Field(gt=0)]
 #: A probe's cadence: a hundred rounds a second at most. `1ms` (or `1e-9`) passed, and the
 #: daemon, or a replay's ticks over a week at that cadence, would never keep up.
 ProbeCadence = Annotated[Duration, Field(ge=0.01)]
-Ratio = Annotated[float, Field(ge=0, le=1)]
+Ratio = Annotated[Number, Field(ge=0.0, le=1.0)]
 #: Probes counted in a window or in a row: at most what a probe window keeps. More in a
 #: window, and the rules reading it could never conclude (a policy silently without its
 #: ratio and latency rules); a streak that long (27 minutes at 10 probes a second) is no P0.
@@ -516,19 +526,19 @@ class PolicyConfig(_Section):
     min_samples: ProbeCount = 5
     """Ratio and latency rules need this many samples in the window (at most 16384, the
     probes a window keeps)."""
-    p0_error_ratio: Annotated[float, Field(gt=0, le=1)] = 0.50
+    p0_error_ratio: Annotated[Number, Field(gt=0.0, le=1.0)] = 0.50
     """P0: failed-probe ratio of the active color over the window."""
-    p1_error_ratio: Annotated[float, Field(gt=0, le=1)] = 0.10
+    p1_error_ratio: Annotated[Number, Field(gt=0.0, le=1.0)] = 0.10
     """P1: failed-probe ratio, once sustained for `p1_sustain`."""
     p1_latency: PositiveDuration = 30.0
     """P1: window p95 latency of the active color, once sustained."""
     p1_sustain: Annotated[Duration, Field(ge=0)] = 120.0
     """How long a P1 condition must hold before guardd rolls back."""
-    p2_error_ratio: Annotated[float, Field(gt=0, le=1)] = 0.03
+    p2_error_ratio: Annotated[Number, Field(gt=0.0, le=1.0)] = 0.03
     """P2 (alert only): failed-probe ratio."""
     p2_latency: PositiveDuration = 10.0
     """P2 (alert only): window p95 latency."""
-    latency_regression: Annotated[float, Field(ge=0)] = 0.0
+    latency_regression: Annotated[Number, Field(ge=0.0)] = 0.0
     """When > 0, P1 once the active p95 exceeds this many times the standby's p95."""
     promote_successes: ProbeCount = 5
     """`guardctl promote` needs this many passing probes in a row of the standby (at most
@@ -744,13 +754,13 @@ class RuleConfig(_Section):
     """`probe` or the name of a `[signals.NAME]` table."""
     stat: str
     """A statistic the signal yields (docs/contract.md §2)."""
-    above: float | None = None
+    above: Number | None = None
     """Fires when the statistic is at or above this."""
-    below: float | None = None
+    below: Number | None = None
     """Fires when the statistic is at or below this."""
-    above_baseline: Annotated[float, Field(gt=0)] | None = None
+    above_baseline: Annotated[Number, Field(gt=0.0)] | None = None
     """Fires when the statistic is at least this many times its baseline."""
-    above_standby: Annotated[float, Field(gt=0)] | None = None
+    above_standby: Annotated[Number, Field(gt=0.0)] | None = None
     """Fires when the statistic exceeds this many times the standby color's."""
     severity: Literal["P0", "P1", "P2"]
     """P0 and P1 roll back; P2 alerts."""
@@ -1949,6 +1959,8 @@ def _lookup(doc: Any, key: tuple[str | int, ...]) -> Any:
 
 
 _REASONS = {
+    # nan, inf, or a number past a float's range (1e400) from the environment.
+    "finite_number": "must be a finite number",
     "extra_forbidden": "unknown key",
     "missing": "required",
     "bool_type": "must be true or false",
@@ -2078,5 +2090,10 @@ def _reason(err: Any) -> str:
         return str(ctx.get("error", err["msg"]))
     if kind == "guardd_check":
         return str(ctx["reason"])
+    if kind == "too_short":
+        least = ctx.get("min_length", 1)
+        return f"must hold at least {least} item{'s' if least != 1 else ''}"
+    if kind == "string_too_short":
+        return "must not be empty"
     msg = str(err["msg"])
     return _REASONS.get(kind, msg[:1].lower() + msg[1:])

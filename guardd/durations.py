@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 from typing import Final
 
-_NUM = r"(?:\d+(?:\.\d+)?|\.\d+)"  # 2, 2.5, .5 (not "2.": a slip)
+# ASCII digits only: `\d` would take an Arabic-Indic ٣ as 3, which a count refuses.
+_NUM = r"(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)"  # 2, 2.5, .5 (not "2.": a slip)
 #: A plain number of seconds.
 NUMBER: Final = re.compile(rf"^{_NUM}$")
 # Spaces may stand between parts ("1m 30s") and before a unit ("5 ms"), never inside a
 # number: "5 00ms" is a typo, not 500ms.
-_DURATION: Final = re.compile(rf"^(?:{_NUM}\s*(?:ms|h|m|s)\s*)+$")
-_DURATION_PART: Final = re.compile(rf"({_NUM})\s*(ms|h|m|s)")
+_DURATION: Final = re.compile(rf"^(?:{_NUM}[ \t]*(?:ms|h|m|s)[ \t]*)+$")
+_DURATION_PART: Final = re.compile(rf"({_NUM})[ \t]*(ms|h|m|s)")
 _UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 DURATION_HELP: Final = 'must be a duration such as "250ms", "3s", "1m30s" or seconds'
 

@@ -533,6 +533,54 @@ def test_a_count_beyond_tomls_integers_is_refused_in_the_file(tmp_path: Path) ->
     ]
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        (
+            "GUARDD_POLICY__P0_ERROR_RATIO",
+            "1e400",
+            "policy.p0_error_ratio: must be a finite number",
+        ),
+        ("GUARDD_POLICY__P0_ERROR_RATIO", "nan", "policy.p0_error_ratio: must be a finite number"),
+        ("GUARDD_POLICY__P0_ERROR_RATIO", "true", "policy.p0_error_ratio: must be a number"),
+        ("GUARDD_FLEET__ETCD", "[]", "fleet.etcd: must hold at least 1 item"),
+        ("GUARDD_FLEET__NODE", "", "fleet.node: must not be empty"),
+        (
+            "GUARDD_PROBE__INTERVAL",
+            "\u0663s",  # an Arabic-Indic 3: no duration, as no count
+            'probe.interval: must be a duration such as "250ms", "3s", "1m30s" or seconds',
+        ),
+    ],
+)
+def test_odd_values_are_refused_in_guardds_words(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, reason: str
+) -> None:
+    """Never pydantic's own wording ("input should be a finite number", "list should have
+    at least 1 item after validation"), and no boolean read as a number."""
+    monkeypatch.setenv(name, value)
+    if name.startswith("GUARDD_FLEET__"):
+        monkeypatch.setenv(
+            "GUARDD_FLEET__ETCD" if name.endswith("NODE") else "GUARDD_FLEET__NODE",
+            '["http://127.0.0.1:2379"]' if name.endswith("NODE") else "lb-a",
+        )
+    with pytest.raises(ConfigError) as info:
+        config.load(EXAMPLE)
+    assert [str(p) for p in info.value.problems] == [f"env {name}: {reason}"]
+
+
+def test_a_boolean_in_the_file_is_no_number(tmp_path: Path) -> None:
+    """`p0_error_ratio = true` was read as 1.0: a P0 rule that fires only at 100 %."""
+    path = tmp_path / "guardd.toml"
+    path.write_text(
+        re.sub(r"(?m)^p0_error_ratio = \S+", "p0_error_ratio = true", EXAMPLE.read_text())
+    )
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}: policy.p0_error_ratio: must be a number, not true"
+    ]
+
+
 def test_bad_env_override_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("guardd_probe__expect_json", "[1]")  # named as it was set
     monkeypatch.setenv("GUARDD_POLICY__CONSECUTIVE_FAILURES", "0")
@@ -604,7 +652,7 @@ def test_a_number_that_is_not_finite_is_refused_wherever_it_is_set(
     with pytest.raises(ConfigError) as info:
         config.load(EXAMPLE)
     assert [str(p) for p in info.value.problems] == [
-        "env GUARDD_POLICY__P1_ERROR_RATIO: policy.p1_error_ratio: input should be a finite number"
+        "env GUARDD_POLICY__P1_ERROR_RATIO: policy.p1_error_ratio: must be a finite number"
     ]
 
 
