@@ -688,8 +688,15 @@ def _expired(until: object) -> bool:
         return False
 
 
-def _expiry_note(target: _Target) -> str:
-    """What happens to an expired lock: it stays until guardd, when it runs, releases it."""
+def _expiry_note(target: _Target, by: object) -> str:
+    """What happens to an expired lock: it stays until guardd, when it runs, releases it;
+    one another tool wrote (`by` neither guardd, nor an operator's `uid:`, nor the fleet's)
+    guardd never removes: it holds until someone does."""
+    if not (by == GUARDD or (isinstance(by, str) and by.startswith(("uid:", "fleet:")))):
+        return (
+            "expired, but not taken through guardd, which never removes it: it holds until "
+            "it is removed (`guardctl qos unlock`)"
+        )
     try:
         call(target.socket, "qos_status", {}, timeout=PEEK_TIMEOUT_S)
     except DaemonUnreachable:
@@ -739,7 +746,7 @@ def _cmd_qos_status(args: argparse.Namespace, target: _Target) -> int:
         elif not lock.get("locked"):
             lock, where = _unless_guardd_holds(target, lock, where)
     expired = bool(lock.get("locked")) and _expired(lock.get("until"))
-    note = _expiry_note(target) if expired else None
+    note = _expiry_note(target, lock.get("by")) if expired else None
     if args.json:
         _print_json({**lock, "expired": expired})
     else:

@@ -770,6 +770,24 @@ def test_qos_status_says_when_a_lock_has_expired_with_the_daemon_down(
     assert json.loads(as_json.out)["expired"] is True
 
 
+def test_an_expired_lock_another_tool_wrote_is_never_said_to_end(
+    tmp_path: Path, run_dir: Path
+) -> None:
+    """guardd never removes a lock it did not take (a deploy tool's): past its `until`,
+    `qos status` says it holds until removed, not that guardd releases it."""
+    lock = tmp_path / "threader.qos.lock"
+    config = _write_config(tmp_path / "threader.toml", tmp_path / "nobody-listens.sock", lock)
+    lock.write_text(
+        json.dumps({"reason": "deploy running", "by": "ci-tool", "until": "2020-01-01T00:00:00Z"})
+    )
+    text = guardctl("--config", str(config), "qos", "status", run_dir=run_dir)
+    assert text.code == 1
+    assert (
+        "(expired, but not taken through guardd, which never removes it: it holds until "
+        in text.out
+    )
+
+
 def test_default_lock_path_follows_the_instance(run_dir: Path, stopped: str) -> None:
     """Without a config, the lock is `$RUNTIME_DIRECTORY/<instance>.qos.lock`."""
     lock = run_dir / "stopped.qos.lock"
