@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from guardd.statusview import DRY_RUN_WARNING
-from tests.harness.daemon import GUARDCTL, Lab, MakeLab, guardctl, log_lines, wait_until
+from tests.harness.daemon import GUARDCTL, Daemon, Lab, MakeLab, guardctl, log_lines, wait_until
 from tests.harness.daemon import lab as lab_in
 from tests.harness.jsondoc import json_object
 from tests.harness.paths import shared_tmp_dir
@@ -348,6 +348,18 @@ def test_a_lock_guardd_holds_in_a_file_of_its_own_environment_is_never_allowed(
     assert d.stop() == 0
 
 
+@contextlib.contextmanager
+def _frozen(d: Daemon) -> Iterator[None]:
+    """guardd stopped in its tracks (SIGSTOP), as a wedged one is: it takes connections and
+    answers nothing; resumed on the way out."""
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+
+
 def test_a_guardd_that_takes_the_question_but_never_answers_is_unknown(
     make_lab: MakeLab,
 ) -> None:
@@ -355,13 +367,9 @@ def test_a_guardd_that_takes_the_question_but_never_answers_is_unknown(
     # written yet. The lock file's silence then proves nothing.
     lab: Lab = make_lab()
     d = lab.daemon()
-    assert d.proc is not None
     assert ctl(lab, "qos", "status").returncode == 0
-    d.proc.send_signal(signal.SIGSTOP)
-    try:
+    with _frozen(d):
         frozen = ctl(lab, "qos", "status")
-    finally:
-        d.proc.send_signal(signal.SIGCONT)
     assert frozen.returncode == 3, frozen
     assert "takes connections but does not answer" in frozen.stderr, frozen.stderr
     assert d.stop() == 0
@@ -376,9 +384,7 @@ def test_a_wait_on_a_frozen_guardd_ends_at_its_deadline_as_unknown(make_lab: Mak
     # alone; the step ends UNKNOWN (3), and the promote it gave up on is never made.
     lab: Lab = make_lab()
     d = lab.daemon()
-    assert d.proc is not None
-    d.proc.send_signal(signal.SIGSTOP)
-    try:
+    with _frozen(d):
         runs = [
             subprocess.run(
                 [str(GUARDCTL), "--config", str(lab.config_path), *argv],
@@ -389,8 +395,6 @@ def test_a_wait_on_a_frozen_guardd_ends_at_its_deadline_as_unknown(make_lab: Mak
             )
             for argv in (["promote", "--wait", "2s"], ["wait", "unlocked", "--timeout", "2s"])
         ]
-    finally:
-        d.proc.send_signal(signal.SIGCONT)
     for run in runs:
         assert run.returncode == 3, run
         assert "UNKNOWN: guardd is not answering" in run.stderr, run.stderr
@@ -404,9 +408,7 @@ def test_a_change_the_client_gave_up_on_is_not_made_later(make_lab: MakeLab) -> 
     # answer, and may act by hand; the change must not land behind their back later.
     lab: Lab = make_lab()
     d = lab.daemon()
-    assert d.proc is not None
-    d.proc.send_signal(signal.SIGSTOP)
-    try:
+    with _frozen(d):
         # Interrupted as an operator's Ctrl-C (SIGINT) would: it gives up and leaves.
         gave_up = subprocess.run(
             ["timeout", "-s", "INT", "2", str(GUARDCTL), "--config", str(lab.config_path),
@@ -414,8 +416,6 @@ def test_a_change_the_client_gave_up_on_is_not_made_later(make_lab: MakeLab) -> 
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert gave_up.returncode != 0, gave_up
-    finally:
-        d.proc.send_signal(signal.SIGCONT)
     assert wait_until(
         lambda: any(e.get("event") == "control_request_abandoned" for e in log_lines(d)),
         30,
