@@ -767,7 +767,11 @@ def _unless_guardd_holds(
     """
     if not paths.is_socket(target.socket):
         # No guardd there to ask (and no client to load: _LAZY_CLIENT).
-        why = f"guardd {target.label} is not running (no socket at {target.socket})"
+        # (Not "not running": a socket removed by hand leaves guardd running, unreachable.)
+        why = (
+            f"no socket at {target.socket} (guardd {target.label} is not running, or cannot "
+            "be asked)"
+        )
         return _unless_left_held(target, lock, where, why)
     try:
         held = call(target.socket, "qos_status", {}, timeout=PEEK_TIMEOUT_S)
