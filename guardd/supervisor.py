@@ -495,7 +495,11 @@ class Supervisor:
         def retry(g: GuardConfig) -> object:
             return g.retry
 
-        if previous is not None and kept(lambda g: g.notify, retry):
+        if (
+            previous is not None
+            and kept(lambda g: g.notify, retry)
+            and _same_sinks(previous.notifier, settings)
+        ):
             notifier = previous.notifier
         else:
             notifier = self._build_notifier(settings)
@@ -1427,6 +1431,9 @@ class Supervisor:
             # Built before anything is applied: a sink whose URL cannot be resolved now
             # rejects the whole reload, as an invalid file does.
             runtime = self.build_runtime(new, self.runtime)
+            before = self.runtime.notifier if self.runtime is not None else None
+            if runtime.notifier is not before and "notify" not in changed:
+                changed.append("notify")  # the same keys, resolved to a rotated URL
         except (ConfigError, SwitchLockError) as e:
             self._release_switch_locks(keep=old)
             problems = [str(p) for p in e.problems] if isinstance(e, ConfigError) else [str(e)]
@@ -1472,6 +1479,22 @@ class Supervisor:
             )
         self.sd.status(guard.status_line())
         self.sd.ready()
+
+
+def _same_sinks(notifier: Any, settings: Settings) -> bool:
+    """Whether `notifier` sends where `settings`' `[[notify]]` resolve to now.
+
+    `url_env` and `url_file` name the same variable or file after a credential is rotated
+    (systemd's `LoadCredential`, then a reload): the config alone does not tell. Resolving
+    them also checks them, as at start: raises `ConfigError` when one cannot be resolved.
+    """
+    if notifier is None:
+        return True
+    from guardd.notify import sinks_from_config  # noqa: PLC0415 - only when configured
+
+    source = str(settings.source)
+    resolved = sinks_from_config(settings.config.notify, environ=os.environ, source=source)
+    return bool(tuple(resolved) == notifier.sinks)
 
 
 def _urls(c: GuardConfig, color: Color) -> list[str]:

@@ -360,6 +360,11 @@ class Notifier:
         queued = sum(len(state.queue) for state in self._sinks.values())
         return queued + sum(len(item.sinks) for item in (*self._unwritten, *self._inbox))
 
+    @property
+    def sinks(self) -> tuple[Sink, ...]:
+        """Where it sends, URLs and tokens as resolved when it was built."""
+        return tuple(state.sink for state in self._sinks.values())
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Deliver until cancelled, starting with what an earlier run left in the outbox.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -70,6 +71,40 @@ def test_500_twice_then_200_delivers_once_and_counts(make_lab: MakeLab) -> None:
         assert counts()["retried"] == 2.0
         assert counts().get("dropped", 0.0) == 0.0
         assert len(rec.requests) == 3, "exactly once with a 2xx"
+
+
+def test_a_rotated_url_file_is_taken_at_a_reload_and_a_bad_one_rejects_it(
+    make_lab: MakeLab,
+) -> None:
+    """A webhook URL in `url_file` rotated (systemd's LoadCredential), then SIGHUP: the file
+    names the same path, so the config alone does not change, but the sink must send to
+    the new URL; and a URL that is no URL rejects the reload, as at start."""
+    with receiver() as old, receiver() as new:
+        lab: Lab = make_lab(qos__window="1s")
+        url_file = lab.tmp / "hook.url"
+        url_file.write_text(old.url + "\n")
+        lab.config_path.write_text(
+            lab.config_text()
+            + f'\n[[notify]]\nkind = "webhook"\nurl_file = "{url_file}"\nevents = ["qos"]\n'
+        )
+        d = lab.daemon()
+        url_file.write_text(new.url + "\n")
+        count = len(d.events())
+        d.signal(signal.SIGHUP)
+        reloaded = d.wait_event("config_reloaded", after=count)
+        assert "notify" in reloaded["changed"], reloaded
+        assert (
+            guardctl("--config", str(lab.config_path), "qos", "lock", "--for", "1s").returncode == 0
+        )
+        wait_until(lambda: len(new.requests) >= 2, 30, "qos_locked and qos_released sent")
+        assert old.requests == []
+        url_file.write_text("http://127.0.0.1:99999/x\n")
+        count = len(d.events())
+        d.signal(signal.SIGHUP)
+        rejected = d.wait_event("alert", after=count)
+        assert rejected["reason"].startswith("reload rejected, still running the previous config: ")
+        assert "notify.0.url_file" in rejected["reason"] and "99999" not in rejected["reason"]
+        assert d.stop() == 0
 
 
 def test_hung_receiver_delays_neither_rollback_nor_status(make_lab: MakeLab) -> None:
