@@ -2013,11 +2013,49 @@ def _problems(error: ValidationError, shown: str, env: Mapping[str, str]) -> lis
         ):
             whole = "GUARDD_" + "__".join(str(p).upper() for p in path)
             reason += f" (the environment sets a list whole, as JSON: {whole}='[...]')"
+        if set_as is not None and (broken := _broken_json(env.get(set_as))) is not None:
+            # A table or a list whose JSON does not parse: said as such, once, rather than
+            # as whatever type the text was then tried as (`must be a table`).
+            reason = f"cannot be read: {broken}"
         origin = f"env {set_as}" if set_as is not None else shown
         if (key, reason) not in seen:
             seen.add((key, reason))
             problems.append(ConfigProblem(origin, key, reason))
-    return problems
+    return _one_per_union(problems)
+
+
+def _one_per_union(problems: list[ConfigProblem]) -> list[ConfigProblem]:
+    """A key that is a word or a list (`expect_status = "2xx"` or `[200, 204]`) fails both
+    ways at once: one line for it, not two that contradict each other. A list whose item
+    is wrong needs only the item's line; a value that is neither, one line for both."""
+
+    def word(p: ConfigProblem) -> bool:
+        return p.reason.startswith("must be one of ")
+
+    def alongside(p: ConfigProblem, test: Callable[[ConfigProblem], bool]) -> bool:
+        return any(q.key == p.key and test(q) for q in problems)
+
+    out: list[ConfigProblem] = []
+    for p in problems:
+        if word(p) and any(q.key.startswith((f"{p.key}[", f"{p.key}.")) for q in problems):
+            continue  # the list branch names its bad item
+        if word(p) and alongside(p, lambda q: q.reason == "must be a list"):
+            out.append(ConfigProblem(p.file, p.key, f"{p.reason}, or a list"))
+        elif not (p.reason == "must be a list" and alongside(p, word)):
+            out.append(p)
+    return out
+
+
+def _broken_json(value: str | None) -> str | None:
+    """Why `value`, written as a JSON table or list (`{...`, `[...`), does not parse; None
+    when it parses or is no such text."""
+    if value is None or not value.lstrip().startswith(("{", "[")):
+        return None
+    try:
+        json.loads(value)
+    except ValueError as e:
+        return f"invalid JSON: {e}"
+    return None
 
 
 def _nearest_key(loc: list[int | str]) -> str | None:

@@ -568,6 +568,43 @@ def test_odd_values_are_refused_in_guardds_words(
     assert [str(p) for p in info.value.problems] == [f"env {name}: {reason}"]
 
 
+@pytest.mark.parametrize(
+    ("value", "problems"),
+    [
+        (
+            '{"status":"UP"',
+            [
+                (
+                    "probe.expect_json: cannot be read: invalid JSON: Expecting ',' delimiter: "
+                    "line 1 column 15 (char 14)"
+                )
+            ],
+        ),
+        (
+            "[200,",
+            [
+                (
+                    "probe.expect_status: cannot be read: invalid JSON: Expecting value: line 1 "
+                    "column 6 (char 5)"
+                )
+            ],
+        ),
+        ("[200, 999]", ["probe.expect_status[1]: must be <= 599"]),
+        ("3xx", ["probe.expect_status: must be one of '2xx', or a list"]),
+    ],
+)
+def test_a_table_or_list_from_the_environment_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, value: str, problems: list[str]
+) -> None:
+    """Broken JSON is said as such (not `must be a table`), and a key that is a word or a
+    list gets one line, not the two that contradict each other."""
+    name = "GUARDD_PROBE__EXPECT_JSON" if value.startswith("{") else "GUARDD_PROBE__EXPECT_STATUS"
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        config.load(EXAMPLE)
+    assert [str(p) for p in info.value.problems] == [f"env {name}: {p}" for p in problems]
+
+
 def test_a_boolean_in_the_file_is_no_number(tmp_path: Path) -> None:
     """`p0_error_ratio = true` was read as 1.0: a P0 rule that fires only at 100 %."""
     path = tmp_path / "guardd.toml"
