@@ -153,10 +153,11 @@ async def _qos_lock(
             f"; it replaces the fleet's lock ({fleet_lock.reason}, {fleet_lock.by}, "
             f"until {fleet_lock.until or 'unlocked'})"
         )
-    if own is not None and own.manual and own.window is None and current == own.info:
-        # An operator's lock (this caller's or another's): a lock never shortens another,
-        # as in a fleet. Two pipelines under one uid, the second locking for ten minutes,
-        # would otherwise end the first one's freeze "until unlocked" in ten.
+    if own is not None and own.window is None and (own.manual or own.hold) and current == own.info:
+        # An operator's lock (this caller's or another's), or a hold's (no end): a lock
+        # never shortens another, as in a fleet. Two pipelines under one uid, the second
+        # locking for ten minutes, would otherwise end the first one's freeze "until
+        # unlocked" in ten; and a hold's lock would lapse while guardd still holds.
         ends = math.inf if own.expires_at is None else own.expires_at
         asked_end = guard.clock.monotonic() + float(duration) if duration else math.inf
         if asked_end < ends:

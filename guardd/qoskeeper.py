@@ -541,8 +541,12 @@ class QosKeeper:
             # of them, the probes seen so far still counted (a fresh short window
             # would have too few to be judged).
             span = min(span, max(STAY_MARGIN_S, stay_ends - wall + STAY_MARGIN_S))
-        end = _later(Floor.of(now + span, wall, now), own.floor)
-        info = dataclasses.replace(own.info, until=end.until)
+        window_end = Floor.of(now + span, wall, now)
+        end = _later(window_end, own.floor)
+        # Moved past an operator's lock laid over the window, the lock is guardd's: never
+        # credited to them with an end they never gave (as at a restart).
+        by = GUARDD if end is window_end else own.info.by
+        info = dataclasses.replace(own.info, until=end.until, by=by)
         own.info = info
         if stay_ends is not None:
             window.prolong(now + span)

@@ -376,3 +376,40 @@ async def test_deploys_wait_while_a_switch_is_in_flight(tmp_path: Path) -> None:
     assert (doc["locked"], doc["reason"], doc["by"]) == (True, qoslock.IN_FLIGHT, "guardd")
     assert g.snapshot()["qos"] == doc
     assert not lock(g).held  # (nothing written: it is said, as the switch goes on)
+
+
+async def test_a_window_extended_past_an_operators_lock_is_guardds(tmp_path: Path) -> None:
+    """An operator's lock laid over a guard window for a little longer than it; the window
+    fails and is extended past that lock's end: the lock is guardd's from then on, never
+    shown as the operator's with an end they never gave."""
+    prepare(tmp_path)
+    clock = FakeClock()
+    g = await start(tmp_path, clock, SPEC)
+    await steps(g, clock, [(OK, OK)] + [(OK, DOWN)] * 3)  # rolled back to blue: a window
+    assert g.active == "blue"
+    await handle(g, "qos_lock", {"reason": "hands off", "for_s": QOS_WINDOW + 2}, ROOT)
+    asked = qoslock.read_lock(g.s.lock_file)
+    assert asked.by == ROOT
+    await steps(g, clock, [(DOWN, OK)] * 2)  # blue fails a little: the window is not met
+    for _ in range(100):  # (the window ends within QOS_WINDOW of probes)
+        if events(g, "qos_extended"):
+            break
+        await step(g, clock, OK, OK)
+    assert events(g, "qos_extended"), "the window was judged and extended"
+    extended = qoslock.read_lock(g.s.lock_file)
+    assert extended.by == "guardd", extended
+    assert (extended.until or "") > (asked.until or ""), (extended, asked)
+
+
+async def test_a_lock_never_shortens_the_lock_of_a_hold(tmp_path: Path) -> None:
+    """While guardd holds, its lock has no end: `qos lock --for 3s` would make it lapse
+    (deploys allowed, the hold going on) until the next tick took it again."""
+    prepare(tmp_path)
+    clock = FakeClock()
+    g = await start(tmp_path, clock, SPEC)
+    await steps(g, clock, [(OK, OK)] + [(DOWN, DOWN)] * 4)  # both down: guardd holds
+    held = qoslock.read_lock(g.s.lock_file)
+    assert held.held and (held.reason or "").startswith("guardd holds: "), held
+    with pytest.raises(OperationRefused, match=r"^a QoS lock is already held \(guardd holds: "):
+        await handle(g, "qos_lock", {"reason": "op 3s", "for_s": 3}, ROOT)
+    assert qoslock.read_lock(g.s.lock_file) == held
