@@ -500,23 +500,31 @@ class QosKeeper:
             return
         self.beneath = None
         window = below.window
+        failed: str | None = None
         if window.due(now):
             verdict = window.verdict()
             if verdict.met:
                 host.log.info("guard_window_passed", reason=verdict.reason, beneath=True)
                 host.save_state()
                 return
+            failed = verdict.reason
             window.restart(now, host.s.qos_window)
         wall = host.clock.wall()
         end = Floor.of(window.ends_at, wall, now)
         info = qoslock.LockInfo(True, below.info.reason, rfc3339(wall), end.until, GUARDD)
         own = OwnedLock(info, window, end.at, manual=False)
         self._change(own, info, "qos_locked", reason=info.reason, by=GUARDD, until=info.until)
+        window_said = (
+            "guardd's guard window has not passed"
+            if failed is None
+            else f"guardd's guard window passed beneath it without its SLOs holding ({failed}), "
+            "and goes on for a window more"
+        )
         host.record(
             "alert",
             by=GUARDD,
             reason=f"the lock laid over guardd's in {host.s.lock_file} was removed, and "
-            f"guardd's guard window has not passed: its lock is back until {info.until}",
+            f"{window_said}: its lock is back until {info.until}",
         )
 
     def _extend(
@@ -682,18 +690,8 @@ class QosKeeper:
             # a garbled file).
             return _on_monotonic(stamp, wall, now, default)
 
-        current = self.store.read(host.s.lock_file)
-        # (Beneath another's lock only while one is there: removed meanwhile, it is back.)
-        beneath = saved.get("beneath") is True and current.held
-        if not current.held:
-            # /run was cleared (a reboot) or the file was removed while guardd was down:
-            # the guard window still stands, so put the lock back. (So too for a window
-            # beneath another's lock: that one was removed meanwhile; and at the new path
-            # of a qos.lock_file changed since.)
-            self._write(info)
-            self._moved_from(saved.get("file"), info)
-        elif current != info and not beneath:
-            self._adopt_unsaved()  # a later lock of guardd's own, or someone else's
+        beneath = self._standing(saved, info, self.store.read(host.s.lock_file))
+        if beneath is None:
             return
         manual = bool(saved.get("manual"))
         hold = bool(saved.get("hold"))
@@ -748,6 +746,31 @@ class QosKeeper:
             "watch: the time guardd was not running does not count",
             until=own.info.until,
         )
+
+    def _standing(
+        self, saved: dict[str, Any], info: qoslock.LockInfo, current: qoslock.LockInfo
+    ) -> bool | None:
+        """At start, how the lock file (`current`) stands to the lock state.json saved
+        (`info`): False, it is guardd's (put back when it was gone: /run cleared by a
+        reboot, a removal while guardd was down, a new qos.lock_file); True, another's lies
+        over guardd's guard window, which goes on beneath it; None, another lock stands
+        instead (guardd's own taken later is adopted) and nothing of `info` is restored."""
+        if not current.held:
+            self._write(info)
+            self._moved_from(saved.get("file"), info)
+            return False
+        if current == info:
+            return False
+        if saved.get("beneath") is True:
+            return True
+        if current.by == GUARDD or saved.get("manual") or saved.get("hold"):
+            self._adopt_unsaved()  # a later lock of guardd's own, or someone else's
+            return None
+        # Someone else's lock where guardd's guard window was (written while guardd was
+        # down, or already at a new qos.lock_file): the window goes on beneath it, as it
+        # would have while guardd ran; dropped, deploys would open when that one goes.
+        self._moved_from(saved.get("file"), info)
+        return True
 
     def _moved_from(self, was: object, info: qoslock.LockInfo) -> None:
         """After `qos.lock_file` changed (state.json's `file` names where the lock was),

@@ -358,8 +358,9 @@ def _lock(qos: object) -> tuple[str, str | None]:
         details.append(f"by {clean(qos['by'])}")
     window = qos.get("window")
     if isinstance(window, Mapping):
+        beneath = "guardd's guard window beneath it" if window.get("beneath") else "guard window"
         watched = (
-            f"guard window: {_duration(window.get('left_s'))} left to watch, "
+            f"{beneath}: {_duration(window.get('left_s'))} left to watch, "
             f"{_number(window.get('samples'))} probes, {_number(window.get('failures'))} failed"
         )
         fired = window.get("fired")

@@ -93,6 +93,9 @@ def qos_doc(guard: Guard, lock: qoslock.LockInfo) -> dict[str, Any]:
     if lock.held and own is not None and own.info == lock and window is not None:
         # guardd's own guard window: how long it is still watched, and what it saw so far.
         doc["window"] = window
+    elif lock.held and own is None and window is not None:
+        # Beneath another's lock (`QosKeeper.beneath`): its lock comes back if that one goes.
+        doc["window"] = {**window, "beneath": True}
     if not lock.held and guard.rolling_back:
         # A switch in flight: its lock (a guard window, a hold's) is written as it ends,
         # and a rollback stuck at nginx's reload, with its undo, lasts a few switch.timeouts.

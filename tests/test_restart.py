@@ -25,6 +25,7 @@ from guardd.core.policy import PolicySpec
 from guardd.guard import Guard
 from guardd.operator import handle
 from guardd.probes.http import ProbeResult
+from guardd.render import render_status
 from tests.harness.guard_fakes import (
     DOWN,
     OK,
@@ -853,6 +854,10 @@ async def test_a_guard_window_beneath_another_lock_comes_back_when_that_one_goes
     [said] = [e for e in g.journal.recent if e["event"] == "alert" and "beneath" in e["reason"]]
     assert "guard window goes on beneath it" in said["reason"], said
     assert qoslock.read_lock(g.s.lock_file) == FOREIGN
+    # status says the window is still watched, beneath that lock.
+    shown = g.snapshot()["qos"]
+    assert shown["by"] == "deploybot" and shown["window"]["beneath"] is True, shown
+    assert "guardd's guard window beneath it: " in render_status(g.snapshot())
     if restart:
         g.save_state()
         g = await start(tmp_path, clock, SPEC)
@@ -914,3 +919,28 @@ async def test_a_lock_file_moved_by_the_config_leaves_no_lock_at_the_old_path(
     assert not old.exists()
     [said] = [e for e in g2.journal.recent if "qos.lock_file changed" in (e["reason"] or "")]
     assert said["reason"].endswith(f"is at {g2.s.lock_file} now, removed from {old}"), said
+
+
+async def test_a_lock_file_moved_onto_another_tools_lock_keeps_the_window_beneath_it(
+    tmp_path: Path,
+) -> None:
+    """qos.lock_file changed to a path where another tool's lock already stands: guardd's
+    window goes on beneath that lock (not dropped: deploys would open when it goes), its
+    lock leaves the old path, and comes back at the new one when that lock is removed."""
+    clock = FakeClock()
+    prepare(tmp_path)
+    g1 = await start(tmp_path, clock, SPEC)
+    await guard_window(g1, clock)
+    old = g1.s.lock_file
+    g1.save_state()
+    g2 = build(tmp_path, clock, SPEC)
+    g2.s = dataclasses.replace(g2.s, lock_file=tmp_path / "moved" / "lab.qos.lock")
+    g2.s.lock_file.parent.mkdir()
+    qoslock.LOCK_FILES.write(g2.s.lock_file, FOREIGN)
+    await g2.recover(g2.state_file.load())
+    assert g2.own_lock is None and g2.qos.beneath is not None
+    assert not old.exists()
+    g2.s.lock_file.unlink()
+    await steps(g2, clock, [(OK, OK)])
+    back = qoslock.read_lock(g2.s.lock_file)
+    assert back.held and back.by == "guardd", back
