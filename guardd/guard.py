@@ -747,11 +747,27 @@ class Guard:
         self.target_unreadable = None
         return color
 
+    def record_target_lost(self, left: Color, changed: str) -> None:
+        """Journal that the switch target, which named `left`, names no color now
+        (`external_switch` to null), saying why when it cannot be read; `changed` says when
+        (`was changed outside guardd`, `changed while guardd was not running`)."""
+        unreadable = self.target_unreadable
+        self.record(
+            "external_switch",
+            source=left,
+            target=None,
+            by="external",
+            reason=f"the switch target {changed} and names neither blue nor green; guardd "
+            "holds until it names one"
+            if unreadable is None
+            else f"the switch target cannot be read ({unreadable}); guardd holds until it "
+            "names blue or green",
+        )
+
     async def _adopt_external_switch(self) -> None:
         if self.rolling_back:
             return
         on_disk = await self.read_target()
-        unreadable = self.target_unreadable
         if on_disk is None and self.active is not None:
             # It names neither color now: a hand pointed it at another file (a hotfix
             # copy) or removed it. guardd no longer knows what users are served, so it
@@ -761,17 +777,7 @@ class Guard:
             if self._unnamed_reads < 2:
                 return
             left, self.active = self.active, None
-            self.record(
-                "external_switch",
-                source=left,
-                target=None,
-                by="external",
-                reason="the switch target was changed outside guardd and names neither blue "
-                "nor green; guardd holds until it names one"
-                if unreadable is None
-                else f"the switch target cannot be read ({unreadable}); guardd holds until "
-                "it names blue or green",
-            )
+            self.record_target_lost(left, "was changed outside guardd")
             return
         self._unnamed_reads = 0
         if on_disk != self.active and on_disk is not None:

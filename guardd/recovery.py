@@ -101,18 +101,7 @@ async def recover(guard: Guard, saved: dict[str, Any]) -> None:
     elif remembered in COLORS and guard.active is None and pending is None and not interrupted:
         # Named a color when guardd stopped, none now (removed, replaced, pointed at a
         # hotfix copy): said as a change made while guardd runs is, before the hold.
-        unreadable = guard.target_unreadable
-        guard.record(
-            "external_switch",
-            source=remembered,
-            target=None,
-            by="external",
-            reason="the switch target changed while guardd was not running and names neither "
-            "blue nor green; guardd holds until it names one"
-            if unreadable is None
-            else f"the switch target cannot be read ({unreadable}); guardd holds until it "
-            "names blue or green",
-        )
+        guard.record_target_lost(remembered, "changed while guardd was not running")
     if moved_while_down or interrupted:
         # Someone moved traffic while guardd was down: an operator acted, just as with
         # a switch made while it runs (`Guard._adopt_external_switch`).
