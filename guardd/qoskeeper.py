@@ -646,10 +646,9 @@ class QosKeeper:
             "manual": own.manual,
             "hold": own.hold,
             "floor": None if own.floor is None else (own.floor.until or "unlocked"),
-            "window": None,
+            # The counts, so that a restart judges the window on the probes it already saw.
+            "window": self.window_json(),
         }
-        # The counts, so that a restart judges the window on the probes it already saw.
-        doc["window"] = self.window_json()
         return doc
 
     def window_json(self) -> dict[str, Any] | None:

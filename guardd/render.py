@@ -452,7 +452,7 @@ def render_status(status: Mapping[str, Any], *, color: bool = False) -> str:
 
 
 def _front_door(door: Mapping[str, Any]) -> tuple[str, str | None]:
-    """`passing (12 answers in a row)`, `FAILING (3 in a row): HTTP 502`, or `stale`: what
+    """`passing (12 in a row)`, `FAILING (3 in a row): HTTP 502`, or `stale`: what
     users reach through nginx, as `switch.verify_url` answers it."""
     streak = f"{_text(door.get('streak'))} in a row"
     if door.get("last_probe_age_s") is None:
