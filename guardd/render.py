@@ -368,8 +368,7 @@ def _lock(qos: object) -> tuple[str, str | None]:
             # A rule that fired fails the window whatever comes next: the until is no time
             # to plan a deploy by, it moves when the window is judged.
             watched += (
-                f"; not met ({', '.join(clean(f) for f in fired)} fired): it is extended "
-                "at its end"
+                f"; not met ({', '.join(clean(f) for f in fired)} fired): it is extended at its end"
             )
         details.append(watched)
     return f"HELD: {_text(qos.get('reason'))} ({', '.join(details)})", _YELLOW

@@ -266,8 +266,8 @@ def test_a_start_that_finds_no_switch_target_holds_and_says_why(
     count = len(d.events())
     d2 = lab.daemon()
     if how != "a file with two names":  # (nginx reads a file as well as a link to it)
-        checked = d2.wait_event("alert", after=count)
-        assert checked["reason"].startswith("the switch target failed its check at start: ")
+        alert = d2.wait_event("alert", after=count)
+        assert alert["reason"].startswith("the switch target failed its check at start: ")
     found = "does not exist" if kind[how] is None else f"not a symlink ({kind[how]})"
     why = f"the switch target cannot be read ({link}: {found})"
     moved = d2.wait_event("external_switch", after=count)
