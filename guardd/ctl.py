@@ -814,6 +814,7 @@ def _unless_left_held(
 
     journal, state = target.state_dir / "events.jsonl", target.state_dir / "state.json"
     try:
+        _state_dir_of(target.state_dir, target.label, where, why)
         pending = open_rollback(tail_events(journal))
         saved, unreadable = _saved_state(state)
     except OSError as e:
@@ -855,6 +856,28 @@ def _unless_left_held(
         fields = ("reason", "until", "locked_at", "by")
         return {"locked": True, **{k: own.get(k) for k in fields}}, str(state)
     return lock, where
+
+
+def _state_dir_of(state_dir: Path, label: str, where: str, why: str) -> None:
+    """Raise `_CannotTell` when guardd `label`'s state.dir does not exist or is no folder.
+
+    No state.dir is no proof of no lock: a guardd that never ran with this config, or one
+    whose state.dir is another folder (a GUARDD_STATE__DIR in its unit, or in this shell),
+    whose rollback or lock this cannot see. Raises `OSError` when it cannot be looked at.
+    """
+    try:
+        mode = state_dir.stat().st_mode
+    except FileNotFoundError:
+        what = "does not exist"
+    else:
+        if stat.S_ISDIR(mode):
+            return
+        what = "is not a directory"
+    raise _CannotTell(
+        f"{why}, and its state.dir {state_dir} {what}: guardd {label} never "
+        "ran with this state.dir, or runs with another; whether a switch is in flight, or a "
+        f"lock of its own waits to be taken back, is unknown, though {where} holds no lock"
+    )
 
 
 def _saved_state(state: Path) -> tuple[Mapping[str, Any], str | None]:

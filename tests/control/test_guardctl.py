@@ -601,9 +601,13 @@ def unknown_answer(run: Run, *, status: bool = False) -> dict[str, Any]:
 
 
 def _write_config(path: Path, socket_path: Path, lock_file: Path) -> Path:
+    """A config for guardd threader, as one that ran and stopped leaves it: its state.dir
+    (beside `path`) exists, and holds nothing."""
+    state = path.parent / "threader.state"
+    state.mkdir(exist_ok=True)
     path.write_text(
         f'instance = "threader"\n[control]\nsocket = "{socket_path}"\n'
-        f'[qos]\nlock_file = "{lock_file}"\n'
+        f'[qos]\nlock_file = "{lock_file}"\n[state]\ndir = "{state}"\n'
     )
     return path
 
@@ -690,6 +694,40 @@ def test_settings_in_the_environment_override_the_config_as_for_guardd(
     # Unrelated names (other sections, deeper keys, GUARDD_CONFIG) change nothing.
     quiet = qos_status(GUARDD_PROBE__INTERVAL="5s", GUARDD_QOS__A__B="x", GUARDD_QOSX="y")
     assert quiet.code == 0, quiet
+
+
+def test_with_guardd_down_a_state_dir_that_is_not_there_is_unknown_never_allowed(
+    tmp_path: Path, run_dir: Path
+) -> None:
+    """An empty lock path is no "allowed" when the state.dir guardctl reads is missing or
+    no folder (the config's or a GUARDD_STATE__DIR's, a typo, a guardd that never ran):
+    a rollback cut short, or a lock state.json keeps, would be there. UNKNOWN (3) then,
+    naming the folder; the same config with its state.dir in place answers 0."""
+    lock = tmp_path / "threader.qos.lock"
+    config = _write_config(tmp_path / "threader.toml", tmp_path / "nobody-listens.sock", lock)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = {
+        "missing": ({"GUARDD_STATE__DIR": str(tmp_path / "typo")}, "does not exist"),
+        "a file": ({"GUARDD_STATE__DIR": str(a_file)}, "is not a directory"),
+        "default, never ran": ({"GUARDD_STATE_ROOT": str(tmp_path / "lib")}, "does not exist"),
+    }
+
+    def qos_status(*extra: str, **env: str) -> Run:
+        return guardctl("--config", str(config), "qos", "status", *extra, run_dir=run_dir, env=env)
+
+    assert qos_status().code == 0
+    for name, (env, what) in cases.items():
+        if name.startswith("default"):
+            # The same config without [state]: the state.dir is $GUARDD_STATE_ROOT/threader.
+            config.write_text(config.read_text().split("[state]")[0])
+        text, as_json = qos_status(**env), qos_status("--json", **env)
+        where = env.get("GUARDD_STATE__DIR") or str(tmp_path / "lib" / "threader")
+        assert (text.code, text.out) == (3, ""), (name, text)
+        assert f"state.dir {where} {what}" in text.err, (name, text)
+        assert "allowed" not in text.out + text.err, (name, text)
+        doc = unknown_answer(as_json)
+        assert f"state.dir {where} {what}" in doc["warning"], (name, doc)
 
 
 def _closed_port() -> int:
@@ -1087,7 +1125,7 @@ def test_qos_status_with_a_config_and_no_guardd_never_loads_the_control_client(
     if held:
         lock.touch()  # a lock taken by hand, as the contract allows
     config = tmp_path / "threader.toml"
-    config.write_text(f'[qos]\nlock_file = "{lock}"\n')
+    config.write_text(f'[qos]\nlock_file = "{lock}"\n[state]\ndir = "{tmp_path}"\n')
     code = (
         "import json, sys\n"
         "from guardd.ctl import main\n"
