@@ -128,6 +128,18 @@ def _not_a_flag(value: object) -> object:
     return value
 
 
+def _a_path(value: object) -> object:
+    """A path as written: never empty. pydantic reads `""` as `Path(".")`, the folder the
+    process runs in, and guardctl reads an unset key's default path: an empty
+    `GUARDD_QOS__LOCK_FILE=` (a template's unset variable) would part guardd and a deploy
+    gate onto different lock files. Raises `ValueError` (`must not be empty`)."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+#: A file or folder guardd reads or writes: a non-empty path.
+SettingPath = Annotated[Path, BeforeValidator(_a_path)]
 #: A number (a ratio, a threshold): never a boolean.
 Number = Annotated[float, BeforeValidator(_not_a_flag)]
 #: A count (failures, samples, attempts, bytes): an integer, never a boolean or a float.
@@ -479,7 +491,7 @@ class ProbeConfig(_Section):
     """Follow redirects; otherwise a redirect is a failure (`http_other`)."""
     verify_tls: Flag = True
     """Verify https certificates."""
-    ca_file: Path | None = None
+    ca_file: SettingPath | None = None
     """A CA bundle to verify https certificates against instead of the system's."""
     keepalive: Flag = False
     """Reuse a kept-alive connection between probes: a color refusing new ones still passes."""
@@ -717,7 +729,7 @@ class LogMatchSignalConfig(_Section):
 
     kind: Literal["log_match"]
     """The kind of signal."""
-    paths: dict[Color, Path]
+    paths: dict[Color, SettingPath]
     """The log file of each color."""
     patterns: Annotated[list[str], Field(min_length=1)]
     """Regular expressions, matched per line (Python `re` syntax)."""
@@ -845,15 +857,15 @@ class SwitchConfig(_Section):
     """How traffic moves: nginx (symlink swap), state-file, or command."""
     timeout: PositiveDuration = 30.0
     """The bound on a whole switch, verification included (at least 1s)."""
-    active_link: Path | None = None
+    active_link: SettingPath | None = None
     """nginx: the symlink nginx includes, pointing at one of `targets`."""
-    targets: dict[Color, Path] | None = None
+    targets: dict[Color, SettingPath] | None = None
     """nginx: the upstream file of each color."""
     test_command: list[str] = Field(default_factory=lambda: ["nginx", "-t"])
     """nginx: validates the configuration with the new link (argv, no shell)."""
     reload_command: list[str] | None = None
     """The reload argv (nginx default: `nginx -s reload`; optional for state-file)."""
-    path: Path | None = None
+    path: SettingPath | None = None
     """state-file: the JSON file whose `activeColor` key names the active color."""
     command: list[str] | None = None
     """command: the argv run to switch; `{color}` and `{instance}` are substituted."""
@@ -965,7 +977,7 @@ class SwitchConfig(_Section):
 class QosConfig(_Section):
     """The guard window that holds deploys after a rollback."""
 
-    lock_file: Path | None = None
+    lock_file: SettingPath | None = None
     """The QoS lock file (default: `$RUNTIME_DIRECTORY/<instance>.qos.lock`)."""
     window: PositiveDuration = 300.0
     """The guard window after a rollback; at least policy.min_samples times probe.interval."""
@@ -987,11 +999,11 @@ class NotifyConfig(_Section):
     """The webhook URL (prefer url_env or url_file: secrets stay out of config files)."""
     url_env: str | None = None
     """The environment variable holding the URL."""
-    url_file: Path | None = None
+    url_file: SettingPath | None = None
     """A file holding the URL, e.g. a systemd credential under /run/credentials."""
     token_env: str | None = None
     """slack_api: the environment variable holding the bot token (xoxb-...)."""
-    token_file: Path | None = None
+    token_file: SettingPath | None = None
     """slack_api: a file holding the bot token, e.g. a systemd credential."""
     channel: str | None = None
     """slack_api: the channel to post to, an ID (C0123ABC) or a name (#ops)."""
@@ -1075,7 +1087,7 @@ class MetricsConfig(_Section):
 class ControlConfig(_Section):
     """The control socket guardctl talks to."""
 
-    socket: Path | None = None
+    socket: SettingPath | None = None
     """The control socket (default: `$RUNTIME_DIRECTORY/<instance>.sock`)."""
     mode: str = "0660"
     """The socket's file mode: who may connect and run read-only commands."""
@@ -1102,7 +1114,7 @@ class ControlConfig(_Section):
 class StateConfig(_Section):
     """Where the journal, state and outbox live."""
 
-    dir: Path | None = None
+    dir: SettingPath | None = None
     """The journal, state.json and outbox (default: `$STATE_DIRECTORY`)."""
     keep_observations: Annotated[Duration, Field(ge=0)] = 168 * 3600.0
     """How long `observations/` keeps what guardd observed, for replay (whole UTC days
@@ -1131,15 +1143,15 @@ class FleetConfig(_Section):
     """`majority`: a P0/P1 rollback needs most live nodes to see the active color fail."""
     local_fallback: Flag = False
     """With etcd unreachable, decide alone (true) or make no automatic switch (false)."""
-    ca_file: Path | None = None
+    ca_file: SettingPath | None = None
     """CA bundle that signs etcd's certificate."""
-    cert_file: Path | None = None
+    cert_file: SettingPath | None = None
     """Client certificate for etcd (with key_file)."""
-    key_file: Path | None = None
+    key_file: SettingPath | None = None
     """Client key for etcd."""
     username: str | None = None
     """etcd user (with password_file)."""
-    password_file: Path | None = None
+    password_file: SettingPath | None = None
     """File holding the etcd user's password; never logged."""
 
     @field_validator("etcd")

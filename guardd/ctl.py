@@ -266,7 +266,7 @@ def _read_config(path: Path, *, instance: str, explicit: bool) -> dict[str, Any]
     """The config as a table; None when there is none at the default path."""
     try:
         with path.open("rb") as f:
-            return _with_environment(tomllib.load(f), os.environ)
+            table = tomllib.load(f)
     except FileNotFoundError:
         if explicit:
             raise _CannotTell(
@@ -287,24 +287,97 @@ def _read_config(path: Path, *, instance: str, explicit: bool) -> dict[str, Any]
     except (OSError, UnicodeDecodeError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise _CannotTell(f"{path}: cannot read config ({why})") from None
+    if problem := _refused_keys(table):
+        raise _CannotTell(_refusal(str(path), problem, path))
+    return _with_environment(table, os.environ, path)
 
 
-# The sections guardctl reads; each takes `GUARDD_<SECTION>__<KEY>` from the environment
-# as guardd does, so the two never disagree on where the socket, lock or etcd are.
-_ENV_SECTIONS: Final = ("control", "qos", "state", "fleet")
+# The keys guardd's config takes at its top ("") and in the sections guardctl reads, each
+# of which takes `GUARDD_<SECTION>__<KEY>` from the environment as guardd does, so the two
+# never disagree on where the socket, lock or etcd are. The models in guardd/config.py
+# are the source (tests/control/test_guardctl.py keeps these the same): guardctl does not
+# import them, as pydantic would double a deploy gate's time.
+_KNOWN_KEYS: Final[Mapping[str, frozenset[str]]] = {
+    section: frozenset(keys.split())
+    for section, keys in {
+        "": "control fleet instance metrics notify policy probe qos retry rules signals state "
+        "switch upstreams",
+        "control": "admin_group group mode socket",
+        "qos": "lock_file max_error_ratio min_health_ratio window",
+        "state": "dir keep_observations",
+        "fleet": "ca_file cert_file etcd key_file lease_ttl local_fallback node password_file "
+        "prefix quorum size username",
+    }.items()
+}
+_ENV_SECTIONS: Final = tuple(section for section in _KNOWN_KEYS if section)
+# The settings that say where guardctl looks: each a non-empty string.
+_WHERE_KEYS: Final = frozenset(
+    (("", "instance"), ("control", "socket"), ("qos", "lock_file"), ("state", "dir"))
+)
 
 
-def _with_environment(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+def _refused_keys(config: Mapping[str, Any]) -> str | None:
+    """`key: reason` for the first setting of `config` (a config file's table) that guardd
+    refuses and that would move where guardctl looks: an unknown key at the top or in a
+    section guardctl reads (`[qoss]`, `qos.lockfile`: guardctl would read the default
+    lock path, guardd refuses to start), such a section that is no table, or a path or
+    `instance` that is no string or is empty. None when there is none."""
+    for key, value in config.items():
+        if key not in _KNOWN_KEYS[""]:
+            return f"{key}: unknown key"
+        if key in _ENV_SECTIONS:
+            if not isinstance(value, Mapping):
+                return f"{key}: must be a table"
+            for inner, setting in value.items():
+                if problem := _refused_setting(key, inner, setting):
+                    return problem
+        elif problem := _refused_setting("", key, value):
+            return problem
+    return None
+
+
+def _refused_setting(section: str, key: str, value: object) -> str | None:
+    """`section.key: reason` when guardd refuses `key` in `section` ("" the top) as
+    guardctl reads it, else None."""
+    dotted = f"{section}.{key}" if section else key
+    if key not in _KNOWN_KEYS[section]:
+        return f"{dotted}: unknown key"
+    if (section, key) in _WHERE_KEYS:
+        if not isinstance(value, str):
+            return f"{dotted}: must be a string"
+        if not value.strip():
+            return f"{dotted}: must not be empty"
+    return None
+
+
+def _refusal(origin: str, problem: str, path: Path) -> str:
+    """What guardctl says of a setting guardd refuses, from `origin` (the file, or `env
+    NAME`): where guardd's socket, lock or state are cannot be told from it."""
+    return (
+        f"{origin}: {problem}: guardd refuses this setting, so where its socket, lock and "
+        f"state are cannot be told; `guardd check-config {path}` says how to fix it"
+    )
+
+
+def _with_environment(
+    config: dict[str, Any], environ: Mapping[str, str], path: Path
+) -> dict[str, Any]:
     """`config` with the `GUARDD_<SECTION>__<KEY>` variables of `environ` laid over it, as
     guardd's settings lay them (names case-insensitive; a value that is a JSON list or
-    object, such as `GUARDD_FLEET__ETCD='["http://10.0.0.1:2379"]'`, decoded as one)."""
+    object, such as `GUARDD_FLEET__ETCD='["http://10.0.0.1:2379"]'`, decoded as one).
+
+    Raises `_CannotTell` for a variable guardd refuses in those sections (an unknown or
+    deeper key, an empty path): guardctl would look where guardd, which refuses to start
+    with it, does not. `path` is the config's, for the fix.
+    """
     for name, value in environ.items():
         section, sep, key = name.upper().removeprefix("GUARDD_").partition("__")
         section, key = section.lower(), key.lower()
         if not name.upper().startswith("GUARDD_") or not sep or section not in _ENV_SECTIONS:
             continue
-        if not key or "__" in key:
-            continue
+        problem = _refused_setting(section, key.replace("__", "."), value)
+        if problem is not None:
+            raise _CannotTell(_refusal(f"env {name}", problem, path))
         parsed: Any = value
         if value.lstrip()[:1] in ("[", "{"):
             with contextlib.suppress(ValueError):

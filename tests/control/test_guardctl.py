@@ -691,9 +691,91 @@ def test_settings_in_the_environment_override_the_config_as_for_guardd(
     dead = f"http://127.0.0.1:{_closed_port()}"
     fleet = qos_status(GUARDD_FLEET__ETCD=json.dumps([dead]), GUARDD_FLEET__NODE="lb-a")
     assert fleet.code == 3 and "UNKNOWN" in fleet.err and dead in fleet.err, fleet
-    # Unrelated names (other sections, deeper keys, GUARDD_CONFIG) change nothing.
-    quiet = qos_status(GUARDD_PROBE__INTERVAL="5s", GUARDD_QOS__A__B="x", GUARDD_QOSX="y")
+    # Unrelated names (other sections, GUARDD_CONFIG) change nothing.
+    quiet = qos_status(GUARDD_PROBE__INTERVAL="5s", GUARDD_QOSX="y")
     assert quiet.code == 0, quiet
+
+
+@pytest.mark.parametrize(
+    ("edit", "env", "said"),
+    [
+        (("lock_file =", "lockfile ="), {}, "qos.lockfile: unknown key"),
+        (("[qos]", "[qoss]"), {}, "qoss: unknown key"),
+        (("[state]", "[State]"), {}, "State: unknown key"),
+        (("lock_file = ", "lock_file = 5 #"), {}, "qos.lock_file: must be a string"),
+        (('dir = "', 'dir = " " #'), {}, "state.dir: must not be empty"),
+        (('instance = "threader"', "instance = 7"), {}, "instance: must be a string"),
+        (None, {"GUARDD_QOS__LOCK_FILE": ""}, "qos.lock_file: must not be empty"),
+        (None, {"GUARDD_STATE__DIR": " "}, "state.dir: must not be empty"),
+        (None, {"GUARDD_CONTROL__SOCKET": ""}, "control.socket: must not be empty"),
+        (None, {"guardd_qos__lockfile": "/x"}, "qos.lockfile: unknown key"),
+        (None, {"GUARDD_QOS__A__B": "x"}, "qos.a.b: unknown key"),
+    ],
+    ids=lambda v: None if v is None or isinstance(v, str) else str(v),
+)  # fmt: skip
+def test_a_setting_guardd_refuses_where_guardctl_looks_is_unknown_never_allowed(
+    tmp_path: Path, run_dir: Path, edit: tuple[str, str] | None, env: dict[str, str], said: str
+) -> None:
+    """A typo in a key guardctl reads (or its section), an empty path, a variable guardd
+    refuses: guardd will not start with it, and guardctl would read a default path guardd
+    never writes ("no lock: allowed" beside the real lock). UNKNOWN (3), naming the file or
+    variable, the key and the fix; the lock held at the config's path is never overlooked."""
+    lock = tmp_path / "threader.qos.lock"
+    config = _write_config(tmp_path / "threader.toml", tmp_path / "nobody-listens.sock", lock)
+    lock.write_text("locked by qos_guard.sh\n")
+    assert guardctl("--config", str(config), "qos", "status", run_dir=run_dir).code == 1
+    if edit is not None:
+        text = config.read_text()
+        assert edit[0] in text
+        config.write_text(text.replace(edit[0], edit[1], 1))
+    lock.unlink()  # the default path is empty too: only the refusal can keep the gate shut
+
+    for argv in (("qos", "status"), ("status",), ("history",)):
+        run = guardctl("--config", str(config), *argv, run_dir=run_dir, env=env)
+        # (`status` prints its UNKNOWN line on stdout, the others on stderr.)
+        line = run.out + run.err
+        assert run.code == 3 and line.count("\n") == 1, (argv, run)
+        origin = f"env {next(iter(env))}" if env else str(config)
+        assert f"UNKNOWN: {origin}: {said}: guardd refuses" in line, run
+        assert f"`guardd check-config {config}` says how to fix it" in line, run
+    doc = unknown_answer(
+        guardctl("--config", str(config), "qos", "status", "--json", run_dir=run_dir, env=env)
+    )
+    assert said in doc["warning"], doc
+
+
+@pytest.mark.parametrize(
+    ("table", "said"),
+    [
+        ({"qos": 1}, "qos: must be a table"),
+        ({"fleet": ["http://e:2379"]}, "fleet: must be a table"),
+        ({"control": {"socket": ["/run/a.sock"]}}, "control.socket: must be a string"),
+        ({"instance": ""}, "instance: must not be empty"),
+        ({"Qos": {}}, "Qos: unknown key"),
+        ({"fleet": {"etcd": [], "nodes": 3}}, "fleet.nodes: unknown key"),
+        ({"probe": {"anything": 1}, "qos": {"window": "5m"}}, None),
+        ({}, None),
+    ],
+)  # fmt: skip
+def test_refused_keys_names_what_guardd_refuses_where_guardctl_looks(
+    table: dict[str, Any], said: str | None
+) -> None:
+    """Sections guardctl does not read are guardd's to judge; those it reads are checked."""
+    assert ctl._refused_keys(table) == said
+
+
+def test_the_keys_guardctl_knows_are_guardds() -> None:
+    """guardctl's mirror of the config's keys (it does not import pydantic) is the models'."""
+    from guardd import config as config_models  # noqa: PLC0415 - the models, for this test
+
+    models = {
+        "": frozenset(config_models.GuardConfig.model_fields),
+        "control": frozenset(config_models.ControlConfig.model_fields),
+        "qos": frozenset(config_models.QosConfig.model_fields),
+        "state": frozenset(config_models.StateConfig.model_fields),
+        "fleet": frozenset(config_models.FleetConfig.model_fields),
+    }
+    assert models == ctl._KNOWN_KEYS
 
 
 def test_with_guardd_down_a_state_dir_that_is_not_there_is_unknown_never_allowed(
