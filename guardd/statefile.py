@@ -27,7 +27,17 @@ _KEY_TYPES: dict[str, type] = {
 
 
 def _wrong_key(doc: dict[str, Any]) -> str | None:
-    """The first key of `_KEY_TYPES` that `doc` holds as another type, said, or None."""
+    """Why `doc` is no state document of this guardd, or None: a `version` that is not
+    `STATE_VERSION` (none: `{}` or another file; another: a guardd whose document this one
+    may misread), no `state` (every guardd wrote one), or a key of `_KEY_TYPES` held as
+    another type. Read as a first start, any of these would drop a hold or a guard window."""
+    version = doc.get("version")
+    if version is None:
+        return "it has no version"
+    if type(version) is not int or version != STATE_VERSION:
+        return f"its version is {json.dumps(version)}, not {STATE_VERSION}"
+    if not isinstance(doc.get("state"), str):
+        return "it has no state"
     for key, kind in _KEY_TYPES.items():
         value = doc.get(key)
         if value is not None and not isinstance(value, kind):

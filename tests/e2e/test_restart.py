@@ -297,7 +297,15 @@ def test_a_second_guardd_on_a_running_guards_state_writes_nothing(make_lab: Make
 
 @pytest.mark.parametrize(
     "damage",
-    [b"", b'{"version": 1, "paused": {"reason": "DB mig', b"[1, 2]", b"\xff\xfe", b'{"paused": 1}'],
+    [
+        b"",
+        b'{"version": 1, "paused": {"reason": "DB mig',
+        b"[1, 2]",
+        b"\xff\xfe",
+        b'{"paused": 1}',
+        b"{}",
+        b'{"version": 99, "state": "steady"}',
+    ],
 )
 def test_a_state_file_that_cannot_be_read_holds_never_decides_alone(
     make_lab: MakeLab, damage: bytes
