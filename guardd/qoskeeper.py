@@ -324,7 +324,13 @@ class QosKeeper:
             self.release(by=GUARDD, reason=f"the hold ended: {why}")
 
     def _change(
-        self, own: OwnedLock | None, after: qoslock.LockInfo | None, event: str, **fields: Any
+        self,
+        own: OwnedLock | None,
+        after: qoslock.LockInfo | None,
+        event: str,
+        *,
+        ends_beneath: bool = False,
+        **fields: Any,
     ) -> bool:
         """Make `own` guardd's lock (None: it holds none) and leave `after` in the lock file
         (None: remove it), journaling `event` with `fields` when a lock is taken, changed or
@@ -334,13 +340,14 @@ class QosKeeper:
         state.json again without it.
 
         A write that fails leaves `own` guardd's lock all the same (`step` writes it again);
-        a release (`own` None) that fails changes nothing. Returns whether the file held a
-        lock before (False too when a release failed).
+        a release (`own` None) that fails changes nothing, not even the window beneath
+        another's lock that `ends_beneath` (an operator's unlock) would have ended. Returns
+        whether the file held a lock before (False too when a release failed).
         """
         host = self.host
         before = self.store.read(host.s.lock_file)
-        previous = self.own_lock
-        if own is not None:
+        previous, beneath = self.own_lock, self.beneath
+        if own is not None or ends_beneath:
             self.beneath = None  # a lock of guardd's own again: the window beneath is done
         record = None
         if own is not None or before.held:
@@ -348,7 +355,7 @@ class QosKeeper:
         self.own_lock, self.change = own, LockChange(before, after, record)
         host.save_state()
         if not self._write(after) and own is None:
-            self.own_lock, self.change = previous, None
+            self.own_lock, self.beneath, self.change = previous, beneath, None
             host.save_state()
             return False
         self.held = after is not None
@@ -622,11 +629,18 @@ class QosKeeper:
         # reads the file never sees it missing in between (an operator's unlock, `by`
         # someone else, removes the file whatever it holds).
         keep = host.lock_to_keep() if by == GUARDD else None
-        if by != GUARDD:
-            self.beneath = None  # an operator's unlock ends guardd's window beneath, too
         if keep is not None:
             reason += f"; the fleet's lock ({keep.by}, until {keep.until or 'unlocked'}) holds"
-        return self._change(None, keep, "qos_released", reason=reason, by=by, evidence=evidence)
+        # An operator's unlock ends guardd's window beneath, too (once the file is gone).
+        return self._change(
+            None,
+            keep,
+            "qos_released",
+            ends_beneath=by != GUARDD,
+            reason=reason,
+            by=by,
+            evidence=evidence,
+        )
 
     def to_json(self) -> dict[str, Any] | None:
         """The `qos` object of state.json: guardd's own lock, or the guard window beneath

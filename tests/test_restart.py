@@ -22,6 +22,7 @@ import pytest
 from guardd import qoslock
 from guardd.core.machine import Decision, Memory
 from guardd.core.policy import PolicySpec
+from guardd.exceptions import OperationRefused
 from guardd.guard import Guard
 from guardd.operator import handle
 from guardd.probes.http import ProbeResult
@@ -890,6 +891,39 @@ async def test_a_guard_window_ended_beneath_another_lock_does_not_come_back(
     await steps(g, clock, [(OK, OK)] * 2)
     assert not qoslock.read_lock(g.s.lock_file).held
     assert g.qos.beneath is None and g.own_lock is None
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["running", "restarted"])
+async def test_an_unlock_that_cannot_remove_the_lock_leaves_the_window_beneath_it(
+    tmp_path: Path, restart: bool
+) -> None:
+    """A folder where the lock was (another tool's doing) holds deploys, with guardd's
+    guard window beneath it. An operator's unlock that cannot remove it is refused and
+    changes nothing: once the folder is gone, guardd's lock comes back for what is left
+    of the window, as it would have without the refused unlock."""
+    clock = FakeClock()
+    prepare(tmp_path)
+    g = await start(tmp_path, clock, SPEC)
+    await window_beneath_a_foreign_lock(g, clock)
+    g.s.lock_file.unlink()
+    g.s.lock_file.mkdir()
+    await steps(g, clock, [(OK, OK)])
+    assert g.own_lock is None and g.qos.beneath is not None
+    count = len(g.journal.recent)
+    with pytest.raises(OperationRefused, match=r"^the QoS lock could not be removed \("):
+        await handle(g, "qos_unlock", {"reason": "ship it"}, "uid:0(root)")
+    assert g.qos.beneath is not None, "a refused unlock ends nothing"
+    assert g.snapshot()["qos"]["window"]["beneath"] is True
+    if restart:
+        g.save_state()
+        g = await start(tmp_path, clock, SPEC)
+        assert g.own_lock is None and g.qos.beneath is not None
+    g.s.lock_file.rmdir()
+    await steps(g, clock, [(OK, OK)])
+    back = qoslock.read_lock(g.s.lock_file)
+    assert back.held and back.by == "guardd", back
+    events = [e["event"] for e in g.journal.recent[count:]]
+    assert "qos_released" not in events and events[-2:] == ["qos_locked", "alert"], events
 
 
 @pytest.mark.parametrize("old_holds", ["guardd's lock", "another lock"])
