@@ -465,6 +465,11 @@ class Guard:
                 if st.state == "firing" and not st.dry_run
             ),
         )
+        if self.signals and self.active is not None and (self.qos.own_lock or self.qos.beneath):
+            # A guard window is judged on what every signal could tell: one that gave
+            # nothing, or went stale, leaves the users' side of the SLOs unknown.
+            blind = {name for name, problem in self.signal_problems.items() if problem}
+            self.qos.signals_blind(blind | set(self.machine.stale_signals(self.active, now)))
         self.metrics.set_verdicts(self.machine.verdicts)
         # The decision's pages (holds, alerts; `decide` puts them before its moves) are
         # journaled before it acts, and after state.json remembers them (the machine's hold,

@@ -403,6 +403,12 @@ class QosKeeper:
         for window in self._windows() if requests > 0 else ():
             window.add_traffic(requests, errors_5xx)
 
+    def signals_blind(self, names: set[str]) -> None:
+        """The signals that could not tell at this tick (`QosWindow.signal_blind`)."""
+        for window in self._windows():
+            for name in sorted(names):
+                window.signal_blind(name)
+
     def rules_firing(self, color: Color | None, names: frozenset[str]) -> None:
         """The P0-P2 rules firing on the active color at this tick (dry runs aside).
 

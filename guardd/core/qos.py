@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from guardd.core.types import Outcome
 
+# The rule and signal names a window keeps (state.json keeps them too): a bound on what a
+# hand-edited state.json can make it hold.
+_NAMES_KEPT = 64
+
 
 @dataclass(frozen=True, slots=True)
 class QosVerdict:
@@ -23,6 +27,8 @@ class QosVerdict:
     # Real requests of the active color nginx logged during the window, and their 5xx.
     traffic_requests: int = 0
     traffic_errors: int = 0
+    # The signals that could not tell during the window (gave nothing, or went stale).
+    blind: tuple[str, ...] = ()
 
     def evidence(self, max_error_ratio: float, min_health_ratio: float) -> dict[str, object]:
         """The journal's evidence for a release or an extension."""
@@ -37,6 +43,7 @@ class QosVerdict:
                 "min_health_ratio": min_health_ratio,
             }
             | ({"rules_fired": list(self.fired)} if self.fired else {})
+            | ({"signals_blind": list(self.blind)} if self.blind else {})
             | (
                 {
                     "traffic_requests": self.traffic_requests,
@@ -53,10 +60,13 @@ class QosWindow:
 
     The error ratio counts 5xx answers (errors served to users); the health ratio counts
     probes that passed every expectation. Both must hold, over at least `min_samples`
-    probes, for the lock to be released: fewer cannot tell, and extend the window.
+    probes, for the lock to be released: fewer cannot tell, and extend the window. So does
+    a signal that could not tell at some tick of the window (`signal_blind`): what its
+    rules would have seen of users then is unknown, never "held".
     """
 
     __slots__ = (
+        "blind",
         "errors_5xx",
         "failures",
         "fired",
@@ -85,6 +95,7 @@ class QosWindow:
         self.min_samples = max(1, min_samples)
         self.samples = self.failures = self.errors_5xx = 0
         self.fired: list[str] = []
+        self.blind: list[str] = []
         self.traffic_requests = self.traffic_errors = 0
 
     def counts(self) -> dict[str, object]:
@@ -94,6 +105,7 @@ class QosWindow:
             "failures": self.failures,
             "errors_5xx": self.errors_5xx,
             "fired": list(self.fired),
+            "blind": list(self.blind),
             "traffic": [self.traffic_requests, self.traffic_errors],
         }
 
@@ -115,9 +127,10 @@ class QosWindow:
             and traffic[1] <= traffic[0]
         ):
             self.traffic_requests, self.traffic_errors = traffic
-        fired = doc.get("fired")
-        if isinstance(fired, list):
-            self.fired = [f for f in fired if isinstance(f, str)][:64]
+        for key, names in (("fired", self.fired), ("blind", self.blind)):
+            kept = doc.get(key)
+            if isinstance(kept, list):
+                names[:] = [name for name in kept if isinstance(name, str)][:_NAMES_KEPT]
 
     @property
     def ends_at(self) -> float:
@@ -138,8 +151,15 @@ class QosWindow:
 
     def rule_fired(self, name: str) -> None:
         """A P0-P2 rule fired on the active color: the window is not met (contract §2)."""
-        if name not in self.fired and len(self.fired) < 64:
+        if name not in self.fired and len(self.fired) < _NAMES_KEPT:
             self.fired.append(name)
+
+    def signal_blind(self, name: str) -> None:
+        """Signal `name` could not tell at a tick of the window (its source gave nothing,
+        or it said nothing of the active color for longer than its `stale_after`): its
+        rules could not have fired, so the window is not met (contract §2)."""
+        if name not in self.blind and len(self.blind) < _NAMES_KEPT:
+            self.blind.append(name)
 
     def due(self, now: float) -> bool:
         """Whether the window has run its course."""
@@ -166,6 +186,11 @@ class QosWindow:
             problems.append(f"health ratio {health_ratio:.3g} < {self.min_health_ratio:g}")
         if self.fired:
             problems.append(f"rules fired during the window: {', '.join(self.fired)}")
+        if self.blind:
+            problems.append(
+                f"signals could not tell during the window ({', '.join(self.blind)}: gave "
+                "nothing, or went stale): what users saw then is unknown"
+            )
         if self.traffic_requests:
             real = self.traffic_errors / self.traffic_requests
             if real > self.max_error_ratio:
@@ -187,6 +212,7 @@ class QosWindow:
             tuple(self.fired),
             self.traffic_requests,
             self.traffic_errors,
+            tuple(self.blind),
         )
 
     def prolong(self, ends_at: float) -> None:
@@ -201,4 +227,5 @@ class QosWindow:
             self.span = span
         self.samples = self.failures = self.errors_5xx = 0
         self.fired = []
+        self.blind = []
         self.traffic_requests = self.traffic_errors = 0

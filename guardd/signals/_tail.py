@@ -41,6 +41,11 @@ READ_CHUNK: Final = 64 * 1024
 BATCH_LINES: Final = 1024
 #: A rotated-away file is read until it has not grown for this long (writers reopen late).
 DRAIN_S: Final = 30.0
+#: A path with no file, and none followed, is a problem after this long. A rotation makes
+#: the new file at once (logrotate's `create`, or the writer's reopen as it is told to);
+#: one missing for 10 s is a mistyped path, or a log no longer written: the signal can
+#: tell nothing, and must say so rather than look like a quiet log.
+MISSING_GRACE_S: Final = 10.0
 # The bytes before the read position compared on each poll: enough for several lines, so
 # that their contents (not only a tail all lines share) tell a rewritten file apart.
 _MARK: Final = 1024
@@ -82,7 +87,8 @@ class FileFollower:
     never handed over. `poll_interval_s`: seconds between looks at a quiet file.
 
     Public state, read by the owning signal: `state` (in words), `problem` (why the file
-    cannot be read right now, else None), `rotations`, `truncations`, `polls` (rounds of
+    cannot be read right now, else None; a path with no file, none followed, for
+    `MISSING_GRACE_S` or more: "does not exist"), `rotations`, `truncations`, `polls` (rounds of
     the loop), `max_buffered` (the most bytes held at once), `read_at` (monotonic time of
     the last round that read the file without error, None before the first).
     """
@@ -111,6 +117,8 @@ class FileFollower:
         self.max_buffered = 0
         self.read_at: float | None = None
         self._saw_missing = False
+        # Since when the path has had no file while none is followed (monotonic), or None.
+        self._missing_since: float | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow the path until cancelled; never raises for what the file does."""
@@ -185,14 +193,20 @@ class FileFollower:
             st = Path(path).stat()
         except FileNotFoundError:
             self._saw_missing = True
+            self.problem = None
             if current is None:
                 self.state = f"waiting for {path} (missing)"
+                if self._missing_since is None:
+                    self._missing_since = now
+                elif now - self._missing_since >= MISSING_GRACE_S:
+                    self.problem = "does not exist"
             else:
                 self.state = f"reading {path} (gone from its path; following the open file)"
-            self.problem = None
             return current
         except OSError as e:
+            self._missing_since = None
             return self._cannot(path, e, current)
+        self._missing_since = None
         key = (st.st_dev, st.st_ino)
         if current is not None and current.key == key:
             self.state, self.problem = f"reading {path}", None

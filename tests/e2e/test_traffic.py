@@ -53,6 +53,7 @@ def traffic_lab(
     rules: list[dict[str, Any]] | None = None,
     signal: bool = True,
     front_door: bool = False,
+    stale_after: str | None = None,
     **overrides: Any,
 ) -> Lab:
     """A lab whose nginx logs to `where` (a file, or guardd's syslog socket) and whose
@@ -71,6 +72,7 @@ def traffic_lab(
             "kind": "access_log",
             "source": signal_source,
             "window": "10s",
+            **({"stale_after": stale_after} if stale_after else {}),
         }
         overrides["rules"] = [ERROR_RULE] if rules is None else rules
     overrides.setdefault("metrics__listen", "127.0.0.1:0")
@@ -397,6 +399,36 @@ def test_guard_window_after_a_traffic_rollback_judges_real_5xx(
     assert d.stop() == 0
 
 
+def test_a_guard_window_over_which_the_traffic_went_stale_is_not_met(
+    make_lab: MakeLab, short_dir: Path
+) -> None:
+    """Rolled back on real 5xx, then nginx logs nothing more (the load stops): with no
+    request for longer than `stale_after`, what users saw is unknown, and the window is
+    extended, never released as "SLOs held" on the probes alone; a window with traffic
+    again is released."""
+    lab = traffic_lab(make_lab, short_dir, stale_after="1s", qos__window="3s")
+    lab.green.set_api(error_ratio=0.2)
+    d = lab.daemon()
+    with Load(lab.nginx, rate=100):
+        d.wait_event("rollback_started", timeout=60)
+        d.wait_event("qos_locked", timeout=60)
+    extended = d.wait_event("qos_extended", timeout=60)
+    assert (
+        "signals could not tell during the window (traffic: gave nothing, or went stale)"
+        in (extended["reason"])
+    ), extended
+    assert extended["evidence"]["signals_blind"] == ["traffic"]
+    assert lab.lock_file.exists()
+    assert not [e for e in d.events() if e["event"] == "qos_released"]
+    count = len(d.events())
+    with Load(lab.nginx, rate=100):
+        released = d.wait_event(
+            "qos_released", timeout=60, after=count, where=lambda e: e.get("by") == "guardd"
+        )
+    assert "SLOs held" in released["reason"], released
+    assert d.stop() == 0
+
+
 # ---- 7: a log file that is not there yet -----------------------------------------------
 
 
@@ -412,8 +444,17 @@ def test_a_missing_log_is_waited_for_then_counted(make_lab: MakeLab, short_dir: 
     wait_until(
         lambda: status(lab)["signals"]["traffic"]["state"] == wanted, 30, "the signal waiting"
     )
+    # Missing past the grace (10 s): no quiet log but a source that gives nothing, said once
+    # and shown until it reads (a mistyped path looked like a service with no users).
+    said = d.wait_event("alert", timeout=60, where=lambda e: "signal traffic" in e["reason"])
+    assert said["reason"] == (
+        "signal traffic gives nothing: does not exist; its rules are inconclusive until it "
+        "reads again"
+    )
     doc = status(lab)
-    assert doc["signals"]["traffic"]["problem"] is None
+    assert doc["signals"]["traffic"]["problem"] == "does not exist"
+    assert "signal traffic gives nothing: does not exist" in doc["warnings"]
+    assert guardctl("--config", str(lab.config_path), "status").returncode == 1
     assert rule_state(doc, RULE, "green") == {
         **(rule_state(doc, RULE, "green") or {}),
         "state": "inconclusive",
@@ -442,6 +483,7 @@ def test_a_missing_log_is_waited_for_then_counted(make_lab: MakeLab, short_dir: 
         f"all {logged} logged requests counted",
     )
     assert status(lab)["signals"]["traffic"]["problem"] is None
+    assert "signal traffic gives nothing: does not exist" not in status(lab)["warnings"]
     assert logged <= load.answered_by("green")
     assert d.stop() == 0
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from guardd.clock import SystemClock
+from guardd.clock import Clock, SystemClock
 from guardd.signals.access_log import AccessLogSignal, AccessLogSpec
 
 BLUE = "127.0.0.1:8001"
@@ -59,9 +59,12 @@ class FixedClock:
 
 
 @asynccontextmanager
-async def running(spec: AccessLogSpec) -> AsyncIterator[AccessLogSignal]:
-    """The signal, started and following its source; cancelled on exit."""
-    signal = AccessLogSignal("web", spec, SystemClock())
+async def running(
+    spec: AccessLogSpec, clock: Clock | None = None
+) -> AsyncIterator[AccessLogSignal]:
+    """The signal, started and following its source; cancelled on exit. `clock`: the
+    system's unless given (a `FixedClock` the test moves)."""
+    signal = AccessLogSignal("web", spec, clock or SystemClock())
     async with anyio.create_task_group() as tg:
         await tg.start(signal.run)
         yield signal

@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardd.core.traffic import CLASSES
+from guardd.signals._tail import MISSING_GRACE_S
 from guardd.signals.access_log import READ_CHUNK, AccessLogSignal, AccessLogSpec, _Tail
 from tests.signals.access_log_lib import ADDRESSES, BLUE, GREEN, FixedClock, line, running, until
 
@@ -88,6 +89,35 @@ async def test_missing_at_start_is_waited_for_then_read_from_its_beginning(
             lambda: signal.lines["ok"] == 4, "the 4 lines of the new file", show=signal.status
         )
         assert signal.state == f"reading {log}"
+
+
+async def test_a_path_missing_past_the_grace_is_a_problem_until_a_file_appears(
+    tmp_path: Path,
+) -> None:
+    """A path with no file (a typo, a log no longer written) is a quiet log for
+    `MISSING_GRACE_S`, as a rotation's is for a moment; then "does not exist", the
+    signal's problem (its rules inconclusive, one alert, a status warning). A file that
+    appears clears it; a followed file gone from its path is no problem (a rotation)."""
+    log = tmp_path / "access.log"
+    clock = FixedClock()
+    async with running(spec(log), clock) as signal:
+        await until(lambda: "(missing)" in signal.state, "the missing state", show=signal.status)
+        clock.mono += MISSING_GRACE_S - 1
+        await _next_poll(signal)
+        await _next_poll(signal)
+        assert signal.status()["problem"] is None
+        clock.mono += 1
+        await until(lambda: signal.problem is not None, "the problem", show=signal.status)
+        assert (signal.problem, signal.status()["problem"]) == ("does not exist",) * 2
+        assert signal.state == f"waiting for {log} (missing)"
+        log.write_text(line() * 3)
+        await until(lambda: signal.lines["ok"] == 3, "the 3 lines", show=signal.status)
+        assert signal.problem is None
+        log.unlink()
+        clock.mono += 10 * MISSING_GRACE_S
+        await _next_poll(signal)
+        await _next_poll(signal)
+        assert "gone from its path" in signal.state and signal.problem is None
 
 
 async def test_rename_then_reopen_counts_each_line_once(tmp_path: Path) -> None:

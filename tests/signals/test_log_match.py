@@ -15,12 +15,12 @@ from typing import Any
 import anyio
 import pytest
 
-from guardd.clock import SystemClock
+from guardd.clock import Clock, SystemClock
 from guardd.core.counts import CountWindow
 from guardd.render import _signal_lines
 from guardd.secrets import redact_credentials
 from guardd.signals import build
-from guardd.signals._tail import READ_CHUNK
+from guardd.signals._tail import MISSING_GRACE_S, READ_CHUNK
 from guardd.signals.log_match import DETAIL_CHARS, LogMatchSignal, LogMatchSpec, evidence_line
 from tests.harness.daemon import guardctl, lab, wait_until
 from tests.signals.access_log_lib import FixedClock, until
@@ -54,8 +54,10 @@ def append(path: Path, data: str | bytes) -> None:
 
 
 @asynccontextmanager
-async def running(the_spec: LogMatchSpec) -> AsyncIterator[LogMatchSignal]:
-    signal = LogMatchSignal("errors_log", the_spec, SystemClock())
+async def running(
+    the_spec: LogMatchSpec, clock: Clock | None = None
+) -> AsyncIterator[LogMatchSignal]:
+    signal = LogMatchSignal("errors_log", the_spec, clock or SystemClock())
     async with anyio.create_task_group() as tg:
         await tg.start(signal.run)
         yield signal
@@ -332,6 +334,27 @@ async def test_copytruncate_and_binary_junk(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_log_missing_past_the_grace_is_a_problem_of_its_color(tmp_path: Path) -> None:
+    """A mistyped path is no quiet log: after `MISSING_GRACE_S` its color's problem says
+    it does not exist (one alert, a status warning), until a file appears there."""
+    green = tmp_path / "green.log"
+    clock = FixedClock()
+    async with running(spec({"green": green}), clock) as signal:
+        follower = signal.followers["green"]
+        await until(lambda: "missing" in follower.state, "the wait")
+        clock.mono += MISSING_GRACE_S - 1
+        polls = follower.polls
+        await until(lambda: follower.polls >= polls + 2, "two polls")
+        assert signal.status()["problem"] is None
+        clock.mono += 1
+        await until(lambda: signal.problem is not None, "a problem", show=signal.status)
+        assert signal.problem == "green: does not exist"
+        green.write_text("FATAL\n")
+        await until(lambda: count(signal, "green") == 1, "the file", show=signal.status)
+        assert signal.problem is None
+
+
+@pytest.mark.anyio
 async def test_missing_then_a_directory_then_a_file(tmp_path: Path) -> None:
     green = tmp_path / "green.log"
     async with running(spec({"green": green})) as signal:
@@ -424,7 +447,7 @@ def test_build_makes_a_log_match_adapter(tmp_path: Path) -> None:
 
 _CHILD = """
 import json, sys, anyio
-from guardd.clock import SystemClock
+from guardd.clock import Clock, SystemClock
 from guardd.signals.log_match import LogMatchSignal, LogMatchSpec
 
 async def main(path):
