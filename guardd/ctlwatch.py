@@ -303,7 +303,23 @@ def _condition(status: Mapping[str, Any], condition: str) -> str | None:
         return (
             f"{active} (active) is unhealthy ({up.get('consecutive_failures')} failures in a row)"
         )
-    return _failing_rule(status.get("rules"), str(active))
+    return _failing_rule(status.get("rules"), str(active)) or _blind_signal(status.get("signals"))
+
+
+def _blind_signal(signals: object) -> str | None:
+    """Why a signal keeps the active color from being called healthy: it cannot tell (its
+    source gives nothing, or it went stale), so its rules could not fire on what users
+    see; None when every signal reads. Signals not reported are not "all reading"."""
+    if not isinstance(signals, Mapping):
+        return "the signals' states are not reported"
+    for name, doc in sorted(signals.items()):
+        if not isinstance(doc, Mapping):
+            return f"signal {name}'s state is not reported"
+        if doc.get("problem"):
+            return f"signal {name} gives nothing ({doc['problem']}): its rules are inconclusive"
+        if doc.get("stale"):
+            return f"signal {name} is stale: its rules are inconclusive"
+    return None
 
 
 def _failing_rule(rules: object, active: str) -> str | None:

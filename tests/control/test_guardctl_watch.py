@@ -190,6 +190,36 @@ def test_wait_healthy_is_met_when_no_rule_fails_the_active_color(
     assert (run.code, run.out) == (0, "threader: healthy\n"), run.err
 
 
+@pytest.mark.parametrize(
+    ("signals", "said"),
+    [
+        (
+            {"traffic": {"kind": "access_log", "problem": "does not exist", "stale": False}},
+            "signal traffic gives nothing (does not exist): its rules are inconclusive",
+        ),
+        (
+            {"traffic": {"kind": "access_log", "problem": None, "stale": True}},
+            "signal traffic is stale: its rules are inconclusive",
+        ),
+        ({"traffic": "?"}, "signal traffic's state is not reported"),
+        (None, "the signals' states are not reported"),
+    ],
+    ids=["gives-nothing", "stale", "garbled", "not-reported"],
+)
+def test_wait_healthy_is_not_met_while_a_signal_cannot_tell(
+    guard: FakeGuard, run_dir: Path, signals: dict[str, Any] | None, said: str
+) -> None:
+    """Probes passing and no rule firing is no "healthy" while a signal cannot tell: its
+    rules could not fire on what users see (a mistyped access log, lines of no use)."""
+    guard.status["signals"] = signals
+    guard.status["rules"] = [_traffic_rule({"state": "inconclusive", "why": "0 of 50 samples"})]
+    run = guardctl("--instance", "threader", "wait", "healthy", "--timeout", "1s", run_dir=run_dir)
+    assert run.code == 1 and f"not healthy after 1s: {said}" in run.err, run.err
+    guard.status["signals"] = {"traffic": {"kind": "access_log", "problem": None, "stale": False}}
+    run = guardctl("--instance", "threader", "wait", "healthy", "--timeout", "1s", run_dir=run_dir)
+    assert (run.code, run.out) == (0, "threader: healthy\n"), run.err
+
+
 def test_incident_reads_the_journal_file_without_a_daemon(tmp_path: Path, run_dir: Path) -> None:
     state = tmp_path / "lib" / "quiet"
     state.mkdir(parents=True)

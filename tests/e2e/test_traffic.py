@@ -455,6 +455,8 @@ def test_a_missing_log_is_waited_for_then_counted(make_lab: MakeLab, short_dir: 
     assert doc["signals"]["traffic"]["problem"] == "does not exist"
     assert "signal traffic gives nothing: does not exist" in doc["warnings"]
     assert guardctl("--config", str(lab.config_path), "status").returncode == 1
+    waited = guardctl("--config", str(lab.config_path), "wait", "healthy", "--timeout", "1s")
+    assert waited.returncode == 1 and "signal traffic gives nothing" in waited.stderr, waited
     assert rule_state(doc, RULE, "green") == {
         **(rule_state(doc, RULE, "green") or {}),
         "state": "inconclusive",
