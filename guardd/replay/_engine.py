@@ -352,7 +352,7 @@ class Simulation:
             guard=gs,
             probe_identity=probe_identity(s.config),
             probers={},
-            verifier=SwitchVerifier() if self._verify else None,  # type: ignore[arg-type]
+            verifier=SwitchVerifier(self.switcher) if self._verify else None,  # type: ignore[arg-type]
             switcher=self.switcher,
             notifier=None,
             signals=self.signals,

@@ -258,16 +258,23 @@ class NullMetrics(GuardMetrics):
 
 
 class SwitchVerifier:
-    """What verifies a replayed switch through the front door: it always serves.
+    """What verifies a replayed switch through the front door: it always serves, as the
+    color `switcher` serves.
 
     The replayed switch is in memory and succeeds at once, so its verification does too;
     its presence tells the guard that `switch.verify_url` is watched, so that the recorded
-    front-door answers (fed through `Guard.observe_front_door`) are evidence as live.
+    front-door answers (fed through `Guard.observe_front_door`) are evidence as live. Its
+    answer names the served color as `switch.verify_header` would: without it, a config
+    with that header never verified a replayed switch (undone, then a hold, after waiting
+    out the verify budget in real time).
     """
 
+    def __init__(self, switcher: MemorySwitcher) -> None:
+        self.switcher = switcher
+
     async def probe(self) -> ProbeResult:
-        """A passing answer, at once."""
-        return ProbeResult(Outcome.OK, 0.0)
+        """A passing answer, at once, from the color served."""
+        return ProbeResult(Outcome.OK, 0.0, served_by=self.switcher.active)
 
     async def aclose(self) -> None:
         """Nothing to close."""

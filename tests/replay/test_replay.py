@@ -929,6 +929,26 @@ def test_a_slower_cadence_tried_hears_the_front_door_as_often_as_it_would_have_a
     )
 
 
+@pytest.mark.parametrize("header", [False, True], ids=["verify_url", "verify_header"])
+def test_a_replayed_rollback_verifies_at_once_with_or_without_a_verify_header(
+    tmp_path: Path, tl: Timeline, header: bool
+) -> None:
+    """A replayed switch succeeds and verifies at once (docs/contract.md): with
+    `switch.verify_header` too, whose answers must name the target, the front door of
+    the replay names the color its switch serves. Before, such a config never verified:
+    each rollback waited out its verify budget, was undone, and became a hold."""
+    _two_rollbacks(tl)
+    cfg = config(tmp_path, tmp_path / "state")
+    sets = ["--set", 'switch.verify_url="http://127.0.0.1:11/"']
+    if header:
+        sets += ["--set", 'switch.verify_header="X-Served-Color"']
+    doc = replay_json("--config", str(cfg), *sets)
+    events = [d["event"] for d in doc["configs"][0]["decisions"]]
+    moves = [e for e in events if e.startswith("rollback") or e in ("hold", "alert")]
+    assert moves == ["rollback_completed"] * 2, events
+    assert events.count("qos_released") == 2, events
+
+
 def _two_rollbacks(tl: Timeline, *, step_back: float = 0.0) -> None:
     """Green fails twice and is rolled back each time (live, journaled), promoted back
     between; the wall clock stepped back `step_back` seconds before the second failure."""
