@@ -584,6 +584,10 @@ class PolicyConfig(_Section):
 _SOURCE = re.compile(r"^(file|syslog):/.+$")
 
 
+# An address as nginx logs it in $upstream_addr: `host:port`, `[v6]:port` or `unix:/path`.
+_UPSTREAM_ADDR = re.compile(r"unix:/\S+|\[[0-9A-Fa-f:.]+\]:\d{1,5}|[^\s:/\[\]]+:\d{1,5}")
+
+
 class AccessLogSignalConfig(_Section):
     """`[signals.NAME]` with `kind = "access_log"`: the requests nginx served, per color."""
 
@@ -623,6 +627,13 @@ class AccessLogSignalConfig(_Section):
                 raise ValueError(f"{', '.join(both)} given to both colors: which one served?")
             if not any(v.values()):
                 raise ValueError("no address given: requests could not be attributed")
+            for address in (a for addresses in v.values() for a in addresses):
+                if not _UPSTREAM_ADDR.fullmatch(address):
+                    # Compared with $upstream_addr as is: anything else matches no request.
+                    raise ValueError(
+                        f"{address!r} is no address nginx logs as $upstream_addr: "
+                        "host:port, [v6]:port or unix:/path"
+                    )
         return v
 
     @field_validator("fields")
@@ -658,6 +669,14 @@ class PrometheusSignalConfig(_Section):
     @classmethod
     def _url(cls, v: str) -> str:
         return _check_http_url(v)
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, v: str) -> str:
+        if "{color}" not in v:
+            # One query for both colors: each would read the other's value as its own.
+            raise ValueError("must name {color}: without it both colors read the same value")
+        return v
 
 
 def _check_selector(text: str) -> str:
@@ -739,6 +758,17 @@ class LogMatchSignalConfig(_Section):
     """Longer lines are skipped and counted as `oversize`."""
     stale_after: PositiveDuration | None = None
     """The log cannot be read for this long: the signal is stale, one alert."""
+
+    def _cross_checks(self, invalid: frozenset[str]) -> Found:
+        if "paths" in invalid:
+            return []
+        # Relative to what? guardd's working folder is `/` under systemd, and another at a
+        # shell: the same config would read two different files.
+        return [
+            (f"paths.{color}", "must be an absolute path")
+            for color, path in sorted(self.paths.items())
+            if not path.is_absolute()
+        ]
 
     @field_validator("patterns")
     @classmethod
@@ -843,6 +873,8 @@ def _threshold_problems(rule: RuleConfig) -> Found:
             return [("above", f"{rule.above:g} never fires: {rule.stat} is at most 1")]
     if rule.below is not None and rule.below < 0:
         return [("below", f"{rule.below:g} never fires: every {rule.stat} is >= 0")]
+    if rule.below is not None and rule.stat in _RATIO_STATS and rule.below >= 1:
+        return [("below", f"{rule.below:g} fires always: {rule.stat} is at most 1")]
     for key in ("above_baseline", "above_standby"):
         factor = getattr(rule, key)
         if factor is not None and factor <= 1:
