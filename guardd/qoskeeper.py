@@ -468,6 +468,15 @@ class QosKeeper:
         self.held = current.held
         if own is None:
             self._unbury(now, current)
+            if self.own_lock is None and self.beneath is None and self._unheld(current):
+                # A lock of guardd's that this guardd does not hold (its file put back by
+                # hand after it ended, a copy): judged as at a start (`_adopt`), never left
+                # as a stranger's lock that would hold deploys until someone notices.
+                self._adopt(
+                    current,
+                    f"the QoS lock in {host.s.lock_file} is guardd's ({current.reason}), but "
+                    "this guardd does not hold it (put back after it ended?)",
+                )
             return
         if own.window is not None and own.window.due(now):
             for name in sorted(self._firing):
@@ -834,13 +843,25 @@ class QosKeeper:
         """
         host = self.host
         current = self.store.read(host.s.lock_file)
-        if not current.held or current.by != GUARDD or host.fleet is not None:
-            return
-        said = (
-            f"the QoS lock in {host.s.lock_file} is guardd's ({current.reason}), but "
-            "state.json does not name it (it could not be written when the lock was taken: "
-            "a full state disk?)"
-        )
+        if self._unheld(current):
+            self._adopt(
+                current,
+                f"the QoS lock in {host.s.lock_file} is guardd's ({current.reason}), but "
+                "state.json does not name it (it could not be written when the lock was taken: "
+                "a full state disk?)",
+            )
+
+    def _unheld(self, current: qoslock.LockInfo) -> bool:
+        """Whether `current` (the lock file's) is a lock of guardd's (`by` guardd) that this
+        guardd does not hold. A fleet node's may be the fleet's, written by its
+        coordinator: never adopted."""
+        return current.held and current.by == GUARDD and self.host.fleet is None
+
+    def _adopt(self, current: qoslock.LockInfo, said: str) -> None:
+        """Take `current`, a lock of guardd's it does not hold (`said`: why), as its own:
+        judged as a guard window from now, never released before its `until`; one with
+        no `until` stays until unlocked, and is said so."""
+        host = self.host
         now, wall, span = host.clock.monotonic(), host.clock.wall(), host.s.qos_window
         ends = _on_monotonic(current.until, wall, now, None)  # (None too for no until)
         if ends is None:

@@ -926,6 +926,46 @@ async def test_an_unlock_that_cannot_remove_the_lock_leaves_the_window_beneath_i
     assert "qos_released" not in events and events[-2:] == ["qos_locked", "alert"], events
 
 
+@pytest.mark.parametrize("restart", [False, True], ids=["running", "restarted"])
+async def test_a_lock_of_guardds_put_back_after_it_ended_is_judged_as_a_guard_window(
+    tmp_path: Path, restart: bool
+) -> None:
+    """guardd's lock file removed by hand (its lock ends, journaled), then put back (`mv`
+    back, a backup restored): a lock of guardd's that it does not hold. Running or
+    restarted, guardd takes it as its own and judges it as a guard window from then on,
+    never before its `until`, and says so; it was left as a stranger's lock, promised a
+    release by guardd that never came, holding deploys until someone noticed."""
+    clock = FakeClock()
+    prepare(tmp_path)
+    g = await start(tmp_path, clock, SPEC)
+    await guard_window(g, clock)
+    lock = g.s.lock_file
+    saved = lock.read_bytes()
+    until = qoslock.read_lock(lock).until
+    lock.unlink()
+    await steps(g, clock, [(OK, OK)])
+    assert g.journal.recent[-1]["event"] == "qos_released"
+    count = len(g.journal.recent)
+    lock.write_bytes(saved)
+    if restart:
+        g.save_state()
+        g = await start(tmp_path, clock, SPEC)
+    else:
+        await steps(g, clock, [(OK, OK)])
+    said = [e for e in g.journal.recent[count:] if e["event"] == "alert"]
+    assert len(said) == 1, said
+    why = "state.json does not name it" if restart else "this guardd does not hold it"
+    assert why in said[0]["reason"] and "judged as a guard window from now" in said[0]["reason"]
+    assert g.own_lock is not None and g.own_lock.window is not None
+    held = qoslock.read_lock(lock)
+    assert held.by == "guardd" and held.until is not None and until is not None
+    assert held.until >= until
+    await steps(g, clock, [(OK, OK)] * int(g.s.qos_window / g.s.probe_interval + 2))
+    assert not qoslock.read_lock(lock).held
+    assert g.journal.recent[-1]["event"] == "qos_released"
+    assert g.journal.recent[-1]["by"] == "guardd"
+
+
 @pytest.mark.parametrize("old_holds", ["guardd's lock", "another lock"])
 async def test_a_lock_file_moved_by_the_config_leaves_no_lock_at_the_old_path(
     tmp_path: Path, old_holds: str
