@@ -32,6 +32,9 @@ _YELLOW: Final = "\x1b[33m"
 _RED: Final = "\x1b[1;31m"
 _BOLD: Final = "\x1b[1m"
 _MAX_ERROR_CHARS: Final = 40
+# A decision's last answer, on a line of its own: room for `body does not match
+# expect_json: status is "DEGRADED", expected "UP"`, bounded against a hostile upstream's.
+_MAX_EVIDENCE_ERROR_CHARS: Final = 160
 _NONE: Final = "-"
 
 
@@ -292,6 +295,9 @@ def _upstream_row(
 
 
 def _evidence(evidence: object) -> str:
+    """` [rule=R threshold=T value=V samples=N]`, then what the failing color last answered
+    when the evidence has it (`; last answer: HTTP 503 ...`): the figures alone do not say
+    what a 3 a.m. reader needs first, what the upstream said."""
     if not isinstance(evidence, Mapping):
         return ""
     parts = [
@@ -299,7 +305,16 @@ def _evidence(evidence: object) -> str:
         for key in ("rule", "threshold", "value", "samples")
         if key in evidence
     ]
-    return f" [{' '.join(parts)}]" if parts else ""
+    return (f" [{' '.join(parts)}]" if parts else "") + _last_answer(evidence)
+
+
+def _last_answer(evidence: object) -> str:
+    """`; last answer: <what the failing color last answered>` from an event's evidence,
+    bounded and cleaned; "" when it holds none."""
+    last_error = evidence.get("last_error") if isinstance(evidence, Mapping) else None
+    if not isinstance(last_error, str) or not last_error:
+        return ""
+    return f"; last answer: {_shorten(clean(last_error), _MAX_EVIDENCE_ERROR_CHARS)}"
 
 
 def _decision(decision: object) -> str:
@@ -482,7 +497,8 @@ def _fleet_line(fleet: Mapping[str, Any]) -> str:
 
 
 def render_history(events: Sequence[Mapping[str, Any]], *, color: bool = False) -> str:
-    """One line per journal event, oldest first: ts, event, from->to, severity, by, reason."""
+    """One line per journal event, oldest first: ts, event, from->to, severity, by, reason
+    (and what the failing color last answered, when its evidence says)."""
     if not events:
         return "no events\n"
     paint = _Paint(color)
@@ -493,7 +509,7 @@ def render_history(events: Sequence[Mapping[str, Any]], *, color: bool = False) 
             _move(e),
             _text(e.get("severity")),
             _text(e.get("by")),
-            clean(e.get("reason") or ""),
+            clean(e.get("reason") or "") + _last_answer(e.get("evidence")),
         )
         for e in events
     ]
@@ -692,7 +708,7 @@ def render_incident(incident: Mapping[str, Any], *, markdown: bool = False) -> s
             change += f" by {clean(step['by'])}" if step.get("by") else ""
             change += f": {esc(step['reason'])}" if step.get("reason") else ""
             break
-    cause = esc(incident.get("cause") or _NONE) + _evidence(incident.get("evidence"))
+    cause = esc(incident.get("cause") or _NONE) + esc(_evidence(incident.get("evidence")))
     # An operator's rollback with nothing failing before it starts at the rollback itself.
     start_is = "first failing evidence"
     if incident.get("by") not in ("guardd", None) and times.get("start") == times.get("detected"):

@@ -546,6 +546,33 @@ def test_history_text() -> None:
     assert render_history([]) == "no events\n"
 
 
+def test_what_the_failing_color_answered_is_shown_with_the_decision() -> None:
+    """The rule's figures alone do not say what the upstream said: history, the status's
+    last decision and the incident's cause end with its last answer (bounded, control
+    bytes escaped, markdown escaped in `--markdown`)."""
+    said = 'body does not match expect_json: status is "DEGRADED", expected "UP"'
+    evidence = {"rule": "consecutive_failures", "threshold": 3, "value": 3, "samples": 15,
+                "last_error": said}  # fmt: skip
+    event = {"ts": "t", "event": "rollback_started", "from": "green", "to": "blue",
+             "severity": "P0", "by": "guardd", "reason": "green failed 3 probes in a row",
+             "evidence": evidence}  # fmt: skip
+    assert (
+        render_history([event])
+        .rstrip()
+        .endswith(f"green failed 3 probes in a row; last answer: {said}")
+    )
+    status = {**fixture("steady"), "last_decision": {**event, "action": "rollback"}}
+    line = next(x for x in render_status(status).splitlines() if x.startswith("last decision"))
+    assert line.endswith(
+        "[rule=consecutive_failures threshold=3 value=3 samples=15]; last answer: " + said
+    )
+    hostile = {**event, "evidence": {**evidence, "last_error": "\x1b[2J" + "x" * 1000}}
+    (shown,) = render_history([hostile]).splitlines()
+    assert "; last answer: \\x1b[2J" in shown and shown.endswith("...")
+    assert len(shown) < 400
+    assert render_history([{**event, "evidence": {"rule": "r"}}]).rstrip().endswith("in a row")
+
+
 def test_history_reads_the_journal_with_the_daemon_down(run_dir: Path, stopped: str) -> None:
     """`history` without a daemon reads events.jsonl, says so, and exits 0."""
     run = guardctl("--instance", stopped, "history", run_dir=run_dir)

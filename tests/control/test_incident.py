@@ -18,6 +18,7 @@ EVIDENCE = {
     "value": 3,
     "samples": 9,
     "color": "green",
+    "last_error": "HTTP 503 *down*",
 }
 
 
@@ -257,6 +258,13 @@ def test_text_and_markdown_hold_the_template_and_escape_what_came_from_outside()
         )
     assert "INC-20261130-1" in markdown.splitlines()[0]
     assert "\\`rm -rf\\` \\*boom\\*" in markdown
+    # The cause ends with what green last answered, escaped in markdown as all else is.
+    cause = next(x for x in markdown.splitlines() if "Cause" in x)
+    assert "[rule=consecutive\\_failures" in cause
+    assert cause.endswith("; last answer: HTTP 503 \\*down\\*"), cause
+    assert next(x for x in text.splitlines() if "Cause" in x).endswith(
+        "; last answer: HTTP 503 *down*"
+    )
     assert "- `10:00:08.500` (+3.5s) decision - rollback_started green->blue P0" in markdown
 
 
