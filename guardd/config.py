@@ -2062,10 +2062,29 @@ def _problems(error: ValidationError, shown: str, env: Mapping[str, str]) -> lis
             # as whatever type the text was then tried as (`must be a table`).
             reason = f"cannot be read: {broken}"
         origin = f"env {set_as}" if set_as is not None else shown
+        if set_as is None:
+            reason += _set_elsewhere(reason, env)
         if (key, reason) not in seen:
             seen.add((key, reason))
             problems.append(ConfigProblem(origin, key, reason))
     return _one_per_union(problems)
+
+
+def _set_elsewhere(reason: str, env: Mapping[str, str]) -> str:
+    """` (probe.interval is set by env GUARDD_PROBE__INTERVAL)` for each key a file's problem
+    names (a rule across keys) that a variable set: the file holds only half of it, and
+    the fix may be in the environment. "" when none is."""
+    named = sorted({m.group(0) for m in _DOTTED_KEY.finditer(reason)})
+    said = [
+        f"{key} is set by env {var}"
+        for key in named
+        if (var := _variable(env, key.split("."))) is not None
+    ]
+    return f" ({'; '.join(said)})" if said else ""
+
+
+# A setting named in a reason: `probe.interval`, `qos.window` (a section and a key).
+_DOTTED_KEY = re.compile(r"\b[a-z]+\.[a-z_]+\b")
 
 
 def _one_per_union(problems: list[ConfigProblem]) -> list[ConfigProblem]:

@@ -842,6 +842,29 @@ def test_a_refused_header_is_never_quoted(path: Path) -> None:
     assert "4f1c" not in result.stderr + result.stdout
 
 
+def test_a_rule_across_keys_says_which_of_them_a_variable_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`qos.window` is the file's, `probe.interval` a variable's: the line names the file
+    for the key it holds and the variable for the other half, where the fix may be."""
+    path = tmp_path / "threader.toml"
+    path.write_text(EXAMPLE.read_text().replace('window = "5m"', 'window = "20s"', 1))
+    monkeypatch.setenv("GUARDD_PROBE__INTERVAL", "1000")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    lines = [str(p) for p in info.value.problems]
+    assert any(
+        line.startswith(f"{path}: ")
+        and line.endswith("(probe.interval is set by env GUARDD_PROBE__INTERVAL)")
+        for line in lines
+    ), lines
+    monkeypatch.delenv("GUARDD_PROBE__INTERVAL")
+    path.write_text(EXAMPLE.read_text().replace('interval = "1s"', 'interval = "1000s"', 1))
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert not [str(p) for p in info.value.problems if "set by env" in str(p)]
+
+
 def test_a_header_in_the_environment_is_checked_as_in_the_file(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
