@@ -2018,6 +2018,8 @@ _REASONS = {
     "list_type": "must be a list",
     "dict_type": "must be a table",
     "model_type": "must be a table",
+    # A discriminated union's item (a signal, a sink) that is no table at all.
+    "model_attributes_type": "must be a table",
     "path_type": "must be a path",
 }
 
@@ -2126,7 +2128,9 @@ def _nearest_key(loc: list[int | str]) -> str | None:
     kind = _kind_at(loc[:-1])
     if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
         return None
-    return _close_match(str(loc[-1]), list(kind.model_fields))
+    # A key is written as its alias where it has one (`for`, a keyword in Python: `for_`).
+    known = [field.alias or name for name, field in kind.model_fields.items()]
+    return _close_match(str(loc[-1]), known)
 
 
 def _kind_at(loc: Sequence[int | str]) -> Any:
