@@ -65,6 +65,7 @@ from guardd.replay._world import (
     why_no_probe,
 )
 from guardd.signals import AccessLogSignal, LogMatchSignal, Signal
+from guardd.signals._tail import FileFollower
 from guardd.supervisor import (
     Runtime,
     build_guard,
@@ -339,6 +340,9 @@ class Simulation:
         self._order = itertools.count()
         #: Each source's last batch handed over (its wall time): see `_step`.
         self._fed: dict[str, float] = {}
+        #: The followers of the log_match files the history holds: read at every tick,
+        #: as live, where a quiet log is read all the same and never goes stale.
+        self._logs_read: list[FileFollower] = []
 
     # ---- building -------------------------------------------------------------------
 
@@ -470,6 +474,9 @@ class Simulation:
         guard = self.guard
         assert guard is not None  # noqa: S101
         self.clock.advance(at)
+        now = self.clock.monotonic()
+        for follower in self._logs_read:
+            follower.read_at = now
         # No lock: the replay is one task, and nothing else can act on its guard meanwhile.
         decision = await guard.tick()
         self._taken(decision.actions, decision.blocked_by)
@@ -776,6 +783,7 @@ class Simulation:
                 sig.followers[color].problem = "cannot be replayed: its lines have no timestamp"
                 continue
             per_color.append(self._log_batches(name, sig, color, files))
+            self._logs_read.append(sig.followers[color])
         if per_color:
             report.replayed = "from its files, by each line's own timestamp"
         yield from heapq.merge(*per_color)

@@ -88,6 +88,24 @@ def test_an_application_log_is_replayed_by_each_lines_time(history: tuple[Path, 
     assert src["untimed_lines"] == 0
 
 
+def test_a_quiet_application_log_is_never_stale_in_a_replay(history: tuple[Path, float]) -> None:
+    """Live, a log_match file is read at every poll, quiet or not: a quiet log is never
+    stale (only one that cannot be read is). A replay of a log that writes a line a
+    minute, with `stale_after = "15s"`, says no more than the live guard would have."""
+    tmp, t0 = history
+    logs = tmp / "logs"
+    logs.mkdir()
+    for color in ("blue", "green"):
+        lines = [f"{_iso(t0 + i)} INFO still here\n" for i in range(0, MINUTES * 60, 60)]
+        (logs / f"{color}.log").write_text("".join(lines))
+    signal = _signal(logs).replace('window = "30s"', 'window = "30s"\nstale_after = "15s"')
+    cfg = config(tmp, tmp / "state", extra=signal, interval="1s", qos_window="10s")
+    doc = replay_json("--config", str(cfg))
+    stale = [d for d in decisions(doc, "alert") if "stale" in (d.get("reason") or "")]
+    assert stale == [], stale
+    assert doc["sources"]["app"]["replayed"] == "from its files, by each line's own timestamp"
+
+
 #: `guardd replay` as `python -m guardd.cli` runs it, that prints every module loaded
 #: (`sys.modules`, whatever imported them) as its last line on stderr.
 _MODULES_AT_EXIT = """
