@@ -228,6 +228,11 @@ def _signal_lines(signals: object) -> list[str]:
             files = files if isinstance(files, Mapping) else {}
             lines += [f"  {c:<6}{_log_match(doc.get(c), files.get(c))}" for c in COLORS]
             continue
+        if doc.get("problem") and doc.get("kind") == "access_log":
+            # Nothing counted is no "0 req/s": what users got is unknown while it reads
+            # nothing of use (a missing log, lines that fit no color).
+            lines += [f"  {c:<6}unknown: the signal gives nothing" for c in COLORS]
+            continue
         show = _traffic if doc.get("kind") == "access_log" else _values
         lines += [f"  {c:<6}{show(doc.get(c))}" for c in COLORS]
     return [*lines, ""]

@@ -546,6 +546,34 @@ def test_history_text() -> None:
     assert render_history([]) == "no events\n"
 
 
+def test_an_access_log_that_gives_nothing_shows_no_figures() -> None:
+    """Nothing counted is no "0 req/s, 0 5xx": while the signal reads nothing of use, what
+    users got is unknown, said as such on each color's line; one that reads shows them."""
+    counted = {"rps": 0.0, "error_ratio": None, "p95_ms": None, "samples": 0, "window_s": 10}
+    signal = {
+        "kind": "access_log",
+        "state": "waiting for /var/log/nginx/acess.log (missing)",
+        "problem": "does not exist",
+        "stale": False,
+        "blue": counted,
+        "green": counted,
+    }
+    shown = render_status({**fixture("steady"), "signals": {"traffic": signal}})
+    lines = shown.splitlines()
+    at = lines.index(
+        "signal traffic (access_log): waiting for /var/log/nginx/acess.log (missing); "
+        "PROBLEM: does not exist"
+    )
+    assert lines[at + 1 : at + 3] == [
+        "  blue  unknown: the signal gives nothing",
+        "  green unknown: the signal gives nothing",
+    ]
+    reading = render_status(
+        {**fixture("steady"), "signals": {"traffic": {**signal, "problem": None}}}
+    )
+    assert "  blue  0 req/s" in reading
+
+
 def test_what_the_failing_color_answered_is_shown_with_the_decision() -> None:
     """The rule's figures alone do not say what the upstream said: history, the status's
     last decision and the incident's cause end with its last answer (bounded, control
