@@ -1961,11 +1961,18 @@ def _bare_numbers(
     doc: Mapping[str, Any], shown: str, env: Mapping[str, str]
 ) -> list[ConfigProblem]:
     """A warning for each interval, timeout or lease given as a bare number >= 100
-    (seconds)."""
+    (seconds), a signal's `timeout`, `every` and `stale_after` included."""
     keys: list[tuple[str | int, ...]] = list(_SHORT_DURATIONS)
     notify = doc.get("notify")
     if isinstance(notify, list):
         keys += [("notify", i, "timeout") for i in range(len(notify))]
+    signals = doc.get("signals")
+    if isinstance(signals, Mapping):
+        keys += [
+            ("signals", str(name), key)
+            for name in signals
+            for key in ("timeout", "every", "stale_after")
+        ]
     warnings = []
     for key in keys:
         set_as = _variable(env, key)

@@ -260,6 +260,12 @@ def test_durations_written_as_bare_numbers_of_100_or_more_are_warned_about(
         + '[qos]\nwindow = "2h"\n'  # min_samples probes at a 1000 s interval must fit
         + '[fleet]\netcd = ["http://127.0.0.1:2379"]\nnode = "n1"\nlease_ttl = 100000\n'
         + '[[notify]]\nkind = "webhook"\nurl = "http://127.0.0.1:1/h"\ntimeout = 100\n'
+        # A signal's stale_after, every and timeout too; its window is long by nature.
+        + '[signals.traffic]\nkind = "access_log"\nsource = "file:/var/log/nginx/a.log"\n'
+        + 'addresses = {blue = ["127.0.0.1:9009"], green = ["127.0.0.1:9010"]}\n'
+        + "stale_after = 3000\nwindow = 3000\n"
+        + '[signals.app]\nkind = "prometheus"\nurl = "http://127.0.0.1:9090"\n'
+        + "query = 'up{color=\"{color}\"}'\nevery = 15\ntimeout = 500\n"
     )
     (tmp_path / "w.toml").write_text(text)
     result = check_config(Path("w.toml"), tmp_path, {"GUARDD_PROBE__TIMEOUT": "250"})
@@ -270,6 +276,8 @@ def test_durations_written_as_bare_numbers_of_100_or_more_are_warned_about(
         'w.toml: retry.max_delay: warning: 150.5 = 2m30.5s; did you mean "150.5ms"?\n'
         'w.toml: fleet.lease_ttl: warning: 100000 = 27h46m40s; did you mean "100000ms"?\n'
         'w.toml: notify[0].timeout: warning: 100 = 1m40s; did you mean "100ms"?\n'
+        'w.toml: signals.traffic.stale_after: warning: 3000 = 50m; did you mean "3000ms"?\n'
+        'w.toml: signals.app.timeout: warning: 500 = 8m20s; did you mean "500ms"?\n'
     )
     assert "ok: instance=w" in result.stdout
 
