@@ -896,6 +896,14 @@ def _unless_left_held(
             f"({e.strerror or e}): whether a switch is in flight, or a lock of its own "
             f"waits to be taken back, is unknown, though {where} holds no lock"
         ) from None
+    owner = saved.get("guard")
+    if isinstance(owner, str) and target.instance is not None and owner != target.instance:
+        # Another instance's folder: what it keeps says nothing of this guard's lock.
+        raise _CannotTell(
+            f"{why}, and its state.dir {target.state_dir} holds guard {owner}'s state, not "
+            f"{target.instance}'s: whether a switch is in flight, or a lock of its own waits "
+            f"to be taken back, is unknown, though {where} holds no lock"
+        )
 
     def left(reason: str, locked_at: str | None = None) -> dict[str, Any]:
         return dict(LockInfo(True, reason, locked_at, None, GUARDD).to_json())
@@ -932,25 +940,39 @@ def _unless_left_held(
 
 
 def _state_dir_of(state_dir: Path, label: str, where: str, why: str) -> None:
-    """Raise `_CannotTell` when guardd `label`'s state.dir does not exist or is no folder.
+    """Raise `_CannotTell` unless guardd `label`'s state.dir is a folder holding its state
+    (state.json or events.jsonl: a guardd that ran leaves both).
 
-    No state.dir is no proof of no lock: a guardd that never ran with this config, or one
-    whose state.dir is another folder (a GUARDD_STATE__DIR in its unit, or in this shell),
-    whose rollback or lock this cannot see. Raises `OSError` when it cannot be looked at.
+    No state there is no proof of no lock: a guardd that never ran with this config, or
+    one whose state.dir is another folder (a GUARDD_STATE__DIR in its unit, or in this
+    shell, or the folder above the instance's), whose rollback or lock this cannot see.
+    Raises `OSError` when it cannot be looked at.
     """
     try:
         mode = state_dir.stat().st_mode
     except FileNotFoundError:
         what = "does not exist"
     else:
-        if stat.S_ISDIR(mode):
+        if not stat.S_ISDIR(mode):
+            what = "is not a directory"
+        elif any(_exists(state_dir / name) for name in ("state.json", "events.jsonl")):
             return
-        what = "is not a directory"
+        else:
+            what = "holds no state.json or events.jsonl"
     raise _CannotTell(
         f"{why}, and its state.dir {state_dir} {what}: guardd {label} never "
         "ran with this state.dir, or runs with another; whether a switch is in flight, or a "
         f"lock of its own waits to be taken back, is unknown, though {where} holds no lock"
     )
+
+
+def _exists(path: Path) -> bool:
+    """Whether `path` exists; `OSError` when that cannot be told (a folder not searchable)."""
+    try:
+        path.lstat()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _saved_state(state: Path) -> tuple[Mapping[str, Any], str | None]:

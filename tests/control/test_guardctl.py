@@ -655,11 +655,19 @@ def unknown_answer(run: Run, *, status: bool = False) -> dict[str, Any]:
     return doc
 
 
+def _stopped_state(folder: Path, guard: str = "threader") -> Path:
+    """`folder` as a guardd that ran and stopped steady leaves it: its state.json."""
+    folder.mkdir(exist_ok=True)
+    (folder / "state.json").write_text(
+        json.dumps({"version": 1, "guard": guard, "state": "steady", "active": "green"})
+    )
+    return folder
+
+
 def _write_config(path: Path, socket_path: Path, lock_file: Path) -> Path:
     """A config for guardd threader, as one that ran and stopped leaves it: its state.dir
-    (beside `path`) exists, and holds nothing."""
-    state = path.parent / "threader.state"
-    state.mkdir(exist_ok=True)
+    (beside `path`) holds its state.json, which keeps no lock."""
+    state = _stopped_state(path.parent / "threader.state")
     path.write_text(
         f'instance = "threader"\n[control]\nsocket = "{socket_path}"\n'
         f'[qos]\nlock_file = "{lock_file}"\n[state]\ndir = "{state}"\n'
@@ -844,9 +852,13 @@ def test_with_guardd_down_a_state_dir_that_is_not_there_is_unknown_never_allowed
     config = _write_config(tmp_path / "threader.toml", tmp_path / "nobody-listens.sock", lock)
     a_file = tmp_path / "a-file"
     a_file.write_text("")
+    other = _stopped_state(tmp_path / "other", guard="checkout")
     cases = {
         "missing": ({"GUARDD_STATE__DIR": str(tmp_path / "typo")}, "does not exist"),
         "a file": ({"GUARDD_STATE__DIR": str(a_file)}, "is not a directory"),
+        # The folder above the instance's (/var/lib/guardd for /var/lib/guardd/threader).
+        "no state": ({"GUARDD_STATE__DIR": str(tmp_path)}, "holds no state.json or events.jsonl"),
+        "another's": ({"GUARDD_STATE__DIR": str(other)}, "holds guard checkout's state, not"),
         "default, never ran": ({"GUARDD_STATE_ROOT": str(tmp_path / "lib")}, "does not exist"),
     }
 
@@ -1263,6 +1275,7 @@ def test_qos_status_with_a_config_and_no_guardd_never_loads_the_control_client(
         lock.touch()  # a lock taken by hand, as the contract allows
     config = tmp_path / "threader.toml"
     config.write_text(f'[qos]\nlock_file = "{lock}"\n[state]\ndir = "{tmp_path}"\n')
+    _stopped_state(tmp_path)
     code = (
         "import json, sys\n"
         "from guardd.ctl import main\n"

@@ -450,8 +450,8 @@ def test_an_answer_that_cannot_be_written_is_never_exit_0(make_lab: MakeLab) -> 
     lab: Lab = make_lab()
     base = [str(GUARDCTL), "--config", str(lab.config_path)]
     # Daemon down: `qos status` answers from the lock file, exit 0 when none is held (and
-    # guardd's state.dir holds nothing: here none has run yet, so it is made empty).
-    lab.state_dir.mkdir(parents=True, exist_ok=True)
+    # guardd's state.dir keeps no lock: it ran, and stopped steady).
+    assert lab.daemon().stop() == 0
     assert redirected(">/dev/null", *base, "qos", "status").returncode == 0
     for argv in (["qos", "status"], ["qos", "status", "--json"]):
         full = redirected(">/dev/full", *base, *argv)
