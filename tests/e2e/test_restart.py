@@ -367,7 +367,9 @@ def test_a_restart_never_restarts_the_for_of_a_pending_rule(make_lab: MakeLab) -
     """Killed (-9) while a P1 rule is pending and started again, guardd rolls back when
     the rule's `for` ends counted from its onset before the kill: a guardd restarted more
     often than its `for` (a crash loop) would otherwise never roll back on a P1."""
-    lab: Lab = make_lab(policy__p1_sustain=SUSTAIN, **NO_P0)
+    # A `for` long enough that the kill, a start on a loaded machine and the refill of
+    # the window fit in it: an onset carried over lapses when its `for` would have ended.
+    lab: Lab = make_lab(policy__p1_sustain="15s", **NO_P0)
     d = lab.daemon()
     since = _pending_p1(lab)
     saved = wait_until(lambda: d.state().get("onsets"), 10, "the onset in state.json")

@@ -67,12 +67,15 @@ def test_a_restart_between_the_rollback_and_the_release_still_threads(
     assert event_id(first) == rollback["id"]
     assert "thread_ts" not in first
     names = {e["id"]: e["event"] for e in d2.events()}
-    assert [names[event_id(r)] for r in replies] == [
-        "qos_locked",
-        "paused",
-        "resumed",
-        "qos_released",
-    ]
+    threaded = [names[event_id(r)] for r in replies]
+    # A restart slower than three probe intervals (a loaded machine) moves the guard
+    # window on, journaled and threaded as any reply: where it belongs, or not at all.
+    if "qos_extended" in threaded:
+        assert threaded.index("qos_extended") == 2, threaded
+        threaded.remove("qos_extended")
+        [moved] = [e for e in d2.events() if e["event"] == "qos_extended"]
+        assert "restart" in moved["reason"], moved
+    assert threaded == ["qos_locked", "paused", "resumed", "qos_released"]
     assert [r["thread_ts"] for r in replies] == [first["ts"]] * 4
     assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in rec.requests)
     # The token is used, never shown: not in the journal, the logs, or the status.
