@@ -13,6 +13,7 @@ its CA bundle (about 4 MiB resident), and the event loop never stalls on the imp
 from __future__ import annotations
 
 import email.utils
+import functools
 import hashlib
 import json
 import math
@@ -221,10 +222,13 @@ class _PermanentError(_AttemptError):
     """Sending the same message again cannot help: a 4xx, a bad URL."""
 
 
-def _backoff(error: Exception) -> bool | float:
-    # stamina's hook: retry only what may pass later, after the pause the server asked for.
+def _backoff(error: Exception, *, longest: float) -> bool | float:
+    """stamina's hook: retry only what may pass later, after the pause the server asked
+    for, but never longer than `longest` (`retry.max_delay`): a `Retry-After: 3600` obeyed
+    would hold every page behind it for an hour, in silence, where a few more attempts
+    (dropped when they are spent, said in the log and the metrics) cost nothing."""
     if isinstance(error, _TransientError):
-        return True if error.retry_after is None else error.retry_after
+        return True if error.retry_after is None else min(error.retry_after, longest)
     return False
 
 
@@ -582,7 +586,7 @@ class Notifier:
         attempts = 0
         try:
             async for attempt in retrying().retry_context(
-                on=_backoff,
+                on=functools.partial(_backoff, longest=self._retry.max_delay),
                 attempts=self._retry.attempts,
                 # Bounded by attempts alone: a total deadline would cut the last attempts short.
                 timeout=None,

@@ -38,6 +38,8 @@ from tests.harness.receiver import HANG, WAIT, Received, Reply, closed_port, ser
 pytestmark = pytest.mark.anyio
 
 FAST = RetryPolicy(attempts=5, base_delay=0.05, max_delay=0.2)
+# Pauses of a few seconds allowed: a server's Retry-After is obeyed up to max_delay.
+PATIENT = RetryPolicy(attempts=5, base_delay=0.05, max_delay=5.0)
 
 
 def journal_event(
@@ -150,7 +152,7 @@ async def test_5xx_is_retried_until_delivered_exactly_once(tmp_path: Path) -> No
 async def test_429_retry_after_seconds_is_honoured(tmp_path: Path) -> None:
     outcomes = Outcomes()
     async with serve([Reply(429, {"Retry-After": "1"}), Reply(200)]) as receiver:
-        n = notifier(tmp_path, [sink(receiver.url)], outcomes)
+        n = notifier(tmp_path, [sink(receiver.url)], outcomes, retry=PATIENT)
         async with running(n):
             n.submit(journal_event())
             first, second = await receiver.wait_for(2)
@@ -164,11 +166,23 @@ async def test_429_retry_after_http_date_is_honoured(tmp_path: Path) -> None:
     not_before = int(time.time()) + 2
     date = email.utils.formatdate(not_before, usegmt=True)
     async with serve([Reply(429, {"Retry-After": date}), Reply(200)]) as receiver:
-        n = notifier(tmp_path, [sink(receiver.url)])
+        n = notifier(tmp_path, [sink(receiver.url)], retry=PATIENT)
         async with running(n):
             n.submit(journal_event())
             _, second = await receiver.wait_for(2)
     assert second.wall >= not_before
+
+
+async def test_a_retry_after_longer_than_max_delay_waits_max_delay(tmp_path: Path) -> None:
+    """`Retry-After: 3600` obeyed would hold this page, and every one behind it, for an
+    hour in silence: it waits `retry.max_delay` (here 0.2 s), then tries again."""
+    outcomes = Outcomes()
+    async with serve([Reply(429, {"Retry-After": "3600"}), Reply(200)]) as receiver:
+        n = notifier(tmp_path, [sink(receiver.url)], outcomes)
+        async with running(n):
+            n.submit(journal_event())
+            await outcomes.wait_for("hook", "sent")
+    assert outcomes.of("hook") == ["retried", "sent"]
 
 
 @pytest.mark.parametrize(

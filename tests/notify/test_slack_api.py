@@ -142,7 +142,7 @@ async def test_an_incident_s_later_events_are_replies_in_its_thread(tmp_path: Pa
 async def test_an_outage_delays_the_replies_without_losing_them(tmp_path: Path) -> None:
     slack = SlackWebApi(TOKEN)
     outcomes = Outcomes()
-    retry = RetryPolicy(attempts=8, base_delay=0.05, max_delay=0.2)
+    retry = RetryPolicy(attempts=8, base_delay=0.05, max_delay=2.0)  # (Retry-After: 1 is obeyed)
     async with serve(default=slack) as receiver:
         sink = api_sink(base_of(receiver))
         async with running(notifier(tmp_path, [sink], outcomes, retry=retry)) as n:
