@@ -44,6 +44,14 @@ TRAFFIC_MOVES: frozenset[str] = frozenset(
 )
 
 
+#: The journal events that page first: guardd moved traffic, could not, or stopped acting.
+#: A sink sends them ahead of older messages still waiting or being retried (an alert a
+#: failing receiver keeps refusing), so that the page that matters is never last in line.
+URGENT_EVENTS: frozenset[str] = frozenset(
+    {"rollback_started", "rollback_completed", "rollback_failed", "hold"}
+)
+
+
 #: How one notification to one sink ended (docs/contract.md §5 `outcome` label of
 #: `guardd_notifications_total`).
 NotificationOutcome = Literal["sent", "retried", "dropped"]

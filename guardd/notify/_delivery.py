@@ -35,7 +35,7 @@ from anyio.abc import TaskStatus
 
 from guardd._version import __version__
 from guardd.commands import retrying
-from guardd.core.types import JOURNAL_EVENTS, NotificationOutcome
+from guardd.core.types import JOURNAL_EVENTS, URGENT_EVENTS, NotificationOutcome
 from guardd.exceptions import StorageError
 from guardd.notify import slack_api
 from guardd.notify.discord import discord_message
@@ -232,6 +232,11 @@ def _backoff(error: Exception, *, longest: float) -> bool | float:
     return False
 
 
+def _urgent(message: Message) -> bool:
+    """Whether `message` is a page that goes ahead of older ones (`URGENT_EVENTS`)."""
+    return message.event.get("event") in URGENT_EVENTS
+
+
 def _ignore_outcome(sink: str, outcome: str) -> None:
     """Count nothing: the default when no metrics are wired."""
 
@@ -260,6 +265,8 @@ class _SinkState:
     delivered_ids: OrderedDict[str, None] = field(default_factory=OrderedDict)
     in_flight: Message | None = None
     ready: anyio.Event | None = None
+    # The delivery under way, while a page may cut in ahead of it (`_preempting`).
+    preemptible: anyio.CancelScope | None = None
     # slack_api: the incident thread replies go to, as kept in the outbox directory.
     thread: slack_api.Thread | None = None
 
@@ -502,6 +509,8 @@ class Notifier:
         state.queue.append(message)
         state.pending_ids.add(message.event_id)
         state.wake()
+        if state.preemptible is not None and _urgent(message):
+            state.preemptible.cancel()  # the page goes first; the message cut off goes on after
         return evicted
 
     async def _load(self) -> None:
@@ -557,12 +566,29 @@ class Notifier:
             while not state.queue:
                 state.ready = anyio.Event()
                 await state.ready.wait()
-            message = state.in_flight = state.queue[0]
+            # Pages first (`URGENT_EVENTS`), each kind in the order it came; a slack_api
+            # sink keeps the order whole, since its replies go to the thread open then.
+            keep_order = state.sink.kind == "slack_api"
+            message = state.in_flight = (
+                state.queue[0]
+                if keep_order
+                else next((m for m in state.queue if _urgent(m)), state.queue[0])
+            )
+            delivered = False
             try:
-                delivered = await self._deliver(client, state, message)
+                with anyio.CancelScope() as scope:
+                    if not keep_order and not _urgent(message):
+                        state.preemptible = scope
+                    delivered = await self._deliver(client, state, message)
             finally:
                 # Cancelled mid-delivery, the message stays queued and in the outbox.
-                state.in_flight = None
+                state.in_flight = state.preemptible = None
+            if scope.cancelled_caught:
+                # A page came: it goes now, and this message from its first attempt after.
+                self._log.info(
+                    "notification_preempted", sink=state.sink.name, event_id=message.event_id
+                )
+                continue
             with anyio.CancelScope(shield=True):
                 await self._settle(state, message, delivered=delivered)
 

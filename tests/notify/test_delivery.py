@@ -149,6 +149,27 @@ async def test_5xx_is_retried_until_delivered_exactly_once(tmp_path: Path) -> No
     assert outbox_ids(tmp_path) == []
 
 
+async def test_a_page_goes_ahead_of_an_older_message_being_retried(tmp_path: Path) -> None:
+    """A P2 alert the receiver keeps refusing is retried with backoff; the rollback page
+    submitted meanwhile goes at once, not after the alert's attempts are spent, and the
+    alert goes on after it, from its first attempt (tens of seconds of retries stood
+    between a rollback and its page)."""
+    slow = RetryPolicy(attempts=10, base_delay=2.0, max_delay=2.0)
+    outcomes = Outcomes()
+    async with serve(default=Reply(500)) as receiver:
+        n = notifier(tmp_path, [sink(receiver.url)], outcomes, retry=slow)
+        async with running(n):
+            n.submit(journal_event("alert", "al-1"))
+            await receiver.wait_for(1)
+            receiver.default = Reply(200)
+            n.submit(journal_event("rollback_completed", "rb-1"))
+            await outcomes.wait_for("hook", "sent", count=2)
+        requests = receiver.requests
+    assert ids(requests)[:1] == ["al-1"]
+    assert ids(requests)[-2:] == ["rb-1", "al-1"], ids(requests)
+    assert n.pending() == 0 and outbox_ids(tmp_path) == []
+
+
 async def test_429_retry_after_seconds_is_honoured(tmp_path: Path) -> None:
     outcomes = Outcomes()
     async with serve([Reply(429, {"Retry-After": "1"}), Reply(200)]) as receiver:
