@@ -72,18 +72,39 @@ class Facts:
     commands: tuple[str, ...]
 
 
+#: The guardctl command worth running after each event, besides `status`.
+_NEXT: Final[Mapping[str, tuple[str, ...]]] = {
+    "alert": ("rollback",),
+    "switch": ("rollback",),
+    "promote": ("rollback",),
+    "external_switch": ("rollback",),
+    "rollback_failed": ("rollback",),
+    "rollback_started": ("incident --last",),
+    "rollback_completed": ("incident --last",),
+    "hold": ("resume",),
+    "paused": ("resume",),
+}
+
+
 def facts(event: Mapping[str, Any], *, instance: str) -> Facts:
     """Pull the facts out of a journal event, tolerating missing or odd fields."""
     name = one_line(text_of(event.get("event")) or "event")
     source, target = text_of(event.get("from")), text_of(event.get("to"))
-    shown = (one_line(source or "") or "?", one_line(target or "") or "?")
-    from_to = f"{shown[0]} → {shown[1]}" if source or target else None
+    # No end where there is none: `alert green`, never `alert green → ?`.
+    from_to = None
+    if source and target:
+        from_to = f"{one_line(source)} → {one_line(target)}"
+    elif source or target:
+        from_to = one_line(source) if source else f"→ {one_line(target or '')}"
     title = f"guardd {one_line(instance)}: {_TITLES.get(name, name.replace('_', ' '))}"
     if from_to:
         title += f" {from_to}"
     ts = text_of(event.get("ts"))
     quoted = shlex.quote(instance.replace("`", ""))
-    commands = [f"guardctl --instance {quoted} status", f"guardctl --instance {quoted} rollback"]
+    commands = [f"guardctl --instance {quoted} status"]
+    # What helps next after this event: not `rollback` once traffic is on the rollback
+    # target (refused as a no-op), where what happened is the incident's to tell.
+    commands += [f"guardctl --instance {quoted} {then}" for then in _NEXT.get(name, ())]
     if name in _QOS_EVENTS:
         commands.append(f"guardctl --instance {quoted} qos status")
     return Facts(

@@ -221,8 +221,34 @@ def test_slack_message_says_what_happened_and_what_to_do() -> None:
     assert context["elements"][0]["text"].startswith("<!date^1714564800^")
     assert "event `ev-1`" in context["elements"][0]["text"]
     assert "`guardctl --instance threader status`" in act["text"]["text"]
-    assert "`guardctl --instance threader rollback`" in act["text"]["text"]
+    # Traffic is on the rollback target: what happened is the incident's to tell.
+    assert "`guardctl --instance threader incident --last`" in act["text"]["text"]
+    assert "rollback`" not in act["text"]["text"]
     assert message["text"].startswith("guardd threader: rollback green → blue: p0")
+
+
+@pytest.mark.parametrize(
+    ("fields", "title", "then"),
+    [
+        ({"event": "alert", "to": None}, "alert green", "rollback"),
+        ({"event": "hold", "to": None}, "hold green", "resume"),
+        ({"event": "promote", "from": "blue", "to": "green"}, "promote blue → green", "rollback"),
+        ({"event": "qos_released", "from": None, "to": None}, "QoS lock released", None),
+        ({"event": "switch", "from": None, "to": "green"}, "switch → green", "rollback"),
+    ],
+)
+def test_each_page_says_its_colors_as_they_are_and_what_to_run_next(
+    fields: dict[str, Any], title: str, then: str | None
+) -> None:
+    """No `→ ?` for an end the event has not; the command worth running next, never
+    `rollback` where traffic already is on the rollback target."""
+    message = slack_message(event(**fields), instance="threader")
+    header = message["blocks"][0]["text"]["text"]
+    assert header.startswith(f"guardd threader: {title}") and "?" not in header, header
+    act = message["blocks"][-1]["text"]["text"]
+    assert act.startswith("*Act:* `guardctl --instance threader status`"), act
+    if then is not None:
+        assert f"`guardctl --instance threader {then}`" in act, act
 
 
 def test_slack_qos_events_also_point_at_qos_status() -> None:
@@ -257,7 +283,7 @@ def test_discord_message_says_what_happened() -> None:
     assert fields["Severity"] == "P0"
     assert fields["Rule"] == "p0\\_error\\_ratio"
     assert fields["p95"] == "712.2 ms"
-    assert "`guardctl --instance threader rollback`" in fields["Act"]
+    assert "`guardctl --instance threader incident --last`" in fields["Act"]
 
 
 @pytest.mark.parametrize(
