@@ -468,8 +468,13 @@ class Guard:
         if self.signals and self.active is not None and (self.qos.own_lock or self.qos.beneath):
             # A guard window is judged on what every signal could tell: one that gave
             # nothing, or went stale, leaves the users' side of the SLOs unknown.
-            blind = {name for name, problem in self.signal_problems.items() if problem}
-            self.qos.signals_blind(blind | set(self.machine.stale_signals(self.active, now)))
+            active = self.active
+            quiet = {
+                name: (getattr(self.readings.get(name, {}).get(active), "last_at", None), limit)
+                for name, limit in self.machine.policy.table.stale_after.items()
+            }
+            gave_nothing = {name for name, problem in self.signal_problems.items() if problem}
+            self.qos.signals_blind(gave_nothing, quiet, now)
         self.metrics.set_verdicts(self.machine.verdicts)
         # The decision's pages (holds, alerts; `decide` puts them before its moves) are
         # journaled before it acts, and after state.json remembers them (the machine's hold,

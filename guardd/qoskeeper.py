@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -403,11 +404,25 @@ class QosKeeper:
         for window in self._windows() if requests > 0 else ():
             window.add_traffic(requests, errors_5xx)
 
-    def signals_blind(self, names: set[str]) -> None:
-        """The signals that could not tell at this tick (`QosWindow.signal_blind`)."""
+    def signals_blind(
+        self,
+        gave_nothing: set[str],
+        quiet: Mapping[str, tuple[float | None, float]],
+        now: float,
+    ) -> None:
+        """Count the signals that could not tell at monotonic `now` (`QosWindow.signal_blind`):
+        those that gave nothing, and those of `quiet` (name -> (monotonic time of their
+        last reading of the active color, or None; their `stale_after`)) that said nothing
+        for longer than their `stale_after` within the window. A rollback's target served
+        no traffic while it was the standby: its silence before the window is no blindness
+        of the window's."""
         for window in self._windows():
-            for name in sorted(names):
+            for name in sorted(gave_nothing):
                 window.signal_blind(name)
+            for name, (last_at, limit) in sorted(quiet.items()):
+                since = window.started_at if last_at is None else max(last_at, window.started_at)
+                if now - since > limit:
+                    window.signal_blind(name)
 
     def rules_firing(self, color: Color | None, names: frozenset[str]) -> None:
         """The P0-P2 rules firing on the active color at this tick (dry runs aside).

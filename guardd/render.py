@@ -383,13 +383,13 @@ def _lock(qos: object) -> tuple[str, str | None]:
             f"{beneath}: {_duration(window.get('left_s'))} left to watch, "
             f"{_number(window.get('samples'))} probes, {_number(window.get('failures'))} failed"
         )
-        fired = window.get("fired")
-        if isinstance(fired, list) and fired:
-            # A rule that fired fails the window whatever comes next: the until is no time
-            # to plan a deploy by, it moves when the window is judged.
-            watched += (
-                f"; not met ({', '.join(clean(f) for f in fired)} fired): it is extended at its end"
-            )
+        fired, blind = window.get("fired"), window.get("blind")
+        # A rule that fired, or a signal that could not tell, fails the window whatever
+        # comes next: the until is no time to plan a deploy by, it moves when judged.
+        why = [f"{clean(f)} fired" for f in fired] if isinstance(fired, list) else []
+        why += [f"{clean(b)} could not tell" for b in blind] if isinstance(blind, list) else []
+        if why:
+            watched += f"; not met ({', '.join(why)}): it is extended at its end"
         details.append(watched)
     return f"HELD: {_text(qos.get('reason'))} ({', '.join(details)})", _YELLOW
 

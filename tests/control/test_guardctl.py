@@ -303,10 +303,20 @@ def test_a_rollback_not_taken_here_says_why_on_its_decision_line() -> None:
     assert "not taken" not in plain
 
 
-@pytest.mark.parametrize(("fired", "tail"), [([], ""), (["p2_error_ratio"], "; not met")])
-def test_a_guard_window_already_lost_says_its_until_will_move(fired: list[str], tail: str) -> None:
-    """A rule that fired in the guard window fails it whatever comes next: the lock line
-    says so, so that nobody plans a deploy by its until."""
+@pytest.mark.parametrize(
+    ("fired", "blind", "why"),
+    [
+        ([], [], None),
+        (["p2_error_ratio"], [], "p2_error_ratio fired"),
+        ([], ["traffic"], "traffic could not tell"),
+        (["p2_error_ratio"], ["traffic"], "p2_error_ratio fired, traffic could not tell"),
+    ],
+)
+def test_a_guard_window_already_lost_says_its_until_will_move(
+    fired: list[str], blind: list[str], why: str | None
+) -> None:
+    """A rule that fired in the guard window, or a signal that could not tell, fails it
+    whatever comes next: the lock line says so, so that nobody plans a deploy by its until."""
     status = fixture("guard_window")
     status["qos"]["window"] = {
         "until": status["qos"]["until"],
@@ -315,12 +325,13 @@ def test_a_guard_window_already_lost_says_its_until_will_move(fired: list[str], 
         "failures": 2,
         "errors_5xx": 2,
         "fired": fired,
+        "blind": blind,
     }
     (line,) = [ln for ln in render_status(status).splitlines() if ln.startswith("qos lock")]
     said = "guard window: 21s left to watch, 18 probes, 2 failed"
-    assert said + tail in line, line
-    if fired:
-        assert line.endswith("(p2_error_ratio fired): it is extended at its end)"), line
+    assert said + ("; not met" if why else ")") in line, line
+    if why:
+        assert line.endswith(f"; not met ({why}): it is extended at its end)"), line
 
 
 @pytest.mark.parametrize(

@@ -370,15 +370,27 @@ def test_hostile_lines_are_counted_and_change_nothing(make_lab: MakeLab, short_d
 # ---- 6: the guard window counts real 5xx -----------------------------------------------
 
 
-@pytest.mark.parametrize(("blue_ratio", "outcome"), [(0.02, "qos_extended"), (0.0, "qos_released")])
+@pytest.mark.parametrize(
+    ("blue_ratio", "outcome", "stale_after"),
+    [
+        (0.02, "qos_extended", None),
+        (0.0, "qos_released", None),
+        # Blue, the standby, served nothing for longer than stale_after before the
+        # rollback, and its first requests after it are read a moment later (a quiet
+        # service): its silence before the window is no blindness of the window's.
+        (0.0, "qos_released", "2s"),
+    ],
+)
 def test_guard_window_after_a_traffic_rollback_judges_real_5xx(
-    make_lab: MakeLab, short_dir: Path, blue_ratio: float, outcome: str
+    make_lab: MakeLab, short_dir: Path, blue_ratio: float, outcome: str, stale_after: str | None
 ) -> None:
-    lab = traffic_lab(make_lab, short_dir, qos__window="3s", qos__max_error_ratio=0.01)
+    lab = traffic_lab(
+        make_lab, short_dir, stale_after=stale_after, qos__window="3s", qos__max_error_ratio=0.01
+    )
     lab.green.set_api(error_ratio=0.2)
     lab.blue.set_api(error_ratio=blue_ratio)
     d = lab.daemon()
-    with Load(lab.nginx, rate=100):
+    with Load(lab.nginx, rate=100 if stale_after is None else 10):
         started = d.wait_event("rollback_started", timeout=60)
         assert started["evidence"]["rule"] == RULE
         d.wait_event("qos_locked", timeout=60)
@@ -388,7 +400,8 @@ def test_guard_window_after_a_traffic_rollback_judges_real_5xx(
             where=lambda e: e.get("by") == "guardd" or e["event"] == "qos_extended",
         )
     other = "qos_released" if outcome == "qos_extended" else "qos_extended"
-    assert not [e for e in d.events() if e["event"] == other]
+    assert not [e for e in d.events() if e["event"] == other], verdict
+    assert "signals_blind" not in verdict["evidence"], verdict
     if outcome == "qos_extended":
         assert "real 5xx ratio" in verdict["reason"], verdict
         assert lab.lock_file.exists()
