@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
+from guardd.core.types import GUARDD
 from guardd.timestamps import parse_rfc3339, rfc3339
 
 #: The journal events a replay reports: its decisions, and the switches that were made.
@@ -266,11 +267,14 @@ def render(doc: dict[str, Any]) -> str:
 
 def _acting(decisions: list[dict[str, Any]]) -> list[tuple[float, dict[str, Any]]]:
     """The decisions that detect an incident, with their time: a rollback, a hold, or an
-    alert with a severity (a dry run's "would roll back")."""
+    alert with a severity (a dry run's "would roll back"), the config's own. An operator's
+    move replayed as they made it (`by` someone else) is no detection of the config's:
+    credited, every config would "detect" every incident an operator ended, at once."""
     return [
         (t, d)
         for d in decisions
         if (t := seconds(d["at"])) is not None
+        and d.get("by") in (GUARDD, None)
         and (
             d["event"] in ("rollback_completed", "rollback_failed", "hold")
             or (d["event"] == "alert" and d["severity"] in ("P0", "P1"))

@@ -949,6 +949,27 @@ def test_a_replayed_rollback_verifies_at_once_with_or_without_a_verify_header(
     assert events.count("qos_released") == 2, events
 
 
+def test_an_operators_rollback_is_no_detection_of_the_config(tmp_path: Path, tl: Timeline) -> None:
+    """An operator rolled green back by hand (`guardctl rollback`), green healthy all along:
+    the replay moves traffic as they did, but that move is theirs. Credited to the config,
+    every config would "detect" every incident an operator ended, at once; the incident is
+    undetected, and the replayed move is no decision "where the live guard did not"."""
+    tl.start(active="green")
+    tl.rounds(150)
+    by = "uid:0(root)"
+    tl.incident("rollback_completed", source="green", target="blue", reason="manual", by=by)
+    tl.recorder.switch("green", "blue", by=by, reason="manual", event="rollback_completed")
+    tl.rounds(150)
+    tl.close()
+    cfg = config(tmp_path, tmp_path / "state")
+    doc = replay_json("--config", str(cfg))
+    [incident] = doc["configs"][0]["incidents"]
+    assert incident["detected_at"] is None, incident
+    assert doc["configs"][0]["unmatched"] == []
+    moved = [d for d in doc["configs"][0]["decisions"] if d["event"] == "rollback_completed"]
+    assert [d["by"] for d in moved] == [by], moved
+
+
 def _two_rollbacks(tl: Timeline, *, step_back: float = 0.0) -> None:
     """Green fails twice and is rolled back each time (live, journaled), promoted back
     between; the wall clock stepped back `step_back` seconds before the second failure."""
