@@ -140,6 +140,21 @@ def _a_path(value: object) -> object:
 
 #: A file or folder guardd reads or writes: a non-empty path.
 SettingPath = Annotated[Path, BeforeValidator(_a_path)]
+
+
+def _absolute(path: Path) -> Path:
+    """A path others share with guardd, absolute: guardd runs in `/` under systemd, a
+    deploy script's guardctl and nginx elsewhere, and a relative path would name a
+    different file for each. Raises `ValueError` (`must be an absolute path`)."""
+    if not path.is_absolute():
+        raise ValueError("must be an absolute path")
+    return path
+
+
+#: A path guardd shares with guardctl or nginx (the lock, the state, the socket, the
+#: switch's files): absolute. (A credential file may be relative: to systemd's
+#: $CREDENTIALS_DIRECTORY.)
+SharedPath = Annotated[SettingPath, AfterValidator(_absolute)]
 #: A number (a ratio, a threshold): never a boolean.
 Number = Annotated[float, BeforeValidator(_not_a_flag)]
 #: A count (failures, samples, attempts, bytes): an integer, never a boolean or a float.
@@ -748,7 +763,7 @@ class LogMatchSignalConfig(_Section):
 
     kind: Literal["log_match"]
     """The kind of signal."""
-    paths: dict[Color, SettingPath]
+    paths: dict[Color, SharedPath]
     """The log file of each color."""
     patterns: Annotated[list[str], Field(min_length=1)]
     """Regular expressions, matched per line (Python `re` syntax)."""
@@ -758,17 +773,6 @@ class LogMatchSignalConfig(_Section):
     """Longer lines are skipped and counted as `oversize`."""
     stale_after: PositiveDuration | None = None
     """The log cannot be read for this long: the signal is stale, one alert."""
-
-    def _cross_checks(self, invalid: frozenset[str]) -> Found:
-        if "paths" in invalid:
-            return []
-        # Relative to what? guardd's working folder is `/` under systemd, and another at a
-        # shell: the same config would read two different files.
-        return [
-            (f"paths.{color}", "must be an absolute path")
-            for color, path in sorted(self.paths.items())
-            if not path.is_absolute()
-        ]
 
     @field_validator("patterns")
     @classmethod
@@ -889,15 +893,15 @@ class SwitchConfig(_Section):
     """How traffic moves: nginx (symlink swap), state-file, or command."""
     timeout: PositiveDuration = 30.0
     """The bound on a whole switch, verification included (at least 1s)."""
-    active_link: SettingPath | None = None
+    active_link: SharedPath | None = None
     """nginx: the symlink nginx includes, pointing at one of `targets`."""
-    targets: dict[Color, SettingPath] | None = None
+    targets: dict[Color, SharedPath] | None = None
     """nginx: the upstream file of each color."""
     test_command: list[str] = Field(default_factory=lambda: ["nginx", "-t"])
     """nginx: validates the configuration with the new link (argv, no shell)."""
     reload_command: list[str] | None = None
     """The reload argv (nginx default: `nginx -s reload`; optional for state-file)."""
-    path: SettingPath | None = None
+    path: SharedPath | None = None
     """state-file: the JSON file whose `activeColor` key names the active color."""
     command: list[str] | None = None
     """command: the argv run to switch; `{color}` and `{instance}` are substituted."""
@@ -1009,7 +1013,7 @@ class SwitchConfig(_Section):
 class QosConfig(_Section):
     """The guard window that holds deploys after a rollback."""
 
-    lock_file: SettingPath | None = None
+    lock_file: SharedPath | None = None
     """The QoS lock file (default: `$RUNTIME_DIRECTORY/<instance>.qos.lock`)."""
     window: PositiveDuration = 300.0
     """The guard window after a rollback; at least policy.min_samples times probe.interval."""
@@ -1119,7 +1123,7 @@ class MetricsConfig(_Section):
 class ControlConfig(_Section):
     """The control socket guardctl talks to."""
 
-    socket: SettingPath | None = None
+    socket: SharedPath | None = None
     """The control socket (default: `$RUNTIME_DIRECTORY/<instance>.sock`)."""
     mode: str = "0660"
     """The socket's file mode: who may connect and run read-only commands."""
@@ -1146,7 +1150,7 @@ class ControlConfig(_Section):
 class StateConfig(_Section):
     """Where the journal, state and outbox live."""
 
-    dir: SettingPath | None = None
+    dir: SharedPath | None = None
     """The journal, state.json and outbox (default: `$STATE_DIRECTORY`)."""
     keep_observations: Annotated[Duration, Field(ge=0)] = 168 * 3600.0
     """How long `observations/` keeps what guardd observed, for replay (whole UTC days

@@ -347,6 +347,9 @@ def _refused_setting(section: str, key: str, value: object) -> str | None:
             return f"{dotted}: must be a string"
         if not value.strip():
             return f"{dotted}: must not be empty"
+        if section and not value.startswith("/"):
+            # Relative to guardctl's folder here and to `/` for guardd: two files.
+            return f"{dotted}: must be an absolute path"
     return None
 
 

@@ -784,6 +784,8 @@ def test_settings_in_the_environment_override_the_config_as_for_guardd(
         (None, {"GUARDD_CONTROL__SOCKET": ""}, "control.socket: must not be empty"),
         (None, {"guardd_qos__lockfile": "/x"}, "qos.lockfile: unknown key"),
         (None, {"GUARDD_QOS__A__B": "x"}, "qos.a.b: unknown key"),
+        (None, {"GUARDD_QOS__LOCK_FILE": "r7.qos.lock"}, "qos.lock_file: must be an absolute path"),
+        (('dir = "', 'dir = "state/'), {}, "state.dir: must be an absolute path"),
     ],
     ids=lambda v: None if v is None or isinstance(v, str) else str(v),
 )  # fmt: skip
