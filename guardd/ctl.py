@@ -943,39 +943,28 @@ def _unless_left_held(
 
 
 def _state_dir_of(state_dir: Path, label: str, where: str, why: str) -> None:
-    """Raise `_CannotTell` unless guardd `label`'s state.dir is a folder holding its state
-    (state.json or events.jsonl: a guardd that ran leaves both).
+    """Raise `_CannotTell` unless guardd `label`'s state.dir holds its state
+    (`paths.has_state`: state.json or events.jsonl, which a guardd that ran leaves both).
 
     No state there is no proof of no lock: a guardd that never ran with this config, or
     one whose state.dir is another folder (a GUARDD_STATE__DIR in its unit, or in this
     shell, or the folder above the instance's), whose rollback or lock this cannot see.
-    Raises `OSError` when it cannot be looked at.
+    Raises `OSError` when the folder cannot be looked at.
     """
+    if paths.has_state(state_dir):
+        return
     try:
         mode = state_dir.stat().st_mode
     except FileNotFoundError:
         what = "does not exist"
     else:
-        if not stat.S_ISDIR(mode):
-            what = "is not a directory"
-        elif any(_exists(state_dir / name) for name in ("state.json", "events.jsonl")):
-            return
-        else:
-            what = "holds no state.json or events.jsonl"
+        dir_ = stat.S_ISDIR(mode)
+        what = "holds no state.json or events.jsonl" if dir_ else "is not a directory"
     raise _CannotTell(
         f"{why}, and its state.dir {state_dir} {what}: guardd {label} never "
         "ran with this state.dir, or runs with another; whether a switch is in flight, or a "
         f"lock of its own waits to be taken back, is unknown, though {where} holds no lock"
     )
-
-
-def _exists(path: Path) -> bool:
-    """Whether `path` exists; `OSError` when that cannot be told (a folder not searchable)."""
-    try:
-        path.lstat()
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def _saved_state(state: Path) -> tuple[Mapping[str, Any], str | None]:
