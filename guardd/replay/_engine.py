@@ -848,8 +848,7 @@ class Simulation:
             sig.ingest(payload)
         elif isinstance(sig, LogMatchSignal):
             color, lines = payload
-            sig.ingest(color, lines)
-            sig.followers[color].read_at = at
+            sig.ingest(color, lines)  # (read at every tick: `_logs_read`)
         else:
             color, data = payload
             sig.apply_sample(color, data, at)  # type: ignore[attr-defined]
