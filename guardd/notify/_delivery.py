@@ -265,7 +265,7 @@ class _SinkState:
     delivered_ids: OrderedDict[str, None] = field(default_factory=OrderedDict)
     in_flight: Message | None = None
     ready: anyio.Event | None = None
-    # The delivery under way, while a page may cut in ahead of it (`_preempting`).
+    # The delivery under way, while a page may cut in ahead of it (`Notifier._send_loop`).
     preemptible: anyio.CancelScope | None = None
     # slack_api: the incident thread replies go to, as kept in the outbox directory.
     thread: slack_api.Thread | None = None
