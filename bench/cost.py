@@ -15,6 +15,10 @@ same time, so a busy machine slows them all alike and the ratios stand:
   color, `probe.ca_file` trusting a private CA) and a `slack` sink (a local Slack-like
   webhook receiver): what TLS and the notification client add to the idle RSS.
 
+After the window the idle plain-HTTP guard starts once more, with `-X importtime`, and a
+fresh interpreter imports every module it loaded but guardd's own (`bench.imports`): the
+idle RSS its libraries alone come to, reported beside its own.
+
 CPU per probe = (CPU over the window - the idle twin's) / probes the app logged from
 that subject in the window; guardd's front-door probes reach the app through the front
 nginx and count as probes, as they cost as much. The active guardd and blackbox_exporter
@@ -36,6 +40,7 @@ from typing import Any
 import trustme
 
 from bench.context import Bench
+from bench.imports import daemon_modules, library_floor
 from bench.nginx import Front
 from bench.procstat import CpuMeter, hwm_kib, pss_kib, rss_kib
 from bench.stats import ratio
@@ -343,6 +348,13 @@ def run(ctx: Bench, soak: Soak) -> dict[str, Any]:
     }
     curl_kib = _curl_peak_rss_kib(ctx.app.url("sblue"))
     soak.retire_extras()
+    # Under the idle guard's RSS, what its libraries alone come to (bench.imports): it
+    # starts once more, with -X importtime, now that the window is over.
+    floor = library_floor(
+        soak.guardd_idle.installed.python,
+        daemon_modules(soak.guardd_idle, ctx.hub),
+        1 if ctx.quick else 3,
+    )
 
     def per_probe_us(busy: float, idle: float, count: int) -> float | None:
         return round((busy - idle) / count * 1e6, 1) if count else None
@@ -362,6 +374,8 @@ def run(ctx: Bench, soak: Soak) -> dict[str, Any]:
             "pss_mib": pss["guardd"],
             "idle_rss_mib": rss["guardd_idle"],
             "idle_pss_mib": pss["guardd_idle"],
+            "idle_libraries_rss_mib": floor["libraries_rss_mib"],
+            "idle_libraries_and_a_model_rss_mib": floor["libraries_and_a_model_rss_mib"],
             "idle_https_slack_rss_mib": rss["guardd_idle_https_slack"],
             "idle_https_slack_pss_mib": pss["guardd_idle_https_slack"],
             "idle_https_slack_probes": soak.idle_tls_probes(),

@@ -16,10 +16,12 @@ waits for `config_reloaded` in the journal, idles again and reads it once more. 
 figures are the medians over the runs. The cost suite reads its figure after a 60 s
 window: `--settle 60` waits as long.
 
-It also prints what each import adds to the RSS of the same venv's interpreter, in the
-order the daemon loads them (`IMPORTS`): one fresh interpreter per run importing the
-whole list, VmRSS read after each. A figure is the cost of that import given the ones
-above it, not alone.
+It also prints, from `bench.imports`: the libraries' floor (the plain-HTTP guard started
+once more with `-X importtime`, and a fresh interpreter of the same venv importing every
+module it loaded but guardd's own, then building one pydantic model: the idle RSS the
+libraries alone come to), and what each import of `bench.imports.IMPORTS` adds, in the
+order the daemon loads them (a figure is the cost of that import given the ones above
+it, not alone).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import json
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,95 +39,13 @@ from typing import Any
 
 from bench import cost, subjects
 from bench.context import Bench
+from bench.imports import daemon_modules, import_costs, library_floor
 from bench.nginx import AppServer, Front
 from bench.notify import NotifyHub
 from bench.procstat import rss_kib
 from bench.subjects import Guardd, Install
 from bench.tools import runtime_install
 from bench.webhook import SlackHook
-
-# What `guardd run` loads, in about its order: cli.py's own imports, the config's
-# (pydantic), the runtime's (anyio, structlog, the supervisor with prometheus_client and
-# the guard), what the first `anyio.run` and READY load (asyncio, the control socket),
-# then what only some configs load: pydantic-settings with a `GUARDD_<SECTION>__<KEY>`
-# variable set, and what HTTPS probes or a notification sink load.
-IMPORTS = [
-    "guardd.cli",
-    "tomllib",
-    "pydantic_core",
-    "pydantic",
-    "pydantic.main",
-    "pydantic.fields",
-    "guardd.core.policy",
-    "guardd.config",
-    "anyio",
-    "structlog",
-    "guardd.logs",
-    "guardd.commands",
-    "prometheus_client",
-    "http.server",
-    "guardd.metrics",
-    "h11",
-    "guardd.probes.http",
-    "guardd.observations",
-    "guardd.signals",
-    "guardd.guard",
-    "guardd.supervisor",
-    "asyncio",
-    "anyio._backends._asyncio",
-    "ssl",
-    "guardd.control.server",
-    "guardd.operator",
-    "ctypes",
-    "pydantic_settings",
-    "httpx",
-    "stamina",
-    "guardd.notify",
-    "guardd.notify.slack",
-]
-
-_IMPORT_CHILD = """
-import importlib, json, sys
-def rss():
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1])
-    return 0
-rows = [['(interpreter)', rss(), len(sys.modules)]]
-for name in sys.argv[1:]:
-    importlib.import_module(name)
-    rows.append([name, rss(), len(sys.modules)])
-print(json.dumps(rows))
-"""
-
-
-def import_costs(python: Path, runs: int) -> list[dict[str, Any]]:
-    """Per import of `IMPORTS`: the median KiB of RSS it added and the modules it loaded."""
-    samples: list[list[list[Any]]] = []
-    for _ in range(runs):
-        done = subprocess.run(
-            [str(python), "-c", _IMPORT_CHILD, *IMPORTS],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-            cwd=tempfile.gettempdir(),
-        )
-        samples.append(json.loads(done.stdout))
-    out = []
-    for i, (name, _, _) in enumerate(samples[0]):
-        added = [s[i][1] - (s[i - 1][1] if i else 0) for s in samples]
-        modules = samples[0][i][2] - (samples[0][i - 1][2] if i else 0)
-        out.append(
-            {
-                "import": name,
-                "rss_mib": round(statistics.median(added) / 1024, 2),
-                "modules": modules,
-                "total_mib": round(statistics.median(s[i][1] for s in samples) / 1024, 1),
-            }
-        )
-    return out
 
 
 def _wait_event(g: Guardd, kind: str, after: int, timeout: float = 60.0) -> None:
@@ -199,6 +118,7 @@ def measure(root: Path, install: Install, runs: int, settle: float, reload: bool
         for i in range(runs):
             results.append(one_run(ctx, guards, settle, reload))
             ctx.say(f"run {i + 1}/{runs}: {json.dumps(results[-1])}")
+        floor = library_floor(install.python, daemon_modules(guards["plain_http"], hub), runs)
     finally:
         slack.stop()
         for u in ups:
@@ -218,6 +138,7 @@ def measure(root: Path, install: Install, runs: int, settle: float, reload: bool
         "runs": results,
         "median": medians,
         "imports": import_costs(install.python, runs),
+        "libraries": floor,
     }
 
 
@@ -248,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     for key, figures in result["median"].items():
         shown = ", ".join(f"{k} {v:g} MiB" for k, v in figures.items())
         print(f"  {key:12s} {shown}")
+    lib = result["libraries"]
+    print(
+        f"the libraries alone: the {lib['modules']} modules plain_http's `guardd run` loaded "
+        f"besides its {lib['guardd_modules']} own ({lib['modules_not_found']} of them optional "
+        f"and not installed), {lib['libraries_rss_mib']:g} MiB; with one pydantic model, "
+        f"{lib['libraries_and_a_model_rss_mib']:g} MiB"
+    )
     print("import costs (each after the ones above it):")
     for row in result["imports"]:
         print(

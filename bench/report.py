@@ -98,10 +98,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     ):
         idle = _get(s, "cost", "subjects", "guardd", key)
         if idle is not None:
+            # The plain guard's row also says what its libraries alone take (bench.imports).
+            floor = _get(s, "cost", "subjects", "guardd", "idle_libraries_and_a_model_rss_mib")
             add(
                 f"idle RSS, {label}",
                 f"<= {bound:g} MiB",
-                f"{idle} MiB",
+                f"{idle} MiB"
+                + (
+                    f" (its libraries alone, with one pydantic model: {floor} MiB)"
+                    if key == "idle_rss_mib" and floor is not None
+                    else ""
+                ),
                 idle <= bound,
                 idle / bound,
             )
@@ -562,7 +569,10 @@ def _cost(c: dict[str, Any] | None) -> list[str]:
         "",
         (
             f"guardd idle (interval 1 h): RSS {_fmt(g['idle_rss_mib'], ' MiB')} "
-            f"(PSS {_fmt(g['idle_pss_mib'], ' MiB')}), CPU {g['idle_cpu_ms_per_s']} ms per second "
+            f"(PSS {_fmt(g['idle_pss_mib'], ' MiB')}; the modules it loaded but guardd's own, "
+            f"imported alone: {_fmt(g.get('idle_libraries_rss_mib'), ' MiB')}, and with one "
+            f"pydantic model built: {_fmt(g.get('idle_libraries_and_a_model_rss_mib'), ' MiB')}), "
+            f"CPU {g['idle_cpu_ms_per_s']} ms per second "
             f"(blackbox_exporter idle: {subj['blackbox_exporter']['idle_cpu_ms_per_s']} ms/s); "
             f"CPU per probe with the idle cost left in: "
             f"{_fmt(g['cpu_per_probe_us_idle_included'], ' µs')}."

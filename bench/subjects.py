@@ -197,24 +197,32 @@ class Guardd:
         path.write_text(json.dumps({"activeColor": active}) + "\n")
         return {"kind": "state-file", "path": str(path), "timeout": "10s"}
 
-    def start(self, hub: NotifyHub, *, fresh: bool = True) -> Guardd:
-        """Start the daemon (without waiting for READY)."""
+    @property
+    def installed(self) -> Install:
+        """The build this daemon runs from."""
+        return self.install or INSTALL
+
+    def start(
+        self, hub: NotifyHub, *, fresh: bool = True, env: Mapping[str, str] | None = None
+    ) -> Guardd:
+        """Start the daemon (without waiting for READY); `env` adds variables to ours."""
         if fresh and self.state_dir.exists():
             shutil.rmtree(self.state_dir)
         self.lock_file.unlink(missing_ok=True)
-        env = {
+        variables = {
             **os.environ,
             "NOTIFY_SOCKET": str(hub.path),
             "WATCHDOG_USEC": WATCHDOG_USEC,
+            **(env or {}),
         }
-        env.pop("WATCHDOG_PID", None)
+        variables.pop("WATCHDOG_PID", None)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [str((self.install or INSTALL).guardd), "run", "--config", str(self.config_path)],
+                [str(self.installed.guardd), "run", "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=variables,
                 cwd=self.root,
             )
         return self

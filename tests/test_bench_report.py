@@ -128,6 +128,20 @@ def test_a_soak_slope_over_the_bound_is_not_met(tmp_path: Path) -> None:
     assert table["idle RSS, HTTPS probes and a Slack sink"][3] == "yes"
 
 
+def test_the_plain_guard_row_says_what_its_libraries_alone_take(tmp_path: Path) -> None:
+    doc = results(idle=43.3, idle_tls=44.8, slope=1.0)
+    doc["suites"]["cost"]["subjects"]["guardd"]["idle_libraries_and_a_model_rss_mib"] = 38.1
+    status, err, text = report(tmp_path, doc, f"{BEGIN}\n{END}\n")
+    assert status == 0, err
+    table = rows(text)
+    assert table["idle RSS, plain-HTTP probes, no notification sink"][1:] == [
+        "43.3 MiB (its libraries alone, with one pydantic model: 38.1 MiB)",
+        "1.08",
+        "**no**",
+    ]
+    assert table["idle RSS, HTTPS probes and a Slack sink"][1] == "44.8 MiB"
+
+
 def test_a_readme_without_the_markers_is_refused_untouched(tmp_path: Path) -> None:
     status, err, text = report(
         tmp_path, results(idle=38.0, idle_tls=44.0, slope=1.0), "# no block here\n"
