@@ -356,7 +356,14 @@ class RuleTable:
                 if fired is not None:
                     # A rule of this severity fired first: this one keeps an onset it
                     # already had, but a new one starts only on a tick it is judged.
-                    states[j.rule.name] = self._state(j, self._since.get((j.rule.name, color)))
+                    # Without one it shows as an outranked rule does, never as firing
+                    # with no time it began.
+                    had = self._since.get((j.rule.name, color))
+                    states[j.rule.name] = (
+                        self._state(j, None, outranked=f"outranked by {severity} {fired[0].name}")
+                        if had is None
+                        else self._state(j, had, firing=now - had >= (j.rule.for_s or 0.0))
+                    )
                     continue
                 since = self._onset((j.rule.name, color), now)
                 evidence = self._evidence(j, color, now - since)

@@ -177,6 +177,40 @@ def test_a_rule_outranked_by_a_firing_one_shows_pending_and_why_with_no_onset(
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("for_s", [None, 30.0], ids=["no-for", "for-30s"])
+def test_a_rule_of_the_same_severity_after_the_one_that_fired_never_shows_a_firing_with_no_onset(
+    for_s: float | None,
+) -> None:
+    first = rule(name="first", severity="P2", stat="p99_ms", threshold=1000.0, min_samples=0)
+    second = rule(name="second", severity="P2", for_s=for_s)
+    table = RuleTable([first, second])
+    both = reading(100, error_ratio=0.5, p99_ms=2000.0)
+    v = judge(table, 20.0, {"green": both})
+    assert v.evidence.rule == "first"
+    fired, after = v.states
+    assert (fired.state, fired.since) == ("firing", 20.0)
+    # Not judged this tick and no onset of its own: pending, and why, as an outranked one.
+    assert (after.state, after.since, after.why) == (
+        "pending", None, "outranked by P2 first",
+    )  # fmt: skip
+
+
+def test_a_rule_of_the_same_severity_keeps_its_onset_and_shows_firing_once_past_its_for() -> None:
+    first = rule(name="first", severity="P2", stat="p99_ms", threshold=1000.0, min_samples=0)
+    second = rule(name="second", severity="P2", for_s=10.0)
+    table = RuleTable([first, second])
+    only_second = reading(100, error_ratio=0.5, p99_ms=10.0)
+    both = reading(100, error_ratio=0.5, p99_ms=2000.0)
+    assert judge(table, 0.0, {"green": only_second}).states[1].state == "pending"
+    v = judge(table, 5.0, {"green": both})
+    assert v.evidence.rule == "first"
+    assert (v.states[1].state, v.states[1].since, v.states[1].why) == ("pending", 0.0, None)
+    v = judge(table, 15.0, {"green": both})
+    assert v.evidence.rule == "first"
+    # Its condition has held for its `for` from its own onset: it says firing, since then.
+    assert (v.states[1].state, v.states[1].since, v.states[1].why) == ("firing", 0.0, None)
+
+
 def test_a_rule_outranked_whose_condition_does_not_hold_is_ok() -> None:
     table = RuleTable([rule(name="p0", min_samples=0), rule(name="p2", severity="P2", op="below")])
     v = judge(table, 0.0, {"green": reading(100, error_ratio=0.5)})
