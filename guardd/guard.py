@@ -809,7 +809,7 @@ class Guard:
         if self.fleet is not None:
             # The budget is the fleet's: its rollbacks count wherever they were decided.
             since = max(self.clock.wall() - self.s.policy.budget_window, self.fleet.rearmed_at)
-            spent = max(spent, sum(1 for t in self.fleet.rollbacks if t >= since))
+            spent = max(spent, sum(1 for t in self.fleet.budget_rollbacks if t >= since))
         return spent
 
     async def _act(self, action: Rollback | Reapply) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -51,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from guardd import qoslock, untrusted_json
+from guardd import fsutil, qoslock, untrusted_json
 from guardd.config import FleetConfig
 from guardd.core.types import COLORS, GUARDD, Color, Severity
 from guardd.exceptions import GuarddError, OperationRefused, StorageError, UnsafePath, why
@@ -97,9 +98,12 @@ FAREWELL_S = 2.0
 class Fleet:
     """This node's side of the fleet: election, the desired color, its own record."""
 
-    #: Since the store went back: the fleet's rollbacks (wall times) this node knew before,
-    #: for the leader to write back what the store lost (the budget survives a restore).
+    #: The fleet's rollbacks (wall times) this node knew before the store went back, or
+    #: before it restarted (`fleet.json`): for the leader to write back what the store lost,
+    #: and counted meanwhile (the budget survives a restore, a new cluster, a restart).
     _rollbacks_before: list[float]
+    #: The rollbacks `fleet.json` holds, as last written.
+    _stored: list[float]
     #: Another process publishing under this node's name (its record under a lease not
     #: ours): (since, its lease), and whether it was journaled. One that outlives
     #: `lease_ttl` is no earlier run of ours (whose lease expires by then) but a clash.
@@ -200,7 +204,7 @@ class Fleet:
         # key -> the revision etcd answered. A linearizable read that shows one older, or
         # not at all, comes from a store that lost it (restored from a backup taken before
         # it), even when other writes since carried its revision past the one we knew.
-        self._epoch, self._own, self._rollbacks_before = 0, dict[str, int](), []
+        self._epoch, self._own, self._stored = 0, dict[str, int](), list[float]()
         self._clash, self._clash_told, self._unacted, self.held_back = None, False, None, None
         self._renewed = self._published_at = 0.0
         # `_keep_lease` found the lease expired: the next round grants another.
@@ -208,7 +212,7 @@ class Fleet:
         self._lease_expired, self._unwatched = False, None
         self.client.on_header = self._header
         self._store = state_dir / "fleet.json"
-        self.applied = self._load_applied()
+        self.applied, self._rollbacks_before = self._load_store()
 
     # ---- what the guard asks ------------------------------------------------------------
 
@@ -370,8 +374,19 @@ class Fleet:
         """Remember that this node serves `generation`'s color (kept across restarts)."""
         if generation > self.applied:
             self.applied = generation
-            with contextlib.suppress(OSError):
-                self._store.write_text(json.dumps({"applied": generation}))
+            self._save_store()
+
+    def _save_store(self) -> None:
+        """`fleet.json`: the generation this node applied, and the fleet's rollbacks its
+        budget counts (those after its last `resume`), as this node last knew them: a
+        restarted node writes back what a new or restored store lacks. Written atomically;
+        a failure is a warning of the state dir's, never the fleet's."""
+        since = self.rearmed_at
+        kept = [t for t in self.budget_rollbacks if t >= since][-100:]
+        doc = {"applied": self.applied, "rollbacks": kept}
+        with contextlib.suppress(GuarddError):
+            fsutil.atomic_write(self._store, json.dumps(doc).encode(), mode=0o640)
+            self._stored = kept
 
     def warnings(self) -> list[str]:
         """What `status` shows as WARNING for the fleet."""
@@ -584,7 +599,7 @@ class Fleet:
             "problem": self.problem,
             "leader": self.leader,
             "desired": self.desired,
-            "rollbacks": len(self.rollbacks),
+            "rollbacks": len(self.budget_rollbacks),
             "nodes": rows,
             "alerts": alerts,
             "twins": sorted(self.twins()),
@@ -651,6 +666,14 @@ class Fleet:
             yield
         except EtcdUnavailable as e:
             raise OperationRefused(f"etcd is unreachable ({e}); {consequence}") from None
+
+    @property
+    def budget_rollbacks(self) -> list[float]:
+        """The fleet's automatic rollbacks (wall times) its budget counts: etcd's, and the
+        ones this node knew that the store lost and the leader has not written back yet."""
+        if not self._rollbacks_before:
+            return self.rollbacks
+        return sorted({*self.rollbacks, *self._rollbacks_before})
 
     @property
     def rearmed_at(self) -> float:
@@ -1169,6 +1192,16 @@ class Fleet:
         at = doc.get("at") if isinstance(doc, dict) else None
         valid = isinstance(at, int | float) and not isinstance(at, bool)
         self.rearmed = doc if isinstance(doc, dict) and valid else None
+        if (
+            self._rollbacks_before
+            and not self._went_back
+            and set(self._rollbacks_before) <= set(self.rollbacks)
+        ):
+            # Kept from before a restart: a store that holds them all is the one they
+            # came from, and needs nothing written back.
+            self._rollbacks_before = []
+        if [t for t in self.budget_rollbacks if t >= self.rearmed_at][-100:] != self._stored:
+            self._save_store()
         qos = by_key.get(self.key("qos"))
         if (qos.mod_revision if qos is not None else 0) >= self._qos_mine:
             # A view older than our own last write (the watch has not brought it yet) would
@@ -1358,8 +1391,9 @@ class Fleet:
         ops = [put_op(self.key("desired"), doc)]
         if kind == "rollback" and fenced:
             # The budget counts automatic rollbacks (the leader's, fenced), as a single
-            # guard's does; an operator's `guardctl rollback` spends none of it.
-            ops.append(put_op(self.key("rollbacks"), [*self.rollbacks[-99:], time.time()]))
+            # guard's does; an operator's `guardctl rollback` spends none of it. Ones the
+            # store lost and this node knew go back with it.
+            ops.append(put_op(self.key("rollbacks"), [*self.budget_rollbacks[-99:], time.time()]))
         ok, _ = await self.client.txn(checks, ops)
         if not ok:
             return None
@@ -1748,7 +1782,7 @@ class Fleet:
         lost (as this node knew them before), so that its budget is not refilled by a
         restore. Fenced by the leader key, over the `rollbacks` key's mod_revision."""
         guard = self.guard
-        if not self._went_back or guard is None or self._leader_rev is None:
+        if not self._rollbacks_before or guard is None or self._leader_rev is None:
             return
         lost = set(self._rollbacks_before) - set(self.rollbacks)
         if not lost:
@@ -1761,7 +1795,8 @@ class Fleet:
             "alert",
             by=self.node,
             reason=f"fleet: {len(lost)} rollback(s) of the fleet's budget that etcd's store "
-            "lost written back, as this node knew them before it went back",
+            "lacks written back, as this node knew them before the store went back or before "
+            "it restarted (fleet.json)",
         )
 
     async def _leader_put(self, name: str, value: object) -> bool:
@@ -2081,12 +2116,25 @@ class Fleet:
         with contextlib.suppress(EtcdUnavailable):
             await self._publish_self()
 
-    def _load_applied(self) -> int:
+    def _load_store(self) -> tuple[int, list[float]]:
+        """`fleet.json` as `_save_store` writes it: (applied generation, rollbacks); what
+        cannot be read is 0 and none, as for a node that never ran."""
         try:
             doc = untrusted_json.loads(self._store.read_text())
         except (OSError, ValueError):
-            return 0
-        return int(doc.get("applied", 0)) if isinstance(doc, dict) else 0
+            return 0, []
+        if not isinstance(doc, dict):
+            return 0, []
+        applied = doc.get("applied", 0)
+        times = doc.get("rollbacks", [])
+        ok = isinstance(times, list) and all(
+            isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t)
+            for t in times
+        )
+        return (
+            applied if isinstance(applied, int) and not isinstance(applied, bool) else 0,
+            sorted(float(t) for t in times)[-100:] if ok else [],
+        )
 
 
 def _fleet_by(by: object) -> str:

@@ -1840,10 +1840,17 @@ def test_the_fleets_decision_lost_while_every_node_was_down_is_written_back(
 ) -> None:
     """Every guardd stopped, then the fleet's keys deleted: no node saw them go. Started
     again, the leader writes the decision back from what the nodes applied (their
-    `fleet.json`), with an alert; the numbering goes on above it."""
+    `fleet.json`), with an alert; the numbering goes on above it. The rollback budget
+    the nodes last read comes back too: a new store never refills it."""
     fleet = make_fleet()
     fleet.start()
     green_fails_and_the_fleet_rolls_back(fleet)
+    wait_until(
+        lambda: all(fleet.fleet_status(i)["rollbacks"] == 1 for i in range(len(fleet.daemons))),
+        30,
+        "every node read the fleet's rollback",
+        poll=0.3,
+    )
     for d in fleet.daemons:
         assert d.stop() == 0
     assert fleet.etcd.delete(PREFIX + "/", prefix=True) > 0
@@ -1862,6 +1869,16 @@ def test_the_fleets_decision_lost_while_every_node_was_down_is_written_back(
         "alert", timeout=30, where=lambda e: "desired written again as generation 1" in e["reason"]
     )
     assert all(lab.nginx.served_color() == "blue" for lab in fleet.labs)
+    wait_until(
+        lambda: len(fleet.etcd.range(PREFIX + "/rollbacks").get(PREFIX + "/rollbacks") or []) == 1,
+        30,
+        "the fleet's rollback written back",
+        poll=0.3,
+    )
+    fleet.daemons[fleet.leader() or 0].wait_event(
+        "alert", timeout=30, where=lambda e: "budget that etcd's store lacks" in e["reason"]
+    )
+    assert all(fleet.fleet_status(i)["rollbacks"] == 1 for i in range(len(fleet.daemons)))
 
 
 @pytest.mark.parametrize("value", ["garbage", '{"color": "purple", "generation": 50}'])

@@ -546,3 +546,61 @@ def test_the_alert_for_a_store_that_went_back_names_its_strongest_proof(
         assert (alerts[0]["previous_revision"], alerts[0]["revision"]) == (510, revision)
 
     anyio.run(main)
+
+
+def test_a_restarted_node_counts_the_fleets_rollbacks_a_new_store_lacks(tmp_path: Path) -> None:
+    """The budget this node last read (the rollbacks after the fleet's last resume) is kept
+    in fleet.json: a restart onto a store that lacks them (a new cluster, a restore) still
+    counts them until the leader writes them back; a store holding them needs nothing."""
+
+    async def main() -> None:
+        f = fleet(tmp_path)
+        f.applied_generation(3)
+        key, rearmed = f.key("rollbacks"), f.key("rearmed")
+        f._read(
+            [
+                kv(key, "[1796160000.0, 1796160100.0, 1796160200.0]", 5),
+                kv(rearmed, '{"at": 1796160050.0, "by": "uid:0(root)", "node": "n1"}', 6),
+            ]
+        )
+        kept = json.loads((tmp_path / "fleet.json").read_text())
+        # The one before the resume counts no more: it is not kept.
+        assert kept == {"applied": 3, "rollbacks": [1796160100.0, 1796160200.0]}
+        assert oct((tmp_path / "fleet.json").stat().st_mode & 0o777) == "0o640"
+
+        again = fleet(tmp_path)
+        assert again.applied == 3
+        assert again.budget_rollbacks == [1796160100.0, 1796160200.0]
+        again._read([])  # a new, empty store
+        assert again.budget_rollbacks == [1796160100.0, 1796160200.0]
+        assert again.status_doc()["rollbacks"] == 2
+        # A store that holds them is the one they came from: nothing to write back.
+        again._read([kv(key, "[1796160000.0, 1796160100.0, 1796160200.0]", 9)])
+        assert again._rollbacks_before == []
+        assert again.budget_rollbacks == [1796160000.0, 1796160100.0, 1796160200.0]
+
+    anyio.run(main)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        "[]",
+        '{"applied": 4, "rollbacks": "many"}',
+        '{"applied": 4, "rollbacks": [true]}',
+        '{"applied": 4, "rollbacks": [1796160000.0, NaN]}',
+        '{"applied": 4, "rollbacks": [1796160000.0, "soon"]}',
+    ],
+)
+def test_a_fleet_json_that_cannot_be_read_gives_no_budget_and_loses_no_generation(
+    tmp_path: Path, text: str
+) -> None:
+    (tmp_path / "fleet.json").write_text(text)
+
+    async def main() -> None:
+        f = fleet(tmp_path)
+        assert f.budget_rollbacks == []
+        assert f.applied == (4 if text.startswith("{") else 0)
+
+    anyio.run(main)
