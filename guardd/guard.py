@@ -74,6 +74,15 @@ _EVENT_LEVELS = {
 # Verification gets this share of `switch.timeout` of its own, so that a front door that
 # never serves still leaves the undo its time.
 VERIFY_SHARE = 0.5
+# A front-door answer slower than this, within a verification, is asked again beside it
+# (a hedged request): right after a reload an old nginx worker may still take a
+# connection and proxy it to the color just left, which may hang for all of
+# `probe.timeout`, while the next connection reaches a new worker. At most one more
+# answer than the streak needs is awaited at once.
+HEDGE_AFTER_S = 0.25
+# The pause between two answers of a streak.
+_STREAK_PACE_S = 0.05
+_PENDING = object()  # an answer asked and not in yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -1199,32 +1208,64 @@ class Guard:
             return named
         # Old nginx workers answer for a moment after a reload: only a streak of answers
         # that agree, within the verify budget, tells.
-        streak, said = 0, None  # (said: the color the last answer named)
-        with anyio.move_on_after(self.s.switch_timeout * VERIFY_SHARE):
-            while True:
-                answer = await self.verifier.probe()
-                if self.s.verify_header is not None:
-                    # The front door names the color that answered: that one is served,
-                    # whatever the target says and whether it passes or fails.
-                    now_said = _named(answer)
-                    streak = streak + 1 if now_said is not None and now_said == said else 1
-                    said = now_said
-                    if said is not None and streak >= self.s.verify_successes:
-                        return said
-                else:
-                    assert named is not None  # noqa: S101 - returned above when None
-                    healthy = self.machine.healthy(named, self.clock.monotonic())
-                    # A front door that gives no answer at all (a timeout, a refused
-                    # connection: nginx stopped) agrees with no color, a failing one
-                    # included.
-                    agrees = (
-                        healthy is not None and answer.ok == healthy and answer.status is not None
-                    )
-                    streak = streak + 1 if agrees else 0
-                    if streak >= self.s.verify_successes:
-                        return named
-                await anyio.sleep(0.05)
-        return None
+        if self.s.verify_header is not None:
+            # The front door names the color that answered: that one is served, whatever
+            # the target says and whether it passes or fails.
+            said, _ = await self._front_door_streak(_named)
+            return said if said in COLORS else None
+
+        def agrees(answer: ProbeResult) -> bool | None:
+            assert named is not None  # noqa: S101 - returned above when None
+            healthy = self.machine.healthy(named, self.clock.monotonic())
+            # A front door that gives no answer at all (a timeout, a refused connection:
+            # nginx stopped) agrees with no color, a failing one included.
+            return (
+                healthy is not None and answer.ok == healthy and answer.status is not None
+            ) or None
+
+        found, _ = await self._front_door_streak(agrees)
+        return named if found else None
+
+    async def _front_door_streak(
+        self, key: Callable[[ProbeResult], object | None]
+    ) -> tuple[object | None, list[ProbeResult]]:
+        """Ask the front door until `verify_successes` answers in a row, by the order they
+        were asked, have the same `key` (None: breaks a streak), within the verify budget.
+
+        The key of that streak, else None; and every answer, in the order they came in.
+        A streak counts back from the newest answer in: an older one still out (hung on an
+        old nginx worker) is asked again beside it after `HEDGE_AFTER_S`, and never holds
+        up a streak of answers asked after it.
+        """
+        verifier = self.verifier
+        assert verifier is not None  # noqa: S101 - callers return without one
+        need = self.s.verify_successes
+        keys: dict[int, object | None] = {}
+        answers: list[ProbeResult] = []
+        found: object | None = None
+        send, receive = anyio.create_memory_object_stream[tuple[int, ProbeResult]](need + 1)
+
+        async def ask(index: int) -> None:
+            answer = await verifier.probe()
+            with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                await send.send((index, answer))
+
+        with send, receive, anyio.move_on_after(self.s.switch_timeout * VERIFY_SHARE):
+            async with anyio.create_task_group() as tg:
+                asked = 0
+                while found is None:
+                    if asked - len(keys) <= need:
+                        tg.start_soon(ask, asked)
+                        asked += 1
+                    with anyio.move_on_after(HEDGE_AFTER_S):
+                        index, answer = await receive.receive()
+                        answers.append(answer)
+                        keys[index] = key(answer)
+                        found = _newest_streak(keys, need)
+                        if found is None:
+                            await anyio.sleep(_STREAK_PACE_S)
+                tg.cancel_scope.cancel()
+        return found, answers
 
     async def _verify(self, target: Color) -> None:
         """Confirm the front door serves `target`: `verify_successes` passing answers in a
@@ -1237,24 +1278,20 @@ class Guard:
         if self.verifier is None:
             return
         budget = self.s.switch_timeout * VERIFY_SHARE
-        streak = answers = passed = 0
-        last: ProbeResult | None = None
-        with anyio.move_on_after(budget):
-            while streak < self.s.verify_successes:
-                last = self.front_door_answer(await self.verifier.probe(), target)
-                answers += 1
-                passed += last.ok
-                streak = streak + 1 if last.ok else 0
-                if streak < self.s.verify_successes:
-                    await anyio.sleep(0.05)
-        if streak >= self.s.verify_successes:
+        passed, answered = await self._front_door_streak(
+            lambda answer: self.front_door_answer(answer, target).ok or None
+        )
+        if passed:
             return
+        judged = [self.front_door_answer(a, target) for a in answered]
+        last = judged[-1] if judged else None
         said = "no answer" if last is None else last.error or last.outcome.value
+        answers, passed_n = len(judged), sum(a.ok for a in judged)
         raise VerifyFailed(
-            f"verify failed: {passed}/{answers} answers passed "
+            f"verify failed: {passed_n}/{answers} answers passed "
             f"({self.s.verify_successes} in a row needed) within {budget:g}s, last: {said}",
             answers=answers,
-            passed=passed,
+            passed=passed_n,
             status=None if last is None else last.status,
             error=None if last is None or last.ok else said,
         )
@@ -1380,3 +1417,17 @@ def _standstill_cause(reason: str) -> str:
 def _holds(hold: Hold) -> str:
     """The reason of the QoS lock a hold takes (docs/contract.md: "guardd holds: ...")."""
     return f"guardd holds: {hold.reason}"
+
+
+def _newest_streak(keys: dict[int, object | None], need: int) -> object | None:
+    """The key shared by the `need` answers asked last before, and including, the newest
+    answer in (`keys`: by the order they were asked), when none of them is still out and
+    the key is not None; else None."""
+    newest = max(keys)
+    key = keys[newest]
+    if key is None or newest + 1 < need:
+        return None
+    for index in range(newest - 1, newest - need, -1):
+        if keys.get(index, _PENDING) != key:
+            return None
+    return key

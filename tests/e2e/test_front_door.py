@@ -207,3 +207,22 @@ def test_never_seen_healthy_color_is_rolled_back_when_the_front_door_agrees(
     assert done["from"] == "green" and done["to"] == "blue"
     assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
     assert d.stop() == 0
+
+
+def test_a_rollback_away_from_a_hung_color_verifies_though_the_first_answers_hang(
+    make_lab: MakeLab,
+) -> None:
+    """Green takes requests and never answers. Right after nginx's reload an old worker may
+    still take the verification's first connections and proxy them to green, hanging for
+    all of probe.timeout, which here is the whole verify budget (half of switch.timeout):
+    those are asked again beside, and the rollback verifies rather than being undone onto
+    the hung color."""
+    lab: Lab = make_lab(probe__timeout="2s", switch__timeout="4s")
+    d = lab.daemon()
+    assert lab.nginx.served_color() == "green"
+    lab.green.set_mode("hang")
+    done = d.wait_event("rollback_completed", timeout=60)
+    assert done["from"] == "green" and done["to"] == "blue"
+    assert not [e for e in d.events() if e["event"] in ("rollback_failed", "hold")]
+    assert lab.nginx.wait_serving_only("blue", hold=0.5, timeout=20)
+    assert d.stop() == 0

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,6 +23,7 @@ from guardd import qoslock, statusview
 from guardd.core.machine import Rollback
 from guardd.core.types import State
 from guardd.exceptions import OperationRefused, UnsafePath
+from guardd.guard import _newest_streak
 from guardd.operator import handle
 from guardd.render import render_status
 from guardd.switchers import COMMAND_STEPS, NGINX_STEPS, STATE_FILE_STEPS
@@ -274,6 +276,89 @@ async def test_a_rollback_is_verified_through_the_front_door(tmp_path: Path) -> 
         assert [e["event"] for e in rig.events("rollback_completed", "rollback_failed")] == [
             "rollback_completed"
         ]
+    finally:
+        await rig.aclose()
+
+
+@pytest.mark.parametrize("hung", [1, 2], ids=["first-answer-hangs", "first-two-hang"])
+async def test_a_verify_answer_that_hangs_is_asked_again_beside_it(
+    tmp_path: Path, hung: int
+) -> None:
+    """Right after a reload an old nginx worker may take the first connections and proxy
+    them to the color just left, which hangs: those answers would take all of the probe
+    timeout, as long as the whole verify budget here (2 s of switch.timeout 4 s). Asked
+    again beside them, the new worker's answers verify the rollback."""
+    rig = build_guard(tmp_path, front_door=True, switch_timeout=4.0, verify_successes=3)
+    front = rig.front_door
+    assert front is not None
+    forwarding = front._handler  # as the switcher's color answers
+    left: list[int] = [hung]
+
+    async def old_worker_first(request: httpx.Request) -> httpx.Response:
+        if rig.switcher.target.running == "blue" and left[0] > 0:
+            left[0] -= 1
+            await anyio.sleep(60)  # the color left hangs: the probe's own timeout ends it
+        answer = forwarding(request)
+        return answer if isinstance(answer, httpx.Response) else await answer
+
+    front.handle_with(old_worker_first)
+    await rig.start()
+    try:
+        await rig.probe_rounds(WARM_UP)
+        rig.probers["green"].answer(503, "db down")
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+        assert [e["event"] for e in rig.events("rollback_completed", "rollback_failed")] == [
+            "rollback_completed"
+        ]
+        assert rig.guard.active == "blue" and rig.switcher.target.running == "blue"
+    finally:
+        await rig.aclose()
+
+
+@pytest.mark.parametrize(
+    ("keys", "need", "found"),
+    [
+        ({1: True, 2: True, 3: True}, 3, True),  # answer 0 still out: asked before them
+        ({0: None, 1: True, 2: True, 3: True}, 3, True),  # it failed, before them
+        ({1: True, 2: True, 3: True, 4: None}, 3, None),  # asked after them: no streak
+        ({1: True, 3: True, 4: True}, 3, None),  # answer 2 still out, within the streak
+        ({0: True, 1: True}, 3, None),  # too few asked
+        ({0: "blue", 1: "green", 2: "green"}, 2, "green"),
+        ({0: "green", 1: "green", 2: "blue"}, 2, None),  # the newest word is another color
+        ({0: True}, 1, True),
+    ],
+)  # fmt: skip
+def test_a_streak_counts_back_from_the_newest_answer_by_the_order_asked(
+    keys: dict[int, object | None], need: int, found: object | None
+) -> None:
+    assert _newest_streak(keys, need) == found
+
+
+async def test_a_verify_answer_asked_after_a_streak_that_fails_breaks_it(tmp_path: Path) -> None:
+    """Answers count in the order they were asked: a failure asked after passing answers
+    (the newest word of the front door) is no streak, however its answers came in."""
+    rig = build_guard(tmp_path, front_door=True, switch_timeout=2.0, verify_successes=2)
+    front = rig.front_door
+    assert front is not None
+    forwarding = front._handler
+
+    async def fails_once_moved(request: httpx.Request) -> httpx.Response:
+        if rig.switcher.target.running == "blue":
+            return httpx.Response(502, content=b"bad gateway")
+        answer = forwarding(request)
+        return answer if isinstance(answer, httpx.Response) else await answer
+
+    front.handle_with(fails_once_moved)
+    await rig.start()
+    try:
+        await rig.probe_rounds(WARM_UP)
+        rig.probers["green"].answer(503, "db down")
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+        (failed,) = rig.events("rollback_failed")
+        assert failed["step"] == "verify"
+        assert re.search(
+            r"verify failed: 0/\d+ answers passed \(2 in a row needed\)", failed["reason"]
+        )
     finally:
         await rig.aclose()
 
