@@ -58,8 +58,6 @@ EVENT_GROUPS: Final[Mapping[str, frozenset[str]]] = {
 }
 #: Undelivered messages kept per sink; past it the oldest is dropped.
 MAX_PENDING: Final = 1000
-#: A server asking for a longer pause than this is not waited for: the message is dropped.
-MAX_RETRY_AFTER: Final = 3600.0
 # How long a stopping notifier may take to write events submitted just before the stop.
 _SAVE_ON_STOP_GRACE: Final = 2.0
 _DETAIL_BYTES: Final = 256
@@ -796,11 +794,9 @@ async def _post(
         raise _PermanentError(f"{type(e).__name__}: {redact(str(e)) or 'no detail'}") from None
     status = response.status_code
     if status == 429:
+        # However long the pause asked for, it is waited up to retry.max_delay (`_backoff`):
+        # never a drop, whatever a receiver's clock says.
         wait = _retry_after(response.headers.get("Retry-After"))
-        if wait is not None and wait > MAX_RETRY_AFTER:
-            raise _PermanentError(
-                f"HTTP 429, asked to wait {wait:.0f}s, longer than {MAX_RETRY_AFTER:.0f}s"
-            )
         raise _TransientError(f"HTTP 429{detail}", retry_after=wait)
     if status >= 500:
         raise _TransientError(f"HTTP {status}{detail}")

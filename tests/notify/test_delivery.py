@@ -379,13 +379,24 @@ async def test_a_400_is_final(tmp_path: Path) -> None:
     assert dropped["reason"] == "HTTP 400: invalid_payload"
 
 
-async def test_a_very_long_retry_after_is_not_waited_for(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ahead", [3601, 86400, "date"], ids=["3601s", "a-day", "a-date-2h-ahead"])
+async def test_a_retry_after_past_an_hour_is_waited_max_delay_never_a_drop(
+    tmp_path: Path, ahead: int | str
+) -> None:
+    """However far ahead the receiver asks (a clock an hour off gives such a date), the
+    page is not dropped: it waits `retry.max_delay`, as for any longer pause, and goes."""
+    value = (
+        email.utils.formatdate(time.time() + 2 * 3600, usegmt=True)
+        if ahead == "date"
+        else str(ahead)
+    )
     outcomes = Outcomes()
-    async with serve([Reply(429, {"Retry-After": "86400"})]) as receiver:
+    async with serve([Reply(429, {"Retry-After": value}), Reply(200)]) as receiver:
         async with running(notifier(tmp_path, [sink(receiver.url)], outcomes)) as n:
             n.submit(journal_event())
-            await outcomes.wait_for("hook", "dropped")
-        assert len(receiver.requests) == 1
+            await outcomes.wait_for("hook", "sent")
+        assert len(receiver.requests) == 2
+    assert outcomes.of("hook") == ["retried", "sent"]
 
 
 async def test_each_sink_gets_only_the_events_it_wants(tmp_path: Path) -> None:
