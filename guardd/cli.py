@@ -215,18 +215,14 @@ def _check(path: Path, instance: str | None, *, offline: bool) -> int:
     if settings is None:
         return 2
     from guardd.exceptions import ConfigError, ConfigProblem  # noqa: PLC0415
-    from guardd.notify import expand_events, sinks_from_config  # noqa: PLC0415
+    from guardd.notify import sink_problems, sinks_from_config  # noqa: PLC0415
 
     for warning in settings.warnings:
         print(warning, file=sys.stderr)
     problems: list[ConfigProblem] = []
     if offline:
-        # Resolving url_env / url_file would read this host: only the event names are checked.
-        for index, sink in enumerate(settings.config.notify):
-            try:
-                expand_events(sink.events or ())
-            except ValueError as e:
-                problems.append(ConfigProblem(str(path), f"notify.{index}.events", str(e)))
+        # Resolving url_env / url_file would read this host: what the file alone says.
+        problems = sink_problems(settings.config.notify, source=str(path))
     else:
         try:
             sinks_from_config(settings.config.notify, environ=os.environ, source=str(path))

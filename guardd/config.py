@@ -1764,6 +1764,7 @@ def load(
     warnings = _bare_numbers(doc, shown, os.environ)
     warned = {w.key for w in warnings}
     warnings += [w for w in _fleet_warnings(config, shown, os.environ) if w.key not in warned]
+    warnings += _policy_warnings(config, shown, os.environ)
     warnings += _near_miss_variables(os.environ)
     warnings += _warned(shown, host_warnings)
     return Settings(config, source=path, instance=name, warnings=warnings)
@@ -1819,6 +1820,24 @@ def _near_miss_variables(env: Mapping[str, str]) -> list[ConfigProblem]:
 
 #: A lease longer than this keeps a dead leader's lead (and its node's record) that long.
 _LONG_LEASE_S = 60.0
+
+
+def _policy_warnings(
+    config: GuardConfig, shown: str, env: Mapping[str, str]
+) -> list[ConfigProblem]:
+    """`policy.max_rollbacks = 0`: valid, and rarely meant: no automatic rollback at all,
+    every failure of the active color a hold for an operator."""
+    if config.policy.max_rollbacks != 0:
+        return []
+    set_as = _variable(env, ("policy", "max_rollbacks"))
+    return [
+        ConfigProblem(
+            f"env {set_as}" if set_as is not None else shown,
+            "policy.max_rollbacks",
+            "warning: 0 allows no automatic rollback: every failure of the active color is a "
+            "hold that waits for an operator",
+        )
+    ]
 
 
 def _fleet_warnings(config: GuardConfig, shown: str, env: Mapping[str, str]) -> list[ConfigProblem]:

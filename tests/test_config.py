@@ -174,6 +174,36 @@ def test_offline_still_reports_what_the_file_alone_gets_wrong(tmp_path: Path) ->
     )
 
 
+def test_offline_says_what_a_notify_table_alone_gets_wrong_as_online() -> None:
+    """Names used twice (given, or the kind-index one) and events that name nothing are the
+    file's own problems: `--offline`, a CI's check, says them as the unit's start does."""
+    path = TESTDATA / "invalid-notify-names-events.toml"
+    result = check_config(Path(path.name), TESTDATA, None, "--offline")
+    assert result.returncode == 2
+    assert result.stderr == path.with_suffix(".err").read_text()
+
+
+@pytest.mark.parametrize("where", ["file", "env"])
+def test_no_automatic_rollback_at_all_is_a_warning(tmp_path: Path, where: str) -> None:
+    text = UPSTREAMS + '[switch]\nkind = "state-file"\npath = "/tmp/s.json"\n'
+    env = None
+    if where == "file":
+        text += "[policy]\nmax_rollbacks = 0\n"
+    else:
+        env = {"GUARDD_POLICY__MAX_ROLLBACKS": "0"}
+    (tmp_path / "m.toml").write_text(text)
+    result = check_config(Path("m.toml"), tmp_path, env, "--offline")
+    assert result.returncode == 0, result.stderr
+    origin = "m.toml" if where == "file" else "env GUARDD_POLICY__MAX_ROLLBACKS"
+    assert result.stderr == (
+        f"{origin}: policy.max_rollbacks: warning: 0 allows no automatic rollback: every "
+        "failure of the active color is a hold that waits for an operator\n"
+    )
+    (tmp_path / "m.toml").write_text(text.replace("max_rollbacks = 0", "max_rollbacks = 1"))
+    if where == "file":
+        assert check_config(Path("m.toml"), tmp_path, None, "--offline").stderr == ""
+
+
 def test_offline_still_checks_notify_event_names(tmp_path: Path) -> None:
     text = (
         UPSTREAMS
@@ -183,14 +213,14 @@ def test_offline_still_checks_notify_event_names(tmp_path: Path) -> None:
     (tmp_path / "n.toml").write_text(text)
     result = check_config(Path("n.toml"), tmp_path, None, "--offline")
     assert result.returncode == 2
-    assert result.stderr.startswith("n.toml: notify.0.events: unknown event 'rollbak'; ")
+    assert result.stderr.startswith("n.toml: notify[0].events: unknown event 'rollbak'; ")
     assert "UNSET_IN_CI" not in result.stderr  # the environment is the host's: not checked
     (tmp_path / "n.toml").write_text(text.replace('"rollbak"', '"rollback"'))
     assert check_config(Path("n.toml"), tmp_path, None, "--offline").returncode == 0
     result = check_config(Path("n.toml"), tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith(
-        "n.toml: notify.0.url_env: environment variable UNSET_IN_CI is not set\n"
+        "n.toml: notify[0].url_env: environment variable UNSET_IN_CI is not set\n"
     )
 
 

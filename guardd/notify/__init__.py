@@ -43,6 +43,7 @@ __all__ = [
     "discord_message",
     "expand_events",
     "resolve_url",
+    "sink_problems",
     "sinks_from_config",
     "slack_message",
     "webhook_body",
@@ -50,32 +51,62 @@ __all__ = [
 ]
 
 
+def sink_problems(notify: Sequence[NotifyConfig], *, source: str) -> list[ConfigProblem]:
+    """What the `[[notify]]` tables get wrong on their own, with no look at this host
+    (`check-config --offline` says it too): `events` naming an unknown event, or none at
+    all (a sink sent nothing), and a sink name used twice, given or `kind-index`."""
+    problems: list[ConfigProblem] = []
+    names: set[str] = set()
+    for index, n in enumerate(notify):
+        where = f"notify[{index}]"
+        if n.events is not None and not n.events:
+            problems.append(
+                ConfigProblem(
+                    source,
+                    f"{where}.events",
+                    "names no event: the sink would be sent nothing (leave events out for "
+                    "the default ones)",
+                )
+            )
+        elif n.events is not None:
+            try:
+                expand_events(n.events)
+            except ValueError as e:
+                problems.append(ConfigProblem(source, f"{where}.events", str(e)))
+        name = _name(n, index)
+        if name in names:
+            problems.append(ConfigProblem(source, f"{where}.name", f"{name!r} is used twice"))
+        names.add(name)
+    return problems
+
+
+def _name(n: NotifyConfig, index: int) -> str:
+    return n.name or f"{n.kind}-{index}"
+
+
 def sinks_from_config(
     notify: Sequence[NotifyConfig], *, environ: Mapping[str, str], source: str
 ) -> list[Sink]:
-    """The sinks of the `[[notify]]` tables; raise `ConfigError` naming every bad key.
+    """The sinks of the `[[notify]]` tables; raise `ConfigError` naming every bad key
+    (`sink_problems`' and those of this host: a `url_env` unset, a `url_file` unreadable).
 
     A sink is named by its `name`, else by its kind and position (`slack-0`).
     """
     sinks: list[Sink] = []
-    problems: list[ConfigProblem] = []
+    problems = sink_problems(notify, source=source)
     for index, n in enumerate(notify):
-        name = n.name or f"{n.kind}-{index}"
-        where = f"notify.{index}"
+        name = _name(n, index)
+        where = f"notify[{index}]"
         try:
             events = DEFAULT_EVENTS if n.events is None else expand_events(n.events)
-        except ValueError as e:
-            problems.append(ConfigProblem(source, f"{where}.events", str(e)))
-            continue
+        except ValueError:
+            continue  # (said by sink_problems)
         if n.kind == "slack_api":
             api_sink = _slack_api_sink(
                 n, name, events=events, environ=environ, source=source, where=where
             )
             if isinstance(api_sink, ConfigProblem):
                 problems.append(api_sink)
-                continue
-            if any(s.name == name for s in sinks):
-                problems.append(ConfigProblem(source, f"{where}.name", f"{name!r} is used twice"))
                 continue
             sinks.append(api_sink)
             continue
@@ -90,12 +121,11 @@ def sinks_from_config(
         except ValueError as e:
             problems.append(ConfigProblem(source, f"{where}.{url_key}", str(e)))
             continue
-        if any(s.name == name for s in sinks):
-            problems.append(ConfigProblem(source, f"{where}.name", f"{name!r} is used twice"))
-            continue
         sinks.append(Sink(name=name, kind=n.kind, url=url, events=events, timeout=n.timeout))
     if problems:
-        raise ConfigError(problems)
+        # In the file's order, this host's problems among the file's own.
+        order = {f"notify[{i}]": i for i in range(len(notify))}
+        raise ConfigError(sorted(problems, key=lambda p: order.get(p.key.split(".")[0], 0)))
     return sinks
 
 

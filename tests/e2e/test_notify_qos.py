@@ -103,7 +103,7 @@ def test_a_rotated_url_file_is_taken_at_a_reload_and_a_bad_one_rejects_it(
         d.signal(signal.SIGHUP)
         rejected = d.wait_event("alert", after=count)
         assert rejected["reason"].startswith("reload rejected, still running the previous config: ")
-        assert "notify.0.url_file" in rejected["reason"] and "99999" not in rejected["reason"]
+        assert "notify[0].url_file" in rejected["reason"] and "99999" not in rejected["reason"]
         assert d.stop() == 0
 
 

@@ -812,10 +812,10 @@ url = "https://hooks.slack.com/services/T0/B0/abcdef0123456789"
     with pytest.raises(ConfigError) as caught:
         sinks_from_config(settings.config.notify, environ={}, source="threader.toml")
     assert [str(p) for p in caught.value.problems] == [
-        "threader.toml: notify.0.url_env: environment variable UNSET_HOOK_URL is not set",
-        "threader.toml: notify.1.events: unknown event 'rollbacks'; expected one of: "
+        "threader.toml: notify[0].url_env: environment variable UNSET_HOOK_URL is not set",
+        "threader.toml: notify[1].events: unknown event 'rollbacks'; expected one of: "
         + ", ".join([*sorted(EVENT_GROUPS), *sorted(JOURNAL_EVENTS)]),
-        "threader.toml: notify.3.name: 'dup' is used twice",
+        "threader.toml: notify[3].name: 'dup' is used twice",
     ]
 
 

@@ -422,8 +422,8 @@ channel = "#ops with spaces"
             settings.config.notify, environ={"SLACK_BOT_TOKEN": TOKEN}, source="threader.toml"
         )
     assert [str(p) for p in caught.value.problems] == [
-        "threader.toml: notify.0.token_env: environment variable UNSET_TOKEN is not set",
-        "threader.toml: notify.1.channel: must be a channel ID (C0123ABCD) or a name (#ops)",
+        "threader.toml: notify[0].token_env: environment variable UNSET_TOKEN is not set",
+        "threader.toml: notify[1].channel: must be a channel ID (C0123ABCD) or a name (#ops)",
     ]
     # (An api_url that is not http(s) is the config's own error: testdata/invalid-notify-url.)
     assert TOKEN not in str(caught.value)
