@@ -725,7 +725,7 @@ class Guard:
         unknown = self.fleet is not None and self.fleet.qos_unknown_why() is not None
         # A fleet node that cannot read the fleet's lock shows it as unknown, never as free.
         self.metrics.set_qos_locked(None if unknown else self.qos_held)
-        self.metrics.set_rollback_target_healthy(self.protection_lost() is None)
+        self.metrics.set_rollback_target_healthy(self.rollback_target_ready())
         now = self.clock.monotonic()
         for color in COLORS:
             if self.machine.is_stale(color, now):
@@ -739,6 +739,17 @@ class Guard:
                     error_ratio=w.failure_ratio,
                 )
         self.settle()
+
+    def rollback_target_ready(self) -> bool:
+        """Whether an automatic rollback would find a target fit to take the traffic now
+        (`guardd_rollback_target_healthy`): a color is active, so the other is the target,
+        both colors have been probed, and nothing makes the target unfit. Never true for a
+        target guardd cannot tell about (none, or not probed yet)."""
+        return (
+            self.active is not None
+            and all(w.last_probe_at is not None for w in self.machine.windows.values())
+            and self.protection_lost() is None
+        )
 
     def protection_lost(self) -> str | None:
         """Why no automatic rollback could go ahead now, or None (docs/contract.md §3)."""

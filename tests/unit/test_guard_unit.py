@@ -109,6 +109,37 @@ async def test_a_color_whose_probes_stopped_coming_back_is_neither_steady_nor_he
         assert healthy() == {"blue": 1.0, "green": 1.0}
 
 
+def rollback_target_healthy(rig: GuardRig) -> float:
+    text = rig.guard.metrics.render().decode()
+    (value,) = [
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "guardd_rollback_target_healthy"
+    ]
+    return value
+
+
+async def test_the_rollback_target_is_never_healthy_while_guardd_cannot_tell(
+    tmp_path: Path,
+) -> None:
+    """`guardd_rollback_target_healthy` is 1 only while a rollback would find a target fit:
+    not before both colors are probed, nor while the switch target names no color (no
+    target at all), nor while the target fails."""
+    async with build_guard(tmp_path / "named") as rig:
+        await rig.tick()
+        assert rollback_target_healthy(rig) == 0.0  # not probed yet
+        await rig.probe_rounds(WARM_UP)
+        assert rollback_target_healthy(rig) == 1.0
+        rig.probers["blue"].answer(503, "down")
+        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
+        assert rollback_target_healthy(rig) == 0.0
+    async with build_guard(tmp_path / "none", active=None) as rig:
+        await rig.probe_rounds(WARM_UP)
+        assert rig.guard.active is None and rig.guard.state is State.HOLD
+        assert rollback_target_healthy(rig) == 0.0
+
+
 async def test_a_guard_window_passing_while_guardd_holds_hands_its_lock_to_the_hold(
     tmp_path: Path,
 ) -> None:
