@@ -637,8 +637,11 @@ class Fleet:
         if not fleet.get("locked") and local.held:
             lock = local.to_json() | {"source": "local"}
         # A rollback written and not yet applied everywhere (or a node that cannot apply
-        # it): some users still meet the other color; no deploy, and the reason says so.
-        return lockread.with_unconverged(lock, self.unconverged())
+        # it): some users still meet the other color; and a node that holds, whose hold's
+        # lock is in its own lock file: no deploy on any host, and the reason says so.
+        return lockread.gate(
+            lock, self.unconverged(), lockread.holding(self.nodes, besides=self.node)
+        )
 
     def qos_unknown_why(self) -> str | None:
         """Why the fleet's QoS lock cannot be told here (etcd not read yet, or unreachable,

@@ -26,12 +26,13 @@ from guardd.core.types import COLORS
 __all__ = [
     "FleetLockUnknown",
     "fleet_prefix",
+    "gate",
+    "holding",
     "lock_problem",
     "missing_lock",
     "read_fleet_lock",
     "unconverged",
     "undersized",
-    "with_unconverged",
 ]
 
 # The fleet's lock is a small JSON object: an answer larger than this is not one it wrote.
@@ -109,11 +110,28 @@ def undersized(members: Collection[str], size: int, prefix: str) -> str | None:
     )
 
 
-def with_unconverged(lock: dict[str, Any], behind: str | None) -> dict[str, Any]:
-    """`lock` (a `qos status --json` answer) as a gate must read it while the fleet has
-    not converged (`behind`, from `unconverged`; None: it has): locked, and the reason
+def holding(live: Mapping[str, Mapping[str, Any]], *, besides: str | None = None) -> str | None:
+    """Why deploys wait for nodes that hold, else None. `live`: the `nodes/<node>` records
+    by node; one whose `state` is `hold` makes no automatic switch until an operator
+    resumes, and keeps its hold's lock in its own lock file: every node's gate says so,
+    not only that node's own (`besides`: the asking node, whose own lock says it)."""
+    names = sorted(n for n, doc in live.items() if doc.get("state") == "hold" and n != besides)
+    if not names:
+        return None
+    who = f"node {names[0]} holds" if len(names) == 1 else f"nodes {', '.join(names)} hold"
+    return (
+        f"{who}: no automatic switch there until an operator resumes (`guardctl status` "
+        "there says why)"
+    )
+
+
+def gate(lock: dict[str, Any], *why: str | None) -> dict[str, Any]:
+    """`lock` (a `qos status --json` answer) as a gate must read it while something other
+    than the lock itself keeps deploys out (`why`: the fleet has not converged, from
+    `unconverged`; a node holds, from `holding`; None: not that): locked, and the reason
     says so first, also over a lock that holds anyway (whose end would not open the gate).
     """
+    behind = "; ".join(w for w in why if w is not None) or None
     if behind is None:
         return lock
     if not lock.get("locked"):
@@ -262,7 +280,7 @@ def _answer(keys: Mapping[str, Any], fleet: Mapping[str, Any], prefix: str) -> d
         lost,
         _under(keys, "clash/"),
     )
-    return with_unconverged({"locked_at": None, "by": None, **lock, "source": "fleet"}, behind)
+    return gate({"locked_at": None, "by": None, **lock, "source": "fleet"}, behind, holding(live))
 
 
 def _why(e: BaseException) -> str:

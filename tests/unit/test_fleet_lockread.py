@@ -244,3 +244,33 @@ def test_an_etcd_that_refuses_says_its_http_status_and_nothing_of_its_body() -> 
         read_fleet_lock({"etcd": [url]}, "lab", timeout=2.0)
     assert f"{url}: HTTPError: HTTP 401" in str(caught.value)
     assert "S3CRET" not in str(caught.value)
+
+
+def _node(name: str, doc: bytes) -> bytes:
+    key = base64.b64encode(f"/guardd/lab/nodes/{name}".encode())
+    return b'{"key": "' + key + b'", "value": "' + base64.b64encode(doc) + b'"}'
+
+
+@pytest.mark.parametrize(
+    ("states", "locked", "said"),
+    [
+        ((b"steady", b"guard_window"), False, None),
+        ((b"steady", b"hold"), True, "node n2 holds: no automatic switch there"),
+        ((b"hold", b"hold"), True, "nodes n1, n2 hold: no automatic switch there"),
+    ],
+)
+def test_guardctl_from_etcd_is_locked_while_any_node_holds(
+    states: tuple[bytes, bytes], locked: bool, said: str | None
+) -> None:
+    """A node that holds keeps its hold's lock in its own lock file: a CI job on another
+    host asks etcd, and must be locked out alike."""
+    nodes = [
+        _node(name, b'{"serving": "blue", "state": "' + state + b'"}')
+        for name, state in zip(("n1", "n2"), states, strict=True)
+    ]
+    answer = b"{" + _HEADER + b', "kvs": [' + b", ".join([_RELEASE, *nodes]) + b"]}"
+    with answering(answer) as url:
+        got = read_fleet_lock({"etcd": [url], "size": 2}, "lab", timeout=5.0)
+    assert got["locked"] is locked
+    if said is not None:
+        assert got["reason"].startswith(said), got

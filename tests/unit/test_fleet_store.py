@@ -604,3 +604,27 @@ def test_a_fleet_json_that_cannot_be_read_gives_no_budget_and_loses_no_generatio
         assert f.applied == (4 if text.startswith("{") else 0)
 
     anyio.run(main)
+
+
+def test_every_nodes_gate_is_locked_while_another_node_holds(tmp_path: Path) -> None:
+    """The fleet's lock released, this node steady, another node holding (its own hold's
+    lock is in its own lock file): this node's `qos status` is locked too, saying which
+    node holds; this node's own hold is said by its own lock, not twice."""
+
+    async def main() -> None:
+        f = fleet(tmp_path)
+        f.reachable = True
+        release = '{"locked": false, "by": "fleet:n1", "released_at": "2026-12-02T00:00:00Z"}'
+        f._read([kv(f.key("qos"), release, 5)])
+        f.nodes = {"n0": {"serving": "blue", "state": "steady"}}
+        f.c = f.c.model_copy(update={"size": 1})
+        assert f.qos_doc()["locked"] is False
+        f.nodes["n1"] = {"serving": "blue", "state": "hold"}
+        f.c = f.c.model_copy(update={"size": 2})
+        doc = f.qos_doc()
+        assert doc["locked"] is True
+        assert doc["reason"].startswith("node n1 holds: no automatic switch there"), doc
+        f.nodes = {"n0": {"serving": "blue", "state": "hold"}, "n1": {"serving": "blue"}}
+        assert f.qos_doc()["locked"] is False  # (its own hold's lock file says it)
+
+    anyio.run(main)
