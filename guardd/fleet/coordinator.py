@@ -472,15 +472,22 @@ class Fleet:
     def summary(self) -> dict[str, Any]:
         """`status --json`'s `fleet`: this node, the leader, the desired color and
         generation, the generation applied here, whether etcd answers (`guardctl fleet
-        status` has every node)."""
+        status` has every node). While etcd does not answer (or has not yet), the fleet's
+        leader, color and generation are unknown: null, and `last_read` has them as last
+        read."""
         desired = self.desired or {}
-        return {
-            "node": self.node,
+        fleet = {
             "leader": self.leader,
             "desired": desired.get("color"),
             "generation": desired.get("generation"),
+        }
+        known = self.reachable is True
+        return {
+            "node": self.node,
+            **(fleet if known else dict.fromkeys(fleet)),
             "applied": self.applied,
             "etcd_reachable": self.reachable,
+            "last_read": None if known else fleet,
         }
 
     def undersized(self) -> str | None:

@@ -123,6 +123,7 @@ def test_green_fails_the_whole_fleet_rolls_back_once(fleet: FleetLab) -> None:
             "generation": 1,
             "applied": 1,
             "etcd_reachable": True,
+            "last_read": None,
         }
         text = guardctl("status", socket=lab.socket_path).stdout
         assert re.search(rf"fleet +node n{i} \(leader.*desired blue generation 1, applied", text)
@@ -275,6 +276,12 @@ def test_a_node_cut_off_from_etcd_keeps_its_color_then_converges(make_fleet: Mak
     assert "node n2, etcd not answering: the fleet's state (its leader too) is UNKNOWN" in (
         out.stdout
     ), out
+    # `--json` too: no leader, color or generation named as if known; the last read aside.
+    said = status_of(cut)["fleet"]
+    assert said["etcd_reachable"] is False
+    assert (said["leader"], said["desired"], said["generation"]) == (None, None, None), said
+    # (As last read, if anything: cut off right after its start, it may have read nothing.)
+    assert set(said["last_read"] or {}) == {"leader", "desired", "generation"}, said
     fleet.green.set_mode("http_503")
     assert fleet.labs[0].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
     assert fleet.labs[1].nginx.wait_serving_only("blue", hold=0.3, timeout=60)
