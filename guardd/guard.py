@@ -177,6 +177,10 @@ class Guard:
         self.lock = anyio.Lock()
         self.active: Color | None = None
         self.paused: dict[str, Any] | None = None
+        # What the last reload left for an operator (`status` warnings): why it was
+        # rejected, and the keys changed in the file that wait for the next start.
+        self.reload_rejected: str | None = None
+        self.restart_pending: list[str] = []
         self.rolling_back = False
         self.switch_started: float | None = None
         self.qos = QosKeeper(self)

@@ -217,6 +217,13 @@ def warnings(guard: Guard) -> list[str]:
     ]
     if guard.fleet is not None:
         found += guard.fleet.warnings()
+    if guard.reload_rejected is not None:
+        found.append(guard.reload_rejected)
+    if guard.restart_pending:
+        found.append(
+            f"config: {', '.join(guard.restart_pending)} changed in the file and take effect "
+            "at the next start (systemctl restart)"
+        )
     recording = guard.recording() if guard.recording is not None else {}
     if recording.get("last_error"):
         found.append(
@@ -265,6 +272,8 @@ def status_line(guard: Guard) -> str:
     parts += [f"signal={name}:stale" for name in stale_signals(guard)]
     if guard.fleet is not None and (word := guard.fleet.status_word()):
         parts.append(word)
+    if guard.reload_rejected is not None:
+        parts.append("reload=rejected")
     return " ".join(parts)
 
 

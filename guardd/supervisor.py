@@ -63,6 +63,7 @@ from guardd.signals import build as build_signal
 from guardd.statefile import StateFile
 from guardd.switchers import Switcher
 from guardd.systemd import SystemdNotifier
+from guardd.timestamps import rfc3339
 
 if TYPE_CHECKING:
     import httpx  # a probe transport injected by tests; the daemon never loads httpx for it
@@ -420,6 +421,9 @@ class Supervisor:
         instance_arg: str | None = None,
     ) -> None:
         self.settings = settings
+        # The config this process started with: what a reload cannot change until the
+        # next start is told apart from it.
+        self._started_config = settings.config
         self.clock = clock or SystemClock()
         self.sd = sd or SystemdNotifier()
         self.faults = faults or FaultPoints()
@@ -1439,11 +1443,16 @@ class Supervisor:
             problems = [str(p) for p in e.problems] if isinstance(e, ConfigError) else [str(e)]
             for problem in problems:
                 self.log.error("config_invalid", problem=problem)
+            said = f"{'; '.join(problems)[:900]}"
             guard.record(
-                "alert",
-                reason=f"reload rejected, still running the previous config: "
-                f"{'; '.join(problems)[:900]}",
+                "alert", reason=f"reload rejected, still running the previous config: {said}"
             )
+            # Until a reload is taken, `status` says so: the journal's alert scrolls away.
+            guard.reload_rejected = (
+                f"config: the reload at {rfc3339(self.clock.wall())} was rejected, and guardd "
+                f"still runs the config it had: {said}"
+            )
+            self.sd.status(guard.status_line())
             self.sd.ready()
             return
         for warning in new.warnings:
@@ -1464,6 +1473,12 @@ class Supervisor:
                         reason=f"metrics.listen {new.config.metrics.listen} cannot be served "
                         f"({why}); /metrics stays on {old.config.metrics.listen}",
                     )
+            guard.reload_rejected = None
+            guard.restart_pending = [
+                k
+                for k in changed_keys(self._started_config, loaded.config)
+                if k in RESTART_ONLY or k.split(".")[0] == "fleet"
+            ]
             guard.record(
                 "config_reloaded",
                 reason="configuration reloaded"

@@ -283,6 +283,8 @@ GUARD_NOT_KEPT = {
     "signals": "adapters, built from the configuration",
     "readings": "the signals' readings at the last tick: measurements, taken again",
     "foreign_journal": "read again from the journal at every start",
+    "reload_rejected": "a start applies the file, or does not start: no reload is left rejected",
+    "restart_pending": "a start applies every key of the file: none waits for the next one",
     "signal_problems": "why each signal gave nothing at the last tick (a problem still there "
     "after a restart is alerted again, once): measured again",
     "_lines_seen": "line counts at the last tick: the adapters count anew from 0",

@@ -183,6 +183,19 @@ def test_config_reloaded_names_the_keys_that_wait_for_a_restart(make_lab: MakeLa
     assert not elsewhere.exists()
     assert json.loads(d.journal_path.read_text().splitlines()[-1])["event"] == "config_reloaded"
     assert oct(lab.socket_path.stat().st_mode & 0o777) == "0o666"
+    # Until the next start, status says so (the journal's event scrolls away).
+    pending = (
+        "config: control.mode, qos.lock_file, state.dir changed in the file and take effect "
+        "at the next start (systemctl restart)"
+    )
+    assert pending in status(lab)["warnings"]
+    # Another reload still says so; the file put back as at the start, not.
+    reload_with(d, lab, probe__timeout="800ms")
+    assert pending in status(lab)["warnings"]
+    for key in ("state__dir", "control__mode", "qos__lock_file"):
+        del lab.overrides[key]
+    reload_with(d, lab)
+    assert [w for w in status(lab)["warnings"] if w.startswith("config:")] == []
     assert d.stop() == 0
 
 
@@ -267,11 +280,19 @@ def test_a_reload_is_checked_on_this_host_as_check_config_checks_it(
     assert refused["reason"].startswith(
         f"reload rejected, still running the previous config: {lab.config_path}: {why}"
     ), refused
+    # Status says it until a reload is taken, not only the journal's alert.
+    (said,) = [w for w in status(lab)["warnings"] if w.startswith("config:")]
+    assert "was rejected, and guardd still runs the config it had: " in said and why in said
+    assert lab.notify is not None
+    lab.notify.wait_for(lambda m: m.startswith("STATUS=") and "reload=rejected" in m)
     # The previous targets still switch: a failing green is rolled back to blue.
     lab.green.set_mode("http_503")
     d.wait_event("rollback_completed", after=seen)
     assert lab.nginx.wait_serving_only("blue")
     assert [e for e in d.events()[seen:] if e["event"] == "config_reloaded"] == []
+    lab.write_config()  # the file as it was
+    reload(d, lab)
+    assert [w for w in status(lab)["warnings"] if w.startswith("config:")] == []
     assert d.stop() == 0
 
 
