@@ -1046,7 +1046,8 @@ class NotifyConfig(_Section):
     api_url: str | None = None
     """slack_api: the Web API's base URL (default https://slack.com/api)."""
     events: list[str] | None = None
-    """Journal event names or groups (rollback, qos, switch) this sink receives."""
+    """Journal event names or groups (rollback, qos, switch) this sink receives (default:
+    rollback, hold, alert, external_switch, qos_extended, qos_released)."""
     timeout: PositiveDuration = 10.0
     """The deadline of one delivery attempt."""
 
