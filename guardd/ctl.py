@@ -509,9 +509,14 @@ def fleet_status_lines(doc: Mapping[str, Any]) -> list[str]:
     it says first that the fleet is UNKNOWN now, and marks every row as last read."""
     desired = doc.get("desired") or {}
     reachable = bool(doc.get("etcd_reachable"))
+    # (No decision yet is said as `status` says it, never as a generation 0.)
+    decided = (
+        f"desired {desired['color']} (generation {desired.get('generation')})"
+        if desired.get("color")
+        else "no desired color yet"
+    )
     head = (
-        f"fleet {doc.get('prefix')}: leader {doc.get('leader') or 'none'}, desired "
-        f"{desired.get('color') or 'unset'} (generation {desired.get('generation', 0)}), "
+        f"fleet {doc.get('prefix')}: leader {doc.get('leader') or 'none'}, {decided}, "
         f"{doc.get('rollbacks', 0)} rollback(s)"
     )
     # Cut off, all below is the fleet as last read: said first, and on every line.

@@ -495,10 +495,12 @@ def _fleet_line(fleet: Mapping[str, Any]) -> str:
         if leader == fleet.get("node")
         else f"node {node} (leader {_text(leader)})"
     )
-    return (
-        f"{who}, desired {_text(fleet.get('desired'))} generation "
-        f"{_text(fleet.get('generation'))}, applied here {_text(fleet.get('applied'))}"
+    decided = (
+        f"desired {_text(fleet.get('desired'))} generation {_text(fleet.get('generation'))}"
+        if fleet.get("desired")
+        else "no desired color yet"
     )
+    return f"{who}, {decided}, applied here {_text(fleet.get('applied'))}"
 
 
 def render_history(events: Sequence[Mapping[str, Any]], *, color: bool = False) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from anyio.from_thread import start_blocking_portal
 
-from guardd import ctl
+from guardd import ctl, render
 from guardd.control.server import Caller, ControlServer
 from guardd.exceptions import Refused
 from guardd.qoslock import read_lock
@@ -1937,6 +1937,21 @@ def test_fleet_status_cut_off_says_unknown_first_and_marks_every_row(reachable: 
         assert lines[0].startswith("UNKNOWN now; as last read: fleet /guardd/threader")
         assert lines[1].startswith("WARNING: etcd is unreachable from lb-c: ConnectError")
         assert all(ln.endswith("(as last read)") for ln in rows)
+
+
+def test_a_fleet_with_no_decision_yet_says_so_alike_in_status_and_fleet_status() -> None:
+    """A new fleet has written no desired color: neither view shows it as a color `unset`
+    at generation 0, nor as `-`."""
+    lines = ctl.fleet_status_lines(
+        {"prefix": "/guardd/threader", "leader": "lb-a", "desired": None, "rollbacks": 0,
+         "etcd_reachable": True, "warnings": [], "nodes": []}
+    )  # fmt: skip
+    assert lines[0] == "fleet /guardd/threader: leader lb-a, no desired color yet, 0 rollback(s)"
+    line = render._fleet_line(
+        {"node": "lb-a", "leader": "lb-a", "desired": None, "generation": None, "applied": 0,
+         "etcd_reachable": True, "last_read": None}
+    )  # fmt: skip
+    assert line == "node lb-a (leader), no desired color yet, applied here 0"
 
 
 def test_fleet_status_json_without_a_daemon_is_a_json_unknown(run_dir: Path, stopped: str) -> None:
