@@ -114,19 +114,27 @@ print(json.dumps({"libraries": libraries, "with_a_model": rss(), "failed": faile
 _IMPORT_TIME = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)\s*$")
 
 
-def import_costs(python: Path, runs: int) -> list[dict[str, Any]]:
-    """Per import of `IMPORTS`: the median KiB of RSS it added and the modules it loaded."""
-    samples: list[list[list[Any]]] = []
+def _children(python: Path, code: str, args: list[str], runs: int) -> list[Any]:
+    """What `runs` fresh interpreters running `code` with `args` printed, as JSON each;
+    out of any directory of the checkout, so that its `guardd` is not the one imported.
+    Raises `subprocess.CalledProcessError` when one fails."""
+    answers = []
     for _ in range(runs):
         done = subprocess.run(
-            [str(python), "-c", _IMPORT_CHILD, *IMPORTS],
+            [str(python), "-c", code, *args],
             capture_output=True,
             text=True,
             check=True,
             timeout=120,
             cwd=tempfile.gettempdir(),
         )
-        samples.append(json.loads(done.stdout))
+        answers.append(json.loads(done.stdout))
+    return answers
+
+
+def import_costs(python: Path, runs: int) -> list[dict[str, Any]]:
+    """Per import of `IMPORTS`: the median KiB of RSS it added and the modules it loaded."""
+    samples: list[list[list[Any]]] = _children(python, _IMPORT_CHILD, IMPORTS, runs)
     out = []
     for i, (name, _, _) in enumerate(samples[0]):
         added = [s[i][1] - (s[i - 1][1] if i else 0) for s in samples]
@@ -176,17 +184,7 @@ def library_floor(python: Path, modules: list[str], runs: int) -> dict[str, Any]
     """The median RSS (MiB) of `python` importing `modules` but guardd's, and with one
     pydantic model built as well; how many modules it imported and how many failed."""
     libraries = [m for m in modules if m.split(".")[0] not in ("guardd", "__main__")]
-    samples = []
-    for _ in range(runs):
-        done = subprocess.run(
-            [str(python), "-c", _FLOOR_CHILD, *libraries],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-            cwd=tempfile.gettempdir(),
-        )
-        samples.append(json.loads(done.stdout))
+    samples: list[dict[str, int]] = _children(python, _FLOOR_CHILD, libraries, runs)
     return {
         "libraries_rss_mib": round(statistics.median(s["libraries"] for s in samples) / 1024, 1),
         "libraries_and_a_model_rss_mib": round(
