@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,17 @@ def saved(rig: GuardRig) -> dict[str, Any]:
     return doc
 
 
-async def rolled_back(tmp_path: Path, **kw: Any) -> GuardRig:
-    """A guard that rolled green back to blue after green answered 503 three times."""
-    rig = await build_guard(tmp_path, **kw).start()
+async def rolled_back(
+    tmp_path: Path,
+    on_blue: Callable[[], Awaitable[httpx.Response | None]] | None = None,
+    **kw: Any,
+) -> GuardRig:
+    """A guard that rolled green back to blue after green answered 503 three times (with
+    `on_blue`, its front door answers through it once blue runs: `once_on_blue`)."""
+    rig = build_guard(tmp_path, **kw)
+    if on_blue is not None:
+        once_on_blue(rig, on_blue)
+    await rig.start()
     await rig.probe_rounds(WARM_UP)
     rig.probers["green"].answer(503, "db down")
     decisions = await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
@@ -311,6 +320,22 @@ async def test_a_rollback_is_verified_through_the_front_door(tmp_path: Path) -> 
         await rig.aclose()
 
 
+def once_on_blue(rig: GuardRig, first: Callable[[], Awaitable[httpx.Response | None]]) -> None:
+    """The front door answers each request through `first` once the switcher runs blue
+    (its answer, or, given None, the one the running color gives, as before)."""
+    front = rig.front_door
+    assert front is not None
+    forwarding = front._handler  # as the switcher's color answers
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if rig.switcher.target.running == "blue" and (answer := await first()) is not None:
+            return answer
+        forwarded = forwarding(request)
+        return forwarded if isinstance(forwarded, httpx.Response) else await forwarded
+
+    front.handle_with(handler)
+
+
 @pytest.mark.parametrize("hung", [1, 2], ids=["first-answer-hangs", "first-two-hang"])
 async def test_a_verify_answer_that_hangs_is_asked_again_beside_it(
     tmp_path: Path, hung: int
@@ -319,25 +344,18 @@ async def test_a_verify_answer_that_hangs_is_asked_again_beside_it(
     them to the color just left, which hangs: those answers would take all of the probe
     timeout, as long as the whole verify budget here (2 s of switch.timeout 4 s). Asked
     again beside them, the new worker's answers verify the rollback."""
-    rig = build_guard(tmp_path, front_door=True, switch_timeout=4.0, verify_successes=3)
-    front = rig.front_door
-    assert front is not None
-    forwarding = front._handler  # as the switcher's color answers
     left: list[int] = [hung]
 
-    async def old_worker_first(request: httpx.Request) -> httpx.Response:
-        if rig.switcher.target.running == "blue" and left[0] > 0:
+    async def old_worker_first() -> httpx.Response | None:
+        if left[0] > 0:
             left[0] -= 1
             await anyio.sleep(60)  # the color left hangs: the probe's own timeout ends it
-        answer = forwarding(request)
-        return answer if isinstance(answer, httpx.Response) else await answer
+        return None
 
-    front.handle_with(old_worker_first)
-    await rig.start()
+    rig = await rolled_back(
+        tmp_path, old_worker_first, front_door=True, switch_timeout=4.0, verify_successes=3
+    )
     try:
-        await rig.probe_rounds(WARM_UP)
-        rig.probers["green"].answer(503, "db down")
-        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
         assert [e["event"] for e in rig.events("rollback_completed", "rollback_failed")] == [
             "rollback_completed"
         ]
@@ -368,23 +386,14 @@ def test_a_streak_counts_back_from_the_newest_answer_by_the_order_asked(
 async def test_a_verify_answer_asked_after_a_streak_that_fails_breaks_it(tmp_path: Path) -> None:
     """Answers count in the order they were asked: a failure asked after passing answers
     (the newest word of the front door) is no streak, however its answers came in."""
-    rig = build_guard(tmp_path, front_door=True, switch_timeout=2.0, verify_successes=2)
-    front = rig.front_door
-    assert front is not None
-    forwarding = front._handler
 
-    async def fails_once_moved(request: httpx.Request) -> httpx.Response:
-        if rig.switcher.target.running == "blue":
-            return httpx.Response(502, content=b"bad gateway")
-        answer = forwarding(request)
-        return answer if isinstance(answer, httpx.Response) else await answer
+    async def bad_gateway() -> httpx.Response | None:
+        return httpx.Response(502, content=b"bad gateway")
 
-    front.handle_with(fails_once_moved)
-    await rig.start()
+    rig = await rolled_back(
+        tmp_path, bad_gateway, front_door=True, switch_timeout=2.0, verify_successes=2
+    )
     try:
-        await rig.probe_rounds(WARM_UP)
-        rig.probers["green"].answer(503, "db down")
-        await rig.probe_rounds(DEFAULT_POLICY.consecutive_failures)
         (failed,) = rig.events("rollback_failed")
         assert failed["step"] == "verify"
         assert re.search(
