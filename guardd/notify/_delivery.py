@@ -58,6 +58,10 @@ EVENT_GROUPS: Final[Mapping[str, frozenset[str]]] = {
 }
 #: Undelivered messages kept per sink; past it the oldest is dropped.
 MAX_PENDING: Final = 1000
+# A page cuts off a delivery in flight only once that delivery has taken this long (s):
+# a message that goes at once (the `external_switch` that explains a `hold` queued a few
+# milliseconds after it) keeps its place, and a page waits at most this for a slow one.
+PREEMPT_AFTER_S: Final = 1.0
 # How long a stopping notifier may take to write events submitted just before the stop.
 _SAVE_ON_STOP_GRACE: Final = 2.0
 _DETAIL_BYTES: Final = 256
@@ -260,11 +264,15 @@ class _SinkState:
     sink: Sink
     queue: deque[Message] = field(default_factory=deque)
     pending_ids: set[str] = field(default_factory=set)
+    # The pending messages whose delivery began at least once (failed, or cut off).
+    tried_ids: set[str] = field(default_factory=set)
     delivered_ids: OrderedDict[str, None] = field(default_factory=OrderedDict)
     in_flight: Message | None = None
     ready: anyio.Event | None = None
-    # The delivery under way, while a page may cut in ahead of it (`Notifier._send_loop`).
+    # The delivery under way, while a page may cut in ahead of it (`Notifier._send_loop`),
+    # and when it began (monotonic s).
     preemptible: anyio.CancelScope | None = None
+    in_flight_since: float = 0.0
     # slack_api: the incident thread replies go to, as kept in the outbox directory.
     thread: slack_api.Thread | None = None
 
@@ -498,6 +506,7 @@ class Notifier:
                 break
             state.queue.remove(victim)
             state.pending_ids.discard(victim.event_id)
+            state.tried_ids.discard(victim.event_id)
             self._dropped(
                 message.sink,
                 victim.event_id,
@@ -508,7 +517,10 @@ class Notifier:
         state.pending_ids.add(message.event_id)
         state.wake()
         if state.preemptible is not None and _urgent(message):
-            state.preemptible.cancel()  # the page goes first; the message cut off goes on after
+            # The page goes first, once the delivery under way has had PREEMPT_AFTER_S; the
+            # message cut off goes on after it.
+            cut_at = state.in_flight_since + PREEMPT_AFTER_S
+            state.preemptible.deadline = min(state.preemptible.deadline, cut_at)
         return evicted
 
     async def _load(self) -> None:
@@ -564,19 +576,28 @@ class Notifier:
             while not state.queue:
                 state.ready = anyio.Event()
                 await state.ready.wait()
-            # Pages first (`URGENT_EVENTS`), each kind in the order it came; a slack_api
-            # sink keeps the order whole, since its replies go to the thread open then.
+            # In the order they came, but a page (`URGENT_EVENTS`) goes ahead of messages
+            # whose delivery already failed or was cut off; a slack_api sink keeps the
+            # order whole, since its replies go to the thread open then.
             keep_order = state.sink.kind == "slack_api"
             message = state.in_flight = (
                 state.queue[0]
                 if keep_order
-                else next((m for m in state.queue if _urgent(m)), state.queue[0])
+                else next(
+                    (m for m in state.queue if _urgent(m) or m.event_id not in state.tried_ids),
+                    state.queue[0],
+                )
             )
+            state.tried_ids.add(message.event_id)
             delivered = False
             try:
                 with anyio.CancelScope() as scope:
                     if not keep_order and not _urgent(message):
                         state.preemptible = scope
+                        state.in_flight_since = anyio.current_time()
+                        if any(_urgent(m) for m in state.queue):
+                            # A page queued behind it already: the same grace, from now.
+                            scope.deadline = state.in_flight_since + PREEMPT_AFTER_S
                     delivered = await self._deliver(client, state, message)
             finally:
                 # Cancelled mid-delivery, the message stays queued and in the outbox.
@@ -695,6 +716,7 @@ class Notifier:
                 del state.queue[i]
                 break
         state.pending_ids.discard(message.event_id)
+        state.tried_ids.discard(message.event_id)
         if delivered:
             state.delivered_ids[message.event_id] = None
             while len(state.delivered_ids) > _REMEMBERED_DELIVERIES:

@@ -170,6 +170,21 @@ async def test_a_page_goes_ahead_of_an_older_message_being_retried(tmp_path: Pat
     assert n.pending() == 0 and outbox_ids(tmp_path) == []
 
 
+async def test_a_page_keeps_its_place_behind_a_message_that_goes_at_once(tmp_path: Path) -> None:
+    """The `external_switch` that explains a `hold` is journaled a few milliseconds before
+    it: a healthy receiver gets them in that order, the reason first."""
+    outcomes = Outcomes()
+    async with serve() as receiver:
+        n = notifier(tmp_path, [sink(receiver.url)], outcomes)
+        async with running(n):
+            n.submit(journal_event("external_switch", "ex-1"))
+            n.submit(journal_event("hold", "ho-1"))
+            n.submit(journal_event("alert", "al-1"))
+            await outcomes.wait_for("hook", "sent", count=3)
+        assert ids(receiver.requests) == ["ex-1", "ho-1", "al-1"]
+    assert outcomes.of("hook") == ["sent"] * 3
+
+
 async def test_429_retry_after_seconds_is_honoured(tmp_path: Path) -> None:
     outcomes = Outcomes()
     async with serve([Reply(429, {"Retry-After": "1"}), Reply(200)]) as receiver:
