@@ -315,11 +315,18 @@ def _evidence(evidence: object) -> str:
 
 def _last_answer(evidence: object) -> str:
     """`; last answer: <what the failing color last answered>` from an event's evidence,
-    bounded and cleaned; "" when it holds none."""
-    last_error = evidence.get("last_error") if isinstance(evidence, Mapping) else None
+    bounded and cleaned; "" when it holds none. `last_error` is the color's last failed
+    answer: when its probes pass again (`consecutive_failures` 0, a rule on the window's
+    ratio firing still) it is said as that, never as its last answer."""
+    if not isinstance(evidence, Mapping):
+        return ""
+    last_error = evidence.get("last_error")
     if not isinstance(last_error, str) or not last_error:
         return ""
-    return f"; last answer: {_shorten(clean(last_error), _MAX_EVIDENCE_ERROR_CHARS)}"
+    said = _shorten(clean(last_error), _MAX_EVIDENCE_ERROR_CHARS)
+    if evidence.get("consecutive_failures") == 0:
+        return f"; last failed answer: {said} (its answers since passed)"
+    return f"; last answer: {said}"
 
 
 def _decision(decision: object) -> str:

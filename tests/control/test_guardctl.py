@@ -610,6 +610,16 @@ def test_what_the_failing_color_answered_is_shown_with_the_decision() -> None:
     assert "; last answer: \\x1b[2J" in shown and shown.endswith("...")
     assert len(shown) < 400
     assert render_history([{**event, "evidence": {"rule": "r"}}]).rstrip().endswith("in a row")
+    # A rule on the window's ratio fires after the color's answers passed again: its last
+    # failed answer is not its last answer.
+    recovered = {**event, "evidence": {**evidence, "consecutive_failures": 0}}
+    assert (
+        render_history([recovered])
+        .rstrip()
+        .endswith(f"; last failed answer: {said} (its answers since passed)")
+    )
+    failing = {**event, "evidence": {**evidence, "consecutive_failures": 3}}
+    assert render_history([failing]).rstrip().endswith(f"; last answer: {said}")
 
 
 def test_history_reads_the_journal_with_the_daemon_down(run_dir: Path, stopped: str) -> None:
