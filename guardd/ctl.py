@@ -779,11 +779,18 @@ def _expiry_note(target: _Target, by: object) -> str:
             "it is removed (`guardctl qos unlock`)"
         )
     try:
-        call(target.socket, "qos_status", {}, timeout=PEEK_TIMEOUT_S)
+        answer = call(target.socket, "qos_status", {}, timeout=PEEK_TIMEOUT_S)
     except DaemonUnreachable:
         return "expired; guardd judges it when it runs: released, or its guard window goes on"
     except ControlError:
         return "expired; guardd releases it when it runs"
+    if by != GUARDD and answer.get("locked") and answer.get("owned") is False:
+        # An operator's `uid:` lock guardd did not take (written by hand while it was down):
+        # guardd never removes a lock it did not take.
+        return (
+            "expired, but guardd did not take it (written by hand?) and never removes it: it "
+            "holds until it is removed (`guardctl qos unlock`)"
+        )
     return "expired; guardd releases it, or extends the guard window, at its next check"
 
 

@@ -1709,19 +1709,35 @@ def test_qos_status_with_only_a_socket_asks_guardd(guard: FakeGuard, run_dir: Pa
     assert "name the instance with --instance NAME or --config PATH" in down.err
 
 
-def test_qos_status_of_an_expired_lock_with_the_daemon_up(guard: FakeGuard, run_dir: Path) -> None:
-    """With guardd running, an expired lock still blocks and is guardd's to release or extend."""
-    guard.lock_file.write_text(
-        json.dumps({"reason": "guard window", "by": "guardd", "until": "2026-01-01T00:00:00Z"})
-    )
+_RELEASED_BY_GUARDD = (
+    "(expired; guardd releases it, or extends the guard window, at its next check)"
+)
+
+
+@pytest.mark.parametrize(
+    ("by", "owned", "note"),
+    [
+        ("guardd", None, _RELEASED_BY_GUARDD),
+        ("uid:0(root)", True, _RELEASED_BY_GUARDD),  # an operator's, taken through guardd
+        ("uid:0(root)", False, ("(expired, but guardd did not take it (written by hand?) and "
+         "never removes it: it holds until it is removed (`guardctl qos unlock`))")),
+    ],
+)  # fmt: skip
+def test_qos_status_of_an_expired_lock_with_the_daemon_up(
+    guard: FakeGuard, run_dir: Path, by: str, owned: bool | None, note: str
+) -> None:
+    """With guardd running, an expired lock still blocks. guardd releases or extends its
+    own; one it did not take (a `uid:` lock written by hand while it was down: its answer
+    says `owned: false`) it never removes, and guardctl does not promise it will."""
+    lock = {"reason": "r", "by": by, "until": "2026-01-01T00:00:00Z"}
+    guard.lock_file.write_text(json.dumps(lock))
+    if owned is not None:
+        guard.qos_answer = {**read_lock(guard.lock_file).to_json(), "owned": owned}
 
     run = guardctl("--instance", "threader", "qos", "status", run_dir=run_dir)
 
     assert run.code == 1
-    assert (
-        "  until      2026-01-01T00:00:00Z (expired; guardd releases it, "
-        "or extends the guard window, at its next check)\n"
-    ) in run.out
+    assert f"  until      2026-01-01T00:00:00Z {note}\n" in run.out
     assert [cmd for cmd, _, _ in guard.calls] == ["qos_status"]
 
 

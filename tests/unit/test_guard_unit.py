@@ -954,3 +954,21 @@ async def test_a_guard_that_may_not_switch_changes_nothing_and_says_so(tmp_path:
         assert rig.guard.may_switch() is None
         status = rig.guard.snapshot()
         assert said not in status["warnings"] and status["no_rollback_target"] != said
+
+
+async def test_the_qos_answer_says_whether_the_lock_is_guardds_own(tmp_path: Path) -> None:
+    """guardd judges and releases its own lock only: its answer says which it is, so that
+    guardctl never promises the release of a lock written by hand."""
+    rig = await rolled_back(tmp_path)
+    try:
+        lock_file = rig.guard.s.lock_file
+        assert statusview.qos_doc(rig.guard, qoslock.read_lock(lock_file))["owned"] is True
+        lock_file.write_text(
+            json.dumps({"reason": "by hand", "by": "uid:0(root)", "until": "2026-01-01T00:00:00Z"})
+        )
+        doc = statusview.qos_doc(rig.guard, qoslock.read_lock(lock_file))
+        assert doc["locked"] is True and doc["owned"] is False
+        lock_file.unlink()
+        assert statusview.qos_doc(rig.guard, qoslock.read_lock(lock_file))["owned"] is False
+    finally:
+        await rig.aclose()
