@@ -951,7 +951,11 @@ def _unless_left_held(
         _warn(f"{why}; its state.json keeps a QoS lock it takes back when it starts")
         fields = ("reason", "until", "locked_at", "by")
         return {"locked": True, **{k: own.get(k) for k in fields}}, str(state)
-    return lock, where
+    # No lock, as the contract answers with guardd down; but a pipeline must not read it
+    # as "guarded": nothing watches the deploy, nor rolls it back, until guardd runs.
+    said = f"{why}: no QoS lock, but nothing guards a deploy until guardd runs again"
+    _warn(said)
+    return {**lock, "warning": said}, where
 
 
 def _state_dir_of(state_dir: Path, label: str, where: str, why: str) -> None:

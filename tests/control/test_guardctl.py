@@ -721,6 +721,13 @@ def test_qos_status_reads_the_lock_file_with_the_daemon_down(tmp_path: Path, run
 
     assert (absent.code, absent_json.code) == (0, 0)
     assert absent.out == f"no QoS lock: deploys allowed ({lock})\n"
+    # Allowed, as the contract answers with guardd down; and said on stderr and in the
+    # JSON that nothing guards the deploy meanwhile.
+    unguarded = (
+        f"no socket at {tmp_path / 'nobody-listens.sock'} (guardd threader is not running, or "
+        "cannot be asked): no QoS lock, but nothing guards a deploy until guardd runs again"
+    )
+    assert absent.err == f"guardctl: {unguarded}\n"
     assert json.loads(absent_json.out) == {
         "locked": False,
         "reason": None,
@@ -728,6 +735,7 @@ def test_qos_status_reads_the_lock_file_with_the_daemon_down(tmp_path: Path, run
         "locked_at": None,
         "by": None,
         "expired": False,
+        "warning": unguarded,
     }
     assert (touched.code, touched_json.code) == (1, 1)
     assert touched.out.startswith("QoS lock HELD: deploys blocked\n")
