@@ -381,12 +381,17 @@ class Fleet:
         budget counts (those after its last `resume`), as this node last knew them: a
         restarted node writes back what a new or restored store lacks. Written atomically;
         a failure is a warning of the state dir's, never the fleet's."""
-        since = self.rearmed_at
-        kept = [t for t in self.budget_rollbacks if t >= since][-100:]
+        kept = self._to_keep()
         doc = {"applied": self.applied, "rollbacks": kept}
         with contextlib.suppress(GuarddError):
             fsutil.atomic_write(self._store, json.dumps(doc).encode(), mode=0o640)
             self._stored = kept
+
+    def _to_keep(self) -> list[float]:
+        """The rollbacks `fleet.json` keeps: those the budget counts since the fleet's last
+        `resume`, the newest 100."""
+        since = self.rearmed_at
+        return [t for t in self.budget_rollbacks if t >= since][-100:]
 
     def warnings(self) -> list[str]:
         """What `status` shows as WARNING for the fleet."""
@@ -465,9 +470,7 @@ class Fleet:
 
     def holding(self) -> list[str]:
         """The live nodes whose record says they hold (state `hold`), when etcd answers."""
-        if not self.reachable:
-            return []
-        return sorted(n for n, doc in self.nodes.items() if doc.get("state") == "hold")
+        return lockread.holders(self.nodes) if self.reachable else []
 
     def summary(self) -> dict[str, Any]:
         """`status --json`'s `fleet`: this node, the leader, the desired color and
@@ -1210,7 +1213,7 @@ class Fleet:
             # Kept from before a restart: a store that holds them all is the one they
             # came from, and needs nothing written back.
             self._rollbacks_before = []
-        if [t for t in self.budget_rollbacks if t >= self.rearmed_at][-100:] != self._stored:
+        if self._to_keep() != self._stored:
             self._save_store()
         qos = by_key.get(self.key("qos"))
         if (qos.mod_revision if qos is not None else 0) >= self._qos_mine:

@@ -27,6 +27,7 @@ __all__ = [
     "FleetLockUnknown",
     "fleet_prefix",
     "gate",
+    "holders",
     "holding",
     "lock_problem",
     "missing_lock",
@@ -110,12 +111,18 @@ def undersized(members: Collection[str], size: int, prefix: str) -> str | None:
     )
 
 
+def holders(live: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The nodes of `live` (the `nodes/<node>` records by node) whose record says they hold
+    (`state` `hold`), sorted."""
+    return sorted(n for n, doc in live.items() if doc.get("state") == "hold")
+
+
 def holding(live: Mapping[str, Mapping[str, Any]], *, besides: str | None = None) -> str | None:
-    """Why deploys wait for nodes that hold, else None. `live`: the `nodes/<node>` records
-    by node; one whose `state` is `hold` makes no automatic switch until an operator
-    resumes, and keeps its hold's lock in its own lock file: every node's gate says so,
-    not only that node's own (`besides`: the asking node, whose own lock says it)."""
-    names = sorted(n for n, doc in live.items() if doc.get("state") == "hold" and n != besides)
+    """Why deploys wait for nodes that hold (`holders`), else None. One that holds makes no
+    automatic switch until an operator resumes, and keeps its hold's lock in its own lock
+    file: every node's gate says so, not only that node's own (`besides`: the asking node,
+    whose own lock says it)."""
+    names = [n for n in holders(live) if n != besides]
     if not names:
         return None
     who = f"node {names[0]} holds" if len(names) == 1 else f"nodes {', '.join(names)} hold"
