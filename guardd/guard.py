@@ -1226,7 +1226,7 @@ class Guard:
         if self.s.verify_header is not None:
             # The front door names the color that answered: that one is served, whatever
             # the target says and whether it passes or fails.
-            said, _ = await self._front_door_streak(_named)
+            said = await self._front_door_streak(_named)
             return said if said in COLORS else None
 
         def agrees(answer: ProbeResult) -> bool | None:
@@ -1238,25 +1238,21 @@ class Guard:
                 healthy is not None and answer.ok == healthy and answer.status is not None
             ) or None
 
-        found, _ = await self._front_door_streak(agrees)
-        return named if found else None
+        return named if await self._front_door_streak(agrees) else None
 
-    async def _front_door_streak(
-        self, key: Callable[[ProbeResult], object | None]
-    ) -> tuple[object | None, list[ProbeResult]]:
+    async def _front_door_streak(self, key: Callable[[ProbeResult], object | None]) -> object:
         """Ask the front door until `verify_successes` answers in a row, by the order they
-        were asked, have the same `key` (None: breaks a streak), within the verify budget.
+        were asked, have the same `key` (None: breaks a streak), within the verify budget;
+        `key` sees every answer, in the order they come in.
 
-        The key of that streak, else None; and every answer, in the order they came in.
-        A streak counts back from the newest answer in: an older one still out (hung on an
-        old nginx worker) is asked again beside it after `HEDGE_AFTER_S`, and never holds
-        up a streak of answers asked after it.
+        The key of that streak, else None. A streak counts back from the newest answer in:
+        an older one still out (hung on an old nginx worker) is asked again beside it after
+        `HEDGE_AFTER_S`, and never holds up a streak of answers asked after it.
         """
         verifier = self.verifier
         assert verifier is not None  # noqa: S101 - callers return without one
         need = self.s.verify_successes
         keys: dict[int, object | None] = {}
-        answers: list[ProbeResult] = []
         found: object | None = None
         send, receive = anyio.create_memory_object_stream[tuple[int, ProbeResult]](need + 1)
 
@@ -1274,13 +1270,12 @@ class Guard:
                         asked += 1
                     with anyio.move_on_after(HEDGE_AFTER_S):
                         index, answer = await receive.receive()
-                        answers.append(answer)
                         keys[index] = key(answer)
                         found = _newest_streak(keys, need)
                         if found is None:
                             await anyio.sleep(_STREAK_PACE_S)
                 tg.cancel_scope.cancel()
-        return found, answers
+        return found
 
     async def _verify(self, target: Color) -> None:
         """Confirm the front door serves `target`: `verify_successes` passing answers in a
@@ -1293,12 +1288,14 @@ class Guard:
         if self.verifier is None:
             return
         budget = self.s.switch_timeout * VERIFY_SHARE
-        passed, answered = await self._front_door_streak(
-            lambda answer: self.front_door_answer(answer, target).ok or None
-        )
-        if passed:
+        judged: list[ProbeResult] = []  # every answer, judged as `target`'s, as it came in
+
+        def passed(answer: ProbeResult) -> bool | None:
+            judged.append(self.front_door_answer(answer, target))
+            return judged[-1].ok or None
+
+        if await self._front_door_streak(passed):
             return
-        judged = [self.front_door_answer(a, target) for a in answered]
         last = judged[-1] if judged else None
         said = "no answer" if last is None else last.error or last.outcome.value
         answers, passed_n = len(judged), sum(a.ok for a in judged)
