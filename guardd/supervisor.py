@@ -1410,11 +1410,7 @@ class Supervisor:
             changed = changed_keys(old.config, loaded.config)
             if self.instance_arg is not None and "instance" in changed:
                 changed.remove("instance")  # --instance wins over the file: nothing changes
-            # The fleet's client, lease and node name are the running process's: a new
-            # [fleet] is joined at the next start.
-            restart_required = [
-                k for k in changed if k in RESTART_ONLY or k.split(".")[0] == "fleet"
-            ]
+            restart_required = [k for k in changed if _restart_only(k)]
             # What is opened at start stays as it is, so that state.dir (the journal, the
             # outbox) and the socket are not half moved by the parts that follow them.
             new = Settings(
@@ -1443,7 +1439,7 @@ class Supervisor:
             problems = [str(p) for p in e.problems] if isinstance(e, ConfigError) else [str(e)]
             for problem in problems:
                 self.log.error("config_invalid", problem=problem)
-            said = f"{'; '.join(problems)[:900]}"
+            said = "; ".join(problems)[:900]
             guard.record(
                 "alert", reason=f"reload rejected, still running the previous config: {said}"
             )
@@ -1475,9 +1471,7 @@ class Supervisor:
                     )
             guard.reload_rejected = None
             guard.restart_pending = [
-                k
-                for k in changed_keys(self._started_config, loaded.config)
-                if k in RESTART_ONLY or k.split(".")[0] == "fleet"
+                k for k in changed_keys(self._started_config, loaded.config) if _restart_only(k)
             ]
             guard.record(
                 "config_reloaded",
@@ -1494,6 +1488,13 @@ class Supervisor:
             )
         self.sd.status(guard.status_line())
         self.sd.ready()
+
+
+def _restart_only(key: str) -> bool:
+    """Whether a reload leaves changed `key` (dotted) as it was until the next start:
+    `RESTART_ONLY`, and every `[fleet]` key (its client, lease and node name are the
+    running process's: a new `[fleet]` is joined at the next start)."""
+    return key in RESTART_ONLY or key.split(".", 1)[0] == "fleet"
 
 
 def _same_sinks(notifier: Any, settings: Settings) -> bool:
