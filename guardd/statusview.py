@@ -91,9 +91,9 @@ def qos_doc(guard: Guard, lock: qoslock.LockInfo) -> dict[str, Any]:
     own = guard.qos.own_lock
     # Whether the lock held is guardd's own, which it judges and releases; another's
     # (written by hand, another tool) it never removes.
-    doc["owned"] = lock.held and own is not None and own.info == lock
+    owned = doc["owned"] = lock.held and own is not None and own.info == lock
     window = guard.qos.window_json()
-    if lock.held and own is not None and own.info == lock and window is not None:
+    if owned and window is not None:
         # guardd's own guard window: how long it is still watched, and what it saw so far.
         doc["window"] = window
     elif lock.held and own is None and window is not None:
